@@ -1,0 +1,1 @@
+"""What runs at a hospital: the Flower ClientApp and everything that touches the site's own data."""

@@ -1,0 +1,1 @@
+"""The ground-truth world (patients, nanoparticle PK/PD, clinics, oracle) and the experiment runner."""

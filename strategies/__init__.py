@@ -1,0 +1,1 @@
+"""Aggregation only: thin additions on top of Flower's own strategies."""
