@@ -18,8 +18,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-run: $(STAMP)  ## simulate 5 clinics and write + validate their site folders
-	$(BIN)/fednano simulate-data --clinics 5 --seed 7 --out runs/demo
+run: $(STAMP)  ## a simulated 5-clinic federation with DP: federated vs local-only vs pooled, report in runs/simulate
+	$(BIN)/fednano simulate --out runs/simulate
 
 test: $(STAMP)  ## the whole suite, slow tests included
 	$(BIN)/ruff check .

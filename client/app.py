@@ -1,59 +1,224 @@
 """The hospital's Flower ClientApp: answers the server from the site's own data, sending aggregates only.
 
 The site is the folder (or CSV file) at ``node_config["data-path"]``; its name comes from
-``node_config["site-name"]``, else ``site.toml``, else the folder name. In an in-process simulation the
-runner builds the app with :func:`make_client_app` and the list of site paths, indexed by the node's
-``partition-id``.
+``node_config["site-name"]``, else ``site.toml``, else the folder name. A generic tabular task comes with
+``node_config["task-path"]`` (a task.toml). In an in-process simulation the runner builds the app with
+:func:`make_client_app` and the list of sites, indexed by the node's ``partition-id``.
 
-Message types answered (records in, records out):
+Messages answered (records in, records out; never a row of data):
 
-- ``query.site_check``: validate the site with the shared contract; reply with counts and rates
-  (``MetricRecord``) and the site name and status (``ConfigRecord``). A site whose data fail validation
-  replies with the first errors and nothing else; no row of data is ever sent.
+- ``query.site_check``: validate the site; reply counts and rates, or the first errors.
+- ``query.statistics``: aggregates of the training split (``shared.encoding.SiteStatistics``) for the
+  federated encoder.
+- ``train``: load the global weights, train locally (DP-SGD where the site's ``site.toml`` enables it,
+  within the budget kept in the site's privacy ledger), reply the weights and ε spent.
+- ``evaluate``: summaries (``shared.metrics``) of the global model on the site's test split.
+
+A site whose data fail validation, or whose privacy budget cannot pay for the training asked, replies an
+error naming why; the server logs it and the round goes on with the others.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from shared.validation import validate_site
+from client.ledger import BudgetExhausted, PrivacyLedger, calibrate_noise
+from client.training import (
+    DPConfig,
+    TrainConfig,
+    build_model,
+    encode,
+    evaluate,
+    sample_rate,
+    split_site,
+    steps_per_epoch,
+    train,
+)
+from shared import metrics
+from shared.ann import load_arrays, to_arrays
+from shared.encoding import FeatureEncoder, SiteStatistics
+from shared.task import TaskSpec
+from shared.validation import SiteData, SiteDataError, load_site, validate_site
 
 MAX_ERRORS_REPORTED = 5
+LEDGER_FILE = Path(".fednano") / "privacy_ledger.json"
+ERROR_SITE_DATA = 4001
+ERROR_PRIVACY_BUDGET = 4002
 
 
-def site_path(context: Context, site_paths: list[str] | None = None) -> Path:
-    """Where this node's data lives: ``data-path`` in the node config, else the simulation's list."""
-    if "data-path" in context.node_config:
-        return Path(str(context.node_config["data-path"]))
-    if site_paths is not None and "partition-id" in context.node_config:
-        return Path(site_paths[int(context.node_config["partition-id"])])
+@dataclass(frozen=True)
+class SiteSource:
+    """Where a site's data live and, for a generic task, its task spec."""
+
+    path: Path
+    task_path: Path | None = None
+    name: str | None = None
+
+
+def site_source(context: Context, sites: list[SiteSource] | None = None) -> SiteSource:
+    """This node's data: ``data-path`` (and ``task-path``) in the node config, else the simulation's list."""
+    config = context.node_config
+    if "data-path" in config:
+        task = config.get("task-path")
+        return SiteSource(Path(str(config["data-path"])), Path(str(task)) if task else None,
+                          str(config["site-name"]) if config.get("site-name") else None)
+    if sites is not None and "partition-id" in config:
+        return sites[int(config["partition-id"])]
     raise ValueError("this SuperNode has no data: start it with --node-config 'data-path=/path/to/site'")
 
 
-def site_check_reply(path: Path, site_name: str | None) -> RecordDict:
+def _mtimes(path: Path) -> tuple[float, ...]:
+    files = sorted(path.glob("*")) if path.is_dir() else [path]
+    return tuple(f.stat().st_mtime_ns for f in files if f.is_file())
+
+
+@lru_cache(maxsize=8)
+def _load(path: Path, task_path: Path | None, _stamp: tuple[float, ...]) -> SiteData:
+    task = TaskSpec.from_toml(task_path) if task_path else None
+    return load_site(path, task)
+
+
+def load(source: SiteSource) -> SiteData:
+    """The site's validated data (cached while its files are unchanged); raises SiteDataError."""
+    return _load(source.path, source.task_path, _mtimes(source.path))
+
+
+def site_name(source: SiteSource, site: SiteData | None = None) -> str:
+    return source.name or (site.name if site is not None else source.path.stem)
+
+
+def error_reply(msg: Message, code: int, reason: str) -> Message:
+    return Message(Error(code=code, reason=reason), reply_to=msg)
+
+
+def site_check_reply(source: SiteSource) -> RecordDict:
     """Validation outcome as records: numbers as metrics, names and messages as config."""
-    report = validate_site(path)
-    name = site_name or str(report.summary.get("site") or path.name)
+    task = TaskSpec.from_toml(source.task_path) if source.task_path else None
+    report = validate_site(source.path, task)
+    name = source.name or str(report.summary.get("site") or source.path.stem)
     status = ConfigRecord({"site-name": name, "ok": report.ok,
                            "errors": [str(p) for p in report.errors[:MAX_ERRORS_REPORTED]] or [""],
                            "warnings": len(report.warnings)})
-    numbers = {k: float(v) for k, v in report.summary.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    numbers = {k: float(v) for k, v in report.summary.items()
+               if isinstance(v, int | float) and not isinstance(v, bool)}
     return RecordDict({"status": status, "summary": MetricRecord(numbers if report.ok else {})})
 
 
-def make_client_app(site_paths: list[str] | None = None) -> ClientApp:
-    """A ClientApp; ``site_paths`` serves in-process simulations where nodes have no ``data-path``."""
+def ledger_for(source: SiteSource, site: SiteData) -> PrivacyLedger | None:
+    """The site's privacy ledger if its site.toml enables DP (``[privacy] dp = true``), else None."""
+    privacy = site.config.get("privacy", {})
+    if not privacy.get("dp", False):
+        return None
+    folder = source.path if source.path.is_dir() else source.path.parent
+    return PrivacyLedger.open(folder / LEDGER_FILE, float(privacy["epsilon"]), float(privacy["delta"]))
+
+
+def _split(site: SiteData, encoder: FeatureEncoder, config: ConfigRecord, name: str):
+    return encode(encoder, split_site(site.episodes, site.task, int(config["split-seed"]))[name])
+
+
+def make_client_app(sites: list[SiteSource] | None = None) -> ClientApp:
+    """A ClientApp; ``sites`` serves in-process simulations where nodes have no ``data-path``."""
     client = ClientApp()
 
     @client.query("site_check")
     def site_check(msg: Message, context: Context) -> Message:
-        name = context.node_config.get("site-name")
-        return Message(site_check_reply(site_path(context, site_paths), str(name) if name else None), reply_to=msg)
+        return Message(site_check_reply(site_source(context, sites)), reply_to=msg)
+
+    @client.query("statistics")
+    def statistics(msg: Message, context: Context) -> Message:
+        source = site_source(context, sites)
+        try:
+            site = load(source)
+        except SiteDataError as err:
+            return error_reply(msg, ERROR_SITE_DATA, f"{site_name(source)}: {err}")
+        config = msg.content["config"]
+        train_rows = split_site(site.episodes, site.task, int(config["split-seed"]))["train"]
+        numbers, names = SiteStatistics.from_frame(train_rows, site.task).to_records()
+        return Message(RecordDict({"statistics": numbers, "names": names}), reply_to=msg)
+
+    @client.train()
+    def train_round(msg: Message, context: Context) -> Message:
+        source = site_source(context, sites)
+        try:
+            site = load(source)
+        except SiteDataError as err:
+            return error_reply(msg, ERROR_SITE_DATA, f"{site_name(source)}: {err}")
+        config = msg.content["config"]
+        encoder = FeatureEncoder.from_config_record(config)
+        data = _split(site, encoder, config, "train")
+        model = build_model(encoder, site.task, tuple(int(h) for h in config["hidden"]), seed=0)
+        load_arrays(model, msg.content["arrays"])
+        server_round = int(config["server-round"])
+        settings = TrainConfig(epochs=int(config["local-epochs"]), batch_size=int(config["batch-size"]),
+                               lr=float(config["lr"]), proximal_mu=float(config.get("proximal-mu", 0.0)),
+                               seed=int(config["seed"]) + server_round)
+        reply = {"num-examples": len(data), "server-round": server_round}
+        ledger = ledger_for(source, site)
+        if ledger is None:
+            result = train(model, data, settings)
+        else:
+            try:
+                dp = _dp_for_run(context, ledger, config, len(data), settings)
+                steps = settings.epochs * steps_per_epoch(len(data), settings.batch_size)
+                ledger.check_affordable(dp.noise_multiplier, sample_rate(len(data), settings.batch_size), steps)
+            except BudgetExhausted as err:
+                return error_reply(msg, ERROR_PRIVACY_BUDGET, f"{site_name(source, site)} refuses to train: {err}")
+            accountant = ledger.accountant()
+            result = train(model, data, settings, dp, history=accountant.history)
+            accountant.history = result.history
+            ledger.record_from_accountant(accountant, run_id=str(context.run_id), server_round=server_round)
+            reply.update({"epsilon": ledger.spent(), "epsilon-budget": ledger.epsilon_budget,
+                          "delta": ledger.delta, "noise-multiplier": dp.noise_multiplier})
+        reply.update({"train-loss": result.mean_loss, "steps": result.steps})
+        return Message(RecordDict({"arrays": to_arrays(model), "metrics": MetricRecord(reply)}), reply_to=msg)
+
+    @client.evaluate()
+    def evaluate_round(msg: Message, context: Context) -> Message:
+        source = site_source(context, sites)
+        try:
+            site = load(source)
+        except SiteDataError as err:
+            return error_reply(msg, ERROR_SITE_DATA, f"{site_name(source)}: {err}")
+        config = msg.content["config"]
+        encoder = FeatureEncoder.from_config_record(config)
+        data = _split(site, encoder, config, "test")
+        model = build_model(encoder, site.task, tuple(int(h) for h in config["hidden"]), seed=0)
+        load_arrays(model, msg.content["arrays"])
+        record = MetricRecord({"num-examples": len(data)})
+        for name, summary in evaluate(model, encoder, data).items():
+            record.update(metrics.to_metric_record(summary, prefix=name))
+        return Message(RecordDict({"metrics": record}), reply_to=msg)
 
     return client
 
 
+def _dp_for_run(context: Context, ledger: PrivacyLedger, config: ConfigRecord, n_rows: int,
+                settings: TrainConfig) -> DPConfig:
+    """The noise multiplier of this run, fixed at the run's first round so that the planned rounds spend
+    at most the site's budget, and kept in the node's context state for later rounds."""
+    key = "dp-run"
+    state = context.state.get(key)
+    if state is not None and state["run-id"] == str(context.run_id):
+        return DPConfig(noise_multiplier=float(state["noise-multiplier"]),
+                        max_grad_norm=float(config["max-grad-norm"]))
+    rounds_left = int(config["num-rounds"]) - int(config["server-round"]) + 1
+    steps = rounds_left * settings.epochs * steps_per_epoch(n_rows, settings.batch_size)
+    try:
+        sigma = calibrate_noise(ledger.epsilon_budget, ledger.delta, sample_rate(n_rows, settings.batch_size),
+                                steps, history=ledger.history)
+    except BudgetExhausted as err:
+        raise BudgetExhausted(
+            f"privacy budget exhausted ({ledger.path}): budget ε={ledger.epsilon_budget:g} at δ={ledger.delta:g}, "
+            f"spent ε={ledger.spent():.3f}; no noise level lets this run's {steps} steps fit") from err
+    context.state[key] = ConfigRecord({"run-id": str(context.run_id), "noise-multiplier": sigma})
+    return DPConfig(noise_multiplier=sigma, max_grad_norm=float(config["max-grad-norm"]))
+
+
 app = make_client_app()
+

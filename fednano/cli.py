@@ -64,6 +64,80 @@ def simulate_data(
         raise typer.Exit(1)
 
 
+@app.command(context_settings={"allow_extra_args": True})
+def simulate(
+    ctx: typer.Context,
+    clinics: int = typer.Option(5, "--clinics", min=2, max=50, help="Simulated clinics (ignored with --sites)."),
+    rounds: int = typer.Option(10, "--rounds", min=1, help="Federated rounds."),
+    dp: bool = typer.Option(True, "--dp/--no-dp", help="Simulated sites train with DP-SGD (site.toml budget)."),
+    epsilon: float = typer.Option(3.0, "--epsilon", min=0.01, help="Per-site ε budget of simulated sites."),
+    strategy: str = typer.Option("fedavg", "--strategy", help="fedavg | fedprox | fedadam | fedyogi."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the world, the splits and the models."),
+    out: Path = typer.Option(Path("runs/simulate"), "--out", help="Output folder."),
+    sites: list[Path] | None = typer.Option(
+        None, "--sites", help="Site folders or CSV files to use instead: --sites A B C (or --sites A --sites B)."),
+    task: Path | None = typer.Option(None, "--task", help="task.toml for --sites holding a generic task."),
+    local_epochs: int = typer.Option(1, "--local-epochs", min=1, help="Local epochs per round."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show Flower's own log."),
+) -> None:
+    """Run a federated experiment on one machine: Flower simulation, local-only and pooled baselines, report."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from simulation.experiment import ExperimentConfig, flower_environment, quiet_flower, run_experiment
+    from strategies.choice import STRATEGIES
+
+    if strategy not in STRATEGIES:
+        raise typer.BadParameter(f"expected one of {', '.join(STRATEGIES)}", param_hint="--strategy")
+    if ctx.args and not sites:
+        raise typer.BadParameter(f"unexpected arguments {' '.join(ctx.args)}", param_hint="--sites")
+    sites = [*(sites or []), *(Path(a) for a in ctx.args)]
+    missing = [str(p) for p in sites if not p.exists()]
+    if missing:
+        raise typer.BadParameter(f"no such file or folder: {', '.join(missing)}", param_hint="--sites")
+    if len(sites) == 1:
+        raise typer.BadParameter("a federation needs at least two sites", param_hint="--sites")
+    flower_environment(Path.cwd())
+    if not verbose:
+        quiet_flower()
+    cfg = ExperimentConfig(out=out, clinics=clinics, rounds=rounds, dp=dp, epsilon=epsilon, strategy=strategy,
+                           seed=seed, sites=sites, task=task, local_epochs=local_epochs)
+    console = Console()
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as progress:
+        bar = progress.add_task("sites", total=rounds)
+
+        def on_phase(name: str) -> None:
+            progress.update(bar, description=name)
+
+        def on_round(server_round: int) -> None:
+            progress.update(bar, completed=server_round, description=f"federation round {server_round}/{rounds}")
+
+        results = run_experiment(cfg, on_round=on_round, on_phase=on_phase)
+    _print_summary(console, results, out)
+
+
+def _print_summary(console, results: dict, out: Path) -> None:
+    from rich.table import Table
+
+    models = results["models"]["ann"]
+    table = Table(title="ANN, all test sets (see report.md for per-site figures)")
+    table.add_column("outcome")
+    table.add_column("metric")
+    for model in models:
+        table.add_column(model, justify="right")
+    for name, kind in results["task"]["outcomes"]:
+        metric = "r2" if kind == "regression" else "auc"
+        cells = [models[m]["overall"][name].get(metric) for m in models]
+        table.add_row(name, metric, *["–" if v is None else f"{v:.3f}" for v in cells])
+    console.print(table)
+    for site, p in sorted(results["privacy"].items()):
+        console.print(f"{site}: ε spent {p['epsilon']:.2f} of {p['budget']:g} (δ={p['delta']:g})")
+    for site, errors in results["rejected"].items():
+        console.print(f"[red]{site} left out[/red]: {'; '.join(errors)}")
+    console.print(f"wrote {out / 'results.json'}, {out / 'report.md'} and plots")
+
+
 def _rate(value) -> str:
     return "-" if value is None else f"{value:.1%}"
 

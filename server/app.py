@@ -1,23 +1,78 @@
-"""The coordinator's Flower ServerApp.
-
-Phases run in order (DESIGN.md, data flow); this release has the first one:
+"""The coordinator's Flower ServerApp: site check → federated statistics → training rounds → run record.
 
 1. **site check** — every connected site validates its own data against the shared contract and reports
-   counts and rates (never rows). Sites whose data fail are named with their first errors and left out of
-   later phases.
+   counts (never rows); sites whose data fail are named with their first errors and left out.
+2. **federated statistics** — the usable sites send aggregates of their training split; the server adds
+   them into one :class:`shared.encoding.FeatureEncoder`, so every site encodes features identically.
+3. **training** — the selected Flower strategy (``strategies.choice``) runs the rounds; every site's reply
+   (loss, ε spent, evaluation summaries) is kept per round by :class:`strategies.per_site.PerSiteRecord`.
+4. **run record** — ``OUT/federation.json`` (per-round, per-site metrics, overall metrics from summed
+   summaries, ε per site) and the final model (``ann_federated.pt``, ``encoder.json``).
+
+Settings come from the run config (``pyproject.toml [tool.flwr.app.config]`` or ``flwr run --run-config``);
+in-process simulations pass them to :func:`make_server_app`.
 """
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from logging import INFO
+from pathlib import Path
 
-from flwr.app import Context, Message, RecordDict
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from client.training import build_model
+from server.run_record import federation_record
+from shared.ann import to_arrays
+from shared.encoding import FeatureEncoder, SiteStatistics, combine
+from shared.task import NANOPARTICLE_TASK, TaskSpec
+from strategies.choice import make_strategy
+from strategies.per_site import PerSiteRecord
+
 SITE_CHECK = "query.site_check"
+STATISTICS = "query.statistics"
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Run-config keys (hyphenated in the run config) and their defaults."""
+
+    num_server_rounds: int = 10
+    strategy: str = "fedavg"
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.005
+    hidden: str = "64,32"
+    seed: int = 0
+    split_seed: int = 0
+    max_grad_norm: float = 1.0
+    proximal_mu: float = 0.1
+    server_lr: float = 0.05
+    min_nodes: int = 1
+    task_path: str = ""
+    out_dir: str = "runs/federation"
+
+    @classmethod
+    def from_run_config(cls, run_config: dict) -> RunSettings:
+        values = {}
+        for f in fields(cls):
+            key = f.name.replace("_", "-")
+            if key in run_config:
+                values[f.name] = type(f.default)(run_config[key])
+        return cls(**values)
+
+    @property
+    def hidden_sizes(self) -> tuple[int, ...]:
+        return tuple(int(h) for h in self.hidden.split(",") if h.strip())
+
+    def task(self) -> TaskSpec:
+        return TaskSpec.from_toml(self.task_path) if self.task_path else NANOPARTICLE_TASK
 
 
 @dataclass
@@ -59,14 +114,73 @@ def check_sites(grid: Grid, min_nodes: int = 1, timeout: float | None = None) ->
     return result
 
 
-app = ServerApp()
+def federated_encoder(grid: Grid, nodes: list[int], task: TaskSpec, split_seed: int) -> FeatureEncoder:
+    """Phase 2: sum the sites' training-split aggregates into one encoder."""
+    config = ConfigRecord({"split-seed": split_seed})
+    messages = [Message(RecordDict({"config": config}), dst_node_id=n, message_type=STATISTICS) for n in nodes]
+    stats = []
+    for reply in grid.send_and_receive(messages):
+        if reply.has_error():
+            log(INFO, "statistics: node %s failed: %s", reply.metadata.src_node_id, reply.error.reason)
+            continue
+        stats.append(SiteStatistics.from_records(reply.content["statistics"], reply.content["names"]))
+    if not stats:
+        raise RuntimeError("no site could report statistics: nothing to train on")
+    return FeatureEncoder(task).fit_statistics(combine(stats))
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    sites = check_sites(grid, min_nodes=int(context.run_config.get("min-nodes", 1)))
-    for node, name in sorted(sites.usable.items(), key=lambda kv: kv[1]):
-        s = sites.summaries[node]
-        log(INFO, f"site {name}: {int(s.get('n_episodes', s.get('n_rows', 0)))} rows usable")
+def train_config(settings: RunSettings, encoder: FeatureEncoder) -> ConfigRecord:
+    """What every site needs to train a round identically (the encoder travels with it)."""
+    config = encoder.to_config_record()
+    for key, value in {"local-epochs": settings.local_epochs, "batch-size": settings.batch_size,
+                       "lr": settings.lr, "seed": settings.seed, "split-seed": settings.split_seed,
+                       "max-grad-norm": settings.max_grad_norm, "num-rounds": settings.num_server_rounds,
+                       "hidden": list(settings.hidden_sizes)}.items():
+        config[key] = value
+    return config
+
+
+def run_federation(grid: Grid, settings: RunSettings, on_round: Callable[[int], None] | None = None) -> dict:
+    """All phases; returns the run record (also written to ``settings.out_dir``)."""
+    task = settings.task()
+    sites = check_sites(grid, min_nodes=settings.min_nodes)
     for name, errors in sites.rejected.values():
-        log(INFO, f"site {name} rejected: " + "; ".join(errors))
+        log(INFO, "site %s rejected: %s", name, "; ".join(errors))
+    nodes = sorted(sites.usable)
+    if not nodes:
+        raise RuntimeError("no site has usable data")
+    log(INFO, "sites usable: %s", ", ".join(sites.usable[n] for n in nodes))
+    encoder = federated_encoder(grid, nodes, task, settings.split_seed)
+    model = build_model(encoder, task, settings.hidden_sizes, seed=settings.seed)
+    strategy = PerSiteRecord(make_strategy(settings.strategy, n_sites=len(nodes),
+                                           proximal_mu=settings.proximal_mu, server_lr=settings.server_lr),
+                             on_round=on_round)
+    config = train_config(settings, encoder)
+    start = time.perf_counter()
+    result = strategy.start(grid=grid, initial_arrays=to_arrays(model), num_rounds=settings.num_server_rounds,
+                            train_config=config, evaluate_config=config)
+    seconds = time.perf_counter() - start
+    record = federation_record(task, sites, strategy.rounds, settings, seconds)
+    out = Path(settings.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "federation.json").write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
+    (out / "encoder.json").write_text(json.dumps(encoder.to_dict(), indent=1) + "\n")
+    if result.arrays is not None:
+        torch.save(result.arrays.to_torch_state_dict(), out / "ann_federated.pt")
+    return record
+
+
+def make_server_app(overrides: dict | None = None, on_round: Callable[[int], None] | None = None) -> ServerApp:
+    """A ServerApp whose settings are the run config updated with ``overrides`` (for in-process runs);
+    ``on_round`` is told each finished round (progress displays)."""
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        settings = RunSettings.from_run_config({**dict(context.run_config), **(overrides or {})})
+        run_federation(grid, settings, on_round)
+
+    return server
+
+
+app = make_server_app()

@@ -293,18 +293,28 @@ def _row(f: Formulations) -> Formulations:
     return Formulations(**{k: np.asarray(v)[None, :] for k, v in vars(f).items()})
 
 
-def site_toml(clinic: ClinicProfile) -> str:
+@dataclass(frozen=True)
+class SitePrivacy:
+    """The privacy budget a simulated site writes in its site.toml (a hospital decides its own)."""
+
+    dp: bool = True
+    epsilon: float = 3.0
+    delta: float = 1e-5
+
+
+def site_toml(clinic: ClinicProfile, privacy: SitePrivacy = SitePrivacy()) -> str:
     """The site's configuration file: name, schema version and its privacy budget."""
     return (f'[site]\nname = "{clinic.name}"\nschema_version = "{SCHEMA_VERSION}"\n\n'
-            "[privacy]\ndp = true\nepsilon = 3.0\ndelta = 1e-5\n")
+            f"[privacy]\ndp = {str(privacy.dp).lower()}\nepsilon = {privacy.epsilon!r}\ndelta = {privacy.delta!r}\n")
 
 
-def write_site(folder: Path, episodes: pd.DataFrame, vitals: pd.DataFrame, clinic: ClinicProfile) -> None:
+def write_site(folder: Path, episodes: pd.DataFrame, vitals: pd.DataFrame, clinic: ClinicProfile,
+               privacy: SitePrivacy = SitePrivacy()) -> None:
     """Write one site folder; the bytes depend only on the data (fixed rounding, "\\n" line ends)."""
     folder.mkdir(parents=True, exist_ok=True)
     episodes.to_csv(folder / EPISODES_FILE, index=False, lineterminator="\n")
     vitals.to_csv(folder / VITALS_FILE, index=False, lineterminator="\n")
-    (folder / SITE_FILE).write_text(site_toml(clinic))
+    (folder / SITE_FILE).write_text(site_toml(clinic, privacy))
 
 
 def world_description(world: World) -> dict:
@@ -314,12 +324,13 @@ def world_description(world: World) -> dict:
             "clinics": [asdict(c) for c in world.clinics]}
 
 
-def generate_sites(n_clinics: int, seed: int, out: Path, patients_per_clinic: int | None = None) -> World:
+def generate_sites(n_clinics: int, seed: int, out: Path, patients_per_clinic: int | None = None,
+                   privacy: SitePrivacy = SitePrivacy()) -> World:
     """Simulate ``n_clinics`` clinics and write one site folder each under ``out`` plus ``world.json``."""
     world = make_world(n_clinics, seed, patients_per_clinic)
     out = Path(out)
     for clinic in world.clinics:
         episodes, vitals = simulate_clinic(world, clinic)
-        write_site(out / clinic.name, episodes, vitals, clinic)
+        write_site(out / clinic.name, episodes, vitals, clinic, privacy)
     (out / "world.json").write_text(json.dumps(world_description(world), indent=1, sort_keys=True) + "\n")
     return world

@@ -113,7 +113,7 @@ def sample_patients(rng: np.random.Generator, n: int, population: Population = P
     hepatic = rng.random(n) < 0.08 + 0.1 * population.frailty
     bilirubin = 9.0 * np.exp(rng.normal(0, 0.35, n)) * np.where(hepatic, rng.uniform(2, 6, n), 1.0)
     creatinine = 0.85 * np.exp(rng.normal(0.1 * population.frailty, 0.22, n))  # mg/dL
-    crcl = np.clip(cockcroft_gault(age, weight, creatinine, female), 10, 240)
+    crcl = np.clip(cockcroft_gault(age, weight, creatinine, female), 10, 200)
     anc = np.clip(4.2 * np.exp(rng.normal(0, 0.32, n)), 0.8, 20)  # 10^9/L, normal range ~1.8-7.7
     ecog_p = np.array([0.45, 0.4, 0.13, 0.02]) + population.frailty * np.array([-0.2, 0.05, 0.1, 0.05])
     ecog = rng.choice(4, size=n, p=ecog_p / ecog_p.sum())

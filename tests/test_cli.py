@@ -1,11 +1,18 @@
 """The fednano command: exit codes and what it prints."""
 
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
 from typer.testing import CliRunner
 
 from fednano.cli import app
 from tests.sitefactory import set_cell, write_site
 
 runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_validate_exits_zero_with_a_summary_for_a_good_site(tmp_path):
@@ -36,3 +43,32 @@ def test_simulate_data_writes_sites_that_validate(tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "clinic_00" / "episodes.csv").exists() and (tmp_path / "world.json").exists()
     assert runner.invoke(app, ["validate", str(tmp_path / "clinic_01")]).exit_code == 0
+
+
+def test_simulate_refuses_a_missing_site_path(tmp_path):
+    result = runner.invoke(app, ["simulate", "--sites", str(tmp_path / "a.csv"), str(tmp_path / "b.csv")])
+    assert result.exit_code == 2
+    assert "no such file or folder" in result.output
+
+
+@pytest.mark.slow
+def test_simulate_on_real_liposome_data_split_into_three_csv_sites(tmp_path, monkeypatch):
+    """The generic-task path end to end: 77 real formulations, 3 release classes, three CSV sites."""
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))
+    table = pd.read_csv(ROOT / "simulation" / "data" / "liposome_ivr" / "ML_7_features_df.csv")
+    order = np.random.default_rng(0).permutation(len(table))
+    paths = []
+    for i, part in enumerate(np.array_split(order, 3)):
+        paths.append(tmp_path / f"site{i}.csv")
+        table.iloc[part].to_csv(paths[-1], index=False)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["simulate", "--sites", *map(str, paths), "--task",
+                                 str(ROOT / "examples" / "liposome_task.toml"), "--rounds", "3", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"]["outcomes"] == [["cluster", "multiclass"]]
+    assert sorted(results["models"]["ann"]) == ["federated", "local", "pooled"]
+    for model in results["models"]["ann"].values():
+        assert set(model["overall"]["cluster"]) >= {"auc", "accuracy", "balanced_accuracy"}
+    assert results["privacy"] == {}  # CSV sites have no site.toml: no DP unless a site asks for it
+    assert (out / "report.md").exists() and (out / "learning_curves.png").exists()

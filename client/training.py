@@ -1,0 +1,174 @@
+"""Local training and evaluation of the outcome model at a site, with or without DP-SGD.
+
+One training loop serves every mode: a federated round at a hospital, the local-only baseline and the
+pooled baseline. Differential privacy is a wrapper around that loop, as Opacus intends: ``make_private``
+wraps the model, optimizer and loader, and the accountant's history comes from (and goes back to) the
+site's :class:`client.ledger.PrivacyLedger`, so ε composes across rounds, runs and restarts.
+DP-SGD: Abadi et al., CCS 2016; Poisson sampling and RDP accounting as in Opacus (Yousefpour et al. 2021).
+
+FedProx's proximal term (Li et al., MLSys 2020) is applied as a proximal step after each optimizer step,
+w ← w − lr·μ·(w − w_global): it acts on parameters only, so it needs no per-sample gradient and costs no
+privacy (the global model is public to the site).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from shared import metrics
+from shared.ann import AnnSpec, MultiTaskMLP, per_row_loss, predict
+from shared.encoding import FeatureEncoder
+from shared.task import TaskSpec, assign_split
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of one local training call."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.005
+    proximal_mu: float = 0.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """DP-SGD settings: Gaussian noise multiplier σ and per-sample clipping norm C."""
+
+    noise_multiplier: float
+    max_grad_norm: float = 1.0
+    grad_sample_mode: str = "hooks"
+
+
+@dataclass
+class TrainResult:
+    """What a training call did: steps taken, the sampling rate, the mean loss, and the DP history."""
+
+    steps: int
+    sample_rate: float
+    mean_loss: float
+    history: list[tuple[float, float, int]]
+
+
+@dataclass
+class EncodedSplit:
+    """Encoded features and targets of one split of a site."""
+
+    x: np.ndarray
+    targets: dict[str, np.ndarray]
+    frame: pd.DataFrame
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+def split_site(frame: pd.DataFrame, task: TaskSpec, seed: int) -> dict[str, pd.DataFrame]:
+    """The site's rows by split (train / val / test), seeded and by patient for the built-in task."""
+    labels = assign_split(frame, task, seed)
+    return {name: frame[labels == name] for name in ("train", "val", "test")}
+
+
+def encode(encoder: FeatureEncoder, frame: pd.DataFrame) -> EncodedSplit:
+    return EncodedSplit(x=encoder.transform(frame), targets=encoder.encode_targets(frame), frame=frame)
+
+
+def build_model(encoder: FeatureEncoder, task: TaskSpec, hidden: tuple[int, ...], seed: int) -> MultiTaskMLP:
+    """A freshly initialised model for the encoder's features; the seed fixes the initial weights."""
+    torch.manual_seed(seed)
+    n_classes = {name: len(classes) for name, classes in encoder.classes_.items()}
+    return MultiTaskMLP(AnnSpec.for_task(task, encoder.n_features_out_, n_classes, hidden))
+
+
+def _loader(data: EncodedSplit, spec: AnnSpec, batch_size: int, seed: int) -> DataLoader:
+    tensors = [torch.as_tensor(data.x, dtype=torch.float32)]
+    tensors += [torch.as_tensor(data.targets[name], dtype=torch.float32) for name, _, _ in spec.outcomes]
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(TensorDataset(*tensors), batch_size=min(batch_size, len(data)), shuffle=True,
+                      generator=generator)
+
+
+def recorded_share(data: EncodedSplit) -> dict[str, float]:
+    """Share of rows where each outcome is recorded (fixes the loss weights for the whole data set)."""
+    return {name: float(np.mean(~np.isnan(y))) for name, y in data.targets.items()}
+
+
+def train(model: MultiTaskMLP, data: EncodedSplit, config: TrainConfig, dp: DPConfig | None = None,
+          history: list[tuple[float, float, int]] | None = None) -> TrainResult:
+    """Train ``model`` in place on ``data``; with ``dp``, by DP-SGD with the accountant's ``history``."""
+    spec = model.spec
+    loader = _loader(data, spec, config.batch_size, config.seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    anchor = [p.detach().clone() for p in model.parameters()] if config.proximal_mu > 0 else None
+    shares = recorded_share(data)
+    trained, engine = model, None
+    if dp is not None:
+        from opacus import PrivacyEngine
+
+        engine = PrivacyEngine(accountant="rdp")
+        engine.accountant.history = list(history or [])
+        with warnings.catch_warnings():
+            # Opacus warns that its secure RNG is off (fine for research; a deployment may set secure_mode).
+            warnings.simplefilter("ignore")
+            trained, optimizer, loader = engine.make_private(
+                module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=dp.noise_multiplier,
+                max_grad_norm=dp.max_grad_norm, poisson_sampling=True, grad_sample_mode=dp.grad_sample_mode)
+    trained.train()
+    # Opacus' hooks make torch note that inputs need no gradient; harmless, and repeated every step.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    steps, loss_sum, rows = 0, 0.0, 0
+    torch.manual_seed(config.seed)
+    for _ in range(config.epochs):
+        for x, *ys in loader:
+            optimizer.zero_grad()
+            targets = {name: y for (name, _, _), y in zip(spec.outcomes, ys, strict=True)}
+            # Poisson sampling can draw an empty batch: its loss is 0 and DP-SGD still adds the noise step.
+            loss = per_row_loss(spec, trained(x), targets, shares).sum() / max(len(x), 1)
+            loss.backward()
+            optimizer.step()
+            if anchor is not None:
+                _proximal_step(model, anchor, config.lr * config.proximal_mu)
+            steps += 1
+            loss_sum += loss.item() * len(x)
+            rows += len(x)
+    new_history = list(engine.accountant.history) if engine is not None else list(history or [])
+    return TrainResult(steps=steps, sample_rate=sample_rate(len(data), config.batch_size),
+                       mean_loss=loss_sum / max(rows, 1),
+                       history=new_history)
+
+
+@torch.no_grad()
+def _proximal_step(model: MultiTaskMLP, anchor: list[torch.Tensor], step: float) -> None:
+    for p, a in zip(model.parameters(), anchor, strict=True):
+        p.sub_(step * (p - a))
+
+
+def steps_per_epoch(n_rows: int, batch_size: int) -> int:
+    """Optimizer steps per epoch: the loader's length, ceil(n / batch); Opacus keeps it under Poisson
+    sampling."""
+    return max(int(np.ceil(n_rows / min(batch_size, n_rows))), 1)
+
+
+def sample_rate(n_rows: int, batch_size: int) -> float:
+    """The Poisson sampling rate Opacus derives from the loader: 1 / (steps per epoch)."""
+    return 1.0 / steps_per_epoch(n_rows, batch_size)
+
+
+def evaluate(model: MultiTaskMLP, encoder: FeatureEncoder, data: EncodedSplit) -> dict[str, dict]:
+    """Summaries per outcome (``shared.metrics``) of the model on ``data``: aggregates only, no rows.
+
+    Regression outcomes are compared on their original scale (e.g. efficacy in %)."""
+    predictions = predict(model, data.x)
+    summaries = {}
+    for name, kind, _ in model.spec.outcomes:
+        y, p = data.targets[name], predictions[name]
+        if kind == "regression":
+            y, p = encoder.decode_regression(name, y), encoder.decode_regression(name, p)
+        summaries[name] = metrics.summarise(kind, y, p)
+    return summaries

@@ -1,0 +1,163 @@
+"""The one-command multi-site experiment (``fednano simulate``): federation, baselines, report.
+
+1. Sites: the built-in simulator writes ``OUT/sites/clinic_XX`` (their ``site.toml`` carries the DP
+   budget), or the user brings site folders / CSV files (``--sites``, with ``--task`` for a generic task).
+2. Federation: the real ServerApp and ClientApp (``server.app``, ``client.app``) run in Flower's
+   simulation runtime, one SuperNode per site.
+3. Baselines with the same code and the same per-site test splits: local-only and pooled (with and without
+   DP) — ``simulation.baselines``.
+4. ``OUT/results.json``, ``OUT/report.md`` and PNG plots — ``simulation.report``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from client.app import SiteSource
+from shared import metrics
+from shared.task import NANOPARTICLE_TASK, TaskSpec
+from shared.validation import SiteDataError, load_site
+from simulation.baselines import BaselineSettings, Privacy, local_only, model_metrics, pooled
+from simulation.clinics import SitePrivacy, generate_sites
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything ``fednano simulate`` takes."""
+
+    out: Path = Path("runs/simulate")
+    clinics: int = 5
+    rounds: int = 10
+    dp: bool = True
+    epsilon: float = 3.0
+    delta: float = 1e-5
+    strategy: str = "fedavg"
+    seed: int = 0
+    sites: list[Path] = field(default_factory=list)
+    task: Path | None = None
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.005
+    hidden: str = "64,32"
+    patients_per_clinic: int | None = None
+
+
+def flower_environment(project_home: Path) -> None:
+    """Keep Flower's state in the project and Flower offline (unless the caller already chose)."""
+    os.environ.setdefault("FLWR_HOME", str(project_home / ".flwr"))
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def quiet_flower() -> None:
+    """Flower logs every record at INFO (evaluation summaries are long) and warns that in-process
+    simulation is deprecated in favour of ``flwr run``: keep errors only; the progress bar says the rest."""
+    import logging
+
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+
+
+def prepare_sites(cfg: ExperimentConfig) -> list[SiteSource]:
+    """The sites of the experiment: the user's, or freshly simulated clinics."""
+    if cfg.sites:
+        return [SiteSource(Path(p), cfg.task) for p in cfg.sites]
+    out = cfg.out / "sites"
+    world = generate_sites(cfg.clinics, cfg.seed, out, cfg.patients_per_clinic,
+                           SitePrivacy(dp=cfg.dp, epsilon=cfg.epsilon, delta=cfg.delta))
+    return [SiteSource(out / c.name) for c in world.clinics]
+
+
+def run_federation(cfg: ExperimentConfig, sources: list[SiteSource],
+                   on_round: Callable[[int], None] | None = None) -> dict:
+    """The federated run in Flower's simulation runtime; returns the server's run record."""
+    from flwr.simulation import run_simulation
+
+    from client.app import make_client_app
+    from server.app import make_server_app
+
+    overrides = {"num-server-rounds": cfg.rounds, "strategy": cfg.strategy, "local-epochs": cfg.local_epochs,
+                 "batch-size": cfg.batch_size, "lr": cfg.lr, "hidden": cfg.hidden, "seed": cfg.seed,
+                 "split-seed": cfg.seed, "min-nodes": len(sources), "out-dir": str(cfg.out / "federated"),
+                 "task-path": str(cfg.task) if cfg.task else ""}
+    run_simulation(server_app=make_server_app(overrides, on_round=on_round),
+                   client_app=make_client_app(sources), num_supernodes=len(sources),
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                   "init_args": {"num_cpus": 2, "include_dashboard": False,
+                                                 "logging_level": "ERROR"}})
+    record_path = cfg.out / "federated" / "federation.json"
+    if not record_path.exists():
+        raise RuntimeError(f"the federation wrote no run record ({record_path}); see the log above")
+    return json.loads(record_path.read_text())
+
+
+def site_privacy(site) -> Privacy | None:
+    privacy = site.config.get("privacy", {})
+    return Privacy(float(privacy["epsilon"]), float(privacy["delta"])) if privacy.get("dp") else None
+
+
+def run_experiment(cfg: ExperimentConfig, on_round: Callable[[int], None] | None = None,
+                   on_phase: Callable[[str], None] | None = None) -> dict:
+    """Sites → federation → baselines → results.json / report.md / plots under ``cfg.out``."""
+    say = on_phase or (lambda _: None)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    task = TaskSpec.from_toml(cfg.task) if cfg.task else NANOPARTICLE_TASK
+    say("sites")
+    sources = prepare_sites(cfg)
+    say("federation")
+    start = time.perf_counter()
+    federation = run_federation(cfg, sources, on_round)
+    federated_seconds = time.perf_counter() - start
+
+    say("baselines")
+    sites = {}
+    for source in sources:
+        try:
+            site = load_site(source.path, task if cfg.task else None)
+        except SiteDataError:
+            continue  # the federation's record names it; baselines use the same usable sites
+        if site.name in federation["sites"]:
+            sites[site.name] = site
+    settings = BaselineSettings(task=task, epochs=cfg.rounds * cfg.local_epochs, batch_size=cfg.batch_size,
+                                lr=cfg.lr, hidden=tuple(int(h) for h in cfg.hidden.split(",")), seed=cfg.seed,
+                                split_seed=cfg.seed)
+    privacy = {name: site_privacy(site) for name, site in sites.items()}
+    budgets = [p for p in privacy.values() if p is not None]
+    start = time.perf_counter()
+    local_summaries = local_only(sites, privacy, settings)
+    pooled_privacy = min(budgets, key=lambda p: p.epsilon) if budgets else None
+    pooled_summaries = pooled(sites, pooled_privacy, settings)
+    models = {"federated": {"overall": federation["final"]["overall"], "per_site": federation["final"]["per_site"]},
+              "local": model_metrics(task, local_summaries), "pooled": model_metrics(task, pooled_summaries)}
+    if pooled_privacy is not None:
+        models["pooled_no_dp"] = model_metrics(task, pooled(sites, None, settings))
+    baseline_seconds = time.perf_counter() - start
+
+    summaries = {"federated": {site: {o.name: metrics.from_metric_record(record, prefix=o.name) for o in task.outcomes}
+                               for site, record in federation["final"]["summaries"].items()},
+                 "local": local_summaries, "pooled": pooled_summaries}
+    results = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
+                   if k not in ("sites",)} | {"sites": [str(s.path) for s in sources]},
+        "task": {"outcomes": [[o.name, o.kind] for o in task.outcomes]},
+        "sites": federation["sites"],
+        "rejected": federation["rejected"],
+        "models": {"ann": models},
+        "privacy": {name: {"epsilon": p.get("epsilon"), "delta": p.get("delta"), "budget": p.get("budget")}
+                    for name, p in federation["privacy"].items()},
+        "rounds": federation["rounds"],
+        "timing": {"federation_s": federated_seconds, "baselines_s": baseline_seconds},
+        "pooled_dp_budget": asdict(pooled_privacy) if pooled_privacy else None,
+    }
+    (cfg.out / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
+    say("report")
+    from simulation.report import write_report
+
+    write_report(cfg.out, results, summaries)
+    return results

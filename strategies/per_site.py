@@ -1,0 +1,79 @@
+"""A wrapper that keeps each site's reply metrics per round, around any Flower strategy.
+
+Flower's strategies aggregate replies and keep only the aggregate; a coordinator also needs to see each
+site: its ε spent per round, its training loss, its evaluation summary, and which sites failed and why.
+Like Flower's own DP wrappers (``DifferentialPrivacyServerSideFixedClipping(strategy, ...)``), this wraps
+an existing strategy and delegates every decision to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+
+@dataclass
+class SiteRounds:
+    """Per-round, per-node records: metrics of the replies, and the reasons of failed replies."""
+
+    train: dict[int, dict[int, dict]] = field(default_factory=dict)  # round -> node -> metrics
+    evaluate: dict[int, dict[int, dict]] = field(default_factory=dict)
+    failures: dict[int, dict[int, str]] = field(default_factory=dict)  # round -> node -> reason
+
+
+class PerSiteRecord(Strategy):
+    """Record every site's reply metrics, then let ``strategy`` aggregate as usual.
+
+    Parameters
+    ----------
+    strategy : Strategy
+        The strategy that samples nodes and aggregates (FedAvg, FedProx, FedAdam, ...).
+    on_round : callable, optional (default: None)
+        Called with the round number once a round's evaluation replies are in (progress displays).
+    """
+
+    def __init__(self, strategy: Strategy, on_round: Callable[[int], None] | None = None) -> None:
+        self.strategy = strategy
+        self.on_round = on_round
+        self.rounds = SiteRounds()
+
+    def summary(self) -> None:
+        self.strategy.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        self._record(self.rounds.train, server_round, replies)
+        return self.strategy.aggregate_train(server_round, replies)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        self._record(self.rounds.evaluate, server_round, replies)
+        aggregated = self.strategy.aggregate_evaluate(server_round, replies)
+        if self.on_round is not None:
+            self.on_round(server_round)
+        return aggregated
+
+    def _record(self, table: dict[int, dict[int, dict]], server_round: int, replies: list[Message]) -> None:
+        per_node = table.setdefault(server_round, {})
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                self.rounds.failures.setdefault(server_round, {})[node] = reply.error.reason
+                continue
+            merged: dict = {}
+            for record in reply.content.metric_records.values():
+                merged.update(dict(record))
+            per_node[node] = merged

@@ -1,0 +1,52 @@
+"""Flower simulation: a site with invalid data and a site whose privacy budget is spent contribute nothing,
+say why, and the rounds go on with the others."""
+
+import pytest
+
+from client.app import LEDGER_FILE, SiteSource
+from client.ledger import PrivacyLedger
+from simulation.clinics import generate_sites
+from simulation.experiment import ExperimentConfig, flower_environment, quiet_flower, run_federation
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def record(tmp_path_factory):
+    out = tmp_path_factory.mktemp("failures")
+    flower_environment(out)
+    quiet_flower()
+    generate_sites(3, seed=1, out=out / "sites")
+    broken = out / "sites" / "clinic_02" / "episodes.csv"
+    lines = broken.read_text().splitlines()
+    broken.write_text("\n".join(lines[:-1] + [lines[-1].split(",", 3)[0]]) + "\n")  # truncated last row
+    spent = PrivacyLedger.open(out / "sites" / "clinic_01" / LEDGER_FILE, epsilon_budget=3.0, delta=1e-5)
+    spent.record(noise_multiplier=0.8, sample_rate=0.5, steps=400, run_id="earlier", server_round=1)
+    assert spent.spent() > 3.0
+    sources = [SiteSource(out / "sites" / f"clinic_{i:02d}") for i in range(3)]
+    return run_federation(ExperimentConfig(out=out, rounds=2, seed=1), sources), spent
+
+
+def test_site_with_invalid_data_is_rejected_naming_file_and_row(record):
+    run, _ = record
+    assert "clinic_02" not in run["sites"]
+    (errors,) = [e for site, e in run["rejected"].items() if site == "clinic_02"]
+    assert "episodes.csv" in errors[0] and "row" in errors[0]
+
+
+def test_site_past_its_budget_refuses_every_round_and_says_so(record):
+    run, spent = record
+    for r in run["rounds"]:
+        reason = r["failures"]["clinic_01"]
+        assert "refuses to train" in reason and "budget" in reason and str(spent.path) in reason
+        assert "train" not in r["per_site"]["clinic_01"]
+    reopened = PrivacyLedger.open(spent.path, 3.0, 1e-5)
+    assert reopened.history == spent.history  # nothing was trained, nothing recorded
+
+
+def test_the_other_site_trains_every_round_within_its_budget(record):
+    run, _ = record
+    epsilons = [r["per_site"]["clinic_00"]["train"]["epsilon"] for r in run["rounds"]]
+    assert len(epsilons) == 2 and 0 < epsilons[0] < epsilons[1] <= 3.0 + 1e-6
+    assert run["privacy"]["clinic_00"]["epsilon"] == epsilons[-1]
+    assert run["final"]["overall"]["response"]["n"] > 0
