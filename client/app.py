@@ -13,6 +13,9 @@ Messages answered (records in, records out; never a row of data):
 - ``train``: load the global weights, train locally (DP-SGD where the site's ``site.toml`` enables it,
   within the budget kept in the site's privacy ledger), reply the weights and ε spent.
 - ``evaluate``: summaries (``shared.metrics``) of the global model on the site's test split.
+- ``train.xgboost``: boost one head's booster on the site's rows (``client.boosting``): the new trees for
+  FedXgbBagging, the whole model for FedXgbCyclic.
+- ``query.xgb_evaluate``: summaries of the final boosters (all heads) on the site's test split.
 
 A site whose data fail validation, or whose privacy budget cannot pay for the training asked, replies an
 error naming why; the server logs it and the round goes on with the others.
@@ -24,9 +27,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import boosting
 from client.ledger import BudgetExhausted, PrivacyLedger, calibrate_noise
 from client.training import (
     DPConfig,
@@ -37,6 +42,7 @@ from client.training import (
     sample_rate,
     split_site,
     steps_per_epoch,
+    summarise_predictions,
     train,
 )
 from shared import metrics
@@ -195,7 +201,78 @@ def make_client_app(sites: list[SiteSource] | None = None) -> ClientApp:
             record.update(metrics.to_metric_record(summary, prefix=name))
         return Message(RecordDict({"metrics": record}), reply_to=msg)
 
+    @client.train("xgboost")
+    def train_boosting(msg: Message, context: Context) -> Message:
+        source = site_source(context, sites)
+        try:
+            site = load(source)
+        except SiteDataError as err:
+            return error_reply(msg, ERROR_SITE_DATA, f"{site_name(source)}: {err}")
+        config = msg.content["config"]
+        encoder = FeatureEncoder.from_config_record(config)
+        data = _split(site, encoder, config, "train")
+        head = _head(config)
+        settings = boosting.BoostingConfig(eta=float(config["eta"]), max_depth=int(config["max-depth"]),
+                                           local_rounds=int(config["local-rounds"]), seed=int(config["seed"]))
+        global_model = msg.content["arrays"]["0"].numpy().tobytes()
+        before = boosting.rounds_in(global_model)
+        booster = boosting.boost(global_model, boosting.dmatrix(data.x, boosting.head_labels(head, data.targets)),
+                                 settings.params(head.kind), settings.local_rounds)
+        model = boosting.new_trees(booster, before) if config["mode"] == "bagging" else bytes(booster.save_raw("json"))
+        arrays = ArrayRecord([np.frombuffer(model, dtype=np.uint8)])
+        reply = MetricRecord({"num-examples": len(data), "server-round": int(config["server-round"])})
+        return Message(RecordDict({"arrays": arrays, "metrics": reply}), reply_to=msg)
+
+    @client.evaluate("xgboost")
+    def evaluate_head(msg: Message, context: Context) -> Message:
+        """One head's booster on the site's test split (FedXgbCyclic asks after every round)."""
+        source = site_source(context, sites)
+        try:
+            site = load(source)
+        except SiteDataError as err:
+            return error_reply(msg, ERROR_SITE_DATA, f"{site_name(source)}: {err}")
+        config = msg.content["config"]
+        encoder = FeatureEncoder.from_config_record(config)
+        data = _split(site, encoder, config, "test")
+        head = _head(config)
+        model = msg.content["arrays"]["0"].numpy().tobytes()
+        labels = boosting.head_labels(head, data.targets)
+        scores = xgb_predict(model, data.x)
+        if head.kind == "regression":
+            labels = encoder.decode_regression(head.outcome, labels)
+            scores = encoder.decode_regression(head.outcome, scores)
+        record = MetricRecord({"num-examples": len(data)})
+        record.update(metrics.to_metric_record(metrics.summarise(head.kind, labels, scores), prefix=head.key))
+        return Message(RecordDict({"metrics": record}), reply_to=msg)
+
+    @client.query("xgb_evaluate")
+    def evaluate_boosting(msg: Message, context: Context) -> Message:
+        source = site_source(context, sites)
+        try:
+            site = load(source)
+        except SiteDataError as err:
+            return error_reply(msg, ERROR_SITE_DATA, f"{site_name(source)}: {err}")
+        config = msg.content["config"]
+        encoder = FeatureEncoder.from_config_record(config)
+        data = _split(site, encoder, config, "test")
+        models = {key: bytes(value) for key, value in msg.content["boosters"].items()}
+        summaries = summarise_predictions(encoder, data, boosting.predict_heads(models, encoder, data.x))
+        record = MetricRecord({"num-examples": len(data)})
+        for name, summary in summaries.items():
+            record.update(metrics.to_metric_record(summary, prefix=name))
+        return Message(RecordDict({"metrics": record}), reply_to=msg)
+
     return client
+
+
+def _head(config: ConfigRecord) -> boosting.Head:
+    positive = int(config["positive-class"])
+    return boosting.Head(str(config["outcome"]), str(config["kind"]), positive if positive >= 0 else None)
+
+
+def xgb_predict(model: bytes, x: np.ndarray) -> np.ndarray:
+    """A booster's predictions (probability or standardised value) for encoded rows."""
+    return boosting.load(model).predict(boosting.dmatrix(x))
 
 
 def _dp_for_run(context: Context, ledger: PrivacyLedger, config: ConfigRecord, n_rows: int,

@@ -111,11 +111,11 @@ def train(model: MultiTaskMLP, data: EncodedSplit, config: TrainConfig, dp: DPCo
     if dp is not None:
         from opacus import PrivacyEngine
 
-        engine = PrivacyEngine(accountant="rdp")
-        engine.accountant.history = list(history or [])
         with warnings.catch_warnings():
             # Opacus warns that its secure RNG is off (fine for research; a deployment may set secure_mode).
             warnings.simplefilter("ignore")
+            engine = PrivacyEngine(accountant="rdp")
+            engine.accountant.history = list(history or [])
             trained, optimizer, loader = engine.make_private(
                 module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=dp.noise_multiplier,
                 max_grad_norm=dp.max_grad_norm, poisson_sampling=True, grad_sample_mode=dp.grad_sample_mode)
@@ -161,14 +161,19 @@ def sample_rate(n_rows: int, batch_size: int) -> float:
 
 
 def evaluate(model: MultiTaskMLP, encoder: FeatureEncoder, data: EncodedSplit) -> dict[str, dict]:
-    """Summaries per outcome (``shared.metrics``) of the model on ``data``: aggregates only, no rows.
+    """Summaries per outcome (``shared.metrics``) of the model on ``data``: aggregates only, no rows."""
+    return summarise_predictions(encoder, data, predict(model, data.x))
+
+
+def summarise_predictions(encoder: FeatureEncoder, data: EncodedSplit,
+                          predictions: dict[str, np.ndarray]) -> dict[str, dict]:
+    """Summaries per outcome of any model's predictions (ANN or boosting conventions alike).
 
     Regression outcomes are compared on their original scale (e.g. efficacy in %)."""
-    predictions = predict(model, data.x)
     summaries = {}
-    for name, kind, _ in model.spec.outcomes:
-        y, p = data.targets[name], predictions[name]
-        if kind == "regression":
-            y, p = encoder.decode_regression(name, y), encoder.decode_regression(name, p)
-        summaries[name] = metrics.summarise(kind, y, p)
+    for outcome in encoder.task.outcomes:
+        y, p = data.targets[outcome.name], predictions[outcome.name]
+        if outcome.kind == "regression":
+            y, p = encoder.decode_regression(outcome.name, y), encoder.decode_regression(outcome.name, p)
+        summaries[outcome.name] = metrics.summarise(outcome.kind, y, p)
     return summaries

@@ -78,6 +78,9 @@ def simulate(
         None, "--sites", help="Site folders or CSV files to use instead: --sites A B C (or --sites A --sites B)."),
     task: Path | None = typer.Option(None, "--task", help="task.toml for --sites holding a generic task."),
     local_epochs: int = typer.Option(1, "--local-epochs", min=1, help="Local epochs per round."),
+    models: str = typer.Option("ann,xgboost", "--models", help="Models to train: ann, xgboost, or both."),
+    boosting: str = typer.Option("bagging", "--boosting", help="Federated XGBoost: bagging | cyclic."),
+    xgb_rounds: int = typer.Option(20, "--xgb-rounds", min=1, help="Federated boosting rounds per head."),
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower's own log."),
 ) -> None:
     """Run a federated experiment on one machine: Flower simulation, local-only and pooled baselines, report."""
@@ -89,6 +92,12 @@ def simulate(
 
     if strategy not in STRATEGIES:
         raise typer.BadParameter(f"expected one of {', '.join(STRATEGIES)}", param_hint="--strategy")
+    if boosting not in ("bagging", "cyclic"):
+        raise typer.BadParameter("expected bagging or cyclic", param_hint="--boosting")
+    unknown = set(models.split(",")) - {"ann", "xgboost"}
+    if unknown:
+        raise typer.BadParameter(f"unknown model(s) {', '.join(sorted(unknown))}: expected ann, xgboost",
+                                 param_hint="--models")
     if ctx.args and not sites:
         raise typer.BadParameter(f"unexpected arguments {' '.join(ctx.args)}", param_hint="--sites")
     sites = [*(sites or []), *(Path(a) for a in ctx.args)]
@@ -101,7 +110,8 @@ def simulate(
     if not verbose:
         quiet_flower()
     cfg = ExperimentConfig(out=out, clinics=clinics, rounds=rounds, dp=dp, epsilon=epsilon, strategy=strategy,
-                           seed=seed, sites=sites, task=task, local_epochs=local_epochs)
+                           seed=seed, sites=sites, task=task, local_epochs=local_epochs, models=models,
+                           boosting=boosting, xgb_rounds=xgb_rounds)
     console = Console()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
@@ -120,17 +130,17 @@ def simulate(
 def _print_summary(console, results: dict, out: Path) -> None:
     from rich.table import Table
 
-    models = results["models"]["ann"]
-    table = Table(title="ANN, all test sets (see report.md for per-site figures)")
-    table.add_column("outcome")
-    table.add_column("metric")
-    for model in models:
-        table.add_column(model, justify="right")
-    for name, kind in results["task"]["outcomes"]:
-        metric = "r2" if kind == "regression" else "auc"
-        cells = [models[m]["overall"][name].get(metric) for m in models]
-        table.add_row(name, metric, *["–" if v is None else f"{v:.3f}" for v in cells])
-    console.print(table)
+    for family, models in results["models"].items():
+        table = Table(title=f"{family}, all test sets (see report.md for per-site figures)")
+        table.add_column("outcome")
+        table.add_column("metric")
+        for model in models:
+            table.add_column(model, justify="right")
+        for name, kind in results["task"]["outcomes"]:
+            metric = "r2" if kind == "regression" else "auc"
+            cells = [models[m]["overall"][name].get(metric) for m in models]
+            table.add_row(name, metric, *["–" if v is None else f"{v:.3f}" for v in cells])
+        console.print(table)
     for site, p in sorted(results["privacy"].items()):
         console.print(f"{site}: ε spent {p['epsilon']:.2f} of {p['budget']:g} (δ={p['delta']:g})")
     for site, errors in results["rejected"].items():

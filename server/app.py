@@ -28,7 +28,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from client.training import build_model
-from server.run_record import federation_record
+from server.boosting_phase import run_boosting
+from server.run_record import boosting_record, federation_record
 from shared.ann import to_arrays
 from shared.encoding import FeatureEncoder, SiteStatistics, combine
 from shared.task import NANOPARTICLE_TASK, TaskSpec
@@ -57,6 +58,11 @@ class RunSettings:
     min_nodes: int = 1
     task_path: str = ""
     out_dir: str = "runs/federation"
+    models: str = "ann"  # comma-separated: ann, xgboost
+    boosting: str = "bagging"  # bagging | cyclic
+    xgb_rounds: int = 20
+    xgb_eta: float = 0.1
+    xgb_max_depth: int = 4
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> RunSettings:
@@ -70,6 +76,10 @@ class RunSettings:
     @property
     def hidden_sizes(self) -> tuple[int, ...]:
         return tuple(int(h) for h in self.hidden.split(",") if h.strip())
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return tuple(m.strip() for m in self.models.split(",") if m.strip())
 
     def task(self) -> TaskSpec:
         return TaskSpec.from_toml(self.task_path) if self.task_path else NANOPARTICLE_TASK
@@ -151,6 +161,26 @@ def run_federation(grid: Grid, settings: RunSettings, on_round: Callable[[int], 
         raise RuntimeError("no site has usable data")
     log(INFO, "sites usable: %s", ", ".join(sites.usable[n] for n in nodes))
     encoder = federated_encoder(grid, nodes, task, settings.split_seed)
+    out = Path(settings.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "encoder.json").write_text(json.dumps(encoder.to_dict(), indent=1) + "\n")
+    record = {"settings": {k.replace("_", "-"): v for k, v in vars(settings).items()},
+              "sites": sorted(sites.usable.values()),
+              "rejected": {name: errors for name, errors in sites.rejected.values()}, "xgboost": None}
+    if "ann" in settings.model_names:
+        record.update(train_ann(grid, nodes, sites, task, encoder, settings, on_round))
+    if "xgboost" in settings.model_names:
+        boosted = run_boosting(grid, nodes, encoder, settings)
+        for key, model in boosted.models.items():
+            (out / f"xgb_{key}.json").write_bytes(model)
+        record["xgboost"] = boosting_record(task, sites, boosted, settings.boosting)
+    (out / "federation.json").write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
+    return record
+
+
+def train_ann(grid: Grid, nodes: list[int], sites: SiteCheck, task: TaskSpec, encoder: FeatureEncoder,
+              settings: RunSettings, on_round: Callable[[int], None] | None) -> dict:
+    """Phase 3 for the neural network: the strategy's rounds; returns the run record, saves the weights."""
     model = build_model(encoder, task, settings.hidden_sizes, seed=settings.seed)
     strategy = PerSiteRecord(make_strategy(settings.strategy, n_sites=len(nodes),
                                            proximal_mu=settings.proximal_mu, server_lr=settings.server_lr),
@@ -159,14 +189,9 @@ def run_federation(grid: Grid, settings: RunSettings, on_round: Callable[[int], 
     start = time.perf_counter()
     result = strategy.start(grid=grid, initial_arrays=to_arrays(model), num_rounds=settings.num_server_rounds,
                             train_config=config, evaluate_config=config)
-    seconds = time.perf_counter() - start
-    record = federation_record(task, sites, strategy.rounds, settings, seconds)
-    out = Path(settings.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "federation.json").write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
-    (out / "encoder.json").write_text(json.dumps(encoder.to_dict(), indent=1) + "\n")
+    record = federation_record(task, sites, strategy.rounds, settings, time.perf_counter() - start)
     if result.arrays is not None:
-        torch.save(result.arrays.to_torch_state_dict(), out / "ann_federated.pt")
+        torch.save(result.arrays.to_torch_state_dict(), Path(settings.out_dir) / "ann_federated.pt")
     return record
 
 

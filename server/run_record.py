@@ -13,6 +13,7 @@ from shared.task import TaskSpec
 
 if TYPE_CHECKING:
     from server.app import RunSettings, SiteCheck
+    from server.boosting_phase import BoostingOutcome
     from strategies.per_site import SiteRounds
 
 TRAIN_KEYS = ("num-examples", "train-loss", "steps", "epsilon", "epsilon-budget", "delta", "noise-multiplier")
@@ -31,7 +32,7 @@ def summed(records: list[dict]) -> dict:
 
 def federation_record(task: TaskSpec, sites: SiteCheck, rounds: SiteRounds, settings: RunSettings,
                       seconds: float) -> dict:
-    """The JSON-safe record of a finished run."""
+    """The JSON-safe record of the neural network's rounds: per round, final, privacy."""
     names = sites.usable
     per_round = []
     privacy: dict[str, dict] = {}
@@ -57,9 +58,6 @@ def federation_record(task: TaskSpec, sites: SiteCheck, rounds: SiteRounds, sett
         per_round.append(entry)
     last_eval = next((rounds.evaluate[r] for r in sorted(rounds.evaluate, reverse=True) if rounds.evaluate[r]), {})
     return {
-        "settings": {k.replace("_", "-"): v for k, v in vars(settings).items()},
-        "sites": sorted(names.values()),
-        "rejected": {name: errors for name, errors in sites.rejected.values()},
         "seconds": seconds,
         "rounds": per_round,
         "final": {
@@ -68,4 +66,21 @@ def federation_record(task: TaskSpec, sites: SiteCheck, rounds: SiteRounds, sett
             "summaries": {names[n]: rec for n, rec in last_eval.items() if n in names},
         },
         "privacy": privacy,
+    }
+
+
+def boosting_record(task: TaskSpec, sites: SiteCheck, boosted: BoostingOutcome, mode: str) -> dict:
+    """The JSON-safe record of the boosting phase: final metrics overall and per site, failures."""
+    names = sites.usable
+    evaluations = {names[n]: rec for n, rec in boosted.evaluations.items() if n in names}
+    return {
+        "mode": mode,
+        "seconds": boosted.seconds,
+        "heads": sorted(boosted.models),
+        "failures": {names.get(n, str(n)): reason for n, reason in boosted.failures.items()},
+        "final": {
+            "overall": outcome_metrics(task, summed(list(evaluations.values()))) if evaluations else {},
+            "per_site": {site: outcome_metrics(task, rec) for site, rec in evaluations.items()},
+            "summaries": evaluations,
+        },
     }

@@ -1,4 +1,5 @@
-"""Baselines a federated model is compared with, trained with the same code outside Flower.
+"""Baselines a federated model is compared with, trained with the same code outside Flower (ANN and
+XGBoost).
 
 - **local-only**: each site trains alone on its own training split (its own encoder, fit on its rows);
 - **pooled**: all sites' training rows in one place (the encoder of the summed statistics, as federated).
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from client.boosting import BoostingConfig, predict_heads, train_pooled_heads
 from client.ledger import calibrate_noise
 from client.training import (
     DPConfig,
@@ -25,6 +27,7 @@ from client.training import (
     sample_rate,
     split_site,
     steps_per_epoch,
+    summarise_predictions,
     train,
 )
 from shared import metrics
@@ -112,6 +115,34 @@ def pooled(sites: dict[str, SiteData], privacy: Privacy | None, s: BaselineSetti
     model, encoder = pooled_model(sites, privacy, s)
     return {name: evaluate(model, encoder, encode(encoder, parts["test"]))
             for name, parts in site_splits(sites, s).items()}
+
+
+def local_boosting(sites: dict[str, SiteData], s: BaselineSettings, config: BoostingConfig,
+                   rounds: int) -> dict[str, dict[str, dict]]:
+    """Summaries per site of each site's own boosters (same heads and parameters as federated)."""
+    result = {}
+    for name, parts in site_splits(sites, s).items():
+        encoder = fit_local(parts["train"], s.task)
+        train_data = encode(encoder, parts["train"])
+        models = train_pooled_heads(encoder, train_data.x, train_data.targets, config, rounds)
+        test = encode(encoder, parts["test"])
+        result[name] = summarise_predictions(encoder, test, predict_heads(models, encoder, test.x))
+    return result
+
+
+def pooled_boosting(sites: dict[str, SiteData], s: BaselineSettings, config: BoostingConfig,
+                    rounds: int) -> dict[str, dict[str, dict]]:
+    """Summaries per site of boosters trained on all sites' training rows."""
+    splits = site_splits(sites, s)
+    stats = combine([SiteStatistics.from_frame(parts["train"], s.task) for parts in splits.values()])
+    encoder = FeatureEncoder(s.task).fit_statistics(stats)
+    train_data = encode(encoder, pd.concat([parts["train"] for parts in splits.values()], ignore_index=True))
+    models = train_pooled_heads(encoder, train_data.x, train_data.targets, config, rounds)
+    result = {}
+    for name, parts in splits.items():
+        test = encode(encoder, parts["test"])
+        result[name] = summarise_predictions(encoder, test, predict_heads(models, encoder, test.x))
+    return result
 
 
 def model_metrics(task: TaskSpec, per_site: dict[str, dict[str, dict]]) -> dict:

@@ -19,10 +19,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from client.app import SiteSource
+from client.boosting import BoostingConfig
 from shared import metrics
 from shared.task import NANOPARTICLE_TASK, TaskSpec
 from shared.validation import SiteDataError, load_site
-from simulation.baselines import BaselineSettings, Privacy, local_only, model_metrics, pooled
+from simulation.baselines import (
+    BaselineSettings,
+    Privacy,
+    local_boosting,
+    local_only,
+    model_metrics,
+    pooled,
+    pooled_boosting,
+)
 from simulation.clinics import SitePrivacy, generate_sites
 
 
@@ -45,6 +54,9 @@ class ExperimentConfig:
     lr: float = 0.005
     hidden: str = "64,32"
     patients_per_clinic: int | None = None
+    models: str = "ann,xgboost"
+    boosting: str = "bagging"
+    xgb_rounds: int = 20
 
 
 def flower_environment(project_home: Path) -> None:
@@ -85,7 +97,8 @@ def run_federation(cfg: ExperimentConfig, sources: list[SiteSource],
     overrides = {"num-server-rounds": cfg.rounds, "strategy": cfg.strategy, "local-epochs": cfg.local_epochs,
                  "batch-size": cfg.batch_size, "lr": cfg.lr, "hidden": cfg.hidden, "seed": cfg.seed,
                  "split-seed": cfg.seed, "min-nodes": len(sources), "out-dir": str(cfg.out / "federated"),
-                 "task-path": str(cfg.task) if cfg.task else ""}
+                 "task-path": str(cfg.task) if cfg.task else "", "models": cfg.models, "boosting": cfg.boosting,
+                 "xgb-rounds": cfg.xgb_rounds}
     run_simulation(server_app=make_server_app(overrides, on_round=on_round),
                    client_app=make_client_app(sources), num_supernodes=len(sources),
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -100,6 +113,38 @@ def run_federation(cfg: ExperimentConfig, sources: list[SiteSource],
 def site_privacy(site) -> Privacy | None:
     privacy = site.config.get("privacy", {})
     return Privacy(float(privacy["epsilon"]), float(privacy["delta"])) if privacy.get("dp") else None
+
+
+def _federated_summaries(task: TaskSpec, final: dict) -> dict[str, dict[str, dict]]:
+    return {site: {o.name: metrics.from_metric_record(record, prefix=o.name) for o in task.outcomes}
+            for site, record in final["summaries"].items()}
+
+
+def ann_models(task: TaskSpec, federation: dict, sites: dict, settings: BaselineSettings) -> tuple[dict, dict]:
+    """Metrics and summaries of the federated ANN and its baselines (pooled with and without DP)."""
+    privacy = {name: site_privacy(site) for name, site in sites.items()}
+    pooled_privacy = min((p for p in privacy.values() if p is not None), key=lambda p: p.epsilon, default=None)
+    summaries = {"federated": _federated_summaries(task, federation["final"]),
+                 "local": local_only(sites, privacy, settings), "pooled": pooled(sites, pooled_privacy, settings)}
+    if pooled_privacy is not None:
+        summaries["pooled_no_dp"] = pooled(sites, None, settings)
+    models = {"federated": {"overall": federation["final"]["overall"], "per_site": federation["final"]["per_site"]}}
+    models |= {name: model_metrics(task, s) for name, s in summaries.items() if name != "federated"}
+    return models, summaries
+
+
+def boosting_models(task: TaskSpec, federation: dict, sites: dict, settings: BaselineSettings,
+                    cfg: ExperimentConfig) -> tuple[dict, dict]:
+    """Metrics and summaries of federated XGBoost and its local-only and pooled baselines."""
+    final = federation["xgboost"]["final"]
+    config = BoostingConfig(seed=cfg.seed)
+    summaries = {"federated": _federated_summaries(task, final),
+                 "local": local_boosting(sites, settings, config, cfg.xgb_rounds),
+                 "pooled": pooled_boosting(sites, settings, config, cfg.xgb_rounds)}
+    models = {"federated": {"overall": final["overall"], "per_site": final["per_site"],
+                            "mode": federation["xgboost"]["mode"]}}
+    models |= {name: model_metrics(task, s) for name, s in summaries.items() if name != "federated"}
+    return models, summaries
 
 
 def run_experiment(cfg: ExperimentConfig, on_round: Callable[[int], None] | None = None,
@@ -127,32 +172,29 @@ def run_experiment(cfg: ExperimentConfig, on_round: Callable[[int], None] | None
     settings = BaselineSettings(task=task, epochs=cfg.rounds * cfg.local_epochs, batch_size=cfg.batch_size,
                                 lr=cfg.lr, hidden=tuple(int(h) for h in cfg.hidden.split(",")), seed=cfg.seed,
                                 split_seed=cfg.seed)
-    privacy = {name: site_privacy(site) for name, site in sites.items()}
-    budgets = [p for p in privacy.values() if p is not None]
     start = time.perf_counter()
-    local_summaries = local_only(sites, privacy, settings)
-    pooled_privacy = min(budgets, key=lambda p: p.epsilon) if budgets else None
-    pooled_summaries = pooled(sites, pooled_privacy, settings)
-    models = {"federated": {"overall": federation["final"]["overall"], "per_site": federation["final"]["per_site"]},
-              "local": model_metrics(task, local_summaries), "pooled": model_metrics(task, pooled_summaries)}
-    if pooled_privacy is not None:
-        models["pooled_no_dp"] = model_metrics(task, pooled(sites, None, settings))
+    models, summaries = {}, {}
+    if "rounds" in federation:
+        models["ann"], summaries["ann"] = ann_models(task, federation, sites, settings)
+    if federation.get("xgboost"):
+        models["xgboost"], summaries["xgboost"] = boosting_models(task, federation, sites, settings, cfg)
     baseline_seconds = time.perf_counter() - start
+    privacy = {name: site_privacy(site) for name, site in sites.items()}
+    pooled_privacy = min((p for p in privacy.values() if p is not None), key=lambda p: p.epsilon, default=None)
 
-    summaries = {"federated": {site: {o.name: metrics.from_metric_record(record, prefix=o.name) for o in task.outcomes}
-                               for site, record in federation["final"]["summaries"].items()},
-                 "local": local_summaries, "pooled": pooled_summaries}
     results = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
                    if k not in ("sites",)} | {"sites": [str(s.path) for s in sources]},
         "task": {"outcomes": [[o.name, o.kind] for o in task.outcomes]},
         "sites": federation["sites"],
         "rejected": federation["rejected"],
-        "models": {"ann": models},
+        "models": models,
         "privacy": {name: {"epsilon": p.get("epsilon"), "delta": p.get("delta"), "budget": p.get("budget")}
-                    for name, p in federation["privacy"].items()},
-        "rounds": federation["rounds"],
-        "timing": {"federation_s": federated_seconds, "baselines_s": baseline_seconds},
+                    for name, p in federation.get("privacy", {}).items()},
+        "rounds": federation.get("rounds", []),
+        "timing": {"federation_s": federated_seconds, "baselines_s": baseline_seconds,
+                   "ann_s": federation.get("seconds"),
+                   "xgboost_s": federation["xgboost"]["seconds"] if federation.get("xgboost") else None},
         "pooled_dp_budget": asdict(pooled_privacy) if pooled_privacy else None,
     }
     (cfg.out / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")

@@ -20,18 +20,19 @@ HEADLINE = {"binary": ("auc", "accuracy", "balanced_accuracy"),
             "regression": ("mae", "rmse", "r2")}
 MODEL_LABELS = {"federated": "federated", "local": "local-only", "pooled": "pooled",
                 "pooled_no_dp": "pooled, no DP"}
+FAMILY_LABELS = {"ann": "ANN", "xgboost": "XGBoost"}
 
 
 def _fmt(value) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
-def _model_table(results: dict) -> list[str]:
+def _model_table(results: dict, family: str) -> list[str]:
     lines = []
-    models = results["models"]["ann"]
+    models = results["models"][family]
     for name, kind in results["task"]["outcomes"]:
         keys = HEADLINE[kind]
-        lines += [f"### {name} ({kind})", "", "| model | " + " | ".join(keys) + " |",
+        lines += [f"### {FAMILY_LABELS[family]}: {name} ({kind})", "", "| model | " + " | ".join(keys) + " |",
                   "|---|" + "---|" * len(keys)]
         for model, label in MODEL_LABELS.items():
             if model in models:
@@ -70,6 +71,7 @@ def _privacy_table(results: dict) -> list[str]:
 
 
 def learning_curves(results: dict, path: Path) -> None:
+    """The federated ANN's overall metric per round, with the baselines' final values as lines."""
     outcomes = results["task"]["outcomes"]
     fig, axes = plt.subplots(1, len(outcomes), figsize=(4.5 * len(outcomes), 3.6), squeeze=False)
     models = results["models"]["ann"]
@@ -82,14 +84,15 @@ def learning_curves(results: dict, path: Path) -> None:
             if model in models and models[model]["overall"][name].get(key) is not None:
                 ax.axhline(models[model]["overall"][name][key], linestyle=style, color="grey",
                            label=MODEL_LABELS[model])
-        ax.set(title=f"{name}: {key} (all test sets)", xlabel="round", ylabel=key)
+        ax.set(title=f"ANN {name}: {key} (all test sets)", xlabel="round", ylabel=key)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def roc_per_site(results: dict, summaries: dict[str, dict[str, dict[str, dict]]], outcome: str, path: Path) -> None:
+def roc_per_site(results: dict, summaries: dict[str, dict[str, dict[str, dict[str, dict]]]], outcome: str,
+                 path: Path) -> None:
     """ROC of each model at each site for one binary outcome, from the sites' summaries."""
     sites = results["sites"]
     cols = min(len(sites), 4)
@@ -98,13 +101,15 @@ def roc_per_site(results: dict, summaries: dict[str, dict[str, dict[str, dict]]]
     for ax in axes.flat[len(sites):]:
         ax.axis("off")
     for ax, site in zip(axes.flat, sites, strict=False):
-        for model, per_site in summaries.items():
-            summary = per_site.get(site, {}).get(outcome)
-            if summary is None:
-                continue
-            fpr, tpr = metrics.roc_curve_points(summary)
-            auc = metrics.binary_metrics(summary)["auc"]
-            ax.plot(fpr, tpr, label=f"{MODEL_LABELS[model]} {auc:.2f}")
+        for family, by_model in summaries.items():
+            for model, per_site in by_model.items():
+                summary = per_site.get(site, {}).get(outcome)
+                if summary is None or summary["n"] == 0:
+                    continue
+                fpr, tpr = metrics.roc_curve_points(summary)
+                auc = metrics.binary_metrics(summary)["auc"]
+                style = "-" if family == "ann" else "--"
+                ax.plot(fpr, tpr, style, label=f"{FAMILY_LABELS[family]} {MODEL_LABELS[model]} {_fmt(auc)}")
         ax.plot([0, 1], [0, 1], color="lightgrey", linewidth=0.8)
         ax.set(title=site, xlabel="1 − specificity", ylabel="sensitivity")
         ax.legend(fontsize=6, loc="lower right")
@@ -136,8 +141,10 @@ def epsilon_per_round(results: dict, path: Path) -> None:
 def write_report(out: Path, results: dict, summaries: dict[str, dict[str, dict[str, dict]]]) -> None:
     """``report.md`` and its plots in ``out``."""
     cfg = results["config"]
-    plots = ["learning_curves.png"]
-    learning_curves(results, out / "learning_curves.png")
+    plots = []
+    if "ann" in results["models"]:
+        learning_curves(results, out / "learning_curves.png")
+        plots.append("learning_curves.png")
     for name, kind in results["task"]["outcomes"]:
         if kind == "binary":
             roc_per_site(results, summaries, name, out / f"roc_{name}.png")
@@ -149,7 +156,8 @@ def write_report(out: Path, results: dict, summaries: dict[str, dict[str, dict[s
         "# fednano simulate — report", "",
         f"{len(results['sites'])} sites, {cfg['rounds']} rounds, strategy {cfg['strategy']}, "
         f"DP {'on' if results['privacy'] else 'off'}, seed {cfg['seed']}. "
-        f"Federation {results['timing']['federation_s']:.1f} s, baselines {results['timing']['baselines_s']:.1f} s.",
+        f"Federation {results['timing']['federation_s']:.1f} s, baselines {results['timing']['baselines_s']:.1f} s. "
+        f"Federated XGBoost: {results['models'].get('xgboost', {}).get('federated', {}).get('mode', 'not run')}.",
         "",
         "Every model is evaluated on the same per-site test splits (80:10:10 per site, seeded; by patient for "
         "the built-in task). Overall = metrics of the union of the sites' test sets, computed from the sum "
@@ -158,7 +166,8 @@ def write_report(out: Path, results: dict, summaries: dict[str, dict[str, dict[s
     if results["rejected"]:
         lines += ["Sites left out (their data failed validation):", ""]
         lines += [f"- {site}: {'; '.join(errors)}" for site, errors in results["rejected"].items()] + [""]
-    lines += ["## Outcome models (ANN)", ""] + _model_table(results)
+    for family in results["models"]:
+        lines += [f"## Outcome models ({FAMILY_LABELS[family]})", ""] + _model_table(results, family)
     lines += ["## Privacy", ""] + _privacy_table(results)
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     (out / "report.md").write_text("\n".join(lines))

@@ -34,11 +34,17 @@ class PerSiteRecord(Strategy):
         The strategy that samples nodes and aggregates (FedAvg, FedProx, FedAdam, ...).
     on_round : callable, optional (default: None)
         Called with the round number once a round's evaluation replies are in (progress displays).
+    action : str, optional (default: None)
+        Route the strategy's messages to the ClientApp's ``@app.train(action)`` / ``@app.evaluate(action)``
+        functions (message types ``train.<action>`` / ``evaluate.<action>``), so one ClientApp can serve
+        several models.
     """
 
-    def __init__(self, strategy: Strategy, on_round: Callable[[int], None] | None = None) -> None:
+    def __init__(self, strategy: Strategy, on_round: Callable[[int], None] | None = None,
+                 action: str | None = None) -> None:
         self.strategy = strategy
         self.on_round = on_round
+        self.action = action
         self.rounds = SiteRounds()
 
     def summary(self) -> None:
@@ -46,7 +52,7 @@ class PerSiteRecord(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        return self.strategy.configure_train(server_round, arrays, config, grid)
+        return self._routed(self.strategy.configure_train(server_round, arrays, config, grid))
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -56,7 +62,14 @@ class PerSiteRecord(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+        return self._routed(self.strategy.configure_evaluate(server_round, arrays, config, grid))
+
+    def _routed(self, messages: Iterable[Message]) -> list[Message]:
+        messages = list(messages)
+        if self.action is not None:
+            for message in messages:
+                message.metadata.message_type = f"{message.metadata.message_type}.{self.action}"
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
