@@ -16,6 +16,8 @@ Messages answered (records in, records out; never a row of data):
 - ``train.xgboost``: boost one head's booster on the site's rows (``client.boosting``): the new trees for
   FedXgbBagging, the whole model for FedXgbCyclic.
 - ``query.xgb_evaluate``: summaries of the final boosters (all heads) on the site's test split.
+- ``query.importance``: permutation-importance loss sums of a final model on the site's test split
+  (``client.importance``).
 
 A site whose data fail validation, or whose privacy budget cannot pay for the training asked, replies an
 error naming why; the server logs it and the round goes on with the others.
@@ -24,7 +26,7 @@ error naming why; the server logs it and the round goes on with the others.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client import boosting
+from client.importance import permutation_sums
 from client.ledger import BudgetExhausted, PrivacyLedger, calibrate_noise
 from client.training import (
     DPConfig,
@@ -46,7 +49,7 @@ from client.training import (
     train,
 )
 from shared import metrics
-from shared.ann import load_arrays, to_arrays
+from shared.ann import load_arrays, predict, to_arrays
 from shared.encoding import FeatureEncoder, SiteStatistics
 from shared.task import TaskSpec
 from shared.validation import SiteData, SiteDataError, load_site, validate_site
@@ -261,6 +264,26 @@ def make_client_app(sites: list[SiteSource] | None = None) -> ClientApp:
         for name, summary in summaries.items():
             record.update(metrics.to_metric_record(summary, prefix=name))
         return Message(RecordDict({"metrics": record}), reply_to=msg)
+
+    @client.query("importance")
+    def importance(msg: Message, context: Context) -> Message:
+        source = site_source(context, sites)
+        try:
+            site = load(source)
+        except SiteDataError as err:
+            return error_reply(msg, ERROR_SITE_DATA, f"{site_name(source)}: {err}")
+        config = msg.content["config"]
+        encoder = FeatureEncoder.from_config_record(config)
+        data = _split(site, encoder, config, "test")
+        if config["family"] == "ann":
+            model = build_model(encoder, site.task, tuple(int(h) for h in config["hidden"]), seed=0)
+            load_arrays(model, msg.content["arrays"])
+            predict_fn = partial(predict, model)
+        else:
+            models = {key: bytes(value) for key, value in msg.content["boosters"].items()}
+            predict_fn = partial(boosting.predict_heads, models, encoder)
+        sums = permutation_sums(predict_fn, encoder, data, seed=int(config["seed"]))
+        return Message(RecordDict({"metrics": MetricRecord(sums)}), reply_to=msg)
 
     return client
 

@@ -81,6 +81,8 @@ def simulate(
     models: str = typer.Option("ann,xgboost", "--models", help="Models to train: ann, xgboost, or both."),
     boosting: str = typer.Option("bagging", "--boosting", help="Federated XGBoost: bagging | cyclic."),
     xgb_rounds: int = typer.Option(20, "--xgb-rounds", min=1, help="Federated boosting rounds per head."),
+    compare: bool = typer.Option(True, "--compare/--no-compare",
+                                 help="Also random forest, SVM, gradient boosting (local-only, pooled)."),
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower's own log."),
 ) -> None:
     """Run a federated experiment on one machine: Flower simulation, local-only and pooled baselines, report."""
@@ -111,7 +113,7 @@ def simulate(
         quiet_flower()
     cfg = ExperimentConfig(out=out, clinics=clinics, rounds=rounds, dp=dp, epsilon=epsilon, strategy=strategy,
                            seed=seed, sites=sites, task=task, local_epochs=local_epochs, models=models,
-                           boosting=boosting, xgb_rounds=xgb_rounds)
+                           boosting=boosting, xgb_rounds=xgb_rounds, compare=compare)
     console = Console()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
@@ -131,6 +133,8 @@ def _print_summary(console, results: dict, out: Path) -> None:
     from rich.table import Table
 
     for family, models in results["models"].items():
+        if "federated" not in models:
+            continue  # the seed comparison's models: see report.md
         table = Table(title=f"{family}, all test sets (see report.md for per-site figures)")
         table.add_column("outcome")
         table.add_column("metric")

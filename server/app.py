@@ -23,12 +23,13 @@ from logging import INFO
 from pathlib import Path
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from client.training import build_model
 from server.boosting_phase import run_boosting
+from server.importance_phase import federated_importance
 from server.run_record import boosting_record, federation_record
 from shared.ann import to_arrays
 from shared.encoding import FeatureEncoder, SiteStatistics, combine
@@ -167,20 +168,29 @@ def run_federation(grid: Grid, settings: RunSettings, on_round: Callable[[int], 
     record = {"settings": {k.replace("_", "-"): v for k, v in vars(settings).items()},
               "sites": sorted(sites.usable.values()),
               "rejected": {name: errors for name, errors in sites.rejected.values()}, "xgboost": None}
+    importance_config = train_config(settings, encoder)
+    record["importance"] = {}
     if "ann" in settings.model_names:
-        record.update(train_ann(grid, nodes, sites, task, encoder, settings, on_round))
+        ann_record, arrays = train_ann(grid, nodes, sites, task, encoder, settings, on_round)
+        record.update(ann_record)
+        importance_config["family"] = "ann"
+        record["importance"]["ann"] = federated_importance(grid, nodes, encoder, importance_config, arrays)
     if "xgboost" in settings.model_names:
         boosted = run_boosting(grid, nodes, encoder, settings)
         for key, model in boosted.models.items():
             (out / f"xgb_{key}.json").write_bytes(model)
         record["xgboost"] = boosting_record(task, sites, boosted, settings.boosting)
+        importance_config["family"] = "xgboost"
+        record["importance"]["xgboost"] = federated_importance(grid, nodes, encoder, importance_config,
+                                                               ConfigRecord(dict(boosted.models)))
     (out / "federation.json").write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
     return record
 
 
 def train_ann(grid: Grid, nodes: list[int], sites: SiteCheck, task: TaskSpec, encoder: FeatureEncoder,
-              settings: RunSettings, on_round: Callable[[int], None] | None) -> dict:
-    """Phase 3 for the neural network: the strategy's rounds; returns the run record, saves the weights."""
+              settings: RunSettings, on_round: Callable[[int], None] | None) -> tuple[dict, ArrayRecord]:
+    """Phase 3 for the neural network: the strategy's rounds; returns the run record and the final weights
+    (also saved)."""
     model = build_model(encoder, task, settings.hidden_sizes, seed=settings.seed)
     strategy = PerSiteRecord(make_strategy(settings.strategy, n_sites=len(nodes),
                                            proximal_mu=settings.proximal_mu, server_lr=settings.server_lr),
@@ -190,9 +200,9 @@ def train_ann(grid: Grid, nodes: list[int], sites: SiteCheck, task: TaskSpec, en
     result = strategy.start(grid=grid, initial_arrays=to_arrays(model), num_rounds=settings.num_server_rounds,
                             train_config=config, evaluate_config=config)
     record = federation_record(task, sites, strategy.rounds, settings, time.perf_counter() - start)
-    if result.arrays is not None:
-        torch.save(result.arrays.to_torch_state_dict(), Path(settings.out_dir) / "ann_federated.pt")
-    return record
+    arrays = result.arrays if result.arrays is not None else to_arrays(model)
+    torch.save(arrays.to_torch_state_dict(), Path(settings.out_dir) / "ann_federated.pt")
+    return record, arrays
 
 
 def make_server_app(overrides: dict | None = None, on_round: Callable[[int], None] | None = None) -> ServerApp:

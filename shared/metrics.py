@@ -66,7 +66,7 @@ SST_RELATIVE_FLOOR = 1e-12
 """R² is undefined when the target's sum of squares about its mean is below this fraction of ``sum_y2``: a
 variance that small is indistinguishable from the rounding of ``sum_y2 - sum_y**2 / n``."""
 
-BINARY_KEYS = ("hist_pos", "hist_neg", "tp", "fp", "tn", "fn", "n")
+BINARY_KEYS = ("hist_pos", "hist_neg", "tp", "fp", "tn", "fn", "n", "sum_abs_err", "sum_sq_err")
 MULTICLASS_KEYS = ("hist_pos", "hist_neg", "confusion", "n")
 REGRESSION_KEYS = ("n", "sum_y", "sum_y2", "sum_err", "sum_abs_err", "sum_sq_err")
 _SUMMARY_KEYS = frozenset(BINARY_KEYS + MULTICLASS_KEYS + REGRESSION_KEYS)
@@ -139,7 +139,9 @@ def summarise_binary(y_true: Any, p_positive: Any, n_bins: int = DEFAULT_N_BINS)
     Returns
     -------
     Summary
-        ``hist_pos``, ``hist_neg`` (``n_bins`` counts each), ``tp``, ``fp``, ``tn``, ``fn``, ``n``.
+        ``hist_pos``, ``hist_neg`` (``n_bins`` counts each), ``tp``, ``fp``, ``tn``, ``fn``, ``n``, and
+        ``sum_abs_err`` / ``sum_sq_err`` of the probability against the 0/1 label (the seed paper's MAE and
+        RMSE of a classifier; RMSE² is the Brier score, Brier 1950).
     """
     _check_n_bins(n_bins)
     y = _float_vector(y_true, "y_true")
@@ -161,6 +163,8 @@ def summarise_binary(y_true: Any, p_positive: Any, n_bins: int = DEFAULT_N_BINS)
         "tn": int(np.sum(~positive & ~called)),
         "fn": int(np.sum(positive & ~called)),
         "n": int(len(y)),
+        "sum_abs_err": float(np.sum(np.abs(p - y))),
+        "sum_sq_err": float(np.sum((p - y) ** 2)),
     }
 
 
@@ -333,7 +337,8 @@ def _balanced_accuracy(confusion: np.ndarray) -> float:
 
 
 def binary_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
-    """``auc``, ``accuracy``, ``balanced_accuracy``, ``n``, ``prevalence`` of a binary summary (NaN = undefined)."""
+    """``auc``, ``accuracy``, ``balanced_accuracy``, ``mae``, ``rmse`` (of the probability), ``n``,
+    ``prevalence`` of a binary summary (NaN = undefined)."""
     hist_pos = np.asarray(summary["hist_pos"], dtype=float)
     hist_neg = np.asarray(summary["hist_neg"], dtype=float)
     tp, fp, tn, fn = (float(summary[key]) for key in ("tp", "fp", "tn", "fn"))
@@ -343,6 +348,8 @@ def binary_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
         "auc": _auc_from_histograms(hist_pos, hist_neg),
         "accuracy": _ratio(tp + tn, n),
         "balanced_accuracy": _balanced_accuracy(confusion),
+        "mae": _ratio(float(summary["sum_abs_err"]), n),
+        "rmse": float(np.sqrt(_ratio(float(summary["sum_sq_err"]), n))),
         "n": n,
         "prevalence": _ratio(tp + fn, n),
     }

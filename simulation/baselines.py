@@ -13,6 +13,7 @@ site's privacy budget.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import pandas as pd
 
@@ -31,7 +32,7 @@ from client.training import (
     train,
 )
 from shared import metrics
-from shared.ann import MultiTaskMLP
+from shared.ann import MultiTaskMLP, predict
 from shared.encoding import FeatureEncoder, SiteStatistics, combine, fit_local
 from shared.task import TaskSpec
 from shared.validation import SiteData
@@ -92,13 +93,28 @@ def local_models(sites: dict[str, SiteData], privacy: dict[str, Privacy | None],
     return models
 
 
+def pooled_training_rows(sites: dict[str, SiteData], s: BaselineSettings) -> tuple[FeatureEncoder, pd.DataFrame]:
+    """All sites' training rows, and the encoder of their summed statistics (the federated encoder)."""
+    splits = site_splits(sites, s)
+    stats = combine([SiteStatistics.from_frame(parts["train"], s.task) for parts in splits.values()])
+    rows = pd.concat([parts["train"] for parts in splits.values()], ignore_index=True)
+    return FeatureEncoder(s.task).fit_statistics(stats), rows
+
+
+def evaluate_per_site(predict, encoder: FeatureEncoder, sites: dict[str, SiteData],
+                      s: BaselineSettings) -> dict[str, dict[str, dict]]:
+    """Summaries per site of one model's predictions on each site's test split."""
+    result = {}
+    for name, parts in site_splits(sites, s).items():
+        test = encode(encoder, parts["test"])
+        result[name] = summarise_predictions(encoder, test, predict(test.x))
+    return result
+
+
 def pooled_model(sites: dict[str, SiteData], privacy: Privacy | None,
                  s: BaselineSettings) -> tuple[MultiTaskMLP, FeatureEncoder]:
     """One model on all sites' training rows, with the encoder of the summed statistics (as federated)."""
-    splits = site_splits(sites, s)
-    stats = combine([SiteStatistics.from_frame(parts["train"], s.task) for parts in splits.values()])
-    encoder = FeatureEncoder(s.task).fit_statistics(stats)
-    train_rows = pd.concat([parts["train"] for parts in splits.values()], ignore_index=True)
+    encoder, train_rows = pooled_training_rows(sites, s)
     return fit_model(encoder, train_rows, privacy, s), encoder
 
 
@@ -113,8 +129,7 @@ def local_only(sites: dict[str, SiteData], privacy: dict[str, Privacy | None],
 def pooled(sites: dict[str, SiteData], privacy: Privacy | None, s: BaselineSettings) -> dict[str, dict[str, dict]]:
     """Summaries per site and outcome of one model trained on all sites' training rows."""
     model, encoder = pooled_model(sites, privacy, s)
-    return {name: evaluate(model, encoder, encode(encoder, parts["test"]))
-            for name, parts in site_splits(sites, s).items()}
+    return evaluate_per_site(partial(predict, model), encoder, sites, s)
 
 
 def local_boosting(sites: dict[str, SiteData], s: BaselineSettings, config: BoostingConfig,
@@ -130,19 +145,12 @@ def local_boosting(sites: dict[str, SiteData], s: BaselineSettings, config: Boos
     return result
 
 
-def pooled_boosting(sites: dict[str, SiteData], s: BaselineSettings, config: BoostingConfig,
-                    rounds: int) -> dict[str, dict[str, dict]]:
-    """Summaries per site of boosters trained on all sites' training rows."""
-    splits = site_splits(sites, s)
-    stats = combine([SiteStatistics.from_frame(parts["train"], s.task) for parts in splits.values()])
-    encoder = FeatureEncoder(s.task).fit_statistics(stats)
-    train_data = encode(encoder, pd.concat([parts["train"] for parts in splits.values()], ignore_index=True))
-    models = train_pooled_heads(encoder, train_data.x, train_data.targets, config, rounds)
-    result = {}
-    for name, parts in splits.items():
-        test = encode(encoder, parts["test"])
-        result[name] = summarise_predictions(encoder, test, predict_heads(models, encoder, test.x))
-    return result
+def pooled_boosters(sites: dict[str, SiteData], s: BaselineSettings, config: BoostingConfig,
+                    rounds: int) -> tuple[dict[str, bytes], FeatureEncoder]:
+    """Boosters (one per head) trained on all sites' training rows, and their encoder."""
+    encoder, rows = pooled_training_rows(sites, s)
+    train_data = encode(encoder, rows)
+    return train_pooled_heads(encoder, train_data.x, train_data.targets, config, rounds), encoder
 
 
 def model_metrics(task: TaskSpec, per_site: dict[str, dict[str, dict]]) -> dict:

@@ -16,23 +16,28 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 from client.app import SiteSource
-from client.boosting import BoostingConfig
+from client.boosting import BoostingConfig, predict_heads
 from shared import metrics
+from shared.ann import predict
 from shared.task import NANOPARTICLE_TASK, TaskSpec
 from shared.validation import SiteDataError, load_site
 from simulation.baselines import (
     BaselineSettings,
     Privacy,
+    evaluate_per_site,
     local_boosting,
     local_only,
     model_metrics,
     pooled,
-    pooled_boosting,
+    pooled_boosters,
+    pooled_model,
 )
 from simulation.clinics import SitePrivacy, generate_sites
+from simulation.seed_comparison import CLASSIC, local_classic, pooled_classic, pooled_importance
 
 
 @dataclass
@@ -57,6 +62,7 @@ class ExperimentConfig:
     models: str = "ann,xgboost"
     boosting: str = "bagging"
     xgb_rounds: int = 20
+    compare: bool = True  # the seed paper's comparison: random forest, SVM, gradient boosting
 
 
 def flower_environment(project_home: Path) -> None:
@@ -120,31 +126,54 @@ def _federated_summaries(task: TaskSpec, final: dict) -> dict[str, dict[str, dic
             for site, record in final["summaries"].items()}
 
 
-def ann_models(task: TaskSpec, federation: dict, sites: dict, settings: BaselineSettings) -> tuple[dict, dict]:
-    """Metrics and summaries of the federated ANN and its baselines (pooled with and without DP)."""
+@dataclass
+class Family:
+    """One model family's metrics, summaries (for plots) and permutation importance."""
+
+    models: dict
+    summaries: dict
+    importance: dict
+
+
+def ann_family(task: TaskSpec, federation: dict, sites: dict, settings: BaselineSettings) -> Family:
+    """The federated ANN and its baselines (local-only; pooled with the sites' DP and without)."""
     privacy = {name: site_privacy(site) for name, site in sites.items()}
     pooled_privacy = min((p for p in privacy.values() if p is not None), key=lambda p: p.epsilon, default=None)
+    model, encoder = pooled_model(sites, pooled_privacy, settings)
     summaries = {"federated": _federated_summaries(task, federation["final"]),
-                 "local": local_only(sites, privacy, settings), "pooled": pooled(sites, pooled_privacy, settings)}
+                 "local": local_only(sites, privacy, settings),
+                 "pooled": evaluate_per_site(partial(predict, model), encoder, sites, settings)}
     if pooled_privacy is not None:
         summaries["pooled_no_dp"] = pooled(sites, None, settings)
     models = {"federated": {"overall": federation["final"]["overall"], "per_site": federation["final"]["per_site"]}}
     models |= {name: model_metrics(task, s) for name, s in summaries.items() if name != "federated"}
-    return models, summaries
+    importance = {"federated": federation["importance"].get("ann", {}),
+                  "pooled": pooled_importance(partial(predict, model), encoder, sites, settings)}
+    return Family(models, summaries, importance)
 
 
-def boosting_models(task: TaskSpec, federation: dict, sites: dict, settings: BaselineSettings,
-                    cfg: ExperimentConfig) -> tuple[dict, dict]:
-    """Metrics and summaries of federated XGBoost and its local-only and pooled baselines."""
+def boosting_family(task: TaskSpec, federation: dict, sites: dict, settings: BaselineSettings,
+                    cfg: ExperimentConfig) -> Family:
+    """Federated XGBoost and its local-only and pooled baselines."""
     final = federation["xgboost"]["final"]
     config = BoostingConfig(seed=cfg.seed)
+    boosters, encoder = pooled_boosters(sites, settings, config, cfg.xgb_rounds)
+    pooled_predict = partial(predict_heads, boosters, encoder)
     summaries = {"federated": _federated_summaries(task, final),
                  "local": local_boosting(sites, settings, config, cfg.xgb_rounds),
-                 "pooled": pooled_boosting(sites, settings, config, cfg.xgb_rounds)}
+                 "pooled": evaluate_per_site(pooled_predict, encoder, sites, settings)}
     models = {"federated": {"overall": final["overall"], "per_site": final["per_site"],
                             "mode": federation["xgboost"]["mode"]}}
     models |= {name: model_metrics(task, s) for name, s in summaries.items() if name != "federated"}
-    return models, summaries
+    importance = {"federated": federation["importance"].get("xgboost", {}),
+                  "pooled": pooled_importance(pooled_predict, encoder, sites, settings)}
+    return Family(models, summaries, importance)
+
+
+def classic_family(name: str, task: TaskSpec, sites: dict, settings: BaselineSettings) -> Family:
+    """A scikit-learn model of the seed paper's comparison, local-only and pooled."""
+    summaries = {"local": local_classic(name, sites, settings), "pooled": pooled_classic(name, sites, settings)}
+    return Family({mode: model_metrics(task, s) for mode, s in summaries.items()}, summaries, {})
 
 
 def run_experiment(cfg: ExperimentConfig, on_round: Callable[[int], None] | None = None,
@@ -173,11 +202,17 @@ def run_experiment(cfg: ExperimentConfig, on_round: Callable[[int], None] | None
                                 lr=cfg.lr, hidden=tuple(int(h) for h in cfg.hidden.split(",")), seed=cfg.seed,
                                 split_seed=cfg.seed)
     start = time.perf_counter()
-    models, summaries = {}, {}
+    families: dict[str, Family] = {}
     if "rounds" in federation:
-        models["ann"], summaries["ann"] = ann_models(task, federation, sites, settings)
+        families["ann"] = ann_family(task, federation, sites, settings)
     if federation.get("xgboost"):
-        models["xgboost"], summaries["xgboost"] = boosting_models(task, federation, sites, settings, cfg)
+        families["xgboost"] = boosting_family(task, federation, sites, settings, cfg)
+    if cfg.compare:
+        for name in CLASSIC:
+            say(f"baselines: {name.replace('_', ' ')}")
+            families[name] = classic_family(name, task, sites, settings)
+    models = {name: family.models for name, family in families.items()}
+    summaries = {name: family.summaries for name, family in families.items()}
     baseline_seconds = time.perf_counter() - start
     privacy = {name: site_privacy(site) for name, site in sites.items()}
     pooled_privacy = min((p for p in privacy.values() if p is not None), key=lambda p: p.epsilon, default=None)
@@ -196,6 +231,7 @@ def run_experiment(cfg: ExperimentConfig, on_round: Callable[[int], None] | None
                    "ann_s": federation.get("seconds"),
                    "xgboost_s": federation["xgboost"]["seconds"] if federation.get("xgboost") else None},
         "pooled_dp_budget": asdict(pooled_privacy) if pooled_privacy else None,
+        "importance": {name: family.importance for name, family in families.items() if family.importance},
     }
     (cfg.out / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
     say("report")

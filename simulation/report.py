@@ -20,7 +20,13 @@ HEADLINE = {"binary": ("auc", "accuracy", "balanced_accuracy"),
             "regression": ("mae", "rmse", "r2")}
 MODEL_LABELS = {"federated": "federated", "local": "local-only", "pooled": "pooled",
                 "pooled_no_dp": "pooled, no DP"}
-FAMILY_LABELS = {"ann": "ANN", "xgboost": "XGBoost"}
+FAMILY_LABELS = {"ann": "ANN", "xgboost": "XGBoost", "random_forest": "Random forest", "svm": "SVM",
+                 "gradient_boosting": "Gradient boosting"}
+FEDERATED_FAMILIES = ("ann", "xgboost")
+# The seed paper's Table 2 columns: accuracy, MAE, RMSE, AUC (MAE/RMSE of the probability for a class).
+COMPARISON = {"binary": ("accuracy", "mae", "rmse", "auc"), "multiclass": ("accuracy", "balanced_accuracy", "auc"),
+              "regression": ("mae", "rmse", "r2")}
+IMPORTANCE_TOP = 8
 
 
 def _fmt(value) -> str:
@@ -50,6 +56,39 @@ def _model_table(results: dict, family: str) -> list[str]:
             lines.append(f"| {site} | {int(n) if n is not None else '–'} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
+
+
+def _comparison_table(results: dict) -> list[str]:
+    """The seed paper's comparison (its Tables 2 and 6): every model and mode on the union of test sets."""
+    lines = ["Random forest, SVM and gradient boosting have no federated form here (they do not average); the "
+             "ANN and XGBoost add their federated rows. SVM trains on at most 3,000 rows (seeded subsample).", ""]
+    for name, kind in results["task"]["outcomes"]:
+        keys = COMPARISON[kind]
+        lines += [f"### {name} ({kind})", "", "| model | mode | " + " | ".join(keys) + " |",
+                  "|---|---|" + "---|" * len(keys)]
+        for family, models in results["models"].items():
+            for mode, label in MODEL_LABELS.items():
+                if mode in models:
+                    m = models[mode]["overall"][name]
+                    lines.append(f"| {FAMILY_LABELS[family]} | {label} | " + " | ".join(_fmt(m.get(k)) for k in keys)
+                                 + " |")
+        lines.append("")
+    return lines
+
+
+def _importance_table(results: dict) -> list[str]:
+    """Permutation importance (mean loss increase) of the federated models, computed at the sites, beside the
+    pooled model's."""
+    lines = []
+    for family, by_mode in results.get("importance", {}).items():
+        federated, pooled = by_mode.get("federated", {}), by_mode.get("pooled", {})
+        for outcome in federated:
+            top = list(federated[outcome])[:IMPORTANCE_TOP]
+            lines += [f"### {FAMILY_LABELS[family]}: {outcome}", "", "| feature | federated | pooled |",
+                      "|---|---|---|"]
+            lines += [f"| {f} | {federated[outcome][f]:.4f} | {_fmt(pooled.get(outcome, {}).get(f))} |" for f in top]
+            lines.append("")
+    return lines or ["No importance was computed.", ""]
 
 
 def _privacy_table(results: dict) -> list[str]:
@@ -102,6 +141,8 @@ def roc_per_site(results: dict, summaries: dict[str, dict[str, dict[str, dict[st
         ax.axis("off")
     for ax, site in zip(axes.flat, sites, strict=False):
         for family, by_model in summaries.items():
+            if family not in FEDERATED_FAMILIES:
+                continue
             for model, per_site in by_model.items():
                 summary = per_site.get(site, {}).get(outcome)
                 if summary is None or summary["n"] == 0:
@@ -114,6 +155,27 @@ def roc_per_site(results: dict, summaries: dict[str, dict[str, dict[str, dict[st
         ax.set(title=site, xlabel="1 − specificity", ylabel="sensitivity")
         ax.legend(fontsize=6, loc="lower right")
     fig.suptitle(f"ROC per site: {outcome}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def roc_overall(results: dict, summaries: dict, outcome: str, path: Path) -> None:
+    """ROC of every model and mode on the union of the sites' test sets (summed summaries)."""
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    for family, by_model in summaries.items():
+        for model, per_site in by_model.items():
+            parts = [outcomes[outcome] for outcomes in per_site.values() if outcome in outcomes]
+            if not parts:
+                continue
+            summary = metrics.combine(parts)
+            fpr, tpr = metrics.roc_curve_points(summary)
+            style = "-" if model == "federated" else (":" if model == "local" else "--")
+            ax.plot(fpr, tpr, style, label=f"{FAMILY_LABELS[family]} {MODEL_LABELS[model]} "
+                                           f"{_fmt(metrics.binary_metrics(summary)['auc'])}")
+    ax.plot([0, 1], [0, 1], color="lightgrey", linewidth=0.8)
+    ax.set(title=f"ROC, all test sets: {outcome}", xlabel="1 − specificity", ylabel="sensitivity")
+    ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -148,7 +210,8 @@ def write_report(out: Path, results: dict, summaries: dict[str, dict[str, dict[s
     for name, kind in results["task"]["outcomes"]:
         if kind == "binary":
             roc_per_site(results, summaries, name, out / f"roc_{name}.png")
-            plots.append(f"roc_{name}.png")
+            roc_overall(results, summaries, name, out / f"roc_all_{name}.png")
+            plots += [f"roc_{name}.png", f"roc_all_{name}.png"]
     if results["privacy"]:
         epsilon_per_round(results, out / "epsilon.png")
         plots.append("epsilon.png")
@@ -167,7 +230,10 @@ def write_report(out: Path, results: dict, summaries: dict[str, dict[str, dict[s
         lines += ["Sites left out (their data failed validation):", ""]
         lines += [f"- {site}: {'; '.join(errors)}" for site, errors in results["rejected"].items()] + [""]
     for family in results["models"]:
-        lines += [f"## Outcome models ({FAMILY_LABELS[family]})", ""] + _model_table(results, family)
+        if family in FEDERATED_FAMILIES:
+            lines += [f"## Outcome models ({FAMILY_LABELS[family]})", ""] + _model_table(results, family)
+    lines += ["## The seed paper's comparison", ""] + _comparison_table(results)
+    lines += ["## Feature importance (permutation, computed at the sites)", ""] + _importance_table(results)
     lines += ["## Privacy", ""] + _privacy_table(results)
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     (out / "report.md").write_text("\n".join(lines))

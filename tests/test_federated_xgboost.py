@@ -16,7 +16,7 @@ def run(request, tmp_path_factory):
     flower_environment(out)
     quiet_flower()
     cfg = ExperimentConfig(out=out, clinics=3, dp=False, seed=2, models="xgboost", boosting=request.param,
-                           xgb_rounds=12, patients_per_clinic=250)
+                           xgb_rounds=12, patients_per_clinic=250, compare=False)
     return request.param, out, run_experiment(cfg)
 
 
