@@ -25,8 +25,9 @@ error naming why; the server logs it and the round goes on with the others.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import lru_cache, partial, wraps
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,7 @@ from client.importance import permutation_sums
 from client.ledger import BudgetExhausted, PrivacyLedger, calibrate_noise
 from client.training import (
     DPConfig,
+    EncodedSplit,
     TrainConfig,
     build_model,
     encode,
@@ -127,48 +129,84 @@ def ledger_for(source: SiteSource, site: SiteData) -> PrivacyLedger | None:
     return PrivacyLedger.open(folder / LEDGER_FILE, float(privacy["epsilon"]), float(privacy["delta"]))
 
 
-def _split(site: SiteData, encoder: FeatureEncoder, config: ConfigRecord, name: str):
-    return encode(encoder, split_site(site.episodes, site.task, int(config["split-seed"]))[name])
+@dataclass
+class Request:
+    """What a handler works on: the site's validated data and the message's config."""
+
+    source: SiteSource
+    site: SiteData
+    config: ConfigRecord
+
+    @property
+    def encoder(self) -> FeatureEncoder:
+        return FeatureEncoder.from_config_record(self.config)
+
+    def rows(self, split: str):
+        """The site's rows of ``split`` (train / val / test), split as every phase splits them."""
+        return split_site(self.site.episodes, self.site.task, int(self.config["split-seed"]))[split]
+
+    def encoded(self, encoder: FeatureEncoder, split: str) -> EncodedSplit:
+        return encode(encoder, self.rows(split))
+
+    def ann(self, encoder: FeatureEncoder, arrays: ArrayRecord):
+        """The ANN of the config's architecture with the weights the message carries."""
+        model = build_model(encoder, self.site.task, tuple(int(h) for h in self.config["hidden"]), seed=0)
+        load_arrays(model, arrays)
+        return model
+
+
+def summaries_reply(msg: Message, summaries: dict[str, dict], n: int) -> Message:
+    """Evaluation summaries per outcome as one MetricRecord (prefixed keys) with ``num-examples``."""
+    record = MetricRecord({"num-examples": n})
+    for name, summary in summaries.items():
+        record.update(metrics.to_metric_record(summary, prefix=name))
+    return Message(RecordDict({"metrics": record}), reply_to=msg)
+
+
+def boosters(msg: Message) -> dict[str, bytes]:
+    return {key: bytes(value) for key, value in msg.content["boosters"].items()}
 
 
 def make_client_app(sites: list[SiteSource] | None = None) -> ClientApp:
     """A ClientApp; ``sites`` serves in-process simulations where nodes have no ``data-path``."""
     client = ClientApp()
 
+    def with_site(handler: Callable[[Message, Context, Request], Message]) -> Callable[[Message, Context], Message]:
+        """Load and validate this node's site first; invalid data is an error reply, never a crash."""
+
+        @wraps(handler)
+        def wrapper(msg: Message, context: Context) -> Message:
+            source = site_source(context, sites)
+            try:
+                site = load(source)
+            except SiteDataError as err:
+                return error_reply(msg, ERROR_SITE_DATA, f"{site_name(source)}: {err}")
+            return handler(msg, context, Request(source, site, msg.content["config"]))
+
+        return wrapper
+
     @client.query("site_check")
     def site_check(msg: Message, context: Context) -> Message:
         return Message(site_check_reply(site_source(context, sites)), reply_to=msg)
 
     @client.query("statistics")
-    def statistics(msg: Message, context: Context) -> Message:
-        source = site_source(context, sites)
-        try:
-            site = load(source)
-        except SiteDataError as err:
-            return error_reply(msg, ERROR_SITE_DATA, f"{site_name(source)}: {err}")
-        config = msg.content["config"]
-        train_rows = split_site(site.episodes, site.task, int(config["split-seed"]))["train"]
-        numbers, names = SiteStatistics.from_frame(train_rows, site.task).to_records()
+    @with_site
+    def statistics(msg: Message, context: Context, request: Request) -> Message:
+        numbers, names = SiteStatistics.from_frame(request.rows("train"), request.site.task).to_records()
         return Message(RecordDict({"statistics": numbers, "names": names}), reply_to=msg)
 
     @client.train()
-    def train_round(msg: Message, context: Context) -> Message:
-        source = site_source(context, sites)
-        try:
-            site = load(source)
-        except SiteDataError as err:
-            return error_reply(msg, ERROR_SITE_DATA, f"{site_name(source)}: {err}")
-        config = msg.content["config"]
-        encoder = FeatureEncoder.from_config_record(config)
-        data = _split(site, encoder, config, "train")
-        model = build_model(encoder, site.task, tuple(int(h) for h in config["hidden"]), seed=0)
-        load_arrays(model, msg.content["arrays"])
+    @with_site
+    def train_round(msg: Message, context: Context, request: Request) -> Message:
+        config, encoder = request.config, request.encoder
+        data = request.encoded(encoder, "train")
+        model = request.ann(encoder, msg.content["arrays"])
         server_round = int(config["server-round"])
         settings = TrainConfig(epochs=int(config["local-epochs"]), batch_size=int(config["batch-size"]),
                                lr=float(config["lr"]), proximal_mu=float(config.get("proximal-mu", 0.0)),
                                seed=int(config["seed"]) + server_round)
         reply = {"num-examples": len(data), "server-round": server_round}
-        ledger = ledger_for(source, site)
+        ledger = ledger_for(request.source, request.site)
         if ledger is None:
             result = train(model, data, settings)
         else:
@@ -177,7 +215,8 @@ def make_client_app(sites: list[SiteSource] | None = None) -> ClientApp:
                 steps = settings.epochs * steps_per_epoch(len(data), settings.batch_size)
                 ledger.check_affordable(dp.noise_multiplier, sample_rate(len(data), settings.batch_size), steps)
             except BudgetExhausted as err:
-                return error_reply(msg, ERROR_PRIVACY_BUDGET, f"{site_name(source, site)} refuses to train: {err}")
+                name = site_name(request.source, request.site)
+                return error_reply(msg, ERROR_PRIVACY_BUDGET, f"{name} refuses to train: {err}")
             accountant = ledger.accountant()
             result = train(model, data, settings, dp, history=accountant.history)
             accountant.history = result.history
@@ -188,32 +227,17 @@ def make_client_app(sites: list[SiteSource] | None = None) -> ClientApp:
         return Message(RecordDict({"arrays": to_arrays(model), "metrics": MetricRecord(reply)}), reply_to=msg)
 
     @client.evaluate()
-    def evaluate_round(msg: Message, context: Context) -> Message:
-        source = site_source(context, sites)
-        try:
-            site = load(source)
-        except SiteDataError as err:
-            return error_reply(msg, ERROR_SITE_DATA, f"{site_name(source)}: {err}")
-        config = msg.content["config"]
-        encoder = FeatureEncoder.from_config_record(config)
-        data = _split(site, encoder, config, "test")
-        model = build_model(encoder, site.task, tuple(int(h) for h in config["hidden"]), seed=0)
-        load_arrays(model, msg.content["arrays"])
-        record = MetricRecord({"num-examples": len(data)})
-        for name, summary in evaluate(model, encoder, data).items():
-            record.update(metrics.to_metric_record(summary, prefix=name))
-        return Message(RecordDict({"metrics": record}), reply_to=msg)
+    @with_site
+    def evaluate_round(msg: Message, context: Context, request: Request) -> Message:
+        encoder = request.encoder
+        data = request.encoded(encoder, "test")
+        return summaries_reply(msg, evaluate(request.ann(encoder, msg.content["arrays"]), encoder, data), len(data))
 
     @client.train("xgboost")
-    def train_boosting(msg: Message, context: Context) -> Message:
-        source = site_source(context, sites)
-        try:
-            site = load(source)
-        except SiteDataError as err:
-            return error_reply(msg, ERROR_SITE_DATA, f"{site_name(source)}: {err}")
-        config = msg.content["config"]
-        encoder = FeatureEncoder.from_config_record(config)
-        data = _split(site, encoder, config, "train")
+    @with_site
+    def train_boosting(msg: Message, context: Context, request: Request) -> Message:
+        config, encoder = request.config, request.encoder
+        data = request.encoded(encoder, "train")
         head = _head(config)
         settings = boosting.BoostingConfig(eta=float(config["eta"]), max_depth=int(config["max-depth"]),
                                            local_rounds=int(config["local-rounds"]), seed=int(config["seed"]))
@@ -227,62 +251,37 @@ def make_client_app(sites: list[SiteSource] | None = None) -> ClientApp:
         return Message(RecordDict({"arrays": arrays, "metrics": reply}), reply_to=msg)
 
     @client.evaluate("xgboost")
-    def evaluate_head(msg: Message, context: Context) -> Message:
+    @with_site
+    def evaluate_head(msg: Message, context: Context, request: Request) -> Message:
         """One head's booster on the site's test split (FedXgbCyclic asks after every round)."""
-        source = site_source(context, sites)
-        try:
-            site = load(source)
-        except SiteDataError as err:
-            return error_reply(msg, ERROR_SITE_DATA, f"{site_name(source)}: {err}")
-        config = msg.content["config"]
-        encoder = FeatureEncoder.from_config_record(config)
-        data = _split(site, encoder, config, "test")
-        head = _head(config)
-        model = msg.content["arrays"]["0"].numpy().tobytes()
+        encoder = request.encoder
+        data = request.encoded(encoder, "test")
+        head = _head(request.config)
         labels = boosting.head_labels(head, data.targets)
-        scores = xgb_predict(model, data.x)
+        scores = boosting.load(msg.content["arrays"]["0"].numpy().tobytes()).predict(boosting.dmatrix(data.x))
         if head.kind == "regression":
             labels = encoder.decode_regression(head.outcome, labels)
             scores = encoder.decode_regression(head.outcome, scores)
-        record = MetricRecord({"num-examples": len(data)})
-        record.update(metrics.to_metric_record(metrics.summarise(head.kind, labels, scores), prefix=head.key))
-        return Message(RecordDict({"metrics": record}), reply_to=msg)
+        return summaries_reply(msg, {head.key: metrics.summarise(head.kind, labels, scores)}, len(data))
 
     @client.query("xgb_evaluate")
-    def evaluate_boosting(msg: Message, context: Context) -> Message:
-        source = site_source(context, sites)
-        try:
-            site = load(source)
-        except SiteDataError as err:
-            return error_reply(msg, ERROR_SITE_DATA, f"{site_name(source)}: {err}")
-        config = msg.content["config"]
-        encoder = FeatureEncoder.from_config_record(config)
-        data = _split(site, encoder, config, "test")
-        models = {key: bytes(value) for key, value in msg.content["boosters"].items()}
-        summaries = summarise_predictions(encoder, data, boosting.predict_heads(models, encoder, data.x))
-        record = MetricRecord({"num-examples": len(data)})
-        for name, summary in summaries.items():
-            record.update(metrics.to_metric_record(summary, prefix=name))
-        return Message(RecordDict({"metrics": record}), reply_to=msg)
+    @with_site
+    def evaluate_boosting(msg: Message, context: Context, request: Request) -> Message:
+        encoder = request.encoder
+        data = request.encoded(encoder, "test")
+        predictions = boosting.predict_heads(boosters(msg), encoder, data.x)
+        return summaries_reply(msg, summarise_predictions(encoder, data, predictions), len(data))
 
     @client.query("importance")
-    def importance(msg: Message, context: Context) -> Message:
-        source = site_source(context, sites)
-        try:
-            site = load(source)
-        except SiteDataError as err:
-            return error_reply(msg, ERROR_SITE_DATA, f"{site_name(source)}: {err}")
-        config = msg.content["config"]
-        encoder = FeatureEncoder.from_config_record(config)
-        data = _split(site, encoder, config, "test")
-        if config["family"] == "ann":
-            model = build_model(encoder, site.task, tuple(int(h) for h in config["hidden"]), seed=0)
-            load_arrays(model, msg.content["arrays"])
-            predict_fn = partial(predict, model)
+    @with_site
+    def importance(msg: Message, context: Context, request: Request) -> Message:
+        encoder = request.encoder
+        data = request.encoded(encoder, "test")
+        if request.config["family"] == "ann":
+            predict_fn = partial(predict, request.ann(encoder, msg.content["arrays"]))
         else:
-            models = {key: bytes(value) for key, value in msg.content["boosters"].items()}
-            predict_fn = partial(boosting.predict_heads, models, encoder)
-        sums = permutation_sums(predict_fn, encoder, data, seed=int(config["seed"]))
+            predict_fn = partial(boosting.predict_heads, boosters(msg), encoder)
+        sums = permutation_sums(predict_fn, encoder, data, seed=int(request.config["seed"]))
         return Message(RecordDict({"metrics": MetricRecord(sums)}), reply_to=msg)
 
     return client
@@ -291,11 +290,6 @@ def make_client_app(sites: list[SiteSource] | None = None) -> ClientApp:
 def _head(config: ConfigRecord) -> boosting.Head:
     positive = int(config["positive-class"])
     return boosting.Head(str(config["outcome"]), str(config["kind"]), positive if positive >= 0 else None)
-
-
-def xgb_predict(model: bytes, x: np.ndarray) -> np.ndarray:
-    """A booster's predictions (probability or standardised value) for encoded rows."""
-    return boosting.load(model).predict(boosting.dmatrix(x))
 
 
 def _dp_for_run(context: Context, ledger: PrivacyLedger, config: ConfigRecord, n_rows: int,
