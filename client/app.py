@@ -18,6 +18,7 @@ Messages answered (records in, records out; never a row of data):
 - ``query.xgb_evaluate``: summaries of the final boosters (all heads) on the site's test split.
 - ``query.importance``: permutation-importance loss sums of a final model on the site's test split
   (``client.importance``).
+- ``query.analytics_*``: the seed paper's statistics as aggregates (``client.analytics``).
 
 A site whose data fail validation, or whose privacy budget cannot pay for the training asked, replies an
 error naming why; the server logs it and the round goes on with the others.
@@ -35,6 +36,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client import boosting
+from client.analytics import register_analytics
 from client.importance import permutation_sums
 from client.ledger import BudgetExhausted, PrivacyLedger, calibrate_noise
 from client.training import (
@@ -88,7 +90,7 @@ def _mtimes(path: Path) -> tuple[float, ...]:
     return tuple(f.stat().st_mtime_ns for f in files if f.is_file())
 
 
-@lru_cache(maxsize=8)
+@lru_cache(maxsize=64)  # one simulation actor serves many sites
 def _load(path: Path, task_path: Path | None, _stamp: tuple[float, ...]) -> SiteData:
     task = TaskSpec.from_toml(task_path) if task_path else None
     return load_site(path, task)
@@ -284,6 +286,7 @@ def make_client_app(sites: list[SiteSource] | None = None) -> ClientApp:
         sums = permutation_sums(predict_fn, encoder, data, seed=int(request.config["seed"]))
         return Message(RecordDict({"metrics": MetricRecord(sums)}), reply_to=msg)
 
+    register_analytics(client, lambda context: site_source(context, sites), load, ledger_for)
     return client
 
 

@@ -100,14 +100,7 @@ def simulate(
     if unknown:
         raise typer.BadParameter(f"unknown model(s) {', '.join(sorted(unknown))}: expected ann, xgboost",
                                  param_hint="--models")
-    if ctx.args and not sites:
-        raise typer.BadParameter(f"unexpected arguments {' '.join(ctx.args)}", param_hint="--sites")
-    sites = [*(sites or []), *(Path(a) for a in ctx.args)]
-    missing = [str(p) for p in sites if not p.exists()]
-    if missing:
-        raise typer.BadParameter(f"no such file or folder: {', '.join(missing)}", param_hint="--sites")
-    if len(sites) == 1:
-        raise typer.BadParameter("a federation needs at least two sites", param_hint="--sites")
+    sites = _site_paths(ctx, sites)
     flower_environment(Path.cwd())
     if not verbose:
         quiet_flower()
@@ -127,6 +120,44 @@ def simulate(
 
         results = run_experiment(cfg, on_round=on_round, on_phase=on_phase)
     _print_summary(console, results, out)
+
+
+@app.command(context_settings={"allow_extra_args": True})
+def analytics(
+    ctx: typer.Context,
+    clinics: int | None = typer.Option(None, "--clinics", min=2, max=200, help="Simulated clinics (default 5)."),
+    sites: list[Path] | None = typer.Option(None, "--sites", help="Site folders or CSV files: --sites A B C."),
+    task: Path | None = typer.Option(None, "--task", help="task.toml for --sites holding a generic task."),
+    dp: bool = typer.Option(False, "--dp/--no-dp", help="Simulated sites add Gaussian noise to every aggregate."),
+    epsilon: float = typer.Option(1.0, "--epsilon", min=0.01, help="ε each DP site spends on this run."),
+    k: int = typer.Option(3, "--k", min=1, max=20, help="k-means clusters."),
+    seed: int = typer.Option(0, "--seed", help="World seed and initial-centroid phase."),
+    out: Path = typer.Option(Path("runs/analytics"), "--out", help="Output folder."),
+) -> None:
+    """The seed paper's statistics (describe, regression, ANOVA, PCA, k-means) across sites, from aggregates."""
+    from simulation.analytics_run import run_analytics
+    from simulation.experiment import flower_environment
+
+    sites = _site_paths(ctx, sites)
+    if clinics is not None and sites:
+        raise typer.BadParameter("give --clinics or --sites, not both", param_hint="--clinics")
+    flower_environment(Path.cwd())
+    run_analytics(out, clinics=None if sites else (clinics or 5), sites=sites or None, task=task, dp=dp, k=k,
+                  seed=seed, epsilon=epsilon)
+    typer.echo(f"wrote {out / 'analytics.json'}, {out / 'analytics.md'}, CSV tables and {out / 'pca_clusters.png'}")
+
+
+def _site_paths(ctx: typer.Context, sites: list[Path] | None) -> list[Path]:
+    """``--sites A B C`` (or repeated ``--sites``): every path must exist, and a federation needs two."""
+    if ctx.args and not sites:
+        raise typer.BadParameter(f"unexpected arguments {' '.join(ctx.args)}", param_hint="--sites")
+    paths = [*(sites or []), *(Path(a) for a in ctx.args)]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise typer.BadParameter(f"no such file or folder: {', '.join(missing)}", param_hint="--sites")
+    if len(paths) == 1:
+        raise typer.BadParameter("a federation needs at least two sites", param_hint="--sites")
+    return paths
 
 
 def _print_summary(console, results: dict, out: Path) -> None:

@@ -1,0 +1,204 @@
+"""Benchmark of federated analytics on 10 sites × ~10⁴ episodes: time per phase, vs pooling. Prints a table,
+writes JSON.
+
+    python benchmarks/analytics.py [--sites 10] [--rows 10000] [--no-flower] [--out benchmarks/results/analytics.json]
+
+Cases, all on the same simulated clinics (``simulation.clinics.make_world`` / ``simulate_clinic``):
+
+- ``in_process``: every analysis (describe, linear + logistic regression, ANOVA, PCA, k-means with profiles)
+  with the site code (``client.analytics``) and server code (``server.analytics``) in one process, no DP;
+  the per-query times are the sites' compute plus the server's combining.
+- ``in_process_dp``: the same with every site's DP on (ε = 1 for the run, δ = 1e-5, a fresh ledger each).
+- ``pooled``: the same statistics with numpy/scipy on the concatenated rows (what pooling would cost), and the
+  largest relative difference between the federated and pooled numbers (should be ~1e-12).
+- ``flower``: the full ``simulation.analytics_run.run_analytics`` on site folders (episodes.csv and site.toml;
+  no vitals, which analytics do not read) in Flower's simulation runtime: wall time including Ray start-up,
+  the site check (each site validates its 10⁴ rows) and the message rounds.
+
+Wall times depend on the machine's load; the JSON records the load average at the start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CYCLES_PER_PATIENT = 3.75  # measured mean over make_world(10, seed=0, ...) clinics; used only to size cohorts
+
+
+def make_sites(n_sites: int, rows: int) -> dict[str, pd.DataFrame]:
+    """``n_sites`` simulated clinics of about ``rows`` episodes each."""
+    from simulation.clinics import make_world, simulate_clinic
+
+    world = make_world(n_sites, seed=0, patients_per_clinic=int(rows / CYCLES_PER_PATIENT))
+    return {clinic.name: simulate_clinic(world, clinic)[0] for clinic in world.clinics}
+
+
+def case_in_process(frames: dict[str, pd.DataFrame]) -> tuple[dict, dict]:
+    """All analyses in process without DP; returns the timing figures and the result."""
+    from server.analytics import AnalyticsSettings
+    from simulation.analytics_run import run_in_process
+
+    start = time.perf_counter()
+    result = run_in_process(frames, AnalyticsSettings())
+    return {"seconds": time.perf_counter() - start, "queries": result["queries"]["asked"],
+            "timing": result["timing"], "lloyd_iterations": result["kmeans"]["iterations"],
+            "newton_iterations": {o: f["iterations"] for o, f in result["regression"]["logistic"].items()}}, result
+
+
+def case_in_process_dp(frames: dict[str, pd.DataFrame], epsilon: float = 1.0) -> dict:
+    """All analyses in process with every site's DP on, each with a fresh ledger."""
+    from client.ledger import PrivacyLedger
+    from server.analytics import AnalyticsSettings
+    from simulation.analytics_run import run_in_process
+
+    with tempfile.TemporaryDirectory() as folder:
+        ledgers = {name: PrivacyLedger.open(Path(folder) / f"{name}.json", 10.0, 1e-5) for name in frames}
+        start = time.perf_counter()
+        result = run_in_process(frames, AnalyticsSettings(dp=True, epsilon=epsilon), ledgers)
+        seconds = time.perf_counter() - start
+        spent = {name: ledger.spent() for name, ledger in ledgers.items()}
+    return {"seconds": seconds, "queries": result["queries"]["asked"], "epsilon": epsilon,
+            "epsilon_spent_max": max(spent.values()), "timing": result["timing"],
+            "sigma": next(iter(result["privacy"].values()))["sigma"]}
+
+
+def case_pooled(frames: dict[str, pd.DataFrame], federated: dict) -> dict:
+    """Pooled numpy/scipy versions of the same statistics, and how far the federated ones are from them."""
+    from scipy import stats
+
+    from server.analytics import KMEANS_FEATURES, REGRESSION_COVARIATES
+
+    def numbers(frame, names):
+        """Columns as a float matrix with NaN for missing."""
+        return np.column_stack([pd.to_numeric(frame[n]).to_numpy(dtype=float, na_value=np.nan) for n in names])
+
+    start = time.perf_counter()
+    pooled = pd.concat(list(frames.values()), ignore_index=True)
+    values = numbers(pooled, list(federated["describe"]))
+    means = np.nanmean(values, axis=0)
+    rows = numbers(pooled, (*REGRESSION_COVARIATES, "efficacy_pct"))
+    rows = rows[~np.isnan(rows).any(axis=1)]
+    design = np.column_stack([np.ones(len(rows)), rows[:, :-1]])
+    beta = np.linalg.lstsq(design, rows[:, -1], rcond=None)[0]
+    groups = [g["efficacy_pct"].dropna().to_numpy(float) for _, g in pooled.groupby("formulation_id")]
+    anova_f = stats.f_oneway(*groups).statistic
+    features = numbers(pooled, KMEANS_FEATURES)
+    features = features[~np.isnan(features).any(axis=1)]
+    z = (features - features.mean(axis=0)) / features.std(axis=0, ddof=1)
+    eigenvalues = np.sort(np.linalg.eigvalsh(np.cov(z.T)))[::-1]
+    centroids = np.array(federated["kmeans"]["initial_centroids_standardised"])
+    for _ in range(federated["kmeans"]["iterations"]):
+        nearest = np.argmin(np.square(z[:, None, :] - centroids[None]).sum(axis=2), axis=1)
+        centroids = np.array([z[nearest == c].mean(axis=0) for c in range(len(centroids))])
+    seconds = time.perf_counter() - start
+
+    def rel(a, b):
+        """Largest relative difference between two arrays."""
+        a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+        return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12)))
+
+    fed_beta = [row["estimate"] for row in federated["regression"]["linear"]["efficacy_pct"]["coefficients"].values()]
+    differences = {"describe_mean": rel([s["mean"] for s in federated["describe"].values()], means),
+                   "linear_coefficients": rel(fed_beta, beta), "anova_f": rel(federated["anova"]["f"], anova_f),
+                   "pca_eigenvalues": rel(federated["pca"]["eigenvalues"], eigenvalues),
+                   "kmeans_centroids": float(np.max(np.abs(np.array(federated["kmeans"]["centroids_standardised"])
+                                                           - centroids)))}
+    return {"seconds": seconds, "rows": len(pooled), "max_relative_difference": differences}
+
+
+def case_flower(frames: dict[str, pd.DataFrame]) -> dict:
+    """The whole run in Flower's simulation runtime on site folders written to a temp dir."""
+    from shared.schema import EPISODES_FILE, SITE_FILE
+    from simulation.analytics_run import run_analytics
+
+    with tempfile.TemporaryDirectory() as folder:
+        sites = []
+        for name, frame in frames.items():
+            site = Path(folder) / "sites" / name
+            site.mkdir(parents=True)
+            frame.to_csv(site / EPISODES_FILE, index=False, lineterminator="\n")
+            (site / SITE_FILE).write_text(f'[site]\nname = "{name}"\nschema_version = "1.0"\n')
+            sites.append(site)
+        start = time.perf_counter()
+        result = run_analytics(Path(folder) / "out", sites=sites)
+        seconds = time.perf_counter() - start
+    queries = sum(t["seconds"] for t in result["timing"].values())
+    return {"seconds": seconds, "query_seconds": queries, "startup_and_site_check_s": seconds - queries,
+            "queries": result["queries"]["asked"], "timing": result["timing"], "sites": len(result["sites"])}
+
+
+def _notes(name: str, r: dict) -> str:
+    """One line of notes for the printed table."""
+    if name == "in_process":
+        return f"Lloyd {r['lloyd_iterations']} iterations, Newton {r['newton_iterations']}"
+    if name == "in_process_dp":
+        return f"sigma {r['sigma']:.2f}, max eps spent {r['epsilon_spent_max']:.3f}"
+    if name == "pooled":
+        return f"max rel. diff. federated vs pooled {max(r['max_relative_difference'].values()):.1e}"
+    return f"queries {r['query_seconds']:.1f} s, start-up + site check {r['startup_and_site_check_s']:.1f} s"
+
+
+def main() -> None:
+    """Run the cases, print the table, write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sites", type=int, default=10)
+    parser.add_argument("--rows", type=int, default=10_000, help="Episodes per site (approximately).")
+    parser.add_argument("--flower", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "analytics.json")
+    args = parser.parse_args()
+    os.environ.setdefault("FLWR_HOME", str(ROOT / ".flwr"))
+    load = os.getloadavg()
+
+    start = time.perf_counter()
+    frames = make_sites(args.sites, args.rows)
+    results = {"generate": {"seconds": time.perf_counter() - start,
+                            "rows_per_site": {name: len(f) for name, f in frames.items()}}}
+    results["in_process"], federated = case_in_process(frames)
+    results["in_process_dp"] = case_in_process_dp(frames)
+    results["pooled"] = case_pooled(frames, federated)
+    if args.flower:
+        results["flower"] = case_flower(frames)
+    results["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    total_rows = sum(results["generate"]["rows_per_site"].values())
+    print(f"{args.sites} sites, {total_rows} episodes ({total_rows / args.sites:.0f} per site)")
+    print(f"{'case':16s} {'seconds':>8s} {'queries':>8s}  notes")
+    for name in ("in_process", "in_process_dp", "pooled", "flower"):
+        if name not in results:
+            continue
+        r = results[name]
+        print(f"{name:16s} {r['seconds']:8.2f} {r.get('queries', ''):>8}  {_notes(name, r)}")
+    print(f"{'per query (in process)':28s} {'queries':>8s} {'seconds':>8s}")
+    for query, t in results["in_process"]["timing"].items():
+        print(f"{query:28s} {t['queries']:8d} {t['seconds']:8.3f}")
+    report = {
+        "date": dt.date.today().isoformat(),
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+                    "load_average_at_start": load},
+        "command": "python benchmarks/analytics.py" + ("" if args.flower else " --no-flower")
+                   + (f" --sites {args.sites}" if args.sites != 10 else "")
+                   + (f" --rows {args.rows}" if args.rows != 10_000 else ""),
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,353 @@
+"""The one-command federated analytics run (``fednano analytics``): the seed's statistics without moving rows.
+
+1. Sites: simulated clinics (``simulation.clinics.generate_sites`` into ``OUT/sites``; ``--dp`` writes a DP
+   budget into their ``site.toml``) or the user's site folders / CSV files (``--sites``, ``--task``), whose
+   ``site.toml`` decides their DP, as at a hospital.
+2. Federation: the ServerApp of ``server.analytics`` and a ClientApp with the ``client.analytics`` handlers
+   run in Flower's simulation runtime, one SuperNode per site; the server writes ``OUT/analytics.json``.
+3. Report: ``OUT/analytics.md`` (tables), CSV tables (``describe.csv``, ``regression_<kind>_<outcome>.csv``,
+   ``anova.csv``, ``pca.csv``, ``kmeans_profiles.csv``) and ``OUT/pca_clusters.png``: the cluster centroids on
+   the first two principal components over a 2-D histogram of the projected rows, computed at each site and
+   summed — no row is plotted.
+
+:func:`run_in_process` runs the same server phases against in-memory site tables without Flower (the same
+``client.analytics.answer`` each site runs), for tests and benchmarks.
+
+Sources: Chan, Golub & LeVeque 1979 (merging moments); Karr et al. 2005 (regression from sufficient
+statistics); Lloyd 1982 (k-means); Rousseeuw 1987 (silhouette); Dwork & Roth 2014 and Mironov 2017
+(Gaussian mechanism, Rényi DP) — see ``client.analytics`` and ``server.analytics``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from client.analytics import answer
+from client.app import SiteSource
+from client.ledger import BudgetExhausted, LedgerError, PrivacyLedger
+from server.analytics import AnalyticsSession, AnalyticsSettings, SiteAnswer, plan_for, run_analyses
+from simulation.clinics import SitePrivacy, generate_sites
+
+DEFAULT_SITE_BUDGET = 3.0
+"""ε budget written into generated sites' site.toml (as ``fednano simulate``), raised to the run's ε if larger."""
+
+
+class LocalSites:
+    """An in-process asker: each "site" is a table (and optionally a privacy ledger) in this process.
+
+    ``LocalSites({"a": frame_a, "b": frame_b}, ledgers={"a": ledger_a})(query, config, arrays, ["a", "b"])``
+    answers with exactly the code a Flower site runs (``client.analytics.answer``).
+    """
+
+    def __init__(self, frames: Mapping[str, pd.DataFrame], ledgers: Mapping[str, PrivacyLedger | None] | None = None,
+                 rng: np.random.Generator | None = None, run_id: int | str = 0):
+        """Keep the site tables, their ledgers, the noise generator and the run id."""
+        self.frames = dict(frames)
+        self.ledgers = dict(ledgers or {})
+        self.rng = rng
+        self.run_id = run_id
+
+    def __call__(self, query: str, config: dict[str, Any], arrays: dict[str, np.ndarray],
+                 sites: Sequence[Hashable]) -> dict[Hashable, SiteAnswer | str]:
+        """Answer ``query`` at every site in ``sites``; failures as their reason."""
+        out: dict[Hashable, SiteAnswer | str] = {}
+        for site in sites:
+            try:
+                result = answer(query, self.frames[site], config, arrays, self.ledgers.get(site), self.run_id,
+                                self.rng)
+            except (BudgetExhausted, LedgerError, KeyError, ValueError) as err:
+                out[site] = f"{site}: {err}"
+                continue
+            out[site] = SiteAnswer(str(site), result.arrays, result.labels, {"site-name": str(site), **result.meta})
+        return out
+
+
+def run_in_process(frames: Mapping[str, pd.DataFrame], settings: AnalyticsSettings | None = None,
+                   ledgers: Mapping[str, PrivacyLedger | None] | None = None,
+                   rng: np.random.Generator | None = None) -> dict[str, Any]:
+    """All analyses on in-memory site tables, without Flower: same site code, same server code."""
+    settings = settings or AnalyticsSettings()
+    plan = plan_for(settings.task(), settings.dp)
+    session = AnalyticsSession(LocalSites(frames, ledgers, rng), list(frames), plan.queries(settings),
+                               settings.epsilon)
+    result = run_analyses(session, plan, settings)
+    result["sites"] = sorted(frames)
+    result["rejected"] = {}
+    return result
+
+
+def prepare_sites(out: Path, clinics: int | None, sites: Sequence[Path] | None, task: Path | None, dp: bool,
+                  seed: int, epsilon: float, site_budget: float | None, delta: float,
+                  patients_per_clinic: int | None) -> list[SiteSource]:
+    """The run's sites: the user's, or freshly simulated clinics under ``out/sites``."""
+    if sites:
+        return [SiteSource(Path(p), Path(task) if task else None) for p in sites]
+    if not clinics:
+        raise ValueError("give --clinics N or --sites PATH ...")
+    budget = site_budget if site_budget is not None else max(DEFAULT_SITE_BUDGET, epsilon)
+    world = generate_sites(clinics, seed, out / "sites", patients_per_clinic,
+                           SitePrivacy(dp=dp, epsilon=budget, delta=delta))
+    return [SiteSource(out / "sites" / c.name) for c in world.clinics]
+
+
+def run_federated_analytics(sources: list[SiteSource], settings: AnalyticsSettings, out: Path) -> dict[str, Any]:
+    """The ServerApp and ClientApp in Flower's simulation runtime; returns ``out/analytics.json``."""
+    from flwr.simulation import run_simulation
+
+    from client.analytics import register_analytics
+    from client.app import ledger_for, load, make_client_app, site_source
+    from server.analytics import make_analytics_server_app
+
+    client = make_client_app(sources)
+    register_analytics(client, lambda context: site_source(context, sources), load, ledger_for)
+    path = out / "analytics.json"
+    path.unlink(missing_ok=True)
+    run_simulation(server_app=make_analytics_server_app(settings, out), client_app=client,
+                   num_supernodes=len(sources),
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                   "init_args": {"num_cpus": 2, "include_dashboard": False,
+                                                 "logging_level": "ERROR"}})
+    if not path.exists():
+        raise RuntimeError(f"the analytics run wrote no {path}; see the log above")
+    return json.loads(path.read_text())
+
+
+def run_analytics(out: Path | str, clinics: int | None = None, sites: Sequence[Path | str] | None = None,
+                  task: Path | str | None = None, dp: bool = False, k: int = 3, seed: int = 0, epsilon: float = 1.0,
+                  *, site_budget: float | None = None, delta: float = 1e-5, patients_per_clinic: int | None = None,
+                  on_phase: Callable[[str], None] | None = None, quiet: bool = True) -> dict[str, Any]:
+    """``fednano analytics``: sites → Flower federation → ``analytics.json``, ``analytics.md``, CSVs, plot.
+
+    Parameters
+    ----------
+    out : path
+        Output folder (generated sites go to ``out/sites``).
+    clinics : int, optional
+        Simulate this many clinics (ignored with ``sites``).
+    sites : paths, optional
+        Site folders or CSV files.
+    task : path, optional
+        task.toml of a generic tabular task (with ``sites``).
+    dp : bool
+        Generated sites enable DP in their site.toml; the run uses the short, fixed DP iteration caps.
+    k, seed : int
+        k-means clusters; seed of the simulated world and of the initial centroids' phase.
+    epsilon : float
+        ε each DP site spends on this run (all queries together, RDP composition at the site's δ).
+    site_budget, delta : float
+        Budget and δ written into generated sites (default budget: max(3, epsilon)).
+    patients_per_clinic : int, optional
+        Size of every generated clinic (default: tens to hundreds of patients, as ``simulate-data``).
+    on_phase : callable, optional
+        Told ``"sites"``, ``"federation"``, ``"report"`` as the run moves on (progress displays).
+    quiet : bool
+        Keep Flower's log to errors (``simulation.experiment.quiet_flower``).
+
+    Returns the content of ``out/analytics.json``.
+    """
+    from simulation.experiment import flower_environment, quiet_flower
+
+    say = on_phase or (lambda _: None)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    flower_environment(out)
+    if quiet:
+        quiet_flower()
+    say("sites")
+    sources = prepare_sites(out, clinics, [Path(s) for s in sites] if sites else None,
+                            Path(task) if task else None, dp, seed, epsilon, site_budget, delta, patients_per_clinic)
+    settings = AnalyticsSettings(k=k, seed=seed, dp=dp, epsilon=epsilon, task_path=str(task) if task else "",
+                                 min_nodes=len(sources))
+    say("federation")
+    result = run_federated_analytics(sources, settings, out)
+    say("report")
+    write_report(out, result)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tables and plot
+
+
+def describe_table(result: dict) -> pd.DataFrame:
+    """One row per column: count, mean, sd, min, max and the histogram quantiles."""
+    rows = []
+    for column, s in result.get("describe", {}).items():
+        quantiles = s.get("quantiles") or {}
+        rows.append({"column": column, "count": s["count"], "mean": s["mean"], "sd": s["sd"], "min": s["min"],
+                     "max": s["max"], **{k: quantiles.get(k) for k in ("p01", "p25", "p50", "p75", "p99")}})
+    return pd.DataFrame(rows)
+
+
+def coefficient_frame(fit: dict) -> pd.DataFrame:
+    """One row per term of a fitted regression."""
+    rows = [{"term": term, **{k: v for k, v in row.items() if k != "aliased"}, "aliased": row.get("aliased")}
+            for term, row in fit["coefficients"].items()]
+    return pd.DataFrame(rows)
+
+
+def anova_frame(anova: dict) -> pd.DataFrame:
+    """One row per group, then the F test as the last row."""
+    rows = [{"group": g, "n": s["n"], "mean": s["mean"], "sd": s["sd"]} for g, s in anova["groups"].items()]
+    rows.append({"group": "(F test)", "n": anova["n"], "f": anova["f"], "p": anova["p"],
+                 "df_between": anova["df_between"], "df_within": anova["df_within"],
+                 "eta_squared": anova["eta_squared"]})
+    return pd.DataFrame(rows)
+
+
+def pca_frame(pca: dict) -> pd.DataFrame:
+    """One row per component: eigenvalue, explained-variance ratio, loadings."""
+    ratios = pca.get("explained_variance_ratio") or [None] * len(pca["eigenvalues"])
+    return pd.DataFrame([{"component": f"PC{i + 1}", "eigenvalue": value, "explained_variance_ratio": ratio,
+                          **dict(zip(pca["features"], loadings, strict=True))}
+                         for i, (value, ratio, loadings) in enumerate(zip(pca["eigenvalues"], ratios,
+                                                                          pca["components"], strict=True))])
+
+
+def profiles_frame(kmeans: dict) -> pd.DataFrame:
+    """One row per cluster: size, share, silhouette, feature means (original scale), outcome means."""
+    rows = []
+    for profile in kmeans["profiles"]:
+        row = {"cluster": profile["cluster"], "n": profile["n"], "share": profile["share"],
+               "silhouette": profile["silhouette"], **profile["means"]}
+        row |= {f"{name}_mean": o["mean"] for name, o in profile["outcomes"].items()}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def write_report(out: Path, result: dict) -> None:
+    """``analytics.md``, the CSV tables and ``pca_clusters.png`` from an ``analytics.json`` result."""
+    out = Path(out)
+    tables: list[tuple[str, pd.DataFrame]] = []
+    describe = describe_table(result)
+    describe.to_csv(out / "describe.csv", index=False)
+    tables.append(("Descriptive statistics (all rows of every site; sd with n − 1; quantiles interpolated in "
+                   "the summed histogram on the declared range)", describe))
+    regression = result.get("regression") or {}
+    for kind in ("linear", "logistic"):
+        for outcome, fit in (regression.get(kind) or {}).items():
+            frame = coefficient_frame(fit)
+            frame.to_csv(out / f"regression_{kind}_{outcome}.csv", index=False)
+            extra = (f"n = {fit['n']}, R² = {_fmt(fit.get('r2'))}, F = {_fmt(fit.get('f'))} "
+                     f"(p = {_fmt(fit.get('f_p'))})" if kind == "linear" else
+                     f"n = {fit['n']}, Newton iterations = {fit['iterations']}, converged = {fit['converged']}")
+            tables.append((f"{kind.capitalize()} regression of {outcome} ({fit['scale']}; {extra})", frame))
+    if result.get("anova"):
+        anova = anova_frame(result["anova"])
+        anova.to_csv(out / "anova.csv", index=False)
+        a = result["anova"]
+        tables.append((f"One-way ANOVA of {a['response']} across {a['factor']}: F({a['df_between']}, "
+                       f"{_fmt(a['df_within'])}) = {_fmt(a['f'])}, p = {_fmt(a['p'])}, η² = {_fmt(a['eta_squared'])}",
+                       anova.iloc[:-1][["group", "n", "mean", "sd"]]))
+    if result.get("pca"):
+        pca = pca_frame(result["pca"])
+        pca.to_csv(out / "pca.csv", index=False)
+        tables.append((f"PCA ({result['pca']['basis']})", pca))
+    if result.get("kmeans"):
+        km = result["kmeans"]
+        profiles = profiles_frame(km)
+        profiles.to_csv(out / "kmeans_profiles.csv", index=False)
+        tables.append((f"k-means profiles (k = {km['k']}, {km['iterations']} Lloyd iterations, converged = "
+                       f"{km['converged']}, inertia = {_fmt(km['inertia'])}, simplified silhouette = "
+                       f"{_fmt(km['silhouette_simplified'])}; feature means on the original scale)", profiles))
+        plot_clusters(out / "pca_clusters.png", result)
+    (out / "analytics.md").write_text(markdown(result, tables))
+
+
+def markdown(result: dict, tables: list[tuple[str, pd.DataFrame]]) -> str:
+    """The report: sites, privacy, every table, and what was skipped or failed."""
+    lines = ["# Federated analytics", "",
+             f"Sites: {', '.join(result.get('sites', []))}. Rows: {result.get('rows', '')}. Queries asked: "
+             f"{result['queries']['asked']} (planned {result['queries']['planned']}).", ""]
+    for title, frame in tables:
+        lines += [f"## {title}", "", _markdown_table(frame), ""]
+    if result.get("kmeans"):
+        lines += ["![clusters on the first two principal components](pca_clusters.png)", ""]
+    privacy = result.get("privacy") or {}
+    if any(p.get("dp") for p in privacy.values()):
+        lines += ["## Privacy", "", "| site | σ | ε spent (ledger, all time) | budget | δ |", "|---|---|---|---|---|"]
+        lines += [f"| {site} | {_fmt(p.get('sigma'))} | {_fmt(p.get('epsilon-spent'))} | "
+                  f"{_fmt(p.get('epsilon-budget'))} | {_fmt(p.get('delta'))} |"
+                  for site, p in privacy.items() if p.get("dp")]
+        lines += ["", "Under DP, min and max are not released; standard errors and p-values ignore the DP noise.", ""]
+    if result.get("skipped"):
+        lines += ["## Skipped", ""] + [f"- {name}: {why}" for name, why in result["skipped"].items()] + [""]
+    if result.get("notes"):
+        lines += ["## Notes", ""] + [f"- {note}" for note in result["notes"]] + [""]
+    if result.get("failures"):
+        lines += ["## Sites left out", ""]
+        lines += [f"- {query}: {site} — {reason}" for query, failed in result["failures"].items()
+                  for site, reason in failed.items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot_clusters(path: Path, result: dict) -> None:
+    """Centroids on PC1/PC2 over the summed 2-D histogram of projected rows (no row is plotted)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+    from matplotlib.ticker import FuncFormatter
+
+    projection = result["kmeans"]["projection"]
+    counts = np.asarray(projection["counts"], dtype=np.float64)
+    ratio = result["pca"].get("explained_variance_ratio") or [float("nan")] * 2
+    fig, ax = plt.subplots(figsize=(6.4, 5.2))
+    masked = np.ma.masked_less_equal(counts.T, 0.0)
+    if masked.count():
+        mesh = ax.pcolormesh(projection["x_edges"], projection["y_edges"], masked, cmap="Greys",
+                             norm=LogNorm(vmin=max(masked.min(), 1e-3), vmax=masked.max()))
+        bar = fig.colorbar(mesh, ax=ax, label="rows per cell (summed over sites)")
+        plain = FuncFormatter(lambda value, _: f"{value:g}" if f"{value:g}"[0] in "125" else "")
+        bar.ax.yaxis.set_major_formatter(plain)
+        bar.ax.yaxis.set_minor_formatter(plain)
+    centroids = np.asarray(projection["centroids"], dtype=np.float64)
+    colours = plt.cm.tab10(np.arange(len(centroids)) % 10)
+    ax.scatter(centroids[:, 0], centroids[:, 1], s=160, c=colours, edgecolors="black", marker="X", zorder=3)
+    for c, (px, py) in enumerate(centroids):
+        share = result["kmeans"]["profiles"][c]["share"]
+        ax.annotate(f"cluster {c} ({share:.0%})", (px, py), textcoords="offset points",
+                    xytext=(8, 8 if c % 2 == 0 else -16))
+    ax.set_xlabel(f"PC1 ({_fmt(ratio[0] * 100 if ratio[0] is not None else None)} % of variance)")
+    ax.set_ylabel(f"PC2 ({_fmt(ratio[1] * 100 if len(ratio) > 1 and ratio[1] is not None else None)} % of variance)")
+    ax.set_title("k-means centroids on the federated PCA\n(grey: projected rows counted at each site, summed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _fmt(value: Any) -> str:
+    """A number as short text for tables (4 significant digits; '—' for missing)."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+    return str(value)
+
+
+def _markdown_table(frame: pd.DataFrame) -> str:
+    """A data frame as a GitHub markdown table."""
+    header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
+    rule = "|" + "---|" * len(frame.columns)
+    body = ["| " + " | ".join(_fmt(_plain(v)) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar as a Python value, NaN as None."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and np.isnan(value):
+        return None
+    return value
