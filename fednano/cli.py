@@ -147,6 +147,54 @@ def analytics(
     typer.echo(f"wrote {out / 'analytics.json'}, {out / 'analytics.md'}, CSV tables and {out / 'pca_clusters.png'}")
 
 
+paper_app = typer.Typer(help="Re-run published results on the packaged real data.", no_args_is_help=True)
+app.add_typer(paper_app, name="paper")
+
+
+@paper_app.command("liposome")
+def paper_liposome(
+    out: Path = typer.Option(Path("runs/paper_liposome"), "--out", help="Output folder."),
+    rounds: int = typer.Option(20, "--rounds", min=1, help="Federated ANN rounds per fold."),
+    xgb_rounds: int = typer.Option(10, "--xgb-rounds", min=1, help="Federated bagging rounds per fold."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the site splits and models."),
+) -> None:
+    """Yanes et al. 2025 (liposome release classes): the paper's protocol pooled, then federated on its folds."""
+    from simulation.experiment import flower_environment, quiet_flower
+    from simulation.paper_liposome import run_paper_liposome
+
+    flower_environment(Path.cwd())
+    quiet_flower()
+    run_paper_liposome(out, rounds=rounds, xgb_rounds=xgb_rounds, seed=seed)
+
+
+@app.command()
+def provision(
+    federation: str = typer.Option(..., "--federation", help="Federation name: the SuperLink connection for flwr."),
+    sites: str = typer.Option(..., "--sites", help="Site names, comma-separated: a,b,c (letters, digits, - and _)."),
+    out: Path = typer.Option(..., "--out", help="Kit folder: writes coordinator/ and sites/<site>/ into it."),
+    san: list[str] | None = typer.Option(
+        None, "--san", help="A name the SuperLink is reached by (repeat it); default localhost and 127.0.0.1. "
+                            "127.0.0.1 is always included."),
+    days: int = typer.Option(365, "--days", min=1, help="Validity of the CA and server certificates."),
+    add_sites: bool = typer.Option(
+        False, "--add-sites", help="Keep the kit's CA, server and coordinator keys; add kits for new sites only."),
+) -> None:
+    """Make a federation's TLS certificates, SuperNode keys and policy-signing key; print the next commands."""
+    from server.provision import DEFAULT_SANS, ProvisionError
+    from server.provision import provision as make_kit
+
+    try:
+        result = make_kit(federation, [s.strip() for s in sites.split(",")], out, server_sans=san or DEFAULT_SANS,
+                          days=days, add_sites=add_sites)
+    except (ProvisionError, OSError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from err
+    typer.echo(f"wrote {len(result.written)} files under {result.out}")
+    if result.skipped:
+        typer.echo(f"already provisioned, left as they are: {', '.join(result.skipped)}")
+    typer.echo("\n".join(result.next_commands()))
+
+
 def _site_paths(ctx: typer.Context, sites: list[Path] | None) -> list[Path]:
     """``--sites A B C`` (or repeated ``--sites``): every path must exist, and a federation needs two."""
     if ctx.args and not sites:

@@ -20,6 +20,7 @@ from flwr.serverapp.strategy import FedXgbBagging, FedXgbCyclic, Strategy
 from client.boosting import heads
 from shared.encoding import FeatureEncoder
 from strategies.per_site import PerSiteRecord
+from strategies.summation import sum_metricrecords
 
 if TYPE_CHECKING:
     from server.app import RunSettings
@@ -41,11 +42,14 @@ class BoostingOutcome:
 
 def boosting_strategy(mode: str, n_sites: int) -> Strategy:
     """Flower's own XGBoost strategy for ``mode``, training on every usable site."""
+    # FedXgbCyclic evaluates one site every round whatever fraction_evaluate says; its replies are summaries,
+    # so they are summed (also safe when a site has no test rows, where a weighted mean divides by zero).
     if mode == "bagging":
         return FedXgbBagging(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=n_sites,
-                             min_available_nodes=n_sites)
+                             min_available_nodes=n_sites, evaluate_metrics_aggr_fn=sum_metricrecords)
     if mode == "cyclic":
-        return FedXgbCyclic(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=n_sites)
+        return FedXgbCyclic(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=n_sites,
+                            evaluate_metrics_aggr_fn=sum_metricrecords)
     raise ValueError(f"unknown boosting mode {mode!r}: expected one of {', '.join(MODES)}")
 
 

@@ -72,3 +72,13 @@ def test_simulate_on_real_liposome_data_split_into_three_csv_sites(tmp_path, mon
         assert set(model["overall"]["cluster"]) >= {"auc", "accuracy", "balanced_accuracy"}
     assert results["privacy"] == {}  # CSV sites have no site.toml: no DP unless a site asks for it
     assert (out / "report.md").exists() and (out / "learning_curves.png").exists()
+
+
+def test_provision_prints_the_next_commands_and_refuses_to_overwrite(tmp_path):
+    kit = tmp_path / "kit"
+    first = runner.invoke(app, ["provision", "--federation", "hospitals", "--sites", "a,b", "--out", str(kit)])
+    assert first.exit_code == 0, first.output
+    assert "flower-superlink" in first.output and "flwr supernode register" in first.output
+    again = runner.invoke(app, ["provision", "--federation", "hospitals", "--sites", "a,b", "--out", str(kit)])
+    assert again.exit_code == 1
+    assert "refusing to overwrite" in again.output
