@@ -2,12 +2,17 @@
 
     python benchmarks/federated_ann.py [--clinics 10] [--rounds 20] [--out benchmarks/results/federated_ann.json]
 
+Only the neural network is trained (``ExperimentConfig.models = "ann"``).
+
 1. **Quality** — ``fednano simulate``'s experiment (``simulation.experiment.run_experiment``) without DP and
    with DP (ε = 3, δ = 1e-5 per site): overall AUC of the federated model and of pooled training (same code,
    same per-site test splits) for each binary outcome, R² and MAE for the regression outcome, max ε spent.
 2. **Flower overhead** — the no-DP run's federation wall time against :func:`plain_federated_loop`: the same
    local training steps, FedAvg and per-site evaluation in one process without Flower. Round end times
-   come from the ``on_round`` callback of ``run_federation``.
+   come from the ``on_round`` callback of ``run_federation``. The federation runs a third time with one
+   Ray actor (sites one after the other, as in the plain loop), so Flower's cost is seen apart from its
+   parallelism. This process trains with ``--torch-threads`` (default 1, as each Ray actor): on a shared
+   2-core machine torch's default of 2 intra-op threads makes these small steps several times slower.
 3. **DP step cost** — ``client.training.train`` on one larger site's training split, without DP and with
    DP-SGD (σ = 1) for each Opacus ``grad_sample_mode``; median of repeats.
 4. **Peak memory** — RSS of this process and of all its descendants (Ray's processes and workers), sampled
@@ -36,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from client.app import SiteSource
 from client.training import (
     DPConfig,
     EncodedSplit,
@@ -51,7 +57,7 @@ from shared.task import NANOPARTICLE_TASK, TaskSpec
 from shared.validation import SiteData, load_site
 from simulation.baselines import model_metrics
 from simulation.clinics import SitePrivacy, generate_sites
-from simulation.experiment import ExperimentConfig, flower_environment, quiet_flower, run_experiment
+from simulation.experiment import ExperimentConfig, flower_environment, quiet_flower, run_experiment, run_federation
 
 ROOT = Path(__file__).resolve().parents[1]
 BINARY = ("response", "toxicity_grade3")
@@ -271,7 +277,7 @@ def plain_run(site_paths: list[Path], settings: LoopSettings) -> dict:
     reencode = time.perf_counter() - t
     return {"seconds": end - start, "load_sites_s": loaded - start, "encoder_s": setup - loaded,
             "loop_s": end - setup, "reencode_all_sites_once_s": reencode, "torch_threads": torch.get_num_threads(),
-            **timeline.round_profile(setup), "metrics": result["metrics"]["overall"]}
+            **timeline.round_profile(start), "metrics": result["metrics"]["overall"]}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -288,8 +294,9 @@ def larger_site(workdir: Path, patients: int, seed: int) -> tuple[FeatureEncoder
 
 
 def dp_step_cost(encoder: FeatureEncoder, data: EncodedSplit, epochs: int, repeats: int, seed: int = 0,
-                 hidden: tuple[int, ...] = (64, 32), batch_size: int = 32) -> dict:
-    """Median seconds of ``train`` (and per optimizer step) without DP and with DP-SGD per grad-sample mode."""
+                 hidden: tuple[int, ...] = (64, 32), batch_size: int = 32, default_threads: int | None = None) -> dict:
+    """Median seconds of ``train`` (and per optimizer step) without DP and with DP-SGD per grad-sample mode;
+    the no-DP case also with torch's default thread count, if that differs from the one in use."""
     import opacus  # noqa: F401  (imported before timing: the first DP call must not pay for it)
 
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=0.005, seed=seed)
@@ -310,6 +317,14 @@ def dp_step_cost(encoder: FeatureEncoder, data: EncodedSplit, epochs: int, repea
                  "repeats": repeats, "noise_multiplier": 1.0, "torch_threads": torch.get_num_threads()}
     out["no_dp"] = timed(None)
     base = out["no_dp"]["s_per_step_median"]
+    threads = torch.get_num_threads()
+    if default_threads and default_threads != threads:
+        torch.set_num_threads(default_threads)
+        try:
+            out["no_dp_default_threads"] = timed(None) | {"torch_threads": default_threads}
+        finally:
+            torch.set_num_threads(threads)
+        out["no_dp_default_threads"]["ratio_to_no_dp"] = out["no_dp_default_threads"]["s_per_step_median"] / base
     out["dp"] = {}
     for mode in GRAD_SAMPLE_MODES:
         try:
@@ -324,6 +339,40 @@ def dp_step_cost(encoder: FeatureEncoder, data: EncodedSplit, epochs: int, repea
 
 # ---------------------------------------------------------------------------------------------------------
 # Running and printing
+
+
+@contextlib.contextmanager
+def ray_cpus(n: int):
+    """Flower's simulation with a Ray cluster of ``n`` CPUs: as every client asks for one CPU, ``n`` actors.
+
+    ``simulation.experiment.run_federation`` is used as is; only ``init_args.num_cpus`` of the backend
+    configuration it passes to ``flwr.simulation.run_simulation`` changes."""
+    import flwr.simulation
+
+    original = flwr.simulation.run_simulation
+
+    def run_simulation(**kwargs):
+        backend = kwargs["backend_config"]
+        kwargs["backend_config"] = {**backend, "init_args": {**backend["init_args"], "num_cpus": n}}
+        return original(**kwargs)
+
+    flwr.simulation.run_simulation = run_simulation
+    try:
+        yield
+    finally:
+        flwr.simulation.run_simulation = original
+
+
+def single_actor_run(cfg: ExperimentConfig, site_paths: list[Path]) -> dict:
+    """The no-DP federation again, on the same sites, with one Ray actor: the sites train one after the other,
+    as in the plain loop, so the difference is Flower's own cost and not its parallelism."""
+    timeline = Timeline()
+    with ray_cpus(1):
+        start = time.perf_counter()
+        record = run_federation(cfg, [SiteSource(p) for p in site_paths], on_round=timeline.round_end)
+        end = time.perf_counter()
+    return {"federation_s": end - start, **timeline.round_profile(start, end),
+            "auc": {k: record["final"]["overall"][k]["auc"] for k in BINARY}}
 
 
 def federated_run(cfg: ExperimentConfig, memory: bool) -> tuple[dict, dict, dict | None]:
@@ -343,6 +392,7 @@ def federated_run(cfg: ExperimentConfig, memory: bool) -> tuple[dict, dict, dict
     results = run_experiment(cfg, on_round=timeline.round_end, on_phase=on_phase)
     start, end = timeline.phases["federation"], timeline.phases["baselines"]
     profile = {"federation_s": results["timing"]["federation_s"], "baselines_s": results["timing"]["baselines_s"],
+               "strategy_rounds_s": results["timing"].get("ann_s"),
                "phase_federation_s": end - start, **timeline.round_profile(start, end)}
     return results, profile, mem
 
@@ -373,17 +423,25 @@ def print_table(report: dict) -> None:
     o = report["overhead"]
     f, p = o["flower"], o["plain"]
     print("\n== 2. Flower overhead: no-DP federation vs the same steps in a plain loop ==")
+    print("(first round end: from the start of the federation, incl. Ray start, actors, site check and statistics"
+          " for Flower; incl. loading the sites and the encoder for the plain loop)")
     print(f"{'':26s} {'total s':>8s} {'to 1st round end s':>18s} {'later round s':>13s} {'after last s':>12s}")
     print(f"{'Flower (run_simulation)':26s} {f['federation_s']:8.2f} {f['first_round_end_s']:18.2f} "
           f"{f['later_round_mean_s']:13.3f} {fmt(f.get('after_last_round_s'), '.2f'):>12s}")
+    s = o["flower_one_actor"]
+    print(f"{'Flower, one Ray actor':26s} {s['federation_s']:8.2f} {s['first_round_end_s']:18.2f} "
+          f"{s['later_round_mean_s']:13.3f} {fmt(s.get('after_last_round_s'), '.2f'):>12s}")
     print(f"{'plain loop (one process)':26s} {p['seconds']:8.2f} {p['first_round_end_s']:18.2f} "
           f"{p['later_round_mean_s']:13.3f} {'–':>12s}")
     print(f"ratio Flower/plain: total {o['ratio_total']:.2f}× (target ≤ {TARGETS['flower_over_plain']}×), "
-          f"later rounds {o['ratio_later_rounds']:.2f}×; plain = load+validate {p['load_sites_s']:.2f} s + encoder "
+          f"later rounds {o['ratio_later_rounds']:.2f}×; with one actor: total {o['ratio_total_one_actor']:.2f}×, "
+          f"later rounds {o['ratio_later_rounds_one_actor']:.2f}×")
+    print(f"plain = load+validate {p['load_sites_s']:.2f} s + encoder "
           f"{p['encoder_s']:.2f} s + loop {p['loop_s']:.2f} s; re-splitting and encoding all sites once "
           f"{p['reencode_all_sites_once_s']:.3f} s")
-    print("sanity, plain loop vs Flower final AUC: " + ", ".join(
-        f"{k} {p['metrics'][k]['auc']:.4f} vs {q['no_dp']['binary'][k]['federated']:.4f}" for k in BINARY))
+    print("sanity, final AUC of plain loop / Flower / Flower one actor: " + ", ".join(
+        f"{k} {p['metrics'][k]['auc']:.4f} / {q['no_dp']['binary'][k]['federated']:.4f} / {s['auc'][k]:.4f}"
+        for k in BINARY))
     print(f"DP federation: {o['flower_dp']['federation_s']:.2f} s, first round end "
           f"{o['flower_dp']['first_round_end_s']:.2f} s, later rounds {o['flower_dp']['later_round_mean_s']:.3f} s")
 
@@ -393,7 +451,11 @@ def print_table(report: dict) -> None:
     print(f"{'mode':12s} {'steps':>6s} {'seconds':>8s} {'ms/step':>8s} {'× no DP':>8s}")
     n = d["no_dp"]
     print(f"{'no DP':12s} {n['steps'][0]:6d} {n['seconds_median']:8.2f} {1e3 * n['s_per_step_median']:8.2f} "
-          f"{1.0:8.2f}")
+          f"{1.0:8.2f}   (torch threads {d['torch_threads']})")
+    if "no_dp_default_threads" in d:
+        n = d["no_dp_default_threads"]
+        print(f"{'no DP':12s} {n['steps'][0]:6d} {n['seconds_median']:8.2f} {1e3 * n['s_per_step_median']:8.2f} "
+              f"{n['ratio_to_no_dp']:8.2f}   (torch threads {n['torch_threads']}, torch's default)")
     for mode, row in d["dp"].items():
         if "error" in row:
             print(f"{'DP ' + mode:12s} failed: {row['error']}")
@@ -415,46 +477,57 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dp-patients", type=int, default=2000, help="patients of the DP step-cost site")
-    parser.add_argument("--dp-epochs", type=int, default=2)
+    parser.add_argument("--dp-epochs", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="torch threads of this process (Flower's Ray actors get 1 each); 0 keeps torch's default")
     parser.add_argument("--workdir", type=Path, help="keep the runs' folders here (default: a deleted temp dir)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "federated_ann.json")
     args = parser.parse_args()
+    default_threads = torch.get_num_threads()
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
 
     with tempfile.TemporaryDirectory(prefix="fednano_bench_") as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         flower_environment(work)
         quiet_flower()
-        common = {"clinics": args.clinics, "rounds": args.rounds, "seed": args.seed}
+        # The neural network only: ``fednano simulate`` also trains federated XGBoost by default.
+        common = {"clinics": args.clinics, "rounds": args.rounds, "seed": args.seed, "models": "ann"}
         cfg = ExperimentConfig(out=work / "no_dp", dp=False, **common)
         cfg_dp = ExperimentConfig(out=work / "dp", dp=True, epsilon=3.0, delta=1e-5, **common)
 
-        print(f"[1/4] federation without DP ({args.clinics} clinics × {args.rounds} rounds)", flush=True)
+        print(f"[1/5] federation without DP ({args.clinics} clinics × {args.rounds} rounds)", flush=True)
         results, flower, memory = federated_run(cfg, memory=True)
-        print("[2/4] federation with DP", flush=True)
+        print("[2/5] federation with DP", flush=True)
         results_dp, flower_dp, _ = federated_run(cfg_dp, memory=False)
-        print("[3/4] plain loop without Flower", flush=True)
+        site_paths = [Path(p) for p in results["config"]["sites"] if Path(p).name in results["sites"]]
+        print("[3/5] federation without DP, one Ray actor", flush=True)
+        single = single_actor_run(dataclasses.replace(cfg, out=work / "no_dp_one_actor"), site_paths)
+        print("[4/5] plain loop without Flower", flush=True)
         leftover = TreeMemory().descendants()
-        plain = plain_run([Path(p) for p in results["config"]["sites"]
-                           if Path(p).name in results["sites"]], LoopSettings.of(cfg))
-        print("[4/4] DP-SGD step cost", flush=True)
+        plain = plain_run(site_paths, LoopSettings.of(cfg))
+        print("[5/5] DP-SGD step cost", flush=True)
         dp_step = dp_step_cost(*larger_site(work, args.dp_patients, args.seed), args.dp_epochs, args.repeats,
-                               seed=args.seed)
+                               seed=args.seed, default_threads=default_threads)
 
     later = (flower["later_round_mean_s"] / plain["later_round_mean_s"]
              if flower["later_round_mean_s"] and plain["later_round_mean_s"] else None)
     report = {
         "date": dt.date.today().isoformat(),
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-                    "torch": torch.__version__},
+                    "torch": torch.__version__, "torch_threads_default": default_threads,
+                    "torch_threads_used": torch.get_num_threads()},
         "command": "python benchmarks/federated_ann.py" + "".join(f" {a}" for a in sys.argv[1:]),
         "config": {**common, "epsilon": cfg_dp.epsilon, "delta": cfg_dp.delta, "local_epochs": cfg.local_epochs,
                    "batch_size": cfg.batch_size, "lr": cfg.lr, "hidden": cfg.hidden, "strategy": cfg.strategy},
         "targets": TARGETS,
         "quality": {"no_dp": quality(results, dp=False), "dp": quality(results_dp, dp=True)},
-        "overhead": {"flower": flower, "plain": plain, "flower_dp": flower_dp,
+        "overhead": {"flower": flower, "flower_one_actor": single, "plain": plain, "flower_dp": flower_dp,
                      "ratio_total": flower["federation_s"] / plain["seconds"], "ratio_later_rounds": later,
+                     "ratio_total_one_actor": single["federation_s"] / plain["seconds"],
+                     "ratio_later_rounds_one_actor": single["later_round_mean_s"] / plain["later_round_mean_s"],
                      "descendants_alive_before_plain": leftover},
         "dp_step": dp_step,
         "memory": memory,
