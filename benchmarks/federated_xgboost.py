@@ -10,12 +10,10 @@ phase). Prints a table and writes ``benchmarks/results/federated_xgboost.json``.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import os
-import platform
 import tempfile
 from pathlib import Path
+
+from record import write_record
 
 from simulation.experiment import ExperimentConfig, flower_environment, quiet_flower, run_experiment
 
@@ -51,12 +49,8 @@ def main() -> None:
             print(f"{mode:8s} {outcome:16s} {f:9.3f} {lo:7.3f} {p:7.3f} {f / p:10.3f}")
         print(f"{mode:8s} wall time: federation {r['federation_s']:.1f} s, "
               f"boosting phase {r['boosting_phase_s']:.1f} s")
-    report = {"date": dt.date.today().isoformat(), "command": "python benchmarks/federated_xgboost.py",
-              "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
-              "clinics": args.clinics, "rounds": args.rounds, "results": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_record(args.out, "python benchmarks/federated_xgboost.py", results, clinics=args.clinics,
+                 rounds=args.rounds)
 
 
 if __name__ == "__main__":

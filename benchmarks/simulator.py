@@ -11,15 +11,15 @@ and the oracle's time for a patients × formulations × doses grid.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from record import write_record
 
 ROOT = Path(__file__).resolve().parents[1]
 CYCLES_PER_PATIENT = 3.3  # measured mean of the default world; used only to size the cohorts
@@ -110,15 +110,7 @@ def main() -> None:
         print(f"{name:18s} {r.get('episodes', ''):>9} {r.get('vitals_rows', ''):>11} "
               f"{r.get('seconds', float('nan')):8.2f} {r.get('episodes_per_s', float('nan')):11.0f} "
               f"{r['peak_rss_mib']:12.0f} {r['peak_rss_mib'] - base:12.0f}")
-    report = {
-        "date": dt.date.today().isoformat(),
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
-        "command": "python benchmarks/simulator.py",
-        "results": results,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_record(args.out, "python benchmarks/simulator.py", results)
 
 
 if __name__ == "__main__":

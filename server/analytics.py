@@ -47,7 +47,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from scipy import stats as scipy_stats
 
+from shared.config import settings_from_run_config
 from shared.encoding import Moments
 from shared.schema import EPISODE_COLUMNS, OUTCOMES
 from shared.task import NANOPARTICLE_TASK, TaskSpec
@@ -165,13 +166,7 @@ class AnalyticsSettings:
     @classmethod
     def from_run_config(cls, run_config: dict) -> AnalyticsSettings:
         """Settings from a Flower run config (hyphenated keys), defaults for the rest."""
-        values = {}
-        for f in fields(cls):
-            key = f.name.replace("_", "-")
-            if key in run_config:
-                default = cls.__dataclass_fields__[f.name].default
-                values[f.name] = type(default)(run_config[key])
-        return cls(**values)
+        return settings_from_run_config(cls, run_config)
 
     def task(self) -> TaskSpec:
         """The task whose columns are analysed."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from logging import INFO
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from server.boosting_phase import run_boosting
 from server.importance_phase import federated_importance
 from server.run_record import boosting_record, federation_record
 from shared.ann import to_arrays
+from shared.config import settings_from_run_config
 from shared.encoding import FeatureEncoder, SiteStatistics, combine
 from shared.task import NANOPARTICLE_TASK, TaskSpec
 from strategies.choice import make_strategy
@@ -67,12 +68,7 @@ class RunSettings:
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> RunSettings:
-        values = {}
-        for f in fields(cls):
-            key = f.name.replace("_", "-")
-            if key in run_config:
-                values[f.name] = type(f.default)(run_config[key])
-        return cls(**values)
+        return settings_from_run_config(cls, run_config)
 
     @property
     def hidden_sizes(self) -> tuple[int, ...]:

@@ -1,0 +1,19 @@
+"""Run settings from a Flower run config: hyphenated keys, typed by the settings dataclass's defaults."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def settings_from_run_config(cls: type[T], run_config: dict[str, Any]) -> T:
+    """An instance of the dataclass ``cls`` from ``run_config`` (key ``num-server-rounds`` sets field
+    ``num_server_rounds``, converted to the default's type); fields absent from the config keep defaults."""
+    values = {}
+    for f in fields(cls):
+        key = f.name.replace("_", "-")
+        if key in run_config:
+            values[f.name] = type(f.default)(run_config[key])
+    return cls(**values)
