@@ -493,8 +493,10 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         flower_environment(work)
         quiet_flower()
-        # The neural network only: ``fednano simulate`` also trains federated XGBoost by default.
-        common = {"clinics": args.clinics, "rounds": args.rounds, "seed": args.seed, "models": "ann"}
+        # The neural network only: ``fednano simulate`` also trains federated XGBoost and the seed paper's
+        # comparison models by default.
+        common = {"clinics": args.clinics, "rounds": args.rounds, "seed": args.seed, "models": "ann",
+                  "compare": False}
         cfg = ExperimentConfig(out=work / "no_dp", dp=False, **common)
         cfg_dp = ExperimentConfig(out=work / "dp", dp=True, epsilon=3.0, delta=1e-5, **common)
 

@@ -119,10 +119,15 @@ def learning_curves(results: dict, path: Path) -> None:
         rounds = [r["round"] for r in results["rounds"] if "overall" in r]
         values = [r["overall"][name].get(key) for r in results["rounds"] if "overall" in r]
         ax.plot(rounds, values, marker="o", label="federated")
+        shown = [v for v in values if v is not None]
         for model, style in (("local", ":"), ("pooled", "--"), ("pooled_no_dp", "-.")):
             if model in models and models[model]["overall"][name].get(key) is not None:
-                ax.axhline(models[model]["overall"][name][key], linestyle=style, color="grey",
-                           label=MODEL_LABELS[model])
+                level = models[model]["overall"][name][key]
+                ax.axhline(level, linestyle=style, color="grey", label=MODEL_LABELS[model])
+                shown.append(level)
+        if shown:  # keep every baseline in view (axhline alone does not widen the axis)
+            pad = 0.05 * (max(shown) - min(shown) or 1.0)
+            ax.set_ylim(min(shown) - pad, max(shown) + pad)
         ax.set(title=f"ANN {name}: {key} (all test sets)", xlabel="round", ylabel=key)
         ax.legend(fontsize=7)
     fig.tight_layout()
