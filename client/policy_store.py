@@ -35,6 +35,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
+from shared.durable import fsync_folder, write_json_atomically
 from shared.policy_bundle import (
     MANIFEST_FILE,
     SIGNATURE_FILE,
@@ -129,7 +130,7 @@ class PolicyStore:
                 if target.exists():  # left by an install interrupted before `current` was replaced
                     shutil.rmtree(target)
                 os.rename(staging, target)
-                _fsync_folder(versions)
+                fsync_folder(versions)
                 self._write_current(manifest, target)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -180,18 +181,7 @@ class PolicyStore:
         state = {"version": manifest.version, "bundle": f"{VERSIONS_FOLDER}/{manifest.version}",
                  "manifest_sha256": _sha256(target / MANIFEST_FILE),
                  "installed_utc": datetime.now(UTC).isoformat(timespec="seconds")}
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{CURRENT_FILE}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(state, f, indent=2, sort_keys=True)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.root / CURRENT_FILE)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_folder(self.root)
+        write_json_atomically(self.root / CURRENT_FILE, state, sort_keys=True)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -212,10 +202,3 @@ def _remove_stale_staging(versions: Path) -> None:
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
-
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -1125,14 +1125,9 @@ def json_safe(value: Any) -> Any:
 
 def run_analytics_federation(grid: Grid, settings: AnalyticsSettings, out_dir: Path) -> dict[str, Any]:
     """Site check (``server.app.check_sites``), then every analysis; writes ``out_dir/analytics.json``."""
-    from server.app import check_sites
+    from server.app import usable_sites
 
-    sites = check_sites(grid, min_nodes=settings.min_nodes)
-    for name, errors in sites.rejected.values():
-        log(INFO, "site %s rejected: %s", name, "; ".join(errors))
-    nodes = sorted(sites.usable)
-    if not nodes:
-        raise RuntimeError("no site has usable data")
+    sites, nodes = usable_sites(grid, settings.min_nodes)
     plan = plan_for(settings.task(), settings.dp)
     session = AnalyticsSession(GridAsker(grid), nodes, plan.queries(settings), settings.epsilon, dict(sites.usable))
     result = run_analyses(session, plan, settings)

@@ -147,16 +147,22 @@ def train_config(settings: RunSettings, encoder: FeatureEncoder) -> ConfigRecord
     return config
 
 
-def run_federation(grid: Grid, settings: RunSettings, on_round: Callable[[int], None] | None = None) -> dict:
-    """All phases; returns the run record (also written to ``settings.out_dir``)."""
-    task = settings.task()
-    sites = check_sites(grid, min_nodes=settings.min_nodes)
+def usable_sites(grid: Grid, min_nodes: int) -> tuple[SiteCheck, list[int]]:
+    """Phase 1: the site check, logged; the node ids of the sites with usable data (error if none)."""
+    sites = check_sites(grid, min_nodes=min_nodes)
     for name, errors in sites.rejected.values():
         log(INFO, "site %s rejected: %s", name, "; ".join(errors))
     nodes = sorted(sites.usable)
     if not nodes:
         raise RuntimeError("no site has usable data")
     log(INFO, "sites usable: %s", ", ".join(sites.usable[n] for n in nodes))
+    return sites, nodes
+
+
+def run_federation(grid: Grid, settings: RunSettings, on_round: Callable[[int], None] | None = None) -> dict:
+    """All phases; returns the run record (also written to ``settings.out_dir``)."""
+    task = settings.task()
+    sites, nodes = usable_sites(grid, settings.min_nodes)
     encoder = federated_encoder(grid, nodes, task, settings.split_seed)
     out = Path(settings.out_dir)
     out.mkdir(parents=True, exist_ok=True)
