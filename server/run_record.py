@@ -25,11 +25,6 @@ def outcome_metrics(task: TaskSpec, record: dict) -> dict[str, dict]:
             for o in task.outcomes}
 
 
-def summed(records: list[dict]) -> dict:
-    """Element-wise sum of evaluation records (summaries add up across sites)."""
-    return metrics.combine(records)
-
-
 def federation_record(task: TaskSpec, sites: SiteCheck, rounds: SiteRounds, settings: RunSettings,
                       seconds: float) -> dict:
     """The JSON-safe record of the neural network's rounds: per round, final, privacy."""
@@ -54,14 +49,14 @@ def federation_record(task: TaskSpec, sites: SiteCheck, rounds: SiteRounds, sett
                 site["evaluate"] = outcome_metrics(task, evaluate[node])
             entry["per_site"][name] = site
         if evaluate:
-            entry["overall"] = outcome_metrics(task, summed(list(evaluate.values())))
+            entry["overall"] = outcome_metrics(task, metrics.combine(list(evaluate.values())))
         per_round.append(entry)
     last_eval = next((rounds.evaluate[r] for r in sorted(rounds.evaluate, reverse=True) if rounds.evaluate[r]), {})
     return {
         "seconds": seconds,
         "rounds": per_round,
         "final": {
-            "overall": outcome_metrics(task, summed(list(last_eval.values()))) if last_eval else {},
+            "overall": outcome_metrics(task, metrics.combine(list(last_eval.values()))) if last_eval else {},
             "per_site": {names[n]: outcome_metrics(task, rec) for n, rec in last_eval.items() if n in names},
             "summaries": {names[n]: rec for n, rec in last_eval.items() if n in names},
         },
@@ -79,7 +74,7 @@ def boosting_record(task: TaskSpec, sites: SiteCheck, boosted: BoostingOutcome, 
         "heads": sorted(boosted.models),
         "failures": {names.get(n, str(n)): reason for n, reason in boosted.failures.items()},
         "final": {
-            "overall": outcome_metrics(task, summed(list(evaluations.values()))) if evaluations else {},
+            "overall": outcome_metrics(task, metrics.combine(list(evaluations.values()))) if evaluations else {},
             "per_site": {site: outcome_metrics(task, rec) for site, rec in evaluations.items()},
             "summaries": evaluations,
         },

@@ -12,9 +12,11 @@ site's privacy budget.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
+import numpy as np
 import pandas as pd
 
 from client.boosting import BoostingConfig, predict_heads, train_pooled_heads
@@ -24,7 +26,6 @@ from client.training import (
     TrainConfig,
     build_model,
     encode,
-    evaluate,
     sample_rate,
     split_site,
     steps_per_epoch,
@@ -118,12 +119,25 @@ def pooled_model(sites: dict[str, SiteData], privacy: Privacy | None,
     return fit_model(encoder, train_rows, privacy, s), encoder
 
 
+Fit = Callable[[str, FeatureEncoder, pd.DataFrame], Callable[[np.ndarray], dict[str, np.ndarray]]]
+
+
+def local_summaries(sites: dict[str, SiteData], s: BaselineSettings, fit: Fit) -> dict[str, dict[str, dict]]:
+    """Summaries per site of each site's own model on its own test split: ``fit(site, encoder, train_rows)``
+    returns a predictor; the encoder is fit on the site's training rows alone."""
+    result = {}
+    for name, parts in site_splits(sites, s).items():
+        encoder = fit_local(parts["train"], s.task)
+        test = encode(encoder, parts["test"])
+        result[name] = summarise_predictions(encoder, test, fit(name, encoder, parts["train"])(test.x))
+    return result
+
+
 def local_only(sites: dict[str, SiteData], privacy: dict[str, Privacy | None],
                s: BaselineSettings) -> dict[str, dict[str, dict]]:
-    """Summaries per site and outcome of each site's own model on its own test split."""
-    splits = site_splits(sites, s)
-    return {name: evaluate(model, encoder, encode(encoder, splits[name]["test"]))
-            for name, (model, encoder) in local_models(sites, privacy, s).items()}
+    """Summaries per site and outcome of each site's own ANN on its own test split."""
+    return local_summaries(sites, s, lambda name, encoder, rows: partial(
+        predict, fit_model(encoder, rows, privacy[name], s)))
 
 
 def pooled(sites: dict[str, SiteData], privacy: Privacy | None, s: BaselineSettings) -> dict[str, dict[str, dict]]:
@@ -135,14 +149,12 @@ def pooled(sites: dict[str, SiteData], privacy: Privacy | None, s: BaselineSetti
 def local_boosting(sites: dict[str, SiteData], s: BaselineSettings, config: BoostingConfig,
                    rounds: int) -> dict[str, dict[str, dict]]:
     """Summaries per site of each site's own boosters (same heads and parameters as federated)."""
-    result = {}
-    for name, parts in site_splits(sites, s).items():
-        encoder = fit_local(parts["train"], s.task)
-        train_data = encode(encoder, parts["train"])
-        models = train_pooled_heads(encoder, train_data.x, train_data.targets, config, rounds)
-        test = encode(encoder, parts["test"])
-        result[name] = summarise_predictions(encoder, test, predict_heads(models, encoder, test.x))
-    return result
+
+    def fit(name: str, encoder: FeatureEncoder, rows: pd.DataFrame):
+        data = encode(encoder, rows)
+        return partial(predict_heads, train_pooled_heads(encoder, data.x, data.targets, config, rounds), encoder)
+
+    return local_summaries(sites, s, fit)
 
 
 def pooled_boosters(sites: dict[str, SiteData], s: BaselineSettings, config: BoostingConfig,

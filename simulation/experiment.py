@@ -135,10 +135,15 @@ class Family:
     importance: dict
 
 
-def ann_family(task: TaskSpec, federation: dict, sites: dict, settings: BaselineSettings) -> Family:
+def pooled_budget(privacy: dict[str, Privacy | None]) -> Privacy | None:
+    """The DP budget of the pooled baseline: the tightest site's, or None if no site uses DP."""
+    return min((p for p in privacy.values() if p is not None), key=lambda p: p.epsilon, default=None)
+
+
+def ann_family(task: TaskSpec, federation: dict, sites: dict, settings: BaselineSettings,
+               privacy: dict[str, Privacy | None]) -> Family:
     """The federated ANN and its baselines (local-only; pooled with the sites' DP and without)."""
-    privacy = {name: site_privacy(site) for name, site in sites.items()}
-    pooled_privacy = min((p for p in privacy.values() if p is not None), key=lambda p: p.epsilon, default=None)
+    pooled_privacy = pooled_budget(privacy)
     model, encoder = pooled_model(sites, pooled_privacy, settings)
     summaries = {"federated": _federated_summaries(task, federation["final"]),
                  "local": local_only(sites, privacy, settings),
@@ -201,10 +206,11 @@ def run_experiment(cfg: ExperimentConfig, on_round: Callable[[int], None] | None
     settings = BaselineSettings(task=task, epochs=cfg.rounds * cfg.local_epochs, batch_size=cfg.batch_size,
                                 lr=cfg.lr, hidden=tuple(int(h) for h in cfg.hidden.split(",")), seed=cfg.seed,
                                 split_seed=cfg.seed)
+    privacy = {name: site_privacy(site) for name, site in sites.items()}
     start = time.perf_counter()
     families: dict[str, Family] = {}
     if "rounds" in federation:
-        families["ann"] = ann_family(task, federation, sites, settings)
+        families["ann"] = ann_family(task, federation, sites, settings, privacy)
     if federation.get("xgboost"):
         families["xgboost"] = boosting_family(task, federation, sites, settings, cfg)
     if cfg.compare:
@@ -214,8 +220,7 @@ def run_experiment(cfg: ExperimentConfig, on_round: Callable[[int], None] | None
     models = {name: family.models for name, family in families.items()}
     summaries = {name: family.summaries for name, family in families.items()}
     baseline_seconds = time.perf_counter() - start
-    privacy = {name: site_privacy(site) for name, site in sites.items()}
-    pooled_privacy = min((p for p in privacy.values() if p is not None), key=lambda p: p.epsilon, default=None)
+    pooled_privacy = pooled_budget(privacy)
 
     results = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()

@@ -27,9 +27,15 @@ from sklearn.svm import SVC, SVR
 
 from client.importance import importance_from_sums, permutation_sums
 from client.training import EncodedSplit, encode
-from shared.encoding import FeatureEncoder, fit_local
+from shared.encoding import FeatureEncoder
 from shared.validation import SiteData
-from simulation.baselines import BaselineSettings, evaluate_per_site, pooled_training_rows, site_splits
+from simulation.baselines import (
+    BaselineSettings,
+    evaluate_per_site,
+    local_summaries,
+    pooled_training_rows,
+    site_splits,
+)
 
 CLASSIC = ("random_forest", "svm", "gradient_boosting")
 SVM_MAX_ROWS = 3000
@@ -87,12 +93,8 @@ def fit_classic(name: str, encoder: FeatureEncoder, data: EncodedSplit,
 
 def local_classic(name: str, sites: dict[str, SiteData], s: BaselineSettings) -> dict[str, dict[str, dict]]:
     """Summaries per site of each site's own ``name`` model on its test split."""
-    result = {}
-    for site, parts in site_splits(sites, s).items():
-        encoder = fit_local(parts["train"], s.task)
-        predict = fit_classic(name, encoder, encode(encoder, parts["train"]), s.seed)
-        result[site] = evaluate_per_site(predict, encoder, {site: sites[site]}, s)[site]
-    return result
+    return local_summaries(sites, s, lambda _, encoder, rows: fit_classic(name, encoder, encode(encoder, rows),
+                                                                          s.seed))
 
 
 def pooled_classic(name: str, sites: dict[str, SiteData], s: BaselineSettings) -> dict[str, dict[str, dict]]:
