@@ -36,9 +36,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client import boosting
+from client.adjustment_handlers import register_adjustment
 from client.analytics import register_analytics
+from client.hist_handlers import register_hist
 from client.importance import permutation_sums
 from client.ledger import BudgetExhausted, PrivacyLedger, calibrate_noise
+from client.policy_handlers import register_policy
 from client.training import (
     DPConfig,
     EncodedSplit,
@@ -71,15 +74,17 @@ class SiteSource:
     path: Path
     task_path: Path | None = None
     name: str | None = None
+    trust_key: Path | None = None  # the coordinator's policy_signing.pub from this site's kit
 
 
 def site_source(context: Context, sites: list[SiteSource] | None = None) -> SiteSource:
     """This node's data: ``data-path`` (and ``task-path``) in the node config, else the simulation's list."""
     config = context.node_config
     if "data-path" in config:
-        task = config.get("task-path")
+        task, trust = config.get("task-path"), config.get("trust-key")
         return SiteSource(Path(str(config["data-path"])), Path(str(task)) if task else None,
-                          str(config["site-name"]) if config.get("site-name") else None)
+                          str(config["site-name"]) if config.get("site-name") else None,
+                          Path(str(trust)) if trust else None)
     if sites is not None and "partition-id" in config:
         return sites[int(config["partition-id"])]
     raise ValueError("this SuperNode has no data: start it with --node-config 'data-path=/path/to/site'")
@@ -287,6 +292,9 @@ def make_client_app(sites: list[SiteSource] | None = None) -> ClientApp:
         return Message(RecordDict({"metrics": MetricRecord(sums)}), reply_to=msg)
 
     register_analytics(client, lambda context: site_source(context, sites), load, ledger_for)
+    register_hist(client, lambda context: site_source(context, sites), load, ledger_for)
+    register_policy(client, lambda context: site_source(context, sites), load)
+    register_adjustment(client, lambda context: site_source(context, sites), load)
     return client
 
 

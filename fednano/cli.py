@@ -79,7 +79,7 @@ def simulate(
     task: Path | None = typer.Option(None, "--task", help="task.toml for --sites holding a generic task."),
     local_epochs: int = typer.Option(1, "--local-epochs", min=1, help="Local epochs per round."),
     models: str = typer.Option("ann,xgboost", "--models", help="Models to train: ann, xgboost, or both."),
-    boosting: str = typer.Option("bagging", "--boosting", help="Federated XGBoost: bagging | cyclic."),
+    boosting: str = typer.Option("bagging", "--boosting", help="Federated XGBoost: bagging | cyclic | hist."),
     xgb_rounds: int = typer.Option(20, "--xgb-rounds", min=1, help="Federated boosting rounds per head."),
     compare: bool = typer.Option(True, "--compare/--no-compare",
                                  help="Also random forest, SVM, gradient boosting (local-only, pooled)."),
@@ -94,8 +94,8 @@ def simulate(
 
     if strategy not in STRATEGIES:
         raise typer.BadParameter(f"expected one of {', '.join(STRATEGIES)}", param_hint="--strategy")
-    if boosting not in ("bagging", "cyclic"):
-        raise typer.BadParameter("expected bagging or cyclic", param_hint="--boosting")
+    if boosting not in ("bagging", "cyclic", "hist"):
+        raise typer.BadParameter("expected bagging, cyclic or hist", param_hint="--boosting")
     unknown = set(models.split(",")) - {"ann", "xgboost"}
     if unknown:
         raise typer.BadParameter(f"unknown model(s) {', '.join(sorted(unknown))}: expected ann, xgboost",
@@ -157,14 +157,19 @@ def paper_liposome(
     rounds: int = typer.Option(20, "--rounds", min=1, help="Federated ANN rounds per fold."),
     xgb_rounds: int = typer.Option(10, "--xgb-rounds", min=1, help="Federated bagging rounds per fold."),
     seed: int = typer.Option(0, "--seed", help="Seed of the site splits and models."),
+    boosting: str = typer.Option("bagging,cyclic,hist", "--boosting",
+                                 help="Federated XGBoost modes to run, comma-separated: bagging, cyclic, hist."),
 ) -> None:
     """Yanes et al. 2025 (liposome release classes): the paper's protocol pooled, then federated on its folds."""
     from simulation.experiment import flower_environment, quiet_flower
     from simulation.paper_liposome import run_paper_liposome
 
+    modes = tuple(m.strip() for m in boosting.split(",") if m.strip())
+    if not modes or set(modes) - {"bagging", "cyclic", "hist"}:
+        raise typer.BadParameter("expected a comma-separated list of bagging, cyclic, hist", param_hint="--boosting")
     flower_environment(Path.cwd())
     quiet_flower()
-    run_paper_liposome(out, rounds=rounds, xgb_rounds=xgb_rounds, seed=seed)
+    run_paper_liposome(out, rounds=rounds, xgb_rounds=xgb_rounds, seed=seed, boosting_modes=modes)
 
 
 @app.command()
@@ -193,6 +198,97 @@ def provision(
     if result.skipped:
         typer.echo(f"already provisioned, left as they are: {', '.join(result.skipped)}")
     typer.echo("\n".join(result.next_commands()))
+
+
+@app.command()
+def status(
+    federation: str | None = typer.Argument(None, help="Federation in FLWR_HOME's config.toml: list its runs."),
+    record: list[Path] | None = typer.Option(
+        None, "--record", help="A run's out-dir or its federation.json (repeat it): rounds, sites, ε spent."),
+    run_id: int | None = typer.Option(None, "--run-id", help="Only this run of the federation."),
+    width: int | None = typer.Option(None, "--width", min=40, help="Table width (default: the terminal's)."),
+) -> None:
+    """Show a federation's runs (Flower's `flwr ls`) and, from run records, rounds, per-site participation, ε."""
+    from rich.console import Console
+
+    from server import status as view
+
+    if federation is None and not record:
+        raise typer.BadParameter("name a federation, or give --record with a run's out-dir", param_hint="FEDERATION")
+    console = Console(width=width)
+    failed = False
+    if federation is not None:
+        try:
+            console.print(view.runs_table(view.flower_runs(federation, run_id), federation))
+        except view.StatusError as err:
+            console.print(f"[red]error[/red]: {err}")
+            failed = True
+    for path in record or []:
+        try:
+            run = view.read_record(path)
+        except view.StatusError as err:
+            console.print(f"[red]error[/red]: {err}")
+            failed = True
+            continue
+        label = f"{path} (run {view.record_run_id(run) or 'id not recorded'})"
+        console.print(view.rounds_table(run, f"rounds of {label}"), view.sites_table(run, f"sites of {label}"))
+        for line in view.rejected_lines(run):
+            console.print(f"[red]{line}[/red]")
+    raise typer.Exit(1 if failed else 0)
+
+
+@app.command()
+def recommend(
+    policy: Path = typer.Option(..., "--policy", help="The signed policy bundle folder."),
+    trust: Path = typer.Option(..., "--trust", help="The coordinator's public key from this site's kit."),
+    patient: Path = typer.Option(..., "--patient", help="Patient record JSON (see examples/patient.json)."),
+    vitals: Path | None = typer.Option(
+        None, "--vitals", help="The last cycle's daily wearable readings (CSV, columns of vitals.csv); their "
+                               "summary replaces the record's wearable_summary."),
+    fhir: bool = typer.Option(False, "--fhir", help="Print a FHIR R4 MedicationRequest instead."),
+) -> None:
+    """Recommend formulation, dose and interval for one patient from the verified policy; print JSON."""
+    import json
+
+    from client.recommender import RecommenderInputError, load_policy, read_patient, with_vitals
+    from client.recommender import recommend as recommend_one
+
+    try:
+        loaded = load_policy(policy, trust)
+        record = read_patient(patient)
+        if vitals is not None:
+            record, warnings = with_vitals(record, vitals)
+            for line in warnings:
+                typer.echo(f"warning: {line}", err=True)
+        result = recommend_one(loaded, record, fhir=fhir, source=str(patient))
+    except RecommenderInputError as err:
+        typer.echo("\n".join(f"error: {line}" for line in err.lines), err=True)
+        raise typer.Exit(1) from err
+    if result.get("resourceType") == "OperationOutcome":
+        typer.echo(f"no MedicationRequest: {result['issue'][0]['diagnostics']}", err=True)
+    typer.echo(json.dumps(result, indent=2, ensure_ascii=False))
+
+
+@app.command()
+def serve(
+    policy: Path = typer.Option(..., "--policy", help="The signed policy bundle folder."),
+    trust: Path = typer.Option(..., "--trust", help="The coordinator's public key from this site's kit."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: this machine only)."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port."),
+) -> None:
+    """Serve the recommender over HTTP (OpenAPI at /docs); refuses to start if the bundle does not verify."""
+    from client.recommender import RecommenderInputError, load_policy
+    from client.service import serve as serve_app
+
+    try:
+        loaded = load_policy(policy, trust)
+    except RecommenderInputError as err:
+        typer.echo("\n".join(f"error: {line}" for line in err.lines), err=True)
+        typer.echo("error: not starting the recommender service", err=True)
+        raise typer.Exit(1) from err
+    version = loaded.manifest.version if loaded.manifest is not None else "?"
+    typer.echo(f"policy version {version} verified; serving on http://{host}:{port} (OpenAPI: /docs)")
+    serve_app(loaded, host=host, port=port)
 
 
 def _site_paths(ctx: typer.Context, sites: list[Path] | None) -> list[Path]:
@@ -228,7 +324,30 @@ def _print_summary(console, results: dict, out: Path) -> None:
         console.print(f"{site}: ε spent {p['epsilon']:.2f} of {p['budget']:g} (δ={p['delta']:g})")
     for site, errors in results["rejected"].items():
         console.print(f"[red]{site} left out[/red]: {'; '.join(errors)}")
+    _print_policy(console, results.get("policy"))
     console.print(f"wrote {out / 'results.json'}, {out / 'report.md'} and plots")
+
+
+def _print_policy(console, policy: dict | None) -> None:
+    from rich.table import Table
+
+    from simulation.report import policy_rows
+
+    if not policy:
+        return
+    held = sum(s["installed"] for s in policy["sites"].values())
+    console.print(f"policy v{policy['version']}: {policy['bundle']} (trust key {policy['trust_key']}); "
+                  f"installed at {held} of {len(policy['sites'])} sites")
+    if not policy.get("evaluation"):
+        return
+    table = Table(title=f"dosing policies on {policy['evaluation']['patients_per_site']} new patients per site "
+                        "(true outcomes from the simulator)")
+    for column in ("policy", "value", "value/oracle", "response", "toxicity ≥ 3"):
+        table.add_column(column, justify="right" if column != "policy" else "left")
+    for name, m in policy_rows(policy["evaluation"]):
+        table.add_row(name, f"{m['value']:.3f}", f"{m['value_ratio']:.3f}", _rate(m["response_rate"]),
+                      _rate(m["toxicity_rate"]))
+    console.print(table)
 
 
 def _rate(value) -> str:

@@ -28,8 +28,10 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from client.training import build_model
+from server.adjustment_phase import AdjustmentFailed, fit_adjuster
 from server.boosting_phase import run_boosting
 from server.importance_phase import federated_importance
+from server.policy_phase import build_policy, collect_catalogue, distribute
 from server.run_record import boosting_record, federation_record
 from shared.ann import to_arrays
 from shared.config import settings_from_run_config
@@ -65,6 +67,9 @@ class RunSettings:
     xgb_rounds: int = 20
     xgb_eta: float = 0.1
     xgb_max_depth: int = 4
+    signing_key: str = ""  # the coordinator's policy_signing.key: build, sign and distribute the dosing policy
+    policy_dir: str = ""  # where signed bundles go (v<N> folders); default OUT/policy
+    fqi_iterations: int = 0  # > 0: learn the fitted-Q dose adjuster federated (2 + iterations message rounds)
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> RunSettings:
@@ -159,7 +164,8 @@ def usable_sites(grid: Grid, min_nodes: int) -> tuple[SiteCheck, list[int]]:
     return sites, nodes
 
 
-def run_federation(grid: Grid, settings: RunSettings, on_round: Callable[[int], None] | None = None) -> dict:
+def run_federation(grid: Grid, settings: RunSettings, on_round: Callable[[int], None] | None = None,
+                   run_id: str = "") -> dict:
     """All phases; returns the run record (also written to ``settings.out_dir``)."""
     task = settings.task()
     sites, nodes = usable_sites(grid, settings.min_nodes)
@@ -185,8 +191,32 @@ def run_federation(grid: Grid, settings: RunSettings, on_round: Callable[[int], 
         importance_config["family"] = "xgboost"
         record["importance"]["xgboost"] = federated_importance(grid, nodes, encoder, importance_config,
                                                                ConfigRecord(dict(boosted.models)))
+    record["policy"] = policy_phase(grid, nodes, sites, encoder, record, settings, run_id) if settings.signing_key \
+        else None
     (out / "federation.json").write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
     return record
+
+
+def policy_phase(grid: Grid, nodes: list[int], sites: SiteCheck, encoder: FeatureEncoder, record: dict,
+                 settings: RunSettings, run_id: str) -> dict:
+    """Phase 5: build and sign the dosing policy from this run's models, send it to every site."""
+    formulations = collect_catalogue(grid, nodes)
+    adjuster, adjustment = None, {"fitted": False, "reason": "fqi-iterations = 0"}
+    if settings.fqi_iterations > 0:
+        try:
+            adjuster = fit_adjuster(grid, nodes, {"split-seed": settings.split_seed,
+                                                  "fqi-iterations": settings.fqi_iterations})
+            adjustment = {"fitted": True, "iterations": settings.fqi_iterations}
+        except AdjustmentFailed as err:
+            log(INFO, "dose adjuster not fitted: %s", err)
+            adjustment = {"fitted": False, "reason": str(err)}
+    bundle = build_policy(Path(settings.out_dir), record, encoder, formulations, settings.hidden_sizes,
+                          Path(settings.signing_key), run_id or "local",
+                          Path(settings.policy_dir or Path(settings.out_dir) / "policy"), adjuster)
+    installed = distribute(grid, nodes, sites.usable, bundle)
+    version = int(bundle.name.removeprefix("v"))
+    return {"bundle": str(bundle), "version": version, "formulations": sorted(formulations), "sites": installed,
+            "adjustment": adjustment}
 
 
 def train_ann(grid: Grid, nodes: list[int], sites: SiteCheck, task: TaskSpec, encoder: FeatureEncoder,
@@ -215,7 +245,7 @@ def make_server_app(overrides: dict | None = None, on_round: Callable[[int], Non
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         settings = RunSettings.from_run_config({**dict(context.run_config), **(overrides or {})})
-        run_federation(grid, settings, on_round)
+        run_federation(grid, settings, on_round, run_id=str(context.run_id))
 
     return server
 

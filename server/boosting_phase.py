@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from server.app import RunSettings
 
 XGB_EVALUATE = "query.xgb_evaluate"
-MODES = ("bagging", "cyclic")
+MODES = ("bagging", "cyclic", "hist")  # hist: server.hist_phase (summed gradient histograms)
 
 
 @dataclass
@@ -63,6 +63,10 @@ def boosting_config(encoder: FeatureEncoder, settings: RunSettings) -> ConfigRec
 
 def run_boosting(grid: Grid, nodes: list[int], encoder: FeatureEncoder, settings: RunSettings) -> BoostingOutcome:
     """Train every head federatedly, then evaluate all heads at every site."""
+    if settings.boosting == "hist":
+        from server.hist_phase import run_hist_boosting  # imported here: hist_phase builds on this module
+
+        return run_hist_boosting(grid, nodes, encoder, settings)
     outcome = BoostingOutcome()
     start = time.perf_counter()
     for head in heads(encoder):
@@ -75,6 +79,14 @@ def run_boosting(grid: Grid, nodes: list[int], encoder: FeatureEncoder, settings
         for failures in strategy.rounds.failures.values():
             outcome.failures.update(failures)
         outcome.models[head.key] = result.arrays["0"].numpy().tobytes() if result.arrays is not None else b""
+    evaluate_boosters(grid, nodes, encoder, settings, outcome)
+    outcome.seconds = time.perf_counter() - start
+    return outcome
+
+
+def evaluate_boosters(grid: Grid, nodes: list[int], encoder: FeatureEncoder, settings: RunSettings,
+                      outcome: BoostingOutcome) -> None:
+    """Every site's evaluation summaries of the finished boosters (``query.xgb_evaluate``), into ``outcome``."""
     config = boosting_config(encoder, settings)
     boosters = ConfigRecord({key: model for key, model in outcome.models.items()})
     messages = [Message(RecordDict({"config": config, "boosters": boosters}), dst_node_id=n,
@@ -85,5 +97,3 @@ def run_boosting(grid: Grid, nodes: list[int], encoder: FeatureEncoder, settings
             outcome.failures[node] = reply.error.reason
         else:
             outcome.evaluations[node] = dict(reply.content["metrics"])
-    outcome.seconds = time.perf_counter() - start
-    return outcome

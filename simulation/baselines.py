@@ -122,22 +122,27 @@ def pooled_model(sites: dict[str, SiteData], privacy: Privacy | None,
 Fit = Callable[[str, FeatureEncoder, pd.DataFrame], Callable[[np.ndarray], dict[str, np.ndarray]]]
 
 
-def local_summaries(sites: dict[str, SiteData], s: BaselineSettings, fit: Fit) -> dict[str, dict[str, dict]]:
+def local_summaries(sites: dict[str, SiteData], s: BaselineSettings, fit: Fit,
+                    keep: dict | None = None) -> dict[str, dict[str, dict]]:
     """Summaries per site of each site's own model on its own test split: ``fit(site, encoder, train_rows)``
-    returns a predictor; the encoder is fit on the site's training rows alone."""
+    returns a predictor; the encoder is fit on the site's training rows alone. ``keep``, if given, receives
+    each site's ``(encoder, predictor)`` (the local-only dosing policies reuse them)."""
     result = {}
     for name, parts in site_splits(sites, s).items():
         encoder = fit_local(parts["train"], s.task)
         test = encode(encoder, parts["test"])
-        result[name] = summarise_predictions(encoder, test, fit(name, encoder, parts["train"])(test.x))
+        predictor = fit(name, encoder, parts["train"])
+        result[name] = summarise_predictions(encoder, test, predictor(test.x))
+        if keep is not None:
+            keep[name] = (encoder, predictor)
     return result
 
 
 def local_only(sites: dict[str, SiteData], privacy: dict[str, Privacy | None],
-               s: BaselineSettings) -> dict[str, dict[str, dict]]:
+               s: BaselineSettings, keep: dict | None = None) -> dict[str, dict[str, dict]]:
     """Summaries per site and outcome of each site's own ANN on its own test split."""
     return local_summaries(sites, s, lambda name, encoder, rows: partial(
-        predict, fit_model(encoder, rows, privacy[name], s)))
+        predict, fit_model(encoder, rows, privacy[name], s)), keep)
 
 
 def pooled(sites: dict[str, SiteData], privacy: Privacy | None, s: BaselineSettings) -> dict[str, dict[str, dict]]:
@@ -147,14 +152,14 @@ def pooled(sites: dict[str, SiteData], privacy: Privacy | None, s: BaselineSetti
 
 
 def local_boosting(sites: dict[str, SiteData], s: BaselineSettings, config: BoostingConfig,
-                   rounds: int) -> dict[str, dict[str, dict]]:
+                   rounds: int, keep: dict | None = None) -> dict[str, dict[str, dict]]:
     """Summaries per site of each site's own boosters (same heads and parameters as federated)."""
 
     def fit(name: str, encoder: FeatureEncoder, rows: pd.DataFrame):
         data = encode(encoder, rows)
         return partial(predict_heads, train_pooled_heads(encoder, data.x, data.targets, config, rounds), encoder)
 
-    return local_summaries(sites, s, fit)
+    return local_summaries(sites, s, fit, keep)
 
 
 def pooled_boosters(sites: dict[str, SiteData], s: BaselineSettings, config: BoostingConfig,

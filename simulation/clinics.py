@@ -26,7 +26,7 @@ import pandas as pd
 from shared.schema import EPISODE_COLUMNS, EPISODES_FILE, SCHEMA_VERSION, SITE_FILE, TUMOUR_TYPES, VITALS_FILE
 from simulation.effect import OMEGA_EFFICACY_CYCLE, nadir_ratio, shrinkage
 from simulation.formulations import Formulations, formulation_library
-from simulation.oracle import PatientState, cycle_outcomes, growth_rate_per_day, pharmacology
+from simulation.oracle import CycleOutcomes, PatientState, cycle_outcomes, growth_rate_per_day, pharmacology
 from simulation.patients import Patients, Population, sample_patients
 from simulation.wearables import DeviceHabits, simulate_vitals
 
@@ -140,6 +140,13 @@ def logging_policy_formulation(rng: np.random.Generator, clinic: ClinicProfile, 
     return np.minimum((p.cumsum(axis=1) < u).sum(axis=1), p.shape[1] - 1)
 
 
+def label_hepatic_factor(bilirubin_umol_l: np.ndarray) -> np.ndarray:
+    """The label's dose factor for a measured bilirubin (1 when normal or not measured)."""
+    bili = np.nan_to_num(np.asarray(bilirubin_umol_l, dtype=float), nan=0.0)
+    return np.where(bili > HEPATIC_BANDS_UMOL_L[1], HEPATIC_FACTORS[1],
+                    np.where(bili > HEPATIC_BANDS_UMOL_L[0], HEPATIC_FACTORS[0], 1.0))
+
+
 def logging_policy_dose(rng: np.random.Generator, clinic: ClinicProfile, state: PatientState,
                         bilirubin_seen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """First-cycle dose (mg/m²) and interval (days) by the clinic's habits: label dose by tumour type ×
@@ -148,9 +155,7 @@ def logging_policy_dose(rng: np.random.Generator, clinic: ClinicProfile, state: 
     dose = np.array([LABEL_DOSE_MG_M2[t] for t in tumours]) * clinic.dose_aggressiveness
     frail = (state.ecog >= 2) | (state.age_years >= 75)
     dose = dose * np.where(frail, clinic.frailty_dose_reduction, 1.0)
-    bili = np.nan_to_num(bilirubin_seen, nan=0.0)
-    hepatic = np.where(bili > HEPATIC_BANDS_UMOL_L[1], HEPATIC_FACTORS[1],
-                       np.where(bili > HEPATIC_BANDS_UMOL_L[0], HEPATIC_FACTORS[0], 1.0))
+    hepatic = label_hepatic_factor(bilirubin_seen)
     comply = rng.random(len(dose)) < clinic.hepatic_compliance
     dose = dose * np.where(comply, hepatic, 1.0) * np.exp(rng.normal(0, 0.08, len(dose)))
     dose = np.clip(5.0 * np.rint(dose / 5.0), 10.0, 80.0)
@@ -158,10 +163,155 @@ def logging_policy_dose(rng: np.random.Generator, clinic: ClinicProfile, state: 
     return dose, interval
 
 
-def _measured(rng: np.random.Generator, value: np.ndarray, missing: float) -> np.ndarray:
+def measure_lab(rng: np.random.Generator, value: np.ndarray, missing: float) -> np.ndarray:
     """A lab value as the clinic records it: multiplicative noise, missing at random."""
     seen = value * np.exp(rng.normal(0, LAB_CV, len(value)))
     return np.where(rng.random(len(value)) < missing, np.nan, seen)
+
+
+@dataclass
+class Cohort:
+    """The true state of a clinic's patients between cycles: what carries over from one cycle to the next.
+
+    ``simulate_clinic`` (the clinics' logged data) and ``simulation.policy_rollout`` (any policy's value) both
+    step patients through :func:`realise_cycle`, :meth:`carry_over` and :meth:`stops`, so a policy is scored
+    on the very dynamics its training data came from.
+    """
+
+    patients: Patients
+    burden: np.ndarray
+    cumulative: np.ndarray
+    anc_now: np.ndarray
+    age: np.ndarray
+    start_day: np.ndarray
+    active: np.ndarray
+
+    @classmethod
+    def start(cls, patients: Patients) -> Cohort:
+        n = len(patients)
+        return cls(patients=patients, burden=patients.tumour_burden_mm.copy(),
+                   cumulative=patients.prior_dose_mg_m2.copy(), anc_now=patients.anc_baseline_e9_l.copy(),
+                   age=patients.age_years.copy(), start_day=np.zeros(n, dtype=int), active=np.ones(n, dtype=bool))
+
+    def state(self, idx: np.ndarray) -> PatientState:
+        """The true state of patients ``idx`` at the start of their current cycle."""
+        p = self.patients
+        return PatientState(
+            age_years=self.age[idx], female=p.female[idx], bsa_m2=p.bsa_m2[idx],
+            bilirubin_umol_l=p.bilirubin_umol_l[idx], creatinine_clearance_ml_min=p.creatinine_clearance_ml_min[idx],
+            anc_baseline_e9_l=self.anc_now[idx], ecog=p.ecog[idx], tumour_type=p.tumour_type[idx],
+            tumour_burden_mm=self.burden[idx], cumulative_dose_mg_m2=self.cumulative[idx],
+        )
+
+    def carry_over(self, idx: np.ndarray, outcome: RealisedCycle, dose: np.ndarray, interval: np.ndarray) -> None:
+        """Carry patients ``idx`` to their next cycle: the tumour shrinks (or grows) by the realised ratio,
+        the cumulative dose grows by the dose given, neutrophils recover from the nadir with half-time
+        ``ANC_RECOVERY_HALF_TIME_D`` after day 12 (Friberg 2002 transit time), the patient ages."""
+        self.burden[idx] = np.clip(self.burden[idx] * outcome.ratio, 5.0, 500.0)
+        self.cumulative[idx] += dose
+        days_after_nadir = np.maximum(interval - 12.0, 0.0)
+        half_lives = days_after_nadir / ANC_RECOVERY_HALF_TIME_D
+        recovered = 1.0 - (1.0 - outcome.nadir / self.anc_now[idx]) * 0.5 ** half_lives
+        self.anc_now[idx] = np.maximum(self.patients.anc_baseline_e9_l[idx] * recovered, 0.3)
+        self.age[idx] += interval / 365.25
+        self.start_day[idx] += interval
+
+    def stops(self, rng: np.random.Generator, idx: np.ndarray, outcome: RealisedCycle) -> np.ndarray:
+        """Which of ``idx`` stop treatment after this cycle (progression by RECIST, heart failure, dropout);
+        they are marked inactive. Returns the stop flags."""
+        stop = (outcome.true_shrink <= -PROGRESSION_GROWTH) | outcome.chf | (rng.random(idx.size) < DROPOUT_PER_CYCLE)
+        self.active[idx[stop]] = False
+        return stop
+
+
+@dataclass
+class RealisedCycle:
+    """What one cycle did to patients: expected outcomes (the oracle's) and the realised draws."""
+
+    expected: CycleOutcomes
+    true_shrink: np.ndarray
+    ratio: np.ndarray  # burden after / before
+    efficacy_seen: np.ndarray  # measured shrinkage in %
+    nadir: np.ndarray  # true ANC nadir, 10^9/L
+    ppe: np.ndarray
+    toxicity: np.ndarray
+    chf: np.ndarray
+    lost: np.ndarray  # outcome not recorded
+
+
+def realise_cycle(rng: np.random.Generator, clinic: ClinicProfile, cohort: Cohort, idx: np.ndarray,
+                  state: PatientState, f: Formulations, dose: np.ndarray, interval: np.ndarray) -> RealisedCycle:
+    """Realised outcomes of giving ``dose`` of ``f`` to patients ``idx``: the oracle's equations
+    (:func:`simulation.oracle.cycle_outcomes`) with each patient's random effects (``eta_*``) and this
+    cycle's variability (``OMEGA_EFFICACY_CYCLE``), measured with the clinic's read-out noise."""
+    pk = pharmacology(state, f)
+    expected = cycle_outcomes(state, f, pk, dose, interval)
+    eta = cohort.patients.eta_efficacy[idx] + rng.normal(0, OMEGA_EFFICACY_CYCLE, idx.size)
+    true_shrink = shrinkage(expected.log_kill, growth_rate_per_day(state.tumour_type), interval, eta)
+    ratio = 1.0 - true_shrink
+    seen_ratio = ratio * np.exp(rng.normal(0, clinic.efficacy_noise_sd, idx.size))
+    nadir = cohort.anc_now[idx] * nadir_ratio(expected.marrow_x * np.exp(cohort.patients.eta_marrow[idx]))
+    neutropenia = nadir < 1.0
+    ppe = rng.random(idx.size) < expected.p_ppe
+    charge = rng.random(idx.size) < expected.p_charge_reaction
+    chf = rng.random(idx.size) < expected.p_chf
+    lost = rng.random(idx.size) < 0.02  # outcome not recorded (lost to follow-up)
+    return RealisedCycle(expected=expected, true_shrink=true_shrink, ratio=ratio,
+                         efficacy_seen=100.0 * (1.0 - seen_ratio), nadir=nadir, ppe=ppe,
+                         toxicity=neutropenia | ppe | charge, chf=chf, lost=lost)
+
+
+def observed_covariates(rng: np.random.Generator, clinic: ClinicProfile, cohort: Cohort, idx: np.ndarray,
+                        state: PatientState, bilirubin_seen: np.ndarray) -> dict[str, np.ndarray]:
+    """The patient columns of ``episodes.csv`` at the start of a cycle as the clinic records them (labs with
+    noise and missingness, burden with imaging noise); ``bilirubin_seen`` was measured before dosing."""
+    p = cohort.patients
+    return {
+        "age_years": np.round(cohort.age[idx], 1),
+        "sex": np.where(p.female[idx], "F", "M"),
+        "weight_kg": np.round(p.weight_kg[idx], 1),
+        "height_cm": np.round(p.height_cm[idx], 1),
+        "bsa_m2": np.round(state.bsa_m2, 3),
+        "bilirubin_umol_l": np.round(bilirubin_seen, 1),
+        "creatinine_clearance_ml_min": np.round(
+            measure_lab(rng, state.creatinine_clearance_ml_min, clinic.lab_missing), 1),
+        "anc_baseline_e9_l": np.round(measure_lab(rng, cohort.anc_now[idx], clinic.lab_missing), 2),
+        "ecog": p.ecog[idx],
+        "tumour_type": np.asarray(TUMOUR_TYPES)[state.tumour_type],
+        "tumour_burden_mm": np.round(np.clip(cohort.burden[idx] * np.exp(rng.normal(0, 0.05, idx.size)), 5, 500), 1),
+        "cumulative_dose_mg_m2": np.round(cohort.cumulative[idx], 1),
+    }
+
+
+def treatment_columns(f: Formulations, dose: np.ndarray, interval: np.ndarray,
+                      bsa: np.ndarray) -> dict[str, np.ndarray]:
+    """The formulation and dosing columns of ``episodes.csv``."""
+    return {
+        "formulation_id": f.formulation_id,
+        "particle_size_nm": np.round(f.particle_size_nm, 1),
+        "zeta_mv": np.round(f.zeta_mv, 1),
+        "encapsulation_pct": np.round(f.encapsulation_pct, 1),
+        "pegylated": f.pegylated.astype(int),
+        "drug_loading_pct": np.round(f.drug_loading_pct, 2),
+        "release_tau_h": np.round(f.release_tau_h, 2),
+        "release_beta": np.round(f.release_beta, 3),
+        "dose_mg_m2": dose,
+        "dose_mg": np.round(dose * np.round(bsa, 3), 1),
+        "interval_days": interval,
+    }
+
+
+def observed_outcomes(rng: np.random.Generator, outcome: RealisedCycle) -> dict[str, np.ndarray]:
+    """The outcome columns of ``episodes.csv``: measured efficacy and response (missing when lost), the
+    measured ANC nadir, grade ≥ 3 toxicity and heart failure."""
+    lost = outcome.lost
+    return {
+        "efficacy_pct": np.where(lost, np.nan, np.round(np.maximum(outcome.efficacy_seen, -300.0), 1)),
+        "response": pd.array(np.where(lost, np.nan, outcome.efficacy_seen >= 30.0), dtype="Int64"),
+        "anc_nadir_e9_l": np.round(measure_lab(rng, outcome.nadir, 0.0), 2),
+        "toxicity_grade3": outcome.toxicity.astype(int),
+        "chf": outcome.chf.astype(int),
+    }
 
 
 def simulate_clinic(world: World, clinic: ClinicProfile) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -169,113 +319,56 @@ def simulate_clinic(world: World, clinic: ClinicProfile) -> tuple[pd.DataFrame, 
     rng = np.random.default_rng(clinic.seed)
     catalogue = world.catalogue(clinic)
     patients = sample_patients(rng, clinic.n_patients, clinic.population)
-    bsa = patients.bsa_m2
     n = len(patients)
     pid = np.array([f"{clinic.name}-P{i:05d}" for i in range(n)])
-
-    burden = patients.tumour_burden_mm.copy()
-    cumulative = patients.prior_dose_mg_m2.copy()
-    anc_now = patients.anc_baseline_e9_l.copy()
-    age = patients.age_years.copy()
-    start_day = np.zeros(n, dtype=int)
-    active = np.ones(n, dtype=bool)
+    cohort = Cohort.start(patients)
     dose = np.zeros(n)
     interval = np.zeros(n, dtype=int)
     formulation = np.zeros(n, dtype=int)
     episodes, vitals_inputs = [], []
 
     for cycle in range(1, clinic.max_cycles + 1):
-        idx = np.flatnonzero(active)
+        idx = np.flatnonzero(cohort.active)
         if idx.size == 0:
             break
-        state = PatientState(
-            age_years=age[idx], female=patients.female[idx], bsa_m2=bsa[idx],
-            bilirubin_umol_l=patients.bilirubin_umol_l[idx],
-            creatinine_clearance_ml_min=patients.creatinine_clearance_ml_min[idx],
-            anc_baseline_e9_l=anc_now[idx], ecog=patients.ecog[idx], tumour_type=patients.tumour_type[idx],
-            tumour_burden_mm=burden[idx], cumulative_dose_mg_m2=cumulative[idx],
-        )
-        bilirubin_seen = _measured(rng, state.bilirubin_umol_l, clinic.lab_missing)
+        state = cohort.state(idx)
+        bilirubin_seen = measure_lab(rng, state.bilirubin_umol_l, clinic.lab_missing)
         if cycle == 1:
             grid = pharmacology(_column(state), _row(catalogue))
             formulation[idx] = logging_policy_formulation(rng, clinic, catalogue, grid.free_fraction, state)
             dose[idx], interval[idx] = logging_policy_dose(rng, clinic, state, bilirubin_seen)
         f = catalogue.take(formulation[idx])
-        pk = pharmacology(state, f)
-        expected = cycle_outcomes(state, f, pk, dose[idx], interval[idx])
-
-        # Realised outcomes: the same equations with this patient's random effects.
-        eta = patients.eta_efficacy[idx] + rng.normal(0, OMEGA_EFFICACY_CYCLE, idx.size)
-        true_shrink = shrinkage(expected.log_kill, growth_rate_per_day(state.tumour_type), interval[idx], eta)
-        ratio = 1.0 - true_shrink
-        seen_ratio = ratio * np.exp(rng.normal(0, clinic.efficacy_noise_sd, idx.size))
-        efficacy_seen = 100.0 * (1.0 - seen_ratio)
-        nadir = anc_now[idx] * nadir_ratio(expected.marrow_x * np.exp(patients.eta_marrow[idx]))
-        neutropenia = nadir < 1.0
-        ppe = rng.random(idx.size) < expected.p_ppe
-        charge = rng.random(idx.size) < expected.p_charge_reaction
-        toxicity = neutropenia | ppe | charge
-        chf = rng.random(idx.size) < expected.p_chf
-        lost = rng.random(idx.size) < 0.02  # outcome not recorded (lost to follow-up)
-
+        outcome = realise_cycle(rng, clinic, cohort, idx, state, f, dose[idx], interval[idx])
+        covariates = observed_covariates(rng, clinic, cohort, idx, state, bilirubin_seen)
         episodes.append(pd.DataFrame({
             "episode_id": [f"{clinic.name}-E{cycle:02d}{i:05d}" for i in idx],
             "patient_id": pid[idx],
             "cycle": cycle,
-            "start_day": start_day[idx],
-            "age_years": np.round(age[idx], 1),
-            "sex": np.where(patients.female[idx], "F", "M"),
-            "weight_kg": np.round(patients.weight_kg[idx], 1),
-            "height_cm": np.round(patients.height_cm[idx], 1),
-            "bsa_m2": np.round(bsa[idx], 3),
-            "bilirubin_umol_l": np.round(bilirubin_seen, 1),
-            "creatinine_clearance_ml_min": np.round(
-                _measured(rng, state.creatinine_clearance_ml_min, clinic.lab_missing), 1),
-            "anc_baseline_e9_l": np.round(_measured(rng, anc_now[idx], clinic.lab_missing), 2),
-            "ecog": patients.ecog[idx],
-            "tumour_type": np.asarray(TUMOUR_TYPES)[state.tumour_type],
-            "tumour_burden_mm": np.round(np.clip(burden[idx] * np.exp(rng.normal(0, 0.05, idx.size)), 5, 500), 1),
-            "cumulative_dose_mg_m2": np.round(cumulative[idx], 1),
-            "formulation_id": f.formulation_id,
-            "particle_size_nm": np.round(f.particle_size_nm, 1),
-            "zeta_mv": np.round(f.zeta_mv, 1),
-            "encapsulation_pct": np.round(f.encapsulation_pct, 1),
-            "pegylated": f.pegylated.astype(int),
-            "drug_loading_pct": np.round(f.drug_loading_pct, 2),
-            "release_tau_h": np.round(f.release_tau_h, 2),
-            "release_beta": np.round(f.release_beta, 3),
-            "dose_mg_m2": dose[idx],
-            "dose_mg": np.round(dose[idx] * np.round(bsa[idx], 3), 1),
-            "interval_days": interval[idx],
-            "efficacy_pct": np.where(lost, np.nan, np.round(np.maximum(efficacy_seen, -300.0), 1)),
-            "response": pd.array(np.where(lost, np.nan, efficacy_seen >= 30.0), dtype="Int64"),
-            "anc_nadir_e9_l": np.round(_measured(rng, nadir, 0.0), 2),
-            "toxicity_grade3": toxicity.astype(int),
-            "chf": chf.astype(int),
+            "start_day": cohort.start_day[idx],
+            **covariates,
+            **treatment_columns(f, dose[idx], interval[idx], state.bsa_m2),
+            **observed_outcomes(rng, outcome),
         }))
-        vitals_inputs.append((idx, nadir, ppe))
+        vitals_inputs.append((idx, outcome.nadir, outcome.ppe))
 
-        # Carry the state to the next cycle.
-        burden[idx] = np.clip(burden[idx] * ratio, 5.0, 500.0)
-        cumulative[idx] += dose[idx]
-        days_after_nadir = np.maximum(interval[idx] - 12.0, 0.0)
-        recovered = 1.0 - (1.0 - nadir / anc_now[idx]) * 0.5 ** (days_after_nadir / ANC_RECOVERY_HALF_TIME_D)
-        anc_now[idx] = np.maximum(patients.anc_baseline_e9_l[idx] * recovered, 0.3)
-        age[idx] += interval[idx] / 365.25
-        start_day[idx] += interval[idx]
+        # Carry the state to the next cycle; the clinic reduces (and may delay) after a toxicity.
+        cohort.carry_over(idx, outcome, dose[idx], interval[idx])
+        toxicity = outcome.toxicity
         dose[idx] = np.where(toxicity, np.maximum(5.0 * np.rint(dose[idx] * TOXICITY_DOSE_REDUCTION / 5.0), 10.0),
                              dose[idx])
         interval[idx] = np.where(toxicity & (rng.random(idx.size) < 0.5), interval[idx] + 7, interval[idx])
         interval[idx] = np.minimum(interval[idx], 42)
-        stop = (true_shrink <= -PROGRESSION_GROWTH) | chf | (rng.random(idx.size) < DROPOUT_PER_CYCLE)
-        active[idx[stop]] = False
+        cohort.stops(rng, idx, outcome)
 
     table = pd.concat(episodes, ignore_index=True)
-    vitals = _vitals(rng, clinic, patients, pid, table, vitals_inputs)
+    vitals = cycle_vitals(rng, clinic, patients, pid, table, vitals_inputs)
     return table[[c.name for c in EPISODE_COLUMNS]], vitals
 
 
-def _vitals(rng, clinic, patients: Patients, pid, table, vitals_inputs) -> pd.DataFrame:
+def cycle_vitals(rng: np.random.Generator, clinic: ClinicProfile, patients: Patients, pid: np.ndarray,
+                 table: pd.DataFrame, vitals_inputs: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> pd.DataFrame:
+    """Wearable readings (``simulation.wearables``) of the episodes in ``table``; ``vitals_inputs`` holds per
+    cycle the patient indices, true ANC nadirs and hand-foot-syndrome flags, in the table's row order."""
     idx = np.concatenate([v[0] for v in vitals_inputs])
     nadir = np.concatenate([v[1] for v in vitals_inputs])
     ppe = np.concatenate([v[2] for v in vitals_inputs])

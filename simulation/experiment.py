@@ -11,8 +11,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -36,7 +38,7 @@ from simulation.baselines import (
     pooled_boosters,
     pooled_model,
 )
-from simulation.clinics import SitePrivacy, generate_sites
+from simulation.clinics import SitePrivacy, World, generate_sites
 from simulation.seed_comparison import CLASSIC, local_classic, pooled_classic, pooled_importance
 
 
@@ -63,6 +65,7 @@ class ExperimentConfig:
     boosting: str = "bagging"
     xgb_rounds: int = 20
     compare: bool = True  # the seed paper's comparison: random forest, SVM, gradient boosting
+    fqi_iterations: int = 25  # fitted-Q iterations of the federated dose adjuster (0: none)
 
 
 def flower_environment(project_home: Path) -> None:
@@ -82,14 +85,38 @@ def quiet_flower() -> None:
     logging.getLogger("flwr").setLevel(logging.ERROR)
 
 
-def prepare_sites(cfg: ExperimentConfig) -> list[SiteSource]:
-    """The sites of the experiment: the user's, or freshly simulated clinics."""
+def prepare_sites(cfg: ExperimentConfig) -> tuple[list[SiteSource], World | None]:
+    """The sites of the experiment: the user's, or freshly simulated clinics (then also their world).
+
+    Simulated clinics are new every run: their folder, with any privacy ledger or installed policy of an
+    earlier run, is replaced."""
     if cfg.sites:
-        return [SiteSource(Path(p), cfg.task) for p in cfg.sites]
+        return [SiteSource(Path(p), cfg.task) for p in cfg.sites], None
     out = cfg.out / "sites"
+    shutil.rmtree(out, ignore_errors=True)
     world = generate_sites(cfg.clinics, cfg.seed, out, cfg.patients_per_clinic,
                            SitePrivacy(dp=cfg.dp, epsilon=cfg.epsilon, delta=cfg.delta))
-    return [SiteSource(out / c.name) for c in world.clinics]
+    return [SiteSource(out / c.name) for c in world.clinics], world
+
+
+def prepare_kit(cfg: ExperimentConfig, sources: list[SiteSource], fresh: bool) -> list[SiteSource]:
+    """A throwaway provisioning kit in ``OUT/kit`` (one site kit per source, named ``site-<i>``): the
+    coordinator's signing key signs the policy, each site trusts the public key of its own kit. ``fresh``
+    replaces an existing kit (simulated sites are new too); otherwise an existing kit is kept, so the policy
+    versions of repeated runs on the same sites keep increasing."""
+    from server.provision import provision
+
+    kit = cfg.out / "kit"
+    names = [f"site-{i}" for i in range(len(sources))]
+    if fresh:  # a new kit restarts the version counter: earlier bundles go with the old kit
+        shutil.rmtree(kit, ignore_errors=True)
+        shutil.rmtree(cfg.out / "policy", ignore_errors=True)
+    if not (kit / "coordinator" / "policy_signing.key").exists():
+        provision("simulate", names, kit)
+    elif not all((kit / "sites" / n).exists() for n in names):
+        provision("simulate", names, kit, add_sites=True)
+    return [dataclasses.replace(s, trust_key=kit / "sites" / n / "policy_signing.pub")
+            for s, n in zip(sources, names, strict=True)]
 
 
 def run_federation(cfg: ExperimentConfig, sources: list[SiteSource],
@@ -100,11 +127,14 @@ def run_federation(cfg: ExperimentConfig, sources: list[SiteSource],
     from client.app import make_client_app
     from server.app import make_server_app
 
+    signing_key = cfg.out / "kit" / "coordinator" / "policy_signing.key"  # from prepare_kit: build a policy
     overrides = {"num-server-rounds": cfg.rounds, "strategy": cfg.strategy, "local-epochs": cfg.local_epochs,
                  "batch-size": cfg.batch_size, "lr": cfg.lr, "hidden": cfg.hidden, "seed": cfg.seed,
                  "split-seed": cfg.seed, "min-nodes": len(sources), "out-dir": str(cfg.out / "federated"),
                  "task-path": str(cfg.task) if cfg.task else "", "models": cfg.models, "boosting": cfg.boosting,
-                 "xgb-rounds": cfg.xgb_rounds}
+                 "xgb-rounds": cfg.xgb_rounds,
+                 "signing-key": str(signing_key) if signing_key.exists() else "",
+                 "policy-dir": str(cfg.out / "policy"), "fqi-iterations": cfg.fqi_iterations}
     run_simulation(server_app=make_server_app(overrides, on_round=on_round),
                    client_app=make_client_app(sources), num_supernodes=len(sources),
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -133,6 +163,8 @@ class Family:
     models: dict
     summaries: dict
     importance: dict
+    pooled_predictor: tuple | None = None  # (encoder, predict)
+    local_predictors: dict = field(default_factory=dict)  # site -> (encoder, predict)
 
 
 def pooled_budget(privacy: dict[str, Privacy | None]) -> Privacy | None:
@@ -145,8 +177,9 @@ def ann_family(task: TaskSpec, federation: dict, sites: dict, settings: Baseline
     """The federated ANN and its baselines (local-only; pooled with the sites' DP and without)."""
     pooled_privacy = pooled_budget(privacy)
     model, encoder = pooled_model(sites, pooled_privacy, settings)
+    local_predictors: dict = {}
     summaries = {"federated": _federated_summaries(task, federation["final"]),
-                 "local": local_only(sites, privacy, settings),
+                 "local": local_only(sites, privacy, settings, keep=local_predictors),
                  "pooled": evaluate_per_site(partial(predict, model), encoder, sites, settings)}
     if pooled_privacy is not None:
         summaries["pooled_no_dp"] = pooled(sites, None, settings)
@@ -154,7 +187,7 @@ def ann_family(task: TaskSpec, federation: dict, sites: dict, settings: Baseline
     models |= {name: model_metrics(task, s) for name, s in summaries.items() if name != "federated"}
     importance = {"federated": federation["importance"].get("ann", {}),
                   "pooled": pooled_importance(partial(predict, model), encoder, sites, settings)}
-    return Family(models, summaries, importance)
+    return Family(models, summaries, importance, (encoder, partial(predict, model)), local_predictors)
 
 
 def boosting_family(task: TaskSpec, federation: dict, sites: dict, settings: BaselineSettings,
@@ -164,21 +197,57 @@ def boosting_family(task: TaskSpec, federation: dict, sites: dict, settings: Bas
     config = BoostingConfig(seed=cfg.seed)
     boosters, encoder = pooled_boosters(sites, settings, config, cfg.xgb_rounds)
     pooled_predict = partial(predict_heads, boosters, encoder)
+    local_predictors: dict = {}
     summaries = {"federated": _federated_summaries(task, final),
-                 "local": local_boosting(sites, settings, config, cfg.xgb_rounds),
+                 "local": local_boosting(sites, settings, config, cfg.xgb_rounds, keep=local_predictors),
                  "pooled": evaluate_per_site(pooled_predict, encoder, sites, settings)}
     models = {"federated": {"overall": final["overall"], "per_site": final["per_site"],
                             "mode": federation["xgboost"]["mode"]}}
     models |= {name: model_metrics(task, s) for name, s in summaries.items() if name != "federated"}
     importance = {"federated": federation["importance"].get("xgboost", {}),
                   "pooled": pooled_importance(pooled_predict, encoder, sites, settings)}
-    return Family(models, summaries, importance)
+    return Family(models, summaries, importance, (encoder, pooled_predict), local_predictors)
 
 
 def classic_family(name: str, task: TaskSpec, sites: dict, settings: BaselineSettings) -> Family:
     """A scikit-learn model of the seed paper's comparison, local-only and pooled."""
     summaries = {"local": local_classic(name, sites, settings), "pooled": pooled_classic(name, sites, settings)}
     return Family({mode: model_metrics(task, s) for mode, s in summaries.items()}, summaries, {})
+
+
+def policy_results(cfg: ExperimentConfig, policy: dict, sources: list[SiteSource], world: World | None,
+                   families: dict[str, Family], sites: dict) -> dict:
+    """Where the signed policy is, which key verifies it, which sites hold it, and — in the simulated world —
+    how it does against the oracle, standard of care, local-only and pooled policies."""
+    from shared.dosing_policy import DosingPolicy
+    from simulation.policy_evaluation import evaluate_policies, policy_decider
+
+    trust = sources[0].trust_key
+    result = {"bundle": policy["bundle"], "trust_key": str(trust), "version": policy["version"],
+              "formulations": policy["formulations"], "sites": policy["sites"],
+              "adjustment": policy.get("adjustment"), "evaluation": None}
+    if world is None:
+        return result  # the user's own sites: no ground truth to judge a policy by
+    federated = DosingPolicy.from_bundle(Path(policy["bundle"]), trust)
+    members = [name for name in ("ann", "xgboost") if name in families]
+
+    def like_federated(encoder, predictors: dict, formulations: dict) -> DosingPolicy:
+        return dataclasses.replace(federated, encoder=encoder, members=predictors, formulations=formulations,
+                                   manifest=None)
+
+    pooled = like_federated(families[members[0]].pooled_predictor[0],
+                            {m: families[m].pooled_predictor[1] for m in members}, federated.formulations)
+    local = {}
+    for name in sites:
+        own = set(sites[name].episodes["formulation_id"].astype(str))
+        local[name] = like_federated(families[members[0]].local_predictors[name][0],
+                                     {m: families[m].local_predictors[name][1] for m in members},
+                                     {f: v for f, v in federated.formulations.items() if f in own})
+    policies = {"federated": lambda site: policy_decider(federated),
+                "local": lambda site: policy_decider(local[site]),
+                "pooled": lambda site: policy_decider(pooled)}
+    result["evaluation"] = evaluate_policies(world, policies, federated, seed=cfg.seed + 1, sites=list(sites))
+    return result
 
 
 def run_experiment(cfg: ExperimentConfig, on_round: Callable[[int], None] | None = None,
@@ -188,7 +257,8 @@ def run_experiment(cfg: ExperimentConfig, on_round: Callable[[int], None] | None
     cfg.out.mkdir(parents=True, exist_ok=True)
     task = TaskSpec.from_toml(cfg.task) if cfg.task else NANOPARTICLE_TASK
     say("sites")
-    sources = prepare_sites(cfg)
+    sources, world = prepare_sites(cfg)
+    sources = prepare_kit(cfg, sources, fresh=world is not None)
     say("federation")
     start = time.perf_counter()
     federation = run_federation(cfg, sources, on_round)
@@ -237,7 +307,11 @@ def run_experiment(cfg: ExperimentConfig, on_round: Callable[[int], None] | None
                    "xgboost_s": federation["xgboost"]["seconds"] if federation.get("xgboost") else None},
         "pooled_dp_budget": asdict(pooled_privacy) if pooled_privacy else None,
         "importance": {name: family.importance for name, family in families.items() if family.importance},
+        "policy": None,
     }
+    if federation.get("policy"):
+        say("policy")
+        results["policy"] = policy_results(cfg, federation["policy"], sources, world, families, sites)
     (cfg.out / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
     say("report")
     from simulation.report import write_report

@@ -67,10 +67,12 @@ CLASSIFIERS = ("DecisionTreeClassifier", "SVC", "GaussianNB", "KNeighborsClassif
 ANN_FEDERATED = "ANN (federated)"
 XGB_BAGGING = "XGBoost (federated, bagging)"
 XGB_CYCLIC = "XGBoost (federated, cyclic)"
+XGB_HIST = "XGBoost (federated, hist)"
 ANN_POOLED = "ANN (pooled)"
 XGB_POOLED = "XGBoost (pooled, one-vs-rest)"
 SPLITS = ("iid", "noniid")
-BOOSTING_MODES = ("bagging", "cyclic")
+BOOSTING_MODES = ("bagging", "cyclic", "hist")
+XGB_MODELS = {"bagging": XGB_BAGGING, "cyclic": XGB_CYCLIC, "hist": XGB_HIST}
 METRICS = ("balanced_accuracy", "f1", "f1_weighted", "mcc")
 
 
@@ -82,7 +84,8 @@ class FederatedSettings:
     barely moves the ANN; 5 local epochs in batches of 8 at lr 0.01 for 20 rounds gives it ~300 steps.
     Boosting (eta 0.1, depth 4, one booster per class): bagging adds one tree per site and round
     (3 × ``xgb_rounds`` trees per class); cyclic adds one tree per round, so it gets ``3 × xgb_rounds``
-    rounds (``cyclic_rounds``) for the same number of trees; the pooled one-vs-rest XGBoost gets as many.
+    rounds (``cyclic_rounds``) for the same number of trees, as does histogram boosting (one tree per round);
+    the pooled one-vs-rest XGBoost gets as many.
     """
 
     rounds: int = 20
@@ -413,7 +416,7 @@ def federate(folder: Path, parts: list[pd.DataFrame], test: pd.DataFrame, settin
         proba = predict_ann(out_dir, test, hidden=settings.hidden_sizes)[TARGET]
         scores[ANN_FEDERATED] = fold_scores(y_test, _predicted_labels(classes, proba))
     proba = predict_xgboost(out_dir, test)[TARGET]
-    scores[XGB_BAGGING if boosting_mode == "bagging" else XGB_CYCLIC] = fold_scores(
+    scores[XGB_MODELS[boosting_mode]] = fold_scores(
         y_test, _predicted_labels(classes, proba))
     return scores
 
@@ -451,7 +454,7 @@ def federated_rows(settings: FederatedSettings, fold_ids: Iterable[int] = range(
                     say(f"[{done}/{total}] fold {k + 1}, {split}, {mode}: "
                         + ", ".join(f"{m} BA {s['balanced_accuracy']:.3f}" for m, s in scores.items())
                         + f" ({time.perf_counter() - start:.0f} s)")
-    order = [ANN_FEDERATED, XGB_BAGGING, XGB_CYCLIC]
+    order = [ANN_FEDERATED, XGB_BAGGING, XGB_CYCLIC, XGB_HIST]
     rows = [make_row(model, f"federated-{split}", per_fold[(model, split)], sites=N_SITES,
                      scaling="federated statistics of the training fold (no row leaves a site)")
             for split in splits for model in order if (model, split) in per_fold]
@@ -491,7 +494,8 @@ def comparison_sentences(rows: list[dict]) -> list[str]:
         out.append(f"Pooled XGBoost (the paper's XGBClassifier re-run on its folds) reaches balanced accuracy "
                    f"{_pm(pooled, 'balanced_accuracy')} against the paper's {_pm(paper, 'balanced_accuracy')} "
                    f"(difference {diff:+.3f}).")
-    pairs = [(ANN_FEDERATED, ANN_POOLED), (XGB_BAGGING, XGB_POOLED), (XGB_CYCLIC, XGB_POOLED)]
+    pairs = [(ANN_FEDERATED, ANN_POOLED), (XGB_BAGGING, XGB_POOLED), (XGB_CYCLIC, XGB_POOLED),
+             (XGB_HIST, XGB_POOLED)]
     for split in SPLITS:
         parts = []
         for fed_name, pooled_name in pairs:
@@ -501,7 +505,7 @@ def comparison_sentences(rows: list[dict]) -> list[str]:
                 parts.append(f"{fed_name} {fed['balanced_accuracy_mean']:.3f} vs {pooled_name} "
                              f"{base['balanced_accuracy_mean']:.3f} (gap {gap:+.3f})")
         xgb_paper = pooled
-        for fed_name in (XGB_BAGGING, XGB_CYCLIC):
+        for fed_name in (XGB_BAGGING, XGB_CYCLIC, XGB_HIST):
             fed = _find(rows, fed_name, f"federated-{split}")
             if fed and xgb_paper:
                 gap = fed["balanced_accuracy_mean"] - xgb_paper["balanced_accuracy_mean"]
@@ -535,10 +539,11 @@ def write_report(out: Path, rows: list[dict], meta: dict) -> str:
 
 def run_paper_liposome(out: Path, rounds: int = 20, xgb_rounds: int = 10, seed: int = 0, *,
                        federated: bool = True, fold_ids: Iterable[int] = range(N_FOLDS),
-                       on_progress: Callable[[str], None] | None = print) -> list[dict]:
+                       on_progress: Callable[[str], None] | None = print,
+                       boosting_modes: Sequence[str] = BOOSTING_MODES) -> list[dict]:
     """Paper rows, pooled rows and federated rows → ``OUT/paper_liposome.json`` (a list of rows),
     ``OUT/paper_liposome_meta.json`` (citation, licence, settings, site splits) and ``OUT/paper_liposome.md``;
-    prints the table. ``rounds``: ANN rounds; ``xgb_rounds``: bagging rounds (cyclic gets 3 ×)."""
+    prints the table. ``rounds``: ANN rounds; ``xgb_rounds``: bagging rounds (cyclic and hist get 3 ×)."""
     from simulation.experiment import flower_environment, quiet_flower
 
     start = time.perf_counter()
@@ -556,7 +561,7 @@ def run_paper_liposome(out: Path, rounds: int = 20, xgb_rounds: int = 10, seed: 
     if federated:
         flower_environment(Path.cwd())
         quiet_flower()
-        fed, sites = federated_rows(settings, fold_ids, table=table, on_progress=say)
+        fed, sites = federated_rows(settings, fold_ids, boosting_modes=boosting_modes, table=table, on_progress=say)
         rows += fed
     seconds = time.perf_counter() - start
     from server.app import RunSettings

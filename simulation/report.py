@@ -109,6 +109,44 @@ def _privacy_table(results: dict) -> list[str]:
     return lines + [""]
 
 
+POLICY_COLUMNS = (("value", "value"), ("value_ratio", "value / oracle"), ("regret", "regret"),
+                  ("response_rate", "response"), ("toxicity_rate", "toxicity ≥ 3"), ("chf_rate", "heart failure"),
+                  ("mean_dose_mg_m2", "mean dose mg/m²"), ("treated_share", "treated"))
+
+
+def policy_rows(evaluation: dict) -> list[tuple[str, dict]]:
+    """The policy table's rows (oracle first, then standard of care, federated, pooled, local)."""
+    order = ("oracle", "standard_of_care", "federated", "pooled", "local")
+    overall = evaluation["overall"]
+    return [(name, overall[name]) for name in order if name in overall] + \
+        [(name, m) for name, m in overall.items() if name not in order]
+
+
+def _policy_section(results: dict) -> list[str]:
+    policy = results.get("policy")
+    if not policy:
+        return ["No policy was built in this run.", ""]
+    installed = ", ".join(f"{site} v{s['version']}" if s["installed"] else f"{site}: refused ({s['reason']})"
+                          for site, s in sorted(policy["sites"].items()))
+    lines = [f"Signed bundle `{policy['bundle']}` (version {policy['version']}), verified with "
+             f"`{policy['trust_key']}`; formulations: {', '.join(policy['formulations'])}. Installed: {installed}.", ""]
+    evaluation = policy.get("evaluation")
+    if not evaluation:
+        return lines + ["No ground truth for these sites: the policy is not evaluated.", ""]
+    lines += [f"Judged by the simulator's oracle on {evaluation['patients_per_site']} new first-cycle patients per "
+              "site (true expected utility of the chosen action; oracle = best action within the same limits):", "",
+              "| policy | " + " | ".join(label for _, label in POLICY_COLUMNS) + " |",
+              "|---|" + "---|" * len(POLICY_COLUMNS)]
+    for name, m in policy_rows(evaluation):
+        lines.append(f"| {name} | " + " | ".join(_fmt(m[key]) for key, _ in POLICY_COLUMNS) + " |")
+    sites = sorted(evaluation["per_site"])
+    names = [name for name, _ in policy_rows(evaluation)]
+    lines += ["", "Value per site:", "", "| site | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for site in sites:
+        lines.append(f"| {site} | " + " | ".join(_fmt(evaluation["per_site"][site][n]["value"]) for n in names) + " |")
+    return lines + [""]
+
+
 def learning_curves(results: dict, path: Path) -> None:
     """The federated ANN's overall metric per round, with the baselines' final values as lines."""
     outcomes = results["task"]["outcomes"]
@@ -240,5 +278,6 @@ def write_report(out: Path, results: dict, summaries: dict[str, dict[str, dict[s
     lines += ["## The seed paper's comparison", ""] + _comparison_table(results)
     lines += ["## Feature importance (permutation, computed at the sites)", ""] + _importance_table(results)
     lines += ["## Privacy", ""] + _privacy_table(results)
+    lines += ["## Dosing policy", ""] + _policy_section(results)
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     (out / "report.md").write_text("\n".join(lines))

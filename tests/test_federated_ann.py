@@ -31,7 +31,7 @@ def federation(tmp_path_factory):
     quiet_flower()
     cfg = ExperimentConfig(out=out, clinics=4, rounds=ROUNDS, dp=False, seed=3)
     world = generate_sites(cfg.clinics, cfg.seed, out / "sites", privacy=SitePrivacy(dp=False))
-    sources = prepare_sites(dataclasses.replace(cfg, sites=[out / "sites" / c.name for c in world.clinics]))
+    sources, _ = prepare_sites(dataclasses.replace(cfg, sites=[out / "sites" / c.name for c in world.clinics]))
     record = run_federation(cfg, sources)
     encoder = FeatureEncoder.from_dict(json.loads((out / "federated" / "encoder.json").read_text()))
     model = build_model(encoder, NANOPARTICLE_TASK, (64, 32), seed=0)

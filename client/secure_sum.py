@@ -1,0 +1,93 @@
+"""Secure summation by pairwise masking: the server learns the sum of the sites' arrays and nothing else.
+
+Bonawitz et al., "Practical Secure Aggregation for Privacy-Preserving Machine Learning", CCS 2017, §4
+(the pairwise-mask core, without its dropout recovery). Each site ``i`` draws an X25519 key pair for the run
+and sends its public key; the server relays every public key to every site. Sites ``i`` and ``j`` then share
+the secret ``s_ij = X25519(sk_i, pk_j) = X25519(sk_j, pk_i)`` (RFC 7748), which the server does not know.
+For each release (a ``label`` the server numbers), the pair expands ``HKDF-SHA256(s_ij)`` into a ChaCha20
+key stream (RFC 8439) of 64-bit words ``m_ij``. Values are fixed-point integers (``shared.hist_boosting``),
+so arithmetic is exact modulo 2^64; site ``i`` sends::
+
+    y_i = x_i + Σ_{j > i} m_ij − Σ_{j < i} m_ij    (mod 2^64)
+
+and ``Σ_i y_i = Σ_i x_i (mod 2^64)``: every mask appears once with + and once with −. Seen alone, ``y_i`` is
+``x_i`` plus a pseudo-random word: uniform on [0, 2^64) whatever ``x_i`` is (one-time pad), as long as
+another honest site takes part. Order ``i < j`` is the order of the sites' node ids.
+
+Limits. Every site of the key exchange must answer each release: a missing reply leaves its masks in the
+sum, and the server must give up that sum (no Shamir-shared recovery as in Bonawitz et al.). The server is
+trusted to relay keys faithfully (honest-but-curious, no man-in-the-middle), and a site refuses a label it
+has already masked, since two releases under one mask would give away their difference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
+
+HKDF_INFO = b"fednano secure sum v1"
+MIN_SITES = 2
+"""With one site the sum is that site's value: there is nothing to hide it among."""
+
+
+class SecureSumError(ValueError):
+    """A masking request that would not keep the site's value hidden, or a sum that cannot be unmasked."""
+
+
+def new_private_key() -> bytes:
+    """A fresh X25519 private key (32 raw bytes); it never leaves the site."""
+    return X25519PrivateKey.generate().private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+
+
+def public_key(private_key: bytes) -> bytes:
+    """The public key (32 raw bytes) of a private key, to send to the server."""
+    key = X25519PrivateKey.from_private_bytes(private_key)
+    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def pair_key(private_key: bytes, peer_public_key: bytes) -> bytes:
+    """The 32-byte mask key two sites share: HKDF-SHA256 of their X25519 shared secret."""
+    own = X25519PrivateKey.from_private_bytes(private_key)
+    secret = own.exchange(X25519PublicKey.from_public_bytes(peer_public_key))
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=HKDF_INFO).derive(secret)
+
+
+def mask_words(key: bytes, label: str, n: int) -> np.ndarray:
+    """``n`` pseudo-random uint64 words from a pair key and a release label (ChaCha20 key stream)."""
+    nonce = hashlib.sha256(label.encode()).digest()[:16]
+    stream = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor().update(bytes(8 * n))
+    return np.frombuffer(stream, dtype="<u8").astype(np.uint64)
+
+
+def mask(values: np.ndarray, private_key: bytes, own_id: int, peers: dict[int, bytes], label: str) -> np.ndarray:
+    """``values`` (int64 fixed point) masked for the sum over ``own_id`` and ``peers`` (id → public key).
+
+    Returns uint64 words of the same shape; only the sum over all sites of the exchange unmasks them.
+    """
+    others = {i: key for i, key in peers.items() if i != own_id}
+    if len(others) + 1 < MIN_SITES:
+        raise SecureSumError(f"secure sum needs at least {MIN_SITES} sites, this exchange has {len(others) + 1}")
+    flat = np.ascontiguousarray(values, dtype=np.int64).reshape(-1).view(np.uint64).copy()
+    for peer, peer_key in sorted(others.items()):
+        words = mask_words(pair_key(private_key, peer_key), label, flat.size)
+        if own_id < peer:
+            flat += words
+        else:
+            flat -= words
+    return flat.reshape(np.shape(values))
+
+
+def unmask_sum(masked: list[np.ndarray]) -> np.ndarray:
+    """The int64 sum of all sites' masked arrays (each site of the exchange exactly once)."""
+    if len(masked) < MIN_SITES:
+        raise SecureSumError(f"secure sum needs the masked arrays of at least {MIN_SITES} sites, got {len(masked)}")
+    total = np.zeros(np.shape(masked[0]), dtype=np.uint64)
+    for words in masked:
+        total += np.asarray(words, dtype=np.uint64)
+    return total.view(np.int64)

@@ -1,0 +1,307 @@
+"""The server's histogram-boosting phase: federated trees grown from summed gradient/hessian histograms.
+
+Histogram-based federated gradient boosting (the split search of XGBoost's ``hist`` method, Chen & Guestrin,
+KDD 2016, run on summed per-site histograms as in SecureBoost, Cheng et al. 2021, and NVIDIA FLARE's
+histogram-based federated XGBoost), over Flower's Grid with query messages (records in, records out):
+
+1. ``query.hist_ranges`` — every site's per-feature min / max; the server keeps the overall ones.
+2. ``query.hist_keys`` — with secure summation on: every site's X25519 public key, relayed to all
+   (``client.secure_sum``).
+3. ``query.hist_bins`` — grid counts per feature, summed; the server cuts global bins
+   (``shared.hist_boosting.thresholds_from_counts``) and sends them with every later message.
+4. per head, per boosting round, per depth level: ``query.hist_level`` with the trees so far; every site
+   answers the fixed-point histograms of the frontier nodes; the server sums them and decides the splits
+   and leaf weights (``shared.hist_boosting.LevelGrower``). The deepest level asks only node totals.
+
+The heads are those of ``client.boosting.heads`` (one binary booster per class of a multiclass outcome, as
+bagging, cyclic and the pooled baseline use), so the outcome (XGBoost JSON per head) feeds the same
+evaluation, importance and report. ``HistSettings.softmax`` grows one ``multi:softprob`` model per
+multiclass outcome instead (key: the outcome name), for callers that predict it themselves.
+
+With DP and masking off the trees equal those of ``shared.hist_learner.HistGradientBoosting`` on the pooled
+training rows with the same bins, bit for bit (fixed-point sums do not depend on the order of addition).
+A site that fails ``query.hist_ranges`` is left out of the phase; any failure later stops the head it
+happened in (its finished rounds are kept), since a sum missing a site is no longer the pooled sum — and
+with masking, not a sum at all.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from client.boosting import BASE_SCORES, heads
+from client.secure_sum import unmask_sum
+from server.boosting_phase import BoostingOutcome, boosting_config, evaluate_boosters
+from shared import hist_boosting as hb
+from shared.encoding import FeatureEncoder
+from shared.hist_records import merge, thresholds_record, trees_record
+from shared.xgboost_json import export_model
+
+if TYPE_CHECKING:
+    from server.app import RunSettings
+
+HIST_RANGES = "query.hist_ranges"
+HIST_KEYS = "query.hist_keys"
+HIST_BINS = "query.hist_bins"
+HIST_LEVEL = "query.hist_level"
+TRAFFIC_FILE = "xgb_hist_traffic.json"
+OBJECTIVES = {"binary": "binary:logistic", "regression": "reg:squarederror", "multiclass": "multi:softprob"}
+
+
+class HistProtocolError(RuntimeError):
+    """A site did not answer a histogram request: the sum would not be the pooled sum."""
+
+    def __init__(self, node: int, reason: str) -> None:
+        super().__init__(f"node {node}: {reason}")
+        self.node, self.reason = node, reason
+
+
+@dataclass
+class HistOutcome(BoostingOutcome):
+    """The boosting outcome, plus the trees by head key (per round), the bins and the traffic by direction."""
+
+    trees: dict[str, list[list[hb.Tree]]] = field(default_factory=dict)
+    thresholds: list[np.ndarray] = field(default_factory=list)
+    bytes_down: int = 0
+    bytes_up: int = 0
+
+
+@dataclass(frozen=True)
+class HistSettings:
+    """Settings of the histogram-boosting phase.
+
+    Parameters
+    ----------
+    rounds : int, default 20          boosting rounds per head
+    tree : TreeParams                 learning rate, depth, λ, γ, min_child_weight
+    max_bin : int, default 256
+    secure_sum : bool, default True   mask every site's grid counts and histograms (needs >= 2 sites)
+    dp_epsilon : float, default 0.0   ε for the whole phase at each site (0: no noise)
+    dp_gradient_clip : float, default 3.0   clip of squared-error gradients under DP (standardised target)
+    softmax : bool, default False     one softmax model per multiclass outcome instead of one-vs-rest heads
+    """
+
+    rounds: int = 20
+    tree: hb.TreeParams = hb.TreeParams()
+    max_bin: int = hb.MAX_BIN
+    secure_sum: bool = True
+    dp_epsilon: float = 0.0
+    dp_gradient_clip: float = 3.0
+    softmax: bool = False
+
+    @classmethod
+    def from_run_settings(cls, settings: RunSettings) -> HistSettings:
+        """The run's boosting settings (rounds, eta, depth) with XGBoost's defaults for the rest."""
+        return cls(rounds=settings.xgb_rounds, tree=hb.TreeParams(learning_rate=settings.xgb_eta,
+                                                                  max_depth=settings.xgb_max_depth))
+
+    def releases(self, n_heads: int) -> int:
+        """Noised releases of the phase at each site: the grid counts, then every level of every tree."""
+        return 1 + n_heads * self.rounds * (self.tree.max_depth + 1)
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """One model to grow: which labels, which objective, its key in the outcome."""
+
+    key: str
+    outcome: str
+    kind: str  # binary | regression | multiclass
+    positive_class: int = -1
+    n_classes: int = 0
+
+    @property
+    def objective(self) -> str:
+        return OBJECTIVES[self.kind]
+
+    @property
+    def n_outputs(self) -> int:
+        return hb.n_outputs(self.objective, self.n_classes)
+
+    @property
+    def base_score(self) -> float:
+        return BASE_SCORES.get(self.kind, 0.5)
+
+
+def head_specs(encoder: FeatureEncoder, softmax: bool) -> list[HeadSpec]:
+    """The models of the phase: the boosting heads, or softmax models for multiclass outcomes."""
+    specs = []
+    for outcome in encoder.task.outcomes:
+        if softmax and outcome.kind == "multiclass":
+            n_classes = len(encoder.classes_[outcome.name])
+            specs.append(HeadSpec(outcome.name, outcome.name, "multiclass", n_classes=n_classes))
+    done = {s.outcome for s in specs}
+    for head in heads(encoder):
+        if head.outcome not in done:
+            positive = -1 if head.positive_class is None else head.positive_class
+            specs.append(HeadSpec(head.key, head.outcome, head.kind, positive))
+    return specs
+
+
+def value_bytes(value: object) -> int:
+    """Payload bytes of a config value: text and bytes by length, a number as 8, a list item by item."""
+    if isinstance(value, bytes | str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(value_bytes(v) for v in value)
+    return 8
+
+
+def record_bytes(content: RecordDict) -> int:
+    """Payload bytes of a message: array data and config values (no framing)."""
+    total = 0
+    for record in content.values():
+        if isinstance(record, ArrayRecord):
+            total += sum(len(array.data) for array in record.values())
+        else:
+            total += sum(value_bytes(v) for v in record.values())
+    return total
+
+
+class HistSession:
+    """One run of the protocol with a fixed set of sites: requests, sums, secure-sum keys, counters."""
+
+    def __init__(self, grid: Grid, nodes: list[int], base_config: ConfigRecord, settings: HistSettings,
+                 n_heads: int) -> None:
+        self.grid, self.nodes, self.settings = grid, list(nodes), settings
+        self.base = base_config
+        self.base.update({"dp-epsilon": settings.dp_epsilon, "dp-releases": settings.releases(n_heads),
+                          "dp-gradient-clip": settings.dp_gradient_clip, "secure-sum": settings.secure_sum,
+                          "secure-session": uuid.uuid4().hex})
+        self.release_index = 0
+        self.bytes_down = self.bytes_up = 0
+
+    def ask(self, message_type: str, extra: dict, arrays: ArrayRecord) -> dict[int, RecordDict]:
+        """Send one request to every site; their replies by node (HistProtocolError if any site failed)."""
+        replies, failures = self.ask_all(message_type, extra, arrays)
+        for node, reason in failures.items():
+            raise HistProtocolError(node, reason)
+        return replies
+
+    def ask_all(self, message_type: str, extra: dict, arrays: ArrayRecord) -> tuple[dict, dict[int, str]]:
+        """Send one request to every site; replies by node, and failures (error or no reply) by node."""
+        config = ConfigRecord(dict(self.base))
+        config.update(extra)
+        messages = []
+        for node in self.nodes:
+            content = RecordDict({"config": config, "arrays": arrays})
+            self.bytes_down += record_bytes(content)
+            messages.append(Message(content, dst_node_id=node, message_type=message_type))
+        replies, failures = {}, {}
+        for reply in self.grid.send_and_receive(messages):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                failures[node] = reply.error.reason
+                continue
+            self.bytes_up += record_bytes(reply.content)
+            replies[node] = reply.content
+        for node in set(self.nodes) - set(replies) - set(failures):
+            failures[node] = "no reply"
+        return replies, failures
+
+    def exchange_keys(self) -> None:
+        """Collect every site's public key and put the table in every later request."""
+        replies = self.ask(HIST_KEYS, {}, ArrayRecord())
+        self.base["secure-nodes"] = [int(n) for n in self.nodes]
+        self.base["secure-keys"] = [bytes(replies[n]["keys"]["public-key"]) for n in self.nodes]
+
+    def summed(self, message_type: str, extra: dict, arrays: ArrayRecord, name: str) -> np.ndarray:
+        """The int64 sum over sites of one released array (a noised, masked release when asked)."""
+        extra = {**extra, "dp-release-index": self.release_index, "secure-sequence": self.release_index}
+        self.release_index += 1
+        replies = self.ask(message_type, extra, arrays)
+        parts = [replies[n]["arrays"][name].numpy() for n in self.nodes]
+        if self.settings.secure_sum:
+            return unmask_sum(parts)
+        return np.sum(np.stack(parts), axis=0, dtype=np.int64)
+
+
+def global_ranges(session: HistSession, failures: dict[int, str]) -> tuple[np.ndarray, np.ndarray]:
+    """The overall min and max of every encoded feature (0, 0 for a feature no site has values of).
+
+    Sites that cannot answer are left out of the session (and named in ``failures``).
+    """
+    replies, failed = session.ask_all(HIST_RANGES, {}, ArrayRecord())
+    failures.update(failed)
+    session.nodes = [n for n in session.nodes if n in replies]
+    if not replies:
+        raise HistProtocolError(-1, "no site could report its feature ranges: nothing to train on")
+    lo = np.min([r["arrays"]["min"].numpy() for r in replies.values()], axis=0)
+    hi = np.max([r["arrays"]["max"].numpy() for r in replies.values()], axis=0)
+    empty = ~np.isfinite(lo)
+    lo[empty], hi[empty] = 0.0, 0.0
+    return lo, hi
+
+
+def global_thresholds(session: HistSession, lo: np.ndarray, hi: np.ndarray) -> list[np.ndarray]:
+    """Bins every site shares: summed grid counts cut into at most ``max_bin`` bins per feature."""
+    arrays = ArrayRecord({"lo": Array(lo), "hi": Array(hi)})
+    counts = hb.from_fixed(session.summed(HIST_BINS, {}, arrays, "counts"))
+    return hb.thresholds_from_counts(counts, lo, hi, session.settings.max_bin)
+
+
+def grow_round(session: HistSession, spec: HeadSpec, thresholds: list[np.ndarray],
+               finished: list[list[hb.Tree]]) -> list[hb.Tree]:
+    """One boosting round (``spec.n_outputs`` trees) grown level by level from summed site histograms."""
+    grower = hb.LevelGrower(spec.n_outputs, thresholds, session.settings.tree)
+    head_config = {"outcome": spec.outcome, "kind": spec.kind, "positive-class": spec.positive_class,
+                   "objective": spec.objective, "n-outputs": spec.n_outputs,
+                   "base-margin": hb.base_margin(spec.objective, spec.base_score)}
+    model = trees_record([tree for trees in finished for tree in trees], "model")
+    while not grower.done:
+        arrays = merge(thresholds_record(thresholds), model, trees_record(grower.trees, "growing"),
+                       ArrayRecord({"frontier": Array(np.array(grower.frontier, dtype=np.int64).reshape(-1, 2))}))
+        histograms = session.summed(HIST_LEVEL, {**head_config, "last-level": grower.last_level}, arrays,
+                                    "histograms")
+        grower.grow(histograms)
+    return grower.trees
+
+
+def run_hist_boosting(grid: Grid, nodes: list[int], encoder: FeatureEncoder, settings: RunSettings,
+                      hist: HistSettings | None = None) -> HistOutcome:
+    """Train every head by federated histogram boosting, then evaluate them at every site (unless softmax)."""
+    hist = hist or HistSettings.from_run_settings(settings)
+    outcome = HistOutcome()
+    start = time.perf_counter()
+    specs = head_specs(encoder, hist.softmax)
+    session = HistSession(grid, nodes, boosting_config(encoder, settings), hist, len(specs))
+    lo, hi = global_ranges(session, outcome.failures)
+    if hist.secure_sum:
+        session.exchange_keys()
+    thresholds = global_thresholds(session, lo, hi)
+    for spec in specs:
+        rounds: list[list[hb.Tree]] = []
+        try:
+            for _ in range(hist.rounds):
+                rounds.append(grow_round(session, spec, thresholds, rounds))
+        except HistProtocolError as err:
+            outcome.failures[err.node] = f"{spec.key}: stopped after {len(rounds)} rounds: {err.reason}"
+        outcome.trees[spec.key] = rounds
+        outcome.models[spec.key] = export_model(rounds, spec.objective, spec.base_score, encoder.n_features_out_)
+    outcome.thresholds = thresholds
+    outcome.bytes_down, outcome.bytes_up = session.bytes_down, session.bytes_up
+    outcome.bytes_sent = session.bytes_down + session.bytes_up
+    if not hist.softmax:
+        evaluate_boosters(grid, session.nodes, encoder, settings, outcome)
+    outcome.seconds = time.perf_counter() - start
+    write_traffic(Path(settings.out_dir) / TRAFFIC_FILE, outcome, hist)
+    return outcome
+
+
+def write_traffic(path: Path, outcome: HistOutcome, hist: HistSettings) -> None:
+    """What the phase sent, beside the models (``OUT/xgb_hist_traffic.json``): bytes each way, trees, time."""
+    trees = sum(len(trees) for rounds in outcome.trees.values() for trees in rounds)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"bytes_down": outcome.bytes_down, "bytes_up": outcome.bytes_up, "trees": trees,
+                                "seconds": outcome.seconds, "rounds": hist.rounds, "secure_sum": hist.secure_sum,
+                                "dp_epsilon": hist.dp_epsilon, "bins": [len(t) + 1 for t in outcome.thresholds]},
+                               indent=1) + "\n")

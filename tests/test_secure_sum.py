@@ -1,0 +1,60 @@
+"""Pairwise-masked secure summation: exact sums, and one site's masked array looks like uniform noise."""
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from client import secure_sum as ss
+from shared.hist_boosting import from_fixed, to_fixed
+
+
+def exchange(n_sites):
+    keys = {node: ss.new_private_key() for node in range(10, 10 + n_sites)}
+    return keys, {node: ss.public_key(k) for node, k in keys.items()}
+
+
+def test_both_sites_of_a_pair_derive_the_same_mask_key_and_strangers_do_not():
+    keys, public = exchange(3)
+    assert ss.pair_key(keys[10], public[11]) == ss.pair_key(keys[11], public[10])
+    assert ss.pair_key(keys[10], public[11]) != ss.pair_key(keys[10], public[12])
+
+
+def test_masked_sum_equals_plain_sum_to_fixed_point_precision():
+    rng = np.random.default_rng(0)
+    keys, public = exchange(4)
+    values = {node: rng.normal(0, 50, size=(3, 7, 2)) for node in keys}
+    masked = [ss.mask(to_fixed(v), keys[node], node, public, "run/1/level/0") for node, v in values.items()]
+    total = from_fixed(ss.unmask_sum(masked))
+    assert np.array_equal(ss.unmask_sum(masked), sum(to_fixed(v) for v in values.values()))
+    assert np.abs(total - sum(values.values())).max() < 4 * 2.0 ** -32
+
+
+def test_one_sites_masked_histogram_is_indistinguishable_from_uniform_noise():
+    keys, public = exchange(3)
+    histogram = np.zeros(4000, dtype=np.int64)
+    histogram[:40] = to_fixed(np.arange(40.0))  # a very structured array: mostly zeros, then a ramp
+    masked = ss.mask(histogram, keys[10], 10, public, "label-7")
+    unit = masked.astype(np.float64) / 2.0 ** 64
+    assert stats.kstest(unit, "uniform").pvalue > 0.01
+    top_bytes = (masked >> np.uint64(56)).astype(int)
+    assert stats.chisquare(np.bincount(top_bytes, minlength=256)).pvalue > 0.01
+    # The unmasked words fail the same test badly: the test can tell structure from noise.
+    assert stats.kstest(histogram.view(np.uint64).astype(np.float64) / 2.0 ** 64, "uniform").pvalue < 1e-6
+
+
+def test_masks_differ_between_labels_so_two_releases_do_not_share_a_pad():
+    keys, public = exchange(2)
+    zeros = np.zeros(64, dtype=np.int64)
+    assert not np.array_equal(ss.mask(zeros, keys[10], 10, public, "a"), ss.mask(zeros, keys[10], 10, public, "b"))
+
+
+def test_a_missing_site_leaves_the_sum_masked():
+    keys, public = exchange(3)
+    masked = [ss.mask(np.ones(100, np.int64), keys[n], n, public, "x") for n in (10, 11)]
+    assert not np.array_equal(ss.unmask_sum(masked), np.full(100, 2))
+
+
+def test_a_lone_site_refuses_to_mask():
+    keys, public = exchange(1)
+    with pytest.raises(ss.SecureSumError, match="at least 2 sites"):
+        ss.mask(np.ones(3, np.int64), keys[10], 10, public, "x")
