@@ -173,7 +173,7 @@ def run_federation(grid: Grid, settings: RunSettings, on_round: Callable[[int], 
     out = Path(settings.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "encoder.json").write_text(json.dumps(encoder.to_dict(), indent=1) + "\n")
-    record = {"settings": {k.replace("_", "-"): v for k, v in vars(settings).items()},
+    record = {"run-id": run_id, "settings": {k.replace("_", "-"): v for k, v in vars(settings).items()},
               "sites": sorted(sites.usable.values()),
               "rejected": {name: errors for name, errors in sites.rejected.values()}, "xgboost": None}
     importance_config = train_config(settings, encoder)

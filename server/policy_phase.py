@@ -12,9 +12,8 @@
 4. **distribution** — ``query.install_policy`` to every usable site; each verifies and installs it, or says
    why not (:mod:`client.policy_handlers`). Which sites hold which version goes into the run record.
 
-The version comes from the coordinator's own counter, ``policy_version`` beside the signing key (the
-coordinator's folder of the provisioning kit), so each run's bundle is newer than every earlier one and sites
-can refuse rollbacks.
+The version comes from the coordinator's own counter, ``policy_version`` in the policy folder, so each
+run's bundle is newer than every earlier one written there and sites can refuse rollbacks.
 """
 
 from __future__ import annotations
@@ -55,9 +54,11 @@ def collect_catalogue(grid: Grid, nodes: list[int]) -> dict[str, dict[str, float
             for fid, rows in sorted(seen.items())}
 
 
-def next_version(signing_key: Path) -> int:
-    """The coordinator's next policy version (its counter beside the signing key, created at 1)."""
-    counter = Path(signing_key).parent / VERSION_FILE
+def next_version(policy_dir: Path) -> int:
+    """The coordinator's next policy version: its counter ``policy_version`` in the policy folder (created at
+    1; kept there, not beside the signing key, which may be mounted read-only). Keep one policy folder across
+    runs so versions keep increasing; sites refuse a version that is not newer than theirs."""
+    counter = Path(policy_dir) / VERSION_FILE
     last = json.loads(counter.read_text())["version"] if counter.exists() else 0
     write_json_atomically(counter, {"version": last + 1})
     return last + 1
@@ -94,7 +95,7 @@ def build_policy(out: Path, record: dict, encoder: FeatureEncoder, formulations:
     bundle folder."""
     models, files = model_files(out, record, hidden)
     policy = DosingPolicy(encoder=encoder, members={}, formulations=formulations, adjuster=adjuster)
-    version = next_version(signing_key)
+    version = next_version(policy_dir)
     privacy = {site: {"epsilon": p.get("epsilon"), "delta": p.get("delta"), "budget": p.get("budget")}
                for site, p in record.get("privacy", {}).items()}
     document = policy.document(models, "encoder.json")

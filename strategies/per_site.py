@@ -46,6 +46,7 @@ class PerSiteRecord(Strategy):
         self.on_round = on_round
         self.action = action
         self.rounds = SiteRounds()
+        self._sent: list[int] = []  # destination nodes of the last configured messages
 
     def summary(self) -> None:
         self.strategy.summary()
@@ -66,6 +67,7 @@ class PerSiteRecord(Strategy):
 
     def _routed(self, messages: Iterable[Message]) -> list[Message]:
         messages = list(messages)
+        self._sent = [m.metadata.dst_node_id for m in messages]
         if self.action is not None:
             for message in messages:
                 message.metadata.message_type = f"{message.metadata.message_type}.{self.action}"
@@ -81,8 +83,14 @@ class PerSiteRecord(Strategy):
 
     def _record(self, table: dict[int, dict[int, dict]], server_round: int, replies: list[Message]) -> None:
         per_node = table.setdefault(server_round, {})
+        answered = {r.metadata.src_node_id for r in replies}
+        # When a node is lost, the SuperLink answers in its place with an error reply from the SuperLink's
+        # own node id: give that failure to the node that did not answer, so the record names the site.
+        silent = [n for n in self._sent if n not in answered]
         for reply in replies:
             node = reply.metadata.src_node_id
+            if node not in self._sent and silent:
+                node = silent.pop(0)
             if reply.has_error():
                 self.rounds.failures.setdefault(server_round, {})[node] = reply.error.reason
                 continue

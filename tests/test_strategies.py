@@ -11,10 +11,12 @@ from strategies.summation import sum_metricrecords
 
 @pytest.mark.parametrize(("name", "cls"), [("fedavg", FedAvg), ("fedprox", FedProx), ("fedadam", FedAdam),
                                            ("fedyogi", FedYogi)])
-def test_each_named_strategy_is_flowers_own_and_uses_every_site(name, cls):
+def test_each_named_strategy_is_flowers_own_and_uses_every_connected_site(name, cls):
     strategy = make_strategy(name, n_sites=4)
     assert type(strategy) is cls
-    assert strategy.min_train_nodes == strategy.min_available_nodes == 4
+    assert strategy.fraction_train == strategy.fraction_evaluate == 1.0  # every connected site, every round
+    # a lost site must not stall the run (tests/test_deployment.py kills one mid-run)
+    assert strategy.min_train_nodes == strategy.min_available_nodes == strategy.min_evaluate_nodes == 1
     assert strategy.evaluate_metrics_aggr_fn is sum_metricrecords
 
 

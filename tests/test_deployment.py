@@ -1,0 +1,193 @@
+"""End-to-end: a real SuperLink and real SuperNodes on loopback, with TLS and SuperNode authentication.
+
+One federation serves the tests of this module, because a deployed round takes ~25 s: the SuperLink, four
+registered hospitals (keys from ``fednano provision``), and one ``flwr run`` of 2 rounds. The fourth hospital
+(``DROPPED``) is killed (SIGKILL, as a crash) as soon as it receives its first training message; the run must
+complete with the other three, every one of which ends up holding the verified policy bundle, and the run
+record names the dropped site. A fifth key (``INTRUDER``) is provisioned but never registered: its SuperNode
+is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from client.policy_store import PolicyStore
+from server.provision import provision
+from simulation.clinics import generate_sites
+from tests import deployment as dep
+
+APP = Path(__file__).resolve().parents[1]
+FEDERATION = "hospitals"
+SITES = ["clinic_00", "clinic_01", "clinic_02"]
+DROPPED = "clinic_03"
+INTRUDER = "intruder"
+ROUNDS = 2
+PATIENTS_PER_SITE = 30
+RUN_TIMEOUT_S = 600
+UNREGISTERED_EXIT_CODE = 305  # Flower's code for "Failed to activate SuperNode" (FLOWER_1.42_NOTES.md)
+
+
+@dataclass
+class Deployed:
+    """The federation the tests look at, after its run has finished."""
+
+    work: Path
+    kit: Path
+    sites: Path
+    home: Path
+    link: dep.Service
+    run_id: int
+    status: dict
+    record: dict
+    dropped: dep.Service
+
+
+def declared_run_config() -> set[str]:
+    """Keys the app declares in ``[tool.flwr.app.config]`` (Flower refuses overrides of any other)."""
+    return set(tomllib.loads((APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+
+
+def run_config(out: Path, kit: Path) -> dict[str, object]:
+    config = {"num-server-rounds": ROUNDS, "min-nodes": len(SITES) + 1, "models": "ann", "out-dir": str(out),
+              "signing-key": str(kit / "coordinator" / "policy_signing.key")}
+    return {key: value for key, value in config.items() if key in declared_run_config()}
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory) -> Deployed:
+    work = tmp_path_factory.mktemp("deployment")
+    kit, sites, home = work / "kit", work / "sites", work / "coordinator_home"
+    provision(FEDERATION, [*SITES, DROPPED, INTRUDER], kit)
+    generate_sites(len(SITES) + 1, seed=3, out=sites, patients_per_clinic=PATIENTS_PER_SITE)
+    services: list[dep.Service] = []
+    try:
+        link = dep.start_superlink(kit / "coordinator", work, dep.free_port())
+        services.append(link)
+        dep.write_connection(home, FEDERATION, link.port, kit / "coordinator" / "ca.pem")
+        for site in [*SITES, DROPPED]:
+            dep.register_site(kit / "coordinator", FEDERATION, site, home)
+        nodes = {site: dep.start_supernode(kit / "sites" / site, sites / site, link.port, work, site)
+                 for site in [*SITES, DROPPED]}
+        services += nodes.values()
+        run_id = dep.start_run(APP, FEDERATION, home, run_config(work / "out", kit))
+        dep.wait_for_log(nodes[DROPPED], "Receiving: train", timeout=RUN_TIMEOUT_S)
+        dep.kill(nodes[DROPPED])
+        status = dep.wait_for_run(home, FEDERATION, run_id, timeout=RUN_TIMEOUT_S)
+        record_file = work / "out" / "federation.json"
+        record = json.loads(record_file.read_text()) if record_file.exists() else {}
+        yield Deployed(work, kit, sites, home, link, run_id, status, record, nodes[DROPPED])
+    finally:
+        for service in reversed(services):
+            dep.stop(service)
+
+
+@pytest.mark.slow
+def test_the_run_completes_with_tls_and_authenticated_supernodes(federation):
+    assert federation.status["status"] == "finished:completed", federation.link.log_text()[-3000:]
+    assert federation.record["sites"] == sorted([*SITES, DROPPED])
+    assert federation.record["settings"]["num-server-rounds"] == ROUNDS
+    assert [r["round"] for r in federation.record["rounds"]] == list(range(1, ROUNDS + 1))
+
+
+@pytest.mark.slow
+def test_every_remaining_site_trained_every_round_within_its_privacy_budget(federation):
+    for entry in federation.record["rounds"]:
+        for site in SITES:
+            train = entry["per_site"][site]["train"]
+            assert train["num-examples"] > 0 and train["steps"] > 0
+            assert 0 < train["epsilon"] <= train["epsilon-budget"] == 3.0
+    for site in SITES:
+        ledger = json.loads((federation.sites / site / ".fednano" / "privacy_ledger.json").read_text())
+        assert ledger  # the site's own record of what it spent, on its own disk
+        assert federation.record["privacy"][site]["epsilon"] == pytest.approx(
+            federation.record["rounds"][-1]["per_site"][site]["train"]["epsilon"])
+
+
+@pytest.mark.slow
+def test_every_remaining_site_holds_the_verified_policy_bundle_of_the_run(federation):
+    policy = federation.record.get("policy")
+    assert policy, "the run record has no policy: was the run config's signing-key passed and the phase run?"
+    for site in SITES:
+        store = PolicyStore(federation.sites / site / ".fednano" / "policy",
+                            federation.kit / "sites" / site / "policy_signing.pub")
+        manifest = store.current()  # verifies the installed bundle again against the site's trust key
+        assert manifest is not None, site
+        assert manifest.version == policy["version"]
+        assert manifest.run_id == str(federation.run_id)
+
+
+@pytest.mark.slow
+def test_a_supernode_killed_mid_run_is_named_in_the_run_record_and_the_others_finish(federation):
+    assert federation.dropped.process.returncode == -9  # killed by the test, not exited on its own
+    first = federation.record["rounds"][0]
+    assert DROPPED in first["failures"], first["failures"]
+    assert "train" not in first["per_site"].get(DROPPED, {})
+    for entry in federation.record["rounds"]:
+        assert sorted(s for s, v in entry["per_site"].items() if "train" in v) == SITES
+    assert DROPPED not in federation.record["privacy"]
+    assert sorted(federation.record["final"]["per_site"]) == SITES
+
+
+@pytest.mark.slow
+def test_a_supernode_with_an_unregistered_key_is_refused(federation):
+    intruder = dep.start_supernode(federation.kit / "sites" / INTRUDER, federation.sites / SITES[0],
+                                   federation.link.port, federation.work, INTRUDER)
+    try:
+        code = intruder.process.wait(timeout=120)
+    finally:
+        dep.stop(intruder)
+    # Flower reports its exit code 305 in the log; the process itself exits 1 (an exit status is < 256).
+    assert code != 0 and f"Exit Code: {UNREGISTERED_EXIT_CODE}" in intruder.log_text(), intruder.log_text()
+    assert "Failed to activate SuperNode" in intruder.log_text()
+    listed = dep.flwr(federation.home, "supernode", "list", FEDERATION)
+    assert len(listed["nodes"]) == len(SITES) + 1  # the intruder's key never became a node
+
+
+@pytest.mark.slow
+def test_fednano_status_shows_the_run_its_rounds_sites_and_epsilon(federation):
+    done = subprocess.run(
+        [sys.executable, "-m", "fednano.cli", "status", FEDERATION, "--record", str(federation.work / "out"),
+         "--width", "200"],
+        env=dep.flower_env(federation.home), cwd=APP, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert str(federation.run_id) in done.stdout and "finished:completed" in done.stdout
+    for site in SITES:
+        epsilon = federation.record["privacy"][site]["epsilon"]
+        assert f"{epsilon:.2f}" in done.stdout
+    assert f"{DROPPED}" in done.stdout and "failed" in done.stdout
+
+
+def test_stop_ends_the_process_and_descendants_that_left_its_session(tmp_path):
+    """The SuperExec starts app processes in sessions of their own: stopping by PID must still reach them."""
+    script = "setsid sleep 300 & echo $! > grandchild; sleep 300 & wait"
+    service = dep.start("tree", ["sh", "-c", script], dict(os.environ), tmp_path, 0)
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "grandchild").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    tree = dep.descendants(service.process.pid)
+    grandchild = int((tmp_path / "grandchild").read_text())
+    assert grandchild in tree and len(tree) == 2
+    assert dep.stop(service) == -15  # SIGTERM ended the shell
+    time.sleep(0.2)
+    for pid in tree:
+        assert not alive(pid), pid
+
+
+def alive(pid: int) -> bool:
+    """True if ``pid`` runs (a zombie awaiting its reaper counts as ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
