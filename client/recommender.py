@@ -35,6 +35,7 @@ from typing import Any
 import pandas as pd
 from pydantic import ValidationError
 
+from shared import strict_json
 from shared.patient_record import PatientRecord, WearableSummary, error_lines
 from shared.schema import VITALS_COLUMNS
 from shared.validation import CsvTable, Problem, check_header, parse_table, read_csv_table
@@ -96,28 +97,12 @@ def _json_document(path: Path) -> Any:
         raise RecommenderInputError([f"{path}: not UTF-8 text (byte 0x{raw[err.start]:02X} at byte offset "
                                      f"{err.start}); save the record as UTF-8 JSON"]) from err
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant)
+        return strict_json.loads(text)
     except json.JSONDecodeError as err:
         raise RecommenderInputError([f"{path}, line {err.lineno} column {err.colno}: invalid JSON: "
                                      f"{err.msg}"]) from err
-    except _JsonKeyError as err:
+    except strict_json.StrictJsonError as err:
         raise RecommenderInputError([f"{path}: {err}"]) from err
-
-
-class _JsonKeyError(ValueError):
-    """A JSON object with a repeated key or a NaN/Infinity constant."""
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [k for k, _ in pairs]
-    repeated = sorted({k for k in keys if keys.count(k) > 1})
-    if repeated:
-        raise _JsonKeyError(f"key {repeated[0]!r} appears more than once in one object; give it once")
-    return dict(pairs)
-
-
-def _no_constant(name: str) -> None:
-    raise _JsonKeyError(f"{name} is not a JSON number; give a finite number or null")
 
 
 # ---------------------------------------------------------------------------------------------------------

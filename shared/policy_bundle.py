@@ -48,6 +48,8 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from shared import strict_json
+
 FORMAT = "fednano-policy-bundle/1"
 """Format string every manifest carries; a site rejects any other."""
 
@@ -136,8 +138,7 @@ class Manifest:
     def from_json_bytes(cls, data: bytes) -> Manifest:
         """Parse manifest.json; ``ValueError`` for bad UTF-8 or JSON, duplicate or missing keys, bad fields."""
         try:
-            state = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicate_keys,
-                               parse_constant=_no_constant)
+            state = strict_json.loads(data.decode("utf-8"))
         except UnicodeDecodeError as err:
             raise ValueError(f"not UTF-8: {err}") from err
         except json.JSONDecodeError as err:
@@ -463,13 +464,3 @@ def _read_signature(path: Path, reject: Callable[[str], BundleRejected]) -> byte
     return signature
 
 
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [k for k, _ in pairs]
-    duplicates = sorted({k for k in keys if keys.count(k) > 1})
-    if duplicates:
-        raise ValueError(f"duplicate key(s) {', '.join(duplicates)}")
-    return dict(pairs)
-
-
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not allowed in a manifest")
