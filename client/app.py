@@ -36,7 +36,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client import boosting
-from client.adjustment_handlers import register_adjustment
+from client.adjustment_handlers import adjuster_epsilon, register_adjustment
 from client.analytics import register_analytics
 from client.hist_handlers import register_hist
 from client.importance import permutation_sums
@@ -218,7 +218,8 @@ def make_client_app(sites: list[SiteSource] | None = None) -> ClientApp:
             result = train(model, data, settings)
         else:
             try:
-                dp = _dp_for_run(context, ledger, config, len(data), settings)
+                dp = _dp_for_run(context, ledger, config, len(data), settings,
+                                 reserved=adjuster_epsilon(request.site.config))
                 steps = settings.epochs * steps_per_epoch(len(data), settings.batch_size)
                 ledger.check_affordable(dp.noise_multiplier, sample_rate(len(data), settings.batch_size), steps)
             except BudgetExhausted as err:
@@ -294,7 +295,7 @@ def make_client_app(sites: list[SiteSource] | None = None) -> ClientApp:
     register_analytics(client, lambda context: site_source(context, sites), load, ledger_for)
     register_hist(client, lambda context: site_source(context, sites), load, ledger_for)
     register_policy(client, lambda context: site_source(context, sites), load)
-    register_adjustment(client, lambda context: site_source(context, sites), load)
+    register_adjustment(client, lambda context: site_source(context, sites), load, ledger_for)
     return client
 
 
@@ -304,9 +305,10 @@ def _head(config: ConfigRecord) -> boosting.Head:
 
 
 def _dp_for_run(context: Context, ledger: PrivacyLedger, config: ConfigRecord, n_rows: int,
-                settings: TrainConfig) -> DPConfig:
+                settings: TrainConfig, reserved: float = 0.0) -> DPConfig:
     """The noise multiplier of this run, fixed at the run's first round so that the planned rounds spend
-    at most the site's budget, and kept in the node's context state for later rounds."""
+    at most the site's budget less ``reserved`` (the dose adjuster's share, ``client.adjustment_handlers``),
+    and kept in the node's context state for later rounds."""
     key = "dp-run"
     state = context.state.get(key)
     if state is not None and state["run-id"] == str(context.run_id):
@@ -315,8 +317,8 @@ def _dp_for_run(context: Context, ledger: PrivacyLedger, config: ConfigRecord, n
     rounds_left = int(config["num-rounds"]) - int(config["server-round"]) + 1
     steps = rounds_left * settings.epochs * steps_per_epoch(n_rows, settings.batch_size)
     try:
-        sigma = calibrate_noise(ledger.epsilon_budget, ledger.delta, sample_rate(n_rows, settings.batch_size),
-                                steps, history=ledger.history)
+        sigma = calibrate_noise(ledger.epsilon_budget - reserved, ledger.delta,
+                                sample_rate(n_rows, settings.batch_size), steps, history=ledger.history)
     except BudgetExhausted as err:
         raise BudgetExhausted(
             f"privacy budget exhausted ({ledger.path}): budget ε={ledger.epsilon_budget:g} at δ={ledger.delta:g}, "

@@ -9,6 +9,11 @@ Wehenkel, JMLR 6:503-556 (2005).
 
 A site that fails or refuses the scaling query is left out of the fit and named in the log; a site that
 fails later would make the sums inconsistent, so the fit stops with an error instead.
+
+Sites under differential privacy send noised sums (``client.adjustment_handlers``: clipped rows, Gaussian
+noise, each release charged to the site's privacy ledger) and say so in a ``privacy`` MetricRecord; the ε
+each has spent is logged and kept in the fitted adjuster's ``privacy_`` (node id → the site's last
+``epsilon-spent``, ``epsilon-adjuster``, ``sigma``). The server adds noised and exact sums alike.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from collections.abc import Mapping
 from logging import INFO
 from typing import Any
 
+import numpy as np
 from flwr.app import Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -64,11 +70,13 @@ def fit_adjuster(grid: Grid, nodes: list[int], config: Mapping[str, Any],
     Raises
     ------
     AdjustmentFailed
-        No site answered the scaling query, or a site stopped answering during the iterations.
+        No site answered the scaling query, a site stopped answering during the iterations, or the
+        iteration diverged (possible when DP noise dominates the sums).
     """
     adjuster = adjuster if adjuster is not None else adjuster_from_config(config)
     split_seed = int(config.get("split-seed", 0))
     answering = list(nodes)
+    privacy: dict[int, dict[str, float]] = {}
 
     def ask(name: str, current: DoseAdjuster, drop_failures: bool) -> list[dict]:
         messages = [Message(request_records(current, split_seed), dst_node_id=node, message_type=f"query.{name}")
@@ -81,6 +89,8 @@ def fit_adjuster(grid: Grid, nodes: list[int], config: Mapping[str, Any],
                 continue
             sums.append(sums_from_records(reply.content))
             answered.append(node)
+            if "privacy" in reply.content:
+                privacy[node] = {k: float(v) for k, v in reply.content["privacy"].items()}
         missing = sorted(set(answering) - set(answered))
         if missing and not drop_failures:
             raise AdjustmentFailed(f"node(s) {missing} failed during fitted-Q iteration; the sums would be partial")
@@ -89,8 +99,16 @@ def fit_adjuster(grid: Grid, nodes: list[int], config: Mapping[str, Any],
             raise AdjustmentFailed("no site sent statistics for the dose adjuster")
         return sums
 
-    fitted = fitted_q_iteration(adjuster, lambda: ask(QUERY_SCALING, adjuster, drop_failures=True),
-                                lambda current: ask(QUERY_RIDGE, current, drop_failures=False))
-    log(INFO, "dose adjustment: fitted-Q over %d site(s), %d transitions, last change %.2e", len(answering),
-        fitted.n_transitions_, fitted.history_[-1] if fitted.history_ else float("nan"))
+    try:
+        fitted = fitted_q_iteration(adjuster, lambda: ask(QUERY_SCALING, adjuster, drop_failures=True),
+                                    lambda current: ask(QUERY_RIDGE, current, drop_failures=False))
+    except (FloatingPointError, np.linalg.LinAlgError) as err:
+        raise AdjustmentFailed(f"fitted-Q iteration failed: {err}") from err
+    fitted.privacy_ = {node: privacy[node] for node in answering if node in privacy}
+    log(INFO, "dose adjustment: fitted-Q over %d site(s) (%d under DP), %d transitions, last change %.2e",
+        len(answering), len(fitted.privacy_), fitted.n_transitions_,
+        fitted.history_[-1] if fitted.history_ else float("nan"))
+    for node, spent in fitted.privacy_.items():
+        log(INFO, "dose adjustment: node %s under DP: sigma %.3g, epsilon spent %.3f of %.3g (adjuster share %.3g)",
+            node, spent["sigma"], spent["epsilon-spent"], spent["epsilon-budget"], spent["epsilon-adjuster"])
     return fitted

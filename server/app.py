@@ -206,7 +206,9 @@ def policy_phase(grid: Grid, nodes: list[int], sites: SiteCheck, encoder: Featur
         try:
             adjuster = fit_adjuster(grid, nodes, {"split-seed": settings.split_seed,
                                                   "fqi-iterations": settings.fqi_iterations})
-            adjustment = {"fitted": True, "iterations": settings.fqi_iterations}
+            adjustment = {"fitted": True, "iterations": settings.fqi_iterations,
+                          "privacy": {str(node): {k: float(v) for k, v in dict(spent).items()}
+                                      for node, spent in getattr(adjuster, "privacy_", {}).items()}}
         except AdjustmentFailed as err:
             log(INFO, "dose adjuster not fitted: %s", err)
             adjustment = {"fitted": False, "reason": str(err)}

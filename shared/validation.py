@@ -88,7 +88,8 @@ _TEXT_BYTES = bytes([9, 10, 12, 13, *range(32, 127), *range(128, 256)])
 
 SITE_CONFIG_KEYS: dict[str, dict[str, str]] = {
     "site": {"name": "text", "schema_version": "text"},
-    "privacy": {"dp": "true or false", "epsilon": "a number", "delta": "a number"},
+    "privacy": {"dp": "true or false", "epsilon": "a number", "delta": "a number",
+                "adjuster_share": "a number in [0, 1): share of ε the dose adjuster may spend (default 0)"},
 }
 """Sections and keys of site.toml, with the kind of value each holds."""
 

@@ -240,6 +240,9 @@ def test_flower_federated_fitted_q_equals_pooled_fitted_q(tmp_path):
 
     world = generate_sites(3, seed=2, out=tmp_path / "sites", patients_per_clinic=40, privacy=SitePrivacy(dp=False))
     folders = [tmp_path / "sites" / c.name for c in world.clinics]
+    for folder in folders:  # the sites opt in (the default share is 0): [privacy] is site.toml's last section
+        with open(folder / "site.toml", "a") as toml:
+            toml.write("adjuster_share = 0.2\n")
     out = tmp_path / "adjuster.json"
     server = ServerApp()
 
@@ -258,3 +261,162 @@ def test_flower_federated_fitted_q_equals_pooled_fitted_q(tmp_path):
     assert federated.n_transitions_ == pooled.n_transitions_ > 50
     np.testing.assert_allclose(federated.coef_, pooled.coef_, rtol=0, atol=1e-9)
     np.testing.assert_allclose(federated.mean_, pooled.mean_, rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Differential privacy of the released sums (client.adjustment_handlers)
+
+
+def _context(run_id: int = 11):
+    from flwr.app import Context, RecordDict
+
+    return Context(run_id=run_id, node_id=1, node_config={}, state=RecordDict(), run_config={})
+
+
+def _dp_config(epsilon: float = 3.0, share: float = 0.2) -> dict:
+    return {"privacy": {"dp": True, "epsilon": epsilon, "delta": 1e-5, "adjuster_share": share}}
+
+
+def test_gaussian_release_adds_noise_of_sd_sigma_times_sqrt_blocks_times_scale_and_symmetric_noise_to_a():
+    from client.adjustment_handlers import Block, gaussian_release
+
+    rng = np.random.default_rng(0)
+    zeros = np.zeros((200, 200))
+    noised = gaussian_release({"gram": Block(zeros, 4.0, symmetric=True), "moment": Block(np.zeros(40_000), 0.5),
+                               "n": Block(np.zeros(1), 1.0)}, sigma=2.0, rng=rng)
+    sd = 2.0 * np.sqrt(3)
+    np.testing.assert_array_equal(noised["gram"], noised["gram"].T)
+    upper = noised["gram"][np.triu_indices(200)]
+    assert np.std(upper) == pytest.approx(sd * 4.0, rel=0.02)
+    assert np.std(noised["moment"]) == pytest.approx(sd * 0.5, rel=0.02)
+    assert abs(np.mean(noised["moment"])) < 4 * sd * 0.5 / np.sqrt(40_000)
+
+
+def test_clipped_ridge_sums_bound_each_transitions_contribution(clinics):
+    from shared.dose_adjustment import FEATURE_NORM_CLIP, target_bound
+
+    t = site_transitions(*clinics[0])
+    adjuster = DoseAdjuster(gamma=0.9, iterations=2).fit(t)
+    adjuster.coef_ = adjuster.coef_ * 50  # targets far beyond the bound
+    for i in range(0, len(t), max(1, len(t) // 20)):  # one transition's sums are its contribution
+        row = Transitions(t.state.iloc[[i]], t.dose[[i]], t.reward[[i]], t.next_state.iloc[[i]], t.terminal[[i]])
+        sums = adjuster.clipped_ridge_sums(row)
+        assert np.linalg.norm(sums["gram"]) <= FEATURE_NORM_CLIP**2 * (1 + 1e-12)
+        assert np.linalg.norm(sums["moment"]) <= FEATURE_NORM_CLIP * target_bound(0.9) * (1 + 1e-12)
+    assert target_bound(0.9) == pytest.approx(35.0)
+    with pytest.raises(ValueError, match="gamma"):
+        target_bound(1.0)
+    # with bounds no row reaches, the clipped sums are the exact ones
+    adjuster.coef_ = adjuster.coef_ / 50
+    exact, loose = adjuster.ridge_sums(t), adjuster.clipped_ridge_sums(t, feature_clip=1e9)
+    for key in exact:
+        np.testing.assert_allclose(loose[key], exact[key], rtol=1e-12, atol=1e-9)
+
+
+def test_bounded_scaling_sums_without_noise_give_the_exact_scaling(clinics):
+    from shared.dose_adjustment import bounded_scaling_sums, scaling_from_bounded
+
+    t = site_transitions(*clinics[1])
+    exact, recovered = scaling_sums(t), scaling_from_bounded(bounded_scaling_sums(t))
+    np.testing.assert_array_equal(recovered["count"], exact["count"])
+    np.testing.assert_allclose(recovered["sum"], exact["sum"], rtol=1e-12, atol=1e-6)
+    np.testing.assert_allclose(recovered["m2"], exact["m2"], rtol=1e-9, atol=1e-6)
+
+
+def test_a_dp_site_charges_one_release_per_query_reuses_its_noisy_a_and_stays_within_its_share(clinics, tmp_path):
+    from client.adjustment_handlers import AdjusterBudget, private_ridge_sums, private_scaling_sums
+    from client.ledger import PrivacyLedger
+
+    t = site_transitions(*clinics[0])
+    ledger = PrivacyLedger.open(tmp_path / "ledger.json", epsilon_budget=3.0, delta=1e-5)
+    context, rng = _context(), np.random.default_rng(1)
+    grams = []
+
+    def ridge(adjuster):
+        budget = AdjusterBudget.plan(ledger, _dp_config(), adjuster.iterations)
+        sums = private_ridge_sums(adjuster, t, len(adjuster.history_), 0, budget, context, rng)
+        grams.append(sums["gram"])
+        return [sums]
+
+    scaling = lambda: [private_scaling_sums(t, AdjusterBudget.plan(ledger, _dp_config(), 4), rng, 11)]  # noqa: E731
+    fitted = fitted_q_iteration(DoseAdjuster(gamma=0.9, iterations=4), scaling, ridge)
+    budget = AdjusterBudget.plan(ledger, _dp_config(), 4)
+    assert budget.epsilon == pytest.approx(0.6) and budget.releases == 5
+    assert ledger.history == [(budget.sigma, 1.0, 5)]
+    assert [e["round"] for e in ledger.entries] == [0, 1, 2, 3, 4]
+    assert 0.55 < ledger.spent() <= 0.6 + 1e-9  # σ is calibrated within 1e-3 above the smallest
+    for gram in grams[1:]:
+        np.testing.assert_array_equal(gram, grams[0])  # A noised once, then reused
+    assert np.linalg.eigvalsh(grams[0]).min() >= -1e-6 * np.abs(grams[0]).max()  # projected onto PSD
+    assert np.all(np.isfinite(fitted.coef_))
+    # noise is there: the DP fit is not the exact one
+    exact = DoseAdjuster(gamma=0.9, iterations=4).fit(t)
+    assert np.max(np.abs(fitted.coef_ - exact.coef_)) > 1e-3
+
+
+def test_a_dp_site_refuses_a_fit_its_remaining_budget_cannot_pay_and_records_nothing(clinics, tmp_path):
+    from client.adjustment_handlers import AdjusterBudget, private_scaling_sums
+    from client.ledger import BudgetExhausted, PrivacyLedger
+
+    t = site_transitions(*clinics[0])
+    ledger = PrivacyLedger.open(tmp_path / "ledger.json", epsilon_budget=3.0, delta=1e-5)
+    ledger.record(noise_multiplier=0.9, sample_rate=1.0, steps=2, run_id="ann", server_round=1)  # ≈ 2.8 spent
+    before = ledger.spent()
+    budget = AdjusterBudget.plan(ledger, _dp_config(), iterations=25)
+    with pytest.raises(BudgetExhausted, match="exhausted"):
+        private_scaling_sums(t, budget, np.random.default_rng(0), run_id=1)
+    assert ledger.spent() == before and len(ledger.entries) == 1
+    with pytest.raises(BudgetExhausted, match="adjuster_share = 0"):
+        AdjusterBudget.plan(ledger, _dp_config(share=0.0), iterations=25)
+
+
+def test_the_ann_plans_for_the_budget_left_after_the_adjusters_share():
+    from client.adjustment_handlers import DEFAULT_ADJUSTER_SHARE, adjuster_epsilon
+
+    assert adjuster_epsilon(_dp_config(epsilon=3.0, share=0.25)) == pytest.approx(0.75)
+    assert adjuster_epsilon({"privacy": {"dp": True, "epsilon": 3.0, "delta": 1e-5}}) == 3.0 * DEFAULT_ADJUSTER_SHARE
+    assert adjuster_epsilon({"privacy": {"dp": False, "epsilon": 3.0, "delta": 1e-5}}) == 0.0
+    with pytest.raises(ValueError, match="adjuster_share"):
+        adjuster_epsilon(_dp_config(share=1.0))
+
+
+@pytest.mark.slow
+def test_flower_federated_fitted_q_runs_with_dp_sites_and_charges_their_ledgers(tmp_path):
+    """Three simulated DP sites (site.toml dp = true, ε = 3, the simulator's default) in Flower's simulation
+    runtime: the fit completes, every site reports its ε, and every ledger holds 1 + iterations releases
+    within the adjuster's share (0.2 × 3)."""
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    from client.app import LEDGER_FILE, SiteSource, make_client_app
+    from client.ledger import PrivacyLedger
+    from server.adjustment_phase import fit_adjuster
+    from server.app import wait_for_nodes
+    from simulation.clinics import SitePrivacy, generate_sites
+
+    world = generate_sites(3, seed=2, out=tmp_path / "sites", patients_per_clinic=40, privacy=SitePrivacy(dp=True))
+    folders = [tmp_path / "sites" / c.name for c in world.clinics]
+    for folder in folders:  # the sites opt in (the default share is 0): [privacy] is site.toml's last section
+        with open(folder / "site.toml", "a") as toml:
+            toml.write("adjuster_share = 0.2\n")
+    out = tmp_path / "adjuster.json"
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context) -> None:
+        nodes = sorted(wait_for_nodes(grid, 3))
+        fitted = fit_adjuster(grid, nodes, {"split-seed": 3, "fqi-gamma": 0.9, "fqi-iterations": 3})
+        out.write_text(json.dumps({"adjuster": fitted.to_dict(), "privacy": list(fitted.privacy_.values())}))
+
+    run_simulation(server_app=server, client_app=make_client_app([SiteSource(f) for f in folders]),
+                   num_supernodes=3, backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                                     "init_args": {"num_cpus": 2}})
+    result = json.loads(out.read_text())
+    fitted = DoseAdjuster.from_dict(result["adjuster"])
+    assert np.all(np.isfinite(fitted.coef_)) and len(result["privacy"]) == 3
+    for folder in folders:
+        ledger = PrivacyLedger.open(folder / LEDGER_FILE, epsilon_budget=3.0, delta=1e-5)
+        assert len(ledger.history) == 1 and ledger.history[0][1:] == (1.0, 4)
+        assert ledger.spent() <= 0.6 + 1e-9
+    assert all(p["epsilon-spent"] <= 0.6 + 1e-9 and p["epsilon-adjuster"] == pytest.approx(0.6)
+               for p in result["privacy"])
