@@ -191,8 +191,9 @@ def run_federation(grid: Grid, settings: RunSettings, on_round: Callable[[int], 
         importance_config["family"] = "xgboost"
         record["importance"]["xgboost"] = federated_importance(grid, nodes, encoder, importance_config,
                                                                ConfigRecord(dict(boosted.models)))
-    record["policy"] = policy_phase(grid, nodes, sites, encoder, record, settings, run_id) if settings.signing_key \
-        else None
+    # The dosing policy needs the built-in task (formulations, doses, outcomes); a generic task gets none.
+    builds_policy = bool(settings.signing_key) and not settings.task_path
+    record["policy"] = policy_phase(grid, nodes, sites, encoder, record, settings, run_id) if builds_policy else None
     (out / "federation.json").write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
     return record
 

@@ -72,6 +72,7 @@ def test_simulate_on_real_liposome_data_split_into_three_csv_sites(tmp_path, mon
         assert set(model["overall"]["cluster"]) >= {"auc", "accuracy", "balanced_accuracy"}
     assert results["privacy"] == {}  # CSV sites have no site.toml: no DP unless a site asks for it
     assert (out / "report.md").exists() and (out / "learning_curves.png").exists()
+    assert results["policy"] is None and not (out / "kit").exists()  # a dosing policy needs the built-in task
 
 
 def test_provision_prints_the_next_commands_and_refuses_to_overwrite(tmp_path):
