@@ -10,8 +10,18 @@ histograms: sums over rows, never a row.
 - ``query.hist_ranges``: per encoded feature, the minimum and maximum of the site's rows (the statistics
   phase has already released the same minima and maxima of the raw columns).
 - ``query.hist_bins``: per feature, row counts on the grid between the federated minimum and maximum.
-- ``query.hist_level``: for the frontier nodes of the round's trees, the fixed-point histograms of the
-  objective's gradients and hessians at the margins of the trees so far (sent with the request).
+- ``query.hist_cells``: per feature, row counts on a finer partition the server sends (the grid with its
+  crowded cells split, ``shared.hist_boosting.global_thresholds``); asked at most ``REFINE_PASSES`` times.
+- ``query.hist_level``: for the requested frontier nodes of the round's trees (one child per split parent,
+  the server derives the sibling by subtraction), the fixed-point histograms of the objective's gradients and
+  hessians at the margins of the trees so far (sent with the request), each feature's own bins only.
+
+What the counts disclose. Summed over sites (and masked, so the server sees only the sum), the grid and
+cell counts are the pooled histogram of each feature at the resolution of the final cells: where rows
+crowd, cells are split until each holds one distinct value, so for a small table the server learns the
+pooled multiset of each column's values to about float32 precision (not which site or row holds them) —
+as much as XGBoost's own cut points, which the exported trees carry anyway. A cell holding a single row
+is never split further. Under DP every count release is noised like the grid counts below.
 
 Differential privacy. When the run grants this phase an ε (``dp-epsilon`` > 0), every grid-count and
 histogram release is a Gaussian mechanism (Dwork & Roth 2014, App. A) on the site's sums: one row changes
@@ -46,6 +56,7 @@ from shared.hist_records import thresholds_from_record, trees_from_record
 QUERY_KEYS = "hist_keys"
 QUERY_RANGES = "hist_ranges"
 QUERY_BINS = "hist_bins"
+QUERY_CELLS = "hist_cells"
 QUERY_LEVEL = "hist_level"
 STATE_KEY = "hist-secure-sum"
 ERROR_HIST_REQUEST = 4004
@@ -99,9 +110,19 @@ def bin_counts(x: np.ndarray, arrays: ArrayRecord, noise: Noise | None) -> np.nd
     return counts
 
 
+def partition_counts(x: np.ndarray, arrays: ArrayRecord, noise: Noise | None) -> np.ndarray:
+    """Fixed-point counts on the server's refined partition (every feature's cells, concatenated), noised when
+    ``noise`` is given (one row is in one cell per feature, as on the grid)."""
+    bounds = hb.unpack_thresholds(arrays["cell-bounds"].numpy(), arrays["cell-offsets"].numpy())
+    counts = hb.to_fixed(np.concatenate(hb.cell_counts(x, bounds)).astype(np.float64))
+    if noise is not None:
+        counts = counts + noise.fixed(counts.shape, sd=noise.sigma * math.sqrt(x.shape[1]))
+    return counts
+
+
 def level_histograms(config: ConfigRecord, arrays: ArrayRecord, x: np.ndarray, y: np.ndarray,
                      noise: Noise | None) -> np.ndarray:
-    """Fixed-point histograms (frontier, features, width, 2) of this level, noised when ``noise`` is given."""
+    """Fixed-point histograms of the requested nodes, packed (nodes, Σ feature bins, 2), noised when asked."""
     objective = str(config["objective"])
     thresholds = thresholds_from_record(arrays)
     bins = hb.bin_rows(x, thresholds)
@@ -115,14 +136,11 @@ def level_histograms(config: ConfigRecord, arrays: ArrayRecord, x: np.ndarray, y
         g = np.clip(g, -clip, clip)
     positions = hb.frontier_positions(trees_from_record(arrays, "growing"), bins)
     frontier = [(int(k), int(node)) for k, node in arrays["frontier"].numpy()]
-    if bool(config["last-level"]):  # leaves: only node totals matter
-        bins, width = np.zeros((len(x), 1), np.int32), 1
-    else:
-        width = hb.n_bins(thresholds)
-    histograms = hb.level_histograms(bins, positions, frontier, g, h, width)
+    histograms = hb.pack_histograms(hb.level_histograms(bins, positions, frontier, g, h, hb.n_bins(thresholds)),
+                                    hb.feature_widths(thresholds))
     if noise is not None:
         trees = len({k for k, _ in frontier})
-        delta = math.sqrt(2 * trees * bins.shape[1])
+        delta = math.sqrt(2 * trees * len(thresholds))  # a row: one requested node per tree, one bin per feature
         g_bound = clip if objective == "reg:squarederror" else 1.0
         histograms[..., 0] += noise.fixed(histograms.shape[:-1], sd=noise.sigma * delta * g_bound)
         histograms[..., 1] += noise.fixed(histograms.shape[:-1], sd=noise.sigma * delta * HESSIAN_BOUNDS[objective])
@@ -178,7 +196,7 @@ def register_hist(client: ClientApp, site_source_fn: Callable[[Context], Any], l
                   ledger_fn: Callable[[Any, Any], PrivacyLedger | None]) -> ClientApp:
     """Add the ``query.hist_*`` handlers to ``client`` (arguments as ``client.analytics.register_analytics``)."""
     client.query(QUERY_KEYS)(_keys)
-    for name in (QUERY_RANGES, QUERY_BINS, QUERY_LEVEL):
+    for name in (QUERY_RANGES, QUERY_BINS, QUERY_CELLS, QUERY_LEVEL):
         client.query(name)(_handler(name, site_source_fn, load_fn, ledger_fn))
     return client
 
@@ -223,6 +241,9 @@ def _answer(name: str, msg: Message, context: Context, site: Any, ledger: Privac
         return ranges(x)
     if name == QUERY_BINS:
         counts = bin_counts(x, arrays, release_noise(config, ledger, context.run_id))
+        return ArrayRecord({"counts": masked(counts, config, context)})
+    if name == QUERY_CELLS:
+        counts = partition_counts(x, arrays, release_noise(config, ledger, context.run_id))
         return ArrayRecord({"counts": masked(counts, config, context)})
     x, y = labelled_rows(config, x, targets)
     histograms = level_histograms(config, arrays, x, y, release_noise(config, ledger, context.run_id))

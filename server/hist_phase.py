@@ -7,11 +7,14 @@ histogram-based federated XGBoost), over Flower's Grid with query messages (reco
 1. ``query.hist_ranges`` — every site's per-feature min / max; the server keeps the overall ones.
 2. ``query.hist_keys`` — with secure summation on: every site's X25519 public key, relayed to all
    (``client.secure_sum``).
-3. ``query.hist_bins`` — grid counts per feature, summed; the server cuts global bins
-   (``shared.hist_boosting.thresholds_from_counts``) and sends them with every later message.
-4. per head, per boosting round, per depth level: ``query.hist_level`` with the trees so far; every site
-   answers the fixed-point histograms of the frontier nodes; the server sums them and decides the splits
-   and leaf weights (``shared.hist_boosting.LevelGrower``). The deepest level asks only node totals.
+3. ``query.hist_bins`` — grid counts per feature, summed; then up to ``REFINE_PASSES`` times
+   ``query.hist_cells`` — counts on the grid with its crowded cells split, summed; the server cuts global
+   bins (``shared.hist_boosting.global_thresholds``) and sends them with every later message.
+4. per head, per boosting round, per depth level above the deepest: ``query.hist_level`` with the trees so
+   far; every site answers the fixed-point histograms of the requested frontier nodes (at the root, every
+   root; below, one child of each split, the sibling being parent − child: LightGBM's histogram
+   subtraction), each feature's own bins only; the server sums them and decides the splits and leaf weights
+   (``shared.hist_boosting.LevelGrower``). The deepest level's leaves take their sums from their parents.
 
 The heads are those of ``client.boosting.heads`` (one binary booster per class of a multiclass outcome, as
 bagging, cyclic and the pooled baseline use), so the outcome (XGBoost JSON per head) feeds the same
@@ -52,6 +55,7 @@ if TYPE_CHECKING:
 HIST_RANGES = "query.hist_ranges"
 HIST_KEYS = "query.hist_keys"
 HIST_BINS = "query.hist_bins"
+HIST_CELLS = "query.hist_cells"
 HIST_LEVEL = "query.hist_level"
 TRAFFIC_FILE = "xgb_hist_traffic.json"
 OBJECTIVES = {"binary": "binary:logistic", "regression": "reg:squarederror", "multiclass": "multi:softprob"}
@@ -105,8 +109,9 @@ class HistSettings:
                                                                   max_depth=settings.xgb_max_depth))
 
     def releases(self, n_heads: int) -> int:
-        """Noised releases of the phase at each site: the grid counts, then every level of every tree."""
-        return 1 + n_heads * self.rounds * (self.tree.max_depth + 1)
+        """Most noised releases of the phase at each site: the grid counts and their refinements, then every
+        level of every tree but the deepest (whose leaves are summed from their parents' histograms)."""
+        return 1 + hb.REFINE_PASSES + n_heads * self.rounds * max(1, self.tree.max_depth)
 
 
 @dataclass(frozen=True)
@@ -243,10 +248,16 @@ def global_ranges(session: HistSession, failures: dict[int, str]) -> tuple[np.nd
 
 
 def global_thresholds(session: HistSession, lo: np.ndarray, hi: np.ndarray) -> list[np.ndarray]:
-    """Bins every site shares: summed grid counts cut into at most ``max_bin`` bins per feature."""
-    arrays = ArrayRecord({"lo": Array(lo), "hi": Array(hi)})
-    counts = hb.from_fixed(session.summed(HIST_BINS, {}, arrays, "counts"))
-    return hb.thresholds_from_counts(counts, lo, hi, session.settings.max_bin)
+    """Bins every site shares: summed grid counts, refined where rows crowd, cut into ``max_bin`` bins per feature."""
+    grid = hb.from_fixed(session.summed(HIST_BINS, {}, ArrayRecord({"lo": Array(lo), "hi": Array(hi)}), "counts"))
+
+    def summed_cell_counts(bounds: list[np.ndarray]) -> list[np.ndarray]:
+        values, offsets = hb.pack_thresholds(bounds)
+        arrays = ArrayRecord({"cell-bounds": Array(values), "cell-offsets": Array(offsets)})
+        counts = hb.from_fixed(session.summed(HIST_CELLS, {}, arrays, "counts"))
+        return np.split(counts, np.cumsum([len(b) + 1 for b in bounds])[:-1])
+
+    return hb.global_thresholds(grid, lo, hi, summed_cell_counts, session.settings.max_bin)
 
 
 def grow_round(session: HistSession, spec: HeadSpec, thresholds: list[np.ndarray],
@@ -257,12 +268,13 @@ def grow_round(session: HistSession, spec: HeadSpec, thresholds: list[np.ndarray
                    "objective": spec.objective, "n-outputs": spec.n_outputs,
                    "base-margin": hb.base_margin(spec.objective, spec.base_score)}
     model = trees_record([tree for trees in finished for tree in trees], "model")
+    widths = hb.feature_widths(thresholds)
     while not grower.done:
+        requested = np.array(grower.requested, dtype=np.int64).reshape(-1, 2)
         arrays = merge(thresholds_record(thresholds), model, trees_record(grower.trees, "growing"),
-                       ArrayRecord({"frontier": Array(np.array(grower.frontier, dtype=np.int64).reshape(-1, 2))}))
-        histograms = session.summed(HIST_LEVEL, {**head_config, "last-level": grower.last_level}, arrays,
-                                    "histograms")
-        grower.grow(histograms)
+                       ArrayRecord({"frontier": Array(requested)}))
+        packed = session.summed(HIST_LEVEL, head_config, arrays, "histograms")
+        grower.grow(hb.unpack_histograms(packed, widths))
     return grower.trees
 
 

@@ -9,9 +9,10 @@ Intelligent Systems 2021, and of NVIDIA FLARE's histogram-based federated XGBoos
 pieces both sides share, in the order a run uses them:
 
 1. **Global bins.** Every site counts its rows of each feature on a uniform grid of ``N_CELLS`` cells
-   between the federated minimum and maximum (:func:`grid_counts`); the server adds the counts and cuts
-   each feature into at most ``max_bin`` bins of about equal total count, at cell boundaries
-   (:func:`thresholds_from_counts`): a weighted quantile sketch of the pooled column built from
+   between the federated minimum and maximum (:func:`grid_counts`); the server adds the counts, splits the
+   cells where rows crowd into finer cells that every site counts again (:func:`cell_counts`, up to
+   ``REFINE_PASSES`` times), and cuts each feature into at most ``max_bin`` bins of about equal total count,
+   at cell boundaries (:func:`global_thresholds`): a quantile sketch of the pooled column built from
    mergeable histograms (Ben-Haim & Tom-Tov, "A Streaming Parallel Decision Tree Algorithm", JMLR 2010).
    When a feature has at most ``max_bin`` occupied cells, every occupied cell gets its own bin (as XGBoost
    gives every distinct value its own bin when there are few). A row's bin is
@@ -20,7 +21,8 @@ pieces both sides share, in the order a run uses them:
 2. **Gradients** of the objective at the current margins (:func:`gradients`): ``binary:logistic``,
    ``reg:squarederror`` and ``multi:softprob`` (one tree per class and round, as XGBoost does), with
    XGBoost's hessians (``p(1 − p)``, ``1``, ``2p(1 − p)``).
-3. **Histograms** per (tree, node, feature, bin) of g and h in fixed point (:func:`level_histograms`):
+3. **Histograms** per (tree, node, feature, bin) of g and h in fixed point (:func:`level_histograms`;
+   below the root only one child per split is needed, see :class:`LevelGrower`):
    integers ``round(v · 2^FIXED_POINT_BITS)`` per row, summed in int64. Integer sums do not depend on the
    order of addition, so a federated sum is bit-for-bit the pooled sum; they are also what secure
    summation (``client.secure_sum``) masks modulo 2^64.
@@ -37,6 +39,7 @@ the export to XGBoost's JSON model is :mod:`shared.xgboost_json`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,6 +51,17 @@ fine enough that distinct values of a small table rarely share a cell (120 norma
 
 MAX_BIN = 256
 """XGBoost's default ``max_bin``."""
+
+REFINE_PASSES = 2
+"""Refinement passes after the grid counts (one message each): 8192 · 64 · 64 = 2^25 cells of the range, finer
+than float32's 24-bit significand, so two passes separate any two distinct float32 values in the upper half of
+the range (and almost all others)."""
+
+REFINE_SPLIT = 64
+"""Sub-cells a crowded cell is split into in one refinement pass."""
+
+MAX_REFINED_CELLS = 128
+"""Cells split per feature and pass: at most 128 · 63 new boundaries, the size of the first grid."""
 
 FIXED_POINT_BITS = 32
 """Histogram entries are integers ``round(v · 2^32)``: resolution 2.3e-10 per row; int64 holds sums below 2^31."""
@@ -111,8 +125,108 @@ def feature_thresholds(counts: np.ndarray, bounds: np.ndarray, max_bin: int = MA
 
 def thresholds_from_counts(counts: np.ndarray, lo: np.ndarray, hi: np.ndarray, max_bin: int = MAX_BIN,
                            n_cells: int = N_CELLS) -> list[np.ndarray]:
-    """Every feature's bin thresholds from the summed grid counts (features, n_cells)."""
+    """Every feature's bin thresholds from the summed grid counts (features, n_cells), without refinement."""
     return [feature_thresholds(counts[f], cell_bounds(lo[f], hi[f], n_cells), max_bin) for f in range(len(counts))]
+
+
+@dataclass(frozen=True)
+class Cells:
+    """One feature's partition of the line into cells, and the (summed) number of rows in each.
+
+    Cell ``i`` is ``[bounds[i − 1], bounds[i])`` (the first and last cells are open towards ∓∞, and the
+    federated minimum and maximum ``lo`` / ``hi`` bound them in practice), so a value's cell is
+    ``searchsorted(bounds, x, side="right")``, the rule of :func:`bin_rows`.
+    """
+
+    bounds: np.ndarray  # float32, increasing, unique: the inner boundaries
+    counts: np.ndarray  # float64, len(bounds) + 1
+
+
+def compact(bounds: np.ndarray, counts: np.ndarray) -> Cells:
+    """The same partition with every run of empty cells merged into one (drops boundaries between two empty
+    cells). A boundary next to an occupied cell stays, so :func:`feature_thresholds` cuts exactly where it
+    would on the uncompacted cells, and later messages carry about two boundaries per occupied cell."""
+    counts = np.asarray(counts, dtype=np.float64)[:len(bounds) + 1]  # a grid may have lost float32-equal bounds
+    empty = counts < 0.5
+    keep = ~(empty[:-1] & empty[1:])
+    kept_cells = np.concatenate([[True], keep])  # cell i + 1 starts a new cell iff boundary i is kept
+    merged = np.add.reduceat(counts, np.flatnonzero(kept_cells)) if len(counts) else counts
+    return Cells(np.asarray(bounds, dtype=np.float32)[keep], merged)
+
+
+def crowded(cells: Cells, max_bin: int = MAX_BIN, limit: int = MAX_REFINED_CELLS) -> np.ndarray:
+    """The cells worth splitting (at most ``limit``, most crowded first, then lowest index).
+
+    A cell is worth splitting when it holds two rows or more (count ≥ 1.5, so DP-noised counts work) and a
+    bin edge could fall inside it: either the feature has at most ``max_bin`` occupied cells (then every
+    distinct value may get its own bin, as XGBoost gives it) or the cell holds more than ``total / max_bin``
+    rows (a quantile cut of :func:`feature_thresholds` would land inside it).
+    """
+    counts = cells.counts
+    few_values = np.count_nonzero(counts >= 0.5) <= max_bin
+    worth = (counts >= 1.5) & (few_values | (counts > counts.sum() / max_bin))
+    candidates = np.flatnonzero(worth)
+    order = np.argsort(-counts[candidates], kind="stable")
+    return np.sort(candidates[order[:limit]])
+
+
+def refined_bounds(cells: Cells, lo: float, hi: float, max_bin: int = MAX_BIN,
+                   split: int = REFINE_SPLIT) -> np.ndarray:
+    """The partition's boundaries plus ``split − 1`` equally spaced ones inside every :func:`crowded` cell.
+
+    The outer cells are split within ``[lo, hi]``. Boundaries that float32 cannot place strictly inside a
+    cell are dropped, so a cell of equal values stops being split once it is as narrow as float32 allows.
+    """
+    edges = np.concatenate([[lo], cells.bounds.astype(np.float64), [hi]])
+    new = [cells.bounds]
+    for cell in crowded(cells, max_bin):
+        a, b = edges[cell], edges[cell + 1]
+        inner = (a + (b - a) * np.arange(1, split) / split).astype(np.float32)
+        new.append(inner[(inner > a) & (inner < b)])
+    return np.unique(np.concatenate(new).astype(np.float32))
+
+
+def cell_counts(x: np.ndarray, bounds: list[np.ndarray]) -> list[np.ndarray]:
+    """Per feature, how many rows of ``x`` fall in each cell of its partition (int64, len(bounds[f]) + 1)."""
+    x = np.asarray(x, dtype=np.float32)
+    return [np.bincount(np.searchsorted(b, x[:, f], side="right"), minlength=len(b) + 1).astype(np.int64)
+            for f, b in enumerate(bounds)]
+
+
+def global_cells(grid: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                 count: Callable[[list[np.ndarray]], list[np.ndarray]], max_bin: int = MAX_BIN,
+                 passes: int = REFINE_PASSES) -> list[Cells]:
+    """Every feature's final cells: the summed grid counts, refined where rows crowd into a cell.
+
+    A federated quantile summary in the spirit of the mergeable histogram sketches of Ben-Haim & Tom-Tov
+    (JMLR 2010) and of XGBoost's weighted quantile sketch (Chen & Guestrin, KDD 2016, §3.3), exact to merge
+    because every site counts on one partition: the server compacts the grid (:func:`compact`), splits the
+    crowded cells into ``REFINE_SPLIT`` sub-cells (:func:`refined_bounds`), and ``count(bounds)`` returns the
+    counts of all rows on the new partition (a federation sums the sites' :func:`cell_counts`; the pooled
+    learner counts its own rows); up to ``passes`` times, stopping early when nothing is crowded.
+    """
+    cells = [compact(cell_bounds(lo[f], hi[f], grid.shape[1]), grid[f]) for f in range(len(grid))]
+    for _ in range(passes):
+        bounds = [refined_bounds(c, lo[f], hi[f], max_bin) for f, c in enumerate(cells)]
+        if all(len(b) == len(c.bounds) for b, c in zip(bounds, cells, strict=True)):
+            break
+        cells = [compact(b, n) for b, n in zip(bounds, count(bounds), strict=True)]
+    return cells
+
+
+def global_thresholds(grid: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                      count: Callable[[list[np.ndarray]], list[np.ndarray]], max_bin: int = MAX_BIN,
+                      passes: int = REFINE_PASSES) -> list[np.ndarray]:
+    """Every feature's bin thresholds, cut by :func:`feature_thresholds` from its :func:`global_cells`.
+
+    Error bound (the sketch's ε·n): an edge targets the rank ``k · n / max_bin`` and ends the final cell in
+    which the cumulative count first reaches it, so the number of rows below the edge is at least the target
+    and less than the target plus that cell's count: every quantile is off by less than the largest count
+    of a final cell. With at most ``max_bin`` distinct values, refined to float32 resolution, every distinct
+    value gets its own bin (XGBoost's cuts when a feature has few values).
+    """
+    return [feature_thresholds(c.counts, c.bounds, max_bin) for c in global_cells(grid, lo, hi, count, max_bin,
+                                                                                   passes)]
 
 
 def bin_rows(x: np.ndarray, thresholds: list[np.ndarray]) -> np.ndarray:
@@ -220,6 +334,29 @@ def level_histograms(bins: np.ndarray, positions: np.ndarray, frontier: list[tup
         for f in range(n_features):
             np.add.at(out[i, f, :, 0], bins[rows, f], g_fixed[rows, tree])
             np.add.at(out[i, f, :, 1], bins[rows, f], h_fixed[rows, tree])
+    return out
+
+
+def feature_widths(thresholds: list[np.ndarray]) -> np.ndarray:
+    """Bins of each feature (int64)."""
+    return np.array([len(t) + 1 for t in thresholds], dtype=np.int64)
+
+
+def pack_histograms(histograms: np.ndarray, widths: np.ndarray) -> np.ndarray:
+    """Histograms (nodes, features, width, 2) without the padding bins: (nodes, Σ widths, 2).
+
+    Every feature's histogram is as wide as the widest; a 0/1 column has 2 real bins of ``width``, so what
+    a site sends is each feature's own bins only (the padding is zero, and would only carry DP noise)."""
+    return np.concatenate([histograms[:, f, :w] for f, w in enumerate(widths)], axis=1) if len(widths) \
+        else np.zeros((len(histograms), 0, 2), dtype=np.int64)
+
+
+def unpack_histograms(packed: np.ndarray, widths: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`pack_histograms`: zero-padded to (nodes, features, max width, 2)."""
+    out = np.zeros((len(packed), len(widths), int(max(widths, default=1)), 2), dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(widths)])
+    for f, w in enumerate(widths):
+        out[:, f, :w] = packed[:, starts[f]:starts[f] + w]
     return out
 
 
@@ -340,7 +477,15 @@ def best_split(histogram: np.ndarray, params: TreeParams) -> Split:
 
 
 class LevelGrower:
-    """Grows the trees of one boosting round level by level from (summed) frontier histograms.
+    """Grows the trees of one boosting round level by level from (summed) histograms of the frontier nodes.
+
+    Histogram subtraction (LightGBM, Ke et al., NeurIPS 2017, §2: "the histogram of a leaf can be obtained by
+    the difference of its parent's and its neighbor's histograms"): below the roots, only one child of each
+    pair of siblings is asked for (:attr:`requested`: the one with the smaller hessian sum, the left on a
+    tie), and the grower derives the other as parent − child. In fixed-point integers the difference is the
+    sibling's own histogram bit for bit, so the trees do not change and sites send half the histograms. The
+    children of the deepest split level are leaves, whose G and H the grower reads off the parent's histogram
+    (the bins left and right of the split), so that level is never asked for.
 
     Parameters
     ----------
@@ -350,7 +495,7 @@ class LevelGrower:
         Every feature's bin thresholds (for the split values of the exported trees).
     params : TreeParams
 
-    Use: while not ``done``: histograms of ``frontier`` → :meth:`grow`. Then ``trees``.
+    Use: while not ``done``: histograms of ``requested`` → :meth:`grow`. Then ``trees``.
     """
 
     def __init__(self, n_trees: int, thresholds: list[np.ndarray], params: TreeParams) -> None:
@@ -359,6 +504,7 @@ class LevelGrower:
         self.trees = [Tree() for _ in range(n_trees)]
         self.frontier: list[tuple[int, int]] = [(k, 0) for k in range(n_trees)]
         self.depth = 0
+        self.parent_histograms: dict[tuple[int, int], np.ndarray] = {}
 
     @property
     def done(self) -> bool:
@@ -366,32 +512,76 @@ class LevelGrower:
 
     @property
     def last_level(self) -> bool:
-        """At the deepest level only node totals matter (the nodes become leaves)."""
+        """At the deepest level the nodes become leaves."""
         return self.depth >= self.params.max_depth
 
-    def grow(self, histograms: np.ndarray) -> None:
-        """Set the frontier nodes from their histograms (frontier, features, width, 2): split or leaf."""
-        if len(histograms) != len(self.frontier):
-            raise ValueError(f"LevelGrower.grow: expected histograms for {len(self.frontier)} frontier nodes, "
+    @property
+    def requested(self) -> list[tuple[int, int]]:
+        """The frontier nodes whose histograms :meth:`grow` needs: every root; below, one child per parent."""
+        if self.depth == 0:
+            return list(self.frontier)
+        asked = []
+        for (k, left), (_, right) in zip(self.frontier[0::2], self.frontier[1::2], strict=True):
+            hessian = self.trees[k].hessian
+            asked.append((k, left if hessian[left] <= hessian[right] else right))
+        return asked
+
+    def frontier_histograms(self, histograms: np.ndarray) -> list[np.ndarray]:
+        """Histograms of every frontier node from those of :attr:`requested`: the others by subtraction."""
+        requested = self.requested
+        if len(histograms) != len(requested):
+            raise ValueError(f"LevelGrower.grow: expected histograms for {len(requested)} requested nodes, "
                              f"got {len(histograms)}")
-        next_frontier = []
-        for (k, node), histogram in zip(self.frontier, histograms, strict=True):
+        given = dict(zip(requested, histograms, strict=True))
+        full = []
+        for k, node in self.frontier:
+            if (k, node) in given:
+                full.append(given[(k, node)])
+                continue
             tree = self.trees[k]
-            g_total, h_total = node_totals(histogram)
-            tree.hessian[node] = h_total
-            tree.weight[node] = leaf_weight(g_total, h_total, self.params)
-            tree.leaf_value[node] = self.params.learning_rate * tree.weight[node]
+            parent = tree.parent[node]
+            sibling = tree.left[parent] if tree.right[parent] == node else tree.right[parent]
+            full.append(self.parent_histograms[(k, parent)] - given[(k, sibling)])
+        return full
+
+    def grow(self, histograms: np.ndarray) -> None:
+        """Set the frontier nodes from the histograms of :attr:`requested` (features, width, 2 each)."""
+        next_frontier, parents = [], {}
+        for (k, node), histogram in zip(self.frontier, self.frontier_histograms(histograms), strict=True):
+            tree = self.trees[k]
+            self.set_node(tree, node, *node_totals(histogram))
             split = Split(LEAF, 0, 0.0) if self.last_level else best_split(histogram, self.params)
             if split.feature == LEAF:
                 continue
             tree.feature[node], tree.split_bin[node], tree.gain[node] = split.feature, split.split_bin, split.gain
             tree.threshold[node] = float(self.thresholds[split.feature][split.split_bin])
-            next_frontier += [(k, child) for child in tree.add_children(node)]
-        self.frontier = next_frontier
+            children = tree.add_children(node)
+            for child, totals in zip(children, children_totals(histogram, split), strict=True):
+                self.set_node(tree, child, *totals)
+            parents[(k, node)] = histogram
+            next_frontier += [(k, child) for child in children]
+        self.frontier, self.parent_histograms = next_frontier, parents
         self.depth += 1
+        if self.last_level:  # the children just made are leaves: their totals came from the parents
+            self.frontier, self.parent_histograms = [], {}
         if self.done:
             for tree in self.trees:
                 prune(tree, self.params.gamma)
+
+    def set_node(self, tree: Tree, node: int, gradient: float, hessian: float) -> None:
+        """A node's hessian sum, weight and (shrunk) leaf value from its G and H."""
+        tree.hessian[node] = hessian
+        tree.weight[node] = leaf_weight(gradient, hessian, self.params)
+        tree.leaf_value[node] = self.params.learning_rate * tree.weight[node]
+
+
+def children_totals(histogram: np.ndarray, split: Split) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(G, H) of the left and right child of a split, summed in fixed point from the parent's histogram."""
+    column = histogram[split.feature]
+    left = column[:split.split_bin + 1].sum(axis=0)
+    right = column.sum(axis=0) - left
+    (g_left, h_left), (g_right, h_right) = from_fixed(left), from_fixed(right)
+    return (float(g_left), float(h_left)), (float(g_right), float(h_right))
 
 
 def prune(tree: Tree, gamma: float) -> None:

@@ -1,6 +1,6 @@
 """The pooled reference learner of histogram gradient boosting, with the scikit-learn API.
 
-It runs the same algorithm as the federation (``shared.hist_boosting``: global bins from grid counts, fixed-
+It runs the same algorithm as the federation (``shared.hist_boosting``: global bins from refined grid counts, fixed-
 point gradient/hessian histograms, XGBoost's split gain, level-wise growth) on one table. With the same bins
 and DP and masking off, a federated run over sites holding the rows of this table grows the same trees bit
 for bit: that is the exactness test. Algorithm: Chen & Guestrin, "XGBoost", KDD 2016 (``tree_method="hist"``).
@@ -89,12 +89,7 @@ class HistGradientBoosting:
         width = hb.n_bins(self.thresholds_)
         while not grower.done:
             positions = hb.frontier_positions(grower.trees, bins)
-            if grower.last_level:
-                histograms = hb.level_histograms(np.zeros((len(bins), 1), np.int32), positions, grower.frontier,
-                                                 g, h, 1)
-            else:
-                histograms = hb.level_histograms(bins, positions, grower.frontier, g, h, width)
-            grower.grow(histograms)
+            grower.grow(hb.level_histograms(bins, positions, grower.requested, g, h, width))
         return grower.trees
 
     def decision_function(self, x: np.ndarray) -> np.ndarray:
@@ -119,9 +114,9 @@ class HistGradientBoosting:
 
 
 def pooled_thresholds(x: np.ndarray, max_bin: int = hb.MAX_BIN) -> list[np.ndarray]:
-    """Bins of a pooled table: its min / max, its grid counts, cut as every federation cuts them."""
+    """Bins of a pooled table: its min / max, its grid counts and refinements, cut as every federation cuts them."""
     lo, hi = x.min(axis=0).astype(np.float64), x.max(axis=0).astype(np.float64)
-    return hb.thresholds_from_counts(hb.grid_counts(x, lo, hi), lo, hi, max_bin)
+    return hb.global_thresholds(hb.grid_counts(x, lo, hi), lo, hi, lambda bounds: hb.cell_counts(x, bounds), max_bin)
 
 
 def _check_xy(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

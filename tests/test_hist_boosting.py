@@ -68,6 +68,70 @@ def test_a_constant_feature_has_one_bin():
     assert hb.bin_rows(x, pooled_thresholds(x)).max() == 0
 
 
+def federated_thresholds(sites, max_bin=hb.MAX_BIN):
+    """What the server cuts from the sites' summed grid and cell counts (the protocol without Flower)."""
+    lo = np.min([s.min(axis=0) for s in sites], axis=0).astype(float)
+    hi = np.max([s.max(axis=0) for s in sites], axis=0).astype(float)
+    grid = sum(hb.grid_counts(s, lo, hi) for s in sites)
+    asked = []
+
+    def summed_cell_counts(bounds):
+        asked.append(bounds)
+        per_site = [hb.cell_counts(s, bounds) for s in sites]
+        return [sum(counts[f] for counts in per_site) for f in range(len(bounds))]
+
+    return hb.global_thresholds(grid, lo, hi, summed_cell_counts, max_bin), asked
+
+
+def skewed_column(n=60, seed=4):
+    """A feature like the liposome table's worst: ~46 distinct values, most near 0, a few far out."""
+    rng = np.random.default_rng(seed)
+    values = np.unique(np.concatenate([np.round(rng.exponential(0.02, 42), 4), [3.0, 40.0, 350.0, 1000.0]]))
+    return np.concatenate([values, rng.choice(values, n - len(values))]).astype(np.float32)[:, None]
+
+
+def test_a_skewed_feature_gets_one_bin_per_distinct_value_after_refinement_like_xgboost():
+    x = skewed_column()
+    lo, hi = x.min(axis=0).astype(float), x.max(axis=0).astype(float)
+    grid_only = hb.thresholds_from_counts(hb.grid_counts(x, lo, hi), lo, hi)[0]
+    refined = pooled_thresholds(x)[0]
+    distinct = np.unique(x[:, 0])
+    assert len(grid_only) + 1 < len(distinct) - 10  # the uniform grid merges the crowded small values
+    assert len(refined) + 1 == len(distinct)
+    bins = hb.bin_rows(x, [refined])[:, 0]
+    assert np.array_equal(bins, np.searchsorted(distinct, x[:, 0]))  # bin = rank of the value, as in XGBoost
+
+
+def test_every_site_gets_the_same_edges_and_they_equal_the_pooled_edges_of_the_union():
+    x = np.column_stack([skewed_column(90)[:, 0], table(90)[0][:, :3]])
+    sites = [x[:20], x[20:55], x[55:]]
+    federated, asked = federated_thresholds(sites)
+    pooled = pooled_thresholds(x)
+    assert 1 <= len(asked) <= hb.REFINE_PASSES  # the refinement passes were used, and no more than allowed
+    for ours, theirs in zip(federated, pooled, strict=True):
+        assert ours.dtype == np.float32 and np.array_equal(ours, theirs)
+    site_bins = np.concatenate([hb.bin_rows(s, federated) for s in sites])
+    assert np.array_equal(site_bins, hb.bin_rows(x, pooled))
+
+
+def test_quantile_edges_of_many_values_are_within_the_sketchs_stated_rank_error():
+    rng = np.random.default_rng(7)
+    x = rng.lognormal(0, 2, (8000, 1)).astype(np.float32)  # skewed: most rows in the first grid cells
+    sites, max_bin = np.array_split(x, 4), 32
+    thresholds, _ = federated_thresholds(sites, max_bin)
+    lo, hi = x.min(axis=0).astype(float), x.max(axis=0).astype(float)
+    cells = hb.global_cells(hb.grid_counts(x, lo, hi), lo, hi, lambda b: hb.cell_counts(x, b), max_bin)[0]
+    error = cells.counts.max()  # the stated bound: the largest final cell
+    assert error <= len(x) / max_bin  # refined until no cell holds a quantile step; the first grid did not:
+    assert hb.grid_counts(x, lo, hi).max() > len(x) / max_bin
+    below = np.searchsorted(np.sort(x[:, 0]), thresholds[0], side="left")  # rows below each edge
+    targets = np.arange(1, max_bin) * len(x) / max_bin
+    assert len(thresholds[0]) == max_bin - 1
+    assert np.all((below >= targets) & (below < targets + error))
+    exact = np.quantile(x[:, 0], np.arange(1, max_bin) / max_bin, method="inverted_cdf")  # pooled quantiles
+    assert np.all(np.abs(below - np.searchsorted(np.sort(x[:, 0]), exact, side="left")) <= error)
+
+
 # -- histograms and splits -------------------------------------------------------------------------------
 
 
@@ -83,6 +147,46 @@ def test_fixed_point_histograms_of_site_parts_sum_to_the_pooled_histogram_exactl
                  for p in parts)
     assert np.array_equal(summed, pooled)
     assert hb.node_totals(pooled[0]) == pytest.approx((g.sum(), h.sum()), abs=1e-7)
+
+
+def test_the_servers_derived_sibling_histogram_equals_the_one_the_sites_would_send():
+    x, labels = table()
+    thresholds = pooled_thresholds(x)
+    bins, width = hb.bin_rows(x, thresholds), hb.n_bins(thresholds)
+    g, h = hb.gradients("binary:logistic", labels["binary:logistic"], np.zeros((len(x), 1)))
+    sites = [slice(0, 30), slice(30, 75), slice(75, 120)]
+
+    def summed(nodes, trees):  # what the server gets: the sum of the sites' histograms of ``nodes``
+        positions = hb.frontier_positions(trees, bins)
+        return sum(hb.level_histograms(bins[s], positions[:, s], nodes, g[s], h[s], width) for s in sites)
+
+    grower = hb.LevelGrower(1, thresholds, hb.TreeParams(max_depth=3))
+    levels = 0
+    while not grower.done:
+        requested = grower.requested
+        assert len(requested) == (1 if grower.depth == 0 else len(grower.frontier) // 2)
+        sent = summed(requested, grower.trees)
+        if grower.depth > 0:
+            derived = grower.frontier_histograms(sent)
+            assert all(np.array_equal(d, a) for d, a in zip(derived, summed(grower.frontier, grower.trees),
+                                                            strict=True))
+        grower.grow(sent)
+        levels += 1
+    assert levels == 3  # depth 3: the deepest level's leaves are summed from their parents, never asked for
+    pooled = HistGradientBoosting(n_estimators=1, max_depth=3).fit(x, labels["binary:logistic"], thresholds)
+    assert grower.trees[0].leaf_value == pooled.rounds_[0][0].leaf_value
+
+
+def test_packed_histograms_drop_only_the_padding_bins():
+    x, labels = table()
+    thresholds = pooled_thresholds(x)
+    bins = hb.bin_rows(x, thresholds)
+    g, h = hb.gradients("binary:logistic", labels["binary:logistic"], np.zeros((len(x), 1)))
+    full = hb.level_histograms(bins, np.zeros((1, len(x)), np.int64), [(0, 0)], g, h, hb.n_bins(thresholds))
+    widths = hb.feature_widths(thresholds)
+    packed = hb.pack_histograms(full, widths)
+    assert packed.shape == (1, widths.sum(), 2) and widths[3] == 2  # the 0/1 column sends 2 bins, not ~120
+    assert np.array_equal(hb.unpack_histograms(packed, widths), full)
 
 
 def test_best_split_uses_xgboosts_gain_and_respects_min_child_weight():
