@@ -224,23 +224,21 @@ def test_a_site_uses_its_training_split_and_reads_the_servers_adjuster(tmp_path)
     np.testing.assert_array_equal(back.scale_, sent.scale_)
 
 
-@pytest.mark.slow
-def test_flower_federated_fitted_q_equals_pooled_fitted_q(tmp_path):
-    """Three simulated sites in Flower's simulation runtime: the ServerApp's fitted-Q from summed site
-    statistics has the pooled fit's coefficients (the same training rows in one place) to 1e-9."""
+def _flower_fit(tmp_path, dp: bool) -> tuple[list, dict]:
+    """Three simulated sites (40 patients each; DP ones opt in with ``adjuster_share = 0.2``) in Flower's
+    simulation runtime; the ServerApp fits the adjuster (γ 0.9, 3 iterations, split seed 3). Returns the site
+    folders and ``{"adjuster": ..., "privacy": [...]}``."""
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
-    from client.adjustment_handlers import training_transitions
     from client.app import SiteSource, make_client_app
     from server.adjustment_phase import fit_adjuster
     from server.app import wait_for_nodes
-    from shared.validation import load_site
     from simulation.clinics import SitePrivacy, generate_sites
 
-    world = generate_sites(3, seed=2, out=tmp_path / "sites", patients_per_clinic=40, privacy=SitePrivacy(dp=False))
+    world = generate_sites(3, seed=2, out=tmp_path / "sites", patients_per_clinic=40, privacy=SitePrivacy(dp=dp))
     folders = [tmp_path / "sites" / c.name for c in world.clinics]
-    for folder in folders:  # the sites opt in (the default share is 0): [privacy] is site.toml's last section
+    for folder in folders if dp else []:  # DP sites opt in (default share 0); [privacy] is the last section
         with open(folder / "site.toml", "a") as toml:
             toml.write("adjuster_share = 0.2\n")
     out = tmp_path / "adjuster.json"
@@ -250,15 +248,26 @@ def test_flower_federated_fitted_q_equals_pooled_fitted_q(tmp_path):
     def main(grid: Grid, context) -> None:
         nodes = sorted(wait_for_nodes(grid, 3))
         fitted = fit_adjuster(grid, nodes, {"split-seed": 3, "fqi-gamma": 0.9, "fqi-iterations": 3})
-        out.write_text(json.dumps(fitted.to_dict()))
+        out.write_text(json.dumps({"adjuster": fitted.to_dict(), "privacy": list(fitted.privacy_.values())}))
 
     run_simulation(server_app=server, client_app=make_client_app([SiteSource(f) for f in folders]),
                    num_supernodes=3, backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                                      "init_args": {"num_cpus": 2}})
-    federated = DoseAdjuster.from_dict(json.loads(out.read_text()))
+    return folders, json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_flower_federated_fitted_q_equals_pooled_fitted_q(tmp_path):
+    """Three simulated sites in Flower's simulation runtime: the ServerApp's fitted-Q from summed site
+    statistics has the pooled fit's coefficients (the same training rows in one place) to 1e-9."""
+    from client.adjustment_handlers import training_transitions
+    from shared.validation import load_site
+
+    folders, result = _flower_fit(tmp_path, dp=False)
+    federated = DoseAdjuster.from_dict(result["adjuster"])
     pooled = DoseAdjuster(gamma=0.9, iterations=3).fit(
         Transitions.concat([training_transitions(load_site(f), split_seed=3) for f in folders]))
-    assert federated.n_transitions_ == pooled.n_transitions_ > 50
+    assert federated.n_transitions_ == pooled.n_transitions_ > 50 and result["privacy"] == []
     np.testing.assert_allclose(federated.coef_, pooled.coef_, rtol=0, atol=1e-9)
     np.testing.assert_allclose(federated.mean_, pooled.mean_, rtol=1e-12)
 
@@ -385,33 +394,10 @@ def test_flower_federated_fitted_q_runs_with_dp_sites_and_charges_their_ledgers(
     """Three simulated DP sites (site.toml dp = true, ε = 3, the simulator's default) in Flower's simulation
     runtime: the fit completes, every site reports its ε, and every ledger holds 1 + iterations releases
     within the adjuster's share (0.2 × 3)."""
-    from flwr.serverapp import Grid, ServerApp
-    from flwr.simulation import run_simulation
-
-    from client.app import LEDGER_FILE, SiteSource, make_client_app
+    from client.app import LEDGER_FILE
     from client.ledger import PrivacyLedger
-    from server.adjustment_phase import fit_adjuster
-    from server.app import wait_for_nodes
-    from simulation.clinics import SitePrivacy, generate_sites
 
-    world = generate_sites(3, seed=2, out=tmp_path / "sites", patients_per_clinic=40, privacy=SitePrivacy(dp=True))
-    folders = [tmp_path / "sites" / c.name for c in world.clinics]
-    for folder in folders:  # the sites opt in (the default share is 0): [privacy] is site.toml's last section
-        with open(folder / "site.toml", "a") as toml:
-            toml.write("adjuster_share = 0.2\n")
-    out = tmp_path / "adjuster.json"
-    server = ServerApp()
-
-    @server.main()
-    def main(grid: Grid, context) -> None:
-        nodes = sorted(wait_for_nodes(grid, 3))
-        fitted = fit_adjuster(grid, nodes, {"split-seed": 3, "fqi-gamma": 0.9, "fqi-iterations": 3})
-        out.write_text(json.dumps({"adjuster": fitted.to_dict(), "privacy": list(fitted.privacy_.values())}))
-
-    run_simulation(server_app=server, client_app=make_client_app([SiteSource(f) for f in folders]),
-                   num_supernodes=3, backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                                     "init_args": {"num_cpus": 2}})
-    result = json.loads(out.read_text())
+    folders, result = _flower_fit(tmp_path, dp=True)
     fitted = DoseAdjuster.from_dict(result["adjuster"])
     assert np.all(np.isfinite(fitted.coef_)) and len(result["privacy"]) == 3
     for folder in folders:
