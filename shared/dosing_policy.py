@@ -96,7 +96,10 @@ class SafetyRules:
       et al., Cancer 2003); the dose is capped at what remains, and treatment stops when less than the
       smallest dose remains;
     - neutropenia: no cycle starts with ANC < 1.0 × 10⁹/L (grade ≥ 3), nor with fever on the wearable and
-      ANC < 1.5 × 10⁹/L or not measured (febrile-neutropenia signs); the cycle is delayed ``withhold_days``.
+      ANC < 1.5 × 10⁹/L or not measured (febrile-neutropenia signs); the cycle is delayed ``withhold_days``;
+    - dose changes between cycles: after a grade ≥ 3 toxicity the next dose is at most 75 % of the previous
+      one (the label's 25 % reduction, never re-escalated within the cycle after), otherwise at most
+      ``max_escalation`` above it (the band the sites' logs cover), never below the smallest dose.
     """
 
     hepatic_bands_umol_l: tuple[float, float] = (20.5, 51.0)
@@ -105,6 +108,8 @@ class SafetyRules:
     anc_withhold_e9_l: float = 1.0
     anc_febrile_e9_l: float = 1.5
     withhold_days: int = 7
+    after_toxicity_factor: float = 0.75
+    max_escalation: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -251,6 +256,8 @@ class DosingPolicy:
         anc = frame["anc_baseline_e9_l"].to_numpy(dtype=float)
         fever = _column(frame, "wearable_fever_days")
         cumulative = frame["cumulative_dose_mg_m2"].to_numpy(dtype=float)
+        previous_dose = _column(frame, "previous_dose_mg_m2")
+        previous_toxicity = _column(frame, "previous_toxicity_grade3")
         for i in range(len(frame)):
             b = bilirubin[i]
             if np.isnan(b) or b > s.hepatic_bands_umol_l[0]:
@@ -278,6 +285,16 @@ class DosingPolicy:
                        f"ANC {anc[i]:g} × 10⁹/L below {s.anc_withhold_e9_l:g} (grade ≥ 3 neutropenia)")
                 rules[i].append(RuleApplied("neutropenia-hold", f"no dose now; re-assess in {s.withhold_days} days",
                                             why))
+            if verdict[i] == "give" and not np.isnan(previous_dose[i]):
+                toxic = previous_toxicity[i] == 1
+                limit = max(previous_dose[i] * (s.after_toxicity_factor if toxic else 1 + s.max_escalation),
+                            space.dose_min_mg_m2)
+                if limit < cap[i]:
+                    cap[i] = limit
+                    why = (f"grade ≥ 3 toxicity in the previous cycle at {previous_dose[i]:g} mg/m² (label: "
+                           f"resume {1 - s.after_toxicity_factor:.0%} lower)" if toxic else
+                           f"previous dose {previous_dose[i]:g} mg/m²: at most +{s.max_escalation:.0%} a cycle")
+                    rules[i].append(RuleApplied("dose-change-limit", f"dose capped at {limit:g} mg/m²", why))
         return cap, verdict
 
     def _candidates(self, frame: pd.DataFrame, cap: np.ndarray, rules: list[list[RuleApplied]]) -> pd.DataFrame:

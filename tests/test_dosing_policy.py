@@ -79,7 +79,7 @@ def rules_of(rec) -> set[str]:
 def test_without_limits_the_highest_scoring_action_is_chosen(encoder):
     # score = 0.01 d − 0.5 (0.004 d + 0.01 max(ζ, 0)): increasing in dose, best with ζ ≤ 0 → the top dose
     # (60 mg/m²) with a negatively charged carrier; tox at 60 = 0.24 is below the 0.35 ceiling.
-    rec = policy(encoder).recommend([record()])[0]
+    rec = policy(encoder).recommend([record(cycle=1, previous_cycle=None, wearable_summary=None)])[0]
     assert rec.action == "give" and rec.formulation_id in ("NP00", "NW00")
     assert rec.dose_mg_m2 == 60.0 and rec.dose_mg == pytest.approx(60.0 * 1.731, abs=0.05)
     assert rec.interval_days == 28  # ovarian: label q4w
@@ -103,6 +103,19 @@ def test_cumulative_limit_caps_then_stops(encoder):
     stopped = policy(encoder).recommend([record(cumulative_dose_mg_m2=545.0)])[0]
     assert stopped.action == "stop" and stopped.dose_mg_m2 == 0.0 and stopped.formulation_id is None
     assert stopped.response is None
+
+
+def test_dose_changes_between_cycles_are_limited_and_reduced_after_toxicity(encoder):
+    # The example's previous cycle: 40 mg/m², no toxicity → at most +25 % = 50 (the models would give 60).
+    rec = policy(encoder).recommend([record()])[0]
+    assert rec.dose_mg_m2 == 50.0
+    assert "previous dose 40 mg/m²" in next(r.reason for r in rec.rules if r.rule == "dose-change-limit")
+    toxic = policy(encoder).recommend([record(**{"previous_cycle.toxicity_grade3": 1})])[0]
+    assert toxic.dose_mg_m2 == 30.0 and "grade ≥ 3 toxicity" in next(
+        r.reason for r in toxic.rules if r.rule == "dose-change-limit")
+    floor = policy(encoder).recommend([record(**{"previous_cycle.toxicity_grade3": 1,
+                                                 "previous_cycle.dose_mg_m2": 10.0})])[0]
+    assert floor.dose_mg_m2 == 10.0  # never below the smallest dose
 
 
 def test_fever_with_low_neutrophils_withholds_the_dose(encoder):
@@ -189,6 +202,6 @@ def test_from_cycle_two_the_adjuster_picks_the_dose_within_its_band_and_keeps_th
     allowed = adjuster.allowed(records_frame([example]), p.action_space.doses(), np.inf)[0]
     assert adjusted.dose_mg_m2 == p.action_space.doses()[np.where(allowed, q, -np.inf).argmax()]
     one_shot = p.recommend([example], adjust=False)[0]
-    assert one_shot.dose_mg_m2 == 60.0 and "fitted-q-adjustment" not in rules_of(one_shot)
+    assert one_shot.dose_mg_m2 == 50.0 and "fitted-q-adjustment" not in rules_of(one_shot)  # 40 + 25 %
     first_cycle = record(cycle=1, previous_cycle=None, wearable_summary=None)
     assert "fitted-q-adjustment" not in rules_of(p.recommend([first_cycle])[0])
