@@ -54,10 +54,11 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.ledger import BudgetExhausted, LedgerError, PrivacyLedger, calibrate_noise
+from client.ledger import BudgetExhausted, PrivacyLedger, calibrate_noise
+from client.site_query import site_query
 from shared.dose_adjustment import (
     FEATURE_NORM_CLIP,
     QUERY_RIDGE,
@@ -74,7 +75,7 @@ from shared.dose_adjustment import (
     target_bound,
 )
 from shared.task import assign_split
-from shared.validation import SiteData, SiteDataError
+from shared.validation import SiteData
 
 ERROR_ADJUSTMENT_REQUEST = 4012
 DEFAULT_ADJUSTER_SHARE = 0.0
@@ -263,43 +264,27 @@ def register_adjustment(client: ClientApp, site_source_fn: Callable[[Context], A
     (raising ``SiteDataError``) and ``ledger_fn(source, site)`` its privacy ledger or None — e.g.
     ``client.app.site_source``, ``client.app.load`` and ``client.app.ledger_for``."""
 
-    def answer(msg: Message, context: Context, name: str) -> Message:
-        from client.app import ERROR_PRIVACY_BUDGET, ERROR_SITE_DATA, error_reply, site_name
-
-        source = site_source_fn(context)
-        try:
-            site = load_fn(source)
-        except SiteDataError as err:
-            return error_reply(msg, ERROR_SITE_DATA, f"{site_name(source)}: {err}")
-        who = site_name(source, site)
-        try:
+    def answer(name: str):
+        def sums(msg: Message, context: Context, site: SiteData, ledger: PrivacyLedger | None,
+                 who: str) -> RecordDict:
             adjuster, split_seed = adjuster_from_request(msg.content)
             transitions = training_transitions(site, split_seed)
-            ledger = ledger_fn(source, site)
             if ledger is None:
-                sums = scaling_sums(transitions) if name == QUERY_SCALING else adjuster.ridge_sums(transitions)
-                return Message(sums_to_records(sums), reply_to=msg)
+                exact = scaling_sums(transitions) if name == QUERY_SCALING else adjuster.ridge_sums(transitions)
+                return sums_to_records(exact)
             budget = AdjusterBudget.plan(ledger, site.config, adjuster.iterations)
             rng = np.random.default_rng()
             if name == QUERY_SCALING:
-                sums = private_scaling_sums(transitions, budget, rng, context.run_id)
+                noisy = private_scaling_sums(transitions, budget, rng, context.run_id)
             else:
                 iteration = int(msg.content["config"]["iteration"])
-                sums = private_ridge_sums(adjuster, transitions, iteration, split_seed, budget, context, rng)
-        except (BudgetExhausted, LedgerError) as err:
-            return Message(Error(code=ERROR_PRIVACY_BUDGET, reason=f"{who} refuses {name}: {err}"), reply_to=msg)
-        except (KeyError, ValueError) as err:
-            return error_reply(msg, ERROR_ADJUSTMENT_REQUEST, f"{who} cannot answer {name}: {err}")
-        content = sums_to_records(sums)
-        content["privacy"] = budget.metrics()
-        return Message(content, reply_to=msg)
+                noisy = private_ridge_sums(adjuster, transitions, iteration, split_seed, budget, context, rng)
+            content = sums_to_records(noisy)
+            content["privacy"] = budget.metrics()
+            return content
 
-    @client.query(QUERY_SCALING)
-    def fqi_scaling(msg: Message, context: Context) -> Message:
-        return answer(msg, context, QUERY_SCALING)
+        return site_query(name, site_source_fn, load_fn, ledger_fn, sums, ERROR_ADJUSTMENT_REQUEST)
 
-    @client.query(QUERY_RIDGE)
-    def fqi_ridge(msg: Message, context: Context) -> Message:
-        return answer(msg, context, QUERY_RIDGE)
-
+    for name in (QUERY_SCALING, QUERY_RIDGE):
+        client.query(name)(answer(name))
     return client

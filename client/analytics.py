@@ -72,6 +72,7 @@ from flwr.clientapp import ClientApp
 from scipy.special import expit, log_expit
 
 from client.ledger import PrivacyLedger, calibrate_noise
+from client.site_query import site_query
 
 QUERY_DESCRIBE = "analytics_describe"
 QUERY_LINEAR = "analytics_linear"
@@ -636,26 +637,9 @@ def register_analytics(client: ClientApp, site_source_fn: Callable[[Context], An
 
 def _handler(name: str, site_source_fn, load_fn, ledger_fn) -> Callable[[Message, Context], Message]:
     """The Flower query handler of one analytics message (load, answer, reply or error)."""
-    def handle(msg: Message, context: Context) -> Message:
-        """Answer one ``query.<name>`` message from this node's site, or reply an error naming why."""
-        from client.app import ERROR_PRIVACY_BUDGET, ERROR_SITE_DATA, error_reply, site_name
-        from client.ledger import BudgetExhausted, LedgerError
-        from shared.validation import SiteDataError
 
-        source = site_source_fn(context)
-        try:
-            site = load_fn(source)
-        except SiteDataError as err:
-            return error_reply(msg, ERROR_SITE_DATA, f"{site_name(source)}: {err}")
+    def answer_query(msg: Message, context: Context, site, ledger: PrivacyLedger | None, who: str) -> RecordDict:
         config, arrays = from_request(msg.content)
-        who = site_name(source, site)
-        try:
-            result = answer(name, site.episodes, config, arrays, ledger_fn(source, site), run_id=context.run_id)
-        except (BudgetExhausted, LedgerError) as err:
-            return error_reply(msg, ERROR_PRIVACY_BUDGET, f"{who} refuses {name}: {err}")
-        except (KeyError, ValueError) as err:
-            return error_reply(msg, ERROR_ANALYTICS_REQUEST, f"{who} cannot answer {name}: {err}")
-        return Message(to_records(result, who), reply_to=msg)
+        return to_records(answer(name, site.episodes, config, arrays, ledger, run_id=context.run_id), who)
 
-    handle.__name__ = name
-    return handle
+    return site_query(name, site_source_fn, load_fn, ledger_fn, answer_query, ERROR_ANALYTICS_REQUEST)

@@ -42,12 +42,13 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import secure_sum
 from client.boosting import Head, head_labels
-from client.ledger import BudgetExhausted, LedgerError, PrivacyLedger, calibrate_noise
+from client.ledger import PrivacyLedger, calibrate_noise
+from client.site_query import site_query
 from client.training import encode, split_site
 from shared import hist_boosting as hb
 from shared.encoding import FeatureEncoder
@@ -211,27 +212,12 @@ def _keys(msg: Message, context: Context) -> Message:
 
 
 def _handler(name: str, site_source_fn, load_fn, ledger_fn) -> Callable[[Message, Context], Message]:
-    def handle(msg: Message, context: Context) -> Message:
-        """Answer one ``query.<name>`` from this node's training split, or reply an error naming why."""
-        from client.app import ERROR_PRIVACY_BUDGET, ERROR_SITE_DATA, site_name
-        from shared.validation import SiteDataError
+    """The query handler of ``query.<name>``, answering from this node's training split."""
 
-        source = site_source_fn(context)
-        try:
-            site = load_fn(source)
-        except SiteDataError as err:
-            return Message(Error(code=ERROR_SITE_DATA, reason=f"{site_name(source)}: {err}"), reply_to=msg)
-        who = site_name(source, site)
-        try:
-            record = _answer(name, msg, context, site, ledger_fn(source, site))
-        except (BudgetExhausted, LedgerError) as err:
-            return Message(Error(code=ERROR_PRIVACY_BUDGET, reason=f"{who} refuses {name}: {err}"), reply_to=msg)
-        except (KeyError, ValueError) as err:
-            return Message(Error(code=ERROR_HIST_REQUEST, reason=f"{who} cannot answer {name}: {err}"), reply_to=msg)
-        return Message(RecordDict({"arrays": record}), reply_to=msg)
+    def answer_query(msg: Message, context: Context, site: Any, ledger: PrivacyLedger | None, who: str) -> RecordDict:
+        return RecordDict({"arrays": _answer(name, msg, context, site, ledger)})
 
-    handle.__name__ = name
-    return handle
+    return site_query(name, site_source_fn, load_fn, ledger_fn, answer_query, ERROR_HIST_REQUEST)
 
 
 def _answer(name: str, msg: Message, context: Context, site: Any, ledger: PrivacyLedger | None) -> ArrayRecord:
