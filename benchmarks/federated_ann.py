@@ -46,12 +46,12 @@ from client.training import (
     DPConfig,
     EncodedSplit,
     TrainConfig,
-    build_model,
     encode,
     evaluate,
     split_site,
     train,
 )
+from shared.ann import build_model
 from shared.encoding import FeatureEncoder, SiteStatistics, combine, fit_local
 from shared.task import NANOPARTICLE_TASK, TaskSpec
 from shared.validation import SiteData, load_site

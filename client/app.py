@@ -35,9 +35,9 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import boosting
 from client.adjustment_handlers import adjuster_epsilon, register_adjustment
 from client.analytics import register_analytics
+from client.boosting import boost, new_trees
 from client.hist_handlers import register_hist
 from client.importance import permutation_sums
 from client.ledger import BudgetExhausted, PrivacyLedger, calibrate_noise
@@ -46,7 +46,6 @@ from client.training import (
     DPConfig,
     EncodedSplit,
     TrainConfig,
-    build_model,
     encode,
     evaluate,
     sample_rate,
@@ -55,8 +54,8 @@ from client.training import (
     summarise_predictions,
     train,
 )
-from shared import metrics
-from shared.ann import load_arrays, predict, to_arrays
+from shared import boosting, metrics
+from shared.ann import build_model, load_arrays, predict, to_arrays
 from shared.encoding import FeatureEncoder, SiteStatistics
 from shared.task import TaskSpec
 from shared.validation import SiteData, SiteDataError, load_site, validate_site
@@ -251,9 +250,9 @@ def make_client_app(sites: list[SiteSource] | None = None) -> ClientApp:
                                            local_rounds=int(config["local-rounds"]), seed=int(config["seed"]))
         global_model = msg.content["arrays"]["0"].numpy().tobytes()
         before = boosting.rounds_in(global_model)
-        booster = boosting.boost(global_model, boosting.dmatrix(data.x, boosting.head_labels(head, data.targets)),
+        booster = boost(global_model, boosting.dmatrix(data.x, boosting.head_labels(head, data.targets)),
                                  settings.params(head.kind), settings.local_rounds)
-        model = boosting.new_trees(booster, before) if config["mode"] == "bagging" else bytes(booster.save_raw("json"))
+        model = new_trees(booster, before) if config["mode"] == "bagging" else bytes(booster.save_raw("json"))
         arrays = ArrayRecord([np.frombuffer(model, dtype=np.uint8)])
         reply = MetricRecord({"num-examples": len(data), "server-round": int(config["server-round"])})
         return Message(RecordDict({"arrays": arrays, "metrics": reply}), reply_to=msg)

@@ -5,7 +5,7 @@ The site side of ``server.hist_phase`` (the protocol and its sources are describ
 federated encoder; what leaves the site is per-feature minima and maxima, grid counts and per-node
 histograms: sums over rows, never a row.
 
-- ``query.hist_keys``: a fresh X25519 key pair for this run's secure sum (``client.secure_sum``); the
+- ``query.hist_keys``: a fresh X25519 key pair for this run's secure sum (``shared.secure_sum``); the
   private key stays in the node's context state, the public key goes to the server.
 - ``query.hist_ranges``: per encoded feature, the minimum and maximum of the site's rows (the statistics
   phase has already released the same minima and maxima of the raw columns).
@@ -45,12 +45,12 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import secure_sum
-from client.boosting import Head, head_labels
 from client.ledger import PrivacyLedger, calibrate_noise
 from client.site_query import site_query
 from client.training import encode, split_site
 from shared import hist_boosting as hb
+from shared import secure_sum
+from shared.boosting import Head, head_labels
 from shared.encoding import FeatureEncoder
 from shared.hist_records import thresholds_from_record, trees_from_record
 

@@ -1,13 +1,12 @@
 """Permutation feature importance computed at a site, as sums that add up across sites.
 
+The sums become importances with :func:`shared.importance.importance_from_sums` (on the server, for the sum
+over sites).
+
 Permutation importance (Breiman, Machine Learning 2001;45:5; Fisher, Rudin & Dominici, JMLR 2019) of a
 feature is how much a model's loss grows when that feature's values are shuffled among the rows. At a site
 the shuffling happens among its own test rows; the site returns, per outcome, the summed loss before and
-after shuffling each feature, and the row count. The server adds the sums of all sites, so the federated
-importance is the mean loss increase over the union of the test sets, and no row leaves a site.
-
-A feature is an *original* column: a numeric feature with its missing-value indicator, or all one-hot
-columns of a categorical feature, are shuffled together.
+after shuffling each feature, and the row count, so no row leaves a site.
 """
 
 from __future__ import annotations
@@ -18,18 +17,10 @@ import numpy as np
 
 from client.training import EncodedSplit
 from shared.encoding import FeatureEncoder
+from shared.importance import feature_groups
 
 Predict = Callable[[np.ndarray], dict[str, np.ndarray]]
 EPS = 1e-7
-
-
-def feature_groups(encoder: FeatureEncoder) -> dict[str, list[int]]:
-    """Encoded column indices of each original feature."""
-    groups: dict[str, list[int]] = {}
-    for index, name in enumerate(encoder.feature_names_out_):
-        feature = name.split("__", 1)[0]
-        groups.setdefault(feature, []).append(index)
-    return groups
 
 
 def row_losses(encoder: FeatureEncoder, targets: dict[str, np.ndarray],
@@ -69,17 +60,3 @@ def permutation_sums(predict: Predict, encoder: FeatureEncoder, data: EncodedSpl
         for outcome, loss in permuted.items():
             sums[f"{outcome}/{feature}"] = float(loss.sum())
     return sums
-
-
-def importance_from_sums(encoder: FeatureEncoder, sums: dict[str, float]) -> dict[str, dict[str, float]]:
-    """Mean loss increase per outcome and feature from (summed) site sums, largest first."""
-    result = {}
-    for outcome in encoder.task.outcomes:
-        n = sums.get(f"{outcome.name}/n", 0.0)
-        if n == 0:
-            continue
-        base = sums[f"{outcome.name}/base"]
-        values = {feature: (sums[f"{outcome.name}/{feature}"] - base) / n for feature in feature_groups(encoder)
-                  if f"{outcome.name}/{feature}" in sums}
-        result[outcome.name] = dict(sorted(values.items(), key=lambda kv: -kv[1]))
-    return result

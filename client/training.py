@@ -81,13 +81,6 @@ def encode(encoder: FeatureEncoder, frame: pd.DataFrame) -> EncodedSplit:
     return EncodedSplit(x=encoder.transform(frame), targets=encoder.encode_targets(frame), frame=frame)
 
 
-def build_model(encoder: FeatureEncoder, task: TaskSpec, hidden: tuple[int, ...], seed: int) -> MultiTaskMLP:
-    """A freshly initialised model for the encoder's features; the seed fixes the initial weights."""
-    torch.manual_seed(seed)
-    n_classes = {name: len(classes) for name, classes in encoder.classes_.items()}
-    return MultiTaskMLP(AnnSpec.for_task(task, encoder.n_features_out_, n_classes, hidden))
-
-
 def _loader(data: EncodedSplit, spec: AnnSpec, batch_size: int, seed: int) -> DataLoader:
     tensors = [torch.as_tensor(data.x, dtype=torch.float32)]
     tensors += [torch.as_tensor(data.targets[name], dtype=torch.float32) for name, _, _ in spec.outcomes]

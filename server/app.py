@@ -27,13 +27,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from client.training import build_model
 from server.adjustment_phase import AdjustmentFailed, fit_adjuster
 from server.boosting_phase import run_boosting
 from server.importance_phase import federated_importance
 from server.policy_phase import build_policy, collect_catalogue, distribute
 from server.run_record import boosting_record, federation_record
-from shared.ann import to_arrays
+from shared.ann import build_model, to_arrays
 from shared.config import settings_from_run_config
 from shared.encoding import FeatureEncoder, SiteStatistics, combine
 from shared.task import NANOPARTICLE_TASK, TaskSpec

@@ -1,7 +1,7 @@
 """The server's boosting phase: one federated XGBoost run per head with Flower's FedXgbBagging or
 FedXgbCyclic, then a final evaluation of all boosters at every site.
 
-Heads (``client.boosting.heads``): one booster per binary or regression outcome, one per class of a
+Heads (``shared.boosting.heads``): one booster per binary or regression outcome, one per class of a
 multiclass outcome (one-vs-rest). Per-round client evaluation is off (a one-vs-rest head alone says little);
 the sites evaluate the finished boosters together through ``query.xgb_evaluate``.
 """
@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedXgbBagging, FedXgbCyclic, Strategy
 
-from client.boosting import heads
+from shared.boosting import heads
 from shared.encoding import FeatureEncoder
 from strategies.per_site import PerSiteRecord
 from strategies.summation import sum_metricrecords

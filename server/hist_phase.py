@@ -6,7 +6,7 @@ histogram-based federated XGBoost), over Flower's Grid with query messages (reco
 
 1. ``query.hist_ranges`` — every site's per-feature min / max; the server keeps the overall ones.
 2. ``query.hist_keys`` — with secure summation on: every site's X25519 public key, relayed to all
-   (``client.secure_sum``).
+   (``shared.secure_sum``).
 3. ``query.hist_bins`` — grid counts per feature, summed; then up to ``REFINE_PASSES`` times
    ``query.hist_cells`` — counts on the grid with its crowded cells split, summed; the server cuts global
    bins (``shared.hist_boosting.global_thresholds``) and sends them with every later message.
@@ -16,7 +16,7 @@ histogram-based federated XGBoost), over Flower's Grid with query messages (reco
    subtraction), each feature's own bins only; the server sums them and decides the splits and leaf weights
    (``shared.hist_boosting.LevelGrower``). The deepest level's leaves take their sums from their parents.
 
-The heads are those of ``client.boosting.heads`` (one binary booster per class of a multiclass outcome, as
+The heads are those of ``shared.boosting.heads`` (one binary booster per class of a multiclass outcome, as
 bagging, cyclic and the pooled baseline use), so the outcome (XGBoost JSON per head) feeds the same
 evaluation, importance and report. ``HistSettings.softmax`` grows one ``multi:softprob`` model per
 multiclass outcome instead (key: the outcome name), for callers that predict it themselves.
@@ -41,12 +41,12 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from client.boosting import BASE_SCORES, heads
-from client.secure_sum import unmask_sum
 from server.boosting_phase import BoostingOutcome, boosting_config, evaluate_boosters
 from shared import hist_boosting as hb
+from shared.boosting import BASE_SCORES, heads
 from shared.encoding import FeatureEncoder
 from shared.hist_records import merge, thresholds_record, trees_record
+from shared.secure_sum import unmask_sum
 from shared.xgboost_json import export_model
 
 if TYPE_CHECKING:

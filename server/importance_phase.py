@@ -9,9 +9,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from client.importance import importance_from_sums
 from shared import metrics
 from shared.encoding import FeatureEncoder
+from shared.importance import importance_from_sums
 
 IMPORTANCE = "query.importance"
 

@@ -19,6 +19,7 @@ import torch
 from flwr.app import ArrayRecord
 from torch import nn
 
+from shared.encoding import FeatureEncoder
 from shared.task import TaskSpec
 
 
@@ -56,6 +57,13 @@ class MultiTaskMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         z = self.trunk(x)
         return {name: head(z) for name, head in self.heads.items()}
+
+
+def build_model(encoder: FeatureEncoder, task: TaskSpec, hidden: tuple[int, ...], seed: int) -> MultiTaskMLP:
+    """A freshly initialised model for the encoder's features; the seed fixes the initial weights."""
+    torch.manual_seed(seed)
+    n_classes = {name: len(classes) for name, classes in encoder.classes_.items()}
+    return MultiTaskMLP(AnnSpec.for_task(task, encoder.n_features_out_, n_classes, hidden))
 
 
 def per_row_loss(spec: AnnSpec, outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],

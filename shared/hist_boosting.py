@@ -25,7 +25,7 @@ pieces both sides share, in the order a run uses them:
    below the root only one child per split is needed, see :class:`LevelGrower`):
    integers ``round(v · 2^FIXED_POINT_BITS)`` per row, summed in int64. Integer sums do not depend on the
    order of addition, so a federated sum is bit-for-bit the pooled sum; they are also what secure
-   summation (``client.secure_sum``) masks modulo 2^64.
+   summation (``shared.secure_sum``) masks modulo 2^64.
 4. **Splits** (:class:`LevelGrower`): XGBoost's structure score. For a node with sums G, H and a split into
    L and R, ``gain = G_L²/(H_L + λ) + G_R²/(H_R + λ) − G²/(H + λ)`` (Chen & Guestrin eq. 7 without the
    constant ½, as XGBoost reports ``loss_chg``); a split needs ``gain > SPLIT_EPSILON`` and

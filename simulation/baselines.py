@@ -19,12 +19,11 @@ from functools import partial
 import numpy as np
 import pandas as pd
 
-from client.boosting import BoostingConfig, predict_heads, train_pooled_heads
+from client.boosting import train_pooled_heads
 from client.ledger import calibrate_noise
 from client.training import (
     DPConfig,
     TrainConfig,
-    build_model,
     encode,
     sample_rate,
     split_site,
@@ -33,7 +32,8 @@ from client.training import (
     train,
 )
 from shared import metrics
-from shared.ann import MultiTaskMLP, predict
+from shared.ann import MultiTaskMLP, build_model, predict
+from shared.boosting import BoostingConfig, predict_heads
 from shared.encoding import FeatureEncoder, SiteStatistics, combine, fit_local
 from shared.task import TaskSpec
 from shared.validation import SiteData

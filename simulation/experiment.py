@@ -22,9 +22,9 @@ from functools import partial
 from pathlib import Path
 
 from client.app import SiteSource
-from client.boosting import BoostingConfig, predict_heads
 from shared import metrics
 from shared.ann import predict
+from shared.boosting import BoostingConfig, predict_heads
 from shared.task import NANOPARTICLE_TASK, TaskSpec
 from shared.validation import SiteDataError, load_site
 from simulation.baselines import (

@@ -15,9 +15,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from client import boosting
-from client.training import build_model
-from shared.ann import predict
+from shared import boosting
+from shared.ann import build_model, predict
 from shared.encoding import FeatureEncoder
 
 

@@ -324,9 +324,10 @@ def pooled_fednano_rows(settings: FederatedSettings, table: pd.DataFrame | None 
     training fold), the same epochs (rounds × local epochs) and trees as the federated runs."""
     import torch
 
-    from client import boosting
-    from client.training import TrainConfig, build_model, encode, train
-    from shared.ann import predict
+    from client.boosting import train_pooled_heads
+    from client.training import TrainConfig, encode, train
+    from shared import boosting
+    from shared.ann import build_model, predict
     from shared.encoding import fit_local
     from shared.task import TaskSpec
 
@@ -351,7 +352,7 @@ def pooled_fednano_rows(settings: FederatedSettings, table: pd.DataFrame | None 
         with torch.no_grad():
             ann_pred = _predicted_labels(classes, predict(model, x_test)[TARGET])
         ann_folds.append({"fold": k + 1, **fold_scores(y_test, ann_pred)})
-        boosters = boosting.train_pooled_heads(encoder, data.x, data.targets, config, settings.trees)
+        boosters = train_pooled_heads(encoder, data.x, data.targets, config, settings.trees)
         xgb_pred = _predicted_labels(classes, boosting.predict_heads(boosters, encoder, x_test)[TARGET])
         xgb_folds.append({"fold": k + 1, **fold_scores(y_test, xgb_pred)})
     scaling = "training fold (fednano encoder: standardised numerics, one-hot API_type)"

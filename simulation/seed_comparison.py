@@ -25,9 +25,10 @@ from sklearn.ensemble import (
 )
 from sklearn.svm import SVC, SVR
 
-from client.importance import importance_from_sums, permutation_sums
+from client.importance import permutation_sums
 from client.training import EncodedSplit, encode
 from shared.encoding import FeatureEncoder
+from shared.importance import importance_from_sums
 from shared.validation import SiteData
 from simulation.baselines import (
     BaselineSettings,

@@ -8,7 +8,8 @@ import pytest
 import xgboost as xgb
 from flwr.serverapp.strategy.strategy_utils import aggregate_bagging
 
-from client.boosting import BoostingConfig, Head, boost, dmatrix, heads, new_trees, predict_heads, rounds_in
+from client.boosting import boost, new_trees
+from shared.boosting import BoostingConfig, Head, dmatrix, heads, predict_heads, rounds_in
 from shared.encoding import fit_local
 from shared.task import Outcome, TaskSpec
 

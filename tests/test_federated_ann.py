@@ -11,8 +11,9 @@ import pandas as pd
 import pytest
 import torch
 
-from client.training import build_model, encode, evaluate
+from client.training import encode, evaluate
 from shared import metrics
+from shared.ann import build_model
 from shared.encoding import FeatureEncoder
 from shared.task import NANOPARTICLE_TASK
 from shared.validation import load_site

@@ -7,8 +7,8 @@ import pytest
 import xgboost as xgb
 
 from client.app import SiteSource, load
-from client.boosting import Head, head_labels
 from client.training import encode, split_site
+from shared.boosting import Head, head_labels
 from shared.encoding import FeatureEncoder
 from shared.hist_learner import HistGradientBoosting, pooled_thresholds
 from simulation.experiment import ExperimentConfig, flower_environment, quiet_flower, run_experiment

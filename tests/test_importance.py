@@ -3,10 +3,11 @@
 import numpy as np
 import pandas as pd
 
-from client.importance import feature_groups, importance_from_sums, permutation_sums
+from client.importance import permutation_sums
 from client.training import encode
 from shared import metrics
 from shared.encoding import fit_local
+from shared.importance import feature_groups, importance_from_sums
 from shared.task import Outcome, TaskSpec
 
 TASK = TaskSpec(outcomes=(Outcome("y", "binary"), Outcome("z", "regression")), numeric=("signal", "noise"),

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from client import secure_sum as ss
+from shared import secure_sum as ss
 from shared.hist_boosting import from_fixed, to_fixed
 
 

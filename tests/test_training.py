@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from client.ledger import PrivacyLedger, calibrate_noise
-from client.training import DPConfig, TrainConfig, build_model, encode, evaluate, sample_rate, split_site, train
+from client.training import DPConfig, TrainConfig, encode, evaluate, sample_rate, split_site, train
 from shared import metrics
+from shared.ann import build_model
 from shared.encoding import fit_local
 from shared.task import NANOPARTICLE_TASK
 from shared.validation import load_site
