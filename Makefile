@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml
 run: $(STAMP)  ## a simulated 5-clinic federation with DP: federated vs local-only vs pooled, report in runs/simulate
 	$(BIN)/fednano simulate --out runs/simulate
 
-test: $(STAMP)  ## the whole suite, slow tests included
+test: $(STAMP)  ## lint, the layer contracts (pyproject [tool.importlinter]), the whole suite with slow tests
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/pytest
 
 test-fast: $(STAMP)  ## unit tests only

@@ -28,29 +28,21 @@ Rows used. All rows of the site's table (every split: these are descriptive anal
 selection); each analysis uses the rows complete in the columns it needs (complete-case analysis).
 
 Differential privacy. A site whose ``site.toml`` enables DP (``[privacy] dp = true``) — the site decides,
-not the server — releases every aggregate through the Gaussian mechanism (Dwork & Roth 2014, "The
-Algorithmic Foundations of Differential Privacy", Found. Trends TCS 9(3-4), §3.5 and App. A), under
-add/remove-one-row neighbouring:
+not the server — releases every aggregate through its one DP release (``client.dp``, phase ``analytics``),
+under add/remove-one-row neighbouring:
 
 1. every value is clipped to a public range (the schema's, or the task's ``[ranges]``, sent by the server),
    so one row changes each released entry by at most a known amount ``scale`` (e.g. a sum of ``x − c`` with
    ``c`` the range's midpoint: half the range; a count: 1; a histogram: one bin by 1);
-2. entries are divided by their ``scale``; one row then changes at most ``touched`` entries of each block
-   by at most 1, so the L2 sensitivity of the whole release is ``Δ = sqrt(Σ touched)``;
-3. Gaussian noise of sd ``σ · Δ · scale`` is added to every entry. That is exactly one step of the
-   subsampled Gaussian mechanism at sample rate 1, whose Rényi DP is ``α / (2σ²)`` (Mironov 2017, "Rényi
-   Differential Privacy", CSF, Prop. 7) — the history entry ``(σ, 1.0, 1)`` of the site's privacy ledger
-   (``client.ledger``), the SAME ledger DP-SGD training charges. Each query is checked
-   (``check_affordable``) and recorded (``record``) there.
+2. one row then changes at most ``touched`` entries of each block (once divided by their scale) by at most
+   1, so the L2 sensitivity of the whole release is ``Δ = sqrt(Σ touched)`` and each query is one Gaussian
+   mechanism (``client.dp.gaussian_release``), charged to the site's privacy ledger.
 
-``σ`` comes from the run's ε for analytics (``dp-epsilon``) and the number of queries the run announces
-(``dp-queries``): the smallest σ such that that many Gaussian mechanisms compose (RDP) to ε at the site's
-own δ. Before each query the site checks that the run's *remaining* queries fit its budget, so a run
-that cannot finish is refused at its first query, not half-way. Values released without DP (exact
-moments, min, max, the log-likelihood) are never sent by a DP site. Group labels (formulation ids) are
-sent as text: they are the site's catalogue, treated as public site-level information, not patient data.
-The noise is drawn with numpy's generator from OS entropy; floating-point side channels of textbook
-Gaussian sampling (Mironov 2012) are not addressed.
+The site's ε for analytics is its ``[privacy.shares] analytics`` of what is left of its budget; the run
+announces how many queries it plans (``dp-releases``) so the site sets σ for all of them at its first
+query and refuses a run it cannot finish. Values released without DP (exact moments, min, max, the
+log-likelihood) are never sent by a DP site. Group labels (formulation ids) are sent as text: they are the
+site's catalogue, treated as public site-level information, not patient data.
 
 Small cells. Without DP a site's aggregates are exact and a small group (one patient's cycles) can be
 read off them, as with any exact table. The plot's 2-D histogram, which has no other use, suppresses cells
@@ -59,66 +51,25 @@ under ``MIN_CELL_COUNT`` rows at the site.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Message, RecordDict
 from flwr.clientapp import ClientApp
 from scipy.special import expit, log_expit
 
-from client.ledger import PrivacyLedger, calibrate_noise
-from client.site_query import site_query
-
-QUERY_DESCRIBE = "analytics_describe"
-QUERY_LINEAR = "analytics_linear"
-QUERY_LOGISTIC = "analytics_logistic"
-QUERY_ANOVA = "analytics_anova"
-QUERY_PCA = "analytics_pca"
-QUERY_LLOYD = "analytics_lloyd"
-QUERY_PROFILES = "analytics_profiles"
-"""Message names (``query.<name>``); valid Python identifiers, as Flower requires."""
-
-MIN_CELL_COUNT = 5
-"""Cells of the plot's 2-D histogram with fewer rows are sent as 0 (threshold rule of statistical disclosure
-control: Hundepool et al. 2012, "Statistical Disclosure Control", Wiley, §5.2)."""
-
-ERROR_ANALYTICS_REQUEST = 4003
-"""Error code of a request a site cannot answer (unknown column, a column without a range under DP)."""
-
-GAUSSIAN_SAMPLE_RATE = 1.0
-"""A Gaussian mechanism on the whole table is the subsampled Gaussian at sample rate 1 (Mironov 2017)."""
-
-
-class UnboundedRelease(ValueError):
-    """A DP release was asked for an aggregate whose per-row contribution has no finite bound."""
-
+from client.dp import Block, PhaseRelease, gaussian_release, sensitivity
+from client.site import SiteHandlers, SiteRequest
+from shared.protocol import ErrorCode, messages
+from shared.protocol import analytics as wire
+from shared.protocol.analytics import MIN_CELL_COUNT
+from shared.protocol.privacy import RELEASE_INDEX, RELEASES
 
 # ---------------------------------------------------------------------------------------------------------
 # What a site releases
-
-
-@dataclass(frozen=True)
-class Block:
-    """One named array of a release and how much one row can change it.
-
-    Parameters
-    ----------
-    values : ndarray
-        The aggregate (float64).
-    scale : ndarray or float
-        Bound on the change of each entry when one row is added or removed (broadcast to ``values``).
-    touched : int
-        How many entries of this block one row can change at most.
-    """
-
-    values: np.ndarray
-    scale: np.ndarray | float
-    touched: int
 
 
 @dataclass
@@ -134,40 +85,9 @@ class Release:
     exact: dict[str, np.ndarray] = field(default_factory=dict)
     labels: dict[str, list[str]] = field(default_factory=dict)
 
-    def sensitivity(self) -> float:
-        """L2 sensitivity of the blocks once each entry is divided by its ``scale``: ``sqrt(Σ touched)``."""
-        return math.sqrt(sum(block.touched for block in self.blocks.values()))
-
     def exact_arrays(self) -> dict[str, np.ndarray]:
         """What a site without DP sends: every block as computed, and the exact extras (which win on a name)."""
         return {**{name: np.asarray(b.values, dtype=np.float64) for name, b in self.blocks.items()}, **self.exact}
-
-
-def privatise(release: Release, sigma: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """The blocks of ``release`` with Gaussian noise of sd ``sigma · sensitivity · scale`` on every entry.
-
-    This is one Gaussian mechanism with noise multiplier ``sigma`` on the scale-normalised release
-    (Dwork & Roth 2014, Thm A.1; its RDP is ``α / (2 sigma²)``, Mironov 2017). Raises
-    :class:`UnboundedRelease` if an entry has no finite scale (a column without a declared range).
-    """
-    if not sigma > 0:
-        raise ValueError(f"sigma must be > 0, got {sigma!r}")
-    sensitivity = release.sensitivity()
-    noised = {}
-    for name, block in release.blocks.items():
-        values = np.asarray(block.values, dtype=np.float64)
-        scale = np.broadcast_to(np.asarray(block.scale, dtype=np.float64), values.shape)
-        if not np.all(np.isfinite(scale)):
-            raise UnboundedRelease(f"'{name}' has no finite bound per row (a column without a declared range); "
-                                   "a DP site cannot release it")
-        noised[name] = values + rng.standard_normal(values.shape) * (sigma * sensitivity) * scale
-    return noised
-
-
-@lru_cache(maxsize=64)
-def query_noise(epsilon: float, delta: float, queries: int) -> float:
-    """Noise multiplier σ such that ``queries`` Gaussian mechanisms at σ compose (RDP) to ``epsilon`` at ``delta``."""
-    return calibrate_noise(epsilon, delta, GAUSSIAN_SAMPLE_RATE, int(queries))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -548,13 +468,13 @@ def _profiles_request(frame, config, arrays) -> Release:
 
 
 REQUESTS: dict[str, Callable[[pd.DataFrame, Mapping[str, Any], Mapping[str, np.ndarray]], Release]] = {
-    QUERY_DESCRIBE: _describe_request,
-    QUERY_LINEAR: _linear_request,
-    QUERY_LOGISTIC: _logistic_request,
-    QUERY_ANOVA: _anova_request,
-    QUERY_PCA: _pca_request,
-    QUERY_LLOYD: _lloyd_request,
-    QUERY_PROFILES: _profiles_request,
+    messages.ANALYTICS_DESCRIBE.action: _describe_request,
+    messages.ANALYTICS_LINEAR.action: _linear_request,
+    messages.ANALYTICS_LOGISTIC.action: _logistic_request,
+    messages.ANALYTICS_ANOVA.action: _anova_request,
+    messages.ANALYTICS_PCA.action: _pca_request,
+    messages.ANALYTICS_LLOYD.action: _lloyd_request,
+    messages.ANALYTICS_PROFILES.action: _profiles_request,
 }
 """Every analytics query a site answers, by message name."""
 
@@ -569,77 +489,44 @@ class Answer:
 
 
 def answer(query: str, frame: pd.DataFrame, config: Mapping[str, Any], arrays: Mapping[str, np.ndarray],
-           ledger: PrivacyLedger | None, run_id: int | str = 0,
-           rng: np.random.Generator | None = None) -> Answer:
-    """Compute one query on the site's table; with a ledger (the site's DP is on), noise it and charge it.
-
-    ``config`` carries ``dp-epsilon`` (the run's ε for all its analytics queries), ``dp-queries`` (how many
-    queries the run plans) and ``query-index`` (this query's position). The site's σ is
-    :func:`query_noise` at its own δ; it refuses (``client.ledger.BudgetExhausted``) if the run's remaining
-    queries would take it past its budget, and records ``(σ, 1.0, 1)`` in its ledger after computing. The
-    reply's ``noise-sd`` is the noise sd on an entry of scale 1 (``σ × sensitivity``), public like σ.
-    ``rng`` draws the noise (default: fresh OS entropy — never a public seed in deployment).
-    """
+           release: PhaseRelease | None) -> Answer:
+    """Compute one query on the site's table; with the site's ``analytics`` release (its DP is on), noise it and
+    charge it (``config`` carries the run's planned query count and this query's index, ``client.dp``). The
+    reply's ``noise-sd`` is the noise sd on an entry of scale 1 (``σ × sensitivity``), public like σ."""
     if query not in REQUESTS:
         raise ValueError(f"unknown analytics query {query!r}; known: {', '.join(REQUESTS)}")
-    release = REQUESTS[query](frame, config, arrays)
-    if ledger is None:
-        return Answer(release.exact_arrays(), release.labels, {"dp": False})
-    planned = int(config["dp-queries"])
-    index = int(config["query-index"])
-    sigma = query_noise(float(config["dp-epsilon"]), ledger.delta, planned)
-    ledger.check_affordable(sigma, GAUSSIAN_SAMPLE_RATE, max(1, planned - index))
-    noised = privatise(release, sigma, rng if rng is not None else np.random.default_rng())
-    ledger.record(sigma, GAUSSIAN_SAMPLE_RATE, 1, run_id=run_id, server_round=index)
-    return Answer(noised, release.labels, {"dp": True, "sigma": sigma, "noise-sd": sigma * release.sensitivity(),
-                                           "epsilon-spent": ledger.spent(), "epsilon-budget": ledger.epsilon_budget,
-                                           "delta": ledger.delta})
+    computed = REQUESTS[query](frame, config, arrays)
+    if release is None:
+        return Answer(computed.exact_arrays(), computed.labels, {"dp": False})
+    release.charge(int(config[RELEASE_INDEX]))
+    noised = gaussian_release(computed.blocks, release.sigma, release.rng)
+    facts = release.facts(int(config[RELEASE_INDEX]), release.sigma * sensitivity(computed.blocks))
+    return Answer(noised, computed.labels, {"dp": True, "sigma": facts.sigma, "noise-sd": facts.noise_sd,
+                                           "epsilon-spent": facts.epsilon_spent,
+                                           "epsilon-budget": facts.epsilon_budget, "delta": facts.delta})
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Flower: the handlers
 
 
-def to_records(result: Answer, site: str) -> RecordDict:
-    """An answer as records: arrays in an ArrayRecord, group labels and privacy facts in ConfigRecords."""
-    arrays = ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v, dtype=np.float64))
-                                     for k, v in result.arrays.items()})
-    labels = ConfigRecord({k: list(v) for k, v in result.labels.items()})
-    meta = ConfigRecord({"site-name": site, **result.meta})
-    return RecordDict({"release": arrays, "labels": labels, "meta": meta})
+def analytics_release(request: SiteRequest) -> PhaseRelease | None:
+    """The site's ``analytics`` release for this run (None without DP), set for the run's planned queries."""
+    if request.dp is None:
+        return None
+    return PhaseRelease.for_phase(request.context, request.dp, "analytics", releases=int(request.config[RELEASES]))
 
 
-def from_request(content: RecordDict) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """A request's config (names, sizes, DP plan) and arrays (numbers)."""
-    config = dict(content["config"]) if "config" in content else {}
-    arrays = {k: v.numpy() for k, v in content["arrays"].items()} if "arrays" in content else {}
-    return config, arrays
-
-
-def register_analytics(client: ClientApp, site_source_fn: Callable[[Context], Any], load_fn: Callable[[Any], Any],
-                       ledger_fn: Callable[[Any, Any], PrivacyLedger | None]) -> ClientApp:
-    """Add a ``@client.query(name)`` handler for every analytics query to ``client``; returns it.
-
-    ``site_source_fn(context)`` gives the node's site source, ``load_fn(source)`` its validated
-    ``SiteData`` (raising ``SiteDataError``), ``ledger_fn(source, site)`` its privacy ledger or None —
-    e.g. ``lambda c: client.app.site_source(c, sources)``, ``client.app.load``, ``client.app.ledger_for``.
-    A name already registered on ``client`` is left as it is (so calling this twice is harmless).
-    """
+def register_analytics(client: ClientApp, handlers: SiteHandlers) -> None:
+    """Add a ``query.analytics_*`` handler for every analytics query to ``client``."""
     for name in REQUESTS:
-        handler = _handler(name, site_source_fn, load_fn, ledger_fn)
-        try:
-            client.query(name)(handler)
-        except ValueError as err:
-            if "already registered" not in str(err):
-                raise
-    return client
+        client.query(name)(handlers(_answerer(name), ErrorCode.ANALYTICS_REQUEST))
 
 
-def _handler(name: str, site_source_fn, load_fn, ledger_fn) -> Callable[[Message, Context], Message]:
-    """The Flower query handler of one analytics message (load, answer, reply or error)."""
+def _answerer(name: str) -> Callable[[Message, SiteRequest], RecordDict]:
+    def answer_query(msg: Message, request: SiteRequest) -> RecordDict:
+        config, arrays = wire.request_parts(msg.content)
+        result = answer(name, request.site.episodes, config, arrays, analytics_release(request))
+        return wire.reply(result.arrays, result.labels, result.meta, request.name)
 
-    def answer_query(msg: Message, context: Context, site, ledger: PrivacyLedger | None, who: str) -> RecordDict:
-        config, arrays = from_request(msg.content)
-        return to_records(answer(name, site.episodes, config, arrays, ledger, run_id=context.run_id), who)
-
-    return site_query(name, site_source_fn, load_fn, ledger_fn, answer_query, ERROR_ANALYTICS_REQUEST)
+    return answer_query

@@ -149,14 +149,16 @@ class PrivacyLedger:
             )
 
     def record(
-        self, noise_multiplier: float, sample_rate: float, steps: int, run_id: int | str, server_round: int
+        self, noise_multiplier: float, sample_rate: float, steps: int, run_id: int | str, server_round: int,
+        phase: str = "",
     ) -> dict[str, Any]:
         """Add training that has happened to the ledger and save it; returns the new entry.
 
         Never refuses: privacy already spent is always recorded (check before training).
         """
         _check_step(noise_multiplier, sample_rate, steps)
-        return self._append([(float(noise_multiplier), float(sample_rate), int(steps))], run_id, server_round)[0]
+        return self._append([(float(noise_multiplier), float(sample_rate), int(steps))], run_id, server_round,
+                            phase)[0]
 
     def accountant(self) -> RDPAccountant:
         """An Opacus ``RDPAccountant`` holding this ledger's history, to continue from."""
@@ -165,7 +167,7 @@ class PrivacyLedger:
         return accountant
 
     def record_from_accountant(
-        self, accountant: IAccountant, run_id: int | str, server_round: int
+        self, accountant: IAccountant, run_id: int | str, server_round: int, phase: str = ""
     ) -> list[dict[str, Any]]:
         """Record the steps the accountant has taken beyond this ledger's history; returns the new entries.
 
@@ -183,9 +185,10 @@ class PrivacyLedger:
             )
         if not new_steps:
             return []
-        return self._append(new_steps, run_id, server_round)
+        return self._append(new_steps, run_id, server_round, phase)
 
-    def _append(self, new_steps: Sequence[HistoryStep], run_id: int | str, server_round: int) -> list[dict[str, Any]]:
+    def _append(self, new_steps: Sequence[HistoryStep], run_id: int | str, server_round: int,
+                phase: str = "") -> list[dict[str, Any]]:
         """Append to what is on disk now (another process may have recorded meanwhile), then save."""
         history, entries = self._read() if self.path.exists() else (self.history, self.entries)
         if entries[: len(self.entries)] != self.entries:
@@ -206,6 +209,7 @@ class PrivacyLedger:
                 "epsilon_after": _epsilon(tuple(history), self.delta),
                 "epsilon_budget": self.epsilon_budget,
                 "utc": datetime.now(UTC).isoformat(timespec="seconds"),
+                "phase": phase,
             })
         entries = entries + new_entries
         self._write({"schema_version": SCHEMA_VERSION, "delta": self.delta, "entries": entries,

@@ -12,22 +12,19 @@
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.policy_store import PolicyStore, PolicyStoreError
+from client.site import SiteHandlers, SiteRequest, error_reply
 from shared.dosing_policy import FORMULATION_FEATURES
 from shared.policy_bundle import BundleRejected, unpack_bundle
-from shared.validation import SiteDataError
+from shared.protocol import ErrorCode, messages
+from shared.protocol.policy import Installed, bundle_files, catalogue_reply
 
 POLICY_FOLDER = Path(".fednano") / "policy"
-ERROR_NO_TRUST_KEY = 4101
-ERROR_BUNDLE_REJECTED = 4102
-ERROR_SITE = 4103
 
 
 def policy_root(site_path: Path) -> Path:
@@ -37,11 +34,10 @@ def policy_root(site_path: Path) -> Path:
 
 
 def catalogue_records(episodes) -> RecordDict:
-    """The formulation ids a site stocks and their properties (mean per id), as records."""
+    """The formulation ids a site stocks and their properties (mean per id: product specifications), as records."""
     table = episodes.groupby("formulation_id")[list(FORMULATION_FEATURES)].mean().sort_index()
-    ids = ConfigRecord({"ids": [str(i) for i in table.index]})
-    properties = MetricRecord({name: [float(v) for v in table[name]] for name in FORMULATION_FEATURES})
-    return RecordDict({"catalogue": ids, "properties": properties})
+    properties = {str(fid): {name: float(row[name]) for name in FORMULATION_FEATURES} for fid, row in table.iterrows()}
+    return catalogue_reply(properties, FORMULATION_FEATURES)
 
 
 def install_contents(contents: dict[str, bytes], site_path: Path, trust_key: Path) -> tuple[int, Path]:
@@ -56,43 +52,25 @@ def install_contents(contents: dict[str, bytes], site_path: Path, trust_key: Pat
 
 def install_from_message(msg: Message, site_path: Path, trust_key: Path) -> Message:
     """Install the bundle the message carries; reply with the installed version or an error naming why not."""
-    contents = {name: bytes(data) for name, data in msg.content["bundle"].items()}
     try:
-        version, folder = install_contents(contents, site_path, trust_key)
+        version, folder = install_contents(bundle_files(msg.content), site_path, trust_key)
     except (BundleRejected, PolicyStoreError, ValueError) as err:
-        return Message(_error(ERROR_BUNDLE_REJECTED, f"policy bundle refused: {err}"), reply_to=msg)
-    return Message(RecordDict({"status": ConfigRecord({"version": version, "installed-path": str(folder)})}),
-                   reply_to=msg)
+        return error_reply(msg, ErrorCode.BUNDLE_REJECTED, f"policy bundle refused: {err}")
+    return Message(Installed(version, str(folder)).to_records(), reply_to=msg)
 
 
-def register_policy(client: ClientApp, site_source_fn: Callable[[Context], Any], load_fn: Callable[[Any], Any]
-                    ) -> ClientApp:
-    """Add the ``catalogue`` and ``install_policy`` query handlers to ``client``.
+def register_policy(client: ClientApp, handlers: SiteHandlers) -> None:
+    """Add the ``catalogue`` and ``install_policy`` query handlers to ``client``."""
 
-    ``site_source_fn(context)`` gives the node's :class:`client.app.SiteSource` (its ``trust_key`` from the
-    node config ``trust-key``), ``load_fn(source)`` its validated data."""
+    def catalogue(msg: Message, request: SiteRequest) -> RecordDict:
+        return catalogue_records(request.site.episodes)
 
-    @client.query("catalogue")
-    def catalogue(msg: Message, context: Context) -> Message:
-        source = site_source_fn(context)
-        try:
-            site = load_fn(source)
-        except SiteDataError as err:
-            return Message(_error(ERROR_SITE, str(err)), reply_to=msg)
-        return Message(catalogue_records(site.episodes), reply_to=msg)
+    client.query(messages.CATALOGUE.action)(handlers(catalogue, ErrorCode.SITE))
 
-    @client.query("install_policy")
+    @client.query(messages.INSTALL_POLICY.action)
     def install_policy(msg: Message, context: Context) -> Message:
-        source = site_source_fn(context)
+        source = handlers.source(context)
         if source.trust_key is None:
-            return Message(_error(ERROR_NO_TRUST_KEY, "this site holds no coordinator key: start the SuperNode "
-                                  "with --node-config 'trust-key=/path/to/policy_signing.pub'"), reply_to=msg)
+            return error_reply(msg, ErrorCode.NO_TRUST_KEY, "this site holds no coordinator key: start the "
+                               "SuperNode with --node-config 'trust-key=/path/to/policy_signing.pub'")
         return install_from_message(msg, source.path, source.trust_key)
-
-    return client
-
-
-def _error(code: int, reason: str):
-    from flwr.app import Error
-
-    return Error(code=code, reason=reason)

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.evaluation import summaries
 from shared import metrics
 from shared.ann import AnnSpec, MultiTaskMLP, per_row_loss, predict
 from shared.encoding import FeatureEncoder
@@ -155,20 +156,7 @@ def sample_rate(n_rows: int, batch_size: int) -> float:
     return 1.0 / steps_per_epoch(n_rows, batch_size)
 
 
-def evaluate(model: MultiTaskMLP, encoder: FeatureEncoder, data: EncodedSplit) -> dict[str, dict]:
+def evaluate(model: MultiTaskMLP, encoder: FeatureEncoder, data: EncodedSplit,
+             n_bins: int = metrics.DEFAULT_N_BINS) -> dict[str, dict]:
     """Summaries per outcome (``shared.metrics``) of the model on ``data``: aggregates only, no rows."""
-    return summarise_predictions(encoder, data, predict(model, data.x))
-
-
-def summarise_predictions(encoder: FeatureEncoder, data: EncodedSplit,
-                          predictions: dict[str, np.ndarray]) -> dict[str, dict]:
-    """Summaries per outcome of any model's predictions (ANN or boosting conventions alike).
-
-    Regression outcomes are compared on their original scale (e.g. efficacy in %)."""
-    summaries = {}
-    for outcome in encoder.task.outcomes:
-        y, p = data.targets[outcome.name], predictions[outcome.name]
-        if outcome.kind == "regression":
-            y, p = encoder.decode_regression(outcome.name, y), encoder.decode_regression(outcome.name, p)
-        summaries[outcome.name] = metrics.summarise(outcome.kind, y, p)
-    return summaries
+    return summaries(encoder, data, predict(model, data.x), n_bins=n_bins)

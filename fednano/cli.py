@@ -68,45 +68,61 @@ def simulate_data(
 def simulate(
     ctx: typer.Context,
     clinics: int = typer.Option(5, "--clinics", min=2, max=50, help="Simulated clinics (ignored with --sites)."),
-    rounds: int = typer.Option(10, "--rounds", min=1, help="Federated rounds."),
+    rounds: int | None = typer.Option(None, "--rounds", min=1, help="Federated rounds (default 10)."),
     dp: bool = typer.Option(True, "--dp/--no-dp", help="Simulated sites train with DP-SGD (site.toml budget)."),
     epsilon: float = typer.Option(3.0, "--epsilon", min=0.01, help="Per-site ε budget of simulated sites."),
-    strategy: str = typer.Option("fedavg", "--strategy", help="fedavg | fedprox | fedadam | fedyogi."),
+    strategy: str | None = typer.Option(None, "--strategy", help="fedavg | fedprox | fedadam | fedyogi."),
     seed: int = typer.Option(0, "--seed", help="Seed of the world, the splits and the models."),
     out: Path = typer.Option(Path("runs/simulate"), "--out", help="Output folder."),
     sites: list[Path] | None = typer.Option(
         None, "--sites", help="Site folders or CSV files to use instead: --sites A B C (or --sites A --sites B)."),
     task: Path | None = typer.Option(None, "--task", help="task.toml for --sites holding a generic task."),
-    local_epochs: int = typer.Option(1, "--local-epochs", min=1, help="Local epochs per round."),
-    models: str = typer.Option("ann,xgboost", "--models", help="Models to train: ann, xgboost, or both."),
-    boosting: str = typer.Option("bagging", "--boosting", help="Federated XGBoost: bagging | cyclic | hist."),
-    xgb_rounds: int = typer.Option(20, "--xgb-rounds", min=1, help="Federated boosting rounds per head."),
+    local_epochs: int | None = typer.Option(None, "--local-epochs", min=1, help="Local epochs per round (1)."),
+    models: str | None = typer.Option(None, "--models", help="Models to train: ann, xgboost, or both (both)."),
+    boosting: str | None = typer.Option(None, "--boosting", help="Federated XGBoost: bagging | cyclic | hist."),
+    xgb_rounds: int | None = typer.Option(None, "--xgb-rounds", min=1, help="Federated boosting rounds per head."),
     compare: bool = typer.Option(True, "--compare/--no-compare",
                                  help="Also random forest, SVM, gradient boosting (local-only, pooled)."),
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower's own log."),
 ) -> None:
-    """Run a federated experiment on one machine: Flower simulation, local-only and pooled baselines, report."""
+    """Run a federated experiment on one machine: Flower simulation, local-only and pooled baselines, report.
+
+    Unset options take the federated run's defaults (``server/settings.py``)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from simulation.experiment import ExperimentConfig, flower_environment, quiet_flower, run_experiment
+    from server.settings import parse_models
+    from shared.protocol.boosting import MODES
+    from simulation.experiment import (
+        ExperimentConfig,
+        ExperimentError,
+        flower_environment,
+        quiet_flower,
+        run_experiment,
+    )
     from strategies.choice import STRATEGIES
 
+    base = ExperimentConfig()  # unset options: the run's defaults, from server/settings.py
+    strategy = strategy or base.strategy
+    boosting = boosting or base.boosting
+    models = models or base.models
+    rounds = rounds or base.rounds
     if strategy not in STRATEGIES:
         raise typer.BadParameter(f"expected one of {', '.join(STRATEGIES)}", param_hint="--strategy")
-    if boosting not in ("bagging", "cyclic", "hist"):
-        raise typer.BadParameter("expected bagging, cyclic or hist", param_hint="--boosting")
-    unknown = set(models.split(",")) - {"ann", "xgboost"}
-    if unknown:
-        raise typer.BadParameter(f"unknown model(s) {', '.join(sorted(unknown))}: expected ann, xgboost",
-                                 param_hint="--models")
+    if boosting not in MODES:
+        raise typer.BadParameter(f"expected one of {', '.join(MODES)}", param_hint="--boosting")
+    try:
+        parse_models(models)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--models") from err
     sites = _site_paths(ctx, sites)
     flower_environment(Path.cwd())
     if not verbose:
         quiet_flower()
     cfg = ExperimentConfig(out=out, clinics=clinics, rounds=rounds, dp=dp, epsilon=epsilon, strategy=strategy,
-                           seed=seed, sites=sites, task=task, local_epochs=local_epochs, models=models,
-                           boosting=boosting, xgb_rounds=xgb_rounds, compare=compare)
+                           seed=seed, sites=sites, task=task, local_epochs=local_epochs or base.local_epochs,
+                           models=models, boosting=boosting, xgb_rounds=xgb_rounds or base.xgb_rounds,
+                           compare=compare)
     console = Console()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
@@ -118,7 +134,11 @@ def simulate(
         def on_round(server_round: int) -> None:
             progress.update(bar, completed=server_round, description=f"federation round {server_round}/{rounds}")
 
-        results = run_experiment(cfg, on_round=on_round, on_phase=on_phase)
+        try:
+            results = run_experiment(cfg, on_round=on_round, on_phase=on_phase)
+        except ExperimentError as err:
+            console.print(f"[red]error[/red]: {err}")
+            raise typer.Exit(2) from err
     _print_summary(console, results, out)
 
 
@@ -321,7 +341,11 @@ def _print_summary(console, results: dict, out: Path) -> None:
             table.add_row(name, metric, *["–" if v is None else f"{v:.3f}" for v in cells])
         console.print(table)
     for site, p in sorted(results["privacy"].items()):
-        console.print(f"{site}: ε spent {p['epsilon']:.2f} of {p['budget']:g} (δ={p['delta']:g})")
+        phases = ", ".join(f"{phase} {v['epsilon_after']:.2f}" for phase, v in p["phases"].items()
+                           if v["epsilon_after"] is not None)
+        refused = f"; refused: {', '.join(p['refused'])}" if p["refused"] else ""
+        console.print(f"{site}: ε spent {p['epsilon']:.2f} of {p['budget']:g} (δ={p['delta']:g}; after each "
+                      f"phase: {phases or 'none'}{refused})")
     for site, errors in results["rejected"].items():
         console.print(f"[red]{site} left out[/red]: {'; '.join(errors)}")
     _print_policy(console, results.get("policy"))

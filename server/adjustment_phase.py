@@ -11,7 +11,7 @@ A site that fails or refuses the scaling query is left out of the fit and named 
 fails later would make the sums inconsistent, so the fit stops with an error instead.
 
 Sites under differential privacy send noised sums (``client.adjustment_handlers``: clipped rows, Gaussian
-noise, each release charged to the site's privacy ledger) and say so in a ``privacy`` MetricRecord; the ε
+noise, each release charged to the site's privacy ledger) and say so in a ``privacy`` ConfigRecord; the ε
 each has spent is logged and kept in the fitted adjuster's ``privacy_`` (node id → the site's last
 ``epsilon-spent``, ``epsilon-adjuster``, ``sigma``). The server adds noised and exact sums alike.
 """
@@ -28,13 +28,13 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from shared.dose_adjustment import (
-    QUERY_RIDGE,
-    QUERY_SCALING,
     DoseAdjuster,
     fitted_q_iteration,
-    request_records,
-    sums_from_records,
 )
+from shared.protocol import messages
+from shared.protocol import records as r
+from shared.protocol.adjustment import request_records, sums_from_records
+from shared.protocol.messages import MessageName
 
 
 class AdjustmentFailed(RuntimeError):
@@ -77,20 +77,22 @@ def fit_adjuster(grid: Grid, nodes: list[int], config: Mapping[str, Any],
     split_seed = int(config.get("split-seed", 0))
     answering = list(nodes)
     privacy: dict[int, dict[str, float]] = {}
+    releases: list[tuple[int, dict]] = []
 
-    def ask(name: str, current: DoseAdjuster, drop_failures: bool) -> list[dict]:
-        messages = [Message(request_records(current, split_seed), dst_node_id=node, message_type=f"query.{name}")
-                    for node in answering]
+    def ask(name: MessageName, current: DoseAdjuster, drop_failures: bool) -> list[dict]:
+        sent = [Message(request_records(current, split_seed), dst_node_id=node, message_type=name.type)
+                for node in answering]
         sums, answered = [], []
-        for reply in grid.send_and_receive(messages):
+        for reply in grid.send_and_receive(sent):
             node = reply.metadata.src_node_id
             if reply.has_error():
                 log(INFO, "dose adjustment: node %s did not answer %s: %s", node, name, reply.error.reason)
                 continue
             sums.append(sums_from_records(reply.content))
             answered.append(node)
-            if "privacy" in reply.content:
-                privacy[node] = {k: float(v) for k, v in reply.content["privacy"].items()}
+            if r.PRIVACY in reply.content:
+                privacy[node] = dict(reply.content[r.PRIVACY])
+                releases.append((node, privacy[node]))
         missing = sorted(set(answering) - set(answered))
         if missing and not drop_failures:
             raise AdjustmentFailed(f"node(s) {missing} failed during fitted-Q iteration; the sums would be partial")
@@ -100,15 +102,16 @@ def fit_adjuster(grid: Grid, nodes: list[int], config: Mapping[str, Any],
         return sums
 
     try:
-        fitted = fitted_q_iteration(adjuster, lambda: ask(QUERY_SCALING, adjuster, drop_failures=True),
-                                    lambda current: ask(QUERY_RIDGE, current, drop_failures=False))
+        fitted = fitted_q_iteration(adjuster, lambda: ask(messages.FQI_SCALING, adjuster, drop_failures=True),
+                                    lambda current: ask(messages.FQI_RIDGE, current, drop_failures=False))
     except (FloatingPointError, np.linalg.LinAlgError) as err:
         raise AdjustmentFailed(f"fitted-Q iteration failed: {err}") from err
     fitted.privacy_ = {node: privacy[node] for node in answering if node in privacy}
+    fitted.releases_ = releases
     log(INFO, "dose adjustment: fitted-Q over %d site(s) (%d under DP), %d transitions, last change %.2e",
         len(answering), len(fitted.privacy_), fitted.n_transitions_,
         fitted.history_[-1] if fitted.history_ else float("nan"))
     for node, spent in fitted.privacy_.items():
-        log(INFO, "dose adjustment: node %s under DP: sigma %.3g, epsilon spent %.3f of %.3g (adjuster share %.3g)",
-            node, spent["sigma"], spent["epsilon-spent"], spent["epsilon-budget"], spent["epsilon-adjuster"])
+        log(INFO, "dose adjustment: node %s under DP: sigma %.3g, epsilon spent %.3f of %.3g",
+            node, float(spent["sigma"]), float(spent["epsilon-spent"]), float(spent["epsilon-budget"]))
     return fitted

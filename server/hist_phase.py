@@ -35,28 +35,27 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from server.boosting_phase import BoostingOutcome, boosting_config, evaluate_boosters
+from server.boosting_phase import BoostingOutcome, boosting_round, evaluate_boosters
+from server.run_record import RunRecord, add_privacy
+from server.settings import RunSettings
+from server.site_check import SiteCheck
 from shared import hist_boosting as hb
-from shared.boosting import BASE_SCORES, heads
+from shared.boosting import BASE_SCORES, Head, heads
 from shared.encoding import FeatureEncoder
 from shared.hist_records import merge, thresholds_record, trees_record
+from shared.protocol import hist as h
+from shared.protocol import messages
+from shared.protocol import records as r
+from shared.protocol.boosting import head_to_config
+from shared.protocol.privacy import RELEASE_INDEX, RELEASES
 from shared.secure_sum import unmask_sum
 from shared.xgboost_json import export_model
 
-if TYPE_CHECKING:
-    from server.app import RunSettings
-
-HIST_RANGES = "query.hist_ranges"
-HIST_KEYS = "query.hist_keys"
-HIST_BINS = "query.hist_bins"
-HIST_CELLS = "query.hist_cells"
-HIST_LEVEL = "query.hist_level"
 TRAFFIC_FILE = "xgb_hist_traffic.json"
 OBJECTIVES = {"binary": "binary:logistic", "regression": "reg:squarederror", "multiclass": "multi:softprob"}
 
@@ -89,8 +88,7 @@ class HistSettings:
     tree : TreeParams                 learning rate, depth, λ, γ, min_child_weight
     max_bin : int, default 256
     secure_sum : bool, default True   mask every site's grid counts and histograms (needs >= 2 sites)
-    dp_epsilon : float, default 0.0   ε for the whole phase at each site (0: no noise)
-    dp_gradient_clip : float, default 3.0   clip of squared-error gradients under DP (standardised target)
+    dp_gradient_clip : float, default 3.0   clip of squared-error gradients at DP sites (standardised target)
     softmax : bool, default False     one softmax model per multiclass outcome instead of one-vs-rest heads
     """
 
@@ -98,7 +96,6 @@ class HistSettings:
     tree: hb.TreeParams = hb.TreeParams()
     max_bin: int = hb.MAX_BIN
     secure_sum: bool = True
-    dp_epsilon: float = 0.0
     dp_gradient_clip: float = 3.0
     softmax: bool = False
 
@@ -109,8 +106,9 @@ class HistSettings:
                                                                   max_depth=settings.xgb_max_depth))
 
     def releases(self, n_heads: int) -> int:
-        """Most noised releases of the phase at each site: the grid counts and their refinements, then every
-        level of every tree but the deepest (whose leaves are summed from their parents' histograms)."""
+        """Most noised releases of the phase at a DP site (announced, so it sets its noise for all of them): the
+        grid counts and their refinements, then every level of every tree but the deepest (whose leaves are
+        summed from their parents' histograms)."""
         return 1 + hb.REFINE_PASSES + n_heads * self.rounds * max(1, self.tree.max_depth)
 
 
@@ -179,52 +177,55 @@ class HistSession:
                  n_heads: int) -> None:
         self.grid, self.nodes, self.settings = grid, list(nodes), settings
         self.base = base_config
-        self.base.update({"dp-epsilon": settings.dp_epsilon, "dp-releases": settings.releases(n_heads),
-                          "dp-gradient-clip": settings.dp_gradient_clip, "secure-sum": settings.secure_sum,
-                          "secure-session": uuid.uuid4().hex})
+        self.base.update({RELEASES: settings.releases(n_heads), h.GRADIENT_CLIP: settings.dp_gradient_clip,
+                          h.SECURE_SUM: settings.secure_sum, h.SECURE_SESSION: uuid.uuid4().hex})
         self.release_index = 0
         self.bytes_down = self.bytes_up = 0
+        self.privacy: list[tuple[int, dict]] = []  # (node, a DP release's facts)
 
-    def ask(self, message_type: str, extra: dict, arrays: ArrayRecord) -> dict[int, RecordDict]:
+    def ask(self, message_type: messages.MessageName, extra: dict, arrays: ArrayRecord) -> dict[int, RecordDict]:
         """Send one request to every site; their replies by node (HistProtocolError if any site failed)."""
         replies, failures = self.ask_all(message_type, extra, arrays)
         for node, reason in failures.items():
             raise HistProtocolError(node, reason)
         return replies
 
-    def ask_all(self, message_type: str, extra: dict, arrays: ArrayRecord) -> tuple[dict, dict[int, str]]:
+    def ask_all(self, message_type: messages.MessageName, extra: dict, arrays: ArrayRecord
+                ) -> tuple[dict, dict[int, str]]:
         """Send one request to every site; replies by node, and failures (error or no reply) by node."""
         config = ConfigRecord(dict(self.base))
         config.update(extra)
-        messages = []
+        sent = []
         for node in self.nodes:
-            content = RecordDict({"config": config, "arrays": arrays})
+            content = RecordDict({r.CONFIG: config, r.ARRAYS: arrays})
             self.bytes_down += record_bytes(content)
-            messages.append(Message(content, dst_node_id=node, message_type=message_type))
+            sent.append(Message(content, dst_node_id=node, message_type=message_type.type))
         replies, failures = {}, {}
-        for reply in self.grid.send_and_receive(messages):
+        for reply in self.grid.send_and_receive(sent):
             node = reply.metadata.src_node_id
             if reply.has_error():
                 failures[node] = reply.error.reason
                 continue
             self.bytes_up += record_bytes(reply.content)
             replies[node] = reply.content
+            if r.PRIVACY in reply.content:
+                self.privacy.append((node, dict(reply.content[r.PRIVACY])))
         for node in set(self.nodes) - set(replies) - set(failures):
             failures[node] = "no reply"
         return replies, failures
 
     def exchange_keys(self) -> None:
         """Collect every site's public key and put the table in every later request."""
-        replies = self.ask(HIST_KEYS, {}, ArrayRecord())
-        self.base["secure-nodes"] = [int(n) for n in self.nodes]
-        self.base["secure-keys"] = [bytes(replies[n]["keys"]["public-key"]) for n in self.nodes]
+        replies = self.ask(messages.HIST_KEYS, {}, ArrayRecord())
+        self.base[h.SECURE_NODES] = [int(n) for n in self.nodes]
+        self.base[h.SECURE_KEYS] = [bytes(replies[n][r.KEYS][h.PUBLIC_KEY]) for n in self.nodes]
 
-    def summed(self, message_type: str, extra: dict, arrays: ArrayRecord, name: str) -> np.ndarray:
+    def summed(self, message_type: messages.MessageName, extra: dict, arrays: ArrayRecord, name: str) -> np.ndarray:
         """The int64 sum over sites of one released array (a noised, masked release when asked)."""
-        extra = {**extra, "dp-release-index": self.release_index, "secure-sequence": self.release_index}
+        extra = {**extra, RELEASE_INDEX: self.release_index, h.SECURE_SEQUENCE: self.release_index}
         self.release_index += 1
         replies = self.ask(message_type, extra, arrays)
-        parts = [replies[n]["arrays"][name].numpy() for n in self.nodes]
+        parts = [replies[n][r.ARRAYS][name].numpy() for n in self.nodes]
         if self.settings.secure_sum:
             return unmask_sum(parts)
         return np.sum(np.stack(parts), axis=0, dtype=np.int64)
@@ -235,13 +236,13 @@ def global_ranges(session: HistSession, failures: dict[int, str]) -> tuple[np.nd
 
     Sites that cannot answer are left out of the session (and named in ``failures``).
     """
-    replies, failed = session.ask_all(HIST_RANGES, {}, ArrayRecord())
+    replies, failed = session.ask_all(messages.HIST_RANGES, {}, ArrayRecord())
     failures.update(failed)
     session.nodes = [n for n in session.nodes if n in replies]
     if not replies:
         raise HistProtocolError(-1, "no site could report its feature ranges: nothing to train on")
-    lo = np.min([r["arrays"]["min"].numpy() for r in replies.values()], axis=0)
-    hi = np.max([r["arrays"]["max"].numpy() for r in replies.values()], axis=0)
+    lo = np.min([reply[r.ARRAYS][h.RANGE_MIN].numpy() for reply in replies.values()], axis=0)
+    hi = np.max([reply[r.ARRAYS][h.RANGE_MAX].numpy() for reply in replies.values()], axis=0)
     empty = ~np.isfinite(lo)
     lo[empty], hi[empty] = 0.0, 0.0
     return lo, hi
@@ -249,12 +250,13 @@ def global_ranges(session: HistSession, failures: dict[int, str]) -> tuple[np.nd
 
 def global_thresholds(session: HistSession, lo: np.ndarray, hi: np.ndarray) -> list[np.ndarray]:
     """Bins every site shares: summed grid counts, refined where rows crowd, cut into ``max_bin`` bins per feature."""
-    grid = hb.from_fixed(session.summed(HIST_BINS, {}, ArrayRecord({"lo": Array(lo), "hi": Array(hi)}), "counts"))
+    grid = hb.from_fixed(session.summed(messages.HIST_BINS, {}, ArrayRecord({h.LO: Array(lo), h.HI: Array(hi)}),
+                                        h.COUNTS))
 
     def summed_cell_counts(bounds: list[np.ndarray]) -> list[np.ndarray]:
         values, offsets = hb.pack_thresholds(bounds)
-        arrays = ArrayRecord({"cell-bounds": Array(values), "cell-offsets": Array(offsets)})
-        counts = hb.from_fixed(session.summed(HIST_CELLS, {}, arrays, "counts"))
+        arrays = ArrayRecord({h.CELL_BOUNDS: Array(values), h.CELL_OFFSETS: Array(offsets)})
+        counts = hb.from_fixed(session.summed(messages.HIST_CELLS, {}, arrays, h.COUNTS))
         return np.split(counts, np.cumsum([len(b) + 1 for b in bounds])[:-1])
 
     return hb.global_thresholds(grid, lo, hi, summed_cell_counts, session.settings.max_bin)
@@ -264,28 +266,32 @@ def grow_round(session: HistSession, spec: HeadSpec, thresholds: list[np.ndarray
                finished: list[list[hb.Tree]]) -> list[hb.Tree]:
     """One boosting round (``spec.n_outputs`` trees) grown level by level from summed site histograms."""
     grower = hb.LevelGrower(spec.n_outputs, thresholds, session.settings.tree)
-    head_config = {"outcome": spec.outcome, "kind": spec.kind, "positive-class": spec.positive_class,
-                   "objective": spec.objective, "n-outputs": spec.n_outputs,
-                   "base-margin": hb.base_margin(spec.objective, spec.base_score)}
+    head = Head(spec.outcome, spec.kind, spec.positive_class if spec.positive_class >= 0 else None)
+    head_config = {**head_to_config(head), h.OBJECTIVE: spec.objective, h.N_OUTPUTS: spec.n_outputs,
+                   h.BASE_MARGIN: hb.base_margin(spec.objective, spec.base_score)}
     model = trees_record([tree for trees in finished for tree in trees], "model")
     widths = hb.feature_widths(thresholds)
     while not grower.done:
         requested = np.array(grower.requested, dtype=np.int64).reshape(-1, 2)
         arrays = merge(thresholds_record(thresholds), model, trees_record(grower.trees, "growing"),
-                       ArrayRecord({"frontier": Array(requested)}))
-        packed = session.summed(HIST_LEVEL, head_config, arrays, "histograms")
+                       ArrayRecord({h.FRONTIER: Array(requested)}))
+        packed = session.summed(messages.HIST_LEVEL, head_config, arrays, h.HISTOGRAMS)
         grower.grow(hb.unpack_histograms(packed, widths))
     return grower.trees
 
 
-def run_hist_boosting(grid: Grid, nodes: list[int], encoder: FeatureEncoder, settings: RunSettings,
-                      hist: HistSettings | None = None) -> HistOutcome:
-    """Train every head by federated histogram boosting, then evaluate them at every site (unless softmax)."""
+def run_hist_boosting(grid: Grid, sites: SiteCheck, encoder: FeatureEncoder, settings: RunSettings,
+                      record: RunRecord, hist: HistSettings | None = None) -> HistOutcome:
+    """Train every head by federated histogram boosting, then evaluate them at every site (unless softmax).
+
+    Sites under DP that granted the ``boosting`` phase take part with noised releases; those that did not are
+    left out and named in ``outcome.refused``."""
     hist = hist or HistSettings.from_run_settings(settings)
-    outcome = HistOutcome()
+    outcome = HistOutcome(refused=sites.refusing("boosting"))
     start = time.perf_counter()
     specs = head_specs(encoder, hist.softmax)
-    session = HistSession(grid, nodes, boosting_config(encoder, settings), hist, len(specs))
+    session = HistSession(grid, sites.granting("boosting"), boosting_round(settings).to_config(encoder), hist,
+                          len(specs))
     lo, hi = global_ranges(session, outcome.failures)
     if hist.secure_sum:
         session.exchange_keys()
@@ -302,8 +308,10 @@ def run_hist_boosting(grid: Grid, nodes: list[int], encoder: FeatureEncoder, set
     outcome.thresholds = thresholds
     outcome.bytes_down, outcome.bytes_up = session.bytes_down, session.bytes_up
     outcome.bytes_sent = session.bytes_down + session.bytes_up
+    for node, facts in session.privacy:
+        add_privacy(record, sites.usable, node, facts)
     if not hist.softmax:
-        evaluate_boosters(grid, session.nodes, encoder, settings, outcome)
+        evaluate_boosters(grid, sites, encoder, settings, outcome, record)
     outcome.seconds = time.perf_counter() - start
     write_traffic(Path(settings.out_dir) / TRAFFIC_FILE, outcome, hist)
     return outcome
@@ -315,5 +323,5 @@ def write_traffic(path: Path, outcome: HistOutcome, hist: HistSettings) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"bytes_down": outcome.bytes_down, "bytes_up": outcome.bytes_up, "trees": trees,
                                 "seconds": outcome.seconds, "rounds": hist.rounds, "secure_sum": hist.secure_sum,
-                                "dp_epsilon": hist.dp_epsilon, "bins": [len(t) + 1 for t in outcome.thresholds]},
+                                "bins": [len(t) + 1 for t in outcome.thresholds]},
                                indent=1) + "\n")

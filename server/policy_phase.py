@@ -24,32 +24,34 @@ from logging import INFO
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from server.adjustment_phase import AdjustmentFailed, fit_adjuster
+from server.run_record import RunRecord, add_privacy
+from server.settings import RunSettings
+from server.site_check import SiteCheck
+from shared.artifacts import RunArtifacts
 from shared.dosing_policy import FORMULATION_FEATURES, POLICY_FILE, DosingPolicy
 from shared.durable import write_json_atomically
-from shared.encoding import FeatureEncoder
 from shared.policy_bundle import build_bundle, bundle_contents
+from shared.protocol import messages
+from shared.protocol.policy import Installed, catalogue_of, install_request
 
-CATALOGUE = "query.catalogue"
-INSTALL_POLICY = "query.install_policy"
 VERSION_FILE = "policy_version"
 
 
 def collect_catalogue(grid: Grid, nodes: list[int]) -> dict[str, dict[str, float]]:
     """Formulation id → properties, over every site that answered (ids seen at several sites: mean)."""
-    messages = [Message(RecordDict(), dst_node_id=n, message_type=CATALOGUE) for n in nodes]
+    sent = [Message(RecordDict(), dst_node_id=n, message_type=messages.CATALOGUE.type) for n in nodes]
     seen: dict[str, list[list[float]]] = {}
-    for reply in grid.send_and_receive(messages):
+    for reply in grid.send_and_receive(sent):
         if reply.has_error():
             log(INFO, "catalogue: node %s failed: %s", reply.metadata.src_node_id, reply.error.reason)
             continue
-        ids = list(reply.content["catalogue"]["ids"])
-        props = reply.content["properties"]
-        for j, fid in enumerate(ids):
-            seen.setdefault(fid, []).append([float(props[name][j]) for name in FORMULATION_FEATURES])
+        for fid, props in catalogue_of(reply.content, FORMULATION_FEATURES).items():
+            seen.setdefault(fid, []).append([props[name] for name in FORMULATION_FEATURES])
     return {fid: dict(zip(FORMULATION_FEATURES, np.mean(rows, axis=0).round(6).tolist(), strict=True))
             for fid, rows in sorted(seen.items())}
 
@@ -64,61 +66,85 @@ def next_version(policy_dir: Path) -> int:
     return last + 1
 
 
-def model_files(out: Path, record: dict, hidden: tuple[int, ...]) -> tuple[dict[str, dict], dict[str, Path]]:
-    """The outcome models of the run for ``policy.json`` and the files they live in."""
-    models, files = {}, {"encoder.json": out / "encoder.json"}
-    if (out / "ann_federated.pt").exists():
-        models["ann"] = {"kind": "ann", "weights": "ann_federated.pt", "hidden": list(hidden)}
-        files["ann_federated.pt"] = out / "ann_federated.pt"
-    heads = {p.stem.removeprefix("xgb_"): p.name for p in sorted(out.glob("xgb_*.json"))}
-    if heads and record.get("xgboost"):
-        models["xgboost"] = {"kind": "xgboost", "heads": heads}
-        files.update({name: out / name for name in heads.values()})
+def model_files(artifacts: RunArtifacts, record: RunRecord) -> tuple[dict[str, dict], dict[str, Path]]:
+    """This run's outcome models for ``policy.json`` and the files they live in (``shared.artifacts``: a file
+    another run left in the folder is not among them)."""
+    models, files = {}, {"encoder.json": artifacts.path("encoder")}
+    if artifacts.has_ann:
+        models["ann"] = {"kind": "ann", "weights": artifacts.files["ann"], "hidden": list(artifacts.hidden)}
+    keys = artifacts.booster_keys
+    if keys and "xgboost" in record.models:
+        models["xgboost"] = {"kind": "xgboost", "heads": {key: artifacts.files[f"xgb:{key}"] for key in keys}}
     if not models:
-        raise RuntimeError(f"no federated model in {out}: nothing to build a policy from")
+        raise RuntimeError(f"run {artifacts.run_id} left no model in {artifacts.folder}: no policy to build")
+    for spec in models.values():
+        names = [spec["weights"]] if spec["kind"] == "ann" else list(spec["heads"].values())
+        files.update({name: artifacts.folder / name for name in names})
     return models, files
 
 
-def validation_metrics(record: dict) -> dict:
+def validation_metrics(record: RunRecord) -> dict:
     """The federated models' overall test metrics (AUC, balanced accuracy, ...) for the manifest."""
-    result = {}
-    for family, final in (("ann", record.get("final")), ("xgboost", (record.get("xgboost") or {}).get("final"))):
-        if final:
-            result[family] = {outcome: {k: v for k, v in values.items() if isinstance(v, int | float)}
-                              for outcome, values in final["overall"].items()}
-    return result
+    return {family: {outcome: {k: v for k, v in values.items() if isinstance(v, int | float)}
+                     for outcome, values in model.final["overall"].items()}
+            for family, model in record.models.items() if model.final.get("overall")}
 
 
-def build_policy(out: Path, record: dict, encoder: FeatureEncoder, formulations: dict, hidden: tuple[int, ...],
-                 signing_key: Path, run_id: str, policy_dir: Path, adjuster=None) -> Path:
-    """Write ``policy.json`` and sign the bundle (models from ``out``) into ``policy_dir/v<N>``; returns the
+def build_policy(artifacts: RunArtifacts, record: RunRecord, formulations: dict, signing_key: Path,
+                 policy_dir: Path, adjuster=None) -> Path:
+    """Write ``policy.json`` and sign the bundle (this run's models) into ``policy_dir/v<N>``; returns the
     bundle folder."""
-    models, files = model_files(out, record, hidden)
-    policy = DosingPolicy(encoder=encoder, members={}, formulations=formulations, adjuster=adjuster)
+    models, files = model_files(artifacts, record)
+    policy = DosingPolicy(encoder=artifacts.encoder(), members={}, formulations=formulations, adjuster=adjuster)
     version = next_version(policy_dir)
-    privacy = {site: {"epsilon": p.get("epsilon"), "delta": p.get("delta"), "budget": p.get("budget")}
-               for site, p in record.get("privacy", {}).items()}
+    privacy = {site: {"epsilon": p.epsilon_spent, "delta": p.delta, "budget": p.epsilon_budget}
+               for site, p in record.privacy.items() if p.dp}
     document = policy.document(models, "encoder.json")
     bounds = json.loads(json.dumps({k: document[k] for k in ("action_space", "safety", "objective")}))
     with tempfile.TemporaryDirectory(prefix="fednano-policy-") as tmp:
         path = Path(tmp) / POLICY_FILE
         path.write_text(json.dumps(document, indent=1, allow_nan=False) + "\n")
         return build_bundle(policy_dir / f"v{version}", {**files, POLICY_FILE: path}, version=version,
-                            run_id=run_id, privacy=privacy, metrics=validation_metrics(record),
+                            run_id=record.run_id, privacy=privacy, metrics=validation_metrics(record),
                             safety_bounds=bounds, signing_key_path=signing_key)
 
 
 def distribute(grid: Grid, nodes: list[int], names: dict[int, str], bundle: Path) -> dict[str, dict]:
     """Send the bundle to every site; per site: the installed version, or the reason it was refused."""
-    contents = ConfigRecord(bundle_contents(bundle))
-    messages = [Message(RecordDict({"bundle": contents}), dst_node_id=n, message_type=INSTALL_POLICY)
-                for n in nodes]
+    content = install_request(bundle_contents(bundle))
+    sent = [Message(content, dst_node_id=n, message_type=messages.INSTALL_POLICY.type) for n in nodes]
     result = {names.get(n, f"node {n}"): {"installed": False, "reason": "no reply"} for n in nodes}
-    for reply in grid.send_and_receive(messages):
+    for reply in grid.send_and_receive(sent):
         name = names.get(reply.metadata.src_node_id, f"node {reply.metadata.src_node_id}")
         if reply.has_error():
             result[name] = {"installed": False, "reason": reply.error.reason}
         else:
-            result[name] = {"installed": True, "version": int(reply.content["status"]["version"])}
+            result[name] = {"installed": True, "version": Installed.from_records(reply.content).version}
         log(INFO, "policy at %s: %s", name, result[name])
     return result
+
+
+def run_policy_phase(grid: Grid, sites: SiteCheck, artifacts: RunArtifacts, record: RunRecord,
+                     settings: RunSettings) -> dict:
+    """Build and sign the dosing policy from this run's models, with the dose adjuster if asked, and send it
+    to every site; returns the record's ``policy`` entry."""
+    formulations = collect_catalogue(grid, sites.nodes)
+    adjuster, adjustment = None, {"fitted": False, "reason": "fqi-iterations = 0"}
+    if settings.fqi_iterations > 0:
+        nodes = sites.granting("adjuster")
+        try:
+            adjuster = fit_adjuster(grid, nodes, {"split-seed": settings.split_seed,
+                                                  "fqi-iterations": settings.fqi_iterations})
+            for node, facts in getattr(adjuster, "releases_", []):
+                add_privacy(record, sites.usable, node, facts)
+            adjustment = {"fitted": True, "iterations": settings.fqi_iterations,
+                          "sites": [sites.usable[n] for n in nodes], "refused": sites.refusing("adjuster")}
+        except AdjustmentFailed as err:
+            log(INFO, "dose adjuster not fitted: %s", err)
+            adjustment = {"fitted": False, "reason": str(err), "refused": sites.refusing("adjuster")}
+    bundle = build_policy(artifacts, record, formulations, Path(settings.signing_key),
+                          Path(settings.policy_dir or Path(settings.out_dir) / "policy"), adjuster)
+    installed = distribute(grid, sites.nodes, sites.usable, bundle)
+    version = int(bundle.name.removeprefix("v"))
+    return {"bundle": str(bundle), "version": version, "formulations": sorted(formulations), "sites": installed,
+            "adjustment": adjustment}

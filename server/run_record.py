@@ -1,22 +1,42 @@
-"""The record of a federated run: per round, per site and overall metrics, ε spent, failures.
+"""The record of a federated run, one typed shape for every model family, written and read only here.
 
-Overall metrics are computed from the *sum* of the sites' evaluation summaries (``shared.metrics``), so
-they are the metrics of the union of the sites' test sets, not an average of per-site metrics.
+``OUT/federation.json`` (``RECORD_FILE``), format ``fednano/run-record`` version 2::
+
+    {"format", "version", "run_id", "settings": {run-config keys},
+     "sites": [usable site names], "rejected": {site: [problems]},
+     "privacy": {site: SitePrivacyRecord},          # every usable site, DP or not
+     "statistics": {"sites": [...], "failures": {site: reason}, "refused": {site: reason}},
+     "models": {"ann" | "xgboost": ModelRecord},   # only the families the run trained
+     "policy": {...} or null}
+
+A :class:`ModelRecord` holds the family's rounds (per round: each site's training and evaluation metrics,
+failures, overall metrics from the summed summaries — the metrics of the union of the test sets, not an
+average), its final metrics, the sites that failed or refused the phase and why, and its permutation
+importance. Sites under DP are evaluated at the final round only (each evaluation is charged to their
+budget). :class:`SitePrivacyRecord` holds what a site's DP releases cost: ε granted per phase at the site
+check, releases per phase and ε spent after the last one.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 from shared import metrics
+from shared.durable import write_json_atomically
+from shared.protocol.privacy import ReleaseFacts, SitePrivacy
 from shared.task import TaskSpec
 
-if TYPE_CHECKING:
-    from server.app import RunSettings, SiteCheck
-    from server.boosting_phase import BoostingOutcome
-    from strategies.per_site import SiteRounds
-
+RECORD_FILE = "federation.json"
+FORMAT = "fednano/run-record"
+VERSION = 2
 TRAIN_KEYS = ("num-examples", "train-loss", "steps", "epsilon", "epsilon-budget", "delta", "noise-multiplier")
+
+
+class RecordError(ValueError):
+    """A file that is not a run record this version can read; names the file and the field."""
 
 
 def outcome_metrics(task: TaskSpec, record: dict) -> dict[str, dict]:
@@ -25,57 +45,182 @@ def outcome_metrics(task: TaskSpec, record: dict) -> dict[str, dict]:
             for o in task.outcomes}
 
 
-def federation_record(task: TaskSpec, sites: SiteCheck, rounds: SiteRounds, settings: RunSettings,
-                      seconds: float) -> dict:
-    """The JSON-safe record of the neural network's rounds: per round, final, privacy."""
-    names = sites.usable
+@dataclass
+class SitePrivacyRecord:
+    """One site's privacy over the run."""
+
+    dp: bool
+    epsilon_budget: float | None = None
+    delta: float | None = None
+    epsilon_spent_before: float | None = None
+    epsilon_spent: float | None = None
+    granted: dict[str, float] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+    releases: dict[str, int] = field(default_factory=dict)
+    epsilon_after: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_terms(cls, terms: SitePrivacy) -> SitePrivacyRecord:
+        if not terms.dp:
+            return cls(dp=False)
+        return cls(dp=True, epsilon_budget=terms.epsilon_budget, delta=terms.delta,
+                   epsilon_spent_before=terms.epsilon_spent, epsilon_spent=terms.epsilon_spent,
+                   granted=dict(terms.epsilon), refused=dict(terms.refused))
+
+    def add_release(self, facts: ReleaseFacts) -> None:
+        """Count one noised release of a phase and the ε spent after it."""
+        self.releases[facts.phase] = self.releases.get(facts.phase, 0) + 1
+        self.epsilon_after[facts.phase] = facts.epsilon_spent
+        self.epsilon_spent = max(self.epsilon_spent or 0.0, facts.epsilon_spent)
+
+    def add_training(self, epsilon: float, steps_round: bool = True) -> None:
+        """Count one round of DP-SGD and the ε spent after it."""
+        self.releases["training"] = self.releases.get("training", 0) + int(steps_round)
+        self.epsilon_after["training"] = epsilon
+        self.epsilon_spent = max(self.epsilon_spent or 0.0, epsilon)
+
+
+@dataclass
+class ModelRecord:
+    """One model family's federated training: rounds, final metrics, who failed or refused, importance."""
+
+    family: str
+    mode: str
+    seconds: float = 0.0
+    rounds: list[dict] = field(default_factory=list)
+    final: dict = field(default_factory=lambda: {"overall": {}, "per_site": {}, "summaries": {}})
+    failures: dict[str, str] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+    importance: dict = field(default_factory=dict)
+    heads: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunRecord:
+    """The whole run (module docstring)."""
+
+    run_id: str
+    settings: dict[str, Any]
+    sites: list[str] = field(default_factory=list)
+    rejected: dict[str, list[str]] = field(default_factory=dict)
+    privacy: dict[str, SitePrivacyRecord] = field(default_factory=dict)
+    statistics: dict[str, Any] = field(default_factory=dict)
+    models: dict[str, ModelRecord] = field(default_factory=dict)
+    policy: dict | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        body = asdict(self)
+        return metrics.json_safe({"format": FORMAT, "version": VERSION, **body})
+
+    def write(self, folder: Path) -> Path:
+        path = Path(folder) / RECORD_FILE
+        write_json_atomically(path, self.to_dict())
+        return path
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "run record") -> RunRecord:
+        if not isinstance(data, dict):
+            raise RecordError(f"{where}: expected a JSON object at the top level")
+        _check_fields(data, where)
+        if data.get("format") != FORMAT or data.get("version") != VERSION:
+            raise RecordError(f"{where}: not a {FORMAT} version {VERSION} record (format {data.get('format')!r}, "
+                              f"version {data.get('version')!r})")
+        try:
+            return cls(
+                run_id=str(data["run_id"]), settings=dict(data["settings"]), sites=list(data["sites"]),
+                rejected={str(k): list(v) for k, v in data["rejected"].items()},
+                privacy={str(k): SitePrivacyRecord(**v) for k, v in data["privacy"].items()},
+                statistics=dict(data["statistics"]),
+                models={str(k): ModelRecord(**v) for k, v in data["models"].items()}, policy=data.get("policy"))
+        except (KeyError, TypeError, AttributeError) as err:
+            raise RecordError(f"{where}: a field is missing or of the wrong kind ({err})") from err
+
+    @classmethod
+    def read(cls, path: Path) -> RunRecord:
+        """The record at ``path`` (``federation.json`` or the out-dir holding it); :class:`RecordError` else."""
+        path = Path(path)
+        file = path / RECORD_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise RecordError(f"{file}: no run record (expected the {RECORD_FILE} a run writes into its out-dir)")
+        try:
+            data = json.loads(file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise RecordError(f"{file}: not JSON ({err})") from err
+        return cls.from_dict(data, str(file))
+
+
+def _check_fields(data: dict, where: str) -> None:
+    """Raise :class:`RecordError` naming the first field that is missing or of the wrong kind."""
+
+    def expect(value: Any, kind: type | tuple, field_name: str, what: str) -> None:
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            shown = type(value).__name__ if isinstance(value, dict | list) else repr(value)
+            raise RecordError(f"{where}: field {field_name} expected {what}, got {shown}")
+
+    expect(data.get("sites"), list, "'sites'", "a list")
+    expect(data.get("rejected"), dict, "'rejected'", "an object")
+    expect(data.get("privacy"), dict, "'privacy'", "an object")
+    expect(data.get("models"), dict, "'models'", "an object")
+    for site, privacy in data["privacy"].items():
+        expect(privacy, dict, f"'privacy.{site}'", "an object")
+        if privacy.get("dp"):
+            expect(privacy.get("epsilon_spent"), int | float, f"'privacy.{site}.epsilon_spent'", "a number")
+    for family, model in data["models"].items():
+        expect(model, dict, f"'models.{family}'", "an object")
+        expect(model.get("rounds"), list, f"'models.{family}.rounds'", "a list")
+        for row, entry in enumerate(model["rounds"]):
+            name = f"'models.{family}.rounds[{row}]"
+            expect(entry, dict, name + "'", "an object")
+            expect(entry.get("round"), int, name + ".round'", "a round number")
+            expect(entry.get("per_site"), dict, name + ".per_site'", "an object")
+            expect(entry.get("failures", {}), dict, name + ".failures'", "an object")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building model records from a phase's replies
+
+
+def add_privacy(record: RunRecord, names: dict[int, str], node: int, facts: dict | ReleaseFacts) -> None:
+    """Count one DP release of ``node``'s site in the record."""
+    name = names.get(node)
+    if name is not None and name in record.privacy:
+        record.privacy[name].add_release(facts if isinstance(facts, ReleaseFacts) else ReleaseFacts.from_record(facts))
+
+
+def model_rounds(task: TaskSpec, names: dict[int, str], rounds, record: RunRecord) -> list[dict]:
+    """Per round: each site's training and evaluation metrics, failures, overall metrics; ε into ``record``.
+
+    ``rounds`` is a :class:`strategies.per_site.SiteRounds`."""
     per_round = []
-    privacy: dict[str, dict] = {}
-    for r in sorted(set(rounds.train) | set(rounds.evaluate)):
-        train = rounds.train.get(r, {})
-        evaluate = rounds.evaluate.get(r, {})
-        entry = {"round": r, "per_site": {}, "failures": {names.get(n, str(n)): reason
-                                                           for n, reason in rounds.failures.get(r, {}).items()}}
+    for r in sorted(set(rounds.train) | set(rounds.evaluate) | set(rounds.failures)):
+        train, evaluate = rounds.train.get(r, {}), rounds.evaluate.get(r, {})
+        entry = {"round": r, "per_site": {},
+                 "failures": {names.get(n, f"node {n}"): reason for n, reason in rounds.failures.get(r, {}).items()}}
         for node, name in names.items():
             site = {}
             if node in train:
                 site["train"] = {k: train[node][k] for k in TRAIN_KEYS if k in train[node]}
-                if "epsilon" in train[node]:
-                    p = privacy.setdefault(name, {"per_round": []})
-                    p.update(epsilon=train[node]["epsilon"], delta=train[node]["delta"],
-                             budget=train[node]["epsilon-budget"])
-                    p["per_round"].append({"round": r, "epsilon": train[node]["epsilon"]})
+                if "epsilon" in train[node] and name in record.privacy:
+                    record.privacy[name].add_training(float(train[node]["epsilon"]))
             if node in evaluate:
                 site["evaluate"] = outcome_metrics(task, evaluate[node])
             entry["per_site"][name] = site
+        for node, facts in rounds.privacy.get(r, {}).items():
+            add_privacy(record, names, node, facts)
         if evaluate:
             entry["overall"] = outcome_metrics(task, metrics.combine(list(evaluate.values())))
         per_round.append(entry)
-    last_eval = next((rounds.evaluate[r] for r in sorted(rounds.evaluate, reverse=True) if rounds.evaluate[r]), {})
-    return {
-        "seconds": seconds,
-        "rounds": per_round,
-        "final": {
-            "overall": outcome_metrics(task, metrics.combine(list(last_eval.values()))) if last_eval else {},
-            "per_site": {names[n]: outcome_metrics(task, rec) for n, rec in last_eval.items() if n in names},
-            "summaries": {names[n]: rec for n, rec in last_eval.items() if n in names},
-        },
-        "privacy": privacy,
-    }
+    return per_round
 
 
-def boosting_record(task: TaskSpec, sites: SiteCheck, boosted: BoostingOutcome, mode: str) -> dict:
-    """The JSON-safe record of the boosting phase: final metrics overall and per site, failures."""
-    names = sites.usable
-    evaluations = {names[n]: rec for n, rec in boosted.evaluations.items() if n in names}
-    return {
-        "mode": mode,
-        "seconds": boosted.seconds,
-        "heads": sorted(boosted.models),
-        "failures": {names.get(n, str(n)): reason for n, reason in boosted.failures.items()},
-        "final": {
-            "overall": outcome_metrics(task, metrics.combine(list(evaluations.values()))) if evaluations else {},
-            "per_site": {site: outcome_metrics(task, rec) for site, rec in evaluations.items()},
-            "summaries": evaluations,
-        },
-    }
+def final_metrics(task: TaskSpec, names: dict[int, str], evaluations: dict[int, dict]) -> dict:
+    """Overall metrics from the summed summaries, per-site metrics and the summaries themselves."""
+    named = {names[n]: rec for n, rec in evaluations.items() if n in names}
+    return {"overall": outcome_metrics(task, metrics.combine(list(named.values()))) if named else {},
+            "per_site": {site: outcome_metrics(task, rec) for site, rec in named.items()},
+            "summaries": named}
+
+
+def last_evaluations(rounds) -> dict[int, dict]:
+    """The evaluation records of the last round that has any: every site's view of the final model."""
+    return next((rounds.evaluate[r] for r in sorted(rounds.evaluate, reverse=True) if rounds.evaluate[r]), {})

@@ -27,9 +27,9 @@ from pathlib import Path
 
 from rich.table import Table
 
+from server.run_record import RECORD_FILE, RecordError, RunRecord, SitePrivacyRecord
 from shared.policy_bundle import MANIFEST_FILE
 
-RECORD_FILE = "federation.json"
 FLWR_TIMEOUT_S = 60.0
 HEADLINE_METRICS = ("auc", "r2")
 """Per outcome, the first of these a round's overall metrics have is shown (AUC for a class, R² otherwise)."""
@@ -103,73 +103,48 @@ def _seconds(value) -> str:
 
 @dataclass(frozen=True)
 class SiteParticipation:
-    """One site over a run: the rounds it trained in, the rounds it failed (with why), its ε."""
+    """One site over a run: the rounds it trained in, the rounds it failed (with why), its privacy."""
 
     site: str
     trained: tuple[int, ...]
     failed: dict[int, str]
-    epsilon: float | None
-    budget: float | None
-    delta: float | None
+    privacy: SitePrivacyRecord | None
 
 
-def read_record(path: Path) -> dict:
-    """The run record at ``path`` (``federation.json`` or the run's output folder holding it), checked."""
+def read_record(path: Path) -> RunRecord:
+    """The run record at ``path``: a ``federation.json``, the out-dir holding it, or a ``fednano simulate``
+    output folder (whose record is in ``federated/``); :class:`StatusError` naming the file otherwise."""
     path = Path(path)
-    file = path / RECORD_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise StatusError(f"{file}: no run record (expected the {RECORD_FILE} a run writes into its out-dir)")
+    candidates = [path] if not path.is_dir() else [path / RECORD_FILE, path / "federated" / RECORD_FILE]
+    file = next((c for c in candidates if c.is_file()), candidates[0])
     try:
-        record = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise StatusError(f"{file}: not JSON ({err})") from err
-    check_record(record, file)
-    return record
+        return RunRecord.read(file)
+    except RecordError as err:
+        raise StatusError(str(err)) from err
 
 
-def check_record(record, file: Path) -> None:
-    """Raise StatusError naming the field if ``record`` lacks what the status reads."""
-    _expect(record, dict, file, "the top level")
-    _expect(record.get("sites"), list, file, "'sites'")
-    _expect(record.get("rounds"), list, file, "'rounds'")
-    _expect(record.get("privacy"), dict, file, "'privacy'")
-    for row, entry in enumerate(record["rounds"]):
-        _expect(entry, dict, file, f"'rounds[{row}]'")
-        if not isinstance(entry.get("round"), int):
-            raise StatusError(f"{file}: field 'rounds[{row}].round' expected a round number, got "
-                              f"{entry.get('round')!r}")
-        _expect(entry.get("per_site"), dict, file, f"'rounds[{row}].per_site'")
-        _expect(entry.get("failures", {}), dict, file, f"'rounds[{row}].failures'")
-    for site, spent in record["privacy"].items():
-        _expect(spent, dict, file, f"'privacy.{site}'")
-        if not isinstance(spent.get("epsilon"), int | float):
-            raise StatusError(f"{file}: field 'privacy.{site}.epsilon' expected a number, got "
-                              f"{spent.get('epsilon')!r}")
+def training_rounds(record: RunRecord) -> list[dict]:
+    """The rounds of the run's round-based training (the ANN's; none if the run trained boosting only)."""
+    return record.models["ann"].rounds if "ann" in record.models else []
 
 
-def _expect(value, kind: type, file: Path, field: str) -> None:
-    if not isinstance(value, kind):
-        expected = {dict: "an object", list: "a list"}[kind]
-        raise StatusError(f"{file}: field {field} expected {expected}, got {type(value).__name__}")
-
-
-def participation(record: dict) -> list[SiteParticipation]:
-    """Per site of the record (usable sites first, then any other site a round names): rounds and ε."""
-    names = list(record["sites"])
-    for entry in record["rounds"]:
+def participation(record: RunRecord) -> list[SiteParticipation]:
+    """Per site of the record (usable sites first, then any other site a round names): rounds and privacy."""
+    rounds = training_rounds(record)
+    names = list(record.sites)
+    for entry in rounds:
         names += [s for s in [*entry["per_site"], *entry.get("failures", {})] if s not in names]
     result = []
     for site in names:
-        trained = tuple(e["round"] for e in record["rounds"] if "train" in e["per_site"].get(site, {}))
-        failed = {e["round"]: str(e["failures"][site]) for e in record["rounds"] if site in e.get("failures", {})}
-        spent = record["privacy"].get(site, {})
-        result.append(SiteParticipation(site, trained, failed, spent.get("epsilon"), spent.get("budget"),
-                                        spent.get("delta")))
+        trained = tuple(e["round"] for e in rounds if "train" in e["per_site"].get(site, {}))
+        failed = {e["round"]: str(e["failures"][site]) for e in rounds if site in e.get("failures", {})}
+        result.append(SiteParticipation(site, trained, failed, record.privacy.get(site)))
     return result
 
 
 def weighted_train_loss(entry: dict) -> float | None:
-    """The round's training loss averaged over sites, weighted by their examples (as FedAvg weighs them)."""
+    """The round's training loss averaged over the sites that report one (not DP sites: a mean loss over their
+    rows is not a DP release), weighted by their examples (as FedAvg weighs them)."""
     pairs = [(s["train"]["train-loss"], s["train"]["num-examples"]) for s in entry["per_site"].values()
              if "train-loss" in s.get("train", {}) and s["train"].get("num-examples")]
     total = sum(n for _, n in pairs)
@@ -186,13 +161,13 @@ def headline(overall: dict) -> str:
     return ", ".join(parts) or "–"
 
 
-def rounds_table(record: dict, title: str) -> Table:
+def rounds_table(record: RunRecord, title: str) -> Table:
     """One row per round: sites that trained, sites that failed and why, loss, overall metrics."""
     table = Table(title=title)
-    for column in ("round", "trained", "failed", "train loss", "overall (all test sets)"):
+    for column in ("round", "trained", "failed", "train loss", "overall (test sets evaluated)"):
         table.add_column(column, justify="right" if column in ("round", "trained", "train loss") else "left")
-    n_sites = len(record["sites"])
-    for entry in record["rounds"]:
+    n_sites = len(record.sites)
+    for entry in training_rounds(record):
         trained = sum("train" in s for s in entry["per_site"].values())
         failures = "; ".join(f"{site}: {_short(reason)}" for site, reason in entry.get("failures", {}).items())
         loss = weighted_train_loss(entry)
@@ -201,38 +176,43 @@ def rounds_table(record: dict, title: str) -> Table:
     return table
 
 
-def sites_table(record: dict, title: str) -> Table:
-    """One row per site: rounds trained, rounds failed, ε spent of its budget at δ."""
+def sites_table(record: RunRecord, title: str) -> Table:
+    """One row per site: rounds trained, rounds failed, ε spent of its budget at δ, ε per phase."""
     table = Table(title=title)
-    for column in ("site", "trained rounds", "failed rounds", "ε spent", "ε budget", "δ"):
-        table.add_column(column, justify="left" if column in ("site", "failed rounds") else "right")
-    n_rounds = len(record["rounds"])
+    for column in ("site", "trained rounds", "failed rounds", "ε spent", "ε budget", "δ", "ε per phase"):
+        table.add_column(column, justify="left" if column in ("site", "failed rounds", "ε per phase") else "right")
+    n_rounds = len(training_rounds(record))
     for site in participation(record):
         failed = ", ".join(f"{r} ({_short(reason)})" for r, reason in site.failed.items())
+        p = site.privacy
+        dp = p is not None and p.dp
+        phases = "; ".join(f"{phase} {eps:.2f}" for phase, eps in p.epsilon_after.items()) if dp else ""
+        refused = "; ".join(f"refuses {phase}" for phase in p.refused) if dp else ""
         table.add_row(site.site, f"{len(site.trained)}/{n_rounds}", f"failed: {failed}" if failed else "–",
-                      _number(site.epsilon, ".2f"), _number(site.budget, "g"), _number(site.delta, "g"))
+                      f"{p.epsilon_spent:.2f}" if dp else "no DP", f"{p.epsilon_budget:g}" if dp else "–",
+                      f"{p.delta:g}" if dp else "–", "; ".join(x for x in (phases, refused) if x) or "–")
     return table
 
 
-def _number(value: float | None, spec: str) -> str:
-    return "no DP" if value is None else format(value, spec)
-
-
 def _short(reason: str, limit: int = 80) -> str:
-    line = reason.strip().splitlines()[0] if reason.strip() else "no reason given"
+    """The first line of a reason, cut to ``limit`` characters (a Ray traceback is reduced to its error)."""
+    lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
+    if not lines:
+        return "no reason given"
+    line = next((ln for ln in reversed(lines) if ": " in ln and not ln.startswith(("File ", "Traceback"))), lines[0])
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
-def rejected_lines(record: dict) -> list[str]:
+def rejected_lines(record: RunRecord) -> list[str]:
     """One line per site whose data the site check refused, with its first errors."""
-    return [f"{site} left out: {'; '.join(errors)}" for site, errors in record.get("rejected", {}).items()]
+    return [f"{site} left out: {'; '.join(errors)}" for site, errors in record.rejected.items()]
 
 
-def record_run_id(record: dict) -> str | None:
-    """The Flower run that wrote the record: its ``run-id``, else the run id of its signed policy's manifest."""
-    if record.get("run-id"):
-        return str(record["run-id"])
-    policy = record.get("policy") or {}
+def record_run_id(record: RunRecord) -> str | None:
+    """The Flower run that wrote the record: its run id, else the run id of its signed policy's manifest."""
+    if record.run_id:
+        return record.run_id
+    policy = record.policy or {}
     manifest = Path(str(policy.get("bundle", ""))) / MANIFEST_FILE
     if policy.get("bundle") and manifest.is_file():
         return str(json.loads(manifest.read_text()).get("run_id") or "") or None

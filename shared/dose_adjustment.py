@@ -49,7 +49,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from shared.encoding import Moments
 from shared.patient_record import PREVIOUS_PREFIX, WEARABLE_PREFIX, PatientRecord, PreviousCycle, WearableSummary
@@ -549,47 +548,3 @@ def fitted_q_iteration(adjuster: DoseAdjuster, scaling_fn: Callable[[], list[dic
     if not math.isfinite(float(np.sum(adjuster.coef_))):
         raise FloatingPointError("fitted-Q iteration diverged (non-finite coefficients)")
     return adjuster
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Records: what crosses the wire (the server's adjuster in, a site's sums out)
-
-QUERY_SCALING = "fqi_scaling"
-QUERY_RIDGE = "fqi_ridge"
-"""Query names; the message type is ``query.<name>`` (``client.adjustment_handlers`` answers them)."""
-
-
-def request_records(adjuster: DoseAdjuster, split_seed: int) -> RecordDict:
-    """A query's content: the adjuster's parameters, split seed and iteration (config: iterations done so
-    far, which a DP site uses to count its releases) and, once set, its scaling and current coefficients."""
-    params = adjuster.get_params()
-    config = ConfigRecord({"split-seed": int(split_seed), "iteration": len(getattr(adjuster, "history_", [])),
-                           "alpha": float(params["alpha"]),
-                           "gamma": float(params["gamma"]), "iterations": int(params["iterations"]),
-                           "doses": [float(d) for d in params["doses"]], "max-change": float(params["max_change"])})
-    arrays = {name: getattr(adjuster, name + "_", None) for name in ("mean", "scale", "coef")}
-    record = ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float64)) for k, v in arrays.items()
-                          if v is not None})
-    return RecordDict({"config": config, "arrays": record})
-
-
-def adjuster_from_request(content: RecordDict) -> tuple[DoseAdjuster, int]:
-    """The server's adjuster (parameters, scaling and coefficients when sent) and the split seed."""
-    config = content["config"]
-    adjuster = DoseAdjuster(alpha=float(config["alpha"]), gamma=float(config["gamma"]),
-                            iterations=int(config["iterations"]), doses=tuple(float(d) for d in config["doses"]),
-                            max_change=float(config["max-change"]))
-    arrays = content["arrays"]
-    for name in ("mean", "scale", "coef"):
-        setattr(adjuster, name + "_", arrays[name].numpy() if name in arrays else None)
-    return adjuster, int(config["split-seed"])
-
-
-def sums_to_records(sums: dict[str, np.ndarray]) -> RecordDict:
-    """A site's sums as an ArrayRecord (float64)."""
-    return RecordDict({"sums": ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float64))
-                                            for k, v in sums.items()})})
-
-
-def sums_from_records(content: RecordDict) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in content["sums"].items()}

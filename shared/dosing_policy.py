@@ -450,24 +450,17 @@ def _dataclass_from(cls, values: dict):
 
 def _load_member(folder: Path, encoder: FeatureEncoder, spec: dict) -> Predictor:
     """An outcome model from the bundle: ``{"kind": "ann", "weights": FILE, "hidden": [...]}`` or
-    ``{"kind": "xgboost", "heads": {head key: FILE}}``."""
+    ``{"kind": "xgboost", "heads": {head key: FILE}}`` (read by ``shared.artifacts``)."""
+    from shared.artifacts import load_ann, load_booster
+
     if spec["kind"] == "ann":
-        import torch
+        from shared.ann import predict
 
-        from shared.ann import AnnSpec, MultiTaskMLP, predict
-
-        n_classes = {name: len(classes) for name, classes in encoder.classes_.items()}
-        model = MultiTaskMLP(AnnSpec.for_task(encoder.task, encoder.n_features_out_, n_classes,
-                                              tuple(spec["hidden"])))
-        model.load_state_dict(torch.load(folder / spec["weights"], weights_only=True))
-        model.eval()
+        model = load_ann(folder / spec["weights"], encoder, tuple(spec["hidden"]))
         return lambda x: predict(model, x)
     if spec["kind"] == "xgboost":
-        import xgboost as xgb
-
         # One thread: a recommendation scores ~100 rows per patient, where OpenMP start-up costs more than it
         # saves (and a busy host makes waiting threads spin).
-        boosters = {key: xgb.Booster(params={"nthread": 1}, model_file=str(folder / spec["heads"][key]))
-                    for key in (RESPONSE, TOXICITY)}
+        boosters = {key: load_booster(folder / spec["heads"][key], threads=1) for key in (RESPONSE, TOXICITY)}
         return lambda x: {key: booster.inplace_predict(x) for key, booster in boosters.items()}
     raise ValueError(f"{folder / POLICY_FILE}: unknown model kind {spec['kind']!r} (expected ann or xgboost)")

@@ -32,8 +32,16 @@ the cost of one more round trip; not worth it here.) The raw sum of squares is s
 ``Moments.sum_of_squares`` for readers who want it.
 
 Privacy. What leaves a site is the aggregate listed above, nothing per row; but a min or max is one
-patient's value, and a category seen once is one patient's category. These statistics carry no
-differential-privacy noise here.
+patient's value, and a category seen once is one patient's category. A site under differential privacy
+therefore sends something else (``client.statistics``): its row count, each numeric column's counts on a
+fixed grid over the column's *declared* range (``shared.bounds``: a histogram's noise does not grow with the
+range, a sum's does), and category and class counts over the *declared* values, all with Gaussian noise;
+its moments are then read off its noised histograms and its min and max are the declared bounds. Every site
+also sends the exact grid counts of its numeric columns, so a federation with noised sites fits the encoder
+from the summed histograms (:meth:`FeatureEncoder.fit_statistics`): bins under ``NOISE_THRESHOLD`` noise sds
+are dropped, means and scales are those of the rest (bin centres, plus the within-bin spread), missing-value
+indicators follow the contract's "may be missing", vocabularies and classes are the declared ones. Without
+noised sites nothing changes: moments as above.
 
 Example
 -------
@@ -55,6 +63,15 @@ import numpy as np
 import pandas as pd
 from flwr.app import ConfigRecord, MetricRecord
 
+from shared.bounds import (
+    declared_categories,
+    declared_classes,
+    declared_range,
+    grid_centres,
+    grid_counts,
+    may_be_missing,
+    value_grid,
+)
 from shared.task import Outcome, TaskSpec
 
 ENCODER_FORMAT = "fednano/feature-encoder"
@@ -64,6 +81,11 @@ ENCODER_FORMAT_VERSION = 1
 ENCODER_CONFIG_KEY = "feature-encoder"
 """The ConfigRecord key holding the encoder as JSON text."""
 
+STATISTICS_BINS = 16
+"""Bins of the statistics phase's grid per column: coarse, so that under DP the bins where rows crowd hold
+many noise sds of counts (at ε 0.15 per site a bin's noise sd is ~150 rows); fine enough to standardise."""
+NOISE_THRESHOLD = 2.0
+"""Under DP, summed bins with fewer counts than this many noise sds are read as empty."""
 MISSING_SUFFIX = "__missing"
 ONE_HOT_SEPARATOR = "__"
 """Output column names: ``bilirubin_umol_l__missing`` (0/1 indicator), ``sex__F`` (one-hot)."""
@@ -181,6 +203,11 @@ class SiteStatistics:
         Per regression outcome: count of non-missing values, sum, centred sum of squares.
     classification : dict of str to dict of str to int
         Per binary or multiclass outcome: rows per class label, labels as text (``1``, ``1.0`` → ``"1"``).
+    histograms : dict of str to ndarray, default {}
+        Per numeric feature and regression outcome with a declared range: counts on
+        ``value_grid(*declared_range, STATISTICS_BINS)``.
+    noise_var : float, default 0.0
+        Variance of the Gaussian noise on each count (0 for exact statistics; sums of sites add).
     """
 
     n_rows: int
@@ -188,6 +215,8 @@ class SiteStatistics:
     categorical: dict[str, dict[str, int]]
     regression: dict[str, Moments]
     classification: dict[str, dict[str, int]]
+    histograms: dict[str, np.ndarray] = field(default_factory=dict)
+    noise_var: float = 0.0
 
     @classmethod
     def from_frame(cls, df: pd.DataFrame, task: TaskSpec) -> SiteStatistics:
@@ -200,6 +229,8 @@ class SiteStatistics:
             regression={o.name: Moments.of(_floats(df[o.name], o.name)) for o in task.outcomes
                         if o.kind == "regression"},
             classification={o.name: _value_counts(df[o.name]) for o in task.outcomes if o.kind != "regression"},
+            histograms={name: grid_counts(_floats(df[name], name), edges)
+                        for name, edges in statistics_grids(task).items()},
         )
 
     def to_records(self) -> tuple[MetricRecord, ConfigRecord]:
@@ -230,6 +261,10 @@ class SiteStatistics:
             for i, counts in enumerate(getattr(self, group).values()):
                 config[f"{group}.{i}.values"] = list(counts)
                 metrics[f"{group}.{i}.counts"] = [int(n) for n in counts.values()]
+        config["histograms"] = list(self.histograms) or [""]
+        for i, counts in enumerate(self.histograms.values()):
+            metrics[f"histogram.{i}"] = [float(c) for c in counts]
+        metrics["noise-var"] = float(self.noise_var)
         return MetricRecord(metrics), ConfigRecord(config)
 
     @classmethod
@@ -254,7 +289,17 @@ class SiteStatistics:
             categorical=read.counts("categorical"),
             regression=dict(zip(regression_names, regression, strict=True)),
             classification=read.counts("classification"),
+            histograms={name: np.asarray(read.numbers(f"histogram.{i}", STATISTICS_BINS), dtype=np.float64)
+                        for i, name in enumerate(n for n in read.names("histograms") if n)},
+            noise_var=float(read.number("noise-var")),
         )
+
+
+def statistics_grids(task: TaskSpec) -> dict[str, np.ndarray]:
+    """The grid edges of every numeric feature and regression outcome that has a declared range."""
+    columns = list(task.numeric) + [o.name for o in task.outcomes if o.kind == "regression"]
+    return {name: value_grid(*bounds, STATISTICS_BINS) for name in columns
+            if (bounds := declared_range(task, name)) is not None}
 
 
 def combine(stats: list[SiteStatistics]) -> SiteStatistics:
@@ -278,6 +323,8 @@ def combine(stats: list[SiteStatistics]) -> SiteStatistics:
             categorical={k: _add_counts(v, other.categorical[k]) for k, v in total.categorical.items()},
             regression={k: v + other.regression[k] for k, v in total.regression.items()},
             classification={k: _add_counts(v, other.classification[k]) for k, v in total.classification.items()},
+            histograms={k: v + other.histograms[k] for k, v in total.histograms.items() if k in other.histograms},
+            noise_var=total.noise_var + other.noise_var,
         )
     return total
 
@@ -368,8 +415,11 @@ class FeatureEncoder:
     # -- fitting ------------------------------------------------------------------------------------------
 
     def fit_statistics(self, stats: SiteStatistics) -> FeatureEncoder:
-        """Learn means, scales, vocabularies, indicators and classes from (combined) statistics."""
+        """Learn means, scales, vocabularies, indicators and classes from (combined) statistics; from the
+        summed histograms when some of them carry DP noise (module docstring)."""
         self._check_covers(stats)
+        if stats.noise_var > 0:
+            return self._fit_noised(stats)
         task = self.task
         numeric = {name: stats.numeric[name] for name in task.numeric}
         self.means_ = {name: _mean_or_zero(s.moments) for name, s in numeric.items()}
@@ -381,6 +431,38 @@ class FeatureEncoder:
         self.target_scales_ = {name: _scale(stats.regression[name]) for name in regression}
         self.classes_ = {o.name: _classes(o, stats.classification[o.name]) for o in task.outcomes
                          if o.kind != "regression"}
+        self._set_names_out()
+        return self
+
+    def _fit_noised(self, stats: SiteStatistics) -> FeatureEncoder:
+        task = self.task
+        sd = math.sqrt(stats.noise_var)
+        for name in list(task.numeric) + [o.name for o in task.outcomes if o.kind == "regression"]:
+            if name not in stats.histograms:
+                raise ValueError(f"fit_statistics: noised statistics need a grid for {name!r}, which has no "
+                                 "declared range")
+        moments = {name: _histogram_moments(stats.histograms[name], name, task, sd) for name in stats.histograms}
+        self.means_ = {name: moments[name][0] for name in task.numeric}
+        self.scales_ = {name: moments[name][1] for name in task.numeric}
+        self.missing_indicator_ = [name for name in task.numeric if _noised_missing(task, name, stats, sd)]
+        self.vocabularies_ = {}
+        for name in task.categorical:
+            declared = declared_categories(task, name)
+            if declared is None:
+                raise ValueError(f"fit_statistics: categorical column {name!r} has no declared categories; noised "
+                                 "statistics cannot name its values")
+            self.vocabularies_[name] = sorted(declared)
+        regression = [o.name for o in task.outcomes if o.kind == "regression"]
+        self.target_means_ = {name: moments[name][0] for name in regression}
+        self.target_scales_ = {name: moments[name][1] for name in regression}
+        self.classes_ = {}
+        for outcome in task.outcomes:
+            if outcome.kind != "regression":
+                declared = declared_classes(task, outcome.name)
+                if declared is None:
+                    raise ValueError(f"fit_statistics: outcome {outcome.name!r} has no declared classes; noised "
+                                     "statistics cannot name them")
+                self.classes_[outcome.name] = _classes(outcome, dict.fromkeys(declared, 1))
         self._set_names_out()
         return self
 
@@ -629,6 +711,30 @@ def _scale(moments: Moments) -> float:
     """Population standard deviation, or 1.0 where it is 0 or undefined (so scaling never divides by 0)."""
     sd = math.sqrt(moments.variance) if moments.count else math.nan
     return sd if math.isfinite(sd) and sd > 0 else 1.0
+
+
+def _histogram_moments(counts: np.ndarray, name: str, task: TaskSpec, noise_sd: float) -> tuple[float, float]:
+    """Mean and scale of a column from its summed, noised grid counts: bins above ``NOISE_THRESHOLD`` noise
+    sds, at their centres, plus the spread within a bin (a bin's width² / 12). With no such bin: the declared
+    range's midpoint and the sd of a uniform value over it."""
+    edges = value_grid(*declared_range(task, name), STATISTICS_BINS)
+    kept = np.where(counts > NOISE_THRESHOLD * noise_sd, counts, 0.0)
+    if kept.sum() <= 0:
+        return float((edges[0] + edges[-1]) / 2), float((edges[-1] - edges[0]) / math.sqrt(12))
+    centres, widths = grid_centres(edges), np.diff(edges)
+    mean = float(np.sum(kept * centres) / kept.sum())
+    variance = float(np.sum(kept * (np.square(centres - mean) + np.square(widths) / 12)) / kept.sum())
+    return mean, math.sqrt(variance) if variance > 0 else 1.0
+
+
+def _noised_missing(task: TaskSpec, name: str, stats: SiteStatistics, noise_sd: float) -> bool:
+    """Whether a numeric feature gets a missing-value indicator when the statistics are noised: as the contract
+    says it may be missing, else when the noised counts miss more rows than the noise explains."""
+    declared = may_be_missing(task, name)
+    if declared is not None:
+        return declared
+    present = float(np.sum(stats.histograms[name]))
+    return stats.n_rows - present > NOISE_THRESHOLD * noise_sd * math.sqrt(STATISTICS_BINS + 1)
 
 
 def _classes(outcome: Outcome, counts: dict[str, int]) -> list[str]:

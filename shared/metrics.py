@@ -56,6 +56,11 @@ Summary = dict[str, int | float | list[int] | list[float]]
 DEFAULT_N_BINS = 2000
 """Score histogram bins: 2000 over [-12, 12] is a bin width of 0.012 in log-odds (odds ratio 1.012)."""
 
+COARSE_N_BINS = 20
+"""Score histogram bins when some site of a run releases its summaries under DP: every site of the run uses
+them, so summaries still add up. 1.2 log-odds per bin; a DP site's histogram noise (~100 counts per bin at ε
+0.15) would drown 2000 fine bins."""
+
 LOGIT_CLIP = 12.0
 """Scores are binned on logit(p) clipped to [-12, 12], i.e. p in [6.1e-6, 1 - 6.1e-6]; beyond it scores tie."""
 
@@ -437,11 +442,13 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"kind must be one of {', '.join(OUTCOME_KINDS)}; got {kind!r}")
 
 
-def summarise(kind: str, y_true: Any, prediction: Any) -> Summary:
+def summarise(kind: str, y_true: Any, prediction: Any, n_bins: int = DEFAULT_N_BINS) -> Summary:
     """The summary of one outcome of ``kind`` (binary: P(positive); multiclass: n x K probabilities; regression:
-    predicted values), with the default histogram resolution."""
+    predicted values), with ``n_bins`` score bins for a class outcome (every site of a run must use the same)."""
     _check_kind(kind)
-    return _SUMMARISERS[kind](y_true, prediction)
+    if kind == "regression":
+        return summarise_regression(y_true, prediction)
+    return _SUMMARISERS[kind](y_true, prediction, n_bins=n_bins)
 
 
 def metrics(kind: str, summary: Mapping[str, Any]) -> dict[str, float]:
@@ -454,7 +461,7 @@ def json_safe(value: Any) -> Any:
     """``value`` with NaN / inf turned into ``None`` (JSON null = undefined) and numpy scalars and arrays into
     Python ones, nested dicts and lists included, so ``json.dumps(..., allow_nan=False)`` accepts it."""
     if isinstance(value, Mapping):
-        return {key: json_safe(item) for key, item in value.items()}
+        return {str(key): json_safe(item) for key, item in value.items()}
     if isinstance(value, list | tuple | np.ndarray):
         return [json_safe(item) for item in value]
     if isinstance(value, np.generic):

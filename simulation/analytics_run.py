@@ -3,7 +3,7 @@
 1. Sites: simulated clinics (``simulation.clinics.generate_sites`` into ``OUT/sites``; ``--dp`` writes a DP
    budget into their ``site.toml``) or the user's site folders / CSV files (``--sites``, ``--task``), whose
    ``site.toml`` decides their DP, as at a hospital.
-2. Federation: the ServerApp of ``server.analytics`` and a ClientApp with the ``client.analytics`` handlers
+2. Federation: the ServerApp of ``server.analytics_phase`` and a ClientApp with the ``client.analytics`` handlers
    run in Flower's simulation runtime, one SuperNode per site; the server writes ``OUT/analytics.json``.
 3. Report: ``OUT/analytics.md`` (tables), CSV tables (``describe.csv``, ``regression_<kind>_<outcome>.csv``,
    ``anova.csv``, ``pca.csv``, ``kmeans_profiles.csv``) and ``OUT/pca_clusters.png``: the cluster centroids on
@@ -15,7 +15,7 @@
 
 Sources: Chan, Golub & LeVeque 1979 (merging moments); Karr et al. 2005 (regression from sufficient
 statistics); Lloyd 1982 (k-means); Rousseeuw 1987 (silhouette); Dwork & Roth 2014 and Mironov 2017
-(Gaussian mechanism, Rényi DP) — see ``client.analytics`` and ``server.analytics``.
+(Gaussian mechanism, Rényi DP) — see ``client.analytics`` and ``server.analytics_phase``.
 """
 
 from __future__ import annotations
@@ -27,55 +27,67 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from flwr.app import Context, RecordDict
 
 from client.analytics import answer
-from client.app import SiteSource
-from client.ledger import BudgetExhausted, LedgerError, PrivacyLedger
-from server.analytics import AnalyticsSession, AnalyticsSettings, SiteAnswer, plan_for, run_analyses
+from client.dp import PhaseRelease, PrivacyRefused, SiteDP
+from client.ledger import BudgetExhausted, LedgerError
+from client.site import SiteSource
+from server.analytics_phase import AnalyticsSession, SiteAnswer, run_analyses
+from server.analytics_plan import AnalyticsSettings, plan_for
+from shared.protocol.messages import MessageName
+from shared.protocol.privacy import RELEASES
+from shared.protocol.records import SITE_NAME
 from simulation.clinics import SitePrivacy, generate_sites
-
-DEFAULT_SITE_BUDGET = 3.0
-"""ε budget written into generated sites' site.toml (as ``fednano simulate``), raised to the run's ε if larger."""
 
 
 class LocalSites:
-    """An in-process asker: each "site" is a table (and optionally a privacy ledger) in this process.
+    """An in-process asker: each "site" is a table (and, under DP, its privacy terms) in this process.
 
-    ``LocalSites({"a": frame_a, "b": frame_b}, ledgers={"a": ledger_a})(query, config, arrays, ["a", "b"])``
-    answers with exactly the code a Flower site runs (``client.analytics.answer``).
+    ``LocalSites({"a": frame_a, "b": frame_b}, dps={"a": SiteDP(ledger, shares)})(query, config, arrays,
+    ["a", "b"])`` answers with exactly the code a Flower site runs (``client.analytics.answer`` through the
+    site's ``analytics`` release), each site keeping its own node state for the run as a Flower node does.
     """
 
-    def __init__(self, frames: Mapping[str, pd.DataFrame], ledgers: Mapping[str, PrivacyLedger | None] | None = None,
-                 rng: np.random.Generator | None = None, run_id: int | str = 0):
-        """Keep the site tables, their ledgers, the noise generator and the run id."""
+    def __init__(self, frames: Mapping[str, pd.DataFrame], dps: Mapping[str, SiteDP | None] | None = None,
+                 rng: np.random.Generator | None = None, run_id: int = 0):
+        """Keep the site tables, their DP terms, the noise generator and the run id."""
         self.frames = dict(frames)
-        self.ledgers = dict(ledgers or {})
+        self.dps = dict(dps or {})
         self.rng = rng
-        self.run_id = run_id
+        self.contexts = {site: Context(run_id=run_id, node_id=i, node_config={}, state=RecordDict(), run_config={})
+                         for i, site in enumerate(self.frames)}
 
-    def __call__(self, query: str, config: dict[str, Any], arrays: dict[str, np.ndarray],
+    def release(self, site: str, config: dict[str, Any]) -> PhaseRelease | None:
+        dp = self.dps.get(site)
+        if dp is None:
+            return None
+        release = PhaseRelease.for_phase(self.contexts[site], dp, "analytics", releases=int(config[RELEASES]))
+        if self.rng is not None:
+            release.rng = self.rng
+        return release
+
+    def __call__(self, query: MessageName, config: dict[str, Any], arrays: dict[str, np.ndarray],
                  sites: Sequence[Hashable]) -> dict[Hashable, SiteAnswer | str]:
         """Answer ``query`` at every site in ``sites``; failures as their reason."""
         out: dict[Hashable, SiteAnswer | str] = {}
         for site in sites:
             try:
-                result = answer(query, self.frames[site], config, arrays, self.ledgers.get(site), self.run_id,
-                                self.rng)
-            except (BudgetExhausted, LedgerError, KeyError, ValueError) as err:
+                result = answer(query.action, self.frames[site], config, arrays, self.release(site, config))
+            except (PrivacyRefused, BudgetExhausted, LedgerError, KeyError, ValueError) as err:
                 out[site] = f"{site}: {err}"
                 continue
-            out[site] = SiteAnswer(str(site), result.arrays, result.labels, {"site-name": str(site), **result.meta})
+            out[site] = SiteAnswer(str(site), result.arrays, result.labels, {SITE_NAME: str(site), **result.meta})
         return out
 
 
 def run_in_process(frames: Mapping[str, pd.DataFrame], settings: AnalyticsSettings | None = None,
-                   ledgers: Mapping[str, PrivacyLedger | None] | None = None,
+                   dps: Mapping[str, SiteDP | None] | None = None,
                    rng: np.random.Generator | None = None) -> dict[str, Any]:
     """All analyses on in-memory site tables, without Flower: same site code, same server code."""
     settings = settings or AnalyticsSettings()
     plan = plan_for(settings.task(), settings.dp)
-    session = AnalyticsSession(LocalSites(frames, ledgers, rng), list(frames), plan.queries(settings),
-                               settings.epsilon)
+    session = AnalyticsSession(LocalSites(frames, dps, rng), list(frames), plan.queries(settings))
     result = run_analyses(session, plan, settings)
     result["sites"] = sorted(frames)
     result["rejected"] = {}
@@ -90,9 +102,10 @@ def prepare_sites(out: Path, clinics: int | None, sites: Sequence[Path] | None, 
         return [SiteSource(Path(p), Path(task) if task else None) for p in sites]
     if not clinics:
         raise ValueError("give --clinics N or --sites PATH ...")
-    budget = site_budget if site_budget is not None else max(DEFAULT_SITE_BUDGET, epsilon)
+    budget = site_budget if site_budget is not None else epsilon
     world = generate_sites(clinics, seed, out / "sites", patients_per_clinic,
-                           SitePrivacy(dp=dp, epsilon=budget, delta=delta))
+                           SitePrivacy(dp=dp, epsilon=budget, delta=delta,
+                                       shares=(("analytics", min(1.0, epsilon / budget)),)))
     return [SiteSource(out / "sites" / c.name) for c in world.clinics]
 
 
@@ -100,12 +113,10 @@ def run_federated_analytics(sources: list[SiteSource], settings: AnalyticsSettin
     """The ServerApp and ClientApp in Flower's simulation runtime; returns ``out/analytics.json``."""
     from flwr.simulation import run_simulation
 
-    from client.analytics import register_analytics
-    from client.app import ledger_for, load, make_client_app, site_source
-    from server.analytics import make_analytics_server_app
+    from client.app import make_client_app
+    from server.analytics_phase import make_analytics_server_app
 
     client = make_client_app(sources)
-    register_analytics(client, lambda context: site_source(context, sources), load, ledger_for)
     path = out / "analytics.json"
     path.unlink(missing_ok=True)
     run_simulation(server_app=make_analytics_server_app(settings, out), client_app=client,
@@ -139,9 +150,10 @@ def run_analytics(out: Path | str, clinics: int | None = None, sites: Sequence[P
     k, seed : int
         k-means clusters; seed of the simulated world and of the initial centroids' phase.
     epsilon : float
-        ε each DP site spends on this run (all queries together, RDP composition at the site's δ).
+        ε generated DP sites grant this run (their ``[privacy.shares] analytics`` is ``epsilon / site_budget``);
+        a site of your own decides its share itself.
     site_budget, delta : float
-        Budget and δ written into generated sites (default budget: max(3, epsilon)).
+        Budget and δ written into generated sites (default budget: ``epsilon``).
     patients_per_clinic : int, optional
         Size of every generated clinic (default: tens to hundreds of patients, as ``simulate-data``).
     on_phase : callable, optional
@@ -162,7 +174,7 @@ def run_analytics(out: Path | str, clinics: int | None = None, sites: Sequence[P
     say("sites")
     sources = prepare_sites(out, clinics, [Path(s) for s in sites] if sites else None,
                             Path(task) if task else None, dp, seed, epsilon, site_budget, delta, patients_per_clinic)
-    settings = AnalyticsSettings(k=k, seed=seed, dp=dp, epsilon=epsilon, task_path=str(task) if task else "",
+    settings = AnalyticsSettings(k=k, seed=seed, dp=dp, task_path=str(task) if task else "",
                                  min_nodes=len(sources))
     say("federation")
     result = run_federated_analytics(sources, settings, out)

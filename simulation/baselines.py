@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from client.boosting import train_pooled_heads
+from client.evaluation import summaries
 from client.ledger import calibrate_noise
 from client.training import (
     DPConfig,
@@ -28,7 +29,6 @@ from client.training import (
     sample_rate,
     split_site,
     steps_per_epoch,
-    summarise_predictions,
     train,
 )
 from shared import metrics
@@ -108,7 +108,7 @@ def evaluate_per_site(predict, encoder: FeatureEncoder, sites: dict[str, SiteDat
     result = {}
     for name, parts in site_splits(sites, s).items():
         test = encode(encoder, parts["test"])
-        result[name] = summarise_predictions(encoder, test, predict(test.x))
+        result[name] = summaries(encoder, test, predict(test.x))
     return result
 
 
@@ -132,7 +132,7 @@ def local_summaries(sites: dict[str, SiteData], s: BaselineSettings, fit: Fit,
         encoder = fit_local(parts["train"], s.task)
         test = encode(encoder, parts["test"])
         predictor = fit(name, encoder, parts["train"])
-        result[name] = summarise_predictions(encoder, test, predictor(test.x))
+        result[name] = summaries(encoder, test, predictor(test.x))
         if keep is not None:
             keep[name] = (encoder, predictor)
     return result

@@ -388,17 +388,22 @@ def _row(f: Formulations) -> Formulations:
 
 @dataclass(frozen=True)
 class SitePrivacy:
-    """The privacy budget a simulated site writes in its site.toml (a hospital decides its own)."""
+    """The privacy budget a simulated site writes in its site.toml (a hospital decides its own): DP on or off,
+    (ε, δ), and optionally shares of ε per phase (``[privacy.shares]``; ``client.dp`` defaults otherwise)."""
 
     dp: bool = True
     epsilon: float = 3.0
     delta: float = 1e-5
+    shares: tuple[tuple[str, float], ...] = ()
 
 
 def site_toml(clinic: ClinicProfile, privacy: SitePrivacy = SitePrivacy()) -> str:
     """The site's configuration file: name, schema version and its privacy budget."""
-    return (f'[site]\nname = "{clinic.name}"\nschema_version = "{SCHEMA_VERSION}"\n\n'
+    text = (f'[site]\nname = "{clinic.name}"\nschema_version = "{SCHEMA_VERSION}"\n\n'
             f"[privacy]\ndp = {str(privacy.dp).lower()}\nepsilon = {privacy.epsilon!r}\ndelta = {privacy.delta!r}\n")
+    if privacy.shares:
+        text += "\n[privacy.shares]\n" + "".join(f"{phase} = {share!r}\n" for phase, share in privacy.shares)
+    return text
 
 
 def write_site(folder: Path, episodes: pd.DataFrame, vitals: pd.DataFrame, clinic: ClinicProfile,

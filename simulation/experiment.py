@@ -21,9 +21,11 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
-from client.app import SiteSource
-from shared import metrics
+from client.site import SiteSource
+from server.run_record import RunRecord
+from server.settings import DEFAULTS, RunSettings, parse_hidden
 from shared.ann import predict
+from shared.artifacts import RunArtifacts
 from shared.boosting import BoostingConfig, predict_heads
 from shared.task import NANOPARTICLE_TASK, TaskSpec
 from shared.validation import SiteDataError, load_site
@@ -42,30 +44,45 @@ from simulation.clinics import SitePrivacy, World, generate_sites
 from simulation.seed_comparison import CLASSIC, local_classic, pooled_classic, pooled_importance
 
 
+class ExperimentError(ValueError):
+    """The experiment cannot run as asked (e.g. the same site given twice); says why."""
+
+
 @dataclass
 class ExperimentConfig:
-    """Everything ``fednano simulate`` takes."""
+    """Everything ``fednano simulate`` takes. The federated run's defaults are :mod:`server.settings`'
+    (``seed`` seeds the world, the split and the models alike)."""
 
     out: Path = Path("runs/simulate")
     clinics: int = 5
-    rounds: int = 10
+    rounds: int = DEFAULTS.num_server_rounds
     dp: bool = True
     epsilon: float = 3.0
     delta: float = 1e-5
-    strategy: str = "fedavg"
-    seed: int = 0
+    strategy: str = DEFAULTS.strategy
+    seed: int = DEFAULTS.seed
     sites: list[Path] = field(default_factory=list)
     task: Path | None = None
-    local_epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.005
-    hidden: str = "64,32"
+    local_epochs: int = DEFAULTS.local_epochs
+    batch_size: int = DEFAULTS.batch_size
+    lr: float = DEFAULTS.lr
+    hidden: str = DEFAULTS.hidden
     patients_per_clinic: int | None = None
-    models: str = "ann,xgboost"
-    boosting: str = "bagging"
-    xgb_rounds: int = 20
+    models: str = DEFAULTS.models
+    boosting: str = DEFAULTS.boosting
+    xgb_rounds: int = DEFAULTS.xgb_rounds
     compare: bool = True  # the seed paper's comparison: random forest, SVM, gradient boosting
-    fqi_iterations: int = 25  # fitted-Q iterations of the federated dose adjuster (0: none)
+    fqi_iterations: int = DEFAULTS.fqi_iterations
+
+    def run_settings(self, n_sites: int, signing_key: Path | None) -> RunSettings:
+        """The federated run's settings for these options (one mapping, here)."""
+        return dataclasses.replace(
+            DEFAULTS, num_server_rounds=self.rounds, strategy=self.strategy, local_epochs=self.local_epochs,
+            batch_size=self.batch_size, lr=self.lr, hidden=self.hidden, seed=self.seed, split_seed=self.seed,
+            min_nodes=n_sites, out_dir=str(self.out / "federated"), task_path=str(self.task) if self.task else "",
+            models=self.models, boosting=self.boosting, xgb_rounds=self.xgb_rounds,
+            signing_key=str(signing_key) if signing_key is not None else "",
+            policy_dir=str(self.out / "policy"), fqi_iterations=self.fqi_iterations)
 
 
 def flower_environment(project_home: Path) -> None:
@@ -91,12 +108,24 @@ def prepare_sites(cfg: ExperimentConfig) -> tuple[list[SiteSource], World | None
     Simulated clinics are new every run: their folder, with any privacy ledger or installed policy of an
     earlier run, is replaced."""
     if cfg.sites:
-        return [SiteSource(Path(p), cfg.task) for p in cfg.sites], None
+        return distinct_sites([SiteSource(Path(p), cfg.task) for p in cfg.sites]), None
     out = cfg.out / "sites"
     shutil.rmtree(out, ignore_errors=True)
     world = generate_sites(cfg.clinics, cfg.seed, out, cfg.patients_per_clinic,
                            SitePrivacy(dp=cfg.dp, epsilon=cfg.epsilon, delta=cfg.delta))
     return [SiteSource(out / c.name) for c in world.clinics], world
+
+
+def distinct_sites(sources: list[SiteSource]) -> list[SiteSource]:
+    """``sources``, or :class:`ExperimentError` if a folder is given twice (its privacy ledger and records would
+    be counted as two sites')."""
+    seen: dict[Path, Path] = {}
+    for source in sources:
+        resolved = source.path.resolve()
+        if resolved in seen:
+            raise ExperimentError(f"the site {source.path} is given twice (as {seen[resolved]} too): each site once")
+        seen[resolved] = source.path
+    return sources
 
 
 def prepare_kit(cfg: ExperimentConfig, sources: list[SiteSource], fresh: bool) -> list[SiteSource]:
@@ -120,7 +149,7 @@ def prepare_kit(cfg: ExperimentConfig, sources: list[SiteSource], fresh: bool) -
 
 
 def run_federation(cfg: ExperimentConfig, sources: list[SiteSource],
-                   on_round: Callable[[int], None] | None = None) -> dict:
+                   on_round: Callable[[int], None] | None = None) -> RunRecord:
     """The federated run in Flower's simulation runtime; returns the server's run record."""
     from flwr.simulation import run_simulation
 
@@ -128,32 +157,22 @@ def run_federation(cfg: ExperimentConfig, sources: list[SiteSource],
     from server.app import make_server_app
 
     signing_key = cfg.out / "kit" / "coordinator" / "policy_signing.key"  # from prepare_kit: build a policy
-    overrides = {"num-server-rounds": cfg.rounds, "strategy": cfg.strategy, "local-epochs": cfg.local_epochs,
-                 "batch-size": cfg.batch_size, "lr": cfg.lr, "hidden": cfg.hidden, "seed": cfg.seed,
-                 "split-seed": cfg.seed, "min-nodes": len(sources), "out-dir": str(cfg.out / "federated"),
-                 "task-path": str(cfg.task) if cfg.task else "", "models": cfg.models, "boosting": cfg.boosting,
-                 "xgb-rounds": cfg.xgb_rounds,
-                 "signing-key": str(signing_key) if signing_key.exists() else "",
-                 "policy-dir": str(cfg.out / "policy"), "fqi-iterations": cfg.fqi_iterations}
-    run_simulation(server_app=make_server_app(overrides, on_round=on_round),
+    settings = cfg.run_settings(len(sources), signing_key if signing_key.exists() else None)
+    record_path = Path(settings.out_dir) / "federation.json"
+    record_path.unlink(missing_ok=True)
+    run_simulation(server_app=make_server_app(settings.to_run_config(), on_round=on_round),
                    client_app=make_client_app(sources), num_supernodes=len(sources),
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                    "init_args": {"num_cpus": 2, "include_dashboard": False,
                                                  "logging_level": "ERROR"}})
-    record_path = cfg.out / "federated" / "federation.json"
     if not record_path.exists():
         raise RuntimeError(f"the federation wrote no run record ({record_path}); see the log above")
-    return json.loads(record_path.read_text())
+    return RunRecord.read(record_path)
 
 
 def site_privacy(site) -> Privacy | None:
     privacy = site.config.get("privacy", {})
     return Privacy(float(privacy["epsilon"]), float(privacy["delta"])) if privacy.get("dp") else None
-
-
-def _federated_summaries(task: TaskSpec, final: dict) -> dict[str, dict[str, dict]]:
-    return {site: {o.name: metrics.from_metric_record(record, prefix=o.name) for o in task.outcomes}
-            for site, record in final["summaries"].items()}
 
 
 @dataclass
@@ -172,39 +191,53 @@ def pooled_budget(privacy: dict[str, Privacy | None]) -> Privacy | None:
     return min((p for p in privacy.values() if p is not None), key=lambda p: p.epsilon, default=None)
 
 
-def ann_family(task: TaskSpec, federation: dict, sites: dict, settings: BaselineSettings,
-               privacy: dict[str, Privacy | None]) -> Family:
+def federated_entry(task: TaskSpec, family, summaries: dict) -> dict:
+    """``models.<family>.federated``: the federated model's metrics on the sites' test splits as measured by the
+    simulation (exact, every site), beside what the sites released to the coordinator (noised and coarsely
+    binned at a DP site, which also reports only the final round) and who refused and why."""
+    entry = model_metrics(task, summaries)
+    entry.update(mode=family.mode, released={"overall": family.final["overall"], "per_site": family.final["per_site"]},
+                 refused=family.refused, failures=family.failures)
+    return entry
+
+
+def ann_family(task: TaskSpec, record: RunRecord, artifacts: RunArtifacts, sites: dict,
+               settings: BaselineSettings, privacy: dict[str, Privacy | None]) -> Family:
     """The federated ANN and its baselines (local-only; pooled with the sites' DP and without)."""
+    federated = record.models["ann"]
     pooled_privacy = pooled_budget(privacy)
     model, encoder = pooled_model(sites, pooled_privacy, settings)
     local_predictors: dict = {}
-    summaries = {"federated": _federated_summaries(task, federation["final"]),
+    federated_encoder = artifacts.encoder()
+    summaries = {"federated": evaluate_per_site(partial(predict, artifacts.ann()), federated_encoder, sites,
+                                                settings),
                  "local": local_only(sites, privacy, settings, keep=local_predictors),
                  "pooled": evaluate_per_site(partial(predict, model), encoder, sites, settings)}
     if pooled_privacy is not None:
         summaries["pooled_no_dp"] = pooled(sites, None, settings)
-    models = {"federated": {"overall": federation["final"]["overall"], "per_site": federation["final"]["per_site"]}}
+    models = {"federated": federated_entry(task, federated, summaries["federated"])}
     models |= {name: model_metrics(task, s) for name, s in summaries.items() if name != "federated"}
-    importance = {"federated": federation["importance"].get("ann", {}),
+    importance = {"federated": federated.importance.get("features", {}),
                   "pooled": pooled_importance(partial(predict, model), encoder, sites, settings)}
     return Family(models, summaries, importance, (encoder, partial(predict, model)), local_predictors)
 
 
-def boosting_family(task: TaskSpec, federation: dict, sites: dict, settings: BaselineSettings,
-                    cfg: ExperimentConfig) -> Family:
+def boosting_family(task: TaskSpec, record: RunRecord, artifacts: RunArtifacts, sites: dict,
+                    settings: BaselineSettings, cfg: ExperimentConfig) -> Family:
     """Federated XGBoost and its local-only and pooled baselines."""
-    final = federation["xgboost"]["final"]
+    federated = record.models["xgboost"]
     config = BoostingConfig(seed=cfg.seed)
     boosters, encoder = pooled_boosters(sites, settings, config, cfg.xgb_rounds)
     pooled_predict = partial(predict_heads, boosters, encoder)
+    federated_encoder = artifacts.encoder()
     local_predictors: dict = {}
-    summaries = {"federated": _federated_summaries(task, final),
+    summaries = {"federated": evaluate_per_site(partial(predict_heads, artifacts.boosters(), federated_encoder),
+                                                federated_encoder, sites, settings),
                  "local": local_boosting(sites, settings, config, cfg.xgb_rounds, keep=local_predictors),
                  "pooled": evaluate_per_site(pooled_predict, encoder, sites, settings)}
-    models = {"federated": {"overall": final["overall"], "per_site": final["per_site"],
-                            "mode": federation["xgboost"]["mode"]}}
+    models = {"federated": federated_entry(task, federated, summaries["federated"])}
     models |= {name: model_metrics(task, s) for name, s in summaries.items() if name != "federated"}
-    importance = {"federated": federation["importance"].get("xgboost", {}),
+    importance = {"federated": federated.importance.get("features", {}),
                   "pooled": pooled_importance(pooled_predict, encoder, sites, settings)}
     return Family(models, summaries, importance, (encoder, pooled_predict), local_predictors)
 
@@ -250,6 +283,20 @@ def policy_results(cfg: ExperimentConfig, policy: dict, sources: list[SiteSource
     return result
 
 
+def privacy_results(record: RunRecord) -> dict[str, dict]:
+    """Per site under DP: ε spent of its budget at δ, and per phase the ε it granted, its releases and ε after."""
+    result = {}
+    for site, p in record.privacy.items():
+        if not p.dp:
+            continue
+        phases = {phase: {"granted": p.granted.get(phase), "releases": p.releases.get(phase, 0),
+                          "epsilon_after": p.epsilon_after.get(phase)}
+                  for phase in dict.fromkeys([*p.granted, *p.releases])}
+        result[site] = {"epsilon": p.epsilon_spent, "delta": p.delta, "budget": p.epsilon_budget,
+                        "epsilon_before": p.epsilon_spent_before, "phases": phases, "refused": p.refused}
+    return result
+
+
 def run_experiment(cfg: ExperimentConfig, on_round: Callable[[int], None] | None = None,
                    on_phase: Callable[[str], None] | None = None) -> dict:
     """Sites → federation → baselines → results.json / report.md / plots under ``cfg.out``."""
@@ -262,7 +309,8 @@ def run_experiment(cfg: ExperimentConfig, on_round: Callable[[int], None] | None
         sources = prepare_kit(cfg, sources, fresh=world is not None)
     say("federation")
     start = time.perf_counter()
-    federation = run_federation(cfg, sources, on_round)
+    record = run_federation(cfg, sources, on_round)
+    artifacts = RunArtifacts.open(cfg.out / "federated", run_id=record.run_id)
     federated_seconds = time.perf_counter() - start
 
     say("baselines")
@@ -272,18 +320,17 @@ def run_experiment(cfg: ExperimentConfig, on_round: Callable[[int], None] | None
             site = load_site(source.path, task if cfg.task else None)
         except SiteDataError:
             continue  # the federation's record names it; baselines use the same usable sites
-        if site.name in federation["sites"]:
+        if site.name in record.sites:
             sites[site.name] = site
     settings = BaselineSettings(task=task, epochs=cfg.rounds * cfg.local_epochs, batch_size=cfg.batch_size,
-                                lr=cfg.lr, hidden=tuple(int(h) for h in cfg.hidden.split(",")), seed=cfg.seed,
-                                split_seed=cfg.seed)
+                                lr=cfg.lr, hidden=parse_hidden(cfg.hidden), seed=cfg.seed, split_seed=cfg.seed)
     privacy = {name: site_privacy(site) for name, site in sites.items()}
     start = time.perf_counter()
     families: dict[str, Family] = {}
-    if "rounds" in federation:
-        families["ann"] = ann_family(task, federation, sites, settings, privacy)
-    if federation.get("xgboost"):
-        families["xgboost"] = boosting_family(task, federation, sites, settings, cfg)
+    if "ann" in record.models:
+        families["ann"] = ann_family(task, record, artifacts, sites, settings, privacy)
+    if "xgboost" in record.models and artifacts.booster_keys:
+        families["xgboost"] = boosting_family(task, record, artifacts, sites, settings, cfg)
     if cfg.compare:
         for name in CLASSIC:
             say(f"baselines: {name.replace('_', ' ')}")
@@ -297,22 +344,21 @@ def run_experiment(cfg: ExperimentConfig, on_round: Callable[[int], None] | None
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
                    if k not in ("sites",)} | {"sites": [str(s.path) for s in sources]},
         "task": {"outcomes": [[o.name, o.kind] for o in task.outcomes]},
-        "sites": federation["sites"],
-        "rejected": federation["rejected"],
+        "sites": record.sites,
+        "rejected": record.rejected,
         "models": models,
-        "privacy": {name: {"epsilon": p.get("epsilon"), "delta": p.get("delta"), "budget": p.get("budget")}
-                    for name, p in federation.get("privacy", {}).items()},
-        "rounds": federation.get("rounds", []),
+        "privacy": privacy_results(record),
+        "statistics": record.statistics,
+        "rounds": record.models["ann"].rounds if "ann" in record.models else [],
         "timing": {"federation_s": federated_seconds, "baselines_s": baseline_seconds,
-                   "ann_s": federation.get("seconds"),
-                   "xgboost_s": federation["xgboost"]["seconds"] if federation.get("xgboost") else None},
+                   **{f"{family}_s": model.seconds for family, model in record.models.items()}},
         "pooled_dp_budget": asdict(pooled_privacy) if pooled_privacy else None,
         "importance": {name: family.importance for name, family in families.items() if family.importance},
         "policy": None,
     }
-    if federation.get("policy"):
+    if record.policy:
         say("policy")
-        results["policy"] = policy_results(cfg, federation["policy"], sources, world, families, sites)
+        results["policy"] = policy_results(cfg, record.policy, sources, world, families, sites)
     (cfg.out / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
     say("report")
     from simulation.report import write_report

@@ -23,7 +23,7 @@ Rows (``run_paper_liposome`` writes them to ``OUT/paper_liposome.json``), one pe
 - ``federated-iid`` / ``federated-noniid``: each training fold split over 3 sites (stratified at random, or
   by API so that each drug lives at one site), trained by the real Flower ServerApp/ClientApp
   (``simulation.experiment.run_federation``), then the saved models predict the held-out test fold
-  centrally (``simulation.federated_models``).
+  centrally (``shared.artifacts``).
 
 F1 is reported two ways: ``f1_*`` is the paper's definition (micro average = accuracy), ``f1_weighted_*``
 the support-weighted F1; the paper rows have no weighted F1.
@@ -398,8 +398,8 @@ def write_sites(folder: Path, parts: list[pd.DataFrame]) -> tuple[list, Path]:
 def federate(folder: Path, parts: list[pd.DataFrame], test: pd.DataFrame, settings: FederatedSettings,
              boosting_mode: str) -> dict[str, dict[str, float]]:
     """One federated run over the sites; the saved models' scores on the held-out ``test`` rows, by model."""
+    from shared.artifacts import RunArtifacts
     from simulation.experiment import ExperimentConfig, run_federation
-    from simulation.federated_models import load_encoder, predict_ann, predict_xgboost
 
     with_ann = boosting_mode == "bagging"
     sources, task_path = write_sites(folder, parts)
@@ -408,15 +408,15 @@ def federate(folder: Path, parts: list[pd.DataFrame], test: pd.DataFrame, settin
                            lr=settings.lr, hidden=settings.hidden, models="ann,xgboost" if with_ann else "xgboost",
                            boosting=boosting_mode,
                            xgb_rounds=settings.xgb_rounds if boosting_mode == "bagging" else settings.cyclic)
-    run_federation(cfg, sources)
-    out_dir = cfg.out / "federated"
-    classes = load_encoder(out_dir).classes_[TARGET]
+    record = run_federation(cfg, sources)
+    artifacts = RunArtifacts.open(cfg.out / "federated", run_id=record.run_id)
+    classes = artifacts.encoder().classes_[TARGET]
     y_test = test[TARGET].to_numpy()
     scores = {}
     if with_ann:
-        proba = predict_ann(out_dir, test, hidden=settings.hidden_sizes)[TARGET]
+        proba = artifacts.predict_ann(test)[TARGET]
         scores[ANN_FEDERATED] = fold_scores(y_test, _predicted_labels(classes, proba))
-    proba = predict_xgboost(out_dir, test)[TARGET]
+    proba = artifacts.predict_xgboost(test)[TARGET]
     scores[XGB_MODELS[boosting_mode]] = fold_scores(
         y_test, _predicted_labels(classes, proba))
     return scores

@@ -44,6 +44,10 @@ def _model_table(results: dict, family: str) -> list[str]:
             if model in models:
                 m = models[model]["overall"][name]
                 lines.append(f"| {label} | " + " | ".join(_fmt(m.get(k)) for k in keys) + " |")
+        released = models.get("federated", {}).get("released", {}).get("overall", {}).get(name)
+        if results["privacy"] and released:
+            lines.append("| federated, as the sites released it (DP: noised, coarse bins, final round) | "
+                         + " | ".join(_fmt(released.get(k)) for k in keys) + " |")
         lines.append("")
         main = keys[0]
         lines += [f"Per site, {main}:", "", "| site | n test | " + " | ".join(
@@ -94,9 +98,16 @@ def _importance_table(results: dict) -> list[str]:
 def _privacy_table(results: dict) -> list[str]:
     if not results["privacy"]:
         return ["No site trained with differential privacy.", ""]
-    lines = ["| site | ε spent | budget ε | δ |", "|---|---|---|---|"]
+    lines = ["Every release a DP site made in this run, by phase (ε granted at the site check → ε spent after the "
+             "phase's last release; a site under DP releases nothing else, and refuses what has no DP form):", "",
+             "| site | ε spent | budget ε | δ | per phase: granted → after (releases) | refused |",
+             "|---|---|---|---|---|---|"]
     for site, p in sorted(results["privacy"].items()):
-        lines.append(f"| {site} | {_fmt(p['epsilon'])} | {_fmt(p['budget'])} | {p['delta']:g} |")
+        phases = "; ".join(f"{phase} {_fmt(v['granted'])} → {_fmt(v['epsilon_after'])} ({v['releases']})"
+                           for phase, v in p.get("phases", {}).items())
+        refused = "; ".join(f"{phase}: {why}" for phase, why in p.get("refused", {}).items())
+        lines.append(f"| {site} | {_fmt(p['epsilon'])} | {_fmt(p['budget'])} | {p['delta']:g} | {phases or '–'} "
+                     f"| {refused or '–'} |")
     sites = sorted(results["privacy"])
     lines += ["", "ε spent after each round (cumulative, from each site's ledger; – = did not train):", "",
               "| round | " + " | ".join(sites) + " |", "|---|" + "---|" * len(sites)]

@@ -8,12 +8,14 @@ an existing strategy and delegates every decision to it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+
+from shared.protocol.records import PRIVACY
 
 
 @dataclass
@@ -23,6 +25,7 @@ class SiteRounds:
     train: dict[int, dict[int, dict]] = field(default_factory=dict)  # round -> node -> metrics
     evaluate: dict[int, dict[int, dict]] = field(default_factory=dict)
     failures: dict[int, dict[int, str]] = field(default_factory=dict)  # round -> node -> reason
+    privacy: dict[int, dict[int, dict]] = field(default_factory=dict)  # round -> node -> a DP release's facts
 
 
 class PerSiteRecord(Strategy):
@@ -38,13 +41,28 @@ class PerSiteRecord(Strategy):
         Route the strategy's messages to the ClientApp's ``@app.train(action)`` / ``@app.evaluate(action)``
         functions (message types ``train.<action>`` / ``evaluate.<action>``), so one ClientApp can serve
         several models.
+    train_nodes : collection of int, optional (default: None, every node)
+        Send training only to these nodes (the others have refused the phase, e.g. sites under DP for a
+        model with no DP form): the strategy's own sampling still decides among them.
+    evaluate_nodes : collection of int, optional (default: None, every node)
+        Send evaluation only to these nodes.
+    final_round_only : collection of int, optional (default: ())
+        Nodes evaluated at the final round only (``final_round``): sites under DP, whose every evaluation is a
+        release charged to their budget.
+    final_round : int, optional (default: 0)
     """
 
     def __init__(self, strategy: Strategy, on_round: Callable[[int], None] | None = None,
-                 action: str | None = None) -> None:
+                 action: str | None = None, train_nodes: Collection[int] | None = None,
+                 evaluate_nodes: Collection[int] | None = None, final_round_only: Collection[int] = (),
+                 final_round: int = 0) -> None:
         self.strategy = strategy
         self.on_round = on_round
         self.action = action
+        self.train_nodes = None if train_nodes is None else set(train_nodes)
+        self.evaluate_nodes = None if evaluate_nodes is None else set(evaluate_nodes)
+        self.final_round_only = set(final_round_only)
+        self.final_round = final_round
         self.rounds = SiteRounds()
         self._sent: list[int] = []  # destination nodes of the last configured messages
 
@@ -53,7 +71,7 @@ class PerSiteRecord(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        return self._routed(self.strategy.configure_train(server_round, arrays, config, grid))
+        return self._routed(self.strategy.configure_train(server_round, arrays, config, grid), self.train_nodes)
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -63,10 +81,14 @@ class PerSiteRecord(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        return self._routed(self.strategy.configure_evaluate(server_round, arrays, config, grid))
+        allowed = self.evaluate_nodes
+        if server_round != self.final_round and self.final_round_only:
+            base = allowed if allowed is not None else set(grid.get_node_ids())
+            allowed = base - self.final_round_only
+        return self._routed(self.strategy.configure_evaluate(server_round, arrays, config, grid), allowed)
 
-    def _routed(self, messages: Iterable[Message]) -> list[Message]:
-        messages = list(messages)
+    def _routed(self, messages: Iterable[Message], allowed: set[int] | None = None) -> list[Message]:
+        messages = [m for m in messages if allowed is None or m.metadata.dst_node_id in allowed]
         self._sent = [m.metadata.dst_node_id for m in messages]
         if self.action is not None:
             for message in messages:
@@ -98,3 +120,5 @@ class PerSiteRecord(Strategy):
             for record in reply.content.metric_records.values():
                 merged.update(dict(record))
             per_node[node] = merged
+            if PRIVACY in reply.content:
+                self.rounds.privacy.setdefault(server_round, {})[node] = dict(reply.content[PRIVACY])

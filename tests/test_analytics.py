@@ -1,6 +1,6 @@
 """Federated analytics equal the pooled computation without DP, degrade gracefully with DP, and pay the ledger.
 
-Fast tests call the site functions (``client.analytics``) and server phases (``server.analytics``) directly,
+Fast tests call the site functions (``client.analytics``) and server phases (``server.analytics_phase``) directly,
 in process (``simulation.analytics_run.run_in_process``); one slow test runs the whole thing in Flower's
 simulation runtime. Pooled references are plain numpy / scipy on the concatenated rows.
 """
@@ -13,33 +13,32 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from flwr.app import Context, RecordDict
 from opacus.accountants.analysis import rdp as rdp_analysis
 from scipy import stats
 
-from client.analytics import (
-    Block,
-    Release,
-    UnboundedRelease,
-    answer,
-    describe,
-    privatise,
-    query_noise,
-)
-from client.ledger import PrivacyLedger
-from server.analytics import (
+from client.analytics import Release, answer, describe
+from client.dp import Block, PhaseRelease, SiteDP, gaussian_release, sensitivity
+from client.ledger import PrivacyLedger, calibrate_noise
+from server.analytics_phase import SiteAnswer, combine_describe
+from server.analytics_plan import (
     KMEANS_FEATURES,
     LOGISTIC_OUTCOMES,
     REGRESSION_COVARIATES,
     AnalyticsSettings,
-    SiteAnswer,
-    combine_describe,
     plan_for,
 )
+from shared.protocol.privacy import RELEASE_INDEX, RELEASES
 from shared.task import NANOPARTICLE_TASK
 from simulation.analytics_run import run_in_process
 from simulation.clinics import make_world, simulate_clinic
 
 RTOL = 1e-6
+
+
+def dp_site(path, budget: float, analytics_share: float = 1.0) -> SiteDP:
+    """A DP site's terms: a ledger at ``path`` and the share of its ε it grants analytics."""
+    return SiteDP(PrivacyLedger.open(path, budget, 1e-5), {"analytics": analytics_share})
 
 
 @pytest.fixture(scope="module")
@@ -243,8 +242,8 @@ def test_a_gaussian_mechanism_is_the_ledger_history_entry_sigma_rate_one_one_ste
 def test_noise_sd_is_sigma_times_l2_sensitivity_times_each_entrys_scale():
     """The noise an entry gets is σ × sqrt(Σ touched) × its scale."""
     release = Release(blocks={"a": Block(np.zeros(40_000), 2.0, 3), "b": Block(np.zeros(2), 1.0, 1)})
-    noised = privatise(release, sigma=1.5, rng=np.random.default_rng(0))
-    assert release.sensitivity() == 2.0
+    noised = gaussian_release(release.blocks, sigma=1.5, rng=np.random.default_rng(0))
+    assert sensitivity(release.blocks) == 2.0
     assert noised["a"].std() == pytest.approx(1.5 * 2.0 * 2.0, rel=0.02)
 
 
@@ -256,11 +255,11 @@ def test_released_means_get_closer_to_pooled_as_epsilon_grows(frames, pooled):
     truth = {c: (np.nanmean(columns(pooled, [c])), np.nanstd(columns(pooled, [c]))) for c in cols}
     errors = []
     for epsilon in (0.5, 2.0, 8.0):
-        sigma = query_noise(epsilon, 1e-5, 1)
+        sigma = calibrate_noise(epsilon, 1e-5, 1.0, 1)
         runs = []
         for seed in range(8):
             rng = np.random.default_rng(seed)
-            answers = [SiteAnswer(f"s{i}", privatise(r, sigma, rng), meta={"dp": True, "noise-sd": sigma})
+            answers = [SiteAnswer(f"s{i}", gaussian_release(r.blocks, sigma, rng), meta={"dp": True, "noise-sd": sigma})
                        for i, r in enumerate(releases)]
             got = combine_describe(answers, cols, plan, 100)
             runs.append(np.mean([abs(got[c]["mean"] - m) / max(s, 1e-9) for c, (m, s) in truth.items()]))
@@ -271,20 +270,22 @@ def test_released_means_get_closer_to_pooled_as_epsilon_grows(frames, pooled):
 def test_a_dp_site_never_sends_min_max_or_other_unbounded_values(frames, tmp_path):
     """A DP site sends noised sums only, and refuses a column without a range."""
     frame = next(iter(frames.values()))
-    ledger = PrivacyLedger.open(tmp_path / "ledger.json", 10.0, 1e-5)
-    config = {"columns": ["age_years"], "bins": 10, "dp-epsilon": 1.0, "dp-queries": 2, "query-index": 0}
-    got = answer("analytics_describe", frame, config, {"bounds": np.array([[18.0, 110.0]])}, ledger)
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    release = PhaseRelease.for_phase(context, dp_site(tmp_path / "ledger.json", 10.0, 0.1), "analytics", releases=2)
+    config = {"columns": ["age_years"], "bins": 10, RELEASES: 2, RELEASE_INDEX: 0}
+    got = answer("analytics_describe", frame, config, {"bounds": np.array([[18.0, 110.0]])}, release)
     assert set(got.arrays) == {"count", "sum", "sumsq", "histogram"} and got.meta["dp"]
-    with pytest.raises(UnboundedRelease):
-        answer("analytics_describe", frame, config | {"query-index": 1}, {"bounds": np.array([[np.nan, np.nan]])},
-               ledger)
+    with pytest.raises(ValueError, match="no finite bound per row"):
+        answer("analytics_describe", frame, config | {RELEASE_INDEX: 1}, {"bounds": np.array([[np.nan, np.nan]])},
+               release)
 
 
 def test_dp_run_is_charged_to_the_site_ledger_and_refused_past_budget(frames, tmp_path):
     """Each query is one (σ, 1, 1) ledger entry; a run past the budget is refused."""
-    ledgers = {name: PrivacyLedger.open(tmp_path / f"{name}.json", 1.0, 1e-5) for name in frames}
-    settings = AnalyticsSettings(dp=True, epsilon=1.0)
-    first = run_in_process(frames, settings, ledgers, np.random.default_rng(0))
+    sites = {name: dp_site(tmp_path / f"{name}.json", 1.0) for name in frames}
+    ledgers = {name: site.ledger for name, site in sites.items()}
+    settings = AnalyticsSettings(dp=True)
+    first = run_in_process(frames, settings, sites, np.random.default_rng(0))
     planned = first["queries"]["planned"]
     assert first["queries"]["asked"] == planned and not first["failures"]
     for name, ledger in ledgers.items():
@@ -294,7 +295,8 @@ def test_dp_run_is_charged_to_the_site_ledger_and_refused_past_budget(frames, tm
         assert first["privacy"][name]["dp"] and first["describe"]["age_years"]["min"] is None
     for key in ("describe", "regression", "anova", "pca", "kmeans"):
         json.dumps(first[key], allow_nan=False)
-    second = run_in_process(frames, settings, ledgers, np.random.default_rng(1))
+    second = run_in_process(frames, settings, {name: dp_site(lg.path, 1.0) for name, lg in ledgers.items()},
+                            np.random.default_rng(1))
     assert "budget" in second["skipped"]["describe"]
     assert set(second["failures"]["analytics_describe"]) == set(frames)
     assert all(len(PrivacyLedger.open(lg.path, 1.0, 1e-5).entries) == planned for lg in ledgers.values())
@@ -302,8 +304,8 @@ def test_dp_run_is_charged_to_the_site_ledger_and_refused_past_budget(frames, tm
 
 def test_dp_statistics_come_close_with_a_large_budget(frames, tmp_path, result):
     """With a large ε the DP statistics approach the exact ones."""
-    ledgers = {name: PrivacyLedger.open(tmp_path / f"{name}.json", 200.0, 1e-5) for name in frames}
-    got = run_in_process(frames, AnalyticsSettings(dp=True, epsilon=100.0), ledgers, np.random.default_rng(0))
+    sites = {name: dp_site(tmp_path / f"{name}.json", 200.0, 0.5) for name in frames}
+    got = run_in_process(frames, AnalyticsSettings(dp=True), sites, np.random.default_rng(0))
     assert got["describe"]["age_years"]["mean"] == pytest.approx(result["describe"]["age_years"]["mean"], rel=0.01)
     assert got["pca"]["eigenvalues"][0] == pytest.approx(result["pca"]["eigenvalues"][0], rel=0.1)
     assert math.isfinite(got["regression"]["linear"]["efficacy_pct"]["coefficients"]["ecog"]["estimate"])
@@ -311,10 +313,12 @@ def test_dp_statistics_come_close_with_a_large_budget(frames, tmp_path, result):
 
 def test_one_dp_site_in_a_run_not_started_for_dp_noises_its_own_answers_and_caps_iterations(frames, tmp_path):
     """The site, not the server, decides DP; the run then uses the DP caps."""
-    dp_site = sorted(frames)[0]
-    ledger = PrivacyLedger.open(tmp_path / "ledger.json", 5.0, 1e-5)
-    got = run_in_process(frames, AnalyticsSettings(epsilon=1.0), {dp_site: ledger}, np.random.default_rng(0))
-    assert got["privacy"][dp_site]["dp"] and not any(p["dp"] for s, p in got["privacy"].items() if s != dp_site)
+    dp_site_name = sorted(frames)[0]
+    site = dp_site(tmp_path / "ledger.json", 5.0, 0.2)
+    ledger = site.ledger
+    got = run_in_process(frames, AnalyticsSettings(), {dp_site_name: site}, np.random.default_rng(0))
+    assert got["privacy"][dp_site_name]["dp"] and not any(p["dp"] for s, p in got["privacy"].items()
+                                                          if s != dp_site_name)
     assert got["describe"]["age_years"]["min"] is None and "dp_note" in got
     caps = AnalyticsSettings()
     assert got["queries"]["asked"] <= 5 + caps.dp_newton_iterations + caps.dp_lloyd_iterations

@@ -22,6 +22,7 @@ import pytest
 
 from client.policy_store import PolicyStore
 from server.provision import provision
+from server.run_record import RunRecord
 from simulation.clinics import generate_sites
 from tests import deployment as dep
 
@@ -246,7 +247,7 @@ def test_the_compose_federation_runs_a_round_and_every_hospital_installs_the_pol
             dep.register_site(kit / "coordinator", FEDERATION, site, home)
         run([*compose, "up", "--detach"], env=env)
         run_id = dep.start_run(ROOT, FEDERATION, home, {
-            "num-server-rounds": ROUNDS, "min-nodes": len(SITES), "models": "ann",
+            "num-server-rounds": ROUNDS, "min-nodes": len(SITES), "models": "ann", "fqi-iterations": 0,
             "out-dir": "/var/lib/fednano/runs/compose",
             "signing-key": "/var/lib/fednano/runs/signing/policy_signing.key"})
         status = dep.wait_for_run(home, FEDERATION, run_id, timeout=RUN_TIMEOUT_S)
@@ -255,14 +256,15 @@ def test_the_compose_federation_runs_a_round_and_every_hospital_installs_the_pol
     finally:
         subprocess.run([*compose, "down", "--volumes", "--timeout", "10"], env=env, capture_output=True,
                        timeout=300)
-    record = json.loads((runs / "compose" / "federation.json").read_text())
-    assert record["sites"] == SITES and len(record["rounds"]) == ROUNDS
+    record = RunRecord.read(runs / "compose")
+    rounds = record.models["ann"].rounds
+    assert record.sites == SITES and len(rounds) == ROUNDS
     for site in SITES:
-        assert record["rounds"][0]["per_site"][site]["train"]["epsilon"] > 0
+        assert rounds[0]["per_site"][site]["train"]["epsilon"] > 0
         assert (data / site / ".fednano" / "privacy_ledger.json").is_file()
         store = PolicyStore(data / site / ".fednano" / "policy", kit / "sites" / site / "policy_signing.pub")
         manifest = store.current()
-        assert manifest is not None and manifest.version == record["policy"]["version"]
+        assert manifest is not None and manifest.version == record.policy["version"]
 
 
 def wait_for_superlink(home: Path, timeout: float) -> None:

@@ -23,6 +23,7 @@ import pytest
 
 from client.policy_store import PolicyStore
 from server.provision import provision
+from server.run_record import RunRecord
 from simulation.clinics import generate_sites
 from tests import deployment as dep
 
@@ -48,7 +49,7 @@ class Deployed:
     link: dep.Service
     run_id: int
     status: dict
-    record: dict
+    record: RunRecord | None
     dropped: dep.Service
 
 
@@ -59,7 +60,7 @@ def declared_run_config() -> set[str]:
 
 def run_config(out: Path, kit: Path) -> dict[str, object]:
     config = {"num-server-rounds": ROUNDS, "min-nodes": len(SITES) + 1, "models": "ann", "out-dir": str(out),
-              "signing-key": str(kit / "coordinator" / "policy_signing.key")}
+              "signing-key": str(kit / "coordinator" / "policy_signing.key"), "fqi-iterations": 0}
     return {key: value for key, value in config.items() if key in declared_run_config()}
 
 
@@ -84,7 +85,7 @@ def federation(tmp_path_factory) -> Deployed:
         dep.kill(nodes[DROPPED])
         status = dep.wait_for_run(home, FEDERATION, run_id, timeout=RUN_TIMEOUT_S)
         record_file = work / "out" / "federation.json"
-        record = json.loads(record_file.read_text()) if record_file.exists() else {}
+        record = RunRecord.read(record_file) if record_file.exists() else None
         yield Deployed(work, kit, sites, home, link, run_id, status, record, nodes[DROPPED])
     finally:
         for service in reversed(services):
@@ -94,14 +95,15 @@ def federation(tmp_path_factory) -> Deployed:
 @pytest.mark.slow
 def test_the_run_completes_with_tls_and_authenticated_supernodes(federation):
     assert federation.status["status"] == "finished:completed", federation.link.log_text()[-3000:]
-    assert federation.record["sites"] == sorted([*SITES, DROPPED])
-    assert federation.record["settings"]["num-server-rounds"] == ROUNDS
-    assert [r["round"] for r in federation.record["rounds"]] == list(range(1, ROUNDS + 1))
+    assert federation.record.sites == sorted([*SITES, DROPPED])
+    assert federation.record.settings["num-server-rounds"] == ROUNDS
+    assert [r["round"] for r in federation.record.models["ann"].rounds] == list(range(1, ROUNDS + 1))
 
 
 @pytest.mark.slow
 def test_every_remaining_site_trained_every_round_within_its_privacy_budget(federation):
-    for entry in federation.record["rounds"]:
+    rounds = federation.record.models["ann"].rounds
+    for entry in rounds:
         for site in SITES:
             train = entry["per_site"][site]["train"]
             assert train["num-examples"] > 0 and train["steps"] > 0
@@ -109,13 +111,14 @@ def test_every_remaining_site_trained_every_round_within_its_privacy_budget(fede
     for site in SITES:
         ledger = json.loads((federation.sites / site / ".fednano" / "privacy_ledger.json").read_text())
         assert ledger  # the site's own record of what it spent, on its own disk
-        assert federation.record["privacy"][site]["epsilon"] == pytest.approx(
-            federation.record["rounds"][-1]["per_site"][site]["train"]["epsilon"])
+        privacy = federation.record.privacy[site]
+        assert privacy.epsilon_after["training"] == pytest.approx(rounds[-1]["per_site"][site]["train"]["epsilon"])
+        assert privacy.epsilon_spent == pytest.approx(max(e["epsilon_after"] for e in ledger["entries"]))
 
 
 @pytest.mark.slow
 def test_every_remaining_site_holds_the_verified_policy_bundle_of_the_run(federation):
-    policy = federation.record.get("policy")
+    policy = federation.record.policy
     assert policy, "the run record has no policy: was the run config's signing-key passed and the phase run?"
     for site in SITES:
         store = PolicyStore(federation.sites / site / ".fednano" / "policy",
@@ -129,13 +132,14 @@ def test_every_remaining_site_holds_the_verified_policy_bundle_of_the_run(federa
 @pytest.mark.slow
 def test_a_supernode_killed_mid_run_is_named_in_the_run_record_and_the_others_finish(federation):
     assert federation.dropped.process.returncode == -9  # killed by the test, not exited on its own
-    first = federation.record["rounds"][0]
+    rounds = federation.record.models["ann"].rounds
+    first = rounds[0]
     assert DROPPED in first["failures"], first["failures"]
     assert "train" not in first["per_site"].get(DROPPED, {})
-    for entry in federation.record["rounds"]:
+    for entry in rounds:
         assert sorted(s for s, v in entry["per_site"].items() if "train" in v) == SITES
-    assert DROPPED not in federation.record["privacy"]
-    assert sorted(federation.record["final"]["per_site"]) == SITES
+    assert "training" not in federation.record.privacy[DROPPED].releases  # it planned, then trained nothing
+    assert sorted(federation.record.models["ann"].final["per_site"]) == SITES
 
 
 @pytest.mark.slow
@@ -162,7 +166,7 @@ def test_fednano_status_shows_the_run_its_rounds_sites_and_epsilon(federation):
     assert done.returncode == 0, done.stdout + done.stderr
     assert str(federation.run_id) in done.stdout and "finished:completed" in done.stdout
     for site in SITES:
-        epsilon = federation.record["privacy"][site]["epsilon"]
+        epsilon = federation.record.privacy[site].epsilon_spent
         assert f"{epsilon:.2f}" in done.stdout
     assert f"{DROPPED}" in done.stdout and "failed" in done.stdout
 

@@ -207,7 +207,7 @@ def test_federated_fitted_q_from_site_sums_equals_pooled_fitted_q(clinics):
 
 def test_a_site_uses_its_training_split_and_reads_the_servers_adjuster(tmp_path):
     from client.adjustment_handlers import training_transitions
-    from shared.dose_adjustment import adjuster_from_request, request_records
+    from shared.protocol.adjustment import adjuster_from_request, request_records
     from shared.task import assign_split
     from shared.validation import load_site
     from simulation.clinics import SitePrivacy, generate_sites
@@ -225,22 +225,21 @@ def test_a_site_uses_its_training_split_and_reads_the_servers_adjuster(tmp_path)
 
 
 def _flower_fit(tmp_path, dp: bool) -> tuple[list, dict]:
-    """Three simulated sites (40 patients each; DP ones opt in with ``adjuster_share = 0.2``) in Flower's
+    """Three simulated sites (40 patients each; DP ones opt in with ``[privacy.shares] adjuster = 0.2``) in Flower's
     simulation runtime; the ServerApp fits the adjuster (γ 0.9, 3 iterations, split seed 3). Returns the site
     folders and ``{"adjuster": ..., "privacy": [...]}``."""
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
-    from client.app import SiteSource, make_client_app
+    from client.app import make_client_app
+    from client.site import SiteSource
     from server.adjustment_phase import fit_adjuster
-    from server.app import wait_for_nodes
+    from server.site_check import wait_for_nodes
     from simulation.clinics import SitePrivacy, generate_sites
 
-    world = generate_sites(3, seed=2, out=tmp_path / "sites", patients_per_clinic=40, privacy=SitePrivacy(dp=dp))
+    privacy = SitePrivacy(dp=dp, shares=(("adjuster", 0.2),))  # DP sites opt in (the default share is 0)
+    world = generate_sites(3, seed=2, out=tmp_path / "sites", patients_per_clinic=40, privacy=privacy)
     folders = [tmp_path / "sites" / c.name for c in world.clinics]
-    for folder in folders if dp else []:  # DP sites opt in (default share 0); [privacy] is the last section
-        with open(folder / "site.toml", "a") as toml:
-            toml.write("adjuster_share = 0.2\n")
     out = tmp_path / "adjuster.json"
     server = ServerApp()
 
@@ -282,12 +281,15 @@ def _context(run_id: int = 11):
     return Context(run_id=run_id, node_id=1, node_config={}, state=RecordDict(), run_config={})
 
 
-def _dp_config(epsilon: float = 3.0, share: float = 0.2) -> dict:
-    return {"privacy": {"dp": True, "epsilon": epsilon, "delta": 1e-5, "adjuster_share": share}}
+def _dp_site(path, epsilon: float = 3.0, share: float = 0.2):
+    from client.dp import SiteDP
+    from client.ledger import PrivacyLedger
+
+    return SiteDP(PrivacyLedger.open(path, epsilon_budget=epsilon, delta=1e-5), {"adjuster": share})
 
 
 def test_gaussian_release_adds_noise_of_sd_sigma_times_sqrt_blocks_times_scale_and_symmetric_noise_to_a():
-    from client.adjustment_handlers import Block, gaussian_release
+    from client.dp import Block, gaussian_release
 
     rng = np.random.default_rng(0)
     zeros = np.zeros((200, 200))
@@ -333,27 +335,29 @@ def test_bounded_scaling_sums_without_noise_give_the_exact_scaling(clinics):
 
 
 def test_a_dp_site_charges_one_release_per_query_reuses_its_noisy_a_and_stays_within_its_share(clinics, tmp_path):
-    from client.adjustment_handlers import AdjusterBudget, private_ridge_sums, private_scaling_sums
-    from client.ledger import PrivacyLedger
+    from client.adjustment_handlers import adjuster_release, private_ridge_sums, private_scaling_sums
 
     t = site_transitions(*clinics[0])
-    ledger = PrivacyLedger.open(tmp_path / "ledger.json", epsilon_budget=3.0, delta=1e-5)
-    context, rng = _context(), np.random.default_rng(1)
+    site = _dp_site(tmp_path / "ledger.json")
+    ledger = site.ledger
+    context = _context()
     grams = []
 
     def ridge(adjuster):
-        budget = AdjusterBudget.plan(ledger, _dp_config(), adjuster.iterations)
-        sums = private_ridge_sums(adjuster, t, len(adjuster.history_), 0, budget, context, rng)
+        release = adjuster_release(context, site, adjuster.iterations)
+        sums, facts = private_ridge_sums(adjuster, t, len(adjuster.history_), 0, release, context)
+        assert facts.phase == "adjuster" and facts.index == 1 + len(adjuster.history_)
         grams.append(sums["gram"])
         return [sums]
 
-    scaling = lambda: [private_scaling_sums(t, AdjusterBudget.plan(ledger, _dp_config(), 4), rng, 11)]  # noqa: E731
+    scaling = lambda: [private_scaling_sums(t, adjuster_release(context, site, 4))[0]]  # noqa: E731
     fitted = fitted_q_iteration(DoseAdjuster(gamma=0.9, iterations=4), scaling, ridge)
-    budget = AdjusterBudget.plan(ledger, _dp_config(), 4)
-    assert budget.epsilon == pytest.approx(0.6) and budget.releases == 5
-    assert ledger.history == [(budget.sigma, 1.0, 5)]
+    release = adjuster_release(context, site, 4)
+    assert release.releases == 5
+    assert ledger.history == [(release.sigma, 1.0, 5)]
     assert [e["round"] for e in ledger.entries] == [0, 1, 2, 3, 4]
-    assert 0.55 < ledger.spent() <= 0.6 + 1e-9  # σ is calibrated within 1e-3 above the smallest
+    assert {e["phase"] for e in ledger.entries} == {"adjuster"}
+    assert 0.55 < ledger.spent() <= 0.6 + 1e-9  # its share, 0.2 of ε = 3; σ calibrated within 1e-3
     for gram in grams[1:]:
         np.testing.assert_array_equal(gram, grams[0])  # A noised once, then reused
     assert np.linalg.eigvalsh(grams[0]).min() >= -1e-6 * np.abs(grams[0]).max()  # projected onto PSD
@@ -363,30 +367,19 @@ def test_a_dp_site_charges_one_release_per_query_reuses_its_noisy_a_and_stays_wi
     assert np.max(np.abs(fitted.coef_ - exact.coef_)) > 1e-3
 
 
-def test_a_dp_site_refuses_a_fit_its_remaining_budget_cannot_pay_and_records_nothing(clinics, tmp_path):
-    from client.adjustment_handlers import AdjusterBudget, private_scaling_sums
-    from client.ledger import BudgetExhausted, PrivacyLedger
+def test_a_dp_site_refuses_the_adjuster_without_a_share_or_budget_and_records_nothing(clinics, tmp_path):
+    from client.adjustment_handlers import adjuster_release
+    from client.dp import PrivacyRefused
 
-    t = site_transitions(*clinics[0])
-    ledger = PrivacyLedger.open(tmp_path / "ledger.json", epsilon_budget=3.0, delta=1e-5)
-    ledger.record(noise_multiplier=0.9, sample_rate=1.0, steps=2, run_id="ann", server_round=1)  # ≈ 2.8 spent
-    before = ledger.spent()
-    budget = AdjusterBudget.plan(ledger, _dp_config(), iterations=25)
-    with pytest.raises(BudgetExhausted, match="exhausted"):
-        private_scaling_sums(t, budget, np.random.default_rng(0), run_id=1)
-    assert ledger.spent() == before and len(ledger.entries) == 1
-    with pytest.raises(BudgetExhausted, match="adjuster_share = 0"):
-        AdjusterBudget.plan(ledger, _dp_config(share=0.0), iterations=25)
-
-
-def test_the_ann_plans_for_the_budget_left_after_the_adjusters_share():
-    from client.adjustment_handlers import DEFAULT_ADJUSTER_SHARE, adjuster_epsilon
-
-    assert adjuster_epsilon(_dp_config(epsilon=3.0, share=0.25)) == pytest.approx(0.75)
-    assert adjuster_epsilon({"privacy": {"dp": True, "epsilon": 3.0, "delta": 1e-5}}) == 3.0 * DEFAULT_ADJUSTER_SHARE
-    assert adjuster_epsilon({"privacy": {"dp": False, "epsilon": 3.0, "delta": 1e-5}}) == 0.0
-    with pytest.raises(ValueError, match="adjuster_share"):
-        adjuster_epsilon(_dp_config(share=1.0))
+    site = _dp_site(tmp_path / "ledger.json")
+    site.ledger.record(noise_multiplier=0.5, sample_rate=1.0, steps=4, run_id="ann", server_round=1)
+    before = site.ledger.spent()
+    assert before > 2.97  # less than 1 % of the budget left: exhausted
+    with pytest.raises(PrivacyRefused, match="exhausted"):
+        adjuster_release(_context(), site, iterations=25)
+    assert site.ledger.spent() == before and len(site.ledger.entries) == 1
+    with pytest.raises(PrivacyRefused, match="no share"):
+        adjuster_release(_context(), _dp_site(tmp_path / "other.json", share=0.0), iterations=25)
 
 
 @pytest.mark.slow
@@ -394,7 +387,7 @@ def test_flower_federated_fitted_q_runs_with_dp_sites_and_charges_their_ledgers(
     """Three simulated DP sites (site.toml dp = true, ε = 3, the simulator's default) in Flower's simulation
     runtime: the fit completes, every site reports its ε, and every ledger holds 1 + iterations releases
     within the adjuster's share (0.2 × 3)."""
-    from client.app import LEDGER_FILE
+    from client.dp import LEDGER_FILE
     from client.ledger import PrivacyLedger
 
     folders, result = _flower_fit(tmp_path, dp=True)
@@ -403,6 +396,5 @@ def test_flower_federated_fitted_q_runs_with_dp_sites_and_charges_their_ledgers(
     for folder in folders:
         ledger = PrivacyLedger.open(folder / LEDGER_FILE, epsilon_budget=3.0, delta=1e-5)
         assert len(ledger.history) == 1 and ledger.history[0][1:] == (1.0, 4)
-        assert ledger.spent() <= 0.6 + 1e-9
-    assert all(p["epsilon-spent"] <= 0.6 + 1e-9 and p["epsilon-adjuster"] == pytest.approx(0.6)
-               for p in result["privacy"])
+        assert 0.55 < ledger.spent() <= 0.6 + 1e-9
+    assert all(p["phase"] == "adjuster" and p["epsilon-spent"] <= 0.6 + 1e-9 for p in result["privacy"])

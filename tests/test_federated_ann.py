@@ -5,16 +5,13 @@ judge models on, so the comparison at a 12-patient clinic is not decided by its 
 """
 
 import dataclasses
-import json
 
 import pandas as pd
 import pytest
-import torch
 
 from client.training import encode, evaluate
 from shared import metrics
-from shared.ann import build_model
-from shared.encoding import FeatureEncoder
+from shared.artifacts import RunArtifacts
 from shared.task import NANOPARTICLE_TASK
 from shared.validation import load_site
 from simulation.baselines import BaselineSettings, local_models, pooled_model
@@ -34,9 +31,8 @@ def federation(tmp_path_factory):
     world = generate_sites(cfg.clinics, cfg.seed, out / "sites", privacy=SitePrivacy(dp=False))
     sources, _ = prepare_sites(dataclasses.replace(cfg, sites=[out / "sites" / c.name for c in world.clinics]))
     record = run_federation(cfg, sources)
-    encoder = FeatureEncoder.from_dict(json.loads((out / "federated" / "encoder.json").read_text()))
-    model = build_model(encoder, NANOPARTICLE_TASK, (64, 32), seed=0)
-    model.load_state_dict(torch.load(out / "federated" / "ann_federated.pt"))
+    artifacts = RunArtifacts.open(out / "federated", run_id=record.run_id)
+    encoder, model = artifacts.encoder(), artifacts.ann()
     sites = {c.name: load_site(out / "sites" / c.name) for c in world.clinics}
     settings = BaselineSettings(task=NANOPARTICLE_TASK, epochs=ROUNDS, batch_size=32, lr=0.005, hidden=(64, 32),
                                 seed=cfg.seed, split_seed=cfg.seed)
@@ -55,11 +51,12 @@ def _auc(model_and_encoder, frame, outcome):
 
 def test_every_site_took_part_in_every_round_and_the_record_is_complete(federation):
     record = federation["record"]
-    assert len(record["sites"]) == 4 and not record["rejected"]
-    assert [r["round"] for r in record["rounds"]] == list(range(1, ROUNDS + 1))
-    for r in record["rounds"]:
-        assert set(r["per_site"]) == set(record["sites"]) and not r["failures"]
-    assert record["final"]["overall"]["response"]["auc"] > 0.7
+    assert len(record.sites) == 4 and not record.rejected
+    ann = record.models["ann"]
+    assert [r["round"] for r in ann.rounds] == list(range(1, ROUNDS + 1))
+    for r in ann.rounds:
+        assert set(r["per_site"]) == set(record.sites) and not r["failures"]
+    assert ann.final["overall"]["response"]["auc"] > 0.7
 
 
 def test_federated_model_beats_local_only_at_the_smallest_clinic(federation):

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import xgboost as xgb
 
-from client.app import SiteSource, load
+from client.site import SiteSource, load
 from client.training import encode, split_site
+from server.run_record import RunRecord
 from shared.boosting import Head, head_labels
 from shared.encoding import FeatureEncoder
 from shared.hist_learner import HistGradientBoosting, pooled_thresholds
@@ -67,10 +68,10 @@ def test_federated_trees_equal_the_pooled_run_of_the_same_algorithm(run):
 
 def test_federated_hist_models_load_in_xgboost_and_feed_the_usual_record(run):
     out, results = run
-    federation = json.loads((out / "federated" / "federation.json").read_text())
-    assert federation["xgboost"]["mode"] == "hist"
-    assert federation["xgboost"]["heads"] == ["efficacy_pct", "response", "toxicity_grade3"]
-    assert not federation["xgboost"]["failures"]
+    boosting = RunRecord.read(out / "federated").models["xgboost"]
+    assert boosting.mode == "hist"
+    assert boosting.heads == ["efficacy_pct", "response", "toxicity_grade3"]
+    assert not boosting.failures
     booster = xgb.Booster(model_file=str(out / "federated" / "xgb_response.json"))
     assert booster.num_boosted_rounds() == ROUNDS
     assert booster.get_score(importance_type="gain")
@@ -78,4 +79,4 @@ def test_federated_hist_models_load_in_xgboost_and_feed_the_usual_record(run):
     federated = models["federated"]["overall"]["response"]["auc"]
     pooled = models["pooled"]["overall"]["response"]["auc"]
     assert federated > 0.6 and abs(federated - pooled) < 0.05, (federated, pooled)
-    assert set(federation["importance"]["xgboost"])
+    assert set(boosting.importance["features"])

@@ -1,10 +1,10 @@
 """Flower simulation of federated XGBoost, bagging and cyclic, against the same boosters trained pooled."""
 
-import json
 
 import pytest
 import xgboost as xgb
 
+from server.run_record import RunRecord
 from simulation.experiment import ExperimentConfig, flower_environment, quiet_flower, run_experiment
 
 pytestmark = pytest.mark.slow
@@ -23,10 +23,10 @@ def run(request, tmp_path_factory):
 def test_only_boosting_ran_with_one_head_per_outcome(run):
     mode, out, results = run
     assert list(results["models"]) == ["xgboost"]
-    federation = json.loads((out / "federated" / "federation.json").read_text())
-    assert federation["xgboost"]["mode"] == mode
-    assert federation["xgboost"]["heads"] == ["efficacy_pct", "response", "toxicity_grade3"]
-    assert not federation["xgboost"]["failures"]
+    boosting = RunRecord.read(out / "federated").models["xgboost"]
+    assert boosting.mode == mode
+    assert boosting.heads == ["efficacy_pct", "response", "toxicity_grade3"]
+    assert not boosting.failures
 
 
 def test_federated_boosters_are_real_xgboost_models(run):

@@ -3,8 +3,9 @@ say why, and the rounds go on with the others."""
 
 import pytest
 
-from client.app import LEDGER_FILE, SiteSource
+from client.dp import LEDGER_FILE
 from client.ledger import PrivacyLedger
+from client.site import SiteSource
 from simulation.clinics import generate_sites
 from simulation.experiment import ExperimentConfig, flower_environment, quiet_flower, run_federation
 
@@ -24,29 +25,35 @@ def record(tmp_path_factory):
     spent.record(noise_multiplier=0.8, sample_rate=0.5, steps=400, run_id="earlier", server_round=1)
     assert spent.spent() > 3.0
     sources = [SiteSource(out / "sites" / f"clinic_{i:02d}") for i in range(3)]
-    return run_federation(ExperimentConfig(out=out, rounds=2, seed=1), sources), spent
+    return run_federation(ExperimentConfig(out=out, rounds=2, seed=1, models="ann"), sources), spent
 
 
 def test_site_with_invalid_data_is_rejected_naming_file_and_row(record):
     run, _ = record
-    assert "clinic_02" not in run["sites"]
-    (errors,) = [e for site, e in run["rejected"].items() if site == "clinic_02"]
+    assert "clinic_02" not in run.sites
+    (errors,) = [e for site, e in run.rejected.items() if site == "clinic_02"]
     assert "episodes.csv" in errors[0] and "row" in errors[0]
 
 
-def test_site_past_its_budget_refuses_every_round_and_says_so(record):
+def test_site_past_its_budget_refuses_every_phase_at_the_site_check_and_says_so(record):
     run, spent = record
-    for r in run["rounds"]:
-        reason = r["failures"]["clinic_01"]
-        assert "refuses to train" in reason and "budget" in reason and str(spent.path) in reason
-        assert "train" not in r["per_site"]["clinic_01"]
+    privacy = run.privacy["clinic_01"]
+    assert privacy.dp and not privacy.granted and set(privacy.refused) >= {"statistics", "training", "evaluation"}
+    reason = privacy.refused["training"]
+    assert "exhausted" in reason and str(spent.path) in reason
+    assert "exhausted" in run.models["ann"].refused["clinic_01"]
+    for r in run.models["ann"].rounds:
+        assert "train" not in r["per_site"]["clinic_01"] and "clinic_01" not in r["failures"]
     reopened = PrivacyLedger.open(spent.path, 3.0, 1e-5)
-    assert reopened.history == spent.history  # nothing was trained, nothing recorded
+    assert reopened.history == spent.history  # nothing was released, nothing recorded
 
 
 def test_the_other_site_trains_every_round_within_its_budget(record):
     run, _ = record
-    epsilons = [r["per_site"]["clinic_00"]["train"]["epsilon"] for r in run["rounds"]]
+    epsilons = [r["per_site"]["clinic_00"]["train"]["epsilon"] for r in run.models["ann"].rounds]
     assert len(epsilons) == 2 and 0 < epsilons[0] < epsilons[1] <= 3.0 + 1e-6
-    assert run["privacy"]["clinic_00"]["epsilon"] == epsilons[-1]
-    assert run["final"]["overall"]["response"]["n"] > 0
+    privacy = run.privacy["clinic_00"]
+    assert privacy.epsilon_spent >= epsilons[-1] and privacy.epsilon_spent <= 3.0 + 1e-6
+    assert privacy.releases["statistics"] == 1 and privacy.releases["training"] == 2
+    assert privacy.releases["evaluation"] == 1  # a DP site is evaluated at the final round only
+    assert run.models["ann"].final["overall"]["response"]["n"] > 0

@@ -291,20 +291,22 @@ def test_an_unknown_objective_is_rejected_naming_the_choices():
 
 
 def test_a_dp_release_is_charged_to_the_sites_ledger_and_noised_at_the_calibrated_scale(tmp_path):
-    from flwr.app import Array, ArrayRecord, ConfigRecord
+    from flwr.app import Array, ArrayRecord, Context, RecordDict
 
-    from client.hist_handlers import bin_counts, release_noise
+    from client.dp import Block, PhaseRelease, SiteDP
+    from client.hist_handlers import bin_counts
     from client.ledger import PrivacyLedger
 
-    ledger = PrivacyLedger.open(tmp_path / "ledger.json", 3.0, 1e-5)
-    config = ConfigRecord({"dp-epsilon": 1.0, "dp-releases": 10, "dp-release-index": 0})
-    noise = release_noise(config, ledger, run_id=1)
-    assert noise is not None and noise.sigma > 1.0
-    assert len(ledger.history) == 1 and 0 < ledger.spent() < 1.0  # one of the ten planned releases
+    site = SiteDP(PrivacyLedger.open(tmp_path / "ledger.json", 3.0, 1e-5), {"boosting": 1 / 3})
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    release = PhaseRelease.for_phase(context, site, "boosting", releases=10)
+    assert release.sigma > 1.0
     x, _ = table()
     arrays = ArrayRecord({"lo": Array(x.min(axis=0).astype(float)), "hi": Array(x.max(axis=0).astype(float))})
-    exact = hb.from_fixed(bin_counts(x, arrays, None))
-    noisy = hb.from_fixed(bin_counts(x, arrays, noise))
-    expected_sd = noise.sigma * np.sqrt(x.shape[1])  # one row touches one cell per feature
-    assert np.std(noisy - exact) == pytest.approx(expected_sd, rel=0.05)
-    assert release_noise(ConfigRecord({"dp-epsilon": 0.0}), ledger, run_id=1) is None
+    exact = bin_counts(x, arrays)
+    noisy, facts = release.release({"counts": Block(exact, 1.0, x.shape[1])}, index=0)
+    assert len(site.ledger.history) == 1 and 0 < site.ledger.spent() < 1.0  # one of the ten planned releases
+    assert facts.phase == "boosting" and site.ledger.entries[0]["phase"] == "boosting"
+    expected_sd = release.sigma * np.sqrt(x.shape[1])  # one row touches one cell per feature
+    assert np.std(noisy["counts"] - exact) == pytest.approx(expected_sd, rel=0.05)
+    assert facts.noise_sd == pytest.approx(expected_sd)

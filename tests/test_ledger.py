@@ -199,7 +199,7 @@ def test_ledger_file_is_private_to_the_site_and_leaves_no_temporary_files(path):
     assert state["schema_version"] == 1 and state["delta"] == DELTA
     assert state["history"] == [[SIGMA, OPACUS_RATE, 26]]
     assert set(state["entries"][0]) == {"run_id", "round", "steps", "noise_multiplier", "sample_rate",
-                                        "epsilon_after", "epsilon_budget", "utc"}
+                                        "epsilon_after", "epsilon_budget", "utc", "phase"}
 
 
 def test_two_ledger_objects_on_one_file_both_keep_their_records(path):

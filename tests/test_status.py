@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from fednano.cli import app
 from server import status
+from server.run_record import ModelRecord, RunRecord, SitePrivacyRecord
 from server.status import StatusError
 
 FLWR_LS = {
@@ -38,30 +39,40 @@ FLWR_LS = {
 }
 
 
-def site_round(loss: float, n: int, epsilon: float) -> dict:
-    return {"train": {"num-examples": n, "train-loss": loss, "steps": 4, "epsilon": epsilon, "epsilon-budget": 3.0,
-                      "delta": 1e-5, "noise-multiplier": 1.3},
-            "evaluate": {"response": {"auc": 0.6, "accuracy": 0.5}}}
+def site_round(loss: float | None, n: int, epsilon: float) -> dict:
+    train = {"num-examples": n, "steps": 4, "epsilon": epsilon, "epsilon-budget": 3.0, "delta": 1e-5,
+             "noise-multiplier": 1.3}
+    if loss is not None:
+        train["train-loss"] = loss
+    return {"train": train, "evaluate": {"response": {"auc": 0.6, "accuracy": 0.5}}}
 
 
 def make_record() -> dict:
-    return {
-        "settings": {"num-server-rounds": 2},
-        "run-id": "111",
-        "sites": ["alpha", "beta", "gamma"],
-        "rejected": {"delta": ["episodes.csv, column 'dose_mg': rows 3 (line 4): expected a number"]},
-        "rounds": [
-            {"round": 1, "per_site": {"alpha": site_round(2.0, 100, 1.5), "beta": site_round(1.0, 300, 1.4),
-                                      "gamma": {}},
-             "failures": {"gamma": "Node 9 is unavailable\nmore detail"},
-             "overall": {"response": {"auc": 0.61, "accuracy": 0.5}, "efficacy_pct": {"mae": 20.0, "r2": -0.25}}},
-            {"round": 2, "per_site": {"alpha": site_round(1.0, 100, 2.9), "beta": site_round(0.5, 300, 2.8)},
-             "failures": {},
-             "overall": {"response": {"auc": 0.7}, "efficacy_pct": {"r2": 0.1}}},
-        ],
-        "privacy": {"alpha": {"epsilon": 2.9, "delta": 1e-5, "budget": 3.0, "per_round": []},
-                    "beta": {"epsilon": 2.8, "delta": 1e-5, "budget": 3.0, "per_round": []}},
-    }
+    """A run record as ``server.run_record.RunRecord`` writes it."""
+    ann = ModelRecord(family="ann", mode="fedavg", rounds=[
+        {"round": 1, "per_site": {"alpha": site_round(2.0, 100, 1.5), "beta": site_round(1.0, 300, 1.4),
+                                  "gamma": {}},
+         "failures": {"gamma": "Node 9 is unavailable\nmore detail"},
+         "overall": {"response": {"auc": 0.61, "accuracy": 0.5}, "efficacy_pct": {"mae": 20.0, "r2": -0.25}}},
+        {"round": 2, "per_site": {"alpha": site_round(1.0, 100, 2.9), "beta": site_round(0.5, 300, 2.8)},
+         "failures": {},
+         "overall": {"response": {"auc": 0.7}, "efficacy_pct": {"r2": 0.1}}},
+    ])
+    privacy = {"alpha": SitePrivacyRecord(dp=True, epsilon_budget=3.0, delta=1e-5, epsilon_spent_before=0.0,
+                                          epsilon_spent=2.9, granted={"statistics": 0.15, "training": 2.7},
+                                          releases={"statistics": 1, "training": 2},
+                                          epsilon_after={"statistics": 0.15, "training": 2.9},
+                                          refused={"importance": "no DP form"}),
+               "beta": SitePrivacyRecord(dp=True, epsilon_budget=3.0, delta=1e-5, epsilon_spent=2.8),
+               "gamma": SitePrivacyRecord(dp=False)}
+    record = RunRecord(run_id="111", settings={"num-server-rounds": 2}, sites=["alpha", "beta", "gamma"],
+                       rejected={"delta": ["episodes.csv, column 'dose_mg': rows 3 (line 4): expected a number"]},
+                       privacy=privacy, models={"ann": ann})
+    return record.to_dict()
+
+
+def loaded(data: dict | None = None) -> RunRecord:
+    return RunRecord.from_dict(data or make_record())
 
 
 def render(*tables) -> str:
@@ -81,29 +92,30 @@ def record_dir(tmp_path) -> Path:
 
 
 def test_participation_counts_trained_and_failed_rounds_and_epsilon_per_site():
-    sites = {p.site: p for p in status.participation(make_record())}
+    sites = {p.site: p for p in status.participation(loaded())}
     assert list(sites) == ["alpha", "beta", "gamma"]
     assert sites["alpha"].trained == (1, 2) and sites["alpha"].failed == {}
-    assert (sites["alpha"].epsilon, sites["alpha"].budget, sites["alpha"].delta) == (2.9, 3.0, 1e-5)
+    alpha = sites["alpha"].privacy
+    assert (alpha.epsilon_spent, alpha.epsilon_budget, alpha.delta) == (2.9, 3.0, 1e-5)
     assert sites["gamma"].trained == () and sites["gamma"].failed == {1: "Node 9 is unavailable\nmore detail"}
-    assert sites["gamma"].epsilon is None
+    assert not sites["gamma"].privacy.dp
 
 
 def test_train_loss_of_a_round_is_weighted_by_each_sites_examples():
-    rounds = make_record()["rounds"]
+    rounds = make_record()["models"]["ann"]["rounds"]
     assert status.weighted_train_loss(rounds[0]) == pytest.approx((2.0 * 100 + 1.0 * 300) / 400)  # 1.25
     assert status.weighted_train_loss(rounds[1]) == pytest.approx((1.0 * 100 + 0.5 * 300) / 400)  # 0.625
     assert status.weighted_train_loss({"round": 3, "per_site": {"a": {}}}) is None
 
 
 def test_headline_shows_auc_for_classes_and_r2_for_regression():
-    overall = make_record()["rounds"][0]["overall"]
+    overall = make_record()["models"]["ann"]["rounds"][0]["overall"]
     assert status.headline(overall) == "response auc 0.610, efficacy_pct r2 -0.250"
     assert status.headline({}) == "–"
 
 
 def test_rounds_table_shows_who_trained_who_failed_and_why_the_loss_and_metrics():
-    text = render(status.rounds_table(make_record(), "rounds"))
+    text = render(status.rounds_table(loaded(), "rounds"))
     lines = [line for line in text.splitlines() if line.startswith("│")]
     assert len(lines) == 2
     assert "2/3" in lines[0] and "gamma: Node 9 is unavailable" in lines[0] and "1.2500" in lines[0]
@@ -113,32 +125,46 @@ def test_rounds_table_shows_who_trained_who_failed_and_why_the_loss_and_metrics(
 
 
 def test_sites_table_shows_participation_and_epsilon_spent_of_the_budget():
-    text = render(status.sites_table(make_record(), "sites"))
+    text = render(status.sites_table(loaded(), "sites"))
     rows = {line.split("│")[1].strip(): line for line in text.splitlines() if line.startswith("│")}
     assert set(rows) == {"alpha", "beta", "gamma"}
     assert "2/2" in rows["alpha"] and "2.90" in rows["alpha"] and "1e-05" in rows["alpha"]
+    assert "statistics 0.15; training 2.90; refuses importance" in rows["alpha"]
     assert "2.80" in rows["beta"]
     assert "0/2" in rows["gamma"] and "failed: 1 (Node 9 is unavailable)" in rows["gamma"] and "no DP" in rows["gamma"]
 
 
 def test_rejected_sites_are_listed_with_their_errors():
-    assert status.rejected_lines(make_record()) == [
+    assert status.rejected_lines(loaded()) == [
         "delta left out: episodes.csv, column 'dose_mg': rows 3 (line 4): expected a number"]
 
 
 def test_read_record_takes_the_out_dir_or_the_file(record_dir):
-    assert status.read_record(record_dir)["sites"] == ["alpha", "beta", "gamma"]
-    assert status.read_record(record_dir / "federation.json")["run-id"] == "111"
+    assert status.read_record(record_dir).sites == ["alpha", "beta", "gamma"]
+    assert status.read_record(record_dir / "federation.json").run_id == "111"
+
+
+def test_read_record_finds_the_record_in_a_simulate_output_folder(tmp_path):
+    (tmp_path / "federated").mkdir()
+    (tmp_path / "federated" / "federation.json").write_text(json.dumps(make_record()))
+    assert status.read_record(tmp_path).run_id == "111"
+
+
+def test_a_ray_traceback_as_a_failure_reason_is_shown_as_its_error_line():
+    reason = ("RayTaskError(ClientAppException): ray::ClientAppActor.run()\nTraceback (most recent call last):\n"
+              '  File "x.py", line 3, in f\nValueError: site.toml privacy.shares: adjuster must be in [0, 1]')
+    assert status._short(reason) == "ValueError: site.toml privacy.shares: adjuster must be in [0, 1]"
 
 
 def test_run_id_comes_from_the_record_else_from_the_signed_policys_manifest(tmp_path):
-    assert status.record_run_id(make_record()) == "111"
+    assert status.record_run_id(loaded()) == "111"
     bundle = tmp_path / "v3"
     bundle.mkdir()
     (bundle / "manifest.json").write_text(json.dumps({"version": 3, "run_id": "4211"}))
-    record = {**make_record(), "run-id": None, "policy": {"bundle": str(bundle), "version": 3}}
+    record = loaded({**make_record(), "run_id": "", "policy": {"bundle": str(bundle), "version": 3}})
     assert status.record_run_id(record) == "4211"
-    assert status.record_run_id({**record, "policy": None}) is None
+    record.policy = None
+    assert status.record_run_id(record) is None
 
 
 def test_a_missing_record_names_the_file_and_what_was_expected(tmp_path):
@@ -153,13 +179,17 @@ def test_a_record_that_is_not_json_names_the_file(tmp_path):
 
 
 @pytest.mark.parametrize(("edit", "message"), [
-    (lambda r: r.pop("rounds"), r"field 'rounds' expected a list, got NoneType"),
-    (lambda r: r.update(sites="alpha"), r"field 'sites' expected a list, got str"),
-    (lambda r: r["rounds"][1].update(round="2"), r"field 'rounds\[1\].round' expected a round number, got '2'"),
-    (lambda r: r["rounds"][0].update(per_site=[]), r"field 'rounds\[0\].per_site' expected an object, got list"),
-    (lambda r: r["rounds"][0].update(failures="gamma"), r"field 'rounds\[0\].failures' expected an object"),
-    (lambda r: r["privacy"]["beta"].update(epsilon="2.8"),
-     r"field 'privacy\.beta\.epsilon' expected a number, got '2\.8'"),
+    (lambda r: r["models"]["ann"].pop("rounds"), r"field 'models\.ann\.rounds' expected a list, got None"),
+    (lambda r: r.update(sites="alpha"), r"field 'sites' expected a list, got 'alpha'"),
+    (lambda r: r["models"]["ann"]["rounds"][1].update(round="2"),
+     r"field 'models\.ann\.rounds\[1\]\.round' expected a round number, got '2'"),
+    (lambda r: r["models"]["ann"]["rounds"][0].update(per_site=[]),
+     r"field 'models\.ann\.rounds\[0\]\.per_site' expected an object, got list"),
+    (lambda r: r["models"]["ann"]["rounds"][0].update(failures="gamma"),
+     r"field 'models\.ann\.rounds\[0\]\.failures' expected an object"),
+    (lambda r: r["privacy"]["beta"].update(epsilon_spent="2.8"),
+     r"field 'privacy\.beta\.epsilon_spent' expected a number, got '2\.8'"),
+    (lambda r: r.update(version=1), r"not a fednano/run-record version 2 record"),
 ])
 def test_a_record_missing_a_field_names_the_field_and_what_was_expected(tmp_path, edit, message):
     record = make_record()

@@ -1,0 +1,319 @@
+"""The one differential-privacy release of a site: every noised number it sends goes through here.
+
+A hospital decides its own privacy in ``site.toml``: whether it is under DP, its lifetime budget (ε, δ),
+and which share of ε each phase of a run may spend. The server only announces which phases a run will ask
+for (``shared.protocol.privacy.RunPlan``). One rule, applied at the site, for every phase:
+
+1. **Split at the site check.** Of what is left of the budget (``ε_left = ε − spent``, from the site's
+   privacy ledger, ``client.ledger``), phase ``p`` of the run's plan gets ``ε_p = share_p · ε_left``; DP-SGD
+   training gets the rest of the run's phases (``1 − Σ share_p``). A phase whose share is 0, that has no DP
+   form here, or for which nothing is left, is *refused*, with the reason, and the server does not ask it.
+2. **Noise set once per phase.** At a phase's first release the site sets one noise multiplier σ for all
+   the releases the server announces for the phase: the smallest σ such that the ledger's history so far
+   plus those releases compose to at most ``ε(history) + ε_p`` (Rényi DP, Mironov 2017; Opacus'
+   ``RDPAccountant``, via :func:`client.ledger.calibrate_noise`). So each phase adds at most its ε_p and
+   the run never spends more than ``ε_left``, whatever the order of the phases.
+3. **Check, charge, add noise.** Before each release the ledger checks that the phase's remaining releases
+   still fit the budget; after it, the release is recorded with its phase (one ``(σ, 1.0, 1)`` history
+   entry: a Gaussian mechanism on the whole table is the subsampled Gaussian at sample rate 1).
+
+The mechanism (:func:`gaussian_release`): every released array is a :class:`Block` with a per-entry bound
+``scale`` on how much one row (add/remove-one-row neighbouring) can change it and the number of entries
+``touched`` one row can change at most. Divided by its scale, the whole release then has L2 sensitivity
+``Δ = sqrt(Σ touched)``, and Gaussian noise of sd ``σ · Δ · scale`` on every entry is the Gaussian
+mechanism with noise multiplier σ (Dwork & Roth 2014, "The Algorithmic Foundations of Differential
+Privacy", Thm A.1), whose RDP is ``α / 2σ²`` (Mironov 2017, Prop. 7). A symmetric matrix block gets its
+noise on the upper triangle, mirrored (its change in the upper triangle is bounded by the Frobenius norm,
+so the same ``Δ`` holds; Wang 2018, Alg. 1). The noise comes from numpy's generator seeded from OS
+entropy; floating-point side channels of textbook Gaussian sampling (Mironov 2012) are not addressed.
+
+DP-SGD training (``client.training``) is the other mechanism; it takes its σ from :func:`training_noise`
+by the same rule and charges the same ledger.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context
+
+from client.ledger import BudgetExhausted, PrivacyLedger, calibrate_noise
+from shared.protocol.privacy import PHASES, ReleaseFacts, RunPlan, SitePrivacy
+
+LEDGER_FILE = Path(".fednano") / "privacy_ledger.json"
+"""Where a site keeps its privacy ledger, beside its data."""
+
+GAUSSIAN_SAMPLE_RATE = 1.0
+"""A Gaussian mechanism on the whole table is the subsampled Gaussian at sample rate 1 (Mironov 2017)."""
+
+DEFAULT_SHARES = {"statistics": 0.05, "evaluation": 0.05, "boosting": 0.2, "policy": 0.1,
+                  "adjuster": 0.0, "importance": 0.0, "analytics": 0.0}
+"""Share of what is left of a DP site's ε each phase may spend in a run, where ``site.toml
+[privacy.shares]`` says nothing; DP-SGD training gets the rest of the run's phases. The statistics for the
+encoder and the final evaluation are single releases of counts and sums, 5 % each; histogram boosting
+releases hundreds of histograms, 20 %; the policy's outcome-model fit and off-policy estimates, 10 %.
+The dose adjuster stays opt-in (its noise swamped the sums of the simulated clinics at 20 % of ε = 3:
+``client.adjustment_handlers``); analytics are a run of their own, opt-in too."""
+
+EXHAUSTED_REMAINDER = 0.01
+"""A site with less than this share of its budget left is exhausted: noise set to spend such a crumb would
+drown any release (the noise calibration itself leaves up to 0.1 % of a phase's ε unspent)."""
+
+NO_DP_FORM = {
+    "importance": "permutation importance has no DP form here: shuffling a feature moves one patient's value "
+                  "into other rows, so one row's influence on the loss sums is not bounded",
+}
+"""Phases a DP site always refuses, and why."""
+
+_STATE_RUN = "dp-run-budget"
+_STATE_PHASE = "dp-phase-"
+
+
+class PrivacyRefused(RuntimeError):
+    """The site will not release this under DP (no share, no DP form, budget exhausted); says why."""
+
+
+def declared_shares(site_config: Mapping[str, Any]) -> dict[str, float]:
+    """The site's shares per phase: ``[privacy.shares]`` over :data:`DEFAULT_SHARES` (legacy
+    ``[privacy] adjuster_share`` counts as ``shares.adjuster``). Raises ``ValueError`` naming a bad key."""
+    privacy = site_config.get("privacy", {})
+    shares = dict(DEFAULT_SHARES)
+    if "adjuster_share" in privacy:
+        shares["adjuster"] = float(privacy["adjuster_share"])
+    for key, value in dict(privacy.get("shares", {})).items():
+        if key not in PHASES:
+            raise ValueError(f"site.toml [privacy.shares] {key}: not a phase (expected one of {', '.join(PHASES)})")
+        shares[key] = float(value)
+    for key, value in shares.items():
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise ValueError(f"site.toml [privacy.shares] {key}: expected a number in [0, 1], got {value!r}")
+    return shares
+
+
+@dataclass
+class SiteDP:
+    """A DP site's standing terms: its ledger (budget, δ, history) and its declared shares."""
+
+    ledger: PrivacyLedger
+    shares: dict[str, float]
+
+    @classmethod
+    def of(cls, folder: Path, site_config: Mapping[str, Any]) -> SiteDP | None:
+        """The terms of the site in ``folder`` whose ``site.toml`` is ``site_config``; None without DP."""
+        privacy = site_config.get("privacy", {})
+        if not privacy.get("dp", False):
+            return None
+        ledger = PrivacyLedger.open(folder / LEDGER_FILE, float(privacy["epsilon"]), float(privacy["delta"]))
+        return cls(ledger, declared_shares(site_config))
+
+
+@dataclass
+class RunBudget:
+    """ε per phase for this run at one site, fixed when the run's plan arrives (kept in the node's state)."""
+
+    run_id: str
+    epsilon: dict[str, float] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def plan(cls, run_id: str, dp: SiteDP, plan: RunPlan) -> RunBudget:
+        """Split what is left of the budget over the plan's phases (rule 1 of the module docstring)."""
+        left = dp.ledger.remaining()
+        budget = cls(str(run_id))
+        others = [p for p in plan.phases if p != "training"]
+        for phase in plan.phases:
+            share = (1.0 - sum(dp.shares[p] for p in others if p not in NO_DP_FORM)
+                     if phase == "training" else dp.shares[phase])
+            if phase in NO_DP_FORM:
+                budget.refused[phase] = NO_DP_FORM[phase]
+            elif left <= EXHAUSTED_REMAINDER * dp.ledger.epsilon_budget:
+                budget.refused[phase] = (f"privacy budget exhausted: spent ε={dp.ledger.spent():.3f} of "
+                                         f"{dp.ledger.epsilon_budget:g} ({dp.ledger.path})")
+            elif share <= 0:
+                budget.refused[phase] = (f"site.toml gives {phase} no share of ε ([privacy.shares] {phase} = 0)"
+                                         if phase != "training" else
+                                         "site.toml's shares of the other phases leave nothing for training")
+            else:
+                budget.epsilon[phase] = share * left
+        return budget
+
+    def terms(self, dp: SiteDP) -> SitePrivacy:
+        """What the site check reports."""
+        return SitePrivacy(dp=True, epsilon_budget=dp.ledger.epsilon_budget, delta=dp.ledger.delta,
+                           epsilon_spent=dp.ledger.spent(), epsilon=dict(self.epsilon), refused=dict(self.refused))
+
+    def to_state(self) -> ConfigRecord:
+        return ConfigRecord({"run-id": self.run_id, "phases": list(self.epsilon) or [""],
+                             "epsilon": list(self.epsilon.values()) or [0.0],
+                             "refused": list(self.refused) or [""], "reasons": list(self.refused.values()) or [""]})
+
+    @classmethod
+    def from_state(cls, state: ConfigRecord) -> RunBudget:
+        phases = [p for p in state["phases"] if p]
+        refused = [p for p in state["refused"] if p]
+        return cls(str(state["run-id"]), dict(zip(phases, [float(e) for e in state["epsilon"]], strict=False)),
+                   dict(zip(refused, [str(r) for r in state["reasons"]], strict=False)))
+
+
+def start_run(context: Context, dp: SiteDP, plan: RunPlan) -> RunBudget:
+    """Plan this run's budget when the site check brings the run's plan; kept for the run's later messages."""
+    budget = RunBudget.plan(str(context.run_id), dp, plan)
+    context.state[_STATE_RUN] = budget.to_state()
+    return budget
+
+
+def run_budget(context: Context, dp: SiteDP, phase: str) -> RunBudget:
+    """This run's budget; a run that skipped the site check gets one planned for ``phase`` alone."""
+    state = context.state.get(_STATE_RUN)
+    if state is not None and str(state["run-id"]) == str(context.run_id):
+        return RunBudget.from_state(state)
+    return start_run(context, dp, RunPlan((phase,)))
+
+
+def phase_epsilon(context: Context, dp: SiteDP, phase: str) -> float:
+    """ε this run may spend on ``phase``; :class:`PrivacyRefused` with the reason if none."""
+    budget = run_budget(context, dp, phase)
+    if phase in budget.refused:
+        raise PrivacyRefused(f"{phase} refused under DP: {budget.refused[phase]}")
+    if phase not in budget.epsilon:
+        raise PrivacyRefused(f"{phase} was not in this run's plan when the site split its budget; it has no "
+                             "share of ε in this run")
+    return budget.epsilon[phase]
+
+
+def noise_for_phase(epsilon: float, ledger: PrivacyLedger, sample_rate: float, steps: int) -> float:
+    """Smallest σ such that the ledger's history plus ``steps`` at (σ, ``sample_rate``) adds at most ``epsilon``
+    to what it has spent, and stays within the budget (rule 2)."""
+    target = min(ledger.spent() + epsilon, ledger.epsilon_budget)
+    try:
+        return calibrate_noise(target, ledger.delta, sample_rate, steps, history=ledger.history)
+    except BudgetExhausted as err:
+        raise PrivacyRefused(f"no noise level lets {steps} release(s) fit ε={epsilon:.4g} "
+                             f"(spent {ledger.spent():.3f} of {ledger.epsilon_budget:g}): {err}") from err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The Gaussian mechanism on blocks
+
+
+@dataclass(frozen=True)
+class Block:
+    """One named array of a release and how much one row can change it.
+
+    Parameters
+    ----------
+    values : ndarray
+        The aggregate (float64).
+    scale : ndarray or float
+        Bound on the change of each entry when one row is added or removed (broadcast to ``values``).
+    touched : int, default 1
+        How many entries one row changes at most, once each is divided by its scale (each by at most 1); a
+        block whose normalised change is bounded by 1 in L2 norm counts 1.
+    symmetric : bool, default False
+        A symmetric matrix: noise its upper triangle and mirror it.
+    """
+
+    values: np.ndarray
+    scale: np.ndarray | float
+    touched: int = 1
+    symmetric: bool = False
+
+
+def sensitivity(blocks: Mapping[str, Block]) -> float:
+    """L2 sensitivity of the release once each entry is divided by its scale: ``sqrt(Σ touched)``."""
+    return math.sqrt(sum(block.touched for block in blocks.values()))
+
+
+def gaussian_release(blocks: Mapping[str, Block], sigma: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Every block with Gaussian noise of sd ``sigma · sensitivity · scale`` per entry (module docstring).
+
+    Raises ``ValueError`` if an entry has no finite scale (a column without a declared range): such an
+    aggregate cannot be released under DP.
+    """
+    if not sigma > 0:
+        raise ValueError(f"sigma must be > 0, got {sigma!r}")
+    sd = sigma * sensitivity(blocks)
+    noised = {}
+    for name, block in blocks.items():
+        values = np.asarray(block.values, dtype=np.float64)
+        scale = np.broadcast_to(np.asarray(block.scale, dtype=np.float64), values.shape)
+        if not np.all(np.isfinite(scale)):
+            raise ValueError(f"'{name}' has no finite bound per row (a column without a declared range); "
+                             "a DP site cannot release it")
+        noise = rng.standard_normal(values.shape)
+        if block.symmetric:
+            noise = np.triu(noise) + np.triu(noise, 1).T
+        noised[name] = values + noise * sd * scale
+    return noised
+
+
+@dataclass
+class PhaseRelease:
+    """A phase's releases at a DP site in this run: σ set at the first, each checked and charged.
+
+    Use :meth:`for_phase`; then :meth:`release` once per release the server asks for.
+    """
+
+    dp: SiteDP
+    phase: str
+    releases: int
+    sigma: float
+    run_id: str
+    rng: np.random.Generator = field(default_factory=np.random.default_rng)
+
+    @classmethod
+    def for_phase(cls, context: Context, dp: SiteDP, phase: str, releases: int) -> PhaseRelease:
+        """The phase's plan: σ from the state if this run already set it, else set now for ``releases``."""
+        if releases < 1:
+            raise ValueError(f"a phase plans at least one release; got {releases!r}")
+        key = _STATE_PHASE + phase
+        state = context.state.get(key)
+        if state is not None and str(state["run-id"]) == str(context.run_id):
+            return cls(dp, phase, int(state["releases"]), float(state["sigma"]), str(context.run_id))
+        epsilon = phase_epsilon(context, dp, phase)
+        sigma = noise_for_phase(epsilon, dp.ledger, GAUSSIAN_SAMPLE_RATE, releases)
+        context.state[key] = ConfigRecord({"run-id": str(context.run_id), "releases": releases, "sigma": sigma,
+                                           "epsilon": epsilon})
+        return cls(dp, phase, releases, sigma, str(context.run_id))
+
+    def charge(self, index: int) -> None:
+        """Check that releases ``index`` … ``releases − 1`` still fit the budget, then record release
+        ``index``; :class:`PrivacyRefused` if they do not."""
+        if not 0 <= index < self.releases:
+            raise PrivacyRefused(f"{self.phase}: release {index} is beyond the {self.releases} announced for this "
+                                 "run; the site set its noise for those only")
+        try:
+            self.dp.ledger.check_affordable(self.sigma, GAUSSIAN_SAMPLE_RATE, self.releases - index)
+        except BudgetExhausted as err:
+            raise PrivacyRefused(f"{self.phase} refused: {err}") from err
+        self.dp.ledger.record(self.sigma, GAUSSIAN_SAMPLE_RATE, 1, run_id=self.run_id, server_round=index,
+                              phase=self.phase)
+
+    def release(self, blocks: Mapping[str, Block], index: int) -> tuple[dict[str, np.ndarray], ReleaseFacts]:
+        """Charge release ``index``, then return the noised blocks and the facts to send with them."""
+        self.charge(index)
+        noised = gaussian_release(blocks, self.sigma, self.rng)
+        return noised, self.facts(index, self.sigma * sensitivity(blocks))
+
+    def facts(self, index: int, noise_sd: float) -> ReleaseFacts:
+        ledger = self.dp.ledger
+        return ReleaseFacts(self.phase, index, self.sigma, noise_sd, ledger.spent(), ledger.epsilon_budget,
+                            ledger.delta)
+
+
+def training_noise(context: Context, dp: SiteDP, sample_rate: float, steps: int) -> float:
+    """DP-SGD's σ for this run's training: set at the first round for all ``steps`` of the run (rule 2), then
+    kept in the node's state for the later rounds."""
+    key = _STATE_PHASE + "training"
+    state = context.state.get(key)
+    if state is not None and str(state["run-id"]) == str(context.run_id):
+        return float(state["sigma"])
+    epsilon = phase_epsilon(context, dp, "training")
+    sigma = noise_for_phase(epsilon, dp.ledger, sample_rate, steps)
+    context.state[key] = ConfigRecord({"run-id": str(context.run_id), "sigma": sigma, "epsilon": epsilon})
+    return sigma

@@ -1,0 +1,180 @@
+"""The hospital's side of every message: which site this node is, its validated data, and one reply shape.
+
+The site is the folder (or CSV file) at ``node_config["data-path"]``; its name comes from
+``node_config["site-name"]``, else ``site.toml``, else the folder name; a generic tabular task comes with
+``node_config["task-path"]`` and the coordinator's policy key with ``node_config["trust-key"]``. In an
+in-process simulation the runner gives the ClientApp the list of sites, indexed by the node's
+``partition-id``.
+
+Every handler that answers from the site's data is wrapped by :class:`SiteHandlers`: it loads the site
+(validated, cached while its files are unchanged), calls the handler with a :class:`SiteRequest`, and turns
+what can go wrong into an error reply that names the site and why — never a patient value:
+
+- the site's data fail validation → ``ErrorCode.SITE_DATA`` with the shareable problems (file, column, row
+  numbers, rule);
+- the site's privacy terms refuse (no share, no DP form, budget exhausted, ledger unreadable) →
+  ``ErrorCode.PRIVACY``, "<site> refuses <message>: <why>";
+- the request is malformed (a missing key, a wrong shape) → the handler's request error code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property, lru_cache, wraps
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+
+from client.dp import PrivacyRefused, SiteDP
+from client.ledger import BudgetExhausted, LedgerError
+from client.training import EncodedSplit, encode, split_site
+from shared.ann import MultiTaskMLP, build_model, load_arrays
+from shared.encoding import FeatureEncoder
+from shared.protocol import ErrorCode
+from shared.protocol import records as r
+from shared.protocol.training import hidden_of
+from shared.task import TaskSpec
+from shared.validation import SiteData, SiteDataError, load_site
+
+SITE_CACHE_SIZE = 64
+"""Sites one process keeps loaded: a simulation actor serves many sites (each message re-validating its
+site's files made a 10-site federation 9.4× slower than a plain loop: BENCHMARKS.md)."""
+
+
+@dataclass(frozen=True)
+class SiteSource:
+    """Where a site's data live and, for a generic task, its task spec."""
+
+    path: Path
+    task_path: Path | None = None
+    name: str | None = None
+    trust_key: Path | None = None  # the coordinator's policy_signing.pub from this site's kit
+
+    @property
+    def folder(self) -> Path:
+        """The site's folder (a CSV file's folder): its ledger and installed policies live here."""
+        return self.path if self.path.is_dir() else self.path.parent
+
+    def task(self) -> TaskSpec | None:
+        return TaskSpec.from_toml(self.task_path) if self.task_path else None
+
+
+def site_source(context: Context, sites: list[SiteSource] | None = None) -> SiteSource:
+    """This node's data: ``data-path`` (and ``task-path``) in the node config, else the simulation's list."""
+    config = context.node_config
+    if "data-path" in config:
+        task, trust = config.get("task-path"), config.get("trust-key")
+        return SiteSource(Path(str(config["data-path"])), Path(str(task)) if task else None,
+                          str(config["site-name"]) if config.get("site-name") else None,
+                          Path(str(trust)) if trust else None)
+    if sites is not None and "partition-id" in config:
+        return sites[int(config["partition-id"])]
+    raise ValueError("this SuperNode has no data: start it with --node-config 'data-path=/path/to/site'")
+
+
+def _mtimes(path: Path) -> tuple[float, ...]:
+    files = sorted(path.glob("*")) if path.is_dir() else [path]
+    return tuple(f.stat().st_mtime_ns for f in files if f.is_file())
+
+
+@lru_cache(maxsize=SITE_CACHE_SIZE)
+def _load(path: Path, task_path: Path | None, _stamp: tuple[float, ...]) -> SiteData:
+    task = TaskSpec.from_toml(task_path) if task_path else None
+    return load_site(path, task)
+
+
+def load(source: SiteSource) -> SiteData:
+    """The site's validated data (cached while its files are unchanged); raises SiteDataError."""
+    return _load(source.path, source.task_path, _mtimes(source.path))
+
+
+def site_name(source: SiteSource, site: SiteData | None = None) -> str:
+    return source.name or (site.name if site is not None else source.path.stem)
+
+
+def site_dp(source: SiteSource, site: SiteData) -> SiteDP | None:
+    """The site's DP terms if its ``site.toml`` enables DP (``[privacy] dp = true``), else None."""
+    return SiteDP.of(source.folder, site.config)
+
+
+def error_reply(msg: Message, code: int, reason: str) -> Message:
+    return Message(Error(code=int(code), reason=reason), reply_to=msg)
+
+
+@dataclass
+class SiteRequest:
+    """What a handler works on: this node's site, its validated data, the message's config and context."""
+
+    source: SiteSource
+    site: SiteData
+    config: ConfigRecord
+    context: Context
+
+    @property
+    def name(self) -> str:
+        return site_name(self.source, self.site)
+
+    @cached_property
+    def dp(self) -> SiteDP | None:
+        """The site's DP terms (None without DP); opened once per message."""
+        return site_dp(self.source, self.site)
+
+    @cached_property
+    def encoder(self) -> FeatureEncoder:
+        return FeatureEncoder.from_config_record(self.config)
+
+    def rows(self, split: str):
+        """The site's rows of ``split`` (train / val / test), split as every phase splits them."""
+        return split_site(self.site.episodes, self.site.task, int(self.config[r.SPLIT_SEED]))[split]
+
+    def encoded(self, split: str) -> EncodedSplit:
+        return encode(self.encoder, self.rows(split))
+
+    def ann(self, arrays: ArrayRecord) -> MultiTaskMLP:
+        """The ANN of the config's architecture with the weights the message carries."""
+        model = build_model(self.encoder, self.site.task, hidden_of(self.config), seed=0)
+        load_arrays(model, arrays)
+        return model
+
+
+Answer = Callable[[Message, SiteRequest], RecordDict]
+"""A handler: the message and the site's request → the reply's content."""
+
+
+class SiteHandlers:
+    """Wraps answers into Flower handlers that load this node's site and reply errors as the module says.
+
+    Parameters
+    ----------
+    sites : list of SiteSource, optional
+        The simulation's sites by ``partition-id`` (deployed nodes have ``data-path`` instead).
+    """
+
+    def __init__(self, sites: list[SiteSource] | None = None) -> None:
+        self.sites = sites
+
+    def source(self, context: Context) -> SiteSource:
+        return site_source(context, self.sites)
+
+    def __call__(self, answer: Answer, request_error: ErrorCode = ErrorCode.REQUEST
+                 ) -> Callable[[Message, Context], Message]:
+        @wraps(answer)
+        def handle(msg: Message, context: Context) -> Message:
+            source = self.source(context)
+            what = msg.metadata.message_type
+            try:
+                site = load(source)
+            except SiteDataError as err:
+                return error_reply(msg, ErrorCode.SITE_DATA, f"{site_name(source)}: {getattr(err, 'shareable', err)}")
+            config = msg.content[r.CONFIG] if r.CONFIG in msg.content else ConfigRecord()
+            request = SiteRequest(source, site, config, context)
+            try:
+                content = answer(msg, request)
+            except (PrivacyRefused, BudgetExhausted, LedgerError) as err:
+                return error_reply(msg, ErrorCode.PRIVACY, f"{request.name} refuses {what}: {err}")
+            except (KeyError, ValueError) as err:
+                return error_reply(msg, request_error, f"{request.name} cannot answer {what}: {err}")
+            return Message(content, reply_to=msg)
+
+        return handle

@@ -1,0 +1,160 @@
+"""The site's side of a federated run's first phases: site check, statistics, and the ANN's train/evaluate.
+
+- ``query.site_check``: validate the site's files; reply the verdict with the problems in shareable form
+  (file, column, row numbers, rule — never a value), counts and rates (not under DP: they come from its
+  rows), and the site's privacy terms for the run (``client.dp``: ε per phase, phases refused and why).
+- ``query.statistics``: the training split's statistics for the federated encoder (``client.statistics``),
+  noised under DP; a DP site keeps its noised row count to weight itself by later (post-processing).
+- ``train``: load the global weights, train locally (DP-SGD under DP, its σ set at the first round for the
+  run's ``training`` ε), reply the weights and :class:`shared.protocol.training.TrainReply`.
+- ``evaluate``: summaries of the global model on the test split (``client.evaluation``); under DP one
+  release of the ``evaluation`` phase (the server asks a DP site at the final round only).
+"""
+
+from __future__ import annotations
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.dp import PhaseRelease, PrivacyRefused, start_run, training_noise
+from client.evaluation import private_summaries, summaries
+from client.ledger import BudgetExhausted, LedgerError
+from client.site import SiteHandlers, SiteRequest, error_reply, load, site_dp
+from client.statistics import noised_rows, private_statistics
+from client.training import DPConfig, TrainConfig, sample_rate, steps_per_epoch, train
+from shared import metrics
+from shared.ann import predict, to_arrays
+from shared.encoding import SiteStatistics
+from shared.protocol import ErrorCode, messages
+from shared.protocol import records as r
+from shared.protocol.privacy import RELEASE_INDEX, RELEASES, SitePrivacy
+from shared.protocol.site_check import SiteCheckReply, plan_of
+from shared.protocol.training import AnnTraining, TrainReply, proximal_mu, server_round
+from shared.validation import SiteDataError, validate_site
+
+MAX_ERRORS_REPORTED = 5
+_STATE_ROWS = "dp-noised-rows"
+EVAL_BINS = "eval-bins"
+"""Evaluate config: score histogram bins every site uses (``shared.metrics.COARSE_N_BINS`` in a run with DP
+sites)."""
+
+
+def site_check(msg: Message, context: Context, handlers: SiteHandlers) -> Message:
+    """Validate this node's site and say its privacy terms for the run announced in the message."""
+    source = handlers.source(context)
+    report = validate_site(source.path, source.task())
+    name = source.name or str(report.summary.get("site") or source.path.stem)
+    shareable = report.shareable_errors() if hasattr(report, "shareable_errors") else [str(p) for p in report.errors]
+    privacy, summary = SitePrivacy(dp=False), {}
+    if report.ok:
+        try:
+            site = load(source)
+            dp = site_dp(source, site)
+            if dp is not None:
+                privacy = start_run(context, dp, plan_of(msg.content)).terms(dp)
+        except SiteDataError as err:
+            return error_reply(msg, ErrorCode.SITE_DATA, f"{name}: {getattr(err, 'shareable', err)}")
+        except (LedgerError, BudgetExhausted, ValueError) as err:
+            return error_reply(msg, ErrorCode.PRIVACY, f"{name}: privacy terms unusable: {err}")
+        if not privacy.dp:
+            summary = {k: float(v) for k, v in report.summary.items()
+                       if isinstance(v, int | float) and not isinstance(v, bool)}
+    reply = SiteCheckReply(site=name, ok=report.ok, errors=shareable[:MAX_ERRORS_REPORTED],
+                           warnings=len(report.warnings), summary=summary, privacy=privacy)
+    return Message(reply.to_records(), reply_to=msg)
+
+
+def statistics(msg: Message, request: SiteRequest) -> RecordDict:
+    """The training split's statistics, through the DP release when the site is under DP."""
+    task = request.site.task
+    exact = SiteStatistics.from_frame(request.rows("train"), task)
+    content = RecordDict()
+    if request.dp is None:
+        numbers, names = exact.to_records()
+    else:
+        release = PhaseRelease.for_phase(request.context, request.dp, "statistics", releases=1)
+        noised, facts = private_statistics(exact, task, release)
+        request.context.state[_STATE_ROWS] = ConfigRecord({"run-id": str(request.context.run_id),
+                                                            "rows": noised_rows(noised)})
+        numbers, names = noised.to_records()
+        content[r.PRIVACY] = facts.to_record()
+    content[r.STATISTICS], content[r.NAMES] = numbers, names
+    return content
+
+
+def _noised_rows(request: SiteRequest) -> float:
+    """The row count a DP site released in this run's statistics (its FedAvg weight)."""
+    state = request.context.state.get(_STATE_ROWS)
+    if state is None or str(state["run-id"]) != str(request.context.run_id):
+        raise PrivacyRefused("this run has no noised row count from the statistics phase to weight the site by; "
+                             "a DP site sends no exact count")
+    return float(state["rows"])
+
+
+def train_round(msg: Message, request: SiteRequest) -> RecordDict:
+    """One round of local training from the global weights."""
+    settings = AnnTraining.from_config(request.config)
+    data = request.encoded("train")
+    model = request.ann(msg.content[r.ARRAYS])
+    this_round = server_round(request.config)
+    local = TrainConfig(epochs=settings.local_epochs, batch_size=settings.batch_size, lr=settings.lr,
+                        proximal_mu=proximal_mu(request.config), seed=settings.seed + this_round)
+    dp = request.dp
+    if dp is None:
+        result = train(model, data, local)
+        reply = TrainReply(num_examples=len(data), server_round=this_round, steps=result.steps,
+                           train_loss=result.mean_loss)
+    else:
+        rate = sample_rate(len(data), local.batch_size)
+        per_round = local.epochs * steps_per_epoch(len(data), local.batch_size)
+        rounds_left = settings.num_rounds - this_round + 1
+        sigma = training_noise(request.context, dp, rate, rounds_left * per_round)
+        dp.ledger.check_affordable(sigma, rate, rounds_left * per_round)
+        accountant = dp.ledger.accountant()
+        result = train(model, data, local, DPConfig(noise_multiplier=sigma, max_grad_norm=settings.max_grad_norm),
+                       history=accountant.history)
+        accountant.history = result.history
+        dp.ledger.record_from_accountant(accountant, run_id=str(request.context.run_id), server_round=this_round,
+                                         phase="training")
+        reply = TrainReply(num_examples=_noised_rows(request), server_round=this_round, steps=result.steps,
+                           epsilon=dp.ledger.spent(), epsilon_budget=dp.ledger.epsilon_budget,
+                           delta=dp.ledger.delta, noise_multiplier=sigma)
+    return RecordDict({r.ARRAYS: to_arrays(model), r.METRICS: reply.to_metric_record()})
+
+
+def summaries_reply(request: SiteRequest, predictions: dict, data) -> RecordDict:
+    """Evaluation summaries per outcome as one MetricRecord (prefixed keys) with ``num-examples``; under DP
+    one release of the ``evaluation`` phase (index and count from the request)."""
+    encoder = request.encoder
+    if request.dp is None:
+        n_bins = int(request.config.get(EVAL_BINS, metrics.DEFAULT_N_BINS))
+        result, n, privacy = summaries(encoder, data, predictions, n_bins=n_bins), len(data), None
+    else:
+        release = PhaseRelease.for_phase(request.context, request.dp, "evaluation",
+                                         releases=int(request.config[RELEASES]))
+        result, facts = private_summaries(encoder, data, predictions, release, int(request.config[RELEASE_INDEX]))
+        n, privacy = max((s["n"] for s in result.values()), default=0), facts
+    record = MetricRecord({r.NUM_EXAMPLES: n})
+    for name, summary in result.items():
+        record.update(metrics.to_metric_record(summary, prefix=name))
+    content = RecordDict({r.METRICS: record})
+    if privacy is not None:
+        content[r.PRIVACY] = privacy.to_record()
+    return content
+
+
+def evaluate_round(msg: Message, request: SiteRequest) -> RecordDict:
+    data = request.encoded("test")
+    return summaries_reply(request, predict(request.ann(msg.content[r.ARRAYS]), data.x), data)
+
+
+def register_training(client: ClientApp, handlers: SiteHandlers) -> None:
+    """Add the site-check, statistics, train and evaluate handlers to ``client``."""
+
+    @client.query(messages.SITE_CHECK.action)
+    def check(msg: Message, context: Context) -> Message:
+        return site_check(msg, context, handlers)
+
+    client.query(messages.STATISTICS.action)(handlers(statistics))
+    client.train()(handlers(train_round))
+    client.evaluate()(handlers(evaluate_round))

@@ -1,0 +1,601 @@
+"""The coordinator's side of federated analytics: ask sites for aggregates, combine them into the seed's tables.
+
+The phases, each a few ``grid.send_and_receive`` rounds of ``query.analytics_*`` messages answered by
+``client.analytics`` (sites send sums, never rows):
+
+1. **describe** — count, mean, sd (sample, ``n − 1``), min, max of each numeric column; site moments merged
+   with the pairwise update of Chan, Golub & LeVeque (1979), STAN-CS-79-773 (``shared.encoding.Moments``).
+   Quantiles (1, 25, 50, 75, 99 %) are interpolated in the summed histogram on the fixed grid of the
+   column's declared range (100 bins), so their resolution is one bin (whole-number columns: the whole
+   number in the bin; without DP: also clipped to [min, max]). Under DP the min and max are not
+   released (each is one patient's value): ``min``/``max`` are null and the DP quantiles stand in.
+2. **regression** — linear (efficacy) from the summed sufficient statistics ``XᵀX, Xᵀy, yᵀy, n`` (Karr, Lin,
+   Sanil & Reiter 2005, "Secure regression on distributed databases", JCGS 14(2)); logistic (response,
+   grade ≥ 3 toxicity) by Newton–Raphson, the server sending β and the sites returning gradient and Hessian
+   sums each iteration. Covariates are standardised with the federated mean and sd for conditioning;
+   coefficients, standard errors (``σ²(XᵀX)⁻¹`` resp. the inverse Hessian), t / z statistics and p-values
+   (scipy.stats) are reported on the ORIGINAL scale of each covariate (an exact linear map). Complete-case
+   rows per outcome; a covariate that is an exact linear combination of earlier ones (e.g. two formulation
+   properties that only a few formulations span) is reported as aliased (null), as R's ``lm`` does.
+3. **anova** — one-way ANOVA of efficacy across formulations from per-site group counts, sums and sums of
+   squares: F = (SSB / (k − 1)) / (SSW / (N − k)), p = ``scipy.stats.f.sf``.
+4. **pca** — the correlation matrix of the k-means features (complete cases) from summed ``Σz`` and ``Σzzᵀ``;
+   eigenvalues, explained-variance ratios, loadings.
+5. **kmeans** — features standardised with the federated complete-case mean and sd; initial centroids from
+   aggregates only: ``k`` points equally spaced (phase drawn from ``seed``) on the one-sd ellipse of the
+   first two principal components, i.e. the global mean ± one sd along the top components (for k = 2:
+   mean ± 1 sd along PC1). No site is asked for a row. Lloyd (1982) iterations with per-cluster counts and
+   sums from each site until no centroid moves more than ``tolerance`` (or the iteration cap); then cluster
+   profiles like the seed's Table 3, the inertia and the simplified silhouette (Rousseeuw 1987 with
+   centroid distances: Hruschka et al. 2004), and a 2-D histogram of the projected rows for the plot.
+
+Differential privacy is the sites' decision (``client.analytics``). The run announces how many queries it
+will ask (so a DP site can calibrate σ for all of them at its δ and refuse a run it cannot finish) and the
+ε it asks them to spend; under DP the iteration caps are small and fixed in advance. Everything the server
+does with noisy sums is post-processing (free of privacy cost): after a DP describe, later queries clip each
+continuous column to a DP estimate of where its values lie instead of the schema's wide limits
+(``dp_analysis_bounds``); counts below 1 are treated as 1, variances below 0 as 0; Gram and Hessian
+matrices get an eigenvalue floor of the noise's size (a ridge); rates and means are clipped to their range;
+histogram cells within the noise are read as empty. Standard errors and p-values under DP do not include
+the DP noise. A site that fails or refuses a query is left out of the rest of the
+run and named in ``failures``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Context, Message
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from server.analytics_plan import AnalyticsPlan, AnalyticsSettings, plan_for
+from server.site_check import usable_sites
+from shared.analytics import (
+    anova_table,
+    coefficient_table,
+    combine_moments,
+    correlation_pca,
+    denoised_counts,
+    design_map,
+    histogram_quantiles,
+    independent_columns,
+    initial_centroids,
+    linear_fit,
+    lloyd_update,
+    noisy_gram_inverse,
+    noisy_histogram_quantiles,
+    row_bound,
+    snap_to_integers,
+    standardised_box,
+    unpack_triu,
+)
+from shared.metrics import json_safe
+from shared.protocol import analytics as wire
+from shared.protocol import messages
+from shared.protocol.analytics import MIN_CELL_COUNT
+from shared.protocol.messages import MessageName
+from shared.protocol.privacy import RELEASE_INDEX, RELEASES, RunPlan
+from shared.protocol.records import SITE_NAME
+
+PROJECTION_BINS = 30
+PROJECTION_LIMIT_SD = 4.0
+"""The plot's grid spans ± this many sd of each principal-component score (rows beyond go to the edge)."""
+DP_CLIP_SD = 4.0
+"""Under DP, queries after describe clip each continuous column to its DP 1st-99th percentiles and DP mean ±
+this many DP sds (``dp_analysis_bounds``), within the declared range: post-processing of the describe release
+that shrinks each row's bound, hence the noise, by up to an order of magnitude (the schema's ranges are
+physiological limits, often tens of sds wide), at the cost of winsorising far tails."""
+MOMENT_KEYS = ("count", "sum", "sumsq", "raw-sum", "m2")
+"""What a site sends per column or group: shifted sums (always) and exact moments (without DP only)."""
+MAX_LOG_ODDS = 700.0
+"""exp() of a larger log-odds overflows float64; such an odds ratio is reported as null."""
+
+
+class NoAnswers(RuntimeError):
+    """No site answered a query: the analysis cannot be computed."""
+
+
+@dataclass
+class SiteAnswer:
+    """One site's reply: released arrays, public labels, and its privacy facts (``dp``, ``sigma``, ε spent)."""
+
+    site: str
+    arrays: dict[str, np.ndarray]
+    labels: dict[str, list[str]] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dp(self) -> bool:
+        """Whether the site noised this answer."""
+        return bool(self.meta.get("dp", False))
+
+    @property
+    def noise_sd(self) -> float:
+        """Sd of the noise the site added to an entry of scale 1 (0 without DP)."""
+        return float(self.meta.get("noise-sd", 0.0)) if self.dp else 0.0
+
+
+Asker = Callable[[MessageName, dict[str, Any], dict[str, np.ndarray], Sequence[Hashable]],
+                 dict[Hashable, "SiteAnswer | str"]]
+"""``asker(query, config, arrays, sites) -> {site id: SiteAnswer or the reason it failed}``."""
+
+
+class GridAsker:
+    """Asks Flower nodes through the Grid: one ``query.analytics_*`` message per node, replies by node id."""
+
+    def __init__(self, grid: Grid, timeout: float | None = None):
+        """Keep the arguments (see the class docstring)."""
+        self.grid = grid
+        self.timeout = timeout
+
+    def __call__(self, query: MessageName, config: dict[str, Any], arrays: dict[str, np.ndarray],
+                 sites: Sequence[Hashable]) -> dict[Hashable, SiteAnswer | str]:
+        """Send the request to every node in ``sites``; a missing reply counts as a failure."""
+        content = wire.request(config, arrays)
+        sent = [Message(content, dst_node_id=int(n), message_type=query.type) for n in sites]
+        out: dict[Hashable, SiteAnswer | str] = {n: "no reply" for n in sites}
+        for reply in self.grid.send_and_receive(sent, timeout=self.timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                out[node] = reply.error.reason
+                continue
+            released, labels, meta = wire.reply_parts(reply.content)
+            out[node] = SiteAnswer(str(meta.get(SITE_NAME, node)), released, labels, meta)
+        return out
+
+
+class AnalyticsSession:
+    """The run's conversation with the sites: numbers the queries, announces how many, drops failing sites.
+
+    Parameters
+    ----------
+    asker : Asker
+        How to reach the sites (``GridAsker`` under Flower, an in-process asker in tests and benchmarks).
+    sites : sequence of hashable
+        Site (node) ids to ask.
+    planned_queries : int
+        ``AnalyticsPlan.queries``: sent to every site with each query, so a DP site sets its noise for all of
+        them at once (its ε for analytics is its own: ``client.dp``).
+    names : dict, optional
+        Display names of the site ids (for failures before any answer).
+    """
+
+    def __init__(self, asker: Asker, sites: Sequence[Hashable], planned_queries: int,
+                 names: dict[Hashable, str] | None = None):
+        """Keep the arguments (see the class docstring)."""
+        self.asker = asker
+        self.sites = list(sites)
+        self.planned_queries = int(planned_queries)
+        self.names = dict(names or {})
+        self.asked = 0
+        self.failures: dict[str, dict[str, str]] = {}
+        self.privacy: dict[str, dict[str, Any]] = {}
+        self.timing: dict[str, dict[str, float]] = {}
+
+    def ask(self, message: MessageName, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> list[SiteAnswer]:
+        """Ask every remaining site; returns the answers, raises :class:`NoAnswers` if none came."""
+        query = message.action
+        if not self.sites:
+            raise NoAnswers(f"{query}: no site left to ask")
+        request = {**config, RELEASE_INDEX: self.asked, RELEASES: max(self.planned_queries, self.asked + 1)}
+        self.asked += 1
+        start = time.perf_counter()
+        replies = self.asker(message, request, arrays, self.sites)
+        clock = self.timing.setdefault(query, {"queries": 0, "seconds": 0.0})
+        clock["queries"] += 1
+        clock["seconds"] += time.perf_counter() - start
+        answers = []
+        for site in list(self.sites):
+            reply = replies.get(site, "no reply")
+            if isinstance(reply, str):
+                name = self.names.get(site, str(site))
+                self.failures.setdefault(query, {})[name] = reply
+                self.sites.remove(site)
+                log(INFO, "analytics: %s left out after %s: %s", name, query, reply)
+                continue
+            self.names[site] = reply.site
+            self.privacy[reply.site] = {k: v for k, v in reply.meta.items() if k != "site-name"}
+            answers.append(reply)
+        if not answers:
+            reasons = "; ".join(f"{s}: {r}" for s, r in self.failures.get(query, {}).items())
+            raise NoAnswers(f"no site answered {query} ({reasons or 'no site'})")
+        return answers
+
+
+def total(answers: Sequence[SiteAnswer], key: str) -> np.ndarray:
+    """The sum over sites of one released array."""
+    return np.sum([np.asarray(a.arrays[key], dtype=np.float64) for a in answers], axis=0)
+
+
+def any_dp(answers: Sequence[SiteAnswer]) -> bool:
+    """Whether any of the answers was noised."""
+    return any(a.dp for a in answers)
+
+
+def summed_noise_sd(answers: Sequence[SiteAnswer]) -> float:
+    """Sd of the noise on a summed entry of scale 1 (independent noise per site)."""
+    return math.sqrt(sum(a.noise_sd ** 2 for a in answers))
+
+
+def standardisation(describe: dict[str, dict], columns: Sequence[str], plan: AnalyticsPlan) -> dict[str, np.ndarray]:
+    """``centre``, ``scale`` and ``bounds`` arrays for ``columns`` from the federated describe: the mean and
+    sd where known and positive, else the range midpoint and 1."""
+    centre, scale = [], []
+    for column in columns:
+        stats = describe.get(column, {})
+        mean, sd = stats.get("mean"), stats.get("sd")
+        low, high = plan.range_of(column)
+        fallback = (low + high) / 2 if math.isfinite(low) and math.isfinite(high) else 0.0
+        centre.append(mean if mean is not None and math.isfinite(mean) else fallback)
+        scale.append(sd if sd is not None and math.isfinite(sd) and sd > 0 else 1.0)
+    return {"centre": np.array(centre, dtype=np.float64), "scale": np.array(scale, dtype=np.float64),
+            "bounds": plan.bounds_array(columns)}
+
+
+def combine_describe(answers: Sequence[SiteAnswer], columns: Sequence[str], plan: AnalyticsPlan,
+                     bins: int) -> dict[str, dict[str, Any]]:
+    """Per column: count, mean, sd (n − 1), min, max (null under DP) and histogram quantiles."""
+    bounds = plan.bounds_array(columns)
+    centres = np.where(np.isfinite(bounds).all(axis=1), bounds.mean(axis=1), 0.0)
+    histogram = total(answers, "histogram").reshape(len(columns), bins)
+    noise_sd = summed_noise_sd(answers)
+    dp = any_dp(answers)
+    out = {}
+    for j, column in enumerate(columns):
+        parts = [{key: float(np.asarray(a.arrays[key]).ravel()[j]) for key in MOMENT_KEYS if key in a.arrays}
+                 for a in answers]
+        moments = combine_moments(parts, float(centres[j]), tuple(bounds[j]))
+        low, high = bounds[j]
+        bounded = bool(np.isfinite(bounds[j]).all())
+        quantiles = None
+        if bounded:
+            quantiles = (noisy_histogram_quantiles(histogram[j], noise_sd, low, high) if dp
+                         else histogram_quantiles(histogram[j], low, high))
+        if quantiles and column in plan.integers:
+            quantiles = snap_to_integers(quantiles, low, high, bins)
+        entry = {"count": moments.count if dp else int(moments.count),
+                 "mean": moments.mean, "sd": moments.sd, "min": None, "max": None, "quantiles": quantiles, "dp": dp}
+        if not dp and moments.count > 0:
+            entry["min"] = float(min(np.asarray(a.arrays["min"]).ravel()[j] for a in answers))
+            entry["max"] = float(max(np.asarray(a.arrays["max"]).ravel()[j] for a in answers))
+            if entry["quantiles"]:
+                entry["quantiles"] = {q: min(max(v, entry["min"]), entry["max"]) for q, v in entry["quantiles"].items()}
+        out[column] = entry
+    return out
+
+
+def dp_analysis_bounds(plan: AnalyticsPlan, describe: dict[str, dict]) -> dict[str, tuple[float, float]]:
+    """Ranges for the queries after a DP describe (post-processing of released values: no privacy cost).
+
+    A continuous column is clipped to the union of two DP estimates of where its values lie, each used only
+    when it looks sound: its DP 1st-99th percentiles (if they bracket its DP mean) and its DP mean ±
+    ``DP_CLIP_SD`` DP sds (if the sd is positive); within its declared range. Whole-number columns, and
+    columns with neither estimate, keep their declared range: a wrong narrow range would bias, a wide one
+    only adds noise.
+    """
+    bounds = dict(plan.bounds)
+    for column, stats in describe.items():
+        low, high = plan.range_of(column)
+        if column in plan.integers or not (math.isfinite(low) and math.isfinite(high)):
+            continue
+        mean, sd, quantiles = stats.get("mean"), stats.get("sd"), stats.get("quantiles")
+        if mean is None or not math.isfinite(mean):
+            continue
+        ranges = []
+        if quantiles and quantiles["p01"] <= mean <= quantiles["p99"]:
+            ranges.append((quantiles["p01"], quantiles["p99"]))
+        if sd is not None and math.isfinite(sd) and sd > 0:
+            ranges.append((mean - DP_CLIP_SD * sd, mean + DP_CLIP_SD * sd))
+        if not ranges:
+            continue
+        clip_low = max(low, min(r[0] for r in ranges))
+        clip_high = min(high, max(r[1] for r in ranges))
+        if clip_high > clip_low:
+            bounds[column] = (clip_low, clip_high)
+    return bounds
+
+
+def describe_phase(session: AnalyticsSession, plan: AnalyticsPlan, bins: int) -> dict[str, dict[str, Any]]:
+    """Phase 1: the descriptive table of every planned column."""
+    columns = list(plan.columns)
+    answers = session.ask(messages.ANALYTICS_DESCRIBE, {"columns": columns, "bins": bins},
+                          {"bounds": plan.bounds_array(columns)})
+    return combine_describe(answers, columns, plan, bins)
+
+
+def linear_phase(session: AnalyticsSession, plan: AnalyticsPlan, describe: dict) -> dict[str, Any]:
+    """Linear regression of each planned outcome on the covariates, one query (Karr et al. 2005)."""
+    covariates, outcomes = list(plan.covariates), list(plan.linear)
+    x = standardisation(describe, covariates, plan)
+    y = standardisation(describe, outcomes, plan)
+    arrays = {k: np.concatenate([x[k], y[k]]) for k in ("centre", "scale", "bounds")}
+    answers = session.ask(messages.ANALYTICS_LINEAR, {"covariates": covariates, "outcomes": outcomes}, arrays)
+    d = len(covariates) + 1
+    out = {}
+    for j, outcome in enumerate(outcomes):
+        gram = unpack_triu(total(answers, f"{outcome}/gram"), d)
+        out[outcome] = linear_fit(gram, total(answers, f"{outcome}/xty"), float(total(answers, f"{outcome}/yty")[0]),
+                                  covariates, x, float(y["centre"][j]), float(y["scale"][j]),
+                                  summed_noise_sd(answers))
+        out[outcome]["sites"] = [a.site for a in answers]
+    return out
+
+
+def logistic_phase(session: AnalyticsSession, plan: AnalyticsPlan, describe: dict,
+                   settings: AnalyticsSettings) -> dict[str, Any]:
+    """Logistic regression of each planned 0/1 outcome by federated Newton–Raphson from β = 0.
+
+    Each iteration the server sends β (standardised scale) and sums the sites' gradients and Hessians;
+    an outcome stops when no coefficient moves more than ``settings.tolerance``. Standard errors come from
+    the inverse of the last Hessian (at the β before the last, tiny, step); p-values from the normal (Wald).
+    """
+    covariates = list(plan.covariates)
+    x = standardisation(describe, covariates, plan)
+    d = len(covariates) + 1
+    state = {o: {"beta": np.zeros(d), "kept": None, "converged": False, "iterations": 0} for o in plan.logistic}
+    for _ in range(settings.max_newton):
+        active = [o for o, s in state.items() if not s["converged"]]
+        if not active:
+            break
+        arrays = dict(x) | {f"beta/{o}": state[o]["beta"] for o in active}
+        answers = session.ask(messages.ANALYTICS_LOGISTIC, {"covariates": covariates, "outcomes": active}, arrays)
+        dp = any_dp(answers)
+        for o in active:
+            s = state[o]
+            hessian = unpack_triu(total(answers, f"{o}/hessian"), d)
+            gradient = total(answers, f"{o}/gradient")
+            if s["kept"] is None:
+                s["kept"] = list(range(d)) if dp else independent_columns(hessian)
+            kept = s["kept"]
+            bound = np.concatenate([[0.0], row_bound(x)])[kept][1:]
+            inverse = noisy_gram_inverse(hessian[np.ix_(kept, kept)], bound, 0.25, summed_noise_sd(answers))
+            step = inverse @ gradient[kept]
+            s["beta"][kept] += step
+            s.update(inverse=inverse, n=float(total(answers, f"{o}/count")[0]), dp=dp, iterations=s["iterations"] + 1,
+                     loglik=None if dp else float(total(answers, f"{o}/loglik")[0]),
+                     sites=[a.site for a in answers])
+            s["converged"] = bool(np.max(np.abs(step)) < settings.tolerance)
+    m = design_map(x["centre"], x["scale"])
+    out = {}
+    for o, s in state.items():
+        if "inverse" not in s:
+            continue
+        covariance = np.zeros((d, d))
+        covariance[np.ix_(s["kept"], s["kept"])] = s["inverse"]
+        estimate = m.T @ s["beta"]
+        table = coefficient_table(covariates, estimate, m.T @ covariance @ m, s["kept"], None)
+        for row in table.values():
+            finite = row["estimate"] is not None and row["estimate"] < MAX_LOG_ODDS
+            row["odds_ratio"] = math.exp(row["estimate"]) if finite else None
+        out[o] = {"n": s["n"] if s["dp"] else int(round(s["n"])), "iterations": s["iterations"],
+                  "converged": s["converged"], "log_likelihood": s["loglik"], "coefficients": table, "dp": s["dp"],
+                  "sites": s["sites"], "scale": "original units of each covariate; log-odds",
+                  "standard_errors": "inverse Hessian (Wald); z-statistics and normal p-values"}
+    return out
+
+
+def anova_phase(session: AnalyticsSession, plan: AnalyticsPlan) -> dict[str, Any]:
+    """Phase 3: one query for per-group moments, merged per group across sites (Chan et al. 1979)."""
+    response, factor = plan.anova
+    bounds = plan.bounds_array([response])
+    answers = session.ask(messages.ANALYTICS_ANOVA, {"response": response, "factor": factor}, {"bounds": bounds})
+    centre = float(bounds[0].mean()) if np.isfinite(bounds).all() else 0.0
+    parts: dict[str, list[dict[str, float]]] = {}
+    for a in answers:
+        for g, label in enumerate(a.labels.get("groups", [])):
+            parts.setdefault(label, []).append({key: float(np.asarray(a.arrays[key]).ravel()[g])
+                                                for key in MOMENT_KEYS if key in a.arrays})
+    groups = {label: combine_moments(p, centre, tuple(bounds[0])) for label, p in parts.items()}
+    table = anova_table(groups)
+    if any_dp(answers):
+        for entry in table["groups"].values():
+            entry["n"] = float(entry["n"])
+    else:
+        table["n"] = int(round(table["n"]))
+        for entry in table["groups"].values():
+            entry["n"] = int(round(entry["n"]))
+    return {"response": response, "factor": factor, **table, "dp": any_dp(answers),
+            "sites": [a.site for a in answers]}
+
+
+def pca_phase(session: AnalyticsSession, plan: AnalyticsPlan, describe: dict) -> dict[str, Any]:
+    """Phase 4: one query for ``Σ[1,z][1,z]ᵀ``; returns the PCA."""
+    features = list(plan.features)
+    x = standardisation(describe, features, plan)
+    answers = session.ask(messages.ANALYTICS_PCA, {"features": features}, x)
+    result = correlation_pca(unpack_triu(total(answers, "gram"), len(features) + 1), x, features)
+    result.update(dp=any_dp(answers), sites=[a.site for a in answers])
+    if not result["dp"]:
+        result["n"] = int(round(result["n"]))
+    return result
+
+
+def kmeans_phase(session: AnalyticsSession, plan: AnalyticsPlan, pca: dict, settings: AnalyticsSettings) -> dict:
+    """Phase 5: Lloyd iterations from aggregate-only initial centroids, then profiles and diagnostics."""
+    features = list(plan.features)
+    x = {"centre": np.array([pca["mean"][f] for f in features]),
+         "scale": np.array([pca["sd"][f] if pca["sd"][f] > 0 else 1.0 for f in features]),
+         "bounds": plan.bounds_array(features)}
+    components = np.array(pca["components"])
+    box = standardised_box(x)
+    start = initial_centroids(pca["eigenvalues"], components, settings.k, settings.seed)
+    centroids, converged, iterations, inertia_history, dp = start.copy(), False, 0, [], False
+    for _ in range(settings.max_lloyd):
+        answers = session.ask(messages.ANALYTICS_LLOYD, {"features": features}, x | {"centroids": centroids})
+        dp = any_dp(answers)
+        counts, sums = total(answers, "count"), total(answers, "sum").reshape(centroids.shape)
+        if not dp:
+            inertia_history.append(float(total(answers, "inertia")[0]))
+        new = lloyd_update(centroids, counts, sums, box)
+        iterations += 1
+        shift = float(np.max(np.linalg.norm(new - centroids, axis=1)))
+        centroids = new
+        if shift < settings.tolerance:
+            converged = True
+            break
+    profiles = profiles_phase(session, plan, x, centroids, components, pca["eigenvalues"])
+    originals = x["centre"] + x["scale"] * centroids
+    return {"k": settings.k, "features": features, "dp": dp or profiles["dp"],
+            "standardisation": {"mean": pca["mean"], "sd": pca["sd"]},
+            "initialisation": "k points equally spaced (phase from the seed) on the one-sd ellipse of the first "
+                              "two principal components of the federated correlation matrix: mean ± sd along "
+                              "the top components; computed from aggregates only",
+            "initial_centroids_standardised": start.tolist(), "iterations": iterations, "converged": converged,
+            "inertia_history": inertia_history, "centroids_standardised": centroids.tolist(),
+            "centroids": [dict(zip(features, row.tolist(), strict=True)) for row in originals], **profiles}
+
+
+def profiles_phase(session: AnalyticsSession, plan: AnalyticsPlan, x: dict[str, np.ndarray], centroids: np.ndarray,
+                   components: np.ndarray, eigenvalues: Sequence[float]) -> dict[str, Any]:
+    """Cluster profiles (seed's Table 3), inertia, simplified silhouette and the plot's projection histogram."""
+    features, outcomes = list(plan.features), list(plan.profile_outcomes)
+    top = components[:2] if components.shape[0] >= 2 else np.vstack([components[:1], np.zeros_like(components[:1])])
+    spread = np.sqrt(np.maximum(np.asarray(eigenvalues[:2] if len(eigenvalues) >= 2 else [eigenvalues[0], 1.0]),
+                                1e-12))
+    limits = np.column_stack([-PROJECTION_LIMIT_SD * spread, PROJECTION_LIMIT_SD * spread])
+    outcome_bounds = plan.bounds_array(outcomes)
+    arrays = x | {"centroids": centroids, "outcome-bounds": outcome_bounds, "components": top.T, "limits": limits}
+    answers = session.ask(messages.ANALYTICS_PROFILES,
+                          {"features": features, "outcomes": outcomes, "grid-bins": PROJECTION_BINS}, arrays)
+    dp = any_dp(answers)
+    k, p = centroids.shape
+    counts = np.maximum(total(answers, "count"), 0.0)
+    sums = total(answers, "sum").reshape(k, p)
+    outcome_counts = total(answers, "outcome-count").reshape(k, len(outcomes))
+    outcome_sums = total(answers, "outcome-sum").reshape(k, len(outcomes))
+    centre = np.where(np.isfinite(outcome_bounds).all(axis=1), outcome_bounds.mean(axis=1), 0.0)
+    n = max(float(counts.sum()), 1.0)
+    profiles = []
+    for c in range(k):
+        size = max(counts[c], 1.0)
+        row = {"cluster": c, "n": float(counts[c]) if dp else int(round(counts[c])), "share": counts[c] / n,
+               "silhouette": float(total(answers, "silhouette")[c] / size) if counts[c] >= 1 else None,
+               "means": dict(zip(features, (x["centre"] + x["scale"] * sums[c] / size).tolist(), strict=True)),
+               "outcomes": {}}
+        for j, outcome in enumerate(outcomes):
+            present = outcome_counts[c, j]
+            value = centre[j] + outcome_sums[c, j] / present if present >= 1 else math.nan
+            if np.isfinite(outcome_bounds[j]).all() and math.isfinite(value):
+                value = float(np.clip(value, *outcome_bounds[j]))
+            row["outcomes"][outcome] = {"n": float(present) if dp else int(round(present)), "mean": value}
+        profiles.append(row)
+    projected = (centroids @ top.T).tolist()
+    edges = [np.linspace(lo, hi, PROJECTION_BINS + 1).tolist() for lo, hi in limits]
+    return {"dp": dp, "n": n if dp else int(round(n)), "inertia": float(total(answers, "inertia").sum()),
+            "silhouette_simplified": float(total(answers, "silhouette").sum() / n),
+            "silhouette_note": "simplified silhouette: per row (b − a) / max(a, b) with a, b the distances to the "
+                               "nearest and second-nearest centroid (Hruschka et al. 2004), averaged",
+            "profiles": profiles, "sites": [a.site for a in answers],
+            "projection": {"axes": ["PC1", "PC2"], "x_edges": edges[0], "y_edges": edges[1],
+                           "counts": np.maximum(denoised_counts(total(answers, "projection"),
+                                                                summed_noise_sd(answers)), 0.0).tolist(),
+                           "centroids": projected,
+                           "note": f"rows projected at each site and counted on a {PROJECTION_BINS}x"
+                                   f"{PROJECTION_BINS} grid, summed over sites"
+                                   + ("" if dp else f"; cells under {MIN_CELL_COUNT} rows at a site "
+                                                    "are sent as 0")}}
+
+
+def run_analyses(session: AnalyticsSession, plan: AnalyticsPlan, settings: AnalyticsSettings) -> dict[str, Any]:
+    """Every planned analysis in order; an analysis no site could answer is recorded as skipped with why."""
+    result: dict[str, Any] = {"describe": {}, "regression": {"covariates": list(plan.covariates), "linear": {},
+                                                            "logistic": {}},
+                              "anova": None, "pca": None, "kmeans": None}
+    skipped = dict(plan.skipped)
+    try:
+        describe = describe_phase(session, plan, settings.bins)
+    except NoAnswers as err:
+        skipped["describe"] = str(err)
+        return _finish(result, session, plan, settings, skipped)
+    result["describe"] = describe
+    declared = plan
+    if any(s.get("dp") for s in describe.values()):
+        plan = replace(plan, bounds=dp_analysis_bounds(plan, describe))
+        result["analysis_bounds"] = {c: list(plan.range_of(c)) for c in plan.columns}
+        if not settings.dp:
+            settings = replace(settings, newton_iterations=settings.dp_newton_iterations,
+                               lloyd_iterations=settings.dp_lloyd_iterations)
+            result["dp_note"] = ("a site answered with DP though the run was not started for DP: the rest of the "
+                                 "run used the DP iteration caps; that site's σ was calibrated for the "
+                                 f"{session.planned_queries} queries announced, so it spent only part of its ε")
+    if plan.linear and plan.covariates:
+        result["regression"]["linear"] = _attempt(lambda: linear_phase(session, plan, describe), "linear", skipped)
+    if plan.logistic and plan.covariates:
+        result["regression"]["logistic"] = _attempt(lambda: logistic_phase(session, plan, describe, settings),
+                                                    "logistic", skipped)
+    if plan.anova:
+        result["anova"] = _attempt(lambda: anova_phase(session, plan), "anova", skipped)
+    if plan.features:
+        pca = _attempt(lambda: pca_phase(session, plan, describe), "pca", skipped)
+        result["pca"] = pca
+        if pca is not None:
+            result["kmeans"] = _attempt(lambda: kmeans_phase(session, plan, pca, settings), "kmeans", skipped)
+    return _finish(result, session, declared, settings, skipped)
+
+
+def _attempt(phase: Callable[[], Any], name: str, skipped: dict[str, str]) -> Any:
+    """Run one analysis; if it cannot be computed, say why in ``skipped`` and go on with the others."""
+    try:
+        return phase()
+    except (NoAnswers, np.linalg.LinAlgError, ValueError, ZeroDivisionError) as err:
+        log(INFO, "analytics: %s skipped: %s", name, err)
+        skipped[name] = f"{type(err).__name__}: {err}"
+        return None
+
+
+def _finish(result: dict, session: AnalyticsSession, plan: AnalyticsPlan, settings: AnalyticsSettings,
+            skipped: dict[str, str]) -> dict[str, Any]:
+    """The JSON-safe result: analyses plus what was skipped, failures, privacy, queries, timing, plan."""
+    result.update({
+        "skipped": skipped, "notes": list(plan.notes), "failures": session.failures, "privacy": session.privacy,
+        "queries": {"planned": session.planned_queries, "asked": session.asked},
+        "timing": session.timing,
+        "settings": asdict(settings),
+        "plan": {"columns": list(plan.columns), "covariates": list(plan.covariates), "linear": list(plan.linear),
+                 "logistic": list(plan.logistic), "anova": list(plan.anova) if plan.anova else None,
+                 "features": list(plan.features), "profile_outcomes": list(plan.profile_outcomes),
+                 "bounds": {c: list(plan.range_of(c)) for c in plan.columns + plan.covariates + plan.features}},
+        "rows": "all rows of each site's table; complete cases per analysis",
+    })
+    return json_safe(result)
+
+
+def run_analytics_federation(grid: Grid, settings: AnalyticsSettings, out_dir: Path) -> dict[str, Any]:
+    """Site check (``server.site_check``), then every analysis; writes ``out_dir/analytics.json``. Sites under DP
+    that refuse the ``analytics`` phase are named in ``refused``."""
+    sites, nodes = usable_sites(grid, settings.min_nodes, RunPlan(("analytics",)))
+    if sites.dp_nodes() and not settings.dp:  # the sites decide: plan the run for their DP, whatever was asked
+        log(INFO, "analytics: %d site(s) answer under DP; the run uses the DP plan", len(sites.dp_nodes()))
+        settings = replace(settings, dp=True)
+    nodes = sites.granting("analytics")
+    plan = plan_for(settings.task(), settings.dp)
+    session = AnalyticsSession(GridAsker(grid), nodes, plan.queries(settings), dict(sites.usable))
+    result = run_analyses(session, plan, settings)
+    result["sites"] = sorted(sites.usable.values())
+    result["rejected"] = {name: errors for name, errors in sites.rejected.values()}
+    result["refused"] = sites.refusing("analytics")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "analytics.json").write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+    return result
+
+
+def make_analytics_server_app(settings: AnalyticsSettings, out_dir: Path | str) -> ServerApp:
+    """A ServerApp running :func:`run_analytics_federation` with these settings (the run config is not read)."""
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        """The ServerApp's entry point: every phase, then analytics.json."""
+        run_analytics_federation(grid, settings, Path(out_dir))
+
+    return server

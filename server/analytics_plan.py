@@ -1,0 +1,211 @@
+"""What a federated-analytics run computes: its settings and, per task, which columns each analysis uses.
+
+For the built-in task, the seed paper's analyses on the schema's columns (ranges from ``shared.bounds``); for
+a generic task, their closest analogue. Under DP a column without a declared range is dropped (one row's
+contribution to its sums would be unbounded) and named.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from shared.bounds import declared_range
+from shared.config import settings_from_run_config
+from shared.schema import EPISODE_COLUMNS, OUTCOMES
+from shared.task import NANOPARTICLE_TASK, TaskSpec
+
+REGRESSION_COVARIATES = ("dose_mg_m2", "particle_size_nm", "zeta_mv", "encapsulation_pct", "pegylated",
+                         "age_years", "ecog", "anc_baseline_e9_l", "cumulative_dose_mg_m2", "interval_days")
+"""Covariates of the built-in task's regressions: what was given (dose, interval), the carrier's properties
+(size, charge, encapsulation, PEGylation) and the patient factors the simulator's outcome model and the
+clinics' dosing habits depend on (age, ECOG, baseline neutrophils, prior anthracycline)."""
+LINEAR_OUTCOMES = ("efficacy_pct",)
+LOGISTIC_OUTCOMES = ("response", "toxicity_grade3")
+ANOVA_RESPONSE, ANOVA_FACTOR = "efficacy_pct", "formulation_id"
+KMEANS_FEATURES = ("particle_size_nm", "zeta_mv", "encapsulation_pct", "drug_loading_pct", "dose_mg_m2",
+                   "age_years", "anc_baseline_e9_l", "cumulative_dose_mg_m2")
+"""k-means / PCA features of the built-in task: formulation, dose and the patient factors of the seed's
+cluster table (continuous columns only; binary and ordinal columns distort Euclidean distances)."""
+PROFILE_OUTCOMES = ("response", "toxicity_grade3", "efficacy_pct")
+HISTOGRAM_BINS = 100
+
+
+def schema_bounds() -> dict[str, tuple[float, float]]:
+    """Declared ranges of the built-in schema's numeric columns (0/1 for bool columns)."""
+    return {c.name: bounds for c in EPISODE_COLUMNS
+            if (bounds := declared_range(NANOPARTICLE_TASK, c.name)) is not None}
+
+
+@dataclass(frozen=True)
+class AnalyticsSettings:
+    """What ``fednano analytics`` takes (run-config keys are these names hyphenated).
+
+    Parameters
+    ----------
+    k : int, default 3
+        Clusters of the k-means.
+    seed : int, default 0
+        Phase of the initial centroids on the principal-component ellipse.
+    dp : bool, default False
+        Whether the run expects DP sites: then the iteration caps are the ``dp_*`` ones, fixed in advance.
+    task_path : str, default ""
+        A generic task's task.toml; empty for the built-in nanoparticle task.
+    min_nodes : int, default 1
+        The site check waits for this many SuperNodes.
+    bins : int, default 100
+        Histogram bins over each column's declared range (quantiles; DP-safe: one row is in one bin).
+    newton_iterations, lloyd_iterations : int, default 25, 100
+        Caps without DP (the loops stop earlier on convergence).
+    dp_newton_iterations, dp_lloyd_iterations : int, default 5, 5
+        Caps with DP: every DP query costs budget, so they are few and announced in advance.
+    tolerance : float, default 1e-9
+        Newton stops when no standardised coefficient moves more; Lloyd when no centroid does.
+    """
+
+    k: int = 3
+    seed: int = 0
+    dp: bool = False
+    task_path: str = ""
+    min_nodes: int = 1
+    bins: int = HISTOGRAM_BINS
+    newton_iterations: int = 25
+    lloyd_iterations: int = 100
+    dp_newton_iterations: int = 5
+    dp_lloyd_iterations: int = 5
+    tolerance: float = 1e-9
+
+    @classmethod
+    def from_run_config(cls, run_config: dict) -> AnalyticsSettings:
+        """Settings from a Flower run config (hyphenated keys), defaults for the rest."""
+        return settings_from_run_config(cls, run_config)
+
+    def task(self) -> TaskSpec:
+        """The task whose columns are analysed."""
+        return TaskSpec.from_toml(self.task_path) if self.task_path else NANOPARTICLE_TASK
+
+    @property
+    def max_newton(self) -> int:
+        """Newton iterations the run may ask for."""
+        return self.dp_newton_iterations if self.dp else self.newton_iterations
+
+    @property
+    def max_lloyd(self) -> int:
+        """Lloyd iterations the run may ask for."""
+        return self.dp_lloyd_iterations if self.dp else self.lloyd_iterations
+
+
+@dataclass(frozen=True)
+class AnalyticsPlan:
+    """Which columns each analysis uses, their declared ranges, and what is skipped and why."""
+
+    columns: tuple[str, ...]
+    bounds: dict[str, tuple[float, float]]
+    covariates: tuple[str, ...] = ()
+    linear: tuple[str, ...] = ()
+    logistic: tuple[str, ...] = ()
+    anova: tuple[str, str] | None = None
+    features: tuple[str, ...] = ()
+    profile_outcomes: tuple[str, ...] = ()
+    skipped: dict[str, str] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+    integers: frozenset[str] = frozenset()
+    """Columns holding whole numbers (counts, scores, 0/1): their quantiles are whole numbers too."""
+
+    def queries(self, settings: AnalyticsSettings) -> int:
+        """How many queries the run asks at most (what a DP site calibrates its σ for)."""
+        count = 1
+        count += 1 if self.linear and self.covariates else 0
+        count += settings.max_newton if self.logistic and self.covariates else 0
+        count += 1 if self.anova else 0
+        count += 2 + settings.max_lloyd if self.features else 0
+        return count
+
+    def range_of(self, column: str) -> tuple[float, float]:
+        """The declared range, (nan, nan) when none."""
+        return self.bounds.get(column, (math.nan, math.nan))
+
+    def bounds_array(self, columns: Sequence[str]) -> np.ndarray:
+        """(p, 2) ranges of ``columns`` (NaN where none is declared)."""
+        return np.array([self.range_of(c) for c in columns], dtype=np.float64).reshape(-1, 2)
+
+
+def plan_for(task: TaskSpec, dp: bool) -> AnalyticsPlan:
+    """The analyses of ``task``: the seed's for the built-in task, their closest analogue for a generic one.
+
+    Under DP, columns without a declared range are dropped (their sensitivity is unbounded) and named in
+    ``notes``; an analysis whose outcome has no range is skipped.
+    """
+    plan = _nanoparticle_plan() if task == NANOPARTICLE_TASK else _generic_plan(task)
+    return _bounded(plan) if dp else plan
+
+
+def _nanoparticle_plan() -> AnalyticsPlan:
+    """The seed's analyses on the built-in schema (ranges from ``shared.schema``)."""
+    return AnalyticsPlan(
+        columns=tuple(NANOPARTICLE_TASK.numeric) + ("efficacy_pct", "response", "toxicity_grade3"),
+        bounds=schema_bounds(), covariates=REGRESSION_COVARIATES, linear=LINEAR_OUTCOMES,
+        logistic=LOGISTIC_OUTCOMES, anova=(ANOVA_RESPONSE, ANOVA_FACTOR), features=KMEANS_FEATURES,
+        profile_outcomes=PROFILE_OUTCOMES,
+        integers=frozenset(c.name for c in EPISODE_COLUMNS if c.dtype in ("int", "bool")),
+        notes=(f"regression covariates: {', '.join(REGRESSION_COVARIATES)}; complete-case rows per outcome",
+               f"outcomes: {', '.join(OUTCOMES)}"))
+
+
+def _generic_plan(task: TaskSpec) -> AnalyticsPlan:
+    """The closest analogue for a task spec: its numeric features, its target, its first category."""
+    outcome = task.outcomes[0]
+    numeric = tuple(task.numeric)
+    bounds = {name: (float(lo), float(hi)) for name, (lo, hi) in task.ranges.items()}
+    skipped, notes = {}, ["generic task: all rows of each site's table, complete cases per analysis"]
+    regression = outcome.kind == "regression"
+    if outcome.kind == "binary":
+        bounds.setdefault(outcome.name, (0.0, 1.0))
+    if not regression:
+        skipped["linear"] = f"target {outcome.name!r} is {outcome.kind}, not a regression target"
+    if outcome.kind != "binary":
+        skipped["logistic"] = (f"target {outcome.name!r} is {outcome.kind}; logistic regression needs a binary "
+                               "0/1 target (multinomial regression is not implemented)")
+    if not numeric:
+        skipped.update(linear="no numeric covariates", logistic="no numeric covariates",
+                       kmeans="no numeric features", pca="no numeric features")
+    anova = None
+    if task.categorical and (regression or numeric):
+        anova = (outcome.name if regression else numeric[0], task.categorical[0])
+    elif not regression and numeric:
+        anova = (numeric[0], outcome.name)
+    else:
+        skipped["anova"] = "no grouping column (categorical feature or class target) with a numeric response"
+    return AnalyticsPlan(
+        columns=numeric + ((outcome.name,) if regression else ()), bounds=bounds,
+        covariates=numeric, linear=(outcome.name,) if regression and numeric else (),
+        logistic=(outcome.name,) if outcome.kind == "binary" and numeric else (), anova=anova,
+        features=numeric, profile_outcomes=(outcome.name,) if regression else (),
+        skipped=skipped, notes=tuple(notes))
+
+
+def _bounded(plan: AnalyticsPlan) -> AnalyticsPlan:
+    """The plan without the columns that have no declared range (DP needs a bound per row)."""
+    def has(column: str) -> bool:
+        """Whether the column has a finite declared range."""
+        return all(math.isfinite(v) for v in plan.range_of(column))
+
+    dropped = sorted({c for c in plan.columns + plan.covariates + plan.features + plan.profile_outcomes
+                      if not has(c)})
+    skipped = dict(plan.skipped)
+    linear = tuple(o for o in plan.linear if has(o))
+    if len(linear) < len(plan.linear):
+        skipped["linear"] = "under DP the outcome needs a declared range"
+    anova = plan.anova if plan.anova is None or has(plan.anova[0]) else None
+    if plan.anova is not None and anova is None:
+        skipped["anova"] = f"under DP the response {plan.anova[0]!r} needs a declared range"
+    notes = plan.notes + ((f"left out under DP, no declared range: {', '.join(dropped)}",) if dropped else ())
+    return AnalyticsPlan(
+        columns=tuple(c for c in plan.columns if has(c)), bounds=plan.bounds,
+        covariates=tuple(c for c in plan.covariates if has(c)), linear=linear, logistic=plan.logistic,
+        anova=anova, features=tuple(c for c in plan.features if has(c)),
+        profile_outcomes=tuple(c for c in plan.profile_outcomes if has(c)), skipped=skipped, notes=notes,
+        integers=plan.integers)

@@ -1,0 +1,134 @@
+"""The settings of a federated run, and their defaults: the one place they are written.
+
+A deployed run reads them from the run config (``pyproject.toml [tool.flwr.app.config]``, overridden by
+``flwr run --run-config 'k=v'``; keys are the field names hyphenated), an in-process simulation from
+``fednano simulate``'s options (``simulation.experiment.ExperimentConfig``), whose defaults are these.
+``tests/test_settings.py`` checks that the CLI, the experiment runner and pyproject agree with this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from shared.config import settings_from_run_config
+from shared.protocol.boosting import MODES
+from shared.task import NANOPARTICLE_TASK, TaskSpec
+
+MODEL_FAMILIES = ("ann", "xgboost")
+
+
+def parse_hidden(text: str) -> tuple[int, ...]:
+    """Hidden layer widths from ``"64,32"``; ``ValueError`` naming the text if it is not positive integers."""
+    try:
+        widths = tuple(int(h) for h in text.split(",") if h.strip())
+    except ValueError as err:
+        raise ValueError(f"hidden: expected comma-separated positive integers such as 64,32; got {text!r}") from err
+    if not widths or min(widths) < 1:
+        raise ValueError(f"hidden: expected comma-separated positive integers such as 64,32; got {text!r}")
+    return widths
+
+
+def parse_models(text: str) -> tuple[str, ...]:
+    """Model families from ``"ann,xgboost"``; ``ValueError`` naming an unknown one."""
+    names = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = sorted(set(names) - set(MODEL_FAMILIES))
+    if unknown or not names:
+        raise ValueError(f"models: unknown or none {', '.join(unknown) or text!r}: expected "
+                         f"{', '.join(MODEL_FAMILIES)} (comma-separated)")
+    return names
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Every setting of a federated run, with its default.
+
+    Parameters
+    ----------
+    num_server_rounds : int, default 10
+        Training rounds of the neural network.
+    strategy : str, default "fedavg"
+        Aggregation (``strategies.choice.STRATEGIES``).
+    local_epochs, batch_size, lr : int, int, float
+        Local training per round.
+    hidden : str, default "64,32"
+        Hidden layer widths of the MLP.
+    seed, split_seed : int
+        Seed of the models and of the sites' train/val/test split.
+    max_grad_norm : float, default 1.0
+        DP-SGD's per-sample clipping norm.
+    proximal_mu, server_lr : float
+        FedProx's μ; FedAdam's and FedYogi's server learning rate.
+    min_nodes : int, default 1
+        The site check waits for this many SuperNodes.
+    task_path : str, default ""
+        A generic task's task.toml; empty for the built-in nanoparticle task.
+    out_dir : str, default "runs/federation"
+        Where the run record and the models go.
+    models : str, default "ann,xgboost"
+        Model families to train.
+    boosting : str, default "bagging"
+        Federated XGBoost: bagging | cyclic (Flower's strategies) | hist (summed histograms; the only one a
+        DP site can join).
+    xgb_rounds, xgb_eta, xgb_max_depth : int, float, int
+        Boosting rounds per head, learning rate, depth.
+    signing_key : str, default ""
+        The coordinator's policy_signing.key: with it the run ends by building, signing and sending the policy.
+    policy_dir : str, default ""
+        Where signed bundles and the version counter live (default OUT/policy); keep one across runs.
+    fqi_iterations : int, default 25
+        Fitted-Q iterations of the federated dose adjuster (0: none); each is one message round.
+    """
+
+    num_server_rounds: int = 10
+    strategy: str = "fedavg"
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.005
+    hidden: str = "64,32"
+    seed: int = 0
+    split_seed: int = 0
+    max_grad_norm: float = 1.0
+    proximal_mu: float = 0.1
+    server_lr: float = 0.05
+    min_nodes: int = 1
+    task_path: str = ""
+    out_dir: str = "runs/federation"
+    models: str = "ann,xgboost"
+    boosting: str = "bagging"
+    xgb_rounds: int = 20
+    xgb_eta: float = 0.1
+    xgb_max_depth: int = 4
+    signing_key: str = ""
+    policy_dir: str = ""
+    fqi_iterations: int = 25
+
+    def __post_init__(self) -> None:
+        parse_hidden(self.hidden)
+        parse_models(self.models)
+        if self.boosting not in MODES:
+            raise ValueError(f"boosting: expected one of {', '.join(MODES)}; got {self.boosting!r}")
+
+    @classmethod
+    def from_run_config(cls, run_config: dict) -> RunSettings:
+        return settings_from_run_config(cls, run_config)
+
+    def to_run_config(self) -> dict[str, object]:
+        """The settings as run-config keys (hyphenated)."""
+        return {key.replace("_", "-"): value for key, value in asdict(self).items()}
+
+    @property
+    def hidden_sizes(self) -> tuple[int, ...]:
+        return parse_hidden(self.hidden)
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return parse_models(self.models)
+
+    def task(self) -> TaskSpec:
+        return TaskSpec.from_toml(self.task_path) if self.task_path else NANOPARTICLE_TASK
+
+
+DEFAULTS = RunSettings()
+"""The defaults every front end reads."""
+
+RUN_CONFIG_KEYS = tuple(f.name.replace("_", "-") for f in fields(RunSettings))

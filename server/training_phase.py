@@ -1,0 +1,76 @@
+"""Phase 3: the neural network's training rounds with the chosen Flower strategy.
+
+Every round the strategy (``strategies.choice``) sends the global weights to the sites, which train locally
+(DP-SGD at a site under DP) and reply weights and metrics; :class:`strategies.per_site.PerSiteRecord` keeps
+each site's reply. Sites evaluate the global model on their test splits every round, except sites under DP,
+which evaluate it at the final round only (each evaluation is a release charged to their budget); in a run
+with DP sites every site bins scores coarsely (``shared.metrics.COARSE_N_BINS``) so summaries still add up.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+
+from server.run_record import ModelRecord, RunRecord, final_metrics, last_evaluations, model_rounds
+from server.settings import RunSettings
+from server.site_check import SiteCheck
+from shared import metrics
+from shared.ann import build_model, to_arrays
+from shared.encoding import FeatureEncoder
+from shared.protocol.privacy import RELEASE_INDEX, RELEASES, RunPlan
+from shared.protocol.training import AnnTraining
+from shared.task import TaskSpec
+from strategies.choice import make_strategy
+from strategies.per_site import PerSiteRecord
+
+EVAL_BINS = "eval-bins"
+
+
+def training_config(settings: RunSettings, encoder: FeatureEncoder, plan: RunPlan) -> ConfigRecord:
+    """What every site needs to train a round identically (the encoder travels with it)."""
+    return AnnTraining(local_epochs=settings.local_epochs, batch_size=settings.batch_size, lr=settings.lr,
+                       seed=settings.seed, split_seed=settings.split_seed, max_grad_norm=settings.max_grad_norm,
+                       num_rounds=settings.num_server_rounds, hidden=settings.hidden_sizes,
+                       plan=plan).to_config(encoder)
+
+
+def evaluation_config(base: ConfigRecord, sites: SiteCheck, families: int, index: int) -> ConfigRecord:
+    """``base`` with the score bins of this run and the position of this family's final evaluation among the
+    run's evaluation releases (one per model family) for DP sites."""
+    config = ConfigRecord(dict(base))
+    config[EVAL_BINS] = metrics.COARSE_N_BINS if sites.dp_nodes() else metrics.DEFAULT_N_BINS
+    config[RELEASES], config[RELEASE_INDEX] = families, index
+    return config
+
+
+def train_ann(grid: Grid, sites: SiteCheck, task: TaskSpec, encoder: FeatureEncoder, settings: RunSettings,
+              plan: RunPlan, record: RunRecord, on_round: Callable[[int], None] | None = None
+              ) -> tuple[ModelRecord, ArrayRecord]:
+    """The strategy's rounds; returns the family's record and the final weights."""
+    model = build_model(encoder, task, settings.hidden_sizes, seed=settings.seed)
+    trainers = sites.granting("training")
+    dp = sites.dp_nodes()
+    evaluators = [n for n in sites.nodes if n not in dp or n in sites.granting("evaluation")]
+    strategy = PerSiteRecord(make_strategy(settings.strategy, n_sites=len(trainers),
+                                           proximal_mu=settings.proximal_mu, server_lr=settings.server_lr),
+                             on_round=on_round, train_nodes=trainers, evaluate_nodes=evaluators,
+                             final_round_only=dp, final_round=settings.num_server_rounds)
+    config = training_config(settings, encoder, plan)
+    start = time.perf_counter()
+    result = strategy.start(grid=grid, initial_arrays=to_arrays(model), num_rounds=settings.num_server_rounds,
+                            train_config=config,
+                            evaluate_config=evaluation_config(config, sites, len(settings.model_names),
+                                                              settings.model_names.index("ann")))
+    rounds = strategy.rounds
+    family = ModelRecord(family="ann", mode=settings.strategy, seconds=time.perf_counter() - start,
+                         rounds=model_rounds(task, sites.usable, rounds, record),
+                         final=final_metrics(task, sites.usable, last_evaluations(rounds)),
+                         refused={**sites.refusing("training"),
+                                  **{f"{name} (evaluation)": why
+                                     for name, why in sites.refusing("evaluation").items()}})
+    arrays = result.arrays if result.arrays is not None else to_arrays(model)
+    return family, arrays

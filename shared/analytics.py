@@ -1,0 +1,328 @@
+"""Federated analytics' estimators: the seed paper's statistics from summed (possibly DP-noised) site releases.
+
+Pure functions of released sums, no messaging, shared by the coordinator (``server.analytics_phase``) and any
+reader of a release: linear regression from summed ``XᵀX, Xᵀy, yᵀy`` (Karr, Lin, Sanil & Reiter 2005, "Secure
+regression on distributed databases", JCGS 14(2)), coefficient tables on the original scale, quantiles from
+summed histograms (noisy ones with sub-threshold cells read as empty), moments merged with Chan, Golub &
+LeVeque (1979), one-way ANOVA, PCA of the correlation matrix, k-means initial centroids and Lloyd (1982)
+updates. Everything done with noisy sums here is post-processing, free of privacy cost.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy import stats as scipy_stats
+
+from shared.encoding import Moments
+
+QUANTILE_LEVELS = (0.01, 0.25, 0.5, 0.75, 0.99)
+DP_NOISE_THRESHOLD = 3.0
+"""Under DP, a histogram cell below this many noise sds is read as empty (else the noise in the many empty
+cells adds spurious mass to the tails)."""
+DP_MASS_KEPT = 0.5
+"""Under DP, quantiles come from the histogram with sub-threshold cells dropped when that keeps at least this
+share of the noisy total (a concentrated column); otherwise from the running sum of all noisy cells."""
+ALIAS_TOLERANCE = 1e-9
+"""A covariate whose residual sum of squares on the earlier ones is below this share of its own is aliased."""
+
+
+def unpack_triu(packed: np.ndarray, d: int) -> np.ndarray:
+    """The symmetric (d, d) matrix whose upper triangle (row by row) is ``packed``."""
+    out = np.zeros((d, d))
+    out[np.triu_indices(d)] = np.asarray(packed, dtype=np.float64).ravel()
+    return out + np.triu(out, 1).T
+
+
+def denoised_counts(counts: np.ndarray, noise_sd: float) -> np.ndarray:
+    """Noisy counts with cells below ``DP_NOISE_THRESHOLD`` noise sds read as 0 (counts unchanged without noise)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if noise_sd <= 0:
+        return counts
+    return np.where(counts < DP_NOISE_THRESHOLD * noise_sd, 0.0, counts)
+
+
+def floored_inverse(matrix: np.ndarray, floor: float) -> np.ndarray:
+    """Inverse of a symmetric matrix with its eigenvalues raised to at least ``floor`` (and to 1e-12 × the
+    largest if some are not positive, so a matrix that rounding left slightly indefinite still inverts)."""
+    values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
+    top = max(float(values.max()) if values.size else 0.0, 1e-300)
+    if floor > 0 or values.min() <= 0:
+        values = np.maximum(values, max(floor, 1e-12 * top))
+    return (vectors / values) @ vectors.T
+
+
+def row_bound(x: dict[str, np.ndarray]) -> np.ndarray:
+    """Largest ``|z|`` of a clipped standardised value per column (what the sites' ``Standardiser.bound``
+    gives; +inf without a range)."""
+    bounds = x["bounds"]
+    reach = np.maximum(np.abs(bounds[:, 0] - x["centre"]), np.abs(bounds[:, 1] - x["centre"])) / x["scale"]
+    return np.where(np.isfinite(bounds).all(axis=1), reach, np.inf)
+
+
+def noisy_gram_inverse(matrix: np.ndarray, bound: np.ndarray, factor: float, noise: float) -> np.ndarray:
+    """Inverse of a Gram-type matrix ``Σ w [1, z][1, z]ᵀ`` (``0 ≤ w ≤ factor``, ``|z_j| ≤ bound_j``) that
+    carries DP noise of sd ``noise × factor × b_j b_l`` on entry (j, l), with ``b = [1, bound]``.
+
+    In the whitened coordinates ``G / (√factor b)(√factor b)ᵀ`` the noise has sd ``noise`` on every entry and
+    spectral norm about ``2 √d · noise`` (a d × d symmetric Gaussian matrix); eigenvalues there are raised to
+    that floor, so a least-squares or Newton step does not follow the noise along weakly identified
+    directions (a ridge of the noise's own size and shape). ``noise = 0``: the plain inverse.
+    """
+    if noise <= 0:
+        return floored_inverse(matrix, 0.0)
+    scale = np.maximum(math.sqrt(factor) * np.concatenate([[1.0], np.asarray(bound, dtype=np.float64)]), 1e-12)
+    outer = np.outer(scale, scale)
+    return floored_inverse(matrix / outer, 2.0 * math.sqrt(len(scale)) * noise) / outer
+
+
+def independent_columns(gram: np.ndarray, tolerance: float = ALIAS_TOLERANCE) -> list[int]:
+    """Indices of the columns of a Gram matrix that are not linear combinations of earlier ones (column 0,
+    the intercept, always kept): the pivots R's ``lm`` keeps."""
+    kept = [0]
+    for j in range(1, gram.shape[0]):
+        if gram[j, j] <= 0:
+            continue
+        cross = gram[np.ix_(kept, [j])]
+        residual = gram[j, j] - float((cross.T @ np.linalg.solve(gram[np.ix_(kept, kept)], cross))[0, 0])
+        if residual > tolerance * gram[j, j]:
+            kept.append(j)
+    return kept
+
+
+def design_map(centre: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``M`` with ``[1, (x − centre)/scale] = M [1, x]``: coefficients on the standardised design ``β'`` are
+    ``Mᵀβ'`` on the original scale, and their covariance ``Mᵀ C M``."""
+    d = len(centre) + 1
+    m = np.eye(d)
+    m[1:, 0] = -np.asarray(centre) / np.asarray(scale)
+    m[1:, 1:] = np.diag(1.0 / np.asarray(scale))
+    return m
+
+
+def coefficient_table(names: Sequence[str], estimate: np.ndarray, covariance: np.ndarray, kept: Sequence[int],
+                      df: float | None) -> dict[str, dict[str, float | None]]:
+    """Per term: estimate, standard error, statistic and two-sided p-value (t with ``df``, else normal);
+    aliased terms (not in ``kept``) are null."""
+    table = {}
+    for j, name in enumerate(["intercept", *names]):
+        if j not in kept:
+            table[name] = {"estimate": None, "se": None, "statistic": None, "p": None, "aliased": True}
+            continue
+        se = math.sqrt(covariance[j, j]) if covariance[j, j] > 0 else math.nan
+        statistic = estimate[j] / se if se > 0 else math.nan
+        if df is None:
+            p = 2 * scipy_stats.norm.sf(abs(statistic))
+        else:
+            p = 2 * scipy_stats.t.sf(abs(statistic), df) if df > 0 else math.nan
+        table[name] = {"estimate": float(estimate[j]), "se": se, "statistic": statistic, "p": float(p),
+                       "aliased": False}
+    return table
+
+
+def histogram_quantiles(counts: np.ndarray, low: float, high: float,
+                        levels: Sequence[float] = QUANTILE_LEVELS) -> dict[str, float] | None:
+    """Quantiles interpolated linearly within the bins of a histogram on ``[low, high]`` (negative counts read
+    as 0); None when the histogram is empty."""
+    counts = np.maximum(np.asarray(counts, dtype=np.float64), 0.0)
+    if counts.sum() <= 0:
+        return None
+    return cdf_quantiles(np.cumsum(counts) / counts.sum(), low, high, levels)
+
+
+def noisy_histogram_quantiles(counts: np.ndarray, noise_sd: float, low: float, high: float,
+                              levels: Sequence[float] = QUANTILE_LEVELS) -> dict[str, float] | None:
+    """Quantiles of a DP-noised histogram: from the cells above ``DP_NOISE_THRESHOLD`` noise sds if they hold
+    at least ``DP_MASS_KEPT`` of the noisy total (few, full cells), else from the running sum of all noisy
+    cells made monotone (the noise is zero-mean, so it does not pile up in the tails)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    kept = denoised_counts(counts, noise_sd)
+    if kept.sum() >= DP_MASS_KEPT * counts.sum():
+        return histogram_quantiles(kept, low, high, levels)
+    running = np.maximum.accumulate(np.maximum(np.cumsum(counts), 0.0))
+    if running[-1] <= 0:
+        return None
+    return cdf_quantiles(running / running[-1], low, high, levels)
+
+
+def cdf_quantiles(cdf: np.ndarray, low: float, high: float, levels: Sequence[float]) -> dict[str, float]:
+    """Quantiles from a binned CDF on ``[low, high]``, linear within a bin: ``{"p01": ..., "p50": ...}``."""
+    edges = np.linspace(low, high, len(cdf) + 1)
+    out = {}
+    for level in levels:
+        i = min(int(np.searchsorted(cdf, level, side="left")), len(cdf) - 1)
+        before = cdf[i - 1] if i > 0 else 0.0
+        share = (level - before) / (cdf[i] - before) if cdf[i] > before else 0.0
+        out[f"p{round(level * 100):02d}"] = float(edges[i] + share * (edges[i + 1] - edges[i]))
+    return out
+
+
+def snap_to_integers(quantiles: dict[str, float], low: float, high: float, bins: int) -> dict[str, float]:
+    """Quantiles of a whole-number column: the whole number in each quantile's bin (bins narrower than 1
+    hold at most one), instead of a point interpolated inside the bin; unchanged for wider bins."""
+    width = (high - low) / bins
+    if width >= 1:
+        return quantiles
+    snapped = {}
+    for name, value in quantiles.items():
+        i = min(int((value - low) / width), bins - 1)
+        snapped[name] = float(round(low + (i + 0.5) * width))
+    return snapped
+
+
+@dataclass(frozen=True)
+class ColumnMoments:
+    """Combined count, mean and centred sum of squares (M2) of one column or group."""
+
+    count: float
+    mean: float
+    m2: float
+
+    @property
+    def sd(self) -> float:
+        """Sample standard deviation (``n − 1``); NaN below two values."""
+        return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else math.nan
+
+
+def combine_moments(parts: Sequence[dict[str, float]], centre: float, bounds: tuple[float, float]) -> ColumnMoments:
+    """Merge per-site moments of one column or group.
+
+    Each part has ``count``, ``sum`` and ``sumsq`` (about ``centre``) and, from a site without DP, the exact
+    ``raw-sum`` and ``m2``. All exact: Chan et al. (1979) pairwise merge, as pooled. Otherwise the shifted
+    sums are added (exact parts converted exactly) and the result post-processed: count ≥ 1, M2 ≥ 0, mean
+    clipped to ``bounds``.
+    """
+    if all("m2" in p for p in parts):
+        merged = Moments()
+        for p in parts:
+            merged = merged + Moments(int(round(p["count"])), p["raw-sum"], p["m2"])
+        return ColumnMoments(float(merged.count), merged.mean if merged.count else math.nan, merged.m2)
+    n = s1 = s2 = 0.0
+    for p in parts:
+        if "m2" in p:
+            count = p["count"]
+            mean = p["raw-sum"] / count if count else 0.0
+            n, s1, s2 = n + count, s1 + p["raw-sum"] - count * centre, s2 + p["m2"] + count * (mean - centre) ** 2
+        else:
+            n, s1, s2 = n + p["count"], s1 + p["sum"], s2 + p["sumsq"]
+    n = max(n, 1.0)
+    mean = centre + s1 / n
+    if all(math.isfinite(b) for b in bounds):
+        mean = min(max(mean, bounds[0]), bounds[1])
+    return ColumnMoments(n, mean, max(s2 - n * (mean - centre) ** 2, 0.0) if math.isfinite(s2) else math.nan)
+
+
+def linear_fit(gram: np.ndarray, xty: np.ndarray, yty: float, names: Sequence[str], x: dict[str, np.ndarray],
+               y_centre: float, y_scale: float, noise: float = 0.0) -> dict[str, Any]:
+    """Ordinary least squares from summed sufficient statistics of the standardised design and outcome,
+    reported on the original scale: coefficients, SEs from ``σ²(XᵀX)⁻¹``, t, p, R², F. With DP ``noise``
+    (sd per unit of scale, summed over sites) the Gram matrix is inverted by :func:`noisy_gram_inverse` and
+    aliasing is not tested (noise hides it)."""
+    n = float(gram[0, 0])
+    dp = noise > 0
+    kept = list(range(gram.shape[0])) if dp else independent_columns(gram)
+    bound = np.concatenate([[0.0], row_bound(x)])[kept][1:] if dp else np.zeros(len(kept) - 1)
+    inverse = noisy_gram_inverse(gram[np.ix_(kept, kept)], bound, 1.0, noise)
+    beta = np.zeros(gram.shape[0])
+    beta[kept] = inverse @ xty[kept]
+    rss = max(float(yty - beta[kept] @ xty[kept]), 0.0)
+    tss = max(float(yty - xty[0] ** 2 / n), 0.0) if n > 0 else math.nan
+    df = n - len(kept)
+    sigma2 = rss / df if df > 0 else math.nan
+    covariance = np.zeros_like(gram)
+    covariance[np.ix_(kept, kept)] = sigma2 * inverse
+    m = design_map(x["centre"], x["scale"])
+    estimate = y_scale * (m.T @ beta)
+    estimate[0] += y_centre
+    covariance = y_scale ** 2 * (m.T @ covariance @ m)
+    r2 = 1 - rss / tss if tss > 0 else math.nan
+    q = len(kept) - 1
+    f = ((tss - rss) / q) / (rss / df) if q > 0 and df > 0 and rss > 0 else math.nan
+    return {"n": n if dp else int(round(n)), "df_residual": df,
+            "sigma": y_scale * math.sqrt(sigma2) if df > 0 else None, "r2": r2,
+            "adj_r2": 1 - (1 - r2) * (n - 1) / df if df > 0 else None, "f": f,
+            "f_p": float(scipy_stats.f.sf(f, q, df)) if math.isfinite(f) else None,
+            "coefficients": coefficient_table(names, estimate, covariance, kept, df), "dp": dp,
+            "scale": "original units of each covariate and of the outcome"}
+
+
+def anova_table(groups: dict[str, ColumnMoments]) -> dict[str, Any]:
+    """One-way ANOVA from per-group count, mean and M2: SSB, SSW, F and ``scipy.stats.f.sf`` p-value."""
+    groups = {g: m for g, m in groups.items() if m.count >= 1}
+    n = sum(m.count for m in groups.values())
+    k = len(groups)
+    grand = sum(m.count * m.mean for m in groups.values()) / n if n else math.nan
+    ssb = sum(m.count * (m.mean - grand) ** 2 for m in groups.values())
+    ssw = sum(m.m2 for m in groups.values())
+    df_b, df_w = k - 1, n - k
+    f = (ssb / df_b) / (ssw / df_w) if df_b > 0 and df_w > 0 and ssw > 0 else math.nan
+    return {"groups": {g: {"n": m.count, "mean": m.mean, "sd": m.sd} for g, m in sorted(groups.items())},
+            "n": n, "k": k, "ss_between": ssb, "ss_within": ssw, "df_between": df_b, "df_within": df_w,
+            "f": f, "p": float(scipy_stats.f.sf(f, df_b, df_w)) if math.isfinite(f) else None,
+            "eta_squared": ssb / (ssb + ssw) if ssb + ssw > 0 else None}
+
+
+def correlation_pca(gram: np.ndarray, x: dict[str, np.ndarray], features: Sequence[str]) -> dict[str, Any]:
+    """PCA of the correlation matrix from the summed Gram of ``[1, z]`` (z standardised by ``x``); also the
+    complete-case mean and sd on the original scale (what k-means standardises with)."""
+    n = max(float(gram[0, 0]), 2.0)
+    sums, cross = gram[0, 1:], gram[1:, 1:]
+    mean_z = sums / n
+    covariance = (cross - n * np.outer(mean_z, mean_z)) / (n - 1)
+    sd_z = np.sqrt(np.maximum(np.diag(covariance), 1e-12))
+    correlation = np.clip(covariance / np.outer(sd_z, sd_z), -1.0, 1.0)
+    np.fill_diagonal(correlation, 1.0)
+    values, vectors = np.linalg.eigh(correlation)
+    order = np.argsort(values)[::-1]
+    values, vectors = np.maximum(values[order], 0.0), vectors[:, order]
+    signs = np.sign(vectors[np.argmax(np.abs(vectors), axis=0), np.arange(vectors.shape[1])])
+    vectors = vectors * np.where(signs == 0, 1.0, signs)
+    mean = x["centre"] + x["scale"] * mean_z
+    sd = x["scale"] * sd_z
+    return {"features": list(features), "n": n, "mean": dict(zip(features, mean.tolist(), strict=True)),
+            "sd": dict(zip(features, sd.tolist(), strict=True)), "eigenvalues": values.tolist(),
+            "explained_variance_ratio": (values / values.sum()).tolist() if values.sum() > 0 else None,
+            "components": vectors.T.tolist(),
+            "basis": "correlation matrix of complete-case rows (features standardised by their complete-case "
+                     "federated mean and sd); components are rows, sign: largest loading positive"}
+
+
+def initial_centroids(eigenvalues: Sequence[float], components: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """``k`` standardised initial centroids from the PCA of the federated correlation matrix alone.
+
+    k = 1: the mean (0). One feature: ``k`` points evenly spread over mean ± 1 sd. k = 2: mean ± 1 sd along
+    PC1. k ≥ 3: ``k`` points equally spaced in angle, from a phase drawn with ``seed``, on the one-sd ellipse
+    of PC1 and PC2 (``cos θ · sd₁ · v₁ + sin θ · sd₂ · v₂``). No row leaves a site.
+    """
+    components = np.asarray(components, dtype=np.float64)
+    sd = np.sqrt(np.maximum(np.asarray(eigenvalues, dtype=np.float64), 0.0))
+    if k == 1:
+        return np.zeros((1, components.shape[1]))
+    if components.shape[0] < 2:
+        return np.outer(np.linspace(-1.0, 1.0, k), sd[0] * components[0])
+    if k == 2:
+        return np.outer([1.0, -1.0], sd[0] * components[0])
+    phase = np.random.default_rng(seed).uniform(0.0, 2 * np.pi / k)
+    angles = phase + 2 * np.pi * np.arange(k) / k
+    return np.outer(np.cos(angles), sd[0] * components[0]) + np.outer(np.sin(angles), sd[1] * components[1])
+
+
+def standardised_box(x: dict[str, np.ndarray]) -> np.ndarray:
+    """The (p, 2) range of clipped standardised values ``(bounds − centre) / scale`` (±inf without a range)."""
+    bounds = x["bounds"]
+    low = np.where(np.isnan(bounds[:, 0]), -np.inf, (bounds[:, 0] - x["centre"]) / x["scale"])
+    high = np.where(np.isnan(bounds[:, 1]), np.inf, (bounds[:, 1] - x["centre"]) / x["scale"])
+    return np.column_stack([low, high])
+
+
+def lloyd_update(centroids: np.ndarray, counts: np.ndarray, sums: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """New centroids: per-cluster mean of the summed sums, kept in the (p, 2) ``box`` of clipped standardised
+    values (a no-op without noise); a cluster with (noisy) count below 1 keeps its centroid."""
+    new = centroids.copy()
+    alive = counts >= 1
+    new[alive] = sums[alive] / counts[alive, None]
+    return np.clip(new, box[:, 0], box[:, 1])

@@ -1,0 +1,28 @@
+"""``query.hist_*``: the request keys of federated histogram boosting (``server.hist_phase``).
+
+Every request carries the boosting config (:class:`shared.protocol.boosting.BoostingRound`) plus the keys
+below; arrays (bins, thresholds, trees, frontier) travel in the ``arrays`` record
+(``shared.hist_records``). Histograms and counts are fixed-point int64 (``shared.hist_boosting``).
+"""
+
+from __future__ import annotations
+
+SECURE_SUM = "secure-sum"
+SECURE_SESSION = "secure-session"
+SECURE_SEQUENCE = "secure-sequence"
+SECURE_NODES = "secure-nodes"
+SECURE_KEYS = "secure-keys"
+PUBLIC_KEY = "public-key"
+GRADIENT_CLIP = "dp-gradient-clip"
+"""Clip of squared-error gradients under DP (standardised target)."""
+OBJECTIVE = "objective"
+N_OUTPUTS = "n-outputs"
+BASE_MARGIN = "base-margin"
+
+# array names
+LO, HI = "lo", "hi"
+CELL_BOUNDS, CELL_OFFSETS = "cell-bounds", "cell-offsets"
+FRONTIER = "frontier"
+COUNTS = "counts"
+HISTOGRAMS = "histograms"
+RANGE_MIN, RANGE_MAX = "min", "max"

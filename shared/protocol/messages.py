@@ -1,0 +1,76 @@
+"""Every message the ServerApp sends and the ClientApp answers, named once for both sides.
+
+Flower routes a message by its type: ``@app.query("site_check")`` answers ``query.site_check``,
+``@app.train()`` answers ``train`` and ``@app.train("xgboost")`` answers ``train.xgboost``. A
+:class:`MessageName` holds both halves, so the server sends ``SITE_CHECK.type`` and the client registers
+``SITE_CHECK.action``; neither writes the string.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MessageName:
+    """One message type: Flower's category (``query``, ``train``, ``evaluate``) and the action, if any."""
+
+    category: str
+    action: str = ""
+
+    @property
+    def type(self) -> str:
+        """The ``message_type`` on the wire, e.g. ``query.site_check``."""
+        return f"{self.category}.{self.action}" if self.action else self.category
+
+
+def query(action: str) -> MessageName:
+    """A ``query.<action>`` message (Flower requires ``action`` to be a Python identifier)."""
+    if not action.isidentifier():
+        raise ValueError(f"a query action must be a Python identifier; got {action!r}")
+    return MessageName("query", action)
+
+
+# --- phases of a federated run (server.app) --------------------------------------------------------------
+SITE_CHECK = query("site_check")
+"""Validate the site's data and say its DP terms; reply :class:`shared.protocol.site_check.SiteCheckReply`."""
+STATISTICS = query("statistics")
+"""Aggregates of the training split for the federated encoder (``shared.encoding.SiteStatistics``)."""
+TRAIN = MessageName("train")
+"""One round of local ANN training (Flower strategies send it)."""
+EVALUATE = MessageName("evaluate")
+"""Evaluation summaries of the global ANN (Flower strategies send it)."""
+XGBOOST_ACTION = "xgboost"
+"""Action of the boosting strategies' messages (``strategies.per_site.PerSiteRecord(action=...)``)."""
+TRAIN_XGBOOST = MessageName("train", XGBOOST_ACTION)
+EVALUATE_XGBOOST = MessageName("evaluate", XGBOOST_ACTION)
+XGB_EVALUATE = query("xgb_evaluate")
+"""Evaluation summaries of every finished booster at once."""
+IMPORTANCE = query("importance")
+"""Permutation-importance loss sums of a final model."""
+
+# --- histogram boosting (server.hist_phase, client.hist_handlers) -----------------------------------------
+HIST_KEYS = query("hist_keys")
+HIST_RANGES = query("hist_ranges")
+HIST_BINS = query("hist_bins")
+HIST_CELLS = query("hist_cells")
+HIST_LEVEL = query("hist_level")
+
+# --- dose adjuster (server.adjustment_phase, client.adjustment_handlers) ----------------------------------
+FQI_SCALING = query("fqi_scaling")
+FQI_RIDGE = query("fqi_ridge")
+
+# --- dosing policy (server.policy_phase, client.policy_handlers) ------------------------------------------
+CATALOGUE = query("catalogue")
+INSTALL_POLICY = query("install_policy")
+
+# --- federated analytics (server.analytics_phase, client.analytics_handlers) ------------------------------
+ANALYTICS_DESCRIBE = query("analytics_describe")
+ANALYTICS_LINEAR = query("analytics_linear")
+ANALYTICS_LOGISTIC = query("analytics_logistic")
+ANALYTICS_ANOVA = query("analytics_anova")
+ANALYTICS_PCA = query("analytics_pca")
+ANALYTICS_LLOYD = query("analytics_lloyd")
+ANALYTICS_PROFILES = query("analytics_profiles")
+ANALYTICS = (ANALYTICS_DESCRIBE, ANALYTICS_LINEAR, ANALYTICS_LOGISTIC, ANALYTICS_ANOVA, ANALYTICS_PCA,
+             ANALYTICS_LLOYD, ANALYTICS_PROFILES)

@@ -1,0 +1,52 @@
+"""``query.catalogue`` and ``query.install_policy``: product specifications in, a signed bundle out.
+
+A site reports the formulations it stocks with their properties (product specifications: no patient value,
+and public, so not a DP release), and installs the signed policy bundle the server sends file by file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+from shared.protocol import records as r
+
+
+def catalogue_reply(properties: dict[str, dict[str, float]], features: tuple[str, ...]) -> RecordDict:
+    """Formulation id → its properties (``features`` in order), as a site's reply."""
+    ids = sorted(properties)
+    return RecordDict({r.CATALOGUE: ConfigRecord({"ids": ids or [""]}),
+                       r.PROPERTIES: MetricRecord({name: [float(properties[i][name]) for i in ids] or [0.0]
+                                                   for name in features})})
+
+
+def catalogue_of(content: RecordDict, features: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    ids = [i for i in content[r.CATALOGUE]["ids"] if i]
+    props = content[r.PROPERTIES]
+    return {fid: {name: float(props[name][j]) for name in features} for j, fid in enumerate(ids)}
+
+
+def install_request(files: dict[str, bytes]) -> RecordDict:
+    """The bundle's files by name (manifest, signature, policy, models)."""
+    return RecordDict({r.BUNDLE: ConfigRecord(dict(files))})
+
+
+def bundle_files(content: RecordDict) -> dict[str, bytes]:
+    return {name: bytes(data) for name, data in content[r.BUNDLE].items()}
+
+
+@dataclass(frozen=True)
+class Installed:
+    """A site's reply once it installed a bundle."""
+
+    version: int
+    path: str
+
+    def to_records(self) -> RecordDict:
+        return RecordDict({r.STATUS: ConfigRecord({"version": self.version, "installed-path": self.path})})
+
+    @classmethod
+    def from_records(cls, content: RecordDict) -> Installed:
+        status = content[r.STATUS]
+        return cls(int(status["version"]), str(status["installed-path"]))

@@ -1,0 +1,65 @@
+"""One source of run defaults (server.settings): pyproject's run config, the experiment runner and the CLI
+agree with it."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from server.settings import DEFAULTS, RUN_CONFIG_KEYS, RunSettings, parse_hidden, parse_models
+from simulation.experiment import ExperimentConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pyprojects_run_config_declares_the_settings_own_defaults():
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    defaults = DEFAULTS.to_run_config()
+    assert set(declared) <= set(RUN_CONFIG_KEYS)
+    for key, value in declared.items():
+        if key == "min-nodes":
+            continue  # a deployment waits for one node by default; simulate waits for every site it made
+        assert value == defaults[key], key
+
+
+def test_the_experiment_runners_defaults_are_the_settings():
+    cfg = ExperimentConfig()
+    settings = cfg.run_settings(n_sites=5, signing_key=None)
+    for field in ("num_server_rounds", "strategy", "local_epochs", "batch_size", "lr", "hidden", "models",
+                  "boosting", "xgb_rounds", "fqi_iterations", "seed", "split_seed"):
+        assert getattr(settings, field) == getattr(DEFAULTS, field), field
+    assert settings.min_nodes == 5 and settings.out_dir == str(cfg.out / "federated")
+
+
+def test_every_simulate_option_reaches_the_run_settings():
+    cfg = ExperimentConfig(rounds=3, strategy="fedprox", seed=9, local_epochs=2, batch_size=8, lr=0.1,
+                           hidden="16,8", models="xgboost", boosting="hist", xgb_rounds=4, fqi_iterations=0)
+    settings = cfg.run_settings(n_sites=2, signing_key=Path("k"))
+    assert (settings.num_server_rounds, settings.strategy, settings.seed, settings.split_seed) == (3, "fedprox", 9, 9)
+    assert (settings.local_epochs, settings.batch_size, settings.lr, settings.hidden_sizes) == (2, 8, 0.1, (16, 8))
+    assert (settings.model_names, settings.boosting, settings.xgb_rounds) == (("xgboost",), "hist", 4)
+    assert settings.signing_key == "k" and settings.fqi_iterations == 0
+    assert RunSettings.from_run_config(settings.to_run_config()) == settings
+
+
+def test_the_cli_leaves_unset_options_to_the_settings():
+    from typer.main import get_command
+
+    from fednano.cli import app
+
+    simulate = get_command(app).commands["simulate"]
+    unset = {p.name: p.default for p in simulate.params}
+    for option in ("rounds", "strategy", "local_epochs", "models", "boosting", "xgb_rounds"):
+        assert unset[option] is None, option  # filled from ExperimentConfig(), i.e. server/settings.py
+
+
+def test_bad_settings_are_refused_naming_the_key():
+    with pytest.raises(ValueError, match="hidden"):
+        parse_hidden("64,x")
+    with pytest.raises(ValueError, match="models"):
+        parse_models("ann,forest")
+    with pytest.raises(ValueError, match="boosting"):
+        dataclasses.replace(DEFAULTS, boosting="random")
