@@ -180,7 +180,7 @@ def provision(
     san: list[str] | None = typer.Option(
         None, "--san", help="A name the SuperLink is reached by (repeat it); default localhost and 127.0.0.1. "
                             "127.0.0.1 is always included."),
-    days: int = typer.Option(365, "--days", min=1, help="Validity of the CA and server certificates."),
+    days: int = typer.Option(365, "--days", help="Validity of the CA and server certificates: 1 to 3650 days."),
     add_sites: bool = typer.Option(
         False, "--add-sites", help="Keep the kit's CA, server and coordinator keys; add kits for new sites only."),
 ) -> None:
