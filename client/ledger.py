@@ -733,8 +733,7 @@ def _verify_chain(state: Any, path: Path) -> _Chain:
     """A version-2 ledger's content with every field checked and its chain verified, or LedgerError."""
 
     def corrupt(what: str) -> LedgerError:
-        return LedgerError(f"privacy ledger {path} is corrupt: {what}; not resetting it (restore it from a backup, "
-                           f"or start a new budget explicitly: fednano ledger new-budget)")
+        return LedgerError(f"privacy ledger {path} is corrupt: {what}; not resetting it. {_ways_on(path)}")
 
     if not isinstance(state, dict):
         raise corrupt("not a JSON object")
@@ -756,7 +755,8 @@ def _verify_chain(state: Any, path: Path) -> _Chain:
         if problem := next(_entry_problems(entry), None):
             raise corrupt(f"entry {i}: {problem}")
         if entry["prev"] != chain.head:
-            raise corrupt("the header (δ, site id, budget number) was edited: entry 0 does not follow it" if i == 0
+            raise corrupt("entry 0 does not follow the header: the header (δ, site id, budget number) was edited, "
+                          "or entries were removed or reordered" if i == 0
                           else f"entry {i - 1} was edited, or entries were removed or reordered: entry {i} does not "
                                f"follow entry {i - 1} (hash chain broken)")
         chain.entries.append(entry)
@@ -824,8 +824,8 @@ def _parse_legacy(state: dict[str, Any], path: Path) -> tuple[list[HistoryStep],
     """History and entries of a version-1 file (no chain), or LedgerError naming the file and what is wrong."""
 
     def corrupt(what: str) -> LedgerError:
-        return LedgerError(f"privacy ledger {path} (version 1) is corrupt: {what}; not resetting it (repair or "
-                           "restore it)")
+        return LedgerError(f"privacy ledger {path} (version 1) is corrupt: {what}; not resetting it. "
+                           f"{_ways_on(path)}")
 
     delta = state.get("delta")
     if not (isinstance(delta, float) and 0 < delta < 1):
