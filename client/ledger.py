@@ -103,7 +103,14 @@ HistoryStep = tuple[float, float, int]
 
 
 class LedgerError(Exception):
-    """The ledger file cannot be trusted or does not match: privacy accounting would be wrong."""
+    """The ledger file cannot be trusted or does not match: privacy accounting would be wrong.
+
+    ``problem`` is what is wrong, without the advice on what to do that the message adds.
+    """
+
+    def __init__(self, message: str, problem: str | None = None):
+        super().__init__(message)
+        self.problem = problem or message
 
 
 class BudgetExhausted(RuntimeError):
@@ -182,15 +189,15 @@ class LedgerHeadStore:
         except FileNotFoundError:
             return None
         except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise LedgerError(f"ledger head {file} (the second copy of {ledger}'s chain head) is unreadable: {e}; "
-                              f"{_ways_on(ledger)}") from e
+            raise _refused(f"ledger head {file} (the second copy of {ledger}'s chain head) is unreadable: {e}",
+                           ledger, restore=file) from e
         try:
             head = _parse_head(state)
         except (KeyError, TypeError, ValueError) as e:
-            raise LedgerError(f"ledger head {file} (the second copy of {ledger}'s chain head) is corrupt: {e}; "
-                              f"{_ways_on(ledger)}") from e
+            raise _refused(f"ledger head {file} (the second copy of {ledger}'s chain head) is corrupt: {e}",
+                           ledger, restore=file) from e
         if head.ledger != str(ledger):
-            raise LedgerError(f"ledger head {file} belongs to {head.ledger}, not {ledger}; {_ways_on(ledger)}")
+            raise _refused(f"ledger head {file} belongs to {head.ledger}, not {ledger}", ledger, restore=file)
         return head
 
     def write(self, head: LedgerHead) -> None:
@@ -437,6 +444,11 @@ class PrivacyLedger:
         """The head kept for this ledger in the head store (its log of resets included), or None."""
         return self.heads.read(self._key)
 
+    @property
+    def head_file(self) -> Path:
+        """Where the head store keeps this ledger's head."""
+        return self.heads.file_for(self._key)
+
     # --- disk -----------------------------------------------------------------------------------------------
 
     @property
@@ -478,16 +490,16 @@ class PrivacyLedger:
         state = _read_ledger_file(self.path, key, self.heads)
         if state is None:
             if head is not None:
-                raise LedgerError(
+                raise _refused(
                     f"privacy ledger {self.path} is missing, but this site has recorded DP training: its head "
-                    f"kept in {self.heads.file_for(key)} says {head.describe()}. Training now would start again "
-                    f"from ε=0. {_ways_on(key, head.entries)}")
+                    f"kept in {self.heads.file_for(key)} says {head.describe()}; training now would start again "
+                    f"from ε=0", key, head.entries)
             return None
         if _is_legacy(state) and head is not None:
-            raise LedgerError(
+            raise _refused(
                 f"privacy ledger {self.path} is a version-1 file, but its head kept in {self.heads.file_for(key)} "
-                f"says a version-2 ledger was there ({head.describe()}): an old copy or a replacement. "
-                f"{_ways_on(key, head.entries)}")
+                f"says a version-2 ledger was there ({head.describe()}): an old copy or a replacement",
+                key, head.entries)
         chain = self._migrated_chain(state) if _is_legacy(state) else _verify_chain(state, self.path)
         if chain.header["delta"] != self.delta:
             raise LedgerError(
@@ -525,7 +537,7 @@ class PrivacyLedger:
             try:
                 chain = self._disk()
             except LedgerError as e:
-                raise LedgerError(f"{e}{unrecorded}") from e
+                raise LedgerError(f"{e}{unrecorded}", e.problem) from e
             self._check_continues(chain, unrecorded)
             key = self._key
             head = self.heads.read(key)
@@ -573,9 +585,9 @@ class PrivacyLedger:
                              "epsilon": _epsilon(tuple(chain.history), chain.header["delta"]),
                              "delta": chain.header["delta"]}
         except LedgerError as e:
-            previous["ledger"] = f"refused: {e}"
+            previous["ledger"] = f"refused: {e.problem}"
         archived = _archive(self.path, f"budget-{budget or 'unknown'}") if os.path.lexists(self.path) else None
-        reset = {"utc": _now(), "by": by, "reason": reason, "archived": str(archived) if archived else None,
+        reset = {"utc": _now(), "by": by, "reason": reason, "archived": str(archived.absolute()) if archived else None,
                  "previous": previous}
         chain = _Chain(_new_header(self.delta, site_id or secrets.token_hex(SITE_ID_BYTES), budget + 1, reset),
                        [], [])
@@ -709,20 +721,19 @@ def _read_ledger_file(path: Path, key: Path, heads: LedgerHeadStore) -> dict[str
     except FileNotFoundError:
         return None
     except OSError as e:
-        raise LedgerError(f"privacy ledger {path} cannot be examined: {e}") from e
+        raise _refused(f"privacy ledger {path} cannot be examined: {e}", key) from e
     if stat.S_ISLNK(kind):
-        raise LedgerError(f"privacy ledger {path} is a symbolic link (to {os.readlink(path)}), not a file: a link "
-                          f"can point at another site's ledger or at nothing, and a write would replace the link. "
-                          f"Put the ledger itself there. {_ways_on(key)}")
+        raise _refused(f"privacy ledger {path} is a symbolic link (to {os.readlink(path)}), not a file: a link can "
+                       "point at another site's ledger or at nothing, and a write would replace the link", key)
     if not stat.S_ISREG(kind):
         what = "a folder" if stat.S_ISDIR(kind) else "not a regular file"
-        raise LedgerError(f"privacy ledger {path} is {what}, not a ledger file. {_ways_on(key)}")
+        raise _refused(f"privacy ledger {path} is {what}, not a ledger file", key)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         with os.fdopen(fd, encoding="utf-8") as f:
             return strict_json.loads(f.read())
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise LedgerError(f"privacy ledger {path} is unreadable: {e}; not resetting it. {_ways_on(key)}") from e
+        raise _refused(f"privacy ledger {path} is unreadable: {e}", key) from e
 
 
 def _is_legacy(state: Any) -> bool:
@@ -733,7 +744,7 @@ def _verify_chain(state: Any, path: Path) -> _Chain:
     """A version-2 ledger's content with every field checked and its chain verified, or LedgerError."""
 
     def corrupt(what: str) -> LedgerError:
-        return LedgerError(f"privacy ledger {path} is corrupt: {what}; not resetting it. {_ways_on(path)}")
+        return _refused(f"privacy ledger {path} is corrupt: {what}", path)
 
     if not isinstance(state, dict):
         raise corrupt("not a JSON object")
@@ -824,8 +835,7 @@ def _parse_legacy(state: dict[str, Any], path: Path) -> tuple[list[HistoryStep],
     """History and entries of a version-1 file (no chain), or LedgerError naming the file and what is wrong."""
 
     def corrupt(what: str) -> LedgerError:
-        return LedgerError(f"privacy ledger {path} (version 1) is corrupt: {what}; not resetting it. "
-                           f"{_ways_on(path)}")
+        return _refused(f"privacy ledger {path} (version 1) is corrupt: {what}", path)
 
     delta = state.get("delta")
     if not (isinstance(delta, float) and 0 < delta < 1):
@@ -863,19 +873,19 @@ def _check_against_head(chain: _Chain, head: LedgerHead, path: Path, head_file: 
     key = Path(head.ledger)
     kept = f"its head kept in {head_file} says {head.describe()}"
     if chain.header["site_id"] != head.site_id or chain.header["budget_number"] != head.budget_number:
-        raise LedgerError(
+        raise _refused(
             f"privacy ledger {path} is another ledger than the one this site keeps (site id "
             f"{chain.header['site_id'][:8]}…, budget {chain.header['budget_number']}; {kept}, site id "
-            f"{head.site_id[:8]}…). {_ways_on(key, head.entries)}")
+            f"{head.site_id[:8]}…)", key, head.entries)
     if len(chain.entries) < head.entries:
-        raise LedgerError(
+        raise _refused(
             f"privacy ledger {path} is behind: it holds {_entries(len(chain.entries))} but {kept}: entries were "
-            f"removed, or an older copy put back. {_ways_on(key, head.entries)}")
+            f"removed, or an older copy put back", key, head.entries)
     if chain.hash_at(head.entries) != head.head:
-        raise LedgerError(
+        raise _refused(
             f"privacy ledger {path} was rewritten: its first {head.entries} entries no longer hash to the head "
-            f"kept in {head_file} ({head.describe()}): an entry was edited and the chain recomputed. "
-            f"{_ways_on(key, head.entries)}")
+            f"kept in {head_file} ({head.describe()}): an entry was edited and the chain recomputed",
+            key, head.entries)
 
 
 def _parse_head(state: Any) -> LedgerHead:
@@ -889,11 +899,13 @@ def _parse_head(state: Any) -> LedgerHead:
     return head
 
 
-def _ways_on(key: Path, entries: int | None = None) -> str:
-    held = f"at least those {_entries(entries)}" if entries else "this site's entries"
-    return (f"Restore {key} from a backup holding {held}; or, if this site is to start a new privacy budget, "
-            f"do so explicitly (the old ledger is archived and the reset logged): "
-            f"fednano ledger new-budget {_site_hint(key)} --reason '...'")
+def _refused(problem: str, key: Path, entries: int | None = None, restore: Path | None = None) -> LedgerError:
+    """The error for a ledger that cannot be trusted: what is wrong, then the two ways on (restore ``restore``,
+    by default the ledger, or start a new budget)."""
+    held = f"at least {_entries(entries)}" if entries else "this site's entries"
+    return LedgerError(f"{problem}; not resetting it. Restore {restore or key} from a backup holding {held}; or, if "
+                       f"this site is to start a new privacy budget, do so explicitly (the old ledger is archived "
+                       f"and the reset logged): fednano ledger new-budget {_site_hint(key)} --reason '...'", problem)
 
 
 def _entries(n: int) -> str:
