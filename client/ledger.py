@@ -321,7 +321,7 @@ class PrivacyLedger:
             raise ValueError(f"epsilon_budget must be a finite number > 0, got {epsilon_budget!r}")
         if isinstance(delta, bool) or not 0 < delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {delta!r}")
-        self.path = Path(path)
+        self.path = Path(path).absolute()  # one file for the object's life, whatever the working folder later
         self.epsilon_budget = float(epsilon_budget)
         self.delta = float(delta)
         self.heads = LedgerHeadStore(state_dir)
@@ -453,8 +453,8 @@ class PrivacyLedger:
 
     @property
     def _key(self) -> Path:
-        """The ledger's path as the head store knows it: absolute, folders resolved (the file is never a link)."""
-        return self.path.absolute().parent.resolve() / self.path.name
+        """The ledger's path as the head store knows it: folders resolved (the file itself is never a link)."""
+        return self.path.parent.resolve() / self.path.name
 
     def _epsilon_with(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
         return _epsilon(tuple(_appended(self.history, [(noise_multiplier, sample_rate, steps)])), self.delta)

@@ -384,3 +384,37 @@ def test_each_entry_keeps_the_phase_that_spent_it(path):
     assert [e["phase"] for e in reopened.entries] == ["statistics", "training", ""]
     with pytest.raises(ValueError, match="phase must be a string"):
         ledger.record(SIGMA, RATE, 1, run_id=1, server_round=3, phase=None)
+
+
+# --- siblings: what else could under-count ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("step", [(True, RATE, 1), (SIGMA, True, 1), (SIGMA, RATE, True), (float("nan"), RATE, 1),
+                                  (SIGMA, float("nan"), 1), (SIGMA, RATE, -1), (SIGMA, RATE, 0)],
+                         ids=["bool-noise", "bool-rate", "bool-steps", "nan-noise", "nan-rate", "negative", "zero"])
+def test_a_step_that_is_no_real_dp_sgd_step_is_refused_before_anything_is_written(path, step):
+    ledger = PrivacyLedger.open(path, epsilon_budget=BUDGET, delta=DELTA)
+    with pytest.raises(ValueError):
+        ledger.record(*step, run_id=1, server_round=1)
+    assert not path.exists()
+
+
+def test_a_budget_raised_in_site_toml_keeps_the_spent_epsilon_and_the_budget_in_force_in_each_entry(path):
+    exhaust(path)
+    raised = PrivacyLedger.open(path, epsilon_budget=6.0, delta=DELTA)
+    assert round(raised.spent(), 2) == 3.05  # raising the budget spends nothing and forgets nothing
+    raised.record(SIGMA, RATE, STEPS, run_id=2, server_round=1)
+    assert [e["epsilon_budget"] for e in PrivacyLedger.open(path, 6.0, DELTA).entries] == [BUDGET, 6.0]
+    edit(path, lambda s: s["entries"][0].update(epsilon_budget=6.0))  # pretending it was always 6
+    with pytest.raises(LedgerError, match="entry 0 was edited"):
+        PrivacyLedger.open(path, epsilon_budget=6.0, delta=DELTA)
+
+
+def test_a_relative_ledger_path_names_one_file_whatever_the_working_folder_later(site, monkeypatch, tmp_path):
+    monkeypatch.chdir(site)
+    ledger = PrivacyLedger.open(".fednano/privacy_ledger.json", epsilon_budget=10.0, delta=DELTA)
+    ledger.record(SIGMA, RATE, STEPS, run_id=1, server_round=1)
+    monkeypatch.chdir(tmp_path)
+    assert ledger.path == site / ".fednano" / "privacy_ledger.json" and len(ledger.entries) == 1
+    ledger.record(SIGMA, RATE, STEPS, run_id=1, server_round=2)
+    assert len(PrivacyLedger.open(site / ".fednano" / "privacy_ledger.json", 10.0, DELTA).entries) == 2
