@@ -118,8 +118,8 @@ class BudgetExhausted(RuntimeError):
 
 
 def default_state_dir() -> Path:
-    """``$FEDNANO_STATE_DIR``, else ``$XDG_STATE_HOME/fednano``, else ``~/.local/state/fednano`` (XDG Base
-    Directory spec: state that should persist between restarts but is not worth a backup of its own)."""
+    """``$FEDNANO_STATE_DIR``, else ``$XDG_STATE_HOME/fednano``, else ``~/.local/state/fednano`` (the XDG Base
+    Directory spec's place for state that persists between restarts), apart from any site's data folder."""
     if os.environ.get(STATE_DIR_ENV):
         return Path(os.environ[STATE_DIR_ENV]).expanduser()
     xdg = os.environ.get("XDG_STATE_HOME", "")
@@ -208,7 +208,7 @@ class LedgerHeadStore:
 
 @dataclass
 class _Chain:
-    """A ledger file's content, its chain verified."""
+    """A ledger's header, entries and history, with the hash of every entry (verified when read from a file)."""
 
     header: dict[str, Any]
     entries: list[dict[str, Any]]
@@ -227,7 +227,8 @@ class _Chain:
     def head(self) -> str:
         return self.hash_at(len(self.entries))
 
-    def appended(self, entry: dict[str, Any]) -> None:
+    def append(self, entry: dict[str, Any]) -> None:
+        """Chain ``entry`` (its ``prev`` set here) onto the ledger."""
         entry["prev"] = self.head
         self.entries.append(entry)
         self.hashes.append(_digest(entry))
@@ -487,7 +488,7 @@ class PrivacyLedger:
         """
         key = self._key
         head = self.heads.read(key)  # before the ledger: a writer writes the ledger first, then the head
-        state = _read_ledger_file(self.path, key, self.heads)
+        state = _read_ledger_file(self.path, key)
         if state is None:
             if head is not None:
                 raise _refused(
@@ -553,7 +554,7 @@ class PrivacyLedger:
                     "epsilon_after": _epsilon(tuple(history), self.delta), "epsilon_budget": self.epsilon_budget,
                     "utc": _now(), "phase": phase,
                 })
-                chain.appended(new_entries[-1])
+                chain.append(new_entries[-1])
             write_json_atomically(self.path, chain.to_file(), mode=FILE_MODE)
             self.heads.write(self._head_of(chain, key, head.resets if head else ()))
         self._adopt(chain)
@@ -570,7 +571,7 @@ class PrivacyLedger:
         previous: dict[str, Any] = {"head": kept}
         site_id, budget = (head.site_id, head.budget_number) if head else (None, 0)
         try:
-            state = _read_ledger_file(self.path, key, self.heads)
+            state = _read_ledger_file(self.path, key)
             if _is_legacy(state):
                 chain = self._migrated_chain(state)
             else:
@@ -602,7 +603,7 @@ class PrivacyLedger:
         chain = _Chain(_new_header(state["delta"], secrets.token_hex(SITE_ID_BYTES), 1, None, started=started,
                                    migrated_from=LEGACY_SCHEMA_VERSION), [], [])
         for entry in entries:
-            chain.appended({**entry, "phase": ""})
+            chain.append({**entry, "phase": ""})
         if chain.history != history:  # _parse_legacy checked it; a chain never changes the history
             raise LedgerError(f"privacy ledger {self.path}: migrated history {chain.history} != {history}")
         return chain
@@ -713,7 +714,7 @@ def _is_number(x: Any) -> bool:
 # --- the ledger file ----------------------------------------------------------------------------------------
 
 
-def _read_ledger_file(path: Path, key: Path, heads: LedgerHeadStore) -> dict[str, Any] | None:
+def _read_ledger_file(path: Path, key: Path) -> dict[str, Any] | None:
     """The ledger's JSON (strict: no repeated key, no NaN), None if there is no file; LedgerError for a link,
     a folder, anything but a regular file, or unreadable JSON."""
     try:

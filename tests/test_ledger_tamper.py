@@ -188,7 +188,7 @@ def test_a_rewritten_chain_is_refused_by_the_head(path):
     state = json.loads(path.read_text())
     chain = module._Chain({k: state[k] for k in module.HEADER_KEYS}, [], [])
     for entry in state["entries"]:
-        chain.appended({**entry, "steps": 1})
+        chain.append({**entry, "steps": 1})
     path.write_text(json.dumps(chain.to_file()))
     with pytest.raises(LedgerError, match=r"was rewritten: its first 2 entries no longer hash to the head"):
         PrivacyLedger.open(path, epsilon_budget=10.0, delta=DELTA)

@@ -26,7 +26,7 @@ def ledger(site_id: str = SITE_ID, steps=STEPS, delta: float = DELTA) -> dict:
     history: list = []
     for i, (sigma, rate, n) in enumerate(steps):
         history = history + [(sigma, rate, n)]
-        chain.appended({"run_id": "run-1", "round": i + 1, "steps": n, "noise_multiplier": sigma,
+        chain.append({"run_id": "run-1", "round": i + 1, "steps": n, "noise_multiplier": sigma,
                         "sample_rate": rate, "epsilon_after": _epsilon(tuple(_merged(history)), delta),
                         "epsilon_budget": BUDGET, "utc": f"2025-03-01T09:0{i + 1}:00+00:00", "phase": "training"})
     return chain.to_file()
@@ -47,7 +47,7 @@ def rechained(state: dict, change) -> dict:
     header = {k: v for k, v in state.items() if k not in ("entries", "history", "head")}
     chain = _Chain(header, [], [])
     for entry in change(copy.deepcopy(state["entries"])):
-        chain.appended({k: v for k, v in entry.items() if k != "prev"})
+        chain.append({k: v for k, v in entry.items() if k != "prev"})
     return chain.to_file()
 
 
