@@ -929,6 +929,8 @@ def _folder_lock(folder: Path) -> Iterator[None]:
     try:
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     except FileNotFoundError:
+        fd = None
+    if fd is None:  # not inside the except: an error of the caller's must not read as "folder not found"
         yield
         return
     try:

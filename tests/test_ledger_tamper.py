@@ -72,8 +72,9 @@ def test_a_deleted_ledger_is_refused_naming_the_file_and_what_to_do(path):
 def test_a_deleted_ledger_folder_is_refused_too(path):
     exhaust(path)
     shutil.rmtree(path.parent)  # rm -r .fednano
-    with pytest.raises(LedgerError, match="missing"):
+    with pytest.raises(LedgerError, match="missing") as refused:
         PrivacyLedger.open(path, epsilon_budget=BUDGET, delta=DELTA)
+    assert refused.value.__context__ is None  # not reported "during handling of FileNotFoundError(.fednano)"
 
 
 def test_a_ledger_replaced_by_an_empty_valid_one_is_refused(path, tmp_path):
