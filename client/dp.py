@@ -42,11 +42,8 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, Context
 
-from client.ledger import BudgetExhausted, PrivacyLedger, calibrate_noise
+from client.ledger import SITE_LEDGER_FILE, BudgetExhausted, PrivacyLedger, calibrate_noise
 from shared.protocol.privacy import PHASES, ReleaseFacts, RunPlan, SitePrivacy
-
-LEDGER_FILE = Path(".fednano") / "privacy_ledger.json"
-"""Where a site keeps its privacy ledger, beside its data."""
 
 GAUSSIAN_SAMPLE_RATE = 1.0
 """A Gaussian mechanism on the whole table is the subsampled Gaussian at sample rate 1 (Mironov 2017)."""
@@ -103,12 +100,14 @@ class SiteDP:
     shares: dict[str, float]
 
     @classmethod
-    def of(cls, folder: Path, site_config: Mapping[str, Any]) -> SiteDP | None:
-        """The terms of the site in ``folder`` whose ``site.toml`` is ``site_config``; None without DP."""
+    def of(cls, folder: Path, site_config: Mapping[str, Any], state_dir: Path | None = None) -> SiteDP | None:
+        """The terms of the site in ``folder`` whose ``site.toml`` is ``site_config``; None without DP.
+        ``state_dir``: where the ledger's head copy is kept apart (``client.ledger``; None: the default)."""
         privacy = site_config.get("privacy", {})
         if not privacy.get("dp", False):
             return None
-        ledger = PrivacyLedger.open(folder / LEDGER_FILE, float(privacy["epsilon"]), float(privacy["delta"]))
+        ledger = PrivacyLedger.open(folder / SITE_LEDGER_FILE, float(privacy["epsilon"]), float(privacy["delta"]),
+                                    state_dir=state_dir)
         return cls(ledger, declared_shares(site_config))
 
 

@@ -2,7 +2,9 @@
 
 The site is the folder (or CSV file) at ``node_config["data-path"]``; its name comes from
 ``node_config["site-name"]``, else ``site.toml``, else the folder name; a generic tabular task comes with
-``node_config["task-path"]`` and the coordinator's policy key with ``node_config["trust-key"]``. In an
+``node_config["task-path"]``, the coordinator's policy key with ``node_config["trust-key"]`` and the folder
+holding the copy of the privacy ledger's head kept apart from the site (``client.ledger``) with
+``node_config["state-dir"]`` (default ``$FEDNANO_STATE_DIR``, else ``~/.local/state/fednano``). In an
 in-process simulation the runner gives the ClientApp the list of sites, indexed by the node's
 ``partition-id``.
 
@@ -50,6 +52,7 @@ class SiteSource:
     task_path: Path | None = None
     name: str | None = None
     trust_key: Path | None = None  # the coordinator's policy_signing.pub from this site's kit
+    state_dir: Path | None = None  # where the privacy ledger's head copy lives (client.ledger); None: the default
 
     @property
     def folder(self) -> Path:
@@ -64,10 +67,10 @@ def site_source(context: Context, sites: list[SiteSource] | None = None) -> Site
     """This node's data: ``data-path`` (and ``task-path``) in the node config, else the simulation's list."""
     config = context.node_config
     if "data-path" in config:
-        task, trust = config.get("task-path"), config.get("trust-key")
+        task, trust, state = config.get("task-path"), config.get("trust-key"), config.get("state-dir")
         return SiteSource(Path(str(config["data-path"])), Path(str(task)) if task else None,
                           str(config["site-name"]) if config.get("site-name") else None,
-                          Path(str(trust)) if trust else None)
+                          Path(str(trust)) if trust else None, Path(str(state)) if state else None)
     if sites is not None and "partition-id" in config:
         return sites[int(config["partition-id"])]
     raise ValueError("this SuperNode has no data: start it with --node-config 'data-path=/path/to/site'")
@@ -95,7 +98,7 @@ def site_name(source: SiteSource, site: SiteData | None = None) -> str:
 
 def site_dp(source: SiteSource, site: SiteData) -> SiteDP | None:
     """The site's DP terms if its ``site.toml`` enables DP (``[privacy] dp = true``), else None."""
-    return SiteDP.of(source.folder, site.config)
+    return SiteDP.of(source.folder, site.config, state_dir=source.state_dir)
 
 
 def error_reply(msg: Message, code: int, reason: str) -> Message:

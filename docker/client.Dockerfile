@@ -1,5 +1,8 @@
 # A hospital's Flower SuperNode with fednano's ClientApp and everything it imports (torch CPU, Opacus,
-# xgboost-cpu). No key, certificate or data is in the image: compose.yaml mounts them read-only.
+# xgboost-cpu): the hospital's packages only (shared/, client/, and the fednano CLI for validate, recommend,
+# serve and ledger), never the coordinator's. No key, certificate or data is in the image: compose.yaml
+# mounts them read-only; FEDNANO_STATE_DIR (the privacy ledger's head copy, kept apart from the data) is a
+# volume of its own.
 #
 #   git archive HEAD | docker build -f docker/client.Dockerfile -t fednano-client -
 #
@@ -19,7 +22,8 @@ ENV PATH=/opt/fednano/bin:$PATH \
     FLWR_HOME=/var/lib/fednano/flwr \
     FLWR_DISABLE_UPDATE_CHECK=1 \
     FLWR_TELEMETRY_ENABLED=0 \
-    FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+    FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 \
+    FEDNANO_STATE_DIR=/var/lib/fednano/state
 
 WORKDIR /tmp/fednano
 COPY docker/wheels/ /tmp/wheels/
@@ -27,15 +31,12 @@ COPY pyproject.toml README.md ./
 COPY fednano/ fednano/
 COPY shared/ shared/
 COPY client/ client/
-COPY server/ server/
-COPY strategies/ strategies/
-COPY simulation/ simulation/
 RUN if [ "$WHEELS_ONLY" = true ]; then index="--no-index"; else index="--extra-index-url=$TORCH_INDEX_URL"; fi \
     && python3 -m venv /opt/fednano \
     && /opt/fednano/bin/pip install --no-cache-dir --find-links=/tmp/wheels "$index" "torch==2.13.0" . \
     && rm -rf /tmp/wheels /tmp/fednano \
     && useradd --uid 10001 --create-home --shell /usr/sbin/nologin fednano \
-    && mkdir -p /var/lib/fednano/flwr \
+    && mkdir -p /var/lib/fednano/flwr /var/lib/fednano/state \
     && chown -R fednano:fednano /var/lib/fednano
 
 WORKDIR /var/lib/fednano

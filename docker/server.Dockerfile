@@ -22,10 +22,8 @@ COPY docker/wheels/ /tmp/wheels/
 COPY pyproject.toml README.md ./
 COPY fednano/ fednano/
 COPY shared/ shared/
-COPY client/ client/
 COPY server/ server/
 COPY strategies/ strategies/
-COPY simulation/ simulation/
 RUN if [ "$WHEELS_ONLY" = true ]; then index="--no-index"; else index="--extra-index-url=$TORCH_INDEX_URL"; fi \
     && python3 -m venv /opt/fednano \
     && /opt/fednano/bin/pip install --no-cache-dir --find-links=/tmp/wheels "$index" "torch==2.13.0" . \

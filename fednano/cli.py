@@ -200,7 +200,7 @@ def provision(
     san: list[str] | None = typer.Option(
         None, "--san", help="A name the SuperLink is reached by (repeat it); default localhost and 127.0.0.1. "
                             "127.0.0.1 is always included."),
-    days: int = typer.Option(365, "--days", min=1, help="Validity of the CA and server certificates."),
+    days: int = typer.Option(365, "--days", help="Validity of the CA and server certificates: 1 to 3650 days."),
     add_sites: bool = typer.Option(
         False, "--add-sites", help="Keep the kit's CA, server and coordinator keys; add kits for new sites only."),
 ) -> None:
@@ -309,6 +309,126 @@ def serve(
     version = loaded.manifest.version if loaded.manifest is not None else "?"
     typer.echo(f"policy version {version} verified; serving on http://{host}:{port} (OpenAPI: /docs)")
     serve_app(loaded, host=host, port=port)
+
+
+ledger_app = typer.Typer(no_args_is_help=True, help="A site's privacy ledger: what it has spent, and starting a new "
+                                                     "budget on purpose.")
+app.add_typer(ledger_app, name="ledger")
+
+LEDGER_TARGET_HELP = "A site folder (its ledger is .fednano/privacy_ledger.json), or a ledger file (*.json)."
+STATE_DIR_HELP = ("fednano's state folder holding the ledger heads "
+                  "(default $FEDNANO_STATE_DIR, else $XDG_STATE_HOME/fednano).")
+
+
+@ledger_app.command("status")
+def ledger_status(
+    target: Path = typer.Argument(..., help=LEDGER_TARGET_HELP),
+    epsilon: float | None = typer.Option(None, "--epsilon", help="ε budget (default: site.toml's [privacy])."),
+    delta: float | None = typer.Option(None, "--delta", help="δ (default: site.toml's [privacy])."),
+    state_dir: Path | None = typer.Option(None, "--state-dir", help=STATE_DIR_HELP),
+) -> None:
+    """ε spent and left, entries, and whether the ledger matches its hash chain and its head; exit 1 if not."""
+    from client.ledger import LedgerError, PrivacyLedger
+
+    path, site = _ledger_target(target)
+    budget, site_delta = _ledger_budget(site, epsilon, delta)
+    ledger = PrivacyLedger(path, budget, site_delta, state_dir=state_dir)
+    typer.echo(f"site     {site}\nledger   {path}\nhead     {ledger.head_file}")
+    try:
+        spent, head = ledger.spent(), ledger.head()
+    except LedgerError as err:
+        typer.echo(f"chain    REFUSED: {err}")
+        raise typer.Exit(1) from err
+    if head is None:
+        typer.echo("         no ledger yet: this site has recorded no DP training")
+    reset = ledger.reset
+    typer.echo(f"budget   {ledger.budget_number}, " + (f"started {reset['utc']} by {reset['by']}: {reset['reason']}"
+                                                       if reset else "the site's first"))
+    typer.echo(f"spent    ε={spent:.4f} of {budget:g} at δ={site_delta:g}, {ledger.remaining():.4f} left")
+    steps = sum(entry["steps"] for entry in ledger.entries)
+    phases = ", ".join(sorted({entry["phase"] or "unlabelled" for entry in ledger.entries})) or "none"
+    typer.echo(f"entries  {len(ledger.entries)}, {steps} steps; phases: {phases}")
+    budgets = sorted({entry["epsilon_budget"] for entry in ledger.entries})
+    if len(budgets) > 1:
+        typer.echo(f"         the budget in force changed between entries: {', '.join(f'{b:g}' for b in budgets)}")
+    if head is not None:
+        typer.echo(f"chain    OK: hash chain intact, head matches ({_count(head.entries, 'entry', 'entries')}, "
+                   f"{head.head[:12]}…)")
+    for past in head.resets if head else ():
+        typer.echo(f"reset    {past['utc']} by {past['by']}: {past['reason']}; {_old_budget(past)}")
+
+
+@ledger_app.command("new-budget")
+def ledger_new_budget(
+    target: Path = typer.Argument(..., help=LEDGER_TARGET_HELP),
+    reason: str = typer.Option(..., "--reason", help="Why this site starts a new privacy budget (kept in the log)."),
+    by: str | None = typer.Option(None, "--by", help="Who asks for it (default: user@host)."),
+    epsilon: float | None = typer.Option(None, "--epsilon", help="ε budget (default: site.toml's [privacy])."),
+    delta: float | None = typer.Option(None, "--delta", help="δ of the new budget (default: site.toml's [privacy])."),
+    state_dir: Path | None = typer.Option(None, "--state-dir", help=STATE_DIR_HELP),
+) -> None:
+    """Start a site's privacy budget afresh, on purpose: the old ledger is archived (never deleted), the reset
+    logged (who, when, why) in the new ledger and the head store, and ε spent starts again from 0."""
+    from client.ledger import PrivacyLedger
+
+    path, site = _ledger_target(target)
+    budget, site_delta = _ledger_budget(site, epsilon, delta)
+    if not reason.strip():
+        raise typer.BadParameter("say why this site starts a new budget", param_hint="--reason")
+    ledger = PrivacyLedger.start_new_budget(path, budget, site_delta, reason, by=by, state_dir=state_dir)
+    reset = ledger.reset
+    typer.echo(f"budget {ledger.budget_number} started {reset['utc']} by {reset['by']}: {reset['reason']}")
+    typer.echo(_old_budget(reset))
+    typer.echo(f"ε spent 0 of {budget:g} at δ={site_delta:g}; the reset is logged in {path} and {ledger.head_file}")
+
+
+def _old_budget(reset: dict) -> str:
+    """What a reset record says about the budget it ended: the ledger's state, its ε, its head, the archive."""
+    old = reset["previous"]
+    ledger = f"old ledger {old.get('ledger')}" + (f", ε={old['epsilon']:.4f} spent" if "epsilon" in old else "")
+    head = old.get("head")
+    said = (f"its head said ε={head['epsilon']:.4f} after {_count(head['entries'], 'entry', 'entries')}"
+            if isinstance(head, dict)
+            else f"its head: {head}" if head else "no head")
+    archived = f"archived to {reset['archived']}" if reset["archived"] else "no file to archive"
+    return f"{ledger}; {said}; {archived}"
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def _ledger_target(target: Path) -> tuple[Path, Path]:
+    """(ledger file, site folder), absolute, for ``fednano ledger``'s argument."""
+    from client.ledger import SITE_LEDGER_FILE
+
+    target = target.absolute()
+    if target.suffix == ".json":
+        site = target.parent.parent if target.parent.name == SITE_LEDGER_FILE.parent.name else target.parent
+        return target, site
+    if not target.is_dir():
+        raise typer.BadParameter(f"{target} is no folder (a site folder) and no .json file (a ledger)",
+                                 param_hint="TARGET")
+    return target / SITE_LEDGER_FILE, target
+
+
+def _ledger_budget(site: Path, epsilon: float | None, delta: float | None) -> tuple[float, float]:
+    """(ε, δ) from the options, else from the site's site.toml ``[privacy]``."""
+    from shared.schema import SITE_FILE
+    from shared.validation import read_site_config
+
+    privacy = {}
+    if (site / SITE_FILE).is_file():
+        config, _ = read_site_config(site / SITE_FILE)
+        privacy = config.get("privacy", {}) if isinstance(config.get("privacy"), dict) else {}
+    epsilon = epsilon if epsilon is not None else privacy.get("epsilon")
+    delta = delta if delta is not None else privacy.get("delta")
+    for name, value, low, high in (("--epsilon", epsilon, 0, float("inf")), ("--delta", delta, 0, 1)):
+        if value is None:
+            raise typer.BadParameter(f"no [privacy] {name[2:]} in {site / SITE_FILE}: give {name}", param_hint=name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not low < value < high:
+            raise typer.BadParameter(f"expected a number in ({low:g}, {high:g}), got {value!r}", param_hint=name)
+    return float(epsilon), float(delta)
 
 
 def _site_paths(ctx: typer.Context, sites: list[Path] | None) -> list[Path]:

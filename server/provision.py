@@ -17,7 +17,8 @@ Layout of ``OUT``::
                     supernodes/<site>.pub  config.toml  README.txt
     sites/<site>/   supernode.key supernode.pub ca.pem policy_signing.pub site.toml
 
-Private keys are written 0600 in folders 0700; certificates and public keys 0644. Nothing is ever
+Private keys are written 0600 in folders 0700; certificates and public keys 0644; every other folder this
+call creates (``OUT`` itself included) 0750, whatever the caller's umask. Nothing is ever
 overwritten: a second run raises :class:`ProvisionError` naming the files that exist, unless ``add_sites``
 asks to keep the existing CA, server and coordinator material and only add kits for new sites.
 
@@ -81,6 +82,16 @@ DNS_NAME = re.compile(r"(\*\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
                       r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?")
 
 PRIVATE_FILE, PUBLIC_FILE, PRIVATE_FOLDER = 0o600, 0o644, 0o700
+SHARED_FOLDER = 0o750
+"""Folders without secrets: the owner's group (an operations team) may read them, nobody else; only the owner
+writes. Set explicitly, as every mode here: ``mkdir`` masks its mode with the umask, and under ``umask 000``
+the kit would be world-writable (anyone could swap a site's ``ca.pem`` or ``policy_signing.pub``)."""
+
+MAX_VALIDITY_DAYS = 3650
+"""Longest validity of the CA and server certificates: ten years. The CA key signs nothing after provisioning
+but the server key is online for the certificate's life, and NIST SP 800-57 Part 1 (rev. 5, §5.3.6) puts
+the cryptoperiod of a private signature key at 1-3 years: ten years already assumes rotation by
+re-provisioning. Far below Python's year-9999 datetime limit (``--days 3000000`` overflowed it)."""
 
 COORDINATOR, SITES, SUPERNODES = "coordinator", "sites", "supernodes"
 CA_CERT, CA_KEY = "ca.pem", "ca.key"
@@ -180,7 +191,7 @@ def provision(federation: str, sites: list[str], out: Path,
         Names the SuperLink is reached by: IP addresses become IP SANs, anything else DNS SANs.
         127.0.0.1 is always added (see ``ALWAYS_SAN``).
     days : int, default 365
-        Validity of the CA and server certificates.
+        Validity of the CA and server certificates, 1 to ``MAX_VALIDITY_DAYS`` (3650).
     add_sites : bool, default False
         Keep the existing CA, server and coordinator material in ``out`` and only add kits for sites not
         yet in it; sites already present are left untouched and reported as skipped. Nothing is signed.
@@ -197,8 +208,7 @@ def provision(federation: str, sites: list[str], out: Path,
     """
     _check_name(federation, "federation")
     _check_sites(sites)
-    if days < 1:
-        raise ProvisionError(f"days: expected a validity of at least 1 day, got {days}")
+    _check_days(days)
     out = Path(out).expanduser().absolute()
     coordinator = out / COORDINATOR
     files: list[_File] = []
@@ -249,6 +259,13 @@ def _check_sites(sites: list[str]) -> None:
         if site.casefold() in seen:
             raise ProvisionError(f"site name {site!r} given twice" + _case_note(seen[site.casefold()], site))
         seen[site.casefold()] = site
+
+
+def _check_days(days: int) -> None:
+    if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= MAX_VALIDITY_DAYS:
+        raise ProvisionError(f"days: expected a whole number from 1 to {MAX_VALIDITY_DAYS} "
+                             f"({MAX_VALIDITY_DAYS // 365} years), got {days!r}: a longer validity outlives "
+                             "key-rotation guidance (NIST SP 800-57; see server.provision.MAX_VALIDITY_DAYS)")
 
 
 def _case_note(a: str, b: str) -> str:
@@ -436,8 +453,17 @@ def _write_all(files: list[_File]) -> list[Path]:
 
 
 def _make_folder(folder: Path, private: bool) -> None:
-    if not folder.is_dir():
-        folder.mkdir(parents=True, mode=PRIVATE_FOLDER if private else 0o755)
+    """Create ``folder`` (0700 if it holds private keys, else 0750) and its missing parents (0750) with those
+    exact modes whatever the umask; a folder that holds private keys is made 0700 even if it existed, other
+    existing folders keep their mode (``OUT`` may be the user's own)."""
+    missing = []
+    for parent in (folder, *folder.parents):
+        if parent.is_dir():
+            break
+        missing.append(parent)
+    for created in reversed(missing):
+        created.mkdir(mode=PRIVATE_FOLDER)  # never wider than the final mode, even for an instant
+        created.chmod(SHARED_FOLDER)
     if private:
         folder.chmod(PRIVATE_FOLDER)
 

@@ -38,7 +38,7 @@ from server.analytics_plan import AnalyticsSettings, plan_for
 from shared.protocol.messages import MessageName
 from shared.protocol.privacy import RELEASES
 from shared.protocol.records import SITE_NAME
-from simulation.clinics import SitePrivacy, generate_sites
+from simulation.clinics import SIMULATED_STATE_DIR, SitePrivacy, generate_sites
 
 
 class LocalSites:
@@ -106,7 +106,8 @@ def prepare_sites(out: Path, clinics: int | None, sites: Sequence[Path] | None, 
     world = generate_sites(clinics, seed, out / "sites", patients_per_clinic,
                            SitePrivacy(dp=dp, epsilon=budget, delta=delta,
                                        shares=(("analytics", min(1.0, epsilon / budget)),)))
-    return [SiteSource(out / "sites" / c.name) for c in world.clinics]
+    heads = out / "sites" / SIMULATED_STATE_DIR
+    return [SiteSource(out / "sites" / c.name, state_dir=heads) for c in world.clinics]
 
 
 def run_federated_analytics(sources: list[SiteSource], settings: AnalyticsSettings, out: Path) -> dict[str, Any]:

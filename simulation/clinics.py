@@ -386,6 +386,11 @@ def _row(f: Formulations) -> Formulations:
     return Formulations(**{k: np.asarray(v)[None, :] for k, v in vars(f).items()})
 
 
+SIMULATED_STATE_DIR = ".ledger-heads"
+"""Where simulated clinics keep their privacy ledgers' head copies (``client.ledger``): a folder beside the site
+folders, made anew with them, so fresh clinics start fresh budgets and nothing lands in the user's home."""
+
+
 @dataclass(frozen=True)
 class SitePrivacy:
     """The privacy budget a simulated site writes in its site.toml (a hospital decides its own): DP on or off,

@@ -40,7 +40,7 @@ from simulation.baselines import (
     pooled_boosters,
     pooled_model,
 )
-from simulation.clinics import SitePrivacy, World, generate_sites
+from simulation.clinics import SIMULATED_STATE_DIR, SitePrivacy, World, generate_sites
 from simulation.seed_comparison import CLASSIC, local_classic, pooled_classic, pooled_importance
 
 
@@ -106,14 +106,16 @@ def prepare_sites(cfg: ExperimentConfig) -> tuple[list[SiteSource], World | None
     """The sites of the experiment: the user's, or freshly simulated clinics (then also their world).
 
     Simulated clinics are new every run: their folder, with any privacy ledger or installed policy of an
-    earlier run, is replaced."""
+    earlier run, is replaced, and so is the folder keeping their ledgers' head copies (``OUT/sites/
+    .ledger-heads``), so fresh clinics start fresh budgets and nothing lands in the user's home. Your own
+    sites keep their heads in the default state folder (``client.ledger``)."""
     if cfg.sites:
         return distinct_sites([SiteSource(Path(p), cfg.task) for p in cfg.sites]), None
     out = cfg.out / "sites"
     shutil.rmtree(out, ignore_errors=True)
     world = generate_sites(cfg.clinics, cfg.seed, out, cfg.patients_per_clinic,
                            SitePrivacy(dp=cfg.dp, epsilon=cfg.epsilon, delta=cfg.delta))
-    return [SiteSource(out / c.name) for c in world.clinics], world
+    return [SiteSource(out / c.name, state_dir=out / SIMULATED_STATE_DIR) for c in world.clinics], world
 
 
 def distinct_sites(sources: list[SiteSource]) -> list[SiteSource]:

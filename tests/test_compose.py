@@ -98,8 +98,8 @@ def test_dockerfiles_take_a_base_image_and_bake_no_secret(dockerfile):
     assert '"torch==2.13.0"' in text
     # COPY is the only way files enter the image: the project's code and the wheelhouse, no kit, no data.
     copied = [line.split()[1] for line in text.splitlines() if line.startswith("COPY ")]
-    assert copied == ["docker/wheels/", "pyproject.toml", "fednano/", "shared/", "client/", "server/", "strategies/",
-                      "simulation/"]
+    side = ["client/"] if dockerfile.startswith("client") else ["server/", "strategies/"]
+    assert copied == ["docker/wheels/", "pyproject.toml", "fednano/", "shared/", *side]  # one side's code only
 
 
 def test_compose_federation_mounts_keys_and_data_read_only_and_passes_each_site_its_config(tmp_path):
@@ -116,6 +116,7 @@ def test_compose_federation_mounts_keys_and_data_read_only_and_passes_each_site_
         assert mounts["/kit"]["source"] == str(tmp_path / "kit" / "sites" / site) and mounts["/kit"]["read_only"]
         assert mounts["/data"]["source"] == str(tmp_path / "data" / site) and mounts["/data"]["read_only"]
         assert not mounts["/data/.fednano"].get("read_only", False)  # the site's ledger and policies
+        assert mounts["/var/lib/fednano/state"]["source"].endswith(f"{site}-ledger-heads")  # the head, apart
         assert f'--node-config=data-path="/data" site-name="{site}" trust-key="/kit/policy_signing.pub"' \
                in node["command"]
         assert "--auth-supernode-private-key=/kit/supernode.key" in node["command"]

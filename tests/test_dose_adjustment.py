@@ -387,7 +387,7 @@ def test_flower_federated_fitted_q_runs_with_dp_sites_and_charges_their_ledgers(
     """Three simulated DP sites (site.toml dp = true, ε = 3, the simulator's default) in Flower's simulation
     runtime: the fit completes, every site reports its ε, and every ledger holds 1 + iterations releases
     within the adjuster's share (0.2 × 3)."""
-    from client.dp import LEDGER_FILE
+    from client.ledger import SITE_LEDGER_FILE as LEDGER_FILE
     from client.ledger import PrivacyLedger
 
     folders, result = _flower_fit(tmp_path, dp=True)

@@ -13,7 +13,7 @@ import pytest
 from flwr.app import Context, Message
 
 import client.app
-from client.dp import LEDGER_FILE
+from client.ledger import SITE_LEDGER_FILE as LEDGER_FILE
 from client.ledger import PrivacyLedger
 from client.site import SiteSource
 from shared.protocol import records as r

@@ -3,7 +3,7 @@ say why, and the rounds go on with the others."""
 
 import pytest
 
-from client.dp import LEDGER_FILE
+from client.ledger import SITE_LEDGER_FILE as LEDGER_FILE
 from client.ledger import PrivacyLedger
 from client.site import SiteSource
 from simulation.clinics import generate_sites

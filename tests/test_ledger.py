@@ -196,10 +196,10 @@ def test_ledger_file_is_private_to_the_site_and_leaves_no_temporary_files(path):
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert os.listdir(path.parent) == [path.name]
     state = json.loads(path.read_text())
-    assert state["schema_version"] == 1 and state["delta"] == DELTA
+    assert state["schema_version"] == 2 and state["delta"] == DELTA and state["budget_number"] == 1
     assert state["history"] == [[SIGMA, OPACUS_RATE, 26]]
     assert set(state["entries"][0]) == {"run_id", "round", "steps", "noise_multiplier", "sample_rate",
-                                        "epsilon_after", "epsilon_budget", "utc", "phase"}
+                                        "epsilon_after", "epsilon_budget", "utc", "phase", "prev"}
 
 
 def test_two_ledger_objects_on_one_file_both_keep_their_records(path):
@@ -217,8 +217,10 @@ def test_a_ledger_file_replaced_under_a_running_process_is_not_overwritten(path,
     other.record(2.0, 0.5, 3, run_id=9, server_round=1)
     os.replace(other.path, path)
     replaced = path.read_bytes()
-    with pytest.raises(LedgerError, match="changed on disk"):
+    with pytest.raises(LedgerError, match="another ledger than the one this site keeps") as refused:
         ledger.record(SIGMA, OPACUS_RATE, 13, run_id=1, server_round=2)
+    assert "Unrecorded training (noise_multiplier, sample_rate, steps): [(1.0, 0.07692307692307693, 13)] in run 1 " \
+           "round 2" in str(refused.value)
     assert path.read_bytes() == replaced
 
 

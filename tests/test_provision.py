@@ -28,7 +28,7 @@ from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
 from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode, _try_setup_client_authentication
 
-from server.provision import ProvisionError, provision
+from server.provision import MAX_VALIDITY_DAYS, ProvisionError, provision
 from shared.validation import read_site_config
 
 SITES = ["alpha", "beta", "clinic_03"]
@@ -359,3 +359,73 @@ def test_a_real_superlink_serves_tls_with_the_kit_and_registers_a_site_key(tmp_p
             link.kill()
             link.wait(timeout=10)
         log.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validity and file modes whatever the caller's umask
+
+
+def test_a_validity_beyond_the_stated_maximum_is_refused_naming_the_limit_and_nothing_is_written(tmp_path):
+    with pytest.raises(ProvisionError, match=r"days: expected a whole number from 1 to 3650 \(10 years\), got 3000000"):
+        provision("fed", ["a"], tmp_path, days=3_000_000)
+    assert not any(tmp_path.iterdir())
+    result = provision("fed", ["a"], tmp_path, days=MAX_VALIDITY_DAYS)
+    ca = cert(result.coordinator / "ca.pem")
+    assert (ca.not_valid_after_utc - ca.not_valid_before_utc).days == MAX_VALIDITY_DAYS  # plus the clock skew
+
+
+@pytest.mark.parametrize("days", [0, -1, True, 2.5, "30", MAX_VALIDITY_DAYS + 1])
+def test_a_validity_that_is_no_whole_number_of_days_from_1_is_refused(tmp_path, days):
+    with pytest.raises(ProvisionError, match="days: expected"):
+        provision("fed", ["a"], tmp_path, days=days)
+
+
+def test_the_cli_refuses_a_huge_validity_with_a_clean_error_not_a_traceback(tmp_path):
+    from typer.testing import CliRunner
+
+    from fednano.cli import app
+
+    result = CliRunner().invoke(app, ["provision", "--federation", "fed", "--sites", "a", "--out", str(tmp_path),
+                                      "--days", "3000000"])
+    assert result.exit_code == 1, result.output
+    assert "error: days: expected a whole number from 1 to 3650 (10 years), got 3000000" in result.output
+    assert isinstance(result.exception, SystemExit)  # a clean exit, not an OverflowError
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.fixture(params=[0o000, 0o077, 0o022], ids=["umask-000", "umask-077", "umask-022"])
+def umask(request):
+    """Provision under this umask, restored afterwards."""
+    old = os.umask(request.param)
+    try:
+        yield request.param
+    finally:
+        os.umask(old)
+
+
+def test_every_folder_and_file_has_its_explicit_mode_whatever_the_umask(tmp_path, umask):
+    kit = tmp_path / "new" / "kit"  # "new" is created too
+    provision("fed", ["a"], kit)
+    provision("fed", ["b"], kit, add_sites=True)
+    modes = {str(p.relative_to(tmp_path)): mode(p) for p in [tmp_path / "new", *sorted((tmp_path / "new").rglob("*"))]}
+    private_folder, shared_folder, private_file, public_file = 0o700, 0o750, 0o600, 0o644
+    site = {"ca.pem": public_file, "policy_signing.pub": public_file, "site.toml": public_file,
+            "supernode.key": private_file, "supernode.pub": public_file}
+    assert modes == {
+        "new": shared_folder, "new/kit": shared_folder,
+        "new/kit/coordinator": private_folder,
+        **{f"new/kit/coordinator/{n}": private_file for n in ("ca.key", "server.key", "policy_signing.key")},
+        **{f"new/kit/coordinator/{n}": public_file
+           for n in ("ca.pem", "server.pem", "policy_signing.pub", "config.toml", "README.txt")},
+        "new/kit/coordinator/supernodes": shared_folder,
+        "new/kit/coordinator/supernodes/a.pub": public_file, "new/kit/coordinator/supernodes/b.pub": public_file,
+        "new/kit/sites": shared_folder,
+        "new/kit/sites/a": private_folder, "new/kit/sites/b": private_folder,
+        **{f"new/kit/sites/{s}/{n}": m for s in "ab" for n, m in site.items()},
+    }
+
+
+def test_an_existing_output_folder_keeps_its_own_mode(tmp_path, umask):
+    tmp_path.chmod(0o755)
+    provision("fed", ["a"], tmp_path)
+    assert mode(tmp_path) == 0o755

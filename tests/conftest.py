@@ -1,0 +1,29 @@
+"""Test-wide settings: the suite never writes fednano state into the user's home."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+_STATE_DIR_ENV = "FEDNANO_STATE_DIR"  # client.ledger.STATE_DIR_ENV, not imported: conftest loads before any test
+
+
+def pytest_configure(config) -> None:
+    """Every ledger opened by any test (in this process, its Ray workers and its subprocesses) keeps its head
+    in a temporary state folder, not in ``~/.local/state/fednano``; tests that check the head store set their
+    own folder on top. Set before any test starts, so processes started later inherit it."""
+    state = tempfile.mkdtemp(prefix="fednano-test-state-")
+    config._fednano_state = (state, os.environ.get(_STATE_DIR_ENV))
+    os.environ[_STATE_DIR_ENV] = state
+
+
+def pytest_unconfigure(config) -> None:
+    state, before = getattr(config, "_fednano_state", (None, None))
+    if state is None:
+        return
+    shutil.rmtree(state, ignore_errors=True)
+    if before is None:
+        os.environ.pop(_STATE_DIR_ENV, None)
+    else:
+        os.environ[_STATE_DIR_ENV] = before
