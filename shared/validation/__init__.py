@@ -1,0 +1,62 @@
+"""Validation of a site's data — a folder (episodes.csv, vitals.csv, site.toml) or one task CSV — before use.
+
+Why hand-written rather than pandera or ``pandas.read_csv`` with dtypes: the checks that matter most come
+before any dataframe library sees the file. An empty file, an Excel workbook saved as ``.csv``, bytes that
+are not UTF-8, a row cut off at the end, a row with an extra field or two columns with the same name are
+silently padded, dropped, coerced or renamed by pandas. And every message must name the file, the column,
+the data rows (with their line numbers), what was expected and, for the common unit mistakes, a hint
+(``Column.hint_below`` / ``hint_above``) — so each cell is read as text and converted here, where we know
+which cell failed.
+
+The stages, each in its own module:
+
+1. bytes → table of text cells (``reading.read_csv_table``): size, binary sniff, strict UTF-8, ragged rows,
+   header;
+2. header → declared columns (``columns.check_header``): missing required columns, unknown extra columns;
+3. text cells → values (``columns.parse_column``): dtype, missing where not nullable, range with unit hint;
+4. cross-checks: duplicate episode ids, dose vs dose per m² × BSA, BSA vs Mosteller (``episodes``), vitals
+   references (``vitals``); site.toml (``site_config``).
+
+``site`` holds the entry points, ``task_site`` the generic tabular task, ``problems`` the findings and the
+report, ``inspection`` the steps both kinds of site share.
+
+Validation never modifies a file and never raises on bad data: every finding becomes a ``Problem`` in the
+``ValidationReport``. ``load_site`` validates first, then returns typed frames or raises ``SiteDataError``.
+
+Example
+-------
+>>> report = validate_site("sites/alpha")              # doctest: +SKIP
+>>> print(report.format())                             # doctest: +SKIP
+>>> site = load_site("sites/alpha")                    # doctest: +SKIP
+"""
+
+from shared.validation.columns import MISSING_TOKENS, check_header, parse_column, parse_table
+from shared.validation.episodes import (
+    BSA_TOLERANCE,
+    DOSE_TOLERANCE,
+    bsa_inconsistent_with_mosteller,
+    dose_inconsistent_with_bsa,
+    duplicate_episode_ids,
+    mosteller_bsa_m2,
+)
+from shared.validation.problems import MAX_LISTED, Problem, Severity, SiteDataError, ValidationReport
+from shared.validation.reading import (
+    BINARY_SIGNATURES,
+    MAX_CONTROL_FRACTION,
+    SNIFF_BYTES,
+    CsvTable,
+    read_csv_table,
+)
+from shared.validation.site import SiteData, load_site, validate_site
+from shared.validation.site_config import SITE_CONFIG_KEYS, SUPPORTED_SCHEMA_VERSIONS, read_site_config
+from shared.validation.task_site import task_columns
+from shared.validation.vitals import vitals_without_episodes
+
+__all__ = [
+    "BINARY_SIGNATURES", "BSA_TOLERANCE", "DOSE_TOLERANCE", "MAX_CONTROL_FRACTION", "MAX_LISTED", "MISSING_TOKENS",
+    "SITE_CONFIG_KEYS", "SNIFF_BYTES", "SUPPORTED_SCHEMA_VERSIONS",
+    "CsvTable", "Problem", "Severity", "SiteData", "SiteDataError", "ValidationReport",
+    "bsa_inconsistent_with_mosteller", "check_header", "dose_inconsistent_with_bsa", "duplicate_episode_ids",
+    "load_site", "mosteller_bsa_m2", "parse_column", "parse_table", "read_csv_table", "read_site_config",
+    "task_columns", "validate_site", "vitals_without_episodes",
+]

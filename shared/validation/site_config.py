@@ -1,0 +1,105 @@
+"""site.toml: the site's name, schema version and privacy budget, read and checked."""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from shared.schema import SCHEMA_VERSION, SITE_FILE
+from shared.validation.problems import Problem, Severity
+
+SUPPORTED_SCHEMA_VERSIONS = (SCHEMA_VERSION,)
+
+
+SITE_CONFIG_KEYS: dict[str, dict[str, str]] = {
+    "site": {"name": "text", "schema_version": "text"},
+    "privacy": {"dp": "true or false", "epsilon": "a number", "delta": "a number",
+                "adjuster_share": "a number in [0, 1): share of ε the dose adjuster may spend (default 0)"},
+}
+"""Sections and keys of site.toml, with the kind of value each holds."""
+
+
+def read_site_config(path: Path) -> tuple[dict[str, Any], list[Problem]]:
+    """Parse site.toml; unknown sections and keys are warnings, wrong values errors."""
+    try:
+        config = tomllib.loads(path.read_bytes().decode("utf-8-sig"))
+    except OSError as exc:
+        return {}, [Problem("error", SITE_FILE, None, (), f"cannot read the file: {exc.strerror or exc}")]
+    except UnicodeDecodeError as exc:
+        return {}, [Problem("error", SITE_FILE, None, (), f"not valid UTF-8 text (byte offset {exc.start})")]
+    except tomllib.TOMLDecodeError as exc:
+        match = re.search(r"line (\d+)", str(exc))
+        lines = (int(match.group(1)),) if match else ()
+        return {}, [Problem("error", SITE_FILE, None, (), f"invalid TOML: {exc}", lines)]
+    return config, _site_config_problems(config)
+
+
+def _site_config_problems(config: dict[str, Any]) -> list[Problem]:
+    problems = _unknown_or_mistyped_keys(config)
+    if any(p.severity == "error" for p in problems):
+        return problems  # the value checks below assume well-typed values
+    version = section(config, "site").get("schema_version")
+    if version is None:
+        problems.append(_config_problem("warning", f"site.schema_version not set; assuming {SCHEMA_VERSION}"))
+    elif version not in SUPPORTED_SCHEMA_VERSIONS:
+        supported = " or ".join(repr(v) for v in SUPPORTED_SCHEMA_VERSIONS)
+        problems.append(_config_problem("error", f"site.schema_version {version!r} is not supported; "
+                                                 f"expected {supported}"))
+    return problems + _privacy_problems(section(config, "privacy"))
+
+
+def _unknown_or_mistyped_keys(config: dict[str, Any]) -> list[Problem]:
+    problems = []
+    for section, body in config.items():
+        if section not in SITE_CONFIG_KEYS:
+            problems.append(_config_problem("warning", f"unknown section [{section}], ignored; expected "
+                                                       + ", ".join(f"[{s}]" for s in SITE_CONFIG_KEYS)))
+            continue
+        if not isinstance(body, dict):
+            problems.append(_config_problem("error", f"{section}: expected a [{section}] table, "
+                                                     f"got {body!r}"))
+            continue
+        for key, value in body.items():
+            kind = SITE_CONFIG_KEYS[section].get(key)
+            if kind is None:
+                problems.append(_config_problem("warning", f"unknown key {section}.{key}, ignored"))
+            elif not _is_kind(value, kind):
+                problems.append(_config_problem("error", f"{section}.{key}: expected {kind}, got {value!r}"))
+    return problems
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    if kind == "text":
+        return isinstance(value, str) and bool(value.strip())
+    if kind == "true or false":
+        return isinstance(value, bool)
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _privacy_problems(privacy: dict[str, Any]) -> list[Problem]:
+    problems = []
+    epsilon, delta = privacy.get("epsilon"), privacy.get("delta")
+    if epsilon is not None and epsilon <= 0:
+        problems.append(_config_problem("error", f"privacy.epsilon: expected a number > 0, "
+                                                 f"got {epsilon!r}"))
+    if delta is not None and not 0 < delta < 1:
+        problems.append(_config_problem("error", f"privacy.delta: expected a number in (0, 1), "
+                                                 f"got {delta!r}"))
+    if privacy.get("dp"):
+        for key, value in (("epsilon", epsilon), ("delta", delta)):
+            if value is None:
+                problems.append(_config_problem("error", f"privacy.{key}: required when privacy.dp = true"))
+    return problems
+
+
+def section(config: dict[str, Any], name: str) -> dict[str, Any]:
+    """A site.toml section as a dict ({} when absent or not a table)."""
+    body = config.get(name, {})
+    return body if isinstance(body, dict) else {}
+
+
+def _config_problem(severity: Severity, message: str) -> Problem:
+    return Problem(severity, SITE_FILE, None, (), message)

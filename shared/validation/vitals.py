@@ -1,0 +1,52 @@
+"""Checks of vitals.csv against episodes.csv: every reading belongs to a known patient and one of their episodes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+from shared.schema import EPISODES_FILE
+from shared.validation.columns import sample
+from shared.validation.problems import Problem, listed
+from shared.validation.reading import CsvTable
+
+
+def vitals_without_episodes(table: CsvTable, vitals: pd.DataFrame, episodes: pd.DataFrame) -> list[Problem]:
+    """Every vitals row must belong to a patient in episodes.csv, and to one of that patient's episodes."""
+    patients = set(episodes["patient_id"].dropna())
+    owner = episodes.dropna(subset=["episode_id"]).drop_duplicates("episode_id").set_index("episode_id")
+    owner_of = owner["patient_id"]
+    problems = []
+    unknown_patient = vitals["patient_id"].notna() & ~vitals["patient_id"].isin(patients)
+    if unknown_patient.any():
+        problems.append(table.problem("patient_id", unknown_patient,
+                                      f"patient not found in {EPISODES_FILE}: "
+                                      f"{sample(vitals['patient_id'][unknown_patient], quote=True)}"))
+    known = vitals["patient_id"].notna() & ~unknown_patient & vitals["episode_id"].notna()
+    episode_owner = vitals["episode_id"].map(owner_of)
+    wrong_episode = known & (episode_owner != vitals["patient_id"])
+    if wrong_episode.any():
+        detail = [_episode_mismatch(vitals.at[r, "episode_id"], vitals.at[r, "patient_id"], episode_owner[r])
+                  for r in wrong_episode[wrong_episode].index]
+        problems.append(table.problem("episode_id", wrong_episode,
+                                      f"expected an episode of the row's patient in {EPISODES_FILE}; got "
+                                      + listed(list(dict.fromkeys(detail)), sep="; ")))
+    return problems
+
+
+def _episode_mismatch(episode: str, patient: str, owner: Any) -> str:
+    if isinstance(owner, str):
+        return f"{episode!r} for patient {patient!r} (it belongs to {owner!r})"
+    return f"{episode!r} for patient {patient!r} (no such episode)"
+
+
+def vitals_cross_checks(vitals: tuple[CsvTable, pd.DataFrame],
+                         episodes: tuple[CsvTable, pd.DataFrame] | None) -> list[Problem]:
+    """Vitals references, checked only when both id columns of both files were read completely."""
+    ids = ("patient_id", "episode_id")
+    if episodes is None or episodes[0].dropped_rows:  # ids on dropped rows are unread, not absent
+        return []
+    if not all(c in frame for c in ids for frame in (vitals[1], episodes[1])):
+        return []
+    return vitals_without_episodes(vitals[0], vitals[1], episodes[1])
