@@ -39,10 +39,15 @@ from shared.validation.episodes import (
     duplicate_episode_ids,
     mosteller_bsa_m2,
 )
-from shared.validation.problems import MAX_LISTED, Problem, Severity, SiteDataError, ValidationReport
+from shared.validation.problems import MAX_ECHO_CHARS, MAX_LISTED, Problem, Severity, SiteDataError, ValidationReport
 from shared.validation.reading import (
     BINARY_SIGNATURES,
+    CHUNK_ROWS,
+    MAX_COLUMNS,
     MAX_CONTROL_FRACTION,
+    MAX_FILE_BYTES,
+    MAX_LINE_CHARS,
+    MAX_ROWS,
     SNIFF_BYTES,
     CsvTable,
     read_csv_table,
@@ -53,7 +58,8 @@ from shared.validation.task_site import task_columns
 from shared.validation.vitals import vitals_without_episodes
 
 __all__ = [
-    "BINARY_SIGNATURES", "BSA_TOLERANCE", "DOSE_TOLERANCE", "MAX_CONTROL_FRACTION", "MAX_LISTED", "MISSING_TOKENS",
+    "BINARY_SIGNATURES", "BSA_TOLERANCE", "CHUNK_ROWS", "DOSE_TOLERANCE", "MAX_COLUMNS", "MAX_CONTROL_FRACTION",
+    "MAX_ECHO_CHARS", "MAX_FILE_BYTES", "MAX_LINE_CHARS", "MAX_LISTED", "MAX_ROWS", "MISSING_TOKENS",
     "SITE_CONFIG_KEYS", "SNIFF_BYTES", "SUPPORTED_SCHEMA_VERSIONS",
     "CsvTable", "Problem", "Severity", "SiteData", "SiteDataError", "ValidationReport",
     "bsa_inconsistent_with_mosteller", "check_header", "dose_inconsistent_with_bsa", "duplicate_episode_ids",

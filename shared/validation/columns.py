@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
 from shared.schema import Column
-from shared.validation.problems import Problem, listed
+from shared.validation.problems import MAX_LISTED, Problem, echo, listed
 from shared.validation.reading import CsvTable
 
 MISSING_TOKENS = frozenset({"", "NA", "NaN", "nan"})
@@ -16,108 +17,177 @@ MISSING_TOKENS = frozenset({"", "NA", "NaN", "nan"})
 
 
 def check_header(table: CsvTable, declared: tuple[Column, ...]) -> list[Problem]:
-    """Every declared column must be present; undeclared columns are reported as warnings and ignored."""
+    """Every declared column must be present; undeclared columns are ignored, with one warning for all."""
     names = {c.name for c in declared}
+    header = set(table.header)
     extra = [h for h in table.header if h not in names]
     problems = []
     for column in declared:
-        if column.name not in table.header:
+        if column.name not in header:
             problems.append(Problem("error", table.file, column.name, (),
                                     f"required column is missing ({column.description}; "
                                     f"{column.expectation()}){_did_you_mean(column.name, extra)}", (1,)))
-    for name in extra:
-        what = "unknown column" if name else "unnamed column"
-        problems.append(Problem("warning", table.file, name, (), f"{what}, ignored", (1,)))
+    if len(extra) == 1:
+        what = "unknown column" if extra[0] else "unnamed column"
+        problems.append(Problem("warning", table.file, extra[0], (), f"{what}, ignored", (1,)))
+    elif extra:
+        names_listed = listed([repr(echo(name)) for name in extra])
+        problems.append(Problem("warning", table.file, None, (),
+                                f"{len(extra)} unknown columns, ignored: {names_listed}", (1,)))
     return problems
 
 
 def _did_you_mean(name: str, candidates: list[str]) -> str:
     lowered = {c.lower(): c for c in candidates}
     if name.lower() in lowered:
-        return f" — found {lowered[name.lower()]!r}; column names are case-sensitive"
+        return f" — found {echo(lowered[name.lower()])!r}; column names are case-sensitive"
     close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.8)
-    return f" — did you mean {close[0]!r}?" if close else ""
+    return f" — did you mean {echo(close[0])!r}?" if close else ""
 
 
 def parse_column(table: CsvTable, column: Column) -> tuple[pd.Series, list[Problem]]:
     """Convert one column's text cells; failed, missing and out-of-range cells become NaN and problems."""
-    text = table.cells[column.name].str.strip()
+    values, problems = parse_table(table, (column,))
+    return values[column.name], problems
+
+
+def parse_table(table: CsvTable, declared: tuple[Column, ...]) -> tuple[pd.DataFrame, list[Problem]]:
+    """Parse every declared column present in the table, chunk by chunk; index = data-row numbers.
+
+    Each column's values go straight into one preallocated array (float, or object for text), so memory is
+    the typed table plus one chunk of text; findings are gathered over the chunks into one problem per
+    column and rule.
+    """
+    header = set(table.header)
+    present = [c for c in declared if c.name in header]
+    n_rows = table.n_rows - len(table.dropped_rows)
+    arrays = {c.name: np.empty(n_rows, dtype=float if c.is_numeric else object) for c in present}
+    index = np.empty(n_rows, dtype=np.int64)
+    found = _Findings(present)
+    filled = 0
+    for chunk in table.chunks([c.name for c in present]):
+        end = min(filled + len(chunk), n_rows)
+        index[filled:end] = chunk.index[: end - filled]
+        for column in present:
+            values = _parse_cells(chunk[column.name], column, found.of(column))
+            arrays[column.name][filled:end] = values[: end - filled]
+        filled = end
+    values = pd.DataFrame({name: array[:filled] for name, array in arrays.items()}, index=index[:filled])
+    problems = found.problems(table)
+    if table.changed():
+        problems.append(Problem("error", table.file, None, (), "the file changed while it was being "
+                                                                "validated; validate it again once it is complete"))
+    return values, problems
+
+
+_RULES = ("required", "invalid", "negative", "below", "above", "unknown")
+"""The cell rules, in the order their problems are listed for a column."""
+
+
+@dataclass
+class _Breaches:
+    """The cells of one column that broke one rule, gathered over a file's chunks."""
+
+    rows: list[np.ndarray] = field(default_factory=list)
+    texts: dict[str, None] = field(default_factory=dict)
+    """The first distinct cell texts in row order, at most ``MAX_LISTED + 1`` (enough to say "and more")."""
+    case_only: bool = False
+    """For categories: some cell differs from an allowed value only in upper/lower case."""
+
+    def add(self, where: pd.Series, text: pd.Series | None = None) -> None:
+        mask = where.to_numpy(dtype=bool)
+        if not mask.any():
+            return
+        self.rows.append(where.index.to_numpy()[mask])
+        if text is not None and len(self.texts) <= MAX_LISTED:
+            for cell in pd.unique(text.to_numpy()[mask])[: MAX_LISTED + 1]:
+                self.texts.setdefault(cell, None)
+
+    def got(self, quote: bool) -> str:
+        shown = [repr(echo(t)) if quote else echo(t) for t in list(self.texts)[:MAX_LISTED]]
+        return ", ".join(shown) + (" and more" if len(self.texts) > MAX_LISTED else "")
+
+
+class _Findings:
+    """Every column's breaches, by rule; turned into problems once the whole file is read."""
+
+    def __init__(self, columns: list[Column]) -> None:
+        self._by_column = {c.name: (c, {rule: _Breaches() for rule in _RULES}) for c in columns}
+
+    def of(self, column: Column) -> dict[str, _Breaches]:
+        return self._by_column[column.name][1]
+
+    def problems(self, table: CsvTable) -> list[Problem]:
+        problems = []
+        for column, by_rule in self._by_column.values():
+            for rule, breaches in by_rule.items():
+                if breaches.rows:
+                    problems.append(table.problem_at(column.name, np.concatenate(breaches.rows),
+                                                     _message(rule, column, breaches)))
+        return problems
+
+
+def _message(rule: str, column: Column, breaches: _Breaches) -> str:
+    """What a rule's breach says, with the cell texts that broke it."""
+    expected = f"expected {column.expectation()}"
+    if rule == "required":
+        return f"a value is required (the cell is empty or NA); {expected}"
+    if rule == "invalid":
+        return f"{expected}, got {breaches.got(quote=True)}"
+    if rule == "negative":
+        return f"{expected}, got {breaches.got(quote=False)} — this cannot be negative"
+    if rule == "unknown":
+        case_hint = " — categories are case-sensitive" if breaches.case_only else ""
+        return f"{expected}, got {breaches.got(quote=True)}{case_hint}"
+    hint = column.hint_below if rule == "below" else column.hint_above
+    return f"{expected}, got {breaches.got(quote=False)}" + (f" — {hint}" if hint else "")
+
+
+def _parse_cells(raw: pd.Series, column: Column, breaches: dict[str, _Breaches]) -> np.ndarray:
+    """One chunk of one column: typed values (NaN where missing or rejected); breaches are recorded."""
+    text = raw.str.strip()
     missing = text.isin(MISSING_TOKENS)
-    problems = []
-    if not column.nullable and missing.any():
-        problems.append(table.problem(column.name, missing,
-                                      f"a value is required (the cell is empty or NA); "
-                                      f"expected {column.expectation()}"))
+    if not column.nullable:
+        breaches["required"].add(missing)
     if column.is_numeric:
-        values, found = _parse_numbers(table, column, text, missing)
-    elif column.dtype == "category":
-        values, found = _parse_category(table, column, text, missing)
-    else:
-        values, found = text.where(~missing), []
-    return values, problems + found
+        return _parse_numbers(column, text, missing, breaches)
+    if column.dtype == "category":
+        return _parse_category(column, text, missing, breaches)
+    return text.where(~missing).to_numpy(dtype=object)
 
 
-def _parse_numbers(table: CsvTable, column: Column, text: pd.Series,
-                   missing: pd.Series) -> tuple[pd.Series, list[Problem]]:
+def _parse_numbers(column: Column, text: pd.Series, missing: pd.Series,
+                   breaches: dict[str, _Breaches]) -> np.ndarray:
     numbers = pd.to_numeric(text.where(~missing), errors="coerce").astype(float)
     invalid = ~missing & ~np.isfinite(numbers)
     if column.dtype == "int":
         invalid |= ~missing & (numbers % 1 != 0)
     if column.dtype == "bool":
         invalid |= ~missing & ~numbers.isin([0.0, 1.0])
-    problems = []
-    if invalid.any():
-        problems.append(table.problem(column.name, invalid, f"expected {column.expectation()}, "
-                                                            f"got {sample(text[invalid], quote=True)}"))
+    breaches["invalid"].add(invalid, text)
     valid = ~missing & ~invalid
-    out_of_range = valid & _outside(numbers, column.low, column.high)
-    impossible_sign = out_of_range & (numbers < 0) & (column.low is not None and column.low >= 0)
-    if impossible_sign.any():
-        got = sample(text[impossible_sign])
-        problems.append(table.problem(column.name, impossible_sign, f"expected {column.expectation()}, "
-                                                                    f"got {got} — this cannot be negative"))
-    for side, hint in ((numbers < (column.low if column.low is not None else -np.inf), column.hint_below),
-                       (numbers > (column.high if column.high is not None else np.inf), column.hint_above)):
-        suspect = out_of_range & ~impossible_sign & side
-        if suspect.any():
-            suffix = f" — {hint}" if hint else ""
-            problems.append(table.problem(column.name, suspect,
-                                          f"expected {column.expectation()}, got {sample(text[suspect])}{suffix}"))
-    return numbers.where(valid & ~out_of_range), problems
+    below = valid & (numbers < column.low) if column.low is not None else valid & False
+    above = valid & (numbers > column.high) if column.high is not None else valid & False
+    impossible_sign = below & (numbers < 0) & (column.low is not None and column.low >= 0)
+    breaches["negative"].add(impossible_sign, text)
+    breaches["below"].add(below & ~impossible_sign, text)
+    breaches["above"].add(above, text)
+    return numbers.where(valid & ~below & ~above).to_numpy(dtype=float)
 
 
-def _outside(numbers: pd.Series, low: float | None, high: float | None) -> pd.Series:
-    below = numbers < low if low is not None else pd.Series(False, index=numbers.index)
-    above = numbers > high if high is not None else pd.Series(False, index=numbers.index)
-    return below | above
-
-
-def _parse_category(table: CsvTable, column: Column, text: pd.Series,
-                    missing: pd.Series) -> tuple[pd.Series, list[Problem]]:
-    unknown = ~missing & ~text.isin(column.categories)
-    problems = []
-    if unknown.any():
+def _parse_category(column: Column, text: pd.Series, missing: pd.Series,
+                    breaches: dict[str, _Breaches]) -> np.ndarray:
+    known = text.isin(column.categories)
+    unknown = ~missing & ~known
+    breaches["unknown"].add(unknown, text)
+    if unknown.any() and not breaches["unknown"].case_only:
         lowered = {c.lower() for c in column.categories}
-        case_hint = (" — categories are case-sensitive"
-                     if text[unknown].str.lower().isin(lowered).any() else "")
-        got = sample(text[unknown], quote=True)
-        problems.append(table.problem(column.name, unknown,
-                                      f"expected {column.expectation()}, got {got}{case_hint}"))
-    return text.where(~missing & ~unknown), problems
+        breaches["unknown"].case_only = bool(text[unknown].str.lower().isin(lowered).any())
+    # the allowed values' own str objects, not one copy per cell
+    return np.asarray(pd.Categorical(text.where(known), categories=column.categories), dtype=object)
 
 
 def sample(texts: pd.Series, quote: bool = False) -> str:
     """Distinct cell texts in row order, as listed in a message."""
     distinct = list(dict.fromkeys(texts))
-    return listed([repr(t) if quote else t for t in distinct])
-
-
-def parse_table(table: CsvTable, declared: tuple[Column, ...]) -> tuple[pd.DataFrame, list[Problem]]:
-    """Parse every declared column present in the table; index = data-row numbers."""
-    values: dict[str, pd.Series] = {}
-    problems: list[Problem] = []
-    for column in declared:
-        if column.name in table.header:
-            values[column.name], found = parse_column(table, column)
-            problems += found
-    return pd.DataFrame(values, index=table.cells.index), problems
+    return listed([repr(echo(t)) if quote else echo(t) for t in distinct])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from shared.validation.problems import Problem, listed
+from shared.validation.problems import MAX_LISTED, Problem, echo, listed
 from shared.validation.reading import CsvTable
 
 DOSE_TOLERANCE = 0.05
@@ -22,8 +22,9 @@ def duplicate_episode_ids(table: CsvTable, episodes: pd.DataFrame) -> list[Probl
     if not repeated.any():
         return []
     rows_of = ids[repeated].groupby(ids[repeated], sort=False).groups
-    detail = [f"{eid!r} in rows {', '.join(str(r) for r in rows)}" for eid, rows in rows_of.items()]
-    return [table.problem("episode_id", repeated, "episode ids must be unique; " + listed(detail, sep="; "))]
+    detail = [f"{echo(eid)!r} in rows {listed(list(rows))}" for eid, rows in list(rows_of.items())[:MAX_LISTED]]
+    return [table.problem("episode_id", repeated, "episode ids must be unique; "
+                          + listed(detail, sep="; ", total=len(rows_of)))]
 
 
 def dose_inconsistent_with_bsa(table: CsvTable, episodes: pd.DataFrame) -> list[Problem]:
@@ -35,9 +36,10 @@ def dose_inconsistent_with_bsa(table: CsvTable, episodes: pd.DataFrame) -> list[
         return []
     detail = [f"row {r}: {given[r]:g} mg, expected {expected[r]:.1f} mg "
               f"({episodes.at[r, 'dose_mg_m2']:g} mg/m² × {episodes.at[r, 'bsa_m2']:g} m²)"
-              for r in off[off].index]
+              for r in off.index[off][:MAX_LISTED]]
     return [table.problem("dose_mg", off, f"dose_mg differs from dose_mg_m2 × bsa_m2 by more than "
-                                          f"{DOSE_TOLERANCE:.0%}: " + listed(detail, sep="; "))]
+                                          f"{DOSE_TOLERANCE:.0%}: "
+                                          + listed(detail, sep="; ", total=int(off.sum())))]
 
 
 def mosteller_bsa_m2(height_cm: pd.Series, weight_kg: pd.Series) -> pd.Series:
@@ -52,9 +54,11 @@ def bsa_inconsistent_with_mosteller(table: CsvTable, episodes: pd.DataFrame) -> 
     off = (given - expected).abs() > BSA_TOLERANCE * expected
     if not off.any():
         return []
-    detail = [f"row {r}: {given[r]:g} m², Mosteller gives {expected[r]:.2f} m²" for r in off[off].index]
+    detail = [f"row {r}: {given[r]:g} m², Mosteller gives {expected[r]:.2f} m²"
+              for r in off.index[off][:MAX_LISTED]]
     return [table.problem("bsa_m2", off, f"bsa_m2 differs from Mosteller sqrt(height_cm · weight_kg / 3600) "
-                                         f"by more than {BSA_TOLERANCE:.0%}: " + listed(detail, sep="; "),
+                                         f"by more than {BSA_TOLERANCE:.0%}: "
+                                         + listed(detail, sep="; ", total=int(off.sum())),
                           severity="warning")]
 
 

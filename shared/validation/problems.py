@@ -12,6 +12,9 @@ Severity = Literal["error", "warning"]
 MAX_LISTED = 5
 """How many row numbers or values a message lists before saying "and N more"."""
 
+MAX_ECHO_CHARS = 40
+"""Longest piece of file text (a cell, a column name) quoted whole in a message; longer ones are cut."""
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -58,13 +61,23 @@ def _plural(word: str, items: tuple[int, ...]) -> str:
     return word if len(items) == 1 else word + "s"
 
 
-def listed(items: tuple[Any, ...] | list[Any], more: str | None = None, sep: str = ", ") -> str:
-    """The first ``MAX_LISTED`` items joined by ``sep``, then "and N more" (or ``more``)."""
+def listed(items: tuple[Any, ...] | list[Any], more: str | None = None, sep: str = ", ",
+           total: int | None = None) -> str:
+    """The first ``MAX_LISTED`` items joined by ``sep``, then "and N more" (or ``more``).
+
+    ``total`` is the number of items in all when ``items`` holds only the first ones (so a long list need
+    not be built to say how many there are).
+    """
     shown = sep.join(str(i) for i in items[:MAX_LISTED])
-    hidden = len(items) - MAX_LISTED
+    hidden = (len(items) if total is None else total) - MAX_LISTED
     if hidden <= 0:
         return shown
     return f"{shown}{sep}{more}" if more else f"{shown} and {hidden} more"
+
+
+def echo(text: str) -> str:
+    """A piece of file text as quoted in a message: cut to ``MAX_ECHO_CHARS`` characters."""
+    return text if len(text) <= MAX_ECHO_CHARS else text[: MAX_ECHO_CHARS - 1] + "…"
 
 
 @dataclass

@@ -1,13 +1,26 @@
-"""Reading a CSV file safely: bytes → header and text cells, refusing what is not CSV text (stage 1)."""
+"""Reading a CSV file safely: bytes → header and text cells, refusing what is not CSV text (stage 1).
+
+The file is streamed, never held whole: one pass over its bytes (binary sniff, strict UTF-8), one pass over
+its records (header, ragged rows, the line each row starts on), then ``CsvTable.chunks`` hands the text
+cells out ``CHUNK_ROWS`` rows at a time. Time is linear in the file's size and memory is one chunk plus
+one line number per row. Absurd shapes stop the reading early, each at a named limit: ``MAX_FILE_BYTES``,
+``MAX_LINE_CHARS``, ``MAX_COLUMNS``, ``MAX_ROWS``.
+"""
 
 from __future__ import annotations
 
 import codecs
 import csv
-import io
+import os
+import stat
+from array import array
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, TextIO
 
+import numpy as np
 import pandas as pd
 
 from shared.validation.problems import Problem, Severity, listed
@@ -18,6 +31,29 @@ SNIFF_BYTES = 8192
 MAX_CONTROL_FRACTION = 0.05
 """Share of control bytes (other than tab, newline, carriage return, form feed) that makes a file binary."""
 
+MAX_FILE_BYTES = 1 << 30
+"""Largest site file read (1 GiB). A large hospital's 10^5 treatment cycles are ~20 MB of episodes.csv and,
+at ~25 daily readings per cycle, ~150 MB of vitals.csv; 1 GiB leaves several times that while keeping the
+typed tables (2-4 × the file) within a client container's memory."""
+
+MAX_ROWS = 10_000_000
+"""Most data rows read from one file: 4 × the ~2.5 million daily readings of the largest site we expect,
+and the bound that stops a file of tiny rows (``"1\\n"`` repeated) long before ``MAX_FILE_BYTES`` does."""
+
+MAX_COLUMNS = 512
+"""Most columns a header may have. The nanoparticle contract has 33; a generic task spec declares a few
+dozen features. A wider header is not a site table (a transposed export, a matrix, a file on one line), and
+checking its names against the declared ones is wasted work."""
+
+MAX_LINE_CHARS = 1 << 20
+"""Longest physical line read (1 Mi characters): ``MAX_COLUMNS`` cells of 2,000 characters each. It bounds
+the memory of one record before the csv module splits it into fields."""
+
+CHUNK_ROWS = 32_768
+"""Data rows converted at a time: a few MB of text, enough to amortise pandas' per-call overhead."""
+
+READ_BLOCK_BYTES = 1 << 20
+"""Bytes read at a time while checking that a file is UTF-8 text."""
 
 BINARY_SIGNATURES = {
     b"PK\x03\x04": "a ZIP archive or an Excel workbook (.xlsx); export the sheet as CSV (UTF-8)",
@@ -34,109 +70,239 @@ _TEXT_BYTES = bytes([9, 10, 12, 13, *range(32, 127), *range(128, 256)])
 
 @dataclass
 class CsvTable:
-    """A CSV file read as text cells; ``cells`` is indexed by 1-based data-row number."""
+    """A CSV file's header and where each data row is; the text cells are read by ``chunks``.
+
+    Data rows are numbered from 1 (header excluded, blank lines skipped); ``row_lines[r - 1]`` is the
+    physical line data row ``r`` starts on.
+    """
 
     file: str
     header: list[str]
-    cells: pd.DataFrame
-    line_of_row: dict[int, int]
+    path: Path
+    row_lines: np.ndarray
     dropped_rows: tuple[int, ...] = ()
-    """Ragged rows, reported and left out of ``cells``."""
+    """Ragged rows, reported and left out of ``chunks``."""
+    stamp: tuple[int, int] = (0, 0)
+    """Size and modification time when the file was read, to notice a file that changes underneath."""
+
+    @property
+    def n_rows(self) -> int:
+        """Data rows in the file, ragged ones included."""
+        return len(self.row_lines)
 
     def problem(self, column: str | None, rows: pd.Series, message: str,
                 severity: Severity = "error") -> Problem:
-        """A finding about the data rows where the boolean mask ``rows`` (indexed like ``cells``) is true."""
-        numbers = sorted(int(r) for r in rows[rows].index)
-        return Problem(severity, self.file, column, tuple(numbers),
-                       message, tuple(self.line_of_row[r] for r in numbers))
+        """A finding about the data rows where the boolean mask ``rows`` (indexed by row number) is true."""
+        return self.problem_at(column, rows.index[rows.to_numpy(dtype=bool)], message, severity)
+
+    def problem_at(self, column: str | None, rows: Sequence[int] | np.ndarray, message: str,
+                   severity: Severity = "error") -> Problem:
+        """A finding about the given data rows (1-based row numbers, any order)."""
+        numbers = np.unique(np.asarray(rows, dtype=np.int64))
+        return Problem(severity, self.file, column, tuple(numbers.tolist()), message,
+                       tuple(self.row_lines[numbers - 1].tolist()))
+
+    def changed(self) -> bool:
+        """Whether the file's size or modification time differ from when it was read."""
+        return _stamp(self.path) != self.stamp
+
+    def chunks(self, columns: Sequence[str]) -> Iterator[pd.DataFrame]:
+        """Text cells of ``columns`` for the rows that have as many fields as the header.
+
+        Yields frames of at most ``CHUNK_ROWS`` rows, indexed by data-row number, cells as read (not stripped).
+        """
+        position = {name: i for i, name in enumerate(self.header)}
+        picks = [position[name] for name in columns]
+        width, rows, cells, row = len(self.header), [], [], 0
+        records = _records(self.path)
+        next(records, None)  # the header
+        for _, fields in records:
+            row += 1
+            if row > self.n_rows:
+                break  # the file grew since it was read; ``changed`` reports it
+            if len(fields) != width:
+                continue
+            rows.append(row)
+            cells.append([fields[i] for i in picks])
+            if len(rows) == CHUNK_ROWS:
+                yield pd.DataFrame(cells, columns=list(columns), index=rows, dtype=object)
+                rows, cells = [], []
+        if rows:
+            yield pd.DataFrame(cells, columns=list(columns), index=rows, dtype=object)
 
 
 def read_csv_table(path: Path, label: str) -> tuple[CsvTable | None, list[Problem]]:
-    """Read a CSV file's bytes once and split them into header and text cells.
+    """Check a CSV file's bytes and records, streaming; return its header and row positions.
 
-    Returns no table when the file cannot be read as CSV text at all (empty, binary, not UTF-8, malformed
-    quoting, duplicate or missing header, no data rows); ragged rows are reported and left out.
+    Returns no table when the file cannot be read as CSV text at all (not a regular file, larger than
+    ``MAX_FILE_BYTES``, empty, binary, not UTF-8, malformed quoting, a line longer than ``MAX_LINE_CHARS``,
+    a header that is duplicated, missing or wider than ``MAX_COLUMNS``, no data rows or more than
+    ``MAX_ROWS``); ragged rows are reported and left out.
     """
     try:
-        data = path.read_bytes()
+        problem = _not_a_readable_file(path, label) or _binary_or_not_utf8(path, label)
+        if problem is not None:
+            return None, [problem]
+        return _scan_records(path, label)
     except OSError as exc:
         return None, [Problem("error", label, None, (), f"cannot read the file: {exc.strerror or exc}")]
-    problem = _binary_or_empty(data, label)
-    if problem is not None:
-        return None, [problem]
-    text, problem = _decode_utf8(data, label)
-    if problem is not None:
-        return None, [problem]
-    return _split_records(text, label)
 
 
-def _binary_or_empty(data: bytes, label: str) -> Problem | None:
-    """A problem if the bytes are empty or do not look like text."""
-    if not data:
+def _stamp(path: Path) -> tuple[int, int]:
+    status = path.stat()
+    return status.st_size, status.st_mtime_ns
+
+
+def _not_a_readable_file(path: Path, label: str) -> Problem | None:
+    """A problem if the path is not a regular file (a FIFO would block), is empty or is too large."""
+    status = os.stat(path)
+    if not stat.S_ISREG(status.st_mode):
+        return Problem("error", label, None, (), "not a regular file; expected a CSV text file")
+    if status.st_size == 0:
         return Problem("error", label, None, (), "the file is empty (0 bytes); expected a header and rows")
-    for signature, what in BINARY_SIGNATURES.items():
-        if data.startswith(signature):
-            return Problem("error", label, None, (), f"not a CSV text file: it looks like {what}")
-    nul = data.find(b"\x00")
-    if nul >= 0:
+    if status.st_size > MAX_FILE_BYTES:
+        return Problem("error", label, None, (),
+                       f"the file is {status.st_size:,} bytes; at most {MAX_FILE_BYTES:,} bytes are read "
+                       f"— a site file this large is not a site table")
+    return None
+
+
+def _binary_or_not_utf8(path: Path, label: str) -> Problem | None:
+    """A problem if the bytes do not look like text or are not UTF-8, from one streamed pass.
+
+    The checks keep their order of precedence: a known binary signature, then NUL bytes anywhere, then
+    control bytes in the first ``SNIFF_BYTES``, then the first byte that is not UTF-8.
+    """
+    with path.open("rb") as stream:
+        first = stream.read(READ_BLOCK_BYTES)
+        for signature, what in BINARY_SIGNATURES.items():
+            if first.startswith(signature):
+                return Problem("error", label, None, (), f"not a CSV text file: it looks like {what}")
+        nul, utf8 = _first_nul_and_utf8_error(first, stream)
+    if nul is not None:
         return Problem("error", label, None, (),
                        f"not a CSV text file: it contains NUL bytes (first at byte offset {nul})")
-    sample = data[:SNIFF_BYTES]
+    sample = first[:SNIFF_BYTES]
     control = len(sample.translate(None, _TEXT_BYTES))
     if control > MAX_CONTROL_FRACTION * len(sample):
         return Problem("error", label, None, (),
                        f"not a CSV text file: {control} of its first {len(sample)} bytes are control bytes")
+    if utf8 is not None:
+        offset, byte, line = utf8
+        message = (f"not valid UTF-8 text: byte 0x{byte:02X} at byte offset {offset} — "
+                   f"re-save the file as CSV (UTF-8); Latin-1 or Windows-1252 text (é, µ, °) causes this")
+        return Problem("error", label, None, (), message, (line,))
     return None
 
 
-def _decode_utf8(data: bytes, label: str) -> tuple[str, Problem | None]:
-    """Decode strictly as UTF-8 (a leading byte-order mark is allowed and dropped)."""
-    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+def _first_nul_and_utf8_error(first: bytes, stream: BinaryIO) -> tuple[int | None, tuple[int, int, int] | None]:
+    """Offset of the first NUL byte, else (offset, byte, line) of the first byte that is not UTF-8.
+
+    A leading byte-order mark is valid UTF-8 and so allowed. A character cut by a block boundary is carried
+    into the next block (``final=False``); one left unfinished at the end of the file is an error.
+    """
+    utf8 = None
+    block, offset, newlines, carry = first, 0, 0, b""
+    while block:
+        if (at := block.find(b"\x00")) >= 0:
+            return offset + at, None
+        if utf8 is None:
+            buffer = carry + block
+            try:
+                carry = buffer[codecs.utf_8_decode(buffer, "strict", False)[1]:]
+            except UnicodeDecodeError as exc:
+                utf8 = (offset - len(carry) + exc.start, buffer[exc.start],
+                        newlines + buffer.count(b"\n", 0, exc.start) + 1)
+        newlines += block.count(b"\n")
+        offset += len(block)
+        block = stream.read(READ_BLOCK_BYTES)
+    if utf8 is None and carry:
+        utf8 = (offset - len(carry), carry[0], newlines + 1)
+    return None, utf8
+
+
+class _LongLine(Exception):
+    def __init__(self, line: int) -> None:
+        self.line = line
+
+
+class _MalformedRecord(Exception):
+    def __init__(self, line: int, reason: csv.Error) -> None:
+        self.line, self.reason = line, reason
+
+
+def _bounded_lines(stream: TextIO) -> Iterator[str]:
+    """Physical lines (``\\n``, ``\\r\\n`` or ``\\r``), refusing one longer than ``MAX_LINE_CHARS``."""
+    number = 0
+    while line := stream.readline(MAX_LINE_CHARS + 1):
+        number += 1
+        if len(line) > MAX_LINE_CHARS:
+            raise _LongLine(number)
+        yield line
+
+
+def _records(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """The file's non-blank CSV records with the line each starts on; the first one is the header.
+
+    Raises ``_MalformedRecord`` (with the line the bad record starts on) or ``_LongLine``. The file must
+    have passed ``_binary_or_not_utf8``.
+    """
+    with path.open("r", encoding="utf-8-sig", newline="") as stream:
+        reader = csv.reader(_bounded_lines(stream), strict=True)
+        next_line = 1
+        try:
+            for fields in reader:
+                if not _is_blank(fields):
+                    yield next_line, fields
+                next_line = reader.line_num + 1
+        except csv.Error as exc:
+            raise _MalformedRecord(next_line, exc) from exc
+
+
+def _scan_records(path: Path, label: str) -> tuple[CsvTable | None, list[Problem]]:
+    """One pass over the records: the header, each data row's line, ragged rows; stops at a limit."""
+    stamp = _stamp(path)
+    header: list[str] | None = None
+    lines, ragged_rows, ragged_widths = array("q"), array("q"), array("q")
     try:
-        return data[start:].decode("utf-8"), None
-    except UnicodeDecodeError as exc:
-        offset = start + exc.start
-        line = data.count(b"\n", 0, offset) + 1
-        message = (f"not valid UTF-8 text: byte 0x{data[offset]:02X} at byte offset {offset} — "
-                   f"re-save the file as CSV (UTF-8); Latin-1 or Windows-1252 text (é, µ, °) causes this")
-        return "", Problem("error", label, None, (), message, (line,))
-
-
-@dataclass
-class _Record:
-    row: int
-    line: int
-    fields: list[str]
-
-
-def _split_records(text: str, label: str) -> tuple[CsvTable | None, list[Problem]]:
-    """Parse CSV text with the csv module: header, data records with their lines, ragged rows."""
-    records: list[_Record] = []
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    next_line = 1
-    try:
-        for fields in reader:
-            if not _is_blank(fields):
-                records.append(_Record(len(records), next_line, fields))
-            next_line = reader.line_num + 1
-    except csv.Error as exc:
-        message = f"malformed CSV in the row starting on this line: {exc} — is a quote (\") left unclosed?"
-        return None, [Problem("error", label, None, (), message, (next_line,))]
-    if not records:
+        for line, fields in _records(path):
+            if header is None:
+                header = [name.strip() for name in fields]
+                problem = _header_problem(header, label)
+                if problem is not None:
+                    return None, [problem]
+                continue
+            lines.append(line)
+            if len(fields) != len(header):
+                ragged_rows.append(len(lines))
+                ragged_widths.append(len(fields))
+            if len(lines) > MAX_ROWS:
+                return None, [Problem("error", label, None, (), f"the file has more than {MAX_ROWS:,} data "
+                                      f"rows; at most {MAX_ROWS:,} are read — split the export", (line,))]
+    except _MalformedRecord as exc:
+        message = (f"malformed CSV in the row starting on this line: {exc.reason} — "
+                   f"is a quote (\") left unclosed?")
+        return None, [Problem("error", label, None, (), message, (exc.line,))]
+    except _LongLine as exc:
+        return None, [_long_line_problem(exc.line, header is None, label)]
+    if header is None:
         return None, [Problem("error", label, None, (), "the file has no header line; expected a CSV header")]
-    header_record, data = records[0], records[1:]
-    header = [name.strip() for name in header_record.fields]
-    problem = _header_problem(header, label)
-    if problem is not None:
-        return None, [problem]
-    if not data:
+    if not lines:
         return None, [Problem("error", label, None, (), "the file has a header but no data rows")]
-    good = [r for r in data if len(r.fields) == len(header)]
-    ragged = [r for r in data if len(r.fields) != len(header)]
-    problems = _ragged_problems(ragged, len(header), data[-1].row, label)
-    cells = pd.DataFrame([r.fields for r in good], columns=header, index=[r.row for r in good], dtype=str)
-    line_of_row = {r.row: r.line for r in data}
-    return CsvTable(label, header, cells, line_of_row, tuple(r.row for r in ragged)), problems
+    row_lines = np.frombuffer(lines, dtype=np.int64)
+    problems = _ragged_problems(np.frombuffer(ragged_rows, dtype=np.int64),
+                                np.frombuffer(ragged_widths, dtype=np.int64), row_lines, len(header), label)
+    return CsvTable(label, header, path, row_lines, tuple(ragged_rows.tolist()), stamp), problems
+
+
+def _long_line_problem(line: int, in_header: bool, label: str) -> Problem:
+    if in_header:
+        message = (f"the header line is longer than {MAX_LINE_CHARS:,} characters; a site table has at most "
+                   f"{MAX_COLUMNS} columns")
+    else:
+        message = (f"a line longer than {MAX_LINE_CHARS:,} characters; a row of at most {MAX_COLUMNS} "
+                   f"columns is far shorter — is this a CSV export?")
+    return Problem("error", label, None, (), message, (line,))
 
 
 def _is_blank(fields: list[str]) -> bool:
@@ -145,29 +311,35 @@ def _is_blank(fields: list[str]) -> bool:
 
 
 def _header_problem(header: list[str], label: str) -> Problem | None:
-    """A problem if the header cannot name columns: wrong separator or repeated names."""
+    """A problem if the header cannot name columns: too many, wrong separator or repeated names."""
+    if len(header) > MAX_COLUMNS:
+        return Problem("error", label, None, (), f"the header has {len(header):,} columns; at most "
+                       f"{MAX_COLUMNS} are read — this is not a site table (a transposed export?)", (1,))
     if len(header) == 1 and (";" in header[0] or "\t" in header[0]):
         separator = "';'" if ";" in header[0] else "a tab"
         return Problem("error", label, None, (), f"the header has one column; the file seems to use "
                        f"{separator} as separator — save it with ',' as separator", (1,))
-    repeated = sorted({name for name in header if header.count(name) > 1})
+    counts = Counter(header)
+    repeated = sorted(name for name, n in counts.items() if n > 1)
     if not repeated:
         return None
-    where = "; ".join(
-        f"{name!r} at positions " + ", ".join(str(i + 1) for i, n in enumerate(header) if n == name)
-        for name in repeated
-    )
+    positions: dict[str, list[int]] = {name: [] for name in repeated}
+    for i, name in enumerate(header):
+        if name in positions:
+            positions[name].append(i + 1)
+    where = "; ".join(f"{name!r} at positions " + ", ".join(map(str, at)) for name, at in positions.items())
     return Problem("error", label, repeated[0], (), f"duplicate column names in the header: {where}", (1,))
 
 
-def _ragged_problems(ragged: list[_Record], width: int, last_row: int, label: str) -> list[Problem]:
+def _ragged_problems(rows: np.ndarray, widths: np.ndarray, row_lines: np.ndarray, width: int,
+                     label: str) -> list[Problem]:
     """One problem per kind of ragged row: truncated last row, too few fields, too many fields."""
-    kinds: dict[str, list[_Record]] = {"truncated": [], "short": [], "long": []}
-    for r in ragged:
-        if len(r.fields) > width:
-            kinds["long"].append(r)
-        else:
-            kinds["truncated" if r.row == last_row else "short"].append(r)
+    last_row = len(row_lines)
+    kinds = {
+        "truncated": (widths < width) & (rows == last_row),
+        "short": (widths < width) & (rows != last_row),
+        "long": widths > width,
+    }
     messages = {
         "truncated": "the last row has only {got} of the header's {width} fields — the file looks truncated "
                      "(cut off mid-row); re-export it",
@@ -176,10 +348,10 @@ def _ragged_problems(ragged: list[_Record], width: int, last_row: int, label: st
                 "comma? Quote it",
     }
     problems = []
-    for kind, records in kinds.items():
-        if records:
-            got = listed(sorted({len(r.fields) for r in records}))
-            problems.append(Problem("error", label, None, tuple(r.row for r in records),
+    for kind, mask in kinds.items():
+        if mask.any():
+            got = listed(np.unique(widths[mask]).tolist())
+            problems.append(Problem("error", label, None, tuple(rows[mask].tolist()),
                                     messages[kind].format(got=got, width=width),
-                                    tuple(r.line for r in records)))
+                                    tuple(row_lines[rows[mask] - 1].tolist())))
     return problems

@@ -10,7 +10,7 @@ import pandas as pd
 from shared.schema import Column
 from shared.task import SPLITS, TaskSpec
 from shared.validation.inspection import Inspection, read_declared, site_config, site_name
-from shared.validation.problems import Problem, ValidationReport
+from shared.validation.problems import MAX_LISTED, Problem, ValidationReport, echo, listed
 from shared.validation.reading import CsvTable
 
 
@@ -81,12 +81,13 @@ def _target_problems(table: CsvTable, values: pd.DataFrame, task: TaskSpec) -> l
         counts = values[outcome.name].value_counts(sort=True)
         if outcome.kind == "binary" and len(counts) > 2:
             extra = values[outcome.name].isin(counts.index[2:])
-            listing = ", ".join(f"{v!r} ({n} row{'' if n == 1 else 's'})" for v, n in counts.items())
+            listing = listed([f"{echo(v)!r} ({n} row{'' if n == 1 else 's'})"
+                              for v, n in counts.head(MAX_LISTED).items()], total=len(counts))
             problems.append(table.problem(outcome.name, extra, f"a binary target holds at most 2 distinct "
                                                                f"values; got {len(counts)}: {listing}"))
         elif len(counts) == 1:
             problems.append(Problem("warning", table.file, outcome.name, (),
-                                    f"only one class present ({counts.index[0]!r}); this site alone cannot "
+                                    f"only one class present ({echo(counts.index[0])!r}); this site alone cannot "
                                     "train a classifier"))
     return problems
 

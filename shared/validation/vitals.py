@@ -8,7 +8,7 @@ import pandas as pd
 
 from shared.schema import EPISODES_FILE
 from shared.validation.columns import sample
-from shared.validation.problems import Problem, listed
+from shared.validation.problems import MAX_LISTED, Problem, echo, listed
 from shared.validation.reading import CsvTable
 
 
@@ -27,18 +27,19 @@ def vitals_without_episodes(table: CsvTable, vitals: pd.DataFrame, episodes: pd.
     episode_owner = vitals["episode_id"].map(owner_of)
     wrong_episode = known & (episode_owner != vitals["patient_id"])
     if wrong_episode.any():
-        detail = [_episode_mismatch(vitals.at[r, "episode_id"], vitals.at[r, "patient_id"], episode_owner[r])
-                  for r in wrong_episode[wrong_episode].index]
+        pairs = vitals.loc[wrong_episode, ["episode_id", "patient_id"]].drop_duplicates()
+        detail = [_episode_mismatch(episode, patient, episode_owner[r])
+                  for r, episode, patient in pairs.head(MAX_LISTED).itertuples()]
         problems.append(table.problem("episode_id", wrong_episode,
                                       f"expected an episode of the row's patient in {EPISODES_FILE}; got "
-                                      + listed(list(dict.fromkeys(detail)), sep="; ")))
+                                      + listed(detail, sep="; ", total=len(pairs))))
     return problems
 
 
 def _episode_mismatch(episode: str, patient: str, owner: Any) -> str:
     if isinstance(owner, str):
-        return f"{episode!r} for patient {patient!r} (it belongs to {owner!r})"
-    return f"{episode!r} for patient {patient!r} (no such episode)"
+        return f"{echo(episode)!r} for patient {echo(patient)!r} (it belongs to {echo(owner)!r})"
+    return f"{echo(episode)!r} for patient {echo(patient)!r} (no such episode)"
 
 
 def vitals_cross_checks(vitals: tuple[CsvTable, pd.DataFrame],
