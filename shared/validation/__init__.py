@@ -23,6 +23,19 @@ report, ``inspection`` the steps both kinds of site share.
 Validation never modifies a file and never raises on bad data: every finding becomes a ``Problem`` in the
 ``ValidationReport``. ``load_site`` validates first, then returns typed frames or raises ``SiteDataError``.
 
+What may leave the site. Patient values and identifiers never do, not even inside an error message. So
+every problem has two renderings:
+
+- the full text (``str(problem)``, ``report.format()``, ``str(err)``), with the cell values, ids and local
+  paths that help the site fix its files: for the site's own console and log and ``fednano validate``;
+- the shareable text (``problem.shareable``, ``report.shareable_errors()``, ``report.shareable_warnings()``,
+  ``report.format_shareable()``, ``err.shareable``, ``err.shareable_errors``): file name, column, row and
+  line numbers, the rule that failed with its public expectation (range, unit, dtype, categories) and
+  counts; no cell value, no identifier, no header name or site.toml key the contract does not declare, no
+  local path. This is the only form a site's reply to the coordinator may carry.
+
+A ``Problem`` built without a shareable text (by code outside this package) shares its location only.
+
 Example
 -------
 >>> report = validate_site("sites/alpha")              # doctest: +SKIP
@@ -39,7 +52,15 @@ from shared.validation.episodes import (
     duplicate_episode_ids,
     mosteller_bsa_m2,
 )
-from shared.validation.problems import MAX_ECHO_CHARS, MAX_LISTED, Problem, Severity, SiteDataError, ValidationReport
+from shared.validation.problems import (
+    MAX_ECHO_CHARS,
+    MAX_LISTED,
+    WITHHELD,
+    Problem,
+    Severity,
+    SiteDataError,
+    ValidationReport,
+)
 from shared.validation.reading import (
     BINARY_SIGNATURES,
     CHUNK_ROWS,
@@ -60,7 +81,7 @@ from shared.validation.vitals import vitals_without_episodes
 __all__ = [
     "BINARY_SIGNATURES", "BSA_TOLERANCE", "CHUNK_ROWS", "DOSE_TOLERANCE", "MAX_COLUMNS", "MAX_CONTROL_FRACTION",
     "MAX_ECHO_CHARS", "MAX_FILE_BYTES", "MAX_LINE_CHARS", "MAX_LISTED", "MAX_ROWS", "MISSING_TOKENS",
-    "SITE_CONFIG_KEYS", "SNIFF_BYTES", "SUPPORTED_SCHEMA_VERSIONS",
+    "SITE_CONFIG_KEYS", "SNIFF_BYTES", "SUPPORTED_SCHEMA_VERSIONS", "WITHHELD",
     "CsvTable", "Problem", "Severity", "SiteData", "SiteDataError", "ValidationReport",
     "bsa_inconsistent_with_mosteller", "check_header", "dose_inconsistent_with_bsa", "duplicate_episode_ids",
     "load_site", "mosteller_bsa_m2", "parse_column", "parse_table", "read_csv_table", "read_site_config",

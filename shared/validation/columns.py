@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from shared.schema import Column
-from shared.validation.problems import MAX_LISTED, Problem, echo, listed
+from shared.validation.problems import MAX_LISTED, Problem, echo, listed, public_problem
 from shared.validation.reading import CsvTable
 
 MISSING_TOKENS = frozenset({"", "NA", "NaN", "nan"})
@@ -17,32 +17,48 @@ MISSING_TOKENS = frozenset({"", "NA", "NaN", "nan"})
 
 
 def check_header(table: CsvTable, declared: tuple[Column, ...]) -> list[Problem]:
-    """Every declared column must be present; undeclared columns are ignored, with one warning for all."""
+    """Every declared column must be present; undeclared columns are ignored, with one warning for all.
+
+    Undeclared header names are file content (a data row, when the header line is missing): the shareable
+    texts give their positions, never their names.
+    """
     names = {c.name for c in declared}
     header = set(table.header)
+    position = {name: i + 1 for i, name in enumerate(table.header)}
     extra = [h for h in table.header if h not in names]
     problems = []
     for column in declared:
         if column.name not in header:
-            problems.append(Problem("error", table.file, column.name, (),
-                                    f"required column is missing ({column.description}; "
-                                    f"{column.expectation()}){_did_you_mean(column.name, extra)}", (1,)))
+            problems.append(_missing_column(table, column, extra, position))
     if len(extra) == 1:
         what = "unknown column" if extra[0] else "unnamed column"
-        problems.append(Problem("warning", table.file, extra[0], (), f"{what}, ignored", (1,)))
+        problems.append(Problem("warning", table.file, extra[0], (), f"{what}, ignored", (1,),
+                                shareable_message=f"{what} at position {position[extra[0]]}, ignored",
+                                column_in_contract=False))
     elif extra:
         names_listed = listed([repr(echo(name)) for name in extra])
+        positions = listed([position[name] for name in extra])
         problems.append(Problem("warning", table.file, None, (),
-                                f"{len(extra)} unknown columns, ignored: {names_listed}", (1,)))
+                                f"{len(extra)} unknown columns, ignored: {names_listed}", (1,),
+                                shareable_message=f"{len(extra)} unknown columns at positions {positions}, ignored"))
     return problems
 
 
-def _did_you_mean(name: str, candidates: list[str]) -> str:
-    lowered = {c.lower(): c for c in candidates}
-    if name.lower() in lowered:
-        return f" — found {echo(lowered[name.lower()])!r}; column names are case-sensitive"
-    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.8)
-    return f" — did you mean {echo(close[0])!r}?" if close else ""
+def _missing_column(table: CsvTable, column: Column, extra: list[str], position: dict[str, int]) -> Problem:
+    """A required column is absent; say which header name looks like it (by name here, by position shared)."""
+    rule = f"required column is missing ({column.description}; {column.expectation()})"
+    lowered = {c.lower(): c for c in extra}
+    close = difflib.get_close_matches(column.name, extra, n=1, cutoff=0.8)
+    if column.name.lower() in lowered:
+        found = lowered[column.name.lower()]
+        full = f" — found {echo(found)!r}; column names are case-sensitive"
+        shared = f" — a column differing only in letter case is at position {position[found]}"
+    elif close:
+        full = f" — did you mean {echo(close[0])!r}?"
+        shared = f" — a column with a similar name is at position {position[close[0]]}"
+    else:
+        full = shared = ""
+    return Problem("error", table.file, column.name, (), rule + full, (1,), shareable_message=rule + shared)
 
 
 def parse_column(table: CsvTable, column: Column) -> tuple[pd.Series, list[Problem]]:
@@ -75,8 +91,8 @@ def parse_table(table: CsvTable, declared: tuple[Column, ...]) -> tuple[pd.DataF
     values = pd.DataFrame({name: array[:filled] for name, array in arrays.items()}, index=index[:filled])
     problems = found.problems(table)
     if table.changed():
-        problems.append(Problem("error", table.file, None, (), "the file changed while it was being "
-                                                                "validated; validate it again once it is complete"))
+        problems.append(public_problem("error", table.file, "the file changed while it was being validated; "
+                                                            "validate it again once it is complete"))
     return values, problems
 
 
@@ -122,8 +138,10 @@ class _Findings:
         for column, by_rule in self._by_column.values():
             for rule, breaches in by_rule.items():
                 if breaches.rows:
-                    problems.append(table.problem_at(column.name, np.concatenate(breaches.rows),
-                                                     _message(rule, column, breaches)))
+                    rows = np.concatenate(breaches.rows)
+                    problems.append(table.problem_at(column.name, rows, _message(rule, column, breaches),
+                                                     shareable=_shareable_message(rule, column, breaches,
+                                                                                  len(rows))))
         return problems
 
 
@@ -141,6 +159,27 @@ def _message(rule: str, column: Column, breaches: _Breaches) -> str:
         return f"{expected}, got {breaches.got(quote=True)}{case_hint}"
     hint = column.hint_below if rule == "below" else column.hint_above
     return f"{expected}, got {breaches.got(quote=False)}" + (f" — {hint}" if hint else "")
+
+
+_NOT_OF_DTYPE = {"int": "not an integer", "float": "not a number", "bool": "neither 0 nor 1"}
+
+
+def _shareable_message(rule: str, column: Column, breaches: _Breaches, n: int) -> str:
+    """What a rule's breach says, with how many cells broke it but none of their texts."""
+    expected = f"expected {column.expectation()}"
+    cells = f"{n} cell{'' if n == 1 else 's'}"
+    if rule == "required":
+        return f"a value is required (the cell is empty or NA); {expected}"
+    if rule == "invalid":
+        return f"{expected}; {cells} {_NOT_OF_DTYPE[column.dtype]}"
+    if rule == "negative":
+        return f"{expected}; {cells} negative — this cannot be negative"
+    if rule == "unknown":
+        case_hint = " — categories are case-sensitive" if breaches.case_only else ""
+        return f"{expected}; {cells} not among them{case_hint}"
+    hint = column.hint_below if rule == "below" else column.hint_above
+    side = "below" if rule == "below" else "above"
+    return f"{expected}; {cells} {side} the range" + (f" — {hint}" if hint else "")
 
 
 def _parse_cells(raw: pd.Series, column: Column, breaches: dict[str, _Breaches]) -> np.ndarray:

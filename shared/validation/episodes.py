@@ -21,10 +21,13 @@ def duplicate_episode_ids(table: CsvTable, episodes: pd.DataFrame) -> list[Probl
     repeated = ids.notna() & ids.duplicated(keep=False)
     if not repeated.any():
         return []
-    rows_of = ids[repeated].groupby(ids[repeated], sort=False).groups
-    detail = [f"{echo(eid)!r} in rows {listed(list(rows))}" for eid, rows in list(rows_of.items())[:MAX_LISTED]]
-    return [table.problem("episode_id", repeated, "episode ids must be unique; "
-                          + listed(detail, sep="; ", total=len(rows_of)))]
+    rows_of = list(ids[repeated].groupby(ids[repeated], sort=False).groups.items())
+    shown = rows_of[:MAX_LISTED]
+    detail = [f"{echo(eid)!r} in rows {listed(list(rows))}" for eid, rows in shown]
+    shared = [f"one id in rows {listed(list(rows))}" for _, rows in shown]
+    return [table.problem("episode_id", repeated,
+                          "episode ids must be unique; " + listed(detail, sep="; ", total=len(rows_of)),
+                          shareable="episode ids must be unique; " + listed(shared, sep="; ", total=len(rows_of)))]
 
 
 def dose_inconsistent_with_bsa(table: CsvTable, episodes: pd.DataFrame) -> list[Problem]:
@@ -37,9 +40,9 @@ def dose_inconsistent_with_bsa(table: CsvTable, episodes: pd.DataFrame) -> list[
     detail = [f"row {r}: {given[r]:g} mg, expected {expected[r]:.1f} mg "
               f"({episodes.at[r, 'dose_mg_m2']:g} mg/m² × {episodes.at[r, 'bsa_m2']:g} m²)"
               for r in off.index[off][:MAX_LISTED]]
-    return [table.problem("dose_mg", off, f"dose_mg differs from dose_mg_m2 × bsa_m2 by more than "
-                                          f"{DOSE_TOLERANCE:.0%}: "
-                                          + listed(detail, sep="; ", total=int(off.sum())))]
+    rule = f"dose_mg differs from dose_mg_m2 × bsa_m2 by more than {DOSE_TOLERANCE:.0%}"
+    return [table.problem("dose_mg", off, f"{rule}: " + listed(detail, sep="; ", total=int(off.sum())),
+                          shareable=rule)]
 
 
 def mosteller_bsa_m2(height_cm: pd.Series, weight_kg: pd.Series) -> pd.Series:
@@ -56,10 +59,9 @@ def bsa_inconsistent_with_mosteller(table: CsvTable, episodes: pd.DataFrame) -> 
         return []
     detail = [f"row {r}: {given[r]:g} m², Mosteller gives {expected[r]:.2f} m²"
               for r in off.index[off][:MAX_LISTED]]
-    return [table.problem("bsa_m2", off, f"bsa_m2 differs from Mosteller sqrt(height_cm · weight_kg / 3600) "
-                                         f"by more than {BSA_TOLERANCE:.0%}: "
-                                         + listed(detail, sep="; ", total=int(off.sum())),
-                          severity="warning")]
+    rule = f"bsa_m2 differs from Mosteller sqrt(height_cm · weight_kg / 3600) by more than {BSA_TOLERANCE:.0%}"
+    return [table.problem("bsa_m2", off, f"{rule}: " + listed(detail, sep="; ", total=int(off.sum())),
+                          severity="warning", shareable=rule)]
 
 
 def episode_cross_checks(table: CsvTable, episodes: pd.DataFrame) -> list[Problem]:

@@ -11,7 +11,7 @@ import pandas as pd
 from shared.schema import SITE_FILE, Column
 from shared.task import TaskSpec
 from shared.validation.columns import check_header, parse_table
-from shared.validation.problems import Problem, ValidationReport
+from shared.validation.problems import Problem, ValidationReport, listed
 from shared.validation.reading import CsvTable, read_csv_table
 from shared.validation.site_config import read_site_config, section
 
@@ -45,9 +45,10 @@ def read_declared(path: Path, label: str, declared: tuple[Column, ...],
     """Read and parse one declared file, adding its problems; None if the file is absent or unreadable."""
     if not path.is_file():
         others = sorted(p.name for p in path.parent.glob("*") if p.suffix.lower() == ".csv")
-        found = f"; found {', '.join(others)}" if others else ""
-        problems.append(Problem("error", label, None, (),
-                                f"the file is missing from {path.parent}{found}"))
+        found = f"; found {listed(others)}" if others else ""
+        counted = f"; found {len(others)} other .csv file{'' if len(others) == 1 else 's'}" if others else ""
+        problems.append(Problem("error", label, None, (), f"the file is missing from {path.parent}{found}",
+                                shareable_message=f"the file is missing from the site folder{counted}"))
         return None
     table, found = read_csv_table(path, label)
     problems += found

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Literal
 
 Severity = Literal["error", "warning"]
@@ -16,9 +16,18 @@ MAX_ECHO_CHARS = 40
 """Longest piece of file text (a cell, a column name) quoted whole in a message; longer ones are cut."""
 
 
+WITHHELD = "details are in the site's own validation log"
+"""The shareable text of a problem built without one (e.g. by code outside this package)."""
+
+
 @dataclass(frozen=True)
 class Problem:
-    """One finding about a site file.
+    """One finding about a site file, in two renderings: ``str(problem)`` and ``problem.shareable``.
+
+    ``str(problem)`` is the full text, with the cell values and identifiers that broke the rule: for the
+    site's own console and log. ``problem.shareable`` may leave the site: it names the file, the column,
+    the row and line numbers and the rule with its public expectation (range, unit, dtype, categories) but
+    holds no cell value, no identifier and no other text read from the file.
 
     Parameters
     ----------
@@ -31,9 +40,14 @@ class Problem:
     rows : tuple of int
         1-based data-row numbers (header excluded).
     message : str
-        What is wrong and what was expected.
+        What is wrong and what was expected, with the offending values (site only).
     lines : tuple of int, default ()
         1-based physical line numbers in the file (of ``rows``, or on their own for file-level findings).
+    shareable_message : str or None, default None
+        ``message`` without values or identifiers; None withholds everything but the location (``WITHHELD``).
+    column_in_contract : bool, default True
+        False when ``column`` is a header name the contract does not declare (it is text read from the
+        file, e.g. a patient id when the header row is missing): the shareable text then leaves it out.
     """
 
     severity: Severity
@@ -42,11 +56,23 @@ class Problem:
     rows: tuple[int, ...]
     message: str
     lines: tuple[int, ...] = ()
+    shareable_message: str | None = None
+    column_in_contract: bool = True
 
     def __str__(self) -> str:
-        where = [self.file]
-        if self.column is not None:
-            where.append(f"column {self.column!r}")
+        return self._where(self.file, self.column) + ": " + self.message
+
+    @property
+    def shareable(self) -> str:
+        """The text that may leave the site: location and rule, no values, no identifiers, no local path."""
+        column = self.column if self.column_in_contract else None
+        return self._where(PurePath(self.file).name or self.file, column) + ": " + (
+            self.shareable_message or WITHHELD)
+
+    def _where(self, file: str, column: str | None) -> str:
+        where = [file]
+        if column is not None:
+            where.append(f"column {column!r}")
         if self.rows:
             text = f"{_plural('row', self.rows)} {listed(self.rows)}"
             if self.lines:
@@ -54,7 +80,13 @@ class Problem:
             where.append(text)
         elif self.lines:
             where.append(f"{_plural('line', self.lines)} {listed(self.lines)}")
-        return ", ".join(where) + ": " + self.message
+        return ", ".join(where)
+
+
+def public_problem(severity: Severity, file: str, message: str, lines: tuple[int, ...] = (),
+                   column: str | None = None) -> Problem:
+    """A problem whose message holds no file content (only the contract's words and counts): shared as is."""
+    return Problem(severity, file, column, (), message, lines, shareable_message=message)
 
 
 def _plural(word: str, items: tuple[int, ...]) -> str:
@@ -102,13 +134,32 @@ class ValidationReport:
         return not self.errors
 
     def format(self) -> str:
-        """Human-readable report: verdict, summary, then every problem on its own line."""
-        counts = f"{len(self.errors)} error(s), {len(self.warnings)} warning(s)"
-        verdict = "OK" if self.ok else "NOT USABLE"
-        lines = [f"Site data at {self.path}: {verdict} ({counts})"]
+        """Human-readable report for the site itself: verdict, summary, then every problem in full."""
+        lines = [f"Site data at {self.path}: {self._verdict()}"]
         lines += [f"  {key}: {_format_value(value)}" for key, value in self.summary.items()]
         lines += [f"  {p.severity}: {p}" for p in self.errors + self.warnings]
         return "\n".join(lines)
+
+    def shareable_errors(self) -> list[str]:
+        """Each error's shareable text (``Problem.shareable``): what may be sent to the coordinator."""
+        return [p.shareable for p in self.errors]
+
+    def shareable_warnings(self) -> list[str]:
+        """Each warning's shareable text."""
+        return [p.shareable for p in self.warnings]
+
+    def format_shareable(self) -> str:
+        """The report as it may leave the site: verdict, then every problem's shareable text.
+
+        No local path, no summary, no cell value or identifier.
+        """
+        lines = [f"Site data: {self._verdict()}"]
+        lines += [f"  {p.severity}: {p.shareable}" for p in self.errors + self.warnings]
+        return "\n".join(lines)
+
+    def _verdict(self) -> str:
+        counts = f"{len(self.errors)} error(s), {len(self.warnings)} warning(s)"
+        return f"{'OK' if self.ok else 'NOT USABLE'} ({counts})"
 
 
 def _format_value(value: Any) -> str:
@@ -120,8 +171,20 @@ def _format_value(value: Any) -> str:
 
 
 class SiteDataError(ValueError):
-    """A site whose data cannot be used; ``report`` holds every problem found."""
+    """A site whose data cannot be used; ``report`` holds every problem found.
+
+    ``str(err)`` is the full report, for the site's own log; ``err.shareable`` is the text that may be sent
+    to the coordinator (``ValidationReport.format_shareable``), ``err.shareable_errors`` its error lines.
+    """
 
     def __init__(self, report: ValidationReport) -> None:
         super().__init__(report.format())
         self.report = report
+
+    @property
+    def shareable(self) -> str:
+        return self.report.format_shareable()
+
+    @property
+    def shareable_errors(self) -> list[str]:
+        return self.report.shareable_errors()

@@ -23,7 +23,7 @@ from typing import BinaryIO, TextIO
 import numpy as np
 import pandas as pd
 
-from shared.validation.problems import Problem, Severity, listed
+from shared.validation.problems import Problem, Severity, echo, listed, public_problem
 
 SNIFF_BYTES = 8192
 """How much of a file's start is inspected to tell text from binary."""
@@ -90,17 +90,20 @@ class CsvTable:
         """Data rows in the file, ragged ones included."""
         return len(self.row_lines)
 
-    def problem(self, column: str | None, rows: pd.Series, message: str,
-                severity: Severity = "error") -> Problem:
-        """A finding about the data rows where the boolean mask ``rows`` (indexed by row number) is true."""
-        return self.problem_at(column, rows.index[rows.to_numpy(dtype=bool)], message, severity)
+    def problem(self, column: str | None, rows: pd.Series, message: str, severity: Severity = "error",
+                shareable: str | None = None) -> Problem:
+        """A finding about the data rows where the boolean mask ``rows`` (indexed by row number) is true.
+
+        ``message`` is the full text; ``shareable`` the same without values or identifiers (see ``Problem``).
+        """
+        return self.problem_at(column, rows.index[rows.to_numpy(dtype=bool)], message, severity, shareable)
 
     def problem_at(self, column: str | None, rows: Sequence[int] | np.ndarray, message: str,
-                   severity: Severity = "error") -> Problem:
+                   severity: Severity = "error", shareable: str | None = None) -> Problem:
         """A finding about the given data rows (1-based row numbers, any order)."""
         numbers = np.unique(np.asarray(rows, dtype=np.int64))
         return Problem(severity, self.file, column, tuple(numbers.tolist()), message,
-                       tuple(self.row_lines[numbers - 1].tolist()))
+                       tuple(self.row_lines[numbers - 1].tolist()), shareable_message=shareable)
 
     def changed(self) -> bool:
         """Whether the file's size or modification time differ from when it was read."""
@@ -145,7 +148,14 @@ def read_csv_table(path: Path, label: str) -> tuple[CsvTable | None, list[Proble
             return None, [problem]
         return _scan_records(path, label)
     except OSError as exc:
-        return None, [Problem("error", label, None, (), f"cannot read the file: {exc.strerror or exc}")]
+        return None, [unreadable_problem(label, exc)]
+
+
+def unreadable_problem(label: str, exc: OSError) -> Problem:
+    """The file could not be opened or read: the OS's reason (the full text also names the path)."""
+    reason = f" ({exc.strerror})" if exc.strerror else ""
+    return Problem("error", label, None, (), f"cannot read the file: {exc.strerror or exc}",
+                   shareable_message=f"cannot read the file{reason}")
 
 
 def _stamp(path: Path) -> tuple[int, int]:
@@ -157,12 +167,12 @@ def _not_a_readable_file(path: Path, label: str) -> Problem | None:
     """A problem if the path is not a regular file (a FIFO would block), is empty or is too large."""
     status = os.stat(path)
     if not stat.S_ISREG(status.st_mode):
-        return Problem("error", label, None, (), "not a regular file; expected a CSV text file")
+        return public_problem("error", label, "not a regular file; expected a CSV text file")
     if status.st_size == 0:
-        return Problem("error", label, None, (), "the file is empty (0 bytes); expected a header and rows")
+        return public_problem("error", label, "the file is empty (0 bytes); expected a header and rows")
     if status.st_size > MAX_FILE_BYTES:
-        return Problem("error", label, None, (),
-                       f"the file is {status.st_size:,} bytes; at most {MAX_FILE_BYTES:,} bytes are read "
+        return public_problem("error", label,
+                              f"the file is {status.st_size:,} bytes; at most {MAX_FILE_BYTES:,} bytes are read "
                        f"— a site file this large is not a site table")
     return None
 
@@ -177,21 +187,22 @@ def _binary_or_not_utf8(path: Path, label: str) -> Problem | None:
         first = stream.read(READ_BLOCK_BYTES)
         for signature, what in BINARY_SIGNATURES.items():
             if first.startswith(signature):
-                return Problem("error", label, None, (), f"not a CSV text file: it looks like {what}")
+                return public_problem("error", label, f"not a CSV text file: it looks like {what}")
         nul, utf8 = _first_nul_and_utf8_error(first, stream)
     if nul is not None:
-        return Problem("error", label, None, (),
-                       f"not a CSV text file: it contains NUL bytes (first at byte offset {nul})")
+        return public_problem("error", label,
+                              f"not a CSV text file: it contains NUL bytes (first at byte offset {nul})")
     sample = first[:SNIFF_BYTES]
     control = len(sample.translate(None, _TEXT_BYTES))
     if control > MAX_CONTROL_FRACTION * len(sample):
-        return Problem("error", label, None, (),
-                       f"not a CSV text file: {control} of its first {len(sample)} bytes are control bytes")
+        return public_problem("error", label,
+                              f"not a CSV text file: {control} of its first {len(sample)} bytes are control bytes")
     if utf8 is not None:
         offset, byte, line = utf8
-        message = (f"not valid UTF-8 text: byte 0x{byte:02X} at byte offset {offset} — "
-                   f"re-save the file as CSV (UTF-8); Latin-1 or Windows-1252 text (é, µ, °) causes this")
-        return Problem("error", label, None, (), message, (line,))
+        advice = "re-save the file as CSV (UTF-8); Latin-1 or Windows-1252 text (é, µ, °) causes this"
+        return Problem("error", label, None, (), f"not valid UTF-8 text: byte 0x{byte:02X} at byte offset "
+                       f"{offset} — {advice}", (line,),
+                       shareable_message=f"not valid UTF-8 text at byte offset {offset} — {advice}")
     return None
 
 
@@ -277,18 +288,19 @@ def _scan_records(path: Path, label: str) -> tuple[CsvTable | None, list[Problem
                 ragged_rows.append(len(lines))
                 ragged_widths.append(len(fields))
             if len(lines) > MAX_ROWS:
-                return None, [Problem("error", label, None, (), f"the file has more than {MAX_ROWS:,} data "
-                                      f"rows; at most {MAX_ROWS:,} are read — split the export", (line,))]
+                return None, [public_problem("error", label, f"the file has more than {MAX_ROWS:,} data rows; "
+                                             f"at most {MAX_ROWS:,} are read — split the export", (line,))]
     except _MalformedRecord as exc:
-        message = (f"malformed CSV in the row starting on this line: {exc.reason} — "
-                   f"is a quote (\") left unclosed?")
-        return None, [Problem("error", label, None, (), message, (exc.line,))]
+        hint = "is a quote (\") left unclosed?"
+        return None, [Problem("error", label, None, (), f"malformed CSV in the row starting on this line: "
+                              f"{exc.reason} — {hint}", (exc.line,),
+                              shareable_message=f"malformed CSV in the row starting on this line — {hint}")]
     except _LongLine as exc:
         return None, [_long_line_problem(exc.line, header is None, label)]
     if header is None:
-        return None, [Problem("error", label, None, (), "the file has no header line; expected a CSV header")]
+        return None, [public_problem("error", label, "the file has no header line; expected a CSV header")]
     if not lines:
-        return None, [Problem("error", label, None, (), "the file has a header but no data rows")]
+        return None, [public_problem("error", label, "the file has a header but no data rows")]
     row_lines = np.frombuffer(lines, dtype=np.int64)
     problems = _ragged_problems(np.frombuffer(ragged_rows, dtype=np.int64),
                                 np.frombuffer(ragged_widths, dtype=np.int64), row_lines, len(header), label)
@@ -302,7 +314,7 @@ def _long_line_problem(line: int, in_header: bool, label: str) -> Problem:
     else:
         message = (f"a line longer than {MAX_LINE_CHARS:,} characters; a row of at most {MAX_COLUMNS} "
                    f"columns is far shorter — is this a CSV export?")
-    return Problem("error", label, None, (), message, (line,))
+    return public_problem("error", label, message, (line,))
 
 
 def _is_blank(fields: list[str]) -> bool:
@@ -313,12 +325,12 @@ def _is_blank(fields: list[str]) -> bool:
 def _header_problem(header: list[str], label: str) -> Problem | None:
     """A problem if the header cannot name columns: too many, wrong separator or repeated names."""
     if len(header) > MAX_COLUMNS:
-        return Problem("error", label, None, (), f"the header has {len(header):,} columns; at most "
-                       f"{MAX_COLUMNS} are read — this is not a site table (a transposed export?)", (1,))
+        return public_problem("error", label, f"the header has {len(header):,} columns; at most {MAX_COLUMNS} "
+                              f"are read — this is not a site table (a transposed export?)", (1,))
     if len(header) == 1 and (";" in header[0] or "\t" in header[0]):
         separator = "';'" if ";" in header[0] else "a tab"
-        return Problem("error", label, None, (), f"the header has one column; the file seems to use "
-                       f"{separator} as separator — save it with ',' as separator", (1,))
+        return public_problem("error", label, f"the header has one column; the file seems to use {separator} "
+                              f"as separator — save it with ',' as separator", (1,))
     counts = Counter(header)
     repeated = sorted(name for name, n in counts.items() if n > 1)
     if not repeated:
@@ -327,8 +339,12 @@ def _header_problem(header: list[str], label: str) -> Problem | None:
     for i, name in enumerate(header):
         if name in positions:
             positions[name].append(i + 1)
-    where = "; ".join(f"{name!r} at positions " + ", ".join(map(str, at)) for name, at in positions.items())
-    return Problem("error", label, repeated[0], (), f"duplicate column names in the header: {where}", (1,))
+    where = [(f"{echo(name)!r} at positions ", ", ".join(map(str, at))) for name, at in positions.items()]
+    return Problem("error", label, repeated[0], (), "duplicate column names in the header: "
+                   + listed([name + at for name, at in where], sep="; "), (1,),
+                   shareable_message="duplicate column names in the header: the same name at positions "
+                   + listed([at for _, at in where], sep="; the same name at positions "),
+                   column_in_contract=False)
 
 
 def _ragged_problems(rows: np.ndarray, widths: np.ndarray, row_lines: np.ndarray, width: int,
@@ -351,7 +367,7 @@ def _ragged_problems(rows: np.ndarray, widths: np.ndarray, row_lines: np.ndarray
     for kind, mask in kinds.items():
         if mask.any():
             got = listed(np.unique(widths[mask]).tolist())
-            problems.append(Problem("error", label, None, tuple(rows[mask].tolist()),
-                                    messages[kind].format(got=got, width=width),
-                                    tuple(row_lines[rows[mask] - 1].tolist())))
+            message = messages[kind].format(got=got, width=width)
+            problems.append(Problem("error", label, None, tuple(rows[mask].tolist()), message,
+                                    tuple(row_lines[rows[mask] - 1].tolist()), shareable_message=message))
     return problems

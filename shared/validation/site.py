@@ -12,7 +12,7 @@ from shared.schema import EPISODE_COLUMNS, EPISODES_FILE, SCHEMA_VERSION, VITALS
 from shared.task import NANOPARTICLE_TASK, TaskSpec
 from shared.validation.episodes import episode_cross_checks
 from shared.validation.inspection import Inspection, read_declared, site_config, site_name
-from shared.validation.problems import Problem, SiteDataError, ValidationReport
+from shared.validation.problems import SiteDataError, ValidationReport, public_problem
 from shared.validation.site_config import section
 from shared.validation.task_site import inspect_task_site
 from shared.validation.vitals import vitals_cross_checks
@@ -69,8 +69,8 @@ def _inspect_nanoparticle_site(folder: Path) -> Inspection:
     problems = inspection.report.problems
     if not folder.is_dir():
         what = "does not exist" if not folder.exists() else "is a file"
-        problems.append(Problem("error", str(folder), None, (),
-                                f"the site path {what}; expected a folder holding {EPISODES_FILE}"))
+        problems.append(public_problem("error", str(folder),
+                                       f"the site path {what}; expected a folder holding {EPISODES_FILE}"))
         return inspection
     inspection.config, found = site_config(folder)
     problems += found

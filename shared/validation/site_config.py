@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from shared.schema import SCHEMA_VERSION, SITE_FILE
-from shared.validation.problems import Problem, Severity
+from shared.validation.problems import Problem, Severity, echo, public_problem
+from shared.validation.reading import unreadable_problem
 
 SUPPORTED_SCHEMA_VERSIONS = (SCHEMA_VERSION,)
 
@@ -23,17 +24,22 @@ SITE_CONFIG_KEYS: dict[str, dict[str, str]] = {
 
 
 def read_site_config(path: Path) -> tuple[dict[str, Any], list[Problem]]:
-    """Parse site.toml; unknown sections and keys are warnings, wrong values errors."""
+    """Parse site.toml; unknown sections and keys are warnings, wrong values errors.
+
+    Shareable texts name sections and keys of the contract (``SITE_CONFIG_KEYS``) and what they expect,
+    never a value from the file nor a key the contract does not declare.
+    """
     try:
         config = tomllib.loads(path.read_bytes().decode("utf-8-sig"))
     except OSError as exc:
-        return {}, [Problem("error", SITE_FILE, None, (), f"cannot read the file: {exc.strerror or exc}")]
+        return {}, [unreadable_problem(SITE_FILE, exc)]
     except UnicodeDecodeError as exc:
-        return {}, [Problem("error", SITE_FILE, None, (), f"not valid UTF-8 text (byte offset {exc.start})")]
+        return {}, [_public("error", f"not valid UTF-8 text (byte offset {exc.start})")]
     except tomllib.TOMLDecodeError as exc:
-        match = re.search(r"line (\d+)", str(exc))
-        lines = (int(match.group(1)),) if match else ()
-        return {}, [Problem("error", SITE_FILE, None, (), f"invalid TOML: {exc}", lines)]
+        where = re.search(r"\(at line (\d+), column (\d+)\)", str(exc))
+        lines = (int(where.group(1)),) if where else ()
+        return {}, [Problem("error", SITE_FILE, None, (), f"invalid TOML: {exc}", lines,
+                            shareable_message=f"invalid TOML {where.group(0)}" if where else "invalid TOML")]
     return config, _site_config_problems(config)
 
 
@@ -43,11 +49,12 @@ def _site_config_problems(config: dict[str, Any]) -> list[Problem]:
         return problems  # the value checks below assume well-typed values
     version = section(config, "site").get("schema_version")
     if version is None:
-        problems.append(_config_problem("warning", f"site.schema_version not set; assuming {SCHEMA_VERSION}"))
+        problems.append(_public("warning", f"site.schema_version not set; assuming {SCHEMA_VERSION}"))
     elif version not in SUPPORTED_SCHEMA_VERSIONS:
         supported = " or ".join(repr(v) for v in SUPPORTED_SCHEMA_VERSIONS)
-        problems.append(_config_problem("error", f"site.schema_version {version!r} is not supported; "
-                                                 f"expected {supported}"))
+        problems.append(_config_problem("error", f"site.schema_version {_shown(version)} is not supported; "
+                                                 f"expected {supported}",
+                                        f"site.schema_version is not supported; expected {supported}"))
     return problems + _privacy_problems(section(config, "privacy"))
 
 
@@ -55,19 +62,25 @@ def _unknown_or_mistyped_keys(config: dict[str, Any]) -> list[Problem]:
     problems = []
     for section, body in config.items():
         if section not in SITE_CONFIG_KEYS:
-            problems.append(_config_problem("warning", f"unknown section [{section}], ignored; expected "
-                                                       + ", ".join(f"[{s}]" for s in SITE_CONFIG_KEYS)))
+            expected = ", ".join(f"[{s}]" for s in SITE_CONFIG_KEYS)
+            problems.append(_config_problem("warning", f"unknown section [{echo(section)}], ignored; expected "
+                                                       f"{expected}",
+                                            f"an unknown section, ignored; expected {expected}"))
             continue
         if not isinstance(body, dict):
             problems.append(_config_problem("error", f"{section}: expected a [{section}] table, "
-                                                     f"got {body!r}"))
+                                                     f"got {_shown(body)}",
+                                            f"{section}: expected a [{section}] table"))
             continue
         for key, value in body.items():
             kind = SITE_CONFIG_KEYS[section].get(key)
             if kind is None:
-                problems.append(_config_problem("warning", f"unknown key {section}.{key}, ignored"))
+                keys = ", ".join(SITE_CONFIG_KEYS[section])
+                problems.append(_config_problem("warning", f"unknown key {section}.{echo(key)}, ignored",
+                                                f"an unknown key in [{section}], ignored; expected {keys}"))
             elif not _is_kind(value, kind):
-                problems.append(_config_problem("error", f"{section}.{key}: expected {kind}, got {value!r}"))
+                problems.append(_config_problem("error", f"{section}.{key}: expected {kind}, got {_shown(value)}",
+                                                f"{section}.{key}: expected {kind}"))
     return problems
 
 
@@ -83,15 +96,15 @@ def _privacy_problems(privacy: dict[str, Any]) -> list[Problem]:
     problems = []
     epsilon, delta = privacy.get("epsilon"), privacy.get("delta")
     if epsilon is not None and epsilon <= 0:
-        problems.append(_config_problem("error", f"privacy.epsilon: expected a number > 0, "
-                                                 f"got {epsilon!r}"))
+        rule = "privacy.epsilon: expected a number > 0"
+        problems.append(_config_problem("error", f"{rule}, got {epsilon!r}", rule))
     if delta is not None and not 0 < delta < 1:
-        problems.append(_config_problem("error", f"privacy.delta: expected a number in (0, 1), "
-                                                 f"got {delta!r}"))
+        rule = "privacy.delta: expected a number in (0, 1)"
+        problems.append(_config_problem("error", f"{rule}, got {delta!r}", rule))
     if privacy.get("dp"):
         for key, value in (("epsilon", epsilon), ("delta", delta)):
             if value is None:
-                problems.append(_config_problem("error", f"privacy.{key}: required when privacy.dp = true"))
+                problems.append(_public("error", f"privacy.{key}: required when privacy.dp = true"))
     return problems
 
 
@@ -101,5 +114,15 @@ def section(config: dict[str, Any], name: str) -> dict[str, Any]:
     return body if isinstance(body, dict) else {}
 
 
-def _config_problem(severity: Severity, message: str) -> Problem:
-    return Problem(severity, SITE_FILE, None, (), message)
+def _config_problem(severity: Severity, message: str, shareable: str) -> Problem:
+    """A finding about site.toml: ``message`` may quote the file, ``shareable`` must not."""
+    return Problem(severity, SITE_FILE, None, (), message, shareable_message=shareable)
+
+
+def _public(severity: Severity, message: str) -> Problem:
+    return public_problem(severity, SITE_FILE, message)
+
+
+def _shown(value: Any) -> str:
+    """A value from site.toml as quoted in the site's own message, cut to ``MAX_ECHO_CHARS``."""
+    return echo(repr(value))

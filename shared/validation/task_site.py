@@ -10,7 +10,7 @@ import pandas as pd
 from shared.schema import Column
 from shared.task import SPLITS, TaskSpec
 from shared.validation.inspection import Inspection, read_declared, site_config, site_name
-from shared.validation.problems import MAX_LISTED, Problem, ValidationReport, echo, listed
+from shared.validation.problems import MAX_LISTED, Problem, ValidationReport, echo, listed, public_problem
 from shared.validation.reading import CsvTable
 
 
@@ -41,15 +41,15 @@ def _task_csv(path: Path) -> tuple[Path | None, str, list[Problem]]:
     if path.is_file():
         return path, str(path), []
     if not path.exists():
-        return None, str(path), [Problem("error", str(path), None, (),
-                                         "the site path does not exist; expected a CSV file or a folder "
-                                         "holding one")]
+        return None, str(path), [public_problem("error", str(path), "the site path does not exist; expected a "
+                                                                   "CSV file or a folder holding one")]
     csvs = sorted(p for p in path.iterdir() if p.suffix.lower() == ".csv" and p.is_file())
     if len(csvs) == 1:
         return csvs[0], csvs[0].name, []
-    found = "none" if not csvs else ", ".join(p.name for p in csvs)
-    return None, str(path), [Problem("error", str(path), None, (),
-                                     f"expected exactly one .csv file in the folder; found {found}")]
+    found = "none" if not csvs else listed([p.name for p in csvs])
+    rule = "expected exactly one .csv file in the folder"
+    return None, str(path), [Problem("error", str(path), None, (), f"{rule}; found {found}",
+                                     shareable_message=f"{rule}; found {len(csvs)}")]
 
 
 def inspect_task_site(path: Path, task: TaskSpec) -> Inspection:
@@ -83,12 +83,13 @@ def _target_problems(table: CsvTable, values: pd.DataFrame, task: TaskSpec) -> l
             extra = values[outcome.name].isin(counts.index[2:])
             listing = listed([f"{echo(v)!r} ({n} row{'' if n == 1 else 's'})"
                               for v, n in counts.head(MAX_LISTED).items()], total=len(counts))
-            problems.append(table.problem(outcome.name, extra, f"a binary target holds at most 2 distinct "
-                                                               f"values; got {len(counts)}: {listing}"))
+            rule = f"a binary target holds at most 2 distinct values; got {len(counts)}"
+            problems.append(table.problem(outcome.name, extra, f"{rule}: {listing}", shareable=rule))
         elif len(counts) == 1:
+            consequence = "this site alone cannot train a classifier"
             problems.append(Problem("warning", table.file, outcome.name, (),
-                                    f"only one class present ({echo(counts.index[0])!r}); this site alone cannot "
-                                    "train a classifier"))
+                                    f"only one class present ({echo(counts.index[0])!r}); {consequence}",
+                                    shareable_message=f"only one class present; {consequence}"))
     return problems
 
 

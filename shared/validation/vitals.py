@@ -20,9 +20,12 @@ def vitals_without_episodes(table: CsvTable, vitals: pd.DataFrame, episodes: pd.
     problems = []
     unknown_patient = vitals["patient_id"].notna() & ~vitals["patient_id"].isin(patients)
     if unknown_patient.any():
+        unknown_ids = vitals["patient_id"][unknown_patient]
+        n = unknown_ids.nunique()
         problems.append(table.problem("patient_id", unknown_patient,
-                                      f"patient not found in {EPISODES_FILE}: "
-                                      f"{sample(vitals['patient_id'][unknown_patient], quote=True)}"))
+                                      f"patient not found in {EPISODES_FILE}: {sample(unknown_ids, quote=True)}",
+                                      shareable=f"patient not found in {EPISODES_FILE} "
+                                                f"({n} patient id{'' if n == 1 else 's'})"))
     known = vitals["patient_id"].notna() & ~unknown_patient & vitals["episode_id"].notna()
     episode_owner = vitals["episode_id"].map(owner_of)
     wrong_episode = known & (episode_owner != vitals["patient_id"])
@@ -30,9 +33,12 @@ def vitals_without_episodes(table: CsvTable, vitals: pd.DataFrame, episodes: pd.
         pairs = vitals.loc[wrong_episode, ["episode_id", "patient_id"]].drop_duplicates()
         detail = [_episode_mismatch(episode, patient, episode_owner[r])
                   for r, episode, patient in pairs.head(MAX_LISTED).itertuples()]
+        rule = f"expected an episode of the row's patient in {EPISODES_FILE}"
+        absent = int((wrong_episode & episode_owner.isna()).sum())
         problems.append(table.problem("episode_id", wrong_episode,
-                                      f"expected an episode of the row's patient in {EPISODES_FILE}; got "
-                                      + listed(detail, sep="; ", total=len(pairs))))
+                                      f"{rule}; got " + listed(detail, sep="; ", total=len(pairs)),
+                                      shareable=f"{rule}; {int(wrong_episode.sum()) - absent} row(s) name another "
+                                                f"patient's episode, {absent} an episode absent from it"))
     return problems
 
 
