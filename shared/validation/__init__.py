@@ -45,12 +45,17 @@ Example
 
 from shared.validation.columns import MISSING_TOKENS, check_header, parse_column, parse_table
 from shared.validation.episodes import (
+    AGE_TOLERANCE_YEARS,
     BSA_TOLERANCE,
     DOSE_TOLERANCE,
+    HEIGHT_TOLERANCE_CM,
     bsa_inconsistent_with_mosteller,
     dose_inconsistent_with_bsa,
     duplicate_episode_ids,
     mosteller_bsa_m2,
+    patient_age_inconsistent,
+    patient_height_inconsistent,
+    patient_sex_inconsistent,
 )
 from shared.validation.problems import (
     MAX_ECHO_CHARS,
@@ -74,16 +79,23 @@ from shared.validation.reading import (
     read_csv_table,
 )
 from shared.validation.site import SiteData, load_site, validate_site
-from shared.validation.site_config import SITE_CONFIG_KEYS, SUPPORTED_SCHEMA_VERSIONS, read_site_config
+from shared.validation.site_config import (
+    MAX_SITE_TOML_BYTES,
+    SITE_CONFIG_KEYS,
+    SUPPORTED_SCHEMA_VERSIONS,
+    read_site_config,
+)
 from shared.validation.task_site import task_columns
 from shared.validation.vitals import vitals_without_episodes
 
 __all__ = [
-    "BINARY_SIGNATURES", "BSA_TOLERANCE", "CHUNK_ROWS", "DOSE_TOLERANCE", "MAX_COLUMNS", "MAX_CONTROL_FRACTION",
-    "MAX_ECHO_CHARS", "MAX_FILE_BYTES", "MAX_LINE_CHARS", "MAX_LISTED", "MAX_ROWS", "MISSING_TOKENS",
-    "SITE_CONFIG_KEYS", "SNIFF_BYTES", "SUPPORTED_SCHEMA_VERSIONS", "WITHHELD",
-    "CsvTable", "Problem", "Severity", "SiteData", "SiteDataError", "ValidationReport",
-    "bsa_inconsistent_with_mosteller", "check_header", "dose_inconsistent_with_bsa", "duplicate_episode_ids",
-    "load_site", "mosteller_bsa_m2", "parse_column", "parse_table", "read_csv_table", "read_site_config",
-    "task_columns", "validate_site", "vitals_without_episodes",
+    "AGE_TOLERANCE_YEARS", "BINARY_SIGNATURES", "BSA_TOLERANCE", "CHUNK_ROWS", "DOSE_TOLERANCE",
+    "HEIGHT_TOLERANCE_CM", "MAX_COLUMNS", "MAX_CONTROL_FRACTION", "MAX_ECHO_CHARS", "MAX_FILE_BYTES",
+    "MAX_LINE_CHARS", "MAX_LISTED", "MAX_ROWS", "MAX_SITE_TOML_BYTES", "MISSING_TOKENS", "SITE_CONFIG_KEYS",
+    "SNIFF_BYTES", "SUPPORTED_SCHEMA_VERSIONS", "WITHHELD", "CsvTable", "Problem", "Severity",
+    "SiteData", "SiteDataError", "ValidationReport", "bsa_inconsistent_with_mosteller", "check_header",
+    "dose_inconsistent_with_bsa", "duplicate_episode_ids", "load_site", "mosteller_bsa_m2",
+    "parse_column", "parse_table",
+    "patient_age_inconsistent", "patient_height_inconsistent", "patient_sex_inconsistent", "read_csv_table",
+    "read_site_config", "task_columns", "validate_site", "vitals_without_episodes",
 ]

@@ -75,10 +75,10 @@ def _inspect_nanoparticle_site(folder: Path) -> Inspection:
     inspection.config, found = site_config(folder)
     problems += found
     inspection.name = site_name(inspection.config, folder)
-    episodes_table = read_declared(folder / EPISODES_FILE, EPISODES_FILE, EPISODE_COLUMNS, problems)
+    episodes_table = read_declared(folder / EPISODES_FILE, EPISODES_FILE, EPISODE_COLUMNS, folder, problems)
     vitals_table = None
-    if (folder / VITALS_FILE).exists():
-        vitals_table = read_declared(folder / VITALS_FILE, VITALS_FILE, VITALS_COLUMNS, problems)
+    if (folder / VITALS_FILE).exists() or (folder / VITALS_FILE).is_symlink():
+        vitals_table = read_declared(folder / VITALS_FILE, VITALS_FILE, VITALS_COLUMNS, folder, problems)
     if episodes_table is not None:
         inspection.episodes, inspection.episode_columns = episodes_table[1], EPISODE_COLUMNS
         problems += episode_cross_checks(*episodes_table)

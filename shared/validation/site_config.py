@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 import re
+import stat
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,9 @@ from shared.validation.problems import Problem, Severity, echo, public_problem
 from shared.validation.reading import unreadable_problem
 
 SUPPORTED_SCHEMA_VERSIONS = (SCHEMA_VERSION,)
+
+MAX_SITE_TOML_BYTES = 64 * 1024
+"""Largest site.toml read: it holds a handful of settings (well under 1 KB); anything near this is not one."""
 
 
 SITE_CONFIG_KEYS: dict[str, dict[str, str]] = {
@@ -30,6 +35,9 @@ def read_site_config(path: Path) -> tuple[dict[str, Any], list[Problem]]:
     never a value from the file nor a key the contract does not declare.
     """
     try:
+        problem = _not_a_small_regular_file(path)
+        if problem is not None:
+            return {}, [problem]
         config = tomllib.loads(path.read_bytes().decode("utf-8-sig"))
     except OSError as exc:
         return {}, [unreadable_problem(SITE_FILE, exc)]
@@ -41,6 +49,16 @@ def read_site_config(path: Path) -> tuple[dict[str, Any], list[Problem]]:
         return {}, [Problem("error", SITE_FILE, None, (), f"invalid TOML: {exc}", lines,
                             shareable_message=f"invalid TOML {where.group(0)}" if where else "invalid TOML")]
     return config, _site_config_problems(config)
+
+
+def _not_a_small_regular_file(path: Path) -> Problem | None:
+    status = os.stat(path)
+    if not stat.S_ISREG(status.st_mode):
+        return _public("error", "not a regular file; expected a TOML text file")
+    if status.st_size > MAX_SITE_TOML_BYTES:
+        return _public("error", f"the file is {status.st_size:,} bytes; a site.toml has a few settings and at "
+                                f"most {MAX_SITE_TOML_BYTES:,} bytes are read")
+    return None
 
 
 def _site_config_problems(config: dict[str, Any]) -> list[Problem]:

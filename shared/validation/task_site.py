@@ -63,7 +63,7 @@ def inspect_task_site(path: Path, task: TaskSpec) -> Inspection:
         inspection.name = site_name(inspection.config, path)
     if csv_path is not None:
         declared = task_columns(task)
-        parsed = read_declared(csv_path, label, declared, problems)
+        parsed = read_declared(csv_path, label, declared, path if path.is_dir() else None, problems)
         if parsed is not None:
             table, values = parsed
             problems += _target_problems(table, values, task)
