@@ -80,9 +80,14 @@ from shared.validation.reading import (
 )
 from shared.validation.site import SiteData, load_site, validate_site
 from shared.validation.site_config import (
+    MAX_DELTA,
+    MAX_EPSILON,
     MAX_SITE_TOML_BYTES,
+    PRIVACY_PHASES,
     SITE_CONFIG_KEYS,
     SUPPORTED_SCHEMA_VERSIONS,
+    SiteConfigError,
+    privacy_shares,
     read_site_config,
 )
 from shared.validation.task_site import task_columns
@@ -90,12 +95,12 @@ from shared.validation.vitals import vitals_without_episodes
 
 __all__ = [
     "AGE_TOLERANCE_YEARS", "BINARY_SIGNATURES", "BSA_TOLERANCE", "CHUNK_ROWS", "DOSE_TOLERANCE",
-    "HEIGHT_TOLERANCE_CM", "MAX_COLUMNS", "MAX_CONTROL_FRACTION", "MAX_ECHO_CHARS", "MAX_FILE_BYTES",
-    "MAX_LINE_CHARS", "MAX_LISTED", "MAX_ROWS", "MAX_SITE_TOML_BYTES", "MISSING_TOKENS", "SITE_CONFIG_KEYS",
-    "SNIFF_BYTES", "SUPPORTED_SCHEMA_VERSIONS", "WITHHELD", "CsvTable", "Problem", "Severity",
-    "SiteData", "SiteDataError", "ValidationReport", "bsa_inconsistent_with_mosteller", "check_header",
-    "dose_inconsistent_with_bsa", "duplicate_episode_ids", "load_site", "mosteller_bsa_m2",
-    "parse_column", "parse_table",
-    "patient_age_inconsistent", "patient_height_inconsistent", "patient_sex_inconsistent", "read_csv_table",
+    "HEIGHT_TOLERANCE_CM", "MAX_COLUMNS", "MAX_CONTROL_FRACTION", "MAX_DELTA", "MAX_ECHO_CHARS", "MAX_EPSILON",
+    "MAX_FILE_BYTES", "MAX_LINE_CHARS", "MAX_LISTED", "MAX_ROWS", "MAX_SITE_TOML_BYTES", "MISSING_TOKENS",
+    "PRIVACY_PHASES", "SITE_CONFIG_KEYS", "SNIFF_BYTES", "SUPPORTED_SCHEMA_VERSIONS", "WITHHELD", "CsvTable",
+    "Problem", "Severity", "SiteConfigError", "SiteData", "SiteDataError", "ValidationReport",
+    "bsa_inconsistent_with_mosteller", "check_header", "dose_inconsistent_with_bsa", "duplicate_episode_ids",
+    "load_site", "mosteller_bsa_m2", "parse_column", "parse_table", "patient_age_inconsistent",
+    "patient_height_inconsistent", "patient_sex_inconsistent", "privacy_shares", "read_csv_table",
     "read_site_config", "task_columns", "validate_site", "vitals_without_episodes",
 ]

@@ -1,4 +1,19 @@
-"""site.toml: the site's name, schema version and privacy budget, read and checked."""
+"""site.toml: the site's name, schema version and privacy budget, read and checked.
+
+Every privacy key is checked here, so a site that passes ``fednano validate`` cannot fail a round later on
+its own settings::
+
+    [privacy]
+    dp = true
+    epsilon = 3.0              # (0, MAX_EPSILON]
+    delta = 1e-5               # (0, MAX_DELTA]
+    [privacy.shares]           # optional: fraction of epsilon per phase; training gets the rest
+    statistics = 0.05          # phases: PRIVACY_PHASES; each in [0, 1]; their sum at most 1
+    boosting = 0.2
+
+``privacy_shares(config)`` hands the declared shares to the client, checked. The older ``[privacy]
+adjuster_share`` (in [0, 1)) is still read, as the ``adjuster`` share, with a deprecation warning.
+"""
 
 from __future__ import annotations
 
@@ -20,10 +35,29 @@ MAX_SITE_TOML_BYTES = 64 * 1024
 """Largest site.toml read: it holds a handful of settings (well under 1 KB); anything near this is not one."""
 
 
+MAX_EPSILON = 20.0
+"""Largest ε budget a site may declare. ε bounds how much one patient's record can change what a release
+says, by a factor e^ε: at 20 that is 5 × 10^8, which protects no one. The largest budgets of deployed
+releases sit just below it (US Census 2020 redistricting data: ε = 17.14 for persons, 19.61 in all); a
+site that wants no DP says ``dp = false`` rather than declaring an ε that means it."""
+
+MAX_DELTA = 1e-3
+"""Largest δ a site may declare. δ is the chance the ε guarantee fails outright, and should be well below
+1/n for n records: 1e-3 is 1/n for 1,000 episodes, the small end of a site that trains; the usual 1e-5
+suits sites up to ~10^5 episodes."""
+
+PRIVACY_PHASES = ("statistics", "training", "evaluation", "boosting", "importance", "adjuster", "policy",
+                  "analytics")
+"""The phases that release something derived from a site's rows, each of which may take a share of ε."""
+
+SHARES_ROUNDING = 1e-9
+"""Slack on "the shares add up to at most 1", for decimal fractions that do not add exactly in binary."""
+
 SITE_CONFIG_KEYS: dict[str, dict[str, str]] = {
     "site": {"name": "text", "schema_version": "text"},
     "privacy": {"dp": "true or false", "epsilon": "a number", "delta": "a number",
-                "adjuster_share": "a number in [0, 1): share of ε the dose adjuster may spend (default 0)"},
+                "shares": "a table [privacy.shares] of phase = share",
+                "adjuster_share": "a number in [0, 1): share of ε the dose adjuster may spend (deprecated)"},
 }
 """Sections and keys of site.toml, with the kind of value each holds."""
 
@@ -107,23 +141,100 @@ def _is_kind(value: Any, kind: str) -> bool:
         return isinstance(value, str) and bool(value.strip())
     if kind == "true or false":
         return isinstance(value, bool)
+    if kind.startswith("a table"):
+        return isinstance(value, dict)
+    return _is_number(value)
+
+
+def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _privacy_problems(privacy: dict[str, Any]) -> list[Problem]:
+    """The budget (ε, δ) in range and present when DP is on, and the shares of it per phase."""
     problems = []
     epsilon, delta = privacy.get("epsilon"), privacy.get("delta")
-    if epsilon is not None and epsilon <= 0:
-        rule = "privacy.epsilon: expected a number > 0"
-        problems.append(_config_problem("error", f"{rule}, got {epsilon!r}", rule))
-    if delta is not None and not 0 < delta < 1:
-        rule = "privacy.delta: expected a number in (0, 1)"
+    if epsilon is not None and not 0 < epsilon <= MAX_EPSILON:
+        rule = (f"privacy.epsilon: expected a number > 0 and at most {MAX_EPSILON:g} (MAX_EPSILON) — a larger ε "
+                f"protects no one; for no DP, use dp = false")
+        problems.append(_config_problem("error", f"{rule}; got {epsilon!r}", rule))
+    if delta is not None and not 0 < delta <= MAX_DELTA:
+        rule = f"privacy.delta: expected a number in (0, {MAX_DELTA:g}] (MAX_DELTA)"
         problems.append(_config_problem("error", f"{rule}, got {delta!r}", rule))
     if privacy.get("dp"):
         for key, value in (("epsilon", epsilon), ("delta", delta)):
             if value is None:
                 problems.append(_public("error", f"privacy.{key}: required when privacy.dp = true"))
+    return problems + _share_problems(privacy)
+
+
+def _share_problems(privacy: dict[str, Any]) -> list[Problem]:
+    """``[privacy.shares]``: known phases, each a number in [0, 1], adding up to at most 1; and the legacy key."""
+    shares = privacy.get("shares", {})
+    problems = _legacy_adjuster_share_problems(privacy)
+    phases = ", ".join(PRIVACY_PHASES)
+    for phase, share in shares.items():
+        if phase not in PRIVACY_PHASES:
+            problems.append(_config_problem("error", f"privacy.shares.{echo(phase)}: unknown phase; expected one of "
+                                                     f"{phases}",
+                                            f"privacy.shares: an unknown phase; expected one of {phases}"))
+        elif not (_is_number(share) and 0 <= share <= 1):
+            rule = f"privacy.shares.{phase}: expected a number in [0, 1] (a fraction of privacy.epsilon)"
+            problems.append(_config_problem("error", f"{rule}, got {_shown(share)}", rule))
+    if any(p.severity == "error" for p in problems):
+        return problems
+    total = sum(_declared_shares(privacy).values())
+    if total > 1 + SHARES_ROUNDING:
+        rule = "privacy.shares: the shares add up to more than 1; training gets what they leave of privacy.epsilon"
+        problems.append(_config_problem("error", f"{rule} (they add up to {total:g})", rule))
     return problems
+
+
+def _legacy_adjuster_share_problems(privacy: dict[str, Any]) -> list[Problem]:
+    if "adjuster_share" not in privacy:
+        return []
+    share = privacy["adjuster_share"]
+    if not 0 <= share < 1:
+        rule = "privacy.adjuster_share: expected a number in [0, 1)"
+        return [_config_problem("error", f"{rule}, got {_shown(share)}", rule)]
+    if "adjuster" in privacy.get("shares", {}):
+        return [_public("error", "privacy.adjuster_share and privacy.shares.adjuster both set; keep only "
+                                 "[privacy.shares] adjuster")]
+    return [_public("warning", "privacy.adjuster_share is deprecated: use [privacy.shares] adjuster")]
+
+
+def _declared_shares(privacy: dict[str, Any]) -> dict[str, float]:
+    shares = {phase: float(share) for phase, share in privacy.get("shares", {}).items()}
+    if "adjuster_share" in privacy:
+        shares.setdefault("adjuster", float(privacy["adjuster_share"]))
+    return shares
+
+
+class SiteConfigError(ValueError):
+    """site.toml settings that cannot be used; the message is shareable (no value from the file)."""
+
+
+def privacy_shares(site_config: dict[str, Any]) -> dict[str, float]:
+    """The shares of ε the site declared, by phase, checked; training gets ``1 - sum`` of them.
+
+    Only the phases the site names in ``[privacy.shares]`` (and ``adjuster`` from the deprecated
+    ``[privacy] adjuster_share``); {} when it names none. The site's ``dp`` setting is not consulted.
+
+    Raises
+    ------
+    SiteConfigError
+        If the privacy settings break a rule of ``validate_site`` (so a caller need not validate first).
+
+    Example
+    -------
+    >>> privacy_shares({"privacy": {"dp": True, "epsilon": 3.0, "delta": 1e-5, "shares": {"boosting": 0.2}}})
+    {'boosting': 0.2}
+    """
+    privacy = section(site_config, "privacy")
+    errors = [p for p in _site_config_problems({"privacy": privacy}) if p.severity == "error"]
+    if errors:
+        raise SiteConfigError("; ".join(p.shareable for p in errors))
+    return _declared_shares(privacy)
 
 
 def section(config: dict[str, Any], name: str) -> dict[str, Any]:
