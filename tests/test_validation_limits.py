@@ -56,6 +56,7 @@ def test_header_wider_than_max_columns_is_refused_naming_the_count_and_the_limit
     assert f"the header has {MAX_COLUMNS + 1:,} columns; at most {MAX_COLUMNS} are read" in error.message
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_a_million_column_header_is_refused_before_any_row_is_read(site):
     widen(episodes(site), 1_000_000)
@@ -75,11 +76,22 @@ def test_hundreds_of_unknown_columns_give_one_warning_with_their_count(site):
     assert list(load_site(site).episodes.columns) == [c.name for c in EPISODE_COLUMNS]
 
 
-def test_line_longer_than_the_limit_is_refused_naming_its_line(site, monkeypatch):
-    monkeypatch.setattr(reading, "MAX_LINE_CHARS", 1000)
+@pytest.mark.parametrize("block", [7, 100, 1 << 20])
+@pytest.mark.parametrize("line_end", ["\n", "\r\n"])
+def test_line_longer_than_the_limit_is_refused_naming_its_line(site, monkeypatch, block, line_end):
+    monkeypatch.setattr(reading, "MAX_LINE_BYTES", 1000)
+    monkeypatch.setattr(reading, "READ_BLOCK_BYTES", block)
     set_cell(episodes(site), 4, "tumour_type", "x" * 1200)  # data row 4 is on line 5
+    episodes(site).write_bytes(episodes(site).read_bytes().replace(b"\n", line_end.encode()))
     [error] = validate_site(site).errors
-    assert error.lines == (5,) and "a line longer than 1,000 characters" in error.message
+    assert error.lines == (5,) and "a line longer than 1,000 bytes" in error.message
+
+
+def test_a_file_of_lines_just_within_the_limit_passes(site, monkeypatch):
+    longest = max(len(line) for line in episodes(site).read_bytes().split(b"\n"))
+    monkeypatch.setattr(reading, "MAX_LINE_BYTES", longest)
+    monkeypatch.setattr(reading, "READ_BLOCK_BYTES", 64)
+    assert validate_site(site).ok
 
 
 def test_file_larger_than_the_limit_is_refused_before_it_is_read(site, monkeypatch):

@@ -85,8 +85,8 @@ def test_vitals_episode_of_another_patient_names_no_id(site):
     set_cell(site / "vitals.csv", 2, "episode_id", "E77")
     [problem] = validate_site(site).errors
     assert "'P03'" in problem.message
-    assert problem.shareable.endswith("expected an episode of the row's patient in episodes.csv; 1 row(s) name "
-                                      "another patient's episode, 1 an episode absent from it")
+    assert problem.shareable.endswith("expected an episode of the row's patient in episodes.csv; 1 row with "
+                                      "another patient's episode, 1 row with an episode absent from episodes.csv")
 
 
 def test_site_toml_values_and_unknown_keys_stay_at_the_site(site):

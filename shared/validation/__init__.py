@@ -72,7 +72,7 @@ from shared.validation.reading import (
     MAX_COLUMNS,
     MAX_CONTROL_FRACTION,
     MAX_FILE_BYTES,
-    MAX_LINE_CHARS,
+    MAX_LINE_BYTES,
     MAX_ROWS,
     SNIFF_BYTES,
     CsvTable,
@@ -96,7 +96,7 @@ from shared.validation.vitals import vitals_without_episodes
 __all__ = [
     "AGE_TOLERANCE_YEARS", "BINARY_SIGNATURES", "BSA_TOLERANCE", "CHUNK_ROWS", "DOSE_TOLERANCE",
     "HEIGHT_TOLERANCE_CM", "MAX_COLUMNS", "MAX_CONTROL_FRACTION", "MAX_DELTA", "MAX_ECHO_CHARS", "MAX_EPSILON",
-    "MAX_FILE_BYTES", "MAX_LINE_CHARS", "MAX_LISTED", "MAX_ROWS", "MAX_SITE_TOML_BYTES", "MISSING_TOKENS",
+    "MAX_FILE_BYTES", "MAX_LINE_BYTES", "MAX_LISTED", "MAX_ROWS", "MAX_SITE_TOML_BYTES", "MISSING_TOKENS",
     "PRIVACY_PHASES", "SITE_CONFIG_KEYS", "SNIFF_BYTES", "SUPPORTED_SCHEMA_VERSIONS", "WITHHELD", "CsvTable",
     "Problem", "Severity", "SiteConfigError", "SiteData", "SiteDataError", "ValidationReport",
     "bsa_inconsistent_with_mosteller", "check_header", "dose_inconsistent_with_bsa", "duplicate_episode_ids",

@@ -84,11 +84,13 @@ def parse_table(table: CsvTable, declared: tuple[Column, ...]) -> tuple[pd.DataF
     for chunk in table.chunks([c.name for c in present]):
         end = min(filled + len(chunk), n_rows)
         index[filled:end] = chunk.index[: end - filled]
+        rows = chunk.index.to_numpy()
         for column in present:
-            values = _parse_cells(chunk[column.name], column, found.of(column))
+            values = _parse_cells(chunk[column.name].to_numpy(), rows, column, found.of(column))
             arrays[column.name][filled:end] = values[: end - filled]
         filled = end
-    values = pd.DataFrame({name: array[:filled] for name, array in arrays.items()}, index=index[:filled])
+    values = pd.DataFrame({name: array[:filled] for name, array in arrays.items()}, index=index[:filled],
+                          copy=False)  # one block per column: no consolidating copy
     problems = found.problems(table)
     if table.changed():
         problems.append(public_problem("error", table.file, "the file changed while it was being validated; "
@@ -110,13 +112,13 @@ class _Breaches:
     case_only: bool = False
     """For categories: some cell differs from an allowed value only in upper/lower case."""
 
-    def add(self, where: pd.Series, text: pd.Series | None = None) -> None:
-        mask = where.to_numpy(dtype=bool)
+    def add(self, mask: np.ndarray, rows: np.ndarray, text: np.ndarray | None = None) -> None:
+        """Record the cells where the boolean ``mask`` is true (``rows`` and ``text`` aligned with it)."""
         if not mask.any():
             return
-        self.rows.append(where.index.to_numpy()[mask])
+        self.rows.append(rows[mask])
         if text is not None and len(self.texts) <= MAX_LISTED:
-            for cell in pd.unique(text.to_numpy()[mask])[: MAX_LISTED + 1]:
+            for cell in pd.unique(text[mask])[: MAX_LISTED + 1]:
                 self.texts.setdefault(cell, None)
 
     def got(self, quote: bool) -> str:
@@ -173,7 +175,7 @@ def _shareable_message(rule: str, column: Column, breaches: _Breaches, n: int) -
     if rule == "invalid":
         return f"{expected}; {cells} {_NOT_OF_DTYPE[column.dtype]}"
     if rule == "negative":
-        return f"{expected}; {cells} negative — this cannot be negative"
+        return f"{expected}; {cells} below zero — this cannot be negative"
     if rule == "unknown":
         case_hint = " — categories are case-sensitive" if breaches.case_only else ""
         return f"{expected}; {cells} not among them{case_hint}"
@@ -182,48 +184,92 @@ def _shareable_message(rule: str, column: Column, breaches: _Breaches, n: int) -
     return f"{expected}; {cells} {side} the range" + (f" — {hint}" if hint else "")
 
 
-def _parse_cells(raw: pd.Series, column: Column, breaches: dict[str, _Breaches]) -> np.ndarray:
-    """One chunk of one column: typed values (NaN where missing or rejected); breaches are recorded."""
-    text = raw.str.strip()
-    missing = text.isin(MISSING_TOKENS)
-    if not column.nullable:
-        breaches["required"].add(missing)
+def _parse_cells(raw: np.ndarray, rows: np.ndarray, column: Column,
+                 breaches: dict[str, _Breaches]) -> np.ndarray:
+    """One chunk of one column: typed values (NaN where missing or rejected); breaches are recorded.
+
+    Plain numpy and pandas' vectorised calls on each chunk; Python runs per cell only where a cell needs
+    a second look (a number that did not parse, a category not found as written).
+    """
     if column.is_numeric:
-        return _parse_numbers(column, text, missing, breaches)
+        return _parse_numbers(column, raw, rows, breaches)
+    text = np.array([cell.strip() for cell in raw], dtype=object)
+    missing = _isin(text, MISSING_TOKENS)
+    _require(column, missing, rows, breaches)
     if column.dtype == "category":
-        return _parse_category(column, text, missing, breaches)
-    return text.where(~missing).to_numpy(dtype=object)
+        return _parse_category(column, text, missing, rows, breaches)
+    return _one_object_per_distinct_text(np.where(missing, np.nan, text))
 
 
-def _parse_numbers(column: Column, text: pd.Series, missing: pd.Series,
+def _one_object_per_distinct_text(cells: np.ndarray) -> np.ndarray:
+    """The cells with equal texts sharing one str object: a formulation id repeated on 10^5 rows is stored once."""
+    codes, distinct = pd.factorize(cells)
+    shared = np.full(len(cells), np.nan, dtype=object)
+    present = codes >= 0
+    shared[present] = np.asarray(distinct, dtype=object)[codes[present]]
+    return shared
+
+
+def _isin(cells: np.ndarray, values: frozenset[str] | tuple[str, ...]) -> np.ndarray:
+    """Whether each cell is one of ``values`` (a hash lookup per cell, in C)."""
+    return pd.Series(cells, dtype=object, copy=False).isin(list(values)).to_numpy()
+
+
+def _require(column: Column, missing: np.ndarray, rows: np.ndarray, breaches: dict[str, _Breaches]) -> None:
+    if not column.nullable:
+        breaches["required"].add(missing, rows)
+
+
+def _parse_numbers(column: Column, raw: np.ndarray, rows: np.ndarray,
                    breaches: dict[str, _Breaches]) -> np.ndarray:
-    numbers = pd.to_numeric(text.where(~missing), errors="coerce").astype(float)
-    invalid = ~missing & ~np.isfinite(numbers)
-    if column.dtype == "int":
-        invalid |= ~missing & (numbers % 1 != 0)
-    if column.dtype == "bool":
-        invalid |= ~missing & ~numbers.isin([0.0, 1.0])
-    breaches["invalid"].add(invalid, text)
-    valid = ~missing & ~invalid
-    below = valid & (numbers < column.low) if column.low is not None else valid & False
-    above = valid & (numbers > column.high) if column.high is not None else valid & False
+    """Numbers (``pandas.to_numeric`` ignores surrounding spaces); cells that do not parse are looked at again.
+
+    A cell that is not a number is either missing (``MISSING_TOKENS`` once stripped) or invalid; the texts
+    quoted in messages are the stripped cells.
+    """
+    numbers = np.asarray(pd.to_numeric(raw, errors="coerce"), dtype=float)
+    unparsed = np.isnan(numbers)
+    text = raw.copy()
+    text[unparsed] = [cell.strip() for cell in raw[unparsed]]
+    missing = np.zeros(len(raw), dtype=bool)
+    missing[unparsed] = _isin(text[unparsed], MISSING_TOKENS)
+    _require(column, missing, rows, breaches)
+    with np.errstate(invalid="ignore"):
+        invalid = ~missing & ~np.isfinite(numbers)
+        if column.dtype == "int":
+            invalid |= ~missing & (numbers % 1 != 0)
+        if column.dtype == "bool":
+            invalid |= ~missing & (numbers != 0) & (numbers != 1)
+        breaches["invalid"].add(invalid, rows, _stripped(text, invalid))
+        valid = ~missing & ~invalid
+        below = valid & (numbers < column.low) if column.low is not None else np.zeros_like(valid)
+        above = valid & (numbers > column.high) if column.high is not None else np.zeros_like(valid)
     impossible_sign = below & (numbers < 0) & (column.low is not None and column.low >= 0)
-    breaches["negative"].add(impossible_sign, text)
-    breaches["below"].add(below & ~impossible_sign, text)
-    breaches["above"].add(above, text)
-    return numbers.where(valid & ~below & ~above).to_numpy(dtype=float)
+    breaches["negative"].add(impossible_sign, rows, _stripped(text, impossible_sign))
+    breaches["below"].add(below & ~impossible_sign, rows, _stripped(text, below & ~impossible_sign))
+    breaches["above"].add(above, rows, _stripped(text, above))
+    return np.where(valid & ~below & ~above, numbers, np.nan)
 
 
-def _parse_category(column: Column, text: pd.Series, missing: pd.Series,
+def _stripped(text: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """``text`` with the cells under ``where`` stripped of spaces (only those are quoted)."""
+    if not where.any():
+        return text
+    out = text.copy()
+    out[where] = [cell.strip() for cell in text[where]]
+    return out
+
+
+def _parse_category(column: Column, text: np.ndarray, missing: np.ndarray, rows: np.ndarray,
                     breaches: dict[str, _Breaches]) -> np.ndarray:
-    known = text.isin(column.categories)
+    known = _isin(text, column.categories)
     unknown = ~missing & ~known
-    breaches["unknown"].add(unknown, text)
+    breaches["unknown"].add(unknown, rows, text)
     if unknown.any() and not breaches["unknown"].case_only:
         lowered = {c.lower() for c in column.categories}
-        breaches["unknown"].case_only = bool(text[unknown].str.lower().isin(lowered).any())
+        breaches["unknown"].case_only = any(cell.lower() in lowered for cell in text[unknown])
     # the allowed values' own str objects, not one copy per cell
-    return np.asarray(pd.Categorical(text.where(known), categories=column.categories), dtype=object)
+    return np.asarray(pd.Categorical(np.where(known, text, None), categories=column.categories), dtype=object)
 
 
 def sample(texts: pd.Series, quote: bool = False) -> str:

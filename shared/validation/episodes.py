@@ -87,7 +87,7 @@ def bsa_inconsistent_with_mosteller(table: CsvTable, episodes: pd.DataFrame) -> 
 
 def patient_sex_inconsistent(table: CsvTable, episodes: pd.DataFrame) -> list[Problem]:
     """A patient's sex is the same in all their episodes (an error: see the module docstring)."""
-    known = episodes.dropna(subset=["patient_id", "sex"])
+    known = episodes[["patient_id", "sex"]].dropna()
     counts = known.groupby("patient_id", sort=False)["sex"].nunique()
     patients = counts.index[counts > 1]
     if patients.empty:
@@ -106,8 +106,8 @@ def patient_age_inconsistent(table: CsvTable, episodes: pd.DataFrame) -> list[Pr
 
     This also catches an age that goes down while start_day goes up (the 70 → 19 of a mixed-up record).
     """
-    known = episodes.dropna(subset=["patient_id", "age_years", "start_day"]).copy()
-    known["_age_at_day_0"] = known["age_years"] - known["start_day"] / DAYS_PER_YEAR
+    known = episodes[["patient_id", "age_years", "start_day"]].dropna()
+    known = known.assign(_age_at_day_0=known["age_years"] - known["start_day"] / DAYS_PER_YEAR)
     ages = known.groupby("patient_id", sort=False)["_age_at_day_0"]
     spread = ages.max() - ages.min()
     patients = spread.index[spread > AGE_TOLERANCE_YEARS]
@@ -127,7 +127,7 @@ def patient_age_inconsistent(table: CsvTable, episodes: pd.DataFrame) -> list[Pr
 
 def patient_height_inconsistent(table: CsvTable, episodes: pd.DataFrame) -> list[Problem]:
     """A patient's height agrees within ``HEIGHT_TOLERANCE_CM`` over their episodes (a warning)."""
-    known = episodes.dropna(subset=["patient_id", "height_cm"])
+    known = episodes[["patient_id", "height_cm"]].dropna()
     heights = known.groupby("patient_id", sort=False)["height_cm"]
     spread = heights.max() - heights.min()
     patients = spread.index[spread > HEIGHT_TOLERANCE_CM]

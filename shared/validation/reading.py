@@ -4,7 +4,7 @@ The file is streamed, never held whole: one pass over its bytes (binary sniff, s
 its records (header, ragged rows, the line each row starts on), then ``CsvTable.chunks`` hands the text
 cells out ``CHUNK_ROWS`` rows at a time. Time is linear in the file's size and memory is one chunk plus
 one line number per row. Absurd shapes stop the reading early, each at a named limit: ``MAX_FILE_BYTES``,
-``MAX_LINE_CHARS``, ``MAX_COLUMNS``, ``MAX_ROWS``.
+``MAX_LINE_BYTES``, ``MAX_COLUMNS``, ``MAX_ROWS``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, TextIO
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -45,9 +45,9 @@ MAX_COLUMNS = 512
 dozen features. A wider header is not a site table (a transposed export, a matrix, a file on one line), and
 checking its names against the declared ones is wasted work."""
 
-MAX_LINE_CHARS = 1 << 20
-"""Longest physical line read (1 Mi characters): ``MAX_COLUMNS`` cells of 2,000 characters each. It bounds
-the memory of one record before the csv module splits it into fields."""
+MAX_LINE_BYTES = 1 << 20
+"""Longest physical line read (1 MiB): ``MAX_COLUMNS`` cells of 2,000 bytes each. Checked on the bytes,
+before the csv module splits a line into fields, so a line of 10^8 separators never becomes 10^8 strings."""
 
 CHUNK_ROWS = 32_768
 """Data rows converted at a time: a few MB of text, enough to amortise pandas' per-call overhead."""
@@ -116,17 +116,18 @@ class CsvTable:
         """
         position = {name: i for i, name in enumerate(self.header)}
         picks = [position[name] for name in columns]
-        width, rows, cells, row = len(self.header), [], [], 0
+        every_column = picks == list(range(len(self.header)))
+        width, n_rows, rows, cells, row = len(self.header), self.n_rows, [], [], 0
         records = _records(self.path)
         next(records, None)  # the header
         for _, fields in records:
             row += 1
-            if row > self.n_rows:
+            if row > n_rows:
                 break  # the file grew since it was read; ``changed`` reports it
             if len(fields) != width:
                 continue
             rows.append(row)
-            cells.append([fields[i] for i in picks])
+            cells.append(fields if every_column else [fields[i] for i in picks])
             if len(rows) == CHUNK_ROWS:
                 yield pd.DataFrame(cells, columns=list(columns), index=rows, dtype=object)
                 rows, cells = [], []
@@ -138,7 +139,7 @@ def read_csv_table(path: Path, label: str) -> tuple[CsvTable | None, list[Proble
     """Check a CSV file's bytes and records, streaming; return its header and row positions.
 
     Returns no table when the file cannot be read as CSV text at all (not a regular file, larger than
-    ``MAX_FILE_BYTES``, empty, binary, not UTF-8, malformed quoting, a line longer than ``MAX_LINE_CHARS``,
+    ``MAX_FILE_BYTES``, empty, binary, not UTF-8, malformed quoting, a line longer than ``MAX_LINE_BYTES``,
     a header that is duplicated, missing or wider than ``MAX_COLUMNS``, no data rows or more than
     ``MAX_ROWS``); ragged rows are reported and left out.
     """
@@ -188,7 +189,7 @@ def _binary_or_not_utf8(path: Path, label: str) -> Problem | None:
         for signature, what in BINARY_SIGNATURES.items():
             if first.startswith(signature):
                 return public_problem("error", label, f"not a CSV text file: it looks like {what}")
-        nul, utf8 = _first_nul_and_utf8_error(first, stream)
+        nul, utf8, long_line = _scan_bytes(first, stream)
     if nul is not None:
         return public_problem("error", label,
                               f"not a CSV text file: it contains NUL bytes (first at byte offset {nul})")
@@ -203,20 +204,26 @@ def _binary_or_not_utf8(path: Path, label: str) -> Problem | None:
         return Problem("error", label, None, (), f"not valid UTF-8 text: byte 0x{byte:02X} at byte offset "
                        f"{offset} — {advice}", (line,),
                        shareable_message=f"not valid UTF-8 text at byte offset {offset} — {advice}")
+    if long_line is not None:
+        return _long_line_problem(long_line, label)
     return None
 
 
-def _first_nul_and_utf8_error(first: bytes, stream: BinaryIO) -> tuple[int | None, tuple[int, int, int] | None]:
-    """Offset of the first NUL byte, else (offset, byte, line) of the first byte that is not UTF-8.
+def _scan_bytes(first: bytes, stream: BinaryIO) -> tuple[int | None, tuple[int, int, int] | None, int | None]:
+    """One pass over the bytes, block by block: where the file stops being plain CSV text.
 
-    A leading byte-order mark is valid UTF-8 and so allowed. A character cut by a block boundary is carried
-    into the next block (``final=False``); one left unfinished at the end of the file is an error.
+    Returns the offset of the first NUL byte (and stops there); else (offset, byte, line) of the first byte
+    that is not UTF-8, or None; and the line number of the first line longer than ``MAX_LINE_BYTES``, or
+    None. A leading byte-order mark is valid UTF-8. A character cut by a block boundary is carried into the
+    next block (``final=False``); one left unfinished at the end of the file is an error. Lines are numbered
+    by ``\n`` as elsewhere; ``\r`` also ends a line for the length check.
     """
-    utf8 = None
+    utf8 = long_line = None
+    lines = _LineLengths()
     block, offset, newlines, carry = first, 0, 0, b""
     while block:
         if (at := block.find(b"\x00")) >= 0:
-            return offset + at, None
+            return offset + at, None, None
         if utf8 is None:
             buffer = carry + block
             try:
@@ -224,17 +231,38 @@ def _first_nul_and_utf8_error(first: bytes, stream: BinaryIO) -> tuple[int | Non
             except UnicodeDecodeError as exc:
                 utf8 = (offset - len(carry) + exc.start, buffer[exc.start],
                         newlines + buffer.count(b"\n", 0, exc.start) + 1)
+        if long_line is None:
+            long_line = lines.first_too_long(block, newlines)
         newlines += block.count(b"\n")
         offset += len(block)
         block = stream.read(READ_BLOCK_BYTES)
     if utf8 is None and carry:
         utf8 = (offset - len(carry), carry[0], newlines + 1)
-    return None, utf8
+    return None, utf8, long_line
 
 
-class _LongLine(Exception):
-    def __init__(self, line: int) -> None:
-        self.line = line
+class _LineLengths:
+    """Measures line lengths across blocks, with numpy: the line still open at a block's end carries over."""
+
+    def __init__(self) -> None:
+        self.open_length = 0
+        self.open_line = 1
+
+    def first_too_long(self, block: bytes, newlines_before: int) -> int | None:
+        """The line number of the first line of ``block`` (or carried into it) longer than the limit."""
+        data = np.frombuffer(block, dtype=np.uint8)
+        ends = np.flatnonzero((data == 10) | (data == 13))
+        if ends.size == 0:
+            self.open_length += len(block)
+            return self.open_line if self.open_length > MAX_LINE_BYTES else None
+        if self.open_length + ends[0] > MAX_LINE_BYTES:
+            return self.open_line
+        long = np.flatnonzero(np.diff(ends) - 1 > MAX_LINE_BYTES)
+        if long.size:
+            return newlines_before + block.count(b"\n", 0, int(ends[long[0]]) + 1) + 1
+        self.open_length = len(block) - int(ends[-1]) - 1
+        self.open_line = newlines_before + block.count(b"\n") + 1
+        return self.open_line if self.open_length > MAX_LINE_BYTES else None
 
 
 class _MalformedRecord(Exception):
@@ -242,28 +270,19 @@ class _MalformedRecord(Exception):
         self.line, self.reason = line, reason
 
 
-def _bounded_lines(stream: TextIO) -> Iterator[str]:
-    """Physical lines (``\\n``, ``\\r\\n`` or ``\\r``), refusing one longer than ``MAX_LINE_CHARS``."""
-    number = 0
-    while line := stream.readline(MAX_LINE_CHARS + 1):
-        number += 1
-        if len(line) > MAX_LINE_CHARS:
-            raise _LongLine(number)
-        yield line
-
-
 def _records(path: Path) -> Iterator[tuple[int, list[str]]]:
     """The file's non-blank CSV records with the line each starts on; the first one is the header.
 
-    Raises ``_MalformedRecord`` (with the line the bad record starts on) or ``_LongLine``. The file must
-    have passed ``_binary_or_not_utf8``.
+    Raises ``_MalformedRecord`` with the line the bad record starts on. The file must have passed
+    ``_binary_or_not_utf8`` (text, UTF-8, no line longer than ``MAX_LINE_BYTES``). Lines end at ``\n``,
+    ``\r\n`` or ``\r``, as the csv module expects of a file opened with ``newline=""``.
     """
     with path.open("r", encoding="utf-8-sig", newline="") as stream:
-        reader = csv.reader(_bounded_lines(stream), strict=True)
+        reader = csv.reader(stream, strict=True)
         next_line = 1
         try:
             for fields in reader:
-                if not _is_blank(fields):
+                if len(fields) > 1 or (fields and fields[0].strip()):  # a blank line is skipped; ",,," is a row
                     yield next_line, fields
                 next_line = reader.line_num + 1
         except csv.Error as exc:
@@ -295,8 +314,6 @@ def _scan_records(path: Path, label: str) -> tuple[CsvTable | None, list[Problem
         return None, [Problem("error", label, None, (), f"malformed CSV in the row starting on this line: "
                               f"{exc.reason} — {hint}", (exc.line,),
                               shareable_message=f"malformed CSV in the row starting on this line — {hint}")]
-    except _LongLine as exc:
-        return None, [_long_line_problem(exc.line, header is None, label)]
     if header is None:
         return None, [public_problem("error", label, "the file has no header line; expected a CSV header")]
     if not lines:
@@ -307,19 +324,14 @@ def _scan_records(path: Path, label: str) -> tuple[CsvTable | None, list[Problem
     return CsvTable(label, header, path, row_lines, tuple(ragged_rows.tolist()), stamp), problems
 
 
-def _long_line_problem(line: int, in_header: bool, label: str) -> Problem:
-    if in_header:
-        message = (f"the header line is longer than {MAX_LINE_CHARS:,} characters; a site table has at most "
+def _long_line_problem(line: int, label: str) -> Problem:
+    if line == 1:
+        message = (f"the header line is longer than {MAX_LINE_BYTES:,} bytes; a site table has at most "
                    f"{MAX_COLUMNS} columns")
     else:
-        message = (f"a line longer than {MAX_LINE_CHARS:,} characters; a row of at most {MAX_COLUMNS} "
-                   f"columns is far shorter — is this a CSV export?")
+        message = (f"a line longer than {MAX_LINE_BYTES:,} bytes; a row of at most {MAX_COLUMNS} columns is "
+                   f"far shorter — is this a CSV export?")
     return public_problem("error", label, message, (line,))
-
-
-def _is_blank(fields: list[str]) -> bool:
-    """A line with nothing on it (or only spaces) is skipped; a line of empty fields (",,,") is a row."""
-    return len(fields) <= 1 and not "".join(fields).strip()
 
 
 def _header_problem(header: list[str], label: str) -> Problem | None:

@@ -112,17 +112,21 @@ def _nanoparticle_summary(inspection: Inspection) -> dict[str, Any]:
 
 
 def _typed(values: pd.DataFrame, declared: tuple[Column, ...]) -> pd.DataFrame:
-    """Columns in declared order: float with NaN, int where no cell may be missing, str for text."""
+    """Columns in declared order: float with NaN, int where no cell may be missing, str for text.
+
+    The parsed arrays are reused, not copied (text cells are already str or NaN), so loading a site costs
+    little more memory than validating it.
+    """
     typed = {}
     for column in declared:
-        series = values[column.name]
+        cells = values[column.name].to_numpy()
         if column.dtype in ("int", "bool") and not column.nullable:
-            typed[column.name] = series.astype("int64")
+            typed[column.name] = cells.astype("int64")
         elif column.is_numeric:
-            typed[column.name] = series.astype(float)
+            typed[column.name] = cells.astype(float, copy=False)
         else:
-            typed[column.name] = series.astype(str).where(series.notna())
-    return pd.DataFrame(typed).reset_index(drop=True)
+            typed[column.name] = cells
+    return pd.DataFrame(typed, index=pd.RangeIndex(len(values)), copy=False)
 
 
 def _numeric_class_labels(table: pd.DataFrame, task: TaskSpec) -> pd.DataFrame:

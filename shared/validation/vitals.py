@@ -15,7 +15,8 @@ from shared.validation.reading import CsvTable
 def vitals_without_episodes(table: CsvTable, vitals: pd.DataFrame, episodes: pd.DataFrame) -> list[Problem]:
     """Every vitals row must belong to a patient in episodes.csv, and to one of that patient's episodes."""
     patients = set(episodes["patient_id"].dropna())
-    owner = episodes.dropna(subset=["episode_id"]).drop_duplicates("episode_id").set_index("episode_id")
+    owner = episodes[["episode_id", "patient_id"]].dropna(subset=["episode_id"]).drop_duplicates("episode_id")
+    owner = owner.set_index("episode_id")
     owner_of = owner["patient_id"]
     problems = []
     unknown_patient = vitals["patient_id"].notna() & ~vitals["patient_id"].isin(patients)
@@ -35,10 +36,12 @@ def vitals_without_episodes(table: CsvTable, vitals: pd.DataFrame, episodes: pd.
                   for r, episode, patient in pairs.head(MAX_LISTED).itertuples()]
         rule = f"expected an episode of the row's patient in {EPISODES_FILE}"
         absent = int((wrong_episode & episode_owner.isna()).sum())
+        counts = {"another patient's episode": int(wrong_episode.sum()) - absent,
+                  f"an episode absent from {EPISODES_FILE}": absent}
+        shared = ", ".join(f"{n} row{'' if n == 1 else 's'} with {what}" for what, n in counts.items() if n)
         problems.append(table.problem("episode_id", wrong_episode,
                                       f"{rule}; got " + listed(detail, sep="; ", total=len(pairs)),
-                                      shareable=f"{rule}; {int(wrong_episode.sum()) - absent} row(s) name another "
-                                                f"patient's episode, {absent} an episode absent from it"))
+                                      shareable=f"{rule}; {shared}"))
     return problems
 
 
