@@ -10,15 +10,22 @@ which cell failed.
 
 The stages, each in its own module:
 
-1. bytes → table of text cells (``reading.read_csv_table``): size, binary sniff, strict UTF-8, ragged rows,
-   header;
+1. bytes → header and row positions (``reading.read_csv_table``): regular file, size, binary sniff, strict
+   UTF-8, line length, header, ragged rows;
 2. header → declared columns (``columns.check_header``): missing required columns, unknown extra columns;
-3. text cells → values (``columns.parse_column``): dtype, missing where not nullable, range with unit hint;
-4. cross-checks: duplicate episode ids, dose vs dose per m² × BSA, BSA vs Mosteller (``episodes``), vitals
-   references (``vitals``); site.toml (``site_config``).
+3. text cells → values (``columns.parse_table``): dtype, missing where not nullable, range with unit hint;
+4. cross-checks: duplicate episode ids, dose vs dose per m² × BSA, BSA vs Mosteller, one person per
+   patient id (``episodes``); vitals references (``vitals``); site.toml and its privacy budget
+   (``site_config``).
 
 ``site`` holds the entry points, ``task_site`` the generic tabular task, ``problems`` the findings and the
-report, ``inspection`` the steps both kinds of site share.
+report, ``inspection`` the steps both kinds of site share (site.toml, one declared file, no link out of
+the folder).
+
+Files are streamed, never held whole, so time is linear in their size and memory stays near the typed
+tables ``load_site`` returns; absurd shapes stop early at named limits (``MAX_FILE_BYTES``,
+``MAX_LINE_BYTES``, ``MAX_COLUMNS``, ``MAX_ROWS``, ``MAX_SITE_TOML_BYTES``), and a finding about many
+cells or columns is one problem that lists ``MAX_LISTED`` of them and counts the rest.
 
 Validation never modifies a file and never raises on bad data: every finding becomes a ``Problem`` in the
 ``ValidationReport``. ``load_site`` validates first, then returns typed frames or raises ``SiteDataError``.
@@ -35,6 +42,9 @@ every problem has two renderings:
   local path. This is the only form a site's reply to the coordinator may carry.
 
 A ``Problem`` built without a shareable text (by code outside this package) shares its location only.
+
+The site's privacy settings are checked here too; ``privacy_shares(site.config)`` returns the ε shares per
+phase the site declared in ``[privacy.shares]`` (see ``site_config``).
 
 Example
 -------
