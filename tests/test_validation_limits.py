@@ -204,3 +204,14 @@ def test_large_episodes_file_stays_within_a_small_multiple_of_its_size(site):
     rows, grown = map(int, result.stdout.split())
     assert rows == n_rows
     assert grown < 5 * size, f"peak memory grew by {grown / size:.1f} × the file's {size:,} bytes"
+
+
+def test_many_unknown_site_toml_keys_give_one_warning_per_section(site):
+    keys = "".join(f"key{i} = {i}\n" for i in range(1000))
+    (site / "site.toml").write_text('[site]\nschema_version = "1.0"\n' + keys, encoding="utf-8")
+    report = validate_site(site)
+    assert report.ok
+    [warning] = report.warnings
+    assert warning.message.startswith("1000 unknown keys, ignored: site.key0, site.key1, site.key2, site.key3, "
+                                      "site.key4 and 995 more; expected name, schema_version")
+    assert warning.shareable == "site.toml: 1000 unknown keys in [site], ignored; expected name, schema_version"

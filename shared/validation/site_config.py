@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.schema import SCHEMA_VERSION, SITE_FILE
-from shared.validation.problems import Problem, Severity, echo, public_problem
+from shared.validation.problems import Problem, Severity, echo, listed, public_problem
 from shared.validation.reading import unreadable_problem
 
 SUPPORTED_SCHEMA_VERSIONS = (SCHEMA_VERSION,)
@@ -111,29 +111,40 @@ def _site_config_problems(config: dict[str, Any]) -> list[Problem]:
 
 
 def _unknown_or_mistyped_keys(config: dict[str, Any]) -> list[Problem]:
-    problems = []
+    """Unknown sections, and unknown keys of each section, are one warning each; mistyped values errors."""
+    expected = ", ".join(f"[{s}]" for s in SITE_CONFIG_KEYS)
+    unknown = [f"[{echo(section)}]" for section in config if section not in SITE_CONFIG_KEYS]
+    problems = [_unknown_names("section", unknown, f"expected {expected}")] if unknown else []
     for section, body in config.items():
         if section not in SITE_CONFIG_KEYS:
-            expected = ", ".join(f"[{s}]" for s in SITE_CONFIG_KEYS)
-            problems.append(_config_problem("warning", f"unknown section [{echo(section)}], ignored; expected "
-                                                       f"{expected}",
-                                            f"an unknown section, ignored; expected {expected}"))
             continue
         if not isinstance(body, dict):
             problems.append(_config_problem("error", f"{section}: expected a [{section}] table, "
                                                      f"got {_shown(body)}",
                                             f"{section}: expected a [{section}] table"))
             continue
+        declared = SITE_CONFIG_KEYS[section]
+        unknown = [f"{section}.{echo(key)}" for key in body if key not in declared]
+        if unknown:
+            problems.append(_unknown_names(f"key in [{section}]", unknown, f"expected {', '.join(declared)}"))
         for key, value in body.items():
-            kind = SITE_CONFIG_KEYS[section].get(key)
-            if kind is None:
-                keys = ", ".join(SITE_CONFIG_KEYS[section])
-                problems.append(_config_problem("warning", f"unknown key {section}.{echo(key)}, ignored",
-                                                f"an unknown key in [{section}], ignored; expected {keys}"))
-            elif not _is_kind(value, kind):
-                problems.append(_config_problem("error", f"{section}.{key}: expected {kind}, got {_shown(value)}",
-                                                f"{section}.{key}: expected {kind}"))
+            if key in declared and not _is_kind(value, declared[key]):
+                problems.append(_config_problem("error", f"{section}.{key}: expected {declared[key]}, "
+                                                         f"got {_shown(value)}",
+                                                f"{section}.{key}: expected {declared[key]}"))
     return problems
+
+
+def _unknown_names(what: str, names: list[str], expected: str) -> Problem:
+    """One warning for every unknown section (or key of a section): named here, counted when shared."""
+    kind = what.split()[0]
+    if len(names) == 1:
+        full = f"unknown {kind} {names[0]}, ignored; {expected}"
+        shared = f"an unknown {what}, ignored; {expected}"
+    else:
+        full = f"{len(names)} unknown {kind}s, ignored: {listed(names)}; {expected}"
+        shared = f"{len(names)} unknown {kind}s{what[len(kind):]}, ignored; {expected}"
+    return _config_problem("warning", full, shared)
 
 
 def _is_kind(value: Any, kind: str) -> bool:
