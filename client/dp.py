@@ -43,7 +43,9 @@ import numpy as np
 from flwr.app import ConfigRecord, Context
 
 from client.ledger import SITE_LEDGER_FILE, BudgetExhausted, PrivacyLedger, calibrate_noise
-from shared.protocol.privacy import PHASES, ReleaseFacts, RunPlan, SitePrivacy
+from shared.protocol.errors import ShareableError
+from shared.protocol.privacy import ReleaseFacts, RunPlan, SitePrivacy
+from shared.validation import privacy_shares
 
 GAUSSIAN_SAMPLE_RATE = 1.0
 """A Gaussian mechanism on the whole table is the subsampled Gaussian at sample rate 1 (Mironov 2017)."""
@@ -76,20 +78,10 @@ class PrivacyRefused(RuntimeError):
 
 
 def declared_shares(site_config: Mapping[str, Any]) -> dict[str, float]:
-    """The site's shares per phase: ``[privacy.shares]`` over :data:`DEFAULT_SHARES` (legacy
-    ``[privacy] adjuster_share`` counts as ``shares.adjuster``). Raises ``ValueError`` naming a bad key."""
-    privacy = site_config.get("privacy", {})
-    shares = dict(DEFAULT_SHARES)
-    if "adjuster_share" in privacy:
-        shares["adjuster"] = float(privacy["adjuster_share"])
-    for key, value in dict(privacy.get("shares", {})).items():
-        if key not in PHASES:
-            raise ValueError(f"site.toml [privacy.shares] {key}: not a phase (expected one of {', '.join(PHASES)})")
-        shares[key] = float(value)
-    for key, value in shares.items():
-        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
-            raise ValueError(f"site.toml [privacy.shares] {key}: expected a number in [0, 1], got {value!r}")
-    return shares
+    """The site's shares per phase: what ``site.toml [privacy.shares]`` declares (checked by
+    ``shared.validation.privacy_shares``; the legacy ``[privacy] adjuster_share`` counts as ``adjuster``) over
+    :data:`DEFAULT_SHARES`. Raises ``shared.validation.SiteConfigError`` (a ``ValueError``) naming the key."""
+    return {**DEFAULT_SHARES, **privacy_shares(dict(site_config))}
 
 
 @dataclass
@@ -242,8 +234,8 @@ def gaussian_release(blocks: Mapping[str, Block], sigma: float, rng: np.random.G
         values = np.asarray(block.values, dtype=np.float64)
         scale = np.broadcast_to(np.asarray(block.scale, dtype=np.float64), values.shape)
         if not np.all(np.isfinite(scale)):
-            raise ValueError(f"'{name}' has no finite bound per row (a column without a declared range); "
-                             "a DP site cannot release it")
+            raise ShareableError(f"'{name}' has no finite bound per row (a column without a declared range); "
+                                 "a DP site cannot release it")
         noise = rng.standard_normal(values.shape)
         if block.symmetric:
             noise = np.triu(noise) + np.triu(noise, 1).T

@@ -53,6 +53,7 @@ from shared.protocol import ErrorCode, messages
 from shared.protocol import hist as h
 from shared.protocol import records as r
 from shared.protocol.boosting import head_from_config
+from shared.protocol.errors import ShareableError
 from shared.protocol.privacy import RELEASE_INDEX, RELEASES
 
 STATE_KEY = "hist-secure-sum"
@@ -89,7 +90,7 @@ def public_ranges(encoder: FeatureEncoder) -> tuple[np.ndarray, np.ndarray]:
         if name in encoder.means_:
             bounds = declared_range(encoder.task, name)
             if bounds is None:
-                raise ValueError(f"feature {name!r} has no declared range: a DP site cannot say its range")
+                raise ShareableError(f"feature {name!r} has no declared range: a DP site cannot say its range")
             mean, scale = encoder.means_[name], encoder.scales_[name]
             lo[j], hi[j] = min((bounds[0] - mean) / scale, 0.0), max((bounds[1] - mean) / scale, 0.0)
     return lo, hi

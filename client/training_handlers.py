@@ -44,7 +44,7 @@ def site_check(msg: Message, context: Context, handlers: SiteHandlers) -> Messag
     source = handlers.source(context)
     report = validate_site(source.path, source.task())
     name = source.name or str(report.summary.get("site") or source.path.stem)
-    shareable = report.shareable_errors() if hasattr(report, "shareable_errors") else [str(p) for p in report.errors]
+    shareable = report.shareable_errors()
     privacy, summary = SitePrivacy(dp=False), {}
     if report.ok:
         try:
@@ -53,7 +53,7 @@ def site_check(msg: Message, context: Context, handlers: SiteHandlers) -> Messag
             if dp is not None:
                 privacy = start_run(context, dp, plan_of(msg.content)).terms(dp)
         except SiteDataError as err:
-            return error_reply(msg, ErrorCode.SITE_DATA, f"{name}: {getattr(err, 'shareable', err)}")
+            return error_reply(msg, ErrorCode.SITE_DATA, f"{name}: {err.shareable}")
         except (LedgerError, BudgetExhausted, ValueError) as err:
             return error_reply(msg, ErrorCode.PRIVACY, f"{name}: privacy terms unusable: {err}")
         if not privacy.dp:

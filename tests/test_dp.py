@@ -135,7 +135,7 @@ def test_site_toml_shares_are_read_checked_and_the_legacy_adjuster_share_still_c
                           "shares": {"boosting": 0.1}}}
     shares = declared_shares(config)
     assert shares["adjuster"] == 0.2 and shares["boosting"] == 0.1 and shares["statistics"] == 0.05
-    with pytest.raises(ValueError, match="not a phase"):
+    with pytest.raises(ValueError, match="unknown phase"):
         declared_shares({"privacy": {"shares": {"trainin": 0.5}}})
     with pytest.raises(ValueError, match=r"expected a number in \[0, 1\]"):
         declared_shares({"privacy": {"shares": {"evaluation": 5.0}}})

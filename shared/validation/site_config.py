@@ -25,6 +25,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from shared.protocol.privacy import PHASES
 from shared.schema import SCHEMA_VERSION, SITE_FILE
 from shared.validation.problems import Problem, Severity, echo, listed, public_problem
 from shared.validation.reading import unreadable_problem
@@ -46,9 +47,9 @@ MAX_DELTA = 1e-3
 1/n for n records: 1e-3 is 1/n for 1,000 episodes, the small end of a site that trains; the usual 1e-5
 suits sites up to ~10^5 episodes."""
 
-PRIVACY_PHASES = ("statistics", "training", "evaluation", "boosting", "importance", "adjuster", "policy",
-                  "analytics")
-"""The phases that release something derived from a site's rows, each of which may take a share of ε."""
+PRIVACY_PHASES = PHASES
+"""The phases that release something derived from a site's rows, each of which may take a share of ε (the wire
+protocol's list, ``shared.protocol.privacy.PHASES``)."""
 
 SHARES_ROUNDING = 1e-9
 """Slack on "the shares add up to at most 1", for decimal fractions that do not add exactly in binary."""
