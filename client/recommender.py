@@ -4,7 +4,9 @@
 
 - :func:`load_policy` verifies the policy bundle against the site's trust key and loads it once;
 - :func:`read_patient` reads a patient record (``examples/patient.json``) with errors naming the file, the
-  line (for broken JSON) or the field (:func:`shared.patient_record.error_lines`);
+  line (for broken JSON) or the field and the rule, never the value; the HTTP service reads its bodies with
+  the same strict reader (:func:`json_document`, :func:`validate_record`, :func:`validate_batch`): UTF-8,
+  no repeated keys, no NaN, Infinity or overflowing numbers, no ``true`` for 1 or ``"66"`` for 66;
 - :func:`read_vitals` reads the raw daily wearable readings of the patient's last cycle (the columns of
   ``shared.schema.VITALS_COLUMNS``), validated with the site-data checks of :mod:`shared.validation` (file,
   column, rows), and :func:`with_vitals` puts their summary (:func:`shared.wearables.summarise_cycle`) in
@@ -14,8 +16,8 @@
 - :func:`recommend` returns the JSON of :class:`shared.dosing_policy.Recommendation` or, as FHIR, a
   MedicationRequest (:mod:`client.fhir`).
 
-Every user mistake raises :class:`RecommenderInputError` (a ``ValueError``) whose ``lines`` say what is
-wrong, one problem per line; nothing here prints.
+Every user mistake raises :class:`RecommenderInputError` (a ``ValueError``) whose ``problems`` say what is
+wrong, one :class:`InputProblem` per problem (``lines`` as text); nothing here prints.
 
 Example
 -------
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,18 +39,41 @@ import pandas as pd
 from pydantic import ValidationError
 
 from shared import strict_json
-from shared.patient_record import PatientRecord, WearableSummary, error_lines
+from shared.patient_record import MAX_ERROR_LINES, PatientRecord, WearableSummary, error_lines, problems
 from shared.schema import VITALS_COLUMNS
 from shared.validation import CsvTable, Problem, check_header, parse_table, read_csv_table
 from shared.wearables import summarise_cycle
 
+MAX_RECORD_FILE_BYTES = 1 << 20
+"""Largest patient-record file read (1 MiB): a record is about 1 kB; anything far larger is not one."""
+
+
+@dataclass(frozen=True)
+class InputProblem:
+    """One thing wrong with an input: where (a file, ``body`` or ``body[3]``), the field path, the rule.
+
+    Never the value: the line may leave the process (a terminal, an HTTP client, a log), the value may be a
+    patient's data, and the input may be megabytes long."""
+
+    source: str
+    field: tuple[str | int, ...] = ()
+    rule: str = ""
+
+    @property
+    def line(self) -> str:
+        if not self.field:
+            return f"{self.source}: {self.rule}"
+        return f"{self.source}: field {'.'.join(str(part) for part in self.field)}: {self.rule}"
+
 
 class RecommenderInputError(ValueError):
-    """A patient record, vitals file or policy bundle the recommender cannot use; ``lines``: one per problem."""
+    """A patient record, vitals file or policy bundle the recommender cannot use; ``problems`` (and ``lines``,
+    their text): one per problem."""
 
-    def __init__(self, lines: list[str]) -> None:
-        super().__init__("\n".join(lines))
-        self.lines = lines
+    def __init__(self, lines: list[str] | list[InputProblem]) -> None:
+        self.problems = [p if isinstance(p, InputProblem) else InputProblem("", (), p) for p in lines]
+        self.lines = [p.line if p.source else p.rule for p in self.problems]
+        super().__init__("\n".join(self.lines))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -78,31 +104,71 @@ def load_policy(bundle: Path, trust_key: Path):
 
 def read_patient(path: Path) -> PatientRecord:
     """Read and validate one patient record (JSON object); errors name the file and the line or field."""
-    data = _json_document(path)
     try:
-        return PatientRecord.model_validate(data)
-    except ValidationError as err:
-        raise RecommenderInputError(error_lines(err, str(path))) from err
-
-
-def _json_document(path: Path) -> Any:
-    """Parse a JSON file strictly: UTF-8, no duplicate keys, no NaN/Infinity."""
-    try:
-        raw = path.read_bytes()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_RECORD_FILE_BYTES + 1)
     except OSError as err:
         raise RecommenderInputError([f"{path}: cannot read the file: {err.strerror or err}"]) from err
+    if len(raw) > MAX_RECORD_FILE_BYTES:
+        raise RecommenderInputError([f"{path}: larger than {MAX_RECORD_FILE_BYTES // 1024} kB; a patient record "
+                                     "is about 1 kB"])
     try:
-        text = raw.decode("utf-8-sig")
+        data = json_document(raw)
     except UnicodeDecodeError as err:
         raise RecommenderInputError([f"{path}: not UTF-8 text (byte 0x{raw[err.start]:02X} at byte offset "
                                      f"{err.start}); save the record as UTF-8 JSON"]) from err
-    try:
-        return strict_json.loads(text)
     except json.JSONDecodeError as err:
         raise RecommenderInputError([f"{path}, line {err.lineno} column {err.colno}: invalid JSON: "
                                      f"{err.msg}"]) from err
     except strict_json.StrictJsonError as err:
         raise RecommenderInputError([f"{path}: {err}"]) from err
+    return validate_record(data, str(path))
+
+
+def json_document(raw: bytes) -> Any:
+    """Parse JSON bytes strictly (:func:`shared.strict_json.loads` of UTF-8, a byte-order mark allowed): the one
+    reader of patient records, from a file or an HTTP body.
+
+    Raises ``UnicodeDecodeError``, ``json.JSONDecodeError`` or ``strict_json.StrictJsonError``."""
+    return strict_json.loads(raw.decode("utf-8-sig"))
+
+
+def validate_record(data: Any, source: str = "patient record", index: int | None = None) -> PatientRecord:
+    """A :class:`PatientRecord` from parsed JSON (strict types), or :class:`RecommenderInputError` naming
+    every field and rule broken (``source[index]`` for a record of a list)."""
+    try:
+        return PatientRecord.model_validate(data)
+    except ValidationError as err:
+        where = source if index is None else f"{source}[{index}]"
+        raise RecommenderInputError(bounded_problems([InputProblem(where, loc, rule)
+                                                      for loc, rule in problems(err)])) from err
+
+
+def validate_batch(data: Any, max_records: int, source: str = "body") -> list[PatientRecord]:
+    """Records from a parsed JSON list of 1 to ``max_records`` records; the length is checked before any record
+    is, and the problems of all records are reported together (at most ``MAX_ERROR_LINES``)."""
+    if not isinstance(data, list):
+        raise RecommenderInputError([InputProblem(source, (), "expected a JSON list of patient records")])
+    if not 1 <= len(data) <= max_records:
+        raise RecommenderInputError([InputProblem(source, (), f"expected a list of 1 to {max_records} records, "
+                                                              f"got {len(data)}")])
+    records, found = [], []
+    for i, item in enumerate(data):
+        try:
+            records.append(validate_record(item, source, i))
+        except RecommenderInputError as err:
+            found += err.problems
+    if found:
+        raise RecommenderInputError(bounded_problems(found))
+    return records
+
+
+def bounded_problems(found: list[InputProblem]) -> list[InputProblem]:
+    """At most ``MAX_ERROR_LINES`` problems, and one counting the rest (50,000 unknown keys make 21 lines)."""
+    if len(found) <= MAX_ERROR_LINES:
+        return found
+    return found[:MAX_ERROR_LINES] + [InputProblem(found[0].source, (), f"... and {len(found) - MAX_ERROR_LINES} "
+                                                                        "more problems")]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -172,16 +238,17 @@ def with_vitals(record: PatientRecord, path: Path) -> tuple[PatientRecord, list[
 # Recommending
 
 
-def catalogue_problems(policy, records: Sequence[PatientRecord], source: str = "patient record") -> list[str]:
-    """One line per record none of whose catalogue formulations the policy knows (it could not choose)."""
+def catalogue_problems(policy, records: Sequence[PatientRecord], source: str = "patient record") -> list[InputProblem]:
+    """One problem per record none of whose catalogue formulations the policy knows (it could not choose)."""
     known = set(policy.formulations)
-    lines = []
+    found = []
     for i, record in enumerate(records):
         if known.isdisjoint(record.catalogue):
             where = source if len(records) == 1 else f"{source}[{i}]"
-            lines.append(f"{where}: field catalogue (got {record.catalogue!r}): none of these formulations is "
-                         f"known to the policy; expected at least one of {', '.join(sorted(known))}")
-    return lines
+            found.append(InputProblem(where, ("catalogue",), f"none of its {len(record.catalogue)} formulation(s) "
+                                                             f"is known to the policy; expected at least one of "
+                                                             f"{', '.join(sorted(known))}"))
+    return bounded_problems(found)
 
 
 def recommend_many(policy, records: Sequence[PatientRecord], source: str = "patient record") -> list:
