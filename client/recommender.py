@@ -81,14 +81,14 @@ class RecommenderInputError(ValueError):
 
 
 def load_policy(bundle: Path, trust_key: Path):
-    """Verify the bundle against the trust key and load the policy; ``RecommenderInputError`` if it does not
-    verify or cannot be read (the reason is the verifier's)."""
+    """Verify the bundle against the trust key and load the policy; ``RecommenderInputError`` if the key is not
+    a usable trust key (saying what the file is instead), or the bundle does not verify or cannot be read."""
     from shared.dosing_policy import DosingPolicy
     from shared.policy_bundle import BundleRejected
 
-    for path, what in ((bundle, "policy bundle folder"), (trust_key, "trust key file")):
-        if not path.exists():
-            raise RecommenderInputError([f"{path}: no such {what}"])
+    check_trust_key(trust_key)
+    if not bundle.exists():
+        raise RecommenderInputError([f"{bundle}: no such policy bundle folder"])
     try:
         return DosingPolicy.from_bundle(bundle, trust_key)
     except BundleRejected as err:
@@ -96,6 +96,67 @@ def load_policy(bundle: Path, trust_key: Path):
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise RecommenderInputError([f"{bundle}: the policy bundle verified but could not be loaded: "
                                      f"{type(err).__name__}: {err}"]) from err
+
+
+def check_trust_key(trust_key: Path) -> None:
+    """``RecommenderInputError`` unless ``trust_key`` holds an Ed25519 public key (what the file is, if not)."""
+    from shared.policy_bundle import load_trust_key
+
+    if not trust_key.exists():
+        raise RecommenderInputError([f"{trust_key}: no such trust key file"])
+    try:
+        load_trust_key(trust_key)
+    except ValueError as err:
+        raise RecommenderInputError([f"trust key {err}"]) from None
+    except OSError as err:
+        raise RecommenderInputError([f"trust key {trust_key}: cannot read it: {err.strerror or err}"]) from None
+
+
+def policy_to_serve(bundle: Path | None, trust_key: Path, site: Path | None = None):
+    """The policy the recommender may serve: the site's installed one.
+
+    With ``site`` (a site's data folder), its store (:func:`client.policy_store.site_store_root`) decides: its
+    current version is served, and an explicit ``bundle`` is refused unless it is that version (older is a
+    rollback, newer is not installed). Without ``site``, a store is looked for around ``bundle`` (a bundle
+    inside a store's ``versions/``) and in the working directory (``./.fednano/policy``); with none found, the
+    verified ``bundle`` is served (a coordinator trying a policy out).
+    """
+    from client.policy_store import PolicyStore, PolicyStoreError
+    from shared.policy_bundle import BundleRejected, verify_bundle
+
+    if bundle is None and site is None:
+        raise RecommenderInputError(["give --site SITE_DIR (serve the site's installed policy) or --policy BUNDLE"])
+    root = _store_for(site, bundle)
+    if root is None:
+        return load_policy(bundle, trust_key)
+    check_trust_key(trust_key)
+    store = PolicyStore(root, trust_key)
+    try:
+        if store.current() is None:
+            raise RecommenderInputError([f"{root}: no policy installed at this site (its store is empty); the "
+                                         "site installs the coordinator's policy at the end of a federated run"])
+        if bundle is None:
+            bundle = store.installed_path()
+        else:
+            store.check_serving(bundle, verify_bundle(bundle, trust_key))
+    except (BundleRejected, PolicyStoreError) as err:
+        raise RecommenderInputError([str(err)]) from err
+    return load_policy(bundle, trust_key)
+
+
+def _store_for(site: Path | None, bundle: Path | None) -> Path | None:
+    """The policy store that governs what may be served, if any (see :func:`policy_to_serve`)."""
+    from client.policy_store import CURRENT_FILE, STORE_FOLDER, VERSIONS_FOLDER, site_store_root
+
+    if site is not None:
+        if not site.is_dir():
+            raise RecommenderInputError([f"{site}: no such site folder"])
+        return site_store_root(site)
+    for folder in Path(bundle).resolve().parents:
+        if folder.name == VERSIONS_FOLDER and (folder.parent / CURRENT_FILE).exists():
+            return folder.parent
+    here = Path.cwd() / STORE_FOLDER
+    return here if (here / CURRENT_FILE).exists() or (here / VERSIONS_FOLDER).is_dir() else None
 
 
 # ---------------------------------------------------------------------------------------------------------
