@@ -96,10 +96,20 @@ class SafetyRules:
       et al., Cancer 2003); the dose is capped at what remains, and treatment stops when less than the
       smallest dose remains;
     - neutropenia: no cycle starts with ANC < 1.0 × 10⁹/L (grade ≥ 3), nor with fever on the wearable and
-      ANC < 1.5 × 10⁹/L or not measured (febrile-neutropenia signs); the cycle is delayed ``withhold_days``;
-    - dose changes between cycles: after a grade ≥ 3 toxicity the next dose is at most 75 % of the previous
-      one (the label's 25 % reduction, never re-escalated within the cycle after), otherwise at most
-      ``max_escalation`` above it (the band the sites' logs cover), never below the smallest dose.
+      ANC < 1.5 × 10⁹/L or not measured (febrile-neutropenia signs), nor without a pre-cycle ANC at all (the
+      label asks for blood counts before each dose; a missing count is not a normal one); the cycle is
+      delayed ``withhold_days``;
+    - dose changes between cycles: after a grade ≥ 3 toxicity, or a previous-cycle ANC nadir below
+      ``anc_grade4_e9_l`` (grade 4 neutropenia, CTCAE v5.0; the label's dose modifications for
+      haematological toxicity redose grade 4 at a 25 % reduction), the next dose is at most 75 % of the
+      previous one, otherwise at most ``max_escalation`` above it (the band the sites' logs cover), never
+      below the smallest dose;
+    - body size: the absolute dose is computed on the BSA capped at ``bsa_cap_m2`` (2.0 m²), the convention
+      of many oncology protocols for large patients. ASCO's guideline (Griggs et al., J Clin Oncol
+      2012;30:1553) prefers full weight-based doses when the intent is cure; this policy's indications
+      (recurrent ovarian, metastatic breast, Kaposi sarcoma, myeloma) are palliative, its doses are learned
+      rather than label doses, and the lifetime limit is per m², so the cap errs on the side of less drug.
+      The rule is shown whenever it applies; the clinician may decide otherwise.
     """
 
     hepatic_bands_umol_l: tuple[float, float] = (20.5, 51.0)
@@ -110,6 +120,8 @@ class SafetyRules:
     withhold_days: int = 7
     after_toxicity_factor: float = 0.75
     max_escalation: float = 0.25
+    anc_grade4_e9_l: float = 0.5
+    bsa_cap_m2: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -154,6 +166,7 @@ class Recommendation:
     toxicity: Estimate | None
     rules: tuple[RuleApplied, ...]
     policy_version: int | None
+    bsa_m2: float | None = None  # the BSA dose_mg was computed on (after the BSA cap)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -258,6 +271,7 @@ class DosingPolicy:
         cumulative = frame["cumulative_dose_mg_m2"].to_numpy(dtype=float)
         previous_dose = _column(frame, "previous_dose_mg_m2")
         previous_toxicity = _column(frame, "previous_toxicity_grade3")
+        previous_nadir = _column(frame, "previous_anc_nadir_e9_l")
         for i in range(len(frame)):
             b = bilirubin[i]
             if np.isnan(b) or b > s.hepatic_bands_umol_l[0]:
@@ -278,24 +292,42 @@ class DosingPolicy:
                 rules[i].append(RuleApplied("cumulative-limit", f"dose capped at {remaining:g} mg/m²",
                                             f"cumulative {cumulative[i]:g} of {s.cumulative_limit_mg_m2:g} mg/m²"))
             febrile = fever[i] >= 1 and (np.isnan(anc[i]) or anc[i] < s.anc_febrile_e9_l)
-            if verdict[i] == "give" and (anc[i] < s.anc_withhold_e9_l or febrile):
+            if verdict[i] == "give" and (np.isnan(anc[i]) or anc[i] < s.anc_withhold_e9_l or febrile):
                 verdict[i] = "withhold"
-                why = (f"fever on {fever[i]:g} day(s) of the last cycle and ANC "
-                       f"{'not measured' if np.isnan(anc[i]) else f'{anc[i]:g} × 10⁹/L'}" if febrile else
-                       f"ANC {anc[i]:g} × 10⁹/L below {s.anc_withhold_e9_l:g} (grade ≥ 3 neutropenia)")
+                if febrile:
+                    why = (f"fever on {fever[i]:g} day(s) of the last cycle and ANC "
+                           f"{'not measured' if np.isnan(anc[i]) else f'{anc[i]:g} × 10⁹/L'}")
+                elif np.isnan(anc[i]):
+                    why = ("ANC not measured before this cycle: no anthracycline without a pre-cycle blood count "
+                           "(label: blood counts before each dose)")
+                else:
+                    why = f"ANC {anc[i]:g} × 10⁹/L below {s.anc_withhold_e9_l:g} (grade ≥ 3 neutropenia)"
                 rules[i].append(RuleApplied("neutropenia-hold", f"no dose now; re-assess in {s.withhold_days} days",
                                             why))
             if verdict[i] == "give" and not np.isnan(previous_dose[i]):
-                toxic = previous_toxicity[i] == 1
-                limit = max(previous_dose[i] * (s.after_toxicity_factor if toxic else 1 + s.max_escalation),
-                            space.dose_min_mg_m2)
-                if limit < cap[i]:
-                    cap[i] = limit
-                    why = (f"grade ≥ 3 toxicity in the previous cycle at {previous_dose[i]:g} mg/m² (label: "
-                           f"resume {1 - s.after_toxicity_factor:.0%} lower)" if toxic else
-                           f"previous dose {previous_dose[i]:g} mg/m²: at most +{s.max_escalation:.0%} a cycle")
-                    rules[i].append(RuleApplied("dose-change-limit", f"dose capped at {limit:g} mg/m²", why))
+                self._limit_change(i, previous_dose[i], previous_toxicity[i] == 1, previous_nadir[i], cap, rules)
         return cap, verdict
+
+    def _limit_change(self, i: int, previous: float, toxic: bool, nadir: float, cap: np.ndarray,
+                      rules: list[list[RuleApplied]]) -> None:
+        """The dose-change rule of row ``i``: 75 % of the previous dose after a grade ≥ 3 toxicity or a grade 4
+        ANC nadir, else at most ``max_escalation`` more; never below the smallest dose."""
+        s, space = self.safety, self.action_space
+        grade4 = nadir < s.anc_grade4_e9_l  # False for NaN (nadir not measured)
+        reduce = toxic or grade4
+        limit = max(previous * (s.after_toxicity_factor if reduce else 1 + s.max_escalation), space.dose_min_mg_m2)
+        if limit >= cap[i]:
+            return
+        cap[i] = limit
+        resume = f"resume {1 - s.after_toxicity_factor:.0%} lower"
+        if grade4:
+            why = (f"ANC nadir {nadir:g} × 10⁹/L after {previous:g} mg/m² in the previous cycle: grade 4 "
+                   f"neutropenia (label: {resume})")
+        elif toxic:
+            why = f"grade ≥ 3 toxicity in the previous cycle at {previous:g} mg/m² (label: {resume})"
+        else:
+            why = f"previous dose {previous:g} mg/m²: at most +{s.max_escalation:.0%} a cycle"
+        rules[i].append(RuleApplied("dose-change-limit", f"dose capped at {limit:g} mg/m²", why))
 
     def _candidates(self, frame: pd.DataFrame, cap: np.ndarray, rules: list[list[RuleApplied]]) -> pd.DataFrame:
         """Every allowed (patient, formulation, dose, interval) with its predicted outcomes."""
@@ -413,9 +445,22 @@ class DosingPolicy:
         out.loc[~giving, "dose_mg_m2"] = 0.0
         out.loc[out["action"] == "withhold", "interval_days"] = self.safety.withhold_days
         out.loc[out["action"] == "stop", ["formulation_id", "interval_days"]] = [None, 0]
-        out["dose_mg"] = np.round(out["dose_mg_m2"].to_numpy(dtype=float) * frame["bsa_m2"].to_numpy(dtype=float), 1)
+        out["bsa_m2"] = self._dosing_bsa(frame, giving, rules)
+        out["dose_mg"] = np.round(out["dose_mg_m2"].to_numpy(dtype=float) * out["bsa_m2"].to_numpy(), 1)
         out["rules"] = rules
         return out
+
+    def _dosing_bsa(self, frame: pd.DataFrame, giving: np.ndarray, rules: list[list[RuleApplied]]) -> np.ndarray:
+        """The BSA the absolute dose is computed on: the record's (checked against height and weight by
+        :class:`shared.patient_record.PatientRecord`), capped at ``bsa_cap_m2``; the rule is noted where it
+        applies to a dose given."""
+        bsa = frame["bsa_m2"].to_numpy(dtype=float)
+        cap = self.safety.bsa_cap_m2
+        for i in np.flatnonzero(giving & (bsa > cap)):
+            rules[i].append(RuleApplied("bsa-cap", f"absolute dose computed on {cap:g} m², not {bsa[i]:g} m²",
+                                        f"BSA above {cap:g} m² (capped BSA, a common protocol convention for large "
+                                        "patients; the dose per m² actually given is lower than stated)"))
+        return np.minimum(bsa, cap)
 
 
 def _recommendation(row, version: int | None) -> Recommendation:
@@ -430,7 +475,8 @@ def _recommendation(row, version: int | None) -> Recommendation:
         patient_id=str(row.patient_id), action=str(row.action),
         formulation_id=None if row.action == "stop" else str(row.formulation_id),
         dose_mg_m2=float(row.dose_mg_m2), dose_mg=float(row.dose_mg), interval_days=int(row.interval_days),
-        response=estimate(RESPONSE), toxicity=estimate(TOXICITY), rules=tuple(row.rules), policy_version=version)
+        response=estimate(RESPONSE), toxicity=estimate(TOXICITY), rules=tuple(row.rules), policy_version=version,
+        bsa_m2=round(float(row.bsa_m2), 3))
 
 
 def _column(frame: pd.DataFrame, name: str) -> np.ndarray:
