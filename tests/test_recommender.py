@@ -87,8 +87,8 @@ def make_toy_policy(version: int = 4) -> DosingPolicy:
 
 # ---------------------------------------------------------------------------------------------------------
 # A real signed bundle: the encoder of a simulated world, an ANN and XGBoost trained on its episodes (pooled, a
-# few epochs and trees: seconds, not a federation), the policy document the server writes, signed with a
-# coordinator key. Built once per test process; ``real_bundle`` signs any version of it.
+# few epochs and trees: seconds, not a federation), a fitted-Q dose adjuster, the policy document the server
+# writes, signed with a coordinator key. Built once per test process; ``real_bundle`` signs any version of it.
 
 
 @functools.cache
@@ -96,6 +96,7 @@ def real_policy_files(seed: int = 3) -> tuple[dict[str, Path], Path, Path]:
     """The bundle's files, the coordinator's signing key and the site's trust key (in a temporary folder)."""
     from client.boosting import BoostingConfig, train_pooled_heads
     from client.training import EncodedSplit, TrainConfig, build_model, train
+    from shared.dose_adjustment import DoseAdjuster, Transitions, site_transitions
     from shared.dosing_policy import POLICY_FILE
     from simulation.clinics import simulate_clinic
 
@@ -103,7 +104,8 @@ def real_policy_files(seed: int = 3) -> tuple[dict[str, Path], Path, Path]:
     atexit.register(shutil.rmtree, folder, True)
     signing, trust = _key_pair(folder, "policy_signing")
     world = make_world(3, seed)
-    episodes = pd.concat([simulate_clinic(world, c)[0] for c in world.clinics], ignore_index=True)
+    simulated = [simulate_clinic(world, c) for c in world.clinics]
+    episodes = pd.concat([e for e, _ in simulated], ignore_index=True)
     encoder = FeatureEncoder(NANOPARTICLE_TASK).fit_statistics(SiteStatistics.from_frame(episodes, NANOPARTICLE_TASK))
     x, targets = encoder.transform(episodes), encoder.encode_targets(episodes)
     hidden = (32, 16)
@@ -119,8 +121,10 @@ def real_policy_files(seed: int = 3) -> tuple[dict[str, Path], Path, Path]:
     formulations = episodes.groupby("formulation_id")[list(FORMULATION_FEATURES)].mean().astype(float)
     models = {"ann": {"kind": "ann", "weights": "ann_federated.pt", "hidden": list(hidden)},
               "xgboost": {"kind": "xgboost", "heads": {key: f"xgb_{key}.json" for key in heads}}}
-    document = DosingPolicy(encoder=encoder, members={}, formulations=formulations.to_dict("index")).document(
-        models, "encoder.json")
+    transitions = [site_transitions(e, v) for e, v in simulated]
+    adjuster = DoseAdjuster(iterations=5).fit(Transitions.concat(transitions))
+    document = DosingPolicy(encoder=encoder, members={}, formulations=formulations.to_dict("index"),
+                            adjuster=adjuster).document(models, "encoder.json")
     files[POLICY_FILE] = folder / POLICY_FILE
     files[POLICY_FILE].write_text(json.dumps(document, indent=1))
     return files, signing, trust
