@@ -260,18 +260,17 @@ def read_vitals(path: Path, patient_id: str) -> tuple[pd.DataFrame, list[str]]:
 
 def _one_patient_one_cycle(table: CsvTable, values: pd.DataFrame, patient_id: str) -> list[Problem]:
     """The rows must be the record's patient's, of a single cycle, one per day."""
-    problems = []
+    problems = []  # rows and rules, never the ids themselves (they identify patients)
     other = values["patient_id"] != patient_id
     if other.any():
-        got = ", ".join(repr(p) for p in dict.fromkeys(values.loc[other, "patient_id"]))
-        problems.append(table.problem("patient_id", other, f"expected the patient of the record "
-                                                           f"({patient_id!r}), got {got}"))
+        problems.append(table.problem("patient_id", other, "expected the patient of the record (its patient_id); "
+                                                           "these rows are another patient's"))
     episodes = list(dict.fromkeys(values["episode_id"]))
     if len(episodes) > 1:
         first = values["episode_id"] != episodes[0]
         problems.append(table.problem("episode_id", first, f"expected the readings of one cycle (one episode_id); "
-                                                           f"found {len(episodes)}: {', '.join(map(repr, episodes))}"
-                                                           f" — keep only the last cycle's rows"))
+                                                           f"found {len(episodes)} — keep only the last cycle's "
+                                                           "rows"))
     repeated = values["day"].duplicated(keep=False)
     if repeated.any():
         days = ", ".join(f"{d:g}" for d in dict.fromkeys(values.loc[repeated, "day"]))

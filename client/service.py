@@ -56,8 +56,8 @@ from shared.patient_record import PatientRecord
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 MAX_BATCH = 1_000
-"""Most records in one batch request: about a second of work at the measured throughput with the monotone
-guard (BENCHMARKS.md); a larger job is several requests."""
+"""Most records in one batch request: 2-3 s of work with the monotone guard (1,000 generated records, half of
+them later cycles, on a busy 2-core machine); a larger job is several requests."""
 MAX_RECORD_BYTES = 64 * 1024
 """Largest body of a one-record request: a record is about 1 kB, and 50 catalogue ids of 64 characters fit
 many times over."""

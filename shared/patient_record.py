@@ -213,7 +213,8 @@ def problems(error) -> list[tuple[tuple, str]]:
     for problem in error.errors(include_url=False, include_input=False):
         cause = (problem.get("ctx") or {}).get("error")
         if isinstance(cause, RecordInconsistent):
-            found += [(tuple(problem["loc"]) + (", ".join(fields),), rule) for fields, rule in cause.problems]
+            prefix = "".join(f"{part}." for part in problem["loc"])  # the fields of a nested model, in full
+            found += [((", ".join(prefix + f for f in fields),), rule) for fields, rule in cause.problems]
         else:
             found.append((tuple(problem["loc"]), problem["msg"]))
     return found

@@ -281,8 +281,9 @@ def test_vitals_of_another_patient_or_two_cycles_or_repeated_days_are_refused(tm
         read_vitals(path, "example-001")
     lines = info.value.lines
     assert len(lines) == 3
-    assert lines[0].startswith(f"{path}, column 'patient_id', rows 2, 3 (lines 3, 4): expected the patient of "
-                               "the record ('example-001'), got 'someone-else'")
+    assert lines[0] == (f"{path}, column 'patient_id', rows 2, 3 (lines 3, 4): expected the patient of the record "
+                        "(its patient_id); these rows are another patient's")
+    assert "someone-else" not in str(info.value)
     assert lines[1].startswith(f"{path}, column 'episode_id', row 21 (line 22): expected the readings of one "
                                "cycle")
     assert lines[2] == f"{path}, column 'day', rows 7, 8 (lines 8, 9): expected one row per day; day(s) 6 repeated"
