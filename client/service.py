@@ -55,13 +55,15 @@ from shared.dosing_policy import Recommendation
 from shared.patient_record import PatientRecord
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
-MAX_BATCH = 1_000
-"""Most records in one batch request: 2-3 s of work with the monotone guard (1,000 generated records, half of
-them later cycles, on a busy 2-core machine); a larger job is several requests."""
+MAX_BATCH = 500
+"""Most records in one batch request: about 1.5 s of work with the monotone guard for ordinary records (1,000
+generated records, half of them later cycles, took 2-3 s on a busy 2-core machine), and a bounded worst case:
+each record asks for at most ``shared.dosing_policy.MAX_GUARD_CANDIDATES`` scored actions. A larger job is
+several requests."""
 MAX_RECORD_BYTES = 64 * 1024
 """Largest body of a one-record request: a record is about 1 kB, and 50 catalogue ids of 64 characters fit
 many times over."""
-MAX_BATCH_BYTES = 2 * 1024 * 1024
+MAX_BATCH_BYTES = 1024 * 1024
 """Largest body of a batch request: ``MAX_BATCH`` records of about 1 kB, pretty-printed, with room to spare."""
 
 FHIR_JSON = "application/fhir+json"

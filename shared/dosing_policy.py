@@ -188,10 +188,11 @@ HISTORY_GRADES = (
 """Tolerance inputs of the previous cycle (CTCAE v5.0 neutrophil grades 1-4 for the nadir). Besides the hard rules,
 which are monotone in them, only the fitted-Q adjuster reads them, so they are graded where it applies."""
 
-MAX_GUARD_CANDIDATES = 60_000
-"""Most candidate actions the monotone guard scores for one patient (better-graded versions × formulations ×
-doses; tens of milliseconds). A patient far from normal on many inputs at once has more: they are offered the
-smallest dose, which keeps the guarantee (no better-graded patient gets less)."""
+MAX_GUARD_CANDIDATES = 20_000
+"""Most candidate actions the monotone guard scores for one patient (better-graded versions × doses: about
+1,800 versions, some 50 ms). It bounds the work one record can ask for (``client.service.MAX_BATCH`` records
+of at most this many). A patient far from normal on many inputs at once has more versions: they are offered
+the smallest dose, which keeps the guarantee (no better-graded version of them gets less)."""
 GUARD_CHUNK_CANDIDATES = 200_000
 """Candidate actions scored at once by the guard (a few tens of MB of encoded rows)."""
 
