@@ -30,6 +30,7 @@ Example
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,18 @@ def policy_to_serve(bundle: Path | None, trust_key: Path, site: Path | None = No
     inside a store's ``versions/``) and in the working directory (``./.fednano/policy``); with none found, the
     verified ``bundle`` is served (a coordinator trying a policy out).
     """
+    return _resolved(bundle, trust_key, site)[0]
+
+
+def followed_policy(bundle: Path | None, trust_key: Path, site: Path | None = None):
+    """What a long-running service serves: :func:`policy_to_serve`'s policy, followed in the site's store
+    (:class:`InstalledPolicy`) when a store governs it, so a newer install is served once installed."""
+    policy, store = _resolved(bundle, trust_key, site)
+    return policy if store is None else InstalledPolicy(store, trust_key, policy)
+
+
+def _resolved(bundle: Path | None, trust_key: Path, site: Path | None):
+    """(the policy to serve, the store that governs it or None): see :func:`policy_to_serve`."""
     from client.policy_store import PolicyStore, PolicyStoreError
     from shared.policy_bundle import BundleRejected, verify_bundle
 
@@ -128,7 +141,7 @@ def policy_to_serve(bundle: Path | None, trust_key: Path, site: Path | None = No
         raise RecommenderInputError(["give --site SITE_DIR (serve the site's installed policy) or --policy BUNDLE"])
     root = _store_for(site, bundle)
     if root is None:
-        return load_policy(bundle, trust_key)
+        return load_policy(bundle, trust_key), None
     check_trust_key(trust_key)
     store = PolicyStore(root, trust_key)
     try:
@@ -141,7 +154,56 @@ def policy_to_serve(bundle: Path | None, trust_key: Path, site: Path | None = No
             store.check_serving(bundle, verify_bundle(bundle, trust_key))
     except (BundleRejected, PolicyStoreError) as err:
         raise RecommenderInputError([str(err)]) from err
-    return load_policy(bundle, trust_key)
+    return load_policy(bundle, trust_key), store
+
+
+class PolicyUnavailable(RuntimeError):
+    """The site's store no longer holds a policy the service may serve (it answers 503 until it does)."""
+
+
+class InstalledPolicy:
+    """The policy a site's store holds, followed while a service runs.
+
+    Each :meth:`current` looks at the store's ``current`` file (one ``stat``). When it changed — the site
+    installed a newer version, or someone deleted or edited it — the store's current bundle is verified
+    again and loaded before anything more is served; if the store cannot vouch for one (``current`` deleted or
+    pointing at an older version, a damaged bundle, another federation's key), :class:`PolicyUnavailable` is
+    raised until it can: the service fails closed rather than serve an older policy than the site installed.
+    """
+
+    def __init__(self, store, trust_key: Path, policy) -> None:
+        self.store, self.trust_key = store, trust_key
+        self._policy, self._seen = policy, self._signature()
+        self._lock = threading.Lock()
+
+    def current(self):
+        """The policy to serve now."""
+        if self._signature() != self._seen:
+            with self._lock:
+                seen = self._signature()
+                if seen != self._seen:
+                    self._policy = self._reload()
+                    self._seen = seen
+        return self._policy
+
+    def _reload(self):
+        from client.policy_store import PolicyStoreError
+
+        try:
+            if self.store.current() is None:
+                raise PolicyUnavailable(f"{self.store.root}: no policy installed any more")
+            return load_policy(self.store.installed_path(), self.trust_key)
+        except (PolicyStoreError, RecommenderInputError) as err:
+            raise PolicyUnavailable(str(err)) from None
+
+    def _signature(self) -> tuple[int, int, int] | None:
+        from client.policy_store import CURRENT_FILE
+
+        try:
+            stat = (self.store.root / CURRENT_FILE).stat()
+        except OSError:
+            return None
+        return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
 
 def _store_for(site: Path | None, bundle: Path | None) -> Path | None:

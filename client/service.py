@@ -21,8 +21,10 @@ A request the service cannot use gets a 422 (413 for its size) whose ``detail`` 
 same in one line per problem, at most ``shared.patient_record.MAX_ERROR_LINES`` of them. No answer repeats
 the input back: errors name the field and the rule, never the value.
 
-The policy is verified and loaded once, before the app is made (:func:`client.recommender.load_policy`);
-:func:`serve` runs the app with uvicorn, on 127.0.0.1 unless told otherwise.
+The policy is verified and loaded before the app is made (:func:`client.recommender.load_policy`); a site's
+installed policy (``fednano serve --site``) is followed in its store (:class:`client.recommender.InstalledPolicy`):
+a newer install is verified, loaded and served, and while the store cannot vouch for a policy every
+recommendation gets a 503. :func:`serve` runs the app with uvicorn, on 127.0.0.1 unless told otherwise.
 
 Example
 -------
@@ -43,6 +45,8 @@ from fastapi.responses import JSONResponse
 
 from client.recommender import (
     InputProblem,
+    InstalledPolicy,
+    PolicyUnavailable,
     RecommenderInputError,
     json_document,
     recommend_many,
@@ -51,7 +55,7 @@ from client.recommender import (
     validate_record,
 )
 from shared import strict_json
-from shared.dosing_policy import Recommendation
+from shared.dosing_policy import DosingPolicy, Recommendation
 from shared.patient_record import PatientRecord
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
@@ -77,8 +81,11 @@ class BodyTooLarge(Exception):
         self.limit = limit
 
 
-def make_app(policy) -> FastAPI:
-    """The HTTP app serving ``policy`` (a loaded ``shared.dosing_policy.DosingPolicy``)."""
+def make_app(served: DosingPolicy | InstalledPolicy) -> FastAPI:
+    """The HTTP app serving a loaded policy, or the one a site's store holds (:class:`InstalledPolicy`: a newer
+    install is served once installed, and nothing is while the store cannot vouch for its policy: 503)."""
+    current = served.current if isinstance(served, InstalledPolicy) else lambda: served
+    policy = current()
     version = policy.manifest.version if policy.manifest is not None else None
     app = FastAPI(title="fednano telemedicine recommender", version=str(version),
                   description="Dose recommendations of the federated liposomal-doxorubicin dosing policy "
@@ -86,18 +93,20 @@ def make_app(policy) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(RecommenderInputError, _input_error)
     app.add_exception_handler(BodyTooLarge, _too_large)
+    app.add_exception_handler(PolicyUnavailable, _unavailable)
     app.openapi = lambda: _openapi(app)
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        """Service status, the policy version and its signed manifest's metadata."""
-        return health_report(policy)
+        """Service status, the policy version and its signed manifest's metadata (503 if no policy may be
+        served)."""
+        return health_report(current())
 
     @app.post("/recommend", response_model=Recommendation, openapi_extra=_body_schema("PatientRecord"))
     async def recommend_one(request: Request) -> dict[str, Any]:
         """The recommendation for one patient record."""
         record = validate_record(await _json_body(request, MAX_RECORD_BYTES), "body")
-        result = await run_in_threadpool(recommend_many, policy, [record], "body")
+        result = await run_in_threadpool(recommend_many, current(), [record], "body")
         return recommendation_json(result[0])
 
     @app.post("/recommend/batch", response_model=list[Recommendation],
@@ -106,7 +115,7 @@ def make_app(policy) -> FastAPI:
         """Recommendations for a list of 1 to ``MAX_BATCH`` records, in order (one vectorised call of the
         policy)."""
         records = validate_batch(await _json_body(request, MAX_BATCH_BYTES), MAX_BATCH)
-        results = await run_in_threadpool(recommend_many, policy, records, "body")
+        results = await run_in_threadpool(recommend_many, current(), records, "body")
         return [recommendation_json(r) for r in results]
 
     @app.post("/recommend/fhir", response_class=JSONResponse,
@@ -119,7 +128,7 @@ def make_app(policy) -> FastAPI:
         from client.fhir import fhir_resource
 
         record = validate_record(await _json_body(request, MAX_RECORD_BYTES), "body")
-        result = await run_in_threadpool(recommend_many, policy, [record], "body")
+        result = await run_in_threadpool(recommend_many, current(), [record], "body")
         return JSONResponse(fhir_resource(result[0]), media_type=FHIR_JSON)
 
     return app
@@ -187,6 +196,13 @@ async def _input_error(request: Request, exc: RecommenderInputError) -> JSONResp
     return JSONResponse(status_code=422, content={"detail": _detail(exc.problems), "errors": exc.lines})
 
 
+async def _unavailable(request: Request, exc: PolicyUnavailable) -> JSONResponse:
+    """503 while the site's store cannot vouch for a policy (the reason is the store's, on the site's disk)."""
+    line = f"no policy can be served: {exc}"
+    return JSONResponse(status_code=503, content={"detail": [{"loc": [], "msg": line, "type": "unavailable"}],
+                                                  "errors": [line]})
+
+
 async def _too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
     line = f"body: larger than {exc.limit} bytes, the limit of {request.url.path}"
     return JSONResponse(status_code=413, content={"detail": [{"loc": ["body"], "msg": line, "type": "too_large"}],
@@ -223,8 +239,8 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     return app.openapi_schema
 
 
-def serve(policy, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
-    """Serve the policy over HTTP with uvicorn until interrupted."""
+def serve(served: DosingPolicy | InstalledPolicy, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
+    """Serve the policy (or the one a site's store holds) over HTTP with uvicorn until interrupted."""
     import uvicorn
 
-    uvicorn.run(make_app(policy), host=host, port=port, log_level="info")
+    uvicorn.run(make_app(served), host=host, port=port, log_level="info")

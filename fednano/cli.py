@@ -286,18 +286,20 @@ def serve(
     port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port."),
 ) -> None:
     """Serve the recommender over HTTP (OpenAPI at /docs); refuses to start if the policy is not the site's."""
-    from client.recommender import RecommenderInputError, policy_to_serve
+    from client.recommender import InstalledPolicy, RecommenderInputError, followed_policy
     from client.service import serve as serve_app
 
     try:
-        loaded = policy_to_serve(policy, trust, site)
+        served = followed_policy(policy, trust, site)
     except RecommenderInputError as err:
         typer.echo("\n".join(f"error: {line}" for line in err.lines), err=True)
         typer.echo("error: not starting the recommender service", err=True)
         raise typer.Exit(1) from err
+    loaded = served.current() if isinstance(served, InstalledPolicy) else served
     version = loaded.manifest.version if loaded.manifest is not None else "?"
-    typer.echo(f"policy version {version} verified; serving on http://{host}:{port} (OpenAPI: /docs)")
-    serve_app(loaded, host=host, port=port)
+    followed = f"; following the site's store {served.store.root}" if isinstance(served, InstalledPolicy) else ""
+    typer.echo(f"policy version {version} verified{followed}; serving on http://{host}:{port} (OpenAPI: /docs)")
+    serve_app(served, host=host, port=port)
 
 
 def _site_paths(ctx: typer.Context, sites: list[Path] | None) -> list[Path]:

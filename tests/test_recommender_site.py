@@ -89,11 +89,12 @@ def test_serve_with_site_serves_the_installed_version_and_refuses_an_older_one(i
     import client.service
 
     served = []
-    monkeypatch.setattr(client.service, "serve", lambda policy, host, port: served.append(policy.version))
+    monkeypatch.setattr(client.service, "serve", lambda source, host, port: served.append(source.current().version))
     ok = run("serve", "--site", str(installed["site"]), "--trust", str(installed["trust"]))
     assert ok.exit_code == 0, ok.output
     assert served == [2]
-    assert "policy version 2 verified" in ok.stdout
+    assert (f"policy version 2 verified; following the site's store {site_store_root(installed['site'])}"
+            in ok.stdout)
     old = run("serve", "--site", str(installed["site"]), "--policy", str(installed["v1"]),
               "--trust", str(installed["trust"]))
     assert old.exit_code == 1 and served == [2]
@@ -167,3 +168,35 @@ def test_a_wrong_trust_file_says_what_is_wrong_with_the_trust_key(installed, tmp
     assert result.stderr.startswith(f"error: trust key {trust}: {what}")
     assert "expected the coordinator's Ed25519 public key (policy_signing.pub from this site's kit)" in result.stderr
     assert "verified but could not be loaded" not in result.stderr and "Traceback" not in result.output
+
+
+def test_a_running_service_follows_the_sites_store_and_fails_closed(installed, tmp_path):
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from client.recommender import InstalledPolicy, followed_policy
+    from client.service import make_app
+
+    site = tmp_path / "gamma"
+    site.mkdir()
+    store = PolicyStore(site_store_root(site), installed["trust"])
+    store.install(installed["v1"])
+    served = followed_policy(None, installed["trust"], site)
+    assert isinstance(served, InstalledPolicy)
+    record = json.loads(EXAMPLE.read_text())
+    with TestClient(make_app(served), raise_server_exceptions=False) as http:
+        assert http.get("/health").json()["policy_version"] == 1
+        store.install(installed["v2"])  # the site installs a newer version while the service runs
+        assert http.get("/health").json()["policy_version"] == 2
+        assert http.post("/recommend", json=record).json()["policy_version"] == 2
+        saved = site_store_root(site) / "current.saved"
+        shutil.copy(site_store_root(site) / "current", saved)
+        (site_store_root(site) / "current").unlink()  # deleted: the store cannot vouch for a version
+        response = http.post("/recommend", json=record)
+        assert response.status_code == 503
+        assert response.json()["errors"][0].startswith("no policy can be served: ")
+        assert "current is missing, but version 2" in response.json()["errors"][0]
+        assert http.get("/health").status_code == 503
+        shutil.copy(saved, site_store_root(site) / "current")  # restored: served again
+        assert http.post("/recommend", json=record).json()["policy_version"] == 2
