@@ -59,15 +59,14 @@ from shared.dosing_policy import DosingPolicy, Recommendation
 from shared.patient_record import PatientRecord
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
-MAX_BATCH = 500
-"""Most records in one batch request: about 1.5 s of work with the monotone guard for ordinary records (1,000
-generated records, half of them later cycles, took 2-3 s on a busy 2-core machine), and a bounded worst case:
-each record asks for at most ``shared.dosing_policy.MAX_GUARD_CANDIDATES`` scored actions. A larger job is
-several requests."""
+MAX_BATCH = 200
+"""Most records in one batch request. With the monotone guard, 200 ordinary records (generated, half of them
+later cycles) take about 0.8 s on a busy 2-core machine, and 200 records each at the guard's bound
+(``shared.dosing_policy.MAX_GUARD_CANDIDATES`` scored actions) about 12 s; a larger job is several requests."""
 MAX_RECORD_BYTES = 64 * 1024
 """Largest body of a one-record request: a record is about 1 kB, and 50 catalogue ids of 64 characters fit
 many times over."""
-MAX_BATCH_BYTES = 1024 * 1024
+MAX_BATCH_BYTES = 512 * 1024
 """Largest body of a batch request: ``MAX_BATCH`` records of about 1 kB, pretty-printed, with room to spare."""
 
 FHIR_JSON = "application/fhir+json"

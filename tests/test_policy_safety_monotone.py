@@ -165,7 +165,9 @@ def test_a_missing_value_is_not_a_grade_the_hard_rule_decides_it(confounded):
     from shared.dosing_policy import better_versions, graded_frame
 
     unmeasured = record(bilirubin_umol_l=None)
-    versions = better_versions(graded_frame(records_frame([unmeasured])), np.array([0]), True, 11)
+    grades = confounded.tolerance_grades()
+    versions = better_versions(graded_frame(records_frame([unmeasured]), grades), np.array([0]), grades, True,
+                               np.array([33]))
     assert len(versions.frame) > 0 and versions.frame["bilirubin_umol_l"].isna().all()
     rec = confounded.recommend([unmeasured])[0]
     assert rec.dose_mg_m2 <= 45.0  # the label's 75 % for an unmeasured bilirubin, not the 50 % of the worst grade
@@ -175,8 +177,10 @@ def test_a_missing_value_is_not_a_grade_the_hard_rule_decides_it(confounded):
 def test_versions_are_encoded_as_the_encoder_would_encode_them(confounded):
     from shared.dosing_policy import FORMULATION_FEATURES, _standardised_into, better_versions, graded_frame
 
-    frame = graded_frame(records_frame([record(bilirubin_umol_l=60.0, ecog=3, creatinine_clearance_ml_min=40.0)]))
-    versions = better_versions(frame, np.array([0]), True, 11)
+    grades = confounded.tolerance_grades()
+    frame = graded_frame(records_frame([record(bilirubin_umol_l=60.0, ecog=3, creatinine_clearance_ml_min=40.0)]),
+                         grades)
+    versions = better_versions(frame, np.array([0]), grades, True, np.array([33]))
     # grades at or better than the patient's: bilirubin 3 (60 → ≤ 102.5), ECOG 4, clearance 3 (40 → ≥ 30), age 3
     # (66 → ≤ 75), ANC 1, no toxicity 1, nadir 2 (1.18 → ≥ 1.0); the patient itself excluded
     assert len(versions.frame) == 3 * 4 * 3 * 3 * 2 - 1
@@ -196,3 +200,24 @@ def test_a_patient_with_too_many_versions_to_check_gets_the_smallest_dose(confou
     assert rec.action == "give" and rec.dose_mg_m2 == 10.0
     assert "the smallest dose is offered and a clinician decides" in next(
         r.reason for r in rec.rules if r.rule == "monotone-guard")
+
+
+def test_every_hard_rule_threshold_is_a_grade_limit_so_a_grade_meets_the_rules_alike(confounded):
+    import dataclasses
+
+    from shared.dosing_policy import SafetyRules
+
+    limits = {g.column: g.limits for g in confounded.tolerance_grades()}
+    assert {20.5, 51.0} <= set(limits["bilirubin_umol_l"]) and {1.0, 1.5} <= set(limits["anc_baseline_e9_l"])
+    assert 0.5 in limits["previous_anc_nadir_e9_l"]
+    moved = dataclasses.replace(confounded, safety=SafetyRules(hepatic_bands_umol_l=(25.0, 60.0)))
+    assert {25.0, 60.0} <= set(next(g for g in moved.tolerance_grades() if g.column == "bilirubin_umol_l").limits)
+
+
+def test_grades_are_represented_by_normal_values_and_midpoints():
+    from shared.dosing_policy import TOLERANCE_GRADES
+
+    bilirubin, clearance = TOLERANCE_GRADES[0], TOLERANCE_GRADES[1]
+    assert list(bilirubin.values(bilirubin.levels(np.array([7.7, 20.5, 20.6, 68.4, np.nan])))) == pytest.approx(
+        [10.0, 10.0, 35.75, 76.75, np.nan], nan_ok=True)
+    assert list(clearance.values(clearance.levels(np.array([140.0, 82.8, 25.0])))) == [110.0, 75.0, 22.5]

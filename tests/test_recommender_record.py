@@ -212,9 +212,9 @@ def test_a_batch_above_the_limit_is_refused_before_any_record_is_read(client):
 
 
 def test_errors_of_a_large_batch_are_bounded_and_echo_nothing(client):
-    records = [example_dict() | {"ecog": 9, "patient_id": f"secret-{i}"} for i in range(300)]
+    records = [example_dict() | {"ecog": 9, "patient_id": f"secret-{i}"} for i in range(MAX_BATCH)]
     response = client.post("/recommend/batch", json=records)
     assert response.status_code == 422
     errors = response.json()["errors"]
-    assert len(errors) == 21 and errors[-1] == "body[0]: ... and 280 more problems"
+    assert len(errors) == 21 and errors[-1] == f"body[0]: ... and {MAX_BATCH - 20} more problems"
     assert "secret" not in response.text and len(response.content) < 5000
