@@ -40,7 +40,7 @@ import pandas as pd
 from pydantic import ValidationError
 
 from shared import strict_json
-from shared.patient_record import MAX_ERROR_LINES, PatientRecord, WearableSummary, error_lines, problems
+from shared.patient_record import MAX_ERROR_LINES, PatientRecord, WearableSummary, error_lines, field_problems
 from shared.schema import VITALS_COLUMNS
 from shared.validation import CsvTable, Problem, check_header, parse_table, read_csv_table
 from shared.wearables import summarise_cycle
@@ -264,7 +264,7 @@ def validate_record(data: Any, source: str = "patient record", index: int | None
     except ValidationError as err:
         where = source if index is None else f"{source}[{index}]"
         raise RecommenderInputError(bounded_problems([InputProblem(where, loc, rule)
-                                                      for loc, rule in problems(err)])) from err
+                                                      for loc, rule in field_problems(err)])) from err
 
 
 def validate_batch(data: Any, max_records: int, source: str = "body") -> list[PatientRecord]:

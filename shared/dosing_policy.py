@@ -205,7 +205,7 @@ HISTORY_COLUMNS = frozenset(g.column for g in HISTORY_GRADES)
 MAX_GUARD_CANDIDATES = 20_000
 """Most candidate actions the monotone guard scores for one patient (better-graded versions × formulations ×
 doses: some 600 versions with a catalogue of 3, 50-60 ms on a busy 2-core machine). It bounds the work one
-record can ask for (``client.service.MAX_BATCH`` records of at most this many: 500 took 30 s). A patient far
+record can ask for (``client.service.MAX_BATCH`` records of at most this many: 200 took 11 s). A patient far
 from normal on many inputs at once has more versions: they are offered the smallest dose, which keeps the
 guarantee (no better-graded version of them gets less)."""
 GUARD_CHUNK_CANDIDATES = 200_000

@@ -202,7 +202,7 @@ MAX_ERROR_LINES = 20
 lines, not 50,000)."""
 
 
-def problems(error) -> list[tuple[tuple, str]]:
+def field_problems(error) -> list[tuple[tuple, str]]:
     """A pydantic ``ValidationError`` as (location, message) pairs, without the input values.
 
     A :class:`RecordInconsistent` becomes one pair per contradiction, located at the fields it names.
@@ -224,7 +224,7 @@ def error_lines(error, source: str = "patient record") -> list[str]:
     """A pydantic ``ValidationError`` as one line per problem (at most ``MAX_ERROR_LINES``): where
     (``source``, field path) and what was expected — the form the CLI prints. No input value is shown."""
     lines = [f"{source}: field {'.'.join(str(p) for p in loc) or '(record)'}: {message}"
-             for loc, message in problems(error)]
+             for loc, message in field_problems(error)]
     return bounded(lines)
 
 
