@@ -257,24 +257,32 @@ def status(
     raise typer.Exit(1 if failed else 0)
 
 
+POLICY_HELP = ("A signed policy bundle folder. With --site (or a site store found in ./.fednano/policy) it must be "
+               "the version the site installed: an older one is refused.")
+SITE_HELP = ("A site's data folder: serve the policy its store (<site>/.fednano/policy) holds, verified against "
+             "--trust.")
+TRUST_HELP = "The coordinator's public key policy_signing.pub from this site's kit."
+
+
 @app.command()
 def recommend(
-    policy: Path = typer.Option(..., "--policy", help="The signed policy bundle folder."),
-    trust: Path = typer.Option(..., "--trust", help="The coordinator's public key from this site's kit."),
     patient: Path = typer.Option(..., "--patient", help="Patient record JSON (see examples/patient.json)."),
+    trust: Path = typer.Option(..., "--trust", help=TRUST_HELP),
+    site: Path | None = typer.Option(None, "--site", help=SITE_HELP),
+    policy: Path | None = typer.Option(None, "--policy", help=POLICY_HELP),
     vitals: Path | None = typer.Option(
         None, "--vitals", help="The last cycle's daily wearable readings (CSV, columns of vitals.csv); their "
                                "summary replaces the record's wearable_summary."),
     fhir: bool = typer.Option(False, "--fhir", help="Print a FHIR R4 MedicationRequest instead."),
 ) -> None:
-    """Recommend formulation, dose and interval for one patient from the verified policy; print JSON."""
+    """Recommend formulation, dose and interval for one patient from the site's verified policy; print JSON."""
     import json
 
-    from client.recommender import RecommenderInputError, load_policy, read_patient, with_vitals
+    from client.recommender import RecommenderInputError, policy_to_serve, read_patient, with_vitals
     from client.recommender import recommend as recommend_one
 
     try:
-        loaded = load_policy(policy, trust)
+        loaded = policy_to_serve(policy, trust, site)
         record = read_patient(patient)
         if vitals is not None:
             record, warnings = with_vitals(record, vitals)
@@ -291,24 +299,27 @@ def recommend(
 
 @app.command()
 def serve(
-    policy: Path = typer.Option(..., "--policy", help="The signed policy bundle folder."),
-    trust: Path = typer.Option(..., "--trust", help="The coordinator's public key from this site's kit."),
+    trust: Path = typer.Option(..., "--trust", help=TRUST_HELP),
+    site: Path | None = typer.Option(None, "--site", help=SITE_HELP),
+    policy: Path | None = typer.Option(None, "--policy", help=POLICY_HELP),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: this machine only)."),
     port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port."),
 ) -> None:
-    """Serve the recommender over HTTP (OpenAPI at /docs); refuses to start if the bundle does not verify."""
-    from client.recommender import RecommenderInputError, load_policy
+    """Serve the recommender over HTTP (OpenAPI at /docs); refuses to start if the policy is not the site's."""
+    from client.recommender import InstalledPolicy, RecommenderInputError, followed_policy
     from client.service import serve as serve_app
 
     try:
-        loaded = load_policy(policy, trust)
+        served = followed_policy(policy, trust, site)
     except RecommenderInputError as err:
         typer.echo("\n".join(f"error: {line}" for line in err.lines), err=True)
         typer.echo("error: not starting the recommender service", err=True)
         raise typer.Exit(1) from err
+    loaded = served.current() if isinstance(served, InstalledPolicy) else served
     version = loaded.manifest.version if loaded.manifest is not None else "?"
-    typer.echo(f"policy version {version} verified; serving on http://{host}:{port} (OpenAPI: /docs)")
-    serve_app(loaded, host=host, port=port)
+    followed = f"; following the site's store {served.store.root}" if isinstance(served, InstalledPolicy) else ""
+    typer.echo(f"policy version {version} verified{followed}; serving on http://{host}:{port} (OpenAPI: /docs)")
+    serve_app(served, host=host, port=port)
 
 
 ledger_app = typer.Typer(no_args_is_help=True, help="A site's privacy ledger: what it has spent, and starting a new "
