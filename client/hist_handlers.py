@@ -58,9 +58,6 @@ from shared.protocol.privacy import RELEASE_INDEX, RELEASES
 
 STATE_KEY = "hist-secure-sum"
 
-HESSIAN_BOUNDS = {"binary:logistic": 0.25, "multi:softprob": 0.5, "reg:squarederror": 1.0}
-"""Largest hessian one row can have: p(1 − p) ≤ 1/4, 2p(1 − p) ≤ 1/2, 1."""
-
 
 # ---------------------------------------------------------------------------------------------------------
 # The site's rows, as every message of the phase sees them
@@ -125,7 +122,7 @@ def level_histograms(config: ConfigRecord, arrays: ArrayRecord, x: np.ndarray, y
     """Fixed-point histograms of the requested nodes, packed (nodes, Σ feature bins, 2), and the blocks of
     their DP release: a row adds to one requested node per tree and one bin per feature, its gradient bounded by
     1 (or the clip, for squared error, whose gradients are clipped when ``clip``) and its hessian by
-    ``HESSIAN_BOUNDS``."""
+    ``shared.hist_boosting.HESSIAN_BOUNDS``."""
     objective = str(config[h.OBJECTIVE])
     thresholds = thresholds_from_record(arrays)
     bins = hb.bin_rows(x, thresholds)
@@ -143,7 +140,7 @@ def level_histograms(config: ConfigRecord, arrays: ArrayRecord, x: np.ndarray, y
                                     hb.feature_widths(thresholds))
     touched = len({k for k, _ in frontier}) * len(thresholds)
     blocks = {"gradient": Block(hb.from_fixed(histograms[..., 0]), g_bound, touched),
-              "hessian": Block(hb.from_fixed(histograms[..., 1]), HESSIAN_BOUNDS[objective], touched)}
+              "hessian": Block(hb.from_fixed(histograms[..., 1]), hb.HESSIAN_BOUNDS[objective], touched)}
     return histograms, blocks
 
 

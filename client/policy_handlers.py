@@ -17,20 +17,12 @@ from pathlib import Path
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.policy_store import PolicyStore, PolicyStoreError
+from client.policy_store import PolicyStore, PolicyStoreError, site_store_root
 from client.site import SiteHandlers, SiteRequest, error_reply
 from shared.dosing_policy import FORMULATION_FEATURES
 from shared.policy_bundle import BundleRejected, unpack_bundle
 from shared.protocol import ErrorCode, messages
 from shared.protocol.policy import Installed, bundle_files, catalogue_reply
-
-POLICY_FOLDER = Path(".fednano") / "policy"
-
-
-def policy_root(site_path: Path) -> Path:
-    """Where a site keeps its installed policies: beside its data."""
-    folder = site_path if site_path.is_dir() else site_path.parent
-    return folder / POLICY_FOLDER
 
 
 def catalogue_records(episodes) -> RecordDict:
@@ -44,7 +36,7 @@ def install_contents(contents: dict[str, bytes], site_path: Path, trust_key: Pat
     """Unpack a received bundle and install it in the site's store if it verifies and is newer; returns the
     installed version and folder. Raises ``BundleRejected`` (or ``PolicyStoreError``/``ValueError``) with the
     reason otherwise, leaving the current policy as it was."""
-    store = PolicyStore(policy_root(site_path), trust_key)
+    store = PolicyStore(site_store_root(site_path), trust_key)
     with tempfile.TemporaryDirectory(prefix="fednano-bundle-") as tmp:
         manifest = store.install(unpack_bundle(contents, Path(tmp) / "received"))
     return manifest.version, store.installed_path()

@@ -66,9 +66,10 @@ class RunSettings:
         Where the run record and the models go.
     models : str, default "ann,xgboost"
         Model families to train.
-    boosting : str, default "bagging"
-        Federated XGBoost: bagging | cyclic (Flower's strategies) | hist (summed histograms; the only one a
-        DP site can join).
+    boosting : str, default "hist"
+        Federated XGBoost: hist (trees grown from the sites' summed gradient histograms: equal to pooled
+        boosting without DP, and the only mode a DP site can join) | bagging | cyclic (Flower's strategies,
+        kept for comparison).
     xgb_rounds, xgb_eta, xgb_max_depth : int, float, int
         Boosting rounds per head, learning rate, depth.
     signing_key : str, default ""
@@ -94,7 +95,7 @@ class RunSettings:
     task_path: str = ""
     out_dir: str = "runs/federation"
     models: str = "ann,xgboost"
-    boosting: str = "bagging"
+    boosting: str = "hist"
     xgb_rounds: int = 20
     xgb_eta: float = 0.1
     xgb_max_depth: int = 4

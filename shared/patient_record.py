@@ -22,8 +22,8 @@ from typing import Annotated, Literal
 import pandas as pd
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from shared.bsa import BSA_TOLERANCE, mosteller_bsa_m2
 from shared.schema import EPISODE_COLUMNS, SEXES, TUMOUR_TYPES, VITALS_COLUMNS, columns_by_name
-from shared.validation import BSA_TOLERANCE, mosteller_bsa_m2
 
 _EPISODE = columns_by_name(EPISODE_COLUMNS)
 _VITALS = columns_by_name(VITALS_COLUMNS)

@@ -28,7 +28,9 @@ PLAN = RunPlan(("statistics", "training", "evaluation", "boosting", "importance"
 
 
 def site(tmp_path, budget: float = 3.0, **shares: float) -> SiteDP:
-    return SiteDP(PrivacyLedger.open(tmp_path / "ledger.json", budget, 1e-5), {**DEFAULT_SHARES, **shares})
+    """A DP site with the default shares, boosting opted in at 0.2, and ``shares`` on top."""
+    return SiteDP(PrivacyLedger.open(tmp_path / "ledger.json", budget, 1e-5),
+                  {**DEFAULT_SHARES, "boosting": 0.2, **shares})
 
 
 def context(run_id: int = 7) -> Context:
@@ -36,7 +38,7 @@ def context(run_id: int = 7) -> Context:
 
 
 def test_training_gets_what_the_other_phases_of_the_plan_leave():
-    budget = RunBudget.plan("7", SiteDP(_ledger_stub(3.0), dict(DEFAULT_SHARES, adjuster=0.1)), PLAN)
+    budget = RunBudget.plan("7", SiteDP(_ledger_stub(3.0), dict(DEFAULT_SHARES, adjuster=0.1, boosting=0.2)), PLAN)
     assert budget.epsilon["statistics"] == pytest.approx(0.05 * 3.0)
     assert budget.epsilon["evaluation"] == pytest.approx(0.05 * 3.0)
     assert budget.epsilon["boosting"] == pytest.approx(0.2 * 3.0)

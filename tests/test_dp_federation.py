@@ -28,7 +28,7 @@ from simulation.experiment import (
 )
 
 pytestmark = pytest.mark.slow
-DP_SITE_SHARES = (("adjuster", 0.1),)
+DP_SITE_SHARES = (("adjuster", 0.1), ("boosting", 0.2))
 
 
 def reply_logger(path: Path):

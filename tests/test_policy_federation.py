@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from client.policy_handlers import install_contents, policy_root
+from client.policy_handlers import install_contents
 from client.policy_store import PolicyStore
+from client.policy_store import site_store_root as policy_root
 from shared.dosing_policy import DosingPolicy
 from shared.patient_record import PatientRecord
 from shared.policy_bundle import BundleRejected, bundle_contents, verify_bundle

@@ -118,12 +118,6 @@ def test_a_store_whose_current_was_deleted_is_not_served(installed, tmp_path):
     assert result.exit_code == 1 and "current is missing, but version 2" in result.stderr
 
 
-def test_site_store_root_is_where_the_supernode_installs():
-    from client.policy_handlers import policy_root
-
-    assert site_store_root(EXAMPLE.parent) == policy_root(EXAMPLE.parent)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # A wrong --trust file says what it is, not "verified but could not be loaded"
 

@@ -12,17 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import pandas as pd
 
+from shared.bsa import BSA_TOLERANCE, mosteller_bsa_m2
 from shared.validation.problems import MAX_LISTED, Problem, Severity, echo, listed
 from shared.validation.reading import CsvTable
 
 DOSE_TOLERANCE = 0.05
 """Allowed relative gap between dose_mg and dose_mg_m2 × bsa_m2 (rounding, not a wrong dose)."""
 
-BSA_TOLERANCE = 0.10
-"""Allowed relative gap between bsa_m2 and the Mosteller formula (other BSA formulas differ by a few %)."""
 
 DAYS_PER_YEAR = 365.25
 
@@ -64,11 +62,6 @@ def dose_inconsistent_with_bsa(table: CsvTable, episodes: pd.DataFrame) -> list[
     rule = f"dose_mg differs from dose_mg_m2 × bsa_m2 by more than {DOSE_TOLERANCE:.0%}"
     return [table.problem("dose_mg", off, f"{rule}: " + listed(detail, sep="; ", total=int(off.sum())),
                           shareable=rule)]
-
-
-def mosteller_bsa_m2(height_cm: pd.Series, weight_kg: pd.Series) -> pd.Series:
-    """Body-surface area by Mosteller, N Engl J Med 1987;317:1098: sqrt(height[cm] · weight[kg] / 3600)."""
-    return np.sqrt(height_cm * weight_kg / 3600.0)
 
 
 def bsa_inconsistent_with_mosteller(table: CsvTable, episodes: pd.DataFrame) -> list[Problem]:
