@@ -2,7 +2,7 @@
 
 The seed paper's statistics — descriptive table, regression, ANOVA across formulations, PCA and k-means
 cluster profiles — are usually computed on pooled rows. Here each site answers the server's questions with
-*sums* over its own rows only, and the server (``server.analytics``) adds them up. Every statistic below is
+*sums* over its own rows only, and the server (``server.analytics_phase``) adds them up. Every statistic below is
 a function of such sums, so with DP off the federated result equals the pooled one:
 
 - **describe** — per numeric column: count, sum, sum of squares (about a public centre), a histogram on a

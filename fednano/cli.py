@@ -10,6 +10,10 @@ from pathlib import Path
 
 import typer
 
+SITE_MAX_EPSILON = 20.0
+"""The largest ε a site.toml may declare (``shared.validation.MAX_EPSILON``; not imported, to keep ``--help``
+instant; tests/test_settings.py checks they agree)."""
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 
 
@@ -70,7 +74,8 @@ def simulate(
     clinics: int = typer.Option(5, "--clinics", min=2, max=50, help="Simulated clinics (ignored with --sites)."),
     rounds: int | None = typer.Option(None, "--rounds", min=1, help="Federated rounds (default 10)."),
     dp: bool = typer.Option(True, "--dp/--no-dp", help="Simulated sites train with DP-SGD (site.toml budget)."),
-    epsilon: float = typer.Option(3.0, "--epsilon", min=0.01, help="Per-site ε budget of simulated sites."),
+    epsilon: float = typer.Option(3.0, "--epsilon", min=0.01, max=SITE_MAX_EPSILON,
+                                  help="Per-site ε budget of simulated sites."),
     strategy: str | None = typer.Option(None, "--strategy", help="fedavg | fedprox | fedadam | fedyogi."),
     seed: int = typer.Option(0, "--seed", help="Seed of the world, the splits and the models."),
     out: Path = typer.Option(Path("runs/simulate"), "--out", help="Output folder."),
@@ -149,7 +154,9 @@ def analytics(
     sites: list[Path] | None = typer.Option(None, "--sites", help="Site folders or CSV files: --sites A B C."),
     task: Path | None = typer.Option(None, "--task", help="task.toml for --sites holding a generic task."),
     dp: bool = typer.Option(False, "--dp/--no-dp", help="Simulated sites add Gaussian noise to every aggregate."),
-    epsilon: float = typer.Option(1.0, "--epsilon", min=0.01, help="ε each DP site spends on this run."),
+    epsilon: float = typer.Option(1.0, "--epsilon", min=0.01, max=SITE_MAX_EPSILON,
+                                  help="ε budget of simulated DP sites, all of it for this run (your own sites "
+                                       "grant analytics their [privacy.shares] analytics)."),
     k: int = typer.Option(3, "--k", min=1, max=20, help="k-means clusters."),
     seed: int = typer.Option(0, "--seed", help="World seed and initial-centroid phase."),
     out: Path = typer.Option(Path("runs/analytics"), "--out", help="Output folder."),
@@ -162,8 +169,14 @@ def analytics(
     if clinics is not None and sites:
         raise typer.BadParameter("give --clinics or --sites, not both", param_hint="--clinics")
     flower_environment(Path.cwd())
-    run_analytics(out, clinics=None if sites else (clinics or 5), sites=sites or None, task=task, dp=dp, k=k,
-                  seed=seed, epsilon=epsilon)
+    from simulation.experiment import ExperimentError
+
+    try:
+        run_analytics(out, clinics=None if sites else (clinics or 5), sites=sites or None, task=task, dp=dp, k=k,
+                      seed=seed, epsilon=epsilon)
+    except ExperimentError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
     typer.echo(f"wrote {out / 'analytics.json'}, {out / 'analytics.md'}, CSV tables and {out / 'pca_clusters.png'}")
 
 

@@ -398,7 +398,7 @@ class DosingPolicy:
                    manifest=manifest)
 
     def document(self, model_files: dict[str, dict], encoder_file: str) -> dict:
-        """The ``policy.json`` of this policy, given how its models are stored (see ``server.policy_builder``)."""
+        """The ``policy.json`` of this policy, given how its models are stored (see ``server.policy_phase``)."""
         return {"kind": KIND, "encoder": encoder_file, "models": model_files,
                 "formulations": self.formulations, "action_space": asdict(self.action_space),
                 "safety": asdict(self.safety), "objective": asdict(self.objective),

@@ -63,3 +63,10 @@ def test_bad_settings_are_refused_naming_the_key():
         parse_models("ann,forest")
     with pytest.raises(ValueError, match="boosting"):
         dataclasses.replace(DEFAULTS, boosting="random")
+
+
+def test_the_clis_epsilon_limit_is_the_site_contracts():
+    from fednano.cli import SITE_MAX_EPSILON
+    from shared.validation.site_config import MAX_EPSILON
+
+    assert SITE_MAX_EPSILON == MAX_EPSILON
