@@ -356,6 +356,8 @@ def run_experiment(cfg: ExperimentConfig, on_round: Callable[[int], None] | None
                    **{f"{family}_s": model.seconds for family, model in record.models.items()}},
         "pooled_dp_budget": asdict(pooled_privacy) if pooled_privacy else None,
         "importance": {name: family.importance for name, family in families.items() if family.importance},
+        "not_trained": {family: {"refused": model.refused, "failures": model.failures}
+                        for family, model in record.models.items() if family not in families},
         "policy": None,
     }
     if record.policy:

@@ -280,6 +280,10 @@ def write_report(out: Path, results: dict, summaries: dict[str, dict[str, dict[s
         "the built-in task). Overall = metrics of the union of the sites' test sets, computed from the sum "
         "of per-site summaries.", "",
     ]
+    for family, why in results.get("not_trained", {}).items():
+        reasons = sorted(set(why["refused"].values()) | set(why["failures"].values()))
+        lines += [f"No federated {FAMILY_LABELS.get(family, family)}: no site trained it "
+                  f"({'; '.join(reasons) or 'no reason given'}).", ""]
     if results["rejected"]:
         lines += ["Sites left out (their data failed validation):", ""]
         lines += [f"- {site}: {'; '.join(errors)}" for site, errors in results["rejected"].items()] + [""]
