@@ -13,7 +13,8 @@ import copy
 import json
 from pathlib import Path
 
-from client.ledger import _Chain, _epsilon, _new_header
+from client.ledger import _epsilon
+from client.ledger_file import Chain, new_header
 
 HERE = Path(__file__).parent
 DELTA, BUDGET = 1e-5, 10.0
@@ -22,7 +23,7 @@ STEPS = [(1.0, 1 / 13, 13), (1.0, 1 / 13, 13), (1.5, 0.1, 5)]
 
 
 def ledger(site_id: str = SITE_ID, steps=STEPS, delta: float = DELTA) -> dict:
-    chain = _Chain(_new_header(delta, site_id, 1, None, started="2025-03-01T09:00:00+00:00"), [], [])
+    chain = Chain(new_header(delta, site_id, 1, None, started="2025-03-01T09:00:00+00:00"), [], [])
     history: list = []
     for i, (sigma, rate, n) in enumerate(steps):
         history = history + [(sigma, rate, n)]
@@ -45,7 +46,7 @@ def _merged(steps):
 def rechained(state: dict, change) -> dict:
     """``state`` with ``change`` applied to its entries and every hash recomputed (a careful forger)."""
     header = {k: v for k, v in state.items() if k not in ("entries", "history", "head")}
-    chain = _Chain(header, [], [])
+    chain = Chain(header, [], [])
     for entry in change(copy.deepcopy(state["entries"])):
         chain.append({k: v for k, v in entry.items() if k != "prev"})
     return chain.to_file()
