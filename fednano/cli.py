@@ -503,9 +503,13 @@ def _print_policy(console, policy: dict | None) -> None:
 
     if not policy:
         return
-    held = sum(s["installed"] for s in policy["sites"].values())
-    console.print(f"policy v{policy['version']}: {policy['bundle']} (trust key {policy['trust_key']}); "
-                  f"installed at {held} of {len(policy['sites'])} sites")
+    console.print(f"release gate: {policy['gate']['reason']}")
+    if policy["shipped"]:
+        held = sum(s["installed"] for s in policy["sites"].values())
+        console.print(f"policy v{policy['version']}: {policy['bundle']} (trust key {policy['trust_key']}); "
+                      f"installed at {held} of {len(policy['sites'])} sites")
+    else:
+        console.print(f"policy not shipped: the candidate stays in {policy['candidate']}")
     if not policy.get("evaluation"):
         return
     table = Table(title=f"dosing policies on {policy['evaluation']['patients_per_site']} new patients per site "

@@ -78,6 +78,10 @@ class RunSettings:
         Where signed bundles and the version counter live (default OUT/policy); keep one across runs.
     fqi_iterations : int, default 25
         Fitted-Q iterations of the federated dose adjuster (0: none); each is one message round.
+    release_gate : bool, default True
+        Sign and send the policy only if the sites' off-policy estimates show it beats their standard of care
+        (``shared.off_policy``). False skips the decision (the estimates are still asked for and recorded, and
+        the manifest says the gate was skipped): for tests of the distribution itself, never for patients.
     """
 
     num_server_rounds: int = 10
@@ -102,6 +106,7 @@ class RunSettings:
     signing_key: str = ""
     policy_dir: str = ""
     fqi_iterations: int = 25
+    release_gate: bool = True
 
     def __post_init__(self) -> None:
         parse_hidden(self.hidden)

@@ -64,6 +64,13 @@ Predictor = Callable[[np.ndarray], Mapping[str, np.ndarray]]
 """An outcome model: encoded feature rows → P(outcome) per outcome name (at least response and toxicity)."""
 
 
+LABEL_DOSE_MG_M2 = {"ovarian": 50.0, "breast": 50.0, "kaposi": 20.0, "myeloma": 30.0, "sarcoma": 50.0}
+"""Label starting doses of liposomal doxorubicin in mg/m² (Doxil/Caelyx SmPC): ovarian 50, breast 50, Kaposi
+20, myeloma 30 (with bortezomib); soft-tissue sarcoma 50 (Judson et al., Eur J Cancer 2001). Standard of care
+doses by them."""
+HEPATIC_BANDS_UMOL_L = (20.5, 51.0)
+HEPATIC_FACTORS = (0.75, 0.5)
+"""Label hepatic reductions: bilirubin 1.2–3 mg/dL (20.5–51 µmol/L) → 75 % of the dose, above → 50 %."""
 LABEL_INTERVAL_DAYS = {"ovarian": 28, "breast": 28, "kaposi": 21, "myeloma": 21, "sarcoma": 28}
 """Label schedules of liposomal doxorubicin (Doxil/Caelyx SmPC: ovarian and breast q4w, Kaposi q2-3w,
 myeloma with bortezomib q3w; soft-tissue sarcoma q4w, Judson et al., Eur J Cancer 2001)."""
@@ -121,8 +128,8 @@ class SafetyRules:
       The rule is shown whenever it applies; the clinician may decide otherwise.
     """
 
-    hepatic_bands_umol_l: tuple[float, float] = (20.5, 51.0)
-    hepatic_factors: tuple[float, float] = (0.75, 0.5)
+    hepatic_bands_umol_l: tuple[float, float] = HEPATIC_BANDS_UMOL_L
+    hepatic_factors: tuple[float, float] = HEPATIC_FACTORS
     cumulative_limit_mg_m2: float = 550.0
     anc_withhold_e9_l: float = 1.0
     anc_febrile_e9_l: float = 1.5
@@ -411,6 +418,25 @@ class DosingPolicy:
             return []
         table = self.recommend_frame(records_frame(list(records)), adjust=adjust)
         return [_recommendation(row, self.version) for row in table.itertuples(index=False)]
+
+    def predicted_outcomes(self, frame: pd.DataFrame, actions: pd.DataFrame) -> pd.DataFrame:
+        """The outcome models' mean P(response) and P(grade ≥ 3 toxicity) of one given action per patient row
+        (``actions``, aligned with ``frame``: formulation_id, dose_mg_m2, interval_days) — e.g. the logged action,
+        for off-policy evaluation (``shared.off_policy``). NaN where the policy does not know the formulation."""
+        frame, actions = frame.reset_index(drop=True), actions.reset_index(drop=True)
+        known = actions["formulation_id"].astype(str).isin(set(self.formulations)).to_numpy()
+        out = pd.DataFrame({RESPONSE: np.full(len(frame), np.nan), TOXICITY: np.full(len(frame), np.nan)})
+        if not known.any():
+            return out
+        cand = pd.DataFrame({"row": np.flatnonzero(known),
+                             "formulation_id": actions.loc[known, "formulation_id"].astype(str).to_numpy(),
+                             "dose_mg_m2": actions.loc[known, "dose_mg_m2"].to_numpy(dtype=float),
+                             "interval_days": actions.loc[known, "interval_days"].to_numpy(dtype=float)})
+        x = self._encode(self._patients_x(frame), cand)
+        predictions = [member(x) for member in self.members.values()]
+        for outcome in (RESPONSE, TOXICITY):
+            out.loc[known, outcome] = np.mean([np.asarray(p[outcome], dtype=float) for p in predictions], axis=0)
+        return out
 
     def recommend_frame(self, frame: pd.DataFrame, adjust: bool = True) -> pd.DataFrame:
         """Recommendations for the flat records of :func:`shared.patient_record.records_frame`: one row per

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from shared.dosing_policy import HEPATIC_BANDS_UMOL_L, HEPATIC_FACTORS, LABEL_DOSE_MG_M2, LABEL_INTERVAL_DAYS
 from shared.schema import EPISODE_COLUMNS, EPISODES_FILE, SCHEMA_VERSION, SITE_FILE, TUMOUR_TYPES, VITALS_FILE
 from simulation.effect import OMEGA_EFFICACY_CYCLE, nadir_ratio, shrinkage
 from simulation.formulations import Formulations, formulation_library
@@ -30,13 +31,9 @@ from simulation.oracle import CycleOutcomes, PatientState, cycle_outcomes, growt
 from simulation.patients import Patients, Population, sample_patients
 from simulation.wearables import DeviceHabits, simulate_vitals
 
-# Label starting doses of liposomal doxorubicin in mg/m² (Doxil/Caelyx SmPC): ovarian 50 q4w, breast 50
-# q4w, Kaposi 20 q3w, myeloma 30 (with bortezomib) q3w; soft-tissue sarcoma 50 q4w (Judson 2001).
-LABEL_DOSE_MG_M2 = {"ovarian": 50.0, "breast": 50.0, "kaposi": 20.0, "myeloma": 30.0, "sarcoma": 50.0}
-LABEL_INTERVAL_D = {"ovarian": 28, "breast": 28, "kaposi": 21, "myeloma": 21, "sarcoma": 28}
-# Label hepatic reductions: bilirubin 1.2-3 mg/dL (20.5-51 µmol/L) −25 %, above −50 % (Doxil label).
-HEPATIC_BANDS_UMOL_L = (20.5, 51.0)
-HEPATIC_FACTORS = (0.75, 0.5)
+# Label starting doses, schedules and hepatic reductions: the label's (shared.dosing_policy), public knowledge
+# the clinics and the policy share.
+LABEL_INTERVAL_D = LABEL_INTERVAL_DAYS
 # RECIST 1.1 progression: ≥ 20 % growth of the sum of diameters (Eisenhauer et al., Eur J Cancer 2009).
 PROGRESSION_GROWTH = 0.20
 TOXICITY_DOSE_REDUCTION = 0.75
