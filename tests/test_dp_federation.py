@@ -91,7 +91,7 @@ def test_each_sites_ledger_holds_one_entry_per_release_it_sent_phase_by_phase(fe
         ledger = PrivacyLedger.open(source.folder / LEDGER_FILE, 3.0, 1e-5)
         charged = Counter(entry["phase"] for entry in ledger.entries)
         assert charged == sent, (source.path.name, charged, sent)
-        assert set(charged) == {"statistics", "training", "evaluation", "boosting", "adjuster"}
+        assert set(charged) == {"statistics", "training", "evaluation", "boosting", "adjuster", "policy"}
         assert ledger.spent() <= 3.0 + 1e-9
         privacy = record.privacy[source.path.name]
         assert privacy.epsilon_spent == pytest.approx(ledger.spent())

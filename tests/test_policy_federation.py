@@ -76,7 +76,9 @@ def test_the_installed_policy_recommends_for_the_example_patient(run):
 def test_no_policy_beats_the_oracle_and_the_numbers_add_up(run):
     _, results = run
     evaluation = results["policy"]["evaluation"]
-    assert set(evaluation["overall"]) == {"oracle", "standard_of_care", "federated", "local", "pooled"}
+    assert set(evaluation["overall"]) == {"oracle", "standard_of_care", "federated", "local", "pooled", "random"}
+    # the bottom of the scale is a random allowed action, not zero: the oracle beats it clearly
+    assert evaluation["overall"]["random"]["value"] < evaluation["overall"]["oracle"]["value"] - 0.02
     for scope in [evaluation["overall"], *evaluation["per_site"].values()]:
         oracle = scope["oracle"]["value"]
         for name, m in scope.items():
@@ -89,7 +91,10 @@ def test_no_policy_beats_the_oracle_and_the_numbers_add_up(run):
     n = evaluation["patients_per_site"]
     assert evaluation["overall"]["federated"]["patients"] == n * len(evaluation["per_site"])
     report = (Path(results["policy"]["bundle"]).parent.parent / "report.md").read_text()
-    assert "## Dosing policy" in report and "| federated |" in report
+    assert "## Dosing policy" in report and "| federated |" in report and "**Release gate**" in report
+    gate = results["policy"]["gate"]
+    assert gate["lower"] <= gate["estimate"] <= gate["upper"] and "true_difference" in gate
+    assert set(gate["per_site"]) == set(results["sites"])
 
 
 def test_site_refuses_tampered_foreign_and_older_bundles_and_keeps_its_policy(run, tmp_path):
