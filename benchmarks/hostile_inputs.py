@@ -413,7 +413,7 @@ def _seconds(r: dict[str, Any] | None, key: str = "wall_s") -> str:
     if r is None:
         return "–"
     if r.get("timed_out"):
-        return f"> {r.get('timeout_s', r.get('wall_s')):.0f} (killed)" if key == "wall_s" else f"{r[key]:.1f}"
+        return f"> {r.get('timeout_s', r.get('wall_s')):.0f}" if key == "wall_s" else f"{r[key]:.1f}"
     return f"{r[key]:.2f}"
 
 
@@ -433,18 +433,27 @@ def _validation_cells(entry: dict[str, Any] | None, kind: str) -> list[str]:
 
 def _service_cells(r: dict[str, Any] | None) -> list[str]:
     if r is None:
-        return ["–"] * 5
+        return ["–"] * 6
     if r.get("status") is None:
         status = "timeout" if r.get("timed_out") else ("server died" if not r.get("server_alive_after") else "error")
     else:
         status = str(r["status"])
     wall = f"> {r['wall_s']:.0f}" if r.get("timed_out") else f"{r['wall_s']:.2f}"
-    rss = f"{r['server_rss_before_mib']:,.0f} → {r['server_peak_rss_mib']:,.0f}"
-    return [status, wall, f"{r['server_cpu_s']:.2f}", rss, f"{r.get('response_bytes', 0):,}"]
+    return [status, wall, f"{r['server_cpu_s']:.2f}", f"{r['server_rss_before_mib']:,.0f}",
+            f"{r['server_peak_rss_mib']:,.0f}", f"{r.get('response_bytes', 0):,}"]
 
 
 def _row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
+
+
+def _table(heads: list[str], labels: list[str], rows: list[tuple[str, list[list[str]]]], first: str) -> list[str]:
+    """One markdown table; with several runs each cell reads ``run1 → run2`` and the heads say so."""
+    suffix = f" ({' → '.join(labels)})" if len(labels) > 1 else ""
+    lines = [_row([first, *[h + suffix for h in heads]]), _row(["---"] * (1 + len(heads)))]
+    for name, per_run in rows:
+        lines.append(_row([name, *[" → ".join(cells[i] for cells in per_run) for i in range(len(heads))]]))
+    return lines
 
 
 def tables(runs: dict[str, dict[str, Any]]) -> str:
@@ -458,15 +467,15 @@ def tables(runs: dict[str, dict[str, Any]]) -> str:
             shown = [n for n in names if any(v and kind in v["cases"].get(n, {}) for v in validations.values())]
             if not shown:
                 continue
-            title = "fednano validate" if kind == "validate" else "shared.validation.load_site"
-            out.append(f"\n{title}:\n")
-            heads = ["wall s", "CPU s", "peak RSS MiB", "exit", "output bytes" if kind == "validate" else "returned"]
-            out.append(_row(["case", *[f"{h} {lab}" if len(labels) > 1 else h for h in heads for lab in labels]]))
-            out.append(_row(["---"] * (1 + len(heads) * len(labels))))
+            title = "`fednano validate PATH`" if kind == "validate" else "`shared.validation.load_site(PATH)`"
+            out.append(f"\n{title} (a fresh process each):\n")
+            heads = ["wall s", "CPU s", "peak RSS MiB", "exit", "printed bytes" if kind == "validate" else "returned"]
+            rows = []
             for n in shown:
                 case_input = next(v["cases"][n]["input"] for v in validations.values() if v and n in v["cases"])
-                per_run = [_validation_cells(v["cases"].get(n) if v else None, kind) for v in validations.values()]
-                out.append(_row([case_input, *[per_run[j][i] for i in range(5) for j in range(len(labels))]]))
+                rows.append((case_input, [_validation_cells(v["cases"].get(n) if v else None, kind)
+                                          for v in validations.values()]))
+            out += _table(heads, labels, rows, "case")
     startups = [(lab, v["startup"]) for lab, v in validations.items() if v and "startup" in v]
     if startups:
         out.append("\nstart-up alone (`fednano validate --help`): " + "; ".join(
@@ -474,10 +483,10 @@ def tables(runs: dict[str, dict[str, Any]]) -> str:
             for lab, r in startups))
     services = {k: r["results"].get("service") for k, r in runs.items()}
     if any(services.values()):
-        out.append("\nfednano serve (a fresh server per case; RSS before the request → peak):\n")
-        heads = ["status", "wall s", "server CPU s", "server RSS MiB", "response bytes"]
-        out.append(_row(["request", *[f"{h} {lab}" if len(labels) > 1 else h for h in heads for lab in labels]]))
-        out.append(_row(["---"] * (1 + len(heads) * len(labels))))
+        out.append("\n`fednano serve` (a fresh server per hostile request, after one ordinary request):\n")
+        heads = ["HTTP status", "wall s", "server CPU s", "server RSS before MiB", "server peak RSS MiB",
+                 "response bytes"]
+        rows = []
         for n in ("reference", "catalogue_300k", "batch_100k"):
             entries = [s.get(n) if s else None for s in services.values()]
             first = next((e for e in entries if e), None)
@@ -485,9 +494,8 @@ def tables(runs: dict[str, dict[str, Any]]) -> str:
                 continue
             size = first["body_bytes"]
             size_text = f"{size / 1e6:.1f} MB" if size >= 100_000 else f"{size / 1e3:.1f} kB"
-            label = f"POST {first['path']}: {first['input']} ({size_text})"
-            per_run = [_service_cells(e) for e in entries]
-            out.append(_row([label, *[per_run[j][i] for i in range(5) for j in range(len(labels))]]))
+            rows.append((f"POST {first['path']}: {first['input']} ({size_text})", [_service_cells(e) for e in entries]))
+        out += _table(heads, labels, rows, "request")
     return "\n".join(out)
 
 
