@@ -484,7 +484,7 @@ def tables(runs: dict[str, dict[str, Any]]) -> str:
     services = {k: r["results"].get("service") for k, r in runs.items()}
     if any(services.values()):
         out.append("\n`fednano serve` (a fresh server per hostile request, after one ordinary request):\n")
-        heads = ["HTTP status", "wall s", "server CPU s", "server RSS before MiB", "server peak RSS MiB",
+        heads = ["HTTP status", "wall s", "server CPU s", "server RSS at start MiB", "server peak RSS MiB",
                  "response bytes"]
         rows = []
         for n in ("reference", "catalogue_300k", "batch_100k"):
