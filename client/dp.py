@@ -5,9 +5,11 @@ and which share of ε each phase of a run may spend. The server only announces w
 for (``shared.protocol.privacy.RunPlan``). One rule, applied at the site, for every phase:
 
 1. **Split at the site check.** Of what is left of the budget (``ε_left = ε − spent``, from the site's
-   privacy ledger, ``client.ledger``), phase ``p`` of the run's plan gets ``ε_p = share_p · ε_left``; DP-SGD
-   training gets the rest of the run's phases (``1 − Σ share_p``). A phase whose share is 0, that has no DP
-   form here, or for which nothing is left, is *refused*, with the reason, and the server does not ask it.
+   privacy ledger, ``client.ledger``; at most ``[privacy] epsilon_per_run`` when the site declares one, so a
+   budget can last several runs, e.g. the refits of a deployed policy), phase ``p`` of the run's plan gets
+   ``ε_p = share_p · ε_left``; DP-SGD training gets the rest of the run's phases (``1 − Σ share_p``). A
+   phase whose share is 0, that has no DP form here, or for which nothing is left, is *refused*, with
+   the reason, and the server does not ask it.
 2. **Noise set once per phase.** At a phase's first release the site sets one noise multiplier σ for all
    the releases the server announces for the phase: the smallest σ such that the ledger's history so far
    plus those releases compose to at most ``ε(history) + ε_p`` (Rényi DP, Mironov 2017; Opacus'
@@ -91,6 +93,7 @@ class SiteDP:
 
     ledger: PrivacyLedger
     shares: dict[str, float]
+    per_run: float | None = None  # site.toml [privacy] epsilon_per_run: the most one run may spend
 
     @classmethod
     def of(cls, folder: Path, site_config: Mapping[str, Any], state_dir: Path | None = None) -> SiteDP | None:
@@ -101,7 +104,8 @@ class SiteDP:
             return None
         ledger = PrivacyLedger.open(folder / SITE_LEDGER_FILE, float(privacy["epsilon"]), float(privacy["delta"]),
                                     state_dir=state_dir)
-        return cls(ledger, declared_shares(site_config))
+        per_run = privacy.get("epsilon_per_run")
+        return cls(ledger, declared_shares(site_config), float(per_run) if per_run is not None else None)
 
 
 @dataclass
@@ -115,7 +119,8 @@ class RunBudget:
     @classmethod
     def plan(cls, run_id: str, dp: SiteDP, plan: RunPlan) -> RunBudget:
         """Split what is left of the budget over the plan's phases (rule 1 of the module docstring)."""
-        left = dp.ledger.remaining()
+        remaining = dp.ledger.remaining()
+        left = remaining if dp.per_run is None else min(remaining, dp.per_run)
         budget = cls(str(run_id))
         others = [p for p in plan.phases if p != "training"]
         for phase in plan.phases:
@@ -123,7 +128,7 @@ class RunBudget:
                      if phase == "training" else dp.shares[phase])
             if phase in NO_DP_FORM:
                 budget.refused[phase] = NO_DP_FORM[phase]
-            elif left <= EXHAUSTED_REMAINDER * dp.ledger.epsilon_budget:
+            elif remaining <= EXHAUSTED_REMAINDER * dp.ledger.epsilon_budget:
                 budget.refused[phase] = (f"privacy budget exhausted: spent ε={dp.ledger.spent():.3f} of "
                                          f"{dp.ledger.epsilon_budget:g} ({dp.ledger.path})")
             elif share <= 0:

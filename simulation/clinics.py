@@ -391,11 +391,13 @@ folders, made anew with them, so fresh clinics start fresh budgets and nothing l
 @dataclass(frozen=True)
 class SitePrivacy:
     """The privacy budget a simulated site writes in its site.toml (a hospital decides its own): DP on or off,
-    (ε, δ), and optionally shares of ε per phase (``[privacy.shares]``; ``client.dp`` defaults otherwise)."""
+    (ε, δ), optionally the most one run may spend (``epsilon_per_run``; default all that is left) and shares of
+    ε per phase (``[privacy.shares]``; ``client.dp`` defaults otherwise)."""
 
     dp: bool = True
     epsilon: float = 3.0
     delta: float = 1e-5
+    epsilon_per_run: float | None = None
     shares: tuple[tuple[str, float], ...] = ()
 
 
@@ -403,6 +405,8 @@ def site_toml(clinic: ClinicProfile, privacy: SitePrivacy = SitePrivacy()) -> st
     """The site's configuration file: name, schema version and its privacy budget."""
     text = (f'[site]\nname = "{clinic.name}"\nschema_version = "{SCHEMA_VERSION}"\n\n'
             f"[privacy]\ndp = {str(privacy.dp).lower()}\nepsilon = {privacy.epsilon!r}\ndelta = {privacy.delta!r}\n")
+    if privacy.epsilon_per_run is not None:
+        text += f"epsilon_per_run = {privacy.epsilon_per_run!r}\n"
     if privacy.shares:
         text += "\n[privacy.shares]\n" + "".join(f"{phase} = {share!r}\n" for phase, share in privacy.shares)
     return text

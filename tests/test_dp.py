@@ -67,6 +67,25 @@ def test_a_run_splits_what_is_left_and_an_exhausted_site_refuses_everything(tmp_
                                          for why in exhausted.refused.values())
 
 
+def test_a_run_spends_at_most_the_sites_epsilon_per_run_so_a_budget_lasts_several_runs(tmp_path):
+    terms = site(tmp_path)
+    terms.per_run = 0.6
+    budget = RunBudget.plan("7", terms, PLAN)
+    assert sum(budget.epsilon.values()) == pytest.approx(0.6)
+    assert budget.epsilon["statistics"] == pytest.approx(0.05 * 0.6)
+    terms.ledger.record(noise_multiplier=8.0, sample_rate=1.0, steps=5, run_id="earlier", server_round=0)
+    left = terms.ledger.remaining()
+    terms.per_run = left + 1.0  # less is left than a run may spend: the run gets what is left
+    assert sum(RunBudget.plan("8", terms, PLAN).epsilon.values()) == pytest.approx(left)
+
+
+def test_epsilon_per_run_is_read_from_site_toml(tmp_path):
+    config = {"privacy": {"dp": True, "epsilon": 3.0, "delta": 1e-5, "epsilon_per_run": 0.75}}
+    assert SiteDP.of(tmp_path, config, state_dir=tmp_path / "heads").per_run == 0.75
+    del config["privacy"]["epsilon_per_run"]
+    assert SiteDP.of(tmp_path, config, state_dir=tmp_path / "heads").per_run is None
+
+
 def test_a_phase_adds_at_most_its_epsilon_whatever_was_spent_before(tmp_path):
     terms = site(tmp_path)
     ctx = context()

@@ -142,3 +142,10 @@ def test_privacy_shares_refuses_settings_that_validation_refuses_with_a_shareabl
         privacy_shares({"privacy": {"dp": True, "epsilon": 3.0, "delta": 1e-5, "adjuster_share": 5.0}})
     with pytest.raises(SiteConfigError, match="unknown phase"):
         privacy_shares({"privacy": {"shares": {"MRN-0047113": 0.1}}})
+
+
+@pytest.mark.parametrize(("per_run", "ok"), [("0.6", True), ("3.0", True), ("3.5", False), ("0", False),
+                                             ('"a lot"', False)])
+def test_epsilon_per_run_is_a_number_above_zero_and_at_most_the_budget(site, per_run, ok):
+    with_toml(site, BUDGET + f"epsilon_per_run = {per_run}\n")
+    assert validate_site(site).ok is ok

@@ -7,6 +7,7 @@ its own settings::
     dp = true
     epsilon = 3.0              # (0, MAX_EPSILON]
     delta = 1e-5               # (0, MAX_DELTA]
+    epsilon_per_run = 0.6      # optional, (0, epsilon]: the most one run may spend (default: all that is left)
     [privacy.shares]           # optional: fraction of epsilon per phase; training gets the rest
     statistics = 0.05          # phases: PRIVACY_PHASES; each in [0, 1]; their sum at most 1
     boosting = 0.2
@@ -57,6 +58,7 @@ SHARES_ROUNDING = 1e-9
 SITE_CONFIG_KEYS: dict[str, dict[str, str]] = {
     "site": {"name": "text", "schema_version": "text"},
     "privacy": {"dp": "true or false", "epsilon": "a number", "delta": "a number",
+                "epsilon_per_run": "a number: the most ε one run may spend",
                 "shares": "a table [privacy.shares] of phase = share",
                 "adjuster_share": "a number in [0, 1): share of ε the dose adjuster may spend (deprecated)"},
 }
@@ -173,6 +175,10 @@ def _privacy_problems(privacy: dict[str, Any]) -> list[Problem]:
     if delta is not None and not 0 < delta <= MAX_DELTA:
         rule = f"privacy.delta: expected a number in (0, {MAX_DELTA:g}] (MAX_DELTA)"
         problems.append(_config_problem("error", f"{rule}, got {delta!r}", rule))
+    per_run = privacy.get("epsilon_per_run")
+    if per_run is not None and not (per_run > 0 and (epsilon is None or per_run <= epsilon)):
+        rule = "privacy.epsilon_per_run: expected a number > 0 and at most privacy.epsilon"
+        problems.append(_config_problem("error", f"{rule}; got {per_run!r}", rule))
     if privacy.get("dp"):
         for key, value in (("epsilon", epsilon), ("delta", delta)):
             if value is None:
