@@ -220,10 +220,15 @@ def test_images_run_flower_and_the_project_as_a_non_root_user(engine, images):
     for role, entry in (("server", "flower-superlink"), ("client", "flower-supernode")):
         config = json.loads(run(["docker", "image", "inspect", images[role]], env=engine))[0]["Config"]
         assert config["Entrypoint"] == [entry] and config["User"] == "10001:10001"
-    probe = "import torch, flwr, xgboost, opacus, client.app, server.app; print(torch.__version__, flwr.__version__)"
-    out = run(["docker", "run", "--rm", "--entrypoint", "python", images["client"], "-c", probe], env=engine)
-    torch_version, flwr_version = out.split()
-    assert torch_version.startswith("2.13.0") and flwr_version == "1.42.0"
+    # Each image carries its own side only: a hospital's image has no coordinator code and the other way round.
+    probe = ("import importlib.util as u, torch, flwr, xgboost, opacus, shared.protocol, {mine}; "
+             "print(torch.__version__, flwr.__version__, u.find_spec('{other}') is None)")
+    for role, mine, other in (("client", "client.app", "server"), ("server", "server.app", "client")):
+        out = run(["docker", "run", "--rm", "--entrypoint", "python", images[role], "-c",
+                   probe.format(mine=mine, other=other)], env=engine)
+        torch_version, flwr_version, other_absent = out.split()
+        assert torch_version.startswith("2.13.0") and flwr_version == "1.42.0", role
+        assert other_absent == "True", f"the {role} image ships {other}/"
 
 
 @pytest.mark.slow
