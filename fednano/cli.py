@@ -88,6 +88,13 @@ def simulate(
     xgb_rounds: int | None = typer.Option(None, "--xgb-rounds", min=1, help="Federated boosting rounds per head."),
     compare: bool = typer.Option(True, "--compare/--no-compare",
                                  help="Also random forest, SVM, gradient boosting (local-only, pooled)."),
+    deploy_cycles: int = typer.Option(
+        1, "--deploy-cycles", min=1, max=20,
+        help="Closed loop: refit until policy version K, the clinics treating new patients with their installed "
+             "policy between versions (simulated clinics only; each run may spend ε / K)."),
+    deploy_patients: int | None = typer.Option(
+        None, "--deploy-patients", min=1, max=5000,
+        help="New patients per clinic per deployment period (default: half the clinic's own)."),
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower's own log."),
 ) -> None:
     """Run a federated experiment on one machine: Flower simulation, local-only and pooled baselines, report.
@@ -121,13 +128,16 @@ def simulate(
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--models") from err
     sites = _site_paths(ctx, sites)
+    if deploy_cycles > 1 and (sites or task):
+        raise typer.BadParameter("the closed loop needs the simulator's world to treat new patients: "
+                                 "simulated clinics only (no --sites)", param_hint="--deploy-cycles")
     flower_environment(Path.cwd())
     if not verbose:
         quiet_flower()
     cfg = ExperimentConfig(out=out, clinics=clinics, rounds=rounds, dp=dp, epsilon=epsilon, strategy=strategy,
                            seed=seed, sites=sites, task=task, local_epochs=local_epochs or base.local_epochs,
                            models=models, boosting=boosting, xgb_rounds=xgb_rounds or base.xgb_rounds,
-                           compare=compare)
+                           compare=compare, deploy_cycles=deploy_cycles, deploy_patients=deploy_patients)
     console = Console()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
+import numpy as np
+
 from client.site import SiteSource
 from server.run_record import RunRecord
 from server.settings import DEFAULTS, RunSettings, parse_hidden
@@ -74,6 +76,8 @@ class ExperimentConfig:
     compare: bool = True  # the seed paper's comparison: random forest, SVM, gradient boosting
     fqi_iterations: int = DEFAULTS.fqi_iterations
     release_gate: bool = DEFAULTS.release_gate  # False ships the policy whatever the sites' estimates (tests)
+    deploy_cycles: int = 1  # policy versions to reach: K − 1 deployment periods, each followed by a refit
+    deploy_patients: int | None = None  # new patients per clinic per period (default: half the clinic's own)
 
     def run_settings(self, n_sites: int, signing_key: Path | None) -> RunSettings:
         """The federated run's settings for these options (one mapping, here)."""
@@ -114,8 +118,10 @@ def prepare_sites(cfg: ExperimentConfig) -> tuple[list[SiteSource], World | None
         return distinct_sites([SiteSource(Path(p), cfg.task) for p in cfg.sites]), None
     out = cfg.out / "sites"
     shutil.rmtree(out, ignore_errors=True)
+    # a closed loop runs the federation once per version: each run may spend its share of the lifetime budget
+    per_run = cfg.epsilon / cfg.deploy_cycles if cfg.deploy_cycles > 1 else None
     world = generate_sites(cfg.clinics, cfg.seed, out, cfg.patients_per_clinic,
-                           SitePrivacy(dp=cfg.dp, epsilon=cfg.epsilon, delta=cfg.delta))
+                           SitePrivacy(dp=cfg.dp, epsilon=cfg.epsilon, delta=cfg.delta, epsilon_per_run=per_run))
     return [SiteSource(out / c.name, state_dir=out / SIMULATED_STATE_DIR) for c in world.clinics], world
 
 
@@ -292,6 +298,72 @@ def policy_results(cfg: ExperimentConfig, policy: dict, sources: list[SiteSource
     return result
 
 
+def version_entry(cfg: ExperimentConfig, policy: dict, trust: Path, world: World, sites: list[str],
+                  record: RunRecord, evaluation: dict | None = None) -> dict:
+    """One entry of ``policy.versions``: the version the run built, whether it shipped, its true value / oracle
+    overall and per site next to standard of care's (measured as :func:`policy_results` measures version 1;
+    a stopped candidate is measured too, so the gate's decision can be judged), the gate and ε per site."""
+    from shared.dosing_policy import DosingPolicy
+    from simulation.policy_evaluation import evaluate_policies, policy_decider
+
+    if evaluation is None:
+        candidate = (DosingPolicy.from_bundle(Path(policy["bundle"]), trust) if policy["shipped"]
+                     else DosingPolicy.from_folder(Path(policy["candidate"])))
+        evaluation = evaluate_policies(world, {"federated": lambda site: policy_decider(candidate)}, candidate,
+                                       seed=cfg.seed + 1, sites=sites)
+    overall = evaluation["overall"]
+    return {"version": policy["version"], "shipped": policy["shipped"],
+            "value_oracle": overall["federated"]["value_ratio"],
+            "soc_value_oracle": overall["standard_of_care"]["value_ratio"],
+            "toxicity_rate": overall["federated"]["toxicity_rate"],
+            "per_site": {site: {"value": part["federated"]["value"], "soc_value": part["standard_of_care"]["value"],
+                                "oracle_value": part["oracle"]["value"], "patients": part["federated"]["patients"]}
+                         for site, part in evaluation["per_site"].items()},
+            "epsilon_spent": {site: p["epsilon"] for site, p in privacy_results(record).items()},  # lifetime
+            "epsilon_this_run": {site: p["epsilon"] - (p["epsilon_before"] or 0.0)
+                                 for site, p in privacy_results(record).items()},
+            "gate": gate_against_truth(policy["gate"], evaluation)}
+
+
+def deploy(cfg: ExperimentConfig, world: World, sources: list[SiteSource], first: dict,
+           on_round: Callable[[int], None] | None, say: Callable[[str], None]) -> tuple[list[dict], list[dict]]:
+    """The closed loop (:mod:`simulation.deployment`): K − 1 periods of treating new patients with the installed
+    policy, each followed by a federated refit on the grown site data. Returns the versions after version 1 and
+    the periods' figures. Each refit's run record is kept as ``OUT/deployment/federation-<period>.json``."""
+    from simulation.deployment import treat_period
+
+    folders = {load_site(s.path).name: (s.path, s.trust_key) for s in sources}
+    sizes = {name: int(load_site(path).episodes["patient_id"].nunique()) for name, (path, _) in folders.items()}
+    (cfg.out / "deployment").mkdir(exist_ok=True)
+    versions, periods, gate = [], [], first["gate"]
+    for period in range(1, cfg.deploy_cycles):
+        say(f"deployment period {period}/{cfg.deploy_cycles - 1}")
+        start = time.perf_counter()
+        sites = {}
+        for name, source in folders.items():
+            patients = cfg.deploy_patients or max(10, sizes[name] // 2)
+            sites.update(treat_period(world, {name: source}, gate, period, patients, cfg.seed))
+        treated_s = time.perf_counter() - start
+        say(f"refit after period {period}")
+        record = run_federation(cfg, sources, on_round)
+        shutil.copy(Path(cfg.run_settings(len(sources), None).out_dir) / "federation.json",
+                    cfg.out / "deployment" / f"federation-{period}.json")
+        if not record.policy:
+            raise RuntimeError(f"the refit after deployment period {period} built no policy")
+        entry = version_entry(cfg, record.policy, sources[0].trust_key, world, list(folders), record)
+        cycles = np.array([s["cycles"] for s in sites.values()], dtype=float)
+        value = float(np.average([s["value_per_cycle"] for s in sites.values()], weights=cycles))
+        soc = float(np.average([s["soc_value_per_cycle"] for s in sites.values()], weights=cycles))
+        periods.append({"period": period, "patients": sum(s["patients"] for s in sites.values()),
+                        "cycles": int(cycles.sum()), "value_per_cycle": value, "soc_value_per_cycle": soc,
+                        "cost_vs_soc": soc - value, "treat_s": treated_s,
+                        "refit_s": time.perf_counter() - start - treated_s, "sites": sites})
+        versions.append(entry)
+        if entry["shipped"]:
+            gate = entry["gate"]
+    return versions, periods
+
+
 def gate_against_truth(gate: dict, evaluation: dict) -> dict:
     """The gate's estimate of (candidate − standard of care) next to the simulator's true difference, overall and
     per site (the estimator's error is then visible)."""
@@ -385,6 +457,14 @@ def run_experiment(cfg: ExperimentConfig, on_round: Callable[[int], None] | None
     if record.policy:
         say("policy")
         results["policy"] = policy_results(cfg, record.policy, sources, world, families, sites)
+        if world is not None:  # version 1, then the closed loop's versions
+            first = version_entry(cfg, record.policy, sources[0].trust_key, world, list(sites), record,
+                                  results["policy"]["evaluation"])
+            results["policy"]["versions"], results["policy"]["deployment"] = [first], []
+            if cfg.deploy_cycles > 1:
+                later, periods = deploy(cfg, world, sources, first, on_round, say)
+                results["policy"]["versions"] += later
+                results["policy"]["deployment"] = periods
     (cfg.out / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
     say("report")
     from simulation.report import write_report

@@ -174,6 +174,31 @@ def _policy_section(results: dict) -> list[str]:
     lines += ["", "Value per site:", "", "| site | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for site in sites:
         lines.append(f"| {site} | " + " | ".join(_fmt(evaluation["per_site"][site][n]["value"]) for n in names) + " |")
+    return lines + [""] + _versions_section(policy)
+
+
+def _versions_section(policy: dict) -> list[str]:
+    """The closed loop: each version's true value / oracle and what each deployment period cost against SOC."""
+    versions, periods = policy.get("versions") or [], policy.get("deployment") or []
+    if len(versions) < 2:
+        return []
+    lines = ["### Closed loop: policy versions", "",
+             "Each period the clinics treat new patients with the version they serve, the outcomes are appended "
+             "to their own site data and the federation refits (`--deploy-cycles`).", "",
+             "| version | shipped | value / oracle | SOC value / oracle | grade ≥ 3 toxicity | gate lower bound "
+             "| sites worse than SOC (true) | ε spent (max over sites) |", "|---|---|---|---|---|---|---|---|"]
+    for v in versions:
+        worse = sorted(site for site, e in v["per_site"].items() if e["value"] < e["soc_value"])
+        eps = max(v["epsilon_spent"].values()) if v["epsilon_spent"] else None
+        lines.append(f"| {v['version'] or '(refused)'} | {'yes' if v['shipped'] else 'no'} | "
+                     f"{_fmt(v['value_oracle'])} | {_fmt(v['soc_value_oracle'])} | {_fmt(v['toxicity_rate'])} | "
+                     f"{_fmt(v['gate'].get('lower'))} | {', '.join(worse) or 'none'} | {_fmt(eps)} |")
+    lines += ["", "| period | patients | cycles | value per cycle | SOC value per cycle | cost vs SOC | treat s "
+              "| refit s |", "|---|---|---|---|---|---|---|---|"]
+    for p in periods:
+        lines.append(f"| {p['period']} | {p['patients']} | {p['cycles']} | {_fmt(p['value_per_cycle'])} | "
+                     f"{_fmt(p['soc_value_per_cycle'])} | {_fmt(p['cost_vs_soc'])} | {p['treat_s']:.0f} | "
+                     f"{p['refit_s']:.0f} |")
     return lines + [""]
 
 
