@@ -67,6 +67,9 @@ class LoggingPolicy:
     C: float = 1.0
 
     def fit(self, episodes: pd.DataFrame) -> LoggingPolicy:
+        """Fit on the cycles that were given: a withheld cycle (recorded at dose 0, e.g. a deployed policy's
+        hold) has no dose to model; it keeps no inverse-propensity weight (:func:`dose_density` is 0 there)."""
+        episodes = episodes[episodes["dose_mg_m2"].to_numpy(dtype=float) > 0]
         x = episodes[list(NUMERIC) + list(CATEGORICAL)]
         formulation = episodes["formulation_id"].astype(str).to_numpy()
         self.formulations_ = np.unique(formulation)
@@ -94,8 +97,11 @@ class LoggingPolicy:
     def dose_density(self, frame: pd.DataFrame, formulation: np.ndarray, dose: np.ndarray) -> np.ndarray:
         """Log-normal density of ``dose`` (per mg/m²) given the patient and the formulation."""
         with_f = frame[list(NUMERIC) + list(CATEGORICAL)].assign(formulation_id=np.asarray(formulation, dtype=str))
-        z = (np.log(np.asarray(dose, dtype=float)) - self.dose_model_.predict(with_f)) / self.dose_sd_
-        return np.exp(-0.5 * z * z) / (np.sqrt(2 * np.pi) * self.dose_sd_ * np.asarray(dose, dtype=float))
+        dose = np.asarray(dose, dtype=float)
+        given = dose > 0
+        z = (np.log(np.where(given, dose, 1.0)) - self.dose_model_.predict(with_f)) / self.dose_sd_
+        return np.where(given, np.exp(-0.5 * z * z) / (np.sqrt(2 * np.pi) * self.dose_sd_ * np.where(given, dose, 1.0)),
+                        0.0)
 
 
 def first_cycles(episodes: pd.DataFrame) -> pd.DataFrame:
@@ -165,7 +171,7 @@ def dr_gamma(policy: DosingPolicy, logging: LoggingPolicy, records: pd.DataFrame
 def site_value_sums(policy: DosingPolicy, episodes: pd.DataFrame, task, split_seed: int) -> ValueSums:
     """The site's doubly-robust sums for the candidate ``policy`` and its standard of care (module docstring)."""
     all_first = first_cycles(episodes)
-    if len(all_first) < 2:
+    if int((all_first["dose_mg_m2"].to_numpy(dtype=float) > 0).sum()) < 2:  # nothing to learn the habits from
         return ValueSums(0.0, 0.0, 0.0, 0.0, 0.0)
     held_out = assign_split(episodes, task, split_seed)
     keep_ids = set(episodes.loc[held_out != "train", "episode_id"].astype(str))

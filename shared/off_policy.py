@@ -130,7 +130,16 @@ class GateResult:
     per_site: dict[str, dict] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """As JSON holds it: an estimate that could not be made (NaN) is ``None``."""
+        return _finite_or_none(asdict(self))
+
+
+def _finite_or_none(value):
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def interval(sums: Sequence[ValueSums]) -> tuple[float, float, float, float, float]:
