@@ -97,3 +97,18 @@ def test_simulate_with_deploy_cycles_refits_on_the_deployed_patients_and_reports
     record = json.loads((tmp_path / "out" / "deployment" / "federation-1.json").read_text())
     assert record["policy"]["version"] == 2
     assert "Closed loop: policy versions" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_the_closed_loop_is_refused_on_a_users_own_sites(tmp_path):
+    from typer.testing import CliRunner
+
+    from fednano.cli import app
+
+    sites = [tmp_path / "a", tmp_path / "b"]
+    for site in sites:
+        site.mkdir()
+    done = CliRunner().invoke(app, ["simulate", "--deploy-cycles", "2", "--sites", *map(str, sites), "--out",
+                                    str(tmp_path / "out")], terminal_width=200)
+    words = " ".join(done.output.replace("│", " ").split())
+    assert done.exit_code == 2 and "simulated clinics only" in words
+    assert not (tmp_path / "out").exists()
