@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from shared.dosing_policy import LABEL_DOSE_MG_M2
 from shared.schema import EPISODE_COLUMNS, EPISODES_FILE, SCHEMA_VERSION, SITE_FILE, TUMOUR_TYPES, VITALS_FILE
 from simulation.effect import OMEGA_EFFICACY_CYCLE, nadir_ratio, shrinkage
 from simulation.formulations import Formulations, formulation_library
@@ -30,9 +31,9 @@ from simulation.oracle import CycleOutcomes, PatientState, cycle_outcomes, growt
 from simulation.patients import Patients, Population, sample_patients
 from simulation.wearables import DeviceHabits, simulate_vitals
 
-# Label starting doses of liposomal doxorubicin in mg/m² (Doxil/Caelyx SmPC): ovarian 50 q4w, breast 50
-# q4w, Kaposi 20 q3w, myeloma 30 (with bortezomib) q3w; soft-tissue sarcoma 50 q4w (Judson 2001).
-LABEL_DOSE_MG_M2 = {"ovarian": 50.0, "breast": 50.0, "kaposi": 20.0, "myeloma": 30.0, "sarcoma": 50.0}
+# Label starting doses (shared.dosing_policy.LABEL_DOSE_MG_M2) and schedules of liposomal doxorubicin (Doxil/
+# Caelyx SmPC): ovarian 50 q4w, breast 50 q4w, Kaposi 20 q3w, myeloma 30 (with bortezomib) q3w; soft-tissue
+# sarcoma 50 q4w (Judson 2001).
 LABEL_INTERVAL_D = {"ovarian": 28, "breast": 28, "kaposi": 21, "myeloma": 21, "sarcoma": 28}
 # Label hepatic reductions: bilirubin 1.2-3 mg/dL (20.5-51 µmol/L) −25 %, above −50 % (Doxil label).
 HEPATIC_BANDS_UMOL_L = (20.5, 51.0)
