@@ -57,14 +57,14 @@ class RecommenderInputError(ValueError):
 def load_policy(bundle: Path, trust_key: Path):
     """Verify the bundle against the trust key and load the policy; ``RecommenderInputError`` if it does not
     verify or cannot be read (the reason is the verifier's)."""
-    from shared.dosing_policy import DosingPolicy
     from shared.policy_bundle import BundleRejected
+    from shared.policy_loader import policy_from_bundle
 
     for path, what in ((bundle, "policy bundle folder"), (trust_key, "trust key file")):
         if not path.exists():
             raise RecommenderInputError([f"{path}: no such {what}"])
     try:
-        return DosingPolicy.from_bundle(bundle, trust_key)
+        return policy_from_bundle(bundle, trust_key)  # the ANN + XGBoost or the structured policy
     except BundleRejected as err:
         raise RecommenderInputError([f"{err} (trust key {trust_key})"]) from err
     except (OSError, ValueError, KeyError, TypeError) as err:
