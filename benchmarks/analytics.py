@@ -6,7 +6,7 @@ writes JSON.
 Cases, all on the same simulated clinics (``simulation.clinics.make_world`` / ``simulate_clinic``):
 
 - ``in_process``: every analysis (describe, linear + logistic regression, ANOVA, PCA, k-means with profiles)
-  with the site code (``client.analytics``) and server code (``server.analytics``) in one process, no DP;
+  with the site code (``client.analytics``) and server code (``server.analytics_phase``) in one process, no DP;
   the per-query times are the sites' compute plus the server's combining.
 - ``in_process_dp``: the same with every site's DP on (ε = 1 for the run, δ = 1e-5, a fresh ledger each).
 - ``pooled``: the same statistics with numpy/scipy on the concatenated rows (what pooling would cost), and the
@@ -50,7 +50,7 @@ def make_sites(n_sites: int, rows: int) -> dict[str, pd.DataFrame]:
 
 def case_in_process(frames: dict[str, pd.DataFrame]) -> tuple[dict, dict]:
     """All analyses in process without DP; returns the timing figures and the result."""
-    from server.analytics import AnalyticsSettings
+    from server.analytics_plan import AnalyticsSettings
     from simulation.analytics_run import run_in_process
 
     start = time.perf_counter()
@@ -62,16 +62,20 @@ def case_in_process(frames: dict[str, pd.DataFrame]) -> tuple[dict, dict]:
 
 def case_in_process_dp(frames: dict[str, pd.DataFrame], epsilon: float = 1.0) -> dict:
     """All analyses in process with every site's DP on, each with a fresh ledger."""
+    from client.dp import SiteDP
     from client.ledger import PrivacyLedger
-    from server.analytics import AnalyticsSettings
+    from server.analytics_plan import AnalyticsSettings
     from simulation.analytics_run import run_in_process
 
+    budget = 10.0
     with tempfile.TemporaryDirectory() as folder:
-        ledgers = {name: PrivacyLedger.open(Path(folder) / f"{name}.json", 10.0, 1e-5) for name in frames}
+        sites = {name: SiteDP(PrivacyLedger.open(Path(folder) / f"{name}.json", budget, 1e-5,
+                                                 state_dir=Path(folder) / "heads"),
+                              {"analytics": epsilon / budget}) for name in frames}
         start = time.perf_counter()
-        result = run_in_process(frames, AnalyticsSettings(dp=True, epsilon=epsilon), ledgers)
+        result = run_in_process(frames, AnalyticsSettings(dp=True), sites)
         seconds = time.perf_counter() - start
-        spent = {name: ledger.spent() for name, ledger in ledgers.items()}
+        spent = {name: site.ledger.spent() for name, site in sites.items()}
     return {"seconds": seconds, "queries": result["queries"]["asked"], "epsilon": epsilon,
             "epsilon_spent_max": max(spent.values()), "timing": result["timing"],
             "sigma": next(iter(result["privacy"].values()))["sigma"]}
@@ -81,7 +85,7 @@ def case_pooled(frames: dict[str, pd.DataFrame], federated: dict) -> dict:
     """Pooled numpy/scipy versions of the same statistics, and how far the federated ones are from them."""
     from scipy import stats
 
-    from server.analytics import KMEANS_FEATURES, REGRESSION_COVARIATES
+    from server.analytics_plan import KMEANS_FEATURES, REGRESSION_COVARIATES
 
     def numbers(frame, names):
         """Columns as a float matrix with NaN for missing."""

@@ -37,7 +37,8 @@ from record import write_record
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests/deployment.py holds the process helpers (tests/ is not installed)
 
-from client.app import SiteSource, make_client_app  # noqa: E402
+from client.app import make_client_app  # noqa: E402
+from client.site import SiteSource  # noqa: E402
 from server.app import make_server_app  # noqa: E402
 from server.provision import provision  # noqa: E402
 from simulation.clinics import generate_sites  # noqa: E402

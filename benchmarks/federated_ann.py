@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from client.app import SiteSource
+from client.site import SiteSource
 from client.training import (
     DPConfig,
     EncodedSplit,
@@ -372,7 +372,7 @@ def single_actor_run(cfg: ExperimentConfig, site_paths: list[Path]) -> dict:
         record = run_federation(cfg, [SiteSource(p) for p in site_paths], on_round=timeline.round_end)
         end = time.perf_counter()
     return {"federation_s": end - start, **timeline.round_profile(start, end),
-            "auc": {k: record["final"]["overall"][k]["auc"] for k in BINARY}}
+            "auc": {k: record.models["ann"].final["overall"][k]["auc"] for k in BINARY}}
 
 
 def federated_run(cfg: ExperimentConfig, memory: bool) -> tuple[dict, dict, dict | None]:

@@ -57,7 +57,9 @@ def patient_dicts(n: int, formulations: list[str], seed: int = 0) -> list[dict]:
             "bsa_m2": round(float(np.sqrt(height * weight / 3600)), 3),
             "bilirubin_umol_l": round(float(rng.lognormal(2.2, 0.5)), 1),
             "anc_baseline_e9_l": round(float(rng.uniform(0.8, 6.0)), 2), "ecog": int(rng.integers(0, 3)),
-            "tumour_type": str(rng.choice(TUMOURS)), "cumulative_dose_mg_m2": float(rng.integers(0, 12) * 40),
+            "tumour_type": str(rng.choice(TUMOURS)),
+            # a consistent history: the cumulative dose includes the previous cycle's (the recommender refuses less)
+            "cumulative_dose_mg_m2": float(rng.integers(1, 12) * 40),
             "catalogue": sorted(rng.choice(formulations, size=min(3, len(formulations)), replace=False).tolist()),
         }
         record["wearable_summary"] = base["wearable_summary"] | {"fever_days": int(rng.random() < 0.1)}

@@ -2,7 +2,7 @@
 
 The seed paper's statistics — descriptive table, regression, ANOVA across formulations, PCA and k-means
 cluster profiles — are usually computed on pooled rows. Here each site answers the server's questions with
-*sums* over its own rows only, and the server (``server.analytics``) adds them up. Every statistic below is
+*sums* over its own rows only, and the server (``server.analytics_phase``) adds them up. Every statistic below is
 a function of such sums, so with DP off the federated result equals the pooled one:
 
 - **describe** — per numeric column: count, sum, sum of squares (about a public centre), a histogram on a
@@ -66,6 +66,7 @@ from client.site import SiteHandlers, SiteRequest
 from shared.protocol import ErrorCode, messages
 from shared.protocol import analytics as wire
 from shared.protocol.analytics import MIN_CELL_COUNT
+from shared.protocol.errors import ShareableError
 from shared.protocol.privacy import RELEASE_INDEX, RELEASES
 
 # ---------------------------------------------------------------------------------------------------------
@@ -97,11 +98,11 @@ class Release:
 def numbers(frame: pd.DataFrame, column: str) -> np.ndarray:
     """One column as float64 with NaN for missing; an absent or non-numeric column raises ``ValueError``."""
     if column not in frame.columns:
-        raise ValueError(f"the site's table has no column {column!r}")
+        raise ShareableError(f"the site's table has no column {column!r}")
     try:
         return pd.to_numeric(frame[column], errors="raise").to_numpy(dtype=np.float64, na_value=np.nan)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"column {column!r} is not numeric: {err}") from err
+        raise ShareableError(f"column {column!r} is not numeric") from err
 
 
 def matrix(frame: pd.DataFrame, columns: list[str] | tuple[str, ...]) -> np.ndarray:
@@ -116,8 +117,8 @@ def binary(frame: pd.DataFrame, column: str) -> np.ndarray:
     values = numbers(frame, column)
     present = values[~np.isnan(values)]
     if not np.isin(present, (0.0, 1.0)).all():
-        raise ValueError(f"outcome {column!r} must be coded 0/1 for logistic regression; found "
-                         f"{sorted(set(np.unique(present).tolist()) - {0.0, 1.0})[:5]}")
+        raise ShareableError(f"outcome {column!r} must be coded 0/1 for logistic regression; it holds other "
+                             "values")
     return values
 
 
@@ -161,9 +162,9 @@ class Standardiser:
         scale = np.asarray(arrays[prefix + "scale"], dtype=np.float64).ravel()
         bounds = np.asarray(arrays[prefix + "bounds"], dtype=np.float64).reshape(-1, 2)
         if not (len(centre) == len(scale) == len(bounds)):
-            raise ValueError("centre, scale and bounds must have one entry per column")
+            raise ShareableError("centre, scale and bounds must have one entry per column")
         if not (np.all(np.isfinite(centre)) and np.all(np.isfinite(scale)) and np.all(scale > 0)):
-            raise ValueError("centre must be finite and scale finite and > 0")
+            raise ShareableError("centre must be finite and scale finite and > 0")
         return cls(centre, scale, bounds)
 
     def transform(self, values: np.ndarray) -> np.ndarray:
@@ -269,7 +270,7 @@ def logistic_sums(frame: pd.DataFrame, covariates: list[str], outcomes: list[str
     for outcome in outcomes:
         beta = np.asarray(betas[outcome], dtype=np.float64).ravel()
         if beta.shape != (d,):
-            raise ValueError(f"beta of {outcome!r} has {beta.size} entries; expected {d}")
+            raise ShareableError(f"beta of {outcome!r} has {beta.size} entries; expected {d}")
         target_all = binary(frame, outcome)
         rows = ~np.isnan(z_all).any(axis=1) & ~np.isnan(target_all)
         z, target = z_all[rows], target_all[rows]
@@ -290,7 +291,7 @@ def group_moments(frame: pd.DataFrame, response: str, factor: str, bounds: np.nd
     midpoint; exact extras: raw sums and centred sums of squares. One row touches one group."""
     values = numbers(frame, response)
     if factor not in frame.columns:
-        raise ValueError(f"the site's table has no column {factor!r}")
+        raise ShareableError(f"the site's table has no column {factor!r}")
     groups = frame[factor]
     rows = ~np.isnan(values) & groups.notna().to_numpy()
     labels = groups[rows].astype(str).to_numpy()
@@ -337,7 +338,7 @@ def _complete_standardised(frame: pd.DataFrame, features: list[str], x: Standard
     """Standardised, clipped feature rows and which of them are complete; checks the centroids' shape."""
     centroids = np.asarray(centroids, dtype=np.float64)
     if centroids.ndim != 2 or centroids.shape[1] != len(features):
-        raise ValueError(f"centroids must be (k, {len(features)}); got {centroids.shape}")
+        raise ShareableError(f"centroids must be (k, {len(features)}); got {centroids.shape}")
     z = x.transform(matrix(frame, features))
     return z, ~np.isnan(z).any(axis=1)
 
@@ -494,7 +495,7 @@ def answer(query: str, frame: pd.DataFrame, config: Mapping[str, Any], arrays: M
     charge it (``config`` carries the run's planned query count and this query's index, ``client.dp``). The
     reply's ``noise-sd`` is the noise sd on an entry of scale 1 (``σ × sensitivity``), public like σ."""
     if query not in REQUESTS:
-        raise ValueError(f"unknown analytics query {query!r}; known: {', '.join(REQUESTS)}")
+        raise ShareableError(f"unknown analytics query {query!r}; known: {', '.join(REQUESTS)}")
     computed = REQUESTS[query](frame, config, arrays)
     if release is None:
         return Answer(computed.exact_arrays(), computed.labels, {"dp": False})

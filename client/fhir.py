@@ -17,8 +17,9 @@ The mapping:
 - ``subject``: ``Patient/<patient_id>`` when the id is a valid FHIR id, else a logical reference by
   identifier;
 - ``medicationCodeableConcept.text``: liposomal doxorubicin and the formulation id;
-- ``dosageInstruction``: the dose in mg as ``doseQuantity`` (UCUM ``mg``), the dose per m² in ``text``,
-  the interval as ``timing.repeat`` (1 per ``period`` days, UCUM ``d``), intravenous route;
+- ``dosageInstruction``: the dose in mg as ``doseQuantity`` (UCUM ``mg``), the dose per m² and the BSA it
+  was computed on (checked against height and weight, capped at 2.0 m²: :class:`shared.dosing_policy.SafetyRules`)
+  in ``text``, the interval as ``timing.repeat`` (1 per ``period`` days, UCUM ``d``), intravenous route;
 - ``note``: one annotation per rule applied (rule, effect, reason), one for the predicted response and
   toxicity risk with their bounds, one for the policy version.
 
@@ -125,8 +126,9 @@ def dosage(recommendation: Recommendation) -> dict[str, Any]:
     if r.action == "withhold" or r.dose_mg <= 0:
         return {"text": f"no dose now; re-assess in {r.interval_days} days", "timing": timing,
                 "route": {"coding": [INTRAVENOUS_ROUTE], "text": "intravenous infusion"}}
-    bsa = r.dose_mg / r.dose_mg_m2 if r.dose_mg_m2 else None
-    per_m2 = f"{r.dose_mg_m2:g} mg/m²" + (f" × {bsa:.2f} m² BSA" if bsa else "")
+    bsa = r.bsa_m2 if r.bsa_m2 is not None else (r.dose_mg / r.dose_mg_m2 if r.dose_mg_m2 else None)
+    capped = any(rule.rule == "bsa-cap" for rule in r.rules)
+    per_m2 = f"{r.dose_mg_m2:g} mg/m²" + (f" × {bsa:.2f} m² {'capped ' if capped else ''}BSA" if bsa else "")
     return {
         "text": f"{per_m2} = {r.dose_mg:g} mg intravenous infusion, every {r.interval_days} days",
         "timing": timing,

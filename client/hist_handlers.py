@@ -53,12 +53,10 @@ from shared.protocol import ErrorCode, messages
 from shared.protocol import hist as h
 from shared.protocol import records as r
 from shared.protocol.boosting import head_from_config
+from shared.protocol.errors import ShareableError
 from shared.protocol.privacy import RELEASE_INDEX, RELEASES
 
 STATE_KEY = "hist-secure-sum"
-
-HESSIAN_BOUNDS = {"binary:logistic": 0.25, "multi:softprob": 0.5, "reg:squarederror": 1.0}
-"""Largest hessian one row can have: p(1 − p) ≤ 1/4, 2p(1 − p) ≤ 1/2, 1."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -89,7 +87,7 @@ def public_ranges(encoder: FeatureEncoder) -> tuple[np.ndarray, np.ndarray]:
         if name in encoder.means_:
             bounds = declared_range(encoder.task, name)
             if bounds is None:
-                raise ValueError(f"feature {name!r} has no declared range: a DP site cannot say its range")
+                raise ShareableError(f"feature {name!r} has no declared range: a DP site cannot say its range")
             mean, scale = encoder.means_[name], encoder.scales_[name]
             lo[j], hi[j] = min((bounds[0] - mean) / scale, 0.0), max((bounds[1] - mean) / scale, 0.0)
     return lo, hi
@@ -124,7 +122,7 @@ def level_histograms(config: ConfigRecord, arrays: ArrayRecord, x: np.ndarray, y
     """Fixed-point histograms of the requested nodes, packed (nodes, Σ feature bins, 2), and the blocks of
     their DP release: a row adds to one requested node per tree and one bin per feature, its gradient bounded by
     1 (or the clip, for squared error, whose gradients are clipped when ``clip``) and its hessian by
-    ``HESSIAN_BOUNDS``."""
+    ``shared.hist_boosting.HESSIAN_BOUNDS``."""
     objective = str(config[h.OBJECTIVE])
     thresholds = thresholds_from_record(arrays)
     bins = hb.bin_rows(x, thresholds)
@@ -142,7 +140,7 @@ def level_histograms(config: ConfigRecord, arrays: ArrayRecord, x: np.ndarray, y
                                     hb.feature_widths(thresholds))
     touched = len({k for k, _ in frontier}) * len(thresholds)
     blocks = {"gradient": Block(hb.from_fixed(histograms[..., 0]), g_bound, touched),
-              "hessian": Block(hb.from_fixed(histograms[..., 1]), HESSIAN_BOUNDS[objective], touched)}
+              "hessian": Block(hb.from_fixed(histograms[..., 1]), hb.HESSIAN_BOUNDS[objective], touched)}
     return histograms, blocks
 
 

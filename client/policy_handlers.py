@@ -1,8 +1,11 @@
-"""The site's side of the policy phase: report its formulation catalogue, install the coordinator's policy.
+"""The site's side of the policy phase: report its formulation catalogue, value a candidate, install the policy.
 
 - ``query.catalogue``: the properties of the formulations the site stocks (product specifications, one row
   per formulation id, averaged over its episodes — no patient value is in them). The policy builder chooses
   only among formulations some site stocks, and the recommender needs their properties to score them.
+- ``query.policy_value``: a candidate policy's files (not signed: only evaluated, never served); the site
+  answers doubly-robust value sums of the candidate and of its standard of care on its own held-out first
+  cycles (:mod:`client.ope`), noised under DP — what the coordinator's release gate decides on.
 - ``query.install_policy``: the signed policy bundle, file by file, in a ConfigRecord of bytes. The site
   verifies it against the coordinator key of its own provisioning kit (node config ``trust-key``) and installs
   it in ``<site>/.fednano/policy`` (:class:`client.policy_store.PolicyStore`): an unsigned, altered, wrongly
@@ -17,20 +20,17 @@ from pathlib import Path
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.policy_store import PolicyStore, PolicyStoreError
+from client.dp import PhaseRelease
+from client.ope import private_value_sums, site_value_sums
+from client.policy_store import PolicyStore, PolicyStoreError, site_store_root
 from client.site import SiteHandlers, SiteRequest, error_reply
-from shared.dosing_policy import FORMULATION_FEATURES
+from shared.dosing_policy import FORMULATION_FEATURES, DosingPolicy
 from shared.policy_bundle import BundleRejected, unpack_bundle
 from shared.protocol import ErrorCode, messages
-from shared.protocol.policy import Installed, bundle_files, catalogue_reply
-
-POLICY_FOLDER = Path(".fednano") / "policy"
-
-
-def policy_root(site_path: Path) -> Path:
-    """Where a site keeps its installed policies: beside its data."""
-    folder = site_path if site_path.is_dir() else site_path.parent
-    return folder / POLICY_FOLDER
+from shared.protocol.errors import ShareableError
+from shared.protocol.policy import Installed, bundle_files, catalogue_reply, value_reply
+from shared.protocol.privacy import RELEASE_INDEX, RELEASES
+from shared.protocol.records import PRIVACY, SPLIT_SEED
 
 
 def catalogue_records(episodes) -> RecordDict:
@@ -44,7 +44,7 @@ def install_contents(contents: dict[str, bytes], site_path: Path, trust_key: Pat
     """Unpack a received bundle and install it in the site's store if it verifies and is newer; returns the
     installed version and folder. Raises ``BundleRejected`` (or ``PolicyStoreError``/``ValueError``) with the
     reason otherwise, leaving the current policy as it was."""
-    store = PolicyStore(policy_root(site_path), trust_key)
+    store = PolicyStore(site_store_root(site_path), trust_key)
     with tempfile.TemporaryDirectory(prefix="fednano-bundle-") as tmp:
         manifest = store.install(unpack_bundle(contents, Path(tmp) / "received"))
     return manifest.version, store.installed_path()
@@ -59,13 +59,34 @@ def install_from_message(msg: Message, site_path: Path, trust_key: Path) -> Mess
     return Message(Installed(version, str(folder)).to_records(), reply_to=msg)
 
 
+def policy_value(msg: Message, request: SiteRequest) -> RecordDict:
+    """The candidate's and standard of care's value sums on the site's held-out first cycles (``client.ope``),
+    through the ``policy`` release under DP."""
+    with tempfile.TemporaryDirectory(prefix="fednano-candidate-") as tmp:
+        folder = Path(tmp)
+        for name, data in bundle_files(msg.content).items():
+            if Path(name).name != name or name.startswith("."):
+                raise ShareableError(f"candidate file name {name!r} is not a plain file name")
+            (folder / name).write_bytes(data)
+        candidate = DosingPolicy.from_folder(folder)
+        sums = site_value_sums(candidate, request.site.episodes, request.site.task, int(request.config[SPLIT_SEED]))
+    content = RecordDict()
+    if request.dp is not None:
+        release = PhaseRelease.for_phase(request.context, request.dp, "policy", releases=int(request.config[RELEASES]))
+        sums, facts = private_value_sums(sums, release, int(request.config[RELEASE_INDEX]))
+        content[PRIVACY] = facts.to_record()
+    content.update(value_reply(sums))
+    return content
+
+
 def register_policy(client: ClientApp, handlers: SiteHandlers) -> None:
-    """Add the ``catalogue`` and ``install_policy`` query handlers to ``client``."""
+    """Add the ``catalogue``, ``policy_value`` and ``install_policy`` query handlers to ``client``."""
 
     def catalogue(msg: Message, request: SiteRequest) -> RecordDict:
         return catalogue_records(request.site.episodes)
 
     client.query(messages.CATALOGUE.action)(handlers(catalogue, ErrorCode.SITE))
+    client.query(messages.POLICY_VALUE.action)(handlers(policy_value))
 
     @client.query(messages.INSTALL_POLICY.action)
     def install_policy(msg: Message, context: Context) -> Message:

@@ -1,17 +1,26 @@
 """The site's policy store: the verified dosing-policy bundles a hospital has installed, and which one is current.
 
 A site accepts a policy bundle only if it verifies against the coordinator key from the site's own
-provisioning kit (``policy_signing.pub``) and its version is newer than the installed one: no rollback, and no
-replay of the current version. Layout of ``root``::
+provisioning kit (``policy_signing.pub``) and its version is newer than every version of that key it has
+installed: no rollback, and no replay of the current version. Versions are the coordinator's counter, so
+they are compared only between bundles of the same signing key: version 1 of another federation says
+nothing about this one. Layout of ``root`` (``<site>/.fednano/policy``, :func:`site_store_root`)::
 
-    current                 {"version": N, "bundle": "versions/N", "manifest_sha256": ..., "installed_utc": ...}
-    versions/<N>/           the installed bundles, each as received (manifest.json, manifest.sig, files)
+    current                 {"version": N, "bundle": "versions/<key>/N", "signing_key_id": ..., "manifest_sha256": ...,
+                             "installed_utc": ...}
+    versions/<key>/<N>/     the installed bundles of the signing key whose fingerprint starts with <key> (16 hex
+                            digits), each as received (manifest.json, manifest.sig, files)
 
-A bundle is copied into a staging folder inside ``versions/``, verified again there (so what is installed is
-what was verified, even if the source changes meanwhile), renamed to ``versions/<N>`` and only then is
-``current`` replaced atomically. A rejection or a crash at any point leaves ``current`` and the bundle it
-points at as they were. Installs are serialised by an advisory lock on ``root`` (POSIX ``flock``). Older
-versions are kept as an audit trail.
+(Stores written before keys were recorded hold ``versions/<N>``; they are read as they are.) A bundle is
+copied into a staging folder inside ``versions/``, verified again there (so what is installed is what was
+verified, even if the source changes meanwhile), renamed into place and only then is ``current`` replaced
+atomically. A rejection or a crash at any point leaves ``current`` and the bundle it points at as they
+were. Installs are serialised by an advisory lock on ``root`` (POSIX ``flock``). Older versions are kept,
+as an audit trail and as the store's memory of the newest version it has held: deleting or editing
+``current`` cannot make an older version current or installable (:meth:`PolicyStore.current` refuses a
+``current`` that is not the newest installed version; :meth:`PolicyStore.install` refuses anything older).
+
+The recommender serves what the store holds (:meth:`PolicyStore.check_serving` refuses any other bundle).
 
 Example
 -------
@@ -38,16 +47,29 @@ from pathlib import Path
 from shared.durable import fsync_folder, write_json_atomically
 from shared.policy_bundle import (
     MANIFEST_FILE,
+    SHA256_HEX,
     SIGNATURE_FILE,
     BundleRejected,
     Manifest,
+    key_fingerprint,
     load_trust_key,
     verify_bundle_with_key,
 )
 
 CURRENT_FILE, VERSIONS_FOLDER = "current", "versions"
 STAGING_PREFIX = ".staging-"
-CURRENT_KEYS = ("version", "bundle", "manifest_sha256", "installed_utc")
+CURRENT_KEYS = ("version", "bundle", "signing_key_id", "manifest_sha256", "installed_utc")
+KEY_FOLDER_CHARS = 16
+"""Hex digits of the signing key's fingerprint naming its folder (64 bits: no two federations' keys collide)."""
+STORE_FOLDER = Path(".fednano") / "policy"
+"""Where a site keeps its installed policies, relative to its data folder (beside its privacy ledger)."""
+
+
+def site_store_root(site_path: Path) -> Path:
+    """The policy store of the site whose data are at ``site_path`` (a folder, or a file in it)."""
+    site_path = Path(site_path)
+    folder = site_path if site_path.is_dir() else site_path.parent
+    return folder / STORE_FOLDER
 
 
 class PolicyStoreError(RuntimeError):
@@ -70,6 +92,7 @@ class PolicyStore:
         self.root = Path(root)
         self.trusted_public_key_path = Path(trusted_public_key_path)
         self._trusted_key = load_trust_key(self.trusted_public_key_path)
+        self._key_id = key_fingerprint(self._trusted_key)
 
     def current_version(self) -> int | None:
         """The installed version as ``current`` records it, or None if nothing is installed."""
@@ -87,11 +110,24 @@ class PolicyStore:
         Raises
         ------
         PolicyStoreError
-            If the installed bundle no longer verifies or is not the one ``current`` records.
+            If the installed bundle no longer verifies or is not the one ``current`` records; if it was
+            signed by another key than this site's trust key; if ``current`` is missing or names an older
+            version while a newer one of this key is installed (``current`` deleted or edited: serving it
+            would be a rollback).
         """
         state = self._read_current()
+        newest = self._newest_installed()
         if state is None:
+            if newest is not None:
+                raise PolicyStoreError(f"{self.root / CURRENT_FILE} is missing, but version {newest[0]} of this "
+                                       "site's coordinator key is installed: the file was deleted; install the "
+                                       f"newest policy again (version {newest[0]} or later)")
             return None
+        if state["signing_key_id"] not in (None, self._key_id):
+            raise PolicyStoreError(f"the current policy (version {state['version']}) was signed by another key "
+                                   f"({state['signing_key_id'][:KEY_FOLDER_CHARS]}...) than this site's trust key "
+                                   f"{self.trusted_public_key_path} ({self._key_id[:KEY_FOLDER_CHARS]}...): it "
+                                   "belongs to another federation; install this federation's policy")
         folder = self.root / state["bundle"]
         try:
             manifest = verify_bundle_with_key(folder, self._trusted_key)
@@ -101,7 +137,36 @@ class PolicyStore:
         if manifest.version != state["version"] or actual != state["manifest_sha256"]:
             raise PolicyStoreError(f"{folder} is not the bundle {self.root / CURRENT_FILE} records "
                                    f"(version {manifest.version}, manifest SHA-256 {actual})")
+        if newest is not None and newest[0] > manifest.version:
+            raise PolicyStoreError(f"{self.root / CURRENT_FILE} names version {manifest.version}, but version "
+                                   f"{newest[0]} is installed: the file was edited or an install was "
+                                   f"interrupted; install version {newest[0]} again")
         return manifest
+
+    def check_serving(self, bundle_dir: Path, manifest: Manifest) -> None:
+        """Refuse to serve a verified bundle that is not the store's current policy.
+
+        Raises
+        ------
+        BundleRejected
+            If the store holds a policy and ``manifest`` (of ``bundle_dir``) is older ("rollback"), newer
+            (not installed: install it first) or another bundle of the same version.
+        PolicyStoreError
+            If the store's own current policy cannot be trusted (see :meth:`current`).
+        """
+        current = self.current()
+        if current is None:
+            return
+        where = f"policy bundle {bundle_dir} refused: the site's store {self.root} holds version {current.version}"
+        if manifest.version < current.version:
+            raise BundleRejected(f"{where}; this bundle is version {manifest.version}, older (rollback): serve "
+                                 "the installed policy (--site without --policy)")
+        if manifest.version > current.version:
+            raise BundleRejected(f"{where}; this bundle is version {manifest.version}, not installed: the "
+                                 "recommender serves what the site installed, so install it first")
+        if manifest != current:
+            raise BundleRejected(f"{where}, and this bundle is another version {manifest.version} (its manifest "
+                                 "differs from the installed one)")
 
     def install(self, bundle_dir: Path) -> Manifest:
         """Verify ``bundle_dir``, copy it into the store and make it current; return its manifest.
@@ -126,11 +191,12 @@ class PolicyStore:
             staging = Path(tempfile.mkdtemp(dir=versions, prefix=STAGING_PREFIX))
             try:
                 staged = self._stage(bundle_dir, manifest, staging)
-                target = versions / str(manifest.version)
-                if target.exists():  # left by an install interrupted before `current` was replaced
+                target = self._bundle_folder(manifest.version)
+                target.parent.mkdir(exist_ok=True)
+                if target.exists():  # left by an interrupted install, or the same bundle installed again
                     shutil.rmtree(target)
                 os.rename(staging, target)
-                fsync_folder(versions)
+                fsync_folder(target.parent)
                 self._write_current(manifest, target)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -139,11 +205,50 @@ class PolicyStore:
 
     # -----------------------------------------------------------------------------------------------------
 
+    def _bundle_folder(self, version: int) -> Path:
+        return self.root / VERSIONS_FOLDER / self._key_id[:KEY_FOLDER_CHARS] / str(version)
+
     def _check_newer(self, bundle_dir: Path, manifest: Manifest) -> None:
-        installed = self.current_version()
+        """A bundle must be newer than this key's current version and not older than any version of this key
+        the store holds. The newest held version may be installed again only when ``current`` does not point
+        at it (``current`` lost, or an install interrupted after the rename) and only as the same bundle."""
+        state = self._read_current()
+        same_key = state is not None and state["signing_key_id"] in (None, self._key_id)
+        installed = state["version"] if same_key else None
+        newest = self._newest_installed()
         if installed is not None and manifest.version <= installed:
             raise BundleRejected(f"policy bundle {bundle_dir} rejected: rollback: bundle version "
                                  f"{manifest.version} is not newer than installed version {installed}")
+        if newest is None or manifest.version > newest[0]:
+            return
+        if manifest.version < newest[0]:
+            raise BundleRejected(f"policy bundle {bundle_dir} rejected: rollback: bundle version "
+                                 f"{manifest.version} is older than version {newest[0]}, which this store has "
+                                 "installed before")
+        if manifest != newest[1]:
+            raise BundleRejected(f"policy bundle {bundle_dir} rejected: the store holds another bundle of version "
+                                 f"{manifest.version} from the same key")
+
+    def _newest_installed(self) -> tuple[int, Manifest] | None:
+        """The newest bundle of this site's trust key anywhere in ``versions/`` that still verifies."""
+        newest = None
+        for folder in self._installed_folders():
+            try:
+                manifest = verify_bundle_with_key(folder, self._trusted_key)
+            except (BundleRejected, OSError):
+                continue  # damaged or another key's: it cannot vouch for a version
+            if newest is None or manifest.version > newest[0]:
+                newest = (manifest.version, manifest)
+        return newest
+
+    def _installed_folders(self) -> list[Path]:
+        """This key's bundle folders, and the bundles of the older flat layout (``versions/<N>``)."""
+        versions = self.root / VERSIONS_FOLDER
+        if not versions.is_dir():
+            return []
+        mine = versions / self._key_id[:KEY_FOLDER_CHARS]
+        flat = [p for p in versions.iterdir() if p.name.isdigit() and len(p.name) < KEY_FOLDER_CHARS]
+        return flat + (sorted(p for p in mine.iterdir() if p.name.isdigit()) if mine.is_dir() else [])
 
     def _stage(self, bundle_dir: Path, manifest: Manifest, staging: Path) -> Manifest:
         """Copy the verified files into ``staging`` and verify the copy: it must be the bundle verified."""
@@ -162,6 +267,8 @@ class PolicyStore:
         return staged
 
     def _read_current(self) -> dict | None:
+        """``current`` as a dict with every key of ``CURRENT_KEYS`` (``signing_key_id`` None in the older
+        layout), or None if there is none; ``PolicyStoreError`` if it is not what an install writes."""
         path = self.root / CURRENT_FILE
         if not path.exists():
             return None
@@ -170,16 +277,19 @@ class PolicyStore:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise PolicyStoreError(f"{path}: cannot read it: {err}") from None
         version = state.get("version") if isinstance(state, dict) else None
+        key_id = state.get("signing_key_id") if isinstance(version, int) else None
+        expected = (f"{VERSIONS_FOLDER}/{version}" if key_id is None else
+                    f"{VERSIONS_FOLDER}/{str(key_id)[:KEY_FOLDER_CHARS]}/{version}")
         if (not isinstance(version, int) or isinstance(version, bool) or version < 1
-                or state.get("bundle") != f"{VERSIONS_FOLDER}/{version}"
-                or not isinstance(state.get("manifest_sha256"), str)):
+                or not (key_id is None or (isinstance(key_id, str) and SHA256_HEX.fullmatch(key_id)))
+                or state.get("bundle") != expected or not isinstance(state.get("manifest_sha256"), str)):
             raise PolicyStoreError(f"{path}: expected {{{', '.join(CURRENT_KEYS)}}} with bundle "
-                                   f"'{VERSIONS_FOLDER}/<version>', got {state!r}")
-        return state
+                                   f"'{VERSIONS_FOLDER}/<key>/<version>'; it is not what an install writes")
+        return state | {"signing_key_id": key_id}
 
     def _write_current(self, manifest: Manifest, target: Path) -> None:
-        state = {"version": manifest.version, "bundle": f"{VERSIONS_FOLDER}/{manifest.version}",
-                 "manifest_sha256": _sha256(target / MANIFEST_FILE),
+        state = {"version": manifest.version, "bundle": target.relative_to(self.root).as_posix(),
+                 "signing_key_id": manifest.signing_key_id, "manifest_sha256": _sha256(target / MANIFEST_FILE),
                  "installed_utc": datetime.now(UTC).isoformat(timespec="seconds")}
         write_json_atomically(self.root / CURRENT_FILE, state, sort_keys=True)
 
@@ -201,4 +311,3 @@ def _remove_stale_staging(versions: Path) -> None:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-

@@ -4,7 +4,9 @@
 
 - :func:`load_policy` verifies the policy bundle against the site's trust key and loads it once;
 - :func:`read_patient` reads a patient record (``examples/patient.json``) with errors naming the file, the
-  line (for broken JSON) or the field (:func:`shared.patient_record.error_lines`);
+  line (for broken JSON) or the field and the rule, never the value; the HTTP service reads its bodies with
+  the same strict reader (:func:`json_document`, :func:`validate_record`, :func:`validate_batch`): UTF-8,
+  no repeated keys, no NaN, Infinity or overflowing numbers, no ``true`` for 1 or ``"66"`` for 66;
 - :func:`read_vitals` reads the raw daily wearable readings of the patient's last cycle (the columns of
   ``shared.schema.VITALS_COLUMNS``), validated with the site-data checks of :mod:`shared.validation` (file,
   column, rows), and :func:`with_vitals` puts their summary (:func:`shared.wearables.summarise_cycle`) in
@@ -14,8 +16,8 @@
 - :func:`recommend` returns the JSON of :class:`shared.dosing_policy.Recommendation` or, as FHIR, a
   MedicationRequest (:mod:`client.fhir`).
 
-Every user mistake raises :class:`RecommenderInputError` (a ``ValueError``) whose ``lines`` say what is
-wrong, one problem per line; nothing here prints.
+Every user mistake raises :class:`RecommenderInputError` (a ``ValueError``) whose ``problems`` say what is
+wrong, one :class:`InputProblem` per problem (``lines`` as text); nothing here prints.
 
 Example
 -------
@@ -28,7 +30,9 @@ Example
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,18 +40,41 @@ import pandas as pd
 from pydantic import ValidationError
 
 from shared import strict_json
-from shared.patient_record import PatientRecord, WearableSummary, error_lines
+from shared.patient_record import MAX_ERROR_LINES, PatientRecord, WearableSummary, error_lines, field_problems
 from shared.schema import VITALS_COLUMNS
 from shared.validation import CsvTable, Problem, check_header, parse_table, read_csv_table
 from shared.wearables import summarise_cycle
 
+MAX_RECORD_FILE_BYTES = 1 << 20
+"""Largest patient-record file read (1 MiB): a record is about 1 kB; anything far larger is not one."""
+
+
+@dataclass(frozen=True)
+class InputProblem:
+    """One thing wrong with an input: where (a file, ``body`` or ``body[3]``), the field path, the rule.
+
+    Never the value: the line may leave the process (a terminal, an HTTP client, a log), the value may be a
+    patient's data, and the input may be megabytes long."""
+
+    source: str
+    field: tuple[str | int, ...] = ()
+    rule: str = ""
+
+    @property
+    def line(self) -> str:
+        if not self.field:
+            return f"{self.source}: {self.rule}"
+        return f"{self.source}: field {'.'.join(str(part) for part in self.field)}: {self.rule}"
+
 
 class RecommenderInputError(ValueError):
-    """A patient record, vitals file or policy bundle the recommender cannot use; ``lines``: one per problem."""
+    """A patient record, vitals file or policy bundle the recommender cannot use; ``problems`` (and ``lines``,
+    their text): one per problem."""
 
-    def __init__(self, lines: list[str]) -> None:
-        super().__init__("\n".join(lines))
-        self.lines = lines
+    def __init__(self, lines: list[str] | list[InputProblem]) -> None:
+        self.problems = [p if isinstance(p, InputProblem) else InputProblem("", (), p) for p in lines]
+        self.lines = [p.line if p.source else p.rule for p in self.problems]
+        super().__init__("\n".join(self.lines))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -55,14 +82,15 @@ class RecommenderInputError(ValueError):
 
 
 def load_policy(bundle: Path, trust_key: Path):
-    """Verify the bundle against the trust key and load the policy; ``RecommenderInputError`` if it does not
-    verify or cannot be read (the reason is the verifier's)."""
+    """Verify the bundle against the trust key and load the policy (either kind, ``shared.policy_loader``);
+    ``RecommenderInputError`` if the key is not a usable trust key (saying what the file is instead), or the
+    bundle does not verify or cannot be read."""
     from shared.policy_bundle import BundleRejected
     from shared.policy_loader import policy_from_bundle
 
-    for path, what in ((bundle, "policy bundle folder"), (trust_key, "trust key file")):
-        if not path.exists():
-            raise RecommenderInputError([f"{path}: no such {what}"])
+    check_trust_key(trust_key)
+    if not bundle.exists():
+        raise RecommenderInputError([f"{bundle}: no such policy bundle folder"])
     try:
         return policy_from_bundle(bundle, trust_key)  # the ANN + XGBoost or the structured policy
     except BundleRejected as err:
@@ -72,37 +100,199 @@ def load_policy(bundle: Path, trust_key: Path):
                                      f"{type(err).__name__}: {err}"]) from err
 
 
+def check_trust_key(trust_key: Path) -> None:
+    """``RecommenderInputError`` unless ``trust_key`` holds an Ed25519 public key (what the file is, if not)."""
+    from shared.policy_bundle import load_trust_key
+
+    if not trust_key.exists():
+        raise RecommenderInputError([f"{trust_key}: no such trust key file"])
+    try:
+        load_trust_key(trust_key)
+    except ValueError as err:
+        raise RecommenderInputError([f"trust key {err}"]) from None
+    except OSError as err:
+        raise RecommenderInputError([f"trust key {trust_key}: cannot read it: {err.strerror or err}"]) from None
+
+
+def policy_to_serve(bundle: Path | None, trust_key: Path, site: Path | None = None):
+    """The policy the recommender may serve: the site's installed one.
+
+    With ``site`` (a site's data folder), its store (:func:`client.policy_store.site_store_root`) decides: its
+    current version is served, and an explicit ``bundle`` is refused unless it is that version (older is a
+    rollback, newer is not installed). Without ``site``, a store is looked for around ``bundle`` (a bundle
+    inside a store's ``versions/``) and in the working directory (``./.fednano/policy``); with none found, the
+    verified ``bundle`` is served (a coordinator trying a policy out).
+    """
+    return _resolved(bundle, trust_key, site)[0]
+
+
+def followed_policy(bundle: Path | None, trust_key: Path, site: Path | None = None):
+    """What a long-running service serves: :func:`policy_to_serve`'s policy, followed in the site's store
+    (:class:`InstalledPolicy`) when a store governs it, so a newer install is served once installed."""
+    policy, store = _resolved(bundle, trust_key, site)
+    return policy if store is None else InstalledPolicy(store, trust_key, policy)
+
+
+def _resolved(bundle: Path | None, trust_key: Path, site: Path | None):
+    """(the policy to serve, the store that governs it or None): see :func:`policy_to_serve`."""
+    from client.policy_store import PolicyStore, PolicyStoreError
+    from shared.policy_bundle import BundleRejected, verify_bundle
+
+    if bundle is None and site is None:
+        raise RecommenderInputError(["give --site SITE_DIR (serve the site's installed policy) or --policy BUNDLE"])
+    root = _store_for(site, bundle)
+    if root is None:
+        return load_policy(bundle, trust_key), None
+    check_trust_key(trust_key)
+    store = PolicyStore(root, trust_key)
+    try:
+        if store.current() is None:
+            raise RecommenderInputError([f"{root}: no policy installed at this site (its store is empty); the "
+                                         "site installs the coordinator's policy at the end of a federated run"])
+        if bundle is None:
+            bundle = store.installed_path()
+        else:
+            store.check_serving(bundle, verify_bundle(bundle, trust_key))
+    except (BundleRejected, PolicyStoreError) as err:
+        raise RecommenderInputError([str(err)]) from err
+    return load_policy(bundle, trust_key), store
+
+
+class PolicyUnavailable(RuntimeError):
+    """The site's store no longer holds a policy the service may serve (it answers 503 until it does)."""
+
+
+class InstalledPolicy:
+    """The policy a site's store holds, followed while a service runs.
+
+    Each :meth:`current` looks at the store's ``current`` file (one ``stat``). When it changed — the site
+    installed a newer version, or someone deleted or edited it — the store's current bundle is verified
+    again and loaded before anything more is served; if the store cannot vouch for one (``current`` deleted or
+    pointing at an older version, a damaged bundle, another federation's key), :class:`PolicyUnavailable` is
+    raised until it can: the service fails closed rather than serve an older policy than the site installed.
+    """
+
+    def __init__(self, store, trust_key: Path, policy) -> None:
+        self.store, self.trust_key = store, trust_key
+        self._policy, self._seen = policy, self._signature()
+        self._lock = threading.Lock()
+
+    def current(self):
+        """The policy to serve now."""
+        if self._signature() != self._seen:
+            with self._lock:
+                seen = self._signature()
+                if seen != self._seen:
+                    self._policy = self._reload()
+                    self._seen = seen
+        return self._policy
+
+    def _reload(self):
+        from client.policy_store import PolicyStoreError
+
+        try:
+            if self.store.current() is None:
+                raise PolicyUnavailable(f"{self.store.root}: no policy installed any more")
+            return load_policy(self.store.installed_path(), self.trust_key)
+        except (PolicyStoreError, RecommenderInputError) as err:
+            raise PolicyUnavailable(str(err)) from None
+
+    def _signature(self) -> tuple[int, int, int] | None:
+        from client.policy_store import CURRENT_FILE
+
+        try:
+            stat = (self.store.root / CURRENT_FILE).stat()
+        except OSError:
+            return None
+        return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+def _store_for(site: Path | None, bundle: Path | None) -> Path | None:
+    """The policy store that governs what may be served, if any (see :func:`policy_to_serve`)."""
+    from client.policy_store import CURRENT_FILE, STORE_FOLDER, VERSIONS_FOLDER, site_store_root
+
+    if site is not None:
+        if not site.is_dir():
+            raise RecommenderInputError([f"{site}: no such site folder"])
+        return site_store_root(site)
+    for folder in Path(bundle).resolve().parents:
+        if folder.name == VERSIONS_FOLDER and (folder.parent / CURRENT_FILE).exists():
+            return folder.parent
+    here = Path.cwd() / STORE_FOLDER
+    return here if (here / CURRENT_FILE).exists() or (here / VERSIONS_FOLDER).is_dir() else None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The patient record
 
 
 def read_patient(path: Path) -> PatientRecord:
     """Read and validate one patient record (JSON object); errors name the file and the line or field."""
-    data = _json_document(path)
     try:
-        return PatientRecord.model_validate(data)
-    except ValidationError as err:
-        raise RecommenderInputError(error_lines(err, str(path))) from err
-
-
-def _json_document(path: Path) -> Any:
-    """Parse a JSON file strictly: UTF-8, no duplicate keys, no NaN/Infinity."""
-    try:
-        raw = path.read_bytes()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_RECORD_FILE_BYTES + 1)
     except OSError as err:
         raise RecommenderInputError([f"{path}: cannot read the file: {err.strerror or err}"]) from err
+    if len(raw) > MAX_RECORD_FILE_BYTES:
+        raise RecommenderInputError([f"{path}: larger than {MAX_RECORD_FILE_BYTES // 1024} kB; a patient record "
+                                     "is about 1 kB"])
     try:
-        text = raw.decode("utf-8-sig")
+        data = json_document(raw)
     except UnicodeDecodeError as err:
         raise RecommenderInputError([f"{path}: not UTF-8 text (byte 0x{raw[err.start]:02X} at byte offset "
                                      f"{err.start}); save the record as UTF-8 JSON"]) from err
-    try:
-        return strict_json.loads(text)
     except json.JSONDecodeError as err:
         raise RecommenderInputError([f"{path}, line {err.lineno} column {err.colno}: invalid JSON: "
                                      f"{err.msg}"]) from err
     except strict_json.StrictJsonError as err:
         raise RecommenderInputError([f"{path}: {err}"]) from err
+    return validate_record(data, str(path))
+
+
+def json_document(raw: bytes) -> Any:
+    """Parse JSON bytes strictly (:func:`shared.strict_json.loads` of UTF-8, a byte-order mark allowed): the one
+    reader of patient records, from a file or an HTTP body.
+
+    Raises ``UnicodeDecodeError``, ``json.JSONDecodeError`` or ``strict_json.StrictJsonError``."""
+    return strict_json.loads(raw.decode("utf-8-sig"))
+
+
+def validate_record(data: Any, source: str = "patient record", index: int | None = None) -> PatientRecord:
+    """A :class:`PatientRecord` from parsed JSON (strict types), or :class:`RecommenderInputError` naming
+    every field and rule broken (``source[index]`` for a record of a list)."""
+    try:
+        return PatientRecord.model_validate(data)
+    except ValidationError as err:
+        where = source if index is None else f"{source}[{index}]"
+        raise RecommenderInputError(bounded_problems([InputProblem(where, loc, rule)
+                                                      for loc, rule in field_problems(err)])) from err
+
+
+def validate_batch(data: Any, max_records: int, source: str = "body") -> list[PatientRecord]:
+    """Records from a parsed JSON list of 1 to ``max_records`` records; the length is checked before any record
+    is, and the problems of all records are reported together (at most ``MAX_ERROR_LINES``)."""
+    if not isinstance(data, list):
+        raise RecommenderInputError([InputProblem(source, (), "expected a JSON list of patient records")])
+    if not 1 <= len(data) <= max_records:
+        raise RecommenderInputError([InputProblem(source, (), f"expected a list of 1 to {max_records} records, "
+                                                              f"got {len(data)}")])
+    records, found = [], []
+    for i, item in enumerate(data):
+        try:
+            records.append(validate_record(item, source, i))
+        except RecommenderInputError as err:
+            found += err.problems
+    if found:
+        raise RecommenderInputError(bounded_problems(found))
+    return records
+
+
+def bounded_problems(found: list[InputProblem]) -> list[InputProblem]:
+    """At most ``MAX_ERROR_LINES`` problems, and one counting the rest (50,000 unknown keys make 21 lines)."""
+    if len(found) <= MAX_ERROR_LINES:
+        return found
+    return found[:MAX_ERROR_LINES] + [InputProblem(found[0].source, (), f"... and {len(found) - MAX_ERROR_LINES} "
+                                                                        "more problems")]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -133,18 +323,17 @@ def read_vitals(path: Path, patient_id: str) -> tuple[pd.DataFrame, list[str]]:
 
 def _one_patient_one_cycle(table: CsvTable, values: pd.DataFrame, patient_id: str) -> list[Problem]:
     """The rows must be the record's patient's, of a single cycle, one per day."""
-    problems = []
+    problems = []  # rows and rules, never the ids themselves (they identify patients)
     other = values["patient_id"] != patient_id
     if other.any():
-        got = ", ".join(repr(p) for p in dict.fromkeys(values.loc[other, "patient_id"]))
-        problems.append(table.problem("patient_id", other, f"expected the patient of the record "
-                                                           f"({patient_id!r}), got {got}"))
+        problems.append(table.problem("patient_id", other, "expected the patient of the record (its patient_id); "
+                                                           "these rows are another patient's"))
     episodes = list(dict.fromkeys(values["episode_id"]))
     if len(episodes) > 1:
         first = values["episode_id"] != episodes[0]
         problems.append(table.problem("episode_id", first, f"expected the readings of one cycle (one episode_id); "
-                                                           f"found {len(episodes)}: {', '.join(map(repr, episodes))}"
-                                                           f" — keep only the last cycle's rows"))
+                                                           f"found {len(episodes)} — keep only the last cycle's "
+                                                           "rows"))
     repeated = values["day"].duplicated(keep=False)
     if repeated.any():
         days = ", ".join(f"{d:g}" for d in dict.fromkeys(values.loc[repeated, "day"]))
@@ -172,16 +361,17 @@ def with_vitals(record: PatientRecord, path: Path) -> tuple[PatientRecord, list[
 # Recommending
 
 
-def catalogue_problems(policy, records: Sequence[PatientRecord], source: str = "patient record") -> list[str]:
-    """One line per record none of whose catalogue formulations the policy knows (it could not choose)."""
+def catalogue_problems(policy, records: Sequence[PatientRecord], source: str = "patient record") -> list[InputProblem]:
+    """One problem per record none of whose catalogue formulations the policy knows (it could not choose)."""
     known = set(policy.formulations)
-    lines = []
+    found = []
     for i, record in enumerate(records):
         if known.isdisjoint(record.catalogue):
             where = source if len(records) == 1 else f"{source}[{i}]"
-            lines.append(f"{where}: field catalogue (got {record.catalogue!r}): none of these formulations is "
-                         f"known to the policy; expected at least one of {', '.join(sorted(known))}")
-    return lines
+            found.append(InputProblem(where, ("catalogue",), f"none of its {len(record.catalogue)} formulation(s) "
+                                                             f"is known to the policy; expected at least one of "
+                                                             f"{', '.join(sorted(known))}"))
+    return bounded_problems(found)
 
 
 def recommend_many(policy, records: Sequence[PatientRecord], source: str = "patient record") -> list:

@@ -4,16 +4,27 @@ Endpoints (OpenAPI schema at ``/openapi.json``, interactive docs at ``/docs``):
 
 - ``GET /health``: status, policy version and the signed manifest's metadata;
 - ``POST /recommend``: one patient record (``shared.patient_record.PatientRecord``) → recommendation JSON;
-- ``POST /recommend/batch``: a non-empty list of records → a list of recommendations (one batched call);
+- ``POST /recommend/batch``: a list of 1 to ``MAX_BATCH`` records → a list of recommendations (one batched
+  call);
 - ``POST /recommend/fhir``: one record → a FHIR R4 MedicationRequest (or an OperationOutcome saying why
   treatment stops; :mod:`client.fhir`).
 
-A request the service cannot use — broken JSON, a wrong type, an out-of-range value, an unknown field, an
-empty list, a catalogue the policy does not know — gets a 422 whose ``detail`` is FastAPI's list of errors
-(each with ``loc``, the path of the field) and whose ``errors`` says the same in one line per problem.
+Bodies are read by the CLI's own strict reader (:func:`client.recommender.json_document`, then
+:func:`~client.recommender.validate_record`): a repeated key, ``NaN``, ``Infinity``, ``1e400``, ``true`` for
+an integer or ``"66"`` for a number is refused over HTTP exactly as in a patient file. Requests are bounded
+before any work is done: a body above ``MAX_RECORD_BYTES`` (one record) or ``MAX_BATCH_BYTES`` (a batch) gets
+a 413 without being read further, a batch of more than ``MAX_BATCH`` records a 422 before any record is
+validated, and a record's lists and strings have maximum lengths (:mod:`shared.patient_record`).
 
-The policy is verified and loaded once, before the app is made (:func:`client.recommender.load_policy`);
-:func:`serve` runs the app with uvicorn, on 127.0.0.1 unless told otherwise.
+A request the service cannot use gets a 422 (413 for its size) whose ``detail`` lists each problem with
+``loc`` (the path of the field, FastAPI's convention) and ``msg`` (the rule), and whose ``errors`` says the
+same in one line per problem, at most ``shared.patient_record.MAX_ERROR_LINES`` of them. No answer repeats
+the input back: errors name the field and the rule, never the value.
+
+The policy is verified and loaded before the app is made (:func:`client.recommender.load_policy`); a site's
+installed policy (``fednano serve --site``) is followed in its store (:class:`client.recommender.InstalledPolicy`):
+a newer install is verified, loaded and served, and while the store cannot vouch for a policy every
+recommendation gets a 503. :func:`serve` runs the app with uvicorn, on 127.0.0.1 unless told otherwise.
 
 Example
 -------
@@ -23,61 +34,101 @@ Example
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import json
+from typing import Any
 
-from fastapi import Body, FastAPI, Request
-from fastapi.encoders import jsonable_encoder
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from pydantic import Field
 
-from client.recommender import RecommenderInputError, recommend_many, recommendation_json
-from shared.dosing_policy import Recommendation
+from client.recommender import (
+    InputProblem,
+    InstalledPolicy,
+    PolicyUnavailable,
+    RecommenderInputError,
+    json_document,
+    recommend_many,
+    recommendation_json,
+    validate_batch,
+    validate_record,
+)
+from shared import strict_json
+from shared.dosing_policy import DosingPolicy, Recommendation
 from shared.patient_record import PatientRecord
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
-MAX_BATCH = 10_000
-"""Most records in one batch request: a few seconds of work at the measured throughput."""
+MAX_BATCH = 200
+"""Most records in one batch request. With the monotone guard, 200 ordinary records (generated, half of them
+later cycles) take about 0.8 s on a busy 2-core machine, and 200 records each at the guard's bound
+(``shared.dosing_policy.MAX_GUARD_CANDIDATES`` scored actions) about 12 s; a larger job is several requests."""
+MAX_RECORD_BYTES = 64 * 1024
+"""Largest body of a one-record request: a record is about 1 kB, and 50 catalogue ids of 64 characters fit
+many times over."""
+MAX_BATCH_BYTES = 512 * 1024
+"""Largest body of a batch request: ``MAX_BATCH`` records of about 1 kB, pretty-printed, with room to spare."""
 
 FHIR_JSON = "application/fhir+json"
 
-Batch = Annotated[list[PatientRecord], Field(min_length=1, max_length=MAX_BATCH)]
+
+class BodyTooLarge(Exception):
+    """A request body above the endpoint's limit (answered 413, the rest of the body unread)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
 
 
-def make_app(policy) -> FastAPI:
-    """The HTTP app serving ``policy`` (a loaded ``shared.dosing_policy.DosingPolicy``)."""
+def make_app(served: DosingPolicy | InstalledPolicy) -> FastAPI:
+    """The HTTP app serving a loaded policy, or the one a site's store holds (:class:`InstalledPolicy`: a newer
+    install is served once installed, and nothing is while the store cannot vouch for its policy: 503)."""
+    current = served.current if isinstance(served, InstalledPolicy) else lambda: served
+    policy = current()
     version = policy.manifest.version if policy.manifest is not None else None
     app = FastAPI(title="fednano telemedicine recommender", version=str(version),
                   description="Dose recommendations of the federated liposomal-doxorubicin dosing policy "
                               "(decision support: a clinician decides).")
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(RecommenderInputError, _input_error)
+    app.add_exception_handler(BodyTooLarge, _too_large)
+    app.add_exception_handler(PolicyUnavailable, _unavailable)
+    app.openapi = lambda: _openapi(app)
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        """Service status, the policy version and its signed manifest's metadata."""
-        return health_report(policy)
+        """Service status, the policy version and its signed manifest's metadata (503 if no policy may be
+        served)."""
+        return health_report(current())
 
-    @app.post("/recommend", response_model=Recommendation)
-    def recommend_one(record: PatientRecord) -> dict[str, Any]:
+    @app.post("/recommend", response_model=Recommendation, openapi_extra=_body_schema("PatientRecord"))
+    async def recommend_one(request: Request) -> dict[str, Any]:
         """The recommendation for one patient record."""
-        return recommendation_json(recommend_many(policy, [record], "body")[0])
+        record = validate_record(await _json_body(request, MAX_RECORD_BYTES), "body")
+        result = await run_in_threadpool(recommend_many, current(), [record], "body")
+        return recommendation_json(result[0])
 
-    @app.post("/recommend/batch", response_model=list[Recommendation])
-    def recommend_batch(records: Annotated[Batch, Body()]) -> list[dict[str, Any]]:
-        """Recommendations for a list of records, in order (one vectorised call of the policy)."""
-        return [recommendation_json(r) for r in recommend_many(policy, records, "body")]
+    @app.post("/recommend/batch", response_model=list[Recommendation],
+              openapi_extra=_body_schema("PatientRecord", many=True))
+    async def recommend_batch(request: Request) -> list[dict[str, Any]]:
+        """Recommendations for a list of 1 to ``MAX_BATCH`` records, in order (one vectorised call of the
+        policy)."""
+        records = validate_batch(await _json_body(request, MAX_BATCH_BYTES), MAX_BATCH)
+        results = await run_in_threadpool(recommend_many, current(), records, "body")
+        return [recommendation_json(r) for r in results]
 
     @app.post("/recommend/fhir", response_class=JSONResponse,
               responses={200: {"description": "A FHIR R4 MedicationRequest (status active or on-hold, intent "
                                               "proposal), or an OperationOutcome when treatment is to stop",
-                               "content": {FHIR_JSON: {}}}})
-    def recommend_fhir(record: PatientRecord) -> JSONResponse:
+                               "content": {FHIR_JSON: {}}}},
+              openapi_extra=_body_schema("PatientRecord"))
+    async def recommend_fhir(request: Request) -> JSONResponse:
         """The recommendation for one record as FHIR R4 JSON."""
         from client.fhir import fhir_resource
 
-        resource = fhir_resource(recommend_many(policy, [record], "body")[0])
-        return JSONResponse(resource, media_type=FHIR_JSON)
+        record = validate_record(await _json_body(request, MAX_RECORD_BYTES), "body")
+        result = await run_in_threadpool(recommend_many, current(), [record], "body")
+        return JSONResponse(fhir_resource(result[0]), media_type=FHIR_JSON)
 
     return app
 
@@ -95,33 +146,100 @@ def health_report(policy) -> dict[str, Any]:
     }
 
 
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """422 with FastAPI's error list and one readable line per problem naming the field."""
-    problems = exc.errors()
-    return JSONResponse(status_code=422, content={"detail": jsonable_encoder(problems),
-                                                  "errors": [_error_line(p) for p in problems]})
+# ---------------------------------------------------------------------------------------------------------
+# Reading a body: bounded, then the recommender's strict reader
+
+
+async def _json_body(request: Request, limit: int) -> Any:
+    """The request body parsed as strict JSON; ``BodyTooLarge`` past ``limit`` bytes (announced or read)."""
+    announced = request.headers.get("content-length", "")
+    if announced.isdigit() and int(announced) > limit:
+        raise BodyTooLarge(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(limit)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        raise RecommenderInputError([InputProblem("body", (), "empty; expected JSON")])
+    try:
+        return json_document(raw)
+    except UnicodeDecodeError as err:
+        raise RecommenderInputError([InputProblem("body", (), f"not UTF-8 text (at byte {err.start})")]) from None
+    except json.JSONDecodeError as err:
+        raise RecommenderInputError([InputProblem("body", (), f"not valid JSON at character {err.pos}: "
+                                                              f"{err.msg}")]) from None
+    except strict_json.StrictJsonError as err:
+        raise RecommenderInputError([InputProblem("body", (), str(err))]) from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Errors: the field and the rule, never the input
+
+
+def _detail(problems: list[InputProblem]) -> list[dict[str, Any]]:
+    """FastAPI's shape of an error list (``loc``, ``msg``, ``type``), without ``input``."""
+    detail = []
+    for problem in problems:
+        head: list[str | int] = ["body"]
+        if problem.source.startswith("body["):
+            head.append(int(problem.source[5:-1]))
+        detail.append({"loc": [*head, *problem.field], "msg": problem.rule, "type": "value_error"})
+    return detail
 
 
 async def _input_error(request: Request, exc: RecommenderInputError) -> JSONResponse:
-    """422 for a request that is well-formed but cannot be answered (e.g. an unknown catalogue)."""
-    return JSONResponse(status_code=422, content={"detail": exc.lines, "errors": exc.lines})
+    """422 for a request the recommender cannot use: one entry and one line per problem."""
+    return JSONResponse(status_code=422, content={"detail": _detail(exc.problems), "errors": exc.lines})
 
 
-def _error_line(problem: dict[str, Any]) -> str:
-    """``body.age_years (got 300): Input should be less than or equal to 110``."""
-    where = ".".join(str(part) for part in problem.get("loc", ())) or "request"
-    value = problem.get("input")
-    shown = "" if isinstance(value, dict | list) or value is None else f" (got {value!r})"
-    if problem.get("type") == "json_invalid":
-        loc = problem.get("loc", ())
-        at = f" at character {loc[1]}" if len(loc) > 1 else ""
-        reason = (problem.get("ctx") or {}).get("error", problem.get("msg"))
-        return f"body: not valid JSON{at}: {reason}"
-    return f"{where}{shown}: {problem.get('msg')}"
+async def _unavailable(request: Request, exc: PolicyUnavailable) -> JSONResponse:
+    """503 while the site's store cannot vouch for a policy (the reason is the store's, on the site's disk)."""
+    line = f"no policy can be served: {exc}"
+    return JSONResponse(status_code=503, content={"detail": [{"loc": [], "msg": line, "type": "unavailable"}],
+                                                  "errors": [line]})
 
 
-def serve(policy, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
-    """Serve the policy over HTTP with uvicorn until interrupted."""
+async def _too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
+    line = f"body: larger than {exc.limit} bytes, the limit of {request.url.path}"
+    return JSONResponse(status_code=413, content={"detail": [{"loc": ["body"], "msg": line, "type": "too_large"}],
+                                                  "errors": [line]})
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 for FastAPI's own checks (path or query parameters), with no input values in it."""
+    detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg")), "type": str(e.get("type"))}
+              for e in exc.errors()]
+    lines = [f"{'.'.join(str(part) for part in d['loc']) or 'request'}: {d['msg']}" for d in detail]
+    return JSONResponse(status_code=422, content={"detail": detail, "errors": lines})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# OpenAPI: the bodies are read by hand, so their schema is declared here
+
+
+def _body_schema(model: str, many: bool = False) -> dict[str, Any]:
+    reference: dict[str, Any] = {"$ref": f"#/components/schemas/{model}"}
+    schema = {"type": "array", "items": reference, "minItems": 1, "maxItems": MAX_BATCH} if many else reference
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema plus the patient record's (and the models it holds), once per app."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        record = PatientRecord.model_json_schema(ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(record.pop("$defs", {}))
+        components["PatientRecord"] = record
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def serve(served: DosingPolicy | InstalledPolicy, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
+    """Serve the policy (or the one a site's store holds) over HTTP with uvicorn until interrupted."""
     import uvicorn
 
-    uvicorn.run(make_app(policy), host=host, port=port, log_level="info")
+    uvicorn.run(make_app(served), host=host, port=port, log_level="info")

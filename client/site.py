@@ -21,6 +21,7 @@ what can go wrong into an error reply that names the site and why — never a pa
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property, lru_cache, wraps
@@ -35,9 +36,12 @@ from shared.ann import MultiTaskMLP, build_model, load_arrays
 from shared.encoding import FeatureEncoder
 from shared.protocol import ErrorCode
 from shared.protocol import records as r
+from shared.protocol.errors import ShareableError
 from shared.protocol.training import hidden_of
 from shared.task import TaskSpec
 from shared.validation import SiteData, SiteDataError, load_site
+
+LOG = logging.getLogger("fednano.site")
 
 SITE_CACHE_SIZE = 64
 """Sites one process keeps loaded: a simulation actor serves many sites (each message re-validating its
@@ -169,15 +173,22 @@ class SiteHandlers:
             try:
                 site = load(source)
             except SiteDataError as err:
-                return error_reply(msg, ErrorCode.SITE_DATA, f"{site_name(source)}: {getattr(err, 'shareable', err)}")
+                return error_reply(msg, ErrorCode.SITE_DATA, f"{site_name(source)}: {err.shareable}")
             config = msg.content[r.CONFIG] if r.CONFIG in msg.content else ConfigRecord()
             request = SiteRequest(source, site, config, context)
             try:
                 content = answer(msg, request)
             except (PrivacyRefused, BudgetExhausted, LedgerError) as err:
                 return error_reply(msg, ErrorCode.PRIVACY, f"{request.name} refuses {what}: {err}")
-            except (KeyError, ValueError) as err:
+            except KeyError as err:
+                return error_reply(msg, request_error, f"{request.name} cannot answer {what}: the request has no "
+                                   f"key {err.args[0]!r}" if err.args else "")
+            except ShareableError as err:
                 return error_reply(msg, request_error, f"{request.name} cannot answer {what}: {err}")
+            except Exception as err:  # noqa: BLE001 - whatever it is, its text may quote data: it stays here
+                LOG.error("%s could not answer %s", request.name, what, exc_info=True)
+                return error_reply(msg, request_error, f"{request.name} could not answer {what}: "
+                                   f"{type(err).__name__} (the details are in the site's own log)")
             return Message(content, reply_to=msg)
 
         return handle

@@ -19,13 +19,13 @@ from flwr.clientapp import ClientApp
 from client.dp import PhaseRelease, PrivacyRefused, start_run, training_noise
 from client.evaluation import private_summaries, summaries
 from client.ledger import BudgetExhausted, LedgerError
-from client.site import SiteHandlers, SiteRequest, error_reply, load, site_dp
+from client.site import SiteHandlers, SiteRequest, load, site_dp
 from client.statistics import noised_rows, private_statistics
 from client.training import DPConfig, TrainConfig, sample_rate, steps_per_epoch, train
 from shared import metrics
 from shared.ann import predict, to_arrays
 from shared.encoding import SiteStatistics
-from shared.protocol import ErrorCode, messages
+from shared.protocol import messages
 from shared.protocol import records as r
 from shared.protocol.privacy import RELEASE_INDEX, RELEASES, SitePrivacy
 from shared.protocol.site_check import SiteCheckReply, plan_of
@@ -44,24 +44,29 @@ def site_check(msg: Message, context: Context, handlers: SiteHandlers) -> Messag
     source = handlers.source(context)
     report = validate_site(source.path, source.task())
     name = source.name or str(report.summary.get("site") or source.path.stem)
-    shareable = report.shareable_errors() if hasattr(report, "shareable_errors") else [str(p) for p in report.errors]
-    privacy, summary = SitePrivacy(dp=False), {}
+    problems, privacy = report.shareable_errors(), SitePrivacy(dp=False)
     if report.ok:
-        try:
-            site = load(source)
-            dp = site_dp(source, site)
-            if dp is not None:
-                privacy = start_run(context, dp, plan_of(msg.content)).terms(dp)
-        except SiteDataError as err:
-            return error_reply(msg, ErrorCode.SITE_DATA, f"{name}: {getattr(err, 'shareable', err)}")
-        except (LedgerError, BudgetExhausted, ValueError) as err:
-            return error_reply(msg, ErrorCode.PRIVACY, f"{name}: privacy terms unusable: {err}")
-        if not privacy.dp:
-            summary = {k: float(v) for k, v in report.summary.items()
-                       if isinstance(v, int | float) and not isinstance(v, bool)}
-    reply = SiteCheckReply(site=name, ok=report.ok, errors=shareable[:MAX_ERRORS_REPORTED],
+        problems, privacy = _privacy_terms(msg, context, source)
+    summary = {} if problems or privacy.dp else {k: float(v) for k, v in report.summary.items()
+                                                 if isinstance(v, int | float) and not isinstance(v, bool)}
+    reply = SiteCheckReply(site=name, ok=not problems, errors=problems[:MAX_ERRORS_REPORTED],
                            warnings=len(report.warnings), summary=summary, privacy=privacy)
     return Message(reply.to_records(), reply_to=msg)
+
+
+def _privacy_terms(msg: Message, context: Context, source) -> tuple[list[str], SitePrivacy]:
+    """The site's privacy terms for the run (planned now, kept for the run's later messages), or the problems
+    that keep it out: data that fail to load, a ledger that cannot be trusted, privacy settings that break a
+    rule."""
+    try:
+        site = load(source)
+        dp = site_dp(source, site)
+        terms = start_run(context, dp, plan_of(msg.content)).terms(dp) if dp is not None else SitePrivacy(dp=False)
+    except SiteDataError as err:
+        return err.shareable_errors or [err.shareable], SitePrivacy(dp=False)
+    except (LedgerError, BudgetExhausted, ValueError) as err:
+        return [f"privacy terms unusable: {err}"], SitePrivacy(dp=False)
+    return [], terms
 
 
 def statistics(msg: Message, request: SiteRequest) -> RecordDict:

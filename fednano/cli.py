@@ -10,6 +10,10 @@ from pathlib import Path
 
 import typer
 
+SITE_MAX_EPSILON = 20.0
+"""The largest ε a site.toml may declare (``shared.validation.MAX_EPSILON``; not imported, to keep ``--help``
+instant; tests/test_settings.py checks they agree)."""
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 
 
@@ -70,7 +74,8 @@ def simulate(
     clinics: int = typer.Option(5, "--clinics", min=2, max=50, help="Simulated clinics (ignored with --sites)."),
     rounds: int | None = typer.Option(None, "--rounds", min=1, help="Federated rounds (default 10)."),
     dp: bool = typer.Option(True, "--dp/--no-dp", help="Simulated sites train with DP-SGD (site.toml budget)."),
-    epsilon: float = typer.Option(3.0, "--epsilon", min=0.01, help="Per-site ε budget of simulated sites."),
+    epsilon: float = typer.Option(3.0, "--epsilon", min=0.01, max=SITE_MAX_EPSILON,
+                                  help="Per-site ε budget of simulated sites."),
     strategy: str | None = typer.Option(None, "--strategy", help="fedavg | fedprox | fedadam | fedyogi."),
     seed: int = typer.Option(0, "--seed", help="Seed of the world, the splits and the models."),
     out: Path = typer.Option(Path("runs/simulate"), "--out", help="Output folder."),
@@ -149,7 +154,9 @@ def analytics(
     sites: list[Path] | None = typer.Option(None, "--sites", help="Site folders or CSV files: --sites A B C."),
     task: Path | None = typer.Option(None, "--task", help="task.toml for --sites holding a generic task."),
     dp: bool = typer.Option(False, "--dp/--no-dp", help="Simulated sites add Gaussian noise to every aggregate."),
-    epsilon: float = typer.Option(1.0, "--epsilon", min=0.01, help="ε each DP site spends on this run."),
+    epsilon: float = typer.Option(1.0, "--epsilon", min=0.01, max=SITE_MAX_EPSILON,
+                                  help="ε budget of simulated DP sites, all of it for this run (your own sites "
+                                       "grant analytics their [privacy.shares] analytics)."),
     k: int = typer.Option(3, "--k", min=1, max=20, help="k-means clusters."),
     seed: int = typer.Option(0, "--seed", help="World seed and initial-centroid phase."),
     out: Path = typer.Option(Path("runs/analytics"), "--out", help="Output folder."),
@@ -162,8 +169,14 @@ def analytics(
     if clinics is not None and sites:
         raise typer.BadParameter("give --clinics or --sites, not both", param_hint="--clinics")
     flower_environment(Path.cwd())
-    run_analytics(out, clinics=None if sites else (clinics or 5), sites=sites or None, task=task, dp=dp, k=k,
-                  seed=seed, epsilon=epsilon)
+    from simulation.experiment import ExperimentError
+
+    try:
+        run_analytics(out, clinics=None if sites else (clinics or 5), sites=sites or None, task=task, dp=dp, k=k,
+                      seed=seed, epsilon=epsilon)
+    except ExperimentError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
     typer.echo(f"wrote {out / 'analytics.json'}, {out / 'analytics.md'}, CSV tables and {out / 'pca_clusters.png'}")
 
 
@@ -257,24 +270,32 @@ def status(
     raise typer.Exit(1 if failed else 0)
 
 
+POLICY_HELP = ("A signed policy bundle folder. With --site (or a site store found in ./.fednano/policy) it must be "
+               "the version the site installed: an older one is refused.")
+SITE_HELP = ("A site's data folder: serve the policy its store (<site>/.fednano/policy) holds, verified against "
+             "--trust.")
+TRUST_HELP = "The coordinator's public key policy_signing.pub from this site's kit."
+
+
 @app.command()
 def recommend(
-    policy: Path = typer.Option(..., "--policy", help="The signed policy bundle folder."),
-    trust: Path = typer.Option(..., "--trust", help="The coordinator's public key from this site's kit."),
     patient: Path = typer.Option(..., "--patient", help="Patient record JSON (see examples/patient.json)."),
+    trust: Path = typer.Option(..., "--trust", help=TRUST_HELP),
+    site: Path | None = typer.Option(None, "--site", help=SITE_HELP),
+    policy: Path | None = typer.Option(None, "--policy", help=POLICY_HELP),
     vitals: Path | None = typer.Option(
         None, "--vitals", help="The last cycle's daily wearable readings (CSV, columns of vitals.csv); their "
                                "summary replaces the record's wearable_summary."),
     fhir: bool = typer.Option(False, "--fhir", help="Print a FHIR R4 MedicationRequest instead."),
 ) -> None:
-    """Recommend formulation, dose and interval for one patient from the verified policy; print JSON."""
+    """Recommend formulation, dose and interval for one patient from the site's verified policy; print JSON."""
     import json
 
-    from client.recommender import RecommenderInputError, load_policy, read_patient, with_vitals
+    from client.recommender import RecommenderInputError, policy_to_serve, read_patient, with_vitals
     from client.recommender import recommend as recommend_one
 
     try:
-        loaded = load_policy(policy, trust)
+        loaded = policy_to_serve(policy, trust, site)
         record = read_patient(patient)
         if vitals is not None:
             record, warnings = with_vitals(record, vitals)
@@ -291,24 +312,27 @@ def recommend(
 
 @app.command()
 def serve(
-    policy: Path = typer.Option(..., "--policy", help="The signed policy bundle folder."),
-    trust: Path = typer.Option(..., "--trust", help="The coordinator's public key from this site's kit."),
+    trust: Path = typer.Option(..., "--trust", help=TRUST_HELP),
+    site: Path | None = typer.Option(None, "--site", help=SITE_HELP),
+    policy: Path | None = typer.Option(None, "--policy", help=POLICY_HELP),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: this machine only)."),
     port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port."),
 ) -> None:
-    """Serve the recommender over HTTP (OpenAPI at /docs); refuses to start if the bundle does not verify."""
-    from client.recommender import RecommenderInputError, load_policy
+    """Serve the recommender over HTTP (OpenAPI at /docs); refuses to start if the policy is not the site's."""
+    from client.recommender import InstalledPolicy, RecommenderInputError, followed_policy
     from client.service import serve as serve_app
 
     try:
-        loaded = load_policy(policy, trust)
+        served = followed_policy(policy, trust, site)
     except RecommenderInputError as err:
         typer.echo("\n".join(f"error: {line}" for line in err.lines), err=True)
         typer.echo("error: not starting the recommender service", err=True)
         raise typer.Exit(1) from err
+    loaded = served.current() if isinstance(served, InstalledPolicy) else served
     version = loaded.manifest.version if loaded.manifest is not None else "?"
-    typer.echo(f"policy version {version} verified; serving on http://{host}:{port} (OpenAPI: /docs)")
-    serve_app(loaded, host=host, port=port)
+    followed = f"; following the site's store {served.store.root}" if isinstance(served, InstalledPolicy) else ""
+    typer.echo(f"policy version {version} verified{followed}; serving on http://{host}:{port} (OpenAPI: /docs)")
+    serve_app(served, host=host, port=port)
 
 
 ledger_app = typer.Typer(no_args_is_help=True, help="A site's privacy ledger: what it has spent, and starting a new "
@@ -479,9 +503,13 @@ def _print_policy(console, policy: dict | None) -> None:
 
     if not policy:
         return
-    held = sum(s["installed"] for s in policy["sites"].values())
-    console.print(f"policy v{policy['version']}: {policy['bundle']} (trust key {policy['trust_key']}); "
-                  f"installed at {held} of {len(policy['sites'])} sites")
+    console.print(f"release gate: {policy['gate']['reason']}")
+    if policy["shipped"]:
+        held = sum(s["installed"] for s in policy["sites"].values())
+        console.print(f"policy v{policy['version']}: {policy['bundle']} (trust key {policy['trust_key']}); "
+                      f"installed at {held} of {len(policy['sites'])} sites")
+    else:
+        console.print(f"policy not shipped: the candidate stays in {policy['candidate']}")
     if not policy.get("evaluation"):
         return
     table = Table(title=f"dosing policies on {policy['evaluation']['patients_per_site']} new patients per site "

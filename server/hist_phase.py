@@ -30,6 +30,7 @@ with masking, not a sum at all.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -170,6 +171,13 @@ def record_bytes(content: RecordDict) -> int:
     return total
 
 
+DP_HESSIAN_NOISE_SDS = 3.0
+"""With DP sites, a child needs a summed hessian this many noise sds above zero (its cumulative noise over a
+feature's bins) before a split may create it: splits and leaf weights −G/(H + λ) on hessians the noise could
+have made up are noise, and a near-zero noisy H gives an unbounded leaf (measured without this floor: 5 DP
+clinics at ε 0.6 for 243 releases grew trees of response AUC 0.48 and efficacy R² −4.9e5)."""
+
+
 class HistSession:
     """One run of the protocol with a fixed set of sites: requests, sums, secure-sum keys, counters."""
 
@@ -182,6 +190,18 @@ class HistSession:
         self.release_index = 0
         self.bytes_down = self.bytes_up = 0
         self.privacy: list[tuple[int, dict]] = []  # (node, a DP release's facts)
+
+    def tree_params(self, objective: str) -> hb.TreeParams:
+        """The trees' parameters, with ``min_child_weight`` raised above the noise of DP sites' hessians."""
+        latest: dict[int, float] = {}
+        for node, facts in self.privacy:
+            latest[node] = float(facts["noise-sd"])
+        if not latest:
+            return self.settings.tree
+        per_bin = np.sqrt(sum(sd ** 2 for sd in latest.values())) * hb.HESSIAN_BOUNDS[objective]
+        floor = DP_HESSIAN_NOISE_SDS * per_bin * np.sqrt(self.settings.max_bin)
+        return dataclasses.replace(self.settings.tree,
+                                   min_child_weight=max(self.settings.tree.min_child_weight, float(floor)))
 
     def ask(self, message_type: messages.MessageName, extra: dict, arrays: ArrayRecord) -> dict[int, RecordDict]:
         """Send one request to every site; their replies by node (HistProtocolError if any site failed)."""
@@ -265,7 +285,7 @@ def global_thresholds(session: HistSession, lo: np.ndarray, hi: np.ndarray) -> l
 def grow_round(session: HistSession, spec: HeadSpec, thresholds: list[np.ndarray],
                finished: list[list[hb.Tree]]) -> list[hb.Tree]:
     """One boosting round (``spec.n_outputs`` trees) grown level by level from summed site histograms."""
-    grower = hb.LevelGrower(spec.n_outputs, thresholds, session.settings.tree)
+    grower = hb.LevelGrower(spec.n_outputs, thresholds, session.tree_params(spec.objective))
     head = Head(spec.outcome, spec.kind, spec.positive_class if spec.positive_class >= 0 else None)
     head_config = {**head_to_config(head), h.OBJECTIVE: spec.objective, h.N_OUTPUTS: spec.n_outputs,
                    h.BASE_MARGIN: hb.base_margin(spec.objective, spec.base_score)}
@@ -290,9 +310,14 @@ def run_hist_boosting(grid: Grid, sites: SiteCheck, encoder: FeatureEncoder, set
     outcome = HistOutcome(refused=sites.refusing("boosting"))
     start = time.perf_counter()
     specs = head_specs(encoder, hist.softmax)
-    session = HistSession(grid, sites.granting("boosting"), boosting_round(settings).to_config(encoder), hist,
-                          len(specs))
-    lo, hi = global_ranges(session, outcome.failures)
+    nodes = sites.granting("boosting")
+    if not nodes:
+        return outcome  # every site refused the phase: no trees (the record says why)
+    session = HistSession(grid, nodes, boosting_round(settings).to_config(encoder), hist, len(specs))
+    try:
+        lo, hi = global_ranges(session, outcome.failures)
+    except HistProtocolError:
+        return outcome  # no site could say its ranges (each failure is in outcome.failures)
     if hist.secure_sum:
         session.exchange_keys()
     thresholds = global_thresholds(session, lo, hi)

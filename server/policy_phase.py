@@ -4,12 +4,17 @@
    the policy may choose only among those.
 2. **dose adjustment** — if the run asks for it, the fitted-Q adjuster is learned federated from the sites'
    multi-cycle trajectories (:mod:`server.adjustment_phase`).
-3. **bundle** — ``policy.json`` (:class:`shared.dosing_policy.DosingPolicy`'s document: formulations, action
+3. **release gate** — the candidate (unsigned, ``OUT/candidate``) goes to every site, which values it and its
+   own standard of care on its held-out logged first cycles (doubly robust, :mod:`client.ope`) and sends sums
+   only; the server signs and sends the candidate only if the lower 95 % bound of (candidate − standard of
+   care) is above 0 (:func:`shared.off_policy.gate`), otherwise it keeps the sites' installed version and
+   the record says why.
+4. **bundle** — ``policy.json`` (:class:`shared.dosing_policy.DosingPolicy`'s document: formulations, action
    space, safety rules, objective, adjuster) plus the federated models (``encoder.json``,
    ``ann_federated.pt``, ``xgb_*.json``), signed with the coordinator's Ed25519 key into ``OUT/policy/v<N>``
    (run config ``policy-dir``; :func:`shared.policy_bundle.build_bundle`). The manifest carries each site's
    ε spent, the validation metrics and the safety bounds.
-4. **distribution** — ``query.install_policy`` to every usable site; each verifies and installs it, or says
+5. **distribution** — ``query.install_policy`` to every usable site; each verifies and installs it, or says
    why not (:mod:`client.policy_handlers`). Which sites hold which version goes into the run record.
 
 The version comes from the coordinator's own counter, ``policy_version`` in the policy folder, so each
@@ -19,7 +24,6 @@ run's bundle is newer than every earlier one written there and sites can refuse 
 from __future__ import annotations
 
 import json
-import tempfile
 from logging import INFO
 from pathlib import Path
 
@@ -35,9 +39,11 @@ from server.site_check import SiteCheck
 from shared.artifacts import RunArtifacts
 from shared.dosing_policy import FORMULATION_FEATURES, POLICY_FILE, DosingPolicy
 from shared.durable import write_json_atomically
+from shared.off_policy import GateResult, gate
 from shared.policy_bundle import build_bundle, bundle_contents
 from shared.protocol import messages
-from shared.protocol.policy import Installed, catalogue_of, install_request
+from shared.protocol import records as r
+from shared.protocol.policy import Installed, catalogue_of, install_request, value_of, value_request
 
 VERSION_FILE = "policy_version"
 
@@ -90,23 +96,60 @@ def validation_metrics(record: RunRecord) -> dict:
             for family, model in record.models.items() if model.final.get("overall")}
 
 
-def build_policy(artifacts: RunArtifacts, record: RunRecord, formulations: dict, signing_key: Path,
-                 policy_dir: Path, adjuster=None) -> Path:
-    """Write ``policy.json`` and sign the bundle (this run's models) into ``policy_dir/v<N>``; returns the
-    bundle folder."""
+CANDIDATE_FOLDER = "candidate"
+"""Where the run's candidate policy is written, unsigned, beside its models (``OUT/federated/candidate``)."""
+
+
+def write_candidate(artifacts: RunArtifacts, record: RunRecord, formulations: dict, folder: Path,
+                    adjuster=None) -> dict[str, Path]:
+    """Write the candidate's ``policy.json`` and copy this run's models into ``folder``; returns the files."""
     models, files = model_files(artifacts, record)
     policy = DosingPolicy(encoder=artifacts.encoder(), members={}, formulations=formulations, adjuster=adjuster)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / POLICY_FILE).write_text(json.dumps(policy.document(models, "encoder.json"), indent=1,
+                                                 allow_nan=False) + "\n")
+    for name, source in files.items():
+        (folder / name).write_bytes(source.read_bytes())
+    return {name: folder / name for name in [*files, POLICY_FILE]}
+
+
+def value_at_sites(grid: Grid, sites: SiteCheck, files: dict[str, Path], settings: RunSettings,
+                   record: RunRecord) -> GateResult:
+    """Ask every site that grants the ``policy`` phase for its doubly-robust value sums of the candidate and of
+    its standard of care (``query.policy_value``), and gate on their sum (``shared.off_policy.gate``)."""
+    content = value_request({name: path.read_bytes() for name, path in files.items()}, settings.split_seed,
+                            releases=1, index=0)
+    nodes = sites.granting("policy")
+    sent = [Message(content, dst_node_id=n, message_type=messages.POLICY_VALUE.type) for n in nodes]
+    by_site, failures = {}, {}
+    for reply in grid.send_and_receive(sent):
+        name = sites.usable.get(reply.metadata.src_node_id, f"node {reply.metadata.src_node_id}")
+        if reply.has_error():
+            failures[name] = reply.error.reason
+            continue
+        by_site[name] = value_of(reply.content)
+        if r.PRIVACY in reply.content:
+            add_privacy(record, sites.usable, reply.metadata.src_node_id, dict(reply.content[r.PRIVACY]))
+    result = gate(by_site)
+    result.per_site.update({name: {"failed": why} for name, why in failures.items()})
+    result.per_site.update({name: {"refused": why} for name, why in sites.refusing("policy").items()})
+    log(INFO, "release gate: %s", result.reason)
+    return result
+
+
+def sign(files: dict[str, Path], record: RunRecord, gate_result: GateResult, signing_key: Path,
+         policy_dir: Path) -> Path:
+    """Sign the candidate into ``policy_dir/v<N>`` (the coordinator's next version), the gate's figures in its
+    manifest; returns the bundle folder."""
     version = next_version(policy_dir)
     privacy = {site: {"epsilon": p.epsilon_spent, "delta": p.delta, "budget": p.epsilon_budget}
                for site, p in record.privacy.items() if p.dp}
-    document = policy.document(models, "encoder.json")
-    bounds = json.loads(json.dumps({k: document[k] for k in ("action_space", "safety", "objective")}))
-    with tempfile.TemporaryDirectory(prefix="fednano-policy-") as tmp:
-        path = Path(tmp) / POLICY_FILE
-        path.write_text(json.dumps(document, indent=1, allow_nan=False) + "\n")
-        return build_bundle(policy_dir / f"v{version}", {**files, POLICY_FILE: path}, version=version,
-                            run_id=record.run_id, privacy=privacy, metrics=validation_metrics(record),
-                            safety_bounds=bounds, signing_key_path=signing_key)
+    document = json.loads(files[POLICY_FILE].read_text())
+    bounds = {k: document[k] for k in ("action_space", "safety", "objective")}
+    metrics = {**validation_metrics(record), "gate": {k: v for k, v in gate_result.to_dict().items()
+                                                     if k != "per_site"}}
+    return build_bundle(policy_dir / f"v{version}", files, version=version, run_id=record.run_id, privacy=privacy,
+                        metrics=metrics, safety_bounds=bounds, signing_key_path=signing_key)
 
 
 def distribute(grid: Grid, nodes: list[int], names: dict[int, str], bundle: Path) -> dict[str, dict]:
@@ -126,8 +169,9 @@ def distribute(grid: Grid, nodes: list[int], names: dict[int, str], bundle: Path
 
 def run_policy_phase(grid: Grid, sites: SiteCheck, artifacts: RunArtifacts, record: RunRecord,
                      settings: RunSettings) -> dict:
-    """Build and sign the dosing policy from this run's models, with the dose adjuster if asked, and send it
-    to every site; returns the record's ``policy`` entry."""
+    """Build the candidate dosing policy from this run's models (with the dose adjuster if asked), have the
+    sites value it against their standard of care on their own logs, and sign and send it only if the release
+    gate passes; returns the record's ``policy`` entry (what shipped, or why not)."""
     formulations = collect_catalogue(grid, sites.nodes)
     adjuster, adjustment = None, {"fitted": False, "reason": "fqi-iterations = 0"}
     if settings.fqi_iterations > 0:
@@ -142,9 +186,17 @@ def run_policy_phase(grid: Grid, sites: SiteCheck, artifacts: RunArtifacts, reco
         except AdjustmentFailed as err:
             log(INFO, "dose adjuster not fitted: %s", err)
             adjustment = {"fitted": False, "reason": str(err), "refused": sites.refusing("adjuster")}
-    bundle = build_policy(artifacts, record, formulations, Path(settings.signing_key),
-                          Path(settings.policy_dir or Path(settings.out_dir) / "policy"), adjuster)
-    installed = distribute(grid, sites.nodes, sites.usable, bundle)
-    version = int(bundle.name.removeprefix("v"))
-    return {"bundle": str(bundle), "version": version, "formulations": sorted(formulations), "sites": installed,
-            "adjustment": adjustment}
+    files = write_candidate(artifacts, record, formulations, artifacts.folder / CANDIDATE_FOLDER, adjuster)
+    verdict = value_at_sites(grid, sites, files, settings, record)
+    if not settings.release_gate:
+        verdict.reason = f"gate skipped (run config release-gate = false); the estimate: {verdict.reason}"
+    ship = verdict.passed or not settings.release_gate
+    entry = {"candidate": str(artifacts.folder / CANDIDATE_FOLDER), "formulations": sorted(formulations),
+             "adjustment": adjustment, "gate": verdict.to_dict(), "shipped": ship,
+             "bundle": None, "version": None, "sites": {}}
+    if ship:
+        bundle = sign(files, record, verdict, Path(settings.signing_key),
+                      Path(settings.policy_dir or Path(settings.out_dir) / "policy"))
+        entry.update(bundle=str(bundle), version=int(bundle.name.removeprefix("v")),
+                     sites=distribute(grid, sites.nodes, sites.usable, bundle))
+    return entry

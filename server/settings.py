@@ -66,9 +66,10 @@ class RunSettings:
         Where the run record and the models go.
     models : str, default "ann,xgboost"
         Model families to train.
-    boosting : str, default "bagging"
-        Federated XGBoost: bagging | cyclic (Flower's strategies) | hist (summed histograms; the only one a
-        DP site can join).
+    boosting : str, default "hist"
+        Federated XGBoost: hist (trees grown from the sites' summed gradient histograms: equal to pooled
+        boosting without DP, and the only mode a DP site can join) | bagging | cyclic (Flower's strategies,
+        kept for comparison).
     xgb_rounds, xgb_eta, xgb_max_depth : int, float, int
         Boosting rounds per head, learning rate, depth.
     signing_key : str, default ""
@@ -77,6 +78,10 @@ class RunSettings:
         Where signed bundles and the version counter live (default OUT/policy); keep one across runs.
     fqi_iterations : int, default 25
         Fitted-Q iterations of the federated dose adjuster (0: none); each is one message round.
+    release_gate : bool, default True
+        Sign and send the policy only if the sites' off-policy estimates show it beats their standard of care
+        (``shared.off_policy``). False skips the decision (the estimates are still asked for and recorded, and
+        the manifest says the gate was skipped): for tests of the distribution itself, never for patients.
     """
 
     num_server_rounds: int = 10
@@ -94,13 +99,14 @@ class RunSettings:
     task_path: str = ""
     out_dir: str = "runs/federation"
     models: str = "ann,xgboost"
-    boosting: str = "bagging"
+    boosting: str = "hist"
     xgb_rounds: int = 20
     xgb_eta: float = 0.1
     xgb_max_depth: int = 4
     signing_key: str = ""
     policy_dir: str = ""
     fqi_iterations: int = 25
+    release_gate: bool = True
 
     def __post_init__(self) -> None:
         parse_hidden(self.hidden)

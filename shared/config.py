@@ -15,5 +15,16 @@ def settings_from_run_config(cls: type[T], run_config: dict[str, Any]) -> T:
     for f in fields(cls):
         key = f.name.replace("_", "-")
         if key in run_config:
-            values[f.name] = type(f.default)(run_config[key])
+            values[f.name] = _typed(type(f.default), run_config[key], key)
     return cls(**values)
+
+
+def _typed(kind: type, value: Any, key: str) -> Any:
+    """``value`` as ``kind``; a boolean only from a boolean or the words true/false (``bool("false")`` is True)."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).strip().lower() in ("true", "false"):
+            return str(value).strip().lower() == "true"
+        raise ValueError(f"run config {key}: expected true or false, got {value!r}")
+    return kind(value)

@@ -364,6 +364,11 @@ def unpack_histograms(packed: np.ndarray, widths: np.ndarray) -> np.ndarray:
 # 4. Trees and their growth
 
 
+HESSIAN_BOUNDS = {"binary:logistic": 0.25, "multi:softprob": 0.5, "reg:squarederror": 1.0}
+"""Largest hessian one row can have: p(1 − p) ≤ 1/4, 2p(1 − p) ≤ 1/2, 1 (the per-row bound of a DP release
+of hessian histograms)."""
+
+
 @dataclass(frozen=True)
 class TreeParams:
     """XGBoost's tree parameters, with its names in comments.

@@ -335,14 +335,43 @@ def load_signing_key(path: Path) -> ed25519.Ed25519PrivateKey:
     return key
 
 
+MAX_KEY_FILE_BYTES = 64 * 1024
+"""Largest key file read: a PEM public key is about 100 bytes, a certificate chain a few kB."""
+
+KEY_FILE_KINDS = (
+    (b"-----BEGIN CERTIFICATE-----", "an X.509 certificate (such as the kit's ca.pem), not a public key"),
+    (b"PRIVATE KEY-----", "a private key. A site never needs a private key to verify policies; if this is the "
+                          "coordinator's policy_signing.key, it must not be at a site"),
+    (b"ecdsa-sha2-", "an OpenSSH public key (such as the kit's supernode.pub), not a PEM public key"),
+    (b"ssh-", "an OpenSSH public key (such as the kit's supernode.pub), not a PEM public key"),
+)
+"""What a wrong trust-key file usually is, recognised by its text, so the error can say so."""
+
+
 def load_trust_key(path: Path) -> ed25519.Ed25519PublicKey:
-    """The public key a site trusts, from a SubjectPublicKeyInfo PEM file (its kit's ``policy_signing.pub``)."""
+    """The public key a site trusts, from a SubjectPublicKeyInfo PEM file (its kit's ``policy_signing.pub``).
+
+    Raises ``ValueError`` saying what the file is instead (a folder, a certificate, a private key, an OpenSSH
+    key, another algorithm's key, not PEM at all), and ``OSError`` if it cannot be read.
+    """
+    path = Path(path)
+    expected = "expected the coordinator's Ed25519 public key (policy_signing.pub from this site's kit)"
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder; {expected}")
+    with open(path, "rb") as f:
+        data = f.read(MAX_KEY_FILE_BYTES + 1)
+    if len(data) > MAX_KEY_FILE_BYTES:
+        raise ValueError(f"{path}: larger than {MAX_KEY_FILE_BYTES // 1024} kB, not a key file; {expected}")
+    for marker, kind in KEY_FILE_KINDS:
+        if marker in data:
+            raise ValueError(f"{path}: is {kind}; {expected}")
     try:
-        key = serialization.load_pem_public_key(Path(path).read_bytes())
-    except (ValueError, UnsupportedAlgorithm) as err:
-        raise ValueError(f"{path}: not a SubjectPublicKeyInfo PEM public key: {err}") from None
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, UnsupportedAlgorithm):
+        raise ValueError(f"{path}: not a SubjectPublicKeyInfo PEM public key; {expected}") from None
     if not isinstance(key, ed25519.Ed25519PublicKey):
-        raise ValueError(f"{path}: expected an Ed25519 public key, got {type(key).__name__}")
+        raise ValueError(f"{path}: is a public key of another algorithm ({type(key).__name__}), not Ed25519; "
+                         f"{expected}")
     return key
 
 

@@ -31,12 +31,14 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
+from shared.protocol.errors import ShareableError
+
 HKDF_INFO = b"fednano secure sum v1"
 MIN_SITES = 2
 """With one site the sum is that site's value: there is nothing to hide it among."""
 
 
-class SecureSumError(ValueError):
+class SecureSumError(ShareableError):
     """A masking request that would not keep the site's value hidden, or a sum that cannot be unmasked."""
 
 

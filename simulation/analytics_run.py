@@ -99,7 +99,9 @@ def prepare_sites(out: Path, clinics: int | None, sites: Sequence[Path] | None, 
                   patients_per_clinic: int | None) -> list[SiteSource]:
     """The run's sites: the user's, or freshly simulated clinics under ``out/sites``."""
     if sites:
-        return [SiteSource(Path(p), Path(task) if task else None) for p in sites]
+        from simulation.experiment import distinct_sites
+
+        return distinct_sites([SiteSource(Path(p), Path(task) if task else None) for p in sites])
     if not clinics:
         raise ValueError("give --clinics N or --sites PATH ...")
     budget = site_budget if site_budget is not None else epsilon

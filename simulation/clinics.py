@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from shared.dosing_policy import LABEL_DOSE_MG_M2
+from shared.dosing_policy import HEPATIC_BANDS_UMOL_L, HEPATIC_FACTORS, LABEL_DOSE_MG_M2, LABEL_INTERVAL_DAYS
 from shared.schema import EPISODE_COLUMNS, EPISODES_FILE, SCHEMA_VERSION, SITE_FILE, TUMOUR_TYPES, VITALS_FILE
 from simulation.effect import OMEGA_EFFICACY_CYCLE, nadir_ratio, shrinkage
 from simulation.formulations import Formulations, formulation_library
@@ -31,13 +31,9 @@ from simulation.oracle import CycleOutcomes, PatientState, cycle_outcomes, growt
 from simulation.patients import Patients, Population, sample_patients
 from simulation.wearables import DeviceHabits, simulate_vitals
 
-# Label starting doses (shared.dosing_policy.LABEL_DOSE_MG_M2) and schedules of liposomal doxorubicin (Doxil/
-# Caelyx SmPC): ovarian 50 q4w, breast 50 q4w, Kaposi 20 q3w, myeloma 30 (with bortezomib) q3w; soft-tissue
-# sarcoma 50 q4w (Judson 2001).
-LABEL_INTERVAL_D = {"ovarian": 28, "breast": 28, "kaposi": 21, "myeloma": 21, "sarcoma": 28}
-# Label hepatic reductions: bilirubin 1.2-3 mg/dL (20.5-51 µmol/L) −25 %, above −50 % (Doxil label).
-HEPATIC_BANDS_UMOL_L = (20.5, 51.0)
-HEPATIC_FACTORS = (0.75, 0.5)
+# Label starting doses, schedules and hepatic reductions: the label's (shared.dosing_policy), public knowledge
+# the clinics and the policy share.
+LABEL_INTERVAL_D = LABEL_INTERVAL_DAYS
 # RECIST 1.1 progression: ≥ 20 % growth of the sum of diameters (Eisenhauer et al., Eur J Cancer 2009).
 PROGRESSION_GROWTH = 0.20
 TOXICITY_DOSE_REDUCTION = 0.75
@@ -395,11 +391,13 @@ folders, made anew with them, so fresh clinics start fresh budgets and nothing l
 @dataclass(frozen=True)
 class SitePrivacy:
     """The privacy budget a simulated site writes in its site.toml (a hospital decides its own): DP on or off,
-    (ε, δ), and optionally shares of ε per phase (``[privacy.shares]``; ``client.dp`` defaults otherwise)."""
+    (ε, δ), optionally the most one run may spend (``epsilon_per_run``; default all that is left) and shares of
+    ε per phase (``[privacy.shares]``; ``client.dp`` defaults otherwise)."""
 
     dp: bool = True
     epsilon: float = 3.0
     delta: float = 1e-5
+    epsilon_per_run: float | None = None
     shares: tuple[tuple[str, float], ...] = ()
 
 
@@ -407,6 +405,8 @@ def site_toml(clinic: ClinicProfile, privacy: SitePrivacy = SitePrivacy()) -> st
     """The site's configuration file: name, schema version and its privacy budget."""
     text = (f'[site]\nname = "{clinic.name}"\nschema_version = "{SCHEMA_VERSION}"\n\n'
             f"[privacy]\ndp = {str(privacy.dp).lower()}\nepsilon = {privacy.epsilon!r}\ndelta = {privacy.delta!r}\n")
+    if privacy.epsilon_per_run is not None:
+        text += f"epsilon_per_run = {privacy.epsilon_per_run!r}\n"
     if privacy.shares:
         text += "\n[privacy.shares]\n" + "".join(f"{phase} = {share!r}\n" for phase, share in privacy.shares)
     return text

@@ -73,6 +73,7 @@ class ExperimentConfig:
     xgb_rounds: int = DEFAULTS.xgb_rounds
     compare: bool = True  # the seed paper's comparison: random forest, SVM, gradient boosting
     fqi_iterations: int = DEFAULTS.fqi_iterations
+    release_gate: bool = DEFAULTS.release_gate  # False ships the policy whatever the sites' estimates (tests)
 
     def run_settings(self, n_sites: int, signing_key: Path | None) -> RunSettings:
         """The federated run's settings for these options (one mapping, here)."""
@@ -82,7 +83,7 @@ class ExperimentConfig:
             min_nodes=n_sites, out_dir=str(self.out / "federated"), task_path=str(self.task) if self.task else "",
             models=self.models, boosting=self.boosting, xgb_rounds=self.xgb_rounds,
             signing_key=str(signing_key) if signing_key is not None else "",
-            policy_dir=str(self.out / "policy"), fqi_iterations=self.fqi_iterations)
+            policy_dir=str(self.out / "policy"), fqi_iterations=self.fqi_iterations, release_gate=self.release_gate)
 
 
 def flower_environment(project_home: Path) -> None:
@@ -255,15 +256,18 @@ def policy_results(cfg: ExperimentConfig, policy: dict, sources: list[SiteSource
     """Where the signed policy is, which key verifies it, which sites hold it, and — in the simulated world —
     how it does against the oracle, standard of care, local-only and pooled policies."""
     from shared.dosing_policy import DosingPolicy
-    from simulation.policy_evaluation import evaluate_policies, policy_decider
+    from simulation.policy_evaluation import evaluate_policies, policy_decider, random_decider
 
     trust = sources[0].trust_key
     result = {"bundle": policy["bundle"], "trust_key": str(trust), "version": policy["version"],
+              "shipped": policy["shipped"], "candidate": policy["candidate"], "gate": policy["gate"],
               "formulations": policy["formulations"], "sites": policy["sites"],
               "adjustment": policy.get("adjustment"), "evaluation": None}
     if world is None:
         return result  # the user's own sites: no ground truth to judge a policy by
-    federated = DosingPolicy.from_bundle(Path(policy["bundle"]), trust)
+    # what the gate judged: the signed bundle when it shipped, else the candidate it stopped
+    federated = (DosingPolicy.from_bundle(Path(policy["bundle"]), trust) if policy["shipped"]
+                 else DosingPolicy.from_folder(Path(policy["candidate"])))
     members = [name for name in ("ann", "xgboost") if name in families]
 
     def like_federated(encoder, predictors: dict, formulations: dict) -> DosingPolicy:
@@ -280,9 +284,27 @@ def policy_results(cfg: ExperimentConfig, policy: dict, sources: list[SiteSource
                                      {f: v for f, v in federated.formulations.items() if f in own})
     policies = {"federated": lambda site: policy_decider(federated),
                 "local": lambda site: policy_decider(local[site]),
-                "pooled": lambda site: policy_decider(pooled)}
-    result["evaluation"] = evaluate_policies(world, policies, federated, seed=cfg.seed + 1, sites=list(sites))
+                "pooled": lambda site: policy_decider(pooled),
+                "random": lambda site: random_decider(federated, seed=cfg.seed + 2)}
+    evaluation = evaluate_policies(world, policies, federated, seed=cfg.seed + 1, sites=list(sites))
+    result["evaluation"] = evaluation
+    result["gate"] = gate_against_truth(policy["gate"], evaluation)
     return result
+
+
+def gate_against_truth(gate: dict, evaluation: dict) -> dict:
+    """The gate's estimate of (candidate − standard of care) next to the simulator's true difference, overall and
+    per site (the estimator's error is then visible)."""
+    def truth(part: dict) -> float:
+        return part["federated"]["value"] - part["standard_of_care"]["value"]
+
+    gate = dict(gate)
+    gate["true_difference"] = truth(evaluation["overall"])
+    gate["covered"] = bool(gate["lower"] <= gate["true_difference"] <= gate["upper"]) \
+        if gate.get("lower") is not None else None
+    gate["per_site"] = {site: {**entry, "true_difference": truth(evaluation["per_site"][site])}
+                        if site in evaluation["per_site"] else entry for site, entry in gate["per_site"].items()}
+    return gate
 
 
 def privacy_results(record: RunRecord) -> dict[str, dict]:
@@ -356,6 +378,8 @@ def run_experiment(cfg: ExperimentConfig, on_round: Callable[[int], None] | None
                    **{f"{family}_s": model.seconds for family, model in record.models.items()}},
         "pooled_dp_budget": asdict(pooled_privacy) if pooled_privacy else None,
         "importance": {name: family.importance for name, family in families.items() if family.importance},
+        "not_trained": {family: {"refused": model.refused, "failures": model.failures}
+                        for family, model in record.models.items() if family not in families},
         "policy": None,
     }
     if record.policy:

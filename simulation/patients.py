@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from shared.bsa import mosteller_bsa_m2
 from shared.schema import TUMOUR_TYPES
 
 # Body size by sex: adult anthropometry, US NHANES 2015-2018 (Fryar et al., National Health Statistics
@@ -35,11 +36,6 @@ SENSITIVITY = {"ovarian": 1.0, "breast": 1.1, "kaposi": 1.6, "myeloma": 0.9, "sa
 # Values of this size are typical of population PK/PD fits (e.g. Friberg 2002 reports 30-50 % CV).
 OMEGA_EFFICACY = 0.6
 OMEGA_MARROW = 0.35
-
-
-def mosteller_bsa(height_cm: np.ndarray, weight_kg: np.ndarray) -> np.ndarray:
-    """Body-surface area in m²: sqrt(height cm × weight kg / 3600) (Mosteller, N Engl J Med 1987;317:1098)."""
-    return np.sqrt(np.asarray(height_cm) * np.asarray(weight_kg) / 3600.0)
 
 
 def cockcroft_gault(age: np.ndarray, weight_kg: np.ndarray, creatinine_mg_dl: np.ndarray,
@@ -78,7 +74,7 @@ class Patients:
 
     @property
     def bsa_m2(self) -> np.ndarray:
-        return mosteller_bsa(self.height_cm, self.weight_kg)
+        return mosteller_bsa_m2(self.height_cm, self.weight_kg)
 
     def take(self, index: np.ndarray) -> Patients:
         """The patients at ``index`` (numpy fancy indexing on every field)."""

@@ -154,6 +154,25 @@ def evaluate_policies(world: World, policies: dict[str, Callable[[str], Decide]]
     return {"patients_per_site": n_per_site, "overall": overall, "per_site": per_site}
 
 
+def random_decider(limits: DosingPolicy, seed: int) -> Decide:
+    """The bottom of the scale: a formulation of the patient's catalogue and a dose of the action space, uniformly
+    at random among what the hard rules allow, at the label interval."""
+    rng = np.random.default_rng(seed)
+
+    def decide(frame: pd.DataFrame) -> pd.DataFrame:
+        cap, verdict = limits.safety_limits(frame)
+        doses = limits.action_space.doses()
+        chosen_doses = []
+        for allowed_cap in cap:
+            allowed = doses[doses <= allowed_cap + 1e-9]
+            chosen_doses.append(float(rng.choice(allowed)) if len(allowed) else float(doses[0]))
+        formulations = [str(rng.choice(list(catalogue))) for catalogue in frame["catalogue"]]
+        return pd.DataFrame({"action": verdict, "formulation_id": formulations, "dose_mg_m2": chosen_doses,
+                             "interval_days": limits.action_space.intervals(frame["tumour_type"])[:, 0]})
+
+    return decide
+
+
 def policy_decider(policy: DosingPolicy, adjust: bool = False) -> Decide:
     """A :class:`DosingPolicy` as a decide function (first cycles: no adjustment applies)."""
     return lambda frame: policy.recommend_frame(frame, adjust=adjust)

@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from shared.dose_adjustment import DOSE_GRID_MG_M2, DoseAdjuster, cycle_frames
+from shared.schema import EPISODE_COLUMNS
 from simulation.clinics import (
     LABEL_DOSE_MG_M2,
     LABEL_INTERVAL_D,
@@ -115,6 +116,17 @@ def with_adjustment(policy: Policy, adjuster: DoseAdjuster, doses: Sequence[floa
     return decide
 
 
+@dataclass
+class Treated:
+    """What treating a clinic's patients under a policy produced: the scored log (:func:`rollout_clinic`'s
+    table) and the same cycles as the clinic's site files hold them (``episodes.csv`` and ``vitals.csv`` rows,
+    schema of :mod:`shared.schema`), ready to be appended to the site's own data."""
+
+    cycles: pd.DataFrame
+    episodes: pd.DataFrame
+    vitals: pd.DataFrame
+
+
 def rollout_clinic(world: World, clinic: ClinicProfile, policy: Policy | MyopicOracle, n_patients: int,
                    seed: int) -> pd.DataFrame:
     """Treat ``n_patients`` fresh patients of ``clinic`` for up to its ``max_cycles`` under ``policy``.
@@ -123,15 +135,24 @@ def rollout_clinic(world: World, clinic: ClinicProfile, policy: Policy | MyopicO
     the true expected ``utility``, ``p_response``, ``p_toxicity``, ``p_chf`` of the action, the myopic
     oracle's ``best_utility`` at that state, and the realised ``response``/``toxicity``/``chf``. The same
     ``seed`` gives the same patients for every policy."""
+    return treat_clinic(world, clinic, policy, n_patients, seed).cycles
+
+
+def treat_clinic(world: World, clinic: ClinicProfile, policy: Policy | MyopicOracle, n_patients: int, seed: int,
+                 ids: str = "R") -> Treated:
+    """:func:`rollout_clinic` that also keeps the clinic's records of the cycles it treated. ``ids`` tags the
+    patient and episode identifiers (``<clinic>-<ids>P00012``, ``<clinic>-<ids>E0300012``), so records of
+    different periods never collide in one site file. A withheld cycle is recorded as given at dose 0 (the
+    site's records hold what was given); a stopped patient has no row for that cycle."""
     patient_rng = np.random.default_rng([clinic.seed, seed, 1])
     rng = np.random.default_rng([clinic.seed, seed, 2])
     patients = sample_patients(patient_rng, n_patients, clinic.population)
-    pid = np.array([f"{clinic.name}-R{i:05d}" for i in range(n_patients)])
+    pid = np.array([f"{clinic.name}-{ids}P{i:05d}" for i in range(n_patients)])
     catalogue = world.catalogue(clinic)
-    ids = [str(i) for i in catalogue.formulation_id]
+    formulation_ids = [str(i) for i in catalogue.formulation_id]
     oracle = policy if isinstance(policy, MyopicOracle) else MyopicOracle()
     cohort = Cohort.start(patients)
-    previous_rows, previous_vitals, log = None, None, []
+    previous_rows, previous_vitals, log, records, vitals_log = None, None, [], [], []
 
     for cycle in range(1, clinic.max_cycles + 1):
         idx = np.flatnonzero(cohort.active)
@@ -139,11 +160,11 @@ def rollout_clinic(world: World, clinic: ClinicProfile, policy: Policy | MyopicO
             break
         state = cohort.state(idx)
         bilirubin_seen = measure_lab(rng, state.bilirubin_umol_l, clinic.lab_missing)
-        current = pd.DataFrame({"episode_id": [f"{clinic.name}-R{cycle:02d}{i:05d}" for i in idx],
-                                "patient_id": pid[idx], "cycle": cycle,
+        current = pd.DataFrame({"episode_id": [f"{clinic.name}-{ids}E{cycle:02d}{i:05d}" for i in idx],
+                                "patient_id": pid[idx], "cycle": cycle, "start_day": cohort.start_day[idx],
                                 **observed_covariates(rng, clinic, cohort, idx, state, bilirubin_seen)})
         history = current if previous_rows is None else pd.concat([previous_rows, current], ignore_index=True)
-        frame = cycle_frames(history, previous_vitals, catalogue=ids).iloc[len(history) - len(current):]
+        frame = cycle_frames(history, previous_vitals, catalogue=formulation_ids).iloc[len(history) - len(current):]
         frame = frame.reset_index(drop=True)
         actions = (policy.act(state, catalogue) if isinstance(policy, MyopicOracle) else policy(frame))
         actions = actions.reset_index(drop=True)
@@ -159,11 +180,12 @@ def rollout_clinic(world: World, clinic: ClinicProfile, policy: Policy | MyopicO
         if idx.size == 0:
             break
         given = kind == "give"
-        unknown = sorted(set(actions["formulation_id"][given].astype(str)) - set(ids))
+        unknown = sorted(set(actions["formulation_id"][given].astype(str)) - set(formulation_ids))
         if unknown:
-            raise ValueError(f"{clinic.name}: the policy chose formulation(s) {unknown} outside the catalogue {ids}")
-        index = np.array([ids.index(str(f)) if g else 0 for f, g in zip(actions["formulation_id"], given,
-                                                                         strict=True)])
+            raise ValueError(f"{clinic.name}: the policy chose formulation(s) {unknown} outside the catalogue "
+                             f"{formulation_ids}")
+        index = np.array([formulation_ids.index(str(f)) if g else 0
+                          for f, g in zip(actions["formulation_id"], given, strict=True)])
         f = catalogue.take(index)
         dose = np.where(given, actions["dose_mg_m2"].to_numpy(dtype=float), 0.0)
         interval = actions["interval_days"].to_numpy(dtype=float)
@@ -172,6 +194,8 @@ def rollout_clinic(world: World, clinic: ClinicProfile, policy: Policy | MyopicO
         rows = current.assign(**treatment_columns(f, dose, interval, state.bsa_m2),
                               **observed_outcomes(rng, outcome))
         vitals = cycle_vitals(rng, clinic, patients, pid, rows, [(idx, outcome.nadir, outcome.ppe)])
+        records.append(rows)
+        vitals_log.append(vitals)
         expected = outcome.expected
         log.append(pd.DataFrame({
             "clinic": clinic.name, "patient": pid[idx], "cycle": cycle, "action": kind,
@@ -183,7 +207,8 @@ def rollout_clinic(world: World, clinic: ClinicProfile, policy: Policy | MyopicO
         cohort.carry_over(idx, outcome, dose, interval)
         cohort.stops(rng, idx, outcome)
         previous_rows, previous_vitals = rows, vitals
-    return pd.concat(log, ignore_index=True)
+    episodes = pd.concat(records, ignore_index=True)[[c.name for c in EPISODE_COLUMNS]]
+    return Treated(pd.concat(log, ignore_index=True), episodes, pd.concat(vitals_log, ignore_index=True))
 
 
 def _take(state: PatientState, keep: np.ndarray) -> PatientState:

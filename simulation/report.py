@@ -127,7 +127,7 @@ POLICY_COLUMNS = (("value", "value"), ("value_ratio", "value / oracle"), ("regre
 
 def policy_rows(evaluation: dict) -> list[tuple[str, dict]]:
     """The policy table's rows (oracle first, then standard of care, federated, pooled, local)."""
-    order = ("oracle", "standard_of_care", "federated", "pooled", "local")
+    order = ("oracle", "standard_of_care", "federated", "pooled", "local", "random")
     overall = evaluation["overall"]
     return [(name, overall[name]) for name in order if name in overall] + \
         [(name, m) for name, m in overall.items() if name not in order]
@@ -137,10 +137,29 @@ def _policy_section(results: dict) -> list[str]:
     policy = results.get("policy")
     if not policy:
         return ["No policy was built in this run.", ""]
-    installed = ", ".join(f"{site} v{s['version']}" if s["installed"] else f"{site}: refused ({s['reason']})"
-                          for site, s in sorted(policy["sites"].items()))
-    lines = [f"Signed bundle `{policy['bundle']}` (version {policy['version']}), verified with "
-             f"`{policy['trust_key']}`; formulations: {', '.join(policy['formulations'])}. Installed: {installed}.", ""]
+    gate = policy["gate"]
+    lines = [f"**Release gate**: {gate['reason']}."]
+    if gate.get("true_difference") is not None:
+        covers = "covers" if gate.get("covered") else "misses"
+        lines[-1] += (f" The simulator's true difference (candidate − standard of care on new patients): "
+                      f"{gate['true_difference']:+.3f}; the interval {covers} it.")
+    lines += ["", "| site | estimate | 95 % interval | n | true difference |", "|---|---|---|---|---|"]
+    for site, entry in sorted(gate["per_site"].items()):
+        if "estimate" in entry:
+            lines.append(f"| {site} | {_fmt(entry['estimate'])} | [{_fmt(entry['lower'])}, {_fmt(entry['upper'])}] "
+                         f"| {_fmt(entry['n'])} | {_fmt(entry.get('true_difference'))} |")
+        else:
+            lines.append(f"| {site} | {entry.get('refused') or entry.get('failed')} | | | |")
+    lines.append("")
+    if policy["shipped"]:
+        installed = ", ".join(f"{site} v{s['version']}" if s["installed"] else f"{site}: refused ({s['reason']})"
+                              for site, s in sorted(policy["sites"].items()))
+        lines += [f"Signed bundle `{policy['bundle']}` (version {policy['version']}), verified with "
+                  f"`{policy['trust_key']}`; formulations: {', '.join(policy['formulations'])}. "
+                  f"Installed: {installed}.", ""]
+    else:
+        lines += [f"Not signed, not sent: the candidate stays in `{policy['candidate']}`; the sites keep what they "
+                  "had installed. It is judged below all the same.", ""]
     evaluation = policy.get("evaluation")
     if not evaluation:
         return lines + ["No ground truth for these sites: the policy is not evaluated.", ""]
@@ -280,6 +299,10 @@ def write_report(out: Path, results: dict, summaries: dict[str, dict[str, dict[s
         "the built-in task). Overall = metrics of the union of the sites' test sets, computed from the sum "
         "of per-site summaries.", "",
     ]
+    for family, why in results.get("not_trained", {}).items():
+        reasons = sorted(set(why["refused"].values()) | set(why["failures"].values()))
+        lines += [f"No federated {FAMILY_LABELS.get(family, family)}: no site trained it "
+                  f"({'; '.join(reasons) or 'no reason given'}).", ""]
     if results["rejected"]:
         lines += ["Sites left out (their data failed validation):", ""]
         lines += [f"- {site}: {'; '.join(errors)}" for site, errors in results["rejected"].items()] + [""]

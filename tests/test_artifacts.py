@@ -8,13 +8,14 @@ import json
 import numpy as np
 import pytest
 
-from server.policy_phase import build_policy
+from server.policy_phase import sign, write_candidate
 from server.provision import provision
 from server.run_record import ModelRecord, RunRecord
 from shared.ann import build_model
 from shared.artifacts import ArtifactsError, RunArtifacts
 from shared.boosting import BoostingConfig, heads
 from shared.encoding import fit_local
+from shared.off_policy import GateResult
 from shared.task import NANOPARTICLE_TASK
 from simulation.clinics import make_world, simulate_clinic
 
@@ -76,8 +77,9 @@ def test_the_policy_bundle_of_an_xgboost_only_run_holds_no_ann_from_an_earlier_r
     record = RunRecord(run_id="2", settings={}, models={"xgboost": ModelRecord(family="xgboost", mode="hist")})
     formulations = {"F1": {"particle_size_nm": 100.0, "zeta_mv": -5.0, "encapsulation_pct": 90.0, "pegylated": 1.0,
                            "drug_loading_pct": 10.0, "release_tau_h": 50.0, "release_beta": 0.7}}
-    bundle = build_policy(artifacts, record, formulations, kit / "coordinator" / "policy_signing.key",
-                          tmp_path / "policy")
+    files = write_candidate(artifacts, record, formulations, tmp_path / "candidate")
+    passed = GateResult(0.1, 0.05, 0.15, 0.2, 0.3, 100.0, True, "test")
+    bundle = sign(files, record, passed, kit / "coordinator" / "policy_signing.key", tmp_path / "policy")
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert "ann_federated.pt" not in manifest["files"] and manifest["run_id"] == "2"
     assert json.loads((bundle / "policy.json").read_text())["models"].keys() == {"xgboost"}

@@ -28,7 +28,9 @@ PLAN = RunPlan(("statistics", "training", "evaluation", "boosting", "importance"
 
 
 def site(tmp_path, budget: float = 3.0, **shares: float) -> SiteDP:
-    return SiteDP(PrivacyLedger.open(tmp_path / "ledger.json", budget, 1e-5), {**DEFAULT_SHARES, **shares})
+    """A DP site with the default shares, boosting opted in at 0.2, and ``shares`` on top."""
+    return SiteDP(PrivacyLedger.open(tmp_path / "ledger.json", budget, 1e-5),
+                  {**DEFAULT_SHARES, "boosting": 0.2, **shares})
 
 
 def context(run_id: int = 7) -> Context:
@@ -36,7 +38,7 @@ def context(run_id: int = 7) -> Context:
 
 
 def test_training_gets_what_the_other_phases_of_the_plan_leave():
-    budget = RunBudget.plan("7", SiteDP(_ledger_stub(3.0), dict(DEFAULT_SHARES, adjuster=0.1)), PLAN)
+    budget = RunBudget.plan("7", SiteDP(_ledger_stub(3.0), dict(DEFAULT_SHARES, adjuster=0.1, boosting=0.2)), PLAN)
     assert budget.epsilon["statistics"] == pytest.approx(0.05 * 3.0)
     assert budget.epsilon["evaluation"] == pytest.approx(0.05 * 3.0)
     assert budget.epsilon["boosting"] == pytest.approx(0.2 * 3.0)
@@ -63,6 +65,25 @@ def test_a_run_splits_what_is_left_and_an_exhausted_site_refuses_everything(tmp_
     exhausted = RunBudget.plan("8", terms, PLAN)
     assert not exhausted.epsilon and all("exhausted" in why or "no DP form" in why
                                          for why in exhausted.refused.values())
+
+
+def test_a_run_spends_at_most_the_sites_epsilon_per_run_so_a_budget_lasts_several_runs(tmp_path):
+    terms = site(tmp_path)
+    terms.per_run = 0.6
+    budget = RunBudget.plan("7", terms, PLAN)
+    assert sum(budget.epsilon.values()) == pytest.approx(0.6)
+    assert budget.epsilon["statistics"] == pytest.approx(0.05 * 0.6)
+    terms.ledger.record(noise_multiplier=8.0, sample_rate=1.0, steps=5, run_id="earlier", server_round=0)
+    left = terms.ledger.remaining()
+    terms.per_run = left + 1.0  # less is left than a run may spend: the run gets what is left
+    assert sum(RunBudget.plan("8", terms, PLAN).epsilon.values()) == pytest.approx(left)
+
+
+def test_epsilon_per_run_is_read_from_site_toml(tmp_path):
+    config = {"privacy": {"dp": True, "epsilon": 3.0, "delta": 1e-5, "epsilon_per_run": 0.75}}
+    assert SiteDP.of(tmp_path, config, state_dir=tmp_path / "heads").per_run == 0.75
+    del config["privacy"]["epsilon_per_run"]
+    assert SiteDP.of(tmp_path, config, state_dir=tmp_path / "heads").per_run is None
 
 
 def test_a_phase_adds_at_most_its_epsilon_whatever_was_spent_before(tmp_path):
@@ -135,7 +156,7 @@ def test_site_toml_shares_are_read_checked_and_the_legacy_adjuster_share_still_c
                           "shares": {"boosting": 0.1}}}
     shares = declared_shares(config)
     assert shares["adjuster"] == 0.2 and shares["boosting"] == 0.1 and shares["statistics"] == 0.05
-    with pytest.raises(ValueError, match="not a phase"):
+    with pytest.raises(ValueError, match="unknown phase"):
         declared_shares({"privacy": {"shares": {"trainin": 0.5}}})
     with pytest.raises(ValueError, match=r"expected a number in \[0, 1\]"):
         declared_shares({"privacy": {"shares": {"evaluation": 5.0}}})

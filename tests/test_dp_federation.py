@@ -28,7 +28,7 @@ from simulation.experiment import (
 )
 
 pytestmark = pytest.mark.slow
-DP_SITE_SHARES = (("adjuster", 0.1),)
+DP_SITE_SHARES = (("adjuster", 0.1), ("boosting", 0.2))
 
 
 def reply_logger(path: Path):
@@ -91,7 +91,7 @@ def test_each_sites_ledger_holds_one_entry_per_release_it_sent_phase_by_phase(fe
         ledger = PrivacyLedger.open(source.folder / LEDGER_FILE, 3.0, 1e-5)
         charged = Counter(entry["phase"] for entry in ledger.entries)
         assert charged == sent, (source.path.name, charged, sent)
-        assert set(charged) == {"statistics", "training", "evaluation", "boosting", "adjuster"}
+        assert set(charged) == {"statistics", "training", "evaluation", "boosting", "adjuster", "policy"}
         assert ledger.spent() <= 3.0 + 1e-9
         privacy = record.privacy[source.path.name]
         assert privacy.epsilon_spent == pytest.approx(ledger.spent())

@@ -17,14 +17,17 @@ def record(tmp_path_factory):
     out = tmp_path_factory.mktemp("failures")
     flower_environment(out)
     quiet_flower()
-    generate_sites(3, seed=1, out=out / "sites")
+    generate_sites(4, seed=1, out=out / "sites")
     broken = out / "sites" / "clinic_02" / "episodes.csv"
     lines = broken.read_text().splitlines()
     broken.write_text("\n".join(lines[:-1] + [lines[-1].split(",", 3)[0]]) + "\n")  # truncated last row
     spent = PrivacyLedger.open(out / "sites" / "clinic_01" / LEDGER_FILE, epsilon_budget=3.0, delta=1e-5)
     spent.record(noise_multiplier=0.8, sample_rate=0.5, steps=400, run_id="earlier", server_round=1)
     assert spent.spent() > 3.0
-    sources = [SiteSource(out / "sites" / f"clinic_{i:02d}") for i in range(3)]
+    trained = PrivacyLedger.open(out / "sites" / "clinic_03" / LEDGER_FILE, epsilon_budget=3.0, delta=1e-5)
+    trained.record(noise_multiplier=2.0, sample_rate=0.5, steps=4, run_id="earlier", server_round=1)
+    trained.path.write_text(trained.path.read_text()[:-40])  # a truncated ledger
+    sources = [SiteSource(out / "sites" / f"clinic_{i:02d}") for i in range(4)]
     return run_federation(ExperimentConfig(out=out, rounds=2, seed=1, models="ann"), sources), spent
 
 
@@ -57,3 +60,11 @@ def test_the_other_site_trains_every_round_within_its_budget(record):
     assert privacy.releases["statistics"] == 1 and privacy.releases["training"] == 2
     assert privacy.releases["evaluation"] == 1  # a DP site is evaluated at the final round only
     assert run.models["ann"].final["overall"]["response"]["n"] > 0
+
+
+def test_a_site_whose_ledger_cannot_be_read_is_left_out_at_the_site_check_and_named_with_why(record):
+    run, _ = record
+    assert "clinic_03" not in run.sites
+    (problems,) = [p for site, p in run.rejected.items() if site == "clinic_03"]
+    assert "privacy terms unusable" in problems[0] and "ledger" in problems[0]
+    assert not any("Traceback" in p for p in problems)

@@ -183,11 +183,11 @@ def test_a_ledger_ahead_of_its_head_after_a_crash_between_the_two_writes_is_acce
 
 def test_a_rewritten_chain_is_refused_by_the_head(path):
     """An edit whose hashes were all recomputed passes the file's own chain, not its head."""
-    import client.ledger as module
+    import client.ledger_file as module
 
     two_rounds(path)
     state = json.loads(path.read_text())
-    chain = module._Chain({k: state[k] for k in module.HEADER_KEYS}, [], [])
+    chain = module.Chain({k: state[k] for k in module.HEADER_KEYS}, [], [])
     for entry in state["entries"]:
         chain.append({**entry, "steps": 1})
     path.write_text(json.dumps(chain.to_file()))

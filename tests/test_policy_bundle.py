@@ -254,11 +254,12 @@ def test_store_installs_a_bundle_and_then_only_newer_ones(make_bundle, site_key,
     assert store.current() is None and store.installed_path() is None
     assert store.install(make_bundle(version=1)).version == 1
     assert store.current().version == 1
-    assert store.installed_path() == tmp_path / "store" / "versions" / "1"
+    key_folder = tmp_path / "store" / "versions" / key_fingerprint(load_trust_key(site_key))[:16]
+    assert store.installed_path() == key_folder / "1"
     assert store.install(make_bundle(version=5)).version == 5
-    assert store.current().version == 5 and store.installed_path().name == "5"
+    assert store.current().version == 5 and store.installed_path() == key_folder / "5"
     assert verify_bundle(store.installed_path(), site_key).version == 5
-    assert (tmp_path / "store" / "versions" / "1").is_dir()  # kept as the audit trail
+    assert (key_folder / "1").is_dir()  # kept as the audit trail
 
 
 def _unsigned(bundle: Path) -> None:
@@ -339,3 +340,68 @@ def test_store_notices_an_installed_bundle_altered_on_disk(make_bundle, site_key
     (store.installed_path() / "policy.json").write_bytes(b'{"ceiling": 1.0}\n')
     with pytest.raises(PolicyStoreError, match="installed policy version 1 is damaged.*policy.json"):
         store.current()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The store's memory of versions: per signing key, and not in `current` alone
+
+
+def test_store_holding_another_federations_v1_installs_this_federations_v1(make_bundle, site_key, tmp_path):
+    other_private, other_public = write_other_key(tmp_path)
+    root = tmp_path / "store"
+    PolicyStore(root, other_public).install(make_bundle(version=1, name="other-v1", key=other_private))
+    store = PolicyStore(root, site_key)
+    with pytest.raises(PolicyStoreError, match="signed by another key .* belongs to another federation"):
+        store.current()
+    assert store.install(make_bundle(version=1)).version == 1  # versions of another key are not comparable
+    assert store.current().version == 1
+    assert verify_bundle(store.installed_path(), site_key).version == 1
+    assert len(list((root / "versions").iterdir())) == 2  # the other federation's bundle is kept, apart
+
+
+def test_deleting_current_does_not_let_an_older_version_install(make_bundle, site_key, tmp_path):
+    store = PolicyStore(tmp_path / "store", site_key)
+    store.install(make_bundle(version=1))
+    store.install(make_bundle(version=3))
+    (tmp_path / "store" / "current").unlink()
+    with pytest.raises(PolicyStoreError, match="current is missing, but version 3 .* is installed"):
+        store.current()
+    with pytest.raises(BundleRejected, match="rollback: bundle version 2 is older than version 3"):
+        store.install(make_bundle(version=2))
+    assert store.install(make_bundle(version=3, name="again")).version == 3  # the newest, as it was
+    assert store.current().version == 3
+
+
+def test_current_edited_to_point_at_an_older_installed_version_is_refused(make_bundle, site_key, tmp_path):
+    store = PolicyStore(tmp_path / "store", site_key)
+    store.install(make_bundle(version=1))
+    first = json.loads((tmp_path / "store" / "current").read_text())
+    store.install(make_bundle(version=2))
+    (tmp_path / "store" / "current").write_text(json.dumps(first))
+    with pytest.raises(PolicyStoreError, match="names version 1, but version 2 is installed"):
+        store.current()
+
+
+def test_a_different_bundle_with_the_installed_version_number_is_refused(make_bundle, site_key, tmp_path,
+                                                                         model_files, signing_key):
+    store = PolicyStore(tmp_path / "store", site_key)
+    store.install(make_bundle(version=2))
+    (tmp_path / "store" / "current").unlink()
+    twin = build_bundle(tmp_path / "twin", model_files, version=2, run_id="other run", privacy=PRIVACY,
+                        metrics=METRICS, safety_bounds=SAFETY, signing_key_path=signing_key, created_utc=CREATED)
+    with pytest.raises(BundleRejected, match="holds another bundle of version 2"):
+        store.install(twin)
+
+
+def test_store_of_the_older_flat_layout_is_still_read_and_protected(make_bundle, site_key, tmp_path):
+    root = tmp_path / "store"
+    store = PolicyStore(root, site_key)
+    store.install(make_bundle(version=2))
+    state = json.loads((root / "current").read_text())
+    (root / "versions" / state["bundle"].split("/")[1] / "2").rename(root / "versions" / "2")
+    del state["signing_key_id"]
+    (root / "current").write_text(json.dumps(state | {"bundle": "versions/2"}))
+    assert store.current().version == 2
+    with pytest.raises(BundleRejected, match="rollback"):
+        store.install(make_bundle(version=1))
+    assert store.install(make_bundle(version=3)).version == 3

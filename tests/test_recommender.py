@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import math
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from typer.testing import CliRunner
@@ -29,6 +34,7 @@ from shared.patient_record import PatientRecord
 from shared.policy_bundle import Manifest, build_bundle
 from shared.task import NANOPARTICLE_TASK
 from shared.wearables import summarise_cycle
+from simulation.clinics import make_world
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "patient.json"
@@ -57,7 +63,7 @@ def _logistic_member(encoder: FeatureEncoder, response: dict[str, float], toxici
 
 def make_toy_policy(version: int = 4) -> DosingPolicy:
     """A DosingPolicy on the example patient's world (seed 3): response and toxicity both rise with dose."""
-    from simulation.clinics import make_world, simulate_clinic
+    from simulation.clinics import simulate_clinic
 
     world = make_world(3, 3)
     clinic = max(world.clinics, key=lambda c: c.n_patients)
@@ -77,6 +83,61 @@ def make_toy_policy(version: int = 4) -> DosingPolicy:
                         signing_key_id="0" * 64)
     return DosingPolicy(encoder=encoder, members=members, formulations=formulations.to_dict("index"),
                         manifest=manifest)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A real signed bundle: the encoder of a simulated world, an ANN and XGBoost trained on its episodes (pooled, a
+# few epochs and trees: seconds, not a federation), a fitted-Q dose adjuster, the policy document the server
+# writes, signed with a coordinator key. Built once per test process; ``real_bundle`` signs any version of it.
+
+
+@functools.cache
+def real_policy_files(seed: int = 3) -> tuple[dict[str, Path], Path, Path]:
+    """The bundle's files, the coordinator's signing key and the site's trust key (in a temporary folder)."""
+    from client.boosting import BoostingConfig, train_pooled_heads
+    from client.training import EncodedSplit, TrainConfig, train
+    from shared.ann import build_model
+    from shared.dose_adjustment import DoseAdjuster, Transitions, site_transitions
+    from shared.dosing_policy import POLICY_FILE
+    from simulation.clinics import simulate_clinic
+
+    folder = Path(tempfile.mkdtemp(prefix="fednano-real-bundle-"))
+    atexit.register(shutil.rmtree, folder, True)
+    signing, trust = _key_pair(folder, "policy_signing")
+    world = make_world(3, seed)
+    simulated = [simulate_clinic(world, c) for c in world.clinics]
+    episodes = pd.concat([e for e, _ in simulated], ignore_index=True)
+    encoder = FeatureEncoder(NANOPARTICLE_TASK).fit_statistics(SiteStatistics.from_frame(episodes, NANOPARTICLE_TASK))
+    x, targets = encoder.transform(episodes), encoder.encode_targets(episodes)
+    hidden = (32, 16)
+    model = build_model(encoder, NANOPARTICLE_TASK, hidden, seed)
+    train(model, EncodedSplit(x, targets, episodes), TrainConfig(epochs=3, batch_size=128, lr=0.01, seed=seed))
+    files = {"encoder.json": folder / "encoder.json", "ann_federated.pt": folder / "ann_federated.pt"}
+    files["encoder.json"].write_text(json.dumps(encoder.to_dict()))
+    torch.save(model.state_dict(), files["ann_federated.pt"])
+    heads = train_pooled_heads(encoder, x, targets, BoostingConfig(seed=seed), rounds=20)
+    for key, model_bytes in heads.items():
+        files[f"xgb_{key}.json"] = folder / f"xgb_{key}.json"
+        files[f"xgb_{key}.json"].write_bytes(model_bytes)
+    formulations = episodes.groupby("formulation_id")[list(FORMULATION_FEATURES)].mean().astype(float)
+    models = {"ann": {"kind": "ann", "weights": "ann_federated.pt", "hidden": list(hidden)},
+              "xgboost": {"kind": "xgboost", "heads": {key: f"xgb_{key}.json" for key in heads}}}
+    transitions = [site_transitions(e, v) for e, v in simulated]
+    adjuster = DoseAdjuster(iterations=5).fit(Transitions.concat(transitions))
+    document = DosingPolicy(encoder=encoder, members={}, formulations=formulations.to_dict("index"),
+                            adjuster=adjuster).document(models, "encoder.json")
+    files[POLICY_FILE] = folder / POLICY_FILE
+    files[POLICY_FILE].write_text(json.dumps(document, indent=1))
+    return files, signing, trust
+
+
+def real_bundle(out: Path, version: int = 1, signing_key: Path | None = None) -> tuple[Path, Path]:
+    """A signed bundle of the real policy, version ``version``, in the new folder ``out``; and the trust key
+    (the coordinator key of :func:`real_policy_files`, or ``signing_key``'s public half beside it)."""
+    files, signing, trust = real_policy_files()
+    bundle = build_bundle(out, files, version=version, run_id=f"run-{version}", privacy={}, metrics={},
+                          safety_bounds={}, signing_key_path=signing_key or signing)
+    return bundle, trust if signing_key is None else signing_key.with_suffix(".pub")
 
 
 def example_dict() -> dict:
@@ -130,9 +191,10 @@ def test_patient_json_out_of_range_and_unknown_fields_are_each_named(tmp_path):
     record["previous_cycle"]["dose_mg_m2"] = -5
     with pytest.raises(RecommenderInputError) as info:
         read_patient(write_json(tmp_path / "p.json", record))
-    text = str(info.value)
-    assert "field age_years (got 300)" in text
-    assert "field previous_cycle.dose_mg_m2 (got -5)" in text
+    text = str(info.value).replace(str(tmp_path), "DIR")
+    assert "field age_years: Input should be less than or equal to 110" in text
+    assert "field previous_cycle.dose_mg_m2: Input should be greater than or equal to 0" in text
+    assert "300" not in text and "-5" not in text  # the field and the rule, never the value
     assert "field wieght_kg" in text and "Extra inputs are not permitted" in text
     assert len(info.value.lines) == 3
 
@@ -220,8 +282,9 @@ def test_vitals_of_another_patient_or_two_cycles_or_repeated_days_are_refused(tm
         read_vitals(path, "example-001")
     lines = info.value.lines
     assert len(lines) == 3
-    assert lines[0].startswith(f"{path}, column 'patient_id', rows 2, 3 (lines 3, 4): expected the patient of "
-                               "the record ('example-001'), got 'someone-else'")
+    assert lines[0] == (f"{path}, column 'patient_id', rows 2, 3 (lines 3, 4): expected the patient of the record "
+                        "(its patient_id); these rows are another patient's")
+    assert "someone-else" not in str(info.value)
     assert lines[1].startswith(f"{path}, column 'episode_id', row 21 (line 22): expected the readings of one "
                                "cycle")
     assert lines[2] == f"{path}, column 'day', rows 7, 8 (lines 8, 9): expected one row per day; day(s) 6 repeated"
@@ -281,12 +344,13 @@ def test_catalogue_unknown_to_the_policy_is_named(policy):
     with pytest.raises(RecommenderInputError) as info:
         recommend_many(policy, [read_patient(EXAMPLE), record], "body")
     assert len(info.value.lines) == 1
-    assert info.value.lines[0].startswith("body[1]: field catalogue (got ['XX01']): none of these formulations")
+    assert info.value.lines[0].startswith("body[1]: field catalogue: none of its 1 formulation(s) is known")
 
 
 def test_batched_recommendations_match_one_by_one(policy):
     base = example_dict()
     records = [PatientRecord.model_validate(base | {"patient_id": f"p{i}", "bsa_m2": 1.5 + 0.05 * i,
+                                                    "weight_kg": round((1.5 + 0.05 * i) ** 2 * 3600 / 160.8, 1),
                                                     "cumulative_dose_mg_m2": 80.0 + 66 * i}) for i in range(8)]
     batch = recommend_many(policy, records)
     single = [recommend_many(policy, [r])[0] for r in records]
@@ -388,6 +452,6 @@ def test_cli_recommend_names_every_bad_field_and_exits_1(cli_policy, tmp_path):
     result = CliRunner().invoke(app, [*cli_policy, "--patient", str(record)])
     assert result.exit_code == 1
     assert result.stdout == ""
-    assert f"error: {record}: field ecog (got 9)" in result.stderr
-    assert f"error: {record}: field sex (got 'X')" in result.stderr
+    assert f"error: {record}: field ecog: Input should be less than or equal to 4" in result.stderr
+    assert f"error: {record}: field sex: Input should be 'F' or 'M'" in result.stderr
     assert "Traceback" not in result.output

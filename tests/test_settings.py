@@ -29,7 +29,7 @@ def test_the_experiment_runners_defaults_are_the_settings():
     cfg = ExperimentConfig()
     settings = cfg.run_settings(n_sites=5, signing_key=None)
     for field in ("num_server_rounds", "strategy", "local_epochs", "batch_size", "lr", "hidden", "models",
-                  "boosting", "xgb_rounds", "fqi_iterations", "seed", "split_seed"):
+                  "boosting", "xgb_rounds", "fqi_iterations", "seed", "split_seed", "release_gate"):
         assert getattr(settings, field) == getattr(DEFAULTS, field), field
     assert settings.min_nodes == 5 and settings.out_dir == str(cfg.out / "federated")
 
@@ -63,3 +63,10 @@ def test_bad_settings_are_refused_naming_the_key():
         parse_models("ann,forest")
     with pytest.raises(ValueError, match="boosting"):
         dataclasses.replace(DEFAULTS, boosting="random")
+
+
+def test_the_clis_epsilon_limit_is_the_site_contracts():
+    from fednano.cli import SITE_MAX_EPSILON
+    from shared.validation.site_config import MAX_EPSILON
+
+    assert SITE_MAX_EPSILON == MAX_EPSILON

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from scipy.integrate import quad
 
+from shared.bsa import mosteller_bsa_m2 as mosteller_bsa
 from simulation import disposition, effect
 from simulation.formulations import (
     SEED_EE_PCT,
@@ -15,7 +16,6 @@ from simulation.formulations import (
     sample_formulations,
 )
 from simulation.oracle import PatientState, cycle_outcomes, pharmacology
-from simulation.patients import mosteller_bsa
 from simulation.release import weibull_released_fraction
 
 

@@ -1,6 +1,6 @@
 """`fednano status`: Flower's run list, and rounds, participation and ε from a run record.
 
-The record below has the shape ``server.run_record.federation_record`` writes (checked against a real deployed
+The record below has the shape ``server.run_record.RunRecord`` writes (checked against a real deployed
 run's federation.json): site ``gamma`` crashed in round 1 and ``delta`` was rejected at the site check.
 """
 

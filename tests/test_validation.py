@@ -426,10 +426,10 @@ def test_non_positive_epsilon_is_rejected(site, epsilon):
     assert "privacy.epsilon: expected a number > 0" in only_error(check(site)).message
 
 
-@pytest.mark.parametrize("delta", ["0", "1", "1.5"])
-def test_delta_outside_zero_one_is_rejected(site, delta):
+@pytest.mark.parametrize("delta", ["0", "1", "1.5", "0.01"])
+def test_delta_outside_zero_to_max_delta_is_rejected(site, delta):
     write_site_toml(site, f'[site]\nschema_version = "1.0"\n[privacy]\nepsilon = 3.0\ndelta = {delta}\n')
-    assert "privacy.delta: expected a number in (0, 1)" in only_error(check(site)).message
+    assert "privacy.delta: expected a number in (0, 0.001]" in only_error(check(site)).message
 
 
 def test_unknown_site_toml_section_is_a_warning(site):

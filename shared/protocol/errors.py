@@ -32,3 +32,9 @@ class ErrorCode(IntEnum):
     """The policy bundle did not verify or is not newer than the installed one."""
     SITE = 4103
     """The site cannot report its catalogue."""
+
+
+class ShareableError(ValueError):
+    """A site's refusal of a request in words that name keys, shapes, columns and rules only — never a cell
+    value or an identifier — so the site may send its text to the coordinator (``client.site``). Any other
+    exception's text stays in the site's own log."""

@@ -62,6 +62,8 @@ FQI_RIDGE = query("fqi_ridge")
 
 # --- dosing policy (server.policy_phase, client.policy_handlers) ------------------------------------------
 CATALOGUE = query("catalogue")
+POLICY_VALUE = query("policy_value")
+"""A candidate policy's and standard of care's doubly-robust value sums on the site's logs (the release gate)."""
 INSTALL_POLICY = query("install_policy")
 
 # --- federated analytics (server.analytics_phase, client.analytics_handlers) ------------------------------

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
+from shared.off_policy import ValueSums
 from shared.protocol import records as r
+from shared.protocol.privacy import RELEASE_INDEX, RELEASES
 
 
 def catalogue_reply(properties: dict[str, dict[str, float]], features: tuple[str, ...]) -> RecordDict:
@@ -25,6 +27,23 @@ def catalogue_of(content: RecordDict, features: tuple[str, ...]) -> dict[str, di
     ids = [i for i in content[r.CATALOGUE]["ids"] if i]
     props = content[r.PROPERTIES]
     return {fid: {name: float(props[name][j]) for name in features} for j, fid in enumerate(ids)}
+
+
+def value_request(files: dict[str, bytes], split_seed: int, releases: int, index: int) -> RecordDict:
+    """``query.policy_value``: the candidate policy's files (``policy.json``, encoder, models; not signed: it is
+    only evaluated) and the split seed whose held-out cycles the site evaluates on."""
+    return RecordDict({r.BUNDLE: ConfigRecord(dict(files)),
+                       r.CONFIG: ConfigRecord({r.SPLIT_SEED: split_seed, RELEASES: releases, RELEASE_INDEX: index})})
+
+
+def value_reply(sums: ValueSums) -> RecordDict:
+    return RecordDict({r.SUMS: r.to_array_record(sums.arrays())})
+
+
+def value_of(content: RecordDict) -> ValueSums:
+    arrays = r.from_array_record(content[r.SUMS])
+    noise = float(content[r.PRIVACY]["noise-sd"]) if r.PRIVACY in content else 0.0
+    return ValueSums(**{k: float(v[0]) for k, v in arrays.items()}, noise_sd=noise)
 
 
 def install_request(files: dict[str, bytes]) -> RecordDict:

@@ -13,7 +13,8 @@ import copy
 import json
 from pathlib import Path
 
-from client.ledger import _Chain, _epsilon, _new_header
+from client.ledger import _epsilon
+from client.ledger_file import Chain, new_header
 
 HERE = Path(__file__).parent
 DELTA, BUDGET = 1e-5, 10.0
@@ -22,7 +23,7 @@ STEPS = [(1.0, 1 / 13, 13), (1.0, 1 / 13, 13), (1.5, 0.1, 5)]
 
 
 def ledger(site_id: str = SITE_ID, steps=STEPS, delta: float = DELTA) -> dict:
-    chain = _Chain(_new_header(delta, site_id, 1, None, started="2025-03-01T09:00:00+00:00"), [], [])
+    chain = Chain(new_header(delta, site_id, 1, None, started="2025-03-01T09:00:00+00:00"), [], [])
     history: list = []
     for i, (sigma, rate, n) in enumerate(steps):
         history = history + [(sigma, rate, n)]
@@ -45,7 +46,7 @@ def _merged(steps):
 def rechained(state: dict, change) -> dict:
     """``state`` with ``change`` applied to its entries and every hash recomputed (a careful forger)."""
     header = {k: v for k, v in state.items() if k not in ("entries", "history", "head")}
-    chain = _Chain(header, [], [])
+    chain = Chain(header, [], [])
     for entry in change(copy.deepcopy(state["entries"])):
         chain.append({k: v for k, v in entry.items() if k != "prev"})
     return chain.to_file()
@@ -82,7 +83,7 @@ CASES: dict[str, tuple[str, str, str | bytes | None, bool, str]] = {
                   "NaN is not a JSON number"),
     "infinite-epsilon": ("1e400 (infinity once parsed) as epsilon_after", "file",
                          edited(lambda s: s["entries"][1].update(epsilon_after="@INF@")).replace('"@INF@"', "1e400"),
-                         True, "epsilon_after must be a finite number >= 0, got inf"),
+                         True, "key 'epsilon_after': a number too large for a double (it would become infinity)"),
     "negative-steps": ("-13 steps in an entry", "file", edited(lambda s: s["entries"][1].update(steps=-13)), True,
                        "steps must be an integer >= 1, got -13"),
     "boolean-steps": ("steps: true", "file", edited(lambda s: s["entries"][0].update(steps=True)), True,
