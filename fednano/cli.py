@@ -88,6 +88,9 @@ def simulate(
     xgb_rounds: int | None = typer.Option(None, "--xgb-rounds", min=1, help="Federated boosting rounds per head."),
     compare: bool = typer.Option(True, "--compare/--no-compare",
                                  help="Also random forest, SVM, gradient boosting (local-only, pooled)."),
+    policy_model: str | None = typer.Option(
+        None, "--policy-model", help="The dosing policy's models: ensemble (ANN + XGBoost) | structured "
+        "(dose-response models by federated Newton; DP sites refuse it, so use it with --no-dp)."),
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower's own log."),
 ) -> None:
     """Run a federated experiment on one machine: Flower simulation, local-only and pooled baselines, report.
@@ -96,7 +99,7 @@ def simulate(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from server.settings import parse_models
+    from server.settings import POLICY_MODELS, parse_models
     from shared.protocol.boosting import MODES
     from simulation.experiment import (
         ExperimentConfig,
@@ -112,6 +115,9 @@ def simulate(
     boosting = boosting or base.boosting
     models = models or base.models
     rounds = rounds or base.rounds
+    policy_model = policy_model or base.policy_model
+    if policy_model not in POLICY_MODELS:
+        raise typer.BadParameter(f"expected one of {', '.join(POLICY_MODELS)}", param_hint="--policy-model")
     if strategy not in STRATEGIES:
         raise typer.BadParameter(f"expected one of {', '.join(STRATEGIES)}", param_hint="--strategy")
     if boosting not in MODES:
@@ -127,7 +133,7 @@ def simulate(
     cfg = ExperimentConfig(out=out, clinics=clinics, rounds=rounds, dp=dp, epsilon=epsilon, strategy=strategy,
                            seed=seed, sites=sites, task=task, local_epochs=local_epochs or base.local_epochs,
                            models=models, boosting=boosting, xgb_rounds=xgb_rounds or base.xgb_rounds,
-                           compare=compare)
+                           compare=compare, policy_model=policy_model)
     console = Console()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:

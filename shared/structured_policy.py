@@ -345,6 +345,26 @@ class StructuredDosingPolicy:
                             - o.heart_failure_weight * actions["chf"].to_numpy())
         return actions
 
+    def predicted_outcomes(self, frame: pd.DataFrame, actions: pd.DataFrame) -> pd.DataFrame:
+        """The models' mean P(response) and P(grade ≥ 3 toxicity) of one given action per patient row
+        (``actions`` aligned with ``frame``: formulation_id, dose_mg_m2, interval_days), for off-policy evaluation
+        (``client.ope``), as :meth:`shared.dosing_policy.DosingPolicy.predicted_outcomes`; NaN where the policy
+        does not know the formulation."""
+        frame, actions = frame.reset_index(drop=True), actions.reset_index(drop=True)
+        known = actions["formulation_id"].astype(str).isin(set(self.formulations)).to_numpy()
+        out = pd.DataFrame({RESPONSE: np.full(len(frame), np.nan), TOXICITY: np.full(len(frame), np.nan)})
+        if not known.any():
+            return out
+        cand = pd.DataFrame({"row": np.flatnonzero(known),
+                             "formulation_id": actions.loc[known, "formulation_id"].astype(str).to_numpy(),
+                             "dose_mg_m2": actions.loc[known, "dose_mg_m2"].to_numpy(dtype=float),
+                             "interval_days": actions.loc[known, "interval_days"].to_numpy(dtype=float)})
+        rows = self._action_frame(frame, cand)
+        out.loc[known, RESPONSE] = self.response.predict_proba(rows).mean
+        out.loc[known, TOXICITY] = any_toxicity(self.neutropenia.predict_proba(rows),
+                                                self.other_toxicity.predict_proba(rows)).mean
+        return out
+
     def improvement_bound(self, frame: pd.DataFrame, cand: pd.DataFrame, soc: pd.DataFrame) -> np.ndarray:
         """Per candidate: ``ΔU − z·se(ΔU)``, ΔU the predicted utility of the candidate minus that of standard
         of care for the same patient; se by the delta method over the three models' covariances (independent

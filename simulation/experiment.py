@@ -27,7 +27,7 @@ from server.settings import DEFAULTS, RunSettings, parse_hidden
 from shared.ann import predict
 from shared.artifacts import RunArtifacts
 from shared.boosting import BoostingConfig, predict_heads
-from shared.task import NANOPARTICLE_TASK, TaskSpec
+from shared.task import NANOPARTICLE_TASK, TaskSpec, assign_split
 from shared.validation import SiteDataError, load_site
 from simulation.baselines import (
     BaselineSettings,
@@ -74,6 +74,7 @@ class ExperimentConfig:
     compare: bool = True  # the seed paper's comparison: random forest, SVM, gradient boosting
     fqi_iterations: int = DEFAULTS.fqi_iterations
     release_gate: bool = DEFAULTS.release_gate  # False ships the policy whatever the sites' estimates (tests)
+    policy_model: str = DEFAULTS.policy_model
 
     def run_settings(self, n_sites: int, signing_key: Path | None) -> RunSettings:
         """The federated run's settings for these options (one mapping, here)."""
@@ -83,7 +84,8 @@ class ExperimentConfig:
             min_nodes=n_sites, out_dir=str(self.out / "federated"), task_path=str(self.task) if self.task else "",
             models=self.models, boosting=self.boosting, xgb_rounds=self.xgb_rounds,
             signing_key=str(signing_key) if signing_key is not None else "",
-            policy_dir=str(self.out / "policy"), fqi_iterations=self.fqi_iterations, release_gate=self.release_gate)
+            policy_dir=str(self.out / "policy"), fqi_iterations=self.fqi_iterations, release_gate=self.release_gate,
+            policy_model=self.policy_model)
 
 
 def flower_environment(project_home: Path) -> None:
@@ -255,22 +257,59 @@ def policy_results(cfg: ExperimentConfig, policy: dict, sources: list[SiteSource
                    families: dict[str, Family], sites: dict) -> dict:
     """Where the signed policy is, which key verifies it, which sites hold it, and — in the simulated world —
     how it does against the oracle, standard of care, local-only and pooled policies."""
-    from shared.dosing_policy import DosingPolicy
+    from shared.policy_loader import policy_from_bundle, policy_from_folder
+    from shared.structured_policy import StructuredDosingPolicy
     from simulation.policy_evaluation import evaluate_policies, policy_decider, random_decider
 
     trust = sources[0].trust_key
     result = {"bundle": policy["bundle"], "trust_key": str(trust), "version": policy["version"],
               "shipped": policy["shipped"], "candidate": policy["candidate"], "gate": policy["gate"],
               "formulations": policy["formulations"], "sites": policy["sites"],
-              "adjustment": policy.get("adjustment"), "evaluation": None}
+              "adjustment": policy.get("adjustment"), "policy_model": policy.get("policy_model", "ensemble"),
+              "structured": policy.get("structured"), "evaluation": None}
     if world is None:
         return result  # the user's own sites: no ground truth to judge a policy by
     # what the gate judged: the signed bundle when it shipped, else the candidate it stopped
-    federated = (DosingPolicy.from_bundle(Path(policy["bundle"]), trust) if policy["shipped"]
-                 else DosingPolicy.from_folder(Path(policy["candidate"])))
+    federated = (policy_from_bundle(Path(policy["bundle"]), trust) if policy["shipped"]
+                 else policy_from_folder(Path(policy["candidate"])))
+    if isinstance(federated, StructuredDosingPolicy):
+        pooled, local = structured_baselines(federated, sites, cfg.seed)
+    else:
+        pooled, local = ensemble_baselines(federated, families, sites)
+    policies = {"federated": lambda site: policy_decider(federated),
+                "local": lambda site: policy_decider(local[site]),
+                "pooled": lambda site: policy_decider(pooled),
+                "random": lambda site: random_decider(federated, seed=cfg.seed + 2)}
+    evaluation = evaluate_policies(world, policies, federated, seed=cfg.seed + 1, sites=list(sites))
+    result["evaluation"] = evaluation
+    result["gate"] = gate_against_truth(policy["gate"], evaluation)
+    return result
+
+
+def structured_baselines(federated, sites: dict, split_seed: int) -> tuple[object, dict]:
+    """The structured policy fitted on the pooled training rows (equal to the federated fit without DP) and on
+    each site's own (local-only, its own formulations)."""
+    import pandas as pd
+
+    from shared.structured_policy import fit_structured_policy
+
+    train = {name: site.episodes[assign_split(site.episodes, site.task, split_seed) == "train"]
+             for name, site in sites.items()}
+    pooled = fit_structured_policy([pd.concat(list(train.values()), ignore_index=True)], federated.formulations,
+                                   federated.objective)
+    local = {}
+    for name, frame in train.items():
+        own = set(sites[name].episodes["formulation_id"].astype(str))
+        local[name] = fit_structured_policy([frame], {f: v for f, v in federated.formulations.items() if f in own},
+                                            federated.objective)
+    return pooled, local
+
+
+def ensemble_baselines(federated, families: dict[str, Family], sites: dict) -> tuple[object, dict]:
+    """The ANN + XGBoost policy with the pooled models and with each site's local-only models."""
     members = [name for name in ("ann", "xgboost") if name in families]
 
-    def like_federated(encoder, predictors: dict, formulations: dict) -> DosingPolicy:
+    def like_federated(encoder, predictors: dict, formulations: dict):
         return dataclasses.replace(federated, encoder=encoder, members=predictors, formulations=formulations,
                                    manifest=None)
 
@@ -282,14 +321,7 @@ def policy_results(cfg: ExperimentConfig, policy: dict, sources: list[SiteSource
         local[name] = like_federated(families[members[0]].local_predictors[name][0],
                                      {m: families[m].local_predictors[name][1] for m in members},
                                      {f: v for f, v in federated.formulations.items() if f in own})
-    policies = {"federated": lambda site: policy_decider(federated),
-                "local": lambda site: policy_decider(local[site]),
-                "pooled": lambda site: policy_decider(pooled),
-                "random": lambda site: random_decider(federated, seed=cfg.seed + 2)}
-    evaluation = evaluate_policies(world, policies, federated, seed=cfg.seed + 1, sites=list(sites))
-    result["evaluation"] = evaluation
-    result["gate"] = gate_against_truth(policy["gate"], evaluation)
-    return result
+    return pooled, local
 
 
 def gate_against_truth(gate: dict, evaluation: dict) -> dict:

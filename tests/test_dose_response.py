@@ -315,3 +315,24 @@ def test_a_fitted_model_round_trips_through_its_dict(cls, sites, catalogue):
     assert type(restored) is cls
     np.testing.assert_array_equal(restored.predict(frame)["logit"], model.predict(frame)["logit"])
     np.testing.assert_array_equal(restored.predict(frame)["se"], model.predict(frame)["se"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# On the wire
+
+
+@pytest.mark.parametrize("cls", MODELS)
+def test_a_models_request_and_a_sites_sums_survive_the_records_unchanged(cls, sites, catalogue):
+    from shared.protocol.dose_response import sums_from_request, sums_of, sums_reply, sums_request
+
+    model = cls(catalogue)
+    coef = _some_coefficients(model, 5)
+    received, received_coef, split_seed = sums_from_request(sums_request(model, coef, 3))
+    assert type(received) is cls and received.parameter_names() == model.parameter_names() and split_seed == 3
+    assert received.penalty()[0].tolist() == model.penalty()[0].tolist()
+    np.testing.assert_array_equal(received_coef, coef)
+    sums = model.site_sums(sites[0], coef)
+    back = sums_of(sums_reply(sums))
+    assert set(back) == set(sums)
+    for key in sums:
+        np.testing.assert_array_equal(back[key], sums[key], err_msg=key)
