@@ -89,8 +89,9 @@ def simulate(
     compare: bool = typer.Option(True, "--compare/--no-compare",
                                  help="Also random forest, SVM, gradient boosting (local-only, pooled)."),
     policy_model: str | None = typer.Option(
-        None, "--policy-model", help="The dosing policy's models: ensemble (ANN + XGBoost) | structured "
-        "(dose-response models by federated Newton; DP sites refuse it, so use it with --no-dp)."),
+        None, "--policy-model", help="The dosing policy's models: structured (default; dose-response models by "
+        "federated Newton; DP sites refuse it, and with no site left the ensemble is built) | ensemble (ANN + "
+        "XGBoost)."),
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower's own log."),
 ) -> None:
     """Run a federated experiment on one machine: Flower simulation, local-only and pooled baselines, report.
