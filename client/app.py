@@ -10,6 +10,7 @@ Which site this node is, and the one shape of every answer (load, validate, repl
 | ``train.xgboost``, ``evaluate.xgboost``, ``query.xgb_evaluate``, ``query.importance`` | ``client.boosting_handlers`` |
 | ``query.hist_*`` (histogram boosting) | :mod:`client.hist_handlers` |
 | ``query.fqi_*`` (dose adjuster) | :mod:`client.adjustment_handlers` |
+| ``query.dose_response_*`` (structured dose-response models) | :mod:`client.dose_response_handlers` |
 | ``query.catalogue``, ``query.install_policy`` | :mod:`client.policy_handlers` |
 | ``query.analytics_*`` | :mod:`client.analytics` |
 
@@ -24,6 +25,7 @@ from flwr.clientapp import ClientApp
 from client.adjustment_handlers import register_adjustment
 from client.analytics import register_analytics
 from client.boosting_handlers import register_boosting
+from client.dose_response_handlers import register_dose_response
 from client.hist_handlers import register_hist
 from client.policy_handlers import register_policy
 from client.site import SiteHandlers, SiteSource
@@ -36,8 +38,8 @@ def make_client_app(sites: list[SiteSource] | None = None, mods: list | None = N
     handler (tests use one to see every reply a site sends)."""
     client = ClientApp(mods=mods)
     handlers = SiteHandlers(sites)
-    for register in (register_training, register_boosting, register_hist, register_adjustment, register_policy,
-                     register_analytics):
+    for register in (register_training, register_boosting, register_hist, register_adjustment,
+                     register_dose_response, register_policy, register_analytics):
         register(client, handlers)
     return client
 

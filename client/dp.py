@@ -53,7 +53,7 @@ GAUSSIAN_SAMPLE_RATE = 1.0
 """A Gaussian mechanism on the whole table is the subsampled Gaussian at sample rate 1 (Mironov 2017)."""
 
 DEFAULT_SHARES = {"statistics": 0.05, "evaluation": 0.05, "boosting": 0.0, "policy": 0.1,
-                  "adjuster": 0.0, "importance": 0.0, "analytics": 0.0}
+                  "adjuster": 0.0, "dose_response": 0.0, "importance": 0.0, "analytics": 0.0}
 """Share of what is left of a DP site's ε each phase may spend in a run, where ``site.toml
 [privacy.shares]`` says nothing; DP-SGD training gets the rest of the run's phases. The statistics for the
 encoder and the final evaluation are single releases of counts and sums, 5 % each; the policy's outcome-model
@@ -69,6 +69,9 @@ drown any release (the noise calibration itself leaves up to 0.1 % of a phase's 
 NO_DP_FORM = {
     "importance": "permutation importance has no DP form here: shuffling a feature moves one patient's value "
                   "into other rows, so one row's influence on the loss sums is not bounded",
+    "dose_response": "the structured dose-response fit has no DP release yet: its per-row bounds exist "
+                     "(shared.dose_response.SumBound) but a Newton fit on noised sums with a planned number of "
+                     "releases is not built; the fit runs over the sites without DP",
 }
 """Phases a DP site always refuses, and why."""
 

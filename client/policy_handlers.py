@@ -24,8 +24,9 @@ from client.dp import PhaseRelease
 from client.ope import private_value_sums, site_value_sums
 from client.policy_store import PolicyStore, PolicyStoreError, site_store_root
 from client.site import SiteHandlers, SiteRequest, error_reply
-from shared.dosing_policy import FORMULATION_FEATURES, DosingPolicy
+from shared.dosing_policy import FORMULATION_FEATURES
 from shared.policy_bundle import BundleRejected, unpack_bundle
+from shared.policy_loader import policy_from_folder
 from shared.protocol import ErrorCode, messages
 from shared.protocol.errors import ShareableError
 from shared.protocol.policy import Installed, bundle_files, catalogue_reply, value_reply
@@ -68,7 +69,7 @@ def policy_value(msg: Message, request: SiteRequest) -> RecordDict:
             if Path(name).name != name or name.startswith("."):
                 raise ShareableError(f"candidate file name {name!r} is not a plain file name")
             (folder / name).write_bytes(data)
-        candidate = DosingPolicy.from_folder(folder)
+        candidate = policy_from_folder(folder)  # either policy kind
         sums = site_value_sums(candidate, request.site.episodes, request.site.task, int(request.config[SPLIT_SEED]))
     content = RecordDict()
     if request.dp is not None:

@@ -82,16 +82,17 @@ class RecommenderInputError(ValueError):
 
 
 def load_policy(bundle: Path, trust_key: Path):
-    """Verify the bundle against the trust key and load the policy; ``RecommenderInputError`` if the key is not
-    a usable trust key (saying what the file is instead), or the bundle does not verify or cannot be read."""
-    from shared.dosing_policy import DosingPolicy
+    """Verify the bundle against the trust key and load the policy (either kind, ``shared.policy_loader``);
+    ``RecommenderInputError`` if the key is not a usable trust key (saying what the file is instead), or the
+    bundle does not verify or cannot be read."""
     from shared.policy_bundle import BundleRejected
+    from shared.policy_loader import policy_from_bundle
 
     check_trust_key(trust_key)
     if not bundle.exists():
         raise RecommenderInputError([f"{bundle}: no such policy bundle folder"])
     try:
-        return DosingPolicy.from_bundle(bundle, trust_key)
+        return policy_from_bundle(bundle, trust_key)  # the ANN + XGBoost or the structured policy
     except BundleRejected as err:
         raise RecommenderInputError([f"{err} (trust key {trust_key})"]) from err
     except (OSError, ValueError, KeyError, TypeError) as err:

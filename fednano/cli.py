@@ -95,6 +95,10 @@ def simulate(
     deploy_patients: int | None = typer.Option(
         None, "--deploy-patients", min=1, max=5000,
         help="New patients per clinic per deployment period (default: half the clinic's own)."),
+    policy_model: str | None = typer.Option(
+        None, "--policy-model", help="The dosing policy's models: structured (default; dose-response models by "
+        "federated Newton; DP sites refuse it, and with no site left the ensemble is built) | ensemble (ANN + "
+        "XGBoost)."),
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower's own log."),
 ) -> None:
     """Run a federated experiment on one machine: Flower simulation, local-only and pooled baselines, report.
@@ -103,7 +107,7 @@ def simulate(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from server.settings import parse_models
+    from server.settings import POLICY_MODELS, parse_models
     from shared.protocol.boosting import MODES
     from simulation.experiment import (
         ExperimentConfig,
@@ -119,6 +123,9 @@ def simulate(
     boosting = boosting or base.boosting
     models = models or base.models
     rounds = rounds or base.rounds
+    policy_model = policy_model or base.policy_model
+    if policy_model not in POLICY_MODELS:
+        raise typer.BadParameter(f"expected one of {', '.join(POLICY_MODELS)}", param_hint="--policy-model")
     if strategy not in STRATEGIES:
         raise typer.BadParameter(f"expected one of {', '.join(STRATEGIES)}", param_hint="--strategy")
     if boosting not in MODES:
@@ -137,7 +144,8 @@ def simulate(
     cfg = ExperimentConfig(out=out, clinics=clinics, rounds=rounds, dp=dp, epsilon=epsilon, strategy=strategy,
                            seed=seed, sites=sites, task=task, local_epochs=local_epochs or base.local_epochs,
                            models=models, boosting=boosting, xgb_rounds=xgb_rounds or base.xgb_rounds,
-                           compare=compare, deploy_cycles=deploy_cycles, deploy_patients=deploy_patients)
+                           compare=compare, deploy_cycles=deploy_cycles, deploy_patients=deploy_patients,
+                           policy_model=policy_model)
     console = Console()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:

@@ -54,6 +54,8 @@ def run_plan(settings: RunSettings) -> RunPlan:
     phases.append("importance")
     if builds_policy(settings) and settings.fqi_iterations > 0:
         phases.append("adjuster")
+    if builds_policy(settings) and settings.policy_model == "structured":
+        phases.append("dose_response")
     if builds_policy(settings):
         phases.append("policy")
     return RunPlan(tuple(phases))

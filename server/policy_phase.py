@@ -3,7 +3,10 @@
 1. **catalogue** — each site reports the formulations it stocks and their properties (product specs);
    the policy may choose only among those.
 2. **dose adjustment** — if the run asks for it, the fitted-Q adjuster is learned federated from the sites'
-   multi-cycle trajectories (:mod:`server.adjustment_phase`).
+   multi-cycle trajectories (:mod:`server.adjustment_phase`). With ``policy-model = structured`` the
+   candidate is instead the structured dose-response policy, its models fitted by Newton–Raphson on the sites'
+   sums (:mod:`server.dose_response_phase`); if no site can take part (all under DP) the run says so and falls
+   back to the ensemble candidate. Steps 3–5 are the same for both.
 3. **release gate** — the candidate (unsigned, ``OUT/candidate``) goes to every site, which values it and its
    own standard of care on its held-out logged first cycles (doubly robust, :mod:`client.ope`) and sends sums
    only; the server signs and sends the candidate only if the lower 95 % bound of (candidate − standard of
@@ -33,6 +36,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from server.adjustment_phase import AdjustmentFailed, fit_adjuster
+from server.dose_response_phase import DoseResponseFailed, fit_structured_policy_federated
 from server.run_record import RunRecord, add_privacy
 from server.settings import RunSettings
 from server.site_check import SiteCheck
@@ -113,6 +117,19 @@ def write_candidate(artifacts: RunArtifacts, record: RunRecord, formulations: di
     return {name: folder / name for name in [*files, POLICY_FILE]}
 
 
+def write_structured_candidate(grid: Grid, sites: SiteCheck, formulations: dict, settings: RunSettings,
+                               folder: Path) -> tuple[dict[str, Path], dict]:
+    """Fit the structured policy over the sites that grant ``dose_response`` and write its ``policy.json`` (the
+    whole policy: models, covariances, support) into ``folder``; returns the files and the record's entry."""
+    nodes = sites.granting("dose_response")
+    policy, info = fit_structured_policy_federated(grid, nodes, formulations, settings.split_seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / POLICY_FILE).write_text(json.dumps(policy.document(), indent=1, allow_nan=False) + "\n")
+    entry = {"fitted": True, "sites": [sites.usable[n] for n in info["nodes"]], "iterations": info["iterations"],
+             "rows": info["rows"], "refused": sites.refusing("dose_response")}
+    return {POLICY_FILE: folder / POLICY_FILE}, entry
+
+
 def value_at_sites(grid: Grid, sites: SiteCheck, files: dict[str, Path], settings: RunSettings,
                    record: RunRecord) -> GateResult:
     """Ask every site that grants the ``policy`` phase for its doubly-robust value sums of the candidate and of
@@ -186,13 +203,24 @@ def run_policy_phase(grid: Grid, sites: SiteCheck, artifacts: RunArtifacts, reco
         except AdjustmentFailed as err:
             log(INFO, "dose adjuster not fitted: %s", err)
             adjustment = {"fitted": False, "reason": str(err), "refused": sites.refusing("adjuster")}
-    files = write_candidate(artifacts, record, formulations, artifacts.folder / CANDIDATE_FOLDER, adjuster)
+    candidate_folder = artifacts.folder / CANDIDATE_FOLDER
+    structured = {"fitted": False, "reason": "policy-model = ensemble"}
+    files = None
+    if settings.policy_model == "structured":
+        try:
+            files, structured = write_structured_candidate(grid, sites, formulations, settings, candidate_folder)
+        except DoseResponseFailed as err:
+            log(INFO, "structured policy not fitted, the candidate is the ensemble policy: %s", err)
+            structured = {"fitted": False, "reason": str(err), "refused": sites.refusing("dose_response")}
+    if files is None:
+        files = write_candidate(artifacts, record, formulations, candidate_folder, adjuster)
     verdict = value_at_sites(grid, sites, files, settings, record)
     if not settings.release_gate:
         verdict.reason = f"gate skipped (run config release-gate = false); the estimate: {verdict.reason}"
     ship = verdict.passed or not settings.release_gate
     entry = {"candidate": str(artifacts.folder / CANDIDATE_FOLDER), "formulations": sorted(formulations),
-             "adjustment": adjustment, "gate": verdict.to_dict(), "shipped": ship,
+             "adjustment": adjustment, "policy_model": "structured" if structured["fitted"] else "ensemble",
+             "structured": structured, "gate": verdict.to_dict(), "shipped": ship,
              "bundle": None, "version": None, "sites": {}}
     if ship:
         bundle = sign(files, record, verdict, Path(settings.signing_key),

@@ -15,6 +15,9 @@ from shared.protocol.boosting import MODES
 from shared.task import NANOPARTICLE_TASK, TaskSpec
 
 MODEL_FAMILIES = ("ann", "xgboost")
+POLICY_MODELS = ("ensemble", "structured")
+"""What the dosing policy is built on: the federated ANN + XGBoost ensemble (``shared.dosing_policy``) or the
+structured dose-response models fitted by federated Newton–Raphson (``shared.structured_policy``)."""
 
 
 def parse_hidden(text: str) -> tuple[int, ...]:
@@ -82,6 +85,12 @@ class RunSettings:
         Sign and send the policy only if the sites' off-policy estimates show it beats their standard of care
         (``shared.off_policy``). False skips the decision (the estimates are still asked for and recorded, and
         the manifest says the gate was skipped): for tests of the distribution itself, never for patients.
+    policy_model : str, default "structured"
+        The policy's outcome models (:data:`POLICY_MODELS`): ``structured`` (dose-response models fitted from the
+        sites' Newton sums, ``server.dose_response_phase``) or ``ensemble`` (this run's ANN + XGBoost). Structured
+        is the default because it scored far above the ensemble on the same worlds (BENCHMARKS.md, "Structured
+        dose–response policy"); sites under DP refuse its sums, and with no site left the run falls back to the
+        ensemble candidate and records why. Either candidate goes through the same release gate and signing.
     """
 
     num_server_rounds: int = 10
@@ -107,10 +116,13 @@ class RunSettings:
     policy_dir: str = ""
     fqi_iterations: int = 25
     release_gate: bool = True
+    policy_model: str = "structured"
 
     def __post_init__(self) -> None:
         parse_hidden(self.hidden)
         parse_models(self.models)
+        if self.policy_model not in POLICY_MODELS:
+            raise ValueError(f"policy-model: expected one of {', '.join(POLICY_MODELS)}; got {self.policy_model!r}")
         if self.boosting not in MODES:
             raise ValueError(f"boosting: expected one of {', '.join(MODES)}; got {self.boosting!r}")
 

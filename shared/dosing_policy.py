@@ -74,6 +74,8 @@ HEPATIC_FACTORS = (0.75, 0.5)
 LABEL_INTERVAL_DAYS = {"ovarian": 28, "breast": 28, "kaposi": 21, "myeloma": 21, "sarcoma": 28}
 """Label schedules of liposomal doxorubicin (Doxil/Caelyx SmPC: ovarian and breast q4w, Kaposi q2-3w,
 myeloma with bortezomib q3w; soft-tissue sarcoma q4w, Judson et al., Eur J Cancer 2001)."""
+LABEL_DOSE_MG_M2 = {"ovarian": 50.0, "breast": 50.0, "kaposi": 20.0, "myeloma": 30.0, "sarcoma": 50.0}
+"""Label starting doses in mg/m², same sources: the dose of standard of care (fixed BSA dosing)."""
 
 
 @dataclass(frozen=True)

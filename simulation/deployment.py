@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from client.policy_store import PolicyStore, site_store_root
-from shared.dosing_policy import DosingPolicy
+from shared.policy_loader import AnyPolicy, policy_from_bundle
 from shared.validation import load_site
 from simulation.clinics import World
 from simulation.policy_rollout import standard_of_care, treat_clinic
@@ -44,12 +44,12 @@ class Served:
     reason: str
 
 
-def served_policy(site: Path, trust_key: Path, gate: dict | None) -> tuple[DosingPolicy | None, Served]:
+def served_policy(site: Path, trust_key: Path, gate: dict | None) -> tuple[AnyPolicy | None, Served]:
     """The policy a site serves: its store's installed version unless the gate found it worse for this site."""
     installed = PolicyStore(site_store_root(site), trust_key).installed_path()
     if installed is None:
         return None, Served(None, "no policy installed: standard of care")
-    policy = DosingPolicy.from_bundle(installed, trust_key)
+    policy = policy_from_bundle(installed, trust_key)  # the ensemble or the structured policy
     verdict = ((gate or {}).get("per_site") or {}).get(site.name) or {}
     if verdict.get("worse"):
         return None, Served(None, f"v{policy.version} installed, but the site's own logs find it worse than "

@@ -26,6 +26,12 @@ from functools import lru_cache
 import numpy as np
 from scipy.special import ndtr
 
+from shared.cardiotoxicity import (  # noqa: F401  (re-exported: simulation.oracle and the tests use effect.*)
+    CHF_SCALE_MG_M2,
+    CHF_SHAPE,
+    chf_cumulative_probability,
+    chf_cycle_probability,
+)
 from simulation.patients import OMEGA_EFFICACY, OMEGA_MARROW
 
 # --- response ------------------------------------------------------------------------------------------
@@ -78,9 +84,7 @@ CHARGE_REACTION_ZETA_MV = 20.0
 CHARGE_REACTION_WIDTH_MV = 6.0
 CHARGE_REACTION_HALF_DOSE = 40.0
 
-# --- heart ---------------------------------------------------------------------------------------------
-CHF_SCALE_MG_M2 = 748.0
-CHF_SHAPE = 4.6
+# --- heart: the public curve of shared.cardiotoxicity (Swain 2003), which the policy uses too -----------
 
 
 def kill_rate(tumour_exposure, sensitivity, tumour_burden_mm, ecog):
@@ -194,17 +198,6 @@ def charge_reaction_probability(zeta_mv, dose_mg_m2):
     dose = np.asarray(dose_mg_m2)
     return CHARGE_REACTION_MAX / (1.0 + np.exp(-z)) * dose / (dose + CHARGE_REACTION_HALF_DOSE)
 
-
-def chf_cumulative_probability(cumulative_dose_mg_m2):
-    """P(CHF) after a cumulative doxorubicin(-equivalent) dose: 1 − exp(−(D/748)^4.6) (fit to Swain 2003)."""
-    return 1.0 - np.exp(-((np.asarray(cumulative_dose_mg_m2) / CHF_SCALE_MG_M2) ** CHF_SHAPE))
-
-
-def chf_cycle_probability(cumulative_before_mg_m2, cardiac_dose_mg_m2):
-    """P(CHF during this cycle | none before): the conditional increment of the cumulative curve."""
-    before = chf_cumulative_probability(cumulative_before_mg_m2)
-    after = chf_cumulative_probability(np.asarray(cumulative_before_mg_m2) + np.asarray(cardiac_dose_mg_m2))
-    return (after - before) / np.maximum(1.0 - before, 1e-12)
 
 
 def any_of(*probabilities):

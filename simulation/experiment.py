@@ -29,7 +29,7 @@ from server.settings import DEFAULTS, RunSettings, parse_hidden
 from shared.ann import predict
 from shared.artifacts import RunArtifacts
 from shared.boosting import BoostingConfig, predict_heads
-from shared.task import NANOPARTICLE_TASK, TaskSpec
+from shared.task import NANOPARTICLE_TASK, TaskSpec, assign_split
 from shared.validation import SiteDataError, load_site
 from simulation.baselines import (
     BaselineSettings,
@@ -78,6 +78,7 @@ class ExperimentConfig:
     release_gate: bool = DEFAULTS.release_gate  # False ships the policy whatever the sites' estimates (tests)
     deploy_cycles: int = 1  # policy versions to reach: K − 1 deployment periods, each followed by a refit
     deploy_patients: int | None = None  # new patients per clinic per period (default: half the clinic's own)
+    policy_model: str = DEFAULTS.policy_model
 
     def run_settings(self, n_sites: int, signing_key: Path | None) -> RunSettings:
         """The federated run's settings for these options (one mapping, here)."""
@@ -87,7 +88,8 @@ class ExperimentConfig:
             min_nodes=n_sites, out_dir=str(self.out / "federated"), task_path=str(self.task) if self.task else "",
             models=self.models, boosting=self.boosting, xgb_rounds=self.xgb_rounds,
             signing_key=str(signing_key) if signing_key is not None else "",
-            policy_dir=str(self.out / "policy"), fqi_iterations=self.fqi_iterations, release_gate=self.release_gate)
+            policy_dir=str(self.out / "policy"), fqi_iterations=self.fqi_iterations, release_gate=self.release_gate,
+            policy_model=self.policy_model)
 
 
 def flower_environment(project_home: Path) -> None:
@@ -261,22 +263,59 @@ def policy_results(cfg: ExperimentConfig, policy: dict, sources: list[SiteSource
                    families: dict[str, Family], sites: dict) -> dict:
     """Where the signed policy is, which key verifies it, which sites hold it, and — in the simulated world —
     how it does against the oracle, standard of care, local-only and pooled policies."""
-    from shared.dosing_policy import DosingPolicy
+    from shared.policy_loader import policy_from_bundle, policy_from_folder
+    from shared.structured_policy import StructuredDosingPolicy
     from simulation.policy_evaluation import evaluate_policies, policy_decider, random_decider
 
     trust = sources[0].trust_key
     result = {"bundle": policy["bundle"], "trust_key": str(trust), "version": policy["version"],
               "shipped": policy["shipped"], "candidate": policy["candidate"], "gate": policy["gate"],
               "formulations": policy["formulations"], "sites": policy["sites"],
-              "adjustment": policy.get("adjustment"), "evaluation": None}
+              "adjustment": policy.get("adjustment"), "policy_model": policy.get("policy_model", "ensemble"),
+              "structured": policy.get("structured"), "evaluation": None}
     if world is None:
         return result  # the user's own sites: no ground truth to judge a policy by
     # what the gate judged: the signed bundle when it shipped, else the candidate it stopped
-    federated = (DosingPolicy.from_bundle(Path(policy["bundle"]), trust) if policy["shipped"]
-                 else DosingPolicy.from_folder(Path(policy["candidate"])))
+    federated = (policy_from_bundle(Path(policy["bundle"]), trust) if policy["shipped"]
+                 else policy_from_folder(Path(policy["candidate"])))
+    if isinstance(federated, StructuredDosingPolicy):
+        pooled, local = structured_baselines(federated, sites, cfg.seed)
+    else:
+        pooled, local = ensemble_baselines(federated, families, sites)
+    policies = {"federated": lambda site: policy_decider(federated),
+                "local": lambda site: policy_decider(local[site]),
+                "pooled": lambda site: policy_decider(pooled),
+                "random": lambda site: random_decider(federated, seed=cfg.seed + 2)}
+    evaluation = evaluate_policies(world, policies, federated, seed=cfg.seed + 1, sites=list(sites))
+    result["evaluation"] = evaluation
+    result["gate"] = gate_against_truth(policy["gate"], evaluation)
+    return result
+
+
+def structured_baselines(federated, sites: dict, split_seed: int) -> tuple[object, dict]:
+    """The structured policy fitted on the pooled training rows (equal to the federated fit without DP) and on
+    each site's own (local-only, its own formulations)."""
+    import pandas as pd
+
+    from shared.structured_policy import fit_structured_policy
+
+    train = {name: site.episodes[assign_split(site.episodes, site.task, split_seed) == "train"]
+             for name, site in sites.items()}
+    pooled = fit_structured_policy([pd.concat(list(train.values()), ignore_index=True)], federated.formulations,
+                                   federated.objective)
+    local = {}
+    for name, frame in train.items():
+        own = set(sites[name].episodes["formulation_id"].astype(str))
+        local[name] = fit_structured_policy([frame], {f: v for f, v in federated.formulations.items() if f in own},
+                                            federated.objective)
+    return pooled, local
+
+
+def ensemble_baselines(federated, families: dict[str, Family], sites: dict) -> tuple[object, dict]:
+    """The ANN + XGBoost policy with the pooled models and with each site's local-only models."""
     members = [name for name in ("ann", "xgboost") if name in families]
 
-    def like_federated(encoder, predictors: dict, formulations: dict) -> DosingPolicy:
+    def like_federated(encoder, predictors: dict, formulations: dict):
         return dataclasses.replace(federated, encoder=encoder, members=predictors, formulations=formulations,
                                    manifest=None)
 
@@ -288,14 +327,7 @@ def policy_results(cfg: ExperimentConfig, policy: dict, sources: list[SiteSource
         local[name] = like_federated(families[members[0]].local_predictors[name][0],
                                      {m: families[m].local_predictors[name][1] for m in members},
                                      {f: v for f, v in federated.formulations.items() if f in own})
-    policies = {"federated": lambda site: policy_decider(federated),
-                "local": lambda site: policy_decider(local[site]),
-                "pooled": lambda site: policy_decider(pooled),
-                "random": lambda site: random_decider(federated, seed=cfg.seed + 2)}
-    evaluation = evaluate_policies(world, policies, federated, seed=cfg.seed + 1, sites=list(sites))
-    result["evaluation"] = evaluation
-    result["gate"] = gate_against_truth(policy["gate"], evaluation)
-    return result
+    return pooled, local
 
 
 def version_entry(cfg: ExperimentConfig, policy: dict, trust: Path, world: World, sites: list[str],
@@ -303,16 +335,17 @@ def version_entry(cfg: ExperimentConfig, policy: dict, trust: Path, world: World
     """One entry of ``policy.versions``: the version the run built, whether it shipped, its true value / oracle
     overall and per site next to standard of care's (measured as :func:`policy_results` measures version 1;
     a stopped candidate is measured too, so the gate's decision can be judged), the gate and ε per site."""
-    from shared.dosing_policy import DosingPolicy
+    from shared.policy_loader import policy_from_bundle, policy_from_folder
     from simulation.policy_evaluation import evaluate_policies, policy_decider
 
     if evaluation is None:
-        candidate = (DosingPolicy.from_bundle(Path(policy["bundle"]), trust) if policy["shipped"]
-                     else DosingPolicy.from_folder(Path(policy["candidate"])))
+        candidate = (policy_from_bundle(Path(policy["bundle"]), trust) if policy["shipped"]
+                     else policy_from_folder(Path(policy["candidate"])))
         evaluation = evaluate_policies(world, {"federated": lambda site: policy_decider(candidate)}, candidate,
                                        seed=cfg.seed + 1, sites=sites)
     overall = evaluation["overall"]
     return {"version": policy["version"], "shipped": policy["shipped"],
+            "policy_model": policy.get("policy_model", "ensemble"),
             "value_oracle": overall["federated"]["value_ratio"],
             "soc_value_oracle": overall["standard_of_care"]["value_ratio"],
             "toxicity_rate": overall["federated"]["toxicity_rate"],

@@ -60,6 +60,12 @@ HIST_LEVEL = query("hist_level")
 FQI_SCALING = query("fqi_scaling")
 FQI_RIDGE = query("fqi_ridge")
 
+# --- structured dose-response models (server.dose_response_phase, client.dose_response_handlers) ----------
+DOSE_RESPONSE_SUMS = query("dose_response_sums")
+"""At the server's coefficients of one outcome model: the site's gradient, information, log-likelihood, count."""
+DOSE_RESPONSE_SUPPORT = query("dose_response_support")
+"""The site's first cycles counted by formulation × tumour type × dose bin (the policy's support)."""
+
 # --- dosing policy (server.policy_phase, client.policy_handlers) ------------------------------------------
 CATALOGUE = query("catalogue")
 POLICY_VALUE = query("policy_value")

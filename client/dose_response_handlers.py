@@ -1,0 +1,60 @@
+"""What a hospital computes for the structured dose-response models: sums over its own first cycles, never rows.
+
+Two query messages (:mod:`shared.protocol.dose_response`):
+
+- ``query.dose_response_sums`` — at the server's coefficients of one outcome model (tumour response,
+  neutropenia, other toxicity; :mod:`shared.structured_policy`): the gradient, information, log-likelihood
+  and row count of :meth:`shared.dose_response.DoseResponseModel.site_sums`, one Newton–Raphson step's share;
+- ``query.dose_response_support`` — the site's first cycles counted by formulation × tumour type × dose bin
+  (:func:`shared.structured_policy.site_support_counts`), so the policy acts only where the logs reach.
+
+Both use the site's training split (``shared.task.assign_split`` with the run's ``split-seed``, as every other
+phase), so the release gate values the policy on rows its models never saw.
+
+Differential privacy: not yet. A site under DP refuses both (``client.dp.NO_DP_FORM["dose_response"]``): the
+per-row bounds of every sum are declared (``DoseResponseModel.sum_bounds``, tested), but a Newton fit that
+plans its number of noised releases in advance is not built. The federation then fits over the sites
+without DP, or falls back to the ensemble policy if none is left (``server.dose_response_phase``).
+"""
+
+from __future__ import annotations
+
+from flwr.app import Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.dp import NO_DP_FORM, PrivacyRefused
+from client.site import SiteHandlers, SiteRequest
+from shared.protocol import messages
+from shared.protocol.dose_response import (
+    sums_from_request,
+    sums_reply,
+    support_from_request,
+    support_reply,
+)
+from shared.structured_policy import site_support_counts
+from shared.task import assign_split
+
+
+def _training_episodes(request: SiteRequest, split_seed: int):
+    if request.dp is not None:
+        raise PrivacyRefused(NO_DP_FORM["dose_response"])
+    episodes = request.site.episodes
+    return episodes[assign_split(episodes, request.site.task, split_seed) == "train"]
+
+
+def model_sums(msg: Message, request: SiteRequest) -> RecordDict:
+    """The sums of the requested model at the requested coefficients over the site's training first cycles."""
+    model, coef, split_seed = sums_from_request(msg.content)
+    return sums_reply(model.site_sums(_training_episodes(request, split_seed), coef))
+
+
+def support_counts(msg: Message, request: SiteRequest) -> RecordDict:
+    """The site's training first cycles counted by formulation (in the requested order), tumour type, dose bin."""
+    formulations, split_seed = support_from_request(msg.content)
+    return support_reply(site_support_counts(_training_episodes(request, split_seed), formulations))
+
+
+def register_dose_response(client: ClientApp, handlers: SiteHandlers) -> None:
+    """Add the ``dose_response_sums`` and ``dose_response_support`` query handlers to ``client``."""
+    client.query(messages.DOSE_RESPONSE_SUMS.action)(handlers(model_sums))
+    client.query(messages.DOSE_RESPONSE_SUPPORT.action)(handlers(support_counts))
