@@ -85,11 +85,12 @@ class RunSettings:
         Sign and send the policy only if the sites' off-policy estimates show it beats their standard of care
         (``shared.off_policy``). False skips the decision (the estimates are still asked for and recorded, and
         the manifest says the gate was skipped): for tests of the distribution itself, never for patients.
-    policy_model : str, default "structured"
-        The policy's outcome models (:data:`POLICY_MODELS`): ``structured`` (dose-response models fitted from the
-        sites' Newton sums, ``server.dose_response_phase``) or ``ensemble`` (this run's ANN + XGBoost). Structured
-        is the default because it scored far above the ensemble on the same worlds (BENCHMARKS.md, "Structured
-        dose–response policy"); sites under DP refuse its sums, and with no site left the run falls back to the
+    policy_model : str, default "ensemble"
+        The policy's outcome models (:data:`POLICY_MODELS`): ``ensemble`` (this run's ANN + XGBoost) or
+        ``structured`` (dose-response models fitted from the sites' Newton sums, ``server.dose_response_phase``).
+        Structured scored far above the ensemble on the same worlds (BENCHMARKS.md, "Structured dose–response
+        policy") but is opt-in until it has the ensemble's monotone guard (issue 14: a worse organ function
+        never raises the dose); sites under DP refuse its sums, and with no site left the run falls back to the
         ensemble candidate and records why. Either candidate goes through the same release gate and signing.
     """
 
@@ -116,7 +117,7 @@ class RunSettings:
     policy_dir: str = ""
     fqi_iterations: int = 25
     release_gate: bool = True
-    policy_model: str = "structured"
+    policy_model: str = "ensemble"
 
     def __post_init__(self) -> None:
         parse_hidden(self.hidden)

@@ -419,7 +419,7 @@ class DosingPolicy:
         if not records:
             return []
         table = self.recommend_frame(records_frame(list(records)), adjust=adjust)
-        return [_recommendation(row, self.version) for row in table.itertuples(index=False)]
+        return [recommendation_of(row, self.version) for row in table.itertuples(index=False)]
 
     def predicted_outcomes(self, frame: pd.DataFrame, actions: pd.DataFrame) -> pd.DataFrame:
         """The outcome models' mean P(response) and P(grade ≥ 3 toxicity) of one given action per patient row
@@ -775,7 +775,8 @@ class DosingPolicy:
         return np.minimum(bsa, cap)
 
 
-def _recommendation(row, version: int | None) -> Recommendation:
+def recommendation_of(row, version: int | None) -> Recommendation:
+    """One row of a ``recommend_frame`` table as the :class:`Recommendation` shown (either policy kind)."""
     give = row.action == "give"
 
     def estimate(outcome: str) -> Estimate | None:

@@ -61,10 +61,10 @@ from shared.dosing_policy import (
     TOXICITY,
     ActionSpace,
     DosingPolicy,
-    Estimate,
     Recommendation,
     RuleApplied,
     SafetyRules,
+    recommendation_of,
 )
 from shared.patient_record import PatientRecord, records_frame
 from shared.policy_bundle import Manifest
@@ -233,14 +233,18 @@ class StructuredDosingPolicy:
         if not records:
             return []
         table = self.recommend_frame(records_frame(list(records)))
-        return [_recommendation(row, self.version) for row in table.itertuples(index=False)]
+        return [recommendation_of(row, self.version) for row in table.itertuples(index=False)]
+
+    def _rules(self) -> DosingPolicy:
+        """A model-free :class:`DosingPolicy` carrying this policy's action space and safety rules, so both
+        policies apply the same hard rules by the same code."""
+        return DosingPolicy(encoder=None, members={}, formulations=self.formulations,  # type: ignore[arg-type]
+                            action_space=self.action_space, safety=self.safety)
 
     def safety_limits(self, frame: pd.DataFrame, rules: list[list[RuleApplied]] | None = None
                       ) -> tuple[np.ndarray, np.ndarray]:
         """The hard rules, exactly as :meth:`shared.dosing_policy.DosingPolicy.safety_limits` applies them."""
-        limits = DosingPolicy(encoder=None, members={}, formulations=self.formulations,  # type: ignore[arg-type]
-                              action_space=self.action_space, safety=self.safety)
-        return limits.safety_limits(frame, rules)
+        return self._rules().safety_limits(frame, rules)
 
     def recommend_frame(self, frame: pd.DataFrame, adjust: bool = False) -> pd.DataFrame:
         """Recommendations for the flat records of :func:`shared.patient_record.records_frame` (one row per
@@ -415,7 +419,8 @@ class StructuredDosingPolicy:
         out.loc[~giving, "dose_mg_m2"] = 0.0
         out.loc[out["action"] == "withhold", "interval_days"] = self.safety.withhold_days
         out.loc[out["action"] == "stop", ["formulation_id", "interval_days"]] = [None, 0]
-        out["dose_mg"] = np.round(out["dose_mg_m2"].to_numpy(dtype=float) * frame["bsa_m2"].to_numpy(dtype=float), 1)
+        out["bsa_m2"] = self._rules()._dosing_bsa(frame, giving, rules)  # the BSA cap, with its rule shown
+        out["dose_mg"] = np.round(out["dose_mg_m2"].to_numpy(dtype=float) * out["bsa_m2"].to_numpy(), 1)
         out["rules"] = rules
         return out
 
@@ -439,21 +444,6 @@ def catalogue_of(frame: pd.DataFrame) -> dict[str, dict[str, float]]:
     """Formulation id → properties as logged in an episode frame (first row of each id)."""
     first = frame.drop_duplicates("formulation_id").set_index("formulation_id")
     return {str(f): {name: float(first.loc[f, name]) for name in FORMULATION_FEATURES} for f in first.index}
-
-
-def _recommendation(row, version: int | None) -> Recommendation:
-    give = row.action == "give"
-
-    def estimate(outcome: str) -> Estimate | None:
-        if not give:
-            return None
-        return Estimate(*(round(float(getattr(row, f"{outcome}_{b}")), 4) for b in ("mean", "low", "high")))
-
-    return Recommendation(
-        patient_id=str(row.patient_id), action=str(row.action),
-        formulation_id=None if row.action == "stop" else str(row.formulation_id),
-        dose_mg_m2=float(row.dose_mg_m2), dose_mg=float(row.dose_mg), interval_days=int(row.interval_days),
-        response=estimate(RESPONSE), toxicity=estimate(TOXICITY), rules=tuple(row.rules), policy_version=version)
 
 
 def _settings(cls, values: Mapping):

@@ -336,3 +336,20 @@ def test_a_models_request_and_a_sites_sums_survive_the_records_unchanged(cls, si
     assert set(back) == set(sums)
     for key in sums:
         np.testing.assert_array_equal(back[key], sums[key], err_msg=key)
+
+
+def test_the_structured_policy_computes_the_absolute_dose_on_the_capped_bsa_and_says_so(sites, catalogue):
+    import json
+    from pathlib import Path
+
+    from shared.patient_record import PatientRecord
+    from shared.structured_policy import fit_structured_policy
+
+    policy = fit_structured_policy(sites, catalogue)
+    example = json.loads((Path(__file__).parents[1] / "examples" / "patient.json").read_text())
+    example["catalogue"] = sorted(catalogue)
+    large = {**example, "weight_kg": 150.0, "height_cm": 195.0, "bsa_m2": 2.85}  # Mosteller √(195·150/3600)
+    usual, big = policy.recommend([PatientRecord.model_validate(example), PatientRecord.model_validate(large)])
+    assert usual.action == big.action == "give"
+    assert big.bsa_m2 == 2.0 and big.dose_mg == pytest.approx(round(big.dose_mg_m2 * 2.0, 1))
+    assert [r.rule for r in big.rules].count("bsa-cap") == 1 and "bsa-cap" not in [r.rule for r in usual.rules]
