@@ -425,15 +425,10 @@ class DosingPolicy:
         """The outcome models' mean P(response) and P(grade ≥ 3 toxicity) of one given action per patient row
         (``actions``, aligned with ``frame``: formulation_id, dose_mg_m2, interval_days) — e.g. the logged action,
         for off-policy evaluation (``shared.off_policy``). NaN where the policy does not know the formulation."""
-        frame, actions = frame.reset_index(drop=True), actions.reset_index(drop=True)
-        known = actions["formulation_id"].astype(str).isin(set(self.formulations)).to_numpy()
-        out = pd.DataFrame({RESPONSE: np.full(len(frame), np.nan), TOXICITY: np.full(len(frame), np.nan)})
+        frame = frame.reset_index(drop=True)
+        known, cand, out = known_actions(actions, self.formulations)
         if not known.any():
             return out
-        cand = pd.DataFrame({"row": np.flatnonzero(known),
-                             "formulation_id": actions.loc[known, "formulation_id"].astype(str).to_numpy(),
-                             "dose_mg_m2": actions.loc[known, "dose_mg_m2"].to_numpy(dtype=float),
-                             "interval_days": actions.loc[known, "interval_days"].to_numpy(dtype=float)})
         x = self._encode(self._patients_x(frame), cand)
         predictions = [member(x) for member in self.members.values()]
         for outcome in (RESPONSE, TOXICITY):
@@ -773,6 +768,20 @@ class DosingPolicy:
                                         f"BSA above {cap:g} m² (capped BSA, a common protocol convention for large "
                                         "patients; the dose per m² actually given is lower than stated)"))
         return np.minimum(bsa, cap)
+
+
+def known_actions(actions: pd.DataFrame, formulations) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame]:
+    """For ``predicted_outcomes`` of either policy: which given actions use a formulation the policy knows, those
+    actions as candidate rows (``row``, formulation_id, dose_mg_m2, interval_days), and the output table to fill
+    (NaN P(response) and P(toxicity) for every action)."""
+    actions = actions.reset_index(drop=True)
+    known = actions["formulation_id"].astype(str).isin(set(formulations)).to_numpy()
+    out = pd.DataFrame({RESPONSE: np.full(len(actions), np.nan), TOXICITY: np.full(len(actions), np.nan)})
+    cand = pd.DataFrame({"row": np.flatnonzero(known),
+                         "formulation_id": actions.loc[known, "formulation_id"].astype(str).to_numpy(),
+                         "dose_mg_m2": actions.loc[known, "dose_mg_m2"].to_numpy(dtype=float),
+                         "interval_days": actions.loc[known, "interval_days"].to_numpy(dtype=float)})
+    return known, cand, out
 
 
 def recommendation_of(row, version: int | None) -> Recommendation:

@@ -64,6 +64,7 @@ from shared.dosing_policy import (
     Recommendation,
     RuleApplied,
     SafetyRules,
+    known_actions,
     recommendation_of,
 )
 from shared.patient_record import PatientRecord, records_frame
@@ -354,15 +355,10 @@ class StructuredDosingPolicy:
         (``actions`` aligned with ``frame``: formulation_id, dose_mg_m2, interval_days), for off-policy evaluation
         (``client.ope``), as :meth:`shared.dosing_policy.DosingPolicy.predicted_outcomes`; NaN where the policy
         does not know the formulation."""
-        frame, actions = frame.reset_index(drop=True), actions.reset_index(drop=True)
-        known = actions["formulation_id"].astype(str).isin(set(self.formulations)).to_numpy()
-        out = pd.DataFrame({RESPONSE: np.full(len(frame), np.nan), TOXICITY: np.full(len(frame), np.nan)})
+        frame = frame.reset_index(drop=True)
+        known, cand, out = known_actions(actions, self.formulations)
         if not known.any():
             return out
-        cand = pd.DataFrame({"row": np.flatnonzero(known),
-                             "formulation_id": actions.loc[known, "formulation_id"].astype(str).to_numpy(),
-                             "dose_mg_m2": actions.loc[known, "dose_mg_m2"].to_numpy(dtype=float),
-                             "interval_days": actions.loc[known, "interval_days"].to_numpy(dtype=float)})
         rows = self._action_frame(frame, cand)
         out.loc[known, RESPONSE] = self.response.predict_proba(rows).mean
         out.loc[known, TOXICITY] = any_toxicity(self.neutropenia.predict_proba(rows),
@@ -411,18 +407,8 @@ class StructuredDosingPolicy:
 
     def _assemble(self, frame: pd.DataFrame, verdict: np.ndarray, chosen: pd.DataFrame,
                   rules: list[list[RuleApplied]]) -> pd.DataFrame:
-        out = pd.DataFrame({"patient_id": frame["patient_id"].to_numpy(), "action": verdict})
-        for column in ("formulation_id", "dose_mg_m2", "interval_days", *(
-                f"{o}_{b}" for o in (RESPONSE, TOXICITY) for b in ("mean", "low", "high"))):
-            out[column] = chosen[column].reindex(range(len(frame))).to_numpy()
-        giving = out["action"].to_numpy() == "give"
-        out.loc[~giving, "dose_mg_m2"] = 0.0
-        out.loc[out["action"] == "withhold", "interval_days"] = self.safety.withhold_days
-        out.loc[out["action"] == "stop", ["formulation_id", "interval_days"]] = [None, 0]
-        out["bsa_m2"] = self._rules()._dosing_bsa(frame, giving, rules)  # the BSA cap, with its rule shown
-        out["dose_mg"] = np.round(out["dose_mg_m2"].to_numpy(dtype=float) * out["bsa_m2"].to_numpy(), 1)
-        out["rules"] = rules
-        return out
+        """The recommendation table, assembled as the ensemble policy assembles it (BSA cap included)."""
+        return self._rules()._assemble(frame, verdict, chosen, rules)
 
 
 def fit_structured_policy(frames: Sequence[pd.DataFrame], formulations: Mapping[str, Mapping[str, float]],
