@@ -17,8 +17,10 @@
    ``ann_federated.pt``, ``xgb_*.json``), signed with the coordinator's Ed25519 key into ``OUT/policy/v<N>``
    (run config ``policy-dir``; :func:`shared.policy_bundle.build_bundle`). The manifest carries each site's
    ε spent, the validation metrics and the safety bounds.
-5. **distribution** — ``query.install_policy`` to every usable site; each verifies and installs it, or says
-   why not (:mod:`client.policy_handlers`). Which sites hold which version goes into the run record.
+5. **distribution** — ``query.install_policy`` to every usable site, each with its own gate verdict (the
+   figures of its own logs; :class:`shared.protocol.policy.SiteVerdict`); each verifies and installs it, or says
+   why not (:mod:`client.policy_handlers`), and a site its logs find the policy worse for serves its standard
+   of care (:mod:`client.site_gate`). Which sites hold which version goes into the run record.
 
 The version comes from the coordinator's own counter, ``policy_version`` in the policy folder, so each
 run's bundle is newer than every earlier one written there and sites can refuse rollbacks.
@@ -47,7 +49,14 @@ from shared.off_policy import GateResult, gate
 from shared.policy_bundle import build_bundle, bundle_contents
 from shared.protocol import messages
 from shared.protocol import records as r
-from shared.protocol.policy import Installed, catalogue_of, install_request, value_of, value_request
+from shared.protocol.policy import (
+    Installed,
+    SiteVerdict,
+    catalogue_of,
+    install_request,
+    value_of,
+    value_request,
+)
 
 VERSION_FILE = "policy_version"
 
@@ -169,10 +178,14 @@ def sign(files: dict[str, Path], record: RunRecord, gate_result: GateResult, sig
                         metrics=metrics, safety_bounds=bounds, signing_key_path=signing_key)
 
 
-def distribute(grid: Grid, nodes: list[int], names: dict[int, str], bundle: Path) -> dict[str, dict]:
-    """Send the bundle to every site; per site: the installed version, or the reason it was refused."""
-    content = install_request(bundle_contents(bundle))
-    sent = [Message(content, dst_node_id=n, message_type=messages.INSTALL_POLICY.type) for n in nodes]
+def distribute(grid: Grid, nodes: list[int], names: dict[int, str], bundle: Path,
+               verdicts: dict[str, dict] | None = None) -> dict[str, dict]:
+    """Send the bundle to every site, each with its own release-gate verdict (``verdicts``: the gate's
+    ``per_site``; a site gets only its own entry, and none if the gate did not judge it); per site: the installed
+    version, or the reason it was refused."""
+    files = bundle_contents(bundle)
+    sent = [Message(install_request(files, SiteVerdict.of_gate((verdicts or {}).get(names.get(n, "")))),
+                    dst_node_id=n, message_type=messages.INSTALL_POLICY.type) for n in nodes]
     result = {names.get(n, f"node {n}"): {"installed": False, "reason": "no reply"} for n in nodes}
     for reply in grid.send_and_receive(sent):
         name = names.get(reply.metadata.src_node_id, f"node {reply.metadata.src_node_id}")
@@ -226,5 +239,5 @@ def run_policy_phase(grid: Grid, sites: SiteCheck, artifacts: RunArtifacts, reco
         bundle = sign(files, record, verdict, Path(settings.signing_key),
                       Path(settings.policy_dir or Path(settings.out_dir) / "policy"))
         entry.update(bundle=str(bundle), version=int(bundle.name.removeprefix("v")),
-                     sites=distribute(grid, sites.nodes, sites.usable, bundle))
+                     sites=distribute(grid, sites.nodes, sites.usable, bundle, verdict.per_site))
     return entry

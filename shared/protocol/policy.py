@@ -1,12 +1,15 @@
 """``query.catalogue`` and ``query.install_policy``: product specifications in, a signed bundle out.
 
 A site reports the formulations it stocks with their properties (product specifications: no patient value,
-and public, so not a DP release), and installs the signed policy bundle the server sends file by file.
+and public, so not a DP release), and installs the signed policy bundle the server sends file by file, with
+the release gate's verdict on that site's own logs (:class:`SiteVerdict`: that site's figures only, never
+another site's).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
@@ -46,13 +49,96 @@ def value_of(content: RecordDict) -> ValueSums:
     return ValueSums(**{k: float(v[0]) for k, v in arrays.items()}, noise_sd=noise)
 
 
-def install_request(files: dict[str, bytes]) -> RecordDict:
-    """The bundle's files by name (manifest, signature, policy, models)."""
-    return RecordDict({r.BUNDLE: ConfigRecord(dict(files))})
+@dataclass(frozen=True)
+class SiteVerdict:
+    """What the release gate found on one site's own logs (``shared.off_policy.gate``'s ``per_site`` entry):
+    the mean of (candidate − standard of care) in utility per patient, its 95 % interval, the cycles behind it,
+    and ``worse``: the interval lies below 0 (that site should serve its standard of care). ``None`` where
+    too few cycles made no estimate."""
+
+    worse: bool
+    estimate: float | None
+    lower: float | None
+    upper: float | None
+    n: float
+
+    KEYS = {"worse": "site-worse", "estimate": "site-estimate", "lower": "site-lower", "upper": "site-upper",
+            "n": "site-cycles"}
+    """Field → key of the message's ConfigRecord (a missing estimate is a missing key)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.worse, bool):
+            raise ValueError(f"verdict 'worse': expected true or false, got {type(self.worse).__name__}")
+        for name in ("estimate", "lower", "upper", "n"):
+            value = getattr(self, name)
+            if value is None and name != "n":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"verdict {name!r}: expected a finite number, got {type(value).__name__}")
+        if self.n < 0:
+            raise ValueError("verdict 'n': expected a count of cycles (>= 0)")
+
+    @classmethod
+    def of_gate(cls, entry: dict | None) -> SiteVerdict | None:
+        """A site's verdict from its ``per_site`` entry; None for a site the gate did not judge (it failed or
+        refused to value the candidate: no entry with ``worse``)."""
+        if not entry or "worse" not in entry:
+            return None
+
+        def finite(key: str) -> float | None:
+            value = entry.get(key)
+            return float(value) if value is not None and math.isfinite(value) else None
+
+        return cls(bool(entry["worse"]), finite("estimate"), finite("lower"), finite("upper"),
+                   float(entry.get("n") or 0.0))
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> SiteVerdict:
+        """From :meth:`to_dict`'s form; ``ValueError`` naming the field for anything else."""
+        if not isinstance(values, dict) or set(values) != set(cls.KEYS):
+            raise ValueError(f"expected the keys {sorted(cls.KEYS)}")
+        return cls(**values)
+
+    def to_config(self) -> ConfigRecord:
+        return ConfigRecord({key: getattr(self, name) for name, key in self.KEYS.items()
+                             if getattr(self, name) is not None})
+
+    @classmethod
+    def from_config(cls, config: ConfigRecord) -> SiteVerdict:
+        unknown = sorted(set(config) - set(cls.KEYS.values()))
+        if unknown:
+            raise ValueError(f"verdict: unknown key(s) {unknown}")
+        if cls.KEYS["worse"] not in config or cls.KEYS["n"] not in config:
+            raise ValueError(f"verdict: expected the keys {cls.KEYS['worse']!r} and {cls.KEYS['n']!r}")
+        return cls(**{name: config.get(key) for name, key in cls.KEYS.items()})
+
+    def describe(self) -> str:
+        """The figures in words: "estimate -0.052 utility per patient, 95 % interval [-0.090, -0.014], n = 120"."""
+        if self.estimate is None or self.lower is None or self.upper is None:
+            return f"no estimate (n = {self.n:g})"
+        return (f"estimate {self.estimate:+.3f} utility per patient, 95 % interval [{self.lower:+.3f}, "
+                f"{self.upper:+.3f}], n = {self.n:g}")
+
+
+def install_request(files: dict[str, bytes], verdict: SiteVerdict | None = None) -> RecordDict:
+    """The bundle's files by name (manifest, signature, policy, models) and, if the gate judged the receiving site,
+    its own verdict (one message per site: a site never sees another's)."""
+    content = RecordDict({r.BUNDLE: ConfigRecord(dict(files))})
+    if verdict is not None:
+        content[r.VERDICT] = verdict.to_config()
+    return content
 
 
 def bundle_files(content: RecordDict) -> dict[str, bytes]:
     return {name: bytes(data) for name, data in content[r.BUNDLE].items()}
+
+
+def verdict_of(content: RecordDict) -> SiteVerdict | None:
+    """The site's verdict an install request carries, or None; ``ValueError`` if it is malformed."""
+    return SiteVerdict.from_config(content[r.VERDICT]) if r.VERDICT in content else None
 
 
 @dataclass(frozen=True)

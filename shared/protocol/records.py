@@ -35,6 +35,8 @@ META = "meta"
 BUNDLE = "bundle"
 CATALOGUE = "catalogue"
 PROPERTIES = "properties"
+VERDICT = "verdict"
+"""The release gate's figures on the receiving site's own logs, sent with the policy it installs."""
 
 # --- keys of several phases --------------------------------------------------------------------------------
 SPLIT_SEED = "split-seed"
