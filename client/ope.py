@@ -31,7 +31,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 from client.dp import Block, PhaseRelease
-from shared.dosing_policy import LABEL_DOSE_MG_M2, RESPONSE, TOXICITY, DosingPolicy
+from client.site_gate import UsualFormulations, label_actions
+from shared.dosing_policy import RESPONSE, TOXICITY, DosingPolicy
 from shared.off_policy import MIN_SUPPORT, ValueSums, box_kernel, chf_cycle_probability, dr_terms, utility
 from shared.patient_record import PREVIOUS_PREFIX, WEARABLE_PREFIX, PreviousCycle, WearableSummary
 from shared.protocol.privacy import ReleaseFacts
@@ -123,20 +124,9 @@ def as_records(cycles: pd.DataFrame, catalogue: tuple[str, ...]) -> pd.DataFrame
 
 def standard_of_care(policy: DosingPolicy, cycles: pd.DataFrame, records: pd.DataFrame,
                      logged: pd.DataFrame) -> pd.DataFrame:
-    """The site's standard of care for each record (module docstring), under the policy's safety rules."""
-    usual_overall = logged["formulation_id"].astype(str).mode().iloc[0]
-    usual = logged.groupby("tumour_type")["formulation_id"].agg(lambda f: f.astype(str).mode().iloc[0])
-    formulation = records["tumour_type"].map(usual).fillna(usual_overall).astype(str).to_numpy()
-    space, safety = policy.action_space, policy.safety
-    bilirubin = np.nan_to_num(records["bilirubin_umol_l"].to_numpy(dtype=float), nan=0.0)
-    hepatic = np.where(bilirubin > safety.hepatic_bands_umol_l[1], safety.hepatic_factors[1],
-                       np.where(bilirubin > safety.hepatic_bands_umol_l[0], safety.hepatic_factors[0], 1.0))
-    label = records["tumour_type"].map(LABEL_DOSE_MG_M2).to_numpy(dtype=float)
-    cap, verdict = policy.safety_limits(records)
-    step = space.dose_step_mg_m2
-    dose = np.clip(step * np.rint(label * hepatic / step), space.dose_min_mg_m2, space.dose_max_mg_m2)
-    return pd.DataFrame({"action": verdict, "formulation_id": formulation, "dose_mg_m2": np.minimum(dose, cap),
-                         "interval_days": space.intervals(records["tumour_type"])[:, 0]})
+    """The site's standard of care for each record (module docstring), under the policy's safety rules: what a
+    site whose logs find the policy worse serves instead (:mod:`client.site_gate`, the same code)."""
+    return label_actions(policy, records, UsualFormulations.of(logged).for_records(records["tumour_type"]))
 
 
 def dr_gamma(policy: DosingPolicy, logging: LoggingPolicy, records: pd.DataFrame, logged: pd.DataFrame,

@@ -9,29 +9,37 @@
 - ``query.install_policy``: the signed policy bundle, file by file, in a ConfigRecord of bytes. The site
   verifies it against the coordinator key of its own provisioning kit (node config ``trust-key``) and installs
   it in ``<site>/.fednano/policy`` (:class:`client.policy_store.PolicyStore`): an unsigned, altered, wrongly
-  signed or older bundle is refused with the reason, and the current policy stays.
+  signed or older bundle is refused with the reason, and the current policy stays. The message may carry the
+  release gate's verdict on this site's own logs (:class:`shared.protocol.policy.SiteVerdict`); the site stores
+  it with the version, and its usual formulations read from its own logs (the standard of care the verdict
+  was measured against), so that a site whose logs find the policy worse serves standard of care
+  (:mod:`client.site_gate`).
 """
 
 from __future__ import annotations
 
 import tempfile
+from logging import INFO, WARNING
 from pathlib import Path
 
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 
 from client.dp import PhaseRelease
-from client.ope import private_value_sums, site_value_sums
+from client.ope import first_cycles, private_value_sums, site_value_sums
 from client.policy_store import PolicyStore, PolicyStoreError, site_store_root
-from client.site import SiteHandlers, SiteRequest, error_reply
+from client.site import SiteHandlers, SiteRequest, SiteSource, error_reply, load
+from client.site_gate import UsualFormulations
 from shared.dosing_policy import FORMULATION_FEATURES
 from shared.policy_bundle import BundleRejected, unpack_bundle
 from shared.policy_loader import policy_from_folder
 from shared.protocol import ErrorCode, messages
 from shared.protocol.errors import ShareableError
-from shared.protocol.policy import Installed, bundle_files, catalogue_reply, value_reply
+from shared.protocol.policy import Installed, SiteVerdict, bundle_files, catalogue_reply, value_reply, verdict_of
 from shared.protocol.privacy import RELEASE_INDEX, RELEASES
 from shared.protocol.records import PRIVACY, SPLIT_SEED
+from shared.validation import SiteDataError
 
 
 def catalogue_records(episodes) -> RecordDict:
@@ -41,22 +49,42 @@ def catalogue_records(episodes) -> RecordDict:
     return catalogue_reply(properties, FORMULATION_FEATURES)
 
 
-def install_contents(contents: dict[str, bytes], site_path: Path, trust_key: Path) -> tuple[int, Path]:
-    """Unpack a received bundle and install it in the site's store if it verifies and is newer; returns the
-    installed version and folder. Raises ``BundleRejected`` (or ``PolicyStoreError``/``ValueError``) with the
-    reason otherwise, leaving the current policy as it was."""
+def install_contents(contents: dict[str, bytes], site_path: Path, trust_key: Path,
+                     verdict: SiteVerdict | None = None, usual: UsualFormulations | None = None) -> tuple[int, Path]:
+    """Unpack a received bundle and install it in the site's store if it verifies and is newer, with the site's
+    own gate verdict and usual formulations if given (:meth:`PolicyStore.install`); returns the installed
+    version and folder. Raises ``BundleRejected`` (or ``PolicyStoreError``/``ValueError``) with the reason
+    otherwise, leaving the current policy as it was."""
     store = PolicyStore(site_store_root(site_path), trust_key)
     with tempfile.TemporaryDirectory(prefix="fednano-bundle-") as tmp:
-        manifest = store.install(unpack_bundle(contents, Path(tmp) / "received"))
+        manifest = store.install(unpack_bundle(contents, Path(tmp) / "received"), verdict, usual)
     return manifest.version, store.installed_path()
 
 
-def install_from_message(msg: Message, site_path: Path, trust_key: Path) -> Message:
-    """Install the bundle the message carries; reply with the installed version or an error naming why not."""
+def usual_formulations(source: SiteSource) -> UsualFormulations | None:
+    """The site's usual formulations from its logged first cycles (what its standard of care gives, as the gate
+    measured it: ``client.ope``); None if its data cannot be read or hold no first cycle with outcomes."""
     try:
-        version, folder = install_contents(bundle_files(msg.content), site_path, trust_key)
+        logged = first_cycles(load(source).episodes)
+        return UsualFormulations.of(logged) if len(logged) else None
+    except (SiteDataError, OSError, ValueError, KeyError) as err:
+        log(WARNING, "site gate: the usual formulations could not be read from the site's logs: %s", err)
+        return None
+
+
+def install_from_message(msg: Message, source: SiteSource) -> Message:
+    """Install the bundle the message carries, with the site's own verdict if it carries one; reply with the
+    installed version or an error naming why not."""
+    try:
+        verdict = verdict_of(msg.content)
+        usual = usual_formulations(source) if verdict is not None else None
+        version, folder = install_contents(bundle_files(msg.content), source.path, source.trust_key, verdict, usual)
     except (BundleRejected, PolicyStoreError, ValueError) as err:
         return error_reply(msg, ErrorCode.BUNDLE_REJECTED, f"policy bundle refused: {err}")
+    if verdict is not None:
+        log(INFO, "policy v%s installed; release gate on this site's logs: %s (%s)", version,
+            "worse than standard of care: standard of care served" if verdict.worse else "policy served",
+            verdict.describe())
     return Message(Installed(version, str(folder)).to_records(), reply_to=msg)
 
 
@@ -95,4 +123,4 @@ def register_policy(client: ClientApp, handlers: SiteHandlers) -> None:
         if source.trust_key is None:
             return error_reply(msg, ErrorCode.NO_TRUST_KEY, "this site holds no coordinator key: start the "
                                "SuperNode with --node-config 'trust-key=/path/to/policy_signing.pub'")
-        return install_from_message(msg, source.path, source.trust_key)
+        return install_from_message(msg, source)

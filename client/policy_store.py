@@ -10,6 +10,10 @@ nothing about this one. Layout of ``root`` (``<site>/.fednano/policy``, :func:`s
                              "installed_utc": ...}
     versions/<key>/<N>/     the installed bundles of the signing key whose fingerprint starts with <key> (16 hex
                             digits), each as received (manifest.json, manifest.sig, files)
+    versions/<key>/<N>.verdict.json
+                            the release gate's verdict on this site's own logs that came with version N, if one
+                            did (:meth:`PolicyStore.site_gate`): {"version": N, "manifest_sha256": ..., "verdict":
+                            {worse, estimate, lower, upper, n}, "usual_formulations": ..., "received_utc": ...}
 
 (Stores written before keys were recorded hold ``versions/<N>``; they are read as they are.) A bundle is
 copied into a staging folder inside ``versions/``, verified again there (so what is installed is what was
@@ -20,7 +24,11 @@ as an audit trail and as the store's memory of the newest version it has held: d
 ``current`` cannot make an older version current or installable (:meth:`PolicyStore.current` refuses a
 ``current`` that is not the newest installed version; :meth:`PolicyStore.install` refuses anything older).
 
-The recommender serves what the store holds (:meth:`PolicyStore.check_serving` refuses any other bundle).
+The recommender serves what the store holds (:meth:`PolicyStore.check_serving` refuses any other bundle), or
+its standard of care when the verdict stored with that version is ``worse`` (:mod:`client.site_gate`). A
+verdict belongs to one bundle: it is a file of that version, written atomically before ``current`` names the
+bundle (an install without a verdict removes any left there), and one whose manifest is not ``current``'s is
+refused. A new version without a verdict has none: the previous version's does not carry over.
 
 Example
 -------
@@ -44,6 +52,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
+from client.site_gate import SiteGate, UsualFormulations
 from shared.durable import fsync_folder, write_json_atomically
 from shared.policy_bundle import (
     MANIFEST_FILE,
@@ -55,10 +64,12 @@ from shared.policy_bundle import (
     load_trust_key,
     verify_bundle_with_key,
 )
+from shared.protocol.policy import SiteVerdict
 
-CURRENT_FILE, VERSIONS_FOLDER = "current", "versions"
+CURRENT_FILE, VERSIONS_FOLDER, VERDICT_SUFFIX = "current", "versions", ".verdict.json"
 STAGING_PREFIX = ".staging-"
 CURRENT_KEYS = ("version", "bundle", "signing_key_id", "manifest_sha256", "installed_utc")
+VERDICT_KEYS = ("manifest_sha256", "received_utc", "usual_formulations", "verdict", "version")
 KEY_FOLDER_CHARS = 16
 """Hex digits of the signing key's fingerprint naming its folder (64 bits: no two federations' keys collide)."""
 STORE_FOLDER = Path(".fednano") / "policy"
@@ -143,6 +154,45 @@ class PolicyStore:
                                    f"interrupted; install version {newest[0]} again")
         return manifest
 
+    def site_gate(self) -> SiteGate | None:
+        """The release gate's verdict on this site's own logs stored with the current version, or None (no
+        policy installed, or it came without a verdict). Does not verify the bundle (:meth:`current` does).
+
+        Raises
+        ------
+        PolicyStoreError
+            If ``verdict`` (or ``current``) is not what an install writes, naming the file.
+        """
+        path = self.verdict_path()
+        if path is None or not path.exists():
+            return None
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise PolicyStoreError(f"{path}: cannot read it: {err}") from None
+        try:
+            if not isinstance(stored, dict) or set(stored) != set(VERDICT_KEYS):
+                raise ValueError(f"expected the keys {', '.join(VERDICT_KEYS)}")
+            version, sha256 = stored["version"], stored["manifest_sha256"]
+            if not isinstance(version, int) or isinstance(version, bool) or not isinstance(sha256, str):
+                raise ValueError("expected an integer version and the manifest's SHA-256")
+            verdict = SiteVerdict.from_dict(stored["verdict"])
+            usual = stored["usual_formulations"]
+            usual = None if usual is None else UsualFormulations.from_dict(usual)
+        except (ValueError, TypeError) as err:
+            raise PolicyStoreError(f"{path}: not what an install writes ({err}); install the policy again to "
+                                   "receive its verdict") from None
+        state = self._read_current()
+        if version != state["version"] or sha256 != state["manifest_sha256"]:
+            raise PolicyStoreError(f"{path}: a verdict for another bundle (version {version}) than the one "
+                                   f"{self.root / CURRENT_FILE} records; install the policy again")
+        return SiteGate(version, verdict, usual)
+
+    def verdict_path(self) -> Path | None:
+        """Where the current version's verdict is (or would be); None if nothing is installed."""
+        installed = self.installed_path()
+        return None if installed is None else verdict_path(installed)
+
     def check_serving(self, bundle_dir: Path, manifest: Manifest) -> None:
         """Refuse to serve a verified bundle that is not the store's current policy.
 
@@ -168,8 +218,13 @@ class PolicyStore:
             raise BundleRejected(f"{where}, and this bundle is another version {manifest.version} (its manifest "
                                  "differs from the installed one)")
 
-    def install(self, bundle_dir: Path) -> Manifest:
+    def install(self, bundle_dir: Path, verdict: SiteVerdict | None = None,
+                usual: UsualFormulations | None = None) -> Manifest:
         """Verify ``bundle_dir``, copy it into the store and make it current; return its manifest.
+
+        ``verdict`` (the release gate's figures on this site's logs) and ``usual`` (the site's usual
+        formulations, from its logs) are stored with this version (:meth:`site_gate`); without a verdict the
+        previous version's is removed.
 
         Raises
         ------
@@ -197,6 +252,10 @@ class PolicyStore:
                     shutil.rmtree(target)
                 os.rename(staging, target)
                 fsync_folder(target.parent)
+                if verdict is None:
+                    verdict_path(target).unlink(missing_ok=True)  # an interrupted install's
+                else:
+                    self._write_verdict(manifest, target, verdict, usual)
                 self._write_current(manifest, target)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -287,6 +346,13 @@ class PolicyStore:
                                    f"'{VERSIONS_FOLDER}/<key>/<version>'; it is not what an install writes")
         return state | {"signing_key_id": key_id}
 
+    def _write_verdict(self, manifest: Manifest, target: Path, verdict: SiteVerdict,
+                       usual: UsualFormulations | None) -> None:
+        state = {"version": manifest.version, "manifest_sha256": _sha256(target / MANIFEST_FILE),
+                 "verdict": verdict.to_dict(), "usual_formulations": None if usual is None else usual.to_dict(),
+                 "received_utc": datetime.now(UTC).isoformat(timespec="seconds")}
+        write_json_atomically(verdict_path(target), state, sort_keys=True)
+
     def _write_current(self, manifest: Manifest, target: Path) -> None:
         state = {"version": manifest.version, "bundle": target.relative_to(self.root).as_posix(),
                  "signing_key_id": manifest.signing_key_id, "manifest_sha256": _sha256(target / MANIFEST_FILE),
@@ -301,6 +367,11 @@ class PolicyStore:
             yield
         finally:
             os.close(fd)  # releases the lock
+
+
+def verdict_path(bundle_folder: Path) -> Path:
+    """The verdict file of the installed bundle in ``bundle_folder`` (beside it: a bundle holds its files only)."""
+    return bundle_folder.with_name(bundle_folder.name + VERDICT_SUFFIX)
 
 
 def _remove_stale_staging(versions: Path) -> None:
