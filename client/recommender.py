@@ -119,7 +119,9 @@ def policy_to_serve(bundle: Path | None, trust_key: Path, site: Path | None = No
 
     With ``site`` (a site's data folder), its store (:func:`client.policy_store.site_store_root`) decides: its
     current version is served, and an explicit ``bundle`` is refused unless it is that version (older is a
-    rollback, newer is not installed). Without ``site``, a store is looked for around ``bundle`` (a bundle
+    rollback, newer is not installed). A policy a store governs comes wrapped with the release gate's verdict
+    on the site's own logs (:class:`client.site_gate.GatedPolicy`, ``site_gate``): standard of care is served
+    where that verdict is ``worse``. Without ``site``, a store is looked for around ``bundle`` (a bundle
     inside a store's ``versions/``) and in the working directory (``./.fednano/policy``); with none found, the
     verified ``bundle`` is served (a coordinator trying a policy out).
     """
@@ -136,6 +138,7 @@ def followed_policy(bundle: Path | None, trust_key: Path, site: Path | None = No
 def _resolved(bundle: Path | None, trust_key: Path, site: Path | None):
     """(the policy to serve, the store that governs it or None): see :func:`policy_to_serve`."""
     from client.policy_store import PolicyStore, PolicyStoreError
+    from client.site_gate import StandardOfCareUnknown
     from shared.policy_bundle import BundleRejected, verify_bundle
 
     if bundle is None and site is None:
@@ -153,9 +156,22 @@ def _resolved(bundle: Path | None, trust_key: Path, site: Path | None):
             bundle = store.installed_path()
         else:
             store.check_serving(bundle, verify_bundle(bundle, trust_key))
-    except (BundleRejected, PolicyStoreError) as err:
+        return gated(load_policy(bundle, trust_key), store), store
+    except (BundleRejected, PolicyStoreError, StandardOfCareUnknown) as err:
         raise RecommenderInputError([str(err)]) from err
-    return load_policy(bundle, trust_key), store
+
+
+def gated(policy, store):
+    """``policy`` (the store's current version, loaded) with the verdict the site stored with it
+    (:class:`client.site_gate.GatedPolicy`: standard of care when the verdict is ``worse``). Raises
+    ``PolicyStoreError`` for a damaged verdict file, ``StandardOfCareUnknown`` if standard of care cannot be
+    named."""
+    from client.site_gate import GatedPolicy
+
+    gate = store.site_gate()
+    if gate is not None and gate.version != policy.version:
+        gate = None  # the store moved on meanwhile: the next look at it loads the newer version
+    return GatedPolicy(policy, gate)
 
 
 class PolicyUnavailable(RuntimeError):
@@ -165,15 +181,18 @@ class PolicyUnavailable(RuntimeError):
 class InstalledPolicy:
     """The policy a site's store holds, followed while a service runs.
 
-    Each :meth:`current` looks at the store's ``current`` file (one ``stat``). When it changed — the site
-    installed a newer version, or someone deleted or edited it — the store's current bundle is verified
-    again and loaded before anything more is served; if the store cannot vouch for one (``current`` deleted or
+    Each :meth:`current` looks at the store's ``current`` file and the served version's verdict file (two
+    ``stat``). When either
+    changed — the site installed a newer version, or someone deleted or edited them — the store's current
+    bundle is verified again and loaded, with the verdict stored with it (:func:`gated`), before anything more
+    is served; if the store cannot vouch for one (``current`` deleted or
     pointing at an older version, a damaged bundle, another federation's key), :class:`PolicyUnavailable` is
     raised until it can: the service fails closed rather than serve an older policy than the site installed.
     """
 
     def __init__(self, store, trust_key: Path, policy) -> None:
         self.store, self.trust_key = store, trust_key
+        self._verdict = store.verdict_path()
         self._policy, self._seen = policy, self._signature()
         self._lock = threading.Lock()
 
@@ -189,22 +208,29 @@ class InstalledPolicy:
 
     def _reload(self):
         from client.policy_store import PolicyStoreError
+        from client.site_gate import StandardOfCareUnknown
 
         try:
             if self.store.current() is None:
                 raise PolicyUnavailable(f"{self.store.root}: no policy installed any more")
-            return load_policy(self.store.installed_path(), self.trust_key)
-        except (PolicyStoreError, RecommenderInputError) as err:
+            self._verdict = self.store.verdict_path()  # the new version's (one more reload follows: harmless)
+            return gated(load_policy(self.store.installed_path(), self.trust_key), self.store)
+        except (PolicyStoreError, RecommenderInputError, StandardOfCareUnknown) as err:
             raise PolicyUnavailable(str(err)) from None
 
-    def _signature(self) -> tuple[int, int, int] | None:
+    def _signature(self) -> tuple[tuple[int, int, int] | None, ...]:
+        """The identity (inode, mtime, size; None where missing) of ``current`` and of the verdict file of the
+        version served."""
         from client.policy_store import CURRENT_FILE
 
-        try:
-            stat = (self.store.root / CURRENT_FILE).stat()
-        except OSError:
-            return None
-        return stat.st_ino, stat.st_mtime_ns, stat.st_size
+        def identity(path: Path | None) -> tuple[int, int, int] | None:
+            try:
+                stat = path.stat()
+            except (OSError, AttributeError):
+                return None
+            return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+        return identity(self.store.root / CURRENT_FILE), identity(self._verdict)
 
 
 def _store_for(site: Path | None, bundle: Path | None) -> Path | None:
@@ -375,11 +401,19 @@ def catalogue_problems(policy, records: Sequence[PatientRecord], source: str = "
 
 
 def recommend_many(policy, records: Sequence[PatientRecord], source: str = "patient record") -> list:
-    """The policy's recommendations for the records (one batched call); bad catalogues raise first."""
+    """The policy's recommendations for the records (one batched call); bad catalogues raise first, and so do
+    records a site serving standard of care cannot name it for (:class:`client.site_gate.StandardOfCareRefused`)."""
+    from client.site_gate import StandardOfCareRefused
+
     problems = catalogue_problems(policy, records, source)
     if problems:
         raise RecommenderInputError(problems)
-    return policy.recommend(list(records))
+    try:
+        return policy.recommend(list(records))
+    except StandardOfCareRefused as err:
+        raise RecommenderInputError(bounded_problems([
+            InputProblem(source if len(records) == 1 else f"{source}[{i}]", ("catalogue",), why)
+            for i, why in err.problems])) from None
 
 
 def recommend(policy, record: PatientRecord, fhir: bool = False, source: str = "patient record") -> dict[str, Any]:

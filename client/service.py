@@ -24,7 +24,11 @@ the input back: errors name the field and the rule, never the value.
 The policy is verified and loaded before the app is made (:func:`client.recommender.load_policy`); a site's
 installed policy (``fednano serve --site``) is followed in its store (:class:`client.recommender.InstalledPolicy`):
 a newer install is verified, loaded and served, and while the store cannot vouch for a policy every
-recommendation gets a 503. :func:`serve` runs the app with uvicorn, on 127.0.0.1 unless told otherwise.
+recommendation gets a 503. Where the release gate's verdict on the site's own logs, stored with the installed
+version, is ``worse``, every answer is the site's standard of care under the policy's safety rules, with the
+rule ``site-gate`` saying so (:mod:`client.site_gate`; ``/health`` reports the verdict); a record whose
+standard of care cannot be named (its usual formulation is not in the record's catalogue) gets a 422 naming
+the reason, never another answer. :func:`serve` runs the app with uvicorn, on 127.0.0.1 unless told otherwise.
 
 Example
 -------
@@ -134,11 +138,17 @@ def make_app(served: DosingPolicy | InstalledPolicy) -> FastAPI:
 
 
 def health_report(policy) -> dict[str, Any]:
-    """What ``GET /health`` returns: status, version, the formulations known and the manifest metadata."""
+    """What ``GET /health`` returns: status, version, what is served (``serving``: the policy, or standard of
+    care where the site's own logs find the installed version worse), the site's verdict on the version
+    (``site_gate``, None without one: :meth:`client.site_gate.SiteGate.to_dict`), the formulations known and
+    the manifest metadata."""
     manifest = policy.manifest
+    gate = getattr(policy, "site_gate", None)
     return {
         "status": "ok",
         "policy_version": manifest.version if manifest is not None else None,
+        "serving": "standard of care" if gate is not None and gate.worse else "policy",
+        "site_gate": None if gate is None else gate.to_dict(),
         "formulations": sorted(policy.formulations),
         "manifest": None if manifest is None else {
             key: value for key, value in manifest.to_dict().items() if key != "files"

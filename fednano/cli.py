@@ -314,6 +314,9 @@ def recommend(
 
     try:
         loaded = policy_to_serve(policy, trust, site)
+        gate = getattr(loaded, "site_gate", None)
+        if gate is not None:
+            typer.echo(f"site gate: {gate.describe()}", err=True)
         record = read_patient(patient)
         if vitals is not None:
             record, warnings = with_vitals(record, vitals)
@@ -349,6 +352,9 @@ def serve(
     loaded = served.current() if isinstance(served, InstalledPolicy) else served
     version = loaded.manifest.version if loaded.manifest is not None else "?"
     followed = f"; following the site's store {served.store.root}" if isinstance(served, InstalledPolicy) else ""
+    gate = getattr(loaded, "site_gate", None)
+    if gate is not None:
+        typer.echo(f"site gate: {gate.describe()}")
     typer.echo(f"policy version {version} verified{followed}; serving on http://{host}:{port} (OpenAPI: /docs)")
     serve_app(served, host=host, port=port)
 
