@@ -8,7 +8,8 @@ at the simulated clinics, each deployment period:
    its own store (:class:`client.policy_store.PolicyStore`, verified against its kit's trust key), with the
    dose adjustment of later cycles (``recommend_frame(adjust=True)``); standard of care where nothing is
    installed, or where the release gate found the installed version significantly worse than standard of
-   care on that site's own logs (the gate's ``per_site[site].worse``);
+   care on that site's own logs: the verdict the coordinator sent the site with the bundle, read from the
+   site's store as ``fednano serve`` reads it (:meth:`client.policy_store.PolicyStore.site_gate`);
 2. the simulator produces the true outcomes and the wearable rows of those cycles, and the clinic appends
    them to its own ``episodes.csv`` and ``vitals.csv`` — then the site is validated again exactly as any site
    file (:func:`shared.validation.load_site`), so a period that wrote a bad row stops the loop;
@@ -44,16 +45,19 @@ class Served:
     reason: str
 
 
-def served_policy(site: Path, trust_key: Path, gate: dict | None) -> tuple[AnyPolicy | None, Served]:
-    """The policy a site serves: its store's installed version unless the gate found it worse for this site."""
-    installed = PolicyStore(site_store_root(site), trust_key).installed_path()
+def served_policy(site: Path, trust_key: Path) -> tuple[AnyPolicy | None, Served]:
+    """The policy a site serves: its store's installed version, unless the verdict stored with that version (the
+    release gate on this site's own logs) finds it worse than standard of care — the product's rule
+    (:mod:`client.site_gate`); the simulator's standard of care is then the clinic's own practice."""
+    store = PolicyStore(site_store_root(site), trust_key)
+    installed = store.installed_path()
     if installed is None:
         return None, Served(None, "no policy installed: standard of care")
     policy = policy_from_bundle(installed, trust_key)  # the ensemble or the structured policy
-    verdict = ((gate or {}).get("per_site") or {}).get(site.name) or {}
-    if verdict.get("worse"):
+    gate = store.site_gate()
+    if gate is not None and gate.version == policy.version and gate.worse:
         return None, Served(None, f"v{policy.version} installed, but the site's own logs find it worse than "
-                                  "standard of care: standard of care served")
+                                  f"standard of care ({gate.verdict.describe()}): standard of care served")
     return policy, Served(policy.version, f"v{policy.version} installed and served")
 
 
@@ -66,8 +70,8 @@ def append_rows(path: Path, rows: pd.DataFrame) -> None:
     rows[header].to_csv(path, mode="a", header=False, index=False)
 
 
-def treat_period(world: World, sites: dict[str, tuple[Path, Path]], gate: dict | None, period: int,
-                 patients: int, seed: int) -> dict[str, dict]:
+def treat_period(world: World, sites: dict[str, tuple[Path, Path]], period: int, patients: int,
+                 seed: int) -> dict[str, dict]:
     """One deployment period at every clinic of ``sites`` (name → (site folder, trust key)): treat, append,
     re-validate. Returns per site what was served, the patients and cycles treated, and the mean true utility
     per cycle under the served policy and under standard of care for the same patients."""
@@ -76,7 +80,7 @@ def treat_period(world: World, sites: dict[str, tuple[Path, Path]], gate: dict |
         if clinic.name not in sites:
             continue
         folder, trust = sites[clinic.name]
-        policy, served = served_policy(folder, trust, gate)
+        policy, served = served_policy(folder, trust)
         soc = standard_of_care(world, clinic)
         decide = soc if policy is None else (lambda frame, p=policy: p.recommend_frame(frame, adjust=True))
         period_seed = seed * 1000 + period

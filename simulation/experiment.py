@@ -358,7 +358,7 @@ def version_entry(cfg: ExperimentConfig, policy: dict, trust: Path, world: World
             "gate": gate_against_truth(policy["gate"], evaluation)}
 
 
-def deploy(cfg: ExperimentConfig, world: World, sources: list[SiteSource], first: dict,
+def deploy(cfg: ExperimentConfig, world: World, sources: list[SiteSource],
            on_round: Callable[[int], None] | None, say: Callable[[str], None]) -> tuple[list[dict], list[dict]]:
     """The closed loop (:mod:`simulation.deployment`): K − 1 periods of treating new patients with the installed
     policy, each followed by a federated refit on the grown site data. Returns the versions after version 1 and
@@ -368,14 +368,14 @@ def deploy(cfg: ExperimentConfig, world: World, sources: list[SiteSource], first
     folders = {load_site(s.path).name: (s.path, s.trust_key) for s in sources}
     sizes = {name: int(load_site(path).episodes["patient_id"].nunique()) for name, (path, _) in folders.items()}
     (cfg.out / "deployment").mkdir(exist_ok=True)
-    versions, periods, gate = [], [], first["gate"]
+    versions, periods = [], []
     for period in range(1, cfg.deploy_cycles):
         say(f"deployment period {period}/{cfg.deploy_cycles - 1}")
         start = time.perf_counter()
         sites = {}
         for name, source in folders.items():
             patients = cfg.deploy_patients or max(10, sizes[name] // 2)
-            sites.update(treat_period(world, {name: source}, gate, period, patients, cfg.seed))
+            sites.update(treat_period(world, {name: source}, period, patients, cfg.seed))
         treated_s = time.perf_counter() - start
         say(f"refit after period {period}")
         record = run_federation(cfg, sources, on_round)
@@ -392,8 +392,6 @@ def deploy(cfg: ExperimentConfig, world: World, sources: list[SiteSource], first
                         "cost_vs_soc": soc - value, "treat_s": treated_s,
                         "refit_s": time.perf_counter() - start - treated_s, "sites": sites})
         versions.append(entry)
-        if entry["shipped"]:
-            gate = entry["gate"]
     return versions, periods
 
 
@@ -495,7 +493,7 @@ def run_experiment(cfg: ExperimentConfig, on_round: Callable[[int], None] | None
                                   results["policy"]["evaluation"])
             results["policy"]["versions"], results["policy"]["deployment"] = [first], []
             if cfg.deploy_cycles > 1:
-                later, periods = deploy(cfg, world, sources, first, on_round, say)
+                later, periods = deploy(cfg, world, sources, on_round, say)
                 results["policy"]["versions"] += later
                 results["policy"]["deployment"] = periods
     (cfg.out / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")

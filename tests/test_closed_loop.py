@@ -25,7 +25,7 @@ def clinics(tmp_path):
 def test_a_period_appends_its_patients_to_the_sites_own_files_and_they_still_validate(clinics):
     world, sites = clinics
     before = {n: load_site(path) for n, (path, _) in sites.items()}
-    periods = treat_period(world, sites, gate=None, period=1, patients=12, seed=0)
+    periods = treat_period(world, sites, period=1, patients=12, seed=0)
     for name, (path, _) in sites.items():
         after = load_site(path)  # validated as any site file
         new = after.episodes.iloc[len(before[name].episodes):]
@@ -38,7 +38,7 @@ def test_a_period_appends_its_patients_to_the_sites_own_files_and_they_still_val
         assert periods[name]["served_version"] is None and "no policy installed" in periods[name]["served"]
         assert periods[name]["cost_vs_soc"] == pytest.approx(0.0, abs=1e-12)
     # a second period gets its own identifiers
-    treat_period(world, sites, gate=None, period=2, patients=5, seed=0)
+    treat_period(world, sites, period=2, patients=5, seed=0)
     ids = load_site(next(iter(sites.values()))[0]).episodes["episode_id"]
     assert ids.is_unique and ids.str.contains("-D2E").any()
 
@@ -55,7 +55,7 @@ def test_rows_missing_a_column_of_the_site_header_are_refused(tmp_path):
 def test_nothing_installed_means_standard_of_care_with_the_reason(clinics):
     _, sites = clinics
     path, trust = next(iter(sites.values()))
-    policy, served = served_policy(path, trust, gate={"per_site": {path.name: {"worse": True}}})
+    policy, served = served_policy(path, trust)
     assert policy is None and served.version is None and "no policy installed" in served.reason
 
 
