@@ -1,9 +1,9 @@
 """The policy phase end to end in Flower's simulation runtime: build, sign, distribute, install, evaluate.
 
 One small ``fednano simulate`` run (3 clinics, 2 rounds, ANN + XGBoost): every site must hold the verified
-bundle, the bundle must be what ``results.json`` names, and the simulator's judgement must be coherent
-(no policy beats the oracle, per site and overall). Then the site's install step must refuse a tampered, a
-wrongly signed and an older bundle, keeping its policy.
+bundle with its own release-gate verdict, the bundle must be what ``results.json`` names, and the simulator's
+judgement must be coherent (no policy beats the oracle, per site and overall). Then the site's install step
+must refuse a tampered, a wrongly signed and an older bundle, keeping its policy.
 """
 
 from __future__ import annotations
@@ -59,6 +59,21 @@ def test_bundle_is_signed_written_to_out_policy_and_held_by_every_site(run):
         store = PolicyStore(policy_root(out / "sites" / site), trust)
         assert store.current().version == 1
         assert (store.installed_path() / "manifest.json").read_bytes() == (bundle / "manifest.json").read_bytes()
+
+
+def test_each_site_stores_its_own_gate_verdict_with_the_version(run):
+    """The coordinator sends each site the gate's figures on that site's own logs, and no other site's."""
+    from shared.protocol.policy import SiteVerdict
+
+    out, results = run
+    per_site, trust = results["policy"]["gate"]["per_site"], Path(results["policy"]["trust_key"])
+    verdicts = {}
+    for site in results["sites"]:
+        gate = PolicyStore(policy_root(out / "sites" / site), trust).site_gate()
+        assert gate is not None and gate.version == 1 and gate.usual is not None
+        assert gate.verdict == SiteVerdict.of_gate(per_site[site])
+        verdicts[site] = gate.verdict
+    assert len(set(verdicts.values())) == len(verdicts)  # each its own figures (the sites' logs differ)
 
 
 def test_the_installed_policy_recommends_for_the_example_patient(run):
