@@ -96,9 +96,9 @@ def simulate(
         None, "--deploy-patients", min=1, max=5000,
         help="New patients per clinic per deployment period (default: half the clinic's own)."),
     policy_model: str | None = typer.Option(
-        None, "--policy-model", help="The dosing policy's models: ensemble (default; ANN + XGBoost) | structured "
-        "(dose-response models by federated Newton; no monotone guard yet; DP sites refuse it, and with no site "
-        "left the ensemble is built)."),
+        None, "--policy-model", help="The dosing policy's models: structured (default; dose-response models by "
+        "federated Newton; DP sites refuse it, and with no site left the ensemble is built) | ensemble (ANN + "
+        "XGBoost)."),
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower's own log."),
 ) -> None:
     """Run a federated experiment on one machine: Flower simulation, local-only and pooled baselines, report.

@@ -85,13 +85,13 @@ class RunSettings:
         Sign and send the policy only if the sites' off-policy estimates show it beats their standard of care
         (``shared.off_policy``). False skips the decision (the estimates are still asked for and recorded, and
         the manifest says the gate was skipped): for tests of the distribution itself, never for patients.
-    policy_model : str, default "ensemble"
-        The policy's outcome models (:data:`POLICY_MODELS`): ``ensemble`` (this run's ANN + XGBoost) or
-        ``structured`` (dose-response models fitted from the sites' Newton sums, ``server.dose_response_phase``).
+    policy_model : str, default "structured"
+        The policy's outcome models (:data:`POLICY_MODELS`): ``structured`` (dose-response models fitted from the
+        sites' Newton sums, ``server.dose_response_phase``) or ``ensemble`` (this run's ANN + XGBoost).
         Structured scored far above the ensemble on the same worlds (BENCHMARKS.md, "Structured dose–response
-        policy") but is opt-in until it has the ensemble's monotone guard (issue 14: a worse organ function
-        never raises the dose); sites under DP refuse its sums, and with no site left the run falls back to the
-        ensemble candidate and records why. Either candidate goes through the same release gate and signing.
+        policy") and has the ensemble's monotone guard (a worse organ function never raises the dose); sites
+        under DP refuse its sums, and with no site left the run falls back to the ensemble candidate and
+        records why. Either candidate goes through the same release gate and signing.
     """
 
     num_server_rounds: int = 10
@@ -117,7 +117,7 @@ class RunSettings:
     policy_dir: str = ""
     fqi_iterations: int = 25
     release_gate: bool = True
-    policy_model: str = "ensemble"
+    policy_model: str = "structured"
 
     def __post_init__(self) -> None:
         parse_hidden(self.hidden)

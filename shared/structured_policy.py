@@ -57,6 +57,7 @@ from shared.dose_response import first_cycles, fit_by_sums
 from shared.dosing_policy import (
     FORMULATION_FEATURES,
     LABEL_DOSE_MG_M2,
+    MAX_GUARD_CANDIDATES,
     RESPONSE,
     TOXICITY,
     ActionSpace,
@@ -64,6 +65,9 @@ from shared.dosing_policy import (
     Recommendation,
     RuleApplied,
     SafetyRules,
+    ToleranceGrades,
+    better_versions,
+    graded_frame,
     known_actions,
     recommendation_of,
 )
@@ -79,6 +83,13 @@ DOSE_BIN_CENTRES_MG_M2 = np.arange(0.0, 150.0 + 1e-9, 5.0)
 USUAL_FORMULATION = "usual_formulation_id"
 """Optional record-frame column: the site's usual formulation, the one its standard of care uses."""
 REFERENCES = ("absolute", "standard_of_care")
+GRADED_INPUTS = ("bilirubin_umol_l", "anc_baseline_e9_l", "age_years", "ecog")
+"""The tolerance inputs (:data:`shared.dosing_policy.TOLERANCE_GRADES`) this policy reads, in its models' terms
+(:data:`shared.dose_response.PATIENT_TERMS`) or its hard rules: the monotone guard grades these. Creatinine
+clearance is read by neither; the previous cycle's toxicity and nadir only by the hard rules, which are
+monotone in them already (tests/test_structured_policy_monotone.py checks both)."""
+GUARD_CHUNK_VERSIONS = 5_000
+"""Better-graded versions decided at once by the guard (a catalogue of 3 × 11 doses: ~165,000 candidates)."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -249,14 +260,94 @@ class StructuredDosingPolicy:
 
     def recommend_frame(self, frame: pd.DataFrame, adjust: bool = False) -> pd.DataFrame:
         """Recommendations for the flat records of :func:`shared.patient_record.records_frame` (one row per
-        patient, the columns of ``DosingPolicy.recommend_frame``)."""
+        patient, the columns of ``DosingPolicy.recommend_frame``).
+
+        1. the hard rules give each patient a verdict and a dose cap (:meth:`safety_limits`);
+        2. the best supported action is chosen for the patient with its tolerance inputs graded
+           (:func:`shared.dosing_policy.graded_frame`: what the models see of them), else standard of care;
+        3. the monotone guard caps the dose at the lowest dose any better-graded version of the patient would
+           get (:meth:`_monotone_guard`, the ensemble policy's guard: no input that means the patient tolerates
+           the drug worse raises the dose, whatever the fitted models learned from confounded logs).
+        """
         frame = frame.reset_index(drop=True)
         rules: list[list[RuleApplied]] = [[] for _ in range(len(frame))]
         cap, verdict = self.safety_limits(frame, rules)
-        soc = self.standard_of_care(frame, cap)
-        candidates = self.candidates(frame, cap, rules)
-        chosen = self._choose(frame, candidates, soc, rules)
+        grades = self.tolerance_grades()
+        graded = graded_frame(frame, grades)
+        candidates, chosen = self._decide(graded, cap, rules)
+        chosen = self._monotone_guard(graded, grades, verdict, candidates, chosen, rules)
         return self._assemble(frame, verdict, chosen, rules)
+
+    def tolerance_grades(self) -> tuple[ToleranceGrades, ...]:
+        """The ensemble's tolerance grades (the hard rules' thresholds added) of the inputs this policy reads
+        (:data:`GRADED_INPUTS`)."""
+        return tuple(g for g in self._rules().tolerance_grades() if g.column in GRADED_INPUTS)
+
+    def _decide(self, frame: pd.DataFrame, cap: np.ndarray, rules: list[list[RuleApplied]]
+                ) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """The scored supported candidates and the unguarded choice per row (index = row)."""
+        candidates = self.candidates(frame, cap, rules)
+        return candidates, self._choose(frame, candidates, self.standard_of_care(frame, cap), rules)
+
+    def _monotone_guard(self, graded: pd.DataFrame, grades: Sequence[ToleranceGrades], verdict: np.ndarray,
+                        candidates: pd.DataFrame, chosen: pd.DataFrame, rules: list[list[RuleApplied]]
+                        ) -> pd.DataFrame:
+        """Cap each dose at the lowest dose any better-graded version of the same patient would get
+        (:func:`shared.dosing_policy.better_versions`; the ensemble's ``DosingPolicy._monotone_guard``).
+
+        A capped patient gets the highest supported dose under the cap (its best-scoring formulation there),
+        or standard of care's formulation at the cap when no supported action is under it: exactly the cap
+        either way, which is what keeps the dose non-increasing in every tolerance input jointly. A patient
+        with more than ``MAX_GUARD_CANDIDATES`` actions of better-graded versions to check gets the smallest
+        dose."""
+        per_version = np.array([len(c) for c in graded["catalogue"]]) * len(self.action_space.doses()) * len(
+            self.action_space.delays_days)
+        versions = better_versions(graded, np.flatnonzero(verdict == "give"), grades, False, per_version)
+        limit = np.full(len(graded), np.inf)
+        lowest_of: dict[int, str] = {}
+        if len(versions.owner):
+            doses = self._dose_of_each(versions.frame)
+            owner = versions.owner
+            order = np.lexsort((np.arange(len(doses)), doses, owner))
+            first = order[np.r_[True, owner[order][1:] != owner[order][:-1]]]  # the lowest dose of each owner
+            limit[owner[first]] = doses[first]
+            lowest_of = {int(owner[k]): versions.describe(k) for k in first}
+        limit[versions.too_many] = self.action_space.dose_min_mg_m2
+        dose = chosen["dose_mg_m2"].reindex(range(len(graded))).to_numpy(dtype=float)
+        capped = np.flatnonzero(limit < dose - 1e-9)
+        if not capped.size:
+            return chosen
+        chosen = chosen.copy()
+        row = candidates["row"].to_numpy()
+        options = candidates[np.isin(row, capped) & (candidates["dose_mg_m2"].to_numpy() <= limit[row] + 1e-9)]
+        options = options[options["dose_mg_m2"] == options.groupby("row")["dose_mg_m2"].transform("max")]
+        picked = options.loc[options.groupby("row")["score"].idxmax()].set_index("row")
+        chosen.loc[picked.index, picked.columns] = picked
+        bare = np.setdiff1d(capped, picked.index.to_numpy())  # no supported action under the cap
+        if bare.size:  # standard of care's formulation at the cap
+            at_cap = chosen.loc[bare, ["formulation_id", "interval_days"]].assign(dose_mg_m2=limit[bare])
+            predicted = self._predict(graded, at_cap.reset_index(names="row")).set_index("row")
+            chosen.loc[bare, predicted.columns] = predicted
+        for i in capped:
+            why = (f"the same patient with {lowest_of[i]} would be offered {limit[i]:g} mg/m²" if i in lowest_of else
+                   f"more than {MAX_GUARD_CANDIDATES} actions of better-graded versions of this patient to check: "
+                   "the smallest dose is offered and a clinician decides")
+            rules[i].append(RuleApplied("monotone-guard", f"dose capped at {limit[i]:g} mg/m²",
+                                        f"{why}; worse organ function or tolerance never raises the dose"))
+        return chosen
+
+    def _dose_of_each(self, versions: pd.DataFrame) -> np.ndarray:
+        """The unguarded dose (mg/m²) of each version (rows of a graded frame); +inf where the hard rules give
+        none. Decided in chunks of :data:`GUARD_CHUNK_VERSIONS` versions, so memory stays bounded."""
+        doses = []
+        for start in range(0, len(versions), GUARD_CHUNK_VERSIONS):
+            part = versions.iloc[start:start + GUARD_CHUNK_VERSIONS].reset_index(drop=True)
+            discarded: list[list[RuleApplied]] = [[] for _ in range(len(part))]
+            cap, verdict = self.safety_limits(part)
+            _, chosen = self._decide(part, cap, discarded)
+            dose = chosen["dose_mg_m2"].reindex(np.arange(len(part))).to_numpy(dtype=float)
+            doses.append(np.where(verdict == "give", dose, np.inf))
+        return np.concatenate(doses)
 
     def standard_of_care(self, frame: pd.DataFrame, cap: np.ndarray) -> pd.DataFrame:
         """Per patient: the usual formulation at the label dose with the label's hepatic reduction (measured
