@@ -2,11 +2,12 @@
 
 1. **catalogue** — each site reports the formulations it stocks and their properties (product specs);
    the policy may choose only among those.
-2. **dose adjustment** — if the run asks for it, the fitted-Q adjuster is learned federated from the sites'
-   multi-cycle trajectories (:mod:`server.adjustment_phase`). With ``policy-model = structured`` the
-   candidate is instead the structured dose-response policy, its models fitted by Newton–Raphson on the sites'
-   sums (:mod:`server.dose_response_phase`); if no site can take part (all under DP) the run says so and falls
-   back to the ensemble candidate. Steps 3–5 are the same for both.
+2. **candidate** — with ``policy-model = structured`` (the default) the structured dose-response policy, its
+   models fitted by Newton–Raphson on the sites' sums (:mod:`server.dose_response_phase`); if no site can take
+   part (all under DP) the run says so and falls back to the ensemble candidate, the policy on this run's
+   models, with — if the run asks for it — the fitted-Q dose adjuster learned federated from the sites'
+   multi-cycle trajectories (:mod:`server.adjustment_phase`; fitted only for an ensemble candidate, the only
+   one that uses it). Steps 3–5 are the same for both.
 3. **release gate** — the candidate (unsigned, ``OUT/candidate``) goes to every site, which values it and its
    own standard of care on its held-out logged first cycles (doubly robust, :mod:`client.ope`) and sends sums
    only; the server signs and sends the candidate only if the lower 95 % bound of (candidate − standard of
@@ -43,6 +44,7 @@ from server.run_record import RunRecord, add_privacy
 from server.settings import RunSettings
 from server.site_check import SiteCheck
 from shared.artifacts import RunArtifacts
+from shared.dose_adjustment import DoseAdjuster
 from shared.dosing_policy import FORMULATION_FEATURES, POLICY_FILE, DosingPolicy
 from shared.durable import write_json_atomically
 from shared.off_policy import GateResult, gate
@@ -197,25 +199,32 @@ def distribute(grid: Grid, nodes: list[int], names: dict[int, str], bundle: Path
     return result
 
 
+def fit_adjuster_if_asked(grid: Grid, sites: SiteCheck, record: RunRecord, settings: RunSettings,
+                          unfitted: dict) -> tuple[DoseAdjuster | None, dict]:
+    """The ensemble policy's fitted-Q dose adjuster over the sites that grant ``adjuster`` when
+    ``fqi-iterations`` > 0 (None and ``unfitted`` otherwise); its DP releases are added to the record."""
+    if settings.fqi_iterations <= 0:
+        return None, unfitted
+    nodes = sites.granting("adjuster")
+    try:
+        adjuster = fit_adjuster(grid, nodes, {"split-seed": settings.split_seed,
+                                              "fqi-iterations": settings.fqi_iterations})
+    except AdjustmentFailed as err:
+        log(INFO, "dose adjuster not fitted: %s", err)
+        return None, {"fitted": False, "reason": str(err), "refused": sites.refusing("adjuster")}
+    for node, facts in getattr(adjuster, "releases_", []):
+        add_privacy(record, sites.usable, node, facts)
+    return adjuster, {"fitted": True, "iterations": settings.fqi_iterations,
+                      "sites": [sites.usable[n] for n in nodes], "refused": sites.refusing("adjuster")}
+
+
 def run_policy_phase(grid: Grid, sites: SiteCheck, artifacts: RunArtifacts, record: RunRecord,
                      settings: RunSettings) -> dict:
-    """Build the candidate dosing policy from this run's models (with the dose adjuster if asked), have the
+    """Build the candidate dosing policy — the structured one if asked and any site can fit it, else the
+    ensemble of this run's models (with the dose adjuster if asked: it is fitted only for this one) — have the
     sites value it against their standard of care on their own logs, and sign and send it only if the release
     gate passes; returns the record's ``policy`` entry (what shipped, or why not)."""
     formulations = collect_catalogue(grid, sites.nodes)
-    adjuster, adjustment = None, {"fitted": False, "reason": "fqi-iterations = 0"}
-    if settings.fqi_iterations > 0:
-        nodes = sites.granting("adjuster")
-        try:
-            adjuster = fit_adjuster(grid, nodes, {"split-seed": settings.split_seed,
-                                                  "fqi-iterations": settings.fqi_iterations})
-            for node, facts in getattr(adjuster, "releases_", []):
-                add_privacy(record, sites.usable, node, facts)
-            adjustment = {"fitted": True, "iterations": settings.fqi_iterations,
-                          "sites": [sites.usable[n] for n in nodes], "refused": sites.refusing("adjuster")}
-        except AdjustmentFailed as err:
-            log(INFO, "dose adjuster not fitted: %s", err)
-            adjustment = {"fitted": False, "reason": str(err), "refused": sites.refusing("adjuster")}
     candidate_folder = artifacts.folder / CANDIDATE_FOLDER
     structured = {"fitted": False, "reason": "policy-model = ensemble"}
     files = None
@@ -225,7 +234,12 @@ def run_policy_phase(grid: Grid, sites: SiteCheck, artifacts: RunArtifacts, reco
         except DoseResponseFailed as err:
             log(INFO, "structured policy not fitted, the candidate is the ensemble policy: %s", err)
             structured = {"fitted": False, "reason": str(err), "refused": sites.refusing("dose_response")}
-    if files is None:
+    adjustment = {"fitted": False, "reason": "fqi-iterations = 0"}
+    if files is not None:
+        adjustment = {"fitted": False, "reason": "the structured policy has no cycle-to-cycle adjuster (the safety "
+                                                 "rules' dose-change limits apply); not fitted"}
+    else:
+        adjuster, adjustment = fit_adjuster_if_asked(grid, sites, record, settings, adjustment)
         files = write_candidate(artifacts, record, formulations, candidate_folder, adjuster)
     verdict = value_at_sites(grid, sites, files, settings, record)
     if not settings.release_gate:
