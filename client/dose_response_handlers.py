@@ -15,7 +15,7 @@ Differential privacy: none, on measurement. A site under DP refuses both
 (``client.dp.NO_DP_FORM["dose_response"]``). The per-row bounds of every sum are declared
 (``DoseResponseModel.sum_bounds``, tested), and a DP release of them was measured before being built
 (``benchmarks/structured_dp.py``; BENCHMARKS.md "Structured policy under DP"): per-site Gaussian noise at those
-bounds leaves the dose coefficients' noise 5–100 times their size even with the whole ε = 3 on one gradient
+bounds leaves the dose coefficients' noise 3–50 times their size even with the whole ε = 3 on one gradient
 release, so no design gave a policy worth releasing. The federation fits over the sites without DP, or falls
 back to the ensemble policy if none is left (``server.dose_response_phase``).
 """

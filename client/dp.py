@@ -71,7 +71,7 @@ NO_DP_FORM = {
                   "into other rows, so one row's influence on the loss sums is not bounded",
     "dose_response": "the structured dose-response fit has no useful DP release: noise on one site's sums, at "
                      "their declared per-row bounds, swamps them (measured, benchmarks/structured_dp.py: even "
-                     "all of ε = 3 on one gradient release leaves the dose coefficients' noise 5-100 times their "
+                     "all of ε = 3 on one gradient release leaves the dose coefficients' noise 3-50 times their "
                      "size); the fit runs over the sites without DP",
 }
 """Phases a DP site always refuses, and why.
