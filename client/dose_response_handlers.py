@@ -11,10 +11,13 @@ Two query messages (:mod:`shared.protocol.dose_response`):
 Both use the site's training split (``shared.task.assign_split`` with the run's ``split-seed``, as every other
 phase), so the release gate values the policy on rows its models never saw.
 
-Differential privacy: not yet. A site under DP refuses both (``client.dp.NO_DP_FORM["dose_response"]``): the
-per-row bounds of every sum are declared (``DoseResponseModel.sum_bounds``, tested), but a Newton fit that
-plans its number of noised releases in advance is not built. The federation then fits over the sites
-without DP, or falls back to the ensemble policy if none is left (``server.dose_response_phase``).
+Differential privacy: none, on measurement. A site under DP refuses both
+(``client.dp.NO_DP_FORM["dose_response"]``). The per-row bounds of every sum are declared
+(``DoseResponseModel.sum_bounds``, tested), and a DP release of them was measured before being built
+(``benchmarks/structured_dp.py``; BENCHMARKS.md "Structured policy under DP"): per-site Gaussian noise at those
+bounds leaves the dose coefficients' noise 3–50 times their size even with the whole ε = 3 on one gradient
+release, so no design gave a policy worth releasing. The federation fits over the sites without DP, or falls
+back to the ensemble policy if none is left (``server.dose_response_phase``).
 """
 
 from __future__ import annotations

@@ -69,11 +69,27 @@ drown any release (the noise calibration itself leaves up to 0.1 % of a phase's 
 NO_DP_FORM = {
     "importance": "permutation importance has no DP form here: shuffling a feature moves one patient's value "
                   "into other rows, so one row's influence on the loss sums is not bounded",
-    "dose_response": "the structured dose-response fit has no DP release yet: its per-row bounds exist "
-                     "(shared.dose_response.SumBound) but a Newton fit on noised sums with a planned number of "
-                     "releases is not built; the fit runs over the sites without DP",
+    "dose_response": "the structured dose-response fit has no useful DP release: noise on one site's sums, at "
+                     "their declared per-row bounds, swamps them (measured, benchmarks/structured_dp.py: even "
+                     "all of ε = 3 on one gradient release leaves the dose coefficients' noise 3-50 times their "
+                     "size); the fit runs over the sites without DP",
 }
-"""Phases a DP site always refuses, and why."""
+"""Phases a DP site always refuses, and why.
+
+``dose_response`` (issue 12, item 1) was measured before being built (``benchmarks/structured_dp.py``, BENCHMARKS.md
+"Structured policy under DP"): on the ``make run`` world (5 clinics, 10–640 first cycles per site; also 10
+clinics) the Gaussian mechanism on each site's gradient and information, with the models' own
+:class:`shared.dose_response.SumBound` bounds, adds noise whose effect on the dose coefficients (the
+neutropenia and other-toxicity dose slopes, the response's Emax scale) has an sd of 7–150 — against values of
+0.3–6 and sampling sds of 0.3–1.4 — even when the whole ε = 3 goes to a single gradient-only release at the
+exact optimum with the information known for free. The designs that can run (5 noisy Newton steps; a fixed
+noised information and 3 more gradient releases, with or without a ridge scaled by the noise; smaller models;
+shares 0.1–0.4 of ε = 3) gave value / oracle 0.21–0.60 against no DP 0.81, and the best of them (0.49–0.56
+at share 0.2, two noise draws) no better than the same designs fitted from noise alone (0.50–0.59): above
+standard of care (0.49) on average only as random is (0.50), not from the data. So the share stays 0 and the
+phase has no DP form. What would change it: far larger sites, central
+DP over securely aggregated sums (one noise draw for the federation instead of one per site), or much tighter
+per-row bounds (norm clipping of each row's whole contribution instead of per-entry ranges)."""
 
 _STATE_RUN = "dp-run-budget"
 _STATE_PHASE = "dp-phase-"

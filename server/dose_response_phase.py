@@ -11,7 +11,8 @@ sums computed at the sites, so the federated policy equals the pooled one up to 
 
 A site that fails the first request of a model is left out of the fit and named in the log; a site that fails
 later would make the sums inconsistent, so the fit stops with :class:`DoseResponseFailed`. Sites under DP
-refuse the phase (``client.dose_response_handlers``) and are not asked.
+refuse the phase (``client.dose_response_handlers``) and are not asked: per-site noise on these sums was
+measured to swamp them (``benchmarks/structured_dp.py``), so there is no DP form and no planned release count.
 """
 
 from __future__ import annotations
