@@ -260,9 +260,11 @@ def classic_family(name: str, task: TaskSpec, sites: dict, settings: BaselineSet
 
 
 def policy_results(cfg: ExperimentConfig, policy: dict, sources: list[SiteSource], world: World | None,
-                   families: dict[str, Family], sites: dict) -> dict:
+                   families: dict[str, Family], sites: dict, ensemble: Callable[[dict], object | None] = lambda f: None
+                   ) -> dict:
     """Where the signed policy is, which key verifies it, which sites hold it, and — in the simulated world —
-    how it does against the oracle, standard of care, local-only and pooled policies."""
+    how it does against the oracle, standard of care, local-only and pooled policies, and, for a structured
+    candidate, against ``ensemble(formulations)``: this run's ANN + XGBoost policy (issue 12: "compare both")."""
     from shared.policy_loader import policy_from_bundle, policy_from_folder
     from shared.structured_policy import StructuredDosingPolicy
     from simulation.policy_evaluation import evaluate_policies, policy_decider, random_decider
@@ -286,10 +288,27 @@ def policy_results(cfg: ExperimentConfig, policy: dict, sources: list[SiteSource
                 "local": lambda site: policy_decider(local[site]),
                 "pooled": lambda site: policy_decider(pooled),
                 "random": lambda site: random_decider(federated, seed=cfg.seed + 2)}
+    alongside = ensemble(federated.formulations) if isinstance(federated, StructuredDosingPolicy) else None
+    if alongside is not None:
+        policies["ensemble"] = lambda site: policy_decider(alongside)
     evaluation = evaluate_policies(world, policies, federated, seed=cfg.seed + 1, sites=list(sites))
     result["evaluation"] = evaluation
     result["gate"] = gate_against_truth(policy["gate"], evaluation)
     return result
+
+
+def ensemble_of_run(cfg: ExperimentConfig, record: RunRecord, artifacts: RunArtifacts, formulations: dict):
+    """This run's ANN + XGBoost policy, built by the coordinator's own ``write_candidate`` (no dose adjuster: the
+    run fitted none for a structured candidate) into ``OUT/ensemble-comparison``; None if the run trained no
+    model. Judged beside a structured candidate only, never signed or sent."""
+    from server.policy_phase import write_candidate
+    from shared.policy_loader import policy_from_folder
+
+    if not artifacts.has_ann and not artifacts.booster_keys:
+        return None
+    folder = cfg.out / "ensemble-comparison"
+    write_candidate(artifacts, record, formulations, folder)
+    return policy_from_folder(folder)
 
 
 def structured_baselines(federated, sites: dict, split_seed: int) -> tuple[object, dict]:
@@ -487,7 +506,8 @@ def run_experiment(cfg: ExperimentConfig, on_round: Callable[[int], None] | None
     }
     if record.policy:
         say("policy")
-        results["policy"] = policy_results(cfg, record.policy, sources, world, families, sites)
+        results["policy"] = policy_results(cfg, record.policy, sources, world, families, sites,
+                                           partial(ensemble_of_run, cfg, record, artifacts))
         if world is not None:  # version 1, then the closed loop's versions
             first = version_entry(cfg, record.policy, sources[0].trust_key, world, list(sites), record,
                                   results["policy"]["evaluation"])

@@ -126,8 +126,9 @@ POLICY_COLUMNS = (("value", "value"), ("value_ratio", "value / oracle"), ("regre
 
 
 def policy_rows(evaluation: dict) -> list[tuple[str, dict]]:
-    """The policy table's rows (oracle first, then standard of care, federated, pooled, local)."""
-    order = ("oracle", "standard_of_care", "federated", "pooled", "local", "random")
+    """The policy table's rows (oracle first, then standard of care, federated, the ensemble judged beside a
+    structured candidate, pooled, local)."""
+    order = ("oracle", "standard_of_care", "federated", "ensemble", "pooled", "local", "random")
     overall = evaluation["overall"]
     return [(name, overall[name]) for name in order if name in overall] + \
         [(name, m) for name, m in overall.items() if name not in order]
@@ -163,7 +164,13 @@ def _policy_section(results: dict) -> list[str]:
     evaluation = policy.get("evaluation")
     if not evaluation:
         return lines + ["No ground truth for these sites: the policy is not evaluated.", ""]
-    lines += [f"Judged by the simulator's oracle on {evaluation['patients_per_site']} new first-cycle patients per "
+    kind = policy.get("policy_model", "ensemble")
+    lines += [f"The candidate (`federated`, `pooled`, `local` below) is the **{kind}** policy"
+              + (f" (structured not fitted: {policy['structured']['reason']})"
+                 if kind == "ensemble" and (policy.get("structured") or {}).get("reason") else "")
+              + ("; `ensemble` is this run's ANN + XGBoost policy judged beside it, never sent"
+                 if "ensemble" in evaluation["overall"] else "") + ".",
+              "", f"Judged by the simulator's oracle on {evaluation['patients_per_site']} new first-cycle patients per "
               "site (true expected utility of the chosen action; oracle = best action within the same limits):", "",
               "| policy | " + " | ".join(label for _, label in POLICY_COLUMNS) + " |",
               "|---|" + "---|" * len(POLICY_COLUMNS)]

@@ -16,6 +16,7 @@ import pytest
 
 from client.recommender import load_policy
 from shared.patient_record import PatientRecord
+from shared.policy_loader import policy_from_folder
 from shared.structured_policy import StructuredDosingPolicy, fit_structured_policy
 from shared.task import assign_split
 from shared.validation import load_site
@@ -70,3 +71,18 @@ def test_the_signed_structured_bundle_is_installed_and_recommends_within_the_rul
     gate = policy["gate"]
     assert gate["lower"] <= gate["estimate"] <= gate["upper"]
     assert set(policy["evaluation"]["overall"]) >= {"oracle", "standard_of_care", "federated", "pooled", "random"}
+
+
+def test_the_report_judges_this_runs_ensemble_beside_the_structured_candidate(run):
+    out, results = run
+    policy = results["policy"]
+    assert policy["adjustment"]["fitted"] is False and "structured" in policy["adjustment"]["reason"]
+    overall = policy["evaluation"]["overall"]
+    assert "ensemble" in overall and overall["ensemble"]["value"] != overall["federated"]["value"]
+    for site, entry in policy["evaluation"]["per_site"].items():
+        assert "ensemble" in entry, site
+    ensemble = policy_from_folder(out / "ensemble-comparison")
+    assert not isinstance(ensemble, StructuredDosingPolicy) and set(ensemble.members) == {"ann"}
+    report = (out / "report.md").read_text()
+    assert "is the **structured** policy" in report and "`ensemble` is this run's ANN + XGBoost policy" in report
+    assert "| ensemble |" in report
