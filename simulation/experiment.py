@@ -288,6 +288,7 @@ def policy_results(cfg: ExperimentConfig, policy: dict, sources: list[SiteSource
                 "local": lambda site: policy_decider(local[site]),
                 "pooled": lambda site: policy_decider(pooled),
                 "random": lambda site: random_decider(federated, seed=cfg.seed + 2)}
+    policies[SITE_SOC] = lambda site: site_soc_decider(federated, sites[site].episodes)
     alongside = ensemble(federated.formulations) if isinstance(federated, StructuredDosingPolicy) else None
     if alongside is not None:
         policies["ensemble"] = lambda site: policy_decider(alongside)
@@ -349,19 +350,21 @@ def ensemble_baselines(federated, families: dict[str, Family], sites: dict) -> t
     return pooled, local
 
 
-def version_entry(cfg: ExperimentConfig, policy: dict, trust: Path, world: World, sites: list[str],
+def version_entry(cfg: ExperimentConfig, policy: dict, trust: Path, world: World, sites: dict,
                   record: RunRecord, evaluation: dict | None = None) -> dict:
     """One entry of ``policy.versions``: the version the run built, whether it shipped, its true value / oracle
     overall and per site next to standard of care's (measured as :func:`policy_results` measures version 1;
-    a stopped candidate is measured too, so the gate's decision can be judged), the gate and ε per site."""
+    a stopped candidate is measured too, so the gate's decision can be judged), the gate and ε per site.
+    ``sites``: site name → its episodes now (each site's own standard of care is learned from them)."""
     from shared.policy_loader import policy_from_bundle, policy_from_folder
     from simulation.policy_evaluation import evaluate_policies, policy_decider
 
     if evaluation is None:
         candidate = (policy_from_bundle(Path(policy["bundle"]), trust) if policy["shipped"]
                      else policy_from_folder(Path(policy["candidate"])))
-        evaluation = evaluate_policies(world, {"federated": lambda site: policy_decider(candidate)}, candidate,
-                                       seed=cfg.seed + 1, sites=sites)
+        evaluation = evaluate_policies(world, {"federated": lambda site: policy_decider(candidate),
+                                               SITE_SOC: lambda site: site_soc_decider(candidate, sites[site])},
+                                       candidate, seed=cfg.seed + 1, sites=list(sites))
     overall = evaluation["overall"]
     return {"version": policy["version"], "shipped": policy["shipped"],
             "policy_model": policy.get("policy_model", "ensemble"),
@@ -402,7 +405,8 @@ def deploy(cfg: ExperimentConfig, world: World, sources: list[SiteSource],
                     cfg.out / "deployment" / f"federation-{period}.json")
         if not record.policy:
             raise RuntimeError(f"the refit after deployment period {period} built no policy")
-        entry = version_entry(cfg, record.policy, sources[0].trust_key, world, list(folders), record)
+        episodes = {name: load_site(path).episodes for name, (path, _) in folders.items()}
+        entry = version_entry(cfg, record.policy, sources[0].trust_key, world, episodes, record)
         cycles = np.array([s["cycles"] for s in sites.values()], dtype=float)
         value = float(np.average([s["value_per_cycle"] for s in sites.values()], weights=cycles))
         soc = float(np.average([s["soc_value_per_cycle"] for s in sites.values()], weights=cycles))
@@ -414,18 +418,41 @@ def deploy(cfg: ExperimentConfig, world: World, sources: list[SiteSource],
     return versions, periods
 
 
+SITE_SOC = "site_standard_of_care"
+"""The evaluation's name of what the gate compares against: each site's own standard of care as ``client.ope``
+defines it (its most-logged first-cycle formulation per tumour type at the label dose; ``client.site_gate``),
+which differs from the simulator's ``standard_of_care`` (the clinic's one usual formulation) by up to 0.07
+utility per patient (BENCHMARKS.md, "Release gate's off-policy estimate against the truth")."""
+
+
+def site_soc_decider(limits, episodes):
+    """A site's own standard of care (:data:`SITE_SOC`) as a decide function, from its logged first cycles."""
+    from client.site_gate import UsualFormulations, label_actions
+
+    first = episodes[episodes["cycle"].astype(int) == 1]
+    usual = UsualFormulations.of(first)
+    return lambda frame: label_actions(limits, frame, usual.for_records(frame["tumour_type"]))
+
+
 def gate_against_truth(gate: dict, evaluation: dict) -> dict:
-    """The gate's estimate of (candidate − standard of care) next to the simulator's true difference, overall and
-    per site (the estimator's error is then visible)."""
+    """The gate's estimate of (candidate − standard of care) next to the simulator's true value of the same
+    quantity: per site the candidate's true value minus that of the site's own standard of care
+    (:data:`SITE_SOC`) on new patients, overall their mean weighted by the cycles each site valued (``n``), as
+    the gate weights them. So ``covered`` says whether the gate's interval holds what it estimates."""
+    per_site = evaluation["per_site"]
+
     def truth(part: dict) -> float:
-        return part["federated"]["value"] - part["standard_of_care"]["value"]
+        return part["federated"]["value"] - part[SITE_SOC]["value"]
 
     gate = dict(gate)
-    gate["true_difference"] = truth(evaluation["overall"])
-    gate["covered"] = bool(gate["lower"] <= gate["true_difference"] <= gate["upper"]) \
-        if gate.get("lower") is not None else None
-    gate["per_site"] = {site: {**entry, "true_difference": truth(evaluation["per_site"][site])}
-                        if site in evaluation["per_site"] else entry for site, entry in gate["per_site"].items()}
+    weights = {site: float(entry["n"]) for site, entry in gate["per_site"].items()
+               if site in per_site and (entry.get("n") or 0) > 0}
+    gate["true_difference"] = (sum(w * truth(per_site[site]) for site, w in weights.items()) / sum(weights.values())
+                               if weights else None)
+    gate["covered"] = (bool(gate["lower"] <= gate["true_difference"] <= gate["upper"])
+                       if gate.get("lower") is not None and gate["true_difference"] is not None else None)
+    gate["per_site"] = {site: {**entry, "true_difference": truth(per_site[site])}
+                        if site in per_site else entry for site, entry in gate["per_site"].items()}
     return gate
 
 
@@ -509,7 +536,8 @@ def run_experiment(cfg: ExperimentConfig, on_round: Callable[[int], None] | None
         results["policy"] = policy_results(cfg, record.policy, sources, world, families, sites,
                                            partial(ensemble_of_run, cfg, record, artifacts))
         if world is not None:  # version 1, then the closed loop's versions
-            first = version_entry(cfg, record.policy, sources[0].trust_key, world, list(sites), record,
+            first = version_entry(cfg, record.policy, sources[0].trust_key, world,
+                                  {name: site.episodes for name, site in sites.items()}, record,
                                   results["policy"]["evaluation"])
             results["policy"]["versions"], results["policy"]["deployment"] = [first], []
             if cfg.deploy_cycles > 1:

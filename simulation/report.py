@@ -128,7 +128,8 @@ POLICY_COLUMNS = (("value", "value"), ("value_ratio", "value / oracle"), ("regre
 def policy_rows(evaluation: dict) -> list[tuple[str, dict]]:
     """The policy table's rows (oracle first, then standard of care, federated, the ensemble judged beside a
     structured candidate, pooled, local)."""
-    order = ("oracle", "standard_of_care", "federated", "ensemble", "pooled", "local", "random")
+    order = ("oracle", "standard_of_care", "site_standard_of_care", "federated", "ensemble", "pooled", "local",
+             "random")
     overall = evaluation["overall"]
     return [(name, overall[name]) for name in order if name in overall] + \
         [(name, m) for name, m in overall.items() if name not in order]
@@ -142,8 +143,9 @@ def _policy_section(results: dict) -> list[str]:
     lines = [f"**Release gate**: {gate['reason']}."]
     if gate.get("true_difference") is not None:
         covers = "covers" if gate.get("covered") else "misses"
-        lines[-1] += (f" The simulator's true difference (candidate − standard of care on new patients): "
-                      f"{gate['true_difference']:+.3f}; the interval {covers} it.")
+        lines[-1] += (f" The simulator's true difference (candidate − each site's own standard of care on new "
+                      f"patients, sites weighted as the gate weights them): {gate['true_difference']:+.3f}; the "
+                      f"interval {covers} it.")
     lines += ["", "| site | estimate | 95 % interval | n | true difference |", "|---|---|---|---|---|"]
     for site, entry in sorted(gate["per_site"].items()):
         if "estimate" in entry:

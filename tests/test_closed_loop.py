@@ -112,3 +112,21 @@ def test_the_closed_loop_is_refused_on_a_users_own_sites(tmp_path):
     words = " ".join(done.output.replace("│", " ").split())
     assert done.exit_code == 2 and "simulated clinics only" in words
     assert not (tmp_path / "out").exists()
+
+
+def test_the_gate_is_judged_against_the_true_value_of_what_it_estimates():
+    """Candidate − each site's own standard of care, sites weighted by the cycles the gate valued there."""
+    from simulation.experiment import SITE_SOC, gate_against_truth
+
+    gate = {"estimate": -0.02, "lower": -0.08, "upper": 0.0, "per_site": {
+        "a": {"estimate": 0.1, "n": 10.0}, "b": {"estimate": -0.05, "n": 30.0}, "c": {"refused": "dp"}}}
+    evaluation = {"overall": {}, "per_site": {
+        "a": {"federated": {"value": 0.30}, SITE_SOC: {"value": 0.20}, "standard_of_care": {"value": 0.0}},
+        "b": {"federated": {"value": 0.10}, SITE_SOC: {"value": 0.20}, "standard_of_care": {"value": 0.0}}}}
+    judged = gate_against_truth(gate, evaluation)
+    assert judged["true_difference"] == pytest.approx((10 * 0.1 + 30 * -0.1) / 40)
+    assert judged["covered"] is True
+    assert judged["per_site"]["a"]["true_difference"] == pytest.approx(0.1)
+    assert judged["per_site"]["c"] == {"refused": "dp"}
+    nothing = gate_against_truth({**gate, "per_site": {"c": {"refused": "dp"}}}, evaluation)
+    assert nothing["true_difference"] is None and nothing["covered"] is None
