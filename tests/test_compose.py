@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -94,12 +95,36 @@ def test_dockerfiles_are_hadolint_clean(dockerfile):
 @pytest.mark.parametrize("dockerfile", ["server.Dockerfile", "client.Dockerfile"])
 def test_dockerfiles_take_a_base_image_and_bake_no_secret(dockerfile):
     text = (DOCKER / dockerfile).read_text()
-    assert "ARG BASE_IMAGE=python:3.11-slim\nFROM ${BASE_IMAGE}\n" in text
+    assert text.startswith("#") and "\nARG BASE_IMAGE=python:3.11-slim\n" in text
+    assert [line for line in text.splitlines() if line.startswith("FROM ")] == [
+        "FROM ${BASE_IMAGE} AS requirements", "FROM ${BASE_IMAGE}"]
     assert '"torch==2.13.0"' in text
     # COPY is the only way files enter the image: the project's code and the wheelhouse, no kit, no data.
-    copied = [line.split()[1] for line in text.splitlines() if line.startswith("COPY ")]
+    copied = [[w for w in line.split()[1:] if not w.startswith("--")][0]
+              for line in text.splitlines() if line.startswith("COPY ")]
     side = ["client/"] if dockerfile.startswith("client") else ["server/", "strategies/"]
-    assert copied == ["docker/wheels/", "pyproject.toml", "fednano/", "shared/", *side]  # one side's code only
+    assert copied == ["pyproject.toml",  # the requirements stage: it extracts the dependencies only
+                      "docker/wheels/", "/tmp/fednano/requirements.txt",  # the dependency layer's only inputs
+                      "pyproject.toml", "fednano/", "shared/", *side]  # one side's code only, after the dependencies
+
+
+def test_both_dockerfiles_install_the_dependencies_with_the_same_lines_before_any_code():
+    """A code change must not rebuild the dependency layer (minutes), and the second image reuses the first's:
+    up to the dependency install the two files are the same, and nothing of the code is copied before it."""
+    def dependency_part(name: str) -> str:
+        text = (DOCKER / name).read_text()
+        start = text.index("ARG BASE_IMAGE=")
+        end = text.index("\n\n", text.index("-r /tmp/requirements.txt"))
+        return text[start:end]
+
+    client, server = dependency_part("client.Dockerfile"), dependency_part("server.Dockerfile")
+    assert client == server
+    assert "COPY --from=requirements /tmp/fednano/requirements.txt" in client
+    for name in ("client.Dockerfile", "server.Dockerfile"):  # the code on top, with nothing more to fetch
+        assert "pip install --no-cache-dir --no-index --no-deps --no-build-isolation ." in (DOCKER / name).read_text()
+    # all of docker/wheels/ is an input of the dependency layer: nothing committed there may ever change
+    assert run(["git", "ls-files", "docker/wheels"], cwd=ROOT).split() == ["docker/wheels/.gitkeep"]
+    assert (DOCKER / "wheels" / ".gitkeep").read_bytes() == b""
 
 
 def test_compose_federation_mounts_keys_and_data_read_only_and_passes_each_site_its_config(tmp_path):
@@ -186,8 +211,17 @@ def base_image(engine: dict[str, str], work: Path) -> str:
     return BASE_IMAGE
 
 
+def requirements(pyproject: Path) -> list[str]:
+    """What the images' requirements stage installs: the build requirements and ``[project].dependencies``."""
+    project = tomllib.loads(pyproject.read_text())
+    return [*project["build-system"]["requires"], *project["project"]["dependencies"]]
+
+
 def build_context(work: Path) -> Path:
-    """The project's files (tracked and new, not ignored) and a wheelhouse of everything it installs."""
+    """The project's files (tracked and new, not ignored) and a wheelhouse of the project's dependencies.
+
+    The wheelhouse holds the dependencies only, never a wheel of the project itself: it is an input of the
+    images' dependency layer, which must stay the same (cached) when only the code changes."""
     context = work / "context"
     listed = run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT)
     for name in filter(None, listed.split("\0")):
@@ -198,7 +232,7 @@ def build_context(work: Path) -> Path:
     wheels = context / "docker" / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     run([str(dep.FLOWER_BIN / "python"), "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(wheels),
-         "setuptools>=69", "wheel", str(context)])
+         *requirements(context / "pyproject.toml")])
     return context
 
 
@@ -229,6 +263,11 @@ def test_images_run_flower_and_the_project_as_a_non_root_user(engine, images):
         torch_version, flwr_version, other_absent = out.split()
         assert torch_version.startswith("2.13.0") and flwr_version == "1.42.0", role
         assert other_absent == "True", f"the {role} image ships {other}/"
+    # The second build reused the first one's dependency layer (the same intermediate image, not a copy).
+    dependency_layer = {role: [line.split()[0] for line in run(
+        ["docker", "history", "--no-trunc", "--format", "{{.ID}} {{.CreatedBy}}", images[role]], env=engine
+    ).splitlines() if "-r /tmp/requirements.txt" in line] for role in images}
+    assert dependency_layer["server"] == dependency_layer["client"] and len(dependency_layer["client"]) == 1
 
 
 @pytest.mark.slow
