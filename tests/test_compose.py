@@ -5,12 +5,13 @@ federation once (a coordinator, three hospitals; TLS, SuperNode authentication; 
 engine: ``DOCKER_HOST`` if one answers there, else, as root with Debian's ``docker.io`` installed, a
 ``dockerd`` of its own (own socket, ``--data-root``) that it stops again. Without a registry, the base image is
 made with ``debootstrap`` (``FEDNANO_BASE_IMAGE`` names another) and the images install from a wheelhouse
-built on the host (``WHEELS_ONLY=true``). Outside CI it skips, saying why, when no engine can be had; in CI
-(``CI=true``) that is a failure.
+built on the host (``WHEELS_ONLY=true``; kept in ``FEDNANO_WHEELHOUSE`` for a day if that is set, as CI does).
+Outside CI it skips, saying why, when no engine can be had; in CI (``CI=true``) that is a failure.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -36,6 +37,7 @@ IMAGES = {"server": "fednano-server:test", "client": "fednano-client:test"}
 ROUNDS = 1
 RUN_TIMEOUT_S = 900
 COMMAND_TIMEOUT_S = 1200
+WHEELHOUSE_DAYS = 1.0
 
 
 def tool(name: str, hint: str) -> str:
@@ -231,9 +233,43 @@ def build_context(work: Path) -> Path:
             shutil.copy2(source, context / name)
     wheels = context / "docker" / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
-    run([str(dep.FLOWER_BIN / "python"), "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(wheels),
-         *requirements(context / "pyproject.toml")])
+    reqs = requirements(context / "pyproject.toml")
+    kept = os.environ.get("FEDNANO_WHEELHOUSE")
+    source = kept_wheelhouse(Path(kept), reqs) if kept else None
+    if source is None:
+        pip_wheel(wheels, reqs)
+    else:
+        for wheel in source.glob("*.whl"):
+            try:
+                os.link(wheel, wheels / wheel.name)
+            except OSError:  # another filesystem
+                shutil.copy2(wheel, wheels / wheel.name)
     return context
+
+
+def pip_wheel(into: Path, reqs: list[str]) -> None:
+    run([str(dep.FLOWER_BIN / "python"), "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(into), *reqs])
+
+
+def kept_wheelhouse(root: Path, reqs: list[str]) -> Path:
+    """The wheels of ``reqs`` kept under ``root`` (FEDNANO_WHEELHOUSE; CI keeps it beside the engine's data-root):
+    made again when the requirements change or the kept ones are older than WHEELHOUSE_DAYS, so the images
+    still follow new releases of the dependencies, a day late at most, without a minute of ``pip wheel`` in
+    every run. One wheelhouse is kept, that of the current requirements."""
+    key = hashlib.sha256("\n".join(reqs).encode()).hexdigest()[:16]
+    kept, done = root / key, root / key / ".complete"
+    if done.exists() and time.time() - done.stat().st_mtime < WHEELHOUSE_DAYS * 86400:
+        return kept
+    fresh = root / f".{key}.{os.getpid()}"
+    shutil.rmtree(fresh, ignore_errors=True)
+    fresh.mkdir(parents=True)
+    pip_wheel(fresh, reqs)
+    (fresh / ".complete").touch()
+    for old in root.iterdir():
+        if old != fresh and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+    fresh.rename(kept)
+    return kept
 
 
 @pytest.fixture(scope="module")
