@@ -5,17 +5,19 @@ federation once (a coordinator, three hospitals; TLS, SuperNode authentication; 
 engine: ``DOCKER_HOST`` if one answers there, else, as root with Debian's ``docker.io`` installed, a
 ``dockerd`` of its own (own socket, ``--data-root``) that it stops again. Without a registry, the base image is
 made with ``debootstrap`` (``FEDNANO_BASE_IMAGE`` names another) and the images install from a wheelhouse
-built on the host (``WHEELS_ONLY=true``). Outside CI it skips, saying why, when no engine can be had; in CI
-(``CI=true``) that is a failure.
+built on the host (``WHEELS_ONLY=true``; kept in ``FEDNANO_WHEELHOUSE`` for a day if that is set, as CI does).
+Outside CI it skips, saying why, when no engine can be had; in CI (``CI=true``) that is a failure.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,7 @@ IMAGES = {"server": "fednano-server:test", "client": "fednano-client:test"}
 ROUNDS = 1
 RUN_TIMEOUT_S = 900
 COMMAND_TIMEOUT_S = 1200
+WHEELHOUSE_DAYS = 1.0
 
 
 def tool(name: str, hint: str) -> str:
@@ -94,12 +97,36 @@ def test_dockerfiles_are_hadolint_clean(dockerfile):
 @pytest.mark.parametrize("dockerfile", ["server.Dockerfile", "client.Dockerfile"])
 def test_dockerfiles_take_a_base_image_and_bake_no_secret(dockerfile):
     text = (DOCKER / dockerfile).read_text()
-    assert "ARG BASE_IMAGE=python:3.11-slim\nFROM ${BASE_IMAGE}\n" in text
+    assert text.startswith("#") and "\nARG BASE_IMAGE=python:3.11-slim\n" in text
+    assert [line for line in text.splitlines() if line.startswith("FROM ")] == [
+        "FROM ${BASE_IMAGE} AS requirements", "FROM ${BASE_IMAGE}"]
     assert '"torch==2.13.0"' in text
     # COPY is the only way files enter the image: the project's code and the wheelhouse, no kit, no data.
-    copied = [line.split()[1] for line in text.splitlines() if line.startswith("COPY ")]
+    copied = [[w for w in line.split()[1:] if not w.startswith("--")][0]
+              for line in text.splitlines() if line.startswith("COPY ")]
     side = ["client/"] if dockerfile.startswith("client") else ["server/", "strategies/"]
-    assert copied == ["docker/wheels/", "pyproject.toml", "fednano/", "shared/", *side]  # one side's code only
+    assert copied == ["pyproject.toml",  # the requirements stage: it extracts the dependencies only
+                      "docker/wheels/", "/tmp/fednano/requirements.txt",  # the dependency layer's only inputs
+                      "pyproject.toml", "fednano/", "shared/", *side]  # one side's code only, after the dependencies
+
+
+def test_both_dockerfiles_install_the_dependencies_with_the_same_lines_before_any_code():
+    """A code change must not rebuild the dependency layer (minutes), and the second image reuses the first's:
+    up to the dependency install the two files are the same, and nothing of the code is copied before it."""
+    def dependency_part(name: str) -> str:
+        text = (DOCKER / name).read_text()
+        start = text.index("ARG BASE_IMAGE=")
+        end = text.index("\n\n", text.index("-r /tmp/requirements.txt"))
+        return text[start:end]
+
+    client, server = dependency_part("client.Dockerfile"), dependency_part("server.Dockerfile")
+    assert client == server
+    assert "COPY --from=requirements /tmp/fednano/requirements.txt" in client
+    for name in ("client.Dockerfile", "server.Dockerfile"):  # the code on top, with nothing more to fetch
+        assert "pip install --no-cache-dir --no-index --no-deps --no-build-isolation ." in (DOCKER / name).read_text()
+    # all of docker/wheels/ is an input of the dependency layer: nothing committed there may ever change
+    assert run(["git", "ls-files", "docker/wheels"], cwd=ROOT).split() == ["docker/wheels/.gitkeep"]
+    assert (DOCKER / "wheels" / ".gitkeep").read_bytes() == b""
 
 
 def test_compose_federation_mounts_keys_and_data_read_only_and_passes_each_site_its_config(tmp_path):
@@ -186,8 +213,17 @@ def base_image(engine: dict[str, str], work: Path) -> str:
     return BASE_IMAGE
 
 
+def requirements(pyproject: Path) -> list[str]:
+    """What the images' requirements stage installs: the build requirements and ``[project].dependencies``."""
+    project = tomllib.loads(pyproject.read_text())
+    return [*project["build-system"]["requires"], *project["project"]["dependencies"]]
+
+
 def build_context(work: Path) -> Path:
-    """The project's files (tracked and new, not ignored) and a wheelhouse of everything it installs."""
+    """The project's files (tracked and new, not ignored) and a wheelhouse of the project's dependencies.
+
+    The wheelhouse holds the dependencies only, never a wheel of the project itself: it is an input of the
+    images' dependency layer, which must stay the same (cached) when only the code changes."""
     context = work / "context"
     listed = run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT)
     for name in filter(None, listed.split("\0")):
@@ -197,9 +233,43 @@ def build_context(work: Path) -> Path:
             shutil.copy2(source, context / name)
     wheels = context / "docker" / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
-    run([str(dep.FLOWER_BIN / "python"), "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(wheels),
-         "setuptools>=69", "wheel", str(context)])
+    reqs = requirements(context / "pyproject.toml")
+    kept = os.environ.get("FEDNANO_WHEELHOUSE")
+    source = kept_wheelhouse(Path(kept), reqs) if kept else None
+    if source is None:
+        pip_wheel(wheels, reqs)
+    else:
+        for wheel in source.glob("*.whl"):
+            try:
+                os.link(wheel, wheels / wheel.name)
+            except OSError:  # another filesystem
+                shutil.copy2(wheel, wheels / wheel.name)
     return context
+
+
+def pip_wheel(into: Path, reqs: list[str]) -> None:
+    run([str(dep.FLOWER_BIN / "python"), "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(into), *reqs])
+
+
+def kept_wheelhouse(root: Path, reqs: list[str]) -> Path:
+    """The wheels of ``reqs`` kept under ``root`` (FEDNANO_WHEELHOUSE; CI keeps it beside the engine's data-root):
+    made again when the requirements change or the kept ones are older than WHEELHOUSE_DAYS, so the images
+    still follow new releases of the dependencies, a day late at most, without a minute of ``pip wheel`` in
+    every run. One wheelhouse is kept, that of the current requirements."""
+    key = hashlib.sha256("\n".join(reqs).encode()).hexdigest()[:16]
+    kept, done = root / key, root / key / ".complete"
+    if done.exists() and time.time() - done.stat().st_mtime < WHEELHOUSE_DAYS * 86400:
+        return kept
+    fresh = root / f".{key}.{os.getpid()}"
+    shutil.rmtree(fresh, ignore_errors=True)
+    fresh.mkdir(parents=True)
+    pip_wheel(fresh, reqs)
+    (fresh / ".complete").touch()
+    for old in root.iterdir():
+        if old != fresh and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+    fresh.rename(kept)
+    return kept
 
 
 @pytest.fixture(scope="module")
@@ -229,6 +299,11 @@ def test_images_run_flower_and_the_project_as_a_non_root_user(engine, images):
         torch_version, flwr_version, other_absent = out.split()
         assert torch_version.startswith("2.13.0") and flwr_version == "1.42.0", role
         assert other_absent == "True", f"the {role} image ships {other}/"
+    # The second build reused the first one's dependency layer (the same intermediate image, not a copy).
+    dependency_layer = {role: [line.split()[0] for line in run(
+        ["docker", "history", "--no-trunc", "--format", "{{.ID}} {{.CreatedBy}}", images[role]], env=engine
+    ).splitlines() if "-r /tmp/requirements.txt" in line] for role in images}
+    assert dependency_layer["server"] == dependency_layer["client"] and len(dependency_layer["client"]) == 1
 
 
 @pytest.mark.slow

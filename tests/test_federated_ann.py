@@ -27,7 +27,9 @@ def federation(tmp_path_factory):
     out = tmp_path_factory.mktemp("federation")
     flower_environment(out)
     quiet_flower()
-    cfg = ExperimentConfig(out=out, clinics=4, rounds=ROUNDS, dp=False, seed=3)
+    # models="ann": the federated ANN is under test here; the default also grows 20 rounds of histogram trees,
+    # which took most of the fixture's time (test_federated_hist and test_federated_xgboost test those)
+    cfg = ExperimentConfig(out=out, clinics=4, rounds=ROUNDS, dp=False, seed=3, models="ann")
     world = generate_sites(cfg.clinics, cfg.seed, out / "sites", privacy=SitePrivacy(dp=False))
     sources, _ = prepare_sites(dataclasses.replace(cfg, sites=[out / "sites" / c.name for c in world.clinics]))
     record = run_federation(cfg, sources)

@@ -23,8 +23,10 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("hist")
     flower_environment(out)
     quiet_flower()
+    # fqi_iterations=0: the policy phase's dose adjuster is not under test here (test_dose_adjustment and
+    # test_dp_federation run it through Flower); its 25 default message rounds cost more than the trees
     cfg = ExperimentConfig(out=out, clinics=3, dp=False, seed=2, models="xgboost", boosting="hist",
-                           xgb_rounds=ROUNDS, patients_per_clinic=120, compare=False)
+                           xgb_rounds=ROUNDS, patients_per_clinic=120, compare=False, fqi_iterations=0)
     return out, run_experiment(cfg)
 
 

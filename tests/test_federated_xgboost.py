@@ -15,8 +15,10 @@ def run(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param)
     flower_environment(out)
     quiet_flower()
+    # fqi_iterations=0: the policy phase's dose adjuster is not under test here (test_dose_adjustment and
+    # test_dp_federation run it through Flower); its 25 default message rounds cost more than the boosting
     cfg = ExperimentConfig(out=out, clinics=3, dp=False, seed=2, models="xgboost", boosting=request.param,
-                           xgb_rounds=12, patients_per_clinic=250, compare=False)
+                           xgb_rounds=12, patients_per_clinic=250, compare=False, fqi_iterations=0)
     return request.param, out, run_experiment(cfg)
 
 
