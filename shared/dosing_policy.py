@@ -248,6 +248,32 @@ class BetterVersions:
         return ", ".join(g.describe(level) for g, level, own in zip(self.grades, self.levels[k], mine, strict=True)
                          if level != own)
 
+    def limits(self, doses: Callable[[], np.ndarray], patients: int, smallest: float
+               ) -> tuple[np.ndarray, dict[int, str]]:
+        """Per patient row, the guard's cap — the lowest of its versions' unguarded ``doses()`` (+inf without
+        versions; ``smallest`` for the rows in ``too_many``) — and, per capped-by-a-version row, that version
+        described."""
+        limit = np.full(patients, np.inf)
+        lowest_of: dict[int, str] = {}
+        if len(self.owner):
+            dose, owner = doses(), self.owner
+            order = np.lexsort((np.arange(len(dose)), dose, owner))
+            first = order[np.r_[True, owner[order][1:] != owner[order][:-1]]]  # the lowest dose of each owner
+            limit[owner[first]] = dose[first]
+            lowest_of = {int(owner[k]): self.describe(k) for k in first}
+        limit[self.too_many] = smallest
+        return limit, lowest_of
+
+
+def guard_rule(limit: float, lowest: str | None) -> RuleApplied:
+    """The monotone guard's rule for a capped dose; ``lowest``: the better-graded version that set the cap (None:
+    too many versions to check)."""
+    why = (f"the same patient with {lowest} would be offered {limit:g} mg/m²" if lowest is not None else
+           f"more than {MAX_GUARD_CANDIDATES} actions of better-graded versions of this patient to check: "
+           "the smallest dose is offered and a clinician decides")
+    return RuleApplied("monotone-guard", f"dose capped at {limit:g} mg/m²",
+                       f"{why}; worse organ function or tolerance never raises the dose")
+
 
 def better_versions(graded: pd.DataFrame, rows: np.ndarray, grades: Sequence[ToleranceGrades], with_history: bool,
                     per_version: np.ndarray) -> BetterVersions:
@@ -648,16 +674,8 @@ class DosingPolicy:
         per_version = np.array([len(k) for k in known]) * per_formulation
         giving = np.flatnonzero(verdict == "give")
         versions = better_versions(graded, giving, grades, adjust and self.adjuster is not None, per_version)
-        limit = np.full(len(graded), np.inf)
-        lowest_of: dict[int, str] = {}
-        if len(versions.owner):
-            doses = self._dose_of_each(versions, graded_x, known, adjust)
-            owner = versions.owner
-            order = np.lexsort((np.arange(len(doses)), doses, owner))
-            first = order[np.r_[True, owner[order][1:] != owner[order][:-1]]]  # the lowest dose of each owner
-            limit[owner[first]] = doses[first]
-            lowest_of = {int(owner[k]): versions.describe(k) for k in first}
-        limit[versions.too_many] = self.action_space.dose_min_mg_m2
+        limit, lowest_of = versions.limits(lambda: self._dose_of_each(versions, graded_x, known, adjust),
+                                           len(graded), self.action_space.dose_min_mg_m2)
         best = _best(own)
         chosen = best["dose_mg_m2"].reindex(range(len(graded))).to_numpy(dtype=float)
         capped = limit < chosen - 1e-9
@@ -668,11 +686,7 @@ class DosingPolicy:
         options = options[options["dose_mg_m2"] == options.groupby("row")["dose_mg_m2"].transform("max")]
         picked = _best(options)  # the highest dose under the cap, its best-ranked formulation and interval
         for i in picked.index:
-            why = (f"the same patient with {lowest_of[i]} would be offered {limit[i]:g} mg/m²" if i in lowest_of else
-                   f"more than {MAX_GUARD_CANDIDATES} actions of better-graded versions of this patient to check: "
-                   "the smallest dose is offered and a clinician decides")
-            rules[i].append(RuleApplied("monotone-guard", f"dose capped at {limit[i]:g} mg/m²",
-                                        f"{why}; worse organ function or tolerance never raises the dose"))
+            rules[i].append(guard_rule(limit[i], lowest_of.get(i)))
         return pd.concat([best.drop(index=picked.index), picked]).sort_index()
 
     def _dose_of_each(self, versions: BetterVersions, graded_x: np.ndarray, known: list[np.ndarray],

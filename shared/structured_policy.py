@@ -57,7 +57,6 @@ from shared.dose_response import first_cycles, fit_by_sums
 from shared.dosing_policy import (
     FORMULATION_FEATURES,
     LABEL_DOSE_MG_M2,
-    MAX_GUARD_CANDIDATES,
     RESPONSE,
     TOXICITY,
     ActionSpace,
@@ -68,6 +67,7 @@ from shared.dosing_policy import (
     ToleranceGrades,
     better_versions,
     graded_frame,
+    guard_rule,
     known_actions,
     recommendation_of,
 )
@@ -303,16 +303,8 @@ class StructuredDosingPolicy:
         per_version = np.array([len(c) for c in graded["catalogue"]]) * len(self.action_space.doses()) * len(
             self.action_space.delays_days)
         versions = better_versions(graded, np.flatnonzero(verdict == "give"), grades, False, per_version)
-        limit = np.full(len(graded), np.inf)
-        lowest_of: dict[int, str] = {}
-        if len(versions.owner):
-            doses = self._dose_of_each(versions.frame)
-            owner = versions.owner
-            order = np.lexsort((np.arange(len(doses)), doses, owner))
-            first = order[np.r_[True, owner[order][1:] != owner[order][:-1]]]  # the lowest dose of each owner
-            limit[owner[first]] = doses[first]
-            lowest_of = {int(owner[k]): versions.describe(k) for k in first}
-        limit[versions.too_many] = self.action_space.dose_min_mg_m2
+        limit, lowest_of = versions.limits(lambda: self._dose_of_each(versions.frame), len(graded),
+                                           self.action_space.dose_min_mg_m2)
         dose = chosen["dose_mg_m2"].reindex(range(len(graded))).to_numpy(dtype=float)
         capped = np.flatnonzero(limit < dose - 1e-9)
         if not capped.size:
@@ -329,11 +321,7 @@ class StructuredDosingPolicy:
             predicted = self._predict(graded, at_cap.reset_index(names="row")).set_index("row")
             chosen.loc[bare, predicted.columns] = predicted
         for i in capped:
-            why = (f"the same patient with {lowest_of[i]} would be offered {limit[i]:g} mg/m²" if i in lowest_of else
-                   f"more than {MAX_GUARD_CANDIDATES} actions of better-graded versions of this patient to check: "
-                   "the smallest dose is offered and a clinician decides")
-            rules[i].append(RuleApplied("monotone-guard", f"dose capped at {limit[i]:g} mg/m²",
-                                        f"{why}; worse organ function or tolerance never raises the dose"))
+            rules[i].append(guard_rule(limit[i], lowest_of.get(i)))
         return chosen
 
     def _dose_of_each(self, versions: pd.DataFrame) -> np.ndarray:
