@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
+from sklearn.calibration import CalibratedClassifierCV
 from sklearn.ensemble import (
     GradientBoostingClassifier,
     GradientBoostingRegressor,
@@ -49,7 +50,10 @@ def make_estimator(name: str, kind: str, seed: int):
         cls = RandomForestClassifier if classify else RandomForestRegressor
         return cls(n_estimators=200, min_samples_leaf=2, random_state=seed, n_jobs=1)
     if name == "svm":
-        return SVC(probability=True, random_state=seed) if classify else SVR()
+        # Platt scaling on 5-fold cross-validated decision values, then the SVC refitted on all rows: what
+        # SVC(probability=True) did inside libsvm, which scikit-learn 1.9 deprecates in favour of this
+        return (CalibratedClassifierCV(SVC(random_state=seed), method="sigmoid", cv=5, ensemble=False)
+                if classify else SVR())
     if name == "gradient_boosting":
         cls = GradientBoostingClassifier if classify else GradientBoostingRegressor
         return cls(random_state=seed)

@@ -91,7 +91,8 @@ def test_the_installed_policy_recommends_for_the_example_patient(run):
 def test_no_policy_beats_the_oracle_and_the_numbers_add_up(run):
     _, results = run
     evaluation = results["policy"]["evaluation"]
-    assert set(evaluation["overall"]) == {"oracle", "standard_of_care", "federated", "local", "pooled", "random"}
+    assert set(evaluation["overall"]) == {"oracle", "standard_of_care", "site_standard_of_care", "federated", "local",
+                                          "pooled", "random"}
     # the bottom of the scale is a random allowed action, not zero: the oracle beats it clearly
     assert evaluation["overall"]["random"]["value"] < evaluation["overall"]["oracle"]["value"] - 0.02
     for scope in [evaluation["overall"], *evaluation["per_site"].values()]:
@@ -110,6 +111,11 @@ def test_no_policy_beats_the_oracle_and_the_numbers_add_up(run):
     gate = results["policy"]["gate"]
     assert gate["lower"] <= gate["estimate"] <= gate["upper"] and "true_difference" in gate
     assert set(gate["per_site"]) == set(results["sites"])
+    # the truth of what the gate estimates: candidate − each site's own SOC, sites weighted by the cycles valued
+    weights = {site: e["n"] for site, e in gate["per_site"].items() if e.get("n")}
+    truth = {site: evaluation["per_site"][site]["federated"]["value"]
+             - evaluation["per_site"][site]["site_standard_of_care"]["value"] for site in weights}
+    assert gate["true_difference"] == pytest.approx(sum(weights[s] * truth[s] for s in weights) / sum(weights.values()))
 
 
 def test_site_refuses_tampered_foreign_and_older_bundles_and_keeps_its_policy(run, tmp_path):
