@@ -13,11 +13,11 @@ Also here: the pooled models' permutation importance, computed with the same fun
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
-from sklearn.calibration import CalibratedClassifierCV
 from sklearn.ensemble import (
     GradientBoostingClassifier,
     GradientBoostingRegressor,
@@ -50,10 +50,10 @@ def make_estimator(name: str, kind: str, seed: int):
         cls = RandomForestClassifier if classify else RandomForestRegressor
         return cls(n_estimators=200, min_samples_leaf=2, random_state=seed, n_jobs=1)
     if name == "svm":
-        # Platt scaling on 5-fold cross-validated decision values, then the SVC refitted on all rows: what
-        # SVC(probability=True) did inside libsvm, which scikit-learn 1.9 deprecates in favour of this
-        return (CalibratedClassifierCV(SVC(random_state=seed), method="sigmoid", cv=5, ensemble=False)
-                if classify else SVR())
+        # libsvm's own Platt scaling (probability=True, deprecated in scikit-learn 1.9; the warning is silenced at
+        # fit): CalibratedClassifierCV, the suggested replacement, refuses a class with fewer rows than its folds,
+        # which a local-only site of a real multi-site table has (tests/test_cli.py, liposome sites)
+        return SVC(probability=True, random_state=seed) if classify else SVR()
     if name == "gradient_boosting":
         cls = GradientBoostingClassifier if classify else GradientBoostingRegressor
         return cls(random_state=seed)
@@ -74,7 +74,9 @@ def fit_classic(name: str, encoder: FeatureEncoder, data: EncodedSplit,
         if outcome.kind != "regression" and len(np.unique(labels)) < 2:
             fitted[outcome.name] = ("constant", float(labels[0]) if len(labels) else 0.0)
             continue
-        fitted[outcome.name] = ("model", make_estimator(name, outcome.kind, seed).fit(data.x[rows], labels))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # SVC(probability=True): see make_estimator
+            fitted[outcome.name] = ("model", make_estimator(name, outcome.kind, seed).fit(data.x[rows], labels))
 
     def predict(x: np.ndarray) -> dict[str, np.ndarray]:
         out = {}
