@@ -14,7 +14,7 @@ training splits (``fit_structured_policy``: the added per-site sums) and these c
   policy's), here restricted to the patient's catalogue (the world-rarest formulation the site stocks) and to
   the hard rules' cap ("top allowed dose"), so that it is a policy the simulator can score at every clinic;
 - ``simulator_soc``: the simulator's standard of care as a candidate (the clinic's one usual formulation at the
-  label dose, through ``client.site_gate.label_actions``);
+  label dose, through ``shared.dosing_policy.label_actions``);
 - ``site_soc``: the site's own standard of care as ``client.ope`` defines it (per tumour type its most logged
   formulation, label dose) — the null candidate: its Γ equals standard of care's row by row, so its estimate
   and its true difference are 0 by construction (a check of the arithmetic, left out of the summaries).
@@ -57,7 +57,8 @@ from record import write_record  # noqa: E402
 from structured_policy import site_training_frames, usual_formulation  # noqa: E402
 
 import client.ope as ope  # noqa: E402
-from client.site_gate import UsualFormulations, label_actions  # noqa: E402
+from client.site_gate import UsualFormulations  # noqa: E402
+from shared.dosing_policy import label_actions  # noqa: E402
 from shared.off_policy import ValueSums, gate  # noqa: E402
 from shared.structured_policy import (  # noqa: E402
     StructuredDosingPolicy,
@@ -79,7 +80,7 @@ NULL = "site_soc"
 class RuleCandidate(StructuredDosingPolicy):
     """A fixed rule judged with the structured policy's outcome models, hard rules and action space (the test's
     ``TopDoseOfTheRarest`` construction): ``formulation_of(frame)`` per row; the label dose (standard of care's
-    dosing, ``client.site_gate.label_actions``) or, with ``top_dose``, the highest dose the hard rules allow."""
+    dosing, ``shared.dosing_policy.label_actions``) or, with ``top_dose``, the highest dose the hard rules allow."""
 
     formulation_of = None
     top_dose = False

@@ -31,8 +31,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 from client.dp import Block, PhaseRelease
-from client.site_gate import UsualFormulations, label_actions
-from shared.dosing_policy import RESPONSE, TOXICITY, DosingPolicy
+from client.site_gate import UsualFormulations
+from shared.dosing_policy import RESPONSE, TOXICITY, DosingPolicy, label_actions
 from shared.off_policy import MIN_SUPPORT, ValueSums, box_kernel, chf_cycle_probability, dr_terms, utility
 from shared.patient_record import PREVIOUS_PREFIX, WEARABLE_PREFIX, PreviousCycle, WearableSummary
 from shared.protocol.privacy import ReleaseFacts

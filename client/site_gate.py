@@ -12,9 +12,10 @@ formulation the site logs most at first cycles (its most used overall where it l
 recorded from the site's own logs when it installs (:class:`UsualFormulations`, never sent) — at the label dose
 for the tumour type with the label hepatic reduction, rounded to the dose step, at the label interval, under
 the policy's own hard rules: its caps, holds and stops (``safety_limits``) and its BSA cap (the policy's
-recommendation table is assembled by the policy's own code). :func:`label_actions` computes it for the gate
-and for serving alike, for either policy kind. A record whose usual formulation is not in its catalogue gets
-no dose (:class:`StandardOfCareRefused`, naming the record and why), never another formulation silently.
+recommendation table is assembled by the policy's own code). :func:`shared.dosing_policy.label_actions`
+computes it for the gate, for serving and for the structured policy's own fallback alike, for either policy
+kind. A record whose usual formulation is not in its catalogue gets no dose (:class:`StandardOfCareRefused`,
+naming the record and why), never another formulation silently.
 
 :class:`GatedPolicy` wraps a loaded policy of either kind with the site's verdict: it recommends as the policy
 does, or standard of care with the rule ``site-gate`` when the verdict is ``worse``; ``site_gate`` says which.
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from shared.dosing_policy import LABEL_DOSE_MG_M2, RESPONSE, TOXICITY, Recommendation, RuleApplied, recommendation_of
+from shared.dosing_policy import RESPONSE, TOXICITY, Recommendation, RuleApplied, label_actions, recommendation_of
 from shared.patient_record import PatientRecord, records_frame
 from shared.protocol.policy import SiteVerdict
 
@@ -67,25 +68,6 @@ class UsualFormulations:
                 or not all(isinstance(k, str) and isinstance(v, str) for k, v in by_type.items())):
             raise ValueError("usual formulations: expected {by_tumour_type: {tumour type: id}, overall: id}")
         return cls(dict(by_type), values["overall"])
-
-
-def label_actions(policy, records: pd.DataFrame, formulation: np.ndarray,
-                  rules: list[list[RuleApplied]] | None = None) -> pd.DataFrame:
-    """Standard of care's action per record: ``formulation`` at the label dose of its tumour type with the label
-    hepatic reduction (measured bilirubin), rounded to the dose step, within the policy's caps, at the label
-    interval; ``action`` is the policy's hard rules' verdict (give / withhold / stop), whose rules are appended
-    to ``rules`` if given. Columns: action, formulation_id, dose_mg_m2, interval_days (rows of ``records``)."""
-    space, safety = policy.action_space, policy.safety
-    bilirubin = np.nan_to_num(records["bilirubin_umol_l"].to_numpy(dtype=float), nan=0.0)
-    hepatic = np.where(bilirubin > safety.hepatic_bands_umol_l[1], safety.hepatic_factors[1],
-                       np.where(bilirubin > safety.hepatic_bands_umol_l[0], safety.hepatic_factors[0], 1.0))
-    label = records["tumour_type"].map(LABEL_DOSE_MG_M2).to_numpy(dtype=float)
-    cap, verdict = policy.safety_limits(records, rules)
-    step = space.dose_step_mg_m2
-    dose = np.clip(step * np.rint(label * hepatic / step), space.dose_min_mg_m2, space.dose_max_mg_m2)
-    return pd.DataFrame({"action": verdict, "formulation_id": np.asarray(formulation, dtype=object),
-                         "dose_mg_m2": np.minimum(dose, cap),
-                         "interval_days": space.intervals(records["tumour_type"])[:, 0]})
 
 
 @dataclass(frozen=True)

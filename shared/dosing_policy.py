@@ -784,6 +784,26 @@ class DosingPolicy:
         return np.minimum(bsa, cap)
 
 
+def label_actions(policy, records: pd.DataFrame, formulation: np.ndarray,
+                  rules: list[list[RuleApplied]] | None = None) -> pd.DataFrame:
+    """Standard of care's action per record, under ``policy``'s hard rules (either policy kind): ``formulation``
+    at the label dose of its tumour type with the label hepatic reduction (measured bilirubin), rounded to the
+    dose step, within the policy's caps, at the label interval; ``action`` is the policy's hard rules' verdict
+    (give / withhold / stop), whose rules are appended to ``rules`` if given. Columns: action, formulation_id,
+    dose_mg_m2, interval_days (rows of ``records``)."""
+    space, safety = policy.action_space, policy.safety
+    bilirubin = np.nan_to_num(records["bilirubin_umol_l"].to_numpy(dtype=float), nan=0.0)
+    hepatic = np.where(bilirubin > safety.hepatic_bands_umol_l[1], safety.hepatic_factors[1],
+                       np.where(bilirubin > safety.hepatic_bands_umol_l[0], safety.hepatic_factors[0], 1.0))
+    label = records["tumour_type"].map(LABEL_DOSE_MG_M2).to_numpy(dtype=float)
+    cap, verdict = policy.safety_limits(records, rules)
+    step = space.dose_step_mg_m2
+    dose = np.clip(step * np.rint(label * hepatic / step), space.dose_min_mg_m2, space.dose_max_mg_m2)
+    return pd.DataFrame({"action": verdict, "formulation_id": np.asarray(formulation, dtype=object),
+                         "dose_mg_m2": np.minimum(dose, cap),
+                         "interval_days": space.intervals(records["tumour_type"])[:, 0]})
+
+
 def known_actions(actions: pd.DataFrame, formulations) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame]:
     """For ``predicted_outcomes`` of either policy: which given actions use a formulation the policy knows, those
     actions as candidate rows (``row``, formulation_id, dose_mg_m2, interval_days), and the output table to fill

@@ -56,7 +56,6 @@ from shared.dose_adjustment import W_CHF, W_TOXICITY
 from shared.dose_response import first_cycles, fit_by_sums
 from shared.dosing_policy import (
     FORMULATION_FEATURES,
-    LABEL_DOSE_MG_M2,
     RESPONSE,
     TOXICITY,
     ActionSpace,
@@ -69,6 +68,7 @@ from shared.dosing_policy import (
     graded_frame,
     guard_rule,
     known_actions,
+    label_actions,
     recommendation_of,
 )
 from shared.patient_record import PatientRecord, records_frame
@@ -287,7 +287,7 @@ class StructuredDosingPolicy:
                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
         """The scored supported candidates and the unguarded choice per row (index = row)."""
         candidates = self.candidates(frame, cap, rules)
-        return candidates, self._choose(frame, candidates, self.standard_of_care(frame, cap), rules)
+        return candidates, self._choose(frame, candidates, self.standard_of_care(frame), rules)
 
     def _monotone_guard(self, graded: pd.DataFrame, grades: Sequence[ToleranceGrades], verdict: np.ndarray,
                         candidates: pd.DataFrame, chosen: pd.DataFrame, rules: list[list[RuleApplied]]
@@ -337,21 +337,15 @@ class StructuredDosingPolicy:
             doses.append(np.where(verdict == "give", dose, np.inf))
         return np.concatenate(doses)
 
-    def standard_of_care(self, frame: pd.DataFrame, cap: np.ndarray) -> pd.DataFrame:
+    def standard_of_care(self, frame: pd.DataFrame) -> pd.DataFrame:
         """Per patient: the usual formulation at the label dose with the label's hepatic reduction (measured
-        bilirubin), rounded to 5 mg/m², within ``cap``, at the label interval."""
+        bilirubin), rounded to 5 mg/m², within the hard rules' caps, at the label interval
+        (:func:`shared.dosing_policy.label_actions`, the same code a site serving standard of care runs)."""
         usual = frame[USUAL_FORMULATION] if USUAL_FORMULATION in frame else pd.Series([None] * len(frame))
         formulation = [u if isinstance(u, str) and u in catalogue else self._most_logged(catalogue)
                        for u, catalogue in zip(usual, frame["catalogue"], strict=True)]
-        s = self.safety
-        bilirubin = pd.to_numeric(frame["bilirubin_umol_l"], errors="coerce").to_numpy(dtype=float)
-        factor = np.where(bilirubin > s.hepatic_bands_umol_l[1], s.hepatic_factors[1],
-                          np.where(bilirubin > s.hepatic_bands_umol_l[0], s.hepatic_factors[0], 1.0))
-        label = frame["tumour_type"].map(LABEL_DOSE_MG_M2).to_numpy(dtype=float)
-        step = self.action_space.dose_step_mg_m2
-        dose = np.minimum(np.maximum(step * np.rint(label * factor / step), self.action_space.dose_min_mg_m2), cap)
-        return pd.DataFrame({"row": np.arange(len(frame)), "formulation_id": formulation, "dose_mg_m2": dose,
-                             "interval_days": self.action_space.intervals(frame["tumour_type"])[:, 0]})
+        actions = label_actions(self, frame, np.asarray(formulation, dtype=object)).drop(columns="action")
+        return actions.assign(row=np.arange(len(frame)))[["row", "formulation_id", "dose_mg_m2", "interval_days"]]
 
     def _most_logged(self, catalogue: Sequence[str]) -> str:
         return max(catalogue, key=lambda f: (self.support.episodes(f), f in self.formulations))

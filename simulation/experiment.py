@@ -427,7 +427,8 @@ utility per patient (BENCHMARKS.md, "Release gate's off-policy estimate against 
 
 def site_soc_decider(limits, episodes):
     """A site's own standard of care (:data:`SITE_SOC`) as a decide function, from its logged first cycles."""
-    from client.site_gate import UsualFormulations, label_actions
+    from client.site_gate import UsualFormulations
+    from shared.dosing_policy import label_actions
 
     first = episodes[episodes["cycle"].astype(int) == 1]
     usual = UsualFormulations.of(first)

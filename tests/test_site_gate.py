@@ -21,9 +21,9 @@ from client.site_gate import (
     SiteGate,
     StandardOfCareUnknown,
     UsualFormulations,
-    label_actions,
 )
 from fednano.cli import app
+from shared.dosing_policy import label_actions
 from shared.patient_record import PatientRecord, records_frame
 from shared.protocol import records as r
 from shared.protocol.messages import INSTALL_POLICY
