@@ -199,12 +199,13 @@ def distribute(grid: Grid, nodes: list[int], names: dict[int, str], bundle: Path
     return result
 
 
-def fit_adjuster_if_asked(grid: Grid, sites: SiteCheck, record: RunRecord, settings: RunSettings,
-                          unfitted: dict) -> tuple[DoseAdjuster | None, dict]:
+def fit_adjuster_if_asked(grid: Grid, sites: SiteCheck, record: RunRecord, settings: RunSettings
+                          ) -> tuple[DoseAdjuster | None, dict]:
     """The ensemble policy's fitted-Q dose adjuster over the sites that grant ``adjuster`` when
-    ``fqi-iterations`` > 0 (None and ``unfitted`` otherwise); its DP releases are added to the record."""
+    ``fqi-iterations`` > 0 (else None), and the record's ``adjustment`` entry; its DP releases are added to the
+    record."""
     if settings.fqi_iterations <= 0:
-        return None, unfitted
+        return None, {"fitted": False, "reason": "fqi-iterations = 0"}
     nodes = sites.granting("adjuster")
     try:
         adjuster = fit_adjuster(grid, nodes, {"split-seed": settings.split_seed,
@@ -234,12 +235,11 @@ def run_policy_phase(grid: Grid, sites: SiteCheck, artifacts: RunArtifacts, reco
         except DoseResponseFailed as err:
             log(INFO, "structured policy not fitted, the candidate is the ensemble policy: %s", err)
             structured = {"fitted": False, "reason": str(err), "refused": sites.refusing("dose_response")}
-    adjustment = {"fitted": False, "reason": "fqi-iterations = 0"}
     if files is not None:
         adjustment = {"fitted": False, "reason": "the structured policy has no cycle-to-cycle adjuster (the safety "
                                                  "rules' dose-change limits apply); not fitted"}
     else:
-        adjuster, adjustment = fit_adjuster_if_asked(grid, sites, record, settings, adjustment)
+        adjuster, adjustment = fit_adjuster_if_asked(grid, sites, record, settings)
         files = write_candidate(artifacts, record, formulations, candidate_folder, adjuster)
     verdict = value_at_sites(grid, sites, files, settings, record)
     if not settings.release_gate:
