@@ -427,11 +427,11 @@ utility per patient (BENCHMARKS.md, "Release gate's off-policy estimate against 
 
 def site_soc_decider(limits, episodes):
     """A site's own standard of care (:data:`SITE_SOC`) as a decide function, from its logged first cycles."""
+    from client.ope import first_cycles
     from client.site_gate import UsualFormulations
     from shared.dosing_policy import label_actions
 
-    first = episodes[episodes["cycle"].astype(int) == 1]
-    usual = UsualFormulations.of(first)
+    usual = UsualFormulations.of(first_cycles(episodes))  # the rows the gate and the site's store read
     return lambda frame: label_actions(limits, frame, usual.for_records(frame["tumour_type"]))
 
 
