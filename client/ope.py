@@ -30,6 +30,7 @@ from sklearn.linear_model import LinearRegression, LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
+from client.decision_log import logged_probability
 from client.dp import Block, PhaseRelease
 from client.site_gate import UsualFormulations
 from shared.dosing_policy import RESPONSE, TOXICITY, DosingPolicy, label_actions
@@ -130,9 +131,14 @@ def standard_of_care(policy: DosingPolicy, cycles: pd.DataFrame, records: pd.Dat
 
 
 def dr_gamma(policy: DosingPolicy, logging: LoggingPolicy, records: pd.DataFrame, logged: pd.DataFrame,
-             reward: np.ndarray, target: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+             reward: np.ndarray, target: pd.DataFrame, decisions: pd.DataFrame | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
     """Γ of ``target`` (the policy's or standard of care's actions) on the logged cycles, and whether each
-    target action is within the logs' support (``shared.off_policy.MIN_SUPPORT``)."""
+    target action is within the logs' support (``shared.off_policy.MIN_SUPPORT``).
+
+    Where the site's decision log (``decisions``, :mod:`client.decision_log`) holds the cycle's decision and
+    the action given was one of its options, the propensity and the support are its exact probabilities;
+    elsewhere the fitted model of the site's habits (``logging``) gives them."""
     gives = (target["action"].to_numpy() == "give") & target["formulation_id"].notna().to_numpy()
     cumulative = records["cumulative_dose_mg_m2"].to_numpy(dtype=float)
 
@@ -144,22 +150,29 @@ def dr_gamma(policy: DosingPolicy, logging: LoggingPolicy, records: pd.DataFrame
     safe_target = target.assign(formulation_id=target["formulation_id"].fillna(logged["formulation_id"]),
                                 dose_mg_m2=np.where(gives, target["dose_mg_m2"], logged["dose_mg_m2"]))
     q_target = q(safe_target)
-    same = logged["formulation_id"].astype(str).to_numpy() == safe_target["formulation_id"].astype(str).to_numpy()
-    kernel = box_kernel(logged["dose_mg_m2"], safe_target["dose_mg_m2"], policy.action_space.dose_step_mg_m2)
-    propensity = (logging.formulation_probability(records, logged["formulation_id"].astype(str).to_numpy())
-                  * logging.dose_density(records, logged["formulation_id"].astype(str).to_numpy(),
-                                         logged["dose_mg_m2"].to_numpy(dtype=float)))
+    width = policy.action_space.dose_step_mg_m2
+    logged_f, target_f = logged["formulation_id"].astype(str).to_numpy(), safe_target["formulation_id"].astype(str)
+    logged_dose = logged["dose_mg_m2"].to_numpy(dtype=float)
+    target_dose = safe_target["dose_mg_m2"].to_numpy(dtype=float)
+    same = logged_f == target_f.to_numpy()
+    kernel = box_kernel(logged_dose, target_dose, width)
+    exact = logged_probability(decisions, records, logged_f, logged_dose, width)
+    exact = np.where(exact > 0, exact, np.nan)  # a given action the log did not offer: the model's propensity
+    modelled = logging.formulation_probability(records, logged_f) * logging.dose_density(records, logged_f, logged_dose)
+    propensity = np.where(np.isnan(exact), modelled, exact / width)
     with np.errstate(divide="ignore", invalid="ignore"):
         weight = np.where(same & (propensity > 0), kernel / propensity, 0.0)
-    target_f = safe_target["formulation_id"].astype(str).to_numpy()
-    width = policy.action_space.dose_step_mg_m2
+    target_f = target_f.to_numpy()
     support = (logging.formulation_probability(records, target_f)
-               * logging.dose_density(records, target_f, safe_target["dose_mg_m2"].to_numpy(dtype=float)) * width)
+               * logging.dose_density(records, target_f, target_dose) * width)
+    support = np.where(np.isnan(exact), support, logged_probability(decisions, records, target_f, target_dose, width))
     return dr_terms(q_target, q_logged, reward, weight, gives), (support >= MIN_SUPPORT) | ~gives
 
 
-def site_value_sums(policy: DosingPolicy, episodes: pd.DataFrame, task, split_seed: int) -> ValueSums:
-    """The site's doubly-robust sums for the candidate ``policy`` and its standard of care (module docstring)."""
+def site_value_sums(policy: DosingPolicy, episodes: pd.DataFrame, task, split_seed: int,
+                    decisions: pd.DataFrame | None = None) -> ValueSums:
+    """The site's doubly-robust sums for the candidate ``policy`` and its standard of care (module docstring);
+    ``decisions``: the site's decision log (exact probabilities where it has them, :func:`dr_gamma`)."""
     all_first = first_cycles(episodes)
     if int((all_first["dose_mg_m2"].to_numpy(dtype=float) > 0).sum()) < 2:  # nothing to learn the habits from
         return ValueSums(0.0, 0.0, 0.0, 0.0, 0.0)
@@ -168,7 +181,7 @@ def site_value_sums(policy: DosingPolicy, episodes: pd.DataFrame, task, split_se
     cycles = all_first[all_first["episode_id"].astype(str).isin(keep_ids)].reset_index(drop=True)
     if cycles.empty:
         return ValueSums(0.0, 0.0, 0.0, 0.0, 0.0)
-    logging = LoggingPolicy().fit(all_first)
+    logging = LoggingPolicy().fit(habits(all_first, decisions))
     catalogue = tuple(sorted(set(all_first["formulation_id"].astype(str)) & set(policy.formulations)))
     records = as_records(cycles, catalogue)
     logged = pd.DataFrame({"formulation_id": cycles["formulation_id"].astype(str),
@@ -176,10 +189,21 @@ def site_value_sums(policy: DosingPolicy, episodes: pd.DataFrame, task, split_se
                            "interval_days": cycles["interval_days"].astype(float)})
     reward = utility(cycles["response"], cycles["toxicity_grade3"], cycles["chf"])
     chosen = policy.recommend_frame(records, adjust=False)
-    candidate, supported = dr_gamma(policy, logging, records, logged, reward, chosen)
+    candidate, supported = dr_gamma(policy, logging, records, logged, reward, chosen, decisions)
     standard, _ = dr_gamma(policy, logging, records, logged, reward,
-                           standard_of_care(policy, cycles, records, all_first))
+                           standard_of_care(policy, cycles, records, all_first), decisions)
     return ValueSums.of(np.where(supported, candidate, standard), standard)  # no credit off the support
+
+
+def habits(first: pd.DataFrame, decisions: pd.DataFrame | None) -> pd.DataFrame:
+    """The first cycles the logging model learns the site's unlogged habits from: those without a logged
+    decision (exact probabilities replace the model there), or all of them when fewer than 2 are left."""
+    if decisions is None or decisions.empty:
+        return first
+    logged = logged_probability(decisions, first, first["formulation_id"].astype(str).to_numpy(),
+                                first["dose_mg_m2"].to_numpy(dtype=float), 1.0)
+    unlogged = first[np.isnan(logged)]
+    return unlogged if int((unlogged["dose_mg_m2"].to_numpy(dtype=float) > 0).sum()) >= 2 else first
 
 
 def private_value_sums(sums: ValueSums, release: PhaseRelease, index: int) -> tuple[ValueSums, ReleaseFacts]:

@@ -98,7 +98,8 @@ def policy_value(msg: Message, request: SiteRequest) -> RecordDict:
                 raise ShareableError(f"candidate file name {name!r} is not a plain file name")
             (folder / name).write_bytes(data)
         candidate = policy_from_folder(folder)  # either policy kind
-        sums = site_value_sums(candidate, request.site.episodes, request.site.task, int(request.config[SPLIT_SEED]))
+        sums = site_value_sums(candidate, request.site.episodes, request.site.task, int(request.config[SPLIT_SEED]),
+                               request.site.decisions)
     content = RecordDict()
     if request.dp is not None:
         release = PhaseRelease.for_phase(request.context, request.dp, "policy", releases=int(request.config[RELEASES]))

@@ -95,6 +95,10 @@ def simulate(
     deploy_patients: int | None = typer.Option(
         None, "--deploy-patients", min=1, max=5000,
         help="New patients per clinic per deployment period (default: half the clinic's own)."),
+    explore: bool = typer.Option(
+        False, "--explore", help="Closed loop: randomise first cycles inside the safety rules, every action logged "
+        "with its probability (decisions.csv): a ±25 % dose spread, and a 1:1 trial arm of a candidate the gate "
+        "stopped in equipoise."),
     policy_model: str | None = typer.Option(
         None, "--policy-model", help="The dosing policy's models: structured (default; dose-response models by "
         "federated Newton; DP sites refuse it, and with no site left the ensemble is built) | ensemble (ANN + "
@@ -135,6 +139,9 @@ def simulate(
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--models") from err
     sites = _site_paths(ctx, sites)
+    if explore and deploy_cycles < 2:
+        raise typer.BadParameter("exploration happens in the closed loop's deployment periods: give "
+                                 "--deploy-cycles 2 or more", param_hint="--explore")
     if deploy_cycles > 1 and (sites or task):
         raise typer.BadParameter("the closed loop needs the simulator's world to treat new patients: "
                                  "simulated clinics only (no --sites)", param_hint="--deploy-cycles")
@@ -145,7 +152,7 @@ def simulate(
                            seed=seed, sites=sites, task=task, local_epochs=local_epochs or base.local_epochs,
                            models=models, boosting=boosting, xgb_rounds=xgb_rounds or base.xgb_rounds,
                            compare=compare, deploy_cycles=deploy_cycles, deploy_patients=deploy_patients,
-                           policy_model=policy_model)
+                           explore=explore, policy_model=policy_model)
     console = Console()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:

@@ -1,7 +1,9 @@
 """The site-data contract: every column a site file may hold, with dtype, unit, allowed range and nullability.
 
 A site is a folder holding ``episodes.csv`` (one row per treatment cycle), optionally ``vitals.csv``
-(wearable readings, one row per patient per day of a cycle) and optionally ``site.toml``.
+(wearable readings, one row per patient per day of a cycle), optionally ``decisions.csv`` (the telemedicine
+service's log of what it could have recommended and with which probability, one row per option of a
+decision) and optionally ``site.toml``.
 Both the hospital client and the simulator import these declarations; README's data-contract table is
 generated from them (``python -m shared.schema``), so the two never drift apart.
 
@@ -17,6 +19,7 @@ SCHEMA_VERSION = "1.0"
 
 EPISODES_FILE = "episodes.csv"
 VITALS_FILE = "vitals.csv"
+DECISIONS_FILE = "decisions.csv"
 SITE_FILE = "site.toml"
 
 
@@ -146,6 +149,22 @@ VITALS_COLUMNS: tuple[Column, ...] = (
     Column("steps", "int", "step/day", "Daily step count", 0, 60000, nullable=True),
 )
 
+DECISION_COLUMNS: tuple[Column, ...] = (
+    Column("patient_id", "str", "-", "Patient id, as in episodes.csv"),
+    Column("cycle", "int", "-", "Cycle the decision was for (with patient_id, the decision's key)", 1, 30),
+    Column("policy_version", "int", "-", "Policy version served (empty: standard of care)", 1, 1_000_000,
+           nullable=True),
+    Column("formulation_id", "str", "-", "Formulation of this option"),
+    Column("dose_mg_m2", "float", "mg/m²", "Dose per body-surface area of this option", 0, 150),
+    Column("interval_days", "int", "day", "Interval of this option", 7, 42),
+    Column("probability", "float", "-", "Probability the service recommended this option; a decision's "
+           "options sum to 1", 0, 1),
+    Column("chosen", "bool", "-", "1 for the option the draw recommended (one per decision)"),
+)
+"""``decisions.csv``: each first-cycle (or later) recommendation with every option it could have made and its
+probability (``shared.exploration``), so the site's off-policy estimate uses the exact probability of what was
+given (``client.ope``) instead of a model of its habits."""
+
 OUTCOMES = ("response", "toxicity_grade3", "efficacy_pct")
 """Outcomes the built-in nanoparticle task learns (two binary, one regression)."""
 
@@ -173,4 +192,5 @@ def markdown_table(columns: tuple[Column, ...]) -> str:
 
 if __name__ == "__main__":
     print(f"### `{EPISODES_FILE}`\n\n{markdown_table(EPISODE_COLUMNS)}\n")
-    print(f"### `{VITALS_FILE}`\n\n{markdown_table(VITALS_COLUMNS)}")
+    print(f"### `{VITALS_FILE}`\n\n{markdown_table(VITALS_COLUMNS)}\n")
+    print(f"### `{DECISIONS_FILE}`\n\n{markdown_table(DECISION_COLUMNS)}")

@@ -17,6 +17,13 @@ at the simulated clinics, each deployment period:
    the period's **cost against standard of care** is the difference of the mean true utilities per cycle;
 4. the federation runs again on the grown data (same kit, so the next version number), gates and ships.
 
+Every recommendation a clinic makes is logged with the options it was drawn from and their probabilities
+(``decisions.csv``, :mod:`client.decision_log`): probability 1 without exploration. With ``exploration``
+(``--explore``, :mod:`shared.exploration`) the first cycles are randomised inside the hard rules: a dose spread
+around what the clinic serves and, when the last candidate was stopped by the gate in equipoise (its interval
+contained 0), a trial arm of that candidate. The period's figures count the first cycles that got the trial
+arm's action or a spread dose; its cost against standard of care includes theirs.
+
 Each period's own figures use the rollout's *true expected* outcomes (``utility`` per cycle, as
 :mod:`simulation.policy_rollout` defines it); each version's value / oracle is measured exactly as version 1's
 (:func:`simulation.policy_evaluation.evaluate_policies`, fresh first-cycle patients of every clinic).
@@ -30,7 +37,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from client.decision_log import append_decisions, decision_rows
 from client.policy_store import PolicyStore, site_store_root
+from shared.dosing_policy import ActionSpace, DosingPolicy, SafetyRules
+from shared.exploration import Exploration, draw
 from shared.policy_loader import AnyPolicy, policy_from_bundle
 from shared.validation import load_site
 from simulation.clinics import World
@@ -70,11 +80,77 @@ def append_rows(path: Path, rows: pd.DataFrame) -> None:
     rows[header].to_csv(path, mode="a", header=False, index=False)
 
 
+FIXED = Exploration(trial_share=0.0, spread_share=0.0)
+"""No exploration: each decision's one option, with probability 1."""
+
+
+class Recommender:
+    """A clinic's telemedicine service for one period: what it serves (``policy``, None: standard of care as the
+    clinic practises it, ``soc``), randomised on first cycles by ``exploration`` (with the ``trial`` arm if
+    any), every decision logged with its options (``log``: rows of ``decisions.csv``)."""
+
+    def __init__(self, policy: AnyPolicy | None, soc, exploration: Exploration | None, trial: AnyPolicy | None,
+                 rng: np.random.Generator):
+        self.policy, self.soc, self.exploration, self.trial, self.rng = policy, soc, exploration, trial, rng
+        self.rules = policy or trial or DosingPolicy(encoder=None, members={}, formulations={},  # type: ignore[arg-type]
+                                                     action_space=ActionSpace(), safety=SafetyRules())
+        self.log: list[pd.DataFrame] = []
+        self.first_cycles = self.trial_arm = self.spread = 0
+
+    def __call__(self, frame: pd.DataFrame) -> pd.DataFrame:
+        frame = frame.reset_index(drop=True)
+        served = (self.soc(frame) if self.policy is None else self.policy.recommend_frame(frame, adjust=True))
+        served = served.reset_index(drop=True)
+        arms: list[tuple[float, pd.DataFrame]] = [(1.0, served)]
+        first = frame["cycle"].to_numpy(dtype=int) == 1
+        exploring = self.exploration is not None and first.any()
+        if exploring and self.trial is not None:
+            shares = self.exploration.arm_shares(trial=True)
+            arms = [(shares[0], served), (shares[1], self.trial.recommend_frame(frame, adjust=False))]
+        cap, _ = self.rules.safety_limits(frame)
+        grid = self.rules.action_space.doses()
+        options = FIXED.options([(1.0, served)], cap, grid)  # one option per decision, probability 1
+        if exploring:
+            randomised = self.exploration.options(arms, cap, grid)
+            options = pd.concat([options[~first[options["row"].to_numpy()]],
+                                 randomised[first[randomised["row"].to_numpy()]]], ignore_index=True)
+        chosen = draw(options, self.rng).set_index("row")
+        giving = np.flatnonzero(served["action"].astype(str).to_numpy() == "give")
+        version = None if self.policy is None else self.policy.version
+        self.log.append(decision_rows(frame, options[options["row"].isin(giving)], version))
+        actions = served.copy()
+        if exploring:
+            rows = chosen.index[first[chosen.index]]
+            given = chosen.loc[rows, ["formulation_id", "dose_mg_m2", "interval_days"]]
+            differs = ~same_action(actions.loc[rows], given)
+            from_trial = same_action(arms[-1][1].loc[rows], given) if len(arms) > 1 else np.zeros(len(rows), bool)
+            changed = rows[differs]  # only where every arm gives (shared.exploration): the served action was "give"
+            actions.loc[changed, ["formulation_id", "dose_mg_m2", "interval_days"]] = given[differs].to_numpy()
+            self.first_cycles += int(first.sum())
+            self.trial_arm += int((differs & from_trial).sum())
+            self.spread += int((differs & ~from_trial).sum())
+        elif first.any():
+            self.first_cycles += int(first.sum())
+        return actions
+
+    def decisions(self) -> pd.DataFrame:
+        return pd.concat(self.log, ignore_index=True) if self.log else pd.DataFrame()
+
+
+def same_action(a: pd.DataFrame, b: pd.DataFrame) -> np.ndarray:
+    """Row by row: the same formulation at the same dose."""
+    return (a["formulation_id"].astype(str).to_numpy() == b["formulation_id"].astype(str).to_numpy()) & (
+        np.abs(a["dose_mg_m2"].to_numpy(dtype=float) - b["dose_mg_m2"].to_numpy(dtype=float)) < 1e-9)
+
+
 def treat_period(world: World, sites: dict[str, tuple[Path, Path]], period: int, patients: int,
-                 seed: int) -> dict[str, dict]:
+                 seed: int, exploration: Exploration | None = None,
+                 trials: dict[str, AnyPolicy] | None = None) -> dict[str, dict]:
     """One deployment period at every clinic of ``sites`` (name → (site folder, trust key)): treat, append,
-    re-validate. Returns per site what was served, the patients and cycles treated, and the mean true utility
-    per cycle under the served policy and under standard of care for the same patients."""
+    re-validate. ``exploration``: randomise first cycles (module docstring), with ``trials[clinic]`` as the
+    trial arm where given. Returns per site what was served, the patients and cycles treated, the first cycles
+    explored, and the mean true utility per cycle under the served policy and under standard of care for the
+    same patients."""
     result = {}
     for clinic in world.clinics:
         if clinic.name not in sites:
@@ -82,13 +158,15 @@ def treat_period(world: World, sites: dict[str, tuple[Path, Path]], period: int,
         folder, trust = sites[clinic.name]
         policy, served = served_policy(folder, trust)
         soc = standard_of_care(world, clinic)
-        decide = soc if policy is None else (lambda frame, p=policy: p.recommend_frame(frame, adjust=True))
         period_seed = seed * 1000 + period
-        treated = treat_clinic(world, clinic, decide, patients, period_seed, ids=f"D{period}")
+        trial = (trials or {}).get(clinic.name) if exploration is not None else None
+        recommender = Recommender(policy, soc, exploration, trial, np.random.default_rng([clinic.seed, period_seed, 7]))
+        treated = treat_clinic(world, clinic, recommender, patients, period_seed, ids=f"D{period}")
         baseline = treat_clinic(world, clinic, soc, patients, period_seed, ids=f"D{period}").cycles
         append_rows(folder / "episodes.csv", treated.episodes)
         if (folder / "vitals.csv").exists():
             append_rows(folder / "vitals.csv", treated.vitals)
+        append_decisions(folder, recommender.decisions())
         load_site(folder)  # the grown site is validated as any site file; SiteDataError stops the loop
         value, soc_value = float(treated.cycles["utility"].mean()), float(baseline["utility"].mean())
         result[clinic.name] = {
@@ -96,5 +174,7 @@ def treat_period(world: World, sites: dict[str, tuple[Path, Path]], period: int,
             "cycles": len(treated.cycles), "value_per_cycle": value, "soc_value_per_cycle": soc_value,
             "cost_vs_soc": soc_value - value,
             "toxicity_rate": float(np.mean(treated.cycles["p_toxicity"])),
-            "soc_toxicity_rate": float(np.mean(baseline["p_toxicity"]))}
+            "soc_toxicity_rate": float(np.mean(baseline["p_toxicity"])),
+            "exploration": {"first_cycles": recommender.first_cycles, "trial_arm": recommender.trial_arm,
+                            "dose_spread": recommender.spread, "trial": trial is not None}}
     return result

@@ -29,6 +29,7 @@ from server.settings import DEFAULTS, RunSettings, parse_hidden
 from shared.ann import predict
 from shared.artifacts import RunArtifacts
 from shared.boosting import BoostingConfig, predict_heads
+from shared.exploration import Exploration
 from shared.task import NANOPARTICLE_TASK, TaskSpec, assign_split
 from shared.validation import SiteDataError, load_site
 from simulation.baselines import (
@@ -78,6 +79,7 @@ class ExperimentConfig:
     release_gate: bool = DEFAULTS.release_gate  # False ships the policy whatever the sites' estimates (tests)
     deploy_cycles: int = 1  # policy versions to reach: K − 1 deployment periods, each followed by a refit
     deploy_patients: int | None = None  # new patients per clinic per period (default: half the clinic's own)
+    explore: bool = False  # randomise first cycles in the loop (shared.exploration): dose spread, trial arm
     policy_model: str = DEFAULTS.policy_model
 
     def run_settings(self, n_sites: int, signing_key: Path | None) -> RunSettings:
@@ -381,23 +383,28 @@ def version_entry(cfg: ExperimentConfig, policy: dict, trust: Path, world: World
 
 
 def deploy(cfg: ExperimentConfig, world: World, sources: list[SiteSource],
-           on_round: Callable[[int], None] | None, say: Callable[[str], None]) -> tuple[list[dict], list[dict]]:
+           on_round: Callable[[int], None] | None, say: Callable[[str], None],
+           first: dict) -> tuple[list[dict], list[dict]]:
     """The closed loop (:mod:`simulation.deployment`): K − 1 periods of treating new patients with the installed
-    policy, each followed by a federated refit on the grown site data. Returns the versions after version 1 and
-    the periods' figures. Each refit's run record is kept as ``OUT/deployment/federation-<period>.json``."""
+    policy (randomised on first cycles with ``cfg.explore``), each followed by a federated refit on the grown site
+    data; ``first``: version 1's policy entry of the run record. Returns the versions after version 1 and the
+    periods' figures. Each refit's run record is kept as ``OUT/deployment/federation-<period>.json``."""
     from simulation.deployment import treat_period
 
     folders = {load_site(s.path).name: (s.path, s.trust_key) for s in sources}
     sizes = {name: int(load_site(path).episodes["patient_id"].nunique()) for name, (path, _) in folders.items()}
     (cfg.out / "deployment").mkdir(exist_ok=True)
-    versions, periods = [], []
+    exploration = Exploration() if cfg.explore else None
+    versions, periods, last = [], [], first
     for period in range(1, cfg.deploy_cycles):
         say(f"deployment period {period}/{cfg.deploy_cycles - 1}")
         start = time.perf_counter()
+        trial = trial_arm(last) if exploration is not None else None
         sites = {}
         for name, source in folders.items():
             patients = cfg.deploy_patients or max(10, sizes[name] // 2)
-            sites.update(treat_period(world, {name: source}, period, patients, cfg.seed))
+            sites.update(treat_period(world, {name: source}, period, patients, cfg.seed, exploration,
+                                      {name: trial} if trial is not None else None))
         treated_s = time.perf_counter() - start
         say(f"refit after period {period}")
         record = run_federation(cfg, sources, on_round)
@@ -405,17 +412,34 @@ def deploy(cfg: ExperimentConfig, world: World, sources: list[SiteSource],
                     cfg.out / "deployment" / f"federation-{period}.json")
         if not record.policy:
             raise RuntimeError(f"the refit after deployment period {period} built no policy")
+        last = record.policy
         episodes = {name: load_site(path).episodes for name, (path, _) in folders.items()}
         entry = version_entry(cfg, record.policy, sources[0].trust_key, world, episodes, record)
         cycles = np.array([s["cycles"] for s in sites.values()], dtype=float)
         value = float(np.average([s["value_per_cycle"] for s in sites.values()], weights=cycles))
         soc = float(np.average([s["soc_value_per_cycle"] for s in sites.values()], weights=cycles))
+        explored = {k: sum(s["exploration"][k] for s in sites.values())
+                    for k in ("first_cycles", "trial_arm", "dose_spread")}
         periods.append({"period": period, "patients": sum(s["patients"] for s in sites.values()),
                         "cycles": int(cycles.sum()), "value_per_cycle": value, "soc_value_per_cycle": soc,
                         "cost_vs_soc": soc - value, "treat_s": treated_s,
-                        "refit_s": time.perf_counter() - start - treated_s, "sites": sites})
+                        "refit_s": time.perf_counter() - start - treated_s, "sites": sites,
+                        "exploration": explored | {"explore": exploration is not None, "trial": trial is not None}})
         versions.append(entry)
     return versions, periods
+
+
+def trial_arm(policy_entry: dict):
+    """The last run's candidate as a trial arm (:mod:`shared.exploration`), loaded now (the next run's candidate
+    replaces its folder): only if the gate stopped it in equipoise — not shipped, and the upper 95 % bound of
+    its improvement over standard of care above 0; None otherwise."""
+    from shared.policy_loader import policy_from_folder
+
+    gate = policy_entry.get("gate") or {}
+    upper = gate.get("upper")
+    if policy_entry.get("shipped") or upper is None or not upper > 0:
+        return None
+    return policy_from_folder(Path(policy_entry["candidate"]))
 
 
 SITE_SOC = "site_standard_of_care"
@@ -542,7 +566,7 @@ def run_experiment(cfg: ExperimentConfig, on_round: Callable[[int], None] | None
                                   results["policy"]["evaluation"])
             results["policy"]["versions"], results["policy"]["deployment"] = [first], []
             if cfg.deploy_cycles > 1:
-                later, periods = deploy(cfg, world, sources, on_round, say)
+                later, periods = deploy(cfg, world, sources, on_round, say, record.policy)
                 results["policy"]["versions"] += later
                 results["policy"]["deployment"] = periods
     (cfg.out / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")

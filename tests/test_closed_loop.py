@@ -79,13 +79,18 @@ def test_simulate_with_deploy_cycles_refits_on_the_deployed_patients_and_reports
     quiet_flower()
     cfg = ExperimentConfig(out=tmp_path / "out", clinics=2, rounds=1, dp=True, epsilon=3.0, models="ann",
                            compare=False, patients_per_clinic=40, deploy_cycles=2, deploy_patients=20,
-                           release_gate=False)
+                           release_gate=False, explore=True)
     results = run_experiment(cfg)
     versions, periods = results["policy"]["versions"], results["policy"]["deployment"]
     assert [v["version"] for v in versions] == [1, 2] and all(v["shipped"] for v in versions)
     assert [p["period"] for p in periods] == [1]
+    explored = periods[0]["exploration"]
+    assert explored["explore"] and not explored["trial"]  # version 1 shipped: no candidate left in equipoise
+    assert explored["first_cycles"] == 40 and explored["dose_spread"] > 0 and explored["trial_arm"] == 0
     for site, figures in periods[0]["sites"].items():
         assert figures["served_version"] == 1 and figures["patients"] == 20
+        logged = load_site(tmp_path / "out" / "sites" / site).decisions
+        assert set(logged["policy_version"]) == {1} and logged.groupby(["patient_id", "cycle"]).ngroups >= 20
         assert figures["cost_vs_soc"] == pytest.approx(figures["soc_value_per_cycle"] - figures["value_per_cycle"])
         assert load_site(tmp_path / "out" / "sites" / site).episodes["patient_id"].str.contains("-D1P").any()
     for v in versions:
@@ -97,6 +102,16 @@ def test_simulate_with_deploy_cycles_refits_on_the_deployed_patients_and_reports
     record = json.loads((tmp_path / "out" / "deployment" / "federation-1.json").read_text())
     assert record["policy"]["version"] == 2
     assert "Closed loop: policy versions" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_exploration_without_a_closed_loop_is_refused(tmp_path):
+    from typer.testing import CliRunner
+
+    from fednano.cli import app
+
+    done = CliRunner().invoke(app, ["simulate", "--explore", "--out", str(tmp_path / "out")], terminal_width=200)
+    words = " ".join(done.output.replace("│", " ").split())
+    assert done.exit_code == 2 and "--deploy-cycles 2 or more" in words and not (tmp_path / "out").exists()
 
 
 def test_the_closed_loop_is_refused_on_a_users_own_sites(tmp_path):

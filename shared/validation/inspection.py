@@ -28,6 +28,7 @@ class Inspection:
     vitals: pd.DataFrame | None = None
     episode_columns: tuple[Column, ...] = ()
     vitals_columns: tuple[Column, ...] = ()
+    decisions: pd.DataFrame | None = None
 
 
 def site_config(folder: Path) -> tuple[dict[str, Any], list[Problem]]:

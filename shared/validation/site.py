@@ -8,8 +8,18 @@ from typing import Any
 
 import pandas as pd
 
-from shared.schema import EPISODE_COLUMNS, EPISODES_FILE, SCHEMA_VERSION, VITALS_COLUMNS, VITALS_FILE, Column
+from shared.schema import (
+    DECISION_COLUMNS,
+    DECISIONS_FILE,
+    EPISODE_COLUMNS,
+    EPISODES_FILE,
+    SCHEMA_VERSION,
+    VITALS_COLUMNS,
+    VITALS_FILE,
+    Column,
+)
 from shared.task import NANOPARTICLE_TASK, TaskSpec
+from shared.validation.decisions import decision_checks
 from shared.validation.episodes import episode_cross_checks
 from shared.validation.inspection import Inspection, read_declared, site_config, site_name
 from shared.validation.problems import SiteDataError, ValidationReport, public_problem
@@ -24,6 +34,7 @@ class SiteData:
 
     ``episodes`` holds the task table for a generic task. Numeric columns are float (int for integer and
     0/1 columns that may not be missing) with NaN for missing cells; text and category columns are str.
+    ``decisions`` is the telemedicine service's log of its randomised recommendations (None: no log kept).
     """
 
     name: str
@@ -32,6 +43,7 @@ class SiteData:
     vitals: pd.DataFrame | None
     config: dict[str, Any]
     task: TaskSpec
+    decisions: pd.DataFrame | None = None  # decisions.csv (``shared.schema.DECISION_COLUMNS``), where kept
 
 
 def validate_site(path: str | Path, task: TaskSpec | None = None) -> ValidationReport:
@@ -40,7 +52,7 @@ def validate_site(path: str | Path, task: TaskSpec | None = None) -> ValidationR
     Parameters
     ----------
     path : str or Path
-        Site folder (episodes.csv, optional vitals.csv and site.toml) for the built-in nanoparticle task;
+        Site folder (episodes.csv, optional vitals.csv, decisions.csv and site.toml) for the built-in task;
         for a generic task, one CSV file or a folder holding exactly one CSV file (and optionally site.toml).
     task : TaskSpec or None, default None
         None (or ``NANOPARTICLE_TASK``) for the built-in contract of ``shared.schema``.
@@ -55,7 +67,8 @@ def load_site(path: str | Path, task: TaskSpec | None = None) -> SiteData:
         raise SiteDataError(inspection.report)
     episodes = _numeric_class_labels(_typed(inspection.episodes, inspection.episode_columns), inspection.task)
     vitals = None if inspection.vitals is None else _typed(inspection.vitals, inspection.vitals_columns)
-    return SiteData(inspection.name, Path(path), episodes, vitals, inspection.config, inspection.task)
+    decisions = None if inspection.decisions is None else _typed(inspection.decisions, DECISION_COLUMNS)
+    return SiteData(inspection.name, Path(path), episodes, vitals, inspection.config, inspection.task, decisions)
 
 
 def _inspect(path: Path, task: TaskSpec | None) -> Inspection:
@@ -85,6 +98,11 @@ def _inspect_nanoparticle_site(folder: Path) -> Inspection:
     if vitals_table is not None:
         inspection.vitals, inspection.vitals_columns = vitals_table[1], VITALS_COLUMNS
         problems += vitals_cross_checks(vitals_table, episodes_table)
+    if (folder / DECISIONS_FILE).exists() or (folder / DECISIONS_FILE).is_symlink():
+        decisions_table = read_declared(folder / DECISIONS_FILE, DECISIONS_FILE, DECISION_COLUMNS, folder, problems)
+        if decisions_table is not None:
+            inspection.decisions = decisions_table[1]
+            problems += decision_checks(*decisions_table)
     inspection.report.summary = _nanoparticle_summary(inspection)
     return inspection
 

@@ -1,0 +1,200 @@
+"""Safe exploration (shared.exploration), its decision log (client.decision_log, decisions.csv) and the exact
+propensities the site's off-policy estimate takes from it (client.ope)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from client.decision_log import append_decisions, decision_rows, logged_probability
+from client.ope import first_cycles
+from shared.dosing_policy import ActionSpace, RuleApplied
+from shared.exploration import Exploration, draw
+from shared.validation import SiteDataError, load_site, validate_site
+
+GRID = ActionSpace().doses()  # 10, 15, ..., 60 mg/m²
+GUARD = RuleApplied("monotone-guard", "dose capped at 40 mg/m²", "a better-graded version would get 40")
+
+
+def actions(doses, formulations=None, action="give", rules=None) -> pd.DataFrame:
+    n = len(doses)
+    frame = pd.DataFrame({"action": [action] * n if isinstance(action, str) else action,
+                          "formulation_id": formulations or ["PLD"] * n, "dose_mg_m2": np.asarray(doses, float),
+                          "interval_days": [21.0] * n})
+    if rules is not None:
+        frame["rules"] = rules
+    return frame
+
+
+def by_row(options: pd.DataFrame, row: int) -> dict[tuple[str, float], float]:
+    part = options[options["row"] == row]
+    return {(f, d): p for f, d, p in zip(part["formulation_id"], part["dose_mg_m2"], part["probability"], strict=True)}
+
+
+def test_the_dose_spread_stays_within_25_percent_and_the_hard_cap_and_keeps_the_arm_s_dose_most_likely():
+    wide = Exploration(spread_share=0.3, spread_steps=3)
+    options = wide.options([(1.0, actions([40.0, 40.0, 10.0]))], np.array([60.0, 45.0, 60.0]), GRID)
+    free, capped, lowest = by_row(options, 0), by_row(options, 1), by_row(options, 2)
+    assert free == pytest.approx({("PLD", 30.0): 0.075, ("PLD", 35.0): 0.075, ("PLD", 40.0): 0.7,
+                                  ("PLD", 45.0): 0.075, ("PLD", 50.0): 0.075})  # ±25 % bounds 3 steps
+    assert capped == pytest.approx({("PLD", 30.0): 0.1, ("PLD", 35.0): 0.1, ("PLD", 40.0): 0.7,
+                                    ("PLD", 45.0): 0.1})  # the hepatic/cumulative cap of 45 mg/m² holds
+    assert lowest == {("PLD", 10.0): 1.0}  # 15 mg/m² is +50 %: no spread
+    assert options.groupby("row")["probability"].sum().to_numpy() == pytest.approx([1.0, 1.0, 1.0])
+    default = Exploration().options([(1.0, actions([40.0]))], np.array([60.0]), GRID)
+    assert by_row(default, 0) == pytest.approx({("PLD", 35.0): 0.2, ("PLD", 40.0): 0.6, ("PLD", 45.0): 0.2})
+
+
+def test_a_dose_a_safety_rule_lowered_is_never_explored_upwards():
+    options = Exploration().options([(1.0, actions([40.0], rules=[[GUARD]]))], np.array([60.0]), GRID)
+    assert max(d for _, d in by_row(options, 0)) == 40.0
+    assert min(d for _, d in by_row(options, 0)) == 35.0
+
+
+def test_a_trial_arm_gets_its_share_and_a_withholding_arm_stops_all_exploration():
+    served = actions([50.0, 50.0])
+    trial = actions([20.0, 20.0], ["NW02", "NW02"], action=["give", "withhold"])
+    options = Exploration(trial_share=0.5, spread_share=0.0).options([(0.5, served), (0.5, trial)],
+                                                                     np.array([60.0, 60.0]), GRID)
+    assert by_row(options, 0) == {("PLD", 50.0): 0.5, ("NW02", 20.0): 0.5}
+    assert by_row(options, 1) == {("PLD", 50.0): 1.0}  # the trial arm withholds: nothing explored
+    merged = Exploration(spread_share=0.0).options([(0.5, served), (0.5, served)], np.array([60.0, 60.0]), GRID)
+    assert by_row(merged, 0) == {("PLD", 50.0): 1.0}
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match=r"trial_share = 1\.0: expected a number in \[0, 1\)"):
+        Exploration(trial_share=1.0)
+    with pytest.raises(ValueError, match="must be non-negative and sum to 1"):
+        Exploration().options([(0.7, actions([40.0]))], np.array([60.0]), GRID)
+
+
+def test_draws_follow_the_logged_probabilities():
+    wide = Exploration(spread_share=0.3, spread_steps=2)
+    options = wide.options([(1.0, actions([40.0] * 20_000))], np.full(20_000, 60.0), GRID)
+    chosen = draw(options, np.random.default_rng(1))
+    assert len(chosen) == 20_000 and chosen["row"].tolist() == list(range(20_000))
+    assert options.groupby("row")["chosen"].sum().eq(1).all()
+    share = chosen["dose_mg_m2"].value_counts(normalize=True)
+    assert share[40.0] == pytest.approx(0.7, abs=0.015)
+    assert share[[30.0, 35.0, 45.0, 50.0]].to_numpy() == pytest.approx([0.075] * 4, abs=0.01)
+
+
+# --- the log ------------------------------------------------------------------------------------------------
+
+
+def write_log(site, rows: list[tuple]) -> None:
+    header = "patient_id,cycle,policy_version,formulation_id,dose_mg_m2,interval_days,probability,chosen\n"
+    (site / "decisions.csv").write_text(header + "".join(",".join(map(str, r)) + "\n" for r in rows))
+
+
+@pytest.fixture()
+def site(tmp_path):
+    from tests.sitefactory import write_site
+
+    return write_site(tmp_path)
+
+
+def test_a_valid_log_is_loaded_with_the_site(site):
+    write_log(site, [("P001", 1, "", "PLD", 40, 21, 0.7, 1), ("P001", 1, "", "PLD", 45, 21, 0.3, 0),
+                     ("P002", 2, 3, "PLD", 50, 21, 1, 1)])
+    decisions = load_site(site).decisions
+    assert decisions is not None and len(decisions) == 3
+    assert decisions["probability"].tolist() == [0.7, 0.3, 1.0] and decisions["policy_version"].isna().sum() == 2
+
+
+@pytest.mark.parametrize(("rows", "column", "expected"), [
+    ([("P001", 1, "", "PLD", 40, 21, 0.7, 1), ("P001", 1, "", "PLD", 45, 21, 0.2, 0)], "probability",
+     "to sum to 1; 1 decision sum to 0.9"),
+    ([("P001", 1, "", "PLD", 40, 21, 0.5, 1), ("P001", 1, "", "PLD", 45, 21, 0.5, 1)], "chosen",
+     "exactly one chosen option (1) per decision (patient_id, cycle); 1 decision have 2"),
+    ([("P001", 1, "", "PLD", 40, 21, 1.5, 1)], "probability", "in [0, 1]"),
+    ([("P001", 1, "", "PLD", 40, 21, "", 1)], "probability", "a value is required"),
+])
+def test_a_broken_log_is_refused_naming_the_file_column_and_rows(site, rows, column, expected):
+    write_log(site, rows)
+    report = validate_site(site)
+    errors = [p for p in report.errors if p.file == "decisions.csv"]
+    assert len(errors) == 1 and errors[0].column == column and errors[0].rows[0] == 1, report.format()
+    assert expected in str(errors[0])
+    with pytest.raises(SiteDataError):
+        load_site(site)
+
+
+def test_logged_probability_sums_the_options_matching_an_action_and_is_nan_where_nothing_was_logged(tmp_path):
+    records = pd.DataFrame({"patient_id": ["a", "a", "b"], "cycle": [1, 2, 1]})
+    options = Exploration(spread_steps=2).options([(1.0, actions([40.0, 40.0, 40.0]))], np.full(3, 60.0), GRID)
+    draw(options, np.random.default_rng(0))
+    rows = decision_rows(records, options[options["row"] != 1], version=None)  # cycle 2 of "a" not logged
+    append_decisions(tmp_path, rows)
+    append_decisions(tmp_path, rows.iloc[:0])  # appending nothing keeps one header
+    logged = pd.read_csv(tmp_path / "decisions.csv")
+    assert len(logged) == len(rows) == 10
+    p = logged_probability(logged, records, np.array(["PLD", "PLD", "NW02"]), np.array([41.0, 40.0, 40.0]), 5.0)
+    assert p[0] == pytest.approx(0.6) and np.isnan(p[1]) and p[2] == 0.0
+
+
+# --- in the closed loop -------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def clinics(tmp_path):
+    from server.provision import provision
+    from simulation.clinics import generate_sites
+
+    world = generate_sites(2, seed=3, out=tmp_path / "sites", patients_per_clinic=60)
+    names = [c.name for c in world.clinics]
+    provision("loop", names, tmp_path / "kit")
+    sites = {n: (tmp_path / "sites" / n, tmp_path / "kit" / "sites" / n / "policy_signing.pub") for n in names}
+    return world, sites
+
+
+def structured_trial(world, sites):
+    from shared.structured_policy import catalogue_of, fit_structured_policy
+
+    frames = [load_site(path).episodes for path, _ in sites.values()]
+    return fit_structured_policy(frames, catalogue_of(pd.concat(frames)))
+
+
+def test_an_explored_period_gives_what_it_logged_inside_the_hard_rules_and_values_the_trial_exactly(clinics):
+    from client.ope import LoggingPolicy, as_records, dr_gamma
+    from shared.off_policy import utility
+    from simulation.deployment import treat_period
+
+    world, sites = clinics
+    trial = structured_trial(world, sites)
+    periods = treat_period(world, sites, period=1, patients=40, seed=0, exploration=Exploration(),
+                           trials={name: trial for name in sites})
+    for name, (path, _) in sites.items():
+        site = load_site(path)  # the log validates with the site
+        explored = periods[name]["exploration"]
+        assert explored["first_cycles"] == 40 and explored["trial_arm"] > 5 and explored["dose_spread"] > 3
+        new = site.episodes[site.episodes["patient_id"].str.contains("-D1P")]
+        decisions = site.decisions
+        chosen = decisions[decisions["chosen"] == 1].merge(new, on=["patient_id", "cycle"], suffixes=("", "_given"))
+        assert len(chosen) == (new["dose_mg_m2"] > 0).sum()  # every given cycle was logged, once
+        assert (chosen["formulation_id"] == chosen["formulation_id_given"]).all()
+        assert np.allclose(chosen["dose_mg_m2"], chosen["dose_mg_m2_given"])
+        later = decisions[decisions["cycle"] > 1]
+        assert (later["probability"] == 1.0).all()  # only first cycles are randomised
+        first = decisions[decisions["cycle"] == 1]
+        assert first.groupby("patient_id").size().max() > 1 and first["dose_mg_m2"].max() <= 60.0
+
+        # the site's estimate divides by the logged probability of what was given, not by a model of habits
+        cycles = first_cycles(new).reset_index(drop=True)
+        records = as_records(cycles, tuple(sorted(trial.formulations)))
+        logged = cycles[["formulation_id", "dose_mg_m2", "interval_days"]].astype({"formulation_id": str})
+        reward = utility(cycles["response"], cycles["toxicity_grade3"], cycles["chf"])
+        habits = LoggingPolicy().fit(first_cycles(site.episodes))
+        target = logged.assign(action="give")  # a target that did what was given: weight 1 / p exactly
+        with_log, supported = dr_gamma(trial, habits, records, logged, reward, target, decisions)
+        p = logged_probability(decisions, cycles, logged["formulation_id"].to_numpy(), logged["dose_mg_m2"], 5.0)
+        assert supported.all() and np.all(p >= 0.1 - 1e-9)  # every option at least 1 / W_MAX
+        q = trial.predicted_outcomes(records, logged)
+        from shared.off_policy import G_MAX, W_MAX, chf_cycle_probability
+
+        q_u = utility(q["response"], q["toxicity_grade3"],
+                      chf_cycle_probability(records["cumulative_dose_mg_m2"], logged["dose_mg_m2"]))
+        expected = np.clip(q_u + np.minimum(1.0 / p, W_MAX) * (reward - q_u), -G_MAX, G_MAX)
+        assert with_log == pytest.approx(expected)
