@@ -8,7 +8,9 @@ about; later cycles follow the served policy's adjustment and safety rules from 
 
 1. **a trial arm** — a candidate the release gate could neither pass nor find worse than standard of care
    (its 95 % interval of the improvement contains 0: equipoise between the two, the condition for
-   randomising patients between treatments; Freedman, NEJM 1987). Each patient gets the trial arm's
+   randomising patients between treatments; Freedman, NEJM 1987), and whose interval rules out a loss larger
+   than ``trial_margin`` utility per patient (a non-inferiority margin: a gate too noisy to bound the loss,
+   e.g. under DP, starts no trial; :meth:`Exploration.allows_trial`). Each patient gets the trial arm's
    action with probability ``trial_share``, otherwise what the site serves (its installed version, or standard
    of care). This is a randomised comparison of the two policies at the sites, the evidence a clinic would
    ask for; its cost is at most ``trial_share`` × the candidate's shortfall, and the next gate values the
@@ -66,12 +68,16 @@ class Exploration:
         Probability of another dose step within the spread than the arm's own dose.
     spread_steps : int, default 1
         How many dose steps the spread reaches each way (within ``dose_spread``).
+    trial_margin : float, default 0.1
+        Largest loss per patient against standard of care (utility; the gate's lower 95 % bound) a candidate's
+        trial may risk: about the gap between standard of care and the oracle's best action on the default world.
     """
 
     trial_share: float = 0.5
     dose_spread: float = 0.25
     spread_share: float = 0.4
     spread_steps: int = 1
+    trial_margin: float = 0.1
 
     def __post_init__(self):
         for name in ("trial_share", "dose_spread", "spread_share"):
@@ -80,6 +86,14 @@ class Exploration:
                 raise ValueError(f"Exploration.{name} = {value!r}: expected a number in [0, 1)")
         if self.spread_steps < 1:
             raise ValueError(f"Exploration.spread_steps = {self.spread_steps!r}: expected 1 or more")
+
+    def allows_trial(self, gate: dict) -> bool:
+        """Whether a candidate the gate judged (``shared.off_policy.GateResult.to_dict``) may be a trial arm: in
+        equipoise (lower bound ≤ 0 < upper bound) and no loss beyond ``trial_margin`` (lower > −margin)."""
+        lower, upper = gate.get("lower"), gate.get("upper")
+        if lower is None or upper is None or self.trial_share == 0:
+            return False
+        return upper > 0 and -self.trial_margin < lower <= 0
 
     def arm_shares(self, trial: bool) -> tuple[float, ...]:
         """The served arm's share, then the trial arm's if there is one."""

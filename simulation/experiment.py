@@ -399,7 +399,7 @@ def deploy(cfg: ExperimentConfig, world: World, sources: list[SiteSource],
     for period in range(1, cfg.deploy_cycles):
         say(f"deployment period {period}/{cfg.deploy_cycles - 1}")
         start = time.perf_counter()
-        trial = trial_arm(last) if exploration is not None else None
+        trial = trial_arm(last, exploration) if exploration is not None else None
         sites = {}
         for name, source in folders.items():
             patients = cfg.deploy_patients or max(10, sizes[name] // 2)
@@ -429,15 +429,13 @@ def deploy(cfg: ExperimentConfig, world: World, sources: list[SiteSource],
     return versions, periods
 
 
-def trial_arm(policy_entry: dict):
+def trial_arm(policy_entry: dict, exploration: Exploration):
     """The last run's candidate as a trial arm (:mod:`shared.exploration`), loaded now (the next run's candidate
-    replaces its folder): only if the gate stopped it in equipoise — not shipped, and the upper 95 % bound of
-    its improvement over standard of care above 0; None otherwise."""
+    replaces its folder): only if it was not shipped and the gate stopped it in equipoise within the trial's
+    margin (:meth:`shared.exploration.Exploration.allows_trial`); None otherwise."""
     from shared.policy_loader import policy_from_folder
 
-    gate = policy_entry.get("gate") or {}
-    upper = gate.get("upper")
-    if policy_entry.get("shipped") or upper is None or not upper > 0:
+    if policy_entry.get("shipped") or not exploration.allows_trial(policy_entry.get("gate") or {}):
         return None
     return policy_from_folder(Path(policy_entry["candidate"]))
 

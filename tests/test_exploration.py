@@ -63,6 +63,18 @@ def test_a_trial_arm_gets_its_share_and_a_withholding_arm_stops_all_exploration(
     assert by_row(merged, 0) == {("PLD", 50.0): 1.0}
 
 
+@pytest.mark.parametrize(("lower", "upper", "allowed"), [
+    (-0.05, 0.08, True),  # equipoise, loss bounded within the margin
+    (0.01, 0.08, False),  # shown better: ship it, no trial
+    (-0.09, -0.01, False),  # shown worse
+    (-1.4, 1.3, False),  # too noisy to bound the loss (DP): no trial
+    (None, None, False),
+])
+def test_a_trial_needs_equipoise_and_a_bounded_loss(lower, upper, allowed):
+    assert Exploration().allows_trial({"lower": lower, "upper": upper}) is allowed
+    assert not Exploration(trial_share=0.0).allows_trial({"lower": -0.05, "upper": 0.08})
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match=r"trial_share = 1\.0: expected a number in \[0, 1\)"):
         Exploration(trial_share=1.0)
