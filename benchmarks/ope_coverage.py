@@ -20,11 +20,14 @@ training splits (``fit_structured_policy``: the added per-site sums) and these c
   and its true difference are 0 by construction (a check of the arithmetic, left out of the summaries).
 
 **Estimate.** Per site ``client.ope.site_value_sums`` (the code the sites run, on their held-out first cycles,
-no DP) and the combined ``shared.off_policy.gate``: "DR (no credit off support)". The same Γ values are
-recorded from ``client.ope.dr_gamma`` while ``site_value_sums`` runs (the module attribute is wrapped for the
-call, nothing else changes) and give "plain DR": Γ(candidate) everywhere, off the logs' support too, through
-the same ``gate``. Off support: the share of held-out cycles whose candidate action the logging policy takes
-with probability below ``MIN_SUPPORT``.
+no DP) and the combined ``shared.off_policy.gate``: "DR, model's lower bound off support" (off the logs'
+support a cycle adds to standard of care's Γ the outcome models' lower 95 % bound on the improvement, never
+more than the plain difference: ``client.ope.off_support_credit``). The same Γ values are recorded from
+``client.ope.dr_gamma`` and ``off_support_credit`` while ``site_value_sums`` runs (the module attributes are
+wrapped for the call, nothing else changes) and give two more estimators through the same ``gate``: "DR, no
+credit off support" (standard of care's Γ there: the gate before 2026-12-02's change) and "plain DR"
+(Γ(candidate) everywhere, off the support too). Off support: the share of held-out cycles whose candidate
+action the logging policy takes with probability below ``MIN_SUPPORT``.
 
 **Truth.** ``--patients`` new first-cycle patients per clinic (``simulation.policy_evaluation.fresh_patients``,
 seed = world seed + 1 as ``simulation.experiment``), every action scored with ``true_outcomes`` on the
@@ -72,7 +75,7 @@ from simulation.policy_evaluation import fresh_patients, standard_of_care, true_
 
 OUT = Path(__file__).resolve().parent / "results" / "ope_coverage.json"
 CANDIDATES = ("structured", "structured_vs_soc", "rarest_top_dose", "simulator_soc", "site_soc")
-ESTIMATORS = ("dr_no_credit_off_support", "plain_dr")
+ESTIMATORS = ("dr_lower_bound_off_support", "dr_no_credit_off_support", "plain_dr")
 NULL = "site_soc"
 """Identical to the site's standard of care by construction: a check, not evidence, so out of the summaries."""
 
@@ -110,33 +113,34 @@ def rarest_of(counts: pd.Series):
 
 
 @contextlib.contextmanager
-def recorded_gammas():
-    """``client.ope.dr_gamma``'s outputs while ``site_value_sums`` runs: (Γ, supported) of the candidate, then of
-    standard of care, per call."""
-    calls, original = [], ope.dr_gamma
+def recorded(name: str):
+    """The outputs of ``client.ope.<name>`` while ``site_value_sums`` runs, per call."""
+    calls, original = [], getattr(ope, name)
 
     def recording(*args, **kwargs):
         out = original(*args, **kwargs)
         calls.append(out)
         return out
 
-    ope.dr_gamma = recording
+    setattr(ope, name, recording)
     try:
         yield calls
     finally:
-        ope.dr_gamma = original
+        setattr(ope, name, original)
 
 
 def site_estimates(policy, episodes: pd.DataFrame, split_seed: int) -> dict:
-    """The site's released sums (``site_value_sums``) and the plain-DR sums from the same Γ values."""
-    with recorded_gammas() as calls:
+    """The site's released sums (``site_value_sums``), and the no-credit and plain-DR sums from the same Γ."""
+    with recorded("dr_gamma") as calls, recorded("off_support_credit") as credits:
         official = ope.site_value_sums(policy, episodes, NANOPARTICLE_TASK, split_seed)
     if not calls:  # the site could not judge (too few cycles): nothing to record
-        return {"official": official, "plain": official, "n": 0, "off_support": 0, "soc_off_support": 0}
+        return {"official": official, "no_credit": official, "plain": official, "n": 0, "off_support": 0,
+                "soc_off_support": 0}
     (candidate, supported), (standard, soc_supported) = calls
-    recomputed = ValueSums.of(np.where(supported, candidate, standard), standard)
+    recomputed = ValueSums.of(np.where(supported, candidate, standard + credits[0]), standard)
     assert np.allclose(dataclasses.astuple(recomputed), dataclasses.astuple(official)), "recorded Γ ≠ released sums"
-    return {"official": official, "plain": ValueSums.of(candidate, standard), "n": int(len(candidate)),
+    return {"official": official, "no_credit": ValueSums.of(np.where(supported, candidate, standard), standard),
+            "plain": ValueSums.of(candidate, standard), "n": int(len(candidate)),
             "off_support": int((~supported).sum()), "soc_off_support": int((~soc_supported).sum())}
 
 
@@ -213,7 +217,9 @@ def run_seed(clinics: int, seed: int, patients: int) -> dict:
         off_support = sum(sites[s]["off_support"] for s in sites) / total
         soc_off_support = sum(sites[s]["soc_off_support"] for s in sites) / total
         for estimator in ESTIMATORS:
-            result = gate({s: sites[s]["official" if estimator == ESTIMATORS[0] else "plain"] for s in sites})
+            key = {"dr_lower_bound_off_support": "official", "dr_no_credit_off_support": "no_credit"}.get(
+                estimator, "plain")
+            result = gate({s: sites[s][key] for s in sites})
             rows.append({
                 "seed": seed, "candidate": name, "estimator": estimator, "n": result.n,
                 "estimate": result.estimate, "lower": result.lower, "upper": result.upper, "passed": result.passed,
@@ -236,7 +242,8 @@ def run_seed(clinics: int, seed: int, patients: int) -> dict:
 
 
 def label(estimator: str) -> str:
-    return {"dr_no_credit_off_support": "DR, no credit off support", "plain_dr": "plain DR"}[estimator]
+    return {"dr_lower_bound_off_support": "DR, model's lower bound off support",
+            "dr_no_credit_off_support": "DR, no credit off support", "plain_dr": "plain DR"}[estimator]
 
 
 def print_rows(rows: list[dict]) -> None:

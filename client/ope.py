@@ -34,7 +34,15 @@ from client.decision_log import logged_probability
 from client.dp import Block, PhaseRelease
 from client.site_gate import UsualFormulations
 from shared.dosing_policy import RESPONSE, TOXICITY, DosingPolicy, label_actions
-from shared.off_policy import MIN_SUPPORT, ValueSums, box_kernel, chf_cycle_probability, dr_terms, utility
+from shared.off_policy import (
+    MIN_SUPPORT,
+    Z_95,
+    ValueSums,
+    box_kernel,
+    chf_cycle_probability,
+    dr_terms,
+    utility,
+)
 from shared.patient_record import PREVIOUS_PREFIX, WEARABLE_PREFIX, PreviousCycle, WearableSummary
 from shared.protocol.privacy import ReleaseFacts
 from shared.task import assign_split
@@ -190,9 +198,28 @@ def site_value_sums(policy: DosingPolicy, episodes: pd.DataFrame, task, split_se
     reward = utility(cycles["response"], cycles["toxicity_grade3"], cycles["chf"])
     chosen = policy.recommend_frame(records, adjust=False)
     candidate, supported = dr_gamma(policy, logging, records, logged, reward, chosen, decisions)
-    standard, _ = dr_gamma(policy, logging, records, logged, reward,
-                           standard_of_care(policy, cycles, records, all_first), decisions)
-    return ValueSums.of(np.where(supported, candidate, standard), standard)  # no credit off the support
+    soc = standard_of_care(policy, cycles, records, all_first)
+    standard, _ = dr_gamma(policy, logging, records, logged, reward, soc, decisions)
+    off_support = off_support_credit(policy, records, chosen, soc, candidate - standard)
+    return ValueSums.of(np.where(supported, candidate, standard + off_support), standard)
+
+
+def off_support_credit(policy, records: pd.DataFrame, chosen: pd.DataFrame, soc: pd.DataFrame,
+                       difference: np.ndarray) -> np.ndarray:
+    """What a cycle whose candidate action is off the logs' support adds to standard of care's Γ: the models'
+    lower 95 % confidence bound on the candidate's improvement over standard of care for that patient, never
+    more than the plain doubly-robust difference (``difference``) — pessimism where the data cannot judge
+    (Jin, Yang & Wang, ICML 2021) instead of no credit, which is optimistic for a candidate worse than standard
+    of care off the support and blind to one better. A policy without confidence bounds on its models (the
+    ensemble) gets no credit (0); so does a row the bound cannot be computed for."""
+    bound = getattr(policy, "improvement_lower_bound", None)
+    if bound is None:
+        return np.zeros(len(records))
+    gives = (chosen["action"].to_numpy() == "give") & chosen["formulation_id"].notna().to_numpy()
+    actions = chosen.assign(formulation_id=chosen["formulation_id"].where(gives, soc["formulation_id"]),
+                            dose_mg_m2=np.where(gives, chosen["dose_mg_m2"], soc["dose_mg_m2"]))
+    lower = bound(records, actions, soc, Z_95)
+    return np.where(gives & np.isfinite(lower), np.minimum(np.nan_to_num(lower), difference), 0.0)
 
 
 def habits(first: pd.DataFrame, decisions: pd.DataFrame | None) -> pd.DataFrame:

@@ -16,14 +16,20 @@ sent: ``client.ope``), ``K_h`` a box kernel of width ``h`` (the action space's d
 clipped (Ionides 2008, "Truncated importance sampling") and every ``Γ`` to ``[−G_MAX, G_MAX]``: a bias
 traded for bounded variance, and the per-row bound a DP release needs.
 
-**Only the logs' support counts.** Doubly robust is unbiased where the logging policy could have taken π's
-action (positivity); where it could not, Γ is the outcome model's guess, and a candidate choosing actions the
-sites never take would be credited with its own models' extrapolation (measured: the top dose of the least
-used formulation for everyone scored +0.16 utility over standard of care). So a cycle whose candidate action
-the logging policy takes with probability below ``MIN_SUPPORT`` (formulation probability times the dose
-density over the kernel's width) earns the candidate no credit: its Γ is standard of care's. The gate can then
-pass a candidate only on what the logs show — the pessimism of offline decision making (Jin, Yang & Wang,
-ICML 2021; Thomas, Theocharous & Ghavamzadeh, AAAI 2015, high-confidence off-policy evaluation).
+**Off the logs' support, the models' lower bound.** Doubly robust is unbiased where the logging policy could
+have taken π's action (positivity); where it could not, Γ is the outcome model's guess, and a candidate choosing
+actions the sites never take would be credited with its own models' extrapolation (measured: the top dose of
+the least used formulation for everyone scored +0.16 utility over standard of care). So a cycle whose candidate
+action the logging policy takes with probability below ``MIN_SUPPORT`` (formulation probability times the dose
+density over the kernel's width, or the exact logged probability: ``client.decision_log``) gets standard of
+care's Γ plus a pessimistic credit: the outcome models' lower 95 % confidence bound on the candidate's
+improvement over standard of care for that patient, never more than the plain difference
+(``client.ope.off_support_credit``; 0 for a policy whose models carry no such bound, the ensemble). The gate
+can then pass a candidate only on what the logs show plus what its models are sure of — the pessimism of
+offline decision making (Jin, Yang & Wang, ICML 2021; Thomas, Theocharous & Ghavamzadeh, AAAI 2015,
+high-confidence off-policy evaluation). Before 2026-12-02 such a cycle earned no credit at all, which hid a
+truly better structured candidate (estimate +0.020 against a true +0.130 in the closed loop) and was optimistic
+for a candidate worse off the support (BENCHMARKS.md, "Release gate's off-policy estimate against the truth").
 
 A site sends sums only (:class:`ValueSums`): its count and the sums of ``Γ(candidate)``, ``Γ(standard of
 care)``, their difference and its square. The server adds them (:func:`gate`): the mean difference, its

@@ -438,10 +438,30 @@ class StructuredDosingPolicy:
                                                 self.other_toxicity.predict_proba(rows)).mean
         return out
 
-    def improvement_bound(self, frame: pd.DataFrame, cand: pd.DataFrame, soc: pd.DataFrame) -> np.ndarray:
+    def improvement_lower_bound(self, frame: pd.DataFrame, actions: pd.DataFrame, reference: pd.DataFrame,
+                                z: float) -> np.ndarray:
+        """Per row of ``frame``: ``ΔU − z·se(ΔU)`` of ``actions`` over ``reference`` (both aligned with the rows:
+        formulation_id, dose_mg_m2, interval_days), the models' lower confidence bound on the improvement
+        (:meth:`improvement_bound`); NaN where either action's formulation is unknown to the policy. For the
+        release gate's credit off the logs' support (``client.ope``)."""
+        frame = frame.reset_index(drop=True)
+        out = np.full(len(frame), np.nan)
+        columns = ["formulation_id", "dose_mg_m2", "interval_days"]
+        mine, theirs = actions.reset_index(drop=True)[columns], reference.reset_index(drop=True)[columns]
+        known = (mine["formulation_id"].isin(list(self.formulations))
+                 & theirs["formulation_id"].isin(list(self.formulations))).to_numpy()
+        if known.any():
+            rows = np.flatnonzero(known)
+            cand = self._predict(frame, mine.iloc[rows].assign(row=rows))
+            soc = theirs.iloc[rows].assign(row=rows)[["row", *columns]]
+            out[rows] = self.improvement_bound(frame, cand, soc, z)
+        return out
+
+    def improvement_bound(self, frame: pd.DataFrame, cand: pd.DataFrame, soc: pd.DataFrame,
+                          z: float | None = None) -> np.ndarray:
         """Per candidate: ``ΔU − z·se(ΔU)``, ΔU the predicted utility of the candidate minus that of standard
         of care for the same patient; se by the delta method over the three models' covariances (independent
-        fits)."""
+        fits); ``z`` defaults to the objective's."""
         reference = soc.set_index("row").loc[cand["row"].to_numpy()].reset_index()
         mine, theirs = self._action_frame(frame, cand), self._action_frame(frame, reference)
         o = self.objective
@@ -458,7 +478,8 @@ class StructuredDosingPolicy:
             d = g_a - g_b
             variance += np.einsum("ij,jk,ik->i", d, model.covariance_, d)
         reference_utility = self._predict(frame, reference)["utility"].to_numpy()
-        return cand["utility"].to_numpy() - reference_utility - o.z * np.sqrt(np.maximum(variance, 0.0))
+        z = o.z if z is None else z
+        return cand["utility"].to_numpy() - reference_utility - z * np.sqrt(np.maximum(variance, 0.0))
 
     def _choose(self, frame: pd.DataFrame, cand: pd.DataFrame, soc: pd.DataFrame,
                 rules: list[list[RuleApplied]]) -> pd.DataFrame:

@@ -90,3 +90,35 @@ def test_a_deliberately_bad_candidate_is_stopped_by_the_gate():
     result = gate(sums)
     assert not result.passed and result.estimate <= 0, result.reason
     assert "not shown better than standard of care" in result.reason
+
+
+def test_off_the_support_a_cycle_earns_the_models_lower_bound_never_more_than_the_plain_difference():
+    from client.ope import as_records, off_support_credit, standard_of_care
+    from shared.off_policy import Z_95
+    from shared.structured_policy import catalogue_of, fit_structured_policy
+
+    world = make_world(2, seed=5, patients_per_clinic=150)
+    frames = [simulate_clinic(world, c)[0] for c in world.clinics]
+    policy = fit_structured_policy(frames, catalogue_of(pd.concat(frames)))
+    cycles = first_cycles(frames[0])
+    records = as_records(cycles, tuple(sorted(set(cycles["formulation_id"].astype(str)))))
+    chosen = policy.recommend_frame(records)
+    soc = standard_of_care(policy, cycles, records, cycles)
+    lower = policy.improvement_lower_bound(records, chosen, soc, Z_95)
+    plain = np.full(len(records), 0.05)
+    credit = off_support_credit(policy, records, chosen, soc, plain)
+    gives = (chosen["action"] == "give").to_numpy()
+    assert np.all(credit <= plain) and np.all(credit[~gives] == 0.0)
+    assert credit[gives] == pytest.approx(np.minimum(lower[gives], 0.05))
+    assert (lower[gives] < 0).any() and (lower[gives] > 0).any()  # pessimism both ways, not a constant
+    # the same bound the policy's own choice uses, at the gate's z
+    cand = policy._predict(records, chosen[["formulation_id", "dose_mg_m2", "interval_days"]].assign(
+        row=np.arange(len(records)))[gives].reset_index(drop=True))
+    wider = policy.improvement_bound(records, cand, soc.assign(row=np.arange(len(records)))[gives][
+        ["row", "formulation_id", "dose_mg_m2", "interval_days"]], z=Z_95 + 1)
+    assert np.all(wider <= lower[gives] + 1e-12) and (wider < lower[gives] - 1e-3).mean() > 0.5
+
+    class NoBounds:  # the ensemble policy: its models carry no confidence bounds on an improvement
+        pass
+
+    assert np.all(off_support_credit(NoBounds(), records, chosen, soc, plain) == 0.0)
