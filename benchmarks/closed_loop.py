@@ -64,12 +64,14 @@ def print_run(seed: int, mode: str, summary: dict, seconds: float) -> None:
         print(f"{v['version'] or '-':>8} {'yes' if v['shipped'] else 'no':>8} {v['value_oracle']:13.3f} "
               f"{v['soc_value_oracle']:6.3f} {v['toxicity_rate']:6.3f} {gate:>26} {truth:>7}  "
               f"{', '.join(v['sites_truly_worse']) or 'none'}")
-    print(f"{'period':>8} {'explored (trial / spread of first)':>36} {'value/cycle':>12} {'SOC':>7} {'cost':>7} "
+    print(f"{'period':>8} {'explored (trial / equipoise / spread of first)':>48} {'value/cycle':>12} {'SOC':>7} "
+          f"{'cost':>7} "
           f"{'treat s':>8} {'refit s':>8}")
     for p in summary["periods"]:
         e = p["exploration"]
-        explored = f"{e['trial_arm']} / {e['dose_spread']} of {e['first_cycles']}" if e.get("explore") else "none"
-        print(f"{p['period']:>8} {explored:>36} {p['value_per_cycle']:12.4f} {p['soc_value_per_cycle']:7.4f} "
+        explored = (f"{e['trial_arm']} / {e.get('equipoise', 0)} / {e['dose_spread']} of {e['first_cycles']}"
+                    if e.get("explore") else "none")
+        print(f"{p['period']:>8} {explored:>48} {p['value_per_cycle']:12.4f} {p['soc_value_per_cycle']:7.4f} "
               f"{p['cost_vs_soc']:+7.4f} {p['treat_s']:8.0f} {p['refit_s']:8.0f}")
 
 

@@ -2,7 +2,7 @@
 
 A policy learned from logs can only be proven on the actions the logs cover (:mod:`client.ope`: no credit off
 their support), and the logs of a site that always does the same thing cover nothing else. Exploration makes
-the data the next version needs, at a bounded, measured cost, inside the hard safety rules. Two sources of
+the data the next version needs, at a bounded, measured cost, inside the hard safety rules. Three sources of
 randomisation, applied to **first cycles** only (the decision the policy's models and the release gate are
 about; later cycles follow the served policy's adjustment and safety rules from whatever was given):
 
@@ -15,7 +15,12 @@ about; later cycles follow the served policy's adjustment and safety rules from 
    of care). This is a randomised comparison of the two policies at the sites, the evidence a clinic would
    ask for; its cost is at most ``trial_share`` × the candidate's shortfall, and the next gate values the
    candidate on exactly weighted data;
-2. **a dose spread** — the arm's dose is kept with probability ``1 − spread_share``; otherwise one of the
+2. **formulations in equipoise** — where the served policy is the structured one, the other formulations whose
+   best supported action's optimistic utility reaches the served action's pessimistic score (their confidence
+   bounds overlap: the data cannot tell them apart) share ``equipoise_share`` of the served arm's probability
+   (:meth:`shared.structured_policy.StructuredDosingPolicy.recommend_with_alternatives`); a formulation the
+   policy is sure is worse is never tried;
+3. **a dose spread** — the arm's dose is kept with probability ``1 − spread_share``; otherwise one of the
    other doses at most ``spread_steps`` dose steps and ±``dose_spread`` from it, uniformly (one step each way by
    default, so that every option keeps a probability the off-policy estimate can use: with the trial arm,
    0.5 × 0.4 / 2 = 0.1, an importance weight of 10 = ``shared.off_policy.W_MAX``). A spread dose is
@@ -68,6 +73,9 @@ class Exploration:
         Probability of another dose step within the spread than the arm's own dose.
     spread_steps : int, default 1
         How many dose steps the spread reaches each way (within ``dose_spread``).
+    equipoise_share : float, default 0.2
+        Probability, within the served arm, of one of the other formulations in equipoise with the served action
+        (the structured policy's confidence bounds overlap; shared equally among them).
     trial_margin : float, default 0.1
         Largest loss per patient against standard of care (utility; the gate's lower 95 % bound) a candidate's
         trial may risk: about the gap between standard of care and the oracle's best action on the default world.
@@ -77,10 +85,11 @@ class Exploration:
     dose_spread: float = 0.25
     spread_share: float = 0.4
     spread_steps: int = 1
+    equipoise_share: float = 0.2
     trial_margin: float = 0.1
 
     def __post_init__(self):
-        for name in ("trial_share", "dose_spread", "spread_share"):
+        for name in ("trial_share", "dose_spread", "spread_share", "equipoise_share"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"Exploration.{name} = {value!r}: expected a number in [0, 1)")
@@ -99,15 +108,17 @@ class Exploration:
         """The served arm's share, then the trial arm's if there is one."""
         return (1.0 - self.trial_share, self.trial_share) if trial else (1.0,)
 
-    def options(self, arms: Sequence[tuple[float, pd.DataFrame]], cap: np.ndarray,
-                dose_grid: np.ndarray) -> pd.DataFrame:
+    def options(self, arms: Sequence[tuple[float, pd.DataFrame]], cap: np.ndarray, dose_grid: np.ndarray,
+                alternatives: pd.DataFrame | None = None) -> pd.DataFrame:
         """Every option of each decision with its probability (rows of :data:`OPTION_COLUMNS`).
 
         ``arms``: (share, actions) pairs whose shares sum to 1, the first being what the site serves; each
         actions frame is aligned with the records (columns action, formulation_id, dose_mg_m2, interval_days,
         optionally ``rules``: lists of :class:`shared.dosing_policy.RuleApplied`). ``cap``: the hard rules' dose
-        cap per record; ``dose_grid``: the allowed dose steps (mg/m²). Options of the same action from two arms
-        are merged (their probabilities added)."""
+        cap per record; ``dose_grid``: the allowed dose steps (mg/m²). ``alternatives``: actions in equipoise
+        with the served one (row, formulation_id, dose_mg_m2, interval_days; :meth:`shared.structured_policy.
+        StructuredDosingPolicy.recommend_with_alternatives`), which share ``equipoise_share`` of the served
+        arm's probability equally. Options of the same action from two arms are merged (probabilities added)."""
         shares = np.array([share for share, _ in arms], dtype=float)
         if not np.isclose(shares.sum(), 1.0) or (shares < 0).any():
             raise ValueError(f"arm shares {shares.tolist()} must be non-negative and sum to 1")
@@ -115,11 +126,25 @@ class Exploration:
         giving = np.ones(n, dtype=bool)
         for _, actions in arms:
             giving &= actions["action"].astype(str).to_numpy() == "give"
+        rows = np.flatnonzero(giving)
+        grid = np.asarray(dose_grid, dtype=float)
         parts = []
-        for share, actions in arms:
+        for i, (share, actions) in enumerate(arms):
             if share <= 0:
                 continue
-            parts.append(self._spread(actions, giving, share, cap, np.asarray(dose_grid, dtype=float)))
+            taken = actions.iloc[rows].assign(row=rows)
+            limited = np.array([any(r.rule in UPWARD_LIMITING_RULES for r in rules) for rules in taken["rules"]],
+                               dtype=bool) if "rules" in taken else np.zeros(rows.size, dtype=bool)
+            own = np.full(rows.size, share)
+            if i == 0 and alternatives is not None and self.equipoise_share > 0:
+                alt = alternatives[np.isin(alternatives["row"].to_numpy(), rows)]
+                k = alt.groupby("row").size()
+                own = np.where(k.reindex(rows).fillna(0).to_numpy() > 0, share * (1 - self.equipoise_share), share)
+                if len(alt):
+                    alt_limited = pd.Series(limited, index=rows).reindex(alt["row"]).to_numpy()
+                    parts.append(self._spread(alt, share * self.equipoise_share / k.reindex(alt["row"]).to_numpy(),
+                                              alt_limited, cap, grid))
+            parts.append(self._spread(taken, own, limited, cap, grid))
         served = arms[0][1]
         still = np.flatnonzero(~giving)  # not explored: the served action, probability 1
         parts.append(pd.DataFrame({"row": still, "formulation_id": served["formulation_id"].to_numpy()[still],
@@ -131,26 +156,24 @@ class Exploration:
                                   dropna=False, sort=True)["probability"].sum()
         return options[list(OPTION_COLUMNS)]
 
-    def _spread(self, actions: pd.DataFrame, giving: np.ndarray, share: float, cap: np.ndarray,
+    def _spread(self, actions: pd.DataFrame, share: np.ndarray, limited: np.ndarray, cap: np.ndarray,
                 grid: np.ndarray) -> pd.DataFrame:
-        """One arm's options on the explored rows: its dose, and the spread around it within the caps."""
-        rows = np.flatnonzero(giving)
-        dose = actions["dose_mg_m2"].to_numpy(dtype=float)[rows]
-        limited = np.array([any(r.rule in UPWARD_LIMITING_RULES for r in rules)
-                            for rules in actions["rules"].to_numpy()[rows]], dtype=bool) \
-            if "rules" in actions else np.zeros(rows.size, dtype=bool)
+        """Options of ``actions`` (one per line: row, formulation_id, dose_mg_m2, interval_days) with
+        probability ``share`` each: the action's dose, and the spread around it within the caps (``limited``:
+        a safety rule lowered that dose, so nothing above it)."""
+        rows = actions["row"].to_numpy(dtype=int)
+        dose = actions["dose_mg_m2"].to_numpy(dtype=float)
         upper = np.where(limited, np.minimum(dose, cap[rows]), cap[rows])  # a spread dose is never above either
         step = float(np.min(np.diff(grid))) if grid.size > 1 else 1.0
         distance = np.abs(grid[None, :] - dose[:, None])
         near = (distance <= self.dose_spread * dose[:, None] + 1e-9) & (distance <= self.spread_steps * step + 1e-9) \
-            & (grid[None, :] <= upper[:, None] + 1e-9) & (np.abs(grid[None, :] - dose[:, None]) > 1e-9) \
-            & (self.spread_share > 0)
+            & (grid[None, :] <= upper[:, None] + 1e-9) & (distance > 1e-9) & (self.spread_share > 0)
         others = near.sum(axis=1)
         own = np.where(others > 0, 1.0 - self.spread_share, 1.0) * share
         r_i, g_i = np.nonzero(near)
-        spread = np.where(others[r_i] > 0, self.spread_share * share / np.maximum(others[r_i], 1), 0.0)
-        formulation = actions["formulation_id"].to_numpy()[rows]
-        interval = actions["interval_days"].to_numpy(dtype=float)[rows]
+        spread = self.spread_share * share[r_i] / np.maximum(others[r_i], 1)
+        formulation = actions["formulation_id"].to_numpy()
+        interval = actions["interval_days"].to_numpy(dtype=float)
         return pd.DataFrame({"row": np.concatenate([rows, rows[r_i]]),
                              "formulation_id": np.concatenate([formulation, formulation[r_i]]),
                              "dose_mg_m2": np.concatenate([dose, grid[g_i]]),

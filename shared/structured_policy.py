@@ -269,6 +269,16 @@ class StructuredDosingPolicy:
            get (:meth:`_monotone_guard`, the ensemble policy's guard: no input that means the patient tolerates
            the drug worse raises the dose, whatever the fitted models learned from confounded logs).
         """
+        return self.recommend_with_alternatives(frame)[0]
+
+    def recommend_with_alternatives(self, frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """:meth:`recommend_frame`'s table, and per patient given a dose the actions **in equipoise** with the
+        recommended one: for each other formulation of the catalogue, its best-scoring supported action within
+        the caps whose *optimistic* utility (``high(P(response)) − W_TOXICITY · low(P(toxicity)) − W_CHF · P(CHF)``)
+        reaches the recommended action's *pessimistic* score — the data cannot tell them apart, the condition
+        under which a site may randomise between them (``shared.exploration``). An alternative's dose is never
+        above the recommended dose where the monotone guard capped it. Alternatives: columns row,
+        formulation_id, dose_mg_m2, interval_days."""
         frame = frame.reset_index(drop=True)
         rules: list[list[RuleApplied]] = [[] for _ in range(len(frame))]
         cap, verdict = self.safety_limits(frame, rules)
@@ -276,7 +286,33 @@ class StructuredDosingPolicy:
         graded = graded_frame(frame, grades)
         candidates, chosen = self._decide(graded, cap, rules)
         chosen = self._monotone_guard(graded, grades, verdict, candidates, chosen, rules)
-        return self._assemble(frame, verdict, chosen, rules)
+        table = self._assemble(frame, verdict, chosen, rules)
+        return table, self._equipoise(graded, table, candidates)
+
+    def _equipoise(self, graded: pd.DataFrame, table: pd.DataFrame, candidates: pd.DataFrame) -> pd.DataFrame:
+        """The alternatives of :meth:`recommend_with_alternatives` from the scored candidates."""
+        columns = ["row", "formulation_id", "dose_mg_m2", "interval_days"]
+        giving = np.flatnonzero(table["action"].astype(str).to_numpy() == "give")
+        if candidates.empty or not giving.size:
+            return pd.DataFrame({c: pd.Series(dtype=object if c == "formulation_id" else float) for c in columns})
+        o = self.objective
+        pick = table.iloc[giving]
+        picked = pick[["formulation_id", "dose_mg_m2", "interval_days"]].assign(row=giving)
+        scored = self._predict(graded, picked[columns].reset_index(drop=True)).set_index("row")
+        guarded = np.array([any(rule.rule == "monotone-guard" for rule in rules) for rules in pick["rules"]],
+                           dtype=bool)
+        limit = pd.Series(np.where(guarded, pick["dose_mg_m2"].to_numpy(dtype=float), np.inf), index=giving)
+        cand = candidates[candidates["row"].isin(giving)]
+        cand = cand[cand["formulation_id"].to_numpy() != picked.set_index("row")["formulation_id"].reindex(
+            cand["row"]).to_numpy()]
+        cand = cand[cand["dose_mg_m2"].to_numpy() <= limit.reindex(cand["row"]).to_numpy() + 1e-9]
+        if cand.empty:
+            return cand[columns].reset_index(drop=True)
+        best = cand.loc[cand.groupby(["row", "formulation_id"])["score"].idxmax()]
+        optimistic = (best[f"{RESPONSE}_high"] - o.toxicity_weight * best[f"{TOXICITY}_low"]
+                      - o.heart_failure_weight * best["chf"]).to_numpy()
+        reference = scored["score"].reindex(best["row"]).to_numpy()
+        return best[optimistic >= reference][columns].sort_values(columns[:2]).reset_index(drop=True)
 
     def tolerance_grades(self) -> tuple[ToleranceGrades, ...]:
         """The ensemble's tolerance grades (the hard rules' thresholds added) of the inputs this policy reads

@@ -95,15 +95,21 @@ class Recommender:
         self.rules = policy or trial or DosingPolicy(encoder=None, members={}, formulations={},  # type: ignore[arg-type]
                                                      action_space=ActionSpace(), safety=SafetyRules())
         self.log: list[pd.DataFrame] = []
-        self.first_cycles = self.trial_arm = self.spread = 0
+        self.first_cycles = self.trial_arm = self.equipoise = self.spread = 0
 
     def __call__(self, frame: pd.DataFrame) -> pd.DataFrame:
         frame = frame.reset_index(drop=True)
-        served = (self.soc(frame) if self.policy is None else self.policy.recommend_frame(frame, adjust=True))
-        served = served.reset_index(drop=True)
-        arms: list[tuple[float, pd.DataFrame]] = [(1.0, served)]
         first = frame["cycle"].to_numpy(dtype=int) == 1
         exploring = self.exploration is not None and first.any()
+        alternatives = None
+        if self.policy is None:
+            served = self.soc(frame)
+        elif exploring and hasattr(self.policy, "recommend_with_alternatives"):  # the structured policy
+            served, alternatives = self.policy.recommend_with_alternatives(frame)
+        else:
+            served = self.policy.recommend_frame(frame, adjust=True)
+        served = served.reset_index(drop=True)
+        arms: list[tuple[float, pd.DataFrame]] = [(1.0, served)]
         if exploring and self.trial is not None:
             shares = self.exploration.arm_shares(trial=True)
             arms = [(shares[0], served), (shares[1], self.trial.recommend_frame(frame, adjust=False))]
@@ -111,7 +117,7 @@ class Recommender:
         grid = self.rules.action_space.doses()
         options = FIXED.options([(1.0, served)], cap, grid)  # one option per decision, probability 1
         if exploring:
-            randomised = self.exploration.options(arms, cap, grid)
+            randomised = self.exploration.options(arms, cap, grid, alternatives)
             options = pd.concat([options[~first[options["row"].to_numpy()]],
                                  randomised[first[randomised["row"].to_numpy()]]], ignore_index=True)
         chosen = draw(options, self.rng).set_index("row")
@@ -123,12 +129,16 @@ class Recommender:
             rows = chosen.index[first[chosen.index]]
             given = chosen.loc[rows, ["formulation_id", "dose_mg_m2", "interval_days"]]
             differs = ~same_action(actions.loc[rows], given)
-            from_trial = same_action(arms[-1][1].loc[rows], given) if len(arms) > 1 else np.zeros(len(rows), bool)
+            formulation = given["formulation_id"].astype(str).to_numpy()
+            other = actions.loc[rows, "formulation_id"].astype(str).to_numpy() != formulation
+            trial_f = (arms[-1][1].loc[rows, "formulation_id"].astype(str).to_numpy() == formulation
+                       if len(arms) > 1 else np.zeros(len(rows), dtype=bool))
             changed = rows[differs]  # only where every arm gives (shared.exploration): the served action was "give"
             actions.loc[changed, ["formulation_id", "dose_mg_m2", "interval_days"]] = given[differs].to_numpy()
             self.first_cycles += int(first.sum())
-            self.trial_arm += int((differs & from_trial).sum())
-            self.spread += int((differs & ~from_trial).sum())
+            self.spread += int((differs & ~other).sum())  # the served formulation, another dose
+            self.trial_arm += int((other & trial_f).sum())
+            self.equipoise += int((other & ~trial_f).sum())
         elif first.any():
             self.first_cycles += int(first.sum())
         return actions
@@ -176,5 +186,6 @@ def treat_period(world: World, sites: dict[str, tuple[Path, Path]], period: int,
             "toxicity_rate": float(np.mean(treated.cycles["p_toxicity"])),
             "soc_toxicity_rate": float(np.mean(baseline["p_toxicity"])),
             "exploration": {"first_cycles": recommender.first_cycles, "trial_arm": recommender.trial_arm,
-                            "dose_spread": recommender.spread, "trial": trial is not None}}
+                            "equipoise": recommender.equipoise, "dose_spread": recommender.spread,
+                            "trial": trial is not None}}
     return result

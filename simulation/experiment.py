@@ -419,7 +419,7 @@ def deploy(cfg: ExperimentConfig, world: World, sources: list[SiteSource],
         value = float(np.average([s["value_per_cycle"] for s in sites.values()], weights=cycles))
         soc = float(np.average([s["soc_value_per_cycle"] for s in sites.values()], weights=cycles))
         explored = {k: sum(s["exploration"][k] for s in sites.values())
-                    for k in ("first_cycles", "trial_arm", "dose_spread")}
+                    for k in ("first_cycles", "trial_arm", "equipoise", "dose_spread")}
         periods.append({"period": period, "patients": sum(s["patients"] for s in sites.values()),
                         "cycles": int(cycles.sum()), "value_per_cycle": value, "soc_value_per_cycle": soc,
                         "cost_vs_soc": soc - value, "treat_s": treated_s,

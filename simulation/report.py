@@ -202,21 +202,22 @@ def _versions_section(policy: dict) -> list[str]:
         lines.append(f"| {v['version'] or '(refused)'} | {'yes' if v['shipped'] else 'no'} | "
                      f"{_fmt(v['value_oracle'])} | {_fmt(v['soc_value_oracle'])} | {_fmt(v['toxicity_rate'])} | "
                      f"{_fmt(v['gate'].get('lower'))} | {', '.join(worse) or 'none'} | {_fmt(eps)} |")
-    lines += ["", "| period | patients | cycles | first cycles explored: trial arm / dose spread | value per cycle "
+    lines += ["", "| period | patients | cycles | first cycles explored: trial arm / equipoise / dose spread "
+              "| value per cycle "
               "| SOC value per cycle | cost vs SOC | treat s | refit s |", "|---|---|---|---|---|---|---|---|---|"]
     for p in periods:
         e = p.get("exploration") or {}
-        explored = (f"{e['trial_arm']} / {e['dose_spread']} of {e['first_cycles']}"
+        explored = (f"{e['trial_arm']} / {e.get('equipoise', 0)} / {e['dose_spread']} of {e['first_cycles']}"
                     + ("" if e.get("trial") else " (no trial arm)")) if e.get("explore") else "none"
         lines.append(f"| {p['period']} | {p['patients']} | {p['cycles']} | {explored} | {_fmt(p['value_per_cycle'])} "
                      f"| {_fmt(p['soc_value_per_cycle'])} | {_fmt(p['cost_vs_soc'])} | {p['treat_s']:.0f} | "
                      f"{p['refit_s']:.0f} |")
-    if any((p.get("exploration") or {}).get("trial_arm") or (p.get("exploration") or {}).get("dose_spread")
-           for p in periods):
+    if any((p.get("exploration") or {}).get("explore") for p in periods):
         lines += ["", "Exploration (`--explore`, `shared/exploration.py`): first cycles randomised inside the hard "
-                  "rules — a one-step dose spread, and a 1:1 trial arm of a candidate the gate stopped in "
-                  "equipoise — each option logged with its probability in the site's `decisions.csv`, which the "
-                  "next gate divides by. Cost vs SOC includes the explored cycles."]
+                  "rules — a one-step dose spread, formulations in equipoise with the served one (20 % of the "
+                  "served arm), and a 1:1 trial arm of a candidate the gate stopped in equipoise — each option "
+                  "logged with its probability in the site's `decisions.csv`, which the next gate divides by. "
+                  "Cost vs SOC includes the explored cycles."]
     return lines + [""]
 
 

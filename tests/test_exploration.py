@@ -75,6 +75,18 @@ def test_a_trial_needs_equipoise_and_a_bounded_loss(lower, upper, allowed):
     assert not Exploration(trial_share=0.0).allows_trial({"lower": -0.05, "upper": 0.08})
 
 
+def test_formulations_in_equipoise_share_a_fifth_of_the_served_arm_and_keep_a_guarded_dose_ceiling():
+    served = actions([40.0, 40.0], rules=[[], [GUARD]])
+    alternatives = pd.DataFrame({"row": [0, 0, 1], "formulation_id": ["NW02", "NP03", "NW02"],
+                                 "dose_mg_m2": [30.0, 50.0, 40.0], "interval_days": [21.0, 21.0, 21.0]})
+    options = Exploration(spread_share=0.0).options([(1.0, served)], np.array([60.0, 60.0]), GRID, alternatives)
+    assert by_row(options, 0) == pytest.approx({("PLD", 40.0): 0.8, ("NW02", 30.0): 0.1, ("NP03", 50.0): 0.1})
+    assert by_row(options, 1) == pytest.approx({("PLD", 40.0): 0.8, ("NW02", 40.0): 0.2})
+    spread = Exploration().options([(1.0, served)], np.array([60.0, 60.0]), GRID, alternatives)
+    assert max(d for f, d in by_row(spread, 1) if f == "NW02") == 40.0  # the guard's ceiling holds for them too
+    assert spread.groupby("row")["probability"].sum().to_numpy() == pytest.approx([1.0, 1.0])
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match=r"trial_share = 1\.0: expected a number in \[0, 1\)"):
         Exploration(trial_share=1.0)
@@ -169,6 +181,35 @@ def structured_trial(world, sites):
     return fit_structured_policy(frames, catalogue_of(pd.concat(frames)))
 
 
+def test_the_structured_policy_offers_only_formulations_its_bounds_cannot_rank_below_the_recommended_one():
+    from client.ope import as_records
+    from shared.dosing_policy import RESPONSE, TOXICITY, graded_frame
+    from shared.structured_policy import catalogue_of, fit_structured_policy
+    from simulation.clinics import make_world, simulate_clinic
+
+    world = make_world(3, seed=0)
+    frames = [simulate_clinic(world, c)[0] for c in world.clinics]
+    policy = fit_structured_policy(frames, catalogue_of(pd.concat(frames)))
+    cycles = first_cycles(frames[0]).head(200)
+    records = as_records(cycles, tuple(sorted(policy.formulations)))
+    table, alternatives = policy.recommend_with_alternatives(records)
+    pd.testing.assert_frame_equal(table.drop(columns="rules"), policy.recommend_frame(records).drop(columns="rules"))
+    assert len(alternatives) and alternatives["row"].isin(np.flatnonzero(table["action"] == "give")).all()
+    picked = table.loc[alternatives["row"]]
+    assert (alternatives["formulation_id"].to_numpy() != picked["formulation_id"].to_numpy()).all()
+    o = policy.objective
+    graded = graded_frame(records, policy.tolerance_grades())  # what the models see of the patient
+    theirs = policy._predict(graded, alternatives)
+    optimistic = theirs[f"{RESPONSE}_high"] - o.toxicity_weight * theirs[f"{TOXICITY}_low"] \
+        - o.heart_failure_weight * theirs["chf"]
+    mine = policy._predict(graded, picked[["formulation_id", "dose_mg_m2", "interval_days"]].assign(
+        row=alternatives["row"].to_numpy()).reset_index(drop=True))
+    assert np.all(optimistic.to_numpy() >= mine["score"].to_numpy() - 1e-12)
+    catalogue_size = len(policy.formulations) - 1
+    assert alternatives.groupby("row").size().max() <= catalogue_size
+    assert alternatives.groupby("row").size().mean() < catalogue_size  # some are ruled out by the bounds
+
+
 def test_an_explored_period_gives_what_it_logged_inside_the_hard_rules_and_values_the_trial_exactly(clinics):
     from client.ope import LoggingPolicy, as_records, dr_gamma
     from shared.off_policy import utility
@@ -178,10 +219,12 @@ def test_an_explored_period_gives_what_it_logged_inside_the_hard_rules_and_value
     trial = structured_trial(world, sites)
     periods = treat_period(world, sites, period=1, patients=40, seed=0, exploration=Exploration(),
                            trials={name: trial for name in sites})
+    assert sum(p["exploration"]["trial_arm"] for p in periods.values()) > 5  # another formulation, the trial's
     for name, (path, _) in sites.items():
         site = load_site(path)  # the log validates with the site
         explored = periods[name]["exploration"]
-        assert explored["first_cycles"] == 40 and explored["trial_arm"] > 5 and explored["dose_spread"] > 3
+        assert explored["first_cycles"] == 40 and explored["trial_arm"] + explored["dose_spread"] > 5
+        assert explored["equipoise"] == 0  # standard of care served: no model to tell equipoise
         new = site.episodes[site.episodes["patient_id"].str.contains("-D1P")]
         decisions = site.decisions
         chosen = decisions[decisions["chosen"] == 1].merge(new, on=["patient_id", "cycle"], suffixes=("", "_given"))
