@@ -149,3 +149,15 @@ def write_task_csv(path: Path, n_rows: int = 20) -> Path:
 def write_task_toml(path: Path, text: str = TASK_TOML) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def provisioned_clinics(tmp_path: Path, patients_per_clinic: int, clinics: int = 2, seed: int = 3):
+    """Simulated clinics' site folders with a provisioned kit: the world and, per clinic, (site folder, the
+    coordinator's trust key in that site's kit) — what the closed loop's tests treat patients at."""
+    from server.provision import provision
+    from simulation.clinics import generate_sites
+
+    world = generate_sites(clinics, seed=seed, out=tmp_path / "sites", patients_per_clinic=patients_per_clinic)
+    names = [c.name for c in world.clinics]
+    provision("loop", names, tmp_path / "kit")
+    return world, {n: (tmp_path / "sites" / n, tmp_path / "kit" / "sites" / n / "policy_signing.pub") for n in names}

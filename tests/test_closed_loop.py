@@ -7,19 +7,14 @@ import pandas as pd
 import pytest
 
 from client.ope import LoggingPolicy
-from server.provision import provision
 from shared.validation import load_site
-from simulation.clinics import generate_sites
 from simulation.deployment import append_rows, served_policy, treat_period
+from tests.sitefactory import provisioned_clinics
 
 
 @pytest.fixture()
 def clinics(tmp_path):
-    world = generate_sites(2, seed=3, out=tmp_path / "sites", patients_per_clinic=30)
-    names = [c.name for c in world.clinics]
-    provision("loop", names, tmp_path / "kit")
-    sites = {n: (tmp_path / "sites" / n, tmp_path / "kit" / "sites" / n / "policy_signing.pub") for n in names}
-    return world, sites
+    return provisioned_clinics(tmp_path, patients_per_clinic=30)
 
 
 def test_a_period_appends_its_patients_to_the_sites_own_files_and_they_still_validate(clinics):

@@ -164,14 +164,9 @@ def test_logged_probability_sums_the_options_matching_an_action_and_is_nan_where
 
 @pytest.fixture()
 def clinics(tmp_path):
-    from server.provision import provision
-    from simulation.clinics import generate_sites
+    from tests.sitefactory import provisioned_clinics
 
-    world = generate_sites(2, seed=3, out=tmp_path / "sites", patients_per_clinic=60)
-    names = [c.name for c in world.clinics]
-    provision("loop", names, tmp_path / "kit")
-    sites = {n: (tmp_path / "sites" / n, tmp_path / "kit" / "sites" / n / "policy_signing.pub") for n in names}
-    return world, sites
+    return provisioned_clinics(tmp_path, patients_per_clinic=60)
 
 
 def structured_trial(world, sites):

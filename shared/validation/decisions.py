@@ -30,19 +30,15 @@ def decision_checks(table: CsvTable, decisions: pd.DataFrame) -> list[Problem]:
     groups = frame.groupby(list(KEY), sort=False)
     total = groups["probability"].transform("sum").astype(float)
     chosen = groups["chosen"].transform(lambda c: (c.astype(float) == 1).sum())
+    findings = (("probability", (total - 1.0).abs() > SUM_TOLERANCE, "the options of each decision (patient_id, "
+                 "cycle) to sum to 1", "sum to", total, "{:.6g}"),
+                ("chosen", chosen != 1, "exactly one chosen option (1) per decision (patient_id, cycle)", "have",
+                 chosen, "{:.0f}"))
     problems = []
-    bad_sum = (total - 1.0).abs() > SUM_TOLERANCE
-    if bad_sum.any():
-        n = int(frame[bad_sum].groupby(list(KEY)).ngroups)
-        problems.append(table.problem(
-            "probability", bad_sum,
-            f"expected the options of each decision (patient_id, cycle) to sum to 1; {n} decision"
-            f"{'' if n == 1 else 's'} sum to {total[bad_sum].min():.6g}–{total[bad_sum].max():.6g}"))
-    bad_draw = chosen != 1
-    if bad_draw.any():
-        n = int(frame[bad_draw].groupby(list(KEY)).ngroups)
-        problems.append(table.problem(
-            "chosen", bad_draw,
-            f"expected exactly one chosen option (1) per decision (patient_id, cycle); {n} decision"
-            f"{'' if n == 1 else 's'} have {int(chosen[bad_draw].min())}–{int(chosen[bad_draw].max())}"))
+    for column, bad, expected, verb, values, number in findings:
+        if bad.any():
+            n = int(frame[bad].groupby(list(KEY)).ngroups)
+            low, high = number.format(values[bad].min()), number.format(values[bad].max())
+            problems.append(table.problem(column, bad, f"expected {expected}; {n} decision{'' if n == 1 else 's'} "
+                                                       f"{verb} {low if low == high else f'{low}–{high}'}"))
     return problems
