@@ -20,6 +20,7 @@ and the time to treat and to refit. Prints a table per run and writes ``benchmar
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -34,10 +35,18 @@ OUT = Path(__file__).resolve().parent / "results" / "closed_loop.json"
 MIN_SITE_PATIENTS = 30
 
 
-def summarise(results: dict) -> dict:
+def fit_iterations(results: dict, out: Path) -> list[dict | None]:
+    """Newton–Raphson iterations of the structured models per version: version 1's from results.json, each
+    refit's from its run record (``OUT/deployment/federation-<period>.json``); None where no structured fit."""
+    records = [results["policy"]] + [json.loads((out / "deployment" / f"federation-{p['period']}.json").read_text())
+                                     ["policy"] for p in results["policy"]["deployment"]]
+    return [(r.get("structured") or {}).get("iterations") for r in records]
+
+
+def summarise(results: dict, out: Path) -> dict:
     """The figures of one run: per version and per period (module docstring)."""
     versions = []
-    for v in results["policy"]["versions"]:
+    for v, iterations in zip(results["policy"]["versions"], fit_iterations(results, out), strict=True):
         gate = v["gate"]
         worse = sorted(s for s, e in v["per_site"].items()
                        if e["patients"] >= MIN_SITE_PATIENTS and e["value"] < e["soc_value"])
@@ -46,7 +55,8 @@ def summarise(results: dict) -> dict:
                          "gate_estimate": gate.get("estimate"), "gate_lower": gate.get("lower"),
                          "gate_upper": gate.get("upper"), "gate_truth": gate.get("true_difference"),
                          "gate_covered": gate.get("covered"), "sites_truly_worse": worse,
-                         "epsilon_spent_max": max(v["epsilon_spent"].values()) if v["epsilon_spent"] else None})
+                         "epsilon_spent_max": max(v["epsilon_spent"].values()) if v["epsilon_spent"] else None,
+                         "fit_iterations": iterations})
     periods = [{k: p[k] for k in ("period", "patients", "cycles", "value_per_cycle", "soc_value_per_cycle",
                                   "cost_vs_soc", "treat_s", "refit_s", "exploration")}
                for p in results["policy"]["deployment"]]
@@ -56,13 +66,14 @@ def summarise(results: dict) -> dict:
 def print_run(seed: int, mode: str, summary: dict, seconds: float) -> None:
     print(f"\nseed {seed}, {mode} ({seconds:.0f} s)")
     print(f"{'version':>8} {'shipped':>8} {'value/oracle':>13} {'SOC':>6} {'tox':>6} {'gate estimate [95 %]':>26} "
-          f"{'truth':>7}  truly worse at")
+          f"{'truth':>7} {'Newton its':>10}  truly worse at")
     for v in summary["versions"]:
         gate = (f"{v['gate_estimate']:+.3f} [{v['gate_lower']:+.3f}, {v['gate_upper']:+.3f}]"
                 if v["gate_estimate"] is not None else "-")
         truth = f"{v['gate_truth']:+.3f}" if v["gate_truth"] is not None else "-"
         print(f"{v['version'] or '-':>8} {'yes' if v['shipped'] else 'no':>8} {v['value_oracle']:13.3f} "
-              f"{v['soc_value_oracle']:6.3f} {v['toxicity_rate']:6.3f} {gate:>26} {truth:>7}  "
+              f"{v['soc_value_oracle']:6.3f} {v['toxicity_rate']:6.3f} {gate:>26} {truth:>7} "
+              f"{max((v['fit_iterations'] or {}).values(), default=0):>10}  "
               f"{', '.join(v['sites_truly_worse']) or 'none'}")
     print(f"{'period':>8} {'explored (trial / equipoise / spread of first)':>48} {'value/cycle':>12} {'SOC':>7} "
           f"{'cost':>7} "
@@ -84,6 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--deploy-patients", type=int, default=None, help="new patients per clinic per period")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/bench-loop"))
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--summarise-only", action="store_true",
+                        help="read the runs already in --out-dir (their results.json) instead of running them")
     args = parser.parse_args(argv)
     flower_environment(Path.cwd())
     quiet_flower()
@@ -94,8 +107,14 @@ def main(argv: list[str] | None = None) -> dict:
                                    rounds=3, compare=False, deploy_cycles=args.versions,
                                    deploy_patients=args.deploy_patients, explore=mode == "explore")
             start = time.perf_counter()
-            summary = summarise(run_experiment(cfg))
-            seconds = time.perf_counter() - start
+            if args.summarise_only:
+                results = json.loads((cfg.out / "results.json").read_text())
+                seconds = results["timing"]["federation_s"] + sum(  # version 1's run, then every period
+                    d["treat_s"] + d["refit_s"] for d in results["policy"]["deployment"])
+            else:
+                results = run_experiment(cfg)
+                seconds = time.perf_counter() - start
+            summary = summarise(results, cfg.out)
             print_run(seed, mode, summary, seconds)
             runs.append({"seed": seed, "mode": mode, "seconds": seconds, **summary})
     write_record(args.out, "python benchmarks/closed_loop.py " + " ".join(argv or sys.argv[1:]), {"runs": runs})
