@@ -64,3 +64,21 @@ def logged_probability(decisions: pd.DataFrame | None, cycles: pd.DataFrame, for
            <= width / 2 + 1e-9)
     np.add.at(out, at[match], logged["probability"].to_numpy(dtype=float)[match])
     return out
+
+
+def own_practice(cycles: pd.DataFrame, decisions: pd.DataFrame | None) -> pd.DataFrame:
+    """The ``cycles`` (rows with patient_id and cycle) the site decided by its own practice: those with no
+    logged decision, and those whose logged decision was standard of care without randomisation (one option,
+    no policy version). A cycle a served policy or an exploration draw decided is not the site's practice, so
+    its standard of care (``client.site_gate.UsualFormulations``) is learned without it; all of ``cycles``
+    when none is left."""
+    if decisions is None or decisions.empty or cycles.empty:
+        return cycles
+    key = ["patient_id", "cycle"]
+    logged = decisions.assign(patient_id=decisions["patient_id"].astype(str), cycle=decisions["cycle"].astype(int))
+    per = logged.groupby(key).agg(options=("probability", "size"), policy=("policy_version", "count"))
+    own = per[(per["options"] == 1) & (per["policy"] == 0)].index
+    index = pd.MultiIndex.from_arrays([cycles["patient_id"].astype(str).to_numpy(),
+                                       cycles["cycle"].to_numpy(dtype=int)], names=key)
+    kept = cycles[~index.isin(per.index) | index.isin(own)]
+    return kept if len(kept) else cycles

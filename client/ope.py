@@ -30,7 +30,7 @@ from sklearn.linear_model import LinearRegression, LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-from client.decision_log import logged_probability
+from client.decision_log import logged_probability, own_practice
 from client.dp import Block, PhaseRelease
 from client.site_gate import UsualFormulations
 from shared.dosing_policy import RESPONSE, TOXICITY, DosingPolicy, label_actions
@@ -198,7 +198,7 @@ def site_value_sums(policy: DosingPolicy, episodes: pd.DataFrame, task, split_se
     reward = utility(cycles["response"], cycles["toxicity_grade3"], cycles["chf"])
     chosen = policy.recommend_frame(records, adjust=False)
     candidate, supported = dr_gamma(policy, logging, records, logged, reward, chosen, decisions)
-    soc = standard_of_care(policy, cycles, records, all_first)
+    soc = standard_of_care(policy, cycles, records, own_practice(all_first, decisions))
     standard, _ = dr_gamma(policy, logging, records, logged, reward, soc, decisions)
     off_support = off_support_credit(policy, records, chosen, soc, candidate - standard)
     return ValueSums.of(np.where(supported, candidate, standard + off_support), standard)

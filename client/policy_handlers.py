@@ -26,6 +26,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
+from client.decision_log import own_practice
 from client.dp import PhaseRelease
 from client.ope import first_cycles, private_value_sums, site_value_sums
 from client.policy_store import PolicyStore, PolicyStoreError, site_store_root
@@ -62,10 +63,12 @@ def install_contents(contents: dict[str, bytes], site_path: Path, trust_key: Pat
 
 
 def usual_formulations(source: SiteSource) -> UsualFormulations | None:
-    """The site's usual formulations from its logged first cycles (what its standard of care gives, as the gate
-    measured it: ``client.ope``); None if its data cannot be read or hold no first cycle with outcomes."""
+    """The site's usual formulations from the first cycles it logged by its own practice (what its standard of
+    care gives, as the gate measured it: ``client.ope``); None if its data cannot be read or hold no first cycle
+    with outcomes."""
     try:
-        logged = first_cycles(load(source).episodes)
+        site = load(source)
+        logged = own_practice(first_cycles(site.episodes), site.decisions)
         return UsualFormulations.of(logged) if len(logged) else None
     except (SiteDataError, OSError, ValueError, KeyError) as err:
         log(WARNING, "site gate: the usual formulations could not be read from the site's logs: %s", err)

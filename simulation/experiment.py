@@ -290,7 +290,7 @@ def policy_results(cfg: ExperimentConfig, policy: dict, sources: list[SiteSource
                 "local": lambda site: policy_decider(local[site]),
                 "pooled": lambda site: policy_decider(pooled),
                 "random": lambda site: random_decider(federated, seed=cfg.seed + 2)}
-    policies[SITE_SOC] = lambda site: site_soc_decider(federated, sites[site].episodes)
+    policies[SITE_SOC] = lambda site: site_soc_decider(federated, sites[site])
     alongside = ensemble(federated.formulations) if isinstance(federated, StructuredDosingPolicy) else None
     if alongside is not None:
         policies["ensemble"] = lambda site: policy_decider(alongside)
@@ -357,7 +357,7 @@ def version_entry(cfg: ExperimentConfig, policy: dict, trust: Path, world: World
     """One entry of ``policy.versions``: the version the run built, whether it shipped, its true value / oracle
     overall and per site next to standard of care's (measured as :func:`policy_results` measures version 1;
     a stopped candidate is measured too, so the gate's decision can be judged), the gate and ε per site.
-    ``sites``: site name → its episodes now (each site's own standard of care is learned from them)."""
+    ``sites``: site name → its data now (each site's own standard of care is learned from them)."""
     from shared.policy_loader import policy_from_bundle, policy_from_folder
     from simulation.policy_evaluation import evaluate_policies, policy_decider
 
@@ -413,8 +413,8 @@ def deploy(cfg: ExperimentConfig, world: World, sources: list[SiteSource],
         if not record.policy:
             raise RuntimeError(f"the refit after deployment period {period} built no policy")
         last = record.policy
-        episodes = {name: load_site(path).episodes for name, (path, _) in folders.items()}
-        entry = version_entry(cfg, record.policy, sources[0].trust_key, world, episodes, record)
+        now = {name: load_site(path) for name, (path, _) in folders.items()}
+        entry = version_entry(cfg, record.policy, sources[0].trust_key, world, now, record)
         cycles = np.array([s["cycles"] for s in sites.values()], dtype=float)
         value = float(np.average([s["value_per_cycle"] for s in sites.values()], weights=cycles))
         soc = float(np.average([s["soc_value_per_cycle"] for s in sites.values()], weights=cycles))
@@ -447,13 +447,16 @@ which differs from the simulator's ``standard_of_care`` (the clinic's one usual 
 utility per patient (BENCHMARKS.md, "Release gate's off-policy estimate against the truth")."""
 
 
-def site_soc_decider(limits, episodes):
-    """A site's own standard of care (:data:`SITE_SOC`) as a decide function, from its logged first cycles."""
+def site_soc_decider(limits, site):
+    """A site's own standard of care (:data:`SITE_SOC`) as a decide function, from the first cycles it decided
+    by its own practice (``site``: its :class:`shared.validation.SiteData`)."""
+    from client.decision_log import own_practice
     from client.ope import first_cycles
     from client.site_gate import UsualFormulations
     from shared.dosing_policy import label_actions
 
-    usual = UsualFormulations.of(first_cycles(episodes))  # the rows the gate and the site's store read
+    # the rows the gate and the site's store read
+    usual = UsualFormulations.of(own_practice(first_cycles(site.episodes), site.decisions))
     return lambda frame: label_actions(limits, frame, usual.for_records(frame["tumour_type"]))
 
 
@@ -559,8 +562,7 @@ def run_experiment(cfg: ExperimentConfig, on_round: Callable[[int], None] | None
         results["policy"] = policy_results(cfg, record.policy, sources, world, families, sites,
                                            partial(ensemble_of_run, cfg, record, artifacts))
         if world is not None:  # version 1, then the closed loop's versions
-            first = version_entry(cfg, record.policy, sources[0].trust_key, world,
-                                  {name: site.episodes for name, site in sites.items()}, record,
+            first = version_entry(cfg, record.policy, sources[0].trust_key, world, sites, record,
                                   results["policy"]["evaluation"])
             results["policy"]["versions"], results["policy"]["deployment"] = [first], []
             if cfg.deploy_cycles > 1:

@@ -248,3 +248,16 @@ def test_an_explored_period_gives_what_it_logged_inside_the_hard_rules_and_value
                       chf_cycle_probability(records["cumulative_dose_mg_m2"], logged["dose_mg_m2"]))
         expected = np.clip(q_u + np.minimum(1.0 / p, W_MAX) * (reward - q_u), -G_MAX, G_MAX)
         assert with_log == pytest.approx(expected)
+
+
+def test_the_sites_own_practice_leaves_out_cycles_a_policy_or_a_draw_decided():
+    from client.decision_log import own_practice
+
+    cycles = pd.DataFrame({"patient_id": ["old", "soc", "policy", "drawn"], "cycle": [1, 1, 1, 1]})
+    logged = pd.DataFrame({"patient_id": ["soc", "policy", "drawn", "drawn"], "cycle": [1, 1, 1, 1],
+                           "policy_version": pd.array([None, 2, None, None], dtype="Int64"),
+                           "probability": [1.0, 1.0, 0.6, 0.4]})
+    assert own_practice(cycles, logged)["patient_id"].tolist() == ["old", "soc"]
+    assert own_practice(cycles, None).equals(cycles)
+    everything_decided = cycles[cycles["patient_id"] == "policy"]
+    assert own_practice(everything_decided, logged).equals(everything_decided)  # nothing left: all of them
