@@ -10,12 +10,20 @@ of ``client.dp``). What stays at the site:
   covariates, and a linear model of log dose on the covariates and the formulation with a normal residual
   (a log-normal dose density); scikit-learn, standardised covariates, median-imputed with missing indicators;
 - the cycles it evaluates on: its held-out first cycles (validation and test splits, ``shared.task``), which
-  the candidate's models were not trained on, with all three outcomes recorded.
+  the candidate's models were not trained on, with all three outcomes recorded;
+- its decision log (``decisions.csv``, :mod:`client.decision_log`), where the telemedicine service recorded
+  every option of a decision with its probability: for a cycle it holds, the exact probability of the action
+  given replaces the habits model (and the habits model is fitted on the cycles it does not hold).
+
+A cycle whose candidate action is off the logs' support earns the structured models' lower 95 % bound on the
+improvement over standard of care, never more than the plain difference (:func:`off_support_credit`;
+``shared.off_policy``).
 
 **Standard of care** at a site is what it does today, in the simulator's and the label's terms: per tumour
-type the formulation it logs most often at first cycles (its most used overall where it has none), at the
-label dose for the tumour type with the label hepatic reduction (``shared.dosing_policy``), rounded to the
-dose step, under the same hard safety rules as any policy.
+type the formulation it logs most often at the first cycles it decided by its own practice (not those a served
+policy or an exploration draw decided: :func:`client.decision_log.own_practice`; its most used overall where
+it has none), at the label dose for the tumour type with the label hepatic reduction (``shared.dosing_policy``),
+rounded to the dose step, under the same hard safety rules as any policy.
 """
 
 from __future__ import annotations
