@@ -232,12 +232,13 @@ def off_support_credit(policy, records: pd.DataFrame, chosen: pd.DataFrame, soc:
 
 def habits(first: pd.DataFrame, decisions: pd.DataFrame | None) -> pd.DataFrame:
     """The first cycles the logging model learns the site's unlogged habits from: those without a logged
-    decision (exact probabilities replace the model there), or all of them when fewer than 2 are left."""
+    decision or given otherwise than it offered (exact probabilities replace the model elsewhere), or all of
+    them when fewer than 2 are left."""
     if decisions is None or decisions.empty:
         return first
     logged = logged_probability(decisions, first, first["formulation_id"].astype(str).to_numpy(),
                                 first["dose_mg_m2"].to_numpy(dtype=float), 1.0)
-    unlogged = first[np.isnan(logged)]
+    unlogged = first[~(logged > 0)]  # no decision logged, or the action given was none of its options
     return unlogged if int((unlogged["dose_mg_m2"].to_numpy(dtype=float) > 0).sum()) >= 2 else first
 
 
