@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> dict:
                                    deploy_patients=args.deploy_patients, explore=mode == "explore")
             start = time.perf_counter()
             if args.summarise_only:
+                if not (cfg.out / "results.json").exists():
+                    print(f"\nseed {seed}, {mode}: no run in {cfg.out}")
+                    continue
                 results = json.loads((cfg.out / "results.json").read_text())
                 seconds = results["timing"]["federation_s"] + sum(  # version 1's run, then every period
                     d["treat_s"] + d["refit_s"] for d in results["policy"]["deployment"])
