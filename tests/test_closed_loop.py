@@ -81,13 +81,18 @@ def test_simulate_with_deploy_cycles_refits_on_the_deployed_patients_and_reports
     assert [p["period"] for p in periods] == [1]
     explored = periods[0]["exploration"]
     assert explored["explore"] and not explored["trial"]  # version 1 shipped: no candidate left in equipoise
-    assert explored["first_cycles"] == 40 and explored["dose_spread"] > 0 and explored["trial_arm"] == 0
+    assert explored["first_cycles"] == 40 and explored["trial_arm"] == explored["equipoise"] == 0  # the ensemble
+    spread = 0
     for site, figures in periods[0]["sites"].items():
         assert figures["served_version"] == 1 and figures["patients"] == 20
         logged = load_site(tmp_path / "out" / "sites" / site).decisions
         assert set(logged["policy_version"]) == {1} and logged.groupby(["patient_id", "cycle"]).ngroups >= 20
+        drawn = logged[(logged["cycle"] == 1) & (logged["chosen"] == 1)]
+        spread += int((drawn["probability"] < 0.6 - 1e-9).sum())  # a neighbouring dose was drawn, not the served
+        assert (logged.loc[logged["cycle"] > 1, "probability"] == 1.0).all()
         assert figures["cost_vs_soc"] == pytest.approx(figures["soc_value_per_cycle"] - figures["value_per_cycle"])
         assert load_site(tmp_path / "out" / "sites" / site).episodes["patient_id"].str.contains("-D1P").any()
+    assert explored["dose_spread"] == spread  # (the ensemble may serve the lowest dose to all: then none)
     for v in versions:
         assert 0 < v["value_oracle"] <= 1 and set(v["per_site"]) == set(periods[0]["sites"])
         # each run may spend ε / K of the site's lifetime ε = 3: two runs stay within the budget
