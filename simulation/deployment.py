@@ -20,9 +20,10 @@ at the simulated clinics, each deployment period:
 Every recommendation a clinic makes is logged with the options it was drawn from and their probabilities
 (``decisions.csv``, :mod:`client.decision_log`): probability 1 without exploration. With ``exploration``
 (``--explore``, :mod:`shared.exploration`) the first cycles are randomised inside the hard rules: a dose spread
-around what the clinic serves and, when the last candidate was stopped by the gate in equipoise (its interval
-contained 0), a trial arm of that candidate. The period's figures count the first cycles that got the trial
-arm's action or a spread dose; its cost against standard of care includes theirs.
+around what the clinic serves, formulations in equipoise with a served structured policy's choice and, when
+the last candidate was stopped by the gate in equipoise, a trial arm of that candidate. The period's figures
+count the first cycles that got the trial arm's formulation, another formulation in equipoise or another dose;
+its cost against standard of care includes theirs.
 
 Each period's own figures use the rollout's *true expected* outcomes (``utility`` per cycle, as
 :mod:`simulation.policy_rollout` defines it); each version's value / oracle is measured exactly as version 1's
@@ -100,6 +101,7 @@ class Recommender:
     def __call__(self, frame: pd.DataFrame) -> pd.DataFrame:
         frame = frame.reset_index(drop=True)
         first = frame["cycle"].to_numpy(dtype=int) == 1
+        self.first_cycles += int(first.sum())
         exploring = self.exploration is not None and first.any()
         alternatives = None
         if self.policy is None:
@@ -135,12 +137,9 @@ class Recommender:
                        if len(arms) > 1 else np.zeros(len(rows), dtype=bool))
             changed = rows[differs]  # only where every arm gives (shared.exploration): the served action was "give"
             actions.loc[changed, ["formulation_id", "dose_mg_m2", "interval_days"]] = given[differs].to_numpy()
-            self.first_cycles += int(first.sum())
             self.spread += int((differs & ~other).sum())  # the served formulation, another dose
             self.trial_arm += int((other & trial_f).sum())
             self.equipoise += int((other & ~trial_f).sum())
-        elif first.any():
-            self.first_cycles += int(first.sum())
         return actions
 
     def decisions(self) -> pd.DataFrame:
