@@ -15,11 +15,17 @@ about; later cycles follow the served policy's adjustment and safety rules from 
    of care). This is a randomised comparison of the two policies at the sites, the evidence a clinic would
    ask for; its cost is at most ``trial_share`` × the candidate's shortfall, and the next gate values the
    candidate on exactly weighted data;
-2. **formulations in equipoise** — where the served policy is the structured one, the other formulations whose
-   best supported action's optimistic utility reaches the served action's pessimistic score (their confidence
-   bounds overlap: the data cannot tell them apart) share ``equipoise_share`` of the served arm's probability
-   (:meth:`shared.structured_policy.StructuredDosingPolicy.recommend_with_alternatives`); a formulation the
-   policy is sure is worse is never tried;
+2. **a formulation in equipoise** — the best-scoring other formulation whose best supported action's optimistic
+   utility reaches the pessimistic score of what the site serves (their confidence bounds overlap, or it is
+   better: the data do not show it worse) takes ``equipoise_share`` of the served arm's probability
+   (:meth:`shared.structured_policy.StructuredDosingPolicy.equipoise_with`); one per decision, so its own dose
+   keeps 0.2 × 0.6 = 0.12 ≥ ``shared.off_policy.MIN_SUPPORT`` and the next gate values it on the support. The
+   judge is the served structured policy; **while standard of care is served**, the last candidate the gate
+   stopped, or the installed version the site's own gate found worse (:class:`simulation.deployment.
+   Recommender`): otherwise a candidate whose actions are off the logs' support is stopped by the gate's
+   pessimism, standard of care is served, and the logs never come to cover what the candidate would do (the
+   lock-out measured in BENCHMARKS.md, "Closed loop with exploration", seed 2). A formulation the models are
+   sure is worse is never tried;
 3. **a dose spread** — the arm's dose is kept with probability ``1 − spread_share``; otherwise one of the
    other doses at most ``spread_steps`` dose steps and ±``dose_spread`` from it, uniformly (one step each way by
    default, so that every option keeps a probability the off-policy estimate can use: with the trial arm,
@@ -74,8 +80,8 @@ class Exploration:
     spread_steps : int, default 1
         How many dose steps the spread reaches each way (within ``dose_spread``).
     equipoise_share : float, default 0.2
-        Probability, within the served arm, of one of the other formulations in equipoise with the served action
-        (the structured policy's confidence bounds overlap; shared equally among them).
+        Probability, within the served arm, of the other formulation in equipoise with the served action (module
+        docstring, item 2).
     trial_margin : float, default 0.1
         Largest loss per patient against standard of care (utility; the gate's lower 95 % bound) a candidate's
         trial may risk: about the gap between standard of care and the oracle's best action on the default world.
@@ -118,7 +124,8 @@ class Exploration:
         cap per record; ``dose_grid``: the allowed dose steps (mg/m²). ``alternatives``: actions in equipoise
         with the served one (row, formulation_id, dose_mg_m2, interval_days; :meth:`shared.structured_policy.
         StructuredDosingPolicy.recommend_with_alternatives`), which share ``equipoise_share`` of the served
-        arm's probability equally. Options of the same action from two arms are merged (probabilities added)."""
+        arm's probability equally; an optional column ``ceiling`` caps their spread doses. Options of the same
+        action from two arms are merged (probabilities added)."""
         shares = np.array([share for share, _ in arms], dtype=float)
         if not np.isclose(shares.sum(), 1.0) or (shares < 0).any():
             raise ValueError(f"arm shares {shares.tolist()} must be non-negative and sum to 1")
@@ -142,8 +149,9 @@ class Exploration:
                 own = np.where(k.reindex(rows).fillna(0).to_numpy() > 0, share * (1 - self.equipoise_share), share)
                 if len(alt):
                     alt_limited = pd.Series(limited, index=rows).reindex(alt["row"]).to_numpy()
+                    ceiling = alt["ceiling"].to_numpy(dtype=float) if "ceiling" in alt else None
                     parts.append(self._spread(alt, share * self.equipoise_share / k.reindex(alt["row"]).to_numpy(),
-                                              alt_limited, cap, grid))
+                                              alt_limited, cap, grid, ceiling))
             parts.append(self._spread(taken, own, limited, cap, grid))
         served = arms[0][1]
         still = np.flatnonzero(~giving)  # not explored: the served action, probability 1
@@ -157,13 +165,15 @@ class Exploration:
         return options[list(OPTION_COLUMNS)]
 
     def _spread(self, actions: pd.DataFrame, share: np.ndarray, limited: np.ndarray, cap: np.ndarray,
-                grid: np.ndarray) -> pd.DataFrame:
+                grid: np.ndarray, ceiling: np.ndarray | None = None) -> pd.DataFrame:
         """Options of ``actions`` (one per line: row, formulation_id, dose_mg_m2, interval_days) with
         probability ``share`` each: the action's dose, and the spread around it within the caps (``limited``:
-        a safety rule lowered that dose, so nothing above it)."""
+        a safety rule lowered that dose, so nothing above it; ``ceiling``: a further dose limit per line)."""
         rows = actions["row"].to_numpy(dtype=int)
         dose = actions["dose_mg_m2"].to_numpy(dtype=float)
         upper = np.where(limited, np.minimum(dose, cap[rows]), cap[rows])  # a spread dose is never above either
+        if ceiling is not None:
+            upper = np.minimum(upper, np.maximum(ceiling, dose))
         step = float(np.min(np.diff(grid))) if grid.size > 1 else 1.0
         distance = np.abs(grid[None, :] - dose[:, None])
         near = (distance <= self.dose_spread * dose[:, None] + 1e-9) & (distance <= self.spread_steps * step + 1e-9) \

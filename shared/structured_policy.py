@@ -269,16 +269,32 @@ class StructuredDosingPolicy:
            get (:meth:`_monotone_guard`, the ensemble policy's guard: no input that means the patient tolerates
            the drug worse raises the dose, whatever the fitted models learned from confounded logs).
         """
-        return self.recommend_with_alternatives(frame)[0]
+        return self._recommend(frame)[0]
 
     def recommend_with_alternatives(self, frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """:meth:`recommend_frame`'s table, and per patient given a dose the actions **in equipoise** with the
-        recommended one: for each other formulation of the catalogue, its best-scoring supported action within
-        the caps whose *optimistic* utility (``high(P(response)) − W_TOXICITY · low(P(toxicity)) − W_CHF · P(CHF)``)
-        reaches the recommended action's *pessimistic* score — the data cannot tell them apart, the condition
-        under which a site may randomise between them (``shared.exploration``). An alternative's dose is never
-        above the recommended dose where the monotone guard capped it. Alternatives: columns row,
-        formulation_id, dose_mg_m2, interval_days."""
+        """:meth:`recommend_frame`'s table, and per patient given a dose the action **in equipoise** with the
+        recommended one (:meth:`equipoise_with` the table itself)."""
+        table, graded, candidates = self._recommend(frame)
+        return table, self._equipoise(graded, table, candidates, self._guarded_limit(table))
+
+    def equipoise_with(self, frame: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
+        """Per patient whom ``reference`` (aligned with ``frame``: action, formulation_id, dose_mg_m2,
+        interval_days; e.g. standard of care) gives a dose, the action of another formulation that this policy's
+        models **cannot rank below it**: of each other formulation its best-scoring supported action within the
+        hard caps, kept if its *optimistic* utility (``high(P(response)) − W_TOXICITY · low(P(toxicity)) −
+        W_CHF · P(CHF)``) reaches the reference action's *pessimistic* score (the confidence bounds overlap, or
+        it is better: the data do not show it worse), and of those the best-scoring one — one alternative per
+        patient, so that a share of the decision split between two actions keeps each above the off-policy
+        estimate's support threshold (``shared.off_policy.MIN_SUPPORT``). Its dose is never above the dose
+        this policy's monotone guard would give the patient. This is the condition under which a site may
+        randomise between them (``shared.exploration``). Returns columns row, formulation_id, dose_mg_m2,
+        interval_days, and ``ceiling``: that guard's dose for the patient (infinite where it did not act), which
+        a dose spread around the alternative must not exceed either."""
+        table, graded, candidates = self._recommend(frame)
+        return self._equipoise(graded, reference.reset_index(drop=True), candidates, self._guarded_limit(table))
+
+    def _recommend(self, frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+        """The recommendation table (:meth:`recommend_frame`), the graded records and the scored candidates."""
         frame = frame.reset_index(drop=True)
         rules: list[list[RuleApplied]] = [[] for _ in range(len(frame))]
         cap, verdict = self.safety_limits(frame, rules)
@@ -286,33 +302,40 @@ class StructuredDosingPolicy:
         graded = graded_frame(frame, grades)
         candidates, chosen = self._decide(graded, cap, rules)
         chosen = self._monotone_guard(graded, grades, verdict, candidates, chosen, rules)
-        table = self._assemble(frame, verdict, chosen, rules)
-        return table, self._equipoise(graded, table, candidates)
+        return self._assemble(frame, verdict, chosen, rules), graded, candidates
 
-    def _equipoise(self, graded: pd.DataFrame, table: pd.DataFrame, candidates: pd.DataFrame) -> pd.DataFrame:
-        """The alternatives of :meth:`recommend_with_alternatives` from the scored candidates."""
-        columns = ["row", "formulation_id", "dose_mg_m2", "interval_days"]
-        giving = np.flatnonzero(table["action"].astype(str).to_numpy() == "give")
+    @staticmethod
+    def _guarded_limit(table: pd.DataFrame) -> np.ndarray:
+        """Per row: the recommended dose where the monotone guard capped it, else infinity."""
+        guarded = np.array([any(rule.rule == "monotone-guard" for rule in rules) for rules in table["rules"]],
+                           dtype=bool)
+        return np.where(guarded, table["dose_mg_m2"].to_numpy(dtype=float), np.inf)
+
+    def _equipoise(self, graded: pd.DataFrame, reference: pd.DataFrame, candidates: pd.DataFrame,
+                   limit: np.ndarray) -> pd.DataFrame:
+        """The alternative of :meth:`equipoise_with` to each giving row of ``reference``, from the scored
+        candidates, no dose above ``limit`` (per row)."""
+        columns = ["row", "formulation_id", "dose_mg_m2", "interval_days", "ceiling"]
+        giving = np.flatnonzero(reference["action"].astype(str).to_numpy() == "give")
         if candidates.empty or not giving.size:
             return pd.DataFrame({c: pd.Series(dtype=object if c == "formulation_id" else float) for c in columns})
         o = self.objective
-        pick = table.iloc[giving]
-        picked = pick[["formulation_id", "dose_mg_m2", "interval_days"]].assign(row=giving)
-        scored = self._predict(graded, picked[columns].reset_index(drop=True)).set_index("row")
-        guarded = np.array([any(rule.rule == "monotone-guard" for rule in rules) for rules in pick["rules"]],
-                           dtype=bool)
-        limit = pd.Series(np.where(guarded, pick["dose_mg_m2"].to_numpy(dtype=float), np.inf), index=giving)
+        picked = reference.iloc[giving][["formulation_id", "dose_mg_m2", "interval_days"]].assign(row=giving)
+        scored = self._predict(graded, picked[columns[:4]].reset_index(drop=True)).set_index("row")
         cand = candidates[candidates["row"].isin(giving)]
         cand = cand[cand["formulation_id"].to_numpy() != picked.set_index("row")["formulation_id"].reindex(
             cand["row"]).to_numpy()]
-        cand = cand[cand["dose_mg_m2"].to_numpy() <= limit.reindex(cand["row"]).to_numpy() + 1e-9]
+        cand = cand[cand["dose_mg_m2"].to_numpy() <= limit[cand["row"].to_numpy()] + 1e-9]
         if cand.empty:
-            return cand[columns].reset_index(drop=True)
+            return cand.assign(ceiling=np.inf)[columns].reset_index(drop=True)
         best = cand.loc[cand.groupby(["row", "formulation_id"])["score"].idxmax()]
         optimistic = (best[f"{RESPONSE}_high"] - o.toxicity_weight * best[f"{TOXICITY}_low"]
                       - o.heart_failure_weight * best["chf"]).to_numpy()
-        reference = scored["score"].reindex(best["row"]).to_numpy()
-        return best[optimistic >= reference][columns].sort_values(columns[:2]).reset_index(drop=True)
+        reference_score = scored["score"].reindex(best["row"]).to_numpy()
+        kept = best[optimistic >= reference_score]  # NaN (a formulation the models do not know) is never kept
+        kept = kept.loc[kept.groupby("row")["score"].idxmax()] if len(kept) else kept
+        kept = kept.assign(ceiling=limit[kept["row"].to_numpy()])
+        return kept[columns].sort_values(columns[:2]).reset_index(drop=True)
 
     def tolerance_grades(self) -> tuple[ToleranceGrades, ...]:
         """The ensemble's tolerance grades (the hard rules' thresholds added) of the inputs this policy reads

@@ -20,8 +20,10 @@ at the simulated clinics, each deployment period:
 Every recommendation a clinic makes is logged with the options it was drawn from and their probabilities
 (``decisions.csv``, :mod:`client.decision_log`): probability 1 without exploration. With ``exploration``
 (``--explore``, :mod:`shared.exploration`) the first cycles are randomised inside the hard rules: a dose spread
-around what the clinic serves, formulations in equipoise with a served structured policy's choice and, when
-the last candidate was stopped by the gate in equipoise, a trial arm of that candidate. The period's figures
+around what the clinic serves, the formulation in equipoise with what it serves (judged by the served structured
+policy's models; while standard of care is served, by the models of the last candidate the gate stopped, or of
+the installed version the site's own gate found worse) and, when the last candidate was stopped by the gate in
+equipoise, a trial arm of that candidate. The period's figures
 count the first cycles that got the trial arm's formulation, another formulation in equipoise or another dose;
 its cost against standard of care includes theirs.
 
@@ -61,15 +63,20 @@ def served_policy(site: Path, trust_key: Path) -> tuple[AnyPolicy | None, Served
     release gate on this site's own logs) finds it worse than standard of care — the product's rule
     (:mod:`client.site_gate`); the simulator's standard of care is then the clinic's own practice."""
     store = PolicyStore(site_store_root(site), trust_key)
-    installed = store.installed_path()
-    if installed is None:
+    policy = installed_policy(site, trust_key)
+    if policy is None:
         return None, Served(None, "no policy installed: standard of care")
-    policy = policy_from_bundle(installed, trust_key)  # the ensemble or the structured policy
     gate = store.site_gate()
     if gate is not None and gate.version == policy.version and gate.worse:
         return None, Served(None, f"v{policy.version} installed, but the site's own logs find it worse than "
                                   f"standard of care ({gate.verdict.describe()}): standard of care served")
     return policy, Served(policy.version, f"v{policy.version} installed and served")
+
+
+def installed_policy(site: Path, trust_key: Path) -> AnyPolicy | None:
+    """The version installed in the site's store (the ensemble or the structured policy), verified; None."""
+    installed = PolicyStore(site_store_root(site), trust_key).installed_path()
+    return None if installed is None else policy_from_bundle(installed, trust_key)
 
 
 def append_rows(path: Path, rows: pd.DataFrame) -> None:
@@ -88,12 +95,16 @@ FIXED = Exploration(trial_share=0.0, spread_share=0.0)
 class Recommender:
     """A clinic's telemedicine service for one period: what it serves (``policy``, None: standard of care as the
     clinic practises it, ``soc``), randomised on first cycles by ``exploration`` (with the ``trial`` arm if
-    any), every decision logged with its options (``log``: rows of ``decisions.csv``)."""
+    any), every decision logged with its options (``log``: rows of ``decisions.csv``). ``judge``: while
+    standard of care is served, a structured policy whose models say which other formulation is in equipoise
+    with it (:meth:`shared.structured_policy.StructuredDosingPolicy.equipoise_with`): the candidate the gate
+    stopped, or the installed version the site's own gate found worse."""
 
     def __init__(self, policy: AnyPolicy | None, soc, exploration: Exploration | None, trial: AnyPolicy | None,
-                 rng: np.random.Generator):
+                 rng: np.random.Generator, judge: AnyPolicy | None = None):
         self.policy, self.soc, self.exploration, self.trial, self.rng = policy, soc, exploration, trial, rng
-        self.rules = policy or trial or DosingPolicy(encoder=None, members={}, formulations={},  # type: ignore[arg-type]
+        self.judge = judge if hasattr(judge, "equipoise_with") else None
+        self.rules = policy or trial or self.judge or DosingPolicy(encoder=None, members={}, formulations={},  # type: ignore[arg-type]
                                                      action_space=ActionSpace(), safety=SafetyRules())
         self.log: list[pd.DataFrame] = []
         self.first_cycles = self.trial_arm = self.equipoise = self.spread = 0
@@ -106,6 +117,10 @@ class Recommender:
         alternatives = None
         if self.policy is None:
             served = self.soc(frame)
+            if exploring and self.judge is not None:
+                rows = np.flatnonzero(first)
+                alternatives = self.judge.equipoise_with(frame.iloc[rows], served.iloc[rows])
+                alternatives["row"] = rows[alternatives["row"].to_numpy(dtype=int)]
         elif exploring and hasattr(self.policy, "recommend_with_alternatives"):  # the structured policy
             served, alternatives = self.policy.recommend_with_alternatives(frame)
         else:
@@ -154,12 +169,13 @@ def same_action(a: pd.DataFrame, b: pd.DataFrame) -> np.ndarray:
 
 def treat_period(world: World, sites: dict[str, tuple[Path, Path]], period: int, patients: int,
                  seed: int, exploration: Exploration | None = None,
-                 trials: dict[str, AnyPolicy] | None = None) -> dict[str, dict]:
+                 trials: dict[str, AnyPolicy] | None = None, candidate: AnyPolicy | None = None) -> dict[str, dict]:
     """One deployment period at every clinic of ``sites`` (name → (site folder, trust key)): treat, append,
     re-validate. ``exploration``: randomise first cycles (module docstring), with ``trials[clinic]`` as the
-    trial arm where given. Returns per site what was served, the patients and cycles treated, the first cycles
-    explored, and the mean true utility per cycle under the served policy and under standard of care for the
-    same patients."""
+    trial arm where given; where standard of care is served, formulations in equipoise with it are judged by
+    ``candidate`` (the last candidate the gate stopped) or else by the installed version. Returns per site
+    what was served, the patients and cycles treated, the first cycles explored, and the mean true utility per
+    cycle under the served policy and under standard of care for the same patients."""
     result = {}
     for clinic in world.clinics:
         if clinic.name not in sites:
@@ -169,7 +185,15 @@ def treat_period(world: World, sites: dict[str, tuple[Path, Path]], period: int,
         soc = standard_of_care(world, clinic)
         period_seed = seed * 1000 + period
         trial = (trials or {}).get(clinic.name) if exploration is not None else None
-        recommender = Recommender(policy, soc, exploration, trial, np.random.default_rng([clinic.seed, period_seed, 7]))
+        judge, judged_by = None, None
+        if exploration is not None and policy is None:
+            judge, judged_by = candidate, "the stopped candidate"
+            if judge is None:
+                judge = installed_policy(folder, trust)
+                judged_by = None if judge is None else f"installed v{judge.version}"
+
+        recommender = Recommender(policy, soc, exploration, trial, np.random.default_rng([clinic.seed, period_seed, 7]),
+                                  judge)
         treated = treat_clinic(world, clinic, recommender, patients, period_seed, ids=f"D{period}")
         baseline = treat_clinic(world, clinic, soc, patients, period_seed, ids=f"D{period}").cycles
         append_rows(folder / "episodes.csv", treated.episodes)
@@ -186,5 +210,6 @@ def treat_period(world: World, sites: dict[str, tuple[Path, Path]], period: int,
             "soc_toxicity_rate": float(np.mean(baseline["p_toxicity"])),
             "exploration": {"first_cycles": recommender.first_cycles, "trial_arm": recommender.trial_arm,
                             "equipoise": recommender.equipoise, "dose_spread": recommender.spread,
-                            "trial": trial is not None}}
+                            "trial": trial is not None,
+                            "equipoise_judged_by": judged_by if recommender.judge is not None else None}}
     return result

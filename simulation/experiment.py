@@ -400,11 +400,12 @@ def deploy(cfg: ExperimentConfig, world: World, sources: list[SiteSource],
         say(f"deployment period {period}/{cfg.deploy_cycles - 1}")
         start = time.perf_counter()
         trial = trial_arm(last, exploration) if exploration is not None else None
+        candidate = stopped_candidate(last) if exploration is not None else None
         sites = {}
         for name, source in folders.items():
             patients = cfg.deploy_patients or max(10, sizes[name] // 2)
             sites.update(treat_period(world, {name: source}, period, patients, cfg.seed, exploration,
-                                      {name: trial} if trial is not None else None))
+                                      {name: trial} if trial is not None else None, candidate))
         treated_s = time.perf_counter() - start
         say(f"refit after period {period}")
         record = run_federation(cfg, sources, on_round)
@@ -433,9 +434,18 @@ def trial_arm(policy_entry: dict, exploration: Exploration):
     """The last run's candidate as a trial arm (:mod:`shared.exploration`), loaded now (the next run's candidate
     replaces its folder): only if it was not shipped and the gate stopped it in equipoise within the trial's
     margin (:meth:`shared.exploration.Exploration.allows_trial`); None otherwise."""
+    if not exploration.allows_trial(policy_entry.get("gate") or {}):
+        return None
+    return stopped_candidate(policy_entry)
+
+
+def stopped_candidate(policy_entry: dict):
+    """The last run's candidate if the gate stopped it (loaded now: the next run's candidate replaces its
+    folder), else None. Where standard of care is served, its models judge which formulation is in equipoise
+    with it (:class:`simulation.deployment.Recommender`)."""
     from shared.policy_loader import policy_from_folder
 
-    if policy_entry.get("shipped") or not exploration.allows_trial(policy_entry.get("gate") or {}):
+    if policy_entry.get("shipped") or not policy_entry.get("candidate"):
         return None
     return policy_from_folder(Path(policy_entry["candidate"]))
 
