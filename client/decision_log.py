@@ -9,6 +9,11 @@ probability 1. The log never leaves the site: the site's off-policy estimate rea
 
 from __future__ import annotations
 
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +44,71 @@ def append_decisions(site: Path, rows: pd.DataFrame) -> None:
     """Append ``rows`` to the site's ``decisions.csv`` (created with its header when absent)."""
     path = Path(site) / DECISIONS_FILE
     rows[COLUMNS].to_csv(path, mode="a", header=not path.exists(), index=False, float_format="%.9g")
+
+
+class DecisionLog:
+    """The decision log of a deployed telemedicine service (``fednano serve --site``, ``fednano recommend
+    --site``): each dose it recommends, one option with probability 1 (it explores nothing), under the served
+    policy's version, or none where the site gate made it serve standard of care (``client.site_gate``: that
+    is the site's own practice, :func:`own_practice`). With it the site's next off-policy estimate values a
+    candidate that agrees with the served policy on exact weights (:func:`client.ope.dr_gamma`), and its
+    standard of care is learned from its own practice only. A withheld or stopped cycle is not a dose and is
+    not logged (as in the simulated clinics).
+
+    A patient's cycle asked about again (a corrected record, another look) replaces its earlier decision:
+    the log keeps one decision per (patient_id, cycle), as the data contract requires, and the file is
+    rewritten atomically. A log the service cannot read or write is left untouched and the recommendation is
+    still answered: logging never stands between a clinician and an answer; ``problem`` says what went wrong
+    (``/health`` reports it), naming the file, never a patient."""
+
+    def __init__(self, site: Path) -> None:
+        self.path = Path(site) / DECISIONS_FILE
+        self.problem: str | None = None
+        self._lock = threading.Lock()
+
+    def record(self, records: Sequence, recommendations: Sequence) -> int:
+        """Log the dose decisions among ``recommendations`` (aligned with the ``records``,
+        :class:`shared.patient_record.PatientRecord`s); returns how many were written (0 on a problem)."""
+        from client.site_gate import SITE_GATE_RULE
+
+        rows = [{"patient_id": str(record.patient_id), "cycle": int(record.cycle),
+                 "policy_version": None if any(r.rule == SITE_GATE_RULE for r in rec.rules) else rec.policy_version,
+                 "formulation_id": rec.formulation_id, "dose_mg_m2": float(rec.dose_mg_m2),
+                 "interval_days": int(rec.interval_days), "probability": 1.0, "chosen": 1}
+                for record, rec in zip(records, recommendations, strict=True)
+                if rec.action == "give" and rec.formulation_id is not None]
+        if not rows:
+            return 0
+        new = pd.DataFrame(rows, columns=COLUMNS).drop_duplicates(["patient_id", "cycle"], keep="last")
+        new["policy_version"] = pd.array(new["policy_version"], dtype="Int64")
+        with self._lock:
+            try:
+                self._write(new)
+            except (OSError, ValueError, pd.errors.ParserError) as err:
+                self.problem = (f"{self.path}: the decision log could not be updated ({type(err).__name__}); "
+                                "recommendations are answered but not logged until it is fixed")
+                logging.getLogger(__name__).warning(self.problem)
+                return 0
+        self.problem = None
+        return len(new)
+
+    def _write(self, new: pd.DataFrame) -> None:
+        if self.path.exists():
+            old = pd.read_csv(self.path, dtype={"patient_id": str})
+            if list(old.columns) != COLUMNS:
+                raise ValueError("unexpected columns")
+            old["policy_version"] = pd.array(old["policy_version"], dtype="Int64")
+            key = pd.MultiIndex.from_frame(old[["patient_id", "cycle"]].astype({"cycle": int}))
+            replaced = key.isin(pd.MultiIndex.from_frame(new[["patient_id", "cycle"]]))
+            new = pd.concat([old[~replaced], new], ignore_index=True)
+        handle, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=".decisions-", suffix=".csv")
+        try:
+            with os.fdopen(handle, "w", newline="") as out:
+                new[COLUMNS].to_csv(out, index=False, float_format="%.9g")
+            os.replace(temporary, self.path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
 
 
 def logged_probability(decisions: pd.DataFrame | None, cycles: pd.DataFrame, formulation: np.ndarray,

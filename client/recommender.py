@@ -416,10 +416,14 @@ def recommend_many(policy, records: Sequence[PatientRecord], source: str = "pati
             for i, why in err.problems])) from None
 
 
-def recommend(policy, record: PatientRecord, fhir: bool = False, source: str = "patient record") -> dict[str, Any]:
+def recommend(policy, record: PatientRecord, fhir: bool = False, source: str = "patient record",
+              log=None) -> dict[str, Any]:
     """One recommendation as JSON: the policy's fields, or with ``fhir`` a FHIR R4 resource
-    (:func:`client.fhir.fhir_resource`: a MedicationRequest, or an OperationOutcome when treatment stops)."""
+    (:func:`client.fhir.fhir_resource`: a MedicationRequest, or an OperationOutcome when treatment stops);
+    ``log``: the site's :class:`client.decision_log.DecisionLog`, which records it."""
     recommendation = recommend_many(policy, [record], source)[0]
+    if log is not None:
+        log.record([record], [recommendation])
     if fhir:
         from client.fhir import fhir_resource
 

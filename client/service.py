@@ -30,6 +30,9 @@ rule ``site-gate`` saying so (:mod:`client.site_gate`; ``/health`` reports the v
 standard of care cannot be named (its usual formulation is not in the record's catalogue) gets a 422 naming
 the reason, never another answer. :func:`serve` runs the app with uvicorn, on 127.0.0.1 unless told otherwise.
 
+A service serving a site (``fednano serve --site``) records every dose it recommends in the site's decision log
+(``decisions.csv``, :class:`client.decision_log.DecisionLog`), which the site's next release-gate estimate reads.
+
 Example
 -------
 >>> app = make_app(load_policy(bundle, trust_key))                   # doctest: +SKIP
@@ -47,6 +50,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 
+from client.decision_log import DecisionLog
 from client.recommender import (
     InputProblem,
     InstalledPolicy,
@@ -84,9 +88,16 @@ class BodyTooLarge(Exception):
         self.limit = limit
 
 
-def make_app(served: DosingPolicy | InstalledPolicy) -> FastAPI:
+def make_app(served: DosingPolicy | InstalledPolicy, log: DecisionLog | None = None) -> FastAPI:
     """The HTTP app serving a loaded policy, or the one a site's store holds (:class:`InstalledPolicy`: a newer
-    install is served once installed, and nothing is while the store cannot vouch for its policy: 503)."""
+    install is served once installed, and nothing is while the store cannot vouch for its policy: 503).
+    ``log``: the site's decision log (``decisions.csv``), where every dose recommended is recorded."""
+
+    def recommended(records: list[PatientRecord]) -> list:
+        results = recommend_many(current(), records, "body")
+        if log is not None:
+            log.record(records, results)
+        return results
     current = served.current if isinstance(served, InstalledPolicy) else lambda: served
     policy = current()
     version = policy.manifest.version if policy.manifest is not None else None
@@ -103,13 +114,16 @@ def make_app(served: DosingPolicy | InstalledPolicy) -> FastAPI:
     def health() -> dict[str, Any]:
         """Service status, the policy version and its signed manifest's metadata (503 if no policy may be
         served)."""
-        return health_report(current())
+        report = health_report(current())
+        if log is not None:
+            report["decision_log"] = {"file": log.path.name, "problem": log.problem}
+        return report
 
     @app.post("/recommend", response_model=Recommendation, openapi_extra=_body_schema("PatientRecord"))
     async def recommend_one(request: Request) -> dict[str, Any]:
         """The recommendation for one patient record."""
         record = validate_record(await _json_body(request, MAX_RECORD_BYTES), "body")
-        result = await run_in_threadpool(recommend_many, current(), [record], "body")
+        result = await run_in_threadpool(recommended, [record])
         return recommendation_json(result[0])
 
     @app.post("/recommend/batch", response_model=list[Recommendation],
@@ -118,7 +132,7 @@ def make_app(served: DosingPolicy | InstalledPolicy) -> FastAPI:
         """Recommendations for a list of 1 to ``MAX_BATCH`` records, in order (one vectorised call of the
         policy)."""
         records = validate_batch(await _json_body(request, MAX_BATCH_BYTES), MAX_BATCH)
-        results = await run_in_threadpool(recommend_many, current(), records, "body")
+        results = await run_in_threadpool(recommended, records)
         return [recommendation_json(r) for r in results]
 
     @app.post("/recommend/fhir", response_class=JSONResponse,
@@ -131,7 +145,7 @@ def make_app(served: DosingPolicy | InstalledPolicy) -> FastAPI:
         from client.fhir import fhir_resource
 
         record = validate_record(await _json_body(request, MAX_RECORD_BYTES), "body")
-        result = await run_in_threadpool(recommend_many, current(), [record], "body")
+        result = await run_in_threadpool(recommended, [record])
         return JSONResponse(fhir_resource(result[0]), media_type=FHIR_JSON)
 
     return app
@@ -248,8 +262,10 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     return app.openapi_schema
 
 
-def serve(served: DosingPolicy | InstalledPolicy, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
-    """Serve the policy (or the one a site's store holds) over HTTP with uvicorn until interrupted."""
+def serve(served: DosingPolicy | InstalledPolicy, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+          log: DecisionLog | None = None) -> None:
+    """Serve the policy (or the one a site's store holds) over HTTP with uvicorn until interrupted, recording
+    each dose recommended in ``log`` if given."""
     import uvicorn
 
-    uvicorn.run(make_app(served), host=host, port=port, log_level="info")
+    uvicorn.run(make_app(served, log), host=host, port=port, log_level="info")

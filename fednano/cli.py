@@ -316,6 +316,7 @@ def recommend(
     """Recommend formulation, dose and interval for one patient from the site's verified policy; print JSON."""
     import json
 
+    from client.decision_log import DecisionLog
     from client.recommender import RecommenderInputError, policy_to_serve, read_patient, with_vitals
     from client.recommender import recommend as recommend_one
 
@@ -329,7 +330,8 @@ def recommend(
             record, warnings = with_vitals(record, vitals)
             for line in warnings:
                 typer.echo(f"warning: {line}", err=True)
-        result = recommend_one(loaded, record, fhir=fhir, source=str(patient))
+        log = DecisionLog(site) if site is not None else None
+        result = recommend_one(loaded, record, fhir=fhir, source=str(patient), log=log)
     except RecommenderInputError as err:
         typer.echo("\n".join(f"error: {line}" for line in err.lines), err=True)
         raise typer.Exit(1) from err
@@ -347,6 +349,7 @@ def serve(
     port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port."),
 ) -> None:
     """Serve the recommender over HTTP (OpenAPI at /docs); refuses to start if the policy is not the site's."""
+    from client.decision_log import DecisionLog
     from client.recommender import InstalledPolicy, RecommenderInputError, followed_policy
     from client.service import serve as serve_app
 
@@ -363,7 +366,9 @@ def serve(
     if gate is not None:
         typer.echo(f"site gate: {gate.describe()}")
     typer.echo(f"policy version {version} verified{followed}; serving on http://{host}:{port} (OpenAPI: /docs)")
-    serve_app(served, host=host, port=port)
+    if site is not None:
+        typer.echo(f"recording each dose recommended in {site / 'decisions.csv'} (the site's decision log)")
+    serve_app(served, host=host, port=port, log=DecisionLog(site) if site is not None else None)
 
 
 ledger_app = typer.Typer(no_args_is_help=True, help="A site's privacy ledger: what it has spent, and starting a new "

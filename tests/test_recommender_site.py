@@ -89,10 +89,12 @@ def test_serve_with_site_serves_the_installed_version_and_refuses_an_older_one(i
     import client.service
 
     served = []
-    monkeypatch.setattr(client.service, "serve", lambda source, host, port: served.append(source.current().version))
+    logs = []
+    monkeypatch.setattr(client.service, "serve", lambda source, host, port, log: (
+        served.append(source.current().version), logs.append(log)))
     ok = run("serve", "--site", str(installed["site"]), "--trust", str(installed["trust"]))
     assert ok.exit_code == 0, ok.output
-    assert served == [2]
+    assert served == [2] and logs[0].path == installed["site"] / "decisions.csv"  # the site's decision log
     assert (f"policy version 2 verified; following the site's store {site_store_root(installed['site'])}"
             in ok.stdout)
     old = run("serve", "--site", str(installed["site"]), "--policy", str(installed["v1"]),

@@ -186,10 +186,10 @@ def test_serve_listens_on_localhost_by_default(policy, monkeypatch):
 
     calls = []
     monkeypatch.setattr(client.recommender, "load_policy", lambda bundle, trust: policy)
-    monkeypatch.setattr(client.service, "serve", lambda p, host, port: calls.append((p, host, port)))
+    monkeypatch.setattr(client.service, "serve", lambda p, host, port, log: calls.append((p, host, port, log)))
     result = CliRunner().invoke(app, ["serve", "--policy", "b", "--trust", "k"])
     assert result.exit_code == 0, result.output
-    assert calls == [(policy, "127.0.0.1", 8000)]
+    assert calls == [(policy, "127.0.0.1", 8000, None)]  # no site folder: nothing to log in
     assert "policy version 7 verified; serving on http://127.0.0.1:8000" in result.stdout
 
 
