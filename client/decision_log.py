@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from client.site_gate import SITE_GATE_RULE
 from shared.schema import DECISION_COLUMNS, DECISIONS_FILE
 
 COLUMNS = [c.name for c in DECISION_COLUMNS]
@@ -69,8 +70,6 @@ class DecisionLog:
     def record(self, records: Sequence, recommendations: Sequence) -> int:
         """Log the dose decisions among ``recommendations`` (aligned with the ``records``,
         :class:`shared.patient_record.PatientRecord`s); returns how many were written (0 on a problem)."""
-        from client.site_gate import SITE_GATE_RULE
-
         rows = [{"patient_id": str(record.patient_id), "cycle": int(record.cycle),
                  "policy_version": None if any(r.rule == SITE_GATE_RULE for r in rec.rules) else rec.policy_version,
                  "formulation_id": rec.formulation_id, "dose_mg_m2": float(rec.dose_mg_m2),

@@ -92,13 +92,15 @@ def make_app(served: DosingPolicy | InstalledPolicy, log: DecisionLog | None = N
     """The HTTP app serving a loaded policy, or the one a site's store holds (:class:`InstalledPolicy`: a newer
     install is served once installed, and nothing is while the store cannot vouch for its policy: 503).
     ``log``: the site's decision log (``decisions.csv``), where every dose recommended is recorded."""
+    current = served.current if isinstance(served, InstalledPolicy) else lambda: served
 
     def recommended(records: list[PatientRecord]) -> list:
+        """The policy's recommendations for the records, each dose recorded in ``log``."""
         results = recommend_many(current(), records, "body")
         if log is not None:
             log.record(records, results)
         return results
-    current = served.current if isinstance(served, InstalledPolicy) else lambda: served
+
     policy = current()
     version = policy.manifest.version if policy.manifest is not None else None
     app = FastAPI(title="fednano telemedicine recommender", version=str(version),

@@ -23,9 +23,8 @@ Every recommendation a clinic makes is logged with the options it was drawn from
 around what the clinic serves, the formulation in equipoise with what it serves (judged by the served structured
 policy's models; while standard of care is served, by the models of the last candidate the gate stopped, or of
 the installed version the site's own gate found worse) and, when the last candidate was stopped by the gate in
-equipoise, a trial arm of that candidate. The period's figures
-count the first cycles that got the trial arm's formulation, another formulation in equipoise or another dose;
-its cost against standard of care includes theirs.
+equipoise, a trial arm of that candidate. The period's figures count the first cycles that got the trial arm's
+formulation, another formulation in equipoise or another dose; its cost against standard of care includes theirs.
 
 Each period's own figures use the rollout's *true expected* outcomes (``utility`` per cycle, as
 :mod:`simulation.policy_rollout` defines it); each version's value / oracle is measured exactly as version 1's
@@ -34,7 +33,7 @@ Each period's own figures use the rollout's *true expected* outcomes (``utility`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,10 +51,12 @@ from simulation.policy_rollout import standard_of_care, treat_clinic
 
 @dataclass(frozen=True)
 class Served:
-    """What a clinic serves in a period: ``version`` (None: standard of care) and why."""
+    """What a clinic serves in a period: ``version`` (None: standard of care) and why; ``installed``: the version
+    its store holds, loaded, served or not."""
 
     version: int | None
     reason: str
+    installed: AnyPolicy | None = field(default=None, compare=False, repr=False)
 
 
 def served_policy(site: Path, trust_key: Path) -> tuple[AnyPolicy | None, Served]:
@@ -63,20 +64,15 @@ def served_policy(site: Path, trust_key: Path) -> tuple[AnyPolicy | None, Served
     release gate on this site's own logs) finds it worse than standard of care — the product's rule
     (:mod:`client.site_gate`); the simulator's standard of care is then the clinic's own practice."""
     store = PolicyStore(site_store_root(site), trust_key)
-    policy = installed_policy(site, trust_key)
-    if policy is None:
+    installed = store.installed_path()
+    if installed is None:
         return None, Served(None, "no policy installed: standard of care")
+    policy = policy_from_bundle(installed, trust_key)  # the ensemble or the structured policy
     gate = store.site_gate()
     if gate is not None and gate.version == policy.version and gate.worse:
         return None, Served(None, f"v{policy.version} installed, but the site's own logs find it worse than "
-                                  f"standard of care ({gate.verdict.describe()}): standard of care served")
-    return policy, Served(policy.version, f"v{policy.version} installed and served")
-
-
-def installed_policy(site: Path, trust_key: Path) -> AnyPolicy | None:
-    """The version installed in the site's store (the ensemble or the structured policy), verified; None."""
-    installed = PolicyStore(site_store_root(site), trust_key).installed_path()
-    return None if installed is None else policy_from_bundle(installed, trust_key)
+                                  f"standard of care ({gate.verdict.describe()}): standard of care served", policy)
+    return policy, Served(policy.version, f"v{policy.version} installed and served", policy)
 
 
 def append_rows(path: Path, rows: pd.DataFrame) -> None:
@@ -104,8 +100,8 @@ class Recommender:
                  rng: np.random.Generator, judge: AnyPolicy | None = None):
         self.policy, self.soc, self.exploration, self.trial, self.rng = policy, soc, exploration, trial, rng
         self.judge = judge if hasattr(judge, "equipoise_with") else None
-        self.rules = policy or trial or self.judge or DosingPolicy(encoder=None, members={}, formulations={},  # type: ignore[arg-type]
-                                                     action_space=ActionSpace(), safety=SafetyRules())
+        self.rules = policy or trial or self.judge or DosingPolicy(  # type: ignore[arg-type]
+            encoder=None, members={}, formulations={}, action_space=ActionSpace(), safety=SafetyRules())
         self.log: list[pd.DataFrame] = []
         self.first_cycles = self.trial_arm = self.equipoise = self.spread = 0
 
@@ -185,15 +181,11 @@ def treat_period(world: World, sites: dict[str, tuple[Path, Path]], period: int,
         soc = standard_of_care(world, clinic)
         period_seed = seed * 1000 + period
         trial = (trials or {}).get(clinic.name) if exploration is not None else None
-        judge, judged_by = None, None
-        if exploration is not None and policy is None:
-            judge, judged_by = candidate, "the stopped candidate"
-            if judge is None:
-                judge = installed_policy(folder, trust)
-                judged_by = None if judge is None else f"installed v{judge.version}"
-
+        judge = (candidate or served.installed) if exploration is not None and policy is None else None
         recommender = Recommender(policy, soc, exploration, trial, np.random.default_rng([clinic.seed, period_seed, 7]),
                                   judge)
+        judged_by = None if recommender.judge is None else (
+            "the stopped candidate" if recommender.judge is candidate else f"installed v{served.installed.version}")
         treated = treat_clinic(world, clinic, recommender, patients, period_seed, ids=f"D{period}")
         baseline = treat_clinic(world, clinic, soc, patients, period_seed, ids=f"D{period}").cycles
         append_rows(folder / "episodes.csv", treated.episodes)
@@ -211,5 +203,5 @@ def treat_period(world: World, sites: dict[str, tuple[Path, Path]], period: int,
             "exploration": {"first_cycles": recommender.first_cycles, "trial_arm": recommender.trial_arm,
                             "equipoise": recommender.equipoise, "dose_spread": recommender.spread,
                             "trial": trial is not None,
-                            "equipoise_judged_by": judged_by if recommender.judge is not None else None}}
+                            "equipoise_judged_by": judged_by}}
     return result
