@@ -85,7 +85,8 @@ class DecisionLog:
                 self._write(new)
             except (OSError, ValueError, pd.errors.ParserError) as err:
                 self.problem = (f"{self.path}: the decision log could not be updated ({type(err).__name__}); "
-                                "recommendations are answered but not logged until it is fixed")
+                                "recommendations are answered but not logged until it is fixed (`fednano "
+                                f"validate {self.path.parent}` names the column and rows of a damaged file)")
                 logging.getLogger(__name__).warning(self.problem)
                 return 0
         self.problem = None
