@@ -199,14 +199,17 @@ def site_value_sums(policy: DosingPolicy, episodes: pd.DataFrame, task, split_se
         return ValueSums(0.0, 0.0, 0.0, 0.0, 0.0)
     logging = LoggingPolicy().fit(habits(all_first, decisions))
     catalogue = tuple(sorted(set(all_first["formulation_id"].astype(str)) & set(policy.formulations)))
-    records = as_records(cycles, catalogue)
+    practice = own_practice(all_first, decisions)
+    # each record carries the site's usual formulation: a policy relative to standard of care measures against
+    # this site's (as the site serves it: client.site_gate.GatedPolicy)
+    records = UsualFormulations.of(practice).annotate(as_records(cycles, catalogue))
     logged = pd.DataFrame({"formulation_id": cycles["formulation_id"].astype(str),
                            "dose_mg_m2": cycles["dose_mg_m2"].astype(float),
                            "interval_days": cycles["interval_days"].astype(float)})
     reward = utility(cycles["response"], cycles["toxicity_grade3"], cycles["chf"])
     chosen = policy.recommend_frame(records, adjust=False)
     candidate, supported = dr_gamma(policy, logging, records, logged, reward, chosen, decisions)
-    soc = standard_of_care(policy, cycles, records, own_practice(all_first, decisions))
+    soc = standard_of_care(policy, cycles, records, practice)
     standard, _ = dr_gamma(policy, logging, records, logged, reward, soc, decisions)
     off_support = off_support_credit(policy, records, chosen, soc, candidate - standard)
     return ValueSums.of(np.where(supported, candidate, standard + off_support), standard)

@@ -19,6 +19,9 @@ naming the record and why), never another formulation silently.
 
 :class:`GatedPolicy` wraps a loaded policy of either kind with the site's verdict: it recommends as the policy
 does, or standard of care with the rule ``site-gate`` when the verdict is ``worse``; ``site_gate`` says which.
+Serving the policy, it gives each record the site's usual formulation (:meth:`UsualFormulations.annotate`), so
+a structured policy that leaves standard of care only where it is confidently better (``reference =
+"standard_of_care"``) measures against *this* site's standard of care, the one its gate judged it against.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import pandas as pd
 from shared.dosing_policy import RESPONSE, TOXICITY, Recommendation, RuleApplied, label_actions, recommendation_of
 from shared.patient_record import PatientRecord, records_frame
 from shared.protocol.policy import SiteVerdict
+from shared.structured_policy import USUAL_FORMULATION
 
 SITE_GATE_RULE = "site-gate"
 
@@ -55,6 +59,14 @@ class UsualFormulations:
     def for_records(self, tumour_type: pd.Series) -> np.ndarray:
         """Each record's usual formulation (by its tumour type, else the overall one)."""
         return tumour_type.astype(str).map(self.by_tumour_type).fillna(self.overall).astype(str).to_numpy()
+
+    def annotate(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """``frame`` (flat records) with each record's usual formulation in the column the structured policy
+        reads as its standard of care (:data:`shared.structured_policy.USUAL_FORMULATION`); a column already
+        there is kept."""
+        if USUAL_FORMULATION in frame:
+            return frame
+        return frame.assign(**{USUAL_FORMULATION: self.for_records(frame["tumour_type"])})
 
     def to_dict(self) -> dict:
         return {"by_tumour_type": dict(sorted(self.by_tumour_type.items())), "overall": self.overall}
@@ -136,13 +148,13 @@ class GatedPolicy:
     def recommend(self, records: Sequence[PatientRecord], adjust: bool = True) -> list[Recommendation]:
         """The policy's recommendations, or standard of care's when the site's verdict is ``worse`` (no
         outcome estimates then: the policy's models are not what is served)."""
-        if not self.serves_standard_of_care:
-            return self.policy.recommend(records, adjust=adjust)
         if not records:
             return []
         table = self.recommend_frame(records_frame(list(records)), adjust=adjust)
-        return [dataclasses.replace(recommendation_of(row, self.policy.version), response=None, toxicity=None)
-                for row in table.itertuples(index=False)]
+        answers = [recommendation_of(row, self.policy.version) for row in table.itertuples(index=False)]
+        if self.serves_standard_of_care:
+            answers = [dataclasses.replace(a, response=None, toxicity=None) for a in answers]
+        return answers
 
     def recommend_frame(self, frame: pd.DataFrame, adjust: bool = True) -> pd.DataFrame:
         """``recommend_frame``'s table of the policy, or of standard of care (NaN outcome estimates) with the
@@ -150,7 +162,8 @@ class GatedPolicy:
         formulation is not in their catalogue (a site that cannot name its standard of care at all is refused
         when the policy is wrapped: :class:`StandardOfCareUnknown`)."""
         if not self.serves_standard_of_care:
-            return self.policy.recommend_frame(frame, adjust=adjust)
+            usual = None if self.site_gate is None else self.site_gate.usual
+            return self.policy.recommend_frame(frame if usual is None else usual.annotate(frame), adjust=adjust)
         gate = self.site_gate
         frame = frame.reset_index(drop=True)
         formulation = gate.usual.for_records(frame["tumour_type"])

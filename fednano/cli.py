@@ -103,6 +103,9 @@ def simulate(
         None, "--policy-model", help="The dosing policy's models: structured (default; dose-response models by "
         "federated Newton; DP sites refuse it, and with no site left the ensemble is built) | ensemble (ANN + "
         "XGBoost)."),
+    policy_reference: str | None = typer.Option(
+        None, "--policy-reference", help="The structured policy's scores: standard_of_care (default; leave each "
+        "site's standard of care only where the lower bound of the improvement is positive) | absolute."),
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower's own log."),
 ) -> None:
     """Run a federated experiment on one machine: Flower simulation, local-only and pooled baselines, report.
@@ -111,7 +114,7 @@ def simulate(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from server.settings import POLICY_MODELS, parse_models
+    from server.settings import POLICY_MODELS, POLICY_REFERENCES, parse_models
     from shared.protocol.boosting import MODES
     from simulation.experiment import (
         ExperimentConfig,
@@ -128,6 +131,9 @@ def simulate(
     models = models or base.models
     rounds = rounds or base.rounds
     policy_model = policy_model or base.policy_model
+    policy_reference = policy_reference or base.policy_reference
+    if policy_reference not in POLICY_REFERENCES:
+        raise typer.BadParameter(f"expected one of {', '.join(POLICY_REFERENCES)}", param_hint="--policy-reference")
     if policy_model not in POLICY_MODELS:
         raise typer.BadParameter(f"expected one of {', '.join(POLICY_MODELS)}", param_hint="--policy-model")
     if strategy not in STRATEGIES:
@@ -152,7 +158,7 @@ def simulate(
                            seed=seed, sites=sites, task=task, local_epochs=local_epochs or base.local_epochs,
                            models=models, boosting=boosting, xgb_rounds=xgb_rounds or base.xgb_rounds,
                            compare=compare, deploy_cycles=deploy_cycles, deploy_patients=deploy_patients,
-                           explore=explore, policy_model=policy_model)
+                           explore=explore, policy_model=policy_model, policy_reference=policy_reference)
     console = Console()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:

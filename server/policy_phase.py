@@ -59,6 +59,7 @@ from shared.protocol.policy import (
     value_of,
     value_request,
 )
+from shared.structured_policy import StructuredObjective
 
 VERSION_FILE = "policy_version"
 
@@ -133,7 +134,8 @@ def write_structured_candidate(grid: Grid, sites: SiteCheck, formulations: dict,
     """Fit the structured policy over the sites that grant ``dose_response`` and write its ``policy.json`` (the
     whole policy: models, covariances, support) into ``folder``; returns the files and the record's entry."""
     nodes = sites.granting("dose_response")
-    policy, info = fit_structured_policy_federated(grid, nodes, formulations, settings.split_seed)
+    policy, info = fit_structured_policy_federated(grid, nodes, formulations, settings.split_seed,
+                                                   StructuredObjective.for_reference(settings.policy_reference))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / POLICY_FILE).write_text(json.dumps(policy.document(), indent=1, allow_nan=False) + "\n")
     entry = {"fitted": True, "sites": [sites.usable[n] for n in info["nodes"]], "iterations": info["iterations"],

@@ -16,6 +16,8 @@ from shared.task import NANOPARTICLE_TASK, TaskSpec
 
 MODEL_FAMILIES = ("ann", "xgboost")
 POLICY_MODELS = ("ensemble", "structured")
+POLICY_REFERENCES = ("standard_of_care", "absolute")
+"""What the structured policy's confidence bounds are taken against (``shared.structured_policy``)."""
 """What the dosing policy is built on: the federated ANN + XGBoost ensemble (``shared.dosing_policy``) or the
 structured dose-response models fitted by federated Newton–Raphson (``shared.structured_policy``)."""
 
@@ -92,6 +94,11 @@ class RunSettings:
         policy") and has the ensemble's monotone guard (a worse organ function never raises the dose); sites
         under DP refuse its sums, and with no site left the run falls back to the ensemble candidate and
         records why. Either candidate goes through the same release gate and signing.
+    policy_reference : str, default "standard_of_care"
+        The structured policy's scores (:data:`POLICY_REFERENCES`): ``standard_of_care`` leaves each site's own
+        standard of care (its usual formulation at the label dose, learned from its logs and given to every
+        record it serves: ``client.site_gate``) only where the lower bound of the predicted improvement over it
+        is positive (z = 0.5); ``absolute`` picks the action with the best pessimistic utility (z = 1).
     """
 
     num_server_rounds: int = 10
@@ -118,12 +125,16 @@ class RunSettings:
     fqi_iterations: int = 25
     release_gate: bool = True
     policy_model: str = "structured"
+    policy_reference: str = "standard_of_care"
 
     def __post_init__(self) -> None:
         parse_hidden(self.hidden)
         parse_models(self.models)
         if self.policy_model not in POLICY_MODELS:
             raise ValueError(f"policy-model: expected one of {', '.join(POLICY_MODELS)}; got {self.policy_model!r}")
+        if self.policy_reference not in POLICY_REFERENCES:
+            raise ValueError(f"policy-reference: expected one of {', '.join(POLICY_REFERENCES)}; "
+                             f"got {self.policy_reference!r}")
         if self.boosting not in MODES:
             raise ValueError(f"boosting: expected one of {', '.join(MODES)}; got {self.boosting!r}")
 

@@ -184,6 +184,12 @@ class StructuredObjective:
         if self.reference not in REFERENCES:
             raise ValueError(f"reference {self.reference!r}: expected one of {', '.join(REFERENCES)}")
 
+    @classmethod
+    def for_reference(cls, reference: str) -> StructuredObjective:
+        """The objective for ``reference`` with its measured ``z`` (1 absolute, 0.5 relative to standard of
+        care: BENCHMARKS.md, "Structured dose–response policy")."""
+        return cls(reference=reference, z=0.5 if reference == "standard_of_care" else 1.0)
+
 
 @dataclass
 class StructuredDosingPolicy:

@@ -6,7 +6,9 @@ at the simulated clinics, each deployment period:
 1. every clinic treats ``patients`` new patients of its own population (:func:`simulation.policy_rollout.
    treat_clinic`, up to the clinic's ``max_cycles`` each) with the policy it *serves*: the version installed in
    its own store (:class:`client.policy_store.PolicyStore`, verified against its kit's trust key), with the
-   dose adjustment of later cycles (``recommend_frame(adjust=True)``); standard of care where nothing is
+   dose adjustment of later cycles (``recommend_frame(adjust=True)``), each record carrying the usual
+   formulation the site stored with that version (as its service gives it: :class:`client.site_gate.GatedPolicy`);
+   standard of care where nothing is
    installed, or where the release gate found the installed version significantly worse than standard of
    care on that site's own logs: the verdict the coordinator sent the site with the bundle, read from the
    site's store as ``fednano serve`` reads it (:meth:`client.policy_store.PolicyStore.site_gate`);
@@ -41,6 +43,7 @@ import pandas as pd
 
 from client.decision_log import append_decisions, decision_rows
 from client.policy_store import PolicyStore, site_store_root
+from client.site_gate import UsualFormulations
 from shared.dosing_policy import ActionSpace, DosingPolicy, SafetyRules
 from shared.exploration import Exploration, draw
 from shared.policy_loader import AnyPolicy, policy_from_bundle
@@ -52,11 +55,12 @@ from simulation.policy_rollout import standard_of_care, treat_clinic
 @dataclass(frozen=True)
 class Served:
     """What a clinic serves in a period: ``version`` (None: standard of care) and why; ``installed``: the version
-    its store holds, loaded, served or not."""
+    its store holds, loaded, served or not; ``usual``: the usual formulations the site stored with it."""
 
     version: int | None
     reason: str
     installed: AnyPolicy | None = field(default=None, compare=False, repr=False)
+    usual: UsualFormulations | None = field(default=None, compare=False, repr=False)
 
 
 def served_policy(site: Path, trust_key: Path) -> tuple[AnyPolicy | None, Served]:
@@ -69,10 +73,13 @@ def served_policy(site: Path, trust_key: Path) -> tuple[AnyPolicy | None, Served
         return None, Served(None, "no policy installed: standard of care")
     policy = policy_from_bundle(installed, trust_key)  # the ensemble or the structured policy
     gate = store.site_gate()
-    if gate is not None and gate.version == policy.version and gate.worse:
+    gate = gate if gate is not None and gate.version == policy.version else None
+    if gate is not None and gate.worse:
         return None, Served(None, f"v{policy.version} installed, but the site's own logs find it worse than "
-                                  f"standard of care ({gate.verdict.describe()}): standard of care served", policy)
-    return policy, Served(policy.version, f"v{policy.version} installed and served", policy)
+                                  f"standard of care ({gate.verdict.describe()}): standard of care served", policy,
+                            gate.usual)
+    return policy, Served(policy.version, f"v{policy.version} installed and served", policy,
+                          None if gate is None else gate.usual)
 
 
 def append_rows(path: Path, rows: pd.DataFrame) -> None:
@@ -94,11 +101,13 @@ class Recommender:
     any), every decision logged with its options (``log``: rows of ``decisions.csv``). ``judge``: while
     standard of care is served, a structured policy whose models say which other formulation is in equipoise
     with it (:meth:`shared.structured_policy.StructuredDosingPolicy.equipoise_with`): the candidate the gate
-    stopped, or the installed version the site's own gate found worse."""
+    stopped, or the installed version the site's own gate found worse. ``usual``: the site's usual formulations,
+    given to every record the policies see (:meth:`client.site_gate.UsualFormulations.annotate`)."""
 
     def __init__(self, policy: AnyPolicy | None, soc, exploration: Exploration | None, trial: AnyPolicy | None,
-                 rng: np.random.Generator, judge: AnyPolicy | None = None):
+                 rng: np.random.Generator, judge: AnyPolicy | None = None, usual: UsualFormulations | None = None):
         self.policy, self.soc, self.exploration, self.trial, self.rng = policy, soc, exploration, trial, rng
+        self.usual = usual
         self.judge = judge if hasattr(judge, "equipoise_with") else None
         self.rules = policy or trial or self.judge or DosingPolicy(  # type: ignore[arg-type]
             encoder=None, members={}, formulations={}, action_space=ActionSpace(), safety=SafetyRules())
@@ -107,6 +116,8 @@ class Recommender:
 
     def __call__(self, frame: pd.DataFrame) -> pd.DataFrame:
         frame = frame.reset_index(drop=True)
+        if self.usual is not None:
+            frame = self.usual.annotate(frame)
         first = frame["cycle"].to_numpy(dtype=int) == 1
         self.first_cycles += int(first.sum())
         exploring = self.exploration is not None and first.any()
@@ -183,7 +194,7 @@ def treat_period(world: World, sites: dict[str, tuple[Path, Path]], period: int,
         trial = (trials or {}).get(clinic.name) if exploration is not None else None
         judge = (candidate or served.installed) if exploration is not None and policy is None else None
         recommender = Recommender(policy, soc, exploration, trial, np.random.default_rng([clinic.seed, period_seed, 7]),
-                                  judge)
+                                  judge, served.usual)
         judged_by = None if recommender.judge is None else (
             "the stopped candidate" if recommender.judge is candidate else f"installed v{served.installed.version}")
         treated = treat_clinic(world, clinic, recommender, patients, period_seed, ids=f"D{period}")

@@ -81,6 +81,7 @@ class ExperimentConfig:
     deploy_patients: int | None = None  # new patients per clinic per period (default: half the clinic's own)
     explore: bool = False  # randomise first cycles in the loop (shared.exploration): dose spread, trial arm
     policy_model: str = DEFAULTS.policy_model
+    policy_reference: str = DEFAULTS.policy_reference
 
     def run_settings(self, n_sites: int, signing_key: Path | None) -> RunSettings:
         """The federated run's settings for these options (one mapping, here)."""
@@ -91,7 +92,7 @@ class ExperimentConfig:
             models=self.models, boosting=self.boosting, xgb_rounds=self.xgb_rounds,
             signing_key=str(signing_key) if signing_key is not None else "",
             policy_dir=str(self.out / "policy"), fqi_iterations=self.fqi_iterations, release_gate=self.release_gate,
-            policy_model=self.policy_model)
+            policy_model=self.policy_model, policy_reference=self.policy_reference)
 
 
 def flower_environment(project_home: Path) -> None:
@@ -269,7 +270,7 @@ def policy_results(cfg: ExperimentConfig, policy: dict, sources: list[SiteSource
     candidate, against ``ensemble(formulations)``: this run's ANN + XGBoost policy (issue 12: "compare both")."""
     from shared.policy_loader import policy_from_bundle, policy_from_folder
     from shared.structured_policy import StructuredDosingPolicy
-    from simulation.policy_evaluation import evaluate_policies, policy_decider, random_decider
+    from simulation.policy_evaluation import evaluate_policies, random_decider
 
     trust = sources[0].trust_key
     result = {"bundle": policy["bundle"], "trust_key": str(trust), "version": policy["version"],
@@ -286,14 +287,14 @@ def policy_results(cfg: ExperimentConfig, policy: dict, sources: list[SiteSource
         pooled, local = structured_baselines(federated, sites, cfg.seed)
     else:
         pooled, local = ensemble_baselines(federated, families, sites)
-    policies = {"federated": lambda site: policy_decider(federated),
-                "local": lambda site: policy_decider(local[site]),
-                "pooled": lambda site: policy_decider(pooled),
+    policies = {"federated": lambda site: site_decider(federated, sites[site]),
+                "local": lambda site: site_decider(local[site], sites[site]),
+                "pooled": lambda site: site_decider(pooled, sites[site]),
                 "random": lambda site: random_decider(federated, seed=cfg.seed + 2)}
     policies[SITE_SOC] = lambda site: site_soc_decider(federated, sites[site])
     alongside = ensemble(federated.formulations) if isinstance(federated, StructuredDosingPolicy) else None
     if alongside is not None:
-        policies["ensemble"] = lambda site: policy_decider(alongside)
+        policies["ensemble"] = lambda site: site_decider(alongside, sites[site])
     evaluation = evaluate_policies(world, policies, federated, seed=cfg.seed + 1, sites=list(sites))
     result["evaluation"] = evaluation
     result["gate"] = gate_against_truth(policy["gate"], evaluation)
@@ -359,12 +360,12 @@ def version_entry(cfg: ExperimentConfig, policy: dict, trust: Path, world: World
     a stopped candidate is measured too, so the gate's decision can be judged), the gate and ε per site.
     ``sites``: site name → its data now (each site's own standard of care is learned from them)."""
     from shared.policy_loader import policy_from_bundle, policy_from_folder
-    from simulation.policy_evaluation import evaluate_policies, policy_decider
+    from simulation.policy_evaluation import evaluate_policies
 
     if evaluation is None:
         candidate = (policy_from_bundle(Path(policy["bundle"]), trust) if policy["shipped"]
                      else policy_from_folder(Path(policy["candidate"])))
-        evaluation = evaluate_policies(world, {"federated": lambda site: policy_decider(candidate),
+        evaluation = evaluate_policies(world, {"federated": lambda site: site_decider(candidate, sites[site]),
                                                SITE_SOC: lambda site: site_soc_decider(candidate, sites[site])},
                                        candidate, seed=cfg.seed + 1, sites=list(sites))
     overall = evaluation["overall"]
@@ -457,17 +458,30 @@ which differs from the simulator's ``standard_of_care`` (the clinic's one usual 
 utility per patient (BENCHMARKS.md, "Release gate's off-policy estimate against the truth")."""
 
 
-def site_soc_decider(limits, site):
-    """A site's own standard of care (:data:`SITE_SOC`) as a decide function, from the first cycles it decided
-    by its own practice (``site``: its :class:`shared.validation.SiteData`)."""
+def site_usual(site):
+    """A site's usual formulations (``client.site_gate.UsualFormulations``) from the first cycles it decided by
+    its own practice (``site``: its :class:`shared.validation.SiteData`): the rows the gate and the site's store
+    read."""
     from client.decision_log import own_practice
     from client.ope import first_cycles
     from client.site_gate import UsualFormulations
+
+    return UsualFormulations.of(own_practice(first_cycles(site.episodes), site.decisions))
+
+
+def site_soc_decider(limits, site):
+    """A site's own standard of care (:data:`SITE_SOC`) as a decide function."""
     from shared.dosing_policy import label_actions
 
-    # the rows the gate and the site's store read
-    usual = UsualFormulations.of(own_practice(first_cycles(site.episodes), site.decisions))
+    usual = site_usual(site)
     return lambda frame: label_actions(limits, frame, usual.for_records(frame["tumour_type"]))
+
+
+def site_decider(policy, site):
+    """``policy`` deciding first cycles at ``site`` as the site serves it: each record carries the site's usual
+    formulation (``client.site_gate.GatedPolicy``), which a policy relative to standard of care measures against."""
+    usual = site_usual(site)
+    return lambda frame: policy.recommend_frame(usual.annotate(frame), adjust=False)
 
 
 def gate_against_truth(gate: dict, evaluation: dict) -> dict:
