@@ -58,7 +58,7 @@ class UsualFormulations:
 
     def for_records(self, tumour_type: pd.Series) -> np.ndarray:
         """Each record's usual formulation (by its tumour type, else the overall one)."""
-        return tumour_type.astype(str).map(self.by_tumour_type).fillna(self.overall).astype(str).to_numpy()
+        return np.array([self.by_tumour_type.get(t, self.overall) for t in tumour_type.astype(str)], dtype=object)
 
     def annotate(self, frame: pd.DataFrame) -> pd.DataFrame:
         """``frame`` (flat records) with each record's usual formulation in the column the structured policy
