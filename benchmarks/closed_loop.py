@@ -43,6 +43,9 @@ def fit_iterations(results: dict, out: Path) -> list[dict | None]:
     return [(r.get("structured") or {}).get("iterations") for r in records]
 
 
+SITE_PERIOD_FIGURES = ("served_version", "patients", "cost_vs_soc", "cost_vs_soc_under_rules")
+
+
 def summarise(results: dict, out: Path) -> dict:
     """The figures of one run: per version and per period (module docstring)."""
     versions = []
@@ -57,8 +60,10 @@ def summarise(results: dict, out: Path) -> dict:
                          "gate_covered": gate.get("covered"), "sites_truly_worse": worse,
                          "epsilon_spent_max": max(v["epsilon_spent"].values()) if v["epsilon_spent"] else None,
                          "fit_iterations": iterations})
-    periods = [{k: p[k] for k in ("period", "patients", "cycles", "value_per_cycle", "soc_value_per_cycle",
-                                  "cost_vs_soc", "treat_s", "refit_s", "exploration")}
+    periods = [{**{k: p[k] for k in ("period", "patients", "cycles", "value_per_cycle", "soc_value_per_cycle",
+                                     "cost_vs_soc", "soc_under_rules_value_per_cycle", "cost_vs_soc_under_rules",
+                                     "treat_s", "refit_s", "exploration")},
+                "sites": {site: {k: s[k] for k in SITE_PERIOD_FIGURES} for site, s in p["sites"].items()}}
                for p in results["policy"]["deployment"]]
     return {"versions": versions, "periods": periods}
 
@@ -76,14 +81,16 @@ def print_run(seed: int, mode: str, summary: dict, seconds: float) -> None:
               f"{max((v['fit_iterations'] or {}).values(), default=0):>10}  "
               f"{', '.join(v['sites_truly_worse']) or 'none'}")
     print(f"{'period':>8} {'explored (trial / equipoise / spread of first)':>48} {'value/cycle':>12} {'SOC':>7} "
-          f"{'cost':>7} "
-          f"{'treat s':>8} {'refit s':>8}")
+          f"{'cost':>7} {'cost (rules)':>12} "
+          f"{'treat s':>8} {'refit s':>8}  sites costing > 0.01 under the rules")
     for p in summary["periods"]:
         e = p["exploration"]
         explored = (f"{e['trial_arm']} / {e.get('equipoise', 0)} / {e['dose_spread']} of {e['first_cycles']}"
                     if e.get("explore") else "none")
+        costly = sorted(s for s, e in p["sites"].items() if e["cost_vs_soc_under_rules"] > 0.01)
         print(f"{p['period']:>8} {explored:>48} {p['value_per_cycle']:12.4f} {p['soc_value_per_cycle']:7.4f} "
-              f"{p['cost_vs_soc']:+7.4f} {p['treat_s']:8.0f} {p['refit_s']:8.0f}")
+              f"{p['cost_vs_soc']:+7.4f} {p['cost_vs_soc_under_rules']:+12.4f} {p['treat_s']:8.0f} "
+              f"{p['refit_s']:8.0f}  {', '.join(costly) or 'none'}")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -420,11 +420,13 @@ def deploy(cfg: ExperimentConfig, world: World, sources: list[SiteSource],
         cycles = np.array([s["cycles"] for s in sites.values()], dtype=float)
         value = float(np.average([s["value_per_cycle"] for s in sites.values()], weights=cycles))
         soc = float(np.average([s["soc_value_per_cycle"] for s in sites.values()], weights=cycles))
+        ruled = float(np.average([s["soc_under_rules_value_per_cycle"] for s in sites.values()], weights=cycles))
         explored = {k: sum(s["exploration"][k] for s in sites.values())
                     for k in ("first_cycles", "trial_arm", "equipoise", "dose_spread")}
         periods.append({"period": period, "patients": sum(s["patients"] for s in sites.values()),
                         "cycles": int(cycles.sum()), "value_per_cycle": value, "soc_value_per_cycle": soc,
-                        "cost_vs_soc": soc - value, "treat_s": treated_s,
+                        "cost_vs_soc": soc - value, "soc_under_rules_value_per_cycle": ruled,
+                        "cost_vs_soc_under_rules": ruled - value, "treat_s": treated_s,
                         "refit_s": time.perf_counter() - start - treated_s, "sites": sites,
                         "exploration": explored | {"explore": exploration is not None, "trial": trial is not None}})
         versions.append(entry)

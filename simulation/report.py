@@ -204,13 +204,15 @@ def _versions_section(policy: dict) -> list[str]:
                      f"{_fmt(v['gate'].get('lower'))} | {', '.join(worse) or 'none'} | {_fmt(eps)} |")
     lines += ["", "| period | patients | cycles | first cycles explored: trial arm / equipoise / dose spread "
               "| value per cycle "
-              "| SOC value per cycle | cost vs SOC | treat s | refit s |", "|---|---|---|---|---|---|---|---|---|"]
+              "| SOC value per cycle | cost vs SOC | cost vs SOC under the hard rules | treat s | refit s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for p in periods:
         e = p.get("exploration") or {}
         explored = (f"{e['trial_arm']} / {e.get('equipoise', 0)} / {e['dose_spread']} of {e['first_cycles']}"
                     + ("" if e.get("trial") else " (no trial arm)")) if e.get("explore") else "none"
         lines.append(f"| {p['period']} | {p['patients']} | {p['cycles']} | {explored} | {_fmt(p['value_per_cycle'])} "
-                     f"| {_fmt(p['soc_value_per_cycle'])} | {_fmt(p['cost_vs_soc'])} | {p['treat_s']:.0f} | "
+                     f"| {_fmt(p['soc_value_per_cycle'])} | {_fmt(p['cost_vs_soc'])} "
+                     f"| {_fmt(p.get('cost_vs_soc_under_rules'))} | {p['treat_s']:.0f} | "
                      f"{p['refit_s']:.0f} |")
     if any((p.get("exploration") or {}).get("explore") for p in periods):
         lines += ["", "Exploration (`--explore`, `shared/exploration.py`): first cycles randomised inside the hard "
@@ -218,6 +220,9 @@ def _versions_section(policy: dict) -> list[str]:
                   "served arm), and a 1:1 trial arm of a candidate the gate stopped in equipoise — each option "
                   "logged with its probability in the site's `decisions.csv`, which the next gate divides by. "
                   "Cost vs SOC includes the explored cycles."]
+    lines += ["", "SOC is the clinics' practice, which gives every cycle; the policy applies the label's hard rules "
+              "(no dose without a pre-cycle blood count, holds, caps). Cost vs SOC under the hard rules compares "
+              "with the same practice under those rules: what the policy's own choices cost (negative: gain)."]
     return lines + [""]
 
 

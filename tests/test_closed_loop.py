@@ -32,6 +32,11 @@ def test_a_period_appends_its_patients_to_the_sites_own_files_and_they_still_val
         # nothing installed yet: the clinic served its standard of care, so the period cost nothing against it
         assert periods[name]["served_version"] is None and "no policy installed" in periods[name]["served"]
         assert periods[name]["cost_vs_soc"] == pytest.approx(0.0, abs=1e-12)
+        figures = periods[name]
+        assert figures["cost_vs_soc_under_rules"] == pytest.approx(
+            figures["soc_under_rules_value_per_cycle"] - figures["value_per_cycle"])
+    # the clinics' practice gives cycles the label's hard rules hold (e.g. no pre-cycle blood count)
+    assert any(abs(p["cost_vs_soc_under_rules"]) > 1e-6 for p in periods.values())
     # a second period gets its own identifiers
     treat_period(world, sites, period=2, patients=5, seed=0)
     ids = load_site(next(iter(sites.values()))[0]).episodes["episode_id"]
