@@ -104,8 +104,9 @@ def simulate(
         "federated Newton; DP sites refuse it, and with no site left the ensemble is built) | ensemble (ANN + "
         "XGBoost)."),
     policy_reference: str | None = typer.Option(
-        None, "--policy-reference", help="The structured policy's scores: standard_of_care (default; leave each "
-        "site's standard of care only where the lower bound of the improvement is positive) | absolute."),
+        None, "--policy-reference", help="The structured policy's scores: absolute (default; best pessimistic "
+        "utility) | standard_of_care (leave each site's standard of care only where the lower bound of the "
+        "improvement is positive)."),
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower's own log."),
 ) -> None:
     """Run a federated experiment on one machine: Flower simulation, local-only and pooled baselines, report.

@@ -40,13 +40,13 @@ def not_most_logged(policy, catalogue) -> str:
     return next(f for f in sorted(catalogue) if f != most)
 
 
-def test_the_default_is_relative_to_standard_of_care_and_a_bad_reference_is_refused():
-    assert DEFAULTS.policy_reference == "standard_of_care"
+def test_the_reference_is_a_checked_setting_and_a_bad_one_is_refused():
+    assert DEFAULTS.policy_reference == "absolute"  # by measurement (BENCHMARKS.md, attempt 5)
     assert StructuredObjective.for_reference("standard_of_care").z == 0.5
     assert StructuredObjective.for_reference("absolute") == StructuredObjective()
     with pytest.raises(ValueError, match="policy-reference"):
         dataclasses.replace(DEFAULTS, policy_reference="best")
-    assert RunSettings.from_run_config({"policy-reference": "absolute"}).policy_reference == "absolute"
+    assert RunSettings.from_run_config({"policy-reference": "standard_of_care"}).policy_reference == "standard_of_care"
 
 
 def test_a_gated_policy_falls_back_to_the_site_s_own_usual_formulation_not_the_federation_s(world_and_sites):
