@@ -36,9 +36,18 @@ does with noisy sums is post-processing (free of privacy cost): after a DP descr
 continuous column to a DP estimate of where its values lie instead of the schema's wide limits
 (``dp_analysis_bounds``); counts below 1 are treated as 1, variances below 0 as 0; Gram and Hessian
 matrices get an eigenvalue floor of the noise's size (a ridge); rates and means are clipped to their range;
-histogram cells within the noise are read as empty. Standard errors and p-values under DP do not include
-the DP noise. A site that fails or refuses a query is left out of the rest of the
-run and named in ``failures``.
+histogram cells within the noise are read as empty. A site that fails or refuses a query is left out of the
+rest of the run and named in ``failures``.
+
+What the noise does to each number is reported with it (``shared.dp_error``): describe statistics, ANOVA
+groups and cluster profiles carry ``noise`` entries (noise sd, 95 % interval, estimable or "not estimable at
+ε = …" with the ε that would make it estimable); regression standard errors include the DP noise
+(``se_dp_noise`` beside ``se_sampling``); ANOVA's F and the PCA spectrum have bootstrap noise sds.
+
+Budget (``--analyses``): only the chosen analyses are planned and asked (``AnalyticsSettings.analyses``); a DP
+site sets one σ for the announced queries, so the run's ε is split over the analyses in proportion to their
+queries (``server.analytics_plan.BUDGET_RULE``); under DP every announced Newton and Lloyd iteration is asked,
+so ε spent equals ε planned, and ``budget`` books each site's ledger increase to the analysis that asked.
 """
 
 from __future__ import annotations
