@@ -21,6 +21,7 @@ statistics); Lloyd 1982 (k-means); Rousseeuw 1987 (silhouette); Dwork & Roth 201
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -374,7 +375,14 @@ def write_report(out: Path, result: dict) -> None:
                        f"{_fmt(km['silhouette_simplified'])}; feature means on the original scale)",
                        profiles_display(km)))
         plot_clusters(out / "pca_clusters.png", result)
-    (out / "analytics.md").write_text(markdown(result, tables))
+    text = markdown(result, tables)
+    if _dp(result) and plot_error_vs_epsilon(out / "dp_error_vs_epsilon.png", result):
+        text += ("\n## Error against ε\n\n![noise sd of each describe statistic against ε](dp_error_vs_epsilon.png)"
+                 "\n\nNoise sd of each describe mean, sd and median as a share of its declared range, at other ε "
+                 f"per site for the same analyses (sd ∝ 1/ε); below the dashed line a number is estimable "
+                 f"(95 % interval within {dp_error.ESTIMABLE_WIDTH_SHARE:g} of the range). Affordable per site: "
+                 f"ε ≈ {_fmt(affordable_epsilon(result))}.\n")
+    (out / "analytics.md").write_text(text)
 
 
 def markdown(result: dict, tables: list[tuple[str, pd.DataFrame]]) -> str:
@@ -437,6 +445,78 @@ def privacy_summary(result: dict) -> list[str]:
                      f"{_fmt(b['epsilon_left_in_ledger'])} | " + " | ".join(_fmt(by.get(a, 0.0)) for a in analyses)
                      + " |")
     return lines + [""]
+
+
+ERROR_PLOT_STATISTICS = ("mean", "sd", "p50")
+
+
+def affordable_epsilon(result: dict) -> float | None:
+    """The largest ε per site a rerun of this run could spend: what every DP site had for it (spent in this run +
+    left in its ledger), the smallest over sites; None without DP."""
+    sites = (result.get("budget") or {}).get("sites") or {}
+    values = [b["epsilon_spent"] + b["epsilon_left_in_ledger"] for b in sites.values()]
+    return min(values) if values else None
+
+
+def error_curves(result: dict, epsilons: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+    """Per describe statistic and column: the noise sd as a share of the declared range at each ε, scaled from
+    this run's (noise sd ∝ 1/ε, ``shared.dp_error``); only columns with a finite noise sd."""
+    bounds = (result.get("plan") or {}).get("bounds") or {}
+    curves: dict[str, dict[str, np.ndarray]] = {stat: {} for stat in ERROR_PLOT_STATISTICS}
+    for column, stats in (result.get("describe") or {}).items():
+        width = dp_error.range_width(bounds.get(column, (math.nan, math.nan)))
+        for stat in ERROR_PLOT_STATISTICS:
+            noise = (stats.get("noise") or {}).get(stat)
+            if noise and noise["noise_sd"] is not None and math.isfinite(noise["noise_sd"]) and math.isfinite(width):
+                curves[stat][column] = noise["noise_sd"] * noise["epsilon"] / epsilons / width
+    return curves
+
+
+def plot_error_vs_epsilon(path: Path, result: dict) -> bool:
+    """Noise sd of each describe mean, sd and median (share of the declared range) against the run's ε per site,
+    from a quarter of this run's ε to what the sites can afford (:func:`affordable_epsilon`), with the
+    estimability limit and this run's ε marked. Computed from the released noise sds alone. False if there is
+    nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    now = next((n["epsilon"] for s in (result.get("describe") or {}).values()
+                for n in (s.get("noise") or {}).values() if math.isfinite(n.get("epsilon", math.nan))), None)
+    if now is None:
+        return False
+    top = max(affordable_epsilon(result) or now, now)
+    epsilons = np.geomspace(now / 4, max(top, 2 * now), 60)
+    curves = error_curves(result, epsilons)
+    limit = dp_error.ESTIMABLE_WIDTH_SHARE / (2 * dp_error.Z95)
+    fig, axes = plt.subplots(1, len(ERROR_PLOT_STATISTICS), figsize=(13, 4.2), sharey=True)
+    titles = {"mean": "mean", "sd": "standard deviation", "p50": "median"}
+    for ax, stat in zip(axes, ERROR_PLOT_STATISTICS, strict=True):
+        for column, curve in curves[stat].items():
+            ax.plot(epsilons, 100 * curve, lw=0.9, alpha=0.7, label=column)
+        ax.axhline(100 * limit, color="black", ls="--", lw=1)
+        ax.axvline(now, color="tab:red", lw=1)
+        if top > now:
+            ax.axvline(top, color="tab:green", lw=1, ls=":")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ticks = [t for t in (0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 50) if epsilons[0] <= t <= epsilons[-1]]
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_title(titles[stat])
+        ax.set_xlabel("ε per site for this run")
+    axes[0].set_ylabel("noise sd, % of the declared range")
+    fig.suptitle("Error of each describe statistic against ε (noise sd ∝ 1/ε). Dashed: estimable below; red: this "
+                 "run's ε; green: what the sites can afford", fontsize=9)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=6, frameon=False)
+    fig.tight_layout(rect=(0, 0, 0.84, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def plot_clusters(path: Path, result: dict) -> None:

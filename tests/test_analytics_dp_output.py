@@ -135,8 +135,9 @@ def test_linear_regression_standard_errors_include_the_dp_noise(frames):
     for seed in range(30):
         rng = np.random.default_rng(seed)
         noised = [gaussian_release(s.blocks, sigma, rng) for s in sums]
+        yty = float(sum(n["efficacy_pct/yty"] for n in noised)[0])
         fit = linear_fit(unpack_triu(sum(n["efficacy_pct/gram"] for n in noised), d),
-                         sum(n["efficacy_pct/xty"] for n in noised), float(sum(n["efficacy_pct/yty"] for n in noised)[0]),
+                         sum(n["efficacy_pct/xty"] for n in noised), yty,
                          covariates, x, float(y["centre"][0]), float(y["scale"][0]), tau, float(row_bound(y)[0]))
         rows = fit["coefficients"]
         estimates.append([rows[c]["estimate"] for c in ("dose_mg_m2", "age_years")])
@@ -223,3 +224,21 @@ def test_dp_report_shows_intervals_not_estimable_and_planned_against_spent(frame
     table = pd.read_csv(tmp_path / "describe.csv")
     hidden = table[~table["mean_estimable"]]
     assert len(hidden) and hidden["mean"].isna().all() and hidden["mean_note"].str.startswith("not estimable").all()
+
+
+def test_error_against_epsilon_plot_scales_this_runs_noise_as_one_over_epsilon(frames, tmp_path):
+    """The report's plot is drawn from the released noise sds: at this run's ε the curve is the reported noise
+    sd over the declared range, at twice the ε half of it; the sites' affordable ε is spent + left."""
+    from simulation.analytics_run import affordable_epsilon, error_curves
+
+    sites = {name: dp_site(tmp_path / f"{name}.json", 3.0, 1 / 3) for name in frames}
+    got = run_in_process(frames, AnalyticsSettings(dp=True, analyses="describe"), sites, np.random.default_rng(0))
+    write_report(tmp_path, got)
+    assert (tmp_path / "dp_error_vs_epsilon.png").stat().st_size > 10_000
+    assert "dp_error_vs_epsilon.png" in (tmp_path / "analytics.md").read_text()
+    assert affordable_epsilon(got) == pytest.approx(3.0, rel=1e-6)
+    curves = error_curves(got, np.array([1.0, 2.0]))
+    low, high = got["plan"]["bounds"]["age_years"]
+    sd = got["describe"]["age_years"]["noise"]["mean"]["noise_sd"]
+    assert curves["mean"]["age_years"] == pytest.approx([sd / (high - low), sd / (high - low) / 2])
+    assert set(curves) == {"mean", "sd", "p50"} and len(curves["p50"]) == len(got["describe"])
