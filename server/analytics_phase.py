@@ -286,9 +286,10 @@ def run_epsilon(answers: Sequence[SiteAnswer]) -> float:
 
 def quantile_error(counts: np.ndarray, noise_sd: float, low: float, high: float, integer: bool,
                    bins: int, epsilon: float) -> dict[str, dict[str, Any]] | None:
-    """Noise sd, 95 % interval and estimability of each DP histogram quantile (``shared.dp_error``): a
-    parametric bootstrap of the histogram's noise through the same estimator, plus the bin's resolution
-    (``width / √12``); None when the histogram gives no quantile."""
+    """Noise sd, 95 % interval and estimability of each DP histogram quantile (``shared.dp_error``): the
+    root-mean-square error of a parametric bootstrap of the histogram's noise through the same estimator (its
+    spread and its shift: the estimator is biased under noise), plus the bin's resolution (``width / √12``);
+    None when the histogram gives no quantile."""
     def estimate(cells: np.ndarray) -> np.ndarray:
         """The quantiles as an array, NaN when the histogram is empty."""
         q = noisy_histogram_quantiles(cells, noise_sd, low, high)
@@ -299,7 +300,7 @@ def quantile_error(counts: np.ndarray, noise_sd: float, low: float, high: float,
     released = estimate(counts)
     if not np.isfinite(released).all():
         return None
-    boot = dp_error.bootstrap_sd(counts, noise_sd, estimate)
+    boot = dp_error.bootstrap_rmse(counts, noise_sd, estimate)
     resolution = (high - low) / bins / math.sqrt(12)
     allowed = dp_error.ESTIMABLE_WIDTH_SHARE * (high - low)
     names = [f"p{round(level * 100):02d}" for level in QUANTILE_LEVELS]

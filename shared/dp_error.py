@@ -8,10 +8,11 @@ does not have:
 - **ratios and moments** (means = noisy sum / noisy count, variances from noisy sums of squares, cluster
   profiles): the delta method (first-order Taylor expansion of the estimator in the noisy sums, whose noise
   is independent between entries and sites);
-- **quantiles** from a noisy histogram and anything else without a simple derivative (ANOVA's F, PCA
+- **quantiles** from a noisy histogram, sds, and anything else without a usable derivative (ANOVA's F, PCA
   eigenvalues): a parametric bootstrap of the noise, at the server — the released sums re-noised
   ``BOOTSTRAP_DRAWS`` times with the known sd and the estimator re-run; the sd of the re-runs is the noise
-  sd (quantiles add the bin's own resolution, ``width / √12``, for the interpolation inside a bin);
+  sd (for quantiles and sds their root-mean-square distance from the released value, which adds the
+  estimator's bias under noise; quantiles also add the bin's own resolution, ``width / √12``);
 - **regression coefficients**: the delta method on ``β = G⁻¹b``, ``δβ ≈ G⁻¹(δb − δG β)``, added to the
   sampling covariance (:func:`gram_noise_covariance`).
 
@@ -95,18 +96,24 @@ def mean_noise_sd(count: float, shifted_sum: float, sum_scale: float, noise_sd: 
     return noise_sd / n * math.sqrt(sum_scale ** 2 + (shifted_sum / n) ** 2)
 
 
-def variance_noise_sd(count: float, shifted_sum: float, shifted_sumsq: float, half: float, noise_sd: float) -> float:
-    """Noise sd of the sample variance ``(Q − S²/n) / (n − 1)`` from noisy ``n`` (sd τ), ``S`` (sd τh) and ``Q``
-    (sd τh²), by the delta method: ``τ / (n − 1) √(h⁴ + 4 m² h² + (m² − v)²)`` with ``m = S / n``."""
-    n = max(count, 2.0)
-    m = shifted_sum / n
-    variance = max((shifted_sumsq - shifted_sum ** 2 / n) / (n - 1), 0.0)
-    return noise_sd / (n - 1) * math.sqrt(half ** 4 + 4 * m ** 2 * half ** 2 + (m ** 2 - variance) ** 2)
+def sd_noise_rmse(count: float, shifted_sum: float, shifted_sumsq: float, half: float, noise_sd: float,
+                  draws: int = BOOTSTRAP_DRAWS, seed: int = BOOTSTRAP_SEED) -> float:
+    """Root-mean-square error of the sample sd ``√max((Q − S²/n) / (n − 1), 0)`` (``n`` at least 1) under the
+    noise of its three sums (sds τ, τh, τh²): a parametric bootstrap around the released sums, its spread and
+    its shift (the square root is biased under noise)."""
+    def sd_of(n: np.ndarray, s1: np.ndarray, s2: np.ndarray) -> np.ndarray:
+        n = np.maximum(n, 1.0)
+        m2 = np.maximum(s2 - s1 ** 2 / n, 0.0)
+        return np.where(n > 1, np.sqrt(m2 / np.maximum(n - 1, 1e-12)), np.nan)
 
-
-def sd_noise_sd(variance_sd: float, sd: float) -> float:
-    """Noise sd of ``√v`` from that of ``v`` (delta method: ``sd(v) / 2√v``); inf at ``v = 0``."""
-    return variance_sd / (2 * sd) if sd > 0 else math.inf
+    rng = np.random.default_rng(seed)
+    noise = rng.standard_normal((3, draws)) * noise_sd * np.array([[1.0], [half], [half ** 2]])
+    runs = sd_of(count + noise[0], shifted_sum + noise[1], shifted_sumsq + noise[2])
+    centre = float(sd_of(np.array([count]), np.array([shifted_sum]), np.array([shifted_sumsq]))[0])
+    runs = runs[np.isfinite(runs)]
+    if len(runs) < max(draws // 2, 2) or not math.isfinite(centre):
+        return math.inf
+    return float(np.sqrt(np.var(runs, ddof=1) + (runs.mean() - centre) ** 2))
 
 
 def bootstrap_sd(released: np.ndarray, noise_scale: np.ndarray | float, estimator: Callable[[np.ndarray], Any],
@@ -114,15 +121,32 @@ def bootstrap_sd(released: np.ndarray, noise_scale: np.ndarray | float, estimato
     """Parametric bootstrap of the noise: sd over ``draws`` of ``estimator(released + noise)``, with noise of the
     known sd ``noise_scale`` per entry (post-processing of the release; no row is used). ``estimator`` returns
     an array of numbers (NaN where undefined); the result is their sd, NaN where fewer than half are finite."""
+    return bootstrap(released, noise_scale, estimator, draws, seed)[0]
+
+
+def bootstrap_rmse(released: np.ndarray, noise_scale: np.ndarray | float, estimator: Callable[[np.ndarray], Any],
+                   draws: int = BOOTSTRAP_DRAWS, seed: int = BOOTSTRAP_SEED) -> np.ndarray:
+    """As :func:`bootstrap_sd`, but the root-mean-square distance of the re-runs from ``estimator(released)``:
+    their sd and their shift, the bootstrap's estimate of the bias the noise gives a non-linear estimator
+    (a noisy histogram's quantiles move towards where empty cells' noise adds mass)."""
+    sd, mean = bootstrap(released, noise_scale, estimator, draws, seed)
+    centre = np.asarray(estimator(np.asarray(released, dtype=np.float64)), dtype=np.float64)
+    return np.sqrt(sd ** 2 + (mean - centre) ** 2)
+
+
+def bootstrap(released: np.ndarray, noise_scale: np.ndarray | float, estimator: Callable[[np.ndarray], Any],
+              draws: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sd and mean of ``estimator(released + noise)`` over ``draws`` (NaN where fewer than half are finite)."""
     rng = np.random.default_rng(seed)
     released = np.asarray(released, dtype=np.float64)
     scale = np.broadcast_to(np.asarray(noise_scale, dtype=np.float64), released.shape)
     runs = np.array([np.asarray(estimator(released + rng.standard_normal(released.shape) * scale),
                                 dtype=np.float64) for _ in range(draws)])
     finite = np.isfinite(runs)
-    sd = np.array([np.std(runs[finite[:, j], j], ddof=1) if finite[:, j].sum() >= max(draws // 2, 2) else np.nan
-                   for j in range(runs.shape[1])])
-    return sd
+    enough = finite.sum(axis=0) >= max(draws // 2, 2)
+    sd = np.array([np.std(runs[finite[:, j], j], ddof=1) if enough[j] else np.nan for j in range(runs.shape[1])])
+    mean = np.array([np.mean(runs[finite[:, j], j]) if enough[j] else np.nan for j in range(runs.shape[1])])
+    return sd, mean
 
 
 def gram_noise_covariance(beta: np.ndarray, gram_scale: np.ndarray, vector_scale: np.ndarray,
