@@ -213,9 +213,9 @@ def shifted_sums(parts: Sequence[dict[str, float]], centre: float) -> tuple[floa
 def moments_error(parts: Sequence[dict[str, float]], centre: float, bounds: tuple[float, float], noise_sd: float,
                   epsilon: float) -> dict[str, dict[str, Any]]:
     """The DP noise of :func:`combine_moments`' count, mean and sd (``shared.dp_error``): noise sd by the delta
-    method (count, mean) or the bootstrap's root-mean-square error (sd, whose square root and clamp at 0 are
-    far from linear when the noise is large), 95 % interval, estimable or not. ``noise_sd``: sd of the summed
-    noise on an entry of scale 1 (the sum's scale is the range's half-width, the sum of squares' its square)."""
+    method (the sd's interval: the square roots of the variance's), 95 % interval, estimable or not.
+    ``noise_sd``: sd of the summed noise on an entry of scale 1 (the sum's scale is the range's half-width, the
+    sum of squares' its square)."""
     raw_n, s1, s2 = shifted_sums(parts, centre)
     merged = combine_moments(parts, centre, bounds)
     half = (bounds[1] - bounds[0]) / 2
@@ -223,13 +223,15 @@ def moments_error(parts: Sequence[dict[str, float]], centre: float, bounds: tupl
     unclamped_mean = centre + s1 / max(raw_n, 1.0)
     mean_clamped = raw_n < 1 or not bounds[0] <= unclamped_mean <= bounds[1]
     sd_clamped = raw_n < 2 or not merged.m2 > 0
+    interval = dp_error.sd_interval(merged.m2 / max(merged.count - 1, 1.0),
+                                    dp_error.variance_noise_sd(raw_n, s1, s2, half, noise_sd))
     share = dp_error.ESTIMABLE_WIDTH_SHARE
     return {"count": dp_error.judged(merged.count, noise_sd, share * max(merged.count, 1.0), epsilon,
                                      clamped=raw_n < 1),
             "mean": dp_error.judged(merged.mean, dp_error.mean_noise_sd(raw_n, s1, half, noise_sd), share * width,
                                     epsilon, clamped=mean_clamped, bounds=bounds),
-            "sd": dp_error.judged(merged.sd, dp_error.sd_noise_rmse(raw_n, s1, s2, half, noise_sd), share * width,
-                                  epsilon, clamped=sd_clamped, bounds=(0.0, width))}
+            "sd": dp_error.judged(merged.sd, (interval[1] - interval[0]) / (2 * dp_error.Z95), share * width,
+                                  epsilon, clamped=sd_clamped, bounds=(0.0, width), interval=interval)}
 
 
 def combine_moments(parts: Sequence[dict[str, float]], centre: float, bounds: tuple[float, float]) -> ColumnMoments:

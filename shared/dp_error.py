@@ -8,11 +8,13 @@ does not have:
 - **ratios and moments** (means = noisy sum / noisy count, variances from noisy sums of squares, cluster
   profiles): the delta method (first-order Taylor expansion of the estimator in the noisy sums, whose noise
   is independent between entries and sites);
-- **quantiles** from a noisy histogram, sds, and anything else without a usable derivative (ANOVA's F, PCA
+- **sds**: the delta method on the variance, and the interval the square roots of the variance's (so it
+  keeps its shape near 0, where the square root is far from linear);
+- **quantiles** from a noisy histogram and anything else without a usable derivative (ANOVA's F, PCA
   eigenvalues): a parametric bootstrap of the noise, at the server — the released sums re-noised
   ``BOOTSTRAP_DRAWS`` times with the known sd and the estimator re-run; the sd of the re-runs is the noise
-  sd (for quantiles and sds their root-mean-square distance from the released value, which adds the
-  estimator's bias under noise; quantiles also add the bin's own resolution, ``width / √12``);
+  sd (for quantiles their root-mean-square distance from the released value, which adds the estimator's
+  bias under noise, and the bin's own resolution, ``width / √12``);
 - **regression coefficients**: the delta method on ``β = G⁻¹b``, ``δβ ≈ G⁻¹(δb − δG β)``, added to the
   sampling covariance (:func:`gram_noise_covariance`).
 
@@ -49,20 +51,21 @@ BOOTSTRAP_SEED = 20261202
 
 
 def judged(estimate: float | None, noise_sd: float, allowed_width: float, epsilon: float, clamped: bool = False,
-           bounds: tuple[float, float] | None = None) -> dict[str, Any]:
+           bounds: tuple[float, float] | None = None, interval: tuple[float, float] | None = None) -> dict[str, Any]:
     """A DP number with its noise sd, its 95 % interval and whether it is estimable at ``epsilon``.
 
     ``allowed_width``: the widest interval that still counts as an estimate (``ESTIMABLE_WIDTH_SHARE`` of the
     declared range). Returns ``{"estimate", "noise_sd", "ci95", "estimable", "epsilon", "epsilon_needed",
-    "reason"}``; ``epsilon_needed`` and ``reason`` are null for an estimable number.
+    "reason"}``; ``epsilon_needed`` and ``reason`` are null for an estimable number. ``interval``: a 95 %
+    interval of another shape than ``estimate ± 1.96 noise_sd`` (its width is what is judged).
     """
     if estimate is None or not math.isfinite(estimate) or not math.isfinite(noise_sd):
         return {"estimate": None, "noise_sd": None, "ci95": None, "estimable": False, "epsilon": epsilon,
                 "epsilon_needed": None, "reason": f"not estimable at ε = {epsilon:.3g}: no finite value"}
-    low, high = estimate - Z95 * noise_sd, estimate + Z95 * noise_sd
+    low, high = interval if interval is not None else (estimate - Z95 * noise_sd, estimate + Z95 * noise_sd)
+    width = high - low
     if bounds is not None and all(math.isfinite(b) for b in bounds):
         low, high = max(low, bounds[0]), min(high, bounds[1])
-    width = 2 * Z95 * noise_sd
     ratio = width / allowed_width if allowed_width > 0 else math.inf
     out = {"estimate": float(estimate), "noise_sd": float(noise_sd), "ci95": [float(low), float(high)],
            "estimable": True, "epsilon": epsilon, "epsilon_needed": None, "reason": None}
@@ -96,24 +99,20 @@ def mean_noise_sd(count: float, shifted_sum: float, sum_scale: float, noise_sd: 
     return noise_sd / n * math.sqrt(sum_scale ** 2 + (shifted_sum / n) ** 2)
 
 
-def sd_noise_rmse(count: float, shifted_sum: float, shifted_sumsq: float, half: float, noise_sd: float,
-                  draws: int = BOOTSTRAP_DRAWS, seed: int = BOOTSTRAP_SEED) -> float:
-    """Root-mean-square error of the sample sd ``√max((Q − S²/n) / (n − 1), 0)`` (``n`` at least 1) under the
-    noise of its three sums (sds τ, τh, τh²): a parametric bootstrap around the released sums, its spread and
-    its shift (the square root is biased under noise)."""
-    def sd_of(n: np.ndarray, s1: np.ndarray, s2: np.ndarray) -> np.ndarray:
-        n = np.maximum(n, 1.0)
-        m2 = np.maximum(s2 - s1 ** 2 / n, 0.0)
-        return np.where(n > 1, np.sqrt(m2 / np.maximum(n - 1, 1e-12)), np.nan)
+def variance_noise_sd(count: float, shifted_sum: float, shifted_sumsq: float, half: float, noise_sd: float) -> float:
+    """Noise sd of the sample variance ``(Q − S²/n) / (n − 1)`` from noisy ``n`` (sd τ), ``S`` (sd τh) and ``Q``
+    (sd τh²), by the delta method: ``τ / (n − 1) √(h⁴ + 4 m² h² + (m² − v)²)`` with ``m = S / n``."""
+    n = max(count, 2.0)
+    m = shifted_sum / n
+    variance = max((shifted_sumsq - shifted_sum ** 2 / n) / (n - 1), 0.0)
+    return noise_sd / (n - 1) * math.sqrt(half ** 4 + 4 * m ** 2 * half ** 2 + (m ** 2 - variance) ** 2)
 
-    rng = np.random.default_rng(seed)
-    noise = rng.standard_normal((3, draws)) * noise_sd * np.array([[1.0], [half], [half ** 2]])
-    runs = sd_of(count + noise[0], shifted_sum + noise[1], shifted_sumsq + noise[2])
-    centre = float(sd_of(np.array([count]), np.array([shifted_sum]), np.array([shifted_sumsq]))[0])
-    runs = runs[np.isfinite(runs)]
-    if len(runs) < max(draws // 2, 2) or not math.isfinite(centre):
-        return math.inf
-    return float(np.sqrt(np.var(runs, ddof=1) + (runs.mean() - centre) ** 2))
+
+def sd_interval(variance: float, variance_sd: float) -> tuple[float, float]:
+    """95 % interval of an sd: the square roots of the variance's (``v ± 1.96 sd(v)``, floored at 0), so the
+    interval keeps its shape where the square root is far from linear (a variance near 0 under noise)."""
+    low, high = variance - Z95 * variance_sd, variance + Z95 * variance_sd
+    return math.sqrt(max(low, 0.0)), math.sqrt(max(high, 0.0))
 
 
 def bootstrap_sd(released: np.ndarray, noise_scale: np.ndarray | float, estimator: Callable[[np.ndarray], Any],
