@@ -242,3 +242,23 @@ def test_error_against_epsilon_plot_scales_this_runs_noise_as_one_over_epsilon(f
     sd = got["describe"]["age_years"]["noise"]["mean"]["noise_sd"]
     assert curves["mean"]["age_years"] == pytest.approx([sd / (high - low), sd / (high - low) / 2])
     assert set(curves) == {"mean", "sd", "p50"} and len(curves["p50"]) == len(got["describe"])
+
+
+@pytest.mark.slow
+def test_flower_dp_run_of_chosen_analyses_spends_what_it_planned_and_keeps_the_rest(tmp_path):
+    """Through Flower's runtime: DP clinics with ε = 3 of which 1 for this run, --analyses describe,anova: two
+    queries asked, ε spent = planned per site, 2 left in each ledger, the report opens with the privacy table."""
+    from simulation.analytics_run import run_analytics
+
+    got = run_analytics(tmp_path, clinics=3, dp=True, epsilon=1.0, site_budget=3.0, analyses="describe,anova",
+                        patients_per_clinic=60)
+    assert got["queries"] == {"planned": 2, "asked": 2} and got["not_chosen"] == ["regression", "pca", "kmeans"]
+    assert len(got["budget"]["sites"]) == 3
+    for booked in got["budget"]["sites"].values():
+        assert booked["epsilon_planned"] == pytest.approx(1.0)
+        assert booked["epsilon_spent"] == pytest.approx(1.0, rel=1e-3)
+        assert booked["epsilon_left_in_ledger"] == pytest.approx(2.0, rel=1e-3)
+        assert set(booked["epsilon_spent_by_analysis"]) == {"describe", "anova"}
+    text = (tmp_path / "analytics.md").read_text()
+    assert "**Sites that answered with DP:" in text and "| ε planned | ε spent |" in text
+    assert (tmp_path / "dp_error_vs_epsilon.png").exists()
