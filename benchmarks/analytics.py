@@ -16,6 +16,19 @@ Cases, all on the same simulated clinics (``simulation.clinics.make_world`` / ``
   the site check (each site validates its 10⁴ rows) and the message rounds.
 
 Wall times depend on the machine's load; the JSON records the load average at the start.
+
+    python benchmarks/analytics.py --dp-accuracy [--sites 3 --rows 1300 --repeats 40] [--out ...analytics_dp.json]
+
+measures instead how honest the DP output is (issue 19): on ``--sites`` clinics of ~``--rows`` episodes, at
+ε = 0.5, 1, 3 per site, for ``--analyses describe`` and for all analyses, ``--repeats`` runs with fresh
+ledgers and noise seeds. Each run is the whole site + server code in process (``run_in_process``: the same
+``client.analytics.answer`` and ``server.analytics_phase`` a Flower run uses, without Flower's messaging —
+a Flower start-up per repetition would take the run past 20 minutes here); one Flower run at ε = 1 checks
+planned = spent through the real runtime. Reported: error of the describe means and medians against the
+pooled rows as a share of the declared range, the share of describe numbers reported not estimable, the
+coverage of the 95 % intervals of means, sds, medians and linear-regression coefficients (against the pooled
+mean, sd (n − 1), median and plain least squares on the pooled rows — so the bias of DP clipping counts
+against coverage), and ε spent against planned.
 """
 
 from __future__ import annotations
@@ -146,6 +159,184 @@ def case_flower(frames: dict[str, pd.DataFrame]) -> dict:
             "queries": result["queries"]["asked"], "timing": result["timing"], "sites": len(result["sites"])}
 
 
+DP_EPSILONS = (0.5, 1.0, 3.0)
+DP_ANALYSES = ("describe", "describe,regression,anova,pca,kmeans")
+
+
+def pooled_truth(frames: dict[str, pd.DataFrame], columns: list[str]) -> dict[str, dict[str, float]]:
+    """Mean, sd (n − 1) and median of each column over the pooled rows."""
+    pooled = pd.concat(list(frames.values()), ignore_index=True)
+    out = {}
+    for c in columns:
+        values = pd.to_numeric(pooled[c]).dropna().to_numpy(dtype=float)
+        out[c] = {"mean": float(values.mean()), "sd": float(values.std(ddof=1)), "p50": float(np.median(values))}
+    return out
+
+
+def pooled_ols(frames: dict[str, pd.DataFrame]) -> dict[str, float]:
+    """Least squares of efficacy on the regression covariates over the pooled complete rows."""
+    from server.analytics_plan import REGRESSION_COVARIATES
+
+    pooled = pd.concat(list(frames.values()), ignore_index=True)
+    names = [*REGRESSION_COVARIATES, "efficacy_pct"]
+    rows = np.column_stack([pd.to_numeric(pooled[n]).to_numpy(dtype=float) for n in names])
+    rows = rows[~np.isnan(rows).any(axis=1)]
+    beta = np.linalg.lstsq(np.column_stack([np.ones(len(rows)), rows[:, :-1]]), rows[:, -1], rcond=None)[0]
+    return dict(zip(["intercept", *REGRESSION_COVARIATES], beta.tolist(), strict=True))
+
+
+def dp_run(frames: dict[str, pd.DataFrame], epsilon: float, analyses: str, seed: int) -> dict:
+    """One in-process DP run at ``epsilon`` per site (fresh ledgers, noise from ``seed``)."""
+    from client.dp import SiteDP
+    from client.ledger import PrivacyLedger
+    from server.analytics_plan import AnalyticsSettings
+    from simulation.analytics_run import run_in_process
+
+    budget = 10.0
+    with tempfile.TemporaryDirectory() as folder:
+        sites = {name: SiteDP(PrivacyLedger.open(Path(folder) / f"{name}.json", budget, 1e-5,
+                                                 state_dir=Path(folder) / "heads"),
+                              {"analytics": epsilon / budget}) for name in frames}
+        return run_in_process(frames, AnalyticsSettings(dp=True, analyses=analyses), sites,
+                              np.random.default_rng(seed))
+
+
+def case_dp_accuracy(frames: dict[str, pd.DataFrame], repeats: int) -> list[dict]:
+    """Error, "not estimable" share, interval coverage and ε spent vs planned per (analyses, ε)."""
+    from server.analytics_plan import plan_for
+    from shared.task import NANOPARTICLE_TASK
+
+    plan = plan_for(NANOPARTICLE_TASK, dp=True)
+    truth = pooled_truth(frames, list(plan.columns))
+    ols = pooled_ols(frames)
+    rows = []
+    for analyses in DP_ANALYSES:
+        for epsilon in DP_EPSILONS:
+            start = time.perf_counter()
+            mean_err, median_err, hidden, numbers, spent_gap = [], [], 0, 0, []
+            cover = {"mean": [0, 0], "sd": [0, 0], "p50": [0, 0], "coefficient": [0, 0]}
+            cover_shown = {"mean": [0, 0], "sd": [0, 0], "p50": [0, 0]}
+            for seed in range(repeats):
+                result = dp_run(frames, epsilon, analyses, seed)
+                for column, stats in result["describe"].items():
+                    low, high = plan.range_of(column)
+                    width = high - low
+                    mean_err.append(abs(stats["mean"] - truth[column]["mean"]) / width)
+                    if stats.get("quantiles"):
+                        median_err.append(abs(stats["quantiles"]["p50"] - truth[column]["p50"]) / width)
+                    for name, noise in stats["noise"].items():
+                        numbers += 1
+                        hidden += not noise["estimable"]
+                        if name in ("mean", "sd", "p50") and noise["ci95"] is not None:
+                            inside = noise["ci95"][0] <= truth[column][name] <= noise["ci95"][1]
+                            cover[name][0] += inside
+                            cover[name][1] += 1
+                            if noise["estimable"]:
+                                cover_shown[name][0] += inside
+                                cover_shown[name][1] += 1
+                fit = (result["regression"].get("linear") or {}).get("efficacy_pct")
+                for term, row in (fit or {}).get("coefficients", {}).items():
+                    if row.get("ci95"):
+                        cover["coefficient"][0] += row["ci95"][0] <= ols[term] <= row["ci95"][1]
+                        cover["coefficient"][1] += 1
+                for booked in result["budget"]["sites"].values():
+                    spent_gap.append((booked["epsilon_spent"] - booked["epsilon_planned"]) / booked["epsilon_planned"])
+            mean_err, median_err = np.array(mean_err), np.array(median_err)
+            rows.append({
+                "analyses": analyses, "epsilon": epsilon, "repeats": repeats,
+                "seconds": time.perf_counter() - start,
+                "mean_error_share_of_range": {"mean": float(mean_err.mean()), "p95": float(np.quantile(mean_err, 0.95)),
+                                              "within_2pct": float((mean_err <= 0.02).mean())},
+                "median_error_share_of_range": {"mean": float(median_err.mean()),
+                                                "p95": float(np.quantile(median_err, 0.95)),
+                                                "within_5pct": float((median_err <= 0.05).mean())},
+                "not_estimable_share": hidden / max(numbers, 1),
+                "coverage": {k: (v[0] / v[1] if v[1] else None) for k, v in cover.items()},
+                "coverage_n": {k: v[1] for k, v in cover.items()},
+                "coverage_estimable_only": {k: (v[0] / v[1] if v[1] else None) for k, v in cover_shown.items()},
+                "coverage_estimable_only_n": {k: v[1] for k, v in cover_shown.items()},
+                "epsilon_spent_minus_planned_relative": {"min": float(min(spent_gap)), "max": float(max(spent_gap))},
+            })
+    return rows
+
+
+def case_flower_dp(frames: dict[str, pd.DataFrame], epsilon: float = 1.0) -> dict:
+    """One Flower run with DP sites (ε for analytics = ``epsilon``): planned against spent through the runtime."""
+    from shared.schema import EPISODES_FILE, SITE_FILE
+    from simulation.analytics_run import run_analytics
+
+    with tempfile.TemporaryDirectory() as folder:
+        sites = []
+        for name, frame in frames.items():
+            site = Path(folder) / "sites" / name
+            site.mkdir(parents=True)
+            frame.to_csv(site / EPISODES_FILE, index=False, lineterminator="\n")
+            (site / SITE_FILE).write_text(f'[site]\nname = "{name}"\nschema_version = "1.0"\n\n[privacy]\ndp = true\n'
+                                          f'epsilon = 10.0\ndelta = 1e-5\n\n[privacy.shares]\n'
+                                          f'analytics = {epsilon / 10.0}\n')
+            sites.append(site)
+        start = time.perf_counter()
+        result = run_analytics(Path(folder) / "out", sites=sites)
+        seconds = time.perf_counter() - start
+        report = (Path(folder) / "out" / "analytics.md").read_text()
+    return {"seconds": seconds, "queries": result["queries"], "budget": result["budget"]["sites"],
+            "not_estimable_in_report": report.count("not estimable at")}
+
+
+def print_dp_accuracy(rows: list[dict], flower: dict | None) -> None:
+    """The table of :func:`case_dp_accuracy` (and the Flower check)."""
+    print(f"{'analyses':9s} {'eps':>4s} {'mean err':>9s} {'<=2%':>5s} {'med err':>8s} {'<=5%':>5s} {'not est':>7s} "
+          f"{'cov mean':>8s} {'cov sd':>6s} {'cov p50':>7s} {'cov coef':>8s} {'spent-planned':>14s} {'s':>5s}")
+    for r in rows:
+        c = r["coverage"]
+        name = "describe" if r["analyses"] == "describe" else "all"
+        gap = r["epsilon_spent_minus_planned_relative"]
+
+        def pct(value):
+            return "—" if value is None else f"{value:.3f}"
+
+        print(f"{name:9s} {r['epsilon']:4.1f} {r['mean_error_share_of_range']['mean']:9.4f} "
+              f"{r['mean_error_share_of_range']['within_2pct']:5.2f} {r['median_error_share_of_range']['mean']:8.4f} "
+              f"{r['median_error_share_of_range']['within_5pct']:5.2f} {r['not_estimable_share']:7.2f} "
+              f"{pct(c['mean']):>8s} {pct(c['sd']):>6s} {pct(c['p50']):>7s} {pct(c['coefficient']):>8s} "
+              f"{gap['min']:+.1e}/{gap['max']:+.1e} {r['seconds']:5.0f}")
+    print("coverage of the numbers reported estimable only (mean / sd / p50, with how many):")
+    for r in rows:
+        c, n = r["coverage_estimable_only"], r["coverage_estimable_only_n"]
+        name = "describe" if r["analyses"] == "describe" else "all"
+        print(f"  {name:9s} eps {r['epsilon']:.1f}: " + ", ".join(
+            f"{k} {'—' if c[k] is None else f'{c[k]:.3f}'} (n={n[k]})" for k in ("mean", "sd", "p50")))
+    if flower:
+        gaps = [(b["epsilon_spent"] - b["epsilon_planned"]) / b["epsilon_planned"] for b in flower["budget"].values()]
+        print(f"flower DP run (eps 1, all analyses): {flower['seconds']:.0f} s, queries {flower['queries']}, "
+              f"spent - planned (relative) {min(gaps):+.1e} .. {max(gaps):+.1e}, "
+              f"'not estimable' cells in analytics.md {flower['not_estimable_in_report']}")
+
+
+def main_dp_accuracy(args: argparse.Namespace) -> None:
+    """``--dp-accuracy``: generate the clinics, run the cases, print the table, write the JSON."""
+    load = os.getloadavg()
+    start = time.perf_counter()
+    frames = make_sites(args.sites, args.rows)
+    rows = case_dp_accuracy(frames, args.repeats)
+    flower = case_flower_dp(frames) if args.flower else None
+    print(f"{args.sites} sites, {sum(len(f) for f in frames.values())} episodes "
+          f"({', '.join(str(len(f)) for f in frames.values())}); {args.repeats} noise seeds per row; in process "
+          "(site + server code, no Flower messaging)")
+    print_dp_accuracy(rows, flower)
+    out = args.out if args.out != ROOT / "benchmarks" / "results" / "analytics.json" else \
+        ROOT / "benchmarks" / "results" / "analytics_dp.json"
+    report = {"date": dt.date.today().isoformat(), "seconds": time.perf_counter() - start,
+              "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                          "cpus": os.cpu_count(), "load_average_at_start": load},
+              "command": f"python benchmarks/analytics.py --dp-accuracy --sites {args.sites} --rows {args.rows} "
+                         f"--repeats {args.repeats}" + ("" if args.flower else " --no-flower"),
+              "rows_per_site": {n: len(f) for n, f in frames.items()}, "results": rows, "flower": flower}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def _notes(name: str, r: dict) -> str:
     """One line of notes for the printed table."""
     if name == "in_process":
@@ -164,8 +355,13 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=10_000, help="Episodes per site (approximately).")
     parser.add_argument("--flower", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "analytics.json")
+    parser.add_argument("--dp-accuracy", action="store_true", help="Measure the DP output's honesty (issue 19).")
+    parser.add_argument("--repeats", type=int, default=40, help="Noise seeds per (analyses, ε) with --dp-accuracy.")
     args = parser.parse_args()
     os.environ.setdefault("FLWR_HOME", str(ROOT / ".flwr"))
+    if args.dp_accuracy:
+        main_dp_accuracy(args)
+        return
     load = os.getloadavg()
 
     start = time.perf_counter()

@@ -493,7 +493,9 @@ def answer(query: str, frame: pd.DataFrame, config: Mapping[str, Any], arrays: M
            release: PhaseRelease | None) -> Answer:
     """Compute one query on the site's table; with the site's ``analytics`` release (its DP is on), noise it and
     charge it (``config`` carries the run's planned query count and this query's index, ``client.dp``). The
-    reply's ``noise-sd`` is the noise sd on an entry of scale 1 (``σ × sensitivity``), public like σ."""
+    reply's ``noise-sd`` is the noise sd on an entry of scale 1 (``σ × sensitivity``), public like σ; with it
+    the ε this run planned for analytics at the site (``epsilon-planned``) and the ledger's ε spent before the
+    run's first analytics release (``epsilon-at-start``), so the server reports planned against spent."""
     if query not in REQUESTS:
         raise ShareableError(f"unknown analytics query {query!r}; known: {', '.join(REQUESTS)}")
     computed = REQUESTS[query](frame, config, arrays)
@@ -504,7 +506,9 @@ def answer(query: str, frame: pd.DataFrame, config: Mapping[str, Any], arrays: M
     facts = release.facts(int(config[RELEASE_INDEX]), release.sigma * sensitivity(computed.blocks))
     return Answer(noised, computed.labels, {"dp": True, "sigma": facts.sigma, "noise-sd": facts.noise_sd,
                                            "epsilon-spent": facts.epsilon_spent,
-                                           "epsilon-budget": facts.epsilon_budget, "delta": facts.delta})
+                                           "epsilon-budget": facts.epsilon_budget, "delta": facts.delta,
+                                           "epsilon-planned": release.epsilon,
+                                           "epsilon-at-start": release.spent_at_start})
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -281,6 +281,10 @@ class PhaseRelease:
     sigma: float
     run_id: str
     rng: np.random.Generator = field(default_factory=np.random.default_rng)
+    epsilon: float = math.nan
+    """ε this phase may spend in this run (what σ was calibrated for)."""
+    spent_at_start: float = math.nan
+    """The ledger's ε spent when σ was set, so spent-in-this-run = spent now − this."""
 
     @classmethod
     def for_phase(cls, context: Context, dp: SiteDP, phase: str, releases: int) -> PhaseRelease:
@@ -290,12 +294,14 @@ class PhaseRelease:
         key = _STATE_PHASE + phase
         state = context.state.get(key)
         if state is not None and str(state["run-id"]) == str(context.run_id):
-            return cls(dp, phase, int(state["releases"]), float(state["sigma"]), str(context.run_id))
+            return cls(dp, phase, int(state["releases"]), float(state["sigma"]), str(context.run_id),
+                       epsilon=float(state["epsilon"]), spent_at_start=float(state.get("spent-at-start", math.nan)))
         epsilon = phase_epsilon(context, dp, phase)
+        spent = dp.ledger.spent()
         sigma = noise_for_phase(epsilon, dp.ledger, GAUSSIAN_SAMPLE_RATE, releases)
         context.state[key] = ConfigRecord({"run-id": str(context.run_id), "releases": releases, "sigma": sigma,
-                                           "epsilon": epsilon})
-        return cls(dp, phase, releases, sigma, str(context.run_id))
+                                           "epsilon": epsilon, "spent-at-start": spent})
+        return cls(dp, phase, releases, sigma, str(context.run_id), epsilon=epsilon, spent_at_start=spent)
 
     def charge(self, index: int) -> None:
         """Check that releases ``index`` … ``releases − 1`` still fit the budget, then record release

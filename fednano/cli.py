@@ -192,20 +192,28 @@ def analytics(
     k: int = typer.Option(3, "--k", min=1, max=20, help="k-means clusters."),
     seed: int = typer.Option(0, "--seed", help="World seed and initial-centroid phase."),
     out: Path = typer.Option(Path("runs/analytics"), "--out", help="Output folder."),
+    analyses: str = typer.Option("describe,regression,anova,pca,kmeans", "--analyses",
+                                 help="Analyses to run, comma-separated (kmeans brings pca); a DP site's ε for the "
+                                      "run is split over them, the others spend nothing."),
 ) -> None:
     """The seed paper's statistics (describe, regression, ANOVA, PCA, k-means) across sites, from aggregates."""
+    from server.analytics_plan import chosen_analyses
     from simulation.analytics_run import run_analytics
     from simulation.experiment import flower_environment
 
     sites = _site_paths(ctx, sites)
     if clinics is not None and sites:
         raise typer.BadParameter("give --clinics or --sites, not both", param_hint="--clinics")
+    try:
+        chosen_analyses(analyses)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--analyses") from err
     flower_environment(Path.cwd())
     from simulation.experiment import ExperimentError
 
     try:
         run_analytics(out, clinics=None if sites else (clinics or 5), sites=sites or None, task=task, dp=dp, k=k,
-                      seed=seed, epsilon=epsilon)
+                      seed=seed, epsilon=epsilon, analyses=analyses)
     except ExperimentError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err

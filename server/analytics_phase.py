@@ -36,9 +36,18 @@ does with noisy sums is post-processing (free of privacy cost): after a DP descr
 continuous column to a DP estimate of where its values lie instead of the schema's wide limits
 (``dp_analysis_bounds``); counts below 1 are treated as 1, variances below 0 as 0; Gram and Hessian
 matrices get an eigenvalue floor of the noise's size (a ridge); rates and means are clipped to their range;
-histogram cells within the noise are read as empty. Standard errors and p-values under DP do not include
-the DP noise. A site that fails or refuses a query is left out of the rest of the
-run and named in ``failures``.
+histogram cells within the noise are read as empty. A site that fails or refuses a query is left out of the
+rest of the run and named in ``failures``.
+
+What the noise does to each number is reported with it (``shared.dp_error``): describe statistics, ANOVA
+groups and cluster profiles carry ``noise`` entries (noise sd, 95 % interval, estimable or "not estimable at
+ε = …" with the ε that would make it estimable); regression standard errors include the DP noise
+(``se_dp_noise`` beside ``se_sampling``); ANOVA's F and the PCA spectrum have bootstrap noise sds.
+
+Budget (``--analyses``): only the chosen analyses are planned and asked (``AnalyticsSettings.analyses``); a DP
+site sets one σ for the announced queries, so the run's ε is split over the analyses in proportion to their
+queries (``server.analytics_plan.BUDGET_RULE``); under DP every announced Newton and Lloyd iteration is asked,
+so ε spent equals ε planned, and ``budget`` books each site's ledger increase to the analysis that asked.
 """
 
 from __future__ import annotations
@@ -57,9 +66,11 @@ from flwr.app import Context, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from server.analytics_plan import AnalyticsPlan, AnalyticsSettings, plan_for
+from server.analytics_plan import ANALYSES, BUDGET_RULE, AnalyticsPlan, AnalyticsSettings, plan_for
 from server.site_check import usable_sites
+from shared import dp_error
 from shared.analytics import (
+    QUANTILE_LEVELS,
     anova_table,
     coefficient_table,
     combine_moments,
@@ -71,12 +82,16 @@ from shared.analytics import (
     initial_centroids,
     linear_fit,
     lloyd_update,
+    moments_error,
     noisy_gram_inverse,
     noisy_histogram_quantiles,
     row_bound,
+    shifted_sums,
     snap_to_integers,
     standardised_box,
+    triu_scale,
     unpack_triu,
+    with_noise_parts,
 )
 from shared.metrics import json_safe
 from shared.protocol import analytics as wire
@@ -180,6 +195,11 @@ class AnalyticsSession:
         self.failures: dict[str, dict[str, str]] = {}
         self.privacy: dict[str, dict[str, Any]] = {}
         self.timing: dict[str, dict[str, float]] = {}
+        self.analysis = ""
+        """The analysis now asking (set by :func:`run_analyses`): queries and ε are booked to it."""
+        self.asked_by: dict[str, int] = {}
+        self.spent_by: dict[str, dict[str, float]] = {}
+        self._last_spent: dict[str, float] = {}
 
     def ask(self, message: MessageName, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> list[SiteAnswer]:
         """Ask every remaining site; returns the answers, raises :class:`NoAnswers` if none came."""
@@ -188,6 +208,7 @@ class AnalyticsSession:
             raise NoAnswers(f"{query}: no site left to ask")
         request = {**config, RELEASE_INDEX: self.asked, RELEASES: max(self.planned_queries, self.asked + 1)}
         self.asked += 1
+        self.asked_by[self.analysis] = self.asked_by.get(self.analysis, 0) + 1
         start = time.perf_counter()
         replies = self.asker(message, request, arrays, self.sites)
         clock = self.timing.setdefault(query, {"queries": 0, "seconds": 0.0})
@@ -204,11 +225,40 @@ class AnalyticsSession:
                 continue
             self.names[site] = reply.site
             self.privacy[reply.site] = {k: v for k, v in reply.meta.items() if k != "site-name"}
+            self._book(reply)
             answers.append(reply)
         if not answers:
             reasons = "; ".join(f"{s}: {r}" for s, r in self.failures.get(query, {}).items())
             raise NoAnswers(f"no site answered {query} ({reasons or 'no site'})")
         return answers
+
+
+    def _book(self, reply: SiteAnswer) -> None:
+        """Book the ε a DP site's ledger added for this query to the analysis asking it."""
+        if not reply.dp or "epsilon-at-start" not in reply.meta:
+            return
+        spent = float(reply.meta["epsilon-spent"])
+        before = self._last_spent.get(reply.site, float(reply.meta["epsilon-at-start"]))
+        mine = self.spent_by.setdefault(reply.site, {})
+        mine[self.analysis] = mine.get(self.analysis, 0.0) + spent - before
+        self._last_spent[reply.site] = spent
+
+    def budget(self, planned: dict[str, int]) -> dict[str, Any]:
+        """Planned against spent: queries per analysis, and per DP site its ε planned for this run, spent in it
+        (its ledger's increase since the run's first analytics release) and booked to each analysis."""
+        total_planned = max(sum(planned.values()), 1)
+        sites = {}
+        for site, facts in self.privacy.items():
+            if not facts.get("dp") or "epsilon-at-start" not in facts:
+                continue
+            spent = float(facts["epsilon-spent"]) - float(facts["epsilon-at-start"])
+            sites[site] = {"epsilon_planned": float(facts["epsilon-planned"]), "epsilon_spent": spent,
+                           "epsilon_left_in_ledger": float(facts["epsilon-budget"]) - float(facts["epsilon-spent"]),
+                           "epsilon_spent_by_analysis": dict(self.spent_by.get(site, {}))}
+        return {"rule": BUDGET_RULE,
+                "analyses": {name: {"queries_planned": q, "queries_asked": self.asked_by.get(name, 0),
+                                    "share_of_queries": q / total_planned} for name, q in planned.items()},
+                "sites": sites}
 
 
 def total(answers: Sequence[SiteAnswer], key: str) -> np.ndarray:
@@ -224,6 +274,39 @@ def any_dp(answers: Sequence[SiteAnswer]) -> bool:
 def summed_noise_sd(answers: Sequence[SiteAnswer]) -> float:
     """Sd of the noise on a summed entry of scale 1 (independent noise per site)."""
     return math.sqrt(sum(a.noise_sd ** 2 for a in answers))
+
+
+def run_epsilon(answers: Sequence[SiteAnswer]) -> float:
+    """The ε the DP sites planned for this run's analytics (the largest, if they differ): the ε a "not
+    estimable at ε = …" refers to; NaN without DP."""
+    values = [float(a.meta.get("epsilon-planned", math.nan)) for a in answers if a.dp]
+    values = [v for v in values if math.isfinite(v)]
+    return max(values) if values else math.nan
+
+
+def quantile_error(counts: np.ndarray, noise_sd: float, low: float, high: float, integer: bool,
+                   bins: int, epsilon: float) -> dict[str, dict[str, Any]] | None:
+    """Noise sd, 95 % interval and estimability of each DP histogram quantile (``shared.dp_error``): the
+    root-mean-square error of a parametric bootstrap of the histogram's noise through the same estimator (its
+    spread and its shift: the estimator is biased under noise), plus the bin's resolution (``width / √12``);
+    None when the histogram gives no quantile."""
+    def estimate(cells: np.ndarray) -> np.ndarray:
+        """The quantiles as an array, NaN when the histogram is empty."""
+        q = noisy_histogram_quantiles(cells, noise_sd, low, high)
+        if q is None:
+            return np.full(len(QUANTILE_LEVELS), np.nan)
+        return np.array(list((snap_to_integers(q, low, high, bins) if integer else q).values()))
+
+    released = estimate(counts)
+    if not np.isfinite(released).all():
+        return None
+    boot = dp_error.bootstrap_rmse(counts, noise_sd, estimate)
+    resolution = (high - low) / bins / math.sqrt(12)
+    allowed = dp_error.ESTIMABLE_WIDTH_SHARE * (high - low)
+    names = [f"p{round(level * 100):02d}" for level in QUANTILE_LEVELS]
+    return {name: dp_error.judged(float(value), math.sqrt(float(sd) ** 2 + resolution ** 2), allowed, epsilon,
+                                  bounds=(low, high))
+            for name, value, sd in zip(names, released, boot, strict=True)}
 
 
 def standardisation(describe: dict[str, dict], columns: Sequence[str], plan: AnalyticsPlan) -> dict[str, np.ndarray]:
@@ -249,6 +332,7 @@ def combine_describe(answers: Sequence[SiteAnswer], columns: Sequence[str], plan
     histogram = total(answers, "histogram").reshape(len(columns), bins)
     noise_sd = summed_noise_sd(answers)
     dp = any_dp(answers)
+    epsilon = run_epsilon(answers)
     out = {}
     for j, column in enumerate(columns):
         parts = [{key: float(np.asarray(a.arrays[key]).ravel()[j]) for key in MOMENT_KEYS if key in a.arrays}
@@ -264,6 +348,10 @@ def combine_describe(answers: Sequence[SiteAnswer], columns: Sequence[str], plan
             quantiles = snap_to_integers(quantiles, low, high, bins)
         entry = {"count": moments.count if dp else int(moments.count),
                  "mean": moments.mean, "sd": moments.sd, "min": None, "max": None, "quantiles": quantiles, "dp": dp}
+        if dp and bounded:
+            entry["noise"] = moments_error(parts, float(centres[j]), (float(low), float(high)), noise_sd, epsilon)
+            entry["noise"] |= quantile_error(histogram[j], noise_sd, float(low), float(high),
+                                             column in plan.integers, bins, epsilon) or {}
         if not dp and moments.count > 0:
             entry["min"] = float(min(np.asarray(a.arrays["min"]).ravel()[j] for a in answers))
             entry["max"] = float(max(np.asarray(a.arrays["max"]).ravel()[j] for a in answers))
@@ -325,7 +413,7 @@ def linear_phase(session: AnalyticsSession, plan: AnalyticsPlan, describe: dict)
         gram = unpack_triu(total(answers, f"{outcome}/gram"), d)
         out[outcome] = linear_fit(gram, total(answers, f"{outcome}/xty"), float(total(answers, f"{outcome}/yty")[0]),
                                   covariates, x, float(y["centre"][j]), float(y["scale"][j]),
-                                  summed_noise_sd(answers))
+                                  summed_noise_sd(answers), float(row_bound(y)[j]))
         out[outcome]["sites"] = [a.site for a in answers]
     return out
 
@@ -360,10 +448,14 @@ def logistic_phase(session: AnalyticsSession, plan: AnalyticsPlan, describe: dic
             inverse = noisy_gram_inverse(hessian[np.ix_(kept, kept)], bound, 0.25, summed_noise_sd(answers))
             step = inverse @ gradient[kept]
             s["beta"][kept] += step
+            if dp:  # delta method on the last step, δβ ≈ H⁻¹(δg − δH · step) (shared.dp_error)
+                b = np.concatenate([[1.0], bound])
+                s["noise"] = inverse @ dp_error.gram_noise_covariance(step, 0.25 * np.outer(b, b), b,
+                                                                      summed_noise_sd(answers)) @ inverse
             s.update(inverse=inverse, n=float(total(answers, f"{o}/count")[0]), dp=dp, iterations=s["iterations"] + 1,
                      loglik=None if dp else float(total(answers, f"{o}/loglik")[0]),
                      sites=[a.site for a in answers])
-            s["converged"] = bool(np.max(np.abs(step)) < settings.tolerance)
+            s["converged"] = bool(np.max(np.abs(step)) < settings.tolerance) and not dp  # DP: ask all announced
     m = design_map(x["centre"], x["scale"])
     out = {}
     for o, s in state.items():
@@ -372,14 +464,23 @@ def logistic_phase(session: AnalyticsSession, plan: AnalyticsPlan, describe: dic
         covariance = np.zeros((d, d))
         covariance[np.ix_(s["kept"], s["kept"])] = s["inverse"]
         estimate = m.T @ s["beta"]
-        table = coefficient_table(covariates, estimate, m.T @ covariance @ m, s["kept"], None)
+        if "noise" in s:
+            noise = np.zeros((d, d))
+            noise[np.ix_(s["kept"], s["kept"])] = s["noise"]
+            sampling, noise = m.T @ covariance @ m, m.T @ noise @ m
+            table = with_noise_parts(coefficient_table(covariates, estimate, sampling + noise, s["kept"], None),
+                                     sampling, noise)
+        else:
+            table = coefficient_table(covariates, estimate, m.T @ covariance @ m, s["kept"], None)
         for row in table.values():
             finite = row["estimate"] is not None and row["estimate"] < MAX_LOG_ODDS
             row["odds_ratio"] = math.exp(row["estimate"]) if finite else None
         out[o] = {"n": s["n"] if s["dp"] else int(round(s["n"])), "iterations": s["iterations"],
                   "converged": s["converged"], "log_likelihood": s["loglik"], "coefficients": table, "dp": s["dp"],
                   "sites": s["sites"], "scale": "original units of each covariate; log-odds",
-                  "standard_errors": "inverse Hessian (Wald); z-statistics and normal p-values"}
+                  "standard_errors": "inverse Hessian (Wald); z-statistics and normal p-values"
+                                     + ("; under DP plus the DP noise of the last Newton step (delta method)"
+                                        if s["dp"] else "")}
     return out
 
 
@@ -397,8 +498,11 @@ def anova_phase(session: AnalyticsSession, plan: AnalyticsPlan) -> dict[str, Any
     groups = {label: combine_moments(p, centre, tuple(bounds[0])) for label, p in parts.items()}
     table = anova_table(groups)
     if any_dp(answers):
-        for entry in table["groups"].values():
+        noise_sd, epsilon = summed_noise_sd(answers), run_epsilon(answers)
+        for label, entry in table["groups"].items():
             entry["n"] = float(entry["n"])
+            entry["noise"] = moments_error(parts[label], centre, tuple(bounds[0]), noise_sd, epsilon)
+        table["f_noise_sd"] = anova_f_noise_sd(parts, centre, tuple(bounds[0]), noise_sd)
     else:
         table["n"] = int(round(table["n"]))
         for entry in table["groups"].values():
@@ -407,13 +511,42 @@ def anova_phase(session: AnalyticsSession, plan: AnalyticsPlan) -> dict[str, Any
             "sites": [a.site for a in answers]}
 
 
+def anova_f_noise_sd(parts: dict[str, list[dict[str, float]]], centre: float, bounds: tuple[float, float],
+                     noise_sd: float) -> float | None:
+    """Noise sd of ANOVA's F under DP: a parametric bootstrap (``shared.dp_error``) of the groups' summed
+    count, sum and sum of squares (noise sds τ, τh, τh²) through the same estimator."""
+    labels = sorted(parts)
+    sums = np.array([shifted_sums(parts[g], centre) for g in labels])
+    half = (bounds[1] - bounds[0]) / 2
+
+    def f_of(noisy: np.ndarray) -> np.ndarray:
+        """F from noisy (count, sum, sumsq) rows, post-processed as the release is."""
+        groups = {g: combine_moments([{"count": n, "sum": s1, "sumsq": s2}], centre, bounds)
+                  for g, (n, s1, s2) in zip(labels, noisy, strict=True)}
+        return np.array([anova_table(groups)["f"]])
+
+    sd = dp_error.bootstrap_sd(sums, noise_sd * np.array([1.0, half, half ** 2]), f_of)[0]
+    return float(sd) if math.isfinite(sd) else None
+
+
 def pca_phase(session: AnalyticsSession, plan: AnalyticsPlan, describe: dict) -> dict[str, Any]:
     """Phase 4: one query for ``Σ[1,z][1,z]ᵀ``; returns the PCA."""
     features = list(plan.features)
     x = standardisation(describe, features, plan)
     answers = session.ask(messages.ANALYTICS_PCA, {"features": features}, x)
-    result = correlation_pca(unpack_triu(total(answers, "gram"), len(features) + 1), x, features)
+    released = total(answers, "gram")
+    result = correlation_pca(unpack_triu(released, len(features) + 1), x, features)
     result.update(dp=any_dp(answers), sites=[a.site for a in answers])
+    if result["dp"]:
+        def spectrum(gram: np.ndarray) -> np.ndarray:
+            """Eigenvalues and explained-variance ratios of a (re-noised) Gram release."""
+            pca = correlation_pca(unpack_triu(gram, len(features) + 1), x, features)
+            return np.concatenate([pca["eigenvalues"], pca["explained_variance_ratio"] or [np.nan] * len(features)])
+
+        sd = dp_error.bootstrap_sd(released, summed_noise_sd(answers) * triu_scale(row_bound(x)), spectrum)
+        result["noise"] = {"eigenvalues_noise_sd": sd[:len(features)].tolist(),
+                           "explained_variance_ratio_noise_sd": sd[len(features):].tolist(),
+                           "method": "parametric bootstrap of the Gram release's DP noise (shared.dp_error)"}
     if not result["dp"]:
         result["n"] = int(round(result["n"]))
     return result
@@ -439,7 +572,7 @@ def kmeans_phase(session: AnalyticsSession, plan: AnalyticsPlan, pca: dict, sett
         iterations += 1
         shift = float(np.max(np.linalg.norm(new - centroids, axis=1)))
         centroids = new
-        if shift < settings.tolerance:
+        if shift < settings.tolerance and not dp:  # under DP every announced iteration is asked
             converged = True
             break
     profiles = profiles_phase(session, plan, x, centroids, components, pca["eigenvalues"])
@@ -474,6 +607,9 @@ def profiles_phase(session: AnalyticsSession, plan: AnalyticsPlan, x: dict[str, 
     outcome_sums = total(answers, "outcome-sum").reshape(k, len(outcomes))
     centre = np.where(np.isfinite(outcome_bounds).all(axis=1), outcome_bounds.mean(axis=1), 0.0)
     n = max(float(counts.sum()), 1.0)
+    noise_sd, epsilon = summed_noise_sd(answers), run_epsilon(answers)
+    bound, feature_bounds = row_bound(x), x["bounds"]
+    raw_counts = total(answers, "count")
     profiles = []
     for c in range(k):
         size = max(counts[c], 1.0)
@@ -481,12 +617,26 @@ def profiles_phase(session: AnalyticsSession, plan: AnalyticsPlan, x: dict[str, 
                "silhouette": float(total(answers, "silhouette")[c] / size) if counts[c] >= 1 else None,
                "means": dict(zip(features, (x["centre"] + x["scale"] * sums[c] / size).tolist(), strict=True)),
                "outcomes": {}}
+        if dp:
+            row["noise"] = {f: dp_error.judged(
+                row["means"][f], float(x["scale"][i]) * dp_error.mean_noise_sd(raw_counts[c], sums[c, i], bound[i],
+                                                                                 noise_sd),
+                dp_error.ESTIMABLE_WIDTH_SHARE * dp_error.range_width(feature_bounds[i]), epsilon,
+                clamped=raw_counts[c] < 1) for i, f in enumerate(features)}
         for j, outcome in enumerate(outcomes):
             present = outcome_counts[c, j]
             value = centre[j] + outcome_sums[c, j] / present if present >= 1 else math.nan
+            clamped = present < 1
             if np.isfinite(outcome_bounds[j]).all() and math.isfinite(value):
+                clamped = clamped or not outcome_bounds[j, 0] <= value <= outcome_bounds[j, 1]
                 value = float(np.clip(value, *outcome_bounds[j]))
             row["outcomes"][outcome] = {"n": float(present) if dp else int(round(present)), "mean": value}
+            if dp:
+                half = dp_error.range_width(outcome_bounds[j]) / 2
+                row["outcomes"][outcome]["noise"] = dp_error.judged(
+                    value, dp_error.mean_noise_sd(present, outcome_sums[c, j], half, noise_sd),
+                    dp_error.ESTIMABLE_WIDTH_SHARE * 2 * half, epsilon, clamped=clamped,
+                    bounds=tuple(outcome_bounds[j]))
         profiles.append(row)
     projected = (centroids @ top.T).tolist()
     edges = [np.linspace(lo, hi, PROJECTION_BINS + 1).tolist() for lo, hi in limits]
@@ -511,11 +661,15 @@ def run_analyses(session: AnalyticsSession, plan: AnalyticsPlan, settings: Analy
                                                             "logistic": {}},
                               "anova": None, "pca": None, "kmeans": None}
     skipped = dict(plan.skipped)
-    try:
-        describe = describe_phase(session, plan, settings.bins)
-    except NoAnswers as err:
-        skipped["describe"] = str(err)
-        return _finish(result, session, plan, settings, skipped)
+    chosen = settings.chosen
+    describe: dict[str, dict] = {}
+    if "describe" in chosen:
+        session.analysis = "describe"
+        try:
+            describe = describe_phase(session, plan, settings.bins)
+        except NoAnswers as err:
+            skipped["describe"] = str(err)
+            return _finish(result, session, plan, settings, skipped)
     result["describe"] = describe
     declared = plan
     if any(s.get("dp") for s in describe.values()):
@@ -527,18 +681,24 @@ def run_analyses(session: AnalyticsSession, plan: AnalyticsPlan, settings: Analy
             result["dp_note"] = ("a site answered with DP though the run was not started for DP: the rest of the "
                                  "run used the DP iteration caps; that site's σ was calibrated for the "
                                  f"{session.planned_queries} queries announced, so it spent only part of its ε")
-    if plan.linear and plan.covariates:
+    session.analysis = "regression"
+    if "regression" in chosen and plan.linear and plan.covariates:
         result["regression"]["linear"] = _attempt(lambda: linear_phase(session, plan, describe), "linear", skipped)
-    if plan.logistic and plan.covariates:
+    if "regression" in chosen and plan.logistic and plan.covariates:
         result["regression"]["logistic"] = _attempt(lambda: logistic_phase(session, plan, describe, settings),
                                                     "logistic", skipped)
-    if plan.anova:
+    session.analysis = "anova"
+    if "anova" in chosen and plan.anova:
         result["anova"] = _attempt(lambda: anova_phase(session, plan), "anova", skipped)
-    if plan.features:
+    session.analysis = "pca"
+    if "pca" in chosen and plan.features:
         pca = _attempt(lambda: pca_phase(session, plan, describe), "pca", skipped)
         result["pca"] = pca
-        if pca is not None:
+        session.analysis = "kmeans"
+        if "kmeans" in chosen and pca is not None:
             result["kmeans"] = _attempt(lambda: kmeans_phase(session, plan, pca, settings), "kmeans", skipped)
+    result["analyses"] = list(chosen)
+    result["not_chosen"] = [a for a in ANALYSES if a not in chosen]
     return _finish(result, session, declared, settings, skipped)
 
 
@@ -558,6 +718,7 @@ def _finish(result: dict, session: AnalyticsSession, plan: AnalyticsPlan, settin
     result.update({
         "skipped": skipped, "notes": list(plan.notes), "failures": session.failures, "privacy": session.privacy,
         "queries": {"planned": session.planned_queries, "asked": session.asked},
+        "budget": session.budget(plan.queries_by_analysis(settings)),
         "timing": session.timing,
         "settings": asdict(settings),
         "plan": {"columns": list(plan.columns), "covariates": list(plan.covariates), "linear": list(plan.linear),

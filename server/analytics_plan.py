@@ -32,6 +32,30 @@ KMEANS_FEATURES = ("particle_size_nm", "zeta_mv", "encapsulation_pct", "drug_loa
 cluster table (continuous columns only; binary and ordinal columns distort Euclidean distances)."""
 PROFILE_OUTCOMES = ("response", "toxicity_grade3", "efficacy_pct")
 HISTOGRAM_BINS = 100
+ANALYSES = ("describe", "regression", "anova", "pca", "kmeans")
+"""What ``fednano analytics --analyses`` may choose (default all). k-means starts from the PCA, so choosing
+``kmeans`` runs ``pca`` too (and it is charged)."""
+BUDGET_RULE = ("the run's ε at each DP site is split over the chosen analyses in proportion to the queries each "
+               "asks: every query gets the same noise multiplier σ, so each costs the same Rényi DP (describe 1, "
+               "regression 1 linear + the Newton iterations, anova 1, pca 1, kmeans the Lloyd iterations + 1 "
+               "profile); unchosen analyses ask nothing and spend nothing, so their budget stays in the site's "
+               "ledger. The ε booked to an analysis is its site ledger's increase over its queries (under Rényi "
+               "composition a run's first queries add more ε than its later ones at the same σ)")
+"""The stated rule of issue 19, item 4 (one σ per run keeps the accounting in the one DP release, client.dp)."""
+
+
+def chosen_analyses(text: str) -> tuple[str, ...]:
+    """The analyses named in a comma-separated list, in the run's order, with ``pca`` added for ``kmeans``;
+    ``ValueError`` naming the allowed ones for an unknown or empty list."""
+    names = [n.strip().lower() for n in str(text).split(",") if n.strip()]
+    unknown = [n for n in names if n not in ANALYSES]
+    if unknown or not names:
+        raise ValueError(f"unknown analysis {', '.join(map(repr, unknown))}; expected a comma-separated list of "
+                         f"{', '.join(ANALYSES)}" if unknown else
+                         f"no analysis chosen; expected a comma-separated list of {', '.join(ANALYSES)}")
+    if "kmeans" in names:
+        names.append("pca")
+    return tuple(a for a in ANALYSES if a in names)
 
 
 def schema_bounds() -> dict[str, tuple[float, float]]:
@@ -63,7 +87,10 @@ class AnalyticsSettings:
     dp_newton_iterations, dp_lloyd_iterations : int, default 5, 5
         Caps with DP: every DP query costs budget, so they are few and announced in advance.
     tolerance : float, default 1e-9
-        Newton stops when no standardised coefficient moves more; Lloyd when no centroid does.
+        Newton stops when no standardised coefficient moves more; Lloyd when no centroid does (without DP:
+        under DP every announced iteration is asked, so the ε spent is the ε planned).
+    analyses : str, default "describe,regression,anova,pca,kmeans"
+        The analyses to run (:data:`ANALYSES`, comma-separated); only they are planned, asked and charged.
     """
 
     k: int = 3
@@ -77,6 +104,15 @@ class AnalyticsSettings:
     dp_newton_iterations: int = 5
     dp_lloyd_iterations: int = 5
     tolerance: float = 1e-9
+    analyses: str = ",".join(ANALYSES)
+
+    def __post_init__(self) -> None:
+        chosen_analyses(self.analyses)  # an unknown name fails here, naming the allowed ones
+
+    @property
+    def chosen(self) -> tuple[str, ...]:
+        """The analyses this run asks for (``pca`` with ``kmeans``)."""
+        return chosen_analyses(self.analyses)
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> AnalyticsSettings:
@@ -117,12 +153,16 @@ class AnalyticsPlan:
 
     def queries(self, settings: AnalyticsSettings) -> int:
         """How many queries the run asks at most (what a DP site calibrates its σ for)."""
-        count = 1
-        count += 1 if self.linear and self.covariates else 0
-        count += settings.max_newton if self.logistic and self.covariates else 0
-        count += 1 if self.anova else 0
-        count += 2 + settings.max_lloyd if self.features else 0
-        return count
+        return sum(self.queries_by_analysis(settings).values())
+
+    def queries_by_analysis(self, settings: AnalyticsSettings) -> dict[str, int]:
+        """Queries each chosen analysis asks at most (under DP: exactly); unchosen ones ask none."""
+        chosen = settings.chosen
+        regression = ((1 if self.linear and self.covariates else 0)
+                      + (settings.max_newton if self.logistic and self.covariates else 0))
+        counts = {"describe": 1, "regression": regression, "anova": 1 if self.anova else 0,
+                  "pca": 1 if self.features else 0, "kmeans": 1 + settings.max_lloyd if self.features else 0}
+        return {name: counts[name] for name in ANALYSES if name in chosen}
 
     def range_of(self, column: str) -> tuple[float, float]:
         """The declared range, (nan, nan) when none."""

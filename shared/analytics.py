@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from scipy import stats as scipy_stats
 
+from shared import dp_error
 from shared.encoding import Moments
 
 QUANTILE_LEVELS = (0.01, 0.25, 0.5, 0.75, 0.99)
@@ -44,6 +45,13 @@ def denoised_counts(counts: np.ndarray, noise_sd: float) -> np.ndarray:
     if noise_sd <= 0:
         return counts
     return np.where(counts < DP_NOISE_THRESHOLD * noise_sd, 0.0, counts)
+
+
+def triu_scale(bound: np.ndarray, factor: float = 1.0) -> np.ndarray:
+    """Packed upper triangle of ``factor · B Bᵀ`` with ``B = [1, bound]``: the per-row bound of each entry of a
+    site's packed Gram release, hence (× the noise sd) the sd of its DP noise."""
+    b = np.concatenate([[1.0], np.asarray(bound, dtype=np.float64)])
+    return (factor * np.outer(b, b))[np.triu_indices(len(b))]
 
 
 def floored_inverse(matrix: np.ndarray, floor: float) -> np.ndarray:
@@ -188,6 +196,44 @@ class ColumnMoments:
         return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else math.nan
 
 
+def shifted_sums(parts: Sequence[dict[str, float]], centre: float) -> tuple[float, float, float]:
+    """Summed count, sum and sum of squares about ``centre`` over per-site moments (exact parts converted
+    exactly, noisy parts as released)."""
+    n = s1 = s2 = 0.0
+    for p in parts:
+        if "m2" in p:
+            count = p["count"]
+            mean = p["raw-sum"] / count if count else 0.0
+            n, s1, s2 = n + count, s1 + p["raw-sum"] - count * centre, s2 + p["m2"] + count * (mean - centre) ** 2
+        else:
+            n, s1, s2 = n + p["count"], s1 + p["sum"], s2 + p["sumsq"]
+    return n, s1, s2
+
+
+def moments_error(parts: Sequence[dict[str, float]], centre: float, bounds: tuple[float, float], noise_sd: float,
+                  epsilon: float) -> dict[str, dict[str, Any]]:
+    """The DP noise of :func:`combine_moments`' count, mean and sd (``shared.dp_error``): noise sd by the delta
+    method (the sd's interval: the square roots of the variance's), 95 % interval, estimable or not.
+    ``noise_sd``: sd of the summed noise on an entry of scale 1 (the sum's scale is the range's half-width, the
+    sum of squares' its square)."""
+    raw_n, s1, s2 = shifted_sums(parts, centre)
+    merged = combine_moments(parts, centre, bounds)
+    half = (bounds[1] - bounds[0]) / 2
+    width = dp_error.range_width(bounds)
+    unclamped_mean = centre + s1 / max(raw_n, 1.0)
+    mean_clamped = raw_n < 1 or not bounds[0] <= unclamped_mean <= bounds[1]
+    sd_clamped = raw_n < 2 or not merged.m2 > 0
+    interval = dp_error.sd_interval(merged.m2 / max(merged.count - 1, 1.0),
+                                    dp_error.variance_noise_sd(raw_n, s1, s2, half, noise_sd))
+    share = dp_error.ESTIMABLE_WIDTH_SHARE
+    return {"count": dp_error.judged(merged.count, noise_sd, share * max(merged.count, 1.0), epsilon,
+                                     clamped=raw_n < 1),
+            "mean": dp_error.judged(merged.mean, dp_error.mean_noise_sd(raw_n, s1, half, noise_sd), share * width,
+                                    epsilon, clamped=mean_clamped, bounds=bounds),
+            "sd": dp_error.judged(merged.sd, (interval[1] - interval[0]) / (2 * dp_error.Z95), share * width,
+                                  epsilon, clamped=sd_clamped, bounds=(0.0, width), interval=interval)}
+
+
 def combine_moments(parts: Sequence[dict[str, float]], centre: float, bounds: tuple[float, float]) -> ColumnMoments:
     """Merge per-site moments of one column or group.
 
@@ -201,14 +247,7 @@ def combine_moments(parts: Sequence[dict[str, float]], centre: float, bounds: tu
         for p in parts:
             merged = merged + Moments(int(round(p["count"])), p["raw-sum"], p["m2"])
         return ColumnMoments(float(merged.count), merged.mean if merged.count else math.nan, merged.m2)
-    n = s1 = s2 = 0.0
-    for p in parts:
-        if "m2" in p:
-            count = p["count"]
-            mean = p["raw-sum"] / count if count else 0.0
-            n, s1, s2 = n + count, s1 + p["raw-sum"] - count * centre, s2 + p["m2"] + count * (mean - centre) ** 2
-        else:
-            n, s1, s2 = n + p["count"], s1 + p["sum"], s2 + p["sumsq"]
+    n, s1, s2 = shifted_sums(parts, centre)
     n = max(n, 1.0)
     mean = centre + s1 / n
     if all(math.isfinite(b) for b in bounds):
@@ -217,11 +256,13 @@ def combine_moments(parts: Sequence[dict[str, float]], centre: float, bounds: tu
 
 
 def linear_fit(gram: np.ndarray, xty: np.ndarray, yty: float, names: Sequence[str], x: dict[str, np.ndarray],
-               y_centre: float, y_scale: float, noise: float = 0.0) -> dict[str, Any]:
+               y_centre: float, y_scale: float, noise: float = 0.0, y_bound: float = math.inf) -> dict[str, Any]:
     """Ordinary least squares from summed sufficient statistics of the standardised design and outcome,
     reported on the original scale: coefficients, SEs from ``σ²(XᵀX)⁻¹``, t, p, R², F. With DP ``noise``
-    (sd per unit of scale, summed over sites) the Gram matrix is inverted by :func:`noisy_gram_inverse` and
-    aliasing is not tested (noise hides it)."""
+    (sd per unit of scale, summed over sites) the Gram matrix is inverted by :func:`noisy_gram_inverse`,
+    aliasing is not tested (noise hides it), and the standard errors add the noise's covariance
+    (``shared.dp_error.gram_noise_covariance``, with ``y_bound`` the outcome's largest standardised value):
+    ``se`` is the total, ``se_sampling`` and ``se_dp_noise`` its two parts."""
     n = float(gram[0, 0])
     dp = noise > 0
     kept = list(range(gram.shape[0])) if dp else independent_columns(gram)
@@ -235,10 +276,17 @@ def linear_fit(gram: np.ndarray, xty: np.ndarray, yty: float, names: Sequence[st
     sigma2 = rss / df if df > 0 else math.nan
     covariance = np.zeros_like(gram)
     covariance[np.ix_(kept, kept)] = sigma2 * inverse
+    noise_covariance = np.zeros_like(gram)
+    if dp:
+        b = np.concatenate([[1.0], row_bound(x)])
+        noise_covariance = inverse @ dp_error.gram_noise_covariance(beta, np.outer(b, b), b * y_bound,
+                                                                    noise) @ inverse
     m = design_map(x["centre"], x["scale"])
     estimate = y_scale * (m.T @ beta)
     estimate[0] += y_centre
-    covariance = y_scale ** 2 * (m.T @ covariance @ m)
+    sampling = y_scale ** 2 * (m.T @ covariance @ m)
+    noise_covariance = y_scale ** 2 * (m.T @ noise_covariance @ m)
+    covariance = sampling + noise_covariance
     r2 = 1 - rss / tss if tss > 0 else math.nan
     q = len(kept) - 1
     f = ((tss - rss) / q) / (rss / df) if q > 0 and df > 0 and rss > 0 else math.nan
@@ -246,8 +294,23 @@ def linear_fit(gram: np.ndarray, xty: np.ndarray, yty: float, names: Sequence[st
             "sigma": y_scale * math.sqrt(sigma2) if df > 0 else None, "r2": r2,
             "adj_r2": 1 - (1 - r2) * (n - 1) / df if df > 0 else None, "f": f,
             "f_p": float(scipy_stats.f.sf(f, q, df)) if math.isfinite(f) else None,
-            "coefficients": coefficient_table(names, estimate, covariance, kept, df), "dp": dp,
+            "coefficients": with_noise_parts(coefficient_table(names, estimate, covariance, kept, df), sampling,
+                                             noise_covariance) if dp else
+            coefficient_table(names, estimate, covariance, kept, df), "dp": dp,
             "scale": "original units of each covariate and of the outcome"}
+
+
+def with_noise_parts(table: dict[str, dict[str, Any]], sampling: np.ndarray,
+                     noise: np.ndarray) -> dict[str, dict[str, Any]]:
+    """A DP coefficient table with each term's standard error split: ``se_sampling`` (the model's), ``se_dp_noise``
+    (the DP noise's, delta method), their total ``se`` (what t, p use) and the 95 % interval on it."""
+    for j, row in enumerate(table.values()):
+        if row["estimate"] is None:
+            continue
+        row["se_sampling"] = math.sqrt(max(sampling[j, j], 0.0))
+        row["se_dp_noise"] = math.sqrt(max(noise[j, j], 0.0))
+        row["ci95"] = [row["estimate"] - dp_error.Z95 * row["se"], row["estimate"] + dp_error.Z95 * row["se"]]
+    return table
 
 
 def anova_table(groups: dict[str, ColumnMoments]) -> dict[str, Any]:

@@ -21,6 +21,7 @@ statistics); Lloyd 1982 (k-means); Rousseeuw 1987 (silhouette); Dwork & Roth 201
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,8 @@ from client.dp import PhaseRelease, PrivacyRefused, SiteDP
 from client.ledger import BudgetExhausted, LedgerError
 from client.site import SiteSource
 from server.analytics_phase import AnalyticsSession, SiteAnswer, run_analyses
-from server.analytics_plan import AnalyticsSettings, plan_for
+from server.analytics_plan import ANALYSES, AnalyticsSettings, chosen_analyses, plan_for
+from shared import dp_error
 from shared.protocol.messages import MessageName
 from shared.protocol.privacy import RELEASES
 from shared.protocol.records import SITE_NAME
@@ -135,7 +137,8 @@ def run_federated_analytics(sources: list[SiteSource], settings: AnalyticsSettin
 def run_analytics(out: Path | str, clinics: int | None = None, sites: Sequence[Path | str] | None = None,
                   task: Path | str | None = None, dp: bool = False, k: int = 3, seed: int = 0, epsilon: float = 1.0,
                   *, site_budget: float | None = None, delta: float = 1e-5, patients_per_clinic: int | None = None,
-                  on_phase: Callable[[str], None] | None = None, quiet: bool = True) -> dict[str, Any]:
+                  on_phase: Callable[[str], None] | None = None, quiet: bool = True,
+                  analyses: str = ",".join(ANALYSES)) -> dict[str, Any]:
     """``fednano analytics``: sites → Flower federation → ``analytics.json``, ``analytics.md``, CSVs, plot.
 
     Parameters
@@ -163,11 +166,15 @@ def run_analytics(out: Path | str, clinics: int | None = None, sites: Sequence[P
         Told ``"sites"``, ``"federation"``, ``"report"`` as the run moves on (progress displays).
     quiet : bool
         Keep Flower's log to errors (``simulation.experiment.quiet_flower``).
+    analyses : str
+        Comma-separated analyses to run (``server.analytics_plan.ANALYSES``, default all); the run's ε is split
+        over them (``BUDGET_RULE``), the others spend nothing.
 
     Returns the content of ``out/analytics.json``.
     """
     from simulation.experiment import flower_environment, quiet_flower
 
+    chosen_analyses(analyses)  # a bad name fails before any site is made
     say = on_phase or (lambda _: None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -178,7 +185,7 @@ def run_analytics(out: Path | str, clinics: int | None = None, sites: Sequence[P
     sources = prepare_sites(out, clinics, [Path(s) for s in sites] if sites else None,
                             Path(task) if task else None, dp, seed, epsilon, site_budget, delta, patients_per_clinic)
     settings = AnalyticsSettings(k=k, seed=seed, dp=dp, task_path=str(task) if task else "",
-                                 min_nodes=len(sources))
+                                 min_nodes=len(sources), analyses=analyses)
     say("federation")
     result = run_federated_analytics(sources, settings, out)
     say("report")
@@ -190,30 +197,97 @@ def run_analytics(out: Path | str, clinics: int | None = None, sites: Sequence[P
 # Tables and plot
 
 
+DESCRIBE_STATISTICS = ("count", "mean", "sd", "p01", "p25", "p50", "p75", "p99")
+
+
 def describe_table(result: dict) -> pd.DataFrame:
-    """One row per column: count, mean, sd, min, max and the histogram quantiles."""
+    """One row per column: count, mean, sd, min, max and the histogram quantiles. Under DP each statistic also
+    has its noise sd, 95 % interval and ``<stat>_estimable``; a number not estimable is left empty (its
+    ``<stat>_note`` says at which ε it would be)."""
     rows = []
     for column, s in result.get("describe", {}).items():
         quantiles = s.get("quantiles") or {}
-        rows.append({"column": column, "count": s["count"], "mean": s["mean"], "sd": s["sd"], "min": s["min"],
-                     "max": s["max"], **{k: quantiles.get(k) for k in ("p01", "p25", "p50", "p75", "p99")}})
+        row = {"column": column, "count": s["count"], "mean": s["mean"], "sd": s["sd"], "min": s["min"],
+               "max": s["max"], **{k: quantiles.get(k) for k in ("p01", "p25", "p50", "p75", "p99")}}
+        for stat, noise in (s.get("noise") or {}).items():
+            ci = noise["ci95"] or [None, None]
+            row |= {f"{stat}_noise_sd": noise["noise_sd"], f"{stat}_ci95_low": ci[0], f"{stat}_ci95_high": ci[1],
+                    f"{stat}_estimable": noise["estimable"], f"{stat}_note": not_estimable_text(noise)}
+            if not noise["estimable"]:
+                row[stat] = None
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def not_estimable_text(noise: dict) -> str | None:
+    """'not estimable at ε = 1 (estimable at ε ≈ 3.2)' for a DP number that is not estimable, else None."""
+    if noise["estimable"]:
+        return None
+    needed = noise.get("epsilon_needed")
+    return (f"not estimable at ε = {_fmt(noise['epsilon'])}"
+            + (f" (estimable at ε ≈ {_fmt(needed)})" if needed is not None else ""))
+
+
+def shown(value: Any, noise: dict | None) -> str:
+    """A released number as the report shows it: plain without DP; under DP with its 95 % interval, or the
+    'not estimable at ε = …' text."""
+    if noise is None:
+        return _fmt(_plain(value))
+    if not noise["estimable"]:
+        return not_estimable_text(noise)
+    low, high = noise["ci95"]
+    return f"{_fmt(value)} [{_fmt(low)}, {_fmt(high)}]"
+
+
+def describe_display(result: dict) -> pd.DataFrame:
+    """The descriptive table as the report shows it (under DP: intervals or 'not estimable', see :func:`shown`)."""
+    rows = []
+    for column, s in result.get("describe", {}).items():
+        noise = s.get("noise") or {}
+        values = {"count": s["count"], "mean": s["mean"], "sd": s["sd"], **(s.get("quantiles") or {})}
+        row = {"column": column, **{stat: shown(values.get(stat), noise.get(stat)) for stat in ("count", "mean", "sd")}}
+        if not noise:
+            row |= {"min": _fmt(_plain(s["min"])), "max": _fmt(_plain(s["max"]))}
+        row |= {stat: shown(values.get(stat), noise.get(stat)) for stat in ("p01", "p25", "p50", "p75", "p99")}
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
 def coefficient_frame(fit: dict) -> pd.DataFrame:
-    """One row per term of a fitted regression."""
-    rows = [{"term": term, **{k: v for k, v in row.items() if k != "aliased"}, "aliased": row.get("aliased")}
-            for term, row in fit["coefficients"].items()]
+    """One row per term of a fitted regression (under DP: ``se`` includes the DP noise, split into
+    ``se_sampling`` and ``se_dp_noise``, with the 95 % interval)."""
+    rows = []
+    for term, row in fit["coefficients"].items():
+        values = {k: v for k, v in row.items() if k not in ("aliased", "ci95")}
+        if row.get("ci95"):
+            values |= {"ci95_low": row["ci95"][0], "ci95_high": row["ci95"][1]}
+        rows.append({"term": term, **values, "aliased": row.get("aliased")})
     return pd.DataFrame(rows)
 
 
 def anova_frame(anova: dict) -> pd.DataFrame:
-    """One row per group, then the F test as the last row."""
-    rows = [{"group": g, "n": s["n"], "mean": s["mean"], "sd": s["sd"]} for g, s in anova["groups"].items()]
+    """One row per group, then the F test as the last row (under DP the group means and sds with their noise
+    sd and 95 % interval; F with its noise sd)."""
+    rows = []
+    for g, s in anova["groups"].items():
+        row = {"group": g, "n": s["n"], "mean": s["mean"], "sd": s["sd"]}
+        for stat, noise in (s.get("noise") or {}).items():
+            ci = noise["ci95"] or [None, None]
+            row |= {f"{stat}_noise_sd": noise["noise_sd"], f"{stat}_ci95_low": ci[0], f"{stat}_ci95_high": ci[1],
+                    f"{stat}_estimable": noise["estimable"]}
+        rows.append(row)
     rows.append({"group": "(F test)", "n": anova["n"], "f": anova["f"], "p": anova["p"],
                  "df_between": anova["df_between"], "df_within": anova["df_within"],
-                 "eta_squared": anova["eta_squared"]})
+                 "eta_squared": anova["eta_squared"], "f_noise_sd": anova.get("f_noise_sd")})
     return pd.DataFrame(rows)
+
+
+def anova_display(anova: dict) -> pd.DataFrame:
+    """The ANOVA's groups as the report shows them (under DP: intervals or 'not estimable')."""
+    return pd.DataFrame([{"group": g, **{stat: shown(s[stat], (s.get("noise") or {}).get(stat if stat != "n" else
+                                                                                         "count"))
+                                         for stat in ("n", "mean", "sd")}}
+                         for g, s in anova["groups"].items()])
 
 
 def pca_frame(pca: dict) -> pd.DataFrame:
@@ -232,6 +306,25 @@ def profiles_frame(kmeans: dict) -> pd.DataFrame:
         row = {"cluster": profile["cluster"], "n": profile["n"], "share": profile["share"],
                "silhouette": profile["silhouette"], **profile["means"]}
         row |= {f"{name}_mean": o["mean"] for name, o in profile["outcomes"].items()}
+        for name, o in profile["outcomes"].items():
+            if o.get("noise"):
+                row |= {f"{name}_mean_noise_sd": o["noise"]["noise_sd"],
+                        f"{name}_mean_estimable": o["noise"]["estimable"]}
+        for name, noise in (profile.get("noise") or {}).items():
+            row |= {f"{name}_noise_sd": noise["noise_sd"], f"{name}_estimable": noise["estimable"]}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def profiles_display(kmeans: dict) -> pd.DataFrame:
+    """The cluster profiles as the report shows them (under DP: intervals or 'not estimable')."""
+    rows = []
+    for profile in kmeans["profiles"]:
+        noise = profile.get("noise") or {}
+        row = {"cluster": profile["cluster"], "n": _fmt(_plain(profile["n"])), "share": _fmt(_plain(profile["share"])),
+               "silhouette": _fmt(_plain(profile["silhouette"]))}
+        row |= {name: shown(value, noise.get(name)) for name, value in profile["means"].items()}
+        row |= {f"{name}_mean": shown(o["mean"], o.get("noise")) for name, o in profile["outcomes"].items()}
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -241,9 +334,12 @@ def write_report(out: Path, result: dict) -> None:
     out = Path(out)
     tables: list[tuple[str, pd.DataFrame]] = []
     describe = describe_table(result)
-    describe.to_csv(out / "describe.csv", index=False)
-    tables.append(("Descriptive statistics (all rows of every site; sd with n − 1; quantiles interpolated in "
-                   "the summed histogram on the declared range)", describe))
+    if not describe.empty:
+        describe.to_csv(out / "describe.csv", index=False)
+        tables.append(("Descriptive statistics (all rows of every site; sd with n − 1; quantiles interpolated in "
+                       "the summed histogram on the declared range" + ("; under DP each number with its 95 % "
+                                                                       "interval for the noise" if _dp(result)
+                                                                       else "") + ")", describe_display(result)))
     regression = result.get("regression") or {}
     for kind in ("linear", "logistic"):
         for outcome, fit in (regression.get(kind) or {}).items():
@@ -257,29 +353,47 @@ def write_report(out: Path, result: dict) -> None:
         anova = anova_frame(result["anova"])
         anova.to_csv(out / "anova.csv", index=False)
         a = result["anova"]
-        tables.append((f"One-way ANOVA of {a['response']} across {a['factor']}: F({a['df_between']}, "
-                       f"{_fmt(a['df_within'])}) = {_fmt(a['f'])}, p = {_fmt(a['p'])}, η² = {_fmt(a['eta_squared'])}",
-                       anova.iloc[:-1][["group", "n", "mean", "sd"]]))
+        f_noise = f" (noise sd {_fmt(a['f_noise_sd'])})" if a.get("f_noise_sd") is not None else ""
+        tables.append((f"One-way ANOVA of {a['response']} across {a['factor']}: F({_fmt(a['df_between'])}, "
+                       f"{_fmt(a['df_within'])}) = {_fmt(a['f'])}{f_noise}, p = {_fmt(a['p'])}, "
+                       f"η² = {_fmt(a['eta_squared'])}", anova_display(a)))
     if result.get("pca"):
         pca = pca_frame(result["pca"])
         pca.to_csv(out / "pca.csv", index=False)
-        tables.append((f"PCA ({result['pca']['basis']})", pca))
+        noise = result["pca"].get("noise")
+        if noise:
+            pca["eigenvalue_noise_sd"] = noise["eigenvalues_noise_sd"]
+            pca["explained_variance_ratio_noise_sd"] = noise["explained_variance_ratio_noise_sd"]
+        tables.append((f"PCA ({result['pca']['basis']}" + ("; noise sds by a parametric bootstrap of the DP noise"
+                                                           if noise else "") + ")", pca))
     if result.get("kmeans"):
         km = result["kmeans"]
         profiles = profiles_frame(km)
         profiles.to_csv(out / "kmeans_profiles.csv", index=False)
         tables.append((f"k-means profiles (k = {km['k']}, {km['iterations']} Lloyd iterations, converged = "
                        f"{km['converged']}, inertia = {_fmt(km['inertia'])}, simplified silhouette = "
-                       f"{_fmt(km['silhouette_simplified'])}; feature means on the original scale)", profiles))
+                       f"{_fmt(km['silhouette_simplified'])}; feature means on the original scale)",
+                       profiles_display(km)))
         plot_clusters(out / "pca_clusters.png", result)
-    (out / "analytics.md").write_text(markdown(result, tables))
+    text = markdown(result, tables)
+    if _dp(result) and plot_error_vs_epsilon(out / "dp_error_vs_epsilon.png", result):
+        text += ("\n## Error against ε\n\n![noise sd of each describe statistic against ε](dp_error_vs_epsilon.png)"
+                 "\n\nNoise sd of each describe mean, sd and median as a share of its declared range, at other ε "
+                 f"per site for the same analyses (sd ∝ 1/ε); below the dashed line a number is estimable "
+                 f"(95 % interval within {dp_error.ESTIMABLE_WIDTH_SHARE:g} of the range). Affordable per site: "
+                 f"ε ≈ {_fmt(affordable_epsilon(result))}.\n")
+    (out / "analytics.md").write_text(text)
 
 
 def markdown(result: dict, tables: list[tuple[str, pd.DataFrame]]) -> str:
     """The report: sites, privacy, every table, and what was skipped or failed."""
     lines = ["# Federated analytics", "",
              f"Sites: {', '.join(result.get('sites', []))}. Rows: {result.get('rows', '')}. Queries asked: "
-             f"{result['queries']['asked']} (planned {result['queries']['planned']}).", ""]
+             f"{result['queries']['asked']} (planned {result['queries']['planned']}). Analyses: "
+             f"{', '.join(result.get('analyses', []))}"
+             + (f" (not chosen, nothing spent: {', '.join(result['not_chosen'])})" if result.get("not_chosen") else "")
+             + ".", ""]
+    lines += privacy_summary(result)
     for title, frame in tables:
         lines += [f"## {title}", "", _markdown_table(frame), ""]
     if result.get("kmeans"):
@@ -290,7 +404,8 @@ def markdown(result: dict, tables: list[tuple[str, pd.DataFrame]]) -> str:
         lines += [f"| {site} | {_fmt(p.get('sigma'))} | {_fmt(p.get('epsilon-spent'))} | "
                   f"{_fmt(p.get('epsilon-budget'))} | {_fmt(p.get('delta'))} |"
                   for site, p in privacy.items() if p.get("dp")]
-        lines += ["", "Under DP, min and max are not released; standard errors and p-values ignore the DP noise.", ""]
+        lines += ["", "Under DP, min and max are not released; regression standard errors and p-values include the "
+                  "DP noise (`se_dp_noise`, delta method), next to the sampling part (`se_sampling`).", ""]
     if result.get("skipped"):
         lines += ["## Skipped", ""] + [f"- {name}: {why}" for name, why in result["skipped"].items()] + [""]
     if result.get("notes"):
@@ -300,6 +415,108 @@ def markdown(result: dict, tables: list[tuple[str, pd.DataFrame]]) -> str:
         lines += [f"- {query}: {site} — {reason}" for query, failed in result["failures"].items()
                   for site, reason in failed.items()]
     return "\n".join(lines) + "\n"
+
+
+def _dp(result: dict) -> bool:
+    """Whether any site answered with DP."""
+    return any(p.get("dp") for p in (result.get("privacy") or {}).values())
+
+
+def privacy_summary(result: dict) -> list[str]:
+    """The report's opening on privacy: which sites answered with DP, ε planned against spent per site and per
+    analysis, and what the intervals and "not estimable" mean."""
+    privacy = result.get("privacy") or {}
+    dp_sites = [site for site, p in privacy.items() if p.get("dp")]
+    if not dp_sites:
+        return ["No site answered with DP: every number is exact on the sites' pooled rows.", ""]
+    budget = result.get("budget") or {}
+    analyses = list(budget.get("analyses") or {})
+    lines = [f"**Sites that answered with DP: {', '.join(dp_sites)}.** Their numbers carry Gaussian noise: each is "
+             "shown with its 95 % interval for the noise (noise sd from the mechanisms' known σ, "
+             "`shared.dp_error`), and a number whose interval is wider than "
+             f"{dp_error.ESTIMABLE_WIDTH_SHARE:g} of its column's declared range, or that hit a bound, is shown as "
+             "\"not estimable at ε = …\" with the ε that would make it estimable (noise sd ∝ 1/ε).", "",
+             f"Budget rule: {budget.get('rule', '')}.", "",
+             "| site | ε planned | ε spent | ε left in ledger | " + " | ".join(f"spent on {a}" for a in analyses)
+             + " |", "|" + "---|" * (4 + len(analyses))]
+    for site, b in (budget.get("sites") or {}).items():
+        by = b.get("epsilon_spent_by_analysis", {})
+        lines.append(f"| {site} | {_fmt(b['epsilon_planned'])} | {_fmt(b['epsilon_spent'])} | "
+                     f"{_fmt(b['epsilon_left_in_ledger'])} | " + " | ".join(_fmt(by.get(a, 0.0)) for a in analyses)
+                     + " |")
+    return lines + [""]
+
+
+ERROR_PLOT_STATISTICS = ("mean", "sd", "p50")
+
+
+def affordable_epsilon(result: dict) -> float | None:
+    """The largest ε per site a rerun of this run could spend: what every DP site had for it (spent in this run +
+    left in its ledger), the smallest over sites; None without DP."""
+    sites = (result.get("budget") or {}).get("sites") or {}
+    values = [b["epsilon_spent"] + b["epsilon_left_in_ledger"] for b in sites.values()]
+    return min(values) if values else None
+
+
+def error_curves(result: dict, epsilons: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+    """Per describe statistic and column: the noise sd as a share of the declared range at each ε, scaled from
+    this run's (noise sd ∝ 1/ε, ``shared.dp_error``); only columns with a finite noise sd."""
+    bounds = (result.get("plan") or {}).get("bounds") or {}
+    curves: dict[str, dict[str, np.ndarray]] = {stat: {} for stat in ERROR_PLOT_STATISTICS}
+    for column, stats in (result.get("describe") or {}).items():
+        width = dp_error.range_width(bounds.get(column, (math.nan, math.nan)))
+        for stat in ERROR_PLOT_STATISTICS:
+            noise = (stats.get("noise") or {}).get(stat)
+            if noise and noise["noise_sd"] is not None and math.isfinite(noise["noise_sd"]) and math.isfinite(width):
+                curves[stat][column] = noise["noise_sd"] * noise["epsilon"] / epsilons / width
+    return curves
+
+
+def plot_error_vs_epsilon(path: Path, result: dict) -> bool:
+    """Noise sd of each describe mean, sd and median (share of the declared range) against the run's ε per site,
+    from a quarter of this run's ε to what the sites can afford (:func:`affordable_epsilon`), with the
+    estimability limit and this run's ε marked. Computed from the released noise sds alone. False if there is
+    nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    now = next((n["epsilon"] for s in (result.get("describe") or {}).values()
+                for n in (s.get("noise") or {}).values() if math.isfinite(n.get("epsilon", math.nan))), None)
+    if now is None:
+        return False
+    top = max(affordable_epsilon(result) or now, now)
+    epsilons = np.geomspace(now / 4, max(top, 2 * now), 60)
+    curves = error_curves(result, epsilons)
+    limit = dp_error.ESTIMABLE_WIDTH_SHARE / (2 * dp_error.Z95)
+    fig, axes = plt.subplots(1, len(ERROR_PLOT_STATISTICS), figsize=(13, 4.2), sharey=True)
+    titles = {"mean": "mean", "sd": "standard deviation", "p50": "median"}
+    for ax, stat in zip(axes, ERROR_PLOT_STATISTICS, strict=True):
+        for column, curve in curves[stat].items():
+            ax.plot(epsilons, 100 * curve, lw=0.9, alpha=0.7, label=column)
+        ax.axhline(100 * limit, color="black", ls="--", lw=1)
+        ax.axvline(now, color="tab:red", lw=1)
+        if top > now:
+            ax.axvline(top, color="tab:green", lw=1, ls=":")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ticks = [t for t in (0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 50) if epsilons[0] <= t <= epsilons[-1]]
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_title(titles[stat])
+        ax.set_xlabel("ε per site for this run")
+    axes[0].set_ylabel("noise sd, % of the declared range")
+    fig.suptitle("Error of each describe statistic against ε (noise sd ∝ 1/ε). Dashed: estimable below; red: this "
+                 "run's ε; green: what the sites can afford", fontsize=9)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=6, frameon=False)
+    fig.tight_layout(rect=(0, 0, 0.84, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def plot_clusters(path: Path, result: dict) -> None:
