@@ -9,7 +9,7 @@ at the start of their first cycle, and measured as the clinic measures them (lab
   action (0 when the dose is withheld or treatment stops: nothing given, nothing gained or risked);
 - **oracle**: the best action for the true state within the same hard limits (catalogue, dose grid and
   intervals, hepatic and cumulative caps, hold rules) — the ceiling any policy with these limits can reach;
-- **regret** = oracle − value, and **value / oracle**;
+- **regret** = oracle − value, and **value / oracle** (``value_ratio``, also ``value_oracle``);
 - **response rate**, **toxicity rate** (grade ≥ 3) and **heart-failure rate**: the true probabilities of the
   chosen actions, averaged.
 
@@ -120,6 +120,7 @@ def summarise(outcomes: dict[str, np.ndarray], oracle: dict[str, np.ndarray]) ->
     given = outcomes["given"]
     return {"value": value, "oracle_value": best, "regret": best - value,
             "value_ratio": value / best if best > 0 else float("nan"),
+            "value_oracle": value / best if best > 0 else float("nan"),  # issue 12's name for the same ratio
             "response_rate": float(outcomes["response"].mean()), "toxicity_rate": float(outcomes["toxicity"].mean()),
             "chf_rate": float(outcomes["chf"].mean()),
             "mean_dose_mg_m2": float(outcomes["dose"][given].mean()) if given.any() else 0.0,
@@ -151,7 +152,9 @@ def evaluate_policies(world: World, policies: dict[str, Callable[[str], Decide]]
     for name, parts in pooled.items():
         merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "oracle"}
         overall[name] = summarise(merged, {"utility": np.concatenate([p["oracle"] for p in parts])})
-    return {"patients_per_site": n_per_site, "overall": overall, "per_site": per_site}
+    # issue 12's interface, policy.evaluation.<policy>.{value, value_oracle}: the overall figures by name
+    by_name = {name: {"value": m["value"], "value_oracle": m["value_oracle"]} for name, m in overall.items()}
+    return {**by_name, "patients_per_site": n_per_site, "overall": overall, "per_site": per_site}
 
 
 def random_decider(limits: DosingPolicy, seed: int) -> Decide:

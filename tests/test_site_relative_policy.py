@@ -121,3 +121,22 @@ def test_a_simulated_clinic_serves_the_policy_against_the_usual_formulations_its
     giving = (given["action"] == "give").to_numpy()
     assert giving.sum() > 20 and set(given.loc[giving, "formulation_id"]) == {site_usual}
     assert set(clinic.decisions()["formulation_id"]) == {site_usual}
+
+
+def test_the_evaluation_names_each_policy_s_value_and_value_over_oracle(world_and_sites):
+    """Issue 12's interface: ``policy.evaluation.<policy>.{value, value_oracle}`` beside overall and per site."""
+    from shared.dosing_policy import ActionSpace, DosingPolicy, SafetyRules
+    from simulation.policy_evaluation import evaluate_policies, policy_decider, random_decider
+
+    world, sites = world_and_sites
+    policy = fitted(sites, z=1.0)
+    limits = DosingPolicy(encoder=None, members={}, formulations={}, action_space=ActionSpace(), safety=SafetyRules())
+    evaluation = evaluate_policies(world, {"federated": lambda site: policy_decider(policy),
+                                           "random": lambda site: random_decider(limits, seed=1)},
+                                   limits, n_per_site=60, seed=2)
+    for name in ("oracle", "standard_of_care", "federated", "random"):
+        overall = evaluation["overall"][name]
+        assert evaluation[name] == {"value": overall["value"], "value_oracle": overall["value_oracle"]}
+        assert overall["value_oracle"] == pytest.approx(overall["value"] / evaluation["overall"]["oracle"]["value"])
+    assert evaluation["oracle"]["value_oracle"] == pytest.approx(1.0)
+    assert evaluation["random"]["value_oracle"] < evaluation["federated"]["value_oracle"] < 1.0
