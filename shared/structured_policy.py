@@ -25,11 +25,14 @@ With ``reference = "standard_of_care"`` the score is instead a lower bound on th
 of care for the same patient, ``ΔU − z · se(ΔU)`` (delta method over the three models' covariances), and the
 policy leaves standard of care only where that bound is positive (the baseline-bootstrapping idea above).
 
-**Standard of care** — the site's usual formulation (a record frame's ``usual_formulation_id`` when the site
-gives it, else the catalogue's formulation the federation logged most) at the label dose of the tumour type
-with the label's hepatic reduction, within the safety caps — is what the policy recommends when no candidate
-qualifies (no formulation of the catalogue in the support, or, relative to standard of care, no positive
-bound), and says so.
+**Standard of care** — a formulation at the label dose of the tumour type with the label's hepatic reduction,
+within the safety caps — is what the policy recommends when no candidate qualifies (no formulation of the
+catalogue in the support, or, relative to standard of care, no positive bound), and says so. The formulation:
+relative to standard of care, the site's usual one (the record frame's ``usual_formulation_id``, which a site
+gives every record: ``client.site_gate``), the one the improvement is measured against; otherwise, and where
+a record carries none, the catalogue's formulation the federation logged most — measured better for the
+absolute policy in the closed loop (world seed 1, version 1: 0.688 of oracle against 0.640 with the site's own;
+BENCHMARKS.md, attempt 5).
 
 ``policy.json`` (:meth:`StructuredDosingPolicy.document`, kind :data:`KIND`) holds every number: the three
 fitted models with their covariances, the support counts, the formulations, action space, safety rules and
@@ -403,10 +406,12 @@ class StructuredDosingPolicy:
         return np.concatenate(doses)
 
     def standard_of_care(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """Per patient: the usual formulation at the label dose with the label's hepatic reduction (measured
-        bilirubin), rounded to 5 mg/m², within the hard rules' caps, at the label interval
+        """Per patient: the usual formulation (module docstring) at the label dose with the label's hepatic
+        reduction (measured bilirubin), rounded to 5 mg/m², within the hard rules' caps, at the label interval
         (:func:`shared.dosing_policy.label_actions`, the same code a site serving standard of care runs)."""
-        usual = frame[USUAL_FORMULATION] if USUAL_FORMULATION in frame else pd.Series([None] * len(frame))
+        relative = self.objective.reference == "standard_of_care"
+        usual = (frame[USUAL_FORMULATION] if relative and USUAL_FORMULATION in frame
+                 else pd.Series([None] * len(frame)))
         formulation = [u if isinstance(u, str) and u in catalogue else self._most_logged(catalogue)
                        for u, catalogue in zip(usual, frame["catalogue"], strict=True)]
         actions = label_actions(self, frame, np.asarray(formulation, dtype=object)).drop(columns="action")

@@ -140,3 +140,16 @@ def test_the_evaluation_names_each_policy_s_value_and_value_over_oracle(world_an
         assert overall["value_oracle"] == pytest.approx(overall["value"] / evaluation["overall"]["oracle"]["value"])
     assert evaluation["oracle"]["value_oracle"] == pytest.approx(1.0)
     assert evaluation["random"]["value_oracle"] < evaluation["federated"]["value_oracle"] < 1.0
+
+
+def test_only_the_relative_policy_falls_back_to_the_site_s_usual_formulation(world_and_sites):
+    """Absolute, the fallback stays the formulation the federation logged most (measured better in the closed
+    loop); relative to standard of care, it is the site's own, the one the improvement is measured against."""
+    world, sites = world_and_sites
+    relative = fitted(sites, z=0.5)
+    absolute = dataclasses.replace(relative, objective=StructuredObjective.for_reference("absolute"))
+    _, frame = fresh_patients(world, world.clinics[0], 20, seed=8)
+    catalogue = frame["catalogue"].iloc[0]
+    annotated = UsualFormulations({}, not_most_logged(relative, catalogue)).annotate(frame)
+    assert set(relative.standard_of_care(annotated)["formulation_id"]) == {not_most_logged(relative, catalogue)}
+    assert set(absolute.standard_of_care(annotated)["formulation_id"]) == {absolute._most_logged(catalogue)}
