@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -86,8 +87,15 @@ class LocalSites:
 def run_in_process(frames: Mapping[str, pd.DataFrame], settings: AnalyticsSettings | None = None,
                    dps: Mapping[str, SiteDP | None] | None = None,
                    rng: np.random.Generator | None = None) -> dict[str, Any]:
-    """All analyses on in-memory site tables, without Flower: same site code, same server code."""
+    """All analyses on in-memory site tables, without Flower: same site code, same server code.
+
+    As in the Flower run (``server.analytics_phase.run_analytics_federation``) the sites decide DP: if any site
+    in ``frames`` has DP terms in ``dps``, the run is planned for DP (the ``dp_*`` iteration caps, columns with
+    declared ranges, every announced query asked), whatever ``settings.dp`` says.
+    """
     settings = settings or AnalyticsSettings()
+    if not settings.dp and any((dps or {}).get(site) is not None for site in frames):
+        settings = replace(settings, dp=True)
     plan = plan_for(settings.task(), settings.dp)
     session = AnalyticsSession(LocalSites(frames, dps, rng), list(frames), plan.queries(settings))
     result = run_analyses(session, plan, settings)

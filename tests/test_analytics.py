@@ -311,18 +311,23 @@ def test_dp_statistics_come_close_with_a_large_budget(frames, tmp_path, result):
     assert math.isfinite(got["regression"]["linear"]["efficacy_pct"]["coefficients"]["ecog"]["estimate"])
 
 
-def test_one_dp_site_in_a_run_not_started_for_dp_noises_its_own_answers_and_caps_iterations(frames, tmp_path):
-    """The site, not the server, decides DP; the run then uses the DP caps."""
+def test_one_dp_site_in_a_run_not_started_for_dp_gets_a_run_planned_for_its_dp(frames, tmp_path):
+    """The site, not the server, decides DP: a run asked without DP is planned for the DP site, as the Flower
+    run plans it (DP iteration caps announced from the first query, every announced query asked), so the
+    site's ledger spends exactly the ε it planned and only that site's answers are noised."""
     dp_site_name = sorted(frames)[0]
     site = dp_site(tmp_path / "ledger.json", 5.0, 0.2)
     ledger = site.ledger
     got = run_in_process(frames, AnalyticsSettings(), {dp_site_name: site}, np.random.default_rng(0))
     assert got["privacy"][dp_site_name]["dp"] and not any(p["dp"] for s, p in got["privacy"].items()
                                                           if s != dp_site_name)
-    assert got["describe"]["age_years"]["min"] is None and "dp_note" in got
+    assert got["describe"]["age_years"]["min"] is None and "dp_note" not in got
     caps = AnalyticsSettings()
-    assert got["queries"]["asked"] <= 5 + caps.dp_newton_iterations + caps.dp_lloyd_iterations
-    assert 0 < ledger.spent() <= 1.0
+    planned = plan_for(NANOPARTICLE_TASK, dp=True).queries(AnalyticsSettings(dp=True))
+    assert planned == 5 + caps.dp_newton_iterations + caps.dp_lloyd_iterations
+    assert got["queries"] == {"planned": planned, "asked": planned} and got["settings"]["dp"]
+    assert len(ledger.entries) == planned
+    assert ledger.spent() == pytest.approx(1.0, rel=1e-3) and ledger.spent() <= 1.0 + 1e-9
 
 
 # ---------------------------------------------------------------------------------------------------------
