@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 from flwr.app import Context, RecordDict
 
-from client.analytics import answer
+from client.analytics import answer, release_weights
 from client.dp import PhaseRelease, PrivacyRefused, SiteDP
 from client.ledger import BudgetExhausted, LedgerError
 from client.site import SiteSource
@@ -65,7 +65,8 @@ class LocalSites:
         dp = self.dps.get(site)
         if dp is None:
             return None
-        release = PhaseRelease.for_phase(self.contexts[site], dp, "analytics", releases=int(config[RELEASES]))
+        release = PhaseRelease.for_phase(self.contexts[site], dp, "analytics", releases=int(config[RELEASES]),
+                                         weights=release_weights(config))
         if self.rng is not None:
             release.rng = self.rng
         return release
@@ -97,7 +98,8 @@ def run_in_process(frames: Mapping[str, pd.DataFrame], settings: AnalyticsSettin
     if not settings.dp and any((dps or {}).get(site) is not None for site in frames):
         settings = replace(settings, dp=True)
     plan = plan_for(settings.task(), settings.dp)
-    session = AnalyticsSession(LocalSites(frames, dps, rng), list(frames), plan.queries(settings))
+    session = AnalyticsSession(LocalSites(frames, dps, rng), list(frames), plan.queries(settings),
+                               schedule=plan.schedule(settings))
     result = run_analyses(session, plan, settings)
     result["sites"] = sorted(frames)
     result["rejected"] = {}

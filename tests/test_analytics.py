@@ -281,7 +281,8 @@ def test_a_dp_site_never_sends_min_max_or_other_unbounded_values(frames, tmp_pat
 
 
 def test_dp_run_is_charged_to_the_site_ledger_and_refused_past_budget(frames, tmp_path):
-    """Each query is one (σ, 1, 1) ledger entry; a run past the budget is refused."""
+    """Each query is one (σ, 1, 1) ledger entry, describe's at the noise of half the run's privacy loss and the
+    other 14 at the noise of 1/28 each (BUDGET_RULE); a run past the budget is refused."""
     sites = {name: dp_site(tmp_path / f"{name}.json", 1.0) for name in frames}
     ledgers = {name: site.ledger for name, site in sites.items()}
     settings = AnalyticsSettings(dp=True)
@@ -291,7 +292,9 @@ def test_dp_run_is_charged_to_the_site_ledger_and_refused_past_budget(frames, tm
     for name, ledger in ledgers.items():
         reopened = PrivacyLedger.open(ledger.path, 1.0, 1e-5)
         assert 0.9 < reopened.spent() <= 1.0 + 1e-9
-        assert len(reopened.entries) == planned and reopened.history[-1][1:] == (1.0, planned)
+        assert len(reopened.entries) == planned and [h[1:] for h in reopened.history] == [(1.0, 1), (1.0, planned - 1)]
+        (describe_sigma, _, _), (other_sigma, _, _) = reopened.history
+        assert other_sigma / describe_sigma == pytest.approx(math.sqrt(planned - 1))
         assert first["privacy"][name]["dp"] and first["describe"]["age_years"]["min"] is None
     for key in ("describe", "regression", "anova", "pca", "kmeans"):
         json.dumps(first[key], allow_nan=False)

@@ -185,6 +185,28 @@ def test_all_analyses_spend_exactly_the_planned_epsilon_split_by_queries(frames,
     assert all("noise" in p for p in got["kmeans"]["profiles"])
 
 
+def test_describe_gets_half_the_privacy_loss_and_less_noise_than_under_an_equal_split(frames, tmp_path):
+    """BUDGET_RULE: with all five analyses describe gets half the run's Rényi loss (σ₁·√2) and each of the other
+    14 queries 1/28 (σ₁·√28), against σ₁·√15 for every query under the old equal split, σ₁ the noise of one
+    query spending the whole ε = 1; each site still spends exactly the ε it planned, never more."""
+    sites = {name: dp_site(tmp_path / f"{name}.json", 1.0) for name in frames}
+    got = run_in_process(frames, AnalyticsSettings(dp=True), sites, np.random.default_rng(0))
+    one = calibrate_noise(1.0, 1e-5, 1.0, 1)
+    equal_split = calibrate_noise(1.0, 1e-5, 1.0, 15)
+    assert equal_split == pytest.approx(one * math.sqrt(15), rel=2e-3)
+    shares = {name: a["share_of_privacy_loss"] for name, a in got["budget"]["analyses"].items()}
+    assert shares == pytest.approx({"describe": 0.5, "regression": 0.5 * 6 / 14, "anova": 0.5 / 14,
+                                    "pca": 0.5 / 14, "kmeans": 0.5 * 6 / 14})
+    for name, site in sites.items():
+        describe_sigma, other_sigma = (step[0] for step in site.ledger.history)
+        assert describe_sigma == pytest.approx(one * math.sqrt(2), rel=2e-3)
+        assert other_sigma == pytest.approx(one * math.sqrt(28), rel=2e-3)
+        assert describe_sigma < equal_split / 2.7  # √(15/2) ≈ 2.74 times less noise on every describe number
+        booked = got["budget"]["sites"][name]
+        assert booked["epsilon_spent"] == pytest.approx(booked["epsilon_planned"], rel=1e-3)
+        assert booked["epsilon_spent"] <= 1.0 + 1e-9
+
+
 def test_kmeans_alone_brings_pca_and_nothing_else_is_asked(frames, tmp_path):
     sites = {name: dp_site(tmp_path / f"{name}.json", 1.0) for name in frames}
     got = run_in_process(frames, AnalyticsSettings(dp=True, analyses="kmeans"), sites, np.random.default_rng(0))
