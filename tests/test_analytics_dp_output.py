@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from client.analytics import describe, linear_sums
+from client.analytics import describe, linear_sums, release_weights
 from client.dp import SiteDP, gaussian_release, sensitivity
 from client.ledger import PrivacyLedger, calibrate_noise
 from fednano.cli import app
@@ -22,6 +22,8 @@ from server.analytics_phase import SiteAnswer, combine_describe, standardisation
 from server.analytics_plan import REGRESSION_COVARIATES, AnalyticsSettings, chosen_analyses, plan_for
 from shared import dp_error
 from shared.analytics import linear_fit, row_bound, unpack_triu
+from shared.protocol import analytics as wire
+from shared.protocol.privacy import RELEASE_WEIGHTS
 from shared.task import NANOPARTICLE_TASK
 from simulation.analytics_run import markdown, run_in_process, write_report
 from simulation.clinics import make_world, simulate_clinic
@@ -284,3 +286,11 @@ def test_flower_dp_run_of_chosen_analyses_spends_what_it_planned_and_keeps_the_r
     text = (tmp_path / "analytics.md").read_text()
     assert "**Sites that answered with DP:" in text and "| ε planned | ε spent |" in text
     assert (tmp_path / "dp_error_vs_epsilon.png").exists()
+
+
+def test_the_release_weights_reach_the_site_through_the_wire():
+    """The server's per-query shares cross the message format intact (the Flower path's request → site)."""
+    weights = plan_for(NANOPARTICLE_TASK, dp=True).schedule(AnalyticsSettings(dp=True)).weights()
+    config, _ = wire.request_parts(wire.request({RELEASE_WEIGHTS: weights}, {}))
+    assert release_weights(config) == pytest.approx(weights)
+    assert weights[0] == pytest.approx(0.5) and sum(weights) == pytest.approx(1.0) and len(weights) == 15
