@@ -67,7 +67,7 @@ from shared.protocol import ErrorCode, messages
 from shared.protocol import analytics as wire
 from shared.protocol.analytics import MIN_CELL_COUNT
 from shared.protocol.errors import ShareableError
-from shared.protocol.privacy import RELEASE_INDEX, RELEASES
+from shared.protocol.privacy import RELEASE_INDEX, RELEASE_WEIGHTS, RELEASES
 
 # ---------------------------------------------------------------------------------------------------------
 # What a site releases
@@ -501,9 +501,10 @@ def answer(query: str, frame: pd.DataFrame, config: Mapping[str, Any], arrays: M
     computed = REQUESTS[query](frame, config, arrays)
     if release is None:
         return Answer(computed.exact_arrays(), computed.labels, {"dp": False})
-    release.charge(int(config[RELEASE_INDEX]))
-    noised = gaussian_release(computed.blocks, release.sigma, release.rng)
-    facts = release.facts(int(config[RELEASE_INDEX]), release.sigma * sensitivity(computed.blocks))
+    index = int(config[RELEASE_INDEX])
+    release.charge(index)
+    noised = gaussian_release(computed.blocks, release.sigma_at(index), release.rng)
+    facts = release.facts(index, release.sigma_at(index) * sensitivity(computed.blocks))
     return Answer(noised, computed.labels, {"dp": True, "sigma": facts.sigma, "noise-sd": facts.noise_sd,
                                            "epsilon-spent": facts.epsilon_spent,
                                            "epsilon-budget": facts.epsilon_budget, "delta": facts.delta,
@@ -516,10 +517,18 @@ def answer(query: str, frame: pd.DataFrame, config: Mapping[str, Any], arrays: M
 
 
 def analytics_release(request: SiteRequest) -> PhaseRelease | None:
-    """The site's ``analytics`` release for this run (None without DP), set for the run's planned queries."""
+    """The site's ``analytics`` release for this run (None without DP), set for the run's planned queries and
+    their shares of the run's privacy loss (``server.analytics_plan.BUDGET_RULE``)."""
     if request.dp is None:
         return None
-    return PhaseRelease.for_phase(request.context, request.dp, "analytics", releases=int(request.config[RELEASES]))
+    return PhaseRelease.for_phase(request.context, request.dp, "analytics", releases=int(request.config[RELEASES]),
+                                  weights=release_weights(request.config))
+
+
+def release_weights(config: Mapping[str, Any]) -> list[float] | None:
+    """The planned releases' weights the server announced with the query (None: equal)."""
+    weights = config.get(RELEASE_WEIGHTS)
+    return [float(w) for w in weights] if weights is not None else None
 
 
 def register_analytics(client: ClientApp, handlers: SiteHandlers) -> None:

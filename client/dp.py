@@ -36,7 +36,7 @@ by the same rule and charges the same ledger.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -270,62 +270,112 @@ def gaussian_release(blocks: Mapping[str, Block], sigma: float, rng: np.random.G
 
 @dataclass
 class PhaseRelease:
-    """A phase's releases at a DP site in this run: σ set at the first, each checked and charged.
+    """A phase's releases at a DP site in this run: noise set at the first, each checked and charged.
 
-    Use :meth:`for_phase`; then :meth:`release` once per release the server asks for.
+    Use :meth:`for_phase`; then :meth:`release` once per release the server asks for. With equal weights
+    (the default) every release has the same σ (rule 2); with weights, release ``i`` gets the share ``wᵢ``
+    of the phase's Rényi privacy loss: ``σᵢ = σ₁ / sqrt(wᵢ)``, σ₁ the noise of one release spending the
+    phase's whole ε. A Gaussian release of the whole table has RDP ``α / 2σ²`` (Mironov 2017, Prop. 7), so
+    the planned releases compose to ``α Σ wᵢ / 2σ₁² = α / 2σ₁²``: exactly the phase's ε, whatever the
+    weights; each release is charged to the ledger with its own σ.
     """
 
     dp: SiteDP
     phase: str
     releases: int
-    sigma: float
+    sigmas: tuple[float, ...]
     run_id: str
     rng: np.random.Generator = field(default_factory=np.random.default_rng)
     epsilon: float = math.nan
-    """ε this phase may spend in this run (what σ was calibrated for)."""
+    """ε this phase may spend in this run (what the noise was calibrated for)."""
     spent_at_start: float = math.nan
-    """The ledger's ε spent when σ was set, so spent-in-this-run = spent now − this."""
+    """The ledger's ε spent when the noise was set, so spent-in-this-run = spent now − this."""
+
+    @property
+    def sigma(self) -> float:
+        """σ of the first release (of every release when the weights are equal)."""
+        return self.sigmas[0]
+
+    def sigma_at(self, index: int) -> float:
+        """σ of release ``index``."""
+        return self.sigmas[index]
 
     @classmethod
-    def for_phase(cls, context: Context, dp: SiteDP, phase: str, releases: int) -> PhaseRelease:
-        """The phase's plan: σ from the state if this run already set it, else set now for ``releases``."""
+    def for_phase(cls, context: Context, dp: SiteDP, phase: str, releases: int,
+                  weights: Sequence[float] | None = None) -> PhaseRelease:
+        """The phase's plan: the noise from the state if this run already set it, else set now for
+        ``releases`` (with ``weights``, one per release: their shares of the phase's privacy loss)."""
         if releases < 1:
             raise ValueError(f"a phase plans at least one release; got {releases!r}")
         key = _STATE_PHASE + phase
         state = context.state.get(key)
         if state is not None and str(state["run-id"]) == str(context.run_id):
-            return cls(dp, phase, int(state["releases"]), float(state["sigma"]), str(context.run_id),
+            sigmas = tuple(float(v) for v in state["sigmas"]) if "sigmas" in state else \
+                (float(state["sigma"]),) * int(state["releases"])
+            return cls(dp, phase, int(state["releases"]), sigmas, str(context.run_id),
                        epsilon=float(state["epsilon"]), spent_at_start=float(state.get("spent-at-start", math.nan)))
         epsilon = phase_epsilon(context, dp, phase)
         spent = dp.ledger.spent()
-        sigma = noise_for_phase(epsilon, dp.ledger, GAUSSIAN_SAMPLE_RATE, releases)
-        context.state[key] = ConfigRecord({"run-id": str(context.run_id), "releases": releases, "sigma": sigma,
-                                           "epsilon": epsilon, "spent-at-start": spent})
-        return cls(dp, phase, releases, sigma, str(context.run_id), epsilon=epsilon, spent_at_start=spent)
+        if weights is None:
+            sigmas = (noise_for_phase(epsilon, dp.ledger, GAUSSIAN_SAMPLE_RATE, releases),) * releases
+        else:
+            sigmas = weighted_noise(epsilon, dp.ledger, release_shares(weights, releases))
+        context.state[key] = ConfigRecord({"run-id": str(context.run_id), "releases": releases,
+                                           "sigma": sigmas[0], "sigmas": list(sigmas), "epsilon": epsilon,
+                                           "spent-at-start": spent})
+        return cls(dp, phase, releases, sigmas, str(context.run_id), epsilon=epsilon, spent_at_start=spent)
 
     def charge(self, index: int) -> None:
         """Check that releases ``index`` … ``releases − 1`` still fit the budget, then record release
-        ``index``; :class:`PrivacyRefused` if they do not."""
+        ``index`` with its σ; :class:`PrivacyRefused` if they do not."""
         if not 0 <= index < self.releases:
             raise PrivacyRefused(f"{self.phase}: release {index} is beyond the {self.releases} announced for this "
                                  "run; the site set its noise for those only")
         try:
-            self.dp.ledger.check_affordable(self.sigma, GAUSSIAN_SAMPLE_RATE, self.releases - index)
+            self.dp.ledger.check_affordable_steps([(s, GAUSSIAN_SAMPLE_RATE, 1) for s in self.sigmas[index:]])
         except BudgetExhausted as err:
             raise PrivacyRefused(f"{self.phase} refused: {err}") from err
-        self.dp.ledger.record(self.sigma, GAUSSIAN_SAMPLE_RATE, 1, run_id=self.run_id, server_round=index,
+        self.dp.ledger.record(self.sigmas[index], GAUSSIAN_SAMPLE_RATE, 1, run_id=self.run_id, server_round=index,
                               phase=self.phase)
 
     def release(self, blocks: Mapping[str, Block], index: int) -> tuple[dict[str, np.ndarray], ReleaseFacts]:
         """Charge release ``index``, then return the noised blocks and the facts to send with them."""
         self.charge(index)
-        noised = gaussian_release(blocks, self.sigma, self.rng)
-        return noised, self.facts(index, self.sigma * sensitivity(blocks))
+        sigma = self.sigma_at(index)
+        noised = gaussian_release(blocks, sigma, self.rng)
+        return noised, self.facts(index, sigma * sensitivity(blocks))
 
     def facts(self, index: int, noise_sd: float) -> ReleaseFacts:
         ledger = self.dp.ledger
-        return ReleaseFacts(self.phase, index, self.sigma, noise_sd, ledger.spent(), ledger.epsilon_budget,
-                            ledger.delta)
+        return ReleaseFacts(self.phase, index, self.sigma_at(index), noise_sd, ledger.spent(),
+                            ledger.epsilon_budget, ledger.delta)
+
+
+def release_shares(weights: Sequence[float], releases: int) -> tuple[float, ...]:
+    """The planned releases' shares of the phase's privacy loss: ``weights`` normalised to sum 1.
+    ``ShareableError`` unless there is one positive, finite weight per release."""
+    values = [float(w) for w in weights]
+    if len(values) != releases or not all(math.isfinite(w) and w > 0 for w in values):
+        raise ShareableError(f"release weights must be {releases} positive numbers, one per planned release; "
+                             f"got {values!r}")
+    total = math.fsum(values)
+    return tuple(w / total for w in values)
+
+
+def weighted_noise(epsilon: float, ledger: PrivacyLedger, shares: Sequence[float]) -> tuple[float, ...]:
+    """σ of each planned release such that release ``i`` has the share ``shares[i]`` of the Rényi loss and all of
+    them compose after the ledger's history to at most ``epsilon`` more (see :class:`PhaseRelease`)."""
+    one = noise_for_phase(epsilon, ledger, GAUSSIAN_SAMPLE_RATE, 1)
+    target = min(ledger.spent() + epsilon, ledger.epsilon_budget)
+    sigmas = tuple(one / math.sqrt(share) for share in shares)
+    for _ in range(WEIGHTED_FIT_TRIES):  # equal in exact arithmetic; rounding may leave ~1e-15 over the target
+        if ledger.epsilon_after_steps([(s, GAUSSIAN_SAMPLE_RATE, 1) for s in sigmas]) <= target:
+            return sigmas
+        sigmas = tuple(s * (1 + 1e-9) for s in sigmas)
+    raise PrivacyRefused(f"no weighted noise lets {len(shares)} release(s) fit ε={epsilon:.4g}")
+
+
+WEIGHTED_FIT_TRIES = 8
 
 
 def training_noise(context: Context, dp: SiteDP, sample_rate: float, steps: int) -> float:

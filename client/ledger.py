@@ -220,15 +220,30 @@ class PrivacyLedger:
 
     def check_affordable(self, noise_multiplier: float, sample_rate: float, steps: int) -> None:
         """Raise :class:`BudgetExhausted` if such training would take ε past the budget."""
-        check_step(noise_multiplier, sample_rate, steps)
+        self.check_affordable_steps([(noise_multiplier, sample_rate, steps)])
+
+    def check_affordable_steps(self, new_steps: Sequence[HistoryStep]) -> None:
+        """Raise :class:`BudgetExhausted` if these steps, (noise_multiplier, sample_rate, steps) each, composed
+        after the history would take ε past the budget (releases at different noise, e.g. ``client.dp``'s
+        weighted releases)."""
+        for noise_multiplier, sample_rate, steps in new_steps:
+            check_step(noise_multiplier, sample_rate, steps)
         spent = self.spent()
-        after = self._epsilon_with(noise_multiplier, sample_rate, steps)
+        after = self.epsilon_after_steps(new_steps)
         if after > self.epsilon_budget + BUDGET_TOLERANCE:
+            what = (f"(noise_multiplier={new_steps[0][0]:g}, sample_rate={new_steps[0][1]:g}, steps={new_steps[0][2]})"
+                    if len(new_steps) == 1 else f"({len(new_steps)} steps at noise multipliers "
+                    f"{min(s[0] for s in new_steps):.4g}-{max(s[0] for s in new_steps):.4g})")
             raise BudgetExhausted(
                 f"privacy budget of this site exhausted ({self.path}): budget ε={self.epsilon_budget:g} at "
-                f"δ={self.delta:g}, spent so far ε={spent:.4f}, this training (noise_multiplier={noise_multiplier:g}, "
-                f"sample_rate={sample_rate:g}, steps={steps}) would take ε to {after:.4f} (+{after - spent:.4f})"
+                f"δ={self.delta:g}, spent so far ε={spent:.4f}, this training {what} would take ε to {after:.4f} "
+                f"(+{after - spent:.4f})"
             )
+
+    def epsilon_after_steps(self, new_steps: Sequence[HistoryStep]) -> float:
+        """ε of the history (as last read) followed by ``new_steps``, Rényi composition."""
+        return _epsilon(tuple(appended(self.history, [(float(s), float(q), int(n)) for s, q, n in new_steps])),
+                        self.delta)
 
     def record(self, noise_multiplier: float, sample_rate: float, steps: int, run_id: int | str,
                server_round: int, phase: str = "") -> dict[str, Any]:

@@ -66,7 +66,15 @@ from flwr.app import Context, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from server.analytics_plan import ANALYSES, BUDGET_RULE, AnalyticsPlan, AnalyticsSettings, plan_for
+from server.analytics_plan import (
+    ANALYSES,
+    BUDGET_RULE,
+    AnalyticsPlan,
+    AnalyticsSettings,
+    ReleaseSchedule,
+    analysis_shares,
+    plan_for,
+)
 from server.site_check import usable_sites
 from shared import dp_error
 from shared.analytics import (
@@ -98,7 +106,7 @@ from shared.protocol import analytics as wire
 from shared.protocol import messages
 from shared.protocol.analytics import MIN_CELL_COUNT
 from shared.protocol.messages import MessageName
-from shared.protocol.privacy import RELEASE_INDEX, RELEASES, RunPlan
+from shared.protocol.privacy import RELEASE_INDEX, RELEASE_WEIGHTS, RELEASES, RunPlan
 from shared.protocol.records import SITE_NAME
 
 PROJECTION_BINS = 30
@@ -182,14 +190,20 @@ class AnalyticsSession:
         them at once (its ε for analytics is its own: ``client.dp``).
     names : dict, optional
         Display names of the site ids (for failures before any answer).
+    schedule : ReleaseSchedule, optional
+        ``AnalyticsPlan.schedule``: each analysis's release indices and each query's weight, sent with every
+        query so a DP site splits its ε by ``BUDGET_RULE``; without it, queries are numbered as asked and the
+        sites' noise is equal for all.
     """
 
     def __init__(self, asker: Asker, sites: Sequence[Hashable], planned_queries: int,
-                 names: dict[Hashable, str] | None = None):
+                 names: dict[Hashable, str] | None = None, schedule: ReleaseSchedule | None = None):
         """Keep the arguments (see the class docstring)."""
         self.asker = asker
         self.sites = list(sites)
         self.planned_queries = int(planned_queries)
+        self.schedule = schedule
+        self._beyond_plan = 0
         self.names = dict(names or {})
         self.asked = 0
         self.failures: dict[str, dict[str, str]] = {}
@@ -206,7 +220,7 @@ class AnalyticsSession:
         query = message.action
         if not self.sites:
             raise NoAnswers(f"{query}: no site left to ask")
-        request = {**config, RELEASE_INDEX: self.asked, RELEASES: max(self.planned_queries, self.asked + 1)}
+        request = {**config, **self._release_terms()}
         self.asked += 1
         self.asked_by[self.analysis] = self.asked_by.get(self.analysis, 0) + 1
         start = time.perf_counter()
@@ -233,6 +247,18 @@ class AnalyticsSession:
         return answers
 
 
+    def _release_terms(self) -> dict[str, Any]:
+        """This query's release index among the planned ones, how many are planned and (with a schedule) every
+        planned release's weight."""
+        if self.schedule is None:
+            return {RELEASE_INDEX: self.asked, RELEASES: max(self.planned_queries, self.asked + 1)}
+        index = self.schedule.index(self.analysis, self.asked_by.get(self.analysis, 0))
+        if index is None:  # beyond the plan (a run without DP): numbered after it; a DP site refuses it
+            index = self.schedule.total + self._beyond_plan
+            self._beyond_plan += 1
+            return {RELEASE_INDEX: index, RELEASES: index + 1}
+        return {RELEASE_INDEX: index, RELEASES: self.schedule.total, RELEASE_WEIGHTS: self.schedule.weights()}
+
     def _book(self, reply: SiteAnswer) -> None:
         """Book the ε a DP site's ledger added for this query to the analysis asking it."""
         if not reply.dp or "epsilon-at-start" not in reply.meta:
@@ -255,9 +281,11 @@ class AnalyticsSession:
             sites[site] = {"epsilon_planned": float(facts["epsilon-planned"]), "epsilon_spent": spent,
                            "epsilon_left_in_ledger": float(facts["epsilon-budget"]) - float(facts["epsilon-spent"]),
                            "epsilon_spent_by_analysis": dict(self.spent_by.get(site, {}))}
+        shares = analysis_shares(planned)
         return {"rule": BUDGET_RULE,
                 "analyses": {name: {"queries_planned": q, "queries_asked": self.asked_by.get(name, 0),
-                                    "share_of_queries": q / total_planned} for name, q in planned.items()},
+                                    "share_of_queries": q / total_planned,
+                                    "share_of_privacy_loss": shares.get(name, 0.0)} for name, q in planned.items()},
                 "sites": sites}
 
 
@@ -739,7 +767,8 @@ def run_analytics_federation(grid: Grid, settings: AnalyticsSettings, out_dir: P
         settings = replace(settings, dp=True)
     nodes = sites.granting("analytics")
     plan = plan_for(settings.task(), settings.dp)
-    session = AnalyticsSession(GridAsker(grid), nodes, plan.queries(settings), dict(sites.usable))
+    session = AnalyticsSession(GridAsker(grid), nodes, plan.queries(settings), dict(sites.usable),
+                               plan.schedule(settings))
     result = run_analyses(session, plan, settings)
     result["sites"] = sorted(sites.usable.values())
     result["rejected"] = {name: errors for name, errors in sites.rejected.values()}

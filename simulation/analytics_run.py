@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ import numpy as np
 import pandas as pd
 from flwr.app import Context, RecordDict
 
-from client.analytics import answer
+from client.analytics import answer, release_weights
 from client.dp import PhaseRelease, PrivacyRefused, SiteDP
 from client.ledger import BudgetExhausted, LedgerError
 from client.site import SiteSource
@@ -64,7 +65,8 @@ class LocalSites:
         dp = self.dps.get(site)
         if dp is None:
             return None
-        release = PhaseRelease.for_phase(self.contexts[site], dp, "analytics", releases=int(config[RELEASES]))
+        release = PhaseRelease.for_phase(self.contexts[site], dp, "analytics", releases=int(config[RELEASES]),
+                                         weights=release_weights(config))
         if self.rng is not None:
             release.rng = self.rng
         return release
@@ -86,10 +88,18 @@ class LocalSites:
 def run_in_process(frames: Mapping[str, pd.DataFrame], settings: AnalyticsSettings | None = None,
                    dps: Mapping[str, SiteDP | None] | None = None,
                    rng: np.random.Generator | None = None) -> dict[str, Any]:
-    """All analyses on in-memory site tables, without Flower: same site code, same server code."""
+    """All analyses on in-memory site tables, without Flower: same site code, same server code.
+
+    As in the Flower run (``server.analytics_phase.run_analytics_federation``) the sites decide DP: if any site
+    in ``frames`` has DP terms in ``dps``, the run is planned for DP (the ``dp_*`` iteration caps, columns with
+    declared ranges, every announced query asked), whatever ``settings.dp`` says.
+    """
     settings = settings or AnalyticsSettings()
+    if not settings.dp and any((dps or {}).get(site) is not None for site in frames):
+        settings = replace(settings, dp=True)
     plan = plan_for(settings.task(), settings.dp)
-    session = AnalyticsSession(LocalSites(frames, dps, rng), list(frames), plan.queries(settings))
+    session = AnalyticsSession(LocalSites(frames, dps, rng), list(frames), plan.queries(settings),
+                               schedule=plan.schedule(settings))
     result = run_analyses(session, plan, settings)
     result["sites"] = sorted(frames)
     result["rejected"] = {}

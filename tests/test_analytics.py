@@ -281,7 +281,8 @@ def test_a_dp_site_never_sends_min_max_or_other_unbounded_values(frames, tmp_pat
 
 
 def test_dp_run_is_charged_to_the_site_ledger_and_refused_past_budget(frames, tmp_path):
-    """Each query is one (σ, 1, 1) ledger entry; a run past the budget is refused."""
+    """Each query is one (σ, 1, 1) ledger entry, describe's at the noise of half the run's privacy loss and the
+    other 14 at the noise of 1/28 each (BUDGET_RULE); a run past the budget is refused."""
     sites = {name: dp_site(tmp_path / f"{name}.json", 1.0) for name in frames}
     ledgers = {name: site.ledger for name, site in sites.items()}
     settings = AnalyticsSettings(dp=True)
@@ -291,7 +292,9 @@ def test_dp_run_is_charged_to_the_site_ledger_and_refused_past_budget(frames, tm
     for name, ledger in ledgers.items():
         reopened = PrivacyLedger.open(ledger.path, 1.0, 1e-5)
         assert 0.9 < reopened.spent() <= 1.0 + 1e-9
-        assert len(reopened.entries) == planned and reopened.history[-1][1:] == (1.0, planned)
+        assert len(reopened.entries) == planned and [h[1:] for h in reopened.history] == [(1.0, 1), (1.0, planned - 1)]
+        (describe_sigma, _, _), (other_sigma, _, _) = reopened.history
+        assert other_sigma / describe_sigma == pytest.approx(math.sqrt(planned - 1))
         assert first["privacy"][name]["dp"] and first["describe"]["age_years"]["min"] is None
     for key in ("describe", "regression", "anova", "pca", "kmeans"):
         json.dumps(first[key], allow_nan=False)
@@ -311,18 +314,23 @@ def test_dp_statistics_come_close_with_a_large_budget(frames, tmp_path, result):
     assert math.isfinite(got["regression"]["linear"]["efficacy_pct"]["coefficients"]["ecog"]["estimate"])
 
 
-def test_one_dp_site_in_a_run_not_started_for_dp_noises_its_own_answers_and_caps_iterations(frames, tmp_path):
-    """The site, not the server, decides DP; the run then uses the DP caps."""
+def test_one_dp_site_in_a_run_not_started_for_dp_gets_a_run_planned_for_its_dp(frames, tmp_path):
+    """The site, not the server, decides DP: a run asked without DP is planned for the DP site, as the Flower
+    run plans it (DP iteration caps announced from the first query, every announced query asked), so the
+    site's ledger spends exactly the ε it planned and only that site's answers are noised."""
     dp_site_name = sorted(frames)[0]
     site = dp_site(tmp_path / "ledger.json", 5.0, 0.2)
     ledger = site.ledger
     got = run_in_process(frames, AnalyticsSettings(), {dp_site_name: site}, np.random.default_rng(0))
     assert got["privacy"][dp_site_name]["dp"] and not any(p["dp"] for s, p in got["privacy"].items()
                                                           if s != dp_site_name)
-    assert got["describe"]["age_years"]["min"] is None and "dp_note" in got
+    assert got["describe"]["age_years"]["min"] is None and "dp_note" not in got
     caps = AnalyticsSettings()
-    assert got["queries"]["asked"] <= 5 + caps.dp_newton_iterations + caps.dp_lloyd_iterations
-    assert 0 < ledger.spent() <= 1.0
+    planned = plan_for(NANOPARTICLE_TASK, dp=True).queries(AnalyticsSettings(dp=True))
+    assert planned == 5 + caps.dp_newton_iterations + caps.dp_lloyd_iterations
+    assert got["queries"] == {"planned": planned, "asked": planned} and got["settings"]["dp"]
+    assert len(ledger.entries) == planned
+    assert ledger.spent() == pytest.approx(1.0, rel=1e-3) and ledger.spent() <= 1.0 + 1e-9
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from client.analytics import describe, linear_sums
+from client.analytics import describe, linear_sums, release_weights
 from client.dp import SiteDP, gaussian_release, sensitivity
 from client.ledger import PrivacyLedger, calibrate_noise
 from fednano.cli import app
@@ -22,6 +22,8 @@ from server.analytics_phase import SiteAnswer, combine_describe, standardisation
 from server.analytics_plan import REGRESSION_COVARIATES, AnalyticsSettings, chosen_analyses, plan_for
 from shared import dp_error
 from shared.analytics import linear_fit, row_bound, unpack_triu
+from shared.protocol import analytics as wire
+from shared.protocol.privacy import RELEASE_WEIGHTS
 from shared.task import NANOPARTICLE_TASK
 from simulation.analytics_run import markdown, run_in_process, write_report
 from simulation.clinics import make_world, simulate_clinic
@@ -185,6 +187,28 @@ def test_all_analyses_spend_exactly_the_planned_epsilon_split_by_queries(frames,
     assert all("noise" in p for p in got["kmeans"]["profiles"])
 
 
+def test_describe_gets_half_the_privacy_loss_and_less_noise_than_under_an_equal_split(frames, tmp_path):
+    """BUDGET_RULE: with all five analyses describe gets half the run's Rényi loss (σ₁·√2) and each of the other
+    14 queries 1/28 (σ₁·√28), against σ₁·√15 for every query under the old equal split, σ₁ the noise of one
+    query spending the whole ε = 1; each site still spends exactly the ε it planned, never more."""
+    sites = {name: dp_site(tmp_path / f"{name}.json", 1.0) for name in frames}
+    got = run_in_process(frames, AnalyticsSettings(dp=True), sites, np.random.default_rng(0))
+    one = calibrate_noise(1.0, 1e-5, 1.0, 1)
+    equal_split = calibrate_noise(1.0, 1e-5, 1.0, 15)
+    assert equal_split == pytest.approx(one * math.sqrt(15), rel=2e-3)
+    shares = {name: a["share_of_privacy_loss"] for name, a in got["budget"]["analyses"].items()}
+    assert shares == pytest.approx({"describe": 0.5, "regression": 0.5 * 6 / 14, "anova": 0.5 / 14,
+                                    "pca": 0.5 / 14, "kmeans": 0.5 * 6 / 14})
+    for name, site in sites.items():
+        describe_sigma, other_sigma = (step[0] for step in site.ledger.history)
+        assert describe_sigma == pytest.approx(one * math.sqrt(2), rel=2e-3)
+        assert other_sigma == pytest.approx(one * math.sqrt(28), rel=2e-3)
+        assert describe_sigma < equal_split / 2.7  # √(15/2) ≈ 2.74 times less noise on every describe number
+        booked = got["budget"]["sites"][name]
+        assert booked["epsilon_spent"] == pytest.approx(booked["epsilon_planned"], rel=1e-3)
+        assert booked["epsilon_spent"] <= 1.0 + 1e-9
+
+
 def test_kmeans_alone_brings_pca_and_nothing_else_is_asked(frames, tmp_path):
     sites = {name: dp_site(tmp_path / f"{name}.json", 1.0) for name in frames}
     got = run_in_process(frames, AnalyticsSettings(dp=True, analyses="kmeans"), sites, np.random.default_rng(0))
@@ -262,3 +286,11 @@ def test_flower_dp_run_of_chosen_analyses_spends_what_it_planned_and_keeps_the_r
     text = (tmp_path / "analytics.md").read_text()
     assert "**Sites that answered with DP:" in text and "| ε planned | ε spent |" in text
     assert (tmp_path / "dp_error_vs_epsilon.png").exists()
+
+
+def test_the_release_weights_reach_the_site_through_the_wire():
+    """The server's per-query shares cross the message format intact (the Flower path's request → site)."""
+    weights = plan_for(NANOPARTICLE_TASK, dp=True).schedule(AnalyticsSettings(dp=True)).weights()
+    config, _ = wire.request_parts(wire.request({RELEASE_WEIGHTS: weights}, {}))
+    assert release_weights(config) == pytest.approx(weights)
+    assert weights[0] == pytest.approx(0.5) and sum(weights) == pytest.approx(1.0) and len(weights) == 15

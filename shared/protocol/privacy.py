@@ -33,6 +33,11 @@ RELEASES = "dp-releases"
 """How many releases the server plans for this phase in this run (the site's σ is set for that many)."""
 RELEASE_INDEX = "dp-release-index"
 """This request's position among the phase's planned releases (0-based)."""
+RELEASE_WEIGHTS = "dp-release-weights"
+"""Optional: each planned release's share of the phase's privacy loss, in release order (one per release,
+positive; absent: equal shares). The site normalises them and sets release ``i``'s noise multiplier to
+``σ₁ / sqrt(wᵢ)``, σ₁ being the noise of one release spending the phase's whole ε, so the planned releases
+compose to the phase's ε whatever the weights (``client.dp.PhaseRelease``)."""
 
 
 @dataclass(frozen=True)
