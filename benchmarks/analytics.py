@@ -138,19 +138,26 @@ def case_pooled(frames: dict[str, pd.DataFrame], federated: dict) -> dict:
     return {"seconds": seconds, "rows": len(pooled), "max_relative_difference": differences}
 
 
+def site_folders(frames: dict[str, pd.DataFrame], folder: Path, privacy: str) -> list[Path]:
+    """One site folder per frame under ``folder/sites`` (episodes and a site.toml with ``privacy`` appended)."""
+    from shared.schema import EPISODES_FILE, SITE_FILE
+
+    sites = []
+    for name, frame in frames.items():
+        site = folder / "sites" / name
+        site.mkdir(parents=True)
+        frame.to_csv(site / EPISODES_FILE, index=False, lineterminator="\n")
+        (site / SITE_FILE).write_text(f'[site]\nname = "{name}"\nschema_version = "1.0"\n{privacy}')
+        sites.append(site)
+    return sites
+
+
 def case_flower(frames: dict[str, pd.DataFrame]) -> dict:
     """The whole run in Flower's simulation runtime on site folders written to a temp dir."""
-    from shared.schema import EPISODES_FILE, SITE_FILE
     from simulation.analytics_run import run_analytics
 
     with tempfile.TemporaryDirectory() as folder:
-        sites = []
-        for name, frame in frames.items():
-            site = Path(folder) / "sites" / name
-            site.mkdir(parents=True)
-            frame.to_csv(site / EPISODES_FILE, index=False, lineterminator="\n")
-            (site / SITE_FILE).write_text(f'[site]\nname = "{name}"\nschema_version = "1.0"\n')
-            sites.append(site)
+        sites = site_folders(frames, Path(folder), "")
         start = time.perf_counter()
         result = run_analytics(Path(folder) / "out", sites=sites)
         seconds = time.perf_counter() - start
@@ -262,19 +269,12 @@ def case_dp_accuracy(frames: dict[str, pd.DataFrame], repeats: int) -> list[dict
 
 def case_flower_dp(frames: dict[str, pd.DataFrame], epsilon: float = 1.0) -> dict:
     """One Flower run with DP sites (ε for analytics = ``epsilon``): planned against spent through the runtime."""
-    from shared.schema import EPISODES_FILE, SITE_FILE
     from simulation.analytics_run import run_analytics
 
     with tempfile.TemporaryDirectory() as folder:
-        sites = []
-        for name, frame in frames.items():
-            site = Path(folder) / "sites" / name
-            site.mkdir(parents=True)
-            frame.to_csv(site / EPISODES_FILE, index=False, lineterminator="\n")
-            (site / SITE_FILE).write_text(f'[site]\nname = "{name}"\nschema_version = "1.0"\n\n[privacy]\ndp = true\n'
-                                          f'epsilon = 10.0\ndelta = 1e-5\n\n[privacy.shares]\n'
-                                          f'analytics = {epsilon / 10.0}\n')
-            sites.append(site)
+        privacy = (f"\n[privacy]\ndp = true\nepsilon = 10.0\ndelta = 1e-5\n\n"
+                   f"[privacy.shares]\nanalytics = {epsilon / 10.0}\n")
+        sites = site_folders(frames, Path(folder), privacy)
         start = time.perf_counter()
         result = run_analytics(Path(folder) / "out", sites=sites)
         seconds = time.perf_counter() - start

@@ -15,8 +15,8 @@ import pytest
 from typer.testing import CliRunner
 
 from client.analytics import describe, linear_sums, release_weights
-from client.dp import SiteDP, gaussian_release, sensitivity
-from client.ledger import PrivacyLedger, calibrate_noise
+from client.dp import gaussian_release, sensitivity
+from client.ledger import calibrate_noise
 from fednano.cli import app
 from server.analytics_phase import SiteAnswer, combine_describe, standardisation
 from server.analytics_plan import REGRESSION_COVARIATES, AnalyticsSettings, chosen_analyses, plan_for
@@ -27,11 +27,7 @@ from shared.protocol.privacy import RELEASE_WEIGHTS
 from shared.task import NANOPARTICLE_TASK
 from simulation.analytics_run import markdown, run_in_process, write_report
 from simulation.clinics import make_world, simulate_clinic
-
-
-def dp_site(path, budget: float, analytics_share: float = 1.0) -> SiteDP:
-    """A DP site's terms: a ledger at ``path`` and the share of its ε it grants analytics."""
-    return SiteDP(PrivacyLedger.open(path, budget, 1e-5), {"analytics": analytics_share})
+from tests.test_analytics import dp_site
 
 
 @pytest.fixture(scope="module")
