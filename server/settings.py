@@ -16,10 +16,10 @@ from shared.task import NANOPARTICLE_TASK, TaskSpec
 
 MODEL_FAMILIES = ("ann", "xgboost")
 POLICY_MODELS = ("ensemble", "structured")
-POLICY_REFERENCES = ("absolute", "standard_of_care")
-"""What the structured policy's confidence bounds are taken against (``shared.structured_policy``)."""
 """What the dosing policy is built on: the federated ANN + XGBoost ensemble (``shared.dosing_policy``) or the
 structured dose-response models fitted by federated Newton–Raphson (``shared.structured_policy``)."""
+POLICY_REFERENCES = ("absolute", "standard_of_care")
+"""What the structured policy's confidence bounds are taken against (``shared.structured_policy``)."""
 
 
 def parse_hidden(text: str) -> tuple[int, ...]:

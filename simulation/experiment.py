@@ -287,14 +287,15 @@ def policy_results(cfg: ExperimentConfig, policy: dict, sources: list[SiteSource
         pooled, local = structured_baselines(federated, sites, cfg.seed)
     else:
         pooled, local = ensemble_baselines(federated, families, sites)
-    policies = {"federated": lambda site: site_decider(federated, sites[site]),
-                "local": lambda site: site_decider(local[site], sites[site]),
-                "pooled": lambda site: site_decider(pooled, sites[site]),
+    usual = {name: site_usual(site) for name, site in sites.items()}  # learned once, used by every policy
+    policies = {"federated": lambda site: site_decider(federated, usual[site]),
+                "local": lambda site: site_decider(local[site], usual[site]),
+                "pooled": lambda site: site_decider(pooled, usual[site]),
                 "random": lambda site: random_decider(federated, seed=cfg.seed + 2)}
-    policies[SITE_SOC] = lambda site: site_soc_decider(federated, sites[site])
+    policies[SITE_SOC] = lambda site: site_soc_decider(federated, usual[site])
     alongside = ensemble(federated.formulations) if isinstance(federated, StructuredDosingPolicy) else None
     if alongside is not None:
-        policies["ensemble"] = lambda site: site_decider(alongside, sites[site])
+        policies["ensemble"] = lambda site: site_decider(alongside, usual[site])
     evaluation = evaluate_policies(world, policies, federated, seed=cfg.seed + 1, sites=list(sites))
     result["evaluation"] = evaluation
     result["gate"] = gate_against_truth(policy["gate"], evaluation)
@@ -365,8 +366,9 @@ def version_entry(cfg: ExperimentConfig, policy: dict, trust: Path, world: World
     if evaluation is None:
         candidate = (policy_from_bundle(Path(policy["bundle"]), trust) if policy["shipped"]
                      else policy_from_folder(Path(policy["candidate"])))
-        evaluation = evaluate_policies(world, {"federated": lambda site: site_decider(candidate, sites[site]),
-                                               SITE_SOC: lambda site: site_soc_decider(candidate, sites[site])},
+        usual = {name: site_usual(site) for name, site in sites.items()}
+        evaluation = evaluate_policies(world, {"federated": lambda site: site_decider(candidate, usual[site]),
+                                               SITE_SOC: lambda site: site_soc_decider(candidate, usual[site])},
                                        candidate, seed=cfg.seed + 1, sites=list(sites))
     overall = evaluation["overall"]
     return {"version": policy["version"], "shipped": policy["shipped"],
@@ -471,18 +473,17 @@ def site_usual(site):
     return UsualFormulations.of(own_practice(first_cycles(site.episodes), site.decisions))
 
 
-def site_soc_decider(limits, site):
-    """A site's own standard of care (:data:`SITE_SOC`) as a decide function."""
+def site_soc_decider(limits, usual):
+    """A site's own standard of care (:data:`SITE_SOC`) as a decide function; ``usual``: :func:`site_usual`."""
     from shared.dosing_policy import label_actions
 
-    usual = site_usual(site)
     return lambda frame: label_actions(limits, frame, usual.for_records(frame["tumour_type"]))
 
 
-def site_decider(policy, site):
-    """``policy`` deciding first cycles at ``site`` as the site serves it: each record carries the site's usual
-    formulation (``client.site_gate.GatedPolicy``), which a policy relative to standard of care measures against."""
-    usual = site_usual(site)
+def site_decider(policy, usual):
+    """``policy`` deciding first cycles at a site as the site serves it: each record carries the site's usual
+    formulations (``usual``: :func:`site_usual`; ``client.site_gate.GatedPolicy``), which a policy relative to
+    standard of care measures against."""
     return lambda frame: policy.recommend_frame(usual.annotate(frame), adjust=False)
 
 
