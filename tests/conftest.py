@@ -6,6 +6,8 @@ import os
 import shutil
 import tempfile
 
+from tests.browser import chrome  # noqa: F401  (the headless-Chromium fixture of the screens' tests)
+
 _STATE_DIR_ENV = "FEDNANO_STATE_DIR"  # client.ledger.STATE_DIR_ENV, not imported: conftest loads before any test
 
 
