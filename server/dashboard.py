@@ -407,10 +407,12 @@ def epsilon_chart(record: RunRecord, sites: list[SiteRow]) -> str | None:
     for site in dp_sites:
         ys = [number(((e["per_site"].get(site.site) or {}).get("train") or {}).get("epsilon")) for e in rounds]
         series.append(Series(site.site, xs, ys))
-    for budget in sorted({s.epsilon_budget for s in dp_sites if s.epsilon_budget is not None}):
+    budgets = sorted({s.epsilon_budget for s in dp_sites if s.epsilon_budget is not None})
+    for budget in budgets:
         series.append(Series(f"budget ε = {budget:g}", [xs[0], xs[-1]], [budget, budget]))
+    top = max([*budgets, *(y for s in series for y in s.y if y is not None)], default=0.0)
     return line_chart(series, title="ε spent by DP-SGD after each round (budget: flat line)", x_label="round",
-                      y_label="ε")
+                      y_label="ε", y_range=(0.0, top * 1.05) if top > 0 else None)
 
 
 def fill_from_record(view: RunView, record: RunRecord) -> None:
