@@ -319,7 +319,7 @@ def site_rows(record: RunRecord) -> list[SiteRow]:
         if row.dp:
             row.epsilon_spent, row.epsilon_budget = number(p.epsilon_spent), number(p.epsilon_budget)
             row.delta = number(p.delta)
-            row.epsilon_per_phase = {str(k): v for k, v in p.epsilon_after.items() if number(v) is not None}
+            row.epsilon_per_phase = {str(k): float(v) for k, v in p.epsilon_after.items() if number(v) is not None}
             row.refused = {str(k): short_reason(str(v)) for k, v in p.refused.items()}
         rows.append(row)
     return rows
@@ -374,7 +374,7 @@ def policy_row(policy: Any, source: str, names: list[str]) -> PolicyRow:
 
 def metric_charts(record: RunRecord, names: list[str]) -> list[str]:
     """Per outcome: its headline metric per round, overall (the union of the test sets) and per site."""
-    rounds = [e for e in (record.models["ann"].rounds if "ann" in record.models else [])]
+    rounds = record.models["ann"].rounds if "ann" in record.models else []
     xs = [e["round"] for e in rounds]
     outcomes: dict[str, str] = {}
     for entry in rounds:
@@ -417,7 +417,7 @@ def epsilon_chart(record: RunRecord, sites: list[SiteRow]) -> str | None:
 
 def fill_from_record(view: RunView, record: RunRecord) -> None:
     """Everything the record says, into ``view`` (raises on a record whose fields are of the wrong kind)."""
-    view.run_id = record_run_id_or_none(record)
+    view.run_id = shown_run_id(record)
     settings = record.settings
     view.strategy = str(settings.get("strategy")) if settings.get("strategy") else None
     planned = settings.get("num-server-rounds")
@@ -436,8 +436,8 @@ def fill_from_record(view: RunView, record: RunRecord) -> None:
         view.policies.append(policy_row(record.policy, "this run", view.site_names))
 
 
-def record_run_id_or_none(record: RunRecord) -> str:
-    """The record's run id (or its policy manifest's); ``not recorded`` if neither can be read."""
+def shown_run_id(record: RunRecord) -> str:
+    """The record's run id, else its policy manifest's; ``not recorded`` if neither can be read."""
     try:
         return record_run_id(record) or "not recorded"
     except (OSError, ValueError, AttributeError):
@@ -528,10 +528,11 @@ def make_dashboard(runs_dir: Path, refresh_seconds: float = REFRESH_SECONDS) -> 
 
     @app.get("/", response_class=HTMLResponse)
     def index(request: Request) -> HTMLResponse:
-        views = [load_run(run) for run in find_runs(runs_dir)]
+        runs = find_runs(runs_dir)
+        views = [load_run(run) for run in runs]
         return templates.TemplateResponse(request, "dashboard_index.html", {
             "views": views, "runs_dir": str(runs_dir), "live": any(v.live for v in views),
-            "fingerprint": overall_fingerprint([(run, run_state(run)) for run in find_runs(runs_dir)]),
+            "fingerprint": overall_fingerprint([(run, run_state(run)) for run in runs]),
             "state_query": "", "refresh_ms": refresh_ms})
 
     @app.get("/runs/{key:path}", response_class=HTMLResponse)
