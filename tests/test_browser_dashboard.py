@@ -4,7 +4,8 @@ site, every round and each site's ε as its run record says, and a corrupt recor
 One Flower simulation (3 clinics under DP, 2 rounds, ANN only, no comparison, the policy shipped without the
 gate so every site's install shows) in a folder with a half-written record next to it; headless Chromium
 (``tests/browser.py``) reaches nothing but the dashboard on 127.0.0.1. Screenshots go to the test's temporary
-folder, and also to ``$FEDNANO_SCREENSHOT_DIR`` when set (how ``docs/screenshots/dashboard.png`` is made).
+folder; with ``FEDNANO_SCREENSHOTS=DIR`` the run page is also saved as ``DIR/dashboard.png`` (the README's picture:
+``FEDNANO_SCREENSHOTS=docs/screenshots pytest tests/test_browser_dashboard.py``, as the clinician's test does).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from tests.browser import chrome, served  # noqa: F401
 
 ROOT = Path(__file__).parent.parent
 pytestmark = pytest.mark.slow
-SCREENSHOT_ENV = "FEDNANO_SCREENSHOT_DIR"
+SCREENSHOTS_ENV = "FEDNANO_SCREENSHOTS"
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +40,16 @@ def runs(tmp_path_factory) -> tuple[Path, RunRecord]:
     return folder, RunRecord.read(folder / "small" / "federated" / "federation.json")
 
 
-def screenshot(driver, tmp_path: Path, name: str) -> Path:
-    """The whole page (window grown to it) into ``tmp_path`` and ``$FEDNANO_SCREENSHOT_DIR`` if set."""
+def screenshot(driver, tmp_path: Path, name: str, publish: bool = False) -> Path:
+    """The whole page (window grown to it) into ``tmp_path``; with ``publish``, also into ``$FEDNANO_SCREENSHOTS``."""
     height = driver.execute_script("return document.documentElement.scrollHeight")
     driver.set_window_size(1280, min(max(height, 600), 4000))
     path = tmp_path / name
     driver.save_screenshot(str(path))
-    if os.environ.get(SCREENSHOT_ENV):
-        shutil.copy(path, Path(os.environ[SCREENSHOT_ENV]) / name)
+    if publish and os.environ.get(SCREENSHOTS_ENV):
+        folder = Path(os.environ[SCREENSHOTS_ENV])
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, folder / name)
     return path
 
 
@@ -98,4 +101,4 @@ def test_run_page_shows_every_site_every_round_and_each_sites_epsilon_of_the_rec
         assert "gate" in chrome.find_element(By.CSS_SELECTOR, "section.policy").text
         assert not chrome.find_elements(By.TAG_NAME, "script")  # a finished run is not polled
         only_local_resources(chrome, base)
-        assert screenshot(chrome, tmp_path, "dashboard.png").stat().st_size > 10_000
+        assert screenshot(chrome, tmp_path, "dashboard.png", publish=True).stat().st_size > 10_000
