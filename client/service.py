@@ -50,6 +50,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 
+from client.clinician_page import add_clinician_page
 from client.decision_log import DecisionLog
 from client.recommender import (
     InputProblem,
@@ -111,6 +112,7 @@ def make_app(served: DosingPolicy | InstalledPolicy, log: DecisionLog | None = N
     app.add_exception_handler(BodyTooLarge, _too_large)
     app.add_exception_handler(PolicyUnavailable, _unavailable)
     app.openapi = lambda: _openapi(app)
+    add_clinician_page(app, current, recommended)  # the page at /, beside the JSON API (client.clinician_page)
 
     @app.get("/health")
     def health() -> dict[str, Any]:
