@@ -35,8 +35,11 @@ from shared.patient_record import PatientRecord, records_frame
 
 ACTION_WORDS = {"give": "give this cycle", "withhold": "withhold: delay the cycle", "stop": "stop treatment"}
 """The policy's three verdicts in words."""
-OUTCOME_LABELS = {RESPONSE: "P(response: shrinkage ≥ 30 %)", TOXICITY: "P(grade ≥ 3 toxicity)"}
-"""The chart's series, named by what they predict (``shared.schema``: response, toxicity_grade3)."""
+OUTCOME_LABELS = {RESPONSE: "P(response)", TOXICITY: "P(grade ≥ 3 toxicity)"}
+"""The chart's series, named by what they predict (``shared.schema``: response is shrinkage ≥ 30 %,
+toxicity_grade3 any grade ≥ 3 toxicity)."""
+CHART_SIZE = (720, 340)
+"""Width and height of the dose chart (px): the page's answer column at 1280 px."""
 
 
 @dataclass(frozen=True)
@@ -173,7 +176,8 @@ def dose_chart(policy, frame: pd.DataFrame, recommendation: Recommendation) -> t
               for o in (RESPONSE, TOXICITY)]
     svg = line_chart(series, title=f"Predicted benefit and harm of {formulation} against dose",
                      x_label="dose (mg/m²)", y_label="probability", marker_x=recommendation.dose_mg_m2,
-                     marker_label=f"recommended {recommendation.dose_mg_m2:g} mg/m²", y_range=(0.0, 1.0))
+                     marker_label=f"recommended {recommendation.dose_mg_m2:g} mg/m²", y_range=(0.0, 1.0),
+                     width=CHART_SIZE[0], height=CHART_SIZE[1])
     cap, _ = policy.safety_limits(frame)
     note = (f"Lines: the policy's mean prediction for this patient; bands: the pessimistic and optimistic bounds it "
             f"ranks doses by; at interval {recommendation.interval_days} days.")
