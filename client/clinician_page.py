@@ -28,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from client.patient_form import FORM_SOURCE, form_groups, form_values, problems_by_field, validated_form
@@ -105,7 +106,7 @@ def add_clinician_page(app: FastAPI, current: Callable[[], Any],
                                           f"most {MAX_VITALS_BYTES // 1024} kB"])
         try:
             form = await request.form(max_files=2, max_fields=MAX_FORM_FIELDS, max_part_size=MAX_FORM_BYTES)
-        except (MultiPartException, ValueError, KeyError, AssertionError):
+        except (MultiPartException, HTTPException, ValueError, KeyError):
             return page(400, page_errors=["the form could not be read (not a form post, or a broken upload); "
                                           "reload the page and submit again"])
         typed = {key: value for key, value in form.items() if isinstance(value, str)}
@@ -124,6 +125,8 @@ def add_clinician_page(app: FastAPI, current: Callable[[], Any],
                 record, warnings = await run_in_threadpool(_with_readings, record, readings)
                 values = form_values(record)
             answer = await run_in_threadpool(_answer, current, recommended, record, warnings)
+        except PolicyUnavailable:
+            return page(503, values=values)  # page() says why: the policy is looked up again
         except RecommenderInputError as err:
             by_field, rest = problems_by_field([_located(p) for p in err.problems], (PATIENT_JSON_FIELD, VITALS_FIELD))
             return page(422, values=values, field_errors=by_field, page_errors=rest)

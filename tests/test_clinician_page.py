@@ -273,3 +273,24 @@ def test_no_patient_value_reaches_a_log_line(client, caplog):
         client.post("/", data=form_values(example_dict()) | {"age_years": "abc", "patient_id": marker_id})
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert marker_age not in logged and marker_id not in logged and "abc" not in logged
+
+
+def test_a_store_that_cannot_vouch_for_its_policy_gets_a_503_page_saying_so(policy):
+    from client.recommender import InstalledPolicy, PolicyUnavailable
+
+    class Withdrawn(InstalledPolicy):
+        """Served once (when the app is made), then the store's ``current`` is gone."""
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def current(self):
+            self.calls += 1
+            if self.calls == 1:
+                return policy
+            raise PolicyUnavailable("store: no policy installed any more")
+
+    with TestClient(make_app(Withdrawn()), raise_server_exceptions=False) as withdrawn:
+        for response in (withdrawn.get("/"), withdrawn.post("/", data=form_values(example_dict()))):
+            assert response.status_code == 503 and "no policy can be served" in response.text
+            assert 'id="answer"' not in response.text
