@@ -11,7 +11,8 @@ trained pooled in seconds). Two pages: the empty form (``GET /``) and the answer
 typed into the form (``POST /``).
 
 - **server time**: FastAPI's TestClient (in process, no network), wall time per request, median and p95 of
-  ``--repeats`` after 3 warm-up requests; the answer's time includes the recommendation itself;
+  ``--repeats`` after 3 warm-up requests; the answer's time includes the recommendation itself, which
+  ``POST /recommend`` (the JSON API, same patient) measures alone;
 - **browser time**: Debian's headless Chromium (Selenium; it can reach 127.0.0.1 only, as in
   ``tests/browser.py``) loading the page from a uvicorn server on 127.0.0.1, read from the Navigation Timing
   API (``performance.getEntriesByType("navigation")[0]``): time to first byte (``responseStart``), response
@@ -56,11 +57,14 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 def server_times(app, form: dict[str, str], repeats: int) -> dict[str, dict[str, float]]:
-    """Median and p95 wall time (ms) of ``GET /`` and of ``POST /`` with the example patient, in process."""
+    """Median and p95 wall time (ms) of ``GET /`` and of ``POST /`` with the example patient, in process; and of
+    the JSON API's ``POST /recommend`` for the same patient (the recommendation alone, without the page)."""
     from fastapi.testclient import TestClient
 
     client = TestClient(app)
-    requests = {"GET / (form)": lambda: client.get("/"), "POST / (answer)": lambda: client.post("/", data=form)}
+    record = json.loads(EXAMPLE.read_text())
+    requests = {"GET / (form)": lambda: client.get("/"), "POST / (answer)": lambda: client.post("/", data=form),
+                "POST /recommend": lambda: client.post("/recommend", json=record)}
     results = {}
     for name, send in requests.items():
         times = []
@@ -157,11 +161,14 @@ def clinician(args) -> None:
           f"{os.cpu_count()} CPUs")
     print(f"{'page':18s} {'server ms':>10s} {'(p95)':>7s} {'TTFB ms':>8s} {'resp. end':>9s} {'DOM ready':>9s} "
           f"{'load ms':>8s} {'(p95)':>7s} {'kB':>6s}")
-    for page in server:
+    for page in browser:
         s, b = server[page], browser[page]
         print(f"{page:18s} {s['median']:10.1f} {s['p95']:7.1f} {b['responseStart']['median']:8.1f} "
               f"{b['responseEnd']['median']:9.1f} {b['domContentLoadedEventEnd']['median']:9.1f} "
               f"{b['loadEventEnd']['median']:8.1f} {b['loadEventEnd']['p95']:7.1f} {s['bytes'] / 1024:6.1f}")
+    api = server["POST /recommend"]
+    print(f"{'POST /recommend':18s} {api['median']:10.1f} {api['p95']:7.1f}   (the JSON API, same patient: the "
+          "recommendation without the page)")
     write_record(args.out, f"python benchmarks/web_pages.py --clinician --repeats {args.repeats}",
                  {"server_ms": server, "browser_ms": browser}, page="clinician", policy_version=policy.version,
                  policy_source=source, load_average={"before": load_before, "after": load_after}, machine=machine())
