@@ -38,6 +38,8 @@ ACTION_WORDS = {"give": "give this cycle", "withhold": "withhold: delay the cycl
 OUTCOME_LABELS = {RESPONSE: "P(response)", TOXICITY: "P(grade ≥ 3 toxicity)"}
 """The chart's series, named by what they predict (``shared.schema``: response is shrinkage ≥ 30 %,
 toxicity_grade3 any grade ≥ 3 toxicity)."""
+ADJUSTER_RULE, GUARD_RULE = "fitted-q-adjustment", "monotone-guard"
+"""Rules (``shared.dosing_policy``) after which the chosen dose is not simply the best point of the chart."""
 CHART_SIZE = (720, 340)
 """Width and height of the dose chart (px): the page's answer column at 1280 px."""
 
@@ -183,6 +185,12 @@ def dose_chart(policy, frame: pd.DataFrame, recommendation: Recommendation) -> t
             f"ranks doses by; at interval {recommendation.interval_days} days.")
     if math.isfinite(cap[0]) and cap[0] < doses.max():
         note += f" The hard safety rules allow at most {cap[0]:g} mg/m² for this patient."
+    applied = {rule.rule for rule in recommendation.rules}
+    if ADJUSTER_RULE in applied:
+        note += (" The dose itself was chosen by the fitted-Q adjuster, which weighs later cycles too, not by these "
+                 "one-cycle predictions alone.")
+    if GUARD_RULE in applied:
+        note += " The monotone guard capped it (see the rules above)."
     return svg, note
 
 

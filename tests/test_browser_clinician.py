@@ -91,6 +91,8 @@ def test_the_page_shows_what_fednano_recommend_prints_for_the_example_patient(ch
         page = chrome.find_element(By.ID, "answer").text
         assert all(rule["rule"] in page for rule in expected["rules"])
         assert chrome.find_element(By.CSS_SELECTOR, "#dose-chart svg[role=img]").is_displayed()
+        if any(rule["rule"] == "fitted-q-adjustment" for rule in expected["rules"]):
+            assert "chosen by the fitted-Q adjuster" in page  # the chart's note: not the chart's best point
         assert "verified" in chrome.find_element(By.ID, "policy-signature").text
         assert "policy version 3" in chrome.find_element(By.ID, "policy-version").text
         chrome.save_screenshot(str(tmp_path / "clinician.png"))
