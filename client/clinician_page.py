@@ -31,7 +31,8 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
-from client.patient_form import FORM_SOURCE, form_groups, form_values, problems_by_field, validated_form
+from client.clinician_view import answer_view, policy_view
+from client.patient_form import form_groups, form_values, problems_by_field, validated_form
 from client.recommender import (
     InputProblem,
     PolicyUnavailable,
@@ -83,8 +84,6 @@ def add_clinician_page(app: FastAPI, current: Callable[[], Any],
             policy = current()
         except PolicyUnavailable as err:
             policy, policy_error, status = None, f"no policy can be served: {err}", 503
-        from client.clinician_view import policy_view
-
         context = {"groups": form_groups(), "values": {}, "field_errors": {}, "page_errors": [], "answer": None,
                    "policy": policy_view(policy) if policy is not None else None, "policy_error": policy_error,
                    "limits": {"json_kb": MAX_PATIENT_JSON_BYTES // 1024, "csv_kb": MAX_VITALS_BYTES // 1024},
@@ -190,11 +189,6 @@ def _with_readings(record: PatientRecord, raw: bytes) -> tuple[PatientRecord, li
 def _answer(current: Callable[[], Any], recommended: Callable[[list[PatientRecord]], list], record: PatientRecord,
             warnings: list[str]):
     """The recommendation's view (:func:`client.clinician_view.answer_view`)."""
-    from client.clinician_view import answer_view
-
     policy = current()
     recommendation = recommended([record])[0]
     return answer_view(policy, record, recommendation, tuple(warnings))
-
-
-__all__ = ["FORM_SOURCE", "add_clinician_page"]

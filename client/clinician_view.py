@@ -32,6 +32,7 @@ import pandas as pd
 
 from shared.dosing_policy import RESPONSE, TOXICITY, Estimate, Recommendation, RuleApplied, label_actions
 from shared.patient_record import PatientRecord, records_frame
+from shared.web.svg import Series, line_chart
 
 ACTION_WORDS = {"give": "give this cycle", "withhold": "withhold: delay the cycle", "stop": "stop treatment"}
 """The policy's three verdicts in words."""
@@ -124,7 +125,7 @@ def answer_view(policy, record: PatientRecord, recommendation: Recommendation, w
                 authored_on: datetime | None = None) -> AnswerView:
     """The page's view of ``recommendation`` (the policy's answer for ``record``); ``warnings``: lines to show
     (e.g. the vitals file's)."""
-    from client.fhir import fhir_resource
+    from client.fhir import fhir_resource  # slow to import (fhir.resources): when a page answers, as the API does
 
     frame = records_frame([record])
     resource = fhir_resource(recommendation, authored_on)
@@ -168,8 +169,6 @@ def dose_chart(policy, frame: pd.DataFrame, recommendation: Recommendation) -> t
     if getattr(policy, "serves_standard_of_care", False):
         return None, "This site serves standard of care (its own release-gate verdict): the policy's predictions " \
                      "are not what is served, so none are charted."
-    from shared.web.svg import Series, line_chart
-
     formulation = recommendation.formulation_id
     curve = dose_curve(policy, frame, formulation, recommendation.interval_days)
     doses = curve["dose_mg_m2"].to_numpy(dtype=float)
