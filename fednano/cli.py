@@ -362,12 +362,29 @@ def serve(
     policy: Path | None = typer.Option(None, "--policy", help=POLICY_HELP),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: this machine only)."),
     port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port."),
+    token: str | None = typer.Option(None, "--token", envvar="FEDNANO_WEB_TOKEN", show_envvar=True,
+                                     help="Access token every request must present (Authorization: Bearer, or "
+                                          "?token= once in the browser); required off 127.0.0.1."),
+    tls_cert: Path | None = typer.Option(None, "--tls-cert", help="TLS certificate (PEM), e.g. the provisioning "
+                                                                  "kit's; required off 127.0.0.1."),
+    tls_key: Path | None = typer.Option(None, "--tls-key", help="The TLS certificate's private key (PEM)."),
 ) -> None:
-    """Serve the recommender over HTTP (OpenAPI at /docs); refuses to start if the policy is not the site's."""
+    """Serve the recommender over HTTP: the clinician's page at /, the JSON API (OpenAPI at /docs); refuses to
+    start if the policy is not the site's, or off 127.0.0.1 without an access token and TLS."""
     from client.decision_log import DecisionLog
     from client.recommender import InstalledPolicy, RecommenderInputError, followed_policy
     from client.service import serve as serve_app
+    from shared.web.access import TLSFiles, WebAccessError, check_binding
 
+    try:
+        if (tls_cert is None) != (tls_key is None):
+            raise WebAccessError("give both --tls-cert and --tls-key, or neither")
+        tls = TLSFiles(tls_cert, tls_key) if tls_cert is not None else None
+        check_binding(host, token, tls)
+    except WebAccessError as err:
+        typer.echo(f"error: {err}", err=True)
+        typer.echo("error: not starting the recommender service", err=True)
+        raise typer.Exit(1) from err
     try:
         served = followed_policy(policy, trust, site)
     except RecommenderInputError as err:
@@ -380,10 +397,13 @@ def serve(
     gate = getattr(loaded, "site_gate", None)
     if gate is not None:
         typer.echo(f"site gate: {gate.describe()}")
-    typer.echo(f"policy version {version} verified{followed}; serving on http://{host}:{port} (OpenAPI: /docs)")
+    scheme = "https" if tls is not None else "http"
+    typer.echo(f"policy version {version} verified{followed}; serving on {scheme}://{host}:{port} (the clinician's "
+               f"page at /, OpenAPI at /docs{'; access token required' if token else ''})")
     if site is not None:
         typer.echo(f"recording each dose recommended in {site / 'decisions.csv'} (the site's decision log)")
-    serve_app(served, host=host, port=port, log=DecisionLog(site) if site is not None else None)
+    serve_app(served, host=host, port=port, log=DecisionLog(site) if site is not None else None, token=token,
+              tls=tls)
 
 
 ledger_app = typer.Typer(no_args_is_help=True, help="A site's privacy ledger: what it has spent, and starting a new "
