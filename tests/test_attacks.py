@@ -92,3 +92,40 @@ def test_the_honest_client_code_has_no_attack_in_it():
 
     for path in (Path(__file__).resolve().parents[1] / "client").glob("*.py"):
         assert "attack" not in path.read_text().lower(), path  # the attacks live in simulation/attacks.py
+
+
+@pytest.fixture()
+def task_identity(monkeypatch):
+    """What Flower's runtime sets in a ClientApp process (Message() needs it)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def test_the_mod_rewrites_the_attackers_replies_only(task_identity):
+    from flwr.app import Context, Message, MetricRecord, RecordDict
+
+    from simulation.attacks import attack_mod
+
+    def honest(msg, context):  # the honest handler: one step from the global weights, a true summary
+        trained = ArrayRecord({"w": Array(msg.content["arrays"]["w"].numpy() + 1.0)})
+        summary = metrics.to_metric_record(metrics.summarise("binary", [0, 1], [0.2, 0.8]), prefix="response")
+        return Message(RecordDict({"arrays": trained, "metrics": summary}), reply_to=msg)
+
+    mod = attack_mod({1: Attack("clinic_01", "scale", 10.0), 2: Attack("clinic_02", "lie")})
+
+    def reply(partition: int, message_type: str):
+        msg = Message(RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(2))}), "m": MetricRecord({})}),
+                      dst_node_id=0, message_type=message_type)
+        context = Context(run_id=1, node_id=0, node_config={"partition-id": partition}, state=RecordDict(),
+                          run_config={})
+        return mod(msg, context, honest).content
+
+    np.testing.assert_allclose(reply(0, "train")["arrays"]["w"].numpy(), [1.0, 1.0])  # honest site
+    np.testing.assert_allclose(reply(1, "train")["arrays"]["w"].numpy(), [10.0, 10.0])  # scaled update
+    np.testing.assert_allclose(reply(1, "train.xgboost")["arrays"]["w"].numpy(), [1.0, 1.0])  # ANN only
+    np.testing.assert_allclose(reply(2, "train")["arrays"]["w"].numpy(), [1.0, 1.0])  # a liar trains honestly
+    auc = {p: metrics.binary_metrics(metrics.from_metric_record(reply(p, "evaluate")["metrics"], "response"))["auc"]
+           for p in (0, 1, 2)}
+    assert auc == {0: 1.0, 1: 1.0, 2: 0.0}
