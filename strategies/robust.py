@@ -26,6 +26,13 @@ boosting's gradient sums and the XGBoost bagging/cyclic trees, the dose-response
 release gate's off-policy estimates, and the evaluation summaries, which every strategy still adds up
 (:mod:`strategies.summation`): a site that lies there moves the released metrics. Robust aggregation also
 assumes at most f of the sites are malicious; it says nothing once more are.
+
+What they cost
+--------------
+The median, the trimmed mean and Krum's choice weigh every site alike (FedAvg weighs by rows), and Krum keeps
+one site's model only: on clinics as unequal as the simulator's they learn less without any attack
+(``benchmarks/robust_aggregation.py``; 10 clinics, 3 rounds: response AUC 0.843 with FedAvg, 0.812
+FedTrimmedAvg, 0.777 FedMedian, 0.678 Krum).
 """
 
 from __future__ import annotations
