@@ -76,7 +76,21 @@ def simulate(
     dp: bool = typer.Option(True, "--dp/--no-dp", help="Simulated sites train with DP-SGD (site.toml budget)."),
     epsilon: float = typer.Option(3.0, "--epsilon", min=0.01, max=SITE_MAX_EPSILON,
                                   help="Per-site ε budget of simulated sites."),
-    strategy: str | None = typer.Option(None, "--strategy", help="fedavg | fedprox | fedadam | fedyogi."),
+    strategy: str | None = typer.Option(
+        None, "--strategy", help="fedavg | fedprox | fedadam | fedyogi, or robust to poisoned sites: krum | "
+        "multikrum | bulyan | fedmedian | fedtrimmedavg."),
+    malicious_sites: int | None = typer.Option(
+        None, "--malicious-sites", min=0, help="Malicious sites a robust strategy must tolerate (default: one in "
+        "ten sites, at least one); a run with too few sites for it is refused (Krum n ≥ 2f+3, Bulyan n ≥ 4f+3)."),
+    trim_fraction: float | None = typer.Option(
+        None, "--trim-fraction", min=0.0, max=0.4999, help="fedtrimmedavg: share trimmed at each end "
+        "(default (f + 0.5) / sites)."),
+    clip_norm: float | None = typer.Option(
+        None, "--clip-norm", min=0.0, help="Clip each site's ANN update to this L2 norm before aggregating "
+        "(default 0: off)."),
+    attack: list[str] | None = typer.Option(
+        None, "--attack", help="Experiments: SITE:KIND[=FACTOR] makes a site attack, repeatable; KIND sign-flip "
+        "(=1) | scale (=10) | label-flip | lie (swapped evaluation summaries)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the world, the splits and the models."),
     out: Path = typer.Option(Path("runs/simulate"), "--out", help="Output folder."),
     sites: list[Path] | None = typer.Option(
@@ -159,7 +173,10 @@ def simulate(
                            seed=seed, sites=sites, task=task, local_epochs=local_epochs or base.local_epochs,
                            models=models, boosting=boosting, xgb_rounds=xgb_rounds or base.xgb_rounds,
                            compare=compare, deploy_cycles=deploy_cycles, deploy_patients=deploy_patients,
-                           explore=explore, policy_model=policy_model, policy_reference=policy_reference)
+                           explore=explore, policy_model=policy_model, policy_reference=policy_reference,
+                           malicious_sites=base.malicious_sites if malicious_sites is None else malicious_sites,
+                           trim_fraction=base.trim_fraction if trim_fraction is None else trim_fraction,
+                           clip_norm=base.clip_norm if clip_norm is None else clip_norm, attacks=list(attack or []))
     console = Console()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
@@ -561,6 +578,9 @@ def _print_summary(console, results: dict, out: Path) -> None:
         refused = f"; refused: {', '.join(p['refused'])}" if p["refused"] else ""
         console.print(f"{site}: ε spent {p['epsilon']:.2f} of {p['budget']:g} (δ={p['delta']:g}; after each "
                       f"phase: {phases or 'none'}{refused})")
+    for a in results.get("attacks", []):
+        factor = f" ×{a['factor']:g}" if a["factor"] else ""
+        console.print(f"[yellow]attacking site[/yellow] {a['site']}: {a['kind']}{factor}")
     for site, errors in results["rejected"].items():
         console.print(f"[red]{site} left out[/red]: {'; '.join(errors)}")
     _print_policy(console, results.get("policy"))

@@ -352,6 +352,11 @@ def write_report(out: Path, results: dict, summaries: dict[str, dict[str, dict[s
         reasons = sorted(set(why["refused"].values()) | set(why["failures"].values()))
         lines += [f"No federated {FAMILY_LABELS.get(family, family)}: no site trained it "
                   f"({'; '.join(reasons) or 'no reason given'}).", ""]
+    if results.get("attacks"):
+        lines += ["**Attacked run** (an experiment, `simulation.attacks`): " + "; ".join(
+            f"{a['site']} {a['kind']}" + (f" ×{a['factor']:g}" if a["factor"] else "") for a in results["attacks"])
+            + ". The models below are judged on every site's true test split; the released metrics are what the "
+            "sites reported.", ""]
     if results["rejected"]:
         lines += ["Sites left out (their data failed validation):", ""]
         lines += [f"- {site}: {'; '.join(errors)}" for site, errors in results["rejected"].items()] + [""]
