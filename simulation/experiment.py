@@ -44,6 +44,7 @@ from simulation.baselines import (
     pooled_model,
 )
 from simulation.clinics import SIMULATED_STATE_DIR, SitePrivacy, World, generate_sites
+from simulation.personalisation import personalisation_results, personalised_entry, site_records
 from simulation.seed_comparison import CLASSIC, local_classic, pooled_classic, pooled_importance
 
 
@@ -82,6 +83,7 @@ class ExperimentConfig:
     explore: bool = False  # randomise first cycles in the loop (shared.exploration): dose spread, trial arm
     policy_model: str = DEFAULTS.policy_model
     policy_reference: str = DEFAULTS.policy_reference
+    personalise: str = DEFAULTS.personalise  # personalised ANNs at the sites (simulation.personalisation)
 
     def run_settings(self, n_sites: int, signing_key: Path | None) -> RunSettings:
         """The federated run's settings for these options (one mapping, here)."""
@@ -92,7 +94,7 @@ class ExperimentConfig:
             models=self.models, boosting=self.boosting, xgb_rounds=self.xgb_rounds,
             signing_key=str(signing_key) if signing_key is not None else "",
             policy_dir=str(self.out / "policy"), fqi_iterations=self.fqi_iterations, release_gate=self.release_gate,
-            policy_model=self.policy_model, policy_reference=self.policy_reference)
+            policy_model=self.policy_model, policy_reference=self.policy_reference, personalise=self.personalise)
 
 
 def flower_environment(project_home: Path) -> None:
@@ -584,6 +586,12 @@ def run_experiment(cfg: ExperimentConfig, on_round: Callable[[int], None] | None
                         for family, model in record.models.items() if family not in families},
         "policy": None,
     }
+    if record.personalisation is not None and "ann" in models:
+        by_name = {name: s for s in sources for name, site in sites.items()
+                   if Path(site.path).resolve() == s.path.resolve()}
+        exact = site_records(by_name, record.run_id)
+        models["ann"]["personalised"] = personalised_entry(task, record, exact, results["privacy"])
+        results["personalisation"] = personalisation_results(record)
     if record.policy:
         say("policy")
         results["policy"] = policy_results(cfg, record.policy, sources, world, families, sites,
