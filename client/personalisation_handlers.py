@@ -10,8 +10,9 @@ with the site's own exact record of the figures (``personalisation/<run>.json``)
 Under DP everything is the run's ``personalisation`` phase, one share of the site's ε (``client.dp``):
 :data:`TRAINING_PART` of it for the DP-SGD steps of all candidates (one noise multiplier set for all of them,
 the same Opacus training and ledger as the federated rounds), the rest for two Gaussian releases — the
-validation summaries of every candidate, then their test summaries. The choice is made on the released
-(noised) validation figures, so it is post-processing of a DP release.
+validation summaries of every candidate (:data:`VALIDATION_WEIGHT` of the releases' privacy loss: the choice
+depends on them), then their test summaries (the rest: they are only reported). The choice is made on the
+released (noised) validation figures, so it is post-processing of a DP release.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from flwr.app import RecordDict
 
-from client.dp import PhaseRelease, SiteDP, noise_for_phase, phase_epsilon
+from client.dp import PhaseRelease, SiteDP, noise_for_phase, phase_epsilon, weighted_noise
 from client.evaluation import from_blocks, summaries, summary_blocks
 from client.personalised import trainers
 from client.personalised.choice import choose, validation_score
@@ -41,6 +42,8 @@ PHASE = "personalisation"
 TRAINING_PART = 0.8
 """Share of the phase's ε a DP site gives DP-SGD; the rest goes to the two summary releases (validation, test)."""
 RELEASES = 2
+VALIDATION_WEIGHT = 0.75
+"""The validation release's share of the two releases' Rényi privacy loss (``client.dp.PhaseRelease``)."""
 SITE_RECORD_DIR = "personalisation"
 """Folder in the site's folder holding its chosen personalised model and its own exact record of the figures."""
 
@@ -78,8 +81,8 @@ def personalise(msg, request: SiteRequest) -> RecordDict:
         n = len(splits["test"])
     else:
         left = spent_at_start + epsilon - dp.ledger.spent()
-        sigma = noise_for_phase(left, dp.ledger, 1.0, RELEASES)
-        release = PhaseRelease(dp, PHASE, RELEASES, (sigma,) * RELEASES, str(request.context.run_id), epsilon=left,
+        sigmas = weighted_noise(left, dp.ledger, (VALIDATION_WEIGHT, 1 - VALIDATION_WEIGHT))
+        release = PhaseRelease(dp, PHASE, RELEASES, sigmas, str(request.context.run_id), epsilon=left,
                                spent_at_start=dp.ledger.spent())
         released, facts = {}, None
         for index, split in enumerate(("validation", "test")):

@@ -133,6 +133,8 @@ def test_the_validation_score_is_the_mean_of_auc_and_r2_over_the_outcomes():
     summaries = {"response": metrics.summarise("binary", y, np.array([0.1, 0.6, 0.4, 0.9])),  # AUC 0.75
                  "efficacy": metrics.summarise("regression", np.array([1.0, 2, 3, 4]), np.array([1.0, 2, 3, 5]))}
     assert validation_score(task, summaries) == pytest.approx((0.75 + 0.8) / 2)  # R² = 1 − 1/5
+    summaries["efficacy"] = metrics.summarise("regression", np.array([1.0, 2, 3, 4]), np.array([9.0, -5, 9, -5]))
+    assert validation_score(task, summaries) == pytest.approx(0.75 / 2)  # R² far below 0 counts as 0
 
 
 # --- the wire ------------------------------------------------------------------------------------------------
