@@ -4,8 +4,9 @@ From the final global weights the site trains its candidates on its own training
 and each requested method, ``client.personalised``), scores them and the global model on its validation split,
 chooses (``client.personalised.choice``) and replies :class:`shared.protocol.personalisation.PersonalisationReply`:
 the choice, the reason, and every candidate's summaries on the validation and test splits. The personalised
-weights stay at the site: the chosen one is saved in the site's folder (``personalisation/<run>-<name>.pt``)
-with the site's own exact record of the figures (``personalisation/<run>.json``), neither of which is sent.
+weights stay at the site: the chosen one is saved in the site's folder (``personalisation/<site>/<run>-<name>.pt``)
+with the site's own exact record of the figures (``personalisation/<site>/<run>.json``), neither of which is sent
+(by site name: CSV sites may share a folder).
 
 Under DP everything is the run's ``personalisation`` phase, one share of the site's ε (``client.dp``):
 :data:`TRAINING_PART` of it for the DP-SGD steps of all candidates (one noise multiplier set for all of them,
@@ -18,10 +19,11 @@ released (noised) validation figures, so it is post-processing of a DP release.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import RecordDict
+from flwr.app import Message, RecordDict
 
 from client.dp import PhaseRelease, SiteDP, noise_for_phase, phase_epsilon, weighted_noise
 from client.evaluation import from_blocks, summaries, summary_blocks
@@ -50,7 +52,7 @@ SITE_RECORD_DIR = "personalisation"
 Predictions = dict[str, dict[str, np.ndarray]]
 
 
-def personalise(msg, request: SiteRequest) -> RecordDict:
+def personalise(msg: Message, request: SiteRequest) -> RecordDict:
     """Train, score, choose; reply the choice and the summaries (module docstring)."""
     settings = AnnTraining.from_config(request.config)
     plan = Personalisation.from_config(request.config)
@@ -137,14 +139,19 @@ def _private(request: SiteRequest, data: EncodedSplit, predictions: Predictions,
 
 def _keep_at_site(request: SiteRequest, chosen: str, reason: str, exact: dict, model) -> None:
     """The chosen model and the site's exact figures, in the site's own folder (never sent)."""
-    folder = request.source.folder / SITE_RECORD_DIR
-    folder.mkdir(exist_ok=True)
+    folder = site_record_folder(request.source.folder, request.name)
+    folder.mkdir(parents=True, exist_ok=True)
     run = str(request.context.run_id)
     torch.save(model.state_dict(), folder / f"{run}-{chosen}.pt")
     body = {"run_id": run, "chosen": chosen, "reason": reason,
             "summaries": {split: {name: {o: {k: np.asarray(v).tolist() for k, v in s.items()} for o, s in by.items()}
                                   for name, by in cands.items()} for split, cands in exact.items()}}
     write_json_atomically(folder / f"{run}.json", json.loads(json.dumps(body)))
+
+
+def site_record_folder(site_folder: Path, site: str) -> Path:
+    """Where a site keeps its chosen personalised model and its exact record of the phase."""
+    return site_folder / SITE_RECORD_DIR / site
 
 
 def register_personalisation(client, handlers: SiteHandlers) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 
-from client.personalisation_handlers import SITE_RECORD_DIR
+from client.personalisation_handlers import site_record_folder
 from client.personalised.choice import HEADLINE
 from client.site import SiteSource
 from server.run_record import RunRecord
@@ -36,7 +36,7 @@ def site_records(sources: dict[str, SiteSource], run_id: str) -> dict[str, dict]
     site name → where its data live."""
     found = {}
     for name, source in sources.items():
-        path = source.folder / SITE_RECORD_DIR / f"{run_id}.json"
+        path = site_record_folder(source.folder, name) / f"{run_id}.json"
         if path.is_file():
             found[name] = json.loads(path.read_text())
     return found

@@ -208,9 +208,10 @@ def test_a_site_without_dp_replies_its_choice_and_keeps_the_chosen_model_in_its_
     reply = p.PersonalisationReply.from_records(content)
     assert reply.chosen in plan.candidates and reply.reason.startswith("best validation score")
     assert set(reply.summaries["test"]) == set(plan.candidates) and reply.dp_steps == 0
-    kept = json.loads((request.source.folder / SITE_RECORD_DIR / "11.json").read_text())
+    kept_in = request.source.folder / SITE_RECORD_DIR / request.name
+    kept = json.loads((kept_in / "11.json").read_text())
     assert kept["chosen"] == reply.chosen and set(kept["summaries"]["test"]) == set(plan.candidates)
-    assert (request.source.folder / SITE_RECORD_DIR / f"11-{reply.chosen}.pt").is_file()
+    assert (kept_in / f"11-{reply.chosen}.pt").is_file()
 
 
 def test_a_dp_site_charges_every_personalised_step_and_release_to_its_ledger(clinic, task_identity):
