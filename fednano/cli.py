@@ -121,6 +121,9 @@ def simulate(
         None, "--policy-reference", help="The structured policy's scores: absolute (default; best pessimistic "
         "utility) | standard_of_care (leave each site's standard of care only where the lower bound of the "
         "improvement is positive)."),
+    personalise: str = typer.Option(
+        "", "--personalise", help="Personalised ANNs each site trains after the federation and chooses among with "
+        "its local-only and the global model on its validation split: finetune, ditto, fedper (comma-separated)."),
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower's own log."),
 ) -> None:
     """Run a federated experiment on one machine: Flower simulation, local-only and pooled baselines, report.
@@ -131,6 +134,7 @@ def simulate(
 
     from server.settings import POLICY_MODELS, POLICY_REFERENCES, parse_models
     from shared.protocol.boosting import MODES
+    from shared.protocol.personalisation import parse_methods
     from simulation.experiment import (
         ExperimentConfig,
         ExperimentError,
@@ -159,6 +163,10 @@ def simulate(
         parse_models(models)
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--models") from err
+    try:
+        parse_methods(personalise)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--personalise") from err
     sites = _site_paths(ctx, sites)
     if explore and deploy_cycles < 2:
         raise typer.BadParameter("exploration happens in the closed loop's deployment periods: give "
@@ -176,7 +184,8 @@ def simulate(
                            explore=explore, policy_model=policy_model, policy_reference=policy_reference,
                            malicious_sites=base.malicious_sites if malicious_sites is None else malicious_sites,
                            trim_fraction=base.trim_fraction if trim_fraction is None else trim_fraction,
-                           clip_norm=base.clip_norm if clip_norm is None else clip_norm, attacks=list(attack or []))
+                           clip_norm=base.clip_norm if clip_norm is None else clip_norm, attacks=list(attack or []),
+                           personalise=personalise)
     console = Console()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 
 from shared.config import settings_from_run_config
 from shared.protocol.boosting import MODES
+from shared.protocol.personalisation import parse_methods
 from shared.task import NANOPARTICLE_TASK, TaskSpec
 from strategies.robust import RobustParameters
 
@@ -111,6 +112,9 @@ class RunSettings:
         ``client.site_gate``) only where the lower bound of the predicted improvement over it is positive
         (z = 0.5). Absolute is the default by measurement: in the closed loop (BENCHMARKS.md, attempt 5) the
         relative policy's last versions were lower at 3 of 4 seeds and still truly worse at the one small site.
+    personalise : str, default ""
+        Personalised ANNs each site trains after the federation and chooses among with its local-only and the
+        global model (``shared.protocol.personalisation.METHODS``, comma-separated; empty: none).
     """
 
     num_server_rounds: int = 10
@@ -141,9 +145,11 @@ class RunSettings:
     release_gate: bool = True
     policy_model: str = "structured"
     policy_reference: str = "absolute"
+    personalise: str = ""
 
     def __post_init__(self) -> None:
         parse_hidden(self.hidden)
+        parse_methods(self.personalise)
         parse_models(self.models)
         if self.policy_model not in POLICY_MODELS:
             raise ValueError(f"policy-model: expected one of {', '.join(POLICY_MODELS)}; got {self.policy_model!r}")

@@ -45,6 +45,7 @@ from simulation.baselines import (
     pooled_model,
 )
 from simulation.clinics import SIMULATED_STATE_DIR, SitePrivacy, World, generate_sites
+from simulation.personalisation import personalisation_results, personalised_entry, site_records
 from simulation.seed_comparison import CLASSIC, local_classic, pooled_classic, pooled_importance
 
 
@@ -87,6 +88,7 @@ class ExperimentConfig:
     trim_fraction: float = DEFAULTS.trim_fraction  # FedTrimmedAvg's β (negative: derived)
     clip_norm: float = DEFAULTS.clip_norm  # bound on each site's update norm (0: off)
     attacks: list[str] = field(default_factory=list)  # SITE:KIND[=FACTOR], simulation.attacks
+    personalise: str = DEFAULTS.personalise  # personalised ANNs at the sites (simulation.personalisation)
 
     def run_settings(self, n_sites: int, signing_key: Path | None) -> RunSettings:
         """The federated run's settings for these options (one mapping, here)."""
@@ -97,7 +99,7 @@ class ExperimentConfig:
             models=self.models, boosting=self.boosting, xgb_rounds=self.xgb_rounds,
             signing_key=str(signing_key) if signing_key is not None else "",
             policy_dir=str(self.out / "policy"), fqi_iterations=self.fqi_iterations, release_gate=self.release_gate,
-            policy_model=self.policy_model, policy_reference=self.policy_reference,
+            policy_model=self.policy_model, policy_reference=self.policy_reference, personalise=self.personalise,
             malicious_sites=self.malicious_sites, trim_fraction=self.trim_fraction, clip_norm=self.clip_norm)
 
     def parsed_attacks(self) -> list[Attack]:
@@ -615,6 +617,12 @@ def run_experiment(cfg: ExperimentConfig, on_round: Callable[[int], None] | None
                         for family, model in record.models.items() if family not in families},
         "policy": None,
     }
+    if record.personalisation is not None and "ann" in models:
+        by_name = {name: s for s in sources for name, site in sites.items()
+                   if Path(site.path).resolve() == s.path.resolve()}
+        exact = site_records(by_name, record.run_id)
+        models["ann"]["personalised"] = personalised_entry(task, record, exact, results["privacy"])
+        results["personalisation"] = personalisation_results(record)
     if record.policy:
         say("policy")
         results["policy"] = policy_results(cfg, record.policy, sources, world, families, sites,

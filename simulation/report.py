@@ -14,6 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from shared import metrics  # noqa: E402
+from simulation.personalisation import report_section as personalisation_section  # noqa: E402
 
 HEADLINE = {"binary": ("auc", "accuracy", "balanced_accuracy"),
             "multiclass": ("auc", "accuracy", "balanced_accuracy"),
@@ -363,6 +364,7 @@ def write_report(out: Path, results: dict, summaries: dict[str, dict[str, dict[s
     for family in results["models"]:
         if family in FEDERATED_FAMILIES:
             lines += [f"## Outcome models ({FAMILY_LABELS[family]})", ""] + _model_table(results, family)
+    lines += personalisation_section(results)
     lines += ["## The seed paper's comparison", ""] + _comparison_table(results)
     lines += ["## Feature importance (permutation, computed at the sites)", ""] + _importance_table(results)
     lines += ["## Privacy", ""] + _privacy_table(results)
