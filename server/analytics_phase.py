@@ -316,8 +316,16 @@ def quantile_error(counts: np.ndarray, noise_sd: float, low: float, high: float,
                    bins: int, epsilon: float) -> dict[str, dict[str, Any]] | None:
     """Noise sd, 95 % interval and estimability of each DP histogram quantile (``shared.dp_error``): the
     root-mean-square error of a parametric bootstrap of the histogram's noise through the same estimator (its
-    spread and its shift: the estimator is biased under noise), plus the bin's resolution (``width / √12``);
-    None when the histogram gives no quantile."""
+    spread and its shift: the estimator is biased under noise), plus the bin's resolution (``width / √12``,
+    Sheppard's correction: the sd of a uniform position in the bin; Sheppard 1898, Proc. Lond. Math. Soc.
+    29:353-380) except for a whole-number column snapped to the one whole number of a bin narrower than 1,
+    where a quantile in the right bin is exact; None when the histogram gives no quantile.
+
+    Measured (noise redrawn on fixed data, describe at ε = 1, 40 draws × 23 columns): at 10 sites × 10⁴ rows
+    the medians' intervals cover the pooled median 0.997 of the time. Not narrowed further: a smaller
+    resolution term (the slope-corrected interpolation error) gave 0.895, because the thresholded histogram
+    shifts the medians of long-tailed columns by a third of a bin (creatinine clearance −0.39 bins, tumour
+    burden −0.28, efficacy +0.22), a shift the bootstrap does not see (it drops the same tail cells)."""
     def estimate(cells: np.ndarray) -> np.ndarray:
         """The quantiles as an array, NaN when the histogram is empty."""
         q = noisy_histogram_quantiles(cells, noise_sd, low, high)
@@ -329,7 +337,8 @@ def quantile_error(counts: np.ndarray, noise_sd: float, low: float, high: float,
     if not np.isfinite(released).all():
         return None
     boot = dp_error.bootstrap_rmse(counts, noise_sd, estimate)
-    resolution = (high - low) / bins / math.sqrt(12)
+    snapped = integer and (high - low) / bins < 1
+    resolution = 0.0 if snapped else (high - low) / bins / math.sqrt(12)
     allowed = dp_error.ESTIMABLE_WIDTH_SHARE * (high - low)
     names = [f"p{round(level * 100):02d}" for level in QUANTILE_LEVELS]
     return {name: dp_error.judged(float(value), math.sqrt(float(sd) ** 2 + resolution ** 2), allowed, epsilon,

@@ -5,11 +5,17 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
+import pandas as pd
 import pytest
 
+from client.analytics import describe
+from server.analytics_phase import SiteAnswer, combine_describe
+from server.analytics_plan import plan_for
 from shared.analytics import linear_fit, unpack_triu
+from shared.task import NANOPARTICLE_TASK
 
 
 @pytest.fixture(scope="module")
@@ -52,3 +58,20 @@ def test_dp_least_squares_intervals_cover_the_noise_free_fit_along_a_weak_direct
     hits = np.array(hits)
     assert 0.93 <= hits.mean() <= 0.99, hits.mean(axis=0)
     assert hits[:, 1].mean() >= 0.85 and hits[:, 2].mean() >= 0.85, hits.mean(axis=0)
+
+
+def test_a_whole_number_quantile_snapped_to_its_bin_adds_no_bin_resolution_to_its_noise_sd():
+    """ecog's bins (0.04 wide) hold one whole number each: its DP median is exact when the noise leaves it in
+    the right bin, so its noise sd is the bootstrap's alone, not ``+ width / √12``; a continuous column keeps
+    the bin's resolution term."""
+    plan = replace(plan_for(NANOPARTICLE_TASK, dp=True), columns=("ecog", "age_years"))
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"ecog": rng.integers(0, 3, 500), "age_years": rng.normal(55, 10, 500)})
+    blocks = describe(frame, list(plan.columns), plan.bounds_array(plan.columns), 100).blocks
+    released = {name: np.asarray(block.values, dtype=np.float64) for name, block in blocks.items()}
+    answer = SiteAnswer("a", released, meta={"dp": True, "noise-sd": 1e-3, "epsilon-planned": 1.0})
+    got = combine_describe([answer], list(plan.columns), plan, 100)
+    ecog_width = np.diff(plan.range_of("ecog"))[0] / 100
+    age_width = np.diff(plan.range_of("age_years"))[0] / 100
+    assert got["ecog"]["noise"]["p50"]["noise_sd"] < 0.01 * ecog_width / math.sqrt(12)
+    assert got["age_years"]["noise"]["p50"]["noise_sd"] >= age_width / math.sqrt(12)
