@@ -87,6 +87,7 @@ from shared.analytics import (
     design_map,
     histogram_quantiles,
     independent_columns,
+    inertia_bound,
     initial_centroids,
     linear_fit,
     lloyd_update,
@@ -539,7 +540,8 @@ def anova_phase(session: AnalyticsSession, plan: AnalyticsPlan) -> dict[str, Any
         for label, entry in table["groups"].items():
             entry["n"] = float(entry["n"])
             entry["noise"] = moments_error(parts[label], centre, tuple(bounds[0]), noise_sd, epsilon)
-        table["f_noise_sd"] = anova_f_noise_sd(parts, centre, tuple(bounds[0]), noise_sd)
+        table["f_noise_sd"], table["eta_squared_noise_sd"] = anova_f_noise_sd(parts, centre, tuple(bounds[0]),
+                                                                              noise_sd)
     else:
         table["n"] = int(round(table["n"]))
         for entry in table["groups"].values():
@@ -549,9 +551,9 @@ def anova_phase(session: AnalyticsSession, plan: AnalyticsPlan) -> dict[str, Any
 
 
 def anova_f_noise_sd(parts: dict[str, list[dict[str, float]]], centre: float, bounds: tuple[float, float],
-                     noise_sd: float) -> float | None:
-    """Noise sd of ANOVA's F under DP: a parametric bootstrap (``shared.dp_error``) of the groups' summed
-    count, sum and sum of squares (noise sds τ, τh, τh²) through the same estimator."""
+                     noise_sd: float) -> tuple[float | None, float | None]:
+    """Noise sds of ANOVA's F and η² under DP: a parametric bootstrap (``shared.dp_error``) of the groups'
+    summed count, sum and sum of squares (noise sds τ, τh, τh²) through the same estimator."""
     labels = sorted(parts)
     sums = np.array([shifted_sums(parts[g], centre) for g in labels])
     half = (bounds[1] - bounds[0]) / 2
@@ -560,10 +562,11 @@ def anova_f_noise_sd(parts: dict[str, list[dict[str, float]]], centre: float, bo
         """F from noisy (count, sum, sumsq) rows, post-processed as the release is."""
         groups = {g: combine_moments([{"count": n, "sum": s1, "sumsq": s2}], centre, bounds)
                   for g, (n, s1, s2) in zip(labels, noisy, strict=True)}
-        return np.array([anova_table(groups)["f"]])
+        table = anova_table(groups)
+        return np.array([table["f"], math.nan if table["eta_squared"] is None else table["eta_squared"]])
 
-    sd = dp_error.bootstrap_sd(sums, noise_sd * np.array([1.0, half, half ** 2]), f_of)[0]
-    return float(sd) if math.isfinite(sd) else None
+    sds = dp_error.bootstrap_sd(sums, noise_sd * np.array([1.0, half, half ** 2]), f_of)
+    return tuple(float(sd) if math.isfinite(sd) else None for sd in sds)
 
 
 def pca_phase(session: AnalyticsSession, plan: AnalyticsPlan, describe: dict) -> dict[str, Any]:
@@ -578,11 +581,14 @@ def pca_phase(session: AnalyticsSession, plan: AnalyticsPlan, describe: dict) ->
         def spectrum(gram: np.ndarray) -> np.ndarray:
             """Eigenvalues and explained-variance ratios of a (re-noised) Gram release."""
             pca = correlation_pca(unpack_triu(gram, len(features) + 1), x, features)
-            return np.concatenate([pca["eigenvalues"], pca["explained_variance_ratio"] or [np.nan] * len(features)])
+            return np.concatenate([pca["eigenvalues"], pca["explained_variance_ratio"] or [np.nan] * len(features),
+                                   np.ravel(pca["components"])])
 
+        p = len(features)
         sd = dp_error.bootstrap_sd(released, summed_noise_sd(answers) * triu_scale(row_bound(x)), spectrum)
-        result["noise"] = {"eigenvalues_noise_sd": sd[:len(features)].tolist(),
-                           "explained_variance_ratio_noise_sd": sd[len(features):].tolist(),
+        result["noise"] = {"eigenvalues_noise_sd": sd[:p].tolist(),
+                           "explained_variance_ratio_noise_sd": sd[p:2 * p].tolist(),
+                           "components_noise_sd": sd[2 * p:].reshape(p, p).tolist(),
                            "method": "parametric bootstrap of the Gram release's DP noise (shared.dp_error)"}
     if not result["dp"]:
         result["n"] = int(round(result["n"]))
@@ -677,8 +683,15 @@ def profiles_phase(session: AnalyticsSession, plan: AnalyticsPlan, x: dict[str, 
         profiles.append(row)
     projected = (centroids @ top.T).tolist()
     edges = [np.linspace(lo, hi, PROJECTION_BINS + 1).tolist() for lo, hi in limits]
-    return {"dp": dp, "n": n if dp else int(round(n)), "inertia": float(total(answers, "inertia").sum()),
-            "silhouette_simplified": float(total(answers, "silhouette").sum() / n),
+    inertia = float(total(answers, "inertia").sum())
+    silhouette = float(total(answers, "silhouette").sum() / n)
+    diagnostics_noise = {}
+    if dp:
+        diagnostics_noise = {"noise": kmeans_diagnostics_noise(inertia, silhouette, n, k,
+                                                               inertia_bound(standardised_box(x), centroids),
+                                                               noise_sd, epsilon)}
+    return {"dp": dp, "n": n if dp else int(round(n)), "inertia": inertia, **diagnostics_noise,
+            "silhouette_simplified": silhouette,
             "silhouette_note": "simplified silhouette: per row (b − a) / max(a, b) with a, b the distances to the "
                                "nearest and second-nearest centroid (Hruschka et al. 2004), averaged",
             "profiles": profiles, "sites": [a.site for a in answers],
@@ -690,6 +703,24 @@ def profiles_phase(session: AnalyticsSession, plan: AnalyticsPlan, x: dict[str, 
                                    f"{PROJECTION_BINS} grid, summed over sites"
                                    + ("" if dp else f"; cells under {MIN_CELL_COUNT} rows at a site "
                                                     "are sent as 0")}}
+
+
+def kmeans_diagnostics_noise(inertia: float, silhouette: float, n: float, k: int, bound: float, noise_sd: float,
+                             epsilon: float) -> dict[str, dict[str, Any]]:
+    """Noise sd, 95 % interval and estimability (``shared.dp_error``) of the DP inertia and simplified silhouette.
+
+    The inertia is the sum of ``k`` released per-cluster sums, each with noise of sd ``noise_sd × bound``
+    (``bound`` the sites' per-row bound, ``shared.analytics.inertia_bound``): sd ``noise_sd · bound · √k``,
+    estimable when at most ``ESTIMABLE_WIDTH_SHARE`` of the inertia wide. The
+    silhouette is ``S / n`` from ``k`` noisy silhouette sums (row bound 1) and ``k`` noisy counts: by the delta
+    method sd ``noise_sd √k / n · √(1 + s²)``, interval within [−1, 1], judged against ``ESTIMABLE_WIDTH_SHARE``
+    of that range."""
+    inertia_sd = noise_sd * bound * math.sqrt(k)
+    silhouette_sd = noise_sd * math.sqrt(k) / max(n, 1.0) * math.sqrt(1.0 + silhouette ** 2)
+    share = dp_error.ESTIMABLE_WIDTH_SHARE
+    return {"inertia": dp_error.judged(inertia, inertia_sd, share * max(inertia, 0.0), epsilon),
+            "silhouette_simplified": dp_error.judged(silhouette, silhouette_sd, share * 2.0, epsilon,
+                                                     bounds=(-1.0, 1.0))}
 
 
 def run_analyses(session: AnalyticsSession, plan: AnalyticsPlan, settings: AnalyticsSettings) -> dict[str, Any]:

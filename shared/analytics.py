@@ -429,6 +429,14 @@ def standardised_box(x: dict[str, np.ndarray]) -> np.ndarray:
     return np.column_stack([low, high])
 
 
+def inertia_bound(box: np.ndarray, centroids: np.ndarray) -> float:
+    """Largest squared distance from a point of the box to its nearest centroid is at most this: the
+    farthest corner from the best single centroid (a site's per-row bound of its inertia sums; with the DP
+    noise sd, the sd of their noise)."""
+    corner = np.maximum(np.square(box[None, :, 0] - centroids), np.square(box[None, :, 1] - centroids))
+    return float(corner.sum(axis=1).min())
+
+
 def lloyd_update(centroids: np.ndarray, counts: np.ndarray, sums: np.ndarray, box: np.ndarray) -> np.ndarray:
     """New centroids: per-cluster mean of the summed sums, kept in the (p, 2) ``box`` of clipped standardised
     values (a no-op without noise); a cluster with (noisy) count below 1 keeps its centroid."""

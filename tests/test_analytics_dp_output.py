@@ -190,6 +190,13 @@ def test_all_analyses_spend_exactly_the_planned_epsilon_split_by_queries(frames,
     assert got["anova"]["f_noise_sd"] is not None
     assert all("noise" in g for g in got["anova"]["groups"].values())
     assert all("noise" in p for p in got["kmeans"]["profiles"])
+    assert got["anova"]["eta_squared_noise_sd"] > 0
+    pca_noise = np.array(got["pca"]["noise"]["components_noise_sd"])
+    assert pca_noise.shape == np.array(got["pca"]["components"]).shape and np.all(pca_noise > 0)
+    kmeans_noise = got["kmeans"]["noise"]
+    assert kmeans_noise["inertia"]["noise_sd"] > 0 and kmeans_noise["silhouette_simplified"]["noise_sd"] > 0
+    low, high = kmeans_noise["inertia"]["ci95"]
+    assert low < got["kmeans"]["inertia"] < high
 
 
 def test_describe_gets_half_the_privacy_loss_and_less_noise_than_under_an_equal_split(frames, tmp_path):
