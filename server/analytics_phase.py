@@ -42,7 +42,8 @@ rest of the run and named in ``failures``.
 What the noise does to each number is reported with it (``shared.dp_error``): describe statistics, ANOVA
 groups and cluster profiles carry ``noise`` entries (noise sd, 95 % interval, estimable or "not estimable at
 ε = …" with the ε that would make it estimable); regression standard errors include the DP noise
-(``se_dp_noise`` beside ``se_sampling``); ANOVA's F and the PCA spectrum have bootstrap noise sds.
+(``se_dp_noise`` beside ``se_sampling``); ANOVA's F and η², the PCA spectrum and loadings have bootstrap noise
+sds; the k-means inertia and simplified silhouette carry ``noise`` entries too.
 
 Budget (``--analyses``): only the chosen analyses are planned and asked (``AnalyticsSettings.analyses``); a DP
 site sets one σ for the announced queries, so the run's ε is split over the analyses in proportion to their
