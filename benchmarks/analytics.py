@@ -28,7 +28,10 @@ planned = spent through the real runtime. Reported: error of the describe means 
 pooled rows as a share of the declared range, the share of describe numbers reported not estimable, the
 coverage of the 95 % intervals of means, sds, medians and linear-regression coefficients (against the pooled
 mean, sd (n − 1), median and plain least squares on the pooled rows — so the bias of DP clipping counts
-against coverage), and ε spent against planned.
+against coverage), and ε spent against planned. With all analyses, also: linear and logistic coefficient
+errors in the non-DP standard errors and their intervals' coverage, ANOVA's F, the PCA eigenvalues and the
+k-means inertia (relative or absolute error, coverage by ± 1.96 noise sd), against the non-DP federated run
+(equal to pooled); the inertia's interval against the exact inertia at the run's own released centroids.
 """
 
 from __future__ import annotations
@@ -208,14 +211,73 @@ def dp_run(frames: dict[str, pd.DataFrame], epsilon: float, analyses: str, seed:
                               np.random.default_rng(seed))
 
 
+def exact_inertia(frames: dict[str, pd.DataFrame], kmeans: dict, bounds: np.ndarray) -> float:
+    """The inertia of the pooled rows at a run's released centroids and standardisation (what the DP inertia's
+    interval is about), from the sites' own exact sums."""
+    from client.analytics import Standardiser, lloyd_sums
+
+    features = kmeans["features"]
+    x = Standardiser(np.array([kmeans["standardisation"]["mean"][f] for f in features]),
+                     np.array([kmeans["standardisation"]["sd"][f] or 1.0 for f in features]), bounds)
+    centroids = np.array(kmeans["centroids_standardised"])
+    return float(sum(lloyd_sums(f, features, x, centroids).exact["inertia"][0] for f in frames.values()))
+
+
+def other_analyses_accuracy(frames: dict[str, pd.DataFrame], result: dict, exact: dict, plan, tally: dict) -> None:
+    """Add one DP run's errors and interval hits for regression, logistic, ANOVA, PCA and k-means to ``tally``,
+    against the non-DP federated run ``exact`` (equal to pooled: ``case_pooled``)."""
+    def hit(name: str, inside: bool) -> None:
+        tally.setdefault(f"cover_{name}", [0, 0])
+        tally[f"cover_{name}"][0] += bool(inside)
+        tally[f"cover_{name}"][1] += 1
+
+    def coefficients(kind: str) -> None:
+        for outcome, fit in (result["regression"].get(kind) or {}).items():
+            truth = exact["regression"][kind][outcome]["coefficients"]
+            for term, row in fit["coefficients"].items():
+                true = truth[term]
+                if row["estimate"] is None or true["estimate"] is None or not true["se"]:
+                    continue
+                tally.setdefault(f"{kind}_error_in_se", []).append(abs(row["estimate"] - true["estimate"]) / true["se"])
+                if row.get("ci95"):
+                    hit(kind, row["ci95"][0] <= true["estimate"] <= row["ci95"][1])
+
+    coefficients("linear")
+    coefficients("logistic")
+    anova, true_anova = result.get("anova"), exact.get("anova")
+    if anova and true_anova and anova.get("f") is not None:
+        tally.setdefault("anova_f_relative_error", []).append(abs(anova["f"] - true_anova["f"]) / true_anova["f"])
+        if anova.get("f_noise_sd"):
+            hit("anova_f", abs(anova["f"] - true_anova["f"]) <= 1.96 * anova["f_noise_sd"])
+    pca, true_pca = result.get("pca"), exact.get("pca")
+    if pca and true_pca:
+        for j, (value, true) in enumerate(zip(pca["eigenvalues"], true_pca["eigenvalues"], strict=True)):
+            tally.setdefault("pca_eigenvalue_error", []).append(abs(value - true))
+            sd = (pca.get("noise") or {}).get("eigenvalues_noise_sd", [None] * (j + 1))[j]
+            if sd:
+                hit("pca_eigenvalue", abs(value - true) <= 1.96 * sd)
+    km, true_km = result.get("kmeans"), exact.get("kmeans")
+    if km and true_km:
+        tally.setdefault("kmeans_inertia_relative_error", []).append(
+            abs(km["inertia"] - true_km["inertia"]) / true_km["inertia"])
+        noise = (km.get("noise") or {}).get("inertia")
+        if noise and noise.get("ci95"):
+            bounds = np.array([result.get("analysis_bounds", {}).get(f, plan.range_of(f)) for f in km["features"]],
+                              dtype=np.float64)
+            at_centroids = exact_inertia(frames, km, bounds)
+            hit("kmeans_inertia", noise["ci95"][0] <= at_centroids <= noise["ci95"][1])
+
+
 def case_dp_accuracy(frames: dict[str, pd.DataFrame], repeats: int) -> list[dict]:
     """Error, "not estimable" share, interval coverage and ε spent vs planned per (analyses, ε)."""
-    from server.analytics_plan import plan_for
+    from server.analytics_plan import AnalyticsSettings, plan_for
     from shared.task import NANOPARTICLE_TASK
+    from simulation.analytics_run import run_in_process
 
     plan = plan_for(NANOPARTICLE_TASK, dp=True)
     truth = pooled_truth(frames, list(plan.columns))
     ols = pooled_ols(frames)
+    exact = run_in_process(frames, AnalyticsSettings())
     rows = []
     for analyses in DP_ANALYSES:
         for epsilon in DP_EPSILONS:
@@ -223,8 +285,11 @@ def case_dp_accuracy(frames: dict[str, pd.DataFrame], repeats: int) -> list[dict
             mean_err, median_err, hidden, numbers, spent_gap = [], [], 0, 0, []
             cover = {"mean": [0, 0], "sd": [0, 0], "p50": [0, 0], "coefficient": [0, 0]}
             cover_shown = {"mean": [0, 0], "sd": [0, 0], "p50": [0, 0]}
+            others: dict = {}
             for seed in range(repeats):
                 result = dp_run(frames, epsilon, analyses, seed)
+                if analyses != "describe":
+                    other_analyses_accuracy(frames, result, exact, plan, others)
                 for column, stats in result["describe"].items():
                     low, high = plan.range_of(column)
                     width = high - low
@@ -263,6 +328,11 @@ def case_dp_accuracy(frames: dict[str, pd.DataFrame], repeats: int) -> list[dict
                 "coverage_estimable_only": {k: (v[0] / v[1] if v[1] else None) for k, v in cover_shown.items()},
                 "coverage_estimable_only_n": {k: v[1] for k, v in cover_shown.items()},
                 "epsilon_spent_minus_planned_relative": {"min": float(min(spent_gap)), "max": float(max(spent_gap))},
+                "other_analyses": {
+                    **{name: {"mean": float(np.mean(v)), "median": float(np.median(v)), "n": len(v)}
+                       for name, v in others.items() if not name.startswith("cover_")},
+                    **{name: {"coverage": v[0] / v[1], "n": v[1]} for name, v in others.items()
+                       if name.startswith("cover_")}},
             })
     return rows
 
@@ -306,6 +376,27 @@ def print_dp_accuracy(rows: list[dict], flower: dict | None) -> None:
         name = "describe" if r["analyses"] == "describe" else "all"
         print(f"  {name:9s} eps {r['epsilon']:.1f}: " + ", ".join(
             f"{k} {'—' if c[k] is None else f'{c[k]:.3f}'} (n={n[k]})" for k in ("mean", "sd", "p50")))
+    print("other analyses (all): errors against the non-DP federated run (= pooled), coverage of its values by the "
+          "95 % intervals (k-means inertia: of the exact inertia at the released centroids)")
+    print(f"  {'eps':>4s} {'lin err/se':>10s} {'cov lin':>7s} {'logit err/se':>12s} {'cov logit':>9s} "
+          f"{'F rel err':>9s} {'cov F':>6s} {'eig err':>8s} {'cov eig':>7s} {'inertia rel':>11s} {'cov inert':>9s}")
+    for r in rows:
+        o = r["other_analyses"]
+        if not o:
+            continue
+
+        def med(name, o=o):
+            return f"{o[name]['median']:.3g}" if name in o else "—"
+
+        def cov(name, o=o):
+            return f"{o[name]['coverage']:.3f}" if name in o else "—"
+
+        print(f"  {r['epsilon']:4.1f} {med('linear_error_in_se'):>10s} {cov('cover_linear'):>7s} "
+              f"{med('logistic_error_in_se'):>12s} {cov('cover_logistic'):>9s} {med('anova_f_relative_error'):>9s} "
+              f"{cov('cover_anova_f'):>6s} {med('pca_eigenvalue_error'):>8s} {cov('cover_pca_eigenvalue'):>7s} "
+              f"{med('kmeans_inertia_relative_error'):>11s} {cov('cover_kmeans_inertia'):>9s}")
+    print("  (err/se: median |DP − non-DP| in the non-DP standard errors; rel err: median relative error; eig err: "
+          "median absolute error of the correlation-matrix eigenvalues)")
     if flower:
         gaps = [(b["epsilon_spent"] - b["epsilon_planned"]) / b["epsilon_planned"] for b in flower["budget"].values()]
         print(f"flower DP run (eps 1, all analyses): {flower['seconds']:.0f} s, queries {flower['queries']}, "

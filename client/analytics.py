@@ -63,6 +63,7 @@ from scipy.special import expit, log_expit
 
 from client.dp import Block, PhaseRelease, gaussian_release, sensitivity
 from client.site import SiteHandlers, SiteRequest
+from shared.analytics import inertia_bound
 from shared.protocol import ErrorCode, messages
 from shared.protocol import analytics as wire
 from shared.protocol.analytics import MIN_CELL_COUNT
@@ -357,13 +358,6 @@ def lloyd_sums(frame: pd.DataFrame, features: list[str], x: Standardiser, centro
     return Release(blocks={"count": Block(counts, 1.0, 1),
                            "sum": Block(sums, np.broadcast_to(x.bound(), sums.shape), len(features))},
                    exact={"inertia": np.array([first.sum()])})
-
-
-def inertia_bound(box: np.ndarray, centroids: np.ndarray) -> float:
-    """Largest squared distance from a point of the box to its nearest centroid is at most this: the
-    farthest corner from the best single centroid."""
-    corner = np.maximum(np.square(box[None, :, 0] - centroids), np.square(box[None, :, 1] - centroids))
-    return float(corner.sum(axis=1).min())
 
 
 def cluster_profiles(frame: pd.DataFrame, features: list[str], x: Standardiser, centroids: np.ndarray,

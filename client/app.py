@@ -7,6 +7,7 @@ Which site this node is, and the one shape of every answer (load, validate, repl
 | messages | module |
 |---|---|
 | ``query.site_check``, ``query.statistics``, ``train``, ``evaluate`` | :mod:`client.training_handlers` |
+| ``query.personalise`` (personalised ANNs, metrics only) | :mod:`client.personalisation_handlers` |
 | ``train.xgboost``, ``evaluate.xgboost``, ``query.xgb_evaluate``, ``query.importance`` | ``client.boosting_handlers`` |
 | ``query.hist_*`` (histogram boosting) | :mod:`client.hist_handlers` |
 | ``query.fqi_*`` (dose adjuster) | :mod:`client.adjustment_handlers` |
@@ -27,6 +28,7 @@ from client.analytics import register_analytics
 from client.boosting_handlers import register_boosting
 from client.dose_response_handlers import register_dose_response
 from client.hist_handlers import register_hist
+from client.personalisation_handlers import register_personalisation
 from client.policy_handlers import register_policy
 from client.site import SiteHandlers, SiteSource
 from client.training_handlers import register_training
@@ -38,8 +40,8 @@ def make_client_app(sites: list[SiteSource] | None = None, mods: list | None = N
     handler (tests use one to see every reply a site sends)."""
     client = ClientApp(mods=mods)
     handlers = SiteHandlers(sites)
-    for register in (register_training, register_boosting, register_hist, register_adjustment,
-                     register_dose_response, register_policy, register_analytics):
+    for register in (register_training, register_personalisation, register_boosting, register_hist,
+                     register_adjustment, register_dose_response, register_policy, register_analytics):
         register(client, handlers)
     return client
 

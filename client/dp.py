@@ -52,15 +52,17 @@ from shared.validation import privacy_shares
 GAUSSIAN_SAMPLE_RATE = 1.0
 """A Gaussian mechanism on the whole table is the subsampled Gaussian at sample rate 1 (Mironov 2017)."""
 
-DEFAULT_SHARES = {"statistics": 0.05, "evaluation": 0.05, "boosting": 0.0, "policy": 0.1,
+DEFAULT_SHARES = {"statistics": 0.05, "evaluation": 0.05, "personalisation": 0.2, "boosting": 0.0, "policy": 0.1,
                   "adjuster": 0.0, "dose_response": 0.0, "importance": 0.0, "analytics": 0.0}
 """Share of what is left of a DP site's ε each phase may spend in a run, where ``site.toml
 [privacy.shares]`` says nothing; DP-SGD training gets the rest of the run's phases. The statistics for the
 encoder and the final evaluation are single releases of counts and sums, 5 % each; the policy's outcome-model
-fit and off-policy estimates, 10 %. Opt-in only (0 by default): histogram boosting, which releases hundreds
-of histograms (measured, ``make run`` world, 5 DP clinics at 0.2 of ε = 3 over 243 releases: response AUC
-0.48, efficacy R² −4.9e5 — noise); the dose adjuster (its noise swamped the sums of the simulated clinics at
-0.2 of ε = 3: ``client.adjustment_handlers``); analytics, a run of their own."""
+fit and off-policy estimates, 10 %; the personalised ANNs, trained by DP-SGD with their figures released
+(``client.personalisation_handlers``; only in a run that asks for them), 20 %. Opt-in only (0 by default):
+histogram boosting, which releases hundreds of histograms (measured, ``make run`` world, 5 DP clinics at 0.2
+of ε = 3 over 243 releases: response AUC 0.48, efficacy R² −4.9e5 — noise); the dose adjuster (its noise
+swamped the sums of the simulated clinics at 0.2 of ε = 3: ``client.adjustment_handlers``); analytics, a run of
+their own."""
 
 EXHAUSTED_REMAINDER = 0.01
 """A site with less than this share of its budget left is exhausted: noise set to spend such a crumb would

@@ -325,13 +325,14 @@ def bounded_problems(found: list[InputProblem]) -> list[InputProblem]:
 # The last cycle's vitals
 
 
-def read_vitals(path: Path, patient_id: str) -> tuple[pd.DataFrame, list[str]]:
+def read_vitals(path: Path, patient_id: str, label: str | None = None) -> tuple[pd.DataFrame, list[str]]:
     """The daily readings of one patient's last cycle, validated; returns the typed rows and warnings.
 
     The file holds the columns of ``shared.schema.VITALS_COLUMNS`` (as a site's ``vitals.csv``) for one
-    patient (``patient_id``) and one cycle (one ``episode_id``), at most one row per day.
+    patient (``patient_id``) and one cycle (one ``episode_id``), at most one row per day. Problems name the
+    file as ``label`` (default: its path; the clinician's page names an upload, not its temporary copy).
     """
-    label = str(path)
+    label = str(path) if label is None else label
     table, problems = read_csv_table(path, label)
     if table is None:
         raise RecommenderInputError([str(p) for p in problems])
@@ -367,19 +368,20 @@ def _one_patient_one_cycle(table: CsvTable, values: pd.DataFrame, patient_id: st
     return problems
 
 
-def vitals_summary(path: Path, patient_id: str) -> tuple[WearableSummary, list[str]]:
+def vitals_summary(path: Path, patient_id: str, label: str | None = None) -> tuple[WearableSummary, list[str]]:
     """:func:`shared.wearables.summarise_cycle` of the file's readings, as the record's summary type."""
-    readings, warnings = read_vitals(path, patient_id)
+    readings, warnings = read_vitals(path, patient_id, label)
     summary = summarise_cycle(readings)
     try:
         return WearableSummary.model_validate(summary), warnings
     except ValidationError as err:
-        raise RecommenderInputError(error_lines(err, f"{path} (summary of its readings)")) from err
+        raise RecommenderInputError(error_lines(err, f"{label or path} (summary of its readings)")) from err
 
 
-def with_vitals(record: PatientRecord, path: Path) -> tuple[PatientRecord, list[str]]:
-    """The record with its ``wearable_summary`` replaced by the summary of the vitals file; and warnings."""
-    summary, warnings = vitals_summary(path, record.patient_id)
+def with_vitals(record: PatientRecord, path: Path, label: str | None = None) -> tuple[PatientRecord, list[str]]:
+    """The record with its ``wearable_summary`` replaced by the summary of the vitals file; and warnings
+    (``label``: the file's name in them, default its path)."""
+    summary, warnings = vitals_summary(path, record.patient_id, label)
     return record.model_copy(update={"wearable_summary": summary}), warnings
 
 

@@ -28,7 +28,11 @@ recommendation gets a 503. Where the release gate's verdict on the site's own lo
 version, is ``worse``, every answer is the site's standard of care under the policy's safety rules, with the
 rule ``site-gate`` saying so (:mod:`client.site_gate`; ``/health`` reports the verdict); a record whose
 standard of care cannot be named (its usual formulation is not in the record's catalogue) gets a 422 naming
-the reason, never another answer. :func:`serve` runs the app with uvicorn, on 127.0.0.1 unless told otherwise.
+the reason, never another answer. :func:`serve` runs the app with uvicorn, on 127.0.0.1 unless told otherwise
+(elsewhere only with an access token and TLS: :mod:`shared.web.access`).
+
+The clinician's page (``GET``/``POST /``, :mod:`client.clinician_page`) is served by the same app: a form for
+the patient, and the same recommendation as ``/recommend`` with its reasons, standard of care and a dose chart.
 
 A service serving a site (``fednano serve --site``) records every dose it recommends in the site's decision log
 (``decisions.csv``, :class:`client.decision_log.DecisionLog`), which the site's next release-gate estimate reads.
@@ -50,6 +54,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 
+from client.clinician_page import add_clinician_page
 from client.decision_log import DecisionLog
 from client.recommender import (
     InputProblem,
@@ -111,6 +116,7 @@ def make_app(served: DosingPolicy | InstalledPolicy, log: DecisionLog | None = N
     app.add_exception_handler(BodyTooLarge, _too_large)
     app.add_exception_handler(PolicyUnavailable, _unavailable)
     app.openapi = lambda: _openapi(app)
+    add_clinician_page(app, current, recommended)  # the page at /, beside the JSON API (client.clinician_page)
 
     @app.get("/health")
     def health() -> dict[str, Any]:
@@ -265,9 +271,16 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
 
 def serve(served: DosingPolicy | InstalledPolicy, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-          log: DecisionLog | None = None) -> None:
+          log: DecisionLog | None = None, token: str | None = None, tls=None) -> None:
     """Serve the policy (or the one a site's store holds) over HTTP with uvicorn until interrupted, recording
-    each dose recommended in ``log`` if given."""
+    each dose recommended in ``log`` if given. ``token``: every request must present it
+    (:func:`shared.web.access.protect`); ``tls``: a :class:`shared.web.access.TLSFiles` to serve HTTPS with.
+    Off 127.0.0.1 both are required (:func:`shared.web.access.check_binding` raises ``WebAccessError``)."""
     import uvicorn
 
-    uvicorn.run(make_app(served, log), host=host, port=port, log_level="info")
+    from shared.web.access import check_binding, protect, uvicorn_tls_kwargs
+
+    check_binding(host, token, tls)
+    app = make_app(served, log)
+    protect(app, token)
+    uvicorn.run(app, host=host, port=port, log_level="info", **uvicorn_tls_kwargs(tls))

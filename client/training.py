@@ -100,7 +100,8 @@ def train(model: MultiTaskMLP, data: EncodedSplit, config: TrainConfig, dp: DPCo
     """Train ``model`` in place on ``data``; with ``dp``, by DP-SGD with the accountant's ``history``."""
     spec = model.spec
     loader = _loader(data, spec, config.batch_size, config.seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    # frozen parameters (a personalisation method's shared body, ``client.personalised.fedper``) stay as they are
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr)
     anchor = [p.detach().clone() for p in model.parameters()] if config.proximal_mu > 0 else None
     shares = recorded_share(data)
     trained, engine = model, None
@@ -129,7 +130,7 @@ def train(model: MultiTaskMLP, data: EncodedSplit, config: TrainConfig, dp: DPCo
             loss.backward()
             optimizer.step()
             if anchor is not None:
-                _proximal_step(model, anchor, config.lr * config.proximal_mu)
+                proximal_step(model, anchor, config.lr * config.proximal_mu)
             steps += 1
             loss_sum += loss.item() * len(x)
             rows += len(x)
@@ -140,7 +141,9 @@ def train(model: MultiTaskMLP, data: EncodedSplit, config: TrainConfig, dp: DPCo
 
 
 @torch.no_grad()
-def _proximal_step(model: MultiTaskMLP, anchor: list[torch.Tensor], step: float) -> None:
+def proximal_step(model: MultiTaskMLP, anchor: list[torch.Tensor], step: float) -> None:
+    """``w ← w − step·(w − anchor)``: a gradient step on ``½‖w − anchor‖²`` scaled by ``step`` (= lr·μ), the
+    proximal term of FedProx (μ) and of Ditto's personal objective (λ, ``client.personalised.ditto``)."""
     for p, a in zip(model.parameters(), anchor, strict=True):
         p.sub_(step * (p - a))
 

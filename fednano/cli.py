@@ -76,7 +76,21 @@ def simulate(
     dp: bool = typer.Option(True, "--dp/--no-dp", help="Simulated sites train with DP-SGD (site.toml budget)."),
     epsilon: float = typer.Option(3.0, "--epsilon", min=0.01, max=SITE_MAX_EPSILON,
                                   help="Per-site ε budget of simulated sites."),
-    strategy: str | None = typer.Option(None, "--strategy", help="fedavg | fedprox | fedadam | fedyogi."),
+    strategy: str | None = typer.Option(
+        None, "--strategy", help="fedavg | fedprox | fedadam | fedyogi, or robust to poisoned sites: krum | "
+        "multikrum | bulyan | fedmedian | fedtrimmedavg."),
+    malicious_sites: int | None = typer.Option(
+        None, "--malicious-sites", min=0, help="Malicious sites a robust strategy must tolerate (default: one in "
+        "ten sites, at least one); a run with too few sites for it is refused (Krum n ≥ 2f+3, Bulyan n ≥ 4f+3)."),
+    trim_fraction: float | None = typer.Option(
+        None, "--trim-fraction", min=0.0, max=0.4999, help="fedtrimmedavg: share trimmed at each end "
+        "(default (f + 0.5) / sites)."),
+    clip_norm: float | None = typer.Option(
+        None, "--clip-norm", min=0.0, help="Clip each site's ANN update to this L2 norm before aggregating "
+        "(default 0: off)."),
+    attack: list[str] | None = typer.Option(
+        None, "--attack", help="Experiments: SITE:KIND[=FACTOR] makes a site attack, repeatable; KIND sign-flip "
+        "(=1) | scale (=10) | label-flip | lie (swapped evaluation summaries)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the world, the splits and the models."),
     out: Path = typer.Option(Path("runs/simulate"), "--out", help="Output folder."),
     sites: list[Path] | None = typer.Option(
@@ -107,6 +121,9 @@ def simulate(
         None, "--policy-reference", help="The structured policy's scores: absolute (default; best pessimistic "
         "utility) | standard_of_care (leave each site's standard of care only where the lower bound of the "
         "improvement is positive)."),
+    personalise: str = typer.Option(
+        "", "--personalise", help="Personalised ANNs each site trains after the federation and chooses among with "
+        "its local-only and the global model on its validation split: finetune, ditto, fedper (comma-separated)."),
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower's own log."),
 ) -> None:
     """Run a federated experiment on one machine: Flower simulation, local-only and pooled baselines, report.
@@ -117,6 +134,7 @@ def simulate(
 
     from server.settings import POLICY_MODELS, POLICY_REFERENCES, parse_models
     from shared.protocol.boosting import MODES
+    from shared.protocol.personalisation import parse_methods
     from simulation.experiment import (
         ExperimentConfig,
         ExperimentError,
@@ -145,6 +163,10 @@ def simulate(
         parse_models(models)
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--models") from err
+    try:
+        parse_methods(personalise)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--personalise") from err
     sites = _site_paths(ctx, sites)
     if explore and deploy_cycles < 2:
         raise typer.BadParameter("exploration happens in the closed loop's deployment periods: give "
@@ -159,7 +181,11 @@ def simulate(
                            seed=seed, sites=sites, task=task, local_epochs=local_epochs or base.local_epochs,
                            models=models, boosting=boosting, xgb_rounds=xgb_rounds or base.xgb_rounds,
                            compare=compare, deploy_cycles=deploy_cycles, deploy_patients=deploy_patients,
-                           explore=explore, policy_model=policy_model, policy_reference=policy_reference)
+                           explore=explore, policy_model=policy_model, policy_reference=policy_reference,
+                           malicious_sites=base.malicious_sites if malicious_sites is None else malicious_sites,
+                           trim_fraction=base.trim_fraction if trim_fraction is None else trim_fraction,
+                           clip_norm=base.clip_norm if clip_norm is None else clip_norm, attacks=list(attack or []),
+                           personalise=personalise)
     console = Console()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
@@ -393,12 +419,29 @@ def serve(
     policy: Path | None = typer.Option(None, "--policy", help=POLICY_HELP),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: this machine only)."),
     port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port."),
+    token: str | None = typer.Option(None, "--token", envvar="FEDNANO_WEB_TOKEN", show_envvar=True,
+                                     help="Access token every request must present (Authorization: Bearer, or "
+                                          "?token= once in the browser); required off 127.0.0.1."),
+    tls_cert: Path | None = typer.Option(None, "--tls-cert", help="TLS certificate (PEM), e.g. the provisioning "
+                                                                  "kit's; required off 127.0.0.1."),
+    tls_key: Path | None = typer.Option(None, "--tls-key", help="The TLS certificate's private key (PEM)."),
 ) -> None:
-    """Serve the recommender over HTTP (OpenAPI at /docs); refuses to start if the policy is not the site's."""
+    """Serve the recommender over HTTP: the clinician's page at /, the JSON API (OpenAPI at /docs); refuses to
+    start if the policy is not the site's, or off 127.0.0.1 without an access token and TLS."""
     from client.decision_log import DecisionLog
     from client.recommender import InstalledPolicy, RecommenderInputError, followed_policy
     from client.service import serve as serve_app
+    from shared.web.access import TLSFiles, WebAccessError, check_binding
 
+    try:
+        if (tls_cert is None) != (tls_key is None):
+            raise WebAccessError("give both --tls-cert and --tls-key, or neither")
+        tls = TLSFiles(tls_cert, tls_key) if tls_cert is not None else None
+        check_binding(host, token, tls)
+    except WebAccessError as err:
+        typer.echo(f"error: {err}", err=True)
+        typer.echo("error: not starting the recommender service", err=True)
+        raise typer.Exit(1) from err
     try:
         served = followed_policy(policy, trust, site)
     except RecommenderInputError as err:
@@ -411,10 +454,13 @@ def serve(
     gate = getattr(loaded, "site_gate", None)
     if gate is not None:
         typer.echo(f"site gate: {gate.describe()}")
-    typer.echo(f"policy version {version} verified{followed}; serving on http://{host}:{port} (OpenAPI: /docs)")
+    scheme = "https" if tls is not None else "http"
+    typer.echo(f"policy version {version} verified{followed}; serving on {scheme}://{host}:{port} (the clinician's "
+               f"page at /, OpenAPI at /docs{'; access token required' if token else ''})")
     if site is not None:
         typer.echo(f"recording each dose recommended in {site / 'decisions.csv'} (the site's decision log)")
-    serve_app(served, host=host, port=port, log=DecisionLog(site) if site is not None else None)
+    serve_app(served, host=host, port=port, log=DecisionLog(site) if site is not None else None, token=token,
+              tls=tls)
 
 
 ledger_app = typer.Typer(no_args_is_help=True, help="A site's privacy ledger: what it has spent, and starting a new "
@@ -572,6 +618,9 @@ def _print_summary(console, results: dict, out: Path) -> None:
         refused = f"; refused: {', '.join(p['refused'])}" if p["refused"] else ""
         console.print(f"{site}: ε spent {p['epsilon']:.2f} of {p['budget']:g} (δ={p['delta']:g}; after each "
                       f"phase: {phases or 'none'}{refused})")
+    for a in results.get("attacks", []):
+        factor = f" ×{a['factor']:g}" if a["factor"] else ""
+        console.print(f"[yellow]attacking site[/yellow] {a['site']}: {a['kind']}{factor}")
     for site, errors in results["rejected"].items():
         console.print(f"[red]{site} left out[/red]: {'; '.join(errors)}")
     _print_policy(console, results.get("policy"))

@@ -42,7 +42,8 @@ rest of the run and named in ``failures``.
 What the noise does to each number is reported with it (``shared.dp_error``): describe statistics, ANOVA
 groups and cluster profiles carry ``noise`` entries (noise sd, 95 % interval, estimable or "not estimable at
 ε = …" with the ε that would make it estimable); regression standard errors include the DP noise
-(``se_dp_noise`` beside ``se_sampling``); ANOVA's F and the PCA spectrum have bootstrap noise sds.
+(``se_dp_noise`` beside ``se_sampling``); ANOVA's F and η², the PCA spectrum and loadings have bootstrap noise
+sds; the k-means inertia and simplified silhouette carry ``noise`` entries too.
 
 Budget (``--analyses``): only the chosen analyses are planned and asked (``AnalyticsSettings.analyses``); a DP
 site sets one σ for the announced queries, so the run's ε is split over the analyses in proportion to their
@@ -87,6 +88,7 @@ from shared.analytics import (
     design_map,
     histogram_quantiles,
     independent_columns,
+    inertia_bound,
     initial_centroids,
     linear_fit,
     lloyd_update,
@@ -316,8 +318,16 @@ def quantile_error(counts: np.ndarray, noise_sd: float, low: float, high: float,
                    bins: int, epsilon: float) -> dict[str, dict[str, Any]] | None:
     """Noise sd, 95 % interval and estimability of each DP histogram quantile (``shared.dp_error``): the
     root-mean-square error of a parametric bootstrap of the histogram's noise through the same estimator (its
-    spread and its shift: the estimator is biased under noise), plus the bin's resolution (``width / √12``);
-    None when the histogram gives no quantile."""
+    spread and its shift: the estimator is biased under noise), plus the bin's resolution (``width / √12``,
+    Sheppard's correction: the sd of a uniform position in the bin; Sheppard 1898, Proc. Lond. Math. Soc.
+    29:353-380) except for a whole-number column snapped to the one whole number of a bin narrower than 1,
+    where a quantile in the right bin is exact; None when the histogram gives no quantile.
+
+    Measured (noise redrawn on fixed data, describe at ε = 1, 40 draws × 23 columns): at 10 sites × 10⁴ rows
+    the medians' intervals cover the pooled median 0.997 of the time. Not narrowed further: a smaller
+    resolution term (the slope-corrected interpolation error) gave 0.895, because the thresholded histogram
+    shifts the medians of long-tailed columns by a third of a bin (creatinine clearance −0.39 bins, tumour
+    burden −0.28, efficacy +0.22), a shift the bootstrap does not see (it drops the same tail cells)."""
     def estimate(cells: np.ndarray) -> np.ndarray:
         """The quantiles as an array, NaN when the histogram is empty."""
         q = noisy_histogram_quantiles(cells, noise_sd, low, high)
@@ -329,7 +339,8 @@ def quantile_error(counts: np.ndarray, noise_sd: float, low: float, high: float,
     if not np.isfinite(released).all():
         return None
     boot = dp_error.bootstrap_rmse(counts, noise_sd, estimate)
-    resolution = (high - low) / bins / math.sqrt(12)
+    snapped = integer and (high - low) / bins < 1
+    resolution = 0.0 if snapped else (high - low) / bins / math.sqrt(12)
     allowed = dp_error.ESTIMABLE_WIDTH_SHARE * (high - low)
     names = [f"p{round(level * 100):02d}" for level in QUANTILE_LEVELS]
     return {name: dp_error.judged(float(value), math.sqrt(float(sd) ** 2 + resolution ** 2), allowed, epsilon,
@@ -530,7 +541,8 @@ def anova_phase(session: AnalyticsSession, plan: AnalyticsPlan) -> dict[str, Any
         for label, entry in table["groups"].items():
             entry["n"] = float(entry["n"])
             entry["noise"] = moments_error(parts[label], centre, tuple(bounds[0]), noise_sd, epsilon)
-        table["f_noise_sd"] = anova_f_noise_sd(parts, centre, tuple(bounds[0]), noise_sd)
+        table["f_noise_sd"], table["eta_squared_noise_sd"] = anova_f_noise_sd(parts, centre, tuple(bounds[0]),
+                                                                              noise_sd)
     else:
         table["n"] = int(round(table["n"]))
         for entry in table["groups"].values():
@@ -540,9 +552,9 @@ def anova_phase(session: AnalyticsSession, plan: AnalyticsPlan) -> dict[str, Any
 
 
 def anova_f_noise_sd(parts: dict[str, list[dict[str, float]]], centre: float, bounds: tuple[float, float],
-                     noise_sd: float) -> float | None:
-    """Noise sd of ANOVA's F under DP: a parametric bootstrap (``shared.dp_error``) of the groups' summed
-    count, sum and sum of squares (noise sds τ, τh, τh²) through the same estimator."""
+                     noise_sd: float) -> tuple[float | None, float | None]:
+    """Noise sds of ANOVA's F and η² under DP: a parametric bootstrap (``shared.dp_error``) of the groups'
+    summed count, sum and sum of squares (noise sds τ, τh, τh²) through the same estimator."""
     labels = sorted(parts)
     sums = np.array([shifted_sums(parts[g], centre) for g in labels])
     half = (bounds[1] - bounds[0]) / 2
@@ -551,10 +563,11 @@ def anova_f_noise_sd(parts: dict[str, list[dict[str, float]]], centre: float, bo
         """F from noisy (count, sum, sumsq) rows, post-processed as the release is."""
         groups = {g: combine_moments([{"count": n, "sum": s1, "sumsq": s2}], centre, bounds)
                   for g, (n, s1, s2) in zip(labels, noisy, strict=True)}
-        return np.array([anova_table(groups)["f"]])
+        table = anova_table(groups)
+        return np.array([table["f"], math.nan if table["eta_squared"] is None else table["eta_squared"]])
 
-    sd = dp_error.bootstrap_sd(sums, noise_sd * np.array([1.0, half, half ** 2]), f_of)[0]
-    return float(sd) if math.isfinite(sd) else None
+    sds = dp_error.bootstrap_sd(sums, noise_sd * np.array([1.0, half, half ** 2]), f_of)
+    return tuple(float(sd) if math.isfinite(sd) else None for sd in sds)
 
 
 def pca_phase(session: AnalyticsSession, plan: AnalyticsPlan, describe: dict) -> dict[str, Any]:
@@ -569,12 +582,19 @@ def pca_phase(session: AnalyticsSession, plan: AnalyticsPlan, describe: dict) ->
         def spectrum(gram: np.ndarray) -> np.ndarray:
             """Eigenvalues and explained-variance ratios of a (re-noised) Gram release."""
             pca = correlation_pca(unpack_triu(gram, len(features) + 1), x, features)
-            return np.concatenate([pca["eigenvalues"], pca["explained_variance_ratio"] or [np.nan] * len(features)])
+            return np.concatenate([pca["eigenvalues"], pca["explained_variance_ratio"] or [np.nan] * len(features),
+                                   np.ravel(pca["components"])])
 
-        sd = dp_error.bootstrap_sd(released, summed_noise_sd(answers) * triu_scale(row_bound(x)), spectrum)
-        result["noise"] = {"eigenvalues_noise_sd": sd[:len(features)].tolist(),
-                           "explained_variance_ratio_noise_sd": sd[len(features):].tolist(),
-                           "method": "parametric bootstrap of the Gram release's DP noise (shared.dp_error)"}
+        p = len(features)
+        # root-mean-square, not sd: noise spreads a matrix's spectrum (the top eigenvalues up, the bottom down),
+        # a shift the sd leaves out: with the sd, 2 runs × 3 sites × ~1,300 rows covered the non-DP
+        # eigenvalues 0.33-0.64 of the time at ε = 0.5-3
+        sd = dp_error.bootstrap_rmse(released, summed_noise_sd(answers) * triu_scale(row_bound(x)), spectrum)
+        result["noise"] = {"eigenvalues_noise_sd": sd[:p].tolist(),
+                           "explained_variance_ratio_noise_sd": sd[p:2 * p].tolist(),
+                           "components_noise_sd": sd[2 * p:].reshape(p, p).tolist(),
+                           "method": "parametric bootstrap of the Gram release's DP noise, root-mean-square "
+                                     "distance from the released values (shared.dp_error.bootstrap_rmse)"}
     if not result["dp"]:
         result["n"] = int(round(result["n"]))
     return result
@@ -668,8 +688,15 @@ def profiles_phase(session: AnalyticsSession, plan: AnalyticsPlan, x: dict[str, 
         profiles.append(row)
     projected = (centroids @ top.T).tolist()
     edges = [np.linspace(lo, hi, PROJECTION_BINS + 1).tolist() for lo, hi in limits]
-    return {"dp": dp, "n": n if dp else int(round(n)), "inertia": float(total(answers, "inertia").sum()),
-            "silhouette_simplified": float(total(answers, "silhouette").sum() / n),
+    inertia = float(total(answers, "inertia").sum())
+    silhouette = float(total(answers, "silhouette").sum() / n)
+    diagnostics_noise = {}
+    if dp:
+        diagnostics_noise = {"noise": kmeans_diagnostics_noise(inertia, silhouette, n, k,
+                                                               inertia_bound(standardised_box(x), centroids),
+                                                               noise_sd, epsilon)}
+    return {"dp": dp, "n": n if dp else int(round(n)), "inertia": inertia, **diagnostics_noise,
+            "silhouette_simplified": silhouette,
             "silhouette_note": "simplified silhouette: per row (b − a) / max(a, b) with a, b the distances to the "
                                "nearest and second-nearest centroid (Hruschka et al. 2004), averaged",
             "profiles": profiles, "sites": [a.site for a in answers],
@@ -681,6 +708,24 @@ def profiles_phase(session: AnalyticsSession, plan: AnalyticsPlan, x: dict[str, 
                                    f"{PROJECTION_BINS} grid, summed over sites"
                                    + ("" if dp else f"; cells under {MIN_CELL_COUNT} rows at a site "
                                                     "are sent as 0")}}
+
+
+def kmeans_diagnostics_noise(inertia: float, silhouette: float, n: float, k: int, bound: float, noise_sd: float,
+                             epsilon: float) -> dict[str, dict[str, Any]]:
+    """Noise sd, 95 % interval and estimability (``shared.dp_error``) of the DP inertia and simplified silhouette.
+
+    The inertia is the sum of ``k`` released per-cluster sums, each with noise of sd ``noise_sd × bound``
+    (``bound`` the sites' per-row bound, ``shared.analytics.inertia_bound``): sd ``noise_sd · bound · √k``,
+    estimable when at most ``ESTIMABLE_WIDTH_SHARE`` of the inertia wide. The
+    silhouette is ``S / n`` from ``k`` noisy silhouette sums (row bound 1) and ``k`` noisy counts: by the delta
+    method sd ``noise_sd √k / n · √(1 + s²)``, interval within [−1, 1], judged against ``ESTIMABLE_WIDTH_SHARE``
+    of that range."""
+    inertia_sd = noise_sd * bound * math.sqrt(k)
+    silhouette_sd = noise_sd * math.sqrt(k) / max(n, 1.0) * math.sqrt(1.0 + silhouette ** 2)
+    share = dp_error.ESTIMABLE_WIDTH_SHARE
+    return {"inertia": dp_error.judged(inertia, inertia_sd, share * max(inertia, 0.0), epsilon),
+            "silhouette_simplified": dp_error.judged(silhouette, silhouette_sd, share * 2.0, epsilon,
+                                                     bounds=(-1.0, 1.0))}
 
 
 def run_analyses(session: AnalyticsSession, plan: AnalyticsPlan, settings: AnalyticsSettings) -> dict[str, Any]:

@@ -5,6 +5,7 @@
 | 1. site check | :mod:`server.site_check` | verdict on their data, privacy terms for the run's phases |
 | 2. statistics | :mod:`server.statistics_phase` | aggregates for one shared encoder |
 | 3. ANN training | :mod:`server.training_phase` | weights each round, evaluation summaries |
+| 3b. personalised ANNs (``--personalise``) | :mod:`server.personalisation_phase` | each site's choice, metrics |
 | 4. boosting | :mod:`server.boosting_phase` (bagging, cyclic), :mod:`server.hist_phase` | trees; histograms |
 | 5. importance | :mod:`server.importance_phase` | permutation loss sums |
 | 6. policy (with a signing key) | :mod:`server.policy_phase`, :mod:`server.adjustment_phase` | catalogue, sums |
@@ -27,13 +28,16 @@ from flwr.serverapp import Grid, ServerApp
 from server.boosting_phase import run_boosting
 from server.hist_phase import run_hist_boosting
 from server.importance_phase import federated_importance
+from server.personalisation_phase import run_personalisation
 from server.policy_phase import run_policy_phase
 from server.run_record import ModelRecord, RunRecord, SitePrivacyRecord, final_metrics
 from server.settings import RunSettings
 from server.site_check import usable_sites
 from server.statistics_phase import federated_encoder
-from server.training_phase import train_ann, training_config
+from server.training_phase import EVAL_BINS, train_ann, training_config
+from shared import metrics
 from shared.artifacts import RunArtifacts
+from shared.protocol.personalisation import Personalisation, parse_methods
 from shared.protocol.privacy import RunPlan
 
 
@@ -49,6 +53,8 @@ def run_plan(settings: RunSettings) -> RunPlan:
     if "ann" in models:
         phases.append("training")
     phases.append("evaluation")
+    if "ann" in models and parse_methods(settings.personalise):
+        phases.append("personalisation")
     if "xgboost" in models and settings.boosting == "hist":
         phases.append("boosting")
     phases.append("importance")
@@ -82,6 +88,11 @@ def run_federation(grid: Grid, settings: RunSettings, on_round: Callable[[int], 
         artifacts.save_ann(arrays.to_torch_state_dict(), settings.hidden_sizes)
         family.importance = federated_importance(grid, sites, encoder, importance_config, "ann", arrays)
         record.models["ann"] = family
+        if "personalisation" in plan.phases:
+            config = training_config(settings, encoder, plan)
+            config[EVAL_BINS] = metrics.COARSE_N_BINS if sites.dp_nodes() else metrics.DEFAULT_N_BINS
+            record.personalisation = run_personalisation(
+                grid, sites, task, arrays, config, Personalisation(parse_methods(settings.personalise)), record)
     if "xgboost" in settings.model_names:
         boost = run_hist_boosting if settings.boosting == "hist" else run_boosting
         boosted = boost(grid, sites, encoder, settings, record)

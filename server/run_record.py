@@ -7,6 +7,7 @@
      "privacy": {site: SitePrivacyRecord},          # every usable site, DP or not
      "statistics": {"sites": [...], "failures": {site: reason}, "refused": {site: reason}},
      "models": {"ann" | "xgboost": ModelRecord},   # only the families the run trained
+     "personalisation": {...} or null,             # server.personalisation_phase (--personalise)
      "policy": {...} or null}
 
 A :class:`ModelRecord` holds the family's rounds (per round: each site's training and evaluation metrics,
@@ -107,6 +108,7 @@ class RunRecord:
     statistics: dict[str, Any] = field(default_factory=dict)
     models: dict[str, ModelRecord] = field(default_factory=dict)
     policy: dict | None = None
+    personalisation: dict | None = None
 
     def to_dict(self) -> dict[str, Any]:
         body = asdict(self)
@@ -131,7 +133,8 @@ class RunRecord:
                 rejected={str(k): list(v) for k, v in data["rejected"].items()},
                 privacy={str(k): SitePrivacyRecord(**v) for k, v in data["privacy"].items()},
                 statistics=dict(data["statistics"]),
-                models={str(k): ModelRecord(**v) for k, v in data["models"].items()}, policy=data.get("policy"))
+                models={str(k): ModelRecord(**v) for k, v in data["models"].items()}, policy=data.get("policy"),
+                personalisation=data.get("personalisation"))
         except (KeyError, TypeError, AttributeError) as err:
             raise RecordError(f"{where}: a field is missing or of the wrong kind ({err})") from err
 

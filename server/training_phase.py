@@ -56,7 +56,9 @@ def train_ann(grid: Grid, sites: SiteCheck, task: TaskSpec, encoder: FeatureEnco
     dp = sites.dp_nodes()
     evaluators = [n for n in sites.nodes if n not in dp or n in sites.granting("evaluation")]
     strategy = PerSiteRecord(make_strategy(settings.strategy, n_sites=len(trainers),
-                                           proximal_mu=settings.proximal_mu, server_lr=settings.server_lr),
+                                           proximal_mu=settings.proximal_mu, server_lr=settings.server_lr,
+                                           robust=settings.robust_parameters(len(trainers)),
+                                           clip_norm=settings.clip_norm),
                              on_round=on_round, train_nodes=trainers, evaluate_nodes=evaluators,
                              final_round_only=dp, final_round=settings.num_server_rounds)
     config = training_config(settings, encoder, plan)

@@ -612,6 +612,13 @@ class DosingPolicy:
         intervals = self.action_space.intervals(frame["tumour_type"])
         cand = pd.DataFrame({"row": row, "formulation_id": np.asarray(ids, dtype=object)[pair[keep]],
                              "dose_mg_m2": dose, "interval_days": intervals[row, delay]})
+        cand = self._with_bounds(patients_x, cand)
+        cand["score"] = cand[f"{RESPONSE}_low"] - self.objective.toxicity_weight * cand[f"{TOXICITY}_high"]
+        cand["safe"] = cand[f"{TOXICITY}_high"] <= self.objective.toxicity_ceiling
+        return cand
+
+    def _with_bounds(self, patients_x: np.ndarray, cand: pd.DataFrame) -> pd.DataFrame:
+        """``cand`` with each outcome's ensemble mean and pessimistic/optimistic bounds (mean ∓ z SD, clipped)."""
         predictions = [member(self._encode(patients_x, cand)) for member in self.members.values()]
         z = self.objective.z
         for outcome in (RESPONSE, TOXICITY):
@@ -620,9 +627,18 @@ class DosingPolicy:
             cand[f"{outcome}_mean"] = mean
             cand[f"{outcome}_low"] = np.clip(mean - z * sd, 0.0, 1.0)
             cand[f"{outcome}_high"] = np.clip(mean + z * sd, 0.0, 1.0)
-        cand["score"] = cand[f"{RESPONSE}_low"] - self.objective.toxicity_weight * cand[f"{TOXICITY}_high"]
-        cand["safe"] = cand[f"{TOXICITY}_high"] <= self.objective.toxicity_ceiling
         return cand
+
+    def predicted_bounds(self, frame: pd.DataFrame, actions: pd.DataFrame) -> pd.DataFrame:
+        """Each action's predicted P(response) and P(grade ≥ 3 toxicity) with the bounds the policy ranks by
+        (columns ``response_mean/low/high``, ``toxicity_mean/low/high``), for the patient as the policy sees it
+        when it chooses (tolerance inputs graded, :func:`graded_frame`). ``actions``: ``row`` (of ``frame``),
+        formulation_id (known to the policy), dose_mg_m2, interval_days. What the clinician's page charts
+        against dose (:mod:`client.clinician_view`); the numbers at the recommended action are the
+        recommendation's own."""
+        graded = graded_frame(frame.reset_index(drop=True), self.tolerance_grades())
+        cand = actions.reset_index(drop=True)[["row", "formulation_id", "dose_mg_m2", "interval_days"]].copy()
+        return self._with_bounds(self._patients_x(graded), cand)
 
     def _patients_x(self, frame: pd.DataFrame) -> np.ndarray:
         """The patients' encoded rows, the action's columns (formulation properties, dose, interval) left as

@@ -45,10 +45,12 @@ or reorder what a reader sees (U+202E)."""
 
 
 def _bounded(column: str, kind: type = float, table: dict = _EPISODE):
-    """A field type with the range, unit and description of ``column`` in the site-data contract."""
+    """A field type with the range, unit and description of ``column`` in the site-data contract (the unit also
+    as the JSON schema's ``unit``, which the clinician's form shows: :mod:`client.patient_form`)."""
     col = table[column]
     unit = "" if col.unit == "-" else f" ({col.unit})"
-    return Annotated[kind, Field(ge=col.low, le=col.high, description=col.description + unit)]
+    extra = {} if col.unit == "-" else {"unit": col.unit}
+    return Annotated[kind, Field(ge=col.low, le=col.high, description=col.description + unit, json_schema_extra=extra)]
 
 
 Sex = Literal[SEXES]  # type: ignore[valid-type]

@@ -508,6 +508,16 @@ class StructuredDosingPolicy:
                                                 self.other_toxicity.predict_proba(rows)).mean
         return out
 
+    def predicted_bounds(self, frame: pd.DataFrame, actions: pd.DataFrame) -> pd.DataFrame:
+        """Each action's predicted P(response) and P(grade ≥ 3 toxicity) with the Wald bounds the policy scores
+        with, for the patient as the policy sees it when it chooses (tolerance inputs graded), as
+        :meth:`shared.dosing_policy.DosingPolicy.predicted_bounds` (same columns; ``actions``: row,
+        formulation_id, dose_mg_m2, interval_days). What the clinician's page charts against dose."""
+        graded = graded_frame(frame.reset_index(drop=True), self.tolerance_grades())
+        predicted = self._predict(graded, actions[["row", "formulation_id", "dose_mg_m2", "interval_days"]])
+        return predicted[["row", "formulation_id", "dose_mg_m2", "interval_days",
+                          *(f"{o}_{b}" for o in (RESPONSE, TOXICITY) for b in ("mean", "low", "high"))]]
+
     def improvement_lower_bound(self, frame: pd.DataFrame, actions: pd.DataFrame, reference: pd.DataFrame,
                                 z: float) -> np.ndarray:
         """Per row of ``frame``: ``ΔU − z·se(ΔU)`` of ``actions`` over ``reference`` (both aligned with the rows:

@@ -380,9 +380,13 @@ def write_report(out: Path, result: dict) -> None:
         km = result["kmeans"]
         profiles = profiles_frame(km)
         profiles.to_csv(out / "kmeans_profiles.csv", index=False)
+        noise = km.get("noise", {})
+        inertia_sd = f" (noise sd {_fmt(noise['inertia']['noise_sd'])})" if noise.get("inertia") else ""
+        silhouette_sd = (f" (noise sd {_fmt(noise['silhouette_simplified']['noise_sd'])})"
+                         if noise.get("silhouette_simplified") else "")
         tables.append((f"k-means profiles (k = {km['k']}, {km['iterations']} Lloyd iterations, converged = "
-                       f"{km['converged']}, inertia = {_fmt(km['inertia'])}, simplified silhouette = "
-                       f"{_fmt(km['silhouette_simplified'])}; feature means on the original scale)",
+                       f"{km['converged']}, inertia = {_fmt(km['inertia'])}{inertia_sd}, simplified silhouette = "
+                       f"{_fmt(km['silhouette_simplified'])}{silhouette_sd}; feature means on the original scale)",
                        profiles_display(km)))
         plot_clusters(out / "pca_clusters.png", result)
     text = markdown(result, tables)

@@ -32,6 +32,7 @@ from shared.boosting import BoostingConfig, predict_heads
 from shared.exploration import Exploration
 from shared.task import NANOPARTICLE_TASK, TaskSpec, assign_split
 from shared.validation import SiteDataError, load_site
+from simulation.attacks import Attack, AttackError, attacked_sources, attackers_by_partition
 from simulation.baselines import (
     BaselineSettings,
     Privacy,
@@ -44,6 +45,7 @@ from simulation.baselines import (
     pooled_model,
 )
 from simulation.clinics import SIMULATED_STATE_DIR, SitePrivacy, World, generate_sites
+from simulation.personalisation import personalisation_results, personalised_entry, site_records
 from simulation.seed_comparison import CLASSIC, local_classic, pooled_classic, pooled_importance
 
 
@@ -82,6 +84,11 @@ class ExperimentConfig:
     explore: bool = False  # randomise first cycles in the loop (shared.exploration): dose spread, trial arm
     policy_model: str = DEFAULTS.policy_model
     policy_reference: str = DEFAULTS.policy_reference
+    malicious_sites: int = DEFAULTS.malicious_sites  # robust strategies' f (negative: derived)
+    trim_fraction: float = DEFAULTS.trim_fraction  # FedTrimmedAvg's β (negative: derived)
+    clip_norm: float = DEFAULTS.clip_norm  # bound on each site's update norm (0: off)
+    attacks: list[str] = field(default_factory=list)  # SITE:KIND[=FACTOR], simulation.attacks
+    personalise: str = DEFAULTS.personalise  # personalised ANNs at the sites (simulation.personalisation)
 
     def run_settings(self, n_sites: int, signing_key: Path | None) -> RunSettings:
         """The federated run's settings for these options (one mapping, here)."""
@@ -92,7 +99,11 @@ class ExperimentConfig:
             models=self.models, boosting=self.boosting, xgb_rounds=self.xgb_rounds,
             signing_key=str(signing_key) if signing_key is not None else "",
             policy_dir=str(self.out / "policy"), fqi_iterations=self.fqi_iterations, release_gate=self.release_gate,
-            policy_model=self.policy_model, policy_reference=self.policy_reference)
+            policy_model=self.policy_model, policy_reference=self.policy_reference, personalise=self.personalise,
+            malicious_sites=self.malicious_sites, trim_fraction=self.trim_fraction, clip_norm=self.clip_norm)
+
+    def parsed_attacks(self) -> list[Attack]:
+        return [Attack.parse(text) for text in self.attacks]
 
 
 def flower_environment(project_home: Path) -> None:
@@ -162,9 +173,28 @@ def prepare_kit(cfg: ExperimentConfig, sources: list[SiteSource], fresh: bool) -
             for s, n in zip(sources, names, strict=True)]
 
 
+def check_robustness_options(cfg: ExperimentConfig, sources: list[SiteSource]) -> None:
+    """:class:`ExperimentError` before anything runs if the attacks name no site of the run or the strategy
+    cannot tolerate its assumed malicious sites with this many sites."""
+    from strategies.choice import make_strategy
+    from strategies.robust import ImpossibleAggregation
+
+    settings = cfg.run_settings(len(sources), None)
+    try:
+        make_strategy(settings.strategy, len(sources), robust=settings.robust_parameters(len(sources)),
+                      clip_norm=settings.clip_norm)
+        attacks = cfg.parsed_attacks()
+        if attacks and cfg.deploy_cycles > 1:
+            raise ExperimentError("--attack is for single-run experiments, not the closed loop (--deploy-cycles)")
+        attackers_by_partition(attacks, sources)
+    except (ImpossibleAggregation, AttackError) as err:
+        raise ExperimentError(str(err)) from err
+
+
 def run_federation(cfg: ExperimentConfig, sources: list[SiteSource],
                    on_round: Callable[[int], None] | None = None) -> RunRecord:
-    """The federated run in Flower's simulation runtime; returns the server's run record."""
+    """The federated run in Flower's simulation runtime; returns the server's run record. Attacking sites
+    (``cfg.attacks``) answer through :mod:`simulation.attacks`; the others are the honest ClientApp."""
     from flwr.simulation import run_simulation
 
     from client.app import make_client_app
@@ -174,8 +204,9 @@ def run_federation(cfg: ExperimentConfig, sources: list[SiteSource],
     settings = cfg.run_settings(len(sources), signing_key if signing_key.exists() else None)
     record_path = Path(settings.out_dir) / "federation.json"
     record_path.unlink(missing_ok=True)
+    served, mods = attacked_sources(cfg.parsed_attacks(), sources, cfg.out)
     run_simulation(server_app=make_server_app(settings.to_run_config(), on_round=on_round),
-                   client_app=make_client_app(sources), num_supernodes=len(sources),
+                   client_app=make_client_app(served, mods=mods), num_supernodes=len(sources),
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                    "init_args": {"num_cpus": 2, "include_dashboard": False,
                                                  "logging_level": "ERROR"}})
@@ -533,6 +564,7 @@ def run_experiment(cfg: ExperimentConfig, on_round: Callable[[int], None] | None
     sources, world = prepare_sites(cfg)
     if cfg.task is None:  # the dosing policy (and its signing kit) exist for the built-in task only
         sources = prepare_kit(cfg, sources, fresh=world is not None)
+    check_robustness_options(cfg, sources)
     say("federation")
     start = time.perf_counter()
     record = run_federation(cfg, sources, on_round)
@@ -572,6 +604,7 @@ def run_experiment(cfg: ExperimentConfig, on_round: Callable[[int], None] | None
         "task": {"outcomes": [[o.name, o.kind] for o in task.outcomes]},
         "sites": record.sites,
         "rejected": record.rejected,
+        "attacks": [attack.to_record() for attack in cfg.parsed_attacks()],
         "models": models,
         "privacy": privacy_results(record),
         "statistics": record.statistics,
@@ -584,6 +617,12 @@ def run_experiment(cfg: ExperimentConfig, on_round: Callable[[int], None] | None
                         for family, model in record.models.items() if family not in families},
         "policy": None,
     }
+    if record.personalisation is not None and "ann" in models:
+        by_name = {name: s for s in sources for name, site in sites.items()
+                   if Path(site.path).resolve() == s.path.resolve()}
+        exact = site_records(by_name, record.run_id)
+        models["ann"]["personalised"] = personalised_entry(task, record, exact, results["privacy"])
+        results["personalisation"] = personalisation_results(record)
     if record.policy:
         say("policy")
         results["policy"] = policy_results(cfg, record.policy, sources, world, families, sites,

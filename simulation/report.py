@@ -14,6 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from shared import metrics  # noqa: E402
+from simulation.personalisation import report_section as personalisation_section  # noqa: E402
 
 HEADLINE = {"binary": ("auc", "accuracy", "balanced_accuracy"),
             "multiclass": ("auc", "accuracy", "balanced_accuracy"),
@@ -352,12 +353,18 @@ def write_report(out: Path, results: dict, summaries: dict[str, dict[str, dict[s
         reasons = sorted(set(why["refused"].values()) | set(why["failures"].values()))
         lines += [f"No federated {FAMILY_LABELS.get(family, family)}: no site trained it "
                   f"({'; '.join(reasons) or 'no reason given'}).", ""]
+    if results.get("attacks"):
+        lines += ["**Attacked run** (an experiment, `simulation.attacks`): " + "; ".join(
+            f"{a['site']} {a['kind']}" + (f" ×{a['factor']:g}" if a["factor"] else "") for a in results["attacks"])
+            + ". The models below are judged on every site's true test split; the released metrics are what the "
+            "sites reported.", ""]
     if results["rejected"]:
         lines += ["Sites left out (their data failed validation):", ""]
         lines += [f"- {site}: {'; '.join(errors)}" for site, errors in results["rejected"].items()] + [""]
     for family in results["models"]:
         if family in FEDERATED_FAMILIES:
             lines += [f"## Outcome models ({FAMILY_LABELS[family]})", ""] + _model_table(results, family)
+    lines += personalisation_section(results)
     lines += ["## The seed paper's comparison", ""] + _comparison_table(results)
     lines += ["## Feature importance (permutation, computed at the sites)", ""] + _importance_table(results)
     lines += ["## Privacy", ""] + _privacy_table(results)

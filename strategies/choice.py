@@ -5,6 +5,11 @@
   term with the ``proximal-mu`` the strategy sends (``client.training``).
 - ``fedadam`` / ``fedyogi``: Reddi et al., ICLR 2021 (https://arxiv.org/abs/2003.00295), server-side
   adaptive optimisers over the averaged update.
+- ``krum``, ``multikrum``, ``bulyan``, ``fedmedian``, ``fedtrimmedavg``: Byzantine-robust aggregation against
+  poisoned sites, their parameters derived from the number of sites and checked (:mod:`strategies.robust`,
+  which also says what they leave unprotected).
+
+Any of them can be wrapped in update-norm clipping (``clip_norm`` > 0, :mod:`strategies.update_clipping`).
 
 Evaluation replies carry sums (``shared.metrics`` summaries), so every strategy here aggregates them with
 :func:`strategies.summation.sum_metricrecords`.
@@ -14,18 +19,29 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
 
+from strategies.robust import ROBUST_STRATEGIES, RobustParameters, robust_strategy
 from strategies.summation import sum_metricrecords
+from strategies.update_clipping import UpdateNormClipping
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", *ROBUST_STRATEGIES)
 
 
-def make_strategy(name: str, n_sites: int, proximal_mu: float = 0.1, server_lr: float = 0.05) -> Strategy:
+def make_strategy(name: str, n_sites: int, proximal_mu: float = 0.1, server_lr: float = 0.05,
+                  robust: RobustParameters | None = None, clip_norm: float = 0.0) -> Strategy:
     """Flower strategy ``name`` that trains and evaluates on every connected site each round.
 
     ``n_sites`` (the usable sites) is what a round expects, but a round goes on with the sites still
     connected: requiring all of them would stall the run for good when one site is lost (measured in
-    tests/test_deployment.py, a SuperNode killed mid-run); the run record names the missing site."""
-    del n_sites  # kept in the signature: callers say how many sites they expect
+    tests/test_deployment.py, a SuperNode killed mid-run); the run record names the missing site. A robust
+    strategy takes its parameters from ``robust`` (default: derived from ``n_sites``) and raises
+    :class:`strategies.robust.ImpossibleAggregation` if ``n_sites`` cannot meet them. ``clip_norm`` > 0 wraps
+    the strategy in :class:`strategies.update_clipping.UpdateNormClipping`."""
+    strategy = _named_strategy(name, n_sites, proximal_mu, server_lr, robust)
+    return UpdateNormClipping(strategy, clip_norm) if clip_norm > 0 else strategy
+
+
+def _named_strategy(name: str, n_sites: int, proximal_mu: float, server_lr: float,
+                    robust: RobustParameters | None) -> Strategy:
     common = {"fraction_train": 1.0, "fraction_evaluate": 1.0, "min_train_nodes": 1,
               "min_evaluate_nodes": 1, "min_available_nodes": 1,
               "evaluate_metrics_aggr_fn": sum_metricrecords}
@@ -37,4 +53,6 @@ def make_strategy(name: str, n_sites: int, proximal_mu: float = 0.1, server_lr: 
         return FedAdam(**common, eta=server_lr, eta_l=server_lr)
     if name == "fedyogi":
         return FedYogi(**common, eta=server_lr, eta_l=server_lr)
+    if name in ROBUST_STRATEGIES:
+        return robust_strategy(name, n_sites, robust or RobustParameters.of(n_sites), **common)
     raise ValueError(f"unknown strategy {name!r}: expected one of {', '.join(STRATEGIES)}")

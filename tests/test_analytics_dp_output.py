@@ -115,8 +115,11 @@ def test_an_interval_wider_than_the_allowed_share_names_the_epsilon_that_would_n
 
 
 def test_linear_regression_standard_errors_include_the_dp_noise(frames):
-    """se² = se_sampling² + se_dp_noise², and se_dp_noise matches the spread of the coefficients over 30 noise
-    draws (within 35 %)."""
+    """se² = se_sampling² + se_dp_noise², and se_dp_noise matches the root-mean-square distance of the
+    coefficients from the noise-free fit over 30 noise draws (0.85-1.6 times it): their spread and the floor's
+    shrinkage, both of which the interval must hold. Conservative up to 1.55 times (age_years): here, with the
+    declared ranges, two whitened eigenvalues (2.9, 11.5) are under the floor (14), directions the noise
+    swamps, where re-noising the noisy release overstates the noise."""
     plan = plan_for(NANOPARTICLE_TASK, dp=True)
     covariates = list(REGRESSION_COVARIATES)
     exact = run_in_process(frames, AnalyticsSettings(analyses="describe"))["describe"]
@@ -130,6 +133,12 @@ def test_linear_regression_standard_errors_include_the_dp_noise(frames):
     tau = sigma * sensitivity(sums[0].blocks) * math.sqrt(len(sums))
     d = len(covariates) + 1
     estimates, reported = [], []
+    exact_gram = unpack_triu(sum(np.asarray(sm.blocks["efficacy_pct/gram"].values) for sm in sums), d)
+    exact_xty = sum(np.asarray(sm.blocks["efficacy_pct/xty"].values) for sm in sums)
+    exact_yty = float(sum(np.asarray(sm.blocks["efficacy_pct/yty"].values) for sm in sums)[0])
+    noise_free = linear_fit(exact_gram, exact_xty, exact_yty, covariates, x, float(y["centre"][0]),
+                            float(y["scale"][0]))["coefficients"]
+    truth = np.array([noise_free[c]["estimate"] for c in ("dose_mg_m2", "age_years")])
     for seed in range(30):
         rng = np.random.default_rng(seed)
         noised = [gaussian_release(s.blocks, sigma, rng) for s in sums]
@@ -142,8 +151,8 @@ def test_linear_regression_standard_errors_include_the_dp_noise(frames):
         reported.append([rows[c]["se_dp_noise"] for c in ("dose_mg_m2", "age_years")])
         for row in rows.values():
             assert row["se"] ** 2 == pytest.approx(row["se_sampling"] ** 2 + row["se_dp_noise"] ** 2)
-    ratio = np.mean(reported, axis=0) / np.std(estimates, axis=0, ddof=1)
-    assert np.all((ratio > 0.65) & (ratio < 1.35)), ratio
+    ratio = np.mean(reported, axis=0) / np.sqrt(np.mean(np.square(np.array(estimates) - truth), axis=0))
+    assert np.all((ratio > 0.85) & (ratio < 1.6)), ratio
 
 
 def test_describe_only_spends_the_run_on_describe_and_planned_equals_spent(frames, tmp_path):
@@ -181,6 +190,13 @@ def test_all_analyses_spend_exactly_the_planned_epsilon_split_by_queries(frames,
     assert got["anova"]["f_noise_sd"] is not None
     assert all("noise" in g for g in got["anova"]["groups"].values())
     assert all("noise" in p for p in got["kmeans"]["profiles"])
+    assert got["anova"]["eta_squared_noise_sd"] > 0
+    pca_noise = np.array(got["pca"]["noise"]["components_noise_sd"])
+    assert pca_noise.shape == np.array(got["pca"]["components"]).shape and np.all(pca_noise > 0)
+    kmeans_noise = got["kmeans"]["noise"]
+    assert kmeans_noise["inertia"]["noise_sd"] > 0 and kmeans_noise["silhouette_simplified"]["noise_sd"] > 0
+    low, high = kmeans_noise["inertia"]["ci95"]
+    assert low < got["kmeans"]["inertia"] < high
 
 
 def test_describe_gets_half_the_privacy_loss_and_less_noise_than_under_an_equal_split(frames, tmp_path):

@@ -90,7 +90,7 @@ def test_serve_with_site_serves_the_installed_version_and_refuses_an_older_one(i
 
     served = []
     logs = []
-    monkeypatch.setattr(client.service, "serve", lambda source, host, port, log: (
+    monkeypatch.setattr(client.service, "serve", lambda source, host, port, log, token=None, tls=None: (
         served.append(source.current().version), logs.append(log)))
     ok = run("serve", "--site", str(installed["site"]), "--trust", str(installed["trust"]))
     assert ok.exit_code == 0, ok.output

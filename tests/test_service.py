@@ -186,11 +186,41 @@ def test_serve_listens_on_localhost_by_default(policy, monkeypatch):
 
     calls = []
     monkeypatch.setattr(client.recommender, "load_policy", lambda bundle, trust: policy)
-    monkeypatch.setattr(client.service, "serve", lambda p, host, port, log: calls.append((p, host, port, log)))
+    monkeypatch.setattr(client.service, "serve", lambda p, host, port, log, token, tls: calls.append(
+        (p, host, port, log, token, tls)))
+    monkeypatch.delenv("FEDNANO_WEB_TOKEN", raising=False)
     result = CliRunner().invoke(app, ["serve", "--policy", "b", "--trust", "k"])
     assert result.exit_code == 0, result.output
-    assert calls == [(policy, "127.0.0.1", 8000, None)]  # no site folder: nothing to log in
+    assert calls == [(policy, "127.0.0.1", 8000, None, None, None)]  # no site folder: nothing to log in
     assert "policy version 7 verified; serving on http://127.0.0.1:8000" in result.stdout
+
+
+def test_serve_refuses_another_address_without_a_token_and_tls(policy, monkeypatch):
+    from typer.testing import CliRunner
+
+    import client.recommender
+    import client.service
+    from fednano.cli import app
+
+    calls = []
+    monkeypatch.setattr(client.recommender, "load_policy", lambda bundle, trust: policy)
+    monkeypatch.setattr(client.service, "serve", lambda *args, **kwargs: calls.append(args))
+    monkeypatch.delenv("FEDNANO_WEB_TOKEN", raising=False)
+    result = CliRunner().invoke(app, ["serve", "--policy", "b", "--trust", "k", "--host", "0.0.0.0"])
+    assert result.exit_code == 1 and calls == []
+    assert "needs an access token (--token or $FEDNANO_WEB_TOKEN) and TLS (--tls-cert and --tls-key)" in result.stderr
+    result = CliRunner().invoke(app, ["serve", "--policy", "b", "--trust", "k", "--tls-cert", "c.pem"])
+    assert result.exit_code == 1 and "give both --tls-cert and --tls-key" in result.stderr and calls == []
+
+
+def test_the_page_asks_for_the_token_when_the_service_has_one(policy):
+    from shared.web.access import protect
+
+    app = make_app(policy)
+    protect(app, "a-token-of-24-characters")
+    with TestClient(app) as guarded:
+        assert guarded.get("/").status_code == 401
+        assert guarded.get("/", headers={"Authorization": "Bearer a-token-of-24-characters"}).status_code == 200
 
 
 def test_a_real_uvicorn_server_answers_over_tcp(policy):

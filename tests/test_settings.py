@@ -52,7 +52,8 @@ def test_the_cli_leaves_unset_options_to_the_settings():
 
     simulate = get_command(app).commands["simulate"]
     unset = {p.name: p.default for p in simulate.params}
-    for option in ("rounds", "strategy", "local_epochs", "models", "boosting", "xgb_rounds"):
+    for option in ("rounds", "strategy", "local_epochs", "models", "boosting", "xgb_rounds", "malicious_sites",
+                   "trim_fraction", "clip_norm"):
         assert unset[option] is None, option  # filled from ExperimentConfig(), i.e. server/settings.py
 
 
@@ -70,3 +71,14 @@ def test_the_clis_epsilon_limit_is_the_site_contracts():
     from shared.validation.site_config import MAX_EPSILON
 
     assert SITE_MAX_EPSILON == MAX_EPSILON
+
+
+def test_robustness_options_reach_the_run_settings_and_derive_when_unset():
+    from strategies.robust import RobustParameters
+
+    settings = ExperimentConfig(strategy="fedtrimmedavg", malicious_sites=2, trim_fraction=0.3,
+                                clip_norm=1.5).run_settings(n_sites=10, signing_key=None)
+    assert (settings.malicious_sites, settings.trim_fraction, settings.clip_norm) == (2, 0.3, 1.5)
+    assert settings.robust_parameters(10) == RobustParameters(2, 0.3)
+    assert RunSettings.from_run_config(settings.to_run_config()) == settings
+    assert DEFAULTS.robust_parameters(10) == RobustParameters(1, 0.15) and DEFAULTS.clip_norm == 0.0

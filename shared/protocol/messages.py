@@ -40,6 +40,9 @@ TRAIN = MessageName("train")
 """One round of local ANN training (Flower strategies send it)."""
 EVALUATE = MessageName("evaluate")
 """Evaluation summaries of the global ANN (Flower strategies send it)."""
+PERSONALISE = query("personalise")
+"""Train the site's personalised ANNs from the final global one, choose on the validation split, reply metrics
+only (``shared.protocol.personalisation``); the personalised models stay at the site."""
 XGBOOST_ACTION = "xgboost"
 """Action of the boosting strategies' messages (``strategies.per_site.PerSiteRecord(action=...)``)."""
 TRAIN_XGBOOST = MessageName("train", XGBOOST_ACTION)

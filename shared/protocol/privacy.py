@@ -15,8 +15,8 @@ from typing import Any
 
 from flwr.app import ConfigRecord
 
-PHASES = ("statistics", "training", "evaluation", "boosting", "importance", "adjuster", "dose_response", "policy",
-          "analytics")
+PHASES = ("statistics", "training", "evaluation", "personalisation", "boosting", "importance", "adjuster",
+          "dose_response", "policy", "analytics")
 """Every phase that releases something derived from a site's rows; ``site.toml [privacy.shares]`` keys."""
 
 PUBLIC_RELEASES = {

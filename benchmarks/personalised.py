@@ -1,0 +1,200 @@
+"""Benchmark of the personalised ANNs (issue 18): does each site's choice beat max(local-only, global)?
+
+    python benchmarks/personalised.py [--clinics 10] [--rounds 10] [--seeds 0 1] [--no-dp]
+                                      [--out benchmarks/results/personalised.json]
+
+For each seed: the built-in simulator's clinics (DP ε = 3, δ = 1e-5 per site unless ``--no-dp``), the
+federated ANN with FedAvg and ``--personalise finetune,ditto,fedper`` (``simulation.experiment.run_federation``:
+the real ServerApp and ClientApp in Flower's simulation runtime; no dosing policy, no baselines), then the same
+federation without personalisation ("plain FedAvg"). Figures:
+
+1. **Per site** (sites with ≥ 30 recorded test responses): the response AUC on the test split of the site's
+   local-only model, the global model, each method and the chosen model — each site's own exact record
+   (``client.personalisation_handlers``) —, the chosen model minus max(local-only, global), and that
+   difference in units of the split's noise: the Hanley & McNeil (1982) standard error of the chosen model's AUC.
+2. **Mean per-site AUC** of each candidate and of the choice over those sites.
+3. **Cost** against plain FedAvg: seconds of the ANN's rounds and of the personalisation phase, bytes on the
+   wire (the training's counted as rounds × sites × 2 × the model's ArrayRecord, configs left out; the phase's
+   measured: request and replies), ε per DP site after training and after the phase, and the global model's
+   mean per-site AUC in both runs (the personalisation phase's share of ε is taken from training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from client.personalisation_handlers import PHASE
+from client.personalised.choice import choose, validation_score
+from server.run_record import RunRecord
+from shared import metrics
+from shared.ann import to_arrays
+from shared.artifacts import RunArtifacts
+from shared.protocol.personalisation import GLOBAL, LOCAL, METHODS
+from shared.task import NANOPARTICLE_TASK
+from simulation.baselines import BaselineSettings, evaluate_per_site
+from simulation.experiment import ExperimentConfig, flower_environment, prepare_sites, quiet_flower, run_federation
+from simulation.personalisation import site_records
+
+MIN_TEST_ROWS = 30
+OUTCOME = "response"
+
+
+def hanley_mcneil_se(auc: float, n_pos: float, n_neg: float) -> float:
+    """Standard error of an AUC (Hanley & McNeil, Radiology 1982;143:29, eq. 2)."""
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    return math.sqrt((auc * (1 - auc) + (n_pos - 1) * (q1 - auc * auc) + (n_neg - 1) * (q2 - auc * auc))
+                     / (n_pos * n_neg))
+
+
+def _auc(summary: dict) -> dict:
+    m = metrics.binary_metrics(summary)
+    n_pos = sum(summary["hist_pos"])
+    return {"auc": m["auc"], "n": m["n"], "n_pos": n_pos, "n_neg": m["n"] - n_pos}
+
+
+def one_run(out: Path, clinics: int, rounds: int, seed: int, dp: bool, personalise: str) -> tuple:
+    cfg = ExperimentConfig(out=out, clinics=clinics, rounds=rounds, dp=dp, seed=seed, models="ann", compare=False,
+                           personalise=personalise)
+    sources, _ = prepare_sites(cfg)
+    start = time.perf_counter()
+    record = run_federation(cfg, sources)
+    return cfg, sources, record, time.perf_counter() - start
+
+
+def global_auc_per_site(cfg: ExperimentConfig, sources, record: RunRecord) -> tuple[dict[str, float], int]:
+    """Exact response AUC of the run's global model on each site's test split (as ``fednano simulate``), and the
+    bytes of the model's ArrayRecord."""
+    from shared.ann import predict
+    from shared.validation import load_site
+
+    artifacts = RunArtifacts.open(cfg.out / "federated", run_id=record.run_id)
+    sites = {site.name: site for site in (load_site(s.path) for s in sources) if site.name in record.sites}
+    settings = BaselineSettings(task=NANOPARTICLE_TASK, epochs=cfg.rounds, batch_size=cfg.batch_size, lr=cfg.lr,
+                                hidden=(64, 32), seed=cfg.seed, split_seed=cfg.seed)
+    model = artifacts.ann()
+    per_site = evaluate_per_site(lambda x: predict(model, x), artifacts.encoder(), sites, settings)
+    return {site: _auc(s[OUTCOME])["auc"] for site, s in per_site.items()}, to_arrays(model).count_bytes()
+
+
+def seed_figures(root: Path, clinics: int, rounds: int, seed: int, dp: bool) -> dict:
+    methods = ",".join(METHODS)
+    cfg, sources, record, seconds = one_run(root / f"personalised-{seed}", clinics, rounds, seed, dp, methods)
+    names = {s.path.name: s for s in sources}
+    exact = site_records({name: names[name] for name in record.sites if name in names}, record.run_id)
+    phase = record.personalisation or {}
+    candidates = phase.get("candidates", [GLOBAL, *METHODS, LOCAL])
+    sites = {}
+    for site, entry in sorted(exact.items()):
+        test = {c: _auc(entry["summaries"]["test"][c][OUTCOME]) for c in candidates}
+        n = test[GLOBAL]["n"]
+        chosen = entry["chosen"]
+        best_baseline = max(test[LOCAL]["auc"], test[GLOBAL]["auc"])
+        chosen_auc = test[chosen]["auc"]
+        se = hanley_mcneil_se(chosen_auc, test[chosen]["n_pos"], test[chosen]["n_neg"]) \
+            if test[chosen]["n_pos"] and test[chosen]["n_neg"] else math.nan
+        # the same rule on the site's exact validation figures: what the DP noise on them costs the choice
+        exact_scores = {c: validation_score(NANOPARTICLE_TASK, entry["summaries"]["validation"][c])
+                        for c in candidates}
+        sites[site] = {"n_test": n, **{c: test[c]["auc"] for c in candidates}, "chosen": chosen,
+                       "chosen_auc": chosen_auc, "max_local_global": best_baseline,
+                       "difference": chosen_auc - best_baseline, "se": se,
+                       "reason": phase.get("per_site", {}).get(site, {}).get("reason"),
+                       "chosen_on_exact_validation_auc": choose(exact_scores, candidates)[0]}
+    plain_cfg, plain_sources, plain, plain_seconds = one_run(root / f"plain-{seed}", clinics, rounds, seed, dp, "")
+    plain_global, model_bytes = global_auc_per_site(plain_cfg, plain_sources, plain)
+    with_global, _ = global_auc_per_site(cfg, sources, record)
+    big = [s for s, f in sites.items() if f["n_test"] >= MIN_TEST_ROWS]
+    privacy = {site: {"training": p.epsilon_after.get("training"), PHASE: p.epsilon_after.get(PHASE),
+                      "plain_training": plain.privacy[site].epsilon_after.get("training")
+                      if site in plain.privacy else None}
+               for site, p in record.privacy.items() if p.dp}
+    n_trainers = len(record.sites)
+    return {
+        "seed": seed, "sites": sites, "sites_30": big,
+        "mean_auc": {c: statistics.fmean(sites[s][c] for s in big if math.isfinite(sites[s][c]))
+                     for c in [*candidates, "chosen_auc"]},
+        "worse_than_best_by_more_than_1se": [s for s in big if sites[s]["difference"] < -sites[s]["se"]],
+        "better_on_average_by": statistics.fmean(sites[s]["difference"] for s in big),
+        "cost": {"ann_training_s": record.models["ann"].seconds, "personalisation_s": phase.get("seconds"),
+                 "plain_ann_training_s": plain.models["ann"].seconds, "federation_s": seconds,
+                 "plain_federation_s": plain_seconds,
+                 "training_bytes_est": rounds * n_trainers * 2 * model_bytes,
+                 "personalisation_bytes": phase.get("bytes"),
+                 "epsilon": privacy,
+                 "global_mean_auc_with_personalisation": statistics.fmean(with_global[s] for s in big),
+                 "global_mean_auc_plain_fedavg": statistics.fmean(plain_global[s] for s in big
+                                                                  if s in plain_global)},
+    }
+
+
+def _f(value) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def print_tables(result: dict) -> None:
+    for run in result["runs"]:
+        candidates = [GLOBAL, *METHODS, LOCAL]
+        print(f"\nseed {run['seed']}: response AUC on each site's test split (sites with ≥ {MIN_TEST_ROWS} rows)")
+        print("| site | n | " + " | ".join(candidates) + " | chosen | chosen AUC | − max(local, global) | SE |"
+              " chosen on exact val |")
+        print("|---|---|" + "---|" * (len(candidates) + 5))
+        for site in run["sites_30"]:
+            f = run["sites"][site]
+            print(f"| {site} | {int(f['n_test'])} | " + " | ".join(_f(f[c]) for c in candidates)
+                  + f" | {f['chosen']} | {_f(f['chosen_auc'])} | {f['difference']:+.3f} | {_f(f['se'])} |"
+                    f" {f['chosen_on_exact_validation_auc']} |")
+        means = run["mean_auc"]
+        print("mean per-site AUC: " + ", ".join(f"{c} {_f(means[c])}" for c in [*candidates, "chosen_auc"]))
+        print(f"chosen − max(local, global): mean {run['better_on_average_by']:+.3f}; sites worse by > 1 SE: "
+              f"{run['worse_than_best_by_more_than_1se'] or 'none'}")
+        c = run["cost"]
+        eps = c["epsilon"]
+        print(f"cost: ANN rounds {c['ann_training_s']:.1f} s (plain FedAvg {c['plain_ann_training_s']:.1f} s), "
+              f"personalisation phase {c['personalisation_s']:.1f} s; bytes: training ≈ {c['training_bytes_est']}, "
+              f"personalisation sent {c['personalisation_bytes']['sent']} received "
+              f"{c['personalisation_bytes']['received']}")
+        if eps:
+            print("ε per DP site (mean): after training {:.3f} (plain FedAvg {:.3f}), after personalisation {:.3f}"
+                  .format(statistics.fmean(e["training"] for e in eps.values()),
+                          statistics.fmean(e["plain_training"] for e in eps.values()),
+                          statistics.fmean(e[PHASE] for e in eps.values())))
+        print(f"global model's mean per-site AUC: {_f(c['global_mean_auc_with_personalisation'])} in this run, "
+              f"{_f(c['global_mean_auc_plain_fedavg'])} in plain FedAvg (more ε for training)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clinics", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--no-dp", action="store_true")
+    parser.add_argument("--work", type=Path, default=Path("runs/bench_personalised"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/personalised.json"))
+    args = parser.parse_args()
+    flower_environment(Path.cwd())
+    quiet_flower()
+    start = time.perf_counter()
+    runs = []
+    for seed in args.seeds:
+        runs.append(seed_figures(args.work, args.clinics, args.rounds, seed, not args.no_dp))
+    result = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "python": sys.version.split()[0],
+              "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+              "clinics": args.clinics, "rounds": args.rounds, "dp": not args.no_dp, "methods": list(METHODS),
+              "total_s": time.perf_counter() - start, "runs": runs}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(metrics.json_safe(result), indent=1) + "\n")
+    print_tables(result)
+    print(f"\nwrote {args.out} ({result['total_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

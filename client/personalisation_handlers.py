@@ -1,0 +1,159 @@
+"""The site's side of ``query.personalise``: train its personalised ANNs, choose one, reply metrics only.
+
+From the final global weights the site trains its candidates on its own training split (its local-only model
+and each requested method, ``client.personalised``), scores them and the global model on its validation split,
+chooses (``client.personalised.choice``) and replies :class:`shared.protocol.personalisation.PersonalisationReply`:
+the choice, the reason, and every candidate's summaries on the validation and test splits. The personalised
+weights stay at the site: the chosen one is saved in the site's folder (``personalisation/<site>/<run>-<name>.pt``)
+with the site's own exact record of the figures (``personalisation/<site>/<run>.json``), neither of which is sent
+(by site name: CSV sites may share a folder).
+
+Under DP everything is the run's ``personalisation`` phase, one share of the site's ε (``client.dp``):
+:data:`TRAINING_PART` of it for the DP-SGD steps of all candidates (one noise multiplier set for all of them,
+the same Opacus training and ledger as the federated rounds), the rest for two Gaussian releases — the
+validation summaries of every candidate (:data:`VALIDATION_WEIGHT` of the releases' privacy loss: the choice
+depends on them), then their test summaries (the rest: they are only reported). The choice is made on the
+released (noised) validation figures, so it is post-processing of a DP release.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Message, RecordDict
+
+from client.dp import PhaseRelease, SiteDP, noise_for_phase, phase_epsilon, weighted_noise
+from client.evaluation import from_blocks, summaries, summary_blocks
+from client.personalised import trainers
+from client.personalised.choice import choose, validation_score
+from client.site import SiteHandlers, SiteRequest
+from client.training import DPConfig, EncodedSplit, sample_rate
+from client.training_handlers import EVAL_BINS
+from shared import metrics
+from shared.ann import predict
+from shared.durable import write_json_atomically
+from shared.protocol import messages
+from shared.protocol import records as r
+from shared.protocol.personalisation import GLOBAL, Personalisation, PersonalisationReply
+from shared.protocol.training import AnnTraining
+
+PHASE = "personalisation"
+TRAINING_PART = 0.8
+"""Share of the phase's ε a DP site gives DP-SGD; the rest goes to the two summary releases (validation, test)."""
+RELEASES = 2
+VALIDATION_WEIGHT = 0.75
+"""The validation release's share of the two releases' Rényi privacy loss (``client.dp.PhaseRelease``)."""
+SITE_RECORD_DIR = "personalisation"
+"""Folder in the site's folder holding its chosen personalised model and its own exact record of the figures."""
+
+Predictions = dict[str, dict[str, np.ndarray]]
+
+
+def personalise(msg: Message, request: SiteRequest) -> RecordDict:
+    """Train, score, choose; reply the choice and the summaries (module docstring)."""
+    settings = AnnTraining.from_config(request.config)
+    plan = Personalisation.from_config(request.config)
+    global_model = request.ann(msg.content[r.ARRAYS])
+    train_split = request.encoded("train")
+    models = trainers(plan, settings.batch_size, settings.seed,
+                      local_epochs=settings.num_rounds * settings.local_epochs, local_lr=settings.lr)
+    dp = request.dp
+    dp_steps = 0
+    if dp is None:
+        for model in models.values():
+            model.fit(global_model, train_split)
+    else:
+        epsilon = phase_epsilon(request.context, dp, PHASE)
+        spent_at_start = dp.ledger.spent()
+        dp_steps = _fit_private(models, global_model, train_split, dp, settings, epsilon, request)
+    splits = {"validation": request.encoded("val"), "test": request.encoded("test")}
+    predictions = {split: {GLOBAL: predict(global_model, data.x)} | {name: m.predict(data.x) for name, m in
+                                                                      models.items()}
+                   for split, data in splits.items()}
+    exact = {split: {name: summaries(request.encoder, splits[split], p) for name, p in by.items()}
+             for split, by in predictions.items()}
+    content = RecordDict()
+    if dp is None:
+        n_bins = int(request.config.get(EVAL_BINS, metrics.DEFAULT_N_BINS))
+        released = {split: {name: summaries(request.encoder, splits[split], p, n_bins=n_bins) for name, p in by.items()}
+                    for split, by in predictions.items()}
+        n = len(splits["test"])
+    else:
+        left = spent_at_start + epsilon - dp.ledger.spent()
+        sigmas = weighted_noise(left, dp.ledger, (VALIDATION_WEIGHT, 1 - VALIDATION_WEIGHT))
+        release = PhaseRelease(dp, PHASE, RELEASES, sigmas, str(request.context.run_id), epsilon=left,
+                               spent_at_start=dp.ledger.spent())
+        released, facts = {}, None
+        for index, split in enumerate(("validation", "test")):
+            released[split], facts = _private(request, splits[split], predictions[split], release, index)
+        n = max((s["n"] for s in released["test"][GLOBAL].values()), default=0)
+        content[r.PRIVACY] = facts.to_record()
+    task = request.site.task
+    scores = {name: validation_score(task, released["validation"][name]) for name in plan.candidates}
+    chosen, reason = choose(scores, plan.candidates)
+    if dp is not None:
+        reason += " on the noised validation release"
+    _keep_at_site(request, chosen, reason, exact, models[chosen].model_ if chosen in models else global_model)
+    reply = PersonalisationReply(chosen=chosen, reason=reason, summaries=released, num_examples=n,
+                                 dp_steps=dp_steps, candidates=plan.candidates)
+    for name, record in reply.to_records().items():
+        content[name] = record
+    return content
+
+
+def _fit_private(models: dict, global_model, data: EncodedSplit, dp: SiteDP, settings: AnnTraining,
+                 epsilon: float, request: SiteRequest) -> int:
+    """DP-SGD for every candidate at one noise multiplier set for all their steps (within ``TRAINING_PART`` of the
+    phase's ε), each candidate's steps charged to the ledger as soon as they are taken; returns the steps."""
+    rate = sample_rate(len(data), settings.batch_size)
+    steps = sum(model.planned_steps(len(data)) for model in models.values())
+    sigma = noise_for_phase(TRAINING_PART * epsilon, dp.ledger, rate, steps)
+    dp.ledger.check_affordable(sigma, rate, steps)
+    config = DPConfig(noise_multiplier=sigma, max_grad_norm=settings.max_grad_norm)
+    taken = 0
+    for model in models.values():
+        accountant = dp.ledger.accountant()
+        model.fit(global_model, data, config, history=accountant.history)
+        accountant.history = model.history_
+        dp.ledger.record_from_accountant(accountant, run_id=str(request.context.run_id), server_round=0, phase=PHASE)
+        taken += model.steps_
+    return taken
+
+
+def _private(request: SiteRequest, data: EncodedSplit, predictions: Predictions, release: PhaseRelease,
+             index: int):
+    """Every candidate's summaries of one split in one Gaussian release (one row touches all of them: their
+    blocks together set the sensitivity); returns them and the release's facts."""
+    blocks = {}
+    for name, p in predictions.items():
+        exact = summaries(request.encoder, data, p, n_bins=metrics.COARSE_N_BINS, clip=True)
+        blocks |= {f"{name}|{key}": block for key, block in summary_blocks(request.encoder, exact).items()}
+    noised, facts = release.release(blocks, index)
+    return {name: from_blocks(request.encoder, {key.split("|", 1)[1]: value for key, value in noised.items()
+                                                if key.startswith(name + "|")})
+            for name in predictions}, facts
+
+
+def _keep_at_site(request: SiteRequest, chosen: str, reason: str, exact: dict, model) -> None:
+    """The chosen model and the site's exact figures, in the site's own folder (never sent)."""
+    folder = site_record_folder(request.source.folder, request.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    run = str(request.context.run_id)
+    torch.save(model.state_dict(), folder / f"{run}-{chosen}.pt")
+    body = {"run_id": run, "chosen": chosen, "reason": reason,
+            "summaries": {split: {name: {o: {k: np.asarray(v).tolist() for k, v in s.items()} for o, s in by.items()}
+                                  for name, by in cands.items()} for split, cands in exact.items()}}
+    write_json_atomically(folder / f"{run}.json", json.loads(json.dumps(body)))
+
+
+def site_record_folder(site_folder: Path, site: str) -> Path:
+    """Where a site keeps its chosen personalised model and its exact record of the phase."""
+    return site_folder / SITE_RECORD_DIR / site
+
+
+def register_personalisation(client, handlers: SiteHandlers) -> None:
+    """Add the ``query.personalise`` handler to ``client``."""
+    client.query(messages.PERSONALISE.action)(handlers(personalise))

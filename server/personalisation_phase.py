@@ -1,0 +1,77 @@
+"""Phase 3b: personalised ANNs at the sites, after the federation's last round (``--personalise``).
+
+The server sends the final global weights with the ANN's training config and
+:class:`shared.protocol.personalisation.Personalisation` to every site that grants the ``personalisation`` phase
+(every site without DP; DP sites that gave it a share of ε); each site trains its candidates, chooses on its
+validation split and replies its choice, why, and every candidate's summaries (``client.personalisation_handlers``).
+No personalised weight comes back. The record keeps, per site, the choice, the reason and the metrics of each
+candidate on the validation and test splits (from the released summaries: noised at a DP site), and what the
+phase cost: seconds and bytes on the wire.
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from server.run_record import RunRecord, add_privacy, outcome_metrics
+from server.site_check import SiteCheck
+from shared import metrics
+from shared.protocol import messages
+from shared.protocol import records as r
+from shared.protocol.personalisation import Personalisation, PersonalisationReply
+from shared.task import TaskSpec
+
+PHASE = "personalisation"
+
+
+def personalisation_request(arrays: ArrayRecord, config: ConfigRecord, plan: Personalisation) -> RecordDict:
+    """The message content: the global weights, and the training config with the plan."""
+    merged = ConfigRecord(dict(config))
+    merged.update(plan.to_config())
+    return RecordDict({r.ARRAYS: arrays, r.CONFIG: merged})
+
+
+def run_personalisation(grid: Grid, sites: SiteCheck, task: TaskSpec, arrays: ArrayRecord, config: ConfigRecord,
+                        plan: Personalisation, record: RunRecord) -> dict:
+    """Ask the granting sites to personalise; the phase's record (module docstring), DP releases into ``record``."""
+    start = time.perf_counter()
+    content = personalisation_request(arrays, config, plan)
+    nodes = sites.granting(PHASE)
+    sent = [Message(content, dst_node_id=n, message_type=messages.PERSONALISE.type) for n in nodes]
+    per_site, failures, received = {}, {}, 0
+    for reply in grid.send_and_receive(sent):
+        node = reply.metadata.src_node_id
+        name = sites.usable.get(node, f"node {node}")
+        if reply.has_error():
+            failures[name] = reply.error.reason
+            log(INFO, "personalisation: %s failed: %s", name, reply.error.reason)
+            continue
+        received += sum(record_bytes(v) for v in reply.content.values())
+        answer = PersonalisationReply.from_records(reply.content)
+        if r.PRIVACY in reply.content:
+            add_privacy(record, sites.usable, node, dict(reply.content[r.PRIVACY]))
+        per_site[name] = {"chosen": answer.chosen, "reason": answer.reason, "dp_steps": answer.dp_steps,
+                          **{split: {c: outcome_metrics(task, _as_record(s)) for c, s in by.items()}
+                             for split, by in answer.summaries.items()}}
+    return {"methods": list(plan.methods), "candidates": list(plan.candidates), "epochs": plan.epochs,
+            "ditto_lambda": plan.ditto_lambda, "seconds": time.perf_counter() - start,
+            "bytes": {"sent": len(nodes) * sum(record_bytes(v) for v in content.values()), "received": received},
+            "per_site": per_site, "failures": failures, "refused": sites.refusing(PHASE)}
+
+
+def record_bytes(record) -> int:
+    """Bytes of a record's payload as Flower counts them (``count_bytes``)."""
+    return int(record.count_bytes())
+
+
+def _as_record(summaries: dict[str, dict]) -> dict:
+    """Per-outcome summaries as one flat record of prefixed keys (what ``outcome_metrics`` reads)."""
+    flat: dict = {}
+    for outcome, summary in summaries.items():
+        flat.update(metrics.to_metric_record(summary, prefix=outcome))
+    return flat

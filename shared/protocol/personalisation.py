@@ -1,0 +1,141 @@
+"""``query.personalise``: the server asks each site to personalise the final global ANN; the site answers metrics.
+
+The request carries the final global weights (``arrays``), the ANN's training config
+(:class:`shared.protocol.training.AnnTraining`, with the encoder) and :class:`Personalisation`: which methods,
+for how many epochs. The site trains its candidates on its own training split — its local-only model, and each
+method from the global model (``client.personalised``) —, scores every candidate and the global model on its
+validation split, picks one, and replies :class:`PersonalisationReply`: which it chose and why, and the
+summaries (``shared.metrics``) of every candidate on its validation and test splits. The personalised weights
+never leave the site. A DP site trains under DP-SGD and releases the summaries through its one DP release, all
+in the run's ``personalisation`` phase (``client.personalisation_handlers``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+from shared import metrics
+from shared.protocol import records as r
+
+METHODS = ("finetune", "ditto", "fedper")
+"""Personalisation methods a site knows (``client.personalised.METHODS`` implements each)."""
+LOCAL, GLOBAL = "local", "global"
+"""The two candidates every personalising site also scores: its own local-only model and the global model."""
+SPLITS = ("validation", "test")
+
+CHOICE = "choice"
+"""Reply record (ConfigRecord): the chosen candidate, the reason, the candidates in order."""
+
+_METHODS_KEY = "personalise-methods"
+_EPOCHS_KEY = "personalise-epochs"
+_LAMBDA_KEY = "ditto-lambda"
+_LR_KEY = "personalise-lr"
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+    """Methods from ``"finetune,ditto"``; ``ValueError`` naming an unknown one ("" is none)."""
+    names = tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    unknown = sorted(set(names) - set(METHODS))
+    if unknown:
+        raise ValueError(f"personalise: unknown method(s) {', '.join(unknown)}: expected some of "
+                         f"{', '.join(METHODS)} (comma-separated)")
+    return names
+
+
+@dataclass(frozen=True)
+class Personalisation:
+    """How every site personalises, identically.
+
+    Parameters
+    ----------
+    methods : tuple of str
+        Members of :data:`METHODS`.
+    epochs : int, default 5
+        Local epochs of each method from the global model (the local-only candidate takes the federation's
+        rounds × local epochs, as the local-only baseline does).
+    lr : float, default 0.002
+        Adam's learning rate for the methods (below the federation's 0.005: they start from a trained model).
+    ditto_lambda : float, default 0.5
+        Ditto's λ, the weight of ``λ/2 ‖v − w‖²`` pulling the personal model ``v`` toward the global ``w``.
+    """
+
+    methods: tuple[str, ...]
+    epochs: int = 5
+    lr: float = 0.002
+    ditto_lambda: float = 0.5
+
+    def __post_init__(self) -> None:
+        parse_methods(",".join(self.methods))
+        if self.epochs < 1 or self.lr <= 0 or self.ditto_lambda < 0:
+            raise ValueError("personalise: epochs must be ≥ 1, lr > 0 and ditto_lambda ≥ 0; got "
+                             f"{self.epochs!r}, {self.lr!r}, {self.ditto_lambda!r}")
+
+    def to_config(self) -> ConfigRecord:
+        return ConfigRecord({_METHODS_KEY: list(self.methods) or [""], _EPOCHS_KEY: self.epochs, _LR_KEY: self.lr,
+                             _LAMBDA_KEY: self.ditto_lambda})
+
+    @classmethod
+    def from_config(cls, config: Mapping) -> Personalisation:
+        return cls(methods=tuple(m for m in config[_METHODS_KEY] if m), epochs=int(config[_EPOCHS_KEY]),
+                   lr=float(config[_LR_KEY]), ditto_lambda=float(config[_LAMBDA_KEY]))
+
+    @property
+    def candidates(self) -> tuple[str, ...]:
+        """What a site chooses among, in its order of preference on a tie: global, the methods, local."""
+        return (GLOBAL, *self.methods, LOCAL)
+
+
+@dataclass(frozen=True)
+class PersonalisationReply:
+    """A site's answer: its choice and why, and each candidate's summaries per split and outcome.
+
+    Parameters
+    ----------
+    chosen : str
+        The candidate the site will use (a member of :attr:`Personalisation.candidates`).
+    reason : str
+        Why, in words, with the validation figures it chose on (released figures only).
+    summaries : dict
+        ``{split: {candidate: {outcome: summary}}}`` for ``split`` in :data:`SPLITS` (noised at a DP site).
+    num_examples : int
+        Test rows (the noised count at a DP site).
+    dp_steps : int
+        DP-SGD steps the site took to train its candidates (0 without DP).
+    """
+
+    chosen: str
+    reason: str
+    summaries: dict[str, dict[str, dict[str, dict]]]
+    num_examples: float = 0
+    dp_steps: int = 0
+    candidates: tuple[str, ...] = field(default=())
+
+    def to_records(self) -> RecordDict:
+        record = MetricRecord({r.NUM_EXAMPLES: self.num_examples})
+        for split, by_candidate in self.summaries.items():
+            for candidate, outcomes in by_candidate.items():
+                for outcome, summary in outcomes.items():
+                    record.update(metrics.to_metric_record(summary, prefix=_prefix(split, candidate, outcome)))
+        names = list(self.candidates or next(iter(self.summaries.values()), {}))
+        outcomes = sorted({o for by in self.summaries.values() for c in by.values() for o in c})
+        choice = ConfigRecord({"chosen": self.chosen, "reason": self.reason, "candidates": names or [""],
+                               "outcomes": outcomes or [""], "dp-steps": self.dp_steps})
+        return RecordDict({r.METRICS: record, CHOICE: choice})
+
+    @classmethod
+    def from_records(cls, content: RecordDict) -> PersonalisationReply:
+        choice, record = content[CHOICE], content[r.METRICS]
+        candidates = tuple(c for c in choice["candidates"] if c)
+        outcomes = [o for o in choice["outcomes"] if o]
+        summaries = {split: {c: {o: metrics.from_metric_record(record, _prefix(split, c, o)) for o in outcomes}
+                             for c in candidates} for split in SPLITS}
+        return cls(chosen=str(choice["chosen"]), reason=str(choice["reason"]), summaries=summaries,
+                   num_examples=float(record[r.NUM_EXAMPLES]), dp_steps=int(choice["dp-steps"]),
+                   candidates=candidates)
+
+
+def _prefix(split: str, candidate: str, outcome: str) -> str:
+    return metrics.PREFIX_SEPARATOR.join((split, candidate, outcome))

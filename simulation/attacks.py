@@ -1,0 +1,210 @@
+"""Poisoned clinics for experiments (``fednano simulate --attack SITE:KIND``): a site that attacks the federation.
+
+The attack belongs to the simulated world, not to the hospital's code: the honest ClientApp (``client.app``)
+has no attack in it. The experiment runner gives the attacking site's node
+
+- a Flower client mod (:func:`attack_mod`) around the honest handlers, which rewrites what the site sends:
+  ``sign-flip`` and ``scale`` rewrite its ANN training replies (message ``train``), ``lie`` its evaluation
+  summaries (every ``evaluate`` message);
+- for ``label-flip``, a copy of its data with the labels flipped (:func:`poisoned_copy`), on which the honest
+  code trains, computes its statistics and evaluates; the experiment itself still judges every model on the
+  true data.
+
+Kinds (``KIND`` or ``KIND=FACTOR``):
+
+- ``sign-flip``: the negated update, −FACTOR × (trained − global) (default 1; Fang et al., USENIX Security
+  2020, https://arxiv.org/abs/1911.11815, study this "reversed gradient" family);
+- ``scale``: the update scaled, FACTOR × (trained − global) (default 10; the boosted update of Bhagoji et al.,
+  ICML 2019, https://arxiv.org/abs/1811.12470);
+- ``label-flip``: every binary outcome flipped (0 ↔ 1) in the site's rows (response and grade-3 toxicity in
+  the built-in task);
+- ``lie``: the site reports its binary outcomes' evaluation summaries with positives and negatives swapped
+  (its released AUC becomes 1 − AUC); the model is untouched, the released metrics are not.
+
+XGBoost's trees, the statistics and the other phases' sums are not attacked by these kinds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from flwr.app import Array, ArrayRecord, Context, Message
+
+from client.site import SiteSource
+from shared.protocol import messages
+from shared.protocol import records as r
+from shared.schema import EPISODES_FILE
+from shared.task import NANOPARTICLE_TASK, TaskSpec
+from shared.validation import load_site
+
+KINDS = ("sign-flip", "scale", "label-flip", "lie")
+DEFAULT_FACTORS = {"sign-flip": 1.0, "scale": 10.0}
+"""FACTOR when none is given; the other kinds take none."""
+
+ATTACKS_DIR = "attacks"
+"""Under the experiment's output: the label-flipping sites' poisoned copies."""
+
+
+class AttackError(ValueError):
+    """An ``--attack`` that cannot be run as given; says why."""
+
+
+@dataclass(frozen=True)
+class Attack:
+    """One attacking site and how it attacks.
+
+    Parameters
+    ----------
+    site : str
+        The site's name (its ``site.toml`` name or folder name, e.g. ``clinic_03``).
+    kind : str
+        One of :data:`KINDS`.
+    factor : float
+        The update's multiplier for ``sign-flip`` and ``scale``; 0 for the others.
+    """
+
+    site: str
+    kind: str
+    factor: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str) -> Attack:
+        """``SITE:KIND`` or ``SITE:KIND=FACTOR``, e.g. ``clinic_03:scale=10``."""
+        site, sep, rest = text.partition(":")
+        kind, has_factor, factor_text = rest.partition("=")
+        kind = kind.strip()
+        if not sep or not site.strip() or kind not in KINDS:
+            raise AttackError(f"--attack {text!r}: expected SITE:KIND with KIND one of {', '.join(KINDS)} "
+                              f"(e.g. clinic_03:scale or clinic_03:scale=10)")
+        if has_factor and kind not in DEFAULT_FACTORS:
+            raise AttackError(f"--attack {text!r}: only {' and '.join(DEFAULT_FACTORS)} take a factor")
+        try:
+            factor = float(factor_text) if has_factor else DEFAULT_FACTORS.get(kind, 0.0)
+        except ValueError as err:
+            raise AttackError(f"--attack {text!r}: the factor must be a number") from err
+        if kind in DEFAULT_FACTORS and not (np.isfinite(factor) and factor > 0):
+            raise AttackError(f"--attack {text!r}: the factor must be a positive number")
+        return cls(site=site.strip(), kind=kind, factor=factor)
+
+    def to_record(self) -> dict:
+        """What results.json says about the attack."""
+        return dataclasses.asdict(self)
+
+    def poison_update(self, global_arrays: dict[str, np.ndarray], trained: ArrayRecord) -> ArrayRecord:
+        """The arrays the attacker sends instead of ``trained``: global + multiplier × (trained − global)."""
+        multiplier = -self.factor if self.kind == "sign-flip" else self.factor
+        out = ArrayRecord()
+        for key, array in trained.items():
+            local = array.numpy()
+            g = global_arrays[key]
+            out[key] = Array((g + multiplier * (local.astype(np.float64) - g)).astype(local.dtype))
+        return out
+
+
+def swap_binary_labels(record) -> None:
+    """In a MetricRecord of evaluation summaries (``shared.metrics.to_metric_record``), swap positives and
+    negatives of every binary outcome (histograms and confusion counts), in place."""
+    prefixes = [key[: -len("/tp")] for key in record if key.endswith("/tp")]
+    for prefix in prefixes:
+        for a, b in (("hist_pos", "hist_neg"), ("tp", "fp"), ("fn", "tn")):
+            ka, kb = f"{prefix}/{a}", f"{prefix}/{b}"
+            record[ka], record[kb] = record[kb], record[ka]
+
+
+def attack_mod(attacks: dict[int, Attack]) -> Callable[[Message, Context, Callable], Message]:
+    """A Flower client mod rewriting the replies of the nodes in ``attacks`` (partition id → attack)."""
+
+    def mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+        attack = attacks.get(int(context.node_config.get("partition-id", -1)))
+        if attack is None:
+            return call_next(msg, context)
+        kind, message_type = attack.kind, msg.metadata.message_type
+        poisons_update = kind in DEFAULT_FACTORS and message_type == messages.TRAIN.type
+        global_arrays = ({k: a.numpy().astype(np.float64) for k, a in msg.content[r.ARRAYS].items()}
+                         if poisons_update else None)
+        reply = call_next(msg, context)
+        if reply.has_error():
+            return reply
+        if poisons_update:
+            reply.content[r.ARRAYS] = attack.poison_update(global_arrays, reply.content[r.ARRAYS])
+        elif kind == "lie" and message_type.split(".")[0] == messages.EVALUATE.category:
+            for record in reply.content.metric_records.values():
+                swap_binary_labels(record)
+        return reply
+
+    return mod
+
+
+def flip_labels(frame: pd.DataFrame, task: TaskSpec) -> pd.DataFrame:
+    """``frame`` with every binary outcome of ``task`` flipped (0 ↔ 1; missing stays missing)."""
+    frame = frame.copy()
+    for outcome in task.outcomes:
+        if outcome.kind == "binary" and outcome.name in frame:
+            flipped = 1 - frame[outcome.name]
+            frame[outcome.name] = flipped.astype("Int64") if flipped.notna().all() else flipped
+    return frame
+
+
+def poisoned_copy(source: SiteSource, out: Path) -> SiteSource:
+    """A copy of ``source``'s data under ``out`` with its labels flipped (``label-flip``), under the same site
+    name; the original stays as it is (the experiment judges models on it)."""
+    task = source.task() or NANOPARTICLE_TASK
+    if source.path.is_dir():
+        target = out / source.path.name
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(source.path, target)
+        rows = target / EPISODES_FILE
+    else:
+        target = rows = out / source.path.name
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source.path, rows)
+    frame = pd.read_csv(rows)
+    flip_labels(frame, task).to_csv(rows, index=False, lineterminator="\n")
+    return dataclasses.replace(source, path=target)
+
+
+def site_names(sources: list[SiteSource]) -> list[str]:
+    """Each source's site name as the run record names it (``site.toml`` name, else the folder name)."""
+    names = []
+    for source in sources:
+        try:
+            names.append(source.name or load_site(source.path, source.task()).name)
+        except Exception:  # noqa: BLE001 - an invalid site is left out by the run; it can still be named
+            names.append(source.path.stem)
+    return names
+
+
+def attackers_by_partition(attacks: list[Attack], sources: list[SiteSource]) -> dict[int, Attack]:
+    """The attacks by the partition id of their site; :class:`AttackError` if a site is unknown or attacks
+    twice."""
+    names = site_names(sources) if attacks else []
+    by_partition: dict[int, Attack] = {}
+    for attack in attacks:
+        if attack.site not in names:
+            raise AttackError(f"--attack {attack.site}:{attack.kind}: no site {attack.site!r} in this run "
+                              f"(sites: {', '.join(names)})")
+        index = names.index(attack.site)
+        if index in by_partition:
+            raise AttackError(f"--attack: the site {attack.site} is given two attacks; one per site")
+        by_partition[index] = attack
+    return by_partition
+
+
+def attacked_sources(attacks: list[Attack], sources: list[SiteSource], out: Path
+                     ) -> tuple[list[SiteSource], list]:
+    """The sources the simulation's ClientApp serves and the client mods it runs with: label-flipping sites
+    on a poisoned copy under ``out / ATTACKS_DIR``, every attacker behind :func:`attack_mod`."""
+    by_partition = attackers_by_partition(attacks, sources)
+    if not by_partition:
+        return sources, []
+    served = list(sources)
+    for index, attack in by_partition.items():
+        if attack.kind == "label-flip":
+            served[index] = poisoned_copy(sources[index], out / ATTACKS_DIR)
+    return served, [attack_mod(by_partition)]

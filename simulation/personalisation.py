@@ -1,0 +1,113 @@
+"""Personalised ANNs in the experiment's results and report (``fednano simulate --personalise``).
+
+What a site chose and why, and each candidate's metrics, come from two places, as for the federated model
+(``simulation.experiment.federated_entry``): what the sites released to the coordinator (the run record's
+``personalisation``: noised, coarsely binned at a DP site) and, in a simulation, each site's own exact record of
+the same figures in its folder (``client.personalisation_handlers``), which the simulation reads as it reads the
+sites' data. The personalised models themselves stay in the sites' folders.
+
+results.json:
+
+- ``models.ann.personalised``: ``{"overall", "per_site"}`` of the model each site chose (the same shape as
+  ``models.ann.federated``), with ``chosen`` (site → candidate), ``candidates`` (each candidate's own
+  ``{"overall", "per_site"}``: the site's local-only model, the global model, each method), ``released`` and
+  ``cost`` (the phase's seconds, bytes on the wire, ε per DP site);
+- ``personalisation``: per site ``{chosen, reason, validation, dp_steps}`` (validation: candidate → outcome →
+  metrics, as released).
+"""
+
+from __future__ import annotations
+
+import json
+
+from client.personalisation_handlers import site_record_folder
+from client.personalised.choice import HEADLINE
+from client.site import SiteSource
+from server.run_record import RunRecord
+from shared.protocol.personalisation import GLOBAL, LOCAL
+from shared.task import TaskSpec
+from simulation.baselines import model_metrics
+
+LABELS = {LOCAL: "local", GLOBAL: "global"}
+
+
+def site_records(sources: dict[str, SiteSource], run_id: str) -> dict[str, dict]:
+    """Each site's own exact record of the phase (site name → record), where the site wrote one; ``sources``:
+    site name → where its data live."""
+    found = {}
+    for name, source in sources.items():
+        path = site_record_folder(source.folder, name) / f"{run_id}.json"
+        if path.is_file():
+            found[name] = json.loads(path.read_text())
+    return found
+
+
+def personalised_entry(task: TaskSpec, record: RunRecord, exact: dict[str, dict], privacy: dict[str, dict]) -> dict:
+    """``models.ann.personalised`` (module docstring) from the sites' exact records; ``privacy``:
+    ``results["privacy"]`` (ε per phase per DP site, for the cost)."""
+    phase = record.personalisation or {}
+    chosen = {site: entry["chosen"] for site, entry in exact.items()}
+    candidates = phase.get("candidates", [])
+    entry = model_metrics(task, {site: e["summaries"]["test"][chosen[site]] for site, e in exact.items()})
+    entry["chosen"] = chosen
+    entry["candidates"] = {c: model_metrics(task, {site: e["summaries"]["test"][c] for site, e in exact.items()})
+                           for c in candidates}
+    entry["released"] = {"per_site": {site: e["test"][e["chosen"]] for site, e in phase.get("per_site", {}).items()}}
+    entry.update(failures=phase.get("failures", {}), refused=phase.get("refused", {}), cost=cost(phase, privacy))
+    return entry
+
+
+def personalisation_results(record: RunRecord) -> dict:
+    """``personalisation`` of results.json: per site its choice, reason and released validation metrics."""
+    phase = record.personalisation or {}
+    return {site: {"chosen": e["chosen"], "reason": e["reason"], "validation": e["validation"],
+                   "dp_steps": e["dp_steps"]} for site, e in phase.get("per_site", {}).items()}
+
+
+def cost(phase: dict, privacy: dict[str, dict]) -> dict:
+    """The phase's seconds, bytes on the wire and, per DP site, ε granted to it and ε spent after it and after
+    the federated training."""
+    epsilon = {site: {"granted": p["phases"].get("personalisation", {}).get("granted"),
+                      "epsilon_after": p["phases"].get("personalisation", {}).get("epsilon_after"),
+                      "epsilon_after_training": p["phases"].get("training", {}).get("epsilon_after")}
+               for site, p in privacy.items()}
+    return {"seconds": phase.get("seconds"), "bytes": phase.get("bytes"), "methods": phase.get("methods"),
+            "epsilon": epsilon}
+
+
+def _fmt(value) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def report_section(results: dict) -> list[str]:
+    """The per-site table "local / global / personalised / chosen" on the test split, per outcome."""
+    entry = results["models"].get("ann", {}).get("personalised")
+    if not entry:
+        return []
+    candidates = list(entry["candidates"])
+    labels = [LABELS.get(c, c) for c in candidates]
+    lines = ["## Personalised ANNs (each site's choice)", "",
+             "Each site trained its local-only model and the personalised models from the final global model on its "
+             "own training split, scored them with the global model on its validation split (mean of the outcomes' "
+             "AUC / R²), and kept the best; the personalised models never left the site. Test split, each site's own "
+             "exact figures (local: the site's own model in the choice, on the federated encoder).", ""]
+    for name, kind in results["task"]["outcomes"]:
+        main = HEADLINE[kind]
+        lines += [f"### {name}: {main} on the test split", "",
+                  "| site | " + " | ".join(labels) + " | chosen | chosen's " + main + " |",
+                  "|---|" + "---|" * (len(labels) + 2)]
+        for site in sorted(entry["chosen"]):
+            cells = [_fmt(entry["candidates"][c]["per_site"].get(site, {}).get(name, {}).get(main))
+                     for c in candidates]
+            chosen = entry["chosen"][site]
+            lines.append(f"| {site} | " + " | ".join(cells) + f" | {LABELS.get(chosen, chosen)} | "
+                         + _fmt(entry["per_site"].get(site, {}).get(name, {}).get(main)) + " |")
+        lines.append("")
+    lines += ["Why each site chose as it did (its released validation figures):", ""]
+    for site, part in sorted(results.get("personalisation", {}).items()):
+        lines.append(f"- {site}: {part['chosen']} — {part['reason']}")
+    spent = entry.get("cost", {})
+    if spent.get("seconds") is not None:
+        lines += ["", f"Cost of the phase: {spent['seconds']:.1f} s, {spent['bytes']['sent']} bytes sent, "
+                      f"{spent['bytes']['received']} received."]
+    return lines + [""]

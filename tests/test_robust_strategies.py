@@ -1,0 +1,134 @@
+"""Robust aggregation: Flower's own Krum, MultiKrum, Bulyan, FedMedian and FedTrimmedAvg by name, with parameters
+derived from the number of sites, impossible federations refused; update-norm clipping clips."""
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import Bulyan, FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum
+
+from strategies.choice import make_strategy
+from strategies.robust import (
+    ImpossibleAggregation,
+    RobustParameters,
+    check_robust,
+    default_malicious_sites,
+    default_trim_fraction,
+)
+from strategies.summation import sum_metricrecords
+from strategies.update_clipping import UpdateNormClipping, clip_update, update_norm
+
+
+def test_defaults_assume_one_malicious_site_in_ten_and_trim_that_many_at_each_end():
+    assert [default_malicious_sites(n) for n in (3, 10, 19, 20, 35)] == [1, 1, 1, 2, 3]
+    assert default_trim_fraction(10, 1) == 0.15
+    for n in range(3, 60):
+        f = default_malicious_sites(n)
+        beta = default_trim_fraction(n, f)
+        if beta < 0.5:  # trims f at each end, and still f with one site missing
+            assert int(beta * n) == f and int(beta * (n - 1)) == f, n
+    assert RobustParameters.of(10) == RobustParameters(1, 0.15)
+    assert RobustParameters.of(10, malicious_sites=2) == RobustParameters(2, 0.25)
+    assert RobustParameters.of(10, malicious_sites=0, trim_fraction=0.3) == RobustParameters(0, 0.3)
+
+
+@pytest.mark.parametrize(("name", "cls"), [("krum", Krum), ("multikrum", MultiKrum), ("bulyan", Bulyan),
+                                           ("fedmedian", FedMedian), ("fedtrimmedavg", FedTrimmedAvg)])
+def test_each_robust_name_builds_flowers_own_class_on_every_site(name, cls):
+    strategy = make_strategy(name, n_sites=10)
+    assert type(strategy) is cls
+    assert strategy.fraction_train == strategy.fraction_evaluate == 1.0
+    assert strategy.min_train_nodes == strategy.min_available_nodes == strategy.min_evaluate_nodes == 1
+    assert strategy.evaluate_metrics_aggr_fn is sum_metricrecords
+
+
+def test_robust_strategies_get_the_computed_parameters():
+    assert make_strategy("krum", n_sites=10).num_malicious_nodes == 1
+    assert make_strategy("krum", n_sites=10).num_nodes_to_select == 1
+    multikrum = make_strategy("multikrum", n_sites=10, robust=RobustParameters(3, 0.35))
+    assert (multikrum.num_malicious_nodes, multikrum.num_nodes_to_select) == (3, 7)  # averages the n − f best
+    assert make_strategy("bulyan", n_sites=11, robust=RobustParameters(2, 0.25)).num_malicious_nodes == 2
+    assert make_strategy("fedtrimmedavg", n_sites=10).beta == 0.15
+    assert make_strategy("fedtrimmedavg", n_sites=20, robust=RobustParameters.of(20)).beta == 0.125
+
+
+@pytest.mark.parametrize(("name", "n_sites", "f", "needs"), [
+    ("krum", 4, 1, "n ≥ 2f \\+ 3, at least 5"), ("multikrum", 6, 2, "n ≥ 2f \\+ 3, at least 7"),
+    ("bulyan", 10, 2, "n ≥ 4f \\+ 3, at least 11"), ("bulyan", 5, 1, "at least 7"),
+    ("fedmedian", 4, 2, "n ≥ 2f \\+ 1, at least 5")])
+def test_a_federation_too_small_for_the_assumed_attackers_is_refused_saying_what_it_needs(name, n_sites, f, needs):
+    with pytest.raises(ImpossibleAggregation, match=f"{name} tolerating {f} malicious site.*{needs}.*has {n_sites}"):
+        make_strategy(name, n_sites=n_sites, robust=RobustParameters(f, 0.1))
+    check_robust(name, n_sites + 10, RobustParameters(f, 0.1))  # enough sites: accepted
+
+
+def test_trimmed_mean_that_trims_fewer_than_the_attackers_or_half_is_refused():
+    with pytest.raises(ImpossibleAggregation, match="drops 0 of 10 sites at each end, fewer than the 1"):
+        make_strategy("fedtrimmedavg", n_sites=10, robust=RobustParameters(1, 0.05))
+    with pytest.raises(ImpossibleAggregation, match=r"must be in \[0, 0.5\)"):
+        make_strategy("fedtrimmedavg", n_sites=10, robust=RobustParameters(1, 0.5))
+    with pytest.raises(ImpossibleAggregation, match="drops 2 of 5 sites at each end, fewer than the 3"):
+        make_strategy("fedtrimmedavg", n_sites=5, robust=RobustParameters(3, 0.45))
+    with pytest.raises(ImpossibleAggregation, match=r"must be in \[0, 0.5\); got 0.7"):
+        make_strategy("fedtrimmedavg", n_sites=5, robust=RobustParameters.of(5, 3))  # derived (3 + ½)/5
+    with pytest.raises(ImpossibleAggregation, match="cannot be negative"):
+        check_robust("krum", 10, RobustParameters(-1, 0.1))
+
+
+def test_clip_update_scales_a_long_update_to_the_bound_and_keeps_a_short_one():
+    global_ = {"w": np.array([1.0, 1.0]), "b": np.array([0.0])}
+    long = {"w": np.array([4.0, 5.0]), "b": np.array([12.0])}  # update (3, 4, 12): norm 13
+    assert update_norm(global_, long) == pytest.approx(13.0)
+    clipped = clip_update(global_, long, max_norm=2.6)  # scaled by 0.2
+    np.testing.assert_allclose(clipped["w"], [1.6, 1.8])
+    np.testing.assert_allclose(clipped["b"], [2.4])
+    assert update_norm(global_, clipped) == pytest.approx(2.6)
+    short = {"w": np.array([1.3, 1.4]), "b": np.array([1.2])}  # norm 1.3
+    for key, value in clip_update(global_, short, max_norm=2.6).items():
+        np.testing.assert_allclose(value, short[key])
+    float32 = {"w": np.array([4.0, 5.0], dtype=np.float32), "b": np.array([12.0], dtype=np.float32)}
+    assert clip_update(global_, float32, 2.6)["w"].dtype == np.float32
+
+
+@pytest.fixture()
+def task_identity(monkeypatch):
+    """What Flower's runtime sets in a ServerApp process (Message() needs it)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def _reply(arrays: dict[str, np.ndarray], n: int) -> Message:
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                          "metrics": MetricRecord({"num-examples": n})})
+    return Message(content, dst_node_id=0, message_type="train")
+
+
+    def __init__(self, strategy: UpdateNormClipping, global_arrays: dict[str, np.ndarray]) -> None:
+        strategy._global = {k: v.astype(np.float64) for k, v in global_arrays.items()}
+
+
+def test_clipping_wrapper_bounds_a_scaled_update_before_fedavg_averages(monkeypatch, task_identity):
+    global_ = {"w": np.zeros(2)}
+    honest = [{"w": np.array([0.1, 0.0])}, {"w": np.array([0.0, 0.1])}, {"w": np.array([0.1, 0.1])}]
+    attacker = {"w": np.array([30.0, 40.0])}  # norm 50
+    inner = FedAvg()
+    monkeypatch.setattr(inner, "configure_train", lambda *args: [])
+    strategy = UpdateNormClipping(inner, max_norm=0.5)
+    strategy.configure_train(1, ArrayRecord({"w": Array(global_["w"])}), None, None)
+    replies = [_reply(a, 10) for a in [*honest, attacker]]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    # the attacker's update shrinks to (0.3, 0.4): the mean is (0.1+0+0.1+0.3, 0+0.1+0.1+0.4) / 4
+    np.testing.assert_allclose(arrays["w"].numpy(), [0.125, 0.15])
+    assert strategy.norms[1] == pytest.approx([0.1, 0.1, np.sqrt(0.02), 50.0])
+    unclipped, _ = FedAvg().aggregate_train(1, [_reply(a, 10) for a in [*honest, attacker]])
+    np.testing.assert_allclose(unclipped["w"].numpy(), [7.55, 10.05])
+
+
+def test_clipping_wraps_any_named_strategy_and_refuses_a_non_positive_bound():
+    wrapped = make_strategy("krum", n_sites=10, clip_norm=1.5)
+    assert isinstance(wrapped, UpdateNormClipping) and type(wrapped.strategy) is Krum
+    assert wrapped.max_norm == 1.5
+    assert type(make_strategy("fedavg", n_sites=3, clip_norm=0.0)) is FedAvg
+    with pytest.raises(ValueError, match="max_norm"):
+        UpdateNormClipping(FedAvg(), max_norm=-1.0)
