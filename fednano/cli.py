@@ -336,6 +336,37 @@ def status(
     raise typer.Exit(1 if failed else 0)
 
 
+@app.command()
+def dashboard(
+    runs_dir: Path = typer.Argument(..., exists=True, file_okay=False,
+                                    help="Folder of runs: fednano simulate --out folders, ServerApp out-dirs."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: this machine only)."),
+    port: int = typer.Option(8050, "--port", min=1, max=65535, help="TCP port."),
+    token: str | None = typer.Option(None, "--token", envvar="FEDNANO_WEB_TOKEN", show_default=False,
+                                     help="Access token every request must present (needed off 127.0.0.1)."),
+    tls_cert: Path | None = typer.Option(None, "--tls-cert", help="TLS certificate, e.g. the kit's "
+                                                                  "coordinator/server.pem (needed off 127.0.0.1)."),
+    tls_key: Path | None = typer.Option(None, "--tls-key", help="Its private key, e.g. coordinator/server.key."),
+) -> None:
+    """Serve the federation dashboard: every run under RUNS_DIR, its rounds, sites, ε, curves and policy versions
+    (read-only; a run in progress refreshes itself)."""
+    from server.dashboard import serve_dashboard
+    from shared.web.access import TLSFiles, WebAccessError, check_binding
+
+    try:
+        if (tls_cert is None) != (tls_key is None):
+            raise WebAccessError("give both --tls-cert and --tls-key, or neither")
+        tls = TLSFiles(tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None
+        check_binding(host, token, tls)
+        scheme = "https" if tls else "http"
+        typer.echo(f"dashboard of the runs under {runs_dir}: {scheme}://{host}:{port}/"
+                   + (" (open it with ?token=<token> once)" if token else ""))
+        serve_dashboard(runs_dir, host=host, port=port, token=token, tls=tls)
+    except WebAccessError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+
+
 POLICY_HELP = ("A signed policy bundle folder. With --site (or a site store found in ./.fednano/policy) it must be "
                "the version the site installed: an older one is refused.")
 SITE_HELP = ("A site's data folder: serve the policy its store (<site>/.fednano/policy) holds, verified against "

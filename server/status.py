@@ -111,14 +111,25 @@ class SiteParticipation:
     privacy: SitePrivacyRecord | None
 
 
-def read_record(path: Path) -> RunRecord:
-    """The run record at ``path``: a ``federation.json``, the out-dir holding it, or a ``fednano simulate``
-    output folder (whose record is in ``federated/``); :class:`StatusError` naming the file otherwise."""
+SIMULATION_RECORD_FOLDER = "federated"
+"""Where ``fednano simulate`` keeps its federated run's record inside its output folder."""
+
+
+def record_file(path: Path) -> Path:
+    """Where the run record of ``path`` is: ``path`` itself if a file, else the out-dir's ``federation.json`` or a
+    ``fednano simulate`` output folder's ``federated/federation.json`` (the first that exists; the out-dir's if
+    neither does, so the error names the file a deployed run would have written)."""
     path = Path(path)
-    candidates = [path] if not path.is_dir() else [path / RECORD_FILE, path / "federated" / RECORD_FILE]
-    file = next((c for c in candidates if c.is_file()), candidates[0])
+    if not path.is_dir():
+        return path
+    candidates = [path / RECORD_FILE, path / SIMULATION_RECORD_FOLDER / RECORD_FILE]
+    return next((c for c in candidates if c.is_file()), candidates[0])
+
+
+def read_record(path: Path) -> RunRecord:
+    """The run record at ``path`` (:func:`record_file`); :class:`StatusError` naming the file otherwise."""
     try:
-        return RunRecord.read(file)
+        return RunRecord.read(record_file(path))
     except RecordError as err:
         raise StatusError(str(err)) from err
 
@@ -151,14 +162,41 @@ def weighted_train_loss(entry: dict) -> float | None:
     return sum(loss * n for loss, n in pairs) / total if total else None
 
 
+def headline_metric(values: dict) -> str | None:
+    """The metric shown for one outcome's metrics: the first of :data:`HEADLINE_METRICS` it has as a number."""
+    return next((m for m in HEADLINE_METRICS if isinstance(values.get(m), int | float)
+                 and not isinstance(values.get(m), bool)), None)
+
+
 def headline(overall: dict) -> str:
     """``outcome metric value`` for each outcome of a round's overall metrics."""
     parts = []
     for outcome, values in overall.items():
-        metric = next((m for m in HEADLINE_METRICS if isinstance(values.get(m), int | float)), None)
+        metric = headline_metric(values)
         if metric is not None:
             parts.append(f"{outcome} {metric} {values[metric]:.3f}")
     return ", ".join(parts) or "–"
+
+
+@dataclass(frozen=True)
+class RoundSummary:
+    """One training round: the sites that trained, those that failed and why, the loss, the overall metrics."""
+
+    round: int
+    trained: tuple[str, ...]
+    failed: dict[str, str]
+    train_loss: float | None
+    overall: dict
+
+
+def round_summaries(record: RunRecord) -> list[RoundSummary]:
+    """One :class:`RoundSummary` per round of the run's round-based training (what ``fednano status`` and the
+    dashboard show)."""
+    return [RoundSummary(round=entry["round"],
+                         trained=tuple(site for site, s in entry["per_site"].items() if "train" in s),
+                         failed={site: str(reason) for site, reason in entry.get("failures", {}).items()},
+                         train_loss=weighted_train_loss(entry), overall=entry.get("overall", {}))
+            for entry in training_rounds(record)]
 
 
 def rounds_table(record: RunRecord, title: str) -> Table:
@@ -167,12 +205,10 @@ def rounds_table(record: RunRecord, title: str) -> Table:
     for column in ("round", "trained", "failed", "train loss", "overall (test sets evaluated)"):
         table.add_column(column, justify="right" if column in ("round", "trained", "train loss") else "left")
     n_sites = len(record.sites)
-    for entry in training_rounds(record):
-        trained = sum("train" in s for s in entry["per_site"].values())
-        failures = "; ".join(f"{site}: {_short(reason)}" for site, reason in entry.get("failures", {}).items())
-        loss = weighted_train_loss(entry)
-        table.add_row(str(entry["round"]), f"{trained}/{n_sites}", failures or "–",
-                      "–" if loss is None else f"{loss:.4f}", headline(entry.get("overall", {})))
+    for entry in round_summaries(record):
+        failures = "; ".join(f"{site}: {short_reason(reason)}" for site, reason in entry.failed.items())
+        table.add_row(str(entry.round), f"{len(entry.trained)}/{n_sites}", failures or "–",
+                      "–" if entry.train_loss is None else f"{entry.train_loss:.4f}", headline(entry.overall))
     return table
 
 
@@ -183,7 +219,7 @@ def sites_table(record: RunRecord, title: str) -> Table:
         table.add_column(column, justify="left" if column in ("site", "failed rounds", "ε per phase") else "right")
     n_rounds = len(training_rounds(record))
     for site in participation(record):
-        failed = ", ".join(f"{r} ({_short(reason)})" for r, reason in site.failed.items())
+        failed = ", ".join(f"{r} ({short_reason(reason)})" for r, reason in site.failed.items())
         p = site.privacy
         dp = p is not None and p.dp
         phases = "; ".join(f"{phase} {eps:.2f}" for phase, eps in p.epsilon_after.items()) if dp else ""
@@ -194,7 +230,7 @@ def sites_table(record: RunRecord, title: str) -> Table:
     return table
 
 
-def _short(reason: str, limit: int = 80) -> str:
+def short_reason(reason: str, limit: int = 80) -> str:
     """The first line of a reason, cut to ``limit`` characters (a Ray traceback is reduced to its error)."""
     lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
     if not lines:

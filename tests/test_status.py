@@ -153,7 +153,7 @@ def test_read_record_finds_the_record_in_a_simulate_output_folder(tmp_path):
 def test_a_ray_traceback_as_a_failure_reason_is_shown_as_its_error_line():
     reason = ("RayTaskError(ClientAppException): ray::ClientAppActor.run()\nTraceback (most recent call last):\n"
               '  File "x.py", line 3, in f\nValueError: site.toml privacy.shares: adjuster must be in [0, 1]')
-    assert status._short(reason) == "ValueError: site.toml privacy.shares: adjuster must be in [0, 1]"
+    assert status.short_reason(reason) == "ValueError: site.toml privacy.shares: adjuster must be in [0, 1]"
 
 
 def test_run_id_comes_from_the_record_else_from_the_signed_policys_manifest(tmp_path):
