@@ -70,6 +70,13 @@ def test_nice_ticks_cover_the_range_with_round_steps(low, high):
     assert any(math.isclose(mantissa, m, rel_tol=1e-9) for m in (1, 2, 5, 10))
 
 
+def test_whole_number_axes_get_whole_ticks():
+    assert nice_ticks(1, 2, integer=True) == [1, 2]
+    assert nice_ticks(1, 2) == [1, 1.5, 2]
+    svg = line_chart([Series("auc", [1, 2], [0.6, 0.7])], title="t", x_label="round", y_label="auc")
+    assert ">1.5<" not in svg and ">1<" in svg and ">2<" in svg
+
+
 @pytest.mark.parametrize("host,loop", [("127.0.0.1", True), ("127.1.2.3", True), ("::1", True), ("localhost", True),
                                        ("0.0.0.0", False), ("10.0.0.5", False), ("example.org", False)])
 def test_loopback(host, loop):

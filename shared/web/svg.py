@@ -52,8 +52,9 @@ def _finite(value) -> bool:
     return value is not None and isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
-    """About ``count`` round tick values covering ``[low, high]`` (steps of 1, 2 or 5 × 10ᵏ)."""
+def nice_ticks(low: float, high: float, count: int = 5, integer: bool = False) -> list[float]:
+    """About ``count`` round tick values covering ``[low, high]`` (steps of 1, 2 or 5 × 10ᵏ); whole steps only
+    with ``integer`` (rounds, cycles: no "round 1.5")."""
     if not (math.isfinite(low) and math.isfinite(high)):
         raise ValueError("tick range must be finite")
     if high < low:
@@ -64,6 +65,8 @@ def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
     raw = (high - low) / max(count - 1, 1)
     power = 10 ** math.floor(math.log10(raw))
     step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw - 1e-12 * power)
+    if integer:
+        step = max(step, 1.0)
     first = math.floor(low / step + 1e-9) * step
     ticks = [round(first, 12)]
     while ticks[-1] < high - step * 1e-9 or len(ticks) < 2:
@@ -113,7 +116,7 @@ def line_chart(series: Sequence[Series], *, title: str, x_label: str, y_label: s
         parts.append(f'<text x="{width / 2:.1f}" y="{height / 2:.1f}" text-anchor="middle" font-size="13" '
                      f'fill="#5b6672">no data yet</text></svg>')
         return "".join(parts)
-    x_ticks = nice_ticks(min(xs), max(xs))
+    x_ticks = nice_ticks(min(xs), max(xs), integer=all(float(x).is_integer() for x in xs))
     y_ticks = nice_ticks(*y_range) if y_range is not None else nice_ticks(min(ys), max(ys))
     x0, x1 = (min(xs), max(xs)) if min(xs) < max(xs) else (x_ticks[0], x_ticks[-1])
     y0, y1 = y_range if y_range is not None else (y_ticks[0], y_ticks[-1])
