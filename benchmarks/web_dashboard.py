@@ -26,39 +26,26 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import httpx
-import uvicorn
 from record import machine, write_record
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from server.dashboard import find_runs, load_run, make_dashboard  # noqa: E402
+from tests.browser import CHROMIUM, chromium, served  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "web_pages_dashboard.json"
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 NAVIGATION = """const n = performance.getEntriesByType("navigation")[0];
 return {ttfb: n.responseStart, dom: n.domContentLoadedEventEnd, load: n.loadEventEnd, bytes: n.transferSize};"""
-
-
-def serve(app) -> tuple[uvicorn.Server, threading.Thread, str]:
-    """uvicorn on 127.0.0.1 and a free port in a thread; returns the server, its thread and base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    return server, thread, f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 def summary(seconds: list[float]) -> dict[str, float]:
@@ -83,30 +70,14 @@ def server_times(base: str, path: str, loads: int) -> dict:
     return {**summary(times), "bytes": size}
 
 
-def chromium():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                "--disable-extensions", "--disable-background-networking", "--window-size=1280,1600",
-                "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"):
-        options.add_argument(arg)
-    return webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
-
-
 def browser_times(base: str, path: str, loads: int) -> dict:
-    driver = chromium()
-    try:
+    with tempfile.TemporaryDirectory(prefix="fednano-bench-chromium-") as folder, chromium(Path(folder)) as driver:
         driver.get(base + path)  # warm-up (Chromium's own start)
         entries = []
         for _ in range(loads):
             driver.get("about:blank")
             driver.get(base + path)
             entries.append(driver.execute_script(NAVIGATION))
-    finally:
-        driver.quit()
     return {key: statistics.median(e[key] for e in entries) for key in ("ttfb", "dom", "load")} | {
         "load_p95": sorted(e["load"] for e in entries)[min(loads - 1, int(0.95 * loads))], "n": loads}
 
@@ -118,8 +89,7 @@ def page_load(runs_dir: Path, key: str | None, loads: int) -> dict:
     if not finished:
         raise SystemExit(f"no finished run{' ' + key if key else ''} with a readable record under {runs_dir}")
     run, view = max(finished, key=lambda rv: len(rv[1].sites))
-    server, thread, base = serve(make_dashboard(runs_dir))
-    try:
+    with served(make_dashboard(runs_dir)) as base:
         result = {"run": run.key, "sites": len(view.sites), "rounds": view.rounds_done, "pages": {}}
         for name, path in (("run page", f"/runs/{run.key}"), ("index", "/"), ("refresh endpoint", "/api/state")):
             result["pages"][name] = {"path": path, "server": server_times(base, path, loads)}
@@ -129,9 +99,6 @@ def page_load(runs_dir: Path, key: str | None, loads: int) -> dict:
         for _ in range(loads):
             load_run(run)
         result["view_build_ms"] = (time.perf_counter() - start) / loads * 1000
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
     return result
 
 
@@ -164,22 +131,20 @@ def live(runs_dir: Path, clinics: int, intervals: list[float]) -> dict:
     result = {"clinics": clinics, "runs": []}
     for i, interval in enumerate(intervals):
         key = f"live-{i}-{'unpolled' if interval <= 0 else format(interval, 'g') + 's'}"
-        server, thread, base = serve(make_dashboard(runs_dir))
         times: list[float] = []
         states: list[str] = []
         stop = threading.Event()
-        poller = threading.Thread(target=poll, args=(base, key, interval, stop, times, states), daemon=True)
         load = os.getloadavg()[0]
-        if interval > 0:
-            poller.start()
-        try:
-            wall = simulate(runs_dir / key, clinics)
-        finally:
-            stop.set()
+        with served(make_dashboard(runs_dir)) as base:
+            poller = threading.Thread(target=poll, args=(base, key, interval, stop, times, states), daemon=True)
             if interval > 0:
-                poller.join(timeout=30)
-            server.should_exit = True
-            thread.join(timeout=10)
+                poller.start()
+            try:
+                wall = simulate(runs_dir / key, clinics)
+            finally:
+                stop.set()
+                if interval > 0:
+                    poller.join(timeout=30)
         result["runs"].append({"interval_s": interval, "wall_s": wall, "load1_before": load,
                                "endpoint": summary(times) if times else None, "states_seen": sorted(set(states))})
     return result

@@ -80,23 +80,6 @@ def server_times(app, form: dict[str, str], repeats: int) -> dict[str, dict[str,
     return results
 
 
-def chromium(profile: Path):
-    """Headless Chromium through Debian's chromedriver, resolving nothing but 127.0.0.1 (tests/browser.py's
-    settings)."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    from tests.browser import CHROMEDRIVER, CHROMIUM, WINDOW
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                "--disable-extensions", "--disable-background-networking", f"--window-size={WINDOW[0]},{WINDOW[1]}",
-                f"--user-data-dir={profile}", "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"):
-        options.add_argument(arg)
-    return webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
-
-
 def navigation(driver) -> dict[str, float]:
     entry = driver.execute_script("const e = performance.getEntriesByType('navigation')[0]; return e.toJSON();")
     return {mark: float(entry[mark]) for mark in NAVIGATION_MARKS} | {"bytes": float(entry["decodedBodySize"])}
@@ -108,34 +91,31 @@ def browser_times(app, form: dict[str, str], repeats: int) -> dict[str, dict[str
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    from tests.browser import served
+    from tests.browser import chromium, served
 
     fields = {f.name: f for f in patient_form_fields()}
     loads: dict[str, list[dict[str, float]]] = {"GET / (form)": [], "POST / (answer)": []}
-    with tempfile.TemporaryDirectory(prefix="fednano-bench-chromium-") as profile, served(app) as base:
-        driver = chromium(Path(profile))
-        try:
-            for i in range(WARM_UP + repeats):
-                driver.get(base + "/")
-                form_load = navigation(driver)
-                for name, text in form.items():
-                    element = driver.find_element(By.ID, fields[name].input_id)
-                    if fields[name].kind == "choice":
-                        Select(element).select_by_value(text)
-                    elif text:
-                        element.send_keys(text)
-                button = driver.find_element(By.ID, "submit")
-                button.click()
-                WebDriverWait(driver, 60).until(expected_conditions.staleness_of(button))
-                WebDriverWait(driver, 60).until(lambda d: d.execute_script("return document.readyState") == "complete")
-                answer_load = navigation(driver)
-                if not driver.find_elements(By.ID, "answer"):
-                    raise RuntimeError("the answer page shows no answer")
-                if i >= WARM_UP:
-                    loads["GET / (form)"].append(form_load)
-                    loads["POST / (answer)"].append(answer_load)
-        finally:
-            driver.quit()
+    with tempfile.TemporaryDirectory(prefix="fednano-bench-chromium-") as profile, served(app) as base, \
+            chromium(Path(profile)) as driver:
+        for i in range(WARM_UP + repeats):
+            driver.get(base + "/")
+            form_load = navigation(driver)
+            for name, text in form.items():
+                element = driver.find_element(By.ID, fields[name].input_id)
+                if fields[name].kind == "choice":
+                    Select(element).select_by_value(text)
+                elif text:
+                    element.send_keys(text)
+            button = driver.find_element(By.ID, "submit")
+            button.click()
+            WebDriverWait(driver, 60).until(expected_conditions.staleness_of(button))
+            WebDriverWait(driver, 60).until(lambda d: d.execute_script("return document.readyState") == "complete")
+            answer_load = navigation(driver)
+            if not driver.find_elements(By.ID, "answer"):
+                raise RuntimeError("the answer page shows no answer")
+            if i >= WARM_UP:
+                loads["GET / (form)"].append(form_load)
+                loads["POST / (answer)"].append(answer_load)
     return {page: {mark: summary([load[mark] for load in runs]) for mark in (*NAVIGATION_MARKS, "bytes")}
             for page, runs in loads.items()}
 

@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from pathlib import Path
 
 import pytest
 
@@ -46,15 +47,11 @@ def _missing() -> str | None:
     return None
 
 
-@pytest.fixture
-def chrome(tmp_path):
-    """A headless Chromium (Selenium WebDriver) that can reach 127.0.0.1 only; quit, and its driver's process
-    stopped by PID, after the test."""
-    missing = _missing()
-    if missing is not None:
-        if os.environ.get(REQUIRE_ENV) == "1":
-            pytest.fail(f"browser tests required ({REQUIRE_ENV}=1) but {missing}")
-        pytest.skip(missing)
+@contextmanager
+def chromium(folder) -> Iterator:
+    """A headless Chromium (Selenium WebDriver) that can reach 127.0.0.1 only, with its profile and driver log in
+    ``folder``; quit, and its driver's process stopped by PID, when the block ends. For tests (the ``chrome``
+    fixture) and the page-load benchmarks alike."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -63,10 +60,10 @@ def chrome(tmp_path):
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
                 "--disable-extensions", "--disable-background-networking", "--disable-component-update",
                 "--disable-sync", "--disable-default-apps", "--metrics-recording-only", "--no-pings",
-                f"--window-size={WINDOW[0]},{WINDOW[1]}", f"--user-data-dir={tmp_path / 'chromium-profile'}",
+                f"--window-size={WINDOW[0]},{WINDOW[1]}", f"--user-data-dir={Path(folder) / 'chromium-profile'}",
                 "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"):
         options.add_argument(arg)
-    service = Service(executable_path=CHROMEDRIVER, log_output=str(tmp_path / "chromedriver.log"))
+    service = Service(executable_path=CHROMEDRIVER, log_output=str(Path(folder) / "chromedriver.log"))
     driver = webdriver.Chrome(options=options, service=service)
     pid = service.process.pid if service.process is not None else None
     try:
@@ -76,6 +73,18 @@ def chrome(tmp_path):
         if pid is not None:
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def chrome(tmp_path):
+    """:func:`chromium` for one test, its files under the test's temporary folder."""
+    missing = _missing()
+    if missing is not None:
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(f"browser tests required ({REQUIRE_ENV}=1) but {missing}")
+        pytest.skip(missing)
+    with chromium(tmp_path) as driver:
+        yield driver
 
 
 @contextmanager
