@@ -108,6 +108,20 @@ def test_run_page_shows_every_site_every_round_and_each_sites_epsilon_as_the_rec
     assert "delta left out at the site check: episodes.csv, column &#39;dose_mg&#39;" in html
 
 
+def test_final_metrics_of_a_run_with_dp_sites_are_labelled_as_released_with_noise(tmp_path, client_of):
+    record = make_record()  # alpha and beta answer under DP, gamma does not
+    record["models"]["ann"]["final"]["overall"] = {"response": {"auc": 0.437}}
+    deployed(tmp_path, record=record)
+    html = client_of(tmp_path).get("/runs/deployed").text
+    assert "final ann" in html and "response auc 0.437" in html
+    note = html.split('id="released-note">', 1)[1].split("</dd>", 1)[0]
+    assert note.startswith("as the sites released them: 2 of 3 sites answer under DP")
+    for privacy in record["privacy"].values():
+        privacy["dp"] = False
+    deployed(tmp_path, "exact", record)
+    assert 'id="released-note"' not in client_of(tmp_path).get("/runs/exact").text
+
+
 def test_run_page_draws_the_epsilon_and_metric_curves_as_inline_svg(tmp_path, client_of):
     deployed(tmp_path)
     html = client_of(tmp_path).get("/runs/deployed").text
