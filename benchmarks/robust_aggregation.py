@@ -2,7 +2,7 @@
 
     python benchmarks/robust_aggregation.py [--clinics 10] [--rounds 3] [--strategies fedavg,krum,...]
         [--attacks none,sign-flip,scale,label-flip,lie] [--cells fedavg:none,fedavg:scale=100,...]
-        [--attacker largest] [--clip-norm C] [--out FILE]
+        [--attacker largest] [--clip-norm C | --clip-median-factor F] [--out FILE]
 
 One world of ``--clinics`` simulated clinics (no DP, so what is measured is the aggregation), the federated ANN
 only (``models = "ann"``, no XGBoost, no policy), ``--rounds`` rounds. For every strategy and attack the real
@@ -15,7 +15,9 @@ summaries, which ``lie`` falsifies).
 The attacker is the largest clinic by default: FedAvg weights sites by their rows, so it is the one attacker
 that moves FedAvg most. ``lie`` leaves the model as it is (it falsifies the released summaries only), so it is
 run with FedAvg alone unless asked for elsewhere (``--lie-everywhere``). ``--cells`` replaces the grid by a list
-of ``STRATEGY:KIND[=FACTOR]`` (``none`` for no attack) when time allows only some cells.
+of ``STRATEGY:KIND[=FACTOR]`` (``none`` for no attack) when time allows only some cells; with ``--cells``, a
+``--clip-norm`` or ``--clip-median-factor`` applies to every cell (without, the grid adds FedAvg with it). The
+median-based bound's norms and bounds per round are kept in each cell (``update_norms``).
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ def run_cell(cfg: ExperimentConfig, sources, sites: dict, settings: BaselineSett
     released = record.models["ann"].final["overall"].get(OUTCOME, {})
     return {"auc": metrics["overall"][OUTCOME]["auc"], "released_auc": released.get("auc"),
             "toxicity_auc": metrics["overall"]["toxicity_grade3"]["auc"], "seconds": seconds,
-            "failures": {str(k): v for k, v in record.models["ann"].failures.items()}}
+            "failures": {str(k): v for k, v in record.models["ann"].failures.items()},
+            "update_norms": record.models["ann"].update_norms}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale-factor", type=float, default=10.0)
     parser.add_argument("--sign-flip-factor", type=float, default=1.0)
     parser.add_argument("--clip-norm", type=float, default=0.0, help="also run FedAvg with this update norm bound")
+    parser.add_argument("--clip-median-factor", type=float, default=0.0,
+                        help="also run FedAvg with updates clipped to this × the round's median update norm")
     parser.add_argument("--attacker", default="largest", help="a site name, or 'largest'")
     parser.add_argument("--lie-everywhere", action="store_true")
     parser.add_argument("--cells", default="", help="STRATEGY:KIND[=FACTOR],... instead of the grid")
@@ -100,12 +105,13 @@ def main(argv: list[str] | None = None) -> int:
                                 hidden=(64, 32), seed=args.seed, split_seed=args.seed)
     factors = {"scale": f"={args.scale_factor:g}", "sign-flip": f"={args.sign_flip_factor:g}"}
     cells = []
-    for strategy, clip, attack in grid(args):
-        label = strategy if clip == 0 else f"{strategy}+clip{clip:g}"
+    for strategy, clip, median_factor, attack in grid(args):
+        label = clipped_label(strategy, clip, median_factor)
         kind = attack.split("=")[0]
         spec = attack if "=" in attack or kind not in factors else f"{attack}{factors[kind]}"
         attacks = [] if attack == "none" else [f"{attacker}:{spec}"]
-        cfg = dataclasses.replace(base, strategy=strategy, clip_norm=clip, attacks=attacks)
+        cfg = dataclasses.replace(base, strategy=strategy, clip_norm=clip, clip_median_factor=median_factor,
+                                  attacks=attacks)
         shutil.rmtree(cfg.out, ignore_errors=True)
         cell = {"strategy": label, "attack": spec, "attacks": attacks, **run_cell(cfg, sources, sites, settings)}
         cells.append(cell)
@@ -126,18 +132,29 @@ def save(args, argv, cells: list[dict], world, attacker: str) -> None:
                         "attacker_patients": next(c.n_patients for c in world.clinics if c.name == attacker),
                         "patients": {c.name: c.n_patients for c in world.clinics},
                         "scale_factor": args.scale_factor, "sign_flip_factor": args.sign_flip_factor,
+                        "clip_norm": args.clip_norm, "clip_median_factor": args.clip_median_factor,
                         "target_drop": TARGET_DROP})
 
 
-def grid(args) -> list[tuple[str, float, str]]:
-    """(strategy, clip norm, attack) of every cell: ``--cells``, else every strategy × attack (``lie`` with FedAvg
-    only unless ``--lie-everywhere``), plus FedAvg with clipping if ``--clip-norm``."""
+def clipped_label(strategy: str, clip: float, median_factor: float) -> str:
+    """The strategy's name in the table, with its update norm bound if any."""
+    if median_factor > 0:
+        return f"{strategy}+clip{median_factor:g}xmed"
+    return strategy if clip == 0 else f"{strategy}+clip{clip:g}"
+
+
+def grid(args) -> list[tuple[str, float, float, str]]:
+    """(strategy, clip norm, median factor, attack) of every cell: ``--cells`` (each with the clipping asked
+    for), else every strategy × attack (``lie`` with FedAvg only unless ``--lie-everywhere``), plus FedAvg with
+    clipping if ``--clip-norm`` or ``--clip-median-factor``."""
     if args.cells:
-        return [(c.split(":")[0], 0.0, c.split(":", 1)[1]) for c in args.cells.split(",") if c]
-    strategies = [(s, 0.0) for s in args.strategies.split(",") if s]
-    strategies += [("fedavg", args.clip_norm)] if args.clip_norm > 0 else []
-    return [(s, clip, a) for s, clip in strategies for a in args.attacks.split(",")
-            if a and (a != "lie" or (s == "fedavg" and clip == 0) or args.lie_everywhere)]
+        return [(c.split(":")[0], args.clip_norm, args.clip_median_factor, c.split(":", 1)[1])
+                for c in args.cells.split(",") if c]
+    strategies = [(s, 0.0, 0.0) for s in args.strategies.split(",") if s]
+    if args.clip_norm > 0 or args.clip_median_factor > 0:
+        strategies.append(("fedavg", args.clip_norm, args.clip_median_factor))
+    return [(s, clip, med, a) for s, clip, med in strategies for a in args.attacks.split(",")
+            if a and (a != "lie" or (s == "fedavg" and clip == med == 0) or args.lie_everywhere)]
 
 
 def summarise(cells: list[dict]) -> list[dict]:

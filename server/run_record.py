@@ -13,7 +13,8 @@
 A :class:`ModelRecord` holds the family's rounds (per round: each site's training and evaluation metrics,
 failures, overall metrics from the summed summaries — the metrics of the union of the test sets, not an
 average), its final metrics, the sites that failed or refused the phase and why, and its permutation
-importance. Sites under DP are evaluated at the final round only (each evaluation is charged to their
+importance, and with update-norm clipping the update norms seen and the bound of each round. Sites under DP
+are evaluated at the final round only (each evaluation is charged to their
 budget). :class:`SitePrivacyRecord` holds what a site's DP releases cost: ε granted per phase at the site
 check, releases per phase and ε spent after the last one.
 """
@@ -94,6 +95,9 @@ class ModelRecord:
     refused: dict[str, str] = field(default_factory=dict)
     importance: dict = field(default_factory=dict)
     heads: list[str] = field(default_factory=list)
+    update_norms: dict = field(default_factory=dict)
+    """With update-norm clipping (:mod:`strategies.update_clipping`): ``{"bound": {round: bound},
+    "per_site": {round: {site: norm before clipping}}}``; empty without."""
 
 
 @dataclass
@@ -227,3 +231,10 @@ def final_metrics(task: TaskSpec, names: dict[int, str], evaluations: dict[int, 
 def last_evaluations(rounds) -> dict[int, dict]:
     """The evaluation records of the last round that has any: every site's view of the final model."""
     return next((rounds.evaluate[r] for r in sorted(rounds.evaluate, reverse=True) if rounds.evaluate[r]), {})
+
+
+def update_norm_record(names: dict[int, str], bounds: dict[int, float], norms: dict[int, dict[int, float]]) -> dict:
+    """``ModelRecord.update_norms`` from a clipping strategy's per-round ``bounds`` and per-node ``norms``."""
+    return {"bound": {str(r): b for r, b in sorted(bounds.items())},
+            "per_site": {str(r): {names.get(n, f"node {n}"): v for n, v in per_node.items()}
+                         for r, per_node in sorted(norms.items())}}

@@ -64,6 +64,9 @@ class RunSettings:
         FedTrimmedAvg's β, the share dropped at each end of every coordinate; negative: (f + ½)/n.
     clip_norm : float, default 0.0 (off)
         Bound on the L2 norm of each site's ANN update before aggregation (``strategies.update_clipping``).
+    clip_median_factor : float, default 0.0 (off)
+        Instead of a fixed bound: clip each update to this multiple of the round's median update norm
+        (``strategies.update_clipping.MedianNormClipping``); not together with ``clip_norm``.
     local_epochs, batch_size, lr : int, int, float
         Local training per round.
     hidden : str, default "64,32"
@@ -122,6 +125,7 @@ class RunSettings:
     malicious_sites: int = -1
     trim_fraction: float = -1.0
     clip_norm: float = 0.0
+    clip_median_factor: float = 0.0
     local_epochs: int = 1
     batch_size: int = 32
     lr: float = 0.005

@@ -15,7 +15,7 @@ from strategies.robust import (
     default_trim_fraction,
 )
 from strategies.summation import sum_metricrecords
-from strategies.update_clipping import UpdateNormClipping, clip_update, update_norm
+from strategies.update_clipping import MedianNormClipping, UpdateNormClipping, clip_update, update_norm
 
 
 def test_defaults_assume_one_malicious_site_in_ten_and_trim_that_many_at_each_end():
@@ -98,10 +98,12 @@ def task_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, name, value)
 
 
-def _reply(arrays: dict[str, np.ndarray], n: int) -> Message:
+def _reply(arrays: dict[str, np.ndarray], n: int, node: int = 0) -> Message:
     content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
                           "metrics": MetricRecord({"num-examples": n})})
-    return Message(content, dst_node_id=0, message_type="train")
+    message = Message(content, dst_node_id=0, message_type="train")
+    message.metadata.__dict__["_src_node_id"] = node  # as if node ``node`` had sent it (no setter in Flower)
+    return message
 
 
     def __init__(self, strategy: UpdateNormClipping, global_arrays: dict[str, np.ndarray]) -> None:
@@ -116,11 +118,12 @@ def test_clipping_wrapper_bounds_a_scaled_update_before_fedavg_averages(monkeypa
     monkeypatch.setattr(inner, "configure_train", lambda *args: [])
     strategy = UpdateNormClipping(inner, max_norm=0.5)
     strategy.configure_train(1, ArrayRecord({"w": Array(global_["w"])}), None, None)
-    replies = [_reply(a, 10) for a in [*honest, attacker]]
+    replies = [_reply(a, 10, node) for node, a in enumerate([*honest, attacker], start=1)]
     arrays, _ = strategy.aggregate_train(1, replies)
     # the attacker's update shrinks to (0.3, 0.4): the mean is (0.1+0+0.1+0.3, 0+0.1+0.1+0.4) / 4
     np.testing.assert_allclose(arrays["w"].numpy(), [0.125, 0.15])
-    assert strategy.norms[1] == pytest.approx([0.1, 0.1, np.sqrt(0.02), 50.0])
+    assert strategy.norms[1] == pytest.approx({1: 0.1, 2: 0.1, 3: np.sqrt(0.02), 4: 50.0})
+    assert strategy.bounds == {1: 0.5}
     unclipped, _ = FedAvg().aggregate_train(1, [_reply(a, 10) for a in [*honest, attacker]])
     np.testing.assert_allclose(unclipped["w"].numpy(), [7.55, 10.05])
 
@@ -132,3 +135,46 @@ def test_clipping_wraps_any_named_strategy_and_refuses_a_non_positive_bound():
     assert type(make_strategy("fedavg", n_sites=3, clip_norm=0.0)) is FedAvg
     with pytest.raises(ValueError, match="max_norm"):
         UpdateNormClipping(FedAvg(), max_norm=-1.0)
+
+
+def test_median_clipping_bounds_each_update_by_a_multiple_of_the_rounds_median_norm(monkeypatch, task_identity):
+    global_ = {"w": np.zeros(2)}
+    sites = [({"w": np.array([0.3, 0.4])}, 10),    # norm 0.5
+             ({"w": np.array([0.0, 1.0])}, 30),    # norm 1
+             ({"w": np.array([1.2, 1.6])}, 20),    # norm 2
+             ({"w": np.array([300.0, 400.0])}, 40)]  # norm 500, a ×100 attacker with the most rows
+    inner = FedAvg()
+    monkeypatch.setattr(inner, "configure_train", lambda *args: [])
+    strategy = MedianNormClipping(inner, factor=2.0)
+    strategy.configure_train(1, ArrayRecord({"w": Array(global_["w"])}), None, None)
+    arrays, _ = strategy.aggregate_train(1, [_reply(a, n, node) for node, (a, n) in enumerate(sites, start=1)])
+    # median of (0.5, 1, 2, 500) is 1.5, bound 3: only the attacker is clipped, to (1.8, 2.4); weights by rows kept
+    assert strategy.bounds == {1: pytest.approx(3.0)}
+    assert strategy.norms[1] == pytest.approx({1: 0.5, 2: 1.0, 3: 2.0, 4: 500.0})
+    expected = (10 * np.array([0.3, 0.4]) + 30 * np.array([0.0, 1.0]) + 20 * np.array([1.2, 1.6])
+                + 40 * np.array([1.8, 2.4])) / 100  # = (0.99, 1.62)
+    np.testing.assert_allclose(arrays["w"].numpy(), expected)
+    np.testing.assert_allclose(expected, [0.99, 1.62])
+
+
+def test_median_clipping_is_chosen_by_its_setting_and_not_together_with_a_fixed_bound():
+    wrapped = make_strategy("fedavg", n_sites=10, clip_median_factor=1.5)
+    assert type(wrapped) is MedianNormClipping and wrapped.factor == 1.5 and type(wrapped.strategy) is FedAvg
+    with pytest.raises(ValueError, match="choose one update norm bound"):
+        make_strategy("fedavg", n_sites=10, clip_norm=1.0, clip_median_factor=1.5)
+    with pytest.raises(ValueError, match="factor"):
+        MedianNormClipping(FedAvg(), factor=0.0)
+    assert MedianNormClipping(FedAvg(), factor=2.0).bound([]) == np.inf  # no update: nothing to clip against
+
+
+def test_run_record_keeps_the_update_norms_and_bounds_by_site_name():
+    from server.run_record import ModelRecord, RunRecord, update_norm_record
+
+    norms = update_norm_record({11: "clinic_00", 12: "clinic_01"}, {1: 3.0, 2: 2.5},
+                               {1: {11: 1.0, 12: 500.0}, 2: {11: 2.0, 13: 3.0}})
+    assert norms == {"bound": {"1": 3.0, "2": 2.5},
+                     "per_site": {"1": {"clinic_00": 1.0, "clinic_01": 500.0},
+                                  "2": {"clinic_00": 2.0, "node 13": 3.0}}}
+    record = RunRecord(run_id="r", settings={}, models={"ann": ModelRecord(family="ann", mode="fedavg",
+                                                                           update_norms=norms)})
+    assert RunRecord.from_dict(record.to_dict()).models["ann"].update_norms == norms
