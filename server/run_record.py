@@ -8,7 +8,8 @@
      "statistics": {"sites": [...], "failures": {site: reason}, "refused": {site: reason}},
      "models": {"ann" | "xgboost": ModelRecord},   # only the families the run trained
      "personalisation": {...} or null,             # server.personalisation_phase (--personalise)
-     "policy": {...} or null}
+     "policy": {...} or null,
+     "refused": {phase: why}}                      # phases the coordinator refused; the run ended there
 
 A :class:`ModelRecord` holds the family's rounds (per round: each site's training and evaluation metrics,
 failures, overall metrics from the summed summaries — the metrics of the union of the test sets, not an
@@ -113,6 +114,9 @@ class RunRecord:
     models: dict[str, ModelRecord] = field(default_factory=dict)
     policy: dict | None = None
     personalisation: dict | None = None
+    refused: dict[str, str] = field(default_factory=dict)
+    """Phase → why the coordinator refused to run it (the run ended there, its record written): e.g. a robust
+    strategy that cannot tolerate its assumed malicious sites with the sites that came."""
 
     def to_dict(self) -> dict[str, Any]:
         body = asdict(self)
@@ -138,7 +142,8 @@ class RunRecord:
                 privacy={str(k): SitePrivacyRecord(**v) for k, v in data["privacy"].items()},
                 statistics=dict(data["statistics"]),
                 models={str(k): ModelRecord(**v) for k, v in data["models"].items()}, policy=data.get("policy"),
-                personalisation=data.get("personalisation"))
+                personalisation=data.get("personalisation"),
+                refused={str(k): str(v) for k, v in data.get("refused", {}).items()})
         except (KeyError, TypeError, AttributeError) as err:
             raise RecordError(f"{where}: a field is missing or of the wrong kind ({err})") from err
 

@@ -160,6 +160,9 @@ class RunSettings:
         if self.policy_reference not in POLICY_REFERENCES:
             raise ValueError(f"policy-reference: expected one of {', '.join(POLICY_REFERENCES)}; "
                              f"got {self.policy_reference!r}")
+        if self.clip_norm > 0 and self.clip_median_factor > 0:
+            raise ValueError(f"clip-norm and clip-median-factor: choose one update norm bound; got {self.clip_norm} "
+                             f"and {self.clip_median_factor}")
         if self.boosting not in MODES:
             raise ValueError(f"boosting: expected one of {', '.join(MODES)}; got {self.boosting!r}")
 

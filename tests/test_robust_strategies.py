@@ -178,3 +178,42 @@ def test_run_record_keeps_the_update_norms_and_bounds_by_site_name():
     record = RunRecord(run_id="r", settings={}, models={"ann": ModelRecord(family="ann", mode="fedavg",
                                                                            update_norms=norms)})
     assert RunRecord.from_dict(record.to_dict()).models["ann"].update_norms == norms
+
+
+def test_a_deployed_run_too_small_for_its_robust_strategy_is_refused_in_its_record_and_ends(monkeypatch, tmp_path):
+    import server.app
+    from server.run_record import RunRecord
+    from server.settings import RunSettings
+    from server.site_check import SiteCheck
+    from shared.protocol.privacy import SitePrivacy
+
+    three_sites = SiteCheck(usable={1: "clinic_a", 2: "clinic_b", 3: "clinic_c"},
+                            privacy={n: SitePrivacy(dp=False) for n in (1, 2, 3)})
+    monkeypatch.setattr(server.app, "usable_sites", lambda grid, min_nodes, plan: (three_sites, three_sites.nodes))
+
+    def no_phase(*args, **kwargs):
+        raise AssertionError("a refused run asks the sites nothing more")
+
+    monkeypatch.setattr(server.app, "federated_encoder", no_phase)
+    settings = RunSettings(strategy="bulyan", models="ann", out_dir=str(tmp_path))
+    record = server.app.run_federation(grid=None, settings=settings, run_id="r1")  # returns: the ServerApp ends
+    why = ("bulyan tolerating 1 malicious site needs n ≥ 4f + 3, at least 7 training sites; this run has 3: add "
+           "sites, assume fewer malicious sites, or choose another strategy")
+    assert record.refused == {"training": why}
+    written = RunRecord.read(tmp_path)
+    assert written.refused == {"training": why} and written.models == {}
+    assert written.sites == ["clinic_a", "clinic_b", "clinic_c"]
+    # the same three sites are enough for the median (n ≥ 2f + 1 = 3): nothing refused
+    assert server.app.aggregation_refusal(RunSettings(strategy="fedmedian", models="ann"), three_sites) is None
+    assert server.app.aggregation_refusal(RunSettings(strategy="bulyan", models="xgboost"), three_sites) is None
+
+
+def test_settings_refuse_two_update_norm_bounds_and_old_records_read_without_refusals():
+    from server.run_record import RunRecord
+    from server.settings import RunSettings
+
+    with pytest.raises(ValueError, match="choose one update norm bound"):
+        RunSettings(clip_norm=1.0, clip_median_factor=2.0)
+    body = RunRecord(run_id="r", settings={}).to_dict()
+    del body["refused"]  # a record written before the field existed
+    assert RunRecord.from_dict(body).refused == {}
