@@ -18,6 +18,13 @@ run with FedAvg alone unless asked for elsewhere (``--lie-everywhere``). ``--cel
 of ``STRATEGY:KIND[=FACTOR]`` (``none`` for no attack) when time allows only some cells; with ``--cells``, a
 ``--clip-norm`` or ``--clip-median-factor`` applies to every cell (without, the grid adds FedAvg with it). The
 median-based bound's norms and bounds per round are kept in each cell (``update_norms``).
+
+``--policy`` also values, per cell, the dosing policy built on the federated ANN: the coordinator's own ensemble
+candidate (``server.policy_phase.write_candidate``, as ``fednano simulate --policy-model ensemble`` builds it,
+without its dose adjuster and with the ANN as its only member), judged by the simulator on fresh patients of
+every clinic (``simulation.policy_evaluation.evaluate_policies``, the figures of ``policy.evaluation``): its
+true value, the oracle's and the standard of care's. The default structured policy is fitted from dose-response
+sums, not from the ANN, so a poisoned ANN update does not reach it; this is the policy a poisoned ANN moves.
 """
 
 from __future__ import annotations
@@ -57,8 +64,9 @@ TARGET_DROP = 0.01
 """Issue 16: the best robust strategy loses at most 1 AUC point to an attacker."""
 
 
-def run_cell(cfg: ExperimentConfig, sources, sites: dict, settings: BaselineSettings) -> dict:
-    """One federation; the federated ANN's true overall response AUC and the AUC the sites released."""
+def run_cell(cfg: ExperimentConfig, sources, sites: dict, settings: BaselineSettings, world=None) -> dict:
+    """One federation; the federated ANN's true overall response AUC and the AUC the sites released, and with a
+    ``world`` the true value of the dosing policy built on that ANN (:func:`ann_policy_value`)."""
     start = time.perf_counter()
     record = run_federation(cfg, sources)
     seconds = time.perf_counter() - start
@@ -69,7 +77,42 @@ def run_cell(cfg: ExperimentConfig, sources, sites: dict, settings: BaselineSett
     return {"auc": metrics["overall"][OUTCOME]["auc"], "released_auc": released.get("auc"),
             "toxicity_auc": metrics["overall"]["toxicity_grade3"]["auc"], "seconds": seconds,
             "failures": {str(k): v for k, v in record.models["ann"].failures.items()},
-            "update_norms": record.models["ann"].update_norms}
+            "update_norms": record.models["ann"].update_norms,
+            "policy": None if world is None else ann_policy_value(cfg, record, artifacts, world, sites)}
+
+
+def formulations_of(sites: dict) -> dict[str, dict[str, float]]:
+    """Formulation id → properties as the coordinator's catalogue phase merges them (``collect_catalogue``:
+    each site's mean per id, then the mean over the sites stocking it)."""
+    import numpy as np
+
+    from shared.dosing_policy import FORMULATION_FEATURES
+
+    seen: dict[str, list[list[float]]] = {}
+    for site in sites.values():
+        table = site.episodes.groupby("formulation_id")[list(FORMULATION_FEATURES)].mean()
+        for fid, row in table.iterrows():
+            seen.setdefault(str(fid), []).append([float(row[name]) for name in FORMULATION_FEATURES])
+    return {fid: dict(zip(FORMULATION_FEATURES, np.mean(rows, axis=0).round(6).tolist(), strict=True))
+            for fid, rows in sorted(seen.items())}
+
+
+def ann_policy_value(cfg: ExperimentConfig, record, artifacts: RunArtifacts, world, sites: dict) -> dict:
+    """True value of the dosing policy built on this run's federated ANN (module docstring)."""
+    from server.policy_phase import write_candidate
+    from shared.policy_loader import policy_from_folder
+    from simulation.experiment import site_decider, site_usual
+    from simulation.policy_evaluation import evaluate_policies
+
+    folder = cfg.out / "ann-policy"
+    write_candidate(artifacts, record, formulations_of(sites), folder)
+    policy = policy_from_folder(folder)
+    usual = {name: site_usual(site) for name, site in sites.items()}
+    evaluation = evaluate_policies(world, {"federated": lambda site: site_decider(policy, usual[site])}, policy,
+                                   seed=cfg.seed + 1, sites=list(sites))
+    return {"value": evaluation["federated"]["value"], "value_oracle": evaluation["federated"]["value_oracle"],
+            "standard_of_care_value": evaluation["standard_of_care"]["value"],
+            "patients_per_site": evaluation["patients_per_site"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attacker", default="largest", help="a site name, or 'largest'")
     parser.add_argument("--lie-everywhere", action="store_true")
     parser.add_argument("--cells", default="", help="STRATEGY:KIND[=FACTOR],... instead of the grid")
+    parser.add_argument("--policy", action="store_true", help="also value the policy built on each cell's ANN")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "robust_aggregation.json")
     args = parser.parse_args(argv)
 
@@ -113,10 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = dataclasses.replace(base, strategy=strategy, clip_norm=clip, clip_median_factor=median_factor,
                                   attacks=attacks)
         shutil.rmtree(cfg.out, ignore_errors=True)
-        cell = {"strategy": label, "attack": spec, "attacks": attacks, **run_cell(cfg, sources, sites, settings)}
+        cell = {"strategy": label, "attack": spec, "attacks": attacks,
+                **run_cell(cfg, sources, sites, settings, world if args.policy else None)}
         cells.append(cell)
+        value = "" if cell["policy"] is None else f" policy value {cell['policy']['value']:.4f}"
         print(f"{label:>16} {spec:>14}: AUC {cell['auc']:.3f} released {cell['released_auc'] or float('nan'):.3f}"
-              f" ({cell['seconds']:.0f} s)", flush=True)
+              f"{value} ({cell['seconds']:.0f} s)", flush=True)
         save(args, argv, cells, world, attacker)  # after every cell: a run stopped early keeps what it measured
     print_table(summarise(cells), attacker, args)
     shutil.rmtree(work, ignore_errors=True)

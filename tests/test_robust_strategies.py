@@ -217,3 +217,34 @@ def test_settings_refuse_two_update_norm_bounds_and_old_records_read_without_ref
     body = RunRecord(run_id="r", settings={}).to_dict()
     del body["refused"]  # a record written before the field existed
     assert RunRecord.from_dict(body).refused == {}
+
+
+def _benchmark(monkeypatch):
+    """benchmarks/robust_aggregation.py as a module (it imports its sibling ``record`` as a script does)."""
+    import importlib
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    return importlib.import_module("robust_aggregation")
+
+
+def test_benchmark_runs_its_cells_with_the_bound_asked_for_and_merges_formulations_as_the_coordinator(monkeypatch):
+    import argparse
+
+    import pandas as pd
+
+    from shared.dosing_policy import FORMULATION_FEATURES
+
+    bench = _benchmark(monkeypatch)
+    args = argparse.Namespace(cells="fedavg:none,fedtrimmedavg:scale=100", clip_norm=0.0, clip_median_factor=2.0)
+    assert bench.grid(args) == [("fedavg", 0.0, 2.0, "none"), ("fedtrimmedavg", 0.0, 2.0, "scale=100")]
+    assert bench.clipped_label("fedavg", 0.0, 2.0) == "fedavg+clip2xmed"
+    assert bench.clipped_label("fedavg", 1.5, 0.0) == "fedavg+clip1.5"
+
+    def site(rows):  # rows: (formulation id, value of every property)
+        frame = pd.DataFrame([{"formulation_id": f, **{k: v for k in FORMULATION_FEATURES}} for f, v in rows])
+        return argparse.Namespace(episodes=frame)
+
+    merged = bench.formulations_of({"a": site([("F1", 1.0), ("F1", 3.0), ("F2", 5.0)]), "b": site([("F1", 4.0)])})
+    # F1: site a's mean 2, site b's 4 → 3; F2 at site a only → 5
+    assert merged == {"F1": dict.fromkeys(FORMULATION_FEATURES, 3.0), "F2": dict.fromkeys(FORMULATION_FEATURES, 5.0)}
