@@ -15,9 +15,10 @@ summaries, which ``lie`` falsifies).
 The attacker is the largest clinic by default: FedAvg weights sites by their rows, so it is the one attacker
 that moves FedAvg most. ``lie`` leaves the model as it is (it falsifies the released summaries only), so it is
 run with FedAvg alone unless asked for elsewhere (``--lie-everywhere``). ``--cells`` replaces the grid by a list
-of ``STRATEGY:KIND[=FACTOR]`` (``none`` for no attack) when time allows only some cells; with ``--cells``, a
-``--clip-norm`` or ``--clip-median-factor`` applies to every cell (without, the grid adds FedAvg with it). The
-median-based bound's norms and bounds per round are kept in each cell (``update_norms``).
+of ``STRATEGY[+clip=C|+clipmed=F]:KIND[=FACTOR]`` (``none`` for no attack) when time allows only some cells:
+``+clip=C`` clips updates to C, ``+clipmed=F`` to F × the round's median update norm (without, the grid adds
+FedAvg with ``--clip-norm`` or ``--clip-median-factor``). The norms and bounds per round are kept in each cell
+(``update_norms``).
 
 ``--policy`` also values, per cell, the dosing policy built on the federated ANN: the coordinator's own ensemble
 candidate (``server.policy_phase.write_candidate``, as ``fednano simulate --policy-model ensemble`` builds it,
@@ -189,13 +190,23 @@ def clipped_label(strategy: str, clip: float, median_factor: float) -> str:
     return strategy if clip == 0 else f"{strategy}+clip{clip:g}"
 
 
+def cell_strategy(text: str) -> tuple[str, float, float]:
+    """``STRATEGY[+clip=C|+clipmed=F]`` → (strategy, clip norm, median factor)."""
+    name, _, bound = text.partition("+")
+    kind, _, value = bound.partition("=")
+    if not bound:
+        return name, 0.0, 0.0
+    if kind not in ("clip", "clipmed"):
+        raise ValueError(f"--cells: {text!r}: expected STRATEGY, STRATEGY+clip=C or STRATEGY+clipmed=F")
+    return (name, float(value), 0.0) if kind == "clip" else (name, 0.0, float(value))
+
+
 def grid(args) -> list[tuple[str, float, float, str]]:
-    """(strategy, clip norm, median factor, attack) of every cell: ``--cells`` (each with the clipping asked
-    for), else every strategy × attack (``lie`` with FedAvg only unless ``--lie-everywhere``), plus FedAvg with
-    clipping if ``--clip-norm`` or ``--clip-median-factor``."""
+    """(strategy, clip norm, median factor, attack) of every cell: ``--cells`` (:func:`cell_strategy`), else
+    every strategy × attack (``lie`` with FedAvg only unless ``--lie-everywhere``), plus FedAvg with clipping if
+    ``--clip-norm`` or ``--clip-median-factor``."""
     if args.cells:
-        return [(c.split(":")[0], args.clip_norm, args.clip_median_factor, c.split(":", 1)[1])
-                for c in args.cells.split(",") if c]
+        return [(*cell_strategy(c.split(":")[0]), c.split(":", 1)[1]) for c in args.cells.split(",") if c]
     strategies = [(s, 0.0, 0.0) for s in args.strategies.split(",") if s]
     if args.clip_norm > 0 or args.clip_median_factor > 0:
         strategies.append(("fedavg", args.clip_norm, args.clip_median_factor))

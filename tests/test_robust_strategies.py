@@ -236,8 +236,11 @@ def test_benchmark_runs_its_cells_with_the_bound_asked_for_and_merges_formulatio
     from shared.dosing_policy import FORMULATION_FEATURES
 
     bench = _benchmark(monkeypatch)
-    args = argparse.Namespace(cells="fedavg:none,fedtrimmedavg:scale=100", clip_norm=0.0, clip_median_factor=2.0)
-    assert bench.grid(args) == [("fedavg", 0.0, 2.0, "none"), ("fedtrimmedavg", 0.0, 2.0, "scale=100")]
+    args = argparse.Namespace(cells="fedavg:none,fedavg+clipmed=2:scale=100,krum+clip=1.5:sign-flip")
+    assert bench.grid(args) == [("fedavg", 0.0, 0.0, "none"), ("fedavg", 0.0, 2.0, "scale=100"),
+                                ("krum", 1.5, 0.0, "sign-flip")]
+    with pytest.raises(ValueError, match="clipmed"):
+        bench.grid(argparse.Namespace(cells="fedavg+median=2:none"))
     assert bench.clipped_label("fedavg", 0.0, 2.0) == "fedavg+clip2xmed"
     assert bench.clipped_label("fedavg", 1.5, 0.0) == "fedavg+clip1.5"
 
