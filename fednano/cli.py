@@ -78,7 +78,7 @@ def simulate(
                                   help="Per-site ε budget of simulated sites."),
     strategy: str | None = typer.Option(
         None, "--strategy", help="fedavg | fedprox | fedadam | fedyogi, or robust to poisoned sites: krum | "
-        "multikrum | bulyan | fedmedian | fedtrimmedavg."),
+        "multikrum | bulyan | fedmedian | fedtrimmedavg | rowtrimmedavg."),
     malicious_sites: int | None = typer.Option(
         None, "--malicious-sites", min=0, help="Malicious sites a robust strategy must tolerate (default: one in "
         "ten sites, at least one); a run with too few sites for it is refused (Krum n ≥ 2f+3, Bulyan n ≥ 4f+3)."),

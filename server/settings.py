@@ -55,7 +55,7 @@ class RunSettings:
         Training rounds of the neural network.
     strategy : str, default "fedavg"
         Aggregation (``strategies.choice.STRATEGIES``): fedavg, fedprox, fedadam, fedyogi, or a robust one
-        (krum, multikrum, bulyan, fedmedian, fedtrimmedavg: ``strategies.robust``).
+        (krum, multikrum, bulyan, fedmedian, fedtrimmedavg, rowtrimmedavg: ``strategies.robust``).
     malicious_sites : int, default -1 (derived)
         f, the malicious sites a robust strategy must tolerate; negative: one site in ten of the training sites,
         at least one. A run whose sites cannot meet the strategy's requirement (Krum n ≥ 2f + 3, Bulyan

@@ -1,12 +1,13 @@
-"""The strategies a run may select by name (run config ``strategy``), all Flower's own.
+"""The strategies a run may select by name (run config ``strategy``), all Flower's own but
+``rowtrimmedavg`` (:mod:`strategies.weighted_trimmed_mean`).
 
 - ``fedavg``: McMahan et al., AISTATS 2017 (https://arxiv.org/abs/1602.05629).
 - ``fedprox``: Li et al., MLSys 2020 (https://arxiv.org/abs/1812.06127); the site applies the proximal
   term with the ``proximal-mu`` the strategy sends (``client.training``).
 - ``fedadam`` / ``fedyogi``: Reddi et al., ICLR 2021 (https://arxiv.org/abs/2003.00295), server-side
   adaptive optimisers over the averaged update.
-- ``krum``, ``multikrum``, ``bulyan``, ``fedmedian``, ``fedtrimmedavg``: Byzantine-robust aggregation against
-  poisoned sites, their parameters derived from the number of sites and checked (:mod:`strategies.robust`,
+- ``krum``, ``multikrum``, ``bulyan``, ``fedmedian``, ``fedtrimmedavg``, ``rowtrimmedavg``: robust aggregation
+  against poisoned sites, their parameters derived from the number of sites and checked (:mod:`strategies.robust`,
   which also says what they leave unprotected).
 
 Any of them can be wrapped in update-norm clipping (:mod:`strategies.update_clipping`): to a fixed bound

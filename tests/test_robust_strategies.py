@@ -251,3 +251,31 @@ def test_benchmark_runs_its_cells_with_the_bound_asked_for_and_merges_formulatio
     merged = bench.formulations_of({"a": site([("F1", 1.0), ("F1", 3.0), ("F2", 5.0)]), "b": site([("F1", 4.0)])})
     # F1: site a's mean 2, site b's 4 → 3; F2 at site a only → 5
     assert merged == {"F1": dict.fromkeys(FORMULATION_FEATURES, 3.0), "F2": dict.fromkeys(FORMULATION_FEATURES, 5.0)}
+
+
+def test_row_weighted_trimmed_mean_trims_by_value_then_weighs_the_rest_by_rows():
+    from strategies.weighted_trimmed_mean import row_weighted_trim_mean
+
+    values = np.array([[1.0, 10.0], [2.0, -50.0], [3.0, 20.0], [100.0, 30.0], [4.0, 40.0]])
+    rows = np.array([10.0, 20.0, 30.0, 800.0, 40.0])
+    # cut ⌊0.2 · 5⌋ = 1 at each end. Column 0 keeps 2, 3, 4 (rows 20, 30, 40): (40 + 90 + 160) / 90 = 3.2222;
+    # column 1 keeps 10, 20, 30 (rows 10, 30, 800): (100 + 600 + 24000) / 840 = 29.405 — the site with 800 rows
+    # is trimmed where it is extreme and weighs by its rows where it is not
+    np.testing.assert_allclose(row_weighted_trim_mean(values, rows, 0.2), [290 / 90, 24700 / 840])
+    np.testing.assert_allclose(row_weighted_trim_mean(values, np.ones(5), 0.2), [3.0, 20.0])  # = FedTrimmedAvg
+    np.testing.assert_allclose(row_weighted_trim_mean(values, rows, 0.0), rows @ values / rows.sum())  # = FedAvg
+    with pytest.raises(ValueError, match="cut_fraction"):
+        row_weighted_trim_mean(values, rows, 0.5)
+
+
+def test_rowtrimmedavg_by_name_aggregates_replies_with_their_num_examples(monkeypatch, task_identity):
+    from strategies.weighted_trimmed_mean import RowWeightedTrimmedAvg
+
+    strategy = make_strategy("rowtrimmedavg", n_sites=5)
+    assert type(strategy) is RowWeightedTrimmedAvg and strategy.beta == 0.3  # (1 + ½) / 5
+    sites = [([1.0, 10.0], 10), ([2.0, -50.0], 20), ([3.0, 20.0], 30), ([100.0, 30.0], 800), ([4.0, 40.0], 40)]
+    arrays, _ = strategy.aggregate_train(1, [_reply({"w": np.array(v)}, n, node)
+                                             for node, (v, n) in enumerate(sites, start=1)])
+    np.testing.assert_allclose(arrays["w"].numpy(), [290 / 90, 24700 / 840])
+    with pytest.raises(ImpossibleAggregation, match="rowtrimmedavg: a trim fraction of 0.05 drops 0 of 10"):
+        make_strategy("rowtrimmedavg", n_sites=10, robust=RobustParameters(1, 0.05))
