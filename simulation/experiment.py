@@ -181,8 +181,8 @@ def check_robustness_options(cfg: ExperimentConfig, sources: list[SiteSource]) -
     from strategies.choice import make_strategy
     from strategies.robust import ImpossibleAggregation
 
-    settings = cfg.run_settings(len(sources), None)
     try:
+        settings = cfg.run_settings(len(sources), None)
         make_strategy(settings.strategy, len(sources), robust=settings.robust_parameters(len(sources)),
                       clip_norm=settings.clip_norm, clip_median_factor=settings.clip_median_factor)
         attacks = cfg.parsed_attacks()
