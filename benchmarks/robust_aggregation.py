@@ -24,8 +24,9 @@ FedAvg with ``--clip-norm`` or ``--clip-median-factor``). The norms and bounds p
 candidate (``server.policy_phase.write_candidate``, as ``fednano simulate --policy-model ensemble`` builds it,
 without its dose adjuster and with the ANN as its only member), judged by the simulator on fresh patients of
 every clinic (``simulation.policy_evaluation.evaluate_policies``, the figures of ``policy.evaluation``): its
-true value, the oracle's and the standard of care's. The default structured policy is fitted from dose-response
-sums, not from the ANN, so a poisoned ANN update does not reach it; this is the policy a poisoned ANN moves.
+true value, that value as a share of the oracle's (``value_oracle``) and the standard of care's value. The
+default structured policy is fitted from dose-response sums, not from the ANN, so a poisoned ANN update does
+not reach it; this is the policy a poisoned ANN moves.
 """
 
 from __future__ import annotations
