@@ -78,7 +78,7 @@ def simulate(
                                   help="Per-site ε budget of simulated sites."),
     strategy: str | None = typer.Option(
         None, "--strategy", help="fedavg | fedprox | fedadam | fedyogi, or robust to poisoned sites: krum | "
-        "multikrum | bulyan | fedmedian | fedtrimmedavg."),
+        "multikrum | bulyan | fedmedian | fedtrimmedavg | rowtrimmedavg."),
     malicious_sites: int | None = typer.Option(
         None, "--malicious-sites", min=0, help="Malicious sites a robust strategy must tolerate (default: one in "
         "ten sites, at least one); a run with too few sites for it is refused (Krum n ≥ 2f+3, Bulyan n ≥ 4f+3)."),
@@ -88,6 +88,9 @@ def simulate(
     clip_norm: float | None = typer.Option(
         None, "--clip-norm", min=0.0, help="Clip each site's ANN update to this L2 norm before aggregating "
         "(default 0: off)."),
+    clip_median_factor: float | None = typer.Option(
+        None, "--clip-median-factor", min=0.0, help="Instead of --clip-norm: clip each site's ANN update to this "
+        "multiple of the round's median update norm, a bound taken from the norms seen (default 0: off)."),
     attack: list[str] | None = typer.Option(
         None, "--attack", help="Experiments: SITE:KIND[=FACTOR] makes a site attack, repeatable; KIND sign-flip "
         "(=1) | scale (=10) | label-flip | lie (swapped evaluation summaries)."),
@@ -184,7 +187,9 @@ def simulate(
                            explore=explore, policy_model=policy_model, policy_reference=policy_reference,
                            malicious_sites=base.malicious_sites if malicious_sites is None else malicious_sites,
                            trim_fraction=base.trim_fraction if trim_fraction is None else trim_fraction,
-                           clip_norm=base.clip_norm if clip_norm is None else clip_norm, attacks=list(attack or []),
+                           clip_norm=base.clip_norm if clip_norm is None else clip_norm,
+                           clip_median_factor=base.clip_median_factor if clip_median_factor is None
+                           else clip_median_factor, attacks=list(attack or []),
                            personalise=personalise)
     console = Console()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

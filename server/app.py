@@ -20,9 +20,11 @@ release or refuses it, and the record shows ε per phase per site. Settings come
 from __future__ import annotations
 
 from collections.abc import Callable
+from logging import ERROR
 from pathlib import Path
 
 from flwr.app import Context
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from server.boosting_phase import run_boosting
@@ -32,13 +34,15 @@ from server.personalisation_phase import run_personalisation
 from server.policy_phase import run_policy_phase
 from server.run_record import ModelRecord, RunRecord, SitePrivacyRecord, final_metrics
 from server.settings import RunSettings
-from server.site_check import usable_sites
+from server.site_check import SiteCheck, usable_sites
 from server.statistics_phase import federated_encoder
 from server.training_phase import EVAL_BINS, train_ann, training_config
 from shared import metrics
 from shared.artifacts import RunArtifacts
 from shared.protocol.personalisation import Personalisation, parse_methods
 from shared.protocol.privacy import RunPlan
+from strategies.choice import make_strategy
+from strategies.robust import ImpossibleAggregation
 
 
 def builds_policy(settings: RunSettings) -> bool:
@@ -67,9 +71,26 @@ def run_plan(settings: RunSettings) -> RunPlan:
     return RunPlan(tuple(phases))
 
 
+def aggregation_refusal(settings: RunSettings, sites: SiteCheck) -> str | None:
+    """Why the run's strategy cannot aggregate the ANN over the sites that will train (a robust strategy that
+    cannot tolerate its assumed malicious sites with so few: :class:`strategies.robust.ImpossibleAggregation`),
+    or None. Asked before any phase, so no site spends ε on a run that would stop at training."""
+    if "ann" not in settings.model_names:
+        return None
+    n_sites = len(sites.granting("training"))
+    try:
+        make_strategy(settings.strategy, n_sites, proximal_mu=settings.proximal_mu, server_lr=settings.server_lr,
+                      robust=settings.robust_parameters(n_sites), clip_norm=settings.clip_norm,
+                      clip_median_factor=settings.clip_median_factor)
+    except ImpossibleAggregation as err:
+        return str(err)
+    return None
+
+
 def run_federation(grid: Grid, settings: RunSettings, on_round: Callable[[int], None] | None = None,
                    run_id: str = "local") -> RunRecord:
-    """All phases; returns the run record (also written to ``settings.out_dir``)."""
+    """All phases; returns the run record (also written to ``settings.out_dir``). A run whose strategy cannot
+    aggregate over the sites that came ends after the site check, its record saying why (``refused``)."""
     task = settings.task()
     plan = run_plan(settings)
     sites, _ = usable_sites(grid, settings.min_nodes, plan)
@@ -79,6 +100,12 @@ def run_federation(grid: Grid, settings: RunSettings, on_round: Callable[[int], 
                        rejected={name: errors for name, errors in sites.rejected.values()},
                        privacy={sites.usable[n]: SitePrivacyRecord.from_terms(sites.privacy[n])
                                 for n in sites.nodes})
+    refusal = aggregation_refusal(settings, sites)
+    if refusal is not None:  # refused in the record, and the run ends cleanly: nothing was asked of the sites yet
+        log(ERROR, "run refused before training: %s", refusal)
+        record.refused["training"] = refusal
+        record.write(out)
+        return record
     artifacts = RunArtifacts.start(out, str(run_id))
     encoder = federated_encoder(grid, sites, task, settings.split_seed, plan, record)
     artifacts.save_encoder(encoder)

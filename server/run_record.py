@@ -8,12 +8,14 @@
      "statistics": {"sites": [...], "failures": {site: reason}, "refused": {site: reason}},
      "models": {"ann" | "xgboost": ModelRecord},   # only the families the run trained
      "personalisation": {...} or null,             # server.personalisation_phase (--personalise)
-     "policy": {...} or null}
+     "policy": {...} or null,
+     "refused": {phase: why}}                      # phases the coordinator refused; the run ended there
 
 A :class:`ModelRecord` holds the family's rounds (per round: each site's training and evaluation metrics,
 failures, overall metrics from the summed summaries — the metrics of the union of the test sets, not an
 average), its final metrics, the sites that failed or refused the phase and why, and its permutation
-importance. Sites under DP are evaluated at the final round only (each evaluation is charged to their
+importance, and with update-norm clipping the update norms seen and the bound of each round. Sites under DP
+are evaluated at the final round only (each evaluation is charged to their
 budget). :class:`SitePrivacyRecord` holds what a site's DP releases cost: ε granted per phase at the site
 check, releases per phase and ε spent after the last one.
 """
@@ -94,6 +96,9 @@ class ModelRecord:
     refused: dict[str, str] = field(default_factory=dict)
     importance: dict = field(default_factory=dict)
     heads: list[str] = field(default_factory=list)
+    update_norms: dict = field(default_factory=dict)
+    """With update-norm clipping (:mod:`strategies.update_clipping`): ``{"bound": {round: bound},
+    "per_site": {round: {site: norm before clipping}}}``; empty without."""
 
 
 @dataclass
@@ -109,6 +114,9 @@ class RunRecord:
     models: dict[str, ModelRecord] = field(default_factory=dict)
     policy: dict | None = None
     personalisation: dict | None = None
+    refused: dict[str, str] = field(default_factory=dict)
+    """Phase → why the coordinator refused to run it (the run ended there, its record written): e.g. a robust
+    strategy that cannot tolerate its assumed malicious sites with the sites that came."""
 
     def to_dict(self) -> dict[str, Any]:
         body = asdict(self)
@@ -134,7 +142,8 @@ class RunRecord:
                 privacy={str(k): SitePrivacyRecord(**v) for k, v in data["privacy"].items()},
                 statistics=dict(data["statistics"]),
                 models={str(k): ModelRecord(**v) for k, v in data["models"].items()}, policy=data.get("policy"),
-                personalisation=data.get("personalisation"))
+                personalisation=data.get("personalisation"),
+                refused={str(k): str(v) for k, v in data.get("refused", {}).items()})
         except (KeyError, TypeError, AttributeError) as err:
             raise RecordError(f"{where}: a field is missing or of the wrong kind ({err})") from err
 
@@ -227,3 +236,10 @@ def final_metrics(task: TaskSpec, names: dict[int, str], evaluations: dict[int, 
 def last_evaluations(rounds) -> dict[int, dict]:
     """The evaluation records of the last round that has any: every site's view of the final model."""
     return next((rounds.evaluate[r] for r in sorted(rounds.evaluate, reverse=True) if rounds.evaluate[r]), {})
+
+
+def update_norm_record(names: dict[int, str], bounds: dict[int, float], norms: dict[int, dict[int, float]]) -> dict:
+    """``ModelRecord.update_norms`` from a clipping strategy's per-round ``bounds`` and per-node ``norms``."""
+    return {"bound": {str(r): b for r, b in sorted(bounds.items())},
+            "per_site": {str(r): {names.get(n, f"node {n}"): v for n, v in per_node.items()}
+                         for r, per_node in sorted(norms.items())}}

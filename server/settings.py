@@ -55,7 +55,7 @@ class RunSettings:
         Training rounds of the neural network.
     strategy : str, default "fedavg"
         Aggregation (``strategies.choice.STRATEGIES``): fedavg, fedprox, fedadam, fedyogi, or a robust one
-        (krum, multikrum, bulyan, fedmedian, fedtrimmedavg: ``strategies.robust``).
+        (krum, multikrum, bulyan, fedmedian, fedtrimmedavg, rowtrimmedavg: ``strategies.robust``).
     malicious_sites : int, default -1 (derived)
         f, the malicious sites a robust strategy must tolerate; negative: one site in ten of the training sites,
         at least one. A run whose sites cannot meet the strategy's requirement (Krum n ≥ 2f + 3, Bulyan
@@ -64,6 +64,9 @@ class RunSettings:
         FedTrimmedAvg's β, the share dropped at each end of every coordinate; negative: (f + ½)/n.
     clip_norm : float, default 0.0 (off)
         Bound on the L2 norm of each site's ANN update before aggregation (``strategies.update_clipping``).
+    clip_median_factor : float, default 0.0 (off)
+        Instead of a fixed bound: clip each update to this multiple of the round's median update norm
+        (``strategies.update_clipping.MedianNormClipping``); not together with ``clip_norm``.
     local_epochs, batch_size, lr : int, int, float
         Local training per round.
     hidden : str, default "64,32"
@@ -122,6 +125,7 @@ class RunSettings:
     malicious_sites: int = -1
     trim_fraction: float = -1.0
     clip_norm: float = 0.0
+    clip_median_factor: float = 0.0
     local_epochs: int = 1
     batch_size: int = 32
     lr: float = 0.005
@@ -156,6 +160,9 @@ class RunSettings:
         if self.policy_reference not in POLICY_REFERENCES:
             raise ValueError(f"policy-reference: expected one of {', '.join(POLICY_REFERENCES)}; "
                              f"got {self.policy_reference!r}")
+        if self.clip_norm > 0 and self.clip_median_factor > 0:
+            raise ValueError(f"clip-norm and clip-median-factor: choose one update norm bound; got {self.clip_norm} "
+                             f"and {self.clip_median_factor}")
         if self.boosting not in MODES:
             raise ValueError(f"boosting: expected one of {', '.join(MODES)}; got {self.boosting!r}")
 

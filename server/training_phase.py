@@ -15,7 +15,14 @@ from collections.abc import Callable
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
-from server.run_record import ModelRecord, RunRecord, final_metrics, last_evaluations, model_rounds
+from server.run_record import (
+    ModelRecord,
+    RunRecord,
+    final_metrics,
+    last_evaluations,
+    model_rounds,
+    update_norm_record,
+)
 from server.settings import RunSettings
 from server.site_check import SiteCheck
 from shared import metrics
@@ -26,6 +33,7 @@ from shared.protocol.training import AnnTraining
 from shared.task import TaskSpec
 from strategies.choice import make_strategy
 from strategies.per_site import PerSiteRecord
+from strategies.update_clipping import UpdateNormClipping
 
 EVAL_BINS = "eval-bins"
 
@@ -58,7 +66,8 @@ def train_ann(grid: Grid, sites: SiteCheck, task: TaskSpec, encoder: FeatureEnco
     strategy = PerSiteRecord(make_strategy(settings.strategy, n_sites=len(trainers),
                                            proximal_mu=settings.proximal_mu, server_lr=settings.server_lr,
                                            robust=settings.robust_parameters(len(trainers)),
-                                           clip_norm=settings.clip_norm),
+                                           clip_norm=settings.clip_norm,
+                                           clip_median_factor=settings.clip_median_factor),
                              on_round=on_round, train_nodes=trainers, evaluate_nodes=evaluators,
                              final_round_only=dp, final_round=settings.num_server_rounds)
     config = training_config(settings, encoder, plan)
@@ -74,5 +83,7 @@ def train_ann(grid: Grid, sites: SiteCheck, task: TaskSpec, encoder: FeatureEnco
                          refused={**sites.refusing("training"),
                                   **{f"{name} (evaluation)": why
                                      for name, why in sites.refusing("evaluation").items()}})
+    if isinstance(strategy.strategy, UpdateNormClipping):
+        family.update_norms = update_norm_record(sites.usable, strategy.strategy.bounds, strategy.strategy.norms)
     arrays = result.arrays if result.arrays is not None else to_arrays(model)
     return family, arrays

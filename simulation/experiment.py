@@ -87,6 +87,7 @@ class ExperimentConfig:
     malicious_sites: int = DEFAULTS.malicious_sites  # robust strategies' f (negative: derived)
     trim_fraction: float = DEFAULTS.trim_fraction  # FedTrimmedAvg's β (negative: derived)
     clip_norm: float = DEFAULTS.clip_norm  # bound on each site's update norm (0: off)
+    clip_median_factor: float = DEFAULTS.clip_median_factor  # or: bound = factor × the round's median norm
     attacks: list[str] = field(default_factory=list)  # SITE:KIND[=FACTOR], simulation.attacks
     personalise: str = DEFAULTS.personalise  # personalised ANNs at the sites (simulation.personalisation)
 
@@ -100,7 +101,8 @@ class ExperimentConfig:
             signing_key=str(signing_key) if signing_key is not None else "",
             policy_dir=str(self.out / "policy"), fqi_iterations=self.fqi_iterations, release_gate=self.release_gate,
             policy_model=self.policy_model, policy_reference=self.policy_reference, personalise=self.personalise,
-            malicious_sites=self.malicious_sites, trim_fraction=self.trim_fraction, clip_norm=self.clip_norm)
+            malicious_sites=self.malicious_sites, trim_fraction=self.trim_fraction, clip_norm=self.clip_norm,
+            clip_median_factor=self.clip_median_factor)
 
     def parsed_attacks(self) -> list[Attack]:
         return [Attack.parse(text) for text in self.attacks]
@@ -179,15 +181,15 @@ def check_robustness_options(cfg: ExperimentConfig, sources: list[SiteSource]) -
     from strategies.choice import make_strategy
     from strategies.robust import ImpossibleAggregation
 
-    settings = cfg.run_settings(len(sources), None)
     try:
+        settings = cfg.run_settings(len(sources), None)
         make_strategy(settings.strategy, len(sources), robust=settings.robust_parameters(len(sources)),
-                      clip_norm=settings.clip_norm)
+                      clip_norm=settings.clip_norm, clip_median_factor=settings.clip_median_factor)
         attacks = cfg.parsed_attacks()
         if attacks and cfg.deploy_cycles > 1:
             raise ExperimentError("--attack is for single-run experiments, not the closed loop (--deploy-cycles)")
         attackers_by_partition(attacks, sources)
-    except (ImpossibleAggregation, AttackError) as err:
+    except (ImpossibleAggregation, AttackError, ValueError) as err:  # ValueError: two update norm bounds
         raise ExperimentError(str(err)) from err
 
 

@@ -1,15 +1,17 @@
-"""The strategies a run may select by name (run config ``strategy``), all Flower's own.
+"""The strategies a run may select by name (run config ``strategy``), all Flower's own but
+``rowtrimmedavg`` (:mod:`strategies.weighted_trimmed_mean`).
 
 - ``fedavg``: McMahan et al., AISTATS 2017 (https://arxiv.org/abs/1602.05629).
 - ``fedprox``: Li et al., MLSys 2020 (https://arxiv.org/abs/1812.06127); the site applies the proximal
   term with the ``proximal-mu`` the strategy sends (``client.training``).
 - ``fedadam`` / ``fedyogi``: Reddi et al., ICLR 2021 (https://arxiv.org/abs/2003.00295), server-side
   adaptive optimisers over the averaged update.
-- ``krum``, ``multikrum``, ``bulyan``, ``fedmedian``, ``fedtrimmedavg``: Byzantine-robust aggregation against
-  poisoned sites, their parameters derived from the number of sites and checked (:mod:`strategies.robust`,
+- ``krum``, ``multikrum``, ``bulyan``, ``fedmedian``, ``fedtrimmedavg``, ``rowtrimmedavg``: robust aggregation
+  against poisoned sites, their parameters derived from the number of sites and checked (:mod:`strategies.robust`,
   which also says what they leave unprotected).
 
-Any of them can be wrapped in update-norm clipping (``clip_norm`` > 0, :mod:`strategies.update_clipping`).
+Any of them can be wrapped in update-norm clipping (:mod:`strategies.update_clipping`): to a fixed bound
+(``clip_norm`` > 0) or to a multiple of each round's median update norm (``clip_median_factor`` > 0).
 
 Evaluation replies carry sums (``shared.metrics`` summaries), so every strategy here aggregates them with
 :func:`strategies.summation.sum_metricrecords`.
@@ -21,13 +23,14 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
 
 from strategies.robust import ROBUST_STRATEGIES, RobustParameters, robust_strategy
 from strategies.summation import sum_metricrecords
-from strategies.update_clipping import UpdateNormClipping
+from strategies.update_clipping import MedianNormClipping, UpdateNormClipping
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", *ROBUST_STRATEGIES)
 
 
 def make_strategy(name: str, n_sites: int, proximal_mu: float = 0.1, server_lr: float = 0.05,
-                  robust: RobustParameters | None = None, clip_norm: float = 0.0) -> Strategy:
+                  robust: RobustParameters | None = None, clip_norm: float = 0.0,
+                  clip_median_factor: float = 0.0) -> Strategy:
     """Flower strategy ``name`` that trains and evaluates on every connected site each round.
 
     ``n_sites`` (the usable sites) is what a round expects, but a round goes on with the sites still
@@ -35,8 +38,14 @@ def make_strategy(name: str, n_sites: int, proximal_mu: float = 0.1, server_lr: 
     tests/test_deployment.py, a SuperNode killed mid-run); the run record names the missing site. A robust
     strategy takes its parameters from ``robust`` (default: derived from ``n_sites``) and raises
     :class:`strategies.robust.ImpossibleAggregation` if ``n_sites`` cannot meet them. ``clip_norm`` > 0 wraps
-    the strategy in :class:`strategies.update_clipping.UpdateNormClipping`."""
+    the strategy in :class:`strategies.update_clipping.UpdateNormClipping`, ``clip_median_factor`` > 0 in
+    :class:`strategies.update_clipping.MedianNormClipping` (not both: ``ValueError``)."""
+    if clip_norm > 0 and clip_median_factor > 0:
+        raise ValueError("clip-norm and clip-median-factor: choose one update norm bound, the fixed one or the "
+                         f"median-based one; got {clip_norm} and {clip_median_factor}")
     strategy = _named_strategy(name, n_sites, proximal_mu, server_lr, robust)
+    if clip_median_factor > 0:
+        return MedianNormClipping(strategy, clip_median_factor)
     return UpdateNormClipping(strategy, clip_norm) if clip_norm > 0 else strategy
 
 

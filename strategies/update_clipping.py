@@ -10,10 +10,17 @@ histogram and evaluation sums are untouched (see :mod:`strategies.robust`).
 
 Like Flower's ``DifferentialPrivacyServerSideFixedClipping(strategy, ...)``, it wraps any strategy and leaves
 every decision to it; it changes only the arrays of the training replies.
+
+:class:`MedianNormClipping` chooses the bound from the data instead of a guess: each round, a multiple of the
+median of that round's update norms. It follows the idea of Andrew et al., "Differentially private learning with
+adaptive clipping", NeurIPS 2021 (https://arxiv.org/abs/1905.03871): clip at a quantile of the norms seen, here
+the median (0.5 quantile), taken exactly since nothing about the norms is released. The median of n norms is
+set by honest sites while fewer than n/2 sites are malicious, so an attacker cannot raise its own bound.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -55,8 +62,10 @@ class UpdateNormClipping(Strategy):
 
     Attributes
     ----------
-    norms : dict of int to list of float
-        Per round, the update norms the sites sent, before clipping (to see how often the bound bites).
+    norms : dict of int to dict of int to float
+        Per round, each site's (node id's) update norm before clipping (to see how often the bound bites).
+    bounds : dict of int to float
+        Per round, the bound applied.
     """
 
     def __init__(self, strategy: Strategy, max_norm: float, arrayrecord_key: str = "arrays") -> None:
@@ -65,7 +74,8 @@ class UpdateNormClipping(Strategy):
         self.strategy = strategy
         self.max_norm = float(max_norm)
         self.arrayrecord_key = arrayrecord_key
-        self.norms: dict[int, list[float]] = {}
+        self.norms: dict[int, dict[int, float]] = {}
+        self.bounds: dict[int, float] = {}
         self._global: dict[str, np.ndarray] = {}
 
     def summary(self) -> None:
@@ -79,15 +89,19 @@ class UpdateNormClipping(Strategy):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        norms = self.norms.setdefault(server_round, [])
-        for reply in replies:
-            if reply.has_error() or self.arrayrecord_key not in reply.content:
-                continue
-            local = {k: a.numpy() for k, a in reply.content[self.arrayrecord_key].items()}
-            norms.append(update_norm(self._global, local))
-            clipped = clip_update(self._global, local, self.max_norm)
+        updates = [r for r in replies if not r.has_error() and self.arrayrecord_key in r.content]
+        locals_ = [{k: a.numpy() for k, a in r.content[self.arrayrecord_key].items()} for r in updates]
+        norms = [update_norm(self._global, local) for local in locals_]
+        self.norms[server_round] = {r.metadata.src_node_id: n for r, n in zip(updates, norms, strict=True)}
+        bound = self.bounds[server_round] = self.bound(norms)
+        for reply, local in zip(updates, locals_, strict=True):
+            clipped = clip_update(self._global, local, bound)
             reply.content[self.arrayrecord_key] = ArrayRecord({k: Array(v) for k, v in clipped.items()})
         return self.strategy.aggregate_train(server_round, replies)
+
+    def bound(self, norms: list[float]) -> float:
+        """The bound of a round whose sites sent updates of these ``norms``: the fixed ``max_norm``."""
+        return self.max_norm
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -95,3 +109,36 @@ class UpdateNormClipping(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return self.strategy.aggregate_evaluate(server_round, replies)
+
+
+class MedianNormClipping(UpdateNormClipping):
+    """Clip each site's update to ``factor`` × the median of the round's update norms, then let ``strategy``
+    aggregate as usual.
+
+    The bound follows the norms seen, in the manner of the quantile-based adaptive clipping of Andrew et al.
+    2021 (https://arxiv.org/abs/1905.03871), without its private quantile estimate: the server sees the norms.
+
+    Parameters
+    ----------
+    strategy : Strategy
+        The strategy that samples sites and aggregates (FedAvg, Krum, FedMedian, ...).
+    factor : float
+        The bound as a multiple of the median update norm of the round, > 0 (1: half the sites are clipped).
+    arrayrecord_key : str (default: "arrays")
+        Key of the ArrayRecord in the training replies (Flower's default).
+
+    Attributes
+    ----------
+    norms, bounds : as :class:`UpdateNormClipping`; ``bounds`` holds the bound each round chose.
+    """
+
+    def __init__(self, strategy: Strategy, factor: float, arrayrecord_key: str = "arrays") -> None:
+        if not factor > 0:
+            raise ValueError(f"factor: the multiple of the median update norm must be positive; got {factor}")
+        super().__init__(strategy, max_norm=math.inf, arrayrecord_key=arrayrecord_key)
+        self.factor = float(factor)
+
+    def bound(self, norms: list[float]) -> float:
+        """``factor`` × the median of ``norms`` (no bound if no site sent an update, or all updates are 0)."""
+        median = float(np.median(norms)) if norms else 0.0
+        return self.factor * median if median > 0 else math.inf

@@ -85,6 +85,9 @@ def test_unknown_or_doubled_attackers_and_too_small_federations_are_refused_befo
     with pytest.raises(ExperimentError, match="no site 'x'"):
         check_robustness_options(ExperimentConfig(out=tmp_path, strategy="krum", attacks=["x:scale"]), sources)
     check_robustness_options(ExperimentConfig(out=tmp_path, strategy="krum", attacks=["clinic_00:scale"]), sources)
+    with pytest.raises(ExperimentError, match="choose one update norm bound"):
+        check_robustness_options(ExperimentConfig(out=tmp_path, clip_norm=1.0, clip_median_factor=2.0), sources)
+    check_robustness_options(ExperimentConfig(out=tmp_path, clip_median_factor=2.0), sources)
 
 
 def test_the_honest_client_code_has_no_attack_in_it():
