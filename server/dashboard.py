@@ -274,6 +274,7 @@ class RunView:
     site_names: list[str] = field(default_factory=list)
     sites: list[SiteRow] = field(default_factory=list)
     rejected: dict[str, list[str]] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)  # phase -> why the coordinator refused it (run ended)
     rounds: list[RoundRow] = field(default_factory=list)
     final: dict[str, dict[str, tuple[str, float]]] = field(default_factory=dict)  # family -> outcome -> metric
     policies: list[PolicyRow] = field(default_factory=list)
@@ -425,6 +426,7 @@ def fill_from_record(view: RunView, record: RunRecord) -> None:
     view.sites = site_rows(record)
     view.site_names = [s.site for s in view.sites]
     view.rejected = {str(k): [str(e) for e in v] for k, v in record.rejected.items()}
+    view.refused = {str(k): str(v) for k, v in record.refused.items()}
     view.rounds = round_rows(record, view.site_names)
     view.rounds_done = len(view.rounds) if "ann" in record.models else None
     view.final = {family: headlines(model.final.get("overall") if isinstance(model.final, dict) else None)

@@ -122,6 +122,17 @@ def test_final_metrics_of_a_run_with_dp_sites_are_labelled_as_released_with_nois
     assert 'id="released-note"' not in client_of(tmp_path).get("/runs/exact").text
 
 
+def test_a_phase_the_coordinator_refused_is_shown_with_its_reason(tmp_path, client_of):
+    record = make_record()
+    record["refused"] = {"training": "bulyan needs at least 7 sites for f = 1; 3 are usable"}
+    deployed(tmp_path, record=record)
+    html = client_of(tmp_path).get("/runs/deployed").text
+    assert ("the coordinator refused the training phase and ended the run there: bulyan needs at least 7 sites "
+            "for f = 1; 3 are usable") in html
+    deployed(tmp_path, "plain")
+    assert "the coordinator refused" not in client_of(tmp_path).get("/runs/plain").text
+
+
 def test_run_page_draws_the_epsilon_and_metric_curves_as_inline_svg(tmp_path, client_of):
     deployed(tmp_path)
     html = client_of(tmp_path).get("/runs/deployed").text
