@@ -79,6 +79,7 @@ from server.analytics_plan import (
 from server.site_check import usable_sites
 from shared import dp_error
 from shared.analytics import (
+    LOGISTIC_FLOOR_NOISE_SDS,
     QUANTILE_LEVELS,
     anova_table,
     coefficient_table,
@@ -92,6 +93,7 @@ from shared.analytics import (
     initial_centroids,
     linear_fit,
     lloyd_update,
+    logistic_step_noise,
     moments_error,
     noisy_gram_inverse,
     noisy_histogram_quantiles,
@@ -484,13 +486,14 @@ def logistic_phase(session: AnalyticsSession, plan: AnalyticsPlan, describe: dic
                 s["kept"] = list(range(d)) if dp else independent_columns(hessian)
             kept = s["kept"]
             bound = np.concatenate([[0.0], row_bound(x)])[kept][1:]
-            inverse = noisy_gram_inverse(hessian[np.ix_(kept, kept)], bound, 0.25, summed_noise_sd(answers))
+            inverse = noisy_gram_inverse(hessian[np.ix_(kept, kept)], bound, 0.25, summed_noise_sd(answers),
+                                         LOGISTIC_FLOOR_NOISE_SDS if dp else None)
             step = inverse @ gradient[kept]
+            before = s["beta"].copy()
             s["beta"][kept] += step
-            if dp:  # delta method on the last step, δβ ≈ H⁻¹(δg − δH · step) (shared.dp_error)
-                b = np.concatenate([[1.0], bound])
-                s["noise"] = inverse @ dp_error.gram_noise_covariance(step, 0.25 * np.outer(b, b), b,
-                                                                      summed_noise_sd(answers)) @ inverse
+            if dp:  # the noise carried through every step (shared.analytics.logistic_step_noise)
+                s["noise"] = logistic_step_noise(hessian, gradient, before, s["beta"], s.get("noise", np.zeros((d, d))),
+                                                 bound, summed_noise_sd(answers))
             s.update(inverse=inverse, n=float(total(answers, f"{o}/count")[0]), dp=dp, iterations=s["iterations"] + 1,
                      loglik=None if dp else float(total(answers, f"{o}/loglik")[0]),
                      sites=[a.site for a in answers])
@@ -503,10 +506,8 @@ def logistic_phase(session: AnalyticsSession, plan: AnalyticsPlan, describe: dic
         covariance = np.zeros((d, d))
         covariance[np.ix_(s["kept"], s["kept"])] = s["inverse"]
         estimate = m.T @ s["beta"]
-        if "noise" in s:
-            noise = np.zeros((d, d))
-            noise[np.ix_(s["kept"], s["kept"])] = s["noise"]
-            sampling, noise = m.T @ covariance @ m, m.T @ noise @ m
+        if s["dp"]:
+            sampling, noise = m.T @ covariance @ m, m.T @ s["noise"] @ m
             table = with_noise_parts(coefficient_table(covariates, estimate, sampling + noise, s["kept"], None),
                                      sampling, noise)
         else:
@@ -518,7 +519,8 @@ def logistic_phase(session: AnalyticsSession, plan: AnalyticsPlan, describe: dic
                   "converged": s["converged"], "log_likelihood": s["loglik"], "coefficients": table, "dp": s["dp"],
                   "sites": s["sites"], "scale": "original units of each covariate; log-odds",
                   "standard_errors": "inverse Hessian (Wald); z-statistics and normal p-values"
-                                     + ("; under DP plus the DP noise of the last Newton step (delta method)"
+                                     + ("; under DP plus the DP noise carried through every Newton step "
+                                           "(parametric bootstrap through the floored steps)"
                                         if s["dp"] else "")}
     return out
 
