@@ -87,6 +87,7 @@ from shared.analytics import (
     correlation_pca,
     denoised_counts,
     design_map,
+    eigenvalue_noise_bound,
     histogram_quantiles,
     independent_columns,
     inertia_bound,
@@ -591,12 +592,18 @@ def pca_phase(session: AnalyticsSession, plan: AnalyticsPlan, describe: dict) ->
         # root-mean-square, not sd: noise spreads a matrix's spectrum (the top eigenvalues up, the bottom down),
         # a shift the sd leaves out: with the sd, 2 runs × 3 sites × ~1,300 rows covered the non-DP
         # eigenvalues 0.33-0.64 of the time at ε = 0.5-3
-        sd = dp_error.bootstrap_rmse(released, summed_noise_sd(answers) * triu_scale(row_bound(x)), spectrum)
+        scale = summed_noise_sd(answers) * triu_scale(row_bound(x))
+        sd = dp_error.bootstrap_rmse(released, scale, spectrum)
+        # eigenvalues: Weyl's bound on the noise's reach, as an sd (± 1.96 sd is the bound), since the bootstrap's
+        # root-mean-square distance missed the spectrum's outward spread (shared.analytics.eigenvalue_noise_bound)
+        sd[:p] = eigenvalue_noise_bound(released, scale, p + 1) / dp_error.Z95
         result["noise"] = {"eigenvalues_noise_sd": sd[:p].tolist(),
                            "explained_variance_ratio_noise_sd": sd[p:2 * p].tolist(),
                            "components_noise_sd": sd[2 * p:].reshape(p, p).tolist(),
                            "method": "parametric bootstrap of the Gram release's DP noise, root-mean-square "
-                                     "distance from the released values (shared.dp_error.bootstrap_rmse)"}
+                                     "distance from the released values (shared.dp_error.bootstrap_rmse); "
+                                     "eigenvalues: a 95 % bound on the noise's spectral norm (Weyl) / 1.96 "
+                                     "(shared.analytics.eigenvalue_noise_bound)"}
     if not result["dp"]:
         result["n"] = int(round(result["n"]))
     return result
