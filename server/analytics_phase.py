@@ -79,6 +79,7 @@ from server.analytics_plan import (
 from server.site_check import usable_sites
 from shared import dp_error
 from shared.analytics import (
+    LOGISTIC_FLOOR_NOISE_SDS,
     QUANTILE_LEVELS,
     anova_table,
     coefficient_table,
@@ -86,12 +87,14 @@ from shared.analytics import (
     correlation_pca,
     denoised_counts,
     design_map,
+    eigenvalue_noise_bound,
     histogram_quantiles,
     independent_columns,
     inertia_bound,
     initial_centroids,
     linear_fit,
     lloyd_update,
+    logistic_step_noise,
     moments_error,
     noisy_gram_inverse,
     noisy_histogram_quantiles,
@@ -484,13 +487,14 @@ def logistic_phase(session: AnalyticsSession, plan: AnalyticsPlan, describe: dic
                 s["kept"] = list(range(d)) if dp else independent_columns(hessian)
             kept = s["kept"]
             bound = np.concatenate([[0.0], row_bound(x)])[kept][1:]
-            inverse = noisy_gram_inverse(hessian[np.ix_(kept, kept)], bound, 0.25, summed_noise_sd(answers))
+            inverse = noisy_gram_inverse(hessian[np.ix_(kept, kept)], bound, 0.25, summed_noise_sd(answers),
+                                         LOGISTIC_FLOOR_NOISE_SDS if dp else None)
             step = inverse @ gradient[kept]
+            before = s["beta"].copy()
             s["beta"][kept] += step
-            if dp:  # delta method on the last step, δβ ≈ H⁻¹(δg − δH · step) (shared.dp_error)
-                b = np.concatenate([[1.0], bound])
-                s["noise"] = inverse @ dp_error.gram_noise_covariance(step, 0.25 * np.outer(b, b), b,
-                                                                      summed_noise_sd(answers)) @ inverse
+            if dp:  # the noise carried through every step (shared.analytics.logistic_step_noise)
+                s["noise"] = logistic_step_noise(hessian, gradient, before, s["beta"], s.get("noise", np.zeros((d, d))),
+                                                 bound, summed_noise_sd(answers))
             s.update(inverse=inverse, n=float(total(answers, f"{o}/count")[0]), dp=dp, iterations=s["iterations"] + 1,
                      loglik=None if dp else float(total(answers, f"{o}/loglik")[0]),
                      sites=[a.site for a in answers])
@@ -503,10 +507,8 @@ def logistic_phase(session: AnalyticsSession, plan: AnalyticsPlan, describe: dic
         covariance = np.zeros((d, d))
         covariance[np.ix_(s["kept"], s["kept"])] = s["inverse"]
         estimate = m.T @ s["beta"]
-        if "noise" in s:
-            noise = np.zeros((d, d))
-            noise[np.ix_(s["kept"], s["kept"])] = s["noise"]
-            sampling, noise = m.T @ covariance @ m, m.T @ noise @ m
+        if s["dp"]:
+            sampling, noise = m.T @ covariance @ m, m.T @ s["noise"] @ m
             table = with_noise_parts(coefficient_table(covariates, estimate, sampling + noise, s["kept"], None),
                                      sampling, noise)
         else:
@@ -518,7 +520,8 @@ def logistic_phase(session: AnalyticsSession, plan: AnalyticsPlan, describe: dic
                   "converged": s["converged"], "log_likelihood": s["loglik"], "coefficients": table, "dp": s["dp"],
                   "sites": s["sites"], "scale": "original units of each covariate; log-odds",
                   "standard_errors": "inverse Hessian (Wald); z-statistics and normal p-values"
-                                     + ("; under DP plus the DP noise of the last Newton step (delta method)"
+                                     + ("; under DP plus the DP noise carried through every Newton step "
+                                           "(parametric bootstrap through the floored steps)"
                                         if s["dp"] else "")}
     return out
 
@@ -589,12 +592,18 @@ def pca_phase(session: AnalyticsSession, plan: AnalyticsPlan, describe: dict) ->
         # root-mean-square, not sd: noise spreads a matrix's spectrum (the top eigenvalues up, the bottom down),
         # a shift the sd leaves out: with the sd, 2 runs × 3 sites × ~1,300 rows covered the non-DP
         # eigenvalues 0.33-0.64 of the time at ε = 0.5-3
-        sd = dp_error.bootstrap_rmse(released, summed_noise_sd(answers) * triu_scale(row_bound(x)), spectrum)
+        scale = summed_noise_sd(answers) * triu_scale(row_bound(x))
+        sd = dp_error.bootstrap_rmse(released, scale, spectrum)
+        # eigenvalues: Weyl's bound on the noise's reach, as an sd (± 1.96 sd is the bound), since the bootstrap's
+        # root-mean-square distance missed the spectrum's outward spread (shared.analytics.eigenvalue_noise_bound)
+        sd[:p] = eigenvalue_noise_bound(released, scale, p + 1) / dp_error.Z95
         result["noise"] = {"eigenvalues_noise_sd": sd[:p].tolist(),
                            "explained_variance_ratio_noise_sd": sd[p:2 * p].tolist(),
                            "components_noise_sd": sd[2 * p:].reshape(p, p).tolist(),
                            "method": "parametric bootstrap of the Gram release's DP noise, root-mean-square "
-                                     "distance from the released values (shared.dp_error.bootstrap_rmse)"}
+                                     "distance from the released values (shared.dp_error.bootstrap_rmse); "
+                                     "eigenvalues: a 95 % bound on the noise's spectral norm (Weyl) / 1.96 "
+                                     "(shared.analytics.eigenvalue_noise_bound)"}
     if not result["dp"]:
         result["n"] = int(round(result["n"]))
     return result
