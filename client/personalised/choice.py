@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from statistics import NormalDist
+
+import numpy as np
 
 from shared import metrics
 from shared.task import TaskSpec
@@ -55,3 +58,98 @@ def choose(scores: Mapping[str, float], order: Sequence[str]) -> tuple[str, str]
     others = ", ".join(f"{name} {scores[name]:.3f}" if math.isfinite(scores.get(name, math.nan)) else f"{name} n/a"
                        for name in order if name != chosen and name in scores)
     return chosen, f"best validation score {finite[chosen]:.3f} ({others})"
+
+
+ALPHA = 0.05
+"""Family-wise level of the one-sided test that moves a site off the global model (:func:`choose_by_margin`)."""
+
+
+def one_sided_z(alternatives: int) -> float:
+    """z of the one-sided Bonferroni test at :data:`ALPHA` over ``alternatives`` comparisons with the default:
+    ``Φ⁻¹(1 − α/m)`` (2.24 for the four alternatives of global + three methods + local)."""
+    return NormalDist().inv_cdf(1 - ALPHA / max(alternatives, 1))
+
+
+def auc_standard_error(auc: float, n_pos: float, n_neg: float) -> float:
+    """Standard error of an AUC (Hanley & McNeil, Radiology 1982;143:29, eq. 2); NaN without both classes."""
+    if not (n_pos >= 1 and n_neg >= 1 and math.isfinite(auc)):
+        return math.nan
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    return math.sqrt(max(auc * (1 - auc) + (n_pos - 1) * (q1 - auc * auc) + (n_neg - 1) * (q2 - auc * auc), 0.0)
+                     / (n_pos * n_neg))
+
+
+def r2_standard_error(r2: float, n: float) -> float:
+    """Large-sample standard error of R², ``sqrt(4R²(1 − R²)² / n)`` (Olkin & Finn, Psychol. Bull. 1995;118:155),
+    R² taken at :data:`R2_FLOOR` or above as the score takes it, and at least ``1/sqrt(n)`` so a fit near 0 is not
+    taken as exact."""
+    if not (n >= 1 and math.isfinite(r2)):
+        return math.nan
+    r2 = min(max(r2, R2_FLOOR), 1.0)
+    return max(math.sqrt(4 * r2 * (1 - r2) ** 2 / n), 1 / math.sqrt(n))
+
+
+def sampling_se(task: TaskSpec, summaries: Mapping[str, Mapping]) -> float:
+    """Sampling standard error of :func:`validation_score` from a candidate's (released) summaries alone: the mean
+    over the scored outcomes of each headline metric's SE (:func:`auc_standard_error`, :func:`r2_standard_error`)
+    — the SE of a mean of perfectly correlated metrics, so an upper bound whatever their correlation."""
+    values = []
+    for outcome in task.outcomes:
+        summary = summaries[outcome.name]
+        m = metrics.metrics(outcome.kind, summary)
+        if not math.isfinite(m[HEADLINE[outcome.kind]]):
+            continue
+        if outcome.kind == "regression":
+            values.append(r2_standard_error(m["r2"], m["n"]))
+        else:
+            # multiclass: K one-vs-rest histograms (K² confusion entries); the rarest class bounds the SE
+            k = math.isqrt(len(summary["confusion"])) if outcome.kind == "multiclass" else 1
+            pos = np.asarray(summary["hist_pos"], dtype=float).reshape(k, -1).sum(axis=1)
+            neg = np.asarray(summary["hist_neg"], dtype=float).reshape(k, -1).sum(axis=1)
+            rarest = int(np.argmin(pos))
+            values.append(auc_standard_error(m["auc"], float(pos[rarest]), float(neg[rarest])))
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def choose_by_margin(scores: Mapping[str, float], difference_sd: Mapping[str, float],
+                     order: Sequence[str]) -> tuple[str, str]:
+    """Keep the default (``order[0]``, the global model) unless a candidate beats it on validation by more than
+    the noise of the comparison: a one-sided test per alternative, Bonferroni over them (:func:`one_sided_z`).
+
+    ``difference_sd[c]`` is the standard deviation of ``score[c] − score[default]`` under the validation split's
+    sampling and, at a DP site, the release's Gaussian noise. A candidate passes when its gain exceeds
+    ``z · difference_sd[c]``; among those that pass, the largest lower bound ``gain − z·sd`` wins (``order`` breaks
+    ties). Choosing the best raw score instead (:func:`choose`) picks whichever candidate the noise favoured: with
+    five candidates, a noise sd of 0.1 and no true difference the expected maximum is ≈ 0.12 above the rest
+    (Blom's approximation), so an untrained local model wins whenever the noise says so. The test is the standard
+    guard against that winner's curse in model selection (Cawley & Talbot, JMLR 2010;11:2079, on selection bias
+    from a noisy validation estimate; Hanley & McNeil 1983, Radiology 148:839, for the SE of a difference of
+    AUCs); it only loses to the best candidate by a gain the split could not tell from noise.
+
+    Every input is computed from what the site releases (or, without DP, from its own exact rows, which a site
+    without DP may use), so under DP the choice stays post-processing of the validation release.
+
+    Example
+    -------
+    >>> choose_by_margin({"global": 0.70, "ditto": 0.74, "local": 0.90}, {"ditto": 0.01, "local": 0.2},
+    ...                  ("global", "ditto", "local"))[0]
+    'ditto'
+    """
+    default = order[0]
+    if not math.isfinite(scores.get(default, math.nan)):
+        return choose(scores, order)
+    z = one_sided_z(len(order) - 1)
+    bounds = {}
+    for name in order[1:]:
+        gain, sd = scores.get(name, math.nan) - scores[default], difference_sd.get(name, math.nan)
+        if math.isfinite(gain) and math.isfinite(sd) and gain - z * sd > TIE_MARGIN:
+            bounds[name] = gain - z * sd
+    tests = ", ".join(f"{name} {scores.get(name, math.nan):+.3f} ± {z * difference_sd.get(name, math.nan):.3f}"
+                      for name in order[1:])
+    if not bounds:
+        return default, (f"kept {default} (validation score {scores[default]:.3f}): no candidate beat it by more "
+                         f"than z·sd at z = {z:.2f} (score, margin: {tests})")
+    chosen = max(bounds, key=lambda name: (bounds[name], -order.index(name)))
+    return chosen, (f"{chosen} beat {default} ({scores[default]:.3f}) on validation by "
+                    f"{scores[chosen] - scores[default]:.3f}, more than z·sd at z = {z:.2f} (score, margin: {tests})")
