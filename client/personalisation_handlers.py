@@ -13,7 +13,9 @@ Under DP everything is the run's ``personalisation`` phase, one share of the sit
 the same Opacus training and ledger as the federated rounds), the rest for two Gaussian releases — the
 validation summaries of every candidate (:data:`VALIDATION_WEIGHT` of the releases' privacy loss: the choice
 depends on them), then their test summaries (the rest: they are only reported). The choice is made on the
-released (noised) validation figures, so it is post-processing of a DP release.
+released (noised) validation figures and the release's σ, so it is post-processing of a DP release; the reply
+carries both releases' facts and the number of DP-SGD fits, so the run record counts every ledger entry of the
+phase. Without DP the margins come from a paired bootstrap of the site's exact validation rows.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from shared.ann import predict
 from shared.durable import write_json_atomically
 from shared.protocol import messages
 from shared.protocol import records as r
-from shared.protocol.personalisation import GLOBAL, Personalisation, PersonalisationReply
+from shared.protocol.personalisation import GLOBAL, VALIDATION_PRIVACY, Personalisation, PersonalisationReply
 from shared.protocol.training import AnnTraining
 
 PHASE = "personalisation"
@@ -88,11 +90,12 @@ def personalise(msg: Message, request: SiteRequest) -> RecordDict:
         sigmas = weighted_noise(left, dp.ledger, (VALIDATION_WEIGHT, 1 - VALIDATION_WEIGHT))
         release = PhaseRelease(dp, PHASE, RELEASES, sigmas, str(request.context.run_id), epsilon=left,
                                spent_at_start=dp.ledger.spent())
-        released, facts = {}, None
+        released, facts = {}, {}
         for index, split in enumerate(("validation", "test")):
-            released[split], facts = _private(request, splits[split], predictions[split], release, index)
+            released[split], facts[split] = _private(request, splits[split], predictions[split], release, index)
         n = max((s["n"] for s in released["test"][GLOBAL].values()), default=0)
-        content[r.PRIVACY] = facts.to_record()
+        content[VALIDATION_PRIVACY] = facts["validation"].to_record()
+        content[r.PRIVACY] = facts["test"].to_record()
     task = request.site.task
     scores = {name: validation_score(task, released["validation"][name]) for name in plan.candidates}
     rng = np.random.default_rng(settings.seed)
@@ -106,7 +109,8 @@ def personalise(msg: Message, request: SiteRequest) -> RecordDict:
         reason += " on the noised validation release"
     _keep_at_site(request, chosen, reason, exact, models[chosen].model_ if chosen in models else global_model)
     reply = PersonalisationReply(chosen=chosen, reason=reason, summaries=released, num_examples=n,
-                                 dp_steps=dp_steps, candidates=plan.candidates)
+                                 dp_steps=dp_steps, candidates=plan.candidates,
+                                 dp_fits=len(models) if dp is not None else 0)
     for name, record in reply.to_records().items():
         content[name] = record
     return content

@@ -3,10 +3,12 @@
 The site scores every candidate on its own validation split — the mean over the task's outcomes of each
 outcome's headline metric (AUC for a binary or multiclass outcome, R² for a regression one, floored at 0: no
 better than predicting the mean; both 1 at best, so their mean ranks candidates on every outcome at once, and
-one hopeless regression fit cannot outweigh the other outcomes) — and keeps the best. A tie (within
-:data:`TIE_MARGIN`) goes to the earlier candidate in the plan's order (global, the methods, local): the model
-shared by more data wins when the site's own rows cannot tell them apart. Under DP the scores come from the
-site's noised validation release, so the choice is post-processing of a DP release.
+one hopeless regression fit cannot outweigh the other outcomes). A site keeps the global model unless another
+candidate beats it by more than the comparison's noise (:func:`choose_by_margin`: a one-sided Bonferroni test,
+margins from the split's sampling and, under DP, the release's own Gaussian noise); :func:`choose`, the best score
+outright (ties, within :data:`TIE_MARGIN`, to the earlier candidate in the plan's order: global, the methods,
+local), is what it falls back on when the global model has no score. Under DP the scores and margins come from the
+site's noised validation release and its public σ, so the choice is post-processing of a DP release.
 """
 
 from __future__ import annotations
@@ -80,13 +82,13 @@ def auc_standard_error(auc: float, n_pos: float, n_neg: float) -> float:
 
 
 def r2_standard_error(r2: float, n: float) -> float:
-    """Large-sample standard error of R², ``sqrt(4R²(1 − R²)² / n)`` (Olkin & Finn, Psychol. Bull. 1995;118:155),
-    R² taken at :data:`R2_FLOOR` or above as the score takes it, and at least ``1/sqrt(n)`` so a fit near 0 is not
-    taken as exact."""
+    """Standard error of a fixed model's R² = 1 − SSE/SST on ``n`` rows by the delta method (Casella & Berger,
+    Statistical Inference, 2nd ed., 2002, §5.5.4): each sum of squares has a relative SD of ``sqrt(2/n)`` (a χ²ₙ
+    under normal errors), so ``SE ≈ (1 − R²)·sqrt(2/n + 2/n)`` with their correlation taken as 0 (it is positive,
+    so this over-states the SE); R² taken at :data:`R2_FLOOR` or above, as the score takes it."""
     if not (n >= 1 and math.isfinite(r2)):
         return math.nan
-    r2 = min(max(r2, R2_FLOOR), 1.0)
-    return max(math.sqrt(4 * r2 * (1 - r2) ** 2 / n), 1 / math.sqrt(n))
+    return (1 - min(max(r2, R2_FLOOR), 1.0)) * math.sqrt(4 / n)
 
 
 def sampling_se(task: TaskSpec, summaries: Mapping[str, Mapping]) -> float:
