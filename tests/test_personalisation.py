@@ -273,6 +273,7 @@ def test_a_candidate_must_beat_the_global_model_by_z_times_the_sd_of_the_differe
     sds = {"finetune": 0.001, "ditto": 0.01, p.LOCAL: 0.2}  # z(3) = 2.128: lower bounds 0.0079, 0.0187, −0.226
     chosen, reason = choose_by_margin(scores, sds, ORDER)
     assert chosen == "ditto" and reason.startswith("ditto beat global (0.700) on validation by 0.040")
+    assert reason.endswith("(gain, margin: finetune +0.010 vs 0.002, ditto +0.040 vs 0.021, local +0.200 vs 0.426)")
     assert choose_by_margin(scores, {**sds, "ditto": 0.02}, ORDER)[0] == "finetune"  # 0.04 − 0.043 < 0.0079
     chosen, reason = choose_by_margin(scores, dict.fromkeys(sds, 0.2), ORDER)
     assert chosen == p.GLOBAL and reason.startswith("kept global (validation score 0.700)") and "z = 2.13" in reason

@@ -147,11 +147,11 @@ def choose_by_margin(scores: Mapping[str, float], difference_sd: Mapping[str, fl
         gain, sd = scores.get(name, math.nan) - scores[default], difference_sd.get(name, math.nan)
         if math.isfinite(gain) and math.isfinite(sd) and gain - z * sd > TIE_MARGIN:
             bounds[name] = gain - z * sd
-    tests = ", ".join(f"{name} {scores.get(name, math.nan):+.3f} ± {z * difference_sd.get(name, math.nan):.3f}"
-                      for name in order[1:])
+    tests = ", ".join(f"{name} {scores.get(name, math.nan) - scores[default]:+.3f} vs "
+                      f"{z * difference_sd.get(name, math.nan):.3f}" for name in order[1:])
     if not bounds:
         return default, (f"kept {default} (validation score {scores[default]:.3f}): no candidate beat it by more "
-                         f"than z·sd at z = {z:.2f} (score, margin: {tests})")
+                         f"than z·sd at z = {z:.2f} (gain, margin: {tests})")
     chosen = max(bounds, key=lambda name: (bounds[name], -order.index(name)))
     return chosen, (f"{chosen} beat {default} ({scores[default]:.3f}) on validation by "
-                    f"{scores[chosen] - scores[default]:.3f}, more than z·sd at z = {z:.2f} (score, margin: {tests})")
+                    f"{scores[chosen] - scores[default]:.3f}, more than z·sd at z = {z:.2f} (gain, margin: {tests})")
