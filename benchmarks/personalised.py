@@ -1,6 +1,6 @@
 """Benchmark of the personalised ANNs (issue 18): does each site's choice beat max(local-only, global)?
 
-    python benchmarks/personalised.py [--clinics 10] [--rounds 10] [--seeds 0 1] [--no-dp]
+    python benchmarks/personalised.py [--clinics 10] [--rounds 10] [--seeds 0 1] [--no-dp] [--skip-plain]
                                       [--out benchmarks/results/personalised.json]
 
 For each seed: the built-in simulator's clinics (DP ε = 3, δ = 1e-5 per site unless ``--no-dp``), the
@@ -85,7 +85,7 @@ def global_auc_per_site(cfg: ExperimentConfig, sources, record: RunRecord) -> tu
     return {site: _auc(s[OUTCOME])["auc"] for site, s in per_site.items()}, to_arrays(model).count_bytes()
 
 
-def seed_figures(root: Path, clinics: int, rounds: int, seed: int, dp: bool) -> dict:
+def seed_figures(root: Path, clinics: int, rounds: int, seed: int, dp: bool, plain_fedavg: bool = True) -> dict:
     methods = ",".join(METHODS)
     cfg, sources, record, seconds = one_run(root / f"personalised-{seed}", clinics, rounds, seed, dp, methods)
     names = {s.path.name: s for s in sources}
@@ -109,13 +109,16 @@ def seed_figures(root: Path, clinics: int, rounds: int, seed: int, dp: bool) -> 
                        "difference": chosen_auc - best_baseline, "se": se,
                        "reason": phase.get("per_site", {}).get(site, {}).get("reason"),
                        "chosen_on_exact_validation_auc": choose(exact_scores, candidates)[0]}
-    plain_cfg, plain_sources, plain, plain_seconds = one_run(root / f"plain-{seed}", clinics, rounds, seed, dp, "")
-    plain_global, model_bytes = global_auc_per_site(plain_cfg, plain_sources, plain)
-    with_global, _ = global_auc_per_site(cfg, sources, record)
+    with_global, model_bytes = global_auc_per_site(cfg, sources, record)
+    if plain_fedavg:
+        plain_cfg, plain_sources, plain, plain_seconds = one_run(root / f"plain-{seed}", clinics, rounds, seed, dp, "")
+        plain_global, _ = global_auc_per_site(plain_cfg, plain_sources, plain)
+    else:  # --skip-plain: the personalisation phase's figures only (the plain run does not depend on them)
+        plain, plain_seconds, plain_global = None, None, {}
     big = [s for s, f in sites.items() if f["n_test"] >= MIN_TEST_ROWS]
     privacy = {site: {"training": p.epsilon_after.get("training"), PHASE: p.epsilon_after.get(PHASE),
                       "plain_training": plain.privacy[site].epsilon_after.get("training")
-                      if site in plain.privacy else None}
+                      if plain is not None and site in plain.privacy else None}
                for site, p in record.privacy.items() if p.dp}
     n_trainers = len(record.sites)
     return {
@@ -125,14 +128,14 @@ def seed_figures(root: Path, clinics: int, rounds: int, seed: int, dp: bool) -> 
         "worse_than_best_by_more_than_1se": [s for s in big if sites[s]["difference"] < -sites[s]["se"]],
         "better_on_average_by": statistics.fmean(sites[s]["difference"] for s in big),
         "cost": {"ann_training_s": record.models["ann"].seconds, "personalisation_s": phase.get("seconds"),
-                 "plain_ann_training_s": plain.models["ann"].seconds, "federation_s": seconds,
+                 "plain_ann_training_s": plain.models["ann"].seconds if plain else None, "federation_s": seconds,
                  "plain_federation_s": plain_seconds,
                  "training_bytes_est": rounds * n_trainers * 2 * model_bytes,
                  "personalisation_bytes": phase.get("bytes"),
                  "epsilon": privacy,
                  "global_mean_auc_with_personalisation": statistics.fmean(with_global[s] for s in big),
-                 "global_mean_auc_plain_fedavg": statistics.fmean(plain_global[s] for s in big
-                                                                  if s in plain_global)},
+                 "global_mean_auc_plain_fedavg": statistics.fmean(plain_global[s] for s in big if s in plain_global)
+                 if plain_global else None},
     }
 
 
@@ -158,14 +161,15 @@ def print_tables(result: dict) -> None:
               f"{run['worse_than_best_by_more_than_1se'] or 'none'}")
         c = run["cost"]
         eps = c["epsilon"]
-        print(f"cost: ANN rounds {c['ann_training_s']:.1f} s (plain FedAvg {c['plain_ann_training_s']:.1f} s), "
+        print(f"cost: ANN rounds {c['ann_training_s']:.1f} s (plain FedAvg {_f(c['plain_ann_training_s'])} s), "
               f"personalisation phase {c['personalisation_s']:.1f} s; bytes: training ≈ {c['training_bytes_est']}, "
               f"personalisation sent {c['personalisation_bytes']['sent']} received "
               f"{c['personalisation_bytes']['received']}")
         if eps:
-            print("ε per DP site (mean): after training {:.3f} (plain FedAvg {:.3f}), after personalisation {:.3f}"
+            plain_eps = [e["plain_training"] for e in eps.values() if e["plain_training"] is not None]
+            print("ε per DP site (mean): after training {:.3f} (plain FedAvg {}), after personalisation {:.3f}"
                   .format(statistics.fmean(e["training"] for e in eps.values()),
-                          statistics.fmean(e["plain_training"] for e in eps.values()),
+                          _f(statistics.fmean(plain_eps)) if plain_eps else "–",
                           statistics.fmean(e[PHASE] for e in eps.values())))
         print(f"global model's mean per-site AUC: {_f(c['global_mean_auc_with_personalisation'])} in this run, "
               f"{_f(c['global_mean_auc_plain_fedavg'])} in plain FedAvg (more ε for training)")
@@ -177,6 +181,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--no-dp", action="store_true")
+    parser.add_argument("--skip-plain", action="store_true",
+                        help="leave out the plain-FedAvg run of each seed (cost comparison only; halves the time)")
     parser.add_argument("--work", type=Path, default=Path("runs/bench_personalised"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/personalised.json"))
     args = parser.parse_args()
@@ -185,7 +191,7 @@ def main() -> None:
     start = time.perf_counter()
     runs = []
     for seed in args.seeds:
-        runs.append(seed_figures(args.work, args.clinics, args.rounds, seed, not args.no_dp))
+        runs.append(seed_figures(args.work, args.clinics, args.rounds, seed, not args.no_dp, not args.skip_plain))
     result = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "python": sys.version.split()[0],
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
               "clinics": args.clinics, "rounds": args.rounds, "dp": not args.no_dp, "methods": list(METHODS),

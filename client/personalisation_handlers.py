@@ -13,22 +13,26 @@ Under DP everything is the run's ``personalisation`` phase, one share of the sit
 the same Opacus training and ledger as the federated rounds), the rest for two Gaussian releases — the
 validation summaries of every candidate (:data:`VALIDATION_WEIGHT` of the releases' privacy loss: the choice
 depends on them), then their test summaries (the rest: they are only reported). The choice is made on the
-released (noised) validation figures, so it is post-processing of a DP release.
+released (noised) validation figures and the release's σ, so it is post-processing of a DP release; the reply
+carries both releases' facts and the number of DP-SGD fits, so the run record counts every ledger entry of the
+phase. Without DP the margins come from a paired bootstrap of the site's exact validation rows.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import statistics
 from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import Message, RecordDict
 
-from client.dp import PhaseRelease, SiteDP, noise_for_phase, phase_epsilon, weighted_noise
+from client.dp import PhaseRelease, SiteDP, gaussian_release, noise_for_phase, phase_epsilon, weighted_noise
 from client.evaluation import from_blocks, summaries, summary_blocks
 from client.personalised import trainers
-from client.personalised.choice import choose, validation_score
+from client.personalised.choice import choose_by_margin, sampling_se, validation_score
 from client.site import SiteHandlers, SiteRequest
 from client.training import DPConfig, EncodedSplit, sample_rate
 from client.training_handlers import EVAL_BINS
@@ -37,7 +41,7 @@ from shared.ann import predict
 from shared.durable import write_json_atomically
 from shared.protocol import messages
 from shared.protocol import records as r
-from shared.protocol.personalisation import GLOBAL, Personalisation, PersonalisationReply
+from shared.protocol.personalisation import GLOBAL, VALIDATION_PRIVACY, Personalisation, PersonalisationReply
 from shared.protocol.training import AnnTraining
 
 PHASE = "personalisation"
@@ -86,22 +90,79 @@ def personalise(msg: Message, request: SiteRequest) -> RecordDict:
         sigmas = weighted_noise(left, dp.ledger, (VALIDATION_WEIGHT, 1 - VALIDATION_WEIGHT))
         release = PhaseRelease(dp, PHASE, RELEASES, sigmas, str(request.context.run_id), epsilon=left,
                                spent_at_start=dp.ledger.spent())
-        released, facts = {}, None
+        released, facts = {}, {}
         for index, split in enumerate(("validation", "test")):
-            released[split], facts = _private(request, splits[split], predictions[split], release, index)
+            released[split], facts[split] = _private(request, splits[split], predictions[split], release, index)
         n = max((s["n"] for s in released["test"][GLOBAL].values()), default=0)
-        content[r.PRIVACY] = facts.to_record()
+        content[VALIDATION_PRIVACY] = facts["validation"].to_record()
+        content[r.PRIVACY] = facts["test"].to_record()
     task = request.site.task
     scores = {name: validation_score(task, released["validation"][name]) for name in plan.candidates}
-    chosen, reason = choose(scores, plan.candidates)
+    rng = np.random.default_rng(settings.seed)
+    if dp is None:
+        spread = paired_bootstrap_sd(request, splits["validation"], predictions["validation"], plan.candidates,
+                                     int(request.config.get(EVAL_BINS, metrics.DEFAULT_N_BINS)), rng)
+    else:
+        spread = released_difference_sd(request, released["validation"], release.sigma_at(0), plan.candidates, rng)
+    chosen, reason = choose_by_margin(scores, spread, plan.candidates)
     if dp is not None:
         reason += " on the noised validation release"
     _keep_at_site(request, chosen, reason, exact, models[chosen].model_ if chosen in models else global_model)
     reply = PersonalisationReply(chosen=chosen, reason=reason, summaries=released, num_examples=n,
-                                 dp_steps=dp_steps, candidates=plan.candidates)
+                                 dp_steps=dp_steps, candidates=plan.candidates,
+                                 dp_fits=len(models) if dp is not None else 0)
     for name, record in reply.to_records().items():
         content[name] = record
     return content
+
+
+BOOTSTRAP_DRAWS = 200
+"""Draws of each bootstrap that sets the choice's margins (their SDs are then within ≈ 5 %: 1/sqrt(2·200))."""
+
+
+def paired_bootstrap_sd(request: SiteRequest, data: EncodedSplit, predictions: Predictions,
+                        candidates: tuple[str, ...], n_bins: int, rng: np.random.Generator) -> dict[str, float]:
+    """SD of ``score(c) − score(default)`` over bootstrap resamples of the validation rows, all candidates scored on
+    the same resample (Efron & Tibshirani 1993, ch. 6; paired, so two near-identical models differ by little).
+    Without DP only: it reads the site's exact rows."""
+    task, default = request.site.task, candidates[0]
+    differences: dict[str, list[float]] = {name: [] for name in candidates[1:]}
+    for _ in range(BOOTSTRAP_DRAWS):
+        rows = rng.integers(0, len(data), len(data))
+        sample = EncodedSplit(x=data.x[rows], targets={k: v[rows] for k, v in data.targets.items()}, frame=None)
+        score = {name: validation_score(task, summaries(request.encoder, sample,
+                                                        {o: v[rows] for o, v in predictions[name].items()},
+                                                        n_bins=n_bins))
+                 for name in candidates}
+        for name in candidates[1:]:
+            differences[name].append(score[name] - score[default])
+    return {name: _finite_sd(values) for name, values in differences.items()}
+
+
+def released_difference_sd(request: SiteRequest, released: dict[str, dict], sigma: float,
+                           candidates: tuple[str, ...], rng: np.random.Generator) -> dict[str, float]:
+    """SD of ``score(c) − score(default)`` from the validation release alone: the release's noise (a parametric
+    bootstrap: the released blocks noised again with the release's own σ, the same Gaussian mechanism) and the
+    split's sampling (:func:`client.personalised.choice.sampling_se` of the released summaries), independent
+    between candidates (their noise is; their sampling is positively correlated, so this over-states it).
+    Post-processing of the release and its public σ only."""
+    task, default = request.site.task, candidates[0]
+    blocks = {f"{name}|{key}": block for name in candidates
+              for key, block in summary_blocks(request.encoder, released[name]).items()}
+    draws: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(BOOTSTRAP_DRAWS):
+        noised = gaussian_release(blocks, sigma, rng)
+        for name in candidates:
+            again = from_blocks(request.encoder, {key.split("|", 1)[1]: value for key, value in noised.items()
+                                                  if key.startswith(name + "|")})
+            draws[name].append(validation_score(task, again))
+    variance = {name: _finite_sd(draws[name]) ** 2 + sampling_se(task, released[name]) ** 2 for name in candidates}
+    return {name: math.sqrt(variance[name] + variance[default]) for name in candidates[1:]}
+
+
+def _finite_sd(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.stdev(finite) if len(finite) > 1 else math.nan
 
 
 def _fit_private(models: dict, global_model, data: EncodedSplit, dp: SiteDP, settings: AnnTraining,

@@ -6,7 +6,8 @@ The server sends the final global weights with the ANN's training config and
 validation split and replies its choice, why, and every candidate's summaries (``client.personalisation_handlers``).
 No personalised weight comes back. The record keeps, per site, the choice, the reason and the metrics of each
 candidate on the validation and test splits (from the released summaries: noised at a DP site), and what the
-phase cost: seconds and bytes on the wire.
+phase cost: seconds and bytes on the wire. A DP site's privacy record counts every entry the phase made in its
+ledger: one per candidate trained by DP-SGD and the two Gaussian releases (validation, test).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from server.site_check import SiteCheck
 from shared import metrics
 from shared.protocol import messages
 from shared.protocol import records as r
-from shared.protocol.personalisation import Personalisation, PersonalisationReply
+from shared.protocol.personalisation import VALIDATION_PRIVACY, Personalisation, PersonalisationReply
 from shared.task import TaskSpec
 
 PHASE = "personalisation"
@@ -53,8 +54,11 @@ def run_personalisation(grid: Grid, sites: SiteCheck, task: TaskSpec, arrays: Ar
             continue
         received += sum(record_bytes(v) for v in reply.content.values())
         answer = PersonalisationReply.from_records(reply.content)
-        if r.PRIVACY in reply.content:
-            add_privacy(record, sites.usable, node, dict(reply.content[r.PRIVACY]))
+        for key in (VALIDATION_PRIVACY, r.PRIVACY):  # in the order released: ε after the phase is the last's
+            if key in reply.content:
+                add_privacy(record, sites.usable, node, dict(reply.content[key]))
+        if answer.dp_fits and name in record.privacy:
+            record.privacy[name].add_ledger_entries(PHASE, answer.dp_fits)
         per_site[name] = {"chosen": answer.chosen, "reason": answer.reason, "dp_steps": answer.dp_steps,
                           **{split: {c: outcome_metrics(task, _as_record(s)) for c, s in by.items()}
                              for split, by in answer.summaries.items()}}

@@ -76,6 +76,11 @@ class SitePrivacyRecord:
         self.epsilon_after[facts.phase] = facts.epsilon_spent
         self.epsilon_spent = max(self.epsilon_spent or 0.0, facts.epsilon_spent)
 
+    def add_ledger_entries(self, phase: str, count: int) -> None:
+        """Count ``count`` more entries of ``phase`` in the site's ledger that came without release facts of their
+        own (e.g. the DP-SGD fits of the personalisation phase; its releases come through :meth:`add_release`)."""
+        self.releases[phase] = self.releases.get(phase, 0) + int(count)
+
     def add_training(self, epsilon: float, steps_round: bool = True) -> None:
         """Count one round of DP-SGD and the ε spent after it."""
         self.releases["training"] = self.releases.get("training", 0) + int(steps_round)

@@ -48,7 +48,7 @@ def test_each_site_says_what_it_chose_why_and_on_which_validation_figures(run):
     for site in results["sites"]:
         part = results["personalisation"][site]
         assert part["chosen"] in {"global", "local", *METHODS}
-        assert part["reason"].startswith("best validation score")
+        assert part["reason"].startswith(("kept global", f"{part['chosen']} beat global"))
         assert set(part["validation"]) == {"global", "local", *METHODS}
         assert "auc" in part["validation"]["global"]["response"]
         assert results["models"]["ann"]["personalised"]["chosen"][site] == part["chosen"]
@@ -64,6 +64,7 @@ def test_a_dp_sites_epsilon_grows_in_the_personalisation_phase_and_its_ledger_sa
         ledger = SiteDP.of(out / "sites" / site, data.config, state_dir=out / "sites" / ".ledger-heads").ledger
         spent = [e["epsilon_after"] for e in ledger.entries if e["phase"] == PHASE]
         assert len(spent) == 4 + 2 and spent[0] > phases["evaluation"]["epsilon_after"] - 1e-9
+        assert phases[PHASE]["releases"] == len(spent)  # the record counts every entry of the phase's ledger
 
 
 def test_the_report_has_the_per_site_table(run):

@@ -7,7 +7,9 @@
 | ``fedper`` | global body, heads trained at the site (Arivazhagan et al. 2019) | :mod:`client.personalised.fedper` |
 
 With the local-only model (:mod:`client.personalised.local`) and the global model, they are the candidates a
-site chooses among on its validation split (:mod:`client.personalised.choice`).
+site chooses among on its validation split (:mod:`client.personalised.choice`). Personalised boosting (the
+federation's trees plus trees grown at the site) is :mod:`client.personalised.site_trees`; it is not yet a
+candidate of the ``query.personalise`` phase.
 """
 
 from __future__ import annotations

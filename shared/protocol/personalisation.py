@@ -28,6 +28,9 @@ SPLITS = ("validation", "test")
 
 CHOICE = "choice"
 """Reply record (ConfigRecord): the chosen candidate, the reason, the candidates in order."""
+VALIDATION_PRIVACY = "privacy-validation"
+"""Reply record at a DP site (ConfigRecord, ``ReleaseFacts``): the validation release's facts; the test release's
+are under ``records.PRIVACY`` as every phase's last release is."""
 
 _METHODS_KEY = "personalise-methods"
 _EPOCHS_KEY = "personalise-epochs"
@@ -104,6 +107,11 @@ class PersonalisationReply:
         Test rows (the noised count at a DP site).
     dp_steps : int
         DP-SGD steps the site took to train its candidates (0 without DP).
+    candidates : tuple of str
+        The candidates in the plan's order.
+    dp_fits : int
+        Candidates trained by DP-SGD, each one entry of the site's ledger in the phase (0 without DP); with the
+        two Gaussian releases, what the run record counts for the phase.
     """
 
     chosen: str
@@ -112,29 +120,64 @@ class PersonalisationReply:
     num_examples: float = 0
     dp_steps: int = 0
     candidates: tuple[str, ...] = field(default=())
+    dp_fits: int = 0
 
     def to_records(self) -> RecordDict:
         record = MetricRecord({r.NUM_EXAMPLES: self.num_examples})
         for split, by_candidate in self.summaries.items():
             for candidate, outcomes in by_candidate.items():
                 for outcome, summary in outcomes.items():
-                    record.update(metrics.to_metric_record(summary, prefix=_prefix(split, candidate, outcome)))
+                    record.update(sparse_histograms(metrics.to_metric_record(
+                        summary, prefix=_prefix(split, candidate, outcome))))
         names = list(self.candidates or next(iter(self.summaries.values()), {}))
         outcomes = sorted({o for by in self.summaries.values() for c in by.values() for o in c})
         choice = ConfigRecord({"chosen": self.chosen, "reason": self.reason, "candidates": names or [""],
-                               "outcomes": outcomes or [""], "dp-steps": self.dp_steps})
+                               "outcomes": outcomes or [""], "dp-steps": self.dp_steps, "dp-fits": self.dp_fits})
         return RecordDict({r.METRICS: record, CHOICE: choice})
 
     @classmethod
     def from_records(cls, content: RecordDict) -> PersonalisationReply:
-        choice, record = content[CHOICE], content[r.METRICS]
+        choice, record = content[CHOICE], dense_histograms(content[r.METRICS])
         candidates = tuple(c for c in choice["candidates"] if c)
         outcomes = [o for o in choice["outcomes"] if o]
         summaries = {split: {c: {o: metrics.from_metric_record(record, _prefix(split, c, o)) for o in outcomes}
                              for c in candidates} for split in SPLITS}
         return cls(chosen=str(choice["chosen"]), reason=str(choice["reason"]), summaries=summaries,
                    num_examples=float(record[r.NUM_EXAMPLES]), dp_steps=int(choice["dp-steps"]),
-                   candidates=candidates)
+                   candidates=candidates, dp_fits=int(choice.get("dp-fits", 0)))
+
+
+HISTOGRAM_KEYS = ("hist_pos", "hist_neg")
+_AT, _COUNT, _LENGTH = "@at", "@count", "@length"
+
+
+def sparse_histograms(record: Mapping) -> dict:
+    """``record`` with each histogram that is mostly zeros sent as its non-zero bins: ``<key>@at`` (indices),
+    ``<key>@count`` (their counts) and ``<key>@length``. Lossless (:func:`dense_histograms` restores it
+    exactly), so the AUC is the fine-binned one: a site's validation or test split fills a few hundred of the
+    2000 bins at most, and 5 candidates × 2 splits of dense 2000-bin histograms made 6.5 MB of replies from 10
+    sites (20 coarse bins would change per-site AUCs by up to 0.1; measured in the tests)."""
+    out = {}
+    for key, value in record.items():
+        if key.rsplit(metrics.PREFIX_SEPARATOR, 1)[-1] in HISTOGRAM_KEYS and isinstance(value, list):
+            at = [i for i, v in enumerate(value) if v]
+            if 2 * len(at) < len(value):
+                out |= {key + _AT: at or [-1], key + _COUNT: [value[i] for i in at] or [0], key + _LENGTH: len(value)}
+                continue
+        out[key] = value
+    return out
+
+
+def dense_histograms(record: Mapping) -> dict:
+    """Inverse of :func:`sparse_histograms` (records without sparse keys pass unchanged)."""
+    out = {k: v for k, v in record.items() if not k.endswith((_AT, _COUNT, _LENGTH))}
+    for key in (k[: -len(_LENGTH)] for k in record if k.endswith(_LENGTH)):
+        dense = [0] * int(record[key + _LENGTH])
+        for i, v in zip(record[key + _AT], record[key + _COUNT], strict=True):
+            if i >= 0:
+                dense[int(i)] = v
+        out[key] = dense
+    return out
 
 
 def _prefix(split: str, candidate: str, outcome: str) -> str:
