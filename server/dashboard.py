@@ -42,12 +42,13 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
-from server.run_record import RECORD_FILE, RecordError, RunRecord
+from server.run_record import PROGRESS_FILE, RECORD_FILE, RecordError, RunRecord
 from server.status import (
     SIMULATION_RECORD_FOLDER,
     StatusError,
     headline_metric,
     participation,
+    progress_file,
     read_record,
     record_file,
     record_run_id,
@@ -93,7 +94,7 @@ def run_kind(folder: Path) -> str | None:
     if (folder / RESULTS_FILE).is_file() or (folder / SIMULATION_RECORD_FOLDER).is_dir() \
             or ((folder / "sites").is_dir() and (folder / "kit").is_dir()):
         return "simulation"
-    if (folder / RECORD_FILE).is_file():
+    if (folder / RECORD_FILE).is_file() or (folder / PROGRESS_FILE).is_file():
         return "deployed"
     return None
 
@@ -189,11 +190,18 @@ def ago(seconds: float) -> str:
 def run_state(run: RunFolder, now: float | None = None) -> RunState:
     """The run's state from which files exist (no record is parsed: this is what each refresh costs)."""
     now = time.time() if now is None else now
-    record, results = record_file(run.path), run.path / RESULTS_FILE
-    files = [record, results, *deployment_records(run)]
+    record, results, progress = record_file(run.path), run.path / RESULTS_FILE, progress_file(run.path)
+    files = [record, results, *deployment_records(run), *([progress] if progress else [])]
     fingerprint = hashlib.sha1("|".join(_stat(f) for f in files).encode()).hexdigest()[:16]
-    if run.kind == "deployed" or results.is_file():
+    if results.is_file() or (run.kind == "deployed" and record.is_file()):
         return RunState(FINISHED, "finished", False, fingerprint)
+    if progress is not None and not record.is_file():
+        since = now - progress.stat().st_mtime
+        if since > STALE_AFTER_S:
+            return RunState(STOPPED, f"training stopped: its progress record was last written {ago(since)} ago",
+                            False, fingerprint)
+        return RunState(RUNNING, f"training: the coordinator's progress record ({PROGRESS_FILE}) was written "
+                                 f"{ago(since)} ago", True, fingerprint)
     if record.is_file():
         return RunState(RUNNING, "the federated run has finished; the experiment is still evaluating its models "
                                  "(results.json not written yet)", True, fingerprint)
@@ -202,8 +210,9 @@ def run_state(run: RunFolder, now: float | None = None) -> RunState:
     if since > STALE_AFTER_S:
         return RunState(STOPPED, f"no run record, and nothing written for {ago(since)}: the run stopped before "
                                  "its end", False, fingerprint)
-    return RunState(RUNNING, f"in progress: no run record yet (the coordinator writes {RECORD_FILE} when the "
-                             f"federated run ends); last file written {ago(since)} ago", True,
+    return RunState(RUNNING, f"in progress: no run record yet (the coordinator writes {PROGRESS_FILE} after each "
+                             f"training round, {RECORD_FILE} when the federated run ends); last file written "
+                             f"{ago(since)} ago", True,
                     fingerprint + f":{int(written or 0)}")
 
 
@@ -486,10 +495,12 @@ def load_run(run: RunFolder, now: float | None = None) -> RunView:
     if problem:
         view.messages.append(problem)
         view.state, view.detail = UNREADABLE, "its results could not be read"
-    if not record_file(run.path).is_file():
+    progress = progress_file(run.path)
+    finished = record_file(run.path).is_file()
+    if not finished and progress is None:
         return view
     try:
-        fill_from_record(view, read_record(run.path))
+        fill_from_record(view, read_record(run.path) if finished else RunRecord.read(progress))
     except READ_ERRORS as err:
         view.messages.append(f"the run record could not be shown: {short_reason(str(err), 300)}")
         view.state, view.detail, view.run_id = UNREADABLE, "its run record could not be read", None

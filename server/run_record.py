@@ -33,6 +33,9 @@ from shared.protocol.privacy import ReleaseFacts, SitePrivacy
 from shared.task import TaskSpec
 
 RECORD_FILE = "federation.json"
+PROGRESS_FILE = "federation.progress.json"
+"""While the ANN trains, the record so far (same format; rounds done so far, ε charged so far), rewritten
+atomically after each round for the dashboard; removed when ``federation.json`` is written."""
 FORMAT = "fednano/run-record"
 VERSION = 2
 TRAIN_KEYS = ("num-examples", "train-loss", "steps", "epsilon", "epsilon-budget", "delta", "noise-multiplier")
@@ -129,6 +132,13 @@ class RunRecord:
 
     def write(self, folder: Path) -> Path:
         path = Path(folder) / RECORD_FILE
+        write_json_atomically(path, self.to_dict())
+        (Path(folder) / PROGRESS_FILE).unlink(missing_ok=True)
+        return path
+
+    def write_progress(self, folder: Path) -> Path:
+        """The record so far as :data:`PROGRESS_FILE` (the run has not ended)."""
+        path = Path(folder) / PROGRESS_FILE
         write_json_atomically(path, self.to_dict())
         return path
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from server.run_record import RECORD_FILE, RecordError, RunRecord, SitePrivacyRecord
+from server.run_record import PROGRESS_FILE, RECORD_FILE, RecordError, RunRecord, SitePrivacyRecord
 from shared.policy_bundle import MANIFEST_FILE
 
 FLWR_TIMEOUT_S = 60.0
@@ -124,6 +124,14 @@ def record_file(path: Path) -> Path:
         return path
     candidates = [path / RECORD_FILE, path / SIMULATION_RECORD_FOLDER / RECORD_FILE]
     return next((c for c in candidates if c.is_file()), candidates[0])
+
+
+def progress_file(path: Path) -> Path | None:
+    """The coordinator's progress record (:data:`server.run_record.PROGRESS_FILE`) of the out-dir or simulation
+    folder ``path``, if one exists: the run is training and has not written its record yet."""
+    path = Path(path)
+    candidates = [path / PROGRESS_FILE, path / SIMULATION_RECORD_FOLDER / PROGRESS_FILE]
+    return next((c for c in candidates if c.is_file()), None)
 
 
 def read_record(path: Path) -> RunRecord:

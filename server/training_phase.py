@@ -9,8 +9,10 @@ with DP sites every site bins scores coarsely (``shared.metrics.COARSE_N_BINS``)
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
@@ -61,6 +63,16 @@ def train_ann(grid: Grid, sites: SiteCheck, task: TaskSpec, encoder: FeatureEnco
     """The strategy's rounds; returns the family's record and the final weights."""
     model = build_model(encoder, task, settings.hidden_sizes, seed=settings.seed)
     trainers = sites.granting("training")
+
+    def write_progress(server_round: int) -> None:
+        """The record with the rounds so far, for the dashboard (a copy: ε is charged to ``record`` once, at the
+        end, from the same rounds)."""
+        del server_round
+        snapshot = copy.deepcopy(record)
+        snapshot.models["ann"] = ModelRecord(family="ann", mode=settings.strategy,
+                                             rounds=model_rounds(task, sites.usable, strategy.rounds, snapshot))
+        snapshot.write_progress(Path(settings.out_dir))
+
     dp = sites.dp_nodes()
     evaluators = [n for n in sites.nodes if n not in dp or n in sites.granting("evaluation")]
     strategy = PerSiteRecord(make_strategy(settings.strategy, n_sites=len(trainers),
@@ -69,7 +81,8 @@ def train_ann(grid: Grid, sites: SiteCheck, task: TaskSpec, encoder: FeatureEnco
                                            clip_norm=settings.clip_norm,
                                            clip_median_factor=settings.clip_median_factor),
                              on_round=on_round, train_nodes=trainers, evaluate_nodes=evaluators,
-                             final_round_only=dp, final_round=settings.num_server_rounds)
+                             final_round_only=dp, final_round=settings.num_server_rounds,
+                             on_progress=write_progress)
     config = training_config(settings, encoder, plan)
     start = time.perf_counter()
     result = strategy.start(grid=grid, initial_arrays=to_arrays(model), num_rounds=settings.num_server_rounds,

@@ -50,14 +50,18 @@ class PerSiteRecord(Strategy):
         Nodes evaluated at the final round only (``final_round``): sites under DP, whose every evaluation is a
         release charged to their budget.
     final_round : int, optional (default: 0)
+    on_progress : callable, optional (default: None)
+        Called with the round number after each aggregation, training and evaluation alike (a round under DP
+        may have no evaluation): the coordinator writes its progress record there.
     """
 
     def __init__(self, strategy: Strategy, on_round: Callable[[int], None] | None = None,
                  action: str | None = None, train_nodes: Collection[int] | None = None,
                  evaluate_nodes: Collection[int] | None = None, final_round_only: Collection[int] = (),
-                 final_round: int = 0) -> None:
+                 final_round: int = 0, on_progress: Callable[[int], None] | None = None) -> None:
         self.strategy = strategy
         self.on_round = on_round
+        self.on_progress = on_progress
         self.action = action
         self.train_nodes = None if train_nodes is None else set(train_nodes)
         self.evaluate_nodes = None if evaluate_nodes is None else set(evaluate_nodes)
@@ -77,7 +81,10 @@ class PerSiteRecord(Strategy):
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         self._record(self.rounds.train, server_round, replies)
-        return self.strategy.aggregate_train(server_round, replies)
+        aggregated = self.strategy.aggregate_train(server_round, replies)
+        if self.on_progress is not None:
+            self.on_progress(server_round)
+        return aggregated
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -99,6 +106,8 @@ class PerSiteRecord(Strategy):
         replies = list(replies)
         self._record(self.rounds.evaluate, server_round, replies)
         aggregated = self.strategy.aggregate_evaluate(server_round, replies)
+        if self.on_progress is not None:
+            self.on_progress(server_round)
         if self.on_round is not None:
             self.on_round(server_round)
         return aggregated

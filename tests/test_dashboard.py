@@ -178,6 +178,27 @@ def test_a_finished_run_page_has_no_refresh_script(tmp_path, client_of):
     assert "<script" not in html and "finished" in html
 
 
+@pytest.mark.parametrize("kind", ["simulation", "deployed"])
+def test_a_run_still_training_shows_its_rounds_so_far_from_the_progress_record(tmp_path, client_of, kind):
+    record = make_record()
+    record["models"]["ann"]["rounds"] = record["models"]["ann"]["rounds"][:1]  # round 1 of 2 done
+    if kind == "simulation":
+        out = simulation(tmp_path, finished=False)
+        (out / "federated" / "federation.json").unlink()
+        write(out / "federated" / "federation.progress.json", record)
+        key = "sim"
+    else:
+        write(tmp_path / "live" / "federation.progress.json", record)
+        key = "live"
+    client = client_of(tmp_path)
+    html = client.get(f"/runs/{key}").text
+    assert "1 of 2 rounds" in html and "training: the coordinator&#39;s progress record" in html
+    assert list(rows(html, "site")) == ["alpha", "beta", "gamma"] and list(rows(html, "round")) == ["1"]
+    assert "<script" in html  # a running run's page polls
+    state = client.get("/api/state", params={"run": key}).json()["runs"][0]
+    assert state["state"] == "running"
+
+
 def test_a_simulation_without_a_record_yet_is_running_and_its_page_polls_the_state(tmp_path, client_of):
     out = simulation(tmp_path, finished=False)
     (out / "federated" / "federation.json").unlink()

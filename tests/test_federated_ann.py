@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from client.training import encode, evaluate
+from server.run_record import PROGRESS_FILE, RunRecord
 from shared import metrics
 from shared.artifacts import RunArtifacts
 from shared.task import NANOPARTICLE_TASK
@@ -32,7 +33,13 @@ def federation(tmp_path_factory):
     cfg = ExperimentConfig(out=out, clinics=4, rounds=ROUNDS, dp=False, seed=3, models="ann")
     world = generate_sites(cfg.clinics, cfg.seed, out / "sites", privacy=SitePrivacy(dp=False))
     sources, _ = prepare_sites(dataclasses.replace(cfg, sites=[out / "sites" / c.name for c in world.clinics]))
-    record = run_federation(cfg, sources)
+    progress = []  # the coordinator's progress record as the dashboard would read it, after each round
+
+    def read_progress(server_round: int) -> None:
+        snapshot = RunRecord.read(out / "federated" / PROGRESS_FILE)
+        progress.append((server_round, [r["round"] for r in snapshot.models["ann"].rounds]))
+
+    record = run_federation(cfg, sources, on_round=read_progress)
     artifacts = RunArtifacts.open(out / "federated", run_id=record.run_id)
     encoder, model = artifacts.encoder(), artifacts.ann()
     sites = {c.name: load_site(out / "sites" / c.name) for c in world.clinics}
@@ -40,9 +47,16 @@ def federation(tmp_path_factory):
                                 seed=cfg.seed, split_seed=cfg.seed)
     fresh = {c.name: simulate_clinic(world, dataclasses.replace(c, n_patients=1500, seed=c.seed + 1))[0]
              for c in world.clinics}
-    return {"record": record, "world": world, "federated": (model, encoder), "sites": sites,
+    return {"record": record, "progress": progress, "out": out, "world": world, "federated": (model, encoder),
+            "sites": sites,
             "local": local_models(sites, dict.fromkeys(sites), settings),
             "pooled": pooled_model(sites, None, settings), "fresh": fresh}
+
+
+def test_the_coordinator_writes_its_progress_after_each_round_and_removes_it_at_the_end(federation):
+    assert federation["progress"] == [(r, list(range(1, r + 1))) for r in range(1, ROUNDS + 1)]
+    assert not (federation["out"] / "federated" / PROGRESS_FILE).exists()
+    assert (federation["out"] / "federated" / "federation.json").is_file()
 
 
 def _auc(model_and_encoder, frame, outcome):

@@ -24,7 +24,7 @@ def test_unknown_strategy_is_refused_listing_the_choices():
     with pytest.raises(ValueError, match="fedavg, fedprox, fedadam, fedyogi, krum"):
         make_strategy("mean", n_sites=3)
     assert STRATEGIES == ("fedavg", "fedprox", "fedadam", "fedyogi", "krum", "multikrum", "bulyan", "fedmedian",
-                          "fedtrimmedavg")
+                          "fedtrimmedavg", "rowtrimmedavg")
 
 
 def test_summed_summaries_give_the_metrics_of_the_union_of_test_sets():
