@@ -62,9 +62,9 @@ def federation(tmp_path_factory):
                            privacy=SitePrivacy(dp=True, epsilon=3.0, shares=DP_SITE_SHARES))
     sources = prepare_kit(cfg, [SiteSource(out / "sites" / c.name) for c in world.clinics], fresh=True)
     log = out / "replies.jsonl"
-    # run_federation builds its ClientApp with client.app.make_client_app(sources): give it the logging mod
+    # run_federation builds its ClientApp with client.app.make_client_app(sources, mods=...): add the logging mod
     real = client.app.make_client_app
-    client.app.make_client_app = lambda sites: real(sites, mods=[reply_logger(log)])
+    client.app.make_client_app = lambda sites, mods=None: real(sites, mods=[*(mods or []), reply_logger(log)])
     try:
         record = run_federation(cfg, sources)
     finally:
