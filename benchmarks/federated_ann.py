@@ -42,15 +42,8 @@ from pathlib import Path
 import torch
 
 from client.site import SiteSource
-from client.training import (
-    DPConfig,
-    EncodedSplit,
-    TrainConfig,
-    encode,
-    evaluate,
-    split_site,
-    train,
-)
+from client.split import EncodedSplit, encode, split_site
+from client.training import DPConfig, TrainConfig, evaluate, train
 from shared.ann import build_model
 from shared.encoding import FeatureEncoder, SiteStatistics, combine, fit_local
 from shared.task import NANOPARTICLE_TASK, TaskSpec

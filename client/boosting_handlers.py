@@ -19,13 +19,11 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.boosting import boost, new_trees
 from client.dp import NO_DP_FORM, PrivacyRefused
 from client.importance import permutation_sums
 from client.site import SiteHandlers, SiteRequest
 from client.training_handlers import summaries_reply
 from shared import boosting, metrics
-from shared.ann import predict
 from shared.protocol import messages
 from shared.protocol import records as r
 from shared.protocol.boosting import FAMILY, BoostingRound, boosters_of, head_from_config
@@ -39,6 +37,8 @@ def _refuse_under_dp(request: SiteRequest, why: str) -> None:
 
 
 def train_boosting(msg: Message, request: SiteRequest) -> RecordDict:
+    from client.boosting import boost, new_trees  # XGBoost: loaded by the messages that use it (client.app)
+
     _refuse_under_dp(request, NO_DP_TREES)
     settings = BoostingRound.from_config(request.config)
     data = request.encoded("train")
@@ -81,6 +81,8 @@ def importance(msg: Message, request: SiteRequest) -> RecordDict:
     encoder = request.encoder
     data = request.encoded("test")
     if request.config[FAMILY] == "ann":
+        from shared.ann import predict  # torch: loaded by the messages that use it (client.app)
+
         predict_fn = partial(predict, request.ann(msg.content[r.ARRAYS]))
     else:
         predict_fn = partial(boosting.predict_heads, boosters_of(msg.content), encoder)

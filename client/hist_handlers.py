@@ -42,7 +42,7 @@ from flwr.clientapp import ClientApp
 
 from client.dp import Block, PhaseRelease
 from client.site import SiteHandlers, SiteRequest
-from client.training import encode, split_site
+from client.split import encode, split_site
 from shared import hist_boosting as hb
 from shared import secure_sum
 from shared.boosting import head_labels

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from client.training import EncodedSplit
+from client.split import EncodedSplit
 from shared.encoding import FeatureEncoder
 from shared.importance import feature_groups
 

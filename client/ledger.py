@@ -21,11 +21,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from opacus.accountants import IAccountant, RDPAccountant
-from opacus.accountants.analysis import rdp as rdp_analysis
 
 from client.ledger_file import (
     FILE_MODE,
@@ -56,6 +54,9 @@ from client.ledger_file import (
 )
 from shared.durable import write_json_atomically
 
+if TYPE_CHECKING:
+    from opacus.accountants import IAccountant, RDPAccountant
+
 # ε above the budget by less than this is float noise, not overspending.
 BUDGET_TOLERANCE = 1e-9
 # No noise multiplier above this is tried: by then the model learns nothing anyway.
@@ -70,7 +71,18 @@ CALIBRATION_RELATIVE_TOLERANCE = 1e-3
 # (subsampling never increases RDP; Wang, Balle & Kasiviswanathan, AISTATS 2019), so composing stays sound and
 # cheap; DP-SGD's ε, whose best order lies far below 63, is unchanged.
 LARGE_ORDERS = (80, 96, 128, 160, 192, 256, 320, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
-ORDERS = (*RDPAccountant.DEFAULT_ALPHAS, *LARGE_ORDERS)
+
+
+@lru_cache(maxsize=1)
+def orders() -> tuple[float, ...]:
+    """The Rényi orders of the accounting: Opacus' default orders, then :data:`LARGE_ORDERS`.
+
+    Opacus (and with it torch, ~2-5 s) is imported here, on the first ε computed, not with this module: a
+    site without DP, or a DP site with an empty ledger, answers the messages that need no accounting without
+    it (Flower 1.42's SuperNode starts a fresh ClientApp process per message)."""
+    from opacus.accountants import RDPAccountant
+
+    return (*RDPAccountant.DEFAULT_ALPHAS, *LARGE_ORDERS)
 
 __all__ = ["SITE_LEDGER_FILE", "STATE_DIR_ENV", "BudgetExhausted", "LedgerError", "LedgerHeadStore", "PrivacyLedger",
            "calibrate_noise", "default_state_dir"]
@@ -258,6 +270,8 @@ class PrivacyLedger:
 
     def accountant(self) -> RDPAccountant:
         """An Opacus ``RDPAccountant`` holding this ledger's history, to continue from."""
+        from opacus.accountants import RDPAccountant
+
         accountant = RDPAccountant()
         accountant.history = list(self.history)
         return accountant
@@ -478,7 +492,7 @@ def calibrate_noise(
     check_step(1.0, sample_rate, steps)
     base = [(float(s), float(q), int(n)) for s, q, n in history]
     # Compose as :func:`_epsilon` does, with the history's RDP computed once.
-    base_rdp = sum((rdp_curve(s, q, n) for s, q, n in base), np.zeros(len(ORDERS)))
+    base_rdp = sum((rdp_curve(s, q, n) for s, q, n in base), np.zeros(len(orders())))
 
     def epsilon_with(sigma: float) -> float:
         return epsilon_of(base_rdp + rdp_curve(sigma, sample_rate, steps), delta)
@@ -514,26 +528,30 @@ def _quietly(function, *args, **kwargs):
 
 @lru_cache(maxsize=1024)
 def rdp_curve(noise_multiplier: float, sample_rate: float, steps: int) -> np.ndarray:
-    """RDP of ``steps`` subsampled Gaussian steps at every order of :data:`ORDERS` (Opacus' ``compute_rdp`` at
+    """RDP of ``steps`` subsampled Gaussian steps at every order of :func:`orders` (Opacus' ``compute_rdp`` at
     its default orders; at :data:`LARGE_ORDERS` exact for ``sample_rate`` 1, else the unsubsampled bound)."""
-    default = RDPAccountant.DEFAULT_ALPHAS
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
+    default = orders()[: -len(LARGE_ORDERS)]
     exact = rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=steps, orders=default)
     large = np.array(LARGE_ORDERS, dtype=float) * steps / (2.0 * noise_multiplier ** 2)
     return np.concatenate([np.asarray(exact, dtype=float), large])
 
 
 def epsilon_of(rdp: np.ndarray, delta: float) -> float:
-    """ε at δ of an RDP curve over :data:`ORDERS` (Opacus' conversion, Balle et al. 2020)."""
-    return float(rdp_analysis.get_privacy_spent(orders=list(ORDERS), rdp=rdp, delta=delta)[0])
+    """ε at δ of an RDP curve over :func:`orders` (Opacus' conversion, Balle et al. 2020)."""
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
+    return float(rdp_analysis.get_privacy_spent(orders=list(orders()), rdp=rdp, delta=delta)[0])
 
 
 @lru_cache(maxsize=256)
 def _epsilon(history: tuple[HistoryStep, ...], delta: float) -> float:
-    """ε of a history at δ, Rényi-DP composition (Mironov 2017) over :data:`ORDERS`; cached."""
+    """ε of a history at δ, Rényi-DP composition (Mironov 2017) over :func:`orders`; cached."""
     if not history:
         return 0.0
     return _quietly(epsilon_of, sum((rdp_curve(float(s), float(q), int(n)) for s, q, n in history),
-                                    np.zeros(len(ORDERS))), delta)
+                                    np.zeros(len(orders()))), delta)
 
 
 def _steps_beyond(ours: Sequence[HistoryStep], theirs: Sequence[HistoryStep]) -> list[HistoryStep] | None:

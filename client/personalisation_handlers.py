@@ -26,18 +26,15 @@ import statistics
 from pathlib import Path
 
 import numpy as np
-import torch
 from flwr.app import Message, RecordDict
 
 from client.dp import PhaseRelease, SiteDP, gaussian_release, noise_for_phase, phase_epsilon, weighted_noise
 from client.evaluation import from_blocks, summaries, summary_blocks
-from client.personalised import trainers
 from client.personalised.choice import choose_by_margin, sampling_se, validation_score
 from client.site import SiteHandlers, SiteRequest
-from client.training import DPConfig, EncodedSplit, sample_rate
+from client.split import EncodedSplit
 from client.training_handlers import EVAL_BINS
 from shared import metrics
-from shared.ann import predict
 from shared.durable import write_json_atomically
 from shared.protocol import messages
 from shared.protocol import records as r
@@ -58,6 +55,10 @@ Predictions = dict[str, dict[str, np.ndarray]]
 
 def personalise(msg: Message, request: SiteRequest) -> RecordDict:
     """Train, score, choose; reply the choice and the summaries (module docstring)."""
+    # torch (and Opacus for a DP site) load with the messages that train (client.app)
+    from client.personalised.candidates import trainers
+    from shared.ann import predict
+
     settings = AnnTraining.from_config(request.config)
     plan = Personalisation.from_config(request.config)
     global_model = request.ann(msg.content[r.ARRAYS])
@@ -169,6 +170,8 @@ def _fit_private(models: dict, global_model, data: EncodedSplit, dp: SiteDP, set
                  epsilon: float, request: SiteRequest) -> int:
     """DP-SGD for every candidate at one noise multiplier set for all their steps (within ``TRAINING_PART`` of the
     phase's ε), each candidate's steps charged to the ledger as soon as they are taken; returns the steps."""
+    from client.training import DPConfig, sample_rate
+
     rate = sample_rate(len(data), settings.batch_size)
     steps = sum(model.planned_steps(len(data)) for model in models.values())
     sigma = noise_for_phase(TRAINING_PART * epsilon, dp.ledger, rate, steps)
@@ -200,6 +203,8 @@ def _private(request: SiteRequest, data: EncodedSplit, predictions: Predictions,
 
 def _keep_at_site(request: SiteRequest, chosen: str, reason: str, exact: dict, model) -> None:
     """The chosen model and the site's exact figures, in the site's own folder (never sent)."""
+    import torch
+
     folder = site_record_folder(request.source.folder, request.name)
     folder.mkdir(parents=True, exist_ok=True)
     run = str(request.context.run_id)

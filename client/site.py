@@ -26,13 +26,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property, lru_cache, wraps
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 
 from client.dp import PrivacyRefused, SiteDP
 from client.ledger import BudgetExhausted, LedgerError
-from client.training import EncodedSplit, encode, split_site
-from shared.ann import MultiTaskMLP, build_model, load_arrays
+from client.split import EncodedSplit, encode, split_site
 from shared.encoding import FeatureEncoder
 from shared.protocol import ErrorCode
 from shared.protocol import records as r
@@ -40,6 +40,9 @@ from shared.protocol.errors import ShareableError
 from shared.protocol.training import hidden_of
 from shared.task import TaskSpec
 from shared.validation import SiteData, SiteDataError, load_site
+
+if TYPE_CHECKING:
+    from shared.ann import MultiTaskMLP
 
 LOG = logging.getLogger("fednano.site")
 
@@ -139,7 +142,10 @@ class SiteRequest:
         return encode(self.encoder, self.rows(split))
 
     def ann(self, arrays: ArrayRecord) -> MultiTaskMLP:
-        """The ANN of the config's architecture with the weights the message carries."""
+        """The ANN of the config's architecture with the weights the message carries (imports torch: only the
+        messages that use the ANN load it; see :mod:`client.app`)."""
+        from shared.ann import build_model, load_arrays
+
         model = build_model(self.encoder, self.site.task, hidden_of(self.config), seed=0)
         load_arrays(model, arrays)
         return model

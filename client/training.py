@@ -17,15 +17,14 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.evaluation import summaries
+from client.split import EncodedSplit, recorded_share
 from shared import metrics
 from shared.ann import AnnSpec, MultiTaskMLP, per_row_loss, predict
 from shared.encoding import FeatureEncoder
-from shared.task import TaskSpec, assign_split
 
 
 @dataclass(frozen=True)
@@ -60,39 +59,12 @@ class TrainResult:
     history: list[tuple[float, float, int]]
 
 
-@dataclass
-class EncodedSplit:
-    """Encoded features and targets of one split of a site."""
-
-    x: np.ndarray
-    targets: dict[str, np.ndarray]
-    frame: pd.DataFrame
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-
-def split_site(frame: pd.DataFrame, task: TaskSpec, seed: int) -> dict[str, pd.DataFrame]:
-    """The site's rows by split (train / val / test), seeded and by patient for the built-in task."""
-    labels = assign_split(frame, task, seed)
-    return {name: frame[labels == name] for name in ("train", "val", "test")}
-
-
-def encode(encoder: FeatureEncoder, frame: pd.DataFrame) -> EncodedSplit:
-    return EncodedSplit(x=encoder.transform(frame), targets=encoder.encode_targets(frame), frame=frame)
-
-
 def _loader(data: EncodedSplit, spec: AnnSpec, batch_size: int, seed: int) -> DataLoader:
     tensors = [torch.as_tensor(data.x, dtype=torch.float32)]
     tensors += [torch.as_tensor(data.targets[name], dtype=torch.float32) for name, _, _ in spec.outcomes]
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(TensorDataset(*tensors), batch_size=min(batch_size, len(data)), shuffle=True,
                       generator=generator)
-
-
-def recorded_share(data: EncodedSplit) -> dict[str, float]:
-    """Share of rows where each outcome is recorded (fixes the loss weights for the whole data set)."""
-    return {name: float(np.mean(~np.isnan(y))) for name, y in data.targets.items()}
 
 
 def train(model: MultiTaskMLP, data: EncodedSplit, config: TrainConfig, dp: DPConfig | None = None,

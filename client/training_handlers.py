@@ -21,9 +21,7 @@ from client.evaluation import private_summaries, summaries
 from client.ledger import BudgetExhausted, LedgerError
 from client.site import SiteHandlers, SiteRequest, load, site_dp
 from client.statistics import noised_rows, private_statistics
-from client.training import DPConfig, TrainConfig, sample_rate, steps_per_epoch, train
 from shared import metrics
-from shared.ann import predict, to_arrays
 from shared.encoding import SiteStatistics
 from shared.protocol import messages
 from shared.protocol import records as r
@@ -98,6 +96,10 @@ def _noised_rows(request: SiteRequest) -> float:
 
 def train_round(msg: Message, request: SiteRequest) -> RecordDict:
     """One round of local training from the global weights."""
+    # torch (and Opacus for a DP site) load with the first message that trains (client.app)
+    from client.training import DPConfig, TrainConfig, sample_rate, steps_per_epoch, train
+    from shared.ann import to_arrays
+
     settings = AnnTraining.from_config(request.config)
     data = request.encoded("train")
     model = request.ann(msg.content[r.ARRAYS])
@@ -149,6 +151,8 @@ def summaries_reply(request: SiteRequest, predictions: dict, data) -> RecordDict
 
 
 def evaluate_round(msg: Message, request: SiteRequest) -> RecordDict:
+    from shared.ann import predict  # torch: loaded by the messages that use it (client.app)
+
     data = request.encoded("test")
     return summaries_reply(request, predict(request.ann(msg.content[r.ARRAYS]), data.x), data)
 

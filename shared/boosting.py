@@ -14,11 +14,14 @@ Training at a site is :mod:`client.boosting`; the server's phases are :mod:`serv
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import xgboost as xgb
 
 from shared.encoding import FeatureEncoder
+
+if TYPE_CHECKING:  # XGBoost is imported where a booster is made or read, so that the heads' bookkeeping
+    import xgboost as xgb  # (and the histogram protocol built on it) never loads the library
 
 OBJECTIVES = {"binary": "binary:logistic", "regression": "reg:squarederror"}
 # A fixed starting score that every site shares (XGBoost would otherwise estimate one per site from its own
@@ -80,6 +83,8 @@ def head_labels(head: Head, targets: dict[str, np.ndarray]) -> np.ndarray:
 
 def dmatrix(x: np.ndarray, y: np.ndarray | None = None) -> xgb.DMatrix:
     """A DMatrix of the rows whose label is recorded (all rows when there is no label)."""
+    import xgboost as xgb
+
     if y is None:
         return xgb.DMatrix(x)
     keep = ~np.isnan(y)
@@ -88,6 +93,8 @@ def dmatrix(x: np.ndarray, y: np.ndarray | None = None) -> xgb.DMatrix:
 
 def load(model: bytes) -> xgb.Booster:
     """A booster from its JSON bytes (what crosses the wire)."""
+    import xgboost as xgb
+
     return xgb.Booster(model_file=bytearray(model))
 
 

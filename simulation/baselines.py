@@ -22,15 +22,8 @@ import pandas as pd
 from client.boosting import train_pooled_heads
 from client.evaluation import summaries
 from client.ledger import calibrate_noise
-from client.training import (
-    DPConfig,
-    TrainConfig,
-    encode,
-    sample_rate,
-    split_site,
-    steps_per_epoch,
-    train,
-)
+from client.split import encode, split_site
+from client.training import DPConfig, TrainConfig, sample_rate, steps_per_epoch, train
 from shared import metrics
 from shared.ann import MultiTaskMLP, build_model, predict
 from shared.boosting import BoostingConfig, predict_heads

@@ -325,7 +325,8 @@ def pooled_fednano_rows(settings: FederatedSettings, table: pd.DataFrame | None 
     import torch
 
     from client.boosting import train_pooled_heads
-    from client.training import TrainConfig, encode, train
+    from client.split import encode
+    from client.training import TrainConfig, train
     from shared import boosting
     from shared.ann import build_model, predict
     from shared.encoding import fit_local

@@ -27,7 +27,7 @@ from sklearn.ensemble import (
 from sklearn.svm import SVC, SVR
 
 from client.importance import permutation_sums
-from client.training import EncodedSplit, encode
+from client.split import EncodedSplit, encode
 from shared.encoding import FeatureEncoder
 from shared.importance import importance_from_sums
 from shared.validation import SiteData

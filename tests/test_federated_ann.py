@@ -9,7 +9,8 @@ import dataclasses
 import pandas as pd
 import pytest
 
-from client.training import encode, evaluate
+from client.split import encode
+from client.training import evaluate
 from server.run_record import PROGRESS_FILE, RunRecord
 from shared import metrics
 from shared.artifacts import RunArtifacts

@@ -7,7 +7,7 @@ import pytest
 import xgboost as xgb
 
 from client.site import SiteSource, load
-from client.training import encode, split_site
+from client.split import encode, split_site
 from server.run_record import RunRecord
 from shared.boosting import Head, head_labels
 from shared.encoding import FeatureEncoder

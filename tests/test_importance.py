@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 
 from client.importance import permutation_sums
-from client.training import encode
+from client.split import encode
 from shared import metrics
 from shared.encoding import fit_local
 from shared.importance import feature_groups, importance_from_sums

@@ -21,7 +21,7 @@ from client.personalisation_handlers import (
     personalise,
     released_difference_sd,
 )
-from client.personalised import METHODS, Ditto, FedPer, FineTune, LocalOnly, trainers
+from client.personalised.candidates import METHODS, trainers
 from client.personalised.choice import (
     auc_standard_error,
     choose,
@@ -31,8 +31,13 @@ from client.personalised.choice import (
     sampling_se,
     validation_score,
 )
+from client.personalised.ditto import Ditto
+from client.personalised.fedper import FedPer
+from client.personalised.finetune import FineTune
+from client.personalised.local import LocalOnly
 from client.site import SiteRequest, SiteSource, load
-from client.training import DPConfig, EncodedSplit, proximal_step, split_site
+from client.split import EncodedSplit, split_site
+from client.training import DPConfig, proximal_step
 from client.training_handlers import EVAL_BINS
 from shared import metrics
 from shared.ann import AnnSpec, MultiTaskMLP, build_model, to_arrays

@@ -95,7 +95,8 @@ def make_toy_policy(version: int = 4) -> DosingPolicy:
 def real_policy_files(seed: int = 3) -> tuple[dict[str, Path], Path, Path]:
     """The bundle's files, the coordinator's signing key and the site's trust key (in a temporary folder)."""
     from client.boosting import BoostingConfig, train_pooled_heads
-    from client.training import EncodedSplit, TrainConfig, train
+    from client.split import EncodedSplit
+    from client.training import TrainConfig, train
     from shared.ann import build_model
     from shared.dose_adjustment import DoseAdjuster, Transitions, site_transitions
     from shared.dosing_policy import POLICY_FILE

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from client.ledger import PrivacyLedger, calibrate_noise
-from client.training import DPConfig, TrainConfig, encode, evaluate, sample_rate, split_site, train
+from client.split import encode, split_site
+from client.training import DPConfig, TrainConfig, evaluate, sample_rate, train
 from shared import metrics
 from shared.ann import build_model
 from shared.encoding import fit_local

@@ -13,7 +13,8 @@ import copy
 
 import numpy as np
 
-from client.training import DPConfig, EncodedSplit, TrainConfig, steps_per_epoch, train
+from client.split import EncodedSplit
+from client.training import DPConfig, TrainConfig, steps_per_epoch, train
 from shared.ann import MultiTaskMLP, predict
 
 
