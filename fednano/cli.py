@@ -13,6 +13,9 @@ import typer
 SITE_MAX_EPSILON = 20.0
 """The largest ε a site.toml may declare (``shared.validation.MAX_EPSILON``; not imported, to keep ``--help``
 instant; tests/test_settings.py checks they agree)."""
+MAX_CLINICS = 1000
+"""The most simulated clinics one command makes: the scale measured on one 2-core machine (BENCHMARKS.md,
+``benchmarks/scale.py``)."""
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 
@@ -38,7 +41,7 @@ def validate(
 
 @app.command("simulate-data")
 def simulate_data(
-    clinics: int = typer.Option(5, "--clinics", min=1, max=200, help="Number of clinics (sites)."),
+    clinics: int = typer.Option(5, "--clinics", min=1, max=MAX_CLINICS, help="Number of clinics (sites)."),
     seed: int = typer.Option(0, "--seed", help="World seed: the same seed writes the same bytes."),
     out: Path = typer.Option(Path("runs/sites"), "--out", help="Folder to write one site folder per clinic into."),
     patients_per_clinic: int | None = typer.Option(
@@ -71,7 +74,8 @@ def simulate_data(
 @app.command(context_settings={"allow_extra_args": True})
 def simulate(
     ctx: typer.Context,
-    clinics: int = typer.Option(5, "--clinics", min=2, max=50, help="Simulated clinics (ignored with --sites)."),
+    clinics: int = typer.Option(5, "--clinics", min=2, max=MAX_CLINICS,
+                                 help="Simulated clinics (ignored with --sites)."),
     rounds: int | None = typer.Option(None, "--rounds", min=1, help="Federated rounds (default 10)."),
     dp: bool = typer.Option(True, "--dp/--no-dp", help="Simulated sites train with DP-SGD (site.toml budget)."),
     epsilon: float = typer.Option(3.0, "--epsilon", min=0.01, max=SITE_MAX_EPSILON,
@@ -213,7 +217,8 @@ def simulate(
 @app.command(context_settings={"allow_extra_args": True})
 def analytics(
     ctx: typer.Context,
-    clinics: int | None = typer.Option(None, "--clinics", min=2, max=200, help="Simulated clinics (default 5)."),
+    clinics: int | None = typer.Option(None, "--clinics", min=2, max=MAX_CLINICS,
+                                        help="Simulated clinics (default 5)."),
     sites: list[Path] | None = typer.Option(None, "--sites", help="Site folders or CSV files: --sites A B C."),
     task: Path | None = typer.Option(None, "--task", help="task.toml for --sites holding a generic task."),
     dp: bool = typer.Option(False, "--dp/--no-dp", help="Simulated sites add Gaussian noise to every aggregate."),

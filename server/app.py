@@ -19,6 +19,7 @@ release or refuses it, and the record shows ε per phase per site. Settings come
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from logging import ERROR
 from pathlib import Path
@@ -93,13 +94,15 @@ def run_federation(grid: Grid, settings: RunSettings, on_round: Callable[[int], 
     aggregate over the sites that came ends after the site check, its record saying why (``refused``)."""
     task = settings.task()
     plan = run_plan(settings)
+    started = time.perf_counter()
     sites, _ = usable_sites(grid, settings.min_nodes, plan)
     out = Path(settings.out_dir)
     record = RunRecord(run_id=str(run_id), settings=settings.to_run_config(),
                        sites=sorted(sites.usable.values()),
                        rejected={name: errors for name, errors in sites.rejected.values()},
                        privacy={sites.usable[n]: SitePrivacyRecord.from_terms(sites.privacy[n])
-                                for n in sites.nodes})
+                                for n in sites.nodes},
+                       phase_seconds={"site_check": time.perf_counter() - started})
     refusal = aggregation_refusal(settings, sites)
     if refusal is not None:  # refused in the record, and the run ends cleanly: nothing was asked of the sites yet
         log(ERROR, "run refused before training: %s", refusal)
@@ -107,32 +110,39 @@ def run_federation(grid: Grid, settings: RunSettings, on_round: Callable[[int], 
         record.write(out)
         return record
     artifacts = RunArtifacts.start(out, str(run_id))
-    encoder = federated_encoder(grid, sites, task, settings.split_seed, plan, record)
+    with record.timed("statistics"):
+        encoder = federated_encoder(grid, sites, task, settings.split_seed, plan, record)
     artifacts.save_encoder(encoder)
     importance_config = training_config(settings, encoder, plan)
     if "ann" in settings.model_names:
-        family, arrays = train_ann(grid, sites, task, encoder, settings, plan, record, on_round)
+        with record.timed("training"):
+            family, arrays = train_ann(grid, sites, task, encoder, settings, plan, record, on_round)
         artifacts.save_ann(arrays.to_torch_state_dict(), settings.hidden_sizes)
-        family.importance = federated_importance(grid, sites, encoder, importance_config, "ann", arrays)
+        with record.timed("importance"):
+            family.importance = federated_importance(grid, sites, encoder, importance_config, "ann", arrays)
         record.models["ann"] = family
         if "personalisation" in plan.phases:
             config = training_config(settings, encoder, plan)
             config[EVAL_BINS] = metrics.COARSE_N_BINS if sites.dp_nodes() else metrics.DEFAULT_N_BINS
-            record.personalisation = run_personalisation(
-                grid, sites, task, arrays, config, Personalisation(parse_methods(settings.personalise)), record)
+            with record.timed("personalisation"):
+                record.personalisation = run_personalisation(
+                    grid, sites, task, arrays, config, Personalisation(parse_methods(settings.personalise)), record)
     if "xgboost" in settings.model_names:
         boost = run_hist_boosting if settings.boosting == "hist" else run_boosting
-        boosted = boost(grid, sites, encoder, settings, record)
+        with record.timed("boosting"):
+            boosted = boost(grid, sites, encoder, settings, record)
         artifacts.save_boosters(boosted.models)
+        with record.timed("importance"):
+            importance = (federated_importance(grid, sites, encoder, importance_config, "xgboost", boosted.models)
+                          if boosted.models else {})
         record.models["xgboost"] = ModelRecord(
             family="xgboost", mode=settings.boosting, seconds=boosted.seconds, heads=sorted(boosted.models),
             final=final_metrics(task, sites.usable, boosted.evaluations),
             failures={sites.usable.get(n, f"node {n}"): reason for n, reason in boosted.failures.items()},
-            refused=boosted.refused,
-            importance=federated_importance(grid, sites, encoder, importance_config, "xgboost", boosted.models)
-            if boosted.models else {})
+            refused=boosted.refused, importance=importance)
     if builds_policy(settings):
-        record.policy = run_policy_phase(grid, sites, artifacts, record, settings)
+        with record.timed("policy"):
+            record.policy = run_policy_phase(grid, sites, artifacts, record, settings)
     record.write(out)
     return record
 

@@ -9,7 +9,8 @@
      "models": {"ann" | "xgboost": ModelRecord},   # only the families the run trained
      "personalisation": {...} or null,             # server.personalisation_phase (--personalise)
      "policy": {...} or null,
-     "refused": {phase: why}}                      # phases the coordinator refused; the run ended there
+     "refused": {phase: why},                      # phases the coordinator refused; the run ended there
+     "phase_seconds": {phase: seconds}}            # the coordinator's wall clock per phase
 
 A :class:`ModelRecord` holds the family's rounds (per round: each site's training and evaluation metrics,
 failures, overall metrics from the summed summaries — the metrics of the union of the test sets, not an
@@ -23,6 +24,9 @@ check, releases per phase and ε spent after the last one.
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,6 +129,18 @@ class RunRecord:
     refused: dict[str, str] = field(default_factory=dict)
     """Phase → why the coordinator refused to run it (the run ended there, its record written): e.g. a robust
     strategy that cannot tolerate its assumed malicious sites with the sites that came."""
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    """Phase → the coordinator's wall-clock seconds in it (site check, statistics, training, ...): where a run's
+    time goes as the federation grows (``benchmarks/scale.py``)."""
+
+    @contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        """Add the wall-clock seconds of the ``with`` block to :attr:`phase_seconds` [``phase``]."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + time.perf_counter() - start
 
     def to_dict(self) -> dict[str, Any]:
         body = asdict(self)
@@ -158,7 +174,8 @@ class RunRecord:
                 statistics=dict(data["statistics"]),
                 models={str(k): ModelRecord(**v) for k, v in data["models"].items()}, policy=data.get("policy"),
                 personalisation=data.get("personalisation"),
-                refused={str(k): str(v) for k, v in data.get("refused", {}).items()})
+                refused={str(k): str(v) for k, v in data.get("refused", {}).items()},
+                phase_seconds={str(k): float(v) for k, v in data.get("phase_seconds", {}).items()})
         except (KeyError, TypeError, AttributeError) as err:
             raise RecordError(f"{where}: a field is missing or of the wrong kind ({err})") from err
 

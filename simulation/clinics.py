@@ -83,7 +83,9 @@ def clinic_sizes(n_clinics: int, smallest: int = 12, largest: int = 800) -> np.n
 
 
 def make_world(n_clinics: int, seed: int, patients_per_clinic: int | None = None) -> World:
-    """A world of ``n_clinics`` clinics, fully determined by ``seed``."""
+    """A world of ``n_clinics`` clinics, fully determined by ``seed``. Names are ``clinic_00`` … with as many
+    digits as the largest index needs (at least two), so they sort in order."""
+    width = max(2, len(str(n_clinics - 1)))
     rng = np.random.default_rng([seed, 0])
     library = formulation_library(rng)
     sizes = clinic_sizes(n_clinics) if patients_per_clinic is None else np.full(n_clinics, patients_per_clinic)
@@ -94,7 +96,7 @@ def make_world(n_clinics: int, seed: int, patients_per_clinic: int | None = None
         n_cat = int(rng.integers(3, 6))
         catalogue = tuple(int(j) for j in np.sort(rng.choice(len(library), size=n_cat, replace=False)))
         clinics.append(ClinicProfile(
-            name=f"clinic_{i:02d}",
+            name=f"clinic_{i:0{width}d}",
             n_patients=int(sizes[i]),
             population=Population(
                 tumour_mix=tuple(float(x) for x in mix),

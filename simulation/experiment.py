@@ -563,10 +563,12 @@ def run_experiment(cfg: ExperimentConfig, on_round: Callable[[int], None] | None
     cfg.out.mkdir(parents=True, exist_ok=True)
     task = TaskSpec.from_toml(cfg.task) if cfg.task else NANOPARTICLE_TASK
     say("sites")
+    start = time.perf_counter()
     sources, world = prepare_sites(cfg)
     if cfg.task is None:  # the dosing policy (and its signing kit) exist for the built-in task only
         sources = prepare_kit(cfg, sources, fresh=world is not None)
     check_robustness_options(cfg, sources)
+    sites_seconds = time.perf_counter() - start
     say("federation")
     start = time.perf_counter()
     record = run_federation(cfg, sources, on_round)
@@ -611,7 +613,7 @@ def run_experiment(cfg: ExperimentConfig, on_round: Callable[[int], None] | None
         "privacy": privacy_results(record),
         "statistics": record.statistics,
         "rounds": record.models["ann"].rounds if "ann" in record.models else [],
-        "timing": {"federation_s": federated_seconds, "baselines_s": baseline_seconds,
+        "timing": {"sites_s": sites_seconds, "federation_s": federated_seconds, "baselines_s": baseline_seconds,
                    **{f"{family}_s": model.seconds for family, model in record.models.items()}},
         "pooled_dp_budget": asdict(pooled_privacy) if pooled_privacy else None,
         "importance": {name: family.importance for name, family in families.items() if family.importance},
@@ -627,6 +629,7 @@ def run_experiment(cfg: ExperimentConfig, on_round: Callable[[int], None] | None
         results["personalisation"] = personalisation_results(record)
     if record.policy:
         say("policy")
+        start = time.perf_counter()
         results["policy"] = policy_results(cfg, record.policy, sources, world, families, sites,
                                            partial(ensemble_of_run, cfg, record, artifacts))
         if world is not None:  # version 1, then the closed loop's versions
@@ -637,6 +640,7 @@ def run_experiment(cfg: ExperimentConfig, on_round: Callable[[int], None] | None
                 later, periods = deploy(cfg, world, sources, on_round, say, record.policy)
                 results["policy"]["versions"] += later
                 results["policy"]["deployment"] = periods
+        results["timing"]["policy_evaluation_s"] = time.perf_counter() - start
     (cfg.out / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
     say("report")
     from simulation.report import write_report

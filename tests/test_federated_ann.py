@@ -5,6 +5,7 @@ judge models on, so the comparison at a 12-patient clinic is not decided by its 
 """
 
 import dataclasses
+import time
 
 import pandas as pd
 import pytest
@@ -40,7 +41,9 @@ def federation(tmp_path_factory):
         snapshot = RunRecord.read(out / "federated" / PROGRESS_FILE)
         progress.append((server_round, [r["round"] for r in snapshot.models["ann"].rounds]))
 
+    started = time.perf_counter()
     record = run_federation(cfg, sources, on_round=read_progress)
+    wall = time.perf_counter() - started
     artifacts = RunArtifacts.open(out / "federated", run_id=record.run_id)
     encoder, model = artifacts.encoder(), artifacts.ann()
     sites = {c.name: load_site(out / "sites" / c.name) for c in world.clinics}
@@ -48,8 +51,8 @@ def federation(tmp_path_factory):
                                 seed=cfg.seed, split_seed=cfg.seed)
     fresh = {c.name: simulate_clinic(world, dataclasses.replace(c, n_patients=1500, seed=c.seed + 1))[0]
              for c in world.clinics}
-    return {"record": record, "progress": progress, "out": out, "world": world, "federated": (model, encoder),
-            "sites": sites,
+    return {"record": record, "wall": wall, "progress": progress, "out": out, "world": world,
+            "federated": (model, encoder), "sites": sites,
             "local": local_models(sites, dict.fromkeys(sites), settings),
             "pooled": pooled_model(sites, None, settings), "fresh": fresh}
 
@@ -58,6 +61,13 @@ def test_the_coordinator_writes_its_progress_after_each_round_and_removes_it_at_
     assert federation["progress"] == [(r, list(range(1, r + 1))) for r in range(1, ROUNDS + 1)]
     assert not (federation["out"] / "federated" / PROGRESS_FILE).exists()
     assert (federation["out"] / "federated" / "federation.json").is_file()
+
+
+def test_the_record_holds_the_coordinators_seconds_per_phase_within_the_runs_wall_time(federation):
+    seconds = federation["record"].phase_seconds
+    assert list(seconds) == ["site_check", "statistics", "training", "importance"]  # models="ann", no policy key
+    assert all(s > 0 for s in seconds.values()) and sum(seconds.values()) < federation["wall"]
+    assert RunRecord.read(federation["out"] / "federated").phase_seconds == seconds
 
 
 def _auc(model_and_encoder, frame, outcome):

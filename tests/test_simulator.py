@@ -46,6 +46,12 @@ def test_clinic_sizes_span_tens_to_thousands_of_episodes():
     assert counts[0] < 100 and counts[-1] > 1000
 
 
+def test_clinic_names_have_the_digits_the_largest_index_needs_and_sort_in_order():
+    assert [c.name for c in make_world(3, 0).clinics] == ["clinic_00", "clinic_01", "clinic_02"]
+    names = [c.name for c in make_world(101, 0, patients_per_clinic=5).clinics]
+    assert names[0] == "clinic_000" and names[-1] == "clinic_100" and sorted(names) == names
+
+
 def test_clinics_differ_in_tumour_mix_catalogue_and_dosing():
     world = make_world(6, seed=1)
     tables = [simulate_clinic(world, c)[0] for c in world.clinics]
