@@ -21,6 +21,8 @@ and error replies that name the site, file, column, row numbers and rule.
 
 from __future__ import annotations
 
+import uuid
+
 from flwr.clientapp import ClientApp
 
 from client.adjustment_handlers import register_adjustment
@@ -34,11 +36,41 @@ from client.site import SiteHandlers, SiteSource
 from client.training_handlers import register_training
 
 
-def make_client_app(sites: list[SiteSource] | None = None, mods: list | None = None) -> ClientApp:
+class SimulatedClientApp(ClientApp):
+    """The ClientApp of an in-process simulation: it pickles as its recipe (the sites, the mods and a token), and
+    the recipe unpickles to one app per process.
+
+    Flower 1.42's Ray backend pickles the ClientApp with every message it sends an actor, by value (its handlers
+    are closures): ~20 ms of the driver's time per message at 100 clinics, most of it cloudpickle scanning
+    ``sys.modules`` once per closure (BENCHMARKS.md, "Scale").
+    """
+
+    def __init__(self, sites: list[SiteSource], mods: list | None, token: str) -> None:
+        super().__init__(mods=mods)
+        self.recipe = (token, sites, mods)
+
+    def __reduce__(self):
+        return _rebuilt, self.recipe
+
+
+_REBUILT: dict[str, ClientApp] = {}
+
+
+def _rebuilt(token: str, sites: list[SiteSource], mods: list | None) -> ClientApp:
+    """The simulation's app of ``token`` in this process (built at its first message)."""
+    if token not in _REBUILT:
+        _REBUILT[token] = make_client_app(sites, mods, token=token)
+    return _REBUILT[token]
+
+
+def make_client_app(sites: list[SiteSource] | None = None, mods: list | None = None,
+                    token: str | None = None) -> ClientApp:
     """A ClientApp answering every message of the protocol; ``sites`` serves in-process simulations where
-    nodes have no ``data-path`` (indexed by ``partition-id``); ``mods`` are Flower client mods around every
-    handler (tests use one to see every reply a site sends)."""
-    client = ClientApp(mods=mods)
+    nodes have no ``data-path`` (indexed by ``partition-id``), as a :class:`SimulatedClientApp` (``token`` names
+    it across processes; a new one by default); ``mods`` are Flower client mods around every handler (tests use
+    one to see every reply a site sends)."""
+    client = (ClientApp(mods=mods) if sites is None
+              else SimulatedClientApp(sites, mods, token or uuid.uuid4().hex))
     handlers = SiteHandlers(sites)
     for register in (register_training, register_personalisation, register_boosting, register_hist,
                      register_adjustment, register_dose_response, register_policy, register_analytics):

@@ -24,10 +24,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property, lru_cache, wraps
+from functools import cached_property, wraps
 from pathlib import Path
+from threading import Lock
 from typing import TYPE_CHECKING
 
+from cachetools import LRUCache, cached
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 
 from client.dp import PrivacyRefused, SiteDP
@@ -46,9 +48,11 @@ if TYPE_CHECKING:
 
 LOG = logging.getLogger("fednano.site")
 
-SITE_CACHE_SIZE = 64
-"""Sites one process keeps loaded: a simulation actor serves many sites (each message re-validating its
-site's files made a 10-site federation 9.4× slower than a plain loop: BENCHMARKS.md)."""
+SITE_CACHE_BYTES = 2 * 2**30
+"""Bytes of validated sites one process keeps loaded (least recently used first out). A simulation actor serves
+many sites, and re-validating a site's files costs ~0.5 ms per episode row: each message re-validating made a
+10-site federation 9.4× slower than a plain loop, and a cache of 64 sites made every message of a 100-site
+federation re-validate (BENCHMARKS.md). A deployed SuperNode's process serves one site and one message."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,16 @@ def _mtimes(path: Path) -> tuple[float, ...]:
     return tuple(f.stat().st_mtime_ns for f in files if f.is_file())
 
 
-@lru_cache(maxsize=SITE_CACHE_SIZE)
+def site_bytes(site: SiteData) -> int:
+    """Memory held by a validated site's tables (its cache weight)."""
+    tables = (site.episodes, site.vitals, site.decisions)
+    return int(sum(t.memory_usage(index=True, deep=True).sum() for t in tables if t is not None))
+
+
+_SITES: LRUCache = LRUCache(maxsize=SITE_CACHE_BYTES, getsizeof=site_bytes)
+
+
+@cached(_SITES, lock=Lock())
 def _load(path: Path, task_path: Path | None, _stamp: tuple[float, ...]) -> SiteData:
     task = TaskSpec.from_toml(task_path) if task_path else None
     return load_site(path, task)

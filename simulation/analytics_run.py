@@ -126,19 +126,14 @@ def prepare_sites(out: Path, clinics: int | None, sites: Sequence[Path] | None, 
 
 def run_federated_analytics(sources: list[SiteSource], settings: AnalyticsSettings, out: Path) -> dict[str, Any]:
     """The ServerApp and ClientApp in Flower's simulation runtime; returns ``out/analytics.json``."""
-    from flwr.simulation import run_simulation
-
     from client.app import make_client_app
     from server.analytics_phase import make_analytics_server_app
+    from simulation.flower_runtime import simulate
 
     client = make_client_app(sources)
     path = out / "analytics.json"
     path.unlink(missing_ok=True)
-    run_simulation(server_app=make_analytics_server_app(settings, out), client_app=client,
-                   num_supernodes=len(sources),
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": 2, "include_dashboard": False,
-                                                 "logging_level": "ERROR"}})
+    simulate(make_analytics_server_app(settings, out), client, num_supernodes=len(sources))
     if not path.exists():
         raise RuntimeError(f"the analytics run wrote no {path}; see the log above")
     return json.loads(path.read_text())

@@ -197,21 +197,17 @@ def run_federation(cfg: ExperimentConfig, sources: list[SiteSource],
                    on_round: Callable[[int], None] | None = None) -> RunRecord:
     """The federated run in Flower's simulation runtime; returns the server's run record. Attacking sites
     (``cfg.attacks``) answer through :mod:`simulation.attacks`; the others are the honest ClientApp."""
-    from flwr.simulation import run_simulation
-
     from client.app import make_client_app
     from server.app import make_server_app
+    from simulation.flower_runtime import simulate
 
     signing_key = cfg.out / "kit" / "coordinator" / "policy_signing.key"  # from prepare_kit: build a policy
     settings = cfg.run_settings(len(sources), signing_key if signing_key.exists() else None)
     record_path = Path(settings.out_dir) / "federation.json"
     record_path.unlink(missing_ok=True)
     served, mods = attacked_sources(cfg.parsed_attacks(), sources, cfg.out)
-    run_simulation(server_app=make_server_app(settings.to_run_config(), on_round=on_round),
-                   client_app=make_client_app(served, mods=mods), num_supernodes=len(sources),
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": 2, "include_dashboard": False,
-                                                 "logging_level": "ERROR"}})
+    simulate(make_server_app(settings.to_run_config(), on_round=on_round), make_client_app(served, mods=mods),
+             num_supernodes=len(sources))
     if not record_path.exists():
         raise RuntimeError(f"the federation wrote no run record ({record_path}); see the log above")
     return RunRecord.read(record_path)

@@ -1,0 +1,97 @@
+"""Flower 1.42's simulation runtime at hundreds of clinics: every node's next message handed out in one pass.
+
+Flower's simulation engine (``flwr.server.superlink.fleet.vce.vce_api.add_messages_to_queue``) asks its
+in-memory link state every 0.1 s for each node's next message, and each ask
+(``InMemoryLinkState.get_message_ins``) first checks every stored message (expiry, federation membership). One
+pass is therefore nodes × messages checks: at 100 clinics it kept a core of the 2 busy (57 % of the coordinator
+process's samples in a py-spy profile), and at 1,000 clinics one pass took longer than a round should
+(BENCHMARKS.md, "Scale").
+
+:func:`next_messages` checks every stored message once and hands each node its first valid undelivered message:
+what Flower's loop hands out in one pass, in the same order (``tests/test_flower_runtime.py`` compares them).
+:func:`one_pass_delivery` puts it in place of Flower's loop for the simulations run inside it, only for the
+Flower version it was written against (the one ``pyproject.toml`` pins) and only for the in-memory state;
+anything else keeps Flower's own loop. Deployed federations (SuperLink with its database) are not affected.
+
+:func:`simulate` is how this project runs a ServerApp and its ClientApp in Flower's simulation runtime.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from queue import Queue
+
+import flwr
+from flwr.app import Message
+from flwr.server.superlink.fleet.vce import vce_api
+from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+from flwr.supercore.date import now
+
+WRITTEN_FOR = "1.42.0"
+"""The Flower release whose in-memory state :func:`next_messages` reads (its private store and lock)."""
+POLL_S = 0.1
+"""Seconds between passes, as Flower's loop."""
+
+_FLOWER_LOOP = vce_api.add_messages_to_queue
+
+
+def next_messages(state: InMemoryLinkState, node_ids: Sequence[int]) -> list[Message]:
+    """Each node's next message (nodes in ``node_ids`` order), marked delivered: Flower's
+    ``get_message_ins(node_id, limit=1)`` for every node, with every stored message checked once, not once
+    per node."""
+    wanted = set(node_ids)
+    with state.lock:
+        state._check_stored_messages(set(state.message_ins_store))  # drops expired or out-of-federation ones
+        first: dict[int, Message] = {}
+        for message in state.message_ins_store.values():
+            meta = message.metadata
+            if meta.delivered_at == "" and meta.dst_node_id in wanted and meta.dst_node_id not in first:
+                first[meta.dst_node_id] = message
+        handed = [first[node] for node in node_ids if node in first]
+        delivered_at = now().isoformat()
+        for message in handed:
+            message.metadata.delivered_at = delivered_at
+    return handed
+
+
+def _one_pass_loop(state, queue: Queue, nodes_mapping: dict, f_stop: threading.Event) -> None:
+    """Flower's ``add_messages_to_queue`` with :func:`next_messages` for the in-memory state."""
+    if not isinstance(state, InMemoryLinkState):
+        _FLOWER_LOOP(state, queue, nodes_mapping, f_stop)
+        return
+    node_ids = list(nodes_mapping)
+    while not f_stop.is_set():
+        for message in next_messages(state, node_ids):
+            queue.put(message)
+        f_stop.wait(POLL_S)
+
+
+BACKEND_CONFIG = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                  "init_args": {"num_cpus": 2, "include_dashboard": False, "logging_level": "ERROR"}}
+"""Ray on this machine kind (2 cores): one CPU per ClientApp actor, so two actors work at once."""
+
+
+def simulate(server_app, client_app, num_supernodes: int) -> None:
+    """Flower's ``run_simulation`` of the apps on ``num_supernodes`` simulated nodes, with :data:`BACKEND_CONFIG`
+    and :func:`one_pass_delivery`."""
+    from flwr.simulation import run_simulation
+
+    with one_pass_delivery():
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_supernodes,
+                       backend_config=BACKEND_CONFIG)
+
+
+@contextmanager
+def one_pass_delivery() -> Iterator[bool]:
+    """Within the block, simulations hand out messages with :func:`next_messages`; yields whether it applies
+    (False, Flower's own loop, on another Flower version)."""
+    if flwr.__version__ != WRITTEN_FOR or vce_api.add_messages_to_queue is not _FLOWER_LOOP:
+        yield False
+        return
+    vce_api.add_messages_to_queue = _one_pass_loop
+    try:
+        yield True
+    finally:
+        vce_api.add_messages_to_queue = _FLOWER_LOOP
