@@ -131,6 +131,12 @@ def simulate(
     personalise: str = typer.Option(
         "", "--personalise", help="Personalised ANNs each site trains after the federation and chooses among with "
         "its local-only and the global model on its validation split: finetune, ditto, fedper (comma-separated)."),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="Run the simulated SuperNodes on a running Ray cluster (HOST:PORT of its head; "
+        "every node needs the project at the same path) instead of a Ray of this command's own."),
+    supernode_cpus: float = typer.Option(
+        1.0, "--supernode-cpus", min=0.1, help="CPUs Ray reserves per simulated SuperNode (actors: cluster CPUs / "
+        "this)."),
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower's own log."),
 ) -> None:
     """Run a federated experiment on one machine: Flower simulation, local-only and pooled baselines, report.
@@ -194,7 +200,7 @@ def simulate(
                            clip_norm=base.clip_norm if clip_norm is None else clip_norm,
                            clip_median_factor=base.clip_median_factor if clip_median_factor is None
                            else clip_median_factor, attacks=list(attack or []),
-                           personalise=personalise)
+                           personalise=personalise, ray_address=ray_address, supernode_cpus=supernode_cpus)
     console = Console()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:

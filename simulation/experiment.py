@@ -90,6 +90,8 @@ class ExperimentConfig:
     clip_median_factor: float = DEFAULTS.clip_median_factor  # or: bound = factor × the round's median norm
     attacks: list[str] = field(default_factory=list)  # SITE:KIND[=FACTOR], simulation.attacks
     personalise: str = DEFAULTS.personalise  # personalised ANNs at the sites (simulation.personalisation)
+    ray_address: str | None = None  # a running Ray cluster's head (HOST:PORT); None: a local Ray per simulation
+    supernode_cpus: float = 1.0  # CPUs Ray reserves for each simulated SuperNode's ClientApp actor
 
     def run_settings(self, n_sites: int, signing_key: Path | None) -> RunSettings:
         """The federated run's settings for these options (one mapping, here)."""
@@ -207,7 +209,7 @@ def run_federation(cfg: ExperimentConfig, sources: list[SiteSource],
     record_path.unlink(missing_ok=True)
     served, mods = attacked_sources(cfg.parsed_attacks(), sources, cfg.out)
     simulate(make_server_app(settings.to_run_config(), on_round=on_round), make_client_app(served, mods=mods),
-             num_supernodes=len(sources))
+             num_supernodes=len(sources), ray_address=cfg.ray_address, supernode_cpus=cfg.supernode_cpus)
     if not record_path.exists():
         raise RuntimeError(f"the federation wrote no run record ({record_path}); see the log above")
     return RunRecord.read(record_path)

@@ -68,19 +68,30 @@ def _one_pass_loop(state, queue: Queue, nodes_mapping: dict, f_stop: threading.E
         f_stop.wait(POLL_S)
 
 
-BACKEND_CONFIG = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                  "init_args": {"num_cpus": 2, "include_dashboard": False, "logging_level": "ERROR"}}
-"""Ray on this machine kind (2 cores): one CPU per ClientApp actor, so two actors work at once."""
+LOCAL_RAY = {"num_cpus": 2, "include_dashboard": False, "logging_level": "ERROR"}
+"""The Ray a simulation starts for itself on this machine kind (2 cores): with one CPU per ClientApp actor, two
+actors work at once."""
 
 
-def simulate(server_app, client_app, num_supernodes: int) -> None:
-    """Flower's ``run_simulation`` of the apps on ``num_supernodes`` simulated nodes, with :data:`BACKEND_CONFIG`
-    and :func:`one_pass_delivery`."""
+def backend_config(ray_address: str | None = None, supernode_cpus: float = 1.0) -> dict:
+    """Flower's Ray backend settings: ``supernode_cpus`` per ClientApp actor (Flower starts as many actors as the
+    cluster's CPUs allow), on a Ray of its own (:data:`LOCAL_RAY`) or on the running cluster at ``ray_address``
+    (HOST:PORT of its head; its CPUs are the cluster's, so none are given)."""
+    init_args = {"address": ray_address, "logging_level": "ERROR"} if ray_address else dict(LOCAL_RAY)
+    return {"client_resources": {"num_cpus": supernode_cpus, "num_gpus": 0.0}, "init_args": init_args}
+
+
+def simulate(server_app, client_app, num_supernodes: int, ray_address: str | None = None,
+             supernode_cpus: float = 1.0) -> None:
+    """Flower's ``run_simulation`` of the apps on ``num_supernodes`` simulated nodes, with
+    :func:`backend_config` and :func:`one_pass_delivery`. On a Ray cluster every node runs ClientApp actors,
+    which import this project from the driver's ``sys.path`` (Flower hands it to the actors): each node needs
+    the project and its environment at the same path (docs: README, "A Ray cluster")."""
     from flwr.simulation import run_simulation
 
     with one_pass_delivery():
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_supernodes,
-                       backend_config=BACKEND_CONFIG)
+                       backend_config=backend_config(ray_address, supernode_cpus))
 
 
 @contextmanager
