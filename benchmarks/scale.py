@@ -1,14 +1,15 @@
 """How a simulated federation's time and memory grow with the number of clinics.
 
     python benchmarks/scale.py [--clinics 10,100,1000] [--rounds 10] [--patients-per-clinic N] [--dp]
-                               [--tree PATH] [--work /tmp/fednano-scale] [--out benchmarks/results/scale.json]
+                               [--no-policy] [--tree PATH] [--work /tmp/fednano-scale]
+                               [--out benchmarks/results/scale.json]
 
 For each size, runs ``fednano simulate --models ann --no-compare --clinics N --rounds R`` (DP off unless
-``--dp``; default clinic sizes unless ``--patients-per-clinic``) as a child process, samples the resident memory
-of its whole process tree (the driver, Ray's processes and its actors) every 0.5 s from ``/proc``, and reads
-the run's own timing: ``results.json`` ``timing`` (making the sites, federation, baselines, evaluating the
-policy) and the coordinator's seconds per
-phase (``federation.json`` ``phase_seconds``). ``--tree`` runs another source tree's ``fednano`` (e.g. a
+``--dp``; default clinic sizes unless ``--patients-per-clinic``; ``--no-policy`` passed on) as a child process,
+samples the resident memory of its whole process tree (the driver, Ray's processes and its actors) every 0.5 s
+from ``/proc``, and reads the run's own timing: ``results.json`` ``timing`` (making the sites, federation,
+baselines, evaluating the policy) and the coordinator's seconds per phase (``federation.json``
+``phase_seconds``). ``--tree`` runs another source tree's ``fednano`` (e.g. a
 ``git worktree`` of an older commit: "before" figures; an older tree may lack the per-phase timing). Prints a
 table and writes JSON.
 """
@@ -57,12 +58,15 @@ def tree_rss(root: int) -> int:
     return total
 
 
-def run(n_clinics: int, rounds: int, patients: int | None, dp: bool, work: Path, tree: Path = ROOT) -> dict:
+def run(n_clinics: int, rounds: int, patients: int | None, dp: bool, work: Path, tree: Path = ROOT,
+        policy: bool = True) -> dict:
     out = work / f"clinics-{n_clinics}"
     command = [str(Path(sys.executable).with_name("fednano")), "simulate", "--models", "ann", "--no-compare",
                "--clinics", str(n_clinics), "--rounds", str(rounds), "--out", str(out), "--dp" if dp else "--no-dp"]
     if patients:
         command += ["--patients-per-clinic", str(patients)]
+    if not policy:
+        command.append("--no-policy")
     peak = 0
     started = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": str(tree), "FLWR_HOME": str(work / "flwr"), "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -96,13 +100,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--patients-per-clinic", type=int)
     parser.add_argument("--dp", action="store_true")
+    parser.add_argument("--no-policy", dest="policy", action="store_false")
     parser.add_argument("--tree", type=Path, default=ROOT, help="the source tree whose fednano runs")
     parser.add_argument("--work", type=Path, default=Path("/tmp/fednano-scale"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scale.json")
     args = parser.parse_args()
     rows = []
     for n in (int(x) for x in args.clinics.split(",")):
-        rows.append(run(n, args.rounds, args.patients_per_clinic, args.dp, args.work, args.tree.resolve()) | {
+        rows.append(run(n, args.rounds, args.patients_per_clinic, args.dp, args.work, args.tree.resolve(),
+                        args.policy) | {
             "tree": str(args.tree)})
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "stderr_tail"}), flush=True)
         if rows[-1]["returncode"] != 0:

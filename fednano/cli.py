@@ -76,6 +76,9 @@ def simulate(
     ctx: typer.Context,
     clinics: int = typer.Option(5, "--clinics", min=2, max=MAX_CLINICS,
                                  help="Simulated clinics (ignored with --sites)."),
+    patients_per_clinic: int | None = typer.Option(
+        None, "--patients-per-clinic", min=1, help="Same size for every simulated clinic (default: tens to "
+        "hundreds)."),
     rounds: int | None = typer.Option(None, "--rounds", min=1, help="Federated rounds (default 10)."),
     dp: bool = typer.Option(True, "--dp/--no-dp", help="Simulated sites train with DP-SGD (site.toml budget)."),
     epsilon: float = typer.Option(3.0, "--epsilon", min=0.01, max=SITE_MAX_EPSILON,
@@ -131,6 +134,9 @@ def simulate(
     personalise: str = typer.Option(
         "", "--personalise", help="Personalised ANNs each site trains after the federation and chooses among with "
         "its local-only and the global model on its validation split: finetune, ditto, fedper (comma-separated)."),
+    policy: bool = typer.Option(
+        True, "--policy/--no-policy", help="Build, sign and evaluate the dosing policy (built-in task; --no-policy: "
+        "the outcome models only)."),
     ray_address: str | None = typer.Option(
         None, "--ray-address", help="Run the simulated SuperNodes on a running Ray cluster (HOST:PORT of its head; "
         "every node needs the project at the same path) instead of a Ray of this command's own."),
@@ -184,13 +190,17 @@ def simulate(
     if explore and deploy_cycles < 2:
         raise typer.BadParameter("exploration happens in the closed loop's deployment periods: give "
                                  "--deploy-cycles 2 or more", param_hint="--explore")
+    if deploy_cycles > 1 and not policy:
+        raise typer.BadParameter("the closed loop deploys the dosing policy: drop --no-policy",
+                                 param_hint="--deploy-cycles")
     if deploy_cycles > 1 and (sites or task):
         raise typer.BadParameter("the closed loop needs the simulator's world to treat new patients: "
                                  "simulated clinics only (no --sites)", param_hint="--deploy-cycles")
     flower_environment(Path.cwd())
     if not verbose:
         quiet_flower()
-    cfg = ExperimentConfig(out=out, clinics=clinics, rounds=rounds, dp=dp, epsilon=epsilon, strategy=strategy,
+    cfg = ExperimentConfig(out=out, clinics=clinics, patients_per_clinic=patients_per_clinic, rounds=rounds, dp=dp,
+                           epsilon=epsilon, strategy=strategy,
                            seed=seed, sites=sites, task=task, local_epochs=local_epochs or base.local_epochs,
                            models=models, boosting=boosting, xgb_rounds=xgb_rounds or base.xgb_rounds,
                            compare=compare, deploy_cycles=deploy_cycles, deploy_patients=deploy_patients,
@@ -200,7 +210,8 @@ def simulate(
                            clip_norm=base.clip_norm if clip_norm is None else clip_norm,
                            clip_median_factor=base.clip_median_factor if clip_median_factor is None
                            else clip_median_factor, attacks=list(attack or []),
-                           personalise=personalise, ray_address=ray_address, supernode_cpus=supernode_cpus)
+                           personalise=personalise, policy=policy, ray_address=ray_address,
+                           supernode_cpus=supernode_cpus)
     console = Console()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:

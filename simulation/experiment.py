@@ -90,6 +90,7 @@ class ExperimentConfig:
     clip_median_factor: float = DEFAULTS.clip_median_factor  # or: bound = factor × the round's median norm
     attacks: list[str] = field(default_factory=list)  # SITE:KIND[=FACTOR], simulation.attacks
     personalise: str = DEFAULTS.personalise  # personalised ANNs at the sites (simulation.personalisation)
+    policy: bool = True  # build, sign and evaluate the dosing policy (the built-in task only)
     ray_address: str | None = None  # a running Ray cluster's head (HOST:PORT); None: a local Ray per simulation
     supernode_cpus: float = 1.0  # CPUs Ray reserves for each simulated SuperNode's ClientApp actor
 
@@ -204,7 +205,7 @@ def run_federation(cfg: ExperimentConfig, sources: list[SiteSource],
     from simulation.flower_runtime import simulate
 
     signing_key = cfg.out / "kit" / "coordinator" / "policy_signing.key"  # from prepare_kit: build a policy
-    settings = cfg.run_settings(len(sources), signing_key if signing_key.exists() else None)
+    settings = cfg.run_settings(len(sources), signing_key if cfg.policy and signing_key.exists() else None)
     record_path = Path(settings.out_dir) / "federation.json"
     record_path.unlink(missing_ok=True)
     served, mods = attacked_sources(cfg.parsed_attacks(), sources, cfg.out)
@@ -563,7 +564,7 @@ def run_experiment(cfg: ExperimentConfig, on_round: Callable[[int], None] | None
     say("sites")
     start = time.perf_counter()
     sources, world = prepare_sites(cfg)
-    if cfg.task is None:  # the dosing policy (and its signing kit) exist for the built-in task only
+    if cfg.task is None and cfg.policy:  # the dosing policy (and its signing kit) exist for the built-in task only
         sources = prepare_kit(cfg, sources, fresh=world is not None)
     check_robustness_options(cfg, sources)
     sites_seconds = time.perf_counter() - start

@@ -51,6 +51,14 @@ def test_simulate_refuses_a_missing_site_path(tmp_path):
     assert "no such file or folder" in result.output
 
 
+def test_simulate_refuses_the_closed_loop_without_a_policy_and_more_clinics_than_it_measured():
+    result = runner.invoke(app, ["simulate", "--no-policy", "--deploy-cycles", "2"])
+    words = " ".join(result.output.replace("│", " ").split())  # rich's error box, unwrapped
+    assert result.exit_code == 2 and "the closed loop deploys the dosing policy" in words
+    result = runner.invoke(app, ["simulate", "--clinics", "1001"])
+    assert result.exit_code == 2 and "1001" in result.output
+
+
 @pytest.mark.slow
 def test_simulate_on_real_liposome_data_split_into_three_csv_sites(tmp_path, monkeypatch):
     """The generic-task path end to end: 77 real formulations, 3 release classes, three CSV sites."""
