@@ -28,7 +28,7 @@ from shared.protocol import records as r
 from shared.protocol.privacy import RELEASE_INDEX, RELEASES, SitePrivacy
 from shared.protocol.site_check import SiteCheckReply, plan_of
 from shared.protocol.training import AnnTraining, TrainReply, proximal_mu, server_round
-from shared.validation import SiteDataError, validate_site
+from shared.validation import SiteDataError
 
 MAX_ERRORS_REPORTED = 5
 _STATE_ROWS = "dp-noised-rows"
@@ -40,7 +40,10 @@ sites)."""
 def site_check(msg: Message, context: Context, handlers: SiteHandlers) -> Message:
     """Validate this node's site and say its privacy terms for the run announced in the message."""
     source = handlers.source(context)
-    report = validate_site(source.path, source.task())
+    try:  # one validation, whose tables the site's cache keeps for the run's later messages (client.site.load)
+        report = load(source).report
+    except SiteDataError as err:
+        report = err.report
     name = source.name or str(report.summary.get("site") or source.path.stem)
     problems, privacy = report.shareable_errors(), SitePrivacy(dp=False)
     if report.ok:

@@ -35,6 +35,8 @@ class SiteData:
     ``episodes`` holds the task table for a generic task. Numeric columns are float (int for integer and
     0/1 columns that may not be missing) with NaN for missing cells; text and category columns are str.
     ``decisions`` is the telemedicine service's log of its randomised recommendations (None: no log kept).
+    ``report`` is the validation that passed (its summary and warnings), so a caller that needs both the
+    tables and the report validates once.
     """
 
     name: str
@@ -44,6 +46,7 @@ class SiteData:
     config: dict[str, Any]
     task: TaskSpec
     decisions: pd.DataFrame | None = None  # decisions.csv (``shared.schema.DECISION_COLUMNS``), where kept
+    report: ValidationReport | None = None
 
 
 def validate_site(path: str | Path, task: TaskSpec | None = None) -> ValidationReport:
@@ -68,7 +71,8 @@ def load_site(path: str | Path, task: TaskSpec | None = None) -> SiteData:
     episodes = _numeric_class_labels(_typed(inspection.episodes, inspection.episode_columns), inspection.task)
     vitals = None if inspection.vitals is None else _typed(inspection.vitals, inspection.vitals_columns)
     decisions = None if inspection.decisions is None else _typed(inspection.decisions, DECISION_COLUMNS)
-    return SiteData(inspection.name, Path(path), episodes, vitals, inspection.config, inspection.task, decisions)
+    return SiteData(inspection.name, Path(path), episodes, vitals, inspection.config, inspection.task, decisions,
+                    inspection.report)
 
 
 def _inspect(path: Path, task: TaskSpec | None) -> Inspection:
