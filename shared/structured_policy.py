@@ -412,8 +412,15 @@ class StructuredDosingPolicy:
         relative = self.objective.reference == "standard_of_care"
         usual = (frame[USUAL_FORMULATION] if relative and USUAL_FORMULATION in frame
                  else pd.Series([None] * len(frame)))
-        formulation = [u if isinstance(u, str) and u in catalogue else self._most_logged(catalogue)
-                       for u, catalogue in zip(usual, frame["catalogue"], strict=True)]
+        most_logged: dict[tuple, str] = {}  # per catalogue: a population has few, and patients many
+        formulation = []
+        for u, catalogue in zip(usual, frame["catalogue"], strict=True):
+            if not (isinstance(u, str) and u in catalogue):
+                key = tuple(catalogue)
+                if key not in most_logged:
+                    most_logged[key] = self._most_logged(catalogue)
+                u = most_logged[key]
+            formulation.append(u)
         actions = label_actions(self, frame, np.asarray(formulation, dtype=object)).drop(columns="action")
         return actions.assign(row=np.arange(len(frame)))[["row", "formulation_id", "dose_mg_m2", "interval_days"]]
 
