@@ -21,6 +21,7 @@ and error replies that name the site, file, column, row numbers and rule.
 
 from __future__ import annotations
 
+import pickle
 import uuid
 
 from flwr.clientapp import ClientApp
@@ -37,17 +38,18 @@ from client.training_handlers import register_training
 
 
 class SimulatedClientApp(ClientApp):
-    """The ClientApp of an in-process simulation: it pickles as its recipe (the sites, the mods and a token), and
-    the recipe unpickles to one app per process.
+    """The ClientApp of an in-process simulation: it pickles as its recipe (a token, the sites as one pickled
+    blob, the mods), and the recipe unpickles to one app per process, the blob opened only the first time.
 
     Flower 1.42's Ray backend pickles the ClientApp with every message it sends an actor, by value (its handlers
     are closures): ~20 ms of the driver's time per message at 100 clinics, most of it cloudpickle scanning
-    ``sys.modules`` once per closure (BENCHMARKS.md, "Scale").
+    ``sys.modules`` once per closure; and at 1,000 clinics unpickling the sites' 1,000 paths with every message
+    cost more than the message (BENCHMARKS.md, "Scale").
     """
 
     def __init__(self, sites: list[SiteSource], mods: list | None, token: str) -> None:
         super().__init__(mods=mods)
-        self.recipe = (token, sites, mods)
+        self.recipe = (token, pickle.dumps(sites), mods)
 
     def __reduce__(self):
         return _rebuilt, self.recipe
@@ -56,10 +58,10 @@ class SimulatedClientApp(ClientApp):
 _REBUILT: dict[str, ClientApp] = {}
 
 
-def _rebuilt(token: str, sites: list[SiteSource], mods: list | None) -> ClientApp:
+def _rebuilt(token: str, sites: bytes, mods: list | None) -> ClientApp:
     """The simulation's app of ``token`` in this process (built at its first message)."""
     if token not in _REBUILT:
-        _REBUILT[token] = make_client_app(sites, mods, token=token)
+        _REBUILT[token] = make_client_app(pickle.loads(sites), mods, token=token)  # our own blob, from the driver
     return _REBUILT[token]
 
 

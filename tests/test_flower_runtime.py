@@ -76,3 +76,21 @@ def test_the_loop_is_replaced_only_inside_the_block_and_only_for_the_version_wri
     monkeypatch.setattr(flower_runtime.flwr, "__version__", "1.43.0")
     with one_pass_delivery() as applied:
         assert not applied and vce_api.add_messages_to_queue is flowers
+
+
+def test_the_simulated_client_app_travels_as_a_small_recipe_and_is_built_once_per_process(tmp_path):
+    from pathlib import Path
+
+    from ray import cloudpickle
+
+    from client.app import SimulatedClientApp, make_client_app
+    from client.site import SiteSource
+
+    sites = [SiteSource(Path(tmp_path / f"clinic_{i:03d}")) for i in range(300)]
+    app = make_client_app(sites)
+    assert isinstance(app, SimulatedClientApp)
+    sent = cloudpickle.dumps(app)
+    assert len(sent) < 20_000  # the handlers (closures) are not in it; the sites are one blob
+    first, again = cloudpickle.loads(sent), cloudpickle.loads(sent)
+    assert first is again and first is not app  # one app per process and token
+    assert first.recipe[0] == app.recipe[0] and first._registered_funcs.keys() == app._registered_funcs.keys()
