@@ -253,10 +253,25 @@ def learning_curves(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+MAX_ROC_SITES = 24
+"""Panels of the per-site ROC figure (:func:`roc_per_site`)."""
+
+
 def roc_per_site(results: dict, summaries: dict[str, dict[str, dict[str, dict[str, dict]]]], outcome: str,
                  path: Path) -> None:
-    """ROC of each model at each site for one binary outcome, from the sites' summaries."""
+    """ROC of each model at each site for one binary outcome, from the sites' summaries: at most
+    :data:`MAX_ROC_SITES` panels, the sites with the most test rows (every site's AUC is in the report's
+    tables; a figure of 1,000 panels is past what matplotlib draws)."""
+    def test_rows(site: str) -> float:
+        return max((per_site.get(site, {}).get(outcome, {}).get("n", 0) for by_model in summaries.values()
+                    for per_site in by_model.values()), default=0)
+
     sites = results["sites"]
+    shown_of = ""
+    if len(sites) > MAX_ROC_SITES:
+        largest = set(sorted(sites, key=lambda site: (-test_rows(site), site))[:MAX_ROC_SITES])
+        shown_of = f" (the {MAX_ROC_SITES} of {len(sites)} sites with the most test rows)"
+        sites = [site for site in sites if site in largest]
     cols = min(len(sites), 4)
     rows = (len(sites) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.2 * rows), squeeze=False)
@@ -277,7 +292,7 @@ def roc_per_site(results: dict, summaries: dict[str, dict[str, dict[str, dict[st
         ax.plot([0, 1], [0, 1], color="lightgrey", linewidth=0.8)
         ax.set(title=site, xlabel="1 − specificity", ylabel="sensitivity")
         ax.legend(fontsize=6, loc="lower right")
-    fig.suptitle(f"ROC per site: {outcome}")
+    fig.suptitle(f"ROC per site: {outcome}{shown_of}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
