@@ -10,6 +10,7 @@ with DP sites every site bins scores coarsely (``shared.metrics.COARSE_N_BINS``)
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +39,10 @@ from strategies.per_site import PerSiteRecord
 from strategies.update_clipping import UpdateNormClipping
 
 EVAL_BINS = "eval-bins"
+PROGRESS_SHARE = 0.1
+"""The most of a run's time its progress record may take (``train_ann``'s ``write_progress``)."""
+PROGRESS_FREE_S = 0.2
+"""A progress write cheaper than this is always made (small federations: after every round)."""
 
 
 def training_config(settings: RunSettings, encoder: FeatureEncoder, plan: RunPlan) -> ConfigRecord:
@@ -64,14 +69,22 @@ def train_ann(grid: Grid, sites: SiteCheck, task: TaskSpec, encoder: FeatureEnco
     model = build_model(encoder, task, settings.hidden_sizes, seed=settings.seed)
     trainers = sites.granting("training")
 
+    written = {"at": -math.inf, "cost": 0.0}
+
     def write_progress(server_round: int) -> None:
         """The record with the rounds so far, for the dashboard (a copy: ε is charged to ``record`` once, at the
-        end, from the same rounds)."""
+        end, from the same rounds). Its cost grows with rounds × sites, so a round skips it while the last one
+        took over :data:`PROGRESS_SHARE` of the time since (at 1,000 clinics a write took seconds; the
+        dashboard polls every 5 s)."""
         del server_round
+        now = time.perf_counter()
+        if written["cost"] > PROGRESS_FREE_S and written["cost"] > PROGRESS_SHARE * (now - written["at"]):
+            return
         snapshot = copy.deepcopy(record)
         snapshot.models["ann"] = ModelRecord(family="ann", mode=settings.strategy,
                                              rounds=model_rounds(task, sites.usable, strategy.rounds, snapshot))
         snapshot.write_progress(Path(settings.out_dir))
+        written["at"], written["cost"] = time.perf_counter(), time.perf_counter() - now
 
     dp = sites.dp_nodes()
     evaluators = [n for n in sites.nodes if n not in dp or n in sites.granting("evaluation")]
