@@ -30,6 +30,7 @@ from threading import Lock
 from typing import TYPE_CHECKING
 
 from cachetools import LRUCache, cached
+from cachetools.keys import hashkey
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 
 from client.dp import PrivacyRefused, SiteDP
@@ -109,7 +110,16 @@ def _encoded_bytes(kept: tuple[SiteData, EncodedSplit]) -> int:
 ENCODED_CACHE_BYTES = 2**30
 """Bytes of encoded splits one process keeps (:meth:`SiteRequest.encoded`)."""
 _ENCODED: LRUCache = LRUCache(maxsize=ENCODED_CACHE_BYTES, getsizeof=_encoded_bytes)
-_ENCODED_LOCK = Lock()
+
+
+def _encoded_key(request: SiteRequest, split: str) -> tuple:
+    return hashkey(id(request.site), split, int(request.config[r.SPLIT_SEED]), str(request.config[ENCODER_CONFIG_KEY]))
+
+
+@cached(_ENCODED, key=_encoded_key, lock=Lock())
+def _encoded(request: SiteRequest, split: str) -> tuple[SiteData, EncodedSplit]:
+    """The split encoded, kept with the site object itself: while the entry lives, no other site can have its id."""
+    return request.site, encode(request.encoder, request.rows(split))
 
 
 @cached(_SITES, lock=Lock())
@@ -166,15 +176,7 @@ class SiteRequest:
         """The split's rows encoded with the message's encoder; kept for later messages of the same site, split
         and encoder (a simulation actor serves every site's rounds: splitting and encoding at each message was a
         third of its time at 1,000 clinics). Handlers treat it as read-only."""
-        key = (id(self.site), split, int(self.config[r.SPLIT_SEED]), str(self.config[ENCODER_CONFIG_KEY]))
-        with _ENCODED_LOCK:
-            kept = _ENCODED.get(key)
-        if kept is not None and kept[0] is self.site:  # the very site object (an id can be reused once freed)
-            return kept[1]
-        data = encode(self.encoder, self.rows(split))
-        with _ENCODED_LOCK:
-            _ENCODED[key] = (self.site, data)
-        return data
+        return _encoded(self, split)[1]
 
     def ann(self, arrays: ArrayRecord) -> MultiTaskMLP:
         """The ANN of the config's architecture with the weights the message carries (imports torch: only the

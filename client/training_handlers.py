@@ -41,13 +41,14 @@ def site_check(msg: Message, context: Context, handlers: SiteHandlers) -> Messag
     """Validate this node's site and say its privacy terms for the run announced in the message."""
     source = handlers.source(context)
     try:  # one validation, whose tables the site's cache keeps for the run's later messages (client.site.load)
-        report = load(source).report
+        site = load(source)
+        report = site.report
     except SiteDataError as err:
-        report = err.report
+        site, report = None, err.report
     name = source.name or str(report.summary.get("site") or source.path.stem)
     problems, privacy = report.shareable_errors(), SitePrivacy(dp=False)
-    if report.ok:
-        problems, privacy = _privacy_terms(msg, context, source)
+    if site is not None:
+        problems, privacy = _privacy_terms(msg, context, source, site)
     summary = {} if problems or privacy.dp else {k: float(v) for k, v in report.summary.items()
                                                  if isinstance(v, int | float) and not isinstance(v, bool)}
     reply = SiteCheckReply(site=name, ok=not problems, errors=problems[:MAX_ERRORS_REPORTED],
@@ -55,16 +56,12 @@ def site_check(msg: Message, context: Context, handlers: SiteHandlers) -> Messag
     return Message(reply.to_records(), reply_to=msg)
 
 
-def _privacy_terms(msg: Message, context: Context, source) -> tuple[list[str], SitePrivacy]:
-    """The site's privacy terms for the run (planned now, kept for the run's later messages), or the problems
-    that keep it out: data that fail to load, a ledger that cannot be trusted, privacy settings that break a
-    rule."""
+def _privacy_terms(msg: Message, context: Context, source, site) -> tuple[list[str], SitePrivacy]:
+    """The loaded site's privacy terms for the run (planned now, kept for the run's later messages), or the
+    problems that keep it out: a ledger that cannot be trusted, privacy settings that break a rule."""
     try:
-        site = load(source)
         dp = site_dp(source, site)
         terms = start_run(context, dp, plan_of(msg.content)).terms(dp) if dp is not None else SitePrivacy(dp=False)
-    except SiteDataError as err:
-        return err.shareable_errors or [err.shareable], SitePrivacy(dp=False)
     except (LedgerError, BudgetExhausted, ValueError) as err:
         return [f"privacy terms unusable: {err}"], SitePrivacy(dp=False)
     return [], terms

@@ -122,16 +122,19 @@ def record_file(path: Path) -> Path:
     path = Path(path)
     if not path.is_dir():
         return path
-    candidates = [path / RECORD_FILE, path / SIMULATION_RECORD_FOLDER / RECORD_FILE]
+    candidates = _in_run_folders(path, RECORD_FILE)
     return next((c for c in candidates if c.is_file()), candidates[0])
 
 
 def progress_file(path: Path) -> Path | None:
     """The coordinator's progress record (:data:`server.run_record.PROGRESS_FILE`) of the out-dir or simulation
     folder ``path``, if one exists: the run is training and has not written its record yet."""
-    path = Path(path)
-    candidates = [path / PROGRESS_FILE, path / SIMULATION_RECORD_FOLDER / PROGRESS_FILE]
-    return next((c for c in candidates if c.is_file()), None)
+    return next((c for c in _in_run_folders(Path(path), PROGRESS_FILE) if c.is_file()), None)
+
+
+def _in_run_folders(path: Path, name: str) -> list[Path]:
+    """``name`` in a deployed run's out-dir ``path``, then in a simulation output folder's record folder."""
+    return [path / name, path / SIMULATION_RECORD_FOLDER / name]
 
 
 def read_record(path: Path) -> RunRecord:

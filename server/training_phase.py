@@ -84,7 +84,8 @@ def train_ann(grid: Grid, sites: SiteCheck, task: TaskSpec, encoder: FeatureEnco
         snapshot.models["ann"] = ModelRecord(family="ann", mode=settings.strategy,
                                              rounds=model_rounds(task, sites.usable, strategy.rounds, snapshot))
         snapshot.write_progress(Path(settings.out_dir))
-        written["at"], written["cost"] = time.perf_counter(), time.perf_counter() - now
+        written["at"] = time.perf_counter()
+        written["cost"] = written["at"] - now
 
     dp = sites.dp_nodes()
     evaluators = [n for n in sites.nodes if n not in dp or n in sites.granting("evaluation")]
