@@ -59,7 +59,12 @@ def test_the_other_site_trains_every_round_within_its_budget(record):
     assert privacy.epsilon_spent >= epsilons[-1] and privacy.epsilon_spent <= 3.0 + 1e-6
     assert privacy.releases["statistics"] == 1 and privacy.releases["training"] == 2
     assert privacy.releases["evaluation"] == 1  # a DP site is evaluated at the final round only
-    assert run.models["ann"].final["overall"]["response"]["n"] > 0
+    # its final summaries arrive through the release: counts noised, rounded and floored at 0 (client.evaluation),
+    # so a small test split's released n may be 0; that it is a whole count >= 0 is what holds every time
+    final = run.models["ann"].final
+    assert list(final["per_site"]) == ["clinic_00"]
+    released = final["overall"]["response"]["n"]
+    assert released >= 0 and released == int(released)
 
 
 def test_a_site_whose_ledger_cannot_be_read_is_left_out_at_the_site_check_and_named_with_why(record):
