@@ -196,6 +196,11 @@ def simulate(
     if deploy_cycles > 1 and (sites or task):
         raise typer.BadParameter("the closed loop needs the simulator's world to treat new patients: "
                                  "simulated clinics only (no --sites)", param_hint="--deploy-cycles")
+    if ray_address is not None:
+        from simulation.flower_runtime import ray_head_problem
+
+        if problem := ray_head_problem(ray_address):
+            raise typer.BadParameter(problem, param_hint="--ray-address")
     flower_environment(Path.cwd())
     if not verbose:
         quiet_flower()

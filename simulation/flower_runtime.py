@@ -18,6 +18,7 @@ anything else keeps Flower's own loop. Deployed federations (SuperLink with its 
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -66,6 +67,33 @@ def _one_pass_loop(state, queue: Queue, nodes_mapping: dict, f_stop: threading.E
         for message in next_messages(state, node_ids):
             queue.put(message)
         f_stop.wait(POLL_S)
+
+
+RAY_HEAD_TIMEOUT_S = 5.0
+"""Seconds :func:`ray_head_problem` waits for a Ray head's port to accept a connection."""
+
+
+def ray_head_problem(address: str, timeout_s: float = RAY_HEAD_TIMEOUT_S) -> str | None:
+    """Why ``address`` (HOST:PORT of a Ray cluster's head) cannot be a simulation's Ray, or None if its port
+    accepts a TCP connection within ``timeout_s``.
+
+    Checked before the simulation starts because Ray, given a head that is not there, retries for ever inside
+    Flower's simulation thread and the command would neither finish nor fail. A port that answers but is not a
+    Ray head passes this check (Ray then retries as above)."""
+    host, sep, port = address.rpartition(":")
+    host = host.strip("[]")  # an IPv6 literal as [::1]:6379
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return f"expected HOST:PORT of a Ray cluster's head (e.g. 127.0.0.1:6379), got {address!r}"
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return None
+    except socket.gaierror:
+        return f"no host named {host!r} (name resolution failed)"
+    except TimeoutError:
+        return f"no answer from {host}:{port} within {timeout_s:g} s: is the Ray head running (ray start --head)?"
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        return f"cannot connect to {host}:{port} ({reason}): is the Ray head running (ray start --head)?"
 
 
 LOCAL_RAY = {"num_cpus": 2, "include_dashboard": False, "logging_level": "ERROR"}

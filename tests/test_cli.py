@@ -59,6 +59,21 @@ def test_simulate_refuses_the_closed_loop_without_a_policy_and_more_clinics_than
     assert result.exit_code == 2 and "1001" in result.output
 
 
+def test_simulate_refuses_a_ray_address_where_no_head_answers(tmp_path):
+    """Ray retries an absent head for ever inside Flower's simulation thread: the command checks it first."""
+    import socket
+
+    with socket.socket() as unused:  # a port of this machine that nothing listens on once closed
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    for address, said in ((f"127.0.0.1:{port}", "cannot connect to 127.0.0.1"), ("nonsense", "expected HOST:PORT"),
+                          ("no-such-host.invalid:6379", "no host named"), ("127.0.0.1:99999", "expected HOST:PORT")):
+        result = runner.invoke(app, ["simulate", "--ray-address", address, "--out", str(tmp_path / "out")])
+        words = " ".join(result.output.replace("│", " ").split())
+        assert result.exit_code == 2 and said in words, (address, words)
+    assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
 @pytest.mark.slow
 def test_simulate_on_real_liposome_data_split_into_three_csv_sites(tmp_path, monkeypatch):
     """The generic-task path end to end: 77 real formulations, 3 release classes, three CSV sites."""

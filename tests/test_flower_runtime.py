@@ -94,3 +94,14 @@ def test_the_simulated_client_app_travels_as_a_small_recipe_and_is_built_once_pe
     first, again = cloudpickle.loads(sent), cloudpickle.loads(sent)
     assert first is again and first is not app  # one app per process and token
     assert first.recipe[0] == app.recipe[0] and first._registered_funcs.keys() == app._registered_funcs.keys()
+
+
+def test_a_ray_head_whose_port_accepts_passes_the_check_and_ipv6_brackets_are_read():
+    import socket
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        assert flower_runtime.ray_head_problem(f"127.0.0.1:{listening.getsockname()[1]}") is None
+    assert "expected HOST:PORT" in flower_runtime.ray_head_problem("[::1]")
+    assert "expected HOST:PORT" in flower_runtime.ray_head_problem(":6379")
