@@ -79,6 +79,9 @@ def aggregation_refusal(settings: RunSettings, sites: SiteCheck) -> str | None:
     if "ann" not in settings.model_names:
         return None
     n_sites = len(sites.granting("training"))
+    if n_sites == 0:
+        refusing = sites.refusing("training")
+        return "no site grants training (" + "; ".join(f"{name}: {why}" for name, why in sorted(refusing.items())) + ")"
     try:
         make_strategy(settings.strategy, n_sites, proximal_mu=settings.proximal_mu, server_lr=settings.server_lr,
                       robust=settings.robust_parameters(n_sites), clip_norm=settings.clip_norm,

@@ -208,6 +208,20 @@ def test_a_deployed_run_too_small_for_its_robust_strategy_is_refused_in_its_reco
     assert server.app.aggregation_refusal(RunSettings(strategy="bulyan", models="xgboost"), three_sites) is None
 
 
+def test_a_run_where_no_site_grants_training_is_refused_naming_each_site_and_why():
+    import server.app
+    from server.settings import RunSettings
+    from server.site_check import SiteCheck
+    from shared.protocol.privacy import SitePrivacy
+
+    spent = {1: SitePrivacy(dp=True, epsilon_budget=3.0, refused={"training": "privacy budget exhausted"}),
+             2: SitePrivacy(dp=True, epsilon_budget=3.0, refused={})}
+    sites = SiteCheck(usable={1: "clinic_a", 2: "clinic_b"}, privacy=spent)
+    why = server.app.aggregation_refusal(RunSettings(strategy="fedavg", models="ann"), sites)
+    assert why == ("no site grants training (clinic_a: privacy budget exhausted; "
+                   "clinic_b: training was not in the run's plan)")
+
+
 def test_settings_refuse_two_update_norm_bounds_and_old_records_read_without_refusals():
     from server.run_record import RunRecord
     from server.settings import RunSettings
