@@ -88,9 +88,11 @@ def site_source(context: Context, sites: list[SiteSource] | None = None) -> Site
     raise ValueError("this SuperNode has no data: start it with --node-config 'data-path=/path/to/site'")
 
 
-def _mtimes(path: Path) -> tuple[float, ...]:
+def _mtimes(path: Path) -> tuple[tuple[int, int], ...]:
+    """Each file's modification time and size: a site rewritten between two simulations of one Ray session
+    (a closed loop's new patients) is loaded again."""
     files = sorted(path.glob("*")) if path.is_dir() else [path]
-    return tuple(f.stat().st_mtime_ns for f in files if f.is_file())
+    return tuple((s.st_mtime_ns, s.st_size) for s in (f.stat() for f in files if f.is_file()))
 
 
 def site_bytes(site: SiteData) -> int:
@@ -123,7 +125,7 @@ def _encoded(request: SiteRequest, split: str) -> tuple[SiteData, EncodedSplit]:
 
 
 @cached(_SITES, lock=Lock())
-def _load(path: Path, task_path: Path | None, _stamp: tuple[float, ...]) -> SiteData:
+def _load(path: Path, task_path: Path | None, _stamp: tuple[tuple[int, int], ...]) -> SiteData:
     task = TaskSpec.from_toml(task_path) if task_path else None
     return load_site(path, task)
 

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -557,7 +558,16 @@ def privacy_results(record: RunRecord) -> dict[str, dict]:
 
 def run_experiment(cfg: ExperimentConfig, on_round: Callable[[int], None] | None = None,
                    on_phase: Callable[[str], None] | None = None) -> dict:
-    """Sites → federation → baselines → results.json / report.md / plots under ``cfg.out``."""
+    """Sites → federation → baselines → results.json / report.md / plots under ``cfg.out``. A closed loop's
+    federations (one per cycle) share one Ray and its actors (``simulation.flower_runtime.ray_session``)."""
+    from simulation.flower_runtime import ray_session
+
+    with ray_session() if cfg.deploy_cycles > 1 else contextlib.nullcontext():
+        return _run_experiment(cfg, on_round, on_phase)
+
+
+def _run_experiment(cfg: ExperimentConfig, on_round: Callable[[int], None] | None,
+                    on_phase: Callable[[str], None] | None) -> dict:
     say = on_phase or (lambda _: None)
     cfg.out.mkdir(parents=True, exist_ok=True)
     task = TaskSpec.from_toml(cfg.task) if cfg.task else NANOPARTICLE_TASK

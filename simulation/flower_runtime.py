@@ -14,6 +14,13 @@ Flower version it was written against (the one ``pyproject.toml`` pins) and only
 anything else keeps Flower's own loop. Deployed federations (SuperLink with its database) are not affected.
 
 :func:`simulate` is how this project runs a ServerApp and its ClientApp in Flower's simulation runtime.
+
+:func:`ray_session` keeps one Ray, and one pool of ClientApp actors, for every simulation inside it: Flower's
+Ray backend starts Ray and its actors for each simulation and shuts Ray down after it (``RayBackend.build``
+and ``terminate``), ~15 s each time on this machine kind before the first message is answered, and the
+actors' imports and site caches are lost with them. A command that runs many simulations (``fednano paper
+liposome``: 20; a closed loop: one per cycle) pays it once. Like :func:`one_pass_delivery`, it applies to the
+Flower release it was written against only.
 """
 
 from __future__ import annotations
@@ -22,20 +29,39 @@ import socket
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from queue import Queue
+from typing import Any
 
 import flwr
 from flwr.app import Message
 from flwr.server.superlink.fleet.vce import vce_api
+from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
 from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
 from flwr.supercore.date import now
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 WRITTEN_FOR = "1.42.0"
 """The Flower release whose in-memory state :func:`next_messages` reads (its private store and lock)."""
-POLL_S = 0.1
-"""Seconds between passes, as Flower's loop."""
+FLOWER_POLL_S = 0.1
+"""Seconds Flower 1.42 waits between passes of its delivery loop and between the ServerApp's pulls of replies
+(``InMemoryGrid.pull_interval``): a message waits for the next pass twice per exchange, ~0.1 s on average, and a
+round of train and evaluate at 10 clinics took 0.77 s against 0.26 s for the same steps in a plain loop
+(BENCHMARKS.md, "Federated ANN")."""
+POLL_S_PER_NODE = 1e-4
+MIN_POLL_S = 0.01
+
+
+def poll_interval(n_nodes: int) -> float:
+    """Seconds between passes of the delivery loop and the ServerApp's pulls of replies: a pass costs time in
+    proportion to the nodes and stored messages, so small federations poll every :data:`MIN_POLL_S` and
+    1,000 nodes as Flower does (:data:`FLOWER_POLL_S`)."""
+    return min(FLOWER_POLL_S, max(MIN_POLL_S, POLL_S_PER_NODE * n_nodes))
 
 _FLOWER_LOOP = vce_api.add_messages_to_queue
+_FLOWER_GRID_DEFAULTS = InMemoryGrid.__init__.__defaults__
+_FLOWER_BUILD = RayBackend.build
+_FLOWER_TERMINATE = RayBackend.terminate
 
 
 def next_messages(state: InMemoryLinkState, node_ids: Sequence[int]) -> list[Message]:
@@ -63,10 +89,11 @@ def _one_pass_loop(state, queue: Queue, nodes_mapping: dict, f_stop: threading.E
         _FLOWER_LOOP(state, queue, nodes_mapping, f_stop)
         return
     node_ids = list(nodes_mapping)
+    wait_s = poll_interval(len(node_ids))
     while not f_stop.is_set():
         for message in next_messages(state, node_ids):
             queue.put(message)
-        f_stop.wait(POLL_S)
+        f_stop.wait(wait_s)
 
 
 RAY_HEAD_TIMEOUT_S = 5.0
@@ -117,20 +144,93 @@ def simulate(server_app, client_app, num_supernodes: int, ray_address: str | Non
     the project and its environment at the same path (docs: README, "A Ray cluster")."""
     from flwr.simulation import run_simulation
 
-    with one_pass_delivery():
+    with one_pass_delivery(num_supernodes):
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_supernodes,
                        backend_config=backend_config(ray_address, supernode_cpus))
 
 
 @contextmanager
-def one_pass_delivery() -> Iterator[bool]:
-    """Within the block, simulations hand out messages with :func:`next_messages`; yields whether it applies
-    (False, Flower's own loop, on another Flower version)."""
+def one_pass_delivery(n_nodes: int | None = None) -> Iterator[bool]:
+    """Within the block, simulations hand out messages with :func:`next_messages` and, given ``n_nodes``, the
+    ServerApp pulls replies every :func:`poll_interval` seconds; yields whether it applies (False, Flower's own
+    loop, on another Flower version)."""
     if flwr.__version__ != WRITTEN_FOR or vce_api.add_messages_to_queue is not _FLOWER_LOOP:
         yield False
         return
     vce_api.add_messages_to_queue = _one_pass_loop
+    if n_nodes is not None:
+        InMemoryGrid.__init__.__defaults__ = (poll_interval(n_nodes),)
     try:
         yield True
     finally:
         vce_api.add_messages_to_queue = _FLOWER_LOOP
+        InMemoryGrid.__init__.__defaults__ = _FLOWER_GRID_DEFAULTS
+
+
+@dataclass
+class _KeptPool:
+    """The actor pool a :func:`ray_session` keeps between simulations, and the resources its actors hold."""
+
+    pool: Any = None
+    resources: dict | None = None
+
+    def drop(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate_all_actors()
+        self.pool = self.resources = None
+
+
+_SESSION: _KeptPool | None = None
+
+
+def _kept_build(backend: RayBackend, app_fn) -> None:
+    """``RayBackend.build`` that hands a simulation the session's idle actors when they hold the resources
+    it asks for (else a new pool, which the session keeps)."""
+    session = _SESSION
+    if session is None:
+        _FLOWER_BUILD(backend, app_fn)
+        return
+    if session.pool is not None and session.resources == dict(backend.client_resources):
+        backend.pool, backend.app_fn = session.pool, app_fn
+        return
+    session.drop()
+    _FLOWER_BUILD(backend, app_fn)
+    session.pool, session.resources = backend.pool, dict(backend.client_resources)
+
+
+def _kept_terminate(backend: RayBackend) -> None:
+    """``RayBackend.terminate`` that leaves Ray and the session's actors running for the next simulation; a
+    pool with an actor still busy (a simulation that stopped mid-message) is not reused."""
+    session = _SESSION
+    if session is None or backend.pool is None or backend.pool is not session.pool:
+        _FLOWER_TERMINATE(backend)
+        return
+    if backend.pool._future_to_actor:
+        session.drop()
+
+
+@contextmanager
+def ray_session() -> Iterator[bool]:
+    """Within the block, simulations share one Ray and one pool of actors (module docstring); the first
+    simulation's Ray settings (:func:`backend_config`) hold for all. Yields whether it applies (False on
+    another Flower version; nested blocks use the outer session)."""
+    global _SESSION
+    if _SESSION is not None:
+        yield True
+        return
+    if flwr.__version__ != WRITTEN_FOR or RayBackend.build is not _FLOWER_BUILD:
+        yield False
+        return
+    import ray
+
+    started_here = not ray.is_initialized()
+    _SESSION = _KeptPool()
+    RayBackend.build, RayBackend.terminate = _kept_build, _kept_terminate
+    try:
+        yield True
+    finally:
+        RayBackend.build, RayBackend.terminate = _FLOWER_BUILD, _FLOWER_TERMINATE
+        session, _SESSION = _SESSION, None
+        session.drop()
+        if started_here and ray.is_initialized():
+            ray.shutdown()

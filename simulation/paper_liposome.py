@@ -547,6 +547,7 @@ def run_paper_liposome(out: Path, rounds: int = 20, xgb_rounds: int = 10, seed: 
     ``OUT/paper_liposome_meta.json`` (citation, licence, settings, site splits) and ``OUT/paper_liposome.md``;
     prints the table. ``rounds``: ANN rounds; ``xgb_rounds``: bagging rounds (cyclic and hist get 3 ×)."""
     from simulation.experiment import flower_environment, quiet_flower
+    from simulation.flower_runtime import ray_session
 
     start = time.perf_counter()
     fold_ids = list(fold_ids)
@@ -563,7 +564,9 @@ def run_paper_liposome(out: Path, rounds: int = 20, xgb_rounds: int = 10, seed: 
     if federated:
         flower_environment(Path.cwd())
         quiet_flower()
-        fed, sites = federated_rows(settings, fold_ids, boosting_modes=boosting_modes, table=table, on_progress=say)
+        with ray_session():  # its 5 folds × splits × models are one simulation each: one Ray for all
+            fed, sites = federated_rows(settings, fold_ids, boosting_modes=boosting_modes, table=table,
+                                        on_progress=say)
         rows += fed
     seconds = time.perf_counter() - start
     from server.app import RunSettings

@@ -69,10 +69,17 @@ def test_one_pass_hands_out_what_flowers_loop_does_in_the_same_order(task_identi
 
 
 def test_the_loop_is_replaced_only_inside_the_block_and_only_for_the_version_written_for(monkeypatch):
+    from flwr.superlink.grid import InMemoryGrid
+
     flowers = vce_api.add_messages_to_queue
     with one_pass_delivery() as applied:
         assert applied and vce_api.add_messages_to_queue is not flowers
     assert vce_api.add_messages_to_queue is flowers
+    with one_pass_delivery(10):  # ten nodes: replies pulled every 0.01 s; 1,000: every 0.1 s, as Flower
+        assert InMemoryGrid.__init__.__defaults__ == (0.01,)
+    with one_pass_delivery(1000):
+        assert InMemoryGrid.__init__.__defaults__ == (0.1,)
+    assert InMemoryGrid.__init__.__defaults__ == (0.1,) and flower_runtime.poll_interval(300) == pytest.approx(0.03)
     monkeypatch.setattr(flower_runtime.flwr, "__version__", "1.43.0")
     with one_pass_delivery() as applied:
         assert not applied and vce_api.add_messages_to_queue is flowers
@@ -105,3 +112,39 @@ def test_a_ray_head_whose_port_accepts_passes_the_check_and_ipv6_brackets_are_re
         assert flower_runtime.ray_head_problem(f"127.0.0.1:{listening.getsockname()[1]}") is None
     assert "expected HOST:PORT" in flower_runtime.ray_head_problem("[::1]")
     assert "expected HOST:PORT" in flower_runtime.ray_head_problem(":6379")
+
+
+@pytest.mark.slow
+def test_simulations_in_one_ray_session_share_ray_and_the_actors_and_train_the_same_model(tmp_path):
+    import ray
+
+    from client.site import SiteSource
+    from simulation.clinics import SitePrivacy, generate_sites
+    from simulation.experiment import ExperimentConfig, flower_environment, quiet_flower, run_federation
+
+    flower_environment(tmp_path)
+    quiet_flower()
+    generate_sites(2, seed=3, out=tmp_path / "sites", privacy=SitePrivacy(dp=False))
+    sources = [SiteSource(tmp_path / "sites" / f"clinic_{i:02d}") for i in range(2)]
+
+    def federation(name: str) -> dict:
+        cfg = ExperimentConfig(out=tmp_path / name, rounds=2, seed=3, models="ann", dp=False, compare=False)
+        return run_federation(cfg, sources).models["ann"].final["overall"]
+
+    pools = []
+    with flower_runtime.ray_session() as applied:
+        assert applied
+        finals = []
+        for name in ("first", "second"):
+            finals.append(federation(name))
+            assert ray.is_initialized()  # Flower's terminate did not shut the session's Ray down
+            pools.append(flower_runtime._SESSION.pool)
+        with flower_runtime.ray_session() as nested:  # an inner session is the outer one
+            assert nested and flower_runtime._SESSION.pool is pools[0]
+    assert pools[0] is not None and pools[0] is pools[1] and pools[0].num_actors == 2
+    assert not ray.is_initialized() and flower_runtime._SESSION is None
+    from simulation.flower_runtime import _FLOWER_BUILD, RayBackend
+    assert RayBackend.build is _FLOWER_BUILD
+    for outcome in ("response", "toxicity_grade3"):  # same model: FedAvg's sum order may move the last digits
+        assert finals[0][outcome]["auc"] == pytest.approx(finals[1][outcome]["auc"], abs=1e-9)
+    assert finals[0]["response"]["n"] == finals[1]["response"]["n"] > 0
