@@ -10,7 +10,9 @@ On the same simulated clinics (no DP, the ANN only, FedAvg), in one process:
    ClientApp actors for the simulation and shuts them down after it;
 3. **warm** — ``--repeats`` federations inside one ``simulation.flower_runtime.ray_session``: the first starts Ray
    and the actors, the later ones reuse them and the actors' site caches (what ``fednano paper liposome`` and a
-   closed loop do for their many simulations).
+   closed loop do for their many simulations);
+4. **warm, Flower's polls** — one more federation in the session with the delivery loop and the ServerApp's reply
+   pulls every 0.1 s, as Flower 1.42 does, instead of ``simulation.flower_runtime.poll_interval``.
 
 Each row: total seconds, seconds to the first round's end, mean of later rounds, and the ratio to the plain loop
 measured in the same run (the machine is shared; compare ratios, not seconds). The final AUCs show the runs
@@ -31,6 +33,7 @@ from federated_ann import BINARY, LoopSettings, Timeline, plain_run
 from record import machine, write_record
 
 from client.site import SiteSource
+from simulation import flower_runtime
 from simulation.clinics import SitePrivacy, generate_sites
 from simulation.experiment import ExperimentConfig, flower_environment, quiet_flower, run_federation
 from simulation.flower_runtime import poll_interval, ray_session
@@ -78,20 +81,28 @@ def main() -> None:
             for i in range(args.repeats):
                 print(f"[warm {i + 1}/{args.repeats}] inside one Ray session", flush=True)
                 warm.append(flower_run(cfg(f"warm{i}"), sources))
+            print("[warm, Flower's polls] once more, polling every 0.1 s as Flower 1.42 does", flush=True)
+            ours = flower_runtime.poll_interval
+            flower_runtime.poll_interval = lambda n_nodes: flower_runtime.FLOWER_POLL_S
+            try:
+                flower_polls = flower_run(cfg("flower_polls"), sources)
+            finally:
+                flower_runtime.poll_interval = ours
 
     rows = {"plain": {"seconds": plain["seconds"], "first_round_end_s": plain["first_round_end_s"],
                       "later_round_mean_s": plain["later_round_mean_s"], "auc": plain["metrics"]}}
     rows["cold"] = cold
     for i, run in enumerate(warm):
         rows[f"session run {i + 1}"] = run
+    rows["session, Flower's 0.1 s polls"] = flower_polls
     base = rows["plain"]
-    print(f"\n{'run':16s} {'total s':>8s} {'× plain':>8s} {'1st round s':>12s} {'later rnd s':>12s} {'× plain':>8s}"
+    print(f"\n{'run':30s} {'total s':>8s} {'× plain':>8s} {'1st round s':>12s} {'later rnd s':>12s} {'× plain':>8s}"
           f"  response AUC")
     for name, row in rows.items():
         row["ratio_total"] = row["seconds"] / base["seconds"]
         row["ratio_later_rounds"] = row["later_round_mean_s"] / base["later_round_mean_s"]
         auc = row["auc"]["response"]["auc"] if name == "plain" else row["auc"]["response"]
-        print(f"{name:16s} {row['seconds']:8.1f} {row['ratio_total']:8.2f} {row['first_round_end_s']:12.2f} "
+        print(f"{name:30s} {row['seconds']:8.1f} {row['ratio_total']:8.2f} {row['first_round_end_s']:12.2f} "
               f"{row['later_round_mean_s']:12.3f} {row['ratio_later_rounds']:8.2f}  {auc:.4f}")
     command = "python benchmarks/simulation_overhead.py" + "".join(f" {a}" for a in sys.argv[1:])
     write_record(args.out, command, rows, machine=machine(load_average=os.getloadavg()),
