@@ -33,13 +33,12 @@ from client.evaluation import from_blocks, summaries, summary_blocks
 from client.personalised.choice import choose_by_margin, sampling_se, validation_score
 from client.site import SiteHandlers, SiteRequest
 from client.split import EncodedSplit
-from client.training_handlers import EVAL_BINS
 from shared import metrics
 from shared.durable import write_json_atomically
 from shared.protocol import messages
 from shared.protocol import records as r
 from shared.protocol.personalisation import GLOBAL, VALIDATION_PRIVACY, Personalisation, PersonalisationReply
-from shared.protocol.training import AnnTraining
+from shared.protocol.training import EVAL_BINS, AnnTraining
 
 PHASE = "personalisation"
 TRAINING_PART = 0.8

@@ -6,7 +6,8 @@
 - ``query.statistics``: the training split's statistics for the federated encoder (``client.statistics``),
   noised under DP; a DP site keeps its noised row count to weight itself by later (post-processing).
 - ``train``: load the global weights, train locally (DP-SGD under DP, its σ set at the first round for the
-  run's ``training`` ε), reply the weights and :class:`shared.protocol.training.TrainReply`.
+  run's ``training`` ε), reply the weights and :class:`shared.protocol.training.TrainReply`; in a one-message
+  round a site without DP first evaluates the received model and adds its summaries (``EVALUATE_RECEIVED``).
 - ``evaluate``: summaries of the global model on the test split (``client.evaluation``); under DP one
   release of the ``evaluation`` phase (the server asks a DP site at the final round only).
 """
@@ -27,16 +28,19 @@ from shared.protocol import messages
 from shared.protocol import records as r
 from shared.protocol.privacy import RELEASE_INDEX, RELEASES, SitePrivacy
 from shared.protocol.site_check import SiteCheckReply, plan_of
-from shared.protocol.training import AnnTraining, TrainReply, proximal_mu, server_round
+from shared.protocol.training import (
+    EVAL_BINS,
+    EVALUATE_RECEIVED,
+    RECEIVED_EVALUATION,
+    AnnTraining,
+    TrainReply,
+    proximal_mu,
+    server_round,
+)
 from shared.validation import SiteDataError
 
 MAX_ERRORS_REPORTED = 5
 _STATE_ROWS = "dp-noised-rows"
-EVAL_BINS = "eval-bins"
-"""Evaluate config: score histogram bins every site uses (``shared.metrics.COARSE_N_BINS`` in a run with DP
-sites)."""
-
-
 def site_check(msg: Message, context: Context, handlers: SiteHandlers) -> Message:
     """Validate this node's site and say its privacy terms for the run announced in the message."""
     source = handlers.source(context)
@@ -103,6 +107,7 @@ def train_round(msg: Message, request: SiteRequest) -> RecordDict:
     settings = AnnTraining.from_config(request.config)
     data = request.encoded("train")
     model = request.ann(msg.content[r.ARRAYS])
+    received = received_evaluation(request, model) if EVALUATE_RECEIVED in request.config else None
     this_round = server_round(request.config)
     local = TrainConfig(epochs=settings.local_epochs, batch_size=settings.batch_size, lr=settings.lr,
                         proximal_mu=proximal_mu(request.config), seed=settings.seed + this_round)
@@ -126,7 +131,22 @@ def train_round(msg: Message, request: SiteRequest) -> RecordDict:
         reply = TrainReply(num_examples=_noised_rows(request), server_round=this_round, steps=result.steps,
                            epsilon=dp.ledger.spent(), epsilon_budget=dp.ledger.epsilon_budget,
                            delta=dp.ledger.delta, noise_multiplier=sigma)
-    return RecordDict({r.ARRAYS: to_arrays(model), r.METRICS: reply.to_metric_record()})
+    content = RecordDict({r.ARRAYS: to_arrays(model), r.METRICS: reply.to_metric_record()})
+    if received is not None:
+        content[RECEIVED_EVALUATION] = received
+    return content
+
+
+def received_evaluation(request: SiteRequest, model) -> ConfigRecord | None:
+    """A one-message round's evaluation of the received global model, before it is trained
+    (``shared.protocol.training.EVALUATE_RECEIVED``): what ``evaluate`` would reply, as a ConfigRecord; None
+    for a DP site."""
+    if request.dp is not None:
+        return None
+    from shared.ann import predict
+
+    data = request.encoded("test")
+    return ConfigRecord(dict(summaries_reply(request, predict(model, data.x), data)[r.METRICS]))
 
 
 def summaries_reply(request: SiteRequest, predictions: dict, data) -> RecordDict:

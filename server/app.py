@@ -37,11 +37,11 @@ from server.run_record import ModelRecord, RunRecord, SitePrivacyRecord, final_m
 from server.settings import RunSettings
 from server.site_check import SiteCheck, usable_sites
 from server.statistics_phase import federated_encoder
-from server.training_phase import EVAL_BINS, train_ann, training_config
-from shared import metrics
+from server.training_phase import eval_bins, train_ann, training_config
 from shared.artifacts import RunArtifacts
 from shared.protocol.personalisation import Personalisation, parse_methods
 from shared.protocol.privacy import RunPlan
+from shared.protocol.training import EVAL_BINS
 from strategies.choice import make_strategy
 from strategies.robust import ImpossibleAggregation
 
@@ -126,7 +126,7 @@ def run_federation(grid: Grid, settings: RunSettings, on_round: Callable[[int], 
         record.models["ann"] = family
         if "personalisation" in plan.phases:
             config = training_config(settings, encoder, plan)
-            config[EVAL_BINS] = metrics.COARSE_N_BINS if sites.dp_nodes() else metrics.DEFAULT_N_BINS
+            config[EVAL_BINS] = eval_bins(sites)
             with record.timed("personalisation"):
                 record.personalisation = run_personalisation(
                     grid, sites, task, arrays, config, Personalisation(parse_methods(settings.personalise)), record)

@@ -118,6 +118,11 @@ class RunSettings:
     personalise : str, default ""
         Personalised ANNs each site trains after the federation and chooses among with its local-only and the
         global model (``shared.protocol.personalisation.METHODS``, comma-separated; empty: none).
+    one_message_rounds : bool, default True
+        A site without DP evaluates the model it receives with each round's training message and replies with
+        both, so a round is one exchange and only the final model is evaluated apart
+        (``strategies.per_site.PerSiteRecord``); False: Flower's train then evaluate exchange in every round.
+        The figures recorded are the same.
     """
 
     num_server_rounds: int = 10
@@ -150,6 +155,7 @@ class RunSettings:
     policy_model: str = "structured"
     policy_reference: str = "absolute"
     personalise: str = ""
+    one_message_rounds: bool = True
 
     def __post_init__(self) -> None:
         parse_hidden(self.hidden)

@@ -5,6 +5,9 @@ Every round the strategy (``strategies.choice``) sends the global weights to the
 each site's reply. Sites evaluate the global model on their test splits every round, except sites under DP,
 which evaluate it at the final round only (each evaluation is a release charged to their budget); in a run
 with DP sites every site bins scores coarsely (``shared.metrics.COARSE_N_BINS``) so summaries still add up.
+With ``one_message_rounds`` (the default) a site without DP evaluates the previous round's model in the same
+exchange as it trains the next (``PerSiteRecord``'s ``one_message_nodes``): a deployed round is one message
+per site, not two.
 """
 
 from __future__ import annotations
@@ -32,13 +35,12 @@ from shared import metrics
 from shared.ann import build_model, to_arrays
 from shared.encoding import FeatureEncoder
 from shared.protocol.privacy import RELEASE_INDEX, RELEASES, RunPlan
-from shared.protocol.training import AnnTraining
+from shared.protocol.training import EVAL_BINS, AnnTraining
 from shared.task import TaskSpec
 from strategies.choice import make_strategy
 from strategies.per_site import PerSiteRecord
 from strategies.update_clipping import UpdateNormClipping
 
-EVAL_BINS = "eval-bins"
 PROGRESS_SHARE = 0.1
 """The most of a run's time its progress record may take (``train_ann``'s ``write_progress``)."""
 PROGRESS_FREE_S = 0.2
@@ -53,11 +55,17 @@ def training_config(settings: RunSettings, encoder: FeatureEncoder, plan: RunPla
                        plan=plan).to_config(encoder)
 
 
+def eval_bins(sites: SiteCheck) -> int:
+    """Score histogram bins of every site's evaluation summaries: coarse in a run with DP sites, so their noise
+    does not drown the histograms, and the same at every site so the summaries add up."""
+    return metrics.COARSE_N_BINS if sites.dp_nodes() else metrics.DEFAULT_N_BINS
+
+
 def evaluation_config(base: ConfigRecord, sites: SiteCheck, families: int, index: int) -> ConfigRecord:
     """``base`` with the score bins of this run and the position of this family's final evaluation among the
     run's evaluation releases (one per model family) for DP sites."""
     config = ConfigRecord(dict(base))
-    config[EVAL_BINS] = metrics.COARSE_N_BINS if sites.dp_nodes() else metrics.DEFAULT_N_BINS
+    config[EVAL_BINS] = eval_bins(sites)
     config[RELEASES], config[RELEASE_INDEX] = families, index
     return config
 
@@ -96,8 +104,12 @@ def train_ann(grid: Grid, sites: SiteCheck, task: TaskSpec, encoder: FeatureEnco
                                            clip_median_factor=settings.clip_median_factor),
                              on_round=on_round, train_nodes=trainers, evaluate_nodes=evaluators,
                              final_round_only=dp, final_round=settings.num_server_rounds,
-                             on_progress=write_progress)
+                             on_progress=write_progress,
+                             one_message_nodes=[n for n in trainers if n not in dp and n in evaluators]
+                             if settings.one_message_rounds else ())
     config = training_config(settings, encoder, plan)
+    if settings.one_message_rounds:  # the sites' evaluations in training replies bin scores as the final one
+        config[EVAL_BINS] = eval_bins(sites)
     start = time.perf_counter()
     result = strategy.start(grid=grid, initial_arrays=to_arrays(model), num_rounds=settings.num_server_rounds,
                             train_config=config,

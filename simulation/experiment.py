@@ -92,6 +92,7 @@ class ExperimentConfig:
     attacks: list[str] = field(default_factory=list)  # SITE:KIND[=FACTOR], simulation.attacks
     personalise: str = DEFAULTS.personalise  # personalised ANNs at the sites (simulation.personalisation)
     policy: bool = True  # build, sign and evaluate the dosing policy (the built-in task only)
+    one_message_rounds: bool = DEFAULTS.one_message_rounds  # evaluate and train in one exchange (RunSettings)
     ray_address: str | None = None  # a running Ray cluster's head (HOST:PORT); None: a local Ray per simulation
     supernode_cpus: float = 1.0  # CPUs Ray reserves for each simulated SuperNode's ClientApp actor
 
@@ -106,7 +107,7 @@ class ExperimentConfig:
             policy_dir=str(self.out / "policy"), fqi_iterations=self.fqi_iterations, release_gate=self.release_gate,
             policy_model=self.policy_model, policy_reference=self.policy_reference, personalise=self.personalise,
             malicious_sites=self.malicious_sites, trim_fraction=self.trim_fraction, clip_norm=self.clip_norm,
-            clip_median_factor=self.clip_median_factor)
+            clip_median_factor=self.clip_median_factor, one_message_rounds=self.one_message_rounds)
 
     def parsed_attacks(self) -> list[Attack]:
         return [Attack.parse(text) for text in self.attacks]

@@ -58,7 +58,9 @@ def federation(tmp_path_factory):
 
 
 def test_the_coordinator_writes_its_progress_after_each_round_and_removes_it_at_the_end(federation):
-    assert federation["progress"] == [(r, list(range(1, r + 1))) for r in range(1, ROUNDS + 1)]
+    # one-message rounds: round r's evaluations come with round r + 1's training replies, so when round r is
+    # complete the record already holds round r + 1's training too (the final round's evaluation comes alone)
+    assert federation["progress"] == [(r, list(range(1, min(r + 1, ROUNDS) + 1))) for r in range(1, ROUNDS + 1)]
     assert not (federation["out"] / "federated" / PROGRESS_FILE).exists()
     assert (federation["out"] / "federated" / "federation.json").is_file()
 

@@ -38,7 +38,6 @@ from client.personalised.local import LocalOnly
 from client.site import SiteRequest, SiteSource, load
 from client.split import EncodedSplit, split_site
 from client.training import DPConfig, proximal_step
-from client.training_handlers import EVAL_BINS
 from shared import metrics
 from shared.ann import AnnSpec, MultiTaskMLP, build_model, to_arrays
 from shared.encoding import fit_local
@@ -46,7 +45,7 @@ from shared.protocol import messages
 from shared.protocol import personalisation as p
 from shared.protocol import records as r
 from shared.protocol.privacy import RunPlan
-from shared.protocol.training import AnnTraining
+from shared.protocol.training import EVAL_BINS, AnnTraining
 from shared.task import Outcome, TaskSpec
 from simulation.clinics import SitePrivacy, generate_sites
 

@@ -65,6 +65,19 @@ class AnnTraining:
                    hidden=tuple(int(h) for h in config["hidden"]), plan=RunPlan.from_config(config))
 
 
+EVAL_BINS = "eval-bins"
+"""Evaluate config: score histogram bins every site uses (``shared.metrics.COARSE_N_BINS`` in a run with DP
+sites)."""
+EVALUATE_RECEIVED = "evaluate-received"
+"""Train config of a one-message round (``RunSettings.one_message_rounds``): the round whose global model the
+message carries. A site without DP evaluates that model on its test split before training and adds the
+summaries to its reply as the ConfigRecord :data:`RECEIVED_EVALUATION` (a ConfigRecord, because Flower's
+strategies expect exactly one MetricRecord in a reply); a DP site ignores it (its evaluation is a release,
+made at the final round only)."""
+RECEIVED_EVALUATION = "received-evaluation"
+"""Reply key of the evaluation summaries of the received model (:data:`EVALUATE_RECEIVED`)."""
+
+
 def hidden_of(config: ConfigRecord) -> tuple[int, ...]:
     """The MLP's hidden widths from any request that carries a model."""
     return tuple(int(h) for h in config["hidden"])
