@@ -41,13 +41,17 @@ from client.app import make_client_app  # noqa: E402
 from client.site import SiteSource  # noqa: E402
 from server.app import make_server_app  # noqa: E402
 from server.provision import provision  # noqa: E402
-from simulation.clinics import generate_sites  # noqa: E402
+from simulation.clinics import SitePrivacy, generate_sites  # noqa: E402
 from simulation.experiment import flower_environment, quiet_flower  # noqa: E402
 from tests import deployment as dep  # noqa: E402
 
 FEDERATION = "bench"
 EVENT = re.compile(r"(Receiving|Sending): (\S+) message")
-IMPORT_PROBE = "import flwr.clientapp, torch, opacus, client.app"
+IMPORT_PROBES = {"client.app (every message)": "import flwr.clientapp, client.app",
+                 "+ torch (a training or evaluation message)": "import flwr.clientapp, client.app, torch",
+                 "+ torch, opacus (a DP site's training)": "import flwr.clientapp, client.app, torch, opacus"}
+"""What a fresh ``flwr-clientapp`` process imports for a message: the ClientApp loads torch and Opacus only in
+the handlers that need them (``tests/test_client_imports.py``)."""
 
 
 class LogWatcher:
@@ -103,22 +107,27 @@ def phases(events: list[tuple[float, str, str, str]], start: float) -> list[dict
 
 
 def deployed_rounds(events: list[tuple[float, str, str, str]], start: float) -> list[float]:
-    """Round r lasts from the first site receiving its r-th train message to the last site replying to its
-    r-th evaluate message."""
-    def nth(kind: str, message: str) -> dict[int, list[float]]:
-        counts: dict[str, int] = {}
-        by_round: dict[int, list[float]] = {}
-        for t, site, k, m in events:
-            if k == kind and m == message:
-                counts[site] = counts.get(site, 0) + 1
-                by_round.setdefault(counts[site], []).append(t - start)
-        return by_round
+    """Round r lasts from the first site receiving its r-th train message to the first site receiving its
+    (r + 1)-th (the next round's start: every wait between them included); the last round ends with the last
+    site's reply to the final evaluate message. This holds for one-message rounds (evaluation in the training
+    reply) and for Flower's train-then-evaluate rounds alike."""
+    trains: dict[int, list[float]] = {}
+    counts: dict[str, int] = {}
+    last_evaluate_out = None
+    for t, site, kind, message in events:
+        if kind == "Receiving" and message == "train":
+            counts[site] = counts.get(site, 0) + 1
+            trains.setdefault(counts[site], []).append(t - start)
+        if kind == "Sending" and message == "evaluate":
+            last_evaluate_out = t - start
+    starts = [min(trains[r]) for r in sorted(trains)]
+    rounds = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    if starts and last_evaluate_out is not None:
+        rounds.append(last_evaluate_out - starts[-1])
+    return rounds
 
-    trains, evaluates = nth("Receiving", "train"), nth("Sending", "evaluate")
-    return [max(evaluates[r]) - min(trains[r]) for r in sorted(trains) if r in evaluates]
 
-
-def run_deployed(work: Path, kit: Path, sites: Path, names: list[str], rounds: int) -> dict:
+def run_deployed(work: Path, kit: Path, sites: Path, names: list[str], rounds: int, one_message: bool = True) -> dict:
     """One deployed run; its wall time, per-round and per-phase timings and Flower's own accounting."""
     services = []
     home = work / "coordinator_home"
@@ -135,7 +144,7 @@ def run_deployed(work: Path, kit: Path, sites: Path, names: list[str], rounds: i
         start = time.monotonic()
         run_id = dep.start_run(ROOT, FEDERATION, home, {
             "num-server-rounds": rounds, "min-nodes": len(names), "models": "ann", "out-dir": str(work / "out"),
-            "signing-key": str(kit / "coordinator" / "policy_signing.key")})
+            "signing-key": str(kit / "coordinator" / "policy_signing.key"), "one-message-rounds": one_message})
         submitted = time.monotonic() - start
         row = dep.wait_for_run(home, FEDERATION, run_id, timeout=3600, poll=1.0)
         wall = time.monotonic() - start
@@ -168,24 +177,26 @@ def run_simulated(work: Path, kit: Path, sites: Path, names: list[str], rounds: 
             "rounds_s": [b - a for a, b in zip(ends, ends[1:], strict=False)]}
 
 
-def fresh_process_import_s(repeats: int = 3) -> list[float]:
-    """Seconds a fresh Python process takes to import what every flwr-clientapp process imports."""
-    times = []
-    for _ in range(repeats):
-        start = time.monotonic()
-        subprocess.run([sys.executable, "-c", IMPORT_PROBE], cwd=ROOT, check=True)
-        times.append(time.monotonic() - start)
+def fresh_process_import_s(repeats: int = 3) -> dict[str, list[float]]:
+    """Seconds a fresh Python process takes to import what a ``flwr-clientapp`` process imports, per probe."""
+    times: dict[str, list[float]] = {}
+    for name, probe in IMPORT_PROBES.items():
+        for _ in range(repeats):
+            start = time.monotonic()
+            subprocess.run([sys.executable, "-c", probe], cwd=ROOT, check=True)
+            times.setdefault(name, []).append(time.monotonic() - start)
     return times
 
 
-def print_tables(deployed: dict, simulated: dict, imports: list[float]) -> None:
+def print_tables(deployed: dict, simulated: dict, imports: dict[str, list[float]]) -> None:
     print(f"{'':22s} {'deployed':>10s} {'simulated':>10s}")
     print(f"{'wall time (s)':22s} {deployed['wall_s']:10.1f} {simulated['wall_s']:10.1f}")
     for r, (d, s) in enumerate(zip(deployed["rounds_s"], simulated["rounds_s"], strict=False), start=1):
         print(f"{f'round {r} (s)':22s} {d:10.1f} {s:10.1f}")
     print(f"{'mean of rounds 2+ (s)':22s} {statistics.mean(deployed['rounds_s'][1:]):10.1f} "
           f"{statistics.mean(simulated['rounds_s'][1:]):10.1f}")
-    print("(deployed rounds: first train message in to last evaluate reply out; simulated round 1 runs from the\n"
+    print("(deployed round r: first train message r in to first train message r + 1 in, the last to the final\n"
+          " evaluate reply out; simulated round 1 runs from the\n"
           " start: Ray, site check and statistics included)")
     print("\ndeployed, per message type (s after flwr run was called):")
     print(f"{'message':22s} {'first in':>9s} {'last out':>9s} {'span':>7s} {'at a site: median':>18s} {'max':>6s}")
@@ -197,8 +208,8 @@ def print_tables(deployed: dict, simulated: dict, imports: list[float]) -> None:
     compute = deployed["compute_time"]
     print(f"\nflwr ls: ServerApp {compute['serverapp-seconds']:.1f} s, ClientApps {compute['clientapp-seconds']:.1f} s "
           f"(all sites), traffic {deployed['network_traffic']['total-bytes'] / 1e3:.0f} kB")
-    print(f"a fresh process importing flwr, torch, opacus and the ClientApp: "
-          f"{', '.join(f'{t:.1f}' for t in imports)} s")
+    for name, seconds in imports.items():
+        print(f"a fresh process importing {name}: {', '.join(f'{t:.1f}' for t in seconds)} s")
 
 
 def main() -> None:
@@ -206,27 +217,39 @@ def main() -> None:
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--patients", type=int, default=30, help="patients per site")
+    parser.add_argument("--no-dp", action="store_true", help="sites without DP (evaluated every round)")
+    parser.add_argument("--two-message-too", action="store_true",
+                        help="deploy a second time with Flower's train-then-evaluate rounds (one-message-rounds off)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "deployment.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         flower_environment(work)
-        generated = generate_sites(args.sites, seed=0, out=work / "generated", patients_per_clinic=args.patients)
+        generated = generate_sites(args.sites, seed=0, out=work / "generated", patients_per_clinic=args.patients,
+                                   privacy=SitePrivacy(dp=not args.no_dp))
         names = [c.name for c in generated.clinics]
         provision(FEDERATION, names, work / "kit")
-        for mode in ("deployed", "simulated"):
+        modes = ["deployed", "simulated"] + (["deployed_two_message"] if args.two_message_too else [])
+        for mode in modes:
             shutil.copytree(work / "generated", work / mode / "sites")
         deployed = run_deployed(work / "deployed", work / "kit", work / "deployed" / "sites", names, args.rounds)
+        two = (run_deployed(work / "deployed_two_message", work / "kit", work / "deployed_two_message" / "sites",
+                            names, args.rounds, one_message=False) if args.two_message_too else None)
         quiet_flower()
         simulated = run_simulated(work / "simulated", work / "kit", work / "simulated" / "sites", names,
                                   args.rounds)
     imports = fresh_process_import_s()
     print_tables(deployed, simulated, imports)
-    write_record(args.out, f"python benchmarks/deployment.py --sites {args.sites} --rounds {args.rounds} "
-                           f"--patients {args.patients}",
-                 {"deployed": deployed, "simulated": simulated, "fresh_process_import_s": imports},
-                 sites=args.sites, rounds=args.rounds, patients_per_site=args.patients)
-
+    if two is not None:
+        print(f"\ndeployed with train-then-evaluate rounds: wall {two['wall_s']:.1f} s, rounds "
+              f"{', '.join(f'{r:.1f}' for r in two['rounds_s'])} s (mean of rounds 2+: "
+              f"{statistics.mean(two['rounds_s'][1:]):.1f} s)")
+    command = (f"python benchmarks/deployment.py --sites {args.sites} --rounds {args.rounds} --patients {args.patients}"
+               + (" --no-dp" if args.no_dp else "") + (" --two-message-too" if args.two_message_too else ""))
+    write_record(args.out, command,
+                 {"deployed": deployed, "simulated": simulated, "deployed_two_message": two,
+                  "fresh_process_import_s": imports},
+                 sites=args.sites, rounds=args.rounds, patients_per_site=args.patients, dp=not args.no_dp)
 
 if __name__ == "__main__":
     main()
