@@ -9,12 +9,17 @@ histogram-based federated XGBoost), over Flower's Grid with query messages (reco
    (``shared.secure_sum``).
 3. ``query.hist_bins`` — grid counts per feature, summed; then up to ``REFINE_PASSES`` times
    ``query.hist_cells`` — counts on the grid with its crowded cells split, summed; the server cuts global
-   bins (``shared.hist_boosting.global_thresholds``) and sends them with every later message.
-4. per head, per boosting round, per depth level above the deepest: ``query.hist_level`` with the trees so
-   far; every site answers the fixed-point histograms of the requested frontier nodes (at the root, every
-   root; below, one child of each split, the sibling being parent − child: LightGBM's histogram
-   subtraction), each feature's own bins only; the server sums them and decides the splits and leaf weights
-   (``shared.hist_boosting.LevelGrower``). The deepest level's leaves take their sums from their parents.
+   bins (``shared.hist_boosting.global_thresholds``) and sends them with the first level request only.
+4. per head, per boosting round, per depth level above the deepest: ``query.hist_level`` with the routing of
+   the round's growing trees (and, with a round's first level, the previous round's finished trees: a site
+   keeps the head's model, so no tree crosses twice); every site answers the fixed-point histograms of the
+   requested frontier nodes (at the root, every root; below, one child of each split, the sibling being
+   parent − child: LightGBM's histogram subtraction), each feature's own bins only; the server sums them and
+   decides the splits and leaf weights (``shared.hist_boosting.LevelGrower``). The deepest level's leaves
+   take their sums from their parents.
+
+Only the first request of the phase carries the feature encoder (9 kB of JSON); a site keeps it under the
+session id (``secure-session``, drawn per phase even without masking) and answers later requests with it.
 
 The heads are those of ``shared.boosting.heads`` (one binary booster per class of a multiclass outcome, as
 bagging, cyclic and the pooled baseline use), so the outcome (XGBoost JSON per head) feeds the same
@@ -47,7 +52,7 @@ from server.settings import RunSettings
 from server.site_check import SiteCheck
 from shared import hist_boosting as hb
 from shared.boosting import BASE_SCORES, Head, heads
-from shared.encoding import FeatureEncoder
+from shared.encoding import ENCODER_CONFIG_KEY, FeatureEncoder
 from shared.hist_records import merge, thresholds_record, trees_record
 from shared.protocol import hist as h
 from shared.protocol import messages
@@ -188,6 +193,8 @@ class HistSession:
         self.base.update({RELEASES: settings.releases(n_heads), h.GRADIENT_CLIP: settings.dp_gradient_clip,
                           h.SECURE_SUM: settings.secure_sum, h.SECURE_SESSION: uuid.uuid4().hex})
         self.release_index = 0
+        self.encoder_sent = False  # after the first request, sites answer with the encoder they kept
+        self.thresholds_sent = False  # after the first level request, sites route with the bins they kept
         self.bytes_down = self.bytes_up = 0
         self.privacy: list[tuple[int, dict]] = []  # (node, a DP release's facts)
 
@@ -213,8 +220,10 @@ class HistSession:
     def ask_all(self, message_type: messages.MessageName, extra: dict, arrays: ArrayRecord
                 ) -> tuple[dict, dict[int, str]]:
         """Send one request to every site; replies by node, and failures (error or no reply) by node."""
-        config = ConfigRecord(dict(self.base))
+        config = ConfigRecord({k: v for k, v in self.base.items()
+                               if not (self.encoder_sent and k == ENCODER_CONFIG_KEY)})
         config.update(extra)
+        self.encoder_sent = True
         sent = []
         for node in self.nodes:
             content = RecordDict({r.CONFIG: config, r.ARRAYS: arrays})
@@ -288,14 +297,19 @@ def grow_round(session: HistSession, spec: HeadSpec, thresholds: list[np.ndarray
     grower = hb.LevelGrower(spec.n_outputs, thresholds, session.tree_params(spec.objective))
     head = Head(spec.outcome, spec.kind, spec.positive_class if spec.positive_class >= 0 else None)
     head_config = {**head_to_config(head), h.OBJECTIVE: spec.objective, h.N_OUTPUTS: spec.n_outputs,
-                   h.BASE_MARGIN: hb.base_margin(spec.objective, spec.base_score)}
-    model = trees_record([tree for trees in finished for tree in trees], "model")
+                   h.BASE_MARGIN: hb.base_margin(spec.objective, spec.base_score), h.HEAD: spec.key,
+                   h.ROUND: len(finished)}
     widths = hb.feature_widths(thresholds)
     while not grower.done:
         requested = np.array(grower.requested, dtype=np.int64).reshape(-1, 2)
-        arrays = merge(thresholds_record(thresholds), model, trees_record(grower.trees, "growing"),
+        arrays = merge(trees_record(grower.trees, h.GROWING, leaf_values=False),
                        ArrayRecord({h.FRONTIER: Array(requested)}))
+        if grower.depth == 0:  # the round's first level: the trees the sites have not seen yet
+            arrays = merge(arrays, trees_record(finished[-1] if finished else [], h.MODEL))
+        if not session.thresholds_sent:
+            arrays = merge(arrays, thresholds_record(thresholds))
         packed = session.summed(messages.HIST_LEVEL, head_config, arrays, h.HISTOGRAMS)
+        session.thresholds_sent = True
         grower.grow(hb.unpack_histograms(packed, widths))
     return grower.trees
 

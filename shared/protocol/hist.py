@@ -1,8 +1,11 @@
 """``query.hist_*``: the request keys of federated histogram boosting (``server.hist_phase``).
 
 Every request carries the boosting config (:class:`shared.protocol.boosting.BoostingRound`) plus the keys
-below; arrays (bins, thresholds, trees, frontier) travel in the ``arrays`` record
-(``shared.hist_records``). Histograms and counts are fixed-point int64 (``shared.hist_boosting``).
+below, except the encoder, which only the session's first request carries (a site keeps it, with the session
+id, in its context state); arrays (bins, thresholds, trees, frontier) travel in the ``arrays`` record
+(``shared.hist_records``): the thresholds with the session's first level request only, a finished round's
+trees with the next round's first level request only. Histograms and counts are fixed-point int64
+(``shared.hist_boosting``).
 """
 
 from __future__ import annotations
@@ -18,11 +21,16 @@ GRADIENT_CLIP = "dp-gradient-clip"
 OBJECTIVE = "objective"
 N_OUTPUTS = "n-outputs"
 BASE_MARGIN = "base-margin"
+HEAD = "head-key"
+"""The model being grown (a site keeps one head's finished trees at a time)."""
+ROUND = "round"
+"""The boosting round being grown: the site's kept model must hold exactly this many rounds."""
 
 # array names
 LO, HI = "lo", "hi"
 CELL_BOUNDS, CELL_OFFSETS = "cell-bounds", "cell-offsets"
 FRONTIER = "frontier"
+MODEL, GROWING = "model", "growing"
 COUNTS = "counts"
 HISTOGRAMS = "histograms"
 RANGE_MIN, RANGE_MAX = "min", "max"
