@@ -52,7 +52,7 @@ from client.dp import Block, PhaseRelease
 from client.site import SiteHandlers, SiteRequest
 from client.split import encode, split_site
 from shared import hist_boosting as hb
-from shared import secure_sum
+from shared import hist_wire, secure_sum, wire_ints
 from shared.boosting import head_labels
 from shared.bounds import declared_range
 from shared.encoding import ENCODER_CONFIG_KEY, FeatureEncoder
@@ -226,10 +226,22 @@ def level_histograms(config: ConfigRecord, arrays: ArrayRecord, x: np.ndarray, y
     return histograms, blocks
 
 
-def masked(values: np.ndarray, config: ConfigRecord, context: Context) -> Array:
-    """``values`` as sent: masked for the secure sum when the run asks for it, else as they are."""
+def masked(values: np.ndarray, config: ConfigRecord, context: Context, bits: np.ndarray | None = None) -> Array:
+    """``values`` as sent: masked for the secure sum when the run asks for it, else as they are; with ``bits``
+    (every entry's width, ``shared.wire_ints``), as residues modulo 2^bits packed into bytes."""
+    if bits is not None:
+        if bool(config[h.SECURE_SUM]):
+            words = secure_mask(values, config, context, bits)
+        else:
+            words = wire_ints.residues(values, bits)
+        return Array(wire_ints.pack(words, bits))
     if not bool(config[h.SECURE_SUM]):
         return Array(values)
+    return Array(secure_mask(values, config, context, 64))
+
+
+def secure_mask(values: np.ndarray, config: ConfigRecord, context: Context, bits: np.ndarray | int) -> np.ndarray:
+    """``values`` masked modulo 2^bits under this session's next mask label (never one used before)."""
     state = context.state.get(STATE_KEY)
     if state is None or str(state["session"]) != str(config[h.SECURE_SESSION]):
         raise secure_sum.SecureSumError("no secure-sum key for this session at this site (query.hist_keys first)")
@@ -239,7 +251,7 @@ def masked(values: np.ndarray, config: ConfigRecord, context: Context) -> Array:
     state["last-sequence"] = sequence
     peers = dict(zip((int(n) for n in config[h.SECURE_NODES]), config[h.SECURE_KEYS], strict=True))
     label = f"{config[h.SECURE_SESSION]}/{sequence}"
-    return Array(secure_sum.mask(values, bytes(state["private-key"]), context.node_id, peers, label))
+    return secure_sum.mask(values, bytes(state["private-key"]), context.node_id, peers, label, bits)
 
 
 def _released(request: SiteRequest, blocks: dict[str, Block], content: RecordDict) -> dict[str, np.ndarray]:
@@ -270,7 +282,9 @@ def keys(msg: Message, context: Context) -> Message:
 def answer_ranges(msg: Message, request: SiteRequest) -> RecordDict:
     encoder, x, _ = training_matrix(request)
     if request.dp is None:
-        return RecordDict({r.ARRAYS: ranges(x)})
+        arrays = ranges(x)
+        arrays[h.ROWS] = Array(np.array([len(x)], dtype=np.int64))  # a count its site check already shares
+        return RecordDict({r.ARRAYS: arrays})
     lo, hi = public_ranges(encoder)
     return RecordDict({r.ARRAYS: ArrayRecord({h.RANGE_MIN: Array(lo), h.RANGE_MAX: Array(hi)})})
 
@@ -282,6 +296,13 @@ def answer_counts(count: Any) -> Any:
         _, x, _ = training_matrix(request)
         counts = count(x, msg.content[r.ARRAYS])
         content = RecordDict()
+        if h.COUNT_BITS in request.config:  # whole counts in the announced width (the server has every site's rows)
+            if request.dp is not None:
+                raise ShareableError("a DP site releases noised counts, not whole ones in a fixed width")
+            values = np.rint(counts).astype(np.int64).reshape(-1)
+            bits = np.full(values.shape, int(request.config[h.COUNT_BITS]), dtype=np.int64)
+            content[r.ARRAYS] = ArrayRecord({h.COUNTS: masked(values, request.config, request.context, bits)})
+            return content
         released = _released(request, {"counts": Block(counts, 1.0, x.shape[1])}, content)["counts"]
         content[r.ARRAYS] = ArrayRecord({h.COUNTS: masked(hb.to_fixed(released), request.config, request.context)})
         return content
@@ -295,10 +316,17 @@ def answer_level(msg: Message, request: SiteRequest) -> RecordDict:
     histograms, blocks = level_histograms(request.config, msg.content[r.ARRAYS], x, y, request.dp is not None,
                                           request.context)
     content = RecordDict()
+    arrays = msg.content[r.ARRAYS]
+    bits = None
+    if h.WIDTHS in arrays:  # packed in the announced widths (the server has every site's rows)
+        if request.dp is not None:
+            raise ShareableError("a DP site releases noised histograms, not entries in bounded widths")
+        widths = hb.feature_widths(session_thresholds(ArrayRecord(), request.context))
+        bits = hist_wire.entry_bits(arrays[h.WIDTHS].numpy(), widths)
     if request.dp is not None:
         noised = _released(request, blocks, content)
         histograms = np.stack([hb.to_fixed(noised["gradient"]), hb.to_fixed(noised["hessian"])], axis=-1)
-    content[r.ARRAYS] = ArrayRecord({h.HISTOGRAMS: masked(histograms, request.config, request.context)})
+    content[r.ARRAYS] = ArrayRecord({h.HISTOGRAMS: masked(histograms, request.config, request.context, bits)})
     return content
 
 

@@ -51,6 +51,7 @@ from server.run_record import RunRecord, add_privacy
 from server.settings import RunSettings
 from server.site_check import SiteCheck
 from shared import hist_boosting as hb
+from shared import hist_wire, wire_ints
 from shared.boosting import BASE_SCORES, Head, heads
 from shared.encoding import ENCODER_CONFIG_KEY, FeatureEncoder
 from shared.hist_records import merge, thresholds_record, trees_record
@@ -193,6 +194,7 @@ class HistSession:
         self.base.update({RELEASES: settings.releases(n_heads), h.GRADIENT_CLIP: settings.dp_gradient_clip,
                           h.SECURE_SUM: settings.secure_sum, h.SECURE_SESSION: uuid.uuid4().hex})
         self.release_index = 0
+        self.n_rows: int | None = None  # the sites' training rows, when every site said: compact encodings
         self.encoder_sent = False  # after the first request, sites answer with the encoder they kept
         self.thresholds_sent = False  # after the first level request, sites route with the bins they kept
         self.bytes_down = self.bytes_up = 0
@@ -249,15 +251,32 @@ class HistSession:
         self.base[h.SECURE_NODES] = [int(n) for n in self.nodes]
         self.base[h.SECURE_KEYS] = [bytes(replies[n][r.KEYS][h.PUBLIC_KEY]) for n in self.nodes]
 
-    def summed(self, message_type: messages.MessageName, extra: dict, arrays: ArrayRecord, name: str) -> np.ndarray:
-        """The int64 sum over sites of one released array (a noised, masked release when asked)."""
+    def summed(self, message_type: messages.MessageName, extra: dict, arrays: ArrayRecord, name: str,
+               bits: np.ndarray | None = None, signed: np.ndarray | bool = False) -> np.ndarray:
+        """The int64 sum over sites of one released array (a noised, masked release when asked).
+
+        With ``bits`` (the width of every entry, ``shared.wire_ints``), the sites send packed residues and the
+        sum is decoded from them (``signed`` where an entry's sum may be negative); else int64 words.
+        """
         extra = {**extra, RELEASE_INDEX: self.release_index, h.SECURE_SEQUENCE: self.release_index}
         self.release_index += 1
         replies = self.ask(message_type, extra, arrays)
         parts = [replies[n][r.ARRAYS][name].numpy() for n in self.nodes]
+        if bits is not None:
+            parts = [wire_ints.unpack(part, bits) for part in parts]
+            return wire_ints.decode(wire_ints.summed(parts, bits), bits, signed)
         if self.settings.secure_sum:
             return unmask_sum(parts)
         return np.sum(np.stack(parts), axis=0, dtype=np.int64)
+
+    def summed_counts(self, message_type: messages.MessageName, arrays: ArrayRecord, n_counts: int) -> np.ndarray:
+        """Summed row counts (float64, flat): whole numbers in ``count_bits(n_rows)`` bits each when the sites'
+        rows are known, else (DP) the 64-bit fixed-point sum of noised counts."""
+        if self.n_rows is None:
+            return hb.from_fixed(self.summed(message_type, {}, arrays, h.COUNTS)).reshape(-1)
+        width = hist_wire.count_bits(self.n_rows)
+        bits = np.full(n_counts, width, dtype=np.int64)
+        return self.summed(message_type, {h.COUNT_BITS: width}, arrays, h.COUNTS, bits).astype(np.float64)
 
 
 def global_ranges(session: HistSession, failures: dict[int, str]) -> tuple[np.ndarray, np.ndarray]:
@@ -270,6 +289,8 @@ def global_ranges(session: HistSession, failures: dict[int, str]) -> tuple[np.nd
     session.nodes = [n for n in session.nodes if n in replies]
     if not replies:
         raise HistProtocolError(-1, "no site could report its feature ranges: nothing to train on")
+    if all(h.ROWS in reply[r.ARRAYS] for reply in replies.values()):  # no DP site: compact encodings
+        session.n_rows = int(sum(int(reply[r.ARRAYS][h.ROWS].numpy()[0]) for reply in replies.values()))
     lo = np.min([reply[r.ARRAYS][h.RANGE_MIN].numpy() for reply in replies.values()], axis=0)
     hi = np.max([reply[r.ARRAYS][h.RANGE_MAX].numpy() for reply in replies.values()], axis=0)
     empty = ~np.isfinite(lo)
@@ -279,13 +300,13 @@ def global_ranges(session: HistSession, failures: dict[int, str]) -> tuple[np.nd
 
 def global_thresholds(session: HistSession, lo: np.ndarray, hi: np.ndarray) -> list[np.ndarray]:
     """Bins every site shares: summed grid counts, refined where rows crowd, cut into ``max_bin`` bins per feature."""
-    grid = hb.from_fixed(session.summed(messages.HIST_BINS, {}, ArrayRecord({h.LO: Array(lo), h.HI: Array(hi)}),
-                                        h.COUNTS))
+    grid = session.summed_counts(messages.HIST_BINS, ArrayRecord({h.LO: Array(lo), h.HI: Array(hi)}),
+                                 len(lo) * hb.N_CELLS).reshape(len(lo), hb.N_CELLS)
 
     def summed_cell_counts(bounds: list[np.ndarray]) -> list[np.ndarray]:
         values, offsets = hb.pack_thresholds(bounds)
         arrays = ArrayRecord({h.CELL_BOUNDS: Array(values), h.CELL_OFFSETS: Array(offsets)})
-        counts = hb.from_fixed(session.summed(messages.HIST_CELLS, {}, arrays, h.COUNTS))
+        counts = session.summed_counts(messages.HIST_CELLS, arrays, int(offsets[-1]) + len(bounds))
         return np.split(counts, np.cumsum([len(b) + 1 for b in bounds])[:-1])
 
     return hb.global_thresholds(grid, lo, hi, summed_cell_counts, session.settings.max_bin)
@@ -308,7 +329,15 @@ def grow_round(session: HistSession, spec: HeadSpec, thresholds: list[np.ndarray
             arrays = merge(arrays, trees_record(finished[-1] if finished else [], h.MODEL))
         if not session.thresholds_sent:
             arrays = merge(arrays, thresholds_record(thresholds))
-        packed = session.summed(messages.HIST_LEVEL, head_config, arrays, h.HISTOGRAMS)
+        bits = signed = None
+        if session.n_rows is not None:
+            parents = [None if grower.depth == 0 else grower.parent_histograms[(k, grower.trees[k].parent[node])]
+                       for k, node in grower.requested]
+            level_widths = hist_wire.level_widths(spec.objective, session.n_rows, parents, len(thresholds))
+            arrays[h.WIDTHS] = Array(level_widths)
+            bits = hist_wire.entry_bits(level_widths, widths)
+            signed = np.arange(2) == 0  # gradients (channel 0) may sum below 0, hessians may not
+        packed = session.summed(messages.HIST_LEVEL, head_config, arrays, h.HISTOGRAMS, bits, signed)
         session.thresholds_sent = True
         grower.grow(hb.unpack_histograms(packed, widths))
     return grower.trees

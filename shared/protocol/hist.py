@@ -5,7 +5,9 @@ below, except the encoder, which only the session's first request carries (a sit
 id, in its context state); arrays (bins, thresholds, trees, frontier) travel in the ``arrays`` record
 (``shared.hist_records``): the thresholds with the session's first level request only, a finished round's
 trees with the next round's first level request only. Histograms and counts are fixed-point int64
-(``shared.hist_boosting``).
+(``shared.hist_boosting``); when every site reported its training rows (no DP site), they travel as packed
+residues of the widths the server announces (``shared.hist_wire``, ``shared.wire_ints``), counts as whole
+numbers.
 """
 
 from __future__ import annotations
@@ -34,3 +36,9 @@ MODEL, GROWING = "model", "growing"
 COUNTS = "counts"
 HISTOGRAMS = "histograms"
 RANGE_MIN, RANGE_MAX = "min", "max"
+ROWS = "rows"
+"""A site's training rows (sites without DP): bounds every sum, so entries travel in fewer bits."""
+WIDTHS = "widths"
+"""Bits of every requested node's feature's gradient and hessian entries (``shared.hist_wire``)."""
+COUNT_BITS = "count-bits"
+"""Bits of every count entry (with ``rows``); counts are then whole numbers, not fixed point."""
