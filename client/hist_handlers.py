@@ -226,6 +226,21 @@ def level_histograms(config: ConfigRecord, arrays: ArrayRecord, x: np.ndarray, y
     return histograms, blocks
 
 
+def check_unsent(histograms: np.ndarray, sent: np.ndarray, arrays: ArrayRecord, widths: np.ndarray) -> None:
+    """Refuse when a bin the server does not ask for holds a row of the node here (outside the parent's split
+    feature, which the server knows): its proof that those bins are empty failed, and leaving them out would
+    change the sum silently."""
+    trees = trees_from_record(arrays, h.GROWING)
+    starts = np.concatenate([[0], np.cumsum(widths)])
+    for i, (k, node) in enumerate(arrays[h.FRONTIER].numpy().tolist()):
+        skipped = ~sent[i]
+        if node != 0:
+            feature = trees[k].feature[trees[k].parent[node]]
+            skipped[starts[feature]:starts[feature + 1]] = False
+        if np.any(histograms[i, skipped] != 0):
+            raise ShareableError(f"node {node} of tree {k} has rows in bins the request leaves out")
+
+
 def masked(values: np.ndarray, config: ConfigRecord, context: Context, bits: np.ndarray | None = None) -> Array:
     """``values`` as sent: masked for the secure sum when the run asks for it, else as they are; with ``bits``
     (every entry's width, ``shared.wire_ints``), as residues modulo 2^bits packed into bytes."""
@@ -322,7 +337,11 @@ def answer_level(msg: Message, request: SiteRequest) -> RecordDict:
         if request.dp is not None:
             raise ShareableError("a DP site releases noised histograms, not entries in bounded widths")
         widths = hb.feature_widths(session_thresholds(ArrayRecord(), request.context))
-        bits = hist_wire.entry_bits(arrays[h.WIDTHS].numpy(), widths)
+        level_widths = arrays[h.WIDTHS].numpy()
+        sent = np.unpackbits(arrays[h.SENT].numpy(), count=len(level_widths) * int(widths.sum()),
+                             bitorder="little").reshape(len(level_widths), -1).astype(bool)
+        check_unsent(histograms, sent, arrays, widths)
+        bits = hist_wire.entry_bits(level_widths, widths) * sent[..., None]
     if request.dp is not None:
         noised = _released(request, blocks, content)
         histograms = np.stack([hb.to_fixed(noised["gradient"]), hb.to_fixed(noised["hessian"])], axis=-1)

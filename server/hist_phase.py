@@ -321,6 +321,8 @@ def grow_round(session: HistSession, spec: HeadSpec, thresholds: list[np.ndarray
                    h.BASE_MARGIN: hb.base_margin(spec.objective, spec.base_score), h.HEAD: spec.key,
                    h.ROUND: len(finished)}
     widths = hb.feature_widths(thresholds)
+    rows_visible = hist_wire.rows_have_hessian(
+        spec.objective, hist_wire.margin_bound(finished, spec.n_outputs, head_config[h.BASE_MARGIN]), spec.n_outputs)
     while not grower.done:
         requested = np.array(grower.requested, dtype=np.int64).reshape(-1, 2)
         arrays = merge(trees_record(grower.trees, h.GROWING, leaf_values=False),
@@ -330,16 +332,20 @@ def grow_round(session: HistSession, spec: HeadSpec, thresholds: list[np.ndarray
         if not session.thresholds_sent:
             arrays = merge(arrays, thresholds_record(thresholds))
         bits = signed = None
+        parents = hist_wire.parents_of(grower)
         if session.n_rows is not None:
-            parents = [None if grower.depth == 0 else grower.parent_histograms[(k, grower.trees[k].parent[node])]
-                       for k, node in grower.requested]
             level_widths = hist_wire.level_widths(spec.objective, session.n_rows, parents, len(thresholds))
+            sent = hist_wire.sent_bins(parents, widths, rows_visible)
             arrays[h.WIDTHS] = Array(level_widths)
-            bits = hist_wire.entry_bits(level_widths, widths)
+            arrays[h.SENT] = Array(np.packbits(sent, bitorder="little"))
+            bits = hist_wire.entry_bits(level_widths, widths) * sent[..., None]
             signed = np.arange(2) == 0  # gradients (channel 0) may sum below 0, hessians may not
         packed = session.summed(messages.HIST_LEVEL, head_config, arrays, h.HISTOGRAMS, bits, signed)
         session.thresholds_sent = True
-        grower.grow(hb.unpack_histograms(packed, widths))
+        histograms = hb.unpack_histograms(packed, widths)
+        if session.n_rows is not None:
+            hist_wire.fill_known(histograms, parents)
+        grower.grow(histograms)
     return grower.trees
 
 

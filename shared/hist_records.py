@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from shared.hist_boosting import Tree, pack_thresholds, unpack_thresholds
+from shared.hist_boosting import LEAF, Tree, pack_thresholds, unpack_thresholds
 
 ROUTING_FIELDS = ("feature", "split_bin", "left", "right")
 """What a site needs of a tree to route its rows (a row goes left when its bin <= ``split_bin``)."""
@@ -43,8 +43,8 @@ def routing_array(trees: list[Tree]) -> np.ndarray:
 
 
 def trees_from_routing(routing: np.ndarray, leaf_values: np.ndarray | None = None) -> list[Tree]:
-    """The inverse of :func:`routing_array`, with the leaf values when given (fields a site does not need
-    keep their defaults)."""
+    """The inverse of :func:`routing_array`, with the leaf values when given and each node's parent (fields a
+    site does not need keep their defaults)."""
     routing = np.asarray(routing, dtype=np.int64)
     n_trees = int(routing[0])
     counts = routing[1:1 + n_trees]
@@ -59,6 +59,10 @@ def trees_from_routing(routing: np.ndarray, leaf_values: np.ndarray | None = Non
             setattr(tree, name, [0] * n)
         for column, name in enumerate(ROUTING_FIELDS):
             setattr(tree, name, nodes[start:start + n, column].tolist())
+        tree.parent = [LEAF] * n  # from the children, which the routing carries
+        for node in range(n):
+            if tree.left[node] != LEAF:
+                tree.parent[tree.left[node]] = tree.parent[tree.right[node]] = node
         if leaf_values is not None:
             tree.leaf_value = np.asarray(leaf_values[start:start + n], dtype=np.float64).tolist()
         trees.append(tree)

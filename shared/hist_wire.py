@@ -16,15 +16,23 @@ phase keeps the 64-bit fixed-point encoding):
   rows are some of its parent's: every row's fixed-point hessian being >= 0, the child's bin b of feature f
   lies in [0, H_parent(f, b)], so feature f of that node needs only the bits of max_b H_parent(f, b).
 
-The widths go to the sites with the request (one byte per requested node, feature and channel), so a site
-encodes exactly what the server will decode.
+Some entries need no bits at all (:func:`sent_bins`): a child's bins of its parent's split feature are known
+(its parent's, on its side), and a bin where its parent's summed hessian is 0 is empty when every row's
+fixed-point hessian is at least 1 — which the server proves from the leaf values it holds
+(:func:`rows_have_hessian`), else it asks for those bins too.
+
+The widths go to the sites with the request (one byte per requested node, feature and channel), and which
+bins to send (one bit per requested node and bin), so a site encodes exactly what the server will decode.
 """
 
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import dataclass
 
-from shared.hist_boosting import FIXED_POINT_BITS, HESSIAN_BOUNDS
+import numpy as np
+from scipy.special import expit
+
+from shared.hist_boosting import FIXED_POINT_BITS, HESSIAN_BOUNDS, LevelGrower, Tree
 from shared.wire_ints import signed_bits, unsigned_bits
 
 GRADIENT_BOUNDS = {"binary:logistic": 1.0, "multi:softprob": 1.0}
@@ -41,11 +49,10 @@ def count_bits(n_rows: int) -> int:
     return unsigned_bits(n_rows)
 
 
-def level_widths(objective: str, n_rows: int, parents: list[np.ndarray | None], n_features: int) -> np.ndarray:
+def level_widths(objective: str, n_rows: int, parents: list[Parent | None], n_features: int) -> np.ndarray:
     """Widths (uint8, requested nodes × features × (gradient, hessian)) of one level request.
 
-    ``parents[i]`` is the summed fixed-point histogram (features, width, 2) of requested node i's parent, or
-    None for a root.
+    ``parents[i]`` is what the server knows of requested node i's parent (:func:`parents_of`), None for a root.
     """
     gradient = (signed_bits(fixed_bound(GRADIENT_BOUNDS[objective], n_rows)) if objective in GRADIENT_BOUNDS
                 else 64)
@@ -56,7 +63,7 @@ def level_widths(objective: str, n_rows: int, parents: list[np.ndarray | None], 
         if parent is None:
             widths[i, :, 1] = root_hessian
         else:
-            largest = np.asarray(parent[..., 1], dtype=np.int64).max(axis=1)
+            largest = np.asarray(parent.histogram[..., 1], dtype=np.int64).max(axis=1)
             widths[i, :, 1] = [min(root_hessian, unsigned_bits(int(v))) for v in largest]
     return widths
 
@@ -66,3 +73,94 @@ def entry_bits(widths: np.ndarray, feature_widths: np.ndarray) -> np.ndarray:
     (``shared.hist_boosting.pack_histograms``), from the per-feature widths of :func:`level_widths`."""
     feature_of_bin = np.repeat(np.arange(len(feature_widths)), feature_widths)
     return np.asarray(widths, dtype=np.int64)[:, feature_of_bin, :]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bins a requested node cannot have rows in, which no site sends
+
+
+@dataclass(frozen=True)
+class Parent:
+    """What the server knows of a requested child's parent: its summed histogram (features, width, 2), its
+    split, and on which side the child is."""
+
+    histogram: np.ndarray
+    feature: int
+    split_bin: int
+    left: bool
+
+
+def margin_bound(rounds: list[list[Tree]], n_outputs: int, base_margin: float) -> float:
+    """Largest |margin| any row can have after ``rounds``: the base margin plus, per round, the largest |leaf
+    value| of the output's tree (a row reaches one leaf per tree)."""
+    per_output = np.full(n_outputs, abs(base_margin))
+    for trees in rounds:
+        for k, tree in enumerate(trees):
+            per_output[k] += float(np.max(np.abs(tree.leaf_value)))
+    return float(per_output.max())
+
+
+def rows_have_hessian(objective: str, margin: float, n_outputs: int) -> bool:
+    """Whether every row's fixed-point hessian is at least 1 when every |margin| is at most ``margin``: then a
+    bin whose summed hessian is 0 holds no row (and a child's bin no row either).
+
+    Squared error: h = 1. Logistic: h = p(1 − p) with p = σ(m), smallest at |m| = ``margin``. Softmax over K
+    classes with every |m_k| ≤ M: each p_k and 1 − p_k is at least a = 1 / (1 + (K − 1) e^{2M}), so
+    h = 2 p (1 − p) ≥ 2 a (1 − a). The bound must reach 1 / 2^FIXED_POINT_BITS (twice what rounds to 1), a
+    margin for floating-point error in the sites' computation of p.
+    """
+    if objective == "reg:squarederror":
+        return True
+    if not np.isfinite(margin):
+        return False
+    if objective == "binary:logistic":
+        p = float(expit(-margin))
+        smallest = p * (1.0 - p)
+    else:
+        a = 1.0 / (1.0 + (n_outputs - 1) * np.exp(min(2.0 * margin, 700.0)))
+        smallest = 2.0 * a * (1.0 - a)
+    return smallest * 2.0 ** FIXED_POINT_BITS >= 1.0
+
+
+def sent_bins(parents: list[Parent | None], feature_widths: np.ndarray, rows_visible: bool) -> np.ndarray:
+    """Which packed bins (bool, requested nodes × Σ feature bins) the sites send.
+
+    A root sends every bin. A child sends none of its parent's split feature (its bins there are its
+    parent's on its side of the split, 0 on the other: :func:`fill_known`) and, when ``rows_visible``
+    (:func:`rows_have_hessian`), none where its parent's summed hessian is 0 (no row of the parent there, so
+    none of the child).
+    """
+    starts = np.concatenate([[0], np.cumsum(feature_widths)])
+    sent = np.ones((len(parents), int(starts[-1])), dtype=bool)
+    for i, parent in enumerate(parents):
+        if parent is None:
+            continue
+        if rows_visible:
+            sent[i] = np.concatenate([parent.histogram[f, :w, 1] != 0 for f, w in enumerate(feature_widths)])
+        sent[i, starts[parent.feature]:starts[parent.feature + 1]] = False
+    return sent
+
+
+def fill_known(histograms: np.ndarray, parents: list[Parent | None]) -> None:
+    """Put each child's histogram of its parent's split feature in place (histograms: nodes × features ×
+    width × 2, with 0 there as received)."""
+    for i, parent in enumerate(parents):
+        if parent is None:
+            continue
+        column = parent.histogram[parent.feature].copy()
+        side = np.arange(len(column)) <= parent.split_bin
+        column[~side if parent.left else side] = 0
+        histograms[i, parent.feature] = column
+
+
+def parents_of(grower: LevelGrower) -> list[Parent | None]:
+    """The :class:`Parent` of every requested node of ``grower`` (None for roots)."""
+    if grower.depth == 0:
+        return [None] * len(grower.requested)
+    out: list[Parent | None] = []
+    for k, node in grower.requested:
+        tree = grower.trees[k]
+        parent = tree.parent[node]
+        out.append(Parent(grower.parent_histograms[(k, parent)], tree.feature[parent], tree.split_bin[parent],
+                          tree.left[parent] == node))
+    return out
