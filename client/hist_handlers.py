@@ -216,6 +216,9 @@ def level_histograms(config: ConfigRecord, arrays: ArrayRecord, x: np.ndarray, y
     g_bound = float(config[h.GRADIENT_CLIP]) if objective == "reg:squarederror" else 1.0
     if clip and objective == "reg:squarederror":
         g = np.clip(g, -g_bound, g_bound)
+    if h.GRADIENT_BOUND in config and len(g) and np.abs(g).max() > float(config[h.GRADIENT_BOUND]):
+        raise ShareableError(f"a gradient exceeds the request's bound {float(config[h.GRADIENT_BOUND]):.6g}: the "
+                             "summed histograms could overflow their widths")
     positions = hb.frontier_positions(trees_from_record(arrays, h.GROWING), bins)
     frontier = [(int(k), int(node)) for k, node in arrays[h.FRONTIER].numpy()]
     histograms = hb.pack_histograms(hb.level_histograms(bins, positions, frontier, g, hess, hb.n_bins(thresholds)),

@@ -53,6 +53,7 @@ from server.site_check import SiteCheck
 from shared import hist_boosting as hb
 from shared import hist_wire, wire_ints
 from shared.boosting import BASE_SCORES, Head, heads
+from shared.bounds import declared_range
 from shared.encoding import ENCODER_CONFIG_KEY, FeatureEncoder
 from shared.hist_records import merge, thresholds_record, trees_record
 from shared.protocol import hist as h
@@ -128,6 +129,7 @@ class HeadSpec:
     kind: str  # binary | regression | multiclass
     positive_class: int = -1
     n_classes: int = 0
+    label_bound: float | None = None  # regression: largest |standardised label| the declared range allows
 
     @property
     def objective(self) -> str:
@@ -153,8 +155,19 @@ def head_specs(encoder: FeatureEncoder, softmax: bool) -> list[HeadSpec]:
     for head in heads(encoder):
         if head.outcome not in done:
             positive = -1 if head.positive_class is None else head.positive_class
-            specs.append(HeadSpec(head.key, head.outcome, head.kind, positive))
+            bound = label_bound(encoder, head.outcome) if head.kind == "regression" else None
+            specs.append(HeadSpec(head.key, head.outcome, head.kind, positive, label_bound=bound))
     return specs
+
+
+def label_bound(encoder: FeatureEncoder, outcome: str) -> float | None:
+    """The largest |label| of a regression outcome once standardised, from its declared range (None without
+    one); a millionth more, for the float32 labels the sites hold."""
+    bounds = declared_range(encoder.task, outcome)
+    if bounds is None:
+        return None
+    mean, scale = encoder.target_means_[outcome], encoder.target_scales_[outcome]
+    return max(abs(bounds[0] - mean), abs(bounds[1] - mean)) / scale * (1.0 + 1e-6)
 
 
 def value_bytes(value: object) -> int:
@@ -321,8 +334,11 @@ def grow_round(session: HistSession, spec: HeadSpec, thresholds: list[np.ndarray
                    h.BASE_MARGIN: hb.base_margin(spec.objective, spec.base_score), h.HEAD: spec.key,
                    h.ROUND: len(finished)}
     widths = hb.feature_widths(thresholds)
-    rows_visible = hist_wire.rows_have_hessian(
-        spec.objective, hist_wire.margin_bound(finished, spec.n_outputs, head_config[h.BASE_MARGIN]), spec.n_outputs)
+    margin = hist_wire.margin_bound(finished, spec.n_outputs, head_config[h.BASE_MARGIN])
+    floor = hist_wire.hessian_floor(spec.objective, margin, spec.n_outputs)
+    bound = hist_wire.gradient_bound(spec.objective, margin, spec.label_bound)
+    if session.n_rows is not None and bound is not None:
+        head_config[h.GRADIENT_BOUND] = bound  # every site checks its rows against it
     while not grower.done:
         requested = np.array(grower.requested, dtype=np.int64).reshape(-1, 2)
         arrays = merge(trees_record(grower.trees, h.GROWING, leaf_values=False),
@@ -334,8 +350,9 @@ def grow_round(session: HistSession, spec: HeadSpec, thresholds: list[np.ndarray
         bits = signed = None
         parents = hist_wire.parents_of(grower)
         if session.n_rows is not None:
-            level_widths = hist_wire.level_widths(spec.objective, session.n_rows, parents, len(thresholds))
-            sent = hist_wire.sent_bins(parents, widths, rows_visible)
+            level_widths = hist_wire.level_widths(spec.objective, session.n_rows, parents, len(thresholds), bound,
+                                                  floor)
+            sent = hist_wire.sent_bins(parents, widths, floor >= 1)
             arrays[h.WIDTHS] = Array(level_widths)
             arrays[h.SENT] = Array(np.packbits(sent, bitorder="little"))
             bits = hist_wire.entry_bits(level_widths, widths) * sent[..., None]

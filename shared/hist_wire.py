@@ -7,10 +7,14 @@ phase keeps the 64-bit fixed-point encoding):
 
 - Counts (grid and refined cells): every training row lies in exactly one cell of each feature, so a summed
   count is in [0, n_rows].
-- Gradients, fixed point ``rint(g · 2^FIXED_POINT_BITS)``: for logistic and softmax losses ``g = p − y`` with
-  p ∈ [0, 1] and y ∈ {0, 1}, so |g| ≤ 1 and a node's summed bin is in [−n_rows · 2^32, n_rows · 2^32].
-  Squared error has no such bound (the margin and the label are not bounded by the contract), so its
-  gradients stay 64-bit.
+- Gradients, fixed point ``rint(g · 2^FIXED_POINT_BITS)``, with |g| ≤ B per row: for logistic and softmax
+  losses ``g = p − y`` with p ∈ [0, 1] and y ∈ {0, 1}, so B = 1; for squared error ``g = m − y``, so B is the
+  margin bound (:func:`margin_bound`, from the leaf values the server holds) plus the largest |label| the
+  target's declared range allows once standardised (no declared range: no bound, 64 bits). A site checks its
+  rows against the B the request states and refuses when one exceeds it. A root's summed bin is then in
+  [−n_rows · B · 2^32, n_rows · B · 2^32]; a child's bin holds at most its parent's rows of that bin, which
+  the parent's summed hessian bounds when every row's fixed-point hessian is at least ``floor`` (exactly
+  2^32 for squared error; :func:`hessian_floor` for the others): count ≤ H_parent(f, b) // floor.
 - Hessians: 0 ≤ h ≤ ``HESSIAN_BOUNDS[objective]`` per row, so a root's bin is in [0, n_rows · bound · 2^32].
   Below the root a requested node is a child of a node whose summed histogram the server holds, and its
   rows are some of its parent's: every row's fixed-point hessian being >= 0, the child's bin b of feature f
@@ -49,22 +53,28 @@ def count_bits(n_rows: int) -> int:
     return unsigned_bits(n_rows)
 
 
-def level_widths(objective: str, n_rows: int, parents: list[Parent | None], n_features: int) -> np.ndarray:
+def level_widths(objective: str, n_rows: int, parents: list[Parent | None], n_features: int,
+                 gradient_bound: float | None, floor: int) -> np.ndarray:
     """Widths (uint8, requested nodes × features × (gradient, hessian)) of one level request.
 
-    ``parents[i]`` is what the server knows of requested node i's parent (:func:`parents_of`), None for a root.
+    ``parents[i]`` is what the server knows of requested node i's parent (:func:`parents_of`), None for a root;
+    ``gradient_bound`` the largest |gradient| of a row (None: unbounded, 64 bits); ``floor`` a lower bound of
+    every row's fixed-point hessian (:func:`hessian_floor`, 0 when none is known).
     """
-    gradient = (signed_bits(fixed_bound(GRADIENT_BOUNDS[objective], n_rows)) if objective in GRADIENT_BOUNDS
-                else 64)
     root_hessian = unsigned_bits(fixed_bound(HESSIAN_BOUNDS[objective], n_rows))
+
+    def gradient_bits(rows: int) -> int:
+        return 64 if gradient_bound is None else signed_bits(fixed_bound(gradient_bound, rows))
+
     widths = np.zeros((len(parents), n_features, 2), dtype=np.uint8)
-    widths[..., 0] = gradient
     for i, parent in enumerate(parents):
         if parent is None:
-            widths[i, :, 1] = root_hessian
-        else:
-            largest = np.asarray(parent.histogram[..., 1], dtype=np.int64).max(axis=1)
-            widths[i, :, 1] = [min(root_hessian, unsigned_bits(int(v))) for v in largest]
+            widths[i, :, 0], widths[i, :, 1] = gradient_bits(n_rows), root_hessian
+            continue
+        largest = np.asarray(parent.histogram[..., 1], dtype=np.int64).max(axis=1)
+        for f, hessian in enumerate(largest.tolist()):
+            rows = min(n_rows, hessian // floor) if floor >= 1 else n_rows
+            widths[i, f] = gradient_bits(rows), min(root_hessian, unsigned_bits(hessian))
     return widths
 
 
@@ -100,26 +110,47 @@ def margin_bound(rounds: list[list[Tree]], n_outputs: int, base_margin: float) -
     return float(per_output.max())
 
 
-def rows_have_hessian(objective: str, margin: float, n_outputs: int) -> bool:
-    """Whether every row's fixed-point hessian is at least 1 when every |margin| is at most ``margin``: then a
-    bin whose summed hessian is 0 holds no row (and a child's bin no row either).
+def smallest_hessian(objective: str, margin: float, n_outputs: int) -> float:
+    """A lower bound of every row's hessian when every |margin| is at most ``margin``.
 
     Squared error: h = 1. Logistic: h = p(1 − p) with p = σ(m), smallest at |m| = ``margin``. Softmax over K
     classes with every |m_k| ≤ M: each p_k and 1 − p_k is at least a = 1 / (1 + (K − 1) e^{2M}), so
-    h = 2 p (1 − p) ≥ 2 a (1 − a). The bound must reach 1 / 2^FIXED_POINT_BITS (twice what rounds to 1), a
-    margin for floating-point error in the sites' computation of p.
+    h = 2 p (1 − p) ≥ 2 a (1 − a).
     """
     if objective == "reg:squarederror":
-        return True
+        return 1.0
     if not np.isfinite(margin):
-        return False
+        return 0.0
     if objective == "binary:logistic":
         p = float(expit(-margin))
-        smallest = p * (1.0 - p)
-    else:
-        a = 1.0 / (1.0 + (n_outputs - 1) * np.exp(min(2.0 * margin, 700.0)))
-        smallest = 2.0 * a * (1.0 - a)
-    return smallest * 2.0 ** FIXED_POINT_BITS >= 1.0
+        return p * (1.0 - p)
+    a = 1.0 / (1.0 + (n_outputs - 1) * np.exp(min(2.0 * margin, 700.0)))
+    return float(2.0 * a * (1.0 - a))
+
+
+def hessian_floor(objective: str, margin: float, n_outputs: int) -> int:
+    """A lower bound of every row's fixed-point hessian ``rint(h · 2^32)``: exactly 2^32 for squared error;
+    else half of :func:`smallest_hessian` in fixed point, rounded down (the half absorbs floating-point error
+    in the sites' computation of p)."""
+    if objective == "reg:squarederror":
+        return 2 ** FIXED_POINT_BITS
+    return int(np.floor(smallest_hessian(objective, margin, n_outputs) * 2.0 ** (FIXED_POINT_BITS - 1)))
+
+
+def rows_have_hessian(objective: str, margin: float, n_outputs: int) -> bool:
+    """Whether every row's fixed-point hessian is at least 1 (:func:`hessian_floor`): then a bin whose summed
+    hessian is 0 holds no row, and a child's bin no row either."""
+    return hessian_floor(objective, margin, n_outputs) >= 1
+
+
+def gradient_bound(objective: str, margin: float, label_bound: float | None) -> float | None:
+    """Largest |gradient| of a row: 1 for logistic and softmax; for squared error the margin bound plus the
+    largest |standardised label| (``label_bound``; None when the target has no declared range)."""
+    if objective in GRADIENT_BOUNDS:
+        return GRADIENT_BOUNDS[objective]
+    if label_bound is None or not np.isfinite(margin):
+        return None
+    return float(margin + label_bound)
 
 
 def sent_bins(parents: list[Parent | None], feature_widths: np.ndarray, rows_visible: bool) -> np.ndarray:
