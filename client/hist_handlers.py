@@ -14,7 +14,14 @@ histograms: sums over rows, never a row.
   crowded cells split, ``shared.hist_boosting.global_thresholds``); asked at most ``REFINE_PASSES`` times.
 - ``query.hist_level``: for the requested frontier nodes of the round's trees (one child per split parent,
   the server derives the sibling by subtraction), the fixed-point histograms of the objective's gradients and
-  hessians at the margins of the trees so far (sent with the request), each feature's own bins only.
+  hessians at the margins of the trees so far, each feature's own bins only.
+
+What the site keeps between messages of the phase (its Flower context state, which Flower keeps per run and
+node across messages, in simulation and deployment alike), so that nothing crosses twice: the encoder, from
+the first request of the session; the bin thresholds, from the first level request; the finished trees of
+the head being grown, each round's trees arriving once, with the next round's first level request. A request
+that finds the site without them (another session, a round missing) is refused, never answered from stale
+state.
 
 What the counts disclose. Summed over sites (and masked, so the server sees only the sum), the grid and
 cell counts are the pooled histogram of each feature at the resolution of the final cells: where rows
@@ -34,6 +41,7 @@ minima and maxima, which are patient values.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -44,11 +52,18 @@ from client.dp import Block, PhaseRelease
 from client.site import SiteHandlers, SiteRequest
 from client.split import encode, split_site
 from shared import hist_boosting as hb
-from shared import secure_sum
+from shared import hist_wire, secure_sum, wire_ints
 from shared.boosting import head_labels
 from shared.bounds import declared_range
-from shared.encoding import FeatureEncoder
-from shared.hist_records import thresholds_from_record, trees_from_record
+from shared.encoding import ENCODER_CONFIG_KEY, FeatureEncoder
+from shared.hist_records import (
+    has_thresholds,
+    has_trees,
+    thresholds_from_record,
+    thresholds_record,
+    trees_from_record,
+    trees_record,
+)
 from shared.protocol import ErrorCode, messages
 from shared.protocol import hist as h
 from shared.protocol import records as r
@@ -57,6 +72,10 @@ from shared.protocol.errors import ShareableError
 from shared.protocol.privacy import RELEASE_INDEX, RELEASES
 
 STATE_KEY = "hist-secure-sum"
+SESSION_KEY = "hist-session"
+"""Context state: the session id, the encoder (JSON), the kept model's head and rounds."""
+THRESHOLDS_KEY = "hist-thresholds"
+MODEL_KEY = "hist-model"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -94,6 +113,69 @@ def public_ranges(encoder: FeatureEncoder) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# What the site keeps between messages of the phase
+
+
+def in_session(request: SiteRequest) -> SiteRequest:
+    """The request with the session's encoder: kept from it when it carries one (the session's first request),
+    else taken from what this site kept for the same session (a ShareableError if it kept none)."""
+    config, state = request.config, request.context.state
+    session = str(config[h.SECURE_SESSION])
+    if ENCODER_CONFIG_KEY in config:
+        if SESSION_KEY not in state or str(state[SESSION_KEY]["session"]) != session:
+            for key in (THRESHOLDS_KEY, MODEL_KEY):
+                if key in state:
+                    del state[key]
+            state[SESSION_KEY] = ConfigRecord({"session": session, "head": "", "rounds": -1})
+        state[SESSION_KEY][ENCODER_CONFIG_KEY] = str(config[ENCODER_CONFIG_KEY])
+        return request
+    kept = state.get(SESSION_KEY)
+    if kept is None or str(kept["session"]) != session or ENCODER_CONFIG_KEY not in kept:
+        raise ShareableError("this site kept no encoder for this session (the session's first request is missing)")
+    merged = ConfigRecord(dict(config))
+    merged[ENCODER_CONFIG_KEY] = str(kept[ENCODER_CONFIG_KEY])
+    return dataclasses.replace(request, config=merged)
+
+
+def session_thresholds(arrays: ArrayRecord, context: Context) -> list[np.ndarray]:
+    """The bin thresholds: kept from the request when it carries them, else those kept earlier in the session."""
+    if has_thresholds(arrays):
+        thresholds = thresholds_from_record(arrays)
+        context.state[THRESHOLDS_KEY] = thresholds_record(thresholds)
+        return thresholds
+    if THRESHOLDS_KEY not in context.state:
+        raise ShareableError("this site kept no bin thresholds for this session (the first level request is missing)")
+    return thresholds_from_record(context.state[THRESHOLDS_KEY])
+
+
+def session_model(config: ConfigRecord, arrays: ArrayRecord, context: Context) -> list[hb.Tree]:
+    """The head's finished trees: the kept ones plus the round the request brings (a round's first level),
+    checked to be exactly ``round`` rounds of this head."""
+    kept = context.state[SESSION_KEY]
+    head, round_ = str(config[h.HEAD]), int(config[h.ROUND])
+    n_out = int(config[h.N_OUTPUTS])
+    if has_trees(arrays, h.MODEL):
+        new = trees_from_record(arrays, h.MODEL)
+        if round_ == 0:
+            trees: list[hb.Tree] = []
+        elif str(kept["head"]) == head and int(kept["rounds"]) == round_ - 1 and MODEL_KEY in context.state:
+            trees = trees_from_record(context.state[MODEL_KEY], h.MODEL)
+        else:
+            raise ShareableError(f"head {head!r} round {round_}: this site kept round {kept['rounds']} of "
+                                 f"{str(kept['head']) or 'no head'}, not the round before")
+        if len(new) != (n_out if round_ > 0 else 0):
+            raise ShareableError(f"head {head!r} round {round_}: {len(new)} new trees, expected one round's")
+        trees += new
+        context.state[MODEL_KEY] = trees_record(trees, h.MODEL)
+        kept["head"], kept["rounds"] = head, round_
+        return trees
+    if str(kept["head"]) != head or int(kept["rounds"]) != round_ or MODEL_KEY not in context.state:
+        raise ShareableError(f"head {head!r} round {round_}: this site kept round {kept['rounds']} of "
+                             f"{str(kept['head']) or 'no head'}")
+    return trees_from_record(context.state[MODEL_KEY], h.MODEL)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Answers
 
 
@@ -117,24 +199,27 @@ def partition_counts(x: np.ndarray, arrays: ArrayRecord) -> np.ndarray:
     return np.concatenate(hb.cell_counts(x, bounds)).astype(np.float64)
 
 
-def level_histograms(config: ConfigRecord, arrays: ArrayRecord, x: np.ndarray, y: np.ndarray,
-                     clip: bool) -> tuple[np.ndarray, dict[str, Block]]:
+def level_histograms(config: ConfigRecord, arrays: ArrayRecord, x: np.ndarray, y: np.ndarray, clip: bool,
+                     context: Context) -> tuple[np.ndarray, dict[str, Block]]:
     """Fixed-point histograms of the requested nodes, packed (nodes, Σ feature bins, 2), and the blocks of
     their DP release: a row adds to one requested node per tree and one bin per feature, its gradient bounded by
     1 (or the clip, for squared error, whose gradients are clipped when ``clip``) and its hessian by
     ``shared.hist_boosting.HESSIAN_BOUNDS``."""
     objective = str(config[h.OBJECTIVE])
-    thresholds = thresholds_from_record(arrays)
+    thresholds = session_thresholds(arrays, context)
     bins = hb.bin_rows(x, thresholds)
     n_out = int(config[h.N_OUTPUTS])
-    finished = trees_from_record(arrays, "model")
+    finished = session_model(config, arrays, context)
     rounds = [finished[i:i + n_out] for i in range(0, len(finished), n_out)]
     margin = hb.predict_margin(rounds, bins, n_out, float(config[h.BASE_MARGIN]))
     g, hess = hb.gradients(objective, y, margin)
     g_bound = float(config[h.GRADIENT_CLIP]) if objective == "reg:squarederror" else 1.0
     if clip and objective == "reg:squarederror":
         g = np.clip(g, -g_bound, g_bound)
-    positions = hb.frontier_positions(trees_from_record(arrays, "growing"), bins)
+    if h.GRADIENT_BOUND in config and len(g) and np.abs(g).max() > float(config[h.GRADIENT_BOUND]):
+        raise ShareableError(f"a gradient exceeds the request's bound {float(config[h.GRADIENT_BOUND]):.6g}: the "
+                             "summed histograms could overflow their widths")
+    positions = hb.frontier_positions(trees_from_record(arrays, h.GROWING), bins)
     frontier = [(int(k), int(node)) for k, node in arrays[h.FRONTIER].numpy()]
     histograms = hb.pack_histograms(hb.level_histograms(bins, positions, frontier, g, hess, hb.n_bins(thresholds)),
                                     hb.feature_widths(thresholds))
@@ -144,10 +229,37 @@ def level_histograms(config: ConfigRecord, arrays: ArrayRecord, x: np.ndarray, y
     return histograms, blocks
 
 
-def masked(values: np.ndarray, config: ConfigRecord, context: Context) -> Array:
-    """``values`` as sent: masked for the secure sum when the run asks for it, else as they are."""
+def check_unsent(histograms: np.ndarray, sent: np.ndarray, arrays: ArrayRecord, widths: np.ndarray) -> None:
+    """Refuse when a bin the server does not ask for holds a row of the node here (outside the parent's split
+    feature, which the server knows): its proof that those bins are empty failed, and leaving them out would
+    change the sum silently."""
+    trees = trees_from_record(arrays, h.GROWING)
+    starts = np.concatenate([[0], np.cumsum(widths)])
+    for i, (k, node) in enumerate(arrays[h.FRONTIER].numpy().tolist()):
+        skipped = ~sent[i]
+        if node != 0:
+            feature = trees[k].feature[trees[k].parent[node]]
+            skipped[starts[feature]:starts[feature + 1]] = False
+        if np.any(histograms[i, skipped] != 0):
+            raise ShareableError(f"node {node} of tree {k} has rows in bins the request leaves out")
+
+
+def masked(values: np.ndarray, config: ConfigRecord, context: Context, bits: np.ndarray | None = None) -> Array:
+    """``values`` as sent: masked for the secure sum when the run asks for it, else as they are; with ``bits``
+    (every entry's width, ``shared.wire_ints``), as residues modulo 2^bits packed into bytes."""
+    if bits is not None:
+        if bool(config[h.SECURE_SUM]):
+            words = secure_mask(values, config, context, bits)
+        else:
+            words = wire_ints.residues(values, bits)
+        return Array(wire_ints.pack(words, bits))
     if not bool(config[h.SECURE_SUM]):
         return Array(values)
+    return Array(secure_mask(values, config, context, 64))
+
+
+def secure_mask(values: np.ndarray, config: ConfigRecord, context: Context, bits: np.ndarray | int) -> np.ndarray:
+    """``values`` masked modulo 2^bits under this session's next mask label (never one used before)."""
     state = context.state.get(STATE_KEY)
     if state is None or str(state["session"]) != str(config[h.SECURE_SESSION]):
         raise secure_sum.SecureSumError("no secure-sum key for this session at this site (query.hist_keys first)")
@@ -157,7 +269,7 @@ def masked(values: np.ndarray, config: ConfigRecord, context: Context) -> Array:
     state["last-sequence"] = sequence
     peers = dict(zip((int(n) for n in config[h.SECURE_NODES]), config[h.SECURE_KEYS], strict=True))
     label = f"{config[h.SECURE_SESSION]}/{sequence}"
-    return Array(secure_sum.mask(values, bytes(state["private-key"]), context.node_id, peers, label))
+    return secure_sum.mask(values, bytes(state["private-key"]), context.node_id, peers, label, bits)
 
 
 def _released(request: SiteRequest, blocks: dict[str, Block], content: RecordDict) -> dict[str, np.ndarray]:
@@ -188,7 +300,9 @@ def keys(msg: Message, context: Context) -> Message:
 def answer_ranges(msg: Message, request: SiteRequest) -> RecordDict:
     encoder, x, _ = training_matrix(request)
     if request.dp is None:
-        return RecordDict({r.ARRAYS: ranges(x)})
+        arrays = ranges(x)
+        arrays[h.ROWS] = Array(np.array([len(x)], dtype=np.int64))  # a count its site check already shares
+        return RecordDict({r.ARRAYS: arrays})
     lo, hi = public_ranges(encoder)
     return RecordDict({r.ARRAYS: ArrayRecord({h.RANGE_MIN: Array(lo), h.RANGE_MAX: Array(hi)})})
 
@@ -200,6 +314,13 @@ def answer_counts(count: Any) -> Any:
         _, x, _ = training_matrix(request)
         counts = count(x, msg.content[r.ARRAYS])
         content = RecordDict()
+        if h.COUNT_BITS in request.config:  # whole counts in the announced width (the server has every site's rows)
+            if request.dp is not None:
+                raise ShareableError("a DP site releases noised counts, not whole ones in a fixed width")
+            values = np.rint(counts).astype(np.int64).reshape(-1)
+            bits = np.full(values.shape, int(request.config[h.COUNT_BITS]), dtype=np.int64)
+            content[r.ARRAYS] = ArrayRecord({h.COUNTS: masked(values, request.config, request.context, bits)})
+            return content
         released = _released(request, {"counts": Block(counts, 1.0, x.shape[1])}, content)["counts"]
         content[r.ARRAYS] = ArrayRecord({h.COUNTS: masked(hb.to_fixed(released), request.config, request.context)})
         return content
@@ -210,19 +331,40 @@ def answer_counts(count: Any) -> Any:
 def answer_level(msg: Message, request: SiteRequest) -> RecordDict:
     _, x, targets = training_matrix(request)
     x, y = labelled_rows(request.config, x, targets)
-    histograms, blocks = level_histograms(request.config, msg.content[r.ARRAYS], x, y, clip=request.dp is not None)
+    histograms, blocks = level_histograms(request.config, msg.content[r.ARRAYS], x, y, request.dp is not None,
+                                          request.context)
     content = RecordDict()
+    arrays = msg.content[r.ARRAYS]
+    bits = None
+    if h.WIDTHS in arrays:  # packed in the announced widths (the server has every site's rows)
+        if request.dp is not None:
+            raise ShareableError("a DP site releases noised histograms, not entries in bounded widths")
+        widths = hb.feature_widths(session_thresholds(ArrayRecord(), request.context))
+        level_widths = arrays[h.WIDTHS].numpy()
+        sent = np.unpackbits(arrays[h.SENT].numpy(), count=len(level_widths) * int(widths.sum()),
+                             bitorder="little").reshape(len(level_widths), -1).astype(bool)
+        check_unsent(histograms, sent, arrays, widths)
+        bits = hist_wire.entry_bits(level_widths, widths) * sent[..., None]
     if request.dp is not None:
         noised = _released(request, blocks, content)
         histograms = np.stack([hb.to_fixed(noised["gradient"]), hb.to_fixed(noised["hessian"])], axis=-1)
-    content[r.ARRAYS] = ArrayRecord({h.HISTOGRAMS: masked(histograms, request.config, request.context)})
+    content[r.ARRAYS] = ArrayRecord({h.HISTOGRAMS: masked(histograms, request.config, request.context, bits)})
     return content
+
+
+def session_answer(answer: Any) -> Any:
+    """``answer`` with the session's kept encoder (:func:`in_session`)."""
+
+    def answer_in_session(msg: Message, request: SiteRequest) -> RecordDict:
+        return answer(msg, in_session(request))
+
+    return answer_in_session
 
 
 def register_hist(client: ClientApp, handlers: SiteHandlers) -> None:
     """Add the ``query.hist_*`` handlers to ``client``."""
     client.query(messages.HIST_KEYS.action)(keys)
-    client.query(messages.HIST_RANGES.action)(handlers(answer_ranges, ErrorCode.HIST_REQUEST))
-    client.query(messages.HIST_BINS.action)(handlers(answer_counts(bin_counts), ErrorCode.HIST_REQUEST))
-    client.query(messages.HIST_CELLS.action)(handlers(answer_counts(partition_counts), ErrorCode.HIST_REQUEST))
-    client.query(messages.HIST_LEVEL.action)(handlers(answer_level, ErrorCode.HIST_REQUEST))
+    for message, answer in ((messages.HIST_RANGES, answer_ranges), (messages.HIST_BINS, answer_counts(bin_counts)),
+                            (messages.HIST_CELLS, answer_counts(partition_counts)),
+                            (messages.HIST_LEVEL, answer_level)):
+        client.query(message.action)(handlers(session_answer(answer), ErrorCode.HIST_REQUEST))

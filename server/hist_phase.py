@@ -9,12 +9,17 @@ histogram-based federated XGBoost), over Flower's Grid with query messages (reco
    (``shared.secure_sum``).
 3. ``query.hist_bins`` — grid counts per feature, summed; then up to ``REFINE_PASSES`` times
    ``query.hist_cells`` — counts on the grid with its crowded cells split, summed; the server cuts global
-   bins (``shared.hist_boosting.global_thresholds``) and sends them with every later message.
-4. per head, per boosting round, per depth level above the deepest: ``query.hist_level`` with the trees so
-   far; every site answers the fixed-point histograms of the requested frontier nodes (at the root, every
-   root; below, one child of each split, the sibling being parent − child: LightGBM's histogram
-   subtraction), each feature's own bins only; the server sums them and decides the splits and leaf weights
-   (``shared.hist_boosting.LevelGrower``). The deepest level's leaves take their sums from their parents.
+   bins (``shared.hist_boosting.global_thresholds``) and sends them with the first level request only.
+4. per head, per boosting round, per depth level above the deepest: ``query.hist_level`` with the routing of
+   the round's growing trees (and, with a round's first level, the previous round's finished trees: a site
+   keeps the head's model, so no tree crosses twice); every site answers the fixed-point histograms of the
+   requested frontier nodes (at the root, every root; below, one child of each split, the sibling being
+   parent − child: LightGBM's histogram subtraction), each feature's own bins only; the server sums them and
+   decides the splits and leaf weights (``shared.hist_boosting.LevelGrower``). The deepest level's leaves
+   take their sums from their parents.
+
+Only the first request of the phase carries the feature encoder (9 kB of JSON); a site keeps it under the
+session id (``secure-session``, drawn per phase even without masking) and answers later requests with it.
 
 The heads are those of ``shared.boosting.heads`` (one binary booster per class of a multiclass outcome, as
 bagging, cyclic and the pooled baseline use), so the outcome (XGBoost JSON per head) feeds the same
@@ -46,8 +51,10 @@ from server.run_record import RunRecord, add_privacy
 from server.settings import RunSettings
 from server.site_check import SiteCheck
 from shared import hist_boosting as hb
+from shared import hist_wire, wire_ints
 from shared.boosting import BASE_SCORES, Head, heads
-from shared.encoding import FeatureEncoder
+from shared.bounds import declared_range
+from shared.encoding import ENCODER_CONFIG_KEY, FeatureEncoder
 from shared.hist_records import merge, thresholds_record, trees_record
 from shared.protocol import hist as h
 from shared.protocol import messages
@@ -122,6 +129,7 @@ class HeadSpec:
     kind: str  # binary | regression | multiclass
     positive_class: int = -1
     n_classes: int = 0
+    label_bound: float | None = None  # regression: largest |standardised label| the declared range allows
 
     @property
     def objective(self) -> str:
@@ -147,8 +155,19 @@ def head_specs(encoder: FeatureEncoder, softmax: bool) -> list[HeadSpec]:
     for head in heads(encoder):
         if head.outcome not in done:
             positive = -1 if head.positive_class is None else head.positive_class
-            specs.append(HeadSpec(head.key, head.outcome, head.kind, positive))
+            bound = label_bound(encoder, head.outcome) if head.kind == "regression" else None
+            specs.append(HeadSpec(head.key, head.outcome, head.kind, positive, label_bound=bound))
     return specs
+
+
+def label_bound(encoder: FeatureEncoder, outcome: str) -> float | None:
+    """The largest |label| of a regression outcome once standardised, from its declared range (None without
+    one); a millionth more, for the float32 labels the sites hold."""
+    bounds = declared_range(encoder.task, outcome)
+    if bounds is None:
+        return None
+    mean, scale = encoder.target_means_[outcome], encoder.target_scales_[outcome]
+    return max(abs(bounds[0] - mean), abs(bounds[1] - mean)) / scale * (1.0 + 1e-6)
 
 
 def value_bytes(value: object) -> int:
@@ -188,6 +207,9 @@ class HistSession:
         self.base.update({RELEASES: settings.releases(n_heads), h.GRADIENT_CLIP: settings.dp_gradient_clip,
                           h.SECURE_SUM: settings.secure_sum, h.SECURE_SESSION: uuid.uuid4().hex})
         self.release_index = 0
+        self.n_rows: int | None = None  # the sites' training rows, when every site said: compact encodings
+        self.encoder_sent = False  # after the first request, sites answer with the encoder they kept
+        self.thresholds_sent = False  # after the first level request, sites route with the bins they kept
         self.bytes_down = self.bytes_up = 0
         self.privacy: list[tuple[int, dict]] = []  # (node, a DP release's facts)
 
@@ -213,8 +235,10 @@ class HistSession:
     def ask_all(self, message_type: messages.MessageName, extra: dict, arrays: ArrayRecord
                 ) -> tuple[dict, dict[int, str]]:
         """Send one request to every site; replies by node, and failures (error or no reply) by node."""
-        config = ConfigRecord(dict(self.base))
+        config = ConfigRecord({k: v for k, v in self.base.items()
+                               if not (self.encoder_sent and k == ENCODER_CONFIG_KEY)})
         config.update(extra)
+        self.encoder_sent = True
         sent = []
         for node in self.nodes:
             content = RecordDict({r.CONFIG: config, r.ARRAYS: arrays})
@@ -240,15 +264,32 @@ class HistSession:
         self.base[h.SECURE_NODES] = [int(n) for n in self.nodes]
         self.base[h.SECURE_KEYS] = [bytes(replies[n][r.KEYS][h.PUBLIC_KEY]) for n in self.nodes]
 
-    def summed(self, message_type: messages.MessageName, extra: dict, arrays: ArrayRecord, name: str) -> np.ndarray:
-        """The int64 sum over sites of one released array (a noised, masked release when asked)."""
+    def summed(self, message_type: messages.MessageName, extra: dict, arrays: ArrayRecord, name: str,
+               bits: np.ndarray | None = None, signed: np.ndarray | bool = False) -> np.ndarray:
+        """The int64 sum over sites of one released array (a noised, masked release when asked).
+
+        With ``bits`` (the width of every entry, ``shared.wire_ints``), the sites send packed residues and the
+        sum is decoded from them (``signed`` where an entry's sum may be negative); else int64 words.
+        """
         extra = {**extra, RELEASE_INDEX: self.release_index, h.SECURE_SEQUENCE: self.release_index}
         self.release_index += 1
         replies = self.ask(message_type, extra, arrays)
         parts = [replies[n][r.ARRAYS][name].numpy() for n in self.nodes]
+        if bits is not None:
+            parts = [wire_ints.unpack(part, bits) for part in parts]
+            return wire_ints.decode(wire_ints.summed(parts, bits), bits, signed)
         if self.settings.secure_sum:
             return unmask_sum(parts)
         return np.sum(np.stack(parts), axis=0, dtype=np.int64)
+
+    def summed_counts(self, message_type: messages.MessageName, arrays: ArrayRecord, n_counts: int) -> np.ndarray:
+        """Summed row counts (float64, flat): whole numbers in ``count_bits(n_rows)`` bits each when the sites'
+        rows are known, else (DP) the 64-bit fixed-point sum of noised counts."""
+        if self.n_rows is None:
+            return hb.from_fixed(self.summed(message_type, {}, arrays, h.COUNTS)).reshape(-1)
+        width = hist_wire.count_bits(self.n_rows)
+        bits = np.full(n_counts, width, dtype=np.int64)
+        return self.summed(message_type, {h.COUNT_BITS: width}, arrays, h.COUNTS, bits).astype(np.float64)
 
 
 def global_ranges(session: HistSession, failures: dict[int, str]) -> tuple[np.ndarray, np.ndarray]:
@@ -261,6 +302,8 @@ def global_ranges(session: HistSession, failures: dict[int, str]) -> tuple[np.nd
     session.nodes = [n for n in session.nodes if n in replies]
     if not replies:
         raise HistProtocolError(-1, "no site could report its feature ranges: nothing to train on")
+    if all(h.ROWS in reply[r.ARRAYS] for reply in replies.values()):  # no DP site: compact encodings
+        session.n_rows = int(sum(int(reply[r.ARRAYS][h.ROWS].numpy()[0]) for reply in replies.values()))
     lo = np.min([reply[r.ARRAYS][h.RANGE_MIN].numpy() for reply in replies.values()], axis=0)
     hi = np.max([reply[r.ARRAYS][h.RANGE_MAX].numpy() for reply in replies.values()], axis=0)
     empty = ~np.isfinite(lo)
@@ -270,13 +313,13 @@ def global_ranges(session: HistSession, failures: dict[int, str]) -> tuple[np.nd
 
 def global_thresholds(session: HistSession, lo: np.ndarray, hi: np.ndarray) -> list[np.ndarray]:
     """Bins every site shares: summed grid counts, refined where rows crowd, cut into ``max_bin`` bins per feature."""
-    grid = hb.from_fixed(session.summed(messages.HIST_BINS, {}, ArrayRecord({h.LO: Array(lo), h.HI: Array(hi)}),
-                                        h.COUNTS))
+    grid = session.summed_counts(messages.HIST_BINS, ArrayRecord({h.LO: Array(lo), h.HI: Array(hi)}),
+                                 len(lo) * hb.N_CELLS).reshape(len(lo), hb.N_CELLS)
 
     def summed_cell_counts(bounds: list[np.ndarray]) -> list[np.ndarray]:
         values, offsets = hb.pack_thresholds(bounds)
         arrays = ArrayRecord({h.CELL_BOUNDS: Array(values), h.CELL_OFFSETS: Array(offsets)})
-        counts = hb.from_fixed(session.summed(messages.HIST_CELLS, {}, arrays, h.COUNTS))
+        counts = session.summed_counts(messages.HIST_CELLS, arrays, int(offsets[-1]) + len(bounds))
         return np.split(counts, np.cumsum([len(b) + 1 for b in bounds])[:-1])
 
     return hb.global_thresholds(grid, lo, hi, summed_cell_counts, session.settings.max_bin)
@@ -288,15 +331,38 @@ def grow_round(session: HistSession, spec: HeadSpec, thresholds: list[np.ndarray
     grower = hb.LevelGrower(spec.n_outputs, thresholds, session.tree_params(spec.objective))
     head = Head(spec.outcome, spec.kind, spec.positive_class if spec.positive_class >= 0 else None)
     head_config = {**head_to_config(head), h.OBJECTIVE: spec.objective, h.N_OUTPUTS: spec.n_outputs,
-                   h.BASE_MARGIN: hb.base_margin(spec.objective, spec.base_score)}
-    model = trees_record([tree for trees in finished for tree in trees], "model")
+                   h.BASE_MARGIN: hb.base_margin(spec.objective, spec.base_score), h.HEAD: spec.key,
+                   h.ROUND: len(finished)}
     widths = hb.feature_widths(thresholds)
+    margin = hist_wire.margin_bound(finished, spec.n_outputs, head_config[h.BASE_MARGIN])
+    floor = hist_wire.hessian_floor(spec.objective, margin, spec.n_outputs)
+    bound = hist_wire.gradient_bound(spec.objective, margin, spec.label_bound)
+    if session.n_rows is not None and bound is not None:
+        head_config[h.GRADIENT_BOUND] = bound  # every site checks its rows against it
     while not grower.done:
         requested = np.array(grower.requested, dtype=np.int64).reshape(-1, 2)
-        arrays = merge(thresholds_record(thresholds), model, trees_record(grower.trees, "growing"),
+        arrays = merge(trees_record(grower.trees, h.GROWING, leaf_values=False),
                        ArrayRecord({h.FRONTIER: Array(requested)}))
-        packed = session.summed(messages.HIST_LEVEL, head_config, arrays, h.HISTOGRAMS)
-        grower.grow(hb.unpack_histograms(packed, widths))
+        if grower.depth == 0:  # the round's first level: the trees the sites have not seen yet
+            arrays = merge(arrays, trees_record(finished[-1] if finished else [], h.MODEL))
+        if not session.thresholds_sent:
+            arrays = merge(arrays, thresholds_record(thresholds))
+        bits = signed = None
+        parents = hist_wire.parents_of(grower)
+        if session.n_rows is not None:
+            level_widths = hist_wire.level_widths(spec.objective, session.n_rows, parents, len(thresholds), bound,
+                                                  floor)
+            sent = hist_wire.sent_bins(parents, widths, floor >= 1)
+            arrays[h.WIDTHS] = Array(level_widths)
+            arrays[h.SENT] = Array(np.packbits(sent, bitorder="little"))
+            bits = hist_wire.entry_bits(level_widths, widths) * sent[..., None]
+            signed = np.arange(2) == 0  # gradients (channel 0) may sum below 0, hessians may not
+        packed = session.summed(messages.HIST_LEVEL, head_config, arrays, h.HISTOGRAMS, bits, signed)
+        session.thresholds_sent = True
+        histograms = hb.unpack_histograms(packed, widths)
+        if session.n_rows is not None:
+            hist_wire.fill_known(histograms, parents)
+        grower.grow(histograms)
     return grower.trees
 
 

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
 from shared.protocol.errors import ShareableError
+from shared.wire_ints import width_mask
 
 HKDF_INFO = b"fednano secure sum v1"
 MIN_SITES = 2
@@ -67,10 +68,14 @@ def mask_words(key: bytes, label: str, n: int) -> np.ndarray:
     return np.frombuffer(stream, dtype="<u8").astype(np.uint64)
 
 
-def mask(values: np.ndarray, private_key: bytes, own_id: int, peers: dict[int, bytes], label: str) -> np.ndarray:
+def mask(values: np.ndarray, private_key: bytes, own_id: int, peers: dict[int, bytes], label: str,
+         bits: np.ndarray | int = 64) -> np.ndarray:
     """``values`` (int64 fixed point) masked for the sum over ``own_id`` and ``peers`` (id → public key).
 
-    Returns uint64 words of the same shape; only the sum over all sites of the exchange unmasks them.
+    Returns uint64 words of the same shape; only the sum over all sites of the exchange unmasks them. With
+    ``bits`` (per entry, or one for all) below 64, every word is reduced modulo 2^bits: the masks cancel
+    modulo 2^bits as they do modulo 2^64, and the low bits of a uniform word are uniform
+    (``shared.wire_ints`` packs and decodes such residues).
     """
     others = {i: key for i, key in peers.items() if i != own_id}
     if len(others) + 1 < MIN_SITES:
@@ -82,7 +87,7 @@ def mask(values: np.ndarray, private_key: bytes, own_id: int, peers: dict[int, b
             flat += words
         else:
             flat -= words
-    return flat.reshape(np.shape(values))
+    return (flat & width_mask(np.broadcast_to(bits, np.shape(values)).reshape(-1))).reshape(np.shape(values))
 
 
 def unmask_sum(masked: list[np.ndarray]) -> np.ndarray:

@@ -1,0 +1,250 @@
+"""Histogram boosting on the wire: compact masked integers, what each request carries, and the bytes per tree.
+
+The federation here runs in-process: a stand-in for Flower's Grid hands each request to the sites' real
+handlers (``client.hist_handlers``) with one Flower Context per node, and only the site's rows (synthetic,
+no site folder) are patched in. The server side is the real ``server.hist_phase``.
+"""
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from scipy import stats
+
+from client import hist_handlers as hh
+from client.site import SiteRequest
+from server import hist_phase as hp
+from shared import hist_boosting as hb
+from shared import hist_wire, wire_ints
+from shared import secure_sum as ss
+from shared.encoding import ENCODER_CONFIG_KEY
+from shared.hist_learner import HistGradientBoosting
+from shared.protocol import hist as h
+from shared.protocol import messages
+from shared.protocol import records as r
+from shared.protocol.errors import ShareableError
+
+# -- compact integers and masks modulo 2^w ---------------------------------------------------------------
+
+
+def test_residues_of_mixed_widths_pack_into_their_bits_and_back():
+    rng = np.random.default_rng(0)
+    values = rng.integers(-2**40, 2**40, size=500)
+    bits = rng.integers(0, 65, size=500)
+    words = wire_ints.residues(values, bits)
+    packed = wire_ints.pack(words, bits)
+    assert len(packed) == (bits.sum() + 7) // 8
+    assert np.array_equal(wire_ints.unpack(packed, bits), words)
+    fits = bits == 64
+    assert np.array_equal(wire_ints.decode(words, bits, True)[fits], values[fits])
+    assert np.all(wire_ints.decode(words, bits, True)[bits == 0] == 0)
+
+
+def test_a_32_bit_masked_sum_is_exact_though_every_masked_word_and_partial_sum_wraps():
+    keys = {node: ss.new_private_key() for node in (3, 5, 9)}
+    public = {node: ss.public_key(k) for node, k in keys.items()}
+    # each site's values use the whole signed 32-bit range, so partial sums leave it; the total does not
+    values = {3: np.array([2**31 - 1, -2**31, 7, -1]), 5: np.array([2**31 - 1, -2**31 + 5, -7, 0]),
+              9: np.array([-2**31, 2**31 - 1, 0, 2])}
+    total = sum(values.values())
+    assert np.all(np.abs(total) < 2**31)
+    masked = [ss.mask(v, keys[n], n, public, "s/1", bits=32) for n, v in values.items()]
+    assert all(np.all(m < 2**32) for m in masked)
+    parts = [wire_ints.unpack(wire_ints.pack(m, 32), np.full(4, 32)) for m in masked]
+    assert np.array_equal(wire_ints.decode(wire_ints.summed(parts, 32), 32, True), total)
+    # one site short, the masks do not cancel
+    assert not np.array_equal(wire_ints.decode(wire_ints.summed(parts[:2], 32), 32, True),
+                              values[3] + values[5])
+
+
+def test_a_sum_outside_the_width_would_come_back_wrong_which_is_why_widths_come_from_bounds():
+    assert wire_ints.signed_bits(2**31 - 1) == 32 and wire_ints.unsigned_bits(2**32 - 1) == 32
+    parts = [wire_ints.residues(np.array([2**31 - 1]), 32), wire_ints.residues(np.array([1]), 32)]
+    assert wire_ints.decode(wire_ints.summed(parts, 32), 32, True)[0] == -2**31  # 2^31 wrapped
+
+
+def test_a_masked_residue_is_uniform_in_its_width():
+    keys = {node: ss.new_private_key() for node in (1, 2)}
+    public = {node: ss.public_key(k) for node, k in keys.items()}
+    masked = ss.mask(np.zeros(4000, dtype=np.int64), keys[1], 1, public, "u", bits=20)
+    assert masked.max() < 2**20
+    assert stats.kstest(masked / 2.0**20, "uniform").pvalue > 0.01
+
+
+# -- widths from bounds ----------------------------------------------------------------------------------
+
+
+def test_hessian_floor_holds_for_every_margin_within_the_bound():
+    margins = np.linspace(-6.0, 6.0, 2001)
+    for objective, n_out in (("binary:logistic", 1), ("multi:softprob", 3), ("reg:squarederror", 1)):
+        floor = hist_wire.hessian_floor(objective, 6.0, n_out)
+        m = np.column_stack([margins, -margins, margins / 2])[:, :n_out]
+        y = np.zeros(len(margins))
+        _, hess = hb.gradients(objective, y, m)
+        assert floor >= 1 and hb.to_fixed(hess).min() >= floor
+    assert not hist_wire.rows_have_hessian("binary:logistic", 40.0, 1)  # h < 2^-33 possible: rows invisible
+
+
+def test_a_root_is_sent_whole_and_a_child_leaves_out_its_parents_split_feature_and_empty_bins():
+    widths = np.array([3, 2])
+    parent = np.zeros((2, 3, 2), dtype=np.int64)
+    parent[0, :, 1] = [5, 0, 7]
+    parent[1, :, 1] = [12, 0, 0]
+    parents = [None, hist_wire.Parent(parent, feature=1, split_bin=0, left=True)]
+    sent = hist_wire.sent_bins(parents, widths, rows_visible=True)
+    assert sent.tolist() == [[True] * 5, [True, False, True, False, False]]
+    assert hist_wire.sent_bins(parents, widths, rows_visible=False)[1].tolist() == [True, True, True, False, False]
+    level = hist_wire.level_widths("reg:squarederror", 100, parents, 2, gradient_bound=2.0, floor=2**32)
+    assert level[0].tolist() == [[wire_ints.signed_bits(100 * 2 * 2**32), wire_ints.unsigned_bits(100 * 2**32)]] * 2
+    assert level[1, 0].tolist() == [wire_ints.signed_bits(7 // 2**32 * 2 * 2**32), wire_ints.unsigned_bits(7)]
+    full = np.zeros((2, 2, 3, 2), dtype=np.int64)
+    parent[1, :2, 0] = [4, -3]
+    hist_wire.fill_known(full, parents)
+    assert full[1, 1, :, 0].tolist() == [4, 0, 0] and full[1, 1, :, 1].tolist() == [12, 0, 0]
+
+
+# -- an in-process federation through the real handlers --------------------------------------------------
+
+
+class Request(SiteRequest):
+    dp = None  # a site without DP (no site folder behind it)
+
+
+class Grid:
+    """Flower's Grid as far as the phase uses it: each message goes to that node's handler, in-process."""
+
+    def __init__(self, rows: dict[int, tuple[np.ndarray, np.ndarray]]) -> None:
+        self.contexts = {node: Context(run_id=1, node_id=node, node_config={}, state=RecordDict(), run_config={})
+                         for node in rows}
+        self.exchanges: list[tuple[str, int, RecordDict, RecordDict | None]] = []  # kind, node, request, reply
+        self.legacy = False  # sites say no row count, as a DP site does: 64-bit fixed point throughout
+        answers = {messages.HIST_RANGES: hh.answer_ranges, messages.HIST_BINS: hh.answer_counts(hh.bin_counts),
+                   messages.HIST_CELLS: hh.answer_counts(hh.partition_counts), messages.HIST_LEVEL: hh.answer_level}
+        self.answers = {m.type: hh.session_answer(a) for m, a in answers.items()}
+
+    def send_and_receive(self, sent):
+        for msg in sent:
+            node, kind = msg.metadata.dst_node_id, msg.metadata.message_type
+            context = self.contexts[node]
+            try:
+                if kind == messages.HIST_KEYS.type:
+                    reply = hh.keys(msg, context)
+                else:
+                    request = Request(None, None, msg.content[r.CONFIG], context)
+                    reply = Message(self.answers[kind](msg, request), reply_to=msg)
+                    if self.legacy and kind == messages.HIST_RANGES.type:
+                        del reply.content[r.ARRAYS][h.ROWS]
+            except ShareableError as err:
+                reply = Message(Error(code=1, reason=str(err)), reply_to=msg)
+            self.exchanges.append((kind, node, msg.content, None if reply.has_error() else reply.content))
+            yield reply
+
+
+def site_rows(objective, n=900, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 5)).astype(np.float32)
+    x[:, 3] = rng.integers(0, 2, n)
+    x[:, 4] = np.round(x[:, 4], 1)  # few distinct values: empty bins below the root
+    signal = x[:, 0] + 0.5 * x[:, 1] ** 2 + rng.normal(0, 0.5, n)
+    y = {"binary:logistic": (signal > 0.5).astype(float), "reg:squarederror": 3 * signal,
+         "multi:softprob": np.digitize(signal, [0.0, 1.0]).astype(float)}[objective]
+    return x, y
+
+
+def federate(monkeypatch, objective, legacy=False, label_bound=None, rounds=3, depth=3):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # what Message() needs, as a ServerApp
+        monkeypatch.setattr(TaskIdentity, name, value)
+    x, y = site_rows(objective)
+    if objective == "reg:squarederror" and label_bound is None:
+        label_bound = float(np.abs(y).max())
+    parts = {11: slice(0, 200), 12: slice(200, 550), 13: slice(550, 900)}
+    rows = {node: (x[p], y[p]) for node, p in parts.items()}
+    grid = Grid(rows)
+    grid.legacy = legacy
+    monkeypatch.setattr(hh, "training_matrix", lambda request: (None, rows[request.context.node_id][0], {}))
+    monkeypatch.setattr(hh, "labelled_rows", lambda config, xs, targets: next(
+        v for v in rows.values() if v[0] is xs))
+    settings = hp.HistSettings(rounds=rounds, tree=hb.TreeParams(max_depth=depth))
+    session = hp.HistSession(grid, list(rows), ConfigRecord({ENCODER_CONFIG_KEY: "{}", r.SPLIT_SEED: 0}),
+                             settings, 1)
+    lo, hi = hp.global_ranges(session, {})
+    session.exchange_keys()
+    thresholds = hp.global_thresholds(session, lo, hi)
+    kind = {"binary:logistic": "binary", "reg:squarederror": "regression", "multi:softprob": "multiclass"}[objective]
+    spec = hp.HeadSpec("y", "y", kind, n_classes=3 if kind == "multiclass" else 0, label_bound=label_bound)
+    trees: list[list[hb.Tree]] = []
+    for _ in range(rounds):
+        trees.append(hp.grow_round(session, spec, thresholds, trees))
+    pooled = HistGradientBoosting(objective, n_estimators=rounds, max_depth=depth, base_score=spec.base_score,
+                                  n_classes=3 if kind == "multiclass" else None).fit(x, y, thresholds)
+    return grid, session, trees, pooled
+
+
+def same_trees(federated, pooled):
+    for fed_round, pooled_round in zip(federated, pooled.rounds_, strict=True):
+        for a, b in zip(fed_round, pooled_round, strict=True):
+            assert (a.feature, a.split_bin, a.left, a.leaf_value) == (b.feature, b.split_bin, b.left, b.leaf_value)
+
+
+@pytest.mark.parametrize("objective", ["binary:logistic", "reg:squarederror", "multi:softprob"])
+def test_compact_federated_trees_equal_the_pooled_learners_bit_for_bit(monkeypatch, objective):
+    grid, session, trees, pooled = federate(monkeypatch, objective)
+    assert session.n_rows == 900
+    same_trees(trees, pooled)
+    assert sum(t.n_nodes for rnd in trees for t in rnd) > 3 * len(trees[0])  # the trees did split
+
+
+def test_the_64_bit_encoding_without_row_counts_grows_the_same_trees(monkeypatch):
+    grid, session, trees, pooled = federate(monkeypatch, "binary:logistic", legacy=True)
+    assert session.n_rows is None
+    same_trees(trees, pooled)
+    levels = [reply for kind, _, _, reply in grid.exchanges if kind == messages.HIST_LEVEL.type]
+    assert all(reply[r.ARRAYS][h.HISTOGRAMS].dtype == "uint64" for reply in levels)
+
+
+def test_encoder_thresholds_and_trees_cross_once_and_levels_carry_only_what_they_need(monkeypatch):
+    grid, session, trees, _ = federate(monkeypatch, "binary:logistic")
+    by_node: dict[int, list[tuple[str, RecordDict]]] = {}
+    for kind, node, content, _ in grid.exchanges:
+        by_node.setdefault(node, []).append((kind, content))
+    for sent in by_node.values():
+        assert [ENCODER_CONFIG_KEY in c[r.CONFIG] for _, c in sent] == [True] + [False] * (len(sent) - 1)
+        levels = [c for kind, c in sent if kind == messages.HIST_LEVEL.type]
+        assert ["thresholds" in c[r.ARRAYS] for c in levels] == [True] + [False] * (len(levels) - 1)
+        with_model = [c for c in levels if h.MODEL in c[r.ARRAYS]]
+        assert [int(c[r.CONFIG][h.ROUND]) for c in with_model] == [0, 1, 2]  # once per round, at its root
+        assert [len(hh.trees_from_record(c[r.ARRAYS], h.MODEL)) for c in with_model] == [0, 1, 1]
+        assert all("growing.leaf-value" not in c[r.ARRAYS] for c in levels)  # sites only route with them
+
+
+def test_level_replies_are_exactly_the_bits_the_widths_announce_far_below_64_bit(monkeypatch):
+    grid, session, trees, _ = federate(monkeypatch, "binary:logistic")
+    widths = hb.feature_widths(hh.thresholds_from_record(grid.contexts[11].state[hh.THRESHOLDS_KEY]))
+    sent_bytes = legacy_bytes = left_out = 0
+    for kind, _, request, content in grid.exchanges:
+        if kind != messages.HIST_LEVEL.type:
+            continue
+        level = request[r.ARRAYS][h.WIDTHS].numpy()
+        sent = np.unpackbits(request[r.ARRAYS][h.SENT].numpy(), count=level.shape[0] * int(widths.sum()),
+                             bitorder="little").reshape(level.shape[0], -1).astype(bool)
+        bits = hist_wire.entry_bits(level, widths) * sent[..., None]
+        left_out += int((~sent).sum())
+        packed = content[r.ARRAYS][h.HISTOGRAMS].numpy()
+        assert packed.dtype == np.uint8 and len(packed) == (int(bits.sum()) + 7) // 8
+        assert bits.max() <= 50  # 900 rows, |g| <= 1: 10 + 32 + sign bits at most for a gradient
+        sent_bytes += len(packed)
+        legacy_bytes += level.shape[0] * int(widths.sum()) * 2 * 8
+    assert left_out > 0  # split features and bins empty in the parent
+    assert sent_bytes < 0.6 * legacy_bytes
+
+
+def test_a_site_refuses_a_gradient_bound_its_rows_exceed_instead_of_overflowing(monkeypatch):
+    with pytest.raises(hp.HistProtocolError, match="exceeds the request's bound"):
+        federate(monkeypatch, "reg:squarederror", label_bound=0.5, rounds=1)
+
+
+def test_a_site_without_the_sessions_thresholds_refuses_a_level_request():
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(ShareableError, match="no bin thresholds"):
+        hh.session_thresholds(ArrayRecord(), context)
