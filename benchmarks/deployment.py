@@ -127,7 +127,14 @@ def deployed_rounds(events: list[tuple[float, str, str, str]], start: float) -> 
     return rounds
 
 
-def run_deployed(work: Path, kit: Path, sites: Path, names: list[str], rounds: int, one_message: bool = True) -> dict:
+def policy_config(kit: Path, policy: bool) -> dict:
+    """Run config of the policy phase: signed with the kit's key, or none (``--no-policy``: no dose-response fit,
+    no adjuster, whose dozens of message rounds dominate a deployed run's time)."""
+    return {"signing-key": str(kit / "coordinator" / "policy_signing.key")} if policy else {"fqi-iterations": 0}
+
+
+def run_deployed(work: Path, kit: Path, sites: Path, names: list[str], rounds: int, one_message: bool = True,
+                 policy: bool = True) -> dict:
     """One deployed run; its wall time, per-round and per-phase timings and Flower's own accounting."""
     services = []
     home = work / "coordinator_home"
@@ -144,7 +151,7 @@ def run_deployed(work: Path, kit: Path, sites: Path, names: list[str], rounds: i
         start = time.monotonic()
         run_id = dep.start_run(ROOT, FEDERATION, home, {
             "num-server-rounds": rounds, "min-nodes": len(names), "models": "ann", "out-dir": str(work / "out"),
-            "signing-key": str(kit / "coordinator" / "policy_signing.key"), "one-message-rounds": one_message})
+            "one-message-rounds": one_message, **policy_config(kit, policy)})
         submitted = time.monotonic() - start
         row = dep.wait_for_run(home, FEDERATION, run_id, timeout=3600, poll=1.0)
         wall = time.monotonic() - start
@@ -157,14 +164,14 @@ def run_deployed(work: Path, kit: Path, sites: Path, names: list[str], rounds: i
             "compute_time": row["compute-time"], "network_traffic": row["network-traffic"]}
 
 
-def run_simulated(work: Path, kit: Path, sites: Path, names: list[str], rounds: int) -> dict:
+def run_simulated(work: Path, kit: Path, sites: Path, names: list[str], rounds: int, policy: bool = True) -> dict:
     """The same federation in Flower's simulation runtime (one process, Ray actors)."""
     from flwr.simulation import run_simulation
 
     finished: list[float] = []
     sources = [SiteSource(sites / n, trust_key=kit / "sites" / n / "policy_signing.pub") for n in names]
     overrides = {"num-server-rounds": rounds, "min-nodes": len(names), "models": "ann", "out-dir": str(work / "out"),
-                 "signing-key": str(kit / "coordinator" / "policy_signing.key")}
+                 **policy_config(kit, policy)}
     start = time.monotonic()
     run_simulation(server_app=make_server_app(overrides, on_round=lambda r: finished.append(time.monotonic())),
                    client_app=make_client_app(sources), num_supernodes=len(names),
@@ -218,6 +225,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--patients", type=int, default=30, help="patients per site")
     parser.add_argument("--no-dp", action="store_true", help="sites without DP (evaluated every round)")
+    parser.add_argument("--no-policy", action="store_true", help="the outcome models only: no signed policy")
     parser.add_argument("--two-message-too", action="store_true",
                         help="deploy a second time with Flower's train-then-evaluate rounds (one-message-rounds off)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "deployment.json")
@@ -232,12 +240,14 @@ def main() -> None:
         modes = ["deployed", "simulated"] + (["deployed_two_message"] if args.two_message_too else [])
         for mode in modes:
             shutil.copytree(work / "generated", work / mode / "sites")
-        deployed = run_deployed(work / "deployed", work / "kit", work / "deployed" / "sites", names, args.rounds)
+        policy = not args.no_policy
+        deployed = run_deployed(work / "deployed", work / "kit", work / "deployed" / "sites", names, args.rounds,
+                                policy=policy)
         two = (run_deployed(work / "deployed_two_message", work / "kit", work / "deployed_two_message" / "sites",
-                            names, args.rounds, one_message=False) if args.two_message_too else None)
+                            names, args.rounds, one_message=False, policy=policy) if args.two_message_too else None)
         quiet_flower()
         simulated = run_simulated(work / "simulated", work / "kit", work / "simulated" / "sites", names,
-                                  args.rounds)
+                                  args.rounds, policy=policy)
     imports = fresh_process_import_s()
     print_tables(deployed, simulated, imports)
     if two is not None:
@@ -245,11 +255,13 @@ def main() -> None:
               f"{', '.join(f'{r:.1f}' for r in two['rounds_s'])} s (mean of rounds 2+: "
               f"{statistics.mean(two['rounds_s'][1:]):.1f} s)")
     command = (f"python benchmarks/deployment.py --sites {args.sites} --rounds {args.rounds} --patients {args.patients}"
-               + (" --no-dp" if args.no_dp else "") + (" --two-message-too" if args.two_message_too else ""))
+               + (" --no-dp" if args.no_dp else "") + (" --no-policy" if args.no_policy else "")
+               + (" --two-message-too" if args.two_message_too else ""))
     write_record(args.out, command,
                  {"deployed": deployed, "simulated": simulated, "deployed_two_message": two,
                   "fresh_process_import_s": imports},
-                 sites=args.sites, rounds=args.rounds, patients_per_site=args.patients, dp=not args.no_dp)
+                 sites=args.sites, rounds=args.rounds, patients_per_site=args.patients, dp=not args.no_dp,
+                 policy=not args.no_policy)
 
 if __name__ == "__main__":
     main()
