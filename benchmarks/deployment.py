@@ -228,7 +228,8 @@ def main() -> None:
     parser.add_argument("--no-policy", action="store_true", help="the outcome models only: no signed policy")
     parser.add_argument("--two-message-too", action="store_true",
                         help="deploy a second time with Flower's train-then-evaluate rounds (one-message-rounds off)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "deployment.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "deployment.json",
+                        help="results JSON (BENCHMARKS.md one-message rounds: deployment_one_message.json)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
