@@ -1,6 +1,7 @@
 """The closed loop (issue 12 item 4): deployed patients return to the sites' own data, and the federation refits."""
 
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -99,7 +100,10 @@ def test_simulate_with_deploy_cycles_refits_on_the_deployed_patients_and_reports
         assert load_site(tmp_path / "out" / "sites" / site).episodes["patient_id"].str.contains("-D1P").any()
     assert explored["dose_spread"] == spread  # (the ensemble may serve the lowest dose to all: then none)
     for v in versions:
-        assert 0 < v["value_oracle"] <= 1 and set(v["per_site"]) == set(periods[0]["sites"])
+        # no policy beats the oracle; with the gate off a DP policy of 2 small clinics may ship at a value near or
+        # below 0 (a CI draw gave -0.009), so only the ceiling is asserted
+        assert math.isfinite(v["value_oracle"]) and v["value_oracle"] <= 1
+        assert set(v["per_site"]) == set(periods[0]["sites"])
         # each run may spend ε / K of the site's lifetime ε = 3: two runs stay within the budget
         assert all(0 < eps <= 1.5 + 1e-9 for eps in v["epsilon_this_run"].values())
         assert all(v["epsilon_this_run"][s] <= v["epsilon_spent"][s] <= 3.0 + 1e-9 for s in v["epsilon_spent"])
