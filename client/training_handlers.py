@@ -143,10 +143,7 @@ def received_evaluation(request: SiteRequest, model) -> ConfigRecord | None:
     for a DP site."""
     if request.dp is not None:
         return None
-    from shared.ann import predict
-
-    data = request.encoded("test")
-    return ConfigRecord(dict(summaries_reply(request, predict(model, data.x), data)[r.METRICS]))
+    return ConfigRecord(dict(summaries_on_test_split(request, model)[r.METRICS]))
 
 
 def summaries_reply(request: SiteRequest, predictions: dict, data) -> RecordDict:
@@ -170,11 +167,16 @@ def summaries_reply(request: SiteRequest, predictions: dict, data) -> RecordDict
     return content
 
 
-def evaluate_round(msg: Message, request: SiteRequest) -> RecordDict:
+def summaries_on_test_split(request: SiteRequest, model) -> RecordDict:
+    """:func:`summaries_reply` of ``model`` on the site's test split."""
     from shared.ann import predict  # torch: loaded by the messages that use it (client.app)
 
     data = request.encoded("test")
-    return summaries_reply(request, predict(request.ann(msg.content[r.ARRAYS]), data.x), data)
+    return summaries_reply(request, predict(model, data.x), data)
+
+
+def evaluate_round(msg: Message, request: SiteRequest) -> RecordDict:
+    return summaries_on_test_split(request, request.ann(msg.content[r.ARRAYS]))
 
 
 def register_training(client: ClientApp, handlers: SiteHandlers) -> None:

@@ -19,7 +19,7 @@ anything else keeps Flower's own loop. Deployed federations (SuperLink with its 
 Ray backend starts Ray and its actors for each simulation and shuts Ray down after it (``RayBackend.build``
 and ``terminate``), ~15 s each time on this machine kind before the first message is answered, and the
 actors' imports and site caches are lost with them. A command that runs many simulations (``fednano paper
-liposome``: 20; a closed loop: one per cycle) pays it once. Like :func:`one_pass_delivery`, it applies to the
+liposome``: 30; a closed loop: one per cycle) pays it once. Like :func:`one_pass_delivery`, it applies to the
 Flower release it was written against only.
 """
 

@@ -102,7 +102,7 @@ class PerSiteRecord(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        if self.one_message_nodes and server_round > 1:
+        if self._evaluates_received(server_round):
             config = ConfigRecord({**dict(config), EVALUATE_RECEIVED: server_round - 1})
         return self._routed(self.strategy.configure_train(server_round, arrays, config, grid), self.train_nodes)
 
@@ -110,7 +110,7 @@ class PerSiteRecord(Strategy):
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         self._record(self.rounds.train, server_round, replies)
-        if self.one_message_nodes and server_round > 1:
+        if self._evaluates_received(server_round):
             evaluated = self.rounds.evaluate.setdefault(server_round - 1, {})
             for reply in replies:
                 if not reply.has_error() and RECEIVED_EVALUATION in reply.content:
@@ -118,9 +118,14 @@ class PerSiteRecord(Strategy):
         aggregated = self.strategy.aggregate_train(server_round, shared_metric_keys(replies))
         if self.on_progress is not None:
             self.on_progress(server_round)
-        if self.one_message_nodes and server_round > 1 and self.on_round is not None:
+        if self._evaluates_received(server_round) and self.on_round is not None:
             self.on_round(server_round - 1)
         return aggregated
+
+    def _evaluates_received(self, server_round: int) -> bool:
+        """Whether this round's training messages carry (and replies bring back) the evaluation of round
+        ``server_round - 1``'s model at the one-message nodes."""
+        return bool(self.one_message_nodes) and server_round > 1
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
