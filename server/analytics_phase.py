@@ -88,6 +88,7 @@ from shared.analytics import (
     denoised_counts,
     design_map,
     eigenvalue_noise_bound,
+    eigenvalue_sd,
     histogram_quantiles,
     independent_columns,
     inertia_bound,
@@ -594,16 +595,18 @@ def pca_phase(session: AnalyticsSession, plan: AnalyticsPlan, describe: dict) ->
         # eigenvalues 0.33-0.64 of the time at ε = 0.5-3
         scale = summed_noise_sd(answers) * triu_scale(row_bound(x))
         sd = dp_error.bootstrap_rmse(released, scale, spectrum)
-        # eigenvalues: Weyl's bound on the noise's reach, as an sd (± 1.96 sd is the bound), since the bootstrap's
-        # root-mean-square distance missed the spectrum's outward spread (shared.analytics.eigenvalue_noise_bound)
-        sd[:p] = eigenvalue_noise_bound(released, scale, p + 1) / dp_error.Z95
+        # eigenvalues: where the noise's reach is large against the spectrum, Weyl's bound as an sd (± 1.96 sd is
+        # the bound), since the bootstrap's root-mean-square distance missed the spectrum's outward spread; where it
+        # is small, that distance per eigenvalue (shared.analytics.eigenvalue_sd)
+        sd[:p] = eigenvalue_sd(sd[:p], eigenvalue_noise_bound(released, scale, p + 1), np.array(result["eigenvalues"]))
         result["noise"] = {"eigenvalues_noise_sd": sd[:p].tolist(),
                            "explained_variance_ratio_noise_sd": sd[p:2 * p].tolist(),
                            "components_noise_sd": sd[2 * p:].reshape(p, p).tolist(),
                            "method": "parametric bootstrap of the Gram release's DP noise, root-mean-square "
                                      "distance from the released values (shared.dp_error.bootstrap_rmse); "
-                                     "eigenvalues: a 95 % bound on the noise's spectral norm (Weyl) / 1.96 "
-                                     "(shared.analytics.eigenvalue_noise_bound)"}
+                                     "eigenvalues: that distance where the noise's reach is under "
+                                     "a quarter of the spectrum's spread, else a 95 % bound on the noise's spectral "
+                                     "norm (Weyl) / 1.96 (shared.analytics.eigenvalue_sd)"}
     if not result["dp"]:
         result["n"] = int(round(result["n"]))
     return result
