@@ -44,7 +44,8 @@ def test_each_site_without_dp_chose_among_the_three_and_the_dp_site_was_not_aske
     assert entry["refused"] == {"clinic_02": BOOSTING_DP_REFUSAL}
     for site, part in results["personalisation_xgboost"].items():
         assert part["chosen"] in CANDIDATES and entry["chosen"][site] == part["chosen"]
-        assert part["reason"].startswith(("kept global", f"{part['chosen']} beat global"))
+        # the site trees are the default, kept unless another candidate beats them by more than the noise
+        assert part["reason"].startswith(("kept site-trees", f"{part['chosen']} beat site-trees"))
         assert set(part["validation"]) == CANDIDATES
         # the chosen candidate's test figures are the chosen entry's
         assert entry["per_site"][site] == entry["candidates"][part["chosen"]]["per_site"][site]
@@ -85,3 +86,36 @@ def test_the_report_has_the_boosters_table_and_says_why_the_dp_site_was_not_aske
     assert "## Personalised boosters (each site's choice)" in report
     assert "| site | global | site-trees | local | chosen |" in report
     assert "- clinic_02: not asked — " + BOOSTING_DP_REFUSAL in report
+
+
+@pytest.fixture(scope="module")
+def generic(tmp_path_factory):
+    """The real liposome release-class table (a generic multiclass task) over 3 sites split by drug."""
+    from simulation.paper_liposome import TASK_EXAMPLE, load_table, noniid_sites
+
+    out = tmp_path_factory.mktemp("personalised_generic")
+    flower_environment(out)
+    quiet_flower()
+    table = load_table()
+    parts, _ = noniid_sites(table)
+    paths = []
+    for k, rows in enumerate(parts):
+        paths.append(out / f"site_{k + 1}.csv")
+        table.iloc[rows].to_csv(paths[-1], index=False)
+    cfg = ExperimentConfig(out=out / "run", seed=0, rounds=3, models="ann,xgboost", boosting="hist", xgb_rounds=5,
+                           compare=False, policy=False, dp=False, personalise="finetune,site-trees",
+                           sites=paths, task=TASK_EXAMPLE)
+    run_experiment(cfg)
+    return json.loads((out / "run" / "results.json").read_text())
+
+
+def test_both_families_personalise_on_a_generic_task_at_every_site(generic):
+    sites = set(generic["sites"])
+    assert len(sites) == 3
+    for family, key, candidates in (("ann", "personalisation", {"global", "finetune", "local"}),
+                                    ("xgboost", "personalisation_xgboost", CANDIDATES)):
+        entry = generic["models"][family]["personalised"]
+        assert set(entry["candidates"]) == candidates and set(entry["per_site"]) == sites
+        for site in sites:
+            assert generic[key][site]["chosen"] in candidates
+            assert set(entry["per_site"][site]) == {"cluster"}  # the task's one outcome

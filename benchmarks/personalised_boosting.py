@@ -1,0 +1,153 @@
+"""Benchmark of personalised boosting (issue 18 item 2): does each site's choice among the federation's boosters,
+its local-only boosters and the federation's trees with its own added beat max(local-only, global)?
+
+    python benchmarks/personalised_boosting.py [--clinics 10] [--seeds 0 1 2] [--xgb-rounds 20]
+                                               [--out benchmarks/results/personalised_boosting.json]
+
+For each seed: the built-in simulator's clinics without DP (a DP site is not asked: XGBoost's site trees have no
+DP form), federated histogram boosting and ``--personalise site-trees`` (``simulation.experiment.run_federation``:
+the real ServerApp and ClientApp in Flower's simulation runtime; no dosing policy, no baselines). Figures, from
+each site's own exact record of the phase (``client.personalisation_handlers``):
+
+1. **Per site** (sites with ≥ 30 recorded test responses): on the test split, the score the sites choose by (mean
+   of response AUC, toxicity AUC and efficacy R² floored at 0: ``client.personalised.choice.validation_score``) and
+   the response AUC of each candidate and of the chosen one; the chosen minus max(local-only, global), on both,
+   and the response AUC's Hanley & McNeil (1982) standard error (the split's noise).
+2. **Mean per-site** score and response AUC of each candidate and of the choice.
+3. **Cost**: seconds and bytes of the federated boosting phase and of the personalisation phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from personalised import _auc, hanley_mcneil_se
+
+from client.personalised.choice import validation_score
+from shared import metrics
+from shared.protocol.personalisation import GLOBAL, LOCAL
+from shared.task import NANOPARTICLE_TASK
+from simulation.experiment import ExperimentConfig, flower_environment, prepare_sites, quiet_flower, run_federation
+from simulation.personalisation import site_records
+
+MIN_TEST_ROWS = 30
+CANDIDATES = (GLOBAL, "site-trees", LOCAL)
+
+
+def seed_figures(root: Path, clinics: int, seed: int, xgb_rounds: int) -> dict:
+    cfg = ExperimentConfig(out=root / f"boosting-{seed}", clinics=clinics, dp=False, seed=seed, models="xgboost",
+                           boosting="hist", xgb_rounds=xgb_rounds, compare=False, policy=False,
+                           personalise="site-trees")
+    sources, _ = prepare_sites(cfg)
+    start = time.perf_counter()
+    record = run_federation(cfg, sources)
+    seconds = time.perf_counter() - start
+    names = {s.path.name: s for s in sources}
+    exact = site_records({n: names[n] for n in record.sites if n in names}, record.run_id, "xgboost")
+    phase = record.personalisation_xgboost or {}
+    sites = {}
+    for site, entry in sorted(exact.items()):
+        test = entry["summaries"]["test"]
+        auc = {c: _auc(test[c]["response"]) for c in CANDIDATES}
+        score = {c: validation_score(NANOPARTICLE_TASK, test[c]) for c in CANDIDATES}
+        chosen = entry["chosen"]
+        se = hanley_mcneil_se(auc[chosen]["auc"], auc[chosen]["n_pos"], auc[chosen]["n_neg"]) \
+            if auc[chosen]["n_pos"] and auc[chosen]["n_neg"] else math.nan
+        sites[site] = {"n_test": auc[GLOBAL]["n"], "chosen": chosen, "reason": entry["reason"],
+                       "score": score, "auc": {c: a["auc"] for c, a in auc.items()},
+                       "score_difference": score[chosen] - max(score[LOCAL], score[GLOBAL]),
+                       "auc_difference": auc[chosen]["auc"] - max(auc[LOCAL]["auc"], auc[GLOBAL]["auc"]),
+                       "auc_se": se}
+    big = [s for s, f in sites.items() if f["n_test"] >= MIN_TEST_ROWS]
+
+    def mean(values):
+        finite = [v for v in values if math.isfinite(v)]
+        return statistics.fmean(finite) if finite else math.nan
+
+    boosting = record.models["xgboost"]
+    return {
+        "seed": seed, "sites": sites, "sites_30": big,
+        "mean_score": {c: mean(sites[s]["score"][c] for s in big) for c in CANDIDATES}
+        | {"chosen": mean(sites[s]["score"][sites[s]["chosen"]] for s in big)},
+        "mean_auc": {c: mean(sites[s]["auc"][c] for s in big) for c in CANDIDATES}
+        | {"chosen": mean(sites[s]["auc"][sites[s]["chosen"]] for s in big)},
+        "score_better_on_average_by": mean(sites[s]["score_difference"] for s in big),
+        "auc_better_on_average_by": mean(sites[s]["auc_difference"] for s in big),
+        "auc_worse_by_more_than_1se": [s for s in big if sites[s]["auc_difference"] < -sites[s]["auc_se"]],
+        "chosen": {c: sum(sites[s]["chosen"] == c for s in big) for c in CANDIDATES},
+        "cost": {"federation_s": seconds, "boosting_s": boosting.seconds, "personalisation_s": phase.get("seconds"),
+                 "personalisation_bytes": phase.get("bytes"),
+                 "boosting_bytes": _hist_bytes(cfg.out / "federated" / "xgb_hist_traffic.json")},
+    }
+
+
+def _hist_bytes(path: Path) -> int | None:
+    """Bytes the histogram boosting put on the wire (its traffic record), if written."""
+    if not path.is_file():
+        return None
+    traffic = json.loads(path.read_text())
+    return int(traffic["bytes_down"]) + int(traffic["bytes_up"])
+
+
+def _f(value) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def print_tables(result: dict) -> None:
+    for run in result["runs"]:
+        print(f"\nseed {run['seed']}: test split, sites with ≥ {MIN_TEST_ROWS} rows; score = mean(response AUC, "
+              "toxicity AUC, efficacy R²⁺)")
+        print("| site | n | score global | site-trees | local | response AUC global | site-trees | local | chosen "
+              "| score − max(l, g) | AUC − max(l, g) | AUC SE |")
+        print("|---|---|" + "---|" * 10)
+        for site in run["sites_30"]:
+            f = run["sites"][site]
+            print(f"| {site} | {int(f['n_test'])} | " + " | ".join(_f(f["score"][c]) for c in CANDIDATES) + " | "
+                  + " | ".join(_f(f["auc"][c]) for c in CANDIDATES)
+                  + f" | {f['chosen']} | {f['score_difference']:+.3f} | {f['auc_difference']:+.3f} | "
+                    f"{_f(f['auc_se'])} |")
+        print("mean per-site score: " + ", ".join(f"{c} {_f(v)}" for c, v in run["mean_score"].items()))
+        print("mean per-site response AUC: " + ", ".join(f"{c} {_f(v)}" for c, v in run["mean_auc"].items()))
+        print(f"chosen − max(local, global): score {run['score_better_on_average_by']:+.4f}, response AUC "
+              f"{run['auc_better_on_average_by']:+.4f}; sites worse by > 1 SE (AUC): "
+              f"{run['auc_worse_by_more_than_1se'] or 'none'}; chosen: {run['chosen']}")
+        c = run["cost"]
+        print(f"cost: boosting phase {c['boosting_s']:.1f} s ({c['boosting_bytes']} bytes), personalisation "
+              f"{c['personalisation_s']:.1f} s (sent {c['personalisation_bytes']['sent']}, received "
+              f"{c['personalisation_bytes']['received']} bytes)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clinics", type=int, default=10)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--xgb-rounds", type=int, default=20)
+    parser.add_argument("--work", type=Path, default=Path("runs/bench_personalised_boosting"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/personalised_boosting.json"))
+    args = parser.parse_args()
+    flower_environment(Path.cwd())
+    quiet_flower()
+    start, load = time.perf_counter(), os.getloadavg()[0]
+    runs = [seed_figures(args.work, args.clinics, seed, args.xgb_rounds) for seed in args.seeds]
+    result = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "python": sys.version.split()[0],
+              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                          "load_at_start": load},
+              "clinics": args.clinics, "xgb_rounds": args.xgb_rounds, "dp": False,
+              "total_s": time.perf_counter() - start, "runs": runs}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(metrics.json_safe(result), indent=1) + "\n")
+    print_tables(result)
+    print(f"\nwrote {args.out} ({result['total_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
