@@ -237,3 +237,49 @@ def test_a_round_without_any_update_still_releases_a_noised_model():
     out = _round(strategy, np.zeros(5000), [_failed(1), _failed(2), np.zeros(5000)])
     assert out.std() == pytest.approx(1.0 / 3, rel=0.05)
     assert strategy.history.rounds[1].updates == 0
+
+
+@pytest.mark.parametrize(("flags", "local_dp"), [([], False), (["--dp"], True), (["--no-dp"], False)])
+def test_central_dp_runs_the_simulated_sites_without_dp_sgd_unless_dp_is_asked_for_too(flags, local_dp, monkeypatch,
+                                                                                         tmp_path):
+    from typer.testing import CliRunner
+
+    import simulation.experiment
+    from fednano.cli import app
+
+    seen = {}
+
+    def capture(cfg, **kwargs):
+        seen["cfg"] = cfg
+        raise simulation.experiment.ExperimentError("captured")
+
+    monkeypatch.setattr(simulation.experiment, "run_experiment", capture)
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))
+    result = CliRunner().invoke(app, ["simulate", "--central-dp", "adaptive", "--central-noise-multiplier", "0.8",
+                                      "--central-clip", "0.5", "--central-accountant", "prv", *flags,
+                                      "--out", str(tmp_path / "out")])
+    assert "captured" in result.output, result.output
+    cfg = seen["cfg"]
+    assert cfg.dp is local_dp
+    settings = cfg.run_settings(n_sites=3, signing_key=None)
+    assert settings.central_dp_parameters() == CentralDPParameters("adaptive", 0.8, 0.5)
+    assert settings.central_accountant == "prv" and settings.central_delta == 1e-5
+    CliRunner().invoke(app, ["simulate", "--out", str(tmp_path / "out")])
+    assert seen["cfg"].dp is True and seen["cfg"].central_dp == ""  # without central DP: DP-SGD, as before
+
+
+def test_the_report_states_central_epsilon_its_unit_and_what_it_leaves_out():
+    from dataclasses import asdict
+
+    from simulation.report import central_dp_lines
+
+    np.random.seed(1)
+    strategy = fixed(1.0, 1.0, 2)
+    _round(strategy, np.zeros(2), [np.array([0.1, 0.0]), np.array([0.0, 0.2])])
+    central = asdict(central_dp_record(strategy, 1e-5, "rdp", RunPlan(("statistics", "training", "evaluation")),
+                                       ["clinic_01"]))
+    text = "\n".join(central_dp_lines(central))
+    assert f"ε = {central['epsilon']:.2f}, δ = 1e-05" in text and "one site's whole contribution" in text
+    assert "Not covered: statistics, evaluation" in text and "own DP-SGD" in text and "clinic_01" in text
+    assert "| 1 | 2 | 1 | 0.5 | 1 |" in text
+    assert central_dp_lines(None) == []
