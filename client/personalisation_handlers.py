@@ -1,4 +1,5 @@
-"""The site's side of ``query.personalise``: train its personalised ANNs, choose one, reply metrics only.
+"""The site's side of ``query.personalise`` and ``query.personalise_boosting``: train its personalised models,
+choose one, reply metrics only.
 
 From the final global weights the site trains its candidates on its own training split (its local-only model
 and each requested method, ``client.personalised``), scores them and the global model on its validation split,
@@ -16,6 +17,11 @@ depends on them), then their test summaries (the rest: they are only reported). 
 released (noised) validation figures and the release's σ, so it is post-processing of a DP release; the reply
 carries both releases' facts and the number of DP-SGD fits, so the run record counts every ledger entry of the
 phase. Without DP the margins come from a paired bootstrap of the site's exact validation rows.
+
+``query.personalise_boosting`` (:func:`personalise_boosting`) is the same choice for the finished boosters:
+the federation's boosters (global), the site's own local-only boosters and, for ``site-trees``, the
+federation's trees with a few more grown on the site's training rows (``client.personalised.site_trees``). A
+DP site refuses it (:data:`shared.protocol.personalisation.BOOSTING_DP_REFUSAL`); the server does not ask one.
 """
 
 from __future__ import annotations
@@ -28,7 +34,15 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Message, RecordDict
 
-from client.dp import PhaseRelease, SiteDP, gaussian_release, noise_for_phase, phase_epsilon, weighted_noise
+from client.dp import (
+    PhaseRelease,
+    PrivacyRefused,
+    SiteDP,
+    gaussian_release,
+    noise_for_phase,
+    phase_epsilon,
+    weighted_noise,
+)
 from client.evaluation import from_blocks, summaries, summary_blocks
 from client.personalised.choice import choose_by_margin, sampling_se, validation_score
 from client.site import SiteHandlers, SiteRequest
@@ -37,7 +51,14 @@ from shared import metrics
 from shared.durable import write_json_atomically
 from shared.protocol import messages
 from shared.protocol import records as r
-from shared.protocol.personalisation import GLOBAL, VALIDATION_PRIVACY, Personalisation, PersonalisationReply
+from shared.protocol.personalisation import (
+    BOOSTING_DP_REFUSAL,
+    GLOBAL,
+    LOCAL,
+    VALIDATION_PRIVACY,
+    Personalisation,
+    PersonalisationReply,
+)
 from shared.protocol.training import EVAL_BINS, AnnTraining
 
 PHASE = "personalisation"
@@ -114,6 +135,71 @@ def personalise(msg: Message, request: SiteRequest) -> RecordDict:
     for name, record in reply.to_records().items():
         content[name] = record
     return content
+
+
+def personalise_boosting(msg: Message, request: SiteRequest) -> RecordDict:
+    """Grow site trees on the finished boosters, train local-only boosters, choose on the validation split by
+    the paired-bootstrap margin, reply the choice and every candidate's summaries (module docstring)."""
+    from client.boosting import train_pooled_heads  # XGBoost: loaded by the messages that use it (client.app)
+    from client.personalised.site_trees import SiteTrees
+    from shared import boosting
+    from shared.protocol.boosting import BoostingRound, boosters_of
+
+    if request.dp is not None:
+        raise PrivacyRefused(BOOSTING_DP_REFUSAL)
+    plan = Personalisation.from_config(request.config)
+    settings = BoostingRound.from_config(request.config)
+    encoder = request.encoder
+    train_split = request.encoded("train")
+    federated = boosters_of(msg.content)
+    config = boosting.BoostingConfig(eta=settings.eta, max_depth=settings.max_depth, seed=settings.seed)
+    models = {GLOBAL: federated,
+              LOCAL: train_pooled_heads(encoder, train_split.x, train_split.targets, config, plan.local_rounds)}
+    if "site-trees" in plan.methods:
+        models["site-trees"] = {
+            head.key: bytes(SiteTrees(n_trees=plan.site_trees, eta=settings.eta,
+                                      objective=boosting.OBJECTIVES[head.kind], seed=settings.seed)
+                            .fit(federated[head.key], train_split.x, boosting.head_labels(head, train_split.targets))
+                            .booster_.save_raw("json"))
+            for head in boosting.heads(encoder)}
+    n_bins = int(request.config.get(EVAL_BINS, metrics.DEFAULT_N_BINS))
+    splits = {"validation": request.encoded("val"), "test": request.encoded("test")}
+    predictions = {split: {name: boosting.predict_heads(models[name], encoder, data.x) for name in plan.candidates}
+                   for split, data in splits.items()}
+    released = {split: {name: summaries(encoder, splits[split], p, n_bins=n_bins) for name, p in by.items()}
+                for split, by in predictions.items()}
+    task = request.site.task
+    scores = {name: validation_score(task, released["validation"][name]) for name in plan.candidates}
+    spread = paired_bootstrap_sd(request, splits["validation"], predictions["validation"], plan.candidates, n_bins,
+                                 np.random.default_rng(settings.seed))
+    chosen, reason = choose_by_margin(scores, spread, plan.candidates)
+    _keep_boosters_at_site(request, chosen, reason, released, models[chosen])
+    reply = PersonalisationReply(chosen=chosen, reason=reason, summaries=released, num_examples=len(splits["test"]),
+                                 candidates=plan.candidates)
+    return reply.to_records()
+
+
+BOOSTING_RECORD = "{run}-xgboost"
+"""Stem of a site's record and chosen boosters of ``query.personalise_boosting`` in its record folder."""
+
+
+def _keep_boosters_at_site(request: SiteRequest, chosen: str, reason: str, exact: dict,
+                           boosters: dict[str, bytes]) -> None:
+    """The chosen boosters (one XGBoost JSON per head) and the site's figures, in the site's own folder."""
+    folder = site_record_folder(request.source.folder, request.name)
+    stem = BOOSTING_RECORD.format(run=request.context.run_id)
+    (folder / f"{stem}-{chosen}").mkdir(parents=True, exist_ok=True)
+    for head, model in boosters.items():
+        (folder / f"{stem}-{chosen}" / f"{head}.json").write_bytes(model)
+    write_json_atomically(folder / f"{stem}.json", _site_record(request, chosen, reason, exact))
+
+
+def _site_record(request: SiteRequest, chosen: str, reason: str, exact: dict) -> dict:
+    """The site's own record of a personalisation phase: its choice and every candidate's summaries."""
+    body = {"run_id": str(request.context.run_id), "chosen": chosen, "reason": reason,
+            "summaries": {split: {name: {o: {k: np.asarray(v).tolist() for k, v in s.items()} for o, s in by.items()}
+                                  for name, by in cands.items()} for split, cands in exact.items()}}
+    return json.loads(json.dumps(body))
 
 
 BOOTSTRAP_DRAWS = 200
@@ -208,10 +294,7 @@ def _keep_at_site(request: SiteRequest, chosen: str, reason: str, exact: dict, m
     folder.mkdir(parents=True, exist_ok=True)
     run = str(request.context.run_id)
     torch.save(model.state_dict(), folder / f"{run}-{chosen}.pt")
-    body = {"run_id": run, "chosen": chosen, "reason": reason,
-            "summaries": {split: {name: {o: {k: np.asarray(v).tolist() for k, v in s.items()} for o, s in by.items()}
-                                  for name, by in cands.items()} for split, cands in exact.items()}}
-    write_json_atomically(folder / f"{run}.json", json.loads(json.dumps(body)))
+    write_json_atomically(folder / f"{run}.json", _site_record(request, chosen, reason, exact))
 
 
 def site_record_folder(site_folder: Path, site: str) -> Path:
@@ -220,5 +303,6 @@ def site_record_folder(site_folder: Path, site: str) -> Path:
 
 
 def register_personalisation(client, handlers: SiteHandlers) -> None:
-    """Add the ``query.personalise`` handler to ``client``."""
+    """Add the ``query.personalise`` and ``query.personalise_boosting`` handlers to ``client``."""
     client.query(messages.PERSONALISE.action)(handlers(personalise))
+    client.query(messages.PERSONALISE_BOOSTING.action)(handlers(personalise_boosting))

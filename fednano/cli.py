@@ -146,8 +146,9 @@ def simulate(
         "utility) | standard_of_care (leave each site's standard of care only where the lower bound of the "
         "improvement is positive)."),
     personalise: str = typer.Option(
-        "", "--personalise", help="Personalised ANNs each site trains after the federation and chooses among with "
-        "its local-only and the global model on its validation split: finetune, ditto, fedper (comma-separated)."),
+        "", "--personalise", help="Personalised models each site trains after the federation and chooses among with "
+        "its local-only and the global model on its validation split: ANNs finetune, ditto, fedper; boosters "
+        "site-trees (the federation's trees plus 10 grown at the site; sites without DP) (comma-separated)."),
     policy: bool = typer.Option(
         True, "--policy/--no-policy", help="Build, sign and evaluate the dosing policy (built-in task; --no-policy: "
         "the outcome models only)."),

@@ -7,6 +7,7 @@
 | 3. ANN training | :mod:`server.training_phase` | weights each round, evaluation summaries |
 | 3b. personalised ANNs (``--personalise``) | :mod:`server.personalisation_phase` | each site's choice, metrics |
 | 4. boosting | :mod:`server.boosting_phase` (bagging, cyclic), :mod:`server.hist_phase` | trees; histograms |
+| 4b. personalised boosters (``--personalise site-trees``) | :mod:`server.personalisation_phase` | choice, metrics |
 | 5. importance | :mod:`server.importance_phase` | permutation loss sums |
 | 6. policy (with a signing key) | :mod:`server.policy_phase`, :mod:`server.adjustment_phase` | catalogue, sums |
 
@@ -28,10 +29,10 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from server.boosting_phase import run_boosting
+from server.boosting_phase import boosting_round, run_boosting
 from server.hist_phase import run_hist_boosting
 from server.importance_phase import federated_importance
-from server.personalisation_phase import run_personalisation
+from server.personalisation_phase import run_boosting_personalisation, run_personalisation
 from server.policy_phase import run_policy_phase
 from server.run_record import ModelRecord, RunRecord, SitePrivacyRecord, final_metrics
 from server.settings import RunSettings
@@ -39,7 +40,7 @@ from server.site_check import SiteCheck, usable_sites
 from server.statistics_phase import federated_encoder
 from server.training_phase import eval_bins, train_ann, training_config
 from shared.artifacts import RunArtifacts
-from shared.protocol.personalisation import Personalisation, parse_methods
+from shared.protocol.personalisation import Personalisation, ann_methods, boosting_methods
 from shared.protocol.privacy import RunPlan
 from shared.protocol.training import EVAL_BINS
 from strategies.choice import make_strategy
@@ -58,7 +59,7 @@ def run_plan(settings: RunSettings) -> RunPlan:
     if "ann" in models:
         phases.append("training")
     phases.append("evaluation")
-    if "ann" in models and parse_methods(settings.personalise):
+    if "ann" in models and ann_methods(settings.personalise):
         phases.append("personalisation")
     if "xgboost" in models and settings.boosting == "hist":
         phases.append("boosting")
@@ -129,7 +130,7 @@ def run_federation(grid: Grid, settings: RunSettings, on_round: Callable[[int], 
             config[EVAL_BINS] = eval_bins(sites)
             with record.timed("personalisation"):
                 record.personalisation = run_personalisation(
-                    grid, sites, task, arrays, config, Personalisation(parse_methods(settings.personalise)), record)
+                    grid, sites, task, arrays, config, Personalisation(ann_methods(settings.personalise)), record)
     if "xgboost" in settings.model_names:
         boost = run_hist_boosting if settings.boosting == "hist" else run_boosting
         with record.timed("boosting"):
@@ -143,6 +144,12 @@ def run_federation(grid: Grid, settings: RunSettings, on_round: Callable[[int], 
             final=final_metrics(task, sites.usable, boosted.evaluations),
             failures={sites.usable.get(n, f"node {n}"): reason for n, reason in boosted.failures.items()},
             refused=boosted.refused, importance=importance)
+        if boosting_methods(settings.personalise) and boosted.models:
+            config = boosting_round(settings).to_config(encoder)  # fine score bins: only sites without DP answer
+            plan = Personalisation(boosting_methods(settings.personalise), local_rounds=settings.xgb_rounds)
+            with record.timed("personalisation_xgboost"):
+                record.personalisation_xgboost = run_boosting_personalisation(
+                    grid, sites, task, boosted.models, config, plan, record)
     if builds_policy(settings):
         with record.timed("policy"):
             record.policy = run_policy_phase(grid, sites, artifacts, record, settings)

@@ -1,4 +1,5 @@
-"""Phase 3b: personalised ANNs at the sites, after the federation's last round (``--personalise``).
+"""Phase 3b: personalised ANNs at the sites, after the federation's last round (``--personalise``); phase 4b: the
+same choice for the finished boosters (``--personalise site-trees``, :func:`run_boosting_personalisation`).
 
 The server sends the final global weights with the ANN's training config and
 :class:`shared.protocol.personalisation.Personalisation` to every site that grants the ``personalisation`` phase
@@ -8,6 +9,11 @@ No personalised weight comes back. The record keeps, per site, the choice, the r
 candidate on the validation and test splits (from the released summaries: noised at a DP site), and what the
 phase cost: seconds and bytes on the wire. A DP site's privacy record counts every entry the phase made in its
 ledger: one per candidate trained by DP-SGD and the two Gaussian releases (validation, test).
+
+For the boosters the server sends the finished boosters, the boosting settings and the plan to every site
+without DP (XGBoost's site trees have no DP form: a DP site is recorded as refusing, with why); each site chooses
+among the global boosters, its local-only ones and the global ones with its own trees added, and replies the
+same :class:`shared.protocol.personalisation.PersonalisationReply`. No tree the site grew comes back.
 """
 
 from __future__ import annotations
@@ -24,7 +30,13 @@ from server.site_check import SiteCheck
 from shared import metrics
 from shared.protocol import messages
 from shared.protocol import records as r
-from shared.protocol.personalisation import VALIDATION_PRIVACY, Personalisation, PersonalisationReply
+from shared.protocol.boosting import evaluation_request
+from shared.protocol.personalisation import (
+    BOOSTING_DP_REFUSAL,
+    VALIDATION_PRIVACY,
+    Personalisation,
+    PersonalisationReply,
+)
 from shared.task import TaskSpec
 
 PHASE = "personalisation"
@@ -44,6 +56,36 @@ def run_personalisation(grid: Grid, sites: SiteCheck, task: TaskSpec, arrays: Ar
     content = personalisation_request(arrays, config, plan)
     nodes = sites.granting(PHASE)
     sent = [Message(content, dst_node_id=n, message_type=messages.PERSONALISE.type) for n in nodes]
+    per_site, failures, received = collect(grid, sites, task, sent, record)
+    return {"methods": list(plan.methods), "candidates": list(plan.candidates), "epochs": plan.epochs,
+            "ditto_lambda": plan.ditto_lambda, "seconds": time.perf_counter() - start,
+            "bytes": {"sent": len(nodes) * sum(record_bytes(v) for v in content.values()), "received": received},
+            "per_site": per_site, "failures": failures, "refused": sites.refusing(PHASE)}
+
+
+def run_boosting_personalisation(grid: Grid, sites: SiteCheck, task: TaskSpec, boosters: dict[str, bytes],
+                                 config: ConfigRecord, plan: Personalisation, record: RunRecord) -> dict:
+    """Ask every site without DP to personalise the finished ``boosters`` (``config``: the boosting settings
+    with the encoder); the phase's record, shaped as :func:`run_personalisation`'s."""
+    start = time.perf_counter()
+    merged = ConfigRecord(dict(config))
+    merged.update(plan.to_config())
+    content = evaluation_request(merged, boosters)
+    nodes = [n for n in sites.nodes if n not in sites.dp_nodes()]
+    sent = [Message(content, dst_node_id=n, message_type=messages.PERSONALISE_BOOSTING.type) for n in nodes]
+    per_site, failures, received = collect(grid, sites, task, sent, record)
+    return {"methods": list(plan.methods), "candidates": list(plan.candidates), "site_trees": plan.site_trees,
+            "local_rounds": plan.local_rounds, "seconds": time.perf_counter() - start,
+            "bytes": {"sent": len(nodes) * sum(record_bytes(v) for v in content.values()), "received": received},
+            "per_site": per_site, "failures": failures,
+            "refused": {sites.usable[n]: BOOSTING_DP_REFUSAL for n in sites.dp_nodes()}}
+
+
+def collect(grid: Grid, sites: SiteCheck, task: TaskSpec, sent: list[Message],
+            record: RunRecord) -> tuple[dict, dict, int]:
+    """Send ``sent`` and read the sites' :class:`PersonalisationReply`: per site its choice, reason, DP-SGD steps
+    and every candidate's metrics per split; failures (site → reason); bytes received. DP releases and DP-SGD
+    fits go into ``record``'s privacy records."""
     per_site, failures, received = {}, {}, 0
     for reply in grid.send_and_receive(sent):
         node = reply.metadata.src_node_id
@@ -62,10 +104,7 @@ def run_personalisation(grid: Grid, sites: SiteCheck, task: TaskSpec, arrays: Ar
         per_site[name] = {"chosen": answer.chosen, "reason": answer.reason, "dp_steps": answer.dp_steps,
                           **{split: {c: outcome_metrics(task, _as_record(s)) for c, s in by.items()}
                              for split, by in answer.summaries.items()}}
-    return {"methods": list(plan.methods), "candidates": list(plan.candidates), "epochs": plan.epochs,
-            "ditto_lambda": plan.ditto_lambda, "seconds": time.perf_counter() - start,
-            "bytes": {"sent": len(nodes) * sum(record_bytes(v) for v in content.values()), "received": received},
-            "per_site": per_site, "failures": failures, "refused": sites.refusing(PHASE)}
+    return per_site, failures, received
 
 
 def record_bytes(record) -> int:

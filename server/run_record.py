@@ -8,6 +8,7 @@
      "statistics": {"sites": [...], "failures": {site: reason}, "refused": {site: reason}},
      "models": {"ann" | "xgboost": ModelRecord},   # only the families the run trained
      "personalisation": {...} or null,             # server.personalisation_phase (--personalise)
+     "personalisation_xgboost": {...} or null,     # the same for the boosters (--personalise site-trees)
      "central_dp": CentralDPRecord or null,        # central DP of the ANN (--central-dp), its own accounting
      "policy": {...} or null,
      "refused": {phase: why},                      # phases the coordinator refused; the run ended there
@@ -163,6 +164,7 @@ class RunRecord:
     models: dict[str, ModelRecord] = field(default_factory=dict)
     policy: dict | None = None
     personalisation: dict | None = None
+    personalisation_xgboost: dict | None = None
     central_dp: CentralDPRecord | None = None
     refused: dict[str, str] = field(default_factory=dict)
     """Phase → why the coordinator refused to run it (the run ended there, its record written): e.g. a robust
@@ -212,6 +214,7 @@ class RunRecord:
                 statistics=dict(data["statistics"]),
                 models={str(k): ModelRecord(**v) for k, v in data["models"].items()}, policy=data.get("policy"),
                 personalisation=data.get("personalisation"),
+                personalisation_xgboost=data.get("personalisation_xgboost"),
                 central_dp=CentralDPRecord(**data["central_dp"]) if data.get("central_dp") else None,
                 refused={str(k): str(v) for k, v in data.get("refused", {}).items()},
                 phase_seconds={str(k): float(v) for k, v in data.get("phase_seconds", {}).items()})

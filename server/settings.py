@@ -135,8 +135,9 @@ class RunSettings:
         (z = 0.5). Absolute is the default by measurement: in the closed loop (BENCHMARKS.md, attempt 5) the
         relative policy's last versions were lower at 3 of 4 seeds and still truly worse at the one small site.
     personalise : str, default ""
-        Personalised ANNs each site trains after the federation and chooses among with its local-only and the
-        global model (``shared.protocol.personalisation.METHODS``, comma-separated; empty: none).
+        Personalised models each site trains after the federation and chooses among with its local-only and the
+        global model, comma-separated, empty: none: ANN methods (``shared.protocol.personalisation.METHODS``) and
+        boosting ones (``BOOSTING_METHODS``: ``site-trees``, at sites without DP).
     one_message_rounds : bool, default True
         A site without DP evaluates the model it receives with each round's training message and replies with
         both, so a round is one exchange and only the final model is evaluated apart

@@ -95,7 +95,7 @@ class ExperimentConfig:
     central_delta: float = DEFAULTS.central_delta
     central_accountant: str = DEFAULTS.central_accountant
     attacks: list[str] = field(default_factory=list)  # SITE:KIND[=FACTOR], simulation.attacks
-    personalise: str = DEFAULTS.personalise  # personalised ANNs at the sites (simulation.personalisation)
+    personalise: str = DEFAULTS.personalise  # personalised ANNs / boosters at the sites (simulation.personalisation)
     policy: bool = True  # build, sign and evaluate the dosing policy (the built-in task only)
     one_message_rounds: bool = DEFAULTS.one_message_rounds  # evaluate and train in one exchange (RunSettings)
     ray_address: str | None = None  # a running Ray cluster's head (HOST:PORT); None: a local Ray per simulation
@@ -641,12 +641,15 @@ def _run_experiment(cfg: ExperimentConfig, on_round: Callable[[int], None] | Non
                         for family, model in record.models.items() if family not in families},
         "policy": None,
     }
-    if record.personalisation is not None and "ann" in models:
-        by_name = {name: s for s in sources for name, site in sites.items()
-                   if Path(site.path).resolve() == s.path.resolve()}
-        exact = site_records(by_name, record.run_id)
-        models["ann"]["personalised"] = personalised_entry(task, record, exact, results["privacy"])
-        results["personalisation"] = personalisation_results(record)
+    by_name = {name: s for s in sources for name, site in sites.items()
+               if Path(site.path).resolve() == s.path.resolve()}
+    for family, phase, key in (("ann", record.personalisation, "personalisation"),
+                               ("xgboost", record.personalisation_xgboost, "personalisation_xgboost")):
+        if phase is not None and family in models:
+            exact = site_records(by_name, record.run_id, family)
+            models[family]["personalised"] = personalised_entry(task, phase, exact,
+                                                                results["privacy"] if family == "ann" else {})
+            results[key] = personalisation_results(phase)
     if record.policy:
         say("policy")
         start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Personalised ANNs in the experiment's results and report (``fednano simulate --personalise``).
+"""Personalised ANNs and boosters in the experiment's results and report (``fednano simulate --personalise``).
 
 What a site chose and why, and each candidate's metrics, come from two places, as for the federated model
 (``simulation.experiment.federated_entry``): what the sites released to the coordinator (the run record's
@@ -14,38 +14,42 @@ results.json:
   ``cost`` (the phase's seconds, bytes on the wire, ε per DP site);
 - ``personalisation``: per site ``{chosen, reason, validation, dp_steps}`` (validation: candidate → outcome →
   metrics, as released).
+- ``models.xgboost.personalised`` and ``personalisation_xgboost``: the same for the boosters (``site-trees``;
+  sites without DP only, a DP site under ``refused``).
 """
 
 from __future__ import annotations
 
 import json
 
-from client.personalisation_handlers import site_record_folder
+from client.personalisation_handlers import BOOSTING_RECORD, site_record_folder
 from client.personalised.choice import HEADLINE
 from client.site import SiteSource
-from server.run_record import RunRecord
 from shared.protocol.personalisation import GLOBAL, LOCAL
 from shared.task import TaskSpec
 from simulation.baselines import model_metrics
 
 LABELS = {LOCAL: "local", GLOBAL: "global"}
+FAMILIES = {"ann": ("personalisation", "Personalised ANNs", "personalised models"),
+            "xgboost": ("personalisation_xgboost", "Personalised boosters", "site's trees")}
+"""Family → (results.json key of the choices, report heading, what the site grew)."""
 
 
-def site_records(sources: dict[str, SiteSource], run_id: str) -> dict[str, dict]:
-    """Each site's own exact record of the phase (site name → record), where the site wrote one; ``sources``:
-    site name → where its data live."""
+def site_records(sources: dict[str, SiteSource], run_id: str, family: str = "ann") -> dict[str, dict]:
+    """Each site's own exact record of the ``family``'s phase (site name → record), where the site wrote one;
+    ``sources``: site name → where its data live."""
+    stem = run_id if family == "ann" else BOOSTING_RECORD.format(run=run_id)
     found = {}
     for name, source in sources.items():
-        path = site_record_folder(source.folder, name) / f"{run_id}.json"
+        path = site_record_folder(source.folder, name) / f"{stem}.json"
         if path.is_file():
             found[name] = json.loads(path.read_text())
     return found
 
 
-def personalised_entry(task: TaskSpec, record: RunRecord, exact: dict[str, dict], privacy: dict[str, dict]) -> dict:
-    """``models.ann.personalised`` (module docstring) from the sites' exact records; ``privacy``:
-    ``results["privacy"]`` (ε per phase per DP site, for the cost)."""
-    phase = record.personalisation or {}
+def personalised_entry(task: TaskSpec, phase: dict, exact: dict[str, dict], privacy: dict[str, dict]) -> dict:
+    """``models.<family>.personalised`` (module docstring) from the run record's ``phase`` and the sites' exact
+    records; ``privacy``: ``results["privacy"]`` (ε per phase per DP site, for the cost)."""
     chosen = {site: entry["chosen"] for site, entry in exact.items()}
     candidates = phase.get("candidates", [])
     entry = model_metrics(task, {site: e["summaries"]["test"][chosen[site]] for site, e in exact.items()})
@@ -57,9 +61,9 @@ def personalised_entry(task: TaskSpec, record: RunRecord, exact: dict[str, dict]
     return entry
 
 
-def personalisation_results(record: RunRecord) -> dict:
-    """``personalisation`` of results.json: per site its choice, reason and released validation metrics."""
-    phase = record.personalisation or {}
+def personalisation_results(phase: dict) -> dict:
+    """``personalisation`` (or ``personalisation_xgboost``) of results.json from the run record's phase: per site
+    its choice, reason and released validation metrics."""
     return {site: {"chosen": e["chosen"], "reason": e["reason"], "validation": e["validation"],
                    "dp_steps": e["dp_steps"]} for site, e in phase.get("per_site", {}).items()}
 
@@ -79,18 +83,20 @@ def _fmt(value) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
-def report_section(results: dict) -> list[str]:
+def report_section(results: dict, family: str = "ann") -> list[str]:
     """The per-site table "local / global / personalised / chosen" on the test split, per outcome."""
-    entry = results["models"].get("ann", {}).get("personalised")
+    entry = results["models"].get(family, {}).get("personalised")
     if not entry:
         return []
+    key, heading, grown = FAMILIES[family]
     candidates = list(entry["candidates"])
     labels = [LABELS.get(c, c) for c in candidates]
-    lines = ["## Personalised ANNs (each site's choice)", "",
-             "Each site trained its local-only model and the personalised models from the final global model on its "
-             "own training split, scored them with the global model on its validation split (mean of the outcomes' "
-             "AUC / R²), and kept the best; the personalised models never left the site. Test split, each site's own "
-             "exact figures (local: the site's own model in the choice, on the federated encoder).", ""]
+    lines = [f"## {heading} (each site's choice)", "",
+             f"Each site trained its local-only model and the {grown} from the final global model on its own "
+             "training split, scored them with the global model on its validation split (mean of the outcomes' "
+             f"AUC / R²), and kept the global model unless another beat it by more than the split's noise; the {grown} "
+             "never left the site. Test split, each site's own exact figures (local: the site's own model in the "
+             "choice, on the federated encoder).", ""]
     for name, kind in results["task"]["outcomes"]:
         main = HEADLINE[kind]
         lines += [f"### {name}: {main} on the test split", "",
@@ -104,8 +110,10 @@ def report_section(results: dict) -> list[str]:
                          + _fmt(entry["per_site"].get(site, {}).get(name, {}).get(main)) + " |")
         lines.append("")
     lines += ["Why each site chose as it did (its released validation figures):", ""]
-    for site, part in sorted(results.get("personalisation", {}).items()):
+    for site, part in sorted(results.get(key, {}).items()):
         lines.append(f"- {site}: {part['chosen']} — {part['reason']}")
+    for site, why in sorted(entry.get("refused", {}).items()):
+        lines.append(f"- {site}: not asked — {why}")
     spent = entry.get("cost", {})
     if spent.get("seconds") is not None:
         lines += ["", f"Cost of the phase: {spent['seconds']:.1f} s, {spent['bytes']['sent']} bytes sent, "

@@ -403,7 +403,7 @@ def write_report(out: Path, results: dict, summaries: dict[str, dict[str, dict[s
     for family in results["models"]:
         if family in FEDERATED_FAMILIES:
             lines += [f"## Outcome models ({FAMILY_LABELS[family]})", ""] + _model_table(results, family)
-    lines += personalisation_section(results)
+    lines += personalisation_section(results) + personalisation_section(results, "xgboost")
     lines += ["## The seed paper's comparison", ""] + _comparison_table(results)
     lines += ["## Feature importance (permutation, computed at the sites)", ""] + _importance_table(results)
     lines += ["## Privacy", ""] + _privacy_table(results) + central_dp_lines(results.get("central_dp"))

@@ -8,8 +8,8 @@
 
 With the local-only model (:mod:`client.personalised.local`) and the global model, they are the candidates a
 site chooses among on its validation split (:mod:`client.personalised.choice`). Personalised boosting (the
-federation's trees plus trees grown at the site) is :mod:`client.personalised.site_trees`; it is not yet a
-candidate of the ``query.personalise`` phase. :mod:`client.personalised.candidates` makes a site's candidates
-for a plan. This package's ``__init__`` imports nothing, so the choice (:mod:`client.personalised.choice`) is read
-without torch.
+federation's trees plus trees grown at the site, ``site-trees``) is :mod:`client.personalised.site_trees`, a
+candidate of ``query.personalise_boosting`` with the site's local-only and the global boosters.
+:mod:`client.personalised.candidates` makes a site's candidates for a plan. This package's ``__init__`` imports
+nothing, so the choice (:mod:`client.personalised.choice`) is read without torch.
 """

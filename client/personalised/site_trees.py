@@ -10,7 +10,9 @@ The added trees never leave the site.
 
 Without DP only: under DP the site's released validation and test summaries are private only if every model
 they score was trained privately (a training row changes the trees, hence every validation prediction), and
-XGBoost's trees are not; a DP site declines this candidate (:data:`DP_REFUSAL`).
+XGBoost's trees are not; a DP site declines this candidate
+(:data:`shared.protocol.personalisation.BOOSTING_DP_REFUSAL`). A candidate of ``query.personalise_boosting``
+(``client.personalisation_handlers.personalise_boosting``), with the site's local-only boosters and the global ones.
 
 Example
 -------
@@ -21,9 +23,6 @@ from __future__ import annotations
 
 import numpy as np
 import xgboost as xgb
-
-DP_REFUSAL = ("personalised boosting is not offered at a DP site: XGBoost's site trees are not trained under DP, so "
-              "the summaries released of them would not be private")
 
 
 class SiteTrees:

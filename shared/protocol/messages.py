@@ -49,6 +49,9 @@ TRAIN_XGBOOST = MessageName("train", XGBOOST_ACTION)
 EVALUATE_XGBOOST = MessageName("evaluate", XGBOOST_ACTION)
 XGB_EVALUATE = query("xgb_evaluate")
 """Evaluation summaries of every finished booster at once."""
+PERSONALISE_BOOSTING = query("personalise_boosting")
+"""Grow the site's trees on top of the finished boosters and train its local-only boosters, choose on the
+validation split, reply metrics only (``shared.protocol.personalisation``); the site's boosters stay at the site."""
 IMPORTANCE = query("importance")
 """Permutation-importance loss sums of a final model."""
 

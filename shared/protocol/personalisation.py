@@ -21,7 +21,13 @@ from shared import metrics
 from shared.protocol import records as r
 
 METHODS = ("finetune", "ditto", "fedper")
-"""Personalisation methods a site knows (``client.personalised.METHODS`` implements each)."""
+"""Personalised ANN methods a site knows (``client.personalised.METHODS`` implements each)."""
+BOOSTING_METHODS = ("site-trees",)
+"""Personalised boosting methods: ``site-trees``, a few trees the site grows on its own rows on top of the
+federation's (``client.personalised.site_trees.SiteTrees``; ``query.personalise_boosting``)."""
+BOOSTING_DP_REFUSAL = ("personalised boosting is not offered at a DP site: XGBoost's site trees are not trained "
+                       "under DP, so the summaries released of them would not be private")
+"""Why a DP site is not asked to personalise the boosters (the record shows it as refused)."""
 LOCAL, GLOBAL = "local", "global"
 """The two candidates every personalising site also scores: its own local-only model and the global model."""
 SPLITS = ("validation", "test")
@@ -36,16 +42,28 @@ _METHODS_KEY = "personalise-methods"
 _EPOCHS_KEY = "personalise-epochs"
 _LAMBDA_KEY = "ditto-lambda"
 _LR_KEY = "personalise-lr"
+_SITE_TREES_KEY = "personalise-site-trees"
+_LOCAL_ROUNDS_KEY = "personalise-local-rounds"
 
 
 def parse_methods(text: str) -> tuple[str, ...]:
     """Methods from ``"finetune,ditto"``; ``ValueError`` naming an unknown one ("" is none)."""
     names = tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
-    unknown = sorted(set(names) - set(METHODS))
+    unknown = sorted(set(names) - set(METHODS) - set(BOOSTING_METHODS))
     if unknown:
         raise ValueError(f"personalise: unknown method(s) {', '.join(unknown)}: expected some of "
-                         f"{', '.join(METHODS)} (comma-separated)")
+                         f"{', '.join(METHODS + BOOSTING_METHODS)} (comma-separated)")
     return names
+
+
+def ann_methods(text: str) -> tuple[str, ...]:
+    """The personalised ANN methods among ``text``'s (:func:`parse_methods`)."""
+    return tuple(m for m in parse_methods(text) if m in METHODS)
+
+
+def boosting_methods(text: str) -> tuple[str, ...]:
+    """The personalised boosting methods among ``text``'s (:func:`parse_methods`)."""
+    return tuple(m for m in parse_methods(text) if m in BOOSTING_METHODS)
 
 
 @dataclass(frozen=True)
@@ -63,27 +81,38 @@ class Personalisation:
         Adam's learning rate for the methods (below the federation's 0.005: they start from a trained model).
     ditto_lambda : float, default 0.5
         Ditto's λ, the weight of ``λ/2 ‖v − w‖²`` pulling the personal model ``v`` toward the global ``w``.
+    site_trees : int, default 10
+        Trees per head a site grows on top of the federation's boosters (``site-trees``).
+    local_rounds : int, default 20
+        Boosting rounds of the site's local-only boosters in the boosting choice (the federation's rounds, as
+        the local-only baseline).
     """
 
     methods: tuple[str, ...]
     epochs: int = 5
     lr: float = 0.002
     ditto_lambda: float = 0.5
+    site_trees: int = 10
+    local_rounds: int = 20
 
     def __post_init__(self) -> None:
         parse_methods(",".join(self.methods))
-        if self.epochs < 1 or self.lr <= 0 or self.ditto_lambda < 0:
-            raise ValueError("personalise: epochs must be ≥ 1, lr > 0 and ditto_lambda ≥ 0; got "
-                             f"{self.epochs!r}, {self.lr!r}, {self.ditto_lambda!r}")
+        if self.epochs < 1 or self.lr <= 0 or self.ditto_lambda < 0 or self.site_trees < 1 or self.local_rounds < 1:
+            raise ValueError("personalise: epochs, site_trees and local_rounds must be ≥ 1, lr > 0 and ditto_lambda "
+                             f"≥ 0; got {self.epochs!r}, {self.site_trees!r}, {self.local_rounds!r}, {self.lr!r}, "
+                             f"{self.ditto_lambda!r}")
 
     def to_config(self) -> ConfigRecord:
         return ConfigRecord({_METHODS_KEY: list(self.methods) or [""], _EPOCHS_KEY: self.epochs, _LR_KEY: self.lr,
-                             _LAMBDA_KEY: self.ditto_lambda})
+                             _LAMBDA_KEY: self.ditto_lambda, _SITE_TREES_KEY: self.site_trees,
+                             _LOCAL_ROUNDS_KEY: self.local_rounds})
 
     @classmethod
     def from_config(cls, config: Mapping) -> Personalisation:
         return cls(methods=tuple(m for m in config[_METHODS_KEY] if m), epochs=int(config[_EPOCHS_KEY]),
-                   lr=float(config[_LR_KEY]), ditto_lambda=float(config[_LAMBDA_KEY]))
+                   lr=float(config[_LR_KEY]), ditto_lambda=float(config[_LAMBDA_KEY]),
+                   site_trees=int(config.get(_SITE_TREES_KEY, 10)),
+                   local_rounds=int(config.get(_LOCAL_ROUNDS_KEY, 20)))
 
     @property
     def candidates(self) -> tuple[str, ...]:
