@@ -80,7 +80,9 @@ def simulate(
         None, "--patients-per-clinic", min=1, help="Same size for every simulated clinic (default: tens to "
         "hundreds)."),
     rounds: int | None = typer.Option(None, "--rounds", min=1, help="Federated rounds (default 10)."),
-    dp: bool = typer.Option(True, "--dp/--no-dp", help="Simulated sites train with DP-SGD (site.toml budget)."),
+    dp: bool | None = typer.Option(
+        None, "--dp/--no-dp", help="Simulated sites train with DP-SGD (site.toml budget). Default on, but off with "
+        "--central-dp; --central-dp with --dp keeps both (two accounts in the record, never added)."),
     epsilon: float = typer.Option(3.0, "--epsilon", min=0.01, max=SITE_MAX_EPSILON,
                                   help="Per-site ε budget of simulated sites."),
     strategy: str | None = typer.Option(
@@ -98,6 +100,18 @@ def simulate(
     clip_median_factor: float | None = typer.Option(
         None, "--clip-median-factor", min=0.0, help="Instead of --clip-norm: clip each site's ANN update to this "
         "multiple of the round's median update norm, a bound taken from the norms seen (default 0: off)."),
+    central_dp: str | None = typer.Option(
+        None, "--central-dp", help="Central DP of the ANN instead of (or, with --dp, on top of) the sites' DP-SGD: "
+        "fixed | adaptive server-side clipping of each site's whole update + Gaussian noise (fedavg/fedprox)."),
+    central_noise_multiplier: float | None = typer.Option(
+        None, "--central-noise-multiplier", min=0.0, help="Central DP's z: noise sd / (clip / sites) (default 1)."),
+    central_clip: float | None = typer.Option(
+        None, "--central-clip", min=0.0, help="Central DP's clipping norm of a site's update; adaptive: the initial "
+        "norm (default 1)."),
+    central_delta: float | None = typer.Option(
+        None, "--central-delta", min=0.0, max=1.0, help="δ at which central DP's ε is stated (default 1e-5)."),
+    central_accountant: str | None = typer.Option(
+        None, "--central-accountant", help="rdp (default) | prv: the Opacus accountant of central DP's ε."),
     attack: list[str] | None = typer.Option(
         None, "--attack", help="Experiments: SITE:KIND[=FACTOR] makes a site attack, repeatable; KIND sign-flip "
         "(=1) | scale (=10) | label-flip | lie (swapped evaluation summaries)."),
@@ -187,6 +201,9 @@ def simulate(
         parse_methods(personalise)
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--personalise") from err
+    central = _central_dp_options(base, strategy, central_dp, central_noise_multiplier, central_clip, central_delta,
+                                  central_accountant)
+    dp = not central["central_dp"] if dp is None else dp  # central DP alone unless --dp asks for both
     sites = _site_paths(ctx, sites)
     if explore and deploy_cycles < 2:
         raise typer.BadParameter("exploration happens in the closed loop's deployment periods: give "
@@ -217,7 +234,7 @@ def simulate(
                            clip_median_factor=base.clip_median_factor if clip_median_factor is None
                            else clip_median_factor, attacks=list(attack or []),
                            personalise=personalise, policy=policy, ray_address=ray_address,
-                           supernode_cpus=supernode_cpus)
+                           supernode_cpus=supernode_cpus, **central)
     console = Console()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
@@ -616,6 +633,41 @@ def _ledger_budget(site: Path, epsilon: float | None, delta: float | None) -> tu
     return float(epsilon), float(delta)
 
 
+def _central_dp_options(base, strategy: str, mechanism: str | None, noise: float | None, clip: float | None,
+                        delta: float | None, accountant: str | None) -> dict:
+    """The ``central_*`` fields of ``ExperimentConfig`` from ``--central-*`` (unset: the settings' defaults);
+    ``BadParameter`` naming the option for a mechanism, strategy or value central DP cannot take."""
+    from server.settings import CENTRAL_ACCOUNTANTS
+    from strategies.central_dp import MECHANISMS, CentralDPParameters, central_dp_problem
+
+    options = {"central_dp": mechanism or "",
+               "central_noise_multiplier": base.central_noise_multiplier if noise is None else noise,
+               "central_clip": base.central_clip if clip is None else clip,
+               "central_delta": base.central_delta if delta is None else delta,
+               "central_accountant": accountant or base.central_accountant}
+    given = [name for name, value in (("--central-noise-multiplier", noise), ("--central-clip", clip),
+                                      ("--central-delta", delta), ("--central-accountant", accountant))
+             if value is not None]
+    if not mechanism:
+        if given:
+            raise typer.BadParameter(f"{', '.join(given)} without --central-dp: add --central-dp fixed or adaptive",
+                                     param_hint="--central-dp")
+        return options
+    if mechanism not in MECHANISMS:
+        raise typer.BadParameter(f"expected one of {', '.join(MECHANISMS)}", param_hint="--central-dp")
+    if options["central_accountant"] not in CENTRAL_ACCOUNTANTS:
+        raise typer.BadParameter(f"expected one of {', '.join(CENTRAL_ACCOUNTANTS)}", param_hint="--central-accountant")
+    if not 0 < options["central_delta"] < 1:
+        raise typer.BadParameter("expected a number in (0, 1)", param_hint="--central-delta")
+    try:
+        CentralDPParameters(mechanism, options["central_noise_multiplier"], options["central_clip"])
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--central-dp") from err
+    if problem := central_dp_problem(strategy):
+        raise typer.BadParameter(problem, param_hint="--strategy")
+    return options
+
+
 def _site_paths(ctx: typer.Context, sites: list[Path] | None) -> list[Path]:
     """``--sites A B C`` (or repeated ``--sites``): every path must exist, and a federation needs two."""
     if ctx.args and not sites:
@@ -651,6 +703,7 @@ def _print_summary(console, results: dict, out: Path) -> None:
         refused = f"; refused: {', '.join(p['refused'])}" if p["refused"] else ""
         console.print(f"{site}: ε spent {p['epsilon']:.2f} of {p['budget']:g} (δ={p['delta']:g}; after each "
                       f"phase: {phases or 'none'}{refused})")
+    _print_central_dp(console, results.get("central_dp"))
     for a in results.get("attacks", []):
         factor = f" ×{a['factor']:g}" if a["factor"] else ""
         console.print(f"[yellow]attacking site[/yellow] {a['site']}: {a['kind']}{factor}")
@@ -658,6 +711,18 @@ def _print_summary(console, results: dict, out: Path) -> None:
         console.print(f"[red]{site} left out[/red]: {'; '.join(errors)}")
     _print_policy(console, results.get("policy"))
     console.print(f"wrote {out / 'results.json'}, {out / 'report.md'} and plots")
+
+
+def _print_central_dp(console, central: dict | None) -> None:
+    if not central:
+        return
+    eps = "∞ (no noise)" if central["epsilon"] is None else f"{central['epsilon']:.2f}"
+    both = (f"; sites also under their own DP-SGD (ε above, per row, not added): {', '.join(central['local_dp_sites'])}"
+            if central["local_dp_sites"] else "; no site under its own DP")
+    console.print(f"central DP ({central['mechanism']} clipping) of the ANN's global models: ε = {eps} at "
+                  f"δ = {central['delta']:g} per site ({central['accountant'].upper()}, {central['rounds']} rounds, "
+                  f"noise multiplier {central['noise_multiplier']:g}, sample rate {central['sample_rate']:g}){both}; "
+                  f"not covered: {', '.join(central['not_covered']) or 'nothing else'}")
 
 
 def _print_policy(console, policy: dict | None) -> None:

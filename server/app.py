@@ -86,7 +86,7 @@ def aggregation_refusal(settings: RunSettings, sites: SiteCheck) -> str | None:
     try:
         make_strategy(settings.strategy, n_sites, proximal_mu=settings.proximal_mu, server_lr=settings.server_lr,
                       robust=settings.robust_parameters(n_sites), clip_norm=settings.clip_norm,
-                      clip_median_factor=settings.clip_median_factor)
+                      clip_median_factor=settings.clip_median_factor, central=settings.central_dp_parameters())
     except ImpossibleAggregation as err:
         return str(err)
     return None

@@ -9,6 +9,7 @@
      "models": {"ann" | "xgboost": ModelRecord},   # only the families the run trained
      "personalisation": {...} or null,             # server.personalisation_phase (--personalise)
      "personalisation_xgboost": {...} or null,     # the same for the boosters (--personalise site-trees)
+     "central_dp": CentralDPRecord or null,        # central DP of the ANN (--central-dp), its own accounting
      "policy": {...} or null,
      "refused": {phase: why},                      # phases the coordinator refused; the run ended there
      "phase_seconds": {phase: seconds}}            # the coordinator's wall clock per phase
@@ -97,6 +98,42 @@ class SitePrivacyRecord:
 
 
 @dataclass
+class CentralDPRecord:
+    """Central DP of the ANN's global models (``strategies.central_dp``, accounted by ``server.central_accounting``):
+    user-level (ε, δ) of the released model sequence, a site's whole contribution being the unit. Separate from the
+    sites' own DP in :class:`SitePrivacyRecord` (a row of a site against the coordinator): never added to it."""
+
+    mechanism: str
+    """``fixed`` (McMahan et al. 2018) or ``adaptive`` (Andrew et al. 2021)."""
+    noise_multiplier: float
+    """z as set (adaptive: of the update and count releases together)."""
+    clip: float
+    """C as set (adaptive: the initial norm; per round in ``per_round``)."""
+    denominator: int
+    """n, the sites trained each round: the average divides by it, the noise sd is z·C/n."""
+    sample_rate: float
+    delta: float
+    accountant: str
+    rounds: int
+    """Rounds that released a noised average."""
+    epsilon: float | None
+    """ε of the whole released sequence at ``delta`` (∞, written null, when z = 0: no guarantee)."""
+    per_round: dict[str, dict] = field(default_factory=dict)
+    """Round → updates averaged, clip_norm, noise_sd, noise_multiplier accounted, unclipped_fraction (adaptive),
+    epsilon after it."""
+    update_noise_multiplier: float | None = None
+    """z_Δ, the noise on the average alone (adaptive: larger than z, the count takes the rest)."""
+    count_noise_sd: float | None = None
+    """σ_b, the noise on the count of unclipped updates (adaptive only)."""
+    adjacency: str = "add or remove one site's whole contribution (user-level DP)"
+    covers: str = "the ANN's global weights after every round (every model the sites and the run release)"
+    not_covered: list[str] = field(default_factory=list)
+    """The run's other phases: what they release is protected only by the sites' own DP, if any."""
+    local_dp_sites: list[str] = field(default_factory=list)
+    """Sites that also trained under their own DP-SGD (site.toml): their ε is in ``privacy``, apart."""
+
+
+@dataclass
 class ModelRecord:
     """One model family's federated training: rounds, final metrics, who failed or refused, importance."""
 
@@ -128,6 +165,7 @@ class RunRecord:
     policy: dict | None = None
     personalisation: dict | None = None
     personalisation_xgboost: dict | None = None
+    central_dp: CentralDPRecord | None = None
     refused: dict[str, str] = field(default_factory=dict)
     """Phase → why the coordinator refused to run it (the run ended there, its record written): e.g. a robust
     strategy that cannot tolerate its assumed malicious sites with the sites that came."""
@@ -177,6 +215,7 @@ class RunRecord:
                 models={str(k): ModelRecord(**v) for k, v in data["models"].items()}, policy=data.get("policy"),
                 personalisation=data.get("personalisation"),
                 personalisation_xgboost=data.get("personalisation_xgboost"),
+                central_dp=CentralDPRecord(**data["central_dp"]) if data.get("central_dp") else None,
                 refused={str(k): str(v) for k, v in data.get("refused", {}).items()},
                 phase_seconds={str(k): float(v) for k, v in data.get("phase_seconds", {}).items()})
         except (KeyError, TypeError, AttributeError) as err:

@@ -8,6 +8,8 @@ with DP sites every site bins scores coarsely (``shared.metrics.COARSE_N_BINS``)
 With ``one_message_rounds`` (the default) a site without DP evaluates the previous round's model in the same
 exchange as it trains the next (``PerSiteRecord``'s ``one_message_nodes``): a deployed round is one message
 per site, not two.
+With central DP (``settings.central_dp``) the strategy is wrapped in :class:`strategies.central_dp.CentralDP` and
+the record gets its accounting (``server.central_accounting``, ``RunRecord.central_dp``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
+from server.central_accounting import central_dp_record
 from server.run_record import (
     ModelRecord,
     RunRecord,
@@ -37,6 +40,7 @@ from shared.encoding import FeatureEncoder
 from shared.protocol.privacy import RELEASE_INDEX, RELEASES, RunPlan
 from shared.protocol.training import EVAL_BINS, AnnTraining
 from shared.task import TaskSpec
+from strategies.central_dp import CentralDP
 from strategies.choice import make_strategy
 from strategies.per_site import PerSiteRecord
 from strategies.update_clipping import UpdateNormClipping
@@ -101,7 +105,8 @@ def train_ann(grid: Grid, sites: SiteCheck, task: TaskSpec, encoder: FeatureEnco
                                            proximal_mu=settings.proximal_mu, server_lr=settings.server_lr,
                                            robust=settings.robust_parameters(len(trainers)),
                                            clip_norm=settings.clip_norm,
-                                           clip_median_factor=settings.clip_median_factor),
+                                           clip_median_factor=settings.clip_median_factor,
+                                           central=settings.central_dp_parameters()),
                              on_round=on_round, train_nodes=trainers, evaluate_nodes=evaluators,
                              final_round_only=dp, final_round=settings.num_server_rounds,
                              on_progress=write_progress,
@@ -124,5 +129,8 @@ def train_ann(grid: Grid, sites: SiteCheck, task: TaskSpec, encoder: FeatureEnco
                                      for name, why in sites.refusing("evaluation").items()}})
     if isinstance(strategy.strategy, UpdateNormClipping):
         family.update_norms = update_norm_record(sites.usable, strategy.strategy.bounds, strategy.strategy.norms)
+    if isinstance(strategy.strategy, CentralDP):
+        record.central_dp = central_dp_record(strategy.strategy, settings.central_delta, settings.central_accountant,
+                                              plan, [sites.usable[n] for n in trainers if n in dp])
     arrays = result.arrays if result.arrays is not None else to_arrays(model)
     return family, arrays

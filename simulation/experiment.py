@@ -89,6 +89,11 @@ class ExperimentConfig:
     trim_fraction: float = DEFAULTS.trim_fraction  # FedTrimmedAvg's β (negative: derived)
     clip_norm: float = DEFAULTS.clip_norm  # bound on each site's update norm (0: off)
     clip_median_factor: float = DEFAULTS.clip_median_factor  # or: bound = factor × the round's median norm
+    central_dp: str = DEFAULTS.central_dp  # "" | fixed | adaptive: central DP of the ANN (strategies.central_dp)
+    central_noise_multiplier: float = DEFAULTS.central_noise_multiplier
+    central_clip: float = DEFAULTS.central_clip  # fixed clipping norm, or the adaptive one's initial norm
+    central_delta: float = DEFAULTS.central_delta
+    central_accountant: str = DEFAULTS.central_accountant
     attacks: list[str] = field(default_factory=list)  # SITE:KIND[=FACTOR], simulation.attacks
     personalise: str = DEFAULTS.personalise  # personalised ANNs / boosters at the sites (simulation.personalisation)
     policy: bool = True  # build, sign and evaluate the dosing policy (the built-in task only)
@@ -107,7 +112,10 @@ class ExperimentConfig:
             policy_dir=str(self.out / "policy"), fqi_iterations=self.fqi_iterations, release_gate=self.release_gate,
             policy_model=self.policy_model, policy_reference=self.policy_reference, personalise=self.personalise,
             malicious_sites=self.malicious_sites, trim_fraction=self.trim_fraction, clip_norm=self.clip_norm,
-            clip_median_factor=self.clip_median_factor, one_message_rounds=self.one_message_rounds)
+            clip_median_factor=self.clip_median_factor, one_message_rounds=self.one_message_rounds,
+            central_dp=self.central_dp, central_noise_multiplier=self.central_noise_multiplier,
+            central_clip=self.central_clip, central_delta=self.central_delta,
+            central_accountant=self.central_accountant)
 
     def parsed_attacks(self) -> list[Attack]:
         return [Attack.parse(text) for text in self.attacks]
@@ -189,7 +197,8 @@ def check_robustness_options(cfg: ExperimentConfig, sources: list[SiteSource]) -
     try:
         settings = cfg.run_settings(len(sources), None)
         make_strategy(settings.strategy, len(sources), robust=settings.robust_parameters(len(sources)),
-                      clip_norm=settings.clip_norm, clip_median_factor=settings.clip_median_factor)
+                      clip_norm=settings.clip_norm, clip_median_factor=settings.clip_median_factor,
+                      central=settings.central_dp_parameters())
         attacks = cfg.parsed_attacks()
         if attacks and cfg.deploy_cycles > 1:
             raise ExperimentError("--attack is for single-run experiments, not the closed loop (--deploy-cycles)")
@@ -621,6 +630,7 @@ def _run_experiment(cfg: ExperimentConfig, on_round: Callable[[int], None] | Non
         "attacks": [attack.to_record() for attack in cfg.parsed_attacks()],
         "models": models,
         "privacy": privacy_results(record),
+        "central_dp": asdict(record.central_dp) if record.central_dp is not None else None,
         "statistics": record.statistics,
         "rounds": record.models["ann"].rounds if "ann" in record.models else [],
         "timing": {"sites_s": sites_seconds, "federation_s": federated_seconds, "baselines_s": baseline_seconds,

@@ -121,6 +121,28 @@ def _privacy_table(results: dict) -> list[str]:
     return lines + [""]
 
 
+def central_dp_lines(central: dict | None) -> list[str]:
+    """Central DP's own account (``RunRecord.central_dp``): user-level ε of the ANN's global models, apart from the
+    sites' own DP above."""
+    if not central:
+        return []
+    eps = "∞ (no noise: no guarantee)" if central["epsilon"] is None else f"{central['epsilon']:.2f}"
+    lines = [f"**Central DP** ({central['mechanism']} clipping, server side): the ANN's global models after every "
+             f"round are (ε = {eps}, δ = {central['delta']:g})-DP for each site's whole contribution "
+             f"({central['adjacency']}), {central['accountant'].upper()} accountant, {central['rounds']} rounds, "
+             f"noise multiplier {central['noise_multiplier']:g}, sample rate {central['sample_rate']:g}, average over "
+             f"{central['denominator']} sites. The coordinator is trusted (it sees each update). Not covered: "
+             f"{', '.join(central['not_covered']) or 'nothing else'}. "
+             + (f"Sites also under their own DP-SGD (ε above, a different unit, never added): "
+                f"{', '.join(central['local_dp_sites'])}." if central["local_dp_sites"]
+                else "No site trained under its own DP."), "",
+             "| round | updates | clip norm | noise sd | noise multiplier | ε after |", "|---|---|---|---|---|---|"]
+    for r, row in central["per_round"].items():
+        lines.append(f"| {r} | {row['updates']} | {row['clip_norm']:.4g} | {row['noise_sd']:.4g} | "
+                     f"{row['noise_multiplier']:.3g} | {_fmt(row['epsilon'])} |")
+    return lines + [""]
+
+
 POLICY_COLUMNS = (("value", "value"), ("value_ratio", "value / oracle"), ("regret", "regret"),
                   ("response_rate", "response"), ("toxicity_rate", "toxicity ≥ 3"), ("chf_rate", "heart failure"),
                   ("mean_dose_mg_m2", "mean dose mg/m²"), ("treated_share", "treated"))
@@ -356,7 +378,9 @@ def write_report(out: Path, results: dict, summaries: dict[str, dict[str, dict[s
     lines = [
         "# fednano simulate — report", "",
         f"{len(results['sites'])} sites, {cfg['rounds']} rounds, strategy {cfg['strategy']}, "
-        f"DP {'on' if results['privacy'] else 'off'}, seed {cfg['seed']}. "
+        f"DP {'on' if results['privacy'] else 'off'}"
+        + (f", central DP {results['central_dp']['mechanism']}" if results.get("central_dp") else "")
+        + f", seed {cfg['seed']}. "
         f"Federation {results['timing']['federation_s']:.1f} s, baselines {results['timing']['baselines_s']:.1f} s. "
         f"Federated XGBoost: {results['models'].get('xgboost', {}).get('federated', {}).get('mode', 'not run')}.",
         "",
@@ -382,7 +406,7 @@ def write_report(out: Path, results: dict, summaries: dict[str, dict[str, dict[s
     lines += personalisation_section(results) + personalisation_section(results, "xgboost")
     lines += ["## The seed paper's comparison", ""] + _comparison_table(results)
     lines += ["## Feature importance (permutation, computed at the sites)", ""] + _importance_table(results)
-    lines += ["## Privacy", ""] + _privacy_table(results)
+    lines += ["## Privacy", ""] + _privacy_table(results) + central_dp_lines(results.get("central_dp"))
     lines += ["## Dosing policy", ""] + _policy_section(results)
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     (out / "report.md").write_text("\n".join(lines))

@@ -11,7 +11,9 @@
   which also says what they leave unprotected).
 
 Any of them can be wrapped in update-norm clipping (:mod:`strategies.update_clipping`): to a fixed bound
-(``clip_norm`` > 0) or to a multiple of each round's median update norm (``clip_median_factor`` > 0).
+(``clip_norm`` > 0) or to a multiple of each round's median update norm (``clip_median_factor`` > 0). FedAvg and
+FedProx can instead be wrapped in central DP (:mod:`strategies.central_dp`: Flower's server-side fixed or adaptive
+clipping wrapper, user-level DP of the global models).
 
 Evaluation replies carry sums (``shared.metrics`` summaries), so every strategy here aggregates them with
 :func:`strategies.summation.sum_metricrecords`.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
 
+from strategies.central_dp import CentralDP, CentralDPParameters, central_dp_problem
 from strategies.robust import ROBUST_STRATEGIES, RobustParameters, robust_strategy
 from strategies.summation import sum_metricrecords
 from strategies.update_clipping import MedianNormClipping, UpdateNormClipping
@@ -30,7 +33,7 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", *ROBUST_STRATEGIES)
 
 def make_strategy(name: str, n_sites: int, proximal_mu: float = 0.1, server_lr: float = 0.05,
                   robust: RobustParameters | None = None, clip_norm: float = 0.0,
-                  clip_median_factor: float = 0.0) -> Strategy:
+                  clip_median_factor: float = 0.0, central: CentralDPParameters | None = None) -> Strategy:
     """Flower strategy ``name`` that trains and evaluates on every connected site each round.
 
     ``n_sites`` (the usable sites) is what a round expects, but a round goes on with the sites still
@@ -39,11 +42,17 @@ def make_strategy(name: str, n_sites: int, proximal_mu: float = 0.1, server_lr: 
     strategy takes its parameters from ``robust`` (default: derived from ``n_sites``) and raises
     :class:`strategies.robust.ImpossibleAggregation` if ``n_sites`` cannot meet them. ``clip_norm`` > 0 wraps
     the strategy in :class:`strategies.update_clipping.UpdateNormClipping`, ``clip_median_factor`` > 0 in
-    :class:`strategies.update_clipping.MedianNormClipping` (not both: ``ValueError``)."""
+    :class:`strategies.update_clipping.MedianNormClipping` (not both: ``ValueError``). ``central`` wraps it in
+    :class:`strategies.central_dp.CentralDP` over ``n_sites`` (``ValueError`` saying why for a strategy that is not a
+    mean, or with update-norm clipping too)."""
+    if central is not None and (problem := central_dp_problem(name, clip_norm, clip_median_factor)):
+        raise ValueError(problem)
     if clip_norm > 0 and clip_median_factor > 0:
         raise ValueError("clip-norm and clip-median-factor: choose one update norm bound, the fixed one or the "
                          f"median-based one; got {clip_norm} and {clip_median_factor}")
     strategy = _named_strategy(name, n_sites, proximal_mu, server_lr, robust)
+    if central is not None:
+        return CentralDP(strategy, central, n_sites)
     if clip_median_factor > 0:
         return MedianNormClipping(strategy, clip_median_factor)
     return UpdateNormClipping(strategy, clip_norm) if clip_norm > 0 else strategy
