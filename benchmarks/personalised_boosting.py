@@ -68,6 +68,8 @@ def seed_figures(root: Path, clinics: int, seed: int, xgb_rounds: int) -> dict:
                        "auc_difference": auc[chosen]["auc"] - max(auc[LOCAL]["auc"], auc[GLOBAL]["auc"]),
                        "auc_se": se}
     big = [s for s, f in sites.items() if f["n_test"] >= MIN_TEST_ROWS]
+    small = [s for s, f in sites.items() if f["n_test"] < MIN_TEST_ROWS and math.isfinite(f["score"][GLOBAL])
+             and math.isfinite(f["score"][f["chosen"]])]
 
     def mean(values):
         finite = [v for v in values if math.isfinite(v)]
@@ -84,6 +86,9 @@ def seed_figures(root: Path, clinics: int, seed: int, xgb_rounds: int) -> dict:
         "auc_better_on_average_by": mean(sites[s]["auc_difference"] for s in big),
         "auc_worse_by_more_than_1se": [s for s in big if sites[s]["auc_difference"] < -sites[s]["auc_se"]],
         "chosen": {c: sum(sites[s]["chosen"] == c for s in big) for c in CANDIDATES},
+        # sites under the target's 30 test rows: what the choice did to them against the global boosters
+        "small_sites": {"n": len(small), "chosen_minus_global_score": {s: sites[s]["score"][sites[s]["chosen"]]
+                                                                       - sites[s]["score"][GLOBAL] for s in small}},
         "cost": {"federation_s": seconds, "boosting_s": boosting.seconds, "personalisation_s": phase.get("seconds"),
                  "personalisation_bytes": phase.get("bytes"),
                  "boosting_bytes": _hist_bytes(cfg.out / "federated" / "xgb_hist_traffic.json")},
@@ -120,6 +125,10 @@ def print_tables(result: dict) -> None:
         print(f"chosen − max(local, global): score {run['score_better_on_average_by']:+.4f}, response AUC "
               f"{run['auc_better_on_average_by']:+.4f}; sites worse by > 1 SE (AUC): "
               f"{run['auc_worse_by_more_than_1se'] or 'none'}; chosen: {run['chosen']}")
+        small = run["small_sites"]["chosen_minus_global_score"]
+        if small:
+            print(f"sites under {MIN_TEST_ROWS} test rows ({len(small)}): chosen − global score mean "
+                  f"{statistics.fmean(small.values()):+.4f}, lowest {min(small.values()):+.3f}")
         c = run["cost"]
         print(f"cost: boosting phase {c['boosting_s']:.1f} s ({c['boosting_bytes']} bytes), personalisation "
               f"{c['personalisation_s']:.1f} s (sent {c['personalisation_bytes']['sent']}, received "

@@ -75,7 +75,8 @@ def run_boosting_personalisation(grid: Grid, sites: SiteCheck, task: TaskSpec, b
     sent = [Message(content, dst_node_id=n, message_type=messages.PERSONALISE_BOOSTING.type) for n in nodes]
     per_site, failures, received = collect(grid, sites, task, sent, record)
     return {"methods": list(plan.methods), "candidates": list(plan.candidates), "site_trees": plan.site_trees,
-            "local_rounds": plan.local_rounds, "seconds": time.perf_counter() - start,
+            "site_trees_lambda": plan.site_trees_lambda, "local_rounds": plan.local_rounds,
+            "seconds": time.perf_counter() - start,
             "bytes": {"sent": len(nodes) * sum(record_bytes(v) for v in content.values()), "received": received},
             "per_site": per_site, "failures": failures,
             "refused": {sites.usable[n]: BOOSTING_DP_REFUSAL for n in sites.dp_nodes()}}
