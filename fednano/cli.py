@@ -715,8 +715,9 @@ def audit_membership(
     head = audit["headline"]
     typer.echo(f"{head['attack']} attack on the {head['model']} ({audit['reference_models']} reference models):")
     for site, m in [*audit["per_site"].items(), ("overall", audit["overall"])]:
-        typer.echo(f"  {site:<12} AUC {_number(m['auc'])} ± {_number(m['auc_se'])}  "
-                   f"TPR@1%FPR {_number(m['tpr_at_1pct_fpr'])}  ({m['members']} members, {m['non_members']} non-members)")
+        typer.echo(f"  {site:<12} AUC {_number(m['auc'])} ± {_number(m.get('auc_se_clustered', m['auc_se']))}  "
+                   f"TPR@1%FPR {_number(m['tpr_at_1pct_fpr'])}  "
+                   f"({m['members']} members, {m['non_members']} non-members)")
     typer.echo(f"wrote {out / AUDIT_DIR / AUDIT_FILE}")
 
 

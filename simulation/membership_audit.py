@@ -24,18 +24,23 @@ learning rate, widths and (at a DP run) DP-SGD at the tightest site's budget, an
 federated training whose per-row difficulty they measure (XGBoost references are pooled boosters without DP).
 Sites given by the user (``--sites``) have no simulator behind them: only the uncalibrated ``loss`` attack runs.
 
-Each site's non-members are all its test rows with the outcome recorded; as many of its training rows are drawn
-(seeded) as members, so every comparison is balanced and states its counts. Rows are episodes (a patient's
-cycles share a split). Metrics: the ROC AUC (``sklearn.metrics.roc_auc_score``, with the Hanley & McNeil 1982
-standard error) and the TPR at 1 % FPR: the largest true-positive rate of a threshold whose false-positive rate
-is at most 1 %, read off ``sklearn.metrics.roc_curve`` without interpolating upwards. With N non-members only
-⌊0.01 N⌋ of them may score above that threshold; when that is 0 the figure is the TPR at zero false positives,
-and ``false_positives_at_1pct`` says so.
+Each site's non-members are all its test rows; its members are the rows of as many of its training patients, drawn
+(seeded), as the test split holds; rows without the outcome scored are left out and the larger group subsampled, so
+every comparison is balanced and states its counts. Rows are episodes, and a patient's cycles share a split: the
+attack is run per row and per patient (the mean of the patient's row scores), because DP-SGD here bounds one row's
+influence, and a patient of k cycles is protected only at kε (group privacy). Metrics: the ROC AUC
+(``sklearn.metrics.roc_auc_score``, with the Hanley & McNeil 1982 standard error and, for rows, a bootstrap over
+whole patients, ``auc_se_clustered``, the one to read: a patient's cycles are not independent) and the TPR at
+1 % FPR: the largest true-positive rate of a threshold whose false-positive rate is at most 1 %, read off
+``sklearn.metrics.roc_curve`` without interpolating upwards. With N non-members only ⌊0.01 N⌋ of them may score
+above that threshold; when that is 0 the figure is the TPR at zero false positives, and ``false_positives_at_1pct``
+says so.
 
-``OUT/audit/membership.json``: ``{"overall": {"auc", "tpr_at_1pct_fpr", ...}, "per_site": {site: {...}}}`` for
-the headline (the calibrated attack on the ANN's total training loss, or the loss attack without references),
-plus every model × head × attack in ``"attacks"``; ``OUT/audit/membership.md`` the same as tables, and the run's
-``report.md`` gets (or has replaced) its "Membership-inference audit" section.
+``OUT/audit/membership.json``: ``{"overall": {"auc", "tpr_at_1pct_fpr", ...}, "per_site": {site: {...}}}`` for the
+headline (the calibrated attack on the ANN's total training loss, or the loss attack without references), the same
+per patient in ``"patients"``, plus every model × head × attack (rows, and patients) in ``"attacks"``;
+``OUT/audit/membership.md`` the same as tables, and the run's ``report.md`` gets (or has replaced) its
+"Membership-inference audit" section.
 """
 
 from __future__ import annotations
@@ -77,6 +82,10 @@ ALL_HEADS = "all"
 ATTACKS = ("loss", "calibrated", "lira")
 PROBABILITY_FLOOR = 1e-7  # keeps log p and log(1 − p) finite for a saturated prediction
 REPORT_SECTION = "## Membership-inference audit"
+BOOTSTRAP_RESAMPLES = 200
+"""Resamples of the cluster bootstrap: its standard error is itself within about 5 % (1/√(2·200))."""
+TRAINING_PHASE = "training"
+"""The run record's name of the federated ANN's DP-SGD phase (its ``privacy.<site>.granted`` key)."""
 
 
 class AuditError(ValueError):
@@ -101,8 +110,28 @@ def tpr_at_fpr(is_member: np.ndarray, score: np.ndarray, fpr_limit: float = LOW_
     return float(tpr[fpr <= fpr_limit + 1e-12].max())
 
 
-def attack_metrics(member_scores: np.ndarray, non_member_scores: np.ndarray) -> dict:
-    """AUC (with its standard error), TPR at 1 % FPR and the counts behind them, for one attack's scores."""
+def cluster_bootstrap_se(member_scores: np.ndarray, non_member_scores: np.ndarray, member_units: np.ndarray,
+                         non_member_units: np.ndarray, seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES) -> float:
+    """Standard error of the AUC when rows come in clusters (a patient's cycles): the spread of the AUC over
+    resamples of whole units, drawn with replacement within members and within non-members (Field & Welsh,
+    JRSS B 2007, the cluster bootstrap). Rows of one patient are not independent, so Hanley & McNeil's
+    standard error, which counts rows, is too small for them."""
+    rng = np.random.default_rng(seed)
+    groups = []
+    for scores, units in ((member_scores, member_units), (non_member_scores, non_member_units)):
+        names, index = np.unique(units, return_inverse=True)
+        groups.append([scores[index == i] for i in range(len(names))])
+    aucs = []
+    for _ in range(resamples):
+        m, n = (np.concatenate([g[i] for i in rng.integers(len(g), size=len(g))]) for g in groups)
+        aucs.append(roc_auc_score(np.r_[np.ones(len(m)), np.zeros(len(n))], np.r_[m, n]))
+    return float(np.std(aucs, ddof=1))
+
+
+def attack_metrics(member_scores: np.ndarray, non_member_scores: np.ndarray, member_units: np.ndarray | None = None,
+                   non_member_units: np.ndarray | None = None) -> dict:
+    """AUC (with its standard error), TPR at 1 % FPR and the counts behind them, for one attack's scores. Given
+    each score's unit (patient), also the cluster-bootstrap standard error (``auc_se_clustered``)."""
     member_scores, non_member_scores = np.asarray(member_scores, float), np.asarray(non_member_scores, float)
     n1, n0 = len(member_scores), len(non_member_scores)
     if n1 == 0 or n0 == 0:
@@ -111,8 +140,14 @@ def attack_metrics(member_scores: np.ndarray, non_member_scores: np.ndarray) -> 
     labels = np.r_[np.ones(n1), np.zeros(n0)]
     scores = np.r_[member_scores, non_member_scores]
     auc = float(roc_auc_score(labels, scores))
-    return {"auc": auc, "auc_se": hanley_mcneil_se(auc, n1, n0), "tpr_at_1pct_fpr": tpr_at_fpr(labels, scores),
-            "members": n1, "non_members": n0, "false_positives_at_1pct": int(math.floor(LOW_FPR * n0 + 1e-9))}
+    result = {"auc": auc, "auc_se": hanley_mcneil_se(auc, n1, n0), "tpr_at_1pct_fpr": tpr_at_fpr(labels, scores),
+              "members": n1, "non_members": n0, "false_positives_at_1pct": int(math.floor(LOW_FPR * n0 + 1e-9))}
+    if member_units is not None and non_member_units is not None:
+        result["auc_se_clustered"] = cluster_bootstrap_se(member_scores, non_member_scores, member_units,
+                                                          non_member_units)
+        result["member_units"] = int(len(np.unique(member_units)))
+        result["non_member_units"] = int(len(np.unique(non_member_units)))
+    return result
 
 
 # -- per-row statistics of a model ---------------------------------------------------------------------------
@@ -138,10 +173,8 @@ def row_statistics(task: TaskSpec, predictions: dict[str, np.ndarray], targets: 
             row_loss = (p - safe_y) ** 2
             phi = -row_loss
         else:
-            if kind == "binary":
-                p_true = np.where(safe_y == 1, p, 1 - p)
-            else:
-                p_true = p[np.arange(len(p)), safe_y.astype(int)]
+            p_true = (np.where(safe_y == 1, p, 1 - p) if kind == "binary"
+                      else p[np.arange(len(p)), safe_y.astype(int)])
             p_true = np.clip(p_true, PROBABILITY_FLOOR, 1 - PROBABILITY_FLOOR)
             row_loss = -np.log(p_true)
             phi = np.log(p_true) - np.log1p(-p_true)
@@ -157,19 +190,31 @@ def row_statistics(task: TaskSpec, predictions: dict[str, np.ndarray], targets: 
 
 @dataclass
 class AuditRows:
-    """One site's audited rows: its sampled members then all its non-members, with the flag."""
+    """One site's audited rows: its sampled members then all its non-members, with the flag and each row's unit
+    (its patient for a task with a group column, else the row itself)."""
 
     frame: pd.DataFrame
     is_member: np.ndarray
+    unit: np.ndarray
 
 
 def audit_rows(episodes: pd.DataFrame, task: TaskSpec, split_seed: int, rng: np.random.Generator) -> AuditRows:
-    """All test rows as non-members and as many training rows, drawn without replacement, as members."""
+    """All test rows as non-members; as members, the rows of as many training units (patients), drawn without
+    replacement, as the test split holds. Row counts then differ a little; the metrics balance them again."""
     parts = split_site(episodes, task, split_seed)
     test, train = parts["test"], parts["train"]
-    n = min(len(test), len(train))
-    members = train.iloc[rng.choice(len(train), size=n, replace=False)]
-    return AuditRows(pd.concat([members, test.iloc[:n]], ignore_index=True), np.r_[np.ones(n, bool), np.zeros(n, bool)])
+
+    def units(frame: pd.DataFrame) -> np.ndarray:
+        return (frame[task.group].astype(str).to_numpy() if task.group is not None
+                else np.array([f"row{i}" for i in frame.index]))
+
+    train_units, test_units = units(train), units(test)
+    distinct = np.unique(train_units)
+    chosen = rng.choice(distinct, size=min(len(np.unique(test_units)), len(distinct)), replace=False)
+    members = train[np.isin(train_units, chosen)]
+    return AuditRows(pd.concat([members, test], ignore_index=True), np.r_[np.ones(len(members), bool),
+                                                                           np.zeros(len(test), bool)],
+                     np.r_[units(members), test_units])
 
 
 # -- the run under audit ----------------------------------------------------------------------------------------
@@ -219,12 +264,21 @@ class AuditedRun:
     def split_seed(self) -> int:
         return int(self.record.settings.get("split_seed", self.config["seed"]))
 
-    def privacy(self) -> dict[str, Privacy | None]:
-        result = {}
-        for name, site in self.sites.items():
-            p = site.config.get("privacy", {})
-            result[name] = Privacy(float(p["epsilon"]), float(p["delta"])) if p.get("dp") else None
+    def privacy(self) -> dict[str, dict | None]:
+        """Per site under DP: its budget, δ, ε spent by the run and ε granted to the ANN's training phase."""
+        result: dict[str, dict | None] = {}
+        for name in self.sites:
+            p = self.record.privacy.get(name)
+            result[name] = None if p is None or not p.dp else {
+                "epsilon_budget": p.epsilon_budget, "delta": p.delta, "epsilon_spent": p.epsilon_spent,
+                "epsilon_training": p.granted.get(TRAINING_PHASE)}
         return result
+
+    def training_privacy(self) -> Privacy | None:
+        """The DP-SGD budget the reference ANNs train at: the tightest site's ε granted to training, or None."""
+        granted = [Privacy(p["epsilon_training"], p["delta"]) for p in self.privacy().values()
+                   if p is not None and p["epsilon_training"]]
+        return min(granted, key=lambda p: p.epsilon, default=None)
 
     def released(self) -> dict[str, Predictor]:
         """The released models as predictors on encoded rows: ``ann`` and ``xgboost`` where the run left them."""
@@ -282,8 +336,7 @@ def reference_models(run: AuditedRun, encoder: FeatureEncoder, rows: pd.DataFram
     cfg = run.config
     result: dict[str, Predictor] = {}
     if "ann" in models:
-        budgets = [p for p in run.privacy().values() if p is not None]
-        privacy = min(budgets, key=lambda p: p.epsilon) if budgets else None
+        privacy = run.training_privacy()
         settings = BaselineSettings(task=run.task, epochs=int(cfg["rounds"]) * int(cfg["local_epochs"]),
                                     batch_size=int(cfg["batch_size"]), lr=float(cfg["lr"]),
                                     hidden=tuple(run.artifacts.hidden), seed=int(cfg["seed"]) + 1 + reference,
@@ -315,26 +368,41 @@ def attack_scores(target: RowStatistics, references: list[RowStatistics], head: 
     return scores
 
 
-def balanced(member_scores: np.ndarray, non_member_scores: np.ndarray,
-             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """The two groups at the same size: the larger one subsampled at random (seeded)."""
-    k = min(len(member_scores), len(non_member_scores))
-    return (rng.choice(member_scores, size=k, replace=False) if len(member_scores) > k else member_scores,
-            rng.choice(non_member_scores, size=k, replace=False) if len(non_member_scores) > k else non_member_scores)
+def balanced(members: np.ndarray, non_members: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the two groups (positions in ``members``, ``non_members``) at the same size: the larger group
+    subsampled at random (seeded), the smaller one whole."""
+    k = min(len(members), len(non_members))
+    return tuple(np.sort(rng.choice(len(g), size=k, replace=False)) if len(g) > k else np.arange(len(g))
+                 for g in (members, non_members))
 
 
-def _metrics_by_site(scores: dict[str, np.ndarray], flags: dict[str, np.ndarray], seed: int) -> dict:
+def per_unit(score: np.ndarray, rows: AuditRows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A unit's (patient's) score: the mean of its rows' recorded scores; returns (scores, is_member, units)."""
+    frame = pd.DataFrame({"unit": rows.unit, "score": score, "member": rows.is_member}).dropna()
+    grouped = frame.groupby("unit", sort=True).agg(score=("score", "mean"), member=("member", "first"))
+    return grouped["score"].to_numpy(), grouped["member"].to_numpy(bool), grouped.index.to_numpy()
+
+
+def _metrics_by_site(scores: dict[str, np.ndarray], rows: dict[str, AuditRows], seed: int,
+                     patients: bool = False) -> dict:
     """Per site and overall (the sites' rows pooled, one threshold for all) metrics of one score; rows whose
-    score is NaN (outcome not recorded) are left out and the groups balanced again."""
+    score is NaN (outcome not recorded) are left out and the groups balanced again (subsampled, seeded). With
+    ``patients``, each unit's mean score is the attack's score for the unit."""
     rng = np.random.default_rng(seed)
-    per_site, members, non_members = {}, [], []
+    per_site, parts = {}, []
     for site, score in scores.items():
+        flags, units = rows[site].is_member, rows[site].unit
+        if patients:
+            score, flags, units = per_unit(score, rows[site])
         keep = ~np.isnan(score)
-        m, n = balanced(score[keep & flags[site]], score[keep & ~flags[site]], rng)
-        per_site[site] = attack_metrics(m, n)
-        members.append(m)
-        non_members.append(n)
-    return {"overall": attack_metrics(np.concatenate(members), np.concatenate(non_members)), "per_site": per_site}
+        m, n = (score[keep & f] for f in (flags, ~flags))
+        mu, nu = (np.char.add(f"{site}/", units[keep & f].astype(str)) for f in (flags, ~flags))
+        im, jn = balanced(m, n, rng)
+        part = (m[im], n[jn], mu[im], nu[jn])
+        per_site[site] = attack_metrics(*part) if not patients else attack_metrics(*part[:2])
+        parts.append(part)
+    pooled = [np.concatenate(column) for column in zip(*parts, strict=True)]
+    return {"overall": attack_metrics(*pooled) if not patients else attack_metrics(*pooled[:2]), "per_site": per_site}
 
 
 # -- the audit ---------------------------------------------------------------------------------------------------------
@@ -372,8 +440,9 @@ def run_membership_audit(out: Path, references: int = 4, seed: int = 0,
             for site in trained:
                 for attack, score in attack_scores(target[site], ref_stats[model][site], head).items():
                     by_attack.setdefault(attack, {})[site] = score
-            flags = {s: rows[s].is_member for s in trained}
-            detail[model][head] = {attack: _metrics_by_site(scores, flags, seed) for attack, scores in by_attack.items()}
+            detail[model][head] = {attack: _metrics_by_site(scores, rows, seed)
+                                   | {"patients": _metrics_by_site(scores, rows, seed, patients=True)}
+                                   for attack, scores in by_attack.items()}
     headline_model = "ann" if "ann" in detail else next(iter(detail))
     headline_attack = "calibrated" if n_refs else "loss"
     headline = detail[headline_model][ALL_HEADS][headline_attack]
@@ -382,11 +451,14 @@ def run_membership_audit(out: Path, references: int = 4, seed: int = 0,
         "format": FORMAT, "version": FORMAT_VERSION, "run_id": run.record.run_id,
         "overall": headline["overall"], "per_site": headline["per_site"],
         "headline": {"model": headline_model, "head": ALL_HEADS, "attack": headline_attack},
-        "dp": {site: (dataclasses.asdict(p) if p else None) for site, p in privacy.items()},
+        "dp": privacy,
         "reference_models": n_refs, "seed": seed,
         "reference_note": ("pooled models on fresh patients of the same clinics, the run's epochs and (ANN) DP budget"
                            if n_refs else "no simulator behind these sites: the uncalibrated loss attack only"),
-        "rows": {site: {"members": int(r.is_member.sum()), "non_members": int((~r.is_member).sum())}
+        "patients": headline["patients"],
+        "rows": {site: {"members": int(r.is_member.sum()), "non_members": int((~r.is_member).sum()),
+                        "member_units": int(len(np.unique(r.unit[r.is_member]))),
+                        "non_member_units": int(len(np.unique(r.unit[~r.is_member])))}
                  for site, r in rows.items()},
         "attacks": detail,
     }
@@ -406,6 +478,11 @@ def _fmt(value, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _se(metrics: dict) -> float | None:
+    """The standard error to print: the cluster bootstrap's where rows come in patients, else Hanley & McNeil's."""
+    return metrics.get("auc_se_clustered", metrics["auc_se"])
+
+
 def audit_section(audit: dict) -> list[str]:
     """The report's audit section (markdown lines) from ``membership.json``'s content."""
     head = audit["headline"]
@@ -414,23 +491,28 @@ def audit_section(audit: dict) -> list[str]:
              f"Membership inference on the released models (`audit/membership.json`, run {audit['run_id']}): "
              f"members are a site's training rows, non-members its test rows, balanced per site; "
              f"{audit['reference_models']} reference model(s) per family ({audit['reference_note']}). "
-             "AUC 0.5 is chance; TPR at 1 % FPR is read off the empirical ROC curve (with fewer than 100 "
+             "AUC 0.5 is chance; ± is a standard error (for episodes by a bootstrap over whole patients, whose "
+             "cycles are not independent); TPR at 1 % FPR is read off the empirical ROC curve (with fewer than 100 "
              "non-members, at zero false positives).", "",
              f"Headline: {head['attack']} attack on the {head['model']} (sum of the outcomes' losses).", "",
-             "| site | DP ε | members | non-members | AUC ± se | TPR @ 1 % FPR | FP allowed |",
+             "| site | DP ε (training of budget) | members | non-members | AUC ± se | TPR @ 1 % FPR | FP allowed |",
              "|---|---|---|---|---|---|---|"]
-    for site, m in [*audit["per_site"].items(), ("overall", audit["overall"])]:
-        eps = "–" if site == "overall" else (f"{dp[site]['epsilon']:g}" if dp.get(site) else "no DP")
-        lines.append(f"| {site} | {eps} | {m['members']} | {m['non_members']} | {_fmt(m['auc'])} ± "
-                     f"{_fmt(m['auc_se'])} | {_fmt(m['tpr_at_1pct_fpr'])} | {m['false_positives_at_1pct']} |")
-    lines += ["", "Every model, head and attack (overall):", "",
-              "| model | head | attack | AUC ± se | TPR @ 1 % FPR | members/non-members |", "|---|---|---|---|---|---|"]
+    for unit, part in (("episodes", audit), ("patients", audit["patients"])):
+        for site, m in [*part["per_site"].items(), ("overall", part["overall"])]:
+            eps = ("–" if site == "overall" else
+                   f"{dp[site]['epsilon_training']:.2g} of {dp[site]['epsilon_budget']:g}" if dp.get(site) else "no DP")
+            lines.append(f"| {site} ({unit}) | {eps} | {m['members']} | {m['non_members']} | {_fmt(m['auc'])} ± "
+                         f"{_fmt(_se(m))} | {_fmt(m['tpr_at_1pct_fpr'])} | {m['false_positives_at_1pct']} |")
+    lines += ["", "Every model, head and attack (overall; episodes, then patients):", "",
+              "| model | head | attack | AUC ± se (episodes) | TPR @ 1 % FPR | members/non-members | "
+              "AUC ± se (patients) | TPR @ 1 % FPR | members/non-members |", "|---|---|---|---|---|---|---|---|---|"]
     for model, heads in audit["attacks"].items():
         for head_name, attacks in heads.items():
             for attack, result in attacks.items():
-                m = result["overall"]
-                lines.append(f"| {model} | {head_name} | {attack} | {_fmt(m['auc'])} ± {_fmt(m['auc_se'])} | "
-                             f"{_fmt(m['tpr_at_1pct_fpr'])} | {m['members']}/{m['non_members']} |")
+                cells = [f"{_fmt(m['auc'])} ± {_fmt(_se(m))} | {_fmt(m['tpr_at_1pct_fpr'])} | "
+                         f"{m['members']}/{m['non_members']}" for m in (result["overall"],
+                                                                         result["patients"]["overall"])]
+                lines.append(f"| {model} | {head_name} | {attack} | {cells[0]} | {cells[1]} |")
     return lines + [""]
 
 
