@@ -152,6 +152,10 @@ def test_report_section_is_added_once_and_replaced_by_a_later_audit(tmp_path):
 
 @pytest.mark.slow
 def test_audit_of_an_overfitted_federation_finds_membership_above_chance(tmp_path):
+    """Three clinics of 100 patients, 8 rounds of 8 local epochs, a wide ANN, no DP: a model that memorises.
+    Measured with this configuration (seed 1; `fednano audit membership --references 0`): loss attack on the
+    summed loss, 0.719 ± 0.038 per episode (73 pairs, cluster bootstrap) and 0.838 ± 0.053 per patient (30
+    pairs). Asserted: both above chance by three standard errors."""
     from typer.testing import CliRunner
 
     from fednano.cli import app
@@ -161,25 +165,29 @@ def test_audit_of_an_overfitted_federation_finds_membership_above_chance(tmp_pat
     flower_environment(tmp_path)
     quiet_flower()
     out = tmp_path / "run"
-    run_experiment(ExperimentConfig(out=out, clinics=3, rounds=6, local_epochs=4, dp=False, seed=1, models="ann",
-                                    patients_per_clinic=150, compare=False, policy=False))
-    audit = run_membership_audit(out, references=2)
+    run_experiment(ExperimentConfig(out=out, clinics=3, rounds=8, local_epochs=8, hidden="128,128", dp=False, seed=1,
+                                    models="ann", patients_per_clinic=100, compare=False, policy=False))
+    audit = run_membership_audit(out, references=0)
     written = json.loads((out / "audit" / "membership.json").read_text())
     assert written == json.loads(json.dumps(audit))
+    assert written["headline"] == {"model": "ann", "head": ALL_HEADS, "attack": "loss"}
     assert set(written["overall"]) >= {"auc", "tpr_at_1pct_fpr"}
     assert set(written["per_site"]) == {"clinic_00", "clinic_01", "clinic_02"}
     for site, m in written["per_site"].items():
-        assert m["members"] == m["non_members"] == written["rows"][site]["members"] > 0
+        assert m["members"] == m["non_members"] > 0
+        assert m["members"] <= min(written["rows"][site]["members"], written["rows"][site]["non_members"])
         assert 0 <= m["tpr_at_1pct_fpr"] <= 1
     assert written["overall"]["members"] == sum(m["members"] for m in written["per_site"].values())
-    assert set(written["attacks"]["ann"][ALL_HEADS]) == {"loss", "calibrated", "lira"}
-    calibrated = written["overall"]
-    assert calibrated["auc"] > 0.5 + 2 * calibrated["auc_se"]  # measured: see the test's docstring in the report
+    episodes, patients = written["overall"], written["patients"]["overall"]
+    assert episodes["auc"] > 0.5 + 3 * episodes["auc_se_clustered"]
+    assert patients["auc"] > 0.5 + 3 * patients["auc_se"]
     assert REPORT_SECTION in (out / "report.md").read_text()
 
-    result = CliRunner().invoke(app, ["audit", "membership", str(out), "--references", "0"])
+    result = CliRunner().invoke(app, ["audit", "membership", str(out), "--references", "1"])
     assert result.exit_code == 0, result.output
     again = json.loads((out / "audit" / "membership.json").read_text())
-    assert again["headline"]["attack"] == "loss" and again["reference_models"] == 0
+    assert again["headline"]["attack"] == "calibrated" and again["reference_models"] == 1
+    assert set(again["attacks"]["ann"][ALL_HEADS]) == {"loss", "calibrated"}  # LiRA needs two reference models
+    assert (out / "report.md").read_text().count(REPORT_SECTION) == 1
     missing = CliRunner().invoke(app, ["audit", "membership", str(tmp_path / "nothing")])
     assert missing.exit_code == 2 and "results.json" in missing.output
