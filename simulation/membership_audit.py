@@ -454,7 +454,8 @@ def run_membership_audit(out: Path, references: int = 4, seed: int = 0,
         "dp": privacy,
         "reference_models": n_refs, "seed": seed,
         "reference_note": ("pooled models on fresh patients of the same clinics, the run's epochs and (ANN) DP budget"
-                           if n_refs else "no simulator behind these sites: the uncalibrated loss attack only"),
+                           if n_refs else "none asked for: the uncalibrated loss attack only" if run.world is not None
+                           else "no simulator behind these sites: the uncalibrated loss attack only"),
         "patients": headline["patients"],
         "rows": {site: {"members": int(r.is_member.sum()), "non_members": int((~r.is_member).sum()),
                         "member_units": int(len(np.unique(r.unit[r.is_member]))),
