@@ -57,6 +57,16 @@ def test_tpr_at_one_percent_fpr_is_the_empirical_roc_point_not_an_interpolation(
     assert attack_metrics(members, np.arange(50.0) + 50)["false_positives_at_1pct"] == 0
 
 
+def test_mann_whitney_auc_is_sklearns_auc_ties_included():
+    from sklearn.metrics import roc_auc_score
+
+    from simulation.membership_audit import mann_whitney_auc
+
+    rng = np.random.default_rng(2)
+    m, n = np.round(rng.normal(0.4, 1, 70), 1), np.round(rng.normal(0, 1, 50), 1)  # rounded: many ties
+    assert mann_whitney_auc(m, n) == pytest.approx(roc_auc_score(np.r_[np.ones(70), np.zeros(50)], np.r_[m, n]))
+
+
 def test_hanley_mcneil_standard_error_matches_the_paper_example():
     # Hanley & McNeil 1982, eq. 2 by hand for A = 0.8 and 50 + 50 cases: Q1 = 2/3, Q2 = 32/45 -> SE 0.0445
     assert hanley_mcneil_se(0.8, 50, 50) == pytest.approx(0.0445, abs=5e-4)
