@@ -251,7 +251,9 @@ class AuditedRun:
             results = json.loads(results_path.read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise AuditError(f"{results_path}: no readable results of a `fednano simulate` run ({err})") from err
-        config = results["config"]
+        config = results.get("config") if isinstance(results, dict) else None
+        if not isinstance(config, dict) or not isinstance(config.get("sites"), list):
+            raise AuditError(f"{results_path}: no 'config' with the run's 'sites' (not a `fednano simulate` result)")
         record = RunRecord.read(out / "federated")
         artifacts = RunArtifacts.open(out / "federated", run_id=record.run_id)
         task = TaskSpec.from_toml(config["task"]) if config.get("task") else NANOPARTICLE_TASK

@@ -160,6 +160,16 @@ def test_report_section_is_added_once_and_replaced_by_a_later_audit(tmp_path):
     assert not (tmp_path / "absent.md").exists()
 
 
+def test_a_folder_without_a_simulate_result_is_refused_naming_the_file(tmp_path):
+    from simulation.membership_audit import AuditError, run_membership_audit
+
+    with pytest.raises(AuditError, match="results.json"):
+        run_membership_audit(tmp_path)
+    (tmp_path / "results.json").write_text('{"models": {}}')
+    with pytest.raises(AuditError, match="results.json: no 'config'"):
+        run_membership_audit(tmp_path)
+
+
 @pytest.mark.slow
 def test_audit_of_an_overfitted_federation_finds_membership_above_chance(tmp_path):
     """Three clinics of 100 patients, 8 rounds of 8 local epochs, a wide ANN, no DP: a model that memorises.
