@@ -755,6 +755,42 @@ def _rate(value) -> str:
     return "-" if value is None else f"{value:.1%}"
 
 
+audit_app = typer.Typer(no_args_is_help=True, help="Empirical privacy audits of a finished simulated run.")
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("membership")
+def audit_membership(
+    out: Path = typer.Argument(..., help="The output folder of a `fednano simulate` run."),
+    references: int = typer.Option(4, "--references", min=0, max=64,
+                                   help="Reference models per model family, trained on fresh simulated patients "
+                                        "(0: the uncalibrated loss attack only)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the member sample and the reference models' patients."),
+) -> None:
+    """Membership inference on the released models: attack AUC and TPR at 1 % FPR per site and overall, into
+    OUT/audit/membership.json, OUT/audit/membership.md and the run's report.md."""
+    from server.run_record import RecordError
+    from shared.artifacts import ArtifactsError
+    from simulation.membership_audit import AUDIT_DIR, AUDIT_FILE, AuditError, run_membership_audit
+
+    try:
+        audit = run_membership_audit(out, references=references, seed=seed, say=lambda s: typer.echo(s, err=True))
+    except (AuditError, ArtifactsError, RecordError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    head = audit["headline"]
+    typer.echo(f"{head['attack']} attack on the {head['model']} ({audit['reference_models']} reference models):")
+    for site, m in [*audit["per_site"].items(), ("overall", audit["overall"])]:
+        typer.echo(f"  {site:<12} AUC {_number(m['auc'])} ± {_number(m.get('auc_se_clustered', m['auc_se']))}  "
+                   f"TPR@1%FPR {_number(m['tpr_at_1pct_fpr'])}  "
+                   f"({m['members']} members, {m['non_members']} non-members)")
+    typer.echo(f"wrote {out / AUDIT_DIR / AUDIT_FILE}")
+
+
+def _number(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def main() -> None:
     app()
 
