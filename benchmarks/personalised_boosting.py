@@ -20,17 +20,16 @@ each site's own exact record of the phase (``client.personalisation_handlers``):
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 from personalised import _auc, hanley_mcneil_se
+from record import machine, write_record
 
 from client.personalised.choice import validation_score
 from shared import metrics
@@ -125,7 +124,7 @@ def print_tables(result: dict) -> None:
         print(f"chosen − max(local, global): score {run['score_better_on_average_by']:+.4f}, response AUC "
               f"{run['auc_better_on_average_by']:+.4f}; sites worse by > 1 SE (AUC): "
               f"{run['auc_worse_by_more_than_1se'] or 'none'}; chosen: {run['chosen']}")
-        small = run["small_sites"]["chosen_minus_global_score"]
+        small = run.get("small_sites", {}).get("chosen_minus_global_score")  # not in runs before c5401e6
         if small:
             print(f"sites under {MIN_TEST_ROWS} test rows ({len(small)}): chosen − global score mean "
                   f"{statistics.fmean(small.values()):+.4f}, lowest {min(small.values()):+.3f}")
@@ -147,16 +146,11 @@ def main() -> None:
     quiet_flower()
     start, load = time.perf_counter(), os.getloadavg()[0]
     runs = [seed_figures(args.work, args.clinics, seed, args.xgb_rounds) for seed in args.seeds]
-    result = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "python": sys.version.split()[0],
-              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                          "load_at_start": load},
-              "clinics": args.clinics, "xgb_rounds": args.xgb_rounds, "dp": False,
-              "total_s": time.perf_counter() - start, "runs": runs}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(metrics.json_safe(result), indent=1) + "\n")
+    result = {"clinics": args.clinics, "xgb_rounds": args.xgb_rounds, "dp": False,
+              "total_s": time.perf_counter() - start, "runs": metrics.json_safe(runs)}
     print_tables(result)
-    print(f"\nwrote {args.out} ({result['total_s']:.0f} s)")
-
+    write_record(args.out, "python benchmarks/personalised_boosting.py " + " ".join(sys.argv[1:]), result,
+                 machine=machine(load_at_start=load))
 
 if __name__ == "__main__":
     main()
