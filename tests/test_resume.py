@@ -4,6 +4,7 @@ and a site charges a release it is asked again in the same run once — and only
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -246,3 +247,17 @@ def test_a_resumed_run_answers_as_the_run_it_continues_with_its_plan_from_the_si
     assert str(run_state.run_context(later).run_id) == "41"
     # a new run (no resume) plans afresh from what is left
     assert start_run(context(run_id=100), dp, PLAN).epsilon != budget.epsilon
+
+
+def test_simulate_resume_runs_the_stopped_experiments_own_options(tmp_path):
+    from simulation.experiment import ExperimentConfig, ExperimentError
+
+    cfg = ExperimentConfig(out=tmp_path, clinics=4, rounds=7, strategy="fedyogi", sites=[tmp_path / "a"],
+                           task=tmp_path / "task.toml", attacks=["clinic_01:scale"])
+    cfg.to_file()
+    again = ExperimentConfig.resumed(tmp_path)
+    assert again.resume and not cfg.resume
+    assert dataclasses.replace(again, resume=False) == cfg
+    assert again.run_settings(4, None).resume and not cfg.run_settings(4, None).resume
+    with pytest.raises(ExperimentError, match="no experiment to resume"):
+        ExperimentConfig.resumed(tmp_path / "elsewhere")
