@@ -162,7 +162,7 @@ def main() -> None:
                       f"{row['max_abs_epsilon_diff']:.2e}" if "max_abs_epsilon_diff" in row else "—",
                       f"{row['max_abs_diff_ann']:.2e}" if "max_abs_diff_ann" in row else "—",
                       str(row["same_run_id"]), f"{row['uninterrupted_s']:.0f}", f"{row['stopped_and_resumed_s']:.0f}")
-    Console().print(table)
+    Console(width=170).print(table)
     write_record(args.out, "python benchmarks/resume.py " + " ".join(sys.argv[1:]), {"runs": rows},
                  machine=machine(load_average_at_start=load), settings=vars(args) | {"out": str(args.out)})
 
