@@ -366,12 +366,12 @@ class PhaseRelease:
         values): asked the same release again in the same run (a resumed run redoing a phase), the site sends
         the very same numbers, which tell nothing new, and is charged once (:meth:`charge` with the tag); any
         other values get independent noise and a charge of their own."""
-        values = {name: block.values for name, block in blocks.items()}
-        key = release_key(self.dp.ledger)
-        self.charge(index, release_tag(key, self.run_id, self.phase, index, values))
         sigma = self.sigma_at(index)
+        released = release_content(blocks, sigma)
+        key = release_key(self.dp.ledger)
+        self.charge(index, release_tag(key, self.run_id, self.phase, index, released))
         noised = gaussian_release(blocks, sigma, np.random.default_rng(noise_seed(key, self.run_id, self.phase,
-                                                                                  index, values)))
+                                                                                  index, released)))
         return noised, self.facts(index, sigma * sensitivity(blocks))
 
     def facts(self, index: int, noise_sd: float) -> ReleaseFacts:
@@ -418,6 +418,20 @@ def _keyed_digest(key: bytes, purpose: bytes, run_id: str, phase: str, index: in
         mac.update(json.dumps([name, array.dtype.str, list(array.shape)]).encode())
         mac.update(array.tobytes())
     return mac.digest()
+
+
+def release_content(blocks: Mapping[str, Block], sigma: float) -> dict[str, np.ndarray]:
+    """Everything a Gaussian release's output depends on besides its noise draws: each block's values, scale,
+    touched entries and symmetry, and σ. Two releases equal in all of it are the same numbers under the same
+    seed; any difference (even of scale alone) makes another tag and another seed, so the same draws never
+    come out under two different scalings (which would reveal them)."""
+    content = {"sigma": np.array([float(sigma)])}
+    for name, block in blocks.items():
+        values = np.asarray(block.values, dtype=np.float64)
+        content[f"{name}/values"] = values
+        content[f"{name}/scale"] = np.broadcast_to(np.asarray(block.scale, dtype=np.float64), values.shape)
+        content[f"{name}/form"] = np.array([int(block.touched), int(bool(block.symmetric))])
+    return content
 
 
 def release_tag(key: bytes, run_id: str, phase: str, index: int, arrays: Mapping[str, np.ndarray]) -> str:

@@ -212,10 +212,14 @@ def test_a_release_asked_again_in_the_same_run_is_the_same_numbers_charged_once(
     other, _ = release.release(changed, 0)
     assert len(dp.ledger.entries) == 2 and dp.ledger.spent() > spent
     assert not np.allclose(other["sums"] - changed["sums"].values, first["sums"] - blocks["sums"].values)
-    # the next releases still fit: the one charged twice is not counted against those left
+    # the same values at another scale are another release too (the same draws would reveal the values)
+    rescaled, _ = release.release({"sums": Block(np.array([10.0, 20.0, 30.0]), scale=2.0)}, 0)
+    assert len(dp.ledger.entries) == 3
+    assert not np.allclose((rescaled["sums"] - blocks["sums"].values) / 2, first["sums"] - blocks["sums"].values)
+    # the next releases still fit: the ones charged twice are not counted against those left
     release.release(blocks, 1)
     release.release(blocks, 2)
-    assert len(dp.ledger.entries) == 4
+    assert len(dp.ledger.entries) == 5
 
 
 def test_the_release_key_stays_at_the_site_and_tags_say_nothing_without_it(tmp_path):
