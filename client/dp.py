@@ -26,8 +26,10 @@ The mechanism (:func:`gaussian_release`): every released array is a :class:`Bloc
 mechanism with noise multiplier σ (Dwork & Roth 2014, "The Algorithmic Foundations of Differential
 Privacy", Thm A.1), whose RDP is ``α / 2σ²`` (Mironov 2017, Prop. 7). A symmetric matrix block gets its
 noise on the upper triangle, mirrored (its change in the upper triangle is bounded by the Frobenius norm,
-so the same ``Δ`` holds; Wang 2018, Alg. 1). The noise comes from numpy's generator seeded from OS
-entropy; floating-point side channels of textbook Gaussian sampling (Mironov 2012) are not addressed.
+so the same ``Δ`` holds; Wang 2018, Alg. 1). The noise comes from numpy's generator seeded by an HMAC,
+under a secret key the site keeps (:func:`release_key`), of the release's run, phase, index and exact values:
+the same release asked again in a resumed run is the same numbers, charged once (``client.ledger`` keeps the
+release's tag); floating-point side channels of textbook Gaussian sampling (Mironov 2012) are not addressed.
 
 DP-SGD training (``client.training``) is the other mechanism; it takes its σ from :func:`training_noise`
 by the same rule and charges the same ledger.
@@ -35,7 +37,12 @@ by the same rule and charges the same ledger.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import math
+import os
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +51,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, Context
 
-from client.ledger import SITE_LEDGER_FILE, BudgetExhausted, PrivacyLedger, calibrate_noise
+from client.ledger import SITE_LEDGER_FILE, BudgetExhausted, LedgerError, PrivacyLedger, calibrate_noise
 from shared.protocol.errors import ShareableError
 from shared.protocol.privacy import ReleaseFacts, RunPlan, SitePrivacy
 from shared.validation import privacy_shares
@@ -179,7 +186,12 @@ class RunBudget:
 
 
 def start_run(context: Context, dp: SiteDP, plan: RunPlan) -> RunBudget:
-    """Plan this run's budget when the site check brings the run's plan; kept for the run's later messages."""
+    """Plan this run's budget when the site check brings the run's plan; kept for the run's later messages. A
+    run that already has its plan (a resumed run checking its sites again: ``client.run_state``) keeps it, so
+    its phases get the ε and noise they had before the coordinator stopped."""
+    state = context.state.get(_STATE_RUN)
+    if state is not None and str(state["run-id"]) == str(context.run_id):
+        return RunBudget.from_state(state)
     budget = RunBudget.plan(str(context.run_id), dp, plan)
     context.state[_STATE_RUN] = budget.to_state()
     return budget
@@ -327,30 +339,110 @@ class PhaseRelease:
                                            "spent-at-start": spent})
         return cls(dp, phase, releases, sigmas, str(context.run_id), epsilon=epsilon, spent_at_start=spent)
 
-    def charge(self, index: int) -> None:
+    def charge(self, index: int, tag: str | None = None) -> None:
         """Check that releases ``index`` … ``releases − 1`` still fit the budget, then record release
-        ``index`` with its σ; :class:`PrivacyRefused` if they do not."""
+        ``index`` with its σ; :class:`PrivacyRefused` if they do not. With ``tag`` (:func:`release_tag`), a
+        release this run already charged with the same tag is not charged again, and releases of this run
+        already charged are not counted twice in the check (a resumed run asking a phase again)."""
         if not 0 <= index < self.releases:
             raise PrivacyRefused(f"{self.phase}: release {index} is beyond the {self.releases} announced for this "
                                  "run; the site set its noise for those only")
+        ledger = self.dp.ledger
+        if tag is not None and ledger.released(self.run_id, self.phase, index, tag):
+            return
+        charged = ledger.charged_rounds(self.run_id, self.phase) if tag is not None else set()
+        pending = [s for i, s in enumerate(self.sigmas) if i == index or (i > index and i not in charged)]
         try:
-            self.dp.ledger.check_affordable_steps([(s, GAUSSIAN_SAMPLE_RATE, 1) for s in self.sigmas[index:]])
+            ledger.check_affordable_steps([(s, GAUSSIAN_SAMPLE_RATE, 1) for s in pending])
         except BudgetExhausted as err:
             raise PrivacyRefused(f"{self.phase} refused: {err}") from err
-        self.dp.ledger.record(self.sigmas[index], GAUSSIAN_SAMPLE_RATE, 1, run_id=self.run_id, server_round=index,
-                              phase=self.phase)
+        ledger.record(self.sigmas[index], GAUSSIAN_SAMPLE_RATE, 1, run_id=self.run_id, server_round=index,
+                      phase=self.phase, release=tag)
 
     def release(self, blocks: Mapping[str, Block], index: int) -> tuple[dict[str, np.ndarray], ReleaseFacts]:
-        """Charge release ``index``, then return the noised blocks and the facts to send with them."""
-        self.charge(index)
+        """Charge release ``index``, then return the noised blocks and the facts to send with them.
+
+        The noise is drawn from a generator seeded by the site's secret key over (run, phase, index, the exact
+        values): asked the same release again in the same run (a resumed run redoing a phase), the site sends
+        the very same numbers, which tell nothing new, and is charged once (:meth:`charge` with the tag); any
+        other values get independent noise and a charge of their own."""
         sigma = self.sigma_at(index)
-        noised = gaussian_release(blocks, sigma, self.rng)
+        released = release_content(blocks, sigma)
+        key = release_key(self.dp.ledger)
+        self.charge(index, release_tag(key, self.run_id, self.phase, index, released))
+        noised = gaussian_release(blocks, sigma, np.random.default_rng(noise_seed(key, self.run_id, self.phase,
+                                                                                  index, released)))
         return noised, self.facts(index, sigma * sensitivity(blocks))
 
     def facts(self, index: int, noise_sd: float) -> ReleaseFacts:
         ledger = self.dp.ledger
         return ReleaseFacts(self.phase, index, self.sigma_at(index), noise_sd, ledger.spent(),
                             ledger.epsilon_budget, ledger.delta)
+
+
+RELEASE_KEY_FILE = "release.key"
+"""The site's secret for release tags and noise seeds, next to its ledger (``.fednano/``), mode 0600."""
+RELEASE_KEY_BYTES = 32
+
+
+def release_key(ledger: PrivacyLedger) -> bytes:
+    """The site's secret key (made on first use, kept next to its ledger; it never leaves the site): the
+    coordinator can neither predict a release's noise nor tell from a tag what was released."""
+    path = ledger.path.parent / RELEASE_KEY_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        key = path.read_bytes()
+        if len(key) != RELEASE_KEY_BYTES:
+            raise LedgerError(f"{path}: the site's release key must be {RELEASE_KEY_BYTES} bytes, found {len(key)}; "
+                              "it was edited or truncated") from None
+        return key
+    key = secrets.token_bytes(RELEASE_KEY_BYTES)
+    try:
+        os.write(fd, key)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return key
+
+
+def _keyed_digest(key: bytes, purpose: bytes, run_id: str, phase: str, index: int,
+                  arrays: Mapping[str, np.ndarray]) -> bytes:
+    """HMAC-SHA256 under the site's key of ``purpose``, the release's place (run, phase, index) and the exact
+    arrays (names, dtypes, shapes, bytes)."""
+    mac = hmac.new(key, purpose, hashlib.sha256)
+    mac.update(json.dumps([str(run_id), phase, int(index)]).encode())
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        mac.update(json.dumps([name, array.dtype.str, list(array.shape)]).encode())
+        mac.update(array.tobytes())
+    return mac.digest()
+
+
+def release_content(blocks: Mapping[str, Block], sigma: float) -> dict[str, np.ndarray]:
+    """Everything a Gaussian release's output depends on besides its noise draws: each block's values, scale,
+    touched entries and symmetry, and σ. Two releases equal in all of it are the same numbers under the same
+    seed; any difference (even of scale alone) makes another tag and another seed, so the same draws never
+    come out under two different scalings (which would reveal them)."""
+    content = {"sigma": np.array([float(sigma)])}
+    for name, block in blocks.items():
+        values = np.asarray(block.values, dtype=np.float64)
+        content[f"{name}/values"] = values
+        content[f"{name}/scale"] = np.broadcast_to(np.asarray(block.scale, dtype=np.float64), values.shape)
+        content[f"{name}/form"] = np.array([int(block.touched), int(bool(block.symmetric))])
+    return content
+
+
+def release_tag(key: bytes, run_id: str, phase: str, index: int, arrays: Mapping[str, np.ndarray]) -> str:
+    """What a ledger entry keeps of a release (``client.ledger.PrivacyLedger.record``'s ``release``): equal for
+    the same arrays at the same place of the same run, else different; without the key it says nothing."""
+    return _keyed_digest(key, b"fednano/release-tag", run_id, phase, index, arrays).hex()
+
+
+def noise_seed(key: bytes, run_id: str, phase: str, index: int, arrays: Mapping[str, np.ndarray]) -> int:
+    """The seed of a Gaussian release's noise (independent of :func:`release_tag`, which the ledger shows)."""
+    return int.from_bytes(_keyed_digest(key, b"fednano/noise-seed", run_id, phase, index, arrays), "big")
 
 
 def release_shares(weights: Sequence[float], releases: int) -> tuple[float, ...]:

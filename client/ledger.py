@@ -28,6 +28,7 @@ import numpy as np
 from client.ledger_file import (
     FILE_MODE,
     LEGACY_SCHEMA_VERSION,
+    RELEASE_KEY,
     SITE_ID_BYTES,
     SITE_LEDGER_FILE,
     STATE_DIR_ENV,
@@ -258,15 +259,32 @@ class PrivacyLedger:
                         self.delta)
 
     def record(self, noise_multiplier: float, sample_rate: float, steps: int, run_id: int | str,
-               server_round: int, phase: str = "") -> dict[str, Any]:
+               server_round: int, phase: str = "", release: str | None = None) -> dict[str, Any] | None:
         """Add training that has happened to the ledger and save it; returns the new entry.
 
         Never refuses for the budget: privacy already spent is always recorded (check before training).
-        ``phase`` labels what spent it (e.g. ``"training"``, ``"statistics"``), kept in the entry.
+        ``phase`` labels what spent it (e.g. ``"training"``, ``"statistics"``), kept in the entry. ``release``,
+        the keyed digest of what was released (``client.dp.release_tag``), makes the charge idempotent: if the
+        ledger already holds an entry of this run, phase and round with the same digest, the very same output
+        was released before (a resumed run asking a round again), which tells nothing new: nothing is
+        recorded and None is returned.
         """
         check_step(noise_multiplier, sample_rate, steps)
         step = (float(noise_multiplier), float(sample_rate), int(steps))
-        return self._append([step], run_id, server_round, phase)[0]
+        entries = self._append([step], run_id, server_round, phase, release)
+        return entries[0] if entries else None
+
+    def released(self, run_id: int | str, phase: str, server_round: int, release: str) -> bool:
+        """Whether this exact release (same run, phase, round and digest) is already charged."""
+        self._refresh()
+        return any(_same_charge(entry, run_id, phase, server_round) and entry.get(RELEASE_KEY) == release
+                   for entry in self.entries)
+
+    def charged_rounds(self, run_id: int | str, phase: str) -> set[int]:
+        """The rounds (release indices) of ``phase`` this ledger has charged to run ``run_id``."""
+        self._refresh()
+        return {int(entry["round"]) for entry in self.entries
+                if str(entry["run_id"]) == str(run_id) and entry["phase"] == phase}
 
     def accountant(self) -> RDPAccountant:
         """An Opacus ``RDPAccountant`` holding this ledger's history, to continue from."""
@@ -277,8 +295,9 @@ class PrivacyLedger:
         return accountant
 
     def record_from_accountant(self, accountant: IAccountant, run_id: int | str, server_round: int,
-                               phase: str = "") -> list[dict[str, Any]]:
-        """Record the steps the accountant has taken beyond this ledger's history; returns the new entries.
+                               phase: str = "", release: str | None = None) -> list[dict[str, Any]]:
+        """Record the steps the accountant has taken beyond this ledger's history; returns the new entries
+        (none when ``release`` is already charged: :meth:`record`).
 
         The accountant must have started from :meth:`accountant` (its history extends the ledger's),
         else :class:`LedgerError`: which of its steps are new could not be told.
@@ -294,7 +313,7 @@ class PrivacyLedger:
             )
         if not new_steps:
             return []
-        return self._append(new_steps, run_id, server_round, phase)
+        return self._append(new_steps, run_id, server_round, phase, release)
 
     @property
     def site_id(self) -> str | None:
@@ -395,8 +414,9 @@ class PrivacyLedger:
                           resets=tuple(resets))
 
     def _append(self, new_steps: Sequence[HistoryStep], run_id: int | str, server_round: int,
-                phase: str) -> list[dict[str, Any]]:
-        """Append to what is on disk now (another process may have recorded meanwhile), then save ledger and head."""
+                phase: str, release: str | None = None) -> list[dict[str, Any]]:
+        """Append to what is on disk now (another process may have recorded meanwhile), then save ledger and head;
+        nothing when ``release`` is already charged for this run, phase and round (:meth:`record`)."""
         if isinstance(run_id, bool) or not isinstance(run_id, int | str):
             raise ValueError(f"run_id must be an integer or a string, got {run_id!r}")
         if not isinstance(phase, str):
@@ -410,6 +430,11 @@ class PrivacyLedger:
             except LedgerError as e:
                 raise LedgerError(f"{e}{unrecorded}", e.problem) from e
             self._check_continues(chain, unrecorded)
+            if release is not None and chain is not None and any(
+                    _same_charge(entry, run_id, phase, server_round) and entry.get(RELEASE_KEY) == release
+                    for entry in chain.entries):
+                self._adopt(chain)
+                return []
             key = self._key
             head = self.heads.read(key)
             if chain is None:
@@ -423,7 +448,7 @@ class PrivacyLedger:
                     "noise_multiplier": noise_multiplier, "sample_rate": sample_rate,
                     "epsilon_after": _epsilon(tuple(history), self.delta), "epsilon_budget": self.epsilon_budget,
                     "utc": now(), "phase": phase,
-                })
+                } | ({RELEASE_KEY: release} if release is not None else {}))
                 chain.append(new_entries[-1])
             write_json_atomically(self.path, chain.to_file(), mode=FILE_MODE)
             self.heads.write(self._head_of(chain, key, head.resets if head else ()))
@@ -552,6 +577,11 @@ def _epsilon(history: tuple[HistoryStep, ...], delta: float) -> float:
         return 0.0
     return _quietly(epsilon_of, sum((rdp_curve(float(s), float(q), int(n)) for s, q, n in history),
                                     np.zeros(len(orders()))), delta)
+
+
+def _same_charge(entry: dict[str, Any], run_id: int | str, phase: str, server_round: int) -> bool:
+    """Whether a ledger entry charged ``phase`` round ``server_round`` of run ``run_id``."""
+    return str(entry["run_id"]) == str(run_id) and entry["phase"] == phase and int(entry["round"]) == int(server_round)
 
 
 def _steps_beyond(ours: Sequence[HistoryStep], theirs: Sequence[HistoryStep]) -> list[HistoryStep] | None:

@@ -73,6 +73,10 @@ SITE_ID_BYTES = 16
 LEGACY_ENTRY_KEYS = ("run_id", "round", "steps", "noise_multiplier", "sample_rate", "epsilon_after",
                      "epsilon_budget", "utc")
 ENTRY_KEYS = (*LEGACY_ENTRY_KEYS, "phase", "prev")
+RELEASE_KEY = "release"
+"""Optional entry key: the site's keyed digest of what the charged release sent (``client.dp.release_tag``), so
+the same release asked again in the same run (a resumed run redoing a round) is not charged twice."""
+RELEASE_HEX = re.compile(r"[0-9a-f]{32,64}")
 HEADER_KEYS = ("schema_version", "site_id", "budget_number", "delta", "started_utc", "reset", "migrated_from")
 FILE_KEYS = (*HEADER_KEYS, "entries", "history", "head")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -287,8 +291,9 @@ def verify_chain(state: Any, path: Path) -> Chain:
         raise corrupt("history and entries must be lists")
     chain = Chain(header, [], [])
     for i, entry in enumerate(state["entries"]):
-        if not isinstance(entry, dict) or set(entry) != set(ENTRY_KEYS):
-            raise corrupt(f"entry {i} {entry!r}: expected the keys {list(ENTRY_KEYS)}")
+        if not isinstance(entry, dict) or set(entry) - {RELEASE_KEY} != set(ENTRY_KEYS):
+            raise corrupt(f"entry {i} {entry!r}: expected the keys {list(ENTRY_KEYS)} (and optionally "
+                          f"{RELEASE_KEY!r})")
         if problem := next(_entry_problems(entry), None):
             raise corrupt(f"entry {i}: {problem}")
         if entry["prev"] != chain.head:
@@ -343,6 +348,8 @@ def _entry_problems(entry: dict[str, Any]) -> Iterator[str]:
             yield f"{key} must be a string, got {entry[key]!r}"
     if not (isinstance(entry["prev"], str) and SHA256_HEX.fullmatch(entry["prev"])):
         yield f"prev {entry['prev']!r}: expected a SHA-256 in hex"
+    if RELEASE_KEY in entry and not (isinstance(entry[RELEASE_KEY], str) and RELEASE_HEX.fullmatch(entry[RELEASE_KEY])):
+        yield f"{RELEASE_KEY} {entry[RELEASE_KEY]!r}: expected 32 to 64 hex digits"
 
 
 def _history(steps: list[Any], corrupt) -> list[HistoryStep]:

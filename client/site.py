@@ -35,6 +35,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordD
 
 from client.dp import PrivacyRefused, SiteDP
 from client.ledger import BudgetExhausted, LedgerError
+from client.run_state import keep, run_context
 from client.split import EncodedSplit, encode, split_site
 from shared.encoding import ENCODER_CONFIG_KEY, FeatureEncoder
 from shared.protocol import ErrorCode
@@ -220,9 +221,11 @@ class SiteHandlers:
             except SiteDataError as err:
                 return error_reply(msg, ErrorCode.SITE_DATA, f"{site_name(source)}: {err.shareable}")
             config = msg.content[r.CONFIG] if r.CONFIG in msg.content else ConfigRecord()
-            request = SiteRequest(source, site, config, context)
+            run = run_context(context)  # a resumed run answers as the run it continues (client.run_state)
+            request = SiteRequest(source, site, config, run)
             try:
                 content = answer(msg, request)
+                keep(run, source.folder)
             except (PrivacyRefused, BudgetExhausted, LedgerError) as err:
                 return error_reply(msg, ErrorCode.PRIVACY, f"{request.name} refuses {what}: {err}")
             except KeyError as err:

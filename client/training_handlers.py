@@ -17,9 +17,11 @@ from __future__ import annotations
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.dp import PhaseRelease, PrivacyRefused, start_run, training_noise
+from client import run_state
+from client.dp import PhaseRelease, PrivacyRefused, release_key, release_tag, start_run, training_noise
 from client.evaluation import private_summaries, summaries
 from client.ledger import BudgetExhausted, LedgerError
+from client.run_state import run_context
 from client.site import SiteHandlers, SiteRequest, load, site_dp
 from client.statistics import noised_rows, private_statistics
 from shared import metrics
@@ -27,7 +29,7 @@ from shared.encoding import SiteStatistics
 from shared.protocol import messages
 from shared.protocol import records as r
 from shared.protocol.privacy import RELEASE_INDEX, RELEASES, SitePrivacy
-from shared.protocol.site_check import SiteCheckReply, plan_of
+from shared.protocol.site_check import SiteCheckReply, plan_of, resumed_run
 from shared.protocol.training import (
     EVAL_BINS,
     EVALUATE_RECEIVED,
@@ -44,6 +46,8 @@ _STATE_ROWS = "dp-noised-rows"
 def site_check(msg: Message, context: Context, handlers: SiteHandlers) -> Message:
     """Validate this node's site and say its privacy terms for the run announced in the message."""
     source = handlers.source(context)
+    resumes = resumed_run(msg.content)
+    context = run_state.adopt(context, resumes, source.folder) if resumes is not None else run_context(context)
     try:  # one validation, whose tables the site's cache keeps for the run's later messages (client.site.load)
         site = load(source)
         report = site.report
@@ -57,6 +61,7 @@ def site_check(msg: Message, context: Context, handlers: SiteHandlers) -> Messag
                                                  if isinstance(v, int | float) and not isinstance(v, bool)}
     reply = SiteCheckReply(site=name, ok=not problems, errors=problems[:MAX_ERRORS_REPORTED],
                            warnings=len(report.warnings), summary=summary, privacy=privacy)
+    run_state.keep(context, source.folder)
     return Message(reply.to_records(), reply_to=msg)
 
 
@@ -121,13 +126,25 @@ def train_round(msg: Message, request: SiteRequest) -> RecordDict:
         per_round = local.epochs * steps_per_epoch(len(data), local.batch_size)
         rounds_left = settings.num_rounds - this_round + 1
         sigma = training_noise(request.context, dp, rate, rounds_left * per_round)
-        dp.ledger.check_affordable(sigma, rate, rounds_left * per_round)
+        run = str(request.context.run_id)
+        # A resumed run may ask a round again: rounds of this run already charged are not counted twice, and
+        # the same weights as a release already charged for this round (training is seeded, so the same model
+        # and data give them) tell nothing new: charged once. Other weights are charged, if they still fit.
+        charged = dp.ledger.charged_rounds(run, "training")
+        later = sum(1 for n in range(this_round + 1, settings.num_rounds + 1) if n not in charged)
+        again = this_round in charged
+        if later or not again:
+            dp.ledger.check_affordable(sigma, rate, (later + (not again)) * per_round)
         accountant = dp.ledger.accountant()
         result = train(model, data, local, DPConfig(noise_multiplier=sigma, max_grad_norm=settings.max_grad_norm),
                        history=accountant.history)
         accountant.history = result.history
-        dp.ledger.record_from_accountant(accountant, run_id=str(request.context.run_id), server_round=this_round,
-                                         phase="training")
+        tag = release_tag(release_key(dp.ledger), run, "training", this_round,
+                          {k: a.numpy() for k, a in to_arrays(model).items()})
+        if again and not dp.ledger.released(run, "training", this_round, tag):
+            dp.ledger.check_affordable(sigma, rate, (later + 1) * per_round)  # a new release: nothing sent if not
+        dp.ledger.record_from_accountant(accountant, run_id=run, server_round=this_round, phase="training",
+                                         release=tag)
         reply = TrainReply(num_examples=_noised_rows(request), server_round=this_round, steps=result.steps,
                            epsilon=dp.ledger.spent(), epsilon_budget=dp.ledger.epsilon_budget,
                            delta=dp.ledger.delta, noise_multiplier=sigma)

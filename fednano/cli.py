@@ -159,6 +159,9 @@ def simulate(
         1.0, "--supernode-cpus", min=0.1, help="CPUs Ray reserves per simulated SuperNode (actors: cluster CPUs / "
         "this)."),
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower's own log."),
+    resume: Path | None = typer.Option(
+        None, "--resume", help="Continue the experiment in this OUT folder that stopped (a crash, Ctrl-C) from its "
+        "federation's last completed round, with its own options and sites (the other options are ignored)."),
 ) -> None:
     """Run a federated experiment on one machine: Flower simulation, local-only and pooled baselines, report.
 
@@ -235,6 +238,12 @@ def simulate(
                            else clip_median_factor, attacks=list(attack or []),
                            personalise=personalise, policy=policy, ray_address=ray_address,
                            supernode_cpus=supernode_cpus, **central)
+    if resume is not None:
+        try:
+            cfg = ExperimentConfig.resumed(resume)
+        except ExperimentError as err:
+            raise typer.BadParameter(str(err), param_hint="--resume") from err
+        out, rounds = cfg.out, cfg.rounds
     console = Console()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:

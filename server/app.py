@@ -22,14 +22,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from logging import ERROR
+from logging import ERROR, INFO
 from pathlib import Path
 
-from flwr.app import Context
+from flwr.app import ArrayRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 
 from server.boosting_phase import boosting_round, run_boosting
+from server.checkpoint import STAGES, Checkpoint, record_arrays, strategy_state
+from server.checkpoint import remove as remove_checkpoint
 from server.hist_phase import run_hist_boosting
 from server.importance_phase import federated_importance
 from server.personalisation_phase import run_boosting_personalisation, run_personalisation
@@ -40,6 +43,7 @@ from server.site_check import SiteCheck, usable_sites
 from server.statistics_phase import federated_encoder
 from server.training_phase import eval_bins, train_ann, training_config
 from shared.artifacts import RunArtifacts
+from shared.encoding import FeatureEncoder
 from shared.protocol.personalisation import Personalisation, ann_methods, boosting_methods
 from shared.protocol.privacy import RunPlan
 from shared.protocol.training import EVAL_BINS
@@ -95,36 +99,75 @@ def aggregation_refusal(settings: RunSettings, sites: SiteCheck) -> str | None:
 def run_federation(grid: Grid, settings: RunSettings, on_round: Callable[[int], None] | None = None,
                    run_id: str = "local") -> RunRecord:
     """All phases; returns the run record (also written to ``settings.out_dir``). A run whose strategy cannot
-    aggregate over the sites that came ends after the site check, its record saying why (``refused``)."""
+    aggregate over the sites that came ends after the site check, its record saying why (``refused``).
+
+    The run checkpoints after the site check, the statistics, each ANN round and the ANN family
+    (:mod:`server.checkpoint`, ``OUT/checkpoint``, removed when the run ends). With ``settings.resume`` and a
+    checkpoint in ``out_dir``, it continues that run under its original run id (the sites answer as that run:
+    ``client.run_state``) from its last completed stage; without one it starts afresh."""
     task = settings.task()
     plan = run_plan(settings)
     started = time.perf_counter()
-    sites, _ = usable_sites(grid, settings.min_nodes, plan)
     out = Path(settings.out_dir)
+    resumed = Checkpoint.read(out) if settings.resume else None
+    if resumed is not None:
+        resumed.check_settings(settings.to_run_config())
+        run_id = resumed.run_id
+        log(INFO, "resuming run %s from its checkpoint: stage %s, %d training round(s) done", run_id,
+            resumed.stage, resumed.server_round)
+    sites, _ = usable_sites(grid, settings.min_nodes, plan, resumes=run_id if resumed is not None else None)
     record = RunRecord(run_id=str(run_id), settings=settings.to_run_config(),
                        sites=sorted(sites.usable.values()),
                        rejected={name: errors for name, errors in sites.rejected.values()},
                        privacy={sites.usable[n]: SitePrivacyRecord.from_terms(sites.privacy[n])
                                 for n in sites.nodes},
                        phase_seconds={"site_check": time.perf_counter() - started})
+    if resumed is not None:  # the original run's record (its privacy terms as the sites gave them then)
+        record = RunRecord.from_dict(resumed.record, f"checkpoint of run {run_id}")
     refusal = aggregation_refusal(settings, sites)
     if refusal is not None:  # refused in the record, and the run ends cleanly: nothing was asked of the sites yet
         log(ERROR, "run refused before training: %s", refusal)
         record.refused["training"] = refusal
         record.write(out)
         return record
+    reached = STAGES.index(resumed.stage) if resumed is not None else -1
+
+    def checkpoint(stage: str, server_round: int = 0, arrays: ArrayRecord | None = None,
+                   strategy: Strategy | None = None) -> None:
+        state, moments = strategy_state(strategy, sites.usable) if strategy is not None else ({}, {})
+        Checkpoint(run_id=str(run_id), settings=settings.to_run_config(), stage=stage, record=record.to_dict(),
+                   encoder=encoder.to_dict() if stage != "started" else None, server_round=server_round,
+                   arrays=(record_arrays(arrays) if arrays is not None else {}) | moments,
+                   strategy=state).write(out)
+
+    encoder = None
+    if reached < 0:
+        checkpoint("started")
     artifacts = RunArtifacts.start(out, str(run_id))
-    with record.timed("statistics"):
-        encoder = federated_encoder(grid, sites, task, settings.split_seed, plan, record)
+    if reached >= STAGES.index("statistics"):
+        encoder = FeatureEncoder.from_dict(resumed.encoder)
+    else:
+        with record.timed("statistics"):
+            encoder = federated_encoder(grid, sites, task, settings.split_seed, plan, record)
+        checkpoint("statistics")
     artifacts.save_encoder(encoder)
     importance_config = training_config(settings, encoder, plan)
     if "ann" in settings.model_names:
-        with record.timed("training"):
-            family, arrays = train_ann(grid, sites, task, encoder, settings, plan, record, on_round)
-        artifacts.save_ann(arrays.to_torch_state_dict(), settings.hidden_sizes)
-        with record.timed("importance"):
-            family.importance = federated_importance(grid, sites, encoder, importance_config, "ann", arrays)
-        record.models["ann"] = family
+        if reached >= STAGES.index("ann"):
+            family, arrays = record.models["ann"], resumed.global_arrays()
+            artifacts.save_ann(arrays.to_torch_state_dict(), settings.hidden_sizes)
+        else:
+            with record.timed("training"):
+                family, arrays = train_ann(
+                    grid, sites, task, encoder, settings, plan, record, on_round,
+                    resume=resumed if resumed is not None and resumed.stage == "training" else None,
+                    on_round_end=lambda server_round, global_arrays, strategy: checkpoint(
+                        "training", server_round, global_arrays, strategy))
+            artifacts.save_ann(arrays.to_torch_state_dict(), settings.hidden_sizes)
+            with record.timed("importance"):
+                family.importance = federated_importance(grid, sites, encoder, importance_config, "ann", arrays)
+            record.models["ann"] = family
+            checkpoint("ann", settings.num_server_rounds, arrays)
         if "personalisation" in plan.phases:
             config = training_config(settings, encoder, plan)
             config[EVAL_BINS] = eval_bins(sites)
@@ -154,6 +197,7 @@ def run_federation(grid: Grid, settings: RunSettings, on_round: Callable[[int], 
         with record.timed("policy"):
             record.policy = run_policy_phase(grid, sites, artifacts, record, settings)
     record.write(out)
+    remove_checkpoint(out)
     return record
 
 

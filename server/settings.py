@@ -143,6 +143,10 @@ class RunSettings:
         both, so a round is one exchange and only the final model is evaluated apart
         (``strategies.per_site.PerSiteRecord``); False: Flower's train then evaluate exchange in every round.
         The figures recorded are the same.
+    resume : bool, default False
+        Continue the run whose checkpoint is in ``out_dir`` (``server.checkpoint``) from its last completed
+        round or phase, under its original run id, instead of starting afresh; the other settings must be the
+        checkpointed run's. Without a checkpoint there the run starts afresh.
     """
 
     num_server_rounds: int = 10
@@ -181,6 +185,7 @@ class RunSettings:
     policy_reference: str = "absolute"
     personalise: str = ""
     one_message_rounds: bool = True
+    resume: bool = False
 
     def __post_init__(self) -> None:
         parse_hidden(self.hidden)

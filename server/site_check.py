@@ -72,10 +72,13 @@ def wait_for_nodes(grid: Grid, min_nodes: int, timeout_s: float = NODE_WAIT_S, p
     return nodes
 
 
-def check_sites(grid: Grid, plan: RunPlan, min_nodes: int = 1, timeout: float | None = None) -> SiteCheck:
-    """Ask every node to validate its site and plan its budget for ``plan``; sort them into usable and rejected."""
+def check_sites(grid: Grid, plan: RunPlan, min_nodes: int = 1, timeout: float | None = None,
+                resumes: str | None = None) -> SiteCheck:
+    """Ask every node to validate its site and plan its budget for ``plan`` (or, for a run that ``resumes`` an
+    earlier one, keep that run's plan); sort them into usable and rejected."""
     nodes = wait_for_nodes(grid, min_nodes)
-    sent = [Message(site_check.request(plan), dst_node_id=n, message_type=messages.SITE_CHECK.type) for n in nodes]
+    sent = [Message(site_check.request(plan, resumes), dst_node_id=n, message_type=messages.SITE_CHECK.type)
+            for n in nodes]
     result = SiteCheck()
     for reply in grid.send_and_receive(sent, timeout=timeout):
         node = reply.metadata.src_node_id
@@ -106,9 +109,10 @@ def _reject_duplicate_names(result: SiteCheck) -> None:
                                             "(set [site] name in site.toml or node-config site-name)"])
 
 
-def usable_sites(grid: Grid, min_nodes: int, plan: RunPlan) -> tuple[SiteCheck, list[int]]:
+def usable_sites(grid: Grid, min_nodes: int, plan: RunPlan, resumes: str | None = None
+                 ) -> tuple[SiteCheck, list[int]]:
     """The site check, logged; the node ids of the sites with usable data (:class:`NoUsableSite` if none)."""
-    sites = check_sites(grid, plan, min_nodes=min_nodes)
+    sites = check_sites(grid, plan, min_nodes=min_nodes, resumes=resumes)
     for name, errors in sites.rejected.values():
         log(INFO, "site %s rejected: %s", name, "; ".join(errors))
     nodes = sites.nodes

@@ -22,8 +22,10 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
 from server.central_accounting import central_dp_record
+from server.checkpoint import Checkpoint, CheckpointError, FromRound, restore_strategy
 from server.run_record import (
     ModelRecord,
     RunRecord,
@@ -75,9 +77,13 @@ def evaluation_config(base: ConfigRecord, sites: SiteCheck, families: int, index
 
 
 def train_ann(grid: Grid, sites: SiteCheck, task: TaskSpec, encoder: FeatureEncoder, settings: RunSettings,
-              plan: RunPlan, record: RunRecord, on_round: Callable[[int], None] | None = None
+              plan: RunPlan, record: RunRecord, on_round: Callable[[int], None] | None = None,
+              resume: Checkpoint | None = None,
+              on_round_end: Callable[[int, ArrayRecord, Strategy], None] | None = None
               ) -> tuple[ModelRecord, ArrayRecord]:
-    """The strategy's rounds; returns the family's record and the final weights."""
+    """The strategy's rounds; returns the family's record and the final weights. ``resume`` (a checkpoint at
+    stage ``training``) continues from its last completed round, its global arrays and strategy state;
+    ``on_round_end(round, arrays, strategy)`` is told each completed round (the coordinator checkpoints)."""
     model = build_model(encoder, task, settings.hidden_sizes, seed=settings.seed)
     trainers = sites.granting("training")
 
@@ -116,10 +122,23 @@ def train_ann(grid: Grid, sites: SiteCheck, task: TaskSpec, encoder: FeatureEnco
     if settings.one_message_rounds:  # the sites' evaluations in training replies bin scores as the final one
         config[EVAL_BINS] = eval_bins(sites)
     start = time.perf_counter()
-    result = strategy.start(grid=grid, initial_arrays=to_arrays(model), num_rounds=settings.num_server_rounds,
-                            train_config=config,
-                            evaluate_config=evaluation_config(config, sites, len(settings.model_names),
-                                                              settings.model_names.index("ann")))
+    initial, done = to_arrays(model), 0
+    if resume is not None:
+        if settings.central_dp:  # its clipping norm and per-round accounting are not in the checkpoint
+            raise CheckpointError(f"run {resume.run_id} used central DP ({settings.central_dp}), whose clipping and "
+                                  "accounting state a checkpoint does not keep: it cannot resume mid-training "
+                                  "without under-counting its ε; start it afresh")
+        restore_strategy(strategy, resume.strategy, resume.arrays, {name: n for n, name in sites.usable.items()})
+        initial, done = resume.global_arrays(), resume.server_round
+    arrays = initial
+    if done < settings.num_server_rounds:
+        rounds_from = FromRound(strategy, done, on_round_end=None if on_round_end is None else
+                                lambda server_round, global_arrays: on_round_end(server_round, global_arrays, strategy))
+        result = rounds_from.start(grid=grid, initial_arrays=initial, num_rounds=settings.num_server_rounds - done,
+                                   train_config=config,
+                                   evaluate_config=evaluation_config(config, sites, len(settings.model_names),
+                                                                     settings.model_names.index("ann")))
+        arrays = result.arrays if result.arrays is not None else initial
     rounds = strategy.rounds
     family = ModelRecord(family="ann", mode=settings.strategy, seconds=time.perf_counter() - start,
                          rounds=model_rounds(task, sites.usable, rounds, record),
@@ -132,5 +151,4 @@ def train_ann(grid: Grid, sites: SiteCheck, task: TaskSpec, encoder: FeatureEnco
     if isinstance(strategy.strategy, CentralDP):
         record.central_dp = central_dp_record(strategy.strategy, settings.central_delta, settings.central_accountant,
                                               plan, [sites.usable[n] for n in trainers if n in dp])
-    arrays = result.arrays if result.arrays is not None else to_arrays(model)
     return family, arrays

@@ -30,6 +30,7 @@ from server.settings import DEFAULTS, RunSettings, parse_hidden
 from shared.ann import predict
 from shared.artifacts import RunArtifacts
 from shared.boosting import BoostingConfig, predict_heads
+from shared.durable import write_json_atomically
 from shared.exploration import Exploration
 from shared.task import NANOPARTICLE_TASK, TaskSpec, assign_split
 from shared.validation import SiteDataError, load_site
@@ -45,9 +46,12 @@ from simulation.baselines import (
     pooled_boosters,
     pooled_model,
 )
-from simulation.clinics import SIMULATED_STATE_DIR, SitePrivacy, World, generate_sites
+from simulation.clinics import SIMULATED_STATE_DIR, SitePrivacy, World, generate_sites, make_world
 from simulation.personalisation import personalisation_results, personalised_entry, site_records
 from simulation.seed_comparison import CLASSIC, local_classic, pooled_classic, pooled_importance
+
+EXPERIMENT_FILE = "experiment.json"
+"""The options of a ``fednano simulate`` run, in its OUT folder (``--resume OUT`` reads them)."""
 
 
 class ExperimentError(ValueError):
@@ -100,6 +104,30 @@ class ExperimentConfig:
     one_message_rounds: bool = DEFAULTS.one_message_rounds  # evaluate and train in one exchange (RunSettings)
     ray_address: str | None = None  # a running Ray cluster's head (HOST:PORT); None: a local Ray per simulation
     supernode_cpus: float = 1.0  # CPUs Ray reserves for each simulated SuperNode's ClientApp actor
+    resume: bool = False  # continue the federation checkpointed in OUT/federated on the sites already in OUT
+
+    def to_file(self) -> Path:
+        """Write these options to ``OUT/experiment.json`` (what ``fednano simulate --resume OUT`` runs again)."""
+        path = self.out / EXPERIMENT_FILE
+        body = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k != "resume"}
+        body["sites"] = [str(p) for p in self.sites]
+        write_json_atomically(path, body)
+        return path
+
+    @classmethod
+    def resumed(cls, out: Path) -> ExperimentConfig:
+        """The options of the experiment in ``out`` (its ``experiment.json``), to resume it;
+        :class:`ExperimentError` if it has none."""
+        path = Path(out) / EXPERIMENT_FILE
+        try:
+            body = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ExperimentError(f"{path}: no experiment to resume there ({err}); --resume takes the OUT folder "
+                                  "of a simulate run that stopped") from err
+        known = {f.name for f in dataclasses.fields(cls)}
+        body = {k: v for k, v in body.items() if k in known}
+        return cls(**{**body, "out": Path(out), "sites": [Path(p) for p in body.get("sites", [])],
+                      "task": Path(body["task"]) if body.get("task") else None, "resume": True})
 
     def run_settings(self, n_sites: int, signing_key: Path | None) -> RunSettings:
         """The federated run's settings for these options (one mapping, here)."""
@@ -115,7 +143,7 @@ class ExperimentConfig:
             clip_median_factor=self.clip_median_factor, one_message_rounds=self.one_message_rounds,
             central_dp=self.central_dp, central_noise_multiplier=self.central_noise_multiplier,
             central_clip=self.central_clip, central_delta=self.central_delta,
-            central_accountant=self.central_accountant)
+            central_accountant=self.central_accountant, resume=self.resume)
 
     def parsed_attacks(self) -> list[Attack]:
         return [Attack.parse(text) for text in self.attacks]
@@ -148,6 +176,9 @@ def prepare_sites(cfg: ExperimentConfig) -> tuple[list[SiteSource], World | None
     if cfg.sites:
         return distinct_sites([SiteSource(Path(p), cfg.task) for p in cfg.sites]), None
     out = cfg.out / "sites"
+    if cfg.resume and out.is_dir():  # the same clinics, their ledgers and heads as the run being resumed had
+        world = make_world(cfg.clinics, cfg.seed, cfg.patients_per_clinic)
+        return [SiteSource(out / c.name, state_dir=out / SIMULATED_STATE_DIR) for c in world.clinics], world
     shutil.rmtree(out, ignore_errors=True)
     # a closed loop runs the federation once per version: each run may spend its share of the lifetime budget
     per_run = cfg.epsilon / cfg.deploy_cycles if cfg.deploy_cycles > 1 else None
@@ -583,9 +614,11 @@ def _run_experiment(cfg: ExperimentConfig, on_round: Callable[[int], None] | Non
     task = TaskSpec.from_toml(cfg.task) if cfg.task else NANOPARTICLE_TASK
     say("sites")
     start = time.perf_counter()
+    if not cfg.resume:
+        cfg.to_file()
     sources, world = prepare_sites(cfg)
     if cfg.task is None and cfg.policy:  # the dosing policy (and its signing kit) exist for the built-in task only
-        sources = prepare_kit(cfg, sources, fresh=world is not None)
+        sources = prepare_kit(cfg, sources, fresh=world is not None and not cfg.resume)
     check_robustness_options(cfg, sources)
     sites_seconds = time.perf_counter() - start
     say("federation")

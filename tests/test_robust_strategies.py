@@ -189,7 +189,8 @@ def test_a_deployed_run_too_small_for_its_robust_strategy_is_refused_in_its_reco
 
     three_sites = SiteCheck(usable={1: "clinic_a", 2: "clinic_b", 3: "clinic_c"},
                             privacy={n: SitePrivacy(dp=False) for n in (1, 2, 3)})
-    monkeypatch.setattr(server.app, "usable_sites", lambda grid, min_nodes, plan: (three_sites, three_sites.nodes))
+    monkeypatch.setattr(server.app, "usable_sites",
+                        lambda grid, min_nodes, plan, resumes=None: (three_sites, three_sites.nodes))
 
     def no_phase(*args, **kwargs):
         raise AssertionError("a refused run asks the sites nothing more")

@@ -9,10 +9,24 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from shared.protocol import records as r
 from shared.protocol.privacy import RunPlan, SitePrivacy
 
+RESUMES_RUN = "resumes-run"
+"""Site-check config key of a resumed run: the id of the run it continues (``server.checkpoint``)."""
 
-def request(plan: RunPlan) -> RecordDict:
-    """The site check's content: the phases the run will ask for (so a DP site can plan its budget)."""
-    return RecordDict({r.CONFIG: plan.to_config()})
+
+def request(plan: RunPlan, resumes: str | None = None) -> RecordDict:
+    """The site check's content: the phases the run will ask for (so a DP site can plan its budget) and, for a
+    resumed run, the id of the run it continues (so a site answers as that run: ``client.run_state``)."""
+    config = plan.to_config()
+    if resumes is not None:
+        config[RESUMES_RUN] = str(resumes)
+    return RecordDict({r.CONFIG: config})
+
+
+def resumed_run(content: RecordDict) -> str | None:
+    """The run a site-check request continues, or None for a new run."""
+    if r.CONFIG not in content or RESUMES_RUN not in content[r.CONFIG]:
+        return None
+    return str(content[r.CONFIG][RESUMES_RUN])
 
 
 def plan_of(content: RecordDict) -> RunPlan:
