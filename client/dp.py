@@ -32,7 +32,8 @@ the same release asked again in a resumed run is the same numbers, charged once 
 release's tag); floating-point side channels of textbook Gaussian sampling (Mironov 2012) are not addressed.
 
 DP-SGD training (``client.training``) is the other mechanism; it takes its σ from :func:`training_noise`
-by the same rule and charges the same ledger.
+by the same rule and charges the same ledger, and its noise and batches from a seed keyed the same way
+(:func:`training_seed`), never from the seed the coordinator sends.
 """
 
 from __future__ import annotations
@@ -405,6 +406,16 @@ def release_key(ledger: PrivacyLedger) -> bytes:
     finally:
         os.close(fd)
     return key
+
+
+def training_seed(ledger: PrivacyLedger, run_id: str, phase: str, index: int) -> int:
+    """Seed of one DP-SGD training call's Poisson sampling and Gaussian noise: an HMAC under the site's secret key
+    (:func:`release_key`) of its run, phase and index (round, or candidate). The seed the coordinator sends makes
+    training reproducible without DP; under DP it must not set the noise or the batches: knowing the noise, the
+    coordinator could take it out of the weights it receives, and knowing which rows each step drew, undo the
+    subsampling's amplification. Keyed, a redone round of a resumed run still trains the same weights."""
+    digest = _keyed_digest(release_key(ledger), b"dp-sgd-seed", run_id, phase, index, {})
+    return int.from_bytes(digest[:8], "big") >> 1  # torch.manual_seed takes up to 2**63 - 1 here
 
 
 def _keyed_digest(key: bytes, purpose: bytes, run_id: str, phase: str, index: int,

@@ -41,6 +41,7 @@ from client.dp import (
     gaussian_release,
     noise_for_phase,
     phase_epsilon,
+    training_seed,
     weighted_noise,
 )
 from client.evaluation import from_blocks, summaries, summary_blocks
@@ -278,11 +279,13 @@ def _fit_private(models: dict, global_model, data: EncodedSplit, dp: SiteDP, set
     dp.ledger.check_affordable(sigma, rate, steps)
     config = DPConfig(noise_multiplier=sigma, max_grad_norm=settings.max_grad_norm)
     taken = 0
-    for model in models.values():
+    run = str(request.context.run_id)
+    for index, model in enumerate(models.values()):
+        model.seed = training_seed(dp.ledger, run, PHASE, index)  # batches and noise: not the coordinator's seed
         accountant = dp.ledger.accountant()
         model.fit(global_model, data, config, history=accountant.history)
         accountant.history = model.history_
-        dp.ledger.record_from_accountant(accountant, run_id=str(request.context.run_id), server_round=0, phase=PHASE)
+        dp.ledger.record_from_accountant(accountant, run_id=run, server_round=0, phase=PHASE)
         taken += model.steps_
     return taken
 

@@ -14,11 +14,21 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import run_state
-from client.dp import PhaseRelease, PrivacyRefused, release_key, release_tag, start_run, training_noise
+from client.dp import (
+    PhaseRelease,
+    PrivacyRefused,
+    release_key,
+    release_tag,
+    start_run,
+    training_noise,
+    training_seed,
+)
 from client.evaluation import private_summaries, summaries
 from client.ledger import BudgetExhausted, LedgerError
 from client.run_state import run_context
@@ -136,6 +146,7 @@ def train_round(msg: Message, request: SiteRequest) -> RecordDict:
         if later or not again:
             dp.ledger.check_affordable(sigma, rate, (later + (not again)) * per_round)
         accountant = dp.ledger.accountant()
+        local = replace(local, seed=training_seed(dp.ledger, run, "training", this_round))  # not the coordinator's
         result = train(model, data, local, DPConfig(noise_multiplier=sigma, max_grad_norm=settings.max_grad_norm),
                        history=accountant.history)
         accountant.history = result.history

@@ -233,6 +233,19 @@ def test_the_release_key_stays_at_the_site_and_tags_say_nothing_without_it(tmp_p
     assert release_tag(key, "7", "training", 1, values) != release_tag(key, "7", "training", 2, values)
 
 
+def test_dp_sgd_takes_its_seed_from_the_sites_key_not_from_the_coordinator(tmp_path):
+    """A DP-SGD round's batches and noise are seeded under the site's secret (the same round of the same run: the
+    same seed, so a redone round trains the same weights), never by the seed in the coordinator's config, which
+    would let the coordinator take the noise back out of the weights it receives."""
+    from client.dp import training_seed
+
+    ledger, other = dp_site(tmp_path).ledger, dp_site(tmp_path / "other").ledger
+    seed = training_seed(ledger, "7", "training", 3)
+    assert seed == training_seed(ledger, "7", "training", 3) and 0 <= seed < 2 ** 63
+    assert len({seed, training_seed(ledger, "7", "training", 4), training_seed(ledger, "8", "training", 3),
+                training_seed(ledger, "7", "personalisation", 3), training_seed(other, "7", "training", 3)}) == 5
+
+
 def test_a_resumed_run_answers_as_the_run_it_continues_with_its_plan_from_the_sites_disk(tmp_path):
     dp = dp_site(tmp_path)
     folder = tmp_path / "site"
