@@ -139,14 +139,8 @@ def run_deployed(work: Path, kit: Path, sites: Path, names: list[str], rounds: i
     services = []
     home = work / "coordinator_home"
     try:
-        link = dep.start_superlink(kit / "coordinator", work, dep.free_port())
-        services.append(link)
-        dep.write_connection(home, FEDERATION, link.port, kit / "coordinator" / "ca.pem")
-        for name in names:
-            dep.register_site(kit / "coordinator", FEDERATION, name, home)
-        nodes = [dep.start_supernode(kit / "sites" / n, sites / n, link.port, work, n) for n in names]
-        services += nodes
-        watcher = LogWatcher({n.name: n.log for n in nodes})
+        _, nodes = dep.start_federation(kit, sites, names, FEDERATION, home, work, services)
+        watcher = LogWatcher({n.name: n.log for n in nodes.values()})
         watcher.start()
         start = time.monotonic()
         run_id = dep.start_run(ROOT, FEDERATION, home, {

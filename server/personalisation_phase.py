@@ -44,9 +44,14 @@ PHASE = "personalisation"
 
 def personalisation_request(arrays: ArrayRecord, config: ConfigRecord, plan: Personalisation) -> RecordDict:
     """The message content: the global weights, and the training config with the plan."""
+    return RecordDict({r.ARRAYS: arrays, r.CONFIG: with_plan(config, plan)})
+
+
+def with_plan(config: ConfigRecord, plan: Personalisation) -> ConfigRecord:
+    """A copy of ``config`` with the plan's keys added."""
     merged = ConfigRecord(dict(config))
     merged.update(plan.to_config())
-    return RecordDict({r.ARRAYS: arrays, r.CONFIG: merged})
+    return merged
 
 
 def run_personalisation(grid: Grid, sites: SiteCheck, task: TaskSpec, arrays: ArrayRecord, config: ConfigRecord,
@@ -68,9 +73,7 @@ def run_boosting_personalisation(grid: Grid, sites: SiteCheck, task: TaskSpec, b
     """Ask every site without DP to personalise the finished ``boosters`` (``config``: the boosting settings
     with the encoder); the phase's record, shaped as :func:`run_personalisation`'s."""
     start = time.perf_counter()
-    merged = ConfigRecord(dict(config))
-    merged.update(plan.to_config())
-    content = evaluation_request(merged, boosters)
+    content = evaluation_request(with_plan(config, plan), boosters)
     nodes = [n for n in sites.nodes if n not in sites.dp_nodes()]
     sent = [Message(content, dst_node_id=n, message_type=messages.PERSONALISE_BOOSTING.type) for n in nodes]
     per_site, failures, received = collect(grid, sites, task, sent, record)

@@ -195,6 +195,23 @@ def start_supernode(site_kit: Path, data: Path, superlink_port: int, workdir: Pa
     return start(f"supernode_{name}", command, flower_env(workdir / f"{name}_home"), workdir, port)
 
 
+def start_federation(kit: Path, sites: Path, names: list[str], federation: str, home: Path, workdir: Path,
+                     services: list[Service]) -> tuple[Service, dict[str, Service]]:
+    """The coordinator's SuperLink (its connection written to ``home``), every site of ``names`` registered and
+    its SuperNode started on its folder in ``sites``: the SuperLink and the SuperNodes by name. Each service is
+    appended to ``services`` as soon as it runs, so the caller stops every one started, whatever fails next."""
+    link = start_superlink(kit / "coordinator", workdir, free_port())
+    services.append(link)
+    write_connection(home, federation, link.port, kit / "coordinator" / "ca.pem")
+    for name in names:
+        register_site(kit / "coordinator", federation, name, home)
+    nodes = {}
+    for name in names:
+        nodes[name] = start_supernode(kit / "sites" / name, sites / name, link.port, workdir, name)
+        services.append(nodes[name])
+    return link, nodes
+
+
 def start_run(app: Path, federation: str, home: Path, run_config: dict[str, object]) -> int:
     """``flwr run APP FEDERATION --run-config ...``: submit a run and return its id (without waiting)."""
     overrides = " ".join(f"{key}={json.dumps(value)}" for key, value in run_config.items())

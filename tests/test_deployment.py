@@ -73,14 +73,7 @@ def federation(tmp_path_factory) -> Deployed:
     generate_sites(len(SITES) + 1, seed=3, out=sites, patients_per_clinic=PATIENTS_PER_SITE)
     services: list[dep.Service] = []
     try:
-        link = dep.start_superlink(kit / "coordinator", work, dep.free_port())
-        services.append(link)
-        dep.write_connection(home, FEDERATION, link.port, kit / "coordinator" / "ca.pem")
-        for site in [*SITES, DROPPED]:
-            dep.register_site(kit / "coordinator", FEDERATION, site, home)
-        nodes = {site: dep.start_supernode(kit / "sites" / site, sites / site, link.port, work, site)
-                 for site in [*SITES, DROPPED]}
-        services += nodes.values()
+        link, nodes = dep.start_federation(kit, sites, [*SITES, DROPPED], FEDERATION, home, work, services)
         run_id = dep.start_run(APP, FEDERATION, home, run_config(work / "out", kit))
         dep.wait_for_log(nodes[DROPPED], "Receiving: train", timeout=RUN_TIMEOUT_S)
         dep.kill(nodes[DROPPED])

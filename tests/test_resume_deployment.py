@@ -57,13 +57,7 @@ def test_a_coordinator_killed_in_round_3_resumes_and_finishes_charging_every_rou
     assert set(config) | {"resume"} <= declared_run_config()
     services: list[dep.Service] = []
     try:
-        link = dep.start_superlink(kit / "coordinator", tmp_path, dep.free_port())
-        services.append(link)
-        dep.write_connection(home, FEDERATION, link.port, kit / "coordinator" / "ca.pem")
-        for site in SITES:
-            dep.register_site(kit / "coordinator", FEDERATION, site, home)
-        services += [dep.start_supernode(kit / "sites" / site, sites / site, link.port, tmp_path, site)
-                     for site in SITES]
+        link, _ = dep.start_federation(kit, sites, list(SITES), FEDERATION, home, tmp_path, services)
         first = dep.start_run(APP, FEDERATION, home, config)
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while checkpointed_round(out) < KILL_IN_ROUND - 1:  # rounds 1 and 2 checkpointed: round 3 is under way
