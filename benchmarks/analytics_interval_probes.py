@@ -1,0 +1,163 @@
+"""Probes behind issue 19's third pass: DP PCA eigenvalue and logistic-coefficient noise intervals on fixed data.
+
+    python benchmarks/analytics_interval_probes.py pca --sites 3 --rows 1300 --epsilons 0.5,1,3 --draws 10
+    python benchmarks/analytics_interval_probes.py logistic --sites 3 --rows 1300 --epsilons 1 --draws 12
+                                                   --variant current|no-carry|no-hessian-noise|psd|psd-resampled
+
+Both hold the simulated clinics fixed (``benchmarks.analytics.make_sites``), run the site + server code in process
+once with the sites' noise set to zero (the target) and then ``--draws`` times with fresh noise, as
+``benchmarks/analytics_noise_only.py`` does, and print coverage of the 95 % noise intervals and the median ratio of
+the reported sd to the draws' root-mean-square error.
+
+- ``pca``: for each draw, Weyl's bound (``shared.analytics.eigenvalue_noise_bound``) and each eigenvalue's own
+  bootstrap root-mean-square distance, whichever ``shared.analytics.eigenvalue_sd`` then picks; prints both
+  intervals' coverage and the bound over the released spectrum's spread (what the rule reads).
+- ``logistic``: the carried-noise bootstrap of the Newton steps (``shared.analytics.logistic_step_noise``) as it is
+  (``current``) or changed: without the carried term, without re-noising the Hessian, or moving each draw's
+  gradient with the released Hessian projected to positive semi-definite (once, or re-noised per draw).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from analytics import dp_run, make_sites  # noqa: E402
+from analytics_noise_only import zero_noise  # noqa: E402
+
+import server.analytics_phase as phase  # noqa: E402
+import shared.analytics as sa  # noqa: E402
+from shared import dp_error  # noqa: E402
+
+VARIANTS = ("current", "no-carry", "no-hessian-noise", "psd", "psd-resampled")
+
+
+def pca(frames, epsilon: float, draws: int) -> None:
+    """Coverage of Weyl's bound and of the per-eigenvalue bootstrap distance, over ``draws`` noise draws."""
+    seen: dict = {}
+    rmse, bound = dp_error.bootstrap_rmse, phase.eigenvalue_noise_bound
+
+    def keep_rmse(*args, **kwargs):
+        seen["rmse"] = rmse(*args, **kwargs)
+        return seen["rmse"].copy()
+
+    def keep_bound(*args):
+        seen["bound"] = bound(*args)
+        return seen["bound"]
+
+    phase.dp_error.bootstrap_rmse, phase.eigenvalue_noise_bound = keep_rmse, keep_bound
+    try:
+        with zero_noise():
+            truth = np.array(dp_run(frames, epsilon, "describe,pca", 0)["pca"]["eigenvalues"])
+        estimates, distances, bounds = [], [], []
+        for seed in range(1, draws + 1):
+            seen.clear()
+            values = dp_run(frames, epsilon, "describe,pca", seed)["pca"]["eigenvalues"]
+            estimates.append(values)
+            distances.append(seen["rmse"][:len(values)])
+            bounds.append(seen["bound"])
+    finally:
+        phase.dp_error.bootstrap_rmse, phase.eigenvalue_noise_bound = rmse, bound
+    est, dist, reach = np.array(estimates), np.array(distances), np.array(bounds)
+    error = np.abs(est - truth)
+    print(f"eps {epsilon}: Weyl coverage {np.mean(error <= reach[:, None]):.3f} (bound {reach.mean():.3f}), "
+          f"per-eigenvalue coverage {np.mean(error <= dp_error.Z95 * dist):.3f}, "
+          f"bound / spread {np.median(reach / (est.max(1) - est.min(1))):.3f}, "
+          f"real rmse {np.sqrt((error ** 2).mean(0)).round(4).tolist()}")
+
+
+def step_noise(variant: str):
+    """``logistic_step_noise`` with the probe's ``variant`` (same arguments, same bootstrap otherwise)."""
+
+    def noise(hessian, gradient, beta_before, beta_after, carried, bound, noise_sd,
+              draws=dp_error.BOOTSTRAP_DRAWS, seed=dp_error.BOOTSTRAP_SEED):
+        d = hessian.shape[0]
+        upper = np.triu_indices(d)
+        b = np.concatenate([[1.0], np.asarray(bound, dtype=np.float64)])
+        packed, h_scale = hessian[upper], noise_sd * 0.25 * np.outer(b, b)[upper]
+        whiten = np.outer(np.maximum(0.5 * b, 1e-12), np.maximum(0.5 * b, 1e-12))
+        rng = np.random.default_rng(seed)
+        if variant == "no-carry":
+            carried = np.zeros_like(carried)
+        values, vectors = np.linalg.eigh((carried + carried.T) / 2)
+        root = vectors * np.sqrt(np.maximum(values, 0.0))
+
+        def psd(matrix):
+            vals, vecs = np.linalg.eigh(matrix / whiten)
+            return (vecs * np.maximum(vals, 0.0)) @ vecs.T * whiten
+
+        move = psd(hessian) if variant == "psd" else hessian
+        runs = np.empty((draws, d))
+        for i in range(draws):
+            e = root @ rng.standard_normal(d)
+            h = hessian if variant == "no-hessian-noise" else \
+                sa.unpack_triu(packed + rng.standard_normal(len(packed)) * h_scale, d)
+            if variant == "psd-resampled":
+                move = psd(sa.unpack_triu(packed + rng.standard_normal(len(packed)) * h_scale, d))
+            g = gradient - move @ e + rng.standard_normal(d) * noise_sd * b
+            runs[i] = beta_before + e + sa.noisy_gram_inverse(h, b[1:], 0.25, noise_sd,
+                                                              sa.LOGISTIC_FLOOR_NOISE_SDS) @ g
+        shift = runs - beta_after
+        return shift.T @ shift / draws
+
+    return noise
+
+
+def coefficients(result: dict) -> dict[str, tuple[float, float]]:
+    out = {}
+    for outcome, fit in (result["regression"].get("logistic") or {}).items():
+        for term, row in fit["coefficients"].items():
+            if row.get("estimate") is not None and row.get("se_dp_noise") is not None:
+                out[f"{outcome}/{term}"] = (row["estimate"], row["se_dp_noise"])
+    return out
+
+
+def logistic(frames, epsilon: float, draws: int, variant: str) -> None:
+    """Coverage of ± 1.96 ``se_dp_noise`` of the logistic coefficients with the bootstrap ``variant``."""
+    current = phase.logistic_step_noise
+    if variant != "current":
+        phase.logistic_step_noise = step_noise(variant)
+    try:
+        with zero_noise():
+            truth = coefficients(dp_run(frames, epsilon, "describe,regression", 0))
+        runs = [coefficients(dp_run(frames, epsilon, "describe,regression", s)) for s in range(1, draws + 1)]
+    finally:
+        phase.logistic_step_noise = current
+    hits, ratios = [], []
+    for key, (target, _) in truth.items():
+        est = np.array([run[key][0] for run in runs if key in run])
+        sd = np.array([run[key][1] for run in runs if key in run])
+        hits += list(np.abs(est - target) <= dp_error.Z95 * sd)
+        rmse = np.sqrt(np.mean((est - target) ** 2))
+        if rmse > 0:
+            ratios.append(np.median(sd) / rmse)
+    print(f"{variant} eps {epsilon}: coverage {np.mean(hits):.3f} (n {len(hits)}), "
+          f"median sd / rmse {np.median(ratios):.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("family", choices=("pca", "logistic"))
+    parser.add_argument("--sites", type=int, default=3)
+    parser.add_argument("--rows", type=int, default=1300)
+    parser.add_argument("--epsilons", default="1")
+    parser.add_argument("--draws", type=int, default=10)
+    parser.add_argument("--variant", choices=VARIANTS, default="current")
+    args = parser.parse_args()
+    frames = make_sites(args.sites, args.rows)
+    for epsilon in (float(e) for e in args.epsilons.split(",")):
+        if args.family == "pca":
+            pca(frames, epsilon, args.draws)
+        else:
+            logistic(frames, epsilon, args.draws, args.variant)
+
+
+if __name__ == "__main__":
+    main()
