@@ -91,10 +91,13 @@ def report_section(results: dict, family: str = "ann") -> list[str]:
     key, heading, grown = FAMILIES[family]
     candidates = list(entry["candidates"])
     labels = [LABELS.get(c, c) for c in candidates]
+    kept = {"ann": "the fine-tuned model" if "finetune" in candidates else "the global model",
+            "xgboost": "the site's trees" if "site-trees" in candidates else "the global boosters"}[family]
     lines = [f"## {heading} (each site's choice)", "",
              f"Each site trained its local-only model and the {grown} from the final global model on its own "
              "training split, scored them with the global model on its validation split (mean of the outcomes' "
-             f"AUC / R²), and kept the global model unless another beat it by more than the split's noise; the {grown} "
+             f"AUC / R²), and kept its default ({kept}) unless another beat it by more than the split's "
+             f"noise; the {grown} "
              "never left the site. Test split, each site's own exact figures (local: the site's own model in the "
              "choice, on the federated encoder).", ""]
     for name, kind in results["task"]["outcomes"]:

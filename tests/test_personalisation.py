@@ -17,6 +17,7 @@ from client.evaluation import summaries
 from client.personalisation_handlers import (
     PHASE,
     SITE_RECORD_DIR,
+    ann_order,
     paired_bootstrap_sd,
     personalise,
     released_difference_sd,
@@ -225,7 +226,9 @@ def test_a_site_without_dp_replies_its_choice_and_keeps_the_chosen_model_in_its_
     content = personalise(msg, request)
     assert not any(isinstance(rec, ArrayRecord) for rec in content.values())
     reply = p.PersonalisationReply.from_records(content)
-    assert reply.chosen in plan.candidates and reply.reason.startswith(("kept global", f"{reply.chosen} beat global"))
+    # fine-tuning is among the methods, so it is the default kept unless beaten (ann_order)
+    assert reply.chosen in plan.candidates
+    assert reply.reason.startswith(("kept finetune", f"{reply.chosen} beat finetune")), reply.reason
     assert set(reply.summaries["test"]) == set(plan.candidates) and reply.dp_steps == 0
     kept_in = request.source.folder / SITE_RECORD_DIR / request.name
     kept = json.loads((kept_in / "11.json").read_text())
@@ -404,3 +407,13 @@ def test_the_run_record_counts_every_ledger_entry_of_a_dp_sites_personalisation_
     privacy = record.privacy["clinic_00"]
     assert privacy.releases[PHASE] == 2 + 2  # two DP-SGD fits, the validation and the test release
     assert privacy.epsilon_after[PHASE] == 2.6 and phase["per_site"]["clinic_00"]["chosen"] == p.GLOBAL
+
+
+def test_the_fine_tuned_model_is_the_default_when_asked_for_and_global_otherwise():
+    assert ann_order(p.Personalisation(methods=("ditto", "finetune", "fedper"))) == \
+        ("finetune", p.GLOBAL, "ditto", "fedper", p.LOCAL)
+    assert ann_order(p.Personalisation(methods=("ditto", "fedper"))) == (p.GLOBAL, "ditto", "fedper", p.LOCAL)
+    # the default is what choose_by_margin keeps when nothing beats it by the margin
+    scores = {"finetune": 0.71, p.GLOBAL: 0.72, "ditto": 0.73, p.LOCAL: 0.60}
+    sds = dict.fromkeys((p.GLOBAL, "ditto", p.LOCAL), 0.05)
+    assert choose_by_margin(scores, sds, ann_order(p.Personalisation(methods=("finetune", "ditto"))))[0] == "finetune"

@@ -3,8 +3,10 @@
 The site scores every candidate on its own validation split — the mean over the task's outcomes of each
 outcome's headline metric (AUC for a binary or multiclass outcome, R² for a regression one, floored at 0: no
 better than predicting the mean; both 1 at best, so their mean ranks candidates on every outcome at once, and
-one hopeless regression fit cannot outweigh the other outcomes). A site keeps the global model unless another
-candidate beats it by more than the comparison's noise (:func:`choose_by_margin`: a one-sided Bonferroni test,
+one hopeless regression fit cannot outweigh the other outcomes). A site keeps its default (the fine-tuned global
+model when fine-tuning is among the methods, else the global model; for the boosters the site trees:
+``client.personalisation_handlers.ann_order`` / ``boosting_order``) unless another candidate beats it by more
+than the comparison's noise (:func:`choose_by_margin`: a one-sided Bonferroni test,
 margins from the split's sampling and, under DP, the release's own Gaussian noise); :func:`choose`, the best score
 outright (ties, within :data:`TIE_MARGIN`, to the earlier candidate in the plan's order: global, the methods,
 local), is what it falls back on when the global model has no score. Under DP the scores and margins come from the
@@ -116,7 +118,7 @@ def sampling_se(task: TaskSpec, summaries: Mapping[str, Mapping]) -> float:
 
 def choose_by_margin(scores: Mapping[str, float], difference_sd: Mapping[str, float],
                      order: Sequence[str]) -> tuple[str, str]:
-    """Keep the default (``order[0]``, the global model) unless a candidate beats it on validation by more than
+    """Keep the default (``order[0]``) unless a candidate beats it on validation by more than
     the noise of the comparison: a one-sided test per alternative, Bonferroni over them (:func:`one_sided_z`).
 
     ``difference_sd[c]`` is the standard deviation of ``score[c] − score[default]`` under the validation split's

@@ -20,7 +20,10 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from shared import metrics
 from shared.protocol import records as r
 
-METHODS = ("finetune", "ditto", "fedper")
+FINETUNE = "finetune"
+"""The global model fine-tuned on the site's training split: the default a site keeps unless beaten
+(``client.personalisation_handlers.ann_order``)."""
+METHODS = (FINETUNE, "ditto", "fedper")
 """Personalised ANN methods a site knows (``client.personalised.METHODS`` implements each)."""
 BOOSTING_METHODS = ("site-trees",)
 """Personalised boosting methods: ``site-trees``, a few trees the site grows on its own rows on top of the
