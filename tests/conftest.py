@@ -6,6 +6,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 from tests.browser import chrome  # noqa: F401  (the headless-Chromium fixture of the screens' tests)
 
 _STATE_DIR_ENV = "FEDNANO_STATE_DIR"  # client.ledger.STATE_DIR_ENV, not imported: conftest loads before any test
@@ -29,3 +31,15 @@ def pytest_unconfigure(config) -> None:
         os.environ.pop(_STATE_DIR_ENV, None)
     else:
         os.environ[_STATE_DIR_ENV] = before
+
+
+@pytest.fixture(scope="module")
+def shared_ray():
+    """One Ray, and one pool of ClientApp actors, for every Flower simulation of the module that asks for it
+    (:func:`simulation.flower_runtime.ray_session`): Flower's own backend starts and stops Ray for each
+    simulation, ~15 s on this machine each time. For modules whose simulations all use this machine's local Ray
+    (not a cluster's address); Ray is shut down when the module ends."""
+    from simulation.flower_runtime import ray_session
+
+    with ray_session() as applied:
+        yield applied

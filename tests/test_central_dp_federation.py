@@ -26,7 +26,7 @@ NOISE = 0.3  # modest: ε is large (a few rounds, six sites); the point here is 
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, shared_ray):
     out = tmp_path_factory.mktemp("central_dp")
     flower_environment(out)
     quiet_flower()

@@ -40,7 +40,7 @@ def message_logger(path: Path):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, shared_ray):
     out = tmp_path_factory.mktemp("one_message")
     flower_environment(out)
     quiet_flower()

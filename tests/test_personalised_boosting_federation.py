@@ -22,7 +22,7 @@ CANDIDATES = {"global", "site-trees", "local"}
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, shared_ray):
     out = tmp_path_factory.mktemp("personalised_boosting")
     flower_environment(out)
     quiet_flower()
@@ -89,7 +89,7 @@ def test_the_report_has_the_boosters_table_and_says_why_the_dp_site_was_not_aske
 
 
 @pytest.fixture(scope="module")
-def generic(tmp_path_factory):
+def generic(tmp_path_factory, shared_ray):
     """The real liposome release-class table (a generic multiclass task) over 3 sites split by drug."""
     from simulation.paper_liposome import TASK_EXAMPLE, load_table, noniid_sites
 

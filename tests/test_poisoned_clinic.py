@@ -20,7 +20,7 @@ SCALE = 100.0
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, shared_ray):
     out = tmp_path_factory.mktemp("poisoned")
     flower_environment(out)
     quiet_flower()

@@ -78,7 +78,7 @@ def ledgers(out: Path) -> list[PrivacyLedger]:
 
 
 @pytest.fixture(scope="module")
-def environment(tmp_path_factory):
+def environment(tmp_path_factory, shared_ray):
     flower_environment(tmp_path_factory.mktemp("flwr"))
     quiet_flower()
 
