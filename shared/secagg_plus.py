@@ -195,6 +195,7 @@ class SecAggSite:
         self.roster_: Roster | None = None
         self.received_: dict[int, tuple[bytes, bytes]] = {}  # sender → (share of s_sender, share of b_sender)
         self.sent_input_ = False
+        self.participants_: list[int] = []
         self.answered_ = False
 
     def advertise(self) -> tuple[bytes, bytes]:
@@ -242,16 +243,26 @@ class SecAggSite:
                 raise TamperedShare(f"the share ciphertext from site {sender} names other parties")
             self.received_[sender] = (key_share, seed_share)
 
-    def masked_input(self, values: np.ndarray, bits: np.ndarray | int = 64) -> np.ndarray:
-        """Round 2: ``values`` (int64) self-masked and pairwise-masked modulo 2^bits, once per aggregation."""
+    def masked_input(self, values: np.ndarray, bits: np.ndarray | int = 64,
+                     participants: list[int] | None = None) -> np.ndarray:
+        """Round 2: ``values`` (int64) self-masked and pairwise-masked modulo 2^bits, once per aggregation.
+
+        ``participants`` are the sites whose shares reached the server in round 1 (Bonawitz et al.'s U2,
+        default the whole roster): the pairwise masks are those with them, and this site must hold a share
+        from each, or their masks could not be removed should they drop."""
         roster = self._need_roster()
+        peers_ids = sorted(roster.nodes if participants is None else {int(p) for p in participants})
         if self.sent_input_:
             raise SecAggError("this aggregation's masked input was already sent: refusing to reuse its masks")
-        if len(self.received_) < roster.threshold:
-            raise ThresholdError(f"shares from {len(self.received_)} sites, fewer than the threshold "
-                                 f"{roster.threshold}: a dropout could not be recovered")
+        if self.node_id not in peers_ids or not set(peers_ids) <= set(roster.nodes):
+            raise SecAggError("the participants must include this site and lie within the roster")
+        if not set(peers_ids) <= set(self.received_):
+            raise SecAggError("this site holds no shares from some participants: their masks could not be removed")
+        if len(peers_ids) < roster.threshold:
+            raise ThresholdError(f"{len(peers_ids)} participants, fewer than the threshold {roster.threshold}")
         self.sent_input_ = True
-        peers = {node: roster.mask_keys[node] for node in roster.nodes}
+        self.participants_ = peers_ids
+        peers = {node: roster.mask_keys[node] for node in peers_ids}
         words = secure_sum.mask(values, self._mask_private, self.node_id, peers, self.label, 64)
         flat = words.reshape(-1) + self_mask(self._seed, self.label, words.size)
         bits_flat = np.broadcast_to(bits, np.shape(values)).reshape(-1)
@@ -270,6 +281,8 @@ class SecAggSite:
             raise ShareRefused("this aggregation's unmask shares were already given")
         if self.sent_input_ and self.node_id in dropped_set:
             raise ShareRefused("this site sent its masked input but is named dropped: refusing its mask key")
+        if self.sent_input_ and sent_set | dropped_set != set(self.participants_):
+            raise ShareRefused("the sent and dropped sites are not the participants this site masked with")
         if not (sent_set | dropped_set) <= set(roster.nodes):
             raise SecAggError("the unmask request names sites outside the roster")
         if len(sent_set) < roster.threshold:
@@ -280,6 +293,38 @@ class SecAggSite:
         self.answered_ = True
         return UnmaskShares(seeds={j: self.received_[j][1] for j in sorted(sent_set)},
                             mask_keys={j: self.received_[j][0] for j in sorted(dropped_set)})
+
+    def to_state(self) -> dict[str, object]:
+        """Everything this site keeps between the rounds, as flat values (bytes, ints, lists of them) for a
+        Flower ConfigRecord in the node's context state; it never leaves the site."""
+        roster = self.roster_
+        return {"node": self.node_id, "label": self.label, "channel-private": self._channel,
+                "mask-private": self._mask_private, "seed": self._seed,
+                "threshold": roster.threshold if roster else 0, "nodes": roster.nodes if roster else [],
+                "channel-keys": [roster.channel_keys[n] for n in roster.nodes] if roster else [],
+                "mask-keys": [roster.mask_keys[n] for n in roster.nodes] if roster else [],
+                "received-from": sorted(self.received_),
+                "key-shares": [self.received_[n][0] for n in sorted(self.received_)],
+                "seed-shares": [self.received_[n][1] for n in sorted(self.received_)],
+                "sent-input": self.sent_input_, "participants": list(self.participants_),
+                "answered": self.answered_}
+
+    @classmethod
+    def from_state(cls, state: dict) -> SecAggSite:
+        """The site as :meth:`to_state` kept it."""
+        site = cls(int(state["node"]), str(state["label"]), entropy=lambda n: bytes(n))
+        site._channel, site._mask_private = bytes(state["channel-private"]), bytes(state["mask-private"])
+        site._seed = bytes(state["seed"])
+        if int(state["threshold"]):
+            nodes = [int(n) for n in state["nodes"]]
+            site.roster_ = Roster(site.label, int(state["threshold"]),
+                                  dict(zip(nodes, map(bytes, state["channel-keys"]), strict=True)),
+                                  dict(zip(nodes, map(bytes, state["mask-keys"]), strict=True)))
+        site.received_ = {int(n): (bytes(k), bytes(b)) for n, k, b in
+                          zip(state["received-from"], state["key-shares"], state["seed-shares"], strict=True)}
+        site.sent_input_, site.answered_ = bool(state["sent-input"]), bool(state["answered"])
+        site.participants_ = [int(n) for n in state["participants"]]
+        return site
 
     def _need_roster(self) -> Roster:
         if self.roster_ is None:
@@ -297,14 +342,15 @@ def route_shares(outboxes: dict[int, dict[int, bytes]]) -> dict[int, dict[int, b
 
 
 def unmask_sum(roster: Roster, masked: dict[int, np.ndarray], answers: dict[int, UnmaskShares],
-               bits: np.ndarray | int = 64) -> np.ndarray:
+               bits: np.ndarray | int = 64, participants: list[int] | None = None) -> np.ndarray:
     """The server's round 3: ``Σ_{i∈U} x_i`` modulo 2^bits (uint64 words; ``wire_ints.decode`` or a view as
-    int64 for 64 bits), from the masked inputs that arrived (``U``) and at least ``t`` sites' unmask shares.
+    int64 for 64 bits), from the masked inputs that arrived (``U``) and at least ``t`` sites' unmask shares;
+    ``participants`` as given to the sites in round 2 (default the roster): those without an input dropped.
 
     Raises ThresholdError when fewer than ``t`` sites sent or answered (more than ``n − t`` lost)."""
     t = roster.threshold
     sent = sorted(masked)
-    dropped = [node for node in roster.nodes if node not in masked]
+    dropped = [node for node in (roster.nodes if participants is None else participants) if node not in masked]
     if len(sent) < t:
         raise ThresholdError(f"{len(sent)} of {len(roster.nodes)} sites sent their masked input; the threshold "
                              f"{t} tolerates at most {len(roster.nodes) - t} lost")

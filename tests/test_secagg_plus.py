@@ -186,3 +186,33 @@ def test_the_server_alone_cannot_unmask_one_site_from_its_masked_input():
     unselfed = masked[1] - sp.self_mask(seed, roster.label, 8)
     assert not np.array_equal(unselfed.view(np.int64), values[1])
     assert np.array_equal(sp.unmask_sum(roster, masked, answers).view(np.int64), np.full(8, 6000))
+
+
+def test_a_site_lost_in_the_share_round_is_left_out_of_the_masks_and_the_sum():
+    values = {n: np.full(5, n, dtype=np.int64) for n in (1, 2, 3, 4)}
+    sites, roster, inboxes = setup(list(values), 3)
+    participants = [1, 2, 4]  # site 3's shares never reached the server
+    masked = {}
+    for node in participants:
+        sites[node].receive({s: c for s, c in inboxes[node].items() if s in participants})
+        masked[node] = sites[node].masked_input(values[node], participants=participants)
+    answers = {n: sites[n].unmask(sorted(masked), []) for n in participants}
+    total = sp.unmask_sum(roster, masked, answers, participants=participants)
+    assert np.array_equal(total.view(np.int64), np.full(5, 7))
+
+
+def test_a_site_kept_in_its_context_state_between_rounds_carries_on_exactly():
+    from flwr.app import ConfigRecord
+
+    values = {n: np.full(5, n, dtype=np.int64) for n in (1, 2, 3)}
+    sites, roster, inboxes = setup(list(values), 2)
+    masked = {}
+    for node, site in sites.items():
+        site.receive(inboxes[node])
+        kept = sp.SecAggSite.from_state(dict(ConfigRecord(site.to_state())))
+        masked[node] = kept.masked_input(values[node])
+        sites[node] = sp.SecAggSite.from_state(dict(ConfigRecord(kept.to_state())))
+    with pytest.raises(sp.SecAggError, match="already sent"):
+        sites[1].masked_input(values[1])
+    answers = {n: sites[n].unmask(sorted(masked), []) for n in (1, 2)}
+    assert np.array_equal(sp.unmask_sum(roster, masked, answers).view(np.int64), np.full(5, 6))
