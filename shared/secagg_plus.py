@@ -68,8 +68,9 @@ SEED_BYTES = 32
 HALF = 16
 """pycryptodome's Shamir shares 16-byte secrets (GF(2^128)): a 32-byte secret is shared as two halves."""
 NONCE_BYTES = 12
-PAYLOAD = struct.Struct("<qq32s32s")
-"""sender, receiver, share of the mask private key (two halves), share of the self-mask seed (two halves)."""
+PAYLOAD = struct.Struct("<QQ32s32s")
+"""sender, receiver (Flower node ids: unsigned 64-bit), share of the mask private key, share of the self-mask
+seed (each two 16-byte halves)."""
 SELF_MASK_SUFFIX = "/self-mask"
 
 
@@ -356,16 +357,17 @@ def unmask_sum(roster: Roster, masked: dict[int, np.ndarray], answers: dict[int,
                              f"{t} tolerates at most {len(roster.nodes) - t} lost")
     if len(answers) < t:
         raise ThresholdError(f"{len(answers)} sites answered the unmask round, fewer than the threshold {t}")
+    answering = sorted(answers)[:t]  # any t shares rebuild a secret; more would only cost time
     first = np.asarray(masked[sent[0]], dtype=np.uint64)
     shape, n = first.shape, first.size
     total = np.zeros(n, dtype=np.uint64)
     for node in sent:
         total += np.asarray(masked[node], dtype=np.uint64).reshape(-1)
     for j in sent:
-        seed = combine_secret({roster.x_of(a): ans.seeds[j] for a, ans in answers.items()})
+        seed = combine_secret({roster.x_of(a): answers[a].seeds[j] for a in answering})
         total -= self_mask(seed, roster.label, n)
     for j in dropped:
-        key = combine_secret({roster.x_of(a): ans.mask_keys[j] for a, ans in answers.items()})
+        key = combine_secret({roster.x_of(a): answers[a].mask_keys[j] for a in answering})
         if secure_sum.public_key(key) != roster.mask_keys[j]:
             raise SecAggError("a rebuilt mask key does not match its public key: an unmask share is wrong")
         for i in sent:  # y_i holds +m_ij when i < j, −m_ij when i > j (shared.secure_sum.mask)

@@ -216,3 +216,10 @@ def test_a_site_kept_in_its_context_state_between_rounds_carries_on_exactly():
         sites[1].masked_input(values[1])
     answers = {n: sites[n].unmask(sorted(masked), []) for n in (1, 2)}
     assert np.array_equal(sp.unmask_sum(roster, masked, answers).view(np.int64), np.full(5, 6))
+
+
+def test_flower_node_ids_use_the_whole_unsigned_64_bit_range():
+    nodes = [2 ** 64 - 5, 2 ** 63 + 1, 7]
+    values = {n: np.full(3, k + 1, dtype=np.int64) for k, n in enumerate(nodes)}
+    total, _ = aggregate(values, threshold=2, drop_before=[2 ** 63 + 1])
+    assert np.array_equal(total.view(np.int64), np.full(3, 4))
