@@ -15,7 +15,8 @@ and ``Σ_i y_i = Σ_i x_i (mod 2^64)``: every mask appears once with + and once 
 another honest site takes part. Order ``i < j`` is the order of the sites' node ids.
 
 Limits. Every site of the key exchange must answer each release: a missing reply leaves its masks in the
-sum, and the server must give up that sum (no Shamir-shared recovery as in Bonawitz et al.). The server is
+sum, and the server must give up that sum. ``shared.secagg_plus`` adds Bonawitz et al.'s recovery
+(self-masks and Shamir-shared keys) on top of these masks; the histogram phase uses it. The server is
 trusted to relay keys faithfully (honest-but-curious, no man-in-the-middle), and a site refuses a label it
 has already masked, since two releases under one mask would give away their difference.
 """
