@@ -241,13 +241,6 @@ class HistSession:
         return dataclasses.replace(self.settings.tree,
                                    min_child_weight=max(self.settings.tree.min_child_weight, float(floor)))
 
-    def ask(self, message_type: messages.MessageName, extra: dict, arrays: ArrayRecord) -> dict[int, RecordDict]:
-        """Send one request to every site; their replies by node (HistProtocolError if any site failed)."""
-        replies, failures = self.ask_all(message_type, extra, arrays)
-        for node, reason in failures.items():
-            raise HistProtocolError(node, reason)
-        return replies
-
     def ask_all(self, message_type: messages.MessageName, extra: dict, arrays: ArrayRecord,
                 per_node: dict[int, dict] | None = None, with_base: bool = True) -> tuple[dict, dict[int, str]]:
         """Send one request to every site (the base config unless not ``with_base``, ``extra``, and the node's
