@@ -25,21 +25,21 @@ One aggregation (one ``label``, i.e. one release) among ``n`` sites with thresho
    self-masks, rebuilds every ``s_j`` (``j ∈ D``) and removes the pairwise masks between ``j`` and ``U``:
    ``Σ_{i∈U} x_i`` remains.
 
-Threat model. The server is honest-but-curious: it follows the protocol (relays keys faithfully, no
-man-in-the-middle: there is no PKI or signature here) and tries to learn from what it sees. It learns the
-sum over the sites that sent, which sites dropped, and message sizes; a single ``y_i`` is uniform on
-[0, 2^w) whatever ``x_i`` is. Up to ``t − 1`` colluding sites learn nothing about an honest site's value
-beyond the sum (they hold fewer than ``t`` shares of any secret). A server colluding with sites: with
-``k`` colluding sites it holds ``k`` shares of every secret, so ``t − k`` honest answers still suffice to
-rebuild either kind; the "never both shares" rule at every honest site and ``t > n/2`` mean the server
-cannot collect ``t`` shares of both ``b_i`` and ``s_i`` for one site from honest sites in the same round
-(Bonawitz et al., Theorem 6.3, honest-but-curious server colluding with fewer than ``t`` sites reveals
-nothing beyond sums over at least ``t`` sites). An actively malicious server (lying about ``U`` to
-different sites) is out of scope. A label is used for one aggregation only: a second masked input under the
-same keys is refused (two releases under one mask would give away their difference).
+Threat model. The server is honest-but-curious: it follows the protocol (relays keys faithfully, tells every
+site the same sets ``U`` and ``D``; no PKI or signature here, so no defence against a man-in-the-middle
+server) and tries to learn from what it sees. It learns the sum over the sites that sent, which sites dropped,
+and message sizes; a single ``y_i`` is uniform on [0, 2^w) whatever ``x_i`` is. Up to ``t − 1`` colluding
+sites learn nothing about an honest site's value beyond the sum: they hold fewer than ``t`` shares of any
+secret. A server colluding with ``k < t`` sites holds ``k`` shares of every secret, so ``t − k`` honest
+answers complete either kind; but every honest site gives, for any peer, a seed share or a key share, never
+both, so for a site that sent only its seed is rebuilt and for a site that did not only its key: the server
+still learns sums over the senders only (Bonawitz et al., §6). With ``k ≥ t`` colluders nothing is hidden. An
+actively malicious server (lying about ``U`` to different sites) is out of scope; ``t > n/2`` is kept as
+Bonawitz et al.'s active-security variant needs. A label is used for one aggregation only: a second masked
+input under the same keys is refused (two releases under one mask would give away their difference).
 
 Costs (per site, per round): two public keys up, ``n`` of each down, ``n − 1`` ciphertexts of
-``4 × 16`` bytes of shares up and down, the masked array, and ``|U| + |D|`` 32-byte shares in the unmask
+108 bytes up and down (4 × 16 bytes of shares, two ids, nonce, tag), the masked array, and ``|U| + |D|`` 32-byte shares in the unmask
 round; the server's unmasking is ``|U|`` PRG expansions plus ``|D| × |U|`` key agreements and expansions.
 """
 
@@ -106,10 +106,10 @@ def default_threshold(n_sites: int) -> int:
 
 def private_key_from(random_bytes: bytes) -> bytes:
     """An X25519 private key (32 raw bytes) from 32 random bytes (clamped by X25519 itself, RFC 7748 §5)."""
-    return secure_sum_private(X25519PrivateKey.from_private_bytes(random_bytes))
+    return raw_private_bytes(X25519PrivateKey.from_private_bytes(random_bytes))
 
 
-def secure_sum_private(key: X25519PrivateKey) -> bytes:
+def raw_private_bytes(key: X25519PrivateKey) -> bytes:
     """The 32 raw bytes of an X25519 private key."""
     return key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
 
