@@ -267,7 +267,7 @@ def secure_mask(values: np.ndarray, config: ConfigRecord, context: Context, bits
     site.receive(dict(zip((int(n) for n in config[h.SHARE_PEERS]), map(bytes, config[h.SHARE_CIPHERTEXTS]),
                           strict=True)))
     words = site.masked_input(values, bits, [int(n) for n in config[h.SECURE_PARTICIPANTS]])
-    keep_aggregation(site, config, context)
+    keep_aggregation(site, context)
     return words
 
 
@@ -286,7 +286,8 @@ def kept_aggregation(config: ConfigRecord, context: Context) -> secagg_plus.SecA
     return secagg_plus.SecAggSite.from_state(dict(state))
 
 
-def keep_aggregation(site: secagg_plus.SecAggSite, config: ConfigRecord, context: Context) -> None:
+def keep_aggregation(site: secagg_plus.SecAggSite, context: Context) -> None:
+    """Keep this site's side of the aggregation in the node's context state for its next round."""
     state = context.state[STATE_KEY]
     state.update(site.to_state())
 
@@ -344,7 +345,7 @@ def shares(msg: Message, context: Context) -> Message:
                                 dict(zip(nodes, map(bytes, config[h.SECURE_CHANNEL_KEYS]), strict=True)),
                                 dict(zip(nodes, map(bytes, config[h.SECURE_KEYS]), strict=True)))
     outbox = site.share(roster)
-    keep_aggregation(site, config, context)
+    keep_aggregation(site, context)
     reply = ConfigRecord({h.SHARE_PEERS: list(outbox), h.SHARE_CIPHERTEXTS: list(outbox.values())})
     return Message(RecordDict({r.KEYS: reply}), reply_to=msg)
 
@@ -355,7 +356,7 @@ def unmask(msg: Message, context: Context) -> Message:
     config = msg.content[r.CONFIG]
     site = kept_aggregation(config, context)
     answer = site.unmask([int(n) for n in config[h.SECURE_SENT]], [int(n) for n in config[h.SECURE_DROPPED]])
-    keep_aggregation(site, config, context)
+    keep_aggregation(site, context)
     reply = ConfigRecord({h.SEEDS_OF: list(answer.seeds), h.SEED_SHARES: list(answer.seeds.values()),
                           h.MASK_KEYS_OF: list(answer.mask_keys), h.MASK_KEY_SHARES: list(answer.mask_keys.values())})
     return Message(RecordDict({r.KEYS: reply}), reply_to=msg)

@@ -38,9 +38,10 @@ actively malicious server (lying about ``U`` to different sites) is out of scope
 Bonawitz et al.'s active-security variant needs. A label is used for one aggregation only: a second masked
 input under the same keys is refused (two releases under one mask would give away their difference).
 
-Costs (per site, per round): two public keys up, ``n`` of each down, ``n − 1`` ciphertexts of
-108 bytes up and down (4 × 16 bytes of shares, two ids, nonce, tag), the masked array, and ``|U| + |D|`` 32-byte shares in the unmask
-round; the server's unmasking is ``|U|`` PRG expansions plus ``|D| × |U|`` key agreements and expansions.
+Costs (per site, per round): two public keys up, ``n`` of each down, ``n − 1`` ciphertexts of 108 bytes up and
+down (4 × 16 bytes of shares, two ids, nonce, tag), the masked array, and ``|U| + |D|`` 32-byte shares in the
+unmask round; the server's unmasking is ``|U|`` PRG expansions plus ``|D| × |U|`` key agreements and
+expansions.
 """
 
 from __future__ import annotations

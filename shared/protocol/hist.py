@@ -17,7 +17,7 @@ SECURE_SESSION = "secure-session"
 SECURE_SEQUENCE = "secure-sequence"
 SECURE_NODES = "secure-nodes"
 SECURE_KEYS = "secure-keys"
-PUBLIC_KEY = "public-key"
+"""The roster's mask public keys, in the order of SECURE_NODES."""
 # secure aggregation with dropout recovery (shared.secagg_plus): request and reply keys of its rounds
 SECURE_THRESHOLD = "secure-threshold"
 SECURE_CHANNEL_KEYS = "secure-channel-keys"
