@@ -5,10 +5,14 @@ The site side of ``server.hist_phase`` (the protocol and its sources are describ
 federated encoder; what leaves the site is per-feature minima and maxima, grid counts and per-node
 histograms: sums over rows, never a row.
 
-- ``query.hist_keys``, ``query.hist_shares``, ``query.hist_unmask``: rounds 0, 1 and 3 of each release's
-  secure aggregation with dropout recovery (``shared.secagg_plus``; round 2 is the masked answer itself):
-  fresh key pairs and a self-mask seed per release, kept in the node's context state with the shares peers
-  sent; public keys, encrypted shares and unmasking shares go to the server.
+- ``query.hist_keys`` with pairwise masks (the default secure sum): a fresh X25519 key pair for this session
+  (``shared.secure_sum``); the private key stays in the node's context state, the public key goes to the
+  server, and every summed answer after it is masked under the session's next label.
+- ``query.hist_keys``, ``query.hist_shares``, ``query.hist_unmask`` with recovering masks
+  (``h.SECURE_RECOVERING``): rounds 0, 1 and 3 of each release's secure aggregation with dropout recovery
+  (``shared.secagg_plus``; round 2 is the masked answer itself): fresh key pairs and a self-mask seed per
+  release, kept in the node's context state with the shares peers sent; public keys, encrypted shares and
+  unmasking shares go to the server.
 - ``query.hist_ranges``: per encoded feature, the minimum and maximum of the site's rows (the statistics
   phase has already released the same minima and maxima of the raw columns).
 - ``query.hist_bins``: per feature, row counts on the grid between the federated minimum and maximum.
@@ -54,7 +58,7 @@ from client.dp import Block, PhaseRelease
 from client.site import SiteHandlers, SiteRequest, error_reply
 from client.split import encode, split_site
 from shared import hist_boosting as hb
-from shared import hist_wire, secagg_plus, wire_ints
+from shared import hist_wire, secagg_plus, secure_sum, wire_ints
 from shared.boosting import head_labels
 from shared.bounds import declared_range
 from shared.encoding import ENCODER_CONFIG_KEY, FeatureEncoder
@@ -74,6 +78,9 @@ from shared.protocol.errors import ShareableError
 from shared.protocol.privacy import RELEASE_INDEX, RELEASES
 
 STATE_KEY = "hist-secure-sum"
+"""Context state of the recovering secure sum: this release's side of ``shared.secagg_plus``."""
+PAIRWISE_STATE_KEY = "hist-pairwise-sum"
+"""Context state of the pairwise secure sum: the session's private key and the last mask label used."""
 SESSION_KEY = "hist-session"
 """Context state: the session id, the encoder (JSON), the kept model's head and rounds."""
 THRESHOLDS_KEY = "hist-thresholds"
@@ -260,7 +267,34 @@ def masked(values: np.ndarray, config: ConfigRecord, context: Context, bits: np.
     return Array(secure_mask(values, config, context, 64))
 
 
+def recovering(config: ConfigRecord) -> bool:
+    """Whether the request belongs to the recovering secure sum (``shared.secagg_plus``), not the pairwise one."""
+    return bool(config.get(h.SECURE_RECOVERING, False))
+
+
 def secure_mask(values: np.ndarray, config: ConfigRecord, context: Context, bits: np.ndarray | int) -> np.ndarray:
+    """``values`` masked modulo 2^bits for the secure sum the request belongs to."""
+    if recovering(config):
+        return recovering_mask(values, config, context, bits)
+    return pairwise_mask(values, config, context, bits)
+
+
+def pairwise_mask(values: np.ndarray, config: ConfigRecord, context: Context, bits: np.ndarray | int) -> np.ndarray:
+    """``values`` masked modulo 2^bits under this session's next mask label (never one used before)."""
+    state = context.state.get(PAIRWISE_STATE_KEY)
+    if state is None or str(state["session"]) != str(config[h.SECURE_SESSION]):
+        raise secure_sum.SecureSumError("no secure-sum key for this session at this site (query.hist_keys first)")
+    sequence = int(config[h.SECURE_SEQUENCE])
+    if sequence <= int(state["last-sequence"]):
+        raise secure_sum.SecureSumError(f"mask label {sequence} was already used: refusing to reuse a mask")
+    state["last-sequence"] = sequence
+    peers = dict(zip((int(n) for n in config[h.SECURE_NODES]), map(bytes, config[h.SECURE_KEYS]), strict=True))
+    label = f"{config[h.SECURE_SESSION]}/{sequence}"
+    return secure_sum.mask(values, bytes(state["private-key"]), context.node_id, peers, label, bits)
+
+
+def recovering_mask(values: np.ndarray, config: ConfigRecord, context: Context, bits: np.ndarray | int
+                    ) -> np.ndarray:
     """Round 2 of the release's secure aggregation: ``values`` masked modulo 2^bits with the keys this site drew
     for the release (``query.hist_keys``), after taking the shares its peers sent it."""
     site = kept_aggregation(config, context)
@@ -322,6 +356,23 @@ def refusing(handler: Any) -> Any:
 
 
 def keys(msg: Message, context: Context) -> Message:
+    """``query.hist_keys``: the session's pairwise key, or round 0 of a release's recovering aggregation."""
+    if recovering(msg.content[r.CONFIG]):
+        return release_keys(msg, context)
+    return session_key(msg, context)
+
+
+def session_key(msg: Message, context: Context) -> Message:
+    """Pairwise masks: a fresh key pair for the session; the private key stays in this node's context state."""
+    private_key = secure_sum.new_private_key()
+    session = str(msg.content[r.CONFIG][h.SECURE_SESSION])
+    context.state[PAIRWISE_STATE_KEY] = ConfigRecord({"session": session, "private-key": private_key,
+                                                      "last-sequence": -1})
+    reply = ConfigRecord({h.PUBLIC_KEY: secure_sum.public_key(private_key)})
+    return Message(RecordDict({r.KEYS: reply}), reply_to=msg)
+
+
+def release_keys(msg: Message, context: Context) -> Message:
     """Round 0: fresh channel and mask key pairs and a self-mask seed for this release; the public keys go to the
     server. A release number not above every one this site has drawn keys for is refused (never one mask twice)."""
     config = msg.content[r.CONFIG]

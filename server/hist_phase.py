@@ -5,10 +5,13 @@ KDD 2016, run on summed per-site histograms as in SecureBoost, Cheng et al. 2021
 histogram-based federated XGBoost), over Flower's Grid with query messages (records in, records out):
 
 1. ``query.hist_ranges`` — every site's per-feature min / max; the server keeps the overall ones.
-2. with secure summation on, every summed release below (counts and level histograms) runs the four rounds
-   of Bonawitz et al.'s secure aggregation with dropout recovery (``shared.secagg_plus``):
-   ``query.hist_keys`` (fresh public keys), ``query.hist_shares`` (encrypted Shamir shares, relayed), the
-   request itself answered masked, ``query.hist_unmask`` (shares for unmasking).
+2. secure summation (``HistSettings.secure_sum``, default ``pairwise``): ``pairwise`` — ``query.hist_keys``
+   once: every site's X25519 public key, relayed to all with every later request, whose summed releases come
+   back masked (``shared.secure_sum``: one exchange per release); ``recovering`` — every summed release below
+   (counts and level histograms) runs the four rounds of Bonawitz et al.'s secure aggregation with dropout
+   recovery (``shared.secagg_plus``): ``query.hist_keys`` (fresh public keys), ``query.hist_shares``
+   (encrypted Shamir shares, relayed), the request itself answered masked, ``query.hist_unmask`` (shares for
+   unmasking); four exchanges per release, so only where lost sites are expected; ``off`` — plain sums.
 3. ``query.hist_bins`` — grid counts per feature, summed; then up to ``REFINE_PASSES`` times
    ``query.hist_cells`` — counts on the grid with its crowded cells split, summed; the server cuts global
    bins (``shared.hist_boosting.global_thresholds``) and sends them with the first level request only.
@@ -30,13 +33,15 @@ multiclass outcome instead (key: the outcome name), for callers that predict it 
 
 With DP and masking off the trees equal those of ``shared.hist_learner.HistGradientBoosting`` on the pooled
 training rows with the same bins, bit for bit (fixed-point sums do not depend on the order of addition).
-A site that fails ``query.hist_ranges`` is left out of the phase. A site lost later (an error or no reply,
-in any round of a sum) is left out for the rest of the phase: the sum it was lost in is recovered over the
-sites whose answers arrived (with masking, by the unmasking round, up to n − t lost: ``secure_threshold``),
-and a boosting round that lost a site while growing is grown again from its root on the remaining sites'
-rows (its levels must all sum the same rows: a child's sibling is its parent minus it); finished rounds
-stay. Once more than n − t sites are lost, or none is left, the head stops (its finished rounds are kept).
-Regrown levels are releases beyond the announced ``dp-releases``: a DP site refuses them, and is lost.
+A site that fails ``query.hist_ranges`` (or the pairwise key exchange) is left out of the phase. With
+pairwise masks, any failure later stops the head it happened in (its finished rounds are kept): its masks
+would stay in the sum. Recovering or off, a site lost later (an error or no reply, in any round of a sum) is
+left out for the rest of the phase: the sum it was lost in is recovered over the sites whose answers arrived
+(with masking, by the unmasking round, up to n − t lost: ``secure_threshold``), and a boosting round that
+lost a site while growing is grown again from its root on the remaining sites' rows (its levels must all sum
+the same rows: a child's sibling is its parent minus it); finished rounds stay. Once more than n − t sites
+are lost, or none is left, the head stops (its finished rounds are kept). Regrown levels are releases beyond
+the announced ``dp-releases``: a DP site refuses them, and is lost.
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ from shared.protocol import messages
 from shared.protocol import records as r
 from shared.protocol.boosting import head_to_config
 from shared.protocol.privacy import RELEASE_INDEX, RELEASES
+from shared.secure_sum import unmask_sum
 from shared.xgboost_json import export_model
 
 TRAFFIC_FILE = "xgb_hist_traffic.json"
@@ -104,10 +110,12 @@ class HistSettings:
     rounds : int, default 20          boosting rounds per head
     tree : TreeParams                 learning rate, depth, λ, γ, min_child_weight
     max_bin : int, default 256
-    secure_sum : bool, default True   mask every site's grid counts and histograms (needs >= 2 sites), with
-                                      dropout recovery (``shared.secagg_plus``)
-    secure_threshold : int, default 0 Shamir threshold t of the secure sums (0: ⌊n/2⌋ + 1 of the sites that
-                                      start the phase); up to n − t sites may be lost, one sum at a time
+    secure_sum : str, default "pairwise"   how every site's grid counts and histograms are summed
+                                      (``shared.protocol.hist.SECURE_SUM_MODES``): off | pairwise (masks,
+                                      needs >= 2 sites) | recovering (masks with dropout recovery,
+                                      ``shared.secagg_plus``); True / False are taken as pairwise / off
+    secure_threshold : int, default 0 recovering: Shamir threshold t of the secure sums (0: ⌊n/2⌋ + 1 of the
+                                      sites that start the phase); up to n − t sites may be lost, one sum at a time
     dp_gradient_clip : float, default 3.0   clip of squared-error gradients at DP sites (standardised target)
     softmax : bool, default False     one softmax model per multiclass outcome instead of one-vs-rest heads
     """
@@ -115,16 +123,20 @@ class HistSettings:
     rounds: int = 20
     tree: hb.TreeParams = hb.TreeParams()
     max_bin: int = hb.MAX_BIN
-    secure_sum: bool = True
+    secure_sum: str = "pairwise"
     secure_threshold: int = 0
     dp_gradient_clip: float = 3.0
     softmax: bool = False
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "secure_sum", h.secure_sum_mode(self.secure_sum))
+
     @classmethod
     def from_run_settings(cls, settings: RunSettings) -> HistSettings:
-        """The run's boosting settings (rounds, eta, depth) with XGBoost's defaults for the rest."""
+        """The run's boosting settings (rounds, eta, depth, secure sum) with XGBoost's defaults for the rest."""
         return cls(rounds=settings.xgb_rounds, tree=hb.TreeParams(learning_rate=settings.xgb_eta,
-                                                                  max_depth=settings.xgb_max_depth))
+                                                                  max_depth=settings.xgb_max_depth),
+                   secure_sum=settings.secure_sum)
 
     def releases(self, n_heads: int) -> int:
         """Most noised releases of the phase at a DP site (announced, so it sets its noise for all of them): the
@@ -218,7 +230,9 @@ class HistSession:
         self.grid, self.nodes, self.settings = grid, list(nodes), settings
         self.base = base_config
         self.base.update({RELEASES: settings.releases(n_heads), h.GRADIENT_CLIP: settings.dp_gradient_clip,
-                          h.SECURE_SUM: settings.secure_sum, h.SECURE_SESSION: uuid.uuid4().hex})
+                          h.SECURE_SUM: settings.secure_sum != "off", h.SECURE_SESSION: uuid.uuid4().hex})
+        if settings.secure_sum == "recovering":
+            self.base[h.SECURE_RECOVERING] = True
         self.release_index = 0
         self.n_rows: int | None = None  # the sites' training rows, when every site said: compact encodings
         self.encoder_sent = False  # after the first request, sites answer with the encoder they kept
@@ -275,6 +289,21 @@ class HistSession:
             failures[node] = "no reply"
         return replies, failures
 
+    def ask(self, message_type: messages.MessageName, extra: dict, arrays: ArrayRecord) -> dict[int, RecordDict]:
+        """Send one request to every site; their replies by node (HistProtocolError if any site failed)."""
+        replies, failures = self.ask_all(message_type, extra, arrays)
+        for node, reason in failures.items():
+            raise HistProtocolError(node, reason)
+        return replies
+
+    def exchange_keys(self) -> None:
+        """Pairwise masks: collect every site's public key and put the table in every later request. A site that
+        fails this is left out of the phase, as one that fails ``query.hist_ranges``."""
+        replies, failures = self.ask_all(messages.HIST_KEYS, {}, ArrayRecord())
+        self.lose(failures)
+        self.base[h.SECURE_NODES] = [int(n) for n in self.nodes]
+        self.base[h.SECURE_KEYS] = [bytes(replies[n][r.KEYS][h.PUBLIC_KEY]) for n in self.nodes]
+
     def summed(self, message_type: messages.MessageName, extra: dict, arrays: ArrayRecord, name: str,
                bits: np.ndarray | None = None, signed: np.ndarray | bool = False) -> np.ndarray:
         """The int64 sum over sites of one released array (a noised, masked release when asked).
@@ -284,14 +313,19 @@ class HistSession:
         """
         extra = {**extra, RELEASE_INDEX: self.release_index, h.SECURE_SEQUENCE: self.release_index}
         self.release_index += 1
-        if self.settings.secure_sum:
+        if self.settings.secure_sum == "recovering":
             return self.securely_summed(message_type, extra, arrays, name, bits, signed)
-        replies, failures = self.ask_all(message_type, extra, arrays)
-        self.lose(failures)
+        if self.settings.secure_sum == "pairwise":
+            replies = self.ask(message_type, extra, arrays)  # a missing site's masks would stay in the sum
+        else:
+            replies, failures = self.ask_all(message_type, extra, arrays)
+            self.lose(failures)
         parts = [replies[n][r.ARRAYS][name].numpy() for n in self.nodes]
         if bits is not None:
             parts = [wire_ints.unpack(part, bits) for part in parts]
             return wire_ints.decode(wire_ints.summed(parts, bits), bits, signed)
+        if self.settings.secure_sum == "pairwise":
+            return unmask_sum(parts)
         return np.sum(np.stack(parts), axis=0, dtype=np.int64)
 
     def lose(self, failures: dict[int, str]) -> None:
@@ -316,7 +350,7 @@ class HistSession:
         itself answered masked, unmasking. A site lost in any round is left out (see :meth:`lose`); the sum is
         that of the sites whose masked answer arrived, or HistProtocolError when more than n − t were lost."""
         label = f"{self.base[h.SECURE_SESSION]}/{extra[h.SECURE_SEQUENCE]}"
-        round_keys = {h.SECURE_SEQUENCE: extra[h.SECURE_SEQUENCE]}
+        round_keys = {h.SECURE_SEQUENCE: extra[h.SECURE_SEQUENCE], h.SECURE_RECOVERING: True}
         try:
             threshold = self.secure_threshold()
             replies, failures = self.ask_all(messages.HIST_KEYS, round_keys, ArrayRecord(), with_base=False)
@@ -481,6 +515,13 @@ def run_hist_boosting(grid: Grid, sites: SiteCheck, encoder: FeatureEncoder, set
         lo, hi = global_ranges(session, outcome.failures)
     except HistProtocolError:
         return outcome  # no site could say its ranges (each failure is in outcome.failures)
+    if hist.secure_sum == "pairwise":
+        try:
+            session.exchange_keys()
+        except HistProtocolError:
+            outcome.failures.update({node: f"no key for the secure sum: {reason}" for node, reason in
+                                     session.lost.items()})
+            return outcome  # no site gave a key
     thresholds = global_thresholds(session, lo, hi)
     for spec in specs:
         rounds: list[list[hb.Tree]] = []

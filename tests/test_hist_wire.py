@@ -120,12 +120,15 @@ class Grid:
         self.lost_at: dict[int, tuple[str, int, bool]] = {}  # node → (message type, n-th such message, answers it)
         self.seen: dict[tuple[int, str], int] = {}
         self.gone: set[int] = set()
+        self.calls: list[str] = []  # the message type of each exchange (one send_and_receive call)
         answers = {messages.HIST_RANGES: hh.answer_ranges, messages.HIST_BINS: hh.answer_counts(hh.bin_counts),
                    messages.HIST_CELLS: hh.answer_counts(hh.partition_counts), messages.HIST_LEVEL: hh.answer_level}
         self.answers = {m.type: hh.session_answer(a) for m, a in answers.items()}
         self.secure = {m.type: handler for m, handler in hh.SECURE_AGGREGATION.items()}
 
     def send_and_receive(self, sent):
+        if sent:
+            self.calls.append(sent[0].metadata.message_type)  # one message exchange with every site
         for msg in sent:
             node, kind = msg.metadata.dst_node_id, msg.metadata.message_type
             context = self.contexts[node]
@@ -164,7 +167,8 @@ def site_rows(objective, n=900, seed=0):
     return x, y
 
 
-def federate(monkeypatch, objective, legacy=False, label_bound=None, rounds=3, depth=3, lost_at=None):
+def federate(monkeypatch, objective, legacy=False, label_bound=None, rounds=3, depth=3, lost_at=None,
+             secure_sum="pairwise"):
     from flwr.supercore.task_identity import TaskIdentity
 
     for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # what Message() needs, as a ServerApp
@@ -180,10 +184,12 @@ def federate(monkeypatch, objective, legacy=False, label_bound=None, rounds=3, d
     monkeypatch.setattr(hh, "training_matrix", lambda request: (None, rows[request.context.node_id][0], {}))
     monkeypatch.setattr(hh, "labelled_rows", lambda config, xs, targets: next(
         v for v in rows.values() if v[0] is xs))
-    settings = hp.HistSettings(rounds=rounds, tree=hb.TreeParams(max_depth=depth))
+    settings = hp.HistSettings(rounds=rounds, tree=hb.TreeParams(max_depth=depth), secure_sum=secure_sum)
     session = hp.HistSession(grid, list(rows), ConfigRecord({ENCODER_CONFIG_KEY: "{}", r.SPLIT_SEED: 0}),
                              settings, 1)
     lo, hi = hp.global_ranges(session, {})
+    if settings.secure_sum == "pairwise":  # as run_hist_boosting: the session's one key exchange
+        session.exchange_keys()
     thresholds = hp.global_thresholds(session, lo, hi)
     kind = {"binary:logistic": "binary", "reg:squarederror": "regression", "multi:softprob": "multiclass"}[objective]
     spec = hp.HeadSpec("y", "y", kind, n_classes=3 if kind == "multiclass" else 0, label_bound=label_bound)
@@ -203,16 +209,24 @@ def same_trees(federated, pooled):
             assert (a.feature, a.split_bin, a.left, a.leaf_value) == (b.feature, b.split_bin, b.left, b.leaf_value)
 
 
+MASKED = ["pairwise", "recovering"]
+
+
+@pytest.mark.parametrize("secure_sum", MASKED)
 @pytest.mark.parametrize("objective", ["binary:logistic", "reg:squarederror", "multi:softprob"])
-def test_compact_federated_trees_equal_the_pooled_learners_bit_for_bit(monkeypatch, objective):
-    grid, session, trees, pooled = federate(monkeypatch, objective)
+def test_compact_federated_trees_equal_the_pooled_learners_bit_for_bit(monkeypatch, objective, secure_sum):
+    grid, session, trees, pooled = federate(monkeypatch, objective, secure_sum=secure_sum)
     assert session.n_rows == 900
     same_trees(trees, pooled)
     assert sum(t.n_nodes for rnd in trees for t in rnd) > 3 * len(trees[0])  # the trees did split
+    levels = [request[r.CONFIG] for kind, _, request, _ in grid.exchanges if kind == messages.HIST_LEVEL.type]
+    assert all(bool(c[h.SECURE_SUM]) and list(c[h.SECURE_NODES]) == [11, 12, 13] for c in levels)
+    assert all(hh.recovering(c) == (secure_sum == "recovering") for c in levels)  # the sites' masks follow it
 
 
-def test_the_64_bit_encoding_without_row_counts_grows_the_same_trees(monkeypatch):
-    grid, session, trees, pooled = federate(monkeypatch, "binary:logistic", legacy=True)
+@pytest.mark.parametrize("secure_sum", MASKED)
+def test_the_64_bit_encoding_without_row_counts_grows_the_same_trees(monkeypatch, secure_sum):
+    grid, session, trees, pooled = federate(monkeypatch, "binary:logistic", legacy=True, secure_sum=secure_sum)
     assert session.n_rows is None
     same_trees(trees, pooled)
     levels = [reply for kind, _, _, reply in grid.exchanges if kind == messages.HIST_LEVEL.type]
@@ -266,7 +280,7 @@ def test_a_site_without_the_sessions_thresholds_refuses_a_level_request():
         hh.session_thresholds(ArrayRecord(), context)
 
 
-# -- sites lost mid-tree: the secure sum is recovered and the round regrown on the survivors' rows ----------
+# -- sites lost mid-tree: recovering, the secure sum is recovered and the round regrown on the survivors' rows -
 
 
 @pytest.mark.parametrize("answers_first", [False, True], ids=["lost-before-sending", "lost-after-sending"])
@@ -274,7 +288,7 @@ def test_a_site_lost_mid_tree_is_recovered_and_the_trees_equal_the_survivors_poo
                                                                                            answers_first):
     # node 12 is lost at its second level request of round 0 (depth 1): before answering it, or after its masked
     # histograms arrived (then it misses the unmasking round)
-    grid, session, trees, pooled = federate(monkeypatch, "binary:logistic",
+    grid, session, trees, pooled = federate(monkeypatch, "binary:logistic", secure_sum="recovering",
                                             lost_at={12: (messages.HIST_LEVEL.type, 2, answers_first)})
     assert session.nodes == [11, 13] and list(session.lost) == [12] and session.lost[12] == "no reply"
     assert len(trees) == 3
@@ -290,8 +304,8 @@ def test_a_site_lost_mid_tree_is_recovered_and_the_trees_equal_the_survivors_poo
 
 
 def test_a_site_lost_in_a_later_round_keeps_the_rounds_before_and_the_head_finishes(monkeypatch):
-    grid, session, trees, _ = federate(monkeypatch, "reg:squarederror", lost_at={11: (messages.HIST_SHARES.type, 9,
-                                                                                      False)})
+    grid, session, trees, _ = federate(monkeypatch, "reg:squarederror", secure_sum="recovering",
+                                       lost_at={11: (messages.HIST_SHARES.type, 9, False)})
     assert session.nodes == [12, 13] and len(trees) == 3
     x, y = site_rows("reg:squarederror")
     everyone = HistGradientBoosting("reg:squarederror", n_estimators=1, max_depth=3, base_score=0.0).fit(
@@ -303,4 +317,40 @@ def test_a_site_lost_in_a_later_round_keeps_the_rounds_before_and_the_head_finis
 def test_more_sites_lost_than_the_threshold_allows_stops_the_head_with_a_clear_error(monkeypatch):
     lost = {12: (messages.HIST_LEVEL.type, 2, False), 13: (messages.HIST_LEVEL.type, 2, True)}
     with pytest.raises(hp.HistProtocolError, match="the secure sum cannot be recovered|no site is left"):
-        federate(monkeypatch, "binary:logistic", lost_at=lost)
+        federate(monkeypatch, "binary:logistic", lost_at=lost, secure_sum="recovering")
+
+
+def test_with_pairwise_masks_a_site_lost_after_the_key_exchange_stops_the_head(monkeypatch):
+    # main's behaviour: the lost site's masks would stay in the sum, and no share exists to remove them
+    with pytest.raises(hp.HistProtocolError, match="no reply") as err:
+        federate(monkeypatch, "binary:logistic", lost_at={12: (messages.HIST_LEVEL.type, 2, False)})
+    assert err.value.node == 12
+
+
+def test_a_site_failing_the_pairwise_key_exchange_is_left_out_before_any_sum(monkeypatch):
+    grid, session, trees, pooled = federate(monkeypatch, "binary:logistic", rounds=2,
+                                            lost_at={13: (messages.HIST_KEYS.type, 1, False)})
+    assert session.nodes == [11, 12] and session.base[h.SECURE_NODES] == [11, 12]
+    same_trees(trees, pooled)  # the pooled learner on 11 + 12's rows
+
+
+# -- the cost of each mode in message exchanges -----------------------------------------------------------
+
+
+def test_pairwise_masks_cost_one_exchange_per_release_and_the_recovering_protocol_four(monkeypatch):
+    summed = {messages.HIST_BINS.type, messages.HIST_CELLS.type, messages.HIST_LEVEL.type}
+    calls, trees = {}, {}
+    for mode in ("off", "pairwise", "recovering"):
+        grid, session, trees[mode], pooled = federate(monkeypatch, "binary:logistic", rounds=2, secure_sum=mode)
+        same_trees(trees[mode], pooled)
+        calls[mode] = grid.calls
+    releases = sum(kind in summed for kind in calls["off"])
+    assert releases == sum(kind in summed for kind in calls["pairwise"]) == \
+        sum(kind in summed for kind in calls["recovering"])
+    assert releases >= 2 * 3  # the grid counts and at least one level per depth of each round
+    assert len(calls["off"]) == 1 + releases  # the ranges, then one exchange per release
+    assert len(calls["pairwise"]) == 1 + 1 + releases  # + one key exchange for the whole phase
+    assert calls["pairwise"].count(messages.HIST_KEYS.type) == 1
+    assert len(calls["recovering"]) == 1 + 4 * releases  # keys, shares, masked answer, unmask: every release
+    for kind in (messages.HIST_KEYS.type, messages.HIST_SHARES.type, messages.HIST_UNMASK.type):
+        assert calls["recovering"].count(kind) == releases
