@@ -124,6 +124,9 @@ def simulate(
     models: str | None = typer.Option(None, "--models", help="Models to train: ann, xgboost, or both (both)."),
     boosting: str | None = typer.Option(None, "--boosting", help="Federated XGBoost: bagging | cyclic | hist."),
     xgb_rounds: int | None = typer.Option(None, "--xgb-rounds", min=1, help="Federated boosting rounds per head."),
+    secure_sum: str | None = typer.Option(
+        None, "--secure-sum", help="Hist boosting's sums: pairwise (default; masks, one key exchange, a site lost "
+        "mid-phase stops the head) | recovering (dropout recovery, ~4x the message exchanges) | off."),
     compare: bool = typer.Option(True, "--compare/--no-compare",
                                  help="Also random forest, SVM, gradient boosting (local-only, pooled)."),
     deploy_cycles: int = typer.Option(
@@ -171,6 +174,7 @@ def simulate(
 
     from server.settings import POLICY_MODELS, POLICY_REFERENCES, parse_models
     from shared.protocol.boosting import MODES
+    from shared.protocol.hist import SECURE_SUM_MODES
     from shared.protocol.personalisation import parse_methods
     from simulation.experiment import (
         ExperimentConfig,
@@ -184,6 +188,7 @@ def simulate(
     base = ExperimentConfig()  # unset options: the run's defaults, from server/settings.py
     strategy = strategy or base.strategy
     boosting = boosting or base.boosting
+    secure_sum = secure_sum or base.secure_sum
     models = models or base.models
     rounds = rounds or base.rounds
     policy_model = policy_model or base.policy_model
@@ -196,6 +201,8 @@ def simulate(
         raise typer.BadParameter(f"expected one of {', '.join(STRATEGIES)}", param_hint="--strategy")
     if boosting not in MODES:
         raise typer.BadParameter(f"expected one of {', '.join(MODES)}", param_hint="--boosting")
+    if secure_sum not in SECURE_SUM_MODES:
+        raise typer.BadParameter(f"expected one of {', '.join(SECURE_SUM_MODES)}", param_hint="--secure-sum")
     try:
         parse_models(models)
     except ValueError as err:
@@ -229,7 +236,8 @@ def simulate(
                            epsilon=epsilon, strategy=strategy,
                            seed=seed, sites=sites, task=task, local_epochs=local_epochs or base.local_epochs,
                            models=models, boosting=boosting, xgb_rounds=xgb_rounds or base.xgb_rounds,
-                           compare=compare, deploy_cycles=deploy_cycles, deploy_patients=deploy_patients,
+                           secure_sum=secure_sum, compare=compare, deploy_cycles=deploy_cycles,
+                           deploy_patients=deploy_patients,
                            explore=explore, policy_model=policy_model, policy_reference=policy_reference,
                            malicious_sites=base.malicious_sites if malicious_sites is None else malicious_sites,
                            trim_fraction=base.trim_fraction if trim_fraction is None else trim_fraction,

@@ -5,8 +5,13 @@ KDD 2016, run on summed per-site histograms as in SecureBoost, Cheng et al. 2021
 histogram-based federated XGBoost), over Flower's Grid with query messages (records in, records out):
 
 1. ``query.hist_ranges`` — every site's per-feature min / max; the server keeps the overall ones.
-2. ``query.hist_keys`` — with secure summation on: every site's X25519 public key, relayed to all
-   (``shared.secure_sum``).
+2. secure summation (``HistSettings.secure_sum``, default ``pairwise``): ``pairwise`` — ``query.hist_keys``
+   once: every site's X25519 public key, relayed to all with every later request, whose summed releases come
+   back masked (``shared.secure_sum``: one exchange per release); ``recovering`` — every summed release below
+   (counts and level histograms) runs the four rounds of Bonawitz et al.'s secure aggregation with dropout
+   recovery (``shared.secagg_plus``): ``query.hist_keys`` (fresh public keys), ``query.hist_shares``
+   (encrypted Shamir shares, relayed), the request itself answered masked, ``query.hist_unmask`` (shares for
+   unmasking); four exchanges per release, so only where lost sites are expected; ``off`` — plain sums.
 3. ``query.hist_bins`` — grid counts per feature, summed; then up to ``REFINE_PASSES`` times
    ``query.hist_cells`` — counts on the grid with its crowded cells split, summed; the server cuts global
    bins (``shared.hist_boosting.global_thresholds``) and sends them with the first level request only.
@@ -28,9 +33,15 @@ multiclass outcome instead (key: the outcome name), for callers that predict it 
 
 With DP and masking off the trees equal those of ``shared.hist_learner.HistGradientBoosting`` on the pooled
 training rows with the same bins, bit for bit (fixed-point sums do not depend on the order of addition).
-A site that fails ``query.hist_ranges`` is left out of the phase; any failure later stops the head it
-happened in (its finished rounds are kept), since a sum missing a site is no longer the pooled sum — and
-with masking, not a sum at all.
+A site that fails ``query.hist_ranges`` (or the pairwise key exchange) is left out of the phase. With
+pairwise masks, any failure later stops the head it happened in (its finished rounds are kept): its masks
+would stay in the sum. Recovering or off, a site lost later (an error or no reply, in any round of a sum) is
+left out for the rest of the phase: the sum it was lost in is recovered over the sites whose answers arrived
+(with masking, by the unmasking round, up to n − t lost: ``secure_threshold``), and a boosting round that
+lost a site while growing is grown again from its root on the remaining sites' rows (its levels must all sum
+the same rows: a child's sibling is its parent minus it); finished rounds stay. Once more than n − t sites
+are lost, or none is left, the head stops (its finished rounds are kept). Regrown levels are releases beyond
+the announced ``dp-releases``: a DP site refuses them, and is lost.
 """
 
 from __future__ import annotations
@@ -51,7 +62,7 @@ from server.run_record import RunRecord, add_privacy
 from server.settings import RunSettings
 from server.site_check import SiteCheck
 from shared import hist_boosting as hb
-from shared import hist_wire, wire_ints
+from shared import hist_wire, secagg_plus, wire_ints
 from shared.boosting import BASE_SCORES, Head, heads
 from shared.bounds import declared_range
 from shared.encoding import ENCODER_CONFIG_KEY, FeatureEncoder
@@ -66,6 +77,10 @@ from shared.xgboost_json import export_model
 
 TRAFFIC_FILE = "xgb_hist_traffic.json"
 OBJECTIVES = {"binary": "binary:logistic", "regression": "reg:squarederror", "multiclass": "multi:softprob"}
+
+
+class RoundRegrow(RuntimeError):
+    """Sites were lost while a boosting round grew: its levels no longer sum the same rows, so it starts over."""
 
 
 class HistProtocolError(RuntimeError):
@@ -95,7 +110,12 @@ class HistSettings:
     rounds : int, default 20          boosting rounds per head
     tree : TreeParams                 learning rate, depth, λ, γ, min_child_weight
     max_bin : int, default 256
-    secure_sum : bool, default True   mask every site's grid counts and histograms (needs >= 2 sites)
+    secure_sum : str, default "pairwise"   how every site's grid counts and histograms are summed
+                                      (``shared.protocol.hist.SECURE_SUM_MODES``): off | pairwise (masks,
+                                      needs >= 2 sites) | recovering (masks with dropout recovery,
+                                      ``shared.secagg_plus``); True / False are taken as pairwise / off
+    secure_threshold : int, default 0 recovering: Shamir threshold t of the secure sums (0: ⌊n/2⌋ + 1 of the
+                                      sites that start the phase); up to n − t sites may be lost, one sum at a time
     dp_gradient_clip : float, default 3.0   clip of squared-error gradients at DP sites (standardised target)
     softmax : bool, default False     one softmax model per multiclass outcome instead of one-vs-rest heads
     """
@@ -103,15 +123,20 @@ class HistSettings:
     rounds: int = 20
     tree: hb.TreeParams = hb.TreeParams()
     max_bin: int = hb.MAX_BIN
-    secure_sum: bool = True
+    secure_sum: str = "pairwise"
+    secure_threshold: int = 0
     dp_gradient_clip: float = 3.0
     softmax: bool = False
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "secure_sum", h.secure_sum_mode(self.secure_sum))
+
     @classmethod
     def from_run_settings(cls, settings: RunSettings) -> HistSettings:
-        """The run's boosting settings (rounds, eta, depth) with XGBoost's defaults for the rest."""
+        """The run's boosting settings (rounds, eta, depth, secure sum) with XGBoost's defaults for the rest."""
         return cls(rounds=settings.xgb_rounds, tree=hb.TreeParams(learning_rate=settings.xgb_eta,
-                                                                  max_depth=settings.xgb_max_depth))
+                                                                  max_depth=settings.xgb_max_depth),
+                   secure_sum=settings.secure_sum)
 
     def releases(self, n_heads: int) -> int:
         """Most noised releases of the phase at a DP site (announced, so it sets its noise for all of them): the
@@ -205,13 +230,18 @@ class HistSession:
         self.grid, self.nodes, self.settings = grid, list(nodes), settings
         self.base = base_config
         self.base.update({RELEASES: settings.releases(n_heads), h.GRADIENT_CLIP: settings.dp_gradient_clip,
-                          h.SECURE_SUM: settings.secure_sum, h.SECURE_SESSION: uuid.uuid4().hex})
+                          h.SECURE_SUM: settings.secure_sum != "off", h.SECURE_SESSION: uuid.uuid4().hex})
+        if settings.secure_sum == "recovering":
+            self.base[h.SECURE_RECOVERING] = True
         self.release_index = 0
         self.n_rows: int | None = None  # the sites' training rows, when every site said: compact encodings
         self.encoder_sent = False  # after the first request, sites answer with the encoder they kept
         self.thresholds_sent = False  # after the first level request, sites route with the bins they kept
         self.bytes_down = self.bytes_up = 0
         self.privacy: list[tuple[int, dict]] = []  # (node, a DP release's facts)
+        self.lost: dict[int, str] = {}  # sites lost after the phase began, and why
+        self.threshold = 0  # the secure sums' Shamir threshold, fixed at the first one
+        self.models_sent: set[tuple[str, int]] = set()  # (head, round) whose finished trees every site kept
 
     def tree_params(self, objective: str) -> hb.TreeParams:
         """The trees' parameters, with ``min_child_weight`` raised above the noise of DP sites' hessians."""
@@ -225,23 +255,24 @@ class HistSession:
         return dataclasses.replace(self.settings.tree,
                                    min_child_weight=max(self.settings.tree.min_child_weight, float(floor)))
 
-    def ask(self, message_type: messages.MessageName, extra: dict, arrays: ArrayRecord) -> dict[int, RecordDict]:
-        """Send one request to every site; their replies by node (HistProtocolError if any site failed)."""
-        replies, failures = self.ask_all(message_type, extra, arrays)
-        for node, reason in failures.items():
-            raise HistProtocolError(node, reason)
-        return replies
-
-    def ask_all(self, message_type: messages.MessageName, extra: dict, arrays: ArrayRecord
-                ) -> tuple[dict, dict[int, str]]:
-        """Send one request to every site; replies by node, and failures (error or no reply) by node."""
-        config = ConfigRecord({k: v for k, v in self.base.items()
-                               if not (self.encoder_sent and k == ENCODER_CONFIG_KEY)})
+    def ask_all(self, message_type: messages.MessageName, extra: dict, arrays: ArrayRecord,
+                per_node: dict[int, dict] | None = None, with_base: bool = True) -> tuple[dict, dict[int, str]]:
+        """Send one request to every site (the base config unless not ``with_base``, ``extra``, and the node's
+        own ``per_node`` keys); replies by node, and failures (error or no reply) by node."""
+        if with_base:
+            config = ConfigRecord({k: v for k, v in self.base.items()
+                                   if not (self.encoder_sent and k == ENCODER_CONFIG_KEY)})
+            self.encoder_sent = True
+        else:
+            config = ConfigRecord({h.SECURE_SESSION: self.base[h.SECURE_SESSION]})
         config.update(extra)
-        self.encoder_sent = True
         sent = []
         for node in self.nodes:
-            content = RecordDict({r.CONFIG: config, r.ARRAYS: arrays})
+            own = config
+            if per_node:
+                own = ConfigRecord(dict(config))
+                own.update(per_node.get(node, {}))
+            content = RecordDict({r.CONFIG: own, r.ARRAYS: arrays})
             self.bytes_down += record_bytes(content)
             sent.append(Message(content, dst_node_id=node, message_type=message_type.type))
         replies, failures = {}, {}
@@ -258,9 +289,18 @@ class HistSession:
             failures[node] = "no reply"
         return replies, failures
 
+    def ask(self, message_type: messages.MessageName, extra: dict, arrays: ArrayRecord) -> dict[int, RecordDict]:
+        """Send one request to every site; their replies by node (HistProtocolError if any site failed)."""
+        replies, failures = self.ask_all(message_type, extra, arrays)
+        for node, reason in failures.items():
+            raise HistProtocolError(node, reason)
+        return replies
+
     def exchange_keys(self) -> None:
-        """Collect every site's public key and put the table in every later request."""
-        replies = self.ask(messages.HIST_KEYS, {}, ArrayRecord())
+        """Pairwise masks: collect every site's public key and put the table in every later request. A site that
+        fails this is left out of the phase, as one that fails ``query.hist_ranges``."""
+        replies, failures = self.ask_all(messages.HIST_KEYS, {}, ArrayRecord())
+        self.lose(failures)
         self.base[h.SECURE_NODES] = [int(n) for n in self.nodes]
         self.base[h.SECURE_KEYS] = [bytes(replies[n][r.KEYS][h.PUBLIC_KEY]) for n in self.nodes]
 
@@ -273,14 +313,89 @@ class HistSession:
         """
         extra = {**extra, RELEASE_INDEX: self.release_index, h.SECURE_SEQUENCE: self.release_index}
         self.release_index += 1
-        replies = self.ask(message_type, extra, arrays)
+        if self.settings.secure_sum == "recovering":
+            return self.securely_summed(message_type, extra, arrays, name, bits, signed)
+        if self.settings.secure_sum == "pairwise":
+            replies = self.ask(message_type, extra, arrays)  # a missing site's masks would stay in the sum
+        else:
+            replies, failures = self.ask_all(message_type, extra, arrays)
+            self.lose(failures)
         parts = [replies[n][r.ARRAYS][name].numpy() for n in self.nodes]
         if bits is not None:
             parts = [wire_ints.unpack(part, bits) for part in parts]
             return wire_ints.decode(wire_ints.summed(parts, bits), bits, signed)
-        if self.settings.secure_sum:
+        if self.settings.secure_sum == "pairwise":
             return unmask_sum(parts)
         return np.sum(np.stack(parts), axis=0, dtype=np.int64)
+
+    def lose(self, failures: dict[int, str]) -> None:
+        """Leave out, for the rest of the phase, the sites that failed a request (HistProtocolError when none
+        is left to sum over)."""
+        for node, reason in failures.items():
+            self.lost[node] = reason
+        self.nodes = [n for n in self.nodes if n not in failures]
+        if failures and not self.nodes:
+            node, reason = next(iter(self.lost.items()))
+            raise HistProtocolError(node, f"{reason} (and no site is left to sum over)")
+
+    def secure_threshold(self) -> int:
+        """The Shamir threshold, fixed at the first secure sum from the sites then in the phase."""
+        if not self.threshold:
+            self.threshold = self.settings.secure_threshold or secagg_plus.default_threshold(len(self.nodes))
+        return self.threshold
+
+    def securely_summed(self, message_type: messages.MessageName, extra: dict, arrays: ArrayRecord, name: str,
+                        bits: np.ndarray | None, signed: np.ndarray | bool) -> np.ndarray:
+        """One release through Bonawitz et al.'s four rounds (``shared.secagg_plus``): keys, shares, the request
+        itself answered masked, unmasking. A site lost in any round is left out (see :meth:`lose`); the sum is
+        that of the sites whose masked answer arrived, or HistProtocolError when more than n − t were lost."""
+        label = f"{self.base[h.SECURE_SESSION]}/{extra[h.SECURE_SEQUENCE]}"
+        round_keys = {h.SECURE_SEQUENCE: extra[h.SECURE_SEQUENCE], h.SECURE_RECOVERING: True}
+        try:
+            threshold = self.secure_threshold()
+            replies, failures = self.ask_all(messages.HIST_KEYS, round_keys, ArrayRecord(), with_base=False)
+            self.lose(failures)
+            secagg_plus.validate_threshold(threshold, len(self.nodes))
+            roster_config = {h.SECURE_THRESHOLD: threshold, h.SECURE_NODES: list(self.nodes),
+                             h.SECURE_CHANNEL_KEYS: [bytes(replies[n][r.KEYS][h.CHANNEL_KEY]) for n in self.nodes],
+                             h.SECURE_KEYS: [bytes(replies[n][r.KEYS][h.MASK_KEY]) for n in self.nodes]}
+            roster = secagg_plus.Roster(label, threshold,
+                                        dict(zip(self.nodes, roster_config[h.SECURE_CHANNEL_KEYS], strict=True)),
+                                        dict(zip(self.nodes, roster_config[h.SECURE_KEYS], strict=True)))
+            replies, failures = self.ask_all(messages.HIST_SHARES, {**round_keys, **roster_config}, ArrayRecord(),
+                                             with_base=False)
+            self.lose(failures)
+            participants = list(self.nodes)
+            inboxes = secagg_plus.route_shares({n: dict(zip((int(p) for p in replies[n][r.KEYS][h.SHARE_PEERS]),
+                                                            map(bytes, replies[n][r.KEYS][h.SHARE_CIPHERTEXTS]),
+                                                            strict=True)) for n in participants})
+            per_node = {n: {h.SHARE_PEERS: [p for p in inboxes.get(n, {}) if p in participants],
+                            h.SHARE_CIPHERTEXTS: [c for p, c in inboxes.get(n, {}).items() if p in participants]}
+                        for n in participants}
+            replies, failures = self.ask_all(message_type, {**extra, **roster_config,
+                                                            h.SECURE_PARTICIPANTS: participants}, arrays, per_node)
+            self.lose(failures)
+            masked = {n: replies[n][r.ARRAYS][name].numpy() for n in self.nodes}
+            if bits is not None:
+                masked = {n: wire_ints.unpack(part, bits) for n, part in masked.items()}
+            dropped = [n for n in participants if n not in masked]
+            replies, failures = self.ask_all(messages.HIST_UNMASK, {**round_keys, h.SECURE_SENT: sorted(masked),
+                                                                    h.SECURE_DROPPED: dropped}, ArrayRecord(),
+                                             with_base=False)
+            self.lose(failures)
+            answers = {n: secagg_plus.UnmaskShares(
+                seeds=dict(zip((int(j) for j in reply[r.KEYS][h.SEEDS_OF]), map(bytes, reply[r.KEYS][h.SEED_SHARES]),
+                               strict=True)),
+                mask_keys=dict(zip((int(j) for j in reply[r.KEYS][h.MASK_KEYS_OF]),
+                                   map(bytes, reply[r.KEYS][h.MASK_KEY_SHARES]), strict=True)))
+                for n, reply in replies.items()}
+            total = secagg_plus.unmask_sum(roster, masked, answers, 64 if bits is None else bits, participants)
+        except secagg_plus.SecAggError as err:
+            node, reason = next(iter(self.lost.items()), (-1, "no site lost"))
+            raise HistProtocolError(node, f"{reason}; the secure sum cannot be recovered: {err}") from None
+        if bits is not None:
+            return wire_ints.decode(total, bits, signed)
+        return total.view(np.int64)
 
     def summed_counts(self, message_type: messages.MessageName, arrays: ArrayRecord, n_counts: int) -> np.ndarray:
         """Summed row counts (float64, flat): whole numbers in ``count_bits(n_rows)`` bits each when the sites'
@@ -339,11 +454,13 @@ def grow_round(session: HistSession, spec: HeadSpec, thresholds: list[np.ndarray
     bound = hist_wire.gradient_bound(spec.objective, margin, spec.label_bound)
     if session.n_rows is not None and bound is not None:
         head_config[h.GRADIENT_BOUND] = bound  # every site checks its rows against it
+    sites = list(session.nodes)
+    model_key = (spec.key, len(finished))
     while not grower.done:
         requested = np.array(grower.requested, dtype=np.int64).reshape(-1, 2)
         arrays = merge(trees_record(grower.trees, h.GROWING, leaf_values=False),
                        ArrayRecord({h.FRONTIER: Array(requested)}))
-        if grower.depth == 0:  # the round's first level: the trees the sites have not seen yet
+        if grower.depth == 0 and model_key not in session.models_sent:  # the trees the sites have not seen yet
             arrays = merge(arrays, trees_record(finished[-1] if finished else [], h.MODEL))
         if not session.thresholds_sent:
             arrays = merge(arrays, thresholds_record(thresholds))
@@ -359,11 +476,25 @@ def grow_round(session: HistSession, spec: HeadSpec, thresholds: list[np.ndarray
             signed = np.arange(2) == 0  # gradients (channel 0) may sum below 0, hessians may not
         packed = session.summed(messages.HIST_LEVEL, head_config, arrays, h.HISTOGRAMS, bits, signed)
         session.thresholds_sent = True
+        session.models_sent.add(model_key)  # every site still in the phase has kept them
+        if session.nodes != sites:
+            raise RoundRegrow(f"{len(sites) - len(session.nodes)} sites lost at depth {grower.depth}")
         histograms = hb.unpack_histograms(packed, widths)
         if session.n_rows is not None:
             hist_wire.fill_known(histograms, parents)
         grower.grow(histograms)
     return grower.trees
+
+
+def grow_round_surviving(session: HistSession, spec: HeadSpec, thresholds: list[np.ndarray],
+                         finished: list[list[hb.Tree]]) -> list[hb.Tree]:
+    """:func:`grow_round`, grown again from its root on the remaining sites' rows whenever sites are lost while
+    it grows (each attempt loses a site, so this ends: in a round, or in HistProtocolError once too few remain)."""
+    while True:
+        try:
+            return grow_round(session, spec, thresholds, finished)
+        except RoundRegrow:
+            continue
 
 
 def run_hist_boosting(grid: Grid, sites: SiteCheck, encoder: FeatureEncoder, settings: RunSettings,
@@ -384,18 +515,25 @@ def run_hist_boosting(grid: Grid, sites: SiteCheck, encoder: FeatureEncoder, set
         lo, hi = global_ranges(session, outcome.failures)
     except HistProtocolError:
         return outcome  # no site could say its ranges (each failure is in outcome.failures)
-    if hist.secure_sum:
-        session.exchange_keys()
+    if hist.secure_sum == "pairwise":
+        try:
+            session.exchange_keys()
+        except HistProtocolError:
+            outcome.failures.update({node: f"no key for the secure sum: {reason}" for node, reason in
+                                     session.lost.items()})
+            return outcome  # no site gave a key
     thresholds = global_thresholds(session, lo, hi)
     for spec in specs:
         rounds: list[list[hb.Tree]] = []
         try:
             for _ in range(hist.rounds):
-                rounds.append(grow_round(session, spec, thresholds, rounds))
+                rounds.append(grow_round_surviving(session, spec, thresholds, rounds))
         except HistProtocolError as err:
             outcome.failures[err.node] = f"{spec.key}: stopped after {len(rounds)} rounds: {err.reason}"
         outcome.trees[spec.key] = rounds
         outcome.models[spec.key] = export_model(rounds, spec.objective, spec.base_score, encoder.n_features_out_)
+    for node, reason in session.lost.items():
+        outcome.failures.setdefault(node, f"lost during the phase, the trees continued without it: {reason}")
     outcome.thresholds = thresholds
     outcome.bytes_down, outcome.bytes_up = session.bytes_down, session.bytes_up
     outcome.bytes_sent = session.bytes_down + session.bytes_up

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 
 from shared.config import settings_from_run_config
 from shared.protocol.boosting import MODES
+from shared.protocol.hist import secure_sum_mode
 from shared.protocol.personalisation import parse_methods
 from shared.task import NANOPARTICLE_TASK, TaskSpec
 from strategies.central_dp import MECHANISMS, CentralDPParameters, central_dp_problem
@@ -110,6 +111,11 @@ class RunSettings:
         kept for comparison).
     xgb_rounds, xgb_eta, xgb_max_depth : int, float, int
         Boosting rounds per head, learning rate, depth.
+    secure_sum : str, default "pairwise"
+        How hist boosting sums the sites' counts and histograms (``shared.protocol.hist.SECURE_SUM_MODES``):
+        ``pairwise`` masks (one key exchange per phase, one exchange per release; a site lost mid-phase stops
+        the head), ``recovering`` (Bonawitz et al.'s dropout-recovering secure aggregation: four exchanges per
+        release, lost sites recovered and the tree regrown on the survivors) or ``off`` (plain sums).
     signing_key : str, default ""
         The coordinator's policy_signing.key: with it the run ends by building, signing and sending the policy.
     policy_dir : str, default ""
@@ -177,6 +183,7 @@ class RunSettings:
     xgb_rounds: int = 20
     xgb_eta: float = 0.1
     xgb_max_depth: int = 4
+    secure_sum: str = "pairwise"
     signing_key: str = ""
     policy_dir: str = ""
     fqi_iterations: int = 25
@@ -208,6 +215,7 @@ class RunSettings:
         if self.central_accountant not in CENTRAL_ACCOUNTANTS:
             raise ValueError(f"central-accountant: expected one of {', '.join(CENTRAL_ACCOUNTANTS)}; "
                              f"got {self.central_accountant!r}")
+        secure_sum_mode(self.secure_sum)
         if self.boosting not in MODES:
             raise ValueError(f"boosting: expected one of {', '.join(MODES)}; got {self.boosting!r}")
 

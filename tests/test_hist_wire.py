@@ -117,26 +117,43 @@ class Grid:
                          for node in rows}
         self.exchanges: list[tuple[str, int, RecordDict, RecordDict | None]] = []  # kind, node, request, reply
         self.legacy = False  # sites say no row count, as a DP site does: 64-bit fixed point throughout
+        self.lost_at: dict[int, tuple[str, int, bool]] = {}  # node → (message type, n-th such message, answers it)
+        self.seen: dict[tuple[int, str], int] = {}
+        self.gone: set[int] = set()
+        self.calls: list[str] = []  # the message type of each exchange (one send_and_receive call)
         answers = {messages.HIST_RANGES: hh.answer_ranges, messages.HIST_BINS: hh.answer_counts(hh.bin_counts),
                    messages.HIST_CELLS: hh.answer_counts(hh.partition_counts), messages.HIST_LEVEL: hh.answer_level}
         self.answers = {m.type: hh.session_answer(a) for m, a in answers.items()}
+        self.secure = {m.type: handler for m, handler in hh.SECURE_AGGREGATION.items()}
 
     def send_and_receive(self, sent):
+        if sent:
+            self.calls.append(sent[0].metadata.message_type)  # one message exchange with every site
         for msg in sent:
             node, kind = msg.metadata.dst_node_id, msg.metadata.message_type
             context = self.contexts[node]
-            try:
-                if kind == messages.HIST_KEYS.type:
-                    reply = hh.keys(msg, context)
-                else:
-                    request = Request(None, None, msg.content[r.CONFIG], context)
-                    reply = Message(self.answers[kind](msg, request), reply_to=msg)
-                    if self.legacy and kind == messages.HIST_RANGES.type:
-                        del reply.content[r.ARRAYS][h.ROWS]
-            except ShareableError as err:
-                reply = Message(Error(code=1, reason=str(err)), reply_to=msg)
-            self.exchanges.append((kind, node, msg.content, None if reply.has_error() else reply.content))
-            yield reply
+            self.seen[node, kind] = self.seen.get((node, kind), 0) + 1
+            if node in self.lost_at and self.lost_at[node][:2] == (kind, self.seen[node, kind]):
+                self.gone.add(node)
+                if self.lost_at[node][2]:
+                    yield self.answer(msg, node, kind, context)  # its answer arrives, then the node is gone
+            if node in self.gone:
+                continue  # a lost SuperNode: no reply, ever again
+            yield self.answer(msg, node, kind, context)
+
+    def answer(self, msg, node, kind, context):
+        try:
+            if kind in self.secure:
+                reply = self.secure[kind](msg, context)
+            else:
+                request = Request(None, None, msg.content[r.CONFIG], context)
+                reply = Message(self.answers[kind](msg, request), reply_to=msg)
+                if self.legacy and kind == messages.HIST_RANGES.type:
+                    del reply.content[r.ARRAYS][h.ROWS]
+        except ShareableError as err:
+            reply = Message(Error(code=1, reason=str(err)), reply_to=msg)
+        self.exchanges.append((kind, node, msg.content, None if reply.has_error() else reply.content))
+        return reply
 
 
 def site_rows(objective, n=900, seed=0):
@@ -150,7 +167,8 @@ def site_rows(objective, n=900, seed=0):
     return x, y
 
 
-def federate(monkeypatch, objective, legacy=False, label_bound=None, rounds=3, depth=3):
+def federate(monkeypatch, objective, legacy=False, label_bound=None, rounds=3, depth=3, lost_at=None,
+             secure_sum="pairwise"):
     from flwr.supercore.task_identity import TaskIdentity
 
     for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # what Message() needs, as a ServerApp
@@ -162,22 +180,26 @@ def federate(monkeypatch, objective, legacy=False, label_bound=None, rounds=3, d
     rows = {node: (x[p], y[p]) for node, p in parts.items()}
     grid = Grid(rows)
     grid.legacy = legacy
+    grid.lost_at = lost_at or {}
     monkeypatch.setattr(hh, "training_matrix", lambda request: (None, rows[request.context.node_id][0], {}))
     monkeypatch.setattr(hh, "labelled_rows", lambda config, xs, targets: next(
         v for v in rows.values() if v[0] is xs))
-    settings = hp.HistSettings(rounds=rounds, tree=hb.TreeParams(max_depth=depth))
+    settings = hp.HistSettings(rounds=rounds, tree=hb.TreeParams(max_depth=depth), secure_sum=secure_sum)
     session = hp.HistSession(grid, list(rows), ConfigRecord({ENCODER_CONFIG_KEY: "{}", r.SPLIT_SEED: 0}),
                              settings, 1)
     lo, hi = hp.global_ranges(session, {})
-    session.exchange_keys()
+    if settings.secure_sum == "pairwise":  # as run_hist_boosting: the session's one key exchange
+        session.exchange_keys()
     thresholds = hp.global_thresholds(session, lo, hi)
     kind = {"binary:logistic": "binary", "reg:squarederror": "regression", "multi:softprob": "multiclass"}[objective]
     spec = hp.HeadSpec("y", "y", kind, n_classes=3 if kind == "multiclass" else 0, label_bound=label_bound)
     trees: list[list[hb.Tree]] = []
     for _ in range(rounds):
-        trees.append(hp.grow_round(session, spec, thresholds, trees))
+        trees.append(hp.grow_round_surviving(session, spec, thresholds, trees))
+    survivors = np.concatenate([np.arange(900)[parts[node]] for node in session.nodes])
     pooled = HistGradientBoosting(objective, n_estimators=rounds, max_depth=depth, base_score=spec.base_score,
-                                  n_classes=3 if kind == "multiclass" else None).fit(x, y, thresholds)
+                                  n_classes=3 if kind == "multiclass" else None).fit(x[survivors], y[survivors],
+                                                                                     thresholds)
     return grid, session, trees, pooled
 
 
@@ -187,16 +209,24 @@ def same_trees(federated, pooled):
             assert (a.feature, a.split_bin, a.left, a.leaf_value) == (b.feature, b.split_bin, b.left, b.leaf_value)
 
 
+MASKED = ["pairwise", "recovering"]
+
+
+@pytest.mark.parametrize("secure_sum", MASKED)
 @pytest.mark.parametrize("objective", ["binary:logistic", "reg:squarederror", "multi:softprob"])
-def test_compact_federated_trees_equal_the_pooled_learners_bit_for_bit(monkeypatch, objective):
-    grid, session, trees, pooled = federate(monkeypatch, objective)
+def test_compact_federated_trees_equal_the_pooled_learners_bit_for_bit(monkeypatch, objective, secure_sum):
+    grid, session, trees, pooled = federate(monkeypatch, objective, secure_sum=secure_sum)
     assert session.n_rows == 900
     same_trees(trees, pooled)
     assert sum(t.n_nodes for rnd in trees for t in rnd) > 3 * len(trees[0])  # the trees did split
+    levels = [request[r.CONFIG] for kind, _, request, _ in grid.exchanges if kind == messages.HIST_LEVEL.type]
+    assert all(bool(c[h.SECURE_SUM]) and list(c[h.SECURE_NODES]) == [11, 12, 13] for c in levels)
+    assert all(hh.recovering(c) == (secure_sum == "recovering") for c in levels)  # the sites' masks follow it
 
 
-def test_the_64_bit_encoding_without_row_counts_grows_the_same_trees(monkeypatch):
-    grid, session, trees, pooled = federate(monkeypatch, "binary:logistic", legacy=True)
+@pytest.mark.parametrize("secure_sum", MASKED)
+def test_the_64_bit_encoding_without_row_counts_grows_the_same_trees(monkeypatch, secure_sum):
+    grid, session, trees, pooled = federate(monkeypatch, "binary:logistic", legacy=True, secure_sum=secure_sum)
     assert session.n_rows is None
     same_trees(trees, pooled)
     levels = [reply for kind, _, _, reply in grid.exchanges if kind == messages.HIST_LEVEL.type]
@@ -248,3 +278,79 @@ def test_a_site_without_the_sessions_thresholds_refuses_a_level_request():
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     with pytest.raises(ShareableError, match="no bin thresholds"):
         hh.session_thresholds(ArrayRecord(), context)
+
+
+# -- sites lost mid-tree: recovering, the secure sum is recovered and the round regrown on the survivors' rows -
+
+
+@pytest.mark.parametrize("answers_first", [False, True], ids=["lost-before-sending", "lost-after-sending"])
+def test_a_site_lost_mid_tree_is_recovered_and_the_trees_equal_the_survivors_pooled_trees(monkeypatch,
+                                                                                           answers_first):
+    # node 12 is lost at its second level request of round 0 (depth 1): before answering it, or after its masked
+    # histograms arrived (then it misses the unmasking round)
+    grid, session, trees, pooled = federate(monkeypatch, "binary:logistic", secure_sum="recovering",
+                                            lost_at={12: (messages.HIST_LEVEL.type, 2, answers_first)})
+    assert session.nodes == [11, 13] and list(session.lost) == [12] and session.lost[12] == "no reply"
+    assert len(trees) == 3
+    same_trees(trees, pooled)  # every round, regrown round 0 included, is the pooled learner's on 11 + 13's rows
+    assert sum(t.n_nodes for rnd in trees for t in rnd) > 3 * len(trees[0])
+    unmasks = [content for kind, node, content, _ in grid.exchanges if kind == messages.HIST_UNMASK.type]
+    dropped = [list(c[r.CONFIG][h.SECURE_DROPPED]) for c in unmasks]
+    sent = [list(c[r.CONFIG][h.SECURE_SENT]) for c in unmasks]
+    if answers_first:  # its input was in the sum: its self-mask seed was rebuilt from the others' shares
+        assert all(d == [] for d in dropped) and any(12 in s_ for s_ in sent)
+    else:  # no input: its mask key was rebuilt and its pairwise masks removed from the others' inputs
+        assert [12] in dropped
+
+
+def test_a_site_lost_in_a_later_round_keeps_the_rounds_before_and_the_head_finishes(monkeypatch):
+    grid, session, trees, _ = federate(monkeypatch, "reg:squarederror", secure_sum="recovering",
+                                       lost_at={11: (messages.HIST_SHARES.type, 9, False)})
+    assert session.nodes == [12, 13] and len(trees) == 3
+    x, y = site_rows("reg:squarederror")
+    everyone = HistGradientBoosting("reg:squarederror", n_estimators=1, max_depth=3, base_score=0.0).fit(
+        x, y, hh.thresholds_from_record(grid.contexts[12].state[hh.THRESHOLDS_KEY]))
+    first = trees[0][0], everyone.rounds_[0][0]
+    assert (first[0].feature, first[0].leaf_value) == (first[1].feature, first[1].leaf_value)  # before the loss
+
+
+def test_more_sites_lost_than_the_threshold_allows_stops_the_head_with_a_clear_error(monkeypatch):
+    lost = {12: (messages.HIST_LEVEL.type, 2, False), 13: (messages.HIST_LEVEL.type, 2, True)}
+    with pytest.raises(hp.HistProtocolError, match="the secure sum cannot be recovered|no site is left"):
+        federate(monkeypatch, "binary:logistic", lost_at=lost, secure_sum="recovering")
+
+
+def test_with_pairwise_masks_a_site_lost_after_the_key_exchange_stops_the_head(monkeypatch):
+    # main's behaviour: the lost site's masks would stay in the sum, and no share exists to remove them
+    with pytest.raises(hp.HistProtocolError, match="no reply") as err:
+        federate(monkeypatch, "binary:logistic", lost_at={12: (messages.HIST_LEVEL.type, 2, False)})
+    assert err.value.node == 12
+
+
+def test_a_site_failing_the_pairwise_key_exchange_is_left_out_before_any_sum(monkeypatch):
+    grid, session, trees, pooled = federate(monkeypatch, "binary:logistic", rounds=2,
+                                            lost_at={13: (messages.HIST_KEYS.type, 1, False)})
+    assert session.nodes == [11, 12] and session.base[h.SECURE_NODES] == [11, 12]
+    same_trees(trees, pooled)  # the pooled learner on 11 + 12's rows
+
+
+# -- the cost of each mode in message exchanges -----------------------------------------------------------
+
+
+def test_pairwise_masks_cost_one_exchange_per_release_and_the_recovering_protocol_four(monkeypatch):
+    summed = {messages.HIST_BINS.type, messages.HIST_CELLS.type, messages.HIST_LEVEL.type}
+    calls, trees = {}, {}
+    for mode in ("off", "pairwise", "recovering"):
+        grid, session, trees[mode], pooled = federate(monkeypatch, "binary:logistic", rounds=2, secure_sum=mode)
+        same_trees(trees[mode], pooled)
+        calls[mode] = grid.calls
+    releases = sum(kind in summed for kind in calls["off"])
+    assert releases == sum(kind in summed for kind in calls["pairwise"]) == \
+        sum(kind in summed for kind in calls["recovering"])
+    assert releases >= 2 * 3  # the grid counts and at least one level per depth of each round
+    assert len(calls["off"]) == 1 + releases  # the ranges, then one exchange per release
+    assert len(calls["pairwise"]) == 1 + 1 + releases  # + one key exchange for the whole phase
+    assert calls["pairwise"].count(messages.HIST_KEYS.type) == 1
+    assert len(calls["recovering"]) == 1 + 4 * releases  # keys, shares, masked answer, unmask: every release
+    for kind in (messages.HIST_KEYS.type, messages.HIST_SHARES.type, messages.HIST_UNMASK.type):
+        assert calls["recovering"].count(kind) == releases

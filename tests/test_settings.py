@@ -36,12 +36,13 @@ def test_the_experiment_runners_defaults_are_the_settings():
 
 def test_every_simulate_option_reaches_the_run_settings():
     cfg = ExperimentConfig(rounds=3, strategy="fedprox", seed=9, local_epochs=2, batch_size=8, lr=0.1,
-                           hidden="16,8", models="xgboost", boosting="hist", xgb_rounds=4, fqi_iterations=0)
+                           hidden="16,8", models="xgboost", boosting="hist", xgb_rounds=4, fqi_iterations=0,
+                           secure_sum="recovering")
     settings = cfg.run_settings(n_sites=2, signing_key=Path("k"))
     assert (settings.num_server_rounds, settings.strategy, settings.seed, settings.split_seed) == (3, "fedprox", 9, 9)
     assert (settings.local_epochs, settings.batch_size, settings.lr, settings.hidden_sizes) == (2, 8, 0.1, (16, 8))
     assert (settings.model_names, settings.boosting, settings.xgb_rounds) == (("xgboost",), "hist", 4)
-    assert settings.signing_key == "k" and settings.fqi_iterations == 0
+    assert settings.signing_key == "k" and settings.fqi_iterations == 0 and settings.secure_sum == "recovering"
     assert RunSettings.from_run_config(settings.to_run_config()) == settings
 
 
@@ -53,7 +54,7 @@ def test_the_cli_leaves_unset_options_to_the_settings():
     simulate = get_command(app).commands["simulate"]
     unset = {p.name: p.default for p in simulate.params}
     for option in ("rounds", "strategy", "local_epochs", "models", "boosting", "xgb_rounds", "malicious_sites",
-                   "trim_fraction", "clip_norm"):
+                   "trim_fraction", "clip_norm", "secure_sum"):
         assert unset[option] is None, option  # filled from ExperimentConfig(), i.e. server/settings.py
 
 
@@ -64,6 +65,20 @@ def test_bad_settings_are_refused_naming_the_key():
         parse_models("ann,forest")
     with pytest.raises(ValueError, match="boosting"):
         dataclasses.replace(DEFAULTS, boosting="random")
+    with pytest.raises(ValueError, match="secure-sum: expected one of off, pairwise, recovering"):
+        dataclasses.replace(DEFAULTS, secure_sum="shamir")
+
+
+def test_the_hist_phases_secure_sum_is_a_mode_pairwise_by_default_and_true_false_still_mean_on_off():
+    from server.hist_phase import HistSettings
+
+    assert DEFAULTS.secure_sum == "pairwise" == HistSettings().secure_sum
+    assert HistSettings(secure_sum=True).secure_sum == "pairwise" and HistSettings(secure_sum=False).secure_sum == "off"
+    assert HistSettings.from_run_settings(dataclasses.replace(DEFAULTS, secure_sum="recovering")).secure_sum == \
+        "recovering"
+    assert RunSettings.from_run_config({"secure-sum": "off"}).secure_sum == "off"
+    with pytest.raises(ValueError, match="secure-sum"):
+        HistSettings(secure_sum="on")
 
 
 def test_the_clis_epsilon_limit_is_the_site_contracts():

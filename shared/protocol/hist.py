@@ -13,11 +13,45 @@ numbers.
 from __future__ import annotations
 
 SECURE_SUM = "secure-sum"
+"""True when the sites mask their summed releases (pairwise or recovering mode below)."""
+SECURE_RECOVERING = "secure-recovering"
+"""True with the recovering mode: every summed release runs the four rounds of ``shared.secagg_plus``; absent or
+False with the pairwise mode: one ``query.hist_keys`` per session, masks of ``shared.secure_sum``."""
+SECURE_SUM_MODES = ("off", "pairwise", "recovering")
+"""How the phase sums the sites' counts and histograms: plain sums; pairwise masks (``shared.secure_sum``: one
+key exchange per phase, one exchange per release, a site lost after the key exchange stops the head); or
+Bonawitz et al.'s secure aggregation with dropout recovery (``shared.secagg_plus``: four exchanges per release,
+lost sites recovered and the tree regrown on the survivors)."""
 SECURE_SESSION = "secure-session"
 SECURE_SEQUENCE = "secure-sequence"
 SECURE_NODES = "secure-nodes"
 SECURE_KEYS = "secure-keys"
+"""The roster's mask public keys, in the order of SECURE_NODES (pairwise: the session's, in every request)."""
 PUBLIC_KEY = "public-key"
+"""Pairwise mode, ``query.hist_keys`` reply: the site's X25519 public key for the session."""
+# secure aggregation with dropout recovery (shared.secagg_plus): request and reply keys of its rounds
+SECURE_THRESHOLD = "secure-threshold"
+SECURE_CHANNEL_KEYS = "secure-channel-keys"
+"""With SECURE_NODES and SECURE_KEYS (the mask keys): the roster of round 1."""
+SECURE_PARTICIPANTS = "secure-participants"
+"""Round 2: the sites whose shares reached the server (the site masks with exactly these)."""
+SECURE_SENT, SECURE_DROPPED = "secure-sent", "secure-dropped"
+"""Round 3: the sites whose masked input arrived, and the participants whose did not."""
+CHANNEL_KEY, MASK_KEY = "channel-key", "mask-key"
+SHARE_PEERS, SHARE_CIPHERTEXTS = "share-peers", "share-ciphertexts"
+"""Round 1 reply: receivers and their ciphertexts; round 2 request: senders and theirs, for this site."""
+SEEDS_OF, SEED_SHARES = "seeds-of", "seed-shares"
+MASK_KEYS_OF, MASK_KEY_SHARES = "mask-keys-of", "mask-key-shares"
+
+
+def secure_sum_mode(value: str | bool) -> str:
+    """A secure-sum mode from :data:`SECURE_SUM_MODES`, or from a bool as older callers set it (True: pairwise,
+    False: off); ``ValueError`` naming the setting otherwise."""
+    if isinstance(value, bool):
+        return "pairwise" if value else "off"
+    if value not in SECURE_SUM_MODES:
+        raise ValueError(f"secure-sum: expected one of {', '.join(SECURE_SUM_MODES)}; got {value!r}")
+    return value
 GRADIENT_BOUND = "gradient-bound"
 """With compact histograms: the |gradient| no row may exceed (the widths are proven from it; a site refuses
 if one of its rows does)."""

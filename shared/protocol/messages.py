@@ -57,6 +57,11 @@ IMPORTANCE = query("importance")
 
 # --- histogram boosting (server.hist_phase, client.hist_handlers) -----------------------------------------
 HIST_KEYS = query("hist_keys")
+"""Secure aggregation round 0, per release: the site's channel and mask public keys (``shared.secagg_plus``)."""
+HIST_SHARES = query("hist_shares")
+"""Secure aggregation round 1: the site's Shamir shares of its mask key and self-mask seed, encrypted per peer."""
+HIST_UNMASK = query("hist_unmask")
+"""Secure aggregation round 3: shares of the seeds of sites that sent, of the mask keys of sites that did not."""
 HIST_RANGES = query("hist_ranges")
 HIST_BINS = query("hist_bins")
 HIST_CELLS = query("hist_cells")

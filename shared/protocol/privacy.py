@@ -23,7 +23,9 @@ PUBLIC_RELEASES = {
     "site_check": "whether the files validate, and the problems by file, column, row number and rule",
     "catalogue": "the formulations the site stocks and their product specifications (no patient value)",
     "install_policy": "the version the site installed",
-    "hist_keys": "a fresh public key for the secure sum",
+    "hist_keys": "fresh public keys for the secure sum",
+    "hist_shares": "Shamir shares of fresh random secrets, encrypted to each peer",
+    "hist_unmask": "shares of other sites' random secrets, as the secure sum's unmasking needs",
 }
 """Messages a DP site answers without noise, and why that answer is not derived from patient rows."""
 
