@@ -390,6 +390,8 @@ def status(
             continue
         label = f"{path} (run {view.record_run_id(run) or 'id not recorded'})"
         console.print(view.rounds_table(run, f"rounds of {label}"), view.sites_table(run, f"sites of {label}"))
+        if (central := view.central_dp_table(run, f"central DP of {label}")) is not None:
+            console.print(central)
         for line in view.rejected_lines(run):
             console.print(f"[red]{line}[/red]")
     raise typer.Exit(1 if failed else 0)
