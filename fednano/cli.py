@@ -179,6 +179,7 @@ def simulate(
         quiet_flower,
         run_experiment,
     )
+    from simulation.termination import stop_on_sigterm
     from strategies.choice import STRATEGIES
 
     base = ExperimentConfig()  # unset options: the run's defaults, from server/settings.py
@@ -255,8 +256,11 @@ def simulate(
         def on_round(server_round: int) -> None:
             progress.update(bar, completed=server_round, description=f"federation round {server_round}/{rounds}")
 
+        stopped = (f"fednano simulate: stopped by SIGTERM (Ray and every process of the run stopped); the last "
+                   f"checkpoint is kept: continue with fednano simulate --resume {cfg.out}")
         try:
-            results = run_experiment(cfg, on_round=on_round, on_phase=on_phase)
+            with stop_on_sigterm(stopped):
+                results = run_experiment(cfg, on_round=on_round, on_phase=on_phase)
         except ExperimentError as err:
             console.print(f"[red]error[/red]: {err}")
             raise typer.Exit(2) from err
