@@ -1,14 +1,17 @@
 """Ending ``fednano simulate`` on SIGTERM: every process it started stopped, its last checkpoint kept, exit 143.
 
-Without this, SIGTERM did not end the command. Ray's ``ray.init`` (called by Flower's Ray backend in the main
-thread) installs its own SIGTERM handler, ``sys.exit``: the SystemExit unwinds Flower's simulation loop, but the
-ServerApp runs in a non-daemon thread that keeps waiting for replies no node will send, so the interpreter never
-exits, and Ray's GCS server, raylet and workers stay up. :func:`stop_on_sigterm` keeps a handler of its own in
-place for the block (Ray's is not installed over it): it prints one line, stops every process descended from
-this one by PID (SIGTERM, then SIGKILL after :data:`GRACE_S`) and leaves with status 128 + 15 = 143, the shell's
-convention for a process ended by SIGTERM. Nothing is written on the way out: the coordinator's checkpoint
-(``server.checkpoint``) and the sites' ledgers are replaced atomically, so the last checkpoint is whole and
-``fednano simulate --resume OUT`` continues from it.
+Without this, SIGTERM did not end the command; why, as read in Ray 2.55 and Flower 1.42: Ray's ``ray.init``
+(called by Flower's Ray backend in the main thread) installs its own SIGTERM handler, ``sys.exit``: the SystemExit
+unwinds Flower's simulation loop, but the ServerApp runs in a non-daemon thread that keeps waiting for replies no
+node will send, so the interpreter never exits, and Ray's GCS server, raylet and workers stay up.
+
+:func:`stop_on_sigterm` keeps a handler of its own in place for the block (Ray's is not installed over it): it
+kills every process descended from this one, by PID, with SIGKILL at once, prints one line and leaves with status
+128 + 15 = 143, the shell's convention for a process ended by SIGTERM. At once, because a grace period is a window
+for this process's own Ray core worker to see its raylet go and abort (measured: SIGTERM to the children, 5 s of
+grace, and the command died of SIGABRT, status -6, with the actors' tracebacks on stderr). Nothing is written on
+the way out: the coordinator's checkpoint (``server.checkpoint``) and the sites' ledgers are replaced atomically,
+so the last checkpoint is whole and ``fednano simulate --resume OUT`` continues from it.
 
 Linux only (descendants are read from ``/proc``), as the simulation runtime here is.
 """
@@ -27,7 +30,7 @@ from pathlib import Path
 EXIT_SIGTERM = 128 + signal.SIGTERM
 """Exit status of a command ended by SIGTERM (POSIX shells report a signalled process as 128 + n)."""
 GRACE_S = 5.0
-"""Seconds the stopped processes get to exit on SIGTERM before they are killed."""
+"""Seconds :func:`stop_processes` gives processes to exit on SIGTERM before it kills them."""
 
 
 def descendants(root: int) -> list[int]:
@@ -76,17 +79,19 @@ def stop_processes(pids: list[int], grace_s: float = GRACE_S) -> list[int]:
 
 @contextmanager
 def stop_on_sigterm(message: str) -> Iterator[None]:
-    """Within the block, SIGTERM prints ``message`` as one line on stderr, stops every descendant process
-    (:func:`stop_processes`) and exits with :data:`EXIT_SIGTERM` (module docstring). Entered outside the main
-    thread, where no signal handler can be set, it changes nothing."""
+    """Within the block, SIGTERM kills every descendant process, prints ``message`` as one line on stderr and
+    exits with :data:`EXIT_SIGTERM` (module docstring). Entered outside the main thread, where no signal handler
+    can be set, it changes nothing."""
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set a handler
         yield
         return
 
     def on_sigterm(signum, frame) -> None:
         del signum, frame
+        for pid in descendants(os.getpid()):
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         os.write(sys.stderr.fileno(), (message.replace("\n", " ") + "\n").encode())
-        stop_processes(descendants(os.getpid()))
         os._exit(EXIT_SIGTERM)  # the ServerApp's thread would keep a normal exit waiting; nothing is left to write
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)

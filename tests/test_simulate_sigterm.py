@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from server.checkpoint import CHECKPOINT_FOLDER, STATE_FILE, Checkpoint
-from simulation.termination import EXIT_SIGTERM, _alive, descendants
+from simulation.termination import EXIT_SIGTERM, _alive, descendants, stop_processes
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,12 +44,13 @@ def test_sigterm_stops_simulate_and_every_process_it_started_and_resume_finishes
         run.send_signal(signal.SIGTERM)
         stdout, stderr = run.communicate(timeout=120)
     finally:
-        if run.poll() is None:
-            run.kill()
+        if run.poll() is None:  # the test failed: stop the command and what it started, by PID
+            stop_processes([run.pid, *descendants(run.pid)], grace_s=1.0)
             run.communicate()
     assert run.returncode == EXIT_SIGTERM == 143, stderr[-2000:]
-    said = [line for line in stderr.splitlines() if "SIGTERM" in line]
+    said = [line for line in stderr.splitlines() if line.startswith("fednano simulate: stopped by SIGTERM")]
     assert len(said) == 1 and f"--resume {out}" in said[0], stderr[-2000:]
+    assert stderr.splitlines()[-1] == said[0], stderr[-2000:]  # the last word is ours, nothing after it
     time.sleep(1.0)
     survivors = [pid for pid in started if _alive(pid)]
     assert survivors == [], [Path(f"/proc/{pid}/cmdline").read_bytes()[:200] for pid in survivors]
