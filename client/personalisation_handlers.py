@@ -16,7 +16,10 @@ validation summaries of every candidate (:data:`VALIDATION_WEIGHT` of the releas
 depends on them), then their test summaries (the rest: they are only reported). The choice is made on the
 released (noised) validation figures and the release's σ, so it is post-processing of a DP release; the reply
 carries both releases' facts and the number of DP-SGD fits, so the run record counts every ledger entry of the
-phase. Without DP the margins come from a paired bootstrap of the site's exact validation rows.
+phase. Without DP the margins come from a paired bootstrap of the site's exact validation rows. Every charge of
+the phase is tagged (fit ``i`` at place :data:`FIT_INDEX_BASE` + i, the releases at 0 and 1) and its noise kept in
+the node's state (:data:`STATE_KEY`, on the site's disk through ``client.run_state``): a resumed run that redoes
+the phase sends the same numbers and is charged nothing new.
 
 ``query.personalise_boosting`` (:func:`personalise_boosting`) is the same choice for the finished boosters:
 the federation's boosters (global), the site's own local-only boosters and, for ``site-trees``, the
@@ -32,7 +35,7 @@ import statistics
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 
 from client.dp import (
     PhaseRelease,
@@ -41,11 +44,15 @@ from client.dp import (
     gaussian_release,
     noise_for_phase,
     phase_epsilon,
+    release_key,
+    release_tag,
     training_seed,
     weighted_noise,
 )
 from client.evaluation import from_blocks, summaries, summary_blocks
+from client.ledger import BudgetExhausted
 from client.personalised.choice import choose_by_margin, sampling_se, validation_score
+from client.run_state import RUN_ID_KEY
 from client.site import SiteHandlers, SiteRequest
 from client.split import EncodedSplit
 from shared import metrics
@@ -69,6 +76,12 @@ TRAINING_PART = 0.8
 RELEASES = 2
 VALIDATION_WEIGHT = 0.75
 """The validation release's share of the two releases' Rényi privacy loss (``client.dp.PhaseRelease``)."""
+FIT_INDEX_BASE = RELEASES
+"""Ledger place (``round``) of candidate ``i``'s DP-SGD fit: ``FIT_INDEX_BASE + i``, after the releases' 0 and 1,
+so every charge of the phase has a place of its own and a redone one is charged once (``client.ledger``)."""
+STATE_KEY = "dp-personalisation-noise"
+"""Node-state record of the phase's noise in this run (kept on the site's disk by ``client.run_state``): a resumed
+run redoing the phase trains and releases at the noise the first attempt set, so it sends the same numbers."""
 SITE_RECORD_DIR = "personalisation"
 """Folder in the site's folder holding its chosen personalised model and its own exact record of the figures."""
 
@@ -93,9 +106,9 @@ def personalise(msg: Message, request: SiteRequest) -> RecordDict:
         for model in models.values():
             model.fit(global_model, train_split)
     else:
-        epsilon = phase_epsilon(request.context, dp, PHASE)
-        spent_at_start = dp.ledger.spent()
-        dp_steps = _fit_private(models, global_model, train_split, dp, settings, epsilon, request)
+        noise = _phase_noise(request, dp)
+        epsilon, spent_at_start = float(noise["epsilon"]), float(noise["spent-at-start"])
+        dp_steps = _fit_private(models, global_model, train_split, dp, settings, noise, request)
     splits = {"validation": request.encoded("val"), "test": request.encoded("test")}
     predictions = {split: {GLOBAL: predict(global_model, data.x)} | {name: m.predict(data.x) for name, m in
                                                                       models.items()}
@@ -109,10 +122,14 @@ def personalise(msg: Message, request: SiteRequest) -> RecordDict:
                     for split, by in predictions.items()}
         n = len(splits["test"])
     else:
-        left = spent_at_start + epsilon - dp.ledger.spent()
-        sigmas = weighted_noise(left, dp.ledger, (VALIDATION_WEIGHT, 1 - VALIDATION_WEIGHT))
-        release = PhaseRelease(dp, PHASE, RELEASES, sigmas, str(request.context.run_id), epsilon=left,
-                               spent_at_start=dp.ledger.spent())
+        if "release-sigmas" not in noise:  # set once per run, after the fits (a redone phase reuses them)
+            left = spent_at_start + epsilon - dp.ledger.spent()
+            noise["release-epsilon"] = left
+            noise["release-spent-at-start"] = dp.ledger.spent()
+            noise["release-sigmas"] = list(weighted_noise(left, dp.ledger, (VALIDATION_WEIGHT, 1 - VALIDATION_WEIGHT)))
+        release = PhaseRelease(dp, PHASE, RELEASES, tuple(float(s) for s in noise["release-sigmas"]),
+                               str(request.context.run_id), epsilon=float(noise["release-epsilon"]),
+                               spent_at_start=float(noise["release-spent-at-start"]))
         released, facts = {}, {}
         for index, split in enumerate(("validation", "test")):
             released[split], facts[split] = _private(request, splits[split], predictions[split], release, index)
@@ -286,25 +303,54 @@ def _finite_sd(values: list[float]) -> float:
     return statistics.stdev(finite) if len(finite) > 1 else math.nan
 
 
+def _phase_noise(request: SiteRequest, dp: SiteDP) -> ConfigRecord:
+    """The phase's noise record of this run (:data:`STATE_KEY`): ε, the ledger's ε when the phase started and, once
+    set, DP-SGD's σ and the releases' σ; made at the first attempt, the same record at a redone one."""
+    context = request.context
+    state = context.state.get(STATE_KEY)
+    if state is not None and str(state[RUN_ID_KEY]) == str(context.run_id):
+        return state
+    context.state[STATE_KEY] = ConfigRecord({RUN_ID_KEY: str(context.run_id),
+                                             "epsilon": phase_epsilon(context, dp, PHASE),
+                                             "spent-at-start": dp.ledger.spent()})
+    return context.state[STATE_KEY]
+
+
 def _fit_private(models: dict, global_model, data: EncodedSplit, dp: SiteDP, settings: AnnTraining,
-                 epsilon: float, request: SiteRequest) -> int:
+                 noise: ConfigRecord, request: SiteRequest) -> int:
     """DP-SGD for every candidate at one noise multiplier set for all their steps (within ``TRAINING_PART`` of the
-    phase's ε), each candidate's steps charged to the ledger as soon as they are taken; returns the steps."""
+    phase's ε, kept in ``noise``), each candidate's steps charged to the ledger as soon as they are taken, tagged
+    with its weights at its own place (:data:`FIT_INDEX_BASE`): a fit redone in the same run (a resumed run) trains
+    the same weights from the site's keyed seed and is charged once; returns the steps."""
     from client.training import DPConfig, sample_rate
+    from shared.ann import to_arrays
 
     rate = sample_rate(len(data), settings.batch_size)
-    steps = sum(model.planned_steps(len(data)) for model in models.values())
-    sigma = noise_for_phase(TRAINING_PART * epsilon, dp.ledger, rate, steps)
-    dp.ledger.check_affordable(sigma, rate, steps)
-    config = DPConfig(noise_multiplier=sigma, max_grad_norm=settings.max_grad_norm)
-    taken = 0
+    planned = [model.planned_steps(len(data)) for model in models.values()]
+    if "sigma" not in noise:
+        noise["sigma"] = noise_for_phase(TRAINING_PART * float(noise["epsilon"]), dp.ledger, rate, sum(planned))
+    sigma = float(noise["sigma"])
     run = str(request.context.run_id)
+    charged = dp.ledger.charged_rounds(run, PHASE)
+    pending = sum(n for index, n in enumerate(planned) if FIT_INDEX_BASE + index not in charged)
+    if pending:
+        dp.ledger.check_affordable(sigma, rate, pending)
+    config = DPConfig(noise_multiplier=sigma, max_grad_norm=settings.max_grad_norm)
+    key = release_key(dp.ledger)
+    taken = 0
     for index, model in enumerate(models.values()):
+        place = FIT_INDEX_BASE + index
         model.seed = training_seed(dp.ledger, run, PHASE, index)  # batches and noise: not the coordinator's seed
         accountant = dp.ledger.accountant()
         model.fit(global_model, data, config, history=accountant.history)
         accountant.history = model.history_
-        dp.ledger.record_from_accountant(accountant, run_id=run, server_round=0, phase=PHASE)
+        tag = release_tag(key, run, PHASE, place, {k: a.numpy() for k, a in to_arrays(model.model_).items()})
+        if place in charged and not dp.ledger.released(run, PHASE, place, tag):
+            try:  # other weights than the fit charged here before: a new release, sent only if it fits
+                dp.ledger.check_affordable(sigma, rate, model.steps_)
+            except BudgetExhausted as err:
+                raise PrivacyRefused(f"{PHASE} refused: {err}") from err
+        dp.ledger.record_from_accountant(accountant, run_id=run, server_round=place, phase=PHASE, release=tag)
         taken += model.steps_
     return taken
 

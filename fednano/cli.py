@@ -183,6 +183,7 @@ def simulate(
         quiet_flower,
         run_experiment,
     )
+    from simulation.termination import stop_on_sigterm
     from strategies.choice import STRATEGIES
 
     base = ExperimentConfig()  # unset options: the run's defaults, from server/settings.py
@@ -263,8 +264,11 @@ def simulate(
         def on_round(server_round: int) -> None:
             progress.update(bar, completed=server_round, description=f"federation round {server_round}/{rounds}")
 
+        stopped = (f"fednano simulate: stopped by SIGTERM (Ray and every process of the run stopped); the last "
+                   f"checkpoint is kept: continue with fednano simulate --resume {cfg.out}")
         try:
-            results = run_experiment(cfg, on_round=on_round, on_phase=on_phase)
+            with stop_on_sigterm(stopped):
+                results = run_experiment(cfg, on_round=on_round, on_phase=on_phase)
         except ExperimentError as err:
             console.print(f"[red]error[/red]: {err}")
             raise typer.Exit(2) from err
@@ -398,6 +402,8 @@ def status(
             continue
         label = f"{path} (run {view.record_run_id(run) or 'id not recorded'})"
         console.print(view.rounds_table(run, f"rounds of {label}"), view.sites_table(run, f"sites of {label}"))
+        if (central := view.central_dp_table(run, f"central DP of {label}")) is not None:
+            console.print(central)
         for line in view.rejected_lines(run):
             console.print(f"[red]{line}[/red]")
     raise typer.Exit(1 if failed else 0)

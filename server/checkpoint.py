@@ -11,7 +11,8 @@ names, so a reader sees one whole checkpoint or the previous one). It holds:
 - the stage reached (:data:`STAGES`) and the training rounds completed,
 - the run record so far and the encoder,
 - the global ANN arrays and the strategy's state: FedAdam's / FedYogi's moments (``m_t``, ``v_t``, kept on
-  Flower's strategy instance), update-norm clipping's norms and bounds, and :class:`strategies.per_site.
+  Flower's strategy instance), update-norm clipping's norms and bounds, central DP's rounds released, adaptive
+  bound and noise generator (:meth:`strategies.central_dp.CentralDP.state`), and :class:`strategies.per_site.
   PerSiteRecord`'s per-site replies, by site name (node ids change when a run restarts).
 
 Phases after the ANN (boosting, importance of XGBoost, personalisation, policy) restart from their beginning
@@ -36,6 +37,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from shared.durable import fsync_folder, write_json_atomically
+from strategies.central_dp import CentralDP
 from strategies.per_site import PerSiteRecord, SiteRounds
 from strategies.update_clipping import UpdateNormClipping
 
@@ -184,6 +186,9 @@ def strategy_state(strategy: Strategy, names: dict[int, str]) -> tuple[dict[str,
             state["per_site"] = {table: {str(rnd): {site(n): v for n, v in by_node.items()}
                                          for rnd, by_node in getattr(part.rounds, table).items()}
                                  for table in ("train", "evaluate", "failures", "privacy")}
+        if isinstance(part, CentralDP):
+            state["central_dp"], central = part.state()
+            arrays |= {f"central_dp/{k}": v for k, v in central.items()}
         if isinstance(part, UpdateNormClipping):
             state["clipping"] = {"bounds": {str(rnd): b for rnd, b in part.bounds.items()},
                                  "norms": {str(rnd): {site(n): v for n, v in by_node.items()}
@@ -208,6 +213,9 @@ def restore_strategy(strategy: Strategy, state: dict[str, Any], arrays: dict[str
             tables = state["per_site"]
             part.rounds = SiteRounds(**{table: {int(rnd): by_node(values) for rnd, values in tables[table].items()}
                                         for table in ("train", "evaluate", "failures", "privacy")})
+        if isinstance(part, CentralDP) and "central_dp" in state:
+            part.restore(state["central_dp"], {k.removeprefix("central_dp/"): v for k, v in arrays.items()
+                                               if k.startswith("central_dp/")})
         if isinstance(part, UpdateNormClipping) and "clipping" in state:
             part.bounds = {int(rnd): float(b) for rnd, b in state["clipping"]["bounds"].items()}
             part.norms = {int(rnd): by_node(values) for rnd, values in state["clipping"]["norms"].items()}

@@ -45,7 +45,9 @@ from fastapi.templating import Jinja2Templates
 from server.run_record import PROGRESS_FILE, RECORD_FILE, RecordError, RunRecord
 from server.status import (
     SIMULATION_RECORD_FOLDER,
+    CentralDPSummary,
     StatusError,
+    central_dp_summary,
     headline_metric,
     participation,
     progress_file,
@@ -288,6 +290,7 @@ class RunView:
     final: dict[str, dict[str, tuple[str, float]]] = field(default_factory=dict)  # family -> outcome -> metric
     policies: list[PolicyRow] = field(default_factory=list)
     charts: list[str] = field(default_factory=list)  # inline SVG (escaped by shared.web.svg)
+    central_dp: CentralDPSummary | None = None  # central DP of the ANN: mode, clip norm, z, ε (δ) so far
 
     @property
     def has_record(self) -> bool:
@@ -437,6 +440,7 @@ def fill_from_record(view: RunView, record: RunRecord) -> None:
     view.rejected = {str(k): [str(e) for e in v] for k, v in record.rejected.items()}
     view.refused = {str(k): str(v) for k, v in record.refused.items()}
     view.rounds = round_rows(record, view.site_names)
+    view.central_dp = central_dp_summary(record)
     view.rounds_done = len(view.rounds) if "ann" in record.models else None
     view.final = {family: headlines(model.final.get("overall") if isinstance(model.final, dict) else None)
                   for family, model in record.models.items()}

@@ -241,6 +241,48 @@ def sites_table(record: RunRecord, title: str) -> Table:
     return table
 
 
+@dataclass
+class CentralDPSummary:
+    """Central DP of a run's ANN as the record says so far (``RunRecord.central_dp``)."""
+
+    mechanism: str
+    clip_norm: float
+    """The bound of the last round released (adaptive: it moves each round); the one set before any round."""
+    noise_multiplier: float
+    epsilon: float | None
+    """ε of the rounds released so far at ``delta`` (None: no noise, no guarantee)."""
+    delta: float
+    rounds: int
+    accountant: str
+
+
+def central_dp_summary(record: RunRecord) -> CentralDPSummary | None:
+    """The run's central DP (mode, current clip norm, noise multiplier, ε (δ) so far), or None without it."""
+    central = record.central_dp
+    if central is None:
+        return None
+    rounds = sorted(central.per_round, key=int)
+    clip = float(central.per_round[rounds[-1]]["clip_norm"]) if rounds else float(central.clip)
+    return CentralDPSummary(mechanism=central.mechanism, clip_norm=clip,
+                            noise_multiplier=float(central.noise_multiplier),
+                            epsilon=None if central.epsilon is None else float(central.epsilon),
+                            delta=float(central.delta), rounds=int(central.rounds), accountant=central.accountant)
+
+
+def central_dp_table(record: RunRecord, title: str) -> Table | None:
+    """One row: central DP's mode, clip norm, noise multiplier and ε (δ) spent so far; None for a run without it."""
+    summary = central_dp_summary(record)
+    if summary is None:
+        return None
+    table = Table(title=title)
+    for column in ("central DP", "clip norm", "noise multiplier", "ε spent (δ)", "rounds released"):
+        table.add_column(column, justify="left" if column == "central DP" else "right")
+    epsilon = "∞ (no noise)" if summary.epsilon is None else f"{summary.epsilon:.3f}"
+    table.add_row(summary.mechanism, f"{summary.clip_norm:.4g}", f"{summary.noise_multiplier:g}",
+                  f"{epsilon} (δ={summary.delta:g}, {summary.accountant})", str(summary.rounds))
+    return table
+
+
 def short_reason(reason: str, limit: int = 80) -> str:
     """The first line of a reason, cut to ``limit`` characters (a Ray traceback is reduced to its error)."""
     lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]

@@ -101,6 +101,10 @@ def train_ann(grid: Grid, sites: SiteCheck, task: TaskSpec, encoder: FeatureEnco
         snapshot = copy.deepcopy(record)
         snapshot.models["ann"] = ModelRecord(family="ann", mode=settings.strategy,
                                              rounds=model_rounds(task, sites.usable, strategy.rounds, snapshot))
+        if isinstance(strategy.strategy, CentralDP):  # its ε so far, for fednano status and the dashboard
+            snapshot.central_dp = central_dp_record(strategy.strategy, settings.central_delta,
+                                                    settings.central_accountant, plan,
+                                                    [sites.usable[n] for n in trainers if n in dp])
         snapshot.write_progress(Path(settings.out_dir))
         written["at"] = time.perf_counter()
         written["cost"] = written["at"] - now
@@ -124,10 +128,10 @@ def train_ann(grid: Grid, sites: SiteCheck, task: TaskSpec, encoder: FeatureEnco
     start = time.perf_counter()
     initial, done = to_arrays(model), 0
     if resume is not None:
-        if settings.central_dp:  # its clipping norm and per-round accounting are not in the checkpoint
-            raise CheckpointError(f"run {resume.run_id} used central DP ({settings.central_dp}), whose clipping and "
-                                  "accounting state a checkpoint does not keep: it cannot resume mid-training "
-                                  "without under-counting its ε; start it afresh")
+        if settings.central_dp and "central_dp" not in resume.strategy and resume.server_round > 0:
+            raise CheckpointError(f"run {resume.run_id} used central DP ({settings.central_dp}) but its checkpoint "
+                                  "keeps no central-DP state (clipping, accounting, noise): it cannot resume "
+                                  "mid-training without under-counting its ε; start it afresh")
         restore_strategy(strategy, resume.strategy, resume.arrays, {name: n for n, name in sites.usable.items()})
         initial, done = resume.global_arrays(), resume.server_round
     arrays = initial

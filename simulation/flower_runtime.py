@@ -25,6 +25,8 @@ Flower release it was written against only.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 import threading
 from collections.abc import Iterator, Sequence
@@ -123,9 +125,35 @@ def ray_head_problem(address: str, timeout_s: float = RAY_HEAD_TIMEOUT_S) -> str
         return f"cannot connect to {host}:{port} ({reason}): is the Ray head running (ray start --head)?"
 
 
-LOCAL_RAY = {"num_cpus": 2, "include_dashboard": False, "logging_level": "ERROR"}
+LOCAL_RAY = {"num_cpus": 2, "include_dashboard": False, "logging_level": "ERROR", "_node_ip_address": "127.0.0.1"}
 """The Ray a simulation starts for itself on this machine kind (2 cores): with one CPU per ClientApp actor, two
-actors work at once."""
+actors work at once; no dashboard (nothing reads it); on 127.0.0.1 (:func:`loopback_ray`)."""
+RAY_LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+"""Ray's switch between a local-only Ray and a cluster node (``ray._private.ray_constants.ENABLE_RAY_CLUSTER``,
+on by default on Linux). On, Ray replaces a node address of 127.0.0.1 by the machine's routable address
+(``services.resolve_ip_for_localhost``) and its GCS server, raylet (node manager and object manager), workers and
+agents listen on every interface (measured: ``[::]`` and 192.0.2.2); off, as Ray runs on macOS and Windows,
+the node is 127.0.0.1 and every one of them listens there only (``tests/test_ray_loopback.py``)."""
+
+
+@contextmanager
+def loopback_ray() -> Iterator[None]:
+    """Within the block, a Ray started by this process is local-only: every server it starts listens on
+    127.0.0.1 (the project's rule for servers we start). Its processes take the setting from the environment
+    when they start, so it holds for the whole life of a Ray started inside the block."""
+    from ray._private import ray_constants
+
+    saved_env, saved = os.environ.get(RAY_LOCAL_ONLY_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[RAY_LOCAL_ONLY_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+        if saved_env is None:
+            os.environ.pop(RAY_LOCAL_ONLY_ENV, None)
+        else:
+            os.environ[RAY_LOCAL_ONLY_ENV] = saved_env
 
 
 def backend_config(ray_address: str | None = None, supernode_cpus: float = 1.0) -> dict:
@@ -144,7 +172,8 @@ def simulate(server_app, client_app, num_supernodes: int, ray_address: str | Non
     the project and its environment at the same path (docs: README, "A Ray cluster")."""
     from flwr.simulation import run_simulation
 
-    with one_pass_delivery(num_supernodes):
+    local = contextlib.nullcontext() if ray_address else loopback_ray()
+    with local, one_pass_delivery(num_supernodes):
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_supernodes,
                        backend_config=backend_config(ray_address, supernode_cpus))
 

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -146,6 +147,10 @@ class CentralDP(Strategy):
                                        initial_clipping_norm=parameters.clip)
         self.history = CentralDPHistory()
         self._global: dict[str, np.ndarray] = {}
+        # Flower's wrappers draw the noise (and the adaptive count's) from numpy's global generator; the run keeps
+        # its own copy of that generator's state, taken now and advanced only by the noise, so a checkpoint can
+        # carry it (:meth:`state`) and a resumed run draws what the uninterrupted one would have
+        self._noise_state = np.random.get_state()
 
     @property
     def fraction_train(self) -> float:
@@ -172,7 +177,13 @@ class CentralDP(Strategy):
         # of it (a failure is already in the run record: strategies.per_site). For adaptive clipping a zero update
         # then goes uncounted among the unclipped ones.
         answered = [r for r in replies if not r.has_error() and not self._unchanged(r)]
-        arrays, metrics = self.dp.aggregate_train(server_round, answered)
+        outside = np.random.get_state()
+        np.random.set_state(self._noise_state)
+        try:
+            arrays, metrics = self.dp.aggregate_train(server_round, answered)
+        finally:
+            self._noise_state = np.random.get_state()
+            np.random.set_state(outside)
         if arrays is not None:
             self.history.rounds[server_round] = self._released(server_round)
         return arrays, metrics
@@ -188,6 +199,35 @@ class CentralDP(Strategy):
         clip, z = self.dp.clipping_norm, self.dp.noise_multiplier
         return CentralRound(updates=updates, clip_norm=clip, noise_sd=compute_stdv(z, clip, self.n_sites),
                             noise_multiplier=z)
+
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """What a resumed run needs to clip, noise and account as the uninterrupted one: the rounds released
+        (the accountant's history), the adaptive bound of the next round and the last round's, and the noise
+        generator's state (its key array apart, as an array)."""
+        kind, key, position, has_gauss, cached = self._noise_state
+        state: dict[str, Any] = {"rounds": {str(r): asdict(h) for r, h in self.history.rounds.items()},
+                                 "generator": {"kind": kind, "position": int(position), "has_gauss": int(has_gauss),
+                                               "cached_gaussian": float(cached)}}
+        if isinstance(self.dp, AdaptiveClipping):
+            state["adaptive"] = {"clipping_norm": float(self.dp.clipping_norm),
+                                 "round_clipping_norm": float(self.dp.round_clipping_norm),
+                                 "noisy_unclipped_fraction": self.dp.noisy_unclipped_fraction}
+        return state, {"generator_key": np.asarray(key)}
+
+    def restore(self, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        """Put :meth:`state`'s ``state`` and ``arrays`` back (this strategy built with the checkpointed run's
+        parameters)."""
+        self.history = CentralDPHistory({int(r): CentralRound(**h) for r, h in state["rounds"].items()})
+        generator = state["generator"]
+        self._noise_state = (generator["kind"], np.asarray(arrays["generator_key"], dtype=np.uint32),
+                             int(generator["position"]), int(generator["has_gauss"]),
+                             float(generator["cached_gaussian"]))
+        if isinstance(self.dp, AdaptiveClipping):
+            adaptive = state["adaptive"]
+            self.dp.clipping_norm = float(adaptive["clipping_norm"])
+            self.dp.round_clipping_norm = float(adaptive["round_clipping_norm"])
+            fraction = adaptive["noisy_unclipped_fraction"]
+            self.dp.noisy_unclipped_fraction = None if fraction is None else float(fraction)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
