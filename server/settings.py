@@ -110,6 +110,8 @@ class RunSettings:
         kept for comparison).
     xgb_rounds, xgb_eta, xgb_max_depth : int, float, int
         Boosting rounds per head, learning rate, depth.
+    xgb_scale_bits : int, default 32
+        ``--boosting hist``: fixed-point scale of the summed gradients and hessians (``TreeParams.scale_bits``).
     signing_key : str, default ""
         The coordinator's policy_signing.key: with it the run ends by building, signing and sending the policy.
     policy_dir : str, default ""
@@ -177,6 +179,7 @@ class RunSettings:
     xgb_rounds: int = 20
     xgb_eta: float = 0.1
     xgb_max_depth: int = 4
+    xgb_scale_bits: int = 32
     signing_key: str = ""
     policy_dir: str = ""
     fqi_iterations: int = 25

@@ -81,6 +81,7 @@ class ExperimentConfig:
     models: str = DEFAULTS.models
     boosting: str = DEFAULTS.boosting
     xgb_rounds: int = DEFAULTS.xgb_rounds
+    xgb_scale_bits: int = DEFAULTS.xgb_scale_bits  # --boosting hist: fixed-point scale (TreeParams.scale_bits)
     compare: bool = True  # the seed paper's comparison: random forest, SVM, gradient boosting
     fqi_iterations: int = DEFAULTS.fqi_iterations
     release_gate: bool = DEFAULTS.release_gate  # False ships the policy whatever the sites' estimates (tests)
@@ -135,7 +136,7 @@ class ExperimentConfig:
             DEFAULTS, num_server_rounds=self.rounds, strategy=self.strategy, local_epochs=self.local_epochs,
             batch_size=self.batch_size, lr=self.lr, hidden=self.hidden, seed=self.seed, split_seed=self.seed,
             min_nodes=n_sites, out_dir=str(self.out / "federated"), task_path=str(self.task) if self.task else "",
-            models=self.models, boosting=self.boosting, xgb_rounds=self.xgb_rounds,
+            models=self.models, boosting=self.boosting, xgb_rounds=self.xgb_rounds, xgb_scale_bits=self.xgb_scale_bits,
             signing_key=str(signing_key) if signing_key is not None else "",
             policy_dir=str(self.out / "policy"), fqi_iterations=self.fqi_iterations, release_gate=self.release_gate,
             policy_model=self.policy_model, policy_reference=self.policy_reference, personalise=self.personalise,

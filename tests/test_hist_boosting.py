@@ -141,12 +141,13 @@ def test_fixed_point_histograms_of_site_parts_sum_to_the_pooled_histogram_exactl
     bins = hb.bin_rows(x, thresholds)
     g, h = hb.gradients("binary:logistic", labels["binary:logistic"], np.zeros((len(x), 1)))
     positions = np.zeros((1, len(x)), dtype=np.int64)
-    pooled = hb.level_histograms(bins, positions, [(0, 0)], g, h, hb.n_bins(thresholds))
+    pooled = hb.level_histograms(bins, positions, [(0, 0)], g, h, hb.n_bins(thresholds), hb.SCALE_BITS)
     parts = [slice(0, 7), slice(7, 80), slice(80, 120)]
-    summed = sum(hb.level_histograms(bins[p], positions[:, p], [(0, 0)], g[p], h[p], hb.n_bins(thresholds))
+    summed = sum(hb.level_histograms(bins[p], positions[:, p], [(0, 0)], g[p], h[p], hb.n_bins(thresholds),
+                                     hb.SCALE_BITS)
                  for p in parts)
     assert np.array_equal(summed, pooled)
-    assert hb.node_totals(pooled[0]) == pytest.approx((g.sum(), h.sum()), abs=1e-7)
+    assert hb.node_totals(pooled[0], hb.SCALE_BITS) == pytest.approx((g.sum(), h.sum()), abs=1e-7)
 
 
 def test_the_servers_derived_sibling_histogram_equals_the_one_the_sites_would_send():
@@ -158,7 +159,8 @@ def test_the_servers_derived_sibling_histogram_equals_the_one_the_sites_would_se
 
     def summed(nodes, trees):  # what the server gets: the sum of the sites' histograms of ``nodes``
         positions = hb.frontier_positions(trees, bins)
-        return sum(hb.level_histograms(bins[s], positions[:, s], nodes, g[s], h[s], width) for s in sites)
+        return sum(hb.level_histograms(bins[s], positions[:, s], nodes, g[s], h[s], width, hb.SCALE_BITS)
+                   for s in sites)
 
     grower = hb.LevelGrower(1, thresholds, hb.TreeParams(max_depth=3))
     levels = 0
@@ -182,7 +184,8 @@ def test_packed_histograms_drop_only_the_padding_bins():
     thresholds = pooled_thresholds(x)
     bins = hb.bin_rows(x, thresholds)
     g, h = hb.gradients("binary:logistic", labels["binary:logistic"], np.zeros((len(x), 1)))
-    full = hb.level_histograms(bins, np.zeros((1, len(x)), np.int64), [(0, 0)], g, h, hb.n_bins(thresholds))
+    full = hb.level_histograms(bins, np.zeros((1, len(x)), np.int64), [(0, 0)], g, h, hb.n_bins(thresholds),
+                                 hb.SCALE_BITS)
     widths = hb.feature_widths(thresholds)
     packed = hb.pack_histograms(full, widths)
     assert packed.shape == (1, widths.sum(), 2) and widths[3] == 2  # the 0/1 column sends 2 bins, not ~120
