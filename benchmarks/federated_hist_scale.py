@@ -21,64 +21,125 @@ Prints tables and writes ``benchmarks/results/federated_hist_scale.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from record import write_record
 from sklearn.metrics import balanced_accuracy_score, r2_score, roc_auc_score
 
-from simulation.experiment import ExperimentConfig, flower_environment, quiet_flower, run_experiment
+from simulation.experiment import ExperimentConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-ATTEMPTS = 3
 METRICS = {"response": roc_auc_score, "toxicity_grade3": roc_auc_score, "efficacy_pct": r2_score}
 
 
-def simulator_run(args, tmp: Path, scale: int) -> tuple[dict, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """One federated hist run at ``scale``: its figures, and (labels, predictions) on the pooled test rows."""
-    from client.split import split_site
-    from shared.artifacts import RunArtifacts
-    from shared.task import NANOPARTICLE_TASK
-    from shared.validation import load_site
+class InProcessGrid:
+    """Flower's Grid as ``server.hist_phase`` uses it, each message handed to that node's real ``query.hist_*``
+    handler (``client.hist_handlers``) in this process, one Flower Context per node: the records, and so the
+    bytes counted, are the ones a Flower run carries (used because Ray's node start fails on this loaded machine)."""
 
-    cfg = ExperimentConfig(out=tmp / f"hist-{scale}", clinics=args.clinics, dp=False, seed=0, models="xgboost",
-                           boosting="hist", xgb_rounds=args.rounds, compare=False, xgb_scale_bits=scale)
-    for attempt in range(1, ATTEMPTS + 1):  # on a loaded machine Ray's node may miss its fixed 30 s start-up wait
-        try:
-            run = run_experiment(cfg)
-            break
-        except RuntimeError as err:
-            if attempt == ATTEMPTS:
-                raise
-            print(f"scale 2^{scale}: attempt {attempt} failed ({err}); again", flush=True)
-            shutil.rmtree(cfg.out, ignore_errors=True)
-    folder = cfg.out / "federated"
-    traffic = json.loads((folder / "xgb_hist_traffic.json").read_text())
-    artifacts = RunArtifacts.open(folder)
-    labels: dict[str, list] = {o: [] for o in METRICS}
-    preds: dict[str, list] = {o: [] for o in METRICS}
-    for path in run["config"]["sites"]:
-        test = split_site(load_site(path).episodes, NANOPARTICLE_TASK, cfg.seed)["test"]
-        predicted = artifacts.predict_xgboost(test)
-        for outcome in METRICS:
-            labels[outcome].append(test[outcome].to_numpy(dtype=float))
-            preds[outcome].append(np.asarray(predicted[outcome], dtype=float))
+    def __init__(self, sites: dict[int, object]) -> None:
+        from flwr.app import Context, RecordDict
+
+        from client import hist_handlers as hh
+        from shared.protocol import messages
+
+        self.sites = sites
+        self.contexts = {node: Context(run_id=1, node_id=node, node_config={}, state=RecordDict(), run_config={})
+                         for node in sites}
+        answers = {messages.HIST_RANGES: hh.answer_ranges, messages.HIST_BINS: hh.answer_counts(hh.bin_counts),
+                   messages.HIST_CELLS: hh.answer_counts(hh.partition_counts), messages.HIST_LEVEL: hh.answer_level}
+        self.answers = {m.type: hh.session_answer(a) for m, a in answers.items()}
+        self.keys, self.keys_type = hh.keys, messages.HIST_KEYS.type
+
+    def send_and_receive(self, sent):
+        from flwr.app import Error, Message
+
+        from client.site import SiteRequest
+        from shared.protocol import records as r
+        from shared.protocol.errors import ShareableError
+
+        class Request(SiteRequest):
+            dp = None  # simulated clinics without DP
+
+        for msg in sent:
+            node, kind = msg.metadata.dst_node_id, msg.metadata.message_type
+            try:
+                if kind == self.keys_type:
+                    reply = self.keys(msg, self.contexts[node])
+                else:
+                    request = Request(None, self.sites[node], msg.content[r.CONFIG], self.contexts[node])
+                    reply = Message(self.answers[kind](msg, request), reply_to=msg)
+            except ShareableError as err:
+                reply = Message(Error(code=1, reason=str(err)), reply_to=msg)
+            yield reply
+
+
+def simulator_sites(args, tmp: Path) -> dict[int, object]:
+    """The simulated clinics of ``fednano simulate --clinics N --seed 0`` (generated once, shared by every scale)."""
+    from shared.validation import load_site
+    from simulation.experiment import prepare_sites
+
+    cfg = ExperimentConfig(out=tmp / "world", clinics=args.clinics, dp=False, seed=0, models="xgboost",
+                           boosting="hist", xgb_rounds=args.rounds, compare=False)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    sources, _ = prepare_sites(cfg)
+    return {100 + i: load_site(source.path) for i, source in enumerate(sources)}
+
+
+def simulator_run(args, sites: dict[int, object], scale: int
+                  ) -> tuple[dict, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """One federated hist run at ``scale`` (the real server phase over the real site handlers, secure sum on):
+    its figures, and (labels, predictions) on all sites' test rows pooled."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from client.split import split_site
+    from server import hist_phase as hp
+    from server.boosting_phase import boosting_round
+    from server.settings import RunSettings
+    from shared.boosting import predict_heads
+    from shared.encoding import FeatureEncoder, SiteStatistics, combine
+    from shared.task import NANOPARTICLE_TASK
+    from shared.xgboost_json import export_model
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # what Message() needs, as a ServerApp
+        setattr(TaskIdentity, name, value)
+    settings = RunSettings(seed=0, split_seed=0, boosting="hist", xgb_rounds=args.rounds, xgb_scale_bits=scale)
+    splits = {node: split_site(site.episodes, NANOPARTICLE_TASK, 0) for node, site in sites.items()}
+    encoder = FeatureEncoder(NANOPARTICLE_TASK).fit_statistics(
+        combine([SiteStatistics.from_frame(parts["train"], NANOPARTICLE_TASK) for parts in splits.values()]))
+    hist = hp.HistSettings.from_run_settings(settings)
+    specs = hp.head_specs(encoder, False)
+    start = time.perf_counter()
+    session = hp.HistSession(InProcessGrid(sites), list(sites), boosting_round(settings).to_config(encoder), hist,
+                             len(specs))
+    lo, hi = hp.global_ranges(session, {})
+    session.exchange_keys()
+    thresholds = hp.global_thresholds(session, lo, hi)
+    models, trees = {}, 0
+    for spec in specs:
+        rounds: list = []
+        for _ in range(hist.rounds):
+            rounds.append(hp.grow_round(session, spec, thresholds, rounds))
+        trees += sum(len(t) for t in rounds)
+        models[spec.key] = export_model(rounds, spec.objective, spec.base_score, encoder.n_features_out_)
+    seconds = time.perf_counter() - start
+    test = pd.concat([parts["test"] for parts in splits.values()], ignore_index=True)
+    predicted = predict_heads(models, encoder, encoder.transform(test))
     pairs = {}
     for outcome in METRICS:
-        y, p = np.concatenate(labels[outcome]), np.concatenate(preds[outcome])
+        y, p = test[outcome].to_numpy(dtype=float), np.asarray(predicted[outcome], dtype=float)
+        if outcome == "efficacy_pct":
+            p = encoder.decode_regression(outcome, p)
         keep = np.isfinite(y)
         pairs[outcome] = (y[keep], p[keep])
-    overall = run["models"]["xgboost"]
-    figures = {"bytes_per_tree": (traffic["bytes_down"] + traffic["bytes_up"]) / max(traffic["trees"], 1),
-               "bytes_down": traffic["bytes_down"], "bytes_up": traffic["bytes_up"], "trees": traffic["trees"],
-               "boosting_phase_s": run["timing"]["xgboost_s"],
-               "overall": {o: {m: overall[m]["overall"][o] for m in ("federated", "pooled")} for o in METRICS},
-               "pooled_test_rows": {o: float(METRICS[o](*pairs[o])) for o in METRICS},
-               "test_rows": {o: len(pairs[o][0]) for o in METRICS}}
+    figures = {"bytes_per_tree": (session.bytes_down + session.bytes_up) / max(trees, 1),
+               "bytes_down": session.bytes_down, "bytes_up": session.bytes_up, "trees": trees,
+               "boosting_phase_s": seconds, "test_rows": {o: len(pairs[o][0]) for o in METRICS},
+               "pooled_test_rows": {o: float(METRICS[o](*pairs[o])) for o in METRICS}}
     return figures, pairs
 
 
@@ -146,17 +207,14 @@ def main() -> None:
     scales = [int(s) for s in args.scales.split(",")]
     if scales[0] != 32:
         parser.error("--scales must start with 32 (the reference every other scale is compared with)")
-    flower_environment(ROOT)
-    quiet_flower()
     np.seterr(all="ignore")
     results: dict = {"simulator": {}, "liposome": {}}
     start = time.perf_counter()
-    from simulation.flower_runtime import ray_session
-
-    with tempfile.TemporaryDirectory() as tmp, ray_session():  # one Ray for every scale's simulation
+    with tempfile.TemporaryDirectory() as tmp:
+        sites = simulator_sites(args, Path(tmp))
         reference = None
         for scale in scales:
-            figures, pairs = simulator_run(args, Path(tmp), scale)
+            figures, pairs = simulator_run(args, sites, scale)
             reference = reference or pairs
             for outcome, metric in METRICS.items():
                 y, p = pairs[outcome]
@@ -167,7 +225,7 @@ def main() -> None:
                 figures.setdefault("bootstrap_sd_at_32", {})[outcome] = ref_sd
             results["simulator"][scale] = figures
             print(f"scale 2^{scale}: {figures['bytes_per_tree'] / 1e3:.1f} kB/tree, "
-                  + ", ".join(f"{o} {figures['overall'][o]['federated']}" for o in METRICS), flush=True)
+                  + ", ".join(f"{o} {figures['pooled_test_rows'][o]:.4f}" for o in METRICS), flush=True)
     lipo_ref = None
     for scale in scales:
         per_fold, y, p = liposome_predictions(scale, args.liposome_trees)
@@ -184,8 +242,7 @@ def main() -> None:
     for scale in scales:
         s, lp = results["simulator"][scale], results["liposome"][scale]
         row = f"{scale:5d} {s['bytes_per_tree'] / 1e3:8.1f}"
-        row += "".join(f" {s['overall'][o]['federated']['auc' if o != 'efficacy_pct' else 'r2']:8.4f}"
-                       for o in METRICS)
+        row += "".join(f" {s['pooled_test_rows'][o]:8.4f}" for o in METRICS)
         for o in METRICS:
             diff = s["pooled_test_rows"][o] - sim32["pooled_test_rows"][o]
             row += f" {diff:+8.4f} {s['paired_bootstrap_sd'][o]:6.4f}"

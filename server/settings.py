@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from shared.config import settings_from_run_config
+from shared.hist_boosting import SCALE_BITS
 from shared.protocol.boosting import MODES
 from shared.protocol.personalisation import parse_methods
 from shared.task import NANOPARTICLE_TASK, TaskSpec
@@ -110,7 +111,7 @@ class RunSettings:
         kept for comparison).
     xgb_rounds, xgb_eta, xgb_max_depth : int, float, int
         Boosting rounds per head, learning rate, depth.
-    xgb_scale_bits : int, default 32
+    xgb_scale_bits : int, default ``shared.hist_boosting.SCALE_BITS``
         ``--boosting hist``: fixed-point scale of the summed gradients and hessians (``TreeParams.scale_bits``).
     signing_key : str, default ""
         The coordinator's policy_signing.key: with it the run ends by building, signing and sending the policy.
@@ -179,7 +180,7 @@ class RunSettings:
     xgb_rounds: int = 20
     xgb_eta: float = 0.1
     xgb_max_depth: int = 4
-    xgb_scale_bits: int = 32
+    xgb_scale_bits: int = SCALE_BITS
     signing_key: str = ""
     policy_dir: str = ""
     fqi_iterations: int = 25
