@@ -68,8 +68,10 @@ FIXED_POINT_BITS = 32
 """The finest fixed-point scale: entries ``round(v · 2^32)``, resolution 2.3e-10 per row; int64 holds sums
 below 2^31. Counts released under DP use it; gradient and hessian histograms use ``TreeParams.scale_bits``."""
 
-SCALE_BITS = 32
-"""Default ``TreeParams.scale_bits``: the fixed-point scale of gradient/hessian histograms."""
+SCALE_BITS = 12
+"""Default ``TreeParams.scale_bits``: the fixed-point scale of gradient/hessian histograms. 2^12 (resolution
+2.4e-4 per row) grew trees as accurate as 2^32's within the paired-bootstrap noise on the simulator and the
+liposome folds, at 290 kB per tree instead of 476 (BENCHMARKS.md, benchmarks/federated_hist_scale.py)."""
 
 SPLIT_EPSILON = 1e-6
 """XGBoost's ``kRtEps``: a split must improve the structure score by more than this."""

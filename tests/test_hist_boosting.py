@@ -194,7 +194,7 @@ def test_packed_histograms_drop_only_the_padding_bins():
 
 def test_best_split_uses_xgboosts_gain_and_respects_min_child_weight():
     # One feature, 3 bins: G per bin (-4, 1, 3), H per bin (2, 2, 2); λ = 1.
-    histogram = hb.to_fixed(np.array([[[-4.0, 2.0], [1.0, 2.0], [3.0, 2.0]]]))
+    histogram = hb.to_fixed(np.array([[[-4.0, 2.0], [1.0, 2.0], [3.0, 2.0]]]), hb.SCALE_BITS)
     split = hb.best_split(histogram, hb.TreeParams(reg_lambda=1.0))
     assert (split.feature, split.split_bin) == (0, 0)
     assert split.gain == pytest.approx(16 / 3 + 16 / 5 - 0 / 7)
@@ -218,8 +218,8 @@ def test_gamma_prunes_splits_whose_gain_is_below_it():
 @pytest.mark.parametrize("objective", ["binary:logistic", "reg:squarederror"])
 def test_pooled_learner_grows_xgboosts_trees_when_every_value_has_its_own_bin(objective):
     x, labels = table()
-    model = HistGradientBoosting(objective=objective, n_estimators=10, max_depth=3, base_score=OBJECTIVE_BASE[objective],
-                                 scale_bits=32).fit(x, labels[objective])  # XGBoost sums floats: the finest scale
+    model = HistGradientBoosting(objective=objective, n_estimators=10, max_depth=3,  # XGBoost sums floats: 2^32
+                                 base_score=OBJECTIVE_BASE[objective], scale_bits=32).fit(x, labels[objective])
     reference = xgboost_reference(x, labels[objective], objective, 10)
     ours = model.predict_proba(x)[:, 1] if objective == "binary:logistic" else model.predict(x)
     assert np.abs(ours - reference.predict(xgb.DMatrix(x))).max() < 1e-5
