@@ -215,6 +215,7 @@ def level_histograms(config: ConfigRecord, arrays: ArrayRecord, x: np.ndarray, y
     1 (or the clip, for squared error, whose gradients are clipped when ``clip``) and its hessian by
     ``shared.hist_boosting.HESSIAN_BOUNDS``."""
     objective = str(config[h.OBJECTIVE])
+    scale = scale_bits(config)
     thresholds = session_thresholds(arrays, context)
     bins = hb.bin_rows(x, thresholds)
     n_out = int(config[h.N_OUTPUTS])
@@ -230,12 +231,20 @@ def level_histograms(config: ConfigRecord, arrays: ArrayRecord, x: np.ndarray, y
                              "summed histograms could overflow their widths")
     positions = hb.frontier_positions(trees_from_record(arrays, h.GROWING), bins)
     frontier = [(int(k), int(node)) for k, node in arrays[h.FRONTIER].numpy()]
-    histograms = hb.pack_histograms(hb.level_histograms(bins, positions, frontier, g, hess, hb.n_bins(thresholds)),
-                                    hb.feature_widths(thresholds))
+    histograms = hb.pack_histograms(hb.level_histograms(bins, positions, frontier, g, hess, hb.n_bins(thresholds),
+                                                        scale), hb.feature_widths(thresholds))
     touched = len({k for k, _ in frontier}) * len(thresholds)
-    blocks = {"gradient": Block(hb.from_fixed(histograms[..., 0]), g_bound, touched),
-              "hessian": Block(hb.from_fixed(histograms[..., 1]), hb.HESSIAN_BOUNDS[objective], touched)}
+    blocks = {"gradient": Block(hb.from_fixed(histograms[..., 0], scale), g_bound, touched),
+              "hessian": Block(hb.from_fixed(histograms[..., 1], scale), hb.HESSIAN_BOUNDS[objective], touched)}
     return histograms, blocks
+
+
+def scale_bits(config: ConfigRecord) -> int:
+    """The request's fixed-point scale (``shared.hist_boosting.TreeParams.scale_bits``), checked."""
+    scale = int(config[h.SCALE_BITS]) if h.SCALE_BITS in config else hb.FIXED_POINT_BITS
+    if not 1 <= scale <= hb.FIXED_POINT_BITS:
+        raise ShareableError(f"the request's fixed-point scale {scale} bits is outside 1 .. {hb.FIXED_POINT_BITS}")
+    return scale
 
 
 def check_unsent(histograms: np.ndarray, sent: np.ndarray, arrays: ArrayRecord, widths: np.ndarray) -> None:
@@ -467,7 +476,9 @@ def answer_level(msg: Message, request: SiteRequest) -> RecordDict:
         bits = hist_wire.entry_bits(level_widths, widths) * sent[..., None]
     if request.dp is not None:
         noised = _released(request, blocks, content)
-        histograms = np.stack([hb.to_fixed(noised["gradient"]), hb.to_fixed(noised["hessian"])], axis=-1)
+        scale = scale_bits(request.config)
+        histograms = np.stack([hb.to_fixed(noised["gradient"], scale), hb.to_fixed(noised["hessian"], scale)],
+                              axis=-1)
     content[r.ARRAYS] = ArrayRecord({h.HISTOGRAMS: masked(histograms, request.config, request.context, bits)})
     return content
 

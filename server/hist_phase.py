@@ -135,7 +135,8 @@ class HistSettings:
     def from_run_settings(cls, settings: RunSettings) -> HistSettings:
         """The run's boosting settings (rounds, eta, depth, secure sum) with XGBoost's defaults for the rest."""
         return cls(rounds=settings.xgb_rounds, tree=hb.TreeParams(learning_rate=settings.xgb_eta,
-                                                                  max_depth=settings.xgb_max_depth),
+                                                                  max_depth=settings.xgb_max_depth,
+                                                                  scale_bits=settings.xgb_scale_bits),
                    secure_sum=settings.secure_sum)
 
     def releases(self, n_heads: int) -> int:
@@ -443,14 +444,15 @@ def global_thresholds(session: HistSession, lo: np.ndarray, hi: np.ndarray) -> l
 def grow_round(session: HistSession, spec: HeadSpec, thresholds: list[np.ndarray],
                finished: list[list[hb.Tree]]) -> list[hb.Tree]:
     """One boosting round (``spec.n_outputs`` trees) grown level by level from summed site histograms."""
-    grower = hb.LevelGrower(spec.n_outputs, thresholds, session.tree_params(spec.objective))
+    params = session.tree_params(spec.objective)
+    grower = hb.LevelGrower(spec.n_outputs, thresholds, params)
     head = Head(spec.outcome, spec.kind, spec.positive_class if spec.positive_class >= 0 else None)
     head_config = {**head_to_config(head), h.OBJECTIVE: spec.objective, h.N_OUTPUTS: spec.n_outputs,
                    h.BASE_MARGIN: hb.base_margin(spec.objective, spec.base_score), h.HEAD: spec.key,
-                   h.ROUND: len(finished)}
+                   h.ROUND: len(finished), h.SCALE_BITS: params.scale_bits}
     widths = hb.feature_widths(thresholds)
     margin = hist_wire.margin_bound(finished, spec.n_outputs, head_config[h.BASE_MARGIN])
-    floor = hist_wire.hessian_floor(spec.objective, margin, spec.n_outputs)
+    floor = hist_wire.hessian_floor(spec.objective, margin, spec.n_outputs, params.scale_bits)
     bound = hist_wire.gradient_bound(spec.objective, margin, spec.label_bound)
     if session.n_rows is not None and bound is not None:
         head_config[h.GRADIENT_BOUND] = bound  # every site checks its rows against it
@@ -468,7 +470,7 @@ def grow_round(session: HistSession, spec: HeadSpec, thresholds: list[np.ndarray
         parents = hist_wire.parents_of(grower)
         if session.n_rows is not None:
             level_widths = hist_wire.level_widths(spec.objective, session.n_rows, parents, len(thresholds), bound,
-                                                  floor)
+                                                  floor, params.scale_bits)
             sent = hist_wire.sent_bins(parents, widths, floor >= 1)
             arrays[h.WIDTHS] = Array(level_widths)
             arrays[h.SENT] = Array(np.packbits(sent, bitorder="little"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from shared.config import settings_from_run_config
+from shared.hist_boosting import SCALE_BITS
 from shared.protocol.boosting import MODES
 from shared.protocol.hist import secure_sum_mode
 from shared.protocol.personalisation import parse_methods
@@ -111,6 +112,8 @@ class RunSettings:
         kept for comparison).
     xgb_rounds, xgb_eta, xgb_max_depth : int, float, int
         Boosting rounds per head, learning rate, depth.
+    xgb_scale_bits : int, default ``shared.hist_boosting.SCALE_BITS``
+        ``--boosting hist``: fixed-point scale of the summed gradients and hessians (``TreeParams.scale_bits``).
     secure_sum : str, default "pairwise"
         How hist boosting sums the sites' counts and histograms (``shared.protocol.hist.SECURE_SUM_MODES``):
         ``pairwise`` masks (one key exchange per phase, one exchange per release; a site lost mid-phase stops
@@ -183,6 +186,7 @@ class RunSettings:
     xgb_rounds: int = 20
     xgb_eta: float = 0.1
     xgb_max_depth: int = 4
+    xgb_scale_bits: int = SCALE_BITS
     secure_sum: str = "pairwise"
     signing_key: str = ""
     policy_dir: str = ""

@@ -23,7 +23,8 @@ pieces both sides share, in the order a run uses them:
    XGBoost's hessians (``p(1 − p)``, ``1``, ``2p(1 − p)``).
 3. **Histograms** per (tree, node, feature, bin) of g and h in fixed point (:func:`level_histograms`;
    below the root only one child per split is needed, see :class:`LevelGrower`):
-   integers ``round(v · 2^FIXED_POINT_BITS)`` per row, summed in int64. Integer sums do not depend on the
+   integers ``round(v · 2^scale_bits)`` per row (``TreeParams.scale_bits``, a parameter of the algorithm that
+   the federation and the pooled learner share), summed in int64. Integer sums do not depend on the
    order of addition, so a federated sum is bit-for-bit the pooled sum; they are also what secure
    summation (``shared.secure_sum``) masks modulo 2^64.
 4. **Splits** (:class:`LevelGrower`): XGBoost's structure score. For a node with sums G, H and a split into
@@ -64,7 +65,13 @@ MAX_REFINED_CELLS = 128
 """Cells split per feature and pass: at most 128 · 63 new boundaries, the size of the first grid."""
 
 FIXED_POINT_BITS = 32
-"""Histogram entries are integers ``round(v · 2^32)``: resolution 2.3e-10 per row; int64 holds sums below 2^31."""
+"""The finest fixed-point scale: entries ``round(v · 2^32)``, resolution 2.3e-10 per row; int64 holds sums
+below 2^31. Counts released under DP use it; gradient and hessian histograms use ``TreeParams.scale_bits``."""
+
+SCALE_BITS = 12
+"""Default ``TreeParams.scale_bits``: the fixed-point scale of gradient/hessian histograms. 2^12 (resolution
+2.4e-4 per row) grew trees as accurate as 2^32's within the paired-bootstrap noise on the simulator and the
+liposome folds, at 290 kB per tree instead of 476 (BENCHMARKS.md, benchmarks/federated_hist_scale.py)."""
 
 SPLIT_EPSILON = 1e-6
 """XGBoost's ``kRtEps``: a split must improve the structure score by more than this."""
@@ -309,26 +316,27 @@ def transform(objective: str, margin: np.ndarray) -> np.ndarray:
 # 3. Fixed-point histograms
 
 
-def to_fixed(values: np.ndarray) -> np.ndarray:
-    """Values as int64 fixed-point integers ``round(v · 2^FIXED_POINT_BITS)``."""
-    return np.rint(np.asarray(values, dtype=np.float64) * 2.0 ** FIXED_POINT_BITS).astype(np.int64)
+def to_fixed(values: np.ndarray, scale_bits: int = FIXED_POINT_BITS) -> np.ndarray:
+    """Values as int64 fixed-point integers ``round(v · 2^scale_bits)``."""
+    return np.rint(np.asarray(values, dtype=np.float64) * 2.0 ** scale_bits).astype(np.int64)
 
 
-def from_fixed(values: np.ndarray) -> np.ndarray:
-    """Fixed-point integers back to float64."""
-    return np.asarray(values, dtype=np.int64).astype(np.float64) / 2.0 ** FIXED_POINT_BITS
+def from_fixed(values: np.ndarray, scale_bits: int = FIXED_POINT_BITS) -> np.ndarray:
+    """Fixed-point integers (of scale ``2^scale_bits``) back to float64."""
+    return np.asarray(values, dtype=np.int64).astype(np.float64) / 2.0 ** scale_bits
 
 
 def level_histograms(bins: np.ndarray, positions: np.ndarray, frontier: list[tuple[int, int]], g: np.ndarray,
-                     h: np.ndarray, width: int) -> np.ndarray:
+                     h: np.ndarray, width: int, scale_bits: int) -> np.ndarray:
     """Fixed-point gradient and hessian histograms of the frontier nodes: int64 (nodes, features, width, 2).
 
     ``positions[k]`` is each row's node in tree ``k``; ``frontier`` lists (tree, node) pairs; tree ``k`` sums
-    output ``k`` of ``g`` and ``h``. A site calls this on its rows; the pooled learner on all rows.
+    output ``k`` of ``g`` and ``h``, each row's value as ``round(v · 2^scale_bits)``. A site calls this on its
+    rows; the pooled learner on all rows.
     """
     n_features = bins.shape[1]
     out = np.zeros((len(frontier), n_features, width, 2), dtype=np.int64)
-    g_fixed, h_fixed = to_fixed(g), to_fixed(h)
+    g_fixed, h_fixed = to_fixed(g, scale_bits), to_fixed(h, scale_bits)
     for i, (tree, node) in enumerate(frontier):
         rows = np.flatnonzero(positions[tree] == node)
         for f in range(n_features):
@@ -380,6 +388,11 @@ class TreeParams:
     reg_lambda : float, default 1.0      (``lambda``: L2 penalty on leaf weights)
     gamma : float, default 0.0           (``min_split_loss``)
     min_child_weight : float, default 1.0
+    scale_bits : int, default SCALE_BITS
+        Fixed-point scale of the histograms: every row's gradient and hessian is summed as
+        ``round(v · 2^scale_bits)`` (not XGBoost's: it sums floats). Part of the algorithm: the federation and
+        the pooled learner with the same ``scale_bits`` grow the same trees bit for bit; a coarser scale makes
+        every summed entry (32 − scale_bits) bits narrower on the wire.
     """
 
     learning_rate: float = 0.1
@@ -387,6 +400,11 @@ class TreeParams:
     reg_lambda: float = 1.0
     gamma: float = 0.0
     min_child_weight: float = 1.0
+    scale_bits: int = SCALE_BITS
+
+    def __post_init__(self) -> None:
+        if not 1 <= int(self.scale_bits) <= FIXED_POINT_BITS:
+            raise ValueError(f"TreeParams: scale_bits must be in 1 .. {FIXED_POINT_BITS}, got {self.scale_bits}")
 
 
 @dataclass
@@ -448,9 +466,9 @@ class Split:
     gain: float
 
 
-def node_totals(histogram: np.ndarray) -> tuple[float, float]:
+def node_totals(histogram: np.ndarray, scale_bits: int) -> tuple[float, float]:
     """G and H of a node from its histogram (features, width, 2): the sum over feature 0's bins."""
-    totals = from_fixed(histogram[0].sum(axis=0))
+    totals = from_fixed(histogram[0].sum(axis=0), scale_bits)
     return float(totals[0]), float(totals[1])
 
 
@@ -463,9 +481,9 @@ def leaf_weight(gradient: float, hessian: float, params: TreeParams) -> float:
 
 def best_split(histogram: np.ndarray, params: TreeParams) -> Split:
     """The split of largest gain of a node from its fixed-point histogram (features, width, 2)."""
-    stats = from_fixed(histogram)
+    stats = from_fixed(histogram, params.scale_bits)
     left = np.cumsum(stats, axis=1)[:, :-1, :]  # rows with bin <= t, for t = 0 .. width - 2
-    g_total, h_total = node_totals(histogram)
+    g_total, h_total = node_totals(histogram, params.scale_bits)
     g_left, h_left = left[..., 0], left[..., 1]
     g_right, h_right = g_total - g_left, h_total - h_left
     lam = params.reg_lambda
@@ -554,14 +572,15 @@ class LevelGrower:
         next_frontier, parents = [], {}
         for (k, node), histogram in zip(self.frontier, self.frontier_histograms(histograms), strict=True):
             tree = self.trees[k]
-            self.set_node(tree, node, *node_totals(histogram))
+            self.set_node(tree, node, *node_totals(histogram, self.params.scale_bits))
             split = Split(LEAF, 0, 0.0) if self.last_level else best_split(histogram, self.params)
             if split.feature == LEAF:
                 continue
             tree.feature[node], tree.split_bin[node], tree.gain[node] = split.feature, split.split_bin, split.gain
             tree.threshold[node] = float(self.thresholds[split.feature][split.split_bin])
             children = tree.add_children(node)
-            for child, totals in zip(children, children_totals(histogram, split), strict=True):
+            for child, totals in zip(children, children_totals(histogram, split, self.params.scale_bits),
+                                     strict=True):
                 self.set_node(tree, child, *totals)
             parents[(k, node)] = histogram
             next_frontier += [(k, child) for child in children]
@@ -580,12 +599,13 @@ class LevelGrower:
         tree.leaf_value[node] = self.params.learning_rate * tree.weight[node]
 
 
-def children_totals(histogram: np.ndarray, split: Split) -> tuple[tuple[float, float], tuple[float, float]]:
+def children_totals(histogram: np.ndarray, split: Split, scale_bits: int
+                    ) -> tuple[tuple[float, float], tuple[float, float]]:
     """(G, H) of the left and right child of a split, summed in fixed point from the parent's histogram."""
     column = histogram[split.feature]
     left = column[:split.split_bin + 1].sum(axis=0)
     right = column.sum(axis=0) - left
-    (g_left, h_left), (g_right, h_right) = from_fixed(left), from_fixed(right)
+    (g_left, h_left), (g_right, h_right) = from_fixed(left, scale_bits), from_fixed(right, scale_bits)
     return (float(g_left), float(h_left)), (float(g_right), float(h_right))
 
 

@@ -31,6 +31,9 @@ class HistGradientBoosting:
         Boosting rounds (one tree per round, one per class and round for softmax).
     learning_rate, max_depth, reg_lambda, gamma, min_child_weight : see ``shared.hist_boosting.TreeParams``.
     max_bin : int, default 256
+    scale_bits : int, default ``shared.hist_boosting.SCALE_BITS``
+        Fixed-point scale of the summed gradients and hessians (``TreeParams.scale_bits``); a federation grows
+        the same trees as this learner with the same value.
     base_score : float, default 0.5
         Starting prediction (probability for logistic, margin otherwise), as XGBoost's ``base_score``.
     n_classes : int or None, default None
@@ -47,7 +50,8 @@ class HistGradientBoosting:
 
     def __init__(self, objective: str = "binary:logistic", n_estimators: int = 20, learning_rate: float = 0.1,
                  max_depth: int = 4, reg_lambda: float = 1.0, gamma: float = 0.0, min_child_weight: float = 1.0,
-                 max_bin: int = hb.MAX_BIN, base_score: float = 0.5, n_classes: int | None = None) -> None:
+                 max_bin: int = hb.MAX_BIN, base_score: float = 0.5, n_classes: int | None = None,
+                 scale_bits: int = hb.SCALE_BITS) -> None:
         self.objective = objective
         self.n_estimators = n_estimators
         self.learning_rate = learning_rate
@@ -58,11 +62,12 @@ class HistGradientBoosting:
         self.max_bin = max_bin
         self.base_score = base_score
         self.n_classes = n_classes
+        self.scale_bits = scale_bits
 
     @property
     def tree_params(self) -> hb.TreeParams:
         return hb.TreeParams(learning_rate=self.learning_rate, max_depth=self.max_depth, reg_lambda=self.reg_lambda,
-                             gamma=self.gamma, min_child_weight=self.min_child_weight)
+                             gamma=self.gamma, min_child_weight=self.min_child_weight, scale_bits=self.scale_bits)
 
     def fit(self, x: np.ndarray, y: np.ndarray, thresholds: list[np.ndarray] | None = None) -> HistGradientBoosting:
         """Learn bins (unless ``thresholds`` are given) and ``n_estimators`` rounds of trees."""
@@ -85,11 +90,12 @@ class HistGradientBoosting:
         return self
 
     def _grow_round(self, bins: np.ndarray, g: np.ndarray, h: np.ndarray) -> list[hb.Tree]:
-        grower = hb.LevelGrower(self.n_outputs_, self.thresholds_, self.tree_params)
+        params = self.tree_params
+        grower = hb.LevelGrower(self.n_outputs_, self.thresholds_, params)
         width = hb.n_bins(self.thresholds_)
         while not grower.done:
             positions = hb.frontier_positions(grower.trees, bins)
-            grower.grow(hb.level_histograms(bins, positions, grower.requested, g, h, width))
+            grower.grow(hb.level_histograms(bins, positions, grower.requested, g, h, width, params.scale_bits))
         return grower.trees
 
     def decision_function(self, x: np.ndarray) -> np.ndarray:

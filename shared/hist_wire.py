@@ -7,15 +7,16 @@ phase keeps the 64-bit fixed-point encoding):
 
 - Counts (grid and refined cells): every training row lies in exactly one cell of each feature, so a summed
   count is in [0, n_rows].
-- Gradients, fixed point ``rint(g · 2^FIXED_POINT_BITS)``, with |g| ≤ B per row: for logistic and softmax
+- Gradients, fixed point ``rint(g · 2^s)`` (s = ``TreeParams.scale_bits``, the run's scale: every bound below
+  is in units of 2^−s), with |g| ≤ B per row: for logistic and softmax
   losses ``g = p − y`` with p ∈ [0, 1] and y ∈ {0, 1}, so B = 1; for squared error ``g = m − y``, so B is the
   margin bound (:func:`margin_bound`, from the leaf values the server holds) plus the largest |label| the
   target's declared range allows once standardised (no declared range: no bound, 64 bits). A site checks its
   rows against the B the request states and refuses when one exceeds it. A root's summed bin is then in
-  [−n_rows · B · 2^32, n_rows · B · 2^32]; a child's bin holds at most its parent's rows of that bin, which
-  the parent's summed hessian bounds when every row's fixed-point hessian is at least ``floor`` (exactly
-  2^32 for squared error; :func:`hessian_floor` for the others): count ≤ H_parent(f, b) // floor.
-- Hessians: 0 ≤ h ≤ ``HESSIAN_BOUNDS[objective]`` per row, so a root's bin is in [0, n_rows · bound · 2^32].
+  [−n_rows · ⌈B · 2^s⌉, n_rows · ⌈B · 2^s⌉] (|rint(x)| ≤ ⌈|x|⌉); a child's bin holds at most its parent's
+  rows of that bin, which the parent's summed hessian bounds when every row's fixed-point hessian is at least
+  ``floor`` (exactly 2^s for squared error; :func:`hessian_floor` for the others): count ≤ H_parent(f, b) // floor.
+- Hessians: 0 ≤ h ≤ ``HESSIAN_BOUNDS[objective]`` per row, so a root's bin is in [0, n_rows · ⌈bound · 2^s⌉].
   Below the root a requested node is a child of a node whose summed histogram the server holds, and its
   rows are some of its parent's: every row's fixed-point hessian being >= 0, the child's bin b of feature f
   lies in [0, H_parent(f, b)], so feature f of that node needs only the bits of max_b H_parent(f, b).
@@ -23,7 +24,10 @@ phase keeps the 64-bit fixed-point encoding):
 Some entries need no bits at all (:func:`sent_bins`): a child's bins of its parent's split feature are known
 (its parent's, on its side), and a bin where its parent's summed hessian is 0 is empty when every row's
 fixed-point hessian is at least 1 — which the server proves from the leaf values it holds
-(:func:`rows_have_hessian`), else it asks for those bins too.
+(:func:`rows_have_hessian`), else it asks for those bins too. At a coarse scale a logistic or softmax row of
+large |margin| may round to a hessian of 0: the floor is then 0, the proof is not made, and the bins are asked
+for (and a child's gradient widths fall back to n_rows rows); a site whose unsent bin holds a nonzero entry
+refuses (``client.hist_handlers.check_unsent``), so a wrong proof stops the head rather than change a sum.
 
 The widths go to the sites with the request (one byte per requested node, feature and channel), and which
 bins to send (one bit per requested node and bin), so a site encodes exactly what the server will decode.
@@ -36,16 +40,16 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import expit
 
-from shared.hist_boosting import FIXED_POINT_BITS, HESSIAN_BOUNDS, LevelGrower, Tree
+from shared.hist_boosting import HESSIAN_BOUNDS, LevelGrower, Tree
 from shared.wire_ints import signed_bits, unsigned_bits
 
 GRADIENT_BOUNDS = {"binary:logistic": 1.0, "multi:softprob": 1.0}
 """Largest |gradient| of one row, where the loss bounds it (squared error does not)."""
 
 
-def fixed_bound(per_row: float, n_rows: int) -> int:
-    """Largest |sum| of ``n_rows`` fixed-point values each of magnitude at most ``per_row``."""
-    return int(n_rows) * int(np.ceil(per_row * 2.0 ** FIXED_POINT_BITS))
+def fixed_bound(per_row: float, n_rows: int, scale_bits: int) -> int:
+    """Largest |sum| of ``n_rows`` values ``rint(v · 2^scale_bits)`` each with |v| at most ``per_row``."""
+    return int(n_rows) * int(np.ceil(per_row * 2.0 ** scale_bits))
 
 
 def count_bits(n_rows: int) -> int:
@@ -54,17 +58,18 @@ def count_bits(n_rows: int) -> int:
 
 
 def level_widths(objective: str, n_rows: int, parents: list[Parent | None], n_features: int,
-                 gradient_bound: float | None, floor: int) -> np.ndarray:
+                 gradient_bound: float | None, floor: int, scale_bits: int) -> np.ndarray:
     """Widths (uint8, requested nodes × features × (gradient, hessian)) of one level request.
 
     ``parents[i]`` is what the server knows of requested node i's parent (:func:`parents_of`), None for a root;
     ``gradient_bound`` the largest |gradient| of a row (None: unbounded, 64 bits); ``floor`` a lower bound of
-    every row's fixed-point hessian (:func:`hessian_floor`, 0 when none is known).
+    every row's fixed-point hessian (:func:`hessian_floor`, 0 when none is known); ``scale_bits`` the run's
+    fixed-point scale (``TreeParams.scale_bits``).
     """
-    root_hessian = unsigned_bits(fixed_bound(HESSIAN_BOUNDS[objective], n_rows))
+    root_hessian = unsigned_bits(fixed_bound(HESSIAN_BOUNDS[objective], n_rows, scale_bits))
 
     def gradient_bits(rows: int) -> int:
-        return 64 if gradient_bound is None else signed_bits(fixed_bound(gradient_bound, rows))
+        return 64 if gradient_bound is None else signed_bits(fixed_bound(gradient_bound, rows, scale_bits))
 
     widths = np.zeros((len(parents), n_features, 2), dtype=np.uint8)
     for i, parent in enumerate(parents):
@@ -128,19 +133,20 @@ def smallest_hessian(objective: str, margin: float, n_outputs: int) -> float:
     return float(2.0 * a * (1.0 - a))
 
 
-def hessian_floor(objective: str, margin: float, n_outputs: int) -> int:
-    """A lower bound of every row's fixed-point hessian ``rint(h · 2^32)``: exactly 2^32 for squared error;
-    else half of :func:`smallest_hessian` in fixed point, rounded down (the half absorbs floating-point error
-    in the sites' computation of p)."""
+def hessian_floor(objective: str, margin: float, n_outputs: int, scale_bits: int) -> int:
+    """A lower bound of every row's fixed-point hessian ``rint(h · 2^scale_bits)``: exactly 2^scale_bits for
+    squared error; else half of :func:`smallest_hessian` in fixed point, rounded down (the half absorbs
+    floating-point error in the sites' computation of p; with x ≥ 2f ≥ 2, rint(x) ≥ x − ½ ≥ f). 0 when the
+    scale is too coarse for the bound: a row's hessian may then round to 0."""
     if objective == "reg:squarederror":
-        return 2 ** FIXED_POINT_BITS
-    return int(np.floor(smallest_hessian(objective, margin, n_outputs) * 2.0 ** (FIXED_POINT_BITS - 1)))
+        return 2 ** int(scale_bits)
+    return int(np.floor(smallest_hessian(objective, margin, n_outputs) * 2.0 ** (int(scale_bits) - 1)))
 
 
-def rows_have_hessian(objective: str, margin: float, n_outputs: int) -> bool:
+def rows_have_hessian(objective: str, margin: float, n_outputs: int, scale_bits: int) -> bool:
     """Whether every row's fixed-point hessian is at least 1 (:func:`hessian_floor`): then a bin whose summed
     hessian is 0 holds no row, and a child's bin no row either."""
-    return hessian_floor(objective, margin, n_outputs) >= 1
+    return hessian_floor(objective, margin, n_outputs, scale_bits) >= 1
 
 
 def gradient_bound(objective: str, margin: float, label_bound: float | None) -> float | None:

@@ -81,6 +81,7 @@ class ExperimentConfig:
     models: str = DEFAULTS.models
     boosting: str = DEFAULTS.boosting
     xgb_rounds: int = DEFAULTS.xgb_rounds
+    xgb_scale_bits: int = DEFAULTS.xgb_scale_bits  # --boosting hist: fixed-point scale (TreeParams.scale_bits)
     secure_sum: str = DEFAULTS.secure_sum  # hist boosting: pairwise | recovering | off (RunSettings)
     compare: bool = True  # the seed paper's comparison: random forest, SVM, gradient boosting
     fqi_iterations: int = DEFAULTS.fqi_iterations
@@ -137,6 +138,7 @@ class ExperimentConfig:
             batch_size=self.batch_size, lr=self.lr, hidden=self.hidden, seed=self.seed, split_seed=self.seed,
             min_nodes=n_sites, out_dir=str(self.out / "federated"), task_path=str(self.task) if self.task else "",
             models=self.models, boosting=self.boosting, xgb_rounds=self.xgb_rounds, secure_sum=self.secure_sum,
+            xgb_scale_bits=self.xgb_scale_bits,
             signing_key=str(signing_key) if signing_key is not None else "",
             policy_dir=str(self.out / "policy"), fqi_iterations=self.fqi_iterations, release_gate=self.release_gate,
             policy_model=self.policy_model, policy_reference=self.policy_reference, personalise=self.personalise,

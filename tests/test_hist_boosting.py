@@ -141,12 +141,13 @@ def test_fixed_point_histograms_of_site_parts_sum_to_the_pooled_histogram_exactl
     bins = hb.bin_rows(x, thresholds)
     g, h = hb.gradients("binary:logistic", labels["binary:logistic"], np.zeros((len(x), 1)))
     positions = np.zeros((1, len(x)), dtype=np.int64)
-    pooled = hb.level_histograms(bins, positions, [(0, 0)], g, h, hb.n_bins(thresholds))
+    pooled = hb.level_histograms(bins, positions, [(0, 0)], g, h, hb.n_bins(thresholds), hb.SCALE_BITS)
     parts = [slice(0, 7), slice(7, 80), slice(80, 120)]
-    summed = sum(hb.level_histograms(bins[p], positions[:, p], [(0, 0)], g[p], h[p], hb.n_bins(thresholds))
+    summed = sum(hb.level_histograms(bins[p], positions[:, p], [(0, 0)], g[p], h[p], hb.n_bins(thresholds),
+                                     hb.SCALE_BITS)
                  for p in parts)
     assert np.array_equal(summed, pooled)
-    assert hb.node_totals(pooled[0]) == pytest.approx((g.sum(), h.sum()), abs=1e-7)
+    assert hb.node_totals(pooled[0], hb.SCALE_BITS) == pytest.approx((g.sum(), h.sum()), abs=1e-7)
 
 
 def test_the_servers_derived_sibling_histogram_equals_the_one_the_sites_would_send():
@@ -158,7 +159,8 @@ def test_the_servers_derived_sibling_histogram_equals_the_one_the_sites_would_se
 
     def summed(nodes, trees):  # what the server gets: the sum of the sites' histograms of ``nodes``
         positions = hb.frontier_positions(trees, bins)
-        return sum(hb.level_histograms(bins[s], positions[:, s], nodes, g[s], h[s], width) for s in sites)
+        return sum(hb.level_histograms(bins[s], positions[:, s], nodes, g[s], h[s], width, hb.SCALE_BITS)
+                   for s in sites)
 
     grower = hb.LevelGrower(1, thresholds, hb.TreeParams(max_depth=3))
     levels = 0
@@ -182,7 +184,8 @@ def test_packed_histograms_drop_only_the_padding_bins():
     thresholds = pooled_thresholds(x)
     bins = hb.bin_rows(x, thresholds)
     g, h = hb.gradients("binary:logistic", labels["binary:logistic"], np.zeros((len(x), 1)))
-    full = hb.level_histograms(bins, np.zeros((1, len(x)), np.int64), [(0, 0)], g, h, hb.n_bins(thresholds))
+    full = hb.level_histograms(bins, np.zeros((1, len(x)), np.int64), [(0, 0)], g, h, hb.n_bins(thresholds),
+                                 hb.SCALE_BITS)
     widths = hb.feature_widths(thresholds)
     packed = hb.pack_histograms(full, widths)
     assert packed.shape == (1, widths.sum(), 2) and widths[3] == 2  # the 0/1 column sends 2 bins, not ~120
@@ -191,7 +194,7 @@ def test_packed_histograms_drop_only_the_padding_bins():
 
 def test_best_split_uses_xgboosts_gain_and_respects_min_child_weight():
     # One feature, 3 bins: G per bin (-4, 1, 3), H per bin (2, 2, 2); λ = 1.
-    histogram = hb.to_fixed(np.array([[[-4.0, 2.0], [1.0, 2.0], [3.0, 2.0]]]))
+    histogram = hb.to_fixed(np.array([[[-4.0, 2.0], [1.0, 2.0], [3.0, 2.0]]]), hb.SCALE_BITS)
     split = hb.best_split(histogram, hb.TreeParams(reg_lambda=1.0))
     assert (split.feature, split.split_bin) == (0, 0)
     assert split.gain == pytest.approx(16 / 3 + 16 / 5 - 0 / 7)
@@ -215,8 +218,8 @@ def test_gamma_prunes_splits_whose_gain_is_below_it():
 @pytest.mark.parametrize("objective", ["binary:logistic", "reg:squarederror"])
 def test_pooled_learner_grows_xgboosts_trees_when_every_value_has_its_own_bin(objective):
     x, labels = table()
-    model = HistGradientBoosting(objective=objective, n_estimators=10, max_depth=3,
-                                 base_score=OBJECTIVE_BASE[objective]).fit(x, labels[objective])
+    model = HistGradientBoosting(objective=objective, n_estimators=10, max_depth=3,  # XGBoost sums floats: 2^32
+                                 base_score=OBJECTIVE_BASE[objective], scale_bits=32).fit(x, labels[objective])
     reference = xgboost_reference(x, labels[objective], objective, 10)
     ours = model.predict_proba(x)[:, 1] if objective == "binary:logistic" else model.predict(x)
     assert np.abs(ours - reference.predict(xgb.DMatrix(x))).max() < 1e-5

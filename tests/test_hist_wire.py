@@ -73,15 +73,35 @@ def test_a_masked_residue_is_uniform_in_its_width():
 # -- widths from bounds ----------------------------------------------------------------------------------
 
 
-def test_hessian_floor_holds_for_every_margin_within_the_bound():
+@pytest.mark.parametrize("scale", [32, 16, 12, 8])
+def test_hessian_floor_holds_for_every_margin_within_the_bound(scale):
     margins = np.linspace(-6.0, 6.0, 2001)
     for objective, n_out in (("binary:logistic", 1), ("multi:softprob", 3), ("reg:squarederror", 1)):
-        floor = hist_wire.hessian_floor(objective, 6.0, n_out)
+        floor = hist_wire.hessian_floor(objective, 6.0, n_out, scale)
         m = np.column_stack([margins, -margins, margins / 2])[:, :n_out]
         y = np.zeros(len(margins))
         _, hess = hb.gradients(objective, y, m)
-        assert floor >= 1 and hb.to_fixed(hess).min() >= floor
-    assert not hist_wire.rows_have_hessian("binary:logistic", 40.0, 1)  # h < 2^-33 possible: rows invisible
+        assert floor >= (1 if scale == 32 else 0) and hb.to_fixed(hess, scale).min() >= floor
+    assert not hist_wire.rows_have_hessian("binary:logistic", 40.0, 1, 32)  # h < 2^-33 possible: rows invisible
+
+
+def test_at_a_coarse_scale_the_floor_proof_is_not_made_where_a_rows_hessian_can_round_to_zero():
+    # logistic |margin| <= 6: h >= 0.00247, 2^-9 = 0.00195 — so at 2^8 a row's fixed-point hessian can be 0
+    _, hess = hb.gradients("binary:logistic", np.zeros(1), np.array([[6.0]]))
+    assert hb.to_fixed(hess, 8)[0, 0] == 1 and hb.to_fixed(hess, 7)[0, 0] == 0
+    assert hist_wire.rows_have_hessian("binary:logistic", 6.0, 1, 12)
+    assert not hist_wire.rows_have_hessian("binary:logistic", 6.0, 1, 7)
+    assert not hist_wire.rows_have_hessian("binary:logistic", 6.0, 1, 8)  # the floor keeps a factor 2 of margin
+    assert hist_wire.hessian_floor("reg:squarederror", np.inf, 1, 12) == 2 ** 12
+
+
+def test_widths_shrink_with_the_scale_by_the_bits_of_fraction_left_out():
+    for scale in (32, 20, 12):
+        level = hist_wire.level_widths("binary:logistic", 1000, [None], 1, 1.0, 0, scale)
+        assert level[0, 0].tolist() == [wire_ints.signed_bits(1000 * 2 ** scale),
+                                         wire_ints.unsigned_bits(1000 * 2 ** (scale - 2))]
+    assert (hist_wire.level_widths("binary:logistic", 1000, [None], 1, 1.0, 0, 32)
+            - hist_wire.level_widths("binary:logistic", 1000, [None], 1, 1.0, 0, 12)).tolist() == [[[20, 20]]]
 
 
 def test_a_root_is_sent_whole_and_a_child_leaves_out_its_parents_split_feature_and_empty_bins():
@@ -93,7 +113,8 @@ def test_a_root_is_sent_whole_and_a_child_leaves_out_its_parents_split_feature_a
     sent = hist_wire.sent_bins(parents, widths, rows_visible=True)
     assert sent.tolist() == [[True] * 5, [True, False, True, False, False]]
     assert hist_wire.sent_bins(parents, widths, rows_visible=False)[1].tolist() == [True, True, True, False, False]
-    level = hist_wire.level_widths("reg:squarederror", 100, parents, 2, gradient_bound=2.0, floor=2**32)
+    level = hist_wire.level_widths("reg:squarederror", 100, parents, 2, gradient_bound=2.0, floor=2**32,
+                                   scale_bits=32)
     assert level[0].tolist() == [[wire_ints.signed_bits(100 * 2 * 2**32), wire_ints.unsigned_bits(100 * 2**32)]] * 2
     assert level[1, 0].tolist() == [wire_ints.signed_bits(7 // 2**32 * 2 * 2**32), wire_ints.unsigned_bits(7)]
     full = np.zeros((2, 2, 3, 2), dtype=np.int64)
@@ -168,7 +189,7 @@ def site_rows(objective, n=900, seed=0):
 
 
 def federate(monkeypatch, objective, legacy=False, label_bound=None, rounds=3, depth=3, lost_at=None,
-             secure_sum="pairwise"):
+             secure_sum="pairwise", scale_bits=hb.SCALE_BITS, learning_rate=0.1):
     from flwr.supercore.task_identity import TaskIdentity
 
     for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # what Message() needs, as a ServerApp
@@ -184,7 +205,8 @@ def federate(monkeypatch, objective, legacy=False, label_bound=None, rounds=3, d
     monkeypatch.setattr(hh, "training_matrix", lambda request: (None, rows[request.context.node_id][0], {}))
     monkeypatch.setattr(hh, "labelled_rows", lambda config, xs, targets: next(
         v for v in rows.values() if v[0] is xs))
-    settings = hp.HistSettings(rounds=rounds, tree=hb.TreeParams(max_depth=depth), secure_sum=secure_sum)
+    tree = hb.TreeParams(max_depth=depth, scale_bits=scale_bits, learning_rate=learning_rate)
+    settings = hp.HistSettings(rounds=rounds, tree=tree, secure_sum=secure_sum)
     session = hp.HistSession(grid, list(rows), ConfigRecord({ENCODER_CONFIG_KEY: "{}", r.SPLIT_SEED: 0}),
                              settings, 1)
     lo, hi = hp.global_ranges(session, {})
@@ -198,8 +220,8 @@ def federate(monkeypatch, objective, legacy=False, label_bound=None, rounds=3, d
         trees.append(hp.grow_round_surviving(session, spec, thresholds, trees))
     survivors = np.concatenate([np.arange(900)[parts[node]] for node in session.nodes])
     pooled = HistGradientBoosting(objective, n_estimators=rounds, max_depth=depth, base_score=spec.base_score,
-                                  n_classes=3 if kind == "multiclass" else None).fit(x[survivors], y[survivors],
-                                                                                     thresholds)
+                                  n_classes=3 if kind == "multiclass" else None, scale_bits=scale_bits,
+                                  learning_rate=learning_rate).fit(x[survivors], y[survivors], thresholds)
     return grid, session, trees, pooled
 
 
@@ -354,3 +376,54 @@ def test_pairwise_masks_cost_one_exchange_per_release_and_the_recovering_protoco
     assert len(calls["recovering"]) == 1 + 4 * releases  # keys, shares, masked answer, unmask: every release
     for kind in (messages.HIST_KEYS.type, messages.HIST_SHARES.type, messages.HIST_UNMASK.type):
         assert calls["recovering"].count(kind) == releases
+
+
+# -- the fixed-point scale -------------------------------------------------------------------------------
+
+
+def level_reply_bytes(grid) -> int:
+    return sum(len(content[r.ARRAYS][h.HISTOGRAMS].numpy()) for kind, _, _, content in grid.exchanges
+               if kind == messages.HIST_LEVEL.type)
+
+
+@pytest.mark.parametrize("objective", ["binary:logistic", "reg:squarederror", "multi:softprob"])
+@pytest.mark.parametrize("scale", [16, 8])
+def test_at_a_coarse_scale_federated_trees_equal_the_pooled_learners_at_that_scale(monkeypatch, objective, scale):
+    grid, session, trees, pooled = federate(monkeypatch, objective, scale_bits=scale)
+    same_trees(trees, pooled)
+    assert sum(t.n_nodes for rnd in trees for t in rnd) > 3 * len(trees[0])
+    levels = [c for kind, _, c, _ in grid.exchanges if kind == messages.HIST_LEVEL.type]
+    assert {int(c[r.CONFIG][h.SCALE_BITS]) for c in levels} == {scale}
+    fine = HistGradientBoosting(objective, n_estimators=3, max_depth=3, base_score=pooled.base_score,
+                                n_classes=pooled.n_classes).fit(*site_rows(objective), pooled.thresholds_)
+    assert any(not np.array_equal(a.leaf_value, b.leaf_value)  # the scale is part of the algorithm
+               for ra, rb in zip(fine.rounds_, pooled.rounds_, strict=True) for a, b in zip(ra, rb, strict=True))
+
+
+def test_a_coarser_scale_sends_fewer_histogram_bytes(monkeypatch):
+    grid32, _, trees32, _ = federate(monkeypatch, "binary:logistic", scale_bits=32)
+    grid16, _, trees16, _ = federate(monkeypatch, "binary:logistic", scale_bits=16)
+    assert [len(t) for t in trees32] == [len(t) for t in trees16]
+    assert level_reply_bytes(grid16) < 0.7 * level_reply_bytes(grid32)
+
+
+def test_rows_whose_hessian_rounds_to_zero_keep_their_bins_asked_for_and_trees_exact(monkeypatch):
+    # learning rate 1 drives margins far from 0: at 2^2 many rows' hessians round to 0 (h < 1/8)
+    grid, session, trees, pooled = federate(monkeypatch, "binary:logistic", scale_bits=2, learning_rate=1.0,
+                                            rounds=4)
+    same_trees(trees, pooled)
+    margin = hist_wire.margin_bound(trees[:3], 1, 0.0)
+    assert hist_wire.hessian_floor("binary:logistic", margin, 1, 2) == 0  # no proof: every bin is asked for
+
+
+def test_a_floor_proof_that_does_not_hold_makes_the_site_refuse_rather_than_change_a_sum(monkeypatch):
+    monkeypatch.setattr(hist_wire, "hessian_floor", lambda *args: 1)  # a wrong proof: rows may have h = 0
+    with pytest.raises(hp.HistProtocolError, match="has rows in bins the request leaves out"):
+        federate(monkeypatch, "binary:logistic", scale_bits=2, learning_rate=1.0, rounds=4)
+
+
+def test_a_site_refuses_a_scale_outside_the_fixed_point_range():
+    with pytest.raises(ShareableError, match="fixed-point scale 40 bits"):
+        hh.scale_bits(ConfigRecord({h.SCALE_BITS: 40}))
+    with pytest.raises(ValueError, match="scale_bits"):
+        hb.TreeParams(scale_bits=0)

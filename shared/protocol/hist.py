@@ -62,6 +62,9 @@ N_OUTPUTS = "n-outputs"
 BASE_MARGIN = "base-margin"
 HEAD = "head-key"
 """The model being grown (a site keeps one head's finished trees at a time)."""
+SCALE_BITS = "scale-bits"
+"""The fixed-point scale of the histograms (``TreeParams.scale_bits``): a row's g and h enter as
+``round(v · 2^scale-bits)``."""
 ROUND = "round"
 """The boosting round being grown: the site's kept model must hold exactly this many rounds."""
 
