@@ -48,14 +48,19 @@ def _message_and_request(folder, heads, context: Context):
     return msg, SiteRequest(source, site, config, context)
 
 
+def _dp_site(tmp_path):
+    """One simulated DP site (ε = 3): its folder and the folder of its ledger heads."""
+    world = generate_sites(1, 5, tmp_path / "sites", patients_per_clinic=80,
+                           privacy=SitePrivacy(dp=True, epsilon=3.0, delta=1e-5))
+    return tmp_path / "sites" / world.clinics[0].name, tmp_path / "heads"
+
+
 def _ledger(folder, heads):
     return SiteDP.of(folder, load(SiteSource(folder, state_dir=heads)).config, state_dir=heads).ledger
 
 
 def test_a_resumed_run_redoing_the_personalisation_phase_charges_nothing_new(tmp_path, task_identity):
-    world = generate_sites(1, 5, tmp_path / "sites", patients_per_clinic=80,
-                           privacy=SitePrivacy(dp=True, epsilon=3.0, delta=1e-5))
-    folder, heads = tmp_path / "sites" / world.clinics[0].name, tmp_path / "heads"
+    folder, heads = _dp_site(tmp_path)
     original = Context(run_id=41, node_id=1, node_config={}, state=RecordDict(), run_config={})
     msg, request = _message_and_request(folder, heads, original)
     start_run(original, request.dp, PLAN)
@@ -88,9 +93,7 @@ def test_a_resumed_run_redoing_the_personalisation_phase_charges_nothing_new(tmp
 
 def test_a_redone_fit_that_comes_out_different_is_charged(tmp_path, task_identity):
     """Idempotent only for the same release: a fit redone from another global model is new information."""
-    world = generate_sites(1, 5, tmp_path / "sites", patients_per_clinic=80,
-                           privacy=SitePrivacy(dp=True, epsilon=3.0, delta=1e-5))
-    folder, heads = tmp_path / "sites" / world.clinics[0].name, tmp_path / "heads"
+    folder, heads = _dp_site(tmp_path)
     context = Context(run_id=41, node_id=1, node_config={}, state=RecordDict(), run_config={})
     msg, request = _message_and_request(folder, heads, context)
     start_run(context, request.dp, PLAN)
