@@ -214,8 +214,8 @@ def main() -> None:
         return (b.get("sent") or 0) + (b.get("received") or 0)
 
     result = {"folds": splits, "settings": vars(settings), "figures": figures(runs),
-              "site_records": [{family: {site: {"chosen": e["chosen"], "reason": e["reason"],
-                                                "test": e["summaries"]["test"]}
+              # each site's choice and reason per fold (its fine-binned summaries would be ~30 MB)
+              "site_records": [{family: {site: {"chosen": e["chosen"], "reason": e["reason"]}
                                          for site, e in r["records"][family].items()}
                                 for family in FAMILIES} for r in runs],
               "cost": {"federation_s": mean(r["seconds"] for r in runs),
