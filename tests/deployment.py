@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from simulation.termination import descendants
+
 FLOWER_BIN = Path(sys.executable).parent
 """flower-superlink, flower-supernode, flwr and flower-superexec of this environment."""
 
@@ -96,21 +98,6 @@ def kill(service: Service) -> None:
     for pid in [service.process.pid, *children]:
         _signal(pid, signal.SIGKILL)
     service.process.wait(timeout=15)
-
-
-def descendants(pid: int) -> list[int]:
-    """PIDs of the processes below ``pid`` (children, their children, ...), read from /proc."""
-    parents: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, queue = [], [pid]
-    while queue:
-        for child in parents.get(queue.pop(), []):
-            found.append(child)
-            queue.append(child)
-    return found
 
 
 def descendants_of_all(pids: list[int]) -> list[int]:
