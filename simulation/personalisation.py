@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import json
 
-from client.personalisation_handlers import BOOSTING_RECORD, site_record_folder
+from client.personalisation_handlers import BOOSTING_RECORD, ann_order, boosting_order, site_record_folder
 from client.personalised.choice import HEADLINE
 from client.site import SiteSource
-from shared.protocol.personalisation import GLOBAL, LOCAL
+from shared.protocol.personalisation import FINETUNE, GLOBAL, LOCAL, Personalisation
 from shared.task import TaskSpec
 from simulation.baselines import model_metrics
 
@@ -33,6 +33,9 @@ LABELS = {LOCAL: "local", GLOBAL: "global"}
 FAMILIES = {"ann": ("personalisation", "Personalised ANNs", "personalised models"),
             "xgboost": ("personalisation_xgboost", "Personalised boosters", "site's trees")}
 """Family → (results.json key of the choices, report heading, what the site grew)."""
+KEPT_WORDS = {"ann": {FINETUNE: "the fine-tuned model", GLOBAL: "the global model"},
+              "xgboost": {"site-trees": "the site's trees", GLOBAL: "the global boosters"}}
+"""The report's words for the candidate a site keeps unless beaten (``ann_order`` / ``boosting_order``)."""
 
 
 def site_records(sources: dict[str, SiteSource], run_id: str, family: str = "ann") -> dict[str, dict]:
@@ -91,8 +94,9 @@ def report_section(results: dict, family: str = "ann") -> list[str]:
     key, heading, grown = FAMILIES[family]
     candidates = list(entry["candidates"])
     labels = [LABELS.get(c, c) for c in candidates]
-    kept = {"ann": "the fine-tuned model" if "finetune" in candidates else "the global model",
-            "xgboost": "the site's trees" if "site-trees" in candidates else "the global boosters"}[family]
+    plan = Personalisation(methods=tuple(c for c in candidates if c not in (GLOBAL, LOCAL)))
+    default = (ann_order if family == "ann" else boosting_order)(plan)[0]  # what the sites kept unless beaten
+    kept = KEPT_WORDS[family].get(default, default)
     lines = [f"## {heading} (each site's choice)", "",
              f"Each site trained its local-only model and the {grown} from the final global model on its own "
              "training split, scored them with the global model on its validation split (mean of the outcomes' "
