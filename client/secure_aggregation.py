@@ -16,9 +16,9 @@ handlers :func:`keys`, :func:`shares` and :func:`unmask`:
 
 Noise (a DP site) is added before masking, so the server sees only the sum of noised values.
 
-Floats go in fixed point (:func:`to_fixed`): ``round(v · 2^s)`` with the scale ``s`` the request names
-(``server.secure_aggregation.FIXED_POINT_BITS``), refused when an entry reaches ``2^63 / n`` for the ``n``
-sites summed, so the sum cannot wrap and the server decodes it exactly.
+Floats go in two-lane fixed point (:func:`to_fixed`): ``round(v · 2^s)`` with the scale ``s`` the request names
+(``server.secure_aggregation.FIXED_POINT_BITS``), split into a high and a low 32-bit lane, refused when a high
+lane reaches ``2^63 / n`` for the ``n`` sites summed, so no sum can wrap and the server decodes it exactly.
 """
 
 from __future__ import annotations
@@ -44,29 +44,36 @@ SECURE_SCALE = "secure-scale-bits"
 """Request key (``server.secure_aggregation.SECURE_SCALE``): the fixed-point scale of float vectors."""
 SECURE_SITES = "secure-sites"
 """Request key (``server.secure_aggregation.SECURE_SITES``): how many sites the release is summed over."""
-MAX_SCALE_BITS = 32
+LANE_BITS = 32
+"""Bits of the low lane of a two-lane fixed-point entry (:func:`to_fixed`)."""
+MAX_SCALE_BITS = 62
 
 
 def to_fixed(values: np.ndarray, config: ConfigRecord) -> np.ndarray:
-    """Floats as int64 fixed point at the request's scale; a ShareableError (naming entries, not values) when an
-    entry is not finite or reaches ``2^63 / n`` for the ``n`` sites summed (the sum could wrap)."""
+    """Floats as two-lane int64 fixed point at the request's scale ``s`` (``server.secure_aggregation``): for
+    ``q = v · 2^s``, the high lanes ``⌊q / 2^32⌋`` then the low lanes ``q − 2^32 ⌊q / 2^32⌋`` in [0, 2^32], so
+    ``2 · len(values)`` words. A ShareableError (naming entries, never values) when an entry is not finite or its
+    high lane reaches ``2^63 / n`` for the ``n`` sites summed (the sum of high lanes could wrap)."""
     scale = int(config[SECURE_SCALE])
-    if not 0 <= scale <= MAX_SCALE_BITS:
-        raise ShareableError(f"the request's fixed-point scale {scale} bits is outside 0 .. {MAX_SCALE_BITS}")
+    if not LANE_BITS <= scale <= MAX_SCALE_BITS:
+        raise ShareableError(f"the request's fixed-point scale {scale} bits is outside {LANE_BITS} .. {MAX_SCALE_BITS}")
     n_sites = max(int(config.get(SECURE_SITES, 1)), 1)
     limit = float((2 ** 63 - 1) // n_sites)
-    scaled = np.ldexp(np.asarray(values, dtype=np.float64), scale)
-    bad = ~np.isfinite(scaled) | (np.abs(scaled) >= limit)
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    high = np.floor(np.ldexp(values, scale - LANE_BITS))  # exact: a power-of-two scaling, then floor
+    bad = ~np.isfinite(high) | (np.abs(high) >= limit)
     if np.any(bad):
+        bound = limit * 2.0 ** (LANE_BITS - scale)
         raise ShareableError(f"{int(bad.sum())} of {bad.size} entries are not finite or reach the fixed-point bound "
-                             f"2^63 / {n_sites} sites at scale 2^-{scale} (|value| < {limit / 2 ** scale:.3g}): the "
-                             "secure sum would overflow")
-    return np.rint(scaled).astype(np.int64)
+                             f"2^63 / {n_sites} sites of the high lane at scale 2^-{scale} (|value| < {bound:.3g}): "
+                             "the secure sum would overflow")
+    low = np.rint(np.ldexp(values - np.ldexp(high, LANE_BITS - scale), scale))  # the remainder's bits, in [0, 2^32]
+    return np.concatenate([high, low]).astype(np.int64)
 
 
 def masked_floats(values: np.ndarray, config: ConfigRecord, context: Context) -> Array:
-    """A float vector as sent for a secure sum: in fixed point (:func:`to_fixed`), then :func:`masked`."""
-    return masked(to_fixed(np.asarray(values, dtype=np.float64).reshape(-1), config), config, context)
+    """A float vector as sent for a secure sum: in fixed point (:func:`to_fixed`, two words per entry), masked."""
+    return masked(to_fixed(values, config), config, context)
 
 
 def masked(values: np.ndarray, config: ConfigRecord, context: Context, bits: np.ndarray | None = None) -> Array:

@@ -17,12 +17,15 @@ The site side is ``client.secure_aggregation`` (the handlers of the key, share a
 the statistics phase (``server.statistics_phase``) and the analytics phase (``server.analytics_phase``) use it
 directly, each release batching all the arrays of one answer into one vector.
 
-Floats are summed in fixed point (:data:`FIXED_POINT_BITS`): a site sends ``round(v · 2^s)`` as int64, and
-refuses (``client.secure_aggregation.to_fixed``) any entry with ``|round(v · 2^s)| ≥ 2^63 / n`` (n the sites the
-request names, :data:`SECURE_SITES`), so no sum of n entries leaves the int64 range and every sum decodes
-exactly: the server gets the plain float sum within n · 2^−(s+1) per entry (each site's rounding). With
-``s = 16``: a resolution of 1.5e−5 and a bound of 2^47 / n ≈ 1.4e14 / n per entry (a sum of squares of values
-up to 10^4 over 10^5 rows is 10^13: inside it for up to 14 sites).
+Floats are summed in two-lane fixed point (:data:`FIXED_POINT_BITS` ``s = 40``): a site writes
+``q = round(v · 2^s) = high · 2^32 + low`` with ``0 ≤ low ≤ 2^32`` and sends the high lanes, then the low lanes, as
+int64 words (``client.secure_aggregation.to_fixed``): two words per entry. Low lanes sum exactly for any
+n < 2^31 sites; a site refuses any entry with ``|high| ≥ 2^63 / n`` (n the sites the request names,
+:data:`SECURE_SITES`), so no sum of high lanes leaves the int64 range: every sum decodes exactly, and the
+server gets the plain float sum within n · 2^−41 per entry (each site's rounding; ≈ 5e−13 · n) and the float64
+rounding of the decoded sum. The bound is ``|v| < 2^(95 − s) / n = 2^55 / n ≈ 3.6e16 / n`` per entry (a sum of
+squares of values up to 10^4 over 10^6 rows is 10^14). One lane at 2^−16 was tried first: Newton's
+convergence test at 1e−9 and a near-aliased Gram matrix amplified its rounding (a t statistic moved by 1e−4).
 
 Threat model: an honest-but-curious server that relays keys faithfully; the sum stays hidden from the server
 as long as two honest sites take part (pairwise), or against the server colluding with fewer than t sites
@@ -43,8 +46,10 @@ from shared.protocol import messages
 from shared.protocol import records as r
 from shared.secure_sum import unmask_sum
 
-FIXED_POINT_BITS = 16
-"""Fractional bits of floats summed in fixed point (resolution 2^−16 ≈ 1.5e−5; see the module docstring)."""
+FIXED_POINT_BITS = 40
+"""Fractional bits of floats summed in fixed point (resolution 2^−40 ≈ 9e−13; see the module docstring)."""
+LANE_BITS = 32
+"""Bits of an entry's low lane: the site sends ``q = round(v · 2^s)`` as ``q = high · 2^32 + low``."""
 SECURE_SCALE = "secure-scale-bits"
 """Request key: the fixed-point scale the site encodes floats with."""
 SECURE_SITES = "secure-sites"
@@ -60,8 +65,12 @@ class SecureProtocolError(RuntimeError):
 
 
 def from_fixed(total: np.ndarray, scale_bits: int = FIXED_POINT_BITS) -> np.ndarray:
-    """The float64 sums of an int64 fixed-point sum."""
-    return np.asarray(total, dtype=np.int64).astype(np.float64) / float(2 ** scale_bits)
+    """The float64 sums of a two-lane fixed-point sum (high lanes, then low lanes: module docstring)."""
+    total = np.asarray(total, dtype=np.int64).reshape(-1)
+    if total.size % 2:
+        raise ValueError(f"a two-lane fixed-point sum has an even number of words; got {total.size}")
+    high, low = np.split(total, 2)
+    return np.ldexp(high.astype(np.float64), LANE_BITS - scale_bits) + np.ldexp(low.astype(np.float64), -scale_bits)
 
 
 def value_bytes(value: object) -> int:
@@ -115,6 +124,7 @@ class SecureSession:
         self.lost: dict[int, str] = {}  # sites lost after the session began, and why
         self.threshold = 0  # the secure sums' Shamir threshold, fixed at the first one
         self.summed_nodes: list[int] = []  # the sites whose input is in the last sum
+        self.replies: dict[int, RecordDict] = {}  # their replies to the last summed request (facts, labels)
 
     def request_config(self, with_base: bool) -> ConfigRecord:
         """The config every request carries: the base config, or (rounds of the protocol) the session id only."""
@@ -199,7 +209,7 @@ class SecureSession:
         else:
             replies, failures = self.ask_all(message_type, extra, arrays)
             self.lose(failures)
-        self.summed_nodes = list(self.nodes)
+        self.summed_nodes, self.replies = list(self.nodes), replies
         parts = [replies[n][r.ARRAYS][name].numpy() for n in self.nodes]
         if bits is not None:
             parts = [wire_ints.unpack(part, bits) for part in parts]
@@ -239,6 +249,7 @@ class SecureSession:
             replies, failures = self.ask_all(message_type, {**extra, **roster_config,
                                                             h.SECURE_PARTICIPANTS: participants}, arrays, per_node)
             self.lose(failures)
+            self.replies = replies
             masked = {n: replies[n][r.ARRAYS][name].numpy() for n in self.nodes}
             if bits is not None:
                 masked = {n: wire_ints.unpack(part, bits) for n, part in masked.items()}
@@ -262,8 +273,8 @@ class SecureSession:
             return wire_ints.decode(total, bits, signed)
         return total.view(np.int64)
 
-    def summed_floats(self, message_type: messages.MessageName, extra: dict, arrays: ArrayRecord,
-                      name: str) -> np.ndarray:
-        """The float64 sum of one released float vector, sent in fixed point at :data:`FIXED_POINT_BITS`."""
-        total = self.summed(message_type, {**extra, SECURE_SCALE: FIXED_POINT_BITS}, arrays, name)
-        return from_fixed(total, FIXED_POINT_BITS)
+    def summed_floats(self, message_type: messages.MessageName, extra: dict, arrays: ArrayRecord, name: str,
+                      scale_bits: int = FIXED_POINT_BITS) -> np.ndarray:
+        """The float64 sum of one released float vector, sent in fixed point at ``scale_bits``."""
+        total = self.summed(message_type, {**extra, SECURE_SCALE: scale_bits}, arrays, name)
+        return from_fixed(total, scale_bits)

@@ -7,6 +7,7 @@ Flower Context per node, as ``tests/test_hist_wire.py`` does for histogram boost
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -125,15 +126,16 @@ def pooled_statistics(frames, nodes) -> SiteStatistics:
 
 
 def assert_same_encoder(encoder: FeatureEncoder, expected: FeatureEncoder) -> None:
-    """Equal within the fixed-point rounding: 3 sites × 2^-17 per summed entry, relative to the sums."""
+    """Equal within the fixed-point rounding (3 sites × 2^-41 per summed entry) and the float64 cancellation of
+    Σx² − sum² / n (module docstring of ``shared.statistics_vector``)."""
     assert encoder.feature_names_out_ == expected.feature_names_out_
     assert encoder.classes_ == expected.classes_
     for name, mean in expected.means_.items():
-        assert encoder.means_[name] == pytest.approx(mean, rel=1e-9, abs=1e-6), name
-        assert encoder.scales_[name] == pytest.approx(expected.scales_[name], rel=1e-7, abs=1e-6), name
+        assert encoder.means_[name] == pytest.approx(mean, rel=1e-12, abs=1e-12), name
+        assert encoder.scales_[name] == pytest.approx(expected.scales_[name], rel=1e-9, abs=1e-9), name
     for name, mean in expected.target_means_.items():
-        assert encoder.target_means_[name] == pytest.approx(mean, rel=1e-9, abs=1e-6), name
-        assert encoder.target_scales_[name] == pytest.approx(expected.target_scales_[name], rel=1e-7), name
+        assert encoder.target_means_[name] == pytest.approx(mean, rel=1e-12, abs=1e-12), name
+        assert encoder.target_scales_[name] == pytest.approx(expected.target_scales_[name], rel=1e-9), name
 
 
 def test_the_layout_vector_sums_to_the_pooled_statistics(frames):
@@ -241,9 +243,13 @@ def test_fixed_point_sums_decode_within_the_rounding_and_the_bound_is_refused():
     parts = [rng.normal(0, 1e6, 500) for _ in range(3)]
     config = ConfigRecord({sa.SECURE_SCALE: FIXED_POINT_BITS, sa.SECURE_SITES: 3})
     total = from_fixed(np.sum([sa.to_fixed(p, config) for p in parts], axis=0))
-    np.testing.assert_allclose(total, np.sum(parts, axis=0), rtol=0, atol=3 * 2.0 ** -(FIXED_POINT_BITS + 1))
-    bound = 2.0 ** 63 / 3 / 2 ** FIXED_POINT_BITS  # ≈ 4.7e13 for 3 sites at 2^-16
-    sa.to_fixed(np.array([bound * 0.999]), config)
+    exact = np.array([math.fsum(column) for column in zip(*parts, strict=True)])
+    error = np.abs(total - exact)  # each site's rounding, then the decoded sum's float64 rounding
+    assert np.all(error <= 3 * 2.0 ** -(FIXED_POINT_BITS + 1) + np.spacing(np.abs(exact)))
+    bound = 2.0 ** 63 / 3 * 2.0 ** (32 - FIXED_POINT_BITS)  # ≈ 1.2e16 for 3 sites at 2^-40
+    parts = [np.array([bound * 0.999, -bound * 0.999]) for _ in range(3)]
+    total = from_fixed(np.sum([sa.to_fixed(p, config) for p in parts], axis=0))  # wraps nowhere: the bound holds
+    np.testing.assert_allclose(total, [3 * bound * 0.999, -3 * bound * 0.999], rtol=1e-15)
     with pytest.raises(ShareableError, match="fixed-point bound 2\\^63 / 3 sites"):
         sa.to_fixed(np.array([1.0, -bound * 1.001]), config)
     with pytest.raises(ShareableError, match="not finite"):
