@@ -18,6 +18,8 @@ from scipy import stats
 
 from client import analytics as ca
 from client import secure_aggregation as sa
+from client.dp import SiteDP
+from client.ledger import PrivacyLedger
 from server.analytics_phase import AnalyticsSession, SecureGridAsker, run_analyses
 from server.analytics_plan import AnalyticsSettings, plan_for
 from shared.protocol import analytics as wire
@@ -59,8 +61,8 @@ class Request:
 class Grid:
     """Flower's Grid as far as the analytics phase uses it: each message to that node's real handler."""
 
-    def __init__(self, frames: dict[int, pd.DataFrame]) -> None:
-        self.frames = frames
+    def __init__(self, frames: dict[int, pd.DataFrame], dps: dict | None = None) -> None:
+        self.frames, self.dps = frames, dict(dps or {})
         self.contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
                          for n in frames}
         self.answers = {m.type: ca._answerer(m.action) for m in messages.ANALYTICS}
@@ -92,6 +94,7 @@ class Grid:
                 reply = self.rounds[kind](msg, context)
             else:
                 request = Request(Site(self.frames[node]), msg.content[r.CONFIG], context, f"clinic_{node}")
+                request.dp = self.dps.get(node)
                 reply = Message(self.answers[kind](msg, request), reply_to=msg)
         except ShareableError as err:
             reply = Message(Error(code=1, reason=str(err)), reply_to=msg)
@@ -107,8 +110,8 @@ def as_server_app(monkeypatch):
         monkeypatch.setattr(TaskIdentity, name, value)
 
 
-def secure_run(frames, mode, lost_at=None, settings=SETTINGS):
-    grid = Grid(frames)
+def secure_run(frames, mode, lost_at=None, settings=SETTINGS, dps=None):
+    grid = Grid(frames, dps)
     grid.lost_at = lost_at or {}
     plan = plan_for(settings.task(), settings.dp)
     session = AnalyticsSession(SecureGridAsker(grid, mode), list(frames), plan.queries(settings),
@@ -193,6 +196,27 @@ def test_pairwise_a_lost_site_fails_the_query_clearly_and_the_next_query_rekeys(
     assert grid.calls.count(messages.SECURE_KEYS.type) == 2  # fresh keys for the two sites left
     logistic = result["regression"]["logistic"]
     assert logistic and all(entry["sites"] == ["clinic_31", "clinic_32"] for entry in logistic.values())
+
+
+def test_a_dp_site_noises_before_masking_so_the_sum_holds_its_noise_and_its_ledger_is_charged_once(frames, tmp_path):
+    dp = SiteDP(PrivacyLedger.open(tmp_path / "ledger.json", 3.0, 1e-5), {"analytics": 1.0})
+    settings = AnalyticsSettings(analyses="describe", dp=True)
+    result, session, grid = secure_run(frames, "recovering", settings=settings, dps={33: dp})
+    assert result["describe"]["age_years"]["dp"] and result["describe"]["age_years"]["min"] is None
+    facts = session.privacy["clinic_33"]
+    assert facts["dp"] and facts["epsilon-spent"] == pytest.approx(facts["epsilon-planned"], rel=1e-3)  # one release
+    assert not session.privacy["clinic_31"]["dp"]
+    # the sum less the two exact sites' counts is site 33's count as it left the site: noised, within the noise
+    plan = plan_for(settings.task(), True)
+    columns = list(plan.columns)
+    exact = {n: ca.answer(messages.ANALYTICS_DESCRIBE.action, frames[n],
+                          {"columns": columns, "bins": settings.bins}, {"bounds": plan.bounds_array(columns)},
+                          None).arrays["count"] for n in NODES}
+    summed = np.array([result["describe"][c]["count"] for c in columns])
+    released = summed - exact[31] - exact[32]
+    assert np.all(np.abs(released - exact[33]) < 6 * facts["noise-sd"])
+    assert np.mean(np.abs(released - exact[33]) > 1e-6) > 0.9  # noise on (almost) every entry
+    assert result["describe"]["age_years"]["noise"]  # reported with the noise of the sum
 
 
 def test_the_analytics_run_takes_the_runs_secure_sum_mode_and_refuses_an_unknown_one():
