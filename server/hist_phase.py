@@ -5,7 +5,9 @@ KDD 2016, run on summed per-site histograms as in SecureBoost, Cheng et al. 2021
 histogram-based federated XGBoost), over Flower's Grid with query messages (records in, records out):
 
 1. ``query.hist_ranges`` — every site's per-feature min / max; the server keeps the overall ones.
-2. secure summation (``HistSettings.secure_sum``, default ``pairwise``): ``pairwise`` — ``query.hist_keys``
+2. secure summation (``HistSettings.secure_sum``, default ``pairwise``; the session is
+   ``server.secure_aggregation.SecureSession``, the one the statistics and analytics phases use, with its
+   rounds named ``query.hist_*`` here): ``pairwise`` — ``query.hist_keys``
    once: every site's X25519 public key, relayed to all with every later request, whose summed releases come
    back masked (``shared.secure_sum``: one exchange per release); ``recovering`` — every summed release below
    (counts and level histograms) runs the four rounds of Bonawitz et al.'s secure aggregation with dropout

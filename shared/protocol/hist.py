@@ -12,6 +12,8 @@ numbers.
 
 from __future__ import annotations
 
+# The secure-sum keys below are those of every summing phase's secure sum (``server.secure_aggregation``):
+# histogram boosting's, the statistics' and the analytics'.
 SECURE_SUM = "secure-sum"
 """True when the sites mask their summed releases (pairwise or recovering mode below)."""
 SECURE_RECOVERING = "secure-recovering"
