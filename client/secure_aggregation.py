@@ -29,7 +29,7 @@ import numpy as np
 from flwr.app import Array, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.site import SiteHandlers, error_reply
+from client.site import error_reply
 from shared import secagg_plus, secure_sum, wire_ints
 from shared.protocol import ErrorCode, messages
 from shared.protocol import hist as h
@@ -40,10 +40,7 @@ STATE_KEY = "secure-sum-recovering"
 """Context state of the recovering secure sum: this release's side of ``shared.secagg_plus``."""
 PAIRWISE_STATE_KEY = "secure-sum-pairwise"
 """Context state of the pairwise secure sum: the session's private key and the last mask label used."""
-SECURE_SCALE = "secure-scale-bits"
-"""Request key (``server.secure_aggregation.SECURE_SCALE``): the fixed-point scale of float vectors."""
-SECURE_SITES = "secure-sites"
-"""Request key (``server.secure_aggregation.SECURE_SITES``): how many sites the release is summed over."""
+SECURE_SCALE, SECURE_SITES = h.SECURE_SCALE, h.SECURE_SITES
 LANE_BITS = 32
 """Bits of the low lane of a two-lane fixed-point entry (:func:`to_fixed`)."""
 MAX_SCALE_BITS = 62
@@ -229,7 +226,7 @@ SECURE_ROUNDS = {messages.SECURE_KEYS: keys, messages.SECURE_SHARES: shares, mes
 """The same rounds, as the statistics and analytics phases name them (``server.secure_aggregation``)."""
 
 
-def register_secure_aggregation(client: ClientApp, handlers: SiteHandlers | None = None) -> None:
+def register_secure_aggregation(client: ClientApp) -> None:
     """Add the ``query.secure_*`` rounds to ``client`` (``query.hist_*`` rounds: ``client.hist_handlers``)."""
     for message, handler in SECURE_ROUNDS.items():
         client.query(message.action)(refusing(handler, ErrorCode.REQUEST))

@@ -80,4 +80,4 @@ def register_secure_statistics(client: ClientApp, handlers: SiteHandlers) -> Non
     """Add ``query.statistics_layout``, ``query.statistics_masked`` and the ``query.secure_*`` rounds."""
     client.query(messages.STATISTICS_LAYOUT.action)(handlers(layout, ErrorCode.REQUEST))
     client.query(messages.STATISTICS_MASKED.action)(handlers(masked_statistics, ErrorCode.REQUEST))
-    register_secure_aggregation(client, handlers)
+    register_secure_aggregation(client)

@@ -50,10 +50,7 @@ FIXED_POINT_BITS = 40
 """Fractional bits of floats summed in fixed point (resolution 2^−40 ≈ 9e−13; see the module docstring)."""
 LANE_BITS = 32
 """Bits of an entry's low lane: the site sends ``q = round(v · 2^s)`` as ``q = high · 2^32 + low``."""
-SECURE_SCALE = "secure-scale-bits"
-"""Request key: the fixed-point scale the site encodes floats with."""
-SECURE_SITES = "secure-sites"
-"""Request key: how many sites are summed, so a site can check its entries cannot overflow the sum."""
+SECURE_SCALE, SECURE_SITES = h.SECURE_SCALE, h.SECURE_SITES
 
 
 class SecureProtocolError(RuntimeError):
