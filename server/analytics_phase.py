@@ -112,7 +112,7 @@ from shared.metrics import json_safe
 from shared.protocol import analytics as wire
 from shared.protocol import messages, records
 from shared.protocol.analytics import MIN_CELL_COUNT
-from shared.protocol.hist import secure_sum_mode
+from shared.protocol.hist import SECURE_NODES, secure_sum_mode
 from shared.protocol.messages import MessageName
 from shared.protocol.privacy import RELEASE_INDEX, RELEASE_WEIGHTS, RELEASES, RunPlan
 from shared.protocol.records import SITE_NAME
@@ -883,8 +883,8 @@ class SecureGridAsker:
         self.error = ""
 
     def _session(self, sites: list[int]) -> SecureSession:
-        """The run's session; a fresh one (new keys) whenever the sites changed under pairwise masks."""
-        if self.session is None or (self.mode == "pairwise" and self.session.nodes != sites):
+        """The run's session; a fresh one (new keys) whenever the sites differ from the pairwise key table's."""
+        if self.session is None or (self.mode == "pairwise" and self.session.base.get(SECURE_NODES) != sites):
             self.session = SecureSession(self.grid, sites, self.mode, threshold=self.threshold)
             if self.mode == "pairwise":
                 self.session.exchange_keys()

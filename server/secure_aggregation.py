@@ -199,6 +199,12 @@ class SecureSession:
         """
         extra = {**extra, h.SECURE_SEQUENCE: self.sequence, SECURE_SITES: len(self.nodes)}
         self.sequence += 1
+        keyed = [int(n) for n in self.base.get(h.SECURE_NODES, [])]
+        if self.mode == "pairwise" and keyed != self.nodes:  # every site of the key table must answer
+            node = next((n for n in keyed if n not in self.nodes), -1)
+            reason = self.lost.get(node, "not in the session") if node >= 0 else "no key exchange before the sum"
+            raise SecureProtocolError(node, f"{reason}; lost after the pairwise key exchange, its masks would stay "
+                                            "in the sum")
         if self.mode == "recovering":
             return self.securely_summed(message_type, extra, arrays, name, bits, signed)
         if self.mode == "pairwise":

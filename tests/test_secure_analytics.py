@@ -198,6 +198,16 @@ def test_pairwise_a_lost_site_fails_the_query_clearly_and_the_next_query_rekeys(
     assert logistic and all(entry["sites"] == ["clinic_31", "clinic_32"] for entry in logistic.values())
 
 
+def test_pairwise_a_site_lost_in_the_anova_labels_round_fails_anova_not_a_silent_sum_and_pca_rekeys(frames):
+    settings = AnalyticsSettings(analyses="describe,anova,pca")
+    result, session, grid = secure_run(frames, "pairwise", {32: (messages.ANALYTICS_ANOVA.type, 1, False)}, settings)
+    assert "node 32" in result["skipped"]["anova"] and "masks would stay in the sum" in result["skipped"]["anova"]
+    assert result["anova"] is None and result["pca"]["sites"] == ["clinic_31", "clinic_33"]
+    survivors = run_in_process({f"clinic_{n}": frames[n] for n in (31, 33)}, AnalyticsSettings(analyses="pca"))
+    np.testing.assert_allclose(result["pca"]["eigenvalues"], survivors["pca"]["eigenvalues"], rtol=1e-9)
+    assert grid.calls.count(messages.SECURE_KEYS.type) == 2
+
+
 def test_a_dp_site_noises_before_masking_so_the_sum_holds_its_noise_and_its_ledger_is_charged_once(frames, tmp_path):
     dp = SiteDP(PrivacyLedger.open(tmp_path / "ledger.json", 3.0, 1e-5), {"analytics": 1.0})
     settings = AnalyticsSettings(analyses="describe", dp=True)
