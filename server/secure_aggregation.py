@@ -8,7 +8,7 @@ run's ``secure-sum`` mode (``shared.protocol.hist.SECURE_SUM_MODES``):
   exchange (:meth:`SecureSession.exchange_keys`) per session, then one exchange per release; a site lost
   after the key exchange leaves its masks in the sum, so the sum fails with :class:`SecureProtocolError`;
 - ``recovering`` — the same paper's full protocol with dropout recovery (``shared.secagg_plus``: X25519 key
-  agreement, AES-GCM channels, Shamir-shared mask keys and self-mask seeds): keys, shares, the masked input,
+  agreement, ChaCha20-Poly1305 channels, Shamir-shared mask keys and self-mask seeds): keys, shares, the masked input,
   unmasking, four exchanges per release; the sum survives up to n − t sites lost in any round (t the Shamir
   threshold, ⌊n/2⌋ + 1 by default) and is that of the sites whose masked input arrived.
 
@@ -18,7 +18,7 @@ the statistics phase (``server.statistics_phase``) and the analytics phase (``se
 directly, each release batching all the arrays of one answer into one vector.
 
 Floats are summed in two-lane fixed point (:data:`FIXED_POINT_BITS` ``s = 40``): a site writes
-``q = round(v · 2^s) = high · 2^32 + low`` with ``0 ≤ low ≤ 2^32`` and sends the high lanes, then the low lanes, as
+``q = round(v · 2^s) = high · 2^32 + low`` with ``0 ≤ low < 2^32`` and sends the high lanes, then the low lanes, as
 int64 words (``client.secure_aggregation.to_fixed``): two words per entry. Low lanes sum exactly for any
 n < 2^31 sites; a site refuses any entry with ``|high| ≥ 2^63 / n`` (n the sites the request names,
 :data:`SECURE_SITES`), so no sum of high lanes leaves the int64 range: every sum decodes exactly, and the
