@@ -189,6 +189,18 @@ def test_what_needs_each_sites_update_refuses_pairwise_masking_at_settings_time(
         make_strategy("bulyan", n_sites=10, masked=True)
 
 
+def test_simulate_refuses_pairwise_ann_masking_with_a_robust_strategy_before_anything_runs(tmp_path):
+    from typer.testing import CliRunner
+
+    from fednano.cli import app
+
+    result = CliRunner().invoke(app, ["simulate", "--strategy", "multikrum", "--ann-secure-sum", "pairwise",
+                                      "--out", str(tmp_path / "out")])
+    words = " ".join(result.output.replace("│", " ").split())  # rich's error box, unwrapped
+    assert result.exit_code == 2 and "multikrum ranks, scores or trims each site's update" in words
+    assert not (tmp_path / "out").exists()
+
+
 def test_masking_follows_secure_sum_by_default_and_needs_two_sites():
     assert DEFAULTS.ann_secure_sum == "auto" and DEFAULTS.ann_masking(3)[0]
     assert DEFAULTS.ann_masking(1) == (False, "1 site trains: a masked sum needs at least 2 to hide each site "
