@@ -66,6 +66,9 @@ MAX_ERRORS_REPORTED = 5
 _STATE_ROWS = "dp-noised-rows"
 PAIRWISE_STATE_KEY = "ann-pairwise-sum"
 """Context state of the masked ANN rounds: the session, its private key, the last round masked in it."""
+MASKED_ROUNDS_KEY = "ann-masked-rounds"
+"""Context state (kept on the site's disk for a resumed run, ``client.run_state``): per round this run masked, the
+roster it was masked among."""
 def site_check(msg: Message, context: Context, handlers: SiteHandlers) -> Message:
     """Validate this node's site and say its privacy terms for the run announced in the message."""
     source = handlers.source(context)
@@ -204,9 +207,19 @@ def masked_weights(request: SiteRequest, received: ArrayRecord, trained: ArrayRe
     peers = dict(zip((int(n) for n in config[SECURE_NODES]), map(bytes, config[SECURE_KEYS]), strict=True))
     if request.context.node_id not in peers:
         raise secure_sum.SecureSumError("this site is not in the round's roster of mask keys")
+    roster = ",".join(str(n) for n in sorted(peers))
+    masked_rounds = request.context.state.get(MASKED_ROUNDS_KEY)
+    run = str(request.context.run_id)
+    if masked_rounds is None or str(masked_rounds["run-id"]) != run:
+        masked_rounds = request.context.state[MASKED_ROUNDS_KEY] = ConfigRecord({"run-id": run})
+    if str(this_round) in masked_rounds and str(masked_rounds[str(this_round)]) != roster:
+        raise secure_sum.SecureSumError(f"round {this_round} was masked before among other sites: its (seeded, so "
+                                        "identical) weights summed over a second set of sites would reveal the "
+                                        "sites in one set and not the other; refusing")
     layout = ann_fixed_point.layout_of({k: a.numpy() for k, a in received.items()})
     words = ann_fixed_point.encode({k: a.numpy() for k, a in trained.items()}, weight, layout, len(peers))
     state["last-round"] = this_round  # before masking: a failure after this never lets the label be used again
+    masked_rounds[str(this_round)] = roster
     masked = secure_sum.mask(words, bytes(state["private-key"]), request.context.node_id, peers,
                              f"{session}/{this_round}")
     return ArrayRecord({MASKED: Array(np.asarray(masked, dtype=np.uint64))})

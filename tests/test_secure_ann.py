@@ -159,6 +159,21 @@ def test_a_site_refuses_a_mask_label_it_has_used_and_a_round_without_its_key(tas
         sites.answer(stranger, site_weights(1), 10)
 
 
+def test_a_round_asked_again_among_other_sites_is_refused_so_two_sums_cannot_be_subtracted(task_identity):
+    """A resumed run asks its interrupted round again, under a new key exchange: with the same sites the sum is the
+    same; with one site fewer, the difference of the two sums would be that site's weights."""
+    sites = Sites()
+    arrays = ArrayRecord({k: Array(v) for k, v in site_weights(0).items()})
+    first = PairwiseMaskedMean(FedAvg(), NODES)
+    sites.answer(to_node(first.configure_train(2, arrays, ConfigRecord(), sites), 11), site_weights(1), 10)
+    again = PairwiseMaskedMean(FedAvg(), NODES)  # the resumed coordinator: a new session, the same roster
+    sites.answer(to_node(again.configure_train(2, arrays, ConfigRecord(), sites), 11), site_weights(1), 10)
+    fewer = PairwiseMaskedMean(FedAvg(), (11, 12))
+    with pytest.raises(ss.SecureSumError, match="round 2 was masked before among other sites"):
+        sites.answer(to_node(fewer.configure_train(2, arrays, ConfigRecord(), sites), 11), site_weights(1), 10)
+    sites.answer(to_node(fewer.configure_train(3, arrays, ConfigRecord(), sites), 11), site_weights(1), 10)
+
+
 def test_weights_past_the_fixed_point_bound_are_refused_without_naming_a_value():
     layout = fp.layout_of({"w": np.zeros(3)})
     huge = {"w": np.array([0.5, 81_234.5, -2.0])}
