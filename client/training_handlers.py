@@ -55,6 +55,7 @@ from shared.protocol.training import (
     SECURE_KEYS,
     SECURE_NODES,
     SECURE_SESSION,
+    SECURE_SITES,
     AnnTraining,
     TrainReply,
     proximal_mu,
@@ -207,7 +208,7 @@ def masked_weights(request: SiteRequest, received: ArrayRecord, trained: ArrayRe
     peers = dict(zip((int(n) for n in config[SECURE_NODES]), map(bytes, config[SECURE_KEYS]), strict=True))
     if request.context.node_id not in peers:
         raise secure_sum.SecureSumError("this site is not in the round's roster of mask keys")
-    roster = ",".join(str(n) for n in sorted(peers))
+    roster = ",".join(sorted(str(name) for name in config.get(SECURE_SITES, list(peers))))
     masked_rounds = request.context.state.get(MASKED_ROUNDS_KEY)
     run = str(request.context.run_id)
     if masked_rounds is None or str(masked_rounds["run-id"]) != run:

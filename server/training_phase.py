@@ -126,7 +126,7 @@ def train_ann(grid: Grid, sites: SiteCheck, task: TaskSpec, encoder: FeatureEnco
                                            clip_norm=settings.clip_norm,
                                            clip_median_factor=settings.clip_median_factor,
                                            central=settings.central_dp_parameters(),
-                                           masked=masked, masked_nodes=trainers),
+                                           masked=masked, masked_nodes=trainers, site_names=sites.usable),
                              on_round=on_round, train_nodes=trainers, evaluate_nodes=evaluators,
                              final_round_only=dp, final_round=settings.num_server_rounds,
                              on_progress=write_progress,

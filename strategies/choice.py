@@ -24,7 +24,7 @@ Evaluation replies carry sums (``shared.metrics`` summaries), so every strategy 
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
 
@@ -40,7 +40,8 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", *ROBUST_STRATEGIES)
 def make_strategy(name: str, n_sites: int, proximal_mu: float = 0.1, server_lr: float = 0.05,
                   robust: RobustParameters | None = None, clip_norm: float = 0.0,
                   clip_median_factor: float = 0.0, central: CentralDPParameters | None = None,
-                  masked: bool = False, masked_nodes: Collection[int] | None = None) -> Strategy:
+                  masked: bool = False, masked_nodes: Collection[int] | None = None,
+                  site_names: Mapping[int, str] | None = None) -> Strategy:
     """Flower strategy ``name`` that trains and evaluates on every connected site each round.
 
     ``n_sites`` (the usable sites) is what a round expects, but a round goes on with the sites still
@@ -52,7 +53,8 @@ def make_strategy(name: str, n_sites: int, proximal_mu: float = 0.1, server_lr: 
     :class:`strategies.update_clipping.MedianNormClipping` (not both: ``ValueError``). ``central`` wraps it in
     :class:`strategies.central_dp.CentralDP` over ``n_sites`` (``ValueError`` saying why for a strategy that is not a
     mean, or with update-norm clipping too). ``masked`` wraps it in
-    :class:`strategies.pairwise_masked_mean.PairwiseMaskedMean` among ``masked_nodes`` (``ValueError`` saying why
+    :class:`strategies.pairwise_masked_mean.PairwiseMaskedMean` among ``masked_nodes``, named by ``site_names``
+    (``ValueError`` saying why
     for a strategy, clipping or central DP that needs each site's update)."""
     if masked and (problem := masking_problem(name, clip_norm, clip_median_factor,
                                               central.mechanism if central is not None else "")):
@@ -64,7 +66,7 @@ def make_strategy(name: str, n_sites: int, proximal_mu: float = 0.1, server_lr: 
                          f"median-based one; got {clip_norm} and {clip_median_factor}")
     strategy = _named_strategy(name, n_sites, proximal_mu, server_lr, robust)
     if masked:
-        return PairwiseMaskedMean(strategy, masked_nodes)
+        return PairwiseMaskedMean(strategy, masked_nodes, site_names)
     if central is not None:
         return CentralDP(strategy, central, n_sites)
     if clip_median_factor > 0:

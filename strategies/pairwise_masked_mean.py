@@ -14,7 +14,9 @@ Protocol. Once per phase (the first round; again only after a round lost a site)
 keeps the private key in its context state. Every training message then carries the session, the roster's node
 ids and public keys; a site masks under the label ``<session>/<server-round>`` and refuses a round number not
 above the last it masked in the session (one mask is never used twice: two releases under one mask give away
-their difference). Sites that fail the key exchange are left out of the phase and named.
+their difference), and a round it masked before among another set of sites (a resumed run asks its interrupted
+round again, under a new session, with the same seeded weights: two sums over different sets would give away the
+sites in one and not the other). Sites that fail the key exchange are left out of the phase and named.
 
 What it protects, and from whom. Threat model: an honest-but-curious coordinator that relays keys faithfully (no
 man-in-the-middle; the SuperNodes' TLS and authentication are the deployment's), and sites that follow the
@@ -35,7 +37,7 @@ trimmed means), update-norm clipping, and central DP's server-side clipping.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from logging import INFO, WARNING
 
 import numpy as np
@@ -89,6 +91,9 @@ class PairwiseMaskedMean(Strategy):
         it samples the nodes, configures the rounds and turns the mean into the next global model.
     nodes : collection of int, optional (default: None, every node the strategy samples)
         The nodes that train (the key exchange and the masks are among these only).
+    names : mapping of int to str, optional (default: None, the node ids)
+        The sites' names by node id, sent with the roster: a site compares the roster of a round it is asked again
+        by name, since node ids change when a run resumes.
 
     Attributes
     ----------
@@ -102,12 +107,14 @@ class PairwiseMaskedMean(Strategy):
         Rounds that produced no aggregate because a site of the roster did not answer, and why.
     """
 
-    def __init__(self, strategy: FedAvg, nodes: Collection[int] | None = None) -> None:
+    def __init__(self, strategy: FedAvg, nodes: Collection[int] | None = None,
+                 names: Mapping[int, str] | None = None) -> None:
         if not isinstance(strategy, FedAvg):
             raise TypeError(f"pairwise masking takes the weighted mean of FedAvg and its subclasses; got "
                             f"{type(strategy).__name__}")
         self.strategy = strategy
         self.nodes = None if nodes is None else set(nodes)
+        self.names = dict(names or {})
         self.session = ""
         self.roster: dict[int, bytes] = {}
         self.key_exchanges = 0
@@ -149,14 +156,15 @@ class PairwiseMaskedMean(Strategy):
         sent = [m for m in self.strategy.configure_train(server_round, arrays, config, grid)
                 if self.nodes is None or m.metadata.dst_node_id in self.nodes]
         candidates = sorted(m.metadata.dst_node_id for m in sent if m.metadata.dst_node_id not in self.excluded)
-        if set(candidates) != set(self.roster):
+        if set(candidates) != set(self.roster) or not self.roster:
             self.exchange_keys(grid, candidates)
         self._layout = ann_fixed_point.layout_of({k: a.numpy() for k, a in arrays.items()})
         sent = [m for m in sent if m.metadata.dst_node_id in self.roster]
         for message in sent:  # Flower's strategies give every message one content: one new config for all
             secured = ConfigRecord(dict(message.content[self.strategy.configrecord_key]))
             secured.update({t.SECURE_SESSION: self.session, t.SECURE_NODES: list(self.roster),
-                            t.SECURE_KEYS: list(self.roster.values())})
+                            t.SECURE_KEYS: list(self.roster.values()),
+                            t.SECURE_SITES: [self.names.get(n, str(n)) for n in self.roster]})
             content = RecordDict(dict(message.content))
             content[self.strategy.configrecord_key] = secured
             message.content = content
@@ -166,6 +174,8 @@ class PairwiseMaskedMean(Strategy):
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         answered = {m.metadata.src_node_id: m for m in replies if not m.has_error()}
+        if not self.roster:
+            return None, None
         missing = [node for node in self.roster if node not in answered]
         if missing:
             reasons = {m.metadata.src_node_id: m.error.reason for m in replies if m.has_error()}

@@ -174,6 +174,30 @@ def test_a_round_asked_again_among_other_sites_is_refused_so_two_sums_cannot_be_
     sites.answer(to_node(fewer.configure_train(3, arrays, ConfigRecord(), sites), 11), site_weights(1), 10)
 
 
+def test_a_repeated_round_is_compared_by_site_name_since_a_resumed_run_has_new_node_ids(task_identity):
+    sites = Sites()
+    arrays = ArrayRecord({k: Array(v) for k, v in site_weights(0).items()})
+    names = {11: "clinic_00", 12: "clinic_01", 13: "clinic_02"}
+    first = PairwiseMaskedMean(FedAvg(), NODES, names)
+    sites.answer(to_node(first.configure_train(2, arrays, ConfigRecord(), sites), 11), site_weights(1), 10)
+    resumed = PairwiseMaskedMean(FedAvg(), NODES, {11: "clinic_00", 12: "clinic_02", 13: "clinic_01"})
+    sites.answer(to_node(resumed.configure_train(2, arrays, ConfigRecord(), sites), 11), site_weights(1), 10)
+    other = PairwiseMaskedMean(FedAvg(), NODES, {**names, 13: "clinic_07"})
+    with pytest.raises(ss.SecureSumError, match="masked before among other sites"):
+        sites.answer(to_node(other.configure_train(2, arrays, ConfigRecord(), sites), 11), site_weights(1), 10)
+
+
+def test_when_every_site_of_the_roster_is_lost_the_next_round_stops_with_the_reason(task_identity):
+    sites = Sites()
+    arrays = ArrayRecord({k: Array(v) for k, v in site_weights(0).items()})
+    strategy = PairwiseMaskedMean(FedAvg(), NODES)
+    sent = list(strategy.configure_train(1, arrays, ConfigRecord(), sites))
+    assert strategy.aggregate_train(1, [Message(Error(code=0, reason="refused"), reply_to=m) for m in sent]) == \
+        (None, None)
+    with pytest.raises(SecureAnnError, match="0 answered the key exchange"):
+        list(strategy.configure_train(2, arrays, ConfigRecord(), sites))
+
+
 def test_weights_past_the_fixed_point_bound_are_refused_without_naming_a_value():
     layout = fp.layout_of({"w": np.zeros(3)})
     huge = {"w": np.array([0.5, 81_234.5, -2.0])}
