@@ -70,6 +70,8 @@ PAIRWISE_STATE_KEY = "ann-pairwise-sum"
 MASKED_ROUNDS_KEY = "ann-masked-rounds"
 """Context state (kept on the site's disk for a resumed run, ``client.run_state``): per round this run masked, the
 roster it was masked among."""
+
+
 def site_check(msg: Message, context: Context, handlers: SiteHandlers) -> Message:
     """Validate this node's site and say its privacy terms for the run announced in the message."""
     source = handlers.source(context)
@@ -197,7 +199,9 @@ def masked_weights(request: SiteRequest, received: ArrayRecord, trained: ArrayRe
                    this_round: int) -> ArrayRecord:
     """The trained weights as the masked sum's words: ``weight · w`` and ``weight`` in fixed point
     (``shared.ann_fixed_point``, refused past its bound), masked among the roster under ``<session>/<round>``.
-    A round not above the last one masked in the session is refused: one mask is never used twice."""
+    A round not above the last one masked in the session is refused (one mask is never used twice), and so is a
+    round this run masked before among other sites (by name): a resumed run's repeated round, whose seeded weights
+    are the same, summed over a second set of sites would give away the difference."""
     config, state = request.config, request.context.state.get(PAIRWISE_STATE_KEY)
     session = str(config[SECURE_SESSION])
     if state is None or str(state["session"]) != session:
