@@ -26,6 +26,7 @@ PUBLIC_RELEASES = {
     "hist_keys": "fresh public keys for the secure sum",
     "hist_shares": "Shamir shares of fresh random secrets, encrypted to each peer",
     "hist_unmask": "shares of other sites' random secrets, as the secure sum's unmasking needs",
+    "ann_keys": "a fresh public key for the masked sum of the ANN rounds",
 }
 """Messages a DP site answers without noise, and why that answer is not derived from patient rows."""
 
