@@ -45,6 +45,7 @@ class InProcessGrid:
         from flwr.app import Context, RecordDict
 
         from client import hist_handlers as hh
+        from client import secure_aggregation
         from shared.protocol import messages
 
         self.sites = sites
@@ -53,7 +54,7 @@ class InProcessGrid:
         answers = {messages.HIST_RANGES: hh.answer_ranges, messages.HIST_BINS: hh.answer_counts(hh.bin_counts),
                    messages.HIST_CELLS: hh.answer_counts(hh.partition_counts), messages.HIST_LEVEL: hh.answer_level}
         self.answers = {m.type: hh.session_answer(a) for m, a in answers.items()}
-        self.keys, self.keys_type = hh.keys, messages.HIST_KEYS.type
+        self.keys, self.keys_type = secure_aggregation.keys, messages.HIST_KEYS.type
 
     def send_and_receive(self, sent):
         from flwr.app import Error, Message

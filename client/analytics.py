@@ -44,6 +44,14 @@ query and refuses a run it cannot finish. Values released without DP (exact mome
 log-likelihood) are never sent by a DP site. Group labels (formulation ids) are sent as text: they are the
 site's catalogue, treated as public site-level information, not patient data.
 
+Secure sum. When the request says ``secure-sum`` (pairwise or recovering, ``server.secure_aggregation``), the
+site sends only what adds up: its blocks (noised first under DP, so the noise is added before masking), the
+suppressed 2-D histogram in place of its block without DP, the exact extras that are sums (log-likelihood,
+inertia) in a run without DP sites, and never min, max or centred moments (not sums), all as one fixed-point
+vector masked by ``client.secure_aggregation`` (:func:`secure_reply`); names and shapes travel in the clear. A
+query with group labels (ANOVA) is asked twice: once for the labels only (nothing released, nothing charged),
+then with the union of every site's groups (``groups``), which every site lays its blocks out by.
+
 Small cells. Without DP a site's aggregates are exact and a small group (one patient's cycles) can be
 read off them, as with any exact table. The plot's 2-D histogram, which has no other use, suppresses cells
 under ``MIN_CELL_COUNT`` rows at the site.
@@ -57,15 +65,18 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from flwr.app import Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.clientapp import ClientApp
 from scipy.special import expit, log_expit
 
 from client.dp import Block, PhaseRelease, gaussian_release, sensitivity
+from client.secure_aggregation import masked_floats
 from client.site import SiteHandlers, SiteRequest
 from shared.analytics import inertia_bound
 from shared.protocol import ErrorCode, messages
 from shared.protocol import analytics as wire
+from shared.protocol import hist as h
+from shared.protocol import records as r
 from shared.protocol.analytics import MIN_CELL_COUNT
 from shared.protocol.errors import ShareableError
 from shared.protocol.privacy import RELEASE_INDEX, RELEASE_WEIGHTS, RELEASES
@@ -441,8 +452,30 @@ def _logistic_request(frame, config, arrays) -> Release:
 
 
 def _anova_request(frame, config, arrays) -> Release:
-    """``analytics_anova``: response and factor names, the response's range."""
-    return group_moments(frame, str(config["response"]), str(config["factor"]), arrays["bounds"])
+    """``analytics_anova``: response and factor names, the response's range; with ``groups`` (a secure sum), the
+    blocks laid out by those groups (a group the site lacks counts 0; one it has outside them is refused)."""
+    release = group_moments(frame, str(config["response"]), str(config["factor"]), arrays["bounds"])
+    if SECURE_GROUPS in config:
+        release = in_groups(release, [str(g) for g in config[SECURE_GROUPS]])
+    return release
+
+
+def in_groups(release: Release, groups: list[str]) -> Release:
+    """A per-group release laid out by ``groups``; a ShareableError when the site has a group outside them."""
+    own = release.labels["groups"]
+    outside = set(own) - set(groups)
+    if outside:
+        raise ShareableError(f"{len(outside)} of the site's groups are not among the {len(groups)} requested")
+    at = [groups.index(g) for g in own]
+
+    def spread(values: np.ndarray) -> np.ndarray:
+        out = np.zeros(len(groups))
+        out[at] = values
+        return out
+
+    blocks = {name: Block(spread(np.asarray(b.values, dtype=np.float64)), b.scale, b.touched)
+              for name, b in release.blocks.items()}
+    return Release(blocks, {name: spread(v) for name, v in release.exact.items()}, {"groups": list(groups)})
 
 
 def _pca_request(frame, config, arrays) -> Release:
@@ -534,7 +567,53 @@ def register_analytics(client: ClientApp, handlers: SiteHandlers) -> None:
 def _answerer(name: str) -> Callable[[Message, SiteRequest], RecordDict]:
     def answer_query(msg: Message, request: SiteRequest) -> RecordDict:
         config, arrays = wire.request_parts(msg.content)
+        if bool(config.get(h.SECURE_SUM, False)):
+            return secure_reply(name, request, config, arrays)
         result = answer(name, request.site.episodes, config, arrays, analytics_release(request))
         return wire.reply(result.arrays, result.labels, result.meta, request.name)
 
     return answer_query
+
+
+SECURE_GROUPS = "groups"
+"""Request key of a secure ANOVA: the union of the sites' groups, which every site lays its blocks out by."""
+EXACT_EXTRAS = "exact-extras"
+"""Request key of a secure query in a run without DP sites: send the exact extras that are sums too."""
+NOT_SUMS = frozenset({"min", "max", "raw-sum", "m2"})
+"""Exact extras no secure sum carries: min and max are not sums, centred moments are merged by Chan et al."""
+LABELS_ONLY = "labels-only"
+"""Request key: answer the query's labels only (the first step of a secure query with labels)."""
+
+
+def secure_arrays(query: str, frame: pd.DataFrame, config: Mapping[str, Any], arrays: Mapping[str, np.ndarray],
+                  release: PhaseRelease | None) -> Answer:
+    """What a site sends through the secure sum: its blocks (noised under DP), the exact extras that replace a
+    block without DP (the suppressed 2-D histogram) and, when the run has no DP site (``exact-extras``: every
+    site's answer has them), the exact extras that are sums (log-likelihood, inertia); never :data:`NOT_SUMS`."""
+    if release is not None:
+        return answer(query, frame, config, arrays, release)
+    computed = REQUESTS[query](frame, config, arrays)
+    sent = {name: np.asarray(b.values, dtype=np.float64) for name, b in computed.blocks.items()}
+    extras = bool(config.get(EXACT_EXTRAS, False))
+    sent.update({name: np.asarray(v, dtype=np.float64) for name, v in computed.exact.items()
+                 if name in sent or (extras and name not in NOT_SUMS)})
+    return Answer(sent, computed.labels, {"dp": False})
+
+
+def secure_reply(query: str, request: SiteRequest, config: dict[str, Any], arrays: dict[str, np.ndarray]
+                 ) -> RecordDict:
+    """A query answered for the secure sum (module docstring): labels only when asked, else every array of the
+    answer in one masked fixed-point vector (``wire.SECURE_VALUES``), its names and shapes in the clear."""
+    if query not in REQUESTS:
+        raise ShareableError(f"unknown analytics query {query!r}; known: {', '.join(REQUESTS)}")
+    if bool(config.get(LABELS_ONLY, False)):
+        return wire.reply({}, REQUESTS[query](request.site.episodes, config, arrays).labels, {"dp": False},
+                          request.name)
+    result = secure_arrays(query, request.site.episodes, config, arrays, analytics_release(request))
+    names = sorted(result.arrays)
+    vector = np.concatenate([np.asarray(result.arrays[n], dtype=np.float64).reshape(-1) for n in names] or
+                            [np.zeros(0)])
+    content = wire.reply({}, result.labels, {**result.meta, wire.SECURE_LAYOUT: wire.layout_text(
+        {n: list(np.shape(result.arrays[n])) for n in names})}, request.name)
+    content[r.ARRAYS] = ArrayRecord({wire.SECURE_VALUES: masked_floats(vector, ConfigRecord(config), request.context)})
+    return content

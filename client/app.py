@@ -14,6 +14,8 @@ Which site this node is, and the one shape of every answer (load, validate, repl
 | ``query.dose_response_*`` (structured dose-response models) | :mod:`client.dose_response_handlers` |
 | ``query.catalogue``, ``query.install_policy`` | :mod:`client.policy_handlers` |
 | ``query.analytics_*`` | :mod:`client.analytics` |
+| ``query.statistics_layout``, ``query.statistics_masked`` (masked statistics) | :mod:`client.secure_statistics` |
+| ``query.secure_*`` (the secure sum's key, share and unmask rounds) | :mod:`client.secure_aggregation` |
 
 Never a row of data leaves: only weights, counts, sums and histograms (noised where the site is under DP),
 and error replies that name the site, file, column, row numbers and rule.
@@ -33,6 +35,7 @@ from client.dose_response_handlers import register_dose_response
 from client.hist_handlers import register_hist
 from client.personalisation_handlers import register_personalisation
 from client.policy_handlers import register_policy
+from client.secure_statistics import register_secure_statistics
 from client.site import SiteHandlers, SiteSource
 from client.training_handlers import register_training
 
@@ -75,7 +78,8 @@ def make_client_app(sites: list[SiteSource] | None = None, mods: list | None = N
               else SimulatedClientApp(sites, mods, token or uuid.uuid4().hex))
     handlers = SiteHandlers(sites)
     for register in (register_training, register_personalisation, register_boosting, register_hist,
-                     register_adjustment, register_dose_response, register_policy, register_analytics):
+                     register_adjustment, register_dose_response, register_policy, register_analytics,
+                     register_secure_statistics):
         register(client, handlers)
     return client
 

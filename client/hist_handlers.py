@@ -5,6 +5,9 @@ The site side of ``server.hist_phase`` (the protocol and its sources are describ
 federated encoder; what leaves the site is per-feature minima and maxima, grid counts and per-node
 histograms: sums over rows, never a row.
 
+The secure sum (masking, and the key, share and unmask rounds below) is ``client.secure_aggregation``, the one
+site side of the protocol the statistics and analytics phases use too; here it answers as ``query.hist_*``.
+
 - ``query.hist_keys`` with pairwise masks (the default secure sum): a fresh X25519 key pair for this session
   (``shared.secure_sum``); the private key stays in the node's context state, the public key goes to the
   server, and every summed answer after it is masked under the session's next label.
@@ -55,10 +58,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.clientapp import ClientApp
 
 from client.dp import Block, PhaseRelease
-from client.site import SiteHandlers, SiteRequest, error_reply
+from client.secure_aggregation import SECURE_AGGREGATION, masked, refusing
+from client.site import SiteHandlers, SiteRequest
 from client.split import encode, split_site
 from shared import hist_boosting as hb
-from shared import hist_wire, secagg_plus, secure_sum, wire_ints
+from shared import hist_wire
 from shared.boosting import head_labels
 from shared.bounds import declared_range
 from shared.encoding import ENCODER_CONFIG_KEY, FeatureEncoder
@@ -77,10 +81,6 @@ from shared.protocol.boosting import head_from_config
 from shared.protocol.errors import ShareableError
 from shared.protocol.privacy import RELEASE_INDEX, RELEASES
 
-STATE_KEY = "hist-secure-sum"
-"""Context state of the recovering secure sum: this release's side of ``shared.secagg_plus``."""
-PAIRWISE_STATE_KEY = "hist-pairwise-sum"
-"""Context state of the pairwise secure sum: the session's private key and the last mask label used."""
 SESSION_KEY = "hist-session"
 """Context state: the session id, the encoder (JSON), the kept model's head and rounds."""
 THRESHOLDS_KEY = "hist-thresholds"
@@ -262,79 +262,6 @@ def check_unsent(histograms: np.ndarray, sent: np.ndarray, arrays: ArrayRecord, 
             raise ShareableError(f"node {node} of tree {k} has rows in bins the request leaves out")
 
 
-def masked(values: np.ndarray, config: ConfigRecord, context: Context, bits: np.ndarray | None = None) -> Array:
-    """``values`` as sent: masked for the secure sum when the run asks for it, else as they are; with ``bits``
-    (every entry's width, ``shared.wire_ints``), as residues modulo 2^bits packed into bytes."""
-    if bits is not None:
-        if bool(config[h.SECURE_SUM]):
-            words = secure_mask(values, config, context, bits)
-        else:
-            words = wire_ints.residues(values, bits)
-        return Array(wire_ints.pack(words, bits))
-    if not bool(config[h.SECURE_SUM]):
-        return Array(values)
-    return Array(secure_mask(values, config, context, 64))
-
-
-def recovering(config: ConfigRecord) -> bool:
-    """Whether the request belongs to the recovering secure sum (``shared.secagg_plus``), not the pairwise one."""
-    return bool(config.get(h.SECURE_RECOVERING, False))
-
-
-def secure_mask(values: np.ndarray, config: ConfigRecord, context: Context, bits: np.ndarray | int) -> np.ndarray:
-    """``values`` masked modulo 2^bits for the secure sum the request belongs to."""
-    if recovering(config):
-        return recovering_mask(values, config, context, bits)
-    return pairwise_mask(values, config, context, bits)
-
-
-def pairwise_mask(values: np.ndarray, config: ConfigRecord, context: Context, bits: np.ndarray | int) -> np.ndarray:
-    """``values`` masked modulo 2^bits under this session's next mask label (never one used before)."""
-    state = context.state.get(PAIRWISE_STATE_KEY)
-    if state is None or str(state["session"]) != str(config[h.SECURE_SESSION]):
-        raise secure_sum.SecureSumError("no secure-sum key for this session at this site (query.hist_keys first)")
-    sequence = int(config[h.SECURE_SEQUENCE])
-    if sequence <= int(state["last-sequence"]):
-        raise secure_sum.SecureSumError(f"mask label {sequence} was already used: refusing to reuse a mask")
-    state["last-sequence"] = sequence
-    peers = dict(zip((int(n) for n in config[h.SECURE_NODES]), map(bytes, config[h.SECURE_KEYS]), strict=True))
-    label = f"{config[h.SECURE_SESSION]}/{sequence}"
-    return secure_sum.mask(values, bytes(state["private-key"]), context.node_id, peers, label, bits)
-
-
-def recovering_mask(values: np.ndarray, config: ConfigRecord, context: Context, bits: np.ndarray | int
-                    ) -> np.ndarray:
-    """Round 2 of the release's secure aggregation: ``values`` masked modulo 2^bits with the keys this site drew
-    for the release (``query.hist_keys``), after taking the shares its peers sent it."""
-    site = kept_aggregation(config, context)
-    site.receive(dict(zip((int(n) for n in config[h.SHARE_PEERS]), map(bytes, config[h.SHARE_CIPHERTEXTS]),
-                          strict=True)))
-    words = site.masked_input(values, bits, [int(n) for n in config[h.SECURE_PARTICIPANTS]])
-    keep_aggregation(site, context)
-    return words
-
-
-def release_label(config: ConfigRecord) -> str:
-    """The label of one release's secure aggregation: the session and the release's sequence number."""
-    return f"{config[h.SECURE_SESSION]}/{int(config[h.SECURE_SEQUENCE])}"
-
-
-def kept_aggregation(config: ConfigRecord, context: Context) -> secagg_plus.SecAggSite:
-    """This site's side of the request's aggregation, as kept between its rounds (refused if it has none)."""
-    state = context.state.get(STATE_KEY)
-    if state is None or str(state["session"]) != str(config[h.SECURE_SESSION]) or \
-            str(state["label"]) != release_label(config):
-        raise secagg_plus.SecAggError("this site drew no secure-aggregation keys for this release (query.hist_keys "
-                                      "first)")
-    return secagg_plus.SecAggSite.from_state(dict(state))
-
-
-def keep_aggregation(site: secagg_plus.SecAggSite, context: Context) -> None:
-    """Keep this site's side of the aggregation in the node's context state for its next round."""
-    state = context.state[STATE_KEY]
-    state.update(site.to_state())
-
-
 def _released(request: SiteRequest, blocks: dict[str, Block], content: RecordDict) -> dict[str, np.ndarray]:
     """The blocks as released: exact for a site without DP, through the ``boosting`` phase's release else (its
     facts then go into ``content``)."""
@@ -349,81 +276,6 @@ def _released(request: SiteRequest, blocks: dict[str, Block], content: RecordDic
 
 # ---------------------------------------------------------------------------------------------------------
 # Handlers
-
-
-def refusing(handler: Any) -> Any:
-    """A secure-aggregation handler whose refusals (ShareableError, text without values) become error replies."""
-
-    def handle(msg: Message, context: Context) -> Message:
-        try:
-            return handler(msg, context)
-        except (ShareableError, KeyError) as err:
-            reason = str(err) if isinstance(err, ShareableError) else "the request misses a key"
-            return error_reply(msg, ErrorCode.HIST_REQUEST, f"{msg.metadata.message_type}: {reason}")
-
-    return handle
-
-
-def keys(msg: Message, context: Context) -> Message:
-    """``query.hist_keys``: the session's pairwise key, or round 0 of a release's recovering aggregation."""
-    if recovering(msg.content[r.CONFIG]):
-        return release_keys(msg, context)
-    return session_key(msg, context)
-
-
-def session_key(msg: Message, context: Context) -> Message:
-    """Pairwise masks: a fresh key pair for the session; the private key stays in this node's context state."""
-    private_key = secure_sum.new_private_key()
-    session = str(msg.content[r.CONFIG][h.SECURE_SESSION])
-    context.state[PAIRWISE_STATE_KEY] = ConfigRecord({"session": session, "private-key": private_key,
-                                                      "last-sequence": -1})
-    reply = ConfigRecord({h.PUBLIC_KEY: secure_sum.public_key(private_key)})
-    return Message(RecordDict({r.KEYS: reply}), reply_to=msg)
-
-
-def release_keys(msg: Message, context: Context) -> Message:
-    """Round 0: fresh channel and mask key pairs and a self-mask seed for this release; the public keys go to the
-    server. A release number not above every one this site has drawn keys for is refused (never one mask twice)."""
-    config = msg.content[r.CONFIG]
-    session, sequence = str(config[h.SECURE_SESSION]), int(config[h.SECURE_SEQUENCE])
-    state = context.state.get(STATE_KEY)
-    if state is not None and str(state["session"]) == session and sequence <= int(state["last-sequence"]):
-        raise secagg_plus.SecAggError(f"mask label {sequence} was already used: refusing to reuse a mask")
-    site = secagg_plus.SecAggSite(context.node_id, release_label(config))
-    context.state[STATE_KEY] = ConfigRecord({"session": session, "last-sequence": sequence, **site.to_state()})
-    channel_key, mask_key = site.advertise()
-    return Message(RecordDict({r.KEYS: ConfigRecord({h.CHANNEL_KEY: channel_key, h.MASK_KEY: mask_key})}),
-                   reply_to=msg)
-
-
-def shares(msg: Message, context: Context) -> Message:
-    """Round 1: this site's shares, encrypted to each peer of the roster the server relays."""
-    config = msg.content[r.CONFIG]
-    site = kept_aggregation(config, context)
-    nodes = [int(n) for n in config[h.SECURE_NODES]]
-    roster = secagg_plus.Roster(site.label, int(config[h.SECURE_THRESHOLD]),
-                                dict(zip(nodes, map(bytes, config[h.SECURE_CHANNEL_KEYS]), strict=True)),
-                                dict(zip(nodes, map(bytes, config[h.SECURE_KEYS]), strict=True)))
-    outbox = site.share(roster)
-    keep_aggregation(site, context)
-    reply = ConfigRecord({h.SHARE_PEERS: list(outbox), h.SHARE_CIPHERTEXTS: list(outbox.values())})
-    return Message(RecordDict({r.KEYS: reply}), reply_to=msg)
-
-
-def unmask(msg: Message, context: Context) -> Message:
-    """Round 3: shares of the self-mask seeds of the sites that sent, of the mask keys of those that did not
-    (never both for one site: ``shared.secagg_plus.SecAggSite.unmask`` refuses)."""
-    config = msg.content[r.CONFIG]
-    site = kept_aggregation(config, context)
-    answer = site.unmask([int(n) for n in config[h.SECURE_SENT]], [int(n) for n in config[h.SECURE_DROPPED]])
-    keep_aggregation(site, context)
-    reply = ConfigRecord({h.SEEDS_OF: list(answer.seeds), h.SEED_SHARES: list(answer.seeds.values()),
-                          h.MASK_KEYS_OF: list(answer.mask_keys), h.MASK_KEY_SHARES: list(answer.mask_keys.values())})
-    return Message(RecordDict({r.KEYS: reply}), reply_to=msg)
-
-
-SECURE_AGGREGATION = {messages.HIST_KEYS: keys, messages.HIST_SHARES: shares, messages.HIST_UNMASK: unmask}
-"""The rounds of a release's secure aggregation other than the masked input (which the request itself asks)."""
 
 
 def answer_ranges(msg: Message, request: SiteRequest) -> RecordDict:

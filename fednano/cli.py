@@ -125,8 +125,9 @@ def simulate(
     boosting: str | None = typer.Option(None, "--boosting", help="Federated XGBoost: bagging | cyclic | hist."),
     xgb_rounds: int | None = typer.Option(None, "--xgb-rounds", min=1, help="Federated boosting rounds per head."),
     secure_sum: str | None = typer.Option(
-        None, "--secure-sum", help="Hist boosting's sums: pairwise (default; masks, one key exchange, a site lost "
-        "mid-phase stops the head) | recovering (dropout recovery, ~4x the message exchanges) | off."),
+        None, "--secure-sum", help="The statistics' and hist boosting's sums: pairwise (default; masks, one key "
+        "exchange, a site lost mid-phase fails the statistics / stops the head) | recovering (dropout recovery, "
+        "~4x the message exchanges) | off."),
     ann_secure_sum: str | None = typer.Option(
         None, "--ann-secure-sum", help="ANN rounds: auto (default; pairwise-masked sums when --secure-sum is not off "
         "and the strategy only needs the mean, else plain with the reason printed) | pairwise (refused with robust "
@@ -308,9 +309,14 @@ def analytics(
     analyses: str = typer.Option("describe,regression,anova,pca,kmeans", "--analyses",
                                  help="Analyses to run, comma-separated (kmeans brings pca); a DP site's ε for the "
                                       "run is split over them, the others spend nothing."),
+    secure_sum: str = typer.Option("pairwise", "--secure-sum",
+                                   help="How the sites' sums are added: pairwise (default; masks, a site lost "
+                                        "fails its query) | recovering (dropout recovery, 4 exchanges a query) "
+                                        "| off. Masked, describe reports no min / max (not sums)."),
 ) -> None:
     """The seed paper's statistics (describe, regression, ANOVA, PCA, k-means) across sites, from aggregates."""
     from server.analytics_plan import chosen_analyses
+    from shared.protocol.hist import SECURE_SUM_MODES
     from simulation.analytics_run import run_analytics
     from simulation.experiment import flower_environment
 
@@ -321,12 +327,14 @@ def analytics(
         chosen_analyses(analyses)
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--analyses") from err
+    if secure_sum not in SECURE_SUM_MODES:
+        raise typer.BadParameter(f"expected one of {', '.join(SECURE_SUM_MODES)}", param_hint="--secure-sum")
     flower_environment(Path.cwd())
     from simulation.experiment import ExperimentError
 
     try:
         run_analytics(out, clinics=None if sites else (clinics or 5), sites=sites or None, task=task, dp=dp, k=k,
-                      seed=seed, epsilon=epsilon, analyses=analyses)
+                      seed=seed, epsilon=epsilon, analyses=analyses, secure_sum=secure_sum)
     except ExperimentError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err

@@ -76,6 +76,7 @@ from server.analytics_plan import (
     analysis_shares,
     plan_for,
 )
+from server.secure_aggregation import SecureProtocolError, SecureSession
 from server.site_check import usable_sites
 from shared import dp_error
 from shared.analytics import (
@@ -109,11 +110,13 @@ from shared.analytics import (
 )
 from shared.metrics import json_safe
 from shared.protocol import analytics as wire
-from shared.protocol import messages
+from shared.protocol import messages, records
 from shared.protocol.analytics import MIN_CELL_COUNT
+from shared.protocol.hist import SECURE_NODES, secure_sum_mode
 from shared.protocol.messages import MessageName
 from shared.protocol.privacy import RELEASE_INDEX, RELEASE_WEIGHTS, RELEASES, RunPlan
 from shared.protocol.records import SITE_NAME
+from shared.secure_sum import MIN_SITES
 
 PROJECTION_BINS = 30
 PROJECTION_LIMIT_SD = 4.0
@@ -234,9 +237,12 @@ class AnalyticsSession:
         clock = self.timing.setdefault(query, {"queries": 0, "seconds": 0.0})
         clock["queries"] += 1
         clock["seconds"] += time.perf_counter() - start
+        secure = getattr(self.asker, "secure", False)  # one summed answer (server.secure_analytics)
         answers = []
         for site in list(self.sites):
-            reply = replies.get(site, "no reply")
+            reply = replies.get(site, None if secure else "no reply")
+            if reply is None:
+                continue  # a secure sum that failed elsewhere: this site did nothing wrong
             if isinstance(reply, str):
                 name = self.names.get(site, str(site))
                 self.failures.setdefault(query, {})[name] = reply
@@ -244,9 +250,14 @@ class AnalyticsSession:
                 log(INFO, "analytics: %s left out after %s: %s", name, query, reply)
                 continue
             self.names[site] = reply.site
-            self.privacy[reply.site] = {k: v for k, v in reply.meta.items() if k != "site-name"}
+            self.privacy[reply.site] = {k: v for k, v in reply.meta.items()
+                                        if k not in ("site-name", wire.SECURE_LAYOUT)}
             self._book(reply)
             answers.append(reply)
+        if secure:
+            if self.asker.total is None:
+                raise NoAnswers(self.asker.error or f"no site answered {query}")
+            answers = [self.asker.total]
         if not answers:
             reasons = "; ".join(f"{s}: {r}" for s, r in self.failures.get(query, {}).items())
             raise NoAnswers(f"no site answered {query} ({reasons or 'no site'})")
@@ -298,6 +309,11 @@ class AnalyticsSession:
 def total(answers: Sequence[SiteAnswer], key: str) -> np.ndarray:
     """The sum over sites of one released array."""
     return np.sum([np.asarray(a.arrays[key], dtype=np.float64) for a in answers], axis=0)
+
+
+def site_names(answers: Sequence[SiteAnswer]) -> list[str]:
+    """The sites behind the answers (a secure sum's one answer names its members)."""
+    return [name for a in answers for name in a.meta.get("members", [a.site])]
 
 
 def any_dp(answers: Sequence[SiteAnswer]) -> bool:
@@ -395,7 +411,7 @@ def combine_describe(answers: Sequence[SiteAnswer], columns: Sequence[str], plan
             entry["noise"] = moments_error(parts, float(centres[j]), (float(low), float(high)), noise_sd, epsilon)
             entry["noise"] |= quantile_error(histogram[j], noise_sd, float(low), float(high),
                                              column in plan.integers, bins, epsilon) or {}
-        if not dp and moments.count > 0:
+        if not dp and moments.count > 0 and all("min" in a.arrays for a in answers):  # not under a secure sum
             entry["min"] = float(min(np.asarray(a.arrays["min"]).ravel()[j] for a in answers))
             entry["max"] = float(max(np.asarray(a.arrays["max"]).ravel()[j] for a in answers))
             if entry["quantiles"]:
@@ -457,7 +473,7 @@ def linear_phase(session: AnalyticsSession, plan: AnalyticsPlan, describe: dict)
         out[outcome] = linear_fit(gram, total(answers, f"{outcome}/xty"), float(total(answers, f"{outcome}/yty")[0]),
                                   covariates, x, float(y["centre"][j]), float(y["scale"][j]),
                                   summed_noise_sd(answers), float(row_bound(y)[j]))
-        out[outcome]["sites"] = [a.site for a in answers]
+        out[outcome]["sites"] = site_names(answers)
     return out
 
 
@@ -498,7 +514,7 @@ def logistic_phase(session: AnalyticsSession, plan: AnalyticsPlan, describe: dic
                                                  bound, summed_noise_sd(answers))
             s.update(inverse=inverse, n=float(total(answers, f"{o}/count")[0]), dp=dp, iterations=s["iterations"] + 1,
                      loglik=None if dp else float(total(answers, f"{o}/loglik")[0]),
-                     sites=[a.site for a in answers])
+                     sites=site_names(answers))
             s["converged"] = bool(np.max(np.abs(step)) < settings.tolerance) and not dp  # DP: ask all announced
     m = design_map(x["centre"], x["scale"])
     out = {}
@@ -552,7 +568,7 @@ def anova_phase(session: AnalyticsSession, plan: AnalyticsPlan) -> dict[str, Any
         for entry in table["groups"].values():
             entry["n"] = int(round(entry["n"]))
     return {"response": response, "factor": factor, **table, "dp": any_dp(answers),
-            "sites": [a.site for a in answers]}
+            "sites": site_names(answers)}
 
 
 def anova_f_noise_sd(parts: dict[str, list[dict[str, float]]], centre: float, bounds: tuple[float, float],
@@ -581,7 +597,7 @@ def pca_phase(session: AnalyticsSession, plan: AnalyticsPlan, describe: dict) ->
     answers = session.ask(messages.ANALYTICS_PCA, {"features": features}, x)
     released = total(answers, "gram")
     result = correlation_pca(unpack_triu(released, len(features) + 1), x, features)
-    result.update(dp=any_dp(answers), sites=[a.site for a in answers])
+    result.update(dp=any_dp(answers), sites=site_names(answers))
     if result["dp"]:
         def spectrum(gram: np.ndarray) -> np.ndarray:
             """Eigenvalues and explained-variance ratios of a (re-noised) Gram release."""
@@ -711,7 +727,7 @@ def profiles_phase(session: AnalyticsSession, plan: AnalyticsPlan, x: dict[str, 
             "silhouette_simplified": silhouette,
             "silhouette_note": "simplified silhouette: per row (b − a) / max(a, b) with a, b the distances to the "
                                "nearest and second-nearest centroid (Hruschka et al. 2004), averaged",
-            "profiles": profiles, "sites": [a.site for a in answers],
+            "profiles": profiles, "sites": site_names(answers),
             "projection": {"axes": ["PC1", "PC2"], "x_edges": edges[0], "y_edges": edges[1],
                            "counts": np.maximum(denoised_counts(total(answers, "projection"),
                                                                 summed_noise_sd(answers)), 0.0).tolist(),
@@ -815,6 +831,132 @@ def _finish(result: dict, session: AnalyticsSession, plan: AnalyticsPlan, settin
     return json_safe(result)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The secure sum (``secure-sum``: pairwise or recovering)
+#
+# Federated analytics through the one secure-sum protocol: the server learns each query's sums, not a site's.
+#
+# An :data:`server.analytics_phase.Asker` (:class:`SecureGridAsker`) over Flower's Grid that asks every query
+# through a :class:`server.secure_aggregation.SecureSession` (the run's ``secure-sum`` mode, pairwise or
+# recovering): each site answers with all the arrays of its answer in one masked fixed-point vector
+# (``client.analytics.secure_reply``), so each query is one release, and the asker returns the sum as one
+# answer (:attr:`SecureGridAsker.total`) beside each site's privacy facts (which travel in the clear, as the
+# arrays' names and shapes do). A query with group labels (ANOVA) first asks the labels alone and then every
+# site with their union. Under DP the sites noise before masking; the sum's noise sd is the root of the sum of
+# the sites' noise variances, as for plain sums.
+#
+# What the server no longer sees, and so no longer reports, without DP: the minima and maxima of describe
+# (null, as under DP: not sums) and the sites' exact centred moments (the shifted sums about the public centre
+# give the same moments within the fixed-point rounding). The log-likelihood and inertia, sums, are summed.
+#
+# Lost sites: with ``recovering``, a site lost in any round of a query is left out from then on and the query's
+# sum is that of the sites whose masked vector arrived; with ``pairwise``, the query fails naming the lost site
+# (its masks stay in the sum), the analysis asking it is skipped, and the next query exchanges fresh keys among
+# the sites left.
+
+LABELLED = {messages.ANALYTICS_ANOVA.action: "groups"}
+"""Queries whose blocks are laid out by site-specific labels: asked for the labels first, then with their union."""
+SECURE_GROUPS, LABELS_ONLY, EXACT_EXTRAS = "groups", "labels-only", "exact-extras"
+"""Request keys (``client.analytics.SECURE_GROUPS``, ``LABELS_ONLY``, ``EXACT_EXTRAS``)."""
+
+
+class SecureGridAsker:
+    """Asks every analytics query through the secure sum (module docstring).
+
+    Parameters
+    ----------
+    grid : Grid
+    mode : str                  pairwise | recovering
+    threshold : int, default 0  recovering: the Shamir threshold (0: ⌊n/2⌋ + 1)
+    exact : bool, default True  the run has no DP site: sites add the exact extras that are sums (log-likelihood,
+                                inertia), so every site's answer has the same arrays
+
+    After each call, :attr:`total` is the summed answer (None when the sum failed, then :attr:`error` says why).
+    """
+
+    secure = True
+
+    def __init__(self, grid: Grid, mode: str, threshold: int = 0, exact: bool = True) -> None:
+        self.grid, self.mode, self.threshold, self.exact = grid, mode, int(threshold), exact
+        self.session: SecureSession | None = None
+        self.total: SiteAnswer | None = None
+        self.error = ""
+
+    def _session(self, sites: list[int]) -> SecureSession:
+        """The run's session; a fresh one (new keys) whenever the sites differ from the pairwise key table's."""
+        if self.session is None or (self.mode == "pairwise" and self.session.base.get(SECURE_NODES) != sites):
+            self.session = SecureSession(self.grid, sites, self.mode, threshold=self.threshold)
+            if self.mode == "pairwise":
+                self.session.exchange_keys()
+        self.session.nodes = [n for n in sites if n not in self.session.lost]
+        return self.session
+
+    def __call__(self, query: MessageName, config: dict[str, Any], arrays: dict[str, np.ndarray],
+                 sites: Sequence[Hashable]) -> dict[Hashable, SiteAnswer | str]:
+        """Ask ``query`` of ``sites`` through the secure sum: per site its facts (or why it failed); the sum in
+        :attr:`total`."""
+        self.total, self.error = None, ""
+        out: dict[Hashable, SiteAnswer | str] = {}
+        try:
+            session = self._session([int(s) for s in sites])
+            for node in sites:
+                if int(node) in session.lost:
+                    out[node] = f"lost in an earlier secure sum: {session.lost[int(node)]}"
+            request = {**config, EXACT_EXTRAS: self.exact}
+            record = records.to_array_record(arrays)
+            if query.action in LABELLED:
+                replies, failed = session.ask_all(query, {**request, LABELS_ONLY: True}, record)
+                session.lose(failed)
+                key = LABELLED[query.action]
+                request[SECURE_GROUPS] = sorted({label for c in replies.values()
+                                                 for label in wire.reply_parts(c)[1].get(key, [])}) or [""]
+            vector = session.summed_floats(query, request, record, wire.SECURE_VALUES)
+        except SecureProtocolError as err:
+            lost = self.session.lost if self.session is not None else {}
+            out.update({node: reason for node, reason in lost.items() if node in sites})
+            self.error = (f"{query.action}: the secure sum failed at node {err.node}: {err.reason}"
+                          + (" (pairwise masks: a lost site's masks stay in the sum; secure-sum = recovering "
+                             "survives it)" if self.mode == "pairwise" else ""))
+            if err.node in sites:
+                out.setdefault(err.node, err.reason)
+            return out
+        members = []
+        for node in session.summed_nodes:
+            _, labels, meta = wire.reply_parts(session.replies[node])
+            out[node] = SiteAnswer(str(meta.get(SITE_NAME, node)), {}, labels, meta)
+            members.append(out[node])
+        for node, reason in session.lost.items():
+            if node in sites and node not in out:
+                out[node] = reason
+        self.total = summed_answer(members, vector)
+        return out
+
+
+def summed_answer(members: list[SiteAnswer], vector: np.ndarray) -> SiteAnswer:
+    """The sum as one answer: arrays cut from the vector by the first site's layout (every site's must be the
+    same: ValueError otherwise), labels as sent, and the privacy facts of the sum (any DP, the root of the summed
+    noise variances, the largest ε planned)."""
+    layouts = {m.meta[wire.SECURE_LAYOUT] for m in members}
+    if len(layouts) != 1:
+        raise ValueError(f"the sites laid out their answers in {len(layouts)} different ways: no sum")
+    arrays, at = {}, 0
+    for name, shape in wire.layout_of(layouts.pop()):
+        size = int(np.prod(shape)) if shape else 1
+        arrays[name] = vector[at:at + size].reshape(shape)
+        at += size
+    if at != vector.size:
+        raise ValueError(f"a summed vector of {vector.size} entries for a layout of {at}")
+    dp = any(m.dp for m in members)
+    meta: dict[str, Any] = {"dp": dp, "members": [m.site for m in members]}
+    if dp:
+        meta["noise-sd"] = math.sqrt(sum(m.noise_sd ** 2 for m in members))
+        planned = [float(m.meta["epsilon-planned"]) for m in members if m.dp and "epsilon-planned" in m.meta]
+        if planned:
+            meta["epsilon-planned"] = max(planned)
+    name = f"secure sum of {len(members)} sites"
+    return SiteAnswer(name, arrays, members[0].labels if members else {}, meta)
+
+
 def run_analytics_federation(grid: Grid, settings: AnalyticsSettings, out_dir: Path) -> dict[str, Any]:
     """Site check (``server.site_check``), then every analysis; writes ``out_dir/analytics.json``. Sites under DP
     that refuse the ``analytics`` phase are named in ``refused``."""
@@ -824,8 +966,11 @@ def run_analytics_federation(grid: Grid, settings: AnalyticsSettings, out_dir: P
         settings = replace(settings, dp=True)
     nodes = sites.granting("analytics")
     plan = plan_for(settings.task(), settings.dp)
-    session = AnalyticsSession(GridAsker(grid), nodes, plan.queries(settings), dict(sites.usable),
-                               plan.schedule(settings))
+    mode = secure_sum_mode(settings.secure_sum)
+    asker: Asker = GridAsker(grid)
+    if mode != "off" and len(nodes) >= MIN_SITES:  # one site: its sum is its answer, nothing to hide it among
+        asker = SecureGridAsker(grid, mode, settings.secure_threshold, exact=not settings.dp)
+    session = AnalyticsSession(asker, nodes, plan.queries(settings), dict(sites.usable), plan.schedule(settings))
     result = run_analyses(session, plan, settings)
     result["sites"] = sorted(sites.usable.values())
     result["rejected"] = {name: errors for name, errors in sites.rejected.values()}

@@ -15,6 +15,7 @@ import numpy as np
 
 from shared.bounds import declared_range
 from shared.config import settings_from_run_config
+from shared.protocol.hist import secure_sum_mode
 from shared.schema import EPISODE_COLUMNS, OUTCOMES
 from shared.task import NANOPARTICLE_TASK, TaskSpec
 
@@ -152,6 +153,11 @@ class AnalyticsSettings:
         under DP every announced iteration is asked, so the ε spent is the ε planned).
     analyses : str, default "describe,regression,anova,pca,kmeans"
         The analyses to run (:data:`ANALYSES`, comma-separated); only they are planned, asked and charged.
+    secure_sum : str, default "pairwise"
+        How the sites' answers are summed (``shared.protocol.hist.SECURE_SUM_MODES``, the run's one secure-sum
+        mode): off | pairwise | recovering (``server.analytics_phase.SecureGridAsker``).
+    secure_threshold : int, default 0
+        Recovering: the Shamir threshold (0: ⌊n/2⌋ + 1 of the sites).
     """
 
     k: int = 3
@@ -166,9 +172,12 @@ class AnalyticsSettings:
     dp_lloyd_iterations: int = 5
     tolerance: float = 1e-9
     analyses: str = ",".join(ANALYSES)
+    secure_sum: str = "pairwise"
+    secure_threshold: int = 0
 
     def __post_init__(self) -> None:
         chosen_analyses(self.analyses)  # an unknown name fails here, naming the allowed ones
+        object.__setattr__(self, "secure_sum", secure_sum_mode(self.secure_sum))
 
     @property
     def chosen(self) -> tuple[str, ...]:

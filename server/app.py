@@ -148,7 +148,7 @@ def run_federation(grid: Grid, settings: RunSettings, on_round: Callable[[int], 
         encoder = FeatureEncoder.from_dict(resumed.encoder)
     else:
         with record.timed("statistics"):
-            encoder = federated_encoder(grid, sites, task, settings.split_seed, plan, record)
+            encoder = federated_encoder(grid, sites, task, settings.split_seed, plan, record, settings.secure_sum)
         checkpoint("statistics")
     artifacts.save_encoder(encoder)
     importance_config = training_config(settings, encoder, plan)

@@ -5,7 +5,9 @@ KDD 2016, run on summed per-site histograms as in SecureBoost, Cheng et al. 2021
 histogram-based federated XGBoost), over Flower's Grid with query messages (records in, records out):
 
 1. ``query.hist_ranges`` — every site's per-feature min / max; the server keeps the overall ones.
-2. secure summation (``HistSettings.secure_sum``, default ``pairwise``): ``pairwise`` — ``query.hist_keys``
+2. secure summation (``HistSettings.secure_sum``, default ``pairwise``; the session is
+   ``server.secure_aggregation.SecureSession``, the one the statistics and analytics phases use, with its
+   rounds named ``query.hist_*`` here): ``pairwise`` — ``query.hist_keys``
    once: every site's X25519 public key, relayed to all with every later request, whose summed releases come
    back masked (``shared.secure_sum``: one exchange per release); ``recovering`` — every summed release below
    (counts and level histograms) runs the four rounds of Bonawitz et al.'s secure aggregation with dropout
@@ -49,20 +51,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from server.boosting_phase import BoostingOutcome, boosting_round, evaluate_boosters
 from server.run_record import RunRecord, add_privacy
+from server.secure_aggregation import SecureProtocolError, SecureSession
 from server.settings import RunSettings
 from server.site_check import SiteCheck
 from shared import hist_boosting as hb
-from shared import hist_wire, secagg_plus, wire_ints
+from shared import hist_wire
 from shared.boosting import BASE_SCORES, Head, heads
 from shared.bounds import declared_range
 from shared.encoding import ENCODER_CONFIG_KEY, FeatureEncoder
@@ -72,7 +74,6 @@ from shared.protocol import messages
 from shared.protocol import records as r
 from shared.protocol.boosting import head_to_config
 from shared.protocol.privacy import RELEASE_INDEX, RELEASES
-from shared.secure_sum import unmask_sum
 from shared.xgboost_json import export_model
 
 TRAFFIC_FILE = "xgb_hist_traffic.json"
@@ -83,12 +84,8 @@ class RoundRegrow(RuntimeError):
     """Sites were lost while a boosting round grew: its levels no longer sum the same rows, so it starts over."""
 
 
-class HistProtocolError(RuntimeError):
-    """A site did not answer a histogram request: the sum would not be the pooled sum."""
-
-    def __init__(self, node: int, reason: str) -> None:
-        super().__init__(f"node {node}: {reason}")
-        self.node, self.reason = node, reason
+HistProtocolError = SecureProtocolError
+"""A site did not answer a histogram request, or the secure sum cannot be recovered (``server.secure_aggregation``)."""
 
 
 @dataclass
@@ -196,26 +193,6 @@ def label_bound(encoder: FeatureEncoder, outcome: str) -> float | None:
     return max(abs(bounds[0] - mean), abs(bounds[1] - mean)) / scale * (1.0 + 1e-6)
 
 
-def value_bytes(value: object) -> int:
-    """Payload bytes of a config value: text and bytes by length, a number as 8, a list item by item."""
-    if isinstance(value, bytes | str):
-        return len(value)
-    if isinstance(value, list):
-        return sum(value_bytes(v) for v in value)
-    return 8
-
-
-def record_bytes(content: RecordDict) -> int:
-    """Payload bytes of a message: array data and config values (no framing)."""
-    total = 0
-    for record in content.values():
-        if isinstance(record, ArrayRecord):
-            total += sum(len(array.data) for array in record.values())
-        else:
-            total += sum(value_bytes(v) for v in record.values())
-    return total
-
-
 DP_HESSIAN_NOISE_SDS = 3.0
 """With DP sites, a child needs a summed hessian this many noise sds above zero (its cumulative noise over a
 feature's bins) before a split may create it: splits and leaf weights −G/(H + λ) on hessians the noise could
@@ -223,26 +200,26 @@ have made up are noise, and a near-zero noisy H gives an unbounded leaf (measure
 clinics at ε 0.6 for 243 releases grew trees of response AUC 0.48 and efficacy R² −4.9e5)."""
 
 
-class HistSession:
-    """One run of the protocol with a fixed set of sites: requests, sums, secure-sum keys, counters."""
+class HistSession(SecureSession):
+    """One run of the protocol with a fixed set of sites: the secure-sum session of ``server.secure_aggregation``
+    (its key, share and unmask rounds as ``query.hist_keys``, ``query.hist_shares``, ``query.hist_unmask``), the
+    phase's base config (the encoder with the first request only), DP releases numbered as the sums."""
 
     def __init__(self, grid: Grid, nodes: list[int], base_config: ConfigRecord, settings: HistSettings,
                  n_heads: int) -> None:
-        self.grid, self.nodes, self.settings = grid, list(nodes), settings
-        self.base = base_config
-        self.base.update({RELEASES: settings.releases(n_heads), h.GRADIENT_CLIP: settings.dp_gradient_clip,
-                          h.SECURE_SUM: settings.secure_sum != "off", h.SECURE_SESSION: uuid.uuid4().hex})
-        if settings.secure_sum == "recovering":
-            self.base[h.SECURE_RECOVERING] = True
-        self.release_index = 0
+        base_config.update({RELEASES: settings.releases(n_heads), h.GRADIENT_CLIP: settings.dp_gradient_clip})
+        super().__init__(grid, nodes, settings.secure_sum, base_config, settings.secure_threshold,
+                         (messages.HIST_KEYS, messages.HIST_SHARES, messages.HIST_UNMASK))
+        self.settings = settings
         self.n_rows: int | None = None  # the sites' training rows, when every site said: compact encodings
         self.encoder_sent = False  # after the first request, sites answer with the encoder they kept
         self.thresholds_sent = False  # after the first level request, sites route with the bins they kept
-        self.bytes_down = self.bytes_up = 0
-        self.privacy: list[tuple[int, dict]] = []  # (node, a DP release's facts)
-        self.lost: dict[int, str] = {}  # sites lost after the phase began, and why
-        self.threshold = 0  # the secure sums' Shamir threshold, fixed at the first one
         self.models_sent: set[tuple[str, int]] = set()  # (head, round) whose finished trees every site kept
+
+    @property
+    def release_index(self) -> int:
+        """The next DP release's index: every summed release is one, numbered as the secure sums."""
+        return self.sequence
 
     def tree_params(self, objective: str) -> hb.TreeParams:
         """The trees' parameters, with ``min_child_weight`` raised above the noise of DP sites' hessians."""
@@ -256,147 +233,19 @@ class HistSession:
         return dataclasses.replace(self.settings.tree,
                                    min_child_weight=max(self.settings.tree.min_child_weight, float(floor)))
 
-    def ask_all(self, message_type: messages.MessageName, extra: dict, arrays: ArrayRecord,
-                per_node: dict[int, dict] | None = None, with_base: bool = True) -> tuple[dict, dict[int, str]]:
-        """Send one request to every site (the base config unless not ``with_base``, ``extra``, and the node's
-        own ``per_node`` keys); replies by node, and failures (error or no reply) by node."""
-        if with_base:
-            config = ConfigRecord({k: v for k, v in self.base.items()
-                                   if not (self.encoder_sent and k == ENCODER_CONFIG_KEY)})
-            self.encoder_sent = True
-        else:
-            config = ConfigRecord({h.SECURE_SESSION: self.base[h.SECURE_SESSION]})
-        config.update(extra)
-        sent = []
-        for node in self.nodes:
-            own = config
-            if per_node:
-                own = ConfigRecord(dict(config))
-                own.update(per_node.get(node, {}))
-            content = RecordDict({r.CONFIG: own, r.ARRAYS: arrays})
-            self.bytes_down += record_bytes(content)
-            sent.append(Message(content, dst_node_id=node, message_type=message_type.type))
-        replies, failures = {}, {}
-        for reply in self.grid.send_and_receive(sent):
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                failures[node] = reply.error.reason
-                continue
-            self.bytes_up += record_bytes(reply.content)
-            replies[node] = reply.content
-            if r.PRIVACY in reply.content:
-                self.privacy.append((node, dict(reply.content[r.PRIVACY])))
-        for node in set(self.nodes) - set(replies) - set(failures):
-            failures[node] = "no reply"
-        return replies, failures
-
-    def ask(self, message_type: messages.MessageName, extra: dict, arrays: ArrayRecord) -> dict[int, RecordDict]:
-        """Send one request to every site; their replies by node (HistProtocolError if any site failed)."""
-        replies, failures = self.ask_all(message_type, extra, arrays)
-        for node, reason in failures.items():
-            raise HistProtocolError(node, reason)
-        return replies
-
-    def exchange_keys(self) -> None:
-        """Pairwise masks: collect every site's public key and put the table in every later request. A site that
-        fails this is left out of the phase, as one that fails ``query.hist_ranges``."""
-        replies, failures = self.ask_all(messages.HIST_KEYS, {}, ArrayRecord())
-        self.lose(failures)
-        self.base[h.SECURE_NODES] = [int(n) for n in self.nodes]
-        self.base[h.SECURE_KEYS] = [bytes(replies[n][r.KEYS][h.PUBLIC_KEY]) for n in self.nodes]
+    def request_config(self, with_base: bool) -> ConfigRecord:
+        """The base config without the encoder after the session's first request (sites keep it)."""
+        if not with_base:
+            return super().request_config(False)
+        config = ConfigRecord({k: v for k, v in self.base.items()
+                               if not (self.encoder_sent and k == ENCODER_CONFIG_KEY)})
+        self.encoder_sent = True
+        return config
 
     def summed(self, message_type: messages.MessageName, extra: dict, arrays: ArrayRecord, name: str,
                bits: np.ndarray | None = None, signed: np.ndarray | bool = False) -> np.ndarray:
-        """The int64 sum over sites of one released array (a noised, masked release when asked).
-
-        With ``bits`` (the width of every entry, ``shared.wire_ints``), the sites send packed residues and the
-        sum is decoded from them (``signed`` where an entry's sum may be negative); else int64 words.
-        """
-        extra = {**extra, RELEASE_INDEX: self.release_index, h.SECURE_SEQUENCE: self.release_index}
-        self.release_index += 1
-        if self.settings.secure_sum == "recovering":
-            return self.securely_summed(message_type, extra, arrays, name, bits, signed)
-        if self.settings.secure_sum == "pairwise":
-            replies = self.ask(message_type, extra, arrays)  # a missing site's masks would stay in the sum
-        else:
-            replies, failures = self.ask_all(message_type, extra, arrays)
-            self.lose(failures)
-        parts = [replies[n][r.ARRAYS][name].numpy() for n in self.nodes]
-        if bits is not None:
-            parts = [wire_ints.unpack(part, bits) for part in parts]
-            return wire_ints.decode(wire_ints.summed(parts, bits), bits, signed)
-        if self.settings.secure_sum == "pairwise":
-            return unmask_sum(parts)
-        return np.sum(np.stack(parts), axis=0, dtype=np.int64)
-
-    def lose(self, failures: dict[int, str]) -> None:
-        """Leave out, for the rest of the phase, the sites that failed a request (HistProtocolError when none
-        is left to sum over)."""
-        for node, reason in failures.items():
-            self.lost[node] = reason
-        self.nodes = [n for n in self.nodes if n not in failures]
-        if failures and not self.nodes:
-            node, reason = next(iter(self.lost.items()))
-            raise HistProtocolError(node, f"{reason} (and no site is left to sum over)")
-
-    def secure_threshold(self) -> int:
-        """The Shamir threshold, fixed at the first secure sum from the sites then in the phase."""
-        if not self.threshold:
-            self.threshold = self.settings.secure_threshold or secagg_plus.default_threshold(len(self.nodes))
-        return self.threshold
-
-    def securely_summed(self, message_type: messages.MessageName, extra: dict, arrays: ArrayRecord, name: str,
-                        bits: np.ndarray | None, signed: np.ndarray | bool) -> np.ndarray:
-        """One release through Bonawitz et al.'s four rounds (``shared.secagg_plus``): keys, shares, the request
-        itself answered masked, unmasking. A site lost in any round is left out (see :meth:`lose`); the sum is
-        that of the sites whose masked answer arrived, or HistProtocolError when more than n − t were lost."""
-        label = f"{self.base[h.SECURE_SESSION]}/{extra[h.SECURE_SEQUENCE]}"
-        round_keys = {h.SECURE_SEQUENCE: extra[h.SECURE_SEQUENCE], h.SECURE_RECOVERING: True}
-        try:
-            threshold = self.secure_threshold()
-            replies, failures = self.ask_all(messages.HIST_KEYS, round_keys, ArrayRecord(), with_base=False)
-            self.lose(failures)
-            secagg_plus.validate_threshold(threshold, len(self.nodes))
-            roster_config = {h.SECURE_THRESHOLD: threshold, h.SECURE_NODES: list(self.nodes),
-                             h.SECURE_CHANNEL_KEYS: [bytes(replies[n][r.KEYS][h.CHANNEL_KEY]) for n in self.nodes],
-                             h.SECURE_KEYS: [bytes(replies[n][r.KEYS][h.MASK_KEY]) for n in self.nodes]}
-            roster = secagg_plus.Roster(label, threshold,
-                                        dict(zip(self.nodes, roster_config[h.SECURE_CHANNEL_KEYS], strict=True)),
-                                        dict(zip(self.nodes, roster_config[h.SECURE_KEYS], strict=True)))
-            replies, failures = self.ask_all(messages.HIST_SHARES, {**round_keys, **roster_config}, ArrayRecord(),
-                                             with_base=False)
-            self.lose(failures)
-            participants = list(self.nodes)
-            inboxes = secagg_plus.route_shares({n: dict(zip((int(p) for p in replies[n][r.KEYS][h.SHARE_PEERS]),
-                                                            map(bytes, replies[n][r.KEYS][h.SHARE_CIPHERTEXTS]),
-                                                            strict=True)) for n in participants})
-            per_node = {n: {h.SHARE_PEERS: [p for p in inboxes.get(n, {}) if p in participants],
-                            h.SHARE_CIPHERTEXTS: [c for p, c in inboxes.get(n, {}).items() if p in participants]}
-                        for n in participants}
-            replies, failures = self.ask_all(message_type, {**extra, **roster_config,
-                                                            h.SECURE_PARTICIPANTS: participants}, arrays, per_node)
-            self.lose(failures)
-            masked = {n: replies[n][r.ARRAYS][name].numpy() for n in self.nodes}
-            if bits is not None:
-                masked = {n: wire_ints.unpack(part, bits) for n, part in masked.items()}
-            dropped = [n for n in participants if n not in masked]
-            replies, failures = self.ask_all(messages.HIST_UNMASK, {**round_keys, h.SECURE_SENT: sorted(masked),
-                                                                    h.SECURE_DROPPED: dropped}, ArrayRecord(),
-                                             with_base=False)
-            self.lose(failures)
-            answers = {n: secagg_plus.UnmaskShares(
-                seeds=dict(zip((int(j) for j in reply[r.KEYS][h.SEEDS_OF]), map(bytes, reply[r.KEYS][h.SEED_SHARES]),
-                               strict=True)),
-                mask_keys=dict(zip((int(j) for j in reply[r.KEYS][h.MASK_KEYS_OF]),
-                                   map(bytes, reply[r.KEYS][h.MASK_KEY_SHARES]), strict=True)))
-                for n, reply in replies.items()}
-            total = secagg_plus.unmask_sum(roster, masked, answers, 64 if bits is None else bits, participants)
-        except secagg_plus.SecAggError as err:
-            node, reason = next(iter(self.lost.items()), (-1, "no site lost"))
-            raise HistProtocolError(node, f"{reason}; the secure sum cannot be recovered: {err}") from None
-        if bits is not None:
-            return wire_ints.decode(total, bits, signed)
-        return total.view(np.int64)
+        """:meth:`SecureSession.summed`, the release numbered for a DP site as the secure sum numbers it."""
+        return super().summed(message_type, {**extra, RELEASE_INDEX: self.sequence}, arrays, name, bits, signed)
 
     def summed_counts(self, message_type: messages.MessageName, arrays: ArrayRecord, n_counts: int) -> np.ndarray:
         """Summed row counts (float64, flat): whole numbers in ``count_bits(n_rows)`` bits each when the sites'

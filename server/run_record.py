@@ -5,7 +5,8 @@
     {"format", "version", "run_id", "settings": {run-config keys},
      "sites": [usable site names], "rejected": {site: [problems]},
      "privacy": {site: SitePrivacyRecord},          # every usable site, DP or not
-     "statistics": {"sites": [...], "failures": {site: reason}, "refused": {site: reason}},
+     "statistics": {"sites": [...], "failures": {site: reason}, "refused": {site: reason},
+                    "secure_sum": off | pairwise | recovering, "bytes": {"down", "up"} (masked only)},
      "models": {"ann" | "xgboost": ModelRecord},   # only the families the run trained
      "personalisation": {...} or null,             # server.personalisation_phase (--personalise)
      "personalisation_xgboost": {...} or null,     # the same for the boosters (--personalise site-trees)

@@ -143,7 +143,7 @@ def run_analytics(out: Path | str, clinics: int | None = None, sites: Sequence[P
                   task: Path | str | None = None, dp: bool = False, k: int = 3, seed: int = 0, epsilon: float = 1.0,
                   *, site_budget: float | None = None, delta: float = 1e-5, patients_per_clinic: int | None = None,
                   on_phase: Callable[[str], None] | None = None, quiet: bool = True,
-                  analyses: str = ",".join(ANALYSES)) -> dict[str, Any]:
+                  analyses: str = ",".join(ANALYSES), secure_sum: str = "pairwise") -> dict[str, Any]:
     """``fednano analytics``: sites → Flower federation → ``analytics.json``, ``analytics.md``, CSVs, plot.
 
     Parameters
@@ -190,7 +190,7 @@ def run_analytics(out: Path | str, clinics: int | None = None, sites: Sequence[P
     sources = prepare_sites(out, clinics, [Path(s) for s in sites] if sites else None,
                             Path(task) if task else None, dp, seed, epsilon, site_budget, delta, patients_per_clinic)
     settings = AnalyticsSettings(k=k, seed=seed, dp=dp, task_path=str(task) if task else "",
-                                 min_nodes=len(sources), analyses=analyses)
+                                 min_nodes=len(sources), analyses=analyses, secure_sum=secure_sum)
     say("federation")
     result = run_federated_analytics(sources, settings, out)
     say("report")

@@ -11,6 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordD
 from scipy import stats
 
 from client import hist_handlers as hh
+from client import secure_aggregation as sa
 from client.site import SiteRequest
 from server import hist_phase as hp
 from shared import hist_boosting as hb
@@ -243,7 +244,7 @@ def test_compact_federated_trees_equal_the_pooled_learners_bit_for_bit(monkeypat
     assert sum(t.n_nodes for rnd in trees for t in rnd) > 3 * len(trees[0])  # the trees did split
     levels = [request[r.CONFIG] for kind, _, request, _ in grid.exchanges if kind == messages.HIST_LEVEL.type]
     assert all(bool(c[h.SECURE_SUM]) and list(c[h.SECURE_NODES]) == [11, 12, 13] for c in levels)
-    assert all(hh.recovering(c) == (secure_sum == "recovering") for c in levels)  # the sites' masks follow it
+    assert all(sa.recovering(c) == (secure_sum == "recovering") for c in levels)  # the sites' masks follow it
 
 
 @pytest.mark.parametrize("secure_sum", MASKED)

@@ -7,6 +7,7 @@ coefficients, centroids); a site replies the released arrays (``release``), publ
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -46,3 +47,20 @@ def reply_parts(content: RecordDict) -> tuple[dict[str, np.ndarray], dict[str, l
     """Released arrays, labels and meta of a site's reply."""
     return (r.from_array_record(content[r.RELEASE]),
             {k: [str(x) for x in v] for k, v in content[r.LABELS].items()}, dict(content[r.META]))
+
+
+SECURE_VALUES = "secure-values"
+"""A reply's arrays record under a secure sum: every released array, flattened in the order of its names, as one
+masked fixed-point vector (``client.secure_aggregation``)."""
+SECURE_LAYOUT = "secure-layout"
+"""A reply's meta under a secure sum: the released arrays' names and shapes (JSON), in the vector's order."""
+
+
+def layout_text(shapes: Mapping[str, list[int]]) -> str:
+    """Names and shapes of a secure reply's arrays as JSON (names in the vector's order)."""
+    return json.dumps([[name, list(shape)] for name, shape in shapes.items()])
+
+
+def layout_of(text: str) -> list[tuple[str, tuple[int, ...]]]:
+    """Inverse of :func:`layout_text`."""
+    return [(str(name), tuple(int(d) for d in shape)) for name, shape in json.loads(text)]

@@ -12,6 +12,8 @@ numbers.
 
 from __future__ import annotations
 
+# The secure-sum keys below are those of every summing phase's secure sum (``server.secure_aggregation``):
+# histogram boosting's, the statistics' and the analytics'.
 SECURE_SUM = "secure-sum"
 """True when the sites mask their summed releases (pairwise or recovering mode below)."""
 SECURE_RECOVERING = "secure-recovering"
@@ -22,6 +24,11 @@ SECURE_SUM_MODES = ("off", "pairwise", "recovering")
 key exchange per phase, one exchange per release, a site lost after the key exchange stops the head); or
 Bonawitz et al.'s secure aggregation with dropout recovery (``shared.secagg_plus``: four exchanges per release,
 lost sites recovered and the tree regrown on the survivors)."""
+SECURE_SCALE = "secure-scale-bits"
+"""Request key of a float release: the fixed-point scale s the site encodes it with (two lanes,
+``client.secure_aggregation.to_fixed``)."""
+SECURE_SITES = "secure-sites"
+"""Request key: how many sites the release is summed over, so a site can check its entries cannot overflow."""
 SECURE_SESSION = "secure-session"
 SECURE_SEQUENCE = "secure-sequence"
 SECURE_NODES = "secure-nodes"

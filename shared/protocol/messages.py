@@ -58,6 +58,20 @@ validation split, reply metrics only (``shared.protocol.personalisation``); the 
 IMPORTANCE = query("importance")
 """Permutation-importance loss sums of a final model."""
 
+# --- secure sums of the statistics and analytics phases (server.secure_aggregation, client.secure_aggregation):
+# the same rounds as HIST_KEYS / HIST_SHARES / HIST_UNMASK below, answered by the same site handlers
+SECURE_KEYS = query("secure_keys")
+"""Pairwise masks: the site's session key; recovering: round 0 of one release (``shared.secagg_plus``)."""
+SECURE_SHARES = query("secure_shares")
+"""Recovering: round 1, the site's Shamir shares encrypted per peer."""
+SECURE_UNMASK = query("secure_unmask")
+"""Recovering: round 3, the shares that unmask the sum over the sites whose masked input arrived."""
+STATISTICS_LAYOUT = query("statistics_layout")
+"""Masked statistics, step 1: the names a site's statistics vector is laid out by (category and class values),
+and its min and max (not sums: they travel in the clear)."""
+STATISTICS_MASKED = query("statistics_masked")
+"""Masked statistics, step 2: the site's statistics as one fixed-point vector in the server's layout, masked."""
+
 # --- histogram boosting (server.hist_phase, client.hist_handlers) -----------------------------------------
 HIST_KEYS = query("hist_keys")
 """Secure aggregation round 0, per release: the site's channel and mask public keys (``shared.secagg_plus``)."""

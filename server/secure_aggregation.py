@@ -1,0 +1,283 @@
+"""The server's side of the one secure-sum protocol every summing phase uses (histograms, statistics, analytics).
+
+A :class:`SecureSession` asks a fixed set of sites for one array per release and returns only their sum, in the
+run's ``secure-sum`` mode (``shared.protocol.hist.SECURE_SUM_MODES``):
+
+- ``off`` — plain sums of the sites' int64 arrays;
+- ``pairwise`` — Bonawitz et al., CCS 2017, §4 pairwise masks without recovery (``shared.secure_sum``): one key
+  exchange (:meth:`SecureSession.exchange_keys`) per session, then one exchange per release; a site lost
+  after the key exchange leaves its masks in the sum, so the sum fails with :class:`SecureProtocolError`;
+- ``recovering`` — the same paper's full protocol with dropout recovery (``shared.secagg_plus``: X25519 key
+  agreement, ChaCha20-Poly1305 channels, Shamir-shared mask keys and self-mask seeds): keys, shares, the masked input,
+  unmasking, four exchanges per release; the sum survives up to n − t sites lost in any round (t the Shamir
+  threshold, ⌊n/2⌋ + 1 by default) and is that of the sites whose masked input arrived.
+
+The site side is ``client.secure_aggregation`` (the handlers of the key, share and unmask rounds, and
+:func:`client.secure_aggregation.masked` for the input). ``server.hist_phase`` derives its session from this one;
+the statistics phase (``server.statistics_phase``) and the analytics phase (``server.analytics_phase``) use it
+directly, each release batching all the arrays of one answer into one vector.
+
+Floats are summed in two-lane fixed point (:data:`FIXED_POINT_BITS` ``s = 40``): a site writes
+``q = round(v · 2^s) = high · 2^32 + low`` with ``0 ≤ low < 2^32`` and sends the high lanes, then the low lanes, as
+int64 words (``client.secure_aggregation.to_fixed``): two words per entry. Low lanes sum exactly for any
+n < 2^31 sites; a site refuses any entry with ``|high| ≥ 2^63 / n`` (n the sites the request names,
+:data:`SECURE_SITES`), so no sum of high lanes leaves the int64 range: every sum decodes exactly, and the
+server gets the plain float sum within n · 2^−41 per entry (each site's rounding; ≈ 5e−13 · n) and the float64
+rounding of the decoded sum. The bound is ``|v| < 2^(95 − s) / n = 2^55 / n ≈ 3.6e16 / n`` per entry (a sum of
+squares of values up to 10^4 over 10^6 rows is 10^14). One lane at 2^−16 was tried first: Newton's
+convergence test at 1e−9 and a near-aliased Gram matrix amplified its rounding (a t statistic moved by 1e−4).
+
+Threat model: an honest-but-curious server that relays keys faithfully; the sum stays hidden from the server
+as long as two honest sites take part (pairwise), or against the server colluding with fewer than t sites
+(recovering). What is not a sum (minima, maxima, category names, DP facts) travels in the clear.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from shared import secagg_plus, wire_ints
+from shared.protocol import hist as h
+from shared.protocol import messages
+from shared.protocol import records as r
+from shared.secure_sum import unmask_sum
+
+FIXED_POINT_BITS = 40
+"""Fractional bits of floats summed in fixed point (resolution 2^−40 ≈ 9e−13; see the module docstring)."""
+LANE_BITS = 32
+"""Bits of an entry's low lane: the site sends ``q = round(v · 2^s)`` as ``q = high · 2^32 + low``."""
+SECURE_SCALE, SECURE_SITES = h.SECURE_SCALE, h.SECURE_SITES
+
+
+class SecureProtocolError(RuntimeError):
+    """A site did not answer a summed request, or the secure sum cannot be recovered: no sum to give."""
+
+    def __init__(self, node: int, reason: str) -> None:
+        super().__init__(f"node {node}: {reason}")
+        self.node, self.reason = node, reason
+
+
+def from_fixed(total: np.ndarray, scale_bits: int = FIXED_POINT_BITS) -> np.ndarray:
+    """The float64 sums of a two-lane fixed-point sum (high lanes, then low lanes: module docstring)."""
+    total = np.asarray(total, dtype=np.int64).reshape(-1)
+    if total.size % 2:
+        raise ValueError(f"a two-lane fixed-point sum has an even number of words; got {total.size}")
+    high, low = np.split(total, 2)
+    return np.ldexp(high.astype(np.float64), LANE_BITS - scale_bits) + np.ldexp(low.astype(np.float64), -scale_bits)
+
+
+def value_bytes(value: object) -> int:
+    """Payload bytes of a config value: text and bytes by length, a number as 8, a list item by item."""
+    if isinstance(value, bytes | str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(value_bytes(v) for v in value)
+    return 8
+
+
+def record_bytes(content: RecordDict) -> int:
+    """Payload bytes of a message: array data and config and metric values (no framing)."""
+    total = 0
+    for record in content.values():
+        if isinstance(record, ArrayRecord):
+            total += sum(len(array.data) for array in record.values())
+        else:
+            total += sum(value_bytes(v) for v in record.values())
+    return total
+
+
+class SecureSession:
+    """One run of the secure-sum protocol with a fixed set of sites: requests, sums, keys, lost sites, bytes.
+
+    Parameters
+    ----------
+    grid : Grid                 Flower's Grid (or an in-process stand-in with ``send_and_receive``)
+    nodes : list of int         the sites of the session
+    mode : str                  off | pairwise | recovering (``shared.protocol.hist.secure_sum_mode``)
+    base : ConfigRecord         keys every request of the session carries (the session id and mode are added)
+    threshold : int, default 0  recovering: the Shamir threshold (0: ⌊n/2⌋ + 1 of the sites at the first sum)
+    rounds : tuple of MessageName, default (SECURE_KEYS, SECURE_SHARES, SECURE_UNMASK)
+                                the messages of the key, share and unmask rounds
+    """
+
+    def __init__(self, grid: Grid, nodes: list[int], mode: str | bool, base: ConfigRecord | None = None,
+                 threshold: int = 0, rounds: tuple[messages.MessageName, ...] = (
+                     messages.SECURE_KEYS, messages.SECURE_SHARES, messages.SECURE_UNMASK)) -> None:
+        self.grid, self.nodes = grid, list(nodes)
+        self.mode = h.secure_sum_mode(mode)
+        self.keys_message, self.shares_message, self.unmask_message = rounds
+        self.settings_threshold = int(threshold)
+        self.base = base if base is not None else ConfigRecord()
+        self.base.update({h.SECURE_SUM: self.mode != "off", h.SECURE_SESSION: uuid.uuid4().hex})
+        if self.mode == "recovering":
+            self.base[h.SECURE_RECOVERING] = True
+        self.sequence = 0  # the next release's number: a mask label is never used twice
+        self.bytes_down = self.bytes_up = 0
+        self.privacy: list[tuple[int, dict]] = []  # (node, a DP release's facts)
+        self.lost: dict[int, str] = {}  # sites lost after the session began, and why
+        self.threshold = 0  # the secure sums' Shamir threshold, fixed at the first one
+        self.summed_nodes: list[int] = []  # the sites whose input is in the last sum
+        self.replies: dict[int, RecordDict] = {}  # their replies to the last summed request (facts, labels)
+
+    def request_config(self, with_base: bool) -> ConfigRecord:
+        """The config every request carries: the base config, or (rounds of the protocol) the session id only."""
+        if with_base:
+            return ConfigRecord(dict(self.base))
+        return ConfigRecord({h.SECURE_SESSION: self.base[h.SECURE_SESSION]})
+
+    def ask_all(self, message_type: messages.MessageName, extra: dict, arrays: ArrayRecord,
+                per_node: dict[int, dict] | None = None, with_base: bool = True) -> tuple[dict, dict[int, str]]:
+        """Send one request to every site (the base config unless not ``with_base``, ``extra``, and the node's
+        own ``per_node`` keys); replies by node, and failures (error or no reply) by node."""
+        config = self.request_config(with_base)
+        config.update(extra)
+        sent = []
+        for node in self.nodes:
+            own = config
+            if per_node:
+                own = ConfigRecord(dict(config))
+                own.update(per_node.get(node, {}))
+            content = RecordDict({r.CONFIG: own, r.ARRAYS: arrays})
+            self.bytes_down += record_bytes(content)
+            sent.append(Message(content, dst_node_id=node, message_type=message_type.type))
+        replies, failures = {}, {}
+        for reply in self.grid.send_and_receive(sent):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                failures[node] = reply.error.reason
+                continue
+            self.bytes_up += record_bytes(reply.content)
+            replies[node] = reply.content
+            if r.PRIVACY in reply.content:
+                self.privacy.append((node, dict(reply.content[r.PRIVACY])))
+        for node in set(self.nodes) - set(replies) - set(failures):
+            failures[node] = "no reply"
+        return replies, failures
+
+    def ask(self, message_type: messages.MessageName, extra: dict, arrays: ArrayRecord) -> dict[int, RecordDict]:
+        """Send one request to every site; their replies by node (SecureProtocolError if any site failed)."""
+        replies, failures = self.ask_all(message_type, extra, arrays)
+        for node, reason in failures.items():
+            raise SecureProtocolError(node, reason)
+        return replies
+
+    def exchange_keys(self) -> None:
+        """Pairwise masks: collect every site's public key and put the table in every later request. A site that
+        fails this is left out of the session (SecureProtocolError when none is left)."""
+        replies, failures = self.ask_all(self.keys_message, {}, ArrayRecord())
+        self.lose(failures)
+        self.base[h.SECURE_NODES] = [int(n) for n in self.nodes]
+        self.base[h.SECURE_KEYS] = [bytes(replies[n][r.KEYS][h.PUBLIC_KEY]) for n in self.nodes]
+
+    def lose(self, failures: dict[int, str]) -> None:
+        """Leave out, for the rest of the session, the sites that failed a request (SecureProtocolError when none
+        is left to sum over)."""
+        for node, reason in failures.items():
+            self.lost[node] = reason
+        self.nodes = [n for n in self.nodes if n not in failures]
+        if failures and not self.nodes:
+            node, reason = next(iter(self.lost.items()))
+            raise SecureProtocolError(node, f"{reason} (and no site is left to sum over)")
+
+    def secure_threshold(self) -> int:
+        """The Shamir threshold, fixed at the first secure sum from the sites then in the session."""
+        if not self.threshold:
+            self.threshold = self.settings_threshold or secagg_plus.default_threshold(len(self.nodes))
+        return self.threshold
+
+    def summed(self, message_type: messages.MessageName, extra: dict, arrays: ArrayRecord, name: str,
+               bits: np.ndarray | None = None, signed: np.ndarray | bool = False) -> np.ndarray:
+        """The int64 sum over sites of one released array (``name`` in the replies' arrays), masked by the mode.
+
+        With ``bits`` (the width of every entry, ``shared.wire_ints``), the sites send packed residues and the
+        sum is decoded from them (``signed`` where an entry's sum may be negative); else int64 words. Every
+        request carries :data:`SECURE_SITES` (the sites asked) and the release's sequence number.
+        """
+        extra = {**extra, h.SECURE_SEQUENCE: self.sequence, SECURE_SITES: len(self.nodes)}
+        self.sequence += 1
+        keyed = [int(n) for n in self.base.get(h.SECURE_NODES, [])]
+        if self.mode == "pairwise" and keyed != self.nodes:  # every site of the key table must answer
+            node = next((n for n in keyed if n not in self.nodes), -1)
+            reason = self.lost.get(node, "not in the session") if node >= 0 else "no key exchange before the sum"
+            raise SecureProtocolError(node, f"{reason}; lost after the pairwise key exchange, its masks would stay "
+                                            "in the sum")
+        if self.mode == "recovering":
+            return self.securely_summed(message_type, extra, arrays, name, bits, signed)
+        if self.mode == "pairwise":
+            replies = self.ask(message_type, extra, arrays)  # a missing site's masks would stay in the sum
+        else:
+            replies, failures = self.ask_all(message_type, extra, arrays)
+            self.lose(failures)
+        self.summed_nodes, self.replies = list(self.nodes), replies
+        parts = [replies[n][r.ARRAYS][name].numpy() for n in self.nodes]
+        if bits is not None:
+            parts = [wire_ints.unpack(part, bits) for part in parts]
+            return wire_ints.decode(wire_ints.summed(parts, bits), bits, signed)
+        if self.mode == "pairwise":
+            return unmask_sum(parts)
+        return np.sum(np.stack(parts), axis=0, dtype=np.int64)
+
+    def securely_summed(self, message_type: messages.MessageName, extra: dict, arrays: ArrayRecord, name: str,
+                        bits: np.ndarray | None, signed: np.ndarray | bool) -> np.ndarray:
+        """One release through Bonawitz et al.'s four rounds (``shared.secagg_plus``): keys, shares, the request
+        itself answered masked, unmasking. A site lost in any round is left out (see :meth:`lose`); the sum is
+        that of the sites whose masked answer arrived, or SecureProtocolError when more than n − t were lost."""
+        label = f"{self.base[h.SECURE_SESSION]}/{extra[h.SECURE_SEQUENCE]}"
+        round_keys = {h.SECURE_SEQUENCE: extra[h.SECURE_SEQUENCE], h.SECURE_RECOVERING: True}
+        try:
+            threshold = self.secure_threshold()
+            replies, failures = self.ask_all(self.keys_message, round_keys, ArrayRecord(), with_base=False)
+            self.lose(failures)
+            secagg_plus.validate_threshold(threshold, len(self.nodes))
+            roster_config = {h.SECURE_THRESHOLD: threshold, h.SECURE_NODES: list(self.nodes),
+                             h.SECURE_CHANNEL_KEYS: [bytes(replies[n][r.KEYS][h.CHANNEL_KEY]) for n in self.nodes],
+                             h.SECURE_KEYS: [bytes(replies[n][r.KEYS][h.MASK_KEY]) for n in self.nodes]}
+            roster = secagg_plus.Roster(label, threshold,
+                                        dict(zip(self.nodes, roster_config[h.SECURE_CHANNEL_KEYS], strict=True)),
+                                        dict(zip(self.nodes, roster_config[h.SECURE_KEYS], strict=True)))
+            replies, failures = self.ask_all(self.shares_message, {**round_keys, **roster_config}, ArrayRecord(),
+                                             with_base=False)
+            self.lose(failures)
+            participants = list(self.nodes)
+            inboxes = secagg_plus.route_shares({n: dict(zip((int(p) for p in replies[n][r.KEYS][h.SHARE_PEERS]),
+                                                            map(bytes, replies[n][r.KEYS][h.SHARE_CIPHERTEXTS]),
+                                                            strict=True)) for n in participants})
+            per_node = {n: {h.SHARE_PEERS: [p for p in inboxes.get(n, {}) if p in participants],
+                            h.SHARE_CIPHERTEXTS: [c for p, c in inboxes.get(n, {}).items() if p in participants]}
+                        for n in participants}
+            replies, failures = self.ask_all(message_type, {**extra, **roster_config,
+                                                            h.SECURE_PARTICIPANTS: participants}, arrays, per_node)
+            self.lose(failures)
+            self.replies = replies
+            masked = {n: replies[n][r.ARRAYS][name].numpy() for n in self.nodes}
+            if bits is not None:
+                masked = {n: wire_ints.unpack(part, bits) for n, part in masked.items()}
+            dropped = [n for n in participants if n not in masked]
+            replies, failures = self.ask_all(self.unmask_message, {**round_keys, h.SECURE_SENT: sorted(masked),
+                                                                   h.SECURE_DROPPED: dropped}, ArrayRecord(),
+                                             with_base=False)
+            self.lose(failures)
+            answers = {n: secagg_plus.UnmaskShares(
+                seeds=dict(zip((int(j) for j in reply[r.KEYS][h.SEEDS_OF]), map(bytes, reply[r.KEYS][h.SEED_SHARES]),
+                               strict=True)),
+                mask_keys=dict(zip((int(j) for j in reply[r.KEYS][h.MASK_KEYS_OF]),
+                                   map(bytes, reply[r.KEYS][h.MASK_KEY_SHARES]), strict=True)))
+                for n, reply in replies.items()}
+            total = secagg_plus.unmask_sum(roster, masked, answers, 64 if bits is None else bits, participants)
+        except secagg_plus.SecAggError as err:
+            node, reason = next(iter(self.lost.items()), (-1, "no site lost"))
+            raise SecureProtocolError(node, f"{reason}; the secure sum cannot be recovered: {err}") from None
+        self.summed_nodes = sorted(masked)
+        if bits is not None:
+            return wire_ints.decode(total, bits, signed)
+        return total.view(np.int64)
+
+    def summed_floats(self, message_type: messages.MessageName, extra: dict, arrays: ArrayRecord, name: str,
+                      scale_bits: int = FIXED_POINT_BITS) -> np.ndarray:
+        """The float64 sum of one released float vector, sent in fixed point at ``scale_bits``."""
+        total = self.summed(message_type, {**extra, SECURE_SCALE: scale_bits}, arrays, name)
+        return from_fixed(total, scale_bits)
