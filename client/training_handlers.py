@@ -8,6 +8,11 @@
 - ``train``: load the global weights, train locally (DP-SGD under DP, its σ set at the first round for the
   run's ``training`` ε), reply the weights and :class:`shared.protocol.training.TrainReply`; in a one-message
   round a site without DP first evaluates the received model and adds its summaries (``EVALUATE_RECEIVED``).
+- ``query.ann_keys`` (pairwise-masked rounds, ``strategies.pairwise_masked_mean``): a fresh X25519 key pair for
+  the session (``shared.secure_sum``); the private key stays in the node's context state, the public key goes to
+  the server. A ``train`` message of that session is then answered with the fixed-point words of n·w and n
+  (``shared.ann_fixed_point``) masked under ``<session>/<server-round>``, never a label the site masked before.
+  Noise of a DP site is in its weights before they are masked.
 - ``evaluate``: summaries of the global model on the test split (``client.evaluation``); under DP one
   release of the ``evaluation`` phase (the server asks a DP site at the final round only).
 """
@@ -16,7 +21,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import run_state
@@ -34,7 +40,7 @@ from client.ledger import BudgetExhausted, LedgerError
 from client.run_state import run_context
 from client.site import SiteHandlers, SiteRequest, load, site_dp
 from client.statistics import noised_rows, private_statistics
-from shared import metrics
+from shared import ann_fixed_point, metrics, secure_sum
 from shared.encoding import SiteStatistics
 from shared.protocol import messages
 from shared.protocol import records as r
@@ -43,7 +49,13 @@ from shared.protocol.site_check import SiteCheckReply, plan_of, resumed_run
 from shared.protocol.training import (
     EVAL_BINS,
     EVALUATE_RECEIVED,
+    MASKED,
+    PUBLIC_KEY,
     RECEIVED_EVALUATION,
+    SECURE_KEYS,
+    SECURE_NODES,
+    SECURE_SESSION,
+    SECURE_SITES,
     AnnTraining,
     TrainReply,
     proximal_mu,
@@ -53,6 +65,13 @@ from shared.validation import SiteDataError
 
 MAX_ERRORS_REPORTED = 5
 _STATE_ROWS = "dp-noised-rows"
+PAIRWISE_STATE_KEY = "ann-pairwise-sum"
+"""Context state of the masked ANN rounds: the session, its private key, the last round masked in it."""
+MASKED_ROUNDS_KEY = "ann-masked-rounds"
+"""Context state (kept on the site's disk for a resumed run, ``client.run_state``): per round this run masked, the
+roster it was masked among."""
+
+
 def site_check(msg: Message, context: Context, handlers: SiteHandlers) -> Message:
     """Validate this node's site and say its privacy terms for the run announced in the message."""
     source = handlers.source(context)
@@ -159,10 +178,56 @@ def train_round(msg: Message, request: SiteRequest) -> RecordDict:
         reply = TrainReply(num_examples=_noised_rows(request), server_round=this_round, steps=result.steps,
                            epsilon=dp.ledger.spent(), epsilon_budget=dp.ledger.epsilon_budget,
                            delta=dp.ledger.delta, noise_multiplier=sigma)
-    content = RecordDict({r.ARRAYS: to_arrays(model), r.METRICS: reply.to_metric_record()})
+    weights = to_arrays(model)
+    if SECURE_SESSION in request.config:
+        weights = masked_weights(request, msg.content[r.ARRAYS], weights, reply.num_examples, this_round)
+    content = RecordDict({r.ARRAYS: weights, r.METRICS: reply.to_metric_record()})
     if received is not None:
         content[RECEIVED_EVALUATION] = received
     return content
+
+
+def session_key(msg: Message, request: SiteRequest) -> RecordDict:
+    """``query.ann_keys``: a fresh key pair for the session the request names; the private key stays here."""
+    private_key = secure_sum.new_private_key()
+    request.context.state[PAIRWISE_STATE_KEY] = ConfigRecord({"session": str(request.config[SECURE_SESSION]),
+                                                              "private-key": private_key, "last-round": -1})
+    return RecordDict({r.KEYS: ConfigRecord({PUBLIC_KEY: secure_sum.public_key(private_key)})})
+
+
+def masked_weights(request: SiteRequest, received: ArrayRecord, trained: ArrayRecord, weight: float,
+                   this_round: int) -> ArrayRecord:
+    """The trained weights as the masked sum's words: ``weight · w`` and ``weight`` in fixed point
+    (``shared.ann_fixed_point``, refused past its bound), masked among the roster under ``<session>/<round>``.
+    A round not above the last one masked in the session is refused (one mask is never used twice), and so is a
+    round this run masked before among other sites (by name): a resumed run's repeated round, whose seeded weights
+    are the same, summed over a second set of sites would give away the difference."""
+    config, state = request.config, request.context.state.get(PAIRWISE_STATE_KEY)
+    session = str(config[SECURE_SESSION])
+    if state is None or str(state["session"]) != session:
+        raise secure_sum.SecureSumError("no mask key for this session at this site (query.ann_keys first)")
+    if this_round <= int(state["last-round"]):
+        raise secure_sum.SecureSumError(f"mask label {session}/{this_round} is not above the last one this site "
+                                        f"masked (round {int(state['last-round'])}): refusing to reuse a mask")
+    peers = dict(zip((int(n) for n in config[SECURE_NODES]), map(bytes, config[SECURE_KEYS]), strict=True))
+    if request.context.node_id not in peers:
+        raise secure_sum.SecureSumError("this site is not in the round's roster of mask keys")
+    roster = ",".join(sorted(str(name) for name in config.get(SECURE_SITES, list(peers))))
+    masked_rounds = request.context.state.get(MASKED_ROUNDS_KEY)
+    run = str(request.context.run_id)
+    if masked_rounds is None or str(masked_rounds["run-id"]) != run:
+        masked_rounds = request.context.state[MASKED_ROUNDS_KEY] = ConfigRecord({"run-id": run})
+    if str(this_round) in masked_rounds and str(masked_rounds[str(this_round)]) != roster:
+        raise secure_sum.SecureSumError(f"round {this_round} was masked before among other sites: its (seeded, so "
+                                        "identical) weights summed over a second set of sites would reveal the "
+                                        "sites in one set and not the other; refusing")
+    layout = ann_fixed_point.layout_of({k: a.numpy() for k, a in received.items()})
+    words = ann_fixed_point.encode({k: a.numpy() for k, a in trained.items()}, weight, layout, len(peers))
+    state["last-round"] = this_round  # before masking: a failure after this never lets the label be used again
+    masked_rounds[str(this_round)] = roster
+    masked = secure_sum.mask(words, bytes(state["private-key"]), request.context.node_id, peers,
+                             f"{session}/{this_round}")
+    return ArrayRecord({MASKED: Array(np.asarray(masked, dtype=np.uint64))})
 
 
 def received_evaluation(request: SiteRequest, model) -> ConfigRecord | None:
@@ -215,5 +280,6 @@ def register_training(client: ClientApp, handlers: SiteHandlers) -> None:
         return site_check(msg, context, handlers)
 
     client.query(messages.STATISTICS.action)(handlers(statistics))
+    client.query(messages.ANN_KEYS.action)(handlers(session_key))
     client.train()(handlers(train_round))
     client.evaluate()(handlers(evaluate_round))

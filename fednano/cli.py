@@ -128,6 +128,10 @@ def simulate(
         None, "--secure-sum", help="The statistics' and hist boosting's sums: pairwise (default; masks, one key "
         "exchange, a site lost mid-phase fails the statistics / stops the head) | recovering (dropout recovery, "
         "~4x the message exchanges) | off."),
+    ann_secure_sum: str | None = typer.Option(
+        None, "--ann-secure-sum", help="ANN rounds: auto (default; pairwise-masked sums when --secure-sum is not off "
+        "and the strategy only needs the mean, else plain with the reason printed) | pairwise (refused with robust "
+        "strategies, clipping or central DP) | off."),
     compare: bool = typer.Option(True, "--compare/--no-compare",
                                  help="Also random forest, SVM, gradient boosting (local-only, pooled)."),
     deploy_cycles: int = typer.Option(
@@ -173,7 +177,7 @@ def simulate(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from server.settings import POLICY_MODELS, POLICY_REFERENCES, parse_models
+    from server.settings import ANN_SECURE_MODES, POLICY_MODELS, POLICY_REFERENCES, parse_models
     from shared.protocol.boosting import MODES
     from shared.protocol.hist import SECURE_SUM_MODES
     from shared.protocol.personalisation import parse_methods
@@ -191,6 +195,7 @@ def simulate(
     strategy = strategy or base.strategy
     boosting = boosting or base.boosting
     secure_sum = secure_sum or base.secure_sum
+    ann_secure_sum = ann_secure_sum or base.ann_secure_sum
     models = models or base.models
     rounds = rounds or base.rounds
     policy_model = policy_model or base.policy_model
@@ -205,6 +210,8 @@ def simulate(
         raise typer.BadParameter(f"expected one of {', '.join(MODES)}", param_hint="--boosting")
     if secure_sum not in SECURE_SUM_MODES:
         raise typer.BadParameter(f"expected one of {', '.join(SECURE_SUM_MODES)}", param_hint="--secure-sum")
+    if ann_secure_sum not in ANN_SECURE_MODES:
+        raise typer.BadParameter(f"expected one of {', '.join(ANN_SECURE_MODES)}", param_hint="--ann-secure-sum")
     try:
         parse_models(models)
     except ValueError as err:
@@ -231,6 +238,14 @@ def simulate(
 
         if problem := ray_head_problem(ray_address):
             raise typer.BadParameter(problem, param_hint="--ray-address")
+    if ann_secure_sum == "pairwise":
+        from strategies.pairwise_masked_mean import masking_problem
+
+        problem = masking_problem(strategy, base.clip_norm if clip_norm is None else clip_norm,
+                                  base.clip_median_factor if clip_median_factor is None else clip_median_factor,
+                                  central["central_dp"])
+        if problem:
+            raise typer.BadParameter(problem, param_hint="--ann-secure-sum")
     flower_environment(Path.cwd())
     if not verbose:
         quiet_flower()
@@ -238,7 +253,8 @@ def simulate(
                            epsilon=epsilon, strategy=strategy,
                            seed=seed, sites=sites, task=task, local_epochs=local_epochs or base.local_epochs,
                            models=models, boosting=boosting, xgb_rounds=xgb_rounds or base.xgb_rounds,
-                           secure_sum=secure_sum, compare=compare, deploy_cycles=deploy_cycles,
+                           secure_sum=secure_sum, ann_secure_sum=ann_secure_sum, compare=compare,
+                           deploy_cycles=deploy_cycles,
                            deploy_patients=deploy_patients,
                            explore=explore, policy_model=policy_model, policy_reference=policy_reference,
                            malicious_sites=base.malicious_sites if malicious_sites is None else malicious_sites,

@@ -17,6 +17,7 @@ from shared.protocol.hist import secure_sum_mode
 from shared.protocol.personalisation import parse_methods
 from shared.task import NANOPARTICLE_TASK, TaskSpec
 from strategies.central_dp import MECHANISMS, CentralDPParameters, central_dp_problem
+from strategies.pairwise_masked_mean import masking_problem
 from strategies.robust import RobustParameters
 
 MODEL_FAMILIES = ("ann", "xgboost")
@@ -26,6 +27,9 @@ structured dose-response models fitted by federated Newton–Raphson (``shared.s
 CENTRAL_ACCOUNTANTS = ("rdp", "prv")
 """Opacus accountants for central DP's ε (``server.central_accounting``): Rényi DP (Mironov 2017) or the PRV
 accountant (Gopi et al. 2021)."""
+ANN_SECURE_MODES = ("auto", "pairwise", "off")
+"""How the ANN rounds sum the sites' weights (``strategies.pairwise_masked_mean``): ``auto`` follows ``secure-sum``
+where the strategy allows it, ``pairwise`` always (refused with a strategy that needs each update), ``off`` plain."""
 POLICY_REFERENCES = ("absolute", "standard_of_care")
 """What the structured policy's confidence bounds are taken against (``shared.structured_policy``)."""
 
@@ -120,6 +124,14 @@ class RunSettings:
         ``pairwise`` masks (one key exchange per phase, one exchange per release; a site lost mid-phase stops
         the head), ``recovering`` (Bonawitz et al.'s dropout-recovering secure aggregation: four exchanges per
         release, lost sites recovered and the tree regrown on the survivors) or ``off`` (plain sums).
+    ann_secure_sum : str, default "auto"
+        How the ANN rounds sum the sites' weights (:data:`ANN_SECURE_MODES`): ``pairwise`` — every site sends the
+        fixed-point words of n_i·w_i and n_i under pairwise masks (``strategies.pairwise_masked_mean``: one key
+        exchange per phase, the coordinator unmasks the sum and divides; it never sees one site's model; a site
+        lost in a round fails that round, no dropout recovery); refused with a robust strategy, update-norm clipping
+        or central DP, which need each site's update. ``auto`` — pairwise when ``secure_sum`` is not ``off`` and
+        the strategy, clipping and central-DP settings allow it (and at least two sites train), else plain, with
+        the reason printed and recorded (``ModelRecord.secure_sum``). ``off`` — plain replies.
     signing_key : str, default ""
         The coordinator's policy_signing.key: with it the run ends by building, signing and sending the policy.
     policy_dir : str, default ""
@@ -189,6 +201,7 @@ class RunSettings:
     xgb_max_depth: int = 4
     xgb_scale_bits: int = SCALE_BITS
     secure_sum: str = "pairwise"
+    ann_secure_sum: str = "auto"
     signing_key: str = ""
     policy_dir: str = ""
     fqi_iterations: int = 25
@@ -221,6 +234,11 @@ class RunSettings:
             raise ValueError(f"central-accountant: expected one of {', '.join(CENTRAL_ACCOUNTANTS)}; "
                              f"got {self.central_accountant!r}")
         secure_sum_mode(self.secure_sum)
+        if self.ann_secure_sum not in ANN_SECURE_MODES:
+            raise ValueError(f"ann-secure-sum: expected one of {', '.join(ANN_SECURE_MODES)}; "
+                             f"got {self.ann_secure_sum!r}")
+        if self.ann_secure_sum == "pairwise" and (problem := self._masking_problem()):
+            raise ValueError(f"ann-secure-sum pairwise: {problem}")
         if self.boosting not in MODES:
             raise ValueError(f"boosting: expected one of {', '.join(MODES)}; got {self.boosting!r}")
 
@@ -252,6 +270,28 @@ class RunSettings:
             raise ValueError(f"central-dp: expected one of {', '.join(MECHANISMS)} (or empty: off); "
                              f"got {self.central_dp!r}")
         return CentralDPParameters(self.central_dp, self.central_noise_multiplier, self.central_clip)
+
+    def _masking_problem(self) -> str | None:
+        return masking_problem(self.strategy, self.clip_norm, self.clip_median_factor, self.central_dp)
+
+    def ann_masking(self, n_trainers: int) -> tuple[bool, str]:
+        """Whether the ANN rounds of ``n_trainers`` training sites are pairwise-masked, and why (printed and
+        recorded with the run); ``ValueError`` for an explicit ``pairwise`` that cannot run."""
+        if self.ann_secure_sum == "off":
+            return False, "ann-secure-sum is off"
+        if self.ann_secure_sum == "auto" and self.secure_sum == "off":
+            return False, "secure-sum is off (ann-secure-sum auto follows it)"
+        if problem := self._masking_problem():
+            return False, problem  # auto only: an explicit pairwise was refused in __post_init__
+        if n_trainers < 2:
+            why = f"{n_trainers} site trains: a masked sum needs at least 2 to hide each site among the others"
+            if self.ann_secure_sum == "pairwise":
+                raise ValueError(f"ann-secure-sum pairwise: {why}")
+            return False, why
+        why = f"ann-secure-sum {self.ann_secure_sum}" + (f" (secure-sum {self.secure_sum}; dropout recovery is not "
+                                                         "built for ANN rounds)" if self.ann_secure_sum == "auto"
+                                                         else "")
+        return True, why
 
     def task(self) -> TaskSpec:
         return TaskSpec.from_toml(self.task_path) if self.task_path else NANOPARTICLE_TASK

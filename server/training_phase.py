@@ -10,6 +10,10 @@ exchange as it trains the next (``PerSiteRecord``'s ``one_message_nodes``): a de
 per site, not two.
 With central DP (``settings.central_dp``) the strategy is wrapped in :class:`strategies.central_dp.CentralDP` and
 the record gets its accounting (``server.central_accounting``, ``RunRecord.central_dp``).
+With pairwise-masked rounds (``settings.ann_secure_sum``, :meth:`server.settings.RunSettings.ann_masking`) it is
+wrapped in :class:`strategies.pairwise_masked_mean.PairwiseMaskedMean`: the sites send masked fixed-point words
+and the coordinator sees only their sum; the record says which (``ModelRecord.secure_sum``) and names any round
+a lost site failed.
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ import copy
 import math
 import time
 from collections.abc import Callable
+from logging import INFO
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -44,6 +50,7 @@ from shared.protocol.training import EVAL_BINS, AnnTraining
 from shared.task import TaskSpec
 from strategies.central_dp import CentralDP
 from strategies.choice import make_strategy
+from strategies.pairwise_masked_mean import PairwiseMaskedMean
 from strategies.per_site import PerSiteRecord
 from strategies.update_clipping import UpdateNormClipping
 
@@ -111,12 +118,15 @@ def train_ann(grid: Grid, sites: SiteCheck, task: TaskSpec, encoder: FeatureEnco
 
     dp = sites.dp_nodes()
     evaluators = [n for n in sites.nodes if n not in dp or n in sites.granting("evaluation")]
+    masked, masking = settings.ann_masking(len(trainers))
+    log(INFO, "ANN rounds: %s (%s)", "pairwise-masked sums" if masked else "plain replies", masking)
     strategy = PerSiteRecord(make_strategy(settings.strategy, n_sites=len(trainers),
                                            proximal_mu=settings.proximal_mu, server_lr=settings.server_lr,
                                            robust=settings.robust_parameters(len(trainers)),
                                            clip_norm=settings.clip_norm,
                                            clip_median_factor=settings.clip_median_factor,
-                                           central=settings.central_dp_parameters()),
+                                           central=settings.central_dp_parameters(),
+                                           masked=masked, masked_nodes=trainers, site_names=sites.usable),
                              on_round=on_round, train_nodes=trainers, evaluate_nodes=evaluators,
                              final_round_only=dp, final_round=settings.num_server_rounds,
                              on_progress=write_progress,
@@ -149,7 +159,10 @@ def train_ann(grid: Grid, sites: SiteCheck, task: TaskSpec, encoder: FeatureEnco
                          final=final_metrics(task, sites.usable, last_evaluations(rounds)),
                          refused={**sites.refusing("training"),
                                   **{f"{name} (evaluation)": why
-                                     for name, why in sites.refusing("evaluation").items()}})
+                                     for name, why in sites.refusing("evaluation").items()}},
+                         secure_sum=f"{'pairwise' if masked else 'off'}: {masking}")
+    if isinstance(strategy.strategy, PairwiseMaskedMean):
+        family.failures.update({f"round {n}": why for n, why in strategy.strategy.failed_rounds.items()})
     if isinstance(strategy.strategy, UpdateNormClipping):
         family.update_norms = update_norm_record(sites.usable, strategy.strategy.bounds, strategy.strategy.norms)
     if isinstance(strategy.strategy, CentralDP):

@@ -39,6 +39,7 @@ from flwr.app import Array, ArrayRecord, Context, Message
 from client.site import SiteSource
 from shared.protocol import messages
 from shared.protocol import records as r
+from shared.protocol.training import MASKED
 from shared.schema import EPISODES_FILE
 from shared.task import NANOPARTICLE_TASK, TaskSpec
 from shared.validation import load_site
@@ -46,6 +47,9 @@ from shared.validation import load_site
 KINDS = ("sign-flip", "scale", "label-flip", "lie")
 DEFAULT_FACTORS = {"sign-flip": 1.0, "scale": 10.0}
 """FACTOR when none is given; the other kinds take none."""
+UPDATE_KINDS = tuple(DEFAULT_FACTORS)
+"""The kinds that rewrite the site's plain ANN weights: not with pairwise-masked rounds, whose replies are words
+(``simulation.experiment.ExperimentConfig.ann_masking`` turns masking off for them)."""
 
 ATTACKS_DIR = "attacks"
 """Under the experiment's output: the label-flipping sites' poisoned copies."""
@@ -132,6 +136,9 @@ def attack_mod(attacks: dict[int, Attack]) -> Callable[[Message, Context, Callab
         if reply.has_error():
             return reply
         if poisons_update:
+            if MASKED in reply.content[r.ARRAYS]:
+                raise AttackError(f"{kind} rewrites plain weights; this training reply is masked (run the attack "
+                                  "with --ann-secure-sum off)")
             reply.content[r.ARRAYS] = attack.poison_update(global_arrays, reply.content[r.ARRAYS])
         elif kind == "lie" and message_type.split(".")[0] == messages.EVALUATE.category:
             for record in reply.content.metric_records.values():

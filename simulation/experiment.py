@@ -34,7 +34,7 @@ from shared.durable import write_json_atomically
 from shared.exploration import Exploration
 from shared.task import NANOPARTICLE_TASK, TaskSpec, assign_split
 from shared.validation import SiteDataError, load_site
-from simulation.attacks import Attack, AttackError, attacked_sources, attackers_by_partition
+from simulation.attacks import UPDATE_KINDS, Attack, AttackError, attacked_sources, attackers_by_partition
 from simulation.baselines import (
     BaselineSettings,
     Privacy,
@@ -83,6 +83,7 @@ class ExperimentConfig:
     xgb_rounds: int = DEFAULTS.xgb_rounds
     xgb_scale_bits: int = DEFAULTS.xgb_scale_bits  # --boosting hist: fixed-point scale (TreeParams.scale_bits)
     secure_sum: str = DEFAULTS.secure_sum  # hist boosting: pairwise | recovering | off (RunSettings)
+    ann_secure_sum: str = DEFAULTS.ann_secure_sum  # ANN rounds: auto | pairwise | off (RunSettings)
     compare: bool = True  # the seed paper's comparison: random forest, SVM, gradient boosting
     fqi_iterations: int = DEFAULTS.fqi_iterations
     release_gate: bool = DEFAULTS.release_gate  # False ships the policy whatever the sites' estimates (tests)
@@ -138,7 +139,7 @@ class ExperimentConfig:
             batch_size=self.batch_size, lr=self.lr, hidden=self.hidden, seed=self.seed, split_seed=self.seed,
             min_nodes=n_sites, out_dir=str(self.out / "federated"), task_path=str(self.task) if self.task else "",
             models=self.models, boosting=self.boosting, xgb_rounds=self.xgb_rounds, secure_sum=self.secure_sum,
-            xgb_scale_bits=self.xgb_scale_bits,
+            ann_secure_sum=self.ann_masking(), xgb_scale_bits=self.xgb_scale_bits,
             signing_key=str(signing_key) if signing_key is not None else "",
             policy_dir=str(self.out / "policy"), fqi_iterations=self.fqi_iterations, release_gate=self.release_gate,
             policy_model=self.policy_model, policy_reference=self.policy_reference, personalise=self.personalise,
@@ -147,6 +148,19 @@ class ExperimentConfig:
             central_dp=self.central_dp, central_noise_multiplier=self.central_noise_multiplier,
             central_clip=self.central_clip, central_delta=self.central_delta,
             central_accountant=self.central_accountant, resume=self.resume)
+
+    def ann_masking(self) -> str:
+        """The run's ``ann_secure_sum``: ``auto`` becomes ``off`` when an attack rewrites a site's plain training
+        reply (``sign-flip``, ``scale``: :func:`simulation.attacks.attack_mod` works on the weights a site sends,
+        and under masks it sends words); an explicit ``pairwise`` with such an attack is refused."""
+        rewrites = [a for a in self.parsed_attacks() if a.kind in UPDATE_KINDS]
+        if not rewrites or self.ann_secure_sum == "off":
+            return self.ann_secure_sum
+        if self.ann_secure_sum == "pairwise":
+            raise ExperimentError(f"--attack {rewrites[0].site}:{rewrites[0].kind} rewrites the site's plain ANN "
+                                  "weights, which pairwise-masked rounds never send: use --ann-secure-sum off (or "
+                                  "auto) with it")
+        return "off"
 
     def parsed_attacks(self) -> list[Attack]:
         return [Attack.parse(text) for text in self.attacks]

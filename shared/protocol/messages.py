@@ -40,6 +40,9 @@ TRAIN = MessageName("train")
 """One round of local ANN training (Flower strategies send it)."""
 EVALUATE = MessageName("evaluate")
 """Evaluation summaries of the global ANN (Flower strategies send it)."""
+ANN_KEYS = query("ann_keys")
+"""Pairwise-masked ANN rounds (``strategies.pairwise_masked_mean``): the site's fresh X25519 public key for the
+session the request names; its private key stays in the node's context state."""
 PERSONALISE = query("personalise")
 """Train the site's personalised ANNs from the final global one, choose on the validation split, reply metrics
 only (``shared.protocol.personalisation``); the personalised models stay at the site."""

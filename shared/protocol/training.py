@@ -77,6 +77,20 @@ made at the final round only)."""
 RECEIVED_EVALUATION = "received-evaluation"
 """Reply key of the evaluation summaries of the received model (:data:`EVALUATE_RECEIVED`)."""
 
+# Pairwise-masked rounds (strategies.pairwise_masked_mean, client.training_handlers.masked_weights)
+SECURE_SESSION = "ann-secure-session"
+"""Train config (and ``query.ann_keys`` request): the key exchange's session id. With it the site sends its
+weights as masked fixed-point words (``shared.ann_fixed_point``) under the label ``<session>/<server-round>``."""
+SECURE_NODES = "ann-secure-nodes"
+SECURE_KEYS = "ann-secure-keys"
+SECURE_SITES = "ann-secure-sites"
+"""Train config: the roster's node ids, their X25519 public keys and their site names, in the same order (a site
+compares a repeated round's roster by name: node ids change when a run resumes)."""
+PUBLIC_KEY = "public-key"
+"""``query.ann_keys`` reply (ConfigRecord ``keys``): the site's X25519 public key for the session."""
+MASKED = "masked-weights"
+"""The one array of a masked training reply: uint64 words of (n·w, n) in fixed point, masked."""
+
 
 def hidden_of(config: ConfigRecord) -> tuple[int, ...]:
     """The MLP's hidden widths from any request that carries a model."""

@@ -1,0 +1,221 @@
+"""Benchmark of pairwise-masked ANN rounds against plain ones: bytes and time per round at 3 and 10 clinics.
+Prints a table, writes JSON.
+
+    python benchmarks/secure_ann.py [--clinics 3 10] [--repeats 5] [--flower-rounds 0]
+                                    [--out benchmarks/results/secure_ann.json]
+
+Aggregation (always): the real code of both sides in this one process — the coordinator's
+``strategies.pairwise_masked_mean.PairwiseMaskedMean`` around Flower's FedAvg, and the sites'
+``client.training_handlers.session_key`` / ``masked_weights`` — on the run's default ANN (the built-in task's
+encoder, ``hidden`` 64,32), each site's trained weights the global ones plus noise. Against Flower's FedAvg on
+plain float32 replies. Reported per round (median over ``--repeats``): ``site_s`` one site's time to turn its
+weights into its reply (masked: fixed point and K − 1 pairwise mask streams; plain: nothing to do beyond the
+ArrayRecord), ``server_s`` the coordinator's aggregation (masked: unmask, decode, FedAvg on the mean), payload
+bytes up (sites → coordinator) and down (coordinator → sites: global weights, config, and with masks the
+roster's node ids and public keys) without framing (``server.hist_phase.record_bytes``); the key exchange,
+once per phase, apart (``keys_s`` the coordinator's wall time for it, bytes both ways).
+
+``--flower-rounds R`` (> 0) also runs the whole federation (``simulation.experiment.run_federation``, ANN only,
+no DP, R rounds) masked and plain at each size, one simulation at a time, and reports the ANN phase's seconds
+per round: local training and Flower's own messaging included, so the load of the machine shows in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, when run as a script
+from record import machine, write_record  # noqa: E402
+
+from client.training_handlers import masked_weights, session_key  # noqa: E402
+from server.hist_phase import record_bytes  # noqa: E402
+from server.settings import DEFAULTS  # noqa: E402
+from strategies.pairwise_masked_mean import PairwiseMaskedMean  # noqa: E402
+
+OUT = Path("benchmarks/results/secure_ann.json")
+UPDATE_SD = 0.01
+"""Noise of a site's trained weights around the global ones (round-1 updates of the default ANN are of this
+order per weight)."""
+
+
+def default_model_arrays(workdir: Path) -> dict[str, np.ndarray]:
+    """The default ANN's initial weights for the built-in task, its encoder fitted on one simulated clinic."""
+    from shared.ann import build_model, to_arrays
+    from shared.encoding import fit_local
+    from shared.task import NANOPARTICLE_TASK
+    from shared.validation import load_site
+    from simulation.clinics import SitePrivacy, generate_sites
+
+    clinic = generate_sites(1, 0, workdir, patients_per_clinic=60, privacy=SitePrivacy(dp=False)).clinics[0]
+    encoder = fit_local(load_site(workdir / clinic.name).episodes, NANOPARTICLE_TASK)
+    model = build_model(encoder, NANOPARTICLE_TASK, DEFAULTS.hidden_sizes, seed=0)
+    return {k: a.numpy() for k, a in to_arrays(model).items()}
+
+
+class InProcessSites:
+    """K sites' contexts, and a grid answering ``query.ann_keys`` with the site handler."""
+
+    def __init__(self, n_sites: int) -> None:
+        self.contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
+                         for n in range(1, n_sites + 1)}
+        self.bytes_down = self.bytes_up = 0
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def request(self, node: int, config: ConfigRecord) -> SimpleNamespace:
+        return SimpleNamespace(config=config, context=self.contexts[node])
+
+    def send_and_receive(self, sent, timeout=None):
+        replies = []
+        for msg in sent:
+            self.bytes_down += record_bytes(msg.content)
+            reply = session_key(msg, self.request(msg.metadata.dst_node_id, msg.content["config"]))
+            self.bytes_up += record_bytes(reply)
+            replies.append(Message(reply, reply_to=msg))
+        return replies
+
+
+def trained_weights(global_: dict[str, np.ndarray], n_sites: int, seed: int) -> dict[int, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return {node: {k: (v + rng.normal(0, UPDATE_SD, v.shape)).astype(v.dtype) for k, v in global_.items()}
+            for node in range(1, n_sites + 1)}
+
+
+def masked_round(global_: dict[str, np.ndarray], n_sites: int, server_round: int, seed: int) -> dict:
+    sites = InProcessSites(n_sites)
+    strategy = PairwiseMaskedMean(FedAvg(), sites.get_node_ids())
+    arrays = ArrayRecord({k: Array(v) for k, v in global_.items()})
+    start = time.perf_counter()
+    sent = list(strategy.configure_train(server_round, arrays, ConfigRecord(), sites))
+    configure_s = time.perf_counter() - start
+    keys = {"keys_s": configure_s, "keys_bytes_up": sites.bytes_up, "keys_bytes_down": sites.bytes_down}
+    trained = trained_weights(global_, n_sites, seed)
+    replies, site_seconds = [], []
+    for msg in sent:
+        node = msg.metadata.dst_node_id
+        start = time.perf_counter()
+        words = masked_weights(sites.request(node, msg.content["config"]), msg.content["arrays"],
+                               ArrayRecord({k: Array(v) for k, v in trained[node].items()}), 100.0 + node,
+                               server_round)
+        site_seconds.append(time.perf_counter() - start)
+        replies.append(Message(RecordDict({"arrays": words, "metrics": MetricRecord({"num-examples": 100.0 + node})}),
+                               reply_to=msg))
+    start = time.perf_counter()
+    mean, _ = strategy.aggregate_train(server_round, replies)
+    server_s = time.perf_counter() - start
+    return {"site_s": statistics.mean(site_seconds), "server_s": server_s,
+            "bytes_up": sum(record_bytes(r.content) for r in replies),
+            "bytes_down": sum(record_bytes(m.content) for m in sent), **keys,
+            "mean": {k: a.numpy() for k, a in mean.items()}, "trained": trained}
+
+
+def plain_round(global_: dict[str, np.ndarray], trained: dict[int, dict[str, np.ndarray]], server_round: int) -> dict:
+    sites = InProcessSites(len(trained))
+    strategy = FedAvg()
+    sent = list(strategy.configure_train(server_round, ArrayRecord({k: Array(v) for k, v in global_.items()}),
+                                         ConfigRecord(), sites))
+    replies, site_seconds = [], []
+    for msg in sent:
+        node = msg.metadata.dst_node_id
+        start = time.perf_counter()
+        content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in trained[node].items()}),
+                              "metrics": MetricRecord({"num-examples": 100.0 + node})})
+        site_seconds.append(time.perf_counter() - start)
+        replies.append(Message(content, reply_to=msg))
+    start = time.perf_counter()
+    mean, _ = strategy.aggregate_train(server_round, replies)
+    server_s = time.perf_counter() - start
+    return {"site_s": statistics.mean(site_seconds), "server_s": server_s,
+            "bytes_up": sum(record_bytes(r.content) for r in replies),
+            "bytes_down": sum(record_bytes(m.content) for m in sent), "mean": {k: a.numpy() for k, a in mean.items()}}
+
+
+def aggregation(global_: dict[str, np.ndarray], n_sites: int, repeats: int) -> dict:
+    runs = []
+    for repeat in range(repeats):
+        masked = masked_round(global_, n_sites, server_round=1, seed=repeat)
+        plain = plain_round(global_, masked.pop("trained"), server_round=1)
+        diff = max(float(np.max(np.abs(masked["mean"][k].astype(np.float64) - plain["mean"][k]))) for k in global_)
+        runs.append({"masked": {k: v for k, v in masked.items() if k != "mean"},
+                     "plain": {k: v for k, v in plain.items() if k != "mean"}, "max_abs_diff": diff})
+    median = {mode: {key: statistics.median(r[mode][key] for r in runs) for key in runs[0][mode]}
+              for mode in ("masked", "plain")}
+    return {**median, "max_abs_diff": max(r["max_abs_diff"] for r in runs),
+            "parameters": int(sum(v.size for v in global_.values()))}
+
+
+def flower_seconds(clinics: int, rounds: int, workdir: Path) -> dict[str, float]:
+    """The ANN phase's seconds per round of a whole federation, masked and plain."""
+    from simulation.clinics import SitePrivacy, generate_sites
+    from simulation.experiment import ExperimentConfig, flower_environment, prepare_sites, quiet_flower, run_federation
+
+    flower_environment(workdir)
+    quiet_flower()
+    folder = workdir / f"sites{clinics}"
+    generated = generate_sites(clinics, 0, folder, patients_per_clinic=80, privacy=SitePrivacy(dp=False)).clinics
+    base = ExperimentConfig(clinics=clinics, rounds=rounds, dp=False, seed=0, models="ann", compare=False,
+                            fqi_iterations=0, policy=False, sites=[folder / c.name for c in generated])
+    sources, _ = prepare_sites(dataclasses.replace(base, out=workdir / f"prep{clinics}"))
+    seconds = {}
+    for mode in ("pairwise", "off"):
+        record = run_federation(dataclasses.replace(base, ann_secure_sum=mode, out=workdir / f"{mode}{clinics}"),
+                                sources)
+        seconds[mode] = record.models["ann"].seconds / rounds
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clinics", type=int, nargs="+", default=[3, 10])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--flower-rounds", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # as in a ServerApp process
+    load = os.getloadavg()
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        global_ = default_model_arrays(Path(tmp) / "model")
+        for clinics in args.clinics:
+            results[str(clinics)] = aggregation(global_, clinics, args.repeats)
+            if args.flower_rounds > 0:
+                results[str(clinics)]["flower_s_per_round"] = flower_seconds(clinics, args.flower_rounds,
+                                                                              Path(tmp) / "flower")
+    print(f"default ANN: {results[str(args.clinics[0])]['parameters']} parameters; load average at start "
+          f"{load[0]:.2f}; median of {args.repeats}")
+    header = (f"{'clinics':>7} {'mode':>7} {'site ms':>8} {'server ms':>9} {'up kB':>8} {'down kB':>8} "
+              f"{'keys ms':>8} {'keys kB':>8} {'flower s/round':>14}")
+    print(header)
+    for clinics, r in results.items():
+        for mode in ("plain", "masked"):
+            m = r[mode]
+            keys = (f"{m['keys_s'] * 1e3:8.1f} {(m['keys_bytes_up'] + m['keys_bytes_down']) / 1e3:8.2f}"
+                    if mode == "masked" else f"{'':>8} {'':>8}")
+            flower = r.get("flower_s_per_round", {}).get("pairwise" if mode == "masked" else "off")
+            print(f"{clinics:>7} {mode:>7} {m['site_s'] * 1e3:8.2f} {m['server_s'] * 1e3:9.2f} "
+                  f"{m['bytes_up'] / 1e3:8.1f} {m['bytes_down'] / 1e3:8.1f} {keys} "
+                  f"{'' if flower is None else f'{flower:14.2f}'}")
+        print(f"{clinics:>7} masked mean vs FedAvg's: max abs diff {r['max_abs_diff']:.2g}")
+    command = "python benchmarks/secure_ann.py " + " ".join(
+        [f"--clinics {' '.join(map(str, args.clinics))}", f"--repeats {args.repeats}",
+         f"--flower-rounds {args.flower_rounds}"])
+    write_record(args.out, command, results, machine=machine(load_average=load))
+
+
+if __name__ == "__main__":
+    main()
