@@ -313,3 +313,14 @@ def test_a_flower_simulation_ends_on_the_same_model_masked_or_plain(tmp_path, sh
         assert np.abs(finals["off"]).max() > 0.05  # trained weights, not two empty models
     assert diffs[1].max() <= 1e-7  # float32 rounding of Flower's float32 weighted sum (weights < 0.3)
     assert np.quantile(diffs[2], 0.999) <= 1e-7 and diffs[2].max() <= 1e-5
+
+
+def test_auto_masks_up_to_a_hundred_sites_and_pairwise_at_any_size():
+    """Masking costs each site a mask stream per peer (K² per round): auto stops at AUTO_MASKED_MAX_SITES."""
+    from server.settings import AUTO_MASKED_MAX_SITES
+
+    assert AUTO_MASKED_MAX_SITES == 100
+    assert DEFAULTS.ann_masking(100)[0] is True
+    masked, why = DEFAULTS.ann_masking(101)
+    assert masked is False and "101 sites train" in why and "at most 100" in why
+    assert dataclasses.replace(DEFAULTS, ann_secure_sum="pairwise").ann_masking(1000)[0] is True
