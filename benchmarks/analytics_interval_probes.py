@@ -1,8 +1,10 @@
-"""Probes behind issue 19's third pass: DP PCA eigenvalue and logistic-coefficient noise intervals on fixed data.
+"""Probes behind issue 19's third and fourth passes: DP PCA eigenvalue, logistic-coefficient and median intervals.
 
     python benchmarks/analytics_interval_probes.py pca --sites 3 --rows 1300 --epsilons 0.5,1,3 --draws 10
     python benchmarks/analytics_interval_probes.py logistic --sites 3 --rows 1300 --epsilons 1 --draws 12
                                                    --variant current|no-carry|no-hessian-noise|psd|psd-resampled
+    python benchmarks/analytics_interval_probes.py median --sites 10 --rows 10000 --epsilons 0.5,1,3 --draws 10
+                                                   --variant current|sheppard|no-resolution
 
 Both hold the simulated clinics fixed (``benchmarks.analytics.make_sites``), run the site + server code in process
 once with the sites' noise set to zero (the target) and then ``--draws`` times with fresh noise, as
@@ -15,6 +17,10 @@ the reported sd to the draws' root-mean-square error.
 - ``logistic``: the carried-noise bootstrap of the Newton steps (``shared.analytics.logistic_step_noise``) as it is
   (``current``) or changed: without the carried term, without re-noising the Hessian, or moving each draw's
   gradient with the released Hessian projected to positive semi-definite (once, or re-noised per draw).
+- ``median``: coverage of the describe medians' ``ci95`` against the pooled rows' median (what a reader wants; the
+  noise-only benchmark's target, the noise-free estimator, shares the histogram's resolution) and against the
+  zero-noise run, with the bin-resolution term as it is (``current``: ``shared.analytics.bin_resolution_sd``), the
+  fixed ``width / √12`` of before the fourth pass (``sheppard``), or none (``no-resolution``).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import shared.analytics as sa  # noqa: E402
 from shared import dp_error  # noqa: E402
 
 VARIANTS = ("current", "no-carry", "no-hessian-noise", "psd", "psd-resampled")
+MEDIAN_VARIANTS = ("current", "sheppard", "no-resolution")
 
 
 def pca(frames, epsilon: float, draws: int) -> None:
@@ -142,19 +149,56 @@ def logistic(frames, epsilon: float, draws: int, variant: str) -> None:
           f"median sd / rmse {np.median(ratios):.2f}")
 
 
+def median(frames, epsilon: float, draws: int, variant: str) -> None:
+    """Coverage of the describe medians' ``ci95`` against the pooled median and the zero-noise run's median."""
+    from analytics import pooled_truth
+
+    current = phase.bin_resolution_sd
+    if variant == "sheppard":
+        phase.bin_resolution_sd = lambda cells, value, low, high: (high - low) / len(cells) / np.sqrt(12)
+    elif variant == "no-resolution":
+        phase.bin_resolution_sd = lambda cells, value, low, high: 0.0
+    try:
+        with zero_noise():
+            zero = dp_run(frames, epsilon, "describe", 0)["describe"]
+        runs = [dp_run(frames, epsilon, "describe", s)["describe"] for s in range(1, draws + 1)]
+    finally:
+        phase.bin_resolution_sd = current
+    truth = pooled_truth(frames, list(zero))
+    pooled, noise_free, ratios = [], [], []
+    for column in zero:
+        rows = [run[column] for run in runs if (run[column].get("noise") or {}).get("p50", {}).get("ci95")]
+        if not rows:
+            continue
+        est = np.array([r["quantiles"]["p50"] for r in rows])
+        ci = np.array([r["noise"]["p50"]["ci95"] for r in rows])
+        target = truth[column]["p50"]
+        pooled += list((ci[:, 0] <= target) & (target <= ci[:, 1]))
+        reference = zero[column]["quantiles"]["p50"]
+        noise_free += list((ci[:, 0] <= reference) & (reference <= ci[:, 1]))
+        rmse = np.sqrt(np.mean((est - target) ** 2))
+        if rmse > 0:
+            ratios.append(np.median([r["noise"]["p50"]["noise_sd"] for r in rows]) / rmse)
+    print(f"{variant} eps {epsilon}: coverage of the pooled median {np.mean(pooled):.3f} (n {len(pooled)}), "
+          f"of the zero-noise median {np.mean(noise_free):.3f}, "
+          f"median sd / rmse against pooled {np.median(ratios):.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("family", choices=("pca", "logistic"))
+    parser.add_argument("family", choices=("pca", "logistic", "median"))
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--rows", type=int, default=1300)
     parser.add_argument("--epsilons", default="1")
     parser.add_argument("--draws", type=int, default=10)
-    parser.add_argument("--variant", choices=VARIANTS, default="current")
+    parser.add_argument("--variant", choices=sorted(set(VARIANTS + MEDIAN_VARIANTS)), default="current")
     args = parser.parse_args()
     frames = make_sites(args.sites, args.rows)
     for epsilon in (float(e) for e in args.epsilons.split(",")):
         if args.family == "pca":
             pca(frames, epsilon, args.draws)
+        elif args.family == "median":
+            median(frames, epsilon, args.draws, args.variant)
         else:
             logistic(frames, epsilon, args.draws, args.variant)
 
