@@ -4,7 +4,7 @@
     python benchmarks/analytics_interval_probes.py logistic --sites 3 --rows 1300 --epsilons 1 --draws 12
                                                    --variant current|no-carry|no-hessian-noise|psd|psd-resampled
     python benchmarks/analytics_interval_probes.py median --sites 10 --rows 10000 --epsilons 0.5,1,3 --draws 10
-                                                   --variant current|sheppard|no-resolution
+                                                   --variant current|sheppard|no-shift|no-resolution
 
 Both hold the simulated clinics fixed (``benchmarks.analytics.make_sites``), run the site + server code in process
 once with the sites' noise set to zero (the target) and then ``--draws`` times with fresh noise, as
@@ -19,8 +19,10 @@ the reported sd to the draws' root-mean-square error.
   gradient with the released Hessian projected to positive semi-definite (once, or re-noised per draw).
 - ``median``: coverage of the describe medians' ``ci95`` against the pooled rows' median (what a reader wants; the
   noise-only benchmark's target, the noise-free estimator, shares the histogram's resolution) and against the
-  zero-noise run, with the bin-resolution term as it is (``current``: ``shared.analytics.bin_resolution_sd``), the
-  fixed ``width / √12`` of before the fourth pass (``sheppard``), or none (``no-resolution``).
+  zero-noise run, with the terms as they are (``current``: the bootstrap's spread, ``shared.analytics.threshold_shift``
+  as the bias, ``bin_resolution_sd``), as before the fourth pass (``sheppard``: the bootstrap's root-mean-square
+  distance and a fixed ``width / √12``), without the threshold shift (``no-shift``: the bootstrap's own shift as
+  the bias), or without a resolution term as well (``no-resolution``).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import shared.analytics as sa  # noqa: E402
 from shared import dp_error  # noqa: E402
 
 VARIANTS = ("current", "no-carry", "no-hessian-noise", "psd", "psd-resampled")
-MEDIAN_VARIANTS = ("current", "sheppard", "no-resolution")
+MEDIAN_VARIANTS = ("current", "sheppard", "no-shift", "no-resolution")
 
 
 def pca(frames, epsilon: float, draws: int) -> None:
@@ -153,17 +155,18 @@ def median(frames, epsilon: float, draws: int, variant: str) -> None:
     """Coverage of the describe medians' ``ci95`` against the pooled median and the zero-noise run's median."""
     from analytics import pooled_truth
 
-    current = phase.bin_resolution_sd
-    if variant == "sheppard":
-        phase.bin_resolution_sd = lambda cells, value, low, high: (high - low) / len(cells) / np.sqrt(12)
-    elif variant == "no-resolution":
-        phase.bin_resolution_sd = lambda cells, value, low, high: 0.0
+    current = phase.bin_resolution_sd, phase.threshold_shift
+    if variant in ("sheppard", "no-resolution", "no-shift"):
+        if variant != "no-shift":
+            phase.bin_resolution_sd = (lambda cells, value, low, high: (high - low) / len(cells) / np.sqrt(12)) \
+                if variant == "sheppard" else (lambda cells, value, low, high: 0.0)
+        phase.threshold_shift = lambda counts, noise_sd, low, high: None
     try:
         with zero_noise():
             zero = dp_run(frames, epsilon, "describe", 0)["describe"]
         runs = [dp_run(frames, epsilon, "describe", s)["describe"] for s in range(1, draws + 1)]
     finally:
-        phase.bin_resolution_sd = current
+        phase.bin_resolution_sd, phase.threshold_shift = current
     truth = pooled_truth(frames, list(zero))
     pooled, noise_free, ratios = [], [], []
     for column in zero:

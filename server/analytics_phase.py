@@ -323,14 +323,16 @@ def run_epsilon(answers: Sequence[SiteAnswer]) -> float:
 
 def quantile_error(counts: np.ndarray, noise_sd: float, low: float, high: float, integer: bool,
                    bins: int, epsilon: float) -> dict[str, dict[str, Any]] | None:
-    """Noise sd, 95 % interval and estimability of each DP histogram quantile (``shared.dp_error``): the
-    root-mean-square error of a parametric bootstrap of the histogram's noise through the same estimator (its
-    spread and its shift: the estimator is biased under noise), plus the bin's resolution read from the
-    released histogram (``shared.analytics.bin_resolution_sd``: where the quantile's bin holds a spike above
-    its neighbours, a value at an unknown point of the bin; where the density is smooth, a fraction of
-    Sheppard's ``width / √12``) and the shift from reading sub-threshold cells as empty
-    (``shared.analytics.threshold_shift``), all in quadrature; neither for a whole-number column snapped to the
-    one whole number of a bin narrower than 1, where a quantile in the right bin is exact. None when the
+    """Noise sd, 95 % interval and estimability of each DP histogram quantile (``shared.dp_error``), three parts
+    in quadrature: the spread of a parametric bootstrap of the histogram's noise through the same estimator;
+    the estimator's bias, which for quantiles read from the thresholded cells is the shift from reading
+    sub-threshold cells as empty (``shared.analytics.threshold_shift``, the distance to the all-cells
+    quantile) and otherwise the bootstrap's own shift (its mean's distance from the released value: a noisy
+    histogram's quantiles move towards where empty cells' noise adds mass); and the bin's resolution read from
+    the released histogram (``shared.analytics.bin_resolution_sd``: where the quantile's bin holds a spike
+    above its neighbours, a value at an unknown point of the bin; where the density is smooth, half of
+    Sheppard's ``width / √12``). A whole-number column snapped to the one whole number of a bin narrower than
+    1 keeps the bootstrap's spread and shift only: a quantile in the right bin is exact. None when the
     histogram gives no quantile.
 
     The interval is for the pooled rows' quantile, not only the noise-free estimator's: until issue 19's fourth
@@ -349,17 +351,20 @@ def quantile_error(counts: np.ndarray, noise_sd: float, low: float, high: float,
     released = estimate(counts)
     if not np.isfinite(released).all():
         return None
-    boot = dp_error.bootstrap_rmse(counts, noise_sd, estimate)
+    spread, centre = dp_error.bootstrap(counts, noise_sd, estimate, dp_error.BOOTSTRAP_DRAWS,
+                                        dp_error.BOOTSTRAP_SEED)
+    bias = np.abs(centre - released)
     snapped = integer and (high - low) / bins < 1
+    moved = None if snapped else threshold_shift(counts, noise_sd, low, high)
+    if moved is not None:
+        bias = moved
     cells = quantile_cells(counts, noise_sd)
-    shift = np.zeros(len(released)) if snapped else threshold_shift(counts, noise_sd, low, high)
-    resolution = [0.0 if snapped else math.hypot(bin_resolution_sd(cells, float(value), low, high), moved)
-                  for value, moved in zip(released, shift, strict=True)]
+    resolution = [0.0 if snapped else bin_resolution_sd(cells, float(value), low, high) for value in released]
     allowed = dp_error.ESTIMABLE_WIDTH_SHARE * (high - low)
     names = [f"p{round(level * 100):02d}" for level in QUANTILE_LEVELS]
-    return {name: dp_error.judged(float(value), math.sqrt(float(sd) ** 2 + res ** 2), allowed, epsilon,
-                                  bounds=(low, high))
-            for name, value, sd, res in zip(names, released, boot, resolution, strict=True)}
+    return {name: dp_error.judged(float(value), math.sqrt(float(sd) ** 2 + float(b) ** 2 + res ** 2), allowed,
+                                  epsilon, bounds=(low, high))
+            for name, value, sd, b, res in zip(names, released, spread, bias, resolution, strict=True)}
 
 
 def standardisation(describe: dict[str, dict], columns: Sequence[str], plan: AnalyticsPlan) -> dict[str, np.ndarray]:

@@ -42,7 +42,7 @@ def test_dp_medians_cover_the_pooled_median_without_the_whole_bin(rows):
     columns) × 8 columns: the medians' ``ci95`` holds the pooled median 0.93-0.99 of the time, and the smooth
     columns' reported sd is under 0.8 × Sheppard's ``width / √12``. With the fixed ``width / √12`` (before
     issue 19's fourth pass): coverage 0.978 but the smooth columns' sd 1.00 × ``width / √12`` (the interval
-    was the bin); with the histogram-read term: coverage 0.988, the smooth columns' sd 0.50 ×."""
+    was the bin); with the histogram-read terms: coverage 0.978, the smooth columns' sd 0.50 ×."""
     plan = replace(plan_for(NANOPARTICLE_TASK, dp=True), columns=SMOOTH + FEW_VALUES)
     columns = list(plan.columns)
     blocks = describe(rows, columns, plan.bounds_array(columns), BINS).blocks
