@@ -4,7 +4,7 @@
     python benchmarks/analytics_interval_probes.py logistic --sites 3 --rows 1300 --epsilons 1 --draws 12
                                                    --variant current|no-carry|no-hessian-noise|psd|psd-resampled
     python benchmarks/analytics_interval_probes.py median --sites 10 --rows 10000 --epsilons 0.5,1,3 --draws 10
-                                                   --variant current|sheppard|no-shift|no-resolution
+                                                   --variant current|sheppard|no-shift|no-resolution [--out J]
 
 Both hold the simulated clinics fixed (``benchmarks.analytics.make_sites``), run the site + server code in process
 once with the sites' noise set to zero (the target) and then ``--draws`` times with fresh noise, as
@@ -28,7 +28,13 @@ the reported sd to the draws' root-mean-square error.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -151,7 +157,7 @@ def logistic(frames, epsilon: float, draws: int, variant: str) -> None:
           f"median sd / rmse {np.median(ratios):.2f}")
 
 
-def median(frames, epsilon: float, draws: int, variant: str) -> None:
+def median(frames, epsilon: float, draws: int, variant: str) -> dict:
     """Coverage of the describe medians' ``ci95`` against the pooled median and the zero-noise run's median."""
     from analytics import pooled_truth
 
@@ -182,9 +188,13 @@ def median(frames, epsilon: float, draws: int, variant: str) -> None:
         rmse = np.sqrt(np.mean((est - target) ** 2))
         if rmse > 0:
             ratios.append(np.median([r["noise"]["p50"]["noise_sd"] for r in rows]) / rmse)
-    print(f"{variant} eps {epsilon}: coverage of the pooled median {np.mean(pooled):.3f} (n {len(pooled)}), "
-          f"of the zero-noise median {np.mean(noise_free):.3f}, "
-          f"median sd / rmse against pooled {np.median(ratios):.2f}")
+    out = {"coverage_pooled": float(np.mean(pooled)), "n": len(pooled),
+           "coverage_zero_noise": float(np.mean(noise_free)),
+           "median_sd_over_rmse_pooled": float(np.median(ratios))}
+    print(f"{variant} eps {epsilon}: coverage of the pooled median {out['coverage_pooled']:.3f} (n {len(pooled)}), "
+          f"of the zero-noise median {out['coverage_zero_noise']:.3f}, "
+          f"median sd / rmse against pooled {out['median_sd_over_rmse_pooled']:.2f}")
+    return out
 
 
 def main() -> None:
@@ -195,15 +205,28 @@ def main() -> None:
     parser.add_argument("--epsilons", default="1")
     parser.add_argument("--draws", type=int, default=10)
     parser.add_argument("--variant", choices=sorted(set(VARIANTS + MEDIAN_VARIANTS)), default="current")
+    parser.add_argument("--out", type=Path, help="median only: write the coverage per ε as JSON here")
     args = parser.parse_args()
+    load, start = os.getloadavg()[0], time.perf_counter()
     frames = make_sites(args.sites, args.rows)
+    rows = {}
     for epsilon in (float(e) for e in args.epsilons.split(",")):
         if args.family == "pca":
             pca(frames, epsilon, args.draws)
         elif args.family == "median":
-            median(frames, epsilon, args.draws, args.variant)
+            rows[str(epsilon)] = median(frames, epsilon, args.draws, args.variant)
         else:
             logistic(frames, epsilon, args.draws, args.variant)
+    if args.out and rows:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({
+            "command": " ".join(["python", "benchmarks/analytics_interval_probes.py", *sys.argv[1:]]),
+            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                     text=True).stdout.strip() or None,
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_at_start": load},
+            "sites": args.sites, "rows": args.rows, "draws": args.draws, "variant": args.variant,
+            "seconds": time.perf_counter() - start, "coverage": rows}, indent=2))
 
 
 if __name__ == "__main__":
