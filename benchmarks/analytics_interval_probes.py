@@ -16,7 +16,10 @@ the reported sd to the draws' root-mean-square error.
   intervals' coverage and the bound over the released spectrum's spread (what the rule reads).
 - ``logistic``: the carried-noise bootstrap of the Newton steps (``shared.analytics.logistic_step_noise``) as it is
   (``current``) or changed: without the carried term, without re-noising the Hessian, or moving each draw's
-  gradient with the released Hessian projected to positive semi-definite (once, or re-noised per draw).
+  gradient with the released Hessian projected to positive semi-definite (once, or re-noised per draw), or
+  with its whitened eigenvalues soft-thresholded by the noise's spectral reach ``2 √d`` noise sds (``soft``: weak
+  directions, where the Hessian is indistinguishable from its noise, keep the carried error as the real steps do;
+  ``soft-floor``: by the step's own floor, ``LOGISTIC_FLOOR_NOISE_SDS`` noise sds, instead).
 - ``median``: coverage of the describe medians' ``ci95`` against the pooled rows' median (what a reader wants; the
   noise-only benchmark's target, the noise-free estimator, shares the histogram's resolution) and against the
   zero-noise run, with the terms as they are (``current``: the bootstrap's spread, ``shared.analytics.threshold_shift``
@@ -50,7 +53,7 @@ import server.analytics_phase as phase  # noqa: E402
 import shared.analytics as sa  # noqa: E402
 from shared import dp_error  # noqa: E402
 
-VARIANTS = ("current", "no-carry", "no-hessian-noise", "psd", "psd-resampled")
+VARIANTS = ("current", "no-carry", "no-hessian-noise", "psd", "psd-resampled", "soft", "soft-floor")
 MEDIAN_VARIANTS = ("current", "sheppard", "no-shift", "no-resolution")
 
 
@@ -108,7 +111,12 @@ def step_noise(variant: str):
             vals, vecs = np.linalg.eigh(matrix / whiten)
             return (vecs * np.maximum(vals, 0.0)) @ vecs.T * whiten
 
-        move = psd(hessian) if variant == "psd" else hessian
+        def soft(matrix):
+            vals, vecs = np.linalg.eigh(matrix / whiten)
+            reach = (2.0 * np.sqrt(d) if variant == "soft" else sa.LOGISTIC_FLOOR_NOISE_SDS) * noise_sd
+            return (vecs * np.maximum(vals - reach, 0.0)) @ vecs.T * whiten
+
+        move = psd(hessian) if variant == "psd" else soft(hessian) if variant.startswith("soft") else hessian
         runs = np.empty((draws, d))
         for i in range(draws):
             e = root @ rng.standard_normal(d)
