@@ -19,7 +19,8 @@ the reported sd to the draws' root-mean-square error.
   gradient with the released Hessian projected to positive semi-definite (once, or re-noised per draw), or
   with its whitened eigenvalues soft-thresholded by the noise's spectral reach ``2 √d`` noise sds (``soft``: weak
   directions, where the Hessian is indistinguishable from its noise, keep the carried error as the real steps do;
-  ``soft-floor``: by the step's own floor, ``LOGISTIC_FLOOR_NOISE_SDS`` noise sds, instead).
+  ``soft-floor``: by the step's own floor, ``LOGISTIC_FLOOR_NOISE_SDS`` noise sds, instead; ``regime``: ``soft``,
+  and no carried term at a step whose whitened Hessian has every eigenvalue beyond that reach).
 - ``median``: coverage of the describe medians' ``ci95`` against the pooled rows' median (what a reader wants; the
   noise-only benchmark's target, the noise-free estimator, shares the histogram's resolution) and against the
   zero-noise run, with the terms as they are (``current``: the bootstrap's spread, ``shared.analytics.threshold_shift``
@@ -53,7 +54,7 @@ import server.analytics_phase as phase  # noqa: E402
 import shared.analytics as sa  # noqa: E402
 from shared import dp_error  # noqa: E402
 
-VARIANTS = ("current", "no-carry", "no-hessian-noise", "psd", "psd-resampled", "soft", "soft-floor")
+VARIANTS = ("current", "no-carry", "no-hessian-noise", "psd", "psd-resampled", "soft", "soft-floor", "regime")
 MEDIAN_VARIANTS = ("current", "sheppard", "no-shift", "no-resolution")
 
 
@@ -104,6 +105,8 @@ def step_noise(variant: str):
         rng = np.random.default_rng(seed)
         if variant == "no-carry":
             carried = np.zeros_like(carried)
+        if variant == "regime" and np.linalg.eigvalsh(hessian / whiten).min() > 2.0 * np.sqrt(d) * noise_sd:
+            carried = np.zeros_like(carried)
         values, vectors = np.linalg.eigh((carried + carried.T) / 2)
         root = vectors * np.sqrt(np.maximum(values, 0.0))
 
@@ -113,10 +116,11 @@ def step_noise(variant: str):
 
         def soft(matrix):
             vals, vecs = np.linalg.eigh(matrix / whiten)
-            reach = (2.0 * np.sqrt(d) if variant == "soft" else sa.LOGISTIC_FLOOR_NOISE_SDS) * noise_sd
+            reach = (sa.LOGISTIC_FLOOR_NOISE_SDS if variant == "soft-floor" else 2.0 * np.sqrt(d)) * noise_sd
             return (vecs * np.maximum(vals - reach, 0.0)) @ vecs.T * whiten
 
-        move = psd(hessian) if variant == "psd" else soft(hessian) if variant.startswith("soft") else hessian
+        softened = variant.startswith("soft") or variant == "regime"
+        move = psd(hessian) if variant == "psd" else soft(hessian) if softened else hessian
         runs = np.empty((draws, d))
         for i in range(draws):
             e = root @ rng.standard_normal(d)
