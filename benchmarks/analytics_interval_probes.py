@@ -1,8 +1,10 @@
-"""Probes behind issue 19's third pass: DP PCA eigenvalue and logistic-coefficient noise intervals on fixed data.
+"""Probes behind issue 19's third and fourth passes: DP PCA eigenvalue, logistic-coefficient and median intervals.
 
     python benchmarks/analytics_interval_probes.py pca --sites 3 --rows 1300 --epsilons 0.5,1,3 --draws 10
     python benchmarks/analytics_interval_probes.py logistic --sites 3 --rows 1300 --epsilons 1 --draws 12
                                                    --variant current|no-carry|no-hessian-noise|psd|psd-resampled
+    python benchmarks/analytics_interval_probes.py median --sites 10 --rows 10000 --epsilons 0.5,1,3 --draws 10
+                                                   --variant current|sheppard|no-shift|no-resolution [--out J]
 
 Both hold the simulated clinics fixed (``benchmarks.analytics.make_sites``), run the site + server code in process
 once with the sites' noise set to zero (the target) and then ``--draws`` times with fresh noise, as
@@ -14,13 +16,29 @@ the reported sd to the draws' root-mean-square error.
   intervals' coverage and the bound over the released spectrum's spread (what the rule reads).
 - ``logistic``: the carried-noise bootstrap of the Newton steps (``shared.analytics.logistic_step_noise``) as it is
   (``current``) or changed: without the carried term, without re-noising the Hessian, or moving each draw's
-  gradient with the released Hessian projected to positive semi-definite (once, or re-noised per draw).
+  gradient with the released Hessian projected to positive semi-definite (once, or re-noised per draw), or
+  with its whitened eigenvalues soft-thresholded by the noise's spectral reach ``2 √d`` noise sds (``soft``: weak
+  directions, where the Hessian is indistinguishable from its noise, keep the carried error as the real steps do;
+  ``soft-floor``: by the step's own floor, ``LOGISTIC_FLOOR_NOISE_SDS`` noise sds, instead; ``regime``: ``soft``,
+  and no carried term at a step whose whitened Hessian has every eigenvalue beyond that reach).
+- ``median``: coverage of the describe medians' ``ci95`` against the pooled rows' median (what a reader wants; the
+  noise-only benchmark's target, the noise-free estimator, shares the histogram's resolution) and against the
+  zero-noise run, with the terms as they are (``current``: the bootstrap's spread, ``shared.analytics.threshold_shift``
+  as the bias, ``bin_resolution_sd``), as before the fourth pass (``sheppard``: the bootstrap's root-mean-square
+  distance and a fixed ``width / √12``), without the threshold shift (``no-shift``: the bootstrap's own shift as
+  the bias), or without a resolution term as well (``no-resolution``).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +54,8 @@ import server.analytics_phase as phase  # noqa: E402
 import shared.analytics as sa  # noqa: E402
 from shared import dp_error  # noqa: E402
 
-VARIANTS = ("current", "no-carry", "no-hessian-noise", "psd", "psd-resampled")
+VARIANTS = ("current", "no-carry", "no-hessian-noise", "psd", "psd-resampled", "soft", "soft-floor", "regime")
+MEDIAN_VARIANTS = ("current", "sheppard", "no-shift", "no-resolution")
 
 
 def pca(frames, epsilon: float, draws: int) -> None:
@@ -86,6 +105,8 @@ def step_noise(variant: str):
         rng = np.random.default_rng(seed)
         if variant == "no-carry":
             carried = np.zeros_like(carried)
+        if variant == "regime" and np.linalg.eigvalsh(hessian / whiten).min() > 2.0 * np.sqrt(d) * noise_sd:
+            carried = np.zeros_like(carried)
         values, vectors = np.linalg.eigh((carried + carried.T) / 2)
         root = vectors * np.sqrt(np.maximum(values, 0.0))
 
@@ -93,7 +114,13 @@ def step_noise(variant: str):
             vals, vecs = np.linalg.eigh(matrix / whiten)
             return (vecs * np.maximum(vals, 0.0)) @ vecs.T * whiten
 
-        move = psd(hessian) if variant == "psd" else hessian
+        def soft(matrix):
+            vals, vecs = np.linalg.eigh(matrix / whiten)
+            reach = (sa.LOGISTIC_FLOOR_NOISE_SDS if variant == "soft-floor" else 2.0 * np.sqrt(d)) * noise_sd
+            return (vecs * np.maximum(vals - reach, 0.0)) @ vecs.T * whiten
+
+        softened = variant.startswith("soft") or variant == "regime"
+        move = psd(hessian) if variant == "psd" else soft(hessian) if softened else hessian
         runs = np.empty((draws, d))
         for i in range(draws):
             e = root @ rng.standard_normal(d)
@@ -142,21 +169,76 @@ def logistic(frames, epsilon: float, draws: int, variant: str) -> None:
           f"median sd / rmse {np.median(ratios):.2f}")
 
 
+def median(frames, epsilon: float, draws: int, variant: str) -> dict:
+    """Coverage of the describe medians' ``ci95`` against the pooled median and the zero-noise run's median."""
+    from analytics import pooled_truth
+
+    current = phase.bin_resolution_sd, phase.threshold_shift
+    if variant in ("sheppard", "no-resolution", "no-shift"):
+        if variant != "no-shift":
+            phase.bin_resolution_sd = (lambda cells, value, low, high: (high - low) / len(cells) / np.sqrt(12)) \
+                if variant == "sheppard" else (lambda cells, value, low, high: 0.0)
+        phase.threshold_shift = lambda counts, noise_sd, low, high: None
+    try:
+        with zero_noise():
+            zero = dp_run(frames, epsilon, "describe", 0)["describe"]
+        runs = [dp_run(frames, epsilon, "describe", s)["describe"] for s in range(1, draws + 1)]
+    finally:
+        phase.bin_resolution_sd, phase.threshold_shift = current
+    truth = pooled_truth(frames, list(zero))
+    pooled, noise_free, ratios = [], [], []
+    for column in zero:
+        rows = [run[column] for run in runs if (run[column].get("noise") or {}).get("p50", {}).get("ci95")]
+        if not rows:
+            continue
+        est = np.array([r["quantiles"]["p50"] for r in rows])
+        ci = np.array([r["noise"]["p50"]["ci95"] for r in rows])
+        target = truth[column]["p50"]
+        pooled += list((ci[:, 0] <= target) & (target <= ci[:, 1]))
+        reference = zero[column]["quantiles"]["p50"]
+        noise_free += list((ci[:, 0] <= reference) & (reference <= ci[:, 1]))
+        rmse = np.sqrt(np.mean((est - target) ** 2))
+        if rmse > 0:
+            ratios.append(np.median([r["noise"]["p50"]["noise_sd"] for r in rows]) / rmse)
+    out = {"coverage_pooled": float(np.mean(pooled)), "n": len(pooled),
+           "coverage_zero_noise": float(np.mean(noise_free)),
+           "median_sd_over_rmse_pooled": float(np.median(ratios))}
+    print(f"{variant} eps {epsilon}: coverage of the pooled median {out['coverage_pooled']:.3f} (n {len(pooled)}), "
+          f"of the zero-noise median {out['coverage_zero_noise']:.3f}, "
+          f"median sd / rmse against pooled {out['median_sd_over_rmse_pooled']:.2f}")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("family", choices=("pca", "logistic"))
+    parser.add_argument("family", choices=("pca", "logistic", "median"))
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--rows", type=int, default=1300)
     parser.add_argument("--epsilons", default="1")
     parser.add_argument("--draws", type=int, default=10)
-    parser.add_argument("--variant", choices=VARIANTS, default="current")
+    parser.add_argument("--variant", choices=sorted(set(VARIANTS + MEDIAN_VARIANTS)), default="current")
+    parser.add_argument("--out", type=Path, help="median only: write the coverage per ε as JSON here")
     args = parser.parse_args()
+    load, start = os.getloadavg()[0], time.perf_counter()
     frames = make_sites(args.sites, args.rows)
+    rows = {}
     for epsilon in (float(e) for e in args.epsilons.split(",")):
         if args.family == "pca":
             pca(frames, epsilon, args.draws)
+        elif args.family == "median":
+            rows[str(epsilon)] = median(frames, epsilon, args.draws, args.variant)
         else:
             logistic(frames, epsilon, args.draws, args.variant)
+    if args.out and rows:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({
+            "command": " ".join(["python", "benchmarks/analytics_interval_probes.py", *sys.argv[1:]]),
+            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                     text=True).stdout.strip() or None,
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_at_start": load},
+            "sites": args.sites, "rows": args.rows, "draws": args.draws, "variant": args.variant,
+            "seconds": time.perf_counter() - start, "coverage": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -83,6 +83,7 @@ from shared.analytics import (
     LOGISTIC_FLOOR_NOISE_SDS,
     QUANTILE_LEVELS,
     anova_table,
+    bin_resolution_sd,
     coefficient_table,
     combine_moments,
     correlation_pca,
@@ -100,10 +101,12 @@ from shared.analytics import (
     moments_error,
     noisy_gram_inverse,
     noisy_histogram_quantiles,
+    quantile_cells,
     row_bound,
     shifted_sums,
     snap_to_integers,
     standardised_box,
+    threshold_shift,
     triu_scale,
     unpack_triu,
     with_noise_parts,
@@ -336,18 +339,24 @@ def run_epsilon(answers: Sequence[SiteAnswer]) -> float:
 
 def quantile_error(counts: np.ndarray, noise_sd: float, low: float, high: float, integer: bool,
                    bins: int, epsilon: float) -> dict[str, dict[str, Any]] | None:
-    """Noise sd, 95 % interval and estimability of each DP histogram quantile (``shared.dp_error``): the
-    root-mean-square error of a parametric bootstrap of the histogram's noise through the same estimator (its
-    spread and its shift: the estimator is biased under noise), plus the bin's resolution (``width / √12``,
-    Sheppard's correction: the sd of a uniform position in the bin; Sheppard 1898, Proc. Lond. Math. Soc.
-    29:353-380) except for a whole-number column snapped to the one whole number of a bin narrower than 1,
-    where a quantile in the right bin is exact; None when the histogram gives no quantile.
+    """Noise sd, 95 % interval and estimability of each DP histogram quantile (``shared.dp_error``), three parts
+    in quadrature: the spread of a parametric bootstrap of the histogram's noise through the same estimator;
+    the estimator's bias, which for quantiles read from the thresholded cells is the shift from reading
+    sub-threshold cells as empty (``shared.analytics.threshold_shift``, the distance to the all-cells
+    quantile) and otherwise the bootstrap's own shift (its mean's distance from the released value: a noisy
+    histogram's quantiles move towards where empty cells' noise adds mass); and the bin's resolution read from
+    the released histogram (``shared.analytics.bin_resolution_sd``: where the quantile's bin holds a spike
+    above its neighbours, a value at an unknown point of the bin; where the density is smooth, half of
+    Sheppard's ``width / √12``). A whole-number column snapped to the one whole number of a bin narrower than
+    1 keeps the bootstrap's spread and shift only: a quantile in the right bin is exact. None when the
+    histogram gives no quantile.
 
-    Measured (noise redrawn on fixed data, describe at ε = 1, 40 draws × 23 columns): at 10 sites × 10⁴ rows
-    the medians' intervals cover the pooled median 0.997 of the time. Not narrowed further: a smaller
-    resolution term (the slope-corrected interpolation error) gave 0.895, because the thresholded histogram
-    shifts the medians of long-tailed columns by a third of a bin (creatinine clearance −0.39 bins, tumour
-    burden −0.28, efficacy +0.22), a shift the bootstrap does not see (it drops the same tail cells)."""
+    The interval is for the pooled rows' quantile, not only the noise-free estimator's: until issue 19's fourth
+    pass the resolution term was ``width / √12`` for every quantile, which covered the pooled median 0.98-1.00
+    at 10 sites × 10⁴ rows with an sd 6-18 × the noise's error; a smaller fixed term missed the columns with
+    few distinct values (the simulator's ten formulations), whose medians sit up to half a bin or more from
+    the interpolated point, and at 5 × 4,000 rows the long-tailed columns, whose thresholded medians moved
+    (BENCHMARKS.md, issue 19's fourth pass)."""
     def estimate(cells: np.ndarray) -> np.ndarray:
         """The quantiles as an array, NaN when the histogram is empty."""
         q = noisy_histogram_quantiles(cells, noise_sd, low, high)
@@ -358,14 +367,20 @@ def quantile_error(counts: np.ndarray, noise_sd: float, low: float, high: float,
     released = estimate(counts)
     if not np.isfinite(released).all():
         return None
-    boot = dp_error.bootstrap_rmse(counts, noise_sd, estimate)
+    spread, centre = dp_error.bootstrap(counts, noise_sd, estimate, dp_error.BOOTSTRAP_DRAWS,
+                                        dp_error.BOOTSTRAP_SEED)
+    bias = np.abs(centre - released)
     snapped = integer and (high - low) / bins < 1
-    resolution = 0.0 if snapped else (high - low) / bins / math.sqrt(12)
+    moved = None if snapped else threshold_shift(counts, noise_sd, low, high)
+    if moved is not None:
+        bias = moved
+    cells = quantile_cells(counts, noise_sd)
+    resolution = [0.0 if snapped else bin_resolution_sd(cells, float(value), low, high) for value in released]
     allowed = dp_error.ESTIMABLE_WIDTH_SHARE * (high - low)
     names = [f"p{round(level * 100):02d}" for level in QUANTILE_LEVELS]
-    return {name: dp_error.judged(float(value), math.sqrt(float(sd) ** 2 + resolution ** 2), allowed, epsilon,
-                                  bounds=(low, high))
-            for name, value, sd in zip(names, released, boot, strict=True)}
+    return {name: dp_error.judged(float(value), math.sqrt(float(sd) ** 2 + float(b) ** 2 + res ** 2), allowed,
+                                  epsilon, bounds=(low, high))
+            for name, value, sd, b, res in zip(names, released, spread, bias, resolution, strict=True)}
 
 
 def standardisation(describe: dict[str, dict], columns: Sequence[str], plan: AnalyticsPlan) -> dict[str, np.ndarray]:
