@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -33,13 +34,63 @@ def pytest_unconfigure(config) -> None:
         os.environ[_STATE_DIR_ENV] = before
 
 
+class _SharedRay:
+    """The one :func:`simulation.flower_runtime.ray_session` the tests asking for ``shared_ray`` run in."""
+
+    def __init__(self) -> None:
+        self._stack: contextlib.ExitStack | None = None
+        self.applied = False
+
+    def open(self) -> bool:
+        if self._stack is None:
+            from simulation.flower_runtime import ray_session
+
+            stack = contextlib.ExitStack()
+            self.applied = stack.enter_context(ray_session())
+            self._stack = stack
+        return self.applied
+
+    def close(self) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            stack.close()  # the pool's actors end, and Ray if the session started it
+
+
+_SHARED_RAY = _SharedRay()
+SHARED_RAY = "shared_ray"
+
+
 @pytest.fixture(scope="module")
 def shared_ray():
-    """One Ray, and one pool of ClientApp actors, for every Flower simulation of the module that asks for it
-    (:func:`simulation.flower_runtime.ray_session`): Flower's own backend starts and stops Ray for each
-    simulation, ~15 s on this machine each time. For modules whose simulations all use this machine's local Ray
-    (not a cluster's address); Ray is shut down when the module ends."""
-    from simulation.flower_runtime import ray_session
+    """One Ray, and one pool of ClientApp actors, for every Flower simulation of the tests that ask for it, in
+    every module (:func:`simulation.flower_runtime.ray_session`): Flower's own backend starts and stops Ray for
+    each simulation, ~15 s on this machine each time, and fresh actors import the client code again. For
+    simulations on this machine's local Ray (not a cluster's address). :func:`pytest_collection_modifyitems`
+    runs the modules with such tests one after another, and :func:`pytest_runtest_teardown` stops Ray after the
+    last of them, so no other test meets it (tests that start a Ray of their own, or check that none is left
+    running) and the other tests (deployed federations in subprocesses) do not share the 2 cores with it."""
+    return _SHARED_RAY.open()
 
-    with ray_session() as applied:
-        yield applied
+
+def _on_shared_ray(item, modules: set) -> bool:
+    return item.nodeid.split("::")[0] in modules
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own ordering (its parametrised module fixtures' grouping)
+def pytest_collection_modifyitems(config, items) -> None:
+    """The modules with a test on the shared Ray run last, whole and in their usual order (a stable sort keeps
+    every other test where it was)."""
+    modules = {item.nodeid.split("::")[0] for item in items if SHARED_RAY in item.fixturenames}
+    config._fednano_shared_ray_modules = modules
+    items[:] = sorted(items, key=lambda item: _on_shared_ray(item, modules))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """After the last of those modules' tests (their fixtures torn down), Ray stops."""
+    try:
+        return (yield)
+    finally:
+        modules = getattr(item.config, "_fednano_shared_ray_modules", set())
+        if nextitem is None or not _on_shared_ray(nextitem, modules):
+            _SHARED_RAY.close()

@@ -281,7 +281,7 @@ def test_error_against_epsilon_plot_scales_this_runs_noise_as_one_over_epsilon(f
 
 
 @pytest.mark.slow
-def test_flower_dp_run_of_chosen_analyses_spends_what_it_planned_and_keeps_the_rest(tmp_path):
+def test_flower_dp_run_of_chosen_analyses_spends_what_it_planned_and_keeps_the_rest(tmp_path, shared_ray):
     """Through Flower's runtime: DP clinics with ε = 3 of which 1 for this run, --analyses describe,anova: two
     queries asked, ε spent = planned per site, 2 left in each ledger, the report opens with the privacy table."""
     from simulation.analytics_run import run_analytics

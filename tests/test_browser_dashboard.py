@@ -26,7 +26,7 @@ SCREENSHOTS_ENV = "FEDNANO_SCREENSHOTS"
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> tuple[Path, RunRecord]:
+def runs(tmp_path_factory, shared_ray) -> tuple[Path, RunRecord]:
     from simulation.experiment import ExperimentConfig, flower_environment, quiet_flower, run_experiment
 
     flower_environment(ROOT)

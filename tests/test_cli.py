@@ -75,7 +75,7 @@ def test_simulate_refuses_a_ray_address_where_no_head_answers(tmp_path):
 
 
 @pytest.mark.slow
-def test_simulate_on_real_liposome_data_split_into_three_csv_sites(tmp_path, monkeypatch):
+def test_simulate_on_real_liposome_data_split_into_three_csv_sites(tmp_path, monkeypatch, shared_ray):
     """The generic-task path end to end: 77 real formulations, 3 release classes, three CSV sites."""
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))
     table = pd.read_csv(ROOT / "simulation" / "data" / "liposome_ivr" / "ML_7_features_df.csv")

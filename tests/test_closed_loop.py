@@ -73,7 +73,7 @@ def test_the_logging_model_ignores_withheld_cycles_recorded_at_dose_zero(clinics
 
 
 @pytest.mark.slow
-def test_simulate_with_deploy_cycles_refits_on_the_deployed_patients_and_reports_each_version(tmp_path):
+def test_simulate_with_deploy_cycles_refits_on_the_deployed_patients_and_reports_each_version(tmp_path, shared_ray):
     from simulation.experiment import ExperimentConfig, flower_environment, quiet_flower, run_experiment
 
     flower_environment(tmp_path)

@@ -77,7 +77,7 @@ def federation(tmp_path_factory) -> Deployed:
         run_id = dep.start_run(APP, FEDERATION, home, run_config(work / "out", kit))
         dep.wait_for_log(nodes[DROPPED], "Receiving: train", timeout=RUN_TIMEOUT_S)
         dep.kill(nodes[DROPPED])
-        status = dep.wait_for_run(home, FEDERATION, run_id, timeout=RUN_TIMEOUT_S)
+        status = dep.wait_for_run(home, FEDERATION, run_id, timeout=RUN_TIMEOUT_S, link=link)
         record_file = work / "out" / "federation.json"
         record = RunRecord.read(record_file) if record_file.exists() else None
         yield Deployed(work, kit, sites, home, link, run_id, status, record, nodes[DROPPED])

@@ -256,7 +256,7 @@ def _flower_fit(tmp_path, dp: bool) -> tuple[list, dict]:
 
 
 @pytest.mark.slow
-def test_flower_federated_fitted_q_equals_pooled_fitted_q(tmp_path):
+def test_flower_federated_fitted_q_equals_pooled_fitted_q(tmp_path, shared_ray):
     """Three simulated sites in Flower's simulation runtime: the ServerApp's fitted-Q from summed site
     statistics has the pooled fit's coefficients (the same training rows in one place) to 1e-9."""
     from client.adjustment_handlers import training_transitions
@@ -383,7 +383,7 @@ def test_a_dp_site_refuses_the_adjuster_without_a_share_or_budget_and_records_no
 
 
 @pytest.mark.slow
-def test_flower_federated_fitted_q_runs_with_dp_sites_and_charges_their_ledgers(tmp_path):
+def test_flower_federated_fitted_q_runs_with_dp_sites_and_charges_their_ledgers(tmp_path, shared_ray):
     """Three simulated DP sites (site.toml dp = true, ε = 3, the simulator's default) in Flower's simulation
     runtime: the fit completes, every site reports its ε, and every ledger holds 1 + iterations releases
     within the adjuster's share (0.2 × 3)."""

@@ -52,7 +52,7 @@ def reply_logger(path: Path):
 
 
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory):
+def federation(tmp_path_factory, shared_ray):
     out = tmp_path_factory.mktemp("dp_run")
     flower_environment(out)
     quiet_flower()

@@ -26,7 +26,7 @@ ROUNDS = 8
 
 
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory):
+def federation(tmp_path_factory, shared_ray):
     out = tmp_path_factory.mktemp("federation")
     flower_environment(out)
     quiet_flower()

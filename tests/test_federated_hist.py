@@ -19,7 +19,7 @@ ROUNDS = 4
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, shared_ray):
     out = tmp_path_factory.mktemp("hist")
     flower_environment(out)
     quiet_flower()

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module", params=["bagging", "cyclic"])
-def run(request, tmp_path_factory):
+def run(request, tmp_path_factory, shared_ray):
     out = tmp_path_factory.mktemp(request.param)
     flower_environment(out)
     quiet_flower()

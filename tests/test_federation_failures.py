@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def record(tmp_path_factory):
+def record(tmp_path_factory, shared_ray):
     out = tmp_path_factory.mktemp("failures")
     flower_environment(out)
     quiet_flower()

@@ -171,7 +171,7 @@ def test_a_folder_without_a_simulate_result_is_refused_naming_the_file(tmp_path)
 
 
 @pytest.mark.slow
-def test_audit_of_an_overfitted_federation_finds_membership_above_chance(tmp_path):
+def test_audit_of_an_overfitted_federation_finds_membership_above_chance(tmp_path, shared_ray):
     """Three clinics of 100 patients, 8 rounds of 8 local epochs, a wide ANN, no DP: a model that memorises.
     Measured with this configuration (seed 1; `fednano audit membership --references 0`): loss attack on the
     summed loss, 0.719 ± 0.038 per episode (73 pairs, cluster bootstrap) and 0.838 ± 0.053 per patient (30

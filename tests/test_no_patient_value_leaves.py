@@ -39,7 +39,7 @@ def plant(folder) -> None:
     vitals.write_text("\n".join(lines) + "\n")
 
 
-def test_a_bad_sites_values_stay_at_the_site(tmp_path):
+def test_a_bad_sites_values_stay_at_the_site(tmp_path, shared_ray):
     flower_environment(tmp_path)
     quiet_flower()
     generate_sites(3, seed=4, out=tmp_path / "sites", patients_per_clinic=40, privacy=SitePrivacy(dp=False))

@@ -148,7 +148,7 @@ def test_comparison_sentences_come_from_the_rows(pooled):
 
 
 @pytest.mark.slow
-def test_federated_rows_on_two_folds(tmp_path, monkeypatch):
+def test_federated_rows_on_two_folds(tmp_path, monkeypatch, shared_ray):
     """The federated part on 2 folds, few rounds; non-IID bagging (the ANN comes with it) only, to stay short."""
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))
     from simulation.experiment import quiet_flower

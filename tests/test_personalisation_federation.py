@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, shared_ray):
     out = tmp_path_factory.mktemp("personalised")
     flower_environment(out)
     quiet_flower()

@@ -45,7 +45,7 @@ def final_ann(out: Path) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in torch.load(RunArtifacts.open(out / "federated").path("ann")).items()}
 
 
-def test_a_stopped_central_dp_run_resumes_with_the_same_clip_norm_noise_and_epsilon(tmp_path):
+def test_a_stopped_central_dp_run_resumes_with_the_same_clip_norm_noise_and_epsilon(tmp_path, shared_ray):
     flower_environment(tmp_path / "flwr")
     quiet_flower()
     generate_sites(CLINICS, 3, tmp_path / "sites", patients_per_clinic=60, privacy=SitePrivacy(dp=False))

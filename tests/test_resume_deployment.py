@@ -32,19 +32,6 @@ KILL_IN_ROUND = 2
 RUN_TIMEOUT_S = 900
 
 
-def serverapp_pids(link: dep.Service) -> list[int]:
-    """The ServerApp processes the SuperLink's SuperExec started (``flwr-serverapp``)."""
-    found = []
-    for pid in dep.descendants(link.process.pid):
-        try:
-            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if "flwr-serverapp" in command:
-            found.append(pid)
-    return found
-
-
 def checkpointed_round(out: Path) -> int:
     try:
         checkpoint = Checkpoint.read(out)
@@ -68,16 +55,16 @@ def test_a_coordinator_killed_mid_run_resumes_and_finishes_charging_every_round_
         while checkpointed_round(out) < KILL_IN_ROUND - 1:  # round 1 checkpointed: round 2 is under way
             assert time.monotonic() < deadline, link.log_text()[-3000:]
             time.sleep(0.5)
-        pids = serverapp_pids(link)
+        pids = dep.serverapp_pids(link)
         assert len(pids) == 1, pids
         dep._signal(pids[0], dep.signal.SIGKILL)
         killed_at = checkpointed_round(out)
         assert killed_at == KILL_IN_ROUND - 1  # killed in round 2, before its checkpoint
         time.sleep(2)
-        assert not serverapp_pids(link)
+        assert not dep.serverapp_pids(link)
 
         second = dep.start_run(APP, FEDERATION, home, {**config, "resume": True})
-        status = dep.wait_for_run(home, FEDERATION, second, timeout=RUN_TIMEOUT_S)
+        status = dep.wait_for_run(home, FEDERATION, second, timeout=RUN_TIMEOUT_S, link=link)
         assert status["status"] == "finished:completed", link.log_text()[-3000:]
     finally:
         for service in reversed(services):

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> tuple[Path, dict]:
+def run(tmp_path_factory, shared_ray) -> tuple[Path, dict]:
     flower_environment(ROOT)
     quiet_flower()
     out = tmp_path_factory.mktemp("structured-run")
