@@ -13,11 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import pytest
-from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Context
 from scipy import stats
 
 from client import analytics as ca
-from client import secure_aggregation as sa
 from client.dp import SiteDP
 from client.ledger import PrivacyLedger
 from server.analytics_phase import AnalyticsSession, SecureGridAsker, run_analyses
@@ -25,9 +24,9 @@ from server.analytics_plan import AnalyticsSettings, plan_for
 from shared.protocol import analytics as wire
 from shared.protocol import messages
 from shared.protocol import records as r
-from shared.protocol.errors import ShareableError
 from simulation.analytics_run import run_in_process
 from simulation.clinics import make_world, simulate_clinic
+from tests.handler_grid import HandlerGrid
 
 NODES = (31, 32, 33)
 SETTINGS = AnalyticsSettings(k=2, seed=0, lloyd_iterations=30)
@@ -58,48 +57,19 @@ class Request:
     dp = None
 
 
-class Grid:
+class Grid(HandlerGrid):
     """Flower's Grid as far as the analytics phase uses it: each message to that node's real handler."""
 
+    answers = {m.type: ca._answerer(m.action) for m in messages.ANALYTICS}
+
     def __init__(self, frames: dict[int, pd.DataFrame], dps: dict | None = None) -> None:
+        super().__init__(frames)
         self.frames, self.dps = frames, dict(dps or {})
-        self.contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
-                         for n in frames}
-        self.answers = {m.type: ca._answerer(m.action) for m in messages.ANALYTICS}
-        self.rounds = {m.type: handler for m, handler in sa.SECURE_ROUNDS.items()}
-        self.calls: list[str] = []
-        self.replies: list[tuple[str, int, RecordDict | None]] = []
-        self.lost_at: dict[int, tuple[str, int, bool]] = {}  # node → (message type, n-th such, answers it)
-        self.seen: dict[tuple[int, str], int] = {}
-        self.gone: set[int] = set()
 
-    def send_and_receive(self, sent, timeout=None):
-        if sent:
-            self.calls.append(sent[0].metadata.message_type)
-        for msg in sent:
-            node, kind = msg.metadata.dst_node_id, msg.metadata.message_type
-            self.seen[node, kind] = self.seen.get((node, kind), 0) + 1
-            if node in self.lost_at and self.lost_at[node][:2] == (kind, self.seen[node, kind]):
-                self.gone.add(node)
-                if self.lost_at[node][2]:
-                    yield self.answer(msg, node, kind)
-            if node in self.gone:
-                continue
-            yield self.answer(msg, node, kind)
-
-    def answer(self, msg, node, kind):
-        context = self.contexts[node]
-        try:
-            if kind in self.rounds:
-                reply = self.rounds[kind](msg, context)
-            else:
-                request = Request(Site(self.frames[node]), msg.content[r.CONFIG], context, f"clinic_{node}")
-                request.dp = self.dps.get(node)
-                reply = Message(self.answers[kind](msg, request), reply_to=msg)
-        except ShareableError as err:
-            reply = Message(Error(code=1, reason=str(err)), reply_to=msg)
-        self.replies.append((kind, node, None if reply.has_error() else reply.content))
-        return reply
+    def request(self, node, msg, context):
+        request = Request(Site(self.frames[node]), msg.content[r.CONFIG], context, f"clinic_{node}")
+        request.dp = self.dps.get(node)
+        return request
 
 
 @pytest.fixture(autouse=True)

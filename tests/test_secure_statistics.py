@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import pytest
-from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Context
 from scipy import stats
 
 from client import secure_aggregation as sa
@@ -31,6 +31,7 @@ from shared.protocol.privacy import RunPlan
 from shared.statistics_vector import VALUES, StatisticsLayout
 from shared.task import NANOPARTICLE_TASK
 from simulation.clinics import make_world, simulate_clinic
+from tests.handler_grid import HandlerGrid
 
 NODES = (21, 22, 23)
 
@@ -62,46 +63,18 @@ class Request:
         return self.frame
 
 
-class Grid:
+class Grid(HandlerGrid):
     """Flower's Grid as far as the statistics phase uses it: each message to that node's real handler."""
 
+    answers = {messages.STATISTICS.type: plain_statistics, messages.STATISTICS_LAYOUT.type: cs.layout,
+               messages.STATISTICS_MASKED.type: cs.masked_statistics}
+
     def __init__(self, frames: dict[int, pd.DataFrame]) -> None:
+        super().__init__(frames)
         self.frames = frames
-        self.contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
-                         for n in frames}
-        self.answers = {messages.STATISTICS.type: plain_statistics, messages.STATISTICS_LAYOUT.type: cs.layout,
-                        messages.STATISTICS_MASKED.type: cs.masked_statistics}
-        self.rounds = {m.type: handler for m, handler in sa.SECURE_ROUNDS.items()}
-        self.calls: list[str] = []
-        self.exchanges: list[tuple[str, int, RecordDict | None]] = []  # kind, node, reply
-        self.lost_at: dict[int, tuple[str, bool]] = {}  # node → (message type, whether its answer still arrives)
-        self.gone: set[int] = set()
 
-    def send_and_receive(self, sent):
-        if sent:
-            self.calls.append(sent[0].metadata.message_type)
-        for msg in sent:
-            node, kind = msg.metadata.dst_node_id, msg.metadata.message_type
-            if node in self.lost_at and self.lost_at[node][0] == kind:
-                self.gone.add(node)
-                if self.lost_at[node][1]:
-                    yield self.answer(msg, node, kind)  # its answer arrives, then the node is gone
-            if node in self.gone:
-                continue
-            yield self.answer(msg, node, kind)
-
-    def answer(self, msg, node, kind):
-        context = self.contexts[node]
-        try:
-            if kind in self.rounds:
-                reply = self.rounds[kind](msg, context)
-            else:
-                request = Request(self.frames[node], msg.content[r.CONFIG], context)
-                reply = Message(self.answers[kind](msg, request), reply_to=msg)
-        except ShareableError as err:
-            reply = Message(Error(code=1, reason=str(err)), reply_to=msg)
-        self.exchanges.append((kind, node, None if reply.has_error() else reply.content))
-        return reply
+    def request(self, node, msg, context):
+        return Request(self.frames[node], msg.content[r.CONFIG], context)
 
 
 @pytest.fixture(autouse=True)
@@ -170,7 +143,7 @@ def test_masked_statistics_give_the_encoder_of_the_plain_sum(frames, mode):
         assert grid.calls == [messages.STATISTICS.type]
     else:
         assert messages.STATISTICS.type not in grid.calls  # no site sends its own statistics in the clear
-        masked = [c for kind, _, c in grid.exchanges if kind == messages.STATISTICS_MASKED.type]
+        masked = [c for kind, _, c in grid.replies if kind == messages.STATISTICS_MASKED.type]
         assert len(masked) == 3 and all(set(c[r.ARRAYS]) == {VALUES} for c in masked)
 
 
@@ -186,7 +159,7 @@ def test_exchanges_per_mode_batch_the_whole_release_into_one_masked_vector(frame
 @pytest.mark.parametrize("mode", ["pairwise", "recovering"])
 def test_one_sites_masked_vector_is_indistinguishable_from_uniform(frames, mode):
     _, _, grid = federate(frames, mode)
-    words = next(c[r.ARRAYS][VALUES].numpy() for kind, node, c in grid.exchanges
+    words = next(c[r.ARRAYS][VALUES].numpy() for kind, node, c in grid.replies
                  if kind == messages.STATISTICS_MASKED.type and node == NODES[0])
     own = [SiteStatistics.from_frame(frames[n], NANOPARTICLE_TASK) for n in NODES]
     layout = StatisticsLayout.of(own[0]).union(StatisticsLayout.of(own[1])).union(StatisticsLayout.of(own[2]))
@@ -198,7 +171,7 @@ def test_one_sites_masked_vector_is_indistinguishable_from_uniform(frames, mode)
 
 
 def test_recovering_a_site_lost_before_sending_its_masked_vector_sums_the_others(frames):
-    encoder, record, _ = federate(frames, "recovering", lost_at={23: (messages.STATISTICS_MASKED.type, False)})
+    encoder, record, _ = federate(frames, "recovering", lost_at={23: (messages.STATISTICS_MASKED.type, 1, False)})
     assert_same_encoder(encoder, FeatureEncoder(NANOPARTICLE_TASK).fit_statistics(pooled_statistics(frames,
                                                                                                     (21, 22))))
     assert record.statistics["sites"] == ["clinic_21", "clinic_22"]
@@ -206,25 +179,25 @@ def test_recovering_a_site_lost_before_sending_its_masked_vector_sums_the_others
 
 
 def test_recovering_a_site_lost_after_sending_its_masked_vector_keeps_it_in_the_sum(frames):
-    encoder, record, _ = federate(frames, "recovering", lost_at={23: (messages.SECURE_UNMASK.type, False)})
+    encoder, record, _ = federate(frames, "recovering", lost_at={23: (messages.SECURE_UNMASK.type, 1, False)})
     assert_same_encoder(encoder, FeatureEncoder(NANOPARTICLE_TASK).fit_statistics(pooled_statistics(frames, NODES)))
     assert record.statistics["sites"] == [f"clinic_{n}" for n in NODES]
     assert record.statistics["failures"] == {"clinic_23": "no reply"}  # lost, but its input was recovered
 
 
 def test_recovering_more_sites_lost_than_the_threshold_allows_fails_clearly(frames):
-    lost = {22: (messages.SECURE_UNMASK.type, False), 23: (messages.SECURE_UNMASK.type, False)}
+    lost = {22: (messages.SECURE_UNMASK.type, 1, False), 23: (messages.SECURE_UNMASK.type, 1, False)}
     with pytest.raises(sp.NoStatistics, match="cannot be recovered"):
         federate(frames, "recovering", lost_at=lost)
 
 
 def test_pairwise_a_site_lost_after_the_key_exchange_fails_the_sum_naming_it(frames):
     with pytest.raises(sp.NoStatistics, match=r"clinic_22: no reply .*pairwise masks.*recovering survives it"):
-        federate(frames, "pairwise", lost_at={22: (messages.STATISTICS_MASKED.type, False)})
+        federate(frames, "pairwise", lost_at={22: (messages.STATISTICS_MASKED.type, 1, False)})
 
 
 def test_a_site_lost_at_the_layout_is_left_out_as_one_failing_query_statistics(frames):
-    encoder, record, _ = federate(frames, "pairwise", lost_at={21: (messages.STATISTICS_LAYOUT.type, False)})
+    encoder, record, _ = federate(frames, "pairwise", lost_at={21: (messages.STATISTICS_LAYOUT.type, 1, False)})
     assert_same_encoder(encoder, FeatureEncoder(NANOPARTICLE_TASK).fit_statistics(pooled_statistics(frames,
                                                                                                     (22, 23))))
     assert record.statistics["sites"] == ["clinic_22", "clinic_23"]
