@@ -467,9 +467,15 @@ def folder_lock(folder: Path) -> Iterator[None]:
 
 
 def _private_folder(folder: Path) -> None:
-    if not folder.is_dir():
+    if folder.is_dir():
+        return
+    try:
         folder.mkdir(parents=True, mode=FOLDER_MODE)
-        folder.chmod(FOLDER_MODE)  # mkdir's mode is masked by the umask
+    except FileExistsError:
+        if folder.is_dir():  # another process of the site (e.g. a second ClientApp actor) made it meanwhile
+            return
+        raise
+    folder.chmod(FOLDER_MODE)  # mkdir's mode is masked by the umask
 
 
 def archive(path: Path, label: str, copy: bool = False) -> Path:

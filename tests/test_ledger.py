@@ -309,3 +309,25 @@ def test_a_single_release_at_a_small_share_of_epsilon_can_be_calibrated():
     assert 0.075 * (1 - 2e-3) <= _epsilon(((sigma, 1.0, 1),), 1e-5) <= 0.075
     # the tightest bound is found at an order beyond Opacus' defaults
     assert _epsilon(((sigma, 1.0, 1),), 1e-5) < rdp_epsilon([(sigma, 1.0, 1)], 1e-5)
+
+
+def test_a_ledger_folder_made_by_another_process_between_the_check_and_the_mkdir_is_used(tmp_path, monkeypatch):
+    """Two ClientApp actors of one site can create its ledger folder at once (seen in CI: FileExistsError from
+    ``mkdir`` failed a site's statistics release); the one that loses the race uses the folder the other made."""
+    from pathlib import Path
+
+    from client import ledger_file
+
+    folder = tmp_path / "sites" / ".ledger-heads" / "ledger-heads"
+    real_mkdir = Path.mkdir
+
+    def other_process_first(self, *args, **kwargs):
+        real_mkdir(self, parents=True, exist_ok=True)  # the other actor wins the race
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", other_process_first)
+    ledger_file._private_folder(folder)
+    assert folder.is_dir()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError):  # a file where the folder should be is still an error
+        ledger_file._private_folder(tmp_path / "file")
