@@ -18,8 +18,10 @@ from simulation.termination import EXIT_SIGTERM, _alive, descendants, stop_proce
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--clinics", "2", "--patients-per-clinic", "40", "--rounds", "4", "--no-dp", "--models", "ann",
+SMALL = ["--clinics", "2", "--patients-per-clinic", "40", "--rounds", "40", "--no-dp", "--models", "ann",
          "--no-compare", "--no-policy", "--seed", "1"]
+"""A small run with enough rounds to be caught training: on a quiet machine a round of it takes ~0.1 s (4 rounds
+were over before a 0.5 s poll saw them, and the run finished before the signal); resume finishes the rest."""
 
 
 def fednano(args: list[str], cwd: Path) -> subprocess.Popen:
@@ -38,7 +40,7 @@ def test_sigterm_stops_simulate_and_every_process_it_started_and_resume_finishes
         while not (state.is_file() and Checkpoint.read(out / "federated").stage == "training"):
             assert run.poll() is None, run.communicate()
             assert time.monotonic() < deadline, "no training round was checkpointed within 600 s"
-            time.sleep(0.5)
+            time.sleep(0.05)
         started = descendants(run.pid)  # Ray's GCS server, raylet, workers, agents: all under the command
         assert len(started) >= 3, started
         run.send_signal(signal.SIGTERM)
