@@ -46,16 +46,21 @@ class BoostingOutcome:
     bytes_sent: int = 0
 
 
-def boosting_strategy(mode: str, n_sites: int) -> Strategy:
-    """Flower's own XGBoost strategy for ``mode``, training on every site it is given."""
+def boosting_strategy(mode: str, n_sites: int, order: list[int] | None = None) -> Strategy:
+    """Flower's own XGBoost strategy for ``mode``, training on every site it is given; ``order``: the node ids in
+    the order cyclic boosting visits them (Flower 1.42's ``FedXgbCyclic`` fixes its cycle in the order of its
+    first ``random.sample`` of the nodes, from Python's unseeded generator, so without it the order of the sites,
+    and so the trees, changed from run to run)."""
     # FedXgbCyclic evaluates one site every round whatever fraction_evaluate says; its replies are summaries,
     # so they are summed (also safe when a site has no test rows, where a weighted mean divides by zero).
     if mode == "bagging":
         return FedXgbBagging(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=n_sites,
                              min_available_nodes=n_sites, evaluate_metrics_aggr_fn=sum_metricrecords)
     if mode == "cyclic":
-        return FedXgbCyclic(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=n_sites,
-                            evaluate_metrics_aggr_fn=sum_metricrecords)
+        cyclic = FedXgbCyclic(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=n_sites,
+                              evaluate_metrics_aggr_fn=sum_metricrecords)
+        cyclic.registered_nodes.update({node: index for index, node in enumerate(order or [], start=1)})
+        return cyclic
     raise ValueError(f"unknown Flower boosting mode {mode!r}: expected bagging or cyclic")
 
 
@@ -74,7 +79,8 @@ def run_boosting(grid: Grid, sites: SiteCheck, encoder: FeatureEncoder, settings
         if not trainers:
             break
         config = boosting_round(settings).to_config(encoder, head)
-        strategy = PerSiteRecord(boosting_strategy(settings.boosting, len(trainers)),
+        by_name = sorted(trainers, key=lambda n: sites.usable[n])  # a run's cycle: the sites in name order
+        strategy = PerSiteRecord(boosting_strategy(settings.boosting, len(trainers), by_name),
                                  action=messages.XGBOOST_ACTION, train_nodes=trainers)
         result = strategy.start(grid=grid, initial_arrays=ArrayRecord([np.frombuffer(b"", dtype=np.uint8)]),
                                 num_rounds=settings.xgb_rounds, train_config=config, evaluate_config=config)

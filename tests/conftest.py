@@ -94,3 +94,12 @@ def pytest_runtest_teardown(item, nextitem):
         modules = getattr(item.config, "_fednano_shared_ray_modules", set())
         if nextitem is None or not _on_shared_ray(nextitem, modules):
             _SHARED_RAY.close()
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """What Flower's runtime sets in a ServerApp process (``Message()`` needs it), for server code run in a test."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)

@@ -73,11 +73,8 @@ class Grid(HandlerGrid):
 
 
 @pytest.fixture(autouse=True)
-def as_server_app(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
+def as_server_app(task_identity):
+    """Every test here runs server code: Flower's task identity set (conftest's ``task_identity``)."""
 
 
 def secure_run(frames, mode, lost_at=None, settings=SETTINGS, dps=None):

@@ -26,15 +26,6 @@ from strategies.pairwise_masked_mean import PairwiseMaskedMean, SecureAnnError
 NODES = (11, 12, 13)
 
 
-@pytest.fixture()
-def task_identity(monkeypatch):
-    """What Flower's runtime sets in a ServerApp process (Message() needs it)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
-
-
 class Sites:
     """Three sites' contexts and a grid that answers ``query.ann_keys`` with the real site handler."""
 
