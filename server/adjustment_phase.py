@@ -101,8 +101,9 @@ def fit_adjuster(grid: Grid, nodes: list[int], config: Mapping[str, Any], adjust
     Raises
     ------
     AdjustmentFailed
-        No site answered the scaling query, a site stopped answering during the iterations, or the
-        iteration diverged (possible when DP noise dominates the sums).
+        No site answered the scaling query, a site stopped answering during the iterations (off, pairwise), the
+        secure sum could not be recovered (recovering: more than n − t sites lost), or the iteration diverged
+        (possible when DP noise dominates the sums).
     """
     adjuster = adjuster if adjuster is not None else adjuster_from_config(config)
     split_seed = int(config.get("split-seed", 0))

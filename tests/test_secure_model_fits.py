@@ -147,6 +147,16 @@ def test_a_dp_site_noises_before_masking_and_its_ledger_is_charged_as_in_the_cle
     assert np.max(np.abs(masked.coef_ - exact.coef_)) > 1e-3
 
 
+def test_recovering_a_dp_site_lost_mid_fit_is_charged_for_its_releases_until_then_only(sites, tmp_path):
+    dp_sites = {23: SiteDP(PrivacyLedger.open(tmp_path / "ledger.json", epsilon_budget=3.0, delta=1e-5),
+                           {"adjuster": 0.2})}
+    fitted, _ = fit(sites, "recovering", lost_at={23: (messages.FQI_RIDGE.type, 2, False)}, dp_sites=dp_sites)
+    ledger = dp_sites[23].ledger
+    assert sum(steps for _, _, steps in ledger.history) == 2  # the scaling and the first iteration, nothing after
+    assert [n for n, _ in fitted.releases_] == [23, 23] and fitted.privacy_ == {}  # not in the final sums
+    assert fitted.nodes_ == [21, 22] and fitted.secure_sum_["lost-at-iteration"] == {"23": 1}
+
+
 def plain_trajectory(sites, before: tuple[int, ...], after: tuple[int, ...], lost_at_iteration: int) -> DoseAdjuster:
     """Fitted-Q iteration computed here: the scaling of ``before``, iterations before ``lost_at_iteration`` over
     ``before``'s transitions and the rest over ``after``'s."""
