@@ -276,3 +276,11 @@ def test_recovering_a_site_lost_mid_newton_starts_the_model_again_over_the_survi
 def test_pairwise_a_site_lost_mid_newton_stops_the_fit(clinics):
     with pytest.raises(dp.DoseResponseFailed, match=r"node 22: no reply.*recovering survives it"):
         structured(clinics, "pairwise", lost_at={22: (messages.DOSE_RESPONSE_SUMS.type, 3, False)})
+
+
+def test_pairwise_a_site_failing_a_models_first_evaluation_is_left_out_as_in_the_clear(clinics):
+    left_out, info, grid = structured(clinics, "pairwise", lost_at={23: (messages.DOSE_RESPONSE_SUMS.type, 1, False)})
+    survivors, _, _ = structured(clinics, "off", nodes=(21, 22))
+    assert_same_models(left_out, survivors)
+    assert info["nodes"] == [21, 22] and info["secure_sum"]["lost"] == {"23": "no reply"}
+    assert grid.calls.count(messages.SECURE_KEYS.type) == 2  # keys exchanged anew without it
