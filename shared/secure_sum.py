@@ -46,6 +46,16 @@ class SecureSumError(ShareableError):
     """A masking request that would not keep the site's value hidden, or a sum that cannot be unmasked."""
 
 
+class SecureProtocolError(RuntimeError):
+    """The server's side: a site did not answer a summed request, or the secure sum cannot be recovered (no sum
+    to give). Raised by ``server.secure_aggregation.SecureSession``; here so that the strategies, which may not
+    import the server, can catch it (``strategies.pairwise_masked_mean``)."""
+
+    def __init__(self, node: int, reason: str) -> None:
+        super().__init__(f"node {node}: {reason}")
+        self.node, self.reason = node, reason
+
+
 def new_private_key() -> bytes:
     """A fresh X25519 private key (32 raw bytes); it never leaves the site."""
     return X25519PrivateKey.generate().private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())

@@ -40,9 +40,6 @@ TRAIN = MessageName("train")
 """One round of local ANN training (Flower strategies send it)."""
 EVALUATE = MessageName("evaluate")
 """Evaluation summaries of the global ANN (Flower strategies send it)."""
-ANN_KEYS = query("ann_keys")
-"""Pairwise-masked ANN rounds (``strategies.pairwise_masked_mean``): the site's fresh X25519 public key for the
-session the request names; its private key stays in the node's context state."""
 PERSONALISE = query("personalise")
 """Train the site's personalised ANNs from the final global one, choose on the validation split, reply metrics
 only (``shared.protocol.personalisation``); the personalised models stay at the site."""
@@ -58,7 +55,8 @@ validation split, reply metrics only (``shared.protocol.personalisation``); the 
 IMPORTANCE = query("importance")
 """Permutation-importance loss sums of a final model."""
 
-# --- secure sums of the statistics and analytics phases (server.secure_aggregation, client.secure_aggregation):
+# --- secure sums of the statistics and analytics phases and the masked ANN rounds (server.secure_aggregation,
+# client.secure_aggregation):
 # the same rounds as HIST_KEYS / HIST_SHARES / HIST_UNMASK below, answered by the same site handlers
 SECURE_KEYS = query("secure_keys")
 """Pairwise masks: the site's session key; recovering: round 0 of one release (``shared.secagg_plus``)."""
