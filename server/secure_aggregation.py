@@ -15,7 +15,11 @@ run's ``secure-sum`` mode (``shared.protocol.hist.SECURE_SUM_MODES``):
 The site side is ``client.secure_aggregation`` (the handlers of the key, share and unmask rounds, and
 :func:`client.secure_aggregation.masked` for the input). ``server.hist_phase`` derives its session from this one;
 the statistics phase (``server.statistics_phase``) and the analytics phase (``server.analytics_phase``) use it
-directly, each release batching all the arrays of one answer into one vector.
+directly, each release batching all the arrays of one answer into one vector. The masked ANN rounds
+(``strategies.pairwise_masked_mean``, sessions made by ``server.training_phase.ann_sessions``) send each release's
+masked request themselves, as Flower's training message: :meth:`SecureSession.open_release` (numbering, pairwise
+check, recovering keys and shares), :meth:`SecureSession.release_config` per node, then
+:meth:`SecureSession.close_release` with the replies (recovering: the unmask round), which :meth:`summed` chains.
 
 Floats are summed in two-lane fixed point (:data:`FIXED_POINT_BITS` ``s = 40``): a site writes
 ``q = round(v · 2^s) = high · 2^32 + low`` with ``0 ≤ low < 2^32`` and sends the high lanes, then the low lanes, as
