@@ -13,14 +13,16 @@ session; its masked request is Flower's training message.
 
 What is specific to ANN rounds, and kept here:
 
-- the roster rule. ``pairwise`` (§4's masks without recovery): one key exchange per phase; a site of the roster
+- the roster rule: a session lasts while its sites do; the round after a site is lost starts a new session among
+  the sites left. ``pairwise`` (§4's masks without recovery): one key exchange per session; a site of the roster
   that does not answer a round leaves its masks in the sum, so that round fails — no aggregate, the global model
-  stays the previous one, the reason (naming the site) in :attr:`failed_rounds` and the run record — and the next
-  round starts a new session (a new key exchange) among the sites left. ``recovering`` (the full protocol, Shamir-
-  shared mask keys and self-mask seeds, ``shared.secagg_plus``): every round runs its keys and shares rounds before
-  the training message and its unmask round after the replies, so a site lost before or after sending its masked
-  weights is recovered, and the round aggregates over the sites whose masked weights arrived (up to n − t lost, t
-  the Shamir threshold ⌊n/2⌋ + 1); it fails only past that.
+  stays the previous one, the reason (naming the site) in :attr:`failed_rounds` and the run record.
+  ``recovering`` (the full protocol, Shamir-shared mask keys and self-mask seeds, ``shared.secagg_plus``): every
+  round runs its keys and shares rounds before the training message and its unmask round after the replies, so a
+  site lost before or after sending its masked weights is recovered, and the round aggregates over the sites whose
+  masked weights arrived (up to n − t lost, t the Shamir threshold ⌊n/2⌋ + 1); it fails only past that. Its new
+  session costs no message (the keys are drawn per round anyway) and sets t afresh from the sites left, so the
+  next round again tolerates ⌊(n − 1)/2⌋ losses rather than what the first threshold leaves.
 - the resumed-round check: every training message names the roster's sites, and a site refuses a round it masked
   before among another set of sites (a resumed run asks its interrupted round again, under a new session, with
   the same seeded weights: two sums over different sets would give away the sites in one and not the other;
@@ -155,6 +157,7 @@ class PairwiseMaskedMean(Strategy):
         self.recovered: dict[int, dict[int, str]] = {}
         self.failed_rounds: dict[int, str] = {}
         self._release: Any = None
+        self._started_with: set[int] = set()  # the sites the session started with
         self._layout: t.Layout = []
 
     @property
@@ -181,7 +184,7 @@ class PairwiseMaskedMean(Strategy):
             raise SecureAnnError(f"masked ANN rounds need at least {MIN_SITES} sites to hide each site's model among "
                                  f"the others; {len(session.nodes)} answered the key exchange ({len(candidates)} "
                                  "asked): run with --ann-secure-sum off")
-        self.session = session
+        self.session, self._started_with = session, set(session.nodes)
         log(INFO, "masked ANN rounds (%s): session %d, %d sites", session.mode, self.key_exchanges, len(session.nodes))
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -189,7 +192,7 @@ class PairwiseMaskedMean(Strategy):
         sent = [m for m in self.strategy.configure_train(server_round, arrays, config, grid)
                 if self.nodes is None or m.metadata.dst_node_id in self.nodes]
         candidates = sorted(m.metadata.dst_node_id for m in sent if m.metadata.dst_node_id not in self.excluded)
-        if self.session is None or set(candidates) != set(self.session.nodes):
+        if self.session is None or set(candidates) != self._started_with:  # the roster rule (module docstring)
             self.start_session(grid, candidates)
         self._layout = t.layout_of({k: a.numpy() for k, a in arrays.items()})
         self._release = None

@@ -245,7 +245,7 @@ def test_recovering_a_site_lost_after_sending_its_masked_weights_is_in_the_mean(
     assert 13 in strategy.excluded  # it did not answer the unmask round: left out of later rounds
     got, _ = sites.round(strategy, 2, global_arrays())
     assert_mean(got, mean_of(sites, [11, 12]))
-    assert strategy.key_exchanges == 1  # the same session: recovering draws fresh keys every round anyway
+    assert strategy.key_exchanges == 2 and strategy.session.threshold == 2  # a new session among the two left
 
 
 def test_recovering_a_site_lost_before_sending_its_masked_weights_is_unmasked_away(task_identity):
@@ -267,6 +267,23 @@ def test_recovering_a_site_lost_at_the_key_round_is_not_asked_to_train(task_iden
     assert_mean(got, mean_of(sites, [12, 13]))
     assert all(node != 11 for kind, node, _ in sites.replies if kind == messages.TRAIN.type)
     assert "no reply" in strategy.excluded[11]
+
+
+def test_recovering_a_site_lost_in_each_round_is_recovered_every_round_the_threshold_set_from_the_sites_left(
+        task_identity):
+    """Five sites (t = 3), one lost in each of rounds 1 to 3: with a threshold kept from the first round, round 3's
+    two senders would fall below it; the session started after each loss sets t from the sites left."""
+    nodes = (11, 12, 13, 14, 15)
+    sites = Sites(nodes, counts={n: 10 * n for n in nodes})
+    strategy = masked_mean("recovering", nodes)
+    for server_round, lost in ((1, 15), (2, 14), (3, 13)):
+        sites.lost_at[lost] = (messages.TRAIN.type, server_round, False)  # its n-th training message
+        got, _ = sites.round(strategy, server_round, global_arrays())
+        left = [n for n in nodes if n < lost]
+        assert_mean(got, mean_of(sites, left))
+        assert strategy.recovered[server_round] == {lost: "no reply"}
+        assert strategy.session.threshold == {1: 3, 2: 3, 3: 2}[server_round]  # ⌊n/2⌋ + 1 of the session's sites
+    assert not strategy.failed_rounds and strategy.key_exchanges == 3
 
 
 def test_recovering_more_sites_lost_than_the_threshold_allows_fails_the_round_with_the_reason(task_identity):
