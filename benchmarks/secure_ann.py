@@ -6,9 +6,10 @@ and time per round at 3 and 10 clinics. Prints a table, writes JSON.
 
 Aggregation (always): the real code of both sides in this one process — the coordinator's
 ``strategies.pairwise_masked_mean.PairwiseMaskedMean`` around Flower's FedAvg over sessions of the one secure sum
-(``server.secure_aggregation.SecureSession``), and the sites' ``client.secure_aggregation`` rounds and
-``client.training_handlers.masked_weights`` — on the run's default ANN (the built-in task's encoder, ``hidden``
-64,32), each site's trained weights the global ones plus noise. Against Flower's FedAvg on plain float32 replies.
+(``server.secure_aggregation.SecureSession``), and the sites' ``client.secure_aggregation`` rounds (as
+``query.ann_*``), ``client.training_handlers.masked_weights`` and ``ann_unmask`` — on the run's default ANN (the
+built-in task's encoder, ``hidden`` 64,32), each site's trained weights the global ones plus noise. Against
+Flower's FedAvg on plain float32 replies.
 Modes: ``pairwise`` (one key exchange per phase: in the first round, timed apart), ``recovering`` (Bonawitz et
 al. 2017's dropout recovery: keys and shares before every training message, unmasking after), and ``recovering,
 1 lost`` (the last site lost after its shares, before its masked weights: the unmask round rebuilds its mask key
@@ -45,9 +46,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, whe
 from record import machine, write_record  # noqa: E402
 
 from client import secure_aggregation as sa  # noqa: E402
-from client.training_handlers import masked_weights  # noqa: E402
-from server.secure_aggregation import SecureSession, record_bytes  # noqa: E402
+from client.training_handlers import ann_unmask, masked_weights  # noqa: E402
+from server.secure_aggregation import record_bytes  # noqa: E402
 from server.settings import DEFAULTS  # noqa: E402
+from server.training_phase import ann_sessions  # noqa: E402
 from shared.protocol import messages  # noqa: E402
 from strategies.pairwise_masked_mean import PairwiseMaskedMean  # noqa: E402
 
@@ -79,7 +81,8 @@ class InProcessSites:
         self.contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
                          for n in trained}
         self.trained, self.lost = trained, set(lost)
-        self.rounds = {m.type: handler for m, handler in sa.SECURE_ROUNDS.items()}
+        self.rounds = {messages.ANN_KEYS.type: sa.keys, messages.ANN_SHARES.type: sa.shares,
+                       messages.ANN_UNMASK.type: self.unmask}
         self.bytes_down = self.bytes_up = 0
         self.site_seconds: list[float] = []
 
@@ -91,12 +94,16 @@ class InProcessSites:
         for msg in sent:
             node, kind = msg.metadata.dst_node_id, msg.metadata.message_type
             self.bytes_down += record_bytes(msg.content)
-            if node in self.lost and kind not in (messages.SECURE_KEYS.type, messages.SECURE_SHARES.type):
+            if node in self.lost and kind not in (messages.ANN_KEYS.type, messages.ANN_SHARES.type):
                 continue
             reply = self.rounds[kind](msg, self.contexts[node]) if kind in self.rounds else self.train(msg, node)
             self.bytes_up += record_bytes(reply.content)
             replies.append(reply)
         return replies
+
+    @staticmethod
+    def unmask(msg: Message, context: Context) -> Message:
+        return Message(ann_unmask(msg, SimpleNamespace(config=msg.content["config"], context=context)), reply_to=msg)
 
     def train(self, msg: Message, node: int) -> Message:
         """The site's masked training reply (its trained weights, 100 + node examples), timed."""
@@ -119,7 +126,7 @@ def masked_round(global_: dict[str, np.ndarray], trained: dict[int, dict[str, np
                  lost: tuple[int, ...] = ()) -> dict:
     """One masked round in ``mode`` (round 2 of the phase: pairwise's key exchange, in round 1, is timed apart)."""
     sites = InProcessSites(trained, lost)
-    strategy = PairwiseMaskedMean(FedAvg(), lambda grid, nodes: SecureSession(grid, nodes, mode), list(trained))
+    strategy = PairwiseMaskedMean(FedAvg(), ann_sessions(mode), list(trained))
     arrays = ArrayRecord({k: Array(v) for k, v in global_.items()})
     keys = {}
     if mode == "pairwise":

@@ -12,8 +12,9 @@
   with n·w and n (``shared.protocol.training.weighted_vector``) in two-lane fixed point, masked by the one
   secure-sum protocol (``client.secure_aggregation``, Bonawitz et al., CCS 2017: pairwise masks under the
   session's release label, or round 2 of the dropout-recovering protocol), never a label the site masked before;
-  the key, share and unmask rounds are ``client.secure_aggregation``'s ``query.secure_*`` handlers. Noise of a DP
-  site is in its weights before they are masked, and only training charges its ledger (the protocol's other
+  the key, share and unmask rounds are ``client.secure_aggregation``'s handlers as ``query.ann_keys``,
+  ``query.ann_shares`` and ``query.ann_unmask`` (:func:`ann_unmask`: a repeated round's senders checked). Noise of
+  a DP site is in its weights before they are masked, and only training charges its ledger (the protocol's other
   rounds release fresh random keys and shares, no patient value).
 - ``evaluate``: summaries of the global model on the test split (``client.evaluation``); under DP one
   release of the ``evaluation`` phase (the server asks a DP site at the final round only).
@@ -27,6 +28,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client import run_state
+from client import secure_aggregation as sa
 from client.dp import (
     PhaseRelease,
     PrivacyRefused,
@@ -39,15 +41,14 @@ from client.dp import (
 from client.evaluation import private_summaries, summaries
 from client.ledger import BudgetExhausted, LedgerError
 from client.run_state import run_context
-from client.secure_aggregation import masked_floats
 from client.site import SiteHandlers, SiteRequest, load, site_dp
 from client.statistics import noised_rows, private_statistics
 from shared import metrics
 from shared.encoding import SiteStatistics
-from shared.protocol import messages
+from shared.protocol import ErrorCode, messages
+from shared.protocol import hist as h
 from shared.protocol import records as r
 from shared.protocol.errors import ShareableError
-from shared.protocol.hist import SECURE_SUM
 from shared.protocol.privacy import RELEASE_INDEX, RELEASES, SitePrivacy
 from shared.protocol.site_check import SiteCheckReply, plan_of, resumed_run
 from shared.protocol.training import (
@@ -179,7 +180,7 @@ def train_round(msg: Message, request: SiteRequest) -> RecordDict:
                            epsilon=dp.ledger.spent(), epsilon_budget=dp.ledger.epsilon_budget,
                            delta=dp.ledger.delta, noise_multiplier=sigma)
     weights = to_arrays(model)
-    if bool(request.config.get(SECURE_SUM, False)):
+    if bool(request.config.get(h.SECURE_SUM, False)):
         weights = masked_weights(request, msg.content[r.ARRAYS], weights, reply.num_examples, this_round)
     content = RecordDict({r.ARRAYS: weights, r.METRICS: reply.to_metric_record()})
     if received is not None:
@@ -207,9 +208,34 @@ def masked_weights(request: SiteRequest, received: ArrayRecord, trained: ArrayRe
                              "the other; refusing")
     layout = layout_of({k: a.numpy() for k, a in received.items()})
     vector = weighted_vector({k: a.numpy() for k, a in trained.items()}, weight, layout)
-    words = masked_floats(vector, config, request.context)
+    words = sa.masked_floats(vector, config, request.context)
     masked_rounds[str(this_round)] = roster
+    if sa.recovering(config):  # for the unmask round (ann_unmask): which release this round is, and who is who
+        masked_rounds[f"label {this_round}"] = sa.release_label(config)
+        masked_rounds[f"ids {this_round}"] = [int(n) for n in config[h.SECURE_PARTICIPANTS]]
+        masked_rounds[f"names {this_round}"] = [str(name) for name in config[ROSTER_NAMES]]
     return ArrayRecord({MASKED: words})
+
+
+def ann_unmask(msg: Message, request: SiteRequest) -> RecordDict:
+    """``query.ann_unmask``: round 3 of a recovering masked round (``client.secure_aggregation.unmask``), refused
+    when this run summed the round before over other sites (by name): the roster check of :func:`masked_weights`
+    compares the sites the round was masked among, this one the subset whose masked weights arrived, so that a
+    resumed run's repeated round cannot give two sums of the same seeded weights over different sets."""
+    config, masked_rounds = request.config, request.context.state.get(MASKED_ROUNDS_KEY)
+    label = sa.release_label(config)
+    rounds = [key.removeprefix("label ") for key, value in (masked_rounds or {}).items()
+              if key.startswith("label ") and str(value) == label]
+    if rounds:
+        names = dict(zip((int(n) for n in masked_rounds[f"ids {rounds[0]}"]),
+                         map(str, masked_rounds[f"names {rounds[0]}"]), strict=True))
+        sent = ",".join(sorted(names.get(int(n), f"node {n}") for n in config[h.SECURE_SENT]))
+        before = masked_rounds.get(f"sent {rounds[0]}")
+        if before is not None and str(before) != sent:
+            raise ShareableError(f"round {rounds[0]} was summed before over other sites: unmasking its repeated sum "
+                                 "over a second set would reveal the sites in one set and not the other; refusing")
+        masked_rounds[f"sent {rounds[0]}"] = sent
+    return sa.unmask(msg, request.context).content
 
 
 def received_evaluation(request: SiteRequest, model) -> ConfigRecord | None:
@@ -255,12 +281,15 @@ def evaluate_round(msg: Message, request: SiteRequest) -> RecordDict:
 
 
 def register_training(client: ClientApp, handlers: SiteHandlers) -> None:
-    """Add the site-check, statistics, train and evaluate handlers to ``client``."""
+    """Add the site-check, statistics, train and evaluate handlers, and the masked ANN rounds', to ``client``."""
 
     @client.query(messages.SITE_CHECK.action)
     def check(msg: Message, context: Context) -> Message:
         return site_check(msg, context, handlers)
 
     client.query(messages.STATISTICS.action)(handlers(statistics))
+    client.query(messages.ANN_KEYS.action)(sa.refusing(sa.keys, ErrorCode.REQUEST))
+    client.query(messages.ANN_SHARES.action)(sa.refusing(sa.shares, ErrorCode.REQUEST))
+    client.query(messages.ANN_UNMASK.action)(handlers(ann_unmask))
     client.train()(handlers(train_round))
     client.evaluate()(handlers(evaluate_round))

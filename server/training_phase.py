@@ -47,6 +47,7 @@ from server.site_check import SiteCheck
 from shared import metrics
 from shared.ann import build_model, to_arrays
 from shared.encoding import FeatureEncoder
+from shared.protocol import messages
 from shared.protocol.privacy import RELEASE_INDEX, RELEASES, RunPlan
 from shared.protocol.training import EVAL_BINS, AnnTraining
 from shared.task import TaskSpec
@@ -66,7 +67,7 @@ def ann_sessions(mode: str) -> SessionFactory:
     """The masked ANN rounds' sessions of the one secure sum (``server.secure_aggregation``), in ``mode``."""
 
     def session(grid: Grid, nodes: list[int]) -> SecureSession:
-        return SecureSession(grid, nodes, mode)
+        return SecureSession(grid, nodes, mode, rounds=(messages.ANN_KEYS, messages.ANN_SHARES, messages.ANN_UNMASK))
 
     return session
 

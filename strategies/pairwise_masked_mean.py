@@ -26,7 +26,9 @@ What is specific to ANN rounds, and kept here:
 - the resumed-round check: every training message names the roster's sites, and a site refuses a round it masked
   before among another set of sites (a resumed run asks its interrupted round again, under a new session, with
   the same seeded weights: two sums over different sets would give away the sites in one and not the other;
-  ``client.training_handlers.masked_weights``).
+  ``client.training_handlers.masked_weights``); recovering, it also refuses to unmask a repeated round whose
+  senders differ from those it unmasked before (``client.training_handlers.ann_unmask``: the protocol's rounds go
+  as ``query.ann_keys`` / ``ann_shares`` / ``ann_unmask`` so the site knows the release is a training round).
 - :func:`masking_problem`: anything that needs each site's update refuses masking — the robust aggregators (Krum,
   medians, trimmed means), update-norm clipping, and central DP's server-side clipping.
 - the hand-off of the unmasked mean to the wrapped Flower strategy.

@@ -64,6 +64,12 @@ SECURE_SHARES = query("secure_shares")
 """Recovering: round 1, the site's Shamir shares encrypted per peer."""
 SECURE_UNMASK = query("secure_unmask")
 """Recovering: round 3, the shares that unmask the sum over the sites whose masked input arrived."""
+ANN_KEYS = query("ann_keys")
+ANN_SHARES = query("ann_shares")
+ANN_UNMASK = query("ann_unmask")
+"""The same rounds for the masked ANN rounds (``strategies.pairwise_masked_mean``), whose masked request is the
+training message: their own names, because the site checks a repeated round's unmasking against the sites it was
+summed over before (``client.training_handlers.ann_unmask``)."""
 STATISTICS_LAYOUT = query("statistics_layout")
 """Masked statistics, step 1: the names a site's statistics vector is laid out by (category and class values),
 and its min and max (not sums: they travel in the clear)."""
