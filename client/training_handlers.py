@@ -70,7 +70,8 @@ MAX_ERRORS_REPORTED = 5
 _STATE_ROWS = "dp-noised-rows"
 MASKED_ROUNDS_KEY = "ann-masked-rounds"
 """Context state (kept on the site's disk for a resumed run, ``client.run_state``): per round this run masked, the
-roster it was masked among."""
+roster it was masked among (by name); recovering, also the round's release label, its participants' ids and names,
+and (``sent <round>``) the names of the sites whose masked weights the site helped unmask (:func:`ann_unmask`)."""
 
 
 def site_check(msg: Message, context: Context, handlers: SiteHandlers) -> Message:
