@@ -129,9 +129,9 @@ def simulate(
         "pairwise (default; masks, one key exchange, a site lost mid-phase fails the statistics / the fit / stops "
         "the head) | recovering (dropout recovery, ~4x the message exchanges) | off."),
     ann_secure_sum: str | None = typer.Option(
-        None, "--ann-secure-sum", help="ANN rounds: auto (default; pairwise-masked sums when --secure-sum is not off "
-        "and the strategy only needs the mean, else plain with the reason printed) | pairwise (refused with robust "
-        "strategies, clipping or central DP) | off."),
+        None, "--ann-secure-sum", help="ANN rounds: auto (default; masked sums in --secure-sum's mode when it is not "
+        "off and the strategy only needs the mean, else plain with the reason printed) | pairwise | recovering "
+        "(dropout recovery; both refused with robust strategies, clipping or central DP) | off."),
     compare: bool = typer.Option(True, "--compare/--no-compare",
                                  help="Also random forest, SVM, gradient boosting (local-only, pooled)."),
     deploy_cycles: int = typer.Option(
@@ -238,7 +238,7 @@ def simulate(
 
         if problem := ray_head_problem(ray_address):
             raise typer.BadParameter(problem, param_hint="--ray-address")
-    if ann_secure_sum == "pairwise":
+    if ann_secure_sum in ("pairwise", "recovering"):
         from strategies.pairwise_masked_mean import masking_problem
 
         problem = masking_problem(strategy, base.clip_norm if clip_norm is None else clip_norm,
