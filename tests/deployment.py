@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,16 +162,21 @@ def register_site(coordinator: Path, federation: str, site: str, home: Path) -> 
     return int(answer["node-id"])
 
 
-def node_config(data: Path, site: str, trust_key: Path | None = None) -> str:
-    """The ``--node-config`` of a hospital's SuperNode: its data, its name, the coordinator's signing key."""
+def node_config(data: Path, site: str, trust_key: Path | None = None, worker: Path | None = None) -> str:
+    """The ``--node-config`` of a hospital's SuperNode: its data, its name, the coordinator's signing key and its
+    warm worker's socket (``client.site_worker``)."""
     config = f"data-path={json.dumps(str(data))} site-name={json.dumps(site)}"
     if trust_key is not None:
         config += f" trust-key={json.dumps(str(trust_key))}"
+    if worker is not None:
+        config += f" site-worker={json.dumps(str(worker))}"
     return config
 
 
-def start_supernode(site_kit: Path, data: Path, superlink_port: int, workdir: Path, name: str) -> Service:
-    """``flower-supernode`` for one hospital: its key, the CA, its data folder and the coordinator's public key.
+def start_supernode(site_kit: Path, data: Path, superlink_port: int, workdir: Path, name: str,
+                    worker: Path | None = None) -> Service:
+    """``flower-supernode`` for one hospital: its key, the CA, its data folder, the coordinator's public key, and
+    the socket of its warm worker if it has one (:func:`start_site_worker`).
 
     Its FLWR_HOME is ``workdir/<name>_home``; its ClientAppIo port is a free port (one per node on a host).
     """
@@ -178,23 +184,55 @@ def start_supernode(site_kit: Path, data: Path, superlink_port: int, workdir: Pa
     command = [str(FLOWER_BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{superlink_port}",
                "--root-certificates", str(site_kit / "ca.pem"),
                "--auth-supernode-private-key", str(site_kit / "supernode.key"), "--port", str(port),
-               "--node-config", node_config(data, name, site_kit / "policy_signing.pub")]
+               "--node-config", node_config(data, name, site_kit / "policy_signing.pub", worker)]
     return start(f"supernode_{name}", command, flower_env(workdir / f"{name}_home"), workdir, port)
 
 
+def worker_socket(workdir: Path, name: str) -> Path:
+    """Where the warm worker of site ``name`` listens: a private folder of its own under ``workdir``."""
+    return workdir / f"{name}_worker" / "site.sock"
+
+
+def start_site_worker(workdir: Path, name: str) -> Service:
+    """``fednano site-worker`` for one hospital (``client.site_worker``); :func:`wait_for_worker` waits for it."""
+    path = worker_socket(workdir, name)
+    return start(f"worker_{name}", [str(FLOWER_BIN / "fednano"), "site-worker", "--socket", str(path)],
+                 flower_env(workdir / f"{name}_home"), workdir, 0)
+
+
+def wait_for_worker(service: Service, path: Path, timeout: float = 120.0) -> Service:
+    """Return ``service`` once its socket at ``path`` accepts a connection; raise if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if service.process.poll() is not None:
+            raise RuntimeError(f"{service.name} exited with {service.process.returncode}:\n{service.log_text()}")
+        if path.exists():
+            with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as probe:
+                probe.connect(str(path))
+                return service
+        time.sleep(0.2)
+    raise TimeoutError(f"{service.name} did not listen on {path} within {timeout} s")
+
+
 def start_federation(kit: Path, sites: Path, names: list[str], federation: str, home: Path, workdir: Path,
-                     services: list[Service]) -> tuple[Service, dict[str, Service]]:
+                     services: list[Service], workers: Collection[str] = ()) -> tuple[Service, dict[str, Service]]:
     """The coordinator's SuperLink (its connection written to ``home``), every site of ``names`` registered and
-    its SuperNode started on its folder in ``sites``: the SuperLink and the SuperNodes by name. Each service is
-    appended to ``services`` as soon as it runs, so the caller stops every one started, whatever fails next."""
+    its SuperNode started on its folder in ``sites`` (with a warm worker for the sites in ``workers``): the
+    SuperLink and the SuperNodes by name. Each service is appended to ``services`` as soon as it runs, so the caller
+    stops every one started, whatever fails next."""
     link = start_superlink(kit / "coordinator", workdir, free_port())
     services.append(link)
     write_connection(home, federation, link.port, kit / "coordinator" / "ca.pem")
     for name in names:
         register_site(kit / "coordinator", federation, name, home)
+    started = {name: start_site_worker(workdir, name) for name in names if name in workers}
+    services.extend(started.values())
+    for name, worker in started.items():  # they load in parallel
+        wait_for_worker(worker, worker_socket(workdir, name))
     nodes = {}
     for name in names:
-        nodes[name] = start_supernode(kit / "sites" / name, sites / name, link.port, workdir, name)
+        nodes[name] = start_supernode(kit / "sites" / name, sites / name, link.port, workdir, name,
+                                      worker_socket(workdir, name) if name in workers else None)
         services.append(nodes[name])
     return link, nodes
 
