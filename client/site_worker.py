@@ -28,14 +28,20 @@ own process and logs why: slower, never different. A handler that raises in the 
 :class:`SiteWorkerError` naming the exception's type only, not its text, which could hold a value; the worker logs
 the traceback at the site. One message is served at a time, as the SuperNode sends them.
 
-Wire format, both ways: frames of an 8-byte big-endian length and the bytes. Request: a JSON header
-(``version``, and the task identity Flower's runtime set in the ClientApp process: ``task-id``, ``run-id``,
-``node-id``), the Message, the Context. Reply: a JSON header (``ok``, or ``error``: the exception's type), then,
-when ``ok``, the reply Message and the Context.
+Versions. The worker answers only a ClientApp of the same code (:func:`code_fingerprint` over ``client/`` and
+``shared/``): after an update, or when the run's FAB differs from the site's install, the ClientApp answers in its
+own process with the FAB's code, and the worker's log says why.
+
+Wire format, both ways: frames of an 8-byte big-endian length and the bytes. The ClientApp sends a JSON header
+(``version``, ``code``, and the task identity Flower's runtime set in its process: ``task-id``, ``run-id``,
+``node-id``); the worker admits it or says why not (JSON ``ok`` / ``error``); then the Message and the Context go
+one way, and a JSON header (``ok``, or ``error``: the exception's type) and, when ``ok``, the reply Message and the
+Context come back.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import logging
@@ -65,12 +71,42 @@ MAX_FRAME_BYTES = 2**31
 """The largest frame either side reads (a Message of the largest model the platform sends is far below)."""
 CONNECT_TIMEOUT_S = 5.0
 """How long a ClientApp waits to connect before answering in its own process."""
+ADMISSION_TIMEOUT_S = 60.0
+"""How long a ClientApp waits for the worker to admit its request (the worker may be finishing another message)
+before answering in its own process."""
+REQUEST_TIMEOUT_S = 30.0
+"""How long the worker waits for each frame of a request before dropping the connection (a silent peer must
+not hold the only worker)."""
 PRELOAD = ("client.app", "torch", "opacus", "xgboost")
 """What the worker imports before it listens: the ClientApp and what its handlers load on their first use."""
 
 
 class SiteWorkerError(RuntimeError):
     """The worker took the message but could not answer it (a handler raised, or the connection broke)."""
+
+
+class _Stopping(BaseException):
+    """SIGTERM or SIGINT reached the worker: leave whatever blocking call it is in."""
+
+
+class WorkerUnavailable(RuntimeError):
+    """The worker cannot take the message (another wire version, or other code than the ClientApp's): the
+    ClientApp answers it in its own process."""
+
+
+PROJECT = Path(__file__).resolve().parents[1]
+"""The folder holding ``client/`` and ``shared/`` as this process imports them (a FAB's, or an install's)."""
+
+
+def code_fingerprint(root: Path = PROJECT) -> str:
+    """SHA-256 over the sources every reply comes from (``client/`` and ``shared/``, by path and content): the
+    worker answers only a ClientApp of the same code, so a site whose worker runs an older install than the run's
+    FAB answers with the FAB's code, in the per-message process."""
+    digest = hashlib.sha256()
+    for package in ("client", "shared"):
+        for path in sorted((root / package).rglob("*.py")):
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 class UnsafeSocketFolder(ValueError):
@@ -137,18 +173,26 @@ def forward(socket_path: Path, message: Message, context: Context,
             timeout: float = CONNECT_TIMEOUT_S) -> tuple[Message, Context]:
     """Have the worker at ``socket_path`` answer ``message``: its reply and the Context after it.
 
-    ``OSError`` when the worker cannot be reached (the caller answers in its own process);
-    :class:`SiteWorkerError` when it took the message and failed."""
+    ``OSError`` when the worker cannot be reached and :class:`WorkerUnavailable` when it refuses the request
+    (the caller answers in its own process); :class:`SiteWorkerError` when it took the message and failed."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)
         sock.connect(str(socket_path))
-        sock.settimeout(None)  # a training message takes as long as it takes
-        header = {"version": WIRE_VERSION, "task-id": TaskIdentity.task_id, "run-id": TaskIdentity.run_id,
-                  "node-id": TaskIdentity.node_id}
-        for frame in (json.dumps(header).encode(), encode_message(message), encode_context(context)):
-            _send_frame(sock, frame)
+        header = {"version": WIRE_VERSION, "code": code_fingerprint(), "task-id": TaskIdentity.task_id,
+                  "run-id": TaskIdentity.run_id, "node-id": TaskIdentity.node_id}
+        _send_frame(sock, json.dumps(header).encode())
+        sock.settimeout(ADMISSION_TIMEOUT_S)
         try:
+            admitted = json.loads(_receive_frame(sock))
+        except (TimeoutError, ConnectionError, ValueError) as err:
+            raise WorkerUnavailable(f"no admission from the worker ({type(err).__name__})") from None
+        if not admitted.get("ok"):
+            raise WorkerUnavailable(str(admitted.get("error", "no reason given")))
+        sock.settimeout(None)
+        for frame in (encode_message(message), encode_context(context)):
+            _send_frame(sock, frame)
+        try:  # a training message takes as long as it takes
             answer = json.loads(_receive_frame(sock))
             if not answer.get("ok"):
                 raise SiteWorkerError(f"the site worker could not answer {message.metadata.message_type}: "
@@ -161,14 +205,24 @@ def forward(socket_path: Path, message: Message, context: Context,
         sock.close()
 
 
-def answer(app: Callable[[Message, Context], Message], connection: socket.socket) -> str:
-    """Serve one request on ``connection`` with ``app``; returns what happened, for the log."""
+def answer(app: Callable[[Message, Context], Message], connection: socket.socket, code: str) -> str:
+    """Serve one request on ``connection`` with ``app`` if it comes from a ClientApp of the same ``code``
+    (:func:`code_fingerprint`); returns what happened, for the log."""
+    connection.settimeout(REQUEST_TIMEOUT_S)
+    first = connection.recv(1, socket.MSG_PEEK)
+    if not first:
+        return ""  # connected and closed without a word: a liveness probe
     header = json.loads(_receive_frame(connection))
+    refusal = None
     if header.get("version") != WIRE_VERSION:
-        _send_frame(connection, json.dumps({"ok": False, "error": f"wire version {header.get('version')!r}, "
-                                                                  f"this worker speaks {WIRE_VERSION}"}).encode())
-        return "refused: wire version"
+        refusal = f"wire version {header.get('version')!r}, this worker speaks {WIRE_VERSION}"
+    elif header.get("code") != code:
+        refusal = "the worker runs other code than the run's ClientApp (restart it after an update)"
+    _send_frame(connection, json.dumps({"ok": refusal is None, "error": refusal}).encode())
+    if refusal is not None:
+        return f"refused: {refusal}"
     message, context = decode_message(_receive_frame(connection)), decode_context(_receive_frame(connection))
+    connection.settimeout(None)
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = (
         int(header["task-id"]), int(header["run-id"]), int(header["node-id"]))
     kind = message.metadata.message_type
@@ -210,32 +264,34 @@ def serve(socket_path: Path, app: Callable[[Message, Context], Message] | None =
     if socket_path.exists() or socket_path.is_symlink():
         socket_path.unlink()
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    stopping = []
 
     def stop(signum, _frame) -> None:
-        stopping.append(signum)
-        server.close()
+        raise _Stopping(signum)
 
     previous = ({s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
                 if threading.current_thread() is threading.main_thread() else {})
-    served = 0
+    served, code = 0, code_fingerprint()
     try:
         server.bind(str(socket_path))
         os.chmod(socket_path, 0o600)
         server.listen(4)
         if ready is not None:
             ready()
-        while not stopping and (max_requests is None or served < max_requests):
-            try:
-                connection, _ = server.accept()
-            except OSError:
-                break  # closed by a signal
+        while max_requests is None or served < max_requests:
+            connection, _ = server.accept()
             with connection:
                 try:
-                    LOG.info("site worker: %s", answer(app, connection))
-                    served += 1
+                    done = answer(app, connection, code)
+                except _Stopping:
+                    raise
                 except Exception as err:  # noqa: BLE001 - a ClientApp process gone, or a garbled request
                     LOG.warning("site worker: a request broke off (%s)", type(err).__name__)
+                    continue
+                if done:
+                    LOG.info("site worker: %s", done)
+                    served += 1
+    except _Stopping as stopped:
+        LOG.info("site worker: stopping on signal %s", stopped.args[0])
     finally:
         server.close()
         for signum, handler in previous.items():

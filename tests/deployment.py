@@ -35,6 +35,8 @@ from simulation.termination import descendants
 FLOWER_BIN = Path(sys.executable).parent
 """flower-superlink, flower-supernode, flwr and flower-superexec of this environment."""
 
+PROJECT = Path(__file__).resolve().parents[1]
+"""This checkout: the code a site worker runs (the FAB that ``flwr run`` builds holds the same)."""
 FINISHED = "finished"
 """Prefix of a run's status once it has ended (``finished:completed``, ``finished:failed``, ...)."""
 
@@ -196,8 +198,9 @@ def worker_socket(workdir: Path, name: str) -> Path:
 def start_site_worker(workdir: Path, name: str) -> Service:
     """``fednano site-worker`` for one hospital (``client.site_worker``); :func:`wait_for_worker` waits for it."""
     path = worker_socket(workdir, name)
-    return start(f"worker_{name}", [str(FLOWER_BIN / "fednano"), "site-worker", "--socket", str(path)],
-                 flower_env(workdir / f"{name}_home"), workdir, 0)
+    env = {**flower_env(workdir / f"{name}_home"), "PYTHONPATH": str(PROJECT)}  # this checkout's code, as the FAB's
+    return start(f"worker_{name}", [sys.executable, "-m", "fednano.cli", "site-worker", "--socket", str(path)],
+                 env, workdir, 0)
 
 
 def wait_for_worker(service: Service, path: Path, timeout: float = 120.0) -> Service:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -139,20 +141,44 @@ def test_a_handler_failure_names_its_type_never_its_text(sites, tmp_path):
 
 
 def test_garbage_on_the_socket_does_not_stop_the_worker(sites, tmp_path):
-    worker = Worker(tmp_path, requests=2)  # the refused request and the real one
+    worker = Worker(tmp_path, requests=1)
     for junk in (b"\x00" * 3, (8).to_bytes(8, "big") + b"not json", (2**40).to_bytes(8, "big")):
         with socket.socket(socket.AF_UNIX) as peer:
             peer.connect(str(worker.path))
             peer.sendall(junk)
-    header = {"version": 99, "task-id": 1, "run-id": 1, "node-id": 0}
-    with socket.socket(socket.AF_UNIX) as peer:  # a request of another wire version is refused with a reason
-        peer.connect(str(worker.path))
-        site_worker._send_frame(peer, json.dumps(header).encode())
-        answer = json.loads(site_worker._receive_frame(peer))
-    assert answer["ok"] is False and "wire version 99" in answer["error"]
-    reply = deployed_app(_requests()[0], _context(sites["plain"], worker.path))  # and a real one still answered
+    reply = deployed_app(_requests()[0], _context(sites["plain"], worker.path))  # a real request still answered
     assert not reply.has_error()
+    assert worker.join() == 1
+
+
+@pytest.mark.parametrize(("header", "why"), [({"version": 99}, "wire version 99"),
+                                             ({"code": "0" * 64}, "other code than the run's ClientApp")])
+def test_a_clientapp_of_another_version_is_refused_and_answers_itself(sites, tmp_path, monkeypatch, header, why):
+    worker = Worker(tmp_path, requests=2)
+    with socket.socket(socket.AF_UNIX) as peer:  # the refusal says why, before any message is sent
+        peer.connect(str(worker.path))
+        proper = {"version": site_worker.WIRE_VERSION, "code": site_worker.code_fingerprint(), "task-id": 1,
+                  "run-id": 1, "node-id": 0}
+        site_worker._send_frame(peer, json.dumps({**proper, **header}).encode())
+        answer = json.loads(site_worker._receive_frame(peer))
+    assert answer["ok"] is False and why in answer["error"]
+    if "code" in header:  # a FAB of other code than the worker's: its ClientApp answers in its own process
+        monkeypatch.setattr(site_worker, "code_fingerprint", lambda: header["code"])
+        reply = deployed_app(_requests()[0], _context(sites["plain"], worker.path))
+        assert _equal(_content(reply), _content(full_app(_requests()[0], _context(sites["plain"], None))))
+    else:
+        deployed_app(_requests()[0], _context(sites["plain"], worker.path))
     assert worker.join() == 2
+
+
+def test_the_fingerprint_follows_the_code(tmp_path):
+    for package in ("client", "shared"):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "a.py").write_text("x = 1\n")
+    before = site_worker.code_fingerprint(tmp_path)
+    (tmp_path / "shared" / "a.py").write_text("x = 2\n")
+    assert site_worker.code_fingerprint(tmp_path) != before
+    assert len(before) == 64 and site_worker.code_fingerprint() == site_worker.code_fingerprint()
 
 
 @pytest.mark.parametrize("mode", [0o755, 0o770, 0o701])
@@ -180,3 +206,40 @@ def test_the_fabs_clientapp_imports_flwr_only():
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
+
+
+def test_a_silent_peer_does_not_hold_the_worker(sites, tmp_path, monkeypatch):
+    monkeypatch.setattr(site_worker, "REQUEST_TIMEOUT_S", 0.5)
+    worker = Worker(tmp_path, requests=1)
+    with socket.socket(socket.AF_UNIX) as silent:
+        silent.connect(str(worker.path))
+        silent.sendall(b"\x00")  # starts a frame, never finishes it
+        reply = deployed_app(_requests()[0], _context(sites["plain"], worker.path))
+    assert not reply.has_error() and worker.join() == 1
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_worker_even_mid_request_and_removes_its_socket(tmp_path):
+    """``fednano site-worker`` as a hospital runs it: a peer that connects and says nothing holds a request open;
+    SIGTERM still ends the process at once (tests and hosts stop it by PID)."""
+    path = tmp_path / "worker" / "site.sock"
+    process = subprocess.Popen([sys.executable, "-m", "fednano.cli", "site-worker", "--socket", str(path)], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not path.exists():
+            assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
+            time.sleep(0.2)
+        with socket.socket(socket.AF_UNIX) as silent:
+            silent.connect(str(path))
+            silent.sendall(b"\x00")
+            time.sleep(0.5)
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=10) == 0
+        output = process.stdout.read()
+        assert "listening on" in output and "stopped after 0 messages" in output
+        assert not path.exists()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
