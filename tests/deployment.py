@@ -41,12 +41,18 @@ FINISHED = "finished"
 """Prefix of a run's status once it has ended (``finished:completed``, ``finished:failed``, ...)."""
 
 
+SUPEREXEC_POLL_S = "0.1"
+"""``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``: how often the SuperExec a SuperLink or SuperNode starts looks for a task
+to launch (Flower 1.42: every 1 s unless set; 0.01 s to 60 s accepted), as README's deployment recommends."""
+
+
 def flower_env(home: Path) -> dict[str, str]:
-    """The environment of a Flower process: its own ``FLWR_HOME``, offline, and this venv's bin/ on PATH
-    (the SuperLink and SuperNode start ``flower-superexec`` by name)."""
+    """The environment of a Flower process: its own ``FLWR_HOME``, offline, its SuperExec polling every
+    :data:`SUPEREXEC_POLL_S`, and this venv's bin/ on PATH (the SuperLink and SuperNode start ``flower-superexec``
+    by name)."""
     home.mkdir(parents=True, exist_ok=True)
     return {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": SUPEREXEC_POLL_S,
             "PATH": f"{FLOWER_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
