@@ -560,6 +560,31 @@ def serve(
               tls=tls)
 
 
+@app.command("site-worker")
+def site_worker(
+    socket_path: Path = typer.Option(..., "--socket", help="The Unix socket to listen on; its folder must be this "
+                                                           "user's only (it is created with mode 0700)."),
+) -> None:
+    """Keep the site's ClientApp loaded for its SuperNode: start it beside `flower-supernode` and give the
+    SuperNode --node-config 'site-worker="SOCKET"'; each message then skips the ClientApp's imports."""
+    import logging
+
+    from client.site_worker import UnsafeSocketFolder, preload, serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        seconds = preload()
+        typer.echo(f"site worker: loaded {', '.join(seconds)} in {sum(seconds.values()):.1f} s; listening on "
+                   f"{socket_path}")
+        from client.app import app as client_app
+
+        served = serve(socket_path, app=client_app)
+    except UnsafeSocketFolder as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from err
+    typer.echo(f"site worker: stopped after {served} messages")
+
+
 ledger_app = typer.Typer(no_args_is_help=True, help="A site's privacy ledger: what it has spent, and starting a new "
                                                      "budget on purpose.")
 app.add_typer(ledger_app, name="ledger")
