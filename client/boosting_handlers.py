@@ -8,7 +8,10 @@
 - ``query.xgb_evaluate``: summaries of every finished booster at once (``client.training_handlers``
   ``summaries_reply``: a release of the ``evaluation`` phase under DP).
 - ``query.importance``: permutation-importance loss sums of a final model (``client.importance``); no DP form
-  (``client.dp.NO_DP_FORM``), so a DP site refuses.
+  (``client.dp.NO_DP_FORM``), so a DP site refuses. Under the secure sum (the request names a session,
+  ``server.importance_phase``) the same sums leave the site as one vector in fixed point, masked
+  (``shared.importance.sums_layout``, ``client.secure_aggregation.masked_floats``): the server learns only their
+  sum over the sites.
 """
 
 from __future__ import annotations
@@ -21,12 +24,16 @@ from flwr.clientapp import ClientApp
 
 from client.dp import NO_DP_FORM, PrivacyRefused
 from client.importance import permutation_sums
+from client.secure_aggregation import masked_floats
 from client.site import SiteHandlers, SiteRequest
 from client.training_handlers import summaries_reply
 from shared import boosting, metrics
+from shared.importance import sums_layout
 from shared.protocol import messages
 from shared.protocol import records as r
-from shared.protocol.boosting import FAMILY, BoostingRound, boosters_of, head_from_config
+from shared.protocol.boosting import FAMILY, BoostingRound, boosters_from_arrays, boosters_of, head_from_config
+from shared.protocol.hist import SECURE_SESSION
+from shared.sum_vector import VALUES
 
 NO_DP_TREES = "trees grown on the site's rows have no DP form here (use --boosting hist, whose histograms do)"
 
@@ -77,6 +84,8 @@ def evaluate_boosters(msg: Message, request: SiteRequest) -> RecordDict:
 
 
 def importance(msg: Message, request: SiteRequest) -> RecordDict:
+    """The permutation-importance loss sums of the model the request carries (``ann`` weights or boosters, in
+    ``arrays``): plain metrics, or under the secure sum one masked vector."""
     _refuse_under_dp(request, NO_DP_FORM["importance"])
     encoder = request.encoder
     data = request.encoded("test")
@@ -85,9 +94,12 @@ def importance(msg: Message, request: SiteRequest) -> RecordDict:
 
         predict_fn = partial(predict, request.ann(msg.content[r.ARRAYS]))
     else:
-        predict_fn = partial(boosting.predict_heads, boosters_of(msg.content), encoder)
+        predict_fn = partial(boosting.predict_heads, boosters_from_arrays(msg.content[r.ARRAYS]), encoder)
     sums = permutation_sums(predict_fn, encoder, data, seed=int(request.config[r.SEED]))
-    return RecordDict({r.METRICS: MetricRecord(sums)})
+    if SECURE_SESSION not in request.config:
+        return RecordDict({r.METRICS: MetricRecord(sums)})
+    vector = sums_layout(encoder).vector(sums)  # the keys permutation_sums gives every site, in one order
+    return RecordDict({r.ARRAYS: ArrayRecord({VALUES: masked_floats(vector, request.config, request.context)})})
 
 
 def register_boosting(client: ClientApp, handlers: SiteHandlers) -> None:

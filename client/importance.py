@@ -17,7 +17,7 @@ import numpy as np
 
 from client.split import EncodedSplit
 from shared.encoding import FeatureEncoder
-from shared.importance import feature_groups
+from shared.importance import feature_groups, sum_keys
 
 Predict = Callable[[np.ndarray], dict[str, np.ndarray]]
 EPS = 1e-7
@@ -44,9 +44,8 @@ def row_losses(encoder: FeatureEncoder, targets: dict[str, np.ndarray],
 
 def permutation_sums(predict: Predict, encoder: FeatureEncoder, data: EncodedSplit, seed: int) -> dict[str, float]:
     """``{outcome}/n``, ``{outcome}/base`` and ``{outcome}/{feature}`` loss sums at this site."""
-    keys = [f"{o.name}/{part}" for o in encoder.task.outcomes for part in ("n", "base", *feature_groups(encoder))]
     if len(data) == 0:  # every site answers with the same keys, so the sums add up
-        return dict.fromkeys(keys, 0.0)
+        return dict.fromkeys(sum_keys(encoder), 0.0)
     rng = np.random.default_rng(seed)
     base = row_losses(encoder, data.targets, predict(data.x))
     sums = {}

@@ -8,7 +8,7 @@
 | 3b. personalised ANNs (``--personalise``) | :mod:`server.personalisation_phase` | each site's choice, metrics |
 | 4. boosting | :mod:`server.boosting_phase` (bagging, cyclic), :mod:`server.hist_phase` | trees; histograms |
 | 4b. personalised boosters (``--personalise site-trees``) | :mod:`server.personalisation_phase` | choice, metrics |
-| 5. importance | :mod:`server.importance_phase` | permutation loss sums |
+| 5. importance | :mod:`server.importance_phase` | permutation loss sums (secure sum) |
 | 6. policy (with a signing key) | :mod:`server.policy_phase`, :mod:`server.adjustment_phase` | catalogue, sums |
 
 The run record (:mod:`server.run_record`, ``OUT/federation.json``) and the models (:mod:`shared.artifacts`,
@@ -166,7 +166,8 @@ def run_federation(grid: Grid, settings: RunSettings, on_round: Callable[[int], 
                         "training", server_round, global_arrays, strategy))
             artifacts.save_ann(arrays.to_torch_state_dict(), settings.hidden_sizes)
             with record.timed("importance"):
-                family.importance = federated_importance(grid, sites, encoder, importance_config, "ann", arrays)
+                family.importance = federated_importance(grid, sites, encoder, importance_config, "ann", arrays,
+                                                         settings.secure_sum)
             record.models["ann"] = family
             checkpoint("ann", settings.num_server_rounds, arrays)
         if "personalisation" in plan.phases:
@@ -181,8 +182,8 @@ def run_federation(grid: Grid, settings: RunSettings, on_round: Callable[[int], 
             boosted = boost(grid, sites, encoder, settings, record)
         artifacts.save_boosters(boosted.models)
         with record.timed("importance"):
-            importance = (federated_importance(grid, sites, encoder, importance_config, "xgboost", boosted.models)
-                          if boosted.models else {})
+            importance = (federated_importance(grid, sites, encoder, importance_config, "xgboost", boosted.models,
+                                               settings.secure_sum) if boosted.models else {})
         record.models["xgboost"] = ModelRecord(
             family="xgboost", mode=settings.boosting, seconds=boosted.seconds, heads=sorted(boosted.models),
             final=final_metrics(task, sites.usable, boosted.evaluations),

@@ -5,11 +5,15 @@ shuffled (:func:`client.importance.permutation_sums`); the server adds the sites
 the mean loss increase per feature here (Breiman, Machine Learning 2001;45:5; Fisher, Rudin & Dominici,
 JMLR 2019). A feature is an *original* column: a numeric feature with its missing-value indicator, or all
 one-hot columns of a categorical feature, are shuffled together.
+
+Every site returns the same keys (:func:`sum_keys`), so the sums add up, in the clear or as the one masked
+vector of :func:`sums_layout` (``server.importance_phase``'s secure sum).
 """
 
 from __future__ import annotations
 
 from shared.encoding import FeatureEncoder
+from shared.sum_vector import SumsLayout
 
 
 def feature_groups(encoder: FeatureEncoder) -> dict[str, list[int]]:
@@ -19,6 +23,17 @@ def feature_groups(encoder: FeatureEncoder) -> dict[str, list[int]]:
         feature = name.split("__", 1)[0]
         groups.setdefault(feature, []).append(index)
     return groups
+
+
+def sum_keys(encoder: FeatureEncoder) -> list[str]:
+    """The keys of a site's sums, in order: per outcome ``{outcome}/n``, ``{outcome}/base`` and
+    ``{outcome}/{feature}`` for each original feature."""
+    return [f"{o.name}/{part}" for o in encoder.task.outcomes for part in ("n", "base", *feature_groups(encoder))]
+
+
+def sums_layout(encoder: FeatureEncoder) -> SumsLayout:
+    """A site's sums as one float vector (:func:`sum_keys`' order, one entry each) for the secure sum."""
+    return SumsLayout.of(dict.fromkeys(sum_keys(encoder), ()))
 
 
 def importance_from_sums(encoder: FeatureEncoder, sums: dict[str, float]) -> dict[str, dict[str, float]]:

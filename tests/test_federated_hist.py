@@ -82,3 +82,5 @@ def test_federated_hist_models_load_in_xgboost_and_feed_the_usual_record(run):
     pooled = models["pooled"]["overall"]["response"]["auc"]
     assert federated > 0.6 and abs(federated - pooled) < 0.05, (federated, pooled)
     assert set(boosting.importance["features"])
+    # the importance sums went through the run's secure sum (pairwise by default), through Flower
+    assert boosting.importance["secure_sum"]["mode"] == "pairwise" and not boosting.importance["failures"]

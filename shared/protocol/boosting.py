@@ -2,14 +2,16 @@
 
 ``train.xgboost`` / ``evaluate.xgboost`` (Flower's FedXgbBagging / FedXgbCyclic), ``query.xgb_evaluate``,
 ``query.importance`` and the ``query.hist_*`` messages name a head (``shared.boosting.Head``) in their
-config with :func:`head_to_config`; finished boosters travel as XGBoost JSON bytes in a ConfigRecord.
+config with :func:`head_to_config`; finished boosters travel as XGBoost JSON bytes in a ConfigRecord, except in
+``query.importance``, whose model always travels in ``arrays`` (:func:`importance_request`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from shared.boosting import Head
 from shared.encoding import FeatureEncoder
@@ -18,8 +20,8 @@ from shared.protocol import records as r
 MODES = ("bagging", "cyclic", "hist")
 """Federated boosting modes: Flower's FedXgbBagging and FedXgbCyclic, and our histogram protocol."""
 FAMILY = "family"
-"""``query.importance``: which model the request carries, ``ann`` (weights in ``arrays``) or ``xgboost``
-(``boosters``)."""
+"""``query.importance``: which model the request's ``arrays`` carry, ``ann`` (its weights) or ``xgboost`` (the
+boosters, :func:`boosters_arrays`)."""
 FAMILIES = ("ann", "xgboost")
 
 
@@ -86,12 +88,21 @@ def evaluation_request(config: ConfigRecord, models: dict[str, bytes]) -> Record
     return RecordDict({r.CONFIG: config, r.BOOSTERS: boosters_record(models)})
 
 
+def boosters_arrays(models: dict[str, bytes]) -> ArrayRecord:
+    """Finished boosters by head key as uint8 arrays of their XGBoost JSON bytes."""
+    return ArrayRecord({key: Array(np.frombuffer(model, dtype=np.uint8)) for key, model in models.items()})
+
+
+def boosters_from_arrays(arrays: ArrayRecord) -> dict[str, bytes]:
+    return {key: array.numpy().tobytes() for key, array in arrays.items()}
+
+
 def importance_request(config: ConfigRecord, family: str, model: ArrayRecord | dict[str, bytes]) -> RecordDict:
-    """``query.importance`` of a final ANN (its weights) or of the boosters."""
+    """``query.importance`` of a final ANN (its weights) or of the boosters (:func:`boosters_arrays`): the model in
+    ``arrays`` either way, so the request is one a secure sum can send (``server.secure_aggregation``: config and
+    arrays)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}: expected one of {', '.join(FAMILIES)}")
     config = ConfigRecord(dict(config))
     config[FAMILY] = family
-    if family == "ann":
-        return RecordDict({r.CONFIG: config, r.ARRAYS: model})
-    return RecordDict({r.CONFIG: config, r.BOOSTERS: boosters_record(model)})
+    return RecordDict({r.CONFIG: config, r.ARRAYS: model if family == "ann" else boosters_arrays(model)})
