@@ -1,4 +1,4 @@
-"""Benchmark: the statistics, analytics and model-fit phases with their sums off, pairwise-masked and recovering.
+"""Benchmark: the statistics, analytics, model-fit and importance phases with their sums off, masked and recovering.
 
     python benchmarks/secure_phases.py [--sites 3] [--patients 200] [--repeats 3] [--phases statistics,...]
                                        [--out FILE.json]
@@ -7,9 +7,12 @@ Each phase runs in this one process with the real code on both sides — the ser
 (``server.statistics_phase.federated_encoder``, ``server.analytics_phase.run_analyses`` with ``GridAsker`` or
 ``SecureGridAsker``), the dose adjuster's fitted-Q iteration (``server.adjustment_phase.fit_adjuster``, 25
 iterations) and the structured dose–response fit (``server.dose_response_phase.fit_structured_policy_federated``:
-three Newton fits and the support) over an in-process stand-in for Flower's Grid that hands every message to the
+three Newton fits and the support) and the permutation importance of a final ANN
+(``server.importance_phase.federated_importance``: an ANN of hidden (32, 16), weights from seed 0, the encoder fitted
+on the pooled rows) over an in-process stand-in for Flower's Grid that hands every message to the
 sites' real handlers (``client.training_handlers.statistics``, ``client.secure_statistics``, ``client.analytics``,
-``client.adjustment_handlers``, ``client.dose_response_handlers``, ``client.secure_aggregation``), one Flower
+``client.adjustment_handlers``, ``client.dose_response_handlers``, ``client.boosting_handlers.importance``,
+``client.secure_aggregation``), one Flower
 Context per node, simulated clinics (``simulation.clinics``), no DP.
 Modes: ``off`` (plain sums, the phases as before), ``pairwise`` (one key exchange, one masked exchange per
 release), ``recovering`` (four exchanges per release), and ``recovering, 1 lost`` (the last site lost before
@@ -20,7 +23,8 @@ and server's compute, no network), message exchanges (``send_and_receive`` calls
 sites) and up (no framing: array bytes and config values, ``server.secure_aggregation.record_bytes``), and the
 ratios to ``off``. Every masked run is checked against the plain one on the same sites: the encoder's means and
 scales, the analytics' numbers (other than min / max, not sent masked), the adjuster's Q-function weights and
-scaling, the dose–response models' coefficients, covariances and log-likelihoods and the support counts, within
+scaling, the dose–response models' coefficients, covariances and log-likelihoods and the support counts, every
+outcome's importance of every feature, within
 1e−9 relative (``= plain``; the covariances, inverses of an information matrix whose conditioning amplifies the
 2^−41 rounding of its summed entries, within 1e−7); ``max diff`` is the largest ``|masked − plain| / max(|plain|,
 1)`` over them.
@@ -50,27 +54,34 @@ from client import analytics as ca  # noqa: E402
 from client import dose_response_handlers as dh  # noqa: E402
 from client import secure_aggregation as sa  # noqa: E402
 from client import secure_statistics as cs  # noqa: E402
+from client.boosting_handlers import importance as importance_answer  # noqa: E402
+from client.site import SiteRequest, SiteSource  # noqa: E402
 from client.training_handlers import statistics as plain_statistics  # noqa: E402
 from server import statistics_phase as sp  # noqa: E402
 from server.adjustment_phase import fit_adjuster  # noqa: E402
 from server.analytics_phase import AnalyticsSession, GridAsker, SecureGridAsker, run_analyses  # noqa: E402
 from server.analytics_plan import AnalyticsSettings, plan_for  # noqa: E402
 from server.dose_response_phase import fit_structured_policy_federated  # noqa: E402
+from server.importance_phase import federated_importance  # noqa: E402
 from server.run_record import RunRecord  # noqa: E402
 from server.secure_aggregation import record_bytes  # noqa: E402
 from server.site_check import SiteCheck  # noqa: E402
+from shared.ann import build_model, to_arrays  # noqa: E402
+from shared.encoding import fit_local  # noqa: E402
 from shared.protocol import messages  # noqa: E402
 from shared.protocol import records as r  # noqa: E402
 from shared.protocol.errors import ShareableError  # noqa: E402
 from shared.protocol.privacy import RunPlan  # noqa: E402
+from shared.protocol.training import AnnTraining  # noqa: E402
 from shared.structured_policy import catalogue_of  # noqa: E402
 from shared.task import NANOPARTICLE_TASK  # noqa: E402
 from simulation.clinics import make_world, simulate_clinic  # noqa: E402
 
 CASES = ("off", "pairwise", "recovering", "recovering, 1 lost")
-PHASES = ("statistics", "analytics", "adjuster", "dose-response")
+PHASES = ("statistics", "analytics", "adjuster", "dose-response", "importance")
 FIRST_MASKED = (messages.STATISTICS_MASKED.type, messages.ANALYTICS_DESCRIBE.type, messages.FQI_SCALING.type,
-                messages.DOSE_RESPONSE_SUMS.type)
+                messages.DOSE_RESPONSE_SUMS.type, messages.IMPORTANCE.type)
+IMPORTANCE_HIDDEN = (32, 16)
 """The first masked request of each phase: the lost site is lost before answering it."""
 
 
@@ -85,6 +96,13 @@ class Request:
 
     def rows(self, split: str) -> pd.DataFrame:
         return self.frame
+
+
+class InMemorySiteRequest(SiteRequest):
+    """``client.site.SiteRequest`` over the in-memory site, no DP: the importance handler's request (its encoded
+    test split and ANN as a deployed site's)."""
+
+    dp = None
 
 
 class InProcessGrid:
@@ -102,7 +120,8 @@ class InProcessGrid:
                         **{m.type: ca._answerer(m.action) for m in messages.ANALYTICS},
                         **{m.type: ah.answer_sums(m.action) for m in (messages.FQI_SCALING, messages.FQI_RIDGE)},
                         messages.DOSE_RESPONSE_SUMS.type: dh.model_sums,
-                        messages.DOSE_RESPONSE_SUPPORT.type: dh.support_counts}
+                        messages.DOSE_RESPONSE_SUPPORT.type: dh.support_counts,
+                        messages.IMPORTANCE.type: importance_answer}
         self.rounds = {m.type: handler for m, handler in sa.SECURE_ROUNDS.items()}
         self.lost, self.gone = lost, False
         self.exchanges = self.bytes_down = self.bytes_up = 0
@@ -127,7 +146,11 @@ class InProcessGrid:
         try:
             if kind in self.rounds:
                 return self.rounds[kind](msg, context)
-            request = Request(self.sites[node], msg.content[r.CONFIG], context, f"clinic_{node}")
+            if kind == messages.IMPORTANCE.type:
+                request = InMemorySiteRequest(SiteSource(Path(f"clinic_{node}"), name=f"clinic_{node}"),
+                                              self.sites[node], msg.content[r.CONFIG], context)
+            else:
+                request = Request(self.sites[node], msg.content[r.CONFIG], context, f"clinic_{node}")
             return Message(self.answers[kind](msg, request), reply_to=msg)
         except ShareableError as err:
             return Message(Error(code=1, reason=str(err)), reply_to=msg)
@@ -172,6 +195,24 @@ def dose_response_phase(frames, case, catalogue):
     return time.perf_counter() - start, grid, policy
 
 
+def final_ann(frames: dict[int, pd.DataFrame]):
+    """The importance phase's encoder (fitted on the pooled rows), its training config and an ANN's weights."""
+    encoder = fit_local(pd.concat(list(frames.values()), ignore_index=True), NANOPARTICLE_TASK)
+    config = AnnTraining(local_epochs=1, batch_size=32, lr=0.01, seed=0, split_seed=0, max_grad_norm=1.0,
+                         num_rounds=1, hidden=IMPORTANCE_HIDDEN, plan=RunPlan(("statistics", "training", "importance"))
+                         ).to_config(encoder)
+    return encoder, config, to_arrays(build_model(encoder, NANOPARTICLE_TASK, IMPORTANCE_HIDDEN, seed=0))
+
+
+def importance_phase(frames, case, final):
+    encoder, config, model = final
+    grid = InProcessGrid(frames, max(frames) if "lost" in case else None)
+    start = time.perf_counter()
+    result = federated_importance(grid, SiteCheck(usable={n: f"clinic_{n}" for n in frames}), encoder, config, "ann",
+                                  model, secure_sum=mode_of(case))
+    return time.perf_counter() - start, grid, result
+
+
 def fit_numbers(phase: str, out) -> dict[str, float]:
     """What the model fits are compared on: the adjuster's weights and scaling; the dose–response models'
     coefficients, covariances and log-likelihoods and the support counts."""
@@ -193,6 +234,9 @@ def phase_numbers(phase: str, out) -> dict[str, float]:
                 **{f"scale/{k}": float(v) for k, v in out.scales_.items()}}
     if phase == "analytics":
         return dict(numbers(out))
+    if phase == "importance":
+        return {f"{outcome}/{feature}": value for outcome, features in out["features"].items()
+                for feature, value in features.items()}
     return fit_numbers(phase, out)
 
 
@@ -244,9 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     survivors = {n: f for n, f in frames.items() if n != max(frames)}
     catalogue = catalogue_of(pd.concat(list(frames.values()), ignore_index=True))  # the policy phase's, all sites
     settings = AnalyticsSettings(k=3, seed=0)
+    final = final_ann(frames) if "importance" in phases else None
     runners = {"statistics": statistics_phase, "analytics": lambda f, c: analytics_phase(f, c, settings),
                "adjuster": lambda f, c: adjuster_phase((f, vitals), c),
-               "dose-response": lambda f, c: dose_response_phase(f, c, catalogue)}
+               "dose-response": lambda f, c: dose_response_phase(f, c, catalogue),
+               "importance": lambda f, c: importance_phase(f, c, final)}
     rows, results = [], {}
     for phase in phases:
         reference = {}

@@ -4,7 +4,9 @@ The dose adjuster's fitted-Q iteration (``server.adjustment_phase``) and the str
 (``server.dose_response_phase``) ask the same sites for sums again and again, each time at new coefficients. A
 :class:`FitSums` asks every such request through one :class:`~server.secure_aggregation.SecureSession` in the
 run's mode, each release one float vector laid out by a :class:`shared.sum_vector.SumsLayout` and sent in
-fixed point, masked (``client.secure_aggregation.masked_floats``), so the server learns only the sum over sites.
+fixed point, masked (``client.secure_aggregation.masked_floats``), so the server learns only the sum over sites. The
+permutation importance (``server.importance_phase``) asks its one release of loss sums through a
+:class:`FitSums` too.
 
 Sites lost, by mode:
 
