@@ -72,6 +72,12 @@ def test_the_record_holds_the_coordinators_seconds_per_phase_within_the_runs_wal
     assert RunRecord.read(federation["out"] / "federated").phase_seconds == seconds
 
 
+def test_the_importance_is_summed_through_the_runs_secure_sum_over_every_site(federation):
+    importance = RunRecord.read(federation["out"] / "federated").models["ann"].importance
+    assert importance["secure_sum"]["mode"] == "pairwise" and importance["secure_sum"]["lost"] == {}
+    assert importance["failures"] == {} and set(importance["features"]) == {o.name for o in NANOPARTICLE_TASK.outcomes}
+
+
 def _auc(model_and_encoder, frame, outcome):
     model, encoder = model_and_encoder
     summary = evaluate(model, encoder, encode(encoder, frame.dropna(subset=[outcome])))[outcome]
