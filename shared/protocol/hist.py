@@ -74,6 +74,25 @@ SCALE_BITS = "scale-bits"
 ``round(v · 2^scale-bits)``."""
 ROUND = "round"
 """The boosting round being grown: the site's kept model must hold exactly this many rounds."""
+HEADS = "heads"
+"""How many heads a level request grows together (one boosting round of each, level by level): every head's
+config keys and arrays travel under its :func:`head_key`, the arrays shared by all (the thresholds) and the
+session's keys without one; the reply is one summed release, every head's packed histograms one after the other
+in the request's order. Under DP, head i's histograms are the phase's release ``dp-release-index + i`` (one
+release per head and level, as many as growing the heads one at a time: the ε is the same), its facts under
+:func:`privacy_key`."""
+HEAD_PREFIX = "head-"
+
+
+def head_key(index: int, key: str) -> str:
+    """The name of a level request's config key or array ``key`` for its ``index``-th head (:data:`HEADS`)."""
+    return f"{HEAD_PREFIX}{int(index)}/{key}"
+
+
+def privacy_key(index: int) -> str:
+    """The reply record of the DP facts of a level reply's ``index``-th head (``shared.protocol.privacy``)."""
+    return f"privacy/{HEAD_PREFIX}{int(index)}"
+
 
 # array names
 LO, HI = "lo", "hi"
