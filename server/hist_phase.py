@@ -219,7 +219,8 @@ clinics at ε 0.6 for 243 releases grew trees of response AUC 0.48 and efficacy 
 class HistSession(SecureSession):
     """One run of the protocol with a fixed set of sites: the secure-sum session of ``server.secure_aggregation``
     (its key, share and unmask rounds as ``query.hist_keys``, ``query.hist_shares``, ``query.hist_unmask``), the
-    phase's base config (the encoder with the first request only), DP releases numbered as the sums."""
+    phase's base config (the encoder with the first request only), DP releases numbered one per summed count
+    release and one per head of a level request (a level request of k heads is one secure sum and k releases)."""
 
     def __init__(self, grid: Grid, nodes: list[int], base_config: ConfigRecord, settings: HistSettings,
                  n_heads: int) -> None:

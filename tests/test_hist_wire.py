@@ -437,25 +437,28 @@ def test_a_site_refuses_a_scale_outside_the_fixed_point_range():
 # -- a round's heads grown together: one level request for all of them ------------------------------------
 
 
-def head_labels(seed=0):
-    """Four heads on the tests' rows: one-vs-rest of a 3-class label, and a regression whose label some rows lack."""
+def head_labels(seed=0, effect_bound=None):
+    """Four heads on the tests' rows: one-vs-rest of a 3-class label, and a regression whose label some rows lack
+    (its declared bound ``effect_bound``, default its largest |label|)."""
     x, classes = site_rows("multi:softprob", seed=seed)
     _, effect = site_rows("reg:squarederror", seed=seed)
     effect = np.where(x[:, 2] > 1.0, np.nan, effect)  # unrecorded at ~16 % of the rows
+    bound = float(np.nanmax(np.abs(effect))) if effect_bound is None else effect_bound
     specs = [hp.HeadSpec(f"y={c}", "y", "binary", c) for c in range(3)] + [
-        hp.HeadSpec("effect", "effect", "regression", label_bound=float(np.nanmax(np.abs(effect))))]
+        hp.HeadSpec("effect", "effect", "regression", label_bound=bound)]
     labels = {f"y={c}": (classes == c).astype(float) for c in range(3)} | {"effect": effect}
     return x, specs, labels
 
 
-def federate_heads(monkeypatch, batch, secure_sum="pairwise", legacy=False, rounds=3, depth=3, dp=None):
+def federate_heads(monkeypatch, batch, secure_sum="pairwise", legacy=False, rounds=3, depth=3, dp=None,
+                   effect_bound=None, failures=None):
     """``rounds`` rounds of the four heads of :func:`head_labels` over three sites, batched or head after head;
-    ``dp``: every site's DP terms by node."""
+    ``dp``: every site's DP terms by node; ``failures``: where the phase's failures go (default: none allowed)."""
     from flwr.supercore.task_identity import TaskIdentity
 
     for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, name, value)
-    x, specs, labels = head_labels()
+    x, specs, labels = head_labels(effect_bound=effect_bound)
     parts = {11: slice(0, 200), 12: slice(200, 550), 13: slice(550, 900)}
     grid = Grid({node: None for node in parts})
     grid.legacy = legacy
@@ -486,9 +489,9 @@ def federate_heads(monkeypatch, batch, secure_sum="pairwise", legacy=False, roun
     if settings.secure_sum == "pairwise":
         session.exchange_keys()
     thresholds = hp.global_thresholds(session, lo, hi)
-    failures: dict[int, str] = {}
-    trees = hp.grow_all_heads(session, specs, thresholds, settings, failures)
-    assert failures == {}
+    failed: dict[int, str] = {} if failures is None else failures
+    trees = hp.grow_all_heads(session, specs, thresholds, settings, failed)
+    assert failures is not None or failed == {}
     return grid, session, trees, (x, specs, labels, thresholds)
 
 
@@ -587,3 +590,15 @@ def test_dp_sites_charge_the_same_releases_and_noise_whether_heads_share_a_reque
     if depth == 1:  # one level per head and round whatever the noise: exactly the same releases, the same ε
         assert entries[True] == entries[False] == [1 + hb.REFINE_PASSES + 4 * 2] * 3
         assert spent[True] == pytest.approx(spent[False], rel=1e-12)
+
+
+def test_a_refusal_in_a_batched_level_stops_every_head_of_the_batch_head_after_head_only_its_own(monkeypatch):
+    # the regression head's declared bound is below its labels: every site refuses its level requests
+    failures: dict[int, str] = {}
+    _, _, together, _ = federate_heads(monkeypatch, True, effect_bound=0.5, failures=failures)
+    assert {len(rounds) for rounds in together.values()} == {0}  # one secure sum for all: no head's sum arrived
+    assert len(failures) == 1 and "y=0, y=1, y=2, effect: stopped after 0 rounds" in next(iter(failures.values()))
+    assert "exceeds the request's bound" in next(iter(failures.values()))
+    failures.clear()
+    _, _, alone, _ = federate_heads(monkeypatch, False, effect_bound=0.5, failures=failures)
+    assert [len(alone[k]) for k in ("y=0", "y=1", "y=2", "effect")] == [3, 3, 3, 0]

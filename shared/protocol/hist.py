@@ -1,10 +1,11 @@
 """``query.hist_*``: the request keys of federated histogram boosting (``server.hist_phase``).
 
-Every request carries the boosting config (:class:`shared.protocol.boosting.BoostingRound`) plus the keys
-below, except the encoder, which only the session's first request carries (a site keeps it, with the session
-id, in its context state); arrays (bins, thresholds, trees, frontier) travel in the ``arrays`` record
-(``shared.hist_records``): the thresholds with the session's first level request only, a finished round's
-trees with the next round's first level request only. Histograms and counts are fixed-point int64
+Every request carries the boosting config (:class:`shared.protocol.boosting.BoostingRound`) plus the keys below,
+except the encoder, which only the session's first request carries (a site keeps it, with the session id, in its
+context state); arrays (bins, thresholds, trees, frontier) travel in the ``arrays`` record
+(``shared.hist_records``): the thresholds with the session's first level request only, a finished round's trees
+with the next round's first level request only. A level request grows the round of several heads at once
+(:data:`HEADS`): each head's keys and arrays under :func:`head_key`. Histograms and counts are fixed-point int64
 (``shared.hist_boosting``); when every site reported its training rows (no DP site), they travel as packed
 residues of the widths the server announces (``shared.hist_wire``, ``shared.wire_ints``), counts as whole
 numbers.
