@@ -371,8 +371,11 @@ def answer_level(msg: Message, request: SiteRequest) -> RecordDict:
     content = RecordDict()
     values, widths = [], []
     for i, (config, arrays) in enumerate(head_requests(request.config, msg.content[r.ARRAYS])):
-        histograms, bits = head_level(dataclasses.replace(request, config=config), arrays, x, targets, content,
-                                      h.privacy_key(i))
+        try:
+            histograms, bits = head_level(dataclasses.replace(request, config=config), arrays, x, targets, content,
+                                          h.privacy_key(i))
+        except ShareableError as err:  # name the head: one refusal stops every head of the request
+            raise ShareableError(f"head {str(config[h.HEAD])!r}: {err}") from err
         values.append(histograms.reshape(-1))
         widths.append(bits)
     compact = [bits is not None for bits in widths]

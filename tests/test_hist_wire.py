@@ -598,7 +598,7 @@ def test_a_refusal_in_a_batched_level_stops_every_head_of_the_batch_head_after_h
     _, _, together, _ = federate_heads(monkeypatch, True, effect_bound=0.5, failures=failures)
     assert {len(rounds) for rounds in together.values()} == {0}  # one secure sum for all: no head's sum arrived
     assert len(failures) == 1 and "y=0, y=1, y=2, effect: stopped after 0 rounds" in next(iter(failures.values()))
-    assert "exceeds the request's bound" in next(iter(failures.values()))
+    assert "head 'effect': a gradient exceeds the request's bound" in next(iter(failures.values()))
     failures.clear()
     _, _, alone, _ = federate_heads(monkeypatch, False, effect_bound=0.5, failures=failures)
     assert [len(alone[k]) for k in ("y=0", "y=1", "y=2", "effect")] == [3, 3, 3, 0]
