@@ -40,6 +40,14 @@ site) at ε = 3 × 0.2 = 0.6, δ = 1e-5: σ = 33.0 for 25 iterations (15.9 for 5
 (correlation of the DP and exact coefficients −0.10 at 25 iterations, 0.23 at 5; the same best dose for 57 %
 of the transitions, mostly because the ±25 % band leaves few doses). A useful DP adjuster needs more ε, fewer
 iterations or larger sites.
+
+Secure sum. When the run sums through the secure-sum protocol (the request carries a session:
+``server.adjustment_phase``), the same sums — exact, or the very DP release above, charged once as above — leave
+the site as one vector masked after the noise (``shared.protocol.adjustment.scaling_layout`` /
+``ridge_layout``): the server learns only their sum over the sites. The scaling sums go as count and sums
+about the columns' public midpoints (``shared.dose_adjustment.centred_scaling_sums``), which add; ``A``, ``b`` and
+``n`` go with every iteration (a DP site's ``A`` and ``n`` the ones it noised once), so each iteration's sum is
+over one set of sites.
 """
 
 from __future__ import annotations
@@ -51,12 +59,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.clientapp import ClientApp
 
 from client.dp import Block, PhaseRelease, SiteDP
+from client.secure_aggregation import masked_floats
 from client.site import SiteHandlers, SiteRequest
 from shared.dose_adjustment import (
     FEATURE_NORM_CLIP,
     DoseAdjuster,
     Transitions,
     bounded_scaling_sums,
+    centred_scaling_sums,
     scaling_bounds,
     scaling_from_bounded,
     scaling_sums,
@@ -65,7 +75,10 @@ from shared.dose_adjustment import (
 )
 from shared.protocol import ErrorCode, messages
 from shared.protocol import records as r
-from shared.protocol.adjustment import adjuster_from_request, sums_to_records
+from shared.protocol.adjustment import adjuster_from_request, ridge_layout, scaling_layout, sums_to_records
+from shared.protocol.errors import ShareableError
+from shared.protocol.hist import SECURE_SESSION
+from shared.sum_vector import VALUES, SumsLayout
 from shared.task import assign_split
 from shared.validation import SiteData
 
@@ -160,24 +173,42 @@ def private_ridge_sums(adjuster: DoseAdjuster, transitions: Transitions, iterati
 # Registration
 
 
+def masked_sums(sums: dict[str, np.ndarray], layout: SumsLayout, request: SiteRequest) -> RecordDict:
+    """A secure request's answer: ``sums`` laid out as one vector (``shared.protocol.adjustment``), in fixed
+    point and masked (``client.secure_aggregation.masked_floats``); the noise of a DP site is already in them."""
+    try:
+        vector = layout.vector(sums)
+    except ValueError as err:
+        raise ShareableError(str(err)) from None
+    return RecordDict({r.ARRAYS: ArrayRecord({VALUES: masked_floats(vector, request.config, request.context)})})
+
+
 def answer_sums(name: str):
-    """The handler of ``query.fqi_scaling`` or ``query.fqi_ridge``: exact sums, or noised under DP."""
+    """The handler of ``query.fqi_scaling`` or ``query.fqi_ridge``: exact sums, or noised under DP; under the
+    secure sum (the request names a session) as one masked vector (:func:`masked_sums`)."""
 
     def sums(msg: Message, request: SiteRequest) -> RecordDict:
         adjuster, split_seed = adjuster_from_request(msg.content)
         transitions = training_transitions(request.site, split_seed)
+        scaling = name == messages.FQI_SCALING.action
+        facts = None
         if request.dp is None:
-            exact = scaling_sums(transitions) if name == messages.FQI_SCALING.action else adjuster.ridge_sums(
-                transitions)
-            return sums_to_records(exact)
-        release = adjuster_release(request.context, request.dp, adjuster.iterations)
-        if name == messages.FQI_SCALING.action:
-            noisy, facts = private_scaling_sums(transitions, release)
+            released = scaling_sums(transitions) if scaling else adjuster.ridge_sums(transitions)
         else:
-            iteration = int(msg.content[r.CONFIG]["iteration"])
-            noisy, facts = private_ridge_sums(adjuster, transitions, iteration, split_seed, release, request.context)
-        content = sums_to_records(noisy)
-        content[r.PRIVACY] = facts.to_record()
+            release = adjuster_release(request.context, request.dp, adjuster.iterations)
+            if scaling:
+                released, facts = private_scaling_sums(transitions, release)
+            else:
+                iteration = int(msg.content[r.CONFIG]["iteration"])
+                released, facts = private_ridge_sums(adjuster, transitions, iteration, split_seed, release,
+                                                     request.context)
+        if SECURE_SESSION in request.config:
+            content = (masked_sums(centred_scaling_sums(released), scaling_layout(), request) if scaling
+                       else masked_sums(released, ridge_layout(adjuster), request))
+        else:
+            content = sums_to_records(released)
+        if facts is not None:
+            content[r.PRIVACY] = facts.to_record()
         return content
 
     return sums

@@ -18,23 +18,35 @@ Differential privacy: none, on measurement. A site under DP refuses both
 bounds leaves the dose coefficients' noise 3–50 times their size even with the whole ε = 3 on one gradient
 release, so no design gave a policy worth releasing. The federation fits over the sites without DP, or falls
 back to the ensemble policy if none is left (``server.dose_response_phase``).
+
+Secure sum. When the run sums through the secure-sum protocol (the request names a session), both answers leave
+the site as one masked vector (``client.secure_aggregation``): the sums laid out by
+``shared.protocol.dose_response.sums_layout`` in fixed point, the support counts as int64 words; the server
+learns only their sums over the sites.
 """
 
 from __future__ import annotations
 
-from flwr.app import Message, RecordDict
+import numpy as np
+from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.dp import NO_DP_FORM, PrivacyRefused
+from client.secure_aggregation import masked, masked_floats
 from client.site import SiteHandlers, SiteRequest
 from shared.protocol import messages
+from shared.protocol import records as r
 from shared.protocol.dose_response import (
     sums_from_request,
+    sums_layout,
     sums_reply,
     support_from_request,
     support_reply,
 )
+from shared.protocol.errors import ShareableError
+from shared.protocol.hist import SECURE_SESSION
 from shared.structured_policy import site_support_counts
+from shared.sum_vector import VALUES
 from shared.task import assign_split
 
 
@@ -48,13 +60,24 @@ def _training_episodes(request: SiteRequest, split_seed: int):
 def model_sums(msg: Message, request: SiteRequest) -> RecordDict:
     """The sums of the requested model at the requested coefficients over the site's training first cycles."""
     model, coef, split_seed = sums_from_request(msg.content)
-    return sums_reply(model.site_sums(_training_episodes(request, split_seed), coef))
+    sums = model.site_sums(_training_episodes(request, split_seed), coef)
+    if SECURE_SESSION not in request.config:
+        return sums_reply(sums)
+    try:
+        vector = sums_layout(model).vector(sums)
+    except ValueError as err:
+        raise ShareableError(str(err)) from None
+    return RecordDict({r.ARRAYS: ArrayRecord({VALUES: masked_floats(vector, request.config, request.context)})})
 
 
 def support_counts(msg: Message, request: SiteRequest) -> RecordDict:
     """The site's training first cycles counted by formulation (in the requested order), tumour type, dose bin."""
     formulations, split_seed = support_from_request(msg.content)
-    return support_reply(site_support_counts(_training_episodes(request, split_seed), formulations))
+    counts = site_support_counts(_training_episodes(request, split_seed), formulations)
+    if SECURE_SESSION not in request.config:
+        return support_reply(counts)
+    words = np.rint(counts).astype(np.int64).ravel()
+    return RecordDict({r.ARRAYS: ArrayRecord({VALUES: masked(words, request.config, request.context)})})
 
 
 def register_dose_response(client: ClientApp, handlers: SiteHandlers) -> None:

@@ -125,9 +125,9 @@ def simulate(
     boosting: str | None = typer.Option(None, "--boosting", help="Federated XGBoost: bagging | cyclic | hist."),
     xgb_rounds: int | None = typer.Option(None, "--xgb-rounds", min=1, help="Federated boosting rounds per head."),
     secure_sum: str | None = typer.Option(
-        None, "--secure-sum", help="The statistics' and hist boosting's sums: pairwise (default; masks, one key "
-        "exchange, a site lost mid-phase fails the statistics / stops the head) | recovering (dropout recovery, "
-        "~4x the message exchanges) | off."),
+        None, "--secure-sum", help="The statistics', analytics', hist boosting's and the policy's model-fit sums: "
+        "pairwise (default; masks, one key exchange, a site lost mid-phase fails the statistics / the fit / stops "
+        "the head) | recovering (dropout recovery, ~4x the message exchanges) | off."),
     ann_secure_sum: str | None = typer.Option(
         None, "--ann-secure-sum", help="ANN rounds: auto (default; pairwise-masked sums when --secure-sum is not off "
         "and the strategy only needs the mean, else plain with the reason printed) | pairwise (refused with robust "

@@ -10,6 +10,27 @@ Wehenkel, JMLR 6:503-556 (2005).
 A site that fails or refuses the scaling query is left out of the fit and named in the log; a site that
 fails later would make the sums inconsistent, so the fit stops with an error instead.
 
+Secure sum. With the run's ``secure-sum`` pairwise or recovering (and two sites or more), every release goes
+through the one secure-sum protocol (:func:`secure_fitted_q`, ``server.secure_fit.FitSums``): the scaling as one
+masked vector of counts and sums about the columns' public midpoints
+(``shared.dose_adjustment.centred_scaling_sums``), each iteration as one masked vector of ``A`` (upper
+triangle), ``b`` and ``n`` (``shared.protocol.adjustment``); the server sees only their sums over the sites,
+which give the plain fit's Q-function within the fixed-point rounding. Nothing travels in the clear but the
+request (the adjuster's public parameters, scaling and coefficients) and a DP site's release facts. Lost sites:
+
+- pairwise: a site that fails the scaling release is left out (keys exchanged anew without it, as a failure of
+  the scaling query leaves it out without the secure sum); a site lost in an iteration stops the fit, as today;
+- recovering: the sum survives the site, and the fit goes on with consistent sums: ``A``, ``b`` and ``n`` travel
+  in every iteration, so each iteration's ridge regression is over the transitions of one set of sites (those
+  whose masked input arrived). Iterations after the loss regress over the survivors' transitions only, with
+  targets from the Q-function the iterations before fitted (fitted-Q's iterations share nothing else: each
+  is a regression of the current targets, Ernst et al. 2005, Alg. 1); the feature scaling, a fixed affine map
+  fitted once, stays the one of every site that answered it. The Q-function is then that of fitted-Q iteration
+  over all sites up to the loss and over the survivors after it (tested equal to that computation), and the
+  adjuster's ``secure_sum_`` names the lost sites and the iteration. Restarting the iterations over the survivors
+  instead would ask every DP survivor for new releases beyond its planned ``1 + iterations``, which its ledger
+  refuses. A lost DP site's releases until the loss are charged and recorded; it is not asked again.
+
 Sites under differential privacy send noised sums (``client.adjustment_handlers``: clipped rows, Gaussian
 noise, each release charged to the site's privacy ledger) and say so in a ``privacy`` ConfigRecord; the ε
 each has spent is logged and kept in the fitted adjuster's ``privacy_`` (node id → the site's last
@@ -27,14 +48,19 @@ from flwr.app import Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from server.secure_aggregation import SecureProtocolError
+from server.secure_fit import FitSums
 from shared.dose_adjustment import (
     DoseAdjuster,
     fitted_q_iteration,
+    scaling_from_centred,
 )
 from shared.protocol import messages
 from shared.protocol import records as r
-from shared.protocol.adjustment import request_records, sums_from_records
+from shared.protocol.adjustment import request_records, ridge_layout, scaling_layout, sums_from_records
+from shared.protocol.hist import secure_sum_mode
 from shared.protocol.messages import MessageName
+from shared.secure_sum import MIN_SITES
 
 
 class AdjustmentFailed(RuntimeError):
@@ -51,8 +77,8 @@ def adjuster_from_config(config: Mapping[str, Any]) -> DoseAdjuster:
                         max_change=float(config.get("fqi-max-change", defaults.max_change)))
 
 
-def fit_adjuster(grid: Grid, nodes: list[int], config: Mapping[str, Any],
-                 adjuster: DoseAdjuster | None = None) -> DoseAdjuster:
+def fit_adjuster(grid: Grid, nodes: list[int], config: Mapping[str, Any], adjuster: DoseAdjuster | None = None,
+                 secure_sum: str | bool = "off", secure_threshold: int = 0) -> DoseAdjuster:
     """Fit the dose adjuster by federated fitted-Q iteration over the sites ``nodes``; returns it fitted.
 
     Parameters
@@ -66,15 +92,24 @@ def fit_adjuster(grid: Grid, nodes: list[int], config: Mapping[str, Any],
         optionally ``fqi-alpha``, ``fqi-gamma``, ``fqi-iterations``, ``fqi-max-change``.
     adjuster : DoseAdjuster, optional
         An unfitted adjuster whose parameters to use instead of the ``fqi-*`` keys.
+    secure_sum : str, default "off"
+        The run's secure-sum mode (off | pairwise | recovering): with pairwise or recovering and two sites or
+        more, through :func:`secure_fitted_q` (module docstring).
+    secure_threshold : int, default 0
+        Recovering: the Shamir threshold (0: ⌊n/2⌋ + 1).
 
     Raises
     ------
     AdjustmentFailed
-        No site answered the scaling query, a site stopped answering during the iterations, or the
-        iteration diverged (possible when DP noise dominates the sums).
+        No site answered the scaling query, a site stopped answering during the iterations (off, pairwise), the
+        secure sum could not be recovered (recovering: more than n − t sites lost), or the iteration diverged
+        (possible when DP noise dominates the sums).
     """
     adjuster = adjuster if adjuster is not None else adjuster_from_config(config)
     split_seed = int(config.get("split-seed", 0))
+    mode = secure_sum_mode(secure_sum)
+    if mode != "off" and len(nodes) >= MIN_SITES:
+        return secure_fitted_q(grid, nodes, adjuster, split_seed, mode, secure_threshold)
     answering = list(nodes)
     privacy: dict[int, dict[str, float]] = {}
     releases: list[tuple[int, dict]] = []
@@ -108,10 +143,64 @@ def fit_adjuster(grid: Grid, nodes: list[int], config: Mapping[str, Any],
         raise AdjustmentFailed(f"fitted-Q iteration failed: {err}") from err
     fitted.privacy_ = {node: privacy[node] for node in answering if node in privacy}
     fitted.releases_ = releases
-    log(INFO, "dose adjustment: fitted-Q over %d site(s) (%d under DP), %d transitions, last change %.2e",
-        len(answering), len(fitted.privacy_), fitted.n_transitions_,
+    fitted.nodes_ = list(answering)
+    fitted.secure_sum_ = {"mode": "off"}
+    log_fit(fitted)
+    return fitted
+
+
+def secure_fitted_q(grid: Grid, nodes: list[int], adjuster: DoseAdjuster, split_seed: int, mode: str,
+                    threshold: int = 0) -> DoseAdjuster:
+    """Fitted-Q iteration with every release summed through the secure-sum protocol (module docstring)."""
+    sums = FitSums(grid, nodes, mode, threshold)
+    privacy: dict[int, dict] = {}
+    releases: list[tuple[int, dict]] = []
+    members: list[int] = []
+    lost_at: dict[int, int] = {}
+
+    def ask(name: MessageName, current: DoseAdjuster, layout, fresh: bool = False) -> dict[str, np.ndarray]:
+        content = request_records(current, split_seed)
+        total = sums.summed(name, dict(content[r.CONFIG]), content[r.ARRAYS], layout, fresh=fresh)
+        for node, facts in sums.privacy:
+            privacy[node] = facts
+            releases.append((node, facts))
+        iteration = len(getattr(current, "history_", []))
+        for node in set(members) - set(sums.summed_nodes):
+            lost_at[node] = iteration
+            log(INFO, "dose adjustment: node %s lost at iteration %d (%s); the fit goes on over %d site(s)",
+                node, iteration, sums.lost.get(node, "its input is not in the sum"), len(sums.summed_nodes))
+        members[:] = sums.summed_nodes
+        return total
+
+    def ridge(current: DoseAdjuster) -> list[dict]:
+        total = ask(messages.FQI_RIDGE, current, ridge_layout(current))
+        total["n"] = np.round(total["n"], 6)  # a sum of counts (exact sites): free of the fixed-point rounding
+        return [total]
+
+    try:
+        fitted = fitted_q_iteration(
+            adjuster, lambda: [scaling_from_centred(ask(messages.FQI_SCALING, adjuster, scaling_layout(), True))],
+            ridge)
+    except SecureProtocolError as err:
+        hint = (" (pairwise masks: a site lost after the key exchange leaves its masks in the sum; secure-sum = "
+                "recovering survives it)" if mode == "pairwise" else "")
+        raise AdjustmentFailed(f"the secure sum of fitted-Q iteration failed at node {err.node}: {err.reason}"
+                               f"{hint}") from None
+    except (FloatingPointError, np.linalg.LinAlgError) as err:
+        raise AdjustmentFailed(f"fitted-Q iteration failed: {err}") from err
+    fitted.privacy_ = {node: privacy[node] for node in members if node in privacy}
+    fitted.releases_ = releases
+    fitted.nodes_ = list(members)
+    fitted.secure_sum_ = {**sums.record(), "lost-at-iteration": {str(n): k for n, k in lost_at.items()}}
+    log_fit(fitted)
+    return fitted
+
+
+def log_fit(fitted: DoseAdjuster) -> None:
+    """Log the fit: sites, DP sites and their ε, transitions, last change."""
+    log(INFO, "dose adjustment: fitted-Q over %d site(s) (%d under DP, secure sum %s), %d transitions, last change "
+        "%.2e", len(fitted.nodes_), len(fitted.privacy_), fitted.secure_sum_["mode"], fitted.n_transitions_,
         fitted.history_[-1] if fitted.history_ else float("nan"))
     for node, spent in fitted.privacy_.items():
         log(INFO, "dose adjustment: node %s under DP: sigma %.3g, epsilon spent %.3f of %.3g",
             node, float(spent["sigma"]), float(spent["epsilon-spent"]), float(spent["epsilon-budget"]))
-    return fitted

@@ -13,6 +13,22 @@ A site that fails the first request of a model is left out of the fit and named 
 later would make the sums inconsistent, so the fit stops with :class:`DoseResponseFailed`. Sites under DP
 refuse the phase (``client.dose_response_handlers``) and are not asked: per-site noise on these sums was
 measured to swamp them (``benchmarks/structured_dp.py``), so there is no DP form and no planned release count.
+
+Secure sum. With the run's ``secure-sum`` pairwise or recovering (and two sites or more), every request goes
+through the one secure-sum protocol (``server.secure_fit.FitSums``): each Newton evaluation as one masked vector
+of gradient, information (upper triangle), log-likelihood and count (``shared.protocol.dose_response.
+sums_layout``), the support as one masked vector of counts; the server sees only the sums over the sites, the
+plain fit's within the fixed-point rounding. Nothing but the request (the model's public specification and the
+coefficients; the formulation ids) travels in the clear. Lost sites:
+
+- pairwise: a site that fails the first evaluation of a model is left out (keys exchanged anew without it), as
+  without the secure sum; a site lost later stops the fit with :class:`DoseResponseFailed`, as today;
+- recovering: the sum survives the site, and the model's Newton–Raphson starts again from its start over the
+  sites whose input arrived: step halving compares the objective across evaluations, and a sum over other sites
+  is another objective, so an evaluation over fewer sites cannot continue the old path. The model is then exactly
+  the plain fit over the survivors (no site is under DP here, so a second path costs no privacy budget, only its
+  rounds); models fitted before the loss keep their sites, as a site failing a later model's first request
+  leaves them today, and the support is summed over the sites of the last model whose counts arrived.
 """
 
 from __future__ import annotations
@@ -21,15 +37,28 @@ from collections.abc import Mapping
 from logging import INFO
 
 import numpy as np
-from flwr.app import Message, RecordDict
+from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from server.secure_aggregation import SecureProtocolError
+from server.secure_fit import FitSums
 from shared.dose_response import DoseResponseModel, NewtonRaphson, add_sums
 from shared.dosing_policy import FORMULATION_FEATURES
 from shared.protocol import messages
-from shared.protocol.dose_response import sums_of, sums_request, support_of, support_request
-from shared.structured_policy import StructuredDosingPolicy, StructuredObjective, Support
+from shared.protocol import records as r
+from shared.protocol.dose_response import (
+    summed_sums,
+    sums_layout,
+    sums_of,
+    sums_request,
+    support_of,
+    support_request,
+)
+from shared.protocol.hist import secure_sum_mode
+from shared.schema import TUMOUR_TYPES
+from shared.secure_sum import MIN_SITES
+from shared.structured_policy import DOSE_BIN_CENTRES_MG_M2, StructuredDosingPolicy, StructuredObjective, Support
 from shared.toxicity_model import NeutropeniaModel, OtherToxicityModel
 from shared.tumour_response import TumourResponseModel
 
@@ -78,24 +107,78 @@ def fit_model(grid: Grid, nodes: list[int], model: DoseResponseModel, split_seed
     return model, answering
 
 
+def fit_model_secure(sums: FitSums, model: DoseResponseModel, split_seed: int) -> tuple[DoseResponseModel, list[int]]:
+    """Fit ``model`` by Newton–Raphson on secure sums (module docstring: a site lost in recovering mode starts the
+    model again over the survivors); returns it fitted and the nodes in its sums."""
+    layout = sums_layout(model)
+    while True:
+        solver = NewtonRaphson.for_model(model)
+        coef, members = solver.start, None
+        while coef is not None:
+            request = sums_request(model, coef, split_seed)
+            total = sums.summed(messages.DOSE_RESPONSE_SUMS, dict(request[r.CONFIG]), request[r.ARRAYS], layout,
+                                fresh=members is None)
+            if members is not None and sums.summed_nodes != members:
+                break
+            members = sums.summed_nodes
+            try:
+                coef = solver.update(coef, summed_sums(total))
+            except np.linalg.LinAlgError as err:
+                raise DoseResponseFailed(f"{type(model).__name__}: Newton step failed: {err}") from err
+        else:
+            model.adopt(solver)
+            log(INFO, "dose-response: %s over %d site(s), secure sum (%s), %d rows, %d Newton iterations, "
+                "converged %s", type(model).__name__, len(members), sums.mode, model.n_, model.n_iter_,
+                model.converged_)
+            return model, members
+        gone = sorted(set(members) - set(sums.summed_nodes))
+        sums.restarts += 1
+        log(INFO, "dose-response: %s: node(s) %s lost after %d Newton iterations; starting again over %d site(s)",
+            type(model).__name__, gone, solver.iterations, len(sums.summed_nodes))
+
+
 def fit_structured_policy_federated(grid: Grid, nodes: list[int], formulations: Mapping[str, Mapping[str, float]],
-                                    split_seed: int, objective: StructuredObjective | None = None
+                                    split_seed: int, objective: StructuredObjective | None = None,
+                                    secure_sum: str | bool = "off", secure_threshold: int = 0
                                     ) -> tuple[StructuredDosingPolicy, dict]:
     """The structured policy from the sites' sums: three models fitted by federated Newton–Raphson and the
-    support from summed counts; returns the policy and what the run record keeps (sites, iterations)."""
+    support from summed counts; returns the policy and what the run record keeps (sites, iterations, and the
+    secure sum's mode, bytes and lost sites). With ``secure_sum`` pairwise or recovering and two sites or more,
+    every sum goes through the secure-sum protocol (module docstring)."""
     catalogue = {str(k): {name: float(v[name]) for name in FORMULATION_FEATURES} for k, v in formulations.items()}
     if not nodes:
         raise DoseResponseFailed("no site without DP to fit the structured models over (DP sites refuse it)")
     fitted, info = {}, {"iterations": {}, "rows": {}}
+    mode = secure_sum_mode(secure_sum)
     answering = list(nodes)
-    for key, cls in (("response", TumourResponseModel), ("neutropenia", NeutropeniaModel),
-                     ("other_toxicity", OtherToxicityModel)):
-        fitted[key], answering = fit_model(grid, answering, cls(catalogue), split_seed)
-        info["iterations"][key], info["rows"][key] = fitted[key].n_iter_, fitted[key].n_
     ids = tuple(sorted(catalogue))
-    replies, answering = _ask(grid, answering, support_request(ids, split_seed), messages.DOSE_RESPONSE_SUPPORT.type,
-                              strict=True)
-    support = Support(ids, sum(support_of(content) for content in replies))
+    models = (("response", TumourResponseModel), ("neutropenia", NeutropeniaModel),
+              ("other_toxicity", OtherToxicityModel))
+    if mode != "off" and len(nodes) >= MIN_SITES:
+        sums = FitSums(grid, answering, mode, secure_threshold)
+        try:
+            for key, cls in models:
+                fitted[key], answering = fit_model_secure(sums, cls(catalogue), split_seed)
+                info["iterations"][key], info["rows"][key] = fitted[key].n_iter_, fitted[key].n_
+            request = dict(support_request(ids, split_seed)[r.CONFIG])
+            counts = sums.summed_counts(messages.DOSE_RESPONSE_SUPPORT, request, ArrayRecord())
+        except SecureProtocolError as err:
+            hint = (" (pairwise masks: a site lost after the key exchange leaves its masks in the sum; secure-sum = "
+                    "recovering survives it)" if mode == "pairwise" else "")
+            raise DoseResponseFailed(f"the secure sum of the dose-response fit failed at node {err.node}: "
+                                     f"{err.reason}{hint}") from None
+        answering = sums.summed_nodes
+        support = Support(ids, counts.astype(float).reshape(len(ids), len(TUMOUR_TYPES),
+                                                            len(DOSE_BIN_CENTRES_MG_M2)))
+        info["secure_sum"] = sums.record()
+    else:
+        for key, cls in models:
+            fitted[key], answering = fit_model(grid, answering, cls(catalogue), split_seed)
+            info["iterations"][key], info["rows"][key] = fitted[key].n_iter_, fitted[key].n_
+        replies, answering = _ask(grid, answering, support_request(ids, split_seed),
+                                  messages.DOSE_RESPONSE_SUPPORT.type, strict=True)
+        support = Support(ids, sum(support_of(content) for content in replies))
+        info["secure_sum"] = {"mode": "off"}
     policy = StructuredDosingPolicy(response=fitted["response"], neutropenia=fitted["neutropenia"],
                                     other_toxicity=fitted["other_toxicity"], support=support, formulations=catalogue,
                                     objective=objective or StructuredObjective())

@@ -135,11 +135,12 @@ def write_structured_candidate(grid: Grid, sites: SiteCheck, formulations: dict,
     whole policy: models, covariances, support) into ``folder``; returns the files and the record's entry."""
     nodes = sites.granting("dose_response")
     policy, info = fit_structured_policy_federated(grid, nodes, formulations, settings.split_seed,
-                                                   StructuredObjective.for_reference(settings.policy_reference))
+                                                   StructuredObjective.for_reference(settings.policy_reference),
+                                                   secure_sum=settings.secure_sum)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / POLICY_FILE).write_text(json.dumps(policy.document(), indent=1, allow_nan=False) + "\n")
     entry = {"fitted": True, "sites": [sites.usable[n] for n in info["nodes"]], "iterations": info["iterations"],
-             "rows": info["rows"], "refused": sites.refusing("dose_response")}
+             "rows": info["rows"], "refused": sites.refusing("dose_response"), "secure_sum": info["secure_sum"]}
     return {POLICY_FILE: folder / POLICY_FILE}, entry
 
 
@@ -211,14 +212,16 @@ def fit_adjuster_if_asked(grid: Grid, sites: SiteCheck, record: RunRecord, setti
     nodes = sites.granting("adjuster")
     try:
         adjuster = fit_adjuster(grid, nodes, {"split-seed": settings.split_seed,
-                                              "fqi-iterations": settings.fqi_iterations})
+                                              "fqi-iterations": settings.fqi_iterations},
+                                secure_sum=settings.secure_sum)
     except AdjustmentFailed as err:
         log(INFO, "dose adjuster not fitted: %s", err)
         return None, {"fitted": False, "reason": str(err), "refused": sites.refusing("adjuster")}
     for node, facts in getattr(adjuster, "releases_", []):
         add_privacy(record, sites.usable, node, facts)
     return adjuster, {"fitted": True, "iterations": settings.fqi_iterations,
-                      "sites": [sites.usable[n] for n in nodes], "refused": sites.refusing("adjuster")}
+                      "sites": [sites.usable.get(n, f"node {n}") for n in adjuster.nodes_],
+                      "refused": sites.refusing("adjuster"), "secure_sum": adjuster.secure_sum_}
 
 
 def run_policy_phase(grid: Grid, sites: SiteCheck, artifacts: RunArtifacts, record: RunRecord,

@@ -128,8 +128,9 @@ class RunSettings:
         ``--boosting hist``: grow a round's trees of every head in the same level requests (one exchange per
         level, ``server.hist_phase``); false grows the heads one after the other (one exchange per head and level).
     secure_sum : str, default "pairwise"
-        How the federated statistics (``server.statistics_phase``) and hist boosting sum the sites' statistics,
-        counts and histograms (``shared.protocol.hist.SECURE_SUM_MODES``, ``server.secure_aggregation``):
+        How the federated statistics (``server.statistics_phase``), hist boosting and the policy phase's model fits
+        (``server.adjustment_phase``, ``server.dose_response_phase``) sum the sites' statistics, counts, histograms
+        and fit sums (``shared.protocol.hist.SECURE_SUM_MODES``, ``server.secure_aggregation``):
         ``pairwise`` masks (one key exchange per phase, one exchange per release; a site lost mid-phase stops
         the head), ``recovering`` (Bonawitz et al.'s dropout-recovering secure aggregation: four exchanges per
         release, lost sites recovered and the tree regrown on the survivors) or ``off`` (plain sums).

@@ -341,6 +341,32 @@ def scaling_from_bounded(sums: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             "m2": np.where(seen, m2, 0.0)}
 
 
+def centred_scaling_sums(sums: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """:func:`scaling_sums`' count, sum and M2 (a site's, exact or noised) as quantities that add across sites, for
+    the secure sum (``server.adjustment_phase``): the count, ``Σ(x − c)`` and ``Σ(x − c)²`` about each column's
+    public midpoint ``c`` (``PUBLIC_RANGES``: public, so nothing of the site's), with
+    ``Σ(x − c)² = M2 + n (x̄ − c)²``. Centring on ``c`` rather than 0 keeps the cancellation of
+    :func:`scaling_from_centred` to ``(x̄ − c)² / variance`` instead of ``x̄² / variance``."""
+    middle = (PUBLIC_RANGES[:, 1] + PUBLIC_RANGES[:, 0]) / 2
+    count = np.asarray(sums["count"], dtype=np.float64)
+    seen = count > 0
+    shifted_mean = np.divide(sums["sum"], count, out=np.zeros_like(count), where=seen) - middle
+    return {"count": count, "shifted_sum": np.where(seen, count * shifted_mean, 0.0),
+            "shifted_square": np.where(seen, np.asarray(sums["m2"], dtype=np.float64) + count * shifted_mean**2, 0.0)}
+
+
+def scaling_from_centred(sums: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The sites' summed :func:`centred_scaling_sums` as :func:`scaling_sums`' count, sum and M2 of their union (what
+    :func:`combine_scaling` gives, to the secure sum's fixed-point rounding): ``M2 = Σ(x − c)² − (Σ(x − c))² / n``.
+    The count is rounded (a sum of integer counts, off by the fixed-point rounding only) and M2 kept ≥ 0."""
+    middle = (PUBLIC_RANGES[:, 1] + PUBLIC_RANGES[:, 0]) / 2
+    count = np.rint(np.asarray(sums["count"], dtype=np.float64))
+    seen = count > 0
+    shifted_mean = np.divide(sums["shifted_sum"], count, out=np.zeros_like(count), where=seen)
+    m2 = np.maximum(sums["shifted_square"] - count * shifted_mean**2, 0.0)
+    return {"count": count, "sum": np.where(seen, count * (shifted_mean + middle), 0.0), "m2": np.where(seen, m2, 0.0)}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The model
 

@@ -97,15 +97,6 @@ def test_the_honest_client_code_has_no_attack_in_it():
         assert "attack" not in path.read_text().lower(), path  # the attacks live in simulation/attacks.py
 
 
-@pytest.fixture()
-def task_identity(monkeypatch):
-    """What Flower's runtime sets in a ClientApp process (Message() needs it)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
-
-
 def test_the_mod_rewrites_the_attackers_replies_only(task_identity):
     from flwr.app import Context, Message, MetricRecord, RecordDict
 

@@ -22,14 +22,7 @@ from strategies.adaptive_clipping import CLIP_LR, AdaptiveClipping
 from strategies.central_dp import COUNT_SHARE, CentralDP, CentralDPParameters, combined_noise_multiplier
 from strategies.choice import make_strategy
 
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    """What Flower's runtime sets in a ServerApp process (Message() needs it)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _reply(w: np.ndarray, n: int = 10, node: int = 0) -> Message:

@@ -224,10 +224,10 @@ def test_a_site_uses_its_training_split_and_reads_the_servers_adjuster(tmp_path)
     np.testing.assert_array_equal(back.scale_, sent.scale_)
 
 
-def _flower_fit(tmp_path, dp: bool) -> tuple[list, dict]:
+def _flower_fit(tmp_path, dp: bool, secure_sum: str = "off") -> tuple[list, dict]:
     """Three simulated sites (40 patients each; DP ones opt in with ``[privacy.shares] adjuster = 0.2``) in Flower's
-    simulation runtime; the ServerApp fits the adjuster (γ 0.9, 3 iterations, split seed 3). Returns the site
-    folders and ``{"adjuster": ..., "privacy": [...]}``."""
+    simulation runtime; the ServerApp fits the adjuster (γ 0.9, 3 iterations, split seed 3) with its sums summed
+    as ``secure_sum`` says. Returns the site folders and ``{"adjuster": ..., "privacy": [...], "secure_sum": ...}``."""
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
@@ -246,8 +246,10 @@ def _flower_fit(tmp_path, dp: bool) -> tuple[list, dict]:
     @server.main()
     def main(grid: Grid, context) -> None:
         nodes = sorted(wait_for_nodes(grid, 3))
-        fitted = fit_adjuster(grid, nodes, {"split-seed": 3, "fqi-gamma": 0.9, "fqi-iterations": 3})
-        out.write_text(json.dumps({"adjuster": fitted.to_dict(), "privacy": list(fitted.privacy_.values())}))
+        fitted = fit_adjuster(grid, nodes, {"split-seed": 3, "fqi-gamma": 0.9, "fqi-iterations": 3},
+                              secure_sum=secure_sum)
+        out.write_text(json.dumps({"adjuster": fitted.to_dict(), "privacy": list(fitted.privacy_.values()),
+                                   "secure_sum": fitted.secure_sum_}))
 
     run_simulation(server_app=server, client_app=make_client_app([SiteSource(f) for f in folders]),
                    num_supernodes=3, backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -256,13 +258,16 @@ def _flower_fit(tmp_path, dp: bool) -> tuple[list, dict]:
 
 
 @pytest.mark.slow
-def test_flower_federated_fitted_q_equals_pooled_fitted_q(tmp_path, shared_ray):
+@pytest.mark.parametrize("secure_sum", ["off", "pairwise"])
+def test_flower_federated_fitted_q_equals_pooled_fitted_q(tmp_path, shared_ray, secure_sum):
     """Three simulated sites in Flower's simulation runtime: the ServerApp's fitted-Q from summed site
-    statistics has the pooled fit's coefficients (the same training rows in one place) to 1e-9."""
+    statistics (in the clear, or pairwise-masked) has the pooled fit's coefficients (the same training rows in one
+    place) to 1e-9."""
     from client.adjustment_handlers import training_transitions
     from shared.validation import load_site
 
-    folders, result = _flower_fit(tmp_path, dp=False)
+    folders, result = _flower_fit(tmp_path, dp=False, secure_sum=secure_sum)
+    assert result["secure_sum"]["mode"] == secure_sum
     federated = DoseAdjuster.from_dict(result["adjuster"])
     pooled = DoseAdjuster(gamma=0.9, iterations=3).fit(
         Transitions.concat([training_transitions(load_site(f), split_seed=3) for f in folders]))
@@ -383,14 +388,16 @@ def test_a_dp_site_refuses_the_adjuster_without_a_share_or_budget_and_records_no
 
 
 @pytest.mark.slow
-def test_flower_federated_fitted_q_runs_with_dp_sites_and_charges_their_ledgers(tmp_path, shared_ray):
+@pytest.mark.parametrize("secure_sum", ["off", "recovering"])
+def test_flower_federated_fitted_q_runs_with_dp_sites_and_charges_their_ledgers(tmp_path, shared_ray, secure_sum):
     """Three simulated DP sites (site.toml dp = true, ε = 3, the simulator's default) in Flower's simulation
     runtime: the fit completes, every site reports its ε, and every ledger holds 1 + iterations releases
-    within the adjuster's share (0.2 × 3)."""
+    within the adjuster's share (0.2 × 3) — the same with the releases masked after the noise (recovering)."""
     from client.ledger import SITE_LEDGER_FILE as LEDGER_FILE
     from client.ledger import PrivacyLedger
 
-    folders, result = _flower_fit(tmp_path, dp=True)
+    folders, result = _flower_fit(tmp_path, dp=True, secure_sum=secure_sum)
+    assert result["secure_sum"]["mode"] == secure_sum
     fitted = DoseAdjuster.from_dict(result["adjuster"])
     assert np.all(np.isfinite(fitted.coef_)) and len(result["privacy"]) == 3
     for folder in folders:

@@ -107,3 +107,6 @@ def test_what_has_no_dp_form_never_reached_a_dp_site_and_the_record_says_why(fed
         assert "no DP form" in record.privacy[site].refused["importance"]
     assert record.models["ann"].importance["refused"].keys() == set(record.sites)
     assert record.policy is not None and record.policy["adjustment"]["fitted"]
+    # the adjuster's noised sums went masked (the run's secure sum, pairwise by default), each release charged once
+    assert record.policy["adjustment"]["secure_sum"]["mode"] == "pairwise"
+    assert record.policy["adjustment"]["secure_sum"]["releases"] == 1 + 2

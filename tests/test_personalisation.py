@@ -192,15 +192,6 @@ def clinic(tmp_path_factory):
     return root, world.clinics[0].name
 
 
-@pytest.fixture()
-def task_identity(monkeypatch):
-    """What Flower's runtime sets in a ClientApp process (Message() needs it)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
-
-
 def _request(root, name, plan: p.Personalisation, dp: bool):
     source = SiteSource(root / "sites" / name, state_dir=root / "heads")
     site = load(source)

@@ -32,15 +32,6 @@ from strategies.per_site import PerSiteRecord
 PLAN = RunPlan(("statistics", "training", "evaluation", "boosting"))
 
 
-@pytest.fixture
-def task_identity(monkeypatch):
-    """Flower's Message needs a task identity outside a running app."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
-
-
 class TwoNodes:
     """The part of a Grid that Flower's node sampling reads."""
 

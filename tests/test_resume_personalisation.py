@@ -4,7 +4,6 @@ comes back from the site's disk, so the redone fits and releases are the same nu
 
 from __future__ import annotations
 
-import pytest
 from flwr.app import Context, Message, RecordDict
 
 from client import run_state
@@ -23,15 +22,6 @@ from shared.protocol.training import EVAL_BINS, AnnTraining
 from simulation.clinics import SitePrivacy, generate_sites
 
 PLAN = RunPlan(("statistics", "training", "evaluation", PHASE))
-
-
-@pytest.fixture()
-def task_identity(monkeypatch):
-    """What Flower's runtime sets in a ClientApp process (Message() needs it)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
 
 
 def _message_and_request(folder, heads, context: Context):

@@ -89,15 +89,6 @@ def test_clip_update_scales_a_long_update_to_the_bound_and_keeps_a_short_one():
     assert clip_update(global_, float32, 2.6)["w"].dtype == np.float32
 
 
-@pytest.fixture()
-def task_identity(monkeypatch):
-    """What Flower's runtime sets in a ServerApp process (Message() needs it)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
-
-
 def _reply(arrays: dict[str, np.ndarray], n: int, node: int = 0) -> Message:
     content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
                           "metrics": MetricRecord({"num-examples": n})})

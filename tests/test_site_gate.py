@@ -71,15 +71,6 @@ def test_a_malformed_verdict_is_a_value_error(config):
         verdict_of(RecordDict({r.BUNDLE: ConfigRecord({}), r.VERDICT: ConfigRecord(config)}))
 
 
-@pytest.fixture()
-def task_identity(monkeypatch):
-    """What Flower's runtime sets in a ServerApp or ClientApp process (Message() needs it)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
-
-
 class _Grid:
     """Records what the coordinator sends; every site installs."""
 

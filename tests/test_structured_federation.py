@@ -43,6 +43,8 @@ def test_the_federated_structured_fit_equals_the_fit_on_the_pooled_training_rows
     policy = results["policy"]
     assert policy["policy_model"] == "structured" and policy["structured"]["fitted"]
     assert sorted(policy["structured"]["sites"]) == sorted(results["sites"])
+    # summed through the run's secure sum (the default, pairwise): no site's Newton sums reached the coordinator
+    assert policy["structured"]["secure_sum"]["mode"] == "pairwise" and policy["structured"]["secure_sum"]["lost"] == {}
     federated = load_policy(Path(policy["bundle"]), Path(policy["trust_key"]))
     assert isinstance(federated, StructuredDosingPolicy)
     sites = [load_site(out / "sites" / name) for name in sorted(results["sites"])]

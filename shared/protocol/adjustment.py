@@ -3,6 +3,11 @@
 The server sends the adjuster's parameters, the split seed and how many iterations are done (a DP site
 counts its releases by it) and, once set, the feature scaling and current coefficients; a site answers
 sums over its logged transitions (``shared.dose_adjustment``), noised when it is under DP.
+
+Under the run's secure sum (a request carrying ``shared.protocol.hist.SECURE_SESSION``: ``server.adjustment_phase``)
+a site answers instead one float vector of sums, masked (``client.secure_aggregation.masked_floats``), in the
+layout :func:`scaling_layout` (count, ``Σ(x − c)``, ``Σ(x − c)²`` per column: ``shared.dose_adjustment.
+centred_scaling_sums``) or :func:`ridge_layout` (``A`` as its upper triangle, ``b``, ``n``).
 """
 
 from __future__ import annotations
@@ -10,8 +15,9 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from shared.dose_adjustment import DoseAdjuster
+from shared.dose_adjustment import PUBLIC_RANGES, DoseAdjuster
 from shared.protocol import records as r
+from shared.sum_vector import SumsLayout
 
 
 def request_records(adjuster: DoseAdjuster, split_seed: int) -> RecordDict:
@@ -47,3 +53,15 @@ def sums_to_records(sums: dict[str, np.ndarray]) -> RecordDict:
 
 def sums_from_records(content: RecordDict) -> dict[str, np.ndarray]:
     return r.from_array_record(content[r.SUMS])
+
+
+def scaling_layout() -> SumsLayout:
+    """The secure scaling release: per column (``PUBLIC_RANGES`` order) count, ``Σ(x − c)`` and ``Σ(x − c)²``."""
+    width = (len(PUBLIC_RANGES),)
+    return SumsLayout.of({"count": width, "shifted_sum": width, "shifted_square": width})
+
+
+def ridge_layout(adjuster: DoseAdjuster) -> SumsLayout:
+    """The secure ridge release of one iteration: ``A = Σ φφᵀ`` (upper triangle), ``b = Σ φ y`` and ``n``."""
+    p = adjuster.n_features_
+    return SumsLayout.of({"gram": (p, p), "moment": (p,), "n": (1,)}, symmetric=("gram",))

@@ -6,6 +6,11 @@ evaluate it and the split seed; a site answers the sums of :meth:`shared.dose_re
 site_sums` over its training-split first cycles: ``gradient``, ``hessian``, ``loglik`` and ``n``, as arrays.
 For the support the server sends the formulation ids; a site answers its counts by formulation × tumour
 type × dose bin (:func:`shared.structured_policy.site_support_counts`). Nothing else crosses the wire: no row.
+
+Under the run's secure sum (a request carrying ``shared.protocol.hist.SECURE_SESSION``: ``server.dose_response_phase``)
+a site answers instead one masked vector (``client.secure_aggregation``): the sums in the layout
+:func:`sums_layout` (gradient, the information matrix's upper triangle, log-likelihood, count) in fixed point, or
+the support counts as int64 words.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from shared.dose_response import DoseResponseModel
 from shared.protocol import records as r
 from shared.protocol.errors import ShareableError
+from shared.sum_vector import SumsLayout
 from shared.toxicity_model import NeutropeniaModel, OtherToxicityModel
 from shared.tumour_response import TumourResponseModel
 
@@ -101,3 +107,17 @@ def support_reply(counts: np.ndarray) -> RecordDict:
 
 def support_of(content: RecordDict) -> np.ndarray:
     return r.from_array_record(content[r.SUMS])[COUNTS]
+
+
+def sums_layout(model: DoseResponseModel) -> SumsLayout:
+    """The secure release of :data:`SUM_KEYS` for ``model``: gradient (p), information (p × p, upper triangle),
+    log-likelihood and count."""
+    p = len(model.parameter_names())
+    return SumsLayout.of({"gradient": (p,), "hessian": (p, p), "loglik": (1,), "n": (1,)}, symmetric=("hessian",))
+
+
+def summed_sums(total: Mapping[str, np.ndarray]) -> dict[str, np.ndarray | float]:
+    """The sites' summed :func:`sums_layout` arrays as :func:`sums_of` gives one site's (the count, a sum of
+    integers, rounded: the fixed-point rounding is far below 0.5)."""
+    return {"gradient": total["gradient"], "hessian": total["hessian"], "loglik": float(total["loglik"][0]),
+            "n": float(np.rint(total["n"][0]))}

@@ -1,0 +1,124 @@
+"""A model fit's summed releases through the one secure-sum protocol (``server.secure_aggregation``).
+
+The dose adjuster's fitted-Q iteration (``server.adjustment_phase``) and the structured dose–response Newton steps
+(``server.dose_response_phase``) ask the same sites for sums again and again, each time at new coefficients. A
+:class:`FitSums` asks every such request through one :class:`~server.secure_aggregation.SecureSession` in the
+run's mode, each release one float vector laid out by a :class:`shared.sum_vector.SumsLayout` and sent in
+fixed point, masked (``client.secure_aggregation.masked_floats``), so the server learns only the sum over sites.
+
+Sites lost, by mode:
+
+- ``pairwise``: one key exchange, then every site of the key table must answer every release (a lost site's masks
+  would stay in the sum): a failure is :class:`~server.secure_aggregation.SecureProtocolError`. Only at a
+  release the caller marks ``fresh`` (before anything was summed that later sums must match: the first request
+  of a fit) is a failing site left out: the keys are exchanged anew without it and the release asked again.
+- ``recovering``: the session survives up to n − t sites lost in any round; :attr:`FitSums.summed_nodes` says
+  whose input is in the last sum, and the caller decides what a changed set means for its fit.
+
+:attr:`FitSums.privacy` gives the DP facts of the sites in the last sum (a DP site adds noise before masking and
+says so in its reply's ``privacy`` record, as in the statistics and analytics phases).
+"""
+
+from __future__ import annotations
+
+from logging import INFO
+
+import numpy as np
+from flwr.app import ArrayRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from server.secure_aggregation import SecureProtocolError, SecureSession
+from shared.protocol import records as r
+from shared.protocol.messages import MessageName
+from shared.secure_sum import MIN_SITES
+from shared.sum_vector import VALUES, SumsLayout
+
+
+class FitSums:
+    """One fit's secure sums over ``nodes`` in ``mode`` (pairwise | recovering; module docstring).
+
+    Parameters
+    ----------
+    grid : Grid
+    nodes : list of int
+    mode : str                  pairwise | recovering
+    threshold : int, default 0  recovering: the Shamir threshold (0: ⌊n/2⌋ + 1)
+    """
+
+    def __init__(self, grid: Grid, nodes: list[int], mode: str, threshold: int = 0) -> None:
+        if mode not in ("pairwise", "recovering"):
+            raise ValueError(f"a fit's secure sums are pairwise or recovering; got {mode!r}")
+        self.grid, self.mode, self.threshold = grid, mode, int(threshold)
+        self.left_out: dict[int, str] = {}  # pairwise: sites left out at a fresh release (keys exchanged anew)
+        self.releases = 0
+        self.restarts = 0  # fits started again over the survivors of a lost site (the caller counts them)
+        self.retired_bytes = (0, 0)
+        self.session = self.start(list(nodes))
+
+    def start(self, nodes: list[int]) -> SecureSession:
+        session = SecureSession(self.grid, nodes, self.mode, threshold=self.threshold)
+        if self.mode == "pairwise":
+            session.exchange_keys()  # a site that fails it is left out (session.lost)
+        return session
+
+    @property
+    def nodes(self) -> list[int]:
+        """The sites the next release asks."""
+        return list(self.session.nodes)
+
+    @property
+    def summed_nodes(self) -> list[int]:
+        """The sites whose input is in the last sum."""
+        return sorted(self.session.summed_nodes)
+
+    @property
+    def lost(self) -> dict[int, str]:
+        """Every site lost or left out so far, and why."""
+        return {**self.left_out, **self.session.lost}
+
+    @property
+    def bytes(self) -> dict[str, int]:
+        """Payload bytes sent to the sites (down) and back (up), every round of the protocol included."""
+        return {"down": self.retired_bytes[0] + self.session.bytes_down,
+                "up": self.retired_bytes[1] + self.session.bytes_up}
+
+    @property
+    def privacy(self) -> list[tuple[int, dict]]:
+        """(node, DP facts) of the sites in the last sum that released under DP."""
+        return [(n, dict(self.session.replies[n][r.PRIVACY])) for n in self.summed_nodes
+                if n in self.session.replies and r.PRIVACY in self.session.replies[n]]
+
+    def summed(self, message: MessageName, config: dict, arrays: ArrayRecord, layout: SumsLayout,
+               fresh: bool = False) -> dict[str, np.ndarray]:
+        """The sum over the sites of one release of float sums, cut into ``layout``'s arrays. ``fresh``: a pairwise
+        failure leaves the failing site out and asks again under new keys (module docstring)."""
+        while True:
+            try:
+                total = self.session.summed_floats(message, config, arrays, VALUES)
+                break
+            except SecureProtocolError as err:
+                if self.mode != "pairwise" or not fresh or err.node not in self.session.nodes:
+                    raise
+                self.left_out[err.node] = err.reason
+                rest = [n for n in self.session.nodes if n != err.node]
+                if len(rest) < MIN_SITES:
+                    raise SecureProtocolError(err.node, f"{err.reason} (fewer than {MIN_SITES} sites left to hide "
+                                                        "a sum among)") from None
+                log(INFO, "secure fit: %s: node %s left out (%s); keys exchanged anew over %d sites",
+                    message.action, err.node, err.reason, len(rest))
+                self.retired_bytes = (self.bytes["down"], self.bytes["up"])
+                self.left_out.update(self.session.lost)
+                self.session = self.start(rest)
+        self.releases += 1
+        return layout.sums(total)
+
+    def summed_counts(self, message: MessageName, config: dict, arrays: ArrayRecord) -> np.ndarray:
+        """The int64 sum over the sites of one release of integer counts (no fixed point)."""
+        self.releases += 1
+        return self.session.summed(message, config, arrays, VALUES)
+
+    def record(self) -> dict:
+        """What the run record keeps of the fit's secure sums."""
+        return {"mode": self.mode, "releases": self.releases, "restarts": self.restarts, "bytes": self.bytes,
+                "lost": {str(n): why for n, why in self.lost.items()}}
