@@ -134,12 +134,14 @@ def policy_config(kit: Path, policy: bool) -> dict:
 
 
 def run_deployed(work: Path, kit: Path, sites: Path, names: list[str], rounds: int, one_message: bool = True,
-                 policy: bool = True) -> dict:
-    """One deployed run; its wall time, per-round and per-phase timings and Flower's own accounting."""
+                 policy: bool = True, workers: bool = False) -> dict:
+    """One deployed run (every site with a warm worker if ``workers``, ``client.site_worker``); its wall time,
+    per-round and per-phase timings and Flower's own accounting."""
     services = []
     home = work / "coordinator_home"
     try:
-        _, nodes = dep.start_federation(kit, sites, names, FEDERATION, home, work, services)
+        _, nodes = dep.start_federation(kit, sites, names, FEDERATION, home, work, services,
+                                        workers=names if workers else ())
         watcher = LogWatcher({n.name: n.log for n in nodes.values()})
         watcher.start()
         start = time.monotonic()
@@ -222,6 +224,8 @@ def main() -> None:
     parser.add_argument("--no-policy", action="store_true", help="the outcome models only: no signed policy")
     parser.add_argument("--two-message-too", action="store_true",
                         help="deploy a second time with Flower's train-then-evaluate rounds (one-message-rounds off)")
+    parser.add_argument("--workers-too", action="store_true",
+                        help="deploy a second time with a warm worker per site (fednano site-worker)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "deployment.json",
                         help="results JSON (BENCHMARKS.md one-message rounds: deployment_one_message.json)")
     args = parser.parse_args()
@@ -232,7 +236,8 @@ def main() -> None:
                                    privacy=SitePrivacy(dp=not args.no_dp))
         names = [c.name for c in generated.clinics]
         provision(FEDERATION, names, work / "kit")
-        modes = ["deployed", "simulated"] + (["deployed_two_message"] if args.two_message_too else [])
+        modes = (["deployed", "simulated"] + (["deployed_two_message"] if args.two_message_too else [])
+                 + (["deployed_workers"] if args.workers_too else []))
         for mode in modes:
             shutil.copytree(work / "generated", work / mode / "sites")
         policy = not args.no_policy
@@ -240,6 +245,8 @@ def main() -> None:
                                 policy=policy)
         two = (run_deployed(work / "deployed_two_message", work / "kit", work / "deployed_two_message" / "sites",
                             names, args.rounds, one_message=False, policy=policy) if args.two_message_too else None)
+        warm = (run_deployed(work / "deployed_workers", work / "kit", work / "deployed_workers" / "sites", names,
+                             args.rounds, policy=policy, workers=True) if args.workers_too else None)
         quiet_flower()
         simulated = run_simulated(work / "simulated", work / "kit", work / "simulated" / "sites", names,
                                   args.rounds, policy=policy)
@@ -249,11 +256,18 @@ def main() -> None:
         print(f"\ndeployed with train-then-evaluate rounds: wall {two['wall_s']:.1f} s, rounds "
               f"{', '.join(f'{r:.1f}' for r in two['rounds_s'])} s (mean of rounds 2+: "
               f"{statistics.mean(two['rounds_s'][1:]):.1f} s)")
+    if warm is not None:
+        print(f"\ndeployed with a warm worker per site: wall {warm['wall_s']:.1f} s ({deployed['wall_s']:.1f} s "
+              f"without, × {warm['wall_s'] / deployed['wall_s']:.2f}), rounds "
+              f"{', '.join(f'{r:.1f}' for r in warm['rounds_s'])} s (mean of rounds 2+: "
+              f"{statistics.mean(warm['rounds_s'][1:]):.1f} s against "
+              f"{statistics.mean(deployed['rounds_s'][1:]):.1f} s without)")
     command = (f"python benchmarks/deployment.py --sites {args.sites} --rounds {args.rounds} --patients {args.patients}"
                + (" --no-dp" if args.no_dp else "") + (" --no-policy" if args.no_policy else "")
-               + (" --two-message-too" if args.two_message_too else ""))
+               + (" --two-message-too" if args.two_message_too else "")
+               + (" --workers-too" if args.workers_too else ""))
     write_record(args.out, command,
-                 {"deployed": deployed, "simulated": simulated, "deployed_two_message": two,
+                 {"deployed": deployed, "simulated": simulated, "deployed_two_message": two, "deployed_workers": warm,
                   "fresh_process_import_s": imports},
                  sites=args.sites, rounds=args.rounds, patients_per_site=args.patients, dp=not args.no_dp,
                  policy=not args.no_policy)

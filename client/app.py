@@ -7,6 +7,7 @@ Which site this node is, and the one shape of every answer (load, validate, repl
 | messages | module |
 |---|---|
 | ``query.site_check``, ``query.statistics``, ``train``, ``evaluate`` | :mod:`client.training_handlers` |
+| ``query.ann_*`` (the masked ANN rounds' key, share and unmask rounds) | :mod:`client.training_handlers` |
 | ``query.personalise`` (personalised ANNs, metrics only) | :mod:`client.personalisation_handlers` |
 | ``train.xgboost``, ``evaluate.xgboost``, ``query.xgb_evaluate``, ``query.importance`` | ``client.boosting_handlers`` |
 | ``query.hist_*`` (histogram boosting) | :mod:`client.hist_handlers` |

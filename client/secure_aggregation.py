@@ -1,6 +1,7 @@
 """A site's side of the one secure-sum protocol (``server.secure_aggregation``): masking and the key rounds.
 
-Every summed release of histogram boosting, the federated statistics and the analytics leaves the site through
+Every summed release of histogram boosting, the federated statistics, the analytics and the masked ANN rounds
+(``client.training_handlers.masked_weights``) leaves the site through
 :func:`masked`: as it is with ``secure-sum = "off"``; with pairwise masks (``shared.secure_sum``, Bonawitz et al.,
 CCS 2017, §4) under the session's key and the release's label, never one label twice; with the recovering
 protocol (``shared.secagg_plus``) as round 2 of the release's aggregation, whose rounds 0, 1 and 3 are the

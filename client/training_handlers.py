@@ -8,11 +8,14 @@
 - ``train``: load the global weights, train locally (DP-SGD under DP, its σ set at the first round for the
   run's ``training`` ε), reply the weights and :class:`shared.protocol.training.TrainReply`; in a one-message
   round a site without DP first evaluates the received model and adds its summaries (``EVALUATE_RECEIVED``).
-- ``query.ann_keys`` (pairwise-masked rounds, ``strategies.pairwise_masked_mean``): a fresh X25519 key pair for
-  the session (``shared.secure_sum``); the private key stays in the node's context state, the public key goes to
-  the server. A ``train`` message of that session is then answered with the fixed-point words of n·w and n
-  (``shared.ann_fixed_point``) masked under ``<session>/<server-round>``, never a label the site masked before.
-  Noise of a DP site is in its weights before they are masked.
+- masked rounds (``strategies.pairwise_masked_mean``): a ``train`` message that says ``secure-sum`` is answered
+  with n·w and n (``shared.protocol.training.weighted_vector``) in two-lane fixed point, masked by the one
+  secure-sum protocol (``client.secure_aggregation``, Bonawitz et al., CCS 2017: pairwise masks under the
+  session's release label, or round 2 of the dropout-recovering protocol), never a label the site masked before;
+  the key, share and unmask rounds are ``client.secure_aggregation``'s handlers as ``query.ann_keys``,
+  ``query.ann_shares`` and ``query.ann_unmask`` (:func:`ann_unmask`: a repeated round's senders checked). Noise of
+  a DP site is in its weights before they are masked, and only training charges its ledger (the protocol's other
+  rounds release fresh random keys and shares, no patient value).
 - ``evaluate``: summaries of the global model on the test split (``client.evaluation``); under DP one
   release of the ``evaluation`` phase (the server asks a DP site at the final round only).
 """
@@ -21,11 +24,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import run_state
+from client import secure_aggregation as sa
 from client.dp import (
     PhaseRelease,
     PrivacyRefused,
@@ -40,36 +43,35 @@ from client.ledger import BudgetExhausted, LedgerError
 from client.run_state import run_context
 from client.site import SiteHandlers, SiteRequest, load, site_dp
 from client.statistics import noised_rows, private_statistics
-from shared import ann_fixed_point, metrics, secure_sum
+from shared import metrics
 from shared.encoding import SiteStatistics
-from shared.protocol import messages
+from shared.protocol import ErrorCode, messages
+from shared.protocol import hist as h
 from shared.protocol import records as r
+from shared.protocol.errors import ShareableError
 from shared.protocol.privacy import RELEASE_INDEX, RELEASES, SitePrivacy
 from shared.protocol.site_check import SiteCheckReply, plan_of, resumed_run
 from shared.protocol.training import (
     EVAL_BINS,
     EVALUATE_RECEIVED,
     MASKED,
-    PUBLIC_KEY,
     RECEIVED_EVALUATION,
-    SECURE_KEYS,
-    SECURE_NODES,
-    SECURE_SESSION,
-    SECURE_SITES,
+    ROSTER_NAMES,
     AnnTraining,
     TrainReply,
+    layout_of,
     proximal_mu,
     server_round,
+    weighted_vector,
 )
 from shared.validation import SiteDataError
 
 MAX_ERRORS_REPORTED = 5
 _STATE_ROWS = "dp-noised-rows"
-PAIRWISE_STATE_KEY = "ann-pairwise-sum"
-"""Context state of the masked ANN rounds: the session, its private key, the last round masked in it."""
 MASKED_ROUNDS_KEY = "ann-masked-rounds"
 """Context state (kept on the site's disk for a resumed run, ``client.run_state``): per round this run masked, the
-roster it was masked among."""
+roster it was masked among (by name); recovering, also the round's release label, its participants' ids and names,
+and (``sent <round>``) the names of the sites whose masked weights the site helped unmask (:func:`ann_unmask`)."""
 
 
 def site_check(msg: Message, context: Context, handlers: SiteHandlers) -> Message:
@@ -179,7 +181,7 @@ def train_round(msg: Message, request: SiteRequest) -> RecordDict:
                            epsilon=dp.ledger.spent(), epsilon_budget=dp.ledger.epsilon_budget,
                            delta=dp.ledger.delta, noise_multiplier=sigma)
     weights = to_arrays(model)
-    if SECURE_SESSION in request.config:
+    if bool(request.config.get(h.SECURE_SUM, False)):
         weights = masked_weights(request, msg.content[r.ARRAYS], weights, reply.num_examples, this_round)
     content = RecordDict({r.ARRAYS: weights, r.METRICS: reply.to_metric_record()})
     if received is not None:
@@ -187,47 +189,54 @@ def train_round(msg: Message, request: SiteRequest) -> RecordDict:
     return content
 
 
-def session_key(msg: Message, request: SiteRequest) -> RecordDict:
-    """``query.ann_keys``: a fresh key pair for the session the request names; the private key stays here."""
-    private_key = secure_sum.new_private_key()
-    request.context.state[PAIRWISE_STATE_KEY] = ConfigRecord({"session": str(request.config[SECURE_SESSION]),
-                                                              "private-key": private_key, "last-round": -1})
-    return RecordDict({r.KEYS: ConfigRecord({PUBLIC_KEY: secure_sum.public_key(private_key)})})
-
-
 def masked_weights(request: SiteRequest, received: ArrayRecord, trained: ArrayRecord, weight: float,
                    this_round: int) -> ArrayRecord:
-    """The trained weights as the masked sum's words: ``weight · w`` and ``weight`` in fixed point
-    (``shared.ann_fixed_point``, refused past its bound), masked among the roster under ``<session>/<round>``.
-    A round not above the last one masked in the session is refused (one mask is never used twice), and so is a
-    round this run masked before among other sites (by name): a resumed run's repeated round, whose seeded weights
-    are the same, summed over a second set of sites would give away the difference."""
-    config, state = request.config, request.context.state.get(PAIRWISE_STATE_KEY)
-    session = str(config[SECURE_SESSION])
-    if state is None or str(state["session"]) != session:
-        raise secure_sum.SecureSumError("no mask key for this session at this site (query.ann_keys first)")
-    if this_round <= int(state["last-round"]):
-        raise secure_sum.SecureSumError(f"mask label {session}/{this_round} is not above the last one this site "
-                                        f"masked (round {int(state['last-round'])}): refusing to reuse a mask")
-    peers = dict(zip((int(n) for n in config[SECURE_NODES]), map(bytes, config[SECURE_KEYS]), strict=True))
-    if request.context.node_id not in peers:
-        raise secure_sum.SecureSumError("this site is not in the round's roster of mask keys")
-    roster = ",".join(sorted(str(name) for name in config.get(SECURE_SITES, list(peers))))
+    """The trained weights as the masked sum's summands: ``weight · w`` and ``weight``
+    (``shared.protocol.training.weighted_vector``) in two-lane fixed point, masked by the one secure-sum protocol
+    (``client.secure_aggregation.masked_floats``: pairwise masks under the session's release label, or round 2 of
+    the recovering protocol; a label is never used twice, an entry past the fixed-point bound is refused). A round
+    this run masked before among other sites (by name) is refused too: a resumed run's repeated round, whose seeded
+    weights are the same, summed over a second set of sites would give away the difference."""
+    config = request.config
+    roster = ",".join(sorted(str(name) for name in config.get(ROSTER_NAMES, [])))
     masked_rounds = request.context.state.get(MASKED_ROUNDS_KEY)
     run = str(request.context.run_id)
     if masked_rounds is None or str(masked_rounds["run-id"]) != run:
         masked_rounds = request.context.state[MASKED_ROUNDS_KEY] = ConfigRecord({"run-id": run})
     if str(this_round) in masked_rounds and str(masked_rounds[str(this_round)]) != roster:
-        raise secure_sum.SecureSumError(f"round {this_round} was masked before among other sites: its (seeded, so "
-                                        "identical) weights summed over a second set of sites would reveal the "
-                                        "sites in one set and not the other; refusing")
-    layout = ann_fixed_point.layout_of({k: a.numpy() for k, a in received.items()})
-    words = ann_fixed_point.encode({k: a.numpy() for k, a in trained.items()}, weight, layout, len(peers))
-    state["last-round"] = this_round  # before masking: a failure after this never lets the label be used again
+        raise ShareableError(f"round {this_round} was masked before among other sites: its (seeded, so identical) "
+                             "weights summed over a second set of sites would reveal the sites in one set and not "
+                             "the other; refusing")
+    layout = layout_of({k: a.numpy() for k, a in received.items()})
+    vector = weighted_vector({k: a.numpy() for k, a in trained.items()}, weight, layout)
+    words = sa.masked_floats(vector, config, request.context)
     masked_rounds[str(this_round)] = roster
-    masked = secure_sum.mask(words, bytes(state["private-key"]), request.context.node_id, peers,
-                             f"{session}/{this_round}")
-    return ArrayRecord({MASKED: Array(np.asarray(masked, dtype=np.uint64))})
+    if sa.recovering(config):  # for the unmask round (ann_unmask): which release this round is, and who is who
+        masked_rounds[f"label {this_round}"] = sa.release_label(config)
+        masked_rounds[f"ids {this_round}"] = [int(n) for n in config[h.SECURE_PARTICIPANTS]]
+        masked_rounds[f"names {this_round}"] = [str(name) for name in config[ROSTER_NAMES]]
+    return ArrayRecord({MASKED: words})
+
+
+def ann_unmask(msg: Message, request: SiteRequest) -> RecordDict:
+    """``query.ann_unmask``: round 3 of a recovering masked round (``client.secure_aggregation.unmask``), refused
+    when this run summed the round before over other sites (by name): the roster check of :func:`masked_weights`
+    compares the sites the round was masked among, this one the subset whose masked weights arrived, so that a
+    resumed run's repeated round cannot give two sums of the same seeded weights over different sets."""
+    config, masked_rounds = request.config, request.context.state.get(MASKED_ROUNDS_KEY)
+    label = sa.release_label(config)
+    rounds = [key.removeprefix("label ") for key, value in (masked_rounds or {}).items()
+              if key.startswith("label ") and str(value) == label]
+    if rounds:
+        names = dict(zip((int(n) for n in masked_rounds[f"ids {rounds[0]}"]),
+                         map(str, masked_rounds[f"names {rounds[0]}"]), strict=True))
+        sent = ",".join(sorted(names.get(int(n), f"node {n}") for n in config[h.SECURE_SENT]))
+        before = masked_rounds.get(f"sent {rounds[0]}")
+        if before is not None and str(before) != sent:
+            raise ShareableError(f"round {rounds[0]} was summed before over other sites: unmasking its repeated sum "
+                                 "over a second set would reveal the sites in one set and not the other; refusing")
+        masked_rounds[f"sent {rounds[0]}"] = sent
+    return sa.unmask(msg, request.context).content
 
 
 def received_evaluation(request: SiteRequest, model) -> ConfigRecord | None:
@@ -273,13 +282,15 @@ def evaluate_round(msg: Message, request: SiteRequest) -> RecordDict:
 
 
 def register_training(client: ClientApp, handlers: SiteHandlers) -> None:
-    """Add the site-check, statistics, train and evaluate handlers to ``client``."""
+    """Add the site-check, statistics, train and evaluate handlers, and the masked ANN rounds', to ``client``."""
 
     @client.query(messages.SITE_CHECK.action)
     def check(msg: Message, context: Context) -> Message:
         return site_check(msg, context, handlers)
 
     client.query(messages.STATISTICS.action)(handlers(statistics))
-    client.query(messages.ANN_KEYS.action)(handlers(session_key))
+    client.query(messages.ANN_KEYS.action)(sa.refusing(sa.keys, ErrorCode.REQUEST))
+    client.query(messages.ANN_SHARES.action)(sa.refusing(sa.shares, ErrorCode.REQUEST))
+    client.query(messages.ANN_UNMASK.action)(handlers(ann_unmask))
     client.train()(handlers(train_round))
     client.evaluate()(handlers(evaluate_round))

@@ -34,7 +34,8 @@ ENV PATH=/opt/fednano/bin:$PATH \
     FLWR_HOME=/var/lib/fednano/flwr \
     FLWR_DISABLE_UPDATE_CHECK=1 \
     FLWR_TELEMETRY_ENABLED=0 \
-    FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+    FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 \
+    FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1
 
 COPY docker/wheels/ /tmp/wheels/
 COPY --from=requirements /tmp/fednano/requirements.txt /tmp/requirements.txt

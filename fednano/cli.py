@@ -129,9 +129,9 @@ def simulate(
         "pairwise (default; masks, one key exchange, a site lost mid-phase fails the statistics / the fit / stops "
         "the head) | recovering (dropout recovery, ~4x the message exchanges) | off."),
     ann_secure_sum: str | None = typer.Option(
-        None, "--ann-secure-sum", help="ANN rounds: auto (default; pairwise-masked sums when --secure-sum is not off "
-        "and the strategy only needs the mean, else plain with the reason printed) | pairwise (refused with robust "
-        "strategies, clipping or central DP) | off."),
+        None, "--ann-secure-sum", help="ANN rounds: auto (default; masked sums in --secure-sum's mode when it is not "
+        "off and the strategy only needs the mean, else plain with the reason printed) | pairwise | recovering "
+        "(dropout recovery; both refused with robust strategies, clipping or central DP) | off."),
     compare: bool = typer.Option(True, "--compare/--no-compare",
                                  help="Also random forest, SVM, gradient boosting (local-only, pooled)."),
     deploy_cycles: int = typer.Option(
@@ -238,7 +238,7 @@ def simulate(
 
         if problem := ray_head_problem(ray_address):
             raise typer.BadParameter(problem, param_hint="--ray-address")
-    if ann_secure_sum == "pairwise":
+    if ann_secure_sum in ("pairwise", "recovering"):
         from strategies.pairwise_masked_mean import masking_problem
 
         problem = masking_problem(strategy, base.clip_norm if clip_norm is None else clip_norm,
@@ -558,6 +558,31 @@ def serve(
         typer.echo(f"recording each dose recommended in {site / 'decisions.csv'} (the site's decision log)")
     serve_app(served, host=host, port=port, log=DecisionLog(site) if site is not None else None, token=token,
               tls=tls)
+
+
+@app.command("site-worker")
+def site_worker(
+    socket_path: Path = typer.Option(..., "--socket", help="The Unix socket to listen on; its folder must be this "
+                                                           "user's only (it is created with mode 0700)."),
+) -> None:
+    """Keep the site's ClientApp loaded for its SuperNode: start it beside `flower-supernode` and give the
+    SuperNode --node-config 'site-worker="SOCKET"'; each message then skips the ClientApp's imports."""
+    import logging
+
+    from client.site_worker import UnsafeSocketFolder, preload, serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        seconds = preload()
+        typer.echo(f"site worker: loaded {', '.join(seconds)} in {sum(seconds.values()):.1f} s; listening on "
+                   f"{socket_path}")
+        from client.app import app as client_app
+
+        served = serve(socket_path, app=client_app)
+    except UnsafeSocketFolder as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from err
+    typer.echo(f"site worker: stopped after {served} messages")
 
 
 ledger_app = typer.Typer(no_args_is_help=True, help="A site's privacy ledger: what it has spent, and starting a new "

@@ -37,6 +37,7 @@ from server.hist_phase import run_hist_boosting
 from server.importance_phase import federated_importance
 from server.personalisation_phase import run_boosting_personalisation, run_personalisation
 from server.policy_phase import run_policy_phase
+from server.prompt_grid import prompt
 from server.run_record import ModelRecord, RunRecord, SitePrivacyRecord, final_metrics
 from server.settings import RunSettings
 from server.site_check import SiteCheck, usable_sites
@@ -209,7 +210,7 @@ def make_server_app(overrides: dict | None = None, on_round: Callable[[int], Non
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         settings = RunSettings.from_run_config({**dict(context.run_config), **(overrides or {})})
-        run_federation(grid, settings, on_round, run_id=str(context.run_id))
+        run_federation(prompt(grid), settings, on_round, run_id=str(context.run_id))
 
     return server
 

@@ -158,8 +158,12 @@ class ProvisionResult:
         lines += [f"{home} flwr supernode register {_q(c / SUPERNODES / f'{site}.pub')} {self.federation}"
                   f" --name {site}" for site in self.sites]
         for site, port in self.sites.items():
-            node_config = f'data-path="/path/to/{site}/data" site-name="{site}"'
+            worker = f"/path/to/{site}/worker/site.sock"
+            node_config = f'data-path="/path/to/{site}/data" site-name="{site}" site-worker="{worker}"'
             lines += [
+                f"# site {site}: its warm worker keeps the ClientApp loaded between messages (client/site_worker.py;"
+                " the socket's folder is made private to this user)",
+                f"fednano site-worker --socket {_q(worker)} &",
                 f"# site {site}: in its kit folder (sites/{site}/, sent to the site); put site.toml next to"
                 " episodes.csv",
                 f"cd {_q(self.site_folder(site))} && flower-supernode --superlink {SUPERLINK_HOST}:{SUPERLINK_PORT}"

@@ -148,8 +148,8 @@ class ModelRecord:
     importance: dict = field(default_factory=dict)
     heads: list[str] = field(default_factory=list)
     secure_sum: str = ""
-    """ANN: ``pairwise: why`` when the rounds were pairwise-masked sums (``strategies.pairwise_masked_mean``), ``off:
-    why`` when not; empty for other families and older records."""
+    """ANN: ``pairwise: why`` or ``recovering: why`` when the rounds were masked sums
+    (``strategies.pairwise_masked_mean``), ``off: why`` when not; empty for other families and older records."""
     update_norms: dict = field(default_factory=dict)
     """With update-norm clipping (:mod:`strategies.update_clipping`): ``{"bound": {round: bound},
     "per_site": {round: {site: norm before clipping}}}``; empty without."""

@@ -15,7 +15,11 @@ run's ``secure-sum`` mode (``shared.protocol.hist.SECURE_SUM_MODES``):
 The site side is ``client.secure_aggregation`` (the handlers of the key, share and unmask rounds, and
 :func:`client.secure_aggregation.masked` for the input). ``server.hist_phase`` derives its session from this one;
 the statistics phase (``server.statistics_phase``) and the analytics phase (``server.analytics_phase``) use it
-directly, each release batching all the arrays of one answer into one vector.
+directly, each release batching all the arrays of one answer into one vector. The masked ANN rounds
+(``strategies.pairwise_masked_mean``, sessions made by ``server.training_phase.ann_sessions``) send each release's
+masked request themselves, as Flower's training message: :meth:`SecureSession.open_release` (numbering, pairwise
+check, recovering keys and shares), :meth:`SecureSession.release_config` per node, then
+:meth:`SecureSession.close_release` with the replies (recovering: the unmask round), which :meth:`summed` chains.
 
 Floats are summed in two-lane fixed point (:data:`FIXED_POINT_BITS` ``s = 40``): a site writes
 ``q = round(v · 2^s) = high · 2^32 + low`` with ``0 ≤ low < 2^32`` and sends the high lanes, then the low lanes, as
@@ -35,6 +39,7 @@ as long as two honest sites take part (pairwise), or against the server colludin
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
@@ -44,21 +49,13 @@ from shared import secagg_plus, wire_ints
 from shared.protocol import hist as h
 from shared.protocol import messages
 from shared.protocol import records as r
-from shared.secure_sum import unmask_sum
+from shared.secure_sum import SecureProtocolError, unmask_sum
 
 FIXED_POINT_BITS = 40
 """Fractional bits of floats summed in fixed point (resolution 2^−40 ≈ 9e−13; see the module docstring)."""
 LANE_BITS = 32
 """Bits of an entry's low lane: the site sends ``q = round(v · 2^s)`` as ``q = high · 2^32 + low``."""
 SECURE_SCALE, SECURE_SITES = h.SECURE_SCALE, h.SECURE_SITES
-
-
-class SecureProtocolError(RuntimeError):
-    """A site did not answer a summed request, or the secure sum cannot be recovered: no sum to give."""
-
-    def __init__(self, node: int, reason: str) -> None:
-        super().__init__(f"node {node}: {reason}")
-        self.node, self.reason = node, reason
 
 
 def from_fixed(total: np.ndarray, scale_bits: int = FIXED_POINT_BITS) -> np.ndarray:
@@ -88,6 +85,24 @@ def record_bytes(content: RecordDict) -> int:
         else:
             total += sum(value_bytes(v) for v in record.values())
     return total
+
+
+@dataclass
+class Release:
+    """One summed release between :meth:`SecureSession.open_release` and :meth:`SecureSession.close_release`.
+
+    Attributes
+    ----------
+    extra : dict                 what every masked request of the release carries besides the base config
+    per_node : dict of int to dict   what each node's request adds (recovering: the shares sent to it)
+    roster : Roster or None      recovering: round 1's roster (``shared.secagg_plus``)
+    participants : list of int   recovering: the sites whose shares reached the server (they mask with each other)
+    """
+
+    extra: dict
+    per_node: dict[int, dict] = field(default_factory=dict)
+    roster: secagg_plus.Roster | None = None
+    participants: list[int] = field(default_factory=list)
 
 
 class SecureSession:
@@ -197,6 +212,16 @@ class SecureSession:
         sum is decoded from them (``signed`` where an entry's sum may be negative); else int64 words. Every
         request carries :data:`SECURE_SITES` (the sites asked) and the release's sequence number.
         """
+        release = self.open_release(extra)
+        replies, failures = self.ask_all(message_type, release.extra, arrays, release.per_node)
+        return self.close_release(release, replies, failures, name, bits, signed)
+
+    def open_release(self, extra: dict) -> Release:
+        """Number the next release and run the rounds before its masked request (recovering: keys and shares;
+        pairwise: check that every site of the key table is still in the session). The caller sends the request
+        itself, to every node of :attr:`nodes`, with :meth:`release_config`, and gives the replies to
+        :meth:`close_release`: :meth:`summed` does both; the ANN rounds (``strategies.pairwise_masked_mean``) send
+        the request as Flower's training message."""
         extra = {**extra, h.SECURE_SEQUENCE: self.sequence, SECURE_SITES: len(self.nodes)}
         self.sequence += 1
         keyed = [int(n) for n in self.base.get(h.SECURE_NODES, [])]
@@ -205,14 +230,64 @@ class SecureSession:
             reason = self.lost.get(node, "not in the session") if node >= 0 else "no key exchange before the sum"
             raise SecureProtocolError(node, f"{reason}; lost after the pairwise key exchange, its masks would stay "
                                             "in the sum")
-        if self.mode == "recovering":
-            return self.securely_summed(message_type, extra, arrays, name, bits, signed)
+        if self.mode != "recovering":
+            return Release(extra)
+        try:
+            return self.shared_release(extra)
+        except secagg_plus.SecAggError as err:
+            raise self.unrecoverable(err) from None
+
+    def shared_release(self, extra: dict) -> Release:
+        """Rounds 0 and 1 of Bonawitz et al.'s protocol for one release (``shared.secagg_plus``): every site's
+        keys, then its Shamir shares, relayed so that each site's masked request carries those sent to it."""
+        round_keys = self.round_keys(extra)
+        threshold = self.secure_threshold()
+        replies, failures = self.ask_all(self.keys_message, round_keys, ArrayRecord(), with_base=False)
+        self.lose(failures)
+        secagg_plus.validate_threshold(threshold, len(self.nodes))
+        roster_config = {h.SECURE_THRESHOLD: threshold, h.SECURE_NODES: list(self.nodes),
+                         h.SECURE_CHANNEL_KEYS: [bytes(replies[n][r.KEYS][h.CHANNEL_KEY]) for n in self.nodes],
+                         h.SECURE_KEYS: [bytes(replies[n][r.KEYS][h.MASK_KEY]) for n in self.nodes]}
+        roster = secagg_plus.Roster(self.label(extra), threshold,
+                                    dict(zip(self.nodes, roster_config[h.SECURE_CHANNEL_KEYS], strict=True)),
+                                    dict(zip(self.nodes, roster_config[h.SECURE_KEYS], strict=True)))
+        replies, failures = self.ask_all(self.shares_message, {**round_keys, **roster_config}, ArrayRecord(),
+                                         with_base=False)
+        self.lose(failures)
+        participants = list(self.nodes)
+        inboxes = secagg_plus.route_shares({n: dict(zip((int(p) for p in replies[n][r.KEYS][h.SHARE_PEERS]),
+                                                        map(bytes, replies[n][r.KEYS][h.SHARE_CIPHERTEXTS]),
+                                                        strict=True)) for n in participants})
+        per_node = {n: {h.SHARE_PEERS: [p for p in inboxes.get(n, {}) if p in participants],
+                        h.SHARE_CIPHERTEXTS: [c for p, c in inboxes.get(n, {}).items() if p in participants]}
+                    for n in participants}
+        return Release({**extra, **roster_config, h.SECURE_PARTICIPANTS: participants}, per_node, roster,
+                       participants)
+
+    def release_config(self, release: Release, node: int) -> ConfigRecord:
+        """The config of ``node``'s masked request of ``release`` (for a caller that sends it itself): the base
+        config, the release's keys and the node's own (recovering: the shares sent to it)."""
+        config = self.request_config(True)
+        config.update(release.extra)
+        config.update(release.per_node.get(node, {}))
+        return config
+
+    def close_release(self, release: Release, replies: dict[int, RecordDict], failures: dict[int, str], name: str,
+                      bits: np.ndarray | None = None, signed: np.ndarray | bool = False) -> np.ndarray:
+        """The sum of ``release`` from its replies by node (``name`` in their arrays) and the nodes that failed
+        it: pairwise, SecureProtocolError naming a failed node (its masks stay in the sum); off, the failed nodes
+        are lost; recovering, round 3 (unmasking) over the nodes whose masked reply arrived."""
         if self.mode == "pairwise":
-            replies = self.ask(message_type, extra, arrays)  # a missing site's masks would stay in the sum
-        else:
-            replies, failures = self.ask_all(message_type, extra, arrays)
-            self.lose(failures)
-        self.summed_nodes, self.replies = list(self.nodes), replies
+            for node, reason in failures.items():  # a missing site's masks would stay in the sum
+                raise SecureProtocolError(node, reason)
+        self.lose(failures)
+        self.replies = replies
+        if self.mode == "recovering":
+            try:
+                return self.unmasked(release, replies, name, bits, signed)
+            except secagg_plus.SecAggError as err:
+                raise self.unrecoverable(err) from None
+        self.summed_nodes = list(self.nodes)
         parts = [replies[n][r.ARRAYS][name].numpy() for n in self.nodes]
         if bits is not None:
             parts = [wire_ints.unpack(part, bits) for part in parts]
@@ -221,63 +296,69 @@ class SecureSession:
             return unmask_sum(parts)
         return np.sum(np.stack(parts), axis=0, dtype=np.int64)
 
-    def securely_summed(self, message_type: messages.MessageName, extra: dict, arrays: ArrayRecord, name: str,
-                        bits: np.ndarray | None, signed: np.ndarray | bool) -> np.ndarray:
-        """One release through Bonawitz et al.'s four rounds (``shared.secagg_plus``): keys, shares, the request
-        itself answered masked, unmasking. A site lost in any round is left out (see :meth:`lose`); the sum is
-        that of the sites whose masked answer arrived, or SecureProtocolError when more than n − t were lost."""
-        label = f"{self.base[h.SECURE_SESSION]}/{extra[h.SECURE_SEQUENCE]}"
-        round_keys = {h.SECURE_SEQUENCE: extra[h.SECURE_SEQUENCE], h.SECURE_RECOVERING: True}
-        try:
-            threshold = self.secure_threshold()
-            replies, failures = self.ask_all(self.keys_message, round_keys, ArrayRecord(), with_base=False)
-            self.lose(failures)
-            secagg_plus.validate_threshold(threshold, len(self.nodes))
-            roster_config = {h.SECURE_THRESHOLD: threshold, h.SECURE_NODES: list(self.nodes),
-                             h.SECURE_CHANNEL_KEYS: [bytes(replies[n][r.KEYS][h.CHANNEL_KEY]) for n in self.nodes],
-                             h.SECURE_KEYS: [bytes(replies[n][r.KEYS][h.MASK_KEY]) for n in self.nodes]}
-            roster = secagg_plus.Roster(label, threshold,
-                                        dict(zip(self.nodes, roster_config[h.SECURE_CHANNEL_KEYS], strict=True)),
-                                        dict(zip(self.nodes, roster_config[h.SECURE_KEYS], strict=True)))
-            replies, failures = self.ask_all(self.shares_message, {**round_keys, **roster_config}, ArrayRecord(),
-                                             with_base=False)
-            self.lose(failures)
-            participants = list(self.nodes)
-            inboxes = secagg_plus.route_shares({n: dict(zip((int(p) for p in replies[n][r.KEYS][h.SHARE_PEERS]),
-                                                            map(bytes, replies[n][r.KEYS][h.SHARE_CIPHERTEXTS]),
-                                                            strict=True)) for n in participants})
-            per_node = {n: {h.SHARE_PEERS: [p for p in inboxes.get(n, {}) if p in participants],
-                            h.SHARE_CIPHERTEXTS: [c for p, c in inboxes.get(n, {}).items() if p in participants]}
-                        for n in participants}
-            replies, failures = self.ask_all(message_type, {**extra, **roster_config,
-                                                            h.SECURE_PARTICIPANTS: participants}, arrays, per_node)
-            self.lose(failures)
-            self.replies = replies
-            masked = {n: replies[n][r.ARRAYS][name].numpy() for n in self.nodes}
-            if bits is not None:
-                masked = {n: wire_ints.unpack(part, bits) for n, part in masked.items()}
-            dropped = [n for n in participants if n not in masked]
-            replies, failures = self.ask_all(self.unmask_message, {**round_keys, h.SECURE_SENT: sorted(masked),
-                                                                   h.SECURE_DROPPED: dropped}, ArrayRecord(),
-                                             with_base=False)
-            self.lose(failures)
-            answers = {n: secagg_plus.UnmaskShares(
-                seeds=dict(zip((int(j) for j in reply[r.KEYS][h.SEEDS_OF]), map(bytes, reply[r.KEYS][h.SEED_SHARES]),
-                               strict=True)),
-                mask_keys=dict(zip((int(j) for j in reply[r.KEYS][h.MASK_KEYS_OF]),
-                                   map(bytes, reply[r.KEYS][h.MASK_KEY_SHARES]), strict=True)))
-                for n, reply in replies.items()}
-            total = secagg_plus.unmask_sum(roster, masked, answers, 64 if bits is None else bits, participants)
-        except secagg_plus.SecAggError as err:
-            node, reason = next(iter(self.lost.items()), (-1, "no site lost"))
-            raise SecureProtocolError(node, f"{reason}; the secure sum cannot be recovered: {err}") from None
+    def unmasked(self, release: Release, replies: dict[int, RecordDict], name: str, bits: np.ndarray | None,
+                 signed: np.ndarray | bool) -> np.ndarray:
+        """Round 3: the shares that remove the self-masks of the sites that sent and the pairwise masks of those
+        that did not; the sum over the senders (``shared.secagg_plus.unmask_sum``)."""
+        masked = {n: replies[n][r.ARRAYS][name].numpy() for n in self.nodes}
+        if bits is not None:
+            masked = {n: wire_ints.unpack(part, bits) for n, part in masked.items()}
+        dropped = [n for n in release.participants if n not in masked]
+        answers_to = {**self.round_keys(release.extra), h.SECURE_SENT: sorted(masked), h.SECURE_DROPPED: dropped}
+        replies, failures = self.ask_all(self.unmask_message, answers_to, ArrayRecord(), with_base=False)
+        self.lose(failures)
+        answers = {n: secagg_plus.UnmaskShares(
+            seeds=dict(zip((int(j) for j in reply[r.KEYS][h.SEEDS_OF]), map(bytes, reply[r.KEYS][h.SEED_SHARES]),
+                           strict=True)),
+            mask_keys=dict(zip((int(j) for j in reply[r.KEYS][h.MASK_KEYS_OF]),
+                               map(bytes, reply[r.KEYS][h.MASK_KEY_SHARES]), strict=True)))
+            for n, reply in replies.items()}
+        total = secagg_plus.unmask_sum(release.roster, masked, answers, 64 if bits is None else bits,
+                                       release.participants)
         self.summed_nodes = sorted(masked)
         if bits is not None:
             return wire_ints.decode(total, bits, signed)
         return total.view(np.int64)
+
+    def securely_summed(self, message_type: messages.MessageName, extra: dict, arrays: ArrayRecord, name: str,
+                        bits: np.ndarray | None, signed: np.ndarray | bool) -> np.ndarray:
+        """One release through Bonawitz et al.'s four rounds (``shared.secagg_plus``): keys, shares, the request
+        itself answered masked, unmasking. A site lost in any round is left out (see :meth:`lose`); the sum is
+        that of the sites whose masked answer arrived, or SecureProtocolError when more than n − t were lost.
+        ``extra`` already numbered (:meth:`open_release` numbers it: call :meth:`summed` for a new release)."""
+        try:
+            release = self.shared_release(extra)
+        except secagg_plus.SecAggError as err:
+            raise self.unrecoverable(err) from None
+        replies, failures = self.ask_all(message_type, release.extra, arrays, release.per_node)
+        return self.close_release(release, replies, failures, name, bits, signed)
+
+    def label(self, extra: dict) -> str:
+        """The label of a release's recovering aggregation: the session and the release's sequence number."""
+        return f"{self.base[h.SECURE_SESSION]}/{extra[h.SECURE_SEQUENCE]}"
+
+    @staticmethod
+    def round_keys(extra: dict) -> dict:
+        """What the key, share and unmask rounds of a release carry besides the session id."""
+        return {h.SECURE_SEQUENCE: extra[h.SECURE_SEQUENCE], h.SECURE_RECOVERING: True}
+
+    def unrecoverable(self, err: Exception) -> SecureProtocolError:
+        """The SecureProtocolError of a recovering sum that cannot be had, naming the first site lost."""
+        node, reason = next(iter(self.lost.items()), (-1, "no site lost"))
+        return SecureProtocolError(node, f"{reason}; the secure sum cannot be recovered: {err}")
 
     def summed_floats(self, message_type: messages.MessageName, extra: dict, arrays: ArrayRecord, name: str,
                       scale_bits: int = FIXED_POINT_BITS) -> np.ndarray:
         """The float64 sum of one released float vector, sent in fixed point at ``scale_bits``."""
         total = self.summed(message_type, {**extra, SECURE_SCALE: scale_bits}, arrays, name)
         return from_fixed(total, scale_bits)
+
+    def open_floats(self, extra: dict, scale_bits: int = FIXED_POINT_BITS) -> Release:
+        """:meth:`open_release` of a float vector the sites send in fixed point at ``scale_bits``
+        (``client.secure_aggregation.masked_floats``)."""
+        return self.open_release({**extra, SECURE_SCALE: scale_bits})
+
+    def close_floats(self, release: Release, replies: dict[int, RecordDict], failures: dict[int, str],
+                     name: str) -> np.ndarray:
+        """The float64 sum of a release :meth:`open_floats` opened (:meth:`close_release`, then :func:`from_fixed`)."""
+        return from_fixed(self.close_release(release, replies, failures, name), int(release.extra[SECURE_SCALE]))

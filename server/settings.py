@@ -27,15 +27,18 @@ structured dose-response models fitted by federated Newton–Raphson (``shared.s
 CENTRAL_ACCOUNTANTS = ("rdp", "prv")
 """Opacus accountants for central DP's ε (``server.central_accounting``): Rényi DP (Mironov 2017) or the PRV
 accountant (Gopi et al. 2021)."""
-ANN_SECURE_MODES = ("auto", "pairwise", "off")
+ANN_SECURE_MODES = ("auto", "pairwise", "recovering", "off")
 """How the ANN rounds sum the sites' weights (``strategies.pairwise_masked_mean``): ``auto`` follows ``secure-sum``
-where the strategy allows it, ``pairwise`` always (refused with a strategy that needs each update), ``off`` plain."""
+(pairwise or recovering) where the strategy allows it, ``pairwise`` / ``recovering`` always (refused with a strategy
+that needs each update), ``off`` plain."""
 AUTO_MASKED_MAX_SITES = 100
 """``ann-secure-sum auto`` masks rounds of at most this many training sites. Every site draws one mask stream per
 peer over all the model's words, and every training message carries the roster's keys: the round's cost grows as
 K² (``shared.secure_sum.mask`` of 20,000 words, 2026-12-04: 0.007 s at 10 sites, 0.025 s at 100, 0.26 s at 1,000,
-per site and round, so ~130 s per round of 1,000 sites on two cores). Above it, ``auto`` sends plain replies and
-says why; ``pairwise`` masks at any size. Bell et al. (CCS 2020)'s sparse graph, not built, would make it K log K."""
+per site and round, so ~130 s per round of 1,000 sites on two cores; the recovering protocol adds K − 1 share
+ciphertexts per site and K² key agreements per lost site). Above it, ``auto`` sends plain replies and says why;
+``pairwise`` and ``recovering`` mask at any size. Bell et al. (CCS 2020)'s sparse graph, not built, would make it
+K log K."""
 POLICY_REFERENCES = ("absolute", "standard_of_care")
 """What the structured policy's confidence bounds are taken against (``shared.structured_policy``)."""
 
@@ -135,14 +138,16 @@ class RunSettings:
         the head), ``recovering`` (Bonawitz et al.'s dropout-recovering secure aggregation: four exchanges per
         release, lost sites recovered and the tree regrown on the survivors) or ``off`` (plain sums).
     ann_secure_sum : str, default "auto"
-        How the ANN rounds sum the sites' weights (:data:`ANN_SECURE_MODES`): ``pairwise`` — every site sends the
-        fixed-point words of n_i·w_i and n_i under pairwise masks (``strategies.pairwise_masked_mean``: one key
-        exchange per phase, the coordinator unmasks the sum and divides; it never sees one site's model; a site
-        lost in a round fails that round, no dropout recovery); refused with a robust strategy, update-norm clipping
-        or central DP, which need each site's update. ``auto`` — pairwise when ``secure_sum`` is not ``off`` and
-        the strategy, clipping and central-DP settings allow it (and 2 to :data:`AUTO_MASKED_MAX_SITES` sites
-        train), else plain, with
-        the reason printed and recorded (``ModelRecord.secure_sum``). ``off`` — plain replies.
+        How the ANN rounds sum the sites' weights (:data:`ANN_SECURE_MODES`), through the one secure sum
+        (``server.secure_aggregation``, ``strategies.pairwise_masked_mean``): every site sends n_i·w_i and n_i in
+        fixed point, masked; the coordinator unmasks the sum and divides, and never sees one site's model.
+        ``pairwise`` — one key exchange per phase, a site lost in a round fails that round; ``recovering`` —
+        Bonawitz et al.'s dropout recovery, three more exchanges per round, a site lost before or after sending
+        its masked weights is recovered and the round aggregates over the others. Both are refused with a robust
+        strategy, update-norm clipping or central DP, which need each site's update. ``auto`` — ``secure_sum``'s
+        mode (pairwise or recovering) when it is not ``off`` and the strategy, clipping and central-DP settings
+        allow it (and 2 to :data:`AUTO_MASKED_MAX_SITES` sites train), else plain, with the reason printed and
+        recorded (``ModelRecord.secure_sum``). ``off`` — plain replies.
     signing_key : str, default ""
         The coordinator's policy_signing.key: with it the run ends by building, signing and sending the policy.
     policy_dir : str, default ""
@@ -249,8 +254,8 @@ class RunSettings:
         if self.ann_secure_sum not in ANN_SECURE_MODES:
             raise ValueError(f"ann-secure-sum: expected one of {', '.join(ANN_SECURE_MODES)}; "
                              f"got {self.ann_secure_sum!r}")
-        if self.ann_secure_sum == "pairwise" and (problem := self._masking_problem()):
-            raise ValueError(f"ann-secure-sum pairwise: {problem}")
+        if self.ann_secure_sum in ("pairwise", "recovering") and (problem := self._masking_problem()):
+            raise ValueError(f"ann-secure-sum {self.ann_secure_sum}: {problem}")
         if self.boosting not in MODES:
             raise ValueError(f"boosting: expected one of {', '.join(MODES)}; got {self.boosting!r}")
 
@@ -286,28 +291,30 @@ class RunSettings:
     def _masking_problem(self) -> str | None:
         return masking_problem(self.strategy, self.clip_norm, self.clip_median_factor, self.central_dp)
 
-    def ann_masking(self, n_trainers: int) -> tuple[bool, str]:
-        """Whether the ANN rounds of ``n_trainers`` training sites are pairwise-masked, and why (printed and
-        recorded with the run); ``ValueError`` for an explicit ``pairwise`` that cannot run."""
-        if self.ann_secure_sum == "off":
-            return False, "ann-secure-sum is off"
-        if self.ann_secure_sum == "auto" and self.secure_sum == "off":
-            return False, "secure-sum is off (ann-secure-sum auto follows it)"
+    def ann_masking(self, n_trainers: int) -> tuple[str, str]:
+        """How the ANN rounds of ``n_trainers`` training sites are summed — ``off``, ``pairwise`` or
+        ``recovering`` (``shared.protocol.hist.SECURE_SUM_MODES``) — and why (printed and recorded with the run);
+        ``ValueError`` for an explicit ``pairwise`` or ``recovering`` that cannot run."""
+        asked = self.ann_secure_sum
+        if asked == "off":
+            return "off", "ann-secure-sum is off"
+        if asked == "auto" and self.secure_sum == "off":
+            return "off", "secure-sum is off (ann-secure-sum auto follows it)"
         if problem := self._masking_problem():
-            return False, problem  # auto only: an explicit pairwise was refused in __post_init__
+            return "off", problem  # auto only: an explicit mode was refused in __post_init__
         if n_trainers < 2:
             why = f"{n_trainers} site trains: a masked sum needs at least 2 to hide each site among the others"
-            if self.ann_secure_sum == "pairwise":
-                raise ValueError(f"ann-secure-sum pairwise: {why}")
-            return False, why
-        if self.ann_secure_sum == "auto" and n_trainers > AUTO_MASKED_MAX_SITES:
-            return False, (f"{n_trainers} sites train: ann-secure-sum auto masks at most {AUTO_MASKED_MAX_SITES} "
-                           "(pairwise masks cost every site a mask stream per peer; ask ann-secure-sum pairwise "
-                           "to mask anyway)")
-        why = f"ann-secure-sum {self.ann_secure_sum}" + (f" (secure-sum {self.secure_sum}; dropout recovery is not "
-                                                         "built for ANN rounds)" if self.ann_secure_sum == "auto"
-                                                         else "")
-        return True, why
+            if asked != "auto":
+                raise ValueError(f"ann-secure-sum {asked}: {why}")
+            return "off", why
+        if asked == "auto" and n_trainers > AUTO_MASKED_MAX_SITES:
+            return "off", (f"{n_trainers} sites train: ann-secure-sum auto masks at most {AUTO_MASKED_MAX_SITES} "
+                           "(masks cost every site a mask stream per peer; ask ann-secure-sum pairwise or "
+                           "recovering to mask anyway)")
+        if asked == "auto":
+            mode = secure_sum_mode(self.secure_sum)
+            return mode, f"ann-secure-sum auto (secure-sum {mode})"
+        return asked, f"ann-secure-sum {asked}"
 
     def task(self) -> TaskSpec:
         return TaskSpec.from_toml(self.task_path) if self.task_path else NANOPARTICLE_TASK

@@ -10,10 +10,11 @@ exchange as it trains the next (``PerSiteRecord``'s ``one_message_nodes``): a de
 per site, not two.
 With central DP (``settings.central_dp``) the strategy is wrapped in :class:`strategies.central_dp.CentralDP` and
 the record gets its accounting (``server.central_accounting``, ``RunRecord.central_dp``).
-With pairwise-masked rounds (``settings.ann_secure_sum``, :meth:`server.settings.RunSettings.ann_masking`) it is
-wrapped in :class:`strategies.pairwise_masked_mean.PairwiseMaskedMean`: the sites send masked fixed-point words
+With masked rounds (``settings.ann_secure_sum``, :meth:`server.settings.RunSettings.ann_masking`) it is wrapped in
+:class:`strategies.pairwise_masked_mean.PairwiseMaskedMean` over sessions of the one secure sum
+(``server.secure_aggregation.SecureSession``, pairwise or recovering): the sites send masked fixed-point words
 and the coordinator sees only their sum; the record says which (``ModelRecord.secure_sum``) and names any round
-a lost site failed.
+a lost site failed, and (recovering) every site lost and recovered.
 """
 
 from __future__ import annotations
@@ -40,17 +41,19 @@ from server.run_record import (
     model_rounds,
     update_norm_record,
 )
+from server.secure_aggregation import SecureSession
 from server.settings import RunSettings
 from server.site_check import SiteCheck
 from shared import metrics
 from shared.ann import build_model, to_arrays
 from shared.encoding import FeatureEncoder
+from shared.protocol import messages
 from shared.protocol.privacy import RELEASE_INDEX, RELEASES, RunPlan
 from shared.protocol.training import EVAL_BINS, AnnTraining
 from shared.task import TaskSpec
 from strategies.central_dp import CentralDP
 from strategies.choice import make_strategy
-from strategies.pairwise_masked_mean import PairwiseMaskedMean
+from strategies.pairwise_masked_mean import PairwiseMaskedMean, SessionFactory
 from strategies.per_site import PerSiteRecord
 from strategies.update_clipping import UpdateNormClipping
 
@@ -58,6 +61,15 @@ PROGRESS_SHARE = 0.1
 """The most of a run's time its progress record may take (``train_ann``'s ``write_progress``)."""
 PROGRESS_FREE_S = 0.2
 """A progress write cheaper than this is always made (small federations: after every round)."""
+
+
+def ann_sessions(mode: str) -> SessionFactory:
+    """The masked ANN rounds' sessions of the one secure sum (``server.secure_aggregation``), in ``mode``."""
+
+    def session(grid: Grid, nodes: list[int]) -> SecureSession:
+        return SecureSession(grid, nodes, mode, rounds=(messages.ANN_KEYS, messages.ANN_SHARES, messages.ANN_UNMASK))
+
+    return session
 
 
 def training_config(settings: RunSettings, encoder: FeatureEncoder, plan: RunPlan) -> ConfigRecord:
@@ -118,15 +130,17 @@ def train_ann(grid: Grid, sites: SiteCheck, task: TaskSpec, encoder: FeatureEnco
 
     dp = sites.dp_nodes()
     evaluators = [n for n in sites.nodes if n not in dp or n in sites.granting("evaluation")]
-    masked, masking = settings.ann_masking(len(trainers))
-    log(INFO, "ANN rounds: %s (%s)", "pairwise-masked sums" if masked else "plain replies", masking)
+    secure_mode, masking = settings.ann_masking(len(trainers))
+    log(INFO, "ANN rounds: %s (%s)", f"{secure_mode} masked sums" if secure_mode != "off" else "plain replies",
+        masking)
     strategy = PerSiteRecord(make_strategy(settings.strategy, n_sites=len(trainers),
                                            proximal_mu=settings.proximal_mu, server_lr=settings.server_lr,
                                            robust=settings.robust_parameters(len(trainers)),
                                            clip_norm=settings.clip_norm,
                                            clip_median_factor=settings.clip_median_factor,
                                            central=settings.central_dp_parameters(),
-                                           masked=masked, masked_nodes=trainers, site_names=sites.usable),
+                                           masked=secure_mode != "off", masked_nodes=trainers,
+                                           site_names=sites.usable, session_factory=ann_sessions(secure_mode)),
                              on_round=on_round, train_nodes=trainers, evaluate_nodes=evaluators,
                              final_round_only=dp, final_round=settings.num_server_rounds,
                              on_progress=write_progress,
@@ -160,9 +174,11 @@ def train_ann(grid: Grid, sites: SiteCheck, task: TaskSpec, encoder: FeatureEnco
                          refused={**sites.refusing("training"),
                                   **{f"{name} (evaluation)": why
                                      for name, why in sites.refusing("evaluation").items()}},
-                         secure_sum=f"{'pairwise' if masked else 'off'}: {masking}")
+                         secure_sum=f"{secure_mode}: {masking}")
     if isinstance(strategy.strategy, PairwiseMaskedMean):
         family.failures.update({f"round {n}": why for n, why in strategy.strategy.failed_rounds.items()})
+        family.failures.update({f"round {n} ({sites.usable.get(node, f'node {node}')} lost, recovered)": why
+                                for n, lost in strategy.strategy.recovered.items() for node, why in lost.items()})
     if isinstance(strategy.strategy, UpdateNormClipping):
         family.update_norms = update_norm_record(sites.usable, strategy.strategy.bounds, strategy.strategy.norms)
     if isinstance(strategy.strategy, CentralDP):

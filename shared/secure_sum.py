@@ -16,9 +16,10 @@ another honest site takes part. Order ``i < j`` is the order of the sites' node 
 
 Limits. Every site of the key exchange must answer each release: a missing reply leaves its masks in the
 sum, and the server must give up that sum. ``shared.secagg_plus`` adds Bonawitz et al.'s recovery
-(self-masks and Shamir-shared keys) on top of these masks, at four exchanges per release; the histogram phase
-uses these masks by default (``secure-sum = "pairwise"``) and that protocol when asked (``"recovering"``); the ANN
-rounds use these masks (``strategies.pairwise_masked_mean``, words from ``shared.ann_fixed_point``). The
+(self-masks and Shamir-shared keys) on top of these masks, at four exchanges per release; every summing phase
+(``server.secure_aggregation``: histograms, statistics, analytics, and the ANN rounds through
+``strategies.pairwise_masked_mean``) uses these masks by default (``secure-sum = "pairwise"``) and that protocol
+when asked (``"recovering"``), floats in the session's two-lane fixed point. The
 server is trusted to relay keys faithfully (honest-but-curious, no man-in-the-middle), and a site refuses a
 label it has already masked, since two releases under one mask would give away their difference.
 """
@@ -44,6 +45,16 @@ MIN_SITES = 2
 
 class SecureSumError(ShareableError):
     """A masking request that would not keep the site's value hidden, or a sum that cannot be unmasked."""
+
+
+class SecureProtocolError(RuntimeError):
+    """The server's side: a site did not answer a summed request, or the secure sum cannot be recovered (no sum
+    to give). Raised by ``server.secure_aggregation.SecureSession``; here so that the strategies, which may not
+    import the server, can catch it (``strategies.pairwise_masked_mean``)."""
+
+    def __init__(self, node: int, reason: str) -> None:
+        super().__init__(f"node {node}: {reason}")
+        self.node, self.reason = node, reason
 
 
 def new_private_key() -> bytes:

@@ -48,7 +48,7 @@ KINDS = ("sign-flip", "scale", "label-flip", "lie")
 DEFAULT_FACTORS = {"sign-flip": 1.0, "scale": 10.0}
 """FACTOR when none is given; the other kinds take none."""
 UPDATE_KINDS = tuple(DEFAULT_FACTORS)
-"""The kinds that rewrite the site's plain ANN weights: not with pairwise-masked rounds, whose replies are words
+"""The kinds that rewrite the site's plain ANN weights: not with masked rounds, whose replies are words
 (``simulation.experiment.ExperimentConfig.ann_masking`` turns masking off for them)."""
 
 ATTACKS_DIR = "attacks"

@@ -84,7 +84,7 @@ class ExperimentConfig:
     xgb_scale_bits: int = DEFAULTS.xgb_scale_bits  # --boosting hist: fixed-point scale (TreeParams.scale_bits)
     xgb_hist_batch_heads: bool = DEFAULTS.xgb_hist_batch_heads  # --boosting hist: all heads in one level request
     secure_sum: str = DEFAULTS.secure_sum  # hist boosting: pairwise | recovering | off (RunSettings)
-    ann_secure_sum: str = DEFAULTS.ann_secure_sum  # ANN rounds: auto | pairwise | off (RunSettings)
+    ann_secure_sum: str = DEFAULTS.ann_secure_sum  # ANN rounds: auto | pairwise | recovering | off (RunSettings)
     compare: bool = True  # the seed paper's comparison: random forest, SVM, gradient boosting
     fqi_iterations: int = DEFAULTS.fqi_iterations
     release_gate: bool = DEFAULTS.release_gate  # False ships the policy whatever the sites' estimates (tests)
@@ -154,14 +154,14 @@ class ExperimentConfig:
     def ann_masking(self) -> str:
         """The run's ``ann_secure_sum``: ``auto`` becomes ``off`` when an attack rewrites a site's plain training
         reply (``sign-flip``, ``scale``: :func:`simulation.attacks.attack_mod` works on the weights a site sends,
-        and under masks it sends words); an explicit ``pairwise`` with such an attack is refused."""
+        and under masks it sends words); an explicit ``pairwise`` or ``recovering`` with such an attack is refused."""
         rewrites = [a for a in self.parsed_attacks() if a.kind in UPDATE_KINDS]
         if not rewrites or self.ann_secure_sum == "off":
             return self.ann_secure_sum
-        if self.ann_secure_sum == "pairwise":
+        if self.ann_secure_sum != "auto":
             raise ExperimentError(f"--attack {rewrites[0].site}:{rewrites[0].kind} rewrites the site's plain ANN "
-                                  "weights, which pairwise-masked rounds never send: use --ann-secure-sum off (or "
-                                  "auto) with it")
+                                  "weights, which masked rounds never send: use --ann-secure-sum off (or auto) "
+                                  "with it")
         return "off"
 
     def parsed_attacks(self) -> list[Attack]:

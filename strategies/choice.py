@@ -14,7 +14,7 @@ Any of them can be wrapped in update-norm clipping (:mod:`strategies.update_clip
 (``clip_norm`` > 0) or to a multiple of each round's median update norm (``clip_median_factor`` > 0). FedAvg and
 FedProx can instead be wrapped in central DP (:mod:`strategies.central_dp`: Flower's server-side fixed or adaptive
 clipping wrapper, user-level DP of the global models). FedAvg, FedProx, FedAdam and FedYogi can instead take their
-mean from a pairwise-masked sum (:mod:`strategies.pairwise_masked_mean`, Bonawitz et al. 2017): the coordinator never
+mean from a masked sum (:mod:`strategies.pairwise_masked_mean`, Bonawitz et al. 2017): the coordinator never
 sees one site's model; everything that needs each site's update (robust aggregators, clipping, central DP) refuses
 it.
 
@@ -29,7 +29,7 @@ from collections.abc import Collection, Mapping
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
 
 from strategies.central_dp import CentralDP, CentralDPParameters, central_dp_problem
-from strategies.pairwise_masked_mean import PairwiseMaskedMean, masking_problem
+from strategies.pairwise_masked_mean import PairwiseMaskedMean, SessionFactory, masking_problem
 from strategies.robust import ROBUST_STRATEGIES, RobustParameters, robust_strategy
 from strategies.summation import sum_metricrecords
 from strategies.update_clipping import MedianNormClipping, UpdateNormClipping
@@ -41,7 +41,8 @@ def make_strategy(name: str, n_sites: int, proximal_mu: float = 0.1, server_lr: 
                   robust: RobustParameters | None = None, clip_norm: float = 0.0,
                   clip_median_factor: float = 0.0, central: CentralDPParameters | None = None,
                   masked: bool = False, masked_nodes: Collection[int] | None = None,
-                  site_names: Mapping[int, str] | None = None) -> Strategy:
+                  site_names: Mapping[int, str] | None = None,
+                  session_factory: SessionFactory | None = None) -> Strategy:
     """Flower strategy ``name`` that trains and evaluates on every connected site each round.
 
     ``n_sites`` (the usable sites) is what a round expects, but a round goes on with the sites still
@@ -53,9 +54,9 @@ def make_strategy(name: str, n_sites: int, proximal_mu: float = 0.1, server_lr: 
     :class:`strategies.update_clipping.MedianNormClipping` (not both: ``ValueError``). ``central`` wraps it in
     :class:`strategies.central_dp.CentralDP` over ``n_sites`` (``ValueError`` saying why for a strategy that is not a
     mean, or with update-norm clipping too). ``masked`` wraps it in
-    :class:`strategies.pairwise_masked_mean.PairwiseMaskedMean` among ``masked_nodes``, named by ``site_names``
-    (``ValueError`` saying why
-    for a strategy, clipping or central DP that needs each site's update)."""
+    :class:`strategies.pairwise_masked_mean.PairwiseMaskedMean` among ``masked_nodes``, named by ``site_names``, its
+    secure-sum sessions from ``session_factory`` (``ValueError`` saying why for a strategy, clipping or central DP
+    that needs each site's update, or without a factory)."""
     if masked and (problem := masking_problem(name, clip_norm, clip_median_factor,
                                               central.mechanism if central is not None else "")):
         raise ValueError(problem)
@@ -66,7 +67,9 @@ def make_strategy(name: str, n_sites: int, proximal_mu: float = 0.1, server_lr: 
                          f"median-based one; got {clip_norm} and {clip_median_factor}")
     strategy = _named_strategy(name, n_sites, proximal_mu, server_lr, robust)
     if masked:
-        return PairwiseMaskedMean(strategy, masked_nodes, site_names)
+        if session_factory is None:
+            raise ValueError("masked ANN rounds need the secure sum's sessions (session_factory)")
+        return PairwiseMaskedMean(strategy, session_factory, masked_nodes, site_names)
     if central is not None:
         return CentralDP(strategy, central, n_sites)
     if clip_median_factor > 0:

@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,16 +35,24 @@ from simulation.termination import descendants
 FLOWER_BIN = Path(sys.executable).parent
 """flower-superlink, flower-supernode, flwr and flower-superexec of this environment."""
 
+PROJECT = Path(__file__).resolve().parents[1]
+"""This checkout: the code a site worker runs (the FAB that ``flwr run`` builds holds the same)."""
 FINISHED = "finished"
 """Prefix of a run's status once it has ended (``finished:completed``, ``finished:failed``, ...)."""
 
 
+SUPEREXEC_POLL_S = "0.1"
+"""``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``: how often the SuperExec a SuperLink or SuperNode starts looks for a task
+to launch (Flower 1.42: every 1 s unless set; 0.01 s to 60 s accepted), as README's deployment recommends."""
+
+
 def flower_env(home: Path) -> dict[str, str]:
-    """The environment of a Flower process: its own ``FLWR_HOME``, offline, and this venv's bin/ on PATH
-    (the SuperLink and SuperNode start ``flower-superexec`` by name)."""
+    """The environment of a Flower process: its own ``FLWR_HOME``, offline, its SuperExec polling every
+    :data:`SUPEREXEC_POLL_S`, and this venv's bin/ on PATH (the SuperLink and SuperNode start ``flower-superexec``
+    by name)."""
     home.mkdir(parents=True, exist_ok=True)
     return {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": SUPEREXEC_POLL_S,
             "PATH": f"{FLOWER_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
@@ -161,16 +170,21 @@ def register_site(coordinator: Path, federation: str, site: str, home: Path) -> 
     return int(answer["node-id"])
 
 
-def node_config(data: Path, site: str, trust_key: Path | None = None) -> str:
-    """The ``--node-config`` of a hospital's SuperNode: its data, its name, the coordinator's signing key."""
+def node_config(data: Path, site: str, trust_key: Path | None = None, worker: Path | None = None) -> str:
+    """The ``--node-config`` of a hospital's SuperNode: its data, its name, the coordinator's signing key and its
+    warm worker's socket (``client.site_worker``)."""
     config = f"data-path={json.dumps(str(data))} site-name={json.dumps(site)}"
     if trust_key is not None:
         config += f" trust-key={json.dumps(str(trust_key))}"
+    if worker is not None:
+        config += f" site-worker={json.dumps(str(worker))}"
     return config
 
 
-def start_supernode(site_kit: Path, data: Path, superlink_port: int, workdir: Path, name: str) -> Service:
-    """``flower-supernode`` for one hospital: its key, the CA, its data folder and the coordinator's public key.
+def start_supernode(site_kit: Path, data: Path, superlink_port: int, workdir: Path, name: str,
+                    worker: Path | None = None) -> Service:
+    """``flower-supernode`` for one hospital: its key, the CA, its data folder, the coordinator's public key, and
+    the socket of its warm worker if it has one (:func:`start_site_worker`).
 
     Its FLWR_HOME is ``workdir/<name>_home``; its ClientAppIo port is a free port (one per node on a host).
     """
@@ -178,23 +192,56 @@ def start_supernode(site_kit: Path, data: Path, superlink_port: int, workdir: Pa
     command = [str(FLOWER_BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{superlink_port}",
                "--root-certificates", str(site_kit / "ca.pem"),
                "--auth-supernode-private-key", str(site_kit / "supernode.key"), "--port", str(port),
-               "--node-config", node_config(data, name, site_kit / "policy_signing.pub")]
+               "--node-config", node_config(data, name, site_kit / "policy_signing.pub", worker)]
     return start(f"supernode_{name}", command, flower_env(workdir / f"{name}_home"), workdir, port)
 
 
+def worker_socket(workdir: Path, name: str) -> Path:
+    """Where the warm worker of site ``name`` listens: a private folder of its own under ``workdir``."""
+    return workdir / f"{name}_worker" / "site.sock"
+
+
+def start_site_worker(workdir: Path, name: str) -> Service:
+    """``fednano site-worker`` for one hospital (``client.site_worker``); :func:`wait_for_worker` waits for it."""
+    path = worker_socket(workdir, name)
+    env = {**flower_env(workdir / f"{name}_home"), "PYTHONPATH": str(PROJECT)}  # this checkout's code, as the FAB's
+    return start(f"worker_{name}", [sys.executable, "-m", "fednano.cli", "site-worker", "--socket", str(path)],
+                 env, workdir, 0)
+
+
+def wait_for_worker(service: Service, path: Path, timeout: float = 120.0) -> Service:
+    """Return ``service`` once its socket at ``path`` accepts a connection; raise if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if service.process.poll() is not None:
+            raise RuntimeError(f"{service.name} exited with {service.process.returncode}:\n{service.log_text()}")
+        if path.exists():
+            with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as probe:
+                probe.connect(str(path))
+                return service
+        time.sleep(0.2)
+    raise TimeoutError(f"{service.name} did not listen on {path} within {timeout} s")
+
+
 def start_federation(kit: Path, sites: Path, names: list[str], federation: str, home: Path, workdir: Path,
-                     services: list[Service]) -> tuple[Service, dict[str, Service]]:
+                     services: list[Service], workers: Collection[str] = ()) -> tuple[Service, dict[str, Service]]:
     """The coordinator's SuperLink (its connection written to ``home``), every site of ``names`` registered and
-    its SuperNode started on its folder in ``sites``: the SuperLink and the SuperNodes by name. Each service is
-    appended to ``services`` as soon as it runs, so the caller stops every one started, whatever fails next."""
+    its SuperNode started on its folder in ``sites`` (with a warm worker for the sites in ``workers``): the
+    SuperLink and the SuperNodes by name. Each service is appended to ``services`` as soon as it runs, so the caller
+    stops every one started, whatever fails next."""
     link = start_superlink(kit / "coordinator", workdir, free_port())
     services.append(link)
     write_connection(home, federation, link.port, kit / "coordinator" / "ca.pem")
     for name in names:
         register_site(kit / "coordinator", federation, name, home)
+    started = {name: start_site_worker(workdir, name) for name in names if name in workers}
+    services.extend(started.values())
+    for name, worker in started.items():  # they load in parallel
+        wait_for_worker(worker, worker_socket(workdir, name))
     nodes = {}
     for name in names:
-        nodes[name] = start_supernode(kit / "sites" / name, sites / name, link.port, workdir, name)
+        nodes[name] = start_supernode(kit / "sites" / name, sites / name, link.port, workdir, name,
+                                      worker_socket(workdir, name) if name in workers else None)
         services.append(nodes[name])
     return link, nodes
 

@@ -1,7 +1,8 @@
 """End-to-end: a real SuperLink and real SuperNodes on loopback, with TLS and SuperNode authentication.
 
 One federation serves the tests of this module, because a deployed round takes ~25 s: the SuperLink, four
-registered hospitals (keys from ``fednano provision``), and one ``flwr run`` of 2 rounds. The fourth hospital
+registered hospitals (keys from ``fednano provision``; three with a warm worker, ``client.site_worker``), and one
+``flwr run`` of 2 rounds. The fourth hospital
 (``DROPPED``) is killed (SIGKILL, as a crash) as soon as it receives its first training message; the run must
 complete with the other three, every one of which ends up holding the verified policy bundle, and the run
 record names the dropped site. A fifth key (``INTRUDER``) is provisioned but never registered: its SuperNode
@@ -73,7 +74,8 @@ def federation(tmp_path_factory) -> Deployed:
     generate_sites(len(SITES) + 1, seed=3, out=sites, patients_per_clinic=PATIENTS_PER_SITE)
     services: list[dep.Service] = []
     try:
-        link, nodes = dep.start_federation(kit, sites, [*SITES, DROPPED], FEDERATION, home, work, services)
+        link, nodes = dep.start_federation(kit, sites, [*SITES, DROPPED], FEDERATION, home, work, services,
+                                           workers=SITES)
         run_id = dep.start_run(APP, FEDERATION, home, run_config(work / "out", kit))
         dep.wait_for_log(nodes[DROPPED], "Receiving: train", timeout=RUN_TIMEOUT_S)
         dep.kill(nodes[DROPPED])
@@ -92,6 +94,17 @@ def test_the_run_completes_with_tls_and_authenticated_supernodes(federation):
     assert federation.record.sites == sorted([*SITES, DROPPED])
     assert federation.record.settings["num-server-rounds"] == ROUNDS
     assert [r["round"] for r in federation.record.models["ann"].rounds] == list(range(1, ROUNDS + 1))
+
+
+@pytest.mark.slow
+def test_the_sites_with_a_warm_worker_answered_every_message_through_it(federation):
+    """Three sites run ``fednano site-worker`` beside their SuperNode; the dropped site answers in Flower's
+    per-message processes (as a site without a worker does)."""
+    for name in SITES:
+        answered = (federation.work / f"worker_{name}.log").read_text().splitlines()
+        assert sum(line.endswith("site worker: train") for line in answered) == ROUNDS
+        assert any(line.endswith("site worker: query.site_check") for line in answered)
+    assert not (federation.work / f"worker_{DROPPED}.log").exists()
 
 
 @pytest.mark.slow

@@ -184,7 +184,11 @@ def test_next_commands_parse_with_the_installed_flowers_own_argument_parsers(tmp
     node = node[node.index("flower-supernode") + 1:]
     args = _parse_args_run_supernode().parse_args(node)
     assert args.superlink == "127.0.0.1:9093" and args.auth_supernode_private_key == "supernode.key"
-    assert parse_config_args([args.node_config]) == {"data-path": "/path/to/delta/data", "site-name": "delta"}
+    socket_path = "/path/to/delta/worker/site.sock"
+    assert parse_config_args([args.node_config]) == {"data-path": "/path/to/delta/data", "site-name": "delta",
+                                                     "site-worker": socket_path}
+    worker = next(c for c in commands if "site-worker" in c[:2])
+    assert worker[:4] == ["fednano", "site-worker", "--socket", socket_path] and worker[-1] == "&"
     register = next(c for c in commands if "register" in c)
     assert register[-4:] == [str(kit / "coordinator" / "supernodes" / "delta.pub"), FEDERATION, "--name", "delta"]
     assert commands[-1][-5:] == ["flwr", "run", ".", FEDERATION, "--stream"]

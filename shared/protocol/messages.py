@@ -40,9 +40,6 @@ TRAIN = MessageName("train")
 """One round of local ANN training (Flower strategies send it)."""
 EVALUATE = MessageName("evaluate")
 """Evaluation summaries of the global ANN (Flower strategies send it)."""
-ANN_KEYS = query("ann_keys")
-"""Pairwise-masked ANN rounds (``strategies.pairwise_masked_mean``): the site's fresh X25519 public key for the
-session the request names; its private key stays in the node's context state."""
 PERSONALISE = query("personalise")
 """Train the site's personalised ANNs from the final global one, choose on the validation split, reply metrics
 only (``shared.protocol.personalisation``); the personalised models stay at the site."""
@@ -58,7 +55,8 @@ validation split, reply metrics only (``shared.protocol.personalisation``); the 
 IMPORTANCE = query("importance")
 """Permutation-importance loss sums of a final model."""
 
-# --- secure sums of the statistics and analytics phases (server.secure_aggregation, client.secure_aggregation):
+# --- secure sums of the statistics and analytics phases and the masked ANN rounds (server.secure_aggregation,
+# client.secure_aggregation):
 # the same rounds as HIST_KEYS / HIST_SHARES / HIST_UNMASK below, answered by the same site handlers
 SECURE_KEYS = query("secure_keys")
 """Pairwise masks: the site's session key; recovering: round 0 of one release (``shared.secagg_plus``)."""
@@ -66,6 +64,12 @@ SECURE_SHARES = query("secure_shares")
 """Recovering: round 1, the site's Shamir shares encrypted per peer."""
 SECURE_UNMASK = query("secure_unmask")
 """Recovering: round 3, the shares that unmask the sum over the sites whose masked input arrived."""
+ANN_KEYS = query("ann_keys")
+ANN_SHARES = query("ann_shares")
+ANN_UNMASK = query("ann_unmask")
+"""The same rounds for the masked ANN rounds (``strategies.pairwise_masked_mean``), whose masked request is the
+training message: their own names, because the site checks a repeated round's unmasking against the sites it was
+summed over before (``client.training_handlers.ann_unmask``)."""
 STATISTICS_LAYOUT = query("statistics_layout")
 """Masked statistics, step 1: the names a site's statistics vector is laid out by (category and class values),
 and its min and max (not sums: they travel in the clear)."""

@@ -29,8 +29,10 @@ PUBLIC_RELEASES = {
     "secure_keys": "fresh public keys for the secure sum of the statistics and analytics",
     "secure_shares": "Shamir shares of fresh random secrets, encrypted to each peer",
     "secure_unmask": "shares of other sites' random secrets, as the secure sum's unmasking needs",
+    "ann_keys": "fresh public keys for the secure sum of the ANN rounds",
+    "ann_shares": "Shamir shares of fresh random secrets, encrypted to each peer",
+    "ann_unmask": "shares of other sites' random secrets, as the secure sum's unmasking needs",
     "statistics_layout": "a DP site's declared category values and declared numeric ranges (the task file's)",
-    "ann_keys": "a fresh public key for the masked sum of the ANN rounds",
 }
 """Messages a DP site answers without noise, and why that answer is not derived from patient rows."""
 

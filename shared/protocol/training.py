@@ -7,12 +7,15 @@ the federated encoder (``shared.encoding.FeatureEncoder.to_config_record``) and 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from shared.encoding import FeatureEncoder
 from shared.protocol import records as r
+from shared.protocol.errors import ShareableError
 from shared.protocol.privacy import RunPlan
 
 
@@ -77,19 +80,56 @@ made at the final round only)."""
 RECEIVED_EVALUATION = "received-evaluation"
 """Reply key of the evaluation summaries of the received model (:data:`EVALUATE_RECEIVED`)."""
 
-# Pairwise-masked rounds (strategies.pairwise_masked_mean, client.training_handlers.masked_weights)
-SECURE_SESSION = "ann-secure-session"
-"""Train config (and ``query.ann_keys`` request): the key exchange's session id. With it the site sends its
-weights as masked fixed-point words (``shared.ann_fixed_point``) under the label ``<session>/<server-round>``."""
-SECURE_NODES = "ann-secure-nodes"
-SECURE_KEYS = "ann-secure-keys"
-SECURE_SITES = "ann-secure-sites"
-"""Train config: the roster's node ids, their X25519 public keys and their site names, in the same order (a site
-compares a repeated round's roster by name: node ids change when a run resumes)."""
-PUBLIC_KEY = "public-key"
-"""``query.ann_keys`` reply (ConfigRecord ``keys``): the site's X25519 public key for the session."""
+# Masked ANN rounds (strategies.pairwise_masked_mean, client.training_handlers.masked_weights): the train config
+# carries the secure-sum keys of ``shared.protocol.hist`` (``server.secure_aggregation.SecureSession``) and these.
+ROSTER_NAMES = "ann-roster-names"
+"""Train config of a masked round: the names of the sites the round is masked among, so a site can compare the
+roster of a round it is asked again by name (node ids change when a run resumes)."""
 MASKED = "masked-weights"
-"""The one array of a masked training reply: uint64 words of (n·w, n) in fixed point, masked."""
+"""The one array of a masked training reply: the two-lane fixed-point words (``client.secure_aggregation.to_fixed``)
+of :func:`weighted_vector`, masked."""
+
+Layout = list[tuple[str, tuple[int, ...], str]]
+"""The arrays a masked vector stands for: name, shape and dtype, in sorted name order (both sides)."""
+
+
+def layout_of(arrays: Mapping[str, np.ndarray]) -> Layout:
+    """The layout of ``arrays`` (the round's global model): names sorted, so site and server agree unsent."""
+    return [(name, tuple(np.shape(arrays[name])), str(np.asarray(arrays[name]).dtype)) for name in sorted(arrays)]
+
+
+def weighted_vector(arrays: Mapping[str, np.ndarray], weight: float, layout: Layout) -> np.ndarray:
+    """FedAvg's summands (McMahan et al. 2017) of one site as one float64 vector: every entry of
+    ``weight · arrays`` in ``layout``'s order, then ``weight``. A ShareableError (no value in the text) if the
+    arrays are not the layout's or ``weight`` is not a finite number above zero."""
+    if set(arrays) != {name for name, _, _ in layout}:
+        raise ShareableError("the trained weights do not have the arrays of the model the round sent")
+    for name, shape, _ in layout:
+        if tuple(np.shape(arrays[name])) != shape:
+            raise ShareableError(f"array {name!r}: shape {tuple(np.shape(arrays[name]))}, the round sent {shape}")
+    if not (np.isfinite(weight) and weight > 0):
+        raise ShareableError("the site's weight (num-examples) must be a finite number above zero to be masked")
+    flat = np.concatenate([np.asarray(arrays[name], dtype=np.float64).reshape(-1) for name, _, _ in layout])
+    return np.append(flat * float(weight), float(weight))
+
+
+def weighted_mean(total: np.ndarray, layout: Layout) -> tuple[dict[str, np.ndarray], float]:
+    """The weighted mean arrays (each in its layout dtype) and the summed weight from the sum over sites of
+    :func:`weighted_vector`. ``ValueError`` if the length does not match or the summed weight is not positive."""
+    total = np.asarray(total, dtype=np.float64).reshape(-1)
+    size = sum(int(np.prod(shape, dtype=np.int64)) for _, shape, _ in layout)
+    if total.shape != (size + 1,):
+        raise ValueError(f"masked sum: expected {size + 1} entries (the model's {size} weights and the weight), "
+                         f"got {total.size}")
+    weight = float(total[-1])
+    if not weight > 0:
+        raise ValueError("masked sum: the summed weight is not positive; the entries are not the sites' vectors")
+    arrays, start = {}, 0
+    for name, shape, dtype in layout:
+        count = int(np.prod(shape, dtype=np.int64))
+        arrays[name] = (total[start:start + count] / weight).reshape(shape).astype(dtype)
+        start += count
+    return arrays, weight
 
 
 def hidden_of(config: ConfigRecord) -> tuple[int, ...]:
