@@ -121,10 +121,12 @@ def simulator_run(args, sites: dict[int, object], scale: int
     session.exchange_keys()
     thresholds = hp.global_thresholds(session, lo, hi)
     models, trees = {}, 0
+    failures: dict[int, str] = {}
+    grown = hp.grow_all_heads(session, specs, thresholds, hist, failures)
+    if failures:
+        raise RuntimeError(f"the hist phase failed: {failures}")
     for spec in specs:
-        rounds: list = []
-        for _ in range(hist.rounds):
-            rounds.append(hp.grow_round(session, spec, thresholds, rounds))
+        rounds = grown[spec.key]
         trees += sum(len(t) for t in rounds)
         models[spec.key] = export_model(rounds, spec.objective, spec.base_score, encoder.n_features_out_)
     seconds = time.perf_counter() - start

@@ -21,16 +21,17 @@ site side of the protocol the statistics and analytics phases use too; here it a
 - ``query.hist_bins``: per feature, row counts on the grid between the federated minimum and maximum.
 - ``query.hist_cells``: per feature, row counts on a finer partition the server sends (the grid with its
   crowded cells split, ``shared.hist_boosting.global_thresholds``); asked at most ``REFINE_PASSES`` times.
-- ``query.hist_level``: for the requested frontier nodes of the round's trees (one child per split parent,
-  the server derives the sibling by subtraction), the fixed-point histograms of the objective's gradients and
-  hessians at the margins of the trees so far, each feature's own bins only.
+- ``query.hist_level``: for every head the request grows (``shared.protocol.hist.HEADS``; its keys and arrays
+  under ``head_key``), for the requested frontier nodes of the head's round of trees (one child per split
+  parent, the server derives the sibling by subtraction), the fixed-point histograms of the objective's
+  gradients and hessians at the margins of the head's trees so far, each feature's own bins only; all heads'
+  histograms in one vector, masked as one release.
 
 What the site keeps between messages of the phase (its Flower context state, which Flower keeps per run and
 node across messages, in simulation and deployment alike), so that nothing crosses twice: the encoder, from
 the first request of the session; the bin thresholds, from the first level request; the finished trees of
-the head being grown, each round's trees arriving once, with the next round's first level request. A request
-that finds the site without them (another session, a round missing) is refused, never answered from stale
-state.
+every head, each round's trees arriving once, with the next round's first level request. A request that finds
+the site without them (another session, a round missing) is refused, never answered from stale state.
 
 What the counts disclose. Summed over sites (and masked, so the server sees only the sum), the grid and
 cell counts are the pooled histogram of each feature at the resolution of the final cells: where rows
@@ -40,7 +41,8 @@ as much as XGBoost's own cut points, which the exported trees carry anyway. A ce
 is never split further. Under DP every count release is noised like the grid counts below.
 
 Differential privacy. A site under DP answers the grid counts and histograms through the one DP release
-(``client.dp``, phase ``boosting``; the server announces how many releases the phase has): one row changes
+(``client.dp``, phase ``boosting``; the server announces how many releases the phase has; each head of a level
+request is a release of its own, ``dp-release-index + i``): one row changes
 each of the ``touched`` entries of a block by at most its bound (gradient bound 1 for logistic and softmax,
 ``dp-gradient-clip`` for squared error, whose gradients are clipped; hessian bound 1/4, 1/2 or 1; a count 1).
 Noise is added before masking, so the server sees only the sum of the noised histograms. Its ``hist_ranges``
@@ -82,9 +84,10 @@ from shared.protocol.errors import ShareableError
 from shared.protocol.privacy import RELEASE_INDEX, RELEASES
 
 SESSION_KEY = "hist-session"
-"""Context state: the session id, the encoder (JSON), the kept model's head and rounds."""
+"""Context state: the session id, the encoder (JSON), and per head (``rounds/<head>``) the rounds of its kept model."""
 THRESHOLDS_KEY = "hist-thresholds"
 MODEL_KEY = "hist-model"
+"""Context state: ``hist-model/<head>``, every head's finished trees."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -132,10 +135,9 @@ def in_session(request: SiteRequest) -> SiteRequest:
     session = str(config[h.SECURE_SESSION])
     if ENCODER_CONFIG_KEY in config:
         if SESSION_KEY not in state or str(state[SESSION_KEY]["session"]) != session:
-            for key in (THRESHOLDS_KEY, MODEL_KEY):
-                if key in state:
-                    del state[key]
-            state[SESSION_KEY] = ConfigRecord({"session": session, "head": "", "rounds": -1})
+            for key in [k for k in state if k == THRESHOLDS_KEY or k.startswith(MODEL_KEY + "/")]:
+                del state[key]
+            state[SESSION_KEY] = ConfigRecord({"session": session})
         state[SESSION_KEY][ENCODER_CONFIG_KEY] = str(config[ENCODER_CONFIG_KEY])
         return request
     kept = state.get(SESSION_KEY)
@@ -162,26 +164,53 @@ def session_model(config: ConfigRecord, arrays: ArrayRecord, context: Context) -
     checked to be exactly ``round`` rounds of this head."""
     kept = context.state[SESSION_KEY]
     head, round_ = str(config[h.HEAD]), int(config[h.ROUND])
+    rounds_key, model_key = f"rounds/{head}", f"{MODEL_KEY}/{head}"
+    have = int(kept[rounds_key]) if rounds_key in kept and model_key in context.state else -1
     n_out = int(config[h.N_OUTPUTS])
     if has_trees(arrays, h.MODEL):
         new = trees_from_record(arrays, h.MODEL)
         if round_ == 0:
             trees: list[hb.Tree] = []
-        elif str(kept["head"]) == head and int(kept["rounds"]) == round_ - 1 and MODEL_KEY in context.state:
-            trees = trees_from_record(context.state[MODEL_KEY], h.MODEL)
+        elif have == round_ - 1:
+            trees = trees_from_record(context.state[model_key], h.MODEL)
         else:
-            raise ShareableError(f"head {head!r} round {round_}: this site kept round {kept['rounds']} of "
-                                 f"{str(kept['head']) or 'no head'}, not the round before")
+            raise ShareableError(f"head {head!r} round {round_}: this site kept {kept_rounds(have)} of it, not the "
+                                 "round before")
         if len(new) != (n_out if round_ > 0 else 0):
             raise ShareableError(f"head {head!r} round {round_}: {len(new)} new trees, expected one round's")
         trees += new
-        context.state[MODEL_KEY] = trees_record(trees, h.MODEL)
-        kept["head"], kept["rounds"] = head, round_
+        context.state[model_key] = trees_record(trees, h.MODEL)
+        kept[rounds_key] = round_
         return trees
-    if str(kept["head"]) != head or int(kept["rounds"]) != round_ or MODEL_KEY not in context.state:
-        raise ShareableError(f"head {head!r} round {round_}: this site kept round {kept['rounds']} of "
-                             f"{str(kept['head']) or 'no head'}")
-    return trees_from_record(context.state[MODEL_KEY], h.MODEL)
+    if have != round_:
+        raise ShareableError(f"head {head!r} round {round_}: this site kept {kept_rounds(have)} of it")
+    return trees_from_record(context.state[model_key], h.MODEL)
+
+
+def kept_rounds(have: int) -> str:
+    return "no round" if have < 0 else f"round {have}"
+
+
+def head_requests(config: ConfigRecord, arrays: ArrayRecord) -> list[tuple[ConfigRecord, ArrayRecord]]:
+    """Each head's view of a level request (``h.HEADS``): the session's keys and the shared arrays (the
+    thresholds) with the head's own keys and arrays under their plain names, and its DP release index
+    (``dp-release-index + i``)."""
+    n_heads = int(config[h.HEADS]) if h.HEADS in config else 0
+    if n_heads < 1:
+        raise ShareableError(f"a level request names {n_heads} heads to grow; expected at least one")
+    shared_config = {k: v for k, v in config.items() if not k.startswith(h.HEAD_PREFIX)}
+    shared_arrays = {k: v for k, v in arrays.items() if not k.startswith(h.HEAD_PREFIX)}
+    views = []
+    for i in range(n_heads):
+        prefix = h.head_key(i, "")
+        own = ConfigRecord({**shared_config, **{k[len(prefix):]: v for k, v in config.items() if k.startswith(prefix)}})
+        if h.HEAD not in own:
+            raise ShareableError(f"a level request names {n_heads} heads but has no config for head {i}")
+        if RELEASE_INDEX in config:
+            own[RELEASE_INDEX] = int(config[RELEASE_INDEX]) + i
+        views.append((own, ArrayRecord({**shared_arrays, **{k[len(prefix):]: v for k, v in arrays.items()
+                                                            if k.startswith(prefix)}})))
+    return views
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -262,15 +291,16 @@ def check_unsent(histograms: np.ndarray, sent: np.ndarray, arrays: ArrayRecord, 
             raise ShareableError(f"node {node} of tree {k} has rows in bins the request leaves out")
 
 
-def _released(request: SiteRequest, blocks: dict[str, Block], content: RecordDict) -> dict[str, np.ndarray]:
-    """The blocks as released: exact for a site without DP, through the ``boosting`` phase's release else (its
-    facts then go into ``content``)."""
+def _released(request: SiteRequest, blocks: dict[str, Block], content: RecordDict,
+              facts_key: str = r.PRIVACY) -> dict[str, np.ndarray]:
+    """The blocks as released: exact for a site without DP, through the ``boosting`` phase's release
+    ``dp-release-index`` else (its facts then go into ``content`` under ``facts_key``)."""
     if request.dp is None:
         return {name: np.asarray(block.values) for name, block in blocks.items()}
     release = PhaseRelease.for_phase(request.context, request.dp, "boosting",
                                      releases=int(request.config[RELEASES]))
     noised, facts = release.release(blocks, int(request.config[RELEASE_INDEX]))
-    content[r.PRIVACY] = facts.to_record()
+    content[facts_key] = facts.to_record()
     return noised
 
 
@@ -309,13 +339,13 @@ def answer_counts(count: Any) -> Any:
     return answer
 
 
-def answer_level(msg: Message, request: SiteRequest) -> RecordDict:
-    _, x, targets = training_matrix(request)
+def head_level(request: SiteRequest, arrays: ArrayRecord, x: np.ndarray, targets: dict[str, np.ndarray],
+               content: RecordDict, facts_key: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """One head's histograms of a level request (``request.config`` and ``arrays``: the head's view,
+    :func:`head_requests`) as released (noised at a DP site, its facts into ``content``), and every entry's
+    announced width (None: 64-bit words)."""
     x, y = labelled_rows(request.config, x, targets)
-    histograms, blocks = level_histograms(request.config, msg.content[r.ARRAYS], x, y, request.dp is not None,
-                                          request.context)
-    content = RecordDict()
-    arrays = msg.content[r.ARRAYS]
+    histograms, blocks = level_histograms(request.config, arrays, x, y, request.dp is not None, request.context)
     bits = None
     if h.WIDTHS in arrays:  # packed in the announced widths (the server has every site's rows)
         if request.dp is not None:
@@ -327,11 +357,33 @@ def answer_level(msg: Message, request: SiteRequest) -> RecordDict:
         check_unsent(histograms, sent, arrays, widths)
         bits = hist_wire.entry_bits(level_widths, widths) * sent[..., None]
     if request.dp is not None:
-        noised = _released(request, blocks, content)
+        noised = _released(request, blocks, content, facts_key)
         scale = scale_bits(request.config)
         histograms = np.stack([hb.to_fixed(noised["gradient"], scale), hb.to_fixed(noised["hessian"], scale)],
                               axis=-1)
-    content[r.ARRAYS] = ArrayRecord({h.HISTOGRAMS: masked(histograms, request.config, request.context, bits)})
+    return histograms, bits
+
+
+def answer_level(msg: Message, request: SiteRequest) -> RecordDict:
+    """Every head's histograms of the level request (:func:`head_level`), one after the other in one vector,
+    masked as one release."""
+    _, x, targets = training_matrix(request)
+    content = RecordDict()
+    values, widths = [], []
+    for i, (config, arrays) in enumerate(head_requests(request.config, msg.content[r.ARRAYS])):
+        try:
+            histograms, bits = head_level(dataclasses.replace(request, config=config), arrays, x, targets, content,
+                                          h.privacy_key(i))
+        except ShareableError as err:  # name the head: one refusal stops every head of the request
+            raise ShareableError(f"head {str(config[h.HEAD])!r}: {err}") from err
+        values.append(histograms.reshape(-1))
+        widths.append(bits)
+    compact = [bits is not None for bits in widths]
+    if any(compact) and not all(compact):
+        raise ShareableError("a level request announces entry widths for some of its heads only")
+    bits = np.concatenate([b.reshape(-1) for b in widths]) if all(compact) else None
+    content[r.ARRAYS] = ArrayRecord({h.HISTOGRAMS: masked(np.concatenate(values), request.config, request.context,
+                                                          bits)})
     return content
 
 

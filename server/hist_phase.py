@@ -17,13 +17,18 @@ histogram-based federated XGBoost), over Flower's Grid with query messages (reco
 3. ``query.hist_bins`` — grid counts per feature, summed; then up to ``REFINE_PASSES`` times
    ``query.hist_cells`` — counts on the grid with its crowded cells split, summed; the server cuts global
    bins (``shared.hist_boosting.global_thresholds``) and sends them with the first level request only.
-4. per head, per boosting round, per depth level above the deepest: ``query.hist_level`` with the routing of
-   the round's growing trees (and, with a round's first level, the previous round's finished trees: a site
-   keeps the head's model, so no tree crosses twice); every site answers the fixed-point histograms of the
-   requested frontier nodes (at the root, every root; below, one child of each split, the sibling being
-   parent − child: LightGBM's histogram subtraction), each feature's own bins only; the server sums them and
-   decides the splits and leaf weights (``shared.hist_boosting.LevelGrower``). The deepest level's leaves
-   take their sums from their parents.
+4. per boosting round, per depth level above the deepest: one ``query.hist_level`` for every head together
+   (``HistSettings.batch_heads``, the default: the round's trees of all heads grow level by level side by side,
+   one exchange per level instead of one per head and level; ``shared.protocol.hist.HEADS``), with the routing
+   of each head's growing trees (and, with a round's first level, its previous round's finished trees: a site
+   keeps every head's model, so no tree crosses twice); every site answers the fixed-point histograms of the
+   requested frontier nodes of every head (at the root, every root; below, one child of each split, the
+   sibling being parent − child: LightGBM's histogram subtraction), each feature's own bins only, all heads'
+   in one vector that is one secure sum; the server sums them and decides each head's splits and leaf weights
+   (``shared.hist_boosting.LevelGrower``). The deepest level's leaves take their sums from their parents. A
+   head's trees are those it would grow alone (its histograms are the same sums); a head whose trees stopped
+   growing drops out of the next levels' requests. ``batch_heads=False`` grows the heads one after the other
+   (the exchanges of the code before, kept to measure against).
 
 Only the first request of the phase carries the feature encoder (9 kB of JSON); a site keeps it under the
 session id (``secure-session``, drawn per phase even without masking) and answers later requests with it.
@@ -34,16 +39,21 @@ evaluation, importance and report. ``HistSettings.softmax`` grows one ``multi:so
 multiclass outcome instead (key: the outcome name), for callers that predict it themselves.
 
 With DP and masking off the trees equal those of ``shared.hist_learner.HistGradientBoosting`` on the pooled
-training rows with the same bins, bit for bit (fixed-point sums do not depend on the order of addition).
-A site that fails ``query.hist_ranges`` (or the pairwise key exchange) is left out of the phase. With
-pairwise masks, any failure later stops the head it happened in (its finished rounds are kept): its masks
-would stay in the sum. Recovering or off, a site lost later (an error or no reply, in any round of a sum) is
-left out for the rest of the phase: the sum it was lost in is recovered over the sites whose answers arrived
-(with masking, by the unmasking round, up to n − t lost: ``secure_threshold``), and a boosting round that
-lost a site while growing is grown again from its root on the remaining sites' rows (its levels must all sum
-the same rows: a child's sibling is its parent minus it); finished rounds stay. Once more than n − t sites
-are lost, or none is left, the head stops (its finished rounds are kept). Regrown levels are releases beyond
-the announced ``dp-releases``: a DP site refuses them, and is lost.
+training rows with the same bins, bit for bit (fixed-point sums do not depend on the order of addition). A site
+that fails ``query.hist_ranges`` (or the pairwise key exchange) is left out of the phase. With pairwise masks,
+any failure later stops the heads of the request it happened in (all heads when they are batched; their finished
+rounds are kept): its masks would stay in the sum. Recovering or off, a site lost later (an error or no reply, in
+any round of a sum) is left out for the rest of the phase: the sum it was lost in is recovered over the sites
+whose answers arrived (with masking, by the unmasking round, up to n − t lost: ``secure_threshold``), and a
+boosting round that lost a site while growing is grown again from its root on the remaining sites' rows (its
+levels must all sum the same rows: a child's sibling is its parent minus it); finished rounds stay. Once more
+than n − t sites are lost, or none is left, the heads stop (their finished rounds are kept). Regrown levels are
+releases beyond the announced ``dp-releases``: a DP site refuses them, and is lost.
+
+Under DP, every head's histograms of a level are a release of their own (``dp-release-index + i`` for the
+request's i-th head), noised and charged as when the heads grow one at a time: a batched request holds as many
+releases as the separate requests did, each with the same σ and sensitivity, so the phase announces and spends
+the same ε; only their numbering interleaves the heads.
 """
 
 from __future__ import annotations
@@ -90,12 +100,14 @@ HistProtocolError = SecureProtocolError
 
 @dataclass
 class HistOutcome(BoostingOutcome):
-    """The boosting outcome, plus the trees by head key (per round), the bins and the traffic by direction."""
+    """The boosting outcome, plus the trees by head key (per round), the bins, the traffic by direction and the
+    message exchanges (one request to every site and their replies) by message type."""
 
     trees: dict[str, list[list[hb.Tree]]] = field(default_factory=dict)
     thresholds: list[np.ndarray] = field(default_factory=list)
     bytes_down: int = 0
     bytes_up: int = 0
+    exchanges: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -115,6 +127,8 @@ class HistSettings:
                                       sites that start the phase); up to n − t sites may be lost, one sum at a time
     dp_gradient_clip : float, default 3.0   clip of squared-error gradients at DP sites (standardised target)
     softmax : bool, default False     one softmax model per multiclass outcome instead of one-vs-rest heads
+    batch_heads : bool, default True  grow a round's trees of every head in the same level requests (one exchange
+                                      per level); False: head after head, one exchange per head and level
     """
 
     rounds: int = 20
@@ -124,6 +138,7 @@ class HistSettings:
     secure_threshold: int = 0
     dp_gradient_clip: float = 3.0
     softmax: bool = False
+    batch_heads: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "secure_sum", h.secure_sum_mode(self.secure_sum))
@@ -134,12 +149,13 @@ class HistSettings:
         return cls(rounds=settings.xgb_rounds, tree=hb.TreeParams(learning_rate=settings.xgb_eta,
                                                                   max_depth=settings.xgb_max_depth,
                                                                   scale_bits=settings.xgb_scale_bits),
-                   secure_sum=settings.secure_sum)
+                   secure_sum=settings.secure_sum, batch_heads=settings.xgb_hist_batch_heads)
 
     def releases(self, n_heads: int) -> int:
         """Most noised releases of the phase at a DP site (announced, so it sets its noise for all of them): the
-        grid counts and their refinements, then every level of every tree but the deepest (whose leaves are
-        summed from their parents' histograms)."""
+        grid counts and their refinements, then every level of every head's trees but the deepest (whose leaves
+        are summed from their parents' histograms), one release per head and level whether or not the heads
+        share a request."""
         return 1 + hb.REFINE_PASSES + n_heads * self.rounds * max(1, self.tree.max_depth)
 
 
@@ -203,7 +219,8 @@ clinics at ε 0.6 for 243 releases grew trees of response AUC 0.48 and efficacy 
 class HistSession(SecureSession):
     """One run of the protocol with a fixed set of sites: the secure-sum session of ``server.secure_aggregation``
     (its key, share and unmask rounds as ``query.hist_keys``, ``query.hist_shares``, ``query.hist_unmask``), the
-    phase's base config (the encoder with the first request only), DP releases numbered as the sums."""
+    phase's base config (the encoder with the first request only), DP releases numbered one per summed count
+    release and one per head of a level request (a level request of k heads is one secure sum and k releases)."""
 
     def __init__(self, grid: Grid, nodes: list[int], base_config: ConfigRecord, settings: HistSettings,
                  n_heads: int) -> None:
@@ -215,11 +232,8 @@ class HistSession(SecureSession):
         self.encoder_sent = False  # after the first request, sites answer with the encoder they kept
         self.thresholds_sent = False  # after the first level request, sites route with the bins they kept
         self.models_sent: set[tuple[str, int]] = set()  # (head, round) whose finished trees every site kept
-
-    @property
-    def release_index(self) -> int:
-        """The next DP release's index: every summed release is one, numbered as the secure sums."""
-        return self.sequence
+        self.release_index = 0  # the next DP release's index: one per summed count, one per head of a level
+        self.exchanges: dict[str, int] = {}  # message exchanges by message type (every round of a secure sum)
 
     def tree_params(self, objective: str) -> hb.TreeParams:
         """The trees' parameters, with ``min_child_weight`` raised above the noise of DP sites' hessians."""
@@ -243,9 +257,25 @@ class HistSession(SecureSession):
         return config
 
     def summed(self, message_type: messages.MessageName, extra: dict, arrays: ArrayRecord, name: str,
-               bits: np.ndarray | None = None, signed: np.ndarray | bool = False) -> np.ndarray:
-        """:meth:`SecureSession.summed`, the release numbered for a DP site as the secure sum numbers it."""
-        return super().summed(message_type, {**extra, RELEASE_INDEX: self.sequence}, arrays, name, bits, signed)
+               bits: np.ndarray | None = None, signed: np.ndarray | bool = False, releases: int = 1) -> np.ndarray:
+        """:meth:`SecureSession.summed` of a request holding ``releases`` DP releases (one per head of a level
+        request), numbered from ``dp-release-index``; an index is never used twice, a failed sum's included."""
+        first = self.release_index
+        self.release_index += releases
+        return super().summed(message_type, {**extra, RELEASE_INDEX: first}, arrays, name, bits, signed)
+
+    def ask_all(self, message_type: messages.MessageName, extra: dict, arrays: ArrayRecord,
+                per_node: dict[int, dict] | None = None, with_base: bool = True) -> tuple[dict, dict[int, str]]:
+        """:meth:`SecureSession.ask_all`, keeping the DP facts of every head of a level reply too
+        (``shared.protocol.hist.privacy_key``), in the request's order."""
+        replies, failures = super().ask_all(message_type, extra, arrays, per_node, with_base)
+        self.exchanges[message_type.type] = self.exchanges.get(message_type.type, 0) + 1
+        for node, reply in replies.items():
+            i = 0
+            while h.privacy_key(i) in reply:
+                self.privacy.append((node, dict(reply[h.privacy_key(i)])))
+                i += 1
+        return replies, failures
 
     def summed_counts(self, message_type: messages.MessageName, arrays: ArrayRecord, n_counts: int) -> np.ndarray:
         """Summed row counts (float64, flat): whole numbers in ``count_bits(n_rows)`` bits each when the sites'
@@ -290,62 +320,140 @@ def global_thresholds(session: HistSession, lo: np.ndarray, hi: np.ndarray) -> l
     return hb.global_thresholds(grid, lo, hi, summed_cell_counts, session.settings.max_bin)
 
 
-def grow_round(session: HistSession, spec: HeadSpec, thresholds: list[np.ndarray],
-               finished: list[list[hb.Tree]]) -> list[hb.Tree]:
-    """One boosting round (``spec.n_outputs`` trees) grown level by level from summed site histograms."""
+@dataclass
+class GrowingHead:
+    """One head's boosting round while it grows: its trees so far, and what the server proved of its rows."""
+
+    spec: HeadSpec
+    finished: list[list[hb.Tree]]
+    params: hb.TreeParams
+    grower: hb.LevelGrower
+    config: dict
+    floor: int
+    bound: float | None
+
+    @property
+    def model_key(self) -> tuple[str, int]:
+        return self.spec.key, len(self.finished)
+
+
+def start_head(session: HistSession, spec: HeadSpec, thresholds: list[np.ndarray],
+               finished: list[list[hb.Tree]]) -> GrowingHead:
+    """A head's round at its roots: tree parameters (DP floor), request config, margin, gradient and hessian
+    bounds from its finished rounds."""
     params = session.tree_params(spec.objective)
-    grower = hb.LevelGrower(spec.n_outputs, thresholds, params)
     head = Head(spec.outcome, spec.kind, spec.positive_class if spec.positive_class >= 0 else None)
-    head_config = {**head_to_config(head), h.OBJECTIVE: spec.objective, h.N_OUTPUTS: spec.n_outputs,
-                   h.BASE_MARGIN: hb.base_margin(spec.objective, spec.base_score), h.HEAD: spec.key,
-                   h.ROUND: len(finished), h.SCALE_BITS: params.scale_bits}
-    widths = hb.feature_widths(thresholds)
-    margin = hist_wire.margin_bound(finished, spec.n_outputs, head_config[h.BASE_MARGIN])
+    config = {**head_to_config(head), h.OBJECTIVE: spec.objective, h.N_OUTPUTS: spec.n_outputs,
+              h.BASE_MARGIN: hb.base_margin(spec.objective, spec.base_score), h.HEAD: spec.key,
+              h.ROUND: len(finished), h.SCALE_BITS: params.scale_bits}
+    margin = hist_wire.margin_bound(finished, spec.n_outputs, config[h.BASE_MARGIN])
     floor = hist_wire.hessian_floor(spec.objective, margin, spec.n_outputs, params.scale_bits)
     bound = hist_wire.gradient_bound(spec.objective, margin, spec.label_bound)
     if session.n_rows is not None and bound is not None:
-        head_config[h.GRADIENT_BOUND] = bound  # every site checks its rows against it
+        config[h.GRADIENT_BOUND] = bound  # every site checks its rows against it
+    return GrowingHead(spec, finished, params, hb.LevelGrower(spec.n_outputs, thresholds, params), config, floor,
+                       bound)
+
+
+def head_request(session: HistSession, head: GrowingHead, widths: np.ndarray
+                 ) -> tuple[ArrayRecord, np.ndarray | None, list[hist_wire.Parent | None]]:
+    """One head's arrays of a level request (routing, frontier; its finished round at a round's root; the
+    compact widths and sent bins), every entry's width of its reply (None: 64-bit words) and the requested
+    nodes' parents."""
+    grower = head.grower
+    requested = np.array(grower.requested, dtype=np.int64).reshape(-1, 2)
+    arrays = merge(trees_record(grower.trees, h.GROWING, leaf_values=False),
+                   ArrayRecord({h.FRONTIER: Array(requested)}))
+    if grower.depth == 0 and head.model_key not in session.models_sent:  # the trees the sites have not seen yet
+        arrays = merge(arrays, trees_record(head.finished[-1] if head.finished else [], h.MODEL))
+    parents = hist_wire.parents_of(grower)
+    if session.n_rows is None:
+        return arrays, None, parents
+    level_widths = hist_wire.level_widths(head.spec.objective, session.n_rows, parents, len(widths), head.bound,
+                                          head.floor, head.params.scale_bits)
+    sent = hist_wire.sent_bins(parents, widths, head.floor >= 1)
+    arrays[h.WIDTHS] = Array(level_widths)
+    arrays[h.SENT] = Array(np.packbits(sent, bitorder="little"))
+    return arrays, hist_wire.entry_bits(level_widths, widths) * sent[..., None], parents
+
+
+def grow_level(session: HistSession, heads: list[GrowingHead], thresholds: list[np.ndarray]) -> None:
+    """One level of every head still growing, in one summed request (``h.HEADS``): each head's arrays and config
+    under its ``h.head_key``, the replies one vector of all heads' histograms, one secure sum."""
+    widths = hb.feature_widths(thresholds)
+    growing = [head for head in heads if not head.grower.done]
+    config: dict = {h.HEADS: len(growing)}
+    arrays = ArrayRecord() if session.thresholds_sent else thresholds_record(thresholds)
+    bits, parents, sizes = [], [], []
+    for i, head in enumerate(growing):
+        part, part_bits, part_parents = head_request(session, head, widths)
+        config.update({h.head_key(i, key): value for key, value in head.config.items()})
+        for key, array in part.items():
+            arrays[h.head_key(i, key)] = array
+        bits.append(part_bits)
+        parents.append(part_parents)
+        sizes.append(len(part_parents) * int(widths.sum()) * 2)
+    flat_bits = signed = None
+    if session.n_rows is not None:  # gradients (channel 0) may sum below 0, hessians may not
+        flat_bits = np.concatenate([b.reshape(-1) for b in bits])
+        signed = np.concatenate([np.broadcast_to(np.arange(2) == 0, b.shape).reshape(-1) for b in bits])
     sites = list(session.nodes)
-    model_key = (spec.key, len(finished))
-    while not grower.done:
-        requested = np.array(grower.requested, dtype=np.int64).reshape(-1, 2)
-        arrays = merge(trees_record(grower.trees, h.GROWING, leaf_values=False),
-                       ArrayRecord({h.FRONTIER: Array(requested)}))
-        if grower.depth == 0 and model_key not in session.models_sent:  # the trees the sites have not seen yet
-            arrays = merge(arrays, trees_record(finished[-1] if finished else [], h.MODEL))
-        if not session.thresholds_sent:
-            arrays = merge(arrays, thresholds_record(thresholds))
-        bits = signed = None
-        parents = hist_wire.parents_of(grower)
+    packed = session.summed(messages.HIST_LEVEL, config, arrays, h.HISTOGRAMS, flat_bits, signed,
+                            releases=len(growing)).reshape(-1)
+    session.thresholds_sent = True
+    session.models_sent.update(head.model_key for head in growing)  # every site still in the phase kept them
+    if session.nodes != sites:
+        raise RoundRegrow(f"{len(sites) - len(session.nodes)} sites lost at depth {growing[0].grower.depth}")
+    for head, part, head_parents in zip(growing, np.split(packed, np.cumsum(sizes)[:-1]), parents, strict=True):
+        histograms = hb.unpack_histograms(part.reshape(len(head_parents), -1, 2), widths)
         if session.n_rows is not None:
-            level_widths = hist_wire.level_widths(spec.objective, session.n_rows, parents, len(thresholds), bound,
-                                                  floor, params.scale_bits)
-            sent = hist_wire.sent_bins(parents, widths, floor >= 1)
-            arrays[h.WIDTHS] = Array(level_widths)
-            arrays[h.SENT] = Array(np.packbits(sent, bitorder="little"))
-            bits = hist_wire.entry_bits(level_widths, widths) * sent[..., None]
-            signed = np.arange(2) == 0  # gradients (channel 0) may sum below 0, hessians may not
-        packed = session.summed(messages.HIST_LEVEL, head_config, arrays, h.HISTOGRAMS, bits, signed)
-        session.thresholds_sent = True
-        session.models_sent.add(model_key)  # every site still in the phase has kept them
-        if session.nodes != sites:
-            raise RoundRegrow(f"{len(sites) - len(session.nodes)} sites lost at depth {grower.depth}")
-        histograms = hb.unpack_histograms(packed, widths)
-        if session.n_rows is not None:
-            hist_wire.fill_known(histograms, parents)
-        grower.grow(histograms)
-    return grower.trees
+            hist_wire.fill_known(histograms, head_parents)
+        head.grower.grow(histograms)
 
 
-def grow_round_surviving(session: HistSession, spec: HeadSpec, thresholds: list[np.ndarray],
-                         finished: list[list[hb.Tree]]) -> list[hb.Tree]:
-    """:func:`grow_round`, grown again from its root on the remaining sites' rows whenever sites are lost while
+def grow_round(session: HistSession, specs: list[HeadSpec], thresholds: list[np.ndarray],
+               finished: dict[str, list[list[hb.Tree]]]) -> dict[str, list[hb.Tree]]:
+    """One boosting round of every head of ``specs`` (``spec.n_outputs`` trees each, by head key), grown level by
+    level from summed site histograms, all heads in the same level requests (:func:`grow_level`)."""
+    heads = [start_head(session, spec, thresholds, finished[spec.key]) for spec in specs]
+    while not all(head.grower.done for head in heads):
+        grow_level(session, heads, thresholds)
+    return {head.spec.key: head.grower.trees for head in heads}
+
+
+def grow_round_surviving(session: HistSession, specs: list[HeadSpec], thresholds: list[np.ndarray],
+                         finished: dict[str, list[list[hb.Tree]]]) -> dict[str, list[hb.Tree]]:
+    """:func:`grow_round`, grown again from its roots on the remaining sites' rows whenever sites are lost while
     it grows (each attempt loses a site, so this ends: in a round, or in HistProtocolError once too few remain)."""
     while True:
         try:
-            return grow_round(session, spec, thresholds, finished)
+            return grow_round(session, specs, thresholds, finished)
         except RoundRegrow:
             continue
+
+
+def grow_heads(session: HistSession, specs: list[HeadSpec], thresholds: list[np.ndarray], rounds: int,
+               failures: dict[int, str]) -> dict[str, list[list[hb.Tree]]]:
+    """``rounds`` boosting rounds of the heads ``specs``, grown together; when a sum fails, the rounds finished
+    before it (the failure named in ``failures``)."""
+    trees: dict[str, list[list[hb.Tree]]] = {spec.key: [] for spec in specs}
+    try:
+        for _ in range(rounds):
+            for key, grown in grow_round_surviving(session, specs, thresholds, trees).items():
+                trees[key].append(grown)
+    except HistProtocolError as err:
+        done = len(trees[specs[0].key])
+        failures[err.node] = f"{', '.join(s.key for s in specs)}: stopped after {done} rounds: {err.reason}"
+    return trees
+
+
+def grow_all_heads(session: HistSession, specs: list[HeadSpec], thresholds: list[np.ndarray],
+                   settings: HistSettings, failures: dict[int, str]) -> dict[str, list[list[hb.Tree]]]:
+    """Every head's rounds (by head key): all heads together (``settings.batch_heads``) or one after the other."""
+    trees: dict[str, list[list[hb.Tree]]] = {}
+    for group in ([specs] if settings.batch_heads else [[spec] for spec in specs]):
+        trees.update(grow_heads(session, group, thresholds, settings.rounds, failures))
+    return trees
 
 
 def run_hist_boosting(grid: Grid, sites: SiteCheck, encoder: FeatureEncoder, settings: RunSettings,
@@ -374,19 +482,15 @@ def run_hist_boosting(grid: Grid, sites: SiteCheck, encoder: FeatureEncoder, set
                                      session.lost.items()})
             return outcome  # no site gave a key
     thresholds = global_thresholds(session, lo, hi)
+    outcome.trees = grow_all_heads(session, specs, thresholds, hist, outcome.failures)
     for spec in specs:
-        rounds: list[list[hb.Tree]] = []
-        try:
-            for _ in range(hist.rounds):
-                rounds.append(grow_round_surviving(session, spec, thresholds, rounds))
-        except HistProtocolError as err:
-            outcome.failures[err.node] = f"{spec.key}: stopped after {len(rounds)} rounds: {err.reason}"
-        outcome.trees[spec.key] = rounds
-        outcome.models[spec.key] = export_model(rounds, spec.objective, spec.base_score, encoder.n_features_out_)
+        outcome.models[spec.key] = export_model(outcome.trees[spec.key], spec.objective, spec.base_score,
+                                                encoder.n_features_out_)
     for node, reason in session.lost.items():
         outcome.failures.setdefault(node, f"lost during the phase, the trees continued without it: {reason}")
     outcome.thresholds = thresholds
     outcome.bytes_down, outcome.bytes_up = session.bytes_down, session.bytes_up
+    outcome.exchanges = dict(session.exchanges)
     outcome.bytes_sent = session.bytes_down + session.bytes_up
     for node, facts in session.privacy:
         add_privacy(record, sites.usable, node, facts)
@@ -403,5 +507,6 @@ def write_traffic(path: Path, outcome: HistOutcome, hist: HistSettings) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"bytes_down": outcome.bytes_down, "bytes_up": outcome.bytes_up, "trees": trees,
                                 "seconds": outcome.seconds, "rounds": hist.rounds, "secure_sum": hist.secure_sum,
+                                "batch_heads": hist.batch_heads, "exchanges": outcome.exchanges,
                                 "bins": [len(t) + 1 for t in outcome.thresholds]},
                                indent=1) + "\n")

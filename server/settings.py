@@ -127,6 +127,9 @@ class RunSettings:
         Boosting rounds per head, learning rate, depth.
     xgb_scale_bits : int, default ``shared.hist_boosting.SCALE_BITS``
         ``--boosting hist``: fixed-point scale of the summed gradients and hessians (``TreeParams.scale_bits``).
+    xgb_hist_batch_heads : bool, default True
+        ``--boosting hist``: grow a round's trees of every head in the same level requests (one exchange per
+        level, ``server.hist_phase``); false grows the heads one after the other (one exchange per head and level).
     secure_sum : str, default "pairwise"
         How the federated statistics (``server.statistics_phase``), hist boosting and the policy phase's model fits
         (``server.adjustment_phase``, ``server.dose_response_phase``) sum the sites' statistics, counts, histograms
@@ -213,6 +216,7 @@ class RunSettings:
     xgb_eta: float = 0.1
     xgb_max_depth: int = 4
     xgb_scale_bits: int = SCALE_BITS
+    xgb_hist_batch_heads: bool = True
     secure_sum: str = "pairwise"
     ann_secure_sum: str = "auto"
     signing_key: str = ""

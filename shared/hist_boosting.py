@@ -479,8 +479,14 @@ def leaf_weight(gradient: float, hessian: float, params: TreeParams) -> float:
     return -gradient / (hessian + params.reg_lambda)
 
 
-def best_split(histogram: np.ndarray, params: TreeParams) -> Split:
-    """The split of largest gain of a node from its fixed-point histogram (features, width, 2)."""
+def best_split(histogram: np.ndarray, params: TreeParams, widths: np.ndarray | None = None) -> Split:
+    """The split of largest gain of a node from its fixed-point histogram (features, width, 2).
+
+    With ``widths`` (each feature's own bins, :func:`feature_widths`), only a feature's own bin boundaries are
+    candidates: a split after its last bin has no row on the right. With exact sums its right side is empty, so it
+    never wins; with DP-noised histograms each feature's total carries its own noise, so G − G_left and H − H_left
+    (totals read off feature 0) can look like a right child, and the split would point past the feature's
+    thresholds."""
     stats = from_fixed(histogram, params.scale_bits)
     left = np.cumsum(stats, axis=1)[:, :-1, :]  # rows with bin <= t, for t = 0 .. width - 2
     g_total, h_total = node_totals(histogram, params.scale_bits)
@@ -489,6 +495,8 @@ def best_split(histogram: np.ndarray, params: TreeParams) -> Split:
     lam = params.reg_lambda
     gain = g_left ** 2 / (h_left + lam) + g_right ** 2 / (h_right + lam) - g_total ** 2 / (h_total + lam)
     allowed = (h_left >= params.min_child_weight) & (h_right >= params.min_child_weight)
+    if widths is not None:
+        allowed &= np.arange(allowed.shape[1])[None, :] < np.asarray(widths)[:, None] - 1
     gain = np.where(allowed, gain, -np.inf)
     if gain.size == 0:
         return Split(LEAF, 0, 0.0)
@@ -523,6 +531,7 @@ class LevelGrower:
 
     def __init__(self, n_trees: int, thresholds: list[np.ndarray], params: TreeParams) -> None:
         self.thresholds = thresholds
+        self.widths = feature_widths(thresholds)
         self.params = params
         self.trees = [Tree() for _ in range(n_trees)]
         self.frontier: list[tuple[int, int]] = [(k, 0) for k in range(n_trees)]
@@ -573,7 +582,7 @@ class LevelGrower:
         for (k, node), histogram in zip(self.frontier, self.frontier_histograms(histograms), strict=True):
             tree = self.trees[k]
             self.set_node(tree, node, *node_totals(histogram, self.params.scale_bits))
-            split = Split(LEAF, 0, 0.0) if self.last_level else best_split(histogram, self.params)
+            split = Split(LEAF, 0, 0.0) if self.last_level else best_split(histogram, self.params, self.widths)
             if split.feature == LEAF:
                 continue
             tree.feature[node], tree.split_bin[node], tree.gain[node] = split.feature, split.split_bin, split.gain

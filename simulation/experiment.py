@@ -82,6 +82,7 @@ class ExperimentConfig:
     boosting: str = DEFAULTS.boosting
     xgb_rounds: int = DEFAULTS.xgb_rounds
     xgb_scale_bits: int = DEFAULTS.xgb_scale_bits  # --boosting hist: fixed-point scale (TreeParams.scale_bits)
+    xgb_hist_batch_heads: bool = DEFAULTS.xgb_hist_batch_heads  # --boosting hist: all heads in one level request
     secure_sum: str = DEFAULTS.secure_sum  # hist boosting: pairwise | recovering | off (RunSettings)
     ann_secure_sum: str = DEFAULTS.ann_secure_sum  # ANN rounds: auto | pairwise | recovering | off (RunSettings)
     compare: bool = True  # the seed paper's comparison: random forest, SVM, gradient boosting
@@ -140,6 +141,7 @@ class ExperimentConfig:
             min_nodes=n_sites, out_dir=str(self.out / "federated"), task_path=str(self.task) if self.task else "",
             models=self.models, boosting=self.boosting, xgb_rounds=self.xgb_rounds, secure_sum=self.secure_sum,
             ann_secure_sum=self.ann_masking(), xgb_scale_bits=self.xgb_scale_bits,
+            xgb_hist_batch_heads=self.xgb_hist_batch_heads,
             signing_key=str(signing_key) if signing_key is not None else "",
             policy_dir=str(self.out / "policy"), fqi_iterations=self.fqi_iterations, release_gate=self.release_gate,
             policy_model=self.policy_model, policy_reference=self.policy_reference, personalise=self.personalise,

@@ -96,6 +96,7 @@ class FederatedSettings:
     lr: float = 0.01
     hidden: str = "64,32"
     seed: int = 0
+    hist_batch_heads: bool = True  # histogram boosting: the three heads' trees in the same level requests
 
     @property
     def trees(self) -> int:
@@ -407,7 +408,7 @@ def federate(folder: Path, parts: list[pd.DataFrame], test: pd.DataFrame, settin
     cfg = ExperimentConfig(out=folder / "run", rounds=settings.rounds, seed=settings.seed, dp=False,
                            task=task_path, local_epochs=settings.local_epochs, batch_size=settings.batch_size,
                            lr=settings.lr, hidden=settings.hidden, models="ann,xgboost" if with_ann else "xgboost",
-                           boosting=boosting_mode,
+                           boosting=boosting_mode, xgb_hist_batch_heads=settings.hist_batch_heads,
                            xgb_rounds=settings.xgb_rounds if boosting_mode == "bagging" else settings.cyclic)
     record = run_federation(cfg, sources)
     artifacts = RunArtifacts.open(cfg.out / "federated", run_id=record.run_id)

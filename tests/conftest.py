@@ -103,3 +103,15 @@ def task_identity(monkeypatch):
 
     for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, name, value)
+
+
+@pytest.fixture(scope="module")
+def plain_and_dp_site(tmp_path_factory) -> dict:
+    """One simulated clinic without DP and one under DP (ε = 3), 40 patients each, fresh for each module:
+    ``{"plain": folder, "dp": folder}``."""
+    from simulation.clinics import SitePrivacy, generate_sites
+
+    out = tmp_path_factory.mktemp("sites")
+    plain = generate_sites(1, 3, out / "plain", patients_per_clinic=40, privacy=SitePrivacy(dp=False))
+    private = generate_sites(1, 3, out / "dp", patients_per_clinic=40, privacy=SitePrivacy(dp=True, epsilon=3.0))
+    return {"plain": out / "plain" / plain.clinics[0].name, "dp": out / "dp" / private.clinics[0].name}

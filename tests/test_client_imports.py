@@ -15,8 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from simulation.clinics import SitePrivacy, generate_sites
-
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "opacus", "xgboost")
 
@@ -54,11 +52,8 @@ def answer(site: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def sites(tmp_path_factory) -> dict[str, Path]:
-    out = tmp_path_factory.mktemp("sites")
-    plain = generate_sites(1, 3, out / "plain", patients_per_clinic=40, privacy=SitePrivacy(dp=False))
-    private = generate_sites(1, 3, out / "dp", patients_per_clinic=40, privacy=SitePrivacy(dp=True, epsilon=3.0))
-    return {"plain": out / "plain" / plain.clinics[0].name, "dp": out / "dp" / private.clinics[0].name}
+def sites(plain_and_dp_site) -> dict[str, Path]:
+    return plain_and_dp_site
 
 
 def test_importing_the_client_app_loads_neither_torch_opacus_nor_xgboost(sites):

@@ -16,6 +16,7 @@ import client.app
 from client.ledger import SITE_LEDGER_FILE as LEDGER_FILE
 from client.ledger import PrivacyLedger
 from client.site import SiteSource
+from shared.protocol import hist as h
 from shared.protocol import records as r
 from shared.protocol.privacy import PUBLIC_RELEASES
 from simulation.clinics import SitePrivacy, generate_sites
@@ -40,8 +41,9 @@ def reply_logger(path: Path):
                  "error": reply.has_error()}
         if not reply.has_error():
             entry["records"] = sorted(reply.content.keys())
-            if r.PRIVACY in reply.content and "phase" in reply.content[r.PRIVACY]:
-                entry["phase"] = str(reply.content[r.PRIVACY]["phase"])
+            facts = [r.PRIVACY] + [h.privacy_key(i) for i in range(len(reply.content))]  # hist: one per head
+            entry["phases"] = [str(reply.content[key]["phase"]) for key in facts
+                               if key in reply.content and "phase" in reply.content[key]]
             if r.METRICS in reply.content and "epsilon" in reply.content[r.METRICS]:
                 entry["dp_sgd"] = True
         with open(path, "a") as out:
@@ -79,14 +81,14 @@ def test_every_reply_of_a_dp_site_is_public_or_a_charged_release(federation):
     for reply in replies:
         if reply["error"] or reply["type"] in public:
             continue
-        assert "phase" in reply or reply.get("dp_sgd"), reply  # noised and charged, or a DP-SGD round
+        assert reply["phases"] or reply.get("dp_sgd"), reply  # noised and charged, or a DP-SGD round
 
 
 def test_each_sites_ledger_holds_one_entry_per_release_it_sent_phase_by_phase(federation):
     record, sources, replies = federation
     for partition, source in enumerate(sources):
         mine = [x for x in replies if x["partition"] == partition and not x["error"]]
-        sent = Counter(x["phase"] for x in mine if "phase" in x)
+        sent = Counter(phase for x in mine for phase in x.get("phases", []))
         sent["training"] = sum(1 for x in mine if x.get("dp_sgd"))
         ledger = PrivacyLedger.open(source.folder / LEDGER_FILE, 3.0, 1e-5)
         charged = Counter(entry["phase"] for entry in ledger.entries)

@@ -202,6 +202,21 @@ def test_best_split_uses_xgboosts_gain_and_respects_min_child_weight():
     assert hb.leaf_weight(-4.0, 2.0, hb.TreeParams(reg_lambda=1.0)) == pytest.approx(4 / 3)
 
 
+def test_with_noised_totals_a_split_never_falls_after_a_features_last_bin():
+    # feature 0: 3 bins; feature 1: 2 bins (padded to 3). DP noise made feature 1's totals differ from feature 0's
+    # (G 0 vs −9, H 6 vs 3): read off feature 0, "right of feature 1's last bin" looks like a child with G 9, H 3.
+    histogram = hb.to_fixed(np.array([[[-4.0, 2.0], [1.0, 2.0], [3.0, 2.0]],
+                                      [[-5.0, 1.5], [-4.0, 1.5], [0.0, 0.0]]]), hb.SCALE_BITS)
+    params = hb.TreeParams(reg_lambda=1.0)
+    unguarded = hb.best_split(histogram, params)
+    assert (unguarded.feature, unguarded.split_bin) == (1, 1)  # past feature 1's one threshold: no such split
+    guarded = hb.best_split(histogram, params, np.array([3, 2]))
+    assert (guarded.feature, guarded.split_bin) == (1, 0)  # feature 1's one real boundary
+    exact = hb.to_fixed(np.array([[[-4.0, 2.0], [1.0, 2.0], [3.0, 2.0]], [[-3.0, 4.0], [3.0, 2.0], [0.0, 0.0]]]),
+                        hb.SCALE_BITS)  # exact sums: every feature's totals agree, the guard changes nothing
+    assert hb.best_split(exact, params) == hb.best_split(exact, params, np.array([3, 2]))
+
+
 def test_gamma_prunes_splits_whose_gain_is_below_it():
     x, labels = table()
     y = labels["binary:logistic"]

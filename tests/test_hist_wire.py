@@ -23,6 +23,7 @@ from shared.protocol import hist as h
 from shared.protocol import messages
 from shared.protocol import records as r
 from shared.protocol.errors import ShareableError
+from shared.protocol.privacy import RELEASE_INDEX
 
 # -- compact integers and masks modulo 2^w ---------------------------------------------------------------
 
@@ -143,6 +144,7 @@ class Grid:
         self.seen: dict[tuple[int, str], int] = {}
         self.gone: set[int] = set()
         self.calls: list[str] = []  # the message type of each exchange (one send_and_receive call)
+        self.request = Request  # what a handler sees of the site (a DP site: its terms)
         answers = {messages.HIST_RANGES: hh.answer_ranges, messages.HIST_BINS: hh.answer_counts(hh.bin_counts),
                    messages.HIST_CELLS: hh.answer_counts(hh.partition_counts), messages.HIST_LEVEL: hh.answer_level}
         self.answers = {m.type: hh.session_answer(a) for m, a in answers.items()}
@@ -168,7 +170,7 @@ class Grid:
             if kind in self.secure:
                 reply = self.secure[kind](msg, context)
             else:
-                request = Request(None, None, msg.content[r.CONFIG], context)
+                request = self.request(None, None, msg.content[r.CONFIG], context)
                 reply = Message(self.answers[kind](msg, request), reply_to=msg)
                 if self.legacy and kind == messages.HIST_RANGES.type:
                     del reply.content[r.ARRAYS][h.ROWS]
@@ -216,9 +218,10 @@ def federate(monkeypatch, objective, legacy=False, label_bound=None, rounds=3, d
     thresholds = hp.global_thresholds(session, lo, hi)
     kind = {"binary:logistic": "binary", "reg:squarederror": "regression", "multi:softprob": "multiclass"}[objective]
     spec = hp.HeadSpec("y", "y", kind, n_classes=3 if kind == "multiclass" else 0, label_bound=label_bound)
-    trees: list[list[hb.Tree]] = []
+    finished: dict[str, list[list[hb.Tree]]] = {"y": []}
     for _ in range(rounds):
-        trees.append(hp.grow_round_surviving(session, spec, thresholds, trees))
+        finished["y"].append(hp.grow_round_surviving(session, [spec], thresholds, finished)["y"])
+    trees = finished["y"]
     survivors = np.concatenate([np.arange(900)[parts[node]] for node in session.nodes])
     pooled = HistGradientBoosting(objective, n_estimators=rounds, max_depth=depth, base_score=spec.base_score,
                                   n_classes=3 if kind == "multiclass" else None, scale_bits=scale_bits,
@@ -265,10 +268,11 @@ def test_encoder_thresholds_and_trees_cross_once_and_levels_carry_only_what_they
         assert [ENCODER_CONFIG_KEY in c[r.CONFIG] for _, c in sent] == [True] + [False] * (len(sent) - 1)
         levels = [c for kind, c in sent if kind == messages.HIST_LEVEL.type]
         assert ["thresholds" in c[r.ARRAYS] for c in levels] == [True] + [False] * (len(levels) - 1)
-        with_model = [c for c in levels if h.MODEL in c[r.ARRAYS]]
-        assert [int(c[r.CONFIG][h.ROUND]) for c in with_model] == [0, 1, 2]  # once per round, at its root
-        assert [len(hh.trees_from_record(c[r.ARRAYS], h.MODEL)) for c in with_model] == [0, 1, 1]
-        assert all("growing.leaf-value" not in c[r.ARRAYS] for c in levels)  # sites only route with them
+        with_model = [c for c in levels if h.head_key(0, h.MODEL) in c[r.ARRAYS]]
+        assert [int(c[r.CONFIG][h.head_key(0, h.ROUND)]) for c in with_model] == [0, 1, 2]  # once a round, at its root
+        assert [len(hh.trees_from_record(hh.head_requests(c[r.CONFIG], c[r.ARRAYS])[0][1], h.MODEL))
+                for c in with_model] == [0, 1, 1]
+        assert all(h.head_key(0, "growing.leaf-value") not in c[r.ARRAYS] for c in levels)  # sites only route
 
 
 def test_level_replies_are_exactly_the_bits_the_widths_announce_far_below_64_bit(monkeypatch):
@@ -278,8 +282,8 @@ def test_level_replies_are_exactly_the_bits_the_widths_announce_far_below_64_bit
     for kind, _, request, content in grid.exchanges:
         if kind != messages.HIST_LEVEL.type:
             continue
-        level = request[r.ARRAYS][h.WIDTHS].numpy()
-        sent = np.unpackbits(request[r.ARRAYS][h.SENT].numpy(), count=level.shape[0] * int(widths.sum()),
+        level = request[r.ARRAYS][h.head_key(0, h.WIDTHS)].numpy()
+        sent = np.unpackbits(request[r.ARRAYS][h.head_key(0, h.SENT)].numpy(), count=level.shape[0] * int(widths.sum()),
                              bitorder="little").reshape(level.shape[0], -1).astype(bool)
         bits = hist_wire.entry_bits(level, widths) * sent[..., None]
         left_out += int((~sent).sum())
@@ -394,7 +398,7 @@ def test_at_a_coarse_scale_federated_trees_equal_the_pooled_learners_at_that_sca
     same_trees(trees, pooled)
     assert sum(t.n_nodes for rnd in trees for t in rnd) > 3 * len(trees[0])
     levels = [c for kind, _, c, _ in grid.exchanges if kind == messages.HIST_LEVEL.type]
-    assert {int(c[r.CONFIG][h.SCALE_BITS]) for c in levels} == {scale}
+    assert {int(c[r.CONFIG][h.head_key(0, h.SCALE_BITS)]) for c in levels} == {scale}
     fine = HistGradientBoosting(objective, n_estimators=3, max_depth=3, base_score=pooled.base_score,
                                 n_classes=pooled.n_classes).fit(*site_rows(objective), pooled.thresholds_)
     assert any(not np.array_equal(a.leaf_value, b.leaf_value)  # the scale is part of the algorithm
@@ -428,3 +432,173 @@ def test_a_site_refuses_a_scale_outside_the_fixed_point_range():
         hh.scale_bits(ConfigRecord({h.SCALE_BITS: 40}))
     with pytest.raises(ValueError, match="scale_bits"):
         hb.TreeParams(scale_bits=0)
+
+
+# -- a round's heads grown together: one level request for all of them ------------------------------------
+
+
+def head_labels(seed=0, effect_bound=None):
+    """Four heads on the tests' rows: one-vs-rest of a 3-class label, and a regression whose label some rows lack
+    (its declared bound ``effect_bound``, default its largest |label|)."""
+    x, classes = site_rows("multi:softprob", seed=seed)
+    _, effect = site_rows("reg:squarederror", seed=seed)
+    effect = np.where(x[:, 2] > 1.0, np.nan, effect)  # unrecorded at ~16 % of the rows
+    bound = float(np.nanmax(np.abs(effect))) if effect_bound is None else effect_bound
+    specs = [hp.HeadSpec(f"y={c}", "y", "binary", c) for c in range(3)] + [
+        hp.HeadSpec("effect", "effect", "regression", label_bound=bound)]
+    labels = {f"y={c}": (classes == c).astype(float) for c in range(3)} | {"effect": effect}
+    return x, specs, labels
+
+
+def federate_heads(monkeypatch, batch, secure_sum="pairwise", legacy=False, rounds=3, depth=3, dp=None,
+                   effect_bound=None, failures=None):
+    """``rounds`` rounds of the four heads of :func:`head_labels` over three sites, batched or head after head;
+    ``dp``: every site's DP terms by node; ``failures``: where the phase's failures go (default: none allowed)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+    x, specs, labels = head_labels(effect_bound=effect_bound)
+    parts = {11: slice(0, 200), 12: slice(200, 550), 13: slice(550, 900)}
+    grid = Grid({node: None for node in parts})
+    grid.legacy = legacy
+    if dp is not None:
+        class DPRequest(SiteRequest):
+            @property
+            def dp(self):
+                return dp[self.context.node_id]
+
+        grid.request = DPRequest
+
+    def labelled(config, xs, node):
+        y = labels[str(config[h.HEAD])][parts[node]]
+        keep = ~np.isnan(y)
+        return xs[keep], y[keep]
+
+    monkeypatch.setattr(hh, "training_matrix", lambda request: (None, x[parts[request.context.node_id]],
+                                                                request.context.node_id))
+    monkeypatch.setattr(hh, "labelled_rows", labelled)
+    settings = hp.HistSettings(rounds=rounds, tree=hb.TreeParams(max_depth=depth), secure_sum=secure_sum,
+                               batch_heads=batch)
+    session = hp.HistSession(grid, list(parts), ConfigRecord({ENCODER_CONFIG_KEY: "{}", r.SPLIT_SEED: 0}),
+                             settings, len(specs))
+    if dp is not None:  # a DP site says the declared ranges: here, the rows' own
+        monkeypatch.setattr(hh, "public_ranges", lambda encoder: (x.min(axis=0).astype(float),
+                                                                  x.max(axis=0).astype(float)))
+    lo, hi = hp.global_ranges(session, {})
+    if settings.secure_sum == "pairwise":
+        session.exchange_keys()
+    thresholds = hp.global_thresholds(session, lo, hi)
+    failed: dict[int, str] = {} if failures is None else failures
+    trees = hp.grow_all_heads(session, specs, thresholds, settings, failed)
+    assert failures is not None or failed == {}
+    return grid, session, trees, (x, specs, labels, thresholds)
+
+
+def levels_grown(rounds, depth):
+    """Level requests a head's rounds needed: a tree whose deepest leaf is at depth d asked for levels 0 .. d
+    (at most ``depth`` of them: the deepest level's leaves come from their parents)."""
+    def leaf_depth(tree, node=0):
+        if tree.feature[node] == hb.LEAF:
+            return 0
+        return 1 + max(leaf_depth(tree, tree.left[node]), leaf_depth(tree, tree.right[node]))
+    return [min(max(leaf_depth(t) for t in trees) + 1, depth) for trees in rounds]
+
+
+@pytest.mark.parametrize("secure_sum,legacy", [("pairwise", False), ("off", False), ("recovering", False),
+                                               ("pairwise", True)])
+def test_heads_grown_together_equal_each_head_grown_alone_and_the_pooled_learner(monkeypatch, secure_sum, legacy):
+    together = federate_heads(monkeypatch, True, secure_sum, legacy)
+    alone = federate_heads(monkeypatch, False, secure_sum, legacy)
+    x, specs, labels, thresholds = together[3]
+    assert alone[3][3] == [] or all(np.array_equal(a, b) for a, b in zip(thresholds, alone[3][3], strict=True))
+    for spec in specs:
+        y = labels[spec.key]
+        keep = ~np.isnan(y)
+        pooled = HistGradientBoosting(spec.objective, n_estimators=3, max_depth=3, base_score=spec.base_score,
+                                      scale_bits=hb.SCALE_BITS).fit(x[keep], y[keep], thresholds)
+        same_trees(together[2][spec.key], pooled)
+        same_trees(alone[2][spec.key], pooled)
+        for a, b in zip(together[2][spec.key], alone[2][spec.key], strict=True):
+            assert [(t.threshold, t.hessian, t.weight) for t in a] == [(t.threshold, t.hessian, t.weight) for t in b]
+    assert sum(t.n_nodes for rounds in together[2].values() for trees in rounds for t in trees) > 4 * 3 * 2
+    # one level exchange per level of the deepest head instead of one per head and level
+    per_head = [levels_grown(together[2][spec.key], 3) for spec in specs]
+    summed = {messages.HIST_BINS.type, messages.HIST_CELLS.type, messages.HIST_LEVEL.type}
+    batched = sum(max(levels) for levels in zip(*per_head, strict=True))
+    for (grid, session, _, _), expected in ((together, batched), (alone, sum(map(sum, per_head)))):
+        assert grid.calls.count(messages.HIST_LEVEL.type) == session.exchanges[messages.HIST_LEVEL.type] == expected
+        assert sum(session.exchanges.values()) == len(grid.calls)
+        releases = sum(kind in summed for kind in grid.calls)
+        assert session.sequence == releases  # one secure sum (one mask label) per level request
+    assert together[0].calls.count(messages.HIST_LEVEL.type) < 0.5 * alone[0].calls.count(messages.HIST_LEVEL.type)
+    # fewer bytes each way: the session's keys once per level, one reply array instead of one per head
+    assert together[1].bytes_up <= alone[1].bytes_up and together[1].bytes_down < alone[1].bytes_down
+
+
+def test_a_batched_level_request_carries_each_growing_heads_arrays_and_its_first_release_index(monkeypatch):
+    grid, session, trees, _ = federate_heads(monkeypatch, True, rounds=2)
+    levels = [(node, c, reply) for kind, node, c, reply in grid.exchanges if kind == messages.HIST_LEVEL.type]
+    first = [c for node, c, _ in levels if node == 11]
+    assert int(first[0][r.CONFIG][h.HEADS]) == 4
+    views = hh.head_requests(first[0][r.CONFIG], first[0][r.ARRAYS])
+    assert [str(c[h.HEAD]) for c, _ in views] == ["y=0", "y=1", "y=2", "effect"]
+    assert [int(c[RELEASE_INDEX]) for c, _ in views] == [int(first[0][r.CONFIG][RELEASE_INDEX]) + i for i in range(4)]
+    assert all("thresholds" in a and h.FRONTIER in a for _, a in views)  # shared arrays in every head's view
+    assert h.GRADIENT_BOUND in views[3][0] and float(views[3][0][h.GRADIENT_BOUND]) > 1.0  # the regression's own
+    heads_per_level = [int(c[r.CONFIG][h.HEADS]) for c in first]
+    per_round = [[levels_grown([trees[k][i]], 3)[0] for k in trees] for i in range(2)]
+    assert heads_per_level == [sum(levels > level for levels in rnd) for rnd in per_round
+                               for level in range(max(rnd))]  # a head whose trees stopped drops out
+    indices = [int(c[r.CONFIG][RELEASE_INDEX]) for c in first]
+    assert indices == np.cumsum([indices[0]] + heads_per_level[:-1]).tolist()  # a release per head and level
+    assert session.release_index == indices[-1] + heads_per_level[-1]
+
+
+def test_a_site_missing_a_heads_config_refuses_the_level_request():
+    config = ConfigRecord({h.HEADS: 2, h.head_key(0, h.HEAD): "a"})
+    with pytest.raises(ShareableError, match="no config for head 1"):
+        hh.head_requests(config, ArrayRecord())
+    with pytest.raises(ShareableError, match="expected at least one"):
+        hh.head_requests(ConfigRecord({}), ArrayRecord())
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_dp_sites_charge_the_same_releases_and_noise_whether_heads_share_a_request(monkeypatch, tmp_path, depth):
+    from client.dp import SiteDP
+    from client.ledger import PrivacyLedger
+
+    spent, facts, entries = {}, {}, {}
+    for batch in (True, False):
+        dp = {node: SiteDP(PrivacyLedger.open(tmp_path / f"{batch}-{node}.json", 50.0, 1e-5), {"boosting": 1.0})
+              for node in (11, 12, 13)}
+        grid, session, trees, _ = federate_heads(monkeypatch, batch, rounds=2, depth=depth, dp=dp)
+        assert session.n_rows is None  # a DP site says no row count: 64-bit words, noised
+        spent[batch] = [dp[n].ledger.spent() for n in (11, 12, 13)]
+        entries[batch] = [len(dp[n].ledger.entries) for n in (11, 12, 13)]
+        facts[batch] = session.privacy
+        assert len(session.privacy) == sum(entries[batch])  # every release's facts reach the record
+        announced = hp.HistSettings(rounds=2, tree=hb.TreeParams(max_depth=depth)).releases(4)
+        assert all(len(dp[n].ledger.entries) <= announced for n in dp)
+        sigmas = {round(float(f["sigma"]), 12) for _, f in session.privacy}
+        assert len(sigmas) == 1  # one σ for every release of the phase, as announced
+    levels = {batch: [f for _, f in facts[batch] if int(f["release-index"]) > hb.REFINE_PASSES] for batch in facts}
+    noise = {batch: {round(float(f["noise-sd"]), 9) for f in levels[batch]} for batch in levels}
+    assert noise[True] == noise[False] and len(noise[True]) == 1  # every head's entries noised alike
+    assert {round(float(f["sigma"]), 12) for _, f in facts[True]} == {round(float(f["sigma"]), 12)
+                                                                       for _, f in facts[False]}
+    if depth == 1:  # one level per head and round whatever the noise: exactly the same releases, the same ε
+        assert entries[True] == entries[False] == [1 + hb.REFINE_PASSES + 4 * 2] * 3
+        assert spent[True] == pytest.approx(spent[False], rel=1e-12)
+
+
+def test_a_refusal_in_a_batched_level_stops_every_head_of_the_batch_head_after_head_only_its_own(monkeypatch):
+    # the regression head's declared bound is below its labels: every site refuses its level requests
+    failures: dict[int, str] = {}
+    _, _, together, _ = federate_heads(monkeypatch, True, effect_bound=0.5, failures=failures)
+    assert {len(rounds) for rounds in together.values()} == {0}  # one secure sum for all: no head's sum arrived
+    assert len(failures) == 1 and "y=0, y=1, y=2, effect: stopped after 0 rounds" in next(iter(failures.values()))
+    assert "head 'effect': a gradient exceeds the request's bound" in next(iter(failures.values()))
+    failures.clear()
+    _, _, alone, _ = federate_heads(monkeypatch, False, effect_bound=0.5, failures=failures)
+    assert [len(alone[k]) for k in ("y=0", "y=1", "y=2", "effect")] == [3, 3, 3, 0]

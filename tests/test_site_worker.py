@@ -27,18 +27,14 @@ from client.deployed import app as deployed_app
 from shared.protocol import messages, site_check
 from shared.protocol.privacy import RunPlan
 from shared.protocol.training import statistics_request
-from simulation.clinics import SitePrivacy, generate_sites
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 @pytest.fixture(scope="module")
-def sites(tmp_path_factory) -> dict[str, Path]:
-    out = tmp_path_factory.mktemp("sites")
-    plain = generate_sites(1, 5, out / "plain", patients_per_clinic=40, privacy=SitePrivacy(dp=False))
-    private = generate_sites(1, 5, out / "dp", patients_per_clinic=40, privacy=SitePrivacy(dp=True, epsilon=3.0))
-    return {"plain": out / "plain" / plain.clinics[0].name, "dp": out / "dp" / private.clinics[0].name}
+def sites(plain_and_dp_site) -> dict[str, Path]:
+    return plain_and_dp_site
 
 
 class Worker:

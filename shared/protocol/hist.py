@@ -1,10 +1,11 @@
 """``query.hist_*``: the request keys of federated histogram boosting (``server.hist_phase``).
 
-Every request carries the boosting config (:class:`shared.protocol.boosting.BoostingRound`) plus the keys
-below, except the encoder, which only the session's first request carries (a site keeps it, with the session
-id, in its context state); arrays (bins, thresholds, trees, frontier) travel in the ``arrays`` record
-(``shared.hist_records``): the thresholds with the session's first level request only, a finished round's
-trees with the next round's first level request only. Histograms and counts are fixed-point int64
+Every request carries the boosting config (:class:`shared.protocol.boosting.BoostingRound`) plus the keys below,
+except the encoder, which only the session's first request carries (a site keeps it, with the session id, in its
+context state); arrays (bins, thresholds, trees, frontier) travel in the ``arrays`` record
+(``shared.hist_records``): the thresholds with the session's first level request only, a finished round's trees
+with the next round's first level request only. A level request grows the round of several heads at once
+(:data:`HEADS`): each head's keys and arrays under :func:`head_key`. Histograms and counts are fixed-point int64
 (``shared.hist_boosting``); when every site reported its training rows (no DP site), they travel as packed
 residues of the widths the server announces (``shared.hist_wire``, ``shared.wire_ints``), counts as whole
 numbers.
@@ -74,6 +75,25 @@ SCALE_BITS = "scale-bits"
 ``round(v · 2^scale-bits)``."""
 ROUND = "round"
 """The boosting round being grown: the site's kept model must hold exactly this many rounds."""
+HEADS = "heads"
+"""How many heads a level request grows together (one boosting round of each, level by level): every head's
+config keys and arrays travel under its :func:`head_key`, the arrays shared by all (the thresholds) and the
+session's keys without one; the reply is one summed release, every head's packed histograms one after the other
+in the request's order. Under DP, head i's histograms are the phase's release ``dp-release-index + i`` (one
+release per head and level, as many as growing the heads one at a time: the ε is the same), its facts under
+:func:`privacy_key`."""
+HEAD_PREFIX = "head-"
+
+
+def head_key(index: int, key: str) -> str:
+    """The name of a level request's config key or array ``key`` for its ``index``-th head (:data:`HEADS`)."""
+    return f"{HEAD_PREFIX}{int(index)}/{key}"
+
+
+def privacy_key(index: int) -> str:
+    """The reply record of the DP facts of a level reply's ``index``-th head (``shared.protocol.privacy``)."""
+    return f"privacy/{HEAD_PREFIX}{int(index)}"
+
 
 # array names
 LO, HI = "lo", "hi"
