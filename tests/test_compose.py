@@ -144,8 +144,12 @@ def test_compose_federation_mounts_keys_and_data_read_only_and_passes_each_site_
         assert mounts["/data"]["source"] == str(tmp_path / "data" / site) and mounts["/data"]["read_only"]
         assert not mounts["/data/.fednano"].get("read_only", False)  # the site's ledger and policies
         assert mounts["/var/lib/fednano/state"]["source"].endswith(f"{site}-ledger-heads")  # the head, apart
-        assert f'--node-config=data-path="/data" site-name="{site}" trust-key="/kit/policy_signing.pub"' \
-               in node["command"]
+        assert (f'--node-config=data-path="/data" site-name="{site}" trust-key="/kit/policy_signing.pub" '
+                'site-worker="/tmp/fednano-worker/site.sock"') in node["command"]
+        # the warm worker starts beside the SuperNode, on the socket the node config names
+        assert node["entrypoint"][:2] == ["/bin/sh", "-c"]
+        assert "fednano site-worker --socket /tmp/fednano-worker/site.sock &" in node["entrypoint"][2]
+        assert 'exec flower-supernode "$$@"' in node["entrypoint"][2]  # compose's escape of $@
         assert "--auth-supernode-private-key=/kit/supernode.key" in node["command"]
         assert node["read_only"] and node["user"] == f"{os.getuid()}:{os.getgid()}"
 
@@ -335,6 +339,10 @@ def test_the_compose_federation_runs_a_round_and_every_hospital_installs_the_pol
         status = dep.wait_for_run(home, FEDERATION, run_id, timeout=RUN_TIMEOUT_S)
         logs = subprocess.run([*compose, "logs", "--no-color"], env=env, capture_output=True, text=True).stdout
         assert status["status"] == "finished:completed", logs[-5000:]
+        for site in SITES:  # each hospital's warm worker answered its training messages
+            answered = [line for line in logs.splitlines() if line.startswith(f"hospital-{site}")
+                        and line.endswith("site worker: train")]
+            assert len(answered) == ROUNDS, logs[-5000:]
     finally:
         subprocess.run([*compose, "down", "--volumes", "--timeout", "10"], env=env, capture_output=True,
                        timeout=300)
