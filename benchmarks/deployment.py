@@ -47,6 +47,8 @@ from tests import deployment as dep  # noqa: E402
 
 FEDERATION = "bench"
 EVENT = re.compile(r"(Receiving|Sending): (\S+) message")
+WORKER_ANSWER = re.compile(r"site worker: (\S+) answered in ([\d.]+) s")
+"""A warm worker's log line for each message it answered, with the seconds its handler took."""
 IMPORT_PROBES = {"client.app (every message)": "import flwr.clientapp, client.app",
                  "+ torch (a training or evaluation message)": "import flwr.clientapp, client.app, torch",
                  "+ torch, opacus (a DP site's training)": "import flwr.clientapp, client.app, torch, opacus"}
@@ -155,7 +157,12 @@ def run_deployed(work: Path, kit: Path, sites: Path, names: list[str], rounds: i
     finally:
         for service in reversed(services):
             dep.stop(service)
+    answered: dict[str, list[float]] = {}
+    for log in sorted(work.glob("worker_*.log")) if workers else []:
+        for kind, seconds in WORKER_ANSWER.findall(log.read_text(errors="replace")):
+            answered.setdefault(kind, []).append(float(seconds))
     return {"status": row["status"], "wall_s": wall, "submit_s": submitted, "flower_elapsed_s": row["elapsed"],
+            "worker_seconds": answered,
             "rounds_s": deployed_rounds(watcher.events, start), "phases": phases(watcher.events, start),
             "compute_time": row["compute-time"], "network_traffic": row["network-traffic"]}
 
@@ -226,6 +233,8 @@ def main() -> None:
                         help="deploy a second time with Flower's train-then-evaluate rounds (one-message-rounds off)")
     parser.add_argument("--workers-too", action="store_true",
                         help="deploy a second time with a warm worker per site (fednano site-worker)")
+    parser.add_argument("--workers-only", action="store_true",
+                        help="deploy only with a warm worker per site (no run without, no simulated run)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "deployment.json",
                         help="results JSON (BENCHMARKS.md one-message rounds: deployment_one_message.json)")
     args = parser.parse_args()
@@ -236,36 +245,48 @@ def main() -> None:
                                    privacy=SitePrivacy(dp=not args.no_dp))
         names = [c.name for c in generated.clinics]
         provision(FEDERATION, names, work / "kit")
-        modes = (["deployed", "simulated"] + (["deployed_two_message"] if args.two_message_too else [])
-                 + (["deployed_workers"] if args.workers_too else []))
+        plain = not args.workers_only
+        modes = ((["deployed", "simulated"] if plain else [])
+                 + (["deployed_two_message"] if args.two_message_too else [])
+                 + (["deployed_workers"] if args.workers_too or args.workers_only else []))
         for mode in modes:
             shutil.copytree(work / "generated", work / mode / "sites")
         policy = not args.no_policy
-        deployed = run_deployed(work / "deployed", work / "kit", work / "deployed" / "sites", names, args.rounds,
-                                policy=policy)
+        deployed = (run_deployed(work / "deployed", work / "kit", work / "deployed" / "sites", names, args.rounds,
+                                 policy=policy) if plain else None)
         two = (run_deployed(work / "deployed_two_message", work / "kit", work / "deployed_two_message" / "sites",
                             names, args.rounds, one_message=False, policy=policy) if args.two_message_too else None)
         warm = (run_deployed(work / "deployed_workers", work / "kit", work / "deployed_workers" / "sites", names,
-                             args.rounds, policy=policy, workers=True) if args.workers_too else None)
-        quiet_flower()
-        simulated = run_simulated(work / "simulated", work / "kit", work / "simulated" / "sites", names,
-                                  args.rounds, policy=policy)
+                             args.rounds, policy=policy, workers=True) if "deployed_workers" in modes else None)
+        simulated = None
+        if plain:
+            quiet_flower()
+            simulated = run_simulated(work / "simulated", work / "kit", work / "simulated" / "sites", names,
+                                      args.rounds, policy=policy)
     imports = fresh_process_import_s()
-    print_tables(deployed, simulated, imports)
+    if plain:
+        print_tables(deployed, simulated, imports)
     if two is not None:
         print(f"\ndeployed with train-then-evaluate rounds: wall {two['wall_s']:.1f} s, rounds "
               f"{', '.join(f'{r:.1f}' for r in two['rounds_s'])} s (mean of rounds 2+: "
               f"{statistics.mean(two['rounds_s'][1:]):.1f} s)")
     if warm is not None:
-        print(f"\ndeployed with a warm worker per site: wall {warm['wall_s']:.1f} s ({deployed['wall_s']:.1f} s "
-              f"without, × {warm['wall_s'] / deployed['wall_s']:.2f}), rounds "
+        print("\nwarm worker, seconds its handler took per message (median, max over the sites' messages):")
+        for kind, seconds in warm["worker_seconds"].items():
+            print(f"  {kind:24s} {statistics.median(seconds):6.2f} {max(seconds):6.2f}")
+        print(f"\ndeployed with a warm worker per site: wall {warm['wall_s']:.1f} s, rounds "
               f"{', '.join(f'{r:.1f}' for r in warm['rounds_s'])} s (mean of rounds 2+: "
-              f"{statistics.mean(warm['rounds_s'][1:]):.1f} s against "
-              f"{statistics.mean(deployed['rounds_s'][1:]):.1f} s without)")
+              f"{statistics.mean(warm['rounds_s'][1:]):.1f} s)")
+        for phase in warm["phases"]:
+            print(f"  {phase['message']:24s} at a site: median {statistics.median(phase['at_site']):5.1f} s")
+        if deployed is not None:
+            ratio = warm["wall_s"] / deployed["wall_s"]
+            print(f"without a worker: wall {deployed['wall_s']:.1f} s (with: x {ratio:.2f}), mean of rounds 2+ "
+                  f"{statistics.mean(deployed['rounds_s'][1:]):.1f} s")
     command = (f"python benchmarks/deployment.py --sites {args.sites} --rounds {args.rounds} --patients {args.patients}"
                + (" --no-dp" if args.no_dp else "") + (" --no-policy" if args.no_policy else "")
                + (" --two-message-too" if args.two_message_too else "")
-               + (" --workers-too" if args.workers_too else ""))
+               + (" --workers-too" if args.workers_too else "") + (" --workers-only" if args.workers_only else ""))
     write_record(args.out, command,
                  {"deployed": deployed, "simulated": simulated, "deployed_two_message": two, "deployed_workers": warm,
                   "fresh_process_import_s": imports},

@@ -225,17 +225,18 @@ def answer(app: Callable[[Message, Context], Message], connection: socket.socket
     connection.settimeout(None)
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = (
         int(header["task-id"]), int(header["run-id"]), int(header["node-id"]))
-    kind = message.metadata.message_type
+    kind, start = message.metadata.message_type, time.perf_counter()
     try:
         reply = app(message, context)
     except Exception as err:  # noqa: BLE001 - any handler failure becomes a reply naming its type only
         LOG.exception("site worker: %s raised", kind)
         _send_frame(connection, json.dumps({"ok": False, "error": type(err).__name__}).encode())
         return f"{kind}: {type(err).__name__}"
+    seconds = time.perf_counter() - start
     frames = (json.dumps({"ok": True}).encode(), encode_message(reply), encode_context(context))
     for frame in frames:
         _send_frame(connection, frame)
-    return kind
+    return f"{kind} answered in {seconds:.2f} s"
 
 
 def preload(modules: Iterable[str] = PRELOAD) -> dict[str, float]:
