@@ -1,10 +1,12 @@
-"""Probes behind issue 19's third and fourth passes: DP PCA eigenvalue, logistic-coefficient and median intervals.
+"""Probes behind issue 19's third to fifth passes: DP PCA eigenvalue, logistic, median, linear and ANOVA intervals.
 
     python benchmarks/analytics_interval_probes.py pca --sites 3 --rows 1300 --epsilons 0.5,1,3 --draws 10
     python benchmarks/analytics_interval_probes.py logistic --sites 3 --rows 1300 --epsilons 1 --draws 12
                                                    --variant current|no-carry|no-hessian-noise|psd|psd-resampled
     python benchmarks/analytics_interval_probes.py median --sites 10 --rows 10000 --epsilons 0.5,1,3 --draws 10
                                                    --variant current|sheppard|no-shift|no-resolution [--out J]
+    python benchmarks/analytics_interval_probes.py linear-anova --sites 3 --rows 1300 --epsilons 0.5,1,3 --draws 50
+                                                   [--analyses A] --variant current|all-sites-noise [--out J]
 
 Both hold the simulated clinics fixed (``benchmarks.analytics.make_sites``), run the site + server code in process
 once with the sites' noise set to zero (the target) and then ``--draws`` times with fresh noise, as
@@ -27,6 +29,12 @@ the reported sd to the draws' root-mean-square error.
   as the bias, ``bin_resolution_sd``), as before the fourth pass (``sheppard``: the bootstrap's root-mean-square
   distance and a fixed ``width / √12``), without the threshold shift (``no-shift``: the bootstrap's own shift as
   the bias), or without a resolution term as well (``no-resolution``).
+- ``linear-anova``: one run of ``--analyses`` (default all: the ε shares of the DP accuracy benchmark) gives the
+  linear coefficients and ANOVA; coverage of the coefficients against the zero-noise fit (± 1.96 ``se_dp_noise``),
+  the non-DP federated fit and least squares on the pooled unclipped rows (their ``ci95``); of F (± 1.96
+  ``f_noise_sd``) against the zero-noise and non-DP F; of the group means' ``ci95`` against the non-DP group means;
+  and the median reported noise sd over the draws' root-mean-square error. ``all-sites-noise``: every ANOVA group
+  given the summed noise of every site, as before issue 19's fifth pass (``server.analytics_phase.group_noise_sds``).
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ from shared import dp_error  # noqa: E402
 
 VARIANTS = ("current", "no-carry", "no-hessian-noise", "psd", "psd-resampled", "soft", "soft-floor", "regime")
 MEDIAN_VARIANTS = ("current", "sheppard", "no-shift", "no-resolution")
+LINEAR_ANOVA_VARIANTS = ("current", "all-sites-noise")
 
 
 def pca(frames, epsilon: float, draws: int) -> None:
@@ -209,15 +218,96 @@ def median(frames, epsilon: float, draws: int, variant: str) -> dict:
     return out
 
 
+def linear_anova(frames, epsilon: float, draws: int, analyses: str, variant: str = "current") -> dict:
+    """Coverage of the linear coefficients' and ANOVA's intervals over ``draws`` noise draws (one run of
+    ``analyses`` gives both), against the zero-noise run (noise only: ``estimate ± 1.96`` noise sd), the non-DP
+    federated run (the reported ``ci95`` / ``± 1.96 f_noise_sd``: what a reader's interval is for) and, for the
+    coefficients, least squares on the pooled unclipped rows (``benchmarks.analytics.pooled_ols``: what the DP
+    accuracy benchmark's ``cov coef`` measures)."""
+    from analytics import pooled_ols
+
+    from server.analytics_plan import AnalyticsSettings
+    from simulation.analytics_run import run_in_process
+
+    group_noise = phase.group_noise_sds
+    if variant == "all-sites-noise":
+        phase.group_noise_sds = lambda answers, labels: dict.fromkeys(labels, phase.summed_noise_sd(answers))
+    try:
+        with zero_noise():
+            zero = dp_run(frames, epsilon, analyses, 0)
+        exact = run_in_process(frames, AnalyticsSettings(analyses=analyses))
+        ols = pooled_ols(frames)
+        runs = [dp_run(frames, epsilon, analyses, s) for s in range(1, draws + 1)]
+    finally:
+        phase.group_noise_sds = group_noise
+    out: dict = {}
+    if "regression" in analyses:
+        fits = [run["regression"]["linear"]["efficacy_pct"]["coefficients"] for run in runs]
+        zero_fit = zero["regression"]["linear"]["efficacy_pct"]["coefficients"]
+        exact_fit = exact["regression"]["linear"]["efficacy_pct"]["coefficients"]
+        noise_hits, exact_hits, pooled_hits, ratios, shares = [], [], [], [], []
+        for term, row in zero_fit.items():
+            est = np.array([f[term]["estimate"] for f in fits])
+            noise_sd = np.array([f[term]["se_dp_noise"] for f in fits])
+            ci = np.array([f[term]["ci95"] for f in fits])
+            noise_hits += list(np.abs(est - row["estimate"]) <= dp_error.Z95 * noise_sd)
+            exact_hits += list((ci[:, 0] <= exact_fit[term]["estimate"]) & (exact_fit[term]["estimate"] <= ci[:, 1]))
+            pooled_hits += list((ci[:, 0] <= ols[term]) & (ols[term] <= ci[:, 1]))
+            rmse = np.sqrt(np.mean((est - row["estimate"]) ** 2))
+            if rmse > 0:
+                ratios.append(float(np.median(noise_sd) / rmse))
+            shares.append(float(np.median([f[term]["se_sampling"] / f[term]["se"] for f in fits])))
+        out["linear"] = {"coverage_zero_noise": float(np.mean(noise_hits)),
+                         "coverage_non_dp": float(np.mean(exact_hits)),
+                         "coverage_pooled_ols": float(np.mean(pooled_hits)), "n": len(noise_hits),
+                         "median_noise_sd_over_rmse": float(np.median(ratios)),
+                         "median_sampling_share_of_se": float(np.median(shares))}
+        lin = out["linear"]
+        print(f"{variant} linear eps {epsilon}: coverage of the zero-noise fit (± 1.96 se_dp_noise) "
+              f"{lin['coverage_zero_noise']:.3f}, of the non-DP fit (ci95) {lin['coverage_non_dp']:.3f}, "
+              f"of pooled OLS (ci95) {lin['coverage_pooled_ols']:.3f} (n {len(noise_hits)}); "
+              f"median se_dp_noise / rmse {lin['median_noise_sd_over_rmse']:.2f}, "
+              f"se_sampling / se {lin['median_sampling_share_of_se']:.2f}", flush=True)
+    if "anova" in analyses:
+        f_est = np.array([run["anova"]["f"] for run in runs])
+        f_sd = np.array([run["anova"]["f_noise_sd"] for run in runs])
+        f_zero, f_exact = zero["anova"]["f"], exact["anova"]["f"]
+        mean_hits, mean_ratios = [], []
+        for group, entry in exact["anova"]["groups"].items():
+            rows = [run["anova"]["groups"][group] for run in runs if group in run["anova"]["groups"]]
+            est = np.array([r["noise"]["mean"]["estimate"] for r in rows])
+            ci = np.array([r["noise"]["mean"]["ci95"] for r in rows])
+            mean_hits += list((ci[:, 0] <= entry["mean"]) & (entry["mean"] <= ci[:, 1]))
+            rmse = np.sqrt(np.mean((est - entry["mean"]) ** 2))
+            if rmse > 0:
+                mean_ratios.append(float(np.median([r["noise"]["mean"]["noise_sd"] for r in rows]) / rmse))
+        out["anova"] = {"f_coverage_zero_noise": float(np.mean(np.abs(f_est - f_zero) <= dp_error.Z95 * f_sd)),
+                        "f_coverage_non_dp": float(np.mean(np.abs(f_est - f_exact) <= dp_error.Z95 * f_sd)),
+                        "f_n": draws,
+                        "f_noise_sd_over_rmse": float(np.median(f_sd) / np.sqrt(np.mean((f_est - f_zero) ** 2))),
+                        "group_mean_coverage_non_dp": float(np.mean(mean_hits)), "group_mean_n": len(mean_hits),
+                        "group_mean_median_noise_sd_over_rmse": float(np.median(mean_ratios))}
+        a = out["anova"]
+        print(f"{variant} anova eps {epsilon}: F coverage of the zero-noise F {a['f_coverage_zero_noise']:.3f}, "
+              f"of the non-DP F {a['f_coverage_non_dp']:.3f} (n {draws}), "
+              f"f_noise_sd / rmse {a['f_noise_sd_over_rmse']:.2f}; group means (ci95) of the non-DP means "
+              f"{a['group_mean_coverage_non_dp']:.3f} (n {len(mean_hits)}), "
+              f"median noise sd / rmse {a['group_mean_median_noise_sd_over_rmse']:.2f}", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("family", choices=("pca", "logistic", "median"))
+    parser.add_argument("family", choices=("pca", "logistic", "median", "linear-anova"))
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--rows", type=int, default=1300)
     parser.add_argument("--epsilons", default="1")
     parser.add_argument("--draws", type=int, default=10)
-    parser.add_argument("--variant", choices=sorted(set(VARIANTS + MEDIAN_VARIANTS)), default="current")
-    parser.add_argument("--out", type=Path, help="median only: write the coverage per ε as JSON here")
+    parser.add_argument("--variant", choices=sorted(set(VARIANTS + MEDIAN_VARIANTS + LINEAR_ANOVA_VARIANTS)),
+                        default="current")
+    parser.add_argument("--analyses", default="describe,regression,anova,pca,kmeans",
+                        help="linear-anova only: the analyses of each run (their share of ε sets the noise)")
+    parser.add_argument("--out", type=Path, help="median, linear-anova: write the coverage per ε as JSON here")
     args = parser.parse_args()
     load, start = os.getloadavg()[0], time.perf_counter()
     frames = make_sites(args.sites, args.rows)
@@ -227,6 +317,8 @@ def main() -> None:
             pca(frames, epsilon, args.draws)
         elif args.family == "median":
             rows[str(epsilon)] = median(frames, epsilon, args.draws, args.variant)
+        elif args.family == "linear-anova":
+            rows[str(epsilon)] = linear_anova(frames, epsilon, args.draws, args.analyses, args.variant)
         else:
             logistic(frames, epsilon, args.draws, args.variant)
     if args.out and rows:
@@ -238,6 +330,7 @@ def main() -> None:
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_at_start": load},
             "sites": args.sites, "rows": args.rows, "draws": args.draws, "variant": args.variant,
+            "analyses": args.analyses if args.family == "linear-anova" else None,
             "seconds": time.perf_counter() - start, "coverage": rows}, indent=2))
 
 
