@@ -6,7 +6,7 @@
     python benchmarks/analytics_interval_probes.py median --sites 10 --rows 10000 --epsilons 0.5,1,3 --draws 10
                                                    --variant current|sheppard|no-shift|no-resolution [--out J]
     python benchmarks/analytics_interval_probes.py linear-anova --sites 3 --rows 1300 --epsilons 0.5,1,3 --draws 50
-                                                   [--analyses A] --variant current|all-sites-noise [--out J]
+        [--analyses A] --variant current|all-sites-noise|bootstrap-both|main [--out J]
 
 Both hold the simulated clinics fixed (``benchmarks.analytics.make_sites``), run the site + server code in process
 once with the sites' noise set to zero (the target) and then ``--draws`` times with fresh noise, as
@@ -34,7 +34,9 @@ the reported sd to the draws' root-mean-square error.
   the non-DP federated fit and least squares on the pooled unclipped rows (their ``ci95``); of F (± 1.96
   ``f_noise_sd``) against the zero-noise and non-DP F; of the group means' ``ci95`` against the non-DP group means;
   and the median reported noise sd over the draws' root-mean-square error. ``all-sites-noise``: every ANOVA group
-  given the summed noise of every site, as before issue 19's fifth pass (``server.analytics_phase.group_noise_sds``).
+  given the summed noise of every site, as before issue 19's fifth pass (``server.analytics_phase.group_noise_sds``);
+  ``bootstrap-both``: the coefficients' noise sd from one bootstrap re-noising the Gram and ``Xᵀy`` together, as
+  before that pass (``shared.analytics.linear_noise_rmse``); ``main``: both, the code before that pass.
 """
 
 from __future__ import annotations
@@ -64,7 +66,22 @@ from shared import dp_error  # noqa: E402
 
 VARIANTS = ("current", "no-carry", "no-hessian-noise", "psd", "psd-resampled", "soft", "soft-floor", "regime")
 MEDIAN_VARIANTS = ("current", "sheppard", "no-shift", "no-resolution")
-LINEAR_ANOVA_VARIANTS = ("current", "all-sites-noise")
+LINEAR_ANOVA_VARIANTS = ("current", "all-sites-noise", "bootstrap-both", "main")
+
+
+def bootstrap_both(gram, xty, x, y_scale, noise, y_bound):
+    """``shared.analytics.linear_noise_rmse`` before issue 19's fifth pass: one parametric bootstrap re-noising the
+    released Gram and ``Xᵀy`` together, its root-mean-square distance from the release."""
+    d = gram.shape[0]
+    upper = np.triu_indices(d)
+    b = np.concatenate([[1.0], sa.row_bound(x)])
+    size = len(upper[0])
+
+    def coefficients(values):
+        return sa.dp_linear_coefficients(sa.unpack_triu(values[:size], d), values[size:], x, y_scale, noise)
+
+    return dp_error.bootstrap_rmse(np.concatenate([gram[upper], xty]),
+                                   noise * np.concatenate([np.outer(b, b)[upper], b * y_bound]), coefficients)
 
 
 def pca(frames, epsilon: float, draws: int) -> None:
@@ -229,9 +246,11 @@ def linear_anova(frames, epsilon: float, draws: int, analyses: str, variant: str
     from server.analytics_plan import AnalyticsSettings
     from simulation.analytics_run import run_in_process
 
-    group_noise = phase.group_noise_sds
-    if variant == "all-sites-noise":
+    group_noise, linear_noise = phase.group_noise_sds, sa.linear_noise_rmse
+    if variant in ("all-sites-noise", "main"):
         phase.group_noise_sds = lambda answers, labels: dict.fromkeys(labels, phase.summed_noise_sd(answers))
+    if variant in ("bootstrap-both", "main"):
+        sa.linear_noise_rmse = bootstrap_both
     try:
         with zero_noise():
             zero = dp_run(frames, epsilon, analyses, 0)
@@ -239,7 +258,7 @@ def linear_anova(frames, epsilon: float, draws: int, analyses: str, variant: str
         ols = pooled_ols(frames)
         runs = [dp_run(frames, epsilon, analyses, s) for s in range(1, draws + 1)]
     finally:
-        phase.group_noise_sds = group_noise
+        phase.group_noise_sds, sa.linear_noise_rmse = group_noise, linear_noise
     out: dict = {}
     if "regression" in analyses:
         fits = [run["regression"]["linear"]["efficacy_pct"]["coefficients"] for run in runs]
