@@ -5,6 +5,8 @@
                                                    --variant current|no-carry|no-hessian-noise|psd|psd-resampled
     python benchmarks/analytics_interval_probes.py median --sites 10 --rows 10000 --epsilons 0.5,1,3 --draws 10
                                                    --variant current|sheppard|no-shift|no-resolution [--out J]
+    python benchmarks/analytics_interval_probes.py linear-terms --sites 10 --rows 10000 --epsilons 1 --draws 150
+        --noise both|gram|xty --variant current|bootstrap-both [--out J]
     python benchmarks/analytics_interval_probes.py linear-anova --sites 3 --rows 1300 --epsilons 0.5,1,3 --draws 50
         [--analyses A] --variant current|all-sites-noise|bootstrap-both|main [--out J]
 
@@ -37,6 +39,8 @@ the reported sd to the draws' root-mean-square error.
   given the summed noise of every site, as before issue 19's fifth pass (``server.analytics_phase.group_noise_sds``);
   ``bootstrap-both``: the coefficients' noise sd from one bootstrap re-noising the Gram and ``Xᵀy`` together, as
   before that pass (``shared.analytics.linear_noise_rmse``); ``main``: both, the code before that pass.
+- ``linear-terms``: the linear phase alone on the zero-noise run's fixed sums, re-noised on the Gram, on ``Xᵀy``
+  or both (``--noise``): which released sum makes how much of the coefficients' error, against the reported sd.
 """
 
 from __future__ import annotations
@@ -315,9 +319,58 @@ def linear_anova(frames, epsilon: float, draws: int, analyses: str, variant: str
     return out
 
 
+def linear_terms(frames, epsilon: float, draws: int, variant: str, noise: str) -> dict:
+    """The linear phase alone on fixed sums: the zero-noise run's summed Gram, ``Xᵀy`` and ``yᵀy`` (all analyses'
+    ε shares, its standardisation and clipping), re-noised ``draws`` times with the known sds, on the Gram and
+    ``Xᵀy`` (``noise`` = ``both``) or on one of them only (``gram``, ``xty``: how much of the error each makes),
+    through ``shared.analytics.linear_fit``. Per coefficient: coverage of the noise-free fit by ± 1.96
+    ``se_dp_noise`` (the full reported noise sd, both parts, whatever is re-noised) and reported sd / rmse."""
+    seen: dict = {}
+    fit, reported = phase.linear_fit, sa.linear_noise_rmse
+    phase.linear_fit = lambda *a, **k: seen.setdefault("args", (a, k)) and fit(*a, **k)
+    try:
+        with zero_noise():
+            dp_run(frames, epsilon, "describe,regression,anova,pca,kmeans", 0)
+    finally:
+        phase.linear_fit = fit
+    (gram, xty, yty, names, x, y_centre, y_scale, tau, y_bound), _ = seen["args"]
+    if variant == "bootstrap-both":
+        sa.linear_noise_rmse = bootstrap_both
+    try:
+        d = gram.shape[0]
+        upper = np.triu_indices(d)
+        b = np.concatenate([[1.0], sa.row_bound(x)])
+        target = np.array([r["estimate"] for r in sa.linear_fit(gram, xty, yty, names, x, y_centre, y_scale, tau,
+                                                                 y_bound)["coefficients"].values()])
+        rng = np.random.default_rng(1)
+        estimates, sds = [], []
+        for _ in range(draws):
+            g = gram[upper] + (0.0 if noise == "xty" else
+                               rng.standard_normal(len(upper[0])) * tau * np.outer(b, b)[upper])
+            v = xty + (0.0 if noise == "gram" else rng.standard_normal(d) * tau * b * y_bound)
+            rows = sa.linear_fit(sa.unpack_triu(g, d), v, yty, names, x, y_centre, y_scale, tau,
+                                 y_bound)["coefficients"].values()
+            estimates.append([r["estimate"] for r in rows])
+            sds.append([r["se_dp_noise"] for r in rows])
+    finally:
+        sa.linear_noise_rmse = reported
+    error, sds = np.array(estimates) - target, np.array(sds)
+    hits = np.abs(error) <= dp_error.Z95 * sds
+    ratio = np.median(sds, axis=0) / np.sqrt(np.mean(error ** 2, axis=0))
+    whitened = np.linalg.eigvalsh(gram / np.outer(b, b)) / tau
+    print(f"{variant} noise on {noise}, eps {epsilon}: coverage {hits.mean():.3f} (n {hits.size}); whitened Gram "
+          f"eigenvalues / noise sd {np.round(whitened, 1).tolist()}")
+    terms = ["intercept", *names]
+    for j, term in enumerate(terms):
+        print(f"  {term:28s} coverage {hits[:, j].mean():.3f}  reported sd / rmse {ratio[j]:.2f}")
+    return {"coverage": float(hits.mean()), "n": int(hits.size), "noise_on": noise,
+            "reported_sd_over_rmse": dict(zip(terms, ratio.round(3).tolist(), strict=True)),
+            "coverage_per_term": dict(zip(terms, hits.mean(axis=0).round(3).tolist(), strict=True))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("family", choices=("pca", "logistic", "median", "linear-anova"))
+    parser.add_argument("family", choices=("pca", "logistic", "median", "linear-anova", "linear-terms"))
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--rows", type=int, default=1300)
     parser.add_argument("--epsilons", default="1")
@@ -326,7 +379,9 @@ def main() -> None:
                         default="current")
     parser.add_argument("--analyses", default="describe,regression,anova,pca,kmeans",
                         help="linear-anova only: the analyses of each run (their share of ε sets the noise)")
-    parser.add_argument("--out", type=Path, help="median, linear-anova: write the coverage per ε as JSON here")
+    parser.add_argument("--noise", choices=("both", "gram", "xty"), default="both",
+                        help="linear-terms only: which of the released sums the draws re-noise")
+    parser.add_argument("--out", type=Path, help="median, linear-*: write the coverage per ε as JSON here")
     args = parser.parse_args()
     load, start = os.getloadavg()[0], time.perf_counter()
     frames = make_sites(args.sites, args.rows)
@@ -336,6 +391,8 @@ def main() -> None:
             pca(frames, epsilon, args.draws)
         elif args.family == "median":
             rows[str(epsilon)] = median(frames, epsilon, args.draws, args.variant)
+        elif args.family == "linear-terms":
+            rows[str(epsilon)] = linear_terms(frames, epsilon, args.draws, args.variant, args.noise)
         elif args.family == "linear-anova":
             rows[str(epsilon)] = linear_anova(frames, epsilon, args.draws, args.analyses, args.variant)
         else:
