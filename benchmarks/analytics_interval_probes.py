@@ -7,6 +7,8 @@
                                                    --variant current|sheppard|no-shift|no-resolution [--out J]
     python benchmarks/analytics_interval_probes.py linear-terms --sites 10 --rows 10000 --epsilons 1 --draws 150
         --noise both|gram|xty --variant current|bootstrap-both [--out J]
+    python benchmarks/analytics_interval_probes.py anova-terms --sites 3 --rows 1300 --epsilons 0.5,1,3 --draws 300
+        [--out J]
     python benchmarks/analytics_interval_probes.py linear-anova --sites 3 --rows 1300 --epsilons 0.5,1,3 --draws 50
         [--analyses A] --variant current|all-sites-noise|bootstrap-both|main [--out J]
 
@@ -41,6 +43,8 @@ the reported sd to the draws' root-mean-square error.
   before that pass (``shared.analytics.linear_noise_rmse``); ``main``: both, the code before that pass.
 - ``linear-terms``: the linear phase alone on the zero-noise run's fixed sums, re-noised on the Gram, on ``Xᵀy``
   or both (``--noise``): which released sum makes how much of the coefficients' error, against the reported sd.
+- ``anova-terms``: F alone on the zero-noise run's fixed group sums: ± 1.96 ``f_noise_sd`` against the bootstrap's
+  percentile and basic intervals, and the shape of F's noise error.
 """
 
 from __future__ import annotations
@@ -368,9 +372,66 @@ def linear_terms(frames, epsilon: float, draws: int, variant: str, noise: str) -
             "coverage_per_term": dict(zip(terms, hits.mean(axis=0).round(3).tolist(), strict=True))}
 
 
+def anova_terms(frames, epsilon: float, draws: int) -> dict:
+    """ANOVA's F alone on fixed sums: the zero-noise run's (all analyses' ε shares) summed group count, sum and
+    sum of squares, re-noised ``draws`` times with each group's own noise sd; coverage of the noise-free F by
+    ± 1.96 ``f_noise_sd`` (as released) and by two bootstrap intervals from the same parametric bootstrap
+    (``shared.dp_error`` seed and draw count): the percentile ``[q2.5, q97.5]`` and the basic (reverse
+    percentile) ``[2F − q97.5, 2F − q2.5]`` (Davison & Hinkley 1997, "Bootstrap Methods and their Application",
+    §5.2); and the shape of F's noise error (skewness, kurtosis, its 2.5 / 50 / 97.5 % points in reported sds)."""
+    from shared.analytics import anova_table, combine_moments, shifted_sums
+
+    seen: dict = {}
+    noise_sd = phase.anova_f_noise_sd
+    phase.anova_f_noise_sd = lambda *a: seen.setdefault("args", a) and noise_sd(*a)
+    try:
+        with zero_noise():
+            dp_run(frames, epsilon, "describe,regression,anova,pca,kmeans", 0)
+    finally:
+        phase.anova_f_noise_sd = noise_sd
+    parts, centre, bounds, tau = seen["args"]
+    labels = sorted(parts)
+    half = (bounds[1] - bounds[0]) / 2
+    sums = np.array([shifted_sums(parts[g], centre) for g in labels])
+    scale = np.outer([tau[g] for g in labels], [1.0, half, half ** 2])
+
+    def f_of(values):
+        return anova_table({g: combine_moments([{"count": n, "sum": a, "sumsq": q}], centre, bounds)
+                            for g, (n, a, q) in zip(labels, values, strict=True)})["f"]
+
+    target, rng = f_of(sums), np.random.default_rng(3)
+    error, sds, basic, percentile = [], [], [], []
+    for _ in range(draws):
+        noisy = sums + rng.standard_normal(sums.shape) * scale
+        released = f_of(noisy)
+        boot = np.random.default_rng(dp_error.BOOTSTRAP_SEED)
+        runs = np.array([f_of(noisy + boot.standard_normal(sums.shape) * scale)
+                         for _ in range(dp_error.BOOTSTRAP_DRAWS)])
+        low, high = np.nanquantile(runs, [0.025, 0.975])
+        error.append(released - target)
+        rows = {g: [{"count": n, "sum": a, "sumsq": q}] for g, (n, a, q) in zip(labels, noisy, strict=True)}
+        sds.append(noise_sd(rows, centre, bounds, tau)[0])
+        basic.append(2 * released - high <= target <= 2 * released - low)
+        percentile.append(low <= target <= high)
+    error, sds = np.array(error), np.array(sds)
+    z = error / sds
+    out = {"f_noise_free": float(target), "n": draws, "coverage_sd": float(np.mean(np.abs(z) <= dp_error.Z95)),
+           "coverage_basic": float(np.mean(basic)), "coverage_percentile": float(np.mean(percentile)),
+           "sd_over_rmse": float(np.median(sds) / np.sqrt(np.mean(error ** 2))),
+           "skewness": float(np.mean((error - error.mean()) ** 3) / error.std() ** 3),
+           "kurtosis": float(np.mean((error - error.mean()) ** 4) / error.var() ** 2),
+           "error_in_sds_2.5_50_97.5": np.quantile(z, [0.025, 0.5, 0.975]).round(2).tolist()}
+    print(f"anova F eps {epsilon} (noise-free {target:.4g}): coverage ± 1.96 sd {out['coverage_sd']:.3f}, basic "
+          f"{out['coverage_basic']:.3f}, percentile {out['coverage_percentile']:.3f} (n {draws}); sd / rmse "
+          f"{out['sd_over_rmse']:.2f}; error skewness {out['skewness']:.2f}, kurtosis {out['kurtosis']:.1f}, "
+          f"2.5 / 50 / 97.5 % in sds {out['error_in_sds_2.5_50_97.5']}", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("family", choices=("pca", "logistic", "median", "linear-anova", "linear-terms"))
+    parser.add_argument("family", choices=("pca", "logistic", "median", "linear-anova", "linear-terms",
+                                                "anova-terms"))
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--rows", type=int, default=1300)
     parser.add_argument("--epsilons", default="1")
@@ -381,7 +442,7 @@ def main() -> None:
                         help="linear-anova only: the analyses of each run (their share of ε sets the noise)")
     parser.add_argument("--noise", choices=("both", "gram", "xty"), default="both",
                         help="linear-terms only: which of the released sums the draws re-noise")
-    parser.add_argument("--out", type=Path, help="median, linear-*: write the coverage per ε as JSON here")
+    parser.add_argument("--out", type=Path, help="median, linear-*, anova-terms: write the coverage per ε as JSON here")
     args = parser.parse_args()
     load, start = os.getloadavg()[0], time.perf_counter()
     frames = make_sites(args.sites, args.rows)
@@ -391,6 +452,8 @@ def main() -> None:
             pca(frames, epsilon, args.draws)
         elif args.family == "median":
             rows[str(epsilon)] = median(frames, epsilon, args.draws, args.variant)
+        elif args.family == "anova-terms":
+            rows[str(epsilon)] = anova_terms(frames, epsilon, args.draws)
         elif args.family == "linear-terms":
             rows[str(epsilon)] = linear_terms(frames, epsilon, args.draws, args.variant, args.noise)
         elif args.family == "linear-anova":
