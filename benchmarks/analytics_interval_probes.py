@@ -1,10 +1,16 @@
-"""Probes behind issue 19's third and fourth passes: DP PCA eigenvalue, logistic-coefficient and median intervals.
+"""Probes behind issue 19's third to fifth passes: DP PCA eigenvalue, logistic, median, linear and ANOVA intervals.
 
     python benchmarks/analytics_interval_probes.py pca --sites 3 --rows 1300 --epsilons 0.5,1,3 --draws 10
     python benchmarks/analytics_interval_probes.py logistic --sites 3 --rows 1300 --epsilons 1 --draws 12
                                                    --variant current|no-carry|no-hessian-noise|psd|psd-resampled
     python benchmarks/analytics_interval_probes.py median --sites 10 --rows 10000 --epsilons 0.5,1,3 --draws 10
                                                    --variant current|sheppard|no-shift|no-resolution [--out J]
+    python benchmarks/analytics_interval_probes.py linear-terms --sites 10 --rows 10000 --epsilons 1 --draws 150
+        --noise both|gram|xty --variant current|bootstrap-both [--out J]
+    python benchmarks/analytics_interval_probes.py anova-terms --sites 3 --rows 1300 --epsilons 0.5,1,3 --draws 300
+        [--out J]
+    python benchmarks/analytics_interval_probes.py linear-anova --sites 3 --rows 1300 --epsilons 0.5,1,3 --draws 50
+        [--analyses A] --variant current|all-sites-noise|bootstrap-both|main [--out J]
 
 Both hold the simulated clinics fixed (``benchmarks.analytics.make_sites``), run the site + server code in process
 once with the sites' noise set to zero (the target) and then ``--draws`` times with fresh noise, as
@@ -27,6 +33,18 @@ the reported sd to the draws' root-mean-square error.
   as the bias, ``bin_resolution_sd``), as before the fourth pass (``sheppard``: the bootstrap's root-mean-square
   distance and a fixed ``width / √12``), without the threshold shift (``no-shift``: the bootstrap's own shift as
   the bias), or without a resolution term as well (``no-resolution``).
+- ``linear-anova``: one run of ``--analyses`` (default all: the ε shares of the DP accuracy benchmark) gives the
+  linear coefficients and ANOVA; coverage of the coefficients against the zero-noise fit (± 1.96 ``se_dp_noise``),
+  the non-DP federated fit and least squares on the pooled unclipped rows (their ``ci95``); of F (± 1.96
+  ``f_noise_sd``) against the zero-noise and non-DP F; of the group means' ``ci95`` against the non-DP group means;
+  and the median reported noise sd over the draws' root-mean-square error. ``all-sites-noise``: every ANOVA group
+  given the summed noise of every site, as before issue 19's fifth pass (``server.analytics_phase.group_noise_sds``);
+  ``bootstrap-both``: the coefficients' noise sd from one bootstrap re-noising the Gram and ``Xᵀy`` together, as
+  before that pass (``shared.analytics.linear_noise_rmse``); ``main``: both, the code before that pass.
+- ``linear-terms``: the linear phase alone on the zero-noise run's fixed sums, re-noised on the Gram, on ``Xᵀy``
+  or both (``--noise``): which released sum makes how much of the coefficients' error, against the reported sd.
+- ``anova-terms``: F alone on the zero-noise run's fixed group sums: ± 1.96 ``f_noise_sd`` against the bootstrap's
+  percentile and basic intervals, and the shape of F's noise error.
 """
 
 from __future__ import annotations
@@ -56,6 +74,22 @@ from shared import dp_error  # noqa: E402
 
 VARIANTS = ("current", "no-carry", "no-hessian-noise", "psd", "psd-resampled", "soft", "soft-floor", "regime")
 MEDIAN_VARIANTS = ("current", "sheppard", "no-shift", "no-resolution")
+LINEAR_ANOVA_VARIANTS = ("current", "all-sites-noise", "bootstrap-both", "main")
+
+
+def bootstrap_both(gram, xty, x, y_scale, noise, y_bound):
+    """``shared.analytics.linear_noise_rmse`` before issue 19's fifth pass: one parametric bootstrap re-noising the
+    released Gram and ``Xᵀy`` together, its root-mean-square distance from the release."""
+    d = gram.shape[0]
+    upper = np.triu_indices(d)
+    b = np.concatenate([[1.0], sa.row_bound(x)])
+    size = len(upper[0])
+
+    def coefficients(values):
+        return sa.dp_linear_coefficients(sa.unpack_triu(values[:size], d), values[size:], x, y_scale, noise)
+
+    return dp_error.bootstrap_rmse(np.concatenate([gram[upper], xty]),
+                                   noise * np.concatenate([np.outer(b, b)[upper], b * y_bound]), coefficients)
 
 
 def pca(frames, epsilon: float, draws: int) -> None:
@@ -209,15 +243,206 @@ def median(frames, epsilon: float, draws: int, variant: str) -> dict:
     return out
 
 
+def linear_anova(frames, epsilon: float, draws: int, analyses: str, variant: str = "current") -> dict:
+    """Coverage of the linear coefficients' and ANOVA's intervals over ``draws`` noise draws (one run of
+    ``analyses`` gives both), against the zero-noise run (noise only: ``estimate ± 1.96`` noise sd), the non-DP
+    federated run (the reported ``ci95`` / ``± 1.96 f_noise_sd``: what a reader's interval is for) and, for the
+    coefficients, least squares on the pooled unclipped rows (``benchmarks.analytics.pooled_ols``: what the DP
+    accuracy benchmark's ``cov coef`` measures)."""
+    from analytics import pooled_ols
+
+    from server.analytics_plan import AnalyticsSettings
+    from simulation.analytics_run import run_in_process
+
+    group_noise, linear_noise = phase.group_noise_sds, sa.linear_noise_rmse
+    if variant in ("all-sites-noise", "main"):
+        phase.group_noise_sds = lambda answers, labels: dict.fromkeys(labels, phase.summed_noise_sd(answers))
+    if variant in ("bootstrap-both", "main"):
+        sa.linear_noise_rmse = bootstrap_both
+    try:
+        with zero_noise():
+            zero = dp_run(frames, epsilon, analyses, 0)
+        exact = run_in_process(frames, AnalyticsSettings(analyses=analyses))
+        ols = pooled_ols(frames)
+        runs = [dp_run(frames, epsilon, analyses, s) for s in range(1, draws + 1)]
+    finally:
+        phase.group_noise_sds, sa.linear_noise_rmse = group_noise, linear_noise
+    out: dict = {}
+    if "regression" in analyses:
+        fits = [run["regression"]["linear"]["efficacy_pct"]["coefficients"] for run in runs]
+        zero_fit = zero["regression"]["linear"]["efficacy_pct"]["coefficients"]
+        exact_fit = exact["regression"]["linear"]["efficacy_pct"]["coefficients"]
+        noise_hits, exact_hits, pooled_hits, ratios, shares = [], [], [], [], []
+        for term, row in zero_fit.items():
+            est = np.array([f[term]["estimate"] for f in fits])
+            noise_sd = np.array([f[term]["se_dp_noise"] for f in fits])
+            ci = np.array([f[term]["ci95"] for f in fits])
+            noise_hits += list(np.abs(est - row["estimate"]) <= dp_error.Z95 * noise_sd)
+            exact_hits += list((ci[:, 0] <= exact_fit[term]["estimate"]) & (exact_fit[term]["estimate"] <= ci[:, 1]))
+            pooled_hits += list((ci[:, 0] <= ols[term]) & (ols[term] <= ci[:, 1]))
+            rmse = np.sqrt(np.mean((est - row["estimate"]) ** 2))
+            if rmse > 0:
+                ratios.append(float(np.median(noise_sd) / rmse))
+            shares.append(float(np.median([f[term]["se_sampling"] / f[term]["se"] for f in fits])))
+        out["linear"] = {"coverage_zero_noise": float(np.mean(noise_hits)),
+                         "coverage_non_dp": float(np.mean(exact_hits)),
+                         "coverage_pooled_ols": float(np.mean(pooled_hits)), "n": len(noise_hits),
+                         "median_noise_sd_over_rmse": float(np.median(ratios)),
+                         "median_sampling_share_of_se": float(np.median(shares))}
+        lin = out["linear"]
+        print(f"{variant} linear eps {epsilon}: coverage of the zero-noise fit (± 1.96 se_dp_noise) "
+              f"{lin['coverage_zero_noise']:.3f}, of the non-DP fit (ci95) {lin['coverage_non_dp']:.3f}, "
+              f"of pooled OLS (ci95) {lin['coverage_pooled_ols']:.3f} (n {len(noise_hits)}); "
+              f"median se_dp_noise / rmse {lin['median_noise_sd_over_rmse']:.2f}, "
+              f"se_sampling / se {lin['median_sampling_share_of_se']:.2f}", flush=True)
+    if "anova" in analyses:
+        f_est = np.array([run["anova"]["f"] for run in runs])
+        f_sd = np.array([run["anova"]["f_noise_sd"] for run in runs])
+        f_zero, f_exact = zero["anova"]["f"], exact["anova"]["f"]
+        mean_hits, mean_ratios = [], []
+        for group, entry in exact["anova"]["groups"].items():
+            rows = [run["anova"]["groups"][group] for run in runs if group in run["anova"]["groups"]]
+            est = np.array([r["noise"]["mean"]["estimate"] for r in rows])
+            ci = np.array([r["noise"]["mean"]["ci95"] for r in rows])
+            mean_hits += list((ci[:, 0] <= entry["mean"]) & (entry["mean"] <= ci[:, 1]))
+            rmse = np.sqrt(np.mean((est - entry["mean"]) ** 2))
+            if rmse > 0:
+                mean_ratios.append(float(np.median([r["noise"]["mean"]["noise_sd"] for r in rows]) / rmse))
+        out["anova"] = {"f_coverage_zero_noise": float(np.mean(np.abs(f_est - f_zero) <= dp_error.Z95 * f_sd)),
+                        "f_coverage_non_dp": float(np.mean(np.abs(f_est - f_exact) <= dp_error.Z95 * f_sd)),
+                        "f_n": draws,
+                        "f_noise_sd_over_rmse": float(np.median(f_sd) / np.sqrt(np.mean((f_est - f_zero) ** 2))),
+                        "group_mean_coverage_non_dp": float(np.mean(mean_hits)), "group_mean_n": len(mean_hits),
+                        "group_mean_median_noise_sd_over_rmse": float(np.median(mean_ratios))}
+        a = out["anova"]
+        print(f"{variant} anova eps {epsilon}: F coverage of the zero-noise F {a['f_coverage_zero_noise']:.3f}, "
+              f"of the non-DP F {a['f_coverage_non_dp']:.3f} (n {draws}), "
+              f"f_noise_sd / rmse {a['f_noise_sd_over_rmse']:.2f}; group means (ci95) of the non-DP means "
+              f"{a['group_mean_coverage_non_dp']:.3f} (n {len(mean_hits)}), "
+              f"median noise sd / rmse {a['group_mean_median_noise_sd_over_rmse']:.2f}", flush=True)
+    return out
+
+
+def linear_terms(frames, epsilon: float, draws: int, variant: str, noise: str) -> dict:
+    """The linear phase alone on fixed sums: the zero-noise run's summed Gram, ``Xᵀy`` and ``yᵀy`` (all analyses'
+    ε shares, its standardisation and clipping), re-noised ``draws`` times with the known sds, on the Gram and
+    ``Xᵀy`` (``noise`` = ``both``) or on one of them only (``gram``, ``xty``: how much of the error each makes),
+    through ``shared.analytics.linear_fit``. Per coefficient: coverage of the noise-free fit by ± 1.96
+    ``se_dp_noise`` (the full reported noise sd, both parts, whatever is re-noised) and reported sd / rmse."""
+    seen: dict = {}
+    fit, reported = phase.linear_fit, sa.linear_noise_rmse
+    phase.linear_fit = lambda *a, **k: seen.setdefault("args", (a, k)) and fit(*a, **k)
+    try:
+        with zero_noise():
+            dp_run(frames, epsilon, "describe,regression,anova,pca,kmeans", 0)
+    finally:
+        phase.linear_fit = fit
+    (gram, xty, yty, names, x, y_centre, y_scale, tau, y_bound), _ = seen["args"]
+    if variant == "bootstrap-both":
+        sa.linear_noise_rmse = bootstrap_both
+    try:
+        d = gram.shape[0]
+        upper = np.triu_indices(d)
+        b = np.concatenate([[1.0], sa.row_bound(x)])
+        target = np.array([r["estimate"] for r in sa.linear_fit(gram, xty, yty, names, x, y_centre, y_scale, tau,
+                                                                 y_bound)["coefficients"].values()])
+        rng = np.random.default_rng(1)
+        estimates, sds = [], []
+        for _ in range(draws):
+            g = gram[upper] + (0.0 if noise == "xty" else
+                               rng.standard_normal(len(upper[0])) * tau * np.outer(b, b)[upper])
+            v = xty + (0.0 if noise == "gram" else rng.standard_normal(d) * tau * b * y_bound)
+            rows = sa.linear_fit(sa.unpack_triu(g, d), v, yty, names, x, y_centre, y_scale, tau,
+                                 y_bound)["coefficients"].values()
+            estimates.append([r["estimate"] for r in rows])
+            sds.append([r["se_dp_noise"] for r in rows])
+    finally:
+        sa.linear_noise_rmse = reported
+    error, sds = np.array(estimates) - target, np.array(sds)
+    hits = np.abs(error) <= dp_error.Z95 * sds
+    ratio = np.median(sds, axis=0) / np.sqrt(np.mean(error ** 2, axis=0))
+    whitened = np.linalg.eigvalsh(gram / np.outer(b, b)) / tau
+    print(f"{variant} noise on {noise}, eps {epsilon}: coverage {hits.mean():.3f} (n {hits.size}); whitened Gram "
+          f"eigenvalues / noise sd {np.round(whitened, 1).tolist()}")
+    terms = ["intercept", *names]
+    for j, term in enumerate(terms):
+        print(f"  {term:28s} coverage {hits[:, j].mean():.3f}  reported sd / rmse {ratio[j]:.2f}")
+    return {"coverage": float(hits.mean()), "n": int(hits.size), "noise_on": noise,
+            "reported_sd_over_rmse": dict(zip(terms, ratio.round(3).tolist(), strict=True)),
+            "coverage_per_term": dict(zip(terms, hits.mean(axis=0).round(3).tolist(), strict=True))}
+
+
+def anova_terms(frames, epsilon: float, draws: int) -> dict:
+    """ANOVA's F alone on fixed sums: the zero-noise run's (all analyses' ε shares) summed group count, sum and
+    sum of squares, re-noised ``draws`` times with each group's own noise sd; coverage of the noise-free F by
+    ± 1.96 ``f_noise_sd`` (as released) and by two bootstrap intervals from the same parametric bootstrap
+    (``shared.dp_error`` seed and draw count): the percentile ``[q2.5, q97.5]`` and the basic (reverse
+    percentile) ``[2F − q97.5, 2F − q2.5]`` (Davison & Hinkley 1997, "Bootstrap Methods and their Application",
+    §5.2); and the shape of F's noise error (skewness, kurtosis, its 2.5 / 50 / 97.5 % points in reported sds)."""
+    from shared.analytics import anova_table, combine_moments, shifted_sums
+
+    seen: dict = {}
+    noise_sd = phase.anova_f_noise_sd
+    phase.anova_f_noise_sd = lambda *a: seen.setdefault("args", a) and noise_sd(*a)
+    try:
+        with zero_noise():
+            dp_run(frames, epsilon, "describe,regression,anova,pca,kmeans", 0)
+    finally:
+        phase.anova_f_noise_sd = noise_sd
+    parts, centre, bounds, tau = seen["args"]
+    labels = sorted(parts)
+    half = (bounds[1] - bounds[0]) / 2
+    sums = np.array([shifted_sums(parts[g], centre) for g in labels])
+    scale = np.outer([tau[g] for g in labels], [1.0, half, half ** 2])
+
+    def f_of(values):
+        return anova_table({g: combine_moments([{"count": n, "sum": a, "sumsq": q}], centre, bounds)
+                            for g, (n, a, q) in zip(labels, values, strict=True)})["f"]
+
+    target, rng = f_of(sums), np.random.default_rng(3)
+    error, sds, basic, percentile = [], [], [], []
+    for _ in range(draws):
+        noisy = sums + rng.standard_normal(sums.shape) * scale
+        released = f_of(noisy)
+        boot = np.random.default_rng(dp_error.BOOTSTRAP_SEED)
+        runs = np.array([f_of(noisy + boot.standard_normal(sums.shape) * scale)
+                         for _ in range(dp_error.BOOTSTRAP_DRAWS)])
+        low, high = np.nanquantile(runs, [0.025, 0.975])
+        error.append(released - target)
+        rows = {g: [{"count": n, "sum": a, "sumsq": q}] for g, (n, a, q) in zip(labels, noisy, strict=True)}
+        sds.append(noise_sd(rows, centre, bounds, tau)[0])
+        basic.append(2 * released - high <= target <= 2 * released - low)
+        percentile.append(low <= target <= high)
+    error, sds = np.array(error), np.array(sds)
+    z = error / sds
+    out = {"f_noise_free": float(target), "n": draws, "coverage_sd": float(np.mean(np.abs(z) <= dp_error.Z95)),
+           "coverage_basic": float(np.mean(basic)), "coverage_percentile": float(np.mean(percentile)),
+           "sd_over_rmse": float(np.median(sds) / np.sqrt(np.mean(error ** 2))),
+           "skewness": float(np.mean((error - error.mean()) ** 3) / error.std() ** 3),
+           "kurtosis": float(np.mean((error - error.mean()) ** 4) / error.var() ** 2),
+           "error_in_sds_2.5_50_97.5": np.quantile(z, [0.025, 0.5, 0.975]).round(2).tolist()}
+    print(f"anova F eps {epsilon} (noise-free {target:.4g}): coverage ± 1.96 sd {out['coverage_sd']:.3f}, basic "
+          f"{out['coverage_basic']:.3f}, percentile {out['coverage_percentile']:.3f} (n {draws}); sd / rmse "
+          f"{out['sd_over_rmse']:.2f}; error skewness {out['skewness']:.2f}, kurtosis {out['kurtosis']:.1f}, "
+          f"2.5 / 50 / 97.5 % in sds {out['error_in_sds_2.5_50_97.5']}", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("family", choices=("pca", "logistic", "median"))
+    parser.add_argument("family", choices=("pca", "logistic", "median", "linear-anova", "linear-terms",
+                                                "anova-terms"))
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--rows", type=int, default=1300)
     parser.add_argument("--epsilons", default="1")
     parser.add_argument("--draws", type=int, default=10)
-    parser.add_argument("--variant", choices=sorted(set(VARIANTS + MEDIAN_VARIANTS)), default="current")
-    parser.add_argument("--out", type=Path, help="median only: write the coverage per ε as JSON here")
+    parser.add_argument("--variant", choices=sorted(set(VARIANTS + MEDIAN_VARIANTS + LINEAR_ANOVA_VARIANTS)),
+                        default="current")
+    parser.add_argument("--analyses", default="describe,regression,anova,pca,kmeans",
+                        help="linear-anova only: the analyses of each run (their share of ε sets the noise)")
+    parser.add_argument("--noise", choices=("both", "gram", "xty"), default="both",
+                        help="linear-terms only: which of the released sums the draws re-noise")
+    parser.add_argument("--out", type=Path, help="median, linear-*, anova-terms: write the coverage per ε as JSON here")
     args = parser.parse_args()
     load, start = os.getloadavg()[0], time.perf_counter()
     frames = make_sites(args.sites, args.rows)
@@ -227,6 +452,12 @@ def main() -> None:
             pca(frames, epsilon, args.draws)
         elif args.family == "median":
             rows[str(epsilon)] = median(frames, epsilon, args.draws, args.variant)
+        elif args.family == "anova-terms":
+            rows[str(epsilon)] = anova_terms(frames, epsilon, args.draws)
+        elif args.family == "linear-terms":
+            rows[str(epsilon)] = linear_terms(frames, epsilon, args.draws, args.variant, args.noise)
+        elif args.family == "linear-anova":
+            rows[str(epsilon)] = linear_anova(frames, epsilon, args.draws, args.analyses, args.variant)
         else:
             logistic(frames, epsilon, args.draws, args.variant)
     if args.out and rows:
@@ -238,6 +469,7 @@ def main() -> None:
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_at_start": load},
             "sites": args.sites, "rows": args.rows, "draws": args.draws, "variant": args.variant,
+            "analyses": args.analyses if args.family == "linear-anova" else None,
             "seconds": time.perf_counter() - start, "coverage": rows}, indent=2))
 
 

@@ -572,12 +572,12 @@ def anova_phase(session: AnalyticsSession, plan: AnalyticsPlan) -> dict[str, Any
     groups = {label: combine_moments(p, centre, tuple(bounds[0])) for label, p in parts.items()}
     table = anova_table(groups)
     if any_dp(answers):
-        noise_sd, epsilon = summed_noise_sd(answers), run_epsilon(answers)
+        noise_sds, epsilon = group_noise_sds(answers, list(parts)), run_epsilon(answers)
         for label, entry in table["groups"].items():
             entry["n"] = float(entry["n"])
-            entry["noise"] = moments_error(parts[label], centre, tuple(bounds[0]), noise_sd, epsilon)
+            entry["noise"] = moments_error(parts[label], centre, tuple(bounds[0]), noise_sds[label], epsilon)
         table["f_noise_sd"], table["eta_squared_noise_sd"] = anova_f_noise_sd(parts, centre, tuple(bounds[0]),
-                                                                              noise_sd)
+                                                                              noise_sds)
     else:
         table["n"] = int(round(table["n"]))
         for entry in table["groups"].values():
@@ -586,13 +586,26 @@ def anova_phase(session: AnalyticsSession, plan: AnalyticsPlan) -> dict[str, Any
             "sites": site_names(answers)}
 
 
+def group_noise_sds(answers: Sequence[SiteAnswer], labels: Sequence[str]) -> dict[str, float]:
+    """Per ANOVA group, the sd of the summed noise on an entry of scale 1: from the answers that released the
+    group only. A site releases the groups it has (``client.analytics.group_moments``), so a formulation given
+    at 3 of 10 sites carries the noise of 3 (under a secure sum every site lays out, and noises, every group:
+    the one summed answer names them all). Until issue 19's fifth pass every group was given the noise of
+    every site (:func:`summed_noise_sd`): at 10 sites × 10⁴ rows, where a formulation is at 3.25 sites on
+    average, the groups' mean noise sd was 1.74 × their error and F's 1.85 × (BENCHMARKS.md)."""
+    return {label: math.sqrt(sum(a.noise_sd ** 2 for a in answers if label in a.labels.get("groups", [])))
+            for label in labels}
+
+
 def anova_f_noise_sd(parts: dict[str, list[dict[str, float]]], centre: float, bounds: tuple[float, float],
-                     noise_sd: float) -> tuple[float | None, float | None]:
+                     noise_sds: dict[str, float]) -> tuple[float | None, float | None]:
     """Noise sds of ANOVA's F and η² under DP: a parametric bootstrap (``shared.dp_error``) of the groups'
-    summed count, sum and sum of squares (noise sds τ, τh, τh²) through the same estimator."""
+    summed count, sum and sum of squares (noise sds τ_g, τ_g h, τ_g h², with τ_g the group's own summed noise,
+    :func:`group_noise_sds`) through the same estimator."""
     labels = sorted(parts)
     sums = np.array([shifted_sums(parts[g], centre) for g in labels])
     half = (bounds[1] - bounds[0]) / 2
+    tau = np.array([noise_sds[g] for g in labels])
 
     def f_of(noisy: np.ndarray) -> np.ndarray:
         """F from noisy (count, sum, sumsq) rows, post-processed as the release is."""
@@ -601,7 +614,7 @@ def anova_f_noise_sd(parts: dict[str, list[dict[str, float]]], centre: float, bo
         table = anova_table(groups)
         return np.array([table["f"], math.nan if table["eta_squared"] is None else table["eta_squared"]])
 
-    sds = dp_error.bootstrap_sd(sums, noise_sd * np.array([1.0, half, half ** 2]), f_of)
+    sds = dp_error.bootstrap_sd(sums, np.outer(tau, [1.0, half, half ** 2]), f_of)
     return tuple(float(sd) if math.isfinite(sd) else None for sd in sds)
 
 

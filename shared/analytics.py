@@ -385,31 +385,43 @@ def dp_linear_coefficients(gram: np.ndarray, xty: np.ndarray, x: dict[str, np.nd
 
 def linear_noise_rmse(gram: np.ndarray, xty: np.ndarray, x: dict[str, np.ndarray], y_scale: float, noise: float,
                       y_bound: float) -> np.ndarray:
-    """What the DP noise does to each least-squares coefficient (original scale): the root-mean-square
-    distance of a parametric bootstrap of the noise (``shared.dp_error.bootstrap_rmse``: the released ``G``'s
-    distinct entries and ``Xᵀy`` re-noised with their known sds, ``noise × b_j b_l`` and ``noise × b_j ×
-    y_bound``, ``b = [1, bound]``) through the same floored estimator, from the released coefficients.
+    """What the DP noise does to each least-squares coefficient (original scale), in two parts added as
+    variances: the noise of ``Xᵀy`` exactly, given the released Gram, and the Gram's noise by a parametric
+    bootstrap.
 
-    Why not the delta method on ``β = G⁻¹b``, as before: it is first order in the noise and blind to the
-    floor's shrinkage. Measured over noise draws on fixed data (coverage of the noise-free fit by
-    ``estimate ± 1.96 se_dp_noise``): with the old floor the delta method covered 0.896 (10 sites × 10⁴ rows,
-    ε = 1); with this floor 0.976 (ε = 1), 0.980 (ε = 0.5) and 0.997 (3 sites × ~1,300, ε = 1; the noisy
-    inverse's weak directions inflate it), this bootstrap 0.970, 0.956 and 0.953 (150 draws each). The
-    bootstrap: Efron & Tibshirani (1993), "An Introduction to the Bootstrap", ch. 6 (parametric) and 10
-    (bias), here with the DP noise's known law.
+    Given the released (noisy) Gram ``G``, the coefficients ``y_scale · Mᵀ G_f⁻¹ Xᵀy`` (``G_f``: floored as in
+    :func:`linear_fit`) are linear in ``Xᵀy``, whose noise is independent of the Gram's with sd ``noise × b_j ×
+    y_bound`` (``b = [1, bound]``), so that part's covariance is ``A diag(sd²) Aᵀ`` with ``A = y_scale · Mᵀ G_f⁻¹``,
+    the delta method's sandwich at the release (exact here, the map being linear): the conditional view of noisy
+    sufficient statistics that Bernstein & Sheldon (2018, "Differentially private Bayesian inference for
+    exponential families", NeurIPS; 2019 for linear regression, AISTATS) take. The Gram's noise ``noise × b_j
+    b_l`` enters non-linearly (the inverse, the floor's shrinkage): its part is the root-mean-square distance of
+    a parametric bootstrap (``shared.dp_error.bootstrap_rmse``; Efron & Tibshirani 1993, "An Introduction to
+    the Bootstrap", ch. 6 and 10) that re-noises the released Gram's distinct entries only, ``Xᵀy`` held at its
+    released value.
+
+    Why not the bootstrap of both, as until issue 19's fifth pass: re-noising the Gram around a release that
+    already carries its noise makes each draw's inverse see the Gram's noise twice, and ``Xᵀy``'s noise,
+    most of the coefficients' error, was passed through those doubly noisy inverses (whose weak directions
+    are weaker: ``E[G̃⁻¹ Σ G̃⁻¹]`` grows with the Gram's noise). On the fixed sums of 10 sites × 10⁴ rows, ε = 1,
+    150 noise draws, that part alone was reported 1.3-1.4 × its real spread for 7 of 11 coefficients, and the
+    intervals covered the noise-free fit 0.981 (BENCHMARKS.md, issue 19's fifth pass). Why not the delta method
+    for both: it is first order in the Gram's noise and blind to the floor's shrinkage (0.896 coverage with the
+    old floor at 10 × 10⁴, ε = 1; the floor's history in :data:`LINEAR_FLOOR_NOISE_SDS`).
     """
     d = gram.shape[0]
     upper = np.triu_indices(d)
     b = np.concatenate([[1.0], row_bound(x)])
-    released = np.concatenate([gram[upper], xty])
-    scale = noise * np.concatenate([np.outer(b, b)[upper], b * y_bound])
-    size = len(upper[0])
+    inverse = noisy_gram_inverse(gram, row_bound(x), 1.0, noise, LINEAR_FLOOR_NOISE_SDS)
+    to_coefficients = y_scale * (design_map(x["centre"], x["scale"]).T @ inverse)
+    xty_variance = np.square(to_coefficients) @ np.square(noise * b * y_bound)
 
     def coefficients(values: np.ndarray) -> np.ndarray:
-        """The coefficients from a (re-noised) packed Gram and ``Xᵀy``."""
-        return dp_linear_coefficients(unpack_triu(values[:size], d), values[size:], x, y_scale, noise)
+        """The coefficients from a re-noised packed Gram and the released ``Xᵀy``."""
+        return dp_linear_coefficients(unpack_triu(values, d), xty, x, y_scale, noise)
 
-    return dp_error.bootstrap_rmse(released, scale, coefficients)
+    gram_part = dp_error.bootstrap_rmse(gram[upper], noise * np.outer(b, b)[upper], coefficients)
+    return np.sqrt(xty_variance + np.square(gram_part))
 
 
 def logistic_step_noise(hessian: np.ndarray, gradient: np.ndarray, beta_before: np.ndarray, beta_after: np.ndarray,

@@ -15,10 +15,11 @@ does not have:
   ``BOOTSTRAP_DRAWS`` times with the known sd and the estimator re-run; the sd of the re-runs is the noise
   sd (for quantiles their root-mean-square distance from the released value, which adds the estimator's
   bias under noise, and the bin's own resolution, ``width / √12``);
-- **least-squares coefficients**: the same bootstrap's root-mean-square distance through the floored
-  estimator (``shared.analytics.linear_noise_rmse``: the delta method missed the floor's shrinkage), added to
-  the sampling variance; **logistic coefficients**: the delta method on the last Newton step,
-  ``δβ ≈ H⁻¹(δg − δH · step)`` (:func:`gram_noise_covariance`), added to the inverse Hessian.
+- **least-squares coefficients**: the noise of ``Xᵀy`` propagated exactly through the released Gram's floored
+  inverse (the coefficients are linear in ``Xᵀy`` given the Gram), plus the same bootstrap's root-mean-square
+  distance for the Gram's own noise (``shared.analytics.linear_noise_rmse``: the delta method missed the
+  floor's shrinkage), added to the sampling variance; **logistic coefficients**: the delta method on the last
+  Newton step, ``δβ ≈ H⁻¹(δg − δH · step)`` (:func:`gram_noise_covariance`), added to the inverse Hessian.
 
 The 95 % interval is ``estimate ± 1.96 sd`` (clipped to the declared range where there is one): it is about
 the noise, around the sites' pooled rows, not about a population. A number whose interval is wider than
