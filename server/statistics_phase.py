@@ -152,7 +152,7 @@ def secure_encoder(grid: Grid, sites: SiteCheck, task: TaskSpec, split_seed: int
             add_privacy(record, sites.usable, node, facts)
     failures.update({name(n): reason for n, reason in session.lost.items()})
     record.statistics = {"sites": sorted(name(n) for n in summed), "failures": failures,
-                         "refused": sites.refusing("statistics"), "secure_sum": mode,
+                         "refused": sites.refusing("statistics"), "secure_sum": mode, "infeasible": {},
                          "bytes": {"down": session.bytes_down, "up": session.bytes_up}}
     log(INFO, "statistics: secure sum (%s) over %d sites", mode, len(summed))
     return FeatureEncoder(task).fit_statistics(union.statistics(total, minima, maxima))
