@@ -21,8 +21,9 @@ row count, per numeric column or regression outcome (C, S, Q) = (count, sum, Σx
 DP allowance. A DP site noises its counts before masking (``client.statistics``), so its honest vector breaks
 the counting constraints by its noise. Each of a release's constraints is widened by a bound its noise exceeds
 with probability below p = :data:`REFUSAL_PROBABILITY` / (entries of the release), so that an honest release is
-refused with probability below 1e−6 per DP site in it (Bonferroni over its constraints, at most one per entry):
-k = Φ⁻¹(1 − p) standard deviations (5.9 for the built-in task's 694 entries) for an entry that is a linear
+refused with probability below 1e−6 per DP site in it (Bonferroni: a release has fewer constraints that its
+noise can break than entries):
+k = Φ⁻¹(1 − p) standard deviations (5.85 for the built-in task's 412 entries) for an entry that is a linear
 function of the noise, and for a count read off a column's clipped, rounded noised grid
 (which can exceed the row count by Σ|e_b| over its B bins plus the row count's own noise) the Cauchy–Schwarz
 bound Σ|e| ≤ √m · ‖e‖ with ‖e‖² / σ² below the χ²_m quantile at 1 − p (m = B + 1 entries), plus the rounding.
