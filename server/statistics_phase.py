@@ -36,7 +36,8 @@ from shared.protocol.hist import secure_sum_mode
 from shared.protocol.privacy import RunPlan
 from shared.protocol.training import statistics_request
 from shared.secure_sum import MIN_SITES
-from shared.statistics_vector import VALUES, layout_reply
+from shared.statistics_vector import VALUES, StatisticsLayout, layout_reply
+from shared.sum_bounds import Contributors, InfeasibleSum, check_statistics, declared_rows
 from shared.task import TaskSpec
 
 
@@ -54,22 +55,57 @@ def federated_encoder(grid: Grid, sites: SiteCheck, task: TaskSpec, split_seed: 
         return secure_encoder(grid, sites, task, split_seed, plan, record, mode, secure_threshold)
     sent = [Message(statistics_request(split_seed, plan), dst_node_id=n, message_type=messages.STATISTICS.type)
             for n in nodes]
-    stats, answered, failures = [], [], {}
+    received, failures = {}, {}
     for reply in grid.send_and_receive(sent):
         node = reply.metadata.src_node_id
         if reply.has_error():
             failures[sites.usable.get(node, f"node {node}")] = reply.error.reason
             log(INFO, "statistics: %s failed: %s", sites.usable.get(node, node), reply.error.reason)
             continue
-        stats.append(SiteStatistics.from_records(reply.content[r.STATISTICS], reply.content[r.NAMES]))
+        facts = dict(reply.content[r.PRIVACY]) if r.PRIVACY in reply.content else None
+        received[node] = (SiteStatistics.from_records(reply.content[r.STATISTICS], reply.content[r.NAMES]), facts)
+    infeasible = infeasible_sites(sites, task, received)
+    stats, answered = [], []
+    for node, (own, facts) in received.items():
+        if sites.usable[node] in infeasible:
+            log(INFO, "statistics: %s dropped: %s", sites.usable[node], infeasible[sites.usable[node]])
+            continue
+        stats.append(own)
         answered.append(sites.usable[node])
-        if r.PRIVACY in reply.content:
-            add_privacy(record, sites.usable, node, dict(reply.content[r.PRIVACY]))
+        if facts is not None:
+            add_privacy(record, sites.usable, node, facts)
     record.statistics = {"sites": sorted(answered), "failures": failures, "refused": sites.refusing("statistics"),
-                         "secure_sum": "off"}
+                         "secure_sum": "off", "infeasible": infeasible}
     if not stats:
         raise NoStatistics("no site could report statistics: nothing to train on")
     return FeatureEncoder(task).fit_statistics(combine(stats))
+
+
+def contributors(sites: SiteCheck, nodes: list[int], facts: dict[int, dict]) -> Contributors:
+    """What is public about the sites ``nodes`` of one sum (``shared.sum_bounds``): their declared row counts
+    (None if one declared none) and the noise sd each DP site among them stated (``facts``: node → DP facts)."""
+    declared = [declared_rows(sites.summaries.get(n, {})) for n in nodes]
+    return Contributors(len(nodes), None if any(d is None for d in declared) else float(sum(declared)),
+                        tuple(float(facts[n]["noise-sd"]) for n in nodes if n in facts))
+
+
+def infeasible_sites(sites: SiteCheck, task: TaskSpec, received: dict[int, tuple[SiteStatistics, dict | None]]
+                     ) -> dict[str, str]:
+    """With every site's statistics in the clear: site name → why its statistics are infeasible on their own
+    (``shared.sum_bounds.check_statistics`` with its own declared row count and noise); those sites are dropped."""
+    if not received:
+        return {}
+    layout = None
+    for own, _ in received.values():
+        layout = StatisticsLayout.of(own) if layout is None else layout.union(StatisticsLayout.of(own))
+    result = {}
+    for node, (own, facts) in received.items():
+        who = contributors(sites, [node], {node: facts} if facts is not None else {})
+        try:
+            check_statistics(layout, layout.vector(own), task, who)
+        except InfeasibleSum as err:
+            result[sites.usable[node]] = str(err)
+    return result
 
 
 def secure_encoder(grid: Grid, sites: SiteCheck, task: TaskSpec, split_seed: int, plan: RunPlan, record: RunRecord,
@@ -101,6 +137,14 @@ def secure_encoder(grid: Grid, sites: SiteCheck, task: TaskSpec, split_seed: int
                 "secure-sum = recovering survives it)" if mode == "pairwise" else "")
         raise NoStatistics(f"the secure sum of the statistics failed at {name(err.node)}: {err.reason}{hint}") from None
     summed = session.summed_nodes
+    try:
+        check_statistics(union, total, task,
+                         contributors(sites, summed, {n: f for n, f in session.privacy if n in summed}))
+    except InfeasibleSum as err:
+        failures.update({name(n): reason for n, reason in session.lost.items()})
+        record.statistics = {"sites": [], "failures": failures, "refused": sites.refusing("statistics"),
+                             "secure_sum": mode, "infeasible": {"sum": str(err)}}
+        raise NoStatistics(f"the secure sum of the statistics was refused: {err}") from None
     minima = {c: min(layouts[n][1][c] for n in summed) for c in union.numeric}
     maxima = {c: max(layouts[n][2][c] for n in summed) for c in union.numeric}
     for node, facts in session.privacy:
@@ -108,7 +152,7 @@ def secure_encoder(grid: Grid, sites: SiteCheck, task: TaskSpec, split_seed: int
             add_privacy(record, sites.usable, node, facts)
     failures.update({name(n): reason for n, reason in session.lost.items()})
     record.statistics = {"sites": sorted(name(n) for n in summed), "failures": failures,
-                         "refused": sites.refusing("statistics"), "secure_sum": mode,
+                         "refused": sites.refusing("statistics"), "secure_sum": mode, "infeasible": {},
                          "bytes": {"down": session.bytes_down, "up": session.bytes_up}}
     log(INFO, "statistics: secure sum (%s) over %d sites", mode, len(summed))
     return FeatureEncoder(task).fit_statistics(union.statistics(total, minima, maxima))

@@ -19,9 +19,13 @@ Kinds (``KIND`` or ``KIND=FACTOR``):
 - ``label-flip``: every binary outcome flipped (0 ↔ 1) in the site's rows (response and grade-3 toxicity in
   the built-in task);
 - ``lie``: the site reports its binary outcomes' evaluation summaries with positives and negatives swapped
-  (its released AUC becomes 1 − AUC); the model is untouched, the released metrics are not.
+  (its released AUC becomes 1 − AUC); the model is untouched, the released metrics are not;
+- ``inflate``: the site reports every numeric column's sum in its federated statistics multiplied by FACTOR
+  (default 10; counts and centred sums of squares as computed), plain or masked (:func:`inflate_statistics`):
+  the encoder's means move by (FACTOR − 1) × the site's share of each column's sum unless the coordinator's
+  feasibility check (``shared.sum_bounds``) refuses the sum (masked) or drops the site (``secure-sum = off``).
 
-XGBoost's trees, the statistics and the other phases' sums are not attacked by these kinds.
+XGBoost's trees and the other phases' sums are not attacked by these kinds.
 """
 
 from __future__ import annotations
@@ -31,11 +35,13 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pandas as pd
-from flwr.app import Array, ArrayRecord, Context, Message
+from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 
+from client import secure_statistics
 from client.site import SiteSource
 from shared.protocol import messages
 from shared.protocol import records as r
@@ -44,9 +50,11 @@ from shared.schema import EPISODES_FILE
 from shared.task import NANOPARTICLE_TASK, TaskSpec
 from shared.validation import load_site
 
-KINDS = ("sign-flip", "scale", "label-flip", "lie")
+KINDS = ("sign-flip", "scale", "label-flip", "lie", "inflate")
 DEFAULT_FACTORS = {"sign-flip": 1.0, "scale": 10.0}
-"""FACTOR when none is given; the other kinds take none."""
+"""FACTOR of the update kinds when none is given."""
+STATISTICS_FACTORS = {"inflate": 10.0}
+"""FACTOR of the statistics kinds when none is given; the other kinds take none."""
 UPDATE_KINDS = tuple(DEFAULT_FACTORS)
 """The kinds that rewrite the site's plain ANN weights: not with masked rounds, whose replies are words
 (``simulation.experiment.ExperimentConfig.ann_masking`` turns masking off for them)."""
@@ -70,7 +78,7 @@ class Attack:
     kind : str
         One of :data:`KINDS`.
     factor : float
-        The update's multiplier for ``sign-flip`` and ``scale``; 0 for the others.
+        The update's multiplier for ``sign-flip`` and ``scale``, the sums' for ``inflate``; 0 for the others.
     """
 
     site: str
@@ -86,13 +94,14 @@ class Attack:
         if not sep or not site.strip() or kind not in KINDS:
             raise AttackError(f"--attack {text!r}: expected SITE:KIND with KIND one of {', '.join(KINDS)} "
                               f"(e.g. clinic_03:scale or clinic_03:scale=10)")
-        if has_factor and kind not in DEFAULT_FACTORS:
-            raise AttackError(f"--attack {text!r}: only {' and '.join(DEFAULT_FACTORS)} take a factor")
+        factored = {**DEFAULT_FACTORS, **STATISTICS_FACTORS}
+        if has_factor and kind not in factored:
+            raise AttackError(f"--attack {text!r}: only {', '.join(factored)} take a factor")
         try:
-            factor = float(factor_text) if has_factor else DEFAULT_FACTORS.get(kind, 0.0)
+            factor = float(factor_text) if has_factor else factored.get(kind, 0.0)
         except ValueError as err:
             raise AttackError(f"--attack {text!r}: the factor must be a number") from err
-        if kind in DEFAULT_FACTORS and not (np.isfinite(factor) and factor > 0):
+        if kind in factored and not (np.isfinite(factor) and factor > 0):
             raise AttackError(f"--attack {text!r}: the factor must be a positive number")
         return cls(site=site.strip(), kind=kind, factor=factor)
 
@@ -109,6 +118,13 @@ class Attack:
             g = global_arrays[key]
             out[key] = Array((g + multiplier * (local.astype(np.float64) - g)).astype(local.dtype))
         return out
+
+
+def inflate_statistics(content: RecordDict, factor: float) -> RecordDict:
+    """A ``query.statistics`` reply's content with every numeric column's sum × ``factor`` (in place)."""
+    metrics = content[r.STATISTICS]
+    metrics["numeric.sum"] = [float(v) * factor for v in metrics["numeric.sum"]]
+    return content
 
 
 def swap_binary_labels(record) -> None:
@@ -132,6 +148,13 @@ def attack_mod(attacks: dict[int, Attack]) -> Callable[[Message, Context, Callab
         poisons_update = kind in DEFAULT_FACTORS and message_type == messages.TRAIN.type
         global_arrays = ({k: a.numpy().astype(np.float64) for k, a in msg.content[r.ARRAYS].items()}
                          if poisons_update else None)
+        if kind in STATISTICS_FACTORS and message_type == messages.STATISTICS_MASKED.type:
+            # the masked handler computes its statistics with client.secure_statistics.statistics: poisoned for
+            # this one call, before the site lays them out and masks them
+            honest = secure_statistics.statistics
+            with mock.patch.object(secure_statistics, "statistics",
+                                   lambda m, req: inflate_statistics(honest(m, req), attack.factor)):
+                return call_next(msg, context)
         reply = call_next(msg, context)
         if reply.has_error():
             return reply
@@ -140,6 +163,8 @@ def attack_mod(attacks: dict[int, Attack]) -> Callable[[Message, Context, Callab
                 raise AttackError(f"{kind} rewrites plain weights; this training reply is masked (run the attack "
                                   "with --ann-secure-sum off)")
             reply.content[r.ARRAYS] = attack.poison_update(global_arrays, reply.content[r.ARRAYS])
+        elif kind in STATISTICS_FACTORS and message_type == messages.STATISTICS.type:
+            inflate_statistics(reply.content, attack.factor)
         elif kind == "lie" and message_type.split(".")[0] == messages.EVALUATE.category:
             for record in reply.content.metric_records.values():
                 swap_binary_labels(record)

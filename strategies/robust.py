@@ -23,10 +23,26 @@ Defaults (:func:`RobustParameters.of`): f = one site in ten, at least one (:func
 
 What they do not protect
 ------------------------
-They aggregate the neural network's weights only. Still open to a poisoned site: the federated statistics
-that build the feature encoder (summed counts, sums and histograms), the analytics sums, the histogram
-boosting's gradient sums and the XGBoost bagging/cyclic trees, the dose-response and fitted-Q sums, the
-release gate's off-policy estimates, and the evaluation summaries, which every strategy still adds up
+They aggregate the neural network's weights only. The federated statistics that build the feature encoder
+(summed counts, sums, sums of squares and grid histograms) are bounded instead by a feasibility check
+(:mod:`shared.sum_bounds`, used by ``server.statistics_phase``): the summed release must lie where honest
+contributions could (counts ≤ the summed and declared row counts, a column's sum in [count · lo, count · hi] of
+its declared range, its sum of squares between count · min x² and count · max x² and at least sum² / count),
+widened for DP sites by their stated noise (an honest release is refused with probability < 1e−6 per DP
+site). With ``secure-sum = off`` each site is checked alone and a site that breaks it is dropped and named
+(``statistics.infeasible`` in the run record): within its allowance it can still move a column's mean by its
+share C_a / C of the column's values times the declared range. Under masks (pairwise, recovering) only the sum
+is checked, so an infeasible sum stops the run naming the entry and bound, but a site that stays inside the
+pooled allowance (it can spend the other sites' headroom, and its contribution may be negative) can still move
+a pooled mean anywhere in the declared range: bounding one site's share under masks needs per-site range
+proofs (Prio, Corrigan-Gibbs & Boneh 2017; RoFL, Lycklama et al. 2023), not built. Row counts: a site
+declares its rows in the site check (not under DP: a DP site declares none, so a sum that includes one has no
+row cap); the declaration is the site's own word, so an over-declaring site whose statistics are consistent
+with it is not detected.
+
+Still open to a poisoned site: the analytics sums (being reworked by another change; not yet bounded), the
+histogram boosting's gradient sums and the XGBoost bagging/cyclic trees, the dose-response and fitted-Q sums,
+the release gate's off-policy estimates, and the evaluation summaries, which every strategy still adds up
 (:mod:`strategies.summation`): a site that lies there moves the released metrics. Robust aggregation also
 assumes at most f of the sites are malicious; it says nothing once more are.
 

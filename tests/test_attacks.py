@@ -28,8 +28,11 @@ def test_attacks_parse_with_their_default_or_given_factor():
     assert Attack.parse("clinic_01:sign-flip") == Attack("clinic_01", "sign-flip", 1.0)
     assert Attack.parse("a:label-flip") == Attack("a", "label-flip", 0.0)
     assert Attack.parse("a:lie").to_record() == {"site": "a", "kind": "lie", "factor": 0.0}
+    assert Attack.parse("a:inflate") == Attack("a", "inflate", 10.0)
+    assert Attack.parse("a:inflate=1.5") == Attack("a", "inflate", 1.5)
     for bad, why in (("clinic_03", "SITE:KIND"), ("clinic_03:poison", "sign-flip, scale, label-flip, lie"),
-                     ("a:lie=3", "only sign-flip and scale"), ("a:scale=x", "a number"), ("a:scale=-2", "positive")):
+                     ("a:lie=3", "only sign-flip, scale, inflate"), ("a:scale=x", "a number"),
+                     ("a:scale=-2", "positive"), ("a:inflate=0", "positive")):
         with pytest.raises(AttackError, match=why):
             Attack.parse(bad)
 
