@@ -173,13 +173,6 @@ class SecureSession:
             failures[node] = "no reply"
         return replies, failures
 
-    def ask(self, message_type: messages.MessageName, extra: dict, arrays: ArrayRecord) -> dict[int, RecordDict]:
-        """Send one request to every site; their replies by node (SecureProtocolError if any site failed)."""
-        replies, failures = self.ask_all(message_type, extra, arrays)
-        for node, reason in failures.items():
-            raise SecureProtocolError(node, reason)
-        return replies
-
     def exchange_keys(self) -> None:
         """Pairwise masks: collect every site's public key and put the table in every later request. A site that
         fails this is left out of the session (SecureProtocolError when none is left)."""
@@ -319,19 +312,6 @@ class SecureSession:
         if bits is not None:
             return wire_ints.decode(total, bits, signed)
         return total.view(np.int64)
-
-    def securely_summed(self, message_type: messages.MessageName, extra: dict, arrays: ArrayRecord, name: str,
-                        bits: np.ndarray | None, signed: np.ndarray | bool) -> np.ndarray:
-        """One release through Bonawitz et al.'s four rounds (``shared.secagg_plus``): keys, shares, the request
-        itself answered masked, unmasking. A site lost in any round is left out (see :meth:`lose`); the sum is
-        that of the sites whose masked answer arrived, or SecureProtocolError when more than n − t were lost.
-        ``extra`` already numbered (:meth:`open_release` numbers it: call :meth:`summed` for a new release)."""
-        try:
-            release = self.shared_release(extra)
-        except secagg_plus.SecAggError as err:
-            raise self.unrecoverable(err) from None
-        replies, failures = self.ask_all(message_type, release.extra, arrays, release.per_node)
-        return self.close_release(release, replies, failures, name, bits, signed)
 
     def label(self, extra: dict) -> str:
         """The label of a release's recovering aggregation: the session and the release's sequence number."""
