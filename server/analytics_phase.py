@@ -111,6 +111,7 @@ from shared.analytics import (
     unpack_triu,
     with_noise_parts,
 )
+from shared.analytics_bounds import check_analytics
 from shared.metrics import json_safe
 from shared.protocol import analytics as wire
 from shared.protocol import messages, records
@@ -120,6 +121,7 @@ from shared.protocol.messages import MessageName
 from shared.protocol.privacy import RELEASE_INDEX, RELEASE_WEIGHTS, RELEASES, RunPlan
 from shared.protocol.records import SITE_NAME
 from shared.secure_sum import MIN_SITES
+from shared.sum_bounds import Contributors, InfeasibleSum, declared_rows
 
 PROJECTION_BINS = 30
 PROJECTION_LIMIT_SD = 4.0
@@ -202,6 +204,11 @@ class AnalyticsSession:
         them at once (its ε for analytics is its own: ``client.dp``).
     names : dict, optional
         Display names of the site ids (for failures before any answer).
+    declared : dict, optional
+        Site id → its declared row count (site check; None for a site that declared none, a DP site): the cap
+        of the feasibility check of every answer (``shared.analytics_bounds``). A site's own answer that no
+        rows within the declared ranges could give is dropped with the site (named in ``infeasible``); a
+        secure sum that none could give is refused (``InfeasibleSum``: the analysis is skipped, naming why).
     schedule : ReleaseSchedule, optional
         ``AnalyticsPlan.schedule``: each analysis's release indices and each query's weight, sent with every
         query so a DP site splits its ε by ``BUDGET_RULE``; without it, queries are numbered as asked and the
@@ -209,9 +216,12 @@ class AnalyticsSession:
     """
 
     def __init__(self, asker: Asker, sites: Sequence[Hashable], planned_queries: int,
-                 names: dict[Hashable, str] | None = None, schedule: ReleaseSchedule | None = None):
+                 names: dict[Hashable, str] | None = None, schedule: ReleaseSchedule | None = None,
+                 declared: dict[Hashable, float | None] | None = None):
         """Keep the arguments (see the class docstring)."""
         self.asker = asker
+        self.declared = dict(declared or {})
+        self.infeasible: dict[str, dict[str, str]] = {}  # query → site (or "sum") → the bound it broke
         self.sites = list(sites)
         self.planned_queries = int(planned_queries)
         self.schedule = schedule
@@ -256,16 +266,39 @@ class AnalyticsSession:
             self.privacy[reply.site] = {k: v for k, v in reply.meta.items()
                                         if k not in ("site-name", wire.SECURE_LAYOUT)}
             self._book(reply)
+            if not secure:  # its own answer in the clear: checked alone, dropped with the site if infeasible
+                try:
+                    check_analytics(query, request, arrays, reply.arrays, self.contributors([site], [reply]))
+                except InfeasibleSum as err:
+                    self.infeasible.setdefault(query, {})[reply.site] = str(err)
+                    self.sites.remove(site)
+                    log(INFO, "analytics: %s dropped: %s", reply.site, err)
+                    continue
             answers.append(reply)
         if secure:
             if self.asker.total is None:
                 raise NoAnswers(self.asker.error or f"no site answered {query}")
+            members = [site for site in self.sites if isinstance(replies.get(site), SiteAnswer)]
+            who = self.contributors(members, [replies[site] for site in members])
+            try:
+                check_analytics(query, request, arrays, self.asker.total.arrays, who)
+            except InfeasibleSum as err:
+                self.infeasible.setdefault(query, {})["sum"] = str(err)
+                log(INFO, "analytics: the secure sum of %s refused: %s", query, err)
+                raise
             answers = [self.asker.total]
         if not answers:
             reasons = "; ".join(f"{s}: {r}" for s, r in self.failures.get(query, {}).items())
             raise NoAnswers(f"no site answered {query} ({reasons or 'no site'})")
         return answers
 
+
+    def contributors(self, sites: Sequence[Hashable], answers: Sequence[SiteAnswer]) -> Contributors:
+        """What is public about the sites of one answer (``shared.sum_bounds``): their declared row counts (None
+        if one declared none) and the noise sd each DP site stated."""
+        declared = [self.declared.get(site) for site in sites]
+        return Contributors(len(sites), None if any(d is None for d in declared) else float(sum(declared)),
+                            tuple(a.noise_sd for a in answers if a.dp))
 
     def _release_terms(self) -> dict[str, Any]:
         """This query's release index among the planned ones, how many are planned and (with a schedule) every
@@ -796,7 +829,7 @@ def run_analyses(session: AnalyticsSession, plan: AnalyticsPlan, settings: Analy
         session.analysis = "describe"
         try:
             describe = describe_phase(session, plan, settings.bins)
-        except NoAnswers as err:
+        except (NoAnswers, InfeasibleSum) as err:
             skipped["describe"] = str(err)
             return _finish(result, session, plan, settings, skipped)
     result["describe"] = describe
@@ -846,6 +879,7 @@ def _finish(result: dict, session: AnalyticsSession, plan: AnalyticsPlan, settin
     """The JSON-safe result: analyses plus what was skipped, failures, privacy, queries, timing, plan."""
     result.update({
         "skipped": skipped, "notes": list(plan.notes), "failures": session.failures, "privacy": session.privacy,
+        "infeasible": session.infeasible,
         "queries": {"planned": session.planned_queries, "asked": session.asked},
         "budget": session.budget(plan.queries_by_analysis(settings)),
         "timing": session.timing,
@@ -998,7 +1032,8 @@ def run_analytics_federation(grid: Grid, settings: AnalyticsSettings, out_dir: P
     asker: Asker = GridAsker(grid)
     if mode != "off" and len(nodes) >= MIN_SITES:  # one site: its sum is its answer, nothing to hide it among
         asker = SecureGridAsker(grid, mode, settings.secure_threshold, exact=not settings.dp)
-    session = AnalyticsSession(asker, nodes, plan.queries(settings), dict(sites.usable), plan.schedule(settings))
+    session = AnalyticsSession(asker, nodes, plan.queries(settings), dict(sites.usable), plan.schedule(settings),
+                               {n: declared_rows(sites.summaries.get(n, {})) for n in nodes})
     result = run_analyses(session, plan, settings)
     result["sites"] = sorted(sites.usable.values())
     result["rejected"] = {name: errors for name, errors in sites.rejected.values()}
