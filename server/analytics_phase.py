@@ -221,6 +221,9 @@ class AnalyticsSession:
         """Keep the arguments (see the class docstring)."""
         self.asker = asker
         self.declared = dict(declared or {})
+        self.ranges: dict[str, tuple[float, float]] = {}
+        """The columns' declared ranges (set by :func:`run_analyses`): the feasibility check's bound of the exact
+        sums of unclipped values, whatever the request's (DP-narrowed) ranges."""
         self.infeasible: dict[str, dict[str, str]] = {}  # query → site (or "sum") → the bound it broke
         self.sites = list(sites)
         self.planned_queries = int(planned_queries)
@@ -268,7 +271,8 @@ class AnalyticsSession:
             self._book(reply)
             if not secure:  # its own answer in the clear: checked alone, dropped with the site if infeasible
                 try:
-                    check_analytics(query, request, arrays, reply.arrays, self.contributors([site], [reply]))
+                    check_analytics(query, request, arrays, reply.arrays, self.contributors([site], [reply]),
+                                    self.ranges)
                 except InfeasibleSum as err:
                     self.infeasible.setdefault(query, {})[reply.site] = str(err)
                     self.sites.remove(site)
@@ -281,7 +285,7 @@ class AnalyticsSession:
             members = [site for site in self.sites if isinstance(replies.get(site), SiteAnswer)]
             who = self.contributors(members, [replies[site] for site in members])
             try:
-                check_analytics(query, request, arrays, self.asker.total.arrays, who)
+                check_analytics(query, request, arrays, self.asker.total.arrays, who, self.ranges)
             except InfeasibleSum as err:
                 self.infeasible.setdefault(query, {})["sum"] = str(err)
                 log(INFO, "analytics: the secure sum of %s refused: %s", query, err)
@@ -824,6 +828,7 @@ def run_analyses(session: AnalyticsSession, plan: AnalyticsPlan, settings: Analy
                               "anova": None, "pca": None, "kmeans": None}
     skipped = dict(plan.skipped)
     chosen = settings.chosen
+    session.ranges = dict(plan.bounds)
     describe: dict[str, dict] = {}
     if "describe" in chosen:
         session.analysis = "describe"

@@ -9,7 +9,8 @@ row count of the sites in the sum (site check; none for a DP site). Per query, w
 range midpoint and half-width and ``[1, z]`` the standardised design:
 
 - describe: ``0 ≤ count ≤ N``; ``|Σ(x − c)| ≤ count · h``; ``0 ≤ Σ(x − c)² ≤ count · h²``; histogram bins ≥ 0
-  adding to the count; without DP also ``count · lo ≤ Σx ≤ count · hi`` and ``0 ≤ M2 ≤ count · h²``;
+  adding to the count; without DP also ``count · lo ≤ Σx ≤ count · hi``, ``0 ≤ M2 ≤ count · h²`` and
+  ``Σ(x − c)² ≥ (Σ(x − c))² / count`` (Cauchy–Schwarz, as for the statistics);
 - linear: ``0 ≤ n ≤ N`` (``n = Σ 1``); every Gram, ``Σ z y`` and ``Σ y²`` entry within ``n`` times its term's range;
 - logistic: ``0 ≤ count ≤ N``; ``|Σ z_j (y − p)| ≤ count · max|z_j|``; Hessian entries within ``count · [0, 1/4] ·
   range(z_j z_l)`` (``p(1 − p) ≤ 1/4``); without DP the log-likelihood ≤ 0;
@@ -36,7 +37,7 @@ import numpy as np
 
 from shared.analytics import inertia_bound
 from shared.protocol import messages
-from shared.sum_bounds import Bound, Contributors, check_bounds
+from shared.sum_bounds import RELATIVE_TOLERANCE, Bound, Contributors, check_bounds
 
 LOGISTIC_WEIGHT_MAX = 0.25
 """Largest ``p(1 − p)``: the per-row weight of a logistic Hessian entry (``client.analytics.logistic_sums``)."""
@@ -110,26 +111,46 @@ def gram_terms(box: np.ndarray, weight: tuple[float, float] = (1.0, 1.0)) -> tup
 
 
 def _moments(entry: str, count: np.ndarray, released: Mapping[str, np.ndarray], bounds: np.ndarray,
-             at: slice | None = None) -> list[Bound]:
-    """count, Σ(x − c), Σ(x − c)² (and without DP Σx, M2) of columns or groups with ranges ``bounds``."""
-    pick = (lambda key: np.asarray(released[key], dtype=np.float64).ravel()) if at is None else (
-        lambda key: np.asarray(released[key], dtype=np.float64).ravel()[at])
+             who: Contributors, raw: np.ndarray) -> list[Bound]:
+    """count, Σ(x − c), Σ(x − c)² (and without DP Σx, M2) of columns or groups with ranges ``bounds`` (the
+    request's, which the sites clip to) and ``raw`` (the declared ones, which bound the unclipped Σx and M2:
+    after a DP describe the request's ranges are narrower, ``server.analytics_phase.dp_analysis_bounds``);
+    without DP noise in the sum also Cauchy–Schwarz, Σ(x − c)² ≥ (Σ(x − c))² / count (Titu's lemma: true of
+    each feasible contribution and so of their sum)."""
+
+    def pick(key: str) -> np.ndarray:
+        return np.asarray(released[key], dtype=np.float64).ravel()
+
     lo, hi = bounds[:, 0], bounds[:, 1]
     half = np.where(np.isfinite(lo) & np.isfinite(hi), (hi - lo) / 2, np.inf)
     out = [within_rows(f"{entry} sum", pick("sum"), count, -half, half,
                        "|Σ(x − midpoint)| ≤ count · half the declared range"),
            within_rows(f"{entry} sum of squares", pick("sumsq"), count, np.zeros_like(half), half ** 2,
                        "0 ≤ Σ(x − midpoint)² ≤ count · (half the declared range)²")]
+    if not who.noise_sd:
+        total, squares = pick("sum"), pick("sumsq")
+        pooled = np.divide(total ** 2, count, out=np.zeros_like(total), where=count > 0)
+        out.append(Bound(f"{entry} sum of squares", squares - pooled, -RELATIVE_TOLERANCE * (np.abs(squares) + pooled)
+                         - who.tolerance(0.0), np.inf, 0.0, "Σ(x − midpoint)² ≥ (Σ(x − midpoint))² / count "
+                                                            "(Cauchy–Schwarz)"))
+    raw_half = np.where(np.isfinite(raw).all(axis=1), (raw[:, 1] - raw[:, 0]) / 2, np.inf)
     if "raw-sum" in released:  # exact extras: only a site without DP sends them
-        out.append(within_rows(f"{entry} raw sum", pick("raw-sum"), count, lo, hi,
+        out.append(within_rows(f"{entry} raw sum", pick("raw-sum"), count, raw[:, 0], raw[:, 1],
                                "count · low ≤ Σx ≤ count · high (declared range)", rows_noised=False))
     if "m2" in released:
-        out.append(within_rows(f"{entry} centred sum of squares", pick("m2"), count, np.zeros_like(half), half ** 2,
-                               "0 ≤ Σ(x − mean)² ≤ count · (half the declared range)²", rows_noised=False))
+        out.append(within_rows(f"{entry} centred sum of squares", pick("m2"), count, np.zeros_like(raw_half),
+                               raw_half ** 2, "0 ≤ Σ(x − mean)² ≤ count · (half the declared range)²",
+                               rows_noised=False))
     return out
 
 
-def describe_bounds(config, arrays, released, who) -> list[Bound]:
+def declared_bounds(columns: list[str], bounds: np.ndarray, ranges: Mapping[str, tuple[float, float]]) -> np.ndarray:
+    """The (p, 2) declared ranges of ``columns`` from ``ranges`` (the request's ``bounds`` for a column not in it)."""
+    return np.array([ranges.get(c, tuple(b)) for c, b in zip(columns, bounds, strict=True)],
+                    dtype=np.float64).reshape(-1, 2)
+
+
+def describe_bounds(config, arrays, released, who, ranges) -> list[Bound]:
     columns, bins = _names(config, "columns"), int(config["bins"])
     bounds = np.asarray(arrays["bounds"], dtype=np.float64).reshape(-1, 2)
     count = np.asarray(released["count"], dtype=np.float64).ravel()
@@ -137,7 +158,7 @@ def describe_bounds(config, arrays, released, who) -> list[Bound]:
     if who.declared is not None:
         out.append(Bound("count", count, -np.inf, who.declared, 1.0,
                          "count ≤ the sum of the sites' declared row counts (site check)"))
-    out += _moments("column", count, released, bounds)
+    out += _moments("column", count, released, bounds, who, declared_bounds(columns, bounds, ranges))
     histogram = np.asarray(released["histogram"], dtype=np.float64).reshape(len(columns), bins)
     out.append(Bound("histogram", histogram, 0.0, np.inf, 1.0, "every bin ≥ 0"))
     gridded = np.isfinite(bounds).all(axis=1) & (bounds[:, 1] > bounds[:, 0])
@@ -147,7 +168,7 @@ def describe_bounds(config, arrays, released, who) -> list[Bound]:
     return out
 
 
-def linear_bounds(config, arrays, released, who) -> list[Bound]:
+def linear_bounds(config, arrays, released, who, ranges) -> list[Bound]:
     covariates, outcomes = _names(config, "covariates"), _names(config, "outcomes")
     box = standardised_box(arrays)
     x, y = box[:len(covariates)], box[len(covariates):]
@@ -169,7 +190,7 @@ def linear_bounds(config, arrays, released, who) -> list[Bound]:
     return out
 
 
-def logistic_bounds(config, arrays, released, who) -> list[Bound]:
+def logistic_bounds(config, arrays, released, who, ranges) -> list[Bound]:
     outcomes = _names(config, "outcomes")
     box = standardised_box(arrays)
     design = np.vstack([[1.0, 1.0], box])
@@ -190,14 +211,15 @@ def logistic_bounds(config, arrays, released, who) -> list[Bound]:
     return out
 
 
-def anova_bounds(config, arrays, released, who) -> list[Bound]:
+def anova_bounds(config, arrays, released, who, ranges) -> list[Bound]:
     bounds = np.asarray(arrays["bounds"], dtype=np.float64).reshape(1, 2)
     count = np.asarray(released["count"], dtype=np.float64).ravel()
-    groups = np.broadcast_to(bounds, (count.size, 2))
-    return row_cap("group counts", count, who) + _moments("group", count, released, groups)
+    raw = declared_bounds([str(config["response"])], bounds, ranges)
+    return row_cap("group counts", count, who) + _moments(
+        "group", count, released, np.broadcast_to(bounds, (count.size, 2)), who, np.broadcast_to(raw, (count.size, 2)))
 
 
-def pca_bounds(config, arrays, released, who) -> list[Bound]:
+def pca_bounds(config, arrays, released, who, ranges) -> list[Bound]:
     gram = np.asarray(released["gram"], dtype=np.float64).ravel()
     glo, ghi = gram_terms(standardised_box(arrays))
     return row_cap("rows (Gram entry 0)", gram[:1], who) + [
@@ -217,7 +239,7 @@ def _clusters(arrays, released, who) -> tuple[list[Bound], np.ndarray, np.ndarra
     return out, count, box
 
 
-def lloyd_bounds(config, arrays, released, who) -> list[Bound]:
+def lloyd_bounds(config, arrays, released, who, ranges) -> list[Bound]:
     out, count, box = _clusters(arrays, released, who)
     if "inertia" in released:
         ib = inertia_bound(box, np.asarray(arrays["centroids"], dtype=np.float64))
@@ -226,7 +248,7 @@ def lloyd_bounds(config, arrays, released, who) -> list[Bound]:
     return out
 
 
-def profiles_bounds(config, arrays, released, who) -> list[Bound]:
+def profiles_bounds(config, arrays, released, who, ranges) -> list[Bound]:
     out, count, box = _clusters(arrays, released, who)
     k = count.size
     m = len(_names(config, "outcomes"))
@@ -259,7 +281,10 @@ QUERY_BOUNDS = {messages.ANALYTICS_DESCRIBE.action: describe_bounds, messages.AN
 
 
 def check_analytics(query: str, config: Mapping[str, Any], arrays: Mapping[str, np.ndarray],
-                    released: Mapping[str, np.ndarray], who: Contributors) -> None:
+                    released: Mapping[str, np.ndarray], who: Contributors,
+                    ranges: Mapping[str, tuple[float, float]] | None = None) -> None:
     """Raise :class:`shared.sum_bounds.InfeasibleSum` if ``released`` (one site's answer, or the sum of ``who``'s)
-    to the analytics ``query`` asked with ``config`` and ``arrays`` breaks a constraint of the module docstring."""
-    check_bounds(query, QUERY_BOUNDS[query](config, arrays, released, who), who)
+    to the analytics ``query`` asked with ``config`` and ``arrays`` breaks a constraint of the module docstring.
+    ``ranges``: the columns' declared ranges (column → (low, high)), which bound the unclipped exact sums where the
+    request's ranges are narrower; without it, the request's."""
+    check_bounds(query, QUERY_BOUNDS[query](config, arrays, released, who, dict(ranges or {})), who)

@@ -252,12 +252,19 @@ ANALYTICS_COUNTS = ("count", "histogram", "outcome-count", "projection", "min", 
 which are not sums); so is a Gram matrix's leading entry, its row count."""
 
 
-def inflate_analytics(release: site_analytics.Release, factor: float) -> site_analytics.Release:
-    """One analytics answer with every released sum that is not a row count multiplied by ``factor``."""
+FIRST_MOMENTS = ("sum", "raw-sum", "outcome-sum", "xty", "gradient")
+"""The sums of values (not of squares or products) of the analytics answers: what moves a mean or a coefficient."""
+
+
+def inflate_analytics(release: site_analytics.Release, factor: float,
+                      arrays: tuple[str, ...] | None = None) -> site_analytics.Release:
+    """One analytics answer with every released sum that is not a row count (or only those named in ``arrays``,
+    e.g. :data:`FIRST_MOMENTS`) multiplied by ``factor``."""
 
     def scaled(name: str, values: np.ndarray) -> np.ndarray:
         values = np.asarray(values, dtype=np.float64)
-        if name.rsplit("/", 1)[-1] in ANALYTICS_COUNTS:
+        kind = name.rsplit("/", 1)[-1]
+        if kind in ANALYTICS_COUNTS or (arrays is not None and kind not in arrays):
             return values
         out = values * factor
         if name.rsplit("/", 1)[-1] == "gram":
@@ -270,15 +277,15 @@ def inflate_analytics(release: site_analytics.Release, factor: float) -> site_an
 
 
 @contextmanager
-def inflated_analytics(frame: pd.DataFrame, factor: float) -> Iterator[None]:
+def inflated_analytics(frame: pd.DataFrame, factor: float, arrays: tuple[str, ...] | None = None) -> Iterator[None]:
     """While open, the site whose table is ``frame`` (this very object) answers every analytics query through
-    :func:`inflate_analytics`, plain or masked (its sums inflated before noise and masks, as a modified client
-    would); every other site answers honestly."""
+    :func:`inflate_analytics` (``arrays``: which sums; None, all but the counts), plain or masked (its sums
+    inflated before noise and masks, as a modified client would); every other site answers honestly."""
 
     def poisoned(honest: Callable) -> Callable:
-        def query(table: pd.DataFrame, config, arrays) -> site_analytics.Release:
-            release = honest(table, config, arrays)
-            return inflate_analytics(release, factor) if table is frame else release
+        def query(table: pd.DataFrame, config, request_arrays) -> site_analytics.Release:
+            release = honest(table, config, request_arrays)
+            return inflate_analytics(release, factor, arrays) if table is frame else release
         return query
 
     with mock.patch.dict(site_analytics.REQUESTS, {q: poisoned(f) for q, f in site_analytics.REQUESTS.items()}):

@@ -57,9 +57,9 @@ def test_an_honest_plain_run_is_never_refused_and_every_query_was_checked(frames
     checked = []
     import server.analytics_phase as phase
 
-    def spy(query, config, arrays, released, who):
+    def spy(query, config, arrays, released, who, ranges):
         checked.append((query, who.declared))
-        return check_analytics(query, config, arrays, released, who)
+        return check_analytics(query, config, arrays, released, who, ranges)
 
     monkeypatch.setattr(phase, "check_analytics", spy)
     result = run_in_process(frames, SETTINGS)
@@ -76,6 +76,24 @@ def test_honest_dp_runs_are_never_refused(frames, tmp_path):
         result = run_in_process(frames, SETTINGS, dps=dps, rng=np.random.default_rng(draw))
         assert result["infeasible"] == {}, draw
         assert analyses_done(result) == EVERY_ANALYSIS, result["skipped"]
+
+
+def test_a_plain_sites_exact_sums_are_bounded_by_the_declared_ranges_not_the_dp_narrowed_ones(frames):
+    """After a DP describe the later requests carry narrower ranges (``dp_analysis_bounds``): a site without DP
+    clips its sums to them but sends its raw sum and M2 of unclipped values, within the declared range only."""
+    plan = plan_for(SETTINGS.task(), True)
+    response, factor = plan.anova
+    frame = next(iter(frames.values()))
+    lo, hi = plan.range_of(response)
+    values = pd.to_numeric(frame[response]).dropna()
+    narrowed = np.array([[values.quantile(0.3), values.quantile(0.7)]])
+    from client.analytics import group_moments
+    released = group_moments(frame, response, factor, narrowed).exact_arrays()
+    config, arrays = {"response": response, "factor": factor}, {"bounds": narrowed}
+    who = Contributors(1, float(len(frame)))
+    with pytest.raises(InfeasibleSum, match="group (raw sum|centred sum of squares)"):
+        check_analytics(messages.ANALYTICS_ANOVA.action, config, arrays, released, who)
+    check_analytics(messages.ANALYTICS_ANOVA.action, config, arrays, released, who, {response: (lo, hi)})
 
 
 def test_every_value_at_the_edge_of_its_range_passes_alone(frames):
