@@ -49,6 +49,12 @@ Budget (``--analyses``): only the chosen analyses are planned and asked (``Analy
 site sets one σ for the announced queries, so the run's ε is split over the analyses in proportion to their
 queries (``server.analytics_plan.BUDGET_RULE``); under DP every announced Newton and Lloyd iteration is asked,
 so ε spent equals ε planned, and ``budget`` books each site's ledger increase to the analysis that asked.
+
+Feasibility (``shared.analytics_bounds``): every answer is checked against what is public — its arrays within the
+rows behind them times their per-row terms' ranges, its counts within the declared row counts of the site check.
+A site's own answer (``secure-sum = off``) that fails is dropped with the site for the rest of the run and named in
+``infeasible``; a secure sum that fails is refused (``InfeasibleSum``), which skips the analysis asking it (an
+infeasible describe ends the run: every later analysis is standardised by it). Never a value in the reason.
 """
 
 from __future__ import annotations
