@@ -1,6 +1,8 @@
-"""Benchmark of the statistics' feasibility check (``shared.sum_bounds``): honest refusals, attacks caught, residue.
+"""Benchmark of the feasibility checks of summed releases (``shared.sum_bounds``, ``shared.analytics_bounds``):
+honest refusals, attacks caught, residue.
 
-    python benchmarks/sum_bounds.py [--worlds 5] [--clinics 5] [--draws 200] [--out FILE.json]
+    python benchmarks/sum_bounds.py [--worlds 5] [--clinics 5] [--draws 200] [--analytics-worlds 3]
+                                    [--analytics-draws 4] [--out FILE.json]
 
 For ``--worlds`` simulated worlds of ``--clinics`` clinics each (``simulation.clinics``, 60 patients per
 clinic), every clinic's federated statistics are computed by the site's own code (``SiteStatistics.from_frame``,
@@ -16,6 +18,18 @@ sd σ per count) and laid out as the secure sum lays them out (``shared.statisti
    allowance achieves: per site (off), every value of the column at the top of the range, against the stated
    bound C_a / C (its share of the column's values); under masks, the pooled sum set to C × the top of the
    range (what a sum check cannot tell from honest), against its bound (hi − pooled mean) / (hi − lo).
+
+Then the federated analytics (``shared.analytics_bounds``, every query of describe, regression, ANOVA, PCA,
+k-means) for ``--analytics-worlds`` worlds of ``--clinics`` clinics, every analysis run in process by the sites'
+own code (``simulation.analytics_run``): each site's answer checked alone (``secure-sum = off``) and the sites'
+answers summed as the secure sum gives them (blocks and exact sums only, ANOVA laid out by the union of the
+groups) and checked as one, without DP and with half the clinics under DP (``--analytics-draws`` noise draws
+per world, ε = 3 each):
+
+4. honest refusals: sites dropped (alone) and analyses refused (summed), target 0;
+5. attacks caught: the largest clinic multiplies every released sum that is not a row count by FACTOR
+   (``simulation.attacks.inflated_analytics``); the share of worlds where it is dropped (alone) and where an
+   analysis is refused (summed), and which query caught it first.
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,14 +47,21 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from client.dp import gaussian_release, sensitivity  # noqa: E402
+from client.analytics import describe  # noqa: E402
+from client.dp import SiteDP, gaussian_release, sensitivity  # noqa: E402
+from client.ledger import PrivacyLedger  # noqa: E402
 from client.secure_statistics import declared_layout  # noqa: E402
 from client.statistics import private_statistics  # noqa: E402
+from server.analytics_phase import AnalyticsSession, SiteAnswer, run_analyses  # noqa: E402
+from server.analytics_plan import AnalyticsSettings, plan_for  # noqa: E402
 from shared.bounds import declared_range  # noqa: E402
 from shared.encoding import SiteStatistics  # noqa: E402
+from shared.protocol import messages  # noqa: E402
 from shared.protocol.privacy import ReleaseFacts  # noqa: E402
 from shared.sum_bounds import Contributors, InfeasibleSum, check_statistics  # noqa: E402
 from shared.task import NANOPARTICLE_TASK as TASK  # noqa: E402
+from simulation.analytics_run import LocalSites, run_in_process  # noqa: E402
+from simulation.attacks import FIRST_MOMENTS, inflated_analytics  # noqa: E402
 from simulation.clinics import make_world, simulate_clinic  # noqa: E402
 
 SIGMAS = (1.0, 5.0, 20.0)
@@ -66,11 +88,148 @@ def feasible(layout, vector, who) -> bool:
     return True
 
 
+ANALYTICS_SETTINGS = AnalyticsSettings(k=2, seed=0, lloyd_iterations=10)
+DESCRIBE = messages.ANALYTICS_DESCRIBE.action
+NOT_SUMMED = ("min", "max", "raw-sum", "m2")
+"""What a site answering through the secure sum does not send (``client.analytics.secure_arrays``)."""
+
+
+class SummedSites(LocalSites):
+    """The sites' answers summed as the secure sum gives them (``server.analytics_phase.SecureGridAsker``): one
+    answer in :attr:`total`, per-group blocks laid out by the union of the sites' groups; no masking (the masks
+    cancel exactly: ``tests/test_secure_analytics.py``)."""
+
+    secure = True
+
+    def __call__(self, query, config, arrays, sites):
+        out = super().__call__(query, config, arrays, sites)
+        answers = [a for a in out.values() if isinstance(a, SiteAnswer)]
+        self.total, self.error = None, "no site answered"
+        if not answers:
+            return out
+        groups = sorted({g for a in answers for g in a.labels.get("groups", [])})
+        summed = {}
+        for key in answers[0].arrays:
+            if key in NOT_SUMMED:
+                continue
+            if groups:
+                laid = np.zeros(len(groups))
+                for a in answers:
+                    for g, label in enumerate(a.labels["groups"]):
+                        laid[groups.index(label)] += float(np.asarray(a.arrays[key]).ravel()[g])
+                summed[key] = laid
+            else:
+                summed[key] = np.sum([np.asarray(a.arrays[key], dtype=np.float64) for a in answers], axis=0)
+        dp = any(a.dp for a in answers)
+        meta = {"dp": dp, "members": [a.site for a in answers]}
+        if dp:
+            meta["noise-sd"] = float(np.sqrt(sum(a.noise_sd ** 2 for a in answers)))
+            meta["epsilon-planned"] = max(float(a.meta["epsilon-planned"]) for a in answers if a.dp)
+        self.total = SiteAnswer(f"secure sum of {len(answers)} sites", summed,
+                                {"groups": groups} if groups else {}, meta)
+        return out
+
+
+def analytics_run(frames, dps, rng, summed: bool) -> dict:
+    """Every analysis in process: each site checked alone (``run_in_process``) or the summed answer checked."""
+    if not summed:
+        return run_in_process(frames, ANALYTICS_SETTINGS, dps=dps, rng=rng)
+    settings = ANALYTICS_SETTINGS if not dps else AnalyticsSettings(**{**ANALYTICS_SETTINGS.__dict__, "dp": True})
+    plan = plan_for(settings.task(), settings.dp)
+    declared = {n: None if dps.get(n) is not None else float(len(f)) for n, f in frames.items()}
+    session = AnalyticsSession(SummedSites(frames, dps, rng), list(frames), plan.queries(settings),
+                               schedule=plan.schedule(settings), declared=declared)
+    return run_analyses(session, plan, settings)
+
+
+ATTACKS = {"every-sum": None, "first-moments": FIRST_MOMENTS}
+"""The inflating site's variants: every released sum but the counts, or only the sums of values (means move,
+squares stay as computed)."""
+
+
+def mean_shift(attacked: dict, honest: dict) -> float:
+    """Largest move of a describe mean between two runs, in units of the column's declared range (0 if the
+    attacked run has no describe)."""
+    shifts = [0.0]
+    for column, stats in attacked.get("describe", {}).items():
+        lo, hi = honest["plan"]["bounds"][column]
+        if stats.get("mean") is not None and honest["describe"][column].get("mean") is not None and hi > lo:
+            shifts.append(abs(stats["mean"] - honest["describe"][column]["mean"]) / (hi - lo))
+    return float(max(shifts))
+
+
+def smallest_factors(frame) -> dict[str, float]:
+    """Per describe column, the smallest factor on the site's centred sum Σ(x − midpoint) that the check of its
+    answer alone refuses: count · half range / |Σ(x − midpoint)| (the first-moment bound of
+    ``shared.analytics_bounds``; squares and other bounds may catch smaller ones)."""
+    plan = plan_for(ANALYTICS_SETTINGS.task(), False)
+    columns = list(plan.columns)
+    bounds = plan.bounds_array(columns)
+    released = describe(frame, columns, bounds, ANALYTICS_SETTINGS.bins).exact_arrays()
+    out = {}
+    for j, column in enumerate(columns):
+        half = (bounds[j, 1] - bounds[j, 0]) / 2
+        if np.isfinite(half) and released["count"][j] > 0 and released["sum"][j] != 0:
+            out[column] = float(released["count"][j] * half / abs(released["sum"][j]))
+    return out
+
+
+def analytics_benchmark(worlds: int, clinics: int, draws: int, folder: Path) -> dict:
+    """Sections 4 and 5 of the module docstring."""
+    honest = {mode: {"runs": 0, "checks": 0, "refused": 0} for mode in ("alone", "summed", "alone_dp", "summed_dp")}
+    caught = {a: {f: {"alone": 0, "summed": 0, "first_query_alone": {}, "first_query_summed": {},
+                      "uncaught_mean_shift_alone": 0.0, "uncaught_mean_shift_summed": 0.0} for f in FACTORS}
+              for a in ATTACKS}
+    rng = np.random.default_rng(1)
+    thresholds: dict[str, list[float]] = {}
+    for world_seed in range(worlds):
+        world = make_world(clinics, seed=200 + world_seed, patients_per_clinic=60)
+        frames = {c.name: simulate_clinic(world, c)[0] for c in world.clinics}
+        clean: dict[str, dict] = {}  # the honest runs without DP, by mode
+        for summed in (False, True):
+            mode = "summed" if summed else "alone"
+            for draw in range(1 + draws):
+                dp = draw > 0
+                dps = {name: SiteDP(PrivacyLedger.open(folder / f"{world_seed}-{mode}-{draw}-{name}.json", 3.0,
+                                                       1e-5), {"analytics": 1.0})
+                       for name in list(frames)[::2]} if dp else {}
+                result = analytics_run(frames, dps, rng, summed)
+                if not dp:
+                    clean[mode] = result
+                key = mode + ("_dp" if dp else "")
+                honest[key]["runs"] += 1
+                honest[key]["checks"] += result["queries"]["asked"] * (1 if summed else clinics)
+                honest[key]["refused"] += sum(len(v) for v in result["infeasible"].values())
+        attacker = max(frames, key=lambda name: len(frames[name]))
+        for column, factor in smallest_factors(frames[attacker]).items():
+            thresholds.setdefault(column, []).append(factor)
+        for attack, arrays in ATTACKS.items():
+            for factor in FACTORS:
+                for summed in (False, True):
+                    with inflated_analytics(frames[attacker], factor, arrays):
+                        result = analytics_run(frames, {}, rng, summed)
+                    mode = "summed" if summed else "alone"
+                    hit = [q for q, who in result["infeasible"].items()
+                           if (("sum" in who) if summed else attacker in who)]
+                    entry = caught[attack][factor]
+                    entry[mode] += bool(hit)
+                    if hit:
+                        entry[f"first_query_{mode}"][hit[0]] = entry[f"first_query_{mode}"].get(hit[0], 0) + 1
+                    if DESCRIBE not in result["infeasible"]:
+                        entry[f"uncaught_mean_shift_{mode}"] = max(entry[f"uncaught_mean_shift_{mode}"],
+                                                                   mean_shift(result, clean[mode]))
+    return {"worlds": worlds, "clinics": clinics, "draws": draws, "epsilon": 3.0, "honest": honest,
+            "smallest_factor_caught_alone": {c: {"min": min(v), "max": max(v)} for c, v in thresholds.items()},
+            "caught": {a: {str(f): c for f, c in by.items()} for a, by in caught.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worlds", type=int, default=5)
     parser.add_argument("--clinics", type=int, default=5)
     parser.add_argument("--draws", type=int, default=200)
+    parser.add_argument("--analytics-worlds", type=int, default=3)
+    parser.add_argument("--analytics-draws", type=int, default=4)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sum_bounds.json"))
     args = parser.parse_args()
     started = time.time()
@@ -130,6 +289,9 @@ def main() -> None:
             mean = clean[at + 1] / clean[at]
             shift_masked.append({"column": name, "shift": float((hi - mean) / (hi - lo)),
                                  "bound": float((hi - mean) / (hi - lo))})
+    statistics_seconds = round(time.time() - started, 1)
+    with tempfile.TemporaryDirectory() as ledgers:
+        analytics = analytics_benchmark(args.analytics_worlds, args.clinics, args.analytics_draws, Path(ledgers))
     worst_off = max(shift_off, key=lambda r: r["shift"])
     worst_masked = max(shift_masked, key=lambda r: r["shift"])
     result = {
@@ -138,7 +300,8 @@ def main() -> None:
         "worlds": args.worlds, "clinics": args.clinics, "draws": args.draws, "sigmas": SIGMAS,
         "honest": honest, "caught": {str(f): c for f, c in caught.items()},
         "shift_off": {"worst": worst_off, "all_within_bound": all(r["shift"] <= r["bound"] + 1e-9 for r in shift_off)},
-        "shift_masked": {"worst": worst_masked}, "seconds": round(time.time() - started, 1)}
+        "shift_masked": {"worst": worst_masked}, "statistics_seconds": statistics_seconds, "analytics": analytics,
+        "seconds": round(time.time() - started, 1)}
     print(f"honest releases {honest['releases']} (σ in {SIGMAS}, {len(range(0, args.clinics, 2))} of "
           f"{args.clinics} DP): refused summed {honest['refused_summed']}, per site {honest['refused_alone']}")
     print("| inflate factor | masked sum refused | site alone dropped |")
@@ -150,6 +313,22 @@ def main() -> None:
           f"{result['shift_off']['all_within_bound']}")
     print(f"largest mean shift a masked sum cannot tell from honest: {worst_masked['shift']:.3f} of the range "
           f"({worst_masked['column']}: the pooled mean moved to the top of its range)")
+    print(f"analytics, {analytics['worlds']} worlds x {args.clinics} clinics (every query of every analysis):")
+    print("| honest run | runs | checks | refused |")
+    print("|---|---|---|---|")
+    for mode, h in analytics["honest"].items():
+        print(f"| {mode} | {h['runs']} | {h['checks']} | {h['refused']} |")
+    print("| attack | factor | site alone dropped | summed analysis refused | first query caught (alone / summed) | "
+          "largest describe mean shift uncaught (alone / summed) |")
+    print("|---|---|---|---|---|---|")
+    for attack, by in analytics["caught"].items():
+        for factor, c in by.items():
+            print(f"| {attack} | {factor} | {c['alone']}/{analytics['worlds']} | {c['summed']}/{analytics['worlds']} | "
+                  f"{c['first_query_alone']} / {c['first_query_summed']} | {c['uncaught_mean_shift_alone']:.3f} / "
+                  f"{c['uncaught_mean_shift_summed']:.3f} |")
+    factors = analytics["smallest_factor_caught_alone"]
+    print("smallest factor on a column's centred sum caught alone (min-max over worlds): " + ", ".join(
+        f"{c} {v['min']:.3g}-{v['max']:.3g}" for c, v in sorted(factors.items(), key=lambda kv: kv[1]["min"])))
     print(f"{result['seconds']} s, load average {result['load_average']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

@@ -20,6 +20,10 @@ request (the adjuster's public parameters, scaling and coefficients) and a DP si
 
 - pairwise: a site that fails the scaling release is left out (keys exchanged anew without it, as a failure of
   the scaling query leaves it out without the secure sum); a site lost in an iteration stops the fit, as today;
+  a key exchange that leaves one site (``server.secure_fit.TooFewSites``) stops the fit before any release is
+  asked, with an :class:`AdjustmentFailed` naming the lost sites: the policy phase then builds its candidate
+  without an adjuster and the record's ``adjustment.reason`` says why
+  (``server.policy_phase.fit_adjuster_if_asked``);
 - recovering: the sum survives the site, and the fit goes on with consistent sums: ``A``, ``b`` and ``n`` travel
   in every iteration, so each iteration's ridge regression is over the transitions of one set of sites (those
   whose masked input arrived). Iterations after the loss regress over the survivors' transitions only, with
@@ -49,7 +53,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from server.secure_aggregation import SecureProtocolError
-from server.secure_fit import FitSums
+from server.secure_fit import FitSums, TooFewSites
 from shared.dose_adjustment import (
     DoseAdjuster,
     fitted_q_iteration,
@@ -152,7 +156,6 @@ def fit_adjuster(grid: Grid, nodes: list[int], config: Mapping[str, Any], adjust
 def secure_fitted_q(grid: Grid, nodes: list[int], adjuster: DoseAdjuster, split_seed: int, mode: str,
                     threshold: int = 0) -> DoseAdjuster:
     """Fitted-Q iteration with every release summed through the secure-sum protocol (module docstring)."""
-    sums = FitSums(grid, nodes, mode, threshold)
     privacy: dict[int, dict] = {}
     releases: list[tuple[int, dict]] = []
     members: list[int] = []
@@ -178,9 +181,12 @@ def secure_fitted_q(grid: Grid, nodes: list[int], adjuster: DoseAdjuster, split_
         return [total]
 
     try:
+        sums = FitSums(grid, nodes, mode, threshold, phase="fitted-Q")
         fitted = fitted_q_iteration(
             adjuster, lambda: [scaling_from_centred(ask(messages.FQI_SCALING, adjuster, scaling_layout(), True))],
             ridge)
+    except TooFewSites as err:
+        raise AdjustmentFailed(f"the dose adjuster's fit was stopped: {err.reason}") from None
     except SecureProtocolError as err:
         hint = (" (pairwise masks: a site lost after the key exchange leaves its masks in the sum; secure-sum = "
                 "recovering survives it)" if mode == "pairwise" else "")

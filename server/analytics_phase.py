@@ -49,6 +49,12 @@ Budget (``--analyses``): only the chosen analyses are planned and asked (``Analy
 site sets one σ for the announced queries, so the run's ε is split over the analyses in proportion to their
 queries (``server.analytics_plan.BUDGET_RULE``); under DP every announced Newton and Lloyd iteration is asked,
 so ε spent equals ε planned, and ``budget`` books each site's ledger increase to the analysis that asked.
+
+Feasibility (``shared.analytics_bounds``): every answer is checked against what is public — its arrays within the
+rows behind them times their per-row terms' ranges, its counts within the declared row counts of the site check.
+A site's own answer (``secure-sum = off``) that fails is dropped with the site for the rest of the run and named in
+``infeasible``; a secure sum that fails is refused (``InfeasibleSum``), which skips the analysis asking it (an
+infeasible describe ends the run: every later analysis is standardised by it). Never a value in the reason.
 """
 
 from __future__ import annotations
@@ -111,6 +117,7 @@ from shared.analytics import (
     unpack_triu,
     with_noise_parts,
 )
+from shared.analytics_bounds import check_analytics
 from shared.metrics import json_safe
 from shared.protocol import analytics as wire
 from shared.protocol import messages, records
@@ -120,6 +127,7 @@ from shared.protocol.messages import MessageName
 from shared.protocol.privacy import RELEASE_INDEX, RELEASE_WEIGHTS, RELEASES, RunPlan
 from shared.protocol.records import SITE_NAME
 from shared.secure_sum import MIN_SITES
+from shared.sum_bounds import Contributors, InfeasibleSum, declared_rows
 
 PROJECTION_BINS = 30
 PROJECTION_LIMIT_SD = 4.0
@@ -202,6 +210,11 @@ class AnalyticsSession:
         them at once (its ε for analytics is its own: ``client.dp``).
     names : dict, optional
         Display names of the site ids (for failures before any answer).
+    declared : dict, optional
+        Site id → its declared row count (site check; None for a site that declared none, a DP site): the cap
+        of the feasibility check of every answer (``shared.analytics_bounds``). A site's own answer that no
+        rows within the declared ranges could give is dropped with the site (named in ``infeasible``); a
+        secure sum that none could give is refused (``InfeasibleSum``: the analysis is skipped, naming why).
     schedule : ReleaseSchedule, optional
         ``AnalyticsPlan.schedule``: each analysis's release indices and each query's weight, sent with every
         query so a DP site splits its ε by ``BUDGET_RULE``; without it, queries are numbered as asked and the
@@ -209,9 +222,15 @@ class AnalyticsSession:
     """
 
     def __init__(self, asker: Asker, sites: Sequence[Hashable], planned_queries: int,
-                 names: dict[Hashable, str] | None = None, schedule: ReleaseSchedule | None = None):
+                 names: dict[Hashable, str] | None = None, schedule: ReleaseSchedule | None = None,
+                 declared: dict[Hashable, float | None] | None = None):
         """Keep the arguments (see the class docstring)."""
         self.asker = asker
+        self.declared = dict(declared or {})
+        self.ranges: dict[str, tuple[float, float]] = {}
+        """The columns' declared ranges (set by :func:`run_analyses`): the feasibility check's bound of the exact
+        sums of unclipped values, whatever the request's (DP-narrowed) ranges."""
+        self.infeasible: dict[str, dict[str, str]] = {}  # query → site (or "sum") → the bound it broke
         self.sites = list(sites)
         self.planned_queries = int(planned_queries)
         self.schedule = schedule
@@ -256,16 +275,40 @@ class AnalyticsSession:
             self.privacy[reply.site] = {k: v for k, v in reply.meta.items()
                                         if k not in ("site-name", wire.SECURE_LAYOUT)}
             self._book(reply)
+            if not secure:  # its own answer in the clear: checked alone, dropped with the site if infeasible
+                try:
+                    check_analytics(query, request, arrays, reply.arrays, self.contributors([site], [reply]),
+                                    self.ranges)
+                except InfeasibleSum as err:
+                    self.infeasible.setdefault(query, {})[reply.site] = str(err)
+                    self.sites.remove(site)
+                    log(INFO, "analytics: %s dropped: %s", reply.site, err)
+                    continue
             answers.append(reply)
         if secure:
             if self.asker.total is None:
                 raise NoAnswers(self.asker.error or f"no site answered {query}")
+            members = [site for site in self.sites if isinstance(replies.get(site), SiteAnswer)]
+            who = self.contributors(members, [replies[site] for site in members])
+            try:
+                check_analytics(query, request, arrays, self.asker.total.arrays, who, self.ranges)
+            except InfeasibleSum as err:
+                self.infeasible.setdefault(query, {})["sum"] = str(err)
+                log(INFO, "analytics: the secure sum of %s refused: %s", query, err)
+                raise
             answers = [self.asker.total]
         if not answers:
             reasons = "; ".join(f"{s}: {r}" for s, r in self.failures.get(query, {}).items())
             raise NoAnswers(f"no site answered {query} ({reasons or 'no site'})")
         return answers
 
+
+    def contributors(self, sites: Sequence[Hashable], answers: Sequence[SiteAnswer]) -> Contributors:
+        """What is public about the sites of one answer (``shared.sum_bounds``): their declared row counts (None
+        if one declared none) and the noise sd each DP site stated."""
+        declared = [self.declared.get(site) for site in sites]
+        return Contributors(len(sites), None if any(d is None for d in declared) else float(sum(declared)),
+                            tuple(a.noise_sd for a in answers if a.dp))
 
     def _release_terms(self) -> dict[str, Any]:
         """This query's release index among the planned ones, how many are planned and (with a schedule) every
@@ -791,12 +834,13 @@ def run_analyses(session: AnalyticsSession, plan: AnalyticsPlan, settings: Analy
                               "anova": None, "pca": None, "kmeans": None}
     skipped = dict(plan.skipped)
     chosen = settings.chosen
+    session.ranges = dict(plan.bounds)
     describe: dict[str, dict] = {}
     if "describe" in chosen:
         session.analysis = "describe"
         try:
             describe = describe_phase(session, plan, settings.bins)
-        except NoAnswers as err:
+        except (NoAnswers, InfeasibleSum) as err:
             skipped["describe"] = str(err)
             return _finish(result, session, plan, settings, skipped)
     result["describe"] = describe
@@ -846,6 +890,7 @@ def _finish(result: dict, session: AnalyticsSession, plan: AnalyticsPlan, settin
     """The JSON-safe result: analyses plus what was skipped, failures, privacy, queries, timing, plan."""
     result.update({
         "skipped": skipped, "notes": list(plan.notes), "failures": session.failures, "privacy": session.privacy,
+        "infeasible": session.infeasible,
         "queries": {"planned": session.planned_queries, "asked": session.asked},
         "budget": session.budget(plan.queries_by_analysis(settings)),
         "timing": session.timing,
@@ -998,7 +1043,8 @@ def run_analytics_federation(grid: Grid, settings: AnalyticsSettings, out_dir: P
     asker: Asker = GridAsker(grid)
     if mode != "off" and len(nodes) >= MIN_SITES:  # one site: its sum is its answer, nothing to hide it among
         asker = SecureGridAsker(grid, mode, settings.secure_threshold, exact=not settings.dp)
-    session = AnalyticsSession(asker, nodes, plan.queries(settings), dict(sites.usable), plan.schedule(settings))
+    session = AnalyticsSession(asker, nodes, plan.queries(settings), dict(sites.usable), plan.schedule(settings),
+                               {n: declared_rows(sites.summaries.get(n, {})) for n in nodes})
     result = run_analyses(session, plan, settings)
     result["sites"] = sorted(sites.usable.values())
     result["rejected"] = {name: errors for name, errors in sites.rejected.values()}

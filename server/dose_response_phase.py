@@ -22,7 +22,10 @@ plain fit's within the fixed-point rounding. Nothing but the request (the model'
 coefficients; the formulation ids) travels in the clear. Lost sites:
 
 - pairwise: a site that fails the first evaluation of a model is left out (keys exchanged anew without it), as
-  without the secure sum; a site lost later stops the fit with :class:`DoseResponseFailed`, as today;
+  without the secure sum; a site lost later stops the fit with :class:`DoseResponseFailed`, as today; a key
+  exchange that leaves one site (``server.secure_fit.TooFewSites``) stops the fit before any sum is asked, with a
+  :class:`DoseResponseFailed` naming the lost sites: the policy phase then builds the ensemble candidate instead
+  and the record's ``structured.reason`` says why (``server.policy_phase.run_policy_phase``);
 - recovering: the sum survives the site, and the model's Newton–Raphson starts again from its start over the
   sites whose input arrived: step halving compares the objective across evaluations, and a sum over other sites
   is another objective, so an evaluation over fewer sites cannot continue the old path. The model is then exactly
@@ -42,7 +45,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from server.secure_aggregation import SecureProtocolError
-from server.secure_fit import FitSums
+from server.secure_fit import FitSums, TooFewSites
 from shared.dose_response import DoseResponseModel, NewtonRaphson, add_sums
 from shared.dosing_policy import FORMULATION_FEATURES
 from shared.protocol import messages
@@ -155,13 +158,15 @@ def fit_structured_policy_federated(grid: Grid, nodes: list[int], formulations: 
     models = (("response", TumourResponseModel), ("neutropenia", NeutropeniaModel),
               ("other_toxicity", OtherToxicityModel))
     if mode != "off" and len(nodes) >= MIN_SITES:
-        sums = FitSums(grid, answering, mode, secure_threshold)
         try:
+            sums = FitSums(grid, answering, mode, secure_threshold, phase="dose-response")
             for key, cls in models:
                 fitted[key], answering = fit_model_secure(sums, cls(catalogue), split_seed)
                 info["iterations"][key], info["rows"][key] = fitted[key].n_iter_, fitted[key].n_
             request = dict(support_request(ids, split_seed)[r.CONFIG])
             counts = sums.summed_counts(messages.DOSE_RESPONSE_SUPPORT, request, ArrayRecord())
+        except TooFewSites as err:
+            raise DoseResponseFailed(f"the dose-response fit was stopped: {err.reason}") from None
         except SecureProtocolError as err:
             hint = (" (pairwise masks: a site lost after the key exchange leaves its masks in the sum; secure-sum = "
                     "recovering survives it)" if mode == "pairwise" else "")

@@ -33,7 +33,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from server.secure_aggregation import SecureProtocolError
-from server.secure_fit import FitSums
+from server.secure_fit import FitSums, TooFewSites
 from server.site_check import SiteCheck
 from shared import metrics
 from shared.encoding import FeatureEncoder
@@ -102,16 +102,13 @@ def secure_sums(grid: Grid, nodes: list[int], encoder: FeatureEncoder, request: 
     """The sum of the sites' sums through one secure-sum session (module docstring); the sites lost, and the
     session's record. No sum (an empty dict) when the protocol could not give one."""
     sums = None
-    try:
-        sums = FitSums(grid, nodes, mode, threshold)
-        if len(sums.nodes) < MIN_SITES:  # pairwise: sites lost at the key exchange; one site's sums cannot be hidden
-            node, why = next(iter(sums.lost.items()))
-            raise SecureProtocolError(node, f"{why} (fewer than {MIN_SITES} sites left to hide a sum among)")
+    try:  # FitSums raises TooFewSites when the key exchange leaves one site: its sums cannot be hidden
+        sums = FitSums(grid, nodes, mode, threshold, phase="importance")
         total = sums.summed(messages.IMPORTANCE, dict(request[r.CONFIG]), request[r.ARRAYS], sums_layout(encoder),
                             fresh=True)
     except SecureProtocolError as err:
         log(INFO, "importance: the secure sum failed at node %s: %s", err.node, err.reason)
-        lost = dict(sums.lost) if sums is not None else {}
+        lost = dict(err.lost) if isinstance(err, TooFewSites) else dict(sums.lost) if sums is not None else {}
         if err.node in nodes:
             lost.setdefault(err.node, err.reason)
         record = sums.record() if sums is not None else {"mode": mode}

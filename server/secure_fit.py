@@ -14,6 +14,9 @@ Sites lost, by mode:
   would stay in the sum): a failure is :class:`~server.secure_aggregation.SecureProtocolError`. Only at a
   release the caller marks ``fresh`` (before anything was summed that later sums must match: the first request
   of a fit) is a failing site left out: the keys are exchanged anew without it and the release asked again.
+  A key exchange that leaves fewer than :data:`shared.secure_sum.MIN_SITES` sites (one site's sum is its own
+  values: nothing hides them) is :class:`TooFewSites`, raised by :meth:`FitSums.start` before any release is
+  asked, whoever the caller (so no fit depends on the lone site refusing to mask without peers).
 - ``recovering``: the session survives up to n − t sites lost in any round; :attr:`FitSums.summed_nodes` says
   whose input is in the last sum, and the caller decides what a changed set means for its fit.
 
@@ -37,6 +40,23 @@ from shared.secure_sum import MIN_SITES
 from shared.sum_vector import VALUES, SumsLayout
 
 
+class TooFewSites(SecureProtocolError):
+    """A secure-sum session left with fewer than :data:`~shared.secure_sum.MIN_SITES` sites: nothing may be summed.
+
+    Attributes
+    ----------
+    phase : str                 the fit whose session it is (``dose-response``, ``fitted-Q``, ``importance``)
+    left : list of int          the sites still in the session
+    lost : dict of int to str   every site lost or left out so far, and why
+    """
+
+    def __init__(self, phase: str, left: list[int], lost: dict[int, str], when: str) -> None:
+        self.phase, self.left, self.lost = phase, list(left), dict(lost)
+        gone = "; ".join(f"node {n}: {why}" for n, why in self.lost.items()) or "none"
+        super().__init__(next(iter(self.lost), -1), f"{phase}: {len(self.left)} site(s) left {when} (lost: {gone}), "
+                                                    f"fewer than {MIN_SITES} to hide a sum among; nothing is summed")
+
+
 class FitSums:
     """One fit's secure sums over ``nodes`` in ``mode`` (pairwise | recovering; module docstring).
 
@@ -46,12 +66,18 @@ class FitSums:
     nodes : list of int
     mode : str                  pairwise | recovering
     threshold : int, default 0  recovering: the Shamir threshold (0: ⌊n/2⌋ + 1)
+    phase : str, default "fit"  the fit's name in errors and logs (``dose-response``, ``fitted-Q``, ``importance``)
+
+    Raises
+    ------
+    TooFewSites
+        Fewer than ``MIN_SITES`` sites to start with, or left after the pairwise key exchange (:meth:`start`).
     """
 
-    def __init__(self, grid: Grid, nodes: list[int], mode: str, threshold: int = 0) -> None:
+    def __init__(self, grid: Grid, nodes: list[int], mode: str, threshold: int = 0, phase: str = "fit") -> None:
         if mode not in ("pairwise", "recovering"):
             raise ValueError(f"a fit's secure sums are pairwise or recovering; got {mode!r}")
-        self.grid, self.mode, self.threshold = grid, mode, int(threshold)
+        self.grid, self.mode, self.threshold, self.phase = grid, mode, int(threshold), phase
         self.left_out: dict[int, str] = {}  # pairwise: sites left out at a fresh release (keys exchanged anew)
         self.releases = 0
         self.restarts = 0  # fits started again over the survivors of a lost site (the caller counts them)
@@ -59,9 +85,19 @@ class FitSums:
         self.session = self.start(list(nodes))
 
     def start(self, nodes: list[int]) -> SecureSession:
+        """A new session over ``nodes`` (pairwise: keys exchanged; a site that fails it is left out). Raises
+        :class:`TooFewSites` when fewer than ``MIN_SITES`` sites are there to begin with or are left after the key
+        exchange: one site's "sum" would be its own values, so no release may be asked of it."""
+        if len(nodes) < MIN_SITES:
+            raise TooFewSites(self.phase, nodes, self.left_out, "to ask")
         session = SecureSession(self.grid, nodes, self.mode, threshold=self.threshold)
         if self.mode == "pairwise":
             session.exchange_keys()  # a site that fails it is left out (session.lost)
+            if len(session.nodes) < MIN_SITES:
+                self.left_out.update(session.lost)
+                log(INFO, "secure fit: %s: %d site(s) left after the pairwise key exchange: no sum asked",
+                    self.phase, len(session.nodes))
+                raise TooFewSites(self.phase, session.nodes, self.left_out, "after the pairwise key exchange")
         return session
 
     @property
@@ -102,16 +138,13 @@ class FitSums:
             except SecureProtocolError as err:
                 if self.mode != "pairwise" or not fresh or err.node not in self.session.nodes:
                     raise
+                self.left_out.update(self.session.lost)
                 self.left_out[err.node] = err.reason
                 rest = [n for n in self.session.nodes if n != err.node]
-                if len(rest) < MIN_SITES:
-                    raise SecureProtocolError(err.node, f"{err.reason} (fewer than {MIN_SITES} sites left to hide "
-                                                        "a sum among)") from None
-                log(INFO, "secure fit: %s: node %s left out (%s); keys exchanged anew over %d sites",
-                    message.action, err.node, err.reason, len(rest))
                 self.retired_bytes = (self.bytes["down"], self.bytes["up"])
-                self.left_out.update(self.session.lost)
-                self.session = self.start(rest)
+                self.session = self.start(rest)  # TooFewSites when fewer than MIN_SITES are left
+                log(INFO, "secure fit: %s: node %s left out (%s); keys exchanged anew over %d sites",
+                    message.action, err.node, err.reason, len(self.session.nodes))
         self.releases += 1
         return layout.sums(total)
 

@@ -33,6 +33,13 @@ noise widens its own allowance (and the run record shows the σ it stated).
 
 Fixed point: the secure sum rounds each entry to 2^−40 per site (``server.secure_aggregation``); every bound
 allows that and a relative float64 error of 1e−9.
+
+Other summed releases (:func:`check_bounds`). A release whose entries are sums over rows of per-row terms with a
+public bound (the analytics queries, ``shared.analytics_bounds``) is checked as a list of :class:`Bound`: each a
+released array that must lie between two limits that are linear in other released entries (a count times a
+declared range) or in the declared row count, with the sd of its DP noise per unit of a site's stated noise sd.
+The allowance is the linear one above, k = Φ⁻¹(1 − p) with p = :data:`REFUSAL_PROBABILITY` / (the release's
+checked entries).
 """
 
 from __future__ import annotations
@@ -181,3 +188,39 @@ def _cauchy_schwarz(need, count: float, total: float, squares: float, who: Contr
     if count > 0:
         need(squares >= total * total / count - who.tolerance(squares) - who.tolerance(total * total / count),
              f"sum of squares of {entry}", "Σx² ≥ (Σx)² / count (Cauchy–Schwarz)")
+
+
+@dataclass(frozen=True)
+class Bound:
+    """``low ≤ value ≤ high`` for one released array (element-wise, broadcast), a constraint of :func:`check_bounds`.
+
+    ``noise`` is the sd, per unit of a site's stated noise sd, of the DP noise on ``value − low`` and ``value −
+    high`` (the noised entry's per-row scale and that of the released entries the limits are made of, root of
+    the sum of squares); 0 where nothing is noised. ``text`` states the bound in the error (never a value).
+    """
+
+    entry: str
+    value: np.ndarray
+    low: np.ndarray | float
+    high: np.ndarray | float
+    noise: np.ndarray | float
+    text: str
+
+
+def check_bounds(phase: str, bounds: list[Bound], who: Contributors) -> None:
+    """Raise :class:`InfeasibleSum` naming the first :class:`Bound` broken beyond its DP allowance and the
+    fixed-point tolerance; return None if every one holds (module docstring)."""
+    entries = sum(int(np.size(b.value)) for b in bounds)
+    k = float(norm.isf(REFUSAL_PROBABILITY / max(entries, 1)))
+    sd = math.sqrt(who.noise_var)
+    for b in bounds:
+        value = np.asarray(b.value, dtype=np.float64)
+        low, high = np.broadcast_to(b.low, value.shape), np.broadcast_to(b.high, value.shape)
+        allowance = k * sd * np.broadcast_to(np.asarray(b.noise, dtype=np.float64), value.shape)
+        slack = (who.sites * FIXED_POINT_QUANTUM * 4 + RELATIVE_TOLERANCE
+                 * np.maximum(np.abs(np.nan_to_num(low, posinf=0, neginf=0)),
+                              np.abs(np.nan_to_num(high, posinf=0, neginf=0))) + allowance)
+        with np.errstate(invalid="ignore"):
+            ok = np.isfinite(value) & (value >= low - slack) & (value <= high + slack)
+        if not bool(np.all(ok)):
+            raise InfeasibleSum(phase, b.entry, b.text)

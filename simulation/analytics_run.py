@@ -98,8 +98,10 @@ def run_in_process(frames: Mapping[str, pd.DataFrame], settings: AnalyticsSettin
     if not settings.dp and any((dps or {}).get(site) is not None for site in frames):
         settings = replace(settings, dp=True)
     plan = plan_for(settings.task(), settings.dp)
+    declared = {site: None if (dps or {}).get(site) is not None else float(len(frame))  # as the site check's
+                for site, frame in frames.items()}                                     # n_episodes (none at DP sites)
     session = AnalyticsSession(LocalSites(frames, dps, rng), list(frames), plan.queries(settings),
-                               schedule=plan.schedule(settings))
+                               schedule=plan.schedule(settings), declared=declared)
     result = run_analyses(session, plan, settings)
     result["sites"] = sorted(frames)
     result["rejected"] = {}

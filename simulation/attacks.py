@@ -25,14 +25,18 @@ Kinds (``KIND`` or ``KIND=FACTOR``):
   the encoder's means move by (FACTOR − 1) × the site's share of each column's sum unless the coordinator's
   feasibility check (``shared.sum_bounds``) refuses the sum (masked) or drops the site (``secure-sum = off``).
 
-XGBoost's trees and the other phases' sums are not attacked by these kinds.
+XGBoost's trees and the other phases' sums are not attacked by these kinds. For the federated analytics
+(``fednano analytics``, no ``--attack`` there), :func:`inflated_analytics` makes one in-process site report every
+released sum that is not a row count multiplied by FACTOR (``benchmarks/sum_bounds.py``, the tests): the
+feasibility check of ``shared.analytics_bounds`` drops it (plain) or refuses the analysis (masked).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
@@ -41,6 +45,7 @@ import numpy as np
 import pandas as pd
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 
+from client import analytics as site_analytics
 from client import secure_statistics
 from client.site import SiteSource
 from shared.protocol import messages
@@ -240,3 +245,48 @@ def attacked_sources(attacks: list[Attack], sources: list[SiteSource], out: Path
         if attack.kind == "label-flip":
             served[index] = poisoned_copy(sources[index], out / ATTACKS_DIR)
     return served, [attack_mod(by_partition)]
+
+
+ANALYTICS_COUNTS = ("count", "histogram", "outcome-count", "projection", "min", "max")
+"""Arrays of an analytics answer that :func:`inflate_analytics` leaves as computed: row counts (and the extremes,
+which are not sums); so is a Gram matrix's leading entry, its row count."""
+
+
+FIRST_MOMENTS = ("sum", "raw-sum", "outcome-sum", "xty", "gradient")
+"""The sums of values (not of squares or products) of the analytics answers: what moves a mean or a coefficient."""
+
+
+def inflate_analytics(release: site_analytics.Release, factor: float,
+                      arrays: tuple[str, ...] | None = None) -> site_analytics.Release:
+    """One analytics answer with every released sum that is not a row count (or only those named in ``arrays``,
+    e.g. :data:`FIRST_MOMENTS`) multiplied by ``factor``."""
+
+    def scaled(name: str, values: np.ndarray) -> np.ndarray:
+        values = np.asarray(values, dtype=np.float64)
+        kind = name.rsplit("/", 1)[-1]
+        if kind in ANALYTICS_COUNTS or (arrays is not None and kind not in arrays):
+            return values
+        out = values * factor
+        if name.rsplit("/", 1)[-1] == "gram":
+            out.flat[0] = values.flat[0]
+        return out
+
+    return dataclasses.replace(
+        release, blocks={n: dataclasses.replace(b, values=scaled(n, b.values)) for n, b in release.blocks.items()},
+        exact={n: scaled(n, v) for n, v in release.exact.items()})
+
+
+@contextmanager
+def inflated_analytics(frame: pd.DataFrame, factor: float, arrays: tuple[str, ...] | None = None) -> Iterator[None]:
+    """While open, the site whose table is ``frame`` (this very object) answers every analytics query through
+    :func:`inflate_analytics` (``arrays``: which sums; None, all but the counts), plain or masked (its sums
+    inflated before noise and masks, as a modified client would); every other site answers honestly."""
+
+    def poisoned(honest: Callable) -> Callable:
+        def query(table: pd.DataFrame, config, request_arrays) -> site_analytics.Release:
+            release = honest(table, config, request_arrays)
+            return inflate_analytics(release, factor, arrays) if table is frame else release
+        return query
+
+    with mock.patch.dict(site_analytics.REQUESTS, {q: poisoned(f) for q, f in site_analytics.REQUESTS.items()}):
+        yield

@@ -40,10 +40,15 @@ declares its rows in the site check (not under DP: a DP site declares none, so a
 row cap); the declaration is the site's own word, so an over-declaring site whose statistics are consistent
 with it is not detected.
 
-Still open to a poisoned site: the analytics sums (being reworked by another change; not yet bounded), the
-histogram boosting's gradient sums and the XGBoost bagging/cyclic trees, the dose-response and fitted-Q sums,
-the release gate's off-policy estimates, and the evaluation summaries, which every strategy still adds up
-(:mod:`strategies.summation`): a site that lies there moves the released metrics. Robust aggregation also
+The analytics sums are bounded the same way (:mod:`shared.analytics_bounds`, used by
+``server.analytics_phase``: each query's released arrays within their rows times their per-row terms' public
+ranges, counts within the declared row counts; alone a failing site is dropped, masked the analysis is refused),
+with the same residue inside the box.
+
+Still open to a poisoned site: the histogram boosting's gradient and hessian sums and the XGBoost bagging/cyclic
+trees, the dose-response and fitted-Q sums, the importance's loss sums, the release gate's off-policy estimates,
+and the evaluation summaries, which every strategy still adds up (:mod:`strategies.summation`): a site that lies
+there moves the released metrics. Robust aggregation also
 assumes at most f of the sites are malicious; it says nothing once more are.
 
 What they cost

@@ -173,9 +173,18 @@ def test_pairwise_a_site_failing_the_request_is_left_out_under_new_keys(federati
 def test_pairwise_with_one_site_left_gives_no_importance_rather_than_its_sums(federation):
     result, grid = importance(federation, "pairwise", nodes=(31, 32), lost_at={32: (IMPORTANCE, 1, False)})
     assert result["features"] == {} and result["failures"] == {"site-32": "no reply"}
-    assert "fewer than 2 sites" in result["secure_sum"]["error"]
+    assert "importance: 1 site(s) left to ask (lost: node 32: no reply), fewer than 2" in result["secure_sum"]["error"]
     assert not [c for kind, n, c in grid.replies if kind == IMPORTANCE and n == 31 and c is not None
                 and r.METRICS in c]  # 31's sums never travelled in the clear
+
+
+def test_pairwise_key_exchange_leaving_one_site_gives_no_importance_and_asks_nothing(federation):
+    lost_at = {32: (messages.SECURE_KEYS.type, 1, False), 33: (messages.SECURE_KEYS.type, 1, False)}
+    result, grid = importance(federation, "pairwise", lost_at=lost_at)
+    assert result["features"] == {} and result["failures"] == {"site-32": "no reply", "site-33": "no reply"}
+    assert ("importance: 1 site(s) left after the pairwise key exchange (lost: node 32: no reply; node 33: no "
+            "reply), fewer than 2") in result["secure_sum"]["error"]
+    assert grid.calls == [messages.SECURE_KEYS.type]  # the lone site is asked nothing
 
 
 def test_one_site_alone_and_off_ask_in_the_clear(federation):

@@ -284,3 +284,74 @@ def test_pairwise_a_site_failing_a_models_first_evaluation_is_left_out_as_in_the
     assert_same_models(left_out, survivors)
     assert info["nodes"] == [21, 22] and info["secure_sum"]["lost"] == {"23": "no reply"}
     assert grid.calls.count(messages.SECURE_KEYS.type) == 2  # keys exchanged anew without it
+
+
+# -- a pairwise key exchange that leaves one site: nothing is summed ---------------------------------------
+
+KEYS_LOST = {22: (messages.SECURE_KEYS.type, 1, False), 23: (messages.SECURE_KEYS.type, 1, False)}
+"""22 and 23 fail the pairwise key exchange: 21 alone is left, whose "sum" would be its own values."""
+
+
+@pytest.fixture
+def lax_sites(monkeypatch):
+    """Sites whose client masks even with no peer (an old or modified client: ``shared.secure_sum.mask`` refuses
+    a one-site exchange at an honest site): the server alone must keep a lone site's values from being asked."""
+    from shared import secure_sum
+    monkeypatch.setattr(secure_sum, "MIN_SITES", 1)
+
+
+def sent_values(grid: Grid, kinds: tuple[str, ...]) -> list:
+    """Every site's reply to ``kinds`` that carries values (masked or not)."""
+    return [(node, c) for kind, node, c in grid.replies if kind in kinds and c is not None]
+
+
+def test_fitted_q_whose_key_exchange_leaves_one_site_asks_no_sum_and_says_why(sites, lax_sites):
+    grid = Grid(sites)
+    grid.lost_at = dict(KEYS_LOST)
+    with pytest.raises(ap.AdjustmentFailed, match=r"fitted-Q: 1 site\(s\) left after the pairwise key exchange "
+                                                  r"\(lost: node 22: no reply; node 23: no reply\), fewer than 2"):
+        ap.fit_adjuster(grid, list(NODES), FQI, secure_sum="pairwise")
+    assert grid.calls == [messages.SECURE_KEYS.type]  # no release asked of the lone site
+    assert not sent_values(grid, (messages.FQI_SCALING.type, messages.FQI_RIDGE.type))
+
+
+def test_policy_phase_ships_no_adjuster_when_its_key_exchange_leaves_one_site_and_records_why(sites):
+    from types import SimpleNamespace
+
+    from server.policy_phase import fit_adjuster_if_asked
+    from server.site_check import SiteCheck
+
+    grid = Grid(sites)
+    grid.lost_at = dict(KEYS_LOST)
+    check = SiteCheck(usable={n: f"site-{n}" for n in NODES})
+    settings = SimpleNamespace(fqi_iterations=2, split_seed=3, secure_sum="pairwise")
+    adjuster, entry = fit_adjuster_if_asked(grid, check, None, settings)
+    assert adjuster is None and entry["fitted"] is False
+    assert "fitted-Q: 1 site(s) left after the pairwise key exchange" in entry["reason"]
+    assert "node 22: no reply; node 23: no reply" in entry["reason"]
+    assert not sent_values(grid, (messages.FQI_SCALING.type, messages.FQI_RIDGE.type))
+
+
+def test_dose_response_whose_key_exchange_leaves_one_site_asks_no_sum_and_says_why(clinics, lax_sites):
+    with pytest.raises(dp.DoseResponseFailed, match=r"dose-response: 1 site\(s\) left after the pairwise key "
+                                                    r"exchange \(lost: node 22: no reply; node 23: no reply\)"):
+        structured(clinics, "pairwise", lost_at=dict(KEYS_LOST))
+    grid = Grid(clinics)
+    grid.lost_at = dict(KEYS_LOST)
+    catalogue = catalogue_of(pd.concat([c.episodes for c in clinics.values()], ignore_index=True))
+    with pytest.raises(dp.DoseResponseFailed, match="nothing is summed"):
+        dp.fit_structured_policy_federated(grid, list(NODES), catalogue, 0, secure_sum="pairwise")
+    assert grid.calls == [messages.SECURE_KEYS.type]
+    assert not sent_values(grid, (messages.DOSE_RESPONSE_SUMS.type, messages.DOSE_RESPONSE_SUPPORT.type))
+
+
+def test_dose_response_left_out_sites_leaving_one_under_new_keys_stop_the_fit_before_asking_it(clinics):
+    # 23 fails the key exchange, 22 the first evaluation: 21 alone would be asked under new keys
+    lost_at = {23: (messages.SECURE_KEYS.type, 1, False), 22: (messages.DOSE_RESPONSE_SUMS.type, 1, False)}
+    grid = Grid(clinics)
+    grid.lost_at = lost_at
+    catalogue = catalogue_of(pd.concat([c.episodes for c in clinics.values()], ignore_index=True))
+    with pytest.raises(dp.DoseResponseFailed, match=r"dose-response: 1 site\(s\) left to ask \(lost: node 23: no "
+                                                    r"reply; node 22: no reply\)"):
+        dp.fit_structured_policy_federated(grid, list(NODES), catalogue, 0, secure_sum="pairwise")
+    assert grid.calls.count(messages.SECURE_KEYS.type) == 1  # no key exchange with the lone site
