@@ -87,7 +87,7 @@ from shared import dp_error  # noqa: E402
 
 VARIANTS = ("current", "no-carry", "no-hessian-noise", "psd", "psd-resampled", "soft", "soft-floor", "regime",
             "conditional", "conditional-psd", "conditional-g", "conditional-psd-g", "moment", "moment-psd",
-            "moment-psd-once")
+            "moment-psd-once", "plugin", "plugin-bc")
 MEDIAN_VARIANTS = ("current", "sheppard", "no-shift", "no-resolution")
 LINEAR_ANOVA_VARIANTS = ("current", "all-sites-noise", "bootstrap-both", "main")
 
@@ -167,6 +167,30 @@ def step_noise(variant: str):
             vals, vecs = np.linalg.eigh(matrix / whiten)
             reach = (sa.LOGISTIC_FLOOR_NOISE_SDS if variant == "soft-floor" else 2.0 * np.sqrt(d)) * noise_sd
             return (vecs * np.maximum(vals - reach, 0.0)) @ vecs.T * whiten
+
+        if variant.startswith("plugin"):
+            # the bootstrap's world with a PSD stand-in Ĥ for the noise-free Hessian: H̃* = Ĥ + N', the step
+            # inverts H̃*, the gradient moves with Ĥ; plugin-bc: Ĥ's whitened eigenvalues bias-corrected first
+            # (2λ̃ − mean over re-noised releases: the noise's spread of the spectrum removed once)
+            vals, vecs = np.linalg.eigh(hessian / whiten)
+            if variant == "plugin-bc":
+                spread = np.mean([np.linalg.eigvalsh(sa.unpack_triu(packed + rng.standard_normal(len(packed))
+                                                                    * h_scale, d) / whiten) for _ in range(50)], 0)
+                vals = 2 * vals - spread
+            truth = (vecs * np.maximum(vals, 0.0)) @ vecs.T * whiten
+            moment = np.outer(gradient, gradient) - hessian @ carried @ hessian - np.diag(np.square(noise_sd * b))
+            m_vals, m_vecs = np.linalg.eigh((moment + moment.T) / 2)
+            g_root = m_vecs * np.sqrt(np.maximum(m_vals, 0.0))
+            free = sa.noisy_gram_inverse(truth, b[1:], 0.25, noise_sd, sa.LOGISTIC_FLOOR_NOISE_SDS)
+            packed_truth = truth[upper]
+            runs = np.empty((draws, d))
+            for i in range(draws):
+                e = root @ rng.standard_normal(d)
+                h = sa.unpack_triu(packed_truth + rng.standard_normal(len(packed)) * h_scale, d)
+                inv = sa.noisy_gram_inverse(h, b[1:], 0.25, noise_sd, sa.LOGISTIC_FLOOR_NOISE_SDS)
+                runs[i] = (e - inv @ truth @ e + inv @ (rng.standard_normal(d) * noise_sd * b)
+                           + (inv - free) @ (g_root @ rng.standard_normal(d)))
+            return runs.T @ runs / draws
 
         if variant.startswith("moment"):
             # first order, the step's own inverse known: e_k = (I - H̃_f⁻¹H)e + H̃_f⁻¹n + (H̃_f⁻¹ - H_f⁻¹)g*,
@@ -253,11 +277,13 @@ def logistic(frames, epsilon: float, draws: int, variant: str) -> None:
           f"median sd / rmse {np.median(ratios):.2f}")
 
 
-def logistic_steps(frames, epsilon: float, draws: int, variant: str) -> dict:
+def logistic_steps(frames, epsilon: float, draws: int, variant: str, hold: bool = False) -> dict:
     """Per Newton step, the logistic coefficients' real noise error (each draw's β after the step against the
     zero-noise run's, original scale, each draw with its own standardisation) against the noise sd the carried
     bootstrap reports after that step, and the part of it that is the step's own noise (the same bootstrap with
-    nothing carried): where along the steps the reported sd and the real error part."""
+    nothing carried): where along the steps the reported sd and the real error part. ``hold``: every draw's
+    logistic phase standardises and clips as the zero-noise run did (its describe's means, sds and analysis
+    ranges), so only the logistic releases' own noise differs between draws."""
     current, standardisation = phase.logistic_step_noise, phase.standardisation
     inner = step_noise(variant) if variant != "current" else current
     seen: dict = {}
@@ -269,10 +295,25 @@ def logistic_steps(frames, epsilon: float, draws: int, variant: str) -> dict:
         return out
 
     def keep_x(describe, columns, plan):
-        x = standardisation(describe, columns, plan)
+        key = tuple(columns)
+        if hold and key in held:
+            x = held[key]
+        else:
+            x = standardisation(describe, columns, plan)
+            if hold:
+                held[key] = x
         if list(columns) == list(plan.covariates):
             seen["m"] = sa.design_map(x["centre"], x["scale"])
         return x
+
+    held: dict = {}
+    bounds = phase.dp_analysis_bounds
+
+    def keep_bounds(plan, describe):
+        if hold and "bounds" in held:
+            return held["bounds"]
+        held["bounds"] = bounds(plan, describe)
+        return held["bounds"]
 
     def run(seed: int) -> list:
         seen.clear()
@@ -282,13 +323,13 @@ def logistic_steps(frames, epsilon: float, draws: int, variant: str) -> dict:
         return [(m.T @ b, np.sqrt(np.diag(m.T @ c @ m)), np.sqrt(np.diag(m.T @ o @ m)))
                 for b, c, o in steps], outcomes
 
-    phase.logistic_step_noise, phase.standardisation = recorded, keep_x
+    phase.logistic_step_noise, phase.standardisation, phase.dp_analysis_bounds = recorded, keep_x, keep_bounds
     try:
         with zero_noise():
             zero, outcomes = run(0)
         runs = [run(s)[0] for s in range(1, draws + 1)]
     finally:
-        phase.logistic_step_noise, phase.standardisation = current, standardisation
+        phase.logistic_step_noise, phase.standardisation, phase.dp_analysis_bounds = current, standardisation, bounds
     rows = []
     for k in range(len(zero) // outcomes):
         idx = [k * outcomes + o for o in range(outcomes)]  # outcomes take their steps in turn
@@ -544,6 +585,8 @@ def main() -> None:
                         default="current")
     parser.add_argument("--analyses", default="describe,regression,anova,pca,kmeans",
                         help="linear-anova only: the analyses of each run (their share of ε sets the noise)")
+    parser.add_argument("--hold-describe", action="store_true",
+                        help="logistic-steps only: every draw standardises and clips as the zero-noise run")
     parser.add_argument("--noise", choices=("both", "gram", "xty"), default="both",
                         help="linear-terms only: which of the released sums the draws re-noise")
     parser.add_argument("--out", type=Path,
@@ -558,7 +601,7 @@ def main() -> None:
         elif args.family == "median":
             rows[str(epsilon)] = median(frames, epsilon, args.draws, args.variant)
         elif args.family == "logistic-steps":
-            rows[str(epsilon)] = logistic_steps(frames, epsilon, args.draws, args.variant)
+            rows[str(epsilon)] = logistic_steps(frames, epsilon, args.draws, args.variant, args.hold_describe)
         elif args.family == "anova-terms":
             rows[str(epsilon)] = anova_terms(frames, epsilon, args.draws)
         elif args.family == "linear-terms":
