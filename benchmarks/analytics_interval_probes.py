@@ -36,10 +36,14 @@ the reported sd to the draws' root-mean-square error.
   self-consistent and the contraction exact outside the floor), ``conditional-g`` (``g*`` held at the released
   ``g̃``), ``moment`` (``g*`` drawn with second moment ``g̃g̃ᵀ − H̃CH̃ − Cov(n)``, made PSD: ``g̃g̃ᵀ``'s bias
   removed), and each with ``-psd`` (``H̃ − N'`` projected to PSD in the whitened coordinates: the noise-free
-  Hessian is PSD); ``moment-psd-once``: ``psd(H̃) − N'``, not projected after the draw.
+  Hessian is PSD); ``moment-psd-once``: ``psd(H̃) − N'``, not projected after the draw; ``plugin``: the
+  bootstrap's world with ``Ĥ = psd(H̃)`` as the noise-free Hessian (``Ĥ + N'`` inverted, the gradient moved with
+  ``Ĥ``), ``plugin-bc``: ``Ĥ``'s whitened eigenvalues bias-corrected first (``2λ̃ − mean λ̃*`` over re-noised
+  releases; Efron & Tibshirani 1993, "An Introduction to the Bootstrap", ch. 10).
 - ``logistic-steps``: per Newton step, the coefficients' real noise error (each draw's β after the step against the
   zero-noise run's, original scale) against the sd the carried bootstrap reports after that step (``--variant`` as
-  for ``logistic``) and against the step's own noise alone (the same bootstrap with nothing carried).
+  for ``logistic``) and against the step's own noise alone (the same bootstrap with nothing carried);
+  ``--hold-describe``: every draw standardises and clips as the zero-noise run did.
 - ``median``: coverage of the describe medians' ``ci95`` against the pooled rows' median (what a reader wants; the
   noise-only benchmark's target, the noise-free estimator, shares the histogram's resolution) and against the
   zero-noise run, with the terms as they are (``current``: the bootstrap's spread, ``shared.analytics.threshold_shift``
