@@ -18,7 +18,9 @@ names, so a reader sees one whole checkpoint or the previous one). It holds:
 Each training round's per-site replies are written once, not with every checkpoint: a round two or more
 behind the checkpoint's is settled (no later round adds to it; a one-message round records the previous round's
 evaluation) and goes to ``OUT/checkpoint/rounds-<run id>/round-<r>.json``, which the state file lists; only the
-last two rounds travel in the state file. Rewriting every round's tables each round cost the coordinator
+last round travels in the state file. Those files are one line of JSON with long numeric lists (the evaluation
+summaries' score histograms, mostly empty bins) kept as their non-zero entries: at 1,000 clinics a round's
+evaluations were 25 MB as indented lists. Rewriting every round's tables each round cost the coordinator
 65 of 116 s of training at 200 clinics (py-spy, 2026-12-04), while the sites waited for the round to close.
 
 Phases after the ANN (boosting, importance of XGBoost, personalisation, policy) restart from their beginning
@@ -56,9 +58,10 @@ STAGES = ("started", "statistics", "training", "ann")
 (``server_round`` of them); the whole ANN family (final weights, record, importance)."""
 OPTIMISER_STATE = ("m_t", "v_t")
 """Attributes of Flower's FedOpt strategies (FedAdam, FedYogi, FedAdagrad) that carry their moments across rounds."""
-SETTLED_LAG = 2
-"""Rounds ``r <= server_round - SETTLED_LAG`` are settled: their per-site tables no longer change (a one-message
-round's replies carry the evaluation of the round before, :class:`strategies.per_site.PerSiteRecord`)."""
+SETTLED_LAG = 1
+"""Rounds ``r <= server_round - SETTLED_LAG`` are settled: their per-site tables no longer change. A one-message
+round's training replies carry the evaluation of the round before (:class:`strategies.per_site.PerSiteRecord`),
+so when round ``k`` is checkpointed round ``k - 1`` is complete, and round ``k`` waits for round ``k + 1``."""
 PER_SITE = "per_site"
 NOT_RESUMED = ("resume",)
 """Settings a resumed run may change (the rest must be the checkpointed run's)."""
@@ -125,7 +128,7 @@ class Checkpoint:
         for rnd, tables in settled.items():
             chunk = rounds / f"round-{rnd:05d}.json"
             if not chunk.is_file():  # written once: a settled round's tables do not change
-                write_json_atomically(chunk, _encoded(tables))
+                write_json_atomically(chunk, _encoded(tables, sparse=True), indent=None)
         state = {"format": FORMAT, "version": VERSION, "run_id": self.run_id, "settings": self.settings,
                  "stage": self.stage, "server_round": self.server_round, "record": self.record,
                  "encoder": self.encoder, "strategy": _encoded(strategy), "arrays_file": arrays_file,
@@ -337,11 +340,23 @@ def record_arrays(arrays: ArrayRecord) -> dict[str, np.ndarray]:
 
 # --- JSON with non-finite floats (per-site metrics may hold NaN) ------------------------------------------------
 
-def _encoded(value: Any) -> Any:
+SPARSE_FROM = 64
+"""Numeric lists of at least this many entries, at most half of them non-zero, are kept sparse in round files."""
+
+
+def _encoded(value: Any, sparse: bool = False) -> Any:
     if isinstance(value, dict):
-        return {str(k): _encoded(v) for k, v in value.items()}
+        return {str(k): _encoded(v, sparse) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_encoded(v) for v in value]
+        if sparse and len(value) >= SPARSE_FROM:
+            numbers = np.asarray(value)
+            if numbers.ndim == 1 and numbers.dtype.kind in "iuf" and np.isfinite(numbers).all():
+                at = np.flatnonzero(numbers)
+                if 2 * len(at) <= len(numbers):
+                    return {"sparse": len(numbers), "kind": numbers.dtype.kind, "at": at.tolist(),
+                            "values": numbers[at].tolist()}
+                return numbers.tolist()
+        return [_encoded(v, sparse) for v in value]
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -353,6 +368,10 @@ def _decoded(value: Any) -> Any:
     if isinstance(value, dict):
         if set(value) == {"non-finite"}:
             return float(value["non-finite"])
+        if set(value) == {"sparse", "kind", "at", "values"}:
+            dense = np.zeros(int(value["sparse"]), dtype=float if value["kind"] == "f" else int)
+            dense[np.asarray(value["at"], dtype=int)] = value["values"]
+            return dense.tolist()
         return {k: _decoded(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_decoded(v) for v in value]
