@@ -68,9 +68,12 @@ def public_key(private_key: bytes) -> bytes:
     return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
-def pair_key(private_key: bytes, peer_public_key: bytes) -> bytes:
-    """The 32-byte mask key two sites share: HKDF-SHA256 of their X25519 shared secret."""
-    own = X25519PrivateKey.from_private_bytes(private_key)
+def pair_key(private_key: bytes | X25519PrivateKey, peer_public_key: bytes) -> bytes:
+    """The 32-byte mask key two sites share: HKDF-SHA256 of their X25519 shared secret. ``private_key`` may be
+    the key already parsed: a site masking against 999 peers parsed its own key 999 times, 37 of the 82 µs a
+    pair took (2026-12-04)."""
+    own = (private_key if isinstance(private_key, X25519PrivateKey)
+           else X25519PrivateKey.from_private_bytes(private_key))
     secret = own.exchange(X25519PublicKey.from_public_bytes(peer_public_key))
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=HKDF_INFO).derive(secret)
 
@@ -95,8 +98,9 @@ def mask(values: np.ndarray, private_key: bytes, own_id: int, peers: dict[int, b
     if len(others) + 1 < MIN_SITES:
         raise SecureSumError(f"secure sum needs at least {MIN_SITES} sites, this exchange has {len(others) + 1}")
     flat = np.ascontiguousarray(values, dtype=np.int64).reshape(-1).view(np.uint64).copy()
+    own = X25519PrivateKey.from_private_bytes(private_key)
     for peer, peer_key in sorted(others.items()):
-        words = mask_words(pair_key(private_key, peer_key), label, flat.size)
+        words = mask_words(pair_key(own, peer_key), label, flat.size)
         if own_id < peer:
             flat += words
         else:
