@@ -37,8 +37,9 @@ peer over all the model's words, and every training message carries the roster's
 K² (``shared.secure_sum.mask`` of 20,000 words, 2026-12-04: 0.007 s at 10 sites, 0.025 s at 100, 0.26 s at 1,000,
 per site and round, so ~130 s per round of 1,000 sites on two cores; the recovering protocol adds K − 1 share
 ciphertexts per site and K² key agreements per lost site). Above it, ``auto`` sends plain replies and says why;
-``pairwise`` and ``recovering`` mask at any size. Bell et al. (CCS 2020)'s sparse graph, not built, would make it
-K log K."""
+``pairwise`` and ``recovering`` mask at any size. Since these figures, ``pairwise`` masks with
+``shared.secure_sum.PAIRWISE_DEGREE`` ring neighbours above 27 sites (Bell et al., CCS 2020's sparse graph), so its
+masking grows as 26·K; the recovering protocol still shares with every peer. The limit was not re-measured."""
 POLICY_REFERENCES = ("absolute", "standard_of_care")
 """What the structured policy's confidence bounds are taken against (``shared.structured_policy``)."""
 
