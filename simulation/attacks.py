@@ -28,7 +28,10 @@ Kinds (``KIND`` or ``KIND=FACTOR``):
 XGBoost's trees and the other phases' sums are not attacked by these kinds. For the federated analytics
 (``fednano analytics``, no ``--attack`` there), :func:`inflated_analytics` makes one in-process site report every
 released sum that is not a row count multiplied by FACTOR (``benchmarks/sum_bounds.py``, the tests): the
-feasibility check of ``shared.analytics_bounds`` drops it (plain) or refuses the analysis (masked).
+feasibility check of ``shared.analytics_bounds`` drops it (plain) or refuses the analysis (masked). For histogram
+boosting, :func:`inflated_hist` makes the sites it names report their gradient and hessian histograms multiplied
+by FACTOR (row counts as computed), plain, masked or noised: the feasibility check of ``shared.hist_bounds``
+drops such a site (plain) or stops the heads (masked).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ import pandas as pd
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 
 from client import analytics as site_analytics
-from client import secure_statistics
+from client import hist_handlers, secure_statistics
 from client.site import SiteSource
 from shared.protocol import messages
 from shared.protocol import records as r
@@ -289,4 +292,28 @@ def inflated_analytics(frame: pd.DataFrame, factor: float, arrays: tuple[str, ..
         return query
 
     with mock.patch.dict(site_analytics.REQUESTS, {q: poisoned(f) for q, f in site_analytics.REQUESTS.items()}):
+        yield
+
+
+def inflate_histograms(histograms: np.ndarray, blocks: dict, factor: float) -> tuple[np.ndarray, dict]:
+    """One head's level histograms (fixed point) and their DP blocks with every gradient and hessian sum × factor."""
+    inflated = np.rint(np.asarray(histograms, dtype=np.float64) * factor).astype(np.int64)
+    return inflated, {name: dataclasses.replace(block, values=np.asarray(block.values) * factor)
+                      for name, block in blocks.items()}
+
+
+@contextmanager
+def inflated_hist(nodes: set[int], factor: float) -> Iterator[None]:
+    """While open, the sites whose Flower node ids are ``nodes`` answer every histogram-boosting level request
+    with their gradient and hessian histograms multiplied by ``factor`` (before noise, masks and packing, as a
+    modified client would: ``client.hist_handlers.level_histograms``); every other site answers honestly."""
+    honest = hist_handlers.level_histograms
+
+    def poisoned(config, arrays, x, y, clip, context):
+        histograms, blocks = honest(config, arrays, x, y, clip, context)
+        if int(context.node_id) in nodes:
+            return inflate_histograms(histograms, blocks, factor)
+        return histograms, blocks
+
+    with mock.patch.object(hist_handlers, "level_histograms", poisoned):
         yield
