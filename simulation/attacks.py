@@ -23,9 +23,12 @@ Kinds (``KIND`` or ``KIND=FACTOR``):
 - ``inflate``: the site reports every numeric column's sum in its federated statistics multiplied by FACTOR
   (default 10; counts and centred sums of squares as computed), plain or masked (:func:`inflate_statistics`):
   the encoder's means move by (FACTOR − 1) × the site's share of each column's sum unless the coordinator's
-  feasibility check (``shared.sum_bounds``) refuses the sum (masked) or drops the site (``secure-sum = off``).
+  feasibility check (``shared.sum_bounds``) refuses the sum (masked) or drops the site (``secure-sum = off``);
+- ``inflate-hist``: with ``--boosting hist``, the site reports its gradient and hessian histograms multiplied by
+  FACTOR (default 2; row counts as computed), plain, masked or noised (:func:`inflated_hist`): the feasibility
+  check of ``shared.hist_bounds`` drops it (``secure-sum = off``) or stops the heads (masked).
 
-XGBoost's trees and the other phases' sums are not attacked by these kinds. For the federated analytics
+XGBoost's bagging/cyclic trees and the other phases' sums are not attacked by these kinds. For the federated analytics
 (``fednano analytics``, no ``--attack`` there), :func:`inflated_analytics` makes one in-process site report every
 released sum that is not a row count multiplied by FACTOR (``benchmarks/sum_bounds.py``, the tests): the
 feasibility check of ``shared.analytics_bounds`` drops it (plain) or refuses the analysis (masked). For histogram
@@ -58,11 +61,13 @@ from shared.schema import EPISODES_FILE
 from shared.task import NANOPARTICLE_TASK, TaskSpec
 from shared.validation import load_site
 
-KINDS = ("sign-flip", "scale", "label-flip", "lie", "inflate")
+KINDS = ("sign-flip", "scale", "label-flip", "lie", "inflate", "inflate-hist")
 DEFAULT_FACTORS = {"sign-flip": 1.0, "scale": 10.0}
 """FACTOR of the update kinds when none is given."""
 STATISTICS_FACTORS = {"inflate": 10.0}
-"""FACTOR of the statistics kinds when none is given; the other kinds take none."""
+"""FACTOR of the statistics kinds when none is given; the other kinds take none (but ``inflate-hist``)."""
+HIST_FACTORS = {"inflate-hist": 2.0}
+"""FACTOR of the histogram-boosting kind when none is given."""
 UPDATE_KINDS = tuple(DEFAULT_FACTORS)
 """The kinds that rewrite the site's plain ANN weights: not with masked rounds, whose replies are words
 (``simulation.experiment.ExperimentConfig.ann_masking`` turns masking off for them)."""
@@ -102,7 +107,7 @@ class Attack:
         if not sep or not site.strip() or kind not in KINDS:
             raise AttackError(f"--attack {text!r}: expected SITE:KIND with KIND one of {', '.join(KINDS)} "
                               f"(e.g. clinic_03:scale or clinic_03:scale=10)")
-        factored = {**DEFAULT_FACTORS, **STATISTICS_FACTORS}
+        factored = {**DEFAULT_FACTORS, **STATISTICS_FACTORS, **HIST_FACTORS}
         if has_factor and kind not in factored:
             raise AttackError(f"--attack {text!r}: only {', '.join(factored)} take a factor")
         try:
@@ -156,6 +161,9 @@ def attack_mod(attacks: dict[int, Attack]) -> Callable[[Message, Context, Callab
         poisons_update = kind in DEFAULT_FACTORS and message_type == messages.TRAIN.type
         global_arrays = ({k: a.numpy().astype(np.float64) for k, a in msg.content[r.ARRAYS].items()}
                          if poisons_update else None)
+        if kind in HIST_FACTORS and message_type == messages.HIST_LEVEL.type:
+            with inflated_hist({int(context.node_id)}, attack.factor):  # before noise, masks and packing
+                return call_next(msg, context)
         if kind in STATISTICS_FACTORS and message_type == messages.STATISTICS_MASKED.type:
             # the masked handler computes its statistics with client.secure_statistics.statistics: poisoned for
             # this one call, before the site lays them out and masks them

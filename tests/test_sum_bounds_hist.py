@@ -153,6 +153,30 @@ def test_the_attack_without_the_check_would_have_moved_the_trees(monkeypatch):
     assert any(differs)
 
 
+def test_the_inflate_hist_attack_kind_rewrites_only_the_attackers_level_replies(monkeypatch, task_identity):
+    from flwr.app import Context, Message, RecordDict
+
+    from shared.protocol import messages as m
+    from simulation.attacks import Attack, attack_mod
+
+    assert Attack.parse("clinic_01:inflate-hist") == Attack("clinic_01", "inflate-hist", 2.0)
+    seen = []
+
+    def handler(msg, context):  # what the site's level handler computes, through the module the attack patches
+        import client.hist_handlers as hh
+        seen.append(hh.level_histograms(None, None, None, None, False, context)[0].tolist())
+        return msg
+
+    monkeypatch.setattr("client.hist_handlers.level_histograms",
+                        lambda *args: (np.array([3, -2]), {}))
+    mod = attack_mod({0: Attack("clinic_01", "inflate-hist", 2.0)})
+    for partition in (0, 1):
+        context = Context(run_id=1, node_id=7, node_config={"partition-id": partition}, state=RecordDict(),
+                          run_config={})
+        mod(Message(RecordDict(), dst_node_id=7, message_type=m.HIST_LEVEL.type), context, handler)
+    assert seen == [[6, -4], [3, -2]]
+
+
 def test_a_site_claiming_more_training_rows_than_its_site_check_declared_is_left_out(monkeypatch):
     declared = {11: 200.0, 12: 349.0, 13: 350.0}  # site 12 has 350 training rows here, declared 349
     monkeypatch.setattr(hp, "HistSession", functools.partial(hp.HistSession, declared=declared))
