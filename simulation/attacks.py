@@ -33,8 +33,8 @@ XGBoost's bagging/cyclic trees and the other phases' sums are not attacked by th
 released sum that is not a row count multiplied by FACTOR (``benchmarks/sum_bounds.py``, the tests): the
 feasibility check of ``shared.analytics_bounds`` drops it (plain) or refuses the analysis (masked). For histogram
 boosting, :func:`inflated_hist` makes the sites it names report their gradient and hessian histograms multiplied
-by FACTOR (row counts as computed), plain, masked or noised: the feasibility check of ``shared.hist_bounds``
-drops such a site (plain) or stops the heads (masked).
+by FACTOR (every row's gradient and hessian scaled before binning; row counts as computed), plain, masked or
+noised: the feasibility check of ``shared.hist_bounds`` drops such a site (plain) or stops the heads (masked).
 """
 
 from __future__ import annotations
@@ -49,11 +49,13 @@ from unittest import mock
 
 import numpy as np
 import pandas as pd
-from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client import analytics as site_analytics
 from client import hist_handlers, secure_statistics
 from client.site import SiteSource
+from shared import hist_boosting
+from shared.protocol import hist as hist_protocol
 from shared.protocol import messages
 from shared.protocol import records as r
 from shared.protocol.training import MASKED
@@ -303,25 +305,25 @@ def inflated_analytics(frame: pd.DataFrame, factor: float, arrays: tuple[str, ..
         yield
 
 
-def inflate_histograms(histograms: np.ndarray, blocks: dict, factor: float) -> tuple[np.ndarray, dict]:
-    """One head's level histograms (fixed point) and their DP blocks with every gradient and hessian sum × factor."""
-    inflated = np.rint(np.asarray(histograms, dtype=np.float64) * factor).astype(np.int64)
-    return inflated, {name: dataclasses.replace(block, values=np.asarray(block.values) * factor)
-                      for name, block in blocks.items()}
-
-
 @contextmanager
 def inflated_hist(nodes: set[int], factor: float) -> Iterator[None]:
     """While open, the sites whose Flower node ids are ``nodes`` answer every histogram-boosting level request
-    with their gradient and hessian histograms multiplied by ``factor`` (before noise, masks and packing, as a
-    modified client would: ``client.hist_handlers.level_histograms``); every other site answers honestly."""
-    honest = hist_handlers.level_histograms
+    with every row's gradient and hessian multiplied by ``factor`` before they are binned (so every summed bin,
+    noised, masked or plain, is ``factor`` times the honest one up to the fixed-point rounding), ignoring the
+    request's gradient bound as a modified client would (``client.hist_handlers.level_histograms``); every other
+    site answers honestly."""
+    honest, honest_gradients = hist_handlers.level_histograms, hist_boosting.gradients
+
+    def scaled(objective, y, margin):
+        g, h = honest_gradients(objective, y, margin)
+        return g * factor, h * factor
 
     def poisoned(config, arrays, x, y, clip, context):
-        histograms, blocks = honest(config, arrays, x, y, clip, context)
-        if int(context.node_id) in nodes:
-            return inflate_histograms(histograms, blocks, factor)
-        return histograms, blocks
+        if int(context.node_id) not in nodes:
+            return honest(config, arrays, x, y, clip, context)
+        loose = ConfigRecord({k: v for k, v in config.items() if k != hist_protocol.GRADIENT_BOUND})
+        with mock.patch.object(hist_boosting, "gradients", scaled):
+            return honest(loose, arrays, x, y, clip, context)
 
     with mock.patch.object(hist_handlers, "level_histograms", poisoned):
         yield

@@ -154,27 +154,35 @@ def test_the_attack_without_the_check_would_have_moved_the_trees(monkeypatch):
 
 
 def test_the_inflate_hist_attack_kind_rewrites_only_the_attackers_level_replies(monkeypatch, task_identity):
-    from flwr.app import Context, Message, RecordDict
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
 
+    import client.hist_handlers as hh
+    from shared.protocol import hist as h
     from shared.protocol import messages as m
     from simulation.attacks import Attack, attack_mod
 
     assert Attack.parse("clinic_01:inflate-hist") == Attack("clinic_01", "inflate-hist", 2.0)
     seen = []
 
-    def handler(msg, context):  # what the site's level handler computes, through the module the attack patches
-        import client.hist_handlers as hh
-        seen.append(hh.level_histograms(None, None, None, None, False, context)[0].tolist())
+    def level_histograms(config, arrays, x, y, clip, context):  # what the site computes its bins from
+        seen.append((hb.gradients("reg:squarederror", np.array([1.0, -2.0]), np.zeros((2, 1))),
+                     h.GRADIENT_BOUND in config))
+        return None, {}
+
+    def handler(msg, context):
+        hh.level_histograms(ConfigRecord({h.GRADIENT_BOUND: 3.0}), None, None, None, False, context)
         return msg
 
-    monkeypatch.setattr("client.hist_handlers.level_histograms",
-                        lambda *args: (np.array([3, -2]), {}))
+    monkeypatch.setattr(hh, "level_histograms", level_histograms)
     mod = attack_mod({0: Attack("clinic_01", "inflate-hist", 2.0)})
     for partition in (0, 1):
         context = Context(run_id=1, node_id=7, node_config={"partition-id": partition}, state=RecordDict(),
                           run_config={})
         mod(Message(RecordDict(), dst_node_id=7, message_type=m.HIST_LEVEL.type), context, handler)
-    assert seen == [[6, -4], [3, -2]]
+    (g0, h0), bound0 = seen[0]
+    (g1, h1), bound1 = seen[1]
+    assert g0.ravel().tolist() == [-2.0, 4.0] and h0.ravel().tolist() == [2.0, 2.0] and not bound0  # the bound ignored
+    assert g1.ravel().tolist() == [-1.0, 2.0] and h1.ravel().tolist() == [1.0, 1.0] and bound1
 
 
 def test_a_site_claiming_more_training_rows_than_its_site_check_declared_is_left_out(monkeypatch):
