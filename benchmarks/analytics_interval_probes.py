@@ -3,6 +3,8 @@
     python benchmarks/analytics_interval_probes.py pca --sites 3 --rows 1300 --epsilons 0.5,1,3 --draws 10
     python benchmarks/analytics_interval_probes.py logistic --sites 3 --rows 1300 --epsilons 1 --draws 12
                                                    --variant current|no-carry|no-hessian-noise|psd|psd-resampled
+    python benchmarks/analytics_interval_probes.py logistic-steps --sites 3 --rows 1300 --epsilons 0.5,1,3 --draws 12
+                                                   --variant current|moment-psd|... [--out J]
     python benchmarks/analytics_interval_probes.py median --sites 10 --rows 10000 --epsilons 0.5,1,3 --draws 10
                                                    --variant current|sheppard|no-shift|no-resolution [--out J]
     python benchmarks/analytics_interval_probes.py linear-terms --sites 10 --rows 10000 --epsilons 1 --draws 150
@@ -27,6 +29,21 @@ the reported sd to the draws' root-mean-square error.
   directions, where the Hessian is indistinguishable from its noise, keep the carried error as the real steps do;
   ``soft-floor``: by the step's own floor, ``LOGISTIC_FLOOR_NOISE_SDS`` noise sds, instead; ``regime``: ``soft``,
   and no carried term at a step whose whitened Hessian has every eigenvalue beyond that reach).
+  Variants after issue 19's fourth pass, all from the first-order error of one floored step ``e_k = (I − H̃_f⁻¹H)
+  e_{k−1} + H̃_f⁻¹ n + (H̃_f⁻¹ − H_f⁻¹) g*`` (``H̃`` the released Hessian, whose floored inverse the step used and
+  the server knows; ``H`` the noise-free one, drawn per bootstrap draw as ``H̃ − N'``; ``n`` the gradient's noise;
+  ``g*`` the noise-free gradient): ``conditional`` (``g*`` drawn as ``g̃ − n' + H'e``, which makes the draw
+  self-consistent and the contraction exact outside the floor), ``conditional-g`` (``g*`` held at the released
+  ``g̃``), ``moment`` (``g*`` drawn with second moment ``g̃g̃ᵀ − H̃CH̃ − Cov(n)``, made PSD: ``g̃g̃ᵀ``'s bias
+  removed), and each with ``-psd`` (``H̃ − N'`` projected to PSD in the whitened coordinates: the noise-free
+  Hessian is PSD); ``moment-psd-once``: ``psd(H̃) − N'``, not projected after the draw; ``plugin``: the
+  bootstrap's world with ``Ĥ = psd(H̃)`` as the noise-free Hessian (``Ĥ + N'`` inverted, the gradient moved with
+  ``Ĥ``), ``plugin-bc``: ``Ĥ``'s whitened eigenvalues bias-corrected first (``2λ̃ − mean λ̃*`` over re-noised
+  releases; Efron & Tibshirani 1993, "An Introduction to the Bootstrap", ch. 10).
+- ``logistic-steps``: per Newton step, the coefficients' real noise error (each draw's β after the step against the
+  zero-noise run's, original scale) against the sd the carried bootstrap reports after that step (``--variant`` as
+  for ``logistic``) and against the step's own noise alone (the same bootstrap with nothing carried);
+  ``--hold-describe``: every draw standardises and clips as the zero-noise run did.
 - ``median``: coverage of the describe medians' ``ci95`` against the pooled rows' median (what a reader wants; the
   noise-only benchmark's target, the noise-free estimator, shares the histogram's resolution) and against the
   zero-noise run, with the terms as they are (``current``: the bootstrap's spread, ``shared.analytics.threshold_shift``
@@ -72,7 +89,9 @@ import server.analytics_phase as phase  # noqa: E402
 import shared.analytics as sa  # noqa: E402
 from shared import dp_error  # noqa: E402
 
-VARIANTS = ("current", "no-carry", "no-hessian-noise", "psd", "psd-resampled", "soft", "soft-floor", "regime")
+VARIANTS = ("current", "no-carry", "no-hessian-noise", "psd", "psd-resampled", "soft", "soft-floor", "regime",
+            "conditional", "conditional-psd", "conditional-g", "conditional-psd-g", "moment", "moment-psd",
+            "moment-psd-once", "plugin", "plugin-bc")
 MEDIAN_VARIANTS = ("current", "sheppard", "no-shift", "no-resolution")
 LINEAR_ANOVA_VARIANTS = ("current", "all-sites-noise", "bootstrap-both", "main")
 
@@ -153,6 +172,65 @@ def step_noise(variant: str):
             reach = (sa.LOGISTIC_FLOOR_NOISE_SDS if variant == "soft-floor" else 2.0 * np.sqrt(d)) * noise_sd
             return (vecs * np.maximum(vals - reach, 0.0)) @ vecs.T * whiten
 
+        if variant.startswith("plugin"):
+            # the bootstrap's world with a PSD stand-in Ĥ for the noise-free Hessian: H̃* = Ĥ + N', the step
+            # inverts H̃*, the gradient moves with Ĥ; plugin-bc: Ĥ's whitened eigenvalues bias-corrected first
+            # (2λ̃ − mean over re-noised releases: the noise's spread of the spectrum removed once)
+            vals, vecs = np.linalg.eigh(hessian / whiten)
+            if variant == "plugin-bc":
+                spread = np.mean([np.linalg.eigvalsh(sa.unpack_triu(packed + rng.standard_normal(len(packed))
+                                                                    * h_scale, d) / whiten) for _ in range(50)], 0)
+                vals = 2 * vals - spread
+            truth = (vecs * np.maximum(vals, 0.0)) @ vecs.T * whiten
+            moment = np.outer(gradient, gradient) - hessian @ carried @ hessian - np.diag(np.square(noise_sd * b))
+            m_vals, m_vecs = np.linalg.eigh((moment + moment.T) / 2)
+            g_root = m_vecs * np.sqrt(np.maximum(m_vals, 0.0))
+            free = sa.noisy_gram_inverse(truth, b[1:], 0.25, noise_sd, sa.LOGISTIC_FLOOR_NOISE_SDS)
+            packed_truth = truth[upper]
+            runs = np.empty((draws, d))
+            for i in range(draws):
+                e = root @ rng.standard_normal(d)
+                h = sa.unpack_triu(packed_truth + rng.standard_normal(len(packed)) * h_scale, d)
+                inv = sa.noisy_gram_inverse(h, b[1:], 0.25, noise_sd, sa.LOGISTIC_FLOOR_NOISE_SDS)
+                runs[i] = (e - inv @ truth @ e + inv @ (rng.standard_normal(d) * noise_sd * b)
+                           + (inv - free) @ (g_root @ rng.standard_normal(d)))
+            return runs.T @ runs / draws
+
+        if variant.startswith("moment"):
+            # first order, the step's own inverse known: e_k = (I - H̃_f⁻¹H)e + H̃_f⁻¹n + (H̃_f⁻¹ - H_f⁻¹)g*,
+            # g* g*ᵀ estimated without bias by g̃g̃ᵀ - H̃CH̃ - Cov(n), made PSD
+            step = sa.noisy_gram_inverse(hessian, b[1:], 0.25, noise_sd, sa.LOGISTIC_FLOOR_NOISE_SDS)
+            moment = np.outer(gradient, gradient) - hessian @ carried @ hessian - np.diag(np.square(noise_sd * b))
+            vals, vecs = np.linalg.eigh((moment + moment.T) / 2)
+            g_root = vecs * np.sqrt(np.maximum(vals, 0.0))
+            released_psd = psd(hessian)
+            runs = np.empty((draws, d))
+            for i in range(draws):
+                e = root @ rng.standard_normal(d)
+                n_g = rng.standard_normal(d) * noise_sd * b
+                truth = sa.unpack_triu(packed - rng.standard_normal(len(packed)) * h_scale, d)
+                if variant == "moment-psd-once":  # the release made PSD once, then re-noised
+                    truth = truth - hessian + released_psd
+                if variant == "moment-psd":
+                    truth = psd(truth)
+                free = sa.noisy_gram_inverse(truth, b[1:], 0.25, noise_sd, sa.LOGISTIC_FLOOR_NOISE_SDS)
+                runs[i] = e - step @ truth @ e + step @ n_g + (step - free) @ (g_root @ rng.standard_normal(d))
+            return runs.T @ runs / draws
+
+        if variant.startswith("conditional"):
+            step = sa.noisy_gram_inverse(hessian, b[1:], 0.25, noise_sd, sa.LOGISTIC_FLOOR_NOISE_SDS)
+            runs = np.empty((draws, d))
+            for i in range(draws):
+                e = root @ rng.standard_normal(d)
+                n_g = rng.standard_normal(d) * noise_sd * b
+                truth = sa.unpack_triu(packed - rng.standard_normal(len(packed)) * h_scale, d)
+                if variant.startswith("conditional-psd"):
+                    truth = psd(truth)
+                free = sa.noisy_gram_inverse(truth, b[1:], 0.25, noise_sd, sa.LOGISTIC_FLOOR_NOISE_SDS)
+                g_free = gradient if variant.endswith("-g") else gradient - n_g + truth @ e
+                runs[i] = e - step @ truth @ e + step @ n_g + (step - free) @ g_free
+            return runs.T @ runs / draws
+
         softened = variant.startswith("soft") or variant == "regime"
         move = psd(hessian) if variant == "psd" else soft(hessian) if softened else hessian
         runs = np.empty((draws, d))
@@ -201,6 +279,77 @@ def logistic(frames, epsilon: float, draws: int, variant: str) -> None:
             ratios.append(np.median(sd) / rmse)
     print(f"{variant} eps {epsilon}: coverage {np.mean(hits):.3f} (n {len(hits)}), "
           f"median sd / rmse {np.median(ratios):.2f}")
+
+
+def logistic_steps(frames, epsilon: float, draws: int, variant: str, hold: bool = False) -> dict:
+    """Per Newton step, the logistic coefficients' real noise error (each draw's β after the step against the
+    zero-noise run's, original scale, each draw with its own standardisation) against the noise sd the carried
+    bootstrap reports after that step, and the part of it that is the step's own noise (the same bootstrap with
+    nothing carried): where along the steps the reported sd and the real error part. ``hold``: every draw's
+    logistic phase standardises and clips as the zero-noise run did (its describe's means, sds and analysis
+    ranges), so only the logistic releases' own noise differs between draws."""
+    current, standardisation = phase.logistic_step_noise, phase.standardisation
+    inner = step_noise(variant) if variant != "current" else current
+    seen: dict = {}
+
+    def recorded(hessian, gradient, beta_before, beta_after, carried, bound, noise_sd, *args, **kwargs):
+        out = inner(hessian, gradient, beta_before, beta_after, carried, bound, noise_sd, *args, **kwargs)
+        own = inner(hessian, gradient, beta_before, beta_after, np.zeros_like(carried), bound, noise_sd)
+        seen.setdefault("steps", []).append((beta_after.copy(), out, own))
+        return out
+
+    def keep_x(describe, columns, plan):
+        key = tuple(columns)
+        if hold and key in held:
+            x = held[key]
+        else:
+            x = standardisation(describe, columns, plan)
+            if hold:
+                held[key] = x
+        if list(columns) == list(plan.covariates):
+            seen["m"] = sa.design_map(x["centre"], x["scale"])
+        return x
+
+    held: dict = {}
+    bounds = phase.dp_analysis_bounds
+
+    def keep_bounds(plan, describe):
+        if hold and "bounds" in held:
+            return held["bounds"]
+        held["bounds"] = bounds(plan, describe)
+        return held["bounds"]
+
+    def run(seed: int) -> list:
+        seen.clear()
+        dp_run(frames, epsilon, "describe,regression", seed)
+        m, steps = seen["m"], seen["steps"]
+        outcomes = len(steps) // phase.AnalyticsSettings().dp_newton_iterations
+        return [(m.T @ b, np.sqrt(np.diag(m.T @ c @ m)), np.sqrt(np.diag(m.T @ o @ m)))
+                for b, c, o in steps], outcomes
+
+    phase.logistic_step_noise, phase.standardisation, phase.dp_analysis_bounds = recorded, keep_x, keep_bounds
+    try:
+        with zero_noise():
+            zero, outcomes = run(0)
+        runs = [run(s)[0] for s in range(1, draws + 1)]
+    finally:
+        phase.logistic_step_noise, phase.standardisation, phase.dp_analysis_bounds = current, standardisation, bounds
+    rows = []
+    for k in range(len(zero) // outcomes):
+        idx = [k * outcomes + o for o in range(outcomes)]  # outcomes take their steps in turn
+        error = np.array([np.concatenate([r[i][0] - zero[i][0] for i in idx]) for r in runs])
+        sd = np.array([np.concatenate([r[i][1] for i in idx]) for r in runs])
+        own = np.array([np.concatenate([r[i][2] for i in idx]) for r in runs])
+        rmse = np.sqrt(np.mean(error ** 2, axis=0))
+        row = {"step": k + 1, "coverage": float(np.mean(np.abs(error) <= dp_error.Z95 * sd)),
+               "median_sd_over_rmse": float(np.median(np.median(sd, axis=0) / rmse)),
+               "median_own_sd_over_rmse": float(np.median(np.median(own, axis=0) / rmse)),
+               "own_coverage": float(np.mean(np.abs(error) <= dp_error.Z95 * own))}
+        rows.append(row)
+        print(f"{variant} eps {epsilon} step {k + 1}: coverage {row['coverage']:.3f} (n {error.size}), "
+              f"sd / rmse {row['median_sd_over_rmse']:.2f}; own step's noise only: coverage "
+              f"{row['own_coverage']:.3f}, sd / rmse {row['median_own_sd_over_rmse']:.2f}", flush=True)
+    return {"steps": rows, "draws": draws}
 
 
 def median(frames, epsilon: float, draws: int, variant: str) -> dict:
@@ -430,8 +579,8 @@ def anova_terms(frames, epsilon: float, draws: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("family", choices=("pca", "logistic", "median", "linear-anova", "linear-terms",
-                                                "anova-terms"))
+    parser.add_argument("family", choices=("pca", "logistic", "logistic-steps", "median", "linear-anova",
+                                                "linear-terms", "anova-terms"))
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--rows", type=int, default=1300)
     parser.add_argument("--epsilons", default="1")
@@ -440,9 +589,12 @@ def main() -> None:
                         default="current")
     parser.add_argument("--analyses", default="describe,regression,anova,pca,kmeans",
                         help="linear-anova only: the analyses of each run (their share of ε sets the noise)")
+    parser.add_argument("--hold-describe", action="store_true",
+                        help="logistic-steps only: every draw standardises and clips as the zero-noise run")
     parser.add_argument("--noise", choices=("both", "gram", "xty"), default="both",
                         help="linear-terms only: which of the released sums the draws re-noise")
-    parser.add_argument("--out", type=Path, help="median, linear-*, anova-terms: write the coverage per ε as JSON here")
+    parser.add_argument("--out", type=Path,
+                        help="median, linear-*, anova-terms, logistic-steps: write the coverage per ε as JSON here")
     args = parser.parse_args()
     load, start = os.getloadavg()[0], time.perf_counter()
     frames = make_sites(args.sites, args.rows)
@@ -452,6 +604,8 @@ def main() -> None:
             pca(frames, epsilon, args.draws)
         elif args.family == "median":
             rows[str(epsilon)] = median(frames, epsilon, args.draws, args.variant)
+        elif args.family == "logistic-steps":
+            rows[str(epsilon)] = logistic_steps(frames, epsilon, args.draws, args.variant, args.hold_describe)
         elif args.family == "anova-terms":
             rows[str(epsilon)] = anova_terms(frames, epsilon, args.draws)
         elif args.family == "linear-terms":

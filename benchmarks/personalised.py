@@ -1,10 +1,11 @@
 """Benchmark of the personalised ANNs (issue 18): does each site's choice beat max(local-only, global)?
 
     python benchmarks/personalised.py [--clinics 10] [--rounds 10] [--seeds 0 1] [--no-dp] [--skip-plain]
-                                      [--out benchmarks/results/personalised.json]
+                                      [--methods finetune,ditto,fedper] [--out benchmarks/results/personalised.json]
 
 For each seed: the built-in simulator's clinics (DP ε = 3, δ = 1e-5 per site unless ``--no-dp``), the
-federated ANN with FedAvg and ``--personalise finetune,ditto,fedper`` (``simulation.experiment.run_federation``:
+federated ANN with FedAvg and ``--personalise finetune,ditto,fedper`` (``--methods``: fewer; under DP the phase's
+ε then goes to fewer DP-SGD fits and a release of fewer candidates) (``simulation.experiment.run_federation``:
 the real ServerApp and ClientApp in Flower's simulation runtime; no dosing policy, no baselines), then the same
 federation without personalisation ("plain FedAvg"). Figures:
 
@@ -38,7 +39,7 @@ from server.run_record import RunRecord
 from shared import metrics
 from shared.ann import to_arrays
 from shared.artifacts import RunArtifacts
-from shared.protocol.personalisation import GLOBAL, LOCAL, METHODS
+from shared.protocol.personalisation import GLOBAL, LOCAL, METHODS, ann_methods
 from shared.task import NANOPARTICLE_TASK
 from simulation.baselines import BaselineSettings, evaluate_per_site
 from simulation.experiment import ExperimentConfig, flower_environment, prepare_sites, quiet_flower, run_federation
@@ -85,13 +86,14 @@ def global_auc_per_site(cfg: ExperimentConfig, sources, record: RunRecord) -> tu
     return {site: _auc(s[OUTCOME])["auc"] for site, s in per_site.items()}, to_arrays(model).count_bytes()
 
 
-def seed_figures(root: Path, clinics: int, rounds: int, seed: int, dp: bool, plain_fedavg: bool = True) -> dict:
-    methods = ",".join(METHODS)
+def seed_figures(root: Path, clinics: int, rounds: int, seed: int, dp: bool, plain_fedavg: bool = True,
+                 methods: tuple[str, ...] = METHODS) -> dict:
+    methods = ",".join(methods)
     cfg, sources, record, seconds = one_run(root / f"personalised-{seed}", clinics, rounds, seed, dp, methods)
     names = {s.path.name: s for s in sources}
     exact = site_records({name: names[name] for name in record.sites if name in names}, record.run_id)
     phase = record.personalisation or {}
-    candidates = phase.get("candidates", [GLOBAL, *METHODS, LOCAL])
+    candidates = phase.get("candidates", [GLOBAL, *methods.split(","), LOCAL])
     sites = {}
     for site, entry in sorted(exact.items()):
         test = {c: _auc(entry["summaries"]["test"][c][OUTCOME]) for c in candidates}
@@ -122,7 +124,7 @@ def seed_figures(root: Path, clinics: int, rounds: int, seed: int, dp: bool, pla
                for site, p in record.privacy.items() if p.dp}
     n_trainers = len(record.sites)
     return {
-        "seed": seed, "sites": sites, "sites_30": big,
+        "seed": seed, "candidates": list(candidates), "sites": sites, "sites_30": big,
         "mean_auc": {c: statistics.fmean(sites[s][c] for s in big if math.isfinite(sites[s][c]))
                      for c in [*candidates, "chosen_auc"]},
         "worse_than_best_by_more_than_1se": [s for s in big if sites[s]["difference"] < -sites[s]["se"]],
@@ -145,7 +147,7 @@ def _f(value) -> str:
 
 def print_tables(result: dict) -> None:
     for run in result["runs"]:
-        candidates = [GLOBAL, *METHODS, LOCAL]
+        candidates = run.get("candidates", [GLOBAL, *METHODS, LOCAL])
         print(f"\nseed {run['seed']}: response AUC on each site's test split (sites with ≥ {MIN_TEST_ROWS} rows)")
         print("| site | n | " + " | ".join(candidates) + " | chosen | chosen AUC | − max(local, global) | SE |"
               " chosen on exact val |")
@@ -183,18 +185,24 @@ def main() -> None:
     parser.add_argument("--no-dp", action="store_true")
     parser.add_argument("--skip-plain", action="store_true",
                         help="leave out the plain-FedAvg run of each seed (cost comparison only; halves the time)")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="personalised ANN methods, comma-separated (default: all of them)")
     parser.add_argument("--work", type=Path, default=Path("runs/bench_personalised"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/personalised.json"))
     args = parser.parse_args()
     flower_environment(Path.cwd())
     quiet_flower()
     start = time.perf_counter()
+    methods = ann_methods(args.methods)
+    if not methods:
+        parser.error(f"--methods: expected some of {', '.join(METHODS)}, got {args.methods!r}")
     runs = []
     for seed in args.seeds:
-        runs.append(seed_figures(args.work, args.clinics, args.rounds, seed, not args.no_dp, not args.skip_plain))
+        runs.append(seed_figures(args.work, args.clinics, args.rounds, seed, not args.no_dp, not args.skip_plain,
+                                 methods))
     result = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "python": sys.version.split()[0],
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-              "clinics": args.clinics, "rounds": args.rounds, "dp": not args.no_dp, "methods": list(METHODS),
+              "clinics": args.clinics, "rounds": args.rounds, "dp": not args.no_dp, "methods": list(methods),
               "total_s": time.perf_counter() - start, "runs": runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(metrics.json_safe(result), indent=1) + "\n")

@@ -110,7 +110,10 @@ def pairwise_mask(values: np.ndarray, config: ConfigRecord, context: Context, bi
         raise secure_sum.SecureSumError(f"mask label {sequence} was already used: refusing to reuse a mask")
     state["last-sequence"] = sequence
     peers = dict(zip((int(n) for n in config[h.SECURE_NODES]), map(bytes, config[h.SECURE_KEYS]), strict=True))
-    label = f"{config[h.SECURE_SESSION]}/{sequence}"
+    session = str(config[h.SECURE_SESSION])
+    masking = set(secure_sum.mask_peers(list(peers), context.node_id, session))  # the session's graph: all, or k
+    peers = {n: key for n, key in peers.items() if n in masking or n == context.node_id}
+    label = f"{session}/{sequence}"
     return secure_sum.mask(values, bytes(state["private-key"]), context.node_id, peers, label, bits)
 
 

@@ -180,7 +180,7 @@ def simulate(
     from server.settings import ANN_SECURE_MODES, POLICY_MODELS, POLICY_REFERENCES, parse_models
     from shared.protocol.boosting import MODES
     from shared.protocol.hist import SECURE_SUM_MODES
-    from shared.protocol.personalisation import parse_methods
+    from shared.protocol.personalisation import family_problem, parse_methods
     from simulation.experiment import (
         ExperimentConfig,
         ExperimentError,
@@ -220,6 +220,8 @@ def simulate(
         parse_methods(personalise)
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--personalise") from err
+    if problem := family_problem(personalise, parse_models(models)):
+        raise typer.BadParameter(problem, param_hint="--personalise")
     central = _central_dp_options(base, strategy, central_dp, central_noise_multiplier, central_clip, central_delta,
                                   central_accountant)
     dp = not central["central_dp"] if dp is None else dp  # central DP alone unless --dp asks for both

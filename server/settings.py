@@ -14,7 +14,7 @@ from shared.config import settings_from_run_config
 from shared.hist_boosting import SCALE_BITS
 from shared.protocol.boosting import MODES
 from shared.protocol.hist import secure_sum_mode
-from shared.protocol.personalisation import parse_methods
+from shared.protocol.personalisation import family_problem, parse_methods
 from shared.task import NANOPARTICLE_TASK, TaskSpec
 from strategies.central_dp import MECHANISMS, CentralDPParameters, central_dp_problem
 from strategies.pairwise_masked_mean import masking_problem
@@ -232,7 +232,8 @@ class RunSettings:
     def __post_init__(self) -> None:
         parse_hidden(self.hidden)
         parse_methods(self.personalise)
-        parse_models(self.models)
+        if problem := family_problem(self.personalise, parse_models(self.models)):
+            raise ValueError(problem)
         if self.policy_model not in POLICY_MODELS:
             raise ValueError(f"policy-model: expected one of {', '.join(POLICY_MODELS)}; got {self.policy_model!r}")
         if self.policy_reference not in POLICY_REFERENCES:

@@ -22,14 +22,16 @@ def fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomically(path: Path, state: Any, mode: int | None = None, sort_keys: bool = False) -> None:
-    """Replace ``path`` with ``state`` as JSON (indent 2, no NaN, trailing newline), atomically and durably;
-    ``mode`` sets the file's permissions before it becomes visible."""
+def write_json_atomically(path: Path, state: Any, mode: int | None = None, sort_keys: bool = False,
+                          indent: int | None = 2) -> None:
+    """Replace ``path`` with ``state`` as JSON (indent 2 unless ``indent`` says otherwise (None: one line), no
+    NaN, trailing newline), atomically and durably; ``mode`` sets the file's permissions before it becomes
+    visible."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(state, f, indent=2, allow_nan=False, sort_keys=sort_keys)
+            json.dump(state, f, indent=indent, allow_nan=False, sort_keys=sort_keys)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())

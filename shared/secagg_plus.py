@@ -371,8 +371,9 @@ def unmask_sum(roster: Roster, masked: dict[int, np.ndarray], answers: dict[int,
         key = combine_secret({roster.x_of(a): answers[a].mask_keys[j] for a in answering})
         if secure_sum.public_key(key) != roster.mask_keys[j]:
             raise SecAggError("a rebuilt mask key does not match its public key: an unmask share is wrong")
+        own = X25519PrivateKey.from_private_bytes(key)
         for i in sent:  # y_i holds +m_ij when i < j, −m_ij when i > j (shared.secure_sum.mask)
-            words = secure_sum.mask_words(secure_sum.pair_key(key, roster.mask_keys[i]), roster.label, n)
+            words = secure_sum.mask_words(secure_sum.pair_key(own, roster.mask_keys[i]), roster.label, n)
             total = total - words if i < j else total + words
     bits_flat = np.broadcast_to(bits, shape).reshape(-1)
     return (total & width_mask(bits_flat)).reshape(shape)

@@ -14,6 +14,16 @@ and ``Σ_i y_i = Σ_i x_i (mod 2^64)``: every mask appears once with + and once 
 ``x_i`` plus a pseudo-random word: uniform on [0, 2^64) whatever ``x_i`` is (one-time pad), as long as
 another honest site takes part. Order ``i < j`` is the order of the sites' node ids.
 
+Whom a site masks with. Up to ``PAIRWISE_DEGREE + 1`` sites, every pair shares a mask (the complete graph
+above). In a larger session each site masks with its ``PAIRWISE_DEGREE`` nearest sites on a ring of the session's
+sites, ordered by SHA-256 of the session and node id: the Harary graph H_{k,n} that Bell et al. ("Secure
+Single-Server Aggregation with (Poly)Logarithmic Overhead", CCS 2020) put in place of the complete graph, and
+that Flower's SecAgg+ builds (``num_shares`` neighbours on a shuffled ring). Every mask still appears once with +
+and once with −, so the sum is exact; the graph is k-connected, so the server alone learns only the total, and a
+site's value is exposed only if all k of its neighbours collude with the server (:func:`mask_peers`). The cost
+per site and release is k key agreements and k key streams instead of n − 1: at 1,000 clinics the statistics
+phase's masking went from 999 pair keys per site (82 µs each) to 26.
+
 Limits. Every site of the key exchange must answer each release: a missing reply leaves its masks in the
 sum, and the server must give up that sum. ``shared.secagg_plus`` adds Bonawitz et al.'s recovery
 (self-masks and Shamir-shared keys) on top of these masks, at four exchanges per release; every summing phase
@@ -43,6 +53,29 @@ MIN_SITES = 2
 """With one site the sum is that site's value: there is nothing to hide it among."""
 
 
+PAIRWISE_DEGREE = 26
+"""Sites each site masks with in a session of more than ``PAIRWISE_DEGREE + 1`` sites (even: ±13 on the ring).
+Chosen so that, with up to a third of the sites colluding with the server, all of a site's neighbours are
+colluders with probability about (1/3)^26 < 2^-41 (Bell et al. 2020 choose k = O(log n) for the same event);
+federations of up to 27 sites keep the complete graph."""
+
+
+def mask_peers(nodes: list[int], own_id: int, session: str, degree: int = PAIRWISE_DEGREE) -> list[int]:
+    """The sites ``own_id`` shares masks with in ``session`` (module docstring): every other site of ``nodes``
+    when there are at most ``degree + 1``, else the ``degree // 2`` sites on either side of ``own_id`` on the
+    ring of ``nodes`` ordered by SHA-256 of ``session`` and node id. Symmetric (``j`` is ``i``'s peer exactly when
+    ``i`` is ``j``'s), and the same at every site and at the server, from public values only."""
+    if degree < 2 or degree % 2:
+        raise ValueError(f"the mask graph's degree must be even and at least 2; got {degree}")
+    ordered = sorted(set(int(n) for n in nodes), key=lambda n: hashlib.sha256(f"{session}/{n}".encode()).digest())
+    if own_id not in ordered:
+        raise SecureSumError(f"node {own_id} is not in this session's exchange")
+    if len(ordered) <= degree + 1:
+        return sorted(n for n in ordered if n != own_id)
+    at, half = ordered.index(own_id), degree // 2
+    return sorted(ordered[(at + step) % len(ordered)] for step in range(-half, half + 1) if step)
+
+
 class SecureSumError(ShareableError):
     """A masking request that would not keep the site's value hidden, or a sum that cannot be unmasked."""
 
@@ -68,9 +101,12 @@ def public_key(private_key: bytes) -> bytes:
     return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
-def pair_key(private_key: bytes, peer_public_key: bytes) -> bytes:
-    """The 32-byte mask key two sites share: HKDF-SHA256 of their X25519 shared secret."""
-    own = X25519PrivateKey.from_private_bytes(private_key)
+def pair_key(private_key: bytes | X25519PrivateKey, peer_public_key: bytes) -> bytes:
+    """The 32-byte mask key two sites share: HKDF-SHA256 of their X25519 shared secret. ``private_key`` may be
+    the key already parsed: a site masking against 999 peers parsed its own key 999 times, 37 of the 82 µs a
+    pair took (2026-12-04)."""
+    own = (private_key if isinstance(private_key, X25519PrivateKey)
+           else X25519PrivateKey.from_private_bytes(private_key))
     secret = own.exchange(X25519PublicKey.from_public_bytes(peer_public_key))
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=HKDF_INFO).derive(secret)
 
@@ -95,8 +131,9 @@ def mask(values: np.ndarray, private_key: bytes, own_id: int, peers: dict[int, b
     if len(others) + 1 < MIN_SITES:
         raise SecureSumError(f"secure sum needs at least {MIN_SITES} sites, this exchange has {len(others) + 1}")
     flat = np.ascontiguousarray(values, dtype=np.int64).reshape(-1).view(np.uint64).copy()
+    own = X25519PrivateKey.from_private_bytes(private_key)
     for peer, peer_key in sorted(others.items()):
-        words = mask_words(pair_key(private_key, peer_key), label, flat.size)
+        words = mask_words(pair_key(own, peer_key), label, flat.size)
         if own_id < peer:
             flat += words
         else:

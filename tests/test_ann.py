@@ -1,9 +1,12 @@
-"""The multi-task MLP: one head per outcome, missing outcomes masked, weights round-trip through records."""
+"""The multi-task MLP: one head per outcome, missing outcomes masked, weights round-trip through records, inputs
+clamped to ±INPUT_BOUND (issue 17: a DP encoder's too-small scale must not make the output swing with the noise)."""
+
+import dataclasses
 
 import numpy as np
 import torch
 
-from shared.ann import AnnSpec, MultiTaskMLP, load_arrays, per_row_loss, predict, to_arrays
+from shared.ann import INPUT_BOUND, AnnSpec, MultiTaskMLP, load_arrays, per_row_loss, predict, to_arrays
 from shared.task import NANOPARTICLE_TASK
 
 
@@ -40,3 +43,43 @@ def test_weights_round_trip_through_an_array_record():
     x = np.random.default_rng(0).normal(size=(6, 5)).astype(np.float32)
     for name, values in predict(a, x).items():
         np.testing.assert_array_equal(values, predict(b, x)[name])
+
+
+def test_an_input_beyond_the_bound_counts_as_the_bound_and_one_within_is_untouched():
+    model = _model()
+    x = np.random.default_rng(1).normal(size=(4, 5)).astype(np.float32)
+    at_bound, far = x.copy(), x.copy()
+    at_bound[:, 2], far[:, 2] = INPUT_BOUND, 180.0  # release_tau_h reached 180 "sds" under a DP encoder
+    for name, values in predict(model, far).items():
+        np.testing.assert_array_equal(values, predict(model, at_bound)[name])
+    with torch.no_grad():  # within the bound the model is the plain trunk and heads
+        direct = model.heads["efficacy_pct"](model.trunk(torch.as_tensor(x)))[:, 0].numpy()
+    np.testing.assert_allclose(predict(model, x)["efficacy_pct"], direct, rtol=1e-6)
+
+
+def _output_shift(model, x, noise):
+    """How far the regression output moves when the first layer's weights take ``noise`` (a DP-SGD step's)."""
+    before = predict(model, x)["efficacy_pct"]
+    with torch.no_grad():
+        model.trunk[0].weight.add_(noise)
+    after = predict(model, x)["efficacy_pct"]
+    with torch.no_grad():
+        model.trunk[0].weight.sub_(noise)
+    return np.abs(after - before).mean()
+
+
+def test_first_layer_noise_moves_an_outlying_row_no_more_than_a_bounded_one():
+    """The cause of issue 17 in isolation: the same weight noise moves the output of a row whose feature sits at
+    180 (standardised by a DP encoder's too-small scale) ~80x as far as that of a typical row; clamped, under 2x."""
+    rng = np.random.default_rng(0)
+    typical = rng.normal(size=(200, 5)).astype(np.float32)
+    outlying = typical.copy()
+    outlying[:, 2] = 180.0
+    ratios = {}
+    for bound in (INPUT_BOUND, None):
+        torch.manual_seed(0)
+        model = MultiTaskMLP(dataclasses.replace(AnnSpec.for_task(NANOPARTICLE_TASK, 5, {}), input_bound=bound))
+        noise = torch.randn(model.trunk[0].weight.shape, generator=torch.Generator().manual_seed(3)) * 0.01
+        ratios[bound] = _output_shift(model, outlying, noise) / _output_shift(model, typical, noise)
+    assert ratios[INPUT_BOUND] < 3.0
+    assert ratios[None] > 10.0

@@ -39,6 +39,7 @@ from client.personalised.local import LocalOnly
 from client.site import SiteRequest, SiteSource, load
 from client.split import EncodedSplit, split_site
 from client.training import DPConfig, proximal_step
+from server.settings import RunSettings
 from shared import metrics
 from shared.ann import AnnSpec, MultiTaskMLP, build_model, to_arrays
 from shared.encoding import fit_local
@@ -167,6 +168,35 @@ def test_the_plan_crosses_the_wire_and_unknown_methods_are_refused_naming_them()
     assert p.parse_methods(" ditto,finetune,ditto ") == ("ditto", "finetune")
     with pytest.raises(ValueError, match="unknown method.*apfl"):
         p.parse_methods("ditto,apfl")
+
+
+def test_a_method_whose_model_family_the_run_does_not_train_is_refused_naming_both():
+    assert p.family_problem("finetune,ditto,fedper,site-trees", ("ann", "xgboost")) is None
+    assert p.family_problem("", ("ann",)) is None
+    problem = p.family_problem("finetune,site-trees", ("ann",))
+    assert "site-trees" in problem and "xgboost" in problem and "finetune" not in problem
+    assert "ditto" in p.family_problem("ditto", ("xgboost",))
+    with pytest.raises(ValueError, match="site-trees.*xgboost"):
+        RunSettings(models="ann", personalise="site-trees")
+    assert RunSettings(models="ann,xgboost", personalise="fedper,site-trees").personalise == "fedper,site-trees"
+
+
+def test_simulate_refuses_before_running_a_method_it_would_otherwise_drop_and_takes_all_four_by_name(tmp_path):
+    from typer.testing import CliRunner
+
+    from fednano.cli import app
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["simulate", "--models", "ann", "--personalise", "finetune,site-trees",
+                                      "--out", str(out)])
+    words = " ".join(result.output.replace("│", " ").split())  # rich's error box, unwrapped
+    assert result.exit_code == 2 and "site-trees personalise(s) the xgboost model(s)" in words
+    result = CliRunner().invoke(app, ["simulate", "--personalise", "finetune,apfl", "--out", str(out)])
+    words = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2 and "unknown method(s) apfl" in words
+    assert not out.exists()  # refused before any site or Flower run was made
+    assert p.ann_methods("finetune,ditto,fedper,site-trees") == ("finetune", "ditto", "fedper")
+    assert p.boosting_methods("finetune,ditto,fedper,site-trees") == ("site-trees",)
 
 
 def test_the_reply_carries_summaries_and_the_choice_but_no_weights():

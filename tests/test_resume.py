@@ -21,6 +21,7 @@ from server.checkpoint import (
     CheckpointError,
     FromRound,
     record_arrays,
+    remove,
     restore_strategy,
     strategy_state,
 )
@@ -107,6 +108,51 @@ def test_a_checkpoint_keeps_non_finite_metrics_and_refuses_other_settings(tmp_pa
     with pytest.raises(CheckpointError, match="num-server-rounds: checkpoint 10, now 12"):
         saved.check_settings({**settings, "num-server-rounds": 12})
     assert len(list((tmp_path / "checkpoint").glob("arrays-*.npz"))) == 1
+
+
+def test_settled_rounds_are_written_once_and_read_back_whole(tmp_path):
+    strategy = PerSiteRecord(make_strategy("fedavg", 1))
+    names = {5: "clinic_a", 6: "clinic_b"}
+
+    def checkpoint(server_round):
+        for node in names:
+            strategy.rounds.train[server_round] = {**strategy.rounds.train.get(server_round, {}),
+                                                   node: {"train-loss": server_round + node / 10, "num-examples": 9}}
+        if server_round > 1:  # a one-message round brings the previous round's evaluation
+            histogram = [0] * 200
+            histogram[server_round] = 3
+            strategy.rounds.evaluate[server_round - 1] = {5: {"n": server_round - 1, "hist": histogram,
+                                                              "scores": [0.0] * 70 + [0.5, 1.5],
+                                                              "dense": list(range(1, 80))}}
+        state, _ = strategy_state(strategy, names)
+        Checkpoint(run_id="run/9", settings={}, stage="training", record={}, server_round=server_round,
+                   strategy=state).write(tmp_path)
+        return state
+
+    for server_round in (1, 2, 3, 4):
+        state = checkpoint(server_round)
+    rounds = tmp_path / "checkpoint" / "rounds-run_9"
+    assert sorted(p.name for p in rounds.iterdir()) == ["round-00001.json", "round-00002.json", "round-00003.json"]
+    inline = json.loads((tmp_path / "checkpoint" / "checkpoint.json").read_text())
+    assert sorted(inline["strategy"]["per_site"]["train"]) == ["4"]  # only the round still open travels
+    assert inline["settled_rounds"] == [1, 2, 3]
+    kept = json.loads((rounds / "round-00002.json").read_text())["evaluate"]["clinic_a"]
+    assert kept["hist"] == {"sparse": 200, "kind": "i", "at": [3], "values": [3]}  # the non-zero bins only
+    written = (rounds / "round-00001.json").stat().st_mtime_ns
+    state = checkpoint(5)
+    assert (rounds / "round-00001.json").stat().st_mtime_ns == written  # a settled round is not rewritten
+    read = Checkpoint.read(tmp_path).strategy
+    assert read == state  # the same tables, in round order
+    assert [type(v) for v in read["per_site"]["evaluate"]["2"]["clinic_a"]["scores"][-2:]] == [float, float]
+    restored = PerSiteRecord(make_strategy("fedavg", 1))
+    restore_strategy(restored, Checkpoint.read(tmp_path).strategy, {}, {"clinic_a": 5, "clinic_b": 6})
+    assert restored.rounds.train == strategy.rounds.train and restored.rounds.evaluate == strategy.rounds.evaluate
+    # another run in the same folder starts afresh: the earlier run's rounds go
+    Checkpoint(run_id="10", settings={}, stage="started", record={}).write(tmp_path)
+    assert not rounds.exists()
+    (tmp_path / "checkpoint" / "rounds-10").mkdir()
+    remove(tmp_path)
+    assert not (tmp_path / "checkpoint").exists()
 
 
 def test_a_damaged_checkpoint_is_an_error_naming_the_file(tmp_path):

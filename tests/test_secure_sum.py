@@ -58,3 +58,59 @@ def test_a_lone_site_refuses_to_mask():
     keys, public = exchange(1)
     with pytest.raises(ss.SecureSumError, match="at least 2 sites"):
         ss.mask(np.ones(3, np.int64), keys[10], 10, public, "x")
+
+
+def test_a_large_session_masks_with_k_neighbours_on_a_symmetric_ring_and_a_small_one_with_everyone():
+    nodes = list(range(100, 140))
+    peers = {n: ss.mask_peers(nodes, n, "session-3", degree=6) for n in nodes}
+    assert all(len(p) == 6 and n not in p for n, p in peers.items())
+    assert all(i in peers[j] for i in nodes for j in peers[i])  # symmetric: every mask cancels in the sum
+    assert peers != {n: ss.mask_peers(nodes, n, "session-4", degree=6) for n in nodes}  # a session's own ring
+    assert ss.mask_peers(nodes[:7], 100, "session-3", degree=6) == nodes[1:7]  # ≤ k + 1 sites: the complete graph
+    assert len(ss.mask_peers(list(range(1000)), 5, "s")) == ss.PAIRWISE_DEGREE
+    with pytest.raises(ss.SecureSumError):
+        ss.mask_peers(nodes, 7, "session-3")
+    with pytest.raises(ValueError):
+        ss.mask_peers(nodes, 100, "session-3", degree=5)
+
+
+def test_sparse_masks_sum_exactly_and_hide_each_site():
+    rng = np.random.default_rng(3)
+    keys, public = exchange(40)
+    values = {node: rng.normal(0, 50, size=64) for node in keys}
+    masked = {}
+    for node, v in values.items():
+        mine = {n: public[n] for n in ss.mask_peers(list(public), node, "s-1", degree=4)} | {node: public[node]}
+        masked[node] = ss.mask(to_fixed(v), keys[node], node, mine, "s-1/1")
+    assert np.array_equal(ss.unmask_sum(list(masked.values())), sum(to_fixed(v) for v in values.values()))
+    assert not np.array_equal(ss.unmask_sum([masked[n] for n in list(masked)[:39]]),
+                              sum(to_fixed(values[n]) for n in list(values)[:39]))  # a site's masks stay in a part
+    histogram = np.zeros(4000, dtype=np.int64)
+    mine = {n: public[n] for n in ss.mask_peers(list(public), 10, "s-1", degree=4)} | {10: public[10]}
+    unit = ss.mask(histogram, keys[10], 10, mine, "s-1/2").astype(np.float64) / 2.0 ** 64
+    assert stats.kstest(unit, "uniform").pvalue > 0.01
+
+
+def test_a_site_masks_with_its_neighbours_only_in_a_session_of_more_than_k_plus_one_sites(monkeypatch):
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    from client import secure_aggregation as sa
+    from shared.protocol import hist as h
+
+    keys, public = exchange(40)
+    seen = {}
+
+    def spy(values, private_key, own_id, peers, label, bits=64):
+        seen[own_id] = sorted(peers)
+        return np.zeros_like(values).view(np.uint64)
+
+    monkeypatch.setattr(sa.secure_sum, "mask", spy)
+    config = ConfigRecord({h.SECURE_SESSION: "run-9", h.SECURE_SEQUENCE: 1, h.SECURE_NODES: list(public),
+                           h.SECURE_KEYS: list(public.values())})
+    for node in (10, 31):
+        state = ConfigRecord({"session": "run-9", "last-sequence": 0, "private-key": keys[node]})
+        context = Context(run_id=1, node_id=node, node_config={}, state=RecordDict({sa.PAIRWISE_STATE_KEY: state}),
+                          run_config={})
+        sa.pairwise_mask(np.zeros(3, dtype=np.int64), config, context, 64)
+        assert seen[node] == sorted([node, *ss.mask_peers(list(public), node, "run-9")])
+    assert len(seen[10]) == ss.PAIRWISE_DEGREE + 1

@@ -83,3 +83,38 @@ def test_proximal_term_keeps_local_weights_closer_to_the_global_model(site):
         return sum(float(torch.sum((p - a) ** 2)) for p, a in zip(model.parameters(), anchor, strict=True))
 
     assert drift(5.0) < 0.7 * drift(0.0)
+
+
+@pytest.mark.parametrize(("rows", "batch", "epochs", "seed"), [(84, 32, 3, 7), (64, 32, 2, 0), (5, 32, 2, 3)])
+def test_shuffled_batches_are_the_loaders_batches_epoch_after_epoch(rows, batch, epochs, seed):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from client.training import ShuffledBatches
+
+    tensors = [torch.arange(rows * 3, dtype=torch.float32).reshape(rows, 3), torch.arange(rows, dtype=torch.float32)]
+    size = min(batch, rows)
+    loader = DataLoader(TensorDataset(*tensors), batch_size=size, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
+    batches = ShuffledBatches(tensors, size, seed)
+    assert len(batches) == len(loader)
+    for _ in range(epochs):  # the generator's draws line up across epochs, not only in the first
+        ours, theirs = list(batches), list(loader)
+        assert len(ours) == len(theirs)
+        for a, b in zip(ours, theirs, strict=True):
+            for x, y in zip(a, b, strict=True):
+                assert torch.equal(x, y)
+
+
+def test_training_without_dp_gives_the_model_the_loader_gave(site, monkeypatch):
+    import client.training as training
+
+    encoder, data, _ = site
+    config = TrainConfig(epochs=3, batch_size=32, seed=5)
+    fast = build_model(encoder, NANOPARTICLE_TASK, (16,), seed=1)
+    train(fast, data, config)
+    monkeypatch.setattr(training, "ShuffledBatches", lambda tensors, size, seed: training._loader(
+        data, fast.spec, size, seed))
+    slow = build_model(encoder, NANOPARTICLE_TASK, (16,), seed=1)
+    train(slow, data, config)
+    for a, b in zip(fast.state_dict().values(), slow.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

@@ -12,7 +12,7 @@ in the run's ``personalisation`` phase (``client.personalisation_handlers``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
@@ -58,6 +58,22 @@ def parse_methods(text: str) -> tuple[str, ...]:
         raise ValueError(f"personalise: unknown method(s) {', '.join(unknown)}: expected some of "
                          f"{', '.join(METHODS + BOOSTING_METHODS)} (comma-separated)")
     return names
+
+
+FAMILY_OF = {**{m: "ann" for m in METHODS}, **{m: "xgboost" for m in BOOSTING_METHODS}}
+"""Method → the model family it personalises (``--models``' names)."""
+
+
+def family_problem(text: str, models: Sequence[str]) -> str | None:
+    """Why ``text``'s methods (:func:`parse_methods`) cannot run with the model families ``models``, or None: a
+    method whose family is not trained would otherwise be dropped without a word (no phase, no results key)."""
+    missing = [m for m in parse_methods(text) if FAMILY_OF[m] not in models]
+    if not missing:
+        return None
+    needs = sorted({FAMILY_OF[m] for m in missing})
+    return (f"personalise: {', '.join(missing)} personalise(s) the {' and '.join(needs)} model(s), which the run "
+            f"does not train (models: {','.join(models)}): add {','.join(needs)} to --models or leave the "
+            f"method out")
 
 
 def ann_methods(text: str) -> tuple[str, ...]:
