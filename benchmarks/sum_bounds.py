@@ -2,7 +2,8 @@
 honest refusals, attacks caught, residue.
 
     python benchmarks/sum_bounds.py [--worlds 5] [--clinics 5] [--draws 200] [--analytics-worlds 3]
-                                    [--analytics-draws 4] [--out FILE.json]
+                                    [--analytics-draws 4] [--hist-worlds 3] [--hist-rounds 3] [--hist-draws 2]
+                                    [--out FILE.json]
 
 For ``--worlds`` simulated worlds of ``--clinics`` clinics each (``simulation.clinics``, 60 patients per
 clinic), every clinic's federated statistics are computed by the site's own code (``SiteStatistics.from_frame``,
@@ -30,6 +31,17 @@ per world, ε = 3 each):
 5. attacks caught: the largest clinic multiplies every released sum that is not a row count by FACTOR
    (``simulation.attacks.inflated_analytics``); the share of worlds where it is dropped (alone) and where an
    analysis is refused (summed), and which query caught it first.
+
+Then histogram boosting (``shared.hist_bounds``) for ``--hist-worlds`` worlds of ``--clinics`` clinics: the real
+server phase (``server.hist_phase``: ranges, bins, ``--hist-rounds`` rounds of every head of the built-in task,
+depth 3) over the clinics' real ``query.hist_*`` handlers in process (an in-process Grid, as
+``benchmarks/federated_hist_scale.py``), secure sum off (each site's release checked alone), pairwise masks (the
+sum checked), and pairwise with half the clinics under DP (ε = 3 each, ``--hist-draws`` draws):
+
+6. honest refusals: sites dropped (off) and heads stopped (masked), target 0, over every checked release;
+7. attacks caught: the largest clinic multiplies its gradient and hessian histograms by FACTOR
+   (``simulation.attacks.inflated_hist``): the share of worlds where it is dropped (off) and where the heads are
+   stopped (masked, and masked with DP), and the first release that caught it.
 """
 
 from __future__ import annotations
@@ -61,7 +73,7 @@ from shared.protocol.privacy import ReleaseFacts  # noqa: E402
 from shared.sum_bounds import Contributors, InfeasibleSum, check_statistics  # noqa: E402
 from shared.task import NANOPARTICLE_TASK as TASK  # noqa: E402
 from simulation.analytics_run import LocalSites, run_in_process  # noqa: E402
-from simulation.attacks import FIRST_MOMENTS, inflated_analytics  # noqa: E402
+from simulation.attacks import FIRST_MOMENTS, inflated_analytics, inflated_hist  # noqa: E402
 from simulation.clinics import make_world, simulate_clinic  # noqa: E402
 
 SIGMAS = (1.0, 5.0, 20.0)
@@ -223,6 +235,144 @@ def analytics_benchmark(worlds: int, clinics: int, draws: int, folder: Path) -> 
             "caught": {a: {str(f): c for f, c in by.items()} for a, by in caught.items()}}
 
 
+HIST_FACTORS = (1.02, 1.05, 1.1, 1.25, 1.5, 2.0, 10.0)
+
+
+class HistGrid:
+    """Flower's Grid as ``server.hist_phase`` uses it: each message handed to that node's real ``query.hist_*``
+    handler (``client.hist_handlers``) in this process, one Flower Context per node, DP terms by node."""
+
+    def __init__(self, sites: dict[int, object], dps: dict[int, SiteDP]) -> None:
+        from flwr.app import Context, RecordDict
+
+        from client import hist_handlers as hh
+        from client import secure_aggregation
+        from shared.protocol import messages as m
+
+        self.sites, self.dps = sites, dps
+        self.contexts = {node: Context(run_id=1, node_id=node, node_config={}, state=RecordDict(), run_config={})
+                         for node in sites}
+        answers = {m.HIST_RANGES: hh.answer_ranges, m.HIST_BINS: hh.answer_counts(hh.bin_counts),
+                   m.HIST_CELLS: hh.answer_counts(hh.partition_counts), m.HIST_LEVEL: hh.answer_level}
+        self.answers = {k.type: hh.session_answer(a) for k, a in answers.items()}
+        self.keys, self.keys_type = secure_aggregation.keys, m.HIST_KEYS.type
+
+    def send_and_receive(self, sent):
+        from flwr.app import Error, Message
+
+        from client.site import SiteRequest
+        from shared.protocol import records as r
+        from shared.protocol.errors import ShareableError
+
+        dps = self.dps
+
+        class Request(SiteRequest):
+            @property
+            def dp(self):
+                return dps.get(self.context.node_id)
+
+        for msg in sent:
+            node, kind = msg.metadata.dst_node_id, msg.metadata.message_type
+            try:
+                if kind == self.keys_type:
+                    reply = self.keys(msg, self.contexts[node])
+                else:
+                    request = Request(None, self.sites[node], msg.content[r.CONFIG], self.contexts[node])
+                    reply = Message(self.answers[kind](msg, request), reply_to=msg)
+            except ShareableError as err:
+                reply = Message(Error(code=1, reason=str(err)), reply_to=msg)
+            yield reply
+
+
+def hist_run(sites: dict, encoder, settings, mode: str, dps: dict, checked: list) -> tuple[dict, dict, int]:
+    """One hist phase (ranges, bins, every head's rounds) over ``sites``: the session's infeasible releases,
+    the failures, and the rounds grown."""
+    from server import hist_phase as hp
+    from server.boosting_phase import boosting_round
+
+    hist = hp.HistSettings.from_run_settings(settings)
+    hist = hp.HistSettings(rounds=hist.rounds, tree=hist.tree, secure_sum=mode)
+    specs = hp.head_specs(encoder, False)
+    declared = {node: float(len(site.episodes)) for node, site in sites.items()}
+    session = hp.HistSession(HistGrid(sites, dps), list(sites), boosting_round(settings).to_config(encoder), hist,
+                             len(specs), {n: (None if n in dps else d) for n, d in declared.items()})
+    failures: dict[int, str] = {}
+    lo, hi = hp.global_ranges(session, failures)
+    if mode == "pairwise":
+        session.exchange_keys()
+    try:
+        thresholds = hp.global_thresholds(session, lo, hi)
+    except hp.HistProtocolError as err:
+        return dict(session.infeasible), {err.node: err.reason}, 0
+    grown = hp.grow_all_heads(session, specs, thresholds, hist, failures)
+    checked.append(session)
+    return dict(session.infeasible), failures, min(len(r) for r in grown.values())
+
+
+def hist_benchmark(worlds: int, clinics: int, rounds: int, draws: int, folder: Path) -> dict:
+    """Sections 6 and 7 of the module docstring."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from client.split import split_site
+    from server import hist_phase as hp
+    from server.settings import RunSettings
+    from shared.encoding import FeatureEncoder, combine
+    from shared.validation import SiteData
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # what Message() needs, as a ServerApp
+        setattr(TaskIdentity, name, value)
+    counted = {"levels": 0, "counts": 0}
+    level, counts = hp.check_level, hp.check_counts
+
+    def count(kind, check):
+        def spy(*args):
+            counted[kind] += 1
+            return check(*args)
+        return spy
+
+    hp.check_level, hp.check_counts = count("levels", level), count("counts", counts)
+    settings = RunSettings(seed=0, split_seed=0, boosting="hist", xgb_rounds=rounds)
+    honest = {m: {"runs": 0, "checks": 0, "refused": 0} for m in ("off", "pairwise", "pairwise_dp")}
+    caught = {m: {str(f): {"caught": 0, "first": {}} for f in HIST_FACTORS} for m in ("off", "pairwise", "pairwise_dp")}
+    try:
+        for world_seed in range(worlds):
+            world = make_world(clinics, seed=300 + world_seed, patients_per_clinic=60)
+            frames = [simulate_clinic(world, c)[0] for c in world.clinics]
+            sites = {100 + i: SiteData(name=c.name, path=folder / c.name, episodes=f, vitals=None, config={},
+                                       task=TASK) for i, (c, f) in enumerate(zip(world.clinics, frames, strict=True))}
+            train = [split_site(f, TASK, 0)["train"] for f in frames]
+            encoder = FeatureEncoder(TASK).fit_statistics(combine([SiteStatistics.from_frame(t, TASK) for t in train]))
+            attacker = max(sites, key=lambda n: len(sites[n].episodes))
+            for mode in honest:
+                for draw in range(draws if mode.endswith("dp") else 1):
+                    dps = {n: SiteDP(PrivacyLedger.open(folder / f"{world_seed}-{mode}-{draw}-{n}" / "l.json", 3.0,
+                                                        1e-5), {"boosting": 1.0})
+                           for n in list(sites)[::2]} if mode.endswith("dp") else {}
+                    before = sum(counted.values())
+                    infeasible, failures, grown = hist_run(sites, encoder, settings, mode.removesuffix("_dp"), dps, [])
+                    honest[mode]["runs"] += 1
+                    honest[mode]["checks"] += sum(counted.values()) - before
+                    honest[mode]["refused"] += len(infeasible)
+                    if failures or grown < rounds:
+                        raise RuntimeError(f"an honest hist run failed ({mode}): {failures}")
+                for factor in HIST_FACTORS:
+                    dps = {n: SiteDP(PrivacyLedger.open(folder / f"{world_seed}-{mode}-a{factor}-{n}" / "l.json", 3.0,
+                                                        1e-5), {"boosting": 1.0})
+                           for n in list(sites)[::2]} if mode.endswith("dp") else {}
+                    with inflated_hist({attacker}, factor):
+                        infeasible, _, _ = hist_run(sites, encoder, settings, mode.removesuffix("_dp"), dps, [])
+                    hit = infeasible.get("sum" if mode != "off" else attacker)
+                    entry = caught[mode][str(factor)]
+                    entry["caught"] += hit is not None
+                    if hit is not None:
+                        where = hit.removeprefix("dropped: ").split(" is infeasible")[0]
+                        entry["first"][where] = entry["first"].get(where, 0) + 1
+    finally:
+        hp.check_level, hp.check_counts = level, counts
+    return {"worlds": worlds, "clinics": clinics, "rounds": rounds, "draws": draws, "epsilon": 3.0,
+            "honest": honest, "caught": caught}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worlds", type=int, default=5)
@@ -230,6 +380,9 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=200)
     parser.add_argument("--analytics-worlds", type=int, default=3)
     parser.add_argument("--analytics-draws", type=int, default=4)
+    parser.add_argument("--hist-worlds", type=int, default=3)
+    parser.add_argument("--hist-rounds", type=int, default=3)
+    parser.add_argument("--hist-draws", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sum_bounds.json"))
     args = parser.parse_args()
     started = time.time()
@@ -292,6 +445,9 @@ def main() -> None:
     statistics_seconds = round(time.time() - started, 1)
     with tempfile.TemporaryDirectory() as ledgers:
         analytics = analytics_benchmark(args.analytics_worlds, args.clinics, args.analytics_draws, Path(ledgers))
+        hist_started = time.time()
+        hist = hist_benchmark(args.hist_worlds, args.clinics, args.hist_rounds, args.hist_draws, Path(ledgers))
+        hist["seconds"] = round(time.time() - hist_started, 1)
     worst_off = max(shift_off, key=lambda r: r["shift"])
     worst_masked = max(shift_masked, key=lambda r: r["shift"])
     result = {
@@ -301,6 +457,7 @@ def main() -> None:
         "honest": honest, "caught": {str(f): c for f, c in caught.items()},
         "shift_off": {"worst": worst_off, "all_within_bound": all(r["shift"] <= r["bound"] + 1e-9 for r in shift_off)},
         "shift_masked": {"worst": worst_masked}, "statistics_seconds": statistics_seconds, "analytics": analytics,
+        "hist": hist,
         "seconds": round(time.time() - started, 1)}
     print(f"honest releases {honest['releases']} (σ in {SIGMAS}, {len(range(0, args.clinics, 2))} of "
           f"{args.clinics} DP): refused summed {honest['refused_summed']}, per site {honest['refused_alone']}")
@@ -329,6 +486,19 @@ def main() -> None:
     factors = analytics["smallest_factor_caught_alone"]
     print("smallest factor on a column's centred sum caught alone (min-max over worlds): " + ", ".join(
         f"{c} {v['min']:.3g}-{v['max']:.3g}" for c, v in sorted(factors.items(), key=lambda kv: kv[1]["min"])))
+    print(f"histogram boosting, {hist['worlds']} worlds x {args.clinics} clinics, {hist['rounds']} rounds of every "
+          f"head ({hist['seconds']} s):")
+    print("| honest run | runs | checked releases | refused |")
+    print("|---|---|---|---|")
+    for mode, h in hist["honest"].items():
+        print(f"| {mode} | {h['runs']} | {h['checks']} | {h['refused']} |")
+    print("| inflate factor | " + " | ".join(f"{m} caught" for m in hist["caught"]) + " | first caught by |")
+    print("|---|" + "---|" * (len(hist["caught"]) + 1))
+    for factor in HIST_FACTORS:
+        row = [hist["caught"][m][str(factor)] for m in hist["caught"]]
+        firsts = sorted({k.split(": the summed ")[-1] for c in row for k in c["first"]})
+        print(f"| {factor:g} | " + " | ".join(f"{c['caught']}/{hist['worlds']}" for c in row) + f" | "
+              f"{', '.join(firsts) or '-'} |")
     print(f"{result['seconds']} s, load average {result['load_average']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

@@ -61,11 +61,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
 from server.boosting_phase import BoostingOutcome, boosting_round, evaluate_boosters
@@ -74,20 +75,27 @@ from server.secure_aggregation import SecureProtocolError, SecureSession
 from server.settings import RunSettings
 from server.site_check import SiteCheck
 from shared import hist_boosting as hb
-from shared import hist_wire
+from shared import hist_wire, wire_ints
 from shared.boosting import BASE_SCORES, Head, heads
 from shared.bounds import declared_range
 from shared.encoding import ENCODER_CONFIG_KEY, FeatureEncoder
+from shared.hist_bounds import check_counts, check_level
 from shared.hist_records import merge, thresholds_record, trees_record
 from shared.protocol import hist as h
 from shared.protocol import messages
 from shared.protocol import records as r
 from shared.protocol.boosting import head_to_config
 from shared.protocol.privacy import RELEASE_INDEX, RELEASES
+from shared.sum_bounds import Contributors, InfeasibleSum, declared_rows
 from shared.xgboost_json import export_model
 
 TRAFFIC_FILE = "xgb_hist_traffic.json"
 OBJECTIVES = {"binary": "binary:logistic", "regression": "reg:squarederror", "multiclass": "multi:softprob"}
+
+
+SumCheck = Callable[[np.ndarray, list[int], bool], None]
+"""A summed release's feasibility check (``shared.hist_bounds``): the decoded int64 sum (or one site's own
+release), the sites in it, and whether it is one site's alone; raises InfeasibleSum."""
 
 
 class RoundRegrow(RuntimeError):
@@ -108,6 +116,7 @@ class HistOutcome(BoostingOutcome):
     bytes_down: int = 0
     bytes_up: int = 0
     exchanges: dict[str, int] = field(default_factory=dict)
+    infeasible: dict = field(default_factory=dict)  # site (or "sum") → the bound its release broke
 
 
 @dataclass(frozen=True)
@@ -220,10 +229,17 @@ class HistSession(SecureSession):
     """One run of the protocol with a fixed set of sites: the secure-sum session of ``server.secure_aggregation``
     (its key, share and unmask rounds as ``query.hist_keys``, ``query.hist_shares``, ``query.hist_unmask``), the
     phase's base config (the encoder with the first request only), DP releases numbered one per summed count
-    release and one per head of a level request (a level request of k heads is one secure sum and k releases)."""
+    release and one per head of a level request (a level request of k heads is one secure sum and k releases).
+
+    Every summed release is checked against what is public (``shared.hist_bounds``): ``declared`` (site id → its
+    site-check row count, None for a site that declared none) caps the training rows each site reports. With
+    ``secure-sum = off`` a site whose own release is infeasible is dropped (lost for the rest of the phase,
+    named in ``infeasible``; a round it was dropped in is regrown without it); an infeasible masked sum is
+    refused (``HistProtocolError`` naming the release, the entry and the bound: the heads stop as when a site
+    is lost)."""
 
     def __init__(self, grid: Grid, nodes: list[int], base_config: ConfigRecord, settings: HistSettings,
-                 n_heads: int) -> None:
+                 n_heads: int, declared: dict[int, float | None] | None = None) -> None:
         base_config.update({RELEASES: settings.releases(n_heads), h.GRADIENT_CLIP: settings.dp_gradient_clip})
         super().__init__(grid, nodes, settings.secure_sum, base_config, settings.secure_threshold,
                          (messages.HIST_KEYS, messages.HIST_SHARES, messages.HIST_UNMASK))
@@ -234,6 +250,10 @@ class HistSession(SecureSession):
         self.models_sent: set[tuple[str, int]] = set()  # (head, round) whose finished trees every site kept
         self.release_index = 0  # the next DP release's index: one per summed count, one per head of a level
         self.exchanges: dict[str, int] = {}  # message exchanges by message type (every round of a secure sum)
+        self.declared = dict(declared or {})  # site → its site-check row count (None: declared none, DP)
+        self.site_rows: dict[int, int] = {}  # site → the training rows it reported (hist ranges; none under DP)
+        self.infeasible: dict[int | str, str] = {}  # site (or "sum") → the bound its release broke
+        self.pending_check: SumCheck | None = None  # the check of the release being summed
 
     def tree_params(self, objective: str) -> hb.TreeParams:
         """The trees' parameters, with ``min_child_weight`` raised above the noise of DP sites' hessians."""
@@ -257,12 +277,67 @@ class HistSession(SecureSession):
         return config
 
     def summed(self, message_type: messages.MessageName, extra: dict, arrays: ArrayRecord, name: str,
-               bits: np.ndarray | None = None, signed: np.ndarray | bool = False, releases: int = 1) -> np.ndarray:
+               bits: np.ndarray | None = None, signed: np.ndarray | bool = False, releases: int = 1,
+               check: SumCheck | None = None) -> np.ndarray:
         """:meth:`SecureSession.summed` of a request holding ``releases`` DP releases (one per head of a level
-        request), numbered from ``dp-release-index``; an index is never used twice, a failed sum's included."""
+        request), numbered from ``dp-release-index``; an index is never used twice, a failed sum's included.
+        ``check``: the release's feasibility check (:meth:`close_release`)."""
         first = self.release_index
         self.release_index += releases
-        return super().summed(message_type, {**extra, RELEASE_INDEX: first}, arrays, name, bits, signed)
+        self.pending_check = check
+        try:
+            return super().summed(message_type, {**extra, RELEASE_INDEX: first}, arrays, name, bits, signed)
+        finally:
+            self.pending_check = None
+
+    def close_release(self, release, replies: dict[int, RecordDict], failures: dict[int, str], name: str,
+                      bits: np.ndarray | None = None, signed: np.ndarray | bool = False) -> np.ndarray:
+        """:meth:`SecureSession.close_release`, then the release's feasibility check (``pending_check``): with
+        ``secure-sum = off`` on each site's own release (an infeasible site is lost, and the sum taken over the
+        others), else on the sum (HistProtocolError when it is infeasible)."""
+        total = super().close_release(release, replies, failures, name, bits, signed)
+        check = self.pending_check
+        if check is None:
+            return total
+        if self.mode != "off":
+            try:
+                check(total, list(self.summed_nodes), False)
+            except InfeasibleSum as err:
+                self.infeasible["sum"] = str(err)
+                raise HistProtocolError(-1, str(err)) from None
+            return total
+        dropped = {}
+        for node in self.summed_nodes:
+            own = replies[node][r.ARRAYS][name].numpy()
+            if bits is not None:
+                own = wire_ints.decode(wire_ints.unpack(own, bits), bits, signed)
+            try:
+                check(np.asarray(own, dtype=np.int64), [node], True)
+            except InfeasibleSum as err:
+                dropped[node] = f"dropped: {err}"
+        if not dropped:
+            return total
+        self.infeasible.update(dropped)
+        self.lose(dropped)
+        return super().close_release(release, {n: replies[n] for n in self.nodes}, {}, name, bits, signed)
+
+    def contributors(self, nodes: list[int]) -> Contributors:
+        """What is public about the sites of one release (``shared.sum_bounds``): the training rows they
+        reported (else their site-check row counts; None if one of them said neither, a DP site) and the noise
+        sd each DP site stated with its last reply."""
+        rows = [self.site_rows.get(n, self.declared.get(n)) for n in nodes]
+        noise = []
+        for node in nodes:
+            reply = self.replies.get(node)
+            stated = [float(reply[k]["noise-sd"]) for k in (reply or {}) if str(k).startswith(r.PRIVACY)
+                      and "noise-sd" in reply[k]]
+            if stated:
+                noise.append(max(stated))
+        return Contributors(len(nodes), None if any(v is None for v in rows) else float(sum(rows)), tuple(noise))
+
+    def rows_exact(self, nodes: list[int]) -> bool:
+        """Whether every site of ``nodes`` reported its training rows (a count release then adds to them)."""
+        return all(n in self.site_rows for n in nodes)
 
     def ask_all(self, message_type: messages.MessageName, extra: dict, arrays: ArrayRecord,
                 per_node: dict[int, dict] | None = None, with_base: bool = True) -> tuple[dict, dict[int, str]]:
@@ -277,28 +352,53 @@ class HistSession(SecureSession):
                 i += 1
         return replies, failures
 
-    def summed_counts(self, message_type: messages.MessageName, arrays: ArrayRecord, n_counts: int) -> np.ndarray:
+    def summed_counts(self, message_type: messages.MessageName, arrays: ArrayRecord, n_counts: int,
+                      cells: list[int]) -> np.ndarray:
         """Summed row counts (float64, flat): whole numbers in ``count_bits(n_rows)`` bits each when the sites'
-        rows are known, else (DP) the 64-bit fixed-point sum of noised counts."""
+        rows are known, else (DP) the 64-bit fixed-point sum of noised counts. ``cells``: each feature's cells,
+        in order (the release is checked by ``shared.hist_bounds.check_counts``)."""
+
+        def decoded(total: np.ndarray) -> np.ndarray:
+            if self.n_rows is None:
+                return hb.from_fixed(total).reshape(-1)
+            return np.asarray(total, dtype=np.float64).reshape(-1)
+
+        def check(total: np.ndarray, nodes: list[int], alone: bool) -> None:
+            counts = np.split(decoded(total), np.cumsum(cells)[:-1])
+            check_counts(f"hist boosting: {message_type.action}", counts, self.contributors(nodes),
+                         self.rows_exact(nodes))
+
         if self.n_rows is None:
-            return hb.from_fixed(self.summed(message_type, {}, arrays, h.COUNTS)).reshape(-1)
+            return decoded(self.summed(message_type, {}, arrays, h.COUNTS, check=check))
         width = hist_wire.count_bits(self.n_rows)
         bits = np.full(n_counts, width, dtype=np.int64)
-        return self.summed(message_type, {h.COUNT_BITS: width}, arrays, h.COUNTS, bits).astype(np.float64)
+        return decoded(self.summed(message_type, {h.COUNT_BITS: width}, arrays, h.COUNTS, bits, check=check))
 
 
 def global_ranges(session: HistSession, failures: dict[int, str]) -> tuple[np.ndarray, np.ndarray]:
     """The overall min and max of every encoded feature (0, 0 for a feature no site has values of).
 
-    Sites that cannot answer are left out of the session (and named in ``failures``).
+    Sites that cannot answer are left out of the session (and named in ``failures``), and so is a site that
+    reports more training rows than its site check declared (named in ``session.infeasible`` too).
     """
     replies, failed = session.ask_all(messages.HIST_RANGES, {}, ArrayRecord())
     failures.update(failed)
+    for node, reply in list(replies.items()):
+        if h.ROWS not in reply[r.ARRAYS]:
+            continue
+        rows, cap = int(reply[r.ARRAYS][h.ROWS].numpy()[0]), session.declared.get(node)
+        if rows < 0 or (cap is not None and rows > cap):
+            reason = ("dropped: hist boosting: its training rows must lie in [0, its declared row count (site "
+                      "check)]")
+            session.infeasible[node] = failures[node] = reason
+            del replies[node]
+            continue
+        session.site_rows[node] = rows
     session.nodes = [n for n in session.nodes if n in replies]
     if not replies:
         raise HistProtocolError(-1, "no site could report its feature ranges: nothing to train on")
     if all(h.ROWS in reply[r.ARRAYS] for reply in replies.values()):  # no DP site: compact encodings
-        session.n_rows = int(sum(int(reply[r.ARRAYS][h.ROWS].numpy()[0]) for reply in replies.values()))
+        session.n_rows = int(sum(session.site_rows[node] for node in replies))
     lo = np.min([reply[r.ARRAYS][h.RANGE_MIN].numpy() for reply in replies.values()], axis=0)
     hi = np.max([reply[r.ARRAYS][h.RANGE_MAX].numpy() for reply in replies.values()], axis=0)
     empty = ~np.isfinite(lo)
@@ -309,12 +409,13 @@ def global_ranges(session: HistSession, failures: dict[int, str]) -> tuple[np.nd
 def global_thresholds(session: HistSession, lo: np.ndarray, hi: np.ndarray) -> list[np.ndarray]:
     """Bins every site shares: summed grid counts, refined where rows crowd, cut into ``max_bin`` bins per feature."""
     grid = session.summed_counts(messages.HIST_BINS, ArrayRecord({h.LO: Array(lo), h.HI: Array(hi)}),
-                                 len(lo) * hb.N_CELLS).reshape(len(lo), hb.N_CELLS)
+                                 len(lo) * hb.N_CELLS, [hb.N_CELLS] * len(lo)).reshape(len(lo), hb.N_CELLS)
 
     def summed_cell_counts(bounds: list[np.ndarray]) -> list[np.ndarray]:
         values, offsets = hb.pack_thresholds(bounds)
         arrays = ArrayRecord({h.CELL_BOUNDS: Array(values), h.CELL_OFFSETS: Array(offsets)})
-        counts = session.summed_counts(messages.HIST_CELLS, arrays, int(offsets[-1]) + len(bounds))
+        counts = session.summed_counts(messages.HIST_CELLS, arrays, int(offsets[-1]) + len(bounds),
+                                       [len(b) + 1 for b in bounds])
         return np.split(counts, np.cumsum([len(b) + 1 for b in bounds])[:-1])
 
     return hb.global_thresholds(grid, lo, hi, summed_cell_counts, session.settings.max_bin)
@@ -398,8 +499,27 @@ def grow_level(session: HistSession, heads: list[GrowingHead], thresholds: list[
         flat_bits = np.concatenate([b.reshape(-1) for b in bits])
         signed = np.concatenate([np.broadcast_to(np.arange(2) == 0, b.shape).reshape(-1) for b in bits])
     sites = list(session.nodes)
+
+    def check(total: np.ndarray, nodes: list[int], alone: bool) -> None:
+        """Each head's histograms against ``shared.hist_bounds`` (one site's own: its parent-split bins are
+        the server's, not sent). A sum that lost a site is not checked: its parents hold the lost site's rows,
+        and the round is regrown without it (RoundRegrow)."""
+        if not alone and sorted(nodes) != sorted(sites):
+            return
+        who = session.contributors(nodes)
+        compact = session.n_rows is not None
+        for head, part, head_parents in zip(growing, np.split(np.asarray(total).reshape(-1), np.cumsum(sizes)[:-1]),
+                                            parents, strict=True):
+            histograms = hb.unpack_histograms(part.reshape(len(head_parents), -1, 2), widths)
+            if compact and not alone:
+                hist_wire.fill_known(histograms, head_parents)
+            check_level(f"hist boosting: head {head.spec.key!r}, round {len(head.finished)}, depth "
+                        f"{head.grower.depth}", histograms, widths, head.spec.objective, head.params.scale_bits,
+                        head.bound, head.floor, session.settings.dp_gradient_clip, head_parents,
+                        compact and alone, who, who.declared, head.grower.depth)
+
     packed = session.summed(messages.HIST_LEVEL, config, arrays, h.HISTOGRAMS, flat_bits, signed,
-                            releases=len(growing)).reshape(-1)
+                            releases=len(growing), check=check).reshape(-1)
     session.thresholds_sent = True
     session.models_sent.update(head.model_key for head in growing)  # every site still in the phase kept them
     if session.nodes != sites:
@@ -469,7 +589,8 @@ def run_hist_boosting(grid: Grid, sites: SiteCheck, encoder: FeatureEncoder, set
     nodes = sites.granting("boosting")
     if not nodes:
         return outcome  # every site refused the phase: no trees (the record says why)
-    session = HistSession(grid, nodes, boosting_round(settings).to_config(encoder), hist, len(specs))
+    session = HistSession(grid, nodes, boosting_round(settings).to_config(encoder), hist, len(specs),
+                          {n: declared_rows(sites.summaries.get(n, {})) for n in nodes})
     try:
         lo, hi = global_ranges(session, outcome.failures)
     except HistProtocolError:
@@ -481,8 +602,16 @@ def run_hist_boosting(grid: Grid, sites: SiteCheck, encoder: FeatureEncoder, set
             outcome.failures.update({node: f"no key for the secure sum: {reason}" for node, reason in
                                      session.lost.items()})
             return outcome  # no site gave a key
-    thresholds = global_thresholds(session, lo, hi)
+    try:
+        thresholds = global_thresholds(session, lo, hi)
+    except HistProtocolError as err:
+        if err.node not in session.infeasible and "sum" not in session.infeasible:
+            raise  # a lost site, as before
+        outcome.failures[err.node] = f"no bins: {err.reason}"
+        outcome.infeasible = dict(session.infeasible)
+        return outcome  # an infeasible count sum (or every site dropped): no trees
     outcome.trees = grow_all_heads(session, specs, thresholds, hist, outcome.failures)
+    outcome.infeasible = dict(session.infeasible)
     for spec in specs:
         outcome.models[spec.key] = export_model(outcome.trees[spec.key], spec.objective, spec.base_score,
                                                 encoder.n_features_out_)

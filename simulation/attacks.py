@@ -23,12 +23,18 @@ Kinds (``KIND`` or ``KIND=FACTOR``):
 - ``inflate``: the site reports every numeric column's sum in its federated statistics multiplied by FACTOR
   (default 10; counts and centred sums of squares as computed), plain or masked (:func:`inflate_statistics`):
   the encoder's means move by (FACTOR − 1) × the site's share of each column's sum unless the coordinator's
-  feasibility check (``shared.sum_bounds``) refuses the sum (masked) or drops the site (``secure-sum = off``).
+  feasibility check (``shared.sum_bounds``) refuses the sum (masked) or drops the site (``secure-sum = off``);
+- ``inflate-hist``: with ``--boosting hist``, the site reports its gradient and hessian histograms multiplied by
+  FACTOR (default 2; row counts as computed), plain, masked or noised (:func:`inflated_hist`): the feasibility
+  check of ``shared.hist_bounds`` drops it (``secure-sum = off``) or stops the heads (masked).
 
-XGBoost's trees and the other phases' sums are not attacked by these kinds. For the federated analytics
+XGBoost's bagging/cyclic trees and the other phases' sums are not attacked by these kinds. For the federated analytics
 (``fednano analytics``, no ``--attack`` there), :func:`inflated_analytics` makes one in-process site report every
 released sum that is not a row count multiplied by FACTOR (``benchmarks/sum_bounds.py``, the tests): the
-feasibility check of ``shared.analytics_bounds`` drops it (plain) or refuses the analysis (masked).
+feasibility check of ``shared.analytics_bounds`` drops it (plain) or refuses the analysis (masked). For histogram
+boosting, :func:`inflated_hist` makes the sites it names report their gradient and hessian histograms multiplied
+by FACTOR (every row's gradient and hessian scaled before binning; row counts as computed), plain, masked or
+noised: the feasibility check of ``shared.hist_bounds`` drops such a site (plain) or stops the heads (masked).
 """
 
 from __future__ import annotations
@@ -43,11 +49,13 @@ from unittest import mock
 
 import numpy as np
 import pandas as pd
-from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client import analytics as site_analytics
-from client import secure_statistics
+from client import hist_handlers, secure_statistics
 from client.site import SiteSource
+from shared import hist_boosting
+from shared.protocol import hist as hist_protocol
 from shared.protocol import messages
 from shared.protocol import records as r
 from shared.protocol.training import MASKED
@@ -55,11 +63,13 @@ from shared.schema import EPISODES_FILE
 from shared.task import NANOPARTICLE_TASK, TaskSpec
 from shared.validation import load_site
 
-KINDS = ("sign-flip", "scale", "label-flip", "lie", "inflate")
+KINDS = ("sign-flip", "scale", "label-flip", "lie", "inflate", "inflate-hist")
 DEFAULT_FACTORS = {"sign-flip": 1.0, "scale": 10.0}
 """FACTOR of the update kinds when none is given."""
 STATISTICS_FACTORS = {"inflate": 10.0}
-"""FACTOR of the statistics kinds when none is given; the other kinds take none."""
+"""FACTOR of the statistics kinds when none is given; the other kinds take none (but ``inflate-hist``)."""
+HIST_FACTORS = {"inflate-hist": 2.0}
+"""FACTOR of the histogram-boosting kind when none is given."""
 UPDATE_KINDS = tuple(DEFAULT_FACTORS)
 """The kinds that rewrite the site's plain ANN weights: not with masked rounds, whose replies are words
 (``simulation.experiment.ExperimentConfig.ann_masking`` turns masking off for them)."""
@@ -99,7 +109,7 @@ class Attack:
         if not sep or not site.strip() or kind not in KINDS:
             raise AttackError(f"--attack {text!r}: expected SITE:KIND with KIND one of {', '.join(KINDS)} "
                               f"(e.g. clinic_03:scale or clinic_03:scale=10)")
-        factored = {**DEFAULT_FACTORS, **STATISTICS_FACTORS}
+        factored = {**DEFAULT_FACTORS, **STATISTICS_FACTORS, **HIST_FACTORS}
         if has_factor and kind not in factored:
             raise AttackError(f"--attack {text!r}: only {', '.join(factored)} take a factor")
         try:
@@ -153,6 +163,9 @@ def attack_mod(attacks: dict[int, Attack]) -> Callable[[Message, Context, Callab
         poisons_update = kind in DEFAULT_FACTORS and message_type == messages.TRAIN.type
         global_arrays = ({k: a.numpy().astype(np.float64) for k, a in msg.content[r.ARRAYS].items()}
                          if poisons_update else None)
+        if kind in HIST_FACTORS and message_type == messages.HIST_LEVEL.type:
+            with inflated_hist({int(context.node_id)}, attack.factor):  # before noise, masks and packing
+                return call_next(msg, context)
         if kind in STATISTICS_FACTORS and message_type == messages.STATISTICS_MASKED.type:
             # the masked handler computes its statistics with client.secure_statistics.statistics: poisoned for
             # this one call, before the site lays them out and masks them
@@ -289,4 +302,28 @@ def inflated_analytics(frame: pd.DataFrame, factor: float, arrays: tuple[str, ..
         return query
 
     with mock.patch.dict(site_analytics.REQUESTS, {q: poisoned(f) for q, f in site_analytics.REQUESTS.items()}):
+        yield
+
+
+@contextmanager
+def inflated_hist(nodes: set[int], factor: float) -> Iterator[None]:
+    """While open, the sites whose Flower node ids are ``nodes`` answer every histogram-boosting level request
+    with every row's gradient and hessian multiplied by ``factor`` before they are binned (so every summed bin,
+    noised, masked or plain, is ``factor`` times the honest one up to the fixed-point rounding), ignoring the
+    request's gradient bound as a modified client would (``client.hist_handlers.level_histograms``); every other
+    site answers honestly."""
+    honest, honest_gradients = hist_handlers.level_histograms, hist_boosting.gradients
+
+    def scaled(objective, y, margin):
+        g, h = honest_gradients(objective, y, margin)
+        return g * factor, h * factor
+
+    def poisoned(config, arrays, x, y, clip, context):
+        if int(context.node_id) not in nodes:
+            return honest(config, arrays, x, y, clip, context)
+        loose = ConfigRecord({k: v for k, v in config.items() if k != hist_protocol.GRADIENT_BOUND})
+        with mock.patch.object(hist_boosting, "gradients", scaled):
+            return honest(loose, arrays, x, y, clip, context)
+
+    with mock.patch.object(hist_handlers, "level_histograms", poisoned):
         yield

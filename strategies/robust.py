@@ -43,13 +43,17 @@ with it is not detected.
 The analytics sums are bounded the same way (:mod:`shared.analytics_bounds`, used by
 ``server.analytics_phase``: each query's released arrays within their rows times their per-row terms' public
 ranges, counts within the declared row counts; alone a failing site is dropped, masked the analysis is refused),
-with the same residue inside the box.
+with the same residue inside the box. So are histogram boosting's counts and gradient/hessian histograms
+(:mod:`shared.hist_bounds`, used by ``server.hist_phase``: counts adding to the reported rows, hessians ≥ 0, within
+the parent's and at most h_max per row, every feature's bins adding to the node's total, |G| ≤ H · B / h_min;
+alone a failing site is dropped and the round regrown, masked the heads stop); inside those limits a site still
+moves its gradients freely, and under DP (no row counts) a site scaling gradients and hessians alike is not
+detected.
 
-Still open to a poisoned site: the histogram boosting's gradient and hessian sums and the XGBoost bagging/cyclic
-trees, the dose-response and fitted-Q sums, the importance's loss sums, the release gate's off-policy estimates,
-and the evaluation summaries, which every strategy still adds up (:mod:`strategies.summation`): a site that lies
-there moves the released metrics. Robust aggregation also
-assumes at most f of the sites are malicious; it says nothing once more are.
+Still open to a poisoned site: the XGBoost bagging/cyclic trees, the dose-response and fitted-Q sums, the
+importance's loss sums, the release gate's off-policy estimates, and the evaluation summaries, which every
+strategy still adds up (:mod:`strategies.summation`): a site that lies there moves the released metrics. Robust
+aggregation also assumes at most f of the sites are malicious; it says nothing once more are.
 
 What they cost
 --------------
