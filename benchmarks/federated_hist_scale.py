@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from hist_grid import InProcessHistGrid
 from record import write_record
 from sklearn.metrics import balanced_accuracy_score, r2_score, roc_auc_score
 
@@ -34,49 +35,6 @@ from simulation.experiment import ExperimentConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = {"response": roc_auc_score, "toxicity_grade3": roc_auc_score, "efficacy_pct": r2_score}
-
-
-class InProcessGrid:
-    """Flower's Grid as ``server.hist_phase`` uses it, each message handed to that node's real ``query.hist_*``
-    handler (``client.hist_handlers``) in this process, one Flower Context per node: the records, and so the
-    bytes counted, are the ones a Flower run carries (used because Ray's node start fails on this loaded machine)."""
-
-    def __init__(self, sites: dict[int, object]) -> None:
-        from flwr.app import Context, RecordDict
-
-        from client import hist_handlers as hh
-        from client import secure_aggregation
-        from shared.protocol import messages
-
-        self.sites = sites
-        self.contexts = {node: Context(run_id=1, node_id=node, node_config={}, state=RecordDict(), run_config={})
-                         for node in sites}
-        answers = {messages.HIST_RANGES: hh.answer_ranges, messages.HIST_BINS: hh.answer_counts(hh.bin_counts),
-                   messages.HIST_CELLS: hh.answer_counts(hh.partition_counts), messages.HIST_LEVEL: hh.answer_level}
-        self.answers = {m.type: hh.session_answer(a) for m, a in answers.items()}
-        self.keys, self.keys_type = secure_aggregation.keys, messages.HIST_KEYS.type
-
-    def send_and_receive(self, sent):
-        from flwr.app import Error, Message
-
-        from client.site import SiteRequest
-        from shared.protocol import records as r
-        from shared.protocol.errors import ShareableError
-
-        class Request(SiteRequest):
-            dp = None  # simulated clinics without DP
-
-        for msg in sent:
-            node, kind = msg.metadata.dst_node_id, msg.metadata.message_type
-            try:
-                if kind == self.keys_type:
-                    reply = self.keys(msg, self.contexts[node])
-                else:
-                    request = Request(None, self.sites[node], msg.content[r.CONFIG], self.contexts[node])
-                    reply = Message(self.answers[kind](msg, request), reply_to=msg)
-            except ShareableError as err:
-                reply = Message(Error(code=1, reason=str(err)), reply_to=msg)
-            yield reply
 
 
 def simulator_sites(args, tmp: Path) -> dict[int, object]:
@@ -115,7 +73,7 @@ def simulator_run(args, sites: dict[int, object], scale: int
     hist = hp.HistSettings.from_run_settings(settings)
     specs = hp.head_specs(encoder, False)
     start = time.perf_counter()
-    session = hp.HistSession(InProcessGrid(sites), list(sites), boosting_round(settings).to_config(encoder), hist,
+    session = hp.HistSession(InProcessHistGrid(sites), list(sites), boosting_round(settings).to_config(encoder), hist,
                              len(specs))
     lo, hi = hp.global_ranges(session, {})
     session.exchange_keys()

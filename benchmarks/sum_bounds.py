@@ -59,6 +59,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from hist_grid import InProcessHistGrid  # noqa: E402
+
 from client.analytics import describe  # noqa: E402
 from client.dp import SiteDP, gaussian_release, sensitivity  # noqa: E402
 from client.ledger import PrivacyLedger  # noqa: E402
@@ -238,52 +240,6 @@ def analytics_benchmark(worlds: int, clinics: int, draws: int, folder: Path) -> 
 HIST_FACTORS = (1.02, 1.05, 1.1, 1.25, 1.5, 2.0, 10.0)
 
 
-class HistGrid:
-    """Flower's Grid as ``server.hist_phase`` uses it: each message handed to that node's real ``query.hist_*``
-    handler (``client.hist_handlers``) in this process, one Flower Context per node, DP terms by node."""
-
-    def __init__(self, sites: dict[int, object], dps: dict[int, SiteDP]) -> None:
-        from flwr.app import Context, RecordDict
-
-        from client import hist_handlers as hh
-        from client import secure_aggregation
-        from shared.protocol import messages as m
-
-        self.sites, self.dps = sites, dps
-        self.contexts = {node: Context(run_id=1, node_id=node, node_config={}, state=RecordDict(), run_config={})
-                         for node in sites}
-        answers = {m.HIST_RANGES: hh.answer_ranges, m.HIST_BINS: hh.answer_counts(hh.bin_counts),
-                   m.HIST_CELLS: hh.answer_counts(hh.partition_counts), m.HIST_LEVEL: hh.answer_level}
-        self.answers = {k.type: hh.session_answer(a) for k, a in answers.items()}
-        self.keys, self.keys_type = secure_aggregation.keys, m.HIST_KEYS.type
-
-    def send_and_receive(self, sent):
-        from flwr.app import Error, Message
-
-        from client.site import SiteRequest
-        from shared.protocol import records as r
-        from shared.protocol.errors import ShareableError
-
-        dps = self.dps
-
-        class Request(SiteRequest):
-            @property
-            def dp(self):
-                return dps.get(self.context.node_id)
-
-        for msg in sent:
-            node, kind = msg.metadata.dst_node_id, msg.metadata.message_type
-            try:
-                if kind == self.keys_type:
-                    reply = self.keys(msg, self.contexts[node])
-                else:
-                    request = Request(None, self.sites[node], msg.content[r.CONFIG], self.contexts[node])
-                    reply = Message(self.answers[kind](msg, request), reply_to=msg)
-            except ShareableError as err:
-                reply = Message(Error(code=1, reason=str(err)), reply_to=msg)
-            yield reply
-
-
 def hist_run(sites: dict, encoder, settings, mode: str, dps: dict, checked: list) -> tuple[dict, dict, int]:
     """One hist phase (ranges, bins, every head's rounds) over ``sites``: the session's infeasible releases,
     the failures, and the rounds grown."""
@@ -294,8 +250,8 @@ def hist_run(sites: dict, encoder, settings, mode: str, dps: dict, checked: list
     hist = hp.HistSettings(rounds=hist.rounds, tree=hist.tree, secure_sum=mode)
     specs = hp.head_specs(encoder, False)
     declared = {node: float(len(site.episodes)) for node, site in sites.items()}
-    session = hp.HistSession(HistGrid(sites, dps), list(sites), boosting_round(settings).to_config(encoder), hist,
-                             len(specs), {n: (None if n in dps else d) for n, d in declared.items()})
+    session = hp.HistSession(InProcessHistGrid(sites, dps), list(sites), boosting_round(settings).to_config(encoder),
+                             hist, len(specs), {n: (None if n in dps else d) for n, d in declared.items()})
     failures: dict[int, str] = {}
     lo, hi = hp.global_ranges(session, failures)
     if mode == "pairwise":
