@@ -8,9 +8,9 @@ For each seed: the built-in simulator's clinics (DP ε = 3, δ = 1e-5 per site u
 federated ANN with FedAvg and ``--personalise finetune,ditto,fedper`` (``--methods``: fewer; under DP the phase's
 ε then goes to fewer DP-SGD fits and a release of fewer candidates) (``simulation.experiment.run_federation``:
 the real ServerApp and ClientApp in Flower's simulation runtime; no dosing policy, no baselines), then the same
-federation without personalisation ("plain FedAvg"). ``--choice pooled``: the federation sets the choice's
-default from the sites' pooled validation evidence (``shared.selection``); each site's record then also holds the
-choice its own rule made on the same models (``site_chosen``), reported beside it. Figures:
+federation without personalisation ("plain FedAvg"). ``--choice pooled`` (or ``pooled-equal``): the federation
+sets the choice's default from the sites' pooled validation evidence (``shared.selection``); each site's record
+then also holds the choice its own rule made on the same models (``site_chosen``), reported beside it. Figures:
 
 1. **Per site** (sites with ≥ 30 recorded test responses): the response AUC on the test split of the site's
    local-only model, the global model, each method and the chosen model — each site's own exact record
@@ -42,7 +42,7 @@ from server.run_record import RunRecord
 from shared import metrics
 from shared.ann import to_arrays
 from shared.artifacts import RunArtifacts
-from shared.protocol.personalisation import CHOICE_RULES, GLOBAL, LOCAL, METHODS, POOLED, SITE_RULE, ann_methods
+from shared.protocol.personalisation import CHOICE_RULES, GLOBAL, LOCAL, METHODS, SITE_RULE, ann_methods
 from shared.task import NANOPARTICLE_TASK
 from simulation.baselines import BaselineSettings, evaluate_per_site
 from simulation.experiment import ExperimentConfig, flower_environment, prepare_sites, quiet_flower, run_federation
@@ -93,12 +93,11 @@ def seed_figures(root: Path, clinics: int, rounds: int, seed: int, dp: bool, pla
                  methods: tuple[str, ...] = METHODS, choice: str = SITE_RULE) -> dict:
     methods = ",".join(methods)
     cfg, sources, record, seconds = one_run(root / f"personalised-{seed}", clinics, rounds, seed, dp,
-                                            methods + (f",{POOLED}" if choice == POOLED else ""))
+                                            methods + (f",{choice}" if choice != SITE_RULE else ""))
     names = {s.path.name: s for s in sources}
     exact = site_records({name: names[name] for name in record.sites if name in names}, record.run_id)
     phase = record.personalisation or {}
     candidates = phase.get("candidates", [GLOBAL, *methods.split(","), LOCAL])
-    candidates = [c for c in candidates if c != POOLED]
     sites = {}
     for site, entry in sorted(exact.items()):
         test = {c: _auc(entry["summaries"]["test"][c][OUTCOME]) for c in candidates}
@@ -213,7 +212,8 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS),
                         help="personalised ANN methods, comma-separated (default: all of them)")
     parser.add_argument("--choice", choices=CHOICE_RULES, default=SITE_RULE,
-                        help="who sets the choice's default: each site (site) or the federation's pooled evidence")
+                        help="who sets the choice's default: each site (site) or the federation's pooled evidence, "
+                             "weighted by precision (pooled) or equally (pooled-equal)")
     parser.add_argument("--work", type=Path, default=Path("runs/bench_personalised"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/personalised.json"))
     args = parser.parse_args()

@@ -66,7 +66,7 @@ from shared.protocol.personalisation import (
     FINETUNE,
     GLOBAL,
     LOCAL,
-    POOLED,
+    POOLED_RULES,
     VALIDATION_PRIVACY,
     Personalisation,
     PersonalisationReply,
@@ -163,7 +163,7 @@ def personalise(msg: Message, request: SiteRequest) -> RecordDict:
     evidence = SiteEvidence(scores, covariance)
     weights = {name: models[name].model_ if name in models else global_model for name in plan.candidates}
     _keep_at_site(request, chosen, reason, exact, weights[chosen],
-                  candidates=weights if plan.choice == POOLED else None, evidence=evidence, order=order)
+                  candidates=weights if plan.choice in POOLED_RULES else None, evidence=evidence, order=order)
     reply = PersonalisationReply(chosen=chosen, reason=reason, summaries=released, num_examples=n,
                                  dp_steps=dp_steps, candidates=plan.candidates,
                                  dp_fits=len(models) if dp is not None else 0, scores=scores,

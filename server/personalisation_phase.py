@@ -36,12 +36,13 @@ from shared.protocol.personalisation import (
     CHOICE,
     DEFAULT_KEY,
     GLOBAL,
-    POOLED,
+    POOLED_EQUAL,
+    POOLED_RULES,
     VALIDATION_PRIVACY,
     Personalisation,
     PersonalisationReply,
 )
-from shared.selection import SiteEvidence, pooled_default, pooled_gains
+from shared.selection import EQUAL, PRECISION, SiteEvidence, pooled_default, pooled_gains
 from shared.task import TaskSpec
 
 PHASE = "personalisation"
@@ -70,7 +71,7 @@ def run_personalisation(grid: Grid, sites: SiteCheck, task: TaskSpec, arrays: Ar
     sent_bytes = len(nodes) * sum(record_bytes(v) for v in content.values())
     phase = {"methods": list(plan.methods), "candidates": list(plan.candidates), "epochs": plan.epochs,
              "ditto_lambda": plan.ditto_lambda, "choice": plan.choice}
-    if plan.choice == POOLED and per_site:
+    if plan.choice in POOLED_RULES and per_site:
         phase["pooled"], more_sent, more_received = keep_pooled(grid, sites, plan, per_site, failures)
         sent_bytes, received = sent_bytes + more_sent, received + more_received
     return phase | {"seconds": time.perf_counter() - start, "bytes": {"sent": sent_bytes, "received": received},
@@ -80,12 +81,14 @@ def run_personalisation(grid: Grid, sites: SiteCheck, task: TaskSpec, arrays: Ar
 def keep_pooled(grid: Grid, sites: SiteCheck, plan: Personalisation, per_site: dict,
                 failures: dict) -> tuple[dict, int, int]:
     """The federation's default from the sites' replied validation evidence (``shared.selection.pooled_default``:
-    every candidate's gain over the global model summed over the sites, kept only if significantly positive),
+    every candidate's gain over the global model pooled over the sites, by precision or equally as the plan says,
+    kept only if significantly positive),
     sent to every site that answered (``query.personalise_keep``); each site chooses again with it and keeps that
     model. Updates ``per_site`` (``chosen``, ``reason``; the site's own choice under ``site_chosen``); returns the
     default with why, and the bytes sent and received."""
     evidence = {site: evidence_of(entry) for site, entry in per_site.items() if entry.get("validation_scores")}
-    default, why = pooled_default(evidence, plan.candidates, GLOBAL)
+    weighting = EQUAL if plan.choice == POOLED_EQUAL else PRECISION
+    default, why = pooled_default(evidence, plan.candidates, GLOBAL, weighting)
     log(INFO, "personalisation: federation default %s (%s)", default, why)
     content = RecordDict({r.CONFIG: ConfigRecord({DEFAULT_KEY: default})})
     node_of = {name: node for node, name in sites.usable.items()}
@@ -102,8 +105,8 @@ def keep_pooled(grid: Grid, sites: SiteCheck, plan: Personalisation, per_site: d
         entry = per_site[name]
         entry["site_chosen"], entry["chosen"], entry["reason"] = (entry["chosen"], str(answer["chosen"]),
                                                                    str(answer["reason"]))
-    gains = pooled_gains(evidence, plan.candidates, GLOBAL)
-    return ({"default": default, "reason": why, "sites": sorted(evidence),
+    gains = pooled_gains(evidence, plan.candidates, GLOBAL, weighting)
+    return ({"default": default, "reason": why, "weighting": weighting, "sites": sorted(evidence),
              "gains": {c: {"gain": g.gain, "sd": g.sd, "sites": g.sites} for c, g in gains.items()}},
             len(nodes) * sum(record_bytes(v) for v in content.values()), received)
 

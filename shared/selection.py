@@ -5,10 +5,11 @@ validation split by more than the comparison's noise. On a small split (or a noi
 passes that margin, so the default decides, and whichever default is fixed loses at the sites where it is not
 the best (BENCHMARKS.md, "Personalisation without DP under the current rule"). The pooled rule
 (:func:`pooled_default`, :func:`pooled_choices`) lets the sites' evidence decide the default instead: the
-coordinator sums each site's paired validation gain of every candidate over the global model, with the variance
-of the sum from each site's own covariance of its scores (sampling and, at a DP site, the release's noise), and
-takes the federation's best candidate as every site's default only if its pooled gain is significantly positive
-(a one-sided Bonferroni test over the candidates), else the global model; each site then keeps that default
+coordinator pools each site's paired validation gain of every candidate over the global model — weighted by its
+precision, from the site's own covariance of its scores (sampling and, at a DP site, the release's noise), or
+equally (:data:`WEIGHTINGS`) — and takes the federation's best candidate as every site's default only if its
+pooled gain is significantly positive (a one-sided Bonferroni test over the candidates), else the global model;
+each site then keeps that default
 unless its own split shows another beating it by its own margin. It is the pooling step of empirical-Bayes
 selection (Efron & Morris, JASA 1975;70:311: shrink each unit's estimate toward the pooled one, by the unit's own
 noise) reduced to a choice: a site with little evidence gets the federation's answer, one with strong evidence
@@ -132,36 +133,55 @@ class SiteEvidence:
 
 @dataclass(frozen=True)
 class PooledGain:
-    """A candidate's validation gain over the baseline summed over the sites that scored both, its SD, and the
-    number of those sites."""
+    """A candidate's pooled validation gain over the baseline per site (a weighted mean over the sites that scored
+    both), its SD, and the number of those sites."""
 
     gain: float
     sd: float
     sites: int
 
 
-def pooled_gains(evidence: Mapping[str, SiteEvidence], candidates: Sequence[str],
-                 baseline: str) -> dict[str, PooledGain]:
-    """Each candidate's paired validation gain over ``baseline`` summed over the sites (candidate minus baseline
-    on the same site's rows), with the SD of the sum (the sites' difference variances added: their splits and
-    noise are independent). Sites where either score or the variance is not finite are left out."""
+PRECISION, EQUAL = "precision", "equal"
+"""How :func:`pooled_gains` weights the sites: by the precision of each site's paired difference (``1/var``: the
+fixed-effect meta-analytic mean; Borenstein et al., Introduction to Meta-Analysis, 2009, ch. 11), or equally
+(the plain sum of the sites' gains, whose SD is the root of the summed variances: a small noisy site weighs as much
+as a large one)."""
+WEIGHTINGS = (PRECISION, EQUAL)
+
+
+def pooled_gains(evidence: Mapping[str, SiteEvidence], candidates: Sequence[str], baseline: str,
+                 weighting: str = PRECISION) -> dict[str, PooledGain]:
+    """Each candidate's paired validation gain over ``baseline`` (candidate minus baseline on the same site's rows)
+    pooled over the sites, with its SD (the sites' splits and noise are independent): ``precision``, the
+    inverse-variance weighted mean ``Σ(g/v) / Σ(1/v)`` with SD ``1/sqrt(Σ 1/v)``; ``equal``, the mean ``Σg / n``
+    with SD ``sqrt(Σv) / n`` (the same test as the plain sum). Sites where either score or the difference's
+    variance is not finite (or, weighted by precision, not positive) are left out."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"pooled_gains: weighting must be one of {', '.join(WEIGHTINGS)}; got {weighting!r}")
     out = {}
     for name in candidates:
         if name == baseline:
             continue
-        gain = variance = 0.0
-        used = 0
+        pairs = []
         for site in evidence.values():
             g = site.scores.get(name, math.nan) - site.scores.get(baseline, math.nan)
             v = site.difference_variance(name, baseline)
-            if math.isfinite(g) and math.isfinite(v):
-                gain, variance, used = gain + g, variance + max(v, 0.0), used + 1
-        out[name] = PooledGain(gain=gain, sd=math.sqrt(variance), sites=used)
+            if math.isfinite(g) and math.isfinite(v) and (v > 0 or weighting == EQUAL):
+                pairs.append((g, max(v, 0.0)))
+        if not pairs:
+            out[name] = PooledGain(gain=math.nan, sd=math.nan, sites=0)
+        elif weighting == PRECISION:
+            total = sum(1 / v for _, v in pairs)
+            out[name] = PooledGain(gain=sum(g / v for g, v in pairs) / total, sd=1 / math.sqrt(total),
+                                   sites=len(pairs))
+        else:
+            out[name] = PooledGain(gain=sum(g for g, _ in pairs) / len(pairs),
+                                   sd=math.sqrt(sum(v for _, v in pairs)) / len(pairs), sites=len(pairs))
     return out
 
 
 def pooled_default(evidence: Mapping[str, SiteEvidence], candidates: Sequence[str],
-                   baseline: str) -> tuple[str, str]:
+                   baseline: str, weighting: str = PRECISION) -> tuple[str, str]:
     """The federation's default: the candidate whose pooled gain over ``baseline`` (:func:`pooled_gains`) has the
     largest lower bound ``gain − z·sd`` above 0 (one-sided, Bonferroni over the alternatives:
     :func:`one_sided_z`), else ``baseline``; and why, in words.
@@ -174,26 +194,26 @@ def pooled_default(evidence: Mapping[str, SiteEvidence], candidates: Sequence[st
     >>> pooled_default(sites, ("global", "ditto"), "global")[0]
     'ditto'
     """
-    gains = pooled_gains(evidence, candidates, baseline)
+    gains = pooled_gains(evidence, candidates, baseline, weighting)
     z = one_sided_z(len(gains))
     bounds = {name: g.gain - z * g.sd for name, g in gains.items() if g.sites and math.isfinite(g.sd)}
-    tests = ", ".join(f"{name} {g.gain:+.3f} vs {z * g.sd:.3f} over {g.sites} sites" for name, g in gains.items())
+    tests = ", ".join(f"{name} {g.gain:+.4f} vs {z * g.sd:.4f} over {g.sites} sites" for name, g in gains.items())
     passed = {name: b for name, b in bounds.items() if b > TIE_MARGIN}
     if not passed:
-        return baseline, (f"pooled over the sites no candidate's validation gain over {baseline} exceeded z·sd at "
-                          f"z = {z:.2f} (summed gain, margin: {tests})")
+        return baseline, (f"pooled over the sites ({weighting} weights) no candidate's validation gain over "
+                          f"{baseline} exceeded z·sd at z = {z:.2f} (gain per site, margin: {tests})")
     best = max(passed, key=lambda name: (passed[name], -list(candidates).index(name)))
-    return best, (f"pooled over the sites {best} beat {baseline} on validation by {gains[best].gain:+.3f} summed, "
-                  f"more than z·sd at z = {z:.2f} (summed gain, margin: {tests})")
+    return best, (f"pooled over the sites ({weighting} weights) {best} beat {baseline} on validation by "
+                  f"{gains[best].gain:+.4f} per site, more than z·sd at z = {z:.2f} (gain per site, margin: {tests})")
 
 
-def pooled_choices(evidence: Mapping[str, SiteEvidence], order: Sequence[str],
-                   baseline: str) -> tuple[str, str, dict[str, tuple[str, str]]]:
+def pooled_choices(evidence: Mapping[str, SiteEvidence], order: Sequence[str], baseline: str,
+                   weighting: str = PRECISION) -> tuple[str, str, dict[str, tuple[str, str]]]:
     """The federation's default (:func:`pooled_default` over ``order``'s candidates) and each site's choice with
     that default in place of its own: :func:`choose_by_margin` on the site's scores and the SDs of their
     differences from the default, the other candidates in ``order``'s order. Returns the default, why, and
     site → (chosen, reason)."""
-    default, why = pooled_default(evidence, order, baseline)
+    default, why = pooled_default(evidence, order, baseline, weighting)
     return default, why, {name: choice_with_default(site, order, default) for name, site in evidence.items()}
 
 

@@ -30,6 +30,9 @@ from shared.protocol import personalisation as p
 from shared.protocol import records as r
 from shared.protocol.training import EVAL_BINS, AnnTraining
 from shared.selection import (
+    EQUAL,
+    PRECISION,
+    WEIGHTINGS,
     SiteEvidence,
     choice_with_default,
     choose_by_margin,
@@ -56,16 +59,35 @@ def test_the_pooled_default_is_global_when_the_summed_gain_is_within_its_noise()
     # z·sd = 2.13 × 0.158 = 0.34 (three alternatives) → not significant
     sites = {f"s{i}": _site({p.GLOBAL: 0.80, p.FINETUNE: 0.80, "ditto": 0.81, p.LOCAL: 0.70}, 0.05)
              for i in range(5)}
-    gains = pooled_gains(sites, CANDIDATES, p.GLOBAL)
-    assert gains["ditto"].gain == pytest.approx(0.05) and gains["ditto"].sites == 5
-    assert gains["ditto"].sd == pytest.approx(math.sqrt(5 * 2 * 0.05 ** 2))
-    default, why = pooled_default(sites, CANDIDATES, p.GLOBAL)
-    assert default == p.GLOBAL and "no candidate" in why
+    for weighting in WEIGHTINGS:  # equal SDs: both weightings are the same test
+        gains = pooled_gains(sites, CANDIDATES, p.GLOBAL, weighting)
+        assert gains["ditto"].gain == pytest.approx(0.01) and gains["ditto"].sites == 5
+        assert gains["ditto"].sd == pytest.approx(math.sqrt(5 * 2 * 0.05 ** 2) / 5)
+        default, why = pooled_default(sites, CANDIDATES, p.GLOBAL, weighting)
+        assert default == p.GLOBAL and "no candidate" in why
+
+
+def test_weighted_by_precision_a_small_noisy_site_cannot_drown_the_large_precise_ones():
+    # 6 precise sites: ditto +0.01, difference SD 0.004; one noisy site: ditto −0.30, difference SD 0.2
+    precise = {f"s{i}": _site({p.GLOBAL: 0.80, "ditto": 0.81}, 0.02, 0.98) for i in range(6)}
+    noisy = {"small": _site({p.GLOBAL: 0.80, "ditto": 0.50}, 0.2 / math.sqrt(2))}
+    sites = precise | noisy
+    precision = pooled_gains(sites, (p.GLOBAL, "ditto"), p.GLOBAL, PRECISION)["ditto"]
+    w_precise, w_noisy = 1 / (2 * 0.02 ** 2 * 0.02), 1 / 0.2 ** 2
+    assert precision.gain == pytest.approx((6 * w_precise * 0.01 - w_noisy * 0.30) / (6 * w_precise + w_noisy))
+    assert precision.sd == pytest.approx(1 / math.sqrt(6 * w_precise + w_noisy))
+    assert pooled_default(sites, (p.GLOBAL, "ditto"), p.GLOBAL, PRECISION)[0] == "ditto"
+    # weighted equally the noisy site's −0.30 outweighs six +0.01 (mean −0.034): global
+    equal = pooled_gains(sites, (p.GLOBAL, "ditto"), p.GLOBAL, EQUAL)["ditto"]
+    assert equal.gain == pytest.approx((6 * 0.01 - 0.30) / 7)
+    assert pooled_default(sites, (p.GLOBAL, "ditto"), p.GLOBAL, EQUAL)[0] == p.GLOBAL
+    with pytest.raises(ValueError, match="weighting"):
+        pooled_gains(sites, (p.GLOBAL, "ditto"), p.GLOBAL, "median")
 
 
 def test_the_pooled_default_is_the_method_whose_summed_gain_is_significant_though_no_site_alone_shows_it():
-    # same gains, but each site's paired difference SD is 0.006 (scores correlated 0.99): per site ditto's
-    # +0.01 is below z·sd = 2.13 × 0.006 at z for 3 alternatives... summed over 10 sites it is +0.10 against 0.04
+    # each site's paired difference SD is 0.006 (scores correlated 0.98): per site ditto's +0.01 is below
+    # z·sd = 2.13 × 0.006 = 0.013 (three alternatives); pooled over 10 sites it is +0.01 against 2.13 × 0.0019
     sites = {f"s{i}": _site({p.GLOBAL: 0.80, p.FINETUNE: 0.795, "ditto": 0.81, p.LOCAL: 0.70}, 0.03, 0.98)
              for i in range(10)}
     one = sites["s0"]
@@ -75,7 +97,7 @@ def test_the_pooled_default_is_the_method_whose_summed_gain_is_significant_thoug
         == p.GLOBAL
     assert one_sided_z(3) * one.difference_sd(p.GLOBAL)["ditto"] > 0.01
     default, why, choices = pooled_choices(sites, CANDIDATES, p.GLOBAL)
-    assert default == "ditto" and why.startswith("pooled over the sites ditto beat global")
+    assert default == "ditto" and why.startswith("pooled over the sites (precision weights) ditto beat global")
     assert all(chosen == "ditto" for chosen, _ in choices.values())
 
 
@@ -117,6 +139,9 @@ def test_the_covariance_of_paired_draws_gives_the_difference_sd_of_the_draws():
 def test_pooled_is_named_among_the_methods_and_crosses_the_wire_in_the_plan_and_the_reply():
     assert p.parse_methods("finetune,ditto,pooled") == ("finetune", "ditto")
     assert p.choice_rule("finetune,ditto,pooled") == p.POOLED and p.choice_rule("finetune") == p.SITE_RULE
+    assert p.choice_rule("ditto,pooled-equal") == p.POOLED_EQUAL and p.parse_methods("ditto,pooled-equal") == ("ditto",)
+    with pytest.raises(ValueError, match="one choice rule"):
+        p.choice_rule("pooled,pooled-equal")
     assert p.family_problem("finetune,pooled", ["ann"]) is None
     with pytest.raises(ValueError, match="pool"):
         p.parse_methods("finetune,pool")
@@ -166,7 +191,8 @@ def test_the_coordinator_sends_the_pooled_default_and_records_each_sites_new_and
     phase = run_personalisation(SimpleNamespace(send_and_receive=send_and_receive), sites, task, ArrayRecord(),
                                 ConfigRecord(), p.Personalisation(("ditto",), choice=p.POOLED), record)
     assert phase["pooled"]["default"] == "ditto" and phase["pooled"]["gains"]["ditto"]["sites"] == 10
-    assert phase["pooled"]["gains"]["ditto"]["gain"] == pytest.approx(0.1)
+    assert phase["pooled"]["gains"]["ditto"]["gain"] == pytest.approx(0.01)
+    assert phase["pooled"]["weighting"] == PRECISION
     assert len(sent_keep) == 10 and all(m.metadata.message_type == messages.PERSONALISE_KEEP.type for m in sent_keep)
     assert all(e["chosen"] == "ditto" and e["site_chosen"] == p.GLOBAL for e in phase["per_site"].values())
     # the site rule asks nothing more

@@ -34,12 +34,14 @@ BOOSTING_DP_REFUSAL = ("personalised boosting is not offered at a DP site: XGBoo
 LOCAL, GLOBAL = "local", "global"
 """The two candidates every personalising site also scores: its own local-only model and the global model."""
 SPLITS = ("validation", "test")
-SITE_RULE, POOLED = "site", "pooled"
+SITE_RULE, POOLED, POOLED_EQUAL = "site", "pooled", "pooled-equal"
 """How the ANN choice's default is set: by each site alone (``site``: the fine-tuned model or the global one,
 ``client.personalisation_handlers.ann_order``) or by the federation (``pooled``: the coordinator pools the sites'
-validation evidence, ``shared.selection.pooled_default``, and sends the default back, ``query.personalise_keep``).
-``pooled`` is named among the methods: ``--personalise finetune,ditto,fedper,pooled``."""
-CHOICE_RULES = (SITE_RULE, POOLED)
+validation evidence weighted by its precision, ``shared.selection.pooled_default``, and sends the default back,
+``query.personalise_keep``; ``pooled-equal``: the same with the sites weighted equally, the plain sum of their
+gains). Named among the methods: ``--personalise finetune,ditto,fedper,pooled``."""
+CHOICE_RULES = (SITE_RULE, POOLED, POOLED_EQUAL)
+POOLED_RULES = (POOLED, POOLED_EQUAL)
 
 CHOICE = "choice"
 """Reply record (ConfigRecord): the chosen candidate, the reason, the candidates in order."""
@@ -61,17 +63,22 @@ DEFAULT_KEY = "personalise-default"
 
 def parse_methods(text: str) -> tuple[str, ...]:
     """Methods from ``"finetune,ditto"``; ``ValueError`` naming an unknown one ("" is none)."""
-    names = tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip() and m.strip() != POOLED))
+    names = tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip() and m.strip() not in POOLED_RULES))
     unknown = sorted(set(names) - set(METHODS) - set(BOOSTING_METHODS))
     if unknown:
         raise ValueError(f"personalise: unknown method(s) {', '.join(unknown)}: expected some of "
-                         f"{', '.join(METHODS + BOOSTING_METHODS)} (comma-separated), and optionally {POOLED}")
+                         f"{', '.join(METHODS + BOOSTING_METHODS)} (comma-separated), and optionally one of "
+                         f"{', '.join(POOLED_RULES)}")
     return names
 
 
 def choice_rule(text: str) -> str:
-    """:data:`POOLED` if ``text`` (``--personalise``) names it among the methods, else :data:`SITE_RULE`."""
-    return POOLED if POOLED in (m.strip() for m in text.split(",")) else SITE_RULE
+    """The pooled rule (:data:`POOLED_RULES`) ``text`` (``--personalise``) names among the methods, else
+    :data:`SITE_RULE`; ``ValueError`` if it names both."""
+    named = [m.strip() for m in text.split(",") if m.strip() in POOLED_RULES]
+    if len(set(named)) > 1:
+        raise ValueError(f"personalise: name one choice rule, not {', '.join(sorted(set(named)))}")
+    return named[0] if named else SITE_RULE
 
 
 FAMILY_OF = {**{m: "ann" for m in METHODS}, **{m: "xgboost" for m in BOOSTING_METHODS}}
@@ -127,7 +134,8 @@ class Personalisation:
         Boosting rounds of the site's local-only boosters in the boosting choice (the federation's rounds, as
         the local-only baseline).
     choice : str, default "site"
-        :data:`SITE_RULE` or :data:`POOLED` (the ANN choice's default set by the federation's pooled evidence).
+        :data:`SITE_RULE`, :data:`POOLED` or :data:`POOLED_EQUAL` (the ANN choice's default set by the
+        federation's pooled evidence, weighted by precision or equally).
     """
 
     methods: tuple[str, ...]
