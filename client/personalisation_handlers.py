@@ -67,6 +67,7 @@ from shared.protocol.personalisation import (
     GLOBAL,
     LOCAL,
     POOLED_RULES,
+    SITE_DEFAULT,
     VALIDATION_PRIVACY,
     Personalisation,
     PersonalisationReply,
@@ -456,11 +457,14 @@ def personalise_keep(msg: Message, request: SiteRequest) -> RecordDict:
         raise ValueError(f"personalise_keep: {path} holds no evidence of this run's personalisation phase "
                          "(expected the phase to have run here first with the pooled choice)")
     order = tuple(record["evidence"]["order"])
-    if default not in order:
+    if default != SITE_DEFAULT and default not in order:
         raise ValueError(f"personalise_keep: the federation's default {default!r} is not among this site's "
                          f"candidates {', '.join(order)}")
-    evidence = evidence_from_record(record["evidence"])
-    chosen, reason = choice_with_default(evidence, order, default)
+    if default == SITE_DEFAULT:  # no significant pooled gain: the site's own rule stands
+        chosen = record.get("site_chosen", record["chosen"])
+        reason = f"no federation default (no significant pooled gain); {record.get('site_reason', record['reason'])}"
+    else:
+        chosen, reason = choice_with_default(evidence_from_record(record["evidence"]), order, default)
     stored = folder / CANDIDATES_DIR.format(run=run)
     if (stored / f"{chosen}.pt").is_file():
         torch.save(torch.load(stored / f"{chosen}.pt"), folder / f"{run}-{chosen}.pt")
@@ -469,7 +473,8 @@ def personalise_keep(msg: Message, request: SiteRequest) -> RecordDict:
         raise ValueError(f"personalise_keep: no weights of {chosen} in {stored} (removed by an earlier answer?)")
     if record["chosen"] != chosen:
         (folder / f"{run}-{record['chosen']}.pt").unlink(missing_ok=True)
-    record |= {"site_chosen": record.get("site_chosen", record["chosen"]), "chosen": chosen, "reason": reason,
+    record |= {"site_chosen": record.get("site_chosen", record["chosen"]),
+               "site_reason": record.get("site_reason", record["reason"]), "chosen": chosen, "reason": reason,
                "federation_default": default}
     write_json_atomically(path, record)
     return RecordDict({CHOICE: ConfigRecord({"chosen": chosen, "reason": reason})})

@@ -38,6 +38,8 @@ from shared.protocol.personalisation import (
     GLOBAL,
     POOLED_EQUAL,
     POOLED_RULES,
+    POOLED_SITE,
+    SITE_DEFAULT,
     VALIDATION_PRIVACY,
     Personalisation,
     PersonalisationReply,
@@ -82,13 +84,15 @@ def keep_pooled(grid: Grid, sites: SiteCheck, plan: Personalisation, per_site: d
                 failures: dict) -> tuple[dict, int, int]:
     """The federation's default from the sites' replied validation evidence (``shared.selection.pooled_default``:
     every candidate's gain over the global model pooled over the sites, by precision or equally as the plan says,
-    kept only if significantly positive),
+    kept only if significantly positive, else global or, under ``pooled-site``, each site's own default),
     sent to every site that answered (``query.personalise_keep``); each site chooses again with it and keeps that
     model. Updates ``per_site`` (``chosen``, ``reason``; the site's own choice under ``site_chosen``); returns the
     default with why, and the bytes sent and received."""
     evidence = {site: evidence_of(entry) for site, entry in per_site.items() if entry.get("validation_scores")}
     weighting = EQUAL if plan.choice == POOLED_EQUAL else PRECISION
     default, why = pooled_default(evidence, plan.candidates, GLOBAL, weighting)
+    if plan.choice == POOLED_SITE and default == GLOBAL:  # nothing significant: each site's own default
+        default, why = SITE_DEFAULT, why + "; each site keeps its own choice"
     log(INFO, "personalisation: federation default %s (%s)", default, why)
     content = RecordDict({r.CONFIG: ConfigRecord({DEFAULT_KEY: default})})
     node_of = {name: node for node, name in sites.usable.items()}

@@ -165,7 +165,7 @@ def test_the_coordinator_sends_the_pooled_default_and_records_each_sites_new_and
 
     summary = metrics.summarise("binary", np.array([0, 1, 1]), np.array([0.2, 0.7, 0.4]), n_bins=20)
     by = {c: {"response": summary} for c in (p.GLOBAL, "ditto", p.LOCAL)}
-    evidence = _site({p.GLOBAL: 0.80, "ditto": 0.81, p.LOCAL: 0.70}, 0.03, 0.98)
+    current = {"evidence": _site({p.GLOBAL: 0.80, "ditto": 0.81, p.LOCAL: 0.70}, 0.03, 0.98)}
     sent_keep = []
 
     def send_and_receive(batch):
@@ -176,12 +176,15 @@ def test_the_coordinator_sends_the_pooled_default_and_records_each_sites_new_and
                                     content=p.PersonalisationReply(
                                         chosen=p.GLOBAL, reason="kept global", summaries={"validation": by,
                                                                                           "test": by},
-                                        candidates=(p.GLOBAL, "ditto", p.LOCAL), scores=dict(evidence.scores),
-                                        covariance=dict(evidence.covariance)).to_records()) for m in batch]
+                                        candidates=(p.GLOBAL, "ditto", p.LOCAL),
+                                        scores=dict(current["evidence"].scores),
+                                        covariance=dict(current["evidence"].covariance)).to_records())
+                    for m in batch]
         sent_keep.extend(batch)
         return [SimpleNamespace(metadata=SimpleNamespace(src_node_id=m.metadata.dst_node_id), has_error=lambda: False,
                                 content=RecordDict({p.CHOICE: ConfigRecord({
-                                    "chosen": str(m.content[r.CONFIG][p.DEFAULT_KEY]), "reason": "federation"})}))
+                                    "chosen": str(m.content[r.CONFIG][p.DEFAULT_KEY]) or p.GLOBAL,
+                                    "reason": "federation"})}))
                 for m in batch]
 
     nodes = {n: f"clinic_{n:02d}" for n in range(10)}
@@ -195,6 +198,21 @@ def test_the_coordinator_sends_the_pooled_default_and_records_each_sites_new_and
     assert phase["pooled"]["weighting"] == PRECISION
     assert len(sent_keep) == 10 and all(m.metadata.message_type == messages.PERSONALISE_KEEP.type for m in sent_keep)
     assert all(e["chosen"] == "ditto" and e["site_chosen"] == p.GLOBAL for e in phase["per_site"].values())
+    # pooled-site: the same evidence gives ditto; with no significant gain each site's own default (not global)
+    sent_keep.clear()
+    phase = run_personalisation(SimpleNamespace(send_and_receive=send_and_receive), sites, task, ArrayRecord(),
+                                ConfigRecord(), p.Personalisation(("ditto",), choice=p.POOLED_SITE), record)
+    assert phase["pooled"]["default"] == "ditto"
+    current["evidence"] = _site({p.GLOBAL: 0.80, "ditto": 0.81, p.LOCAL: 0.70}, 0.05)  # +0.01 within the noise
+    sent_keep.clear()
+    phase = run_personalisation(SimpleNamespace(send_and_receive=send_and_receive), sites, task, ArrayRecord(),
+                                ConfigRecord(), p.Personalisation(("ditto",), choice=p.POOLED_SITE), record)
+    assert phase["pooled"]["default"] == p.SITE_DEFAULT
+    assert "each site keeps its own choice" in phase["pooled"]["reason"]
+    assert {str(m.content[r.CONFIG][p.DEFAULT_KEY]) for m in sent_keep} == {p.SITE_DEFAULT}
+    phase = run_personalisation(SimpleNamespace(send_and_receive=send_and_receive), sites, task, ArrayRecord(),
+                                ConfigRecord(), p.Personalisation(("ditto",), choice=p.POOLED), record)
+    assert phase["pooled"]["default"] == p.GLOBAL
     # the site rule asks nothing more
     sent_keep.clear()
     phase = run_personalisation(SimpleNamespace(send_and_receive=send_and_receive), sites, task, ArrayRecord(),
@@ -254,6 +272,17 @@ def test_a_site_keeps_every_candidate_until_told_the_default_then_only_the_model
     assert record["chosen"] == answer["chosen"] and record["site_chosen"] == own
     assert record["federation_default"] == other
     assert not stored.exists() and sorted(f.name for f in folder.glob("12-*.pt")) == [f"12-{answer['chosen']}.pt"]
+    # pooled-site without a significant pooled gain: the site's own choice stands (a redone answer is the same)
+    msg, request = _request(root, name, plan, messages.PERSONALISE.type)
+    personalise(msg, request)  # the phase again: every candidate stored anew
+    for _ in range(2):
+        again, again_request = _request(root, name, plan, messages.PERSONALISE_KEEP.type,
+                                        RecordDict({r.CONFIG: ConfigRecord({p.DEFAULT_KEY: p.SITE_DEFAULT})}))
+        answer = personalise_keep(again, again_request)[p.CHOICE]
+        record = json.loads((folder / "12.json").read_text())
+        assert answer["chosen"] == own == record["chosen"] and record["site_chosen"] == own
+        assert answer["reason"].startswith("no federation default") and answer["reason"].count("no federation") == 1
+        assert (folder / f"12-{own}.pt").is_file() and not stored.exists()
     bad, bad_request = _request(root, name, plan, messages.PERSONALISE_KEEP.type,
                                 RecordDict({r.CONFIG: ConfigRecord({p.DEFAULT_KEY: "fedper"})}))
     with pytest.raises(ValueError, match="not among this site's candidates"):

@@ -34,14 +34,19 @@ BOOSTING_DP_REFUSAL = ("personalised boosting is not offered at a DP site: XGBoo
 LOCAL, GLOBAL = "local", "global"
 """The two candidates every personalising site also scores: its own local-only model and the global model."""
 SPLITS = ("validation", "test")
-SITE_RULE, POOLED, POOLED_EQUAL = "site", "pooled", "pooled-equal"
+SITE_RULE, POOLED, POOLED_EQUAL, POOLED_SITE = "site", "pooled", "pooled-equal", "pooled-site"
 """How the ANN choice's default is set: by each site alone (``site``: the fine-tuned model or the global one,
 ``client.personalisation_handlers.ann_order``) or by the federation (``pooled``: the coordinator pools the sites'
 validation evidence weighted by its precision, ``shared.selection.pooled_default``, and sends the default back,
-``query.personalise_keep``; ``pooled-equal``: the same with the sites weighted equally, the plain sum of their
-gains). Named among the methods: ``--personalise finetune,ditto,fedper,pooled``."""
-CHOICE_RULES = (SITE_RULE, POOLED, POOLED_EQUAL)
-POOLED_RULES = (POOLED, POOLED_EQUAL)
+``query.personalise_keep``: the best candidate if its pooled gain over global is significant, else global;
+``pooled-equal``: the same with the sites weighted equally, the plain sum of their gains; ``pooled-site``: as
+``pooled``, but without a significant pooled gain each site keeps its own default). Named among the methods:
+``--personalise finetune,ditto,fedper,pooled``."""
+CHOICE_RULES = (SITE_RULE, POOLED, POOLED_EQUAL, POOLED_SITE)
+POOLED_RULES = (POOLED, POOLED_EQUAL, POOLED_SITE)
+SITE_DEFAULT = "(each site's own)"
+"""The default ``query.personalise_keep`` sends under :data:`POOLED_SITE` when no pooled gain is significant: the
+site keeps the choice its own rule made (not empty: Flower cannot count an empty string's bytes)."""
 
 CHOICE = "choice"
 """Reply record (ConfigRecord): the chosen candidate, the reason, the candidates in order."""
@@ -134,8 +139,8 @@ class Personalisation:
         Boosting rounds of the site's local-only boosters in the boosting choice (the federation's rounds, as
         the local-only baseline).
     choice : str, default "site"
-        :data:`SITE_RULE`, :data:`POOLED` or :data:`POOLED_EQUAL` (the ANN choice's default set by the
-        federation's pooled evidence, weighted by precision or equally).
+        :data:`SITE_RULE` or one of :data:`POOLED_RULES` (the ANN choice's default set by the federation's pooled
+        evidence, weighted by precision or equally, falling back on global or the site's own default).
     """
 
     methods: tuple[str, ...]
