@@ -23,7 +23,7 @@ from personalised import MIN_TEST_ROWS, OUTCOME, _auc, hanley_mcneil_se
 
 from client.personalisation_handlers import evidence_from_record
 from shared import metrics
-from shared.protocol.personalisation import GLOBAL, LOCAL
+from shared.protocol.personalisation import GLOBAL, LOCAL, SITE_DEFAULT
 from shared.selection import EQUAL, PRECISION, choice_with_default, pooled_default
 
 RULES = ("site", f"pooled-{EQUAL}", f"pooled-{PRECISION}", "pooled-site")
@@ -43,6 +43,8 @@ def replay(run: Path) -> dict:
     order = tuple(next(iter(records.values()))["evidence"]["order"])
     candidates = (GLOBAL, *(c for c in order if c not in (GLOBAL, LOCAL)), LOCAL)
     defaults = {f"pooled-{w}": pooled_default(evidence, candidates, GLOBAL, w) for w in (EQUAL, PRECISION)}
+    precision, why = defaults[f"pooled-{PRECISION}"]
+    site_default = (precision, why) if precision != GLOBAL else (SITE_DEFAULT, why)
     sites = {}
     for site, record in records.items():
         test = {c: _auc(record["summaries"]["test"][c][OUTCOME]) for c in order}
@@ -53,7 +55,6 @@ def replay(run: Path) -> dict:
         chosen = {"site": own,
                   **{rule: choice_with_default(evidence[site], order, d)[0] for rule, (d, _) in defaults.items()}}
         # pooled-site: the precision-weighted default if significant, else the site's own choice
-        precision = defaults[f"pooled-{PRECISION}"][0]
         chosen["pooled-site"] = own if precision == GLOBAL else chosen[f"pooled-{PRECISION}"]
         sites[site] = {"n_test": test[GLOBAL]["n"], "max_local_global": best, **{
             rule: {"chosen": c, "difference": test[c]["auc"] - best,
@@ -63,6 +64,7 @@ def replay(run: Path) -> dict:
                       "worse_by_more_than_1se": sorted(s for s, f in sites.items()
                                                        if f[rule]["difference"] < -f[rule]["se"])}
                for rule in RULES}
+    defaults["pooled-site"] = site_default
     return {"run": str(run), "defaults": {rule: {"default": d, "reason": why} for rule, (d, why) in defaults.items()},
             "sites": sites, "summary": summary}
 
