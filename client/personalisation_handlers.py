@@ -21,6 +21,12 @@ the phase is tagged (fit ``i`` at place :data:`FIT_INDEX_BASE` + i, the releases
 the node's state (:data:`STATE_KEY`, on the site's disk through ``client.run_state``): a resumed run that redoes
 the phase sends the same numbers and is charged nothing new.
 
+The reply also carries the site's validation scores and their covariance (the paired bootstrap without DP; the
+release's noise and sampling under DP: post-processing), the evidence the coordinator pools when the plan's choice
+is a pooled rule (``shared.selection``): then the site keeps every candidate's weights until
+``query.personalise_keep`` (:func:`personalise_keep`) brings the federation's default, chooses again with it in
+place of its own and keeps only that model.
+
 ``query.personalise_boosting`` (:func:`personalise_boosting`) is the same choice for the finished boosters:
 the federation's boosters (global), the site's own local-only boosters and, for ``site-trees``, the
 federation's trees with a few more grown on the site's training rows (``client.personalised.site_trees``). A

@@ -99,6 +99,8 @@ def report_section(results: dict, family: str = "ann") -> list[str]:
     plan = Personalisation(methods=tuple(c for c in candidates if c not in (GLOBAL, LOCAL)))
     default = (ann_order if family == "ann" else boosting_order)(plan)[0]  # what the sites kept unless beaten
     kept = KEPT_WORDS[family].get(default, default)
+    if any("site_chosen" in part for part in results.get(key, {}).values()):  # --personalise ...,pooled
+        kept = "the federation's default, pooled from every site's validation evidence (see each reason)"
     lines = [f"## {heading} (each site's choice)", "",
              f"Each site trained its local-only model and the {grown} from the final global model on its own "
              "training split, scored them with the global model on its validation split (mean of the outcomes' "

@@ -287,3 +287,21 @@ def test_a_site_keeps_every_candidate_until_told_the_default_then_only_the_model
                                 RecordDict({r.CONFIG: ConfigRecord({p.DEFAULT_KEY: "fedper"})}))
     with pytest.raises(ValueError, match="not among this site's candidates"):
         personalise_keep(bad, bad_request)
+
+
+def test_the_report_says_the_default_was_the_federations_when_a_pooled_rule_chose():
+    from simulation.personalisation import personalisation_results, report_section
+
+    metric = {"response": {"auc": 0.8}}
+    entry = {"candidates": {c: {"per_site": {"clinic_00": metric}} for c in (p.GLOBAL, p.FINETUNE, p.LOCAL)},
+             "chosen": {"clinic_00": p.FINETUNE}, "per_site": {"clinic_00": metric}}
+    phase = {"per_site": {"clinic_00": {"chosen": p.FINETUNE, "reason": "federation default finetune; kept",
+                                        "validation": {}, "dp_steps": 0, "site_chosen": p.GLOBAL}}}
+    results = {"models": {"ann": {"personalised": entry}}, "task": {"outcomes": [["response", "binary"]]},
+               "personalisation": personalisation_results(phase)}
+    assert results["personalisation"]["clinic_00"]["site_chosen"] == p.GLOBAL
+    text = "\n".join(report_section(results))
+    assert "the federation's default, pooled" in text and "kept its default (the fine-tuned model)" not in text
+    del phase["per_site"]["clinic_00"]["site_chosen"]
+    results["personalisation"] = personalisation_results(phase)
+    assert "kept its default (the fine-tuned model)" in "\n".join(report_section(results))
