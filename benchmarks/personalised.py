@@ -1,13 +1,16 @@
 """Benchmark of the personalised ANNs (issue 18): does each site's choice beat max(local-only, global)?
 
     python benchmarks/personalised.py [--clinics 10] [--rounds 10] [--seeds 0 1] [--no-dp] [--skip-plain]
-                                      [--methods finetune,ditto,fedper] [--out benchmarks/results/personalised.json]
+                                      [--methods finetune,ditto,fedper] [--choice site|pooled]
+                                      [--out benchmarks/results/personalised.json]
 
 For each seed: the built-in simulator's clinics (DP ε = 3, δ = 1e-5 per site unless ``--no-dp``), the
 federated ANN with FedAvg and ``--personalise finetune,ditto,fedper`` (``--methods``: fewer; under DP the phase's
 ε then goes to fewer DP-SGD fits and a release of fewer candidates) (``simulation.experiment.run_federation``:
 the real ServerApp and ClientApp in Flower's simulation runtime; no dosing policy, no baselines), then the same
-federation without personalisation ("plain FedAvg"). Figures:
+federation without personalisation ("plain FedAvg"). ``--choice pooled`` (or ``pooled-equal``): the federation
+sets the choice's default from the sites' pooled validation evidence (``shared.selection``); each site's record
+then also holds the choice its own rule made on the same models (``site_chosen``), reported beside it. Figures:
 
 1. **Per site** (sites with ≥ 30 recorded test responses): the response AUC on the test split of the site's
    local-only model, the global model, each method and the chosen model — each site's own exact record
@@ -39,7 +42,7 @@ from server.run_record import RunRecord
 from shared import metrics
 from shared.ann import to_arrays
 from shared.artifacts import RunArtifacts
-from shared.protocol.personalisation import GLOBAL, LOCAL, METHODS, ann_methods
+from shared.protocol.personalisation import CHOICE_RULES, GLOBAL, LOCAL, METHODS, SITE_RULE, ann_methods
 from shared.task import NANOPARTICLE_TASK
 from simulation.baselines import BaselineSettings, evaluate_per_site
 from simulation.experiment import ExperimentConfig, flower_environment, prepare_sites, quiet_flower, run_federation
@@ -87,9 +90,10 @@ def global_auc_per_site(cfg: ExperimentConfig, sources, record: RunRecord) -> tu
 
 
 def seed_figures(root: Path, clinics: int, rounds: int, seed: int, dp: bool, plain_fedavg: bool = True,
-                 methods: tuple[str, ...] = METHODS) -> dict:
+                 methods: tuple[str, ...] = METHODS, choice: str = SITE_RULE) -> dict:
     methods = ",".join(methods)
-    cfg, sources, record, seconds = one_run(root / f"personalised-{seed}", clinics, rounds, seed, dp, methods)
+    cfg, sources, record, seconds = one_run(root / f"personalised-{seed}", clinics, rounds, seed, dp,
+                                            methods + (f",{choice}" if choice != SITE_RULE else ""))
     names = {s.path.name: s for s in sources}
     exact = site_records({name: names[name] for name in record.sites if name in names}, record.run_id)
     phase = record.personalisation or {}
@@ -111,6 +115,12 @@ def seed_figures(root: Path, clinics: int, rounds: int, seed: int, dp: bool, pla
                        "difference": chosen_auc - best_baseline, "se": se,
                        "reason": phase.get("per_site", {}).get(site, {}).get("reason"),
                        "chosen_on_exact_validation_auc": choose(exact_scores, candidates)[0]}
+        if "site_chosen" in entry:  # the site's own rule on the same models (--choice pooled)
+            own = entry["site_chosen"]
+            sites[site] |= {"site_chosen": own, "site_chosen_auc": test[own]["auc"],
+                            "site_difference": test[own]["auc"] - best_baseline,
+                            "se_site": hanley_mcneil_se(test[own]["auc"], test[own]["n_pos"], test[own]["n_neg"])
+                            if test[own]["n_pos"] and test[own]["n_neg"] else math.nan}
     with_global, model_bytes = global_auc_per_site(cfg, sources, record)
     if plain_fedavg:
         plain_cfg, plain_sources, plain, plain_seconds = one_run(root / f"plain-{seed}", clinics, rounds, seed, dp, "")
@@ -129,6 +139,11 @@ def seed_figures(root: Path, clinics: int, rounds: int, seed: int, dp: bool, pla
                      for c in [*candidates, "chosen_auc"]},
         "worse_than_best_by_more_than_1se": [s for s in big if sites[s]["difference"] < -sites[s]["se"]],
         "better_on_average_by": statistics.fmean(sites[s]["difference"] for s in big),
+        "pooled": phase.get("pooled"),
+        "site_rule": {"worse_than_best_by_more_than_1se": [s for s in big
+                                                           if sites[s]["site_difference"] < -sites[s]["se_site"]],
+                      "better_on_average_by": statistics.fmean(sites[s]["site_difference"] for s in big)}
+        if big and all("site_chosen" in sites[s] for s in big) else None,
         "cost": {"ann_training_s": record.models["ann"].seconds, "personalisation_s": phase.get("seconds"),
                  "plain_ann_training_s": plain.models["ann"].seconds if plain else None, "federation_s": seconds,
                  "plain_federation_s": plain_seconds,
@@ -161,6 +176,15 @@ def print_tables(result: dict) -> None:
         print("mean per-site AUC: " + ", ".join(f"{c} {_f(means[c])}" for c in [*candidates, "chosen_auc"]))
         print(f"chosen − max(local, global): mean {run['better_on_average_by']:+.3f}; sites worse by > 1 SE: "
               f"{run['worse_than_best_by_more_than_1se'] or 'none'}")
+        if run.get("pooled"):
+            pooled, own = run["pooled"], run["site_rule"]
+            print(f"federation default: {pooled['default']} ({pooled['reason']})")
+            if own:
+                print("each site's own rule on the same models: "
+                      + ", ".join(f"{s} {run['sites'][s]['site_chosen']} {run['sites'][s]['site_difference']:+.3f}"
+                                  for s in run["sites_30"])
+                      + f"; mean {own['better_on_average_by']:+.3f}; sites worse by > 1 SE: "
+                        f"{own['worse_than_best_by_more_than_1se'] or 'none'}")
         c = run["cost"]
         eps = c["epsilon"]
         print(f"cost: ANN rounds {c['ann_training_s']:.1f} s (plain FedAvg {_f(c['plain_ann_training_s'])} s), "
@@ -187,6 +211,9 @@ def main() -> None:
                         help="leave out the plain-FedAvg run of each seed (cost comparison only; halves the time)")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help="personalised ANN methods, comma-separated (default: all of them)")
+    parser.add_argument("--choice", choices=CHOICE_RULES, default=SITE_RULE,
+                        help="who sets the choice's default: each site (site) or the federation's pooled evidence, "
+                             "weighted by precision (pooled) or equally (pooled-equal)")
     parser.add_argument("--work", type=Path, default=Path("runs/bench_personalised"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/personalised.json"))
     args = parser.parse_args()
@@ -199,10 +226,11 @@ def main() -> None:
     runs = []
     for seed in args.seeds:
         runs.append(seed_figures(args.work, args.clinics, args.rounds, seed, not args.no_dp, not args.skip_plain,
-                                 methods))
+                                 methods, args.choice))
     result = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "python": sys.version.split()[0],
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
               "clinics": args.clinics, "rounds": args.rounds, "dp": not args.no_dp, "methods": list(methods),
+              "choice": args.choice,
               "total_s": time.perf_counter() - start, "runs": runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(metrics.json_safe(result), indent=1) + "\n")

@@ -21,6 +21,12 @@ the phase is tagged (fit ``i`` at place :data:`FIT_INDEX_BASE` + i, the releases
 the node's state (:data:`STATE_KEY`, on the site's disk through ``client.run_state``): a resumed run that redoes
 the phase sends the same numbers and is charged nothing new.
 
+The reply also carries the site's validation scores and their covariance (the paired bootstrap without DP; the
+release's noise and sampling under DP: post-processing), the evidence the coordinator pools when the plan's choice
+is a pooled rule (``shared.selection``): then the site keeps every candidate's weights until
+``query.personalise_keep`` (:func:`personalise_keep`) brings the federation's default, chooses again with it in
+place of its own and keeps only that model.
+
 ``query.personalise_boosting`` (:func:`personalise_boosting`) is the same choice for the finished boosters:
 the federation's boosters (global), the site's own local-only boosters and, for ``site-trees``, the
 federation's trees with a few more grown on the site's training rows (``client.personalised.site_trees``). A
@@ -61,14 +67,19 @@ from shared.protocol import messages
 from shared.protocol import records as r
 from shared.protocol.personalisation import (
     BOOSTING_DP_REFUSAL,
+    CHOICE,
+    DEFAULT_KEY,
     FINETUNE,
     GLOBAL,
     LOCAL,
+    POOLED_RULES,
+    SITE_DEFAULT,
     VALIDATION_PRIVACY,
     Personalisation,
     PersonalisationReply,
 )
 from shared.protocol.training import EVAL_BINS, AnnTraining
+from shared.selection import SiteEvidence, choice_with_default
 
 PHASE = "personalisation"
 TRAINING_PART = 0.8
@@ -145,17 +156,25 @@ def personalise(msg: Message, request: SiteRequest) -> RecordDict:
     scores = {name: validation_score(task, chosen_on["validation"][name]) for name in order}
     rng = np.random.default_rng(settings.seed)
     if dp is None:
-        spread = paired_bootstrap_sd(request, splits["validation"], predictions["validation"], order,
-                                     metrics.DEFAULT_N_BINS, rng)
+        draws = bootstrap_scores(request, splits["validation"], predictions["validation"], order,
+                                 metrics.DEFAULT_N_BINS, rng)
+        spread = paired_differences_sd(draws, order)
+        covariance = score_covariance(draws, order)
     else:
-        spread = released_difference_sd(request, released["validation"], release.sigma_at(0), order, rng)
+        variance = released_score_variance(request, released["validation"], release.sigma_at(0), order, rng)
+        spread = {name: math.sqrt(variance[name] + variance[order[0]]) for name in order[1:]}
+        covariance = {(name, name): v for name, v in variance.items()}  # the candidates' noise is independent
     chosen, reason = choose_by_margin(scores, spread, order)
     if dp is not None:
         reason += " on the noised validation release"
-    _keep_at_site(request, chosen, reason, exact, models[chosen].model_ if chosen in models else global_model)
+    evidence = SiteEvidence(scores, covariance)
+    weights = {name: models[name].model_ if name in models else global_model for name in plan.candidates}
+    _keep_at_site(request, chosen, reason, exact, weights[chosen],
+                  candidates=weights if plan.choice in POOLED_RULES else None, evidence=evidence, order=order)
     reply = PersonalisationReply(chosen=chosen, reason=reason, summaries=released, num_examples=n,
                                  dp_steps=dp_steps, candidates=plan.candidates,
-                                 dp_fits=len(models) if dp is not None else 0)
+                                 dp_fits=len(models) if dp is not None else 0, scores=scores,
+                                 covariance=covariance)
     for name, record in reply.to_records().items():
         content[name] = record
     return content
@@ -263,28 +282,59 @@ def paired_bootstrap_sd(request: SiteRequest, data: EncodedSplit, predictions: P
     """SD of ``score(c) − score(default)`` over bootstrap resamples of the validation rows, all candidates scored on
     the same resample (Efron & Tibshirani 1993, ch. 6; paired, so two near-identical models differ by little).
     Without DP only: it reads the site's exact rows."""
-    task, default = request.site.task, candidates[0]
-    differences: dict[str, list[float]] = {name: [] for name in candidates[1:]}
+    return paired_differences_sd(bootstrap_scores(request, data, predictions, candidates, n_bins, rng), candidates)
+
+
+def bootstrap_scores(request: SiteRequest, data: EncodedSplit, predictions: Predictions,
+                     candidates: tuple[str, ...], n_bins: int, rng: np.random.Generator) -> dict[str, list[float]]:
+    """Every candidate's validation score on each of :data:`BOOTSTRAP_DRAWS` resamples of the validation rows, all
+    candidates on the same resample (paired). Without DP only: it reads the site's exact rows."""
+    task = request.site.task
+    draws: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(BOOTSTRAP_DRAWS):
         rows = rng.integers(0, len(data), len(data))
         sample = EncodedSplit(x=data.x[rows], targets={k: v[rows] for k, v in data.targets.items()}, frame=None)
-        score = {name: validation_score(task, summaries(request.encoder, sample,
-                                                        {o: v[rows] for o, v in predictions[name].items()},
-                                                        n_bins=n_bins))
-                 for name in candidates}
-        for name in candidates[1:]:
-            differences[name].append(score[name] - score[default])
-    return {name: _finite_sd(values) for name, values in differences.items()}
+        for name in candidates:
+            draws[name].append(validation_score(task, summaries(request.encoder, sample,
+                                                                {o: v[rows] for o, v in predictions[name].items()},
+                                                                n_bins=n_bins)))
+    return draws
+
+
+def paired_differences_sd(draws: dict[str, list[float]], candidates: tuple[str, ...]) -> dict[str, float]:
+    """SD over the draws of ``score(c) − score(candidates[0])`` for every other candidate."""
+    default = candidates[0]
+    return {name: _finite_sd([a - b for a, b in zip(draws[name], draws[default], strict=True)])
+            for name in candidates[1:]}
+
+
+def score_covariance(draws: dict[str, list[float]], candidates: tuple[str, ...]) -> dict[tuple[str, str], float]:
+    """Covariance of the candidates' scores over the paired draws (those where every candidate has a score): what a
+    site replies for the federation's pooled default (``shared.selection.SiteEvidence``)."""
+    table = np.array([draws[name] for name in candidates], dtype=float)
+    table = table[:, np.isfinite(table).all(axis=0)]
+    if table.shape[1] < 2:
+        return {(a, b): math.nan for a in candidates for b in candidates}
+    cov = np.cov(table, ddof=1)
+    return {(a, b): float(cov[i, j]) for i, a in enumerate(candidates) for j, b in enumerate(candidates)}
 
 
 def released_difference_sd(request: SiteRequest, released: dict[str, dict], sigma: float,
                            candidates: tuple[str, ...], rng: np.random.Generator) -> dict[str, float]:
-    """SD of ``score(c) − score(default)`` from the validation release alone: the release's noise (a parametric
-    bootstrap: the released blocks noised again with the release's own σ, the same Gaussian mechanism) and the
-    split's sampling (:func:`client.personalised.choice.sampling_se` of the released summaries), independent
-    between candidates (their noise is; their sampling is positively correlated, so this over-states it).
-    Post-processing of the release and its public σ only."""
-    task, default = request.site.task, candidates[0]
+    """SD of ``score(c) − score(default)`` from the validation release alone (:func:`released_score_variance`,
+    the candidates independent). Post-processing of the release and its public σ only."""
+    variance = released_score_variance(request, released, sigma, candidates, rng)
+    return {name: math.sqrt(variance[name] + variance[candidates[0]]) for name in candidates[1:]}
+
+
+def released_score_variance(request: SiteRequest, released: dict[str, dict], sigma: float,
+                            candidates: tuple[str, ...], rng: np.random.Generator) -> dict[str, float]:
+    """Variance of each candidate's score from the validation release alone: the release's noise (a parametric
+    bootstrap: the released blocks noised again with the release's own σ, the same Gaussian mechanism) plus the
+    split's sampling (:func:`client.personalised.choice.sampling_se` of the released summaries). Taken as
+    independent between candidates (their noise is; their sampling is positively correlated, so a difference's
+    variance from these over-states it). Post-processing of the release and its public σ only."""
+    task = request.site.task
     blocks = {f"{name}|{key}": block for name in candidates
               for key, block in summary_blocks(request.encoder, released[name]).items()}
     draws: dict[str, list[float]] = {name: [] for name in candidates}
@@ -294,8 +344,7 @@ def released_difference_sd(request: SiteRequest, released: dict[str, dict], sigm
             again = from_blocks(request.encoder, {key.split("|", 1)[1]: value for key, value in noised.items()
                                                   if key.startswith(name + "|")})
             draws[name].append(validation_score(task, again))
-    variance = {name: _finite_sd(draws[name]) ** 2 + sampling_se(task, released[name]) ** 2 for name in candidates}
-    return {name: math.sqrt(variance[name] + variance[default]) for name in candidates[1:]}
+    return {name: _finite_sd(draws[name]) ** 2 + sampling_se(task, released[name]) ** 2 for name in candidates}
 
 
 def _finite_sd(values: list[float]) -> float:
@@ -369,15 +418,84 @@ def _private(request: SiteRequest, data: EncodedSplit, predictions: Predictions,
             for name in predictions}, facts
 
 
-def _keep_at_site(request: SiteRequest, chosen: str, reason: str, exact: dict, model) -> None:
-    """The chosen model and the site's exact figures, in the site's own folder (never sent)."""
+CANDIDATES_DIR = "{run}-candidates"
+"""Folder (in the site's record folder) of every candidate's weights when the federation sets the default
+(:data:`shared.protocol.personalisation.POOLED`): ``query.personalise_keep`` keeps one and removes it."""
+
+
+def _keep_at_site(request: SiteRequest, chosen: str, reason: str, exact: dict, model,
+                  candidates: dict | None = None, evidence: SiteEvidence | None = None,
+                  order: tuple[str, ...] = ()) -> None:
+    """The chosen model and the site's exact figures, in the site's own folder (never sent); with ``candidates``
+    (the pooled choice) every candidate's weights too, until ``query.personalise_keep`` says which to keep."""
     import torch
 
     folder = site_record_folder(request.source.folder, request.name)
     folder.mkdir(parents=True, exist_ok=True)
     run = str(request.context.run_id)
     torch.save(model.state_dict(), folder / f"{run}-{chosen}.pt")
-    write_json_atomically(folder / f"{run}.json", _site_record(request, chosen, reason, exact))
+    if candidates:
+        (folder / CANDIDATES_DIR.format(run=run)).mkdir(exist_ok=True)
+        for name, weights in candidates.items():
+            torch.save(weights.state_dict(), folder / CANDIDATES_DIR.format(run=run) / f"{name}.pt")
+    body = _site_record(request, chosen, reason, exact)
+    if evidence is not None:
+        names = list(order)
+        body["evidence"] = metrics.json_safe({
+            "order": names, "scores": [evidence.scores.get(c, math.nan) for c in names],
+            "covariance": [[evidence.covariance.get((a, b), 0.0) for b in names] for a in names]})
+    write_json_atomically(folder / f"{run}.json", body)
+
+
+def personalise_keep(msg: Message, request: SiteRequest) -> RecordDict:
+    """``query.personalise_keep``: choose again with the federation's default (``shared.selection``) on the
+    evidence this site recorded in the phase, keep that candidate's weights (the others are removed), update the
+    site's record and reply the choice and why (no figure: the coordinator has them)."""
+    import shutil
+
+    import torch
+
+    default = str(msg.content[r.CONFIG][DEFAULT_KEY])
+    folder = site_record_folder(request.source.folder, request.name)
+    run = str(request.context.run_id)
+    path = folder / f"{run}.json"
+    if not path.is_file() or "evidence" not in (record := json.loads(path.read_text())):
+        raise ValueError(f"personalise_keep: {path} holds no evidence of this run's personalisation phase "
+                         "(expected the phase to have run here first with the pooled choice)")
+    order = tuple(record["evidence"]["order"])
+    if default != SITE_DEFAULT and default not in order:
+        raise ValueError(f"personalise_keep: the federation's default {default!r} is not among this site's "
+                         f"candidates {', '.join(order)}")
+    if default == SITE_DEFAULT:  # no significant pooled gain: the site's own rule stands
+        chosen = record.get("site_chosen", record["chosen"])
+        reason = f"no federation default (no significant pooled gain); {record.get('site_reason', record['reason'])}"
+    else:
+        chosen, reason = choice_with_default(evidence_from_record(record["evidence"]), order, default)
+    stored = folder / CANDIDATES_DIR.format(run=run)
+    if (stored / f"{chosen}.pt").is_file():
+        torch.save(torch.load(stored / f"{chosen}.pt"), folder / f"{run}-{chosen}.pt")
+        shutil.rmtree(stored)
+    elif not (folder / f"{run}-{chosen}.pt").is_file():
+        raise ValueError(f"personalise_keep: no weights of {chosen} in {stored} (removed by an earlier answer?)")
+    if record["chosen"] != chosen:
+        (folder / f"{run}-{record['chosen']}.pt").unlink(missing_ok=True)
+    record |= {"site_chosen": record.get("site_chosen", record["chosen"]),
+               "site_reason": record.get("site_reason", record["reason"]), "chosen": chosen, "reason": reason,
+               "federation_default": default}
+    write_json_atomically(path, record)
+    return RecordDict({CHOICE: ConfigRecord({"chosen": chosen, "reason": reason})})
+
+
+def evidence_from_record(body: dict) -> SiteEvidence:
+    """:class:`shared.selection.SiteEvidence` from a site record's ``evidence`` (``None`` read as NaN)."""
+    names = body["order"]
+
+    def number(v) -> float:
+        return math.nan if v is None else float(v)
+
+    return SiteEvidence({c: number(v) for c, v in zip(names, body["scores"], strict=True)},
+                        {(a, b): number(body["covariance"][i][j]) for i, a in enumerate(names)
+                         for j, b in enumerate(names)})
 
 
 def site_record_folder(site_folder: Path, site: str) -> Path:
@@ -386,6 +504,8 @@ def site_record_folder(site_folder: Path, site: str) -> Path:
 
 
 def register_personalisation(client, handlers: SiteHandlers) -> None:
-    """Add the ``query.personalise`` and ``query.personalise_boosting`` handlers to ``client``."""
+    """Add the ``query.personalise``, ``query.personalise_boosting`` and ``query.personalise_keep`` handlers to
+    ``client``."""
     client.query(messages.PERSONALISE.action)(handlers(personalise))
     client.query(messages.PERSONALISE_BOOSTING.action)(handlers(personalise_boosting))
+    client.query(messages.PERSONALISE_KEEP.action)(handlers(personalise_keep))

@@ -45,7 +45,7 @@ from server.statistics_phase import federated_encoder
 from server.training_phase import eval_bins, train_ann, training_config
 from shared.artifacts import RunArtifacts
 from shared.encoding import FeatureEncoder
-from shared.protocol.personalisation import Personalisation, ann_methods, boosting_methods
+from shared.protocol.personalisation import Personalisation, ann_methods, boosting_methods, choice_rule
 from shared.protocol.privacy import RunPlan
 from shared.protocol.training import EVAL_BINS
 from strategies.choice import make_strategy
@@ -173,9 +173,9 @@ def run_federation(grid: Grid, settings: RunSettings, on_round: Callable[[int], 
         if "personalisation" in plan.phases:
             config = training_config(settings, encoder, plan)
             config[EVAL_BINS] = eval_bins(sites)
+            ann_plan = Personalisation(ann_methods(settings.personalise), choice=choice_rule(settings.personalise))
             with record.timed("personalisation"):
-                record.personalisation = run_personalisation(
-                    grid, sites, task, arrays, config, Personalisation(ann_methods(settings.personalise)), record)
+                record.personalisation = run_personalisation(grid, sites, task, arrays, config, ann_plan, record)
     if "xgboost" in settings.model_names:
         boost = run_hist_boosting if settings.boosting == "hist" else run_boosting
         with record.timed("boosting"):

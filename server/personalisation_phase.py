@@ -33,10 +33,18 @@ from shared.protocol import records as r
 from shared.protocol.boosting import evaluation_request
 from shared.protocol.personalisation import (
     BOOSTING_DP_REFUSAL,
+    CHOICE,
+    DEFAULT_KEY,
+    GLOBAL,
+    POOLED_EQUAL,
+    POOLED_RULES,
+    POOLED_SITE,
+    SITE_DEFAULT,
     VALIDATION_PRIVACY,
     Personalisation,
     PersonalisationReply,
 )
+from shared.selection import EQUAL, PRECISION, SiteEvidence, pooled_default, pooled_gains
 from shared.task import TaskSpec
 
 PHASE = "personalisation"
@@ -62,10 +70,57 @@ def run_personalisation(grid: Grid, sites: SiteCheck, task: TaskSpec, arrays: Ar
     nodes = sites.granting(PHASE)
     sent = [Message(content, dst_node_id=n, message_type=messages.PERSONALISE.type) for n in nodes]
     per_site, failures, received = collect(grid, sites, task, sent, record)
-    return {"methods": list(plan.methods), "candidates": list(plan.candidates), "epochs": plan.epochs,
-            "ditto_lambda": plan.ditto_lambda, "seconds": time.perf_counter() - start,
-            "bytes": {"sent": len(nodes) * sum(record_bytes(v) for v in content.values()), "received": received},
-            "per_site": per_site, "failures": failures, "refused": sites.refusing(PHASE)}
+    sent_bytes = len(nodes) * sum(record_bytes(v) for v in content.values())
+    phase = {"methods": list(plan.methods), "candidates": list(plan.candidates), "epochs": plan.epochs,
+             "ditto_lambda": plan.ditto_lambda, "choice": plan.choice}
+    if plan.choice in POOLED_RULES and per_site:
+        phase["pooled"], more_sent, more_received = keep_pooled(grid, sites, plan, per_site, failures)
+        sent_bytes, received = sent_bytes + more_sent, received + more_received
+    return phase | {"seconds": time.perf_counter() - start, "bytes": {"sent": sent_bytes, "received": received},
+                    "per_site": per_site, "failures": failures, "refused": sites.refusing(PHASE)}
+
+
+def keep_pooled(grid: Grid, sites: SiteCheck, plan: Personalisation, per_site: dict,
+                failures: dict) -> tuple[dict, int, int]:
+    """The federation's default from the sites' replied validation evidence (``shared.selection.pooled_default``:
+    every candidate's gain over the global model pooled over the sites, by precision or equally as the plan says,
+    kept only if significantly positive, else global or, under ``pooled-site``, each site's own default),
+    sent to every site that answered (``query.personalise_keep``); each site chooses again with it and keeps that
+    model. Updates ``per_site`` (``chosen``, ``reason``; the site's own choice under ``site_chosen``); returns the
+    default with why, and the bytes sent and received."""
+    evidence = {site: evidence_of(entry) for site, entry in per_site.items() if entry.get("validation_scores")}
+    weighting = EQUAL if plan.choice == POOLED_EQUAL else PRECISION
+    default, why = pooled_default(evidence, plan.candidates, GLOBAL, weighting)
+    if plan.choice == POOLED_SITE and default == GLOBAL:  # nothing significant: each site's own default
+        default, why = SITE_DEFAULT, why + "; each site keeps its own choice"
+    log(INFO, "personalisation: federation default %s (%s)", default, why)
+    content = RecordDict({r.CONFIG: ConfigRecord({DEFAULT_KEY: default})})
+    node_of = {name: node for node, name in sites.usable.items()}
+    nodes = [node_of[site] for site in per_site if site in node_of]
+    sent = [Message(content, dst_node_id=n, message_type=messages.PERSONALISE_KEEP.type) for n in nodes]
+    received = 0
+    for reply in grid.send_and_receive(sent):
+        name = sites.usable.get(reply.metadata.src_node_id, f"node {reply.metadata.src_node_id}")
+        if reply.has_error():
+            failures[name] = f"personalise_keep: {reply.error.reason}"
+            continue
+        received += sum(record_bytes(v) for v in reply.content.values())
+        answer = reply.content[CHOICE]
+        entry = per_site[name]
+        entry["site_chosen"], entry["chosen"], entry["reason"] = (entry["chosen"], str(answer["chosen"]),
+                                                                   str(answer["reason"]))
+    gains = pooled_gains(evidence, plan.candidates, GLOBAL, weighting)
+    return ({"default": default, "reason": why, "weighting": weighting, "sites": sorted(evidence),
+             "gains": {c: {"gain": g.gain, "sd": g.sd, "sites": g.sites} for c, g in gains.items()}},
+            len(nodes) * sum(record_bytes(v) for v in content.values()), received)
+
+
+def evidence_of(entry: dict) -> SiteEvidence:
+    """A site's :class:`shared.selection.SiteEvidence` from its phase record (:func:`collect`)."""
+    names = list(entry["validation_scores"])
+    cov = entry["validation_covariance"]
+    return SiteEvidence(dict(entry["validation_scores"]),
+                        {(a, b): cov[i][j] for i, a in enumerate(names) for j, b in enumerate(names)})
 
 
 def run_boosting_personalisation(grid: Grid, sites: SiteCheck, task: TaskSpec, boosters: dict[str, bytes],
@@ -108,6 +163,11 @@ def collect(grid: Grid, sites: SiteCheck, task: TaskSpec, sent: list[Message],
         per_site[name] = {"chosen": answer.chosen, "reason": answer.reason, "dp_steps": answer.dp_steps,
                           **{split: {c: outcome_metrics(task, _as_record(s)) for c, s in by.items()}
                              for split, by in answer.summaries.items()}}
+        if answer.scores:  # the ANN phase: the validation evidence the federation's default pools
+            names = list(answer.scores)
+            per_site[name]["validation_scores"] = dict(answer.scores)
+            per_site[name]["validation_covariance"] = [[answer.covariance.get((a, b), 0.0) for b in names]
+                                                       for a in names]
     return per_site, failures, received
 
 

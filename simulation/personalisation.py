@@ -13,7 +13,8 @@ results.json:
   ``{"overall", "per_site"}``: the site's local-only model, the global model, each method), ``released`` and
   ``cost`` (the phase's seconds, bytes on the wire, ε per DP site);
 - ``personalisation``: per site ``{chosen, reason, validation, dp_steps}`` (validation: candidate → outcome →
-  metrics, as released).
+  metrics, as released), and ``site_chosen`` (what the site's own rule chose) when the federation set the default
+  (``--personalise ...,pooled``).
 - ``models.xgboost.personalised`` and ``personalisation_xgboost``: the same for the boosters (``site-trees``;
   sites without DP only, a DP site under ``refused``).
 """
@@ -68,7 +69,8 @@ def personalisation_results(phase: dict) -> dict:
     """``personalisation`` (or ``personalisation_xgboost``) of results.json from the run record's phase: per site
     its choice, reason and released validation metrics."""
     return {site: {"chosen": e["chosen"], "reason": e["reason"], "validation": e["validation"],
-                   "dp_steps": e["dp_steps"]} for site, e in phase.get("per_site", {}).items()}
+                   "dp_steps": e["dp_steps"], **({"site_chosen": e["site_chosen"]} if "site_chosen" in e else {})}
+            for site, e in phase.get("per_site", {}).items()}
 
 
 def cost(phase: dict, privacy: dict[str, dict]) -> dict:
@@ -97,6 +99,8 @@ def report_section(results: dict, family: str = "ann") -> list[str]:
     plan = Personalisation(methods=tuple(c for c in candidates if c not in (GLOBAL, LOCAL)))
     default = (ann_order if family == "ann" else boosting_order)(plan)[0]  # what the sites kept unless beaten
     kept = KEPT_WORDS[family].get(default, default)
+    if any("site_chosen" in part for part in results.get(key, {}).values()):  # --personalise ...,pooled
+        kept = "the federation's default, pooled from every site's validation evidence (see each reason)"
     lines = [f"## {heading} (each site's choice)", "",
              f"Each site trained its local-only model and the {grown} from the final global model on its own "
              "training split, scored them with the global model on its validation split (mean of the outcomes' "

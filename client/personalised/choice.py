@@ -16,12 +16,12 @@ site's noised validation release and its public σ, so the choice is post-proces
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from statistics import NormalDist
+from collections.abc import Mapping
 
 import numpy as np
 
 from shared import metrics
+from shared.selection import ALPHA, TIE_MARGIN, choose, choose_by_margin, one_sided_z  # noqa: F401 (the site's rule)
 from shared.task import TaskSpec
 
 HEADLINE = {"binary": "auc", "multiclass": "auc", "regression": "r2"}
@@ -29,11 +29,6 @@ HEADLINE = {"binary": "auc", "multiclass": "auc", "regression": "r2"}
 R2_FLOOR = 0.0
 """R² below this counts as this (a model worse than the mean is as useless as the mean; noised sums at a DP site
 can make R² arbitrarily negative)."""
-
-TIE_MARGIN = 1e-9
-"""Scores closer than this are a tie (float noise only: a small validation split's own noise is the site's to
-judge, the rule does not guess it)."""
-
 
 def validation_score(task: TaskSpec, summaries: Mapping[str, Mapping]) -> float:
     """Mean of the outcomes' headline metrics (:data:`HEADLINE`, R² floored at :data:`R2_FLOOR`) from one
@@ -44,34 +39,6 @@ def validation_score(task: TaskSpec, summaries: Mapping[str, Mapping]) -> float:
         if math.isfinite(value):
             values.append(max(value, R2_FLOOR) if outcome.kind == "regression" else value)
     return sum(values) / len(values) if values else math.nan
-
-
-def choose(scores: Mapping[str, float], order: Sequence[str]) -> tuple[str, str]:
-    """The best-scoring candidate (``order`` breaks ties and ranks NaN last) and the reason in words.
-
-    Example
-    -------
-    >>> choose({"global": 0.70, "ditto": 0.74, "local": 0.66}, ("global", "ditto", "local"))
-    ('ditto', 'best validation score 0.740 (global 0.700, local 0.660)')
-    """
-    finite = {name: scores[name] for name in order if math.isfinite(scores.get(name, math.nan))}
-    if not finite:
-        return order[0], f"no candidate has a validation score (too few rows or one class only): kept {order[0]}"
-    best = max(finite.values())
-    chosen = next(name for name in order if name in finite and finite[name] >= best - TIE_MARGIN)
-    others = ", ".join(f"{name} {scores[name]:.3f}" if math.isfinite(scores.get(name, math.nan)) else f"{name} n/a"
-                       for name in order if name != chosen and name in scores)
-    return chosen, f"best validation score {finite[chosen]:.3f} ({others})"
-
-
-ALPHA = 0.05
-"""Family-wise level of the one-sided test that moves a site off the global model (:func:`choose_by_margin`)."""
-
-
-def one_sided_z(alternatives: int) -> float:
-    """z of the one-sided Bonferroni test at :data:`ALPHA` over ``alternatives`` comparisons with the default:
-    ``Φ⁻¹(1 − α/m)`` (2.24 for the four alternatives of global + three methods + local)."""
-    return NormalDist().inv_cdf(1 - ALPHA / max(alternatives, 1))
 
 
 def auc_standard_error(auc: float, n_pos: float, n_neg: float) -> float:
@@ -114,46 +81,3 @@ def sampling_se(task: TaskSpec, summaries: Mapping[str, Mapping]) -> float:
             values.append(auc_standard_error(m["auc"], float(pos[rarest]), float(neg[rarest])))
     finite = [v for v in values if math.isfinite(v)]
     return sum(finite) / len(finite) if finite else math.nan
-
-
-def choose_by_margin(scores: Mapping[str, float], difference_sd: Mapping[str, float],
-                     order: Sequence[str]) -> tuple[str, str]:
-    """Keep the default (``order[0]``) unless a candidate beats it on validation by more than
-    the noise of the comparison: a one-sided test per alternative, Bonferroni over them (:func:`one_sided_z`).
-
-    ``difference_sd[c]`` is the standard deviation of ``score[c] − score[default]`` under the validation split's
-    sampling and, at a DP site, the release's Gaussian noise. A candidate passes when its gain exceeds
-    ``z · difference_sd[c]``; among those that pass, the largest lower bound ``gain − z·sd`` wins (``order`` breaks
-    ties). Choosing the best raw score instead (:func:`choose`) picks whichever candidate the noise favoured: with
-    five candidates, a noise sd of 0.1 and no true difference the expected maximum is ≈ 0.12 above the rest
-    (Blom's approximation), so an untrained local model wins whenever the noise says so. The test is the standard
-    guard against that winner's curse in model selection (Cawley & Talbot, JMLR 2010;11:2079, on selection bias
-    from a noisy validation estimate; Hanley & McNeil 1983, Radiology 148:839, for the SE of a difference of
-    AUCs); it only loses to the best candidate by a gain the split could not tell from noise.
-
-    Every input is computed from what the site releases (or, without DP, from its own exact rows, which a site
-    without DP may use), so under DP the choice stays post-processing of the validation release.
-
-    Example
-    -------
-    >>> choose_by_margin({"global": 0.70, "ditto": 0.74, "local": 0.90}, {"ditto": 0.01, "local": 0.2},
-    ...                  ("global", "ditto", "local"))[0]
-    'ditto'
-    """
-    default = order[0]
-    if not math.isfinite(scores.get(default, math.nan)):
-        return choose(scores, order)
-    z = one_sided_z(len(order) - 1)
-    bounds = {}
-    for name in order[1:]:
-        gain, sd = scores.get(name, math.nan) - scores[default], difference_sd.get(name, math.nan)
-        if math.isfinite(gain) and math.isfinite(sd) and gain - z * sd > TIE_MARGIN:
-            bounds[name] = gain - z * sd
-    tests = ", ".join(f"{name} {scores.get(name, math.nan) - scores[default]:+.3f} vs "
-                      f"{z * difference_sd.get(name, math.nan):.3f}" for name in order[1:])
-    if not bounds:
-        return default, (f"kept {default} (validation score {scores[default]:.3f}): no candidate beat it by more "
-                         f"than z·sd at z = {z:.2f} (gain, margin: {tests})")
-    chosen = max(bounds, key=lambda name: (bounds[name], -order.index(name)))
-    return chosen, (f"{chosen} beat {default} ({scores[default]:.3f}) on validation by "
-                    f"{scores[chosen] - scores[default]:.3f}, more than z·sd at z = {z:.2f} (gain, margin: {tests})")

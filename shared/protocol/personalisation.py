@@ -34,6 +34,19 @@ BOOSTING_DP_REFUSAL = ("personalised boosting is not offered at a DP site: XGBoo
 LOCAL, GLOBAL = "local", "global"
 """The two candidates every personalising site also scores: its own local-only model and the global model."""
 SPLITS = ("validation", "test")
+SITE_RULE, POOLED, POOLED_EQUAL, POOLED_SITE = "site", "pooled", "pooled-equal", "pooled-site"
+"""How the ANN choice's default is set: by each site alone (``site``: the fine-tuned model or the global one,
+``client.personalisation_handlers.ann_order``) or by the federation (``pooled``: the coordinator pools the sites'
+validation evidence weighted by its precision, ``shared.selection.pooled_default``, and sends the default back,
+``query.personalise_keep``: the best candidate if its pooled gain over global is significant, else global;
+``pooled-equal``: the same with the sites weighted equally, the plain sum of their gains; ``pooled-site``: as
+``pooled``, but without a significant pooled gain each site keeps its own default). Named among the methods:
+``--personalise finetune,ditto,fedper,pooled``."""
+CHOICE_RULES = (SITE_RULE, POOLED, POOLED_EQUAL, POOLED_SITE)
+POOLED_RULES = (POOLED, POOLED_EQUAL, POOLED_SITE)
+SITE_DEFAULT = "(each site's own)"
+"""The default ``query.personalise_keep`` sends under :data:`POOLED_SITE` when no pooled gain is significant: the
+site keeps the choice its own rule made (not empty: Flower cannot count an empty string's bytes)."""
 
 CHOICE = "choice"
 """Reply record (ConfigRecord): the chosen candidate, the reason, the candidates in order."""
@@ -48,16 +61,29 @@ _LR_KEY = "personalise-lr"
 _SITE_TREES_KEY = "personalise-site-trees"
 _SITE_TREES_LAMBDA_KEY = "personalise-site-trees-lambda"
 _LOCAL_ROUNDS_KEY = "personalise-local-rounds"
+_CHOICE_KEY = "personalise-choice"
+DEFAULT_KEY = "personalise-default"
+"""Config key of ``query.personalise_keep``: the federation's default (:data:`POOLED`)."""
 
 
 def parse_methods(text: str) -> tuple[str, ...]:
     """Methods from ``"finetune,ditto"``; ``ValueError`` naming an unknown one ("" is none)."""
-    names = tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    names = tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip() and m.strip() not in POOLED_RULES))
     unknown = sorted(set(names) - set(METHODS) - set(BOOSTING_METHODS))
     if unknown:
         raise ValueError(f"personalise: unknown method(s) {', '.join(unknown)}: expected some of "
-                         f"{', '.join(METHODS + BOOSTING_METHODS)} (comma-separated)")
+                         f"{', '.join(METHODS + BOOSTING_METHODS)} (comma-separated), and optionally one of "
+                         f"{', '.join(POOLED_RULES)}")
     return names
+
+
+def choice_rule(text: str) -> str:
+    """The pooled rule (:data:`POOLED_RULES`) ``text`` (``--personalise``) names among the methods, else
+    :data:`SITE_RULE`; ``ValueError`` if it names both."""
+    named = [m.strip() for m in text.split(",") if m.strip() in POOLED_RULES]
+    if len(set(named)) > 1:
+        raise ValueError(f"personalise: name one choice rule, not {', '.join(sorted(set(named)))}")
+    return named[0] if named else SITE_RULE
 
 
 FAMILY_OF = {**{m: "ann" for m in METHODS}, **{m: "xgboost" for m in BOOSTING_METHODS}}
@@ -112,6 +138,9 @@ class Personalisation:
     local_rounds : int, default 20
         Boosting rounds of the site's local-only boosters in the boosting choice (the federation's rounds, as
         the local-only baseline).
+    choice : str, default "site"
+        :data:`SITE_RULE` or one of :data:`POOLED_RULES` (the ANN choice's default set by the federation's pooled
+        evidence, weighted by precision or equally, falling back on global or the site's own default).
     """
 
     methods: tuple[str, ...]
@@ -121,9 +150,12 @@ class Personalisation:
     site_trees: int = 10
     site_trees_lambda: float = 100.0
     local_rounds: int = 20
+    choice: str = SITE_RULE
 
     def __post_init__(self) -> None:
         parse_methods(",".join(self.methods))
+        if self.choice not in CHOICE_RULES:
+            raise ValueError(f"personalise: choice must be one of {', '.join(CHOICE_RULES)}; got {self.choice!r}")
         if (self.epochs < 1 or self.lr <= 0 or self.ditto_lambda < 0 or self.site_trees < 1 or self.local_rounds < 1
                 or not self.site_trees_lambda >= 0):
             raise ValueError("personalise: epochs, site_trees and local_rounds must be ≥ 1, lr > 0 and ditto_lambda "
@@ -134,7 +166,7 @@ class Personalisation:
         return ConfigRecord({_METHODS_KEY: list(self.methods) or [""], _EPOCHS_KEY: self.epochs, _LR_KEY: self.lr,
                              _LAMBDA_KEY: self.ditto_lambda, _SITE_TREES_KEY: self.site_trees,
                              _SITE_TREES_LAMBDA_KEY: self.site_trees_lambda,
-                             _LOCAL_ROUNDS_KEY: self.local_rounds})
+                             _LOCAL_ROUNDS_KEY: self.local_rounds, _CHOICE_KEY: self.choice})
 
     @classmethod
     def from_config(cls, config: Mapping) -> Personalisation:
@@ -142,7 +174,8 @@ class Personalisation:
                    lr=float(config[_LR_KEY]), ditto_lambda=float(config[_LAMBDA_KEY]),
                    site_trees=int(config.get(_SITE_TREES_KEY, 10)),
                    site_trees_lambda=float(config.get(_SITE_TREES_LAMBDA_KEY, 100.0)),
-                   local_rounds=int(config.get(_LOCAL_ROUNDS_KEY, 20)))
+                   local_rounds=int(config.get(_LOCAL_ROUNDS_KEY, 20)),
+                   choice=str(config.get(_CHOICE_KEY, SITE_RULE)))
 
     @property
     def candidates(self) -> tuple[str, ...]:
@@ -171,6 +204,11 @@ class PersonalisationReply:
     dp_fits : int
         Candidates trained by DP-SGD, each one entry of the site's ledger in the phase (0 without DP); with the
         two Gaussian releases, what the run record counts for the phase.
+    scores : dict
+        Candidate → the validation score the site chose by (released figures at a DP site).
+    covariance : dict
+        ``(a, b)`` → covariance of those scores (``shared.selection.SiteEvidence``); what the coordinator pools
+        for the federation's default (:data:`POOLED`).
     """
 
     chosen: str
@@ -180,6 +218,8 @@ class PersonalisationReply:
     dp_steps: int = 0
     candidates: tuple[str, ...] = field(default=())
     dp_fits: int = 0
+    scores: dict[str, float] = field(default_factory=dict)
+    covariance: dict[tuple[str, str], float] = field(default_factory=dict)
 
     def to_records(self) -> RecordDict:
         record = MetricRecord({r.NUM_EXAMPLES: self.num_examples})
@@ -192,6 +232,11 @@ class PersonalisationReply:
         outcomes = sorted({o for by in self.summaries.values() for c in by.values() for o in c})
         choice = ConfigRecord({"chosen": self.chosen, "reason": self.reason, "candidates": names or [""],
                                "outcomes": outcomes or [""], "dp-steps": self.dp_steps, "dp-fits": self.dp_fits})
+        if self.scores:
+            scored = list(self.scores)
+            choice["scored"] = scored
+            choice["scores"] = [float(self.scores[c]) for c in scored]
+            choice["covariance"] = [float(self.covariance.get((a, b), 0.0)) for a in scored for b in scored]
         return RecordDict({r.METRICS: record, CHOICE: choice})
 
     @classmethod
@@ -201,9 +246,14 @@ class PersonalisationReply:
         outcomes = [o for o in choice["outcomes"] if o]
         summaries = {split: {c: {o: metrics.from_metric_record(record, _prefix(split, c, o)) for o in outcomes}
                              for c in candidates} for split in SPLITS}
+        scored = [str(c) for c in choice.get("scored", [])]
+        values = [float(v) for v in choice.get("covariance", [])]
         return cls(chosen=str(choice["chosen"]), reason=str(choice["reason"]), summaries=summaries,
                    num_examples=float(record[r.NUM_EXAMPLES]), dp_steps=int(choice["dp-steps"]),
-                   candidates=candidates, dp_fits=int(choice.get("dp-fits", 0)))
+                   candidates=candidates, dp_fits=int(choice.get("dp-fits", 0)),
+                   scores=dict(zip(scored, (float(v) for v in choice.get("scores", [])), strict=True)),
+                   covariance={(a, b): values[i * len(scored) + j] for i, a in enumerate(scored)
+                               for j, b in enumerate(scored)} if values else {})
 
 
 HISTOGRAM_KEYS = ("hist_pos", "hist_neg")
