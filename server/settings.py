@@ -32,14 +32,14 @@ ANN_SECURE_MODES = ("auto", "pairwise", "recovering", "off")
 (pairwise or recovering) where the strategy allows it, ``pairwise`` / ``recovering`` always (refused with a strategy
 that needs each update), ``off`` plain."""
 AUTO_MASKED_MAX_SITES = 100
-"""``ann-secure-sum auto`` masks rounds of at most this many training sites. Every site draws one mask stream per
-peer over all the model's words, and every training message carries the roster's keys: the round's cost grows as
-K² (``shared.secure_sum.mask`` of 20,000 words, 2026-12-04: 0.007 s at 10 sites, 0.025 s at 100, 0.26 s at 1,000,
-per site and round, so ~130 s per round of 1,000 sites on two cores; the recovering protocol adds K − 1 share
-ciphertexts per site and K² key agreements per lost site). Above it, ``auto`` sends plain replies and says why;
-``pairwise`` and ``recovering`` mask at any size. Since these figures, ``pairwise`` masks with
-``shared.secure_sum.PAIRWISE_DEGREE`` ring neighbours above 27 sites (Bell et al., CCS 2020's sparse graph), so its
-masking grows as 26·K; the recovering protocol still shares with every peer. The limit was not re-measured."""
+"""``ann-secure-sum auto`` masks recovering rounds of at most this many training sites: the recovering protocol
+(``shared.secagg_plus``) sends every site's shares to every peer, K − 1 ciphertexts per site and K² key agreements
+per lost site, and its masks were measured at K² (``shared.secure_sum.mask`` of 20,000 words, 2026-12-04: 0.26 s
+per site and round at 1,000 sites, ~130 s per round on two cores). Above it, ``auto`` sends plain replies and says
+why. Pairwise rounds are masked by ``auto`` at any size: above 27 sites a site masks with its
+``shared.secure_sum.PAIRWISE_DEGREE`` ring neighbours (Bell et al., CCS 2020), and 1,000 clinics × 10 masked rounds
+took 433.6 s against 352 s plain (2026-12-04, quiet; BENCHMARKS "1,000 clinics"). ``pairwise`` and ``recovering``
+asked explicitly mask at any size."""
 POLICY_REFERENCES = ("absolute", "standard_of_care")
 """What the structured policy's confidence bounds are taken against (``shared.structured_policy``)."""
 
@@ -147,8 +147,8 @@ class RunSettings:
         its masked weights is recovered and the round aggregates over the others. Both are refused with a robust
         strategy, update-norm clipping or central DP, which need each site's update. ``auto`` — ``secure_sum``'s
         mode (pairwise or recovering) when it is not ``off`` and the strategy, clipping and central-DP settings
-        allow it (and 2 to :data:`AUTO_MASKED_MAX_SITES` sites train), else plain, with the reason printed and
-        recorded (``ModelRecord.secure_sum``). ``off`` — plain replies.
+        allow it (and at least 2 sites train; recovering: at most :data:`AUTO_MASKED_MAX_SITES`), else plain, with
+        the reason printed and recorded (``ModelRecord.secure_sum``). ``off`` — plain replies.
     signing_key : str, default ""
         The coordinator's policy_signing.key: with it the run ends by building, signing and sending the policy.
     policy_dir : str, default ""
@@ -309,10 +309,10 @@ class RunSettings:
             if asked != "auto":
                 raise ValueError(f"ann-secure-sum {asked}: {why}")
             return "off", why
-        if asked == "auto" and n_trainers > AUTO_MASKED_MAX_SITES:
-            return "off", (f"{n_trainers} sites train: ann-secure-sum auto masks at most {AUTO_MASKED_MAX_SITES} "
-                           "(masks cost every site a mask stream per peer; ask ann-secure-sum pairwise or "
-                           "recovering to mask anyway)")
+        if asked == "auto" and secure_sum_mode(self.secure_sum) == "recovering" and n_trainers > AUTO_MASKED_MAX_SITES:
+            return "off", (f"{n_trainers} sites train: ann-secure-sum auto masks recovering rounds of at most "
+                           f"{AUTO_MASKED_MAX_SITES} sites (every site shares with every peer; ask ann-secure-sum "
+                           "recovering to mask anyway, or secure-sum pairwise)")
         if asked == "auto":
             mode = secure_sum_mode(self.secure_sum)
             return mode, f"ann-secure-sum auto (secure-sum {mode})"

@@ -393,13 +393,17 @@ def test_auto_follows_secure_sum_and_masking_needs_two_sites():
         RunSettings.from_run_config({"ann-secure-sum": "on"})
 
 
-def test_auto_masks_up_to_a_hundred_sites_and_an_explicit_mode_at_any_size():
-    """Masking costs each site a mask stream per peer (K² per round): auto stops at AUTO_MASKED_MAX_SITES."""
+def test_auto_masks_pairwise_rounds_at_any_size_and_recovering_ones_up_to_a_hundred_sites():
+    """Pairwise masks cost 26 ring neighbours per site above 27 sites; the recovering protocol shares with every
+    peer (K² per round): auto stops it at AUTO_MASKED_MAX_SITES. An explicit mode masks at any size."""
     from server.settings import AUTO_MASKED_MAX_SITES
 
     assert AUTO_MASKED_MAX_SITES == 100
-    assert DEFAULTS.ann_masking(100)[0] == "pairwise"
-    masked, why = DEFAULTS.ann_masking(101)
+    assert DEFAULTS.secure_sum == "pairwise"
+    assert DEFAULTS.ann_masking(100)[0] == DEFAULTS.ann_masking(1000)[0] == "pairwise"
+    recovering = dataclasses.replace(DEFAULTS, secure_sum="recovering")
+    assert recovering.ann_masking(100)[0] == "recovering"
+    masked, why = recovering.ann_masking(101)
     assert masked == "off" and "101 sites train" in why and "at most 100" in why
     for mode in MODES:
         assert dataclasses.replace(DEFAULTS, ann_secure_sum=mode).ann_masking(1000)[0] == mode
