@@ -99,7 +99,8 @@ def main() -> None:
             chosen = [f["chosen"] for f in (s[rule] for s in result["sites"].values())]
             tally = ", ".join(f"{c} {chosen.count(c)}" for c in dict.fromkeys(chosen))
             s = result["summary"][rule]
-            print(f"| {Path(result['run']).name} | {rule} | {default} | {s['mean_difference']:+.4f} | "
+            run = Path(result["run"])
+            print(f"| {run.parent.name}/{run.name} | {rule} | {default} | {s['mean_difference']:+.4f} | "
                   f"{', '.join(s['worse_by_more_than_1se']) or 'none'} | {tally} |")
     for rule in RULES:
         means = [r["summary"][rule]["mean_difference"] for r in results]
