@@ -60,6 +60,7 @@ from shared.protocol.policy import (
     value_request,
 )
 from shared.structured_policy import StructuredObjective
+from shared.sum_bounds import declared_rows
 
 VERSION_FILE = "policy_version"
 
@@ -129,6 +130,12 @@ def write_candidate(artifacts: RunArtifacts, record: RunRecord, formulations: di
     return {name: folder / name for name in [*files, POLICY_FILE]}
 
 
+def declared_counts(sites: SiteCheck, nodes: list[int]) -> dict[int, float | None]:
+    """Each site's declared row count from its site-check reply (None: declared none, a DP site), the cap of the
+    model fits' feasibility checks (``shared.fit_bounds``)."""
+    return {n: declared_rows(sites.summaries.get(n, {})) for n in nodes}
+
+
 def write_structured_candidate(grid: Grid, sites: SiteCheck, formulations: dict, settings: RunSettings,
                                folder: Path) -> tuple[dict[str, Path], dict]:
     """Fit the structured policy over the sites that grant ``dose_response`` and write its ``policy.json`` (the
@@ -136,11 +143,13 @@ def write_structured_candidate(grid: Grid, sites: SiteCheck, formulations: dict,
     nodes = sites.granting("dose_response")
     policy, info = fit_structured_policy_federated(grid, nodes, formulations, settings.split_seed,
                                                    StructuredObjective.for_reference(settings.policy_reference),
-                                                   secure_sum=settings.secure_sum)
+                                                   secure_sum=settings.secure_sum,
+                                                   declared=declared_counts(sites, nodes))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / POLICY_FILE).write_text(json.dumps(policy.document(), indent=1, allow_nan=False) + "\n")
     entry = {"fitted": True, "sites": [sites.usable[n] for n in info["nodes"]], "iterations": info["iterations"],
-             "rows": info["rows"], "refused": sites.refusing("dose_response"), "secure_sum": info["secure_sum"]}
+             "rows": info["rows"], "refused": sites.refusing("dose_response"), "secure_sum": info["secure_sum"],
+             "infeasible": {sites.usable.get(n, f"node {n}"): why for n, why in info["infeasible"].items()}}
     return {POLICY_FILE: folder / POLICY_FILE}, entry
 
 
@@ -213,7 +222,7 @@ def fit_adjuster_if_asked(grid: Grid, sites: SiteCheck, record: RunRecord, setti
     try:
         adjuster = fit_adjuster(grid, nodes, {"split-seed": settings.split_seed,
                                               "fqi-iterations": settings.fqi_iterations},
-                                secure_sum=settings.secure_sum)
+                                secure_sum=settings.secure_sum, declared=declared_counts(sites, nodes))
     except AdjustmentFailed as err:
         log(INFO, "dose adjuster not fitted: %s", err)
         return None, {"fitted": False, "reason": str(err), "refused": sites.refusing("adjuster")}
@@ -221,7 +230,9 @@ def fit_adjuster_if_asked(grid: Grid, sites: SiteCheck, record: RunRecord, setti
         add_privacy(record, sites.usable, node, facts)
     return adjuster, {"fitted": True, "iterations": settings.fqi_iterations,
                       "sites": [sites.usable.get(n, f"node {n}") for n in adjuster.nodes_],
-                      "refused": sites.refusing("adjuster"), "secure_sum": adjuster.secure_sum_}
+                      "refused": sites.refusing("adjuster"), "secure_sum": adjuster.secure_sum_,
+                      "infeasible": {sites.usable.get(int(n), f"node {n}"): why
+                                     for n, why in adjuster.infeasible_.items()}}
 
 
 def run_policy_phase(grid: Grid, sites: SiteCheck, artifacts: RunArtifacts, record: RunRecord,
