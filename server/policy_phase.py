@@ -60,7 +60,8 @@ from shared.protocol.policy import (
     value_request,
 )
 from shared.structured_policy import StructuredObjective
-from shared.sum_bounds import declared_rows
+from shared.sum_bounds import Contributors, InfeasibleSum, declared_rows
+from shared.value_bounds import check_value_sums
 
 VERSION_FILE = "policy_version"
 
@@ -156,21 +157,33 @@ def write_structured_candidate(grid: Grid, sites: SiteCheck, formulations: dict,
 def value_at_sites(grid: Grid, sites: SiteCheck, files: dict[str, Path], settings: RunSettings,
                    record: RunRecord) -> GateResult:
     """Ask every site that grants the ``policy`` phase for its doubly-robust value sums of the candidate and of
-    its standard of care (``query.policy_value``), and gate on their sum (``shared.off_policy.gate``)."""
+    its standard of care (``query.policy_value``), and gate on their sum (``shared.off_policy.gate``). A site whose
+    sums no honest site could send (``shared.value_bounds``: its declared row count, the Γ clip, its stated DP
+    noise) is left out of the gate and named in ``per_site`` (``dropped``; it gets no verdict)."""
     content = value_request({name: path.read_bytes() for name, path in files.items()}, settings.split_seed,
                             releases=1, index=0)
     nodes = sites.granting("policy")
     sent = [Message(content, dst_node_id=n, message_type=messages.POLICY_VALUE.type) for n in nodes]
-    by_site, failures = {}, {}
+    by_site, failures, dropped = {}, {}, {}
     for reply in grid.send_and_receive(sent):
         name = sites.usable.get(reply.metadata.src_node_id, f"node {reply.metadata.src_node_id}")
         if reply.has_error():
             failures[name] = reply.error.reason
             continue
-        by_site[name] = value_of(reply.content)
+        sums = value_of(reply.content)
         if r.PRIVACY in reply.content:
             add_privacy(record, sites.usable, reply.metadata.src_node_id, dict(reply.content[r.PRIVACY]))
+        node = reply.metadata.src_node_id
+        try:  # each site's sums are in the clear: an infeasible site is dropped from the gate and named
+            check_value_sums("release gate", sums, Contributors(1, declared_rows(sites.summaries.get(node, {})),
+                                                                (sums.noise_sd,) if sums.noise_sd > 0 else ()))
+        except InfeasibleSum as err:
+            dropped[name] = f"dropped: {err}"
+            log(INFO, "release gate: %s dropped: %s", name, err)
+            continue
+        by_site[name] = sums
     result = gate(by_site)
+    result.per_site.update({name: {"dropped": why} for name, why in dropped.items()})
     result.per_site.update({name: {"failed": why} for name, why in failures.items()})
     result.per_site.update({name: {"refused": why} for name, why in sites.refusing("policy").items()})
     log(INFO, "release gate: %s", result.reason)

@@ -31,7 +31,11 @@ Kinds (``KIND`` or ``KIND=FACTOR``):
   as computed): the structured dose–response models' gradient, information and log-likelihood, and the dose
   adjuster's fitted-Q scaling (sums and sums of squares) and ridge sums (``A``, ``b``), plain, masked or before
   its DP noise (:func:`inflated_fit`): the feasibility check of ``shared.fit_bounds`` drops it (``secure-sum =
-  off``) or refuses the fit (masked: the policy is built without that model).
+  off``) or refuses the fit (masked: the policy is built without that model);
+- ``inflate-gate``: the site reports its release-gate value sums (Γ of the candidate and of standard of care,
+  their difference and its square) multiplied by FACTOR (default 2; the cycle count as computed), before its DP
+  noise (:func:`inflated_gate`): the check of ``shared.value_bounds`` drops it from the gate where the result
+  is infeasible; within the bounds it pulls the gate's estimate by its share of the cycles.
 
 XGBoost's bagging/cyclic trees and the other phases' sums are not attacked by these kinds. For the federated analytics
 (``fednano analytics``, no ``--attack`` there), :func:`inflated_analytics` makes one in-process site report every
@@ -56,7 +60,7 @@ import numpy as np
 import pandas as pd
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from client import adjustment_handlers, hist_handlers, secure_statistics
+from client import adjustment_handlers, hist_handlers, policy_handlers, secure_statistics
 from client import analytics as site_analytics
 from client.site import SiteSource
 from shared import hist_boosting
@@ -71,7 +75,7 @@ from shared.toxicity_model import ToxicityModel
 from shared.tumour_response import TumourResponseModel
 from shared.validation import load_site
 
-KINDS = ("sign-flip", "scale", "label-flip", "lie", "inflate", "inflate-hist", "inflate-fit")
+KINDS = ("sign-flip", "scale", "label-flip", "lie", "inflate", "inflate-hist", "inflate-fit", "inflate-gate")
 DEFAULT_FACTORS = {"sign-flip": 1.0, "scale": 10.0}
 """FACTOR of the update kinds when none is given."""
 STATISTICS_FACTORS = {"inflate": 10.0}
@@ -80,6 +84,8 @@ HIST_FACTORS = {"inflate-hist": 2.0}
 """FACTOR of the histogram-boosting kind when none is given."""
 FIT_FACTORS = {"inflate-fit": 2.0}
 """FACTOR of the model-fit kind when none is given."""
+GATE_FACTORS = {"inflate-gate": 2.0}
+"""FACTOR of the release-gate kind when none is given."""
 UPDATE_KINDS = tuple(DEFAULT_FACTORS)
 """The kinds that rewrite the site's plain ANN weights: not with masked rounds, whose replies are words
 (``simulation.experiment.ExperimentConfig.ann_masking`` turns masking off for them)."""
@@ -119,7 +125,7 @@ class Attack:
         if not sep or not site.strip() or kind not in KINDS:
             raise AttackError(f"--attack {text!r}: expected SITE:KIND with KIND one of {', '.join(KINDS)} "
                               f"(e.g. clinic_03:scale or clinic_03:scale=10)")
-        factored = {**DEFAULT_FACTORS, **STATISTICS_FACTORS, **HIST_FACTORS, **FIT_FACTORS}
+        factored = {**DEFAULT_FACTORS, **STATISTICS_FACTORS, **HIST_FACTORS, **FIT_FACTORS, **GATE_FACTORS}
         if has_factor and kind not in factored:
             raise AttackError(f"--attack {text!r}: only {', '.join(factored)} take a factor")
         try:
@@ -173,6 +179,9 @@ def attack_mod(attacks: dict[int, Attack]) -> Callable[[Message, Context, Callab
         poisons_update = kind in DEFAULT_FACTORS and message_type == messages.TRAIN.type
         global_arrays = ({k: a.numpy().astype(np.float64) for k, a in msg.content[r.ARRAYS].items()}
                          if poisons_update else None)
+        if kind in GATE_FACTORS and message_type == messages.POLICY_VALUE.type:
+            with inflated_gate(attack.factor):  # before its DP noise, this one call of this site
+                return call_next(msg, context)
         if kind in FIT_FACTORS and message_type in FIT_MESSAGES:
             with inflated_fit(attack.factor):  # before noise and masks, this one call of this site
                 return call_next(msg, context)
@@ -371,4 +380,21 @@ def inflated_fit(factor: float) -> Iterator[None]:
                               _inflating(adjustment_handlers.scaling_sums, factor)), \
             mock.patch.object(adjustment_handlers, "bounded_scaling_sums",
                               _inflating(adjustment_handlers.bounded_scaling_sums, factor)):
+        yield
+
+
+def inflate_value_sums(sums, factor: float):
+    """A site's :class:`shared.off_policy.ValueSums` with every sum but the cycle count multiplied by ``factor``."""
+    return dataclasses.replace(sums, candidate=sums.candidate * factor, standard=sums.standard * factor,
+                               difference=sums.difference * factor, difference_sq=sums.difference_sq * factor)
+
+
+@contextmanager
+def inflated_gate(factor: float) -> Iterator[None]:
+    """While open, every site valuing a candidate in this process (the caller opens it around the attacker's
+    answer only) releases :func:`inflate_value_sums` of its honest value sums, before any DP noise, as a modified
+    client would (``client.policy_handlers``' call of ``client.ope.site_value_sums``)."""
+    honest = policy_handlers.site_value_sums
+    with mock.patch.object(policy_handlers, "site_value_sums",
+                           lambda *args, **kwargs: inflate_value_sums(honest(*args, **kwargs), factor)):
         yield
