@@ -78,7 +78,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hist_grid import InProcessHistGrid  # noqa: E402
 
 from client.analytics import describe  # noqa: E402
-from client.dp import SiteDP, gaussian_release, sensitivity  # noqa: E402
+from client.dp import Block, SiteDP, gaussian_release, sensitivity  # noqa: E402
 from client.ledger import PrivacyLedger  # noqa: E402
 from client.secure_statistics import declared_layout  # noqa: E402
 from client.statistics import private_statistics  # noqa: E402
@@ -486,22 +486,89 @@ def main() -> None:
 
 
 def partial_main(args, sections: set[str]) -> None:
-    """Only the model fits' part (``--sections fits``), merged into an existing ``--out``."""
-    if sections != {"fits"}:
-        raise SystemExit("--sections: run all four parts, or fits alone")
-    started = time.time()
-    with tempfile.TemporaryDirectory() as ledgers:
-        fits = fits_benchmark(args.fit_worlds, args.clinics, args.fit_draws, Path(ledgers))
-    fits["command"] = " ".join(["python", *sys.argv])
-    fits["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    fits["load_average"] = os.getloadavg()
-    fits["seconds"] = round(time.time() - started, 1)
+    """Only the model fits' and/or the release gate's part (``--sections fits,gate``), merged into ``--out``."""
+    if not sections or not sections <= {"fits", "gate"}:
+        raise SystemExit("--sections: run all parts, or fits and/or gate alone")
     result = json.loads(args.out.read_text()) if args.out.exists() else {}
-    result["fits"] = fits
-    print_fits(fits, args.clinics)
-    print(f"{fits['seconds']} s, load average {fits['load_average']}")
+    for section in sorted(sections):
+        started = time.time()
+        with tempfile.TemporaryDirectory() as ledgers:
+            part = (fits_benchmark(args.fit_worlds, args.clinics, args.fit_draws, Path(ledgers)) if section == "fits"
+                    else gate_benchmark(args.fit_worlds, args.draws))
+        part.update({"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                                        time.gmtime()),
+                     "load_average": os.getloadavg(), "seconds": round(time.time() - started, 1)})
+        result[section] = part
+        print_fits(part, args.clinics) if section == "fits" else print_gate(part)
+        print(f"{section}: {part['seconds']} s, load average {part['load_average']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
+
+
+def gate_benchmark(worlds: int, draws: int) -> dict:
+    """The release gate's value sums (``shared.value_bounds``): every clinic's real sums
+    (``client.ope.site_value_sums``) of a real candidate policy (``tests.test_recommender.real_policy_files``)
+    on the world it was trained for (3 clinics, seed 3; another world logs formulations it does not know) over
+    ``worlds`` held-out splits (split seeds 0, 1, ...), checked alone (they travel in the clear) exact and under DP
+    noise (``draws`` draws at σ in SIGMAS, the Gaussian release of ``client.ope.private_value_sums``); then each clinic
+    inflating them by FACTOR (``simulation.attacks.inflate_value_sums``), and the largest pull on the gate's
+    estimate a site has within the bounds (its share of the cycles times 2G minus its honest mean)."""
+    from client.ope import site_value_sums
+    from shared.dosing_policy import DosingPolicy
+    from shared.off_policy import G_MAX, ValueSums, gate
+    from shared.value_bounds import check_value_sums
+    from simulation.attacks import inflate_value_sums
+    from tests.test_recommender import real_policy_files
+
+    files, _, _ = real_policy_files(seed=3)
+    policy = DosingPolicy.from_folder(files["policy.json"].parent)
+    rng = np.random.default_rng(5)
+    honest = {"exact": {"checks": 0, "refused": 0}, "dp": {"checks": 0, "refused": 0}}
+    caught = {str(f): {"caught": 0, "sites": 0} for f in FACTORS}
+    pulls = []
+
+    def feasible(sums, who) -> bool:
+        try:
+            check_value_sums("release gate", sums, who)
+        except InfeasibleSum:
+            return False
+        return True
+
+    world = make_world(3, seed=3)
+    frames = {c.name: simulate_clinic(world, c)[0] for c in world.clinics}
+    for world_seed in range(worlds):
+        sums = {name: site_value_sums(policy, frame, TASK, split_seed=world_seed) for name, frame in frames.items()}
+        for name, s in sums.items():
+            who = Contributors(1, float(len(frames[name])))
+            honest["exact"]["checks"] += 1
+            honest["exact"]["refused"] += not feasible(s, who)
+            for noise_sd in SIGMAS:
+                for _ in range(draws):
+                    blocks = {k: Block(v, ValueSums.BOUNDS[k], 1) for k, v in s.arrays().items()}
+                    values = gaussian_release(blocks, noise_sd / sensitivity(blocks), rng)
+                    noised = ValueSums(**{k: float(v[0]) for k, v in values.items()}, noise_sd=noise_sd)
+                    honest["dp"]["checks"] += 1
+                    honest["dp"]["refused"] += not feasible(noised, Contributors(1, None, (noise_sd,)))
+            for factor in FACTORS:
+                caught[str(factor)]["sites"] += 1
+                caught[str(factor)]["caught"] += not feasible(inflate_value_sums(s, factor), who)
+        total = gate(sums)
+        for name, s in sums.items():
+            if s.n > 0 and total.n > 0:
+                pulls.append({"site": f"split {world_seed} {name}", "share": s.n / total.n,
+                              "largest_pull": (2 * G_MAX * s.n - s.difference) / total.n})
+    return {"worlds": 1, "splits": worlds, "clinics": 3, "draws": draws, "sigmas": SIGMAS, "honest": honest,
+            "caught": caught, "largest_pull": max(pulls, key=lambda p: p["largest_pull"]) if pulls else None}
+
+
+def print_gate(part: dict) -> None:
+    print(f"release gate, 1 world x 3 clinics x {part['splits']} held-out splits: honest exact "
+          f"{part['honest']['exact']}, under DP {part['honest']['dp']}")
+    print("| inflate factor | site alone dropped |")
+    print("|---|---|")
+    for factor, c in part["caught"].items():
+        print(f"| {factor} | {c['caught']}/{c['sites']} |")
+    print(f"largest pull on the gate's estimate within the bounds: {part['largest_pull']}")
 
 
 FIT_FACTORS = (1.02, 1.1, 1.5, 2.0, 5.0, 10.0)

@@ -196,3 +196,30 @@ def test_fitted_q_ridge_bounds_hold_honest_sums_and_catch_an_intercept_off_by_on
     not_psd[1, 2] = not_psd[2, 1] = 1.01 * np.sqrt(not_psd[1, 1] * not_psd[2, 2])
     with pytest.raises(InfeasibleSum, match="PSD"):
         check_ridge("fitted-Q", adjuster, {**sums, "gram": not_psd}, who)
+
+
+class RidgeOnlyGrid(AttackedGrid):
+    """The attacker answers the scaling honestly and inflates only its ridge sums ``A`` and ``b``."""
+
+    def answer(self, msg, node, kind):
+        from unittest import mock
+
+        from simulation.attacks import _inflating
+
+        if node in self.attackers and kind not in self.rounds:
+            with mock.patch.object(DoseAdjuster, "ridge_sums", _inflating(DoseAdjuster.ridge_sums, self.factor)):
+                return Grid.answer(self, msg, node, kind)
+        return Grid.answer(self, msg, node, kind)
+
+
+@pytest.mark.parametrize("mode", ["off", "recovering"])
+def test_inflating_only_the_ridge_sums_breaks_a00_equals_n(clinics, mode):
+    grid = RidgeOnlyGrid(clinics, None, (ATTACKER,), 1.02)
+    if mode == "off":
+        fitted = ap.fit_adjuster(grid, list(NODES), FQI, secure_sum=mode, declared=declared(clinics))
+        assert "fqi_ridge: the summed intercept entry A_00 is infeasible: it must satisfy A_00 = n" in \
+            fitted.infeasible_[str(ATTACKER)]
+        assert fitted.nodes_ == [21, 22]
+    else:
+        with pytest.raises(ap.AdjustmentFailed, match="fqi_ridge: the summed intercept entry A_00 is infeasible"):
+            ap.fit_adjuster(grid, list(NODES), FQI, secure_sum=mode, declared=declared(clinics))
