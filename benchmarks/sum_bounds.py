@@ -72,6 +72,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from flwr.app import MetricRecord as MetricRecordType
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -487,19 +488,23 @@ def main() -> None:
 
 def partial_main(args, sections: set[str]) -> None:
     """Only the model fits' and/or the release gate's part (``--sections fits,gate``), merged into ``--out``."""
-    if not sections or not sections <= {"fits", "gate"}:
-        raise SystemExit("--sections: run all parts, or fits and/or gate alone")
+    if not sections or not sections <= {"fits", "gate", "evaluation"}:
+        raise SystemExit("--sections: run all parts, or any of fits, gate, evaluation alone")
     result = json.loads(args.out.read_text()) if args.out.exists() else {}
     for section in sorted(sections):
         started = time.time()
         with tempfile.TemporaryDirectory() as ledgers:
             part = (fits_benchmark(args.fit_worlds, args.clinics, args.fit_draws, Path(ledgers)) if section == "fits"
-                    else gate_benchmark(args.fit_worlds, args.draws))
+                    else gate_benchmark(args.fit_worlds, args.draws) if section == "gate"
+                    else evaluation_benchmark(args.fit_worlds, args.clinics))
         part.update({"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                                         time.gmtime()),
                      "load_average": os.getloadavg(), "seconds": round(time.time() - started, 1)})
         result[section] = part
-        print_fits(part, args.clinics) if section == "fits" else print_gate(part)
+        if section == "fits":
+            print_fits(part, args.clinics)
+        else:
+            (print_gate if section == "gate" else print_evaluation)(part)
         print(f"{section}: {part['seconds']} s, load average {part['load_average']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
@@ -559,6 +564,79 @@ def gate_benchmark(worlds: int, draws: int) -> dict:
                               "largest_pull": (2 * G_MAX * s.n - s.difference) / total.n})
     return {"worlds": 1, "splits": worlds, "clinics": 3, "draws": draws, "sigmas": SIGMAS, "honest": honest,
             "caught": caught, "largest_pull": max(pulls, key=lambda p: p["largest_pull"]) if pulls else None}
+
+
+def evaluation_benchmark(worlds: int, clinics: int) -> dict:
+    """Evaluation summaries (``shared.metrics_bounds``): boosters trained on the pooled training rows of
+    ``worlds`` worlds of ``clinics`` clinics (``client.boosting.train_pooled_heads``, depth 3, 20 rounds), every
+    clinic's summaries of their predictions on its test split by the sites' own code
+    (``client.evaluation.summaries``, fine and coarse bins), checked with its declared row count; then the
+    largest clinic lying (``simulation.attacks.swap_binary_labels``: ``--attack SITE:lie``) or inflating its error
+    sums by FACTOR."""
+    from client.boosting import train_pooled_heads
+    from client.evaluation import summaries
+    from client.split import encode, split_site
+    from shared import metrics
+    from shared.boosting import BoostingConfig, predict_heads
+    from shared.encoding import fit_local
+    from shared.metrics_bounds import check_evaluation
+    from simulation.attacks import swap_binary_labels
+
+    honest = {"checks": 0, "refused": 0}
+    caught = {"lie": {"caught": 0, "worlds": 0}, **{str(f): {"caught": 0, "worlds": 0} for f in FACTORS}}
+    first: dict[str, int] = {}
+
+    def feasible(record, declared) -> str | None:
+        try:
+            check_evaluation("evaluation", TASK, record, declared)
+        except InfeasibleSum as err:
+            return f"{err.entry}: {err.bound}"
+        return None
+
+    for world_seed in range(worlds):
+        world = make_world(clinics, seed=500 + world_seed, patients_per_clinic=60)
+        frames = {c.name: simulate_clinic(world, c)[0] for c in world.clinics}
+        splits = {name: split_site(f, TASK, 0) for name, f in frames.items()}
+        pooled = pd.concat([s["train"] for s in splits.values()], ignore_index=True)
+        encoder = fit_local(pooled, TASK)
+        train = encode(encoder, pooled)
+        models = train_pooled_heads(encoder, train.x, train.targets, BoostingConfig(max_depth=3), 20)
+        records = {}
+        for name, split in splits.items():
+            test = encode(encoder, split["test"])
+            for n_bins in (metrics.DEFAULT_N_BINS, metrics.COARSE_N_BINS):
+                record = MetricRecordType()
+                for outcome, summary in summaries(encoder, test, predict_heads(models, encoder, test.x),
+                                                  n_bins).items():
+                    record.update(metrics.to_metric_record(summary, prefix=outcome))
+                honest["checks"] += 1
+                honest["refused"] += feasible(dict(record), float(len(frames[name]))) is not None
+                if n_bins == metrics.DEFAULT_N_BINS:
+                    records[name] = record
+        attacker = max(frames, key=lambda n: len(frames[n]))
+        declared = float(len(frames[attacker]))
+        lied = MetricRecordType(dict(records[attacker]))
+        swap_binary_labels(lied)
+        attacks = {"lie": dict(lied)}
+        for factor in FACTORS:
+            attacks[str(factor)] = {k: (v * factor if k.endswith(("sum_abs_err", "sum_sq_err")) else v)
+                                    for k, v in dict(records[attacker]).items()}
+        for key, record in attacks.items():
+            caught[key]["worlds"] += 1
+            why = feasible(record, declared)
+            if why is not None:
+                caught[key]["caught"] += 1
+                first[why] = first.get(why, 0) + 1
+    return {"worlds": worlds, "clinics": clinics, "honest": honest, "caught": caught, "first": first}
+
+
+def print_evaluation(part: dict) -> None:
+    print(f"evaluation summaries, {part['worlds']} worlds x {part['clinics']} clinics: honest {part['honest']}")
+    print("| attack | site dropped from the overall metrics |")
+    print("|---|---|")
+    for key, c in part["caught"].items():
+        print(f"| {'lie' if key == 'lie' else 'error sums x ' + key} | {c['caught']}/{c['worlds']} |")
+    print(f"caught by: {part['first']}")
 
 
 def print_gate(part: dict) -> None:

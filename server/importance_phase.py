@@ -49,7 +49,7 @@ from shared.protocol import records as r
 from shared.protocol.boosting import importance_request
 from shared.protocol.hist import secure_sum_mode
 from shared.secure_sum import MIN_SITES
-from shared.sum_bounds import Contributors, InfeasibleSum, declared_rows
+from shared.sum_bounds import Contributors, InfeasibleSum
 
 
 def federated_importance(grid: Grid, sites: SiteCheck, encoder: FeatureEncoder, config: ConfigRecord,
@@ -81,7 +81,7 @@ def federated_importance(grid: Grid, sites: SiteCheck, encoder: FeatureEncoder, 
     nodes = [n for n in sites.nodes if n not in sites.dp_nodes()]
     request = importance_request(config, family, model)
     mode = secure_sum_mode(secure_sum)
-    declared = {n: declared_rows(sites.summaries.get(n, {})) for n in nodes}
+    declared = sites.declared_rows()
     infeasible: dict[int, str] = {}
     if mode != "off" and len(nodes) >= MIN_SITES:
         summed, lost, secure = secure_sums(grid, nodes, encoder, request, mode, secure_threshold, declared)

@@ -60,7 +60,7 @@ from shared.protocol.policy import (
     value_request,
 )
 from shared.structured_policy import StructuredObjective
-from shared.sum_bounds import Contributors, InfeasibleSum, declared_rows
+from shared.sum_bounds import Contributors, InfeasibleSum
 from shared.value_bounds import check_value_sums
 
 VERSION_FILE = "policy_version"
@@ -131,12 +131,6 @@ def write_candidate(artifacts: RunArtifacts, record: RunRecord, formulations: di
     return {name: folder / name for name in [*files, POLICY_FILE]}
 
 
-def declared_counts(sites: SiteCheck, nodes: list[int]) -> dict[int, float | None]:
-    """Each site's declared row count from its site-check reply (None: declared none, a DP site), the cap of the
-    model fits' feasibility checks (``shared.fit_bounds``)."""
-    return {n: declared_rows(sites.summaries.get(n, {})) for n in nodes}
-
-
 def write_structured_candidate(grid: Grid, sites: SiteCheck, formulations: dict, settings: RunSettings,
                                folder: Path) -> tuple[dict[str, Path], dict]:
     """Fit the structured policy over the sites that grant ``dose_response`` and write its ``policy.json`` (the
@@ -145,7 +139,7 @@ def write_structured_candidate(grid: Grid, sites: SiteCheck, formulations: dict,
     policy, info = fit_structured_policy_federated(grid, nodes, formulations, settings.split_seed,
                                                    StructuredObjective.for_reference(settings.policy_reference),
                                                    secure_sum=settings.secure_sum,
-                                                   declared=declared_counts(sites, nodes))
+                                                   declared=sites.declared_rows())
     folder.mkdir(parents=True, exist_ok=True)
     (folder / POLICY_FILE).write_text(json.dumps(policy.document(), indent=1, allow_nan=False) + "\n")
     entry = {"fitted": True, "sites": [sites.usable[n] for n in info["nodes"]], "iterations": info["iterations"],
@@ -175,7 +169,7 @@ def value_at_sites(grid: Grid, sites: SiteCheck, files: dict[str, Path], setting
             add_privacy(record, sites.usable, reply.metadata.src_node_id, dict(reply.content[r.PRIVACY]))
         node = reply.metadata.src_node_id
         try:  # each site's sums are in the clear: an infeasible site is dropped from the gate and named
-            check_value_sums("release gate", sums, Contributors(1, declared_rows(sites.summaries.get(node, {})),
+            check_value_sums("release gate", sums, Contributors(1, sites.declared_rows().get(node),
                                                                 (sums.noise_sd,) if sums.noise_sd > 0 else ()))
         except InfeasibleSum as err:
             dropped[name] = f"dropped: {err}"
@@ -235,7 +229,7 @@ def fit_adjuster_if_asked(grid: Grid, sites: SiteCheck, record: RunRecord, setti
     try:
         adjuster = fit_adjuster(grid, nodes, {"split-seed": settings.split_seed,
                                               "fqi-iterations": settings.fqi_iterations},
-                                secure_sum=settings.secure_sum, declared=declared_counts(sites, nodes))
+                                secure_sum=settings.secure_sum, declared=sites.declared_rows())
     except AdjustmentFailed as err:
         log(INFO, "dose adjuster not fitted: %s", err)
         return None, {"fitted": False, "reason": str(err), "refused": sites.refusing("adjuster")}

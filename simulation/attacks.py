@@ -19,7 +19,9 @@ Kinds (``KIND`` or ``KIND=FACTOR``):
 - ``label-flip``: every binary outcome flipped (0 ↔ 1) in the site's rows (response and grade-3 toxicity in
   the built-in task);
 - ``lie``: the site reports its binary outcomes' evaluation summaries with positives and negatives swapped
-  (its released AUC becomes 1 − AUC); the model is untouched, the released metrics are not;
+  (its released AUC becomes 1 − AUC); the model is untouched, the released metrics are not; its error sums,
+  left as computed, no longer fit its swapped histograms, so the run record leaves it out of the overall
+  metrics (``shared.metrics_bounds``; a DP site's summaries are not checked);
 - ``inflate``: the site reports every numeric column's sum in its federated statistics multiplied by FACTOR
   (default 10; counts and centred sums of squares as computed), plain or masked (:func:`inflate_statistics`):
   the encoder's means move by (FACTOR − 1) × the site's share of each column's sum unless the coordinator's
