@@ -17,7 +17,8 @@ Dose–response (one evaluation at the coefficients θ the server sent; no site 
 - ``0 ≤ n ≤ N``;  ``n · LOGLIK_FLOOR ≤ loglik ≤ 0`` (each row's ℓ ≤ 0: a log-probability);
 - ``|gradient_j| ≤ n · B_j``;  ``0 ≤ H_jj ≤ n · S_jj`` and ``|H_jk| ≤ n · S_jk`` (S the information's per-row
   bound); ``|H_jk| ≤ √(H_jj H_kk)``: each row's information is positive semi-definite (``x xᵀ`` times
-  ``p(1 − p) ≥ 0``, or the ordinal model's Gauss–Newton ``J W Jᵀ`` with ``W`` a covariance), so their sum is.
+  ``p(1 − p) ≥ 0``, or the ordinal model's Gauss–Newton ``Jᵀ W J`` with ``W`` the cumulative logit's information
+  in its two arguments, PSD by log-concavity: Pratt, JASA 1981;76:103), so their sum is.
 
 Why a ×1.02 inflation is caught: the toxicity models start at θ = 0, where every row's p(1 − p) is exactly
 1/4, so the intercept's ``H_00`` is exactly ``n / 4 = n · S_00`` at the first evaluation, and any scaling of the
@@ -41,7 +42,9 @@ clips to ``target_bound(γ)``, so Y is at least that when one is in the sum):
   noised ``A`` projected onto the PSD cone);  ``|b_j| ≤ n · Φ_j · Y``, and ``|b_j| ≤ √(A_jj · n) · Y``
   (Cauchy–Schwarz, ``Σ y² ≤ n Y²``) when no site is under DP.
 
-Why a ×1.02 inflation is caught: ``A_00 = n`` is an equality; a site scaling its sums but its count breaks it.
+Why a ×1.02 inflation is caught: ``A_00 = n`` is an equality; a site scaling its sums but its count breaks it. In
+the benchmark (``benchmarks/sum_bounds.py --sections fits``) the scaling release catches it first, where a column's
+values sit near one end of a wide range (Σ(x − c) beyond count · h, or Σ(x − c)² below its Cauchy–Schwarz floor).
 
 DP allowance: ``shared.sum_bounds.check_bounds`` widens each bound by k stated noise sds times the per-row
 scale of the noised entries in it (``client.adjustment_handlers``: the scaling blocks' ``h^i · √w``, ``A``'s
