@@ -39,8 +39,8 @@ a site whose own sums are infeasible is dropped and named (``info["infeasible"]`
 after its first evaluation starts again over the others, and the models fitted before with it are fitted
 again); a masked sum that is infeasible refuses the fit
 (:class:`DoseResponseFailed` naming the model, the entry and the bound, never a value: the policy phase then builds
-the ensemble candidate). The support counts are not checked (each at most the row count: they only gate which
-doses the policy may recommend).
+the ensemble candidate). The support counts are checked too (≥ 0, adding to at most the declared rows): a site
+whose counts are not is dropped from every model as above; a masked sum that is not refuses the fit.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from server.secure_aggregation import SecureProtocolError
 from server.secure_fit import FitSums, TooFewSites
 from shared.dose_response import DoseResponseModel, NewtonRaphson, add_sums
 from shared.dosing_policy import FORMULATION_FEATURES
-from shared.fit_bounds import check_dose_response
+from shared.fit_bounds import check_dose_response, check_support
 from shared.protocol import messages
 from shared.protocol import records as r
 from shared.protocol.dose_response import (
@@ -220,6 +220,7 @@ def fit_structured_policy_federated(grid: Grid, nodes: list[int], formulations: 
                 info["iterations"][key], info["rows"][key] = fitted[key].n_iter_, fitted[key].n_
             request = dict(support_request(ids, split_seed)[r.CONFIG])
             counts = sums.summed_counts(messages.DOSE_RESPONSE_SUPPORT, request, ArrayRecord())
+            check_support("dose-response: support", counts, sums.contributors())
         except TooFewSites as err:
             raise DoseResponseFailed(f"the dose-response fit was stopped: {err.reason}") from None
         except InfeasibleSum as err:
@@ -240,11 +241,21 @@ def fit_structured_policy_federated(grid: Grid, nodes: list[int], formulations: 
                 fitted[key], answering = fit_model(grid, answering, cls(catalogue), split_seed, declared,
                                                    info["infeasible"])
                 info["iterations"][key], info["rows"][key] = fitted[key].n_iter_, fitted[key].n_
+            replies, answering = _ask(grid, answering, support_request(ids, split_seed),
+                                      messages.DOSE_RESPONSE_SUPPORT.type, strict=True)
+            own = dict(zip(answering, (support_of(content) for content in replies), strict=True))
+            for node, counts in own.items():
+                try:
+                    check_support("dose-response: support", counts, Contributors(1, declared.get(node)))
+                except InfeasibleSum as err:
+                    info["infeasible"][node] = f"dropped: {err}"
+                    log(INFO, "dose-response: node %s dropped: %s", node, err)
+            answering = [node for node in answering if node not in info["infeasible"]]
+            if not answering:
+                raise DoseResponseFailed("every site's support counts were infeasible (dropped)")
             if len(info["infeasible"]) == dropped:
                 break
-        replies, answering = _ask(grid, answering, support_request(ids, split_seed),
-                                  messages.DOSE_RESPONSE_SUPPORT.type, strict=True)
-        support = Support(ids, sum(support_of(content) for content in replies))
+        support = Support(ids, sum(own[node] for node in answering))
         info["secure_sum"] = {"mode": "off"}
     policy = StructuredDosingPolicy(response=fitted["response"], neutropenia=fitted["neutropenia"],
                                     other_toxicity=fitted["other_toxicity"], support=support, formulations=catalogue,

@@ -24,6 +24,10 @@ Why a ×1.02 inflation is caught: the toxicity models start at θ = 0, where eve
 1/4, so the intercept's ``H_00`` is exactly ``n / 4 = n · S_00`` at the first evaluation, and any scaling of the
 information breaks it.
 
+Dose–response support (``shared.structured_policy.site_support_counts``: training first cycles by formulation ×
+tumour type × dose bin, one cell each): every count ≥ 0, and they add to at most N. This caps, it does not detect:
+a site may still put its declared rows in any cell it likes (support only gates which doses the policy offers).
+
 Fitted-Q scaling (per state column and the dose, count ``C``, ``Σ(x − c)`` and ``Σ(x − c)²`` about the public
 midpoint c of the range ``[c − h, c + h]`` of ``shared.dose_adjustment.PUBLIC_RANGES``; a DP site clips to the
 range, rounds its noised count and clips its mean into the range, ``scaling_from_bounded``):
@@ -126,6 +130,20 @@ def check_dose_response(phase: str, model: DoseResponseModel, coef: np.ndarray, 
                         who: Contributors) -> None:
     """Raise :class:`shared.sum_bounds.InfeasibleSum` if ``sums`` breaks :func:`dose_response_bounds`."""
     check_bounds(phase, dose_response_bounds(model, coef, sums, who), who)
+
+
+def support_bounds(counts: np.ndarray, who: Contributors) -> list[Bound]:
+    """The constraints of the summed (or one site's) support counts (module docstring)."""
+    counts = np.asarray(counts, dtype=np.float64).ravel()
+    high = np.inf if who.declared is None else who.declared
+    return [Bound("support counts", counts, 0.0, np.inf, 0.0, "every support count ≥ 0"),
+            Bound("support counts", np.array([counts.sum()]), 0.0, high, 0.0,
+                  "the support counts adding to ≤ the sum of the sites' declared row counts (site check)")]
+
+
+def check_support(phase: str, counts: np.ndarray, who: Contributors) -> None:
+    """Raise :class:`shared.sum_bounds.InfeasibleSum` if ``counts`` breaks :func:`support_bounds`."""
+    check_bounds(phase, support_bounds(counts, who), who)
 
 
 # -- fitted-Q iteration ---------------------------------------------------------------------------------------

@@ -223,3 +223,34 @@ def test_inflating_only_the_ridge_sums_breaks_a00_equals_n(clinics, mode):
     else:
         with pytest.raises(ap.AdjustmentFailed, match="fqi_ridge: the summed intercept entry A_00 is infeasible"):
             ap.fit_adjuster(grid, list(NODES), FQI, secure_sum=mode, declared=declared(clinics))
+
+
+class SupportGrid(AttackedGrid):
+    """The attacker claims ``factor`` times its support counts (``client.dose_response_handlers``)."""
+
+    def answer(self, msg, node, kind):
+        from unittest import mock
+
+        from client import dose_response_handlers as dh
+
+        if node in self.attackers and kind not in self.rounds:
+            honest = dh.site_support_counts
+            with mock.patch.object(dh, "site_support_counts", lambda *a: honest(*a) * self.factor):
+                return Grid.answer(self, msg, node, kind)
+        return Grid.answer(self, msg, node, kind)
+
+
+def test_support_counts_beyond_the_declared_rows_drop_the_site_in_the_clear_and_refuse_the_masked_fit(clinics):
+    catalogue = catalogue_of(pd.concat([c.episodes for c in clinics.values()], ignore_index=True))
+    grid = SupportGrid(clinics, attackers=(ATTACKER,), factor=1000.0)
+    policy, info = dp.fit_structured_policy_federated(grid, list(NODES), catalogue, 0, secure_sum="off",
+                                                      declared=declared(clinics))
+    assert set(info["infeasible"]) == {ATTACKER} and info["nodes"] == [21, 22]
+    assert "dose-response: support: the summed support counts is infeasible" in info["infeasible"][ATTACKER]
+    honest, _ = dp.fit_structured_policy_federated(Grid({n: clinics[n] for n in (21, 22)}), [21, 22], catalogue, 0,
+                                                   secure_sum="off")
+    np.testing.assert_array_equal(policy.support.counts, honest.support.counts)  # without the dropped site
+    np.testing.assert_allclose(policy.neutropenia.coef_, honest.neutropenia.coef_, rtol=1e-9, atol=1e-12)
+    with pytest.raises(dp.DoseResponseFailed, match="refused: dose-response: support: the summed support counts"):
+        dp.fit_structured_policy_federated(SupportGrid(clinics, attackers=(ATTACKER,), factor=1000.0), list(NODES),
+                                           catalogue, 0, secure_sum="pairwise", declared=declared(clinics))
