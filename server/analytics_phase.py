@@ -307,8 +307,7 @@ class AnalyticsSession:
         """What is public about the sites of one answer (``shared.sum_bounds``): their declared row counts (None
         if one declared none) and the noise sd each DP site stated."""
         declared = [self.declared.get(site) for site in sites]
-        return Contributors(len(sites), None if any(d is None for d in declared) else float(sum(declared)),
-                            tuple(a.noise_sd for a in answers if a.dp))
+        return Contributors.of(declared, (a.noise_sd for a in answers if a.dp))
 
     def _release_terms(self) -> dict[str, Any]:
         """This query's release index among the planned ones, how many are planned and (with a schedule) every

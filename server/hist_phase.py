@@ -333,7 +333,7 @@ class HistSession(SecureSession):
                       and "noise-sd" in reply[k]]
             if stated:
                 noise.append(max(stated))
-        return Contributors(len(nodes), None if any(v is None for v in rows) else float(sum(rows)), tuple(noise))
+        return Contributors.of(rows, noise)
 
     def rows_exact(self, nodes: list[int]) -> bool:
         """Whether every site of ``nodes`` reported its training rows (a count release then adds to them)."""

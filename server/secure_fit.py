@@ -147,10 +147,8 @@ class FitSums:
     def contributors(self) -> Contributors:
         """What is public about the sites of the last sum (``shared.sum_bounds``): their declared row counts
         (None if one declared none) and the noise sd each DP site among them stated."""
-        nodes = self.summed_nodes
-        rows = [self.declared.get(n) for n in nodes]
-        noise = tuple(float(facts["noise-sd"]) for _, facts in self.privacy if "noise-sd" in facts)
-        return Contributors(len(nodes), None if any(v is None for v in rows) else float(sum(rows)), noise)
+        return Contributors.of([self.declared.get(n) for n in self.summed_nodes],
+                               (facts["noise-sd"] for _, facts in self.privacy if "noise-sd" in facts))
 
     def summed(self, message: MessageName, config: dict, arrays: ArrayRecord, layout: SumsLayout,
                fresh: bool = False, check: SumCheck | None = None) -> dict[str, np.ndarray]:

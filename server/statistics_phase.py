@@ -85,8 +85,7 @@ def contributors(sites: SiteCheck, nodes: list[int], facts: dict[int, dict]) -> 
     """What is public about the sites ``nodes`` of one sum (``shared.sum_bounds``): their declared row counts
     (None if one declared none) and the noise sd each DP site among them stated (``facts``: node → DP facts)."""
     declared = [declared_rows(sites.summaries.get(n, {})) for n in nodes]
-    return Contributors(len(nodes), None if any(d is None for d in declared) else float(sum(declared)),
-                        tuple(float(facts[n]["noise-sd"]) for n in nodes if n in facts))
+    return Contributors.of(declared, (facts[n]["noise-sd"] for n in nodes if n in facts))
 
 
 def infeasible_sites(sites: SiteCheck, task: TaskSpec, received: dict[int, tuple[SiteStatistics, dict | None]]

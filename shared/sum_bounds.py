@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -88,6 +89,13 @@ class Contributors:
     p: float = REFUSAL_PROBABILITY
     """Probability one constraint's allowance may be exceeded by honest noise (:func:`check_statistics` sets
     it to REFUSAL_PROBABILITY / entries)."""
+
+    @classmethod
+    def of(cls, rows: Sequence[float | None], noise_sd: Iterable[float] = ()) -> Contributors:
+        """The contributors of a sum over ``len(rows)`` sites, each with its declared row count (None: it declared
+        none, so the sum's row count has no cap) and the noise sd each DP site among them stated."""
+        return cls(len(rows), None if any(v is None for v in rows) else float(sum(rows)),
+                   tuple(float(s) for s in noise_sd))
 
     @property
     def noise_var(self) -> float:

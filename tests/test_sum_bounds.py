@@ -206,3 +206,11 @@ def test_masked_mode_refuses_the_inflated_sum_and_passes_the_honest_one(frames, 
     run_phase(frames, mode)
     with pytest.raises(sp.NoStatistics, match="refused.*numeric column"):
         run_phase(frames, mode, Attack(f"clinic_{NODES[1]}", "inflate", 10.0))
+
+
+def test_contributors_of_sites_sum_their_declared_rows_unless_one_declared_none():
+    from shared.sum_bounds import Contributors
+
+    assert Contributors.of([120.0, 80.0]) == Contributors(2, 200.0, ())
+    assert Contributors.of([120.0, None, 80.0], [2.5]) == Contributors(3, None, (2.5,))  # a DP site: no cap
+    assert Contributors.of([], ()).sites == 0
