@@ -111,8 +111,12 @@ def pooled(worlds: dict[int, dict[str, dict]]) -> dict[str, dict]:
         checks = [a["non_member_check"] for a in audits if a.get("non_member_check")]
         result[name] = {"headline": audits[0]["headline"], "overall": pool([a["overall"] for a in audits]),
                         "patients": pool([a["patients"]["overall"] for a in audits]), "attacks": attacks,
-                        "non_member_check": ({"episodes": pool(checks), "patients": pool([c["patients"]
-                                                                                         for c in checks])}
+                        "non_member_check": ({"episodes": pool(checks),
+                                              "patients": pool([c["patients"] for c in checks]),
+                                              "members_vs_test": {
+                                                  "episodes": pool([c["members_vs_test"] for c in checks]),
+                                                  "patients": pool([c["members_vs_test"]["patients"]
+                                                                    for c in checks])}}
                                              if checks else None)}
     return result
 
@@ -150,7 +154,10 @@ def print_table(worlds: dict[int, dict[str, dict]], summary: dict[str, dict]) ->
             if check:
                 print(f"w{seed} {name:<8} fresh vs test non-members (chance expected): AUC {check['auc']:.3f} ± "
                       f"{se(check):.3f} episodes, {check['patients']['auc']:.3f} ± {se(check['patients']):.3f} "
-                      f"patients ({check['patients']['members']} test / {check['patients']['non_members']} fresh)")
+                      f"patients ({check['patients']['members']} test / {check['patients']['non_members']} fresh); "
+                      f"members vs test only {check['members_vs_test']['auc']:.3f} ± "
+                      f"{se(check['members_vs_test']):.3f} ep, {check['members_vs_test']['patients']['auc']:.3f} ± "
+                      f"{se(check['members_vs_test']['patients']):.3f} pt")
     print(f"\nheadline{f', mean of {k} worlds' if k > 1 else ''}:")
     for name, result in summary.items():
         o, p, c = result["overall"], result["patients"], result["non_member_check"]
@@ -159,7 +166,10 @@ def print_table(worlds: dict[int, dict[str, dict]], summary: dict[str, dict]) ->
               f"patients {p['auc']:.3f} ± {p['se']:.3f} (95 % up to {p['auc'] + 1.96 * p['se']:.3f}) "
               f"TPR@1% {p['tpr_at_1pct_fpr']:.3f} ({p['members']} pairs, {p['false_positives_at_1pct']} FP)"
               + (f"; fresh vs test {c['episodes']['auc']:.3f} ± {c['episodes']['se']:.3f} ep, "
-                 f"{c['patients']['auc']:.3f} ± {c['patients']['se']:.3f} pt" if c else ""))
+                 f"{c['patients']['auc']:.3f} ± {c['patients']['se']:.3f} pt; members vs test only "
+                 f"{c['members_vs_test']['episodes']['auc']:.3f} ± {c['members_vs_test']['episodes']['se']:.3f} ep, "
+                 f"{c['members_vs_test']['patients']['auc']:.3f} ± {c['members_vs_test']['patients']['se']:.3f} pt"
+                 if c else ""))
 
 
 def _seconds(value: float | None) -> str:
@@ -203,7 +213,10 @@ def main(argv: list[str] | None = None) -> None:
                                "per_site": {site: {"episodes": slim(m),
                                                    "patients": slim(r["audit"]["patients"]["per_site"][site])}
                                             for site, m in r["audit"]["per_site"].items()},
-                               "non_member_check": ({"episodes": slim(c), "patients": slim(c["patients"])}
+                               "non_member_check": ({"episodes": slim(c), "patients": slim(c["patients"]),
+                                                     "members_vs_test": {
+                                                         "episodes": slim(c["members_vs_test"]),
+                                                         "patients": slim(c["members_vs_test"]["patients"])}}
                                                     if (c := r["audit"]["non_member_check"]) else None)}
                         for name, r in runs.items()}
                  for seed, runs in worlds.items()}

@@ -480,24 +480,31 @@ def outsiders_needed(episodes: pd.DataFrame, task: TaskSpec, split_seed: int) ->
 def non_member_check(score: dict[str, np.ndarray], rows: dict[str, AuditRows]) -> dict:
     """The headline score of the sites' test non-members against their fresh non-members (pooled, episodes with
     the cluster bootstrap, and patients): AUC ≈ 0.5 when the fresh patients are exchangeable with the test ones,
-    which the fresh non-members rely on. Not balanced (every non-member counts)."""
-    parts: dict[str, list] = {"test": [], "fresh": [], "test_units": [], "fresh_units": []}
-    patients: dict[str, list] = {"test": [], "fresh": []}
+    which the fresh non-members rely on. Not balanced (every non-member counts). Also, under
+    ``"members_vs_test"``, the attack without the fresh patients: every member against the test non-members only
+    (unbalanced; what the headline would be if the fresh patients were not exchangeable)."""
+    parts: dict[str, list] = {k: [] for k in ("member", "test", "fresh")}
+    units: dict[str, list] = {k: [] for k in parts}
+    patients: dict[str, list] = {k: [] for k in parts}
     for site, s in score.items():
         r = rows[site]
         fresh = np.char.startswith(r.unit.astype(str), FRESH_PREFIX)
-        keep = ~r.is_member & ~np.isnan(s)
-        units = np.char.add(f"{site}/", r.unit.astype(str))
-        for name, flag in (("test", ~fresh), ("fresh", fresh)):
-            parts[name].append(s[keep & flag])
-            parts[f"{name}_units"].append(units[keep & flag])
-        unit_scores, _, unit_names = per_unit(np.where(r.is_member, np.nan, s), r)
-        is_fresh = np.char.startswith(unit_names.astype(str), FRESH_PREFIX)
-        patients["test"].append(unit_scores[~is_fresh])
-        patients["fresh"].append(unit_scores[is_fresh])
-    joined = {k: np.concatenate(v) for k, v in parts.items()}
-    episodes = attack_metrics(joined["test"], joined["fresh"], joined["test_units"], joined["fresh_units"])
-    return episodes | {"patients": attack_metrics(*(np.concatenate(patients[k]) for k in ("test", "fresh")))}
+        named = np.char.add(f"{site}/", r.unit.astype(str))
+        unit_scores, unit_member, unit_names = per_unit(s, r)
+        unit_fresh = np.char.startswith(unit_names.astype(str), FRESH_PREFIX)
+        for name, flag, unit_flag in (("member", r.is_member, unit_member),
+                                      ("test", ~r.is_member & ~fresh, ~unit_member & ~unit_fresh),
+                                      ("fresh", ~r.is_member & fresh, ~unit_member & unit_fresh)):
+            keep = flag & ~np.isnan(s)
+            parts[name].append(s[keep])
+            units[name].append(named[keep])
+            patients[name].append(unit_scores[unit_flag])
+    x, u, pt = ({k: np.concatenate(v) for k, v in d.items()} for d in (parts, units, patients))
+
+    def compare(a: str, b: str) -> dict:
+        return attack_metrics(x[a], x[b], u[a], u[b]) | {"patients": attack_metrics(pt[a], pt[b])}
+
+    return compare("test", "fresh") | {"members_vs_test": compare("member", "test")}
 
 
 def run_membership_audit(out: Path, references: int = 4, seed: int = 0, non_members: str = "test",
@@ -633,7 +640,10 @@ def audit_section(audit: dict) -> list[str]:
     if check is not None:
         lines += ["", f"Fresh against test non-members (should be chance): AUC {_fmt(check['auc'])} ± "
                       f"{_fmt(_se(check))} per episode, {_fmt(check['patients']['auc'])} ± "
-                      f"{_fmt(_se(check['patients']))} per patient."]
+                      f"{_fmt(_se(check['patients']))} per patient. Members against the test non-members only: "
+                      f"AUC {_fmt(check['members_vs_test']['auc'])} ± {_fmt(_se(check['members_vs_test']))} per "
+                      f"episode, {_fmt(check['members_vs_test']['patients']['auc'])} ± "
+                      f"{_fmt(_se(check['members_vs_test']['patients']))} per patient."]
     lines += ["", "Every model, head and attack (overall; episodes, then patients):", "",
               "| model | head | attack | AUC ± se (episodes) | TPR @ 1 % FPR | members/non-members | "
               "AUC ± se (patients) | TPR @ 1 % FPR | members/non-members |", "|---|---|---|---|---|---|---|---|---|"]

@@ -162,9 +162,12 @@ def test_non_member_check_is_chance_for_exchangeable_fresh_patients_and_flags_a_
     assert check["patients"]["members"] == 200 and check["patients"]["non_members"] == 600  # test vs fresh
     assert abs(check["auc"] - 0.5) < 3 * check["auc_se_clustered"]
     assert abs(check["patients"]["auc"] - 0.5) < 3 * check["patients"]["auc_se"]
+    assert check["members_vs_test"]["patients"]["members"] == 200  # members against test patients only
+    assert check["members_vs_test"]["patients"]["non_members"] == 200
     shifted = {name: site(1.0) for name in ("a", "b")}  # fresh patients that look different: detected
     check = non_member_check({k: v[0] for k, v in shifted.items()}, {k: v[1] for k, v in shifted.items()})
     assert check["auc"] < 0.5 - 5 * check["auc_se_clustered"]
+    assert abs(check["members_vs_test"]["auc"] - 0.5) < 3 * check["members_vs_test"]["auc_se_clustered"]
 
 
 def test_fresh_patients_are_new_patients_of_the_same_clinic_drawn_until_enough():
