@@ -76,10 +76,25 @@ def se(m: dict) -> float:
     return m.get("auc_se_clustered", m["auc_se"])
 
 
-def slim(m: dict) -> dict:
-    """The figures of one metric dict that the JSON keeps (the AUC, the standard error to read, TPR, counts)."""
+def slim(m: dict, balanced: bool = True) -> dict:
+    """The figures of one metric dict that the JSON keeps (the AUC, the standard error to read, TPR, counts;
+    ``balanced``: as many non-members as members, so only ``members`` is kept)."""
     return {"auc": m["auc"], "se": se(m), "tpr_at_1pct_fpr": m["tpr_at_1pct_fpr"], "members": m["members"],
-            "non_members": m["non_members"], "false_positives_at_1pct": m["false_positives_at_1pct"]}
+            **({} if balanced else {"non_members": m["non_members"]}),
+            "false_positives_at_1pct": m["false_positives_at_1pct"]}
+
+
+def rounded(value, digits: int = 4):
+    """``value`` with every float rounded to ``digits`` significant digits (the JSON stays under the 100 kB every
+    bundled *.json must; an AUC's standard error is ≥ 0.009 here, so four digits lose nothing, and δ = 1e-5
+    keeps its value)."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [rounded(v, digits) for v in value]
+    return value
 
 
 def pool(metrics: list[dict]) -> dict:
@@ -95,16 +110,21 @@ def pool(metrics: list[dict]) -> dict:
             "false_positives_at_1pct": int(sum(m["false_positives_at_1pct"] for m in metrics)), "worlds": k}
 
 
+def brief(pooled_metrics: dict) -> dict:
+    """A pooled balanced comparison as the every-attack table keeps it: AUC, se, TPR (and its se), pairs."""
+    return {k: pooled_metrics[k] for k in ("auc", "se", "tpr_at_1pct_fpr", "tpr_se", "members")}
+
+
 def pooled(worlds: dict[int, dict[str, dict]]) -> dict[str, dict]:
     """Per run name: every model × head × attack (episodes and patients), the headline and its non-member check,
     pooled over the worlds."""
     result: dict[str, dict] = {}
     for name in next(iter(worlds.values())):
         audits = [w[name]["audit"] for w in worlds.values()]
-        attacks = {model: {head: {attack: {"episodes": pool([a["attacks"][model][head][attack]["overall"]
-                                                             for a in audits]),
-                                           "patients": pool([a["attacks"][model][head][attack]["patients"]["overall"]
-                                                             for a in audits])}
+        attacks = {model: {head: {attack: {"episodes": brief(pool([a["attacks"][model][head][attack]["overall"]
+                                                                   for a in audits])),
+                                           "patients": brief(pool([a["attacks"][model][head][attack]["patients"]
+                                                                   ["overall"] for a in audits]))}
                                   for attack in attacks}
                            for head, attacks in heads.items()}
                    for model, heads in audits[0]["attacks"].items() if all(model in a["attacks"] for a in audits)}
@@ -213,16 +233,17 @@ def main(argv: list[str] | None = None) -> None:
                                "per_site": {site: {"episodes": slim(m),
                                                    "patients": slim(r["audit"]["patients"]["per_site"][site])}
                                             for site, m in r["audit"]["per_site"].items()},
-                               "non_member_check": ({"episodes": slim(c), "patients": slim(c["patients"]),
+                               "non_member_check": ({"episodes": slim(c, False),
+                                                     "patients": slim(c["patients"], False),
                                                      "members_vs_test": {
-                                                         "episodes": slim(c["members_vs_test"]),
-                                                         "patients": slim(c["members_vs_test"]["patients"])}}
+                                                         "episodes": slim(c["members_vs_test"], False),
+                                                         "patients": slim(c["members_vs_test"]["patients"], False)}}
                                                     if (c := r["audit"]["non_member_check"]) else None)}
                         for name, r in runs.items()}
                  for seed, runs in worlds.items()}
     write_record(args.json,
                  "python benchmarks/membership_audit.py " + " ".join(argv or sys.argv[1:]),
-                 {"pooled": summary, "worlds": per_world, "total_s": total, "all_heads": ALL_HEADS},
+                 rounded({"pooled": summary, "worlds": per_world, "total_s": total, "all_heads": ALL_HEADS}),
                  settings=vars(args) | {"work": None, "json": None})
 
 

@@ -302,3 +302,41 @@ def test_audit_of_an_overfitted_federation_finds_membership_above_chance(tmp_pat
     assert fresh["patients"]["overall"]["auc_se"] < 0.6 * written["patients"]["overall"]["auc_se"]  # more pairs
     bad = CliRunner().invoke(app, ["audit", "membership", str(out), "--non-members", "val"])
     assert bad.exit_code == 2 and "expected one of test, fresh" in bad.output
+
+
+def _benchmark(monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(folder))
+    spec = importlib.util.spec_from_file_location("membership_audit_benchmark", folder / "membership_audit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_pools_independent_worlds_and_reuses_only_the_same_run(monkeypatch, tmp_path):
+    bench = _benchmark(monkeypatch)
+    worlds = [{"auc": 0.60, "auc_se": 0.01, "auc_se_clustered": 0.03, "tpr_at_1pct_fpr": 0.02, "members": 400,
+               "non_members": 400, "false_positives_at_1pct": 4},
+              {"auc": 0.50, "auc_se": 0.04, "tpr_at_1pct_fpr": 0.04, "members": 300, "non_members": 300,
+               "false_positives_at_1pct": 3}]
+    pooled = bench.pool(worlds)
+    assert pooled["auc"] == pytest.approx(0.55) and pooled["tpr_at_1pct_fpr"] == pytest.approx(0.03)
+    assert pooled["se"] == pytest.approx(math.sqrt(0.03**2 + 0.04**2) / 2)  # the clustered se where there is one
+    assert pooled["tpr_se"] == pytest.approx(0.01)
+    assert (pooled["members"], pooled["false_positives_at_1pct"], pooled["worlds"]) == (700, 7, 2)
+    assert bench.rounded({"delta": 1e-5, "auc": 0.503149, "n": [3, 0.123456]}) == {"delta": 1e-5, "auc": 0.5031,
+                                                                                    "n": [3, 0.1235]}
+    from simulation.experiment import ExperimentConfig
+
+    cfg = ExperimentConfig(out=tmp_path, clinics=5, patients_per_clinic=120, rounds=10, dp=True, epsilon=3.0,
+                           seed=1, models="ann,xgboost", xgb_rounds=10, compare=False, policy=False)
+    assert not bench.same_run(tmp_path, cfg)  # nothing there
+    config = {"clinics": 5, "patients_per_clinic": 120, "rounds": 10, "dp": True, "seed": 1,
+              "models": "ann,xgboost", "xgb_rounds": 10, "epsilon": 3.0}
+    (tmp_path / "results.json").write_text(json.dumps({"config": config}))
+    assert bench.same_run(tmp_path, cfg)
+    (tmp_path / "results.json").write_text(json.dumps({"config": config | {"epsilon": 1.0}}))
+    assert not bench.same_run(tmp_path, cfg)  # another budget is another run
