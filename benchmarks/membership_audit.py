@@ -192,6 +192,30 @@ def print_table(worlds: dict[int, dict[str, dict]], summary: dict[str, dict]) ->
                  if c else ""))
 
 
+def world_summary(result: dict) -> dict:
+    """What the JSON keeps of one world's run (the pooled figures hold the rest; every bundled *.json must stay
+    under 100 kB): seconds, the tightest site's budget, the headline overall and per site (AUC, se, TPR, pairs;
+    1 % of the pairs, rounded down, are the false positives allowed) and the non-member check's AUCs."""
+    audit = result["audit"]
+    budgets = [b for b in audit["dp"].values() if b is not None]
+
+    def short(m: dict) -> dict:
+        return {"auc": m["auc"], "se": se(m)}
+
+    check = audit["non_member_check"]
+    return {"dp": result["dp"], "epsilon": result["epsilon"], "simulate_s": result["simulate_s"],
+            "audit_s": result["audit_s"], "audit_seconds": audit["seconds"],
+            "dp_budget": min(budgets, key=lambda b: b["epsilon_budget"], default=None),
+            "overall": slim(audit["overall"]), "patients": slim(audit["patients"]["overall"]),
+            "per_site": {site: {unit: {k: v for k, v in slim(m).items() if k != "false_positives_at_1pct"}
+                                for unit, m in (("episodes", m), ("patients", audit["patients"]["per_site"][site]))}
+                         for site, m in audit["per_site"].items()},
+            "non_member_check": ({"episodes": short(check), "patients": short(check["patients"]),
+                                  "members_vs_test": {"episodes": short(check["members_vs_test"]),
+                                                      "patients": short(check["members_vs_test"]["patients"])}}
+                                 if check else None)}
+
+
 def _seconds(value: float | None) -> str:
     return "reused" if value is None else f"{value:.0f} s"
 
@@ -225,22 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     print_table(worlds, summary)
     total = time.perf_counter() - started
     print(f"total {total:.0f} s")
-    per_world = {seed: {name: {"dp": r["dp"], "epsilon": r["epsilon"], "simulate_s": r["simulate_s"],
-                               "audit_s": r["audit_s"], "audit_seconds": r["audit"]["seconds"],
-                               "dp_budget": r["audit"]["dp"], "rows": r["audit"]["rows"],
-                               "overall": slim(r["audit"]["overall"]),
-                               "patients": slim(r["audit"]["patients"]["overall"]),
-                               "per_site": {site: {"episodes": slim(m),
-                                                   "patients": slim(r["audit"]["patients"]["per_site"][site])}
-                                            for site, m in r["audit"]["per_site"].items()},
-                               "non_member_check": ({"episodes": slim(c, False),
-                                                     "patients": slim(c["patients"], False),
-                                                     "members_vs_test": {
-                                                         "episodes": slim(c["members_vs_test"], False),
-                                                         "patients": slim(c["members_vs_test"]["patients"], False)}}
-                                                    if (c := r["audit"]["non_member_check"]) else None)}
-                        for name, r in runs.items()}
-                 for seed, runs in worlds.items()}
+    per_world = {seed: {name: world_summary(r) for name, r in runs.items()} for seed, runs in worlds.items()}
     write_record(args.json,
                  "python benchmarks/membership_audit.py " + " ".join(argv or sys.argv[1:]),
                  rounded({"pooled": summary, "worlds": per_world, "total_s": total, "all_heads": ALL_HEADS}),
