@@ -843,6 +843,10 @@ def audit_membership(
                                    help="Reference models per model family, trained on fresh simulated patients "
                                         "(0: the uncalibrated loss attack only)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the member sample and the reference models' patients."),
+    non_members: str = typer.Option("test", "--non-members",
+                                    help="Non-members: 'test' (the sites' test patients; as many training "
+                                         "patients as members) or 'fresh' (those plus fresh simulated patients "
+                                         "of the same clinics, so every training patient is a member)."),
 ) -> None:
     """Membership inference on the released models: attack AUC and TPR at 1 % FPR per site and overall, into
     OUT/audit/membership.json, OUT/audit/membership.md and the run's report.md."""
@@ -851,7 +855,8 @@ def audit_membership(
     from simulation.membership_audit import AUDIT_DIR, AUDIT_FILE, AuditError, run_membership_audit
 
     try:
-        audit = run_membership_audit(out, references=references, seed=seed, say=lambda s: typer.echo(s, err=True))
+        audit = run_membership_audit(out, references=references, seed=seed, non_members=non_members,
+                                     say=lambda s: typer.echo(s, err=True))
     except (AuditError, ArtifactsError, RecordError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err

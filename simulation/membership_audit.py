@@ -26,7 +26,13 @@ Sites given by the user (``--sites``) have no simulator behind them: only the un
 
 Each site's non-members are all its test rows; its members are the rows of as many of its training patients, drawn
 (seeded), as the test split holds; rows without the outcome scored are left out and the larger group subsampled, so
-every comparison is balanced and states its counts. Rows are episodes, and a patient's cycles share a split: the
+every comparison is balanced and states its counts. With ``non_members="fresh"`` (simulated sites only) the
+non-members are the test rows plus the rows of fresh patients of the same clinics (a seed stream neither the run
+nor the reference models use), as many as make the non-member patients as many as the training patients, and
+every training patient is a member: about 8 × the pairs at the default 80:10:10 split, so the standard errors
+fall by almost 3 ×. The simulator draws a clinic's patients independently from its fixed profile, so fresh
+patients are exchangeable with the test ones; ``non_member_check`` measures it (the headline score's AUC of test
+against fresh non-members, ≈ 0.5 when it holds). Rows are episodes, and a patient's cycles share a split: the
 attack is run per row and per patient (the mean of the patient's row scores), because DP-SGD here bounds one row's
 influence, and a patient of k cycles is protected only at kε (group privacy). Metrics: the ROC AUC
 (``sklearn.metrics.roc_auc_score``, with the Hanley & McNeil 1982 standard error and, for rows, a bootstrap over
@@ -38,7 +44,8 @@ says so.
 
 ``OUT/audit/membership.json``: ``{"overall": {"auc", "tpr_at_1pct_fpr", ...}, "per_site": {site: {...}}}`` for the
 headline (the calibrated attack on the ANN's total training loss, or the loss attack without references), the same
-per patient in ``"patients"``, plus every model × head × attack (rows, and patients) in ``"attacks"``;
+per patient in ``"patients"``, plus every model × head × attack (rows, and patients) in ``"attacks"``, the
+non-member source (``"non_members"``, its ``"non_member_check"``) and the seconds spent (``"seconds"``);
 ``OUT/audit/membership.md`` the same as tables, and the run's ``report.md`` gets (or has replaced) its
 "Membership-inference audit" section.
 """
@@ -48,6 +55,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -69,6 +77,7 @@ from shared.task import NANOPARTICLE_TASK, TaskSpec
 from shared.validation import SiteDataError, load_site
 from simulation.baselines import BaselineSettings, Privacy, fit_model
 from simulation.clinics import World, make_world, simulate_clinic
+from simulation.experiment import one_torch_thread
 
 AUDIT_DIR = "audit"
 AUDIT_FILE = "membership.json"
@@ -84,6 +93,14 @@ PROBABILITY_FLOOR = 1e-7  # keeps log p and log(1 − p) finite for a saturated 
 REPORT_SECTION = "## Membership-inference audit"
 BOOTSTRAP_RESAMPLES = 200
 """Resamples of the cluster bootstrap: its standard error is itself within about 5 % (1/√(2·200))."""
+NON_MEMBERS = ("test", "fresh")
+"""Where non-members come from: the sites' test splits only, or those plus fresh patients of the same clinics
+(simulated sites only) so that every training patient can be a member (:func:`fresh_patients`)."""
+FRESH_PREFIX = "fresh/"
+"""Prefix of a fresh (never-at-the-site) non-member's unit, so it never shares a name with a site's patient."""
+FRESH_STREAM = 0x4E4F_4E4D
+"""Seed stream of the fresh non-members' patients, apart from the reference models' (``0x4155_4449``)."""
+NON_MEMBER_NOTE = " and fresh patients of the same clinics (never at any site), so every training patient is a member"
 TRAINING_PHASE = "training"
 """The run record's name of the federated ANN's DP-SGD phase (its ``privacy.<site>.granted`` key)."""
 
@@ -206,23 +223,31 @@ class AuditRows:
     unit: np.ndarray
 
 
-def audit_rows(episodes: pd.DataFrame, task: TaskSpec, split_seed: int, rng: np.random.Generator) -> AuditRows:
+def audit_rows(episodes: pd.DataFrame, task: TaskSpec, split_seed: int, rng: np.random.Generator,
+               outsiders: pd.DataFrame | None = None) -> AuditRows:
     """All test rows as non-members; as members, the rows of as many training units (patients), drawn without
-    replacement, as the test split holds. Row counts then differ a little; the metrics balance them again."""
+    replacement, as the non-members hold. ``outsiders``: rows of patients who were never at the site (fresh
+    patients of the same clinic, :func:`fresh_patients`), non-members too, their units prefixed ``fresh/``, so
+    that up to all training patients can be members. Row counts then differ a little; the metrics balance them
+    again."""
     parts = split_site(episodes, task, split_seed)
     test, train = parts["test"], parts["train"]
 
-    def units(frame: pd.DataFrame) -> np.ndarray:
-        return (frame[task.group].astype(str).to_numpy() if task.group is not None
-                else np.array([f"row{i}" for i in frame.index]))
+    def units(frame: pd.DataFrame, prefix: str = "") -> np.ndarray:
+        return (np.char.add(prefix, frame[task.group].astype(str).to_numpy().astype(str)) if task.group is not None
+                else np.array([f"{prefix}row{i}" for i in frame.index]))
 
     train_units, test_units = units(train), units(test)
+    non_members, non_member_units = test, test_units
+    if outsiders is not None and len(outsiders):
+        non_members = pd.concat([test, outsiders], ignore_index=True)
+        non_member_units = np.r_[test_units, units(outsiders, FRESH_PREFIX)]
     distinct = np.unique(train_units)
-    chosen = rng.choice(distinct, size=min(len(np.unique(test_units)), len(distinct)), replace=False)
+    chosen = rng.choice(distinct, size=min(len(np.unique(non_member_units)), len(distinct)), replace=False)
     members = train[np.isin(train_units, chosen)]
-    return AuditRows(pd.concat([members, test], ignore_index=True), np.r_[np.ones(len(members), bool),
-                                                                           np.zeros(len(test), bool)],
-                     np.r_[units(members), test_units])
+    return AuditRows(pd.concat([members, non_members], ignore_index=True),
+                     np.r_[np.ones(len(members), bool), np.zeros(len(non_members), bool)],
+                     np.r_[units(members), non_member_units])
 
 
 # -- the run under audit ----------------------------------------------------------------------------------------
@@ -340,11 +365,36 @@ def fresh_training_rows(run: AuditedRun, reference: int) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
+def fresh_patients(run: AuditedRun, site: str, count: int) -> pd.DataFrame:
+    """The rows of ``count`` new patients of ``site``'s clinic, drawn by the simulator with a seed stream that
+    neither the run nor the reference models use: non-members exchangeable with the site's test patients (the
+    simulator draws a clinic's patients independently from its fixed profile, which the audit checks: the
+    ``non_member_check`` AUC of test against fresh non-members). Patients are taken in order of appearance;
+    more fresh cohorts are drawn until ``count`` are found."""
+    assert run.world is not None and run.task.group is not None
+    clinic = next(c for c in run.world.clinics if c.name == site)
+    parts, found, draw = [], 0, 0
+    while found < count:
+        seed = int(np.random.SeedSequence([clinic.seed, FRESH_STREAM, draw]).generate_state(1)[0])
+        episodes, _ = simulate_clinic(run.world, dataclasses.replace(clinic, seed=seed))
+        names = pd.unique(episodes[run.task.group].astype(str))[:count - found]
+        if len(names) == 0:
+            raise AuditError(f"{site}: the simulator drew a clinic without patients; no fresh non-members")
+        part = episodes[episodes[run.task.group].astype(str).isin(names)].copy()
+        part[run.task.group] = f"d{draw}:" + part[run.task.group].astype(str)  # distinct across draws
+        parts.append(part)
+        found, draw = found + len(names), draw + 1
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()  # none asked for
+
+
 def reference_models(run: AuditedRun, encoder: FeatureEncoder, rows: pd.DataFrame, reference: int,
-                     models: list[str]) -> dict[str, Predictor]:
-    """One reference model per released family, trained on ``rows`` with the run's settings."""
+                     models: list[str], seconds: dict | None = None) -> dict[str, Predictor]:
+    """One reference model per released family, trained on ``rows`` with the run's settings; ``seconds`` (if
+    given) accumulates each family's training time under ``reference_<family>``."""
     cfg = run.config
     result: dict[str, Predictor] = {}
+    seconds = {} if seconds is None else seconds
+    start = time.perf_counter()
     if "ann" in models:
         privacy = run.training_privacy()
         settings = BaselineSettings(task=run.task, epochs=int(cfg["rounds"]) * int(cfg["local_epochs"]),
@@ -352,11 +402,14 @@ def reference_models(run: AuditedRun, encoder: FeatureEncoder, rows: pd.DataFram
                                     hidden=tuple(run.artifacts.hidden), seed=int(cfg["seed"]) + 1 + reference,
                                     split_seed=run.split_seed)
         result["ann"] = partial(predict, fit_model(encoder, rows, privacy, settings))
+        seconds["reference_ann"] = seconds.get("reference_ann", 0.0) + time.perf_counter() - start
+    start = time.perf_counter()
     if "xgboost" in models:
         data = encode(encoder, rows)
         boosters = train_pooled_heads(encoder, data.x, data.targets,
                                       BoostingConfig(seed=int(cfg["seed"]) + 1 + reference), int(cfg["xgb_rounds"]))
         result["xgboost"] = partial(predict_heads, boosters, encoder)
+        seconds["reference_xgboost"] = seconds.get("reference_xgboost", 0.0) + time.perf_counter() - start
     return result
 
 
@@ -418,26 +471,84 @@ def _metrics_by_site(scores: dict[str, np.ndarray], rows: dict[str, AuditRows], 
 # -- the audit ---------------------------------------------------------------------------------------------------------
 
 
-def run_membership_audit(out: Path, references: int = 4, seed: int = 0,
+def outsiders_needed(episodes: pd.DataFrame, task: TaskSpec, split_seed: int) -> int:
+    """How many fresh non-member patients make a site's non-members as many as its training patients."""
+    parts = split_site(episodes, task, split_seed)
+    return max(0, int(parts["train"][task.group].nunique()) - int(parts["test"][task.group].nunique()))
+
+
+def non_member_check(score: dict[str, np.ndarray], rows: dict[str, AuditRows]) -> dict:
+    """The headline score of the sites' test non-members against their fresh non-members (pooled, episodes with
+    the cluster bootstrap, and patients): AUC ≈ 0.5 when the fresh patients are exchangeable with the test ones,
+    which the fresh non-members rely on. Not balanced (every non-member counts). Also, under
+    ``"members_vs_test"``, the attack without the fresh patients: every member against the test non-members only
+    (unbalanced; what the headline would be if the fresh patients were not exchangeable)."""
+    parts: dict[str, list] = {k: [] for k in ("member", "test", "fresh")}
+    units: dict[str, list] = {k: [] for k in parts}
+    patients: dict[str, list] = {k: [] for k in parts}
+    for site, s in score.items():
+        r = rows[site]
+        fresh = np.char.startswith(r.unit.astype(str), FRESH_PREFIX)
+        named = np.char.add(f"{site}/", r.unit.astype(str))
+        unit_scores, unit_member, unit_names = per_unit(s, r)
+        unit_fresh = np.char.startswith(unit_names.astype(str), FRESH_PREFIX)
+        for name, flag, unit_flag in (("member", r.is_member, unit_member),
+                                      ("test", ~r.is_member & ~fresh, ~unit_member & ~unit_fresh),
+                                      ("fresh", ~r.is_member & fresh, ~unit_member & unit_fresh)):
+            keep = flag & ~np.isnan(s)
+            parts[name].append(s[keep])
+            units[name].append(named[keep])
+            patients[name].append(unit_scores[unit_flag])
+    x, u, pt = ({k: np.concatenate(v) for k, v in d.items()} for d in (parts, units, patients))
+
+    def compare(a: str, b: str) -> dict:
+        return attack_metrics(x[a], x[b], u[a], u[b]) | {"patients": attack_metrics(pt[a], pt[b])}
+
+    return compare("test", "fresh") | {"members_vs_test": compare("member", "test")}
+
+
+def run_membership_audit(out: Path, references: int = 4, seed: int = 0, non_members: str = "test",
                          say: Callable[[str], None] = lambda _: None) -> dict:
     """Audit the run in ``out``; writes ``out/audit/membership.json`` and ``membership.md`` and updates the run's
-    ``report.md``. ``references``: reference models per family (0: the uncalibrated loss attack only)."""
+    ``report.md``. ``references``: reference models per family (0: the uncalibrated loss attack only).
+    ``non_members``: ``"test"`` (the sites' test patients, and as many training patients as members) or
+    ``"fresh"`` (those plus fresh patients of the same clinics, so that every training patient is a member;
+    simulated sites only). Torch runs on one thread meanwhile (``one_torch_thread``, as the simulation's
+    baselines): the reference ANNs are small MLPs whose two-thread pool mostly waits on a shared machine."""
+    with one_torch_thread():
+        return _membership_audit(out, references, seed, non_members, say)
+
+
+def _membership_audit(out: Path, references: int, seed: int, non_members: str,
+                      say: Callable[[str], None]) -> dict:
+    if non_members not in NON_MEMBERS:
+        raise AuditError(f"non-members {non_members!r}: expected one of {', '.join(NON_MEMBERS)}")
+    started = time.perf_counter()
     run = AuditedRun.open(out)
     released = run.released()
     if not released:
         raise AuditError(f"{out / 'federated'}: run {run.record.run_id} released no ANN or XGBoost model")
+    if non_members == "fresh" and (run.world is None or run.task.group is None):
+        raise AuditError(f"{out / 'results.json'}: fresh non-members need the simulator's clinics behind the sites "
+                         "(a run of `fednano simulate` on its own world); use the test non-members")
     encoder = run.artifacts.encoder()
     rng = np.random.default_rng(seed)
-    rows = {name: audit_rows(site.episodes, run.task, run.split_seed, rng) for name, site in run.sites.items()}
+    rows = {}
+    for name, site in run.sites.items():
+        outsiders = (fresh_patients(run, name, outsiders_needed(site.episodes, run.task, run.split_seed))
+                     if non_members == "fresh" else None)
+        rows[name] = audit_rows(site.episodes, run.task, run.split_seed, rng, outsiders)
     encoded = {name: encode(encoder, r.frame) for name, r in rows.items()}
     n_refs = references if run.world is not None else 0
+    seconds = {"rows": time.perf_counter() - started, "references": 0.0}
     ref_stats: dict[str, dict[str, list[RowStatistics]]] = {m: {s: [] for s in rows} for m in released}
     for r in range(n_refs):
         say(f"reference models {r + 1}/{n_refs}")
         fresh = fresh_training_rows(run, r)
-        for model, predictor in reference_models(run, encoder, fresh, r, list(released)).items():
+        for model, predictor in reference_models(run, encoder, fresh, r, list(released), seconds).items():
             for site, data in encoded.items():
                 ref_stats[model][site].append(row_statistics(run.task, predictor(data.x), data.targets))
+    seconds["references"] = time.perf_counter() - started - seconds["rows"]
     say("attacks")
     detail: dict = {}
     heads = [o.name for o in run.task.outcomes] + [ALL_HEADS]
@@ -456,20 +567,30 @@ def run_membership_audit(out: Path, references: int = 4, seed: int = 0,
     headline_model = "ann" if "ann" in detail else next(iter(detail))
     headline_attack = "calibrated" if n_refs else "loss"
     headline = detail[headline_model][ALL_HEADS][headline_attack]
+    check = None
+    if non_members == "fresh":
+        target = {s: row_statistics(run.task, released[headline_model](encoded[s].x), encoded[s].targets)
+                  for s in run.trained_sites(headline_model)}
+        check = non_member_check({s: attack_scores(target[s], ref_stats[headline_model][s], ALL_HEADS)
+                                  [headline_attack] for s in target}, rows)
+    seconds["attacks"] = time.perf_counter() - started - seconds["rows"] - seconds["references"]
     privacy = run.privacy()
     audit = {
         "format": FORMAT, "version": FORMAT_VERSION, "run_id": run.record.run_id,
         "overall": headline["overall"], "per_site": headline["per_site"],
         "headline": {"model": headline_model, "head": ALL_HEADS, "attack": headline_attack},
         "dp": privacy,
-        "reference_models": n_refs, "seed": seed,
+        "reference_models": n_refs, "seed": seed, "non_members": non_members, "non_member_check": check,
+        "seconds": seconds,
         "reference_note": ("pooled models on fresh patients of the same clinics, the run's epochs and (ANN) DP budget"
                            if n_refs else "none asked for: the uncalibrated loss attack only" if run.world is not None
                            else "no simulator behind these sites: the uncalibrated loss attack only"),
         "patients": headline["patients"],
         "rows": {site: {"members": int(r.is_member.sum()), "non_members": int((~r.is_member).sum()),
                         "member_units": int(len(np.unique(r.unit[r.is_member]))),
-                        "non_member_units": int(len(np.unique(r.unit[~r.is_member])))}
+                        "non_member_units": int(len(np.unique(r.unit[~r.is_member]))),
+                        "fresh_non_member_units": int(len(np.unique(
+                            r.unit[~r.is_member & np.char.startswith(r.unit.astype(str), FRESH_PREFIX)])))}
                  for site, r in rows.items()},
         "attacks": detail,
     }
@@ -500,7 +621,8 @@ def audit_section(audit: dict) -> list[str]:
     dp = {site: p for site, p in audit["dp"].items()}
     lines = [REPORT_SECTION, "",
              f"Membership inference on the released models (`audit/membership.json`, run {audit['run_id']}): "
-             f"members are a site's training rows, non-members its test rows, balanced per site; "
+             f"members are a site's training rows, non-members its test rows"
+             f"{NON_MEMBER_NOTE if audit.get('non_members') == 'fresh' else ''}, balanced per site; "
              f"{audit['reference_models']} reference model(s) per family ({audit['reference_note']}). "
              "AUC 0.5 is chance; ± is a standard error (for episodes by a bootstrap over whole patients, whose "
              "cycles are not independent); TPR at 1 % FPR is read off the empirical ROC curve (with fewer than 100 "
@@ -514,6 +636,14 @@ def audit_section(audit: dict) -> list[str]:
                    f"{dp[site]['epsilon_training']:.2g} of {dp[site]['epsilon_budget']:g}" if dp.get(site) else "no DP")
             lines.append(f"| {site} ({unit}) | {eps} | {m['members']} | {m['non_members']} | {_fmt(m['auc'])} ± "
                          f"{_fmt(_se(m))} | {_fmt(m['tpr_at_1pct_fpr'])} | {m['false_positives_at_1pct']} |")
+    check = audit.get("non_member_check")
+    if check is not None:
+        lines += ["", f"Fresh against test non-members (should be chance): AUC {_fmt(check['auc'])} ± "
+                      f"{_fmt(_se(check))} per episode, {_fmt(check['patients']['auc'])} ± "
+                      f"{_fmt(_se(check['patients']))} per patient. Members against the test non-members only: "
+                      f"AUC {_fmt(check['members_vs_test']['auc'])} ± {_fmt(_se(check['members_vs_test']))} per "
+                      f"episode, {_fmt(check['members_vs_test']['patients']['auc'])} ± "
+                      f"{_fmt(_se(check['members_vs_test']['patients']))} per patient."]
     lines += ["", "Every model, head and attack (overall; episodes, then patients):", "",
               "| model | head | attack | AUC ± se (episodes) | TPR @ 1 % FPR | members/non-members | "
               "AUC ± se (patients) | TPR @ 1 % FPR | members/non-members |", "|---|---|---|---|---|---|---|---|---|"]

@@ -14,7 +14,9 @@ from sklearn.metrics import log_loss
 from shared.task import NANOPARTICLE_TASK, assign_split
 from simulation.membership_audit import (
     ALL_HEADS,
+    FRESH_PREFIX,
     REPORT_SECTION,
+    AuditRows,
     RowStatistics,
     add_to_report,
     attack_metrics,
@@ -22,6 +24,8 @@ from simulation.membership_audit import (
     audit_rows,
     balanced,
     hanley_mcneil_se,
+    non_member_check,
+    outsiders_needed,
     row_statistics,
     tpr_at_fpr,
 )
@@ -120,6 +124,70 @@ def test_audit_rows_are_balanced_training_members_and_test_non_members():
     assert members["row"].is_unique
 
 
+def test_fresh_outsiders_let_every_training_patient_be_a_member():
+    patients = np.repeat([f"P{i:03d}" for i in range(200)], 3)
+    frame = pd.DataFrame({"patient_id": patients, "row": np.arange(len(patients))})
+    task = NANOPARTICLE_TASK
+    labels = pd.Series(assign_split(frame, task, 4), index=frame["row"])
+    n_train, n_test = (int((labels == s).sum()) // 3 for s in ("train", "test"))
+    needed = outsiders_needed(frame, task, 4)
+    assert needed == n_train - n_test > 0
+    # outsiders reuse the site's own patient names: their units must still be distinct non-members
+    outsiders = pd.DataFrame({"patient_id": np.repeat([f"P{i:03d}" for i in range(needed)], 2),
+                              "row": -1 - np.arange(2 * needed)})
+    rows = audit_rows(frame, task, split_seed=4, rng=np.random.default_rng(0), outsiders=outsiders)
+    members, non_members = rows.frame[rows.is_member], rows.frame[~rows.is_member]
+    assert set(labels[members["row"]]) == {"train"} and len(members) == 3 * n_train  # every training patient
+    assert len(np.unique(rows.unit[rows.is_member])) == len(np.unique(rows.unit[~rows.is_member])) == n_train
+    fresh = np.char.startswith(rows.unit.astype(str), FRESH_PREFIX)
+    assert not (fresh & rows.is_member).any() and int(fresh.sum()) == 2 * needed
+    assert set(labels[non_members["row"][non_members["row"] >= 0]]) == {"test"}
+    assert len(set(rows.unit[rows.is_member]) & set(rows.unit[~rows.is_member])) == 0
+
+
+def test_non_member_check_is_chance_for_exchangeable_fresh_patients_and_flags_a_shifted_cohort():
+    rng = np.random.default_rng(5)
+
+    def site(shift: float) -> tuple[np.ndarray, AuditRows]:
+        units = np.r_[[f"M{i}" for i in range(100)], [f"T{i}" for i in range(100)],
+                      [f"{FRESH_PREFIX}F{i}" for i in range(300)]]
+        units = np.repeat(units, 2)
+        is_member = np.char.startswith(units, "M")
+        score = rng.normal(0, 1, len(units)) + np.where(np.char.startswith(units, FRESH_PREFIX), shift, 0.0)
+        score[::17] = np.nan  # an unrecorded outcome is left out, not counted
+        return score, AuditRows(pd.DataFrame({"unit": units}), is_member, units)
+
+    same = {name: site(0.0) for name in ("a", "b")}
+    check = non_member_check({k: v[0] for k, v in same.items()}, {k: v[1] for k, v in same.items()})
+    assert check["patients"]["members"] == 200 and check["patients"]["non_members"] == 600  # test vs fresh
+    assert abs(check["auc"] - 0.5) < 3 * check["auc_se_clustered"]
+    assert abs(check["patients"]["auc"] - 0.5) < 3 * check["patients"]["auc_se"]
+    assert check["members_vs_test"]["patients"]["members"] == 200  # members against test patients only
+    assert check["members_vs_test"]["patients"]["non_members"] == 200
+    shifted = {name: site(1.0) for name in ("a", "b")}  # fresh patients that look different: detected
+    check = non_member_check({k: v[0] for k, v in shifted.items()}, {k: v[1] for k, v in shifted.items()})
+    assert check["auc"] < 0.5 - 5 * check["auc_se_clustered"]
+    assert abs(check["members_vs_test"]["auc"] - 0.5) < 3 * check["members_vs_test"]["auc_se_clustered"]
+
+
+def test_fresh_patients_are_new_patients_of_the_same_clinic_drawn_until_enough():
+    from types import SimpleNamespace
+
+    from simulation.clinics import make_world, simulate_clinic
+    from simulation.membership_audit import fresh_patients
+
+    world = make_world(2, 3, patients_per_clinic=15)
+    run = SimpleNamespace(world=world, task=NANOPARTICLE_TASK, sites={})
+    own, _ = simulate_clinic(world, world.clinics[1])
+    fresh = fresh_patients(run, "clinic_01", 40)  # more than one cohort of 15 holds: three draws
+    assert fresh["patient_id"].nunique() == 40
+    assert set(fresh["patient_id"].str.split(":").str[0]) == {"d0", "d1", "d2"}
+    assert list(fresh.columns) == list(own.columns)
+    assert not own["age_years"].isin(fresh["age_years"]).all()  # other patients than the site's
+    pd.testing.assert_frame_equal(fresh, fresh_patients(run, "clinic_01", 40))  # seeded
+    assert fresh_patients(run, "clinic_01", 0).empty
+
+
 def test_balanced_subsamples_only_the_larger_group():
     rng = np.random.default_rng(0)
     m, n = balanced(np.arange(10.0), np.arange(4.0), rng)
@@ -168,6 +236,8 @@ def test_a_folder_without_a_simulate_result_is_refused_naming_the_file(tmp_path)
     (tmp_path / "results.json").write_text('{"models": {}}')
     with pytest.raises(AuditError, match="results.json: no 'config'"):
         run_membership_audit(tmp_path)
+    with pytest.raises(AuditError, match="non-members 'held-out': expected one of test, fresh"):
+        run_membership_audit(tmp_path, non_members="held-out")
 
 
 @pytest.mark.slow
@@ -179,6 +249,7 @@ def test_audit_of_an_overfitted_federation_finds_membership_above_chance(tmp_pat
     from typer.testing import CliRunner
 
     from fednano.cli import app
+    from shared.validation import load_site
     from simulation.experiment import ExperimentConfig, flower_environment, quiet_flower, run_experiment
     from simulation.membership_audit import run_membership_audit
 
@@ -211,3 +282,61 @@ def test_audit_of_an_overfitted_federation_finds_membership_above_chance(tmp_pat
     assert (out / "report.md").read_text().count(REPORT_SECTION) == 1
     missing = CliRunner().invoke(app, ["audit", "membership", str(tmp_path / "nothing")])
     assert missing.exit_code == 2 and "results.json" in missing.output
+
+    # every training patient against the test patients plus fresh patients of the same clinics
+    result = CliRunner().invoke(app, ["audit", "membership", str(out), "--references", "0", "--non-members", "fresh"])
+    assert result.exit_code == 0, result.output
+    fresh = json.loads((out / "audit" / "membership.json").read_text())
+    assert fresh["non_members"] == "fresh"
+    for site, counts in fresh["rows"].items():
+        split = pd.Series(assign_split(load_site(out / "sites" / site).episodes, NANOPARTICLE_TASK, 1))
+        before = written["rows"][site]
+        assert counts["member_units"] == counts["non_member_units"] > before["member_units"]
+        assert counts["fresh_non_member_units"] == counts["non_member_units"] - before["non_member_units"]
+        assert fresh["patients"]["per_site"][site]["members"] == counts["member_units"]
+        assert counts["members"] == int((split == "train").sum())  # all of the training rows
+    check = fresh["non_member_check"]
+    assert check["patients"]["members"] == sum(r["non_member_units"] for r in written["rows"].values())
+    assert abs(check["patients"]["auc"] - 0.5) < 3 * check["patients"]["auc_se"]  # fresh ≈ test non-members
+    assert fresh["patients"]["overall"]["auc"] > 0.5 + 3 * fresh["patients"]["overall"]["auc_se"]
+    assert fresh["patients"]["overall"]["auc_se"] < 0.6 * written["patients"]["overall"]["auc_se"]  # more pairs
+    bad = CliRunner().invoke(app, ["audit", "membership", str(out), "--non-members", "val"])
+    assert bad.exit_code == 2 and "expected one of test, fresh" in bad.output
+
+
+def _benchmark(monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(folder))
+    spec = importlib.util.spec_from_file_location("membership_audit_benchmark", folder / "membership_audit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_pools_independent_worlds_and_reuses_only_the_same_run(monkeypatch, tmp_path):
+    bench = _benchmark(monkeypatch)
+    worlds = [{"auc": 0.60, "auc_se": 0.01, "auc_se_clustered": 0.03, "tpr_at_1pct_fpr": 0.02, "members": 400,
+               "non_members": 400, "false_positives_at_1pct": 4},
+              {"auc": 0.50, "auc_se": 0.04, "tpr_at_1pct_fpr": 0.04, "members": 300, "non_members": 300,
+               "false_positives_at_1pct": 3}]
+    pooled = bench.pool(worlds)
+    assert pooled["auc"] == pytest.approx(0.55) and pooled["tpr_at_1pct_fpr"] == pytest.approx(0.03)
+    assert pooled["se"] == pytest.approx(math.sqrt(0.03**2 + 0.04**2) / 2)  # the clustered se where there is one
+    assert pooled["tpr_se"] == pytest.approx(0.01)
+    assert (pooled["members"], pooled["false_positives_at_1pct"], pooled["worlds"]) == (700, 7, 2)
+    assert bench.rounded({"delta": 1e-5, "auc": 0.503149, "n": [3, 0.123456]}) == {"delta": 1e-5, "auc": 0.5031,
+                                                                                    "n": [3, 0.1235]}
+    from simulation.experiment import ExperimentConfig
+
+    cfg = ExperimentConfig(out=tmp_path, clinics=5, patients_per_clinic=120, rounds=10, dp=True, epsilon=3.0,
+                           seed=1, models="ann,xgboost", xgb_rounds=10, compare=False, policy=False)
+    assert not bench.same_run(tmp_path, cfg)  # nothing there
+    config = {"clinics": 5, "patients_per_clinic": 120, "rounds": 10, "dp": True, "seed": 1,
+              "models": "ann,xgboost", "xgb_rounds": 10, "epsilon": 3.0}
+    (tmp_path / "results.json").write_text(json.dumps({"config": config}))
+    assert bench.same_run(tmp_path, cfg)
+    (tmp_path / "results.json").write_text(json.dumps({"config": config | {"epsilon": 1.0}}))
+    assert not bench.same_run(tmp_path, cfg)  # another budget is another run
