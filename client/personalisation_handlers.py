@@ -2,7 +2,8 @@
 choose one, reply metrics only.
 
 From the final global weights the site trains its candidates on its own training split (its local-only model
-and each requested method, ``client.personalised``), scores them and the global model on its validation split,
+and each requested method, ``client.personalised``; ``mix`` is made of the global and the local-only model
+without training, so it adds no DP-SGD fit), scores them and the global model on its validation split,
 chooses (``client.personalised.choice``) and replies :class:`shared.protocol.personalisation.PersonalisationReply`:
 the choice, the reason, and every candidate's summaries on the validation and test splits. The personalised
 weights stay at the site: the chosen one is saved in the site's folder (``personalisation/<site>/<run>-<name>.pt``)
@@ -102,7 +103,7 @@ Predictions = dict[str, dict[str, np.ndarray]]
 def personalise(msg: Message, request: SiteRequest) -> RecordDict:
     """Train, score, choose; reply the choice and the summaries (module docstring)."""
     # torch (and Opacus for a DP site) load with the messages that train (client.app)
-    from client.personalised.candidates import trainers
+    from client.personalised.candidates import mixes, trainers
     from shared.ann import predict
 
     settings = AnnTraining.from_config(request.config)
@@ -120,9 +121,10 @@ def personalise(msg: Message, request: SiteRequest) -> RecordDict:
         noise = _phase_noise(request, dp)
         epsilon, spent_at_start = float(noise["epsilon"]), float(noise["spent-at-start"])
         dp_steps = _fit_private(models, global_model, train_split, dp, settings, noise, request)
+    made = models | mixes(plan, models, global_model)  # the mixes are of trained models: no fit, no ledger entry
     splits = {"validation": request.encoded("val"), "test": request.encoded("test")}
     predictions = {split: {GLOBAL: predict(global_model, data.x)} | {name: m.predict(data.x) for name, m in
-                                                                      models.items()}
+                                                                      made.items()}
                    for split, data in splits.items()}
     exact = {split: {name: summaries(request.encoder, splits[split], p) for name, p in by.items()}
              for split, by in predictions.items()}
@@ -168,7 +170,7 @@ def personalise(msg: Message, request: SiteRequest) -> RecordDict:
     if dp is not None:
         reason += " on the noised validation release"
     evidence = SiteEvidence(scores, covariance)
-    weights = {name: models[name].model_ if name in models else global_model for name in plan.candidates}
+    weights = {name: made[name].model_ if name in made else global_model for name in plan.candidates}
     _keep_at_site(request, chosen, reason, exact, weights[chosen],
                   candidates=weights if plan.choice in POOLED_RULES else None, evidence=evidence, order=order)
     reply = PersonalisationReply(chosen=chosen, reason=reason, summaries=released, num_examples=n,

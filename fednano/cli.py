@@ -155,7 +155,8 @@ def simulate(
         "improvement is positive)."),
     personalise: str = typer.Option(
         "", "--personalise", help="Personalised models each site trains after the federation and chooses among with "
-        "its local-only and the global model on its validation split: ANNs finetune, ditto, fedper; boosters "
+        "its local-only and the global model on its validation split: ANNs finetune, ditto, fedper, mix (the "
+        "global and local-only models' predictions averaged); boosters "
         "site-trees (the federation's trees plus 10 grown at the site; sites without DP) (comma-separated); add "
         "pooled to let the federation's pooled validation evidence set the ANN choice's default."),
     policy: bool = typer.Option(

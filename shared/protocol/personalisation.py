@@ -23,8 +23,11 @@ from shared.protocol import records as r
 FINETUNE = "finetune"
 """The global model fine-tuned on the site's training split: the default a site keeps unless beaten
 (``client.personalisation_handlers.ann_order``)."""
-METHODS = (FINETUNE, "ditto", "fedper")
-"""Personalised ANN methods a site knows (``client.personalised.METHODS`` implements each)."""
+MIX = "mix"
+"""The global and the site's local-only model mixed in prediction space (``client.personalised.mix``): trained by
+nobody, so it costs a DP site no DP-SGD fit."""
+METHODS = (FINETUNE, "ditto", "fedper", MIX)
+"""Personalised ANN methods a site knows (``client.personalised.candidates`` implements each)."""
 BOOSTING_METHODS = ("site-trees",)
 """Personalised boosting methods: ``site-trees``, a few trees the site grows on its own rows on top of the
 federation's (``client.personalised.site_trees.SiteTrees``; ``query.personalise_boosting``)."""
@@ -62,6 +65,8 @@ _SITE_TREES_KEY = "personalise-site-trees"
 _SITE_TREES_LAMBDA_KEY = "personalise-site-trees-lambda"
 _LOCAL_ROUNDS_KEY = "personalise-local-rounds"
 _CHOICE_KEY = "personalise-choice"
+_MIX_ALPHA_KEY = "personalise-mix-alpha"
+_MIX_SPACE_KEY = "personalise-mix-space"
 DEFAULT_KEY = "personalise-default"
 """Config key of ``query.personalise_keep``: the federation's default (:data:`POOLED`)."""
 
@@ -141,6 +146,11 @@ class Personalisation:
     choice : str, default "site"
         :data:`SITE_RULE` or one of :data:`POOLED_RULES` (the ANN choice's default set by the federation's pooled
         evidence, weighted by precision or equally, falling back on global or the site's own default).
+    mix_alpha : float, default 0.5
+        The global model's weight in :data:`MIX` (``client.personalised.mix.Mix``), fixed: choosing it on the
+        validation split would take a DP site another release.
+    mix_space : str, default "probability"
+        Where :data:`MIX` mixes the classification heads: ``probability`` or ``logit``.
     """
 
     methods: tuple[str, ...]
@@ -151,9 +161,14 @@ class Personalisation:
     site_trees_lambda: float = 100.0
     local_rounds: int = 20
     choice: str = SITE_RULE
+    mix_alpha: float = 0.5
+    mix_space: str = "probability"
 
     def __post_init__(self) -> None:
         parse_methods(",".join(self.methods))
+        if not 0.0 <= self.mix_alpha <= 1.0 or self.mix_space not in ("probability", "logit"):
+            raise ValueError("personalise: mix_alpha must be in [0, 1] and mix_space probability or logit; got "
+                             f"{self.mix_alpha!r}, {self.mix_space!r}")
         if self.choice not in CHOICE_RULES:
             raise ValueError(f"personalise: choice must be one of {', '.join(CHOICE_RULES)}; got {self.choice!r}")
         if (self.epochs < 1 or self.lr <= 0 or self.ditto_lambda < 0 or self.site_trees < 1 or self.local_rounds < 1
@@ -166,7 +181,8 @@ class Personalisation:
         return ConfigRecord({_METHODS_KEY: list(self.methods) or [""], _EPOCHS_KEY: self.epochs, _LR_KEY: self.lr,
                              _LAMBDA_KEY: self.ditto_lambda, _SITE_TREES_KEY: self.site_trees,
                              _SITE_TREES_LAMBDA_KEY: self.site_trees_lambda,
-                             _LOCAL_ROUNDS_KEY: self.local_rounds, _CHOICE_KEY: self.choice})
+                             _LOCAL_ROUNDS_KEY: self.local_rounds, _CHOICE_KEY: self.choice,
+                             _MIX_ALPHA_KEY: self.mix_alpha, _MIX_SPACE_KEY: self.mix_space})
 
     @classmethod
     def from_config(cls, config: Mapping) -> Personalisation:
@@ -175,7 +191,9 @@ class Personalisation:
                    site_trees=int(config.get(_SITE_TREES_KEY, 10)),
                    site_trees_lambda=float(config.get(_SITE_TREES_LAMBDA_KEY, 100.0)),
                    local_rounds=int(config.get(_LOCAL_ROUNDS_KEY, 20)),
-                   choice=str(config.get(_CHOICE_KEY, SITE_RULE)))
+                   choice=str(config.get(_CHOICE_KEY, SITE_RULE)),
+                   mix_alpha=float(config.get(_MIX_ALPHA_KEY, 0.5)),
+                   mix_space=str(config.get(_MIX_SPACE_KEY, "probability")))
 
     @property
     def candidates(self) -> tuple[str, ...]:
