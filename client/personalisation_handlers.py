@@ -30,7 +30,8 @@ place of its own and keeps only that model.
 
 ``query.personalise_boosting`` (:func:`personalise_boosting`) is the same choice for the finished boosters:
 the federation's boosters (global), the site's own local-only boosters and, for ``site-trees``, the
-federation's trees with a few more grown on the site's training rows (``client.personalised.site_trees``). A
+federation's trees with a few more grown on the site's training rows (``client.personalised.site_trees``); for
+``mix-trees``, the global and the local-only boosters' predictions mixed (``client.personalised.mix_trees``). A
 DP site refuses it (:data:`shared.protocol.personalisation.BOOSTING_DP_REFUSAL`); the server does not ask one.
 """
 
@@ -73,6 +74,7 @@ from shared.protocol.personalisation import (
     FINETUNE,
     GLOBAL,
     LOCAL,
+    MIX_TREES,
     POOLED_RULES,
     SITE_DEFAULT,
     VALIDATION_PRIVACY,
@@ -200,6 +202,12 @@ def personalise_boosting(msg: Message, request: SiteRequest) -> RecordDict:
     config = boosting.BoostingConfig(eta=settings.eta, max_depth=settings.max_depth, seed=settings.seed)
     models = {GLOBAL: federated,
               LOCAL: train_pooled_heads(encoder, train_split.x, train_split.targets, config, plan.local_rounds)}
+    mixed = None
+    if MIX_TREES in plan.methods:  # of the two above: nothing trained
+        from client.personalised.mix_trees import MixTrees
+
+        mixed = MixTrees(alpha=plan.mix_alpha, space=plan.mix_space).fit(federated, models[LOCAL])
+        models[MIX_TREES] = mixed.files()
     if "site-trees" in plan.methods:
         models["site-trees"] = {
             head.key: bytes(SiteTrees(n_trees=plan.site_trees, eta=settings.eta, reg_lambda=plan.site_trees_lambda,
@@ -209,7 +217,8 @@ def personalise_boosting(msg: Message, request: SiteRequest) -> RecordDict:
             for head in boosting.heads(encoder)}
     n_bins = int(request.config.get(EVAL_BINS, metrics.DEFAULT_N_BINS))
     splits = {"validation": request.encoded("val"), "test": request.encoded("test")}
-    predictions = {split: {name: boosting.predict_heads(models[name], encoder, data.x) for name in plan.candidates}
+    predictions = {split: {name: mixed.predict(encoder, data.x) if name == MIX_TREES
+                           else boosting.predict_heads(models[name], encoder, data.x) for name in plan.candidates}
                    for split, data in splits.items()}
     released = {split: {name: summaries(encoder, splits[split], p, n_bins=n_bins) for name, p in by.items()}
                 for split, by in predictions.items()}
@@ -262,7 +271,8 @@ def _keep_boosters_at_site(request: SiteRequest, chosen: str, reason: str, exact
     folder = site_record_folder(request.source.folder, request.name)
     stem = BOOSTING_RECORD.format(run=request.context.run_id)
     (folder / f"{stem}-{chosen}").mkdir(parents=True, exist_ok=True)
-    for head, model in boosters.items():
+    for head, model in boosters.items():  # a mix's members in a folder each (MixTrees.files)
+        (folder / f"{stem}-{chosen}" / f"{head}.json").parent.mkdir(parents=True, exist_ok=True)
         (folder / f"{stem}-{chosen}" / f"{head}.json").write_bytes(model)
     write_json_atomically(folder / f"{stem}.json", _site_record(request, chosen, reason, exact))
 

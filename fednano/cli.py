@@ -157,7 +157,8 @@ def simulate(
         "", "--personalise", help="Personalised models each site trains after the federation and chooses among with "
         "its local-only and the global model on its validation split: ANNs finetune, ditto, fedper, mix (the "
         "global and local-only models' predictions averaged); boosters "
-        "site-trees (the federation's trees plus 10 grown at the site; sites without DP) (comma-separated); add "
+        "site-trees (the federation's trees plus 10 grown at the site), mix-trees (the federation's and the local-only "
+        "boosters' predictions averaged) (sites without DP) (comma-separated); add "
         "pooled to let the federation's pooled validation evidence set the ANN choice's default."),
     policy: bool = typer.Option(
         True, "--policy/--no-policy", help="Build, sign and evaluate the dosing policy (built-in task; --no-policy: "

@@ -168,3 +168,110 @@ def test_a_dp_site_pays_no_dp_sgd_fit_for_the_mix(clinic, task_identity):  # noq
     assert reply.dp_fits == 1  # the local-only model only
     assert len(entries) == 1 + 2  # its fit, the validation and the test release
     assert set(reply.summaries["validation"]) == {p.GLOBAL, "mix", p.LOCAL}
+
+
+# --- the boosters' mix (mix-trees) ------------------------------------------------------------------------------
+
+
+def _encoder():
+    """What ``shared.boosting.heads`` reads of an encoder: the task's outcomes and a multiclass outcome's classes."""
+    from types import SimpleNamespace
+
+    from shared.task import Outcome, TaskSpec
+
+    task = TaskSpec(outcomes=(Outcome("response", "binary"), Outcome("kind", "multiclass"),
+                              Outcome("efficacy", "regression")), numeric=("x",), categorical=())
+    return SimpleNamespace(task=task, classes_={"kind": ["a", "b", "c"]})
+
+
+def _boosters(seed: int, x: np.ndarray) -> dict[str, bytes]:
+    import xgboost as xgb
+
+    from shared import boosting
+
+    rng = np.random.default_rng(seed)
+    made = {}
+    for head in boosting.heads(_encoder()):
+        y = (x[:, 0] + rng.normal(size=len(x)) > 0).astype(float) if head.kind == "binary" else x[:, 1] + rng.normal(
+            size=len(x))
+        params = boosting.BoostingConfig(seed=seed).params(head.kind)
+        made[head.key] = bytes(xgb.train(params, xgb.DMatrix(x, label=y), num_boost_round=5).save_raw("json"))
+    return made
+
+
+@pytest.mark.parametrize("space", ["probability", "logit"])
+def test_the_boosters_mix_is_the_formula_on_the_heads_predictions_or_margins(space):
+    import xgboost as xgb
+
+    from client.personalised.mix_trees import MixTrees
+    from shared import boosting
+
+    x = np.random.default_rng(1).normal(size=(60, 3)).astype(np.float32)
+    first, second, encoder = _boosters(1, x), _boosters(2, x), _encoder()
+    mixed = MixTrees(alpha=0.3, space=space).fit(first, second).predict(encoder, x)
+    if space == "probability":
+        a, b = boosting.predict_heads(first, encoder, x), boosting.predict_heads(second, encoder, x)
+        for name in ("response", "kind", "efficacy"):
+            np.testing.assert_allclose(mixed[name], 0.3 * a[name] + 0.7 * b[name], rtol=1e-6)
+    else:
+        def margin(models, key):
+            return xgb.Booster(model_file=bytearray(models[key])).predict(xgb.DMatrix(x), output_margin=True)
+
+        m = {key: 0.3 * margin(first, key) + 0.7 * margin(second, key) for key in first}
+        np.testing.assert_allclose(mixed["response"], 1 / (1 + np.exp(-m["response"])), rtol=1e-5)
+        np.testing.assert_allclose(mixed["efficacy"], m["efficacy"], rtol=1e-5, atol=1e-6)
+        ovr = np.stack([1 / (1 + np.exp(-m[f"kind={c}"])) for c in range(3)], axis=1)
+        np.testing.assert_allclose(mixed["kind"], ovr / ovr.sum(axis=1, keepdims=True), rtol=1e-5)
+    single = MixTrees(alpha=1.0, space=space).fit(first, second).predict(encoder, x)  # α = 1: the global boosters
+    np.testing.assert_allclose(single["response"], boosting.predict_heads(first, encoder, x)["response"], rtol=1e-5)
+
+
+def test_the_boosters_mix_keeps_both_members_and_is_selectable_only_with_the_boosters():
+    from client.personalised.mix_trees import MixTrees
+
+    x = np.random.default_rng(1).normal(size=(40, 3)).astype(np.float32)
+    first, second = _boosters(1, x), _boosters(2, x)
+    files = MixTrees(alpha=0.5).fit(first, second).files()
+    assert {f"global/{k}" for k in first} | {f"local/{k}" for k in second} | {"mix"} == set(files)
+    assert json.loads(files["mix"]) == {"alpha": 0.5, "space": "probability", "members": ["global", "local"]}
+    with pytest.raises(ValueError, match="heads differ"):
+        MixTrees().fit(first, {"response": first["response"]})
+    assert p.boosting_methods("mix,mix-trees,site-trees") == ("mix-trees", "site-trees")
+    assert "xgboost" in p.family_problem("mix-trees", ("ann",))
+    assert p.family_problem("mix,mix-trees", ("ann", "xgboost")) is None
+
+
+def test_a_site_without_dp_chooses_among_the_boosters_mix_too_and_keeps_both_members_if_chosen(clinic,  # noqa: F811
+                                                                                                task_identity):
+    from flwr.app import Context, Message, RecordDict
+
+    from client.boosting import train_pooled_heads
+    from client.personalisation_handlers import BOOSTING_RECORD, personalise_boosting, site_record_folder
+    from client.site import SiteRequest
+    from client.split import encode
+    from shared import boosting
+    from shared.protocol import messages
+    from shared.protocol.boosting import BoostingRound, evaluation_request
+
+    root, name = clinic
+    plan = p.Personalisation(methods=("mix-trees",), local_rounds=5)
+    msg, ann_request = _request(root, name, plan, dp=False)  # the site (DP off) and its encoder
+    encoder = ann_request.encoder
+    config = BoostingRound(eta=0.3, max_depth=3, local_rounds=1, seed=5, split_seed=5, mode="hist").to_config(encoder)
+    config.update(plan.to_config())
+    train = encode(encoder, ann_request.rows("train"))
+    federated = train_pooled_heads(encoder, train.x, train.targets, boosting.BoostingConfig(seed=9), 8)
+    context = Context(run_id=12, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    request = SiteRequest(ann_request.source, ann_request.site, config, context)
+    content = evaluation_request(config, federated)
+    reply = p.PersonalisationReply.from_records(personalise_boosting(
+        Message(content, dst_node_id=1, message_type=messages.PERSONALISE_BOOSTING.type), request))
+    assert reply.candidates == (p.GLOBAL, "mix-trees", p.LOCAL) and reply.chosen in reply.candidates
+    test = {c: metrics.binary_metrics(reply.summaries["test"][c]["response"])["auc"] for c in reply.candidates}
+    assert test["mix-trees"] not in (test[p.GLOBAL], test[p.LOCAL])
+    stem = BOOSTING_RECORD.format(run=12)
+    folder = site_record_folder(request.source.folder, request.name) / f"{stem}-{reply.chosen}"
+    kept = {f.relative_to(folder).as_posix() for f in folder.rglob("*.json")}
+    print(reply.chosen, reply.reason, test)
+    assert reply.chosen == "mix-trees"  # the first method named is the default kept unless beaten (boosting_order)
+    assert kept == {"mix.json"} | {f"{member}/{key}.json" for member in ("global", "local") for key in federated}

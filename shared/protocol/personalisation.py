@@ -28,9 +28,11 @@ MIX = "mix"
 nobody, so it costs a DP site no DP-SGD fit."""
 METHODS = (FINETUNE, "ditto", "fedper", MIX)
 """Personalised ANN methods a site knows (``client.personalised.candidates`` implements each)."""
-BOOSTING_METHODS = ("site-trees",)
+MIX_TREES = "mix-trees"
+BOOSTING_METHODS = ("site-trees", MIX_TREES)
 """Personalised boosting methods: ``site-trees``, a few trees the site grows on its own rows on top of the
-federation's (``client.personalised.site_trees.SiteTrees``; ``query.personalise_boosting``)."""
+federation's (``client.personalised.site_trees.SiteTrees``), and ``mix-trees``, the federation's and the site's
+local-only boosters' predictions mixed (``client.personalised.mix_trees.MixTrees``); ``query.personalise_boosting``."""
 BOOSTING_DP_REFUSAL = ("personalised boosting is not offered at a DP site: XGBoost's site trees are not trained "
                        "under DP, so the summaries released of them would not be private")
 """Why a DP site is not asked to personalise the boosters (the record shows it as refused)."""
@@ -147,10 +149,11 @@ class Personalisation:
         :data:`SITE_RULE` or one of :data:`POOLED_RULES` (the ANN choice's default set by the federation's pooled
         evidence, weighted by precision or equally, falling back on global or the site's own default).
     mix_alpha : float, default 0.5
-        The global model's weight in :data:`MIX` (``client.personalised.mix.Mix``), fixed: choosing it on the
-        validation split would take a DP site another release.
+        The global model's weight in :data:`MIX` (``client.personalised.mix.Mix``) and :data:`MIX_TREES`, fixed:
+        choosing it on the validation split would take a DP site another release.
     mix_space : str, default "probability"
-        Where :data:`MIX` mixes the classification heads: ``probability`` or ``logit``.
+        Where :data:`MIX` and :data:`MIX_TREES` mix the classification heads: ``probability`` or ``logit`` (the
+        boosters' margins).
     """
 
     methods: tuple[str, ...]
