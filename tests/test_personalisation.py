@@ -247,9 +247,9 @@ def test_a_site_without_dp_replies_its_choice_and_keeps_the_chosen_model_in_its_
     content = personalise(msg, request)
     assert not any(isinstance(rec, ArrayRecord) for rec in content.values())
     reply = p.PersonalisationReply.from_records(content)
-    # fine-tuning is among the methods, so it is the default kept unless beaten (ann_order)
+    # the mix is among the methods, so it is the default kept unless beaten (ann_order)
     assert reply.chosen in plan.candidates
-    assert reply.reason.startswith(("kept finetune", f"{reply.chosen} beat finetune")), reply.reason
+    assert reply.reason.startswith(("kept mix", f"{reply.chosen} beat mix")), reply.reason
     assert set(reply.summaries["test"]) == set(plan.candidates) and reply.dp_steps == 0
     kept_in = request.source.folder / SITE_RECORD_DIR / request.name
     kept = json.loads((kept_in / "11.json").read_text())

@@ -254,7 +254,7 @@ def test_a_site_without_dp_chooses_among_the_boosters_mix_too_and_keeps_both_mem
     from shared.protocol.boosting import BoostingRound, evaluation_request
 
     root, name = clinic
-    plan = p.Personalisation(methods=("mix-trees",), local_rounds=5)
+    plan = p.Personalisation(methods=("mix-trees",), local_rounds=5, mix_alpha=0.5)  # kept here at 0.5 (not 0.75)
     msg, ann_request = _request(root, name, plan, dp=False)  # the site (DP off) and its encoder
     encoder = ann_request.encoder
     config = BoostingRound(eta=0.3, max_depth=3, local_rounds=1, seed=5, split_seed=5, mode="hist").to_config(encoder)
@@ -275,3 +275,15 @@ def test_a_site_without_dp_chooses_among_the_boosters_mix_too_and_keeps_both_mem
     print(reply.chosen, reply.reason, test)
     assert reply.chosen == "mix-trees"  # the first method named is the default kept unless beaten (boosting_order)
     assert kept == {"mix.json"} | {f"{member}/{key}.json" for member in ("global", "local") for key in federated}
+
+
+def test_when_the_mix_is_asked_for_it_is_the_default_a_site_keeps_unless_beaten():
+    from client.personalisation_handlers import ann_order
+    from client.personalised.choice import choose_by_margin
+
+    plan = p.Personalisation(methods=("finetune", "ditto", "fedper", "mix"))
+    assert ann_order(plan) == ("mix", p.GLOBAL, "finetune", "ditto", "fedper", p.LOCAL)
+    assert ann_order(p.Personalisation(methods=("finetune", "ditto")))[0] == "finetune"  # unchanged without it
+    assert plan.mix_alpha == 0.75 and plan.mix_space == "probability"
+    scores = {"mix": 0.70, p.GLOBAL: 0.72, "finetune": 0.71, "ditto": 0.70, "fedper": 0.70, p.LOCAL: 0.6}
+    assert choose_by_margin(scores, dict.fromkeys(scores, 0.05), ann_order(plan))[0] == "mix"

@@ -79,8 +79,9 @@ class Mix:
 
     Parameters
     ----------
-    alpha : float, default 0.5
-        The global model's weight, in [0, 1] (0: the local-only model; 1: the global model).
+    alpha : float, default 0.75
+        The global model's weight, in [0, 1] (0: the local-only model; 1: the global model); the plan's
+        ``shared.protocol.personalisation.Personalisation.mix_alpha`` says why 0.75.
     space : {"probability", "logit"}, default "probability"
         Where the classification heads are mixed (regression heads are mixed as values in both).
 
@@ -91,10 +92,10 @@ class Mix:
 
     Example
     -------
-    >>> Mix(alpha=0.5).fit(global_model, local.model_).predict(x)  # doctest: +SKIP
+    >>> Mix(alpha=0.75).fit(global_model, local.model_).predict(x)  # doctest: +SKIP
     """
 
-    def __init__(self, alpha: float = 0.5, space: str = "probability") -> None:
+    def __init__(self, alpha: float = 0.75, space: str = "probability") -> None:
         self.alpha = alpha
         self.space = space
 
