@@ -133,7 +133,7 @@ def main() -> None:
                                  "sites_worse": sum(len(r["worse_by_more_than_1se"][n]) for r in runs),
                                  "mean_auc": statistics.fmean(r["mean_auc"][n] for r in runs)} for n in names}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(metrics.json_safe(result), indent=1) + "\n")
+    args.out.write_text(json.dumps(metrics.json_safe(result)) + "\n")  # one line: < 100 kB for 5 seeds
     print("response AUC on the test split, sites with ≥ 30 test rows: variant − max(local, global), mean over the "
           "sites [sites worse by > 1 SE]; replay check = largest |AUC − the run's record| of local and global")
     print("| variant | " + " | ".join(f"seed {r['seed']} ({len(r['sites_30'])})" for r in runs)
