@@ -36,7 +36,8 @@ FAMILIES = {"ann": ("personalisation", "Personalised ANNs", "personalised models
 """Family → (results.json key of the choices, report heading, what the site grew)."""
 KEPT_WORDS = {"ann": {FINETUNE: "the fine-tuned model", GLOBAL: "the global model",
                       MIX: "the mix of the global and its local-only model's predictions"},
-              "xgboost": {"site-trees": "the site's trees", GLOBAL: "the global boosters"}}
+              "xgboost": {"site-trees": "the site's trees", GLOBAL: "the global boosters",
+                          "mix-trees": "the mix of the global and its local-only boosters' predictions"}}
 """The report's words for the candidate a site keeps unless beaten (``ann_order`` / ``boosting_order``)."""
 
 

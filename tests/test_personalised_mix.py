@@ -287,3 +287,18 @@ def test_when_the_mix_is_asked_for_it_is_the_default_a_site_keeps_unless_beaten(
     assert plan.mix_alpha == 0.75 and plan.mix_space == "probability"
     scores = {"mix": 0.70, p.GLOBAL: 0.72, "finetune": 0.71, "ditto": 0.70, "fedper": 0.70, p.LOCAL: 0.6}
     assert choose_by_margin(scores, dict.fromkeys(scores, 0.05), ann_order(plan))[0] == "mix"
+
+
+@pytest.mark.parametrize(("family", "candidates", "words"), [
+    ("ann", (p.GLOBAL, "finetune", "mix", p.LOCAL), "kept its default (the mix of the global and its local-only mod"),
+    ("xgboost", (p.GLOBAL, "mix-trees", p.LOCAL), "kept its default (the mix of the global and its local-only boo"),
+])
+def test_the_report_names_the_mix_as_the_default_the_sites_kept(family, candidates, words):
+    from simulation.personalisation import report_section
+
+    metric = {"response": {"auc": 0.8}}
+    entry = {"candidates": {c: {"per_site": {"clinic_00": metric}} for c in candidates},
+             "chosen": {"clinic_00": candidates[1]}, "per_site": {"clinic_00": metric}}
+    results = {"models": {family: {"personalised": entry}}, "task": {"outcomes": [["response", "binary"]]}}
+    text = " ".join("\n".join(report_section(results, family)).split())
+    assert words in text and "| clinic_00 | 0.800 | 0.800 |" in text
