@@ -248,13 +248,13 @@ def ann_order(plan: Personalisation) -> tuple[str, ...]:
     rows let no candidate pass the margin). BENCHMARKS.md, "Personalised ANNs and each site's choice" and
     "Personalisation on real data split by drug".
 
-    When the mix (``mix``) is asked for it is the default instead, then global, the other methods, local-only: as
+    When the mix (``mix``) is asked for it is the default instead, then global, the other methods, local-only. As
     every site's model (α = 0.75) it came closest to max(local-only, global) of all candidates on the simulator
-    without DP (−0.003 AUC on average over seeds 0-4, no site worse by more than its SE, against −0.022 for
-    fine-tuning and −0.007 for global; held out, seeds 5-7: −0.015, tying global and above fine-tuning's −0.023;
-    BENCHMARKS.md, "Personalisation: mixing the global and the local-only model"). Under DP (ε = 3, seeds 2-5) it
-    was below fine-tuning on average (−0.009 against −0.005, within the runs' noise) and the only candidate with no
-    site worse by more than its SE."""
+    without DP on the seeds α was picked on (−0.003 AUC on average over seeds 0-4; fine-tuning −0.022, global
+    −0.007) and tied the others on held-out seeds (5-9: −0.0105; global −0.0094, fine-tuning −0.0112), losing the
+    fewest sites by more than their SE (1 of 26; fine-tuning 3); under DP (ε = 3, seeds 2-7) the choice with it as
+    default was −0.0064 and lost no site (fine-tuning at every site −0.0042, one site). BENCHMARKS.md,
+    "Personalisation: mixing the global and the local-only model"."""
     if MIX in plan.methods:
         return (MIX, GLOBAL, *(m for m in plan.methods if m != MIX), LOCAL)
     if FINETUNE not in plan.methods:
