@@ -1,16 +1,21 @@
 """Benchmark of the personalised ANNs (issue 18): does each site's choice beat max(local-only, global)?
 
     python benchmarks/personalised.py [--clinics 10] [--rounds 10] [--seeds 0 1] [--no-dp] [--skip-plain]
-                                      [--methods finetune,ditto,fedper] [--choice site|pooled]
+                                      [--methods finetune,ditto,fedper] [--choice pooled-non-dp|site|pooled|...]
+                                      [--no-dp-sites clinic_00,clinic_02,...]
                                       [--out benchmarks/results/personalised.json]
 
 For each seed: the built-in simulator's clinics (DP ε = 3, δ = 1e-5 per site unless ``--no-dp``), the
 federated ANN with FedAvg and ``--personalise finetune,ditto,fedper`` (``--methods``: fewer; under DP the phase's
 ε then goes to fewer DP-SGD fits and a release of fewer candidates) (``simulation.experiment.run_federation``:
 the real ServerApp and ClientApp in Flower's simulation runtime; no dosing policy, no baselines), then the same
-federation without personalisation ("plain FedAvg"). ``--choice pooled`` (or ``pooled-equal``): the federation
-sets the choice's default from the sites' pooled validation evidence (``shared.selection``); each site's record
-then also holds the choice its own rule made on the same models (``site_chosen``), reported beside it. Figures:
+federation without personalisation ("plain FedAvg"). ``--choice``: the ANN choice's rule, by default the
+federation's (``pooled-non-dp``: the sites without DP take the default their pooled validation evidence sets, each
+DP site its own rule's choice; ``shared.selection``); ``site``: every site its own rule; ``pooled`` (or
+``pooled-equal``, ``pooled-site``): every site's evidence pooled. A site told the federation's default also records
+the choice its own rule made on the same models (``site_chosen``), reported beside it. ``--no-dp-sites``: a mixed
+federation, these simulated clinics without DP (their site.toml rewritten before the run), the others under DP.
+Figures:
 
 1. **Per site** (sites with ≥ 30 recorded test responses): the response AUC on the test split of the site's
    local-only model, the global model, each method and the chosen model — each site's own exact record
@@ -42,9 +47,11 @@ from server.run_record import RunRecord
 from shared import metrics
 from shared.ann import to_arrays
 from shared.artifacts import RunArtifacts
-from shared.protocol.personalisation import CHOICE_RULES, GLOBAL, LOCAL, METHODS, SITE_RULE, ann_methods
+from shared.protocol.personalisation import CHOICE_RULES, DEFAULT_CHOICE, GLOBAL, LOCAL, METHODS, ann_methods
+from shared.schema import SITE_FILE
 from shared.task import NANOPARTICLE_TASK
 from simulation.baselines import BaselineSettings, evaluate_per_site
+from simulation.clinics import SitePrivacy, site_toml
 from simulation.experiment import ExperimentConfig, flower_environment, prepare_sites, quiet_flower, run_federation
 from simulation.personalisation import site_records
 
@@ -65,10 +72,19 @@ def _auc(summary: dict) -> dict:
     return {"auc": m["auc"], "n": m["n"], "n_pos": n_pos, "n_neg": m["n"] - n_pos}
 
 
-def one_run(out: Path, clinics: int, rounds: int, seed: int, dp: bool, personalise: str) -> tuple:
+def one_run(out: Path, clinics: int, rounds: int, seed: int, dp: bool, personalise: str,
+            no_dp_sites: tuple[str, ...] = ()) -> tuple:
     cfg = ExperimentConfig(out=out, clinics=clinics, rounds=rounds, dp=dp, seed=seed, models="ann", compare=False,
                            personalise=personalise)
-    sources, _ = prepare_sites(cfg)
+    sources, world = prepare_sites(cfg)
+    if no_dp_sites:  # a mixed federation: these clinics decide against DP (their own site.toml)
+        profiles = {c.name: c for c in world.clinics}
+        unknown = sorted(set(no_dp_sites) - set(profiles))
+        if unknown:
+            raise SystemExit(f"--no-dp-sites: no simulated clinic {', '.join(unknown)} (have {', '.join(profiles)})")
+        for name in no_dp_sites:
+            (cfg.out / "sites" / name / SITE_FILE).write_text(
+                site_toml(profiles[name], SitePrivacy(dp=False, epsilon=cfg.epsilon, delta=cfg.delta)))
     start = time.perf_counter()
     record = run_federation(cfg, sources)
     return cfg, sources, record, time.perf_counter() - start
@@ -90,10 +106,11 @@ def global_auc_per_site(cfg: ExperimentConfig, sources, record: RunRecord) -> tu
 
 
 def seed_figures(root: Path, clinics: int, rounds: int, seed: int, dp: bool, plain_fedavg: bool = True,
-                 methods: tuple[str, ...] = METHODS, choice: str = SITE_RULE) -> dict:
+                 methods: tuple[str, ...] = METHODS, choice: str = DEFAULT_CHOICE,
+                 no_dp_sites: tuple[str, ...] = ()) -> dict:
     methods = ",".join(methods)
     cfg, sources, record, seconds = one_run(root / f"personalised-{seed}", clinics, rounds, seed, dp,
-                                            methods + (f",{choice}" if choice != SITE_RULE else ""))
+                                            f"{methods},{choice}", no_dp_sites)
     names = {s.path.name: s for s in sources}
     exact = site_records({name: names[name] for name in record.sites if name in names}, record.run_id)
     phase = record.personalisation or {}
@@ -120,9 +137,11 @@ def seed_figures(root: Path, clinics: int, rounds: int, seed: int, dp: bool, pla
                        "chosen_auc": chosen_auc, "max_local_global": best_baseline,
                        "difference": chosen_auc - best_baseline, "se": se,
                        "reason": phase.get("per_site", {}).get(site, {}).get("reason"),
+                       **{k: phase.get("per_site", {}).get(site, {}).get(k)
+                          for k in ("rule", "decided_by", "evidence_dp")},
                        "chosen_on_exact_validation_auc": choose(exact_scores, candidates)[0]}
-        if "site_chosen" in entry:  # the site's own rule on the same models (--choice pooled)
-            own = entry["site_chosen"]
+        if phase.get("pooled"):  # the site's own rule on the same models (a DP site's own choice stands)
+            own = entry.get("site_chosen", chosen)
             sites[site] |= {"site_chosen": own, "site_chosen_auc": test[own]["auc"],
                             "site_difference": test[own]["auc"] - best_baseline,
                             "se_site": hanley_mcneil_se(test[own]["auc"], test[own]["n_pos"], test[own]["n_neg"])
@@ -151,6 +170,13 @@ def seed_figures(root: Path, clinics: int, rounds: int, seed: int, dp: bool, pla
                                s for s in big
                                if sites[s]["as_default"][c]["difference"] < -sites[s]["as_default"][c]["se"]]}
                        for c in candidates} if big else {},
+        "by_privacy": {label: {"sites": part, "better_on_average_by": statistics.fmean(
+                           sites[s]["difference"] for s in part) if part else None,
+                           "site_rule_better_on_average_by": statistics.fmean(
+                           sites[s]["site_difference"] for s in part) if part and all(
+                           "site_difference" in sites[s] for s in part) else None}
+                       for label, part in (("dp", [s for s in big if sites[s].get("evidence_dp")]),
+                                           ("no_dp", [s for s in big if sites[s].get("evidence_dp") is False]))},
         "pooled": phase.get("pooled"),
         "site_rule": {"worse_than_best_by_more_than_1se": [s for s in big
                                                            if sites[s]["site_difference"] < -sites[s]["se_site"]],
@@ -177,21 +203,30 @@ def print_tables(result: dict) -> None:
         candidates = run.get("candidates", [GLOBAL, *METHODS, LOCAL])
         print(f"\nseed {run['seed']}: response AUC on each site's test split (sites with ≥ {MIN_TEST_ROWS} rows)")
         print("| site | n | " + " | ".join(candidates) + " | chosen | chosen AUC | − max(local, global) | SE |"
-              " chosen on exact val |")
-        print("|---|---|" + "---|" * (len(candidates) + 5))
+              " chosen on exact val | DP | rule |")
+        print("|---|---|" + "---|" * (len(candidates) + 7))
         for site in run["sites_30"]:
             f = run["sites"][site]
             print(f"| {site} | {int(f['n_test'])} | " + " | ".join(_f(f[c]) for c in candidates)
                   + f" | {f['chosen']} | {_f(f['chosen_auc'])} | {f['difference']:+.3f} | {_f(f['se'])} |"
-                    f" {f['chosen_on_exact_validation_auc']} |")
+                    f" {f['chosen_on_exact_validation_auc']} | {'yes' if f.get('evidence_dp') else 'no'} |"
+                    f" {f.get('rule') or '–'} |")
+        for site in run["sites_30"]:
+            if run["sites"][site].get("decided_by"):
+                print(f"  {site} decided by {run['sites'][site]['decided_by']}")
         means = run["mean_auc"]
         print("mean per-site AUC: " + ", ".join(f"{c} {_f(means[c])}" for c in [*candidates, "chosen_auc"]))
-        print(f"chosen − max(local, global): mean {run['better_on_average_by']:+.3f}; sites worse by > 1 SE: "
+        print(f"chosen − max(local, global): mean {run['better_on_average_by']:+.4f}; sites worse by > 1 SE: "
               f"{run['worse_than_best_by_more_than_1se'] or 'none'}")
         for c, f in run.get("as_default", {}).items():
             if c not in (GLOBAL, LOCAL):
                 print(f"  {c} at every site: − max(local, global) mean {f['better_on_average_by']:+.4f}; sites worse "
                       f"by > 1 SE: {f['worse_than_best_by_more_than_1se'] or 'none'}")
+        for label, part in (run.get("by_privacy") or {}).items():
+            if part["sites"]:
+                own = part["site_rule_better_on_average_by"]
+                print(f"  {label} sites ({len(part['sites'])}): mean {part['better_on_average_by']:+.4f}"
+                      + (f" (their own rule {own:+.4f})" if own is not None else ""))
         if run.get("pooled"):
             pooled, own = run["pooled"], run["site_rule"]
             print(f"federation default: {pooled['default']} ({pooled['reason']})")
@@ -199,7 +234,7 @@ def print_tables(result: dict) -> None:
                 print("each site's own rule on the same models: "
                       + ", ".join(f"{s} {run['sites'][s]['site_chosen']} {run['sites'][s]['site_difference']:+.3f}"
                                   for s in run["sites_30"])
-                      + f"; mean {own['better_on_average_by']:+.3f}; sites worse by > 1 SE: "
+                      + f"; mean {own['better_on_average_by']:+.4f}; sites worse by > 1 SE: "
                         f"{own['worse_than_best_by_more_than_1se'] or 'none'}")
         c = run["cost"]
         eps = c["epsilon"]
@@ -227,9 +262,13 @@ def main() -> None:
                         help="leave out the plain-FedAvg run of each seed (cost comparison only; halves the time)")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help="personalised ANN methods, comma-separated (default: all of them)")
-    parser.add_argument("--choice", choices=CHOICE_RULES, default=SITE_RULE,
-                        help="who sets the choice's default: each site (site) or the federation's pooled evidence, "
-                             "weighted by precision (pooled) or equally (pooled-equal)")
+    parser.add_argument("--choice", choices=CHOICE_RULES, default=DEFAULT_CHOICE,
+                        help="who sets the choice's default: the pooled evidence of the sites without DP for them, "
+                             "each DP site its own (pooled-non-dp, the default), each site (site) or every site's "
+                             "pooled evidence, weighted by precision (pooled) or equally (pooled-equal)")
+    parser.add_argument("--no-dp-sites", default="",
+                        help="a mixed federation: these simulated clinics (comma-separated names) without DP, the "
+                             "others under DP")
     parser.add_argument("--work", type=Path, default=Path("runs/bench_personalised"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/personalised.json"))
     args = parser.parse_args()
@@ -239,14 +278,17 @@ def main() -> None:
     methods = ann_methods(args.methods)
     if not methods:
         parser.error(f"--methods: expected some of {', '.join(METHODS)}, got {args.methods!r}")
+    no_dp_sites = tuple(s.strip() for s in args.no_dp_sites.split(",") if s.strip())
+    if no_dp_sites and args.no_dp:
+        parser.error("--no-dp-sites makes a mixed federation: leave out --no-dp")
     runs = []
     for seed in args.seeds:
         runs.append(seed_figures(args.work, args.clinics, args.rounds, seed, not args.no_dp, not args.skip_plain,
-                                 methods, args.choice))
+                                 methods, args.choice, no_dp_sites))
     result = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "python": sys.version.split()[0],
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
               "clinics": args.clinics, "rounds": args.rounds, "dp": not args.no_dp, "methods": list(methods),
-              "choice": args.choice,
+              "choice": args.choice, "no_dp_sites": list(no_dp_sites),
               "total_s": time.perf_counter() - start, "runs": runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(metrics.json_safe(result), indent=1) + "\n")

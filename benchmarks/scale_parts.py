@@ -1,7 +1,7 @@
 """Each cost that issue 17's 1,000-clinic work cut, measured before and after in one process.
 
     python benchmarks/scale_parts.py [--sites 40] [--peers 999] [--clinics 1000] [--rounds 10] [--repeats 3]
-                                     [--out benchmarks/results/scale_parts.json]
+                                     [--out benchmarks/results/scale_parts.json] [--bytes-only]
 
 Four pairs, each timed alternately in the same run (the machine is shared: read the ratios):
 
@@ -15,6 +15,10 @@ Four pairs, each timed alternately in the same run (the machine is shared: read 
 - **the coordinator's checkpoints over a run**: ``server.checkpoint.Checkpoint.write`` after each of ``--rounds``
   rounds of ``--clinics`` sites whose evaluations carry 2,000-bin score histograms, with every round's tables in
   the state file (before: ``SETTLED_LAG`` set past the run) and with settled rounds written once (after).
+
+And one count, not a time: **the bytes of a masked release's requests** to ``--clinics`` sites in a pairwise
+session, when every request carried the whole key table (before) and now that each carries its site's mask peers'
+keys only (``server.secure_aggregation.SecureSession.peer_keys``; both with the roster of node ids).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -32,15 +37,20 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from flwr.app import ConfigRecord, RecordDict  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from record import write_record  # noqa: E402
 
 from client import training  # noqa: E402
 from client.split import encode, split_site  # noqa: E402
 from server import checkpoint  # noqa: E402
+from server.secure_aggregation import SecureSession, record_bytes  # noqa: E402
 from server.settings import DEFAULTS, parse_hidden  # noqa: E402
 from shared import secure_sum  # noqa: E402
 from shared.ann import build_model  # noqa: E402
 from shared.encoding import fit_local  # noqa: E402
+from shared.protocol import hist as h  # noqa: E402
+from shared.protocol import records as r  # noqa: E402
 from shared.task import NANOPARTICLE_TASK  # noqa: E402
 from shared.validation import load_site  # noqa: E402
 from simulation.baselines import BaselineSettings, local_only  # noqa: E402
@@ -117,6 +127,28 @@ def masking_case(n_peers: int, repeats: int) -> tuple[float, float]:
                 lambda: secure_sum.mask(values, keys[0], 0, ring, "session/1"), repeats)
 
 
+def key_table_bytes(n_sites: int) -> tuple[int, int]:
+    """Bytes of one release's request configs to ``n_sites`` sites: the whole key table in each, and the ring's."""
+    public = {n: secure_sum.public_key(secure_sum.new_private_key()) for n in range(1, n_sites + 1)}
+
+    class KeyReplies:  # Flower's Grid as far as the key exchange uses it: each site replies its public key
+        def send_and_receive(self, sent):
+            return [SimpleNamespace(metadata=SimpleNamespace(src_node_id=m.metadata.dst_node_id),
+                                    has_error=lambda: False,
+                                    content=RecordDict({r.KEYS: ConfigRecord({h.PUBLIC_KEY: public[
+                                        m.metadata.dst_node_id]})})) for m in sent]
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # what Message() needs, as a ServerApp
+        setattr(TaskIdentity, name, value)
+    session = SecureSession(KeyReplies(), list(public), "pairwise")
+    session.exchange_keys()
+    whole = {h.SECURE_KEYS: list(public.values())}
+    before = sum(record_bytes(RecordDict({r.CONFIG: ConfigRecord({**session.base, **whole})})) for _ in public)
+    after = sum(record_bytes(RecordDict({r.CONFIG: session.release_config(session.open_release({}), node)}))
+                for node in public)
+    return before, after
+
+
 def checkpoint_case(n_clinics: int, rounds: int, repeats: int) -> tuple[float, float]:
     rng = np.random.default_rng(0)
 
@@ -160,25 +192,32 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/scale_parts.json"))
+    parser.add_argument("--bytes-only", action="store_true", help="only the key table's bytes (no timings)")
     args = parser.parse_args()
     rows = {}
-    with tempfile.TemporaryDirectory() as folder:
-        rows["local-only baselines, 2 torch threads -> 1"], sites = baselines_case(Path(folder), args.sites,
-                                                                                     args.repeats)
-        rows["one training call without DP, DataLoader -> ShuffledBatches"] = training_case(
-            next(iter(sites.values())), args.repeats)
-    rows[f"masking a release, {args.peers} peers -> {secure_sum.PAIRWISE_DEGREE}"] = masking_case(args.peers,
-                                                                                                args.repeats)
-    rows[f"checkpoints of {args.rounds} rounds x {args.clinics} sites, all inline -> settled once"] = \
-        checkpoint_case(args.clinics, args.rounds, args.repeats)
+    if not args.bytes_only:
+        with tempfile.TemporaryDirectory() as folder:
+            rows["local-only baselines, 2 torch threads -> 1"], sites = baselines_case(Path(folder), args.sites,
+                                                                                         args.repeats)
+            rows["one training call without DP, DataLoader -> ShuffledBatches"] = training_case(
+                next(iter(sites.values())), args.repeats)
+        rows[f"masking a release, {args.peers} peers -> {secure_sum.PAIRWISE_DEGREE}"] = masking_case(
+            args.peers, args.repeats)
+        rows[f"checkpoints of {args.rounds} rounds x {args.clinics} sites, all inline -> settled once"] = \
+            checkpoint_case(args.clinics, args.rounds, args.repeats)
+    key_bytes = key_table_bytes(args.clinics)
     table = Table(title="Costs cut for 1,000 clinics: before and after, same run (median seconds)")
     for column in ("cost", "before s", "after s", "after / before"):
         table.add_column(column)
     for name, (before, after) in rows.items():
         table.add_row(name, f"{before:.4g}", f"{after:.4g}", f"{after / before:.3f}")
     Console().print(table)
+    bytes_name = f"a masked release's requests to {args.clinics} sites, whole key table -> the ring's keys"
+    Console().print(f"{bytes_name}: {key_bytes[0]:,} -> {key_bytes[1]:,} bytes ({key_bytes[1] / key_bytes[0]:.3f})")
     write_record(args.out, "python benchmarks/scale_parts.py " + " ".join(sys.argv[1:]),
-                 {name: {"before_s": b, "after_s": a, "ratio": a / b} for name, (b, a) in rows.items()},
+                 {name: {"before_s": b, "after_s": a, "ratio": a / b} for name, (b, a) in rows.items()}
+                 | {bytes_name: {"before_bytes": key_bytes[0], "after_bytes": key_bytes[1],
+                                 "ratio": key_bytes[1] / key_bytes[0]}},
                  settings=vars(args) | {"out": str(args.out)})
 
 

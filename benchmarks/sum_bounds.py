@@ -3,7 +3,10 @@ honest refusals, attacks caught, residue.
 
     python benchmarks/sum_bounds.py [--worlds 5] [--clinics 5] [--draws 200] [--analytics-worlds 3]
                                     [--analytics-draws 4] [--hist-worlds 3] [--hist-rounds 3] [--hist-draws 2]
+                                    [--fit-worlds 3] [--fit-draws 2] [--sections statistics,analytics,hist,fits]
                                     [--out FILE.json]
+
+``--sections`` runs only those parts; the JSON then keeps the other parts of an existing ``--out`` as they were.
 
 For ``--worlds`` simulated worlds of ``--clinics`` clinics each (``simulation.clinics``, 60 patients per
 clinic), every clinic's federated statistics are computed by the site's own code (``SiteStatistics.from_frame``,
@@ -42,6 +45,17 @@ sum checked), and pairwise with half the clinics under DP (ε = 3 each, ``--hist
 7. attacks caught: the largest clinic multiplies its gradient and hessian histograms by FACTOR
    (``simulation.attacks.inflated_hist``): the share of worlds where it is dropped (off) and where the heads are
    stopped (masked, and masked with DP), and the first release that caught it.
+
+Then the dosing models' fits (``shared.fit_bounds``) for ``--fit-worlds`` worlds of ``--clinics`` clinics: the
+real server phases (``server.dose_response_phase``: the structured models' Newton steps; ``server.adjustment_phase``:
+fitted-Q iteration, 4 iterations) over the clinics' real handlers in process (``tests.handler_grid``), each site's
+declared row count its episode table's:
+
+8. honest refusals: sites dropped (off) and fits refused (masked: pairwise for the dose–response models, recovering
+   for fitted-Q), without DP and, for fitted-Q, with half the clinics under DP (ε = 3, ``--fit-draws`` draws);
+9. attacks caught: the largest clinic multiplies every fit sum but its row counts by FACTOR
+   (``simulation.attacks.inflated_fit``): the share of worlds where it is dropped (off) and where the fit is refused
+   (masked; for fitted-Q also with the attacker and half the clinics under DP), and which entry caught it.
 """
 
 from __future__ import annotations
@@ -50,19 +64,22 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+from flwr.app import MetricRecord as MetricRecordType
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hist_grid import InProcessHistGrid  # noqa: E402
 
 from client.analytics import describe  # noqa: E402
-from client.dp import SiteDP, gaussian_release, sensitivity  # noqa: E402
+from client.dp import Block, SiteDP, gaussian_release, sensitivity  # noqa: E402
 from client.ledger import PrivacyLedger  # noqa: E402
 from client.secure_statistics import declared_layout  # noqa: E402
 from client.statistics import private_statistics  # noqa: E402
@@ -71,11 +88,12 @@ from server.analytics_plan import AnalyticsSettings, plan_for  # noqa: E402
 from shared.bounds import declared_range  # noqa: E402
 from shared.encoding import SiteStatistics  # noqa: E402
 from shared.protocol import messages  # noqa: E402
+from shared.protocol import records as r  # noqa: E402
 from shared.protocol.privacy import ReleaseFacts  # noqa: E402
 from shared.sum_bounds import Contributors, InfeasibleSum, check_statistics  # noqa: E402
 from shared.task import NANOPARTICLE_TASK as TASK  # noqa: E402
 from simulation.analytics_run import LocalSites, run_in_process  # noqa: E402
-from simulation.attacks import FIRST_MOMENTS, inflated_analytics, inflated_hist  # noqa: E402
+from simulation.attacks import FIRST_MOMENTS, inflated_analytics, inflated_fit, inflated_hist  # noqa: E402
 from simulation.clinics import make_world, simulate_clinic  # noqa: E402
 
 SIGMAS = (1.0, 5.0, 20.0)
@@ -339,8 +357,14 @@ def main() -> None:
     parser.add_argument("--hist-worlds", type=int, default=3)
     parser.add_argument("--hist-rounds", type=int, default=3)
     parser.add_argument("--hist-draws", type=int, default=2)
+    parser.add_argument("--fit-worlds", type=int, default=3)
+    parser.add_argument("--fit-draws", type=int, default=2)
+    parser.add_argument("--sections", default="statistics,analytics,hist,fits")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sum_bounds.json"))
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
+    if sections != {"statistics", "analytics", "hist", "fits"}:
+        return partial_main(args, sections)
     started = time.time()
     rng = np.random.default_rng(0)
     honest = {"releases": 0, "refused_summed": 0, "refused_alone": 0}
@@ -404,6 +428,7 @@ def main() -> None:
         hist_started = time.time()
         hist = hist_benchmark(args.hist_worlds, args.clinics, args.hist_rounds, args.hist_draws, Path(ledgers))
         hist["seconds"] = round(time.time() - hist_started, 1)
+        fits = fits_benchmark(args.fit_worlds, args.clinics, args.fit_draws, Path(ledgers))
     worst_off = max(shift_off, key=lambda r: r["shift"])
     worst_masked = max(shift_masked, key=lambda r: r["shift"])
     result = {
@@ -413,7 +438,7 @@ def main() -> None:
         "honest": honest, "caught": {str(f): c for f, c in caught.items()},
         "shift_off": {"worst": worst_off, "all_within_bound": all(r["shift"] <= r["bound"] + 1e-9 for r in shift_off)},
         "shift_masked": {"worst": worst_masked}, "statistics_seconds": statistics_seconds, "analytics": analytics,
-        "hist": hist,
+        "hist": hist, "fits": fits,
         "seconds": round(time.time() - started, 1)}
     print(f"honest releases {honest['releases']} (σ in {SIGMAS}, {len(range(0, args.clinics, 2))} of "
           f"{args.clinics} DP): refused summed {honest['refused_summed']}, per site {honest['refused_alone']}")
@@ -455,9 +480,312 @@ def main() -> None:
         firsts = sorted({k.split(": the summed ")[-1] for c in row for k in c["first"]})
         print(f"| {factor:g} | " + " | ".join(f"{c['caught']}/{hist['worlds']}" for c in row) + f" | "
               f"{', '.join(firsts) or '-'} |")
+    print_fits(fits, args.clinics)
     print(f"{result['seconds']} s, load average {result['load_average']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
+
+
+def partial_main(args, sections: set[str]) -> None:
+    """Only the model fits' and/or the release gate's part (``--sections fits,gate``), merged into ``--out``."""
+    if not sections or not sections <= {"fits", "gate", "evaluation"}:
+        raise SystemExit("--sections: run all parts, or any of fits, gate, evaluation alone")
+    result = json.loads(args.out.read_text()) if args.out.exists() else {}
+    for section in sorted(sections):
+        started = time.time()
+        with tempfile.TemporaryDirectory() as ledgers:
+            part = (fits_benchmark(args.fit_worlds, args.clinics, args.fit_draws, Path(ledgers)) if section == "fits"
+                    else gate_benchmark(args.fit_worlds, args.draws) if section == "gate"
+                    else evaluation_benchmark(args.fit_worlds, args.clinics))
+        part.update({"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                                        time.gmtime()),
+                     "load_average": os.getloadavg(), "seconds": round(time.time() - started, 1)})
+        result[section] = part
+        if section == "fits":
+            print_fits(part, args.clinics)
+        else:
+            (print_gate if section == "gate" else print_evaluation)(part)
+        print(f"{section}: {part['seconds']} s, load average {part['load_average']}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+
+
+def gate_benchmark(worlds: int, draws: int) -> dict:
+    """The release gate's value sums (``shared.value_bounds``): every clinic's real sums
+    (``client.ope.site_value_sums``) of a real candidate policy (``tests.test_recommender.real_policy_files``)
+    on the world it was trained for (3 clinics, seed 3; another world logs formulations it does not know) over
+    ``worlds`` held-out splits (split seeds 0, 1, ...), checked alone (they travel in the clear) exact and under DP
+    noise (``draws`` draws at σ in SIGMAS, the Gaussian release of ``client.ope.private_value_sums``); then each clinic
+    inflating them by FACTOR (``simulation.attacks.inflate_value_sums``), and the largest pull on the gate's
+    estimate a site has within the bounds (its share of the cycles times 2G minus its honest mean)."""
+    from client.ope import site_value_sums
+    from shared.dosing_policy import DosingPolicy
+    from shared.off_policy import G_MAX, ValueSums, gate
+    from shared.value_bounds import check_value_sums
+    from simulation.attacks import inflate_value_sums
+    from tests.test_recommender import real_policy_files
+
+    files, _, _ = real_policy_files(seed=3)
+    policy = DosingPolicy.from_folder(files["policy.json"].parent)
+    rng = np.random.default_rng(5)
+    honest = {"exact": {"checks": 0, "refused": 0}, "dp": {"checks": 0, "refused": 0}}
+    caught = {str(f): {"caught": 0, "sites": 0} for f in FACTORS}
+    pulls = []
+
+    def feasible(sums, who) -> bool:
+        try:
+            check_value_sums("release gate", sums, who)
+        except InfeasibleSum:
+            return False
+        return True
+
+    world = make_world(3, seed=3)
+    frames = {c.name: simulate_clinic(world, c)[0] for c in world.clinics}
+    for world_seed in range(worlds):
+        sums = {name: site_value_sums(policy, frame, TASK, split_seed=world_seed) for name, frame in frames.items()}
+        for name, s in sums.items():
+            who = Contributors(1, float(len(frames[name])))
+            honest["exact"]["checks"] += 1
+            honest["exact"]["refused"] += not feasible(s, who)
+            for noise_sd in SIGMAS:
+                for _ in range(draws):
+                    blocks = {k: Block(v, ValueSums.BOUNDS[k], 1) for k, v in s.arrays().items()}
+                    values = gaussian_release(blocks, noise_sd / sensitivity(blocks), rng)
+                    noised = ValueSums(**{k: float(v[0]) for k, v in values.items()}, noise_sd=noise_sd)
+                    honest["dp"]["checks"] += 1
+                    honest["dp"]["refused"] += not feasible(noised, Contributors(1, None, (noise_sd,)))
+            for factor in FACTORS:
+                caught[str(factor)]["sites"] += 1
+                caught[str(factor)]["caught"] += not feasible(inflate_value_sums(s, factor), who)
+        total = gate(sums)
+        for name, s in sums.items():
+            if s.n > 0 and total.n > 0:
+                pulls.append({"site": f"split {world_seed} {name}", "share": s.n / total.n,
+                              "largest_pull": (2 * G_MAX * s.n - s.difference) / total.n})
+    return {"worlds": 1, "splits": worlds, "clinics": 3, "draws": draws, "sigmas": SIGMAS, "honest": honest,
+            "caught": caught, "largest_pull": max(pulls, key=lambda p: p["largest_pull"]) if pulls else None}
+
+
+def evaluation_benchmark(worlds: int, clinics: int) -> dict:
+    """Evaluation summaries (``shared.metrics_bounds``): boosters trained on the pooled training rows of
+    ``worlds`` worlds of ``clinics`` clinics (``client.boosting.train_pooled_heads``, depth 3, 20 rounds), every
+    clinic's summaries of their predictions on its test split by the sites' own code
+    (``client.evaluation.summaries``, fine and coarse bins), checked with its declared row count; then the
+    largest clinic lying (``simulation.attacks.swap_binary_labels``: ``--attack SITE:lie``) or inflating its error
+    sums by FACTOR."""
+    from client.boosting import train_pooled_heads
+    from client.evaluation import summaries
+    from client.split import encode, split_site
+    from shared import metrics
+    from shared.boosting import BoostingConfig, predict_heads
+    from shared.encoding import fit_local
+    from shared.metrics_bounds import check_evaluation
+    from simulation.attacks import swap_binary_labels
+
+    honest = {"checks": 0, "refused": 0}
+    caught = {"lie": {"caught": 0, "worlds": 0}, **{str(f): {"caught": 0, "worlds": 0} for f in FACTORS}}
+    first: dict[str, int] = {}
+
+    def feasible(record, declared) -> str | None:
+        try:
+            check_evaluation("evaluation", TASK, record, declared)
+        except InfeasibleSum as err:
+            return f"{err.entry}: {err.bound}"
+        return None
+
+    for world_seed in range(worlds):
+        world = make_world(clinics, seed=500 + world_seed, patients_per_clinic=60)
+        frames = {c.name: simulate_clinic(world, c)[0] for c in world.clinics}
+        splits = {name: split_site(f, TASK, 0) for name, f in frames.items()}
+        pooled = pd.concat([s["train"] for s in splits.values()], ignore_index=True)
+        encoder = fit_local(pooled, TASK)
+        train = encode(encoder, pooled)
+        models = train_pooled_heads(encoder, train.x, train.targets, BoostingConfig(max_depth=3), 20)
+        records = {}
+        for name, split in splits.items():
+            test = encode(encoder, split["test"])
+            for n_bins in (metrics.DEFAULT_N_BINS, metrics.COARSE_N_BINS):
+                record = MetricRecordType()
+                for outcome, summary in summaries(encoder, test, predict_heads(models, encoder, test.x),
+                                                  n_bins).items():
+                    record.update(metrics.to_metric_record(summary, prefix=outcome))
+                honest["checks"] += 1
+                honest["refused"] += feasible(dict(record), float(len(frames[name]))) is not None
+                if n_bins == metrics.DEFAULT_N_BINS:
+                    records[name] = record
+        attacker = max(frames, key=lambda n: len(frames[n]))
+        declared = float(len(frames[attacker]))
+        lied = MetricRecordType(dict(records[attacker]))
+        swap_binary_labels(lied)
+        attacks = {"lie": dict(lied)}
+        for factor in FACTORS:
+            attacks[str(factor)] = {k: (v * factor if k.endswith(("sum_abs_err", "sum_sq_err")) else v)
+                                    for k, v in dict(records[attacker]).items()}
+        for key, record in attacks.items():
+            caught[key]["worlds"] += 1
+            why = feasible(record, declared)
+            if why is not None:
+                caught[key]["caught"] += 1
+                first[why] = first.get(why, 0) + 1
+    return {"worlds": worlds, "clinics": clinics, "honest": honest, "caught": caught, "first": first}
+
+
+def print_evaluation(part: dict) -> None:
+    print(f"evaluation summaries, {part['worlds']} worlds x {part['clinics']} clinics: honest {part['honest']}")
+    print("| attack | site dropped from the overall metrics |")
+    print("|---|---|")
+    for key, c in part["caught"].items():
+        print(f"| {'lie' if key == 'lie' else 'error sums x ' + key} | {c['caught']}/{c['worlds']} |")
+    print(f"caught by: {part['first']}")
+
+
+def print_gate(part: dict) -> None:
+    print(f"release gate, 1 world x 3 clinics x {part['splits']} held-out splits: honest exact "
+          f"{part['honest']['exact']}, under DP {part['honest']['dp']}")
+    print("| inflate factor | site alone dropped |")
+    print("|---|---|")
+    for factor, c in part["caught"].items():
+        print(f"| {factor} | {c['caught']}/{c['sites']} |")
+    print(f"largest pull on the gate's estimate within the bounds: {part['largest_pull']}")
+
+
+FIT_FACTORS = (1.02, 1.1, 1.5, 2.0, 5.0, 10.0)
+FIT_MESSAGE_TYPES = (messages.DOSE_RESPONSE_SUMS.type, messages.FQI_SCALING.type, messages.FQI_RIDGE.type)
+FQI_CONFIG = {"split-seed": 0, "fqi-gamma": 0.9, "fqi-iterations": 4}
+
+
+def fit_grid(sites: dict, dps: dict, attacker: int | None, factor: float):
+    """The fits' in-process grid over the sites' real handlers, ``attacker`` answering through ``inflated_fit``."""
+    from client import adjustment_handlers as ah
+    from client import dose_response_handlers as dh
+    from tests.handler_grid import HandlerGrid
+
+    class Request:
+        def __init__(self, site, config, context, dp):
+            self.site, self.config, self.context, self.dp, self.name = site, config, context, dp, "clinic"
+
+    class FitGrid(HandlerGrid):
+        answers = {messages.FQI_SCALING.type: ah.answer_sums(messages.FQI_SCALING.action),
+                   messages.FQI_RIDGE.type: ah.answer_sums(messages.FQI_RIDGE.action),
+                   messages.DOSE_RESPONSE_SUMS.type: dh.model_sums,
+                   messages.DOSE_RESPONSE_SUPPORT.type: dh.support_counts}
+
+        def request(self, node, msg, context):
+            return Request(sites[node], msg.content[r.CONFIG], context, dps.get(node))
+
+        def answer(self, msg, node, kind):
+            if node == attacker and kind not in self.rounds:
+                with inflated_fit(factor):
+                    return super().answer(msg, node, kind)
+            return super().answer(msg, node, kind)
+
+    return FitGrid(sites)
+
+
+def fit_run(fit: str, sites: dict, mode: str, dps: dict, attacker: int | None = None, factor: float = 1.0) -> dict:
+    """One fit (``dose-response`` or ``fitted-Q``) over ``sites``: the sites dropped as infeasible, whether a masked
+    fit was refused (and by which entry), stopped otherwise, and the releases checked."""
+    from server import adjustment_phase as ap
+    from server import dose_response_phase as drp
+    from shared.structured_policy import catalogue_of
+
+    grid = fit_grid(sites, dps, attacker, factor)
+    declared = {n: (None if n in dps else float(len(site.episodes))) for n, site in sites.items()}
+    out = {"dropped": {}, "refused": None, "stopped": None}
+    try:
+        if fit == "dose-response":
+            catalogue = catalogue_of(pd.concat([s.episodes for s in sites.values()], ignore_index=True))
+            _, info = drp.fit_structured_policy_federated(grid, list(sites), catalogue, 0, secure_sum=mode,
+                                                          declared=declared)
+            out["dropped"] = {str(n): why for n, why in info["infeasible"].items()}
+        else:
+            fitted = ap.fit_adjuster(grid, list(sites), FQI_CONFIG, secure_sum=mode, declared=declared)
+            out["dropped"] = dict(fitted.infeasible_)
+    except (drp.DoseResponseFailed, ap.AdjustmentFailed) as err:
+        out["refused" if "refused" in str(err) else "stopped"] = str(err)
+    releases = sum(grid.calls.count(t) for t in FIT_MESSAGE_TYPES)
+    out["checked"] = releases * (len(sites) if mode == "off" else 1)
+    return out
+
+
+def caught_entry(run: dict, attacker: int) -> str | None:
+    """The release and entry that caught the attacker (``phase: the summed ENTRY``), or None."""
+    text = run["refused"] or run["dropped"].get(str(attacker))
+    if not text:
+        return None
+    found = re.search(r"((?:dose-response|fitted-Q): .*?) is infeasible", text)
+    return found.group(1) if found else text
+
+
+def fits_benchmark(worlds: int, clinics: int, draws: int, folder: Path) -> dict:
+    """Sections 8 and 9 of the module docstring."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        setattr(TaskIdentity, name, value)  # what Flower's runtime sets in a ServerApp process
+    runs = {"dose-response off": ("dose-response", "off", False), "dose-response pairwise": ("dose-response",
+                                                                                             "pairwise", False),
+            "fitted-Q off": ("fitted-Q", "off", False), "fitted-Q recovering": ("fitted-Q", "recovering", False),
+            "fitted-Q off, half DP": ("fitted-Q", "off", True),
+            "fitted-Q recovering, half DP": ("fitted-Q", "recovering", True)}
+    honest = {k: {"runs": 0, "checked": 0, "refused": 0} for k in runs}
+    caught = {k: {str(f): {"caught": 0, "stopped_otherwise": 0, "first": {}} for f in FIT_FACTORS} for k in runs}
+    started = time.time()
+    for world_seed in range(worlds):
+        world = make_world(clinics, seed=400 + world_seed, patients_per_clinic=60)
+        sites = {node: FitSite(*simulate_clinic(world, clinic)) for node, clinic in enumerate(world.clinics, 1)}
+        attacker = max(sites, key=lambda n: len(sites[n].episodes))
+
+        def dps(tag: str, with_dp: bool, sites=sites, attacker=attacker, world_seed=world_seed) -> dict:
+            """Odd clinics and the attacker under DP (fresh ledgers, so fresh noise, per ``tag``)."""
+            chosen = [n for n in sites if n % 2 == 1 or n == attacker] if with_dp else []
+            return {n: SiteDP(PrivacyLedger.open(folder / f"fit-{world_seed}-{tag}-{n}.json", 3.0, 1e-5),
+                              {"adjuster": 0.2}) for n in chosen}
+
+        for key, (fit, mode, with_dp) in runs.items():
+            for draw in range(draws if with_dp else 1):
+                run = fit_run(fit, sites, mode, dps(f"{key}-{draw}", with_dp))
+                honest[key]["runs"] += 1
+                honest[key]["checked"] += run["checked"]
+                honest[key]["refused"] += len(run["dropped"]) + (run["refused"] is not None)
+            for factor in FIT_FACTORS:
+                run = fit_run(fit, sites, mode, dps(f"{key}-attack-{factor}", with_dp), attacker, factor)
+                entry = caught_entry(run, attacker)
+                cell = caught[key][str(factor)]
+                if entry is not None:
+                    cell["caught"] += 1
+                    cell["first"][entry] = cell["first"].get(entry, 0) + 1
+                elif run["stopped"] is not None:
+                    cell["stopped_otherwise"] += 1
+    return {"worlds": worlds, "clinics": clinics, "draws": draws, "epsilon": 3.0, "fqi_iterations": 4,
+            "honest": honest, "caught": caught, "fit_seconds": round(time.time() - started, 1)}
+
+
+def print_fits(fits: dict, clinics: int) -> None:
+    print(f"model fits, {fits['worlds']} worlds x {clinics} clinics ({fits['fit_seconds']} s):")
+    print("| honest run | runs | checked releases | refused |")
+    print("|---|---|---|---|")
+    for key, h in fits["honest"].items():
+        print(f"| {key} | {h['runs']} | {h['checked']} | {h['refused']} |")
+    print("| inflate factor | " + " | ".join(fits["caught"]) + " |")
+    print("|---|" + "---|" * len(fits["caught"]))
+    for factor in FIT_FACTORS:
+        cells = [fits["caught"][k][str(factor)] for k in fits["caught"]]
+        print(f"| {factor:g} | " + " | ".join(f"{c['caught']}/{fits['worlds']}" + (
+            f" (+{c['stopped_otherwise']} stopped)" if c["stopped_otherwise"] else "") for c in cells) + " |")
+    firsts = {}
+    for by in fits["caught"].values():
+        for c in by.values():
+            for entry, count in c["first"].items():
+                firsts[entry] = firsts.get(entry, 0) + count
+    print("caught by: " + "; ".join(f"{e} ({c})" for e, c in sorted(firsts.items(), key=lambda kv: -kv[1])))
+
+
+class FitSite:
+    """``shared.validation.SiteData`` as the fit handlers read it: episodes, vitals, task."""
+
+    def __init__(self, episodes, vitals) -> None:
+        self.episodes, self.vitals, self.task = episodes, vitals, TASK
 
 
 if __name__ == "__main__":

@@ -17,10 +17,9 @@ import numpy as np
 
 from client.split import EncodedSplit
 from shared.encoding import FeatureEncoder
-from shared.importance import feature_groups, sum_keys
+from shared.importance import EPS, feature_groups, sum_keys
 
 Predict = Callable[[np.ndarray], dict[str, np.ndarray]]
-EPS = 1e-7
 
 
 def row_losses(encoder: FeatureEncoder, targets: dict[str, np.ndarray],

@@ -76,11 +76,11 @@ from shared.protocol.personalisation import (
     LOCAL,
     MIX,
     MIX_TREES,
-    POOLED_RULES,
     SITE_DEFAULT,
     VALIDATION_PRIVACY,
     Personalisation,
     PersonalisationReply,
+    awaits_keep,
 )
 from shared.protocol.training import EVAL_BINS, AnnTraining
 from shared.selection import SiteEvidence, choice_with_default
@@ -175,7 +175,8 @@ def personalise(msg: Message, request: SiteRequest) -> RecordDict:
     evidence = SiteEvidence(scores, covariance)
     weights = {name: made[name].model_ if name in made else global_model for name in plan.candidates}
     _keep_at_site(request, chosen, reason, exact, weights[chosen],
-                  candidates=weights if plan.choice in POOLED_RULES else None, evidence=evidence, order=order)
+                  candidates=weights if awaits_keep(plan.choice, dp is not None) else None, evidence=evidence,
+                  order=order)
     reply = PersonalisationReply(chosen=chosen, reason=reason, summaries=released, num_examples=n,
                                  dp_steps=dp_steps, candidates=plan.candidates,
                                  dp_fits=len(models) if dp is not None else 0, scores=scores,

@@ -109,10 +109,13 @@ def pairwise_mask(values: np.ndarray, config: ConfigRecord, context: Context, bi
     if sequence <= int(state["last-sequence"]):
         raise secure_sum.SecureSumError(f"mask label {sequence} was already used: refusing to reuse a mask")
     state["last-sequence"] = sequence
-    peers = dict(zip((int(n) for n in config[h.SECURE_NODES]), map(bytes, config[h.SECURE_KEYS]), strict=True))
     session = str(config[h.SECURE_SESSION])
-    masking = set(secure_sum.mask_peers(list(peers), context.node_id, session))  # the session's graph: all, or k
-    peers = {n: key for n, key in peers.items() if n in masking or n == context.node_id}
+    nodes = [int(n) for n in config[h.SECURE_NODES]]
+    masking = secure_sum.mask_peers(nodes, context.node_id, session)  # the session's graph: all, or k neighbours
+    peers = dict(zip((int(n) for n in config[h.SECURE_PEERS]), map(bytes, config[h.SECURE_KEYS]), strict=True))
+    if sorted(peers) != masking:  # masks with other sites than the graph's could leave this site's value exposed
+        raise secure_sum.SecureSumError(f"the request carries keys of {len(peers)} sites, not of this site's "
+                                        f"{len(masking)} mask peers in the session's graph")
     label = f"{session}/{sequence}"
     return secure_sum.mask(values, bytes(state["private-key"]), context.node_id, peers, label, bits)
 

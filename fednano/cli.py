@@ -156,10 +156,12 @@ def simulate(
     personalise: str = typer.Option(
         "", "--personalise", help="Personalised models each site trains after the federation and chooses among with "
         "its local-only and the global model on its validation split: ANNs finetune, ditto, fedper, mix (the "
-        "global and local-only models' predictions averaged); boosters "
-        "site-trees (the federation's trees plus 10 grown at the site), mix-trees (the federation's and the local-only "
-        "boosters' predictions averaged) (sites without DP) (comma-separated); add "
-        "pooled to let the federation's pooled validation evidence set the ANN choice's default."),
+        "global and local-only models' predictions averaged); boosters site-trees (the federation's trees plus 10 "
+        "grown at the site), mix-trees (the federation's and the local-only boosters' predictions averaged) (sites "
+        "without DP) (comma-separated). The ANN "
+        "choice's default: by default (pooled-non-dp) the sites without DP pool their validation evidence and take "
+        "the federation's default, each DP site keeps its own rule; add site (every site its own rule), or pooled, "
+        "pooled-equal, pooled-site (every site's evidence pooled) to choose otherwise."),
     policy: bool = typer.Option(
         True, "--policy/--no-policy", help="Build, sign and evaluate the dosing policy (built-in task; --no-policy: "
         "the outcome models only)."),

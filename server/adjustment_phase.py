@@ -39,6 +39,13 @@ Sites under differential privacy send noised sums (``client.adjustment_handlers`
 noise, each release charged to the site's privacy ledger) and say so in a ``privacy`` ConfigRecord; the ε
 each has spent is logged and kept in the fitted adjuster's ``privacy_`` (node id → the site's last
 ``epsilon-spent``, ``epsilon-adjuster``, ``sigma``). The server adds noised and exact sums alike.
+
+Feasibility (``shared.fit_bounds``). The scaling and every ridge release are checked against what is public: the
+columns' public ranges, the feature scaling and coefficients the server sent, the sites' declared row counts (site
+check) and the DP sites' stated noise sd. In the clear a site whose own release is infeasible is dropped and named
+(``infeasible_``); the iterations after it regress over the others, as after a site lost in recovering mode. A
+masked sum that is infeasible refuses the fit (:class:`AdjustmentFailed` naming the release, the entry and the
+bound, never a value: the policy's candidate is built without an adjuster).
 """
 
 from __future__ import annotations
@@ -56,15 +63,18 @@ from server.secure_aggregation import SecureProtocolError
 from server.secure_fit import FitSums, TooFewSites
 from shared.dose_adjustment import (
     DoseAdjuster,
+    centred_scaling_sums,
     fitted_q_iteration,
     scaling_from_centred,
 )
+from shared.fit_bounds import check_ridge, check_scaling
 from shared.protocol import messages
 from shared.protocol import records as r
 from shared.protocol.adjustment import request_records, ridge_layout, scaling_layout, sums_from_records
 from shared.protocol.hist import secure_sum_mode
 from shared.protocol.messages import MessageName
 from shared.secure_sum import MIN_SITES
+from shared.sum_bounds import Contributors, InfeasibleSum
 
 
 class AdjustmentFailed(RuntimeError):
@@ -82,7 +92,8 @@ def adjuster_from_config(config: Mapping[str, Any]) -> DoseAdjuster:
 
 
 def fit_adjuster(grid: Grid, nodes: list[int], config: Mapping[str, Any], adjuster: DoseAdjuster | None = None,
-                 secure_sum: str | bool = "off", secure_threshold: int = 0) -> DoseAdjuster:
+                 secure_sum: str | bool = "off", secure_threshold: int = 0,
+                 declared: Mapping[int, float | None] | None = None) -> DoseAdjuster:
     """Fit the dose adjuster by federated fitted-Q iteration over the sites ``nodes``; returns it fitted.
 
     Parameters
@@ -101,19 +112,23 @@ def fit_adjuster(grid: Grid, nodes: list[int], config: Mapping[str, Any], adjust
         more, through :func:`secure_fitted_q` (module docstring).
     secure_threshold : int, default 0
         Recovering: the Shamir threshold (0: ⌊n/2⌋ + 1).
+    declared : mapping, optional
+        Site → its site-check row count (None: declared none), the cap of the feasibility checks' counts.
 
     Raises
     ------
     AdjustmentFailed
         No site answered the scaling query, a site stopped answering during the iterations (off, pairwise), the
         secure sum could not be recovered (recovering: more than n − t sites lost), or the iteration diverged
-        (possible when DP noise dominates the sums).
+        (possible when DP noise dominates the sums), or a masked sum was infeasible (refused).
     """
     adjuster = adjuster if adjuster is not None else adjuster_from_config(config)
     split_seed = int(config.get("split-seed", 0))
     mode = secure_sum_mode(secure_sum)
     if mode != "off" and len(nodes) >= MIN_SITES:
-        return secure_fitted_q(grid, nodes, adjuster, split_seed, mode, secure_threshold)
+        return secure_fitted_q(grid, nodes, adjuster, split_seed, mode, secure_threshold, declared)
+    declared = dict(declared or {})
+    infeasible: dict[int, str] = {}
     answering = list(nodes)
     privacy: dict[int, dict[str, float]] = {}
     releases: list[tuple[int, dict]] = []
@@ -121,21 +136,34 @@ def fit_adjuster(grid: Grid, nodes: list[int], config: Mapping[str, Any], adjust
     def ask(name: MessageName, current: DoseAdjuster, drop_failures: bool) -> list[dict]:
         sent = [Message(request_records(current, split_seed), dst_node_id=node, message_type=name.type)
                 for node in answering]
-        sums, answered = [], []
+        sums, answered, dropped = [], [], []
         for reply in grid.send_and_receive(sent):
             node = reply.metadata.src_node_id
             if reply.has_error():
                 log(INFO, "dose adjustment: node %s did not answer %s: %s", node, name, reply.error.reason)
                 continue
-            sums.append(sums_from_records(reply.content))
+            own = sums_from_records(reply.content)
             answered.append(node)
             if r.PRIVACY in reply.content:
                 privacy[node] = dict(reply.content[r.PRIVACY])
                 releases.append((node, privacy[node]))
+            who = Contributors(1, declared.get(node), (float(privacy[node]["noise-sd"]),)
+                               if r.PRIVACY in reply.content else ())
+            try:
+                if name == messages.FQI_SCALING:
+                    check_scaling(f"fitted-Q: {name.action}", centred_scaling_sums(own), who)
+                else:
+                    check_ridge(f"fitted-Q: {name.action}", current, own, who)
+            except InfeasibleSum as err:
+                infeasible[node] = f"dropped: {err}"
+                dropped.append(node)
+                log(INFO, "dose adjustment: node %s dropped: %s", node, err)
+                continue
+            sums.append(own)
         missing = sorted(set(answering) - set(answered))
         if missing and not drop_failures:
             raise AdjustmentFailed(f"node(s) {missing} failed during fitted-Q iteration; the sums would be partial")
-        answering[:] = [node for node in answering if node in answered]
+        answering[:] = [node for node in answering if node in answered and node not in dropped]
         if not sums:
             raise AdjustmentFailed("no site sent statistics for the dose adjuster")
         return sums
@@ -149,12 +177,13 @@ def fit_adjuster(grid: Grid, nodes: list[int], config: Mapping[str, Any], adjust
     fitted.releases_ = releases
     fitted.nodes_ = list(answering)
     fitted.secure_sum_ = {"mode": "off"}
+    fitted.infeasible_ = {str(n): why for n, why in infeasible.items()}
     log_fit(fitted)
     return fitted
 
 
 def secure_fitted_q(grid: Grid, nodes: list[int], adjuster: DoseAdjuster, split_seed: int, mode: str,
-                    threshold: int = 0) -> DoseAdjuster:
+                    threshold: int = 0, declared: Mapping[int, float | None] | None = None) -> DoseAdjuster:
     """Fitted-Q iteration with every release summed through the secure-sum protocol (module docstring)."""
     privacy: dict[int, dict] = {}
     releases: list[tuple[int, dict]] = []
@@ -163,7 +192,14 @@ def secure_fitted_q(grid: Grid, nodes: list[int], adjuster: DoseAdjuster, split_
 
     def ask(name: MessageName, current: DoseAdjuster, layout, fresh: bool = False) -> dict[str, np.ndarray]:
         content = request_records(current, split_seed)
-        total = sums.summed(name, dict(content[r.CONFIG]), content[r.ARRAYS], layout, fresh=fresh)
+        phase = f"fitted-Q: {name.action}"
+        if name == messages.FQI_SCALING:
+            def check(total, who):
+                check_scaling(phase, total, who)
+        else:
+            def check(total, who):
+                check_ridge(phase, current, total, who)
+        total = sums.summed(name, dict(content[r.CONFIG]), content[r.ARRAYS], layout, fresh=fresh, check=check)
         for node, facts in sums.privacy:
             privacy[node] = facts
             releases.append((node, facts))
@@ -181,12 +217,14 @@ def secure_fitted_q(grid: Grid, nodes: list[int], adjuster: DoseAdjuster, split_
         return [total]
 
     try:
-        sums = FitSums(grid, nodes, mode, threshold, phase="fitted-Q")
+        sums = FitSums(grid, nodes, mode, threshold, phase="fitted-Q", declared=dict(declared or {}))
         fitted = fitted_q_iteration(
             adjuster, lambda: [scaling_from_centred(ask(messages.FQI_SCALING, adjuster, scaling_layout(), True))],
             ridge)
     except TooFewSites as err:
         raise AdjustmentFailed(f"the dose adjuster's fit was stopped: {err.reason}") from None
+    except InfeasibleSum as err:
+        raise AdjustmentFailed(f"the dose adjuster's fit was refused: {err}") from None
     except SecureProtocolError as err:
         hint = (" (pairwise masks: a site lost after the key exchange leaves its masks in the sum; secure-sum = "
                 "recovering survives it)" if mode == "pairwise" else "")
@@ -198,6 +236,7 @@ def secure_fitted_q(grid: Grid, nodes: list[int], adjuster: DoseAdjuster, split_
     fitted.releases_ = releases
     fitted.nodes_ = list(members)
     fitted.secure_sum_ = {**sums.record(), "lost-at-iteration": {str(n): k for n, k in lost_at.items()}}
+    fitted.infeasible_ = {}
     log_fit(fitted)
     return fitted
 

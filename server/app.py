@@ -186,7 +186,7 @@ def run_federation(grid: Grid, settings: RunSettings, on_round: Callable[[int], 
                                                settings.secure_sum) if boosted.models else {})
         record.models["xgboost"] = ModelRecord(
             family="xgboost", mode=settings.boosting, seconds=boosted.seconds, heads=sorted(boosted.models),
-            final=final_metrics(task, sites.usable, boosted.evaluations),
+            final=final_metrics(task, sites.usable, boosted.evaluations, sites.declared_rows()),
             failures={sites.usable.get(n, f"node {n}"): reason for n, reason in boosted.failures.items()},
             refused=boosted.refused, importance=importance)
         if boosting_methods(settings.personalise) and boosted.models:

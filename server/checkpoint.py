@@ -186,13 +186,15 @@ class Checkpoint:
                              strategy=_decoded(state["strategy"]))
             rounds = folder / checkpoint._rounds_folder()
             for rnd in state.get("settled_rounds", []):
-                chunk = _decoded(json.loads((rounds / f"round-{int(rnd):05d}.json").read_text()))
+                chunk = _settled_round(rounds / f"round-{int(rnd):05d}.json")
                 for table, values in chunk.items():
                     checkpoint.strategy[PER_SITE].setdefault(table, {})[str(int(rnd))] = values
             if PER_SITE in checkpoint.strategy:  # rounds in order, as the run recorded them
                 checkpoint.strategy[PER_SITE] = {table: dict(sorted(by_round.items(), key=lambda kv: int(kv[0])))
                                                  for table, by_round in checkpoint.strategy[PER_SITE].items()}
             return checkpoint
+        except CheckpointError:
+            raise  # already names the file that is damaged
         except (OSError, KeyError, TypeError, ValueError, json.JSONDecodeError, UnicodeDecodeError) as err:
             raise CheckpointError(f"{path}: a field or its arrays file is missing or damaged ({err})") from err
 
@@ -204,6 +206,17 @@ class Checkpoint:
             shown = "; ".join(f"{k}: checkpoint {self.settings.get(k)!r}, now {settings.get(k)!r}" for k in differ)
             raise CheckpointError(f"run {self.run_id} cannot resume with other settings ({shown}): give the "
                                   "checkpointed run's settings, or start afresh without resume")
+
+
+def _settled_round(path: Path) -> dict:
+    """One settled round's per-site tables; :class:`CheckpointError` naming ``path`` if missing or damaged."""
+    try:
+        chunk = _decoded(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: a settled round's file is missing or damaged ({err})") from err
+    if not isinstance(chunk, dict):
+        raise CheckpointError(f"{path}: a settled round's file is damaged (expected an object of per-site tables)")
+    return chunk
 
 
 def remove(out_dir: Path) -> None:

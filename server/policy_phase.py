@@ -60,6 +60,8 @@ from shared.protocol.policy import (
     value_request,
 )
 from shared.structured_policy import StructuredObjective
+from shared.sum_bounds import Contributors, InfeasibleSum
+from shared.value_bounds import check_value_sums
 
 VERSION_FILE = "policy_version"
 
@@ -136,32 +138,46 @@ def write_structured_candidate(grid: Grid, sites: SiteCheck, formulations: dict,
     nodes = sites.granting("dose_response")
     policy, info = fit_structured_policy_federated(grid, nodes, formulations, settings.split_seed,
                                                    StructuredObjective.for_reference(settings.policy_reference),
-                                                   secure_sum=settings.secure_sum)
+                                                   secure_sum=settings.secure_sum,
+                                                   declared=sites.declared_rows())
     folder.mkdir(parents=True, exist_ok=True)
     (folder / POLICY_FILE).write_text(json.dumps(policy.document(), indent=1, allow_nan=False) + "\n")
     entry = {"fitted": True, "sites": [sites.usable[n] for n in info["nodes"]], "iterations": info["iterations"],
-             "rows": info["rows"], "refused": sites.refusing("dose_response"), "secure_sum": info["secure_sum"]}
+             "rows": info["rows"], "refused": sites.refusing("dose_response"), "secure_sum": info["secure_sum"],
+             "infeasible": {sites.usable.get(n, f"node {n}"): why for n, why in info["infeasible"].items()}}
     return {POLICY_FILE: folder / POLICY_FILE}, entry
 
 
 def value_at_sites(grid: Grid, sites: SiteCheck, files: dict[str, Path], settings: RunSettings,
                    record: RunRecord) -> GateResult:
     """Ask every site that grants the ``policy`` phase for its doubly-robust value sums of the candidate and of
-    its standard of care (``query.policy_value``), and gate on their sum (``shared.off_policy.gate``)."""
+    its standard of care (``query.policy_value``), and gate on their sum (``shared.off_policy.gate``). A site whose
+    sums no honest site could send (``shared.value_bounds``: its declared row count, the Γ clip, its stated DP
+    noise) is left out of the gate and named in ``per_site`` (``dropped``; it gets no verdict)."""
     content = value_request({name: path.read_bytes() for name, path in files.items()}, settings.split_seed,
                             releases=1, index=0)
     nodes = sites.granting("policy")
     sent = [Message(content, dst_node_id=n, message_type=messages.POLICY_VALUE.type) for n in nodes]
-    by_site, failures = {}, {}
+    by_site, failures, dropped = {}, {}, {}
     for reply in grid.send_and_receive(sent):
         name = sites.usable.get(reply.metadata.src_node_id, f"node {reply.metadata.src_node_id}")
         if reply.has_error():
             failures[name] = reply.error.reason
             continue
-        by_site[name] = value_of(reply.content)
+        sums = value_of(reply.content)
         if r.PRIVACY in reply.content:
             add_privacy(record, sites.usable, reply.metadata.src_node_id, dict(reply.content[r.PRIVACY]))
+        node = reply.metadata.src_node_id
+        try:  # each site's sums are in the clear: an infeasible site is dropped from the gate and named
+            check_value_sums("release gate", sums, Contributors(1, sites.declared_rows().get(node),
+                                                                (sums.noise_sd,) if sums.noise_sd > 0 else ()))
+        except InfeasibleSum as err:
+            dropped[name] = f"dropped: {err}"
+            log(INFO, "release gate: %s dropped: %s", name, err)
+            continue
+        by_site[name] = sums
     result = gate(by_site)
+    result.per_site.update({name: {"dropped": why} for name, why in dropped.items()})
     result.per_site.update({name: {"failed": why} for name, why in failures.items()})
     result.per_site.update({name: {"refused": why} for name, why in sites.refusing("policy").items()})
     log(INFO, "release gate: %s", result.reason)
@@ -213,7 +229,7 @@ def fit_adjuster_if_asked(grid: Grid, sites: SiteCheck, record: RunRecord, setti
     try:
         adjuster = fit_adjuster(grid, nodes, {"split-seed": settings.split_seed,
                                               "fqi-iterations": settings.fqi_iterations},
-                                secure_sum=settings.secure_sum)
+                                secure_sum=settings.secure_sum, declared=sites.declared_rows())
     except AdjustmentFailed as err:
         log(INFO, "dose adjuster not fitted: %s", err)
         return None, {"fitted": False, "reason": str(err), "refused": sites.refusing("adjuster")}
@@ -221,7 +237,9 @@ def fit_adjuster_if_asked(grid: Grid, sites: SiteCheck, record: RunRecord, setti
         add_privacy(record, sites.usable, node, facts)
     return adjuster, {"fitted": True, "iterations": settings.fqi_iterations,
                       "sites": [sites.usable.get(n, f"node {n}") for n in adjuster.nodes_],
-                      "refused": sites.refusing("adjuster"), "secure_sum": adjuster.secure_sum_}
+                      "refused": sites.refusing("adjuster"), "secure_sum": adjuster.secure_sum_,
+                      "infeasible": {sites.usable.get(int(n), f"node {n}"): why
+                                     for n, why in adjuster.infeasible_.items()}}
 
 
 def run_policy_phase(grid: Grid, sites: SiteCheck, artifacts: RunArtifacts, record: RunRecord,

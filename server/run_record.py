@@ -36,7 +36,9 @@ from typing import Any
 
 from shared import metrics
 from shared.durable import write_json_atomically
+from shared.metrics_bounds import check_evaluation
 from shared.protocol.privacy import ReleaseFacts, SitePrivacy
+from shared.sum_bounds import InfeasibleSum
 from shared.task import TaskSpec
 
 RECORD_FILE = "federation.json"
@@ -277,10 +279,30 @@ def add_privacy(record: RunRecord, names: dict[int, str], node: int, facts: dict
         record.privacy[name].add_release(facts if isinstance(facts, ReleaseFacts) else ReleaseFacts.from_record(facts))
 
 
-def model_rounds(task: TaskSpec, names: dict[int, str], rounds, record: RunRecord) -> list[dict]:
+def feasible_evaluations(task: TaskSpec, names: dict[int, str], evaluations: dict[int, dict],
+                         declared: dict[int, float | None] | None) -> tuple[dict[int, dict], dict[str, str]]:
+    """The sites' evaluation records whose summaries an honest site could send (``shared.metrics_bounds``, with
+    its declared row count; no check without ``declared``), and the others by site name with the bound broken."""
+    if declared is None:
+        return dict(evaluations), {}
+    kept, infeasible = {}, {}
+    for node, rec in evaluations.items():
+        try:
+            check_evaluation("evaluation", task, rec, declared.get(node))
+        except InfeasibleSum as err:
+            infeasible[names.get(node, f"node {node}")] = f"left out of the overall metrics: {err}"
+            continue
+        kept[node] = rec
+    return kept, infeasible
+
+
+def model_rounds(task: TaskSpec, names: dict[int, str], rounds, record: RunRecord,
+                 declared: dict[int, float | None] | None = None) -> list[dict]:
     """Per round: each site's training and evaluation metrics, failures, overall metrics; ε into ``record``.
 
-    ``rounds`` is a :class:`strategies.per_site.SiteRounds`."""
+    ``rounds`` is a :class:`strategies.per_site.SiteRounds`; ``declared`` (site → its site-check row count): a
+    site whose evaluation summaries are infeasible is left out of the round's overall metrics and named in its
+    ``infeasible``."""
     per_round = []
     for r in sorted(set(rounds.train) | set(rounds.evaluate) | set(rounds.failures)):
         train, evaluate = rounds.train.get(r, {}), rounds.evaluate.get(r, {})
@@ -297,18 +319,30 @@ def model_rounds(task: TaskSpec, names: dict[int, str], rounds, record: RunRecor
             entry["per_site"][name] = site
         for node, facts in rounds.privacy.get(r, {}).items():
             add_privacy(record, names, node, facts)
-        if evaluate:
-            entry["overall"] = outcome_metrics(task, metrics.combine(list(evaluate.values())))
+        kept, infeasible = feasible_evaluations(task, names, evaluate, declared)
+        if infeasible:
+            entry["infeasible"] = infeasible
+        if kept:
+            entry["overall"] = outcome_metrics(task, metrics.combine(list(kept.values())))
         per_round.append(entry)
     return per_round
 
 
-def final_metrics(task: TaskSpec, names: dict[int, str], evaluations: dict[int, dict]) -> dict:
-    """Overall metrics from the summed summaries, per-site metrics and the summaries themselves."""
+def final_metrics(task: TaskSpec, names: dict[int, str], evaluations: dict[int, dict],
+                  declared: dict[int, float | None] | None = None) -> dict:
+    """Overall metrics from the summed summaries, per-site metrics and the summaries themselves. With ``declared``
+    (site → its site-check row count) a site whose summaries are infeasible (``shared.metrics_bounds``) is left
+    out of the overall metrics and named in ``infeasible`` (its own metrics are still listed)."""
     named = {names[n]: rec for n, rec in evaluations.items() if n in names}
-    return {"overall": outcome_metrics(task, metrics.combine(list(named.values()))) if named else {},
-            "per_site": {site: outcome_metrics(task, rec) for site, rec in named.items()},
-            "summaries": named}
+    kept, infeasible = feasible_evaluations(task, names, {n: r for n, r in evaluations.items() if n in names},
+                                            declared)
+    overall = [rec for n, rec in kept.items()]
+    out = {"overall": outcome_metrics(task, metrics.combine(overall)) if overall else {},
+           "per_site": {site: outcome_metrics(task, rec) for site, rec in named.items()},
+           "summaries": named}
+    if infeasible:
+        out["infeasible"] = infeasible
+    return out
 
 
 def last_evaluations(rounds) -> dict[int, dict]:

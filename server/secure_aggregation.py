@@ -49,7 +49,7 @@ from shared import secagg_plus, wire_ints
 from shared.protocol import hist as h
 from shared.protocol import messages
 from shared.protocol import records as r
-from shared.secure_sum import SecureProtocolError, unmask_sum
+from shared.secure_sum import SecureProtocolError, mask_peers, unmask_sum
 
 FIXED_POINT_BITS = 40
 """Fractional bits of floats summed in fixed point (resolution 2^−40 ≈ 9e−13; see the module docstring)."""
@@ -132,6 +132,8 @@ class SecureSession:
             self.base[h.SECURE_RECOVERING] = True
         self.sequence = 0  # the next release's number: a mask label is never used twice
         self.bytes_down = self.bytes_up = 0
+        self.mask_keys: dict[int, bytes] = {}  # pairwise: every site's public key; each site gets its peers' only
+        self.mask_graph: dict[int, list[int]] = {}  # pairwise: each site's mask peers, fixed at the key exchange
         self.privacy: list[tuple[int, dict]] = []  # (node, a DP release's facts)
         self.lost: dict[int, str] = {}  # sites lost after the session began, and why
         self.threshold = 0  # the secure sums' Shamir threshold, fixed at the first one
@@ -153,9 +155,11 @@ class SecureSession:
         sent = []
         for node in self.nodes:
             own = config
-            if per_node:
+            if per_node or (with_base and self.mask_keys):
                 own = ConfigRecord(dict(config))
-                own.update(per_node.get(node, {}))
+                own.update(per_node.get(node, {}) if per_node else {})
+                if with_base:
+                    own.update(self.peer_keys(node))
             content = RecordDict({r.CONFIG: own, r.ARRAYS: arrays})
             self.bytes_down += record_bytes(content)
             sent.append(Message(content, dst_node_id=node, message_type=message_type.type))
@@ -179,7 +183,18 @@ class SecureSession:
         replies, failures = self.ask_all(self.keys_message, {}, ArrayRecord())
         self.lose(failures)
         self.base[h.SECURE_NODES] = [int(n) for n in self.nodes]
-        self.base[h.SECURE_KEYS] = [bytes(replies[n][r.KEYS][h.PUBLIC_KEY]) for n in self.nodes]
+        self.mask_keys = {int(n): bytes(replies[n][r.KEYS][h.PUBLIC_KEY]) for n in self.nodes}
+
+    def peer_keys(self, node: int) -> dict:
+        """The public keys ``node`` masks with (its peers in the session's graph, ``shared.secure_sum.mask_peers``),
+        none before the key exchange. A site is sent only its peers' keys: 26 at a thousand sites, not 999 (32 kB
+        per request); it checks that they are the graph's, which every site computes from public values."""
+        if not self.mask_keys:
+            return {}
+        if int(node) not in self.mask_graph:
+            self.mask_graph[int(node)] = mask_peers(list(self.mask_keys), int(node), str(self.base[h.SECURE_SESSION]))
+        peers = self.mask_graph[int(node)]
+        return {h.SECURE_PEERS: peers, h.SECURE_KEYS: [self.mask_keys[p] for p in peers]}
 
     def lose(self, failures: dict[int, str]) -> None:
         """Leave out, for the rest of the session, the sites that failed a request (SecureProtocolError when none
@@ -261,6 +276,7 @@ class SecureSession:
         """The config of ``node``'s masked request of ``release`` (for a caller that sends it itself): the base
         config, the release's keys and the node's own (recovering: the shares sent to it)."""
         config = self.request_config(True)
+        config.update(self.peer_keys(node))
         config.update(release.extra)
         config.update(release.per_node.get(node, {}))
         return config

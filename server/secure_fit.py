@@ -22,10 +22,18 @@ Sites lost, by mode:
 
 :attr:`FitSums.privacy` gives the DP facts of the sites in the last sum (a DP site adds noise before masking and
 says so in its reply's ``privacy`` record, as in the statistics and analytics phases).
+
+Feasibility (``shared.fit_bounds``). A release may carry a ``check``: it gets the summed arrays and
+:meth:`FitSums.contributors` (the declared row counts of the sites in the sum, from ``declared``, and the noise sd
+each DP site among them stated) and raises :class:`shared.sum_bounds.InfeasibleSum` for a sum no honest sites could
+send; :meth:`FitSums.summed` records it in :attr:`FitSums.infeasible` (kept by :meth:`FitSums.record`) and lets it
+propagate, so the fit refuses the release (the caller names phase, entry and bound, never a value). This is the
+shared hook of the model fits on the secure session: it lives here, not in ``server.secure_aggregation``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from logging import INFO
 
 import numpy as np
@@ -37,7 +45,11 @@ from server.secure_aggregation import SecureProtocolError, SecureSession
 from shared.protocol import records as r
 from shared.protocol.messages import MessageName
 from shared.secure_sum import MIN_SITES
+from shared.sum_bounds import Contributors, InfeasibleSum
 from shared.sum_vector import VALUES, SumsLayout
+
+SumCheck = Callable[[dict[str, np.ndarray], Contributors], None]
+"""A summed release's feasibility check (``shared.fit_bounds``): raises InfeasibleSum."""
 
 
 class TooFewSites(SecureProtocolError):
@@ -67,6 +79,8 @@ class FitSums:
     mode : str                  pairwise | recovering
     threshold : int, default 0  recovering: the Shamir threshold (0: ⌊n/2⌋ + 1)
     phase : str, default "fit"  the fit's name in errors and logs (``dose-response``, ``fitted-Q``, ``importance``)
+    declared : dict, optional   site → its site-check row count (None: it declared none, a DP site), for
+                                :meth:`contributors`; a site missing from it declared none
 
     Raises
     ------
@@ -74,7 +88,8 @@ class FitSums:
         Fewer than ``MIN_SITES`` sites to start with, or left after the pairwise key exchange (:meth:`start`).
     """
 
-    def __init__(self, grid: Grid, nodes: list[int], mode: str, threshold: int = 0, phase: str = "fit") -> None:
+    def __init__(self, grid: Grid, nodes: list[int], mode: str, threshold: int = 0, phase: str = "fit",
+                 declared: dict[int, float | None] | None = None) -> None:
         if mode not in ("pairwise", "recovering"):
             raise ValueError(f"a fit's secure sums are pairwise or recovering; got {mode!r}")
         self.grid, self.mode, self.threshold, self.phase = grid, mode, int(threshold), phase
@@ -82,6 +97,8 @@ class FitSums:
         self.releases = 0
         self.restarts = 0  # fits started again over the survivors of a lost site (the caller counts them)
         self.retired_bytes = (0, 0)
+        self.declared = dict(declared or {})
+        self.infeasible: dict[str, str] = {}  # "sum" → the bound the refused release broke
         self.session = self.start(list(nodes))
 
     def start(self, nodes: list[int]) -> SecureSession:
@@ -127,10 +144,19 @@ class FitSums:
         return [(n, dict(self.session.replies[n][r.PRIVACY])) for n in self.summed_nodes
                 if n in self.session.replies and r.PRIVACY in self.session.replies[n]]
 
+    def contributors(self) -> Contributors:
+        """What is public about the sites of the last sum (``shared.sum_bounds``): their declared row counts
+        (None if one declared none) and the noise sd each DP site among them stated."""
+        nodes = self.summed_nodes
+        rows = [self.declared.get(n) for n in nodes]
+        noise = tuple(float(facts["noise-sd"]) for _, facts in self.privacy if "noise-sd" in facts)
+        return Contributors(len(nodes), None if any(v is None for v in rows) else float(sum(rows)), noise)
+
     def summed(self, message: MessageName, config: dict, arrays: ArrayRecord, layout: SumsLayout,
-               fresh: bool = False) -> dict[str, np.ndarray]:
+               fresh: bool = False, check: SumCheck | None = None) -> dict[str, np.ndarray]:
         """The sum over the sites of one release of float sums, cut into ``layout``'s arrays. ``fresh``: a pairwise
-        failure leaves the failing site out and asks again under new keys (module docstring)."""
+        failure leaves the failing site out and asks again under new keys (module docstring). ``check``: the
+        release's feasibility check; an infeasible sum is recorded and its InfeasibleSum raised."""
         while True:
             try:
                 total = self.session.summed_floats(message, config, arrays, VALUES)
@@ -146,7 +172,14 @@ class FitSums:
                 log(INFO, "secure fit: %s: node %s left out (%s); keys exchanged anew over %d sites",
                     message.action, err.node, err.reason, len(self.session.nodes))
         self.releases += 1
-        return layout.sums(total)
+        sums = layout.sums(total)
+        if check is not None:
+            try:
+                check(sums, self.contributors())
+            except InfeasibleSum as err:
+                self.infeasible["sum"] = str(err)
+                raise
+        return sums
 
     def summed_counts(self, message: MessageName, config: dict, arrays: ArrayRecord) -> np.ndarray:
         """The int64 sum over the sites of one release of integer counts (no fixed point)."""
@@ -156,4 +189,4 @@ class FitSums:
     def record(self) -> dict:
         """What the run record keeps of the fit's secure sums."""
         return {"mode": self.mode, "releases": self.releases, "restarts": self.restarts, "bytes": self.bytes,
-                "lost": {str(n): why for n, why in self.lost.items()}}
+                "lost": {str(n): why for n, why in self.lost.items()}, "infeasible": dict(self.infeasible)}

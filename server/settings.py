@@ -14,7 +14,7 @@ from shared.config import settings_from_run_config
 from shared.hist_boosting import SCALE_BITS
 from shared.protocol.boosting import MODES
 from shared.protocol.hist import secure_sum_mode
-from shared.protocol.personalisation import family_problem, parse_methods
+from shared.protocol.personalisation import choice_rule, family_problem, parse_methods
 from shared.task import NANOPARTICLE_TASK, TaskSpec
 from strategies.central_dp import MECHANISMS, CentralDPParameters, central_dp_problem
 from strategies.pairwise_masked_mean import masking_problem
@@ -176,7 +176,10 @@ class RunSettings:
     personalise : str, default ""
         Personalised models each site trains after the federation and chooses among with its local-only and the
         global model, comma-separated, empty: none: ANN methods (``shared.protocol.personalisation.METHODS``) and
-        boosting ones (``BOOSTING_METHODS``: ``site-trees``, at sites without DP).
+        boosting ones (``BOOSTING_METHODS``: ``site-trees``, at sites without DP); optionally one ANN choice rule
+        (``CHOICE_RULES``; default ``pooled-non-dp``: the sites without DP take the default their pooled validation
+        evidence sets, each DP site its own rule; ``site``: every site its own rule; ``pooled``, ``pooled-equal``,
+        ``pooled-site``: every site's evidence pooled).
     one_message_rounds : bool, default True
         A site without DP evaluates the model it receives with each round's training message and replies with
         both, so a round is one exchange and only the final model is evaluated apart
@@ -233,6 +236,7 @@ class RunSettings:
     def __post_init__(self) -> None:
         parse_hidden(self.hidden)
         parse_methods(self.personalise)
+        choice_rule(self.personalise)  # one rule at most: the ANN choice's (server.app)
         if problem := family_problem(self.personalise, parse_models(self.models)):
             raise ValueError(problem)
         if self.policy_model not in POLICY_MODELS:

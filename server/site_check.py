@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 from shared.protocol import messages, site_check
 from shared.protocol.privacy import RunPlan, SitePrivacy
 from shared.protocol.site_check import SiteCheckReply
+from shared.sum_bounds import declared_rows
 
 NODE_WAIT_S = 120.0
 """How long the site check waits for ``min_nodes`` SuperNodes to connect before it asks those it has."""
@@ -42,6 +43,11 @@ class SiteCheck:
     def nodes(self) -> list[int]:
         """Node ids of the usable sites, in order."""
         return sorted(self.usable)
+
+    def declared_rows(self) -> dict[int, float | None]:
+        """Usable node → the row count its site check declared (None: it declared none, a DP site): the cap of the
+        feasibility checks of what it sends (``shared.sum_bounds.declared_rows``)."""
+        return {node: declared_rows(self.summaries.get(node, {})) for node in self.nodes}
 
     def dp_nodes(self) -> set[int]:
         """Usable nodes under DP."""

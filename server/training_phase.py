@@ -119,7 +119,8 @@ def train_ann(grid: Grid, sites: SiteCheck, task: TaskSpec, encoder: FeatureEnco
             return
         snapshot = copy.deepcopy(record)
         snapshot.models["ann"] = ModelRecord(family="ann", mode=settings.strategy,
-                                             rounds=model_rounds(task, sites.usable, strategy.rounds, snapshot))
+                                             rounds=model_rounds(task, sites.usable, strategy.rounds, snapshot,
+                                                                 sites.declared_rows()))
         if isinstance(strategy.strategy, CentralDP):  # its ε so far, for fednano status and the dashboard
             snapshot.central_dp = central_dp_record(strategy.strategy, settings.central_delta,
                                                     settings.central_accountant, plan,
@@ -169,8 +170,8 @@ def train_ann(grid: Grid, sites: SiteCheck, task: TaskSpec, encoder: FeatureEnco
         arrays = result.arrays if result.arrays is not None else initial
     rounds = strategy.rounds
     family = ModelRecord(family="ann", mode=settings.strategy, seconds=time.perf_counter() - start,
-                         rounds=model_rounds(task, sites.usable, rounds, record),
-                         final=final_metrics(task, sites.usable, last_evaluations(rounds)),
+                         rounds=model_rounds(task, sites.usable, rounds, record, sites.declared_rows()),
+                         final=final_metrics(task, sites.usable, last_evaluations(rounds), sites.declared_rows()),
                          refused={**sites.refusing("training"),
                                   **{f"{name} (evaluation)": why
                                      for name, why in sites.refusing("evaluation").items()}},

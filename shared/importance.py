@@ -15,6 +15,10 @@ from __future__ import annotations
 from shared.encoding import FeatureEncoder
 from shared.sum_vector import SumsLayout
 
+EPS = 1e-7
+"""Probabilities are clipped to [EPS, 1 − EPS] before a log loss (``client.importance.row_losses``), so a row's
+log loss is at most −log EPS (``shared.importance_bounds``)."""
+
 
 def feature_groups(encoder: FeatureEncoder) -> dict[str, list[int]]:
     """Encoded column indices of each original feature."""

@@ -14,7 +14,9 @@ unless its own split shows another beating it by its own margin. It is the pooli
 selection (Efron & Morris, JASA 1975;70:311: shrink each unit's estimate toward the pooled one, by the unit's own
 noise) reduced to a choice: a site with little evidence gets the federation's answer, one with strong evidence
 keeps its own. Everything it reads is what the sites reply (released scores and their covariance: post-processing
-of a DP site's release), so it runs at the coordinator and no row leaves a site.
+of a DP site's release), so it runs at the coordinator and no row leaves a site. The federation's default rule
+(:func:`non_dp_pooled_default`, :func:`non_dp_pooled_choices`) pools only the sites without DP and leaves each DP
+site its own rule: a DP release's scores carry a bias the sites share, which pooling would turn into significance.
 
 Shared by the site (``client.personalised.choice``) and the coordinator (``server.personalisation_phase``).
 """
@@ -223,3 +225,71 @@ def choice_with_default(site: SiteEvidence, order: Sequence[str], default: str) 
     site_order = (default, *(c for c in order if c != default))
     chosen, reason = choose_by_margin(site.scores, site.difference_sd(default), site_order)
     return chosen, f"federation default {default}; {reason}"
+
+
+OWN_RULE = ("its own rule: its validation evidence is a DP release, left out of the pool (the release's bias, "
+            "shared by the DP sites, would pool into significance)")
+"""Why a DP site's choice is its own under :func:`non_dp_pooled_default` (the run record's ``decided_by``)."""
+
+
+def non_dp_pooled_default(evidence: Mapping[str, SiteEvidence], under_dp: Mapping[str, bool],
+                          candidates: Sequence[str], baseline: str) -> tuple[str | None, str, dict[str, PooledGain]]:
+    """The federation's default pooled (by precision, :func:`pooled_default`) over the evidence of the sites
+    without DP only, for those sites; a DP site keeps its own rule's choice. Returns the default (None when no
+    site without DP gave evidence: nothing is pooled), why, and the pooled gains over ``baseline``.
+
+    Why DP sites are left out: a DP site's scores come from a noised release, and a score computed from noised
+    histograms and sums is biased (at DP seed 5 of BENCHMARKS.md's "Personalisation: the federation's pooled
+    default" the released gain of local-only over global was +0.112 per site against −0.21 on the exact rows).
+    Each site's SD measures the noise's spread, not that bias; pooled over the sites the SD shrinks by √m and the
+    shared bias does not, so pooling the DP sites turned their bias into a "significant" default (−0.0218 AUC
+    against the site rule's −0.0063 over 6 seeds), while without DP pooling beat the site rule (−0.0035 against
+    −0.0193 over 5). ``under_dp``: site → whether its evidence is a DP release; a site missing from it counts as
+    DP (its evidence is not pooled)."""
+    exact = {site: e for site, e in evidence.items() if not under_dp.get(site, True)}
+    gains = pooled_gains(exact, candidates, baseline, PRECISION)
+    if not exact:
+        return None, ("no site without DP replied validation evidence: nothing pooled, every site kept its own "
+                      "rule"), gains
+    default, why = pooled_default(exact, candidates, baseline, PRECISION)
+    return default, why.replace("pooled over the sites", f"pooled over the {len(exact)} sites without DP", 1), gains
+
+
+def decided_by(default: str, gains: Mapping[str, PooledGain], baseline: str) -> str:
+    """What decided a site's choice under a pooled rule, in words, for the run record: the pooled default with
+    its gain ± margin (``z·sd``, the test :func:`pooled_default` made), or, when nothing passed, the best
+    candidate's gain and margin."""
+    z = one_sided_z(len(gains))
+    if default in gains:
+        g = gains[default]
+        return (f"pooled default {default}: gain {g.gain:+.4f} ± {z * g.sd:.4f} (z·sd) over {baseline} per site, "
+                f"{g.sites} sites")
+    scored = {name: g for name, g in gains.items() if g.sites and math.isfinite(g.gain)}
+    if not scored:
+        return f"pooled default {default}: no candidate had pooled evidence"
+    best = max(scored, key=lambda name: scored[name].gain - z * scored[name].sd)
+    g = scored[best]
+    return (f"pooled default {default}: no pooled gain over {baseline} passed its margin (best {best} "
+            f"{g.gain:+.4f} ± {z * g.sd:.4f} (z·sd) per site, {g.sites} sites)")
+
+
+def non_dp_pooled_choices(evidence: Mapping[str, SiteEvidence], under_dp: Mapping[str, bool],
+                          order: Sequence[str], baseline: str,
+                          own: Mapping[str, tuple[str, str]]
+                          ) -> tuple[str | None, str, dict[str, tuple[str, str, str]]]:
+    """Every site's choice under :func:`non_dp_pooled_default`, as the coordinator and the sites make it between
+    them: a site without DP chooses with the pooled default in its own rule's place (:func:`choice_with_default`,
+    ``order``: the candidates in the site's order), a DP site keeps ``own[site]`` (its own rule's choice and
+    reason). Returns the default, why, and site → (chosen, reason, what decided: :func:`decided_by` or
+    :data:`OWN_RULE`)."""
+    candidates = (baseline, *(c for c in order if c != baseline))
+    default, why, gains = non_dp_pooled_default(evidence, under_dp, candidates, baseline)
+    out = {}
+    for site, site_evidence in evidence.items():
+        if default is None or under_dp.get(site, True):
+            chosen, reason = own[site]
+            out[site] = (chosen, reason, OWN_RULE if under_dp.get(site, True) else "its own rule: nothing pooled")
+        else:
+            chosen, reason = choice_with_default(site_evidence, order, default)
+            out[site] = (chosen, reason, decided_by(default, gains, baseline))
+    return default, why, out

@@ -19,14 +19,25 @@ Kinds (``KIND`` or ``KIND=FACTOR``):
 - ``label-flip``: every binary outcome flipped (0 ↔ 1) in the site's rows (response and grade-3 toxicity in
   the built-in task);
 - ``lie``: the site reports its binary outcomes' evaluation summaries with positives and negatives swapped
-  (its released AUC becomes 1 − AUC); the model is untouched, the released metrics are not;
+  (its released AUC becomes 1 − AUC); the model is untouched, the released metrics are not; its error sums,
+  left as computed, no longer fit its swapped histograms, so the run record leaves it out of the overall
+  metrics (``shared.metrics_bounds``; a DP site's summaries are not checked);
 - ``inflate``: the site reports every numeric column's sum in its federated statistics multiplied by FACTOR
   (default 10; counts and centred sums of squares as computed), plain or masked (:func:`inflate_statistics`):
   the encoder's means move by (FACTOR − 1) × the site's share of each column's sum unless the coordinator's
   feasibility check (``shared.sum_bounds``) refuses the sum (masked) or drops the site (``secure-sum = off``);
 - ``inflate-hist``: with ``--boosting hist``, the site reports its gradient and hessian histograms multiplied by
   FACTOR (default 2; row counts as computed), plain, masked or noised (:func:`inflated_hist`): the feasibility
-  check of ``shared.hist_bounds`` drops it (``secure-sum = off``) or stops the heads (masked).
+  check of ``shared.hist_bounds`` drops it (``secure-sum = off``) or stops the heads (masked);
+- ``inflate-fit``: the site reports the sums of the dosing models' fits multiplied by FACTOR (default 2; row counts
+  as computed): the structured dose–response models' gradient, information and log-likelihood, and the dose
+  adjuster's fitted-Q scaling (sums and sums of squares) and ridge sums (``A``, ``b``), plain, masked or before
+  its DP noise (:func:`inflated_fit`): the feasibility check of ``shared.fit_bounds`` drops it (``secure-sum =
+  off``) or refuses the fit (masked: the policy is built without that model);
+- ``inflate-gate``: the site reports its release-gate value sums (Γ of the candidate and of standard of care,
+  their difference and its square) multiplied by FACTOR (default 2; the cycle count as computed), before its DP
+  noise (:func:`inflated_gate`): the check of ``shared.value_bounds`` drops it from the gate where the result
+  is infeasible; within the bounds it pulls the gate's estimate by its share of the cycles.
 
 XGBoost's bagging/cyclic trees and the other phases' sums are not attacked by these kinds. For the federated analytics
 (``fednano analytics``, no ``--attack`` there), :func:`inflated_analytics` makes one in-process site report every
@@ -51,25 +62,32 @@ import numpy as np
 import pandas as pd
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
+from client import adjustment_handlers, hist_handlers, policy_handlers, secure_statistics
 from client import analytics as site_analytics
-from client import hist_handlers, secure_statistics
 from client.site import SiteSource
 from shared import hist_boosting
+from shared.dose_adjustment import DoseAdjuster
 from shared.protocol import hist as hist_protocol
 from shared.protocol import messages
 from shared.protocol import records as r
 from shared.protocol.training import MASKED
 from shared.schema import EPISODES_FILE
 from shared.task import NANOPARTICLE_TASK, TaskSpec
+from shared.toxicity_model import ToxicityModel
+from shared.tumour_response import TumourResponseModel
 from shared.validation import load_site
 
-KINDS = ("sign-flip", "scale", "label-flip", "lie", "inflate", "inflate-hist")
+KINDS = ("sign-flip", "scale", "label-flip", "lie", "inflate", "inflate-hist", "inflate-fit", "inflate-gate")
 DEFAULT_FACTORS = {"sign-flip": 1.0, "scale": 10.0}
 """FACTOR of the update kinds when none is given."""
 STATISTICS_FACTORS = {"inflate": 10.0}
 """FACTOR of the statistics kinds when none is given; the other kinds take none (but ``inflate-hist``)."""
 HIST_FACTORS = {"inflate-hist": 2.0}
 """FACTOR of the histogram-boosting kind when none is given."""
+FIT_FACTORS = {"inflate-fit": 2.0}
+"""FACTOR of the model-fit kind when none is given."""
+GATE_FACTORS = {"inflate-gate": 2.0}
+"""FACTOR of the release-gate kind when none is given."""
 UPDATE_KINDS = tuple(DEFAULT_FACTORS)
 """The kinds that rewrite the site's plain ANN weights: not with masked rounds, whose replies are words
 (``simulation.experiment.ExperimentConfig.ann_masking`` turns masking off for them)."""
@@ -109,7 +127,7 @@ class Attack:
         if not sep or not site.strip() or kind not in KINDS:
             raise AttackError(f"--attack {text!r}: expected SITE:KIND with KIND one of {', '.join(KINDS)} "
                               f"(e.g. clinic_03:scale or clinic_03:scale=10)")
-        factored = {**DEFAULT_FACTORS, **STATISTICS_FACTORS, **HIST_FACTORS}
+        factored = {**DEFAULT_FACTORS, **STATISTICS_FACTORS, **HIST_FACTORS, **FIT_FACTORS, **GATE_FACTORS}
         if has_factor and kind not in factored:
             raise AttackError(f"--attack {text!r}: only {', '.join(factored)} take a factor")
         try:
@@ -163,6 +181,12 @@ def attack_mod(attacks: dict[int, Attack]) -> Callable[[Message, Context, Callab
         poisons_update = kind in DEFAULT_FACTORS and message_type == messages.TRAIN.type
         global_arrays = ({k: a.numpy().astype(np.float64) for k, a in msg.content[r.ARRAYS].items()}
                          if poisons_update else None)
+        if kind in GATE_FACTORS and message_type == messages.POLICY_VALUE.type:
+            with inflated_gate(attack.factor):  # before its DP noise, this one call of this site
+                return call_next(msg, context)
+        if kind in FIT_FACTORS and message_type in FIT_MESSAGES:
+            with inflated_fit(attack.factor):  # before noise and masks, this one call of this site
+                return call_next(msg, context)
         if kind in HIST_FACTORS and message_type == messages.HIST_LEVEL.type:
             with inflated_hist({int(context.node_id)}, attack.factor):  # before noise, masks and packing
                 return call_next(msg, context)
@@ -326,4 +350,53 @@ def inflated_hist(nodes: set[int], factor: float) -> Iterator[None]:
             return honest(loose, arrays, x, y, clip, context)
 
     with mock.patch.object(hist_handlers, "level_histograms", poisoned):
+        yield
+
+
+FIT_MESSAGES = (messages.DOSE_RESPONSE_SUMS.type, messages.FQI_SCALING.type, messages.FQI_RIDGE.type)
+"""The model fits' summed releases :func:`inflated_fit` poisons."""
+FIT_INFLATED = {"gradient", "hessian", "loglik", "gram", "moment", "sum", "m2", "shifted_sum", "shifted_square"}
+"""The sums of a fit release that :func:`inflated_fit` scales; the row counts (``n``, ``count``) stay as computed."""
+
+
+def _inflating(honest: Callable, factor: float) -> Callable:
+    def poisoned(*args, **kwargs):
+        sums = honest(*args, **kwargs)
+        return {k: (np.asarray(v, dtype=np.float64) * factor if k in FIT_INFLATED else v) for k, v in sums.items()}
+    return poisoned
+
+
+@contextmanager
+def inflated_fit(factor: float) -> Iterator[None]:
+    """While open, every site answering a model-fit request in this process (the caller opens it around the
+    attacker's answer only: :func:`attack_mod`, the tests' and benchmark's in-process grids) computes its sums
+    multiplied by ``factor`` but its row counts (:data:`FIT_INFLATED`), before any DP noise and masking, as a
+    modified client would: the dose–response models' ``site_sums``, the dose adjuster's exact and clipped ridge
+    sums and the exact and DP-bounded scaling sums."""
+    with mock.patch.object(TumourResponseModel, "site_sums", _inflating(TumourResponseModel.site_sums, factor)), \
+            mock.patch.object(ToxicityModel, "site_sums", _inflating(ToxicityModel.site_sums, factor)), \
+            mock.patch.object(DoseAdjuster, "ridge_sums", _inflating(DoseAdjuster.ridge_sums, factor)), \
+            mock.patch.object(DoseAdjuster, "clipped_ridge_sums", _inflating(DoseAdjuster.clipped_ridge_sums,
+                                                                              factor)), \
+            mock.patch.object(adjustment_handlers, "scaling_sums",
+                              _inflating(adjustment_handlers.scaling_sums, factor)), \
+            mock.patch.object(adjustment_handlers, "bounded_scaling_sums",
+                              _inflating(adjustment_handlers.bounded_scaling_sums, factor)):
+        yield
+
+
+def inflate_value_sums(sums, factor: float):
+    """A site's :class:`shared.off_policy.ValueSums` with every sum but the cycle count multiplied by ``factor``."""
+    return dataclasses.replace(sums, candidate=sums.candidate * factor, standard=sums.standard * factor,
+                               difference=sums.difference * factor, difference_sq=sums.difference_sq * factor)
+
+
+@contextmanager
+def inflated_gate(factor: float) -> Iterator[None]:
+    """While open, every site valuing a candidate in this process (the caller opens it around the attacker's
+    answer only) releases :func:`inflate_value_sums` of its honest value sums, before any DP noise, as a modified
+    client would (``client.policy_handlers``' call of ``client.ope.site_value_sums``)."""
+    honest = policy_handlers.site_value_sums
+    with mock.patch.object(policy_handlers, "site_value_sums",
+                           lambda *args, **kwargs: inflate_value_sums(honest(*args, **kwargs), factor)):
         yield

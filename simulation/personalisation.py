@@ -13,8 +13,9 @@ results.json:
   ``{"overall", "per_site"}``: the site's local-only model, the global model, each method), ``released`` and
   ``cost`` (the phase's seconds, bytes on the wire, ε per DP site);
 - ``personalisation``: per site ``{chosen, reason, validation, dp_steps}`` (validation: candidate → outcome →
-  metrics, as released), and ``site_chosen`` (what the site's own rule chose) when the federation set the default
-  (``--personalise ...,pooled``).
+  metrics, as released), ``site_chosen`` (what the site's own rule chose) when the federation set the site's
+  default (the default rule ``pooled-non-dp`` at a site without DP, or ``--personalise ...,pooled``), ``rule`` and
+  ``decided_by`` (the pooled default with its gain ± margin, or the site's own rule and why) and ``evidence_dp``.
 - ``models.xgboost.personalised`` and ``personalisation_xgboost``: the same for the boosters (``site-trees``;
   sites without DP only, a DP site under ``refused``).
 """
@@ -69,9 +70,12 @@ def personalised_entry(task: TaskSpec, phase: dict, exact: dict[str, dict], priv
 
 def personalisation_results(phase: dict) -> dict:
     """``personalisation`` (or ``personalisation_xgboost``) of results.json from the run record's phase: per site
-    its choice, reason and released validation metrics."""
+    its choice, reason and released validation metrics; what decided it (``rule``: ``pooled`` or ``own``,
+    ``decided_by``: the pooled default with its gain ± margin, or the site's own rule and why) and whether its
+    evidence was a DP release (``evidence_dp``), where the phase recorded them."""
     return {site: {"chosen": e["chosen"], "reason": e["reason"], "validation": e["validation"],
-                   "dp_steps": e["dp_steps"], **({"site_chosen": e["site_chosen"]} if "site_chosen" in e else {})}
+                   "dp_steps": e["dp_steps"],
+                   **{k: e[k] for k in ("site_chosen", "rule", "decided_by", "evidence_dp") if k in e}}
             for site, e in phase.get("per_site", {}).items()}
 
 
@@ -101,8 +105,13 @@ def report_section(results: dict, family: str = "ann") -> list[str]:
     plan = Personalisation(methods=tuple(c for c in candidates if c not in (GLOBAL, LOCAL)))
     default = (ann_order if family == "ann" else boosting_order)(plan)[0]  # what the sites kept unless beaten
     kept = KEPT_WORDS[family].get(default, default)
-    if any("site_chosen" in part for part in results.get(key, {}).values()):  # --personalise ...,pooled
+    parts = results.get(key, {})
+    pooled = sorted(site for site, part in parts.items() if "site_chosen" in part)  # told the federation's default
+    if pooled and len(pooled) == len(parts):
         kept = "the federation's default, pooled from every site's validation evidence (see each reason)"
+    elif pooled:
+        kept = (f"at {', '.join(pooled)} the federation's default, pooled from the validation evidence of the sites "
+                f"without DP; at the DP sites {kept}, by their own rule (see each reason)")
     lines = [f"## {heading} (each site's choice)", "",
              f"Each site trained its local-only model and the {grown} from the final global model on its own "
              "training split, scored them with the global model on its validation split (mean of the outcomes' "
@@ -124,7 +133,8 @@ def report_section(results: dict, family: str = "ann") -> list[str]:
         lines.append("")
     lines += ["Why each site chose as it did (its released validation figures):", ""]
     for site, part in sorted(results.get(key, {}).items()):
-        lines.append(f"- {site}: {part['chosen']} — {part['reason']}")
+        decided = f"decided by {part['decided_by']}; " if part.get("decided_by") else ""
+        lines.append(f"- {site}: {part['chosen']} — {decided}{part['reason']}")
     for site, why in sorted(entry.get("refused", {}).items()):
         lines.append(f"- {site}: not asked — {why}")
     spent = entry.get("cost", {})

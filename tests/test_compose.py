@@ -148,7 +148,7 @@ def test_compose_federation_mounts_keys_and_data_read_only_and_passes_each_site_
                 'site-worker="/tmp/fednano-worker/site.sock"') in node["command"]
         # the warm worker starts beside the SuperNode, on the socket the node config names
         assert node["entrypoint"][:2] == ["/bin/sh", "-c"]
-        assert "fednano site-worker --socket /tmp/fednano-worker/site.sock &" in node["entrypoint"][2]
+        assert "(until fednano site-worker --socket /tmp/fednano-worker/site.sock; do" in node["entrypoint"][2]
         assert 'exec flower-supernode "$$@"' in node["entrypoint"][2]  # compose's escape of $@
         assert "--auth-supernode-private-key=/kit/supernode.key" in node["command"]
         assert node["read_only"] and node["user"] == f"{os.getuid()}:{os.getgid()}"
@@ -156,6 +156,34 @@ def test_compose_federation_mounts_keys_and_data_read_only_and_passes_each_site_
 
 # ---------------------------------------------------------------------------------------------------------
 # With an engine
+
+
+def test_the_hospital_entrypoint_starts_a_failed_site_worker_again_and_leaves_a_clean_exit(tmp_path):
+    """The entrypoint's shell, run with stand-ins: a worker that crashes twice is started three times, the
+    SuperNode runs meanwhile with its arguments, and a worker that exits cleanly is not started again."""
+    config = json.loads(run([compose_binary(), "-f", str(DOCKER / "compose.yaml"), "config", "--format", "json"],
+                            env=compose_env(tmp_path / "kit", tmp_path / "data", tmp_path / "runs", 19093)))
+    shell, flag, script, name = config["services"]["hospital-alpha"]["entrypoint"]
+    bin_dir, starts = tmp_path / "bin", tmp_path / "starts"
+    bin_dir.mkdir()
+    stand_ins = {
+        # the worker: exits 1 on its first two starts, 0 on the third
+        "fednano": f'echo "$*" >> {starts}; [ "$(wc -l < {starts})" -ge 3 ]',
+        "sleep": "true",  # the 5 s back-off, skipped
+        # the SuperNode: records its arguments and waits (at most 10 s) for the worker's third start
+        "flower-supernode": (f'echo "$*" > {tmp_path}/node-args; i=0; while [ "$(wc -l < {starts} 2>/dev/null || '
+                             f'echo 0)" -lt 3 ] && [ $i -lt 100 ]; do i=$((i + 1)); /bin/sleep 0.1; done; '
+                             "/bin/sleep 0.3"),
+    }
+    for command, body in stand_ins.items():
+        (bin_dir / command).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / command).chmod(0o755)
+    done = subprocess.run([shell, flag, script.replace("$$", "$"), name, "--insecure", "--node-config=x"],
+                          env={"PATH": f"{bin_dir}:/usr/bin:/bin"}, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert starts.read_text().splitlines() == ["site-worker --socket /tmp/fednano-worker/site.sock"] * 3
+    assert done.stderr.count("fednano site-worker stopped (exit 1); starting it again in 5 s") == 2
+    assert (tmp_path / "node-args").read_text().split() == ["--insecure", "--node-config=x"]
 
 
 def engine_answers(env: dict[str, str]) -> bool:

@@ -53,6 +53,9 @@ def test_each_site_says_what_it_chose_why_and_on_which_validation_figures(run):
         assert set(part["validation"]) == {"global", "local", *METHODS}
         assert "auc" in part["validation"]["global"]["response"]
         assert results["models"]["ann"]["personalised"]["chosen"][site] == part["chosen"]
+        # the default rule pools only sites without DP: every site here is under DP, so its own rule decided
+        assert part["rule"] == "own" and part["evidence_dp"] is True and "site_chosen" not in part
+        assert part["decided_by"].startswith("its own rule: its validation evidence is a DP release")
 
 
 def test_a_dp_sites_epsilon_grows_in_the_personalisation_phase_and_its_ledger_says_so(run):

@@ -138,7 +138,7 @@ def test_the_covariance_of_paired_draws_gives_the_difference_sd_of_the_draws():
 
 def test_pooled_is_named_among_the_methods_and_crosses_the_wire_in_the_plan_and_the_reply():
     assert p.parse_methods("finetune,ditto,pooled") == ("finetune", "ditto")
-    assert p.choice_rule("finetune,ditto,pooled") == p.POOLED and p.choice_rule("finetune") == p.SITE_RULE
+    assert p.choice_rule("finetune,ditto,pooled") == p.POOLED and p.choice_rule("finetune") == p.DEFAULT_CHOICE
     assert p.choice_rule("ditto,pooled-equal") == p.POOLED_EQUAL and p.parse_methods("ditto,pooled-equal") == ("ditto",)
     with pytest.raises(ValueError, match="one choice rule"):
         p.choice_rule("pooled,pooled-equal")
@@ -216,7 +216,7 @@ def test_the_coordinator_sends_the_pooled_default_and_records_each_sites_new_and
     # the site rule asks nothing more
     sent_keep.clear()
     phase = run_personalisation(SimpleNamespace(send_and_receive=send_and_receive), sites, task, ArrayRecord(),
-                                ConfigRecord(), p.Personalisation(("ditto",)), record)
+                                ConfigRecord(), p.Personalisation(("ditto",), choice=p.SITE_RULE), record)
     assert not sent_keep and "pooled" not in phase and phase["per_site"]["clinic_00"]["chosen"] == p.GLOBAL
 
 

@@ -119,3 +119,8 @@ def test_both_families_personalise_on_a_generic_task_at_every_site(generic):
         for site in sites:
             assert generic[key][site]["chosen"] in candidates
             assert set(entry["per_site"][site]) == {"cluster"}  # the task's one outcome
+    # the ANN choice's default rule: no site has DP, so every site was told the default its pooled evidence set
+    for site in sites:
+        part = generic["personalisation"][site]
+        assert part["rule"] == "pooled" and part["evidence_dp"] is False and "site_chosen" in part
+        assert part["decided_by"].startswith("pooled default ")

@@ -147,6 +147,15 @@ def test_settled_rounds_are_written_once_and_read_back_whole(tmp_path):
     restored = PerSiteRecord(make_strategy("fedavg", 1))
     restore_strategy(restored, Checkpoint.read(tmp_path).strategy, {}, {"clinic_a": 5, "clinic_b": 6})
     assert restored.rounds.train == strategy.rounds.train and restored.rounds.evaluate == strategy.rounds.evaluate
+    (rounds / "round-00002.json").write_text('{"evaluate": ')  # a torn settled round is named, not the state
+    with pytest.raises(CheckpointError, match=r"round-00002\.json: a settled round's file is missing or damaged"):
+        Checkpoint.read(tmp_path)
+    (rounds / "round-00002.json").unlink()
+    with pytest.raises(CheckpointError, match=r"round-00002\.json"):
+        Checkpoint.read(tmp_path)
+    (rounds / "round-00002.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=r"round-00002\.json: .*expected an object"):
+        Checkpoint.read(tmp_path)
     # another run in the same folder starts afresh: the earlier run's rounds go
     Checkpoint(run_id="10", settings={}, stage="started", record={}).write(tmp_path)
     assert not rounds.exists()

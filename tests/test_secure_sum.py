@@ -105,12 +105,66 @@ def test_a_site_masks_with_its_neighbours_only_in_a_session_of_more_than_k_plus_
         return np.zeros_like(values).view(np.uint64)
 
     monkeypatch.setattr(sa.secure_sum, "mask", spy)
-    config = ConfigRecord({h.SECURE_SESSION: "run-9", h.SECURE_SEQUENCE: 1, h.SECURE_NODES: list(public),
-                           h.SECURE_KEYS: list(public.values())})
-    for node in (10, 31):
+
+    def context(node):
         state = ConfigRecord({"session": "run-9", "last-sequence": 0, "private-key": keys[node]})
-        context = Context(run_id=1, node_id=node, node_config={}, state=RecordDict({sa.PAIRWISE_STATE_KEY: state}),
-                          run_config={})
-        sa.pairwise_mask(np.zeros(3, dtype=np.int64), config, context, 64)
-        assert seen[node] == sorted([node, *ss.mask_peers(list(public), node, "run-9")])
-    assert len(seen[10]) == ss.PAIRWISE_DEGREE + 1
+        return Context(run_id=1, node_id=node, node_config={}, state=RecordDict({sa.PAIRWISE_STATE_KEY: state}),
+                       run_config={})
+
+    def request(peers):
+        return ConfigRecord({h.SECURE_SESSION: "run-9", h.SECURE_SEQUENCE: 1, h.SECURE_NODES: list(public),
+                             h.SECURE_PEERS: list(peers), h.SECURE_KEYS: [public[p] for p in peers]})
+
+    for node in (10, 31):
+        ring = ss.mask_peers(list(public), node, "run-9")
+        sa.pairwise_mask(np.zeros(3, dtype=np.int64), request(ring), context(node), 64)
+        assert seen[node] == ring
+    assert len(seen[10]) == ss.PAIRWISE_DEGREE
+    # keys of other sites than the graph's (all of them, or one swapped) are refused, nothing is masked
+    ring = ss.mask_peers(list(public), 10, "run-9")
+    outsider = next(n for n in public if n not in ring and n != 10)
+    for peers in ([n for n in public if n != 10], [*ring[:-1], outsider]):
+        seen.clear()
+        with pytest.raises(ss.SecureSumError, match="not of this site's 26 mask peers"):
+            sa.pairwise_mask(np.zeros(3, dtype=np.int64), request(peers), context(10), 64)
+        assert not seen
+
+
+def test_the_server_sends_each_site_only_its_mask_peers_keys(monkeypatch):
+    """At 1,000 sites a request carried 999 public keys (32 kB) to every site; now the site's 26 peers'."""
+    from types import SimpleNamespace
+
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from server.secure_aggregation import SecureSession
+    from shared.protocol import hist as h
+    from shared.protocol import records as r
+
+    _, public = exchange(40)
+    sent = []
+
+    class Grid:
+        def send_and_receive(self, messages):
+            sent.extend(messages)
+            return [SimpleNamespace(metadata=SimpleNamespace(src_node_id=m.metadata.dst_node_id),
+                                    has_error=lambda: False,
+                                    content=RecordDict({r.KEYS: ConfigRecord({h.PUBLIC_KEY: public[
+                                        m.metadata.dst_node_id]})})) for m in messages]
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # what Message() needs, as a ServerApp
+        monkeypatch.setattr(TaskIdentity, name, value)
+    session = SecureSession(Grid(), list(public), "pairwise")
+    session.exchange_keys()
+    sent.clear()
+    session.ask_all(session.keys_message, {}, ArrayRecord())
+    assert len(sent) == 40
+    for message in sent:
+        config = message.content[r.CONFIG]
+        node = message.metadata.dst_node_id
+        ring = ss.mask_peers(list(public), node, session.base[h.SECURE_SESSION])
+        assert list(config[h.SECURE_PEERS]) == ring and len(ring) == ss.PAIRWISE_DEGREE
+        assert [bytes(k) for k in config[h.SECURE_KEYS]] == [public[p] for p in ring]
+        assert list(config[h.SECURE_NODES]) == list(public)  # the roster, so the site can check its ring
+        own = session.release_config(session.open_release({}), node)
+        assert list(own[h.SECURE_PEERS]) == ring

@@ -34,7 +34,11 @@ SECURE_SESSION = "secure-session"
 SECURE_SEQUENCE = "secure-sequence"
 SECURE_NODES = "secure-nodes"
 SECURE_KEYS = "secure-keys"
-"""The roster's mask public keys, in the order of SECURE_NODES (pairwise: the session's, in every request)."""
+"""The roster's mask public keys: recovering, in the order of SECURE_NODES; pairwise, in the order of
+SECURE_PEERS (only the receiving site's mask peers, in every request)."""
+SECURE_PEERS = "secure-peers"
+"""Pairwise mode: the sites whose public keys follow in SECURE_KEYS, which must be exactly the receiving site's
+mask peers in the session's graph over SECURE_NODES (``shared.secure_sum.mask_peers``)."""
 PUBLIC_KEY = "public-key"
 """Pairwise mode, ``query.hist_keys`` reply: the site's X25519 public key for the session."""
 # secure aggregation with dropout recovery (shared.secagg_plus): request and reply keys of its rounds

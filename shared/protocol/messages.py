@@ -44,8 +44,9 @@ PERSONALISE = query("personalise")
 """Train the site's personalised ANNs from the final global one, choose on the validation split, reply metrics
 only (``shared.protocol.personalisation``); the personalised models stay at the site."""
 PERSONALISE_KEEP = query("personalise_keep")
-"""The federation's default for the ANN choice (``shared.protocol.personalisation.POOLED``): the site chooses
-again with it in place of its own (``shared.selection.pooled_choices``), keeps that model, replies its choice."""
+"""The federation's default for the ANN choice (``shared.protocol.personalisation.POOLED_RULES``; under the default
+rule only to the sites without DP): the site chooses again with it in place of its own
+(``shared.selection.choice_with_default``), keeps that model, replies its choice."""
 XGBOOST_ACTION = "xgboost"
 """Action of the boosting strategies' messages (``strategies.per_site.PerSiteRecord(action=...)``)."""
 TRAIN_XGBOOST = MessageName("train", XGBOOST_ACTION)

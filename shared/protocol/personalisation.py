@@ -40,15 +40,25 @@ LOCAL, GLOBAL = "local", "global"
 """The two candidates every personalising site also scores: its own local-only model and the global model."""
 SPLITS = ("validation", "test")
 SITE_RULE, POOLED, POOLED_EQUAL, POOLED_SITE = "site", "pooled", "pooled-equal", "pooled-site"
+POOLED_NON_DP = "pooled-non-dp"
 """How the ANN choice's default is set: by each site alone (``site``: the fine-tuned model or the global one,
 ``client.personalisation_handlers.ann_order``) or by the federation (``pooled``: the coordinator pools the sites'
 validation evidence weighted by its precision, ``shared.selection.pooled_default``, and sends the default back,
 ``query.personalise_keep``: the best candidate if its pooled gain over global is significant, else global;
 ``pooled-equal``: the same with the sites weighted equally, the plain sum of their gains; ``pooled-site``: as
-``pooled``, but without a significant pooled gain each site keeps its own default). Named among the methods:
-``--personalise finetune,ditto,fedper,pooled``."""
-CHOICE_RULES = (SITE_RULE, POOLED, POOLED_EQUAL, POOLED_SITE)
-POOLED_RULES = (POOLED, POOLED_EQUAL, POOLED_SITE)
+``pooled``, but without a significant pooled gain each site keeps its own default; ``pooled-non-dp``, the default
+rule (:data:`DEFAULT_CHOICE`): as ``pooled`` over the evidence of the sites without DP only, sent to those sites
+only, while every DP site keeps its own rule's choice, ``shared.selection.non_dp_pooled_default``). Named among
+the methods: ``--personalise finetune,ditto,fedper,pooled`` (or ``,site`` for each site's own rule)."""
+DEFAULT_CHOICE = POOLED_NON_DP
+"""The choice rule when ``--personalise`` names none. Measured (BENCHMARKS.md, "Personalisation: the federation's
+pooled default"): without DP pooling by precision beat each site's own rule (chosen − max(local, global) −0.0035
+against −0.0193 AUC over 5 seeds, no site worse by more than its SE against 3), under DP it was worse (−0.0218
+against −0.0063: the DP validation release's bias is shared by the sites and pooling turns it into significance),
+so only the sites without DP pool, and a DP site's choice is its own."""
+CHOICE_RULES = (POOLED_NON_DP, SITE_RULE, POOLED, POOLED_EQUAL, POOLED_SITE)
+POOLED_RULES = (POOLED_NON_DP, POOLED, POOLED_EQUAL, POOLED_SITE)
+"""The rules under which the coordinator pools the sites' evidence and answers with ``query.personalise_keep``."""
 SITE_DEFAULT = "(each site's own)"
 """The default ``query.personalise_keep`` sends under :data:`POOLED_SITE` when no pooled gain is significant: the
 site keeps the choice its own rule made (not empty: Flower cannot count an empty string's bytes)."""
@@ -74,23 +84,39 @@ DEFAULT_KEY = "personalise-default"
 
 
 def parse_methods(text: str) -> tuple[str, ...]:
-    """Methods from ``"finetune,ditto"``; ``ValueError`` naming an unknown one ("" is none)."""
-    names = tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip() and m.strip() not in POOLED_RULES))
+    """Methods from ``"finetune,ditto"``; ``ValueError`` naming an unknown one ("" is none; a choice rule,
+    :data:`CHOICE_RULES`, is not a method)."""
+    names = tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip() and m.strip() not in CHOICE_RULES))
     unknown = sorted(set(names) - set(METHODS) - set(BOOSTING_METHODS))
     if unknown:
         raise ValueError(f"personalise: unknown method(s) {', '.join(unknown)}: expected some of "
                          f"{', '.join(METHODS + BOOSTING_METHODS)} (comma-separated), and optionally one of "
-                         f"{', '.join(POOLED_RULES)}")
+                         f"{', '.join(CHOICE_RULES)}")
     return names
 
 
 def choice_rule(text: str) -> str:
-    """The pooled rule (:data:`POOLED_RULES`) ``text`` (``--personalise``) names among the methods, else
-    :data:`SITE_RULE`; ``ValueError`` if it names both."""
-    named = [m.strip() for m in text.split(",") if m.strip() in POOLED_RULES]
+    """The choice rule (:data:`CHOICE_RULES`) ``text`` (``--personalise``) names among the methods, else
+    :data:`DEFAULT_CHOICE`; ``ValueError`` if it names two."""
+    named = [m.strip() for m in text.split(",") if m.strip() in CHOICE_RULES]
     if len(set(named)) > 1:
         raise ValueError(f"personalise: name one choice rule, not {', '.join(sorted(set(named)))}")
-    return named[0] if named else SITE_RULE
+    return named[0] if named else DEFAULT_CHOICE
+
+
+def awaits_keep(choice: str, dp: bool) -> bool:
+    """Whether a site (``dp``: its evidence is a DP release) waits for ``query.personalise_keep`` under the choice
+    rule ``choice``: under every pooled rule but :data:`POOLED_NON_DP` every site does; under that one only a site
+    without DP (a DP site's evidence is not pooled and its own rule's choice stands). The coordinator sends the keep
+    message by the same test (``server.personalisation_phase``), so a DP site there keeps no other candidate."""
+    return choice in POOLED_RULES and not (choice == POOLED_NON_DP and dp)
+
+
+def evidence_under_dp(content: Mapping) -> bool:
+    """Whether a site's ``query.personalise`` reply ``content`` carries evidence released under DP: a DP site's
+    reply holds its validation release's facts (:data:`VALIDATION_PRIVACY`, what the run's privacy record counts),
+    and its scores were computed from that release; a site without DP sends none and scored its exact rows."""
+    return VALIDATION_PRIVACY in content
 
 
 FAMILY_OF = {**{m: "ann" for m in METHODS}, **{m: "xgboost" for m in BOOSTING_METHODS}}
@@ -145,9 +171,10 @@ class Personalisation:
     local_rounds : int, default 20
         Boosting rounds of the site's local-only boosters in the boosting choice (the federation's rounds, as
         the local-only baseline).
-    choice : str, default "site"
-        :data:`SITE_RULE` or one of :data:`POOLED_RULES` (the ANN choice's default set by the federation's pooled
-        evidence, weighted by precision or equally, falling back on global or the site's own default).
+    choice : str, default "pooled-non-dp"
+        One of :data:`CHOICE_RULES` (:data:`DEFAULT_CHOICE`: the ANN choice's default set by the pooled evidence of
+        the sites without DP, for those sites; each DP site by its own rule). A config without the key (an older
+        coordinator, which sends no ``query.personalise_keep``) reads as :data:`SITE_RULE`.
     mix_alpha : float, default 0.75
         The global model's weight in :data:`MIX` (``client.personalised.mix.Mix``) and :data:`MIX_TREES`, fixed:
         choosing it on the validation split would take a DP site another release. 0.75 was the best fixed weight
@@ -167,7 +194,7 @@ class Personalisation:
     site_trees: int = 10
     site_trees_lambda: float = 100.0
     local_rounds: int = 20
-    choice: str = SITE_RULE
+    choice: str = DEFAULT_CHOICE
     mix_alpha: float = 0.75
     mix_space: str = "probability"
 
