@@ -2,6 +2,7 @@
 its local-only boosters and the federation's trees with its own added beat max(local-only, global)?
 
     python benchmarks/personalised_boosting.py [--clinics 10] [--seeds 0 1 2] [--xgb-rounds 20]
+                                               [--methods site-trees,mix-trees]
                                                [--out benchmarks/results/personalised_boosting.json]
 
 For each seed: the built-in simulator's clinics without DP (a DP site is not asked: XGBoost's site trees have no
@@ -33,7 +34,7 @@ from record import machine, write_record
 
 from client.personalised.choice import validation_score
 from shared import metrics
-from shared.protocol.personalisation import GLOBAL, LOCAL
+from shared.protocol.personalisation import BOOSTING_METHODS, GLOBAL, LOCAL, boosting_methods
 from shared.task import NANOPARTICLE_TASK
 from simulation.experiment import ExperimentConfig, flower_environment, prepare_sites, quiet_flower, run_federation
 from simulation.personalisation import site_records
@@ -42,10 +43,12 @@ MIN_TEST_ROWS = 30
 CANDIDATES = (GLOBAL, "site-trees", LOCAL)
 
 
-def seed_figures(root: Path, clinics: int, seed: int, xgb_rounds: int) -> dict:
+def seed_figures(root: Path, clinics: int, seed: int, xgb_rounds: int,
+                 methods: tuple[str, ...] = ("site-trees",)) -> dict:
     cfg = ExperimentConfig(out=root / f"boosting-{seed}", clinics=clinics, dp=False, seed=seed, models="xgboost",
                            boosting="hist", xgb_rounds=xgb_rounds, compare=False, policy=False,
-                           personalise="site-trees")
+                           personalise=",".join(methods))
+    candidates = (GLOBAL, *methods, LOCAL)
     sources, _ = prepare_sites(cfg)
     start = time.perf_counter()
     record = run_federation(cfg, sources)
@@ -56,8 +59,8 @@ def seed_figures(root: Path, clinics: int, seed: int, xgb_rounds: int) -> dict:
     sites = {}
     for site, entry in sorted(exact.items()):
         test = entry["summaries"]["test"]
-        auc = {c: _auc(test[c]["response"]) for c in CANDIDATES}
-        score = {c: validation_score(NANOPARTICLE_TASK, test[c]) for c in CANDIDATES}
+        auc = {c: _auc(test[c]["response"]) for c in candidates}
+        score = {c: validation_score(NANOPARTICLE_TASK, test[c]) for c in candidates}
         chosen = entry["chosen"]
         se = hanley_mcneil_se(auc[chosen]["auc"], auc[chosen]["n_pos"], auc[chosen]["n_neg"]) \
             if auc[chosen]["n_pos"] and auc[chosen]["n_neg"] else math.nan
@@ -65,7 +68,13 @@ def seed_figures(root: Path, clinics: int, seed: int, xgb_rounds: int) -> dict:
                        "score": score, "auc": {c: a["auc"] for c, a in auc.items()},
                        "score_difference": score[chosen] - max(score[LOCAL], score[GLOBAL]),
                        "auc_difference": auc[chosen]["auc"] - max(auc[LOCAL]["auc"], auc[GLOBAL]["auc"]),
-                       "auc_se": se}
+                       "auc_se": se,
+                       # each candidate as if every site kept it: its AUC − max(local, global), and its AUC's SE
+                       "as_default": {c: {"auc_difference": auc[c]["auc"] - max(auc[LOCAL]["auc"], auc[GLOBAL]["auc"]),
+                                          "score_difference": score[c] - max(score[LOCAL], score[GLOBAL]),
+                                          "auc_se": hanley_mcneil_se(auc[c]["auc"], auc[c]["n_pos"], auc[c]["n_neg"])
+                                          if auc[c]["n_pos"] and auc[c]["n_neg"] else math.nan}
+                                      for c in candidates}}
     big = [s for s, f in sites.items() if f["n_test"] >= MIN_TEST_ROWS]
     small = [s for s, f in sites.items() if f["n_test"] < MIN_TEST_ROWS and math.isfinite(f["score"][GLOBAL])
              and math.isfinite(f["score"][f["chosen"]])]
@@ -76,15 +85,21 @@ def seed_figures(root: Path, clinics: int, seed: int, xgb_rounds: int) -> dict:
 
     boosting = record.models["xgboost"]
     return {
-        "seed": seed, "sites": sites, "sites_30": big,
-        "mean_score": {c: mean(sites[s]["score"][c] for s in big) for c in CANDIDATES}
+        "seed": seed, "candidates": list(candidates), "sites": sites, "sites_30": big,
+        "as_default": {c: {"auc_better_on_average_by": mean(sites[s]["as_default"][c]["auc_difference"] for s in big),
+                           "score_better_on_average_by": mean(sites[s]["as_default"][c]["score_difference"]
+                                                              for s in big),
+                           "auc_worse_by_more_than_1se": [s for s in big if sites[s]["as_default"][c]["auc_difference"]
+                                                          < -sites[s]["as_default"][c]["auc_se"]]}
+                       for c in candidates},
+        "mean_score": {c: mean(sites[s]["score"][c] for s in big) for c in candidates}
         | {"chosen": mean(sites[s]["score"][sites[s]["chosen"]] for s in big)},
-        "mean_auc": {c: mean(sites[s]["auc"][c] for s in big) for c in CANDIDATES}
+        "mean_auc": {c: mean(sites[s]["auc"][c] for s in big) for c in candidates}
         | {"chosen": mean(sites[s]["auc"][sites[s]["chosen"]] for s in big)},
         "score_better_on_average_by": mean(sites[s]["score_difference"] for s in big),
         "auc_better_on_average_by": mean(sites[s]["auc_difference"] for s in big),
         "auc_worse_by_more_than_1se": [s for s in big if sites[s]["auc_difference"] < -sites[s]["auc_se"]],
-        "chosen": {c: sum(sites[s]["chosen"] == c for s in big) for c in CANDIDATES},
+        "chosen": {c: sum(sites[s]["chosen"] == c for s in big) for c in candidates},
         # sites under the target's 30 test rows: what the choice did to them against the global boosters
         "small_sites": {"n": len(small), "chosen_minus_global_score": {s: sites[s]["score"][sites[s]["chosen"]]
                                                                        - sites[s]["score"][GLOBAL] for s in small}},
@@ -108,15 +123,16 @@ def _f(value) -> str:
 
 def print_tables(result: dict) -> None:
     for run in result["runs"]:
+        candidates = run.get("candidates", CANDIDATES)
         print(f"\nseed {run['seed']}: test split, sites with ≥ {MIN_TEST_ROWS} rows; score = mean(response AUC, "
               "toxicity AUC, efficacy R²⁺)")
-        print("| site | n | score global | site-trees | local | response AUC global | site-trees | local | chosen "
-              "| score − max(l, g) | AUC − max(l, g) | AUC SE |")
-        print("|---|---|" + "---|" * 10)
+        print("| site | n | score " + " | ".join(candidates) + " | response AUC " + " | ".join(candidates)
+              + " | chosen | score − max(l, g) | AUC − max(l, g) | AUC SE |")
+        print("|---|---|" + "---|" * (2 * len(candidates) + 4))
         for site in run["sites_30"]:
             f = run["sites"][site]
-            print(f"| {site} | {int(f['n_test'])} | " + " | ".join(_f(f["score"][c]) for c in CANDIDATES) + " | "
-                  + " | ".join(_f(f["auc"][c]) for c in CANDIDATES)
+            print(f"| {site} | {int(f['n_test'])} | " + " | ".join(_f(f["score"][c]) for c in candidates) + " | "
+                  + " | ".join(_f(f["auc"][c]) for c in candidates)
                   + f" | {f['chosen']} | {f['score_difference']:+.3f} | {f['auc_difference']:+.3f} | "
                     f"{_f(f['auc_se'])} |")
         print("mean per-site score: " + ", ".join(f"{c} {_f(v)}" for c, v in run["mean_score"].items()))
@@ -124,6 +140,11 @@ def print_tables(result: dict) -> None:
         print(f"chosen − max(local, global): score {run['score_better_on_average_by']:+.4f}, response AUC "
               f"{run['auc_better_on_average_by']:+.4f}; sites worse by > 1 SE (AUC): "
               f"{run['auc_worse_by_more_than_1se'] or 'none'}; chosen: {run['chosen']}")
+        for c, f in run.get("as_default", {}).items():
+            if c not in (GLOBAL, LOCAL):
+                print(f"  {c} at every site: − max(local, global) score {f['score_better_on_average_by']:+.4f}, "
+                      f"response AUC {f['auc_better_on_average_by']:+.4f}; sites worse by > 1 SE (AUC): "
+                      f"{f['auc_worse_by_more_than_1se'] or 'none'}")
         small = run.get("small_sites", {}).get("chosen_minus_global_score")  # not in runs before c5401e6
         if small:
             print(f"sites under {MIN_TEST_ROWS} test rows ({len(small)}): chosen − global score mean "
@@ -139,14 +160,19 @@ def main() -> None:
     parser.add_argument("--clinics", type=int, default=10)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--xgb-rounds", type=int, default=20)
+    parser.add_argument("--methods", default="site-trees",
+                        help="personalised boosting methods, comma-separated (site-trees, mix-trees)")
     parser.add_argument("--work", type=Path, default=Path("runs/bench_personalised_boosting"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/personalised_boosting.json"))
     args = parser.parse_args()
     flower_environment(Path.cwd())
     quiet_flower()
     start, load = time.perf_counter(), os.getloadavg()[0]
-    runs = [seed_figures(args.work, args.clinics, seed, args.xgb_rounds) for seed in args.seeds]
-    result = {"clinics": args.clinics, "xgb_rounds": args.xgb_rounds, "dp": False,
+    methods = boosting_methods(args.methods)
+    if not methods:
+        parser.error(f"--methods: expected some of {', '.join(BOOSTING_METHODS)}, got {args.methods!r}")
+    runs = [seed_figures(args.work, args.clinics, seed, args.xgb_rounds, methods) for seed in args.seeds]
+    result = {"clinics": args.clinics, "xgb_rounds": args.xgb_rounds, "dp": False, "methods": list(methods),
               "total_s": time.perf_counter() - start, "runs": metrics.json_safe(runs)}
     print_tables(result)
     write_record(args.out, "python benchmarks/personalised_boosting.py " + " ".join(sys.argv[1:]), result,

@@ -155,8 +155,10 @@ def simulate(
         "improvement is positive)."),
     personalise: str = typer.Option(
         "", "--personalise", help="Personalised models each site trains after the federation and chooses among with "
-        "its local-only and the global model on its validation split: ANNs finetune, ditto, fedper; boosters "
-        "site-trees (the federation's trees plus 10 grown at the site; sites without DP) (comma-separated). The ANN "
+        "its local-only and the global model on its validation split: ANNs finetune, ditto, fedper, mix (the "
+        "global and local-only models' predictions averaged); boosters site-trees (the federation's trees plus 10 "
+        "grown at the site), mix-trees (the federation's and the local-only boosters' predictions averaged) (sites "
+        "without DP) (comma-separated). The ANN "
         "choice's default: by default (pooled-non-dp) the sites without DP pool their validation evidence and take "
         "the federation's default, each DP site keeps its own rule; add site (every site its own rule), or pooled, "
         "pooled-equal, pooled-site (every site's evidence pooled) to choose otherwise."),

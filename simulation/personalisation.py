@@ -27,7 +27,7 @@ import json
 from client.personalisation_handlers import BOOSTING_RECORD, ann_order, boosting_order, site_record_folder
 from client.personalised.choice import HEADLINE
 from client.site import SiteSource
-from shared.protocol.personalisation import FINETUNE, GLOBAL, LOCAL, Personalisation
+from shared.protocol.personalisation import FINETUNE, GLOBAL, LOCAL, MIX, Personalisation
 from shared.task import TaskSpec
 from simulation.baselines import model_metrics
 
@@ -35,8 +35,10 @@ LABELS = {LOCAL: "local", GLOBAL: "global"}
 FAMILIES = {"ann": ("personalisation", "Personalised ANNs", "personalised models"),
             "xgboost": ("personalisation_xgboost", "Personalised boosters", "site's trees")}
 """Family → (results.json key of the choices, report heading, what the site grew)."""
-KEPT_WORDS = {"ann": {FINETUNE: "the fine-tuned model", GLOBAL: "the global model"},
-              "xgboost": {"site-trees": "the site's trees", GLOBAL: "the global boosters"}}
+KEPT_WORDS = {"ann": {FINETUNE: "the fine-tuned model", GLOBAL: "the global model",
+                      MIX: "the mix of the global and its local-only model's predictions"},
+              "xgboost": {"site-trees": "the site's trees", GLOBAL: "the global boosters",
+                          "mix-trees": "the mix of the global and its local-only boosters' predictions"}}
 """The report's words for the candidate a site keeps unless beaten (``ann_order`` / ``boosting_order``)."""
 
 

@@ -126,7 +126,7 @@ def test_the_trainers_are_the_local_only_model_and_the_methods_asked_for_with_th
     assert list(made) == [p.LOCAL, "ditto", "fedper"]
     assert (made[p.LOCAL].epochs, made[p.LOCAL].lr) == (20, 0.005)
     assert (made["ditto"].epochs, made["ditto"].lr, made["ditto"].lam, made["ditto"].batch_size) == (3, 0.01, 2.0, 16)
-    assert set(METHODS) == set(p.METHODS)
+    assert set(METHODS) == set(p.METHODS) - {p.MIX}  # the mix is made of trained models (candidates.mixes)
 
 
 # --- the site's choice ---------------------------------------------------------------------------------------
@@ -247,9 +247,9 @@ def test_a_site_without_dp_replies_its_choice_and_keeps_the_chosen_model_in_its_
     content = personalise(msg, request)
     assert not any(isinstance(rec, ArrayRecord) for rec in content.values())
     reply = p.PersonalisationReply.from_records(content)
-    # fine-tuning is among the methods, so it is the default kept unless beaten (ann_order)
+    # the mix is among the methods, so it is the default kept unless beaten (ann_order)
     assert reply.chosen in plan.candidates
-    assert reply.reason.startswith(("kept finetune", f"{reply.chosen} beat finetune")), reply.reason
+    assert reply.reason.startswith(("kept mix", f"{reply.chosen} beat mix")), reply.reason
     assert set(reply.summaries["test"]) == set(plan.candidates) and reply.dp_steps == 0
     kept_in = request.source.folder / SITE_RECORD_DIR / request.name
     kept = json.loads((kept_in / "11.json").read_text())

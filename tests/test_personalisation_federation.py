@@ -48,8 +48,8 @@ def test_each_site_says_what_it_chose_why_and_on_which_validation_figures(run):
     for site in results["sites"]:
         part = results["personalisation"][site]
         assert part["chosen"] in {"global", "local", *METHODS}
-        # fine-tuning is among the methods, so it is what a site keeps unless beaten (ann_order)
-        assert part["reason"].startswith(("kept finetune", f"{part['chosen']} beat finetune")), part["reason"]
+        # the mix is among the methods, so it is what a site keeps unless beaten (ann_order)
+        assert part["reason"].startswith(("kept mix", f"{part['chosen']} beat mix")), part["reason"]
         assert set(part["validation"]) == {"global", "local", *METHODS}
         assert "auc" in part["validation"]["global"]["response"]
         assert results["models"]["ann"]["personalised"]["chosen"][site] == part["chosen"]
@@ -67,6 +67,7 @@ def test_a_dp_sites_epsilon_grows_in_the_personalisation_phase_and_its_ledger_sa
         data = load_site(out / "sites" / site)
         ledger = SiteDP.of(out / "sites" / site, data.config, state_dir=out / "sites" / ".ledger-heads").ledger
         spent = [e["epsilon_after"] for e in ledger.entries if e["phase"] == PHASE]
+        # the local-only, fine-tuned, Ditto and FedPer fits (the mix has none), then the two releases
         assert len(spent) == 4 + 2 and spent[0] > phases["evaluation"]["epsilon_after"] - 1e-9
         assert phases[PHASE]["releases"] == len(spent)  # the record counts every entry of the phase's ledger
 
@@ -75,4 +76,4 @@ def test_the_report_has_the_per_site_table(run):
     out, _ = run
     report = (out / "report.md").read_text()
     assert "## Personalised ANNs (each site's choice)" in report
-    assert "| site | global | finetune | ditto | fedper | local | chosen |" in report
+    assert "| site | global | finetune | ditto | fedper | mix | local | chosen |" in report

@@ -5,6 +5,7 @@
 | ``finetune`` | global-then-local fine-tuning of all layers | :mod:`client.personalised.finetune` |
 | ``ditto`` | personal model pulled toward the global one (Li et al., ICML 2021) | :mod:`client.personalised.ditto` |
 | ``fedper`` | global body, heads trained at the site (Arivazhagan et al. 2019) | :mod:`client.personalised.fedper` |
+| ``mix`` | global and local-only predictions mixed (APFL, Deng et al. 2020) | :mod:`client.personalised.mix` |
 
 With the local-only model (:mod:`client.personalised.local`) and the global model, they are the candidates a
 site chooses among on its validation split (:mod:`client.personalised.choice`). Personalised boosting (the

@@ -1,5 +1,6 @@
-"""The candidates a site trains for a personalisation plan: its local-only model and each requested method
-(the package docstring, :mod:`client.personalised`, lists them)."""
+"""The candidates a site makes for a personalisation plan: its local-only model and each requested method
+(the package docstring, :mod:`client.personalised`, lists them) — :func:`trainers` those it trains, then
+:func:`mixes` those made of trained ones without training (``mix``)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ from client.personalised.ditto import Ditto
 from client.personalised.fedper import FedPer
 from client.personalised.finetune import FineTune
 from client.personalised.local import LocalOnly
-from shared.protocol.personalisation import LOCAL, Personalisation
+from client.personalised.mix import Mix
+from shared.ann import MultiTaskMLP
+from shared.protocol.personalisation import LOCAL, MIX, Personalisation
 
 METHODS = {"finetune": FineTune, "ditto": Ditto, "fedper": FedPer}
-"""Method name (``shared.protocol.personalisation.METHODS``) → its class."""
+"""Trained method name (``shared.protocol.personalisation.METHODS``) → its class."""
+MIXES = {MIX: Mix}
+"""Method name → its class, for the methods made of the global and the local-only model without training."""
 
 
 def trainers(plan: Personalisation, batch_size: int, seed: int, local_epochs: int,
@@ -20,8 +25,15 @@ def trainers(plan: Personalisation, batch_size: int, seed: int, local_epochs: in
     federation's rounds × local epochs and learning rate) and each method."""
     made: dict[str, PersonalisedANN] = {LOCAL: LocalOnly(epochs=local_epochs, lr=local_lr, batch_size=batch_size,
                                                          seed=seed)}
-    for name in plan.methods:
+    for name in (m for m in plan.methods if m in METHODS):
         kwargs = {"lam": plan.ditto_lambda} if name == "ditto" else {}
         made[name] = METHODS[name](epochs=plan.epochs, lr=plan.lr, batch_size=batch_size, seed=seed, **kwargs)
     return made
 
+
+
+def mixes(plan: Personalisation, trained: dict[str, PersonalisedANN], global_model: MultiTaskMLP) -> dict[str, Mix]:
+    """The plan's mixed candidates (:data:`MIXES`), each of ``global_model`` and the local-only model in
+    ``trained`` (:func:`trainers`, fitted), at the plan's α and space; nothing is trained."""
+    return {name: MIXES[name](alpha=plan.mix_alpha, space=plan.mix_space).fit(global_model, trained[LOCAL].model_)
+            for name in plan.methods if name in MIXES}

@@ -23,11 +23,16 @@ from shared.protocol import records as r
 FINETUNE = "finetune"
 """The global model fine-tuned on the site's training split: the default a site keeps unless beaten
 (``client.personalisation_handlers.ann_order``)."""
-METHODS = (FINETUNE, "ditto", "fedper")
-"""Personalised ANN methods a site knows (``client.personalised.METHODS`` implements each)."""
-BOOSTING_METHODS = ("site-trees",)
+MIX = "mix"
+"""The global and the site's local-only model mixed in prediction space (``client.personalised.mix``): trained by
+nobody, so it costs a DP site no DP-SGD fit."""
+METHODS = (FINETUNE, "ditto", "fedper", MIX)
+"""Personalised ANN methods a site knows (``client.personalised.candidates`` implements each)."""
+MIX_TREES = "mix-trees"
+BOOSTING_METHODS = ("site-trees", MIX_TREES)
 """Personalised boosting methods: ``site-trees``, a few trees the site grows on its own rows on top of the
-federation's (``client.personalised.site_trees.SiteTrees``; ``query.personalise_boosting``)."""
+federation's (``client.personalised.site_trees.SiteTrees``), and ``mix-trees``, the federation's and the site's
+local-only boosters' predictions mixed (``client.personalised.mix_trees.MixTrees``); ``query.personalise_boosting``."""
 BOOSTING_DP_REFUSAL = ("personalised boosting is not offered at a DP site: XGBoost's site trees are not trained "
                        "under DP, so the summaries released of them would not be private")
 """Why a DP site is not asked to personalise the boosters (the record shows it as refused)."""
@@ -72,6 +77,8 @@ _SITE_TREES_KEY = "personalise-site-trees"
 _SITE_TREES_LAMBDA_KEY = "personalise-site-trees-lambda"
 _LOCAL_ROUNDS_KEY = "personalise-local-rounds"
 _CHOICE_KEY = "personalise-choice"
+_MIX_ALPHA_KEY = "personalise-mix-alpha"
+_MIX_SPACE_KEY = "personalise-mix-space"
 DEFAULT_KEY = "personalise-default"
 """Config key of ``query.personalise_keep``: the federation's default (:data:`POOLED`)."""
 
@@ -168,6 +175,16 @@ class Personalisation:
         One of :data:`CHOICE_RULES` (:data:`DEFAULT_CHOICE`: the ANN choice's default set by the pooled evidence of
         the sites without DP, for those sites; each DP site by its own rule). A config without the key (an older
         coordinator, which sends no ``query.personalise_keep``) reads as :data:`SITE_RULE`.
+    mix_alpha : float, default 0.75
+        The global model's weight in :data:`MIX` (``client.personalised.mix.Mix``) and :data:`MIX_TREES`, fixed:
+        choosing it on the validation split would take a DP site another release. 0.75 was the best fixed weight
+        of 0.25 / 0.5 / 0.75 for the ANN on the simulator's 10 clinics without DP, seeds 0-4 (mix − max(local,
+        global) −0.003 AUC on average, 0.5: −0.011; BENCHMARKS.md "Personalisation: mixing the global and the
+        local-only model"); the local-only model is the weaker member at most sites, so it gets the smaller weight.
+    mix_space : str, default "probability"
+        Where :data:`MIX` and :data:`MIX_TREES` mix the classification heads: ``probability`` or ``logit`` (the
+        boosters' margins); for the ANN at α = 0.5 probabilities came closer to max(local, global) than logits
+        (−0.011 against −0.015 AUC, same seeds).
     """
 
     methods: tuple[str, ...]
@@ -178,9 +195,14 @@ class Personalisation:
     site_trees_lambda: float = 100.0
     local_rounds: int = 20
     choice: str = DEFAULT_CHOICE
+    mix_alpha: float = 0.75
+    mix_space: str = "probability"
 
     def __post_init__(self) -> None:
         parse_methods(",".join(self.methods))
+        if not 0.0 <= self.mix_alpha <= 1.0 or self.mix_space not in ("probability", "logit"):
+            raise ValueError("personalise: mix_alpha must be in [0, 1] and mix_space probability or logit; got "
+                             f"{self.mix_alpha!r}, {self.mix_space!r}")
         if self.choice not in CHOICE_RULES:
             raise ValueError(f"personalise: choice must be one of {', '.join(CHOICE_RULES)}; got {self.choice!r}")
         if (self.epochs < 1 or self.lr <= 0 or self.ditto_lambda < 0 or self.site_trees < 1 or self.local_rounds < 1
@@ -193,7 +215,8 @@ class Personalisation:
         return ConfigRecord({_METHODS_KEY: list(self.methods) or [""], _EPOCHS_KEY: self.epochs, _LR_KEY: self.lr,
                              _LAMBDA_KEY: self.ditto_lambda, _SITE_TREES_KEY: self.site_trees,
                              _SITE_TREES_LAMBDA_KEY: self.site_trees_lambda,
-                             _LOCAL_ROUNDS_KEY: self.local_rounds, _CHOICE_KEY: self.choice})
+                             _LOCAL_ROUNDS_KEY: self.local_rounds, _CHOICE_KEY: self.choice,
+                             _MIX_ALPHA_KEY: self.mix_alpha, _MIX_SPACE_KEY: self.mix_space})
 
     @classmethod
     def from_config(cls, config: Mapping) -> Personalisation:
@@ -202,7 +225,9 @@ class Personalisation:
                    site_trees=int(config.get(_SITE_TREES_KEY, 10)),
                    site_trees_lambda=float(config.get(_SITE_TREES_LAMBDA_KEY, 100.0)),
                    local_rounds=int(config.get(_LOCAL_ROUNDS_KEY, 20)),
-                   choice=str(config.get(_CHOICE_KEY, SITE_RULE)))
+                   choice=str(config.get(_CHOICE_KEY, SITE_RULE)),
+                   mix_alpha=float(config.get(_MIX_ALPHA_KEY, 0.75)),
+                   mix_space=str(config.get(_MIX_SPACE_KEY, "probability")))
 
     @property
     def candidates(self) -> tuple[str, ...]:
