@@ -107,13 +107,20 @@ def predict_heads(models: dict[str, bytes], encoder: FeatureEncoder, x: np.ndarr
     """Predictions per outcome from the heads' boosters, in the ANN's conventions: P(positive) for binary,
     renormalised one-vs-rest probabilities for multiclass, the standardised value for regression."""
     data = dmatrix(x)
+    return per_outcome(encoder, len(x), {head.key: load(models[head.key]).predict(data) for head in heads(encoder)})
+
+
+def per_outcome(encoder: FeatureEncoder, n_rows: int, by_head: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each head's predictions (head key → P(positive), or the value of a regression head) as predictions per
+    outcome in :func:`predict_heads`' conventions: a multiclass outcome's one-vs-rest heads put side by side and
+    renormalised."""
     out: dict[str, np.ndarray] = {}
     for head in heads(encoder):
-        p = load(models[head.key]).predict(data)
+        p = by_head[head.key]
         if head.positive_class is None:
             out[head.outcome] = p
         else:
-            out.setdefault(head.outcome, np.zeros((len(x), len(encoder.classes_[head.outcome]))))
+            out.setdefault(head.outcome, np.zeros((n_rows, len(encoder.classes_[head.outcome]))))
             out[head.outcome][:, head.positive_class] = p
     for outcome in encoder.task.outcomes:
         if outcome.kind == "multiclass":

@@ -106,6 +106,18 @@ def task_identity(monkeypatch):
 
 
 @pytest.fixture(scope="module")
+def personalising_clinic(tmp_path_factory) -> tuple:
+    """A world of 2 clinics × 80 patients under DP (ε = 3), fresh for each module: ``(root, first clinic's name)``
+    for ``tests.personalising_site.personalise_request``."""
+    from simulation.clinics import SitePrivacy, generate_sites
+
+    root = tmp_path_factory.mktemp("personal")
+    world = generate_sites(2, 5, root / "sites", patients_per_clinic=80,
+                           privacy=SitePrivacy(dp=True, epsilon=3.0, delta=1e-5))
+    return root, world.clinics[0].name
+
+
+@pytest.fixture(scope="module")
 def plain_and_dp_site(tmp_path_factory) -> dict:
     """One simulated clinic without DP and one under DP (ε = 3), 40 patients each, fresh for each module:
     ``{"plain": folder, "dp": folder}``."""

@@ -3,14 +3,13 @@ and the site's handler with and without DP (its steps charged to the ledger, no 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
 from client.dp import SiteDP, start_run
 from client.evaluation import summaries
@@ -36,20 +35,16 @@ from client.personalised.ditto import Ditto
 from client.personalised.fedper import FedPer
 from client.personalised.finetune import FineTune
 from client.personalised.local import LocalOnly
-from client.site import SiteRequest, SiteSource, load
-from client.split import EncodedSplit, split_site
+from client.split import EncodedSplit
 from client.training import DPConfig, proximal_step
 from server.settings import RunSettings
 from shared import metrics
-from shared.ann import AnnSpec, MultiTaskMLP, build_model, to_arrays
-from shared.encoding import fit_local
-from shared.protocol import messages
+from shared.ann import AnnSpec, MultiTaskMLP
 from shared.protocol import personalisation as p
 from shared.protocol import records as r
 from shared.protocol.privacy import RunPlan
-from shared.protocol.training import EVAL_BINS, AnnTraining
 from shared.task import Outcome, TaskSpec
-from simulation.clinics import SitePrivacy, generate_sites
+from tests.personalising_site import personalise_request
 
 SPEC = AnnSpec(n_inputs=4, outcomes=(("response", "binary", 1), ("efficacy", "regression", 1)), hidden=(8, 4))
 
@@ -214,36 +209,11 @@ def test_the_reply_carries_summaries_and_the_choice_but_no_weights():
 # --- the site's handler --------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def clinic(tmp_path_factory):
-    root = tmp_path_factory.mktemp("personal")
-    world = generate_sites(2, 5, root / "sites", patients_per_clinic=80,
-                           privacy=SitePrivacy(dp=True, epsilon=3.0, delta=1e-5))
-    return root, world.clinics[0].name
-
-
-def _request(root, name, plan: p.Personalisation, dp: bool):
-    source = SiteSource(root / "sites" / name, state_dir=root / "heads")
-    site = load(source)
-    if not dp:  # a copy: the loaded site is cached for the other tests
-        site = dataclasses.replace(site, config={**site.config, "privacy": {"dp": False}})
-    encoder = fit_local(split_site(site.episodes, site.task, 5)["train"], site.task)
-    config = AnnTraining(local_epochs=1, batch_size=32, lr=0.005, seed=5, split_seed=5, max_grad_norm=1.0,
-                         num_rounds=2, hidden=(16, 8)).to_config(encoder)
-    config.update(plan.to_config())
-    config[EVAL_BINS] = metrics.COARSE_N_BINS if dp else metrics.DEFAULT_N_BINS  # as the server sets it
-    context = Context(run_id=11, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    request = SiteRequest(source, site, config, context)
-    model = build_model(encoder, site.task, (16, 8), seed=5)
-    msg = Message(RecordDict({r.ARRAYS: to_arrays(model), r.CONFIG: config}), dst_node_id=1,
-                  message_type=messages.PERSONALISE.type)
-    return msg, request
-
-
-def test_a_site_without_dp_replies_its_choice_and_keeps_the_chosen_model_in_its_folder(clinic, task_identity):
-    root, name = clinic
+def test_a_site_without_dp_replies_its_choice_and_keeps_the_chosen_model_in_its_folder(
+        personalising_clinic, task_identity):
+    root, name = personalising_clinic
     plan = p.Personalisation(methods=p.METHODS, epochs=1)
-    msg, request = _request(root, name, plan, dp=False)
+    msg, request = personalise_request(root, name, plan, dp=False)
     content = personalise(msg, request)
     assert not any(isinstance(rec, ArrayRecord) for rec in content.values())
     reply = p.PersonalisationReply.from_records(content)
@@ -261,10 +231,10 @@ def test_a_site_without_dp_replies_its_choice_and_keeps_the_chosen_model_in_its_
     assert sent * 20 < dense.count_bytes()  # measured 22 234 vs 649 570 bytes: the 6.5 MB of 10 sites was this
 
 
-def test_a_dp_site_charges_every_personalised_step_and_release_to_its_ledger(clinic, task_identity):
-    root, name = clinic
+def test_a_dp_site_charges_every_personalised_step_and_release_to_its_ledger(personalising_clinic, task_identity):
+    root, name = personalising_clinic
     plan = p.Personalisation(methods=p.METHODS, epochs=1)
-    msg, request = _request(root, name, plan, dp=True)
+    msg, request = personalise_request(root, name, plan, dp=True)
     dp = request.dp
     assert isinstance(dp, SiteDP)
     budget = start_run(request.context, dp, RunPlan(("statistics", "training", "evaluation", PHASE)))
@@ -334,10 +304,10 @@ def test_under_release_noise_the_margin_rule_rarely_takes_a_much_worse_candidate
                                                                                                           abs=1e-4)
 
 
-def test_without_dp_identical_candidates_have_no_spread_and_a_better_one_a_small_paired_one(clinic,
+def test_without_dp_identical_candidates_have_no_spread_and_a_better_one_a_small_paired_one(personalising_clinic,
                                                                                              task_identity):
-    root, name = clinic
-    _, request = _request(root, name, p.Personalisation(methods=("finetune",), epochs=1), dp=False)
+    root, name = personalising_clinic
+    _, request = personalise_request(root, name, p.Personalisation(methods=("finetune",), epochs=1), dp=False)
     data = request.encoded("val")
     rng = np.random.default_rng(1)
     base = {o: rng.uniform(0.05, 0.95, len(data)) for o in ("response", "toxicity_grade3")}
@@ -350,9 +320,9 @@ def test_without_dp_identical_candidates_have_no_spread_and_a_better_one_a_small
     assert 0 < spread[p.LOCAL] < 0.03, spread
 
 
-def test_a_dp_sites_margins_come_from_the_release_and_grow_with_its_noise(clinic, task_identity):
-    root, name = clinic
-    _, request = _request(root, name, p.Personalisation(methods=("finetune",), epochs=1), dp=False)
+def test_a_dp_sites_margins_come_from_the_release_and_grow_with_its_noise(personalising_clinic, task_identity):
+    root, name = personalising_clinic
+    _, request = personalise_request(root, name, p.Personalisation(methods=("finetune",), epochs=1), dp=False)
     data = request.encoded("val")
     rng = np.random.default_rng(1)
     prediction = {o: rng.uniform(0.05, 0.95, len(data)) for o in ("response", "toxicity_grade3")}

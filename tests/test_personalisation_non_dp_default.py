@@ -5,26 +5,20 @@ pooling only the sites without DP")."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from client.personalisation_handlers import CANDIDATES_DIR, SITE_RECORD_DIR, personalise
-from client.site import SiteRequest, SiteSource, load
-from client.split import split_site
 from shared import metrics
-from shared.ann import build_model, to_arrays
-from shared.encoding import fit_local
 from shared.protocol import messages
 from shared.protocol import personalisation as p
 from shared.protocol import records as r
 from shared.protocol.privacy import ReleaseFacts
-from shared.protocol.training import EVAL_BINS, AnnTraining
 from shared.selection import (
     OWN_RULE,
     SiteEvidence,
@@ -35,7 +29,7 @@ from shared.selection import (
     pooled_default,
 )
 from shared.task import Outcome, TaskSpec
-from simulation.clinics import SitePrivacy, generate_sites
+from tests.personalising_site import personalise_request
 
 CANDIDATES = (p.GLOBAL, "ditto", p.LOCAL)
 ORDER = CANDIDATES  # without fine-tuning the site's order is the plan's (client.personalisation_handlers.ann_order)
@@ -224,42 +218,17 @@ def test_a_mixed_federation_pools_and_tells_only_the_sites_without_dp(task_ident
 # --- the site --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def clinic(tmp_path_factory):
-    root = tmp_path_factory.mktemp("non_dp_default")
-    world = generate_sites(2, 5, root / "sites", patients_per_clinic=80,
-                           privacy=SitePrivacy(dp=True, epsilon=3.0, delta=1e-5))
-    return root, world.clinics[0].name
-
-
-def _request(root, name, plan: p.Personalisation, dp: bool):
-    source = SiteSource(root / "sites" / name, state_dir=root / "heads")
-    site = load(source)
-    if not dp:  # a copy: the loaded site is cached
-        site = dataclasses.replace(site, config={**site.config, "privacy": {"dp": False}})
-    encoder = fit_local(split_site(site.episodes, site.task, 5)["train"], site.task)
-    config = AnnTraining(local_epochs=1, batch_size=32, lr=0.005, seed=5, split_seed=5, max_grad_norm=1.0,
-                         num_rounds=2, hidden=(16, 8)).to_config(encoder)
-    config.update(plan.to_config())
-    config[EVAL_BINS] = metrics.COARSE_N_BINS if dp else metrics.DEFAULT_N_BINS
-    context = Context(run_id=13 + dp, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    request = SiteRequest(source, site, config, context)
-    msg = Message(RecordDict({r.ARRAYS: to_arrays(build_model(encoder, site.task, (16, 8), seed=5)), r.CONFIG: config}),
-                  dst_node_id=1, message_type=messages.PERSONALISE.type)
-    return msg, request
-
-
 @pytest.mark.parametrize("dp", [False, True])
-def test_under_the_default_rule_only_a_site_without_dp_waits_for_the_default(clinic, task_identity, dp):
+def test_under_the_default_rule_only_a_site_without_dp_waits_for_the_default(personalising_clinic, task_identity, dp):
     """The one site-side change: a DP site under ``pooled-non-dp`` is told nothing, so it keeps only its own
     choice; a site without DP keeps every candidate until told. Its reply says which it is."""
     from client.dp import start_run
     from shared.protocol.privacy import RunPlan
 
-    root, name = clinic
+    root, name = personalising_clinic
     plan = p.Personalisation(methods=("ditto",), epochs=1)
     assert plan.choice == p.POOLED_NON_DP
-    msg, request = _request(root, name, plan, dp=dp)
+    msg, request = personalise_request(root, name, plan, dp=dp, run_id=13 + dp)
     if dp:
         start_run(request.context, request.dp, RunPlan(("statistics", "training", "evaluation", "personalisation")))
     content = personalise(msg, request)

@@ -18,7 +18,7 @@ from shared import metrics
 from shared.ann import AnnSpec, MultiTaskMLP, predict
 from shared.protocol import personalisation as p
 from shared.protocol.privacy import RunPlan
-from tests.test_personalisation import _request, clinic  # noqa: F401 (the module's simulated clinic)
+from tests.personalising_site import personalise_request
 
 SPEC = AnnSpec(n_inputs=4, outcomes=(("response", "binary", 1), ("kind", "multiclass", 3),
                                      ("efficacy", "regression", 1)), hidden=(8, 4))
@@ -144,10 +144,10 @@ def test_the_mix_is_made_of_the_trained_local_only_model_and_is_not_itself_train
     assert mix.model_.first is g and mix.model_.second is made[p.LOCAL].model_ and mix.alpha == 0.4
 
 
-def test_a_site_without_dp_scores_and_keeps_the_mix_as_a_candidate(clinic, task_identity):  # noqa: F811
-    root, name = clinic
+def test_a_site_without_dp_scores_and_keeps_the_mix_as_a_candidate(personalising_clinic, task_identity):
+    root, name = personalising_clinic
     plan = p.Personalisation(methods=("finetune", "mix"), epochs=1)
-    msg, request = _request(root, name, plan, dp=False)
+    msg, request = personalise_request(root, name, plan, dp=False)
     reply = p.PersonalisationReply.from_records(personalise(msg, request))
     assert set(reply.summaries["test"]) == {p.GLOBAL, "finetune", "mix", p.LOCAL}
     kept = json.loads((request.source.folder / SITE_RECORD_DIR / request.name / "11.json").read_text())
@@ -156,10 +156,10 @@ def test_a_site_without_dp_scores_and_keeps_the_mix_as_a_candidate(clinic, task_
     assert test["mix"]["auc"] not in (test[p.LOCAL]["auc"], test[p.GLOBAL]["auc"])  # a third model, not a copy
 
 
-def test_a_dp_site_pays_no_dp_sgd_fit_for_the_mix(clinic, task_identity):  # noqa: F811
-    root, name = clinic
+def test_a_dp_site_pays_no_dp_sgd_fit_for_the_mix(personalising_clinic, task_identity):
+    root, name = personalising_clinic
     plan = p.Personalisation(methods=("mix",), epochs=1)
-    msg, request = _request(root, name, plan, dp=True)
+    msg, request = personalise_request(root, name, plan, dp=True)
     dp = request.dp
     start_run(request.context, dp, RunPlan(("statistics", "training", "evaluation", PHASE)))
     reply = p.PersonalisationReply.from_records(personalise(msg, request))
@@ -241,7 +241,7 @@ def test_the_boosters_mix_keeps_both_members_and_is_selectable_only_with_the_boo
     assert p.family_problem("mix,mix-trees", ("ann", "xgboost")) is None
 
 
-def test_a_site_without_dp_chooses_among_the_boosters_mix_too_and_keeps_both_members_if_chosen(clinic,  # noqa: F811
+def test_a_site_without_dp_chooses_among_the_boosters_mix_too_and_keeps_both_members_if_chosen(personalising_clinic,
                                                                                                 task_identity):
     from flwr.app import Context, Message, RecordDict
 
@@ -253,9 +253,9 @@ def test_a_site_without_dp_chooses_among_the_boosters_mix_too_and_keeps_both_mem
     from shared.protocol import messages
     from shared.protocol.boosting import BoostingRound, evaluation_request
 
-    root, name = clinic
+    root, name = personalising_clinic
     plan = p.Personalisation(methods=("mix-trees",), local_rounds=5, mix_alpha=0.5)  # kept here at 0.5 (not 0.75)
-    msg, ann_request = _request(root, name, plan, dp=False)  # the site (DP off) and its encoder
+    msg, ann_request = personalise_request(root, name, plan, dp=False)  # the site (DP off) and its encoder
     encoder = ann_request.encoder
     config = BoostingRound(eta=0.3, max_depth=3, local_rounds=1, seed=5, split_seed=5, mode="hist").to_config(encoder)
     config.update(plan.to_config())

@@ -78,18 +78,9 @@ class MixTrees:
             a, b = boosting.predict_heads(first, encoder, x), boosting.predict_heads(second, encoder, x)
             return {k: self.alpha * a[k] + (1 - self.alpha) * b[k] for k in a}
         data = boosting.dmatrix(x)
-        out: dict[str, np.ndarray] = {}
+        by_head = {}
         for head in boosting.heads(encoder):
             margin = (self.alpha * boosting.load(first[head.key]).predict(data, output_margin=True)
                       + (1 - self.alpha) * boosting.load(second[head.key]).predict(data, output_margin=True))
-            value = margin if head.kind == "regression" else 1 / (1 + np.exp(-margin))
-            if head.positive_class is None:
-                out[head.outcome] = value
-            else:
-                out.setdefault(head.outcome, np.zeros((len(x), len(encoder.classes_[head.outcome]))))
-                out[head.outcome][:, head.positive_class] = value
-        for outcome in encoder.task.outcomes:
-            if outcome.kind == "multiclass":
-                probs = np.clip(out[outcome.name], 1e-9, None)
-                out[outcome.name] = probs / probs.sum(axis=1, keepdims=True)
-        return out
+            by_head[head.key] = margin if head.kind == "regression" else 1 / (1 + np.exp(-margin))
+        return boosting.per_outcome(encoder, len(x), by_head)
