@@ -112,6 +112,32 @@ def oracle_terms(small: dict[str, float], fresh: dict[str, float]) -> dict[str, 
             "better_on_fresh": better}
 
 
+def kept_model(folder: Path, site: str, run_id: str, chosen: str, global_model, plan: Personalisation):
+    """The model the site kept in the run (``personalisation/<site>/<run>-<chosen>.pt``,
+    ``client.personalisation_handlers``): a multi-task MLP of the global model's architecture, or for ``mix`` the
+    two members with α (``client.personalised.mix.MixedMLP``)."""
+    import copy
+
+    import torch
+
+    from client.personalised.mix import MixedMLP
+    from shared.protocol.personalisation import MIX
+
+    path = folder / "personalisation" / site / f"{run_id}-{chosen}.pt"
+    if not path.is_file():
+        raise SystemExit(f"{path}: the site kept no model of its choice {chosen!r} for run {run_id}")
+    model = copy.deepcopy(global_model)
+    if chosen == MIX:
+        model = MixedMLP(model, copy.deepcopy(global_model), plan.mix_alpha, plan.mix_space)
+    model.load_state_dict(torch.load(path))
+    return model
+
+
+def prediction_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    """Largest |difference| between two models' predictions of every outcome on the same rows (0 on none)."""
+    return max((float(np.max(np.abs(a[o] - b[o]))) for o in a if np.size(a[o])), default=0.0)
+
+
 def replay_difference(again: dict[str, float], recorded: dict[str, float]) -> float:
     """Largest |AUC re-trained − AUC the site recorded| over the candidates; both NaN (a split with one class)
     agree, one NaN is an infinite difference."""
@@ -155,17 +181,19 @@ def seed_figures(work: Path, clinics: int, rounds: int, seed: int, count: int) -
             model.fit(global_model, data["train"])
         made = {GLOBAL: lambda x: predict(global_model, x)} | {
             c: m.predict for c, m in (models | mixes(plan, models, global_model)).items()}
+        chosen = phase["per_site"][name]["chosen"]
+        kept = kept_model(folder, name, record.run_id, chosen, global_model, plan)
+        kept_check = prediction_difference(predict(kept, data["test"].x), made[chosen](data["test"].x))
         data["fresh"] = fresh_cohort(world, name, count, encoder)
         figures = {split: {c: scored(encoder, data[split], made[c](data[split].x)) for c in candidates}
                    for split in ("test", "fresh")}
         small = {c: f["auc"] for c, f in figures["test"].items()}
         fresh = {c: f["auc"] for c, f in figures["fresh"].items()}
-        chosen = phase["per_site"][name]["chosen"]
         best_small, best_fresh = max(small[LOCAL], small[GLOBAL]), max(fresh[LOCAL], fresh[GLOBAL])
         best_score_fresh = max(figures["fresh"][LOCAL]["score"], figures["fresh"][GLOBAL]["score"])
         sites[name] = {
             "n_test": figures["test"][GLOBAL]["n"], "n_fresh": figures["fresh"][GLOBAL]["n"], "chosen": chosen,
-            "chosen_in_site_record": own["chosen"],
+            "chosen_in_site_record": own["chosen"], "kept_check": kept_check,
             "replay_check": replay_difference(small, {c: _auc(own["summaries"]["test"][c][OUTCOME])["auc"]
                                                       for c in candidates}),
             "test_auc": small, "fresh_auc": fresh, "fresh_se": {c: figures["fresh"][c]["se"] for c in candidates},
@@ -177,6 +205,78 @@ def seed_figures(work: Path, clinics: int, rounds: int, seed: int, count: int) -
             "as_default_test": {c: small[c] - best_small for c in candidates},
             **oracle_terms(small, fresh)}
     return summarise_seed(seed, record.run_id, candidates, sites)
+
+
+def dp_seed_figures(work: Path, clinics: int, seed: int, count: int) -> dict:
+    """A run with DP sites: their candidates cannot be re-trained (DP-SGD's noise is not seeded), so only the
+    global model and the model each site kept (``kept_model``) are scored on the fresh cohort; the test split's
+    figures of every candidate are the site's own exact record. max(L, G) needs the local-only model, which a DP
+    site does not keep: ``chosen − G`` on the fresh cohort is an upper bound of ``chosen − max(L, G)``, and
+    ``max(l, g) − G`` of the oracle's bias."""
+    from shared.ann import predict
+
+    out = work / f"personalised-{seed}"
+    record = RunRecord.read(out / "federated")
+    phase = record.personalisation or {}
+    if not phase.get("per_site"):
+        raise SystemExit(f"{out / 'federated'}: the run has no personalisation phase")
+    candidates = list(phase["candidates"])
+    plan = Personalisation(methods=tuple(c for c in candidates if c not in (GLOBAL, LOCAL)))
+    artifacts = RunArtifacts.open(out / "federated", run_id=record.run_id)
+    global_model, encoder = artifacts.ann(), artifacts.encoder()
+    world = run_world(out, clinics, seed)
+    sites = {}
+    for name in sorted(phase["per_site"]):
+        folder = out / "sites" / name
+        own = json.loads((folder / "personalisation" / name / f"{record.run_id}.json").read_text())
+        chosen = phase["per_site"][name]["chosen"]
+        kept = kept_model(folder, name, record.run_id, chosen, global_model, plan)
+        data = fresh_cohort(world, name, count, encoder)
+        fresh = {GLOBAL: scored(encoder, data, predict(global_model, data.x)),
+                 "chosen": scored(encoder, data, predict(kept, data.x))}
+        small = {c: _auc(own["summaries"]["test"][c][OUTCOME]) for c in candidates}
+        best_small = max(small[LOCAL]["auc"], small[GLOBAL]["auc"])
+        sites[name] = {
+            "n_test": small[GLOBAL]["n"], "n_fresh": fresh[GLOBAL]["n"], "chosen": chosen,
+            "dp": bool(record.privacy.get(name) and record.privacy[name].dp),
+            "test_auc": {c: f["auc"] for c, f in small.items()},
+            "test_se": hanley_mcneil_se(small[chosen]["auc"], small[chosen]["n_pos"], small[chosen]["n_neg"])
+            if small[chosen]["n_pos"] and small[chosen]["n_neg"] else math.nan,
+            "fresh_auc": {k: f["auc"] for k, f in fresh.items()}, "fresh_se": {k: f["se"] for k, f in fresh.items()},
+            "difference_test": small[chosen]["auc"] - best_small,
+            "chosen_minus_global_fresh": fresh["chosen"]["auc"] - fresh[GLOBAL]["auc"],
+            "chosen_minus_global_fresh_score": fresh["chosen"]["score"] - fresh[GLOBAL]["score"],
+            "bias_upper": best_small - fresh[GLOBAL]["auc"]}
+
+    def over(part: list[str]) -> dict:
+        return {"sites": part, **{k: _mean(sites[s][k] for s in part) for k in (
+                    "difference_test", "chosen_minus_global_fresh", "chosen_minus_global_fresh_score", "bias_upper")},
+                "worse_test": [s for s in part if sites[s]["difference_test"] < -sites[s]["test_se"]],
+                "worse_than_global_fresh": [s for s in part if sites[s]["chosen_minus_global_fresh"]
+                                            < -sites[s]["fresh_se"]["chosen"]],
+                "mean_fresh_auc": {k: _mean(sites[s]["fresh_auc"][k] for s in part) for k in (GLOBAL, "chosen")},
+                "chosen": {c: sum(sites[s]["chosen"] == c for s in part) for c in candidates}}
+
+    big = [s for s, f in sites.items() if f["n_test"] >= MIN_TEST_ROWS]
+    return {"seed": seed, "run_id": record.run_id, "candidates": candidates, "sites": sites, "sites_30": over(big),
+            "all_sites": over(sorted(sites))}
+
+
+def print_dp(runs: list[dict]) -> None:
+    print("DP runs: the global model and each site's kept choice on the fresh cohort (re-training impossible)")
+    for key in ("sites_30", "all_sites"):
+        print(f"\n{key}: | seed | sites | chosen − max(l, g), test | chosen − G, fresh (≥ chosen − max(L, G)) | "
+              "by score | max(l, g) − G (≥ bias) | worse (test) | worse than G (fresh) | chosen |")
+        for run in runs:
+            p = run[key]
+            print(f"| {run['seed']} | {len(p['sites'])} | {p['difference_test']:+.4f} | "
+                  f"{p['chosen_minus_global_fresh']:+.4f} | {p['chosen_minus_global_fresh_score']:+.4f} | "
+                  f"{p['bias_upper']:+.4f} | {p['worse_test'] or 'none'} | {p['worse_than_global_fresh'] or 'none'} | "
+                  + ", ".join(f"{c} {n}" for c, n in p["chosen"].items() if n) + " |")
+        values = {k: _mean_and_se([run["sites"][s][k] for run in runs for s in run[key]["sites"]])
+                  for k in ("difference_test", "chosen_minus_global_fresh", "bias_upper")}
+        print("over site-seeds (mean ± SE): " + "; ".join(f"{k} {v['mean']:+.4f} ± {v['se']:.4f} (n = {v['n']})"
+                                                        for k, v in values.items()))
 
 
 def _mean(values) -> float:
@@ -206,6 +306,8 @@ def summarise_seed(seed: int, run_id: str, candidates: list[str], sites: dict) -
                            if sites[s]["difference_test"] < -sites[s]["test_se"][sites[s]["chosen"]]],
             "worse_fresh": [s for s in part
                             if sites[s]["difference_fresh"] < -sites[s]["fresh_se"][sites[s]["chosen"]]],
+            "worse_fresh_by_test_se": [s for s in part
+                                       if sites[s]["difference_fresh"] < -sites[s]["test_se"][sites[s]["chosen"]]],
             "mean_fresh_auc": {c: _mean(sites[s]["fresh_auc"][c] for s in part) for c in candidates}
             | {"chosen": _mean(sites[s]["fresh_auc"][sites[s]["chosen"]] for s in part),
                "max_local_global": _mean(max(sites[s]["fresh_auc"][LOCAL], sites[s]["fresh_auc"][GLOBAL])
@@ -218,7 +320,9 @@ def summarise_seed(seed: int, run_id: str, candidates: list[str], sites: dict) -
 
     return {"seed": seed, "run_id": run_id, "candidates": candidates, "sites": sites, "sites_30": over(big),
             "all_sites": over(sorted(sites)),
-            "replay_check_max": max(f["replay_check"] for f in sites.values())}
+            "replay_check_max": max(f["replay_check"] for f in sites.values()),
+            "kept_check_max": max(f["kept_check"] for f in sites.values()),
+            "chosen_disagree": [s for s, f in sites.items() if f["chosen"] != f["chosen_in_site_record"]]}
 
 
 def over_seeds(runs: list[dict], key: str) -> dict:
@@ -233,6 +337,9 @@ def over_seeds(runs: list[dict], key: str) -> dict:
            for k in ("difference_test", "difference_fresh", "bias", "selection", "noise_of_better")},
         "worse_test": sum(len(p["worse_test"]) for p in parts),
         "worse_fresh": sum(len(p["worse_fresh"]) for p in parts),
+        "worse_fresh_by_test_se": sum(len(p["worse_fresh_by_test_se"]) for p in parts),
+        "site_seed_as_default_fresh": {c: _mean_and_se([r["sites"][s]["as_default_fresh"][c] for r in runs
+                                                        for s in r[key]["sites"]]) for c in candidates},
         "mean_fresh_auc": {c: _mean(p["mean_fresh_auc"][c] for p in parts)
                            for c in [*candidates, "chosen", "max_local_global"]},
         "as_default_fresh": {c: _mean(p["as_default_fresh"][c] for p in parts) for c in candidates},
@@ -262,7 +369,9 @@ def print_tables(result: dict) -> None:
         print(f"means: chosen − max test {part['difference_test']:+.4f}, fresh {part['difference_fresh']:+.4f} "
               f"(score {part['difference_fresh_score']:+.4f}); oracle bias {part['oracle_bias']:+.4f} (selection "
               f"{part['oracle_selection']:+.4f}); worse by > SE: test {part['worse_test'] or 'none'}, fresh "
-              f"{part['worse_fresh'] or 'none'}; replay check {run['replay_check_max']:.2g}")
+              f"{part['worse_fresh'] or 'none'}; replay check {run['replay_check_max']:.2g}, kept model check "
+              f"{run['kept_check_max']:.2g}, run record vs site record choice differ at "
+              f"{run['chosen_disagree'] or 'none'}")
     for key, label in (("sites_30", f"sites with ≥ {MIN_TEST_ROWS} test rows"), ("all_sites", "every site")):
         print(f"\nover the seeds, {label} (mean of the seeds' site means; sites counted over all seeds)")
         print("| seed | sites | chosen − max, test | chosen − max, fresh | fresh, by score | oracle bias | "
@@ -277,11 +386,15 @@ def print_tables(result: dict) -> None:
         print(f"| mean | {o['site_seeds']} | {o['difference_test']:+.4f} | {o['difference_fresh']:+.4f} | "
               f"{o['difference_fresh_score']:+.4f} | {o['oracle_bias']:+.4f} | {o['oracle_selection']:+.4f} | "
               f"{o['worse_test']} | {o['worse_fresh']} |")
-        print("| candidate at every site | mean fresh AUC | − max(L, G) fresh | sites worse (fresh) | − max test |")
-        print("|---|---|---|---|---|")
+        print(f"chosen worse than max(L, G) on the fresh cohort by more than the test split's SE: "
+              f"{o['worse_fresh_by_test_se']}")
+        print("| candidate at every site | mean fresh AUC | − max(L, G) fresh | ± SE (site-seeds) | "
+              "sites worse (fresh) | − max test |")
+        print("|---|---|---|---|---|---|")
         for c in candidates:
             print(f"| {c} | {o['mean_fresh_auc'][c]:.4f} | {o['as_default_fresh'][c]:+.4f} | "
-                  f"{o['as_default_worse_fresh'][c]} | {o['as_default_test'][c]:+.4f} |")
+                  f"{o['site_seed_as_default_fresh'][c]['se']:.4f} | {o['as_default_worse_fresh'][c]} | "
+                  f"{o['as_default_test'][c]:+.4f} |")
         print(f"| chosen | {o['mean_fresh_auc']['chosen']:.4f} | {o['difference_fresh']:+.4f} | {o['worse_fresh']} | "
               f"{o['difference_test']:+.4f} |")
         print(f"| max(local, global) per site | {o['mean_fresh_auc']['max_local_global']:.4f} | | | |")
@@ -299,8 +412,23 @@ def main() -> None:
     parser.add_argument("--fresh", type=int, default=FRESH_PATIENTS, help="fresh patients per clinic")
     parser.add_argument("--work", type=Path, default=Path("runs/bench_personalised"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/personalised_fresh.json"))
+    parser.add_argument("--dp", action="store_true",
+                        help="runs with DP sites: only the global model and each site's kept choice on fresh patients")
     args = parser.parse_args()
     start, load = time.perf_counter(), os.getloadavg()
+    if args.dp:
+        runs = [dp_seed_figures(args.work, args.clinics, seed, args.fresh) for seed in args.seeds]
+        result = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "load_at_start": load,
+                  "load_at_end": os.getloadavg(), "clinics": args.clinics, "dp": True, "fresh_patients": args.fresh,
+                  "total_s": time.perf_counter() - start, "runs": runs,
+                  **{key: {k: _mean_and_se([r["sites"][s][k] for r in runs for s in r[key]["sites"]])
+                           for k in ("difference_test", "chosen_minus_global_fresh", "bias_upper")}
+                     for key in ("sites_30", "all_sites")}}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(metrics.json_safe(result)) + "\n")
+        print_dp(runs)
+        print(f"\nwrote {args.out} ({result['total_s']:.0f} s, {args.out.stat().st_size / 1000:.0f} kB)")
+        return
     runs = [seed_figures(args.work, args.clinics, args.rounds, seed, args.fresh) for seed in args.seeds]
     result = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "python": sys.version.split()[0],
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "load_at_start": load,
