@@ -96,3 +96,30 @@ def test_run_world_refuses_a_run_of_another_world(bench, tmp_path):
     assert [c.seed for c in bench.run_world(tmp_path, 3, 7).clinics] == [c.seed for c in world.clinics]
     with pytest.raises(SystemExit, match="world.json"):
         bench.run_world(tmp_path, 3, 8)
+
+
+def test_kept_model_loads_the_sites_saved_choice_a_mix_as_its_two_members(bench, tmp_path):
+    import torch
+
+    from client.personalised.mix import Mix
+    from shared.ann import AnnSpec, MultiTaskMLP, predict
+    from shared.protocol.personalisation import MIX, Personalisation
+
+    spec = AnnSpec(n_inputs=4, outcomes=(("response", "binary", 1), ("efficacy", "regression", 1)), hidden=(8, 4))
+    torch.manual_seed(0)
+    global_model, local, tuned = MultiTaskMLP(spec), MultiTaskMLP(spec), MultiTaskMLP(spec)
+    x = np.random.default_rng(1).normal(size=(30, 4)).astype(np.float32)
+    folder = tmp_path / "personalisation" / "clinic_01"
+    folder.mkdir(parents=True)
+    plan = Personalisation(methods=("finetune", MIX), mix_alpha=0.25)
+    mixed = Mix(alpha=0.25).fit(global_model, local)
+    torch.save(mixed.model_.state_dict(), folder / f"run7-{MIX}.pt")
+    torch.save(tuned.state_dict(), folder / "run7-finetune.pt")
+    kept = bench.kept_model(tmp_path, "clinic_01", "run7", MIX, global_model, plan)
+    assert bench.prediction_difference(predict(kept, x), mixed.predict(x)) < 1e-6
+    # not the global model's predictions: the local member and α were loaded
+    assert bench.prediction_difference(predict(kept, x), predict(global_model, x)) > 1e-3
+    kept = bench.kept_model(tmp_path, "clinic_01", "run7", "finetune", global_model, plan)
+    assert bench.prediction_difference(predict(kept, x), predict(tuned, x)) < 1e-6
+    with pytest.raises(SystemExit, match="run7-ditto.pt"):
+        bench.kept_model(tmp_path, "clinic_01", "run7", "ditto", global_model, plan)
