@@ -54,6 +54,7 @@ import types
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from personalised import MIN_TEST_ROWS, OUTCOME, _auc, hanley_mcneil_se
 
 from client.evaluation import summaries
@@ -70,6 +71,9 @@ from simulation.experiment import ExperimentConfig
 from simulation.membership_audit import fresh_patients
 
 FRESH_PATIENTS = 2000
+TEST_SIZED_DRAWS = 200
+"""Draws of a test-split-sized set of fresh patients per site (:func:`test_sized_aucs`): the expectations over them
+are then within ≈ SD/14 of their limit."""
 
 
 def run_world(out: Path, clinics: int, seed: int) -> World:
@@ -100,6 +104,45 @@ def scored(encoder: FeatureEncoder, data: EncodedSplit, predictions: dict[str, n
     auc = _auc(made[OUTCOME])
     se = hanley_mcneil_se(auc["auc"], auc["n_pos"], auc["n_neg"]) if auc["n_pos"] and auc["n_neg"] else math.nan
     return auc | {"se": se, "score": validation_score(task, made)}
+
+
+def test_sized_aucs(patients: np.ndarray, y: np.ndarray, predictions: dict[str, np.ndarray], size: int,
+                    draws: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Response AUC of each model on ``draws`` sets of ``size`` patients drawn without replacement from the fresh
+    cohort (every cycle of each; ``patients`` and ``y`` per row, NaN = not recorded): what the site's test split,
+    as many patients, would have measured in other draws of it. NaN where a draw has one class only."""
+    names = pd.unique(patients)
+    if size > len(names):
+        raise ValueError(f"test_sized_aucs: {size} patients asked of a fresh cohort of {len(names)}")
+    codes = pd.Index(names).get_indexer(patients)
+    result = {c: np.full(draws, np.nan) for c in predictions}
+    for k in range(draws):
+        chosen = np.zeros(len(names), dtype=bool)
+        chosen[rng.choice(len(names), size, replace=False)] = True
+        rows = chosen[codes] & ~np.isnan(y)
+        if 0 < y[rows].sum() < rows.sum():
+            for c, p in predictions.items():
+                result[c][k] = metrics.binary_metrics(metrics.summarise("binary", y[rows], p[rows]))["auc"]
+    return result
+
+
+def expected_on_test_splits(aucs: dict[str, np.ndarray], fresh: dict[str, float], chosen: str) -> dict:
+    """From :func:`test_sized_aucs`: ``E[max(l, g)] − max(L, G)`` (the oracle's bias, expectation over test splits of
+    the site's size), and the expected ``c − max(l, g)`` that such a split measures for the chosen model and for the
+    candidate best on the fresh cohort (the best any fixed choice could do), with how often it is ≥ 0."""
+    ok = np.isfinite(aucs[LOCAL]) & np.isfinite(aucs[GLOBAL])
+    noisy_max = np.maximum(aucs[LOCAL][ok], aucs[GLOBAL][ok])
+    best = max(fresh, key=fresh.get)
+    if not ok.any():  # no draw with both classes (a site without test patients)
+        return {"draws": 0, "best_on_fresh": best} | dict.fromkeys(
+            ("expected_max", "expected_bias", "expected_chosen_minus_max", "chosen_at_or_above_max",
+             "expected_best_minus_max", "best_at_or_above_max"), math.nan)
+    return {"draws": int(ok.sum()), "expected_max": float(noisy_max.mean()),
+            "expected_bias": float(noisy_max.mean() - max(fresh[LOCAL], fresh[GLOBAL])),
+            "expected_chosen_minus_max": float((aucs[chosen][ok] - noisy_max).mean()),
+            "chosen_at_or_above_max": float((aucs[chosen][ok] >= noisy_max).mean()),
+            "best_on_fresh": best, "expected_best_minus_max": float((aucs[best][ok] - noisy_max).mean()),
+            "best_at_or_above_max": float((aucs[best][ok] >= noisy_max).mean())}
 
 
 def oracle_terms(small: dict[str, float], fresh: dict[str, float]) -> dict[str, float]:
@@ -149,7 +192,8 @@ def replay_difference(again: dict[str, float], recorded: dict[str, float]) -> fl
     return max(gap(again[c], recorded[c]) for c in recorded)
 
 
-def seed_figures(work: Path, clinics: int, rounds: int, seed: int, count: int) -> dict:
+def seed_figures(work: Path, clinics: int, rounds: int, seed: int, count: int,
+                 draws: int = TEST_SIZED_DRAWS) -> dict:
     from client.personalised.candidates import mixes, trainers
     from shared.ann import predict
     from shared.validation import load_site
@@ -189,6 +233,12 @@ def seed_figures(work: Path, clinics: int, rounds: int, seed: int, count: int) -
                    for split in ("test", "fresh")}
         small = {c: f["auc"] for c, f in figures["test"].items()}
         fresh = {c: f["auc"] for c, f in figures["fresh"].items()}
+        group = NANOPARTICLE_TASK.group
+        test_patients = parts["test"][group].nunique()
+        resampled = test_sized_aucs(data["fresh"].frame[group].astype(str).to_numpy(),
+                                    data["fresh"].targets[OUTCOME],
+                                    {c: made[c](data["fresh"].x)[OUTCOME] for c in candidates}, test_patients, draws,
+                                    np.random.default_rng([seed, sorted(phase["per_site"]).index(name)]))
         best_small, best_fresh = max(small[LOCAL], small[GLOBAL]), max(fresh[LOCAL], fresh[GLOBAL])
         best_score_fresh = max(figures["fresh"][LOCAL]["score"], figures["fresh"][GLOBAL]["score"])
         sites[name] = {
@@ -203,6 +253,8 @@ def seed_figures(work: Path, clinics: int, rounds: int, seed: int, count: int) -
             "difference_fresh_score": figures["fresh"][chosen]["score"] - best_score_fresh,
             "as_default_fresh": {c: fresh[c] - best_fresh for c in candidates},
             "as_default_test": {c: small[c] - best_small for c in candidates},
+            "test_patients": int(test_patients),
+            "test_sized": expected_on_test_splits(resampled, fresh, chosen),
             **oracle_terms(small, fresh)}
     return summarise_seed(seed, record.run_id, candidates, sites)
 
@@ -291,6 +343,10 @@ def _mean_and_se(values: list[float]) -> dict[str, float]:
     return {"mean": _mean(values), "se": se, "n": len(values)}
 
 
+TEST_SIZED_KEYS = ("expected_bias", "expected_chosen_minus_max", "chosen_at_or_above_max", "expected_best_minus_max",
+                   "best_at_or_above_max")
+
+
 def summarise_seed(seed: int, run_id: str, candidates: list[str], sites: dict) -> dict:
     big = [s for s, f in sites.items() if f["n_test"] >= MIN_TEST_ROWS]
 
@@ -302,6 +358,7 @@ def summarise_seed(seed: int, run_id: str, candidates: list[str], sites: dict) -
             "difference_fresh_score": _mean(sites[s]["difference_fresh_score"] for s in part),
             "oracle_bias": _mean(sites[s]["bias"] for s in part),
             "oracle_selection": _mean(sites[s]["selection"] for s in part),
+            **{k: _mean(sites[s]["test_sized"][k] for s in part) for k in TEST_SIZED_KEYS},
             "worse_test": [s for s in part
                            if sites[s]["difference_test"] < -sites[s]["test_se"][sites[s]["chosen"]]],
             "worse_fresh": [s for s in part
@@ -331,7 +388,7 @@ def over_seeds(runs: list[dict], key: str) -> dict:
     candidates = runs[0]["candidates"]
     return {
         **{k: _mean(p[k] for p in parts) for k in ("difference_test", "difference_fresh", "difference_fresh_score",
-                                                  "oracle_bias", "oracle_selection")},
+                                                  "oracle_bias", "oracle_selection", *TEST_SIZED_KEYS)},
         "site_seeds": sum(len(p["sites"]) for p in parts),
         **{f"site_seed_{k}": _mean_and_se([r["sites"][s][k] for r in runs for s in r[key]["sites"]])
            for k in ("difference_test", "difference_fresh", "bias", "selection", "noise_of_better")},
@@ -386,6 +443,10 @@ def print_tables(result: dict) -> None:
         print(f"| mean | {o['site_seeds']} | {o['difference_test']:+.4f} | {o['difference_fresh']:+.4f} | "
               f"{o['difference_fresh_score']:+.4f} | {o['oracle_bias']:+.4f} | {o['oracle_selection']:+.4f} | "
               f"{o['worse_test']} | {o['worse_fresh']} |")
+        print(f"over {TEST_SIZED_DRAWS} test-split-sized draws of fresh patients per site: E[max(l, g)] − max(L, G) "
+              f"{o['expected_bias']:+.4f}; E[chosen − max(l, g)] {o['expected_chosen_minus_max']:+.4f} (P(≥ 0) "
+              f"{o['chosen_at_or_above_max']:.2f}); the candidate best on the fresh cohort: E[best − max(l, g)] "
+              f"{o['expected_best_minus_max']:+.4f} (P(≥ 0) {o['best_at_or_above_max']:.2f})")
         print(f"chosen worse than max(L, G) on the fresh cohort by more than the test split's SE: "
               f"{o['worse_fresh_by_test_se']}")
         print("| candidate at every site | mean fresh AUC | − max(L, G) fresh | ± SE (site-seeds) | "

@@ -123,3 +123,33 @@ def test_kept_model_loads_the_sites_saved_choice_a_mix_as_its_two_members(bench,
     assert bench.prediction_difference(predict(kept, x), predict(tuned, x)) < 1e-6
     with pytest.raises(SystemExit, match="run7-ditto.pt"):
         bench.kept_model(tmp_path, "clinic_01", "run7", "ditto", global_model, plan)
+
+
+def test_test_sized_draws_show_the_oracle_bias_of_two_equal_models_and_none_on_the_whole_cohort(bench):
+    rng = np.random.default_rng(0)
+    patients = np.repeat([f"p{i}" for i in range(1000)], 2)  # two cycles each
+    y = (rng.random(2000) < 0.4).astype(float)
+    y[::17] = np.nan  # not recorded: left out
+    signal = np.where(np.isnan(y), 0.0, y)
+    # two models of the same skill, independent errors; a third better than both
+    def sigmoid(z: np.ndarray) -> np.ndarray:
+        return 1 / (1 + np.exp(-z))
+
+    preds = {GLOBAL: sigmoid(signal + rng.normal(0, 1.0, 2000)), LOCAL: sigmoid(signal + rng.normal(0, 1.0, 2000)),
+             "better": sigmoid(signal + rng.normal(0, 0.5, 2000))}
+    whole = bench.test_sized_aucs(patients, y, preds, 1000, 3, np.random.default_rng(1))
+    fresh = {c: float(v[0]) for c, v in whole.items()}
+    for c in preds:  # every patient each time: no spread
+        assert np.ptp(whole[c]) == 0.0
+    assert fresh["better"] > max(fresh[GLOBAL], fresh[LOCAL]) and abs(fresh[GLOBAL] - fresh[LOCAL]) < 0.03
+    terms = bench.expected_on_test_splits(whole, fresh, GLOBAL)
+    assert terms["expected_bias"] == pytest.approx(0.0) and terms["draws"] == 3
+    small = bench.test_sized_aucs(patients, y, preds, 30, 300, np.random.default_rng(2))
+    assert 0.03 < np.nanstd(small[GLOBAL]) < 0.15  # a 30-patient split's AUC noise
+    terms = bench.expected_on_test_splits(small, fresh, GLOBAL)
+    # E[max of two noisy equal estimates] − max of the truths ≈ SD/√π ≈ 0.04 here: clearly above 0
+    assert 0.01 < terms["expected_bias"] < 0.1
+    assert terms["expected_chosen_minus_max"] < -0.01 and terms["chosen_at_or_above_max"] < 0.7
+    assert terms["best_on_fresh"] == "better" and terms["expected_best_minus_max"] > terms["expected_chosen_minus_max"]
+    with pytest.raises(ValueError, match="1001 patients"):
+        bench.test_sized_aucs(patients, y, preds, 1001, 1, np.random.default_rng(0))
