@@ -405,6 +405,17 @@ def over_seeds(runs: list[dict], key: str) -> dict:
     }
 
 
+def compact(value):
+    """``value`` with every float at 5 significant digits (the JSON stays < 100 kB: it is packed into the app)."""
+    if isinstance(value, float):
+        return float(f"{value:.5g}") if math.isfinite(value) else value
+    if isinstance(value, dict):
+        return {k: compact(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [compact(v) for v in value]
+    return value
+
+
 def print_tables(result: dict) -> None:
     runs = result["runs"]
     candidates = runs[0]["candidates"]
@@ -486,7 +497,7 @@ def main() -> None:
                            for k in ("difference_test", "chosen_minus_global_fresh", "bias_upper")}
                      for key in ("sites_30", "all_sites")}}
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(metrics.json_safe(result)) + "\n")
+        args.out.write_text(json.dumps(metrics.json_safe(compact(result))) + "\n")
         print_dp(runs)
         print(f"\nwrote {args.out} ({result['total_s']:.0f} s, {args.out.stat().st_size / 1000:.0f} kB)")
         return
@@ -497,7 +508,7 @@ def main() -> None:
               "fresh_patients": args.fresh, "total_s": time.perf_counter() - start, "runs": runs,
               "sites_30": over_seeds(runs, "sites_30"), "all_sites": over_seeds(runs, "all_sites")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(metrics.json_safe(result)) + "\n")  # one line: small
+    args.out.write_text(json.dumps(metrics.json_safe(compact(result))) + "\n")  # one line: small
     print_tables(result)
     print(f"\nwrote {args.out} ({result['total_s']:.0f} s, {args.out.stat().st_size / 1000:.0f} kB)")
 

@@ -153,3 +153,9 @@ def test_test_sized_draws_show_the_oracle_bias_of_two_equal_models_and_none_on_t
     assert terms["best_on_fresh"] == "better" and terms["expected_best_minus_max"] > terms["expected_chosen_minus_max"]
     with pytest.raises(ValueError, match="1001 patients"):
         bench.test_sized_aucs(patients, y, preds, 1001, 1, np.random.default_rng(0))
+
+
+def test_compact_keeps_five_significant_digits_small_checks_and_non_floats(bench):
+    body = bench.compact({"auc": 0.8765432, "check": 2.4e-07, "n": 124, "gap": [-0.0012345678, math.nan], "c": "mix"})
+    assert body["auc"] == 0.87654 and body["check"] == 2.4e-07 and body["n"] == 124 and body["c"] == "mix"
+    assert body["gap"][0] == -0.0012346 and math.isnan(body["gap"][1])
