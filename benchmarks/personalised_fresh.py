@@ -1,7 +1,7 @@
 """Issue 18's target against the truth: every candidate and each site's choice scored on fresh patients of its clinic.
 
     python benchmarks/personalised_fresh.py --seeds 0 1 2 3 4 [--work runs/bench_personalised] [--fresh 2000]
-                                            [--out benchmarks/results/personalised_fresh.json]
+                                            [--dp] [--out benchmarks/results/personalised_fresh.json]
 
 The target ("per site, the chosen model's test metric vs max(local-only, global): not worse by more than the
 split's noise, better on average") is measured on each site's small test split (30-300 rows, AUC SE 0.03-0.08).
@@ -33,10 +33,15 @@ by the response AUC (exact summaries, as the sites' records) and the score the s
   every site: what picking the higher of two noisy figures adds; the rest is one model's test noise, mean ≈ 0);
 - sites where the chosen model is below max(L, G) by more than its fresh-cohort AUC's SE (Hanley & McNeil; the
   cycles of one patient are not independent, so this SE is somewhat small);
-- each candidate's mean fresh AUC and its fresh − max(L, G) as if every site had kept it.
+- each candidate's mean fresh AUC and its fresh − max(L, G) as if every site had kept it;
+- over :data:`TEST_SIZED_DRAWS` sets of fresh patients as many as the site's test split holds: the oracle's bias
+  ``E[max(l, g)] − max(L, G)`` as an expectation, and ``E[c − max(l, g)]`` for the chosen model and for the
+  candidate best on the fresh cohort (the handicap the test-split target puts on any fixed choice).
 
-Without DP only: under DP the candidates' DP-SGD noise is not seeded, so they cannot be re-trained (see
-BENCHMARKS.md).
+The model each site kept on disk (``personalisation/<site>/<run>-<chosen>.pt``) is checked against the re-trained
+choice. ``--dp``: runs with DP sites, whose candidates cannot be re-trained (DP-SGD's noise is not seeded) and whose
+local-only model is not kept: only the global model and each site's kept choice are scored on the fresh cohort
+(``C − G``, an upper bound of ``C − max(L, G)``), the test split's figures from the sites' own records.
 """
 
 from __future__ import annotations
