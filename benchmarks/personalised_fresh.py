@@ -141,11 +141,12 @@ def expected_on_test_splits(aucs: dict[str, np.ndarray], fresh: dict[str, float]
     if not ok.any():  # no draw with both classes (a site without test patients)
         return {"draws": 0, "best_on_fresh": best} | dict.fromkeys(
             ("expected_max", "expected_bias", "expected_chosen_minus_max", "chosen_at_or_above_max",
-             "expected_best_minus_max", "best_at_or_above_max"), math.nan)
+             "expected_local_minus_global", "expected_best_minus_max", "best_at_or_above_max"), math.nan)
     return {"draws": int(ok.sum()), "expected_max": float(noisy_max.mean()),
             "expected_bias": float(noisy_max.mean() - max(fresh[LOCAL], fresh[GLOBAL])),
             "expected_chosen_minus_max": float((aucs[chosen][ok] - noisy_max).mean()),
             "chosen_at_or_above_max": float((aucs[chosen][ok] >= noisy_max).mean()),
+            "expected_local_minus_global": float((aucs[LOCAL][ok] - aucs[GLOBAL][ok]).mean()),
             "best_on_fresh": best, "expected_best_minus_max": float((aucs[best][ok] - noisy_max).mean()),
             "best_at_or_above_max": float((aucs[best][ok] >= noisy_max).mean())}
 
@@ -244,6 +245,7 @@ def seed_figures(work: Path, clinics: int, rounds: int, seed: int, count: int,
                                     data["fresh"].targets[OUTCOME],
                                     {c: made[c](data["fresh"].x)[OUTCOME] for c in candidates}, test_patients, draws,
                                     np.random.default_rng([seed, sorted(phase["per_site"]).index(name)]))
+        sized = expected_on_test_splits(resampled, fresh, chosen)
         best_small, best_fresh = max(small[LOCAL], small[GLOBAL]), max(fresh[LOCAL], fresh[GLOBAL])
         best_score_fresh = max(figures["fresh"][LOCAL]["score"], figures["fresh"][GLOBAL]["score"])
         sites[name] = {
@@ -259,7 +261,10 @@ def seed_figures(work: Path, clinics: int, rounds: int, seed: int, count: int,
             "as_default_fresh": {c: fresh[c] - best_fresh for c in candidates},
             "as_default_test": {c: small[c] - best_small for c in candidates},
             "test_patients": int(test_patients),
-            "test_sized": expected_on_test_splits(resampled, fresh, chosen),
+            # the run's split against other draws of its size: ≈ 0 on average if its patients are exchangeable with
+            # the fresh ones (what a leak from the site's training rows into its test split would raise)
+            "split_favours_local": small[LOCAL] - small[GLOBAL] - sized["expected_local_minus_global"],
+            "test_sized": sized,
             **oracle_terms(small, fresh)}
     return summarise_seed(seed, record.run_id, candidates, sites)
 
@@ -396,7 +401,8 @@ def over_seeds(runs: list[dict], key: str) -> dict:
                                                   "oracle_bias", "oracle_selection", *TEST_SIZED_KEYS)},
         "site_seeds": sum(len(p["sites"]) for p in parts),
         **{f"site_seed_{k}": _mean_and_se([r["sites"][s][k] for r in runs for s in r[key]["sites"]])
-           for k in ("difference_test", "difference_fresh", "bias", "selection", "noise_of_better")},
+           for k in ("difference_test", "difference_fresh", "bias", "selection", "noise_of_better",
+                     "split_favours_local")},
         "worse_test": sum(len(p["worse_test"]) for p in parts),
         "worse_fresh": sum(len(p["worse_fresh"]) for p in parts),
         "worse_fresh_by_test_se": sum(len(p["worse_fresh_by_test_se"]) for p in parts),
@@ -477,7 +483,8 @@ def print_tables(result: dict) -> None:
         print(f"| max(local, global) per site | {o['mean_fresh_auc']['max_local_global']:.4f} | | | |")
         print("over site-seeds (mean ± SE of the mean): " + "; ".join(
             f"{k} {o['site_seed_' + k]['mean']:+.4f} ± {o['site_seed_' + k]['se']:.4f}"
-            for k in ("difference_test", "difference_fresh", "bias", "selection", "noise_of_better"))
+            for k in ("difference_test", "difference_fresh", "bias", "selection", "noise_of_better",
+                      "split_favours_local"))
             + f" (n = {o['site_seed_bias']['n']})")
 
 

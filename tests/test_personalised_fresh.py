@@ -144,6 +144,7 @@ def test_test_sized_draws_show_the_oracle_bias_of_two_equal_models_and_none_on_t
     assert fresh["better"] > max(fresh[GLOBAL], fresh[LOCAL]) and abs(fresh[GLOBAL] - fresh[LOCAL]) < 0.03
     terms = bench.expected_on_test_splits(whole, fresh, GLOBAL)
     assert terms["expected_bias"] == pytest.approx(0.0) and terms["draws"] == 3
+    assert terms["expected_local_minus_global"] == pytest.approx(fresh[LOCAL] - fresh[GLOBAL])
     small = bench.test_sized_aucs(patients, y, preds, 30, 300, np.random.default_rng(2))
     assert 0.03 < np.nanstd(small[GLOBAL]) < 0.15  # a 30-patient split's AUC noise
     terms = bench.expected_on_test_splits(small, fresh, GLOBAL)
