@@ -20,9 +20,11 @@ from shared.protocol import personalisation as p
 from shared.protocol import records as r
 from shared.protocol.privacy import ReleaseFacts
 from shared.selection import (
+    NO_GAIN_FALLBACK,
     OWN_RULE,
     SiteEvidence,
     choice_with_default,
+    decided_by,
     non_dp_pooled_choices,
     non_dp_pooled_default,
     one_sided_z,
@@ -73,6 +75,31 @@ def test_without_dp_every_site_gets_the_pooled_default_and_a_dp_site_keeps_its_o
             assert (chosen, reason) == choice_with_default(DITTO, ORDER, "ditto")
             margin = one_sided_z(2) * DITTO.difference_sd(p.GLOBAL)["ditto"] / math.sqrt(10)
             assert decided == f"pooled default ditto: gain +0.0100 ± {margin:.4f} (z·sd) over global per site, 10 sites"
+
+
+def test_with_no_significant_gain_the_sites_without_dp_get_fedper_unless_it_is_significantly_worse():
+    """NO_GAIN_FALLBACK: the global model only when FedPer did not run or its pooled gain is below −z·sd."""
+    with_fedper = (*CANDIDATES, "fedper")
+
+    def sites(fedper: float, n: int = 10) -> dict[str, SiteEvidence]:
+        return {f"plain_{i}": _site({p.GLOBAL: 0.80, "ditto": 0.80, p.LOCAL: 0.75, "fedper": 0.80 + fedper}, 0.03,
+                                    0.98) for i in range(n)}
+
+    under_dp = dict.fromkeys(sites(0.0), False)
+    # a small gain, within the margin (z·sd = 2.24 × 0.006 / √10 = 0.0042): the fallback, said to be one
+    default, why, gains = non_dp_pooled_default(sites(0.002), under_dp, with_fedper, p.GLOBAL)
+    assert default == NO_GAIN_FALLBACK == "fedper" and "the measured fallback" in why
+    assert decided_by(default, gains, p.GLOBAL).startswith("fallback default fedper: no pooled gain over global")
+    # a little worse, still within −z·sd: the fallback too (not shown worse on the sites' evidence)
+    assert non_dp_pooled_default(sites(-0.002), under_dp, with_fedper, p.GLOBAL)[0] == "fedper"
+    # significantly worse: the global model, and why
+    default, why, _ = non_dp_pooled_default(sites(-0.02), under_dp, with_fedper, p.GLOBAL)
+    assert default == p.GLOBAL and "not the fallback fedper" in why
+    # FedPer not run: the global model; a significant gain still wins over the fallback
+    assert non_dp_pooled_default(sites(0.002), under_dp, CANDIDATES, p.GLOBAL)[0] == p.GLOBAL
+    default, _, gains = non_dp_pooled_default(sites(0.02), under_dp, with_fedper, p.GLOBAL)
+    assert default == "fedper" and decided_by(default, gains, p.GLOBAL).startswith("pooled default fedper: gain")
+    assert non_dp_pooled_default(sites(0.002), under_dp, with_fedper, p.GLOBAL, fallback=None)[0] == p.GLOBAL
 
 
 def test_an_all_dp_federation_is_the_site_rule_exactly():
