@@ -49,7 +49,7 @@ from shared import secagg_plus, wire_ints
 from shared.protocol import hist as h
 from shared.protocol import messages
 from shared.protocol import records as r
-from shared.secure_sum import SecureProtocolError, mask_peers, unmask_sum
+from shared.secure_sum import SecureProtocolError, mask_graph, unmask_sum
 
 FIXED_POINT_BITS = 40
 """Fractional bits of floats summed in fixed point (resolution 2^−40 ≈ 9e−13; see the module docstring)."""
@@ -184,6 +184,7 @@ class SecureSession:
         self.lose(failures)
         self.base[h.SECURE_NODES] = [int(n) for n in self.nodes]
         self.mask_keys = {int(n): bytes(replies[n][r.KEYS][h.PUBLIC_KEY]) for n in self.nodes}
+        self.mask_graph = mask_graph(list(self.mask_keys), str(self.base[h.SECURE_SESSION]))
 
     def peer_keys(self, node: int) -> dict:
         """The public keys ``node`` masks with (its peers in the session's graph, ``shared.secure_sum.mask_peers``),
@@ -191,8 +192,6 @@ class SecureSession:
         per request); it checks that they are the graph's, which every site computes from public values."""
         if not self.mask_keys:
             return {}
-        if int(node) not in self.mask_graph:
-            self.mask_graph[int(node)] = mask_peers(list(self.mask_keys), int(node), str(self.base[h.SECURE_SESSION]))
         peers = self.mask_graph[int(node)]
         return {h.SECURE_PEERS: peers, h.SECURE_KEYS: [self.mask_keys[p] for p in peers]}
 

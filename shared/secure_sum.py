@@ -65,14 +65,31 @@ def mask_peers(nodes: list[int], own_id: int, session: str, degree: int = PAIRWI
     when there are at most ``degree + 1``, else the ``degree // 2`` sites on either side of ``own_id`` on the
     ring of ``nodes`` ordered by SHA-256 of ``session`` and node id. Symmetric (``j`` is ``i``'s peer exactly when
     ``i`` is ``j``'s), and the same at every site and at the server, from public values only."""
-    if degree < 2 or degree % 2:
-        raise ValueError(f"the mask graph's degree must be even and at least 2; got {degree}")
-    ordered = sorted(set(int(n) for n in nodes), key=lambda n: hashlib.sha256(f"{session}/{n}".encode()).digest())
+    ordered = _ring(nodes, session, degree)
     if own_id not in ordered:
         raise SecureSumError(f"node {own_id} is not in this session's exchange")
+    return _peers_on(ordered, ordered.index(own_id), degree)
+
+
+def mask_graph(nodes: list[int], session: str, degree: int = PAIRWISE_DEGREE) -> dict[int, list[int]]:
+    """Every site's :func:`mask_peers` in ``session``, from one ordering of the ring (the coordinator's view: at
+    1,000 sites, ordering the ring once per site took 0.67 s a session)."""
+    ordered = _ring(nodes, session, degree)
+    return {node: _peers_on(ordered, at, degree) for at, node in enumerate(ordered)}
+
+
+def _ring(nodes: list[int], session: str, degree: int) -> list[int]:
+    """``nodes`` (each once) in the session's ring order: by SHA-256 of the session and the node id."""
+    if degree < 2 or degree % 2:
+        raise ValueError(f"the mask graph's degree must be even and at least 2; got {degree}")
+    return sorted(set(int(n) for n in nodes), key=lambda n: hashlib.sha256(f"{session}/{n}".encode()).digest())
+
+
+def _peers_on(ordered: list[int], at: int, degree: int) -> list[int]:
+    """The peers of the site at position ``at`` of the ring ``ordered`` (:func:`mask_peers`)."""
     if len(ordered) <= degree + 1:
-        return sorted(n for n in ordered if n != own_id)
-    at, half = ordered.index(own_id), degree // 2
+        return sorted(n for i, n in enumerate(ordered) if i != at)
+    half = degree // 2
     return sorted(ordered[(at + step) % len(ordered)] for step in range(-half, half + 1) if step)
 
 

@@ -168,3 +168,11 @@ def test_the_server_sends_each_site_only_its_mask_peers_keys(monkeypatch):
         assert list(config[h.SECURE_NODES]) == list(public)  # the roster, so the site can check its ring
         own = session.release_config(session.open_release({}), node)
         assert list(own[h.SECURE_PEERS]) == ring
+
+
+def test_the_whole_graph_from_one_ring_equals_each_sites_own_peers():
+    for n_sites in (10, 40):
+        nodes = list(range(100, 100 + n_sites))
+        graph = ss.mask_graph(nodes, "run-3")
+        assert graph == {node: ss.mask_peers(nodes, node, "run-3") for node in nodes}
+        assert all(node in graph[peer] for node, peers in graph.items() for peer in peers)  # symmetric
