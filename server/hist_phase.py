@@ -86,7 +86,7 @@ from shared.protocol import messages
 from shared.protocol import records as r
 from shared.protocol.boosting import head_to_config
 from shared.protocol.privacy import RELEASE_INDEX, RELEASES
-from shared.sum_bounds import Contributors, InfeasibleSum, declared_rows
+from shared.sum_bounds import Contributors, InfeasibleSum
 from shared.xgboost_json import export_model
 
 TRAFFIC_FILE = "xgb_hist_traffic.json"
@@ -589,8 +589,9 @@ def run_hist_boosting(grid: Grid, sites: SiteCheck, encoder: FeatureEncoder, set
     nodes = sites.granting("boosting")
     if not nodes:
         return outcome  # every site refused the phase: no trees (the record says why)
+    declared = sites.declared_rows()
     session = HistSession(grid, nodes, boosting_round(settings).to_config(encoder), hist, len(specs),
-                          {n: declared_rows(sites.summaries.get(n, {})) for n in nodes})
+                          {n: declared.get(n) for n in nodes})
     try:
         lo, hi = global_ranges(session, outcome.failures)
     except HistProtocolError:

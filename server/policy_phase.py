@@ -159,6 +159,7 @@ def value_at_sites(grid: Grid, sites: SiteCheck, files: dict[str, Path], setting
     nodes = sites.granting("policy")
     sent = [Message(content, dst_node_id=n, message_type=messages.POLICY_VALUE.type) for n in nodes]
     by_site, failures, dropped = {}, {}, {}
+    declared = sites.declared_rows()
     for reply in grid.send_and_receive(sent):
         name = sites.usable.get(reply.metadata.src_node_id, f"node {reply.metadata.src_node_id}")
         if reply.has_error():
@@ -169,7 +170,7 @@ def value_at_sites(grid: Grid, sites: SiteCheck, files: dict[str, Path], setting
             add_privacy(record, sites.usable, reply.metadata.src_node_id, dict(reply.content[r.PRIVACY]))
         node = reply.metadata.src_node_id
         try:  # each site's sums are in the clear: an infeasible site is dropped from the gate and named
-            check_value_sums("release gate", sums, Contributors(1, sites.declared_rows().get(node),
+            check_value_sums("release gate", sums, Contributors(1, declared.get(node),
                                                                 (sums.noise_sd,) if sums.noise_sd > 0 else ()))
         except InfeasibleSum as err:
             dropped[name] = f"dropped: {err}"

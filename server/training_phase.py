@@ -105,6 +105,7 @@ def train_ann(grid: Grid, sites: SiteCheck, task: TaskSpec, encoder: FeatureEnco
     ``on_round_end(round, arrays, strategy)`` is told each completed round (the coordinator checkpoints)."""
     model = build_model(encoder, task, settings.hidden_sizes, seed=settings.seed)
     trainers = sites.granting("training")
+    declared = sites.declared_rows()  # each site's cap for the evaluation summaries' checks (fixed by the site check)
 
     written = {"at": -math.inf, "cost": 0.0}
 
@@ -120,7 +121,7 @@ def train_ann(grid: Grid, sites: SiteCheck, task: TaskSpec, encoder: FeatureEnco
         snapshot = copy.deepcopy(record)
         snapshot.models["ann"] = ModelRecord(family="ann", mode=settings.strategy,
                                              rounds=model_rounds(task, sites.usable, strategy.rounds, snapshot,
-                                                                 sites.declared_rows()))
+                                                                 declared))
         if isinstance(strategy.strategy, CentralDP):  # its ε so far, for fednano status and the dashboard
             snapshot.central_dp = central_dp_record(strategy.strategy, settings.central_delta,
                                                     settings.central_accountant, plan,
@@ -170,8 +171,8 @@ def train_ann(grid: Grid, sites: SiteCheck, task: TaskSpec, encoder: FeatureEnco
         arrays = result.arrays if result.arrays is not None else initial
     rounds = strategy.rounds
     family = ModelRecord(family="ann", mode=settings.strategy, seconds=time.perf_counter() - start,
-                         rounds=model_rounds(task, sites.usable, rounds, record, sites.declared_rows()),
-                         final=final_metrics(task, sites.usable, last_evaluations(rounds), sites.declared_rows()),
+                         rounds=model_rounds(task, sites.usable, rounds, record, declared),
+                         final=final_metrics(task, sites.usable, last_evaluations(rounds), declared),
                          refused={**sites.refusing("training"),
                                   **{f"{name} (evaluation)": why
                                      for name, why in sites.refusing("evaluation").items()}},

@@ -168,13 +168,13 @@ def feature_bounds(adjuster: DoseAdjuster) -> np.ndarray:
     return bound
 
 
-def target_limit(adjuster: DoseAdjuster, dp: bool) -> float:
+def target_limit(adjuster: DoseAdjuster, dp: bool, phi: np.ndarray) -> float:
     """``Y``: the largest ``|y|`` of a target at the adjuster's coefficients (``r`` alone before any), at least
-    the DP clip ``target_bound(γ)`` when a DP site is in the sum."""
+    the DP clip ``target_bound(γ)`` when a DP site is in the sum; ``phi``: :func:`feature_bounds` of the adjuster."""
     coef = getattr(adjuster, "coef_", None)
     y = REWARD_BOUND
     if coef is not None and adjuster.gamma > 0:
-        y += adjuster.gamma * float(np.abs(coef) @ feature_bounds(adjuster))
+        y += adjuster.gamma * float(np.abs(coef) @ phi)
     if dp:
         y = max(y, target_bound(adjuster.gamma)) if adjuster.gamma < 1 else math.inf
     return y
@@ -226,7 +226,7 @@ def ridge_bounds(adjuster: DoseAdjuster, sums: dict, who: Contributors) -> list[
     n = float(np.asarray(sums["n"]).ravel()[0])
     dp = bool(who.noise_sd)
     phi = feature_bounds(adjuster)
-    y = target_limit(adjuster, dp)
+    y = target_limit(adjuster, dp, phi)
     c2, cy = FEATURE_NORM_CLIP ** 2, FEATURE_NORM_CLIP * (target_bound(adjuster.gamma) if adjuster.gamma < 1 else 0)
     slack = projection_slack(who, len(moment)) if dp else 0.0
     diag = np.diag(gram)
@@ -242,9 +242,9 @@ def ridge_bounds(adjuster: DoseAdjuster, sums: dict, who: Contributors) -> list[
     out.append(Bound("moment", np.abs(moment) - n * phi * y, -np.inf, 0.0, np.hypot(cy, phi * y),
                      "|b_j| ≤ n · Φ_j · Y (Y the largest target at the sent coefficients)"))
     if not dp:
-        out.append(Bound("moment", np.abs(moment) - np.sqrt(np.maximum(diag, 0.0) * max(n, 0.0)) * y, -np.inf,
-                         RELATIVE_TOLERANCE * np.sqrt(np.maximum(diag, 0.0) * max(n, 0.0)) * y, 0.0,
-                         "|b_j| ≤ √(A_jj · n) · Y (Cauchy–Schwarz)"))
+        cauchy_schwarz = np.sqrt(np.maximum(diag, 0.0) * max(n, 0.0)) * y
+        out.append(Bound("moment", np.abs(moment) - cauchy_schwarz, -np.inf, RELATIVE_TOLERANCE * cauchy_schwarz,
+                         0.0, "|b_j| ≤ √(A_jj · n) · Y (Cauchy–Schwarz)"))
     return out + _psd_bounds(gram, "Gram matrix A")
 
 
