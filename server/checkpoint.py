@@ -34,6 +34,7 @@ import json
 import math
 import os
 import secrets
+import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,14 +226,9 @@ def remove(out_dir: Path) -> None:
 
 
 def _remove_folder(folder: Path) -> None:
-    """``folder`` and the files and folders in it (a checkpoint holds nothing else)."""
+    """``folder`` and everything in it, if it exists."""
     if folder.is_dir():
-        for path in folder.iterdir():
-            if path.is_dir():
-                _remove_folder(path)
-            else:
-                path.unlink(missing_ok=True)
-        folder.rmdir()
+        shutil.rmtree(folder)
 
 
 # --- the strategy's state ---------------------------------------------------------------------------------------
@@ -361,9 +357,10 @@ def _encoded(value: Any, sparse: bool = False) -> Any:
     if isinstance(value, dict):
         return {str(k): _encoded(v, sparse) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        if sparse and len(value) >= SPARSE_FROM:
-            numbers = np.asarray(value)
-            if numbers.ndim == 1 and numbers.dtype.kind in "iuf" and np.isfinite(numbers).all():
+        if sparse and len(value) >= SPARSE_FROM and all(isinstance(v, int | float | np.integer | np.floating)
+                                                        for v in value):  # numbers only: a ragged list of lists
+            numbers = np.asarray(value)                                      # is no array (numpy raises)
+            if numbers.dtype.kind in "iuf" and np.isfinite(numbers).all():
                 at = np.flatnonzero(numbers)
                 if 2 * len(at) <= len(numbers):
                     return {"sparse": len(numbers), "kind": numbers.dtype.kind, "at": at.tolist(),

@@ -164,6 +164,15 @@ def test_settled_rounds_are_written_once_and_read_back_whole(tmp_path):
     assert not (tmp_path / "checkpoint").exists()
 
 
+def test_a_settled_round_with_long_ragged_lists_is_kept_as_it_is(tmp_path):
+    """Only lists of numbers are kept sparse: 70 lists of unequal lengths are no array (numpy refuses them)."""
+    ragged = [[0.0] * (i % 3) for i in range(70)]
+    tables = {"per_site": {"evaluate": {"1": {"clinic_a": {"ragged": ragged, "hist": [0] * 69 + [2]}}}}}
+    Checkpoint(run_id="8", settings={}, stage="training", record={}, server_round=3, strategy=tables).write(tmp_path)
+    kept = Checkpoint.read(tmp_path).strategy["per_site"]["evaluate"]["1"]["clinic_a"]
+    assert kept["ragged"] == ragged and kept["hist"] == [0] * 69 + [2]
+
+
 def test_a_damaged_checkpoint_is_an_error_naming_the_file(tmp_path):
     Checkpoint(run_id="7", settings={}, stage="started", record={}).write(tmp_path)
     for npz in (tmp_path / "checkpoint").glob("arrays-*.npz"):
