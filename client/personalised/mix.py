@@ -31,9 +31,7 @@ import torch
 from torch import nn
 
 from shared.ann import MultiTaskMLP, predict
-
-SPACES = ("probability", "logit")
-"""Where the two models' outputs are mixed (module docstring)."""
+from shared.protocol.personalisation import MIX_SPACES
 
 
 class MixedMLP(nn.Module):
@@ -103,8 +101,8 @@ class Mix:
         """Hold the two trained models (copies are not made: neither is trained further); nothing is learned."""
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"mix: alpha (the global model's weight) must be in [0, 1]; got {self.alpha!r}")
-        if self.space not in SPACES:
-            raise ValueError(f"mix: space must be one of {', '.join(SPACES)}; got {self.space!r}")
+        if self.space not in MIX_SPACES:
+            raise ValueError(f"mix: space must be one of {', '.join(MIX_SPACES)}; got {self.space!r}")
         self.model_ = MixedMLP(global_model, local_model, self.alpha, self.space)
         return self
 

@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-SPACES = ("probability", "logit")
-"""As :data:`client.personalised.mix.SPACES` (one plan setting serves both families): ``logit`` mixes margins."""
+from shared.protocol.personalisation import MIX_SPACES
 
 
 class MixTrees:
@@ -53,8 +52,8 @@ class MixTrees:
         """Hold the two sets of boosters (nothing is learned); ``ValueError`` if their heads differ."""
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"mix-trees: alpha (the federation's weight) must be in [0, 1]; got {self.alpha!r}")
-        if self.space not in SPACES:
-            raise ValueError(f"mix-trees: space must be one of {', '.join(SPACES)}; got {self.space!r}")
+        if self.space not in MIX_SPACES:
+            raise ValueError(f"mix-trees: space must be one of {', '.join(MIX_SPACES)}; got {self.space!r}")
         if set(global_boosters) != set(local_boosters):
             raise ValueError(f"mix-trees: the boosters' heads differ: {sorted(global_boosters)} against "
                              f"{sorted(local_boosters)}")

@@ -50,6 +50,9 @@ validation evidence weighted by its precision, ``shared.selection.pooled_default
 rule (:data:`DEFAULT_CHOICE`): as ``pooled`` over the evidence of the sites without DP only, sent to those sites
 only, while every DP site keeps its own rule's choice, ``shared.selection.non_dp_pooled_default``). Named among
 the methods: ``--personalise finetune,ditto,fedper,pooled`` (or ``,site`` for each site's own rule)."""
+MIX_SPACES = ("probability", "logit")
+"""Where ``mix`` and ``mix-trees`` mix the global and the local-only model's outputs (``client.personalised.mix``:
+probabilities, or logits; for the boosters, margins)."""
 DEFAULT_CHOICE = POOLED_NON_DP
 """The choice rule when ``--personalise`` names none. Measured (BENCHMARKS.md, "Personalisation: the federation's
 pooled default"): without DP pooling by precision beat each site's own rule (chosen − max(local, global) −0.0035
@@ -200,7 +203,7 @@ class Personalisation:
 
     def __post_init__(self) -> None:
         parse_methods(",".join(self.methods))
-        if not 0.0 <= self.mix_alpha <= 1.0 or self.mix_space not in ("probability", "logit"):
+        if not 0.0 <= self.mix_alpha <= 1.0 or self.mix_space not in MIX_SPACES:
             raise ValueError("personalise: mix_alpha must be in [0, 1] and mix_space probability or logit; got "
                              f"{self.mix_alpha!r}, {self.mix_space!r}")
         if self.choice not in CHOICE_RULES:
