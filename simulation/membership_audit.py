@@ -551,6 +551,7 @@ def _membership_audit(out: Path, references: int, seed: int, non_members: str,
     seconds["references"] = time.perf_counter() - started - seconds["rows"]
     say("attacks")
     detail: dict = {}
+    scores_of: dict[tuple[str, str], dict[str, dict[str, np.ndarray]]] = {}  # (model, head) → attack → site → scores
     heads = [o.name for o in run.task.outcomes] + [ALL_HEADS]
     for model, predictor in released.items():
         trained = run.trained_sites(model)
@@ -561,6 +562,7 @@ def _membership_audit(out: Path, references: int, seed: int, non_members: str,
             for site in trained:
                 for attack, score in attack_scores(target[site], ref_stats[model][site], head).items():
                     by_attack.setdefault(attack, {})[site] = score
+            scores_of[model, head] = by_attack
             detail[model][head] = {attack: _metrics_by_site(scores, rows, seed)
                                    | {"patients": _metrics_by_site(scores, rows, seed, patients=True)}
                                    for attack, scores in by_attack.items()}
@@ -569,10 +571,7 @@ def _membership_audit(out: Path, references: int, seed: int, non_members: str,
     headline = detail[headline_model][ALL_HEADS][headline_attack]
     check = None
     if non_members == "fresh":
-        target = {s: row_statistics(run.task, released[headline_model](encoded[s].x), encoded[s].targets)
-                  for s in run.trained_sites(headline_model)}
-        check = non_member_check({s: attack_scores(target[s], ref_stats[headline_model][s], ALL_HEADS)
-                                  [headline_attack] for s in target}, rows)
+        check = non_member_check(scores_of[headline_model, ALL_HEADS][headline_attack], rows)
     seconds["attacks"] = time.perf_counter() - started - seconds["rows"] - seconds["references"]
     privacy = run.privacy()
     audit = {
