@@ -86,8 +86,7 @@ PSD_RATIO = 1e-9
 
 
 def _count_bounds(n: float, who: Contributors, noise: float, what: str) -> list[Bound]:
-    high = np.inf if who.declared is None else who.declared
-    return [Bound(what, np.array([n]), 0.0, high, noise,
+    return [Bound(what, np.array([n]), 0.0, who.row_cap, noise,
                   f"0 ≤ {what} ≤ the sum of the sites' declared row counts (site check)")]
 
 
@@ -135,9 +134,8 @@ def check_dose_response(phase: str, model: DoseResponseModel, coef: np.ndarray, 
 def support_bounds(counts: np.ndarray, who: Contributors) -> list[Bound]:
     """The constraints of the summed (or one site's) support counts (module docstring)."""
     counts = np.asarray(counts, dtype=np.float64).ravel()
-    high = np.inf if who.declared is None else who.declared
     return [Bound("support counts", counts, 0.0, np.inf, 0.0, "every support count ≥ 0"),
-            Bound("support counts", np.array([counts.sum()]), 0.0, high, 0.0,
+            Bound("support counts", np.array([counts.sum()]), 0.0, who.row_cap, 0.0,
                   "the support counts adding to ≤ the sum of the sites' declared row counts (site check)")]
 
 
@@ -189,9 +187,8 @@ def scaling_bounds(sums: dict, who: Contributors) -> list[Bound]:
     half = (PUBLIC_RANGES[:, 1] - PUBLIC_RANGES[:, 0]) / 2
     width = math.sqrt(len(half))
     rounding = 0.5 * len(who.noise_sd) * half ** 2
-    high = np.inf if who.declared is None else who.declared
     seen = count > 0
-    out = [Bound("column counts", count, 0.0, high, width,
+    out = [Bound("column counts", count, 0.0, who.row_cap, width,
                  "0 ≤ every column's count ≤ the sum of the sites' declared row counts (site check)"),
            Bound("column sums", np.abs(first) - count * half, -np.inf, 0.0, 0.0,
                  "|Σ(x − c)| ≤ count · h (the column's public range [c − h, c + h])"),

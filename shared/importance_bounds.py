@@ -32,13 +32,12 @@ LOG_LOSS_MAX = -math.log(EPS)
 def importance_bounds(encoder: FeatureEncoder, sums: dict, who: Contributors) -> list[Bound]:
     """The constraints of one release of importance sums (``shared.importance.sum_keys`` keys; module docstring)."""
     out = []
-    high = np.inf if who.declared is None else who.declared
     features = list(feature_groups(encoder))
     for outcome in encoder.task.outcomes:
         name = outcome.name
         n = float(np.asarray(sums.get(f"{name}/n", 0.0)).ravel()[0])
         losses = np.array([float(np.asarray(sums.get(f"{name}/{k}", 0.0)).ravel()[0]) for k in ["base", *features]])
-        out.append(Bound(f"{name!r} row count", np.array([n]), 0.0, high, 0.0,
+        out.append(Bound(f"{name!r} row count", np.array([n]), 0.0, who.row_cap, 0.0,
                          "0 ≤ n ≤ the sum of the sites' declared row counts (site check)"))
         if outcome.kind == "regression":
             out.append(Bound(f"{name!r} loss sums", losses, 0.0, np.inf, 0.0, "every squared-error sum ≥ 0"))

@@ -98,6 +98,12 @@ class Contributors:
                    tuple(float(s) for s in noise_sd))
 
     @property
+    def row_cap(self) -> float:
+        """The most rows the sites in the sum can hold: their declared row counts summed, or no cap (∞) when one of
+        them declared none."""
+        return np.inf if self.declared is None else self.declared
+
+    @property
     def noise_var(self) -> float:
         return float(sum(s * s for s in self.noise_sd))
 

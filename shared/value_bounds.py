@@ -40,8 +40,7 @@ def value_bounds(sums: ValueSums, who: Contributors) -> list[Bound]:
     """The constraints of one site's :class:`ValueSums` (module docstring)."""
     s = ValueSums.BOUNDS
     n, g = float(sums.n), G_MAX
-    high = np.inf if who.declared is None else who.declared
-    out = [Bound("cycle count n", np.array([n]), 0.0, high, s["n"],
+    out = [Bound("cycle count n", np.array([n]), 0.0, who.row_cap, s["n"],
                  "0 ≤ n ≤ the site's declared row count (site check)"),
            Bound("standard-of-care sum", np.array([abs(sums.standard) - n * g]), -np.inf, 0.0,
                  math.hypot(s["standard"], g * s["n"]), f"|Σ Γ(standard)| ≤ n · {g:g} (every Γ clipped)"),
