@@ -167,7 +167,7 @@ def personalise(msg: Message, request: SiteRequest) -> RecordDict:
         covariance = score_covariance(draws, order)
     else:
         variance = released_score_variance(request, released["validation"], release.sigma_at(0), order, rng)
-        spread = {name: math.sqrt(variance[name] + variance[order[0]]) for name in order[1:]}
+        spread = independent_difference_sd(variance, order)
         covariance = {(name, name): v for name, v in variance.items()}  # the candidates' noise is independent
     chosen, reason = choose_by_margin(scores, spread, order)
     if dp is not None:
@@ -347,7 +347,12 @@ def released_difference_sd(request: SiteRequest, released: dict[str, dict], sigm
                            candidates: tuple[str, ...], rng: np.random.Generator) -> dict[str, float]:
     """SD of ``score(c) − score(default)`` from the validation release alone (:func:`released_score_variance`,
     the candidates independent). Post-processing of the release and its public σ only."""
-    variance = released_score_variance(request, released, sigma, candidates, rng)
+    return independent_difference_sd(released_score_variance(request, released, sigma, candidates, rng), candidates)
+
+
+def independent_difference_sd(variance: dict[str, float], candidates: tuple[str, ...]) -> dict[str, float]:
+    """SD of ``score(c) − score(candidates[0])`` for every other candidate, from each score's variance, the
+    candidates' noise independent (a DP release's)."""
     return {name: math.sqrt(variance[name] + variance[candidates[0]]) for name in candidates[1:]}
 
 
