@@ -57,9 +57,9 @@ from shared.selection import (
     PRECISION,
     SiteEvidence,
     decided_by,
+    default_from_gains,
     non_dp_pooled_default,
     one_sided_z,
-    pooled_default,
     pooled_gains,
 )
 from shared.task import TaskSpec
@@ -124,8 +124,8 @@ def keep_pooled(grid: Grid, sites: SiteCheck, plan: Personalisation, per_site: d
         default, why, gains = non_dp_pooled_default(evidence, under_dp, plan.candidates, GLOBAL)
         pooled_sites = sorted(site for site in evidence if not under_dp[site])
     else:
-        default, why = pooled_default(evidence, plan.candidates, GLOBAL, weighting)
         gains, pooled_sites = pooled_gains(evidence, plan.candidates, GLOBAL, weighting), sorted(evidence)
+        default, why = default_from_gains(gains, plan.candidates, GLOBAL, weighting)
     words = decided_by(default, gains, GLOBAL) if default is not None else "its own rule: nothing pooled"
     sent_default = default if default is not None else SITE_DEFAULT
     if plan.choice == POOLED_SITE and default == GLOBAL:  # nothing significant: each site's own default

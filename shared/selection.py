@@ -196,7 +196,14 @@ def pooled_default(evidence: Mapping[str, SiteEvidence], candidates: Sequence[st
     >>> pooled_default(sites, ("global", "ditto"), "global")[0]
     'ditto'
     """
-    gains = pooled_gains(evidence, candidates, baseline, weighting)
+    return default_from_gains(pooled_gains(evidence, candidates, baseline, weighting), candidates, baseline,
+                              weighting)
+
+
+def default_from_gains(gains: Mapping[str, PooledGain], candidates: Sequence[str], baseline: str,
+                       weighting: str = PRECISION) -> tuple[str, str]:
+    """:func:`pooled_default` from gains :func:`pooled_gains` already computed (``weighting`` names them in the
+    reason)."""
     z = one_sided_z(len(gains))
     bounds = {name: g.gain - z * g.sd for name, g in gains.items() if g.sites and math.isfinite(g.sd)}
     tests = ", ".join(f"{name} {g.gain:+.4f} vs {z * g.sd:.4f} over {g.sites} sites" for name, g in gains.items())
@@ -263,7 +270,7 @@ def non_dp_pooled_default(evidence: Mapping[str, SiteEvidence], under_dp: Mappin
     if not exact:
         return None, ("no site without DP replied validation evidence: nothing pooled, every site kept its own "
                       "rule"), gains
-    default, why = pooled_default(exact, candidates, baseline, PRECISION)
+    default, why = default_from_gains(gains, candidates, baseline, PRECISION)
     why = why.replace("pooled over the sites", f"pooled over the {len(exact)} sites without DP", 1)
     if default == baseline and fallback in gains and gains[fallback].sites and math.isfinite(gains[fallback].sd):
         g, z = gains[fallback], one_sided_z(len(gains))
