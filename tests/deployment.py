@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -56,11 +57,22 @@ def flower_env(home: Path) -> dict[str, str]:
             "PATH": f"{FLOWER_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
+LISTEN_PORTS = (20000, 32768)
+"""Where :func:`free_port` looks: below Linux's default ephemeral range (32768-60999), from which the kernel hands
+out the local ports of outgoing connections. A port the kernel chose for us (bind to 0) lies in that range, and an
+outgoing connection of another process (Ray, a SuperNode's gRPC client) could take it before our server binds
+it: a SuperNode's Runtime HTTP API once failed with "address already in use" so (CI, 2026-12-05)."""
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing listens on right now, outside the ephemeral range (:data:`LISTEN_PORTS`)."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(*LISTEN_PORTS)
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.bind(("127.0.0.1", port))
+            return port
+    raise RuntimeError(f"no free TCP port in {LISTEN_PORTS[0]}-{LISTEN_PORTS[1] - 1} on 127.0.0.1")
 
 
 @dataclass
